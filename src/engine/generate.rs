@@ -1,0 +1,86 @@
+//! One prompt, start to finish, on the calling thread: prefill, then decode token by token through the
+//! paged KV cache. This is `server generate` and the golden tests; the server's engine runs the same
+//! model calls for many requests at once.
+
+use candle_core::Result;
+
+use super::sampler::{Sampler, SamplingParams};
+use crate::lora::{LoraRows, LoraSegment, LoraWeights};
+use crate::model::kv_cache::PagedKvCache;
+use crate::model::{AttentionMode, Batch, Model, SeqInput};
+
+/// KV block size of single-request generation.
+const BLOCK_SIZE: usize = 16;
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token was generated (it is included in the tokens).
+    Eos,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+/// A single generation job.
+pub struct GenerateJob<'a> {
+    pub prompt_ids: &'a [u32],
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop at the model's EOS ids (the golden tests' reference loop does not).
+    pub stop_at_eos: bool,
+    pub adapter: Option<&'a LoraWeights>,
+}
+
+pub struct Generated {
+    pub token_ids: Vec<u32>,
+    /// Logits of the last prompt position (f32, vocab-sized).
+    pub prompt_logits: Vec<f32>,
+    pub finish: FinishReason,
+}
+
+/// Runs `job` to completion.
+pub fn generate(model: &Model, job: &GenerateJob) -> Result<Generated> {
+    let n = job.prompt_ids.len();
+    if n == 0 {
+        candle_core::bail!("empty prompt")
+    }
+    let geo = model.kv_geometry(BLOCK_SIZE);
+    let total = n + job.max_new_tokens;
+    let blocks_needed = geo.blocks_for(total).max(1);
+    let mut cache = PagedKvCache::new(geo, blocks_needed);
+    let blocks = cache.allocator_mut().allocate(blocks_needed).expect("fresh cache");
+    let mut sampler = Sampler::new(job.sampling.clone(), 0);
+    let eos = &model.config().eos_token_ids;
+
+    let step = |tokens: &[u32], past: usize, cache: &mut PagedKvCache| -> Result<Vec<f32>> {
+        let seqs = [SeqInput { len: tokens.len(), past, blocks: &blocks }];
+        let segs;
+        let lora = match job.adapter {
+            Some(a) => {
+                segs = [LoraSegment::new(0..tokens.len(), a)];
+                LoraRows::Segments(&segs)
+            }
+            None => LoraRows::None,
+        };
+        let batch = Batch { tokens, seqs: &seqs, logit_rows: &[tokens.len() - 1] };
+        model.forward(&batch, AttentionMode::Paged(cache), &lora)?.flatten_all()?.to_vec1::<f32>()
+    };
+
+    let prompt_logits = step(job.prompt_ids, 0, &mut cache)?;
+    let mut logits = prompt_logits.clone();
+    let mut out = Vec::with_capacity(job.max_new_tokens);
+    let mut finish = FinishReason::Length;
+    while out.len() < job.max_new_tokens {
+        let next = sampler.sample(&logits);
+        out.push(next);
+        if job.stop_at_eos && eos.contains(&next) {
+            finish = FinishReason::Eos;
+            break;
+        }
+        if out.len() == job.max_new_tokens {
+            break;
+        }
+        logits = step(&[next], n + out.len() - 1, &mut cache)?;
+    }
+    Ok(Generated { token_ids: out, prompt_logits, finish })
+}

@@ -1,0 +1,169 @@
+//! Token sampling: greedy (temperature 0), or temperature → top-k → top-p (the order Hugging Face applies
+//! them in), drawn from the project's PRNG so a seed gives the same tokens on every machine and version.
+
+use crate::rng::Rng;
+
+/// Validated sampling settings of one request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = no top-k filter.
+    pub top_k: u32,
+    /// 1.0 = no nucleus filter; otherwise in (0, 1).
+    pub top_p: f32,
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None }
+    }
+}
+
+impl SamplingParams {
+    /// Checks the values; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(format!("temperature must be a finite number ≥ 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// A request's sampler: its parameters and its own random stream.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    /// `fallback_seed` seeds requests that gave none (the engine draws it from its own counter).
+    pub fn new(params: SamplingParams, fallback_seed: u64) -> Self {
+        let seed = params.seed.unwrap_or(fallback_seed);
+        Sampler { params, rng: Rng::new(seed) }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from one row of logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let t = self.params.temperature;
+        let mut cand: Vec<(u32, f32)> =
+            logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l / t)).collect();
+        if cand.is_empty() {
+            return 0;
+        }
+        // Highest first; ties keep the lower token id first (stable sort).
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if self.params.top_k > 0 {
+            cand.truncate(self.params.top_k as usize);
+        }
+        let max = cand[0].1;
+        let mut probs: Vec<f64> = cand.iter().map(|(_, l)| ((l - max) as f64).exp()).collect();
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        if self.params.top_p < 1.0 {
+            // Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (i, p) in probs.iter().enumerate() {
+                acc += p;
+                if acc >= self.params.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            cand.truncate(keep);
+            let s: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= s);
+        }
+        let u = self.rng.uniform();
+        let mut acc = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if u < acc {
+                return cand[i].0;
+            }
+        }
+        cand[cand.len() - 1].0
+    }
+}
+
+/// Index of the largest logit (the first one on ties, as `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(t: f32, k: u32, p: f32, seed: u64) -> SamplingParams {
+        SamplingParams { temperature: t, top_k: k, top_p: p, seed: Some(seed) }
+    }
+
+    #[test]
+    fn greedy_is_argmax_first_on_ties() {
+        let mut s = Sampler::new(SamplingParams::default(), 0);
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy() {
+        let logits = [0.5, 2.0, 1.9, -3.0];
+        let mut a = Sampler::new(params(1.0, 1, 1.0, 3), 0);
+        let mut b = Sampler::new(params(5.0, 0, 1e-6, 3), 0);
+        for _ in 0..50 {
+            assert_eq!(a.sample(&logits), 1);
+            assert_eq!(b.sample(&logits), 1);
+        }
+    }
+
+    #[test]
+    fn seeded_sampling_repeats_and_follows_the_distribution() {
+        let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
+        let draw = |seed| {
+            let mut s = Sampler::new(params(1.0, 0, 1.0, seed), 0);
+            (0..4000).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        let a = draw(9);
+        assert_eq!(a, draw(9));
+        assert_ne!(a, draw(10));
+        let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
+        assert!((ones - 0.75).abs() < 0.03, "{ones}");
+        assert!(!a.contains(&2));
+    }
+
+    #[test]
+    fn top_p_cuts_the_tail() {
+        // probs ≈ [0.6, 0.3, 0.1]: top_p 0.8 keeps the first two only.
+        let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
+        let mut s = Sampler::new(params(1.0, 0, 0.8, 1), 0);
+        assert!((0..2000).all(|_| s.sample(&logits) != 2));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert!(params(-1.0, 0, 1.0, 0).validate().unwrap_err().contains("temperature"));
+        assert!(params(1.0, 0, 0.0, 0).validate().unwrap_err().contains("top_p"));
+        assert!(params(1.0, 0, 1.5, 0).validate().unwrap_err().contains("top_p"));
+        assert!(params(f32::NAN, 0, 1.0, 0).validate().is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! loraserve: a multi-adapter LLM inference server. One Llama-family base model stays resident (NF4 by
+//! default); every request names a LoRA adapter; requests for different adapters share one forward pass.
+//!
+//! Layout (dependencies point one way: `server → engine → model → {quant, lora}`; `train → model, quant, lora`):
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`cli`] | the `server` command line and its subcommands |
+//! | [`model`] | HF config/weights/tokenizer loading; the one forward; KV cache; the demo model |
+//! | [`quant`] | NF4: codec, CPU kernels, bitsandbytes checkpoint layout |
+//! | [`lora`] | PEFT adapters, the batched-LoRA op |
+//! | [`engine`] | sampling, generation |
+//! | [`rng`] | the project's deterministic PRNG |
+//! | [`tensor_io`] | tensor ↔ slice plumbing for the CPU kernels |
+
+pub mod cli;
+pub mod engine;
+pub mod lora;
+pub mod model;
+pub mod quant;
+pub mod rng;
+pub mod tensor_io;

@@ -1,0 +1,196 @@
+//! The batched-LoRA op: for one linear layer and a batch whose rows belong to different adapters,
+//! `y[rows] += scale · (x[rows] · Aᵀ) · Bᵀ` per segment of rows — shrink, then expand — each adapter at
+//! its own rank (no padding to the largest). Rows outside every segment (base-model requests) are untouched.
+//!
+//! [`apply_reference`] is the plain candle-ops oracle; [`apply`] is the CPU fast path (segments in parallel,
+//! each split into row chunks, `gemm` micro-kernels for shrink and expand, reading each adapter's A and Bᵀ
+//! once per chunk).
+
+use std::ops::Range;
+
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+
+use super::{LinearId, LoraWeights};
+use crate::tensor_io::{tensor_from_f32, with_f32};
+
+/// Rows `rows` of the batch use `adapter`.
+#[derive(Clone, Copy)]
+pub struct LoraSegment<'a> {
+    pub rows: (usize, usize),
+    pub adapter: &'a LoraWeights,
+}
+
+impl<'a> LoraSegment<'a> {
+    pub fn new(rows: Range<usize>, adapter: &'a LoraWeights) -> Self {
+        LoraSegment { rows: (rows.start, rows.end), adapter }
+    }
+
+    fn range(&self) -> Range<usize> {
+        self.rows.0..self.rows.1
+    }
+}
+
+/// Checks segments are in order and do not overlap (the batch builder guarantees it; a violation is a bug).
+fn check_segments(segments: &[LoraSegment], rows: usize) -> Result<()> {
+    let mut end = 0;
+    for s in segments {
+        if s.rows.0 < end || s.rows.1 < s.rows.0 || s.rows.1 > rows {
+            candle_core::bail!("LoRA segments overlap or exceed the batch: {:?} of {rows} rows", s.rows)
+        }
+        end = s.rows.1;
+    }
+    Ok(())
+}
+
+/// Reference: candle ops, one segment at a time, `y + scale · x·Aᵀ·Bᵀ`.
+pub fn apply_reference(y: &Tensor, x: &Tensor, id: LinearId, segments: &[LoraSegment]) -> Result<Tensor> {
+    let (rows, _) = y.dims2()?;
+    check_segments(segments, rows)?;
+    let mut parts = Vec::new();
+    let mut cursor = 0;
+    for s in segments {
+        let (r0, r1) = s.rows;
+        if r0 > cursor {
+            parts.push(y.narrow(0, cursor, r0 - cursor)?);
+        }
+        let ys = y.narrow(0, r0, r1 - r0)?;
+        match s.adapter.module(id) {
+            Some(m) if r1 > r0 => {
+                let xs = x.narrow(0, r0, r1 - r0)?.to_dtype(candle_core::DType::F32)?;
+                let delta = xs.matmul(&m.a.t()?)?.matmul(&m.b_t)?.affine(m.scale as f64, 0.0)?;
+                parts.push((ys.to_dtype(candle_core::DType::F32)? + delta)?.to_dtype(y.dtype())?);
+            }
+            _ => parts.push(ys),
+        }
+        cursor = r1;
+    }
+    if cursor < rows {
+        parts.push(y.narrow(0, cursor, rows - cursor)?);
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// Rows per parallel task within one segment.
+const ROW_CHUNK: usize = 32;
+
+struct Work<'a> {
+    rows: Range<usize>,
+    a: &'a [f32],
+    b_t: &'a [f32],
+    rank: usize,
+    scale: f32,
+}
+
+/// Fast CPU path of the batched-LoRA op.
+pub fn apply(y: &Tensor, x: &Tensor, id: LinearId, segments: &[LoraSegment]) -> Result<Tensor> {
+    let (rows, out_f) = y.dims2()?;
+    let (_, in_f) = x.dims2()?;
+    check_segments(segments, rows)?;
+    let active: Vec<(Range<usize>, &super::LoraModule)> = segments
+        .iter()
+        .filter(|s| s.rows.1 > s.rows.0)
+        .filter_map(|s| s.adapter.module(id).map(|m| (s.range(), m)))
+        .collect();
+    if active.is_empty() {
+        return Ok(y.clone());
+    }
+    if !y.device().is_cpu() {
+        return apply_reference(y, x, id, segments);
+    }
+    // Hold every adapter's f32 slices for the duration of the kernel.
+    let guards: Vec<_> =
+        active.iter().map(|(_, m)| (m.a.storage_and_layout(), m.b_t.storage_and_layout(), m.rank(), m.scale)).collect();
+    let mut work = Vec::new();
+    for ((range, _), (a, b_t, rank, scale)) in active.iter().zip(&guards) {
+        let a = cpu_slice(&a.0, a.1)?;
+        let b_t = cpu_slice(&b_t.0, b_t.1)?;
+        if a.len() != rank * in_f || b_t.len() != rank * out_f {
+            candle_core::bail!("LoRA module {id} does not fit the layer ({in_f} → {out_f})")
+        }
+        let mut r = range.start;
+        while r < range.end {
+            let end = (r + ROW_CHUNK).min(range.end);
+            work.push(Work { rows: r..end, a, b_t, rank: *rank, scale: *scale });
+            r = end;
+        }
+    }
+    let mut y_data = with_f32(y, |v| v.to_vec())?;
+    with_f32(x, |xs| {
+        // Split y into the disjoint row ranges the work items own.
+        let mut slices: Vec<(&Work, &mut [f32])> = Vec::with_capacity(work.len());
+        let mut rest: &mut [f32] = &mut y_data;
+        let mut offset = 0;
+        for w in &work {
+            let (_, tail) = rest.split_at_mut((w.rows.start - offset) * out_f);
+            let (mine, tail) = tail.split_at_mut(w.rows.len() * out_f);
+            slices.push((w, mine));
+            rest = tail;
+            offset = w.rows.end;
+        }
+        slices.into_par_iter().for_each(|(w, ys)| {
+            let n = w.rows.len();
+            let xs = &xs[w.rows.start * in_f..w.rows.end * in_f];
+            let mut t = vec![0f32; n * w.rank];
+            // SAFETY: all pointers cover the matrices with the given strides (checked lengths above).
+            unsafe {
+                // shrink: t[n, r] = x[n, in] · Aᵀ   (A is [r, in])
+                gemm::gemm(
+                    n,
+                    w.rank,
+                    in_f,
+                    t.as_mut_ptr(),
+                    1,
+                    w.rank as isize,
+                    false,
+                    xs.as_ptr(),
+                    1,
+                    in_f as isize,
+                    w.a.as_ptr(),
+                    in_f as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                // expand: y[n, out] += scale · t[n, r] · Bᵀ   (Bᵀ is [r, out])
+                gemm::gemm(
+                    n,
+                    out_f,
+                    w.rank,
+                    ys.as_mut_ptr(),
+                    1,
+                    out_f as isize,
+                    true,
+                    t.as_ptr(),
+                    1,
+                    w.rank as isize,
+                    w.b_t.as_ptr(),
+                    1,
+                    out_f as isize,
+                    1.0,
+                    w.scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    })?;
+    drop(guards);
+    tensor_from_f32(y_data, &[rows, out_f], y.dtype(), y.device())
+}
+
+fn cpu_slice<'a>(storage: &'a candle_core::Storage, layout: &candle_core::Layout) -> Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => match layout.contiguous_offsets() {
+            Some((s, e)) => Ok(&v[s..e]),
+            None => candle_core::bail!("LoRA weights must be contiguous"),
+        },
+        _ => candle_core::bail!("LoRA weights on the CPU path must be f32 CPU tensors"),
+    }
+}

@@ -1,0 +1,173 @@
+//! LoRA adapters: the in-memory form of an adapter ([`LoraWeights`]: per linear layer A `[r, in]`, Bᵀ
+//! `[r, out]` and the α/r or α/√r scale), how a forward learns which rows use which adapter
+//! ([`LoraRows`]), and the batched-LoRA op that applies many adapters in one pass ([`batched`]).
+//!
+//! Submodules: [`batched`] (the op, reference and fast path), [`peft`] (PEFT config + safetensors parsing
+//! and validation), [`trainable`] (the trainable form used by `server train`), [`store`] (the adapters
+//! root: ids, paths, versions), [`cache`] (LRU tiers, leases, hot swap).
+
+pub mod batched;
+
+use std::fmt;
+
+use candle_core::Tensor;
+
+pub use batched::LoraSegment;
+
+/// The seven projections of a Llama-family decoder layer, in PEFT's module-name spelling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ModuleKind {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl ModuleKind {
+    pub const ALL: [ModuleKind; 7] = [
+        ModuleKind::QProj,
+        ModuleKind::KProj,
+        ModuleKind::VProj,
+        ModuleKind::OProj,
+        ModuleKind::GateProj,
+        ModuleKind::UpProj,
+        ModuleKind::DownProj,
+    ];
+
+    /// The leaf name (`q_proj`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ModuleKind::QProj => "q_proj",
+            ModuleKind::KProj => "k_proj",
+            ModuleKind::VProj => "v_proj",
+            ModuleKind::OProj => "o_proj",
+            ModuleKind::GateProj => "gate_proj",
+            ModuleKind::UpProj => "up_proj",
+            ModuleKind::DownProj => "down_proj",
+        }
+    }
+
+    /// The parent block (`self_attn` or `mlp`).
+    pub fn parent(self) -> &'static str {
+        match self {
+            ModuleKind::QProj | ModuleKind::KProj | ModuleKind::VProj | ModuleKind::OProj => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        ModuleKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+/// One linear layer of the model: decoder layer index and projection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinearId {
+    pub layer: usize,
+    pub kind: ModuleKind,
+}
+
+impl LinearId {
+    pub fn new(layer: usize, kind: ModuleKind) -> Self {
+        LinearId { layer, kind }
+    }
+
+    /// Dense index (`layer * 7 + kind`) into per-linear tables.
+    pub fn index(self) -> usize {
+        self.layer * ModuleKind::ALL.len() + self.kind as usize
+    }
+
+    /// The Hugging Face module path (`model.layers.3.self_attn.q_proj`).
+    pub fn module_path(self) -> String {
+        format!("model.layers.{}.{}.{}", self.layer, self.kind.parent(), self.kind.name())
+    }
+}
+
+impl fmt::Display for LinearId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.module_path())
+    }
+}
+
+/// One linear layer's LoRA pair, ready for the batched op: `delta(x) = scale · (x·Aᵀ)·Bᵀ`.
+#[derive(Clone, Debug)]
+pub struct LoraModule {
+    /// `[r, in]`, f32.
+    pub a: Tensor,
+    /// `[r, out]` (B transposed, so the expand step streams contiguous rows), f32.
+    pub b_t: Tensor,
+    /// α/r, or α/√r with rsLoRA, after rank/alpha patterns.
+    pub scale: f32,
+}
+
+impl LoraModule {
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    pub fn bytes(&self) -> usize {
+        (self.a.elem_count() + self.b_t.elem_count()) * self.a.dtype().size_in_bytes()
+    }
+}
+
+/// An adapter's weights for every linear layer it targets, indexed by [`LinearId::index`].
+#[derive(Clone, Debug, Default)]
+pub struct LoraWeights {
+    modules: Vec<Option<LoraModule>>,
+}
+
+impl LoraWeights {
+    /// An adapter for a model with `layers` decoder layers, targeting nothing yet.
+    pub fn new(layers: usize) -> Self {
+        LoraWeights { modules: vec![None; layers * ModuleKind::ALL.len()] }
+    }
+
+    pub fn insert(&mut self, id: LinearId, module: LoraModule) {
+        self.modules[id.index()] = Some(module);
+    }
+
+    #[inline]
+    pub fn module(&self, id: LinearId) -> Option<&LoraModule> {
+        self.modules.get(id.index()).and_then(|m| m.as_ref())
+    }
+
+    /// The targeted layers, in order.
+    pub fn targets(&self) -> impl Iterator<Item = (LinearId, &LoraModule)> {
+        let kinds = ModuleKind::ALL.len();
+        self.modules
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, m)| m.as_ref().map(|m| (LinearId::new(i / kinds, ModuleKind::ALL[i % kinds]), m)))
+    }
+
+    /// Bytes of all A and B tensors.
+    pub fn bytes(&self) -> usize {
+        self.modules.iter().flatten().map(|m| m.bytes()).sum()
+    }
+}
+
+/// How the LoRA deltas of one forward are chosen.
+#[derive(Clone, Copy, Default)]
+pub enum LoraRows<'a> {
+    /// Base model only.
+    #[default]
+    None,
+    /// Serving: row segments, each with its adapter (rows in no segment use the base alone).
+    Segments(&'a [LoraSegment<'a>]),
+    /// Serving, checked: the same segments through the plain reference op (tests compare the two).
+    SegmentsReference(&'a [LoraSegment<'a>]),
+}
+
+impl LoraRows<'_> {
+    /// Adds this forward's LoRA deltas for linear `id` to `y = base(x)`.
+    pub fn apply(&self, id: LinearId, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            LoraRows::None => Ok(y),
+            LoraRows::Segments(segs) => batched::apply(&y, x, id, segs),
+            LoraRows::SegmentsReference(segs) => batched::apply_reference(&y, x, id, segs),
+        }
+    }
+}

@@ -1,0 +1,555 @@
+//! Hugging Face `config.json` → [`ModelConfig`], the resolved runtime configuration of a Llama-family
+//! model (Llama 2/3, Mistral, Qwen2).
+//!
+//! Two raw forms are accepted, as transformers writes them: 4.x (`rope_theta` and `rope_scaling` at the top
+//! level) and 5.x (`rope_parameters`). Everything the forward needs is resolved here once — head_dim, the
+//! grouped-query ratio, which projections carry a bias, the rotary inverse frequencies — so the model code
+//! never looks at raw JSON. Fields transformers gives a default get the same default here; the fields that
+//! define the shape of the network are required and a missing one is named in the error.
+
+use serde_json::{Map, Value};
+
+/// Errors from reading a model's `config.json` / `generation_config.json`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {reason}")]
+    Io { file: String, reason: String },
+    #[error("{file}: invalid JSON: {reason}")]
+    Json { file: String, reason: String },
+    #[error("{file}: missing required field `{field}`")]
+    Missing { file: String, field: String },
+    #[error("{file}: field `{field}`: {reason}")]
+    Invalid { file: String, field: String, reason: String },
+    #[error("{file}: unsupported model_type `{model_type}` (supported: llama, mistral, qwen2)")]
+    UnsupportedModelType { file: String, model_type: String },
+}
+
+/// The architectures that share the one forward in [`crate::model::llama`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFamily {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl ModelFamily {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelFamily::Llama => "llama",
+            ModelFamily::Mistral => "mistral",
+            ModelFamily::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// How rotary position frequencies are derived (`rope_type` in transformers).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// Positions divided by `factor` (`rope_type: "linear"`).
+    Linear { factor: f64 },
+    /// Llama 3.1's frequency-dependent scaling (`rope_type: "llama3"`).
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+/// The resolved configuration the forward runs on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub family: ModelFamily,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    /// q/k/v projections carry a bias (Qwen2 always; Llama with `attention_bias`).
+    pub qkv_bias: bool,
+    /// o_proj carries a bias (Llama with `attention_bias`).
+    pub o_bias: bool,
+    /// gate/up/down carry a bias (Llama `mlp_bias`).
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    /// Sliding attention window per layer (`None` = full attention).
+    pub sliding_window: Vec<Option<usize>>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// `quantization_config` as written by transformers, when the checkpoint is pre-quantized.
+    pub quantization: Option<Value>,
+}
+
+impl ModelConfig {
+    /// Parses `config.json` text; `file` names the file in errors.
+    pub fn from_json_str(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| ConfigError::Json { file: file.to_string(), reason: e.to_string() })?;
+        let Value::Object(map) = value else {
+            return Err(ConfigError::Json { file: file.to_string(), reason: "top level is not an object".to_string() });
+        };
+        Raw { map: &map, file }.resolve()
+    }
+
+    /// Reads `config.json` from disk.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Io { file: file.clone(), reason: e.to_string() })?;
+        Self::from_json_str(&text, &file)
+    }
+
+    /// Applies `generation_config.json` (its `eos_token_id`, single or list, wins over config.json's).
+    pub fn apply_generation_config(&mut self, text: &str, file: &str) -> Result<(), ConfigError> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| ConfigError::Json { file: file.to_string(), reason: e.to_string() })?;
+        if let Some(v) = value.get("eos_token_id") {
+            if !v.is_null() {
+                self.eos_token_ids = token_id_list(v, file, "eos_token_id")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of query heads that share one key/value head.
+    pub fn gqa_group(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// Output width of k_proj / v_proj.
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    /// Output width of q_proj.
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// The rotary inverse frequencies (length head_dim/2), scaling applied, computed in f32 as transformers
+    /// does so positions rotate by bit-identical angles.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let dim = self.head_dim;
+        let base: Vec<f32> = (0..dim / 2)
+            .map(|i| {
+                let exponent = (2 * i) as f32 / dim as f32;
+                1.0 / (self.rope_theta as f32).powf(exponent)
+            })
+            .collect();
+        match &self.rope_scaling {
+            RopeScaling::Default => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / *factor as f32).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old_ctx,
+            } => {
+                let low_freq_wavelen = old_ctx / low_freq_factor;
+                let high_freq_wavelen = old_ctx / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let f = f as f64;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
+                        let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
+                        let out = if medium {
+                            let smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * scaled / factor + smooth * scaled
+                        } else {
+                            scaled
+                        };
+                        out as f32
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Raw `config.json` object with typed accessors that name the field in errors.
+struct Raw<'a> {
+    map: &'a Map<String, Value>,
+    file: &'a str,
+}
+
+impl Raw<'_> {
+    fn get(&self, field: &str) -> Option<&Value> {
+        self.map.get(field).filter(|v| !v.is_null())
+    }
+
+    fn missing(&self, field: &str) -> ConfigError {
+        ConfigError::Missing { file: self.file.to_string(), field: field.to_string() }
+    }
+
+    fn invalid(&self, field: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { file: self.file.to_string(), field: field.to_string(), reason: reason.into() }
+    }
+
+    fn usize_opt(&self, field: &str) -> Result<Option<usize>, ConfigError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 => Ok(Some(n as usize)),
+                _ => Err(self.invalid(field, format!("expected a positive integer, got {v}"))),
+            },
+        }
+    }
+
+    fn usize_req(&self, field: &str) -> Result<usize, ConfigError> {
+        self.usize_opt(field)?.ok_or_else(|| self.missing(field))
+    }
+
+    fn f64_in(&self, obj: &Map<String, Value>, field: &str, path: &str) -> Result<Option<f64>, ConfigError> {
+        match obj.get(field).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| self.invalid(path, format!("expected a number, got {v}"))),
+        }
+    }
+
+    fn bool_or(&self, field: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(field) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(self.invalid(field, format!("expected true or false, got {v}"))),
+        }
+    }
+
+    fn resolve(&self) -> Result<ModelConfig, ConfigError> {
+        let model_type = match self.get("model_type") {
+            None => return Err(self.missing("model_type")),
+            Some(Value::String(s)) => s.as_str(),
+            Some(v) => return Err(self.invalid("model_type", format!("expected a string, got {v}"))),
+        };
+        let family = match model_type {
+            "llama" => ModelFamily::Llama,
+            "mistral" => ModelFamily::Mistral,
+            "qwen2" => ModelFamily::Qwen2,
+            other => {
+                return Err(ConfigError::UnsupportedModelType {
+                    file: self.file.to_string(),
+                    model_type: other.to_string(),
+                })
+            }
+        };
+        if let Some(act) = self.get("hidden_act") {
+            if act.as_str() != Some("silu") {
+                return Err(self.invalid("hidden_act", format!("only \"silu\" is supported, got {act}")));
+            }
+        }
+
+        let vocab_size = self.usize_req("vocab_size")?;
+        let hidden_size = self.usize_req("hidden_size")?;
+        let intermediate_size = self.usize_req("intermediate_size")?;
+        let num_hidden_layers = self.usize_req("num_hidden_layers")?;
+        let num_attention_heads = self.usize_req("num_attention_heads")?;
+        let num_key_value_heads = self.usize_opt("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(self.invalid(
+                "num_key_value_heads",
+                format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+            ));
+        }
+        let head_dim = match self.usize_opt("head_dim")? {
+            Some(d) => d,
+            None => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(self.invalid(
+                        "hidden_size",
+                        format!("{hidden_size} is not a multiple of num_attention_heads {num_attention_heads} and no head_dim is given"),
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(self.invalid("head_dim", format!("{head_dim} is odd; rotary embeddings need an even head_dim")));
+        }
+        let default_ctx = match family {
+            ModelFamily::Llama => 2048,
+            ModelFamily::Mistral => 4096 * 32,
+            ModelFamily::Qwen2 => 32768,
+        };
+        let max_position_embeddings = self.usize_opt("max_position_embeddings")?.unwrap_or(default_ctx);
+        let rms_norm_eps = match self.get("rms_norm_eps") {
+            None => 1e-6,
+            Some(v) => v
+                .as_f64()
+                .filter(|x| *x > 0.0 && x.is_finite())
+                .ok_or_else(|| self.invalid("rms_norm_eps", format!("expected a positive number, got {v}")))?,
+        };
+
+        let (rope_theta, rope_scaling) = self.rope(family)?;
+
+        let attention_bias = self.bool_or("attention_bias", false)?;
+        let (qkv_bias, o_bias, mlp_bias) = match family {
+            ModelFamily::Llama => (attention_bias, attention_bias, self.bool_or("mlp_bias", false)?),
+            ModelFamily::Mistral => (false, false, false),
+            // Qwen2's q/k/v projections always carry a bias; o_proj and the MLP never do.
+            ModelFamily::Qwen2 => (true, false, false),
+        };
+        let tie_word_embeddings = self.bool_or("tie_word_embeddings", false)?;
+        let sliding_window = self.sliding_windows(family, num_hidden_layers)?;
+
+        let bos_token_id = match self.get("bos_token_id") {
+            None => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| self.invalid("bos_token_id", format!("expected a token id, got {v}")))?,
+            ),
+        };
+        let eos_token_ids = match self.get("eos_token_id") {
+            None => Vec::new(),
+            Some(v) => token_id_list(v, self.file, "eos_token_id")?,
+        };
+        let quantization = self.get("quantization_config").cloned();
+
+        Ok(ModelConfig {
+            family,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            max_position_embeddings,
+            rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            tie_word_embeddings,
+            sliding_window,
+            bos_token_id,
+            eos_token_ids,
+            quantization,
+        })
+    }
+
+    /// `rope_parameters` (transformers 5.x) or `rope_theta` + `rope_scaling` (4.x).
+    fn rope(&self, family: ModelFamily) -> Result<(f64, RopeScaling), ConfigError> {
+        let default_theta = match family {
+            ModelFamily::Qwen2 => 1_000_000.0,
+            _ => 10_000.0,
+        };
+        let empty = Map::new();
+        let (params, prefix, theta) = match self.get("rope_parameters") {
+            Some(Value::Object(p)) => {
+                let theta = self.f64_in(p, "rope_theta", "rope_parameters.rope_theta")?;
+                (p, "rope_parameters", theta)
+            }
+            Some(v) => return Err(self.invalid("rope_parameters", format!("expected an object, got {v}"))),
+            None => {
+                let theta = self.f64_in(self.map, "rope_theta", "rope_theta")?;
+                match self.get("rope_scaling") {
+                    Some(Value::Object(p)) => (p, "rope_scaling", theta),
+                    Some(v) => return Err(self.invalid("rope_scaling", format!("expected an object, got {v}"))),
+                    None => (&empty, "rope_scaling", theta),
+                }
+            }
+        };
+        let theta = theta.unwrap_or(default_theta);
+        if theta <= 0.0 {
+            return Err(self.invalid("rope_theta", format!("must be positive, got {theta}")));
+        }
+        // transformers 4.x wrote the kind as `type`, later versions as `rope_type`.
+        let kind = params.get("rope_type").or_else(|| params.get("type")).filter(|v| !v.is_null());
+        let kind = match kind {
+            None => "default",
+            Some(Value::String(s)) => s.as_str(),
+            Some(v) => return Err(self.invalid(&format!("{prefix}.rope_type"), format!("expected a string, got {v}"))),
+        };
+        let req = |field: &str| -> Result<f64, ConfigError> {
+            let path = format!("{prefix}.{field}");
+            self.f64_in(params, field, &path)?.ok_or_else(|| self.missing(&path))
+        };
+        let scaling = match kind {
+            "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear { factor: req("factor")? },
+            "llama3" => RopeScaling::Llama3 {
+                factor: req("factor")?,
+                low_freq_factor: req("low_freq_factor")?,
+                high_freq_factor: req("high_freq_factor")?,
+                original_max_position_embeddings: req("original_max_position_embeddings")?,
+            },
+            other => {
+                return Err(self.invalid(
+                    &format!("{prefix}.rope_type"),
+                    format!("unsupported rope type `{other}` (supported: default, linear, llama3)"),
+                ))
+            }
+        };
+        if let RopeScaling::Llama3 { low_freq_factor, high_freq_factor, .. } = scaling {
+            if high_freq_factor <= low_freq_factor {
+                return Err(self.invalid(&format!("{prefix}.high_freq_factor"), "must be greater than low_freq_factor"));
+            }
+        }
+        Ok((theta, scaling))
+    }
+
+    /// Per-layer sliding window: Mistral's `sliding_window`; Qwen2's when `use_sliding_window` is set
+    /// (layers from `max_window_layers` on, or as `layer_types` lists them in 5.x configs).
+    fn sliding_windows(&self, family: ModelFamily, layers: usize) -> Result<Vec<Option<usize>>, ConfigError> {
+        let window = self.usize_opt("sliding_window")?;
+        let per_layer = match family {
+            ModelFamily::Llama => vec![None; layers],
+            ModelFamily::Mistral => vec![window; layers],
+            ModelFamily::Qwen2 => {
+                if !self.bool_or("use_sliding_window", false)? || window.is_none() {
+                    vec![None; layers]
+                } else if let Some(Value::Array(types)) = self.get("layer_types") {
+                    if types.len() != layers {
+                        return Err(
+                            self.invalid("layer_types", format!("has {} entries for {layers} layers", types.len()))
+                        );
+                    }
+                    types.iter().map(|t| if t.as_str() == Some("sliding_attention") { window } else { None }).collect()
+                } else {
+                    let first = self.usize_opt("max_window_layers")?.unwrap_or(layers);
+                    (0..layers).map(|l| if l >= first { window } else { None }).collect()
+                }
+            }
+        };
+        Ok(per_layer)
+    }
+}
+
+fn token_id_list(v: &Value, file: &str, field: &str) -> Result<Vec<u32>, ConfigError> {
+    let bad = || ConfigError::Invalid {
+        file: file.to_string(),
+        field: field.to_string(),
+        reason: format!("expected a token id or a list of token ids, got {v}"),
+    };
+    let one = |x: &Value| x.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad);
+    match v {
+        Value::Array(items) => items.iter().map(one).collect(),
+        other => Ok(vec![one(other)?]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V5: &str = r#"{
+        "model_type": "llama", "vocab_size": 320, "hidden_size": 96, "intermediate_size": 256,
+        "num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 16,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 512, "tie_word_embeddings": false,
+        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+        "bos_token_id": 0, "eos_token_id": 1
+    }"#;
+
+    const V4_LLAMA3: &str = r#"{
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]
+    }"#;
+
+    #[test]
+    fn parses_transformers_5_form() {
+        let c = ModelConfig::from_json_str(V5, "config.json").unwrap();
+        assert_eq!(c.family, ModelFamily::Llama);
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.gqa_group(), 2);
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.rope_scaling, RopeScaling::Default);
+        assert_eq!(c.eos_token_ids, vec![1]);
+        assert!(!c.qkv_bias && !c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn parses_transformers_4_form_with_llama3_rope() {
+        let c = ModelConfig::from_json_str(V4_LLAMA3, "config.json").unwrap();
+        assert_eq!(c.head_dim, 128);
+        assert_eq!(c.num_key_value_heads, 8);
+        assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        // High frequencies (short wavelengths) are untouched, low ones divided by the factor.
+        let plain = ModelConfig { rope_scaling: RopeScaling::Default, ..c.clone() }.rope_inv_freq();
+        let scaled = c.rope_inv_freq();
+        assert_eq!(scaled[0], plain[0]);
+        let last = plain.len() - 1;
+        assert!((scaled[last] - plain[last] / 8.0).abs() <= plain[last] * 1e-6);
+    }
+
+    #[test]
+    fn legacy_type_key_and_linear_scaling() {
+        let text = V4_LLAMA3.replace(
+            r#""rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"}"#,
+            r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
+        );
+        let c = ModelConfig::from_json_str(&text, "config.json").unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_mistral_window() {
+        let q = V5.replace("\"llama\"", "\"qwen2\"");
+        let c = ModelConfig::from_json_str(&q, "config.json").unwrap();
+        assert!(c.qkv_bias && !c.o_bias);
+        let m = V5
+            .replace("\"llama\"", "\"mistral\"")
+            .replace("\"head_dim\": 16,", "\"head_dim\": 16, \"sliding_window\": 4096,");
+        let c = ModelConfig::from_json_str(&m, "config.json").unwrap();
+        assert_eq!(c.sliding_window, vec![Some(4096); 3]);
+    }
+
+    #[test]
+    fn rejects_unsupported_model_type() {
+        let t = V5.replace("\"llama\"", "\"gpt2\"");
+        let e = ModelConfig::from_json_str(&t, "m/config.json").unwrap_err().to_string();
+        assert!(e.contains("m/config.json") && e.contains("gpt2"), "{e}");
+    }
+
+    #[test]
+    fn names_a_missing_required_field() {
+        for field in
+            ["hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads", "model_type"]
+        {
+            let mut v: Value = serde_json::from_str(V5).unwrap();
+            v.as_object_mut().unwrap().remove(field);
+            let e = ModelConfig::from_json_str(&v.to_string(), "config.json").unwrap_err();
+            assert!(matches!(&e, ConfigError::Missing { field: f, .. } if f == field), "{field}: {e}");
+            assert!(e.to_string().contains(field));
+        }
+    }
+
+    #[test]
+    fn names_a_missing_llama3_field_and_a_bad_value() {
+        let t = V4_LLAMA3.replace("\"low_freq_factor\": 1.0, ", "");
+        let e = ModelConfig::from_json_str(&t, "config.json").unwrap_err().to_string();
+        assert!(e.contains("rope_scaling.low_freq_factor"), "{e}");
+        let t = V5.replace("\"num_key_value_heads\": 3", "\"num_key_value_heads\": 4");
+        let e = ModelConfig::from_json_str(&t, "config.json").unwrap_err().to_string();
+        assert!(e.contains("num_key_value_heads"), "{e}");
+        let t = V5.replace("\"hidden_size\": 96", "\"hidden_size\": \"96\"");
+        let e = ModelConfig::from_json_str(&t, "config.json").unwrap_err().to_string();
+        assert!(e.contains("hidden_size"), "{e}");
+        let t = V5.replace("\"default\"", "\"yarn\"");
+        let e = ModelConfig::from_json_str(&t, "config.json").unwrap_err().to_string();
+        assert!(e.contains("yarn"), "{e}");
+    }
+
+    #[test]
+    fn generation_config_overrides_eos() {
+        let mut c = ModelConfig::from_json_str(V5, "config.json").unwrap();
+        c.apply_generation_config(r#"{"eos_token_id": [1, 7]}"#, "generation_config.json").unwrap();
+        assert_eq!(c.eos_token_ids, vec![1, 7]);
+        let e = c.apply_generation_config(r#"{"eos_token_id": "x"}"#, "generation_config.json").unwrap_err();
+        assert!(e.to_string().contains("eos_token_id"));
+    }
+}

@@ -1,0 +1,148 @@
+//! The paged KV cache: fixed-size blocks of token positions, per layer one key and one value arena of
+//! `[num_blocks, block_size, kv_heads, head_dim]` f32, and a [`BlockAllocator`] handing out block ids.
+//!
+//! Sequences own block tables (lists of block ids); the cache itself knows nothing about sequences, so the
+//! engine can admit, grow, preempt and free them by moving block ids around. Memory is fixed at creation
+//! from a byte budget, so a full cache means "wait", never an out-of-memory.
+
+/// Shape of the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvGeometry {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Token positions per block.
+    pub block_size: usize,
+}
+
+impl KvGeometry {
+    /// Bytes one block occupies across all layers (keys and values).
+    pub fn block_bytes(&self) -> usize {
+        2 * self.layers * self.block_size * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+    }
+
+    /// Blocks needed to hold `tokens` positions.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size)
+    }
+}
+
+/// One layer's key and value arenas.
+pub struct LayerKv {
+    pub block_size: usize,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// The cache arenas plus the allocator of their blocks.
+pub struct PagedKvCache {
+    geometry: KvGeometry,
+    layers: Vec<LayerKv>,
+    allocator: BlockAllocator,
+}
+
+impl PagedKvCache {
+    pub fn new(geometry: KvGeometry, num_blocks: usize) -> Self {
+        let per_layer = num_blocks * geometry.block_size * geometry.kv_heads * geometry.head_dim;
+        let layers = (0..geometry.layers)
+            .map(|_| LayerKv { block_size: geometry.block_size, k: vec![0f32; per_layer], v: vec![0f32; per_layer] })
+            .collect();
+        PagedKvCache { geometry, layers, allocator: BlockAllocator::new(num_blocks) }
+    }
+
+    /// A cache of as many blocks as fit in `budget_bytes` (at least one).
+    pub fn with_budget(geometry: KvGeometry, budget_bytes: usize) -> Self {
+        let blocks = (budget_bytes / geometry.block_bytes().max(1)).max(1);
+        Self::new(geometry, blocks)
+    }
+
+    pub fn geometry(&self) -> KvGeometry {
+        self.geometry
+    }
+
+    pub fn layer_mut(&mut self, layer: usize) -> &mut LayerKv {
+        &mut self.layers[layer]
+    }
+
+    pub fn allocator(&self) -> &BlockAllocator {
+        &self.allocator
+    }
+
+    pub fn allocator_mut(&mut self) -> &mut BlockAllocator {
+        &mut self.allocator
+    }
+
+    /// Bytes of the arenas.
+    pub fn bytes(&self) -> usize {
+        self.allocator.capacity() * self.geometry.block_bytes()
+    }
+}
+
+/// A free list of block ids.
+#[derive(Debug)]
+pub struct BlockAllocator {
+    free: Vec<u32>,
+    capacity: usize,
+}
+
+impl BlockAllocator {
+    pub fn new(capacity: usize) -> Self {
+        // Hand out low ids first (pop from the end).
+        BlockAllocator { free: (0..capacity as u32).rev().collect(), capacity }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn used_blocks(&self) -> usize {
+        self.capacity - self.free.len()
+    }
+
+    /// Takes `n` blocks, or none if fewer than `n` are free.
+    pub fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
+        if n > self.free.len() {
+            return None;
+        }
+        let at = self.free.len() - n;
+        Some(self.free.split_off(at).into_iter().rev().collect())
+    }
+
+    /// Returns blocks to the free list.
+    pub fn release(&mut self, blocks: impl IntoIterator<Item = u32>) {
+        for b in blocks {
+            debug_assert!((b as usize) < self.capacity && !self.free.contains(&b), "double free of block {b}");
+            self.free.push(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocator_hands_out_and_takes_back() {
+        let mut a = BlockAllocator::new(4);
+        let x = a.allocate(3).unwrap();
+        assert_eq!(x, vec![0, 1, 2]);
+        assert!(a.allocate(2).is_none());
+        assert_eq!(a.used_blocks(), 3);
+        a.release(x);
+        assert_eq!(a.free_blocks(), 4);
+        assert_eq!(a.allocate(4).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn budget_sizes_the_cache() {
+        let g = KvGeometry { layers: 2, kv_heads: 2, head_dim: 4, block_size: 16 };
+        assert_eq!(g.block_bytes(), 2 * 2 * 16 * 2 * 4 * 4);
+        let c = PagedKvCache::with_budget(g, g.block_bytes() * 10 + 5);
+        assert_eq!(c.allocator().capacity(), 10);
+        assert_eq!(g.blocks_for(17), 2);
+    }
+}

@@ -1,0 +1,126 @@
+//! [`Linear`]: the model's single linear-layer type. Its base weight is dense or NF4; LoRA deltas for the
+//! rows of the batch that use an adapter are added on top through [`LoraRows`]. Quantized, adapted and
+//! trained variants are all this one type — there is no second copy of the model.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::lora::{LinearId, LoraRows};
+use crate::quant::op::Nf4Linear;
+use crate::quant::{Nf4Weight, QuantMode};
+
+use super::weights::{WeightSource, WeightsError};
+use super::ModelError;
+
+/// The frozen base weight of a linear layer, `[out, in]`.
+#[derive(Clone)]
+pub enum BaseWeight {
+    Dense(Tensor),
+    Nf4(Arc<Nf4Weight>),
+}
+
+impl BaseWeight {
+    /// Bytes resident for this weight.
+    pub fn resident_bytes(&self) -> usize {
+        match self {
+            BaseWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            BaseWeight::Nf4(w) => w.resident_bytes(),
+        }
+    }
+
+    /// The weight as a dense f32 `[out, in]` tensor (for merging and checks; NF4 is dequantized).
+    pub fn to_dense_f32(&self, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            BaseWeight::Dense(t) => t.to_dtype(DType::F32),
+            BaseWeight::Nf4(w) => Tensor::from_vec(w.dequantize(), w.dims2(), device),
+        }
+    }
+}
+
+/// A linear layer `y = x·Wᵀ (+ b) (+ LoRA)`.
+#[derive(Clone)]
+pub struct Linear {
+    pub id: LinearId,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub base: BaseWeight,
+    pub bias: Option<Tensor>,
+}
+
+/// What the loader needs to build linear layers.
+pub struct LinearLoad<'a> {
+    pub source: &'a dyn WeightSource,
+    pub quant: QuantMode,
+    pub dtype: DType,
+    pub device: &'a Device,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` (dense, or the bitsandbytes NF4 layout) and optionally `{prefix}.bias`.
+    pub fn load(
+        ld: &LinearLoad,
+        prefix: &str,
+        id: LinearId,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Self, ModelError> {
+        let name = format!("{prefix}.weight");
+        let base = if let Some(w) = crate::quant::bnb::load_nf4(ld.source, &name, &[out_features, in_features])? {
+            if ld.quant == QuantMode::None {
+                // A pre-quantized checkpoint cannot be "un-quantized" losslessly; dequantize for a dense base.
+                BaseWeight::Dense(
+                    Tensor::from_vec(w.dequantize(), (out_features, in_features), ld.device)?.to_dtype(ld.dtype)?,
+                )
+            } else {
+                BaseWeight::Nf4(Arc::new(w))
+            }
+        } else {
+            match ld.quant {
+                QuantMode::None => {
+                    BaseWeight::Dense(ld.source.tensor(&name, &[out_features, in_features], ld.dtype, ld.device)?)
+                }
+                QuantMode::Nf4 => {
+                    let w = ld.source.tensor(&name, &[out_features, in_features], DType::F32, ld.device)?;
+                    let values = w.flatten_all()?.to_vec1::<f32>()?;
+                    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                        return Err(WeightsError::tensor(
+                            ld.source.describe(),
+                            name,
+                            format!("non-finite value at element {i}"),
+                        )
+                        .into());
+                    }
+                    BaseWeight::Nf4(Arc::new(Nf4Weight::quantize(&values, &[out_features, in_features], true)))
+                }
+            }
+        };
+        let bias = if bias {
+            Some(ld.source.tensor(&format!("{prefix}.bias"), &[out_features], ld.dtype, ld.device)?)
+        } else {
+            None
+        };
+        Ok(Linear { id, in_features, out_features, base, bias })
+    }
+
+    /// `x [rows, in] → [rows, out]`. `differentiable` keeps the autograd graph (training) through the NF4 op.
+    pub fn forward(&self, x: &Tensor, lora: &LoraRows, differentiable: bool) -> candle_core::Result<Tensor> {
+        let y = match &self.base {
+            BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
+            BaseWeight::Nf4(w) => {
+                let x = x.contiguous()?;
+                if differentiable {
+                    x.apply_op1(Nf4Linear(w.clone()))?
+                } else {
+                    x.apply_op1_no_bwd(&Nf4Linear(w.clone()))?
+                }
+            }
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        lora.apply(self.id, x, y)
+    }
+}

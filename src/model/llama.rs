@@ -1,0 +1,332 @@
+//! The one forward of the Llama family (Llama 2/3, Mistral, Qwen2): embeddings, decoder layers of
+//! RMSNorm → grouped-query attention with RoPE → RMSNorm → SwiGLU MLP, final norm, LM head.
+//!
+//! A forward runs over a *flattened* batch: the new tokens of several sequences stacked as rows, each
+//! sequence with its own past length (continuous batching mixes prefill chunks and decode steps in one
+//! call). Every linear layer is a [`Linear`] — dense or NF4 base plus the LoRA deltas of the rows' adapters.
+//! Attention is either the paged serving kernel over the KV cache or dense tensor ops (training, and the
+//! reference the serving path is checked against).
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+
+use super::attention::{
+    dense_attention, paged_attention, rope_in_place, rope_tables, rope_tensor, AttnShape, PagedSeq,
+};
+use super::config::ModelConfig;
+use super::kv_cache::{KvGeometry, PagedKvCache};
+use super::linear::{Linear, LinearLoad};
+use super::ModelError;
+use crate::lora::{LinearId, LoraRows, ModuleKind};
+use crate::tensor_io::{tensor_from_f32, with_f32};
+
+/// One sequence's rows in a forward batch.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqInput<'a> {
+    /// New tokens of this sequence in this forward.
+    pub len: usize,
+    /// Positions already in its KV cache (0 without a cache).
+    pub past: usize,
+    /// Its KV block table (paged attention only), covering `past + len` positions.
+    pub blocks: &'a [u32],
+}
+
+/// A flattened batch: `tokens` holds every sequence's new tokens back to back, in `seqs` order.
+pub struct Batch<'a> {
+    pub tokens: &'a [u32],
+    pub seqs: &'a [SeqInput<'a>],
+    /// Rows whose logits are wanted (e.g. the last row of each sequence), in output order.
+    pub logit_rows: &'a [usize],
+}
+
+/// How attention reads and writes keys and values.
+pub enum AttentionMode<'a> {
+    /// No cache: each sequence attends over its own rows only (`past` must be 0). `differentiable` keeps
+    /// the autograd graph for training.
+    Dense { differentiable: bool },
+    /// The serving path: keys/values go into, and are read from, the paged cache.
+    Paged(&'a mut PagedKvCache),
+}
+
+struct DecoderLayer {
+    input_norm: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_norm: Tensor,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    attn: AttnShape,
+}
+
+/// A loaded Llama-family model.
+pub struct Model {
+    config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Vec<f32>,
+    dtype: DType,
+    device: Device,
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
+    if differentiable {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
+        normed.to_dtype(dtype)?.broadcast_mul(weight)
+    } else {
+        candle_nn::ops::rms_norm(x, weight, eps as f32)
+    }
+}
+
+impl Model {
+    /// Builds the model from named weights (Hugging Face names).
+    pub fn load(config: ModelConfig, ld: &LinearLoad) -> std::result::Result<Self, ModelError> {
+        let c = &config;
+        let src = ld.source;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let embed = src.tensor("model.embed_tokens.weight", &[c.vocab_size, h], ld.dtype, ld.device)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let lin = |kind: ModuleKind, inp: usize, out: usize, bias: bool| {
+                Linear::load(
+                    ld,
+                    &format!("{p}.{}.{}", kind.parent(), kind.name()),
+                    LinearId::new(l, kind),
+                    inp,
+                    out,
+                    bias,
+                )
+            };
+            layers.push(DecoderLayer {
+                input_norm: src.tensor(&format!("{p}.input_layernorm.weight"), &[h], ld.dtype, ld.device)?,
+                q_proj: lin(ModuleKind::QProj, h, c.q_dim(), c.qkv_bias)?,
+                k_proj: lin(ModuleKind::KProj, h, c.kv_dim(), c.qkv_bias)?,
+                v_proj: lin(ModuleKind::VProj, h, c.kv_dim(), c.qkv_bias)?,
+                o_proj: lin(ModuleKind::OProj, c.q_dim(), h, c.o_bias)?,
+                post_norm: src.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h], ld.dtype, ld.device)?,
+                gate_proj: lin(ModuleKind::GateProj, h, i, c.mlp_bias)?,
+                up_proj: lin(ModuleKind::UpProj, h, i, c.mlp_bias)?,
+                down_proj: lin(ModuleKind::DownProj, i, h, c.mlp_bias)?,
+                attn: AttnShape {
+                    heads: c.num_attention_heads,
+                    kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                    window: c.sliding_window[l],
+                },
+            });
+        }
+        let norm = src.tensor("model.norm.weight", &[h], ld.dtype, ld.device)?;
+        let lm_head = if c.tie_word_embeddings && !src.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            src.tensor("lm_head.weight", &[c.vocab_size, h], ld.dtype, ld.device)?
+        };
+        Ok(Model {
+            inv_freq: config.rope_inv_freq(),
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            dtype: ld.dtype,
+            device: ld.device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Geometry of a KV cache for this model.
+    pub fn kv_geometry(&self, block_size: usize) -> KvGeometry {
+        KvGeometry {
+            layers: self.config.num_hidden_layers,
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+            block_size,
+        }
+    }
+
+    /// Every linear layer, in order.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj])
+    }
+
+    /// The linear layer `id`.
+    pub fn linear(&self, id: LinearId) -> Option<&Linear> {
+        let l = self.layers.get(id.layer)?;
+        Some(match id.kind {
+            ModuleKind::QProj => &l.q_proj,
+            ModuleKind::KProj => &l.k_proj,
+            ModuleKind::VProj => &l.v_proj,
+            ModuleKind::OProj => &l.o_proj,
+            ModuleKind::GateProj => &l.gate_proj,
+            ModuleKind::UpProj => &l.up_proj,
+            ModuleKind::DownProj => &l.down_proj,
+        })
+    }
+
+    /// Every named tensor that is not a decoder linear weight (embeddings, norms, head, biases), for
+    /// writing checkpoints.
+    pub fn other_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (l, layer) in self.layers.iter().enumerate() {
+            out.push((format!("model.layers.{l}.input_layernorm.weight"), layer.input_norm.clone()));
+            out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), layer.post_norm.clone()));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !self.config.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+        }
+        out
+    }
+
+    /// Bytes resident for the whole model (weights of every tensor; the quantized ones in NF4).
+    pub fn resident_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut total = t(&self.embed) + t(&self.norm);
+        if !self.config.tie_word_embeddings {
+            total += t(&self.lm_head);
+        }
+        for l in &self.layers {
+            total += t(&l.input_norm) + t(&l.post_norm);
+        }
+        for lin in self.linears() {
+            total += lin.base.resident_bytes() + lin.bias.as_ref().map_or(0, t);
+        }
+        total
+    }
+
+    /// Parameter count (the model's logical size, whatever its storage).
+    pub fn num_parameters(&self) -> usize {
+        let c = &self.config;
+        let head = if c.tie_word_embeddings { 0 } else { c.vocab_size * c.hidden_size };
+        let mut n = c.vocab_size * c.hidden_size + head + c.hidden_size;
+        n += c.num_hidden_layers * 2 * c.hidden_size;
+        for lin in self.linears() {
+            n += lin.in_features * lin.out_features + lin.bias.as_ref().map_or(0, |b| b.elem_count());
+        }
+        n
+    }
+
+    /// Runs the batch and returns f32 logits `[batch.logit_rows.len(), vocab]`.
+    pub fn forward(&self, batch: &Batch, attn: AttentionMode, lora: &LoraRows) -> Result<Tensor> {
+        let hidden = self.forward_hidden(batch, attn, lora)?;
+        self.logits(&hidden, batch.logit_rows)
+    }
+
+    /// Final-norm hidden states of every row `[rows, hidden]`.
+    pub fn forward_hidden(&self, batch: &Batch, mut attn: AttentionMode, lora: &LoraRows) -> Result<Tensor> {
+        let rows = batch.tokens.len();
+        let total: usize = batch.seqs.iter().map(|s| s.len).sum();
+        if total != rows {
+            candle_core::bail!("batch has {rows} tokens but its sequences cover {total}")
+        }
+        let differentiable = matches!(attn, AttentionMode::Dense { differentiable: true });
+        let ids = Tensor::from_slice(batch.tokens, rows, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let positions: Vec<usize> = batch.seqs.iter().flat_map(|s| s.past..s.past + s.len).collect();
+        let (cos, sin) = rope_tables(&positions, &self.inv_freq);
+        let tables = match attn {
+            AttentionMode::Dense { .. } => {
+                let half = self.inv_freq.len();
+                Some((
+                    Tensor::from_vec(cos.clone(), (rows, half), &self.device)?,
+                    Tensor::from_vec(sin.clone(), (rows, half), &self.device)?,
+                ))
+            }
+            AttentionMode::Paged(_) => None,
+        };
+        let eps = self.config.rms_norm_eps;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.input_norm, eps, differentiable)?;
+            let q = layer.q_proj.forward(&h, lora, differentiable)?;
+            let k = layer.k_proj.forward(&h, lora, differentiable)?;
+            let v = layer.v_proj.forward(&h, lora, differentiable)?;
+            let a = &layer.attn;
+            let attn_out = match &mut attn {
+                AttentionMode::Dense { .. } => {
+                    let (cos_t, sin_t) = tables.as_ref().expect("dense tables");
+                    let mut outs = Vec::with_capacity(batch.seqs.len());
+                    let mut row = 0;
+                    for s in batch.seqs {
+                        if s.past != 0 {
+                            candle_core::bail!("dense attention has no cache: sequence past must be 0")
+                        }
+                        let shape3 =
+                            |t: &Tensor, heads: usize| t.narrow(0, row, s.len)?.reshape((s.len, heads, a.head_dim));
+                        let c = cos_t.narrow(0, row, s.len)?;
+                        let sn = sin_t.narrow(0, row, s.len)?;
+                        let qs = rope_tensor(&shape3(&q, a.heads)?, &c, &sn)?;
+                        let ks = rope_tensor(&shape3(&k, a.kv_heads)?, &c, &sn)?;
+                        let vs = shape3(&v, a.kv_heads)?;
+                        outs.push(dense_attention(&qs, &ks, &vs, a)?);
+                        row += s.len;
+                    }
+                    Tensor::cat(&outs, 0)?
+                }
+                AttentionMode::Paged(cache) => {
+                    let mut qv = with_f32(&q, |s| s.to_vec())?;
+                    let mut kv = with_f32(&k, |s| s.to_vec())?;
+                    let vv = with_f32(&v, |s| s.to_vec())?;
+                    rope_in_place(&mut qv, a.heads, a.head_dim, &cos, &sin);
+                    rope_in_place(&mut kv, a.kv_heads, a.head_dim, &cos, &sin);
+                    let mut row = 0;
+                    let seqs: Vec<PagedSeq> = batch
+                        .seqs
+                        .iter()
+                        .map(|s| {
+                            let p = PagedSeq { row, len: s.len, past: s.past, blocks: s.blocks };
+                            row += s.len;
+                            p
+                        })
+                        .collect();
+                    for s in &seqs {
+                        let need = (s.past + s.len).div_ceil(cache.geometry().block_size);
+                        if s.blocks.len() < need {
+                            candle_core::bail!("sequence has {} KV blocks, needs {need}", s.blocks.len())
+                        }
+                    }
+                    let out = paged_attention(&qv, &kv, &vv, &seqs, cache.layer_mut(l), a);
+                    tensor_from_f32(out, &[rows, a.heads * a.head_dim], self.dtype, &self.device)?
+                }
+            };
+            x = (x + layer.o_proj.forward(&attn_out, lora, differentiable)?)?;
+            let h = rms_norm(&x, &layer.post_norm, eps, differentiable)?;
+            let gate = layer.gate_proj.forward(&h, lora, differentiable)?;
+            let up = layer.up_proj.forward(&h, lora, differentiable)?;
+            let act = (candle_nn::Activation::Silu.forward(&gate)? * up)?;
+            x = (x + layer.down_proj.forward(&act, lora, differentiable)?)?;
+        }
+        rms_norm(&x, &self.norm, eps, differentiable)
+    }
+
+    /// LM head over the chosen rows of the final hidden states → f32 logits.
+    pub fn logits(&self, hidden: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        let (n, _) = hidden.dims2()?;
+        let selected = if rows.len() == n && rows.iter().enumerate().all(|(i, &r)| i == r) {
+            hidden.clone()
+        } else {
+            let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &self.device)?;
+            hidden.index_select(&idx, 0)?
+        };
+        selected.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
+    }
+}

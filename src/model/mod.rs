@@ -1,0 +1,141 @@
+//! The Llama-family model: Hugging Face config and weights in, one forward out.
+//!
+//! - [`config`]: raw `config.json` (transformers 4.x and 5.x forms) → [`ModelConfig`].
+//! - [`weights`]: memory-mapped safetensors (single file or shards) behind [`WeightSource`].
+//! - [`tokenizer`]: `tokenizer.json` + chat template, and the streaming detokenizer.
+//! - [`linear`]: [`Linear`], the single linear type (dense or NF4 base + LoRA rows).
+//! - [`attention`], [`kv_cache`]: RoPE, dense and paged attention, the block KV cache.
+//! - [`llama`]: [`Model`] and its forward over a flattened batch.
+//! - [`demo`]: the embedded `--model demo`.
+//!
+//! [`load`] turns a [`ModelSpec`] into a [`LoadedModel`].
+
+pub mod attention;
+pub mod config;
+pub mod demo;
+pub mod kv_cache;
+pub mod linear;
+pub mod llama;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+pub use config::{ConfigError, ModelConfig};
+pub use linear::{BaseWeight, Linear};
+pub use llama::{AttentionMode, Batch, Model, SeqInput};
+pub use tokenizer::{TextStream, Tokenizer, TokenizerError};
+pub use weights::{WeightSource, WeightsError};
+
+use crate::quant::{QuantError, QuantMode};
+
+/// Everything that can go wrong loading a model; each variant's message names the file and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+    #[error("{0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Which model to load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSpec {
+    /// The embedded demo model.
+    Demo,
+    /// A Hugging Face model folder.
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for ModelSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("model must be `demo` or a folder".into());
+        }
+        Ok(if s == "demo" { ModelSpec::Demo } else { ModelSpec::Dir(PathBuf::from(s)) })
+    }
+}
+
+impl std::fmt::Display for ModelSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelSpec::Demo => f.write_str("demo"),
+            ModelSpec::Dir(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// How to hold the model.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub quant: QuantMode,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: DType::F32, quant: QuantMode::Nf4, device: Device::Cpu }
+    }
+}
+
+/// A model ready to run, with its tokenizer.
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub spec: ModelSpec,
+}
+
+/// Loads a model folder or the demo model.
+pub fn load(spec: &ModelSpec, opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
+    match spec {
+        ModelSpec::Demo => {
+            let config = demo::config();
+            let weights = demo::weights()?;
+            let model = build(config, &weights, opts)?;
+            Ok(LoadedModel { model, tokenizer: demo::tokenizer()?, spec: spec.clone() })
+        }
+        ModelSpec::Dir(dir) => {
+            if !dir.is_dir() {
+                return Err(ModelError::Invalid(format!("{}: not a model folder", dir.display())));
+            }
+            let config = read_config(dir)?;
+            let files = weights::SafetensorsFiles::open_dir(dir)?;
+            let tokenizer = Tokenizer::from_dir(dir)?;
+            let model = build(config, &files, opts)?;
+            Ok(LoadedModel { model, tokenizer, spec: spec.clone() })
+        }
+    }
+}
+
+/// `config.json` plus `generation_config.json` (when present) of a model folder.
+pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelError> {
+    let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let gen = dir.join("generation_config.json");
+    if gen.is_file() {
+        let text = std::fs::read_to_string(&gen)
+            .map_err(|e| ConfigError::Io { file: gen.display().to_string(), reason: e.to_string() })?;
+        config.apply_generation_config(&text, &gen.display().to_string())?;
+    }
+    Ok(config)
+}
+
+/// Builds the model from a weight source.
+pub fn build(config: ModelConfig, source: &dyn WeightSource, opts: &LoadOptions) -> Result<Model, ModelError> {
+    if let Some(q) = &config.quantization {
+        crate::quant::bnb::check_quantization_config(q)?;
+    }
+    let ld = linear::LinearLoad { source, quant: opts.quant, dtype: opts.dtype, device: &opts.device };
+    Model::load(config, &ld)
+}

@@ -1,0 +1,141 @@
+//! The model's tokenizer: Hugging Face `tokenizer.json` through the `tokenizers` crate (encode with special
+//! tokens, as `add_special_tokens=True` does), `tokenizer_config.json`'s chat template, and [`TextStream`],
+//! an incremental detokenizer for streaming that never emits half a UTF-8 character.
+
+use std::path::Path;
+
+/// Errors reading or using a tokenizer; they name the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{file}: {reason}")]
+    Load { file: String, reason: String },
+    #[error("tokenizer: {0}")]
+    Encode(String),
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Jinja chat template from `tokenizer_config.json`, when the model has one.
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` (required) and `tokenizer_config.json` (optional) from a model folder.
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let file = dir.join("tokenizer.json");
+        let bytes = std::fs::read(&file)
+            .map_err(|e| TokenizerError::Load { file: file.display().to_string(), reason: e.to_string() })?;
+        let config_file = dir.join("tokenizer_config.json");
+        let config = match std::fs::read_to_string(&config_file) {
+            Ok(text) => Some((text, config_file.display().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(TokenizerError::Load { file: config_file.display().to_string(), reason: e.to_string() })
+            }
+        };
+        Self::from_parts(&bytes, &file.display().to_string(), config.as_ref().map(|(t, f)| (t.as_str(), f.as_str())))
+    }
+
+    /// Builds a tokenizer from `tokenizer.json` bytes and optional `tokenizer_config.json` text.
+    pub fn from_parts(json: &[u8], file: &str, config: Option<(&str, &str)>) -> Result<Self, TokenizerError> {
+        let inner = tokenizers::Tokenizer::from_bytes(json)
+            .map_err(|e| TokenizerError::Load { file: file.to_string(), reason: e.to_string() })?;
+        let mut tok = Tokenizer { inner, chat_template: None, bos_token: None, eos_token: None };
+        if let Some((text, cfile)) = config {
+            let v: serde_json::Value = serde_json::from_str(text)
+                .map_err(|e| TokenizerError::Load { file: cfile.to_string(), reason: format!("invalid JSON: {e}") })?;
+            tok.chat_template = match v.get("chat_template") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                // A list of named templates: use the one named "default".
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|t| t.get("template"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string),
+                _ => None,
+            };
+            let token_str = |key: &str| match v.get(key) {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+                _ => None,
+            };
+            tok.bos_token = token_str("bos_token");
+            tok.eos_token = token_str("eos_token");
+        }
+        Ok(tok)
+    }
+
+    /// Token ids of `text` with the tokenizer's special tokens added (e.g. BOS from its post-processor).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_with(text, true)
+    }
+
+    /// Token ids of `text`, special tokens added or not.
+    pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        self.inner
+            .encode(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner.decode(ids, true).map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+/// Incremental detokenizer for streaming (the prefix-offset method of TGI / `tokenizers`' `DecodeStream`,
+/// with owned state so it lives in a request). A chunk is emitted only when the decoded text grows and does
+/// not end in an incomplete character.
+#[derive(Debug, Default, Clone)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    prefix: String,
+    prefix_index: usize,
+}
+
+impl TextStream {
+    /// Feeds one token; returns the new text it completes, if any.
+    pub fn step(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>, TokenizerError> {
+        if self.prefix.is_empty() && !self.ids.is_empty() {
+            let p = tok.decode(&self.ids)?;
+            if !p.ends_with('\u{FFFD}') {
+                self.prefix = p;
+                self.prefix_index = self.ids.len();
+            }
+        }
+        self.ids.push(id);
+        let text = tok.decode(&self.ids)?;
+        if text.len() > self.prefix.len() && !text.ends_with('\u{FFFD}') && text.starts_with(&self.prefix) {
+            let new = text[self.prefix.len()..].to_string();
+            self.ids.drain(..self.prefix_index);
+            self.prefix = tok.decode(&self.ids)?;
+            self.prefix_index = self.ids.len();
+            Ok(Some(new))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Whatever is still held back at the end of generation (e.g. an incomplete character, as U+FFFD).
+    pub fn flush(&mut self, tok: &Tokenizer) -> Result<Option<String>, TokenizerError> {
+        let text = tok.decode(&self.ids)?;
+        let rest = text.strip_prefix(self.prefix.as_str()).unwrap_or("").to_string();
+        self.ids.clear();
+        self.prefix.clear();
+        self.prefix_index = 0;
+        Ok((!rest.is_empty()).then_some(rest))
+    }
+}

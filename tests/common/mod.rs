@@ -1,0 +1,39 @@
+//! Helpers shared by the integration tests: fixture paths, expected outputs, tolerances.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// `tests/fixtures/<rel>`.
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct Case {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub last_logits: Vec<f32>,
+    pub greedy_new_ids: Vec<u32>,
+    pub greedy_text: String,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct Expected {
+    pub prompts: Vec<String>,
+    pub results: std::collections::BTreeMap<String, Vec<Case>>,
+}
+
+pub fn expected(model_dir: &str) -> Expected {
+    let p = fixture(model_dir).join("expected.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+/// ‖a − b‖₂ / ‖b‖₂.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
