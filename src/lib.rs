@@ -11,9 +11,11 @@
 //! | [`lora`] | PEFT adapters, the batched-LoRA op |
 //! | [`engine`] | sampling, generation |
 //! | [`rng`] | the project's deterministic PRNG |
+//! | [`cpu_linear`] | CPU `x·Wᵀ` skeletons (decode rows / panels) and the dense linear op |
 //! | [`tensor_io`] | tensor ↔ slice plumbing for the CPU kernels |
 
 pub mod cli;
+pub mod cpu_linear;
 pub mod engine;
 pub mod lora;
 pub mod model;

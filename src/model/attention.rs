@@ -180,64 +180,103 @@ pub fn paged_attention(
         }
     }
     let group = shape.group();
-    let scale = shape.scale();
     let out_chunks: Vec<&mut [f32]> = out.chunks_mut(group * hd).collect();
     // Chunk g of row r sits at index r * kvh + g, matching the item order above.
     items.into_par_iter().zip(out_chunks).for_each_init(Vec::new, |scores, ((s, i, g), dst)| {
-        let pos = s.past + i;
-        let first = shape.first_key(pos);
-        let ctx = pos + 1 - first;
-        scores.clear();
-        scores.resize(group * ctx, 0f32);
         let row = s.row + i;
-        let slot_of = |t: usize| s.blocks[t / bs] as usize * bs + t % bs;
-        for (ti, t) in (first..=pos).enumerate() {
-            let kv_off = slot_of(t) * token_width + g * hd;
-            let key = &cache.k[kv_off..kv_off + hd];
-            for h in 0..group {
-                let qh = &q[(row * heads + g * group + h) * hd..][..hd];
-                scores[h * ctx + ti] = dot(qh, key) * scale;
+        let q_heads = &q[(row * heads + g * group) * hd..(row * heads + (g + 1) * group) * hd];
+        let job = GroupJob { q_heads, seq: s, pos: s.past + i, kv_head: g, cache, shape };
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the features were detected at run time.
+                unsafe { attend_group_avx2(&job, scores, dst) };
+                return;
             }
         }
-        for h in 0..group {
-            let sc = &mut scores[h * ctx..(h + 1) * ctx];
-            let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sum = 0f32;
-            for x in sc.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            for x in sc.iter_mut() {
-                *x *= inv;
-            }
-        }
-        dst.fill(0.0);
-        for (ti, t) in (first..=pos).enumerate() {
-            let kv_off = slot_of(t) * token_width + g * hd;
-            let val = &cache.v[kv_off..kv_off + hd];
-            for h in 0..group {
-                let w = scores[h * ctx + ti];
-                for (o, &x) in dst[h * hd..(h + 1) * hd].iter_mut().zip(val) {
-                    *o += w * x;
-                }
-            }
-        }
+        attend_group(&job, scores, dst);
     });
     out
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// One query token's heads that share kv head `kv_head`.
+struct GroupJob<'a> {
+    q_heads: &'a [f32],
+    seq: &'a PagedSeq<'a>,
+    pos: usize,
+    kv_head: usize,
+    cache: &'a LayerKv,
+    shape: &'a AttnShape,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_group_avx2(job: &GroupJob, scores: &mut Vec<f32>, dst: &mut [f32]) {
+    attend_group(job, scores, dst)
+}
+
+/// Scores over the context, softmax, weighted sum of values — for every head of the group, reading each
+/// key and value once.
+#[inline(always)]
+fn attend_group(job: &GroupJob, scores: &mut Vec<f32>, dst: &mut [f32]) {
+    let shape = job.shape;
+    let hd = shape.head_dim;
+    let group = shape.group();
+    let bs = job.cache.block_size;
+    let token_width = shape.kv_heads * hd;
+    let first = shape.first_key(job.pos);
+    let ctx = job.pos + 1 - first;
+    let scale = shape.scale();
+    scores.clear();
+    scores.resize(group * ctx, 0f32);
+    let blocks = job.seq.blocks;
+    let offset = |t: usize| (blocks[t / bs] as usize * bs + t % bs) * token_width + job.kv_head * hd;
+    for (ti, t) in (first..=job.pos).enumerate() {
+        let o = offset(t);
+        let key = &job.cache.k[o..o + hd];
+        for h in 0..group {
+            scores[h * ctx + ti] = dot_inline(&job.q_heads[h * hd..(h + 1) * hd], key) * scale;
+        }
+    }
+    for h in 0..group {
+        let sc = &mut scores[h * ctx..(h + 1) * ctx];
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0f32;
+        for x in sc.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for x in sc.iter_mut() {
+            *x *= inv;
+        }
+    }
+    dst.fill(0.0);
+    for (ti, t) in (first..=job.pos).enumerate() {
+        let o = offset(t);
+        let val = &job.cache.v[o..o + hd];
+        for h in 0..group {
+            let w = scores[h * ctx + ti];
+            for (d, &x) in dst[h * hd..(h + 1) * hd].iter_mut().zip(val) {
+                *d += w * x;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn dot_inline(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
+    let chunks = n / 8;
     for c in 0..chunks {
         for l in 0..8 {
             acc[l] += a[c * 8 + l] * b[c * 8 + l];
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
+    for i in chunks * 8..n {
         s += a[i] * b[i];
     }
     s

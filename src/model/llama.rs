@@ -15,6 +15,7 @@ use super::attention::{
 use super::config::ModelConfig;
 use super::kv_cache::{KvGeometry, PagedKvCache};
 use super::linear::{Linear, LinearLoad};
+use super::weights::WeightSource;
 use super::ModelError;
 use crate::lora::{LinearId, LoraRows, ModuleKind};
 use crate::tensor_io::{tensor_from_f32, with_f32};
@@ -87,30 +88,35 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, differentiable: bool) -> Resu
 impl Model {
     /// Builds the model from named weights (Hugging Face names).
     pub fn load(config: ModelConfig, ld: &LinearLoad) -> std::result::Result<Self, ModelError> {
+        Self::assemble(config, ld.source, ld.dtype, ld.device, |id, inp, out, bias| {
+            let prefix = format!("model.layers.{}.{}.{}", id.layer, id.kind.parent(), id.kind.name());
+            Linear::load(ld, &prefix, id, inp, out, bias)
+        })
+    }
+
+    /// Builds the model: embeddings, norms and head from `src`; each decoder linear layer from
+    /// `make_linear(id, in_features, out_features, has_bias)`.
+    pub fn assemble(
+        config: ModelConfig,
+        src: &dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+        mut make_linear: impl FnMut(LinearId, usize, usize, bool) -> std::result::Result<Linear, ModelError>,
+    ) -> std::result::Result<Self, ModelError> {
         let c = &config;
-        let src = ld.source;
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        let embed = src.tensor("model.embed_tokens.weight", &[c.vocab_size, h], ld.dtype, ld.device)?;
+        let embed = src.tensor("model.embed_tokens.weight", &[c.vocab_size, h], dtype, device)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let lin = |kind: ModuleKind, inp: usize, out: usize, bias: bool| {
-                Linear::load(
-                    ld,
-                    &format!("{p}.{}.{}", kind.parent(), kind.name()),
-                    LinearId::new(l, kind),
-                    inp,
-                    out,
-                    bias,
-                )
-            };
+            let mut lin = |kind: ModuleKind, inp: usize, out: usize, bias: bool| make_linear(LinearId::new(l, kind), inp, out, bias);
             layers.push(DecoderLayer {
-                input_norm: src.tensor(&format!("{p}.input_layernorm.weight"), &[h], ld.dtype, ld.device)?,
+                input_norm: src.tensor(&format!("{p}.input_layernorm.weight"), &[h], dtype, device)?,
                 q_proj: lin(ModuleKind::QProj, h, c.q_dim(), c.qkv_bias)?,
                 k_proj: lin(ModuleKind::KProj, h, c.kv_dim(), c.qkv_bias)?,
                 v_proj: lin(ModuleKind::VProj, h, c.kv_dim(), c.qkv_bias)?,
                 o_proj: lin(ModuleKind::OProj, c.q_dim(), h, c.o_bias)?,
-                post_norm: src.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h], ld.dtype, ld.device)?,
+                post_norm: src.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h], dtype, device)?,
                 gate_proj: lin(ModuleKind::GateProj, h, i, c.mlp_bias)?,
                 up_proj: lin(ModuleKind::UpProj, h, i, c.mlp_bias)?,
                 down_proj: lin(ModuleKind::DownProj, i, h, c.mlp_bias)?,
@@ -122,11 +128,11 @@ impl Model {
                 },
             });
         }
-        let norm = src.tensor("model.norm.weight", &[h], ld.dtype, ld.device)?;
+        let norm = src.tensor("model.norm.weight", &[h], dtype, device)?;
         let lm_head = if c.tie_word_embeddings && !src.contains("lm_head.weight") {
             embed.clone()
         } else {
-            src.tensor("lm_head.weight", &[c.vocab_size, h], ld.dtype, ld.device)?
+            src.tensor("lm_head.weight", &[c.vocab_size, h], dtype, device)?
         };
         Ok(Model {
             inv_freq: config.rope_inv_freq(),
@@ -135,8 +141,8 @@ impl Model {
             layers,
             norm,
             lm_head,
-            dtype: ld.dtype,
-            device: ld.device.clone(),
+            dtype,
+            device: device.clone(),
         })
     }
 

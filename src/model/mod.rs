@@ -6,7 +6,7 @@
 //! - [`linear`]: [`Linear`], the single linear type (dense or NF4 base + LoRA rows).
 //! - [`attention`], [`kv_cache`]: RoPE, dense and paged attention, the block KV cache.
 //! - [`llama`]: [`Model`] and its forward over a flattened batch.
-//! - [`demo`]: the embedded `--model demo`.
+//! - [`demo`]: the embedded `--model demo`; [`synthetic`]: named benchmark shapes with random weights.
 //!
 //! [`load`] turns a [`ModelSpec`] into a [`LoadedModel`].
 
@@ -16,6 +16,7 @@ pub mod demo;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 

@@ -4,10 +4,9 @@
 //! Three implementations behind one signature:
 //! - [`matmul_reference`]: dequantize the whole weight, then a plain triple loop. The oracle.
 //! - decode path (`m ≤ GEMV_MAX_ROWS`, the decode steps of serving): each weight byte is read once and its two
-//!   codes go straight into the dot products of every input row — on x86-64 with AVX2+FMA the 16-entry code
-//!   table lives in two registers and a byte becomes two f32 lanes with permutes; elsewhere a byte→pair
-//!   lookup table. The input rows are de-interleaved once per call (even/odd elements of each 64-block) so
-//!   high and low nibbles need no shuffling back into order.
+//!   codes go straight into the dot products of every input row (on x86-64 with AVX2+FMA through the
+//!   byte-shuffle decoder of `nf4_avx2`, with the input rows permuted once into its decode order; elsewhere
+//!   row by row through a byte→pair lookup table).
 //! - panel path (prefill and training): 64 weight rows at a time are dequantized into a thread-local panel
 //!   (never the whole weight) and multiplied with the `gemm` crate's micro-kernels.
 //!
@@ -16,11 +15,15 @@
 use rayon::prelude::*;
 
 use super::nf4::{Nf4Weight, BLOCK};
+#[cfg(target_arch = "x86_64")]
+use super::nf4_avx2;
 
-/// Up to this many input rows, the fused decode kernel; above, dequantized panels + gemm.
-pub const GEMV_MAX_ROWS: usize = 12;
-/// Weight rows dequantized per panel on the panel path.
-const PANEL: usize = 64;
+/// Up to this many rows the AVX2 path decodes each weight block once per group of four rows and dots it
+/// directly (measured faster than decoded panels + gemm up to ~40 rows on a 2-core Zen 3).
+#[cfg(target_arch = "x86_64")]
+const FUSED_MAX_ROWS: usize = 32;
+use crate::cpu_linear::{column_chunk, gemv_rows, panel_matmul, Rows, SendPtr, GEMV_MAX_ROWS, PANEL};
+
 
 /// Plain reference: full dequantization, then `y = x · Wᵀ` accumulated in f64.
 pub fn matmul_reference(x: &[f32], m: usize, w: &Nf4Weight) -> Vec<f32> {
@@ -66,12 +69,74 @@ pub fn matmul(x: &[f32], m: usize, w: &Nf4Weight) -> Vec<f32> {
     if m == 0 || n == 0 {
         return y;
     }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if k % BLOCK == 0 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            matmul_avx2(x, m, w, &mut y);
+            return y;
+        }
+    }
     if m <= GEMV_MAX_ROWS {
-        gemv(x, m, w, &mut y);
+        gemv_rows(x, m, n, k, Rows::Decode(&|j, buf| decode_row(w, j, buf)), &mut y);
     } else {
-        panel_matmul(x, m, w, &mut y);
+        panel_matmul(x, m, n, k, &|j, out| decode_row(w, j, out), &mut y);
     }
     y
+}
+
+/// The AVX2 path (rows aligned to 64-blocks): input rows permuted once into decode order, then fused
+/// decode-dot for small `m` or decoded panels + gemm for large `m`.
+#[cfg(target_arch = "x86_64")]
+fn matmul_avx2(x: &[f32], m: usize, w: &Nf4Weight, y: &mut [f32]) {
+    let (n, k) = w.dims2();
+    let xp = nf4_avx2::permute_blocks(x);
+    // SAFETY (all unsafe calls below): AVX2 and FMA were detected by the caller; slices have the lengths
+    // the kernels read (k/2 code bytes and k/64 scales per row, k floats per input row).
+    let tables = unsafe { nf4_avx2::Tables::new(&w.code) };
+    let row_scales = |j: usize, scales: &mut [f32]| {
+        for (b, s) in scales.iter_mut().enumerate() {
+            *s = w.absmax.get(j * k / BLOCK + b);
+        }
+    };
+    if m > FUSED_MAX_ROWS {
+        let decode = |j: usize, out: &mut [f32]| {
+            let mut scales = vec![0f32; k / BLOCK];
+            row_scales(j, &mut scales);
+            unsafe { nf4_avx2::decode_row(&w.packed[j * k / 2..(j + 1) * k / 2], &scales, out, &tables) };
+        };
+        panel_matmul(&xp, m, n, k, &decode, y);
+        return;
+    }
+    let chunk = column_chunk(n, k);
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    (0..n.div_ceil(chunk)).into_par_iter().for_each_init(
+        || vec![0f32; k / BLOCK],
+        |scales, t| {
+            let j0 = t * chunk;
+            for j in j0..(j0 + chunk).min(n) {
+                row_scales(j, scales);
+                let codes = &w.packed[j * k / 2..(j + 1) * k / 2];
+                let mut r = 0;
+                while r < m {
+                    let g = (m - r).min(4);
+                    let rows = |i: usize| &xp[(r + i) * k..(r + i + 1) * k];
+                    let sums: [f32; 4] = unsafe {
+                        match g {
+                            1 => pad(nf4_avx2::dot_rows::<1>(codes, scales, [rows(0)], &tables)),
+                            2 => pad(nf4_avx2::dot_rows::<2>(codes, scales, [rows(0), rows(1)], &tables)),
+                            3 => pad(nf4_avx2::dot_rows::<3>(codes, scales, [rows(0), rows(1), rows(2)], &tables)),
+                            _ => nf4_avx2::dot_rows::<4>(codes, scales, [rows(0), rows(1), rows(2), rows(3)], &tables),
+                        }
+                    };
+                    for (i, s) in sums.iter().take(g).enumerate() {
+                        // SAFETY: each task owns columns j0..j0+chunk.
+                        unsafe { *y_ptr.get().add((r + i) * n + j) = *s };
+                    }
+                    r += g;
+                }
+            }
+        },
+    );
 }
 
 /// Fast `g[m, n] · W[n, k] → [m, k]` (the gradient with respect to the linear layer's input).
@@ -159,246 +224,11 @@ fn pair_lut(code: &[f32; 16]) -> [[f32; 2]; 256] {
     lut
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// Output columns per rayon task: enough tasks to balance two to a few dozen threads.
-fn column_chunk(n: usize) -> usize {
-    (n / (rayon::current_num_threads() * 8)).clamp(8, 256)
-}
-
-fn panel_matmul(x: &[f32], m: usize, w: &Nf4Weight, y: &mut [f32]) {
-    let (n, k) = w.dims2();
-    let y_ptr = SendPtr(y.as_mut_ptr());
-    (0..n.div_ceil(PANEL)).into_par_iter().for_each_init(
-        || vec![0f32; PANEL * k],
-        |panel, p| {
-            let j0 = p * PANEL;
-            let rows = PANEL.min(n - j0);
-            for r in 0..rows {
-                decode_row(w, j0 + r, &mut panel[r * k..(r + 1) * k]);
-            }
-            // y[:, j0..j0+rows] = x[m, k] · panel[rows, k]ᵀ; tasks write disjoint columns.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    rows,
-                    k,
-                    y_ptr.get().add(j0),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    panel.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        },
-    );
-}
-
-fn gemv(x: &[f32], m: usize, w: &Nf4Weight, y: &mut [f32]) {
-    let (n, k) = w.dims2();
-    let chunk = column_chunk(n);
-    let y_ptr = SendPtr(y.as_mut_ptr());
-    let aligned = k % BLOCK == 0;
-    #[cfg(target_arch = "x86_64")]
-    let simd = aligned && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    let simd = false;
-    // The SIMD kernel reads each 64-block of x as its 32 even elements followed by its 32 odd ones.
-    let xd: Vec<f32> = if simd { deinterleave_blocks(x) } else { Vec::new() };
-    let lut = pair_lut(&w.code);
-    (0..n.div_ceil(chunk)).into_par_iter().for_each_init(
-        || vec![0f32; k],
-        |row_buf, t| {
-            let j0 = t * chunk;
-            let j1 = (j0 + chunk).min(n);
-            let mut scales = vec![0f32; k / BLOCK];
-            for j in j0..j1 {
-                if simd {
-                    #[cfg(target_arch = "x86_64")]
-                    {
-                        for (b, s) in scales.iter_mut().enumerate() {
-                            *s = w.absmax.get(j * k / BLOCK + b);
-                        }
-                        let codes = &w.packed[j * k / 2..(j + 1) * k / 2];
-                        let mut r = 0;
-                        while r < m {
-                            let g = (m - r).min(4);
-                            let rows = |i: usize| &xd[(r + i) * k..(r + i + 1) * k];
-                            // SAFETY: AVX2 and FMA were detected above; slices have the lengths the kernel reads.
-                            let sums: [f32; 4] = unsafe {
-                                match g {
-                                    1 => pad(avx2::dot_rows::<1>(codes, &scales, [rows(0)], &w.code)),
-                                    2 => pad(avx2::dot_rows::<2>(codes, &scales, [rows(0), rows(1)], &w.code)),
-                                    3 => pad(avx2::dot_rows::<3>(codes, &scales, [rows(0), rows(1), rows(2)], &w.code)),
-                                    _ => avx2::dot_rows::<4>(
-                                        codes,
-                                        &scales,
-                                        [rows(0), rows(1), rows(2), rows(3)],
-                                        &w.code,
-                                    ),
-                                }
-                            };
-                            for (i, s) in sums.iter().take(g).enumerate() {
-                                unsafe { *y_ptr.get().add((r + i) * n + j) = *s };
-                            }
-                            r += g;
-                        }
-                    }
-                } else if aligned {
-                    // Portable fused path: decode a block through the pair table, dot with every row.
-                    let start = j * k;
-                    let mut acc = vec![0f32; m];
-                    for b in 0..k / BLOCK {
-                        let s = w.absmax.get(start / BLOCK + b);
-                        let bytes = &w.packed[(start + b * BLOCK) / 2..(start + (b + 1) * BLOCK) / 2];
-                        let mut wb = [0f32; BLOCK];
-                        for (i, &byte) in bytes.iter().enumerate() {
-                            let [hi, lo] = lut[byte as usize];
-                            wb[2 * i] = hi * s;
-                            wb[2 * i + 1] = lo * s;
-                        }
-                        for (r, a) in acc.iter_mut().enumerate() {
-                            *a += dot(&wb, &x[r * k + b * BLOCK..r * k + (b + 1) * BLOCK]);
-                        }
-                    }
-                    for (r, a) in acc.iter().enumerate() {
-                        unsafe { *y_ptr.get().add(r * n + j) = *a };
-                    }
-                } else {
-                    decode_row(w, j, row_buf);
-                    for r in 0..m {
-                        let v = dot(row_buf, &x[r * k..(r + 1) * k]);
-                        unsafe { *y_ptr.get().add(r * n + j) = v };
-                    }
-                }
-            }
-        },
-    );
-}
-
 #[cfg(target_arch = "x86_64")]
 fn pad<const R: usize>(v: [f32; R]) -> [f32; 4] {
     let mut out = [0f32; 4];
     out[..R].copy_from_slice(&v);
     out
-}
-
-/// Each 64-element block of every row → its 32 even elements, then its 32 odd elements.
-fn deinterleave_blocks(x: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    for (src, dst) in x.chunks_exact(BLOCK).zip(out.chunks_exact_mut(BLOCK)) {
-        for i in 0..BLOCK / 2 {
-            dst[i] = src[2 * i];
-            dst[BLOCK / 2 + i] = src[2 * i + 1];
-        }
-    }
-    out
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums let the compiler vectorize without reassociation licence.
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    /// The code table lookup for eight 4-bit indices held in i32 lanes: two 8-entry permutes, blended on
-    /// bit 3 of the index (moved to the sign bit).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn lookup(idx: __m256i, lo8: __m256, hi8: __m256) -> __m256 {
-        let a = _mm256_permutevar8x32_ps(lo8, idx);
-        let b = _mm256_permutevar8x32_ps(hi8, idx);
-        let mask = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
-        _mm256_blendv_ps(a, b, mask)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps::<1>(v);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// Dot products of one NF4 weight row (`codes`: k/2 bytes, `scales`: k/64 decoded absmax) with `R` input
-    /// rows given block-de-interleaved (each 64-block: 32 even elements, then 32 odd).
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `codes.len() * 2 == scales.len() * 64 == rows[i].len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows<const R: usize>(
-        codes: &[u8],
-        scales: &[f32],
-        rows: [&[f32]; R],
-        code: &[f32; 16],
-    ) -> [f32; R] {
-        debug_assert_eq!(codes.len() * 2, scales.len() * 64);
-        let lo8 = _mm256_loadu_ps(code.as_ptr());
-        let hi8 = _mm256_loadu_ps(code.as_ptr().add(8));
-        let nib = _mm256_set1_epi32(15);
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for (b, &scale) in scales.iter().enumerate() {
-            let s = _mm256_set1_ps(scale);
-            let bytes = codes.as_ptr().add(b * 32);
-            let mut even = [_mm256_setzero_ps(); 4];
-            let mut odd = [_mm256_setzero_ps(); 4];
-            for c in 0..4 {
-                let raw = _mm_loadl_epi64(bytes.add(c * 8) as *const __m128i);
-                let v = _mm256_cvtepu8_epi32(raw);
-                even[c] = _mm256_mul_ps(lookup(_mm256_srli_epi32::<4>(v), lo8, hi8), s);
-                odd[c] = _mm256_mul_ps(lookup(_mm256_and_si256(v, nib), lo8, hi8), s);
-            }
-            for (r, row) in rows.iter().enumerate() {
-                let xb = row.as_ptr().add(b * 64);
-                for c in 0..4 {
-                    acc[r][0] = _mm256_fmadd_ps(even[c], _mm256_loadu_ps(xb.add(c * 8)), acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(odd[c], _mm256_loadu_ps(xb.add(32 + c * 8)), acc[r][1]);
-                }
-            }
-        }
-        let mut out = [0f32; R];
-        for r in 0..R {
-            out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-        }
-        out
-    }
 }
 
 #[cfg(test)]

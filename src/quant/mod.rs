@@ -2,7 +2,8 @@
 //!
 //! - [`codebook`]: the NF4 table and bitsandbytes' signed 8-bit dynamic map.
 //! - [`nf4`]: [`Nf4Weight`] — quantize, dequantize (the reference), resident size.
-//! - [`matmul`]: the NF4 linear op on the CPU (reference, fused decode path, dequantized-panel path).
+//! - [`matmul`]: the NF4 linear op on the CPU (reference, fused decode path, dequantized-panel path);
+//!   `nf4_avx2`: the x86-64 AVX2 block decoder behind both fast paths.
 //! - [`op`]: that op as candle custom ops (forward + backward) for the model and for training.
 //! - [`bnb`]: the bitsandbytes checkpoint layout (load pre-quantized checkpoints, write `server quantize`).
 
@@ -10,6 +11,8 @@ pub mod bnb;
 pub mod codebook;
 pub mod matmul;
 pub mod nf4;
+#[cfg(target_arch = "x86_64")]
+pub mod nf4_avx2;
 pub mod op;
 
 pub use nf4::{Absmax, DoubleQuant, Nf4Weight};

@@ -1,0 +1,138 @@
+//! A malformed model folder gives a one-line error naming the file and the problem — never a panic —
+//! both from the library and from the `server` binary.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use common::fixture;
+use loraserve::model::{self, LoadOptions, ModelSpec};
+use loraserve::quant::QuantMode;
+
+fn copy_model(dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(fixture("llama/model")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+fn load_err(dir: &Path) -> String {
+    let opts = LoadOptions { dtype: DType::F32, quant: QuantMode::None, device: Device::Cpu };
+    match model::load(&ModelSpec::Dir(dir.to_path_buf()), &opts) {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(!msg.contains('\n'), "error is not one line: {msg}");
+            msg
+        }
+    }
+}
+
+/// Rewrites model.safetensors with `edit` applied to its tensors.
+fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let path = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+}
+
+#[test]
+fn missing_files_are_named() {
+    for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_model(tmp.path());
+        std::fs::remove_file(tmp.path().join(file)).unwrap();
+        let e = load_err(tmp.path());
+        let expect = if file == "model.safetensors" { "no model.safetensors" } else { file };
+        assert!(e.contains(expect), "{file}: {e}");
+    }
+}
+
+#[test]
+fn truncated_safetensors_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model(tmp.path());
+    let p = tmp.path().join("model.safetensors");
+    let len = std::fs::metadata(&p).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 1000).unwrap();
+    let e = load_err(tmp.path());
+    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors file"), "{e}");
+    // A file cut inside its header.
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(20).unwrap();
+    let e = load_err(tmp.path());
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn wrong_shape_names_tensor_and_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model(tmp.path());
+    rewrite_weights(tmp.path(), |t| {
+        t.insert("model.layers.1.self_attn.k_proj.weight".into(), Tensor::zeros((47, 96), DType::F32, &Device::Cpu).unwrap());
+    });
+    let e = load_err(tmp.path());
+    assert!(e.contains("model.layers.1.self_attn.k_proj.weight") && e.contains("[47, 96]") && e.contains("[48, 96]"), "{e}");
+}
+
+#[test]
+fn unsupported_dtype_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model(tmp.path());
+    rewrite_weights(tmp.path(), |t| {
+        t.insert("model.norm.weight".into(), Tensor::ones(96, DType::I64, &Device::Cpu).unwrap());
+    });
+    let e = load_err(tmp.path());
+    assert!(e.contains("model.norm.weight") && e.contains("unsupported dtype"), "{e}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model(tmp.path());
+    rewrite_weights(tmp.path(), |t| {
+        t.remove("model.layers.2.mlp.down_proj.weight");
+    });
+    let e = load_err(tmp.path());
+    assert!(e.contains("model.layers.2.mlp.down_proj.weight") && e.contains("not found"), "{e}");
+}
+
+#[test]
+fn bad_config_and_missing_shard_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model(tmp.path());
+    std::fs::write(tmp.path().join("config.json"), "{\"model_type\": \"llama\",").unwrap();
+    let e = load_err(tmp.path());
+    assert!(e.contains("config.json") && e.contains("invalid JSON"), "{e}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("llama-sharded/model");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    std::fs::remove_file(tmp.path().join("model-00007-of-00014.safetensors")).unwrap();
+    let e = load_err(tmp.path());
+    assert!(e.contains("model-00007-of-00014.safetensors"), "{e}");
+}
+
+#[test]
+fn cli_prints_one_line_and_exits_nonzero() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model(tmp.path());
+    std::fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["generate", "--quant", "none", "--prompt", "x", "--model"])
+        .arg(tmp.path())
+        .env("LORASERVE_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: ") && stderr.contains("tokenizer.json"), "{stderr}");
+    assert!(!stderr.contains("panicked"));
+}
