@@ -20,6 +20,10 @@ pub struct Cli {
 pub enum Command {
     /// Generate text for one prompt and print it.
     Generate(GenerateArgs),
+    /// Write an NF4 checkpoint in the bitsandbytes layout (loadable by transformers + bitsandbytes).
+    Quantize(QuantizeArgs),
+    /// Write the merged checkpoint W + scale·B·A of a base model and one adapter (PEFT's merge_and_unload).
+    Merge(MergeArgs),
 }
 
 /// Compute dtype of activations and dense weights.
@@ -68,6 +72,7 @@ impl ModelArgs {
         let started = std::time::Instant::now();
         let loaded = model::load(&self.model, &opts).with_context(|| format!("loading model `{}`", self.model))?;
         let m = &loaded.model;
+        let (nf4_params, nf4_bytes) = m.nf4_footprint();
         tracing::info!(
             model = %self.model,
             family = m.config().family.as_str(),
@@ -75,6 +80,7 @@ impl ModelArgs {
             quant = ?opts.quant,
             dtype = ?opts.dtype,
             resident_bytes = m.resident_bytes(),
+            nf4_bits_per_param = if nf4_params > 0 { format!("{:.3}", nf4_bytes as f64 * 8.0 / nf4_params as f64) } else { "-".into() },
             seconds = started.elapsed().as_secs_f64(),
             "model loaded"
         );
@@ -136,6 +142,12 @@ pub struct GenerateArgs {
     pub prompt: String,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
+    /// A LoRA adapter: a folder in PEFT layout, or an adapter id under `--adapters`.
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// The adapters root that adapter ids are resolved in.
+    #[arg(long, env = "LORASERVE_ADAPTERS", default_value = "adapters")]
+    pub adapters: std::path::PathBuf,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Print `{"prompt_token_ids": [...], "token_ids": [...], "text": "..."}`.
@@ -143,10 +155,102 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// A Hugging Face model folder, or `demo`.
+    #[arg(long, env = "LORASERVE_MODEL")]
+    pub model: ModelSpec,
+    /// The folder to write (must not exist).
+    #[arg(long)]
+    pub output: std::path::PathBuf,
+    /// dtype of the tensors kept dense (embeddings, norms, head) and the recorded compute dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// A Hugging Face model folder, or `demo`.
+    #[arg(long, env = "LORASERVE_MODEL")]
+    pub model: ModelSpec,
+    /// The adapter folder (PEFT layout).
+    #[arg(long)]
+    pub adapter: std::path::PathBuf,
+    /// The folder to write (must not exist).
+    #[arg(long)]
+    pub output: std::path::PathBuf,
+    /// Allow an NF4 base: its weights are dequantized, then merged and written dense.
+    #[arg(long)]
+    pub dequantize: bool,
+    /// dtype of the written checkpoint.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => run_generate(args),
+        Command::Quantize(args) => run_quantize(args),
+        Command::Merge(args) => run_merge(args),
     }
+}
+
+fn run_merge(args: MergeArgs) -> Result<()> {
+    if let ModelSpec::Dir(dir) = &args.model {
+        let config = model::read_config(dir)?;
+        if config.quantization.is_some() && !args.dequantize {
+            bail!(
+                "{}: the base is NF4-quantized; merging into it would need dequantized weights (pass --dequantize to write a dense merged checkpoint)",
+                dir.display()
+            );
+        }
+    }
+    let margs =
+        ModelArgs { model: args.model.clone(), quant: QuantMode::None, dtype: args.dtype, device: "cpu".into() };
+    let loaded = margs.load()?;
+    let adapter = crate::lora::peft::load_dir(&args.adapter, &loaded.model.lora_layout(), &Device::Cpu)?;
+    let dtype: DType = args.dtype.into();
+    let merged = |lin: &model::Linear| -> std::result::Result<Option<candle_core::Tensor>, model::ModelError> {
+        let Some(m) = adapter.weights.module(lin.id) else { return Ok(None) };
+        let w = lin.base.to_dense_f32(&Device::Cpu)?;
+        // W + scale · B·A, with B stored transposed as [r, out].
+        let delta = m.b_t.t()?.matmul(&m.a)?.affine(m.scale as f64, 0.0)?;
+        Ok(Some((w + delta)?.to_dtype(dtype)?))
+    };
+    model::checkpoint::write(&loaded.model, &side_files(&args.model)?, &args.output, &merged)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    tracing::info!(output = %args.output.display(), modules = adapter.weights.targets().count(), "merged checkpoint written");
+    Ok(())
+}
+
+/// The tokenizer/generation files that travel with a written checkpoint.
+pub fn side_files(spec: &ModelSpec) -> Result<model::checkpoint::SideFiles> {
+    Ok(match spec {
+        ModelSpec::Demo => vec![
+            ("tokenizer.json".into(), model::demo::TOKENIZER_JSON.as_bytes().to_vec()),
+            ("tokenizer_config.json".into(), model::demo::TOKENIZER_CONFIG_JSON.as_bytes().to_vec()),
+        ],
+        ModelSpec::Dir(dir) => model::checkpoint::side_files_of_dir(dir)?,
+    })
+}
+
+fn run_quantize(args: QuantizeArgs) -> Result<()> {
+    let margs = ModelArgs { model: args.model.clone(), quant: QuantMode::Nf4, dtype: args.dtype, device: "cpu".into() };
+    let loaded = margs.load()?;
+    model::checkpoint::write(&loaded.model, &side_files(&args.model)?, &args.output, &|_| Ok(None))
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    tracing::info!(output = %args.output.display(), resident_bytes = loaded.model.resident_bytes(), "NF4 checkpoint written");
+    Ok(())
+}
+
+/// `--adapter`: a folder holding `adapter_config.json`, else an adapter id under the adapters root.
+fn resolve_adapter(arg: &str, root: &std::path::Path) -> Result<std::path::PathBuf> {
+    let as_dir = std::path::Path::new(arg);
+    if as_dir.join("adapter_config.json").is_file() {
+        return Ok(as_dir.to_path_buf());
+    }
+    let store = crate::lora::store::AdapterStore::open(root)?;
+    Ok(store.resolve(arg)?)
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
@@ -167,6 +271,13 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             args.max_new_tokens
         );
     }
+    let adapter = match &args.adapter {
+        None => None,
+        Some(a) => {
+            let dir = resolve_adapter(a, &args.adapters)?;
+            Some(crate::lora::peft::load_dir(&dir, &loaded.model.lora_layout(), loaded.model.device())?)
+        }
+    };
     let out = engine::generate(
         &loaded.model,
         &GenerateJob {
@@ -174,7 +285,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             max_new_tokens: args.max_new_tokens,
             sampling,
             stop_at_eos: true,
-            adapter: None,
+            adapter: adapter.as_ref().map(|a| &a.weights),
         },
     )?;
     let text = loaded.tokenizer.decode(&out.token_ids)?;

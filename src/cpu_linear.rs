@@ -89,27 +89,37 @@ pub enum Rows<'a> {
 pub fn gemv_rows(x: &[f32], m: usize, n: usize, k: usize, rows: Rows, y: &mut [f32]) {
     let chunk = column_chunk(n, k);
     let y_ptr = SendPtr(y.as_mut_ptr());
-    (0..n.div_ceil(chunk)).into_par_iter().for_each_init(|| vec![0f32; k], |buf, t| {
-        let j0 = t * chunk;
-        for j in j0..(j0 + chunk).min(n) {
-            let w: &[f32] = match &rows {
-                Rows::F32(w) => &w[j * k..(j + 1) * k],
-                Rows::Decode(decode) => {
-                    decode(j, buf);
-                    buf
+    (0..n.div_ceil(chunk)).into_par_iter().for_each_init(
+        || vec![0f32; k],
+        |buf, t| {
+            let j0 = t * chunk;
+            for j in j0..(j0 + chunk).min(n) {
+                let w: &[f32] = match &rows {
+                    Rows::F32(w) => &w[j * k..(j + 1) * k],
+                    Rows::Decode(decode) => {
+                        decode(j, buf);
+                        buf
+                    }
+                };
+                for r in 0..m {
+                    let v = dot(w, &x[r * k..(r + 1) * k]);
+                    // SAFETY: each task owns columns j0..j0+chunk of every row.
+                    unsafe { *y_ptr.get().add(r * n + j) = v };
                 }
-            };
-            for r in 0..m {
-                let v = dot(w, &x[r * k..(r + 1) * k]);
-                // SAFETY: each task owns columns j0..j0+chunk of every row.
-                unsafe { *y_ptr.get().add(r * n + j) = v };
             }
-        }
-    });
+        },
+    );
 }
 
 /// Panel `y = x·Wᵀ` for large `m`: 64 weight rows at a time decoded into a thread-local panel, then gemm.
-pub fn panel_matmul(x: &[f32], m: usize, n: usize, k: usize, decode_row: &(dyn Fn(usize, &mut [f32]) + Sync), y: &mut [f32]) {
+pub fn panel_matmul(
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    decode_row: &(dyn Fn(usize, &mut [f32]) + Sync),
+    y: &mut [f32],
+) {
     let y_ptr = SendPtr(y.as_mut_ptr());
     (0..n.div_ceil(PANEL)).into_par_iter().for_each_init(
         || vec![0f32; PANEL * k],

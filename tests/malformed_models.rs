@@ -72,10 +72,16 @@ fn wrong_shape_names_tensor_and_shapes() {
     let tmp = tempfile::tempdir().unwrap();
     copy_model(tmp.path());
     rewrite_weights(tmp.path(), |t| {
-        t.insert("model.layers.1.self_attn.k_proj.weight".into(), Tensor::zeros((47, 96), DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "model.layers.1.self_attn.k_proj.weight".into(),
+            Tensor::zeros((47, 96), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = load_err(tmp.path());
-    assert!(e.contains("model.layers.1.self_attn.k_proj.weight") && e.contains("[47, 96]") && e.contains("[48, 96]"), "{e}");
+    assert!(
+        e.contains("model.layers.1.self_attn.k_proj.weight") && e.contains("[47, 96]") && e.contains("[48, 96]"),
+        "{e}"
+    );
 }
 
 #[test]

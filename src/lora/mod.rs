@@ -7,6 +7,8 @@
 //! root: ids, paths, versions), [`cache`] (LRU tiers, leases, hot swap).
 
 pub mod batched;
+pub mod peft;
+pub mod store;
 
 use std::fmt;
 

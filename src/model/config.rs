@@ -81,6 +81,8 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// `quantization_config` as written by transformers, when the checkpoint is pre-quantized.
     pub quantization: Option<Value>,
+    /// The raw `config.json` object, kept so written checkpoints carry every field the source had.
+    pub raw: Map<String, Value>,
 }
 
 impl ModelConfig {
@@ -333,6 +335,7 @@ impl Raw<'_> {
             bos_token_id,
             eos_token_ids,
             quantization,
+            raw: self.map.clone(),
         })
     }
 

@@ -109,7 +109,9 @@ impl Model {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let mut lin = |kind: ModuleKind, inp: usize, out: usize, bias: bool| make_linear(LinearId::new(l, kind), inp, out, bias);
+            let mut lin = |kind: ModuleKind, inp: usize, out: usize, bias: bool| {
+                make_linear(LinearId::new(l, kind), inp, out, bias)
+            };
             layers.push(DecoderLayer {
                 input_norm: src.tensor(&format!("{p}.input_layernorm.weight"), &[h], dtype, device)?,
                 q_proj: lin(ModuleKind::QProj, h, c.q_dim(), c.qkv_bias)?,
@@ -168,6 +170,16 @@ impl Model {
         }
     }
 
+    /// The model's shape as LoRA adapters see it.
+    pub fn lora_layout(&self) -> crate::lora::peft::BaseLayout {
+        let c = &self.config;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        crate::lora::peft::BaseLayout {
+            layers: c.num_hidden_layers,
+            dims: [(h, c.q_dim()), (h, c.kv_dim()), (h, c.kv_dim()), (c.q_dim(), h), (h, i), (h, i), (i, h)],
+        }
+    }
+
     /// Every linear layer, in order.
     pub fn linears(&self) -> impl Iterator<Item = &Linear> {
         self.layers
@@ -218,6 +230,16 @@ impl Model {
             total += lin.base.resident_bytes() + lin.bias.as_ref().map_or(0, t);
         }
         total
+    }
+
+    /// `(parameters, resident bytes)` of the NF4-quantized linear weights.
+    pub fn nf4_footprint(&self) -> (usize, usize) {
+        self.linears()
+            .filter_map(|l| match &l.base {
+                super::linear::BaseWeight::Nf4(w) => Some((w.numel(), w.resident_bytes())),
+                super::linear::BaseWeight::Dense(_) => None,
+            })
+            .fold((0, 0), |(p, b), (np, nb)| (p + np, b + nb))
     }
 
     /// Parameter count (the model's logical size, whatever its storage).

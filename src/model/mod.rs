@@ -6,11 +6,13 @@
 //! - [`linear`]: [`Linear`], the single linear type (dense or NF4 base + LoRA rows).
 //! - [`attention`], [`kv_cache`]: RoPE, dense and paged attention, the block KV cache.
 //! - [`llama`]: [`Model`] and its forward over a flattened batch.
+//! - [`checkpoint`]: writing a model back out as a Hugging Face folder (quantize, merge).
 //! - [`demo`]: the embedded `--model demo`; [`synthetic`]: named benchmark shapes with random weights.
 //!
 //! [`load`] turns a [`ModelSpec`] into a [`LoadedModel`].
 
 pub mod attention;
+pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod kv_cache;

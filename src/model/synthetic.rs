@@ -59,8 +59,15 @@ fn normal_vec(n: usize, seed: u64, stream: u64) -> Vec<f32> {
 /// A random NF4 weight drawn directly: uniform codes, scales like those of normal(0, 0.02) blocks of 64.
 fn random_nf4(out: usize, inp: usize, seed: u64, stream: u64) -> Nf4Weight {
     let n = out * inp;
+    let mut packed = vec![0u8; n.div_ceil(2)];
+    packed.par_chunks_mut(1 << 20).enumerate().for_each(|(c, out)| {
+        let mut rng = Rng::derive(seed, (stream << 20) ^ c as u64 ^ (1 << 62));
+        for chunk in out.chunks_mut(8) {
+            let bytes = rng.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    });
     let mut rng = Rng::derive(seed, stream);
-    let packed: Vec<u8> = (0..n.div_ceil(2)).map(|_| rng.next_u64() as u8).collect();
     // The absmax of 64 normal draws is about 2.4 sigma.
     let absmax: Vec<f32> = (0..n.div_ceil(BLOCK)).map(|_| STD * (2.4 + 0.3 * rng.normal() as f32).abs()).collect();
     Nf4Weight::from_parts(
@@ -114,9 +121,9 @@ pub fn build(name: &str, opts: &LoadOptions, seed: u64) -> Result<Model, ModelEr
             let stream = 100 + id.index() as u64;
             Ok(match opts.quant {
                 QuantMode::Nf4 => BaseWeight::Nf4(Arc::new(random_nf4(out, inp, seed, stream))),
-                QuantMode::None => {
-                    BaseWeight::Dense(Tensor::from_vec(normal_vec(out * inp, seed, stream), (out, inp), dev)?.to_dtype(opts.dtype)?)
-                }
+                QuantMode::None => BaseWeight::Dense(
+                    Tensor::from_vec(normal_vec(out * inp, seed, stream), (out, inp), dev)?.to_dtype(opts.dtype)?,
+                ),
             })
         })
         .collect::<Result<_, candle_core::Error>>()?;

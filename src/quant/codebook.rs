@@ -40,15 +40,18 @@ pub fn nf4_index(x: f32, bounds: &[f32; 15]) -> u8 {
     bounds.iter().filter(|&&b| b < x).count() as u8
 }
 
-/// `torch.linspace(start, end, steps, dtype=float32)` as the CPU kernel computes it: the first half
-/// counts up from `start`, the second half down from `end`.
-fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+/// `torch.linspace(start, end, steps, dtype=float32)` as torch's CPU kernel computes it: the first half counts
+/// up from `start`, the second half down from `end`, each element one fused multiply-add in f32 (the compiled
+/// kernel contracts `start + step * i`). Checked against the dynamic map stored by bitsandbytes 0.50.
+fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     if steps == 1 {
         return vec![start];
     }
     let step = (end - start) / (steps - 1) as f32;
-    let half = steps / 2;
-    (0..steps).map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - 1 - i) as f32 }).collect()
+    let halfway = steps / 2;
+    (0..steps)
+        .map(|i| if i < halfway { step.mul_add(i as f32, start) } else { (-step).mul_add((steps - i - 1) as f32, end) })
+        .collect()
 }
 
 /// bitsandbytes' `create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)`: 256 sorted values in
@@ -58,8 +61,9 @@ pub fn dynamic_map_signed() -> [f32; 256] {
     let mut data: Vec<f32> = Vec::with_capacity(256);
     for i in 0..MAX_EXPONENT_BITS {
         let fraction_items = (1usize << i) + 1;
-        let boundaries = linspace_f32(0.1, 1.0, fraction_items);
-        let scale = 10f64.powi(-(MAX_EXPONENT_BITS - 1) + i) as f32;
+        let boundaries = torch_linspace_f32(0.1, 1.0, fraction_items);
+        // Python's `10 ** (i - 6)` (a float), multiplied into an f32 tensor: the scalar is taken as f32.
+        let scale = [1e-6f64, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0][i as usize] as f32;
         for w in boundaries.windows(2) {
             let mean = (w[0] + w[1]) / 2.0;
             data.push(scale * mean);

@@ -24,7 +24,6 @@ use super::nf4_avx2;
 const FUSED_MAX_ROWS: usize = 32;
 use crate::cpu_linear::{column_chunk, gemv_rows, panel_matmul, Rows, SendPtr, GEMV_MAX_ROWS, PANEL};
 
-
 /// Plain reference: full dequantization, then `y = x · Wᵀ` accumulated in f64.
 pub fn matmul_reference(x: &[f32], m: usize, w: &Nf4Weight) -> Vec<f32> {
     let (n, k) = w.dims2();

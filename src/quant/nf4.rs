@@ -303,6 +303,20 @@ mod tests {
     }
 
     #[test]
+    fn resident_size_is_half_a_byte_plus_double_quantized_scales() {
+        // A 7B model's largest weights are 4096 × 11008; this one is 4096 × 1024 (same per-parameter cost).
+        let (n, k) = (1024, 4096);
+        let w = Nf4Weight::quantize(&lcg_normal(n * k, 9), &[n, k], true);
+        let bits = w.resident_bytes() as f64 * 8.0 / (n * k) as f64;
+        // 4 bits of code + 8/64 bits of absmax code + 32/(64·256) bits of nested scale = 4.127 bits, plus
+        // the fixed tables (1 KiB nested code, 64 B NF4 code) spread over the weight.
+        assert!(bits > 4.126 && bits < 4.13, "{bits} bits per parameter");
+        let plain = Nf4Weight::quantize(&lcg_normal(n * k, 9), &[n, k], false);
+        let plain_bits = plain.resident_bytes() as f64 * 8.0 / (n * k) as f64;
+        assert!((plain_bits - 4.5).abs() < 0.001, "{plain_bits}");
+    }
+
+    #[test]
     fn from_parts_checks_sizes() {
         let w = Nf4Weight::quantize(&lcg_normal(130, 1), &[10, 13], true);
         assert!(Nf4Weight::from_parts(vec![10, 13], w.packed.clone(), w.absmax.clone(), NF4_CODE).is_ok());

@@ -65,10 +65,7 @@ impl Tables {
             }
             *plane = _mm256_loadu_si256(bytes.as_ptr() as *const __m256i);
         }
-        Tables {
-            planes,
-            low_nibble: _mm256_set1_epi8(0x0f),
-        }
+        Tables { planes, low_nibble: _mm256_set1_epi8(0x0f) }
     }
 }
 

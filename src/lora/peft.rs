@@ -1,0 +1,499 @@
+//! PEFT adapters: `adapter_config.json` + `adapter_model.safetensors` → [`LoraWeights`], validated against the
+//! base model.
+//!
+//! Target matching follows PEFT exactly (`check_target_module_exists`, `get_pattern_key`): a list of names
+//! matches a module whose name equals or ends with `.name`; a string is a regex that must match the whole
+//! module name; `"all-linear"` means every linear layer but the LM head; `exclude_modules`,
+//! `layers_to_transform` / `layers_pattern` narrow that; `rank_pattern` / `alpha_pattern` keys are regexes
+//! matched as `(.*\.)?(key)$`, first key in file order wins. Patterns use Python `re` syntax, so they are
+//! compiled with `fancy-regex`.
+//!
+//! Anything loraserve would have to silently ignore is refused instead, with an error naming the key or the
+//! tensor: DoRA, `modules_to_save`, LoRA biases, initialisations that change the base weights (PiSSA, OLoRA,
+//! CorDA, LoftQ), embedding LoRA, tensors for modules the base lacks or the config does not target,
+//! targeted modules without tensors, shapes that disagree with the base or the configured rank, NaN/Inf.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use fancy_regex::Regex;
+use serde_json::{Map, Value};
+
+use super::{LinearId, LoraModule, LoraWeights, ModuleKind};
+
+/// Errors loading an adapter. Every message names the file and the key or tensor at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("{file}: {reason}")]
+    File { file: String, reason: String },
+    #[error("{file}: `{key}`: {reason}")]
+    Config { file: String, key: String, reason: String },
+    #[error("{file}: tensor `{tensor}`: {reason}")]
+    Tensor { file: String, tensor: String, reason: String },
+}
+
+/// The shape of the base model as adapters see it: how many decoder layers, and each projection's
+/// `(in_features, out_features)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseLayout {
+    pub layers: usize,
+    /// Indexed by `ModuleKind as usize`.
+    pub dims: [(usize, usize); 7],
+}
+
+impl BaseLayout {
+    pub fn dims(&self, kind: ModuleKind) -> (usize, usize) {
+        self.dims[kind as usize]
+    }
+
+    /// Every linear layer of the base, in order.
+    pub fn linears(&self) -> impl Iterator<Item = LinearId> + '_ {
+        (0..self.layers).flat_map(|l| ModuleKind::ALL.into_iter().map(move |k| LinearId::new(l, k)))
+    }
+}
+
+/// `target_modules` / `exclude_modules`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModuleSelector {
+    Names(Vec<String>),
+    /// Python regex matched against the whole module name.
+    Regex(String),
+    /// Every linear layer except the output layer.
+    AllLinear,
+}
+
+/// A parsed, supported `adapter_config.json`.
+#[derive(Clone, Debug)]
+pub struct AdapterConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    pub target_modules: ModuleSelector,
+    pub exclude_modules: Option<ModuleSelector>,
+    /// In file order (the first matching key wins, as in PEFT).
+    pub rank_pattern: Vec<(String, usize)>,
+    pub alpha_pattern: Vec<(String, f64)>,
+    pub layers_to_transform: Option<Vec<usize>>,
+    pub layers_pattern: Vec<String>,
+    pub base_model_name_or_path: Option<String>,
+    /// The raw JSON, for listing.
+    pub raw: Map<String, Value>,
+}
+
+fn cfg_err(file: &str, key: &str, reason: impl Into<String>) -> AdapterError {
+    AdapterError::Config { file: file.to_string(), key: key.to_string(), reason: reason.into() }
+}
+
+fn compile(pattern: &str, anchored: &str, file: &str, key: &str) -> Result<Regex, AdapterError> {
+    Regex::new(&anchored.replace("{}", pattern))
+        .map_err(|e| cfg_err(file, key, format!("invalid regex `{pattern}`: {e}")))
+}
+
+fn is_set(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
+    }
+}
+
+impl AdapterConfig {
+    /// Parses and checks `adapter_config.json` text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, AdapterError> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| AdapterError::File { file: file.to_string(), reason: format!("invalid JSON: {e}") })?;
+        let Value::Object(m) = v else {
+            return Err(AdapterError::File { file: file.to_string(), reason: "top level is not an object".into() });
+        };
+        let get = |k: &str| m.get(k).filter(|v| !v.is_null());
+
+        if let Some(t) = get("peft_type") {
+            if t.as_str() != Some("LORA") {
+                return Err(cfg_err(file, "peft_type", format!("only LORA adapters are supported, got {t}")));
+            }
+        }
+        // Features whose effect loraserve cannot reproduce: refuse rather than serve something else.
+        if get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(cfg_err(file, "use_dora", "DoRA adapters are not supported"));
+        }
+        if is_set(get("modules_to_save")) {
+            return Err(cfg_err(file, "modules_to_save", "adapters that replace whole modules are not supported"));
+        }
+        match get("bias").and_then(|v| v.as_str()) {
+            None | Some("none") => {}
+            Some(other) => return Err(cfg_err(file, "bias", format!("only \"none\" is supported, got \"{other}\""))),
+        }
+        if get("lora_bias").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(cfg_err(file, "lora_bias", "LoRA biases are not supported"));
+        }
+        if let Some(Value::String(init)) = get("init_lora_weights") {
+            let lower = init.to_ascii_lowercase();
+            if ["pissa", "olora", "corda", "loftq"].iter().any(|p| lower.starts_with(p)) {
+                return Err(cfg_err(
+                    file,
+                    "init_lora_weights",
+                    format!("\"{init}\" changes the base weights, which a shared base cannot do"),
+                ));
+            }
+        }
+        for key in ["use_qalora", "use_bdlora"] {
+            if get(key).and_then(|v| v.as_bool()) == Some(true) {
+                return Err(cfg_err(file, key, "this LoRA variant is not supported"));
+            }
+        }
+        for key in ["alora_invocation_tokens", "target_parameters", "trainable_token_indices", "layer_replication"] {
+            if is_set(get(key)) {
+                return Err(cfg_err(file, key, "not supported"));
+            }
+        }
+
+        let r = match get("r").and_then(|v| v.as_u64()) {
+            Some(r) if r > 0 => r as usize,
+            _ => return Err(cfg_err(file, "r", format!("expected a positive integer, got {:?}", get("r")))),
+        };
+        let lora_alpha = match get("lora_alpha") {
+            None => 8.0, // PEFT's default
+            Some(v) => v
+                .as_f64()
+                .filter(|a| a.is_finite())
+                .ok_or_else(|| cfg_err(file, "lora_alpha", format!("expected a number, got {v}")))?,
+        };
+        let use_rslora = match get("use_rslora") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(cfg_err(file, "use_rslora", format!("expected true or false, got {v}"))),
+        };
+        let target_modules = match get("target_modules") {
+            None => return Err(cfg_err(file, "target_modules", "missing")),
+            Some(v) => selector(v, file, "target_modules")?,
+        };
+        let exclude_modules = match get("exclude_modules") {
+            None => None,
+            Some(v) => Some(selector(v, file, "exclude_modules")?),
+        };
+        let rank_pattern = pattern_map(get("rank_pattern"), file, "rank_pattern", |v| {
+            v.as_u64().filter(|r| *r > 0).map(|r| r as usize)
+        })?;
+        let alpha_pattern =
+            pattern_map(get("alpha_pattern"), file, "alpha_pattern", |v| v.as_f64().filter(|a| a.is_finite()))?;
+        let layers_to_transform = match get("layers_to_transform") {
+            None => None,
+            Some(Value::Number(n)) => Some(vec![n
+                .as_u64()
+                .ok_or_else(|| cfg_err(file, "layers_to_transform", "expected a layer index"))?
+                as usize]),
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|x| {
+                        x.as_u64()
+                            .map(|n| n as usize)
+                            .ok_or_else(|| cfg_err(file, "layers_to_transform", format!("{x} is not a layer index")))
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            Some(v) => {
+                return Err(cfg_err(file, "layers_to_transform", format!("expected an index or a list, got {v}")))
+            }
+        };
+        let layers_pattern = match get("layers_pattern") {
+            None => Vec::new(),
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+            Some(v) => return Err(cfg_err(file, "layers_pattern", format!("expected a string or a list, got {v}"))),
+        };
+        let cfg = AdapterConfig {
+            r,
+            lora_alpha,
+            use_rslora,
+            target_modules,
+            exclude_modules,
+            rank_pattern,
+            alpha_pattern,
+            layers_to_transform,
+            layers_pattern,
+            base_model_name_or_path: get("base_model_name_or_path").and_then(|v| v.as_str()).map(str::to_string),
+            raw: m.clone(),
+        };
+        // Compile every pattern now so a bad regex is reported at load, naming its key.
+        cfg.matcher(file)?;
+        Ok(cfg)
+    }
+
+    fn matcher(&self, file: &str) -> Result<Matcher, AdapterError> {
+        let sel = |s: &ModuleSelector, key: &str| -> Result<CompiledSelector, AdapterError> {
+            Ok(match s {
+                ModuleSelector::Names(n) => CompiledSelector::Names(n.clone()),
+                ModuleSelector::Regex(r) => CompiledSelector::Regex(compile(r, "^(?:{})$", file, key)?),
+                ModuleSelector::AllLinear => CompiledSelector::AllLinear,
+            })
+        };
+        let pat = |keys: Vec<&String>, name: &str| -> Result<Vec<Regex>, AdapterError> {
+            keys.into_iter().map(|k| compile(k, r"^(.*\.)?({})$", file, &format!("{name}.{k}"))).collect()
+        };
+        Ok(Matcher {
+            target: sel(&self.target_modules, "target_modules")?,
+            exclude: self.exclude_modules.as_ref().map(|e| sel(e, "exclude_modules")).transpose()?,
+            layer_index: if self.layers_pattern.is_empty() {
+                vec![Regex::new(r"^.*?\.[^.]*\.(\d+)\.").expect("static regex")]
+            } else {
+                self.layers_pattern
+                    .iter()
+                    .map(|p| compile(p, r"^.*?\.{}\.(\d+)\.", file, "layers_pattern"))
+                    .collect::<Result<_, _>>()?
+            },
+            rank: pat(self.rank_pattern.iter().map(|(k, _)| k).collect(), "rank_pattern")?,
+            alpha: pat(self.alpha_pattern.iter().map(|(k, _)| k).collect(), "alpha_pattern")?,
+        })
+    }
+
+    /// Rank and scale of module `key` after `rank_pattern` / `alpha_pattern`.
+    fn rank_and_scale(&self, m: &Matcher, key: &str) -> (usize, f32) {
+        let r = first_match(&m.rank, key).map_or(self.r, |i| self.rank_pattern[i].1);
+        let alpha = first_match(&m.alpha, key).map_or(self.lora_alpha, |i| self.alpha_pattern[i].1);
+        let scale = if self.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        (r, scale as f32)
+    }
+}
+
+fn selector(v: &Value, file: &str, key: &str) -> Result<ModuleSelector, AdapterError> {
+    match v {
+        Value::String(s) if s == "all-linear" => Ok(ModuleSelector::AllLinear),
+        Value::String(s) => Ok(ModuleSelector::Regex(s.clone())),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| {
+                x.as_str().map(str::to_string).ok_or_else(|| cfg_err(file, key, format!("{x} is not a module name")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(ModuleSelector::Names),
+        other => Err(cfg_err(file, key, format!("expected a list of names or a regex string, got {other}"))),
+    }
+}
+
+fn pattern_map<T>(
+    v: Option<&Value>,
+    file: &str,
+    key: &str,
+    parse: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<(String, T)>, AdapterError> {
+    match v {
+        None => Ok(Vec::new()),
+        Some(Value::Object(o)) => o
+            .iter()
+            .map(|(k, v)| {
+                parse(v)
+                    .map(|t| (k.clone(), t))
+                    .ok_or_else(|| cfg_err(file, &format!("{key}.{k}"), format!("invalid value {v}")))
+            })
+            .collect(),
+        Some(other) => Err(cfg_err(file, key, format!("expected an object, got {other}"))),
+    }
+}
+
+enum CompiledSelector {
+    Names(Vec<String>),
+    Regex(Regex),
+    AllLinear,
+}
+
+impl CompiledSelector {
+    /// PEFT: an exact name, or a name the key ends with after a dot; a regex must match the whole key.
+    fn matches(&self, key: &str) -> bool {
+        match self {
+            CompiledSelector::Names(names) => names.iter().any(|n| key == n || key.ends_with(&format!(".{n}"))),
+            CompiledSelector::Regex(r) => r.is_match(key).unwrap_or(false),
+            CompiledSelector::AllLinear => true,
+        }
+    }
+}
+
+struct Matcher {
+    target: CompiledSelector,
+    exclude: Option<CompiledSelector>,
+    layer_index: Vec<Regex>,
+    rank: Vec<Regex>,
+    alpha: Vec<Regex>,
+}
+
+fn first_match(patterns: &[Regex], key: &str) -> Option<usize> {
+    patterns.iter().position(|r| r.is_match(key).unwrap_or(false))
+}
+
+impl Matcher {
+    /// `check_target_module_exists` for a linear layer of the base.
+    fn targets(&self, cfg: &AdapterConfig, key: &str) -> bool {
+        if self.exclude.as_ref().is_some_and(|e| e.matches(key)) {
+            return false;
+        }
+        if !self.target.matches(key) {
+            return false;
+        }
+        // Layer filtering applies to name lists (and all-linear, which PEFT expands to a list).
+        let Some(layers) = &cfg.layers_to_transform else { return true };
+        if matches!(self.target, CompiledSelector::Regex(_)) || layers.is_empty() {
+            return true;
+        }
+        self.layer_index
+            .iter()
+            .find_map(|r| r.captures(key).ok().flatten())
+            .and_then(|c| c.get(1)?.as_str().parse::<usize>().ok())
+            .is_some_and(|i| layers.contains(&i))
+    }
+}
+
+/// A loaded adapter: its config and weights.
+#[derive(Clone, Debug)]
+pub struct LoadedAdapter {
+    pub config: AdapterConfig,
+    pub weights: LoraWeights,
+}
+
+/// Loads the adapter in `dir` for a base of shape `layout`; weights end up as f32 on `device`.
+pub fn load_dir(dir: &Path, layout: &BaseLayout, device: &Device) -> Result<LoadedAdapter, AdapterError> {
+    let cfg_path = dir.join("adapter_config.json");
+    let cfg_file = cfg_path.display().to_string();
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| AdapterError::File { file: cfg_file.clone(), reason: e.to_string() })?;
+    let config = AdapterConfig::parse(&text, &cfg_file)?;
+    let st_path = dir.join("adapter_model.safetensors");
+    if !st_path.is_file() {
+        let bin = dir.join("adapter_model.bin");
+        return Err(AdapterError::File {
+            file: if bin.is_file() { bin.display().to_string() } else { st_path.display().to_string() },
+            reason: if bin.is_file() {
+                "PyTorch pickle adapters are not supported: save the adapter with safetensors (adapter_model.safetensors)".into()
+            } else {
+                "missing (adapter weights must be in adapter_model.safetensors)".into()
+            },
+        });
+    }
+    let bytes = std::fs::read(&st_path)
+        .map_err(|e| AdapterError::File { file: st_path.display().to_string(), reason: e.to_string() })?;
+    let weights = load_weights(&config, &bytes, &st_path.display().to_string(), &cfg_file, layout, device)?;
+    Ok(LoadedAdapter { config, weights })
+}
+
+/// Builds the weights from `adapter_model.safetensors` bytes, checking them against config and base.
+pub fn load_weights(
+    config: &AdapterConfig,
+    bytes: &[u8],
+    file: &str,
+    cfg_file: &str,
+    layout: &BaseLayout,
+    device: &Device,
+) -> Result<LoraWeights, AdapterError> {
+    let tensor_err = |tensor: &str, reason: String| AdapterError::Tensor {
+        file: file.to_string(),
+        tensor: tensor.to_string(),
+        reason,
+    };
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| AdapterError::File {
+        file: file.to_string(),
+        reason: format!("not a valid safetensors file: {e}"),
+    })?;
+    let matcher = config.matcher(cfg_file)?;
+    // module key → (A tensor name, B tensor name)
+    let mut pairs: BTreeMap<LinearId, (Option<String>, Option<String>)> = BTreeMap::new();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    for name in &names {
+        let (module, which) = parse_tensor_name(name).map_err(|reason| tensor_err(name, reason))?;
+        let id = module_id(module, layout)
+            .ok_or_else(|| tensor_err(name, format!("module `{module}` is not a linear layer of the base model")))?;
+        if !matcher.targets(config, module) {
+            return Err(tensor_err(name, format!("module `{module}` is not targeted by adapter_config.json")));
+        }
+        let slot = pairs.entry(id).or_default();
+        match which {
+            'A' => slot.0 = Some(name.clone()),
+            _ => slot.1 = Some(name.clone()),
+        }
+    }
+    for id in layout.linears() {
+        if matcher.targets(config, &id.module_path()) && !pairs.contains_key(&id) {
+            return Err(AdapterError::Tensor {
+                file: file.to_string(),
+                tensor: format!("base_model.model.{id}.lora_A.weight"),
+                reason: format!("adapter_config.json targets `{id}` but the file has no LoRA weights for it"),
+            });
+        }
+    }
+    let mut weights = LoraWeights::new(layout.layers);
+    for (id, (a_name, b_name)) in pairs {
+        let key = id.module_path();
+        let a_name = a_name.ok_or_else(|| {
+            tensor_err(&format!("base_model.model.{key}.lora_A.weight"), "missing (lora_B is present)".into())
+        })?;
+        let b_name = b_name.ok_or_else(|| {
+            tensor_err(&format!("base_model.model.{key}.lora_B.weight"), "missing (lora_A is present)".into())
+        })?;
+        let (r, scale) = config.rank_and_scale(&matcher, &key);
+        let (in_f, out_f) = layout.dims(id.kind);
+        let a = read_f32(&st, &a_name, &[r, in_f]).map_err(|reason| tensor_err(&a_name, reason))?;
+        let b = read_f32(&st, &b_name, &[out_f, r]).map_err(|reason| tensor_err(&b_name, reason))?;
+        let to_tensor = |v: Vec<f32>, shape: (usize, usize)| {
+            Tensor::from_vec(v, shape, device).map_err(|e| tensor_err(&key, e.to_string()))
+        };
+        // Store B transposed ([r, out]) for the expand step.
+        let mut b_t = vec![0f32; r * out_f];
+        for o in 0..out_f {
+            for j in 0..r {
+                b_t[j * out_f + o] = b[o * r + j];
+            }
+        }
+        weights.insert(id, LoraModule { a: to_tensor(a, (r, in_f))?, b_t: to_tensor(b_t, (r, out_f))?, scale });
+    }
+    Ok(weights)
+}
+
+/// `base_model.model.<module>.lora_{A,B}.weight` → (module, 'A' | 'B'); anything else is refused.
+fn parse_tensor_name(name: &str) -> Result<(&str, char), String> {
+    if name.contains("lora_embedding_") {
+        return Err("embedding LoRA is not supported".into());
+    }
+    if name.contains("lora_magnitude_vector") {
+        return Err("DoRA magnitude vectors are not supported".into());
+    }
+    let rest = name
+        .strip_prefix("base_model.model.")
+        .ok_or_else(|| "expected a name of the form base_model.model.<module>.lora_A.weight".to_string())?;
+    if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+        Ok((m, 'A'))
+    } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+        Ok((m, 'B'))
+    } else if rest.ends_with(".lora_B.bias") {
+        Err("LoRA biases are not supported".into())
+    } else {
+        Err("not a LoRA weight (expected .lora_A.weight or .lora_B.weight)".into())
+    }
+}
+
+/// `model.layers.<l>.<parent>.<kind>` → its [`LinearId`] if the base has it.
+fn module_id(module: &str, layout: &BaseLayout) -> Option<LinearId> {
+    let rest = module.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (parent, kind) = rest.split_once('.')?;
+    let kind = ModuleKind::from_name(kind)?;
+    (layer < layout.layers && parent == kind.parent()).then_some(LinearId::new(layer, kind))
+}
+
+fn read_f32(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Vec<f32>, String> {
+    let view = st.tensor(name).map_err(|e| e.to_string())?;
+    if view.shape() != shape {
+        return Err(format!("shape {:?}, expected {:?} (rank and base dimensions)", view.shape(), shape));
+    }
+    let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| e.to_string())?;
+    let t = match t.dtype() {
+        DType::F32 | DType::F16 | DType::BF16 => t.to_dtype(DType::F32).map_err(|e| e.to_string())?,
+        other => return Err(format!("unsupported dtype {other:?} (expected F32, F16 or BF16)")),
+    };
+    let v = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?;
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(format!("non-finite value {} at element {i}", v[i]));
+    }
+    Ok(v)
+}

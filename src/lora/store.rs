@@ -1,0 +1,264 @@
+//! The adapters root on disk: adapter ids, their folders, their versions, listing.
+//!
+//! An id is `[A-Za-z0-9._-]` segments joined by `/` (no empty, `.` or `..` segment), at most 128 bytes, and
+//! names the folder `<root>/<id>/`. The resolved folder must stay inside the root after following symlinks.
+//! A version is derived from the adapter's files: sizes and modification times of `adapter_config.json` and
+//! `adapter_model.safetensors` plus a SHA-256 of the config and the safetensors header, so an edit on disk is
+//! seen at the next request by two `stat` calls (the hash is recomputed only when those change).
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+
+/// Most bytes an adapter id may have.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// Errors resolving adapter ids.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("invalid adapter id {id:?}: {reason}")]
+    InvalidId { id: String, reason: String },
+    #[error("adapter `{id}` not found under {root}")]
+    NotFound { id: String, root: String },
+    #[error("adapter `{id}` resolves outside the adapters root {root} (symlinks may not leave it)")]
+    Escapes { id: String, root: String },
+    #[error("{path}: {reason}")]
+    Io { path: String, reason: String },
+}
+
+/// Checks an adapter id against the contract's rules.
+pub fn validate_id(id: &str) -> Result<(), StoreError> {
+    let bad = |reason: &str| Err(StoreError::InvalidId { id: id.chars().take(160).collect(), reason: reason.into() });
+    if id.is_empty() {
+        return bad("empty");
+    }
+    if id.len() > MAX_ID_BYTES {
+        return bad(&format!("longer than {MAX_ID_BYTES} bytes"));
+    }
+    for seg in id.split('/') {
+        if seg.is_empty() {
+            return bad("empty path segment (leading, trailing or double `/`)");
+        }
+        if seg == "." || seg == ".." {
+            return bad("`.` and `..` segments are not allowed");
+        }
+        if let Some(c) = seg.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+            return bad(&format!("character {c:?} is not allowed (use A-Z a-z 0-9 . _ - and / between segments)"));
+        }
+    }
+    Ok(())
+}
+
+/// What identifies one state of an adapter's files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    config: (u64, Option<SystemTime>),
+    weights: (u64, Option<SystemTime>),
+}
+
+/// An adapter version: the stamp that produced it and the resulting short string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterVersion {
+    pub stamp: FileStamp,
+    /// 16 hex digits, shown to clients as `adapter_version`.
+    pub id: String,
+}
+
+/// The adapters root.
+#[derive(Clone, Debug)]
+pub struct AdapterStore {
+    root: PathBuf,
+    canonical_root: PathBuf,
+}
+
+impl AdapterStore {
+    /// Opens a root folder (it must exist).
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let canonical_root = root
+            .canonicalize()
+            .map_err(|e| StoreError::Io { path: root.display().to_string(), reason: format!("adapters root: {e}") })?;
+        if !canonical_root.is_dir() {
+            return Err(StoreError::Io {
+                path: root.display().to_string(),
+                reason: "adapters root is not a folder".into(),
+            });
+        }
+        Ok(AdapterStore { root: root.to_path_buf(), canonical_root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The folder of adapter `id`: validated, existing, inside the root.
+    pub fn resolve(&self, id: &str) -> Result<PathBuf, StoreError> {
+        validate_id(id)?;
+        let path = self.canonical_root.join(id);
+        let canonical = match path.canonicalize() {
+            Ok(c) => c,
+            Err(_) => return Err(self.not_found(id)),
+        };
+        if !canonical.starts_with(&self.canonical_root) {
+            return Err(StoreError::Escapes { id: id.to_string(), root: self.root.display().to_string() });
+        }
+        if !canonical.join("adapter_config.json").is_file() {
+            return Err(self.not_found(id));
+        }
+        Ok(canonical)
+    }
+
+    fn not_found(&self, id: &str) -> StoreError {
+        StoreError::NotFound { id: id.to_string(), root: self.root.display().to_string() }
+    }
+
+    /// Cheap: sizes and modification times of the adapter's two files.
+    pub fn stamp(dir: &Path) -> Result<FileStamp, StoreError> {
+        let meta = |name: &str| -> Result<(u64, Option<SystemTime>), StoreError> {
+            let p = dir.join(name);
+            match std::fs::metadata(&p) {
+                Ok(m) => Ok((m.len(), m.modified().ok())),
+                // A missing weights file is reported when loading (naming the file); stamp it as absent.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && name != "adapter_config.json" => Ok((0, None)),
+                Err(e) => Err(StoreError::Io { path: p.display().to_string(), reason: e.to_string() }),
+            }
+        };
+        Ok(FileStamp { config: meta("adapter_config.json")?, weights: meta("adapter_model.safetensors")? })
+    }
+
+    /// The adapter's version: its stamp plus a hash of the config and the safetensors header.
+    pub fn version(dir: &Path) -> Result<AdapterVersion, StoreError> {
+        let stamp = Self::stamp(dir)?;
+        let mut h = Sha256::new();
+        let cfg = dir.join("adapter_config.json");
+        h.update(
+            std::fs::read(&cfg)
+                .map_err(|e| StoreError::Io { path: cfg.display().to_string(), reason: e.to_string() })?,
+        );
+        let weights = dir.join("adapter_model.safetensors");
+        if let Ok(mut f) = std::fs::File::open(&weights) {
+            use std::io::Read;
+            let mut len = [0u8; 8];
+            if f.read_exact(&mut len).is_ok() {
+                let n = u64::from_le_bytes(len).min(100 << 20);
+                let mut header = vec![0u8; n as usize];
+                let got = f.read(&mut header).unwrap_or(0);
+                h.update(&header[..got]);
+            }
+        }
+        for (size, mtime) in [stamp.config, stamp.weights] {
+            h.update(size.to_le_bytes());
+            let nanos = mtime.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+            h.update(nanos.to_le_bytes());
+        }
+        let digest = h.finalize();
+        let id = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Ok(AdapterVersion { stamp, id })
+    }
+
+    /// Every adapter under the root (folders holding `adapter_config.json`, at most 4 segments deep), as ids.
+    pub fn list(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        self.walk(&self.canonical_root, String::new(), 0, &mut out);
+        out.sort();
+        out
+    }
+
+    fn walk(&self, dir: &Path, prefix: String, depth: usize, out: &mut Vec<String>) {
+        if depth > 4 {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+            if validate_id(&id).is_err() {
+                continue;
+            }
+            let path = e.path();
+            let Ok(canonical) = path.canonicalize() else { continue };
+            if !canonical.starts_with(&self.canonical_root) || !canonical.is_dir() {
+                continue;
+            }
+            if canonical.join("adapter_config.json").is_file() {
+                out.push(id.clone());
+            }
+            self.walk(&canonical, id, depth + 1, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_rules() {
+        for ok in ["a", "team/adapter-1", "x.y_z", "a/b/c", &"a".repeat(128)] {
+            assert!(validate_id(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("..", "`..`"),
+            ("a/../b", "`..`"),
+            ("./a", "`.`"),
+            ("/abs", "empty path segment"),
+            ("a/", "empty path segment"),
+            ("a//b", "empty path segment"),
+            ("a b", "' '"),
+            ("a\\b", "'\\\\'"),
+            ("ü", "'ü'"),
+            (&"a".repeat(129), "128 bytes"),
+        ] {
+            let e = validate_id(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    fn adapter(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("adapter_config.json"), "{}").unwrap();
+    }
+
+    #[test]
+    fn resolve_confines_to_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        adapter(&root.join("good"));
+        adapter(&root.join("team/nested"));
+        adapter(&tmp.path().join("outside"));
+        std::fs::create_dir_all(root.join("empty")).unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(tmp.path().join("outside"), root.join("escape")).unwrap();
+            std::os::unix::fs::symlink(root.join("good"), root.join("alias")).unwrap();
+        }
+        let s = AdapterStore::open(&root).unwrap();
+        assert!(s.resolve("good").is_ok());
+        assert!(s.resolve("team/nested").is_ok());
+        assert!(matches!(s.resolve("missing"), Err(StoreError::NotFound { .. })));
+        assert!(matches!(s.resolve("empty"), Err(StoreError::NotFound { .. })));
+        assert!(matches!(s.resolve("../outside"), Err(StoreError::InvalidId { .. })));
+        #[cfg(unix)]
+        {
+            assert!(matches!(s.resolve("escape"), Err(StoreError::Escapes { .. })));
+            assert!(s.resolve("alias").is_ok(), "a symlink that stays inside is fine");
+        }
+        let listed = s.list();
+        assert!(listed.contains(&"good".to_string()) && listed.contains(&"team/nested".to_string()));
+        assert!(!listed.iter().any(|i| i == "escape" || i == "empty"));
+    }
+
+    #[test]
+    fn version_changes_with_the_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        adapter(tmp.path());
+        let v1 = AdapterStore::version(tmp.path()).unwrap();
+        assert_eq!(v1, AdapterStore::version(tmp.path()).unwrap());
+        assert_eq!(v1.id.len(), 16);
+        std::fs::write(tmp.path().join("adapter_config.json"), "{\"r\": 8}").unwrap();
+        let v2 = AdapterStore::version(tmp.path()).unwrap();
+        assert_ne!(v1.id, v2.id);
+        assert_ne!(v1.stamp, v2.stamp);
+    }
+}

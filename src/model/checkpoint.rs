@@ -1,0 +1,140 @@
+//! Writing a model as a Hugging Face checkpoint folder: `config.json`, `model.safetensors` and the tokenizer
+//! files. Decoder linear weights are written as they are held — NF4 in the bitsandbytes layout (with
+//! `quantization_config`, as transformers writes it; `server quantize`) or dense (`server merge`).
+//!
+//! The folder is assembled under a temporary name beside the destination and renamed into place at the end,
+//! so a reader never sees half a checkpoint and a failure leaves nothing behind.
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use serde_json::Value;
+
+use super::linear::BaseWeight;
+use super::{Model, ModelError};
+use crate::quant::bnb::{self, OwnedTensor};
+
+/// Tokenizer and generation files to copy into a written checkpoint: (file name, contents).
+pub type SideFiles = Vec<(String, Vec<u8>)>;
+
+/// The side files of a model folder (`tokenizer.json`, `tokenizer_config.json`, `generation_config.json`
+/// and `special_tokens_map.json` when present).
+pub fn side_files_of_dir(dir: &Path) -> Result<SideFiles, ModelError> {
+    let mut out = Vec::new();
+    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+        let p = dir.join(name);
+        if p.is_file() {
+            let bytes = std::fs::read(&p).map_err(|e| ModelError::Invalid(format!("{}: {e}", p.display())))?;
+            out.push((name.to_string(), bytes));
+        }
+    }
+    Ok(out)
+}
+
+fn dtype_names(dtype: DType) -> (StDtype, &'static str) {
+    match dtype {
+        DType::BF16 => (StDtype::BF16, "bfloat16"),
+        DType::F16 => (StDtype::F16, "float16"),
+        _ => (StDtype::F32, "float32"),
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> Result<OwnedTensor, ModelError> {
+    let (st, _) = dtype_names(t.dtype());
+    let t = t.to_device(&candle_core::Device::Cpu)?.contiguous()?;
+    let data: Vec<u8> = match t.dtype() {
+        DType::BF16 => t.flatten_all()?.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => t.flatten_all()?.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        _ => t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    Ok(OwnedTensor { dtype: st, shape: t.dims().to_vec(), data })
+}
+
+/// Writes `model` to `out` (which must not exist). Dense linear weights may be replaced through `dense_override`
+/// (merge passes `W + scale·B·A` there).
+pub fn write(
+    model: &Model,
+    side_files: &SideFiles,
+    out: &Path,
+    dense_override: &dyn Fn(&super::Linear) -> Result<Option<Tensor>, ModelError>,
+) -> Result<(), ModelError> {
+    if out.exists() {
+        return Err(ModelError::Invalid(format!("{}: already exists (choose a new output folder)", out.display())));
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| ModelError::Invalid(format!("{}: {e}", parent.display())))?;
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.partial-"))
+        .tempdir_in(parent)
+        .map_err(|e| ModelError::Invalid(format!("{}: {e}", parent.display())))?;
+
+    let (_, compute_name) = dtype_names(model.dtype());
+    let mut tensors: Vec<(String, OwnedTensor)> = Vec::new();
+    let mut any_nf4 = false;
+    for (name, t) in model.other_tensors() {
+        tensors.push((name, tensor_bytes(&t)?));
+    }
+    for lin in model.linears() {
+        let prefix = lin.id.module_path();
+        let weight_name = format!("{prefix}.weight");
+        match (&lin.base, dense_override(lin)?) {
+            (_, Some(dense)) => tensors.push((weight_name, tensor_bytes(&dense)?)),
+            (BaseWeight::Dense(w), None) => tensors.push((weight_name, tensor_bytes(w)?)),
+            (BaseWeight::Nf4(w), None) => {
+                any_nf4 = true;
+                tensors.extend(bnb::nf4_tensors(&weight_name, w, compute_name));
+            }
+        }
+        if let Some(b) = &lin.bias {
+            tensors.push((format!("{prefix}.bias"), tensor_bytes(b)?));
+        }
+    }
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            Ok((
+                n.clone(),
+                TensorView::new(t.dtype, t.shape.clone(), &t.data)
+                    .map_err(|e| ModelError::Invalid(format!("{n}: {e}")))?,
+            ))
+        })
+        .collect::<Result<_, ModelError>>()?;
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    let st_path = tmp.path().join("model.safetensors");
+    safetensors::serialize_to_file(views, Some(metadata), &st_path)
+        .map_err(|e| ModelError::Invalid(format!("{}: {e}", st_path.display())))?;
+
+    let mut config = model.config().raw.clone();
+    config.remove("quantization_config");
+    if any_nf4 {
+        config.insert("quantization_config".into(), bnb::quantization_config(compute_name));
+    }
+    config.insert("torch_dtype".into(), Value::String(compute_name.into()));
+    let config_text = serde_json::to_string_pretty(&Value::Object(config)).expect("JSON");
+    let write_file = |name: &str, bytes: &[u8]| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, bytes).map_err(|e| ModelError::Invalid(format!("{}: {e}", p.display())))
+    };
+    write_file("config.json", config_text.as_bytes())?;
+    for (name, bytes) in side_files {
+        write_file(name, bytes)?;
+    }
+    #[cfg(unix)]
+    {
+        // The temporary folder is private (0700) and safetensors writes 0600: give the result ordinary modes.
+        use std::os::unix::fs::PermissionsExt;
+        for entry in std::fs::read_dir(tmp.path()).map_err(|e| ModelError::Invalid(e.to_string()))? {
+            let p = entry.map_err(|e| ModelError::Invalid(e.to_string()))?.path();
+            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644));
+        }
+        let _ = std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755));
+    }
+    let tmp_path = tmp.keep();
+    std::fs::rename(&tmp_path, out).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&tmp_path);
+        ModelError::Invalid(format!("{}: {e}", out.display()))
+    })
+}

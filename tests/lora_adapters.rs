@@ -1,0 +1,375 @@
+//! LoRA adapters against the PEFT-made fixtures: golden outputs for every adapter (f32, dense base), one
+//! mixed-adapter forward equal to each request alone, merged checkpoints, and every refusal naming its key
+//! or tensor.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use common::{expected, fixture, rel_l2};
+use loraserve::engine::{generate, GenerateJob, SamplingParams};
+use loraserve::lora::peft::{self, LoadedAdapter};
+use loraserve::lora::{LoraRows, LoraSegment};
+use loraserve::model::kv_cache::PagedKvCache;
+use loraserve::model::{self, AttentionMode, Batch, LoadOptions, LoadedModel, ModelSpec, SeqInput};
+use loraserve::quant::QuantMode;
+
+const MODELS: [&str; 3] = ["llama", "mistral", "qwen2"];
+
+fn load_model(dir: &Path, quant: QuantMode) -> LoadedModel {
+    let opts = LoadOptions { dtype: DType::F32, quant, device: Device::Cpu };
+    model::load(&ModelSpec::Dir(dir.to_path_buf()), &opts).unwrap()
+}
+
+fn adapter_dirs(model: &str) -> Vec<(String, PathBuf)> {
+    let mut v: Vec<_> = std::fs::read_dir(fixture(model).join("adapters"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn load_adapter(m: &LoadedModel, dir: &Path) -> LoadedAdapter {
+    peft::load_dir(dir, &m.model.lora_layout(), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn every_fixture_adapter_matches_peft() {
+    for name in MODELS {
+        let m = load_model(&fixture(name).join("model"), QuantMode::None);
+        let exp = expected(name);
+        for (adapter, dir) in adapter_dirs(name) {
+            let a = load_adapter(&m, &dir);
+            let cases = &exp.results[&adapter];
+            for c in cases {
+                let ids = m.tokenizer.encode(&c.prompt).unwrap();
+                let out = generate(
+                    &m.model,
+                    &GenerateJob {
+                        prompt_ids: &ids,
+                        max_new_tokens: c.greedy_new_ids.len(),
+                        sampling: SamplingParams::default(),
+                        stop_at_eos: false,
+                        adapter: Some(&a.weights),
+                    },
+                )
+                .unwrap();
+                let err = rel_l2(&out.prompt_logits, &c.last_logits);
+                assert!(err <= 1e-4, "{name}/{adapter} {:?}: logits rel err {err:e}", c.prompt);
+                assert_eq!(out.token_ids, c.greedy_new_ids, "{name}/{adapter} {:?}", c.prompt);
+            }
+        }
+    }
+}
+
+/// Every llama fixture adapter and the base, over all prompts, in ONE paged forward (prefill), then one
+/// mixed decode step — equal to each request run alone.
+#[test]
+fn mixed_adapter_batch_equals_each_request_alone() {
+    for quant in [QuantMode::None, QuantMode::Nf4] {
+        let m = load_model(&fixture("llama/model"), quant);
+        let adapters: Vec<(String, LoadedAdapter)> =
+            adapter_dirs("llama").into_iter().map(|(n, d)| (n, load_adapter(&m, &d))).collect();
+        let prompts = expected("llama").prompts;
+        // Requests: (prompt, adapter index or None for the base), interleaved so segments alternate.
+        let mut requests = Vec::new();
+        for (pi, p) in prompts.iter().enumerate() {
+            for ai in 0..=adapters.len() {
+                requests.push((
+                    m.tokenizer.encode(p).unwrap(),
+                    if (ai + pi) % (adapters.len() + 1) == 0 {
+                        None
+                    } else {
+                        Some((ai + pi) % (adapters.len() + 1) - 1)
+                    },
+                ));
+            }
+        }
+        let alone: Vec<Vec<f32>> = requests
+            .iter()
+            .map(|(ids, a)| {
+                let job = GenerateJob {
+                    prompt_ids: ids,
+                    max_new_tokens: 2,
+                    sampling: SamplingParams::default(),
+                    stop_at_eos: false,
+                    adapter: a.map(|i| &adapters[i].1.weights),
+                };
+                generate(&m.model, &job).unwrap().prompt_logits
+            })
+            .collect();
+
+        let geo = m.model.kv_geometry(4);
+        let mut cache = PagedKvCache::new(geo, 256);
+        let tables: Vec<Vec<u32>> = requests
+            .iter()
+            .map(|(ids, _)| cache.allocator_mut().allocate(geo.blocks_for(ids.len() + 1)).unwrap())
+            .collect();
+        let mut tokens = Vec::new();
+        let mut segments = Vec::new();
+        let mut last_rows = Vec::new();
+        for (ids, a) in &requests {
+            let start = tokens.len();
+            tokens.extend_from_slice(ids);
+            if let Some(i) = a {
+                segments.push(LoraSegment::new(start..tokens.len(), &adapters[*i].1.weights));
+            }
+            last_rows.push(tokens.len() - 1);
+        }
+        let seqs: Vec<SeqInput> =
+            requests.iter().zip(&tables).map(|((ids, _), t)| SeqInput { len: ids.len(), past: 0, blocks: t }).collect();
+        let batch = Batch { tokens: &tokens, seqs: &seqs, logit_rows: &last_rows };
+        let logits = m.model.forward(&batch, AttentionMode::Paged(&mut cache), &LoraRows::Segments(&segments)).unwrap();
+        for (i, want) in alone.iter().enumerate() {
+            let got = logits.get(i).unwrap().to_vec1::<f32>().unwrap();
+            let err = rel_l2(&got, want);
+            assert!(err <= 1e-5, "{quant:?} request {i} (adapter {:?}): mixed vs alone {err:e}", requests[i].1);
+        }
+        // The reference batched-LoRA op gives the same logits as the fast one.
+        let mut cache2 = PagedKvCache::new(geo, 256);
+        let tables2: Vec<Vec<u32>> = requests
+            .iter()
+            .map(|(ids, _)| cache2.allocator_mut().allocate(geo.blocks_for(ids.len() + 1)).unwrap())
+            .collect();
+        let seqs2: Vec<SeqInput> = requests
+            .iter()
+            .zip(&tables2)
+            .map(|((ids, _), t)| SeqInput { len: ids.len(), past: 0, blocks: t })
+            .collect();
+        let batch2 = Batch { tokens: &tokens, seqs: &seqs2, logit_rows: &last_rows };
+        let reference = m
+            .model
+            .forward(&batch2, AttentionMode::Paged(&mut cache2), &LoraRows::SegmentsReference(&segments))
+            .unwrap();
+        let err = rel_l2(
+            &logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &reference.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(err <= 1e-5, "{quant:?}: fast vs reference batched LoRA {err:e}");
+    }
+}
+
+#[test]
+fn merged_checkpoint_gives_the_adapter_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (adapter, dir) in adapter_dirs("llama") {
+        let out = tmp.path().join(&adapter);
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["merge", "--model"])
+            .arg(fixture("llama/model"))
+            .arg("--adapter")
+            .arg(&dir)
+            .arg("--output")
+            .arg(&out)
+            .env("LORASERVE_LOG", "off")
+            .status()
+            .unwrap();
+        assert!(status.success(), "merge {adapter}");
+        let merged = load_model(&out, QuantMode::None);
+        for c in &expected("llama").results[&adapter] {
+            let ids = merged.tokenizer.encode(&c.prompt).unwrap();
+            let job = GenerateJob {
+                prompt_ids: &ids,
+                max_new_tokens: 12,
+                sampling: SamplingParams::default(),
+                stop_at_eos: false,
+                adapter: None,
+            };
+            let out = generate(&merged.model, &job).unwrap();
+            let err = rel_l2(&out.prompt_logits, &c.last_logits);
+            assert!(err <= 1e-4, "merged {adapter} {:?}: {err:e}", c.prompt);
+            assert_eq!(out.token_ids, c.greedy_new_ids);
+        }
+    }
+}
+
+#[test]
+fn merge_refuses_an_nf4_base_unless_asked_to_dequantize() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str], out: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["merge", "--model"])
+            .arg(fixture("llama-bnb-nf4/model"))
+            .arg("--adapter")
+            .arg(fixture("llama/adapters/qv-r4"))
+            .arg("--output")
+            .arg(tmp.path().join(out))
+            .args(extra)
+            .env("LORASERVE_LOG", "off")
+            .output()
+            .unwrap()
+    };
+    let refused = run(&[], "a");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--dequantize"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!tmp.path().join("a").exists());
+    let ok = run(&["--dequantize"], "b");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let merged = load_model(&tmp.path().join("b"), QuantMode::None);
+    assert!(merged.model.nf4_footprint().0 == 0);
+}
+
+// ---- refusals ----
+
+/// A copy of the llama `patterns` adapter with its config edited by `cfg` and its tensors by `tensors`.
+fn broken(
+    cfg: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+    tensors: impl FnOnce(&mut HashMap<String, Tensor>),
+) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("llama/adapters/patterns");
+    let mut c: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+    cfg(&mut c);
+    std::fs::write(tmp.path().join("adapter_config.json"), serde_json::to_string(&c).unwrap()).unwrap();
+    let mut t = candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    tensors(&mut t);
+    candle_core::safetensors::save(&t, tmp.path().join("adapter_model.safetensors")).unwrap();
+    let m = load_model(&fixture("llama/model"), QuantMode::None);
+    match peft::load_dir(tmp.path(), &m.model.lora_layout(), &Device::Cpu) {
+        Ok(_) => panic!("broken adapter loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn set(key: &'static str, v: serde_json::Value) -> impl FnOnce(&mut serde_json::Map<String, serde_json::Value>) {
+    move |c| {
+        c.insert(key.into(), v);
+    }
+}
+
+fn keep(_: &mut HashMap<String, Tensor>) {}
+
+#[test]
+fn refuses_unsupported_config_keys_naming_them() {
+    use serde_json::json;
+    for (key, value, words) in [
+        ("use_dora", json!(true), "DoRA"),
+        ("modules_to_save", json!(["lm_head"]), "modules_to_save"),
+        ("bias", json!("lora_only"), "bias"),
+        ("lora_bias", json!(true), "lora_bias"),
+        ("init_lora_weights", json!("pissa"), "changes the base"),
+        ("init_lora_weights", json!("olora"), "changes the base"),
+        ("init_lora_weights", json!("corda"), "changes the base"),
+        ("init_lora_weights", json!("loftq"), "changes the base"),
+        ("peft_type", json!("IA3"), "LORA"),
+        ("target_modules", json!(5), "target_modules"),
+        ("r", json!(0), "`r`"),
+    ] {
+        let e = broken(set(key, value.clone()), keep);
+        assert!(e.contains(&format!("`{key}`")) && e.contains(words), "{key}={value}: {e}");
+        assert!(e.contains("adapter_config.json"), "{e}");
+    }
+    let e = broken(set("rank_pattern", json!({"(unclosed": 4})), keep);
+    assert!(e.contains("rank_pattern.(unclosed"), "{e}");
+}
+
+#[test]
+fn refuses_bad_tensors_naming_them() {
+    let q0a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    let q0b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    let dev = Device::Cpu;
+    // Embedding LoRA.
+    let e = broken(
+        |_| {},
+        |t| {
+            t.insert(
+                "base_model.model.model.embed_tokens.lora_embedding_A".into(),
+                Tensor::zeros((8, 320), DType::F32, &dev).unwrap(),
+            );
+        },
+    );
+    assert!(e.contains("lora_embedding_A") && e.contains("embedding LoRA"), "{e}");
+    // A module the base does not have.
+    let e = broken(
+        |_| {},
+        |t| {
+            t.insert(
+                "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight".into(),
+                Tensor::zeros((8, 96), DType::F32, &dev).unwrap(),
+            );
+        },
+    );
+    assert!(e.contains("model.layers.7.self_attn.q_proj") && e.contains("not a linear layer of the base"), "{e}");
+    // Wrong shape.
+    let e = broken(
+        |_| {},
+        |t| {
+            t.insert(q0a.into(), Tensor::zeros((8, 95), DType::F32, &dev).unwrap());
+        },
+    );
+    assert!(e.contains(q0a) && e.contains("[8, 95]"), "{e}");
+    // Rank disagreeing with rank_pattern (down_proj is r=4 there).
+    let e = broken(
+        |_| {},
+        |t| {
+            t.insert(
+                "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight".into(),
+                Tensor::zeros((8, 256), DType::F32, &dev).unwrap(),
+            );
+        },
+    );
+    assert!(e.contains("layers.1.mlp.down_proj.lora_A") && e.contains("expected [4, 256]"), "{e}");
+    // Missing A or B.
+    let e = broken(
+        |_| {},
+        |t| {
+            t.remove(q0b);
+        },
+    );
+    assert!(e.contains(q0b) && e.contains("missing"), "{e}");
+    // Targeted module without any tensors.
+    let e = broken(
+        |_| {},
+        |t| {
+            t.remove(q0a);
+            t.remove(q0b);
+        },
+    );
+    assert!(e.contains("layers.0.self_attn.q_proj") && e.contains("targets"), "{e}");
+    // A tensor the config does not target.
+    let e = broken(
+        set("target_modules", serde_json::json!(["k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])),
+        keep,
+    );
+    assert!(e.contains("q_proj") && e.contains("not targeted"), "{e}");
+    // NaN / Inf.
+    let e = broken(
+        |_| {},
+        |t| {
+            let mut v = t[q0b].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v[5] = f32::NAN;
+            t.insert(q0b.into(), Tensor::from_vec(v, (96, 8), &dev).unwrap());
+        },
+    );
+    assert!(e.contains(q0b) && e.contains("non-finite"), "{e}");
+    // DoRA magnitude and LoRA bias tensors.
+    let e = broken(
+        |_| {},
+        |t| {
+            t.insert(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector".into(),
+                Tensor::zeros(96, DType::F32, &dev).unwrap(),
+            );
+        },
+    );
+    assert!(e.contains("lora_magnitude_vector") && e.contains("DoRA"), "{e}");
+}
+
+#[test]
+fn refuses_pickle_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("llama/adapters/qv-r4/adapter_config.json"), tmp.path().join("adapter_config.json")).unwrap();
+    std::fs::write(tmp.path().join("adapter_model.bin"), b"not really a pickle").unwrap();
+    let m = load_model(&fixture("llama/model"), QuantMode::None);
+    let e = peft::load_dir(tmp.path(), &m.model.lora_layout(), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("adapter_model.bin") && e.contains("safetensors"), "{e}");
+}
