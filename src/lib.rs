@@ -8,8 +8,9 @@
 //! | [`cli`] | the `server` command line and its subcommands |
 //! | [`model`] | HF config/weights/tokenizer loading; the one forward; KV cache; the demo model |
 //! | [`quant`] | NF4: codec, CPU kernels, bitsandbytes checkpoint layout |
-//! | [`lora`] | PEFT adapters, the batched-LoRA op |
+//! | [`lora`] | PEFT adapters, the adapter store and cache, the batched-LoRA op |
 //! | [`engine`] | sampling, generation |
+//! | [`telemetry`] | every metric name, description and bucket set |
 //! | [`rng`] | the project's deterministic PRNG |
 //! | [`cpu_linear`] | CPU `x·Wᵀ` skeletons (decode rows / panels) and the dense linear op |
 //! | [`tensor_io`] | tensor ↔ slice plumbing for the CPU kernels |
@@ -21,4 +22,5 @@ pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod rng;
+pub mod telemetry;
 pub mod tensor_io;

@@ -3,10 +3,11 @@
 //! ([`LoraRows`]), and the batched-LoRA op that applies many adapters in one pass ([`batched`]).
 //!
 //! Submodules: [`batched`] (the op, reference and fast path), [`peft`] (PEFT config + safetensors parsing
-//! and validation), [`store`] (the adapters root: ids, paths, versions), [`synthetic`] (random adapters for
-//! benchmarks).
+//! and validation), [`store`] (the adapters root: ids, paths, versions), [`cache`] (lazy single-flight
+//! loads, byte-budgeted LRU tiers, leases, hot swap), [`synthetic`] (random adapters for benchmarks).
 
 pub mod batched;
+pub mod cache;
 pub mod peft;
 pub mod store;
 pub mod synthetic;
@@ -144,6 +145,22 @@ impl LoraWeights {
             .iter()
             .enumerate()
             .filter_map(move |(i, m)| m.as_ref().map(|m| (LinearId::new(i / kinds, ModuleKind::ALL[i % kinds]), m)))
+    }
+
+    /// A copy with every tensor on `device`.
+    pub fn to_device(&self, device: &candle_core::Device) -> candle_core::Result<Self> {
+        let modules = self
+            .modules
+            .iter()
+            .map(|m| {
+                m.as_ref()
+                    .map(|m| {
+                        Ok(LoraModule { a: m.a.to_device(device)?, b_t: m.b_t.to_device(device)?, scale: m.scale })
+                    })
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(LoraWeights { modules })
     }
 
     /// Bytes of all A and B tensors.

@@ -370,7 +370,12 @@ pub fn load_dir(dir: &Path, layout: &BaseLayout, device: &Device) -> Result<Load
             },
         });
     }
-    let bytes = std::fs::read(&st_path)
+    let file = std::fs::File::open(&st_path)
+        .map_err(|e| AdapterError::File { file: st_path.display().to_string(), reason: e.to_string() })?;
+    // SAFETY: read-only mapping; the bytes are parsed and copied out before the map is dropped. A writer that
+    // rewrites the file in place (instead of renaming a new one over it) can make this read see torn data:
+    // it then fails validation, or yields weights the next request's stamp check replaces.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }
         .map_err(|e| AdapterError::File { file: st_path.display().to_string(), reason: e.to_string() })?;
     let weights = load_weights(&config, &bytes, &st_path.display().to_string(), &cfg_file, layout, device)?;
     Ok(LoadedAdapter { config, weights })
@@ -439,9 +444,10 @@ pub fn load_weights(
         };
         // Store B transposed ([r, out]) for the expand step.
         let mut b_t = vec![0f32; r * out_f];
-        for o in 0..out_f {
-            for j in 0..r {
-                b_t[j * out_f + o] = b[o * r + j];
+        for (j, row) in b_t.chunks_exact_mut(out_f).enumerate() {
+            // Contiguous writes; the strided reads stay within the L2-resident B.
+            for (o, v) in row.iter_mut().enumerate() {
+                *v = b[o * r + j];
             }
         }
         weights.insert(id, LoraModule { a: to_tensor(a, (r, in_f))?, b_t: to_tensor(b_t, (r, out_f))?, scale });
@@ -481,19 +487,174 @@ fn module_id(module: &str, layout: &BaseLayout) -> Option<LinearId> {
     (layer < layout.layers && parent == kind.parent()).then_some(LinearId::new(layer, kind))
 }
 
+/// A tensor as f32 straight from its little-endian bytes (one pass: widen, check finiteness).
 fn read_f32(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Vec<f32>, String> {
     let view = st.tensor(name).map_err(|e| e.to_string())?;
     if view.shape() != shape {
         return Err(format!("shape {:?}, expected {:?} (rank and base dimensions)", view.shape(), shape));
     }
-    let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| e.to_string())?;
-    let t = match t.dtype() {
-        DType::F32 | DType::F16 | DType::BF16 => t.to_dtype(DType::F32).map_err(|e| e.to_string())?,
+    let data = view.data();
+    let n: usize = shape.iter().product();
+    let mut v = vec![0f32; n];
+    // Widen and check finiteness in one vectorizable pass (an exponent of all ones is Inf or NaN).
+    let mut special = 0u32;
+    match view.dtype() {
+        safetensors::Dtype::F32 => {
+            for (o, b) in v.iter_mut().zip(data.chunks_exact(4)) {
+                let bits = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                special |= ((bits & 0x7f80_0000) == 0x7f80_0000) as u32;
+                *o = f32::from_bits(bits);
+            }
+        }
+        safetensors::Dtype::BF16 => {
+            for (o, b) in v.iter_mut().zip(data.chunks_exact(2)) {
+                let bits = (u16::from_le_bytes([b[0], b[1]]) as u32) << 16;
+                special |= ((bits & 0x7f80_0000) == 0x7f80_0000) as u32;
+                *o = f32::from_bits(bits);
+            }
+        }
+        safetensors::Dtype::F16 => {
+            for (o, b) in v.iter_mut().zip(data.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                special |= !o.is_finite() as u32;
+            }
+        }
         other => return Err(format!("unsupported dtype {other:?} (expected F32, F16 or BF16)")),
-    };
-    let v = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?;
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+    }
+    if special != 0 {
+        let i = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
         return Err(format!("non-finite value {} at element {i}", v[i]));
     }
     Ok(v)
+}
+
+/// Turns f32 values into a dtype's little-endian bytes.
+type Encoder = fn(&[f32]) -> Vec<u8>;
+
+/// What an adapter written by loraserve records about itself in `adapter_config.json`.
+#[derive(Clone, Debug)]
+pub struct AdapterMeta {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    pub lora_dropout: f64,
+    pub base_model_name_or_path: String,
+    /// Tensor dtype on disk (F32, BF16 or F16).
+    pub dtype: DType,
+}
+
+/// The `adapter_config.json` PEFT writes for a plain LoRA adapter with these settings and targets.
+pub fn config_json(meta: &AdapterMeta, targets: &[ModuleKind]) -> Value {
+    let mut names: Vec<&str> = targets.iter().map(|k| k.name()).collect();
+    names.sort();
+    names.dedup();
+    serde_json::json!({
+        "alpha_pattern": {},
+        "auto_mapping": null,
+        "base_model_name_or_path": meta.base_model_name_or_path,
+        "bias": "none",
+        "exclude_modules": null,
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "layer_replication": null,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "loftq_config": {},
+        "lora_alpha": meta.lora_alpha,
+        "lora_bias": false,
+        "lora_dropout": meta.lora_dropout,
+        "megatron_config": null,
+        "megatron_core": "megatron.core",
+        "modules_to_save": null,
+        "peft_type": "LORA",
+        "r": meta.r,
+        "rank_pattern": {},
+        "revision": null,
+        "target_modules": names,
+        "task_type": "CAUSAL_LM",
+        "use_dora": false,
+        "use_rslora": meta.use_rslora
+    })
+}
+
+/// Writes `weights` as a PEFT adapter folder at `dir` (which must not exist): `adapter_config.json` and
+/// `adapter_model.safetensors` (f32, PEFT's tensor names). The folder is assembled under a temporary name
+/// beside `dir` and renamed into place, so a server watching the adapters root never sees half an adapter.
+pub fn write_dir(dir: &Path, weights: &LoraWeights, meta: &AdapterMeta) -> Result<(), AdapterError> {
+    let file_err = |p: &Path, e: &dyn std::fmt::Display| AdapterError::File {
+        file: p.display().to_string(),
+        reason: e.to_string(),
+    };
+    if dir.exists() {
+        return Err(file_err(dir, &"already exists"));
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| file_err(parent, &e))?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.partial-"))
+        .tempdir_in(parent)
+        .map_err(|e| file_err(parent, &e))?;
+
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut kinds = Vec::new();
+    for (id, m) in weights.targets() {
+        kinds.push(id.kind);
+        let (r, in_f) = m.a.dims2().map_err(|e| file_err(dir, &e))?;
+        let (_, out_f) = m.b_t.dims2().map_err(|e| file_err(dir, &e))?;
+        let f32s = |t: &Tensor| -> Result<Vec<f32>, AdapterError> {
+            t.to_device(&Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| file_err(dir, &e))
+        };
+        let a = f32s(&m.a)?;
+        let b_t = f32s(&m.b_t)?;
+        let mut b = vec![0f32; out_f * r];
+        for j in 0..r {
+            for o in 0..out_f {
+                b[o * r + j] = b_t[j * out_f + o];
+            }
+        }
+        let (st_dtype, bytes): (safetensors::Dtype, Encoder) = match meta.dtype {
+            DType::BF16 => {
+                (safetensors::Dtype::BF16, |v| v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect())
+            }
+            DType::F16 => {
+                (safetensors::Dtype::F16, |v| v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect())
+            }
+            _ => (safetensors::Dtype::F32, |v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        };
+        tensors.push((format!("base_model.model.{id}.lora_A.weight"), st_dtype, vec![r, in_f], bytes(&a)));
+        tensors.push((format!("base_model.model.{id}.lora_B.weight"), st_dtype, vec![out_f, r], bytes(&b)));
+    }
+    let views = tensors
+        .iter()
+        .map(|(n, dtype, shape, data)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), data)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| file_err(dir, &e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut md = std::collections::HashMap::new();
+    md.insert("format".to_string(), "pt".to_string());
+    let st_path = tmp.path().join("adapter_model.safetensors");
+    safetensors::serialize_to_file(views, Some(md), &st_path).map_err(|e| file_err(&st_path, &e))?;
+    let cfg_path = tmp.path().join("adapter_config.json");
+    let text = serde_json::to_string_pretty(&config_json(meta, &kinds)).expect("JSON");
+    std::fs::write(&cfg_path, text).map_err(|e| file_err(&cfg_path, &e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&st_path, std::fs::Permissions::from_mode(0o644));
+        let _ = std::fs::set_permissions(&cfg_path, std::fs::Permissions::from_mode(0o644));
+        let _ = std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755));
+    }
+    let kept = tmp.keep();
+    std::fs::rename(&kept, dir).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&kept);
+        file_err(dir, &e)
+    })
 }

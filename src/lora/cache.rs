@@ -1,0 +1,569 @@
+//! The adapter cache: lazy, single-flight loads into two byte-budgeted LRU tiers, leases that pin what
+//! running requests use, and hot swap when an adapter's files change.
+//!
+//! - **Tiers.** `device` holds adapters where the base lives (GPU memory on a CUDA build; RAM on the CPU
+//!   build); `host` keeps recently used adapters in RAM so a device eviction is not a disk reload. Each is
+//!   bounded in bytes and evicts least-recently-used entries; a device miss that hits the host tier promotes.
+//! - **Leases.** [`AdapterCache::acquire`] returns an [`AdapterLease`] pinning one *version* of an adapter for
+//!   the request's whole life; a leased entry is never evicted. When every byte of the device tier is leased
+//!   a new acquire waits for a release until its deadline, then fails with [`CacheError::Full`] — never an
+//!   overshoot of the budget.
+//! - **Single flight.** Concurrent first requests for an adapter share one load, which runs on tokio's
+//!   blocking pool (never on the engine thread).
+//! - **Versions and hot swap.** Every acquire stats the adapter's two files; when they changed, the next
+//!   acquire loads the new version while leases on the old one finish undisturbed (a request never mixes
+//!   versions). New files that fail to load are reported to every request (`FAILED_PRECONDITION`, naming the
+//!   file) until they change again, and the old version is not served. A filesystem watcher drops stale
+//!   entries eagerly.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use tokio::sync::{Notify, OnceCell};
+
+use super::peft::{self, AdapterError, BaseLayout};
+use super::store::{AdapterStore, AdapterVersion, FileStamp, StoreError};
+use super::LoraWeights;
+use crate::telemetry as t;
+
+/// Why an adapter could not be acquired. Cloned to every request waiting on the same load.
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum CacheError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The adapter's files are invalid or do not fit the base.
+    #[error("{0}")]
+    Invalid(Arc<AdapterError>),
+    #[error("adapter `{id}` needs {bytes} bytes but the device adapter cache holds at most {budget}")]
+    TooLarge { id: String, bytes: usize, budget: usize },
+    #[error("adapter cache full: `{id}` needs {bytes} bytes and all {leased} leased bytes of the {budget}-byte device tier are in use by running requests")]
+    Full { id: String, bytes: usize, leased: usize, budget: usize },
+    #[error("loading adapter `{id}` failed: {reason}")]
+    Internal { id: String, reason: String },
+}
+
+/// Byte budgets of the two tiers.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheConfig {
+    pub device_bytes: usize,
+    pub host_bytes: usize,
+    /// How long an acquire without a deadline waits for leased bytes to be released.
+    pub default_wait: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { device_bytes: 1 << 30, host_bytes: 4 << 30, default_wait: Duration::from_secs(10) }
+    }
+}
+
+type Key = (String, String); // (adapter id, version id)
+
+struct DeviceEntry {
+    weights: Arc<LoraWeights>,
+    bytes: usize,
+    leases: usize,
+    /// Superseded (files changed, unloaded): never handed to new requests; evicted once unleased.
+    stale: bool,
+    tick: u64,
+}
+
+struct HostEntry {
+    weights: Arc<LoraWeights>,
+    bytes: usize,
+    tick: u64,
+}
+
+#[derive(Default)]
+struct State {
+    tick: u64,
+    device: HashMap<Key, DeviceEntry>,
+    host: HashMap<Key, HostEntry>,
+    /// The version new requests get, per adapter id.
+    current: HashMap<String, AdapterVersion>,
+    /// Files that failed to load, by stamp: reported again until the files change.
+    failed: HashMap<String, (FileStamp, CacheError)>,
+    device_bytes: usize,
+    host_bytes: usize,
+}
+
+/// A finished load.
+struct Loaded {
+    version: AdapterVersion,
+    weights: Arc<LoraWeights>,
+    bytes: usize,
+}
+
+type LoadCell = Arc<OnceCell<Result<Arc<Loaded>, CacheError>>>;
+
+struct Inner {
+    store: AdapterStore,
+    layout: BaseLayout,
+    device: Device,
+    config: CacheConfig,
+    state: Mutex<State>,
+    space: Notify,
+    inflight: Mutex<HashMap<String, (FileStamp, LoadCell)>>,
+    disk_loads: AtomicU64,
+}
+
+/// The adapter cache (cheap to clone; all clones share state).
+#[derive(Clone)]
+pub struct AdapterCache {
+    inner: Arc<Inner>,
+}
+
+/// A request's hold on one version of an adapter; releases it when dropped.
+pub struct AdapterLease {
+    inner: Arc<Inner>,
+    key: Key,
+    weights: Arc<LoraWeights>,
+}
+
+impl AdapterLease {
+    pub fn id(&self) -> &str {
+        &self.key.0
+    }
+
+    /// The version string clients see (`adapter_version`).
+    pub fn version(&self) -> &str {
+        &self.key.1
+    }
+
+    pub fn weights(&self) -> &LoraWeights {
+        &self.weights
+    }
+}
+
+impl Drop for AdapterLease {
+    fn drop(&mut self) {
+        let mut st = self.inner.state.lock().expect("cache lock");
+        let remove = match st.device.get_mut(&self.key) {
+            Some(e) => {
+                e.leases -= 1;
+                e.stale && e.leases == 0
+            }
+            None => false,
+        };
+        if remove {
+            evict_device(&mut st, &self.key);
+        }
+        publish(&st);
+        drop(st);
+        self.inner.space.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for AdapterLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdapterLease").field("id", &self.key.0).field("version", &self.key.1).finish()
+    }
+}
+
+/// One adapter as [`AdapterCache::list`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterStatus {
+    pub id: String,
+    /// Current version, if it has been loaded.
+    pub version: Option<String>,
+    pub device_resident: bool,
+    pub host_resident: bool,
+    pub bytes: usize,
+    pub leases: usize,
+}
+
+fn evict_device(st: &mut State, key: &Key) {
+    if let Some(e) = st.device.remove(key) {
+        st.device_bytes -= e.bytes;
+        metrics::counter!(t::ADAPTER_CACHE_EVICTIONS_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
+    }
+}
+
+/// Publishes the tiers' gauges.
+fn publish(st: &State) {
+    metrics::gauge!(t::ADAPTER_CACHE_RESIDENT_BYTES, "tier" => t::TIER_DEVICE).set(st.device_bytes as f64);
+    metrics::gauge!(t::ADAPTER_CACHE_RESIDENT_BYTES, "tier" => t::TIER_HOST).set(st.host_bytes as f64);
+    metrics::gauge!(t::ADAPTERS_RESIDENT, "tier" => t::TIER_DEVICE).set(st.device.len() as f64);
+    metrics::gauge!(t::ADAPTERS_RESIDENT, "tier" => t::TIER_HOST).set(st.host.len() as f64);
+}
+
+enum Insert {
+    Done,
+    NoSpace { leased: usize },
+}
+
+impl State {
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// Marks every device entry of `id` other than `keep` stale and evicts those not leased.
+    fn supersede(&mut self, id: &str, keep: Option<&str>) {
+        let keys: Vec<Key> = self.device.keys().filter(|k| k.0 == id && Some(k.1.as_str()) != keep).cloned().collect();
+        for k in keys {
+            let e = self.device.get_mut(&k).expect("key");
+            e.stale = true;
+            if e.leases == 0 {
+                evict_device(self, &k);
+            }
+        }
+        let host: Vec<Key> = self.host.keys().filter(|k| k.0 == id && Some(k.1.as_str()) != keep).cloned().collect();
+        for k in host {
+            if let Some(h) = self.host.remove(&k) {
+                self.host_bytes -= h.bytes;
+                metrics::counter!(t::ADAPTER_CACHE_EVICTIONS_TOTAL, "tier" => t::TIER_HOST).increment(1);
+            }
+        }
+    }
+
+    /// Puts `weights` into the device tier with one lease, evicting unleased LRU entries as needed.
+    fn insert_device(&mut self, key: &Key, weights: &Arc<LoraWeights>, bytes: usize, budget: usize) -> Insert {
+        while self.device_bytes + bytes > budget {
+            // Stale entries first, then least recently used; leased entries never.
+            let victim = self
+                .device
+                .iter()
+                .filter(|(_, e)| e.leases == 0)
+                .min_by_key(|(_, e)| (!e.stale, e.tick))
+                .map(|(k, _)| k.clone());
+            match victim {
+                Some(k) => evict_device(self, &k),
+                None => {
+                    let leased = self.device.values().map(|e| e.bytes).sum();
+                    return Insert::NoSpace { leased };
+                }
+            }
+        }
+        let tick = self.next_tick();
+        self.device_bytes += bytes;
+        self.device.insert(key.clone(), DeviceEntry { weights: weights.clone(), bytes, leases: 1, stale: false, tick });
+        Insert::Done
+    }
+
+    /// Keeps a host copy (best effort: skipped when larger than the whole tier).
+    fn insert_host(&mut self, key: &Key, weights: &Arc<LoraWeights>, bytes: usize, budget: usize) {
+        if bytes > budget || self.host.contains_key(key) {
+            return;
+        }
+        while self.host_bytes + bytes > budget {
+            let victim = self.host.iter().min_by_key(|(_, e)| e.tick).map(|(k, _)| k.clone()).expect("non-empty");
+            let e = self.host.remove(&victim).expect("victim");
+            self.host_bytes -= e.bytes;
+            metrics::counter!(t::ADAPTER_CACHE_EVICTIONS_TOTAL, "tier" => t::TIER_HOST).increment(1);
+        }
+        let tick = self.next_tick();
+        self.host_bytes += bytes;
+        self.host.insert(key.clone(), HostEntry { weights: weights.clone(), bytes, tick });
+    }
+}
+
+impl AdapterCache {
+    /// A cache over `store` for a base of shape `layout`, with device-tier weights on `device`.
+    pub fn new(store: AdapterStore, layout: BaseLayout, device: Device, config: CacheConfig) -> Self {
+        let cache = AdapterCache {
+            inner: Arc::new(Inner {
+                store,
+                layout,
+                device,
+                config,
+                state: Mutex::new(State::default()),
+                space: Notify::new(),
+                inflight: Mutex::new(HashMap::new()),
+                disk_loads: AtomicU64::new(0),
+            }),
+        };
+        publish(&cache.inner.state.lock().expect("cache lock"));
+        cache
+    }
+
+    pub fn store(&self) -> &AdapterStore {
+        &self.inner.store
+    }
+
+    pub fn config(&self) -> CacheConfig {
+        self.inner.config
+    }
+
+    /// Loads from disk so far (single flight: concurrent first requests count once).
+    pub fn disk_loads(&self) -> u64 {
+        self.inner.disk_loads.load(Ordering::Relaxed)
+    }
+
+    /// Bytes resident in the device tier.
+    pub fn device_bytes(&self) -> usize {
+        self.inner.state.lock().expect("cache lock").device_bytes
+    }
+
+    /// Total leases held.
+    pub fn leases(&self) -> usize {
+        self.inner.state.lock().expect("cache lock").device.values().map(|e| e.leases).sum()
+    }
+
+    /// Leases adapter `id` (its current version), loading it if needed. Waits for leased bytes to be
+    /// released until `deadline` (or the configured default wait).
+    pub async fn acquire(&self, id: &str, deadline: Option<tokio::time::Instant>) -> Result<AdapterLease, CacheError> {
+        let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.inner.config.default_wait);
+        let dir = self.inner.store.resolve(id)?;
+        let stamp = AdapterStore::stamp(&dir)?;
+        loop {
+            let space = self.inner.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            match self.try_cached(id, &stamp)? {
+                Some(Ok(lease)) => return Ok(lease),
+                Some(Err(leased)) => {
+                    self.wait_for_space(id, 0, leased, deadline, space).await?;
+                    continue;
+                }
+                None => {}
+            }
+            let loaded = self.load(id, dir.clone(), stamp.clone()).await?;
+            let key = (id.to_string(), loaded.version.id.clone());
+            let outcome = {
+                let mut st = self.inner.state.lock().expect("cache lock");
+                if loaded.bytes > self.inner.config.device_bytes {
+                    return Err(CacheError::TooLarge {
+                        id: id.into(),
+                        bytes: loaded.bytes,
+                        budget: self.inner.config.device_bytes,
+                    });
+                }
+                st.failed.remove(id);
+                if st.current.get(id).map(|v| &v.stamp) != Some(&loaded.version.stamp) {
+                    st.current.insert(id.to_string(), loaded.version.clone());
+                    st.supersede(id, Some(&loaded.version.id));
+                }
+                st.insert_host(&key, &loaded.weights, loaded.bytes, self.inner.config.host_bytes);
+                let r = if let Some(e) = st.device.get_mut(&key) {
+                    // Another acquirer inserted it meanwhile.
+                    e.leases += 1;
+                    Insert::Done
+                } else {
+                    st.insert_device(&key, &loaded.weights, loaded.bytes, self.inner.config.device_bytes)
+                };
+                publish(&st);
+                r
+            };
+            match outcome {
+                Insert::Done => {
+                    return Ok(AdapterLease { inner: self.inner.clone(), key, weights: loaded.weights.clone() })
+                }
+                Insert::NoSpace { leased } => self.wait_for_space(id, loaded.bytes, leased, deadline, space).await?,
+            }
+        }
+    }
+
+    /// The device hit / host promotion path. `Some(Err(leased))`: present but no room to promote.
+    fn try_cached(&self, id: &str, stamp: &FileStamp) -> Result<Option<Result<AdapterLease, usize>>, CacheError> {
+        let mut st = self.inner.state.lock().expect("cache lock");
+        if let Some((failed_stamp, err)) = st.failed.get(id) {
+            if failed_stamp == stamp {
+                return Err(err.clone());
+            }
+        }
+        let Some(version) = st.current.get(id).cloned() else {
+            metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
+            return Ok(None);
+        };
+        if &version.stamp != stamp {
+            // Files changed since the current version was loaded: a new version is needed.
+            metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
+            return Ok(None);
+        }
+        let key = (id.to_string(), version.id.clone());
+        let tick = st.next_tick();
+        if let Some(e) = st.device.get_mut(&key) {
+            e.leases += 1;
+            e.tick = tick;
+            let weights = e.weights.clone();
+            metrics::counter!(t::ADAPTER_CACHE_HITS_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
+            publish(&st);
+            return Ok(Some(Ok(AdapterLease { inner: self.inner.clone(), key, weights })));
+        }
+        metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
+        let Some(h) = st.host.get_mut(&key) else {
+            metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => t::TIER_HOST).increment(1);
+            return Ok(None);
+        };
+        h.tick = tick;
+        metrics::counter!(t::ADAPTER_CACHE_HITS_TOTAL, "tier" => t::TIER_HOST).increment(1);
+        let (host_weights, bytes) = (h.weights.clone(), h.bytes);
+        let weights = Arc::new(
+            to_device(&host_weights, &self.inner.device)
+                .map_err(|e| CacheError::Internal { id: id.into(), reason: e.to_string() })?,
+        );
+        let r = match st.insert_device(&key, &weights, bytes, self.inner.config.device_bytes) {
+            Insert::Done => Some(Ok(AdapterLease { inner: self.inner.clone(), key, weights })),
+            Insert::NoSpace { leased } => Some(Err(leased)),
+        };
+        publish(&st);
+        Ok(r)
+    }
+
+    async fn wait_for_space(
+        &self,
+        id: &str,
+        bytes: usize,
+        leased: usize,
+        deadline: tokio::time::Instant,
+        space: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    ) -> Result<(), CacheError> {
+        match tokio::time::timeout_at(deadline, space).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(CacheError::Full { id: id.into(), bytes, leased, budget: self.inner.config.device_bytes }),
+        }
+    }
+
+    /// Loads `id` at `stamp` once, however many callers ask concurrently.
+    async fn load(&self, id: &str, dir: PathBuf, stamp: FileStamp) -> Result<Arc<Loaded>, CacheError> {
+        let cell = {
+            let mut inflight = self.inner.inflight.lock().expect("inflight lock");
+            match inflight.get(id) {
+                Some((s, cell)) if *s == stamp => cell.clone(),
+                _ => {
+                    let cell: LoadCell = Arc::new(OnceCell::new());
+                    inflight.insert(id.to_string(), (stamp.clone(), cell.clone()));
+                    cell
+                }
+            }
+        };
+        let inner = self.inner.clone();
+        let id_owned = id.to_string();
+        let result = cell
+            .get_or_init(|| async move {
+                inner.disk_loads.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
+                let inner2 = inner.clone();
+                let id2 = id_owned.clone();
+                let stamp2 = stamp.clone();
+                let res = tokio::task::spawn_blocking(move || -> Result<Loaded, CacheError> {
+                    let version = AdapterStore::version(&dir)?;
+                    let adapter = peft::load_dir(&dir, &inner2.layout, &Device::Cpu)
+                        .map_err(|e| CacheError::Invalid(Arc::new(e)))?;
+                    let weights = to_device(&adapter.weights, &inner2.device)
+                        .map_err(|e| CacheError::Internal { id: id2.clone(), reason: e.to_string() })?;
+                    // The files may have changed between the stamp and the read: version by what was read.
+                    let _ = stamp2;
+                    let bytes = weights.bytes();
+                    Ok(Loaded { version, weights: Arc::new(weights), bytes })
+                })
+                .await
+                .unwrap_or_else(|e| Err(CacheError::Internal { id: id_owned.clone(), reason: e.to_string() }));
+                metrics::histogram!(t::ADAPTER_LOAD_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+                let mut st = inner.state.lock().expect("cache lock");
+                match res {
+                    Ok(l) => Ok(Arc::new(l)),
+                    Err(e) => {
+                        // Broken new files: never fall back to the old version.
+                        if let CacheError::Invalid(_) = e {
+                            st.failed.insert(id_owned.clone(), (stamp.clone(), e.clone()));
+                            st.current.remove(&id_owned);
+                            st.supersede(&id_owned, None);
+                            publish(&st);
+                        }
+                        Err(e)
+                    }
+                }
+            })
+            .await
+            .clone();
+        let mut inflight = self.inner.inflight.lock().expect("inflight lock");
+        if inflight.get(id).is_some_and(|(_, c)| Arc::ptr_eq(c, &cell)) {
+            inflight.remove(id);
+        }
+        result
+    }
+
+    /// Loads `id` into the cache without keeping a lease (`LoadAdapter`, `--preload`); returns its version.
+    pub async fn load_adapter(&self, id: &str) -> Result<String, CacheError> {
+        let lease = self.acquire(id, None).await?;
+        Ok(lease.version().to_string())
+    }
+
+    /// Drops `id` from both tiers (running requests keep their leased version until they finish). Returns
+    /// whether anything was resident.
+    pub fn unload(&self, id: &str) -> Result<bool, CacheError> {
+        super::store::validate_id(id)?;
+        let mut st = self.inner.state.lock().expect("cache lock");
+        let had_current = st.current.remove(id).is_some();
+        let had = had_current || st.device.keys().any(|k| k.0 == id) || st.host.keys().any(|k| k.0 == id);
+        st.failed.remove(id);
+        st.supersede(id, None);
+        publish(&st);
+        Ok(had)
+    }
+
+    /// Every adapter under the root with its cache status.
+    pub fn list(&self) -> Vec<AdapterStatus> {
+        let ids = self.inner.store.list();
+        let st = self.inner.state.lock().expect("cache lock");
+        ids.into_iter()
+            .map(|id| {
+                let version = st.current.get(&id).map(|v| v.id.clone());
+                let key = version.clone().map(|v| (id.clone(), v));
+                let dev = key.as_ref().and_then(|k| st.device.get(k));
+                let host = key.as_ref().and_then(|k| st.host.get(k));
+                AdapterStatus {
+                    device_resident: dev.is_some(),
+                    host_resident: host.is_some(),
+                    bytes: dev.map(|e| e.bytes).or(host.map(|h| h.bytes)).unwrap_or(0),
+                    leases: st.device.iter().filter(|(k, _)| k.0 == id).map(|(_, e)| e.leases).sum(),
+                    version,
+                    id,
+                }
+            })
+            .collect()
+    }
+
+    /// Re-stats every cached adapter and drops versions whose files changed or vanished (the watcher calls
+    /// this; acquires check on their own).
+    pub fn refresh(&self) {
+        let ids: Vec<(String, FileStamp)> = {
+            let st = self.inner.state.lock().expect("cache lock");
+            st.current.iter().map(|(id, v)| (id.clone(), v.stamp.clone())).collect()
+        };
+        for (id, stamp) in ids {
+            let now = self.inner.store.resolve(&id).ok().and_then(|d| AdapterStore::stamp(&d).ok());
+            if now.as_ref() != Some(&stamp) {
+                let mut st = self.inner.state.lock().expect("cache lock");
+                if st.current.get(&id).map(|v| &v.stamp) == Some(&stamp) {
+                    st.current.remove(&id);
+                    st.supersede(&id, None);
+                    publish(&st);
+                }
+            }
+        }
+    }
+
+    /// Watches the adapters root (where the platform allows) and refreshes on changes. The watcher lives as
+    /// long as the returned handle.
+    pub fn watch(&self) -> Option<notify::RecommendedWatcher> {
+        use notify::Watcher;
+        let cache = self.clone();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                cache.refresh();
+            }
+        })
+        .map_err(|e| tracing::warn!(error = %e, "no filesystem watcher; changes are seen at request time"))
+        .ok()?;
+        watcher
+            .watch(self.inner.store.root(), notify::RecursiveMode::Recursive)
+            .map_err(|e| tracing::warn!(error = %e, "cannot watch the adapters root; changes are seen at request time"))
+            .ok()?;
+        Some(watcher)
+    }
+}
+
+/// The device-tier copy of host weights (the same tensors when the device is the CPU).
+fn to_device(w: &LoraWeights, device: &Device) -> candle_core::Result<LoraWeights> {
+    if device.is_cpu() {
+        return Ok(w.clone());
+    }
+    w.to_device(device)
+}

@@ -1,0 +1,82 @@
+//! Every metric loraserve exports: names (as consts, prefix `loraserve_`), descriptions, histogram buckets.
+//! A leaf module: any layer records through the `metrics` facade with these names; the server installs the
+//! Prometheus recorder and serves `/metrics`. Label values come from bounded sets only — adapter ids never
+//! become label values.
+
+/// `{rpc, code}` — finished RPCs by method and gRPC status code.
+pub const REQUESTS_TOTAL: &str = "loraserve_requests_total";
+/// Seconds from a generate request's arrival to its last token.
+pub const REQUEST_DURATION_SECONDS: &str = "loraserve_request_duration_seconds";
+/// Seconds from arrival to the first generated token.
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "loraserve_time_to_first_token_seconds";
+/// Seconds between consecutive tokens of one request.
+pub const INTER_TOKEN_LATENCY_SECONDS: &str = "loraserve_inter_token_latency_seconds";
+/// Requests admitted by the server and not yet running in the engine (gauge).
+pub const QUEUE_REQUESTS: &str = "loraserve_queue_requests";
+/// Rows (sequences) in each engine step (histogram).
+pub const BATCH_SIZE: &str = "loraserve_batch_size";
+pub const PROMPT_TOKENS_TOTAL: &str = "loraserve_prompt_tokens_total";
+pub const GENERATED_TOKENS_TOTAL: &str = "loraserve_generated_tokens_total";
+/// `{tier}` — adapter acquisitions served from a tier.
+pub const ADAPTER_CACHE_HITS_TOTAL: &str = "loraserve_adapter_cache_hits_total";
+/// `{tier}` — acquisitions the tier could not serve.
+pub const ADAPTER_CACHE_MISSES_TOTAL: &str = "loraserve_adapter_cache_misses_total";
+/// `{tier}` — adapters evicted from a tier.
+pub const ADAPTER_CACHE_EVICTIONS_TOTAL: &str = "loraserve_adapter_cache_evictions_total";
+/// `{tier}` — bytes of adapter weights resident in a tier (gauge).
+pub const ADAPTER_CACHE_RESIDENT_BYTES: &str = "loraserve_adapter_cache_resident_bytes";
+/// `{tier}` — adapters resident in a tier (gauge).
+pub const ADAPTERS_RESIDENT: &str = "loraserve_adapters_resident";
+/// Seconds to load an adapter from disk into the device tier.
+pub const ADAPTER_LOAD_DURATION_SECONDS: &str = "loraserve_adapter_load_duration_seconds";
+/// Bytes the base model keeps resident (gauge).
+pub const BASE_MODEL_RESIDENT_BYTES: &str = "loraserve_base_model_resident_bytes";
+/// KV-cache blocks in use (gauge).
+pub const KV_CACHE_BLOCKS_USED: &str = "loraserve_kv_cache_blocks_used";
+/// `{version}` — always 1.
+pub const BUILD_INFO: &str = "loraserve_build_info";
+
+/// The cache tiers, the only values of the `tier` label.
+pub const TIER_DEVICE: &str = "device";
+pub const TIER_HOST: &str = "host";
+
+/// Latency buckets (seconds): 1 ms … 2 min.
+pub const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+/// Inter-token latency buckets (seconds): 0.5 ms … 5 s.
+pub const TOKEN_LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+/// Batch size buckets (rows per step).
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// (name, kind, description) for every metric, for registration and for tests of the exposition.
+pub const ALL: &[(&str, &str, &str)] = &[
+    (REQUESTS_TOTAL, "counter", "Finished RPCs by method and gRPC status code"),
+    (REQUEST_DURATION_SECONDS, "histogram", "Seconds from arrival of a generate request to its last token"),
+    (TIME_TO_FIRST_TOKEN_SECONDS, "histogram", "Seconds from arrival to the first generated token"),
+    (INTER_TOKEN_LATENCY_SECONDS, "histogram", "Seconds between consecutive generated tokens of a request"),
+    (QUEUE_REQUESTS, "gauge", "Requests waiting to join the running batch"),
+    (BATCH_SIZE, "histogram", "Sequences in each engine step"),
+    (PROMPT_TOKENS_TOTAL, "counter", "Prompt tokens of admitted requests"),
+    (GENERATED_TOKENS_TOTAL, "counter", "Generated tokens"),
+    (ADAPTER_CACHE_HITS_TOTAL, "counter", "Adapter acquisitions served from a cache tier"),
+    (ADAPTER_CACHE_MISSES_TOTAL, "counter", "Adapter acquisitions a cache tier could not serve"),
+    (ADAPTER_CACHE_EVICTIONS_TOTAL, "counter", "Adapters evicted from a cache tier"),
+    (ADAPTER_CACHE_RESIDENT_BYTES, "gauge", "Bytes of adapter weights resident in a cache tier"),
+    (ADAPTERS_RESIDENT, "gauge", "Adapters resident in a cache tier"),
+    (ADAPTER_LOAD_DURATION_SECONDS, "histogram", "Seconds to load an adapter from disk into the device tier"),
+    (BASE_MODEL_RESIDENT_BYTES, "gauge", "Bytes the base model keeps resident"),
+    (KV_CACHE_BLOCKS_USED, "gauge", "KV-cache blocks in use"),
+    (BUILD_INFO, "gauge", "Build information; always 1"),
+];
+
+/// Registers descriptions (and so `# HELP` / `# TYPE` lines) for every metric.
+pub fn describe() {
+    for &(name, kind, help) in ALL {
+        match kind {
+            "counter" => metrics::describe_counter!(name, help),
+            "gauge" => metrics::describe_gauge!(name, help),
+            _ => metrics::describe_histogram!(name, help),
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The adapter cache: LRU order, byte budgets, leases under pressure, single-flight loads, hot swap
+//! (version change mid-request, broken updates, deleted adapters), id rules and path confinement, and a
+//! churn test of 1,000 adapters through a cache with room for 10.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use loraserve::lora::cache::{AdapterCache, CacheConfig, CacheError};
+use loraserve::lora::peft::{write_dir, AdapterMeta, BaseLayout};
+use loraserve::lora::store::{AdapterStore, StoreError};
+use loraserve::lora::{batched, LinearId, LoraModule, LoraSegment, LoraWeights, ModuleKind};
+
+const IN: usize = 8;
+
+fn layout() -> BaseLayout {
+    BaseLayout { layers: 1, dims: [(IN, IN); 7] }
+}
+
+fn q() -> LinearId {
+    LinearId::new(0, ModuleKind::QProj)
+}
+
+/// A rank-1 adapter on q_proj whose delta for x = e0 is `value` in output 0 (scale α/r = 1).
+fn write_adapter(root: &Path, id: &str, value: f32) {
+    let mut w = LoraWeights::new(1);
+    let mut a = vec![0f32; IN];
+    a[0] = value;
+    let mut b_t = vec![0f32; IN];
+    b_t[0] = 1.0;
+    w.insert(
+        q(),
+        LoraModule {
+            a: Tensor::from_vec(a, (1, IN), &Device::Cpu).unwrap(),
+            b_t: Tensor::from_vec(b_t, (1, IN), &Device::Cpu).unwrap(),
+            scale: 1.0,
+        },
+    );
+    let meta = AdapterMeta {
+        r: 1,
+        lora_alpha: 1.0,
+        use_rslora: false,
+        lora_dropout: 0.0,
+        base_model_name_or_path: "tiny".into(),
+        dtype: candle_core::DType::F32,
+    };
+    let dir = root.join(id);
+    if dir.exists() {
+        // Replace in place (hot swap): write beside, then swap the files.
+        let tmp = root.join(format!(".{}.new", id.replace('/', "_")));
+        let _ = std::fs::remove_dir_all(&tmp);
+        write_dir(&tmp, &w, &meta).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::rename(tmp.join(f), dir.join(f)).unwrap();
+        }
+        std::fs::remove_dir_all(&tmp).unwrap();
+    } else {
+        write_dir(&dir, &w, &meta).unwrap();
+    }
+}
+
+/// What the adapter computes: output 0 of its delta for x = e0.
+fn output_of(w: &LoraWeights) -> f32 {
+    let mut x = vec![0f32; IN];
+    x[0] = 1.0;
+    let x = Tensor::from_vec(x, (1, IN), &Device::Cpu).unwrap();
+    let y = Tensor::zeros((1, IN), candle_core::DType::F32, &Device::Cpu).unwrap();
+    batched::apply(&y, &x, q(), &[LoraSegment::new(0..1, w)]).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap()[0]
+}
+
+/// Bytes of one test adapter.
+const ONE: usize = 2 * IN * 4;
+
+fn cache(root: &Path, device_adapters: usize, host_adapters: usize) -> AdapterCache {
+    let store = AdapterStore::open(root).unwrap();
+    let config = CacheConfig {
+        device_bytes: device_adapters * ONE,
+        host_bytes: host_adapters * ONE,
+        default_wait: Duration::from_millis(200),
+    };
+    AdapterCache::new(store, layout(), Device::Cpu, config)
+}
+
+fn resident(c: &AdapterCache) -> Vec<String> {
+    c.list().into_iter().filter(|s| s.device_resident).map(|s| s.id).collect()
+}
+
+#[tokio::test]
+async fn lru_order_and_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        write_adapter(tmp.path(), id, i as f32 + 1.0);
+    }
+    let c = cache(tmp.path(), 2, 0);
+    drop(c.acquire("a", None).await.unwrap());
+    drop(c.acquire("b", None).await.unwrap());
+    drop(c.acquire("a", None).await.unwrap()); // a is now most recent
+    drop(c.acquire("c", None).await.unwrap()); // evicts b, the least recently used
+    assert_eq!(resident(&c), vec!["a", "c"]);
+    assert!(c.device_bytes() <= 2 * ONE);
+    drop(c.acquire("b", None).await.unwrap()); // evicts a
+    assert_eq!(resident(&c), vec!["b", "c"]);
+    assert_eq!(c.disk_loads(), 4, "no host tier: b was loaded again");
+}
+
+#[tokio::test]
+async fn host_tier_promotes_without_reading_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        write_adapter(tmp.path(), id, i as f32 + 1.0);
+    }
+    let c = cache(tmp.path(), 1, 3);
+    for id in ["a", "b", "c", "a", "b"] {
+        let lease = c.acquire(id, None).await.unwrap();
+        assert_eq!(output_of(lease.weights()), 1.0 + ["a", "b", "c"].iter().position(|x| *x == id).unwrap() as f32);
+    }
+    assert_eq!(c.disk_loads(), 3, "second round came from the host tier");
+    assert_eq!(resident(&c), vec!["b"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn leased_adapters_survive_pressure_and_waiters_get_in_after_release() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        write_adapter(tmp.path(), id, i as f32 + 1.0);
+    }
+    let c = cache(tmp.path(), 2, 0);
+    let la = c.acquire("a", None).await.unwrap();
+    let lb = c.acquire("b", None).await.unwrap();
+    // Everything is leased: c waits until its deadline, then RESOURCE_EXHAUSTED-style failure.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+    match c.acquire("c", Some(deadline)).await {
+        Err(CacheError::Full { id, .. }) => assert_eq!(id, "c"),
+        other => panic!("expected Full, got {other:?}"),
+    }
+    assert_eq!(resident(&c), vec!["a", "b"]);
+    assert!(c.device_bytes() <= 2 * ONE);
+    // A waiter gets in as soon as a lease is released.
+    let c2 = c.clone();
+    let waiter = tokio::spawn(async move {
+        c2.acquire("c", Some(tokio::time::Instant::now() + Duration::from_secs(5)))
+            .await
+            .map(|l| output_of(l.weights()))
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!waiter.is_finished());
+    drop(la);
+    assert_eq!(waiter.await.unwrap().unwrap(), 3.0);
+    assert!(resident(&c).contains(&"b".to_string()), "b is still leased and stays");
+    drop(lb);
+}
+
+#[tokio::test]
+async fn too_large_for_the_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(tmp.path(), "a", 1.0);
+    let store = AdapterStore::open(tmp.path()).unwrap();
+    let c = AdapterCache::new(
+        store,
+        layout(),
+        Device::Cpu,
+        CacheConfig { device_bytes: ONE - 1, host_bytes: 0, default_wait: Duration::from_millis(10) },
+    );
+    assert!(matches!(c.acquire("a", None).await, Err(CacheError::TooLarge { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_acquires_load_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(tmp.path(), "team/hot", 7.0);
+    let c = cache(tmp.path(), 4, 4);
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { output_of(c.acquire("team/hot", None).await.unwrap().weights()) })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 7.0);
+    }
+    assert_eq!(c.disk_loads(), 1);
+    assert_eq!(c.leases(), 0);
+}
+
+#[tokio::test]
+async fn version_change_mid_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(tmp.path(), "a", 1.0);
+    let c = cache(tmp.path(), 4, 4);
+    let old = c.acquire("a", None).await.unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    write_adapter(tmp.path(), "a", 2.0);
+    let new = c.acquire("a", None).await.unwrap();
+    assert_ne!(old.version(), new.version());
+    assert_eq!(output_of(old.weights()), 1.0, "the running request keeps its version");
+    assert_eq!(output_of(new.weights()), 2.0);
+    drop(old); // the superseded version leaves the cache with its last lease
+    let status = c.list();
+    assert_eq!(status[0].version.as_deref(), Some(new.version()));
+    assert_eq!(c.device_bytes(), ONE);
+}
+
+#[tokio::test]
+async fn broken_update_serves_nothing_broken() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(tmp.path(), "a", 1.0);
+    let c = cache(tmp.path(), 4, 4);
+    let old = c.acquire("a", None).await.unwrap();
+    std::fs::write(tmp.path().join("a/adapter_config.json"), "{ not json").unwrap();
+    for _ in 0..2 {
+        match c.acquire("a", None).await {
+            Err(CacheError::Invalid(e)) => assert!(e.to_string().contains("adapter_config.json"), "{e}"),
+            other => panic!("expected the broken files to be reported, got {other:?}"),
+        }
+    }
+    assert_eq!(c.disk_loads(), 2, "the failure is remembered until the files change");
+    assert_eq!(output_of(old.weights()), 1.0, "the running request is undisturbed");
+    drop(old);
+    assert_eq!(c.device_bytes(), 0, "the old version is gone, not silently kept for new requests");
+    std::thread::sleep(Duration::from_millis(5));
+    write_adapter(tmp.path(), "a", 3.0);
+    assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 3.0);
+}
+
+#[tokio::test]
+async fn deleted_adapter_is_not_found() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(tmp.path(), "a", 1.0);
+    let c = cache(tmp.path(), 4, 4);
+    drop(c.acquire("a", None).await.unwrap());
+    std::fs::remove_dir_all(tmp.path().join("a")).unwrap();
+    assert!(matches!(c.acquire("a", None).await, Err(CacheError::Store(StoreError::NotFound { .. }))));
+    c.refresh();
+    assert_eq!(c.device_bytes(), 0);
+    assert!(c.list().is_empty());
+}
+
+#[tokio::test]
+async fn ids_are_checked_and_confined() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    write_adapter(tmp.path(), "outside", 1.0);
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(tmp.path().join("outside"), root.join("escape")).unwrap();
+    let c = cache(&root, 4, 4);
+    for bad in ["..", "../outside", "/etc/passwd", "", &"x".repeat(129), "a b"] {
+        assert!(matches!(c.acquire(bad, None).await, Err(CacheError::Store(StoreError::InvalidId { .. }))), "{bad:?}");
+    }
+    #[cfg(unix)]
+    assert!(matches!(c.acquire("escape", None).await, Err(CacheError::Store(StoreError::Escapes { .. }))));
+    assert!(matches!(c.acquire("missing", None).await, Err(CacheError::Store(StoreError::NotFound { .. }))));
+}
+
+#[tokio::test]
+async fn unload_and_preload() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(tmp.path(), "a", 1.0);
+    let c = cache(tmp.path(), 4, 4);
+    let v = c.load_adapter("a").await.unwrap();
+    assert_eq!(c.list()[0].version.as_deref(), Some(v.as_str()));
+    let running = c.acquire("a", None).await.unwrap();
+    assert!(c.unload("a").unwrap());
+    assert_eq!(output_of(running.weights()), 1.0);
+    assert!(!c.list()[0].host_resident);
+    drop(running);
+    assert_eq!(c.device_bytes(), 0);
+}
+
+/// 1,000 adapters, room for 10, four threads acquiring at random: no errors, the budget holds at every
+/// observation, and every lease computes with its own adapter.
+#[test]
+fn churn_thousand_adapters_through_ten_slots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = 1000;
+    for i in 0..n {
+        write_adapter(tmp.path(), &format!("g{}/a{i}", i % 10), i as f32 + 1.0);
+    }
+    let c = cache(tmp.path(), 10, 50);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..4u64)
+        .map(|tid| {
+            let (c, stop, done, handle) = (c.clone(), stop.clone(), done.clone(), rt.handle().clone());
+            std::thread::spawn(move || {
+                let mut rng = loraserve::rng::Rng::new(tid);
+                while !stop.load(Ordering::Relaxed) {
+                    let i = rng.below(n as u64) as usize;
+                    let id = format!("g{}/a{i}", i % 10);
+                    let lease = handle.block_on(c.acquire(&id, None)).unwrap_or_else(|e| panic!("{id}: {e}"));
+                    assert_eq!(output_of(lease.weights()), i as f32 + 1.0, "{id} computed with the wrong adapter");
+                    assert!(c.device_bytes() <= 10 * ONE, "budget exceeded: {}", c.device_bytes());
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(done.load(Ordering::Relaxed) > 100, "only {} acquisitions", done.load(Ordering::Relaxed));
+    assert_eq!(c.leases(), 0);
+    assert!(c.device_bytes() <= 10 * ONE);
+}
