@@ -18,6 +18,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Serve gRPC: one base model, adapters from the adapters folder, Prometheus metrics.
+    Serve(Box<ServeArgs>),
+    /// Talk to a running server (generate, list, load, unload).
+    Client(ClientArgs),
     /// Generate text for one prompt and print it.
     Generate(GenerateArgs),
     /// Write an NF4 checkpoint in the bitsandbytes layout (loadable by transformers + bitsandbytes).
@@ -187,8 +191,206 @@ pub struct MergeArgs {
     pub dtype: DTypeArg,
 }
 
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The adapters root: adapter id `a/b` is the folder `<adapters>/a/b/`.
+    #[arg(long, env = "LORASERVE_ADAPTERS", default_value = "adapters")]
+    pub adapters: std::path::PathBuf,
+    #[arg(long, env = "LORASERVE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Prometheus `/metrics`.
+    #[arg(long, env = "LORASERVE_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: String,
+    /// Most sequences in one engine step.
+    #[arg(long, env = "LORASERVE_MAX_BATCH_SIZE", default_value_t = 32)]
+    pub max_batch_size: usize,
+    /// Most tokens in one engine step (long prompts are prefilled in chunks of this).
+    #[arg(long, env = "LORASERVE_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Bytes of the KV cache (fixed at start; a full cache makes new requests wait).
+    #[arg(long, env = "LORASERVE_KV_CACHE_BYTES", default_value_t = 1 << 30)]
+    pub kv_cache_bytes: usize,
+    /// Byte budget of the device adapter tier (where the base lives).
+    #[arg(long, env = "LORASERVE_ADAPTER_CACHE_BYTES", default_value_t = 1 << 30)]
+    pub adapter_cache_bytes: usize,
+    /// Byte budget of the host (RAM) adapter tier.
+    #[arg(long, env = "LORASERVE_HOST_ADAPTER_CACHE_BYTES", default_value_t = 4 << 30)]
+    pub host_adapter_cache_bytes: usize,
+    /// Adapter ids to load at start (comma-separated).
+    #[arg(long, env = "LORASERVE_PRELOAD", value_delimiter = ',')]
+    pub preload: Vec<String>,
+    /// A file of API keys, one per line; requests must send `authorization: Bearer <key>`.
+    #[arg(long, env = "LORASERVE_API_KEY_FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain for TLS (with --tls-key).
+    #[arg(long, env = "LORASERVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for TLS (with --tls-cert).
+    #[arg(long, env = "LORASERVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Largest accepted request message.
+    #[arg(long, env = "LORASERVE_MAX_REQUEST_BYTES", default_value_t = 1 << 20)]
+    pub max_request_bytes: usize,
+    /// Requests waiting to run beyond which new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LORASERVE_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+    /// Largest max_new_tokens a request may ask for.
+    #[arg(long, env = "LORASERVE_MAX_NEW_TOKENS_CAP", default_value_t = 4096)]
+    pub max_new_tokens_cap: u32,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "LORASERVE_DRAIN_TIMEOUT", default_value_t = 30.0)]
+    pub drain_timeout: f64,
+}
+
+impl ServeArgs {
+    pub fn config(&self) -> Result<crate::server::ServeConfig> {
+        let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        let api_keys = match &self.api_key_file {
+            Some(p) => Some(crate::server::auth::ApiKeys::from_file(p).map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        if self.max_batch_size == 0 || self.max_batch_tokens == 0 {
+            bail!("--max-batch-size and --max-batch-tokens must be at least 1");
+        }
+        if !(self.drain_timeout.is_finite() && self.drain_timeout >= 0.0) {
+            bail!("--drain-timeout must be a number of seconds ≥ 0");
+        }
+        Ok(crate::server::ServeConfig {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+            adapters: self.adapters.clone(),
+            cache: crate::lora::cache::CacheConfig {
+                device_bytes: self.adapter_cache_bytes,
+                host_bytes: self.host_adapter_cache_bytes,
+                ..Default::default()
+            },
+            engine: crate::engine::EngineConfig {
+                max_batch_rows: self.max_batch_size,
+                max_batch_tokens: self.max_batch_tokens,
+                block_size: 16,
+                kv_cache_bytes: self.kv_cache_bytes,
+                queue_capacity: self.max_queue,
+            },
+            limits: crate::server::service::Limits {
+                max_new_tokens_cap: self.max_new_tokens_cap,
+                ..Default::default()
+            },
+            preload: self.preload.iter().filter(|p| !p.is_empty()).cloned().collect(),
+            api_keys,
+            tls,
+            max_request_bytes: self.max_request_bytes,
+            drain_timeout: std::time::Duration::from_secs_f64(self.drain_timeout),
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    /// Server address.
+    #[arg(long, env = "LORASERVE_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// API key (sent as `authorization: Bearer <key>`).
+    #[arg(long, env = "LORASERVE_API_KEY")]
+    pub api_key: Option<String>,
+    #[command(subcommand)]
+    pub call: ClientCall,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientCall {
+    /// Generate (add --stream to stream the text as it is produced).
+    Generate {
+        /// Adapter id (empty: the base model).
+        #[arg(long, default_value = "")]
+        adapter: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: u32,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Stop strings (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        #[arg(long)]
+        stream: bool,
+        /// Print the response as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List adapters and their cache status.
+    List,
+    /// Load an adapter into the cache.
+    Load { adapter: String },
+    /// Drop an adapter from the cache.
+    Unload { adapter: String },
+}
+
+fn run_serve(args: ServeArgs) -> Result<()> {
+    let config = args.config()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let grpc = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
+        let metrics = tokio::net::TcpListener::bind(&args.metrics_listen).await.with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
+        let server = crate::server::start(config, grpc, metrics).await?;
+        tracing::info!(grpc = %server.grpc_addr, metrics = %server.metrics_addr, "listening; loading the model");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let stop = async {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+            }
+        };
+        tokio::pin!(stop);
+        // Shut down on a signal, or return when the server stops on its own (e.g. the model failed to load).
+        let shutdown_requested = tokio::select! {
+            _ = &mut stop => true,
+            _ = async { while !server.is_finished() { tokio::time::sleep(std::time::Duration::from_millis(200)).await } } => false,
+        };
+        if shutdown_requested {
+            server.shutdown();
+        }
+        server.wait().await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+fn run_client(args: ClientArgs) -> Result<()> {
+    let target = crate::server::client::Target { addr: args.addr, api_key: args.api_key };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match args.call {
+            ClientCall::Generate { adapter, prompt, max_new_tokens, sampling, stop, stream, json } => {
+                let call = crate::server::client::GenerateCall {
+                    adapter_id: adapter,
+                    prompt,
+                    max_new_tokens,
+                    temperature: sampling.temperature,
+                    top_p: sampling.top_p,
+                    top_k: sampling.top_k,
+                    seed: sampling.seed,
+                    stop,
+                };
+                crate::server::client::generate(&target, &call, stream, json).await
+            }
+            ClientCall::List => crate::server::client::list(&target).await,
+            ClientCall::Load { adapter } => crate::server::client::load(&target, &adapter).await,
+            ClientCall::Unload { adapter } => crate::server::client::unload(&target, &adapter).await,
+        }
+    })
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve(args) => run_serve(*args),
+        Command::Client(args) => run_client(args),
         Command::Generate(args) => run_generate(args),
         Command::Quantize(args) => run_quantize(args),
         Command::Merge(args) => run_merge(args),
@@ -231,6 +433,7 @@ pub fn side_files(spec: &ModelSpec) -> Result<model::checkpoint::SideFiles> {
             ("tokenizer_config.json".into(), model::demo::TOKENIZER_CONFIG_JSON.as_bytes().to_vec()),
         ],
         ModelSpec::Dir(dir) => model::checkpoint::side_files_of_dir(dir)?,
+        ModelSpec::Synthetic(_) => bail!("synthetic models are for benchmarks and cannot be written out"),
     })
 }
 

@@ -9,7 +9,8 @@
 //! | [`model`] | HF config/weights/tokenizer loading; the one forward; KV cache; the demo model |
 //! | [`quant`] | NF4: codec, CPU kernels, bitsandbytes checkpoint layout |
 //! | [`lora`] | PEFT adapters, the adapter store and cache, the batched-LoRA op |
-//! | [`engine`] | sampling, generation |
+//! | [`engine`] | requests, continuous-batching scheduler, the engine thread, sampling, streaming text |
+//! | [`server`] | the gRPC service, health, reflection, auth, TLS, `/metrics`, graceful shutdown, the client |
 //! | [`telemetry`] | every metric name, description and bucket set |
 //! | [`rng`] | the project's deterministic PRNG |
 //! | [`cpu_linear`] | CPU `x·Wᵀ` skeletons (decode rows / panels) and the dense linear op |
@@ -22,5 +23,6 @@ pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod rng;
+pub mod server;
 pub mod telemetry;
 pub mod tensor_io;

@@ -14,6 +14,11 @@ fn main() -> std::process::ExitCode {
     match loraserve::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            // A gRPC status from `server client`: show its code name and message.
+            if let Some(s) = e.downcast_ref::<tonic::Status>() {
+                eprintln!("error: {}: {}", loraserve::server::status::code_label(s.code()), s.message());
+                return std::process::ExitCode::FAILURE;
+            }
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }

@@ -4,6 +4,7 @@
 
 use candle_core::Result;
 
+use super::request::FinishReason;
 use super::sampler::{Sampler, SamplingParams};
 use crate::lora::{LoraRows, LoraSegment, LoraWeights};
 use crate::model::kv_cache::PagedKvCache;
@@ -11,15 +12,6 @@ use crate::model::{AttentionMode, Batch, Model, SeqInput};
 
 /// KV block size of single-request generation.
 const BLOCK_SIZE: usize = 16;
-
-/// Why generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An end-of-sequence token was generated (it is included in the tokens).
-    Eos,
-    /// `max_new_tokens` reached.
-    Length,
-}
 
 /// A single generation job.
 pub struct GenerateJob<'a> {
@@ -74,7 +66,7 @@ pub fn generate(model: &Model, job: &GenerateJob) -> Result<Generated> {
         let next = sampler.sample(&logits);
         out.push(next);
         if job.stop_at_eos && eos.contains(&next) {
-            finish = FinishReason::Eos;
+            finish = FinishReason::EosToken;
             break;
         }
         if out.len() == job.max_new_tokens {

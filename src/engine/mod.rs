@@ -1,10 +1,97 @@
 //! The engine: everything between a validated request and its tokens.
 //!
-//! - [`sampler`]: greedy / temperature / top-k / top-p with a seed.
+//! - [`request`]: [`ValidRequest`] in, [`Event`]s out.
+//! - [`scheduler`]: continuous batching as pure logic (admission, chunked prefill, preemption).
+//! - [`worker`]: the engine thread owning the model and KV cache.
+//! - [`sampler`]: greedy / temperature / top-k / top-p with a seed; [`text`]: streaming text with stop strings.
 //! - [`generate`]: one request start to finish on the calling thread (`server generate`, golden tests).
+//!
+//! [`Engine`] starts the thread and is the handle requests are submitted through.
 
 pub mod generate;
+pub mod request;
 pub mod sampler;
+pub mod scheduler;
+pub mod text;
+pub mod worker;
 
-pub use generate::{generate, FinishReason, GenerateJob, Generated};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+pub use generate::{generate, GenerateJob, Generated};
+pub use request::{EngineError, Event, FinishReason, ValidRequest};
 pub use sampler::{Sampler, SamplingParams};
+pub use worker::{EngineConfig, EngineStats};
+
+use crate::model::{Model, Tokenizer};
+use worker::Command;
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("request queue full ({0} waiting)")]
+    QueueFull(usize),
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+/// Handle to the engine thread.
+pub struct Engine {
+    tx: Mutex<Sender<Command>>,
+    stats: Arc<EngineStats>,
+    config: EngineConfig,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts the engine thread with `model`.
+    pub fn start(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Arc<Engine> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stats = Arc::new(EngineStats::default());
+        let s = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("loraserve-engine".into())
+            .spawn(move || worker::run(model, tokenizer, config, rx, s))
+            .expect("spawn engine thread");
+        Arc::new(Engine { tx: Mutex::new(tx), stats, config, thread: Mutex::new(Some(thread)) })
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Hands a request to the engine; its events arrive on `req.events`.
+    pub fn submit(&self, req: ValidRequest) -> Result<(), SubmitError> {
+        let pending = self.stats.pending.fetch_add(1, Ordering::Relaxed);
+        if pending >= self.config.queue_capacity {
+            self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+            return Err(SubmitError::QueueFull(pending));
+        }
+        let tx = self.tx.lock().expect("engine sender");
+        tx.send(Command::Submit(Box::new(req))).map_err(|_| {
+            self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+            SubmitError::ShuttingDown
+        })
+    }
+
+    /// Finishes the requests in the engine, then stops it. Returns once the thread has exited or
+    /// `timeout` passed; after a timeout, what is still running fails with `ShuttingDown`.
+    pub fn shutdown(&self, timeout: std::time::Duration) {
+        let _ = self.tx.lock().expect("engine sender").send(Command::Drain);
+        let started = std::time::Instant::now();
+        while !self.stats.stopped.load(Ordering::Relaxed) && started.elapsed() < timeout {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        if !self.stats.stopped.load(Ordering::Relaxed) {
+            let _ = self.tx.lock().expect("engine sender").send(Command::Abort);
+        }
+        if let Some(t) = self.thread.lock().expect("engine thread").take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -58,6 +58,8 @@ pub enum ModelSpec {
     Demo,
     /// A Hugging Face model folder.
     Dir(PathBuf),
+    /// `synthetic:<shape>`: a named benchmark shape with random weights and the demo tokenizer.
+    Synthetic(String),
 }
 
 impl std::str::FromStr for ModelSpec {
@@ -65,6 +67,12 @@ impl std::str::FromStr for ModelSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         if s.is_empty() {
             return Err("model must be `demo` or a folder".into());
+        }
+        if let Some(shape) = s.strip_prefix("synthetic:") {
+            if synthetic::shape_config(shape).is_none() {
+                return Err(format!("unknown synthetic shape `{shape}` (known: {})", synthetic::SHAPES.join(", ")));
+            }
+            return Ok(ModelSpec::Synthetic(shape.to_string()));
         }
         Ok(if s == "demo" { ModelSpec::Demo } else { ModelSpec::Dir(PathBuf::from(s)) })
     }
@@ -75,6 +83,7 @@ impl std::fmt::Display for ModelSpec {
         match self {
             ModelSpec::Demo => f.write_str("demo"),
             ModelSpec::Dir(p) => write!(f, "{}", p.display()),
+            ModelSpec::Synthetic(shape) => write!(f, "synthetic:{shape}"),
         }
     }
 }
@@ -109,6 +118,11 @@ pub fn load(spec: &ModelSpec, opts: &LoadOptions) -> Result<LoadedModel, ModelEr
             let model = build(config, &weights, opts)?;
             Ok(LoadedModel { model, tokenizer: demo::tokenizer()?, spec: spec.clone() })
         }
+        ModelSpec::Synthetic(shape) => Ok(LoadedModel {
+            model: synthetic::build(shape, opts, 7)?,
+            tokenizer: demo::tokenizer()?,
+            spec: spec.clone(),
+        }),
         ModelSpec::Dir(dir) => {
             if !dir.is_dir() {
                 return Err(ModelError::Invalid(format!("{}: not a model folder", dir.display())));

@@ -1,0 +1,76 @@
+//! What crosses into the engine and what comes back: a validated request ([`ValidRequest`]: token ids,
+//! limits, sampling, stop strings, adapter lease, deadline, the channel its events go to) and the
+//! [`Event`]s of its life. Proto types never get here: the server validates at the edge.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::sampler::SamplingParams;
+use crate::lora::cache::AdapterLease;
+
+/// Why a request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_new_tokens` generated.
+    Length,
+    /// An end-of-sequence token was generated (included in the tokens).
+    EosToken,
+    /// A stop string appeared in the text (the text ends before it).
+    StopSequence,
+}
+
+/// Why the engine gave up on a request.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    #[error("server is shutting down")]
+    ShuttingDown,
+    #[error("request needs {needed} KV-cache blocks but the cache has {capacity}")]
+    TooLong { needed: usize, capacity: usize },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Something that happened to a request, in order: tokens as they are produced, then exactly one
+/// `Finished` or `Failed`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// New tokens and the text they complete (possibly empty while a character or a possible stop string
+    /// is held back).
+    Tokens {
+        ids: Vec<u32>,
+        text: String,
+    },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        generated_tokens: usize,
+    },
+    Failed(EngineError),
+}
+
+/// A request the server has validated: everything the engine needs, nothing it must re-check.
+pub struct ValidRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// The adapter version this request runs with, held until it ends (`None` = base model).
+    pub adapter: Option<AdapterLease>,
+    pub deadline: Option<Instant>,
+    pub arrival: Instant,
+    /// Where events go; when the receiver is dropped (client gone) the engine stops the request.
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+impl std::fmt::Debug for ValidRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValidRequest")
+            .field("prompt_tokens", &self.prompt_ids.len())
+            .field("max_new_tokens", &self.max_new_tokens)
+            .field("adapter", &self.adapter)
+            .finish()
+    }
+}

@@ -1,0 +1,124 @@
+//! Generated text as it streams: incremental detokenization plus stop strings. Text that could still turn
+//! out to be the start of a stop string is held back until it cannot; when a stop string appears, the
+//! text ends right before it.
+
+use crate::model::{TextStream, Tokenizer};
+
+pub struct StopText {
+    stream: TextStream,
+    stops: Vec<String>,
+    /// All text produced so far (truncated at a stop string once one is found).
+    full: String,
+    /// Bytes of `full` already handed out.
+    emitted: usize,
+}
+
+impl StopText {
+    pub fn new(stops: Vec<String>) -> Self {
+        StopText {
+            stream: TextStream::default(),
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            full: String::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Feeds a token; returns the text that may be shown now and whether a stop string was reached.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> (String, bool) {
+        match self.stream.step(tok, id) {
+            Ok(Some(chunk)) => self.full.push_str(&chunk),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, token = id, "detokenization failed"),
+        }
+        // A stop string can only end in the new text, so start the search just far enough back.
+        let longest = self.stops.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut from = self.emitted.saturating_sub(longest);
+        while !self.full.is_char_boundary(from) {
+            from -= 1;
+        }
+        let hit = self.stops.iter().filter_map(|s| self.full[from..].find(s.as_str()).map(|p| from + p)).min();
+        if let Some(pos) = hit {
+            self.full.truncate(pos);
+            let out = self.full[self.emitted.min(pos)..].to_string();
+            self.emitted = pos;
+            return (out, true);
+        }
+        // Hold back the longest tail that is a proper prefix of some stop string.
+        let mut hold = 0;
+        for s in &self.stops {
+            for k in (1..s.len()).rev() {
+                if k > hold && s.is_char_boundary(k) && self.full.ends_with(&s[..k]) {
+                    hold = k;
+                    break;
+                }
+            }
+        }
+        let safe = (self.full.len() - hold).max(self.emitted);
+        let out = self.full[self.emitted..safe].to_string();
+        self.emitted = safe;
+        (out, false)
+    }
+
+    /// Everything still held back (at the end of generation).
+    pub fn flush(&mut self, tok: &Tokenizer) -> String {
+        if let Ok(Some(rest)) = self.stream.flush(tok) {
+            self.full.push_str(&rest);
+        }
+        let out = self.full[self.emitted..].to_string();
+        self.emitted = self.full.len();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::demo;
+
+    /// Feeds `text` byte by byte through the demo's byte-level tokenizer.
+    fn run(text: &str, stops: &[&str]) -> (Vec<String>, bool, String) {
+        let tok = demo::tokenizer().unwrap();
+        let mut st = StopText::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut chunks = Vec::new();
+        for b in text.bytes() {
+            let (c, stop) = st.push(&tok, 3 + b as u32);
+            chunks.push(c);
+            if stop {
+                return (chunks, true, String::new());
+            }
+        }
+        let rest = st.flush(&tok);
+        (chunks, false, rest)
+    }
+
+    #[test]
+    fn streams_whole_characters() {
+        let (chunks, stopped, rest) = run("aé", &[]);
+        assert!(!stopped);
+        assert_eq!(chunks, vec!["a", "", "é"]);
+        assert_eq!(rest, "");
+    }
+
+    #[test]
+    fn stop_string_ends_the_text_before_it_and_is_never_streamed() {
+        let (chunks, stopped, _) = run("hello END world", &["END"]);
+        assert!(stopped);
+        assert_eq!(chunks.concat(), "hello ");
+        // "E" and "EN" were held back, never shown.
+        assert!(chunks.iter().all(|c| !c.contains('E')));
+    }
+
+    #[test]
+    fn a_false_start_is_released() {
+        let (chunks, stopped, rest) = run("ENx END", &["END!"]);
+        assert!(!stopped);
+        assert_eq!(chunks.concat() + &rest, "ENx END");
+    }
+
+    #[test]
+    fn earliest_of_several_stops_wins() {
+        let (chunks, stopped, _) = run("abc;def.", &[".", ";"]);
+        assert!(stopped);
+        assert_eq!(chunks.concat(), "abc");
+    }
+}

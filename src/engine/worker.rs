@@ -1,0 +1,328 @@
+//! The engine thread: owns the model and the KV cache, runs the continuous-batching loop.
+//!
+//! Each iteration takes in new requests, drops those whose client left or whose deadline passed (freeing
+//! their batch slot, KV blocks and adapter lease right there), asks the [`Scheduler`] for the next step,
+//! runs ONE forward over the flattened batch — rows grouped by adapter into batched-LoRA segments — samples
+//! the rows that need a token, and streams tokens and text back. Nothing here blocks on I/O: adapter loads
+//! happened before a request was submitted.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::request::{EngineError, Event, FinishReason, ValidRequest};
+use super::sampler::Sampler;
+use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig, SeqId, SeqSlot};
+use super::text::StopText;
+use crate::lora::{LoraRows, LoraSegment};
+use crate::model::kv_cache::PagedKvCache;
+use crate::model::{AttentionMode, Batch, Model, SeqInput, Tokenizer};
+use crate::telemetry as t;
+
+/// Engine limits.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    pub max_batch_rows: usize,
+    /// Tokens per step (prefill chunks are cut to fit).
+    pub max_batch_tokens: usize,
+    pub block_size: usize,
+    pub kv_cache_bytes: usize,
+    /// Requests accepted but not yet running; beyond it submit fails (`RESOURCE_EXHAUSTED`).
+    pub queue_capacity: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_batch_rows: 32,
+            max_batch_tokens: 512,
+            block_size: 16,
+            kv_cache_bytes: 512 << 20,
+            queue_capacity: 256,
+        }
+    }
+}
+
+pub(crate) enum Command {
+    Submit(Box<ValidRequest>),
+    /// Stop taking requests; finish the ones there are, then exit.
+    Drain,
+    /// Fail everything still running and exit.
+    Abort,
+}
+
+/// Counters the handle and tests read.
+#[derive(Default, Debug)]
+pub struct EngineStats {
+    /// Submitted and not yet admitted into the running batch.
+    pub pending: AtomicUsize,
+    pub running: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    pub steps: AtomicUsize,
+    pub stopped: AtomicBool,
+}
+
+/// A request in the engine.
+struct Live {
+    req: ValidRequest,
+    /// Prompt and generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    generated: usize,
+    sampler: Sampler,
+    text: StopText,
+    admitted: bool,
+    last_token_at: Option<Instant>,
+}
+
+pub(crate) fn run(
+    model: Model,
+    tokenizer: Arc<Tokenizer>,
+    cfg: EngineConfig,
+    rx: Receiver<Command>,
+    stats: Arc<EngineStats>,
+) {
+    let geo = model.kv_geometry(cfg.block_size);
+    let mut cache = PagedKvCache::with_budget(geo, cfg.kv_cache_bytes);
+    let capacity = cache.allocator().capacity();
+    stats.kv_blocks_total.store(capacity, Ordering::Relaxed);
+    let mut sched = Scheduler::new(SchedulerConfig {
+        max_batch_rows: cfg.max_batch_rows,
+        max_batch_tokens: cfg.max_batch_tokens,
+        block_size: cfg.block_size,
+    });
+    let mut slots: HashMap<SeqId, SeqSlot> = HashMap::new();
+    let mut live: HashMap<SeqId, Live> = HashMap::new();
+    let mut next_id: SeqId = 0;
+    let mut draining = false;
+    let eos = model.config().eos_token_ids.clone();
+
+    loop {
+        // 1. Intake: block while idle, otherwise take whatever has arrived.
+        let mut commands = Vec::new();
+        if sched.is_idle() {
+            if draining {
+                break;
+            }
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(c) => commands.push(c),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        while let Ok(c) = rx.try_recv() {
+            commands.push(c);
+        }
+        for c in commands {
+            match c {
+                Command::Submit(req) if draining => {
+                    stats.pending.fetch_sub(1, Ordering::Relaxed);
+                    let _ = req.events.send(Event::Failed(EngineError::ShuttingDown));
+                }
+                Command::Submit(req) => {
+                    let needed = geo.blocks_for(req.prompt_ids.len() + req.max_new_tokens);
+                    if needed > capacity {
+                        stats.pending.fetch_sub(1, Ordering::Relaxed);
+                        let _ = req.events.send(Event::Failed(EngineError::TooLong { needed, capacity }));
+                        continue;
+                    }
+                    next_id += 1;
+                    let id = next_id;
+                    metrics::counter!(t::PROMPT_TOKENS_TOTAL).increment(req.prompt_ids.len() as u64);
+                    slots.insert(id, SeqSlot::new(req.prompt_ids.len(), id));
+                    sched.enqueue(id);
+                    live.insert(
+                        id,
+                        Live {
+                            tokens: req.prompt_ids.clone(),
+                            prompt_len: req.prompt_ids.len(),
+                            generated: 0,
+                            sampler: Sampler::new(req.sampling.clone(), 0x5EED ^ id),
+                            text: StopText::new(req.stop.clone()),
+                            admitted: false,
+                            last_token_at: None,
+                            req: *req,
+                        },
+                    );
+                }
+                Command::Drain => draining = true,
+                Command::Abort => {
+                    for (_, l) in live.drain() {
+                        let _ = l.req.events.send(Event::Failed(EngineError::ShuttingDown));
+                    }
+                    stats.stopped.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+
+        // 2. Reap: clients that left, deadlines that passed.
+        let now = Instant::now();
+        let gone: Vec<(SeqId, Option<EngineError>)> = live
+            .iter()
+            .filter_map(|(&id, l)| {
+                if l.req.events.is_closed() {
+                    Some((id, None))
+                } else if l.req.deadline.is_some_and(|d| now >= d) {
+                    Some((id, Some(EngineError::DeadlineExceeded)))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (id, err) in gone {
+            let l = live.remove(&id).expect("live");
+            if let Some(e) = err {
+                let _ = l.req.events.send(Event::Failed(e));
+            }
+            if !l.admitted {
+                stats.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            sched.remove(id, &mut slots, cache.allocator_mut());
+            slots.remove(&id);
+        }
+
+        // 3. Plan and run one step.
+        let plan = sched.plan(&mut slots, cache.allocator_mut());
+        for r in &plan.rows {
+            let l = live.get_mut(&r.seq).expect("planned sequence is live");
+            if !l.admitted {
+                l.admitted = true;
+                stats.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        publish(&stats, &sched, &cache);
+        if plan.rows.is_empty() {
+            continue;
+        }
+        let outcome = step(&model, &mut cache, &plan.rows, &slots, &live);
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!(t::BATCH_SIZE).record(plan.rows.len() as f64);
+        let sampled = match outcome {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "forward failed; failing the batch");
+                for r in &plan.rows {
+                    if let Some(l) = live.remove(&r.seq) {
+                        let _ = l.req.events.send(Event::Failed(EngineError::Internal(e.to_string())));
+                    }
+                    sched.remove(r.seq, &mut slots, cache.allocator_mut());
+                    slots.remove(&r.seq);
+                }
+                continue;
+            }
+        };
+        for r in &plan.rows {
+            slots.get_mut(&r.seq).expect("slot").computed += r.len;
+        }
+
+        // 4. Sample, stream, finish.
+        let now = Instant::now();
+        for (row, logits) in plan.rows.iter().filter(|r| r.samples).zip(sampled) {
+            let id = row.seq;
+            let l = live.get_mut(&id).expect("live");
+            let token = l.sampler.sample(&logits);
+            l.tokens.push(token);
+            l.generated += 1;
+            slots.get_mut(&id).expect("slot").len += 1;
+            metrics::counter!(t::GENERATED_TOKENS_TOTAL).increment(1);
+            match l.last_token_at {
+                None => metrics::histogram!(t::TIME_TO_FIRST_TOKEN_SECONDS)
+                    .record(now.duration_since(l.req.arrival).as_secs_f64()),
+                Some(prev) => {
+                    metrics::histogram!(t::INTER_TOKEN_LATENCY_SECONDS).record(now.duration_since(prev).as_secs_f64())
+                }
+            }
+            l.last_token_at = Some(now);
+            let (text, hit_stop) = l.text.push(&tokenizer, token);
+            let finish = if hit_stop {
+                Some(FinishReason::StopSequence)
+            } else if eos.contains(&token) {
+                Some(FinishReason::EosToken)
+            } else if l.generated >= l.req.max_new_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let text = match finish {
+                Some(FinishReason::EosToken | FinishReason::Length) => text + &l.text.flush(&tokenizer),
+                _ => text,
+            };
+            let sent = l.req.events.send(Event::Tokens { ids: vec![token], text });
+            if let Some(reason) = finish {
+                let l = live.remove(&id).expect("live");
+                let _ = l.req.events.send(Event::Finished {
+                    reason,
+                    prompt_tokens: l.prompt_len,
+                    generated_tokens: l.generated,
+                });
+                metrics::histogram!(t::REQUEST_DURATION_SECONDS)
+                    .record(now.duration_since(l.req.arrival).as_secs_f64());
+                sched.remove(id, &mut slots, cache.allocator_mut());
+                slots.remove(&id);
+            } else if sent.is_err() {
+                // The client left mid-stream: stop now.
+                live.remove(&id);
+                sched.remove(id, &mut slots, cache.allocator_mut());
+                slots.remove(&id);
+            }
+        }
+        publish(&stats, &sched, &cache);
+    }
+    stats.stopped.store(true, Ordering::Relaxed);
+}
+
+fn publish(stats: &EngineStats, sched: &Scheduler, cache: &PagedKvCache) {
+    let used = cache.allocator().used_blocks();
+    stats.running.store(sched.running(), Ordering::Relaxed);
+    stats.kv_blocks_used.store(used, Ordering::Relaxed);
+    metrics::gauge!(t::KV_CACHE_BLOCKS_USED).set(used as f64);
+    metrics::gauge!(t::QUEUE_REQUESTS).set(stats.pending.load(Ordering::Relaxed) as f64);
+}
+
+/// One forward over the planned rows; returns the logits of the sampling rows, in plan order.
+fn step(
+    model: &Model,
+    cache: &mut PagedKvCache,
+    rows: &[PlannedRow],
+    slots: &HashMap<SeqId, SeqSlot>,
+    live: &HashMap<SeqId, Live>,
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    // Order the batch by adapter so each adapter's rows form one segment of the batched-LoRA op; keep
+    // sampling rows in plan order for the caller.
+    let adapter_key =
+        |r: &PlannedRow| live[&r.seq].req.adapter.as_ref().map(|l| l.weights() as *const _ as usize).unwrap_or(0);
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| adapter_key(&rows[i]));
+    let mut tokens = Vec::new();
+    let mut seqs = Vec::with_capacity(rows.len());
+    let mut segments: Vec<LoraSegment> = Vec::new();
+    let mut last_row = vec![0usize; rows.len()];
+    for &i in &order {
+        let r = &rows[i];
+        let l = &live[&r.seq];
+        let start = tokens.len();
+        tokens.extend_from_slice(&l.tokens[r.start..r.start + r.len]);
+        seqs.push(SeqInput { len: r.len, past: r.start, blocks: &slots[&r.seq].blocks });
+        last_row[i] = tokens.len() - 1;
+        if let Some(lease) = &l.req.adapter {
+            match segments.last_mut() {
+                Some(s) if std::ptr::eq(s.adapter, lease.weights()) && s.rows.1 == start => s.rows.1 = tokens.len(),
+                _ => segments.push(LoraSegment::new(start..tokens.len(), lease.weights())),
+            }
+        }
+    }
+    let logit_rows: Vec<usize> = rows.iter().enumerate().filter(|(_, r)| r.samples).map(|(i, _)| last_row[i]).collect();
+    if logit_rows.is_empty() {
+        // Pure prefill chunks: run for the KV cache, no logits needed.
+        let batch = Batch { tokens: &tokens, seqs: &seqs, logit_rows: &[] };
+        model.forward_hidden(&batch, AttentionMode::Paged(cache), &LoraRows::Segments(&segments))?;
+        return Ok(Vec::new());
+    }
+    let batch = Batch { tokens: &tokens, seqs: &seqs, logit_rows: &logit_rows };
+    let logits = model.forward(&batch, AttentionMode::Paged(cache), &LoraRows::Segments(&segments))?;
+    logits.to_vec2::<f32>()
+}

@@ -1,0 +1,155 @@
+//! `server client`: a small gRPC client for people without grpcurl — generate (unary or streaming), list,
+//! load and unload adapters. It sends the API key as `authorization: Bearer` and the adapter id as the
+//! `x-adapter-id` header that adapter-affinity routers hash on.
+
+use std::io::Write;
+
+use tokio_stream::StreamExt;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::Request;
+
+use super::proto::{self, lora_serve_client::LoraServeClient};
+
+/// Connection settings.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `http://host:port` (or `https://` with TLS).
+    pub addr: String,
+    pub api_key: Option<String>,
+}
+
+/// A generate call.
+#[derive(Clone, Debug, Default)]
+pub struct GenerateCall {
+    pub adapter_id: String,
+    pub prompt: String,
+    pub max_new_tokens: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: u32,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+pub async fn connect(t: &Target) -> anyhow::Result<LoraServeClient<Channel>> {
+    let endpoint = Channel::from_shared(t.addr.clone()).map_err(|e| anyhow::anyhow!("--addr `{}`: {e}", t.addr))?;
+    let channel = endpoint.connect().await.map_err(|e| anyhow::anyhow!("connecting to {}: {e}", t.addr))?;
+    Ok(LoraServeClient::new(channel))
+}
+
+/// Wraps `msg` with the API key and, when given, the adapter-affinity header.
+pub fn request<T>(t: &Target, msg: T, adapter_id: Option<&str>) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Some(k) = &t.api_key {
+        if let Ok(v) = MetadataValue::try_from(format!("Bearer {k}")) {
+            r.metadata_mut().insert("authorization", v);
+        }
+    }
+    if let Some(id) = adapter_id.filter(|i| !i.is_empty()) {
+        if let Ok(v) = MetadataValue::try_from(id) {
+            r.metadata_mut().insert("x-adapter-id", v);
+        }
+    }
+    r
+}
+
+impl GenerateCall {
+    fn to_proto(&self) -> proto::GenerateRequest {
+        proto::GenerateRequest {
+            adapter_id: self.adapter_id.clone(),
+            prompt: self.prompt.clone(),
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+/// Runs a generate call, printing the text (streamed as it arrives with `stream`), or the whole response as
+/// JSON with `json`.
+pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool) -> anyhow::Result<()> {
+    let mut client = connect(t).await?;
+    let req = request(t, call.to_proto(), Some(&call.adapter_id));
+    let mut out = proto::GenerateResponse::default();
+    if stream {
+        let mut s = client.generate_stream(req).await?.into_inner();
+        while let Some(msg) = s.next().await {
+            let msg = msg?;
+            if !json {
+                print!("{}", msg.text);
+                std::io::stdout().flush()?;
+            }
+            out.text.push_str(&msg.text);
+            out.token_ids.extend(msg.token_ids);
+            out.prompt_tokens = out.prompt_tokens.max(msg.prompt_tokens);
+            out.finish_reason = msg.finish_reason;
+            out.adapter_version = msg.adapter_version;
+        }
+        if !json {
+            println!();
+        }
+    } else {
+        out = client.generate(req).await?.into_inner();
+        if !json {
+            println!("{}", out.text);
+        }
+    }
+    if json {
+        let reason = proto::FinishReason::try_from(out.finish_reason).map(|r| r.as_str_name()).unwrap_or("UNKNOWN");
+        println!(
+            "{}",
+            serde_json::json!({
+                "text": out.text,
+                "token_ids": out.token_ids,
+                "prompt_tokens": out.prompt_tokens,
+                "finish_reason": reason,
+                "adapter_version": out.adapter_version,
+            })
+        );
+    }
+    Ok(())
+}
+
+pub async fn list(t: &Target) -> anyhow::Result<()> {
+    let mut client = connect(t).await?;
+    let r = client.list_adapters(request(t, proto::ListAdaptersRequest {}, None)).await?.into_inner();
+    for a in r.adapters {
+        let tier = match (a.device_resident, a.host_resident) {
+            (true, _) => "device",
+            (false, true) => "host",
+            _ => "-",
+        };
+        println!(
+            "{}\tversion={}\ttier={tier}\tbytes={}\tleases={}",
+            a.adapter_id,
+            if a.version.is_empty() { "-" } else { &a.version },
+            a.bytes,
+            a.leases
+        );
+    }
+    Ok(())
+}
+
+pub async fn load(t: &Target, id: &str) -> anyhow::Result<()> {
+    let mut client = connect(t).await?;
+    let r = client
+        .load_adapter(request(t, proto::LoadAdapterRequest { adapter_id: id.into() }, Some(id)))
+        .await?
+        .into_inner();
+    println!("{id}\tversion={}", r.adapter_version);
+    Ok(())
+}
+
+pub async fn unload(t: &Target, id: &str) -> anyhow::Result<()> {
+    let mut client = connect(t).await?;
+    let r = client
+        .unload_adapter(request(t, proto::UnloadAdapterRequest { adapter_id: id.into() }, Some(id)))
+        .await?
+        .into_inner();
+    println!("{id}\twas_loaded={}", r.was_loaded);
+    Ok(())
+}

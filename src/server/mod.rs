@@ -1,0 +1,261 @@
+//! The gRPC server (`server serve`): the LoraServe service, `grpc.health.v1`, server reflection, optional API
+//! keys and TLS, request size limits, Prometheus `/metrics`, and a graceful shutdown.
+//!
+//! [`start`] takes bound listeners (tests bind port 0), answers health immediately with NOT_SERVING, loads the
+//! model on a blocking thread, then turns SERVING. [`ServerHandle::shutdown`] (SIGTERM/SIGINT in `main`)
+//! turns health NOT_SERVING, refuses new requests, lets in-flight ones finish within the drain timeout, stops
+//! the engine and returns.
+//!
+//! - [`service`]: the LoraServe implementation (validation at the edge); [`status`]: errors → gRPC codes.
+//! - [`codec`]: undecodable messages → INVALID_ARGUMENT; [`auth`]: API keys; [`metrics_http`]: `/metrics`.
+//! - [`client`]: the small client behind `server client`.
+
+pub mod auth;
+pub mod client;
+pub mod codec;
+pub mod metrics_http;
+pub mod service;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::engine::{Engine, EngineConfig};
+use crate::lora::cache::{AdapterCache, CacheConfig};
+use crate::lora::store::AdapterStore;
+use crate::model::{self, LoadOptions, ModelSpec};
+use crate::telemetry as t;
+use service::{Limits, Ready, Service, ServiceState};
+
+/// Generated protobuf and gRPC code (`OUT_DIR`), and the descriptor set reflection serves.
+pub mod proto {
+    tonic::include_proto!("loraserve.v1");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/loraserve_descriptor.bin"));
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("loading the model: {0}")]
+    Model(#[from] model::ModelError),
+    #[error("adapters root: {0}")]
+    Store(#[from] crate::lora::store::StoreError),
+    #[error("preloading adapter `{id}`: {reason}")]
+    Preload { id: String, reason: String },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything `server serve` configures.
+#[derive(Clone)]
+pub struct ServeConfig {
+    pub model: ModelSpec,
+    pub load: LoadOptions,
+    pub adapters: PathBuf,
+    pub cache: CacheConfig,
+    pub engine: EngineConfig,
+    pub limits: Limits,
+    pub preload: Vec<String>,
+    pub api_keys: Option<auth::ApiKeys>,
+    /// PEM certificate chain and private key.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    pub max_request_bytes: usize,
+    pub drain_timeout: Duration,
+}
+
+const SERVICE_NAME: &str = "loraserve.v1.LoraServe";
+
+/// A running server.
+pub struct ServerHandle {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    state: Arc<ServiceState>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl ServerHandle {
+    /// Starts the graceful shutdown (idempotent).
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until the model is loaded and the server answers requests (or it stopped).
+    pub async fn ready(&self) -> bool {
+        loop {
+            if self.state.ready.get().is_some() {
+                return true;
+            }
+            if self.task.is_finished() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The engine, once loaded (tests read its accounting).
+    pub fn engine(&self) -> Option<Arc<Engine>> {
+        self.state.ready.get().map(|r| r.engine.clone())
+    }
+
+    /// The adapter cache, once loaded.
+    pub fn cache(&self) -> Option<AdapterCache> {
+        self.state.ready.get().map(|r| r.cache.clone())
+    }
+
+    /// Whether the server has stopped (on its own, or after a shutdown).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Waits for the server to stop; the error, if it failed.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(ServerError::Io(std::io::Error::other(e.to_string()))),
+        }
+    }
+}
+
+/// Loads the model and everything that depends on it (blocking: run on a blocking thread).
+fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
+    let started = std::time::Instant::now();
+    let loaded = model::load(&cfg.model, &cfg.load)?;
+    let m = &loaded.model;
+    let (nf4_params, nf4_bytes) = m.nf4_footprint();
+    tracing::info!(
+        model = %cfg.model,
+        params = m.num_parameters(),
+        resident_bytes = m.resident_bytes(),
+        nf4_bits_per_param = if nf4_params > 0 { nf4_bytes as f64 * 8.0 / nf4_params as f64 } else { 0.0 },
+        seconds = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    metrics::gauge!(t::BASE_MODEL_RESIDENT_BYTES).set(m.resident_bytes() as f64);
+    std::fs::create_dir_all(&cfg.adapters)
+        .map_err(|e| ServerError::Io(std::io::Error::new(e.kind(), format!("{}: {e}", cfg.adapters.display()))))?;
+    let store = AdapterStore::open(&cfg.adapters)?;
+    let cache = AdapterCache::new(store, m.lora_layout(), m.device().clone(), cfg.cache);
+    let context = m.config().max_position_embeddings;
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine);
+    Ok(Ready { engine, tokenizer, cache, context })
+}
+
+/// Starts serving gRPC on `grpc` and `/metrics` on `metrics`.
+pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) -> Result<ServerHandle, ServerError> {
+    let grpc_addr = grpc.local_addr()?;
+    let metrics_addr = metrics.local_addr()?;
+    let (stop, mut stop_rx) = watch::channel(false);
+    let state = Arc::new(ServiceState { ready: OnceLock::new(), draining: false.into(), limits: cfg.limits });
+
+    let mut metrics_stop = stop_rx.clone();
+    tokio::spawn(metrics_http::serve(metrics, async move {
+        let _ = metrics_stop.wait_for(|s| *s).await;
+    }));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    health.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::NotServing).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))?;
+
+    let svc = Service { state: state.clone() };
+    let max = cfg.max_request_bytes;
+    let lora_server = proto::lora_serve_server::LoraServeServer::new(svc).max_decoding_message_size(max);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &cfg.tls {
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    }
+    let keys = cfg.api_keys.clone();
+    let router = builder.add_service(health_service).add_service(reflection);
+    let router = match keys {
+        Some(k) => {
+            router.add_service(tonic::service::interceptor::InterceptedService::new(lora_server, move |r| k.check(r)))
+        }
+        None => router.add_service(lora_server),
+    };
+
+    // Shutdown begins: refuse new work and report NOT_SERVING before tonic stops accepting connections.
+    let drain_state = state.clone();
+    let drain_health = health.clone();
+    let mut serve_stop = stop_rx.clone();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    let serve = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = serve_stop.wait_for(|s| *s).await;
+        drain_state.draining.store(true, Ordering::Relaxed);
+        drain_health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        drain_health.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::NotServing).await;
+    }));
+
+    let task_state = state.clone();
+    let stop_on_failure = stop.clone();
+    let task = tokio::spawn(async move {
+        // Load, then report SERVING — unless shutdown came first.
+        let load_cfg = cfg.clone();
+        let loaded = tokio::task::spawn_blocking(move || load(&load_cfg))
+            .await
+            .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))?;
+        let ready = match loaded {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = stop_on_failure.send(true);
+                let _ = serve.await;
+                return Err(e);
+            }
+        };
+        for id in &cfg.preload {
+            if let Err(e) = ready.cache.load_adapter(id).await {
+                let _ = stop_on_failure.send(true);
+                ready.engine.shutdown(Duration::ZERO);
+                let _ = serve.await;
+                return Err(ServerError::Preload { id: id.clone(), reason: e.to_string() });
+            }
+        }
+        let _watcher = ready.cache.watch();
+        let engine = ready.engine.clone();
+        let _ = task_state.ready.set(ready);
+        if !*stop_rx.borrow() {
+            health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+            health.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving).await;
+            tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "serving");
+        }
+        let _ = stop_rx.wait_for(|s| *s).await;
+        tracing::info!(drain_timeout_s = cfg.drain_timeout.as_secs_f64(), "shutting down: draining in-flight requests");
+        let mut serve = serve;
+        let drained = tokio::time::timeout(cfg.drain_timeout, &mut serve).await;
+        let serve_result = match drained {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!("drain timeout: failing the requests still running");
+                let e = engine.clone();
+                tokio::task::spawn_blocking(move || e.shutdown(Duration::ZERO)).await.ok();
+                serve.await
+            }
+        };
+        let e = engine.clone();
+        tokio::task::spawn_blocking(move || e.shutdown(Duration::from_secs(5))).await.ok();
+        match serve_result {
+            Ok(r) => r.map_err(ServerError::from),
+            Err(e) => Err(ServerError::Io(std::io::Error::other(e.to_string()))),
+        }
+    });
+    Ok(ServerHandle { grpc_addr, metrics_addr, state, stop, task })
+}

@@ -1,0 +1,337 @@
+//! The LoraServe gRPC service: the only place proto types live. Each request is validated once, at the
+//! edge, into a [`ValidRequest`] (fields checked, adapter leased, prompt tokenized, deadline parsed); the
+//! engine streams [`Event`]s back, which become `GenerateResponse` messages.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::proto::{self, lora_serve_server::LoraServe};
+use super::status::{self, invalid};
+use crate::engine::{Engine, Event, FinishReason, SamplingParams, ValidRequest};
+use crate::lora::cache::AdapterCache;
+use crate::model::Tokenizer;
+use crate::telemetry as t;
+
+/// Limits applied at validation.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_new_tokens_cap: u32,
+    pub max_stop_strings: usize,
+    pub max_stop_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_new_tokens_cap: 4096, max_stop_strings: 16, max_stop_bytes: 256 }
+    }
+}
+
+/// What the service needs once the model is loaded.
+pub struct Ready {
+    pub engine: Arc<Engine>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub cache: AdapterCache,
+    /// The model's context length (positions).
+    pub context: usize,
+}
+
+/// Shared by the service and the server's lifecycle.
+pub struct ServiceState {
+    pub ready: OnceLock<Ready>,
+    pub draining: AtomicBool,
+    pub limits: Limits,
+}
+
+#[derive(Clone)]
+pub struct Service {
+    pub state: Arc<ServiceState>,
+}
+
+/// Records `loraserve_requests_total{rpc, code}`.
+fn count(rpc: &'static str, code: tonic::Code) {
+    metrics::counter!(t::REQUESTS_TOTAL, "rpc" => rpc, "code" => status::code_label(code)).increment(1);
+}
+
+fn counted<T>(rpc: &'static str, r: Result<T, Status>) -> Result<T, Status> {
+    count(rpc, r.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok));
+    r
+}
+
+/// The request's deadline from its `grpc-timeout` header (`<n><unit>`, unit one of H M S m u n).
+fn deadline_of<T>(req: &Request<T>) -> Result<Option<Instant>, Status> {
+    let Some(v) = req.metadata().get("grpc-timeout") else { return Ok(None) };
+    let v = v.to_str().map_err(|_| invalid("grpc-timeout", "not ASCII"))?;
+    let (num, unit) = v.split_at(v.len().saturating_sub(1));
+    let n: u64 = num.parse().map_err(|_| invalid("grpc-timeout", format!("`{v}` is not <number><unit>")))?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return Err(invalid("grpc-timeout", format!("unknown unit in `{v}`"))),
+    };
+    // tonic's transport also enforces the header, answering CANCELLED when it fires; finishing a little
+    // earlier lets the client see the accurate DEADLINE_EXCEEDED (and the engine free the request) first.
+    let margin = (d / 20).min(Duration::from_millis(50));
+    Ok(Some(Instant::now() + d - margin))
+}
+
+/// A request on its way to the engine, plus what the response needs.
+struct Admitted {
+    events: mpsc::UnboundedReceiver<Event>,
+    adapter_version: String,
+}
+
+impl Service {
+    fn ready(&self) -> Result<&Ready, Status> {
+        if self.state.draining.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("server is shutting down"));
+        }
+        self.state.ready.get().ok_or_else(|| Status::unavailable("model is still loading"))
+    }
+
+    /// Validates, leases the adapter, tokenizes, submits.
+    async fn admit(&self, req: Request<proto::GenerateRequest>) -> Result<Admitted, Status> {
+        let ready = self.ready()?;
+        let arrival = Instant::now();
+        let deadline = deadline_of(&req)?;
+        if let Some(h) = req.metadata().get("x-adapter-id") {
+            let h = h.to_str().map_err(|_| invalid("x-adapter-id", "not ASCII"))?;
+            if h != req.get_ref().adapter_id {
+                return Err(invalid(
+                    "x-adapter-id",
+                    format!("header `{h}` disagrees with adapter_id `{}`", req.get_ref().adapter_id),
+                ));
+            }
+        }
+        let r = req.into_inner();
+        let limits = self.state.limits;
+        if r.prompt.is_empty() {
+            return Err(invalid("prompt", "is empty"));
+        }
+        if r.max_new_tokens == 0 || r.max_new_tokens > limits.max_new_tokens_cap {
+            return Err(invalid(
+                "max_new_tokens",
+                format!("must be in 1..={}, got {}", limits.max_new_tokens_cap, r.max_new_tokens),
+            ));
+        }
+        let sampling = SamplingParams {
+            temperature: r.temperature,
+            top_k: r.top_k,
+            // proto3 cannot tell an unset float from 0: 0 means "no nucleus filter".
+            top_p: if r.top_p == 0.0 { 1.0 } else { r.top_p },
+            seed: r.seed,
+        };
+        sampling.validate().map_err(Status::invalid_argument)?;
+        if r.stop.len() > limits.max_stop_strings {
+            return Err(invalid(
+                "stop",
+                format!("at most {} stop strings, got {}", limits.max_stop_strings, r.stop.len()),
+            ));
+        }
+        for (i, s) in r.stop.iter().enumerate() {
+            if s.is_empty() || s.len() > limits.max_stop_bytes {
+                return Err(invalid(&format!("stop[{i}]"), format!("must be 1..={} bytes", limits.max_stop_bytes)));
+            }
+        }
+        let prompt_ids = ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?;
+        let total = prompt_ids.len() + r.max_new_tokens as usize;
+        if total > ready.context {
+            return Err(invalid(
+                "prompt",
+                format!(
+                    "{} prompt tokens + max_new_tokens {} exceed the model's context of {} positions",
+                    prompt_ids.len(),
+                    r.max_new_tokens,
+                    ready.context
+                ),
+            ));
+        }
+        let adapter = if r.adapter_id.is_empty() {
+            None
+        } else {
+            let wait_until = deadline.map(tokio::time::Instant::from_std);
+            match ready.cache.acquire(&r.adapter_id, wait_until).await {
+                Ok(lease) => Some(lease),
+                Err(e) => return Err(status::from_cache(e, deadline.is_some_and(|d| Instant::now() >= d))),
+            }
+        };
+        let adapter_version = adapter.as_ref().map(|l| l.version().to_string()).unwrap_or_default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let valid = ValidRequest {
+            prompt_ids,
+            max_new_tokens: r.max_new_tokens as usize,
+            sampling,
+            stop: r.stop,
+            adapter,
+            deadline,
+            arrival,
+            events: tx,
+        };
+        ready.engine.submit(valid).map_err(status::from_submit)?;
+        Ok(Admitted { events: rx, adapter_version })
+    }
+}
+
+fn finish_reason(r: FinishReason) -> proto::FinishReason {
+    match r {
+        FinishReason::Length => proto::FinishReason::Length,
+        FinishReason::EosToken => proto::FinishReason::EosToken,
+        FinishReason::StopSequence => proto::FinishReason::StopSequence,
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl LoraServe for Service {
+    async fn generate(
+        &self,
+        req: Request<proto::GenerateRequest>,
+    ) -> Result<Response<proto::GenerateResponse>, Status> {
+        let result = async {
+            let deadline = deadline_of(&req)?;
+            let mut a = self.admit(req).await?;
+            let mut out = proto::GenerateResponse { adapter_version: a.adapter_version, ..Default::default() };
+            loop {
+                let next = match deadline {
+                    Some(d) => {
+                        match tokio::time::timeout_at(tokio::time::Instant::from_std(d), a.events.recv()).await {
+                            Ok(ev) => ev,
+                            // Dropping the receiver tells the engine to stop this request.
+                            Err(_) => return Err(Status::deadline_exceeded("deadline exceeded")),
+                        }
+                    }
+                    None => a.events.recv().await,
+                };
+                let Some(ev) = next else { break };
+                match ev {
+                    Event::Tokens { ids, text } => {
+                        out.token_ids.extend(ids);
+                        out.text.push_str(&text);
+                    }
+                    Event::Finished { reason, prompt_tokens, .. } => {
+                        out.prompt_tokens = prompt_tokens as u32;
+                        out.set_finish_reason(finish_reason(reason));
+                        return Ok(Response::new(out));
+                    }
+                    Event::Failed(e) => return Err(status::from_engine(e)),
+                }
+            }
+            Err(Status::internal("engine dropped the request"))
+        }
+        .await;
+        counted("Generate", result)
+    }
+
+    type GenerateStreamStream = GenerateStream;
+
+    async fn generate_stream(&self, req: Request<proto::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let mut a = match self.admit(req).await {
+            Ok(a) => a,
+            Err(s) => return counted("GenerateStream", Err(s)),
+        };
+        let (tx, rx) = mpsc::channel::<Result<proto::GenerateResponse, Status>>(64);
+        tokio::spawn(async move {
+            let version = a.adapter_version;
+            while let Some(ev) = a.events.recv().await {
+                let (msg, last) = match ev {
+                    Event::Tokens { ids, text } => (
+                        Ok(proto::GenerateResponse {
+                            text,
+                            token_ids: ids,
+                            adapter_version: version.clone(),
+                            ..Default::default()
+                        }),
+                        false,
+                    ),
+                    Event::Finished { reason, prompt_tokens, .. } => {
+                        let mut m = proto::GenerateResponse {
+                            prompt_tokens: prompt_tokens as u32,
+                            adapter_version: version.clone(),
+                            ..Default::default()
+                        };
+                        m.set_finish_reason(finish_reason(reason));
+                        count("GenerateStream", tonic::Code::Ok);
+                        (Ok(m), true)
+                    }
+                    Event::Failed(e) => {
+                        let s = status::from_engine(e);
+                        count("GenerateStream", s.code());
+                        (Err(s), true)
+                    }
+                };
+                // A failed send means the client left: dropping `a.events` tells the engine to stop.
+                if tx.send(msg).await.is_err() {
+                    count("GenerateStream", tonic::Code::Cancelled);
+                    return;
+                }
+                if last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as GenerateStream))
+    }
+
+    async fn list_adapters(
+        &self,
+        _req: Request<proto::ListAdaptersRequest>,
+    ) -> Result<Response<proto::ListAdaptersResponse>, Status> {
+        let r = self.ready().map(|ready| {
+            let adapters = ready
+                .cache
+                .list()
+                .into_iter()
+                .map(|s| proto::AdapterInfo {
+                    adapter_id: s.id,
+                    version: s.version.unwrap_or_default(),
+                    device_resident: s.device_resident,
+                    host_resident: s.host_resident,
+                    bytes: s.bytes as u64,
+                    leases: s.leases as u32,
+                })
+                .collect();
+            Response::new(proto::ListAdaptersResponse { adapters })
+        });
+        counted("ListAdapters", r)
+    }
+
+    async fn load_adapter(
+        &self,
+        req: Request<proto::LoadAdapterRequest>,
+    ) -> Result<Response<proto::LoadAdapterResponse>, Status> {
+        let r = async {
+            let ready = self.ready()?;
+            let id = req.into_inner().adapter_id;
+            if id.is_empty() {
+                return Err(invalid("adapter_id", "is empty"));
+            }
+            let version = ready.cache.load_adapter(&id).await.map_err(|e| status::from_cache(e, false))?;
+            Ok(Response::new(proto::LoadAdapterResponse { adapter_version: version }))
+        }
+        .await;
+        counted("LoadAdapter", r)
+    }
+
+    async fn unload_adapter(
+        &self,
+        req: Request<proto::UnloadAdapterRequest>,
+    ) -> Result<Response<proto::UnloadAdapterResponse>, Status> {
+        let r = (|| {
+            let ready = self.ready()?;
+            let id = req.into_inner().adapter_id;
+            let was_loaded = ready.cache.unload(&id).map_err(|e| status::from_cache(e, false))?;
+            Ok(Response::new(proto::UnloadAdapterResponse { was_loaded }))
+        })();
+        counted("UnloadAdapter", r)
+    }
+}

@@ -1,0 +1,67 @@
+//! Every error a client can see, mapped to its gRPC status in one place, with one stable short string per
+//! kind (used in logs).
+
+use tonic::{Code, Status};
+
+use crate::engine::{EngineError, SubmitError};
+use crate::lora::cache::CacheError;
+use crate::lora::store::StoreError;
+
+/// An invalid request field: `INVALID_ARGUMENT` naming the field.
+pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {reason}"))
+}
+
+pub fn from_cache(e: CacheError, deadline_passed: bool) -> Status {
+    match &e {
+        CacheError::Store(StoreError::InvalidId { .. }) | CacheError::Store(StoreError::Escapes { .. }) => {
+            Status::invalid_argument(e.to_string())
+        }
+        CacheError::Store(StoreError::NotFound { .. }) => Status::not_found(e.to_string()),
+        CacheError::Store(StoreError::Io { .. }) | CacheError::Invalid(_) => Status::failed_precondition(e.to_string()),
+        CacheError::Full { .. } if deadline_passed => {
+            Status::deadline_exceeded(format!("deadline exceeded waiting for adapter cache space: {e}"))
+        }
+        CacheError::TooLarge { .. } | CacheError::Full { .. } => Status::resource_exhausted(e.to_string()),
+        CacheError::Internal { .. } => Status::internal(e.to_string()),
+    }
+}
+
+pub fn from_submit(e: SubmitError) -> Status {
+    match e {
+        SubmitError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
+        SubmitError::ShuttingDown => Status::unavailable(e.to_string()),
+    }
+}
+
+pub fn from_engine(e: EngineError) -> Status {
+    match e {
+        EngineError::DeadlineExceeded => Status::deadline_exceeded("deadline exceeded"),
+        EngineError::ShuttingDown => Status::unavailable("server is shutting down"),
+        EngineError::TooLong { .. } => Status::resource_exhausted(e.to_string()),
+        EngineError::Internal(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// The label value of `loraserve_requests_total{code}` (a bounded set: gRPC code names).
+pub fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

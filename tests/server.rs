@@ -1,0 +1,554 @@
+//! The real server on port 0, spoken to over gRPC: goldens (unary and streaming), 64 concurrent mixed
+//! requests, every status code of the contract, cancellation freeing KV blocks and leases, graceful drain
+//! (in process and by SIGTERM to the binary), health, reflection, and the Prometheus exposition.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use common::{expected, fixture};
+use loraserve::engine::EngineConfig;
+use loraserve::lora::cache::CacheConfig;
+use loraserve::model::{LoadOptions, ModelSpec};
+use loraserve::quant::QuantMode;
+use loraserve::server::proto::lora_serve_client::LoraServeClient;
+use loraserve::server::proto::{self, GenerateRequest};
+use loraserve::server::{self, auth::ApiKeys, service::Limits, ServeConfig, ServerHandle};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn config(adapters: PathBuf) -> ServeConfig {
+    ServeConfig {
+        model: ModelSpec::Dir(fixture("llama/model")),
+        load: LoadOptions { dtype: DType::F32, quant: QuantMode::None, device: Device::Cpu },
+        adapters,
+        cache: CacheConfig { device_bytes: 64 << 20, host_bytes: 64 << 20, default_wait: Duration::from_millis(300) },
+        engine: EngineConfig {
+            max_batch_rows: 32,
+            max_batch_tokens: 256,
+            block_size: 4,
+            kv_cache_bytes: 8 << 20,
+            queue_capacity: 256,
+        },
+        limits: Limits { max_new_tokens_cap: 256, ..Default::default() },
+        preload: vec![],
+        api_keys: None,
+        tls: None,
+        max_request_bytes: 64 << 10,
+        drain_timeout: Duration::from_secs(10),
+    }
+}
+
+async fn start(cfg: ServeConfig) -> (ServerHandle, LoraServeClient<Channel>) {
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = server::start(cfg, grpc, metrics).await.unwrap();
+    assert!(h.ready().await, "server failed to load");
+    let client = LoraServeClient::connect(format!("http://{}", h.grpc_addr)).await.unwrap();
+    (h, client)
+}
+
+fn req(adapter: &str, prompt: &str, n: u32) -> GenerateRequest {
+    GenerateRequest { adapter_id: adapter.into(), prompt: prompt.into(), max_new_tokens: n, ..Default::default() }
+}
+
+/// (adapter id or "" for the base, prompt) → greedy tokens, from the fixtures.
+fn goldens() -> Vec<(String, String, Vec<u32>)> {
+    let exp = expected("llama");
+    let mut out = Vec::new();
+    for (name, cases) in &exp.results {
+        for c in cases {
+            out.push((
+                if name == "base" { String::new() } else { name.clone() },
+                c.prompt.clone(),
+                c.greedy_new_ids.clone(),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn goldens_unary_and_streaming() {
+    let (h, mut client) = start(config(fixture("llama/adapters"))).await;
+    for (adapter, prompt, want) in goldens() {
+        let r = client.generate(req(&adapter, &prompt, want.len() as u32)).await.unwrap().into_inner();
+        assert_eq!(r.token_ids, want, "{adapter:?} {prompt:?} unary");
+        assert_eq!(r.finish_reason(), proto::FinishReason::Length);
+        assert_eq!(
+            r.prompt_tokens as usize,
+            expected("llama").results["base"].iter().find(|c| c.prompt == prompt).unwrap().input_ids.len()
+        );
+        assert_eq!(r.adapter_version.is_empty(), adapter.is_empty());
+        let mut s = client.generate_stream(req(&adapter, &prompt, want.len() as u32)).await.unwrap().into_inner();
+        let (mut ids, mut text, mut last) = (Vec::new(), String::new(), None);
+        while let Some(m) = s.next().await {
+            let m = m.unwrap();
+            ids.extend(m.token_ids.iter().copied());
+            text.push_str(&m.text);
+            last = Some(m.finish_reason());
+        }
+        assert_eq!(ids, want, "{adapter:?} {prompt:?} streaming");
+        assert_eq!(text, r.text);
+        assert_eq!(last, Some(proto::FinishReason::Length));
+    }
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_concurrent_mixed_requests_equal_each_alone() {
+    let (h, client) = start(config(fixture("llama/adapters"))).await;
+    let cases = goldens();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let mut c = client.clone();
+            let (adapter, prompt, want) = cases[i % cases.len()].clone();
+            tokio::spawn(async move {
+                let got = if i % 2 == 0 {
+                    c.generate(req(&adapter, &prompt, want.len() as u32)).await.unwrap().into_inner().token_ids
+                } else {
+                    let mut s =
+                        c.generate_stream(req(&adapter, &prompt, want.len() as u32)).await.unwrap().into_inner();
+                    let mut ids = Vec::new();
+                    while let Some(m) = s.next().await {
+                        ids.extend(m.unwrap().token_ids);
+                    }
+                    ids
+                };
+                assert_eq!(got, want, "request {i}: {adapter:?} {prompt:?}");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let engine = h.engine().unwrap();
+    assert!(engine.stats().steps.load(std::sync::atomic::Ordering::Relaxed) < 64 * 12, "requests were batched");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+async fn code_of(r: Result<tonic::Response<proto::GenerateResponse>, tonic::Status>) -> (Code, String) {
+    match r {
+        Ok(_) => (Code::Ok, String::new()),
+        Err(s) => (s.code(), s.message().to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_status_code_of_the_contract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    // Good adapters, a broken one, one for another base (wrong shapes).
+    for name in ["qv-r4", "qkvo-r8"] {
+        copy_dir(&fixture("llama/adapters").join(name), &root.join(name));
+    }
+    copy_dir(&fixture("llama/adapters/qv-r4"), &root.join("broken"));
+    std::fs::write(root.join("broken/adapter_config.json"), "{\"r\": 4, ").unwrap();
+    copy_dir(&fixture("mistral/adapters/qv-r4"), &root.join("other-base"));
+    let mut cfg = config(root.to_path_buf());
+    // Room for one adapter in the device tier.
+    let one = std::fs::metadata(root.join("qkvo-r8/adapter_model.safetensors")).unwrap().len() as usize;
+    cfg.cache.device_bytes = one + 16;
+    // The tiny model generates fast: wait only briefly for pinned bytes to be released.
+    cfg.cache.default_wait = Duration::from_millis(20);
+    let (h, mut c) = start(cfg).await;
+
+    let ok = code_of(c.generate(req("qv-r4", "alpha", 2)).await).await;
+    assert_eq!(ok.0, Code::Ok);
+    for (r, field) in [
+        (req("", "", 4), "prompt"),
+        (req("", "alpha", 0), "max_new_tokens"),
+        (req("", "alpha", 257), "max_new_tokens"),
+        (GenerateRequest { temperature: -1.0, ..req("", "alpha", 4) }, "temperature"),
+        (GenerateRequest { top_p: 1.5, ..req("", "alpha", 4) }, "top_p"),
+        (GenerateRequest { top_p: -0.1, ..req("", "alpha", 4) }, "top_p"),
+        (GenerateRequest { stop: vec![String::new()], ..req("", "alpha", 4) }, "stop[0]"),
+        (req("", &"alpha ".repeat(200), 4), "context"),
+        (req("../etc", "alpha", 4), "invalid adapter id"),
+        (req(&"x".repeat(129), "alpha", 4), "invalid adapter id"),
+    ] {
+        let (code, msg) = code_of(c.generate(r).await).await;
+        assert_eq!(code, Code::InvalidArgument, "{field}: {msg}");
+        assert!(msg.contains(field), "{field}: {msg}");
+    }
+    // The affinity header must agree with the body.
+    let mut r = tonic::Request::new(req("qv-r4", "alpha", 2));
+    r.metadata_mut().insert("x-adapter-id", "qkvo-r8".parse().unwrap());
+    let (code, msg) = code_of(c.generate(r).await).await;
+    assert_eq!(code, Code::InvalidArgument, "{msg}");
+    assert!(msg.contains("x-adapter-id"));
+    // Invalid UTF-8 in the prompt never reaches the engine: the message does not decode.
+    let (code, msg) = raw_generate_with_bad_utf8(h.grpc_addr).await;
+    assert_eq!(code, Code::InvalidArgument, "{msg}");
+    // NOT_FOUND, FAILED_PRECONDITION (broken files; wrong base), both naming the file.
+    assert_eq!(code_of(c.generate(req("missing", "alpha", 2)).await).await.0, Code::NotFound);
+    let (code, msg) = code_of(c.generate(req("broken", "alpha", 2)).await).await;
+    assert_eq!(code, Code::FailedPrecondition);
+    assert!(msg.contains("adapter_config.json"), "{msg}");
+    let (code, msg) = code_of(c.generate(req("other-base", "alpha", 2)).await).await;
+    assert_eq!(code, Code::FailedPrecondition);
+    assert!(msg.contains("adapter_model.safetensors"), "{msg}");
+    // RESOURCE_EXHAUSTED: the one device slot is pinned by a running request.
+    let mut long = c.clone();
+    let mut pinned = long.generate_stream(req("qkvo-r8", "alpha", 256)).await.unwrap().into_inner();
+    pinned.next().await.unwrap().unwrap();
+    let (code, msg) = code_of(c.generate(req("qv-r4", "alpha", 2)).await).await;
+    assert_eq!(code, Code::ResourceExhausted, "{msg}");
+    drop(pinned);
+    // DEADLINE_EXCEEDED, enforced by the server (the header alone, no client-side timer).
+    let mut r = tonic::Request::new(req("", "alpha", 250));
+    r.metadata_mut().insert("grpc-timeout", "30m".parse().unwrap());
+    let (code, _) = code_of(c.generate(r).await).await;
+    assert_eq!(code, Code::DeadlineExceeded);
+    // UNAVAILABLE once draining.
+    h.shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Ok(mut c2) = LoraServeClient::connect(format!("http://{}", h.grpc_addr)).await {
+        let (code, _) = code_of(c2.generate(req("", "alpha", 2)).await).await;
+        assert!(matches!(code, Code::Unavailable), "{code:?}");
+    }
+    h.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queue_full_is_resource_exhausted() {
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.engine.max_batch_rows = 1;
+    cfg.engine.queue_capacity = 1;
+    let (h, c) = start(cfg).await;
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let mut c = c.clone();
+            tokio::spawn(async move { code_of(c.generate(req("", "alpha beta", 100)).await).await.0 })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    assert!(codes.contains(&Code::ResourceExhausted), "{codes:?}");
+    assert!(codes.contains(&Code::Ok), "{codes:?}");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_keys_guard_the_service_but_not_health() {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), "secret-1\n").unwrap();
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.api_keys = Some(ApiKeys::from_file(tmp.path()).unwrap());
+    let (h, mut c) = start(cfg).await;
+    assert_eq!(code_of(c.generate(req("", "alpha", 2)).await).await.0, Code::Unauthenticated);
+    let mut r = tonic::Request::new(req("", "alpha", 2));
+    r.metadata_mut().insert("authorization", "Bearer wrong".parse().unwrap());
+    assert_eq!(code_of(c.generate(r).await).await.0, Code::Unauthenticated);
+    let mut r = tonic::Request::new(req("", "alpha", 2));
+    r.metadata_mut().insert("authorization", "Bearer secret-1".parse().unwrap());
+    assert_eq!(code_of(c.generate(r).await).await.0, Code::Ok);
+    let channel = Channel::from_shared(format!("http://{}", h.grpc_addr)).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let s = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "loraserve.v1.LoraServe".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancellation_frees_batch_slot_kv_blocks_and_lease() {
+    let (h, c) = start(config(fixture("llama/adapters"))).await;
+    let engine = h.engine().unwrap();
+    let cache = h.cache().unwrap();
+    let mut s = c.clone().generate_stream(req("qkvo-r8", "alpha beta gamma", 250)).await.unwrap().into_inner();
+    s.next().await.unwrap().unwrap();
+    assert!(engine.stats().kv_blocks_used.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert_eq!(cache.leases(), 1);
+    drop(s); // the client goes away mid-generation
+    let freed = async {
+        while engine.stats().kv_blocks_used.load(std::sync::atomic::Ordering::Relaxed) != 0
+            || cache.leases() != 0
+            || engine.stats().running.load(std::sync::atomic::Ordering::Relaxed) != 0
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), freed).await.expect("resources freed after cancellation");
+    // Unary cancellation (client-side timeout drops the call).
+    let mut c2 = c.clone();
+    let mut r = tonic::Request::new(req("qv-r4", "alpha", 250));
+    r.set_timeout(Duration::from_millis(50));
+    let _ = c2.generate(r).await;
+    let freed = async {
+        while engine.stats().kv_blocks_used.load(std::sync::atomic::Ordering::Relaxed) != 0 || cache.leases() != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), freed).await.expect("resources freed after unary cancellation");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_drains_in_flight_requests_and_reports_not_serving() {
+    let (h, c) = start(config(fixture("llama/adapters"))).await;
+    let mut c1 = c.clone();
+    let running = tokio::spawn(async move { c1.generate(req("qv-r4", "alpha beta gamma", 60)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let channel = Channel::from_shared(format!("http://{}", h.grpc_addr)).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    h.shutdown();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    if let Ok(s) = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await {
+        assert_eq!(s.into_inner().status(), tonic_health::pb::health_check_response::ServingStatus::NotServing);
+    }
+    let r = running.await.unwrap().expect("the in-flight request finishes");
+    assert_eq!(r.into_inner().token_ids.len(), 60);
+    h.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reflection_lists_both_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest,
+    };
+    let (h, _) = start(config(fixture("llama/adapters"))).await;
+    let channel = Channel::from_shared(format!("http://{}", h.grpc_addr)).unwrap().connect().await.unwrap();
+    let mut r = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut s = r.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let resp = s.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("no service list") };
+    let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains("loraserve.v1.LoraServe") && names.contains("grpc.health.v1.Health"), "{names:?}");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_exposition_has_every_contract_metric_with_its_type_and_labels() {
+    let (h, mut c) = start(config(fixture("llama/adapters"))).await;
+    c.generate(req("qv-r4", "alpha", 3)).await.unwrap();
+    let _ = c.generate(req("missing", "alpha", 3)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let body = reqwest_get(&format!("http://{}/metrics", h.metrics_addr)).await;
+    let parsed = parse_prometheus(&body);
+    for &(name, kind, _) in loraserve::telemetry::ALL {
+        assert_eq!(parsed.types.get(name).map(String::as_str), Some(kind), "# TYPE of {name}");
+    }
+    let labels = |name: &str| parsed.label_sets.get(name).cloned().unwrap_or_default();
+    assert!(labels(loraserve::telemetry::REQUESTS_TOTAL)
+        .iter()
+        .all(|l| l == &vec!["code".to_string(), "rpc".to_string()]));
+    for tiered in [
+        loraserve::telemetry::ADAPTER_CACHE_HITS_TOTAL,
+        loraserve::telemetry::ADAPTER_CACHE_MISSES_TOTAL,
+        loraserve::telemetry::ADAPTER_CACHE_RESIDENT_BYTES,
+        loraserve::telemetry::ADAPTERS_RESIDENT,
+    ] {
+        let values = parsed.label_values.get(&(tiered.to_string(), "tier".to_string())).cloned().unwrap_or_default();
+        assert!(!values.is_empty() && values.iter().all(|v| v == "device" || v == "host"), "{tiered}: {values:?}");
+    }
+    // Adapter ids never become label values.
+    assert!(!body.contains("qv-r4") && !body.contains("missing"));
+    let ok = parsed
+        .samples
+        .get(&format!("{}{{code=\"OK\",rpc=\"Generate\"}}", loraserve::telemetry::REQUESTS_TOTAL))
+        .copied()
+        .unwrap_or(0.0);
+    assert!(ok >= 1.0);
+    assert!(body.contains("loraserve_batch_size_bucket{le=\"1\"}"));
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--adapters"])
+        .arg(tmp.path())
+        .env("LORASERVE_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut addr = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains("serving") {
+            let i = line.find("grpc=").unwrap() + 5;
+            addr = Some(
+                line[i..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
+                    .to_string(),
+            );
+            break;
+        }
+    }
+    let addr = addr.expect("server printed its address");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let running = rt.spawn(async move {
+        let mut c = LoraServeClient::connect(format!("http://{addr}")).await.unwrap();
+        c.generate(req("", "Hello", 200)).await
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let r = rt.block_on(running).unwrap().expect("in-flight request completed during the drain");
+    assert_eq!(r.into_inner().token_ids.len(), 200);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+}
+
+// ---- helpers ----
+
+fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+/// Sends a GenerateRequest whose prompt bytes are not UTF-8, bypassing the typed client.
+async fn raw_generate_with_bad_utf8(addr: std::net::SocketAddr) -> (Code, String) {
+    // Field 2 (prompt), wire type 2, length 2, bytes 0xff 0xfe; field 3 (max_new_tokens) = 4.
+    let body: Vec<u8> = vec![0x12, 0x02, 0xff, 0xfe, 0x18, 0x04];
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/loraserve.v1.LoraServe/Generate");
+    let r: Result<tonic::Response<Vec<u8>>, tonic::Status> =
+        grpc.unary(tonic::Request::new(body), path, RawCodec).await;
+    match r {
+        Ok(_) => (Code::Ok, String::new()),
+        Err(s) => (s.code(), s.message().to_string()),
+    }
+}
+
+#[derive(Default, Clone)]
+struct RawCodec;
+struct RawEnc;
+struct RawDec;
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEnc;
+    type Decoder = RawDec;
+    fn encoder(&mut self) -> RawEnc {
+        RawEnc
+    }
+    fn decoder(&mut self) -> RawDec {
+        RawDec
+    }
+}
+impl tonic::codec::Encoder for RawEnc {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+impl tonic::codec::Decoder for RawDec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        let v = src.chunk().to_vec();
+        src.advance(v.len());
+        Ok(Some(v))
+    }
+}
+
+/// `GET url` over a plain TCP connection (HTTP/1.0, the body until close).
+async fn reqwest_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+#[derive(Default)]
+struct Parsed {
+    types: BTreeMap<String, String>,
+    /// metric family → sorted label-name sets seen
+    label_sets: BTreeMap<String, Vec<Vec<String>>>,
+    /// (family, label) → values seen
+    label_values: BTreeMap<(String, String), BTreeSet<String>>,
+    /// full series text → value
+    samples: BTreeMap<String, f64>,
+}
+
+/// A small parser of the Prometheus text format (enough to check names, types and labels).
+fn parse_prometheus(text: &str) -> Parsed {
+    let mut p = Parsed::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            let (name, kind) = (it.next().unwrap(), it.next().unwrap());
+            p.types.insert(name.to_string(), kind.to_string());
+            continue;
+        }
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value.parse().unwrap();
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, l.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| p.types.get(*f).is_some_and(|t| t == "histogram"))
+            .unwrap_or(name);
+        let mut names: Vec<String> = Vec::new();
+        for kv in labels.split(',').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap();
+            if k != "le" {
+                names.push(k.to_string());
+                p.label_values
+                    .entry((family.to_string(), k.to_string()))
+                    .or_default()
+                    .insert(v.trim_matches('"').to_string());
+            }
+        }
+        names.sort();
+        let sets = p.label_sets.entry(family.to_string()).or_default();
+        if !sets.contains(&names) {
+            sets.push(names);
+        }
+        let mut sorted: Vec<&str> = labels.split(',').filter(|s| !s.is_empty()).collect();
+        sorted.sort();
+        p.samples.insert(format!("{name}{{{}}}", sorted.join(",")), value);
+    }
+    p
+}
