@@ -131,6 +131,23 @@ impl ModelConfig {
         self.num_attention_heads * self.head_dim
     }
 
+    /// The model's shape as LoRA adapters see it.
+    pub fn lora_layout(&self) -> crate::lora::peft::BaseLayout {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        crate::lora::peft::BaseLayout {
+            layers: self.num_hidden_layers,
+            dims: [
+                (h, self.q_dim()),
+                (h, self.kv_dim()),
+                (h, self.kv_dim()),
+                (self.q_dim(), h),
+                (h, i),
+                (h, i),
+                (i, h),
+            ],
+        }
+    }
+
     /// The rotary inverse frequencies (length head_dim/2), scaling applied, computed in f32 as transformers
     /// does so positions rotate by bit-identical angles.
     pub fn rope_inv_freq(&self) -> Vec<f32> {

@@ -172,12 +172,7 @@ impl Model {
 
     /// The model's shape as LoRA adapters see it.
     pub fn lora_layout(&self) -> crate::lora::peft::BaseLayout {
-        let c = &self.config;
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        crate::lora::peft::BaseLayout {
-            layers: c.num_hidden_layers,
-            dims: [(h, c.q_dim()), (h, c.kv_dim()), (h, c.kv_dim()), (c.q_dim(), h), (h, i), (h, i), (i, h)],
-        }
+        self.config.lora_layout()
     }
 
     /// Every linear layer, in order.

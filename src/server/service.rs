@@ -63,6 +63,31 @@ fn counted<T>(rpc: &'static str, r: Result<T, Status>) -> Result<T, Status> {
     r
 }
 
+/// Counts a call whose handler is dropped before it finished (the client cancelled or went away) as
+/// CANCELLED.
+struct CancelCount {
+    rpc: &'static str,
+    armed: bool,
+}
+
+impl CancelCount {
+    fn new(rpc: &'static str) -> Self {
+        CancelCount { rpc, armed: true }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CancelCount {
+    fn drop(&mut self) {
+        if self.armed {
+            count(self.rpc, tonic::Code::Cancelled);
+        }
+    }
+}
+
 /// The request's deadline from its `grpc-timeout` header (`<n><unit>`, unit one of H M S m u n).
 fn deadline_of<T>(req: &Request<T>) -> Result<Option<Instant>, Status> {
     let Some(v) = req.metadata().get("grpc-timeout") else { return Ok(None) };
@@ -197,6 +222,7 @@ impl LoraServe for Service {
         &self,
         req: Request<proto::GenerateRequest>,
     ) -> Result<Response<proto::GenerateResponse>, Status> {
+        let mut guard = CancelCount::new("Generate");
         let result = async {
             let deadline = deadline_of(&req)?;
             let mut a = self.admit(req).await?;
@@ -229,13 +255,17 @@ impl LoraServe for Service {
             Err(Status::internal("engine dropped the request"))
         }
         .await;
+        guard.disarm();
         counted("Generate", result)
     }
 
     type GenerateStreamStream = GenerateStream;
 
     async fn generate_stream(&self, req: Request<proto::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
-        let mut a = match self.admit(req).await {
+        let mut guard = CancelCount::new("GenerateStream");
+        let admitted = self.admit(req).await;
+        guard.disarm();
+        let mut a = match admitted {
             Ok(a) => a,
             Err(s) => return counted("GenerateStream", Err(s)),
         };

@@ -1,0 +1,247 @@
+//! Load generator: N concurrent streaming clients over M adapters with a mix of prompt and output lengths,
+//! against a running server (`--addr`) or one started in-process on loopback. Reports throughput
+//! (generated tokens/s), time to first token and inter-token latency p50/p99, and errors.
+//!
+//! `cargo bench --bench loadgen` runs the matrix recorded in benches/NOTES.md: the demo model and a ~1B
+//! NF4 shape (random weights), 1, 8 and 32 concurrent streams, one adapter versus 32 distinct adapters.
+//! `cargo bench --bench loadgen -- --addr http://127.0.0.1:50051 --adapters a,b,c --concurrency 16`
+//! drives an external server instead.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use loraserve::engine::EngineConfig;
+use loraserve::lora::cache::CacheConfig;
+use loraserve::lora::peft::{write_dir, AdapterMeta};
+use loraserve::lora::synthetic::{random_adapter, ATTENTION};
+use loraserve::model::{synthetic, LoadOptions, ModelSpec};
+use loraserve::quant::QuantMode;
+use loraserve::rng::Rng;
+use loraserve::server::proto::lora_serve_client::LoraServeClient;
+use loraserve::server::proto::GenerateRequest;
+use loraserve::server::{self, service::Limits, ServeConfig};
+use tokio_stream::StreamExt;
+
+#[derive(Clone)]
+struct Load {
+    concurrency: usize,
+    requests_per_client: usize,
+    adapters: Vec<String>,
+    prompt_words: (usize, usize),
+    new_tokens: (usize, usize),
+}
+
+#[derive(Default)]
+struct Outcome {
+    tokens: usize,
+    errors: usize,
+    requests: usize,
+    ttft: Vec<f64>,
+    itl: Vec<f64>,
+    seconds: f64,
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+const WORDS: &[&str] =
+    &["alpha", "beta", "serve", "adapter", "model", "token", "river", "stone", "blue", "quick", "seven", "light"];
+
+async fn run(addr: &str, load: &Load) -> Outcome {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..load.concurrency)
+        .map(|c| {
+            let (addr, load) = (addr.to_string(), load.clone());
+            tokio::spawn(async move {
+                let mut out = Outcome::default();
+                let mut client = LoraServeClient::connect(addr).await.expect("connect");
+                let mut rng = Rng::new(c as u64);
+                for r in 0..load.requests_per_client {
+                    let words = load.prompt_words.0
+                        + rng.below((load.prompt_words.1 - load.prompt_words.0 + 1) as u64) as usize;
+                    let prompt: Vec<&str> = (0..words).map(|_| WORDS[rng.below(WORDS.len() as u64) as usize]).collect();
+                    let n = load.new_tokens.0 + rng.below((load.new_tokens.1 - load.new_tokens.0 + 1) as u64) as usize;
+                    let adapter = if load.adapters.is_empty() {
+                        String::new()
+                    } else {
+                        load.adapters[(c + r * load.concurrency) % load.adapters.len()].clone()
+                    };
+                    let req = GenerateRequest {
+                        adapter_id: adapter,
+                        prompt: prompt.join(" "),
+                        max_new_tokens: n as u32,
+                        ..Default::default()
+                    };
+                    let sent = Instant::now();
+                    out.requests += 1;
+                    let mut stream = match client.generate_stream(req).await {
+                        Ok(s) => s.into_inner(),
+                        Err(_) => {
+                            out.errors += 1;
+                            continue;
+                        }
+                    };
+                    let mut last: Option<Instant> = None;
+                    while let Some(msg) = stream.next().await {
+                        match msg {
+                            Ok(m) if !m.token_ids.is_empty() => {
+                                let now = Instant::now();
+                                match last {
+                                    None => out.ttft.push(now.duration_since(sent).as_secs_f64()),
+                                    Some(p) => out.itl.push(now.duration_since(p).as_secs_f64()),
+                                }
+                                last = Some(now);
+                                out.tokens += m.token_ids.len();
+                            }
+                            Ok(_) => {}
+                            Err(_) => {
+                                out.errors += 1;
+                                break;
+                            }
+                        }
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    let mut total = Outcome::default();
+    for t in tasks {
+        let o = t.await.expect("client task");
+        total.tokens += o.tokens;
+        total.errors += o.errors;
+        total.requests += o.requests;
+        total.ttft.extend(o.ttft);
+        total.itl.extend(o.itl);
+    }
+    total.seconds = started.elapsed().as_secs_f64();
+    total
+}
+
+/// Writes `n` random rank-16 q,k,v,o adapters for `shape` under `root`; returns their ids.
+fn write_adapters(root: &Path, shape: &str, n: usize) -> Vec<String> {
+    let layout = synthetic::shape_config(shape).expect("shape").lora_layout();
+    (0..n)
+        .map(|i| {
+            let id = format!("bench/a{i:02}");
+            let w = random_adapter(&layout, 16, &ATTENTION, 1000 + i as u64, &Device::Cpu).unwrap();
+            let meta = AdapterMeta {
+                r: 16,
+                lora_alpha: 32.0,
+                use_rslora: false,
+                lora_dropout: 0.0,
+                base_model_name_or_path: shape.into(),
+                dtype: DType::BF16,
+            };
+            write_dir(&root.join(&id), &w, &meta).unwrap();
+            id
+        })
+        .collect()
+}
+
+fn row(label: &str, o: &mut Outcome) -> f64 {
+    let tps = o.tokens as f64 / o.seconds;
+    println!(
+        "| {label} | {} | {} | {:.1} | {:.0} / {:.0} | {:.0} / {:.0} | {} |",
+        o.requests,
+        o.tokens,
+        tps,
+        pct(&mut o.ttft, 0.5) * 1e3,
+        pct(&mut o.ttft, 0.99) * 1e3,
+        pct(&mut o.itl, 0.5) * 1e3,
+        pct(&mut o.itl, 0.99) * 1e3,
+        o.errors
+    );
+    tps
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let header = "| scenario | requests | tokens | tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |\n|---|---|---|---|---|---|---|";
+    if let Some(addr) = arg("--addr") {
+        let adapters: Vec<String> = arg("--adapters")
+            .map(|a| a.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+            .unwrap_or_default();
+        let concurrency: usize = arg("--concurrency").and_then(|c| c.parse().ok()).unwrap_or(8);
+        let load = Load {
+            concurrency,
+            requests_per_client: arg("--requests").and_then(|c| c.parse().ok()).unwrap_or(4),
+            adapters,
+            prompt_words: (4, 24),
+            new_tokens: (8, 32),
+        };
+        println!("{header}");
+        let mut o = rt.block_on(run(&addr, &load));
+        row(&format!("{concurrency} streams"), &mut o);
+        return;
+    }
+    let shapes = std::env::var("LORASERVE_BENCH_SHAPES").unwrap_or_else(|_| "demo,llama-1b".into());
+    for shape in shapes.split(',') {
+        let tmp = tempfile::tempdir().unwrap();
+        let ids = write_adapters(tmp.path(), shape, 32);
+        let cfg = ServeConfig {
+            model: if shape == "demo" { ModelSpec::Demo } else { ModelSpec::Synthetic(shape.into()) },
+            load: LoadOptions { dtype: DType::F32, quant: QuantMode::Nf4, device: Device::Cpu },
+            adapters: tmp.path().to_path_buf(),
+            cache: CacheConfig { device_bytes: 4 << 30, host_bytes: 4 << 30, default_wait: Duration::from_secs(30) },
+            engine: EngineConfig {
+                max_batch_rows: 32,
+                max_batch_tokens: 512,
+                block_size: 16,
+                kv_cache_bytes: 2 << 30,
+                queue_capacity: 1024,
+            },
+            limits: Limits::default(),
+            preload: ids.clone(),
+            api_keys: None,
+            tls: None,
+            max_request_bytes: 1 << 20,
+            drain_timeout: Duration::from_secs(5),
+        };
+        let (tokens, per_client) = if shape == "demo" { ((16, 48), 8) } else { ((16, 16), 2) };
+        let h = rt.block_on(async {
+            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let h = server::start(cfg, grpc, metrics).await.unwrap();
+            assert!(h.ready().await);
+            h
+        });
+        let addr = format!("http://{}", h.grpc_addr);
+        println!(
+            "\n{shape} (NF4 base, f32 compute), {} threads, output {}..{} tokens, prompts 4..24 words",
+            rayon::current_num_threads(),
+            tokens.0,
+            tokens.1
+        );
+        println!("{header}");
+        for concurrency in [1usize, 8, 32] {
+            let mut tps = [0f64; 2];
+            for (i, adapters) in [vec![ids[0].clone()], ids.clone()].into_iter().enumerate() {
+                let load = Load {
+                    concurrency,
+                    requests_per_client: per_client,
+                    adapters,
+                    prompt_words: (4, 24),
+                    new_tokens: tokens,
+                };
+                let mut o = rt.block_on(run(&addr, &load));
+                let label = format!("{concurrency} streams, {}", if i == 0 { "1 adapter" } else { "32 adapters" });
+                tps[i] = row(&label, &mut o);
+            }
+            println!("| {concurrency} streams: 32 adapters / 1 adapter | | | {:.2}× | | | |", tps[1] / tps[0]);
+        }
+        h.shutdown();
+        rt.block_on(h.wait()).unwrap();
+    }
+}
