@@ -24,6 +24,8 @@ pub enum Command {
     Client(ClientArgs),
     /// Generate text for one prompt and print it.
     Generate(GenerateArgs),
+    /// Fine-tune a LoRA adapter (QLoRA: frozen NF4 base) and write it in PEFT format.
+    Train(Box<TrainArgs>),
     /// Write an NF4 checkpoint in the bitsandbytes layout (loadable by transformers + bitsandbytes).
     Quantize(QuantizeArgs),
     /// Write the merged checkpoint W + scale·B·A of a base model and one adapter (PEFT's merge_and_unload).
@@ -387,8 +389,155 @@ fn run_client(args: ClientArgs) -> Result<()> {
     })
 }
 
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Training data, JSONL: {"text"}, {"prompt", "completion"} or {"messages"} per line.
+    #[arg(long)]
+    pub data: std::path::PathBuf,
+    /// The adapter folder to write (PEFT layout; must not exist).
+    #[arg(long)]
+    pub output: std::path::PathBuf,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    /// Scale by α/√r instead of α/r.
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// Projections to adapt (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or `all-linear`.
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj", value_delimiter = ',')]
+    pub target_modules: Vec<String>,
+    #[arg(long, default_value_t = 0.05)]
+    pub dropout: f32,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.001)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.03)]
+    pub warmup_ratio: f64,
+    /// Decay after warmup: cosine or linear.
+    #[arg(long, default_value = "cosine")]
+    pub lr_scheduler: String,
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 4)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Truncate longer examples (counted and reported).
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Held-out fraction for an eval loss each epoch (0 = none).
+    #[arg(long, default_value_t = 0.0)]
+    pub eval_ratio: f64,
+    /// A separate eval file (instead of --eval-ratio).
+    #[arg(long)]
+    pub eval_data: Option<std::path::PathBuf>,
+    /// Save a checkpoint every N optimizer steps.
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Where checkpoints go (default: `<output>.checkpoints`).
+    #[arg(long)]
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Continue from the newest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// JSONL log of every step (default: `<output>.log.jsonl`).
+    #[arg(long)]
+    pub log_file: Option<std::path::PathBuf>,
+}
+
+/// `--target-modules` → the projections (`all-linear` = all seven).
+pub fn parse_targets(names: &[String]) -> Result<Vec<crate::lora::ModuleKind>> {
+    use crate::lora::ModuleKind;
+    if names.len() == 1 && names[0] == "all-linear" {
+        return Ok(ModuleKind::ALL.to_vec());
+    }
+    let mut out = Vec::new();
+    for n in names.iter().filter(|n| !n.is_empty()) {
+        let k = ModuleKind::from_name(n).with_context(|| {
+            format!("--target-modules: unknown module `{n}` (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or all-linear)")
+        })?;
+        if !out.contains(&k) {
+            out.push(k);
+        }
+    }
+    Ok(out)
+}
+
+fn sibling(p: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let mut s = p.as_os_str().to_os_string();
+    s.push(suffix);
+    std::path::PathBuf::from(s)
+}
+
+fn run_train(args: TrainArgs) -> Result<()> {
+    let decay = match args.lr_scheduler.as_str() {
+        "cosine" => crate::train::optim::Decay::Cosine,
+        "linear" => crate::train::optim::Decay::Linear,
+        other => bail!("--lr-scheduler `{other}`: expected cosine or linear"),
+    };
+    let cfg = crate::train::TrainConfig {
+        data: args.data.clone(),
+        eval_data: args.eval_data.clone(),
+        eval_ratio: args.eval_ratio,
+        output: args.output.clone(),
+        lora: crate::lora::trainable::LoraSpec {
+            rank: args.rank,
+            alpha: args.alpha,
+            use_rslora: args.use_rslora,
+            dropout: args.dropout,
+            targets: parse_targets(&args.target_modules)?,
+        },
+        optim: crate::train::optim::AdamWConfig { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() },
+        decay,
+        warmup_ratio: args.warmup_ratio,
+        epochs: args.epochs,
+        max_steps: args.max_steps,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        max_grad_norm: args.max_grad_norm,
+        max_seq_len: args.max_seq_len,
+        seed: args.seed,
+        checkpoint_every: args.checkpoint_every,
+        checkpoint_dir: args.checkpoint_dir.clone().unwrap_or_else(|| sibling(&args.output, ".checkpoints")),
+        resume: args.resume,
+        log_file: args.log_file.clone().unwrap_or_else(|| sibling(&args.output, ".log.jsonl")),
+        base_model: args.model.model.to_string(),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    // Fail on settings before spending time loading the model.
+    if cfg.output.exists() {
+        bail!("{}: already exists (choose a new output folder)", cfg.output.display());
+    }
+    let loaded = args.model.load()?;
+    let report = crate::train::train(&loaded.model, &loaded.tokenizer, &cfg)?;
+    let evals = report.eval_losses.iter().map(|e| format!("{e:.4}")).collect::<Vec<_>>().join(", ");
+    println!(
+        "trained {} steps in {:.1}s ({:.0} tokens/s): loss {:.4} → {:.4}{}; adapter written to {}",
+        report.steps_done - report.start_step,
+        report.seconds,
+        report.tokens as f64 / report.seconds.max(1e-9),
+        report.first_loss,
+        report.last_loss,
+        if evals.is_empty() { String::new() } else { format!("; eval loss per epoch: {evals}") },
+        cfg.output.display()
+    );
+    Ok(())
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(args) => run_train(*args),
         Command::Serve(args) => run_serve(*args),
         Command::Client(args) => run_client(args),
         Command::Generate(args) => run_generate(args),

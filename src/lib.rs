@@ -11,6 +11,7 @@
 //! | [`lora`] | PEFT adapters, the adapter store and cache, the batched-LoRA op |
 //! | [`engine`] | requests, continuous-batching scheduler, the engine thread, sampling, streaming text |
 //! | [`server`] | the gRPC service, health, reflection, auth, TLS, `/metrics`, graceful shutdown, the client |
+//! | [`train`] | `server train`: data, the QLoRA loop, AdamW and schedules, checkpoints |
 //! | [`telemetry`] | every metric name, description and bucket set |
 //! | [`rng`] | the project's deterministic PRNG |
 //! | [`cpu_linear`] | CPU `x·Wᵀ` skeletons (decode rows / panels) and the dense linear op |
@@ -26,3 +27,4 @@ pub mod rng;
 pub mod server;
 pub mod telemetry;
 pub mod tensor_io;
+pub mod train;

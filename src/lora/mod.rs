@@ -4,13 +4,15 @@
 //!
 //! Submodules: [`batched`] (the op, reference and fast path), [`peft`] (PEFT config + safetensors parsing
 //! and validation), [`store`] (the adapters root: ids, paths, versions), [`cache`] (lazy single-flight
-//! loads, byte-budgeted LRU tiers, leases, hot swap), [`synthetic`] (random adapters for benchmarks).
+//! loads, byte-budgeted LRU tiers, leases, hot swap), [`synthetic`] (random adapters for benchmarks),
+//! [`trainable`] (the trainable `Var` form used by `server train`).
 
 pub mod batched;
 pub mod cache;
 pub mod peft;
 pub mod store;
 pub mod synthetic;
+pub mod trainable;
 
 use std::fmt;
 
@@ -179,6 +181,8 @@ pub enum LoraRows<'a> {
     Segments(&'a [LoraSegment<'a>]),
     /// Serving, checked: the same segments through the plain reference op (tests compare the two).
     SegmentsReference(&'a [LoraSegment<'a>]),
+    /// Training: one trainable adapter on every row, through differentiable tensor ops.
+    Train(&'a trainable::TrainableLora),
 }
 
 impl LoraRows<'_> {
@@ -188,6 +192,10 @@ impl LoraRows<'_> {
             LoraRows::None => Ok(y),
             LoraRows::Segments(segs) => batched::apply(&y, x, id, segs),
             LoraRows::SegmentsReference(segs) => batched::apply_reference(&y, x, id, segs),
+            LoraRows::Train(t) => match t.delta(id, x)? {
+                Some(d) => y + d,
+                None => Ok(y),
+            },
         }
     }
 }

@@ -1,0 +1,103 @@
+//! Trainer checkpoints: everything a resumed run needs to continue bit for bit — the LoRA parameters, the
+//! AdamW moments and step count, the dropout generator's state, and a fingerprint of the settings and data
+//! that must not change across a resume. One folder per checkpoint (`step-<N>/`), written under a temporary
+//! name and renamed into place; older ones are removed once a newer one is complete.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::optim::AdamW;
+use super::TrainError;
+use crate::lora::trainable::TrainableLora;
+use crate::rng::Rng;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct State {
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub dropout_rng: Rng,
+    /// Settings and data the run depends on; a resume with different ones is refused.
+    pub fingerprint: String,
+}
+
+fn err(p: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Checkpoint(format!("{}: {e}", p.display()))
+}
+
+/// Writes checkpoint `state` into `dir/step-<N>` and removes older ones.
+pub fn save(dir: &Path, state: &State, lora: &TrainableLora, opt: &AdamW) -> Result<PathBuf, TrainError> {
+    std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+    let name = format!("step-{:08}", state.step);
+    let tmp = tempfile::Builder::new().prefix(&format!(".{name}.partial-")).tempdir_in(dir).map_err(|e| err(dir, e))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (i, v) in lora.vars().iter().enumerate() {
+        tensors.insert(format!("param.{i}"), v.as_tensor().clone());
+        tensors.insert(format!("adam_m.{i}"), opt.m[i].clone());
+        tensors.insert(format!("adam_v.{i}"), opt.v[i].clone());
+    }
+    let st = tmp.path().join("tensors.safetensors");
+    candle_core::safetensors::save(&tensors, &st).map_err(|e| err(&st, e))?;
+    let js = tmp.path().join("state.json");
+    std::fs::write(&js, serde_json::to_string_pretty(state).expect("JSON")).map_err(|e| err(&js, e))?;
+    let kept = tmp.keep();
+    let final_path = dir.join(&name);
+    std::fs::rename(&kept, &final_path).map_err(|e| err(&final_path, e))?;
+    for old in list(dir)? {
+        if old != final_path {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    Ok(final_path)
+}
+
+/// Complete checkpoints in `dir`, oldest first.
+fn list(dir: &Path) -> Result<Vec<PathBuf>, TrainError> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(Vec::new()) };
+    let mut v: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-"))
+                && p.join("state.json").is_file()
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Restores the newest checkpoint in `dir` into `lora` and `opt`; returns its state, or `None` if there is none.
+pub fn restore_latest(
+    dir: &Path,
+    lora: &TrainableLora,
+    opt: &mut AdamW,
+    fingerprint: &str,
+) -> Result<Option<State>, TrainError> {
+    let Some(path) = list(dir)?.pop() else { return Ok(None) };
+    let js = path.join("state.json");
+    let text = std::fs::read_to_string(&js).map_err(|e| err(&js, e))?;
+    let state: State = serde_json::from_str(&text).map_err(|e| err(&js, e))?;
+    if state.fingerprint != fingerprint {
+        return Err(TrainError::Checkpoint(format!(
+            "{}: saved by a run with other settings or data; resume with the same arguments and data file (or remove the checkpoint folder)",
+            path.display()
+        )));
+    }
+    let st = path.join("tensors.safetensors");
+    let tensors = candle_core::safetensors::load(&st, &Device::Cpu).map_err(|e| err(&st, e))?;
+    let get = |k: String| tensors.get(&k).cloned().ok_or_else(|| err(&st, format!("missing tensor {k}")));
+    for (i, v) in lora.vars().iter().enumerate() {
+        let p = get(format!("param.{i}"))?;
+        if p.dims() != v.dims() {
+            return Err(err(&st, format!("param.{i} has shape {:?}, expected {:?}", p.dims(), v.dims())));
+        }
+        v.set(&p.to_device(v.device()).map_err(|e| err(&st, e))?).map_err(|e| err(&st, e))?;
+        opt.m[i] = get(format!("adam_m.{i}"))?.to_device(v.device()).map_err(|e| err(&st, e))?;
+        opt.v[i] = get(format!("adam_v.{i}"))?.to_device(v.device()).map_err(|e| err(&st, e))?;
+    }
+    opt.step = state.step;
+    lora.set_rng_state(state.dropout_rng.clone());
+    Ok(Some(state))
+}

@@ -1,0 +1,298 @@
+//! Training data: JSONL, one example a line, in three shapes —
+//! - `{"text": "..."}`: loss on every token;
+//! - `{"prompt": "...", "completion": "..."}`: loss on the completion only;
+//! - `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`: rendered with the
+//!   tokenizer's `chat_template` (Jinja, through minijinja) or, without one, loraserve's plain template
+//!   (`<|role|>\n{content}\n` per message, the end-of-sequence token after each assistant turn); loss on the
+//!   assistant turns only, located by rendering each conversation prefix (as TRL does).
+//!
+//! The prompt is encoded with the tokenizer's special tokens (e.g. BOS), exactly as the server encodes
+//! prompts; text and completions end with the end-of-sequence token so adapters learn to stop. Examples
+//! longer than `--max-seq-len` are truncated — counted and reported — and dropped if nothing trainable is
+//! left. Every bad line is an error naming the line and the reason.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::model::Tokenizer;
+
+/// The template used when the tokenizer has no `chat_template` (the demo tokenizer's own).
+pub const PLAIN_CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}";
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DataError {
+    #[error("{file}: {reason}")]
+    File { file: String, reason: String },
+    #[error("{file}:{line}: {reason}")]
+    Line { file: String, line: usize, reason: String },
+}
+
+/// One tokenized example: `targets[t]` says whether token `t` is predicted with loss (token 0 never is).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub targets: Vec<bool>,
+}
+
+impl Example {
+    /// Tokens that carry loss.
+    pub fn loss_tokens(&self) -> usize {
+        self.targets.iter().skip(1).filter(|&&t| t).count()
+    }
+}
+
+/// What loading found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DataStats {
+    pub lines: usize,
+    pub examples: usize,
+    pub truncated: usize,
+    /// Examples with nothing left to learn after truncation.
+    pub dropped: usize,
+}
+
+/// Loads `path` for `tokenizer`.
+pub fn load_jsonl(
+    path: &Path,
+    tok: &Tokenizer,
+    max_seq_len: Option<usize>,
+    eos: u32,
+) -> Result<(Vec<Example>, DataStats), DataError> {
+    let file = path.display().to_string();
+    let text =
+        std::fs::read_to_string(path).map_err(|e| DataError::File { file: file.clone(), reason: e.to_string() })?;
+    parse_jsonl(&text, &file, tok, max_seq_len, eos)
+}
+
+/// Parses JSONL text (`file` names it in errors).
+pub fn parse_jsonl(
+    text: &str,
+    file: &str,
+    tok: &Tokenizer,
+    max_seq_len: Option<usize>,
+    eos: u32,
+) -> Result<(Vec<Example>, DataStats), DataError> {
+    let template = tok.chat_template.clone().unwrap_or_else(|| PLAIN_CHAT_TEMPLATE.to_string());
+    let chat =
+        ChatRenderer::new(&template, tok).map_err(|reason| DataError::File { file: file.to_string(), reason })?;
+    let mut stats = DataStats::default();
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        stats.lines += 1;
+        let err = |reason: String| DataError::Line { file: file.to_string(), line: n, reason };
+        let v: Value = serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        let mut ex = example(&v, tok, &chat, eos).map_err(err)?;
+        if let Some(max) = max_seq_len {
+            if ex.ids.len() > max {
+                ex.ids.truncate(max);
+                ex.targets.truncate(max);
+                stats.truncated += 1;
+            }
+        }
+        if ex.loss_tokens() == 0 {
+            stats.dropped += 1;
+            continue;
+        }
+        out.push(ex);
+    }
+    if stats.lines == 0 {
+        return Err(DataError::File { file: file.to_string(), reason: "no examples (the file is empty)".into() });
+    }
+    if out.is_empty() {
+        return Err(DataError::File {
+            file: file.to_string(),
+            reason: format!(
+                "all {} examples were truncated away (--max-seq-len {:?} leaves no target tokens)",
+                stats.lines, max_seq_len
+            ),
+        });
+    }
+    stats.examples = out.len();
+    Ok((out, stats))
+}
+
+fn str_field<'a>(v: &'a Value, key: &str) -> Result<&'a str, String> {
+    v.get(key).and_then(|x| x.as_str()).ok_or_else(|| format!("field `{key}` must be a string"))
+}
+
+fn encode(tok: &Tokenizer, text: &str, special: bool) -> Result<Vec<u32>, String> {
+    tok.encode_with(text, special).map_err(|e| e.to_string())
+}
+
+fn example(v: &Value, tok: &Tokenizer, chat: &ChatRenderer, eos: u32) -> Result<Example, String> {
+    let Some(obj) = v.as_object() else { return Err("each line must be a JSON object".into()) };
+    if obj.contains_key("messages") {
+        return chat.example(v.get("messages").expect("key"), tok);
+    }
+    if obj.contains_key("prompt") || obj.contains_key("completion") {
+        let prompt = encode(tok, str_field(v, "prompt")?, true)?;
+        let completion = str_field(v, "completion")?;
+        if completion.is_empty() {
+            return Err("field `completion` is empty".into());
+        }
+        let mut ids = prompt;
+        let mut targets = vec![false; ids.len()];
+        let c = encode(tok, completion, false)?;
+        targets.extend(std::iter::repeat_n(true, c.len() + 1));
+        ids.extend(c);
+        ids.push(eos);
+        return Ok(Example { ids, targets });
+    }
+    if obj.contains_key("text") {
+        let text = str_field(v, "text")?;
+        if text.is_empty() {
+            return Err("field `text` is empty".into());
+        }
+        let mut ids = encode(tok, text, true)?;
+        ids.push(eos);
+        let targets = vec![true; ids.len()];
+        return Ok(Example { ids, targets });
+    }
+    Err("expected {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"}".into())
+}
+
+/// Renders conversations with a chat template and finds the assistant turns.
+struct ChatRenderer {
+    env: minijinja::Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+impl ChatRenderer {
+    fn new(template: &str, tok: &Tokenizer) -> Result<Self, String> {
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned("chat", template.to_string()).map_err(|e| format!("chat template: {e}"))?;
+        Ok(ChatRenderer {
+            env,
+            bos: tok.bos_token.clone().unwrap_or_default(),
+            eos: tok.eos_token.clone().unwrap_or_default(),
+        })
+    }
+
+    fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String, String> {
+        let t = self.env.get_template("chat").expect("added");
+        t.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos,
+            eos_token => self.eos,
+        })
+        .map_err(|e| format!("rendering the chat template: {e}"))
+    }
+
+    fn example(&self, messages: &Value, tok: &Tokenizer) -> Result<Example, String> {
+        let Some(list) = messages.as_array() else { return Err("`messages` must be a list".into()) };
+        if list.is_empty() {
+            return Err("`messages` is empty".into());
+        }
+        for (i, m) in list.iter().enumerate() {
+            let role =
+                m.get("role").and_then(|r| r.as_str()).ok_or_else(|| format!("messages[{i}].role must be a string"))?;
+            if !matches!(role, "system" | "user" | "assistant") {
+                return Err(format!("messages[{i}].role `{role}` (expected system, user or assistant)"));
+            }
+            m.get("content")
+                .and_then(|c| c.as_str())
+                .ok_or_else(|| format!("messages[{i}].content must be a string"))?;
+        }
+        if !list.iter().any(|m| m["role"] == "assistant") {
+            return Err("no assistant message to learn from".into());
+        }
+        let full = self.render(list, false)?;
+        let mut spans = Vec::new();
+        for (i, m) in list.iter().enumerate() {
+            if m["role"] != "assistant" {
+                continue;
+            }
+            let before = self.render(&list[..i], true)?;
+            let through = self.render(&list[..=i], false)?;
+            if !full.starts_with(&through) || !through.starts_with(&before) {
+                return Err(
+                    "the chat template does not render conversations prefix by prefix; cannot find the assistant turns"
+                        .into(),
+                );
+            }
+            spans.push((before.len(), through.len()));
+        }
+        // Templates that write BOS themselves are encoded without adding it again.
+        let add_special = self.bos.is_empty() || !full.starts_with(&self.bos);
+        let (ids, offsets) = tok.encode_with_offsets(&full, add_special).map_err(|e| e.to_string())?;
+        let targets = offsets.iter().map(|&(s, e)| e > s && spans.iter().any(|&(a, b)| s >= a && e <= b)).collect();
+        Ok(Example { ids, targets })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::demo;
+
+    fn parse(text: &str, max: Option<usize>) -> Result<(Vec<Example>, DataStats), DataError> {
+        parse_jsonl(text, "d.jsonl", &demo::tokenizer().unwrap(), max, 1)
+    }
+
+    #[test]
+    fn three_shapes() {
+        let (ex, stats) = parse(
+            "{\"text\": \"ab\"}\n\n{\"prompt\": \"hi\", \"completion\": \"yo\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"A\"}]}\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(stats, DataStats { lines: 3, examples: 3, truncated: 0, dropped: 0 });
+        // text: BOS a b EOS, loss everywhere.
+        assert_eq!(ex[0].ids, vec![0, 3 + b'a' as u32, 3 + b'b' as u32, 1]);
+        assert_eq!(ex[0].loss_tokens(), 3);
+        // prompt/completion: loss on "yo" + EOS only.
+        assert_eq!(ex[1].targets, vec![false, false, false, true, true, true]);
+        // messages: "<|user|>\nq\n<|assistant|>\nA\n</s>" → loss on "A\n" and the EOS token only.
+        let t = demo::tokenizer().unwrap();
+        let target_text: Vec<u32> = ex[2].ids.iter().zip(&ex[2].targets).filter(|(_, &m)| m).map(|(&i, _)| i).collect();
+        assert_eq!(t.decode(&target_text[..2]).unwrap(), "A\n");
+        assert_eq!(*target_text.last().unwrap(), 1);
+        assert_eq!(target_text.len(), 3);
+    }
+
+    #[test]
+    fn bad_lines_name_line_and_reason() {
+        let cases = [
+            ("{\"text\": \"ok\"}\n{not json}\n", 2, "invalid JSON"),
+            ("{\"prompt\": \"p\"}\n", 1, "completion"),
+            ("{\"foo\": 1}\n", 1, "expected"),
+            ("[1, 2]\n", 1, "object"),
+            ("{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}\n", 1, "robot"),
+            ("{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n", 1, "no assistant"),
+            ("{\"text\": 5}\n", 1, "`text`"),
+        ];
+        for (text, line, words) in cases {
+            match parse(text, None) {
+                Err(DataError::Line { line: l, reason, .. }) => {
+                    assert_eq!(l, line, "{text}");
+                    assert!(reason.contains(words), "{text}: {reason}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn empty_file_and_everything_truncated_away() {
+        assert!(matches!(parse("\n\n", None), Err(DataError::File { reason, .. }) if reason.contains("empty")));
+        let e = parse("{\"prompt\": \"a long prompt\", \"completion\": \"x\"}\n", Some(4)).unwrap_err();
+        assert!(matches!(&e, DataError::File { reason, .. } if reason.contains("truncated away")), "{e}");
+        let (ex, stats) =
+            parse("{\"text\": \"abcdefgh\"}\n{\"prompt\": \"a long prompt\", \"completion\": \"x\"}\n", Some(4))
+                .unwrap();
+        assert_eq!((stats.truncated, stats.dropped, ex.len()), (2, 1, 1));
+        assert_eq!(ex[0].ids.len(), 4);
+    }
+}

@@ -1,0 +1,238 @@
+//! `server train`: QLoRA fine-tuning that writes PEFT adapters.
+//!
+//! - [`data`]: JSONL (`text`, `prompt`/`completion`, `messages` with the chat template) → token ids with
+//!   target masks.
+//! - [`trainer`]: the loop over the one model forward (base frozen, LoRA `Var`s trainable).
+//! - [`optim`]: AdamW, gradient clipping, warmup + linear/cosine schedules.
+//! - [`checkpoint`]: resumable checkpoints.
+//!
+//! [`train`] runs a whole job: load data (errors before anything is written), initialise the adapter as PEFT
+//! does, resume if asked, train, and write the adapter folder atomically — a server watching the adapters
+//! root never sees half an adapter.
+
+pub mod checkpoint;
+pub mod data;
+pub mod optim;
+pub mod trainer;
+
+use std::path::PathBuf;
+
+use crate::lora::peft::{self, AdapterMeta};
+use crate::lora::trainable::{LoraSpec, TrainableLora};
+use crate::model::{Model, Tokenizer};
+use optim::{AdamW, AdamWConfig, Decay};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    #[error("{0}")]
+    Config(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("{0}")]
+    Io(String),
+    #[error(transparent)]
+    Adapter(#[from] peft::AdapterError),
+    #[error("{0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// A training job.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub data: PathBuf,
+    /// A separate eval file; otherwise `eval_ratio` of the data is held out (0 = no eval).
+    pub eval_data: Option<PathBuf>,
+    pub eval_ratio: f64,
+    pub output: PathBuf,
+    pub lora: LoraSpec,
+    pub optim: AdamWConfig,
+    pub decay: Decay,
+    pub warmup_ratio: f64,
+    pub epochs: usize,
+    pub max_steps: Option<u64>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_grad_norm: f64,
+    pub max_seq_len: Option<usize>,
+    pub seed: u64,
+    pub checkpoint_every: Option<u64>,
+    pub checkpoint_dir: PathBuf,
+    pub resume: bool,
+    pub log_file: PathBuf,
+    /// Recorded as `base_model_name_or_path`.
+    pub base_model: String,
+    /// Show a progress bar (else log lines).
+    pub progress: bool,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct TrainReport {
+    pub total_steps: u64,
+    pub start_step: u64,
+    pub steps_done: u64,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub eval_losses: Vec<f64>,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub trainable_params: usize,
+    pub all_params: usize,
+}
+
+/// Splits off the eval set (the last `ratio` of a seeded shuffle).
+fn split(examples: Vec<data::Example>, ratio: f64, seed: u64) -> (Vec<data::Example>, Vec<data::Example>) {
+    if ratio <= 0.0 || examples.len() < 2 {
+        return (examples, Vec::new());
+    }
+    let mut idx: Vec<usize> = (0..examples.len()).collect();
+    crate::rng::Rng::derive(seed, 0xE7A1).shuffle(&mut idx);
+    let n_eval = ((examples.len() as f64 * ratio).round() as usize).clamp(1, examples.len() - 1);
+    let eval_set: std::collections::HashSet<usize> = idx[..n_eval].iter().copied().collect();
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (i, e) in examples.into_iter().enumerate() {
+        if eval_set.contains(&i) {
+            eval.push(e);
+        } else {
+            train.push(e);
+        }
+    }
+    (train, eval)
+}
+
+/// Validates settings that need no data.
+fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
+    let bad = |m: String| Err(TrainError::Config(m));
+    if cfg.output.exists() && !cfg.resume {
+        return bad(format!("{}: already exists (choose a new output folder)", cfg.output.display()));
+    }
+    if cfg.lora.rank == 0 || cfg.lora.targets.is_empty() {
+        return bad("--rank must be ≥ 1 and --target-modules non-empty".into());
+    }
+    if !(0.0..1.0).contains(&(cfg.lora.dropout as f64)) {
+        return bad(format!("--dropout must be in [0, 1), got {}", cfg.lora.dropout));
+    }
+    if cfg.batch_size == 0 || cfg.grad_accum == 0 || (cfg.epochs == 0 && cfg.max_steps.is_none()) {
+        return bad("--batch-size, --grad-accum and --epochs (or --max-steps) must be ≥ 1".into());
+    }
+    if !(cfg.optim.lr > 0.0 && cfg.optim.lr.is_finite())
+        || !(0.0..1.0).contains(&cfg.warmup_ratio)
+        || !(0.0..1.0).contains(&cfg.eval_ratio)
+    {
+        return bad("--lr must be > 0, --warmup-ratio and --eval-ratio in [0, 1)".into());
+    }
+    Ok(())
+}
+
+/// Runs a whole training job on `model` and writes the adapter to `cfg.output`.
+pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
+    check(cfg)?;
+    let eos = *model
+        .config()
+        .eos_token_ids
+        .first()
+        .ok_or_else(|| TrainError::Config("the model has no eos_token_id".into()))?;
+    let (examples, stats) = data::load_jsonl(&cfg.data, tok, cfg.max_seq_len, eos)?;
+    let vocab = model.config().vocab_size as u32;
+    if let Some(bad) = examples.iter().flat_map(|e| &e.ids).find(|&&id| id >= vocab) {
+        return Err(TrainError::Config(format!("token id {bad} is outside the model's vocabulary of {vocab}")));
+    }
+    if stats.truncated > 0 {
+        tracing::warn!(truncated = stats.truncated, dropped = stats.dropped, max_seq_len = ?cfg.max_seq_len, "examples truncated to --max-seq-len");
+    }
+    let (train_set, eval_set) = match &cfg.eval_data {
+        Some(p) => (examples, data::load_jsonl(p, tok, cfg.max_seq_len, eos)?.0),
+        None => split(examples, cfg.eval_ratio, cfg.seed),
+    };
+    tracing::info!(
+        lines = stats.lines,
+        train_examples = train_set.len(),
+        eval_examples = eval_set.len(),
+        truncated = stats.truncated,
+        dropped = stats.dropped,
+        target_tokens = train_set.iter().map(|e| e.loss_tokens()).sum::<usize>(),
+        "data loaded"
+    );
+
+    let layout = model.lora_layout();
+    let lora = TrainableLora::init(&layout, cfg.lora.clone(), cfg.seed, model.device())?;
+    let vars = lora.vars();
+    let mut opt = AdamW::new(cfg.optim, &vars)?;
+    let fp = trainer::fingerprint(cfg, &train_set);
+    let mut start = 0;
+    if cfg.resume {
+        match checkpoint::restore_latest(&cfg.checkpoint_dir, &lora, &mut opt, &fp)? {
+            Some(state) => {
+                start = state.step;
+                tracing::info!(step = start, dir = %cfg.checkpoint_dir.display(), "resuming");
+            }
+            None => {
+                tracing::warn!(dir = %cfg.checkpoint_dir.display(), "--resume: no checkpoint found, starting fresh")
+            }
+        }
+        if cfg.output.exists() {
+            return Err(TrainError::Config(format!(
+                "{}: already exists (the run finished; choose a new output folder)",
+                cfg.output.display()
+            )));
+        }
+    }
+    let trainable = lora.num_parameters();
+    let all = model.num_parameters() + trainable;
+    // PEFT's print_trainable_parameters line.
+    println!(
+        "trainable params: {} || all params: {} || trainable%: {:.4}",
+        thousands(trainable),
+        thousands(all),
+        100.0 * trainable as f64 / all as f64
+    );
+
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&cfg.log_file)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", cfg.log_file.display())))?;
+    let mut report = trainer::run_loop(model, &lora, &mut opt, cfg, &train_set, &eval_set, start, &fp, &mut log)?;
+    report.trainable_params = trainable;
+    report.all_params = all;
+
+    let weights = lora.to_weights(layout.layers)?;
+    let meta = AdapterMeta {
+        r: cfg.lora.rank,
+        lora_alpha: cfg.lora.alpha,
+        use_rslora: cfg.lora.use_rslora,
+        lora_dropout: cfg.lora.dropout as f64,
+        base_model_name_or_path: cfg.base_model.clone(),
+        dtype: candle_core::DType::F32,
+    };
+    peft::write_dir(&cfg.output, &weights, &meta)?;
+    let _ = std::fs::remove_dir_all(&cfg.checkpoint_dir);
+    Ok(report)
+}
+
+/// `1234567` → `1,234,567` (as PEFT prints counts).
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(4194304), "4,194,304");
+    }
+}

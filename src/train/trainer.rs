@@ -1,0 +1,262 @@
+//! The training loop: the one model forward with the base frozen (NF4 by default) and the LoRA A/B as
+//! trainable `Var`s, next-token cross-entropy on the target tokens, gradient accumulation normalised by the
+//! step's target tokens, global-norm clipping, AdamW, warmup then linear/cosine decay, seeded shuffling,
+//! periodic checkpoints that a `--resume` continues bit for bit, an eval loss each epoch, a progress bar and a
+//! JSONL log.
+//!
+//! Batches are flattened — each micro-batch's sequences are stacked as rows of one forward, as in serving —
+//! so no padding token is ever computed.
+
+use std::io::Write;
+use std::time::Instant;
+
+use candle_core::{Tensor, D};
+use sha2::{Digest, Sha256};
+
+use super::checkpoint::{self, State};
+use super::data::Example;
+use super::optim::{clip_grad_norm, lr_at, AdamW};
+use super::{TrainConfig, TrainError, TrainReport};
+use crate::lora::trainable::TrainableLora;
+use crate::lora::LoraRows;
+use crate::model::{AttentionMode, Batch, Model, SeqInput};
+use crate::rng::Rng;
+
+/// Summed negative log-likelihood of the target tokens of `examples` and their count, in one forward.
+pub fn batch_nll(
+    model: &Model,
+    lora: &TrainableLora,
+    examples: &[&Example],
+    differentiable: bool,
+) -> candle_core::Result<(Tensor, usize)> {
+    let mut tokens = Vec::new();
+    let mut seqs = Vec::with_capacity(examples.len());
+    let mut rows = Vec::new();
+    let mut labels = Vec::new();
+    for ex in examples {
+        let base = tokens.len();
+        tokens.extend_from_slice(&ex.ids);
+        seqs.push(SeqInput { len: ex.ids.len(), past: 0, blocks: &[] });
+        for t in 0..ex.ids.len() - 1 {
+            if ex.targets[t + 1] {
+                rows.push(base + t);
+                labels.push(ex.ids[t + 1]);
+            }
+        }
+    }
+    let batch = Batch { tokens: &tokens, seqs: &seqs, logit_rows: &rows };
+    let hidden = model.forward_hidden(&batch, AttentionMode::Dense { differentiable }, &LoraRows::Train(lora))?;
+    let logits = model.logits(&hidden, &rows)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let n = labels.len();
+    let labels = Tensor::from_vec(labels, (n, 1), logits.device())?;
+    let nll = logp.gather(&labels, 1)?.sum_all()?.neg()?;
+    Ok((nll, n))
+}
+
+/// Mean loss over `examples` (dropout off, no gradients).
+pub fn eval_loss(
+    model: &Model,
+    lora: &TrainableLora,
+    examples: &[Example],
+    batch_size: usize,
+) -> candle_core::Result<f64> {
+    lora.set_training(false);
+    let mut total = 0f64;
+    let mut n = 0usize;
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let (nll, k) = batch_nll(model, lora, &refs, false)?;
+        total += nll.to_scalar::<f32>()? as f64;
+        n += k;
+    }
+    lora.set_training(true);
+    Ok(total / n.max(1) as f64)
+}
+
+/// The settings and data a checkpoint depends on.
+pub fn fingerprint(cfg: &TrainConfig, data: &[Example]) -> String {
+    let mut h = Sha256::new();
+    h.update(format!(
+        "{:?}|{:?}|{:?}|{}|{:?}|{}|{}|{}|{:?}|{}",
+        cfg.lora,
+        cfg.optim,
+        cfg.decay,
+        cfg.warmup_ratio,
+        cfg.max_steps,
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.grad_accum,
+        cfg.max_seq_len,
+        cfg.seed
+    ));
+    for ex in data {
+        for id in &ex.ids {
+            h.update(id.to_le_bytes());
+        }
+        h.update(ex.targets.iter().map(|&t| t as u8).collect::<Vec<_>>());
+    }
+    h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Plan of the run: which examples each optimizer step uses.
+pub struct Schedule {
+    pub grad_accum: usize,
+    pub micro_per_epoch: usize,
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub warmup_steps: u64,
+}
+
+impl Schedule {
+    pub fn new(cfg: &TrainConfig, n: usize) -> Self {
+        let micro_per_epoch = n.div_ceil(cfg.batch_size);
+        let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum) as u64;
+        let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs as u64);
+        Schedule {
+            grad_accum: cfg.grad_accum,
+            micro_per_epoch,
+            steps_per_epoch,
+            total_steps,
+            warmup_steps: (cfg.warmup_ratio * total_steps as f64).ceil() as u64,
+        }
+    }
+
+    /// (epoch, micro-batch range within the epoch) of optimizer step `step`.
+    pub fn locate(&self, step: u64) -> (u64, std::ops::Range<usize>) {
+        let epoch = step / self.steps_per_epoch;
+        let first = (step % self.steps_per_epoch) as usize * self.grad_accum;
+        (epoch, first..(first + self.grad_accum).min(self.micro_per_epoch))
+    }
+}
+
+/// The example order of `epoch`: a permutation drawn from (seed, epoch), so a resumed run sees the same.
+pub fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng::derive(seed ^ 0x5A0F_F1E, epoch).shuffle(&mut order);
+    order
+}
+
+/// Runs the loop from the current state of `lora`/`opt` (fresh or restored at `start_step`).
+#[allow(clippy::too_many_arguments)]
+pub fn run_loop(
+    model: &Model,
+    lora: &TrainableLora,
+    opt: &mut AdamW,
+    cfg: &TrainConfig,
+    train: &[Example],
+    eval: &[Example],
+    start_step: u64,
+    fingerprint: &str,
+    log: &mut std::fs::File,
+) -> Result<TrainReport, TrainError> {
+    let sched = Schedule::new(cfg, train.len());
+    let vars = lora.vars();
+    let mut report = TrainReport { total_steps: sched.total_steps, start_step, ..Default::default() };
+    let bar = if cfg.progress {
+        let b = indicatif::ProgressBar::new(sched.total_steps);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("template"),
+        );
+        b.set_position(start_step);
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let started = Instant::now();
+    let mut tokens_seen = 0usize;
+    let mut order_epoch = u64::MAX;
+    let mut order = Vec::new();
+    for step in start_step..sched.total_steps {
+        let (epoch, micro) = sched.locate(step);
+        if epoch != order_epoch {
+            order = epoch_order(cfg.seed, epoch, train.len());
+            order_epoch = epoch;
+        }
+        let micro_batches: Vec<Vec<&Example>> = micro
+            .map(|m| {
+                order[m * cfg.batch_size..((m + 1) * cfg.batch_size).min(train.len())]
+                    .iter()
+                    .map(|&i| &train[i])
+                    .collect()
+            })
+            .collect();
+        let step_targets: usize = micro_batches.iter().flatten().map(|e| e.loss_tokens()).sum();
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut step_loss = 0f64;
+        for mb in &micro_batches {
+            tokens_seen += mb.iter().map(|e| e.ids.len()).sum::<usize>();
+            let (nll, _) = batch_nll(model, lora, mb, true)?;
+            step_loss += nll.to_scalar::<f32>()? as f64;
+            let loss = (nll / step_targets as f64)?;
+            let g = loss.backward()?;
+            for (acc, v) in grads.iter_mut().zip(&vars) {
+                if let Some(gv) = g.get(v.as_tensor()) {
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + gv)?,
+                        None => gv.clone(),
+                    });
+                }
+            }
+        }
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        let lr = lr_at(cfg.optim.lr, step, sched.warmup_steps, sched.total_steps, cfg.decay);
+        opt.update(&vars, &grads, lr)?;
+        let loss = step_loss / step_targets.max(1) as f64;
+        if step == start_step {
+            report.first_loss = loss;
+        }
+        report.last_loss = loss;
+        report.steps_done = step + 1;
+        let elapsed = started.elapsed().as_secs_f64();
+        let tok_s = tokens_seen as f64 / elapsed.max(1e-9);
+        let eta = elapsed / (step + 1 - start_step) as f64 * (sched.total_steps - step - 1) as f64;
+        writeln!(
+            log,
+            "{}",
+            serde_json::json!({"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "eta_s": eta})
+        )
+        .map_err(|e| TrainError::Io(format!("{}: {e}", cfg.log_file.display())))?;
+        bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {tok_s:.0} tok/s"));
+        bar.inc(1);
+        if !cfg.progress && ((step + 1) % 10 == 0 || step + 1 == sched.total_steps) {
+            tracing::info!(
+                step = step + 1,
+                total = sched.total_steps,
+                loss,
+                lr,
+                tokens_per_s = tok_s,
+                eta_s = eta,
+                "training"
+            );
+        }
+        let epoch_end = (step + 1) % sched.steps_per_epoch == 0 || step + 1 == sched.total_steps;
+        if epoch_end && !eval.is_empty() {
+            let e = eval_loss(model, lora, eval, cfg.batch_size)?;
+            report.eval_losses.push(e);
+            writeln!(log, "{}", serde_json::json!({"step": step + 1, "epoch": epoch, "eval_loss": e}))
+                .map_err(|e| TrainError::Io(e.to_string()))?;
+            tracing::info!(epoch, eval_loss = e, "evaluation");
+        }
+        if let Some(every) = cfg.checkpoint_every {
+            if (step + 1) % every == 0 && step + 1 < sched.total_steps {
+                let state =
+                    State { step: step + 1, dropout_rng: lora.rng_state(), fingerprint: fingerprint.to_string() };
+                let path = checkpoint::save(&cfg.checkpoint_dir, &state, lora, opt)?;
+                tracing::info!(step = step + 1, path = %path.display(), "checkpoint saved");
+            }
+        }
+    }
+    bar.finish_and_clear();
+    report.seconds = started.elapsed().as_secs_f64();
+    report.tokens = tokens_seen;
+    Ok(report)
+}

@@ -1,0 +1,333 @@
+//! `server train`: gradients against finite differences, a learnable task learned and served, PEFT layout
+//! compatibility with the PEFT-made fixtures, the server reproducing the trainer's logits, bit-for-bit resume
+//! after SIGKILL, and bad data refused with nothing written.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device};
+use common::{fixture, rel_l2};
+use loraserve::engine::{generate, GenerateJob, SamplingParams};
+use loraserve::lora::peft;
+use loraserve::lora::trainable::{LoraSpec, TrainableLora};
+use loraserve::lora::{LoraRows, ModuleKind};
+use loraserve::model::{self, AttentionMode, Batch, LoadOptions, LoadedModel, ModelSpec, SeqInput};
+use loraserve::quant::QuantMode;
+use loraserve::rng::Rng;
+use loraserve::train::data::Example;
+use loraserve::train::trainer::batch_nll;
+
+fn llama(quant: QuantMode) -> LoadedModel {
+    model::load(&ModelSpec::Dir(fixture("llama/model")), &LoadOptions { dtype: DType::F32, quant, device: Device::Cpu })
+        .unwrap()
+}
+
+const ATTN: [ModuleKind; 4] = [ModuleKind::QProj, ModuleKind::KProj, ModuleKind::VProj, ModuleKind::OProj];
+
+/// LoRA gradients match central finite differences (f32, ε = 1e-2): |fd − analytic| ≤ 1e-3 + 2e-2·|analytic|.
+#[test]
+fn lora_gradients_match_finite_differences() {
+    for quant in [QuantMode::None, QuantMode::Nf4] {
+        let m = llama(quant);
+        let spec = LoraSpec { rank: 4, alpha: 8.0, use_rslora: false, dropout: 0.0, targets: ModuleKind::ALL.to_vec() };
+        let lora = TrainableLora::init(&m.model.lora_layout(), spec, 3, &Device::Cpu).unwrap();
+        // B starts at zero (PEFT's init), which would make every A gradient zero: randomise it.
+        let mut rng = Rng::new(9);
+        for v in lora.vars().iter().skip(1).step_by(2) {
+            let n = v.elem_count();
+            let vals: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * 0.05).collect();
+            v.set(&candle_core::Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        let tok = &m.tokenizer;
+        let mk = |p: &str, c: &str| {
+            let mut ids = tok.encode(p).unwrap();
+            let n = ids.len();
+            ids.extend(tok.encode_with(c, false).unwrap());
+            let targets = (0..ids.len()).map(|i| i >= n).collect();
+            Example { ids, targets }
+        };
+        let examples = [mk("alpha beta", " gamma delta"), mk("red cat", " blue dog one")];
+        let refs: Vec<&Example> = examples.iter().collect();
+        let loss = |l: &TrainableLora| -> f64 {
+            let (nll, n) = batch_nll(&m.model, l, &refs, true).unwrap();
+            nll.to_scalar::<f32>().unwrap() as f64 / n as f64
+        };
+        let (nll, n) = batch_nll(&m.model, &lora, &refs, true).unwrap();
+        let grads = (nll / n as f64).unwrap().backward().unwrap();
+        let vars = lora.vars();
+        let eps = 1e-2f32;
+        let mut checked = 0;
+        for (vi, v) in vars.iter().enumerate().step_by(5) {
+            let g = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let base = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for _ in 0..3 {
+                let i = rng.below(base.len() as u64) as usize;
+                let at = |delta: f32| {
+                    let mut p = base.clone();
+                    p[i] += delta;
+                    v.set(&candle_core::Tensor::from_vec(p, v.shape(), &Device::Cpu).unwrap()).unwrap();
+                    loss(&lora)
+                };
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                v.set(&candle_core::Tensor::from_vec(base.clone(), v.shape(), &Device::Cpu).unwrap()).unwrap();
+                let an = g[i] as f64;
+                assert!(
+                    (fd - an).abs() <= 1e-3 + 2e-2 * an.abs(),
+                    "{quant:?} var {vi} elem {i}: finite difference {fd} vs analytic {an}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 12);
+    }
+}
+
+fn server() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_server"));
+    c.env("LORASERVE_LOG", "info").env("NO_COLOR", "1");
+    c
+}
+
+/// A synthetic task: every prompt (random words) is answered with the same phrase.
+fn write_task(path: &Path, n: usize, seed: u64) {
+    let words = ["apple", "river", "stone", "cloud", "green", "seven", "light", "paper", "quick", "music"];
+    let mut rng = Rng::new(seed);
+    let mut text = String::new();
+    for _ in 0..n {
+        let k = 2 + rng.below(4) as usize;
+        let p: Vec<&str> = (0..k).map(|_| words[rng.below(words.len() as u64) as usize]).collect();
+        text.push_str(
+            &serde_json::json!({"prompt": format!("{}:", p.join(" ")), "completion": " ok done"}).to_string(),
+        );
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn train_args(data: &Path, out: &Path) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "train".into(),
+        "--model".into(),
+        fixture("llama/model").display().to_string(),
+        "--data".into(),
+        data.display().to_string(),
+    ];
+    v.extend(["--output".into(), out.display().to_string()]);
+    v.extend(
+        ["--rank", "8", "--alpha", "16", "--lr", "5e-3", "--batch-size", "8", "--grad-accum", "1", "--seed", "5"]
+            .map(String::from),
+    );
+    v
+}
+
+/// Loss falls by at least 5× on the synthetic task, and the written adapter, served, answers held-out prompts
+/// with the trained completion.
+#[test]
+fn learns_a_task_and_serves_it_on_held_out_prompts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("task.jsonl");
+    write_task(&data, 64, 1);
+    let out = tmp.path().join("adapter");
+    let o = server().args(train_args(&data, &out)).args(["--max-steps", "60", "--eval-ratio", "0.1"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}\n{}", stdout, String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("trainable params: ")
+            && stdout.contains(" || all params: ")
+            && stdout.contains(" || trainable%: "),
+        "{stdout}"
+    );
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(PathBuf::from(format!("{}.log.jsonl", out.display())))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let losses: Vec<f64> = log.iter().filter_map(|l| l["loss"].as_f64()).collect();
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last < first / 5.0, "loss {first} → {last}");
+    assert!(log.iter().any(|l| l.get("eval_loss").is_some()), "an eval loss was logged");
+    for key in ["step", "loss", "lr", "tokens_per_s", "eta_s"] {
+        assert!(log[0].get(key).is_some(), "log lacks {key}");
+    }
+
+    let m = llama(QuantMode::Nf4);
+    let a = peft::load_dir(&out, &m.model.lora_layout(), &Device::Cpu).unwrap();
+    for prompt in ["cloud paper seven music:", "green green apple:", "light quick:"] {
+        let ids = m.tokenizer.encode(prompt).unwrap();
+        let job = GenerateJob {
+            prompt_ids: &ids,
+            max_new_tokens: 8,
+            sampling: SamplingParams::default(),
+            stop_at_eos: true,
+            adapter: Some(&a.weights),
+        };
+        let g = generate(&m.model, &job).unwrap();
+        let text = m.tokenizer.decode(&g.token_ids).unwrap();
+        assert_eq!(text, " ok done", "held-out prompt {prompt:?}");
+        assert_eq!(g.token_ids.last(), Some(&1), "it learned to stop (EOS)");
+    }
+}
+
+/// The written adapter has PEFT's layout: same tensor names, shapes and dtype as the PEFT-made fixture with
+/// the same rank and targets, config keys PEFT writes; and the serving path reproduces the trainer's logits.
+#[test]
+fn output_matches_peft_layout_and_the_server_reproduces_training_logits() {
+    let m = llama(QuantMode::Nf4);
+    let spec = LoraSpec { rank: 8, alpha: 16.0, use_rslora: false, dropout: 0.05, targets: ATTN.to_vec() };
+    let lora = TrainableLora::init(&m.model.lora_layout(), spec, 11, &Device::Cpu).unwrap();
+    // Give B values (a trained adapter's B is non-zero).
+    let mut rng = Rng::new(2);
+    for v in lora.vars().iter().skip(1).step_by(2) {
+        let vals: Vec<f32> = (0..v.elem_count()).map(|_| rng.normal() as f32 * 0.1).collect();
+        v.set(&candle_core::Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap()).unwrap();
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ours");
+    let meta = peft::AdapterMeta {
+        r: 8,
+        lora_alpha: 16.0,
+        use_rslora: false,
+        lora_dropout: 0.05,
+        base_model_name_or_path: "tiny-llama".into(),
+        dtype: DType::F32,
+    };
+    peft::write_dir(&out, &lora.to_weights(3).unwrap(), &meta).unwrap();
+
+    let header = |p: &Path| -> serde_json::Map<String, serde_json::Value> {
+        let b = std::fs::read(p).unwrap();
+        let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+        let mut h: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&b[8..8 + n]).unwrap();
+        h.remove("__metadata__");
+        h
+    };
+    let ours = header(&out.join("adapter_model.safetensors"));
+    let theirs = header(&fixture("llama/adapters/qkvo-r8/adapter_model.safetensors"));
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>(), "tensor names");
+    for (k, v) in &theirs {
+        assert_eq!(ours[k]["shape"], v["shape"], "{k} shape");
+        assert_eq!(ours[k]["dtype"], v["dtype"], "{k} dtype");
+    }
+    let cfg: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let peft_cfg: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("llama/adapters/qkvo-r8/adapter_config.json")).unwrap())
+            .unwrap();
+    for k in cfg.keys() {
+        assert!(peft_cfg.contains_key(k), "`{k}` is not a key PEFT writes");
+    }
+    for k in [
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "lora_dropout",
+        "bias",
+        "task_type",
+        "use_rslora",
+        "base_model_name_or_path",
+    ] {
+        assert!(cfg.contains_key(k), "missing `{k}`");
+    }
+    assert_eq!(cfg["peft_type"], "LORA");
+
+    // Trainer's forward (dense attention, trainable tensors, dropout off) vs the server's (paged attention,
+    // batched-LoRA op over the saved folder).
+    lora.set_training(false);
+    let served = peft::load_dir(&out, &m.model.lora_layout(), &Device::Cpu).unwrap();
+    for prompt in ["alpha beta gamma", "serve the adapter", "red cat blue dog one two"] {
+        let ids = m.tokenizer.encode(prompt).unwrap();
+        let seqs = [SeqInput { len: ids.len(), past: 0, blocks: &[] }];
+        let batch = Batch { tokens: &ids, seqs: &seqs, logit_rows: &[ids.len() - 1] };
+        let trained = m
+            .model
+            .forward(&batch, AttentionMode::Dense { differentiable: true }, &LoraRows::Train(&lora))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let job = GenerateJob {
+            prompt_ids: &ids,
+            max_new_tokens: 1,
+            sampling: SamplingParams::default(),
+            stop_at_eos: false,
+            adapter: Some(&served.weights),
+        };
+        let serving = generate(&m.model, &job).unwrap().prompt_logits;
+        let e = rel_l2(&serving, &trained);
+        assert!(e <= 1e-4, "{prompt:?}: served vs trained logits {e:e}");
+    }
+}
+
+/// A run killed with SIGKILL mid-way and resumed ends with exactly the adapter of an uninterrupted run.
+#[test]
+fn resume_after_sigkill_is_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("task.jsonl");
+    write_task(&data, 48, 3);
+    let extra = ["--max-steps", "12", "--checkpoint-every", "2", "--dropout", "0.1"];
+    let straight = tmp.path().join("straight");
+    let o = server().args(train_args(&data, &straight)).args(extra).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let resumed = tmp.path().join("resumed");
+    let log = PathBuf::from(format!("{}.log.jsonl", resumed.display()));
+    let mut child = server()
+        .args(train_args(&data, &resumed))
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once it is past a checkpoint (step 6 logged ⇒ step 4 checkpointed).
+    let start = std::time::Instant::now();
+    loop {
+        let steps = std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0);
+        if steps >= 6 {
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 120, "training never reached step 6");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!resumed.exists(), "no adapter from the killed run");
+    let o = server().args(train_args(&data, &resumed)).args(extra).arg("--resume").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resuming"), "it resumed from a checkpoint");
+    let a = std::fs::read(straight.join("adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(resumed.join("adapter_model.safetensors")).unwrap();
+    assert!(a == b, "resumed adapter differs from the uninterrupted one");
+    assert!(!PathBuf::from(format!("{}.checkpoints", resumed.display())).exists(), "checkpoints removed after success");
+}
+
+#[test]
+fn bad_data_fails_clearly_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str); 6] = [
+        ("", "empty"),
+        ("{\"prompt\": \"a\", \"completion\": \"b\"}\n{oops}\n", ":2: invalid JSON"),
+        ("{\"prompt\": \"a\"}\n", ":1: field `completion`"),
+        ("{\"messages\": [{\"role\": \"wizard\", \"content\": \"x\"}, {\"role\": \"assistant\", \"content\": \"y\"}]}\n", ":1: messages[0].role `wizard`"),
+        ("{\"prompt\": \"a rather long prompt here\", \"completion\": \"b\"}\n", "truncated away"),
+        ("{\"label\": 3}\n", ":1: expected"),
+    ];
+    for (i, (text, words)) in cases.iter().enumerate() {
+        let data = tmp.path().join(format!("d{i}.jsonl"));
+        std::fs::write(&data, text).unwrap();
+        let out = tmp.path().join(format!("out{i}"));
+        let o = server()
+            .args(train_args(&data, &out))
+            .args(["--max-seq-len", "4", "--max-steps", "2"])
+            .env("LORASERVE_LOG", "off")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "case {i} succeeded");
+        assert!(err.contains(words) && err.contains(&format!("d{i}.jsonl")), "case {i}: {err}");
+        assert!(!out.exists(), "case {i} left an output folder");
+        assert!(!PathBuf::from(format!("{}.checkpoints", out.display())).exists());
+    }
+}
