@@ -13,6 +13,9 @@ pub enum TokenizerError {
     Encode(String),
 }
 
+/// Token ids and each token's byte span in the encoded text.
+pub type TokenSpans = (Vec<u32>, Vec<(usize, usize)>);
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Jinja chat template from `tokenizer_config.json`, when the model has one.
@@ -82,11 +85,7 @@ impl Tokenizer {
     }
 
     /// Token ids of `text` (special tokens added or not) with each token's byte span in `text`.
-    pub fn encode_with_offsets(
-        &self,
-        text: &str,
-        add_special_tokens: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), TokenizerError> {
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<TokenSpans, TokenizerError> {
         let e = self.inner.encode(text, add_special_tokens).map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
     }

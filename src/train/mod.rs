@@ -117,10 +117,9 @@ fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
     if cfg.batch_size == 0 || cfg.grad_accum == 0 || (cfg.epochs == 0 && cfg.max_steps.is_none()) {
         return bad("--batch-size, --grad-accum and --epochs (or --max-steps) must be ≥ 1".into());
     }
-    if !(cfg.optim.lr > 0.0 && cfg.optim.lr.is_finite())
-        || !(0.0..1.0).contains(&cfg.warmup_ratio)
-        || !(0.0..1.0).contains(&cfg.eval_ratio)
-    {
+    let lr_ok = cfg.optim.lr > 0.0 && cfg.optim.lr.is_finite();
+    let ratios_ok = (0.0..1.0).contains(&cfg.warmup_ratio) && (0.0..1.0).contains(&cfg.eval_ratio);
+    if !(lr_ok && ratios_ok) {
         return bad("--lr must be > 0, --warmup-ratio and --eval-ratio in [0, 1)".into());
     }
     Ok(())

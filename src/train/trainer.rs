@@ -133,7 +133,7 @@ impl Schedule {
 /// The example order of `epoch`: a permutation drawn from (seed, epoch), so a resumed run sees the same.
 pub fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    Rng::derive(seed ^ 0x5A0F_F1E, epoch).shuffle(&mut order);
+    Rng::derive(seed ^ 0x05A0_FF1E, epoch).shuffle(&mut order);
     order
 }
 
