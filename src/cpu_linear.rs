@@ -56,8 +56,9 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
+/// The portable dot product (inlined into callers compiled for AVX2 it vectorizes for AVX2).
 #[inline(always)]
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     // Independent partial sums let the compiler vectorize without reassociation licence.
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -224,14 +225,15 @@ pub fn tiled_matmul(x: &[f32], m: usize, n: usize, w: &PanelSource, y: &mut [f32
 }
 
 #[cfg(target_arch = "x86_64")]
-mod tiled {
+pub(crate) mod tiled {
     use std::arch::x86_64::*;
 
     use super::PanelSource;
 
+    /// Horizontal sum of eight lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps::<1>(v);
         let s = _mm_add_ps(lo, hi);

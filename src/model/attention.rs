@@ -235,7 +235,7 @@ fn attend_group(job: &GroupJob, scores: &mut Vec<f32>, dst: &mut [f32]) {
         let o = offset(t);
         let key = &job.cache.k[o..o + hd];
         for h in 0..group {
-            scores[h * ctx + ti] = dot_inline(&job.q_heads[h * hd..(h + 1) * hd], key) * scale;
+            scores[h * ctx + ti] = crate::cpu_linear::dot_portable(&job.q_heads[h * hd..(h + 1) * hd], key) * scale;
         }
     }
     for h in 0..group {
@@ -262,24 +262,6 @@ fn attend_group(job: &GroupJob, scores: &mut Vec<f32>, dst: &mut [f32]) {
             }
         }
     }
-}
-
-#[inline(always)]
-fn dot_inline(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 8];
-    let chunks = n / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..n {
-        s += a[i] * b[i];
-    }
-    s
 }
 
 #[cfg(test)]

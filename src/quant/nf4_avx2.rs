@@ -11,6 +11,8 @@
 
 use std::arch::x86_64::*;
 
+use crate::cpu_linear::tiled::hsum;
+
 /// `BLOCK_ORDER[p]` = element (within its 64-block) of the value the decoder emits at position `p`.
 pub const BLOCK_ORDER: [usize; 64] = block_order();
 
@@ -99,17 +101,6 @@ unsafe fn decode_block(bytes: *const u8, t: &Tables) -> [__m256; 8] {
     let h = lookup32(hi, t);
     let l = lookup32(lo, t);
     [h[0], h[1], h[2], h[3], l[0], l[1], l[2], l[3]]
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: __m256) -> f32 {
-    let lo = _mm256_castps256_ps128(v);
-    let hi = _mm256_extractf128_ps::<1>(v);
-    let s = _mm_add_ps(lo, hi);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-    _mm_cvtss_f32(s)
 }
 
 /// Dot products of one NF4 weight row (`codes`: k/2 bytes, `scales`: k/64 decoded absmax) with `R` input
