@@ -138,6 +138,59 @@ pub fn gemv_rows(x: &[f32], m: usize, n: usize, k: usize, rows: Rows, y: &mut [f
     );
 }
 
+/// How [`gemm_rows`] reads its right-hand side `[k, n]`.
+#[derive(Clone, Copy)]
+pub enum Rhs {
+    /// Stored as `n` rows of `k` (a weight `W`, used as `Wᵀ`), rows `stride` apart.
+    TransposedRows(*const f32, usize),
+    /// Stored as `k` rows of `n`, rows `stride` apart.
+    Rows(*const f32, usize),
+}
+
+/// `dst[m, n] = (accumulate ? dst : 0) + scale · lhs[m, k] · rhs` on row-major operands (row strides
+/// `dst_rs`, `lhs_rs`) with the `gemm` crate's micro-kernels.
+///
+/// # Safety
+/// Every pointer must cover its matrix at the given strides, and `dst` must not alias the inputs.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_rows(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: Rhs,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    let (rhs, rhs_cs, rhs_rs) = match rhs {
+        Rhs::TransposedRows(p, stride) => (p, stride as isize, 1),
+        Rhs::Rows(p, stride) => (p, 1, stride as isize),
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
 /// Panel `y = x·Wᵀ` for large `m`: 64 weight rows at a time decoded into a thread-local panel, then gemm.
 pub fn panel_matmul(
     x: &[f32],
@@ -158,25 +211,15 @@ pub fn panel_matmul(
             }
             // SAFETY: y[:, j0..j0+rows] belongs to this task; strides describe x [m,k], panelᵀ [k,rows].
             unsafe {
-                gemm::gemm(
-                    m,
-                    rows,
-                    k,
+                gemm_rows(
+                    (m, rows, k),
                     y_ptr.get().add(j0),
-                    1,
-                    n as isize,
+                    n,
                     false,
                     x.as_ptr(),
-                    1,
-                    k as isize,
-                    panel.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
+                    k,
+                    Rhs::TransposedRows(panel.as_ptr(), k),
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -371,25 +414,15 @@ impl CustomOp2 for DenseLinear {
                 } else {
                     // The weight already is f32: one gemm over all of it, gemm's own threading.
                     unsafe {
-                        gemm::gemm(
-                            m,
-                            n,
-                            k,
+                        gemm_rows(
+                            (m, n, k),
                             y.as_mut_ptr(),
-                            1,
-                            n as isize,
+                            n,
                             false,
                             x.as_ptr(),
-                            1,
-                            k as isize,
-                            w.as_ptr(),
-                            k as isize,
-                            1,
-                            0.0,
+                            k,
+                            Rhs::TransposedRows(w.as_ptr(), k),
                             1.0,
-                            false,
-                            false,
-                            false,
                             gemm::Parallelism::Rayon(rayon::current_num_threads()),
                         );
                     }

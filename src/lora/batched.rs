@@ -12,7 +12,7 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::{LinearId, LoraWeights};
-use crate::cpu_linear::{axpy, dot};
+use crate::cpu_linear::{axpy, dot, gemm_rows, Rhs};
 use crate::tensor_io::{tensor_from_f32, with_f32};
 
 /// Rows `rows` of the batch use `adapter`.
@@ -149,47 +149,27 @@ pub fn apply(y: &Tensor, x: &Tensor, id: LinearId, segments: &[LoraSegment]) -> 
             // SAFETY: all pointers cover the matrices with the given strides (checked lengths above).
             unsafe {
                 // shrink: t[n, r] = x[n, in] · Aᵀ   (A is [r, in])
-                gemm::gemm(
-                    n,
-                    w.rank,
-                    in_f,
+                gemm_rows(
+                    (n, w.rank, in_f),
                     t.as_mut_ptr(),
-                    1,
-                    w.rank as isize,
+                    w.rank,
                     false,
                     xs.as_ptr(),
-                    1,
-                    in_f as isize,
-                    w.a.as_ptr(),
-                    in_f as isize,
-                    1,
-                    0.0,
+                    in_f,
+                    Rhs::TransposedRows(w.a.as_ptr(), in_f),
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
                 // expand: y[n, out] += scale · t[n, r] · Bᵀ   (Bᵀ is [r, out])
-                gemm::gemm(
-                    n,
-                    out_f,
-                    w.rank,
+                gemm_rows(
+                    (n, out_f, w.rank),
                     ys.as_mut_ptr(),
-                    1,
-                    out_f as isize,
+                    out_f,
                     true,
                     t.as_ptr(),
-                    1,
-                    w.rank as isize,
-                    w.b_t.as_ptr(),
-                    1,
-                    out_f as isize,
-                    1.0,
+                    w.rank,
+                    Rhs::Rows(w.b_t.as_ptr(), out_f),
                     w.scale,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }

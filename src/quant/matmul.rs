@@ -184,25 +184,15 @@ pub fn matmul_t(g: &[f32], m: usize, w: &Nf4Weight) -> Vec<f32> {
             }
             // out[:, c0..c1] += g[:, j0..j0+rows] · panel[rows, width]
             unsafe {
-                gemm::gemm(
-                    m,
-                    width,
-                    rows,
+                crate::cpu_linear::gemm_rows(
+                    (m, width, rows),
                     out_ptr.get().add(c0),
-                    1,
-                    k as isize,
+                    k,
                     j0 > 0,
                     g.as_ptr().add(j0),
-                    1,
-                    n as isize,
-                    panel.as_ptr(),
-                    1,
-                    width as isize,
+                    n,
+                    crate::cpu_linear::Rhs::Rows(panel.as_ptr(), width),
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
