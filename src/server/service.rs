@@ -124,10 +124,9 @@ impl Service {
     }
 
     /// Validates, leases the adapter, tokenizes, submits.
-    async fn admit(&self, req: Request<proto::GenerateRequest>) -> Result<Admitted, Status> {
+    async fn admit(&self, req: Request<proto::GenerateRequest>, deadline: Option<Instant>) -> Result<Admitted, Status> {
         let ready = self.ready()?;
         let arrival = Instant::now();
-        let deadline = deadline_of(&req)?;
         if let Some(h) = req.metadata().get("x-adapter-id") {
             let h = h.to_str().map_err(|_| invalid("x-adapter-id", "not ASCII"))?;
             if h != req.get_ref().adapter_id {
@@ -225,7 +224,7 @@ impl LoraServe for Service {
         let mut guard = CancelCount::new("Generate");
         let result = async {
             let deadline = deadline_of(&req)?;
-            let mut a = self.admit(req).await?;
+            let mut a = self.admit(req, deadline).await?;
             let mut out = proto::GenerateResponse { adapter_version: a.adapter_version, ..Default::default() };
             loop {
                 let next = match deadline {
@@ -263,7 +262,10 @@ impl LoraServe for Service {
 
     async fn generate_stream(&self, req: Request<proto::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let mut guard = CancelCount::new("GenerateStream");
-        let admitted = self.admit(req).await;
+        let admitted = match deadline_of(&req) {
+            Ok(deadline) => self.admit(req, deadline).await,
+            Err(s) => Err(s),
+        };
         guard.disarm();
         let mut a = match admitted {
             Ok(a) => a,
