@@ -332,6 +332,15 @@ pub enum ClientCall {
     Load { adapter: String },
     /// Drop an adapter from the cache.
     Unload { adapter: String },
+    /// Ask `grpc.health.v1`; exit 0 when SERVING, 1 otherwise (for container health checks).
+    Health {
+        /// The service to ask about (empty: the whole server).
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
 }
 
 fn run_serve(args: ServeArgs) -> Result<()> {
@@ -385,6 +394,17 @@ fn run_client(args: ClientArgs) -> Result<()> {
             ClientCall::List => crate::server::client::list(&target).await,
             ClientCall::Load { adapter } => crate::server::client::load(&target, &adapter).await,
             ClientCall::Unload { adapter } => crate::server::client::unload(&target, &adapter).await,
+            ClientCall::Health { service, timeout } => {
+                let timeout = std::time::Duration::try_from_secs_f64(timeout)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .with_context(|| format!("--timeout {timeout}: expected a positive number of seconds"))?;
+                if crate::server::client::health(&target, &service, timeout).await? {
+                    Ok(())
+                } else {
+                    std::process::exit(1)
+                }
+            }
         }
     })
 }

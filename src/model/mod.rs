@@ -148,8 +148,22 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelError> {
     Ok(config)
 }
 
+/// The `cuda` feature links candle's CUDA backend, but the model's own kernels (NF4 matmul, batched LoRA,
+/// paged attention) have CPU implementations only so far: refuse a GPU device at load, not mid-request.
+pub(crate) fn require_cpu(device: &Device) -> Result<(), ModelError> {
+    if device.is_cpu() {
+        return Ok(());
+    }
+    Err(ModelError::Invalid(format!(
+        "device {:?}: the GPU kernels (NF4 matmul, batched LoRA, paged attention) are not in this build yet; \
+         serve with --device cpu",
+        device.location()
+    )))
+}
+
 /// Builds the model from a weight source.
 pub fn build(config: ModelConfig, source: &dyn WeightSource, opts: &LoadOptions) -> Result<Model, ModelError> {
+    require_cpu(&opts.device)?;
     if let Some(q) = &config.quantization {
         crate::quant::bnb::check_quantization_config(q)?;
     }

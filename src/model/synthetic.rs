@@ -83,6 +83,7 @@ fn random_nf4(out: usize, inp: usize, seed: u64, stream: u64) -> Nf4Weight {
 pub fn build(name: &str, opts: &LoadOptions, seed: u64) -> Result<Model, ModelError> {
     let config = shape_config(name)
         .ok_or_else(|| ModelError::Invalid(format!("unknown shape `{name}` (known: {})", SHAPES.join(", "))))?;
+    super::require_cpu(&opts.device)?;
     let c = &config;
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let dev = &opts.device;

@@ -1,8 +1,9 @@
 //! `server client`: a small gRPC client for people without grpcurl — generate (unary or streaming), list,
-//! load and unload adapters. It sends the API key as `authorization: Bearer` and the adapter id as the
+//! load and unload adapters, and a `grpc.health.v1` check (container health checks and exec probes). It sends the API key as `authorization: Bearer` and the adapter id as the
 //! `x-adapter-id` header that adapter-affinity routers hash on.
 
 use std::io::Write;
+use std::time::Duration;
 
 use tokio_stream::StreamExt;
 use tonic::metadata::MetadataValue;
@@ -32,10 +33,27 @@ pub struct GenerateCall {
     pub stop: Vec<String>,
 }
 
+async fn channel(t: &Target, timeout: Option<Duration>) -> anyhow::Result<Channel> {
+    let mut endpoint = Channel::from_shared(t.addr.clone()).map_err(|e| anyhow::anyhow!("--addr `{}`: {e}", t.addr))?;
+    if let Some(d) = timeout {
+        endpoint = endpoint.connect_timeout(d).timeout(d);
+    }
+    endpoint.connect().await.map_err(|e| anyhow::anyhow!("connecting to {}: {e}", t.addr))
+}
+
 pub async fn connect(t: &Target) -> anyhow::Result<LoraServeClient<Channel>> {
-    let endpoint = Channel::from_shared(t.addr.clone()).map_err(|e| anyhow::anyhow!("--addr `{}`: {e}", t.addr))?;
-    let channel = endpoint.connect().await.map_err(|e| anyhow::anyhow!("connecting to {}: {e}", t.addr))?;
-    Ok(LoraServeClient::new(channel))
+    Ok(LoraServeClient::new(channel(t, None).await?))
+}
+
+/// Asks `grpc.health.v1` about `service` (empty: the whole server) and prints the status; true when SERVING.
+/// Health needs no API key, like the kubelet's own gRPC probe.
+pub async fn health(t: &Target, service: &str, timeout: Duration) -> anyhow::Result<bool> {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    let mut client = HealthClient::new(channel(t, Some(timeout)).await?);
+    let r = client.check(HealthCheckRequest { service: service.into() }).await?.into_inner();
+    let status = ServingStatus::try_from(r.status).unwrap_or(ServingStatus::Unknown);
+    println!("{}", status.as_str_name());
+    Ok(status == ServingStatus::Serving)
 }
 
 /// Wraps `msg` with the API key and, when given, the adapter-affinity header.
@@ -48,7 +66,7 @@ pub fn request<T>(t: &Target, msg: T, adapter_id: Option<&str>) -> Request<T> {
     }
     if let Some(id) = adapter_id.filter(|i| !i.is_empty()) {
         if let Ok(v) = MetadataValue::try_from(id) {
-            r.metadata_mut().insert("x-adapter-id", v);
+            r.metadata_mut().insert(super::ADAPTER_ID_HEADER, v);
         }
     }
     r

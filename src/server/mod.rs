@@ -74,7 +74,12 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
 }
 
-const SERVICE_NAME: &str = "loraserve.v1.LoraServe";
+/// The gRPC service name, also the `grpc.health.v1` service that reports readiness.
+pub const SERVICE_NAME: &str = "loraserve.v1.LoraServe";
+
+/// The request header that carries the adapter id for adapter-affinity routing (Envoy hashes on it; the
+/// bundled client sets it; the service refuses a value that disagrees with the body's `adapter_id`).
+pub const ADAPTER_ID_HEADER: &str = "x-adapter-id";
 
 /// A running server.
 pub struct ServerHandle {

@@ -53,6 +53,20 @@ pub struct Service {
     pub state: Arc<ServiceState>,
 }
 
+/// The affinity header must agree with the body: a router hashed on it, so a mismatch means the request may
+/// sit on a replica whose cache was never warmed for its adapter. Absent is fine (the body is the truth).
+fn check_adapter_header(meta: &tonic::metadata::MetadataMap, adapter_id: &str) -> Result<(), Status> {
+    let Some(h) = meta.get(super::ADAPTER_ID_HEADER) else { return Ok(()) };
+    let h = h.to_str().map_err(|_| invalid(super::ADAPTER_ID_HEADER, "not ASCII"))?;
+    if h != adapter_id {
+        return Err(invalid(
+            super::ADAPTER_ID_HEADER,
+            format!("header `{h}` disagrees with adapter_id `{adapter_id}`"),
+        ));
+    }
+    Ok(())
+}
+
 /// Records `loraserve_requests_total{rpc, code}`.
 fn count(rpc: &'static str, code: tonic::Code) {
     metrics::counter!(t::REQUESTS_TOTAL, "rpc" => rpc, "code" => status::code_label(code)).increment(1);
@@ -127,15 +141,7 @@ impl Service {
     async fn admit(&self, req: Request<proto::GenerateRequest>, deadline: Option<Instant>) -> Result<Admitted, Status> {
         let ready = self.ready()?;
         let arrival = Instant::now();
-        if let Some(h) = req.metadata().get("x-adapter-id") {
-            let h = h.to_str().map_err(|_| invalid("x-adapter-id", "not ASCII"))?;
-            if h != req.get_ref().adapter_id {
-                return Err(invalid(
-                    "x-adapter-id",
-                    format!("header `{h}` disagrees with adapter_id `{}`", req.get_ref().adapter_id),
-                ));
-            }
-        }
+        check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
         let r = req.into_inner();
         let limits = self.state.limits;
         if r.prompt.is_empty() {
@@ -343,6 +349,7 @@ impl LoraServe for Service {
     ) -> Result<Response<proto::LoadAdapterResponse>, Status> {
         let r = async {
             let ready = self.ready()?;
+            check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
             let id = req.into_inner().adapter_id;
             if id.is_empty() {
                 return Err(invalid("adapter_id", "is empty"));
@@ -360,6 +367,7 @@ impl LoraServe for Service {
     ) -> Result<Response<proto::UnloadAdapterResponse>, Status> {
         let r = (|| {
             let ready = self.ready()?;
+            check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
             let id = req.into_inner().adapter_id;
             let was_loaded = ready.cache.unload(&id).map_err(|e| status::from_cache(e, false))?;
             Ok(Response::new(proto::UnloadAdapterResponse { was_loaded }))
