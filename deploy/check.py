@@ -123,6 +123,25 @@ def check_kube(objects, label):
         check_crds(crds, label)
 
 
+def check_device(objects, label):
+    """A GPU replica asks for a GPU, runs the CUDA image with --device cuda, tolerates the GPU taint; a CPU
+    replica does none of it."""
+    deployment = next(o for _, _, o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == RELEASE)
+    config = next(o for _, _, o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == RELEASE)
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    gpus = container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+    device = config["data"]["LORASERVE_DEVICE"]
+    cuda_image = container["image"].endswith("-cuda")
+    tolerates = any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", []))
+    facts = (gpus == 1, device == "cuda", cuda_image, tolerates)
+    if len(set(facts)) != 1:
+        fail(f"{label} Deployment/{RELEASE}", f"GPU settings disagree: gpu limit {gpus}, LORASERVE_DEVICE "
+             f"{device}, image {container['image']}, GPU toleration {tolerates}")
+    else:
+        ok(f"{'GPU' if facts[0] else 'CPU'} replica settings agree ({label})")
+
+
 def check_crds(crds, label):
     script = DEPLOY / "crd-check" / "validate.mjs"
     payload = json.dumps([obj for _, obj in crds])
@@ -208,12 +227,15 @@ def main():
     value_sets = {
         "defaults": {},
         "everything on": plain_values,
-        "CPU, API keys, no router": {"gpu": {"enabled": False}, "router": {"enabled": False},
-                                     "apiKeys": {"enabled": True, "keys": ["k1", "k2"]},
-                                     "adapters": {"persistence": {"existingClaim": "shared-adapters"},
-                                                  "preload": ["support-bot", "team/summarizer"]},
-                                     "model": {"path": "/models/llama", "volume": {
-                                         "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}}},
+        "GPU": {"gpu": {"enabled": True}},
+        "API keys, claims, no router": {
+            "router": {"enabled": False},
+            "apiKeys": {"enabled": True, "keys": ["k1", "k2"]},
+            "adapters": {"persistence": {"existingClaim": "shared-adapters"},
+                         "preload": ["support-bot", "team/summarizer"]},
+            "model": {"path": "/models/llama",
+                      "volume": {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}},
+        },
     }
     for label, values in value_sets.items():
         try:
@@ -234,6 +256,7 @@ def main():
             fail(f"helm render ({label})", str(e))
             continue
         check_kube(objects, label)
+        check_device(objects, label)
         if values.get("router", {}).get("enabled", True):
             check_envoy(objects)
         if label == "everything on":

@@ -296,8 +296,9 @@ fn rendered_router_and_deployment_agree_with_the_server() {
     let pre_stop: u64 = c["lifecycle"]["preStop"]["exec"]["command"][1].as_str().unwrap().parse().unwrap();
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(grace > pre_stop + drain, "grace {grace}s must cover preStop {pre_stop}s + drain {drain}s");
-    let gpu = &c["resources"]["limits"]["nvidia.com/gpu"];
-    assert_eq!(gpu.as_u64(), Some(1), "a GPU per replica");
+    // GPU replicas are off by default until the GPU kernels exist (deploy/check.py renders them too).
+    assert_eq!(env["LORASERVE_DEVICE"], "cpu");
+    assert!(c["resources"]["limits"].get("nvidia.com/gpu").is_none(), "a CPU replica asks for no GPU");
 }
 
 /// Picks a replica from the affinity header alone, as Envoy's ring hash does (no header: replica 0).
