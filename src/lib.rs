@@ -14,12 +14,14 @@
 //! | [`train`] | `server train`: data, the QLoRA loop, AdamW and schedules, checkpoints |
 //! | [`telemetry`] | every metric name, description and bucket set |
 //! | [`rng`] | the project's deterministic PRNG |
+//! | [`gpu`] | CUDA kernels (feature `cuda`, NVRTC at run time) and their launch geometry |
 //! | [`cpu_linear`] | CPU `x·Wᵀ` skeletons (decode rows / panels) and the dense linear op |
 //! | [`tensor_io`] | tensor ↔ slice plumbing for the CPU kernels |
 
 pub mod cli;
 pub mod cpu_linear;
 pub mod engine;
+pub mod gpu;
 pub mod lora;
 pub mod model;
 pub mod quant;

@@ -148,15 +148,16 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelError> {
     Ok(config)
 }
 
-/// The `cuda` feature links candle's CUDA backend, but the model's own kernels (NF4 matmul, batched LoRA,
-/// paged attention) have CPU implementations only so far: refuse a GPU device at load, not mid-request.
+/// The `cuda` feature links candle's CUDA backend and `gpu` has device kernels, but the model forward's own
+/// ops (NF4 and dense linears, batched LoRA, paged attention) still run on the CPU only: refuse a GPU device
+/// at load, not mid-request.
 pub(crate) fn require_cpu(device: &Device) -> Result<(), ModelError> {
     if device.is_cpu() {
         return Ok(());
     }
     Err(ModelError::Invalid(format!(
-        "device {:?}: the GPU kernels (NF4 matmul, batched LoRA, paged attention) are not in this build yet; \
-         serve with --device cpu",
+        "device {:?}: the model forward has no GPU path yet (its linear, LoRA and attention ops run on the CPU \
+         only); serve with --device cpu",
         device.location()
     )))
 }

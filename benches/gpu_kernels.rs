@@ -1,0 +1,210 @@
+//! Device checks and timings of loraserve's own CUDA kernels against their CPU references (feature `cuda`;
+//! run on the GPU machine by `benches/gpu/run.sh`). For every shape: fresh random inputs, the output buffer
+//! filled with NaN before the kernel runs, relative L2 error against the CPU path (a NaN or Inf anywhere
+//! fails), then the time per call, reported as GB/s of bytes moved and TFLOP/s against the device-to-device
+//! copy bandwidth measured in the same run. Prints a table; with `OUT` set, writes `$OUT/gpu_kernels.json`.
+//! Exit status 1 when any check fails.
+//!
+//! NF4 matmul: the 7B/8B linears (4096², 11008×4096, 4096×11008, 14336×4096) at 1, 8, 32 rows (decode, GEMV
+//! kernels) and 128, 512 rows (prefill, tiled kernel). Batched LoRA (shrink + expand) on 4096→4096 and
+//! 4096→1024: 32 decode rows over 32 distinct rank-16 adapters, 32 rows of one adapter, and a 512-row
+//! prefill mix of ranks 8/16/64/128 with base-model rows between the segments.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use loraserve::gpu::lora::{apply_into, LoraCudaModule};
+use loraserve::gpu::nf4::{matmul_into, Nf4CudaLinear, Nf4CudaWeight};
+use loraserve::lora::batched::{apply_reference, LoraSegment};
+use loraserve::lora::{LinearId, LoraModule, LoraWeights, ModuleKind};
+use loraserve::quant::matmul;
+use loraserve::quant::nf4::Nf4Weight;
+use loraserve::rng::Rng;
+
+/// Relative L2 error allowed against the CPU path (f32, different summation order).
+const TOLERANCE: f64 = 1e-5;
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    if got.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += (*g as f64 - *w as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn normal(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+/// Seconds per call of `f`, after warm-up, over at least 50 ms.
+fn time(device: &candle_core::CudaDevice, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
+    let stream = device.cuda_stream();
+    for _ in 0..3 {
+        f()?;
+    }
+    stream.synchronize().map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    let (mut iters, start) = (0u32, Instant::now());
+    while iters < 10 || start.elapsed().as_secs_f64() < 0.05 {
+        f()?;
+        iters += 1;
+        if iters % 10 == 0 {
+            stream.synchronize().map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        }
+    }
+    stream.synchronize().map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    Ok(start.elapsed().as_secs_f64() / iters as f64)
+}
+
+fn main() -> anyhow::Result<()> {
+    let device = Device::new_cuda(0)?;
+    let cuda = device.as_cuda_device()?.clone();
+    let stream = cuda.cuda_stream();
+
+    // The ceiling: device-to-device copy of 1 GiB (read + write counted).
+    let bytes = 1usize << 30;
+    let src = stream.alloc_zeros::<u8>(bytes)?;
+    let mut dst = stream.alloc_zeros::<u8>(bytes)?;
+    let copy_s = time(&cuda, || stream.memcpy_dtod(&src, &mut dst).map_err(|e| candle_core::Error::Cuda(Box::new(e))))?;
+    let copy_gbs = 2.0 * bytes as f64 / copy_s / 1e9;
+    drop((src, dst));
+    println!("device-to-device copy: {copy_gbs:.0} GB/s (read + write)\n");
+    println!("| kernel | m × n × k | rel L2 vs CPU | µs/call | GB/s | % of copy | TFLOP/s | check |");
+    println!("|---|---|---|---|---|---|---|---|");
+
+    let mut rows = vec![];
+    let mut failed = 0;
+    for (si, &(n, k)) in [(4096usize, 4096usize), (11008, 4096), (4096, 11008), (14336, 4096)].iter().enumerate() {
+        let w = Nf4Weight::quantize(&normal(n * k, 1000 + si as u64), &[n, k], true);
+        let dw = Arc::new(Nf4CudaWeight::upload(&w, &cuda)?);
+        for (mi, &m) in [1usize, 8, 32, 128, 512].iter().enumerate() {
+            let x = normal(m * k, 2000 + 10 * si as u64 + mi as u64);
+            let want = matmul::matmul(&x, m, &w);
+            let dx = stream.clone_htod(&x)?;
+            let mut dy = stream.clone_htod(&vec![f32::NAN; m * n])?;
+            matmul_into(&dw, &dx.slice(..), m, &mut dy)?;
+            let got = stream.clone_dtoh(&dy)?;
+            let err = rel_l2(&got, &want);
+            // The op path (what the model calls) must give the same numbers.
+            let xt = Tensor::from_vec(x.clone(), (m, k), &device)?;
+            let op = xt.apply_op1(Nf4CudaLinear(dw.clone()))?.flatten_all()?.to_vec1::<f32>()?;
+            let op_err = rel_l2(&op, &want);
+            let ok = err <= TOLERANCE && op_err <= TOLERANCE;
+            failed += usize::from(!ok);
+            let s = time(&cuda, || matmul_into(&dw, &dx.slice(..), m, &mut dy))?;
+            let moved = dw.resident_bytes() + 4 * (m * k + m * n);
+            let gbs = moved as f64 / s / 1e9;
+            let tflops = 2.0 * (m * n * k) as f64 / s / 1e12;
+            let kernel = loraserve::gpu::launch::nf4_matmul(m, n, k).map_err(anyhow::Error::msg)?.kernel;
+            println!(
+                "| {kernel} | {m} × {n} × {k} | {err:.2e} (op {op_err:.2e}) | {:.1} | {gbs:.0} | {:.0}% | {tflops:.2} | {} |",
+                s * 1e6,
+                100.0 * gbs / copy_gbs,
+                if ok { "ok" } else { "FAIL" }
+            );
+            rows.push(serde_json::json!({
+                "kernel": kernel, "m": m, "n": n, "k": k, "rel_l2": err, "op_rel_l2": op_err, "ok": ok,
+                "us_per_call": s * 1e6, "gb_per_s": gbs, "tflop_per_s": tflops,
+            }));
+        }
+    }
+    let lora_rows = lora_checks(&device, copy_gbs, &mut failed)?;
+    let report = serde_json::json!({
+        "copy_gb_per_s": copy_gbs, "tolerance": TOLERANCE, "nf4_matmul": rows, "batched_lora": lora_rows,
+    });
+    if let Ok(out) = std::env::var("OUT") {
+        std::fs::write(format!("{out}/gpu_kernels.json"), serde_json::to_string_pretty(&report)?)?;
+    }
+    if failed > 0 {
+        eprintln!("{failed} kernel check(s) failed");
+        std::process::exit(1);
+    }
+    println!("\nall kernel checks passed");
+    Ok(())
+}
+
+/// (label, rows, segments as (rows, rank)).
+type Mix = (&'static str, usize, Vec<(Range<usize>, usize)>);
+
+/// Batched LoRA against `lora::batched::apply_reference` (candle ops on the CPU).
+fn lora_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyhow::Result<Vec<serde_json::Value>> {
+    let cuda = device.as_cuda_device()?.clone();
+    let stream = cuda.cuda_stream();
+    println!(
+        "\n| batched LoRA | rows | in → out | segments (rank) | rel L2 vs CPU | µs/call | GB/s | % of copy | check |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let id = LinearId::new(0, ModuleKind::QProj);
+    let mixes: [Mix; 3] = [
+        ("32 adapters", 32, (0..32).map(|i| (i..i + 1, 16)).collect()),
+        ("1 adapter", 32, vec![(0..32, 16)]),
+        ("prefill mix", 512, vec![(0..100, 8), (100..228, 16), (260..400, 64), (400..500, 128)]),
+    ];
+    let mut out = vec![];
+    for (si, &(in_f, out_f)) in [(4096usize, 4096usize), (4096, 1024)].iter().enumerate() {
+        for (mi, (label, rows, segs)) in mixes.iter().enumerate() {
+            let seed = 5000 + 100 * si as u64 + 10 * mi as u64;
+            let adapters: Vec<LoraWeights> = segs
+                .iter()
+                .enumerate()
+                .map(|(j, &(_, rank))| {
+                    let mut w = LoraWeights::new(1);
+                    let a = Tensor::from_vec(normal(rank * in_f, seed + j as u64), (rank, in_f), &Device::Cpu)?;
+                    let b_t =
+                        Tensor::from_vec(normal(rank * out_f, seed + 50 + j as u64), (rank, out_f), &Device::Cpu)?;
+                    w.insert(id, LoraModule { a: (a * 0.01)?, b_t: (b_t * 0.01)?, scale: 2.0 });
+                    Ok(w)
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let x = normal(rows * in_f, seed + 1);
+            let y0 = normal(rows * out_f, seed + 2);
+            let xt = Tensor::from_vec(x.clone(), (*rows, in_f), &Device::Cpu)?;
+            let yt = Tensor::from_vec(y0.clone(), (*rows, out_f), &Device::Cpu)?;
+            let cpu_segs: Vec<LoraSegment> =
+                segs.iter().zip(&adapters).map(|((r, _), w)| LoraSegment::new(r.clone(), w)).collect();
+            let want = apply_reference(&yt, &xt, id, &cpu_segs)?.flatten_all()?.to_vec1::<f32>()?;
+
+            let modules: Vec<LoraCudaModule> = adapters
+                .iter()
+                .map(|w| LoraCudaModule::upload(w.module(id).expect("inserted"), &cuda))
+                .collect::<candle_core::Result<_>>()?;
+            let dev_segs: Vec<(Range<usize>, &LoraCudaModule)> =
+                segs.iter().zip(&modules).map(|((r, _), m)| (r.clone(), m)).collect();
+            let dx = stream.clone_htod(&x)?;
+            let mut dy = stream.clone_htod(&y0)?;
+            apply_into(&cuda, &dx.slice(..), &mut dy, *rows, &dev_segs)?;
+            let got = stream.clone_dtoh(&dy)?;
+            let err = rel_l2(&got, &want);
+            // Base-model rows must come back bit for bit.
+            let covered: Vec<bool> = (0..*rows).map(|r| segs.iter().any(|(s, _)| s.contains(&r))).collect();
+            let base_untouched = (0..*rows)
+                .filter(|&r| !covered[r])
+                .all(|r| got[r * out_f..(r + 1) * out_f] == y0[r * out_f..(r + 1) * out_f]);
+            let ok = err <= TOLERANCE && base_untouched;
+            *failed += usize::from(!ok);
+            let s = time(&cuda, || apply_into(&cuda, &dx.slice(..), &mut dy, *rows, &dev_segs))?;
+            let moved = modules.iter().map(|m| m.resident_bytes()).sum::<usize>() + 4 * rows * (in_f + 2 * out_f);
+            let gbs = moved as f64 / s / 1e9;
+            let ranks: Vec<String> = segs.iter().map(|(r, k)| format!("{}×r{k}", r.len())).collect();
+            let ranks = if ranks.len() > 4 { format!("{} × r16", ranks.len()) } else { ranks.join(", ") };
+            println!(
+                "| {label} | {rows} | {in_f} → {out_f} | {ranks} | {err:.2e}{} | {:.1} | {gbs:.0} | {:.0}% | {} |",
+                if base_untouched { "" } else { " (base rows changed!)" },
+                s * 1e6,
+                100.0 * gbs / copy_gbs,
+                if ok { "ok" } else { "FAIL" }
+            );
+            out.push(serde_json::json!({
+                "mix": label, "rows": rows, "in": in_f, "out": out_f, "rel_l2": err, "base_rows_untouched": base_untouched,
+                "ok": ok, "us_per_call": s * 1e6, "gb_per_s": gbs,
+            }));
+        }
+    }
+    Ok(out)
+}

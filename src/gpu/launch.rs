@@ -1,0 +1,186 @@
+//! Kernel choice and launch geometry for the GPU kernels in `kernels/`: plain arithmetic, kept apart from
+//! the device code so it is unit-tested on machines without a GPU.
+
+/// The NF4 kernels' CUDA C source (NVRTC compiles it on first use).
+pub const NF4_SOURCE: &str = include_str!("kernels/nf4.cu");
+/// The batched-LoRA kernels' CUDA C source.
+pub const LORA_SOURCE: &str = include_str!("kernels/lora.cu");
+
+/// One kernel launch: which function, and its grid and block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub kernel: &'static str,
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+}
+
+/// Rows of x up to which the decode (GEMV) kernels run: each weight byte is read once for all rows.
+pub const GEMV_MAX_ROWS: usize = 32;
+/// Output columns per GEMV thread block (one warp each), as `WARPS_PER_BLOCK` in `kernels/nf4.cu`.
+const GEMV_WARPS: usize = 4;
+/// The GEMV kernels compiled, by rows handled (`nf4_gemv_r{R}`).
+const GEMV_KERNELS: [(usize, &str); 6] = [
+    (1, "nf4_gemv_r1"),
+    (2, "nf4_gemv_r2"),
+    (4, "nf4_gemv_r4"),
+    (8, "nf4_gemv_r8"),
+    (16, "nf4_gemv_r16"),
+    (32, "nf4_gemv_r32"),
+];
+/// Output tile of the prefill kernel (`TILE` in `kernels/nf4.cu`), computed by 256 threads.
+const TILE: usize = 64;
+/// CUDA's limit on grid.y and grid.z.
+const MAX_GRID_YZ: usize = 65_535;
+
+/// The launch computing `y[m, n] = x[m, k] · W[n, k]ᵀ` for an NF4 weight: a GEMV kernel sized to the rows
+/// for decode (`m ≤ 32`), the tiled kernel beyond. Errors name the shape the kernels cannot take.
+pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
+    if m == 0 || n == 0 || k == 0 {
+        return Err(format!("NF4 matmul of an empty shape (m={m}, n={n}, k={k})"));
+    }
+    if k % 64 != 0 {
+        return Err(format!("NF4 GPU kernels need in_features divisible by 64 (whole NF4 blocks per row), got {k}"));
+    }
+    if m <= GEMV_MAX_ROWS {
+        let (_, kernel) = GEMV_KERNELS.iter().copied().find(|&(r, _)| r >= m).expect("m ≤ 32 has a kernel");
+        return Ok(Launch {
+            kernel,
+            grid: (n.div_ceil(GEMV_WARPS) as u32, 1, 1),
+            block: (32 * GEMV_WARPS as u32, 1, 1),
+        });
+    }
+    let (gx, gy) = (n.div_ceil(TILE), m.div_ceil(TILE));
+    if gy > MAX_GRID_YZ || gx > u32::MAX as usize {
+        return Err(format!("NF4 matmul too large for one launch (m={m}, n={n})"));
+    }
+    Ok(Launch { kernel: "nf4_matmul_tiled", grid: (gx as u32, gy as u32, 1), block: (256, 1, 1) })
+}
+
+/// Largest adapter rank the LoRA kernels take (`MAX_RANK` in `kernels/lora.cu`: the per-row scratch width).
+pub const LORA_MAX_RANK: usize = 128;
+const SHRINK_WARPS: u32 = 8;
+const EXPAND_THREADS: usize = 256;
+
+/// The two launches of the batched-LoRA op for `rows` rows: shrink (one block per row) then expand (one
+/// block per row and 256 output features).
+pub fn lora(rows: usize, in_features: usize, out_features: usize) -> Result<(Launch, Launch), String> {
+    if rows == 0 || in_features == 0 || out_features == 0 {
+        return Err(format!("batched LoRA of an empty shape ({rows} rows, {in_features} → {out_features})"));
+    }
+    if in_features % 4 != 0 {
+        return Err(format!("batched LoRA kernels need in_features divisible by 4, got {in_features}"));
+    }
+    if rows > u32::MAX as usize || out_features.div_ceil(EXPAND_THREADS) > MAX_GRID_YZ {
+        return Err(format!("batched LoRA too large for one launch ({rows} rows, {out_features} outputs)"));
+    }
+    let shrink = Launch { kernel: "lora_shrink", grid: (rows as u32, 1, 1), block: (32 * SHRINK_WARPS, 1, 1) };
+    let expand = Launch {
+        kernel: "lora_expand",
+        grid: (rows as u32, out_features.div_ceil(EXPAND_THREADS) as u32, 1),
+        block: (EXPAND_THREADS as u32, 1, 1),
+    };
+    Ok((shrink, expand))
+}
+
+/// The per-row segment index the LoRA kernels read (`-1`: a base-model row), from segments given as
+/// ordered, non-overlapping row ranges (segment `i` is entry `i` of the adapter table).
+pub fn lora_row_segments(rows: usize, segments: &[(usize, usize)]) -> Result<Vec<i32>, String> {
+    let mut out = vec![-1i32; rows];
+    let mut end = 0;
+    for (i, &(r0, r1)) in segments.iter().enumerate() {
+        if r0 < end || r1 < r0 || r1 > rows {
+            return Err(format!("LoRA segments overlap or exceed the batch: {r0}..{r1} of {rows} rows"));
+        }
+        out[r0..r1].fill(i as i32);
+        end = r1;
+    }
+    Ok(out)
+}
+
+/// The NVRTC target for a compute capability (`None`: NVRTC's default virtual architecture).
+pub fn nvrtc_arch(major: i32, minor: i32) -> Option<&'static str> {
+    Some(match (major, minor) {
+        (7, 5) => "compute_75",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 7) => "compute_87",
+        (8, 9) => "compute_89",
+        (9, 0) => "compute_90",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_rows_pick_the_smallest_gemv_that_holds_them() {
+        for (m, kernel) in [(1, "nf4_gemv_r1"), (2, "nf4_gemv_r2"), (3, "nf4_gemv_r4"), (8, "nf4_gemv_r8")] {
+            let l = nf4_matmul(m, 4096, 4096).unwrap();
+            assert_eq!(l.kernel, kernel, "m={m}");
+            assert_eq!(l.grid, (1024, 1, 1));
+            assert_eq!(l.block, (128, 1, 1));
+        }
+        assert_eq!(nf4_matmul(9, 11008, 4096).unwrap().kernel, "nf4_gemv_r16");
+        assert_eq!(nf4_matmul(32, 11008, 4096).unwrap().kernel, "nf4_gemv_r32");
+        // Columns not a multiple of the warps per block: the last block is partly idle, none is missing.
+        assert_eq!(nf4_matmul(1, 4097, 64).unwrap().grid.0 as usize * GEMV_WARPS, 4100);
+    }
+
+    #[test]
+    fn prefill_rows_use_tiles_that_cover_the_output() {
+        let l = nf4_matmul(33, 4096, 11008).unwrap();
+        assert_eq!((l.kernel, l.grid, l.block), ("nf4_matmul_tiled", (64, 1, 1), (256, 1, 1)));
+        let l = nf4_matmul(1000, 4100, 4096).unwrap();
+        assert_eq!(l.grid, (65, 16, 1));
+        assert!(l.grid.0 as usize * TILE >= 4100 && l.grid.1 as usize * TILE >= 1000);
+        assert!(nf4_matmul(64 * MAX_GRID_YZ + 1, 64, 64).unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn shapes_the_kernels_cannot_take_are_refused_by_name() {
+        assert!(nf4_matmul(1, 4096, 4000).unwrap_err().contains("divisible by 64"));
+        assert!(nf4_matmul(0, 4096, 4096).unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn every_kernel_the_launcher_picks_is_defined_in_the_source() {
+        for (r, name) in GEMV_KERNELS {
+            assert_eq!(name, format!("nf4_gemv_r{r}"));
+            assert!(NF4_SOURCE.contains(&format!("NF4_GEMV({r})\n")), "{name} not instantiated in nf4.cu");
+        }
+        assert!(NF4_SOURCE.contains("extern \"C\" __global__ void nf4_matmul_tiled("));
+        assert!(NF4_SOURCE.contains(&format!("#define WARPS_PER_BLOCK {GEMV_WARPS}\n")));
+        assert!(NF4_SOURCE.contains(&format!("#define TILE {TILE}\n")));
+        // NVRTC on the serving machine has no toolkit headers.
+        assert!(!NF4_SOURCE.contains("#include") && !LORA_SOURCE.contains("#include"));
+        for name in ["lora_shrink", "lora_expand"] {
+            assert!(LORA_SOURCE.contains(&format!("extern \"C\" __global__ void {name}(")), "{name}");
+        }
+        assert!(LORA_SOURCE.contains(&format!("#define MAX_RANK {LORA_MAX_RANK}\n")));
+        assert!(LORA_SOURCE.contains(&format!("#define SHRINK_WARPS {SHRINK_WARPS}\n")));
+        assert!(LORA_SOURCE.contains(&format!("#define EXPAND_THREADS {EXPAND_THREADS}\n")));
+    }
+
+    #[test]
+    fn lora_launches_cover_every_row_and_output() {
+        let (s, e) = lora(37, 4096, 11008).unwrap();
+        assert_eq!((s.kernel, s.grid, s.block), ("lora_shrink", (37, 1, 1), (256, 1, 1)));
+        assert_eq!((e.kernel, e.grid, e.block), ("lora_expand", (37, 43, 1), (256, 1, 1)));
+        assert!(e.grid.1 as usize * EXPAND_THREADS >= 11008);
+        assert!(lora(1, 4094, 64).unwrap_err().contains("divisible by 4"));
+        assert!(lora(0, 64, 64).unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn row_segments_mark_base_rows_and_refuse_bad_tables() {
+        assert_eq!(lora_row_segments(7, &[(1, 3), (3, 4), (5, 7)]).unwrap(), vec![-1, 0, 0, 1, -1, 2, 2]);
+        assert_eq!(lora_row_segments(2, &[(0, 0), (0, 2)]).unwrap(), vec![1, 1]);
+        assert!(lora_row_segments(4, &[(0, 3), (2, 4)]).is_err(), "overlap");
+        assert!(lora_row_segments(4, &[(0, 5)]).is_err(), "past the batch");
+        assert!(lora_row_segments(4, &[(3, 2)]).is_err(), "reversed");
+    }
+}

@@ -1,0 +1,151 @@
+//! The NF4 weight in GPU memory and its fused dequantize-matmul (`kernels/nf4.cu`), the device twin of
+//! [`crate::quant::op::Nf4Linear`]: same layout as the CPU weight (bitsandbytes'), same result within f32
+//! summation order.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda::{CudaStorage, WrapErr};
+use candle_core::{CpuStorage, CudaDevice, CustomOp1, DType, Layout, Result, Shape};
+
+use super::launch::{self, NF4_SOURCE};
+use super::nvrtc::Module;
+use crate::quant::nf4::{Absmax, Nf4Weight};
+
+static MODULE: Module = Module::new("loraserve_nf4", NF4_SOURCE);
+
+/// An NF4 weight `[n, k]` resident in device memory.
+pub struct Nf4CudaWeight {
+    pub n: usize,
+    pub k: usize,
+    packed: CudaSlice<u8>,
+    double_quant: bool,
+    /// Plain per-block scales (a 1-element placeholder when double-quantized).
+    absmax_f32: CudaSlice<f32>,
+    /// Double quantization: per-block codes, per-256-block scales, the 256-entry map, the offset
+    /// (1-element placeholders when plain).
+    absmax_codes: CudaSlice<u8>,
+    nested_absmax: CudaSlice<f32>,
+    nested_code: CudaSlice<f32>,
+    offset: f32,
+    code: CudaSlice<f32>,
+    device: CudaDevice,
+}
+
+impl Nf4CudaWeight {
+    /// Copies `w` (a 2-D NF4 weight) to `device`.
+    pub fn upload(w: &Nf4Weight, device: &CudaDevice) -> Result<Self> {
+        let (n, k) = w.dims2();
+        launch::nf4_matmul(1, n, k).map_err(candle_core::Error::msg)?;
+        let stream = device.cuda_stream();
+        let htod_u8 = |v: &[u8]| stream.clone_htod(v).w();
+        let htod_f32 = |v: &[f32]| stream.clone_htod(v).w();
+        let (double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset) = match &w.absmax {
+            Absmax::F32(v) => (false, htod_f32(v)?, htod_u8(&[0])?, htod_f32(&[0.0])?, htod_f32(&[0.0])?, 0.0),
+            Absmax::Double(d) => (
+                true,
+                htod_f32(&[0.0])?,
+                htod_u8(&d.codes)?,
+                htod_f32(&d.nested_absmax)?,
+                htod_f32(&d.nested_code[..])?,
+                d.offset,
+            ),
+        };
+        Ok(Nf4CudaWeight {
+            n,
+            k,
+            packed: htod_u8(&w.packed)?,
+            double_quant,
+            absmax_f32,
+            absmax_codes,
+            nested_absmax,
+            nested_code,
+            offset,
+            code: htod_f32(&w.code[..])?,
+            device: device.clone(),
+        })
+    }
+
+    /// Device bytes held: codes, scales and tables.
+    pub fn resident_bytes(&self) -> usize {
+        self.packed.len()
+            + 4 * (self.absmax_f32.len() + self.nested_absmax.len() + self.nested_code.len() + self.code.len())
+            + self.absmax_codes.len()
+    }
+
+    pub fn device(&self) -> &CudaDevice {
+        &self.device
+    }
+}
+
+/// `y[m, n] = x[m, k] · Wᵀ` on the device; `x` holds `m·k` contiguous f32 starting 16-byte aligned, `y` at
+/// least `m·n`. Public so the device checks can fill `y` with NaN first and see every element written.
+pub fn matmul_into(w: &Nf4CudaWeight, x: &CudaView<'_, f32>, m: usize, y: &mut CudaSlice<f32>) -> Result<()> {
+    let l = launch::nf4_matmul(m, w.n, w.k).map_err(candle_core::Error::msg)?;
+    if x.len() < m * w.k || y.len() < m * w.n {
+        candle_core::bail!("nf4 matmul: x has {} elements for {m}×{}, y {} for {m}×{}", x.len(), w.k, y.len(), w.n);
+    }
+    let func = MODULE.function(&w.device, l.kernel)?;
+    let stream = w.device.cuda_stream();
+    let (dq, mi, ni, ki) = (w.double_quant as i32, m as i32, w.n as i32, w.k as i32);
+    let cfg = LaunchConfig { grid_dim: l.grid, block_dim: l.block, shared_mem_bytes: 0 };
+    let mut b = stream.launch_builder(&func);
+    b.arg(x)
+        .arg(&w.packed)
+        .arg(&dq)
+        .arg(&w.absmax_f32)
+        .arg(&w.absmax_codes)
+        .arg(&w.nested_absmax)
+        .arg(&w.nested_code)
+        .arg(&w.offset)
+        .arg(&w.code)
+        .arg(y)
+        .arg(&mi)
+        .arg(&ni)
+        .arg(&ki);
+    // SAFETY: argument order and types match the kernels' signatures in kernels/nf4.cu; the sizes of x and y
+    // are checked above, and the weight buffers are the ones `upload` sized from the same Nf4Weight.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// `x[.., k] → x · Wᵀ [.., n]` for f32 tensors on the weight's device.
+#[derive(Clone)]
+pub struct Nf4CudaLinear(pub Arc<Nf4CudaWeight>);
+
+impl CustomOp1 for Nf4CudaLinear {
+    fn name(&self) -> &'static str {
+        "nf4-linear-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("nf4-linear-cuda: the weight lives on the GPU; CPU inputs use quant::op::Nf4Linear")
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let w = &self.0;
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&w.k) || storage.dtype() != DType::F32 {
+            candle_core::bail!(
+                "nf4-linear-cuda: needs f32 input ending in {}, got {:?} {dims:?}",
+                w.k,
+                storage.dtype()
+            );
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("nf4-linear-cuda: input must be contiguous");
+        };
+        if start % 4 != 0 {
+            candle_core::bail!("nf4-linear-cuda: input must start 16-byte aligned (offset {start})");
+        }
+        let m = (end - start) / w.k;
+        let x = storage.as_cuda_slice::<f32>()?.slice(start..end);
+        // SAFETY: every element of y is written by the kernel (checked on the device with a NaN-filled y).
+        let mut y = unsafe { w.device.alloc::<f32>(m * w.n) }?;
+        matmul_into(w, &x, m, &mut y)?;
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("checked above") = w.n;
+        Ok((CudaStorage::wrap_cuda_slice(y, w.device.clone()), Shape::from(out)))
+    }
+}

@@ -1,0 +1,37 @@
+//! Run-time compilation of the kernel sources: NVRTC → PTX for the device's compute capability, once per
+//! module per process, then loaded into candle's device (which caches the module by name).
+
+use std::sync::OnceLock;
+
+use candle_core::cuda::cudarc::driver::CudaFunction;
+use candle_core::cuda::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use candle_core::{CudaDevice, Result};
+
+use super::launch::nvrtc_arch;
+
+/// One kernel source file and its compiled PTX.
+pub struct Module {
+    pub name: &'static str,
+    pub source: &'static str,
+    ptx: OnceLock<std::result::Result<String, String>>,
+}
+
+impl Module {
+    pub const fn new(name: &'static str, source: &'static str) -> Self {
+        Module { name, source, ptx: OnceLock::new() }
+    }
+
+    /// The kernel `function` of this module on `device`, compiling the module on first use. Launch it on
+    /// `device.cuda_stream()`, where candle orders all of the device's work.
+    pub fn function(&self, device: &CudaDevice, function: &str) -> Result<CudaFunction> {
+        let ptx = self.ptx.get_or_init(|| {
+            let cc = device.cuda_stream().context().compute_capability().map_err(|e| e.to_string())?;
+            let opts = CompileOptions { arch: nvrtc_arch(cc.0, cc.1), ..Default::default() };
+            compile_ptx_with_opts(self.source, opts)
+                .map(|p| p.to_src())
+                .map_err(|e| format!("NVRTC, {}: {e}", self.name))
+        });
+        let ptx = ptx.as_deref().map_err(|e| candle_core::Error::Cuda(e.clone().into()))?;
+        Ok(device.get_or_load_custom_func(function, self.name, ptx)?.into_cuda_function())
+    }
+}
