@@ -8,17 +8,23 @@
 //! NF4 matmul: the 7B/8B linears (4096², 11008×4096, 4096×11008, 14336×4096) at 1, 8, 32 rows (decode, GEMV
 //! kernels) and 128, 512 rows (prefill, tiled kernel). Batched LoRA (shrink + expand) on 4096→4096 and
 //! 4096→1024: 32 decode rows over 32 distinct rank-16 adapters, 32 rows of one adapter, and a 512-row
-//! prefill mix of ranks 8/16/64/128 with base-model rows between the segments.
+//! prefill mix of ranks 8/16/64/128 with base-model rows between the segments. Paged attention (the cache
+//! write, then attention) on Llama-3-8B heads (32 query / 8 kv, head_dim 128, blocks of 16): decode rows at several
+//! context lengths plus a 20-token prefill, with and without a sliding window; output and cache compared.
 
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::cuda::cudarc::driver::CudaSlice;
 use candle_core::{Device, Tensor};
+use loraserve::gpu::attention::{paged_attention_into, LayerKvCuda};
 use loraserve::gpu::lora::{apply_into, LoraCudaModule};
 use loraserve::gpu::nf4::{matmul_into, Nf4CudaLinear, Nf4CudaWeight};
 use loraserve::lora::batched::{apply_reference, LoraSegment};
 use loraserve::lora::{LinearId, LoraModule, LoraWeights, ModuleKind};
+use loraserve::model::attention::{paged_attention, AttnShape, PagedSeq};
+use loraserve::model::kv_cache::LayerKv;
 use loraserve::quant::matmul;
 use loraserve::quant::nf4::Nf4Weight;
 use loraserve::rng::Rng;
@@ -115,8 +121,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let lora_rows = lora_checks(&device, copy_gbs, &mut failed)?;
+    let attention_rows = attention_checks(&device, copy_gbs, &mut failed)?;
     let report = serde_json::json!({
         "copy_gb_per_s": copy_gbs, "tolerance": TOLERANCE, "nf4_matmul": rows, "batched_lora": lora_rows,
+        "paged_attention": attention_rows,
     });
     if let Ok(out) = std::env::var("OUT") {
         std::fs::write(format!("{out}/gpu_kernels.json"), serde_json::to_string_pretty(&report)?)?;
@@ -203,6 +211,93 @@ fn lora_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyhow::Re
             out.push(serde_json::json!({
                 "mix": label, "rows": rows, "in": in_f, "out": out_f, "rel_l2": err, "base_rows_untouched": base_untouched,
                 "ok": ok, "us_per_call": s * 1e6, "gb_per_s": gbs,
+            }));
+        }
+    }
+    Ok(out)
+}
+
+/// Paged attention against `model::attention::paged_attention` (the CPU path the model runs).
+fn attention_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyhow::Result<Vec<serde_json::Value>> {
+    let cuda = device.as_cuda_device()?.clone();
+    let stream = cuda.cuda_stream();
+    println!(
+        "\n| paged attention | rows | contexts | window | rel L2 out / cache | µs/call | GB/s | % of copy | check |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let (heads, kv_heads, hd, bs, num_blocks) = (32usize, 8usize, 128usize, 16usize, 160usize);
+    let width = kv_heads * hd;
+    let mut out = vec![];
+    // (past, len) per sequence: decode rows at several context lengths, then a prefill.
+    let cases: [(&str, Vec<(usize, usize)>); 2] = [
+        ("decode ×4", vec![(0, 1), (37, 1), (500, 1), (1000, 1)]),
+        ("decode ×3 + prefill 20", vec![(100, 1), (255, 1), (700, 1), (0, 20)]),
+    ];
+    for (ci, (label, shape_of)) in cases.iter().enumerate() {
+        for window in [None, Some(64usize)] {
+            let seed = 9000 + 10 * ci as u64 + window.map_or(0, |_| 1);
+            let mut order: Vec<u32> = (0..num_blocks as u32).collect();
+            Rng::new(seed).shuffle(&mut order);
+            let mut next = 0;
+            let tables: Vec<Vec<u32>> = shape_of
+                .iter()
+                .map(|&(past, len)| {
+                    let n = (past + len).div_ceil(bs);
+                    next += n;
+                    order[next - n..next].to_vec()
+                })
+                .collect();
+            let mut row = 0;
+            let seqs: Vec<PagedSeq> = shape_of
+                .iter()
+                .zip(&tables)
+                .map(|(&(past, len), blocks)| {
+                    let s = PagedSeq { row, len, past, blocks };
+                    row += len;
+                    s
+                })
+                .collect();
+            let rows = row;
+            let shape = AttnShape { heads, kv_heads, head_dim: hd, window };
+            let (q, k, v) =
+                (normal(rows * heads * hd, seed + 1), normal(rows * width, seed + 2), normal(rows * width, seed + 3));
+            let (k0, v0) = (normal(num_blocks * bs * width, seed + 4), normal(num_blocks * bs * width, seed + 5));
+            let mut cpu_cache = LayerKv { block_size: bs, k: k0.clone(), v: v0.clone() };
+            let want = paged_attention(&q, &k, &v, &seqs, &mut cpu_cache, &shape);
+
+            let mut cache = LayerKvCuda { block_size: bs, k: stream.clone_htod(&k0)?, v: stream.clone_htod(&v0)? };
+            let (dq, dk, dv) = (stream.clone_htod(&q)?, stream.clone_htod(&k)?, stream.clone_htod(&v)?);
+            let mut dout = stream.clone_htod(&vec![f32::NAN; rows * heads * hd])?;
+            let attend = |cache: &mut LayerKvCuda, dout: &mut CudaSlice<f32>| {
+                paged_attention_into(&cuda, &dq.slice(..), &dk.slice(..), &dv.slice(..), &seqs, cache, &shape, dout)
+            };
+            attend(&mut cache, &mut dout)?;
+            let got = stream.clone_dtoh(&dout)?;
+            let err = rel_l2(&got, &want);
+            let cache_err = rel_l2(&stream.clone_dtoh(&cache.k)?, &cpu_cache.k)
+                .max(rel_l2(&stream.clone_dtoh(&cache.v)?, &cpu_cache.v));
+            let ok = err <= TOLERANCE && cache_err == 0.0;
+            *failed += usize::from(!ok);
+            let s = time(&cuda, || attend(&mut cache, &mut dout))?;
+            // Bytes: every visible key and value once per kv head, plus q and out.
+            let keys: usize = shape_of
+                .iter()
+                .flat_map(|&(past, len)| (past..past + len).map(move |p| window.map_or(p + 1, |w| (p + 1).min(w))))
+                .sum();
+            let moved = 4 * (2 * keys * width + 2 * rows * heads * hd);
+            let gbs = moved as f64 / s / 1e9;
+            let contexts: Vec<String> = shape_of.iter().map(|&(p, l)| format!("{}", p + l)).collect();
+            println!(
+                "| {label} | {rows} | {} | {} | {err:.2e} / {cache_err:.1e} | {:.1} | {gbs:.0} | {:.0}% | {} |",
+                contexts.join(", "),
+                window.map_or("-".to_string(), |w| w.to_string()),
+                s * 1e6,
+                100.0 * gbs / copy_gbs,
+                if ok { "ok" } else { "FAIL" }
+            );
+            out.push(serde_json::json!({
+                "case": label, "rows": rows, "window": window, "rel_l2": err, "cache_rel_l2": cache_err, "ok": ok,
+                "us_per_call": s * 1e6, "gb_per_s": gbs,
             }));
         }
     }

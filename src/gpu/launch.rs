@@ -5,6 +5,8 @@
 pub const NF4_SOURCE: &str = include_str!("kernels/nf4.cu");
 /// The batched-LoRA kernels' CUDA C source.
 pub const LORA_SOURCE: &str = include_str!("kernels/lora.cu");
+/// The paged-attention kernels' CUDA C source.
+pub const ATTENTION_SOURCE: &str = include_str!("kernels/attention.cu");
 
 /// One kernel launch: which function, and its grid and block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +99,80 @@ pub fn lora_row_segments(rows: usize, segments: &[(usize, usize)]) -> Result<Vec
     Ok(out)
 }
 
+/// Limits of `kernels/attention.cu`: query heads per kv head, head dimension (a multiple of 32).
+pub const ATTENTION_GROUP_MAX: usize = 8;
+pub const ATTENTION_HEAD_DIM_MAX: usize = 256;
+const ATTENTION_WARPS: u32 = 4;
+
+/// The two launches of paged attention: the cache write (one block per row) and the attention (one block
+/// per row and kv head).
+pub fn paged_attention(
+    rows: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<(Launch, Launch), String> {
+    if rows == 0 || heads == 0 || kv_heads == 0 {
+        return Err(format!("paged attention of an empty shape ({rows} rows, {heads}/{kv_heads} heads)"));
+    }
+    if heads % kv_heads != 0 || heads / kv_heads > ATTENTION_GROUP_MAX {
+        return Err(format!(
+            "paged attention kernel takes up to {ATTENTION_GROUP_MAX} query heads per kv head, got {heads}/{kv_heads}"
+        ));
+    }
+    if head_dim == 0 || head_dim % 32 != 0 || head_dim > ATTENTION_HEAD_DIM_MAX {
+        return Err(format!(
+            "paged attention kernel needs head_dim a multiple of 32 up to {ATTENTION_HEAD_DIM_MAX}, got {head_dim}"
+        ));
+    }
+    if rows > u32::MAX as usize || kv_heads > MAX_GRID_YZ {
+        return Err(format!("paged attention too large for one launch ({rows} rows, {kv_heads} kv heads)"));
+    }
+    let write = Launch { kernel: "kv_write", grid: (rows as u32, 1, 1), block: (256, 1, 1) };
+    let attend = Launch {
+        kernel: "paged_attention",
+        grid: (rows as u32, kv_heads as u32, 1),
+        block: (32 * ATTENTION_WARPS, 1, 1),
+    };
+    Ok((write, attend))
+}
+
+/// What the attention kernels read per row: the cache slot its new key/value goes to, its position, and
+/// where its sequence's block table starts in the concatenated `tables`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AttentionTables {
+    pub row_slot: Vec<i32>,
+    pub row_pos: Vec<i32>,
+    pub row_table: Vec<i32>,
+    pub tables: Vec<i32>,
+}
+
+/// Builds [`AttentionTables`] from the sequences of a step (which must cover the rows in order, each with a
+/// block table long enough for `past + len` positions).
+pub fn attention_tables(
+    seqs: &[crate::model::attention::PagedSeq],
+    block_size: usize,
+) -> Result<AttentionTables, String> {
+    let mut t = AttentionTables { row_slot: vec![], row_pos: vec![], row_table: vec![], tables: vec![] };
+    for s in seqs {
+        if s.row != t.row_pos.len() {
+            return Err(format!("sequences must cover the batch rows in order: one starts at row {}", s.row));
+        }
+        if s.blocks.len() * block_size < s.past + s.len {
+            return Err(format!("block table of {} blocks is short of {} positions", s.blocks.len(), s.past + s.len));
+        }
+        let offset = t.tables.len() as i32;
+        t.tables.extend(s.blocks.iter().map(|&b| b as i32));
+        for i in 0..s.len {
+            let pos = s.past + i;
+            t.row_slot.push((s.blocks[pos / block_size] as usize * block_size + pos % block_size) as i32);
+            t.row_pos.push(pos as i32);
+            t.row_table.push(offset);
+        }
+    }
+    Ok(t)
+}
+
 /// The NVRTC target for a compute capability (`None`: NVRTC's default virtual architecture).
 pub fn nvrtc_arch(major: i32, minor: i32) -> Option<&'static str> {
     Some(match (major, minor) {
@@ -156,13 +232,51 @@ mod tests {
         assert!(NF4_SOURCE.contains(&format!("#define WARPS_PER_BLOCK {GEMV_WARPS}\n")));
         assert!(NF4_SOURCE.contains(&format!("#define TILE {TILE}\n")));
         // NVRTC on the serving machine has no toolkit headers.
-        assert!(!NF4_SOURCE.contains("#include") && !LORA_SOURCE.contains("#include"));
+        for src in [NF4_SOURCE, LORA_SOURCE, ATTENTION_SOURCE] {
+            assert!(!src.contains("#include"));
+        }
+        for name in ["kv_write", "paged_attention"] {
+            assert!(ATTENTION_SOURCE.contains(&format!("extern \"C\" __global__ void {name}(")), "{name}");
+        }
+        assert!(ATTENTION_SOURCE.contains(&format!("#define GROUP_MAX {ATTENTION_GROUP_MAX}\n")));
+        assert!(ATTENTION_SOURCE.contains(&format!("#define HEAD_DIM_MAX {ATTENTION_HEAD_DIM_MAX}\n")));
+        assert!(ATTENTION_SOURCE.contains(&format!("#define ATTN_WARPS {ATTENTION_WARPS}\n")));
         for name in ["lora_shrink", "lora_expand"] {
             assert!(LORA_SOURCE.contains(&format!("extern \"C\" __global__ void {name}(")), "{name}");
         }
         assert!(LORA_SOURCE.contains(&format!("#define MAX_RANK {LORA_MAX_RANK}\n")));
         assert!(LORA_SOURCE.contains(&format!("#define SHRINK_WARPS {SHRINK_WARPS}\n")));
         assert!(LORA_SOURCE.contains(&format!("#define EXPAND_THREADS {EXPAND_THREADS}\n")));
+    }
+
+    #[test]
+    fn attention_tables_follow_the_cpu_cache_layout() {
+        use crate::model::attention::PagedSeq;
+        let (a, b) = ([7u32, 2], [4u32]);
+        let seqs = [
+            PagedSeq { row: 0, len: 1, past: 5, blocks: &a }, // decode: position 5 → block 2, slot 1
+            PagedSeq { row: 1, len: 3, past: 0, blocks: &b }, // prefill of 3 tokens in block 4
+        ];
+        let t = attention_tables(&seqs, 4).unwrap();
+        assert_eq!(t.row_slot, vec![2 * 4 + 1, 16, 17, 18]);
+        assert_eq!(t.row_pos, vec![5, 0, 1, 2]);
+        assert_eq!(t.row_table, vec![0, 2, 2, 2]);
+        assert_eq!(t.tables, vec![7, 2, 4]);
+        let short = [PagedSeq { row: 0, len: 2, past: 3, blocks: &b }];
+        assert!(attention_tables(&short, 4).unwrap_err().contains("short"));
+        let gap = [PagedSeq { row: 1, len: 1, past: 0, blocks: &b }];
+        assert!(attention_tables(&gap, 4).unwrap_err().contains("in order"));
+    }
+
+    #[test]
+    fn attention_launches_and_limits() {
+        let (w, a) = paged_attention(5, 32, 8, 128).unwrap();
+        assert_eq!((w.kernel, w.grid), ("kv_write", (5, 1, 1)));
+        assert_eq!((a.kernel, a.grid, a.block), ("paged_attention", (5, 8, 1), (128, 1, 1)));
+        assert!(paged_attention(1, 32, 2, 128).unwrap_err().contains("query heads per kv head"));
+        assert!(paged_attention(1, 28, 8, 128).is_err(), "heads not a multiple of kv heads");
+        assert!(paged_attention(1, 8, 8, 80).unwrap_err().contains("multiple of 32"));
+        assert!(paged_attention(0, 8, 8, 64).is_err());
     }
 
     #[test]

@@ -4,12 +4,15 @@
 //! - [`launch`] (always compiled, unit-tested without a GPU): kernel choice and launch geometry.
 //! - [`nf4`] (feature `cuda`): the NF4 weight in device memory and the fused dequantize-matmul op.
 //! - [`lora`] (feature `cuda`): adapters in device memory and the batched-LoRA shrink/expand op.
+//! - [`attention`] (feature `cuda`): the KV cache in device memory, cache writes and paged attention.
 //!
 //! Why NVRTC at run time rather than nvcc at build time: candle's CUDA backend already links NVRTC, so users
 //! with a CUDA toolkit build with `--features cuda` and nothing else; the PTX is produced for the GPU actually
 //! present (its compute capability, read at first use); and the sources are header-free, so the run-time
 //! compiler needs no include path on the serving machine.
 
+#[cfg(feature = "cuda")]
+pub mod attention;
 pub mod launch;
 #[cfg(feature = "cuda")]
 pub mod lora;

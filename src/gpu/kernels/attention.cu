@@ -1,0 +1,119 @@
+// Paged attention over the block KV cache, the device twin of model::attention::paged_attention.
+// Cache layout per layer (as the CPU cache): k and v arenas of [num_blocks, block_size, kv_heads, head_dim]
+// f32; a sequence's token position t lives in block table[t / block_size], slot t % block_size.
+//
+// kv_write: scatter this step's new keys/values ([rows, kv_heads * head_dim]) into their slots.
+// paged_attention: for every new token (row) and kv head, the group of query heads sharing that kv head
+// attends over positions first..pos of its sequence (causal; `window` > 0 masks keys older than window
+// positions), one pass with an online softmax, each key and value read once for the whole group.
+//
+// Compiled at run time by NVRTC, header-free.
+
+#define HEAD_DIM_MAX 256
+#define GROUP_MAX 8
+#define ATTN_WARPS 4
+#define NEG_INF __int_as_float(0xff800000)
+
+// One block per row, threads over kv_heads * head_dim.
+extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v,
+                                    float* __restrict__ k_cache, float* __restrict__ v_cache,
+                                    const int* __restrict__ row_slot, int token_width) {
+    const int r = blockIdx.x;
+    const long long dst = (long long)row_slot[r] * token_width;
+    const long long src = (long long)r * token_width;
+    for (int i = threadIdx.x; i < token_width; i += blockDim.x) {
+        k_cache[dst + i] = k[src + i];
+        v_cache[dst + i] = v[src + i];
+    }
+}
+
+// Grid (rows, kv_heads), ATTN_WARPS warps. Warp w takes positions first + w, first + w + ATTN_WARPS, ...;
+// lane l holds head dims l, l + 32, ... (head_dim / 32 of them). Per warp and head: running max m, sum l
+// and weighted value sum; the warps' partial states are merged through shared memory at the end.
+//   q [rows, heads * head_dim], out [rows, heads * head_dim]
+//   row_pos[r]: the token's position; row_table[r]: offset of its sequence's block table in `tables`.
+extern "C" __global__ void paged_attention(const float* __restrict__ q, const float* __restrict__ k_cache,
+                                           const float* __restrict__ v_cache, const int* __restrict__ tables,
+                                           const int* __restrict__ row_pos, const int* __restrict__ row_table,
+                                           float* __restrict__ out, int heads, int kv_heads, int head_dim,
+                                           int block_size, int window, float scale) {
+    __shared__ float sm_m[ATTN_WARPS][GROUP_MAX];
+    __shared__ float sm_l[ATTN_WARPS][GROUP_MAX];
+    __shared__ float sm_acc[ATTN_WARPS][GROUP_MAX][HEAD_DIM_MAX];
+    const int r = blockIdx.x, g = blockIdx.y;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int group = heads / kv_heads;
+    const int per_lane = head_dim / 32;  // head_dim % 32 == 0, ≤ HEAD_DIM_MAX
+    const int pos = row_pos[r];
+    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int* table = tables + row_table[r];
+    const int token_width = kv_heads * head_dim;
+
+    float qr[GROUP_MAX][HEAD_DIM_MAX / 32];
+    float acc[GROUP_MAX][HEAD_DIM_MAX / 32];
+    float m[GROUP_MAX], l[GROUP_MAX];
+#pragma unroll
+    for (int h = 0; h < GROUP_MAX; h++) {
+        m[h] = NEG_INF;
+        l[h] = 0.f;
+#pragma unroll
+        for (int d = 0; d < HEAD_DIM_MAX / 32; d++) {
+            acc[h][d] = 0.f;
+            qr[h][d] = (h < group && d < per_lane)
+                           ? q[((long long)r * heads + g * group + h) * head_dim + d * 32 + lane] * scale
+                           : 0.f;
+        }
+    }
+    for (int t = first + warp; t <= pos; t += ATTN_WARPS) {
+        const long long o = ((long long)table[t / block_size] * block_size + t % block_size) * token_width +
+                            (long long)g * head_dim;
+        float kr[HEAD_DIM_MAX / 32], vr[HEAD_DIM_MAX / 32];
+#pragma unroll
+        for (int d = 0; d < HEAD_DIM_MAX / 32; d++) {
+            kr[d] = d < per_lane ? k_cache[o + d * 32 + lane] : 0.f;
+            vr[d] = d < per_lane ? v_cache[o + d * 32 + lane] : 0.f;
+        }
+#pragma unroll
+        for (int h = 0; h < GROUP_MAX; h++) {
+            if (h >= group) break;
+            float s = 0.f;
+#pragma unroll
+            for (int d = 0; d < HEAD_DIM_MAX / 32; d++) s += qr[h][d] * kr[d];
+#pragma unroll
+            for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+            const float m_new = fmaxf(m[h], s);
+            const float correction = __expf(m[h] - m_new);
+            const float p = __expf(s - m_new);
+            l[h] = l[h] * correction + p;
+#pragma unroll
+            for (int d = 0; d < HEAD_DIM_MAX / 32; d++) acc[h][d] = acc[h][d] * correction + p * vr[d];
+            m[h] = m_new;
+        }
+    }
+    // Merge the warps' states: every warp publishes, then all threads combine for their (head, dim) pairs.
+#pragma unroll
+    for (int h = 0; h < GROUP_MAX; h++) {
+        if (h >= group) break;
+        if (lane == 0) {
+            sm_m[warp][h] = m[h];
+            sm_l[warp][h] = l[h];
+        }
+#pragma unroll
+        for (int d = 0; d < HEAD_DIM_MAX / 32; d++)
+            if (d < per_lane) sm_acc[warp][h][d * 32 + lane] = acc[h][d];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * head_dim; i += ATTN_WARPS * 32) {
+        const int h = i / head_dim, d = i % head_dim;
+        float mx = NEG_INF;
+        for (int w = 0; w < ATTN_WARPS; w++) mx = fmaxf(mx, sm_m[w][h]);
+        float sum = 0.f, val = 0.f;
+        for (int w = 0; w < ATTN_WARPS; w++) {
+            if (sm_m[w][h] == NEG_INF) continue;  // a warp that saw no position
+            const float c = __expf(sm_m[w][h] - mx);
+            sum += sm_l[w][h] * c;
+            val += sm_acc[w][h][d] * c;
+        }
+        out[((long long)r * heads + g * group + h) * head_dim + d] = val / sum;
+    }
+}
