@@ -86,10 +86,21 @@ fn main() -> anyhow::Result<()> {
 
     let mut rows = vec![];
     let mut failed = 0;
-    for (si, &(n, k)) in [(4096usize, 4096usize), (11008, 4096), (4096, 11008), (14336, 4096)].iter().enumerate() {
-        let w = Nf4Weight::quantize(&normal(n * k, 1000 + si as u64), &[n, k], true);
+    // (n, k, double-quantized absmax): the model shapes, plus both absmax forms and a small shape whose
+    // columns end mid-tile and mid-warp-group.
+    let shapes = [
+        (4096usize, 4096usize, true),
+        (4096, 4096, false),
+        (11008, 4096, true),
+        (4096, 11008, true),
+        (14336, 4096, true),
+        (4100, 320, false),
+    ];
+    for (si, &(n, k, dq)) in shapes.iter().enumerate() {
+        let w = Nf4Weight::quantize(&normal(n * k, 1000 + si as u64), &[n, k], dq);
         let dw = Arc::new(Nf4CudaWeight::upload(&w, &cuda)?);
-        for (mi, &m) in [1usize, 8, 32, 128, 512].iter().enumerate() {
+        // Every GEMV width (1..32 rows, partly filled ones too) and the tiled kernel with a partial row tile.
+        for (mi, &m) in [1usize, 2, 3, 8, 13, 32, 100, 128, 512].iter().enumerate() {
             let x = normal(m * k, 2000 + 10 * si as u64 + mi as u64);
             let want = matmul::matmul(&x, m, &w);
             let dx = stream.clone_htod(&x)?;
@@ -109,13 +120,14 @@ fn main() -> anyhow::Result<()> {
             let tflops = 2.0 * (m * n * k) as f64 / s / 1e12;
             let kernel = loraserve::gpu::launch::nf4_matmul(m, n, k).map_err(anyhow::Error::msg)?.kernel;
             println!(
-                "| {kernel} | {m} × {n} × {k} | {err:.2e} (op {op_err:.2e}) | {:.1} | {gbs:.0} | {:.0}% | {tflops:.2} | {} |",
+                "| {kernel} | {m} × {n} × {k}{} | {err:.2e} (op {op_err:.2e}) | {:.1} | {gbs:.0} | {:.0}% | {tflops:.2} | {} |",
+                if dq { "" } else { " (f32 absmax)" },
                 s * 1e6,
                 100.0 * gbs / copy_gbs,
                 if ok { "ok" } else { "FAIL" }
             );
             rows.push(serde_json::json!({
-                "kernel": kernel, "m": m, "n": n, "k": k, "rel_l2": err, "op_rel_l2": op_err, "ok": ok,
+                "kernel": kernel, "m": m, "n": n, "k": k, "double_quant": dq, "rel_l2": err, "op_rel_l2": op_err, "ok": ok,
                 "us_per_call": s * 1e6, "gb_per_s": gbs, "tflop_per_s": tflops,
             }));
         }
@@ -188,7 +200,9 @@ fn lora_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyhow::Re
             let mut dy = stream.clone_htod(&y0)?;
             apply_into(&cuda, &dx.slice(..), &mut dy, *rows, &dev_segs)?;
             let got = stream.clone_dtoh(&dy)?;
-            let err = rel_l2(&got, &want);
+            // The deltas, not y0 + delta: a small delta on a large y would hide its errors.
+            let delta = |v: &[f32]| -> Vec<f32> { v.iter().zip(&y0).map(|(a, b)| a - b).collect() };
+            let err = rel_l2(&delta(&got), &delta(&want));
             // Base-model rows must come back bit for bit.
             let covered: Vec<bool> = (0..*rows).map(|r| segs.iter().any(|(s, _)| s.contains(&r))).collect();
             let base_untouched = (0..*rows)

@@ -7,12 +7,13 @@ cd "$(dirname "$0")/../.."
 # shellcheck disable=SC1091
 source "${CUDA_BUILD_PREFIX:-$HOME/.cache/loraserve-cuda}/cuda-env.sh"
 mkdir -p .gpu
-exe=$(cargo bench --features cuda --bench gpu_kernels --no-run --message-format=json 2>/dev/null \
+exe=$(cargo bench --features cuda --bench gpu_kernels --no-run --message-format=json \
   | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "gpu_kernels" and m.get("executable"):
         print(m["executable"])')
+[ -n "$exe" ] || { echo "build.sh: the gpu_kernels bench did not build" >&2; exit 1; }
 cargo build --release --features cuda --bin server
 # Compressed: the device call carries 64 MiB in all, working tree included.
 strip -o .gpu/gpu_kernels "$exe" && gzip -9f .gpu/gpu_kernels

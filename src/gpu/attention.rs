@@ -33,8 +33,8 @@ pub fn paged_attention_into(
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let rows: usize = seqs.iter().map(|s| s.len).sum();
-    let (write, attend) =
-        launch::paged_attention(rows, shape.heads, shape.kv_heads, shape.head_dim).map_err(candle_core::Error::msg)?;
+    let (write, attend) = launch::paged_attention(rows, shape.heads, shape.kv_heads, shape.head_dim, shape.window)
+        .map_err(candle_core::Error::msg)?;
     let tables = launch::attention_tables(seqs, cache.block_size).map_err(candle_core::Error::msg)?;
     let width = shape.kv_heads * shape.head_dim;
     if q.len() < rows * shape.heads * shape.head_dim || k.len() < rows * width || v.len() < rows * width {
@@ -43,8 +43,10 @@ pub fn paged_attention_into(
     if out.len() < rows * shape.heads * shape.head_dim {
         candle_core::bail!("paged attention: out holds fewer than {rows} rows");
     }
-    let slots_needed = tables.row_slot.iter().map(|&s| s as usize + 1).max().unwrap_or(0);
-    if cache.k.len() < slots_needed * width || cache.v.len() < slots_needed * width {
+    // Every block any table names (the attention reads past positions through them) inside the arenas.
+    let blocks_needed = tables.tables.iter().map(|&b| b as usize + 1).max().unwrap_or(0);
+    let arena = blocks_needed * cache.block_size * width;
+    if tables.tables.iter().any(|&b| b < 0) || cache.k.len() < arena || cache.v.len() < arena {
         candle_core::bail!("paged attention: a block table points past the cache");
     }
     let stream = device.cuda_stream();

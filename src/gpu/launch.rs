@@ -111,7 +111,11 @@ pub fn paged_attention(
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    window: Option<usize>,
 ) -> Result<(Launch, Launch), String> {
+    if window == Some(0) {
+        return Err("paged attention with a sliding window of 0 positions".into());
+    }
     if rows == 0 || heads == 0 || kv_heads == 0 {
         return Err(format!("paged attention of an empty shape ({rows} rows, {heads}/{kv_heads} heads)"));
     }
@@ -270,13 +274,15 @@ mod tests {
 
     #[test]
     fn attention_launches_and_limits() {
-        let (w, a) = paged_attention(5, 32, 8, 128).unwrap();
+        let (w, a) = paged_attention(5, 32, 8, 128, Some(4096)).unwrap();
         assert_eq!((w.kernel, w.grid), ("kv_write", (5, 1, 1)));
         assert_eq!((a.kernel, a.grid, a.block), ("paged_attention", (5, 8, 1), (128, 1, 1)));
-        assert!(paged_attention(1, 32, 2, 128).unwrap_err().contains("query heads per kv head"));
-        assert!(paged_attention(1, 28, 8, 128).is_err(), "heads not a multiple of kv heads");
-        assert!(paged_attention(1, 8, 8, 80).unwrap_err().contains("multiple of 32"));
-        assert!(paged_attention(0, 8, 8, 64).is_err());
+        assert!(paged_attention(1, 32, 2, 128, None).unwrap_err().contains("query heads per kv head"));
+        assert!(paged_attention(1, 28, 8, 128, None).is_err(), "heads not a multiple of kv heads");
+        assert!(paged_attention(1, 8, 8, 80, None).unwrap_err().contains("multiple of 32"));
+        assert!(paged_attention(0, 8, 8, 64, None).is_err());
+        // The CPU path attends to nothing with a 0 window; the kernel reads 0 as "no window": refuse it.
+        assert!(paged_attention(1, 8, 8, 64, Some(0)).unwrap_err().contains("window of 0"));
     }
 
     #[test]

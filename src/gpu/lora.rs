@@ -9,7 +9,7 @@ use candle_core::cuda::WrapErr;
 use candle_core::{CudaDevice, Result};
 
 use super::launch::{self, LORA_MAX_RANK, LORA_SOURCE};
-use super::nvrtc::Module;
+use super::nvrtc::{require_aligned, Module};
 use crate::lora::LoraModule;
 use crate::tensor_io::with_f32;
 
@@ -29,7 +29,10 @@ impl LoraCudaModule {
     /// Copies a (host) LoRA module to `device`.
     pub fn upload(m: &LoraModule, device: &CudaDevice) -> Result<Self> {
         let (rank, in_features) = m.a.dims2()?;
-        let (_, out_features) = m.b_t.dims2()?;
+        let (b_rank, out_features) = m.b_t.dims2()?;
+        if b_rank != rank {
+            candle_core::bail!("LoRA module: A has rank {rank}, Bᵀ {b_rank}");
+        }
         if rank > LORA_MAX_RANK {
             candle_core::bail!("LoRA rank {rank} is above the GPU kernels' maximum {LORA_MAX_RANK}");
         }
@@ -70,6 +73,7 @@ pub fn apply_into(
         );
     }
     let (shrink, expand) = launch::lora(rows, in_f, out_f).map_err(candle_core::Error::msg)?;
+    require_aligned(device, "batched LoRA input", x)?;
     let ranges: Vec<(usize, usize)> = segments.iter().map(|(r, _)| (r.start, r.end)).collect();
     let row_seg = launch::lora_row_segments(rows, &ranges).map_err(candle_core::Error::msg)?;
 

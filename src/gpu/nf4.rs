@@ -10,7 +10,7 @@ use candle_core::cuda::{CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CudaDevice, CustomOp1, DType, Layout, Result, Shape};
 
 use super::launch::{self, NF4_SOURCE};
-use super::nvrtc::Module;
+use super::nvrtc::{require_aligned, Module};
 use crate::quant::nf4::{Absmax, Nf4Weight};
 
 static MODULE: Module = Module::new("loraserve_nf4", NF4_SOURCE);
@@ -86,6 +86,7 @@ pub fn matmul_into(w: &Nf4CudaWeight, x: &CudaView<'_, f32>, m: usize, y: &mut C
     if x.len() < m * w.k || y.len() < m * w.n {
         candle_core::bail!("nf4 matmul: x has {} elements for {m}×{}, y {} for {m}×{}", x.len(), w.k, y.len(), w.n);
     }
+    require_aligned(&w.device, "nf4 matmul input", x)?;
     let func = MODULE.function(&w.device, l.kernel)?;
     let stream = w.device.cuda_stream();
     let (dq, mi, ni, ki) = (w.double_quant as i32, m as i32, w.n as i32, w.k as i32);

@@ -3,11 +3,22 @@
 
 use std::sync::OnceLock;
 
-use candle_core::cuda::cudarc::driver::CudaFunction;
+use candle_core::cuda::cudarc::driver::{CudaFunction, CudaView, DevicePtr};
 use candle_core::cuda::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::{CudaDevice, Result};
 
 use super::launch::nvrtc_arch;
+
+/// Refuses a view the kernels would read with 16-byte vector loads unless it starts 16-byte aligned (a
+/// misaligned load is a sticky CUDA error that poisons the whole context).
+pub fn require_aligned(device: &CudaDevice, what: &str, view: &CudaView<'_, f32>) -> Result<()> {
+    let stream = device.cuda_stream();
+    let ptr = view.device_ptr(&stream).0;
+    if ptr % 16 != 0 {
+        candle_core::bail!("{what} must start 16-byte aligned on the device (address {ptr:#x})");
+    }
+    Ok(())
+}
 
 /// One kernel source file and its compiled PTX.
 pub struct Module {
