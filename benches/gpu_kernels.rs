@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::cuda::cudarc::driver::CudaSlice;
+use candle_core::cuda::WrapErr;
 use candle_core::{Device, Tensor};
 use loraserve::gpu::attention::{paged_attention_into, LayerKvCuda};
 use loraserve::gpu::lora::{apply_into, LoraCudaModule};
@@ -55,16 +56,16 @@ fn time(device: &candle_core::CudaDevice, mut f: impl FnMut() -> candle_core::Re
     for _ in 0..3 {
         f()?;
     }
-    stream.synchronize().map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    stream.synchronize().w()?;
     let (mut iters, start) = (0u32, Instant::now());
     while iters < 10 || start.elapsed().as_secs_f64() < 0.05 {
         f()?;
         iters += 1;
         if iters % 10 == 0 {
-            stream.synchronize().map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+            stream.synchronize().w()?;
         }
     }
-    stream.synchronize().map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    stream.synchronize().w()?;
     Ok(start.elapsed().as_secs_f64() / iters as f64)
 }
 
@@ -77,7 +78,7 @@ fn main() -> anyhow::Result<()> {
     let bytes = 1usize << 30;
     let src = stream.alloc_zeros::<u8>(bytes)?;
     let mut dst = stream.alloc_zeros::<u8>(bytes)?;
-    let copy_s = time(&cuda, || stream.memcpy_dtod(&src, &mut dst).map_err(|e| candle_core::Error::Cuda(Box::new(e))))?;
+    let copy_s = time(&cuda, || stream.memcpy_dtod(&src, &mut dst).w())?;
     let copy_gbs = 2.0 * bytes as f64 / copy_s / 1e9;
     drop((src, dst));
     println!("device-to-device copy: {copy_gbs:.0} GB/s (read + write)\n");

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use candle_core::{DType, Device};
+use common::copy_dir;
 use loraserve::engine::EngineConfig;
 use loraserve::lora::cache::CacheConfig;
 use loraserve::lora::peft::{write_dir, AdapterMeta};
@@ -92,11 +93,7 @@ fn adapters_dir(extra: usize) -> (tempfile::TempDir, Vec<String>) {
     let tmp = tempfile::tempdir().unwrap();
     let mut ids = vec![];
     for name in ["upper", "reverse", "persona"] {
-        let dst = tmp.path().join(name);
-        std::fs::create_dir_all(&dst).unwrap();
-        for f in ["adapter_config.json", "adapter_model.safetensors"] {
-            std::fs::copy(repo("adapters").join(name).join(f), dst.join(f)).unwrap();
-        }
+        copy_dir(&repo("adapters").join(name), &tmp.path().join(name));
         ids.push(name.to_string());
     }
     let layout = loraserve::model::demo::config().lora_layout();
@@ -114,15 +111,6 @@ fn adapters_dir(extra: usize) -> (tempfile::TempDir, Vec<String>) {
         ids.push(format!("team/r{i}"));
     }
     (tmp, ids)
-}
-
-async fn metrics_text(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
 }
 
 /// Series name → label names, from the Prometheus text exposition.
@@ -227,7 +215,7 @@ async fn dashboard_and_alerts_query_only_what_the_server_exports() {
             .unwrap();
         assert!(!r.into_inner().token_ids.is_empty());
     }
-    let text = metrics_text(h.metrics_addr).await;
+    let text = common::metrics_text(h.metrics_addr).await;
     h.shutdown();
     h.wait().await.unwrap();
 

@@ -8,16 +8,12 @@ use std::path::Path;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use common::fixture;
+use common::{copy_dir, fixture};
 use loraserve::model::{self, LoadOptions, ModelSpec};
 use loraserve::quant::QuantMode;
 
 fn copy_model(dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(fixture("llama/model")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
+    copy_dir(&fixture("llama/model"), dst);
 }
 
 fn load_err(dir: &Path) -> String {
@@ -115,11 +111,7 @@ fn bad_config_and_missing_shard_are_named() {
     assert!(e.contains("config.json") && e.contains("invalid JSON"), "{e}");
 
     let tmp = tempfile::tempdir().unwrap();
-    let src = fixture("llama-sharded/model");
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
+    copy_dir(&fixture("llama-sharded/model"), tmp.path());
     std::fs::remove_file(tmp.path().join("model-00007-of-00014.safetensors")).unwrap();
     let e = load_err(tmp.path());
     assert!(e.contains("model-00007-of-00014.safetensors"), "{e}");

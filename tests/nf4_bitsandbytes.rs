@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{expected, fixture, rel_l2};
+use common::{copy_dir, expected, fixture, rel_l2};
 use loraserve::engine::{generate, GenerateJob, SamplingParams};
 use loraserve::lora::{LinearId, ModuleKind};
 use loraserve::model::{self, BaseWeight, LoadOptions, LoadedModel, ModelSpec};
@@ -224,10 +224,7 @@ fn quantize_command_round_trips_bit_identically() {
 /// Copies the bitsandbytes checkpoint, applying `edit` to its tensors.
 fn broken_bnb(edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> (tempfile::TempDir, String) {
     let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(fixture("llama-bnb-nf4/model")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
+    copy_dir(&fixture("llama-bnb-nf4/model"), tmp.path());
     let path = tmp.path().join("model.safetensors");
     let mut t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     edit(&mut t);

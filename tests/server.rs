@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use common::{expected, fixture};
+use common::{copy_dir, expected, fixture};
 use loraserve::engine::EngineConfig;
 use loraserve::lora::cache::CacheConfig;
 use loraserve::model::{LoadOptions, ModelSpec};
@@ -344,7 +344,7 @@ async fn metrics_exposition_has_every_contract_metric_with_its_type_and_labels()
     c.generate(req("qv-r4", "alpha", 3)).await.unwrap();
     let _ = c.generate(req("missing", "alpha", 3)).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let body = reqwest_get(&format!("http://{}/metrics", h.metrics_addr)).await;
+    let body = common::metrics_text(h.metrics_addr).await;
     let parsed = parse_prometheus(&body);
     for &(name, kind, _) in loraserve::telemetry::ALL {
         assert_eq!(parsed.types.get(name).map(String::as_str), Some(kind), "# TYPE of {name}");
@@ -423,14 +423,6 @@ fn sigterm_drains_and_exits_zero() {
 
 // ---- helpers ----
 
-fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
-}
-
 /// Sends a GenerateRequest whose prompt bytes are not UTF-8, bypassing the typed client.
 async fn raw_generate_with_bad_utf8(addr: std::net::SocketAddr) -> (Code, String) {
     // Field 2 (prompt), wire type 2, length 2, bytes 0xff 0xfe; field 3 (max_new_tokens) = 4.
@@ -481,18 +473,6 @@ impl tonic::codec::Decoder for RawDec {
         src.advance(v.len());
         Ok(Some(v))
     }
-}
-
-/// `GET url` over a plain TCP connection (HTTP/1.0, the body until close).
-async fn reqwest_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await.unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
 }
 
 #[derive(Default)]
