@@ -20,7 +20,7 @@ use candle_core::cuda::cudarc::driver::CudaSlice;
 use candle_core::cuda::WrapErr;
 use candle_core::{Device, Tensor};
 use loraserve::gpu::attention::{paged_attention_into, LayerKvCuda};
-use loraserve::gpu::lora::{apply_into, LoraCudaModule};
+use loraserve::gpu::lora::apply_into;
 use loraserve::gpu::nf4::{matmul_into, Nf4CudaLinear, Nf4CudaWeight};
 use loraserve::lora::batched::{apply_reference, LoraSegment};
 use loraserve::lora::{LinearId, LoraModule, LoraWeights, ModuleKind};
@@ -191,12 +191,12 @@ fn lora_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyhow::Re
                 segs.iter().zip(&adapters).map(|((r, _), w)| LoraSegment::new(r.clone(), w)).collect();
             let want = apply_reference(&yt, &xt, id, &cpu_segs)?.flatten_all()?.to_vec1::<f32>()?;
 
-            let modules: Vec<LoraCudaModule> = adapters
-                .iter()
-                .map(|w| LoraCudaModule::upload(w.module(id).expect("inserted"), &cuda))
-                .collect::<candle_core::Result<_>>()?;
-            let dev_segs: Vec<(Range<usize>, &LoraCudaModule)> =
-                segs.iter().zip(&modules).map(|((r, _), m)| (r.clone(), m)).collect();
+            // Device copies the way the adapter cache's device tier makes them.
+            let on_device: Vec<LoraWeights> =
+                adapters.iter().map(|w| w.to_device(device)).collect::<candle_core::Result<_>>()?;
+            let modules: Vec<&LoraModule> = on_device.iter().map(|w| w.module(id).expect("inserted")).collect();
+            let dev_segs: Vec<(Range<usize>, &LoraModule)> =
+                segs.iter().zip(&modules).map(|((r, _), m)| (r.clone(), *m)).collect();
             let dx = stream.clone_htod(&x)?;
             let mut dy = stream.clone_htod(&y0)?;
             apply_into(&cuda, &dx.slice(..), &mut dy, *rows, &dev_segs)?;
@@ -212,7 +212,7 @@ fn lora_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyhow::Re
             let ok = err <= TOLERANCE && base_untouched;
             *failed += usize::from(!ok);
             let s = time(&cuda, || apply_into(&cuda, &dx.slice(..), &mut dy, *rows, &dev_segs))?;
-            let moved = modules.iter().map(|m| m.resident_bytes()).sum::<usize>() + 4 * rows * (in_f + 2 * out_f);
+            let moved = modules.iter().map(|m| m.bytes()).sum::<usize>() + 4 * rows * (in_f + 2 * out_f);
             let gbs = moved as f64 / s / 1e9;
             let ranks: Vec<String> = segs.iter().map(|(r, k)| format!("{}×r{k}", r.len())).collect();
             let ranks = if ranks.len() > 4 { format!("{} × r16", ranks.len()) } else { ranks.join(", ") };

@@ -128,7 +128,7 @@ fn load(dir: &Path, quant: QuantMode) -> LoadedModel {
 fn nf4_of(m: &LoadedModel, id: LinearId) -> &Nf4Weight {
     match &m.model.linear(id).unwrap().base {
         BaseWeight::Nf4(w) => w,
-        BaseWeight::Dense(_) => panic!("{id} is not NF4"),
+        _ => panic!("{id} is not NF4 in host memory"),
     }
 }
 

@@ -39,7 +39,7 @@ pub fn generate(model: &Model, job: &GenerateJob) -> Result<Generated> {
     let geo = model.kv_geometry(BLOCK_SIZE);
     let total = n + job.max_new_tokens;
     let blocks_needed = geo.blocks_for(total).max(1);
-    let mut cache = PagedKvCache::new(geo, blocks_needed);
+    let mut cache = PagedKvCache::on_device(geo, blocks_needed, model.device())?;
     let blocks = cache.allocator_mut().allocate(blocks_needed).expect("fresh cache");
     let mut sampler = Sampler::new(job.sampling.clone(), 0);
     let eos = &model.config().eos_token_ids;

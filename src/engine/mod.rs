@@ -24,6 +24,7 @@ pub use request::{EngineError, Event, FinishReason, ValidRequest};
 pub use sampler::{Sampler, SamplingParams};
 pub use worker::{EngineConfig, EngineStats};
 
+use crate::model::kv_cache::PagedKvCache;
 use crate::model::{Model, Tokenizer};
 use worker::Command;
 
@@ -45,16 +46,21 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the engine thread with `model`.
-    pub fn start(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Arc<Engine> {
+    /// Starts the engine thread with `model`. Its KV cache (`config.kv_cache_bytes`, on the model's device)
+    /// is allocated here, so a budget the device cannot hold fails at start, not on the first request.
+    pub fn start(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> candle_core::Result<Arc<Engine>> {
+        let geo = model.kv_geometry(config.block_size);
+        let cache = PagedKvCache::with_budget_on(geo, config.kv_cache_bytes, model.device()).map_err(|e| {
+            candle_core::Error::msg(format!("allocating the {}-byte KV cache: {e}", config.kv_cache_bytes))
+        })?;
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let s = stats.clone();
         let thread = std::thread::Builder::new()
             .name("loraserve-engine".into())
-            .spawn(move || worker::run(model, tokenizer, config, rx, s))
+            .spawn(move || worker::run(model, cache, tokenizer, config, rx, s))
             .expect("spawn engine thread");
-        Arc::new(Engine { tx: Mutex::new(tx), stats, config, thread: Mutex::new(Some(thread)) })
+        Ok(Arc::new(Engine { tx: Mutex::new(tx), stats, config, thread: Mutex::new(Some(thread)) }))
     }
 
     pub fn stats(&self) -> &EngineStats {

@@ -80,13 +80,13 @@ struct Live {
 
 pub(crate) fn run(
     model: Model,
+    mut cache: PagedKvCache,
     tokenizer: Arc<Tokenizer>,
     cfg: EngineConfig,
     rx: Receiver<Command>,
     stats: Arc<EngineStats>,
 ) {
-    let geo = model.kv_geometry(cfg.block_size);
-    let mut cache = PagedKvCache::with_budget(geo, cfg.kv_cache_bytes);
+    let geo = cache.geometry();
     let capacity = cache.allocator().capacity();
     stats.kv_blocks_total.store(capacity, Ordering::Relaxed);
     let mut sched = Scheduler::new(SchedulerConfig {

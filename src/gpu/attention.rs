@@ -2,9 +2,12 @@
 //! [`crate::model::attention::paged_attention`]: the same cache layout (`[blocks, block_size, kv_heads,
 //! head_dim]` per layer and arena), the same block tables, the same causal and sliding-window masks.
 
+use std::cell::RefCell;
+
+use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
-use candle_core::cuda::WrapErr;
-use candle_core::{CudaDevice, Result};
+use candle_core::cuda::{CudaStorage, WrapErr};
+use candle_core::{CpuStorage, CudaDevice, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::launch::{self, ATTENTION_SOURCE};
 use super::nvrtc::Module;
@@ -17,6 +20,96 @@ pub struct LayerKvCuda {
     pub block_size: usize,
     pub k: CudaSlice<f32>,
     pub v: CudaSlice<f32>,
+}
+
+impl LayerKvCuda {
+    /// Zero-filled arenas of `elements` f32 each.
+    pub fn zeros(device: &CudaDevice, block_size: usize, elements: usize) -> Result<Self> {
+        let stream = device.cuda_stream();
+        Ok(LayerKvCuda {
+            block_size,
+            k: stream.alloc_zeros::<f32>(elements).w()?,
+            v: stream.alloc_zeros::<f32>(elements).w()?,
+        })
+    }
+}
+
+/// Tensor form of [`paged_attention_into`]: `q [rows, heads*hd]`, `k`/`v [rows, kv_heads*hd]` (f32, roped, on
+/// the cache's device) → the attention output `[rows, heads*hd]`, with this step's keys and values written
+/// into `cache` first.
+pub fn paged_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqs: &[PagedSeq],
+    cache: &mut LayerKvCuda,
+    shape: &AttnShape,
+) -> Result<Tensor> {
+    let op = PagedAttention { seqs, cache: RefCell::new(cache), shape: *shape };
+    q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+}
+
+struct PagedAttention<'a, 'c> {
+    seqs: &'a [PagedSeq<'a>],
+    cache: RefCell<&'c mut LayerKvCuda>,
+    shape: AttnShape,
+}
+
+fn f32_view<'s>(s: &'s CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'s, f32>> {
+    match (s.dtype(), l.contiguous_offsets()) {
+        (DType::F32, Some((a, b))) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
+        _ => candle_core::bail!("paged-attention-cuda: {what} must be contiguous f32"),
+    }
+}
+
+impl CustomOp3 for PagedAttention<'_, '_> {
+    fn name(&self) -> &'static str {
+        "paged-attention-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("paged-attention-cuda: CPU tensors use model::attention::paged_attention")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let rows = ql.shape().dims2()?.0;
+        let covered: usize = self.seqs.iter().map(|s| s.len).sum();
+        if covered != rows {
+            candle_core::bail!("paged-attention-cuda: {rows} rows but the sequences cover {covered}");
+        }
+        let device = q.device().clone();
+        let width = self.shape.heads * self.shape.head_dim;
+        // SAFETY: paged_attention_into writes every element of `out` (checked on the device with NaN fill).
+        let mut out = unsafe { device.alloc::<f32>(rows * width) }?;
+        let mut cache = self.cache.borrow_mut();
+        paged_attention_into(
+            &device,
+            &f32_view(q, ql, "q")?,
+            &f32_view(k, kl, "k")?,
+            &f32_view(v, vl, "v")?,
+            self.seqs,
+            &mut cache,
+            &self.shape,
+            &mut out,
+        )?;
+        Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from((rows, width))))
+    }
 }
 
 /// Writes this step's keys and values into the cache, then attends: `q [rows, heads*hd]`, `k`/`v

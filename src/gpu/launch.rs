@@ -41,7 +41,15 @@ pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
         return Err(format!("NF4 matmul of an empty shape (m={m}, n={n}, k={k})"));
     }
     if k % 64 != 0 {
-        return Err(format!("NF4 GPU kernels need in_features divisible by 64 (whole NF4 blocks per row), got {k}"));
+        // Blocks straddle rows: the scalar kernel, one warp per output.
+        if m > MAX_GRID_YZ || n.div_ceil(GEMV_WARPS) > u32::MAX as usize {
+            return Err(format!("NF4 matmul too large for one launch (m={m}, n={n})"));
+        }
+        return Ok(Launch {
+            kernel: "nf4_matmul_generic",
+            grid: (n.div_ceil(GEMV_WARPS) as u32, m as u32, 1),
+            block: (32 * GEMV_WARPS as u32, 1, 1),
+        });
     }
     if m <= GEMV_MAX_ROWS {
         let (_, kernel) = GEMV_KERNELS.iter().copied().find(|&(r, _)| r >= m).expect("m ≤ 32 has a kernel");
@@ -99,7 +107,7 @@ pub fn lora_row_segments(rows: usize, segments: &[(usize, usize)]) -> Result<Vec
     Ok(out)
 }
 
-/// Limits of `kernels/attention.cu`: query heads per kv head, head dimension (a multiple of 32).
+/// Limits of `kernels/attention.cu`: query heads per kv head, head dimension.
 pub const ATTENTION_GROUP_MAX: usize = 8;
 pub const ATTENTION_HEAD_DIM_MAX: usize = 256;
 const ATTENTION_WARPS: u32 = 4;
@@ -124,10 +132,8 @@ pub fn paged_attention(
             "paged attention kernel takes up to {ATTENTION_GROUP_MAX} query heads per kv head, got {heads}/{kv_heads}"
         ));
     }
-    if head_dim == 0 || head_dim % 32 != 0 || head_dim > ATTENTION_HEAD_DIM_MAX {
-        return Err(format!(
-            "paged attention kernel needs head_dim a multiple of 32 up to {ATTENTION_HEAD_DIM_MAX}, got {head_dim}"
-        ));
+    if head_dim == 0 || head_dim > ATTENTION_HEAD_DIM_MAX {
+        return Err(format!("paged attention kernel takes head_dim 1..={ATTENTION_HEAD_DIM_MAX}, got {head_dim}"));
     }
     if rows > u32::MAX as usize || kv_heads > MAX_GRID_YZ {
         return Err(format!("paged attention too large for one launch ({rows} rows, {kv_heads} kv heads)"));
@@ -222,8 +228,20 @@ mod tests {
 
     #[test]
     fn shapes_the_kernels_cannot_take_are_refused_by_name() {
-        assert!(nf4_matmul(1, 4096, 4000).unwrap_err().contains("divisible by 64"));
         assert!(nf4_matmul(0, 4096, 4096).unwrap_err().contains("empty"));
+        assert!(nf4_matmul(MAX_GRID_YZ + 1, 64, 96).unwrap_err().contains("too large"));
+    }
+
+    /// K not a multiple of 64 (the fixture models' 96- and 160-wide layers): blocks straddle rows, so the
+    /// scalar kernel, one warp per output, whatever the rows.
+    #[test]
+    fn odd_widths_take_the_generic_kernel() {
+        for m in [1, 7, 33, 512] {
+            let l = nf4_matmul(m, 97, 96).unwrap();
+            assert_eq!((l.kernel, l.grid, l.block), ("nf4_matmul_generic", (25, m as u32, 1), (128, 1, 1)));
+        }
+        assert_eq!(nf4_matmul(3, 64, 160).unwrap().kernel, "nf4_matmul_generic");
+        assert_eq!(nf4_matmul(3, 64, 192).unwrap().kernel, "nf4_gemv_r4");
     }
 
     #[test]
@@ -232,7 +250,9 @@ mod tests {
             assert_eq!(name, format!("nf4_gemv_r{r}"));
             assert!(NF4_SOURCE.contains(&format!("NF4_GEMV({r})\n")), "{name} not instantiated in nf4.cu");
         }
-        assert!(NF4_SOURCE.contains("extern \"C\" __global__ void nf4_matmul_tiled("));
+        for name in ["nf4_matmul_tiled", "nf4_matmul_generic"] {
+            assert!(NF4_SOURCE.contains(&format!("extern \"C\" __global__ void {name}(")), "{name}");
+        }
         assert!(NF4_SOURCE.contains(&format!("#define WARPS_PER_BLOCK {GEMV_WARPS}\n")));
         assert!(NF4_SOURCE.contains(&format!("#define TILE {TILE}\n")));
         // NVRTC on the serving machine has no toolkit headers.
@@ -279,7 +299,12 @@ mod tests {
         assert_eq!((a.kernel, a.grid, a.block), ("paged_attention", (5, 8, 1), (128, 1, 1)));
         assert!(paged_attention(1, 32, 2, 128, None).unwrap_err().contains("query heads per kv head"));
         assert!(paged_attention(1, 28, 8, 128, None).is_err(), "heads not a multiple of kv heads");
-        assert!(paged_attention(1, 8, 8, 80, None).unwrap_err().contains("multiple of 32"));
+        // Any head_dim up to the maximum: 16 (the fixture models), 80, 96.
+        for hd in [16, 80, 96, 256] {
+            assert!(paged_attention(1, 8, 8, hd, None).is_ok(), "{hd}");
+        }
+        assert!(paged_attention(1, 8, 8, 257, None).unwrap_err().contains("head_dim"));
+        assert!(paged_attention(1, 8, 8, 0, None).is_err());
         assert!(paged_attention(0, 8, 8, 64, None).is_err());
         // The CPU path attends to nothing with a 0 window; the kernel reads 0 as "no window": refuse it.
         assert!(paged_attention(1, 8, 8, 64, Some(0)).unwrap_err().contains("window of 0"));

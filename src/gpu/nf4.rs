@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CudaDevice, CustomOp1, DType, Layout, Result, Shap
 
 use super::launch::{self, NF4_SOURCE};
 use super::nvrtc::{require_aligned, Module};
-use crate::quant::nf4::{Absmax, Nf4Weight};
+use crate::quant::nf4::{Absmax, DoubleQuant, Nf4Weight};
 
 static MODULE: Module = Module::new("loraserve_nf4", NF4_SOURCE);
 
@@ -76,6 +76,34 @@ impl Nf4CudaWeight {
 
     pub fn device(&self) -> &CudaDevice {
         &self.device
+    }
+
+    pub fn numel(&self) -> usize {
+        self.n * self.k
+    }
+
+    /// Copies the weight back to host memory, bit for bit (for checkpoints and dense views; the device copy
+    /// is the only one a GPU-resident model keeps).
+    pub fn download(&self) -> Result<Nf4Weight> {
+        let stream = self.device.cuda_stream();
+        let code: Vec<f32> = stream.clone_dtoh(&self.code).w()?;
+        let absmax = if self.double_quant {
+            let nested: Vec<f32> = stream.clone_dtoh(&self.nested_code).w()?;
+            Absmax::Double(DoubleQuant {
+                codes: stream.clone_dtoh(&self.absmax_codes).w()?,
+                nested_absmax: stream.clone_dtoh(&self.nested_absmax).w()?,
+                nested_code: Box::new(nested.try_into().map_err(|_| candle_core::Error::msg("nested code size"))?),
+                offset: self.offset,
+            })
+        } else {
+            Absmax::F32(stream.clone_dtoh(&self.absmax_f32).w()?)
+        };
+        Ok(Nf4Weight {
+            shape: vec![self.n, self.k],
+            packed: stream.clone_dtoh(&self.packed).w()?,
+            absmax,
+            code: code.try_into().map_err(|_| candle_core::Error::msg("NF4 code table size"))?,
+        })
     }
 }
 

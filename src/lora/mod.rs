@@ -190,7 +190,15 @@ impl LoraRows<'_> {
     pub fn apply(&self, id: LinearId, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
         match self {
             LoraRows::None => Ok(y),
-            LoraRows::Segments(segs) => batched::apply(&y, x, id, segs),
+            LoraRows::Segments(segs) => {
+                #[cfg(feature = "cuda")]
+                if y.device().is_cuda() {
+                    // The linear's fresh output takes the deltas in place.
+                    crate::gpu::lora::add_deltas(&y, x, id, segs)?;
+                    return Ok(y);
+                }
+                batched::apply(&y, x, id, segs)
+            }
             LoraRows::SegmentsReference(segs) => batched::apply_reference(&y, x, id, segs),
             LoraRows::Train(t) => match t.delta(id, x)? {
                 Some(d) => y + d,

@@ -82,9 +82,10 @@ pub fn write(
         match (&lin.base, dense_override(lin)?) {
             (_, Some(dense)) => tensors.push((weight_name, tensor_bytes(&dense)?)),
             (BaseWeight::Dense(w), None) => tensors.push((weight_name, tensor_bytes(w)?)),
-            (BaseWeight::Nf4(w), None) => {
+            (base, None) => {
+                let w = base.nf4_host()?.expect("a weight that is not dense is NF4");
                 any_nf4 = true;
-                tensors.extend(bnb::nf4_tensors(&weight_name, w, compute_name));
+                tensors.extend(bnb::nf4_tensors(&weight_name, &w, compute_name));
             }
         }
         if let Some(b) = &lin.bias {

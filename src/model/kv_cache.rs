@@ -1,5 +1,6 @@
 //! The paged KV cache: fixed-size blocks of token positions, per layer one key and one value arena of
-//! `[num_blocks, block_size, kv_heads, head_dim]` f32, and a [`BlockAllocator`] handing out block ids.
+//! `[num_blocks, block_size, kv_heads, head_dim]` f32 (in host memory, or in GPU memory beside a
+//! GPU-resident model), and a [`BlockAllocator`] handing out block ids.
 //!
 //! Sequences own block tables (lists of block ids); the cache itself knows nothing about sequences, so the
 //! engine can admit, grow, preempt and free them by moving block ids around. Memory is fixed at creation
@@ -27,41 +28,107 @@ impl KvGeometry {
     }
 }
 
-/// One layer's key and value arenas.
+/// One layer's key and value arenas in host memory.
 pub struct LayerKv {
     pub block_size: usize,
     pub k: Vec<f32>,
     pub v: Vec<f32>,
 }
 
+/// One layer's arenas, wherever the cache lives.
+pub enum LayerArenas<'a> {
+    Host(&'a mut LayerKv),
+    #[cfg(feature = "cuda")]
+    Cuda(&'a mut crate::gpu::attention::LayerKvCuda),
+}
+
+/// Every layer's arenas: in host memory, or in GPU memory beside a GPU-resident model.
+enum Arenas {
+    Host(Vec<LayerKv>),
+    #[cfg(feature = "cuda")]
+    Cuda(Vec<crate::gpu::attention::LayerKvCuda>),
+}
+
 /// The cache arenas plus the allocator of their blocks.
 pub struct PagedKvCache {
     geometry: KvGeometry,
-    layers: Vec<LayerKv>,
+    arenas: Arenas,
     allocator: BlockAllocator,
 }
 
 impl PagedKvCache {
+    /// A cache of `num_blocks` blocks in host memory.
     pub fn new(geometry: KvGeometry, num_blocks: usize) -> Self {
-        let per_layer = num_blocks * geometry.block_size * geometry.kv_heads * geometry.head_dim;
+        let per_layer = Self::per_layer(geometry, num_blocks);
         let layers = (0..geometry.layers)
             .map(|_| LayerKv { block_size: geometry.block_size, k: vec![0f32; per_layer], v: vec![0f32; per_layer] })
             .collect();
-        PagedKvCache { geometry, layers, allocator: BlockAllocator::new(num_blocks) }
+        PagedKvCache { geometry, arenas: Arenas::Host(layers), allocator: BlockAllocator::new(num_blocks) }
     }
 
-    /// A cache of as many blocks as fit in `budget_bytes` (at least one).
+    /// A cache of `num_blocks` blocks on `device` (the model's), zero-filled.
+    pub fn on_device(
+        geometry: KvGeometry,
+        num_blocks: usize,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Self> {
+        match device {
+            candle_core::Device::Cpu => Ok(Self::new(geometry, num_blocks)),
+            #[cfg(feature = "cuda")]
+            candle_core::Device::Cuda(d) => {
+                let per_layer = Self::per_layer(geometry, num_blocks);
+                let layers = (0..geometry.layers)
+                    .map(|_| crate::gpu::attention::LayerKvCuda::zeros(d, geometry.block_size, per_layer))
+                    .collect::<candle_core::Result<_>>()?;
+                Ok(PagedKvCache { geometry, arenas: Arenas::Cuda(layers), allocator: BlockAllocator::new(num_blocks) })
+            }
+            #[allow(unreachable_patterns)]
+            other => candle_core::bail!("no KV cache for device {:?}", other.location()),
+        }
+    }
+
+    fn per_layer(geometry: KvGeometry, num_blocks: usize) -> usize {
+        num_blocks * geometry.block_size * geometry.kv_heads * geometry.head_dim
+    }
+
+    /// A host cache of as many blocks as fit in `budget_bytes` (at least one).
     pub fn with_budget(geometry: KvGeometry, budget_bytes: usize) -> Self {
-        let blocks = (budget_bytes / geometry.block_bytes().max(1)).max(1);
-        Self::new(geometry, blocks)
+        Self::new(geometry, Self::blocks_in(geometry, budget_bytes))
+    }
+
+    /// As [`PagedKvCache::with_budget`], on `device`.
+    pub fn with_budget_on(
+        geometry: KvGeometry,
+        budget_bytes: usize,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Self> {
+        Self::on_device(geometry, Self::blocks_in(geometry, budget_bytes), device)
+    }
+
+    fn blocks_in(geometry: KvGeometry, budget_bytes: usize) -> usize {
+        (budget_bytes / geometry.block_bytes().max(1)).max(1)
     }
 
     pub fn geometry(&self) -> KvGeometry {
         self.geometry
     }
 
-    pub fn layer_mut(&mut self, layer: usize) -> &mut LayerKv {
-        &mut self.layers[layer]
+    /// Layer `layer`'s arenas.
+    pub fn layer(&mut self, layer: usize) -> LayerArenas<'_> {
+        match &mut self.arenas {
+            Arenas::Host(layers) => LayerArenas::Host(&mut layers[layer]),
+            #[cfg(feature = "cuda")]
+            Arenas::Cuda(layers) => LayerArenas::Cuda(&mut layers[layer]),
+        }
+    }
+
+    /// Layer `layer`'s arenas when the cache is in host memory.
+    pub fn host_layer_mut(&mut self, layer: usize) -> Option<&mut LayerKv> {
+        match self.layer(layer) {
+            LayerArenas::Host(kv) => Some(kv),
+            #[cfg(feature = "cuda")]
+            LayerArenas::Cuda(_) => None,
+        }
     }
 
     pub fn allocator(&self) -> &BlockAllocator {

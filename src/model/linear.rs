@@ -16,8 +16,13 @@ use super::ModelError;
 /// The frozen base weight of a linear layer, `[out, in]`.
 #[derive(Clone)]
 pub enum BaseWeight {
+    /// Dense, on the model's device.
     Dense(Tensor),
+    /// NF4 codes in host memory (the CPU path).
     Nf4(Arc<Nf4Weight>),
+    /// NF4 codes in GPU memory, the only copy a GPU-resident model keeps.
+    #[cfg(feature = "cuda")]
+    Nf4Cuda(Arc<crate::gpu::nf4::Nf4CudaWeight>),
 }
 
 impl BaseWeight {
@@ -26,15 +31,65 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             BaseWeight::Nf4(w) => w.resident_bytes(),
+            #[cfg(feature = "cuda")]
+            BaseWeight::Nf4Cuda(w) => w.resident_bytes(),
         }
+    }
+
+    /// `(parameters, resident bytes)` when the weight is NF4, wherever it lives.
+    pub fn nf4_footprint(&self) -> Option<(usize, usize)> {
+        match self {
+            BaseWeight::Dense(_) => None,
+            BaseWeight::Nf4(w) => Some((w.numel(), w.resident_bytes())),
+            #[cfg(feature = "cuda")]
+            BaseWeight::Nf4Cuda(w) => Some((w.numel(), w.resident_bytes())),
+        }
+    }
+
+    /// The NF4 weight in host memory (copied back from the GPU when it lives there); `None` when dense.
+    pub fn nf4_host(&self) -> candle_core::Result<Option<Arc<Nf4Weight>>> {
+        Ok(match self {
+            BaseWeight::Dense(_) => None,
+            BaseWeight::Nf4(w) => Some(w.clone()),
+            #[cfg(feature = "cuda")]
+            BaseWeight::Nf4Cuda(w) => Some(Arc::new(w.download()?)),
+        })
     }
 
     /// The weight as a dense f32 `[out, in]` tensor (for merging and checks; NF4 is dequantized).
     pub fn to_dense_f32(&self, device: &Device) -> candle_core::Result<Tensor> {
         match self {
-            BaseWeight::Dense(t) => t.to_dtype(DType::F32),
-            BaseWeight::Nf4(w) => Tensor::from_vec(w.dequantize(), w.dims2(), device),
+            BaseWeight::Dense(t) => t.to_dtype(DType::F32)?.to_device(device),
+            _ => {
+                let w = self.nf4_host()?.expect("not dense");
+                Tensor::from_vec(w.dequantize(), w.dims2(), device)
+            }
         }
+    }
+
+    /// The same weight resident on `device`: NF4 codes move as codes (never dequantized), and the copy on the
+    /// old device is dropped once nothing else holds it.
+    pub fn to_device(self, device: &Device) -> candle_core::Result<Self> {
+        Ok(match (self, device) {
+            (BaseWeight::Dense(t), _) => BaseWeight::Dense(t.to_device(device)?),
+            (BaseWeight::Nf4(w), Device::Cpu) => BaseWeight::Nf4(w),
+            #[cfg(feature = "cuda")]
+            (BaseWeight::Nf4(w), Device::Cuda(d)) => {
+                BaseWeight::Nf4Cuda(Arc::new(crate::gpu::nf4::Nf4CudaWeight::upload(&w, d)?))
+            }
+            #[cfg(feature = "cuda")]
+            (BaseWeight::Nf4Cuda(w), Device::Cpu) => BaseWeight::Nf4(Arc::new(w.download()?)),
+            #[cfg(feature = "cuda")]
+            (BaseWeight::Nf4Cuda(w), Device::Cuda(d)) => {
+                if Device::Cuda(w.device().clone()).same_device(device) {
+                    BaseWeight::Nf4Cuda(w)
+                } else {
+                    BaseWeight::Nf4Cuda(Arc::new(crate::gpu::nf4::Nf4CudaWeight::upload(&w.download()?, d)?))
+                }
+            }
+            #[allow(unreachable_patterns)]
+            (_, other) => candle_core::bail!("NF4 weights have no kernels for device {:?}", other.location()),
+        })
     }
 }
 
@@ -82,7 +137,8 @@ impl Linear {
                     BaseWeight::Dense(ld.source.tensor(&name, &[out_features, in_features], ld.dtype, ld.device)?)
                 }
                 QuantMode::Nf4 => {
-                    let w = ld.source.tensor(&name, &[out_features, in_features], DType::F32, ld.device)?;
+                    // Quantized on the host, whatever the model's device: the codes move, never the f32 values.
+                    let w = ld.source.tensor(&name, &[out_features, in_features], DType::F32, &Device::Cpu)?;
                     let values = w.flatten_all()?.to_vec1::<f32>()?;
                     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                         return Err(WeightsError::tensor(
@@ -120,6 +176,13 @@ impl Linear {
                 } else {
                     x.apply_op1_no_bwd(&Nf4Linear(w.clone()))?
                 }
+            }
+            #[cfg(feature = "cuda")]
+            BaseWeight::Nf4Cuda(w) => {
+                if differentiable {
+                    candle_core::bail!("{}: training runs on the CPU; this NF4 weight lives on the GPU", self.id)
+                }
+                x.contiguous()?.apply_op1_no_bwd(&crate::gpu::nf4::Nf4CudaLinear(w.clone()))?
             }
         };
         let y = match &self.bias {

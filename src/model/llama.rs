@@ -9,11 +9,13 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
+#[cfg(feature = "cuda")]
+use super::attention::rope_rows;
 use super::attention::{
     dense_attention, paged_attention, rope_in_place, rope_tables, rope_tensor, AttnShape, PagedSeq,
 };
 use super::config::ModelConfig;
-use super::kv_cache::{KvGeometry, PagedKvCache};
+use super::kv_cache::{KvGeometry, LayerArenas, PagedKvCache};
 use super::linear::{Linear, LinearLoad};
 use super::weights::WeightSource;
 use super::ModelError;
@@ -109,8 +111,12 @@ impl Model {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
+            // Each base weight moves to the model's device as soon as it is made (NF4 as codes), so the host
+            // never holds more than one layer's weight on the way to a GPU.
             let mut lin = |kind: ModuleKind, inp: usize, out: usize, bias: bool| {
-                make_linear(LinearId::new(l, kind), inp, out, bias)
+                let mut linear = make_linear(LinearId::new(l, kind), inp, out, bias)?;
+                linear.base = linear.base.to_device(device)?;
+                Ok::<_, ModelError>(linear)
             };
             layers.push(DecoderLayer {
                 input_norm: src.tensor(&format!("{p}.input_layernorm.weight"), &[h], dtype, device)?,
@@ -229,12 +235,7 @@ impl Model {
 
     /// `(parameters, resident bytes)` of the NF4-quantized linear weights.
     pub fn nf4_footprint(&self) -> (usize, usize) {
-        self.linears()
-            .filter_map(|l| match &l.base {
-                super::linear::BaseWeight::Nf4(w) => Some((w.numel(), w.resident_bytes())),
-                super::linear::BaseWeight::Dense(_) => None,
-            })
-            .fold((0, 0), |(p, b), (np, nb)| (p + np, b + nb))
+        self.linears().filter_map(|l| l.base.nf4_footprint()).fold((0, 0), |(p, b), (np, nb)| (p + np, b + nb))
     }
 
     /// Parameter count (the model's logical size, whatever its storage).
@@ -267,16 +268,34 @@ impl Model {
         let mut x = self.embed.index_select(&ids, 0)?;
         let positions: Vec<usize> = batch.seqs.iter().flat_map(|s| s.past..s.past + s.len).collect();
         let (cos, sin) = rope_tables(&positions, &self.inv_freq);
-        let tables = match attn {
-            AttentionMode::Dense { .. } => {
-                let half = self.inv_freq.len();
-                Some((
-                    Tensor::from_vec(cos.clone(), (rows, half), &self.device)?,
-                    Tensor::from_vec(sin.clone(), (rows, half), &self.device)?,
-                ))
-            }
-            AttentionMode::Paged(_) => None,
+        // Dense attention and the GPU ropes tensors; the CPU paged path ropes host slices in place.
+        let tables = if matches!(attn, AttentionMode::Dense { .. }) || !self.device.is_cpu() {
+            let half = self.inv_freq.len();
+            Some((
+                Tensor::from_vec(cos.clone(), (rows, half), &self.device)?,
+                Tensor::from_vec(sin.clone(), (rows, half), &self.device)?,
+            ))
+        } else {
+            None
         };
+        let mut row = 0;
+        let paged: Vec<PagedSeq> = batch
+            .seqs
+            .iter()
+            .map(|s| {
+                let p = PagedSeq { row, len: s.len, past: s.past, blocks: s.blocks };
+                row += s.len;
+                p
+            })
+            .collect();
+        if let AttentionMode::Paged(cache) = &attn {
+            for s in &paged {
+                let need = (s.past + s.len).div_ceil(cache.geometry().block_size);
+                if s.blocks.len() < need {
+                    candle_core::bail!("sequence has {} KV blocks, needs {need}", s.blocks.len())
+                }
+            }
+        }
         let eps = self.config.rms_norm_eps;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, eps, differentiable)?;
@@ -288,48 +307,39 @@ impl Model {
                 AttentionMode::Dense { .. } => {
                     let (cos_t, sin_t) = tables.as_ref().expect("dense tables");
                     let mut outs = Vec::with_capacity(batch.seqs.len());
-                    let mut row = 0;
-                    for s in batch.seqs {
+                    for s in &paged {
                         if s.past != 0 {
                             candle_core::bail!("dense attention has no cache: sequence past must be 0")
                         }
                         let shape3 =
-                            |t: &Tensor, heads: usize| t.narrow(0, row, s.len)?.reshape((s.len, heads, a.head_dim));
-                        let c = cos_t.narrow(0, row, s.len)?;
-                        let sn = sin_t.narrow(0, row, s.len)?;
+                            |t: &Tensor, heads: usize| t.narrow(0, s.row, s.len)?.reshape((s.len, heads, a.head_dim));
+                        let c = cos_t.narrow(0, s.row, s.len)?;
+                        let sn = sin_t.narrow(0, s.row, s.len)?;
                         let qs = rope_tensor(&shape3(&q, a.heads)?, &c, &sn)?;
                         let ks = rope_tensor(&shape3(&k, a.kv_heads)?, &c, &sn)?;
                         let vs = shape3(&v, a.kv_heads)?;
                         outs.push(dense_attention(&qs, &ks, &vs, a)?);
-                        row += s.len;
                     }
                     Tensor::cat(&outs, 0)?
                 }
-                AttentionMode::Paged(cache) => {
-                    let mut qv = with_f32(&q, |s| s.to_vec())?;
-                    let mut kv = with_f32(&k, |s| s.to_vec())?;
-                    let vv = with_f32(&v, |s| s.to_vec())?;
-                    rope_in_place(&mut qv, a.heads, a.head_dim, &cos, &sin);
-                    rope_in_place(&mut kv, a.kv_heads, a.head_dim, &cos, &sin);
-                    let mut row = 0;
-                    let seqs: Vec<PagedSeq> = batch
-                        .seqs
-                        .iter()
-                        .map(|s| {
-                            let p = PagedSeq { row, len: s.len, past: s.past, blocks: s.blocks };
-                            row += s.len;
-                            p
-                        })
-                        .collect();
-                    for s in &seqs {
-                        let need = (s.past + s.len).div_ceil(cache.geometry().block_size);
-                        if s.blocks.len() < need {
-                            candle_core::bail!("sequence has {} KV blocks, needs {need}", s.blocks.len())
-                        }
+                AttentionMode::Paged(cache) => match cache.layer(l) {
+                    LayerArenas::Host(kv) => {
+                        let mut qv = with_f32(&q, |s| s.to_vec())?;
+                        let mut kv_rows = with_f32(&k, |s| s.to_vec())?;
+                        let vv = with_f32(&v, |s| s.to_vec())?;
+                        rope_in_place(&mut qv, a.heads, a.head_dim, &cos, &sin);
+                        rope_in_place(&mut kv_rows, a.kv_heads, a.head_dim, &cos, &sin);
+                        let out = paged_attention(&qv, &kv_rows, &vv, &paged, kv, a);
+                        tensor_from_f32(out, &[rows, a.heads * a.head_dim], self.dtype, &self.device)?
                     }
-                    let out = paged_attention(&qv, &kv, &vv, &seqs, cache.layer_mut(l), a);
-                    tensor_from_f32(out, &[rows, a.heads * a.head_dim], self.dtype, &self.device)?
-                }
+                    #[cfg(feature = "cuda")]
+                    LayerArenas::Cuda(kv) => {
+                        let (cos_t, sin_t) = tables.as_ref().expect("device tables");
+                        let q = rope_rows(&q, a.heads, a.head_dim, cos_t, sin_t)?;
+                        let k = rope_rows(&k, a.kv_heads, a.head_dim, cos_t, sin_t)?;
+                        crate::gpu::attention::paged_attention(&q, &k, &v, &paged, kv, a)?
+                    }
+                },
             };
             x = (x + layer.o_proj.forward(&attn_out, lora, differentiable)?)?;
             let h = rms_norm(&x, &layer.post_norm, eps, differentiable)?;

@@ -148,23 +148,30 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelError> {
     Ok(config)
 }
 
-/// The `cuda` feature links candle's CUDA backend and `gpu` has device kernels, but the model forward's own
-/// ops (NF4 and dense linears, batched LoRA, paged attention) still run on the CPU only: refuse a GPU device
-/// at load, not mid-request.
-pub(crate) fn require_cpu(device: &Device) -> Result<(), ModelError> {
-    if device.is_cpu() {
-        return Ok(());
+/// Refuses, at load rather than mid-request, a device this build has no forward for: the CPU always works;
+/// a CUDA GPU needs the `cuda` feature and f32 compute (the GPU kernels' dtype: NF4 matmul, batched LoRA and
+/// paged attention accumulate and store f32).
+pub(crate) fn check_device(opts: &LoadOptions) -> Result<(), ModelError> {
+    match &opts.device {
+        Device::Cpu => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) if opts.dtype == DType::F32 => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Err(ModelError::Invalid(format!(
+            "dtype {:?} on a CUDA device: the GPU kernels compute in f32; use --dtype f32",
+            opts.dtype
+        ))),
+        #[allow(unreachable_patterns)]
+        other => Err(ModelError::Invalid(format!(
+            "device {:?}: this build has no forward for it (NVIDIA GPUs need a build with --features cuda)",
+            other.location()
+        ))),
     }
-    Err(ModelError::Invalid(format!(
-        "device {:?}: the model forward has no GPU path yet (its linear, LoRA and attention ops run on the CPU \
-         only); serve with --device cpu",
-        device.location()
-    )))
 }
 
 /// Builds the model from a weight source.
 pub fn build(config: ModelConfig, source: &dyn WeightSource, opts: &LoadOptions) -> Result<Model, ModelError> {
-    require_cpu(&opts.device)?;
+    check_device(opts)?;
     if let Some(q) = &config.quantization {
         crate::quant::bnb::check_quantization_config(q)?;
     }

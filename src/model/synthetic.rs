@@ -13,7 +13,6 @@ use super::config::ModelConfig;
 use super::linear::{BaseWeight, Linear};
 use super::weights::InMemoryWeights;
 use super::{LoadOptions, Model, ModelError};
-use crate::lora::{LinearId, ModuleKind};
 use crate::quant::nf4::{double_quantize, BLOCK};
 use crate::quant::{Absmax, Nf4Weight, QuantMode};
 use crate::rng::Rng;
@@ -83,9 +82,9 @@ fn random_nf4(out: usize, inp: usize, seed: u64, stream: u64) -> Nf4Weight {
 pub fn build(name: &str, opts: &LoadOptions, seed: u64) -> Result<Model, ModelError> {
     let config = shape_config(name)
         .ok_or_else(|| ModelError::Invalid(format!("unknown shape `{name}` (known: {})", SHAPES.join(", "))))?;
-    super::require_cpu(&opts.device)?;
+    super::check_device(opts)?;
     let c = &config;
-    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let h = c.hidden_size;
     let dev = &opts.device;
     // Non-linear tensors (embeddings, norms, head) as an in-memory source.
     let mut small = HashMap::new();
@@ -103,37 +102,19 @@ pub fn build(name: &str, opts: &LoadOptions, seed: u64) -> Result<Model, ModelEr
         put(&mut small, format!("model.layers.{l}.post_attention_layernorm.weight"), vec![h], 0, true)?;
     }
     let src = InMemoryWeights::new(name, small);
-    let mut linears = Vec::new();
-    for l in 0..c.num_hidden_layers {
-        for kind in ModuleKind::ALL {
-            let (out, inp) = match kind {
-                ModuleKind::QProj => (c.q_dim(), h),
-                ModuleKind::KProj | ModuleKind::VProj => (c.kv_dim(), h),
-                ModuleKind::OProj => (h, c.q_dim()),
-                ModuleKind::GateProj | ModuleKind::UpProj => (i, h),
-                ModuleKind::DownProj => (h, i),
-            };
-            linears.push((LinearId::new(l, kind), out, inp));
-        }
-    }
-    let bases: Vec<BaseWeight> = linears
-        .iter()
-        .map(|&(id, out, inp)| {
-            let stream = 100 + id.index() as u64;
-            Ok(match opts.quant {
-                QuantMode::Nf4 => BaseWeight::Nf4(Arc::new(random_nf4(out, inp, seed, stream))),
-                QuantMode::None => BaseWeight::Dense(
-                    Tensor::from_vec(normal_vec(out * inp, seed, stream), (out, inp), dev)?.to_dtype(opts.dtype)?,
-                ),
-            })
-        })
-        .collect::<Result<_, candle_core::Error>>()?;
-    let built: HashMap<LinearId, Linear> = linears
-        .into_iter()
-        .zip(bases)
-        .map(|((id, out, inp), base)| (id, Linear { id, in_features: inp, out_features: out, base, bias: None }))
-        .collect();
-    Model::assemble(config, &src, opts.dtype, dev, |id, _, _, _| Ok(built[&id].clone()))
+    // Each linear is made on the host and moved to the device one at a time (`Model::assemble`), so a
+    // GPU-resident 7B shape never holds the whole base in host memory.
+    Model::assemble(config, &src, opts.dtype, dev, |id, inp, out, _| {
+        let stream = 100 + id.index() as u64;
+        let base = match opts.quant {
+            QuantMode::Nf4 => BaseWeight::Nf4(Arc::new(random_nf4(out, inp, seed, stream))),
+            QuantMode::None => BaseWeight::Dense(
+                Tensor::from_vec(normal_vec(out * inp, seed, stream), (out, inp), &Device::Cpu)?
+                    .to_dtype(opts.dtype)?,
+            ),
+        };
+        Ok(Linear { id, in_features: inp, out_features: out, base, bias: None })
+    })
 }
 
 #[cfg(test)]

@@ -154,7 +154,7 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let cache = AdapterCache::new(store, m.lora_layout(), m.device().clone(), cfg.cache);
     let context = m.config().max_position_embeddings;
     let tokenizer = Arc::new(loaded.tokenizer);
-    let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine);
+    let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine).map_err(model::ModelError::from)?;
     Ok(Ready { engine, tokenizer, cache, context })
 }
 

@@ -28,7 +28,8 @@ extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __
 }
 
 // Grid (rows, kv_heads), ATTN_WARPS warps. Warp w takes positions first + w, first + w + ATTN_WARPS, ...;
-// lane l holds head dims l, l + 32, ... (head_dim / 32 of them). Per warp and head: running max m, sum l
+// lane l holds head dims l, l + 32, ... below head_dim (any head_dim up to HEAD_DIM_MAX; lanes past a
+// head_dim that is not a multiple of 32 hold zeros). Per warp and head: running max m, sum l
 // and weighted value sum; the warps' partial states are merged through shared memory at the end.
 //   q [rows, heads * head_dim], out [rows, heads * head_dim]
 //   row_pos[r]: the token's position; row_table[r]: offset of its sequence's block table in `tables`.
@@ -43,7 +44,6 @@ extern "C" __global__ void paged_attention(const float* __restrict__ q, const fl
     const int r = blockIdx.x, g = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int group = heads / kv_heads;
-    const int per_lane = head_dim / 32;  // head_dim % 32 == 0, ≤ HEAD_DIM_MAX
     const int pos = row_pos[r];
     const int first = window > 0 ? max(0, pos + 1 - window) : 0;
     const int* table = tables + row_table[r];
@@ -59,7 +59,7 @@ extern "C" __global__ void paged_attention(const float* __restrict__ q, const fl
 #pragma unroll
         for (int d = 0; d < HEAD_DIM_MAX / 32; d++) {
             acc[h][d] = 0.f;
-            qr[h][d] = (h < group && d < per_lane)
+            qr[h][d] = (h < group && d * 32 + lane < head_dim)
                            ? q[((long long)r * heads + g * group + h) * head_dim + d * 32 + lane] * scale
                            : 0.f;
         }
@@ -70,8 +70,8 @@ extern "C" __global__ void paged_attention(const float* __restrict__ q, const fl
         float kr[HEAD_DIM_MAX / 32], vr[HEAD_DIM_MAX / 32];
 #pragma unroll
         for (int d = 0; d < HEAD_DIM_MAX / 32; d++) {
-            kr[d] = d < per_lane ? k_cache[o + d * 32 + lane] : 0.f;
-            vr[d] = d < per_lane ? v_cache[o + d * 32 + lane] : 0.f;
+            kr[d] = d * 32 + lane < head_dim ? k_cache[o + d * 32 + lane] : 0.f;
+            vr[d] = d * 32 + lane < head_dim ? v_cache[o + d * 32 + lane] : 0.f;
         }
 #pragma unroll
         for (int h = 0; h < GROUP_MAX; h++) {
@@ -100,7 +100,7 @@ extern "C" __global__ void paged_attention(const float* __restrict__ q, const fl
         }
 #pragma unroll
         for (int d = 0; d < HEAD_DIM_MAX / 32; d++)
-            if (d < per_lane) sm_acc[warp][h][d * 32 + lane] = acc[h][d];
+            if (d * 32 + lane < head_dim) sm_acc[warp][h][d * 32 + lane] = acc[h][d];
     }
     __syncthreads();
     for (int i = threadIdx.x; i < group * head_dim; i += ATTN_WARPS * 32) {

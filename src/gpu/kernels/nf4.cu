@@ -5,7 +5,9 @@
 // of 64 elements, two 4-bit codes a byte with the FIRST element in the HIGH nibble, one scale per block:
 // either f32 (absmax_f32) or double-quantized (nested_code[absmax_codes[b]] * nested_absmax[b / 256] + offset).
 // Element value = code16[nibble] * scale, one f32 multiply, as bitsandbytes' dequantize_4bit.
-// Every kernel needs K % 64 == 0 (true of every Llama-family linear), so a row of W is K / 64 whole blocks.
+// The fast kernels (GEMV, tiled) need K % 64 == 0 (true of every production Llama-family linear), so a row of
+// W is K / 64 whole blocks read with aligned vector loads; nf4_matmul_generic takes any shape (blocks and
+// bytes may straddle rows) at scalar-load speed, for small and odd models.
 //
 // Compiled at run time by NVRTC (no headers, no templates across the C boundary beyond the wrappers below).
 
@@ -161,4 +163,30 @@ extern "C" __global__ void nf4_matmul_tiled(const float* __restrict__ x, const u
             if (m < M && n < N) y[(long long)m * N + n] = acc[i][j];
         }
     }
+}
+
+// Any shape: one warp per output (m, n), lanes striding over K with scalar loads; element e = n * K + k of the
+// flattened weight sits in byte e / 2 (high nibble when e is even) of block e / 64.
+extern "C" __global__ void nf4_matmul_generic(const float* __restrict__ x, const unsigned char* __restrict__ packed,
+                                              int double_quant, const float* __restrict__ absmax_f32,
+                                              const unsigned char* __restrict__ absmax_codes,
+                                              const float* __restrict__ nested_absmax,
+                                              const float* __restrict__ nested_code, float offset,
+                                              const float* __restrict__ code16, float* __restrict__ y, int M, int N,
+                                              int K) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int n = blockIdx.x * WARPS_PER_BLOCK + warp;
+    const int m = blockIdx.y;
+    if (n >= N) return;
+    float acc = 0.f;
+    for (int k = lane; k < K; k += 32) {
+        const long long e = (long long)n * K + k;
+        const unsigned int byte = packed[e / 2];
+        const unsigned int nibble = (e & 1) ? (byte & 0xfu) : (byte >> 4);
+        const float scale = nf4_scale(e / 64, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset);
+        acc += x[(long long)m * K + k] * (code16[nibble] * scale);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) y[(long long)m * N + n] = acc;
 }
