@@ -7,15 +7,19 @@ cd "$(dirname "$0")/../.."
 # shellcheck disable=SC1091
 source "${CUDA_BUILD_PREFIX:-$HOME/.cache/loraserve-cuda}/cuda-env.sh"
 mkdir -p .gpu
-exe=$(cargo bench --features cuda --bench gpu_kernels --no-run --message-format=json \
+# The bench executables' paths, from cargo's build messages.
+exes=$(cargo bench --features cuda --bench gpu_kernels --bench gpu_serve --no-run --message-format=json \
   | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "gpu_kernels" and m.get("executable"):
-        print(m["executable"])')
-[ -n "$exe" ] || { echo "build.sh: the gpu_kernels bench did not build" >&2; exit 1; }
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] in ("gpu_kernels", "gpu_serve") and m.get("executable"):
+        print(m["target"]["name"], m["executable"])')
+for b in gpu_kernels gpu_serve; do
+  exe=$(echo "$exes" | awk -v b="$b" '$1 == b { print $2 }')
+  [ -n "$exe" ] || { echo "build.sh: the $b bench did not build" >&2; exit 1; }
+  # Compressed: the device call carries 64 MiB in all, working tree included.
+  strip -o ".gpu/$b" "$exe" && gzip -9f ".gpu/$b"
+done
 cargo build --release --features cuda --bin server
-# Compressed: the device call carries 64 MiB in all, working tree included.
-strip -o .gpu/gpu_kernels "$exe" && gzip -9f .gpu/gpu_kernels
 strip -o .gpu/server target/release/server && gzip -9f .gpu/server
 ls -la .gpu

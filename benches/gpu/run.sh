@@ -3,9 +3,11 @@
 # benches/gpu/build.sh put in .gpu/. Prints every table and writes the figures as JSON under $OUT.
 #   1+2. every CUDA kernel against its CPU reference on fresh random inputs (NaN-poisoned outputs), then
 #        timed: GB/s and TFLOP/s against the copy bandwidth measured in the same run (.gpu/gpu_kernels).
-#   3.   the server binary on the device: `--device cuda` must load or fail with its one-line reason.
-# Not yet in the script (the model forward still has CPU-only ops; see benches/NOTES.md, GPU section):
-# the end-to-end 7B decode benchmark and the transformers+peft peer.
+#   3.   end to end through the in-process server (.gpu/gpu_serve): the fixture models' greedy outputs on the
+#        GPU against the CPU, then the 7B-shape decode benchmark (1/8/32 streams × 1 vs 32 adapters).
+#   4.   the peer, transformers + peft in bf16, same shape, adapters and load (benches/gpu/peer.py).
+#   5.   the two side by side, and issue 8's bars (benches/gpu/compare.py → $OUT/summary.json).
+#   6.   the server binary: `server generate --device cuda` on the demo model.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/loraserve-gpu}
@@ -21,14 +23,23 @@ wheel=$(python3 -c 'import nvidia.cu13 as m; print(list(m.__path__)[0] + "/lib")
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 bin=$(mktemp -d)
-for b in gpu_kernels server; do gunzip -c ".gpu/$b.gz" > "$bin/$b" && chmod +x "$bin/$b"; done
+for b in gpu_kernels gpu_serve server; do gunzip -c ".gpu/$b.gz" > "$bin/$b" && chmod +x "$bin/$b"; done
 
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.csv"
 echo
 echo "== 1+2. kernels against their CPU references, and their speed"
-OUT="$OUT" "$bin/gpu_kernels" || status=1
+OUT="$OUT" timeout 150 "$bin/gpu_kernels" || status=1
 echo
-echo "== 3. the server on the device"
-timeout 120 "$bin/server" generate --model demo --device cuda --prompt hello --max-new-tokens 4 2>&1 | tail -3 | tee "$OUT/server.txt"
+echo "== 3. end to end: fixtures GPU = CPU, then the decode benchmark"
+OUT="$OUT" LORASERVE_LOG=warn timeout 200 "$bin/gpu_serve" || status=1
+echo
+echo "== 4. the peer: transformers + peft"
+OUT="$OUT" PYTHONUNBUFFERED=1 timeout 150 python3 benches/gpu/peer.py || status=1
+echo
+echo "== 5. side by side"
+OUT="$OUT" python3 benches/gpu/compare.py || status=1
+echo
+echo "== 6. the server binary on the device"
+timeout 60 "$bin/server" generate --model demo --device cuda --prompt hello --max-new-tokens 4 2>&1 | tail -3 | tee "$OUT/server.txt"
 exit $status

@@ -1,0 +1,394 @@
+//! The GPU end to end (feature `cuda`; run on the device by `benches/gpu/run.sh`), through the real server
+//! (in process, gRPC on loopback), in two parts:
+//!
+//! 1. **Fixtures.** Every peer-made fixture model (tests/fixtures: llama with GQA, mistral, qwen2 with biases
+//!    and tied embeddings, the bitsandbytes NF4 llama), NF4 and dense bases, with all of its PEFT adapters:
+//!    every prompt × (base + each adapter) is sent at once to a CPU server and to a GPU server, and the greedy
+//!    token ids must be equal. Figures: requests compared, equal, and how many GPU outputs also equal the
+//!    peer's own greedy ids from transformers (informational: the CPU tests hold that bar).
+//! 2. **Decode.** `synthetic:llama2-7b` (random weights, NF4, f32 compute) on the GPU: 1, 8 and 32 streams, one
+//!    adapter versus 32 distinct rank-16 q,k,v,o adapters, 128-token prompts and 128 new tokens: tokens/s, step
+//!    time (inter-token p50), time to first token; cold adapter load (LoadAdapter on an adapter not yet
+//!    cached: disk → host → device); base resident bytes (the model's count and the device's free-memory
+//!    drop at load) and the memory floor of one decode step.
+//!
+//! Everything goes to stdout as tables and to `$OUT/gpu_serve.json`. Exit status 1 when any comparison fails.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use loraserve::engine::EngineConfig;
+use loraserve::lora::cache::CacheConfig;
+use loraserve::lora::peft::{write_dir, AdapterMeta};
+use loraserve::lora::synthetic::{random_adapter, ATTENTION};
+use loraserve::model::{synthetic, LoadOptions, ModelSpec};
+use loraserve::quant::QuantMode;
+use loraserve::server::proto::lora_serve_client::LoraServeClient;
+use loraserve::server::proto::{GenerateRequest, LoadAdapterRequest};
+use loraserve::server::{self, service::Limits, ServeConfig, ServerHandle};
+use tokio_stream::StreamExt;
+
+/// The decode shape; `LORASERVE_BENCH_SHAPE` overrides it (with `LORASERVE_BENCH_DEVICE=cpu`, a dry run of the
+/// harness on a machine without a GPU: `LORASERVE_BENCH_SHAPE=demo`).
+fn shape() -> String {
+    std::env::var("LORASERVE_BENCH_SHAPE").unwrap_or_else(|_| "llama2-7b".into())
+}
+const PROMPT_TOKENS: usize = 128;
+const NEW_TOKENS: u32 = 128;
+
+fn serve_config(
+    model: ModelSpec,
+    quant: QuantMode,
+    device: Device,
+    adapters: &Path,
+    preload: Vec<String>,
+    kv_cache_bytes: usize,
+) -> ServeConfig {
+    ServeConfig {
+        model,
+        load: LoadOptions { dtype: DType::F32, quant, device },
+        adapters: adapters.to_path_buf(),
+        cache: CacheConfig { device_bytes: 4 << 30, host_bytes: 8 << 30, default_wait: Duration::from_secs(60) },
+        engine: EngineConfig {
+            max_batch_rows: 32,
+            max_batch_tokens: 4096,
+            block_size: 16,
+            kv_cache_bytes,
+            queue_capacity: 1024,
+        },
+        limits: Limits::default(),
+        preload,
+        api_keys: None,
+        tls: None,
+        max_request_bytes: 1 << 20,
+        drain_timeout: Duration::from_secs(5),
+    }
+}
+
+async fn start(cfg: ServeConfig) -> anyhow::Result<ServerHandle> {
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let h = server::start(cfg, grpc, metrics).await?;
+    anyhow::ensure!(h.ready().await, "the server did not become ready");
+    Ok(h)
+}
+
+async fn stop(h: ServerHandle) -> anyhow::Result<()> {
+    h.shutdown();
+    h.wait().await?;
+    Ok(())
+}
+
+/// One greedy request's outcome.
+#[derive(Debug, PartialEq)]
+struct Greedy {
+    ids: Vec<u32>,
+}
+
+async fn greedy_all(addr: String, requests: &[(String, String, u32)]) -> anyhow::Result<Vec<Result<Greedy, String>>> {
+    let tasks: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|(adapter_id, prompt, max_new_tokens)| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut client = LoraServeClient::connect(addr).await.map_err(|e| e.to_string())?;
+                let req = GenerateRequest { adapter_id, prompt, max_new_tokens, ..Default::default() };
+                let r = client.generate(req).await.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+                Ok(Greedy { ids: r.into_inner().token_ids })
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await?);
+    }
+    Ok(out)
+}
+
+/// Part 1: CPU and GPU servers agree on every fixture request.
+async fn fixtures(cuda: &Device) -> anyhow::Result<(Vec<serde_json::Value>, usize)> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    println!("| fixture | base | requests | GPU = CPU | GPU = transformers | check |");
+    println!("|---|---|---|---|---|---|");
+    let mut rows = vec![];
+    let mut failed = 0;
+    for name in ["llama", "mistral", "qwen2", "llama-bnb-nf4"] {
+        let dir = root.join(name);
+        let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
+        let results = expected["results"].as_object().ok_or_else(|| anyhow::anyhow!("{name}: no results"))?;
+        // (adapter, prompt, max_new_tokens) and the peer's greedy ids.
+        let mut requests = vec![];
+        let mut peer = vec![];
+        for (key, prompts) in results {
+            let adapter = if key == "base" { String::new() } else { key.clone() };
+            for p in prompts.as_array().into_iter().flatten() {
+                let ids: Vec<u32> = serde_json::from_value(p["greedy_new_ids"].clone())?;
+                requests.push((
+                    adapter.clone(),
+                    p["prompt"].as_str().unwrap_or_default().to_string(),
+                    ids.len() as u32,
+                ));
+                peer.push(ids);
+            }
+        }
+        let adapters = if dir.join("adapters").is_dir() { dir.join("adapters") } else { root.join("llama/adapters") };
+        let quants: &[QuantMode] =
+            if name == "llama-bnb-nf4" { &[QuantMode::Nf4] } else { &[QuantMode::Nf4, QuantMode::None] };
+        for &quant in quants {
+            let mut outs = vec![];
+            for device in [Device::Cpu, cuda.clone()] {
+                let spec = ModelSpec::Dir(dir.join("model"));
+                let h = start(serve_config(spec, quant, device, &adapters, vec![], 256 << 20)).await?;
+                outs.push(greedy_all(format!("http://{}", h.grpc_addr), &requests).await?);
+                stop(h).await?;
+            }
+            let (cpu, gpu) = (&outs[0], &outs[1]);
+            let errors: Vec<&String> = cpu.iter().chain(gpu).filter_map(|r| r.as_ref().err()).collect();
+            let equal = cpu.iter().zip(gpu).filter(|(c, g)| c.is_ok() && c == g).count();
+            // The peer generated without stopping at EOS; the server stops there: compare the common prefix.
+            let peer_equal = gpu
+                .iter()
+                .zip(&peer)
+                .filter(|(g, want)| g.as_ref().is_ok_and(|g| !g.ids.is_empty() && want.starts_with(&g.ids)))
+                .count();
+            let ok = errors.is_empty() && equal == requests.len();
+            failed += usize::from(!ok);
+            println!(
+                "| {name} | {quant:?} | {} | {equal} | {peer_equal} | {}{} |",
+                requests.len(),
+                if ok { "ok" } else { "FAIL" },
+                errors.first().map(|e| format!(" ({} errors, first: {e})", errors.len())).unwrap_or_default()
+            );
+            rows.push(serde_json::json!({
+                "fixture": name, "quant": format!("{quant:?}"), "requests": requests.len(), "gpu_equals_cpu": equal,
+                "gpu_equals_transformers": peer_equal, "errors": errors.len(), "ok": ok,
+            }));
+        }
+    }
+    Ok((rows, failed))
+}
+
+#[derive(Default)]
+struct Outcome {
+    tokens: usize,
+    errors: Vec<String>,
+    ttft: Vec<f64>,
+    itl: Vec<f64>,
+    seconds: f64,
+    prompt_tokens: u32,
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// `streams` concurrent streaming requests, stream `i` on `adapters[i % len]`.
+async fn decode_round(addr: &str, streams: usize, adapters: &[String], prompt: &str) -> Outcome {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..streams)
+        .map(|i| {
+            let (addr, adapter_id, prompt) =
+                (addr.to_string(), adapters[i % adapters.len()].clone(), prompt.to_string());
+            tokio::spawn(async move {
+                let mut o = Outcome::default();
+                let mut client = match LoraServeClient::connect(addr).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        o.errors.push(e.to_string());
+                        return o;
+                    }
+                };
+                let req = GenerateRequest { adapter_id, prompt, max_new_tokens: NEW_TOKENS, ..Default::default() };
+                let sent = Instant::now();
+                let mut stream = match client.generate_stream(req).await {
+                    Ok(s) => s.into_inner(),
+                    Err(s) => {
+                        o.errors.push(s.message().to_string());
+                        return o;
+                    }
+                };
+                let mut last: Option<Instant> = None;
+                while let Some(msg) = stream.next().await {
+                    match msg {
+                        Ok(m) => {
+                            o.prompt_tokens = o.prompt_tokens.max(m.prompt_tokens);
+                            if m.token_ids.is_empty() {
+                                continue;
+                            }
+                            let now = Instant::now();
+                            match last {
+                                None => o.ttft.push(now.duration_since(sent).as_secs_f64()),
+                                Some(p) => o.itl.push(now.duration_since(p).as_secs_f64()),
+                            }
+                            last = Some(now);
+                            o.tokens += m.token_ids.len();
+                        }
+                        Err(s) => {
+                            o.errors.push(s.message().to_string());
+                            break;
+                        }
+                    }
+                }
+                o
+            })
+        })
+        .collect();
+    let mut total = Outcome::default();
+    for t in tasks {
+        let o = t.await.unwrap_or_else(|e| Outcome { errors: vec![e.to_string()], ..Default::default() });
+        total.tokens += o.tokens;
+        total.errors.extend(o.errors);
+        total.ttft.extend(o.ttft);
+        total.itl.extend(o.itl);
+        total.prompt_tokens = total.prompt_tokens.max(o.prompt_tokens);
+    }
+    total.seconds = started.elapsed().as_secs_f64();
+    total
+}
+
+/// Writes `n` random rank-16 q,k,v,o adapters for the shape under `root`; returns their ids.
+fn write_adapters(root: &Path, shape: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    let layout = synthetic::shape_config(shape).ok_or_else(|| anyhow::anyhow!("unknown shape {shape}"))?.lora_layout();
+    (0..n)
+        .map(|i| {
+            let id = format!("bench/a{i:02}");
+            let w = random_adapter(&layout, 16, &ATTENTION, 1000 + i as u64, &Device::Cpu)?;
+            let meta = AdapterMeta {
+                r: 16,
+                lora_alpha: 32.0,
+                use_rslora: false,
+                lora_dropout: 0.0,
+                base_model_name_or_path: shape.into(),
+                dtype: DType::BF16,
+            };
+            write_dir(&root.join(&id), &w, &meta)?;
+            Ok(id)
+        })
+        .collect()
+}
+
+fn free_bytes(device: &Device) -> anyhow::Result<usize> {
+    Ok(match device {
+        Device::Cuda(d) => d.cuda_stream().context().mem_get_info()?.0,
+        _ => 0,
+    })
+}
+
+/// Part 2: the 7B decode benchmark.
+async fn decode(cuda: &Device) -> anyhow::Result<serde_json::Value> {
+    let shape = shape();
+    let shape = shape.as_str();
+    // Base resident: the model's own count and the device's free-memory drop while it is loaded.
+    let free0 = free_bytes(cuda)?;
+    let t = Instant::now();
+    let opts = LoadOptions { dtype: DType::F32, quant: QuantMode::Nf4, device: cuda.clone() };
+    let m = synthetic::build(shape, &opts, 7)?;
+    cuda.synchronize()?;
+    let build_s = t.elapsed().as_secs_f64();
+    let free1 = free_bytes(cuda)?;
+    let (resident, nf4) = (m.resident_bytes(), m.nf4_footprint().1);
+    let c = m.config().clone();
+    drop(m);
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    println!(
+        "\n{shape} NF4 base on the GPU: {:.2} GiB resident by the model's count ({:.2} GiB NF4 linears), {:.2} GiB \
+         by the device's free memory; built in {build_s:.1} s",
+        gib(resident),
+        gib(nf4),
+        gib(free0.saturating_sub(free1))
+    );
+
+    let tmp = tempfile::tempdir()?;
+    let ids = write_adapters(tmp.path(), shape, 36)?;
+    let (hot, cold) = ids.split_at(32);
+    let h = start(serve_config(
+        ModelSpec::Synthetic(shape.into()),
+        QuantMode::Nf4,
+        cuda.clone(),
+        tmp.path(),
+        hot.to_vec(),
+        12 << 30,
+    ))
+    .await?;
+    let addr = format!("http://{}", h.grpc_addr);
+
+    // Cold loads: adapters never requested before, through LoadAdapter.
+    let mut client = LoraServeClient::connect(addr.clone()).await?;
+    let mut cold_ms = vec![];
+    for id in cold {
+        let t = Instant::now();
+        client.load_adapter(LoadAdapterRequest { adapter_id: id.clone() }).await?;
+        cold_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    println!("cold adapter load (rank 16, q,k,v,o, disk → device), ms: {cold_ms:.1?}");
+
+    // The demo tokenizer is byte-level with BOS: PROMPT_TOKENS - 1 bytes.
+    let prompt: String = "serve adapters fast ".chars().cycle().take(PROMPT_TOKENS - 1).collect();
+    decode_round(&addr, 2, &hot[..1], &prompt).await; // warm-up: kernels compiled, pools filled
+    println!(
+        "\n| streams | adapters | tokens | tokens/s | step ms (ITL p50 / p99) | TTFT p50 / p99 ms | prompt tokens | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut cells = vec![];
+    let mut ratio = BTreeMap::new();
+    for streams in [1usize, 8, 32] {
+        let mut tps = [0f64; 2];
+        for (i, adapters) in [&hot[..1], hot].into_iter().enumerate() {
+            let mut o = decode_round(&addr, streams, adapters, &prompt).await;
+            tps[i] = o.tokens as f64 / o.seconds;
+            let (itl50, itl99) = (pct(&mut o.itl, 0.5) * 1e3, pct(&mut o.itl, 0.99) * 1e3);
+            let (ttft50, ttft99) = (pct(&mut o.ttft, 0.5) * 1e3, pct(&mut o.ttft, 0.99) * 1e3);
+            let distinct = adapters.len().min(streams);
+            println!(
+                "| {streams} | {distinct} | {} | {:.0} | {itl50:.2} / {itl99:.2} | {ttft50:.0} / {ttft99:.0} | {} | {} |",
+                o.tokens,
+                tps[i],
+                o.prompt_tokens,
+                o.errors.len()
+            );
+            cells.push(serde_json::json!({
+                "streams": streams, "mix": if i == 0 { "one" } else { "mixed" }, "adapters": distinct,
+                "tokens": o.tokens, "seconds": o.seconds,
+                "tokens_per_s": tps[i], "step_ms_p50": itl50, "step_ms_p99": itl99, "ttft_ms_p50": ttft50,
+                "ttft_ms_p99": ttft99, "prompt_tokens": o.prompt_tokens, "errors": o.errors,
+            }));
+        }
+        println!("| {streams} | mixed / one | | {:.3}× | | | | |", tps[1] / tps[0]);
+        ratio.insert(streams, tps[1] / tps[0]);
+    }
+    stop(h).await?;
+    // The floor of one decode step: every NF4 linear and the f32 LM head read once.
+    let floor_bytes = nf4 + c.vocab_size * c.hidden_size * 4;
+    Ok(serde_json::json!({
+        "shape": shape, "resident_bytes": resident, "nf4_linear_bytes": nf4,
+        "device_free_drop_bytes": free0.saturating_sub(free1), "build_seconds": build_s,
+        "step_floor_bytes": floor_bytes, "cold_load_ms": cold_ms, "cells": cells, "mixed_over_single": ratio,
+    }))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cuda = match std::env::var("LORASERVE_BENCH_DEVICE").as_deref() {
+        Ok("cpu") => Device::Cpu,
+        _ => Device::new_cuda(0)?,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let skip_fixtures = std::env::var_os("LORASERVE_GPU_SKIP_FIXTURES").is_some();
+    let (fixture_rows, failed) = if skip_fixtures { (vec![], 0) } else { rt.block_on(fixtures(&cuda))? };
+    let decode = rt.block_on(decode(&cuda))?;
+    let out = PathBuf::from(std::env::var("OUT").unwrap_or_else(|_| "target".into()));
+    std::fs::create_dir_all(&out)?;
+    let json = serde_json::json!({ "fixtures": fixture_rows, "decode": decode });
+    std::fs::write(out.join("gpu_serve.json"), serde_json::to_string_pretty(&json)?)?;
+    if failed > 0 {
+        eprintln!("{failed} fixture comparisons FAILED");
+        std::process::exit(1);
+    }
+    Ok(())
+}
