@@ -1,5 +1,9 @@
 //! Token sampling: greedy (temperature 0), or temperature → top-k → top-p (the order Hugging Face applies
-//! them in), drawn from the project's PRNG so a seed gives the same tokens on every machine and version.
+//! them in), drawn from the project's PRNG so a seed gives the same tokens on every machine and version; and
+//! [`fetch_rows`], which brings a step's logits to the host (only the argmax of greedy rows when the logits
+//! are on a GPU).
+
+use candle_core::{Tensor, D};
 
 use crate::rng::Rng;
 
@@ -52,6 +56,19 @@ impl Sampler {
         &self.params
     }
 
+    /// Temperature 0: the token is the argmax.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0
+    }
+
+    /// The next token from a row as [`fetch_rows`] brought it (an argmax row comes from a greedy sampler).
+    pub fn pick(&mut self, row: &RowLogits) -> u32 {
+        match row {
+            RowLogits::Full(logits) => self.sample(logits),
+            RowLogits::Argmax(id) => *id,
+        }
+    }
+
     /// Picks the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature == 0.0 {
@@ -100,6 +117,39 @@ impl Sampler {
     }
 }
 
+/// One sampling row's logits as the host sees them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RowLogits {
+    /// The whole vocabulary.
+    Full(Vec<f32>),
+    /// A greedy row's token, picked where the logits are.
+    Argmax(u32),
+}
+
+/// The rows of `logits [rows, vocab]` on the host: a row with `greedy[i]` as its argmax computed on the
+/// logits' device (4 bytes cross instead of the vocabulary), the others in full. Ties go to the device's
+/// reduction order (the CPU sampler takes the first), which only matters for exactly equal f32 logits.
+pub fn fetch_rows(logits: &Tensor, greedy: &[bool]) -> candle_core::Result<Vec<RowLogits>> {
+    let (rows, _) = logits.dims2()?;
+    if greedy.len() != rows {
+        candle_core::bail!("{} greedy flags for {rows} logit rows", greedy.len())
+    }
+    let ids: Vec<u32> = if greedy.iter().any(|&g| g) { logits.argmax(D::Minus1)?.to_vec1()? } else { vec![] };
+    let full_rows: Vec<u32> = (0..rows as u32).filter(|&r| !greedy[r as usize]).collect();
+    let mut full = if full_rows.is_empty() {
+        Vec::new()
+    } else {
+        let idx = Tensor::new(full_rows.as_slice(), logits.device())?;
+        logits.index_select(&idx, 0)?.to_vec2::<f32>()?
+    }
+    .into_iter();
+    Ok(greedy
+        .iter()
+        .enumerate()
+        .map(|(r, &g)| if g { RowLogits::Argmax(ids[r]) } else { RowLogits::Full(full.next().expect("one per row")) })
+        .collect())
+}
+
 /// Index of the largest logit (the first one on ties, as `torch.argmax`).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -117,6 +167,21 @@ mod tests {
 
     fn params(t: f32, k: u32, p: f32, seed: u64) -> SamplingParams {
         SamplingParams { temperature: t, top_k: k, top_p: p, seed: Some(seed) }
+    }
+
+    #[test]
+    fn fetched_rows_argmax_greedy_rows_and_keep_the_rest() {
+        let dev = candle_core::Device::Cpu;
+        let v = vec![0.1f32, 3.0, -1.0, 7.0, 2.0, 0.5, -4.0, 9.0, 9.5];
+        let t = Tensor::from_vec(v.clone(), (3, 3), &dev).unwrap();
+        let got = fetch_rows(&t, &[true, false, true]).unwrap();
+        assert_eq!(got, vec![RowLogits::Argmax(1), RowLogits::Full(v[3..6].to_vec()), RowLogits::Argmax(2)]);
+        let all = fetch_rows(&t, &[false; 3]).unwrap();
+        assert_eq!(all[2], RowLogits::Full(v[6..].to_vec()));
+        assert!(fetch_rows(&t, &[true]).is_err());
+        let mut s = Sampler::new(SamplingParams::default(), 0);
+        assert_eq!(s.pick(&got[0]), 1);
+        assert_eq!(s.pick(&got[1]), 0);
     }
 
     #[test]

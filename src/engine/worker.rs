@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::request::{EngineError, Event, FinishReason, ValidRequest};
-use super::sampler::Sampler;
+use super::sampler::{fetch_rows, RowLogits, Sampler};
 use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig, SeqId, SeqSlot};
 use super::text::StopText;
 use crate::lora::{LoraRows, LoraSegment};
@@ -224,7 +224,7 @@ pub(crate) fn run(
         for (row, logits) in plan.rows.iter().filter(|r| r.samples).zip(sampled) {
             let id = row.seq;
             let l = live.get_mut(&id).expect("live");
-            let token = l.sampler.sample(&logits);
+            let token = l.sampler.pick(&logits);
             l.tokens.push(token);
             l.generated += 1;
             slots.get_mut(&id).expect("slot").len += 1;
@@ -283,14 +283,15 @@ fn publish(stats: &EngineStats, sched: &Scheduler, cache: &PagedKvCache) {
     metrics::gauge!(t::QUEUE_REQUESTS).set(stats.pending.load(Ordering::Relaxed) as f64);
 }
 
-/// One forward over the planned rows; returns the logits of the sampling rows, in plan order.
+/// One forward over the planned rows; returns the logits of the sampling rows, in plan order (on a GPU,
+/// greedy rows only as their argmax).
 fn step(
     model: &Model,
     cache: &mut PagedKvCache,
     rows: &[PlannedRow],
     slots: &HashMap<SeqId, SeqSlot>,
     live: &HashMap<SeqId, Live>,
-) -> candle_core::Result<Vec<Vec<f32>>> {
+) -> candle_core::Result<Vec<RowLogits>> {
     // Order the batch by adapter so each adapter's rows form one segment of the batched-LoRA op; keep
     // sampling rows in plan order for the caller.
     let adapter_key =
@@ -324,5 +325,9 @@ fn step(
     }
     let batch = Batch { tokens: &tokens, seqs: &seqs, logit_rows: &logit_rows };
     let logits = model.forward(&batch, AttentionMode::Paged(cache), &LoraRows::Segments(&segments))?;
-    logits.to_vec2::<f32>()
+    if model.device().is_cpu() {
+        return Ok(logits.to_vec2::<f32>()?.into_iter().map(RowLogits::Full).collect());
+    }
+    let greedy: Vec<bool> = rows.iter().filter(|r| r.samples).map(|r| live[&r.seq].sampler.is_greedy()).collect();
+    fetch_rows(&logits, &greedy)
 }
