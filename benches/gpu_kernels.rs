@@ -19,7 +19,7 @@ use std::time::Instant;
 use candle_core::cuda::cudarc::driver::CudaSlice;
 use candle_core::cuda::WrapErr;
 use candle_core::{Device, Tensor};
-use loraserve::gpu::attention::{paged_attention_into, LayerKvCuda};
+use loraserve::gpu::attention::{paged_attention_into, LayerKvCuda, StepTables};
 use loraserve::gpu::lora::apply_into;
 use loraserve::gpu::nf4::{matmul_into, Nf4CudaLinear, Nf4CudaWeight};
 use loraserve::lora::batched::{apply_reference, LoraSegment};
@@ -296,8 +296,10 @@ fn attention_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyho
                 let mut cache = LayerKvCuda { block_size: bs, k: stream.clone_htod(&k0)?, v: stream.clone_htod(&v0)? };
                 let (dq, dk, dv) = (stream.clone_htod(&q)?, stream.clone_htod(&k)?, stream.clone_htod(&v)?);
                 let mut dout = stream.clone_htod(&vec![f32::NAN; rows * heads * hd])?;
+                // Uploaded once per step, as the forward does (the timing is the kernels').
+                let step = StepTables::upload(&cuda, &seqs, bs)?;
                 let attend = |cache: &mut LayerKvCuda, dout: &mut CudaSlice<f32>| {
-                    paged_attention_into(&cuda, &dq.slice(..), &dk.slice(..), &dv.slice(..), &seqs, cache, &shape, dout)
+                    paged_attention_into(&cuda, &dq.slice(..), &dk.slice(..), &dv.slice(..), &step, cache, &shape, dout)
                 };
                 attend(&mut cache, &mut dout)?;
                 let got = stream.clone_dtoh(&dout)?;

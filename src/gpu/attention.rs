@@ -41,16 +41,16 @@ pub fn paged_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    seqs: &[PagedSeq],
+    tables: &StepTables,
     cache: &mut LayerKvCuda,
     shape: &AttnShape,
 ) -> Result<Tensor> {
-    let op = PagedAttention { seqs, cache: RefCell::new(cache), shape: *shape };
+    let op = PagedAttention { tables, cache: RefCell::new(cache), shape: *shape };
     q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
 }
 
 struct PagedAttention<'a, 'c> {
-    seqs: &'a [PagedSeq<'a>],
+    tables: &'a StepTables,
     cache: RefCell<&'c mut LayerKvCuda>,
     shape: AttnShape,
 }
@@ -89,9 +89,8 @@ impl CustomOp3 for PagedAttention<'_, '_> {
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let rows = ql.shape().dims2()?.0;
-        let covered: usize = self.seqs.iter().map(|s| s.len).sum();
-        if covered != rows {
-            candle_core::bail!("paged-attention-cuda: {rows} rows but the sequences cover {covered}");
+        if self.tables.rows != rows {
+            candle_core::bail!("paged-attention-cuda: {rows} rows but the step's tables cover {}", self.tables.rows);
         }
         let device = q.device().clone();
         let width = self.shape.heads * self.shape.head_dim;
@@ -103,7 +102,7 @@ impl CustomOp3 for PagedAttention<'_, '_> {
             &f32_view(q, ql, "q")?,
             &f32_view(k, kl, "k")?,
             &f32_view(v, vl, "v")?,
-            self.seqs,
+            self.tables,
             &mut cache,
             &self.shape,
             &mut out,
@@ -112,23 +111,59 @@ impl CustomOp3 for PagedAttention<'_, '_> {
     }
 }
 
+/// One step's attention tables (each row's cache slot and position, the sequences' block tables) in device
+/// memory: built once per forward and used by every layer.
+pub struct StepTables {
+    rows: usize,
+    block_size: usize,
+    /// One past the largest block id any table names.
+    blocks_needed: usize,
+    row_slot: CudaSlice<i32>,
+    tables: CudaSlice<i32>,
+    row_pos: CudaSlice<i32>,
+    row_table: CudaSlice<i32>,
+}
+
+impl StepTables {
+    /// Checks the sequences (in row order, block tables long enough) and uploads their tables.
+    pub fn upload(device: &CudaDevice, seqs: &[PagedSeq], block_size: usize) -> Result<Self> {
+        let t = launch::attention_tables(seqs, block_size).map_err(candle_core::Error::msg)?;
+        if t.tables.iter().any(|&b| b < 0) {
+            candle_core::bail!("paged attention: a block id does not fit the kernels' 32-bit tables");
+        }
+        let stream = device.cuda_stream();
+        Ok(StepTables {
+            rows: t.row_pos.len(),
+            block_size,
+            blocks_needed: t.tables.iter().map(|&b| b as usize + 1).max().unwrap_or(0),
+            row_slot: stream.clone_htod(&t.row_slot).w()?,
+            tables: stream.clone_htod(&t.tables).w()?,
+            row_pos: stream.clone_htod(&t.row_pos).w()?,
+            row_table: stream.clone_htod(&t.row_table).w()?,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
 /// Writes this step's keys and values into the cache, then attends: `q [rows, heads*hd]`, `k`/`v
-/// [rows, kv_heads*hd]` (roped) → `out [rows, heads*hd]`. Sequences cover the rows in order.
+/// [rows, kv_heads*hd]` (roped) → `out [rows, heads*hd]`, over the step's `tables`.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention_into(
     device: &CudaDevice,
     q: &CudaView<'_, f32>,
     k: &CudaView<'_, f32>,
     v: &CudaView<'_, f32>,
-    seqs: &[PagedSeq],
+    tables: &StepTables,
     cache: &mut LayerKvCuda,
     shape: &AttnShape,
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    let rows: usize = seqs.iter().map(|s| s.len).sum();
+    let rows = tables.rows;
     let (write, attend) = launch::paged_attention(rows, shape.heads, shape.kv_heads, shape.head_dim, shape.window)
         .map_err(candle_core::Error::msg)?;
-    let tables = launch::attention_tables(seqs, cache.block_size).map_err(candle_core::Error::msg)?;
     let width = shape.kv_heads * shape.head_dim;
     if q.len() < rows * shape.heads * shape.head_dim || k.len() < rows * width || v.len() < rows * width {
         candle_core::bail!("paged attention: q/k/v hold fewer than {rows} rows");
@@ -136,22 +171,25 @@ pub fn paged_attention_into(
     if out.len() < rows * shape.heads * shape.head_dim {
         candle_core::bail!("paged attention: out holds fewer than {rows} rows");
     }
+    if tables.block_size != cache.block_size {
+        candle_core::bail!(
+            "paged attention: tables of {}-token blocks for a {}-token cache",
+            tables.block_size,
+            cache.block_size
+        );
+    }
     // Every block any table names (the attention reads past positions through them) inside the arenas.
-    let blocks_needed = tables.tables.iter().map(|&b| b as usize + 1).max().unwrap_or(0);
-    let arena = blocks_needed * cache.block_size * width;
-    if tables.tables.iter().any(|&b| b < 0) || cache.k.len() < arena || cache.v.len() < arena {
+    let arena = tables.blocks_needed * cache.block_size * width;
+    if cache.k.len() < arena || cache.v.len() < arena {
         candle_core::bail!("paged attention: a block table points past the cache");
     }
     let stream = device.cuda_stream();
-    let d_slot = stream.clone_htod(&tables.row_slot).w()?;
-    let d_tables = stream.clone_htod(&tables.tables).w()?;
-    let d_pos = stream.clone_htod(&tables.row_pos).w()?;
-    let d_table = stream.clone_htod(&tables.row_table).w()?;
+    let (d_slot, d_tables, d_pos, d_table) = (&tables.row_slot, &tables.tables, &tables.row_pos, &tables.row_table);
     let width_i = width as i32;
 
     let f = MODULE.function(device, write.kernel)?;
     let mut b = stream.launch_builder(&f);
-    b.arg(k).arg(v).arg(&mut cache.k).arg(&mut cache.v).arg(&d_slot).arg(&width_i);
+    b.arg(k).arg(v).arg(&mut cache.k).arg(&mut cache.v).arg(d_slot).arg(&width_i);
     let cfg = LaunchConfig { grid_dim: write.grid, block_dim: write.block, shared_mem_bytes: 0 };
     // SAFETY: arguments match kv_write; every slot is inside the arenas (checked above), k/v hold rows rows.
     unsafe { b.launch(cfg) }.w()?;
@@ -164,9 +202,9 @@ pub fn paged_attention_into(
     b.arg(q)
         .arg(&cache.k)
         .arg(&cache.v)
-        .arg(&d_tables)
-        .arg(&d_pos)
-        .arg(&d_table)
+        .arg(d_tables)
+        .arg(d_pos)
+        .arg(d_table)
         .arg(out)
         .arg(&heads)
         .arg(&kv_heads)

@@ -296,6 +296,9 @@ impl Model {
                 }
             }
         }
+        // The GPU's attention tables: uploaded at the first layer, used by all.
+        #[cfg(feature = "cuda")]
+        let mut step_tables: Option<crate::gpu::attention::StepTables> = None;
         let eps = self.config.rms_norm_eps;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, eps, differentiable)?;
@@ -334,10 +337,16 @@ impl Model {
                     }
                     #[cfg(feature = "cuda")]
                     LayerArenas::Cuda(kv) => {
+                        if step_tables.is_none() {
+                            let device = self.device.as_cuda_device()?;
+                            step_tables =
+                                Some(crate::gpu::attention::StepTables::upload(device, &paged, kv.block_size)?);
+                        }
+                        let step = step_tables.as_ref().expect("uploaded above");
                         let (cos_t, sin_t) = tables.as_ref().expect("device tables");
                         let q = rope_rows(&q, a.heads, a.head_dim, cos_t, sin_t)?;
                         let k = rope_rows(&k, a.kv_heads, a.head_dim, cos_t, sin_t)?;
-                        crate::gpu::attention::paged_attention(&q, &k, &v, &paged, kv, a)?
+                        crate::gpu::attention::paged_attention(&q, &k, &v, step, kv, a)?
                     }
                 },
             };
