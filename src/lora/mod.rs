@@ -123,12 +123,24 @@ impl LoraModule {
 #[derive(Clone, Debug, Default)]
 pub struct LoraWeights {
     modules: Vec<Option<LoraModule>>,
+    /// The GPU kernels' view of the modules (device addresses, ranks, scales), made on first use by a GPU
+    /// forward and kept as long as these tensors live.
+    #[cfg(feature = "cuda")]
+    device_table: std::sync::OnceLock<std::result::Result<Vec<Option<crate::gpu::lora::ModuleAddr>>, String>>,
 }
 
 impl LoraWeights {
     /// An adapter for a model with `layers` decoder layers, targeting nothing yet.
     pub fn new(layers: usize) -> Self {
-        LoraWeights { modules: vec![None; layers * ModuleKind::ALL.len()] }
+        Self::from_modules(vec![None; layers * ModuleKind::ALL.len()])
+    }
+
+    fn from_modules(modules: Vec<Option<LoraModule>>) -> Self {
+        LoraWeights {
+            modules,
+            #[cfg(feature = "cuda")]
+            device_table: Default::default(),
+        }
     }
 
     pub fn insert(&mut self, id: LinearId, module: LoraModule) {
@@ -162,7 +174,19 @@ impl LoraWeights {
                     .transpose()
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(LoraWeights { modules })
+        Ok(Self::from_modules(modules))
+    }
+
+    /// Every linear's module slot, in [`LinearId::index`] order.
+    pub fn modules(&self) -> &[Option<LoraModule>] {
+        &self.modules
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_table(
+        &self,
+    ) -> &std::sync::OnceLock<std::result::Result<Vec<Option<crate::gpu::lora::ModuleAddr>>, String>> {
+        &self.device_table
     }
 
     /// Bytes of all A and B tensors.
@@ -183,6 +207,9 @@ pub enum LoraRows<'a> {
     SegmentsReference(&'a [LoraSegment<'a>]),
     /// Training: one trainable adapter on every row, through differentiable tensor ops.
     Train(&'a trainable::TrainableLora),
+    /// Serving on a GPU: the segments' tables uploaded once for the whole forward.
+    #[cfg(feature = "cuda")]
+    Device(&'a crate::gpu::lora::StepPlan),
 }
 
 impl LoraRows<'_> {
@@ -193,8 +220,11 @@ impl LoraRows<'_> {
             LoraRows::Segments(segs) => {
                 #[cfg(feature = "cuda")]
                 if y.device().is_cuda() {
-                    // The linear's fresh output takes the deltas in place.
-                    crate::gpu::lora::add_deltas(&y, x, id, segs)?;
+                    // A one-linear plan (a model forward builds one plan for all its linears: `Device`); the
+                    // linear's fresh output takes the deltas in place.
+                    let device = y.device().as_cuda_device()?;
+                    let plan = crate::gpu::lora::StepPlan::new(device, y.dim(0)?, segs, id.index() + 1)?;
+                    plan.add_deltas(id, &y, x)?;
                     return Ok(y);
                 }
                 batched::apply(&y, x, id, segs)
@@ -204,6 +234,11 @@ impl LoraRows<'_> {
                 Some(d) => y + d,
                 None => Ok(y),
             },
+            #[cfg(feature = "cuda")]
+            LoraRows::Device(plan) => {
+                plan.add_deltas(id, &y, x)?;
+                Ok(y)
+            }
         }
     }
 }

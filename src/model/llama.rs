@@ -296,6 +296,18 @@ impl Model {
                 }
             }
         }
+        // On a GPU, the LoRA segments' tables are uploaded once for every linear of this forward.
+        #[cfg(feature = "cuda")]
+        let plan = match (lora, &self.device) {
+            (LoraRows::Segments(segs), Device::Cuda(d)) => {
+                Some(crate::gpu::lora::StepPlan::new(d, rows, segs, self.layers.len() * ModuleKind::ALL.len())?)
+            }
+            _ => None,
+        };
+        #[cfg(feature = "cuda")]
+        let device_rows = plan.as_ref().map(LoraRows::Device);
+        #[cfg(feature = "cuda")]
+        let lora = device_rows.as_ref().unwrap_or(lora);
         // The GPU's attention tables: uploaded at the first layer, used by all.
         #[cfg(feature = "cuda")]
         let mut step_tables: Option<crate::gpu::attention::StepTables> = None;

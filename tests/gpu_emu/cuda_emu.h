@@ -1,0 +1,363 @@
+// cuda_emu.h — owns the CPU emulation of the CUDA C subset that src/gpu/kernels/*.cu use, so that g++ compiles
+// those sources unchanged as C++20 (tests/gpu_emu/driver.cpp includes this header, then the .cu files).
+//
+// Model of execution (emu::launch): the blocks of a launch run one after another, in an order drawn from a seed
+// (no kernel may depend on it). A block runs as blockDim emulated threads, each a fiber (ucontext, its own
+// stack) on the launching OS thread, so all threads of a block share its __shared__ arrays (function-local
+// statics) and no other block runs meanwhile. The threads take turns: exactly one runs at a time, until it
+// waits at a barrier or returns, then hands over to a runnable thread picked by a seeded PRNG (a different
+// interleaving per phase, the same for the same seed). So:
+// - a race that a barrier should have prevented (a read before the write it needs) shows up for most seeds,
+//   and results never depend on the host's scheduler;
+// - a deadlock (threads waiting at barriers that can no longer fill) is detected at once;
+// - a turn costs a swapcontext, not an OS thread handoff (one std::thread per emulated thread, handing turns
+//   over through futexes, made these tests take about a minute on 2 cores instead of a few seconds).
+// - __syncthreads(): a block barrier. A thread that returns from the kernel leaves it (as on the GPU); the
+//   threads meeting at one barrier must come from the same source line and the same call count, else the
+//   run fails as divergent.
+// - __shfl_xor_sync(mask, v, lane_mask): a per-warp exchange (publish into the warp's slots for this call,
+//   warp barrier, read the partner's slot; slots alternate between two sets, so a lane never overwrites a
+//   value a slower lane has still to read), correct in loops. Only full-warp masks over 32 live lanes are
+//   emulated: a lane that exited, a lane that exits while its warp shuffles, or lanes meeting at different
+//   shuffles fail the run.
+// - __shared__ arrays are placed in the "emu_shared" section, filled with 0xff bytes (NaN as f32) before each
+//   block, so a read of shared memory no thread of the block wrote shows up as NaN. g++ (12) ignores the
+//   section attribute on the statics of function template instantiations: those (nf4_gemv's code table) start
+//   zeroed and keep the previous block's values, unpoisoned.
+// - uint4 / float4 copies (the kernels' vector loads `*reinterpret_cast<const uint4*>(p)`) check that the
+//   source is 16-byte aligned and, inside a buffer the driver registered, wholly inside its data.
+// - __expf(x) is computed as exp2f(x * log2(e)) in f32, the GPU intrinsic's range reduction (ex2.approx
+//   itself is taken as exact); other math maps to libm.
+// Any failure prints "cuda_emu: ..." on stderr and exits with status 3.
+#pragma once
+
+#include <math.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+// __restrict__ is a GCC keyword already.
+#define __shared__ static __attribute__((section("emu_shared"), aligned(16)))
+
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+};
+using uint3 = dim3;
+
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace emu {
+
+[[noreturn]] inline void fail(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    std::fputs("cuda_emu: ", stderr);
+    std::vfprintf(stderr, fmt, ap);
+    std::fputc('\n', stderr);
+    va_end(ap);
+    std::fflush(stderr);
+    std::_Exit(3);
+}
+
+struct Warp;
+
+// One emulated thread: its context (a fiber with its own stack), indices and call counters.
+struct ThreadCtx {
+    ucontext_t ctx;
+    dim3 idx;
+    unsigned tid = 0, lane = 0;
+    Warp* warp = nullptr;
+    unsigned long long sync_calls = 0, shfl_calls = 0;
+};
+
+// The block's threads and whose turn it is (all on the launching OS thread, one at a time).
+struct Scheduler {
+    std::vector<ThreadCtx> threads;
+    ucontext_t host;              // the launching context, resumed when the block is complete
+    std::vector<unsigned> ready;  // runnable threads other than the one running
+    unsigned finished = 0;
+    unsigned long long rng = 0;
+
+    unsigned long long next_random() {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        return rng;
+    }
+
+    unsigned take_random() {
+        const size_t i = next_random() % ready.size();
+        const unsigned t = ready[i];
+        ready[i] = ready.back();
+        ready.pop_back();
+        return t;
+    }
+};
+
+inline Scheduler sched;
+inline ThreadCtx* self = nullptr;  // the running thread
+
+// Makes `t` the running thread: its indices become threadIdx, then its context resumes.
+inline void switch_to(ThreadCtx& t, ucontext_t* from) {
+    self = &t;
+    threadIdx = t.idx;
+    if (swapcontext(from, &t.ctx) != 0) fail("swapcontext failed");
+}
+
+// Hands the turn to a runnable thread and sleeps until given it back. With nobody runnable, the block can
+// never finish: a deadlock.
+inline void switch_away(const char* what, long site) {
+    if (sched.ready.empty())
+        fail("deadlock: thread %u waits in %s at line %ld and no thread of the block can run (%u of %zu returned)",
+             self->tid, what, site, sched.finished, sched.threads.size());
+    ThreadCtx* me = self;
+    switch_to(sched.threads[sched.take_random()], &me->ctx);
+}
+
+// A reusable barrier for a fixed set of threads, any of which may leave for good (drop). Arrivals carry the
+// call site and the caller's call count; all arrivals of one phase must agree.
+class Barrier {
+  public:
+    void reset(unsigned n, const char* what, bool strict) {
+        full_ = expected_ = n;
+        waiters_.clear();
+        what_ = what;
+        strict_ = strict;
+    }
+
+    void wait(long site, unsigned long long seq) {
+        if (strict_ && expected_ != full_)
+            fail("%s at line %ld with %u of %u lanes exited (full-mask shuffle over missing lanes)", what_, site,
+                 full_ - expected_, full_);
+        if (waiters_.empty()) {
+            site_ = site;
+            seq_ = seq;
+        } else if (site != site_ || seq != seq_) {
+            fail("divergent %s: a thread at line %ld (its call #%llu) meets threads at line %ld (call #%llu)", what_,
+                 site, seq, site_, seq_);
+        }
+        if (waiters_.size() + 1 == expected_) {
+            release();
+            return;  // the last to arrive keeps its turn
+        }
+        waiters_.push_back(self->tid);
+        switch_away(what_, site);
+    }
+
+    // The calling thread leaves (returned from the kernel).
+    void drop() {
+        if (strict_ && !waiters_.empty()) fail("a lane exited while its warp waits in %s at line %ld", what_, site_);
+        --expected_;
+        if (!waiters_.empty() && waiters_.size() == expected_) release();
+    }
+
+  private:
+    void release() {
+        sched.ready.insert(sched.ready.end(), waiters_.begin(), waiters_.end());
+        waiters_.clear();
+    }
+
+    std::vector<unsigned> waiters_;
+    unsigned full_ = 0, expected_ = 0;
+    unsigned long long seq_ = 0;
+    long site_ = -1;
+    const char* what_ = "";
+    bool strict_ = false;
+};
+
+struct Warp {
+    Barrier bar;
+    unsigned lanes = 0;
+    unsigned long long slot[2][32] = {};
+};
+
+inline Barrier block_barrier;
+
+inline void syncthreads(long site) {
+    block_barrier.wait(site, self->sync_calls++);
+}
+
+template <class T>
+T shfl_xor(long site, unsigned mask, T v, int lane_mask, int width = 32) {
+    static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffle of a 1..8-byte value");
+    Warp& w = *self->warp;
+    if (mask != 0xffffffffu || width != 32 || w.lanes != 32)
+        fail("__shfl_xor_sync at line %ld: only full 32-lane warps with mask 0xffffffff are emulated (mask %#x, "
+             "width %d, %u lanes)",
+             site, mask, width, w.lanes);
+    if (lane_mask < 0 || lane_mask >= 32) fail("__shfl_xor_sync at line %ld: lane mask %d", site, lane_mask);
+    const unsigned long long n = self->shfl_calls++;
+    unsigned long long* slots = w.slot[n % 2];
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    slots[self->lane] = bits;
+    // Every lane reads call n's slots before it arrives at call n + 1, which call n + 2's writes wait for.
+    w.bar.wait(site, n);
+    const unsigned long long got = slots[self->lane ^ static_cast<unsigned>(lane_mask)];
+    T out;
+    std::memcpy(&out, &got, sizeof(T));
+    return out;
+}
+
+// Buffers the driver allocated: [region, region_end) is the whole mapping (guards and slack included),
+// [data, data + bytes) what the kernel may touch.
+struct Region {
+    const char *region, *region_end, *data;
+    size_t bytes;
+    int id;
+};
+inline std::vector<Region> regions;
+
+inline void vector_load(const void* p, const char* type) {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    if (a % 16 != 0) fail("misaligned %s load at %p (address %% 16 = %u)", type, p, static_cast<unsigned>(a % 16));
+    const char* c = static_cast<const char*>(p);
+    for (const Region& r : regions) {
+        if (c >= r.region && c < r.region_end && (c < r.data || c + 16 > r.data + r.bytes))
+            fail("%s load at byte offset %lld of buffer %d, which holds %zu bytes", type,
+                 static_cast<long long>(c - r.data), r.id, r.bytes);
+    }
+}
+
+}  // namespace emu
+
+#define __syncthreads() ::emu::syncthreads(__LINE__)
+#define __shfl_xor_sync(...) ::emu::shfl_xor(__LINE__, __VA_ARGS__)
+
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+    uint4() = default;
+    uint4(const uint4& o) {
+        emu::vector_load(&o, "uint4");
+        std::memcpy(static_cast<void*>(this), &o, 16);
+    }
+    uint4& operator=(const uint4&) = default;
+};
+
+struct alignas(16) float4 {
+    float x, y, z, w;
+    float4() = default;
+    float4(const float4& o) {
+        emu::vector_load(&o, "float4");
+        std::memcpy(static_cast<void*>(this), &o, 16);
+    }
+    float4& operator=(const float4&) = default;
+};
+
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline int __float_as_int(float f) {
+    int i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+inline float __expf(float x) { return exp2f(x * 1.44269504088896341f); }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }
+
+// The __shared__ section's bounds (weak: a translation unit without shared arrays has none).
+extern "C" char __start_emu_shared[] __attribute__((weak));
+extern "C" char __stop_emu_shared[] __attribute__((weak));
+
+namespace emu {
+
+inline const std::function<void()>* kernel_fn = nullptr;
+
+// A thread's life in one block: run the kernel, leave the barriers, hand over the turn.
+inline void thread_entry() {
+    (*kernel_fn)();
+    self->warp->bar.drop();
+    block_barrier.drop();
+    ThreadCtx* me = self;
+    if (++sched.finished == sched.threads.size()) {
+        self = nullptr;
+        if (swapcontext(&me->ctx, &sched.host) != 0) fail("swapcontext failed");
+    } else {
+        if (sched.ready.empty())
+            fail("deadlock: thread %u returned, %zu of %zu threads wait at barriers that cannot fill", me->tid,
+                 sched.threads.size() - sched.finished, sched.threads.size());
+        switch_to(sched.threads[sched.take_random()], &me->ctx);
+    }
+    fail("thread %u resumed after returning", me->tid);
+}
+
+// A fresh context for `c` that starts in thread_entry (apart, so that getcontext's second return, which
+// never happens here, cannot clobber the launch loop's variables).
+__attribute__((noinline)) inline void start_context(ThreadCtx& c, char* stack, size_t size) {
+    if (getcontext(&c.ctx) != 0) fail("getcontext failed");
+    c.ctx.uc_stack.ss_sp = stack;
+    c.ctx.uc_stack.ss_size = size;
+    c.ctx.uc_link = nullptr;
+    makecontext(&c.ctx, thread_entry, 0);
+}
+
+// Runs `kernel` over `grid` x `block`: blocks one at a time in an order drawn from `seed`, each as block-size
+// threads interleaved at barriers in an order drawn from `seed`.
+inline void launch(dim3 grid, dim3 block, const std::function<void()>& kernel, unsigned long long seed) {
+    const unsigned threads = block.x * block.y * block.z;
+    if (threads == 0 || threads > 1024) fail("block of %u threads (1..1024)", threads);
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+        fail("grid (%u, %u, %u) outside CUDA's limits", grid.x, grid.y, grid.z);
+    // Each thread's stack above a PROT_NONE guard page, so an overflow faults instead of corrupting a neighbour.
+    constexpr size_t GUARD = 4096, STACK = 256 * 1024;
+    char* stacks = static_cast<char*>(mmap(nullptr, (GUARD + STACK) * threads, PROT_READ | PROT_WRITE,
+                                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+    if (stacks == MAP_FAILED) fail("cannot map %u thread stacks", threads);
+    for (unsigned t = 0; t < threads; t++)
+        if (mprotect(stacks + (GUARD + STACK) * t, GUARD, PROT_NONE) != 0) fail("mprotect failed");
+    std::vector<Warp> warps((threads + 31) / 32);
+    sched.threads = std::vector<ThreadCtx>(threads);
+    sched.rng = seed * 0x9E3779B97F4A7C15ull | 1;
+    kernel_fn = &kernel;
+    blockDim = block;
+    gridDim = grid;
+    // The blocks in an order drawn from the seed too: no kernel may depend on the order blocks run in.
+    std::vector<dim3> order;
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) order.push_back(dim3{x, y, z});
+    for (size_t i = order.size(); i > 1; i--) std::swap(order[i - 1], order[sched.next_random() % i]);
+    for (const dim3& b : order) {
+        if (__start_emu_shared != nullptr)
+            std::memset(__start_emu_shared, 0xff, static_cast<size_t>(__stop_emu_shared - __start_emu_shared));
+        block_barrier.reset(threads, "__syncthreads", false);
+        for (size_t w = 0; w < warps.size(); w++) {
+            warps[w].lanes = std::min(32u, threads - 32 * static_cast<unsigned>(w));
+            warps[w].bar.reset(warps[w].lanes, "__shfl_xor_sync", true);
+            std::memset(warps[w].slot, 0xff, sizeof warps[w].slot);
+        }
+        blockIdx = b;
+        sched.finished = 0;
+        sched.ready.clear();
+        for (unsigned t = 0; t < threads; t++) {
+            ThreadCtx& c = sched.threads[t];
+            c.idx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+            c.tid = t;
+            c.lane = t % 32;
+            c.warp = &warps[t / 32];
+            c.sync_calls = c.shfl_calls = 0;
+            start_context(c, stacks + (GUARD + STACK) * t + GUARD, STACK);
+            sched.ready.push_back(t);
+        }
+        switch_to(sched.threads[sched.take_random()], &sched.host);
+    }
+    munmap(stacks, (GUARD + STACK) * threads);
+}
+
+}  // namespace emu

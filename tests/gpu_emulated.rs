@@ -1,0 +1,469 @@
+//! The GPU kernels of `src/gpu/kernels/` checked on the CPU by emulation, in plain `cargo test`: each `.cu`
+//! source is compiled unchanged by g++ under `tests/gpu_emu/cuda_emu.h` (blocks one after another, the threads
+//! of a block as fibers taking turns at __syncthreads and warp shuffles, see that header), launched with the
+//! kernel choice and geometry of `loraserve::gpu::launch` and the argument order of the host code in
+//! `src/gpu/{nf4,lora,attention}.rs`, and compared with the CPU references the device checks
+//! (`benches/gpu_kernels.rs`) use: `quant::matmul::matmul_reference`, `lora::batched::apply_reference`,
+//! `model::attention::paged_attention`. Shapes are the device checks' cases scaled down.
+//!
+//! Every output buffer is NaN-filled before its launch (an element no thread writes fails); every launch runs
+//! under two thread interleavings that must agree bit for bit (a race fails); errors are relative L2 against
+//! references checked to be non-trivial. The last two tests show each check of the harness failing on a broken
+//! launch or kernel. Needs g++ (the tests fail, never skip, without it).
+
+mod gpu_emu;
+
+use std::ops::Range;
+
+use candle_core::{Device, Tensor};
+use gpu_emu::{Buf, Call};
+use loraserve::gpu::launch::{self, LORA_MAX_RANK};
+use loraserve::lora::batched::{apply_reference, LoraSegment};
+use loraserve::lora::{LinearId, LoraModule, LoraWeights, ModuleKind};
+use loraserve::model::attention::{paged_attention, AttnShape, PagedSeq};
+use loraserve::model::kv_cache::LayerKv;
+use loraserve::quant::matmul::matmul_reference;
+use loraserve::quant::nf4::{Absmax, Nf4Weight};
+use loraserve::rng::Rng;
+
+/// Relative L2 error allowed against the CPU references (f32, a different summation order), as on the device.
+const TOLERANCE: f64 = 1e-5;
+
+/// Relative L2 error of `got` against `want`; infinite if `got` holds a NaN or an infinity (an unwritten
+/// element of a NaN-filled output).
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "output length");
+    if got.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += (*g as f64 - *w as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// The reference is worth comparing against: finite, and most of its elements clearly non-zero.
+fn assert_nontrivial(want: &[f32], what: &str) {
+    assert!(!want.is_empty() && want.iter().all(|v| v.is_finite()), "{what}: reference empty or not finite");
+    let nonzero = want.iter().filter(|v| v.abs() > 1e-6).count();
+    assert!(nonzero * 10 >= want.len() * 9, "{what}: only {nonzero} of {} reference elements non-zero", want.len());
+}
+
+fn normal(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+/// Runs `call` under two interleavings of its threads (identical results required, see
+/// `Call::run_interleavings`), seeded from `seed`.
+fn run(call: &mut Call, seed: u64) -> gpu_emu::Outputs {
+    call.run_interleavings(&[seed, seed ^ 0x5bd1_e995]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// NF4 fused dequantize + matmul
+// ---------------------------------------------------------------------------------------------------------
+
+/// The launch of `y = x · Wᵀ` exactly as `gpu::nf4::matmul_into` builds it (1-element placeholders for the
+/// absmax form not in use, as `Nf4CudaWeight::upload`), with `y` NaN-filled. Returns the call and `y`.
+fn nf4_call(l: launch::Launch, w: &Nf4Weight, x: &[f32], m: usize, x_misalign: usize) -> (Call, Buf) {
+    nf4_call_y(l, w, x, m, x_misalign, m * w.dims2().0)
+}
+
+/// [`nf4_call`] with a `y` of `y_len` elements (to check that a write past its end is caught).
+fn nf4_call_y(l: launch::Launch, w: &Nf4Weight, x: &[f32], m: usize, x_misalign: usize, y_len: usize) -> (Call, Buf) {
+    let (n, k) = w.dims2();
+    let mut c = Call::new(l);
+    let bx = c.f32_misaligned(x, x_misalign);
+    let packed = c.u8(&w.packed);
+    let (dq, absmax_f32, codes, nested_absmax, nested_code, offset) = match &w.absmax {
+        Absmax::F32(v) => (0, c.f32(v), c.u8(&[0]), c.f32(&[0.0]), c.f32(&[0.0]), 0.0),
+        Absmax::Double(d) => {
+            (1, c.f32(&[0.0]), c.u8(&d.codes), c.f32(&d.nested_absmax), c.f32(&d.nested_code[..]), d.offset)
+        }
+    };
+    let code = c.f32(&w.code);
+    let y = c.f32(&vec![f32::NAN; y_len]);
+    c.arg(bx).arg(packed).arg(dq).arg(absmax_f32).arg(codes).arg(nested_absmax).arg(nested_code).arg(offset);
+    c.arg(code).arg(y).arg(m as i32).arg(n as i32).arg(k as i32);
+    (c, y)
+}
+
+/// One NF4 matmul on the emulated device against `matmul_reference` (dequantize, f64 accumulation); returns
+/// the kernel the launcher chose and the relative error.
+fn nf4_error(m: usize, n: usize, k: usize, double_quant: bool, seed: u64) -> (&'static str, f64) {
+    let w = Nf4Weight::quantize(&normal(n * k, seed), &[n, k], double_quant);
+    assert_eq!(matches!(w.absmax, Absmax::Double(_)), double_quant);
+    let x = normal(m * k, seed + 1);
+    let want = matmul_reference(&x, m, &w);
+    let label = format!("nf4 {m}×{n}×{k} double_quant={double_quant}");
+    assert_nontrivial(&want, &label);
+    let l = launch::nf4_matmul(m, n, k).unwrap();
+    let (mut call, y) = nf4_call(l, &w, &x, m, 0);
+    let err = rel_l2(&run(&mut call, seed).f32(y), &want);
+    eprintln!("{label}: {} rel L2 {err:.2e}", l.kernel);
+    assert!(err <= TOLERANCE, "{label} ({}): relative L2 error {err:.3e} > {TOLERANCE:e}", l.kernel);
+    (l.kernel, err)
+}
+
+/// Decode widths: every GEMV kernel, partly filled ones too (3, 5, 13 rows), over columns that end mid-block
+/// (37 = 9 blocks of 4 warps + 1) and a K of 1088 (a second 1024-wide step on which only two lanes work);
+/// 629 NF4 blocks, so the double-quantized scales span three nested blocks.
+#[test]
+fn nf4_gemv_every_width_both_absmax_forms() {
+    let expected = [
+        (1, "nf4_gemv_r1"),
+        (2, "nf4_gemv_r2"),
+        (3, "nf4_gemv_r4"),
+        (5, "nf4_gemv_r8"),
+        (8, "nf4_gemv_r8"),
+        (13, "nf4_gemv_r16"),
+        (32, "nf4_gemv_r32"),
+    ];
+    let mut worst = 0f64;
+    for (i, &(m, kernel)) in expected.iter().enumerate() {
+        for dq in [false, true] {
+            let (got, err) = nf4_error(m, 37, 1088, dq, 100 + 10 * i as u64 + dq as u64);
+            assert_eq!(got, kernel, "m={m}");
+            worst = worst.max(err);
+        }
+    }
+    eprintln!("nf4 GEMV: max rel L2 {worst:.2e}");
+}
+
+/// Prefill widths: the tiled kernel with partial row tiles (33, 100 rows) and a full one (64), 130 columns
+/// (the last column tile partial), three 64-wide steps of K.
+#[test]
+fn nf4_tiled_partial_tiles_both_absmax_forms() {
+    let mut worst = 0f64;
+    for (i, m) in [33usize, 64, 100].into_iter().enumerate() {
+        for dq in [false, true] {
+            let (got, err) = nf4_error(m, 130, 192, dq, 200 + 10 * i as u64 + dq as u64);
+            assert_eq!(got, "nf4_matmul_tiled", "m={m}");
+            worst = worst.max(err);
+        }
+    }
+    eprintln!("nf4 tiled: max rel L2 {worst:.2e}");
+}
+
+/// K not a multiple of 64 (the fixture models' 96- and 160-wide layers, and an odd K over an odd number of
+/// columns, so blocks and bytes straddle rows and the last byte holds a padding nibble): the generic kernel,
+/// at decode and prefill row counts.
+#[test]
+fn nf4_generic_odd_shapes_both_absmax_forms() {
+    let mut worst = 0f64;
+    let shapes = [(1usize, 37usize, 96usize), (3, 64, 160), (33, 13, 75), (2, 29, 160), (5, 31, 96)];
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        for dq in [false, true] {
+            let (got, err) = nf4_error(m, n, k, dq, 300 + 10 * i as u64 + dq as u64);
+            assert_eq!(got, "nf4_matmul_generic", "{m}×{n}×{k}");
+            worst = worst.max(err);
+        }
+    }
+    eprintln!("nf4 generic: max rel L2 {worst:.2e}");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Batched LoRA
+// ---------------------------------------------------------------------------------------------------------
+
+/// One batched-LoRA op (shrink, then expand on the shrink's output) against `apply_reference`, launched as
+/// `gpu::lora::apply_into` does; segments are `(rows, rank)`. Checks the deltas (not y0 + delta), the shrink's
+/// scratch `t` against `x · Aᵀ`, and base-model rows bit for bit; returns (delta error, t error).
+fn lora_errors(label: &str, rows: usize, in_f: usize, out_f: usize, segs: &[(Range<usize>, usize)]) -> (f64, f64) {
+    let seed = 5000 + rows as u64 * 7 + in_f as u64 + out_f as u64 * 3;
+    let id = LinearId::new(0, ModuleKind::QProj);
+    let adapters: Vec<LoraWeights> = segs
+        .iter()
+        .enumerate()
+        .map(|(j, &(_, rank))| {
+            let mut w = LoraWeights::new(1);
+            let a = Tensor::from_vec(normal(rank * in_f, seed + 10 * j as u64), (rank, in_f), &Device::Cpu).unwrap();
+            let b_t =
+                Tensor::from_vec(normal(rank * out_f, seed + 10 * j as u64 + 5), (rank, out_f), &Device::Cpu).unwrap();
+            // A distinct scale per adapter: the kernels must index the scale by segment.
+            w.insert(id, LoraModule { a: (a * 0.1).unwrap(), b_t: (b_t * 0.1).unwrap(), scale: 0.5 + j as f32 });
+            w
+        })
+        .collect();
+    let x = normal(rows * in_f, seed + 1);
+    let y0 = normal(rows * out_f, seed + 2);
+    let xt = Tensor::from_vec(x.clone(), (rows, in_f), &Device::Cpu).unwrap();
+    let yt = Tensor::from_vec(y0.clone(), (rows, out_f), &Device::Cpu).unwrap();
+    let cpu_segs: Vec<LoraSegment> =
+        segs.iter().zip(&adapters).map(|((r, _), w)| LoraSegment::new(r.clone(), w)).collect();
+    let want = apply_reference(&yt, &xt, id, &cpu_segs).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let modules: Vec<&LoraModule> = adapters.iter().map(|w| w.module(id).expect("inserted")).collect();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+
+    let (shrink, expand) = launch::lora(rows, in_f, out_f).unwrap();
+    let ranges: Vec<(usize, usize)> = segs.iter().map(|(r, _)| (r.start, r.end)).collect();
+    let row_seg = launch::lora_row_segments(rows, &ranges).unwrap();
+    let ranks: Vec<i32> = modules.iter().map(|m| m.rank() as i32).collect();
+    let scales: Vec<f32> = modules.iter().map(|m| m.scale).collect();
+
+    // Shrink: t (NaN-filled here; the host zero-fills it, which no correct kernel may depend on).
+    let mut c = Call::new(shrink);
+    let bx = c.f32(&x);
+    let t = c.f32(&vec![f32::NAN; rows * LORA_MAX_RANK]);
+    let seg = c.i32(&row_seg);
+    let a_bufs: Vec<Buf> = modules.iter().map(|m| c.f32(&flat(&m.a))).collect();
+    let a_ptrs = c.table(&a_bufs);
+    let rk = c.i32(&ranks);
+    c.arg(bx).arg(t).arg(seg).arg(a_ptrs).arg(rk).arg(in_f as i32);
+    let t_got = run(&mut c, seed).f32(t);
+
+    // The scratch rows of adapter rows against x · Aᵀ (f64), slots j < rank only.
+    let (mut t_got_used, mut t_want) = (vec![], vec![]);
+    for (s, ((r, rank), m)) in segs.iter().zip(&modules).enumerate() {
+        let a = flat(&m.a);
+        for row in r.clone() {
+            assert_eq!(row_seg[row], s as i32);
+            for j in 0..*rank {
+                let dot: f64 = (0..in_f).map(|i| x[row * in_f + i] as f64 * a[j * in_f + i] as f64).sum();
+                t_want.push(dot as f32);
+                t_got_used.push(t_got[row * LORA_MAX_RANK + j]);
+            }
+        }
+    }
+    assert_nontrivial(&t_want, label);
+    let t_err = rel_l2(&t_got_used, &t_want);
+
+    // Expand, on the shrink's t exactly as it came back (unused slots still NaN: reading one poisons y).
+    let mut c = Call::new(expand);
+    let bt = c.f32(&t_got);
+    let y = c.f32(&y0);
+    let seg = c.i32(&row_seg);
+    let bt_bufs: Vec<Buf> = modules.iter().map(|m| c.f32(&flat(&m.b_t))).collect();
+    let bt_ptrs = c.table(&bt_bufs);
+    let rk = c.i32(&ranks);
+    let sc = c.f32(&scales);
+    c.arg(bt).arg(y).arg(seg).arg(bt_ptrs).arg(rk).arg(sc).arg(out_f as i32);
+    let got = run(&mut c, seed + 1).f32(y);
+
+    let covered: Vec<bool> = (0..rows).map(|r| segs.iter().any(|(s, _)| s.contains(&r))).collect();
+    for r in (0..rows).filter(|&r| !covered[r]) {
+        let (g, w) = (&got[r * out_f..(r + 1) * out_f], &y0[r * out_f..(r + 1) * out_f]);
+        assert!(g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: base-model row {r} changed");
+    }
+    let delta = |v: &[f32]| -> Vec<f32> {
+        let idx = (0..rows).filter(|&r| covered[r]).flat_map(|r| r * out_f..(r + 1) * out_f);
+        idx.map(|i| v[i] - y0[i]).collect()
+    };
+    let want_delta = delta(&want);
+    assert_nontrivial(&want_delta, label);
+    let err = rel_l2(&delta(&got), &want_delta);
+    eprintln!("lora {label}: delta rel L2 {err:.2e}, t rel L2 {t_err:.2e}");
+    assert!(t_err <= TOLERANCE, "{label}: shrink output t, relative L2 error {t_err:.3e}");
+    assert!(err <= TOLERANCE, "{label}: deltas, relative L2 error {err:.3e}");
+    (err, t_err)
+}
+
+/// The device checks' mixes, scaled down: one row per adapter (decode), one adapter over every row, and a
+/// prefill mix of ranks 1..128 (the kernels' maximum) with base-model rows before, between and after the
+/// segments; 300 outputs make the expand's second column block partial, 100 inputs a float4 count that is not
+/// a multiple of the 32 lanes.
+#[test]
+fn lora_segments_of_different_ranks_and_base_rows() {
+    let per_row: Vec<(Range<usize>, usize)> = (0..6).map(|i| (i..i + 1, 16)).collect();
+    let mix = vec![(1..4, 8), (4..9, 16), (11..12, 1), (12..17, 64), (19..22, 128), (22..23, 3)];
+    let mut worst = (0f64, 0f64);
+    for (label, rows, in_f, out_f, segs) in [
+        ("one row per adapter", 6, 128, 96, per_row),
+        ("one adapter", 5, 128, 300, vec![(0..5, 16)]),
+        ("prefill mix", 24, 100, 300, mix),
+    ] {
+        let (e, t) = lora_errors(label, rows, in_f, out_f, &segs);
+        worst = (worst.0.max(e), worst.1.max(t));
+    }
+    eprintln!("lora: max delta rel L2 {:.2e}, max t rel L2 {:.2e}", worst.0, worst.1);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Paged attention
+// ---------------------------------------------------------------------------------------------------------
+
+/// kv_write then paged_attention, launched as `gpu::attention::paged_attention_into` does, against the CPU
+/// `paged_attention` over the same cache: the caches after the write must match exactly, the output within
+/// the tolerance. Sequences are `(past, len)`, in blocks of `bs` drawn from a shuffled pool (scattered tables),
+/// over a cache that starts full of random values (stale slots). Returns the output's error.
+fn attention_error(
+    (heads, kv_heads, hd): (usize, usize, usize),
+    window: Option<usize>,
+    bs: usize,
+    shape_of: &[(usize, usize)],
+) -> f64 {
+    let label = format!("attention {heads}/{kv_heads} heads, head_dim {hd}, blocks of {bs}, window {window:?}");
+    let seed = 9000 + 100 * heads as u64 + 10 * kv_heads as u64 + hd as u64 + window.map_or(0, |w| 1000 * w as u64);
+    let num_blocks: usize = shape_of.iter().map(|&(p, l)| (p + l).div_ceil(bs)).sum::<usize>() + 3;
+    let width = kv_heads * hd;
+    let mut order: Vec<u32> = (0..num_blocks as u32).collect();
+    Rng::new(seed).shuffle(&mut order);
+    let mut next = 0;
+    let tables: Vec<Vec<u32>> = shape_of
+        .iter()
+        .map(|&(past, len)| {
+            let n = (past + len).div_ceil(bs);
+            next += n;
+            order[next - n..next].to_vec()
+        })
+        .collect();
+    let mut row = 0;
+    let seqs: Vec<PagedSeq> = shape_of
+        .iter()
+        .zip(&tables)
+        .map(|(&(past, len), blocks)| {
+            let s = PagedSeq { row, len, past, blocks };
+            row += len;
+            s
+        })
+        .collect();
+    let rows = row;
+    let shape = AttnShape { heads, kv_heads, head_dim: hd, window };
+    let (q, k, v) =
+        (normal(rows * heads * hd, seed + 1), normal(rows * width, seed + 2), normal(rows * width, seed + 3));
+    let (k0, v0) = (normal(num_blocks * bs * width, seed + 4), normal(num_blocks * bs * width, seed + 5));
+    let mut cpu_cache = LayerKv { block_size: bs, k: k0.clone(), v: v0.clone() };
+    let want = paged_attention(&q, &k, &v, &seqs, &mut cpu_cache, &shape);
+    assert_nontrivial(&want, &label);
+
+    let (write, attend) = launch::paged_attention(rows, heads, kv_heads, hd, window).unwrap();
+    let t = launch::attention_tables(&seqs, bs).unwrap();
+
+    let mut c = Call::new(write);
+    let (bk, bv) = (c.f32(&k), c.f32(&v));
+    let (kc, vc) = (c.f32(&k0), c.f32(&v0));
+    let slot = c.i32(&t.row_slot);
+    c.arg(bk).arg(bv).arg(kc).arg(vc).arg(slot).arg(width as i32);
+    let written = run(&mut c, seed);
+    let (k_cache, v_cache) = (written.f32(kc), written.f32(vc));
+    let same = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    assert!(same(&k_cache, &cpu_cache.k) && same(&v_cache, &cpu_cache.v), "{label}: caches differ after kv_write");
+    assert!(k_cache != k0 && v_cache != v0, "{label}: kv_write wrote nothing");
+
+    let mut c = Call::new(attend);
+    let bq = c.f32(&q);
+    let (kc, vc) = (c.f32(&k_cache), c.f32(&v_cache));
+    let (tb, pos, tab) = (c.i32(&t.tables), c.i32(&t.row_pos), c.i32(&t.row_table));
+    let out = c.f32(&vec![f32::NAN; rows * heads * hd]);
+    let scale = 1.0 / (hd as f32).sqrt();
+    c.arg(bq).arg(kc).arg(vc).arg(tb).arg(pos).arg(tab).arg(out);
+    c.arg(heads as i32).arg(kv_heads as i32).arg(hd as i32).arg(bs as i32).arg(window.map_or(0, |w| w as i32));
+    c.arg(scale);
+    let err = rel_l2(&run(&mut c, seed + 1).f32(out), &want);
+    eprintln!("{label}: rel L2 {err:.2e}");
+    assert!(err <= TOLERANCE, "{label}: relative L2 error {err:.3e} > {TOLERANCE:e}");
+    err
+}
+
+/// Decode rows at positions 0, 11 (a block's last slot) and 37, a 9-token prefill and a 4-token chunk after
+/// 6 cached tokens, in one batch (blocks of 4).
+const MIXED_STEP: [(usize, usize); 5] = [(0, 1), (11, 1), (37, 1), (0, 9), (6, 4)];
+
+/// GQA groups 2 and 4 and none, head_dim 16 (the fixture models), 32 and 64, with and without a sliding
+/// window shorter than most contexts.
+#[test]
+fn paged_attention_gqa_groups_and_windows() {
+    let mut worst = 0f64;
+    for heads in [(6, 3, 16), (4, 1, 32), (8, 8, 64)] {
+        for window in [None, Some(5)] {
+            worst = worst.max(attention_error(heads, window, 4, &MIXED_STEP));
+        }
+    }
+    eprintln!("paged attention (head_dim 16/32/64): max rel L2 {worst:.2e}");
+}
+
+/// A head_dim that is not a multiple of the 32 lanes (80: lanes past it hold zeros) and the 8B models' 128,
+/// group 2 and 8 (the kernel's maximum); then the device checks' own Llama-3-8B geometry (32 query / 8 kv
+/// heads, head_dim 128, blocks of 16) at shorter contexts: decode rows and a 20-token prefill, window 64.
+#[test]
+fn paged_attention_wide_heads() {
+    let mut worst = 0f64;
+    for heads in [(6, 3, 80), (8, 1, 128)] {
+        for window in [None, Some(5)] {
+            worst = worst.max(attention_error(heads, window, 4, &MIXED_STEP));
+        }
+    }
+    for window in [None, Some(64)] {
+        worst = worst.max(attention_error((32, 8, 128), window, 16, &[(0, 1), (37, 1), (130, 1), (0, 20)]));
+    }
+    eprintln!("paged attention (head_dim 80/128): max rel L2 {worst:.2e}");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The harness itself
+// ---------------------------------------------------------------------------------------------------------
+
+/// Each check the harness relies on fails when it should: an output element no block writes (grid one block
+/// short), a misaligned vector load, an output buffer too short for the launch, and an argument of the
+/// wrong type.
+#[test]
+fn harness_catches_broken_launches() {
+    let (m, n, k) = (3usize, 37usize, 128usize);
+    let w = Nf4Weight::quantize(&normal(n * k, 1), &[n, k], true);
+    let x = normal(m * k, 2);
+    let want = matmul_reference(&x, m, &w);
+    let l = launch::nf4_matmul(m, n, k).unwrap();
+
+    let (mut call, y) = nf4_call(l, &w, &x, m, 0);
+    assert!(rel_l2(&run(&mut call, 1).f32(y), &want) <= TOLERANCE, "the unbroken launch passes");
+
+    let short = launch::Launch { grid: (l.grid.0 - 1, 1, 1), ..l };
+    let (mut call, y) = nf4_call(short, &w, &x, m, 0);
+    assert_eq!(rel_l2(&run(&mut call, 1).f32(y), &want), f64::INFINITY, "unwritten outputs stay NaN and fail");
+
+    let (call, _) = nf4_call(l, &w, &x, m, 4);
+    let e = call.run().err().expect("a misaligned x must fail");
+    assert!(e.contains("misaligned float4 load"), "{e}");
+
+    let (call, _) = nf4_call_y(l, &w, &x, m, 0, 8);
+    let e = call.run().err().expect("writing past the end of y must fail");
+    assert!(e.contains("out-of-bounds"), "{e}");
+
+    let (write, _) = launch::paged_attention(1, 1, 1, 16, None).unwrap();
+    let mut c = Call::new(write);
+    let (a, b) = (c.f32(&[0.0; 16]), c.f32(&[0.0; 16]));
+    let (kc, vc, slot) = (c.f32(&[0.0; 64]), c.f32(&[0.0; 64]), c.i32(&[0]));
+    c.arg(a).arg(b).arg(kc).arg(vc).arg(slot).arg(16.0f32);
+    let e = c.run().err().expect("an f32 where the kernel takes an int must fail");
+    assert!(e.contains("argument 5"), "{e}");
+}
+
+/// The emulation's own checks, on the driver's deliberately broken `selftest_*` kernels: a shared-memory read
+/// that misses its __syncthreads (caught as a NaN under most interleavings, and as a result that differs
+/// between interleavings), __syncthreads from different lines, a full-mask shuffle in a warp with an exited
+/// lane, and a deadlock between a block barrier and a warp shuffle.
+#[test]
+fn emulation_catches_races_divergence_and_deadlocks() {
+    let launch =
+        |kernel: &'static str, threads: u32| launch::Launch { kernel, grid: (2, 1, 1), block: (threads, 1, 1) };
+    let race = |sync: i32, seed: u64| {
+        let mut c = Call::new(launch("selftest_shared_race", 256));
+        let out = c.f32(&[f32::NAN; 256]);
+        c.arg(out).arg(sync).seed(seed);
+        c.run().unwrap_or_else(|e| panic!("{e}")).f32(out)
+    };
+    let fixed = race(1, 1);
+    assert!(fixed.iter().enumerate().all(|(i, &v)| v == ((i + 1) % 256) as f32), "the synchronized version is right");
+    let racy = race(0, 1);
+    assert!(racy.iter().any(|v| v.is_nan()), "a read before the write it needs sees the NaN poison");
+    let mut c = Call::new(launch("selftest_shared_race", 256));
+    let out = c.f32(&[0.0; 256]);
+    c.arg(out).arg(0);
+    let e = c.run_interleavings(&[1, 2]).err().expect("a racy kernel's result depends on the interleaving");
+    assert!(e.contains("(a race)"), "{e}");
+
+    for (kernel, threads, needle) in [
+        ("selftest_divergent_sync", 64, "divergent __syncthreads"),
+        ("selftest_shuffle_after_exit", 32, "exited"),
+        ("selftest_deadlock", 32, "deadlock"),
+    ] {
+        let mut c = Call::new(launch(kernel, threads));
+        let out = c.f32(&vec![0.0; threads as usize]);
+        c.arg(out);
+        let e = c.run().err().unwrap_or_else(|| panic!("{kernel} must fail"));
+        assert!(e.contains(needle), "{kernel}: {e}");
+    }
+}
