@@ -7,8 +7,8 @@
 //!    token ids must be equal. Figures: requests compared, equal, and how many GPU outputs also equal the
 //!    peer's own greedy ids from transformers (informational: the CPU tests hold that bar).
 //! 2. **Decode.** `synthetic:llama2-7b` (random weights, NF4, f32 compute) on the GPU: 1, 8 and 32 streams, one
-//!    adapter versus 32 distinct rank-16 q,k,v,o adapters, 128-token prompts and 128 new tokens: tokens/s, step
-//!    time (inter-token p50), time to first token; cold adapter load (LoadAdapter on an adapter not yet
+//!    adapter versus 32 distinct rank-16 q,k,v,o adapters, 128-token prompts and 128 new tokens: tokens/s end
+//!    to end, decode tokens/s (streams / step time), step time (inter-token p50), time to first token; cold adapter load (LoadAdapter on an adapter not yet
 //!    cached: disk → host → device); base resident bytes (the model's count and the device's free-memory
 //!    drop at load) and the memory floor of one decode step.
 //!
@@ -356,7 +356,7 @@ async fn decode(cuda: &Device) -> anyhow::Result<serde_json::Value> {
             cells.push(serde_json::json!({
                 "streams": streams, "mix": if i == 0 { "one" } else { "mixed" }, "adapters": distinct,
                 "tokens": o.tokens, "seconds": o.seconds,
-                "tokens_per_s": tps[i], "step_ms_p50": itl50, "step_ms_p99": itl99, "ttft_ms_p50": ttft50,
+                "tokens_per_s": tps[i], "decode_tokens_per_s": streams as f64 * 1e3 / itl50, "step_ms_p50": itl50, "step_ms_p99": itl99, "ttft_ms_p50": ttft50,
                 "ttft_ms_p99": ttft99, "prompt_tokens": o.prompt_tokens, "errors": o.errors,
             }));
         }

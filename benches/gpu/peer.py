@@ -6,7 +6,8 @@ q,k,v,o LoRA adapters) and the same load as benches/gpu_serve.rs: 1, 8 and 32 st
 
 The streams of one cell are one `generate` call (a static batch, what a PEFT user would write); mixed
 adapters go through PEFT's `adapter_names=` (per-adapter sub-batches inside every LoRA layer). Time to first
-token is a `max_new_tokens=1` call on the same batch; step time is the rest over the remaining tokens.
+token is a `max_new_tokens=1` call on the same batch; step time is the rest over the remaining tokens, and
+decode tokens/s is streams / step time (end-to-end tokens/s counts the prefill too).
 
 Prints a table and writes $OUT/peer.json. `PEER_SHAPE=tiny` runs a small model (e.g. on a CPU, to check the
 script itself)."""
@@ -103,8 +104,9 @@ def main():
             tps = tokens / total
             used = len(set(adapters))
             print(f"| {streams} | {used} | {tps:.1f} | {step_ms:.2f} | {ttft * 1e3:.0f} |", flush=True)
-            cells.append(dict(streams=streams, mix="one" if distinct == 1 else "mixed", adapters=used, tokens=tokens, seconds=total, tokens_per_s=tps,
-                              step_ms=step_ms, ttft_ms=ttft * 1e3))
+            cells.append(dict(streams=streams, mix="one" if distinct == 1 else "mixed", adapters=used,
+                              tokens=tokens, seconds=total, tokens_per_s=tps,
+                              decode_tokens_per_s=streams * 1e3 / step_ms, step_ms=step_ms, ttft_ms=ttft * 1e3))
     out = os.environ.get("OUT", ".")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "peer.json"), "w") as f:

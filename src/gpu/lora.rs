@@ -187,8 +187,8 @@ pub struct StepPlan {
     segments: usize,
     /// Per linear ([`LinearId::index`]): `(in, out)` when some segment's adapter targets it.
     dims: Vec<Option<(usize, usize)>>,
-    /// Entries `[linear * segments + s]`.
-    tables: Tables,
+    /// Entries `[linear * segments + s]`; none when no segment has rows (nothing to upload or add).
+    tables: Option<Tables>,
 }
 
 impl StepPlan {
@@ -222,7 +222,7 @@ impl StepPlan {
                 mods.push(m);
             }
         }
-        let tables = Tables::upload(device, &row_seg, &mods)?;
+        let tables = if segments.is_empty() { None } else { Some(Tables::upload(device, &row_seg, &mods)?) };
         Ok(StepPlan { device: device.clone(), rows, segments: segments.len(), dims, tables })
     }
 
@@ -275,7 +275,8 @@ impl InplaceOp2 for AddDeltas<'_> {
         }
         let x = x.as_cuda_slice::<f32>()?.slice(x0..x1);
         let y = y.as_cuda_slice_mut::<f32>()?;
+        let tables = plan.tables.as_ref().expect("a linear with modules has segments");
         let first = self.id.index() * plan.segments;
-        launch_pair(&plan.device, &x, y, rows, dims, &plan.tables, first..first + plan.segments)
+        launch_pair(&plan.device, &x, y, rows, dims, tables, first..first + plan.segments)
     }
 }
