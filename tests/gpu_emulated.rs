@@ -1,6 +1,7 @@
 //! The GPU kernels of `src/gpu/kernels/` checked on the CPU by emulation, in plain `cargo test`: each `.cu`
 //! source is compiled unchanged by g++ under `tests/gpu_emu/cuda_emu.h` (blocks one after another, the threads
-//! of a block as fibers taking turns at __syncthreads and warp shuffles, see that header), launched with the
+//! of a block as fibers taking turns at __syncthreads, warp shuffles and tensor-core MMAs, the MMA's fragment
+//! layouts taken from the PTX ISA; see that header), launched with the
 //! kernel choice and geometry of `loraserve::gpu::launch` and the argument order of the host code in
 //! `src/gpu/{nf4,lora,attention}.rs`, and compared with the CPU references the device checks
 //! (`benches/gpu_kernels.rs`) use: `quant::matmul::matmul_reference`, `lora::batched::apply_reference`,
@@ -8,8 +9,9 @@
 //!
 //! Every output buffer is NaN-filled before its launch (an element no thread writes fails); every launch runs
 //! under two thread interleavings that must agree bit for bit (a race fails); errors are relative L2 against
-//! references checked to be non-trivial. The last two tests show each check of the harness failing on a broken
-//! launch or kernel. Needs g++ (the tests fail, never skip, without it).
+//! references checked to be non-trivial. The emulated MMA and TF32 rounding are also checked on their own, on
+//! one tile against a plain matrix product; the last two tests show each check of the harness failing on a
+//! broken launch or kernel. Needs g++ (the tests fail, never skip, without it).
 
 mod gpu_emu;
 
@@ -108,20 +110,12 @@ fn nf4_error(m: usize, n: usize, k: usize, double_quant: bool, seed: u64) -> (&'
     (l.kernel, err)
 }
 
-/// Decode widths: every GEMV kernel, partly filled ones too (3, 5, 13 rows), over columns that end mid-block
+/// Decode widths: every GEMV kernel, partly filled ones too (3, 5 rows), over columns that end mid-block
 /// (37 = 9 blocks of 4 warps + 1) and a K of 1088 (a second 1024-wide step on which only two lanes work);
 /// 629 NF4 blocks, so the double-quantized scales span three nested blocks.
 #[test]
 fn nf4_gemv_every_width_both_absmax_forms() {
-    let expected = [
-        (1, "nf4_gemv_r1"),
-        (2, "nf4_gemv_r2"),
-        (3, "nf4_gemv_r4"),
-        (5, "nf4_gemv_r8"),
-        (8, "nf4_gemv_r8"),
-        (13, "nf4_gemv_r16"),
-        (32, "nf4_gemv_r32"),
-    ];
+    let expected = [(1, "nf4_gemv_r1"), (2, "nf4_gemv_r2"), (3, "nf4_gemv_r4"), (5, "nf4_gemv_r8"), (8, "nf4_gemv_r8")];
     let mut worst = 0f64;
     for (i, &(m, kernel)) in expected.iter().enumerate() {
         for dq in [false, true] {
@@ -133,19 +127,22 @@ fn nf4_gemv_every_width_both_absmax_forms() {
     eprintln!("nf4 GEMV: max rel L2 {worst:.2e}");
 }
 
-/// Prefill widths: the tiled kernel with partial row tiles (33, 100 rows) and a full one (64), 130 columns
-/// (the last column tile partial), three 64-wide steps of K.
+/// Past 8 rows: the tensor-core kernel (3xTF32 MMAs), from the smallest batch it takes (9 rows: one warp's
+/// 16-row slice partly filled, three warps on padding) to partial row tiles over two block rows (100); columns
+/// that end mid-tile (130 = 2 tiles + 2, 70) and whole tiles (64); three and four 64-wide steps of K.
 #[test]
-fn nf4_tiled_partial_tiles_both_absmax_forms() {
+fn nf4_mma_partial_tiles_both_absmax_forms() {
+    let shapes =
+        [(9usize, 130usize, 192usize), (13, 70, 256), (32, 64, 192), (33, 130, 192), (64, 70, 192), (100, 130, 256)];
     let mut worst = 0f64;
-    for (i, m) in [33usize, 64, 100].into_iter().enumerate() {
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
         for dq in [false, true] {
-            let (got, err) = nf4_error(m, 130, 192, dq, 200 + 10 * i as u64 + dq as u64);
-            assert_eq!(got, "nf4_matmul_tiled", "m={m}");
+            let (got, err) = nf4_error(m, n, k, dq, 200 + 10 * i as u64 + dq as u64);
+            assert_eq!(got, "nf4_matmul_mma", "{m}×{n}×{k}");
             worst = worst.max(err);
         }
     }
-    eprintln!("nf4 tiled: max rel L2 {worst:.2e}");
+    eprintln!("nf4 MMA: max rel L2 {worst:.2e}");
 }
 
 /// K not a multiple of 64 (the fixture models' 96- and 160-wide layers, and an odd K over an odd number of
@@ -393,6 +390,117 @@ fn paged_attention_wide_heads() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// The emulated tensor-core primitives on their own
+// ---------------------------------------------------------------------------------------------------------
+
+/// The emulated `mma_tf32` apart from any kernel: one 16×8×8 tile of integers (|A|, |B| ≤ 100: TF32 values,
+/// every product and sum exact in f32), each lane's fragments loaded by the driver's `selftest_mma` at the
+/// positions the PTX ISA gives, three chained MMAs onto a C (so the calls' alternating slots are exercised).
+/// Every element of D must be C + 3·A·B at its own position, exactly: the entries of A·B are all distinct
+/// (asserted), so an A, B or D element the emulation places elsewhere fails.
+#[test]
+fn emulated_mma_matches_a_plain_matrix_product() {
+    let mut rng = Rng::new(77);
+    let mut ints = |n: usize, half: i32| -> Vec<f32> {
+        (0..n).map(|_| ((rng.next_u64() % (2 * half as u64 + 1)) as i32 - half) as f32).collect()
+    };
+    let (a, b, c) = (ints(16 * 8, 100), ints(8 * 8, 100), ints(16 * 8, 1000));
+    let ab: Vec<f32> = (0..16 * 8).map(|e| (0..8).map(|k| a[e / 8 * 8 + k] * b[k * 8 + e % 8]).sum()).collect();
+    let mut sorted = ab.clone();
+    sorted.sort_by(f32::total_cmp);
+    sorted.dedup();
+    assert_eq!(sorted.len(), ab.len(), "the entries of A·B must be distinct for the position check");
+    let want: Vec<f32> = c.iter().zip(&ab).map(|(c, ab)| c + 3.0 * ab).collect();
+
+    let mut call = Call::new(launch::Launch { kernel: "selftest_mma", grid: (1, 1, 1), block: (32, 1, 1) });
+    let (ba, bb, bc) = (call.f32(&a), call.f32(&b), call.f32(&c));
+    let d = call.f32(&[f32::NAN; 16 * 8]);
+    call.arg(ba).arg(bb).arg(bc).arg(d).arg(3);
+    let got = run(&mut call, 7).f32(d);
+    for (e, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g.to_bits(),
+            w.to_bits(),
+            "D[{}][{}]: {g} from the emulated MMA, {w} from the product",
+            e / 8,
+            e % 8
+        );
+    }
+}
+
+/// f32 → TF32 as `cvt.rna.tf32.f32` defines it, by arithmetic: the multiple of TF32's spacing at `v` (2^(e − 10),
+/// subnormals at 2^−136) nearest to `v`, halves away from zero; past the largest TF32 value, infinity.
+fn tf32_nearest_away(v: f32) -> f32 {
+    if !v.is_finite() || v == 0.0 {
+        return v;
+    }
+    let biased = ((v.to_bits() >> 23) & 0xff) as i32;
+    let spacing = 2f64.powi(biased.max(1) - 127 - 10);
+    ((v as f64 / spacing).round() * spacing) as f32
+}
+
+/// The emulated `tf32_round` and nf4.cu's hi/lo split (`selftest_tf32_split`): TF32 values unchanged, others to
+/// the nearest TF32 value with ties away from zero (1 + 2⁻¹¹ is a tie, which ties-to-even would round down),
+/// a carry into the exponent, subnormals, overflow to infinity, infinities and NaN kept; on random values of
+/// many magnitudes, hi as `tf32_nearest_away`, hi and lo both TF32 values, hi + lo within 2⁻²² of v.
+#[test]
+fn emulated_tf32_rounding_and_split() {
+    let tie = 1.0 + 2f32.powi(-11);
+    let edge: Vec<(f32, f32)> = vec![
+        (1.0, 1.0),
+        (-3.25, -3.25),
+        (0.0, 0.0),
+        (1.0 + 2f32.powi(-10), 1.0 + 2f32.powi(-10)),
+        (tie, 1.0 + 2f32.powi(-10)),
+        (-tie, -(1.0 + 2f32.powi(-10))),
+        (f32::from_bits(tie.to_bits() - 1), 1.0),
+        (f32::from_bits(tie.to_bits() + 1), 1.0 + 2f32.powi(-10)),
+        (f32::from_bits(0x3fff_ffff), 2.0),
+        (f32::from_bits(0x0000_1000), f32::from_bits(0x0000_2000)),
+        (f32::from_bits(0x0000_0fff), 0.0),
+        (f32::from_bits(0x8000_3000), -f32::from_bits(0x0000_4000)),
+        (f32::MAX, f32::INFINITY),
+        (f32::from_bits(0x7f7f_efff), f32::from_bits(0x7f7f_e000)),
+        (f32::INFINITY, f32::INFINITY),
+        (f32::NEG_INFINITY, f32::NEG_INFINITY),
+    ];
+    let mut rng = Rng::new(78);
+    let mut v: Vec<f32> = edge.iter().map(|e| e.0).collect();
+    v.push(f32::NAN);
+    let random_from = v.len();
+    v.extend((0..400).map(|i| rng.normal() as f32 * 2f32.powi(i % 61 - 30)));
+    v.extend((0..40).map(|_| f32::from_bits((rng.next_u64() % 0x80_0000) as u32)));
+
+    let n = v.len();
+    let mut call = Call::new(launch::Launch {
+        kernel: "selftest_tf32_split",
+        grid: (n.div_ceil(128) as u32, 1, 1),
+        block: (128, 1, 1),
+    });
+    let bv = call.f32(&v);
+    let out = call.f32(&vec![f32::NAN; 2 * n]);
+    call.arg(bv).arg(out).arg(n as i32);
+    let got = run(&mut call, 8).f32(out);
+    let (hi, lo): (Vec<f32>, Vec<f32>) = got.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
+    for (i, &(x, want)) in edge.iter().enumerate() {
+        assert_eq!(hi[i].to_bits(), want.to_bits(), "tf32_round({x:e} = {:#010x}) = {:e}", x.to_bits(), hi[i]);
+        assert_eq!(tf32_nearest_away(x).to_bits(), want.to_bits(), "the arithmetic reference at {x:e}");
+    }
+    assert!(hi[edge.len()].is_nan(), "NaN stays NaN");
+    let mut worst = 0f64;
+    for ((&x, &h), &l) in v.iter().zip(&hi).zip(&lo).skip(random_from) {
+        assert_eq!(h.to_bits(), tf32_nearest_away(x).to_bits(), "tf32_round({x:e} = {:#010x})", x.to_bits());
+        assert!(h.to_bits() & 0x1fff == 0 && l.to_bits() & 0x1fff == 0, "hi, lo of {x:e} not TF32 values");
+        if x.is_normal() {
+            let rel = ((h as f64 + l as f64) - x as f64).abs() / (x as f64).abs();
+            assert!(rel <= 2f64.powi(-22), "hi + lo of {x:e}: relative error {rel:e}");
+            worst = worst.max(rel);
+        }
+    }
+    eprintln!("tf32 split: max relative error of hi + lo {worst:.2e} (bound 2^-22 = {:.2e})", 2f64.powi(-22));
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // The harness itself
 // ---------------------------------------------------------------------------------------------------------
 
@@ -434,7 +542,8 @@ fn harness_catches_broken_launches() {
 /// The emulation's own checks, on the driver's deliberately broken `selftest_*` kernels: a shared-memory read
 /// that misses its __syncthreads (caught as a NaN under most interleavings, and as a result that differs
 /// between interleavings), __syncthreads from different lines, a full-mask shuffle in a warp with an exited
-/// lane, and a deadlock between a block barrier and a warp shuffle.
+/// lane, a deadlock between a block barrier and a warp shuffle, and MMAs with an exited lane, from different
+/// lines, or on an operand not rounded to TF32.
 #[test]
 fn emulation_catches_races_divergence_and_deadlocks() {
     let launch =
@@ -465,5 +574,12 @@ fn emulation_catches_races_divergence_and_deadlocks() {
         c.arg(out);
         let e = c.run().err().unwrap_or_else(|| panic!("{kernel} must fail"));
         assert!(e.contains(needle), "{kernel}: {e}");
+    }
+    for (mode, needle) in [(0, "exited"), (1, "divergent mma_tf32"), (2, "not a TF32 value")] {
+        let mut c = Call::new(launch("selftest_mma_misuse", 64));
+        let out = c.f32(&[0.0; 64]);
+        c.arg(out).arg(mode);
+        let e = c.run().err().unwrap_or_else(|| panic!("selftest_mma_misuse mode {mode} must fail"));
+        assert!(e.contains(needle), "selftest_mma_misuse mode {mode}: {e}");
     }
 }

@@ -16,26 +16,24 @@ pub struct Launch {
     pub block: (u32, u32, u32),
 }
 
-/// Rows of x up to which the decode (GEMV) kernels run: each weight byte is read once for all rows.
-pub const GEMV_MAX_ROWS: usize = 32;
+/// Rows of x up to which the GEMV kernels run (each weight byte read once for all rows, CUDA-core FMAs);
+/// beyond, the tensor-core kernel.
+pub const GEMV_MAX_ROWS: usize = 8;
 /// Output columns per GEMV thread block (one warp each), as `WARPS_PER_BLOCK` in `kernels/nf4.cu`.
 const GEMV_WARPS: usize = 4;
 /// The GEMV kernels compiled, by rows handled (`nf4_gemv_r{R}`).
-const GEMV_KERNELS: [(usize, &str); 6] = [
-    (1, "nf4_gemv_r1"),
-    (2, "nf4_gemv_r2"),
-    (4, "nf4_gemv_r4"),
-    (8, "nf4_gemv_r8"),
-    (16, "nf4_gemv_r16"),
-    (32, "nf4_gemv_r32"),
-];
-/// Output tile of the prefill kernel (`TILE` in `kernels/nf4.cu`), computed by 256 threads.
-const TILE: usize = 64;
+const GEMV_KERNELS: [(usize, &str); 4] =
+    [(1, "nf4_gemv_r1"), (2, "nf4_gemv_r2"), (4, "nf4_gemv_r4"), (8, "nf4_gemv_r8")];
+/// Output tile of the tensor-core kernel (`MMA_BM` × `MMA_BN` in `kernels/nf4.cu`), computed by 4 warps.
+const MMA_BM: usize = 64;
+const MMA_BN: usize = 64;
+const MMA_THREADS: u32 = 128;
 /// CUDA's limit on grid.y and grid.z.
 const MAX_GRID_YZ: usize = 65_535;
 
 /// The launch computing `y[m, n] = x[m, k] · W[n, k]ᵀ` for an NF4 weight: a GEMV kernel sized to the rows
-/// for decode (`m ≤ 32`), the tiled kernel beyond. Errors name the shape the kernels cannot take.
+/// up to 8 rows, the tensor-core kernel beyond (both for `k % 64 == 0`), the generic kernel for other widths.
+/// Errors name the shape the kernels cannot take.
 pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
     if m == 0 || n == 0 || k == 0 {
         return Err(format!("NF4 matmul of an empty shape (m={m}, n={n}, k={k})"));
@@ -52,18 +50,18 @@ pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
         });
     }
     if m <= GEMV_MAX_ROWS {
-        let (_, kernel) = GEMV_KERNELS.iter().copied().find(|&(r, _)| r >= m).expect("m ≤ 32 has a kernel");
+        let (_, kernel) = GEMV_KERNELS.iter().copied().find(|&(r, _)| r >= m).expect("m ≤ 8 has a kernel");
         return Ok(Launch {
             kernel,
             grid: (n.div_ceil(GEMV_WARPS) as u32, 1, 1),
             block: (32 * GEMV_WARPS as u32, 1, 1),
         });
     }
-    let (gx, gy) = (n.div_ceil(TILE), m.div_ceil(TILE));
+    let (gx, gy) = (n.div_ceil(MMA_BN), m.div_ceil(MMA_BM));
     if gy > MAX_GRID_YZ || gx > u32::MAX as usize {
         return Err(format!("NF4 matmul too large for one launch (m={m}, n={n})"));
     }
-    Ok(Launch { kernel: "nf4_matmul_tiled", grid: (gx as u32, gy as u32, 1), block: (256, 1, 1) })
+    Ok(Launch { kernel: "nf4_matmul_mma", grid: (gx as u32, gy as u32, 1), block: (MMA_THREADS, 1, 1) })
 }
 
 /// Largest adapter rank the LoRA kernels take (`MAX_RANK` in `kernels/lora.cu`: the per-row scratch width).
@@ -210,19 +208,21 @@ mod tests {
             assert_eq!(l.grid, (1024, 1, 1));
             assert_eq!(l.block, (128, 1, 1));
         }
-        assert_eq!(nf4_matmul(9, 11008, 4096).unwrap().kernel, "nf4_gemv_r16");
-        assert_eq!(nf4_matmul(32, 11008, 4096).unwrap().kernel, "nf4_gemv_r32");
+        assert_eq!(nf4_matmul(9, 11008, 4096).unwrap().kernel, "nf4_matmul_mma");
         // Columns not a multiple of the warps per block: the last block is partly idle, none is missing.
         assert_eq!(nf4_matmul(1, 4097, 64).unwrap().grid.0 as usize * GEMV_WARPS, 4100);
     }
 
     #[test]
-    fn prefill_rows_use_tiles_that_cover_the_output() {
-        let l = nf4_matmul(33, 4096, 11008).unwrap();
-        assert_eq!((l.kernel, l.grid, l.block), ("nf4_matmul_tiled", (64, 1, 1), (256, 1, 1)));
+    fn batches_past_eight_rows_use_tensor_core_tiles_that_cover_the_output() {
+        for m in [9, 32, 33, 64] {
+            let l = nf4_matmul(m, 4096, 11008).unwrap();
+            assert_eq!((l.kernel, l.grid.0, l.block), ("nf4_matmul_mma", 64, (128, 1, 1)), "m={m}");
+            assert_eq!(l.grid.1 as usize, m.div_ceil(MMA_BM));
+        }
         let l = nf4_matmul(1000, 4100, 4096).unwrap();
         assert_eq!(l.grid, (65, 16, 1));
-        assert!(l.grid.0 as usize * TILE >= 4100 && l.grid.1 as usize * TILE >= 1000);
+        assert!(l.grid.0 as usize * MMA_BN >= 4100 && l.grid.1 as usize * MMA_BM >= 1000);
         assert!(nf4_matmul(64 * MAX_GRID_YZ + 1, 64, 64).unwrap_err().contains("too large"));
     }
 
@@ -250,11 +250,13 @@ mod tests {
             assert_eq!(name, format!("nf4_gemv_r{r}"));
             assert!(NF4_SOURCE.contains(&format!("NF4_GEMV({r})\n")), "{name} not instantiated in nf4.cu");
         }
-        for name in ["nf4_matmul_tiled", "nf4_matmul_generic"] {
+        for name in ["nf4_matmul_mma", "nf4_matmul_generic"] {
             assert!(NF4_SOURCE.contains(&format!("extern \"C\" __global__ void {name}(")), "{name}");
         }
         assert!(NF4_SOURCE.contains(&format!("#define WARPS_PER_BLOCK {GEMV_WARPS}\n")));
-        assert!(NF4_SOURCE.contains(&format!("#define TILE {TILE}\n")));
+        assert!(NF4_SOURCE.contains(&format!("#define MMA_BM {MMA_BM}\n")));
+        assert!(NF4_SOURCE.contains(&format!("#define MMA_BN {MMA_BN}\n")));
+        assert!(NF4_SOURCE.contains(&format!("#define MMA_THREADS {MMA_THREADS}\n")));
         // NVRTC on the serving machine has no toolkit headers.
         for src in [NF4_SOURCE, LORA_SOURCE, ATTENTION_SOURCE] {
             assert!(!src.contains("#include"));

@@ -20,6 +20,17 @@
 //   value a slower lane has still to read), correct in loops. Only full-warp masks over 32 live lanes are
 //   emulated: a lane that exited, a lane that exits while its warp shuffles, or lanes meeting at different
 //   shuffles fail the run.
+// - mma_tf32(d, a, b) (nf4.cu's wrapper of mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, the tensor
+//   cores): warp-collective like a shuffle (each lane publishes its A and B fragments into the warp's slots for
+//   this call, warp barrier, then computes its own four D elements from the whole of A and B; the same checks
+//   of full warps, exited lanes and call sites). The fragment layouts are the PTX ISA's ("Matrix Fragments for
+//   mma.m16n8k8", .tf32 multiplicands, .f32 accumulators), written here as the spec gives them: lane and
+//   register -> (row, column). Numerics: operands must be TF32 values (low 13 bits clear, else the run fails),
+//   so every product is exact in f32; each output is D + A[i][0]·B[0][j] + ... + A[i][7]·B[7][j], summed in f32 in k
+//   order. The tensor cores' own internal order and rounding of that sum may differ in the last bits (the
+//   device check covers the real ones). tf32_round(v) is cvt.rna.tf32.f32 (nearest, ties away from zero) with
+//   the low 13 bits cleared, computed bitwise. nf4.cu defines both with inline PTX unless LORASERVE_EMULATION,
+//   which this header defines.
 // - __shared__ arrays are placed in the "emu_shared" section, filled with 0xff bytes (NaN as f32) before each
 //   block, so a read of shared memory no thread of the block wrote shows up as NaN. g++ (12) ignores the
 //   section attribute on the statics of function template instantiations: those (nf4_gemv's code table) start
@@ -45,6 +56,9 @@
 #include <memory>
 #include <type_traits>
 #include <vector>
+
+// The kernel sources take their inline-PTX device functions from this header instead (tf32_round, mma_tf32).
+#define LORASERVE_EMULATION
 
 #define __global__
 #define __device__
@@ -80,7 +94,7 @@ struct ThreadCtx {
     dim3 idx;
     unsigned tid = 0, lane = 0;
     Warp* warp = nullptr;
-    unsigned long long sync_calls = 0, shfl_calls = 0;
+    unsigned long long sync_calls = 0, shfl_calls = 0, mma_calls = 0;
 };
 
 // The block's threads and whose turn it is (all on the launching OS thread, one at a time).
@@ -138,28 +152,33 @@ class Barrier {
         strict_ = strict;
     }
 
-    void wait(long site, unsigned long long seq) {
+    // `what` names the operation waiting (the barrier's own name if null): a warp's barrier serves its shuffles
+    // and its MMAs.
+    void wait(long site, unsigned long long seq, const char* what = nullptr) {
+        if (what == nullptr) what = what_;
         if (strict_ && expected_ != full_)
-            fail("%s at line %ld with %u of %u lanes exited (full-mask shuffle over missing lanes)", what_, site,
+            fail("%s at line %ld with %u of %u lanes exited (a full-warp operation over missing lanes)", what, site,
                  full_ - expected_, full_);
         if (waiters_.empty()) {
             site_ = site;
             seq_ = seq;
+            site_what_ = what;
         } else if (site != site_ || seq != seq_) {
-            fail("divergent %s: a thread at line %ld (its call #%llu) meets threads at line %ld (call #%llu)", what_,
-                 site, seq, site_, seq_);
+            fail("divergent %s: a thread at line %ld (its call #%llu) meets threads in %s at line %ld (call #%llu)",
+                 what, site, seq, site_what_, site_, seq_);
         }
         if (waiters_.size() + 1 == expected_) {
             release();
             return;  // the last to arrive keeps its turn
         }
         waiters_.push_back(self->tid);
-        switch_away(what_, site);
+        switch_away(what, site);
     }
 
     // The calling thread leaves (returned from the kernel).
     void drop() {
-        if (strict_ && !waiters_.empty()) fail("a lane exited while its warp waits in %s at line %ld", what_, site_);
+        if (strict_ && !waiters_.empty())
+            fail("a lane exited while its warp waits in %s at line %ld", site_what_, site_);
         --expected_;
         if (!waiters_.empty() && waiters_.size() == expected_) release();
     }
@@ -175,13 +194,20 @@ class Barrier {
     unsigned long long seq_ = 0;
     long site_ = -1;
     const char* what_ = "";
+    const char* site_what_ = "";
     bool strict_ = false;
+};
+
+// One lane's MMA operands as published for a call: its A and B fragment registers.
+struct MmaSlot {
+    unsigned a[4], b[2];
 };
 
 struct Warp {
     Barrier bar;
     unsigned lanes = 0;
-    unsigned long long slot[2][32] = {};
+    unsigned long long slot[2][32] = {};  // shuffles
+    MmaSlot mma[2][32] = {};              // MMAs
 };
 
 inline Barrier block_barrier;
@@ -212,6 +238,110 @@ T shfl_xor(long site, unsigned mask, T v, int lane_mask, int width = 32) {
     return out;
 }
 
+// --- Tensor cores: mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 ---
+
+// Where the PTX ISA puts each fragment register of mma.m16n8k8 with .tf32 multiplicands and .f32 accumulators
+// (section "Matrix Fragments for mma.m16n8k8"), transcribed as the spec states it, lane and register i ->
+// (row, col), with groupID = %laneid >> 2 and threadID_in_group = %laneid % 4:
+//   A (16 x 8):   row = groupID for a0 and a2, groupID + 8 for a1 and a3;
+//                 col = threadID_in_group for a0 and a1, threadID_in_group + 4 for a2 and a3
+//   B (8 x 8):    row = threadID_in_group for b0, threadID_in_group + 4 for b1; col = groupID
+//   C/D (16 x 8): row = groupID for c0 and c1, groupID + 8 for c2 and c3;
+//                 col = (threadID_in_group * 2) + (i & 0x1) for ci
+struct RowCol {
+    int row, col;
+};
+
+inline RowCol mma_a_at(unsigned lane, int i) {
+    const int group = static_cast<int>(lane >> 2), in_group = static_cast<int>(lane % 4);
+    return {(i == 0 || i == 2) ? group : group + 8, (i == 0 || i == 1) ? in_group : in_group + 4};
+}
+
+inline RowCol mma_b_at(unsigned lane, int i) {
+    const int group = static_cast<int>(lane >> 2), in_group = static_cast<int>(lane % 4);
+    return {i == 0 ? in_group : in_group + 4, group};
+}
+
+inline RowCol mma_cd_at(unsigned lane, int i) {
+    const int group = static_cast<int>(lane >> 2), in_group = static_cast<int>(lane % 4);
+    return {i < 2 ? group : group + 8, in_group * 2 + (i & 1)};
+}
+
+// The layouts above cover each element of A, B and C/D exactly once (checked once per run).
+inline void check_mma_layouts() {
+    static const bool checked = [] {
+        int a[16][8] = {}, b[8][8] = {}, cd[16][8] = {};
+        for (unsigned lane = 0; lane < 32; lane++) {
+            for (int i = 0; i < 4; i++) {
+                const RowCol p = mma_a_at(lane, i), q = mma_cd_at(lane, i);
+                if (p.row < 0 || p.row >= 16 || p.col < 0 || p.col >= 8 || q.row < 0 || q.row >= 16 || q.col < 0 ||
+                    q.col >= 8)
+                    fail("mma layout: lane %u register %d outside the tile", lane, i);
+                a[p.row][p.col]++;
+                cd[q.row][q.col]++;
+            }
+            for (int i = 0; i < 2; i++) {
+                const RowCol p = mma_b_at(lane, i);
+                if (p.row < 0 || p.row >= 8 || p.col < 0 || p.col >= 8)
+                    fail("mma layout: lane %u register b%d outside the tile", lane, i);
+                b[p.row][p.col]++;
+            }
+        }
+        for (int r = 0; r < 16; r++)
+            for (int c = 0; c < 8; c++)
+                if (a[r][c] != 1 || cd[r][c] != 1 || (r < 8 && b[r][c] != 1))
+                    fail("mma layout: element (%d, %d) held %d/%d/%d times (A/B/D)", r, c, a[r][c], r < 8 ? b[r][c] : 1,
+                         cd[r][c]);
+        return true;
+    }();
+    (void)checked;
+}
+
+// A .tf32 operand register. The PTX ISA leaves the tf32 format's layout in a .b32 register implementation-defined
+// and only promises conversions into it (cvt.rna.tf32.f32): an operand with any of the low 13 bits set was not
+// converted, and fails the run.
+inline float tf32_operand(long site, unsigned bits) {
+    if (bits & 0x1fffu)
+        fail("mma_tf32 at line %ld: operand %#010x is not a TF32 value (low 13 bits set; round it with tf32_round)",
+             site, bits);
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+// d = A·B + d for one warp: each lane publishes its fragments of A and B into the warp's slots for this call
+// (alternating sets, as for shuffles), meets the other 31 at the warp barrier, assembles A and B whole by the
+// layouts above, then computes its own D elements. Products of TF32 values (11-bit significands) are exact in
+// f32; the sum runs in f32 in k order (the hardware's internal order and rounding may differ in the last bits).
+inline void mma_m16n8k8_tf32(long site, float d[4], const unsigned a[4], const unsigned b[2]) {
+    Warp& w = *self->warp;
+    if (w.lanes != 32) fail("mma_tf32 at line %ld: a warp of %u lanes (mma.sync takes all 32)", site, w.lanes);
+    check_mma_layouts();
+    const unsigned long long n = self->mma_calls++;
+    MmaSlot* slots = w.mma[n % 2];
+    std::memcpy(slots[self->lane].a, a, sizeof slots[self->lane].a);
+    std::memcpy(slots[self->lane].b, b, sizeof slots[self->lane].b);
+    // Every lane reads call n's slots before it arrives at call n + 1, which call n + 2's writes wait for.
+    w.bar.wait(site, n, "mma_tf32");
+    float A[16][8], B[8][8];
+    for (unsigned lane = 0; lane < 32; lane++) {
+        for (int i = 0; i < 4; i++) {
+            const RowCol p = mma_a_at(lane, i);
+            A[p.row][p.col] = tf32_operand(site, slots[lane].a[i]);
+        }
+        for (int i = 0; i < 2; i++) {
+            const RowCol p = mma_b_at(lane, i);
+            B[p.row][p.col] = tf32_operand(site, slots[lane].b[i]);
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        const RowCol p = mma_cd_at(self->lane, i);
+        float acc = d[i];
+        for (int k = 0; k < 8; k++) acc += A[p.row][k] * B[k][p.col];
+        d[i] = acc;
+    }
+}
+
 // Buffers the driver allocated: [region, region_end) is the whole mapping (guards and slack included),
 // [data, data + bytes) what the kernel may touch.
 struct Region {
@@ -236,6 +366,19 @@ inline void vector_load(const void* p, const char* type) {
 
 #define __syncthreads() ::emu::syncthreads(__LINE__)
 #define __shfl_xor_sync(...) ::emu::shfl_xor(__LINE__, __VA_ARGS__)
+// nf4.cu's inline-PTX wrapper of mma.sync m16n8k8 (TF32), see emu::mma_m16n8k8_tf32.
+#define mma_tf32(d, a, b) ::emu::mma_m16n8k8_tf32(__LINE__, d, a, b)
+
+// nf4.cu's cvt.rna.tf32.f32 then `& 0xffffe000`: the magnitude rounded to 10 explicit mantissa bits, to nearest
+// with ties away from zero (add half an ulp of TF32 to the bits, then clear the low 13; a carry into the
+// exponent is the right result, up to the overflow of values past the largest TF32 to infinity), subnormals
+// alike. Infinities are kept and a NaN stays a NaN.
+inline unsigned int tf32_round(float v) {
+    unsigned bits;
+    std::memcpy(&bits, &v, 4);
+    if ((bits & 0x7f800000u) == 0x7f800000u) return (bits & 0x7fffffu) ? (bits | 0x400000u) & 0xffffe000u : bits;
+    return (bits + 0x1000u) & 0xffffe000u;
+}
 
 struct alignas(16) uint4 {
     unsigned int x, y, z, w;
@@ -261,6 +404,16 @@ inline float __int_as_float(int i) {
     float f;
     std::memcpy(&f, &i, 4);
     return f;
+}
+inline float __uint_as_float(unsigned int u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned int __float_as_uint(float f) {
+    unsigned int u;
+    std::memcpy(&u, &f, 4);
+    return u;
 }
 inline int __float_as_int(float f) {
     int i;
@@ -341,6 +494,7 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& kernel, u
             warps[w].lanes = std::min(32u, threads - 32 * static_cast<unsigned>(w));
             warps[w].bar.reset(warps[w].lanes, "__shfl_xor_sync", true);
             std::memset(warps[w].slot, 0xff, sizeof warps[w].slot);
+            std::memset(warps[w].mma, 0xff, sizeof warps[w].mma);
         }
         blockIdx = b;
         sched.finished = 0;
@@ -351,7 +505,7 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& kernel, u
             c.tid = t;
             c.lane = t % 32;
             c.warp = &warps[t / 32];
-            c.sync_calls = c.shfl_calls = 0;
+            c.sync_calls = c.shfl_calls = c.mma_calls = 0;
             start_context(c, stacks + (GUARD + STACK) * t + GUARD, STACK);
             sched.ready.push_back(t);
         }

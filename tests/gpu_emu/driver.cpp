@@ -1,6 +1,7 @@
 // driver.cpp — owns one emulated kernel launch for tests/gpu_emulated.rs: compiles src/gpu/kernels/*.cu under
-// cuda_emu.h, reads a launch file, runs the named kernel on the CPU and writes the buffers back. Also holds a
-// few deliberately broken `selftest_*` kernels that show the emulation's checks failing.
+// cuda_emu.h, reads a launch file, runs the named kernel on the CPU and writes the buffers back. Also holds
+// `selftest_*` kernels: deliberately broken ones that show the emulation's checks failing, and two that expose the
+// emulated tensor-core primitives (mma_tf32, tf32_round) to the tests on their own.
 //
 // Usage: driver LAUNCH_FILE. The launch file is text, one directive a line, in this order:
 //   kernel NAME                      one of the kernels registered below
@@ -65,6 +66,48 @@ extern "C" __global__ void selftest_deadlock(float* out) {
         v = __shfl_xor_sync(0xffffffffu, v, 1);
     }
     out[threadIdx.x] = v;
+}
+
+// One warp: D = C + reps·A·B through `reps` chained mma_tf32 calls on one 16x8x8 tile. A (16 x 8), B (8 x 8)
+// and C (16 x 8) are row-major and must hold TF32 values; each lane takes its fragments as the PTX ISA lays them
+// out for m16n8k8 .tf32 (g = lane / 4, t = lane % 4): a = {A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]},
+// b = {B[t][g], B[t+4][g]}, c/d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]}.
+extern "C" __global__ void selftest_mma(const float* a, const float* b, const float* c, float* d, int reps) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const unsigned int fa[4] = {__float_as_uint(a[g * 8 + t]), __float_as_uint(a[(g + 8) * 8 + t]),
+                                __float_as_uint(a[g * 8 + t + 4]), __float_as_uint(a[(g + 8) * 8 + t + 4])};
+    const unsigned int fb[2] = {__float_as_uint(b[t * 8 + g]), __float_as_uint(b[(t + 4) * 8 + g])};
+    const int at[4] = {g * 8 + 2 * t, g * 8 + 2 * t + 1, (g + 8) * 8 + 2 * t, (g + 8) * 8 + 2 * t + 1};
+    float acc[4];
+    for (int i = 0; i < 4; i++) acc[i] = c[at[i]];
+    for (int r = 0; r < reps; r++) mma_tf32(acc, fa, fb);
+    for (int i = 0; i < 4; i++) d[at[i]] = acc[i];
+}
+
+// tf32_round and the hi/lo split of nf4.cu's 3xTF32: out[2i] = hi = tf32_round(v[i]), out[2i+1] =
+// tf32_round(v[i] - hi), as floats.
+extern "C" __global__ void selftest_tf32_split(const float* v, float* out, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const unsigned int hi = tf32_round(v[i]);
+    out[2 * i] = __uint_as_float(hi);
+    out[2 * i + 1] = __uint_as_float(tf32_round(v[i] - __uint_as_float(hi)));
+}
+
+// Broken uses of the warp-collective MMA: mode 0, a lane returns before its warp's MMA; mode 1, the warp's two
+// halves reach MMAs on different lines; mode 2, an operand passed as raw f32 bits, not rounded to TF32.
+extern "C" __global__ void selftest_mma_misuse(float* out, int mode) {
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    const unsigned int a[4] = {0u, 0u, 0u, mode == 2 ? __float_as_uint(0.1f) : 0u}, b[2] = {0u, 0u};
+    if (mode == 0) {
+        if (threadIdx.x % 32 == 5) return;
+        mma_tf32(d, a, b);
+    } else if (mode == 2 || threadIdx.x % 32 < 16) {
+        mma_tf32(d, a, b);
+    } else {
+        mma_tf32(d, a, b);
+    }
+    out[threadIdx.x] = d[0];
 }
 
 namespace {
@@ -189,11 +232,23 @@ using Bound = std::function<std::function<void()>(const std::vector<Arg>&)>;
 
 #define KERNEL(name) {#name, [](const std::vector<Arg>& a) { return bind_kernel(&name, #name, a); }}
 const std::map<std::string, Bound> KERNELS = {
-    KERNEL(nf4_gemv_r1),  KERNEL(nf4_gemv_r2),  KERNEL(nf4_gemv_r4),        KERNEL(nf4_gemv_r8),
-    KERNEL(nf4_gemv_r16), KERNEL(nf4_gemv_r32), KERNEL(nf4_matmul_tiled),   KERNEL(nf4_matmul_generic),
-    KERNEL(lora_shrink),  KERNEL(lora_expand),  KERNEL(kv_write),           KERNEL(paged_attention),
-    KERNEL(selftest_shared_race), KERNEL(selftest_divergent_sync), KERNEL(selftest_shuffle_after_exit),
+    KERNEL(nf4_gemv_r1),
+    KERNEL(nf4_gemv_r2),
+    KERNEL(nf4_gemv_r4),
+    KERNEL(nf4_gemv_r8),
+    KERNEL(nf4_matmul_mma),
+    KERNEL(nf4_matmul_generic),
+    KERNEL(lora_shrink),
+    KERNEL(lora_expand),
+    KERNEL(kv_write),
+    KERNEL(paged_attention),
+    KERNEL(selftest_shared_race),
+    KERNEL(selftest_divergent_sync),
+    KERNEL(selftest_shuffle_after_exit),
     KERNEL(selftest_deadlock),
+    KERNEL(selftest_mma),
+    KERNEL(selftest_tf32_split),
+    KERNEL(selftest_mma_misuse),
 };
 
 // A fault inside a buffer's mapping is an out-of-bounds access of that buffer.
