@@ -53,6 +53,9 @@ impl Engine {
         let cache = PagedKvCache::with_budget_on(geo, config.kv_cache_bytes, model.device()).map_err(|e| {
             candle_core::Error::msg(format!("allocating the {}-byte KV cache: {e}", config.kv_cache_bytes))
         })?;
+        // On a GPU each host thread has its own stream: the weight uploads and the cache's zero fill issued here
+        // must be done before the engine thread's stream reads them.
+        model.device().synchronize()?;
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let s = stats.clone();

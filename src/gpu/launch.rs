@@ -181,18 +181,22 @@ pub fn attention_tables(
     Ok(t)
 }
 
-/// The NVRTC target for a compute capability (`None`: NVRTC's default virtual architecture).
-pub fn nvrtc_arch(major: i32, minor: i32) -> Option<&'static str> {
-    Some(match (major, minor) {
-        (7, 5) => "compute_75",
-        (8, 0) => "compute_80",
-        (8, 6) => "compute_86",
-        (8, 7) => "compute_87",
-        (8, 9) => "compute_89",
-        (9, 0) => "compute_90",
-        (10, 0) => "compute_100",
-        (12, 0) => "compute_120",
-        _ => return None,
+/// NVRTC targets by compute capability, oldest first (`nf4_matmul_mma`'s TF32 `mma.sync` needs 8.0).
+const NVRTC_ARCHES: [((i32, i32), &str); 7] = [
+    ((8, 0), "compute_80"),
+    ((8, 6), "compute_86"),
+    ((8, 7), "compute_87"),
+    ((8, 9), "compute_89"),
+    ((9, 0), "compute_90"),
+    ((10, 0), "compute_100"),
+    ((12, 0), "compute_120"),
+];
+
+/// The NVRTC target for a GPU of compute capability `major.minor`: the newest known one not above it (its PTX
+/// runs on later GPUs through the driver's JIT). GPUs before 8.0 (no TF32 tensor cores) are refused.
+pub fn nvrtc_arch(major: i32, minor: i32) -> Result<&'static str, String> {
+    NVRTC_ARCHES.iter().rev().find(|&&(cc, _)| cc <= (major, minor)).map(|&(_, arch)| arch).ok_or_else(|| {
+        format!("GPU of compute capability {major}.{minor}: loraserve's kernels need 8.0 or newer (TF32 tensor cores)")
     })
 }
 
@@ -273,6 +277,15 @@ mod tests {
         assert!(LORA_SOURCE.contains(&format!("#define MAX_RANK {LORA_MAX_RANK}\n")));
         assert!(LORA_SOURCE.contains(&format!("#define SHRINK_WARPS {SHRINK_WARPS}\n")));
         assert!(LORA_SOURCE.contains(&format!("#define EXPAND_THREADS {EXPAND_THREADS}\n")));
+    }
+
+    #[test]
+    fn nvrtc_targets_the_newest_known_arch_and_refuses_pre_ampere() {
+        assert_eq!(nvrtc_arch(9, 0), Ok("compute_90"));
+        assert_eq!(nvrtc_arch(8, 6), Ok("compute_86"));
+        assert_eq!(nvrtc_arch(10, 3), Ok("compute_100"));
+        assert_eq!(nvrtc_arch(13, 0), Ok("compute_120"));
+        assert!(nvrtc_arch(7, 5).unwrap_err().contains("8.0 or newer"));
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Run-time compilation of the kernel sources: NVRTC → PTX for the device's compute capability, once per
 //! module per process, then loaded into candle's device (which caches the module by name).
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::cuda::cudarc::driver::{CudaFunction, CudaView, DevicePtr};
 use candle_core::cuda::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use candle_core::cuda_backend::DeviceId;
 use candle_core::{CudaDevice, Result};
 
 use super::launch::nvrtc_arch;
@@ -25,19 +26,33 @@ pub struct Module {
     pub name: &'static str,
     pub source: &'static str,
     ptx: OnceLock<std::result::Result<String, String>>,
+    /// Functions already looked up, by device and name: a decode step launches ~700 kernels, and candle's
+    /// lookup takes a lock, builds a C string and asks the driver each time.
+    functions: Mutex<Vec<((DeviceId, &'static str), CudaFunction)>>,
 }
 
 impl Module {
     pub const fn new(name: &'static str, source: &'static str) -> Self {
-        Module { name, source, ptx: OnceLock::new() }
+        Module { name, source, ptx: OnceLock::new(), functions: Mutex::new(Vec::new()) }
     }
 
     /// The kernel `function` of this module on `device`, compiling the module on first use. Launch it on
-    /// `device.cuda_stream()`, where candle orders all of the device's work.
-    pub fn function(&self, device: &CudaDevice, function: &str) -> Result<CudaFunction> {
+    /// `device.cuda_stream()` (the calling thread's stream, where candle puts this thread's work).
+    pub fn function(&self, device: &CudaDevice, function: &'static str) -> Result<CudaFunction> {
+        let key = (device.id(), function);
+        let mut cached = self.functions.lock().expect("function cache lock");
+        if let Some((_, f)) = cached.iter().find(|(k, _)| *k == key) {
+            return Ok(f.clone());
+        }
+        let f = self.load(device, function)?;
+        cached.push((key, f.clone()));
+        Ok(f)
+    }
+
+    fn load(&self, device: &CudaDevice, function: &'static str) -> Result<CudaFunction> {
         let ptx = self.ptx.get_or_init(|| {
             let cc = device.cuda_stream().context().compute_capability().map_err(|e| e.to_string())?;
-            let opts = CompileOptions { arch: nvrtc_arch(cc.0, cc.1), ..Default::default() };
+            let opts = CompileOptions { arch: Some(nvrtc_arch(cc.0, cc.1)?), ..Default::default() };
             compile_ptx_with_opts(self.source, opts)
                 .map(|p| p.to_src())
                 .map_err(|e| format!("NVRTC, {}: {e}", self.name))

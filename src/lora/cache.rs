@@ -94,7 +94,10 @@ struct State {
 /// A finished load.
 struct Loaded {
     version: AdapterVersion,
-    weights: Arc<LoraWeights>,
+    /// The host-tier copy, in RAM (the same tensors as `device` when the base is on the CPU).
+    host: Arc<LoraWeights>,
+    /// The device-tier copy, where the base lives.
+    device: Arc<LoraWeights>,
     bytes: usize,
 }
 
@@ -338,20 +341,20 @@ impl AdapterCache {
                     st.current.insert(id.to_string(), loaded.version.clone());
                     st.supersede(id, Some(&loaded.version.id));
                 }
-                st.insert_host(&key, &loaded.weights, loaded.bytes, self.inner.config.host_bytes);
+                st.insert_host(&key, &loaded.host, loaded.bytes, self.inner.config.host_bytes);
                 let r = if let Some(e) = st.device.get_mut(&key) {
                     // Another acquirer inserted it meanwhile.
                     e.leases += 1;
                     Insert::Done
                 } else {
-                    st.insert_device(&key, &loaded.weights, loaded.bytes, self.inner.config.device_bytes)
+                    st.insert_device(&key, &loaded.device, loaded.bytes, self.inner.config.device_bytes)
                 };
                 publish(&st);
                 r
             };
             match outcome {
                 Insert::Done => {
-                    return Ok(AdapterLease { inner: self.inner.clone(), key, weights: loaded.weights.clone() })
+                    return Ok(AdapterLease { inner: self.inner.clone(), key, weights: loaded.device.clone() })
                 }
                 Insert::NoSpace { leased } => self.wait_for_space(id, loaded.bytes, leased, deadline, space).await?,
             }
@@ -445,12 +448,22 @@ impl AdapterCache {
                     let version = AdapterStore::version(&dir)?;
                     let adapter = peft::load_dir(&dir, &inner2.layout, &Device::Cpu)
                         .map_err(|e| CacheError::Invalid(Arc::new(e)))?;
-                    let weights = to_device(&adapter.weights, &inner2.device)
-                        .map_err(|e| CacheError::Internal { id: id2.clone(), reason: e.to_string() })?;
+                    if !inner2.device.is_cpu() {
+                        check_gpu_limits(&dir, &adapter.weights)?;
+                    }
+                    let host = Arc::new(adapter.weights);
+                    let device = if inner2.device.is_cpu() {
+                        host.clone()
+                    } else {
+                        Arc::new(
+                            to_device(&host, &inner2.device)
+                                .map_err(|e| CacheError::Internal { id: id2.clone(), reason: e.to_string() })?,
+                        )
+                    };
                     // The files may have changed between the stamp and the read: version by what was read.
                     let _ = stamp2;
-                    let bytes = weights.bytes();
-                    Ok(Loaded { version, weights: Arc::new(weights), bytes })
+                    let bytes = device.bytes();
+                    Ok(Loaded { version, host, device, bytes })
                 })
                 .await
                 .unwrap_or_else(|e| Err(CacheError::Internal { id: id_owned.clone(), reason: e.to_string() }));
@@ -560,10 +573,49 @@ impl AdapterCache {
     }
 }
 
-/// The device-tier copy of host weights (the same tensors when the device is the CPU).
+/// The device-tier copy of host weights (the same tensors when the device is the CPU). On a GPU the copy is
+/// complete when this returns: each host thread has its own stream, and the engine's stream reads it next.
 fn to_device(w: &LoraWeights, device: &Device) -> candle_core::Result<LoraWeights> {
     if device.is_cpu() {
         return Ok(w.clone());
     }
-    w.to_device(device)
+    let copy = w.to_device(device)?;
+    device.synchronize()?;
+    Ok(copy)
+}
+
+/// Refuses, at load, an adapter the GPU's batched-LoRA kernels cannot run (rank above their maximum), so it
+/// fails its own requests with the reason instead of every batch it would join.
+fn check_gpu_limits(dir: &std::path::Path, w: &LoraWeights) -> Result<(), CacheError> {
+    let max = crate::gpu::launch::LORA_MAX_RANK;
+    match w.targets().find(|(_, m)| m.rank() > max) {
+        None => Ok(()),
+        Some((id, m)) => Err(CacheError::Invalid(Arc::new(AdapterError::Config {
+            file: dir.join("adapter_config.json").display().to_string(),
+            key: "r".into(),
+            reason: format!("{id} has rank {}, above the GPU kernels' maximum of {max}", m.rank()),
+        }))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::synthetic::{random_adapter, ATTENTION};
+
+    #[test]
+    fn adapters_above_the_gpu_kernels_rank_are_refused_by_file_and_module() {
+        let layout = BaseLayout { layers: 1, dims: [(64, 64); 7] };
+        let max = crate::gpu::launch::LORA_MAX_RANK;
+        let dir = std::path::Path::new("adapters/wide");
+        let ok = random_adapter(&layout, max, &ATTENTION, 1, &Device::Cpu).unwrap();
+        assert!(check_gpu_limits(dir, &ok).is_ok());
+        let wide = random_adapter(&layout, max + 1, &ATTENTION, 1, &Device::Cpu).unwrap();
+        let e = check_gpu_limits(dir, &wide).unwrap_err().to_string();
+        assert!(e.contains("adapters/wide/adapter_config.json") && e.contains("`r`"), "{e}");
+        assert!(
+            e.contains("model.layers.0.self_attn.q_proj has rank 129, above the GPU kernels' maximum of 128"),
+            "{e}"
+        );
+    }
 }

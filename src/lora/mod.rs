@@ -145,6 +145,11 @@ impl LoraWeights {
 
     pub fn insert(&mut self, id: LinearId, module: LoraModule) {
         self.modules[id.index()] = Some(module);
+        #[cfg(feature = "cuda")]
+        {
+            // Addresses taken before this insert would name the old tensors.
+            self.device_table = Default::default();
+        }
     }
 
     #[inline]
@@ -192,6 +197,18 @@ impl LoraWeights {
     /// Bytes of all A and B tensors.
     pub fn bytes(&self) -> usize {
         self.modules.iter().flatten().map(|m| m.bytes()).sum()
+    }
+}
+
+/// Device tensors are freed on the thread that drops the last reference (an evicting request handler, the
+/// file watcher): make the adapter's CUDA context current there first, or the free fails and poisons the
+/// context's next call on every thread.
+#[cfg(feature = "cuda")]
+impl Drop for LoraWeights {
+    fn drop(&mut self) {
+        if let Some(candle_core::Device::Cuda(d)) = self.modules.iter().flatten().map(|m| m.a.device()).next() {
+            let _ = d.cuda_stream().context().bind_to_thread();
+        }
     }
 }
 

@@ -308,9 +308,14 @@ impl Model {
         let device_rows = plan.as_ref().map(LoraRows::Device);
         #[cfg(feature = "cuda")]
         let lora = device_rows.as_ref().unwrap_or(lora);
-        // The GPU's attention tables: uploaded at the first layer, used by all.
+        // The GPU's attention tables: uploaded once, used by every layer.
         #[cfg(feature = "cuda")]
-        let mut step_tables: Option<crate::gpu::attention::StepTables> = None;
+        let step_tables = match (&attn, &self.device) {
+            (AttentionMode::Paged(cache), Device::Cuda(d)) => {
+                Some(crate::gpu::attention::StepTables::upload(d, &paged, cache.geometry().block_size)?)
+            }
+            _ => None,
+        };
         let eps = self.config.rms_norm_eps;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, eps, differentiable)?;
@@ -349,12 +354,7 @@ impl Model {
                     }
                     #[cfg(feature = "cuda")]
                     LayerArenas::Cuda(kv) => {
-                        if step_tables.is_none() {
-                            let device = self.device.as_cuda_device()?;
-                            step_tables =
-                                Some(crate::gpu::attention::StepTables::upload(device, &paged, kv.block_size)?);
-                        }
-                        let step = step_tables.as_ref().expect("uploaded above");
+                        let step = step_tables.as_ref().expect("uploaded for a paged GPU forward");
                         let (cos_t, sin_t) = tables.as_ref().expect("device tables");
                         let q = rope_rows(&q, a.heads, a.head_dim, cos_t, sin_t)?;
                         let k = rope_rows(&k, a.kv_heads, a.head_dim, cos_t, sin_t)?;

@@ -149,13 +149,20 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelError> {
 }
 
 /// Refuses, at load rather than mid-request, a device this build has no forward for: the CPU always works;
-/// a CUDA GPU needs the `cuda` feature and f32 compute (the GPU kernels' dtype: NF4 matmul, batched LoRA and
-/// paged attention accumulate and store f32).
+/// a CUDA GPU needs the `cuda` feature, compute capability 8.0 or newer (TF32 tensor cores) and f32 compute
+/// (the GPU kernels' dtype: NF4 matmul, batched LoRA and paged attention accumulate and store f32).
 pub(crate) fn check_device(opts: &LoadOptions) -> Result<(), ModelError> {
     match &opts.device {
         Device::Cpu => Ok(()),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) if opts.dtype == DType::F32 => Ok(()),
+        Device::Cuda(d) if opts.dtype == DType::F32 => {
+            let (major, minor) = d
+                .cuda_stream()
+                .context()
+                .compute_capability()
+                .map_err(|e| ModelError::Invalid(format!("reading the GPU's compute capability: {e}")))?;
+            crate::gpu::launch::nvrtc_arch(major, minor).map(|_| ()).map_err(ModelError::Invalid)
+        }
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => Err(ModelError::Invalid(format!(
             "dtype {:?} on a CUDA device: the GPU kernels compute in f32; use --dtype f32",
