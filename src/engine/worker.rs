@@ -321,6 +321,8 @@ fn step(
         // Pure prefill chunks: run for the KV cache, no logits needed.
         let batch = Batch { tokens: &tokens, seqs: &seqs, logit_rows: &[] };
         model.forward_hidden(&batch, AttentionMode::Paged(cache), &LoraRows::Segments(&segments))?;
+        // A GPU reports a kernel's failure asynchronously: wait here, so it fails this batch, not the next.
+        model.device().synchronize()?;
         return Ok(Vec::new());
     }
     let batch = Batch { tokens: &tokens, seqs: &seqs, logit_rows: &logit_rows };

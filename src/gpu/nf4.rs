@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CudaDevice, CustomOp1, DType, Layout, Result, Shape};
@@ -165,6 +165,9 @@ impl CustomOp1 for Nf4CudaLinear {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("nf4-linear-cuda: input must be contiguous");
         };
+        if !storage.device().same_device(&w.device) {
+            candle_core::bail!("nf4-linear-cuda: the input is on another GPU than the weight");
+        }
         let m = (end - start) / w.k;
         let x = storage.as_cuda_slice::<f32>()?.slice(start..end);
         // SAFETY: every element of y is written by the kernel (checked on the device with a NaN-filled y).
