@@ -14,6 +14,8 @@
 //!
 //! Everything goes to stdout as tables and to `$OUT/gpu_serve.json`. Exit status 1 when any comparison fails.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,14 +23,12 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use loraserve::engine::EngineConfig;
 use loraserve::lora::cache::CacheConfig;
-use loraserve::lora::peft::{write_dir, AdapterMeta};
-use loraserve::lora::synthetic::{random_adapter, ATTENTION};
 use loraserve::model::{synthetic, LoadOptions, ModelSpec};
 use loraserve::quant::QuantMode;
 use loraserve::server::proto::lora_serve_client::LoraServeClient;
 use loraserve::server::proto::{GenerateRequest, LoadAdapterRequest};
 use loraserve::server::{self, service::Limits, ServeConfig, ServerHandle};
-use tokio_stream::StreamExt;
+use support::{pct, write_adapters, Outcome};
 
 /// The decode shape; `LORASERVE_BENCH_SHAPE` overrides it (with `LORASERVE_BENCH_DEVICE=cpu`, a dry run of the
 /// harness on a machine without a GPU: `LORASERVE_BENCH_SHAPE=demo`).
@@ -81,13 +81,7 @@ async fn stop(h: ServerHandle) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One greedy request's outcome.
-#[derive(Debug, PartialEq)]
-struct Greedy {
-    ids: Vec<u32>,
-}
-
-async fn greedy_all(addr: String, requests: &[(String, String, u32)]) -> anyhow::Result<Vec<Result<Greedy, String>>> {
+async fn greedy_all(addr: String, requests: &[(String, String, u32)]) -> anyhow::Result<Vec<Result<Vec<u32>, String>>> {
     let tasks: Vec<_> = requests
         .iter()
         .cloned()
@@ -97,7 +91,7 @@ async fn greedy_all(addr: String, requests: &[(String, String, u32)]) -> anyhow:
                 let mut client = LoraServeClient::connect(addr).await.map_err(|e| e.to_string())?;
                 let req = GenerateRequest { adapter_id, prompt, max_new_tokens, ..Default::default() };
                 let r = client.generate(req).await.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
-                Ok(Greedy { ids: r.into_inner().token_ids })
+                Ok(r.into_inner().token_ids)
             })
         })
         .collect();
@@ -152,7 +146,7 @@ async fn fixtures(cuda: &Device) -> anyhow::Result<(Vec<serde_json::Value>, usiz
             let peer_equal = gpu
                 .iter()
                 .zip(&peer)
-                .filter(|(g, want)| g.as_ref().is_ok_and(|g| !g.ids.is_empty() && want.starts_with(&g.ids)))
+                .filter(|(g, want)| g.as_ref().is_ok_and(|g| !g.is_empty() && want.starts_with(g)))
                 .count();
             let ok = errors.is_empty() && equal == requests.len();
             failed += usize::from(!ok);
@@ -171,24 +165,6 @@ async fn fixtures(cuda: &Device) -> anyhow::Result<(Vec<serde_json::Value>, usiz
     Ok((rows, failed))
 }
 
-#[derive(Default)]
-struct Outcome {
-    tokens: usize,
-    errors: Vec<String>,
-    ttft: Vec<f64>,
-    itl: Vec<f64>,
-    seconds: f64,
-    prompt_tokens: u32,
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
 /// `streams` concurrent streaming requests, stream `i` on `adapters[i % len]`.
 async fn decode_round(addr: &str, streams: usize, adapters: &[String], prompt: &str) -> Outcome {
     let started = Instant::now();
@@ -198,43 +174,13 @@ async fn decode_round(addr: &str, streams: usize, adapters: &[String], prompt: &
                 (addr.to_string(), adapters[i % adapters.len()].clone(), prompt.to_string());
             tokio::spawn(async move {
                 let mut o = Outcome::default();
-                let mut client = match LoraServeClient::connect(addr).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        o.errors.push(e.to_string());
-                        return o;
+                match LoraServeClient::connect(addr).await {
+                    Ok(mut client) => {
+                        let req =
+                            GenerateRequest { adapter_id, prompt, max_new_tokens: NEW_TOKENS, ..Default::default() };
+                        support::stream(&mut client, req, &mut o).await;
                     }
-                };
-                let req = GenerateRequest { adapter_id, prompt, max_new_tokens: NEW_TOKENS, ..Default::default() };
-                let sent = Instant::now();
-                let mut stream = match client.generate_stream(req).await {
-                    Ok(s) => s.into_inner(),
-                    Err(s) => {
-                        o.errors.push(s.message().to_string());
-                        return o;
-                    }
-                };
-                let mut last: Option<Instant> = None;
-                while let Some(msg) = stream.next().await {
-                    match msg {
-                        Ok(m) => {
-                            o.prompt_tokens = o.prompt_tokens.max(m.prompt_tokens);
-                            if m.token_ids.is_empty() {
-                                continue;
-                            }
-                            let now = Instant::now();
-                            match last {
-                                None => o.ttft.push(now.duration_since(sent).as_secs_f64()),
-                                Some(p) => o.itl.push(now.duration_since(p).as_secs_f64()),
-                            }
-                            last = Some(now);
-                            o.tokens += m.token_ids.len();
-                        }
-                        Err(s) => {
-                            o.errors.push(s.message().to_string());
-                            break;
-                        }
-                    }
+                    Err(e) => o.errors.push(e.to_string()),
                 }
                 o
             })
@@ -242,36 +188,10 @@ async fn decode_round(addr: &str, streams: usize, adapters: &[String], prompt: &
         .collect();
     let mut total = Outcome::default();
     for t in tasks {
-        let o = t.await.unwrap_or_else(|e| Outcome { errors: vec![e.to_string()], ..Default::default() });
-        total.tokens += o.tokens;
-        total.errors.extend(o.errors);
-        total.ttft.extend(o.ttft);
-        total.itl.extend(o.itl);
-        total.prompt_tokens = total.prompt_tokens.max(o.prompt_tokens);
+        total.merge(t.await.unwrap_or_else(|e| Outcome { errors: vec![e.to_string()], ..Default::default() }));
     }
     total.seconds = started.elapsed().as_secs_f64();
     total
-}
-
-/// Writes `n` random rank-16 q,k,v,o adapters for the shape under `root`; returns their ids.
-fn write_adapters(root: &Path, shape: &str, n: usize) -> anyhow::Result<Vec<String>> {
-    let layout = synthetic::shape_config(shape).ok_or_else(|| anyhow::anyhow!("unknown shape {shape}"))?.lora_layout();
-    (0..n)
-        .map(|i| {
-            let id = format!("bench/a{i:02}");
-            let w = random_adapter(&layout, 16, &ATTENTION, 1000 + i as u64, &Device::Cpu)?;
-            let meta = AdapterMeta {
-                r: 16,
-                lora_alpha: 32.0,
-                use_rslora: false,
-                lora_dropout: 0.0,
-                base_model_name_or_path: shape.into(),
-                dtype: DType::BF16,
-            };
-            write_dir(&root.join(&id), &w, &meta)?;
-            Ok(id)
-        })
-        .collect()
 }
 
 fn free_bytes(device: &Device) -> anyhow::Result<usize> {

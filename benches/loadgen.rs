@@ -7,21 +7,20 @@
 //! `cargo bench --bench loadgen -- --addr http://127.0.0.1:50051 --adapters a,b,c --concurrency 16`
 //! drives an external server instead.
 
-use std::path::Path;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use loraserve::engine::EngineConfig;
 use loraserve::lora::cache::CacheConfig;
-use loraserve::lora::peft::{write_dir, AdapterMeta};
-use loraserve::lora::synthetic::{random_adapter, ATTENTION};
-use loraserve::model::{synthetic, LoadOptions, ModelSpec};
+use loraserve::model::{LoadOptions, ModelSpec};
 use loraserve::quant::QuantMode;
 use loraserve::rng::Rng;
 use loraserve::server::proto::lora_serve_client::LoraServeClient;
 use loraserve::server::proto::GenerateRequest;
 use loraserve::server::{self, service::Limits, ServeConfig};
-use tokio_stream::StreamExt;
+use support::{pct, write_adapters, Outcome};
 
 #[derive(Clone)]
 struct Load {
@@ -30,24 +29,6 @@ struct Load {
     adapters: Vec<String>,
     prompt_words: (usize, usize),
     new_tokens: (usize, usize),
-}
-
-#[derive(Default)]
-struct Outcome {
-    tokens: usize,
-    errors: usize,
-    requests: usize,
-    ttft: Vec<f64>,
-    itl: Vec<f64>,
-    seconds: f64,
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 const WORDS: &[&str] =
@@ -78,34 +59,7 @@ async fn run(addr: &str, load: &Load) -> Outcome {
                         max_new_tokens: n as u32,
                         ..Default::default()
                     };
-                    let sent = Instant::now();
-                    out.requests += 1;
-                    let mut stream = match client.generate_stream(req).await {
-                        Ok(s) => s.into_inner(),
-                        Err(_) => {
-                            out.errors += 1;
-                            continue;
-                        }
-                    };
-                    let mut last: Option<Instant> = None;
-                    while let Some(msg) = stream.next().await {
-                        match msg {
-                            Ok(m) if !m.token_ids.is_empty() => {
-                                let now = Instant::now();
-                                match last {
-                                    None => out.ttft.push(now.duration_since(sent).as_secs_f64()),
-                                    Some(p) => out.itl.push(now.duration_since(p).as_secs_f64()),
-                                }
-                                last = Some(now);
-                                out.tokens += m.token_ids.len();
-                            }
-                            Ok(_) => {}
-                            Err(_) => {
-                                out.errors += 1;
-                                break;
-                            }
-                        }
-                    }
+                    support::stream(&mut client, req, &mut out).await;
                 }
                 out
             })
@@ -113,36 +67,10 @@ async fn run(addr: &str, load: &Load) -> Outcome {
         .collect();
     let mut total = Outcome::default();
     for t in tasks {
-        let o = t.await.expect("client task");
-        total.tokens += o.tokens;
-        total.errors += o.errors;
-        total.requests += o.requests;
-        total.ttft.extend(o.ttft);
-        total.itl.extend(o.itl);
+        total.merge(t.await.expect("client task"));
     }
     total.seconds = started.elapsed().as_secs_f64();
     total
-}
-
-/// Writes `n` random rank-16 q,k,v,o adapters for `shape` under `root`; returns their ids.
-fn write_adapters(root: &Path, shape: &str, n: usize) -> Vec<String> {
-    let layout = synthetic::shape_config(shape).expect("shape").lora_layout();
-    (0..n)
-        .map(|i| {
-            let id = format!("bench/a{i:02}");
-            let w = random_adapter(&layout, 16, &ATTENTION, 1000 + i as u64, &Device::Cpu).unwrap();
-            let meta = AdapterMeta {
-                r: 16,
-                lora_alpha: 32.0,
-                use_rslora: false,
-                lora_dropout: 0.0,
-                base_model_name_or_path: shape.into(),
-                dtype: DType::BF16,
-            };
-            write_dir(&root.join(&id), &w, &meta).unwrap();
-            id
-        })
-        .collect()
 }
 
 fn row(label: &str, o: &mut Outcome) -> f64 {
@@ -156,7 +84,7 @@ fn row(label: &str, o: &mut Outcome) -> f64 {
         pct(&mut o.ttft, 0.99) * 1e3,
         pct(&mut o.itl, 0.5) * 1e3,
         pct(&mut o.itl, 0.99) * 1e3,
-        o.errors
+        o.errors.len()
     );
     tps
 }
@@ -189,7 +117,7 @@ fn main() {
     let shapes = std::env::var("LORASERVE_BENCH_SHAPES").unwrap_or_else(|_| "demo,llama-1b".into());
     for shape in shapes.split(',') {
         let tmp = tempfile::tempdir().unwrap();
-        let ids = write_adapters(tmp.path(), shape, 32);
+        let ids = write_adapters(tmp.path(), shape, 32).unwrap();
         let cfg = ServeConfig {
             model: if shape == "demo" { ModelSpec::Demo } else { ModelSpec::Synthetic(shape.into()) },
             load: LoadOptions { dtype: DType::F32, quant: QuantMode::Nf4, device: Device::Cpu },

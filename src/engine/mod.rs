@@ -50,7 +50,7 @@ impl Engine {
     /// is allocated here, so a budget the device cannot hold fails at start, not on the first request.
     pub fn start(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> candle_core::Result<Arc<Engine>> {
         let geo = model.kv_geometry(config.block_size);
-        let cache = PagedKvCache::with_budget_on(geo, config.kv_cache_bytes, model.device()).map_err(|e| {
+        let cache = PagedKvCache::with_budget(geo, config.kv_cache_bytes, model.device()).map_err(|e| {
             candle_core::Error::msg(format!("allocating the {}-byte KV cache: {e}", config.kv_cache_bytes))
         })?;
         // On a GPU each host thread has its own stream: the weight uploads and the cache's zero fill issued here

@@ -142,10 +142,6 @@ impl StepTables {
             row_table: stream.clone_htod(&t.row_table).w()?,
         })
     }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
 }
 
 /// Writes this step's keys and values into the cache, then attends: `q [rows, heads*hd]`, `k`/`v

@@ -91,22 +91,13 @@ impl PagedKvCache {
         num_blocks * geometry.block_size * geometry.kv_heads * geometry.head_dim
     }
 
-    /// A host cache of as many blocks as fit in `budget_bytes` (at least one).
-    pub fn with_budget(geometry: KvGeometry, budget_bytes: usize) -> Self {
-        Self::new(geometry, Self::blocks_in(geometry, budget_bytes))
-    }
-
-    /// As [`PagedKvCache::with_budget`], on `device`.
-    pub fn with_budget_on(
+    /// A cache of as many blocks as fit in `budget_bytes` (at least one), on `device`.
+    pub fn with_budget(
         geometry: KvGeometry,
         budget_bytes: usize,
         device: &candle_core::Device,
     ) -> candle_core::Result<Self> {
-        Self::on_device(geometry, Self::blocks_in(geometry, budget_bytes), device)
-    }
-
-    fn blocks_in(geometry: KvGeometry, budget_bytes: usize) -> usize {
-        (budget_bytes / geometry.block_bytes().max(1)).max(1)
+        Self::on_device(geometry, (budget_bytes / geometry.block_bytes().max(1)).max(1), device)
     }
 
     pub fn geometry(&self) -> KvGeometry {
@@ -208,7 +199,7 @@ mod tests {
     fn budget_sizes_the_cache() {
         let g = KvGeometry { layers: 2, kv_heads: 2, head_dim: 4, block_size: 16 };
         assert_eq!(g.block_bytes(), 2 * 2 * 16 * 2 * 4 * 4);
-        let c = PagedKvCache::with_budget(g, g.block_bytes() * 10 + 5);
+        let c = PagedKvCache::with_budget(g, g.block_bytes() * 10 + 5, &candle_core::Device::Cpu).unwrap();
         assert_eq!(c.allocator().capacity(), 10);
         assert_eq!(g.blocks_for(17), 2);
     }

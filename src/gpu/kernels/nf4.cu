@@ -23,6 +23,20 @@ __device__ __forceinline__ float nf4_scale(long long b, int double_quant, const 
     return absmax_f32[b];
 }
 
+// The 32 weights in 16 bytes of codes (byte i holds elements 2i, high nibble, and 2i + 1), scaled.
+__device__ __forceinline__ void nf4_decode32(const uint4 bytes, const float* code, float scale, float* out) {
+    const unsigned int words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const unsigned int byte = (words[i] >> (8 * j)) & 0xffu;  // byte 4i+j of the 16 (little endian)
+            out[8 * i + 2 * j] = code[byte >> 4] * scale;
+            out[8 * i + 2 * j + 1] = code[byte & 0xfu] * scale;
+        }
+    }
+}
+
 // Decode-sized inputs (1..8 rows): one warp per output column n, all R rows of x at once, so each weight
 // byte is read once (16-byte loads: a lane takes 32 codes, a warp 1024 elements per step).
 template <int R>
@@ -46,17 +60,8 @@ __device__ void nf4_gemv(const float* __restrict__ x, const unsigned char* __res
         const long long e = row + k0;
         const uint4 bytes = *reinterpret_cast<const uint4*>(packed + e / 2);
         const float scale = nf4_scale(e / 64, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset);
-        const unsigned int words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
         float w[32];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const unsigned int byte = (words[i] >> (8 * j)) & 0xffu;  // byte 4i+j of the 16 (little endian)
-                w[8 * i + 2 * j] = code[byte >> 4] * scale;
-                w[8 * i + 2 * j + 1] = code[byte & 0xfu] * scale;
-            }
-        }
+        nf4_decode32(bytes, code, scale, w);
 #pragma unroll
         for (int r = 0; r < R; r++) {
             if (r < M) {
@@ -179,16 +184,7 @@ extern "C" __global__ void nf4_matmul_mma(const float* __restrict__ x, const uns
                 const float scale =
                     nf4_scale(e / 64, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset);
                 const uint4 bytes = *reinterpret_cast<const uint4*>(packed + e / 2 + 16 * half);
-                const unsigned int words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
-#pragma unroll
-                for (int q = 0; q < 4; q++) {
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        const unsigned int byte = (words[q] >> (8 * j)) & 0xffu;
-                        dst[8 * q + 2 * j] = code[byte >> 4] * scale;
-                        dst[8 * q + 2 * j + 1] = code[byte & 0xfu] * scale;
-                    }
-                }
+                nf4_decode32(bytes, code, scale, dst);
             } else {
 #pragma unroll
                 for (int j = 0; j < 32; j++) dst[j] = 0.f;
