@@ -117,7 +117,50 @@ async fn host_tier_promotes_without_reading_disk() {
         assert_eq!(output_of(lease.weights()), 1.0 + ["a", "b", "c"].iter().position(|x| *x == id).unwrap() as f32);
     }
     assert_eq!(c.disk_loads(), 3, "second round came from the host tier");
+    assert_eq!(c.promotions(), 2);
     assert_eq!(resident(&c), vec!["b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_host_hits_promote_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(tmp.path(), "a", 1.0);
+    write_adapter(tmp.path(), "b", 2.0);
+    let c = cache(tmp.path(), 1, 2);
+    drop(c.acquire("a", None).await.unwrap());
+    drop(c.acquire("b", None).await.unwrap()); // a leaves the device tier, stays on the host
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { output_of(c.acquire("a", None).await.unwrap().weights()) })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 1.0);
+    }
+    assert_eq!((c.disk_loads(), c.promotions()), (2, 1));
+    assert_eq!((resident(&c), c.leases(), c.device_bytes()), (vec!["a".to_string()], 0, ONE));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_hit_without_room_waits_and_names_its_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(tmp.path(), "a", 1.0);
+    write_adapter(tmp.path(), "b", 2.0);
+    let c = cache(tmp.path(), 1, 2);
+    drop(c.acquire("a", None).await.unwrap());
+    let lb = c.acquire("b", None).await.unwrap(); // the whole device tier is leased
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+    match c.acquire("a", Some(deadline)).await {
+        Err(CacheError::Full { id, bytes, leased, budget }) => {
+            assert_eq!((id.as_str(), bytes, leased, budget), ("a", ONE, ONE, ONE))
+        }
+        other => panic!("expected Full, got {other:?}"),
+    }
+    assert_eq!(c.promotions(), 0, "no copy is made that could not be inserted");
+    drop(lb);
+    assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 1.0);
+    assert_eq!((c.disk_loads(), c.promotions()), (2, 1));
 }
 
 #[tokio::test(start_paused = true)]

@@ -9,7 +9,8 @@
 //!   a new acquire waits for a release until its deadline, then fails with [`CacheError::Full`] — never an
 //!   overshoot of the budget.
 //! - **Single flight.** Concurrent first requests for an adapter share one load, which runs on tokio's
-//!   blocking pool (never on the engine thread).
+//!   blocking pool (never on the engine thread); concurrent requests for a host-tier adapter share one
+//!   promotion, copied outside the cache lock so hits on other adapters never wait behind it.
 //! - **Versions and hot swap.** Every acquire stats the adapter's two files; when they changed, the next
 //!   acquire loads the new version while leases on the old one finish undisturbed (a request never mixes
 //!   versions). New files that fail to load are reported to every request (`FAILED_PRECONDITION`, naming the
@@ -102,6 +103,19 @@ struct Loaded {
 }
 
 type LoadCell = Arc<OnceCell<Result<Arc<Loaded>, CacheError>>>;
+type PromoteCell = Arc<OnceCell<Result<Arc<LoraWeights>, CacheError>>>;
+
+/// What the tiers hold for an adapter's current version.
+enum Cached {
+    /// Device-tier hit, leased.
+    Hit(AdapterLease),
+    /// In a tier, but the device tier cannot free `bytes`: `leased` of its bytes are in use.
+    NoRoom { bytes: usize, leased: usize },
+    /// In the host tier only: copy `host` to the device, then insert it under `key`.
+    Promote { key: Key, host: Arc<LoraWeights>, bytes: usize },
+    /// Not cached (or its files changed): load from disk.
+    Miss,
+}
 
 struct Inner {
     store: AdapterStore,
@@ -111,7 +125,9 @@ struct Inner {
     state: Mutex<State>,
     space: Notify,
     inflight: Mutex<HashMap<String, (FileStamp, LoadCell)>>,
+    promoting: Mutex<HashMap<Key, PromoteCell>>,
     disk_loads: AtomicU64,
+    promotions: AtomicU64,
 }
 
 /// The adapter cache (cheap to clone; all clones share state).
@@ -224,6 +240,36 @@ impl State {
         }
     }
 
+    /// One more lease on `key`, the adapter's current version, if it is in the device tier, marking it most
+    /// recently used. An entry superseded earlier by the same version (unloaded, then loaded again while
+    /// still leased) holds the same bytes and is current again.
+    fn lease_resident(&mut self, inner: &Arc<Inner>, key: &Key) -> Option<AdapterLease> {
+        let tick = self.next_tick();
+        let e = self.device.get_mut(key)?;
+        e.stale = false;
+        e.leases += 1;
+        e.tick = tick;
+        Some(AdapterLease { inner: inner.clone(), key: key.clone(), weights: e.weights.clone() })
+    }
+
+    /// A lease on `key` (the current version): on the resident entry when another request put it there
+    /// first, else on `weights`, inserted. `Err(leased bytes)` when there is no room.
+    fn lease_or_insert(
+        &mut self,
+        inner: &Arc<Inner>,
+        key: Key,
+        weights: &Arc<LoraWeights>,
+        bytes: usize,
+    ) -> Result<AdapterLease, usize> {
+        if let Some(lease) = self.lease_resident(inner, &key) {
+            return Ok(lease);
+        }
+        match self.insert_device(&key, weights, bytes, inner.config.device_bytes) {
+            Insert::Done => Ok(AdapterLease { inner: inner.clone(), key, weights: weights.clone() }),
+            Insert::NoSpace { leased } => Err(leased),
+        }
+    }
+
     /// Puts `weights` into the device tier with one lease, evicting unleased LRU entries as needed.
     fn insert_device(&mut self, key: &Key, weights: &Arc<LoraWeights>, bytes: usize, budget: usize) -> Insert {
         while self.device_bytes + bytes > budget {
@@ -277,7 +323,9 @@ impl AdapterCache {
                 state: Mutex::new(State::default()),
                 space: Notify::new(),
                 inflight: Mutex::new(HashMap::new()),
+                promoting: Mutex::new(HashMap::new()),
                 disk_loads: AtomicU64::new(0),
+                promotions: AtomicU64::new(0),
             }),
         };
         publish(&cache.inner.state.lock().expect("cache lock"));
@@ -295,6 +343,11 @@ impl AdapterCache {
     /// Loads from disk so far (single flight: concurrent first requests count once).
     pub fn disk_loads(&self) -> u64 {
         self.inner.disk_loads.load(Ordering::Relaxed)
+    }
+
+    /// Host-to-device promotions so far (single flight: concurrent requests for one adapter count once).
+    pub fn promotions(&self) -> u64 {
+        self.inner.promotions.load(Ordering::Relaxed)
     }
 
     /// Bytes resident in the device tier.
@@ -318,12 +371,23 @@ impl AdapterCache {
             tokio::pin!(space);
             space.as_mut().enable();
             match self.try_cached(id, &stamp)? {
-                Some(Ok(lease)) => return Ok(lease),
-                Some(Err(leased)) => {
-                    self.wait_for_space(id, 0, leased, deadline, space).await?;
+                Cached::Hit(lease) => return Ok(lease),
+                Cached::NoRoom { bytes, leased } => {
+                    self.wait_for_space(id, bytes, leased, deadline, space).await?;
                     continue;
                 }
-                None => {}
+                Cached::Promote { key, host, bytes } => {
+                    match self.promote(key, host, bytes).await? {
+                        Cached::Hit(lease) => return Ok(lease),
+                        Cached::NoRoom { bytes, leased } => {
+                            self.wait_for_space(id, bytes, leased, deadline, space).await?
+                        }
+                        // Superseded or unloaded while it was copied: look again.
+                        Cached::Promote { .. } | Cached::Miss => {}
+                    }
+                    continue;
+                }
+                Cached::Miss => {}
             }
             let loaded = self.load(id, dir.clone(), stamp.clone()).await?;
             let key = (id.to_string(), loaded.version.id.clone());
@@ -342,27 +406,19 @@ impl AdapterCache {
                     st.supersede(id, Some(&loaded.version.id));
                 }
                 st.insert_host(&key, &loaded.host, loaded.bytes, self.inner.config.host_bytes);
-                let r = if let Some(e) = st.device.get_mut(&key) {
-                    // Another acquirer inserted it meanwhile.
-                    e.leases += 1;
-                    Insert::Done
-                } else {
-                    st.insert_device(&key, &loaded.device, loaded.bytes, self.inner.config.device_bytes)
-                };
+                let r = st.lease_or_insert(&self.inner, key, &loaded.device, loaded.bytes);
                 publish(&st);
                 r
             };
             match outcome {
-                Insert::Done => {
-                    return Ok(AdapterLease { inner: self.inner.clone(), key, weights: loaded.device.clone() })
-                }
-                Insert::NoSpace { leased } => self.wait_for_space(id, loaded.bytes, leased, deadline, space).await?,
+                Ok(lease) => return Ok(lease),
+                Err(leased) => self.wait_for_space(id, loaded.bytes, leased, deadline, space).await?,
             }
         }
     }
 
-    /// The device hit / host promotion path. `Some(Err(leased))`: present but no room to promote.
-    fn try_cached(&self, id: &str, stamp: &FileStamp) -> Result<Option<Result<AdapterLease, usize>>, CacheError> {
+    /// The device-hit path, under the cache lock; a host-tier hit is returned for [`Self::promote`].
+    fn try_cached(&self, id: &str, stamp: &FileStamp) -> Result<Cached, CacheError> {
         let mut st = self.inner.state.lock().expect("cache lock");
         if let Some((failed_stamp, err)) = st.failed.get(id) {
             if failed_stamp == stamp {
@@ -371,41 +427,78 @@ impl AdapterCache {
         }
         let Some(version) = st.current.get(id).cloned() else {
             metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
-            return Ok(None);
+            return Ok(Cached::Miss);
         };
         if &version.stamp != stamp {
             // Files changed since the current version was loaded: a new version is needed.
             metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
-            return Ok(None);
+            return Ok(Cached::Miss);
         }
         let key = (id.to_string(), version.id.clone());
-        let tick = st.next_tick();
-        if let Some(e) = st.device.get_mut(&key) {
-            e.leases += 1;
-            e.tick = tick;
-            let weights = e.weights.clone();
+        if let Some(lease) = st.lease_resident(&self.inner, &key) {
             metrics::counter!(t::ADAPTER_CACHE_HITS_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
             publish(&st);
-            return Ok(Some(Ok(AdapterLease { inner: self.inner.clone(), key, weights })));
+            return Ok(Cached::Hit(lease));
         }
         metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
+        let tick = st.next_tick();
         let Some(h) = st.host.get_mut(&key) else {
             metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => t::TIER_HOST).increment(1);
-            return Ok(None);
+            return Ok(Cached::Miss);
         };
         h.tick = tick;
         metrics::counter!(t::ADAPTER_CACHE_HITS_TOTAL, "tier" => t::TIER_HOST).increment(1);
-        let (host_weights, bytes) = (h.weights.clone(), h.bytes);
-        let weights = Arc::new(
-            to_device(&host_weights, &self.inner.device)
-                .map_err(|e| CacheError::Internal { id: id.into(), reason: e.to_string() })?,
-        );
-        let r = match st.insert_device(&key, &weights, bytes, self.inner.config.device_bytes) {
-            Insert::Done => Some(Ok(AdapterLease { inner: self.inner.clone(), key, weights })),
-            Insert::NoSpace { leased } => Some(Err(leased)),
+        let (host, bytes) = (h.weights.clone(), h.bytes);
+        // No copy when it could not be inserted anyway.
+        let unleased: usize = st.device.values().filter(|e| e.leases == 0).map(|e| e.bytes).sum();
+        let leased = st.device_bytes - unleased;
+        if leased + bytes > self.inner.config.device_bytes {
+            return Ok(Cached::NoRoom { bytes, leased });
+        }
+        Ok(Cached::Promote { key, host, bytes })
+    }
+
+    /// Promotes a host-tier adapter: one device copy however many requests ask concurrently, made outside
+    /// the cache lock (on the blocking pool on a GPU), then inserted with a lease for this request. Returns
+    /// `Hit`, `NoRoom`, or `Miss` when `key` stopped being the adapter's current version meanwhile.
+    async fn promote(&self, key: Key, host: Arc<LoraWeights>, bytes: usize) -> Result<Cached, CacheError> {
+        let cell = self.inner.promoting.lock().expect("promoting lock").entry(key.clone()).or_default().clone();
+        let (inner, id) = (self.inner.clone(), key.0.clone());
+        let copy = cell
+            .get_or_init(|| async move {
+                inner.promotions.fetch_add(1, Ordering::Relaxed);
+                let copy = if inner.device.is_cpu() {
+                    to_device(&host, &inner.device).map_err(|e| e.to_string())
+                } else {
+                    let device = inner.device.clone();
+                    tokio::task::spawn_blocking(move || to_device(&host, &device).map_err(|e| e.to_string()))
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()))
+                };
+                copy.map(Arc::new).map_err(|reason| CacheError::Internal { id, reason })
+            })
+            .await
+            .clone();
+        let r = copy.map(|weights| self.insert_promoted(key.clone(), &weights, bytes));
+        // Only now: a request arriving before the insert shares this copy instead of making another.
+        let mut promoting = self.inner.promoting.lock().expect("promoting lock");
+        if promoting.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            promoting.remove(&key);
+        }
+        r
+    }
+
+    fn insert_promoted(&self, key: Key, weights: &Arc<LoraWeights>, bytes: usize) -> Cached {
+        let mut st = self.inner.state.lock().expect("cache lock");
+        if st.current.get(&key.0).map(|v| &v.id) != Some(&key.1) {
+            return Cached::Miss;
+        }
+        let r = match st.lease_or_insert(&self.inner, key, weights, bytes) {
+            Ok(lease) => Cached::Hit(lease),
+            Err(leased) => Cached::NoRoom { bytes, leased },
         };
         publish(&st);
-        Ok(r)
+        r
     }
 
     async fn wait_for_space(
