@@ -6,7 +6,7 @@
 //! Exit status 1 when any check fails.
 //!
 //! NF4 matmul: the 7B/8B linears (4096², 11008×4096, 4096×11008, 14336×4096) at 1–8 rows (decode, GEMV
-//! kernels) and 13–512 rows (decode batches and prefill, tensor-core kernel). Batched LoRA (shrink + expand) on 4096→4096 and
+//! kernels) and 13–512 rows (decode batches and prefill, the tensor-core kernels with 16- and 32-row tiles). Batched LoRA (shrink + expand) on 4096→4096 and
 //! 4096→1024: 32 decode rows over 32 distinct rank-16 adapters, 32 rows of one adapter, and a 512-row
 //! prefill mix of ranks 8/16/64/128 with base-model rows between the segments. Paged attention (the cache
 //! write, then attention) on Llama-3-8B heads (32 query / 8 kv, head_dim 128, blocks of 16): decode rows at several
@@ -108,9 +108,9 @@ fn main() -> anyhow::Result<()> {
             println!("| download {n} × {k} | | weight read back differs | | | | | FAIL |");
             failed += 1;
         }
-        // Every GEMV width (1..8 rows, partly filled ones too) and the tensor-core kernel (decode batches of 9..32
+        // Every GEMV width (1..8 rows, partly filled ones too) and both tensor-core kernels (decode batches of 9..32
         // rows, prefill) with partial row tiles.
-        for (mi, &m) in [1usize, 2, 3, 8, 13, 32, 100, 128, 512].iter().enumerate() {
+        for (mi, &m) in [1usize, 2, 3, 8, 13, 16, 32, 100, 128, 512].iter().enumerate() {
             let x = normal(m * k, 2000 + 10 * si as u64 + mi as u64);
             let want = matmul::matmul(&x, m, &w);
             let dx = stream.clone_htod(&x)?;

@@ -9,7 +9,8 @@
 //! 2. **Decode.** `synthetic:llama2-7b` (random weights, NF4, f32 compute) on the GPU: 1, 8 and 32 streams, one
 //!    adapter versus 32 distinct rank-16 q,k,v,o adapters, 128-token prompts and 128 new tokens: tokens/s end
 //!    to end, decode tokens/s (streams / step time), step time (inter-token p50), time to first token; cold adapter load (LoadAdapter on an adapter not yet
-//!    cached: disk → host → device); base resident bytes (the model's count and the device's free-memory
+//!    cached: disk → host → device); host-tier promotion (an adapter evicted from the device tier coming back
+//!    from RAM, no disk read); base resident bytes (the model's count and the device's free-memory
 //!    drop at load) and the memory floor of one decode step.
 //!
 //! Everything goes to stdout as tables and to `$OUT/gpu_serve.json`. Exit status 1 when any comparison fails.
@@ -22,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use loraserve::engine::EngineConfig;
-use loraserve::lora::cache::CacheConfig;
+use loraserve::lora::cache::{AdapterCache, CacheConfig};
+use loraserve::lora::peft::BaseLayout;
+use loraserve::lora::store::AdapterStore;
 use loraserve::model::{synthetic, LoadOptions, ModelSpec};
 use loraserve::quant::QuantMode;
 use loraserve::server::proto::lora_serve_client::LoraServeClient;
@@ -102,67 +105,117 @@ async fn greedy_all(addr: String, requests: &[(String, String, u32)]) -> anyhow:
     Ok(out)
 }
 
-/// Part 1: CPU and GPU servers agree on every fixture request.
-async fn fixtures(cuda: &Device) -> anyhow::Result<(Vec<serde_json::Value>, usize)> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+/// The fixtures: under the working directory (run.sh runs from the checkout's root, wherever the device
+/// machine puts it), else where this binary was built.
+fn fixtures_root() -> PathBuf {
+    let here = PathBuf::from("tests/fixtures");
+    if here.join("llama").is_dir() {
+        here
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    }
+}
+
+/// One fixture's requests, (adapter, prompt, max_new_tokens), and the peer's greedy ids for each.
+type FixtureRequests = (Vec<(String, String, u32)>, Vec<Vec<u32>>);
+
+fn fixture_requests(dir: &Path) -> anyhow::Result<FixtureRequests> {
+    let path = dir.join("expected.json");
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let results = expected["results"].as_object().ok_or_else(|| anyhow::anyhow!("{}: no results", path.display()))?;
+    let (mut requests, mut peer) = (vec![], vec![]);
+    for (key, prompts) in results {
+        let adapter = if key == "base" { String::new() } else { key.clone() };
+        for p in prompts.as_array().into_iter().flatten() {
+            let ids: Vec<u32> = serde_json::from_value(p["greedy_new_ids"].clone())?;
+            requests.push((adapter.clone(), p["prompt"].as_str().unwrap_or_default().to_string(), ids.len() as u32));
+            peer.push(ids);
+        }
+    }
+    Ok((requests, peer))
+}
+
+/// Part 1: CPU and GPU servers agree on every fixture request. A configuration that errors is a failed row;
+/// the others still run.
+async fn fixtures(cuda: &Device) -> (Vec<serde_json::Value>, usize) {
+    let root = fixtures_root();
     println!("| fixture | base | requests | GPU = CPU | GPU = transformers | check |");
     println!("|---|---|---|---|---|---|");
     let mut rows = vec![];
-    let mut failed = 0;
     for name in ["llama", "mistral", "qwen2", "llama-bnb-nf4"] {
-        let dir = root.join(name);
-        let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
-        let results = expected["results"].as_object().ok_or_else(|| anyhow::anyhow!("{name}: no results"))?;
-        // (adapter, prompt, max_new_tokens) and the peer's greedy ids.
-        let mut requests = vec![];
-        let mut peer = vec![];
-        for (key, prompts) in results {
-            let adapter = if key == "base" { String::new() } else { key.clone() };
-            for p in prompts.as_array().into_iter().flatten() {
-                let ids: Vec<u32> = serde_json::from_value(p["greedy_new_ids"].clone())?;
-                requests.push((
-                    adapter.clone(),
-                    p["prompt"].as_str().unwrap_or_default().to_string(),
-                    ids.len() as u32,
-                ));
-                peer.push(ids);
-            }
-        }
-        let adapters = if dir.join("adapters").is_dir() { dir.join("adapters") } else { root.join("llama/adapters") };
         let quants: &[QuantMode] =
             if name == "llama-bnb-nf4" { &[QuantMode::Nf4] } else { &[QuantMode::Nf4, QuantMode::None] };
         for &quant in quants {
-            let mut outs = vec![];
-            for device in [Device::Cpu, cuda.clone()] {
-                let spec = ModelSpec::Dir(dir.join("model"));
-                let h = start(serve_config(spec, quant, device, &adapters, vec![], 256 << 20)).await?;
-                outs.push(greedy_all(format!("http://{}", h.grpc_addr), &requests).await?);
-                stop(h).await?;
-            }
-            let (cpu, gpu) = (&outs[0], &outs[1]);
-            let errors: Vec<&String> = cpu.iter().chain(gpu).filter_map(|r| r.as_ref().err()).collect();
-            let equal = cpu.iter().zip(gpu).filter(|(c, g)| c.is_ok() && c == g).count();
-            // The peer generated without stopping at EOS; the server stops there: compare the common prefix.
-            let peer_equal = gpu
-                .iter()
-                .zip(&peer)
-                .filter(|(g, want)| g.as_ref().is_ok_and(|g| !g.is_empty() && want.starts_with(g)))
-                .count();
-            let ok = errors.is_empty() && equal == requests.len();
-            failed += usize::from(!ok);
-            println!(
-                "| {name} | {quant:?} | {} | {equal} | {peer_equal} | {}{} |",
-                requests.len(),
-                if ok { "ok" } else { "FAIL" },
-                errors.first().map(|e| format!(" ({} errors, first: {e})", errors.len())).unwrap_or_default()
-            );
-            rows.push(serde_json::json!({
-                "fixture": name, "quant": format!("{quant:?}"), "requests": requests.len(), "gpu_equals_cpu": equal,
-                "gpu_equals_transformers": peer_equal, "errors": errors.len(), "ok": ok,
-            }));
+            let row = match fixture(cuda, &root, name, quant).await {
+                Ok(row) => row,
+                Err(e) => {
+                    println!("| {name} | {quant:?} | | | | FAIL ({e:#}) |");
+                    serde_json::json!({ "fixture": name, "quant": format!("{quant:?}"), "ok": false, "error": format!("{e:#}") })
+                }
+            };
+            rows.push(row);
         }
     }
-    Ok((rows, failed))
+    let failed = rows.iter().filter(|r| r["ok"] != true).count();
+    (rows, failed)
+}
+
+async fn fixture(cuda: &Device, root: &Path, name: &str, quant: QuantMode) -> anyhow::Result<serde_json::Value> {
+    let dir = root.join(name);
+    let (requests, peer) = fixture_requests(&dir)?;
+    let adapters = if dir.join("adapters").is_dir() { dir.join("adapters") } else { root.join("llama/adapters") };
+    let mut outs = vec![];
+    for device in [Device::Cpu, cuda.clone()] {
+        let spec = ModelSpec::Dir(dir.join("model"));
+        let h = start(serve_config(spec, quant, device, &adapters, vec![], 256 << 20)).await?;
+        outs.push(greedy_all(format!("http://{}", h.grpc_addr), &requests).await?);
+        stop(h).await?;
+    }
+    let (cpu, gpu) = (&outs[0], &outs[1]);
+    let errors: Vec<&String> = cpu.iter().chain(gpu).filter_map(|r| r.as_ref().err()).collect();
+    let equal = cpu.iter().zip(gpu).filter(|(c, g)| c.is_ok() && c == g).count();
+    // The peer generated without stopping at EOS; the server stops there: compare the common prefix.
+    let peer_equal = gpu
+        .iter()
+        .zip(&peer)
+        .filter(|(g, want)| g.as_ref().is_ok_and(|g| !g.is_empty() && want.starts_with(g)))
+        .count();
+    let ok = errors.is_empty() && equal == requests.len();
+    println!(
+        "| {name} | {quant:?} | {} | {equal} | {peer_equal} | {}{} |",
+        requests.len(),
+        if ok { "ok" } else { "FAIL" },
+        errors.first().map(|e| format!(" ({} errors, first: {e})", errors.len())).unwrap_or_default()
+    );
+    Ok(serde_json::json!({
+        "fixture": name, "quant": format!("{quant:?}"), "requests": requests.len(), "gpu_equals_cpu": equal,
+        "gpu_equals_transformers": peer_equal, "errors": errors.len(), "ok": ok,
+    }))
+}
+
+/// `$OUT/gpu_serve.json`, written again as each figure arrives: a run cut short keeps what it measured.
+struct Report {
+    path: PathBuf,
+    json: serde_json::Value,
+}
+
+impl Report {
+    fn new() -> anyhow::Result<Self> {
+        let out = PathBuf::from(std::env::var("OUT").unwrap_or_else(|_| "target".into()));
+        std::fs::create_dir_all(&out)?;
+        Ok(Report { path: out.join("gpu_serve.json"), json: serde_json::json!({ "fixtures": [], "decode": {} }) })
+    }
+
+    /// Sets `decode.<key>` and saves.
+    fn decode(&mut self, key: &str, value: serde_json::Value) -> anyhow::Result<()> {
+        self.json["decode"][key] = value;
+        self.save()
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        std::fs::write(&self.path, serde_json::to_string_pretty(&self.json)?)?;
+        Ok(())
+    }
 }
 
 /// `streams` concurrent streaming requests, stream `i` on `adapters[i % len]`.
@@ -202,7 +255,7 @@ fn free_bytes(device: &Device) -> anyhow::Result<usize> {
 }
 
 /// Part 2: the 7B decode benchmark.
-async fn decode(cuda: &Device) -> anyhow::Result<serde_json::Value> {
+async fn decode(cuda: &Device, report: &mut Report) -> anyhow::Result<()> {
     let shape = shape();
     let shape = shape.as_str();
     // Base resident: the model's own count and the device's free-memory drop while it is loaded.
@@ -224,6 +277,19 @@ async fn decode(cuda: &Device) -> anyhow::Result<serde_json::Value> {
         gib(nf4),
         gib(free0.saturating_sub(free1))
     );
+
+    // The floor of one decode step: every NF4 linear and the f32 LM head read once.
+    let floor_bytes = nf4 + c.vocab_size * c.hidden_size * 4;
+    for (key, value) in [
+        ("shape", serde_json::json!(shape)),
+        ("resident_bytes", resident.into()),
+        ("nf4_linear_bytes", nf4.into()),
+        ("device_free_drop_bytes", free0.saturating_sub(free1).into()),
+        ("build_seconds", build_s.into()),
+        ("step_floor_bytes", floor_bytes.into()),
+    ] {
+        report.decode(key, value)?;
+    }
 
     let tmp = tempfile::tempdir()?;
     let ids = write_adapters(tmp.path(), shape, 36)?;
@@ -248,6 +314,10 @@ async fn decode(cuda: &Device) -> anyhow::Result<serde_json::Value> {
         cold_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     println!("cold adapter load (rank 16, q,k,v,o, disk → device), ms: {cold_ms:.1?}");
+    report.decode("cold_load_ms", serde_json::json!(cold_ms))?;
+    let promote_ms = promotions(cuda, tmp.path(), c.lora_layout(), cold).await?;
+    println!("host-tier promotion (the same adapters, RAM → device), ms: {promote_ms:.1?}");
+    report.decode("promote_ms", serde_json::json!(promote_ms))?;
 
     // The demo tokenizer is byte-level with BOS: PROMPT_TOKENS - 1 bytes.
     let prompt: String = "serve adapters fast ".chars().cycle().take(PROMPT_TOKENS - 1).collect();
@@ -279,18 +349,39 @@ async fn decode(cuda: &Device) -> anyhow::Result<serde_json::Value> {
                 "tokens_per_s": tps[i], "decode_tokens_per_s": streams as f64 * 1e3 / itl50, "step_ms_p50": itl50, "step_ms_p99": itl99, "ttft_ms_p50": ttft50,
                 "ttft_ms_p99": ttft99, "prompt_tokens": o.prompt_tokens, "errors": o.errors,
             }));
+            report.decode("cells", serde_json::json!(cells))?;
         }
         println!("| {streams} | mixed / one | | {:.3}× | | | | |", tps[1] / tps[0]);
         ratio.insert(streams, tps[1] / tps[0]);
+        report.decode("mixed_over_single", serde_json::json!(ratio))?;
     }
-    stop(h).await?;
-    // The floor of one decode step: every NF4 linear and the f32 LM head read once.
-    let floor_bytes = nf4 + c.vocab_size * c.hidden_size * 4;
-    Ok(serde_json::json!({
-        "shape": shape, "resident_bytes": resident, "nf4_linear_bytes": nf4,
-        "device_free_drop_bytes": free0.saturating_sub(free1), "build_seconds": build_s,
-        "step_floor_bytes": floor_bytes, "cold_load_ms": cold_ms, "cells": cells, "mixed_over_single": ratio,
-    }))
+    stop(h).await
+}
+
+/// Host-tier promotions, timed through an adapter cache whose device tier holds one adapter: acquiring two
+/// adapters in turn brings each back from RAM every time.
+async fn promotions(device: &Device, root: &Path, layout: BaseLayout, ids: &[String]) -> anyhow::Result<Vec<f64>> {
+    let config =
+        |device_bytes| CacheConfig { device_bytes, host_bytes: 8 << 30, default_wait: Duration::from_secs(60) };
+    let probe = AdapterCache::new(AdapterStore::open(root)?, layout.clone(), Device::Cpu, config(usize::MAX));
+    let bytes = probe.acquire(&ids[0], None).await?.weights().bytes();
+    let cache = AdapterCache::new(AdapterStore::open(root)?, layout, device.clone(), config(bytes));
+    for id in &ids[..2] {
+        drop(cache.acquire(id, None).await?);
+    }
+    let mut ms = vec![];
+    for i in 0..8 {
+        let t = Instant::now();
+        drop(cache.acquire(&ids[i % 2], None).await?);
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    anyhow::ensure!(
+        (cache.disk_loads(), cache.promotions()) == (2, 8),
+        "expected 2 disk loads and 8 promotions, got {} and {}",
+        cache.disk_loads(),
+        cache.promotions()
+    );
+    Ok(ms)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -299,15 +390,21 @@ fn main() -> anyhow::Result<()> {
         _ => Device::new_cuda(0)?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let skip_fixtures = std::env::var_os("LORASERVE_GPU_SKIP_FIXTURES").is_some();
-    let (fixture_rows, failed) = if skip_fixtures { (vec![], 0) } else { rt.block_on(fixtures(&cuda))? };
-    let decode = rt.block_on(decode(&cuda))?;
-    let out = PathBuf::from(std::env::var("OUT").unwrap_or_else(|_| "target".into()));
-    std::fs::create_dir_all(&out)?;
-    let json = serde_json::json!({ "fixtures": fixture_rows, "decode": decode });
-    std::fs::write(out.join("gpu_serve.json"), serde_json::to_string_pretty(&json)?)?;
+    let mut report = Report::new()?;
+    let mut failed = 0;
+    if std::env::var_os("LORASERVE_GPU_SKIP_FIXTURES").is_none() {
+        let (rows, fixtures_failed) = rt.block_on(fixtures(&cuda));
+        report.json["fixtures"] = rows.into();
+        report.save()?;
+        failed += fixtures_failed;
+    }
+    if let Err(e) = rt.block_on(decode(&cuda, &mut report)) {
+        eprintln!("the decode benchmark stopped: {e:#}");
+        report.decode("error", format!("{e:#}").into())?;
+        failed += 1;
+    }
     if failed > 0 {
-        eprintln!("{failed} fixture comparisons FAILED");
+        eprintln!("{failed} checks FAILED");
         std::process::exit(1);
     }
     Ok(())

@@ -127,18 +127,27 @@ fn nf4_gemv_every_width_both_absmax_forms() {
     eprintln!("nf4 GEMV: max rel L2 {worst:.2e}");
 }
 
-/// Past 8 rows: the tensor-core kernel (3xTF32 MMAs), from the smallest batch it takes (9 rows: one warp's
-/// 16-row slice partly filled, three warps on padding) to partial row tiles over two block rows (100); columns
-/// that end mid-tile (130 = 2 tiles + 2, 70) and whole tiles (64); three and four 64-wide steps of K.
+/// Past 8 rows: the tensor-core kernels (3xTF32 MMAs). 16-row tiles from the smallest batch they take (9 rows:
+/// one tile partly filled) to a full one (16); 32-row tiles from 17 rows to partial tiles over several block
+/// rows (100). Columns that end mid-tile (130 = 4 tiles + 2, 70) and whole tiles (64); K of one and a half
+/// 128-wide steps (192: the last step's upper half is padding) and of two whole ones (256).
 #[test]
 fn nf4_mma_partial_tiles_both_absmax_forms() {
-    let shapes =
-        [(9usize, 130usize, 192usize), (13, 70, 256), (32, 64, 192), (33, 130, 192), (64, 70, 192), (100, 130, 256)];
+    let shapes = [
+        (9usize, 130usize, 192usize, "nf4_matmul_mma16"),
+        (13, 70, 256, "nf4_matmul_mma16"),
+        (16, 64, 192, "nf4_matmul_mma16"),
+        (17, 130, 256, "nf4_matmul_mma32"),
+        (32, 64, 192, "nf4_matmul_mma32"),
+        (33, 130, 192, "nf4_matmul_mma32"),
+        (64, 70, 192, "nf4_matmul_mma32"),
+        (100, 130, 256, "nf4_matmul_mma32"),
+    ];
     let mut worst = 0f64;
-    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+    for (i, &(m, n, k, kernel)) in shapes.iter().enumerate() {
         for dq in [false, true] {
             let (got, err) = nf4_error(m, n, k, dq, 200 + 10 * i as u64 + dq as u64);
-            assert_eq!(got, "nf4_matmul_mma", "{m}×{n}×{k}");
+            assert_eq!(got, kernel, "{m}×{n}×{k}");
             worst = worst.max(err);
         }
     }

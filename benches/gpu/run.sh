@@ -12,6 +12,9 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/loraserve-gpu}
 mkdir -p "$OUT"
+# Everything printed also goes to $OUT/run.log: the device call returns only the output's last 12,000 characters.
+exec > >(tee "$OUT/run.log") 2>&1
+tee_pid=$!
 
 # CUDA 13 user-space libraries (cudart, cublas, curand, nvrtc): the toolkit's, or PyTorch's wheels'.
 libs=
@@ -29,17 +32,19 @@ status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.csv"
 echo
 echo "== 1+2. kernels against their CPU references, and their speed"
-OUT="$OUT" timeout 150 "$bin/gpu_kernels" || status=1
+OUT="$OUT" timeout 110 "$bin/gpu_kernels" || status=1
 echo
 echo "== 3. end to end: fixtures GPU = CPU, then the decode benchmark"
 OUT="$OUT" LORASERVE_LOG=warn timeout 200 "$bin/gpu_serve" || status=1
 echo
 echo "== 4. the peer: transformers + peft"
-OUT="$OUT" PYTHONUNBUFFERED=1 timeout 150 python3 benches/gpu/peer.py || status=1
+OUT="$OUT" PYTHONUNBUFFERED=1 timeout 190 python3 benches/gpu/peer.py || status=1
 echo
 echo "== 5. side by side"
 OUT="$OUT" python3 benches/gpu/compare.py || status=1
 echo
 echo "== 6. the server binary on the device"
 timeout 60 "$bin/server" generate --model demo --device cuda --prompt hello --max-new-tokens 4 2>&1 | tail -3 | tee "$OUT/server.txt"
+exec >&- 2>&-
+wait "$tee_pid"
 exit $status

@@ -24,9 +24,10 @@ const GEMV_WARPS: usize = 4;
 /// The GEMV kernels compiled, by rows handled (`nf4_gemv_r{R}`).
 const GEMV_KERNELS: [(usize, &str); 4] =
     [(1, "nf4_gemv_r1"), (2, "nf4_gemv_r2"), (4, "nf4_gemv_r4"), (8, "nf4_gemv_r8")];
-/// Output tile of the tensor-core kernel (`MMA_BM` × `MMA_BN` in `kernels/nf4.cu`), computed by 4 warps.
-const MMA_BM: usize = 64;
-const MMA_BN: usize = 64;
+/// The tensor-core kernels by the rows of their output tile (`nf4_matmul_mma{BM}`): 16 for batches of 9..16
+/// rows, 32 beyond. Each tile is `MMA_BN` columns wide (as in `kernels/nf4.cu`), computed by 4 warps.
+const MMA_KERNELS: [(usize, &str); 2] = [(16, "nf4_matmul_mma16"), (32, "nf4_matmul_mma32")];
+const MMA_BN: usize = 32;
 const MMA_THREADS: u32 = 128;
 /// CUDA's limit on grid.y and grid.z.
 const MAX_GRID_YZ: usize = 65_535;
@@ -57,11 +58,12 @@ pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
             block: (32 * GEMV_WARPS as u32, 1, 1),
         });
     }
-    let (gx, gy) = (n.div_ceil(MMA_BN), m.div_ceil(MMA_BM));
+    let (bm, kernel) = MMA_KERNELS.iter().copied().find(|&(bm, _)| bm >= m).unwrap_or(MMA_KERNELS[1]);
+    let (gx, gy) = (n.div_ceil(MMA_BN), m.div_ceil(bm));
     if gy > MAX_GRID_YZ || gx > u32::MAX as usize {
         return Err(format!("NF4 matmul too large for one launch (m={m}, n={n})"));
     }
-    Ok(Launch { kernel: "nf4_matmul_mma", grid: (gx as u32, gy as u32, 1), block: (MMA_THREADS, 1, 1) })
+    Ok(Launch { kernel, grid: (gx as u32, gy as u32, 1), block: (MMA_THREADS, 1, 1) })
 }
 
 /// Largest adapter rank the LoRA kernels take (`MAX_RANK` in `kernels/lora.cu`: the per-row scratch width).
@@ -181,7 +183,7 @@ pub fn attention_tables(
     Ok(t)
 }
 
-/// NVRTC targets by compute capability, oldest first (`nf4_matmul_mma`'s TF32 `mma.sync` needs 8.0).
+/// NVRTC targets by compute capability, oldest first (the `nf4_matmul_mma*` kernels' TF32 `mma.sync` needs 8.0).
 const NVRTC_ARCHES: [((i32, i32), &str); 7] = [
     ((8, 0), "compute_80"),
     ((8, 6), "compute_86"),
@@ -212,22 +214,29 @@ mod tests {
             assert_eq!(l.grid, (1024, 1, 1));
             assert_eq!(l.block, (128, 1, 1));
         }
-        assert_eq!(nf4_matmul(9, 11008, 4096).unwrap().kernel, "nf4_matmul_mma");
+        assert_eq!(nf4_matmul(9, 11008, 4096).unwrap().kernel, "nf4_matmul_mma16");
         // Columns not a multiple of the warps per block: the last block is partly idle, none is missing.
         assert_eq!(nf4_matmul(1, 4097, 64).unwrap().grid.0 as usize * GEMV_WARPS, 4100);
     }
 
     #[test]
     fn batches_past_eight_rows_use_tensor_core_tiles_that_cover_the_output() {
-        for m in [9, 32, 33, 64] {
+        // Decode batches: one row tile, 4096 outputs over 128 blocks (the H200 has 132 SMs).
+        for (m, kernel) in
+            [(9, "nf4_matmul_mma16"), (16, "nf4_matmul_mma16"), (17, "nf4_matmul_mma32"), (32, "nf4_matmul_mma32")]
+        {
             let l = nf4_matmul(m, 4096, 11008).unwrap();
-            assert_eq!((l.kernel, l.grid.0, l.block), ("nf4_matmul_mma", 64, (128, 1, 1)), "m={m}");
-            assert_eq!(l.grid.1 as usize, m.div_ceil(MMA_BM));
+            assert_eq!((l.kernel, l.grid, l.block), (kernel, (128, 1, 1), (128, 1, 1)), "m={m}");
+        }
+        for m in [33, 64, 65] {
+            let l = nf4_matmul(m, 4096, 4096).unwrap();
+            assert_eq!((l.kernel, l.grid.1 as usize), ("nf4_matmul_mma32", m.div_ceil(32)), "m={m}");
         }
         let l = nf4_matmul(1000, 4100, 4096).unwrap();
-        assert_eq!(l.grid, (65, 16, 1));
-        assert!(l.grid.0 as usize * MMA_BN >= 4100 && l.grid.1 as usize * MMA_BM >= 1000);
-        assert!(nf4_matmul(64 * MAX_GRID_YZ + 1, 64, 64).unwrap_err().contains("too large"));
+        assert_eq!(l.grid, (129, 32, 1));
+        assert!(l.grid.0 as usize * MMA_BN >= 4100 && l.grid.1 as usize * 32 >= 1000);
+        assert!(nf4_matmul(32 * MAX_GRID_YZ + 1, 64, 64).unwrap_err().contains("too large"));
+        assert!(nf4_matmul(32 * MAX_GRID_YZ, 64, 64).is_ok());
     }
 
     #[test]
@@ -254,11 +263,12 @@ mod tests {
             assert_eq!(name, format!("nf4_gemv_r{r}"));
             assert!(NF4_SOURCE.contains(&format!("NF4_GEMV({r})\n")), "{name} not instantiated in nf4.cu");
         }
-        for name in ["nf4_matmul_mma", "nf4_matmul_generic"] {
-            assert!(NF4_SOURCE.contains(&format!("extern \"C\" __global__ void {name}(")), "{name}");
+        for (bm, name) in MMA_KERNELS {
+            assert_eq!(name, format!("nf4_matmul_mma{bm}"));
+            assert!(NF4_SOURCE.contains(&format!("NF4_MMA({bm})\n")), "{name} not instantiated in nf4.cu");
         }
+        assert!(NF4_SOURCE.contains("extern \"C\" __global__ void nf4_matmul_generic("));
         assert!(NF4_SOURCE.contains(&format!("#define WARPS_PER_BLOCK {GEMV_WARPS}\n")));
-        assert!(NF4_SOURCE.contains(&format!("#define MMA_BM {MMA_BM}\n")));
         assert!(NF4_SOURCE.contains(&format!("#define MMA_BN {MMA_BN}\n")));
         assert!(NF4_SOURCE.contains(&format!("#define MMA_THREADS {MMA_THREADS}\n")));
         // NVRTC on the serving machine has no toolkit headers.

@@ -35,8 +35,9 @@
 //   block, so a read of shared memory no thread of the block wrote shows up as NaN. g++ (12) ignores the
 //   section attribute on the statics of function template instantiations: those (nf4_gemv's code table) start
 //   zeroed and keep the previous block's values, unpoisoned.
-// - uint4 / float4 copies (the kernels' vector loads `*reinterpret_cast<const uint4*>(p)`) check that the
-//   source is 16-byte aligned and, inside a buffer the driver registered, wholly inside its data.
+// - uint4 / float4 copies (the kernels' vector loads `*reinterpret_cast<const uint4*>(p)`, and stores through
+//   such a cast) check that source and destination are 16-byte aligned and, inside a buffer the driver
+//   registered, wholly inside its data.
 // - __expf(x) is computed as exp2f(x * log2(e)) in f32, the GPU intrinsic's range reduction (ex2.approx
 //   itself is taken as exact); other math maps to libm.
 // Any failure prints "cuda_emu: ..." on stderr and exits with status 3.
@@ -351,16 +352,18 @@ struct Region {
 };
 inline std::vector<Region> regions;
 
-inline void vector_load(const void* p, const char* type) {
+inline void vector_access(const void* p, const char* type, const char* access) {
     const auto a = reinterpret_cast<uintptr_t>(p);
-    if (a % 16 != 0) fail("misaligned %s load at %p (address %% 16 = %u)", type, p, static_cast<unsigned>(a % 16));
+    if (a % 16 != 0)
+        fail("misaligned %s %s at %p (address %% 16 = %u)", type, access, p, static_cast<unsigned>(a % 16));
     const char* c = static_cast<const char*>(p);
     for (const Region& r : regions) {
         if (c >= r.region && c < r.region_end && (c < r.data || c + 16 > r.data + r.bytes))
-            fail("%s load at byte offset %lld of buffer %d, which holds %zu bytes", type,
+            fail("%s %s at byte offset %lld of buffer %d, which holds %zu bytes", type, access,
                  static_cast<long long>(c - r.data), r.id, r.bytes);
     }
 }
+inline void vector_load(const void* p, const char* type) { vector_access(p, type, "load"); }
 
 }  // namespace emu
 
@@ -387,7 +390,13 @@ struct alignas(16) uint4 {
         emu::vector_load(&o, "uint4");
         std::memcpy(static_cast<void*>(this), &o, 16);
     }
-    uint4& operator=(const uint4&) = default;
+    // `*dst = *src` and `v = *src` (no copy constructor runs): both sides are checked.
+    uint4& operator=(const uint4& o) {
+        emu::vector_load(&o, "uint4");
+        emu::vector_access(this, "uint4", "store");
+        std::memcpy(static_cast<void*>(this), &o, 16);
+        return *this;
+    }
 };
 
 struct alignas(16) float4 {
@@ -397,7 +406,13 @@ struct alignas(16) float4 {
         emu::vector_load(&o, "float4");
         std::memcpy(static_cast<void*>(this), &o, 16);
     }
-    float4& operator=(const float4&) = default;
+    // `*dst = *src` and `v = *src` (no copy constructor runs): both sides are checked.
+    float4& operator=(const float4& o) {
+        emu::vector_load(&o, "float4");
+        emu::vector_access(this, "float4", "store");
+        std::memcpy(static_cast<void*>(this), &o, 16);
+        return *this;
+    }
 };
 
 inline float __int_as_float(int i) {

@@ -127,106 +127,172 @@ __device__ __forceinline__ void split_tf32(float v, unsigned int& hi, unsigned i
     lo = tf32_round(v - __uint_as_float(hi));
 }
 
-// More than 8 rows (decode batches and prefill): MMA_BM x MMA_BN output tiles, 4 warps, warp w computing rows
-// 16w..16w+15 of the tile across all MMA_BN columns (MMA_BN / 8 accumulator tiles). Per 64-wide step of K (one
-// NF4 block per weight row) the x tile is staged in shared memory with 16-byte loads (rows past M as zeros)
-// and the W tile is dequantized straight into shared memory from 16-byte loads of the codes; rows are padded
-// by 4 floats so the fragment reads hit 32 distinct banks.
-#define MMA_BM 64
-#define MMA_BN 64
-#define MMA_BK 64
-#define MMA_PAD 4
+// More than 8 rows (decode batches and prefill): tensor cores. A block computes BM rows (BM = 16·MT: 16 rows
+// for batches of 9..16, 32 beyond) by MMA_BN columns, over K in MMA_BK-wide steps (two NF4 blocks of every
+// weight row). Its 4 warps split each step's K four ways (MMA_WARP_K columns each) and every warp computes the
+// whole BM × MMA_BN tile on its slice: each staged x and W element is split into TF32 parts by exactly one
+// warp, a warp keeps MT·4 independent accumulator tiles (MMAs in flight back to back), and small batches fill
+// the GPU through narrow column slices (4096 outputs: 128 blocks) instead of idle warps on padding rows. The
+// four warps' sums are added in a fixed order at the end. While a step computes, the next step's x and codes
+// are already loading into registers (one shared buffer, no wait on global memory between steps).
+// Shared rows are padded by 4 floats, so the fragment reads (4g + t) and the staging stores hit distinct banks.
+#define MMA_BN 32
+#define MMA_BK 128
+#define MMA_LD (MMA_BK + 4)
+#define MMA_RED_LD (MMA_BN + 4)
 #define MMA_THREADS 128
-extern "C" __global__ void nf4_matmul_mma(const float* __restrict__ x, const unsigned char* __restrict__ packed,
-                                          int double_quant, const float* __restrict__ absmax_f32,
-                                          const unsigned char* __restrict__ absmax_codes,
-                                          const float* __restrict__ nested_absmax,
-                                          const float* __restrict__ nested_code, float offset,
-                                          const float* __restrict__ code16, float* __restrict__ y, int M, int N,
-                                          int K) {
-    __shared__ float code[16];
-    __shared__ float xs[MMA_BM][MMA_BK + MMA_PAD];
-    __shared__ float ws[MMA_BN][MMA_BK + MMA_PAD];
+#define MMA_WARP_K (MMA_BK / 4)
+
+template <int MT>
+__device__ __forceinline__ void nf4_mma(const float* __restrict__ x, const unsigned char* __restrict__ packed,
+                                        int double_quant, const float* __restrict__ absmax_f32,
+                                        const unsigned char* __restrict__ absmax_codes,
+                                        const float* __restrict__ nested_absmax,
+                                        const float* __restrict__ nested_code, float offset,
+                                        const float* __restrict__ code16, float* __restrict__ y, int M, int N, int K,
+                                        float* sm, float* code) {
+    constexpr int BM = 16 * MT;
+    constexpr int XV = BM * MMA_BK / 4 / MMA_THREADS;  // float4s of x this thread stages per step
+    float* xs = sm;                                    // [BM][MMA_LD]
+    float* ws = sm + BM * MMA_LD;                      // [MMA_BN][MMA_LD]
     const int tid = threadIdx.x;
     const int warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
-    const int m_base = blockIdx.y * MMA_BM, n_base = blockIdx.x * MMA_BN;
+    const int m_base = blockIdx.y * BM, n_base = blockIdx.x * MMA_BN;
+    // This thread stages x float4s tid + 128 i (row q / 32, columns 4 (q % 32)..) and 32 codes of W row wr from
+    // column wc: a warp's 8 rows × 64 bytes, lanes 8 apart on one row (the float4 stores of 8 lanes then fall
+    // on 8 different bank groups).
+    const int wr = 8 * warp + lane % 8, wc = 32 * (lane / 8);
     if (tid < 16) code[tid] = code16[tid];
-    // acc: the running f32 sums; part: one 64-wide step's MMA accumulators, started at zero every step, so a
-    // tensor core that rounds its accumulation toward zero loses at most one step's worth, not all of K's.
-    float acc[MMA_BN / 8][4], part[MMA_BN / 8][4];
+    float4 xv[XV];
+    uint4 wv;
+    float wscale;
+    // Loads step k0 into registers; columns past K (K % 128 == 64: the last step's upper half) and rows or
+    // columns past the matrix are zeros.
+    auto load = [&](int k0) {
 #pragma unroll
-    for (int j = 0; j < MMA_BN / 8; j++)
+        for (int i = 0; i < XV; i++) {
+            const int q = tid + MMA_THREADS * i, r = q / (MMA_BK / 4), c = 4 * (q % (MMA_BK / 4));
+            const int m = m_base + r;
+            xv[i].x = xv[i].y = xv[i].z = xv[i].w = 0.f;
+            if (m < M && k0 + c < K) xv[i] = *reinterpret_cast<const float4*>(x + (long long)m * K + k0 + c);
+        }
+        const int n = n_base + wr;
+        wv.x = wv.y = wv.z = wv.w = 0u;
+        wscale = 0.f;
+        if (n < N && k0 + wc < K) {
+            const long long e = (long long)n * K + k0 + wc;
+            wscale = nf4_scale(e / 64, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset);
+            wv = *reinterpret_cast<const uint4*>(packed + e / 2);
+        }
+    };
+    // acc: the running f32 sums; part: one step's MMA accumulators, started at zero every step, so a tensor
+    // core that rounds its accumulation toward zero loses at most one step's worth, not all of K's.
+    float acc[MT][MMA_BN / 8][4], part[MT][MMA_BN / 8][4];
 #pragma unroll
-        for (int i = 0; i < 4; i++) acc[j][i] = 0.f;
-    __syncthreads();
-    for (int k0 = 0; k0 < K; k0 += MMA_BK) {
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
         for (int j = 0; j < MMA_BN / 8; j++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) part[j][i] = 0.f;
-        for (int i = tid; i < MMA_BM * MMA_BK / 4; i += MMA_THREADS) {
-            const int r = i / (MMA_BK / 4), c = 4 * (i % (MMA_BK / 4)), m = m_base + r;
-            float4 v;
-            v.x = v.y = v.z = v.w = 0.f;
-            if (m < M) v = *reinterpret_cast<const float4*>(x + (long long)m * K + k0 + c);
-            xs[r][c] = v.x;
-            xs[r][c + 1] = v.y;
-            xs[r][c + 2] = v.z;
-            xs[r][c + 3] = v.w;
-        }
-        // A W row's 64 codes are 32 bytes: two 16-byte loads, each decoded into 32 floats.
-        for (int i = tid; i < MMA_BN * 2; i += MMA_THREADS) {
-            const int r = i / 2, half = i % 2, n = n_base + r;
-            float* dst = &ws[r][32 * half];
-            if (n < N) {
-                const long long e = (long long)n * K + k0;
-                const float scale =
-                    nf4_scale(e / 64, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset);
-                const uint4 bytes = *reinterpret_cast<const uint4*>(packed + e / 2 + 16 * half);
-                nf4_decode32(bytes, code, scale, dst);
-            } else {
+            for (int i = 0; i < 4; i++) acc[mt][j][i] = 0.f;
+    load(0);
+    __syncthreads();  // the code table
+    for (int k0 = 0; k0 < K; k0 += MMA_BK) {
 #pragma unroll
-                for (int j = 0; j < 32; j++) dst[j] = 0.f;
-            }
+        for (int i = 0; i < XV; i++) {
+            const int q = tid + MMA_THREADS * i, r = q / (MMA_BK / 4), c = 4 * (q % (MMA_BK / 4));
+            *reinterpret_cast<float4*>(xs + r * MMA_LD + c) = xv[i];
+        }
+        float w[32];
+        nf4_decode32(wv, code, wscale, w);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float4 v;
+            v.x = w[4 * j];
+            v.y = w[4 * j + 1];
+            v.z = w[4 * j + 2];
+            v.w = w[4 * j + 3];
+            *reinterpret_cast<float4*>(ws + wr * MMA_LD + wc + 4 * j) = v;
         }
         __syncthreads();
-        const int ra = 16 * warp + g;
+        if (k0 + MMA_BK < K) load(k0 + MMA_BK);
 #pragma unroll
-        for (int kk = 0; kk < MMA_BK; kk += 8) {
-            unsigned int ah[4], al[4];
-            split_tf32(xs[ra][kk + t], ah[0], al[0]);
-            split_tf32(xs[ra + 8][kk + t], ah[1], al[1]);
-            split_tf32(xs[ra][kk + t + 4], ah[2], al[2]);
-            split_tf32(xs[ra + 8][kk + t + 4], ah[3], al[3]);
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int j = 0; j < MMA_BN / 8; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) part[mt][j][i] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < MMA_WARP_K; kk += 8) {
+            const int kc = warp * MMA_WARP_K + kk + t;
+            unsigned int ah[MT][4], al[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                const float* a = xs + (16 * mt + g) * MMA_LD + kc;
+                split_tf32(a[0], ah[mt][0], al[mt][0]);
+                split_tf32(a[8 * MMA_LD], ah[mt][1], al[mt][1]);
+                split_tf32(a[4], ah[mt][2], al[mt][2]);
+                split_tf32(a[8 * MMA_LD + 4], ah[mt][3], al[mt][3]);
+            }
 #pragma unroll
             for (int j = 0; j < MMA_BN / 8; j++) {
                 // B = Wᵀ: B[k][n] = ws[n][k].
+                const float* b = ws + (8 * j + g) * MMA_LD + kc;
                 unsigned int bh[2], bl[2];
-                split_tf32(ws[8 * j + g][kk + t], bh[0], bl[0]);
-                split_tf32(ws[8 * j + g][kk + t + 4], bh[1], bl[1]);
-                mma_tf32(part[j], al, bh);
-                mma_tf32(part[j], ah, bl);
-                mma_tf32(part[j], ah, bh);
+                split_tf32(b[0], bh[0], bl[0]);
+                split_tf32(b[4], bh[1], bl[1]);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_tf32(part[mt][j], al[mt], bh);
+                    mma_tf32(part[mt][j], ah[mt], bl);
+                    mma_tf32(part[mt][j], ah[mt], bh);
+                }
             }
         }
 #pragma unroll
-        for (int j = 0; j < MMA_BN / 8; j++)
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) acc[j][i] += part[j][i];
+            for (int j = 0; j < MMA_BN / 8; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[mt][j][i] += part[mt][j][i];
         __syncthreads();
     }
-    const int m0 = m_base + 16 * warp + g;
+    // The four warps' partial tiles, added in warp order: red[warp][row][column] over the staging buffer.
+    float* red = sm;
 #pragma unroll
-    for (int j = 0; j < MMA_BN / 8; j++) {
-        const int n = n_base + 8 * j + 2 * t;
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int m = m0 + (i >= 2 ? 8 : 0), nn = n + (i & 1);
-            if (m < M && nn < N) y[(long long)m * N + nn] = acc[j][i];
+        for (int j = 0; j < MMA_BN / 8; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int r = 16 * mt + g + (i >= 2 ? 8 : 0), c = 8 * j + 2 * t + (i & 1);
+                red[(warp * BM + r) * MMA_RED_LD + c] = acc[mt][j][i];
+            }
+    __syncthreads();
+    for (int o = tid; o < BM * MMA_BN; o += MMA_THREADS) {
+        const int r = o / MMA_BN, c = o % MMA_BN, m = m_base + r, n = n_base + c;
+        if (m < M && n < N) {
+            const float* v = red + r * MMA_RED_LD + c;
+            y[(long long)m * N + n] = ((v[0] + v[BM * MMA_RED_LD]) + v[2 * BM * MMA_RED_LD]) + v[3 * BM * MMA_RED_LD];
         }
     }
 }
+
+// The shared arrays live in the entry points (one staging buffer, reused by the epilogue's partial tiles).
+#define NF4_MMA(BM)                                                                                              \
+    extern "C" __global__ void nf4_matmul_mma##BM(                                                               \
+        const float* __restrict__ x, const unsigned char* __restrict__ packed, int double_quant,                 \
+        const float* __restrict__ absmax_f32, const unsigned char* __restrict__ absmax_codes,                    \
+        const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, float offset,            \
+        const float* __restrict__ code16, float* __restrict__ y, int M, int N, int K) {                          \
+        __shared__ float code[16];                                                                               \
+        __shared__ float4 sm[(BM + MMA_BN) * MMA_LD / 4];                                                        \
+        static_assert(4 * BM * MMA_RED_LD <= (BM + MMA_BN) * MMA_LD, "the partial tiles fit the staging buffer"); \
+        nf4_mma<BM / 16>(x, packed, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset,   \
+                         code16, y, M, N, K, reinterpret_cast<float*>(sm), code);                                \
+    }
+NF4_MMA(16)
+NF4_MMA(32)
 
 // Any shape: one warp per output (m, n), lanes striding over K with scalar loads; element e = n * K + k of the
 // flattened weight sits in byte e / 2 (high nibble when e is even) of block e / 64.
