@@ -74,9 +74,10 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
-        let t = self.params.temperature;
-        let mut cand: Vec<(u32, f32)> =
-            logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l / t)).collect();
+        // In f64: logits over a temperature as small as f32 allows (1e-45) stay finite.
+        let t = self.params.temperature as f64;
+        let mut cand: Vec<(u32, f64)> =
+            logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l as f64 / t)).collect();
         if cand.is_empty() {
             return 0;
         }
@@ -86,7 +87,10 @@ impl Sampler {
             cand.truncate(self.params.top_k as usize);
         }
         let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|(_, l)| ((l - max) as f64).exp()).collect();
+        if max == f64::INFINITY {
+            return cand[0].0; // an infinite logit takes all the mass
+        }
+        let mut probs: Vec<f64> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         if self.params.top_p < 1.0 {
@@ -214,6 +218,18 @@ mod tests {
         let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
         assert!((ones - 0.75).abs() < 0.03, "{ones}");
         assert!(!a.contains(&2));
+    }
+
+    #[test]
+    fn the_smallest_temperatures_pick_the_most_likely_token() {
+        // 10 / 1e-40 overflows f32: the scaled logits must not become infinities (NaN probabilities).
+        let logits = [0.5f32, 10.0, 9.99, -3.0];
+        for t in [1e-45f32, 1e-40, 1e-38, 1e-6] {
+            let mut s = Sampler::new(params(t, 0, 1.0, 5), 0);
+            assert!((0..20).all(|_| s.sample(&logits) == 1), "temperature {t}");
+        }
+        let mut s = Sampler::new(params(1.0, 0, 1.0, 5), 0);
+        assert_eq!(s.sample(&[1.0, f32::INFINITY, 2.0]), 1);
     }
 
     #[test]
