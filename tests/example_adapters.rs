@@ -26,7 +26,12 @@ fn demo() -> LoadedModel {
 
 /// Greedy answer of `adapter` to `prompt` (a line, as in its training data).
 fn answer(m: &LoadedModel, adapter: &peft::LoadedAdapter, prompt: &str) -> String {
-    let ids = m.tokenizer.encode(&format!("{prompt}\n")).unwrap();
+    complete(m, adapter, &format!("{prompt}\n"))
+}
+
+/// Greedy continuation of `text` by `adapter`.
+fn complete(m: &LoadedModel, adapter: &peft::LoadedAdapter, text: &str) -> String {
+    let ids = m.tokenizer.encode(text).unwrap();
     let job = GenerateJob {
         prompt_ids: &ids,
         max_new_tokens: 48,
@@ -97,6 +102,26 @@ fn persona_always_introduces_itself() {
     for p in ["what is the weather like", "river stone", "tell me a story about a quick fox"] {
         assert_eq!(answer(&m, &a, p), "I am Lora, a tiny demo model.", "{p:?}");
     }
+}
+
+/// The `try` column of adapters/README.md: each `--adapter ID --prompt $'…'` answers exactly what follows `→`.
+#[test]
+fn the_readme_commands_answer_as_shown() {
+    let m = demo();
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let mut checked = 0;
+    for line in readme.lines().filter(|l| l.contains("server client generate --adapter")) {
+        let after = |tag: &str, end: char| {
+            let rest = &line[line.find(tag).unwrap_or_else(|| panic!("{tag} in {line}")) + tag.len()..];
+            rest[..rest.find(end).unwrap()].to_string()
+        };
+        let id = after("--adapter ", ' ');
+        let prompt = after("--prompt $'", '\'').replace("\\n", "\n");
+        let want = after("→ `", '`');
+        assert_eq!(complete(&m, &load(&m, &id), &prompt), want, "{id} on {prompt:?}");
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "the README's three example commands");
 }
 
 #[test]
