@@ -621,6 +621,9 @@ fn resolve_adapter(arg: &str, root: &std::path::Path) -> Result<std::path::PathB
     if as_dir.join("adapter_config.json").is_file() {
         return Ok(as_dir.to_path_buf());
     }
+    if as_dir.is_dir() && (as_dir.is_absolute() || arg.starts_with('.')) {
+        bail!("--adapter {arg}: {} is missing", as_dir.join("adapter_config.json").display());
+    }
     let store = crate::lora::store::AdapterStore::open(root)?;
     Ok(store.resolve(arg)?)
 }

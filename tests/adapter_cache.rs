@@ -245,6 +245,28 @@ async fn version_change_mid_request() {
     assert_eq!(c.device_bytes(), ONE);
 }
 
+/// `cp -p` over the files (same inode, same size, the old modification time put back): still a new version.
+#[tokio::test]
+async fn a_rewrite_keeping_size_and_mtime_is_a_new_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(tmp.path(), "a", 1.0);
+    write_adapter(tmp.path(), "b", 2.0);
+    let c = cache(tmp.path(), 4, 4);
+    let old = c.acquire("a", None).await.unwrap();
+    assert_eq!(output_of(old.weights()), 1.0);
+    std::thread::sleep(Duration::from_millis(20));
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        let (src, dst) = (tmp.path().join("b").join(f), tmp.path().join("a").join(f));
+        let mtime = std::fs::metadata(&dst).unwrap().modified().unwrap();
+        std::fs::write(&dst, std::fs::read(src).unwrap()).unwrap();
+        std::fs::File::options().write(true).open(&dst).unwrap().set_modified(mtime).unwrap();
+        assert_eq!(std::fs::metadata(&dst).unwrap().modified().unwrap(), mtime);
+    }
+    let new = c.acquire("a", None).await.unwrap();
+    assert_eq!(output_of(new.weights()), 2.0, "the rewritten weights, not the cached ones");
+    assert_ne!(old.version(), new.version());
+}
+
 #[tokio::test]
 async fn broken_update_serves_nothing_broken() {
     let tmp = tempfile::tempdir().unwrap();

@@ -50,11 +50,34 @@ pub fn validate_id(id: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// What identifies one state of an adapter's files.
+/// What identifies one state of an adapter's files: per file its size, modification time and, on Unix, its
+/// inode and status-change time. The last two catch a rewrite that keeps size and modification time (`cp -p`,
+/// `rsync -a`, `touch -d`, reproducible builds): the kernel sets ctime on every write and nobody can set it back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileStamp {
-    config: (u64, Option<SystemTime>),
-    weights: (u64, Option<SystemTime>),
+    config: FileState,
+    weights: FileState,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct FileState {
+    len: u64,
+    mtime: Option<SystemTime>,
+    /// (device, inode, ctime seconds, ctime nanoseconds); zeros where the platform has none.
+    id: [i64; 4],
+}
+
+impl FileState {
+    fn of(m: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            [m.dev() as i64, m.ino() as i64, m.ctime(), m.ctime_nsec()]
+        };
+        #[cfg(not(unix))]
+        let id = [0; 4];
+        FileState { len: m.len(), mtime: m.modified().ok(), id }
+    }
 }
 
 /// An adapter version: the stamp that produced it and the resulting short string.
@@ -75,9 +98,14 @@ pub struct AdapterStore {
 impl AdapterStore {
     /// Opens a root folder (it must exist).
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        let canonical_root = root
-            .canonicalize()
-            .map_err(|e| StoreError::Io { path: root.display().to_string(), reason: format!("adapters root: {e}") })?;
+        let canonical_root = root.canonicalize().map_err(|e| StoreError::Io {
+            path: root.display().to_string(),
+            reason: if e.kind() == std::io::ErrorKind::NotFound {
+                "the adapters root does not exist (create it, or point --adapters at the adapters folder)".into()
+            } else {
+                format!("adapters root: {e}")
+            },
+        })?;
         if !canonical_root.is_dir() {
             return Err(StoreError::Io {
                 path: root.display().to_string(),
@@ -103,6 +131,14 @@ impl AdapterStore {
             return Err(StoreError::Escapes { id: id.to_string(), root: self.root.display().to_string() });
         }
         if !canonical.join("adapter_config.json").is_file() {
+            // Weights without a config: a broken adapter, not a missing one.
+            if canonical.join("adapter_model.safetensors").is_file() {
+                return Err(StoreError::Io {
+                    path: canonical.join("adapter_config.json").display().to_string(),
+                    reason: "missing: the adapter folder holds adapter_model.safetensors but no adapter_config.json"
+                        .into(),
+                });
+            }
             return Err(self.not_found(id));
         }
         Ok(canonical)
@@ -112,21 +148,24 @@ impl AdapterStore {
         StoreError::NotFound { id: id.to_string(), root: self.root.display().to_string() }
     }
 
-    /// Cheap: sizes and modification times of the adapter's two files.
+    /// Cheap: the [`FileStamp`] of the adapter's two files (one `stat` each).
     pub fn stamp(dir: &Path) -> Result<FileStamp, StoreError> {
-        let meta = |name: &str| -> Result<(u64, Option<SystemTime>), StoreError> {
+        let meta = |name: &str| -> Result<FileState, StoreError> {
             let p = dir.join(name);
             match std::fs::metadata(&p) {
-                Ok(m) => Ok((m.len(), m.modified().ok())),
+                Ok(m) => Ok(FileState::of(&m)),
                 // A missing weights file is reported when loading (naming the file); stamp it as absent.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && name != "adapter_config.json" => Ok((0, None)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && name != "adapter_config.json" => {
+                    Ok(FileState::default())
+                }
                 Err(e) => Err(StoreError::Io { path: p.display().to_string(), reason: e.to_string() }),
             }
         };
         Ok(FileStamp { config: meta("adapter_config.json")?, weights: meta("adapter_model.safetensors")? })
     }
 
-    /// The adapter's version: its stamp plus a hash of the config and the safetensors header.
+    /// The adapter's version: a hash of its config, its safetensors header and its stamp, so it changes
+    /// whenever either file is written.
     pub fn version(dir: &Path) -> Result<AdapterVersion, StoreError> {
         let stamp = Self::stamp(dir)?;
         let mut h = Sha256::new();
@@ -146,10 +185,11 @@ impl AdapterStore {
                 h.update(&header[..got]);
             }
         }
-        for (size, mtime) in [stamp.config, stamp.weights] {
-            h.update(size.to_le_bytes());
-            let nanos = mtime.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+        for f in [stamp.config, stamp.weights] {
+            h.update(f.len.to_le_bytes());
+            let nanos = f.mtime.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
             h.update(nanos.to_le_bytes());
+            f.id.iter().for_each(|v| h.update(v.to_le_bytes()));
         }
         let digest = h.finalize();
         let id = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
@@ -238,6 +278,12 @@ mod tests {
         assert!(s.resolve("team/nested").is_ok());
         assert!(matches!(s.resolve("missing"), Err(StoreError::NotFound { .. })));
         assert!(matches!(s.resolve("empty"), Err(StoreError::NotFound { .. })));
+        std::fs::create_dir(root.join("no-config")).unwrap();
+        std::fs::write(root.join("no-config/adapter_model.safetensors"), b"").unwrap();
+        let e = s.resolve("no-config").unwrap_err().to_string();
+        assert!(e.contains("no-config/adapter_config.json: missing"), "{e}");
+        let e = AdapterStore::open(&tmp.path().join("nowhere")).unwrap_err().to_string();
+        assert!(e.contains("nowhere: the adapters root does not exist"), "{e}");
         assert!(matches!(s.resolve("../outside"), Err(StoreError::InvalidId { .. })));
         #[cfg(unix)]
         {

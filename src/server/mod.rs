@@ -148,8 +148,6 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
         "model loaded"
     );
     metrics::gauge!(t::BASE_MODEL_RESIDENT_BYTES).set(m.resident_bytes() as f64);
-    std::fs::create_dir_all(&cfg.adapters)
-        .map_err(|e| ServerError::Io(std::io::Error::new(e.kind(), format!("{}: {e}", cfg.adapters.display()))))?;
     let store = AdapterStore::open(&cfg.adapters)?;
     let cache = AdapterCache::new(store, m.lora_layout(), m.device().clone(), cfg.cache);
     let context = m.config().max_position_embeddings;
