@@ -249,16 +249,36 @@ pub struct ServeArgs {
 impl ServeArgs {
     pub fn config(&self) -> Result<crate::server::ServeConfig> {
         let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        // PEM files checked here, so a wrong file is named (rustls reports only that the identity is bad).
+        let pem = |p: &std::path::Path, flag: &str, label: &str| -> Result<Vec<u8>> {
+            let bytes = read(p)?;
+            if !String::from_utf8_lossy(&bytes).contains(label) {
+                bail!("{flag} {}: no PEM block with `{label}` in it", p.display());
+            }
+            Ok(bytes)
+        };
         let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            (Some(c), Some(k)) => {
+                Some((pem(c, "--tls-cert", "-----BEGIN CERTIFICATE-----")?, pem(k, "--tls-key", "PRIVATE KEY-----")?))
+            }
             _ => None,
         };
         let api_keys = match &self.api_key_file {
             Some(p) => Some(crate::server::auth::ApiKeys::from_file(p).map_err(anyhow::Error::msg)?),
             None => None,
         };
-        if self.max_batch_size == 0 || self.max_batch_tokens == 0 {
-            bail!("--max-batch-size and --max-batch-tokens must be at least 1");
+        for (flag, v) in [
+            ("--max-batch-size", self.max_batch_size),
+            ("--max-batch-tokens", self.max_batch_tokens),
+            ("--max-queue", self.max_queue),
+            ("--max-new-tokens-cap", self.max_new_tokens_cap as usize),
+            ("--adapter-cache-bytes", self.adapter_cache_bytes),
+            ("--kv-cache-bytes", self.kv_cache_bytes),
+            ("--max-request-bytes", self.max_request_bytes),
+        ] {
+            if v == 0 {
+                bail!("{flag} must be at least 1 (0 would refuse every request)");
+            }
         }
         if !(self.drain_timeout.is_finite() && self.drain_timeout >= 0.0) {
             bail!("--drain-timeout must be a number of seconds ≥ 0");
@@ -300,6 +320,9 @@ pub struct ClientArgs {
     /// API key (sent as `authorization: Bearer <key>`).
     #[arg(long, env = "LORASERVE_API_KEY")]
     pub api_key: Option<String>,
+    /// With an `https://` address: PEM certificate of the CA that signed the server's certificate.
+    #[arg(long, env = "LORASERVE_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub call: ClientCall,
 }
@@ -374,7 +397,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
 }
 
 fn run_client(args: ClientArgs) -> Result<()> {
-    let target = crate::server::client::Target { addr: args.addr, api_key: args.api_key };
+    let target = crate::server::client::Target { addr: args.addr, api_key: args.api_key, ca_cert: args.ca_cert };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         match args.call {
@@ -483,7 +506,10 @@ pub fn parse_targets(names: &[String]) -> Result<Vec<crate::lora::ModuleKind>> {
         return Ok(ModuleKind::ALL.to_vec());
     }
     let mut out = Vec::new();
-    for n in names.iter().filter(|n| !n.is_empty()) {
+    for n in names {
+        if n.is_empty() {
+            bail!("--target-modules: an empty name in the list (`q_proj,,v_proj`?)");
+        }
         let k = ModuleKind::from_name(n).with_context(|| {
             format!("--target-modules: unknown module `{n}` (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or all-linear)")
         })?;

@@ -343,7 +343,7 @@ async fn two_replicas_keep_each_adapter_on_the_replica_its_header_hashes_to() {
     let a = start(config(dir.path().to_path_buf(), 256 << 20)).await;
     let b = start(config(dir.path().to_path_buf(), 256 << 20)).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = Target { addr: format!("http://{}", listener.local_addr().unwrap()), api_key: None };
+    let target = Target { addr: format!("http://{}", listener.local_addr().unwrap()), ..Default::default() };
     tokio::spawn(router(listener, vec![a.grpc_addr, b.grpc_addr]));
     let expected: BTreeMap<&str, usize> = ids.iter().map(|id| (id.as_str(), pick(Some(id), 2))).collect();
     assert!(expected.values().any(|&r| r == 0) && expected.values().any(|&r| r == 1), "both replicas get adapters");

@@ -334,6 +334,58 @@ async fn reflection_lists_both_services() {
     let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("no service list") };
     let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains("loraserve.v1.LoraServe") && names.contains("grpc.health.v1.Health"), "{names:?}");
+    // v1alpha too (older grpcurl).
+    {
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let channel = Channel::from_shared(format!("http://{}", h.grpc_addr)).unwrap().connect().await.unwrap();
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut r = ServerReflectionClient::new(channel);
+        let mut s = r.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+        let resp = s.next().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("v1alpha") };
+        assert!(list.service.iter().any(|s| s.name == "loraserve.v1.LoraServe"));
+    }
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// TLS: the bundled client reaches a TLS server with the CA's certificate (`--ca-cert`); without it, or over
+/// plain HTTP/2, it fails and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_serving_and_the_bundled_client() {
+    use loraserve::server::client::{health, Target};
+    let tls = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tls");
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.tls = Some((std::fs::read(tls.join("server.pem")).unwrap(), std::fs::read(tls.join("server.key")).unwrap()));
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = server::start(cfg, grpc, metrics).await.unwrap();
+    assert!(h.ready().await);
+    let port = h.grpc_addr.port();
+    let target = |addr: String, ca_cert| Target { addr, api_key: None, ca_cert };
+    let wait = Duration::from_secs(10);
+    for host in ["localhost", "127.0.0.1"] {
+        let t = target(format!("https://{host}:{port}"), Some(tls.join("ca.pem")));
+        assert!(health(&t, "", wait).await.unwrap(), "{host}");
+    }
+    let e = health(&target(format!("https://localhost:{port}"), None), "", wait).await.unwrap_err().to_string();
+    assert!(e.contains("TLS needs --ca-cert"), "{e}");
+    // Another CA: the handshake fails, and the error says more than "transport error".
+    let other = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(other.path(), std::fs::read(tls.join("server.pem")).unwrap()).unwrap();
+    let e = health(&target(format!("https://localhost:{port}"), Some(other.path().into())), "", wait)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with(&format!("connecting to https://localhost:{port}: transport error: ")), "{e}");
+    assert!(health(&target(format!("127.0.0.1:{port}"), None), "", wait).await.is_err(), "plain HTTP/2 to TLS");
     h.shutdown();
     h.wait().await.unwrap();
 }
@@ -531,4 +583,52 @@ fn parse_prometheus(text: &str) -> Parsed {
         p.samples.insert(format!("{name}{{{}}}", sorted.join(",")), value);
     }
     p
+}
+
+/// `server serve` settings that could only refuse every request are refused at start, naming the flag; so
+/// are a missing adapters root and a TLS file that is not PEM.
+#[test]
+fn serve_refuses_settings_that_refuse_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let not_pem = tmp.path().join("cert.txt");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let tls = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tls");
+    let missing = tmp.path().join("no-such-adapters");
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (vec!["--max-new-tokens-cap".into(), "0".into()], "--max-new-tokens-cap must be at least 1".into()),
+        (vec!["--max-queue".into(), "0".into()], "--max-queue must be at least 1".into()),
+        (vec!["--adapter-cache-bytes".into(), "0".into()], "--adapter-cache-bytes must be at least 1".into()),
+        (
+            vec![
+                "--tls-cert".into(),
+                not_pem.display().to_string(),
+                "--tls-key".into(),
+                tls.join("server.key").display().to_string(),
+            ],
+            format!("--tls-cert {}: no PEM block", not_pem.display()),
+        ),
+        (
+            vec![
+                "--adapters".into(),
+                missing.display().to_string(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--metrics-listen".into(),
+                "127.0.0.1:0".into(),
+            ],
+            format!("{}: the adapters root does not exist", missing.display()),
+        ),
+    ];
+    for (args, words) in cases {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+            .arg("serve")
+            .args(&args)
+            .env("LORASERVE_LOG", "off")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} started");
+        assert!(err.contains(&words), "{args:?}: {err}");
+    }
+    assert!(!missing.exists(), "the missing adapters root was created");
 }

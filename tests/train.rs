@@ -331,3 +331,41 @@ fn bad_data_fails_clearly_and_writes_nothing() {
         assert!(!PathBuf::from(format!("{}.checkpoints", out.display())).exists());
     }
 }
+
+/// Settings that would train nothing useful, or that contradict each other, are refused by flag before any
+/// training, with nothing written.
+#[test]
+fn bad_settings_are_refused_by_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d.jsonl");
+    write_task(&data, 8, 1);
+    let cases: [(&[&str], &str); 7] = [
+        (&["--alpha", "0"], "--alpha must be a number > 0"),
+        (&["--lr", "NaN"], "--lr must be a number > 0"),
+        (&["--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1), got 2"),
+        (&["--eval-ratio", "1"], "--eval-ratio must be in [0, 1), got 1"),
+        (&["--target-modules", "q_proj,,v_proj"], "--target-modules: an empty name"),
+        (&["--eval-ratio", "0.1", "--eval-data", "d.jsonl"], "--eval-data and --eval-ratio both"),
+        (&["--resume"], "--resume: no checkpoint in"),
+    ];
+    for (i, (extra, words)) in cases.iter().enumerate() {
+        let out = tmp.path().join(format!("out{i}"));
+        // The base arguments, less the flags this case sets.
+        let mut args = train_args(&data, &out);
+        if let Some(at) = args.iter().position(|a| a == extra[0]) {
+            args.drain(at..at + 2);
+        }
+        let o = server()
+            .args(args)
+            .args(*extra)
+            .args(["--max-steps", "2"])
+            .env("LORASERVE_LOG", "off")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        assert!(err.contains(words), "{extra:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?} left an output folder");
+    }
+}

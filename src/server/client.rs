@@ -7,17 +7,19 @@ use std::time::Duration;
 
 use tokio_stream::StreamExt;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::Request;
 
 use super::proto::{self, lora_serve_client::LoraServeClient};
 
 /// Connection settings.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Target {
-    /// `http://host:port` (or `https://` with TLS).
+    /// `http://host:port`, `https://host:port` (TLS), or `host:port` (plain HTTP/2, as grpcurl writes it).
     pub addr: String,
     pub api_key: Option<String>,
+    /// PEM certificate(s) of the CA that signed the server's TLS certificate (`https://` addresses).
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 /// A generate call.
@@ -34,11 +36,40 @@ pub struct GenerateCall {
 }
 
 async fn channel(t: &Target, timeout: Option<Duration>) -> anyhow::Result<Channel> {
-    let mut endpoint = Channel::from_shared(t.addr.clone()).map_err(|e| anyhow::anyhow!("--addr `{}`: {e}", t.addr))?;
+    let addr = if t.addr.contains("://") { t.addr.clone() } else { format!("http://{}", t.addr) };
+    let mut endpoint = Channel::from_shared(addr.clone()).map_err(|e| anyhow::anyhow!("--addr `{}`: {e}", t.addr))?;
+    match (addr.starts_with("https://"), &t.ca_cert) {
+        (true, Some(path)) => {
+            let pem = std::fs::read(path).map_err(|e| anyhow::anyhow!("--ca-cert {}: {e}", path.display()))?;
+            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            endpoint =
+                endpoint.tls_config(tls).map_err(|e| anyhow::anyhow!("--ca-cert {}: {}", path.display(), chain(&e)))?;
+        }
+        (true, None) => anyhow::bail!(
+            "--addr {addr}: TLS needs --ca-cert, the PEM certificate of the CA that signed the server's certificate"
+        ),
+        (false, Some(_)) => anyhow::bail!("--ca-cert is for https:// addresses; --addr {addr} is plain HTTP/2"),
+        (false, None) => {}
+    }
     if let Some(d) = timeout {
         endpoint = endpoint.connect_timeout(d).timeout(d);
     }
-    endpoint.connect().await.map_err(|e| anyhow::anyhow!("connecting to {}: {e}", t.addr))
+    endpoint.connect().await.map_err(|e| anyhow::anyhow!("connecting to {addr}: {}", chain(&e)))
+}
+
+/// An error with its causes, `outer: inner: …` (tonic's transport errors say only "transport error" at the
+/// top; the cause — refused, TLS handshake, DNS — is underneath).
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
 }
 
 pub async fn connect(t: &Target) -> anyhow::Result<LoraServeClient<Channel>> {

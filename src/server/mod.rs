@@ -171,11 +171,15 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     health.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::NotServing).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))?;
+    // Both reflection protocols: v1, and v1alpha that older grpcurl and other tools still speak.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_err = |e: tonic_reflection::server::Error| ServerError::Io(std::io::Error::other(e.to_string()));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_err)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
 
     let svc = Service { state: state.clone() };
     let max = cfg.max_request_bytes;
@@ -185,10 +189,10 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
         let identity = tonic::transport::Identity::from_pem(cert, key);
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .map_err(|e| ServerError::Tls(e.to_string()))?;
+            .map_err(|e| ServerError::Tls(client::chain(&e)))?;
     }
     let keys = cfg.api_keys.clone();
-    let router = builder.add_service(health_service).add_service(reflection);
+    let router = builder.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
     let router = match keys {
         Some(k) => {
             router.add_service(tonic::service::interceptor::InterceptedService::new(lora_server, move |r| k.check(r)))

@@ -117,10 +117,22 @@ fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
     if cfg.batch_size == 0 || cfg.grad_accum == 0 || (cfg.epochs == 0 && cfg.max_steps.is_none()) {
         return bad("--batch-size, --grad-accum and --epochs (or --max-steps) must be ≥ 1".into());
     }
-    let lr_ok = cfg.optim.lr > 0.0 && cfg.optim.lr.is_finite();
-    let ratios_ok = (0.0..1.0).contains(&cfg.warmup_ratio) && (0.0..1.0).contains(&cfg.eval_ratio);
-    if !(lr_ok && ratios_ok) {
-        return bad("--lr must be > 0, --warmup-ratio and --eval-ratio in [0, 1)".into());
+    if !(cfg.optim.lr > 0.0 && cfg.optim.lr.is_finite()) {
+        return bad(format!("--lr must be a number > 0, got {}", cfg.optim.lr));
+    }
+    if !(cfg.lora.alpha > 0.0 && cfg.lora.alpha.is_finite()) {
+        return bad(format!(
+            "--alpha must be a number > 0 (α = 0 trains an adapter that does nothing), got {}",
+            cfg.lora.alpha
+        ));
+    }
+    for (flag, v) in [("--warmup-ratio", cfg.warmup_ratio), ("--eval-ratio", cfg.eval_ratio)] {
+        if !(0.0..1.0).contains(&v) {
+            return bad(format!("{flag} must be in [0, 1), got {v}"));
+        }
+    }
+    if cfg.eval_data.is_some() && cfg.eval_ratio > 0.0 {
+        return bad("--eval-data and --eval-ratio both choose the evaluation set: give one".into());
     }
     Ok(())
 }
@@ -133,16 +145,18 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
         .eos_token_ids
         .first()
         .ok_or_else(|| TrainError::Config("the model has no eos_token_id".into()))?;
-    let (examples, stats) = data::load_jsonl(&cfg.data, tok, cfg.max_seq_len, eos)?;
+    // Without --max-seq-len, examples are cut at the model's context, as positions past it were never trained.
+    let max_seq_len = Some(cfg.max_seq_len.unwrap_or(model.config().max_position_embeddings));
+    let (examples, stats) = data::load_jsonl(&cfg.data, tok, max_seq_len, eos)?;
     let vocab = model.config().vocab_size as u32;
     if let Some(bad) = examples.iter().flat_map(|e| &e.ids).find(|&&id| id >= vocab) {
         return Err(TrainError::Config(format!("token id {bad} is outside the model's vocabulary of {vocab}")));
     }
     if stats.truncated > 0 {
-        tracing::warn!(truncated = stats.truncated, dropped = stats.dropped, max_seq_len = ?cfg.max_seq_len, "examples truncated to --max-seq-len");
+        tracing::warn!(truncated = stats.truncated, dropped = stats.dropped, max_seq_len = ?max_seq_len, "examples truncated (--max-seq-len, else the model's context)");
     }
     let (train_set, eval_set) = match &cfg.eval_data {
-        Some(p) => (examples, data::load_jsonl(p, tok, cfg.max_seq_len, eos)?.0),
+        Some(p) => (examples, data::load_jsonl(p, tok, max_seq_len, eos)?.0),
         None => split(examples, cfg.eval_ratio, cfg.seed),
     };
     tracing::info!(
@@ -168,7 +182,11 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
                 tracing::info!(step = start, dir = %cfg.checkpoint_dir.display(), "resuming");
             }
             None => {
-                tracing::warn!(dir = %cfg.checkpoint_dir.display(), "--resume: no checkpoint found, starting fresh")
+                // As transformers' Trainer: asked to resume, finding nothing to resume from is an error.
+                return Err(TrainError::Config(format!(
+                    "--resume: no checkpoint in {} (run without --resume to start from scratch)",
+                    cfg.checkpoint_dir.display()
+                )));
             }
         }
         if cfg.output.exists() {
