@@ -70,13 +70,19 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (BUILD_INFO, "gauge", "Build information; always 1"),
 ];
 
-/// Registers descriptions (and so `# HELP` / `# TYPE` lines) for every metric.
+/// Registers descriptions (and so `# HELP` / `# TYPE` lines) for every metric, and starts the tiered cache
+/// counters at 0 for both tiers, so hit ratios and eviction rates have a series from the first scrape.
 pub fn describe() {
     for &(name, kind, help) in ALL {
         match kind {
             "counter" => metrics::describe_counter!(name, help),
             "gauge" => metrics::describe_gauge!(name, help),
             _ => metrics::describe_histogram!(name, help),
+        }
+    }
+    for name in [ADAPTER_CACHE_HITS_TOTAL, ADAPTER_CACHE_MISSES_TOTAL, ADAPTER_CACHE_EVICTIONS_TOTAL] {
+        for tier in [TIER_DEVICE, TIER_HOST] {
+            metrics::counter!(name, "tier" => tier).increment(0);
         }
     }
 }

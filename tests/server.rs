@@ -252,6 +252,18 @@ async fn api_keys_guard_the_service_but_not_health() {
     let mut r = tonic::Request::new(req("", "alpha", 2));
     r.metadata_mut().insert("authorization", "Bearer secret-1".parse().unwrap());
     assert_eq!(code_of(c.generate(r).await).await.0, Code::Ok);
+    // Past --max-request-bytes (64 KiB here): refused while decoding, before the handler.
+    let mut r = tonic::Request::new(req("", &"x".repeat(70 << 10), 2));
+    r.metadata_mut().insert("authorization", "Bearer secret-1".parse().unwrap());
+    assert_eq!(code_of(c.generate(r).await).await.0, Code::OutOfRange);
+    // Calls the handlers never saw are counted too (these codes come from this test only).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let parsed = parse_prometheus(&common::metrics_text(h.metrics_addr).await);
+    let total = |code: &str| {
+        let key = format!("{}{{code=\"{code}\",rpc=\"Generate\"}}", loraserve::telemetry::REQUESTS_TOTAL);
+        parsed.samples.get(&key).copied().unwrap_or(0.0)
+    };
+    assert_eq!((total("UNAUTHENTICATED"), total("OUT_OF_RANGE")), (2.0, 1.0));
     let channel = Channel::from_shared(format!("http://{}", h.grpc_addr)).unwrap().connect().await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let s = health
@@ -393,6 +405,8 @@ async fn tls_serving_and_the_bundled_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_exposition_has_every_contract_metric_with_its_type_and_labels() {
     let (h, mut c) = start(config(fixture("llama/adapters"))).await;
+    // A first load (both tiers miss), then a device hit: every tiered counter has a sample of its own.
+    c.generate(req("qv-r4", "alpha", 3)).await.unwrap();
     c.generate(req("qv-r4", "alpha", 3)).await.unwrap();
     let _ = c.generate(req("missing", "alpha", 3)).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -422,6 +436,9 @@ async fn metrics_exposition_has_every_contract_metric_with_its_type_and_labels()
         .copied()
         .unwrap_or(0.0);
     assert!(ok >= 1.0);
+    // A first load missed both tiers.
+    let host_misses = format!("{}{{tier=\"host\"}}", loraserve::telemetry::ADAPTER_CACHE_MISSES_TOTAL);
+    assert!(parsed.samples.get(&host_misses).copied().unwrap_or(0.0) >= 1.0, "{host_misses}");
     assert!(body.contains("loraserve_batch_size_bucket{le=\"1\"}"));
     h.shutdown();
     h.wait().await.unwrap();

@@ -355,13 +355,8 @@ fn bad_settings_are_refused_by_flag() {
         if let Some(at) = args.iter().position(|a| a == extra[0]) {
             args.drain(at..at + 2);
         }
-        let o = server()
-            .args(args)
-            .args(*extra)
-            .args(["--max-steps", "2"])
-            .env("LORASERVE_LOG", "off")
-            .output()
-            .unwrap();
+        let o =
+            server().args(args).args(*extra).args(["--max-steps", "2"]).env("LORASERVE_LOG", "off").output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{extra:?} succeeded");
         assert!(err.contains(words), "{extra:?}: {err}");

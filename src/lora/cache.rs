@@ -366,11 +366,14 @@ impl AdapterCache {
         let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.inner.config.default_wait);
         let dir = self.inner.store.resolve(id)?;
         let stamp = AdapterStore::stamp(&dir)?;
+        let mut first = true;
         loop {
             let space = self.inner.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            match self.try_cached(id, &stamp)? {
+            let cached = self.try_cached(id, &stamp, first)?;
+            first = false;
+            match cached {
                 Cached::Hit(lease) => return Ok(lease),
                 Cached::NoRoom { bytes, leased } => {
                     self.wait_for_space(id, bytes, leased, deadline, space).await?;
@@ -418,7 +421,20 @@ impl AdapterCache {
     }
 
     /// The device-hit path, under the cache lock; a host-tier hit is returned for [`Self::promote`].
-    fn try_cached(&self, id: &str, stamp: &FileStamp) -> Result<Cached, CacheError> {
+    /// `first`: the request's first look (hits and misses are counted once per request, not per retry).
+    fn try_cached(&self, id: &str, stamp: &FileStamp, first: bool) -> Result<Cached, CacheError> {
+        let hit = |tier: &'static str| {
+            if first {
+                metrics::counter!(t::ADAPTER_CACHE_HITS_TOTAL, "tier" => tier).increment(1);
+            }
+        };
+        let miss = |tiers: &[&'static str]| {
+            if first {
+                for &tier in tiers {
+                    metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => tier).increment(1);
+                }
+            }
+        };
         let mut st = self.inner.state.lock().expect("cache lock");
         if let Some((failed_stamp, err)) = st.failed.get(id) {
             if failed_stamp == stamp {
@@ -426,28 +442,28 @@ impl AdapterCache {
             }
         }
         let Some(version) = st.current.get(id).cloned() else {
-            metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
+            miss(&[t::TIER_DEVICE, t::TIER_HOST]);
             return Ok(Cached::Miss);
         };
         if &version.stamp != stamp {
             // Files changed since the current version was loaded: a new version is needed.
-            metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
+            miss(&[t::TIER_DEVICE, t::TIER_HOST]);
             return Ok(Cached::Miss);
         }
         let key = (id.to_string(), version.id.clone());
         if let Some(lease) = st.lease_resident(&self.inner, &key) {
-            metrics::counter!(t::ADAPTER_CACHE_HITS_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
+            hit(t::TIER_DEVICE);
             publish(&st);
             return Ok(Cached::Hit(lease));
         }
-        metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
         let tick = st.next_tick();
         let Some(h) = st.host.get_mut(&key) else {
-            metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => t::TIER_HOST).increment(1);
+            miss(&[t::TIER_DEVICE, t::TIER_HOST]);
             return Ok(Cached::Miss);
         };
         h.tick = tick;
-        metrics::counter!(t::ADAPTER_CACHE_HITS_TOTAL, "tier" => t::TIER_HOST).increment(1);
+        miss(&[t::TIER_DEVICE]);
+        hit(t::TIER_HOST);
         let (host, bytes) = (h.weights.clone(), h.bytes);
         // No copy when it could not be inserted anyway.
         let unleased: usize = st.device.values().filter(|e| e.leases == 0).map(|e| e.bytes).sum();

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod client;
 pub mod codec;
+mod counting;
 pub mod metrics_http;
 pub mod service;
 pub mod status;
@@ -193,11 +194,12 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
     }
     let keys = cfg.api_keys.clone();
     let router = builder.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
+    // Calls refused before a handler runs (API key, decoding) are counted by the CountUnseen wrapper.
     let router = match keys {
-        Some(k) => {
-            router.add_service(tonic::service::interceptor::InterceptedService::new(lora_server, move |r| k.check(r)))
-        }
-        None => router.add_service(lora_server),
+        Some(k) => router.add_service(counting::CountUnseen::new(
+            tonic::service::interceptor::InterceptedService::new(lora_server, move |r| k.check(r)),
+        )),
+        None => router.add_service(counting::CountUnseen::new(lora_server)),
     };
 
     // Shutdown begins: refuse new work and report NOT_SERVING before tonic stops accepting connections.

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::counting::HandlerSeen;
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
 use crate::engine::{Engine, Event, FinishReason, SamplingParams, ValidRequest};
@@ -68,7 +69,7 @@ fn check_adapter_header(meta: &tonic::metadata::MetadataMap, adapter_id: &str) -
 }
 
 /// Records `loraserve_requests_total{rpc, code}`.
-fn count(rpc: &'static str, code: tonic::Code) {
+pub(crate) fn count(rpc: &'static str, code: tonic::Code) {
     metrics::counter!(t::REQUESTS_TOTAL, "rpc" => rpc, "code" => status::code_label(code)).increment(1);
 }
 
@@ -227,6 +228,7 @@ impl LoraServe for Service {
         &self,
         req: Request<proto::GenerateRequest>,
     ) -> Result<Response<proto::GenerateResponse>, Status> {
+        HandlerSeen::mark(&req);
         let mut guard = CancelCount::new("Generate");
         let result = async {
             let deadline = deadline_of(&req)?;
@@ -267,6 +269,7 @@ impl LoraServe for Service {
     type GenerateStreamStream = GenerateStream;
 
     async fn generate_stream(&self, req: Request<proto::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        HandlerSeen::mark(&req);
         let mut guard = CancelCount::new("GenerateStream");
         let admitted = match deadline_of(&req) {
             Ok(deadline) => self.admit(req, deadline).await,
@@ -322,8 +325,9 @@ impl LoraServe for Service {
 
     async fn list_adapters(
         &self,
-        _req: Request<proto::ListAdaptersRequest>,
+        req: Request<proto::ListAdaptersRequest>,
     ) -> Result<Response<proto::ListAdaptersResponse>, Status> {
+        HandlerSeen::mark(&req);
         let r = self.ready().map(|ready| {
             let adapters = ready
                 .cache
@@ -347,6 +351,7 @@ impl LoraServe for Service {
         &self,
         req: Request<proto::LoadAdapterRequest>,
     ) -> Result<Response<proto::LoadAdapterResponse>, Status> {
+        HandlerSeen::mark(&req);
         let r = async {
             let ready = self.ready()?;
             check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
@@ -365,6 +370,7 @@ impl LoraServe for Service {
         &self,
         req: Request<proto::UnloadAdapterRequest>,
     ) -> Result<Response<proto::UnloadAdapterResponse>, Status> {
+        HandlerSeen::mark(&req);
         let r = (|| {
             let ready = self.ready()?;
             check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
