@@ -272,7 +272,6 @@ impl ServeArgs {
             ("--max-batch-tokens", self.max_batch_tokens),
             ("--max-queue", self.max_queue),
             ("--max-new-tokens-cap", self.max_new_tokens_cap as usize),
-            ("--adapter-cache-bytes", self.adapter_cache_bytes),
             ("--kv-cache-bytes", self.kv_cache_bytes),
             ("--max-request-bytes", self.max_request_bytes),
         ] {
@@ -647,7 +646,9 @@ fn resolve_adapter(arg: &str, root: &std::path::Path) -> Result<std::path::PathB
     if as_dir.join("adapter_config.json").is_file() {
         return Ok(as_dir.to_path_buf());
     }
-    if as_dir.is_dir() && (as_dir.is_absolute() || arg.starts_with('.')) {
+    let path_like =
+        as_dir.is_absolute() || [".", ".."].contains(&arg) || arg.starts_with("./") || arg.starts_with("../");
+    if as_dir.is_dir() && path_like {
         bail!("--adapter {arg}: {} is missing", as_dir.join("adapter_config.json").display());
     }
     let store = crate::lora::store::AdapterStore::open(root)?;

@@ -614,7 +614,7 @@ fn serve_refuses_settings_that_refuse_everything() {
     let cases: Vec<(Vec<String>, String)> = vec![
         (vec!["--max-new-tokens-cap".into(), "0".into()], "--max-new-tokens-cap must be at least 1".into()),
         (vec!["--max-queue".into(), "0".into()], "--max-queue must be at least 1".into()),
-        (vec!["--adapter-cache-bytes".into(), "0".into()], "--adapter-cache-bytes must be at least 1".into()),
+        (vec!["--kv-cache-bytes".into(), "0".into()], "--kv-cache-bytes must be at least 1".into()),
         (
             vec![
                 "--tls-cert".into(),

@@ -90,7 +90,14 @@ struct State {
     failed: HashMap<String, (FileStamp, CacheError)>,
     device_bytes: usize,
     host_bytes: usize,
+    /// Host-to-device copies under way, by key: requests for the same key wait on the same copy.
+    promoting: HashMap<Key, Promotion>,
+    /// Device bytes those copies will need: counted against the budget before they start.
+    reserved: usize,
 }
+
+/// A promotion's outcome, for every request waiting on it (`None` until the copy is done).
+type Promotion = tokio::sync::watch::Receiver<Option<Result<Arc<LoraWeights>, CacheError>>>;
 
 /// A finished load.
 struct Loaded {
@@ -103,7 +110,6 @@ struct Loaded {
 }
 
 type LoadCell = Arc<OnceCell<Result<Arc<Loaded>, CacheError>>>;
-type PromoteCell = Arc<OnceCell<Result<Arc<LoraWeights>, CacheError>>>;
 
 /// What the tiers hold for an adapter's current version.
 enum Cached {
@@ -111,8 +117,8 @@ enum Cached {
     Hit(AdapterLease),
     /// In a tier, but the device tier cannot free `bytes`: `leased` of its bytes are in use.
     NoRoom { bytes: usize, leased: usize },
-    /// In the host tier only: copy `host` to the device, then insert it under `key`.
-    Promote { key: Key, host: Arc<LoraWeights>, bytes: usize },
+    /// In the host tier only, being copied to the device: wait for the copy, then lease it under `key`.
+    Promoting { key: Key, copy: Promotion, bytes: usize },
     /// Not cached (or its files changed): load from disk.
     Miss,
 }
@@ -125,7 +131,6 @@ struct Inner {
     state: Mutex<State>,
     space: Notify,
     inflight: Mutex<HashMap<String, (FileStamp, LoadCell)>>,
-    promoting: Mutex<HashMap<Key, PromoteCell>>,
     disk_loads: AtomicU64,
     promotions: AtomicU64,
 }
@@ -264,14 +269,21 @@ impl State {
         if let Some(lease) = self.lease_resident(inner, &key) {
             return Ok(lease);
         }
-        match self.insert_device(&key, weights, bytes, inner.config.device_bytes) {
+        match self.insert_device(&key, weights, bytes, inner.config.device_bytes, 1) {
             Insert::Done => Ok(AdapterLease { inner: inner.clone(), key, weights: weights.clone() }),
             Insert::NoSpace { leased } => Err(leased),
         }
     }
 
-    /// Puts `weights` into the device tier with one lease, evicting unleased LRU entries as needed.
-    fn insert_device(&mut self, key: &Key, weights: &Arc<LoraWeights>, bytes: usize, budget: usize) -> Insert {
+    /// Puts `weights` into the device tier with `leases` leases, evicting unleased LRU entries as needed.
+    fn insert_device(
+        &mut self,
+        key: &Key,
+        weights: &Arc<LoraWeights>,
+        bytes: usize,
+        budget: usize,
+        leases: usize,
+    ) -> Insert {
         while self.device_bytes + bytes > budget {
             // Stale entries first, then least recently used; leased entries never.
             let victim = self
@@ -290,7 +302,7 @@ impl State {
         }
         let tick = self.next_tick();
         self.device_bytes += bytes;
-        self.device.insert(key.clone(), DeviceEntry { weights: weights.clone(), bytes, leases: 1, stale: false, tick });
+        self.device.insert(key.clone(), DeviceEntry { weights: weights.clone(), bytes, leases, stale: false, tick });
         Insert::Done
     }
 
@@ -323,7 +335,6 @@ impl AdapterCache {
                 state: Mutex::new(State::default()),
                 space: Notify::new(),
                 inflight: Mutex::new(HashMap::new()),
-                promoting: Mutex::new(HashMap::new()),
                 disk_loads: AtomicU64::new(0),
                 promotions: AtomicU64::new(0),
             }),
@@ -379,14 +390,18 @@ impl AdapterCache {
                     self.wait_for_space(id, bytes, leased, deadline, space).await?;
                     continue;
                 }
-                Cached::Promote { key, host, bytes } => {
-                    match self.promote(key, host, bytes).await? {
+                Cached::Promoting { key, mut copy, bytes } => {
+                    let weights = match copy.wait_for(Option::is_some).await {
+                        Ok(done) => done.clone().expect("is_some")?,
+                        Err(_) => return Err(CacheError::Internal { id: id.into(), reason: "promotion lost".into() }),
+                    };
+                    match self.insert_promoted(key, &weights, bytes) {
                         Cached::Hit(lease) => return Ok(lease),
                         Cached::NoRoom { bytes, leased } => {
                             self.wait_for_space(id, bytes, leased, deadline, space).await?
                         }
                         // Superseded or unloaded while it was copied: look again.
-                        Cached::Promote { .. } | Cached::Miss => {}
+                        Cached::Promoting { .. } | Cached::Miss => {}
                     }
                     continue;
                 }
@@ -465,45 +480,24 @@ impl AdapterCache {
         miss(&[t::TIER_DEVICE]);
         hit(t::TIER_HOST);
         let (host, bytes) = (h.weights.clone(), h.bytes);
-        // No copy when it could not be inserted anyway.
+        if let Some(copy) = st.promoting.get(&key) {
+            return Ok(Cached::Promoting { key, copy: copy.clone(), bytes });
+        }
+        // No copy when it could not be inserted anyway (other copies under way count as used).
         let unleased: usize = st.device.values().filter(|e| e.leases == 0).map(|e| e.bytes).sum();
         let leased = st.device_bytes - unleased;
-        if leased + bytes > self.inner.config.device_bytes {
-            return Ok(Cached::NoRoom { bytes, leased });
+        if leased + st.reserved + bytes > self.inner.config.device_bytes {
+            return Ok(Cached::NoRoom { bytes, leased: leased + st.reserved });
         }
-        Ok(Cached::Promote { key, host, bytes })
+        st.reserved += bytes;
+        let (tx, copy) = tokio::sync::watch::channel(None);
+        st.promoting.insert(key.clone(), copy.clone());
+        tokio::spawn(promote(self.inner.clone(), key.clone(), host, bytes, tx));
+        Ok(Cached::Promoting { key, copy, bytes })
     }
 
-    /// Promotes a host-tier adapter: one device copy however many requests ask concurrently, made outside
-    /// the cache lock (on the blocking pool on a GPU), then inserted with a lease for this request. Returns
-    /// `Hit`, `NoRoom`, or `Miss` when `key` stopped being the adapter's current version meanwhile.
-    async fn promote(&self, key: Key, host: Arc<LoraWeights>, bytes: usize) -> Result<Cached, CacheError> {
-        let cell = self.inner.promoting.lock().expect("promoting lock").entry(key.clone()).or_default().clone();
-        let (inner, id) = (self.inner.clone(), key.0.clone());
-        let copy = cell
-            .get_or_init(|| async move {
-                inner.promotions.fetch_add(1, Ordering::Relaxed);
-                let copy = if inner.device.is_cpu() {
-                    to_device(&host, &inner.device).map_err(|e| e.to_string())
-                } else {
-                    let device = inner.device.clone();
-                    tokio::task::spawn_blocking(move || to_device(&host, &device).map_err(|e| e.to_string()))
-                        .await
-                        .unwrap_or_else(|e| Err(e.to_string()))
-                };
-                copy.map(Arc::new).map_err(|reason| CacheError::Internal { id, reason })
-            })
-            .await
-            .clone();
-        let r = copy.map(|weights| self.insert_promoted(key.clone(), &weights, bytes));
-        // Only now: a request arriving before the insert shares this copy instead of making another.
-        let mut promoting = self.inner.promoting.lock().expect("promoting lock");
-        if promoting.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            promoting.remove(&key);
-        }
-        r
-    }
-
+    /// A lease on a promoted copy: `Hit`, `NoRoom`, or `Miss` when `key` is no longer the adapter's current
+    /// version.
     fn insert_promoted(&self, key: Key, weights: &Arc<LoraWeights>, bytes: usize) -> Cached {
         let mut st = self.inner.state.lock().expect("cache lock");
         if st.current.get(&key.0).map(|v| &v.id) != Some(&key.1) {
@@ -680,6 +674,43 @@ impl AdapterCache {
             .ok()?;
         Some(watcher)
     }
+}
+
+/// A promotion, as a task of its own, so that requests giving up (cancelled, timed out) neither abandon nor
+/// repeat the copy: copy the host weights to the device (on the blocking pool on a GPU), put the copy in the
+/// device tier unleased if the key is still current (evicting as needed; skipped when everything is leased),
+/// then end the promotion and hand the copy to the waiting requests, which lease it (or insert it, if it was
+/// evicted meanwhile). Ending the promotion and the insert happen under one lock: a request looking in
+/// between finds one or the other, never neither.
+async fn promote(
+    inner: Arc<Inner>,
+    key: Key,
+    host: Arc<LoraWeights>,
+    bytes: usize,
+    tx: tokio::sync::watch::Sender<Option<Result<Arc<LoraWeights>, CacheError>>>,
+) {
+    inner.promotions.fetch_add(1, Ordering::Relaxed);
+    let copy = if inner.device.is_cpu() {
+        to_device(&host, &inner.device).map_err(|e| e.to_string())
+    } else {
+        let device = inner.device.clone();
+        tokio::task::spawn_blocking(move || to_device(&host, &device).map_err(|e| e.to_string()))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()))
+    };
+    let copy = copy.map(Arc::new).map_err(|reason| CacheError::Internal { id: key.0.clone(), reason });
+    {
+        let mut st = inner.state.lock().expect("cache lock");
+        st.reserved -= bytes;
+        st.promoting.remove(&key);
+        let current = st.current.get(&key.0).is_some_and(|v| v.id == key.1);
+        if let (Ok(w), true, false) = (&copy, current, st.device.contains_key(&key)) {
+            let _ = st.insert_device(&key, w, bytes, inner.config.device_bytes, 0);
+        }
+        publish(&st);
+    }
+    let _ = tx.send(Some(copy));
+    inner.space.notify_waiters();
 }
 
 /// The device-tier copy of host weights (the same tensors when the device is the CPU). On a GPU the copy is

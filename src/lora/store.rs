@@ -53,6 +53,8 @@ pub fn validate_id(id: &str) -> Result<(), StoreError> {
 /// What identifies one state of an adapter's files: per file its size, modification time and, on Unix, its
 /// inode and status-change time. The last two catch a rewrite that keeps size and modification time (`cp -p`,
 /// `rsync -a`, `touch -d`, reproducible builds): the kernel sets ctime on every write and nobody can set it back.
+/// (Not the device number: it is assigned per mount, so replicas sharing one NFS export would disagree.) A
+/// metadata change (`chmod`) or a copy of the same bytes is a new version too: loading again is the safe side.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileStamp {
     config: FileState,
@@ -63,8 +65,8 @@ pub struct FileStamp {
 struct FileState {
     len: u64,
     mtime: Option<SystemTime>,
-    /// (device, inode, ctime seconds, ctime nanoseconds); zeros where the platform has none.
-    id: [i64; 4],
+    /// (inode, ctime seconds, ctime nanoseconds); zeros where the platform has none.
+    id: [i64; 3],
 }
 
 impl FileState {
@@ -72,10 +74,10 @@ impl FileState {
         #[cfg(unix)]
         let id = {
             use std::os::unix::fs::MetadataExt;
-            [m.dev() as i64, m.ino() as i64, m.ctime(), m.ctime_nsec()]
+            [m.ino() as i64, m.ctime(), m.ctime_nsec()]
         };
         #[cfg(not(unix))]
-        let id = [0; 4];
+        let id = [0; 3];
         FileState { len: m.len(), mtime: m.modified().ok(), id }
     }
 }

@@ -137,6 +137,8 @@ impl ServerHandle {
 /// Loads the model and everything that depends on it (blocking: run on a blocking thread).
 fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let started = std::time::Instant::now();
+    // The adapters root first: a mistyped --adapters fails now, not after minutes of loading a large model.
+    let store = AdapterStore::open(&cfg.adapters)?;
     let loaded = model::load(&cfg.model, &cfg.load)?;
     let m = &loaded.model;
     let (nf4_params, nf4_bytes) = m.nf4_footprint();
@@ -149,7 +151,6 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
         "model loaded"
     );
     metrics::gauge!(t::BASE_MODEL_RESIDENT_BYTES).set(m.resident_bytes() as f64);
-    let store = AdapterStore::open(&cfg.adapters)?;
     let cache = AdapterCache::new(store, m.lora_layout(), m.device().clone(), cfg.cache);
     let context = m.config().max_position_embeddings;
     let tokenizer = Arc::new(loaded.tokenizer);

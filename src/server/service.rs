@@ -301,24 +301,25 @@ impl LoraServe for Service {
                             ..Default::default()
                         };
                         m.set_finish_reason(finish_reason(reason));
-                        count("GenerateStream", tonic::Code::Ok);
                         (Ok(m), true)
                     }
-                    Event::Failed(e) => {
-                        let s = status::from_engine(e);
-                        count("GenerateStream", s.code());
-                        (Err(s), true)
-                    }
+                    Event::Failed(e) => (Err(status::from_engine(e)), true),
                 };
+                let code = msg.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
                 // A failed send means the client left: dropping `a.events` tells the engine to stop.
                 if tx.send(msg).await.is_err() {
                     count("GenerateStream", tonic::Code::Cancelled);
                     return;
                 }
                 if last {
+                    count("GenerateStream", code);
                     return;
                 }
             }
+            // The engine dropped the request without finishing it: as the unary call, INTERNAL.
+            let s = Status::internal("engine dropped the request");
+            count("GenerateStream", s.code());
+            let _ = tx.send(Err(s)).await;
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as GenerateStream))
     }
@@ -352,6 +353,7 @@ impl LoraServe for Service {
         req: Request<proto::LoadAdapterRequest>,
     ) -> Result<Response<proto::LoadAdapterResponse>, Status> {
         HandlerSeen::mark(&req);
+        let mut guard = CancelCount::new("LoadAdapter");
         let r = async {
             let ready = self.ready()?;
             check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
@@ -363,6 +365,7 @@ impl LoraServe for Service {
             Ok(Response::new(proto::LoadAdapterResponse { adapter_version: version }))
         }
         .await;
+        guard.disarm();
         counted("LoadAdapter", r)
     }
 
