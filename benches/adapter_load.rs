@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use loraserve::lora::cache::{AdapterCache, CacheConfig};
-use loraserve::lora::peft::{write_dir, AdapterMeta};
+use loraserve::lora::peft::{self, write_dir, AdapterMeta, BaseLayout};
 use loraserve::lora::store::AdapterStore;
 use loraserve::lora::synthetic::{random_adapter, ATTENTION};
 use loraserve::lora::LoraRows;
@@ -46,7 +46,7 @@ fn main() {
     let root = tmp.path();
     let config = synthetic::shape_config("llama2-7b").unwrap();
     // The layout of a 7B base, without building the base itself.
-    let layout = loraserve::lora::peft::BaseLayout {
+    let layout = BaseLayout {
         layers: config.num_hidden_layers,
         dims: [(4096, 4096), (4096, 4096), (4096, 4096), (4096, 4096), (4096, 11008), (4096, 11008), (11008, 4096)],
     };
@@ -66,7 +66,7 @@ fn main() {
     let store = AdapterStore::open(root).unwrap();
     let cache = AdapterCache::new(
         store,
-        layout,
+        layout.clone(),
         Device::Cpu,
         CacheConfig { device_bytes: 1 << 30, host_bytes: 0, default_wait: Duration::from_secs(10) },
     );
@@ -81,6 +81,26 @@ fn main() {
     let (p50, p99) = (percentile(&mut loads.clone(), 0.5), percentile(&mut loads, 0.99));
     println!("cold adapter load (page cache → device tier), rank-16 q,k,v,o for a 7B base, {file_mb:.1} MB bf16 on disk, {} threads", rayon::current_num_threads());
     println!("| loads | p50 ms | p99 ms |\n|---|---|---|\n| 50 | {p50:.1} | {p99:.1} |\n");
+
+    // The file's conversion alone, one core (a CPU server's cache) against all cores (a GPU server's cache).
+    let dir = root.join("a7b");
+    let ms = |load: fn(&std::path::Path, &BaseLayout, &Device) -> Result<_, _>| {
+        let mut v: Vec<f64> = (0..20)
+            .map(|_| {
+                let t = Instant::now();
+                let a: loraserve::lora::peft::LoadedAdapter = load(&dir, &layout, &Device::Cpu).unwrap();
+                drop(a);
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        percentile(&mut v, 0.5)
+    };
+    let (one, all) = (ms(peft::load_dir), ms(peft::load_dir_parallel));
+    println!(
+        "peft::load_dir, p50 of 20: one core {one:.1} ms, all {} cores {all:.1} ms ({:.2}×)\n",
+        rayon::current_num_threads(),
+        one / all
+    );
 
     let opts = LoadOptions { dtype: DType::F32, quant: QuantMode::Nf4, device: Device::Cpu };
     let model = synthetic::build("llama-1b", &opts, 7).unwrap();

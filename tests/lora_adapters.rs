@@ -234,9 +234,16 @@ fn broken(
     tensors(&mut t);
     candle_core::safetensors::save(&t, tmp.path().join("adapter_model.safetensors")).unwrap();
     let m = load_model(&fixture("llama/model"), QuantMode::None);
-    match peft::load_dir(tmp.path(), &m.model.lora_layout(), &Device::Cpu) {
-        Ok(_) => panic!("broken adapter loaded"),
-        Err(e) => e.to_string(),
+    let layout = m.model.lora_layout();
+    match (
+        peft::load_dir(tmp.path(), &layout, &Device::Cpu),
+        peft::load_dir_parallel(tmp.path(), &layout, &Device::Cpu),
+    ) {
+        (Err(e), Err(p)) => {
+            assert_eq!(e.to_string(), p.to_string(), "the parallel load reports the same first error");
+            e.to_string()
+        }
+        _ => panic!("broken adapter loaded"),
     }
 }
 
@@ -372,4 +379,28 @@ fn refuses_pickle_adapters() {
     let m = load_model(&fixture("llama/model"), QuantMode::None);
     let e = peft::load_dir(tmp.path(), &m.model.lora_layout(), &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("adapter_model.bin") && e.contains("safetensors"), "{e}");
+}
+
+/// The all-cores load (a GPU server's) gives the sequential load's weights, bit for bit.
+#[test]
+fn parallel_load_equals_sequential() {
+    let m = load_model(&fixture("llama/model"), QuantMode::None);
+    let layout = m.model.lora_layout();
+    for (name, dir) in adapter_dirs("llama") {
+        let (a, b) = (
+            peft::load_dir(&dir, &layout, &Device::Cpu).unwrap().weights,
+            peft::load_dir_parallel(&dir, &layout, &Device::Cpu).unwrap().weights,
+        );
+        let flat = |w: &loraserve::lora::LoraWeights| -> Vec<(String, Vec<f32>, Vec<f32>, f32)> {
+            w.targets()
+                .map(|(id, m)| {
+                    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    (id.to_string(), v(&m.a), v(&m.b_t), m.scale)
+                })
+                .collect()
+        };
+        let (fa, fb) = (flat(&a), flat(&b));
+        assert!(!fa.is_empty(), "{name}");
+        assert!(fa == fb, "{name}: parallel load differs");
+    }
 }

@@ -549,8 +549,10 @@ impl AdapterCache {
                 let stamp2 = stamp.clone();
                 let res = tokio::task::spawn_blocking(move || -> Result<Loaded, CacheError> {
                     let version = AdapterStore::version(&dir)?;
-                    let adapter = peft::load_dir(&dir, &inner2.layout, &Device::Cpu)
-                        .map_err(|e| CacheError::Invalid(Arc::new(e)))?;
+                    // On a GPU server the CPU is otherwise idle: convert on all cores.
+                    let load = if inner2.device.is_cpu() { peft::load_dir } else { peft::load_dir_parallel };
+                    let adapter =
+                        load(&dir, &inner2.layout, &Device::Cpu).map_err(|e| CacheError::Invalid(Arc::new(e)))?;
                     if !inner2.device.is_cpu() {
                         check_gpu_limits(&dir, &adapter.weights)?;
                     }

@@ -353,6 +353,22 @@ pub struct LoadedAdapter {
 
 /// Loads the adapter in `dir` for a base of shape `layout`; weights end up as f32 on `device`.
 pub fn load_dir(dir: &Path, layout: &BaseLayout, device: &Device) -> Result<LoadedAdapter, AdapterError> {
+    load_dir_with(dir, layout, device, false)
+}
+
+/// [`load_dir`] with the tensors converted on all cores (rayon's pool): for a server whose base runs on a
+/// GPU, where the CPU is otherwise idle and a cold load waits on this conversion. A CPU server keeps the
+/// sequential load, which leaves the other cores to the running batch.
+pub fn load_dir_parallel(dir: &Path, layout: &BaseLayout, device: &Device) -> Result<LoadedAdapter, AdapterError> {
+    load_dir_with(dir, layout, device, true)
+}
+
+fn load_dir_with(
+    dir: &Path,
+    layout: &BaseLayout,
+    device: &Device,
+    parallel: bool,
+) -> Result<LoadedAdapter, AdapterError> {
     let cfg_path = dir.join("adapter_config.json");
     let cfg_file = cfg_path.display().to_string();
     let text = std::fs::read_to_string(&cfg_path)
@@ -377,7 +393,8 @@ pub fn load_dir(dir: &Path, layout: &BaseLayout, device: &Device) -> Result<Load
     // it then fails validation, or yields weights the next request's stamp check replaces.
     let bytes = unsafe { memmap2::Mmap::map(&file) }
         .map_err(|e| AdapterError::File { file: st_path.display().to_string(), reason: e.to_string() })?;
-    let weights = load_weights(&config, &bytes, &st_path.display().to_string(), &cfg_file, layout, device)?;
+    let weights =
+        load_weights_with(&config, &bytes, &st_path.display().to_string(), &cfg_file, layout, device, parallel)?;
     Ok(LoadedAdapter { config, weights })
 }
 
@@ -389,6 +406,18 @@ pub fn load_weights(
     cfg_file: &str,
     layout: &BaseLayout,
     device: &Device,
+) -> Result<LoraWeights, AdapterError> {
+    load_weights_with(config, bytes, file, cfg_file, layout, device, false)
+}
+
+fn load_weights_with(
+    config: &AdapterConfig,
+    bytes: &[u8],
+    file: &str,
+    cfg_file: &str,
+    layout: &BaseLayout,
+    device: &Device,
+    parallel: bool,
 ) -> Result<LoraWeights, AdapterError> {
     let tensor_err = |tensor: &str, reason: String| AdapterError::Tensor {
         file: file.to_string(),
@@ -426,8 +455,7 @@ pub fn load_weights(
             });
         }
     }
-    let mut weights = LoraWeights::new(layout.layers);
-    for (id, (a_name, b_name)) in pairs {
+    let module = |(id, (a_name, b_name)): (LinearId, (Option<String>, Option<String>))| {
         let key = id.module_path();
         let a_name = a_name.ok_or_else(|| {
             tensor_err(&format!("base_model.model.{key}.lora_A.weight"), "missing (lora_B is present)".into())
@@ -450,7 +478,19 @@ pub fn load_weights(
                 *v = b[o * r + j];
             }
         }
-        weights.insert(id, LoraModule { a: to_tensor(a, (r, in_f))?, b_t: to_tensor(b_t, (r, out_f))?, scale });
+        Ok((id, LoraModule { a: to_tensor(a, (r, in_f))?, b_t: to_tensor(b_t, (r, out_f))?, scale }))
+    };
+    // In module order either way, so the first bad tensor reported is the same.
+    let modules: Vec<Result<(LinearId, LoraModule), AdapterError>> = if parallel {
+        use rayon::prelude::*;
+        pairs.into_par_iter().map(module).collect()
+    } else {
+        pairs.into_iter().map(module).collect()
+    };
+    let mut weights = LoraWeights::new(layout.layers);
+    for m in modules {
+        let (id, module) = m?;
+        weights.insert(id, module);
     }
     Ok(weights)
 }
