@@ -393,24 +393,13 @@ fn load_dir_with(
     // it then fails validation, or yields weights the next request's stamp check replaces.
     let bytes = unsafe { memmap2::Mmap::map(&file) }
         .map_err(|e| AdapterError::File { file: st_path.display().to_string(), reason: e.to_string() })?;
-    let weights =
-        load_weights_with(&config, &bytes, &st_path.display().to_string(), &cfg_file, layout, device, parallel)?;
+    let weights = load_weights(&config, &bytes, &st_path.display().to_string(), &cfg_file, layout, device, parallel)?;
     Ok(LoadedAdapter { config, weights })
 }
 
-/// Builds the weights from `adapter_model.safetensors` bytes, checking them against config and base.
-pub fn load_weights(
-    config: &AdapterConfig,
-    bytes: &[u8],
-    file: &str,
-    cfg_file: &str,
-    layout: &BaseLayout,
-    device: &Device,
-) -> Result<LoraWeights, AdapterError> {
-    load_weights_with(config, bytes, file, cfg_file, layout, device, false)
-}
-
-fn load_weights_with(
+/// Builds the weights from `adapter_model.safetensors` bytes, checking them against config and base; the
+/// tensors converted on rayon's pool when `parallel`.
+fn load_weights(
     config: &AdapterConfig,
     bytes: &[u8],
     file: &str,
