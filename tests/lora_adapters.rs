@@ -404,3 +404,38 @@ fn parallel_load_equals_sequential() {
         assert!(fa == fb, "{name}: parallel load differs");
     }
 }
+
+/// A and Bᵀ come back exactly from every dtype, through both loads, with B's rows (70) not a whole number of
+/// the loader's 64-row transpose blocks.
+#[test]
+fn weights_round_trip_exactly_from_every_dtype() {
+    use loraserve::lora::peft::{write_dir, AdapterMeta, BaseLayout};
+    use loraserve::lora::{LinearId, LoraModule, LoraWeights, ModuleKind};
+    let (r, in_f, out_f) = (3, 8, 70);
+    let layout = BaseLayout { layers: 1, dims: [(in_f, out_f); 7] };
+    let id = LinearId::new(0, ModuleKind::QProj);
+    // Small integers: exact in F16 and BF16.
+    let a: Vec<f32> = (0..r * in_f).map(|i| (i % 17) as f32 - 8.0).collect();
+    let b_t: Vec<f32> = (0..r * out_f).map(|i| (i % 29) as f32 - 14.0).collect();
+    let mut w = LoraWeights::new(1);
+    let t = |v: &[f32], n| Tensor::from_vec(v.to_vec(), (r, n), &Device::Cpu).unwrap();
+    w.insert(id, LoraModule { a: t(&a, in_f), b_t: t(&b_t, out_f), scale: 1.0 });
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let tmp = tempfile::tempdir().unwrap();
+        let meta = AdapterMeta {
+            r,
+            lora_alpha: r as f64,
+            use_rslora: false,
+            lora_dropout: 0.0,
+            base_model_name_or_path: "tiny".into(),
+            dtype,
+        };
+        write_dir(&tmp.path().join("a"), &w, &meta).unwrap();
+        for load in [peft::load_dir, peft::load_dir_parallel] {
+            let got = load(&tmp.path().join("a"), &layout, &Device::Cpu).unwrap().weights;
+            let m = got.module(id).unwrap();
+            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!((v(&m.a), v(&m.b_t)), (a.clone(), b_t.clone()), "{dtype:?}");
+        }
+    }
+}

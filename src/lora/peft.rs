@@ -454,19 +454,12 @@ fn load_weights(
         })?;
         let (r, scale) = config.rank_and_scale(&matcher, &key);
         let (in_f, out_f) = layout.dims(id.kind);
-        let a = read_f32(&st, &a_name, &[r, in_f]).map_err(|reason| tensor_err(&a_name, reason))?;
-        let b = read_f32(&st, &b_name, &[out_f, r]).map_err(|reason| tensor_err(&b_name, reason))?;
+        let a = read_f32(&st, &a_name, [r, in_f], false).map_err(|reason| tensor_err(&a_name, reason))?;
+        // B stored transposed ([r, out]) for the expand step, transposed as it is widened.
+        let b_t = read_f32(&st, &b_name, [out_f, r], true).map_err(|reason| tensor_err(&b_name, reason))?;
         let to_tensor = |v: Vec<f32>, shape: (usize, usize)| {
             Tensor::from_vec(v, shape, device).map_err(|e| tensor_err(&key, e.to_string()))
         };
-        // Store B transposed ([r, out]) for the expand step.
-        let mut b_t = vec![0f32; r * out_f];
-        for (j, row) in b_t.chunks_exact_mut(out_f).enumerate() {
-            // Contiguous writes; the strided reads stay within the L2-resident B.
-            for (o, v) in row.iter_mut().enumerate() {
-                *v = b[o * r + j];
-            }
-        }
         Ok((id, LoraModule { a: to_tensor(a, (r, in_f))?, b_t: to_tensor(b_t, (r, out_f))?, scale }))
     };
     // In module order either way, so the first bad tensor reported is the same.
@@ -516,45 +509,71 @@ fn module_id(module: &str, layout: &BaseLayout) -> Option<LinearId> {
     (layer < layout.layers && parent == kind.parent()).then_some(LinearId::new(layer, kind))
 }
 
-/// A tensor as f32 straight from its little-endian bytes (one pass: widen, check finiteness).
-fn read_f32(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Vec<f32>, String> {
+/// A `[rows, cols]` tensor as f32 straight from its little-endian bytes, transposed to `[cols, rows]` when
+/// `transpose`: one pass that widens, checks finiteness and places each element.
+fn read_f32(st: &safetensors::SafeTensors, name: &str, shape: [usize; 2], transpose: bool) -> Result<Vec<f32>, String> {
     let view = st.tensor(name).map_err(|e| e.to_string())?;
     if view.shape() != shape {
         return Err(format!("shape {:?}, expected {:?} (rank and base dimensions)", view.shape(), shape));
     }
-    let data = view.data();
-    let n: usize = shape.iter().product();
-    let mut v = vec![0f32; n];
-    // Widen and check finiteness in one vectorizable pass (an exponent of all ones is Inf or NaN).
-    let mut special = 0u32;
-    match view.dtype() {
-        safetensors::Dtype::F32 => {
-            for (o, b) in v.iter_mut().zip(data.chunks_exact(4)) {
-                let bits = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                special |= ((bits & 0x7f80_0000) == 0x7f80_0000) as u32;
-                *o = f32::from_bits(bits);
-            }
-        }
-        safetensors::Dtype::BF16 => {
-            for (o, b) in v.iter_mut().zip(data.chunks_exact(2)) {
-                let bits = (u16::from_le_bytes([b[0], b[1]]) as u32) << 16;
-                special |= ((bits & 0x7f80_0000) == 0x7f80_0000) as u32;
-                *o = f32::from_bits(bits);
-            }
-        }
-        safetensors::Dtype::F16 => {
-            for (o, b) in v.iter_mut().zip(data.chunks_exact(2)) {
-                *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                special |= !o.is_finite() as u32;
-            }
-        }
+    let mut v = vec![0f32; shape[0] * shape[1]];
+    // An exponent of all ones is Inf or NaN; F16 is checked after widening.
+    let f32_bits = |b: &[u8]| f32::from_bits(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let bf16_bits = |b: &[u8]| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+    let f16_bits = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let special = match view.dtype() {
+        safetensors::Dtype::F32 => widen(view.data(), 4, shape, transpose, &mut v, f32_bits),
+        safetensors::Dtype::BF16 => widen(view.data(), 2, shape, transpose, &mut v, bf16_bits),
+        safetensors::Dtype::F16 => widen(view.data(), 2, shape, transpose, &mut v, f16_bits),
         other => return Err(format!("unsupported dtype {other:?} (expected F32, F16 or BF16)")),
-    }
-    if special != 0 {
+    };
+    if special {
         let i = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
-        return Err(format!("non-finite value {} at element {i}", v[i]));
+        let (r, c) = if transpose { (i % shape[0], i / shape[0]) } else { (i / shape[1], i % shape[1]) };
+        return Err(format!("non-finite value {} at element {}", v[i], r * shape[1] + c));
     }
     Ok(v)
+}
+
+/// Widens `data` (`size`-byte elements, `[rows, cols]`) into `out`, transposed when asked; whether any value
+/// is Inf or NaN. Monomorphized per dtype, so each loop vectorizes.
+fn widen(
+    data: &[u8],
+    size: usize,
+    [rows, cols]: [usize; 2],
+    transpose: bool,
+    out: &mut [f32],
+    from: impl Fn(&[u8]) -> f32,
+) -> bool {
+    let mut any = false;
+    let mut put = |o: &mut f32, b: &[u8]| {
+        let x = from(b);
+        any |= (x.to_bits() & 0x7f80_0000) == 0x7f80_0000;
+        *o = x;
+    };
+    if transpose {
+        // Row `r` of the source is column `r` of the output. In blocks of source rows: widen a block
+        // contiguously (vectorizes), then write each of its columns as one contiguous run of the output.
+        const BLOCK: usize = 64;
+        let mut block = vec![0f32; BLOCK * cols];
+        for (bi, src) in data.chunks(BLOCK * cols * size).enumerate() {
+            let n = src.len() / (cols * size);
+            for (o, b) in block.iter_mut().zip(src.chunks_exact(size)) {
+                put(o, b);
+            }
+            for c in 0..cols {
+                let dst = &mut out[c * rows + bi * BLOCK..][..n];
+                for (k, d) in dst.iter_mut().enumerate() {
+                    *d = block[k * cols + c];
+                }
+            }
+        }
+    } else {
+        for (o, b) in out.iter_mut().zip(data.chunks_exact(size)) {
+            put(o, b);
+        }
+    }
+    any
 }
 
 /// Turns f32 values into a dtype's little-endian bytes.
