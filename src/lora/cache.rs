@@ -435,7 +435,8 @@ impl AdapterCache {
         }
     }
 
-    /// The device-hit path, under the cache lock; a host-tier hit is returned for [`Self::promote`].
+    /// The cache lookup, under the cache lock: a device-tier hit is leased; a host-tier hit joins (or starts)
+    /// its promotion, which the caller waits for.
     /// `first`: the request's first look (hits and misses are counted once per request, not per retry).
     fn try_cached(&self, id: &str, stamp: &FileStamp, first: bool) -> Result<Cached, CacheError> {
         let hit = |tier: &'static str| {
@@ -549,21 +550,22 @@ impl AdapterCache {
                 let stamp2 = stamp.clone();
                 let res = tokio::task::spawn_blocking(move || -> Result<Loaded, CacheError> {
                     let version = AdapterStore::version(&dir)?;
+                    let gpu = !inner2.device.is_cpu();
                     // On a GPU server the CPU is otherwise idle: convert on all cores.
-                    let load = if inner2.device.is_cpu() { peft::load_dir } else { peft::load_dir_parallel };
+                    let load = if gpu { peft::load_dir_parallel } else { peft::load_dir };
                     let adapter =
                         load(&dir, &inner2.layout, &Device::Cpu).map_err(|e| CacheError::Invalid(Arc::new(e)))?;
-                    if !inner2.device.is_cpu() {
+                    if gpu {
                         check_gpu_limits(&dir, &adapter.weights)?;
                     }
                     let host = Arc::new(adapter.weights);
-                    let device = if inner2.device.is_cpu() {
-                        host.clone()
-                    } else {
+                    let device = if gpu {
                         Arc::new(
                             to_device(&host, &inner2.device)
                                 .map_err(|e| CacheError::Internal { id: id2.clone(), reason: e.to_string() })?,
                         )
+                    } else {
+                        host.clone()
                     };
                     // The files may have changed between the stamp and the read: version by what was read.
                     let _ = stamp2;

@@ -13,6 +13,15 @@
 
 #define WARPS_PER_BLOCK 4
 
+// Every NF4 matmul kernel's parameters (the launch in src/gpu/nf4.rs pushes them in this order), and the same
+// names as arguments, for the entry points that hand them to a template.
+#define NF4_PARAMS                                                                                          \
+    const float* __restrict__ x, const unsigned char* __restrict__ packed, int double_quant,                \
+        const float* __restrict__ absmax_f32, const unsigned char* __restrict__ absmax_codes,               \
+        const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, float offset,       \
+        const float* __restrict__ code16, float* __restrict__ y, int M, int N, int K
+#define NF4_ARGS x, packed, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset, code16, y, M, N, K
+
 __device__ __forceinline__ float nf4_scale(long long b, int double_quant, const float* __restrict__ absmax_f32,
                                            const unsigned char* __restrict__ absmax_codes,
                                            const float* __restrict__ nested_absmax,
@@ -40,11 +49,7 @@ __device__ __forceinline__ void nf4_decode32(const uint4 bytes, const float* cod
 // Decode-sized inputs (1..8 rows): one warp per output column n, all R rows of x at once, so each weight
 // byte is read once (16-byte loads: a lane takes 32 codes, a warp 1024 elements per step).
 template <int R>
-__device__ void nf4_gemv(const float* __restrict__ x, const unsigned char* __restrict__ packed,
-                         int double_quant, const float* __restrict__ absmax_f32,
-                         const unsigned char* __restrict__ absmax_codes, const float* __restrict__ nested_absmax,
-                         const float* __restrict__ nested_code, float offset, const float* __restrict__ code16,
-                         float* __restrict__ y, int M, int N, int K) {
+__device__ void nf4_gemv(NF4_PARAMS) {
     __shared__ float code[16];
     if (threadIdx.x < 16) code[threadIdx.x] = code16[threadIdx.x];
     __syncthreads();
@@ -85,15 +90,8 @@ __device__ void nf4_gemv(const float* __restrict__ x, const unsigned char* __res
     }
 }
 
-#define NF4_GEMV(R)                                                                                              \
-    extern "C" __global__ void nf4_gemv_r##R(                                                                    \
-        const float* __restrict__ x, const unsigned char* __restrict__ packed, int double_quant,                 \
-        const float* __restrict__ absmax_f32, const unsigned char* __restrict__ absmax_codes,                    \
-        const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, float offset,            \
-        const float* __restrict__ code16, float* __restrict__ y, int M, int N, int K) {                          \
-        nf4_gemv<R>(x, packed, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset,       \
-                    code16, y, M, N, K);                                                                         \
-    }
+#define NF4_GEMV(R) \
+    extern "C" __global__ void nf4_gemv_r##R(NF4_PARAMS) { nf4_gemv<R>(NF4_ARGS); }
 NF4_GEMV(1)
 NF4_GEMV(2)
 NF4_GEMV(4)
@@ -144,13 +142,7 @@ __device__ __forceinline__ void split_tf32(float v, unsigned int& hi, unsigned i
 #define MMA_WARP_K (MMA_BK / 4)
 
 template <int MT>
-__device__ __forceinline__ void nf4_mma(const float* __restrict__ x, const unsigned char* __restrict__ packed,
-                                        int double_quant, const float* __restrict__ absmax_f32,
-                                        const unsigned char* __restrict__ absmax_codes,
-                                        const float* __restrict__ nested_absmax,
-                                        const float* __restrict__ nested_code, float offset,
-                                        const float* __restrict__ code16, float* __restrict__ y, int M, int N, int K,
-                                        float* sm, float* code) {
+__device__ __forceinline__ void nf4_mma(NF4_PARAMS, float* sm, float* code) {
     constexpr int BM = 16 * MT;
     constexpr int XV = BM * MMA_BK / 4 / MMA_THREADS;  // float4s of x this thread stages per step
     float* xs = sm;                                    // [BM][MMA_LD]
@@ -280,29 +272,18 @@ __device__ __forceinline__ void nf4_mma(const float* __restrict__ x, const unsig
 
 // The shared arrays live in the entry points (one staging buffer, reused by the epilogue's partial tiles).
 #define NF4_MMA(BM)                                                                                              \
-    extern "C" __global__ void nf4_matmul_mma##BM(                                                               \
-        const float* __restrict__ x, const unsigned char* __restrict__ packed, int double_quant,                 \
-        const float* __restrict__ absmax_f32, const unsigned char* __restrict__ absmax_codes,                    \
-        const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, float offset,            \
-        const float* __restrict__ code16, float* __restrict__ y, int M, int N, int K) {                          \
+    extern "C" __global__ void nf4_matmul_mma##BM(NF4_PARAMS) {                                                  \
         __shared__ float code[16];                                                                               \
         __shared__ float4 sm[(BM + MMA_BN) * MMA_LD / 4];                                                        \
         static_assert(4 * BM * MMA_RED_LD <= (BM + MMA_BN) * MMA_LD, "the partial tiles fit the staging buffer"); \
-        nf4_mma<BM / 16>(x, packed, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset,   \
-                         code16, y, M, N, K, reinterpret_cast<float*>(sm), code);                                \
+        nf4_mma<BM / 16>(NF4_ARGS, reinterpret_cast<float*>(sm), code);                                          \
     }
 NF4_MMA(16)
 NF4_MMA(32)
 
 // Any shape: one warp per output (m, n), lanes striding over K with scalar loads; element e = n * K + k of the
 // flattened weight sits in byte e / 2 (high nibble when e is even) of block e / 64.
-extern "C" __global__ void nf4_matmul_generic(const float* __restrict__ x, const unsigned char* __restrict__ packed,
-                                              int double_quant, const float* __restrict__ absmax_f32,
-                                              const unsigned char* __restrict__ absmax_codes,
-                                              const float* __restrict__ nested_absmax,
-                                              const float* __restrict__ nested_code, float offset,
-                                              const float* __restrict__ code16, float* __restrict__ y, int M, int N,
-                                              int K) {
+extern "C" __global__ void nf4_matmul_generic(NF4_PARAMS) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int n = blockIdx.x * WARPS_PER_BLOCK + warp;
     const int m = blockIdx.y;
