@@ -11,6 +11,8 @@
 //! prefill mix of ranks 8/16/64/128 with base-model rows between the segments. Paged attention (the cache
 //! write, then attention) on Llama-3-8B heads (32 query / 8 kv, head_dim 128, blocks of 16): decode rows at several
 //! context lengths plus a 20-token prefill, with and without a sliding window; output and cache compared.
+//! Greedy picks (argmax by row) over Llama 2's and Llama 3's vocabularies at 1 and 32 rows, with exact ties
+//! and NaN planted: the indices must equal `engine::sampler::argmax`'s.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use candle_core::{Device, Tensor};
 use loraserve::gpu::attention::{paged_attention_into, LayerKvCuda, StepTables};
 use loraserve::gpu::lora::apply_into;
 use loraserve::gpu::nf4::{matmul_into, Nf4CudaLinear, Nf4CudaWeight};
+use loraserve::gpu::sample::argmax_into;
 use loraserve::lora::batched::{apply_reference, LoraSegment};
 use loraserve::lora::{LinearId, LoraModule, LoraWeights, ModuleKind};
 use loraserve::model::attention::{paged_attention, AttnShape, PagedSeq};
@@ -144,9 +147,10 @@ fn main() -> anyhow::Result<()> {
     }
     let lora_rows = lora_checks(&device, copy_gbs, &mut failed)?;
     let attention_rows = attention_checks(&device, copy_gbs, &mut failed)?;
+    let argmax_rows = argmax_checks(&device, copy_gbs, &mut failed)?;
     let report = serde_json::json!({
         "copy_gb_per_s": copy_gbs, "tolerance": TOLERANCE, "nf4_matmul": rows, "batched_lora": lora_rows,
-        "paged_attention": attention_rows, "failed": failed,
+        "paged_attention": attention_rows, "argmax": argmax_rows, "failed": failed,
     });
     if let Ok(out) = std::env::var("OUT") {
         std::fs::write(format!("{out}/gpu_kernels.json"), serde_json::to_string_pretty(&report)?)?;
@@ -331,6 +335,53 @@ fn attention_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyho
                     "rel_l2": err, "cache_rel_l2": cache_err, "ok": ok, "us_per_call": s * 1e6, "gb_per_s": gbs,
                 }));
             }
+        }
+    }
+    Ok(out)
+}
+
+/// Greedy picks against `engine::sampler::argmax`: every index equal. Rows are random, some with the maximum
+/// tied at a high index in an early thread and a low one in a later thread, or with NaN around it.
+fn argmax_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyhow::Result<Vec<serde_json::Value>> {
+    let cuda = device.as_cuda_device()?.clone();
+    let stream = cuda.cuda_stream();
+    println!("\n| argmax | rows × vocab | indices equal | µs/call | GB/s | % of copy | check |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut out = vec![];
+    for vocab in [32000usize, 128256] {
+        for rows in [1usize, 32] {
+            let mut logits = normal(rows * vocab, 12_000 + (vocab + rows) as u64);
+            for (r, row) in logits.chunks_mut(vocab).enumerate() {
+                match r % 4 {
+                    1 => [256 * (r + 1), r].iter().for_each(|&i| row[i] = 100.0),
+                    2 => [r, r + 1, vocab - 1].iter().for_each(|&i| row[i] = f32::NAN),
+                    _ => {}
+                }
+            }
+            let want: Vec<u32> = logits.chunks(vocab).map(loraserve::engine::sampler::argmax).collect();
+            let dl = stream.clone_htod(&logits)?;
+            let mut dout = stream.clone_htod(&vec![u32::MAX; rows])?;
+            argmax_into(&cuda, &dl.slice(..), rows, vocab, &mut dout)?;
+            let got = stream.clone_dtoh(&dout)?;
+            // The tensor path (what the engine calls) must pick the same.
+            let t = Tensor::from_vec(logits, (rows, vocab), device)?;
+            let op = loraserve::gpu::sample::argmax_rows(&t)?;
+            let equal = got.iter().zip(&want).filter(|(g, w)| g == w).count();
+            let ok = got == want && op == want;
+            *failed += usize::from(!ok);
+            let s = time(&cuda, || argmax_into(&cuda, &dl.slice(..), rows, vocab, &mut dout))?;
+            let gbs = (4 * rows * (vocab + 1)) as f64 / s / 1e9;
+            println!(
+                "| argmax_rows | {rows} × {vocab} | {equal}/{rows}{} | {:.1} | {gbs:.0} | {:.0}% | {} |",
+                if op == want { "" } else { " (tensor path differs)" },
+                s * 1e6,
+                100.0 * gbs / copy_gbs,
+                if ok { "ok" } else { "FAIL" }
+            );
+            out.push(serde_json::json!({
+                "rows": rows, "vocab": vocab, "equal": equal, "tensor_path_equal": op == want, "ok": ok,
+                "us_per_call": s * 1e6, "gb_per_s": gbs,
+            }));
         }
     }
     Ok(out)

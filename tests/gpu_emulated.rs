@@ -3,9 +3,9 @@
 //! of a block as fibers taking turns at __syncthreads, warp shuffles and tensor-core MMAs, the MMA's fragment
 //! layouts taken from the PTX ISA; see that header), launched with the
 //! kernel choice and geometry of `loraserve::gpu::launch` and the argument order of the host code in
-//! `src/gpu/{nf4,lora,attention}.rs`, and compared with the CPU references the device checks
+//! `src/gpu/{nf4,lora,attention,sample}.rs`, and compared with the CPU references the device checks
 //! (`benches/gpu_kernels.rs`) use: `quant::matmul::matmul_reference`, `lora::batched::apply_reference`,
-//! `model::attention::paged_attention`. Shapes are the device checks' cases scaled down.
+//! `model::attention::paged_attention`, `engine::sampler::argmax`. Shapes are the device checks' cases scaled down.
 //!
 //! Every output buffer is NaN-filled before its launch (an element no thread writes fails); every launch runs
 //! under two thread interleavings that must agree bit for bit (a race fails); errors are relative L2 against
@@ -396,6 +396,55 @@ fn paged_attention_wide_heads() {
         worst = worst.max(attention_error((32, 8, 128), window, 16, &[(0, 1), (37, 1), (130, 1), (0, 20)]));
     }
     eprintln!("paged attention (head_dim 80/128): max rel L2 {worst:.2e}");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Greedy picks
+// ---------------------------------------------------------------------------------------------------------
+
+/// `argmax_rows` picks what `engine::sampler::argmax` picks on the host, row by row: random rows, and rows
+/// built so that a plain block reduction would go wrong — the maximum tied between a low index in a later
+/// thread and a high index in thread 0, between warps, within one thread's stride; NaN at index 0, around
+/// and instead of the maximum; all NaN; all −∞; +∞ twice; a vocabulary narrower than a warp.
+#[test]
+fn argmax_picks_the_first_maximum_and_passes_over_nan() {
+    let nan = f32::NAN;
+    for vocab in [1100usize, 5, 32000] {
+        let mut rows: Vec<Vec<f32>> = (0..3).map(|r| normal(vocab, 900 + r as u64)).collect();
+        let tie = |at: &[usize], seed: u64| {
+            let mut row = normal(vocab, seed);
+            for &i in at.iter().filter(|&&i| i < vocab) {
+                row[i] = 50.0;
+            }
+            row
+        };
+        rows.push(tie(&[256, 3], 1)); // thread 0's second element against thread 3's first
+        rows.push(tie(&[600, 5], 2)); // warp 2 against warp 0
+        rows.push(tie(&[263, 7], 3)); // one thread's stride: 7 then 263
+        rows.push(tie(&[vocab - 1, 4], 4));
+        let mut row = tie(&[2], 5);
+        row[0] = nan;
+        row[1] = nan;
+        row[vocab - 1] = nan;
+        rows.push(row);
+        rows.push(vec![nan; vocab]);
+        rows.push(vec![f32::NEG_INFINITY; vocab]);
+        let mut row = vec![nan; vocab];
+        row[vocab - 1] = -3.0;
+        rows.push(row);
+        let mut row = normal(vocab, 6);
+        row[vocab / 2] = f32::INFINITY;
+        row[vocab - 1] = f32::INFINITY;
+        rows.push(row);
+        let want: Vec<u32> = rows.iter().map(|r| loraserve::engine::sampler::argmax(r)).collect();
+        assert!(want.iter().any(|&i| i > 0) && want.contains(&0), "cases pick both 0 and later indices");
+        let l = launch::argmax_rows(rows.len(), vocab).unwrap();
+        let mut call = Call::new(l);
+        let logits = call.f32(&rows.concat());
+        let out = call.u32(&vec![u32::MAX; rows.len()]);
+        call.arg(logits).arg(vocab as i32).arg(out);
+        assert_eq!(run(&mut call, 77).u32(out), want, "vocab {vocab}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------

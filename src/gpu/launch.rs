@@ -7,6 +7,8 @@ pub const NF4_SOURCE: &str = include_str!("kernels/nf4.cu");
 pub const LORA_SOURCE: &str = include_str!("kernels/lora.cu");
 /// The paged-attention kernels' CUDA C source.
 pub const ATTENTION_SOURCE: &str = include_str!("kernels/attention.cu");
+/// The greedy-pick kernel's CUDA C source.
+pub const SAMPLE_SOURCE: &str = include_str!("kernels/sample.cu");
 
 /// One kernel launch: which function, and its grid and block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +149,20 @@ pub fn paged_attention(
     Ok((write, attend))
 }
 
+/// Threads of the argmax kernel's block (`ARGMAX_THREADS` in `kernels/sample.cu`).
+const ARGMAX_THREADS: u32 = 256;
+
+/// The launch picking each row's argmax of `logits [rows, vocab]`: one block per row.
+pub fn argmax_rows(rows: usize, vocab: usize) -> Result<Launch, String> {
+    if rows == 0 || vocab == 0 {
+        return Err(format!("argmax over an empty shape ({rows} rows of {vocab} logits)"));
+    }
+    if rows > i32::MAX as usize || vocab > i32::MAX as usize {
+        return Err(format!("argmax too large for one launch ({rows} rows of {vocab} logits)"));
+    }
+    Ok(Launch { kernel: "argmax_rows", grid: (rows as u32, 1, 1), block: (ARGMAX_THREADS, 1, 1) })
+}
+
 /// What the attention kernels read per row: the cache slot its new key/value goes to, its position, and
 /// where its sequence's block table starts in the concatenated `tables`.
 #[derive(Debug, PartialEq, Eq)]
@@ -272,7 +288,7 @@ mod tests {
         assert!(NF4_SOURCE.contains(&format!("#define MMA_BN {MMA_BN}\n")));
         assert!(NF4_SOURCE.contains(&format!("#define MMA_THREADS {MMA_THREADS}\n")));
         // NVRTC on the serving machine has no toolkit headers.
-        for src in [NF4_SOURCE, LORA_SOURCE, ATTENTION_SOURCE] {
+        for src in [NF4_SOURCE, LORA_SOURCE, ATTENTION_SOURCE, SAMPLE_SOURCE] {
             assert!(!src.contains("#include"));
         }
         for name in ["kv_write", "paged_attention"] {
@@ -287,6 +303,17 @@ mod tests {
         assert!(LORA_SOURCE.contains(&format!("#define MAX_RANK {LORA_MAX_RANK}\n")));
         assert!(LORA_SOURCE.contains(&format!("#define SHRINK_WARPS {SHRINK_WARPS}\n")));
         assert!(LORA_SOURCE.contains(&format!("#define EXPAND_THREADS {EXPAND_THREADS}\n")));
+        assert!(SAMPLE_SOURCE.contains("extern \"C\" __global__ void argmax_rows("));
+        assert!(SAMPLE_SOURCE.contains(&format!("#define ARGMAX_THREADS {ARGMAX_THREADS}\n")));
+    }
+
+    #[test]
+    fn argmax_takes_a_block_per_row_and_refuses_empty_shapes() {
+        let l = argmax_rows(32, 32000).unwrap();
+        assert_eq!((l.kernel, l.grid, l.block), ("argmax_rows", (32, 1, 1), (ARGMAX_THREADS, 1, 1)));
+        assert!(argmax_rows(0, 10).unwrap_err().contains("empty"));
+        assert!(argmax_rows(3, 0).unwrap_err().contains("empty"));
+        assert!(argmax_rows(1, 1 << 31).unwrap_err().contains("too large"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`nf4`] (feature `cuda`): the NF4 weight in device memory and the fused dequantize-matmul op.
 //! - [`lora`] (feature `cuda`): adapters in device memory and the batched-LoRA shrink/expand op.
 //! - [`attention`] (feature `cuda`): the KV cache in device memory, cache writes and paged attention.
+//! - [`sample`] (feature `cuda`): greedy picks (argmax by row, ties to the first index as on the CPU).
 //!
 //! Why NVRTC at run time rather than nvcc at build time: candle's CUDA backend already links NVRTC, so users
 //! with a CUDA toolkit build with `--features cuda` and nothing else; the PTX is produced for the GPU actually
@@ -20,3 +21,5 @@ pub mod lora;
 pub mod nf4;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+#[cfg(feature = "cuda")]
+pub mod sample;

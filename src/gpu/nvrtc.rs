@@ -64,14 +64,16 @@ impl Module {
 
 #[cfg(test)]
 mod tests {
-    use super::super::launch::{ATTENTION_SOURCE, LORA_SOURCE, NF4_SOURCE};
+    use super::super::launch::{ATTENTION_SOURCE, LORA_SOURCE, NF4_SOURCE, SAMPLE_SOURCE};
     use super::*;
 
     /// The sources compile under NVRTC exactly as shipped (no headers) for Hopper. Needs libnvrtc, not a GPU:
     /// `cargo test --features cuda --lib gpu::` with the CUDA build environment.
     #[test]
     fn every_kernel_source_compiles_under_nvrtc() {
-        for (name, src) in [("nf4", NF4_SOURCE), ("lora", LORA_SOURCE), ("attention", ATTENTION_SOURCE)] {
+        for (name, src) in
+            [("nf4", NF4_SOURCE), ("lora", LORA_SOURCE), ("attention", ATTENTION_SOURCE), ("sample", SAMPLE_SOURCE)]
+        {
             let opts = CompileOptions { arch: Some("compute_90"), ..Default::default() };
             let ptx = compile_ptx_with_opts(src, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(ptx.to_src().contains(".entry"), "{name}: no kernel entry in the PTX");

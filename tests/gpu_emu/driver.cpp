@@ -7,7 +7,7 @@
 //   kernel NAME                      one of the kernels registered below
 //   grid X Y Z / block X Y Z
 //   seed N                           (optional) the seed of the threads' interleaving, see cuda_emu.h; default 1
-//   buffer ID DTYPE PATH MISALIGN    ID = 0, 1, 2, ... in order; DTYPE f32 | u8 | i32 | u64; PATH raw little-endian
+//   buffer ID DTYPE PATH MISALIGN    ID = 0, 1, 2, ... in order; DTYPE f32 | u8 | i32 | u32 | u64; PATH raw little-endian
 //                                    bytes; the data starts MISALIGN bytes past a 16-byte boundary (0 normally)
 //   table ID BUF...                  a u64 buffer holding the device addresses of buffers BUF... (LoRA's tables)
 //   arg buf ID | arg i32 V | arg f32 HEXBITS    the kernel's arguments, in signature order
@@ -35,6 +35,7 @@
 #include "../../src/gpu/kernels/attention.cu"
 #include "../../src/gpu/kernels/lora.cu"
 #include "../../src/gpu/kernels/nf4.cu"
+#include "../../src/gpu/kernels/sample.cu"
 
 // Deliberately broken kernels, launched by the harness's own test to show that each check fires.
 extern "C" __global__ void selftest_shared_race(float* out, int sync) {
@@ -131,7 +132,7 @@ struct Arg {
 };
 
 size_t elem_size(const std::string& dtype) {
-    if (dtype == "f32" || dtype == "i32") return 4;
+    if (dtype == "f32" || dtype == "i32" || dtype == "u32") return 4;
     if (dtype == "u8") return 1;
     if (dtype == "u64") return 8;
     emu::fail("unknown dtype %s", dtype.c_str());
@@ -185,9 +186,10 @@ const char* dtype_of() {
     if constexpr (std::is_same_v<U, float>) return "f32";
     if constexpr (std::is_same_v<U, unsigned char>) return "u8";
     if constexpr (std::is_same_v<U, int>) return "i32";
+    if constexpr (std::is_same_v<U, unsigned int>) return "u32";
     if constexpr (std::is_same_v<U, unsigned long long>) return "u64";
     static_assert(std::is_same_v<U, float> || std::is_same_v<U, unsigned char> || std::is_same_v<U, int> ||
-                      std::is_same_v<U, unsigned long long>,
+                      std::is_same_v<U, unsigned int> || std::is_same_v<U, unsigned long long>,
                   "pointer parameter of an unsupported element type");
     return "";
 }
@@ -243,6 +245,7 @@ const std::map<std::string, Bound> KERNELS = {
     KERNEL(lora_expand),
     KERNEL(kv_write),
     KERNEL(paged_attention),
+    KERNEL(argmax_rows),
     KERNEL(selftest_shared_race),
     KERNEL(selftest_divergent_sync),
     KERNEL(selftest_shuffle_after_exit),

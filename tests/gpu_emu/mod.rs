@@ -14,12 +14,13 @@ use std::sync::OnceLock;
 use loraserve::gpu::launch::Launch;
 
 /// The files the driver is built from (its own directory, then the kernels).
-const SOURCES: [&str; 5] = [
+const SOURCES: [&str; 6] = [
     "tests/gpu_emu/driver.cpp",
     "tests/gpu_emu/cuda_emu.h",
     "src/gpu/kernels/nf4.cu",
     "src/gpu/kernels/lora.cu",
     "src/gpu/kernels/attention.cu",
+    "src/gpu/kernels/sample.cu",
 ];
 const CXX_FLAGS: [&str; 8] = [
     "-std=c++20",
@@ -162,6 +163,11 @@ impl Call {
         self.push(BufSpec::Data { dtype: "i32", bytes, misalign: 0 })
     }
 
+    pub fn u32(&mut self, v: &[u32]) -> Buf {
+        let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.push(BufSpec::Data { dtype: "u32", bytes, misalign: 0 })
+    }
+
     pub fn u8(&mut self, v: &[u8]) -> Buf {
         self.push(BufSpec::Data { dtype: "u8", bytes: v.to_vec(), misalign: 0 })
     }
@@ -259,5 +265,9 @@ pub struct Outputs {
 impl Outputs {
     pub fn f32(&self, b: Buf) -> Vec<f32> {
         self.bufs[b.0].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+    }
+
+    pub fn u32(&self, b: Buf) -> Vec<u32> {
+        self.bufs[b.0].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
     }
 }
