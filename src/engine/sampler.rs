@@ -3,7 +3,7 @@
 //! [`fetch_rows`], which brings a step's logits to the host (only the argmax of greedy rows when the logits
 //! are on a GPU).
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use crate::rng::Rng;
 
@@ -45,8 +45,17 @@ pub struct Sampler {
     rng: Rng,
 }
 
+/// A seed for a request that gave none: different in every call and every process (std's per-process random
+/// hash keys), so unseeded sampling varies run to run as in TGI and transformers; a given seed reproduces.
+pub fn unseeded() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0x5EED);
+    h.finish()
+}
+
 impl Sampler {
-    /// `fallback_seed` seeds requests that gave none (the engine draws it from its own counter).
+    /// `fallback_seed` seeds requests that gave none (callers pass [`unseeded`]).
     pub fn new(params: SamplingParams, fallback_seed: u64) -> Self {
         let seed = params.seed.unwrap_or(fallback_seed);
         Sampler { params, rng: Rng::new(seed) }
@@ -131,14 +140,14 @@ pub enum RowLogits {
 }
 
 /// The rows of `logits [rows, vocab]` on the host: a row with `greedy[i]` as its argmax computed on the
-/// logits' device (4 bytes cross instead of the vocabulary), the others in full. Ties go to the device's
-/// reduction order (the CPU sampler takes the first), which only matters for exactly equal f32 logits.
+/// logits' device (4 bytes cross instead of the vocabulary; the same pick as [`argmax`], ties included), the
+/// others in full.
 pub fn fetch_rows(logits: &Tensor, greedy: &[bool]) -> candle_core::Result<Vec<RowLogits>> {
     let (rows, _) = logits.dims2()?;
     if greedy.len() != rows {
         candle_core::bail!("{} greedy flags for {rows} logit rows", greedy.len())
     }
-    let ids: Vec<u32> = if greedy.iter().any(|&g| g) { logits.argmax(D::Minus1)?.to_vec1()? } else { vec![] };
+    let ids: Vec<u32> = if greedy.iter().any(|&g| g) { argmax_rows(logits)? } else { vec![] };
     let full_rows: Vec<u32> = (0..rows as u32).filter(|&r| !greedy[r as usize]).collect();
     let mut full = if full_rows.is_empty() {
         Vec::new()
@@ -154,15 +163,28 @@ pub fn fetch_rows(logits: &Tensor, greedy: &[bool]) -> candle_core::Result<Vec<R
         .collect())
 }
 
-/// Index of the largest logit (the first one on ties, as `torch.argmax`).
+/// The argmax of every row of `logits [rows, vocab]`: on a GPU by `gpu::sample`'s kernel, which picks as
+/// [`argmax`] does.
+fn argmax_rows(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return crate::gpu::sample::argmax_rows(logits);
+    }
+    Ok(logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?.iter().map(|row| argmax(row)).collect())
+}
+
+/// Index of the largest logit, the first one on ties (as `torch.argmax`). NaN logits are passed over (as
+/// sampling does); 0 when every one is NaN.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
+    let mut best: Option<(usize, f32)> = None;
     for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+        match best {
+            _ if l.is_nan() => {}
+            Some((_, b)) if l <= b => {}
+            _ => best = Some((i, l)),
         }
     }
-    best as u32
+    best.map_or(0, |(i, _)| i as u32)
 }
 
 #[cfg(test)]
@@ -192,6 +214,23 @@ mod tests {
     fn greedy_is_argmax_first_on_ties() {
         let mut s = Sampler::new(SamplingParams::default(), 0);
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn unseeded_requests_get_distinct_seeds() {
+        let seeds: std::collections::HashSet<u64> = (0..100).map(|_| unseeded()).collect();
+        assert_eq!(seeds.len(), 100);
+    }
+
+    #[test]
+    fn argmax_passes_over_nan_wherever_it_is() {
+        let nan = f32::NAN;
+        assert_eq!(argmax(&[nan, 1.0, 2.0]), 2);
+        assert_eq!(argmax(&[1.0, nan, 0.5]), 0);
+        assert_eq!(argmax(&[nan, nan]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+        assert_eq!(argmax(&[nan, f32::NEG_INFINITY, f32::INFINITY, f32::INFINITY]), 2);
+        assert_eq!(argmax(&[-0.0, 0.0]), 0, "equal values: the first");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::request::{EngineError, Event, FinishReason, ValidRequest};
-use super::sampler::{fetch_rows, RowLogits, Sampler};
+use super::sampler::{self, fetch_rows, RowLogits, Sampler};
 use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig, SeqId, SeqSlot};
 use super::text::StopText;
 use crate::lora::{LoraRows, LoraSegment};
@@ -140,7 +140,7 @@ pub(crate) fn run(
                             tokens: req.prompt_ids.clone(),
                             prompt_len: req.prompt_ids.len(),
                             generated: 0,
-                            sampler: Sampler::new(req.sampling.clone(), 0x5EED ^ id),
+                            sampler: Sampler::new(req.sampling.clone(), sampler::unseeded()),
                             text: StopText::new(req.stop.clone()),
                             admitted: false,
                             last_token_at: None,
