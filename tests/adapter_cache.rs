@@ -99,6 +99,8 @@ async fn lru_order_and_budget() {
     drop(c.acquire("a", None).await.unwrap()); // a is now most recent
     drop(c.acquire("c", None).await.unwrap()); // evicts b, the least recently used
     assert_eq!(resident(&c), vec!["a", "c"]);
+    let versions: Vec<bool> = c.list().iter().map(|s| s.version.is_some()).collect();
+    assert_eq!(versions, [true, false, true], "an adapter in no tier has no current version");
     assert!(c.device_bytes() <= 2 * ONE);
     drop(c.acquire("b", None).await.unwrap()); // evicts a
     assert_eq!(resident(&c), vec!["b", "c"]);
@@ -332,6 +334,7 @@ async fn unload_and_preload() {
     assert!(!c.list()[0].host_resident);
     drop(running);
     assert_eq!(c.device_bytes(), 0);
+    assert_eq!(c.list()[0].version, None, "unloaded: no current version");
 }
 
 /// 1,000 adapters, room for 10, four threads acquiring at random: no errors, the budget holds at every

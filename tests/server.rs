@@ -216,6 +216,26 @@ async fn every_status_code_of_the_contract() {
     h.wait().await.unwrap();
 }
 
+/// What no retry can fix is FAILED_PRECONDITION naming the flag to change, not the retryable
+/// RESOURCE_EXHAUSTED: an adapter larger than the whole device tier, a request needing more KV blocks than the
+/// whole cache (3 layers · 3 kv heads · 16 dims · k and v · 4 bytes = 1152 bytes a token; 64 KiB hold 56).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_that_can_never_fit_are_failed_precondition() {
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.cache.device_bytes = 1000;
+    cfg.engine.kv_cache_bytes = 64 << 10;
+    let (h, mut c) = start(cfg).await;
+    let (code, msg) = code_of(c.generate(req("qv-r4", "alpha", 2)).await).await;
+    assert_eq!(code, Code::FailedPrecondition, "{msg}");
+    assert!(msg.contains("--adapter-cache-bytes"), "{msg}");
+    let (code, msg) = code_of(c.generate(req("", "alpha", 200)).await).await;
+    assert_eq!(code, Code::FailedPrecondition, "{msg}");
+    assert!(msg.contains("--kv-cache-bytes"), "{msg}");
+    assert_eq!(code_of(c.generate(req("", "alpha", 8)).await).await.0, Code::Ok, "a request that fits still runs");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queue_full_is_resource_exhausted() {
     let mut cfg = config(fixture("llama/adapters"));
@@ -306,6 +326,47 @@ async fn cancellation_frees_batch_slot_kv_blocks_and_lease() {
         }
     };
     tokio::time::timeout(Duration::from_secs(5), freed).await.expect("resources freed after unary cancellation");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// A streaming client that leaves while its request still waits in the queue frees the queue slot and the
+/// adapter lease at once (as vLLM aborts), not when the requests ahead of it have run and its own has started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_abandoned_in_the_queue_frees_its_slot_and_lease_at_once() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.engine.max_batch_rows = 1;
+    let (h, c) = start(cfg).await;
+    let engine = h.engine().unwrap();
+    let cache = h.cache().unwrap();
+    // Ten base-model requests of 250 tokens each (no EOS on this prompt), one at a time.
+    let ahead: Vec<_> = (0..10)
+        .map(|_| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.generate(req("", "alpha beta", 250)).await.map(|_| ()) })
+        })
+        .collect();
+    let queued = async {
+        while engine.stats().pending.load(Relaxed) < 9 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), queued).await.expect("requests queued");
+    let s = c.clone().generate_stream(req("qkvo-r8", "alpha", 10)).await.unwrap().into_inner();
+    assert_eq!(cache.leases(), 1, "the queued stream holds its adapter");
+    drop(s);
+    let released = async {
+        while cache.leases() != 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), released).await.expect("lease released");
+    let still_waiting = engine.stats().pending.load(Relaxed);
+    assert!(still_waiting >= 5, "the lease went only once the queue ahead had drained ({still_waiting} waiting)");
+    for t in ahead {
+        t.await.unwrap().unwrap();
+    }
     h.shutdown();
     h.wait().await.unwrap();
 }
@@ -475,6 +536,15 @@ fn sigterm_drains_and_exits_zero() {
         }
     }
     let addr = addr.expect("server printed its address");
+    // `server client generate … | head -0`: output into a pipe nobody reads is no error (no panic, exit 0).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["client", "--addr", &addr, "generate", "--prompt", "Hello", "--max-new-tokens", "2"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert!(o.status.success() && o.stderr.is_empty(), "{o:?}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let running = rt.spawn(async move {
         let mut c = LoraServeClient::connect(format!("http://{addr}")).await.unwrap();

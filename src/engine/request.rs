@@ -27,7 +27,7 @@ pub enum EngineError {
     DeadlineExceeded,
     #[error("server is shutting down")]
     ShuttingDown,
-    #[error("request needs {needed} KV-cache blocks but the cache has {capacity}")]
+    #[error("request needs {needed} KV-cache blocks (prompt + max_new_tokens) but the whole cache has {capacity} (--kv-cache-bytes)")]
     TooLong { needed: usize, capacity: usize },
     #[error("internal error: {0}")]
     Internal(String),

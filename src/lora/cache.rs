@@ -39,7 +39,7 @@ pub enum CacheError {
     /// The adapter's files are invalid or do not fit the base.
     #[error("{0}")]
     Invalid(Arc<AdapterError>),
-    #[error("adapter `{id}` needs {bytes} bytes but the device adapter cache holds at most {budget}")]
+    #[error("adapter `{id}` needs {bytes} bytes but the device adapter cache holds at most {budget} (--adapter-cache-bytes)")]
     TooLarge { id: String, bytes: usize, budget: usize },
     #[error("adapter cache full: `{id}` needs {bytes} bytes and all {leased} leased bytes of the {budget}-byte device tier are in use by running requests")]
     Full { id: String, bytes: usize, leased: usize, budget: usize },
@@ -633,7 +633,8 @@ impl AdapterCache {
                     host_resident: host.is_some(),
                     bytes: dev.map(|e| e.bytes).or(host.map(|h| h.bytes)).unwrap_or(0),
                     leases: st.device.iter().filter(|(k, _)| k.0 == id).map(|(_, e)| e.leases).sum(),
-                    version,
+                    // "Current version if loaded": `current` outlives eviction from both tiers.
+                    version: version.filter(|_| dev.is_some() || host.is_some()),
                     id,
                 }
             })

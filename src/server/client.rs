@@ -83,7 +83,8 @@ pub async fn health(t: &Target, service: &str, timeout: Duration) -> anyhow::Res
     let mut client = HealthClient::new(channel(t, Some(timeout)).await?);
     let r = client.check(HealthCheckRequest { service: service.into() }).await?.into_inner();
     let status = ServingStatus::try_from(r.status).unwrap_or(ServingStatus::Unknown);
-    println!("{}", status.as_str_name());
+    // The exit status is the answer here (container probes): printing is best effort.
+    let _ = writeln!(std::io::stdout(), "{}", status.as_str_name());
     Ok(status == ServingStatus::Serving)
 }
 
@@ -129,8 +130,9 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
         while let Some(msg) = s.next().await {
             let msg = msg?;
             if !json {
-                print!("{}", msg.text);
-                std::io::stdout().flush()?;
+                let mut stdout = std::io::stdout().lock();
+                write!(stdout, "{}", msg.text)?;
+                stdout.flush()?;
             }
             out.text.push_str(&msg.text);
             out.token_ids.extend(msg.token_ids);
@@ -139,17 +141,18 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
             out.adapter_version = msg.adapter_version;
         }
         if !json {
-            println!();
+            writeln!(std::io::stdout())?;
         }
     } else {
         out = client.generate(req).await?.into_inner();
         if !json {
-            println!("{}", out.text);
+            writeln!(std::io::stdout(), "{}", out.text)?;
         }
     }
     if json {
         let reason = proto::FinishReason::try_from(out.finish_reason).map(|r| r.as_str_name()).unwrap_or("UNKNOWN");
-        println!(
+        writeln!(
+            std::io::stdout(),
             "{}",
             serde_json::json!({
                 "text": out.text,
@@ -158,7 +161,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
                 "finish_reason": reason,
                 "adapter_version": out.adapter_version,
             })
-        );
+        )?;
     }
     Ok(())
 }
@@ -172,13 +175,14 @@ pub async fn list(t: &Target) -> anyhow::Result<()> {
             (false, true) => "host",
             _ => "-",
         };
-        println!(
+        writeln!(
+            std::io::stdout(),
             "{}\tversion={}\ttier={tier}\tbytes={}\tleases={}",
             a.adapter_id,
             if a.version.is_empty() { "-" } else { &a.version },
             a.bytes,
             a.leases
-        );
+        )?;
     }
     Ok(())
 }
@@ -189,7 +193,7 @@ pub async fn load(t: &Target, id: &str) -> anyhow::Result<()> {
         .load_adapter(request(t, proto::LoadAdapterRequest { adapter_id: id.into() }, Some(id)))
         .await?
         .into_inner();
-    println!("{id}\tversion={}", r.adapter_version);
+    writeln!(std::io::stdout(), "{id}\tversion={}", r.adapter_version)?;
     Ok(())
 }
 
@@ -199,6 +203,6 @@ pub async fn unload(t: &Target, id: &str) -> anyhow::Result<()> {
         .unload_adapter(request(t, proto::UnloadAdapterRequest { adapter_id: id.into() }, Some(id)))
         .await?
         .into_inner();
-    println!("{id}\twas_loaded={}", r.was_loaded);
+    writeln!(std::io::stdout(), "{id}\twas_loaded={}", r.was_loaded)?;
     Ok(())
 }

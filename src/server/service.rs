@@ -108,6 +108,10 @@ fn deadline_of<T>(req: &Request<T>) -> Result<Option<Instant>, Status> {
     let Some(v) = req.metadata().get("grpc-timeout") else { return Ok(None) };
     let v = v.to_str().map_err(|_| invalid("grpc-timeout", "not ASCII"))?;
     let (num, unit) = v.split_at(v.len().saturating_sub(1));
+    // The gRPC wire spec: TimeoutValue is a positive integer of at most 8 digits.
+    if num.len() > 8 {
+        return Err(invalid("grpc-timeout", format!("`{v}` has more than 8 digits")));
+    }
     let n: u64 = num.parse().map_err(|_| invalid("grpc-timeout", format!("`{v}` is not <number><unit>")))?;
     let d = match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -121,7 +125,8 @@ fn deadline_of<T>(req: &Request<T>) -> Result<Option<Instant>, Status> {
     // tonic's transport also enforces the header, answering CANCELLED when it fires; finishing a little
     // earlier lets the client see the accurate DEADLINE_EXCEEDED (and the engine free the request) first.
     let margin = (d / 20).min(Duration::from_millis(50));
-    Ok(Some(Instant::now() + d - margin))
+    // 99999999H is past what an Instant can hold on some platforms: no deadline then.
+    Ok(Instant::now().checked_add(d - margin))
 }
 
 /// A request on its way to the engine, plus what the response needs.
@@ -283,7 +288,18 @@ impl LoraServe for Service {
         let (tx, rx) = mpsc::channel::<Result<proto::GenerateResponse, Status>>(64);
         tokio::spawn(async move {
             let version = a.adapter_version;
-            while let Some(ev) = a.events.recv().await {
+            loop {
+                // A client that leaves while its request waits in the queue (or in a long prefill) sends
+                // nothing to fail on: watch the channel too, so that its slot and adapter lease go at once.
+                let ev = tokio::select! {
+                    ev = a.events.recv() => ev,
+                    () = tx.closed() => {
+                        // Returning drops `a.events`, which tells the engine to stop.
+                        count("GenerateStream", tonic::Code::Cancelled);
+                        return;
+                    }
+                };
+                let Some(ev) = ev else { break };
                 let (msg, last) = match ev {
                     Event::Tokens { ids, text } => (
                         Ok(proto::GenerateResponse {
@@ -382,5 +398,29 @@ impl LoraServe for Service {
             Ok(Response::new(proto::UnloadAdapterResponse { was_loaded }))
         })();
         counted("UnloadAdapter", r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deadline(v: &str) -> Result<Option<Instant>, Status> {
+        let mut r = Request::new(());
+        r.metadata_mut().insert("grpc-timeout", v.parse().unwrap());
+        deadline_of(&r)
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_and_out_of_spec_ones_are_refused_not_panicked_on() {
+        let now = Instant::now();
+        let d = deadline("2S").unwrap().unwrap();
+        assert!(d > now + Duration::from_millis(1900) && d < now + Duration::from_secs(3));
+        assert!(deadline("99999999H").is_ok(), "the largest value the spec allows");
+        for bad in ["18446744073709551615S", "123456789m", "5x", "S", "-1S"] {
+            let e = deadline(bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert!(e.message().contains("grpc-timeout"), "{bad}: {}", e.message());
+        }
     }
 }

@@ -22,7 +22,9 @@ pub fn from_cache(e: CacheError, deadline_passed: bool) -> Status {
         CacheError::Full { .. } if deadline_passed => {
             Status::deadline_exceeded(format!("deadline exceeded waiting for adapter cache space: {e}"))
         }
-        CacheError::TooLarge { .. } | CacheError::Full { .. } => Status::resource_exhausted(e.to_string()),
+        // Larger than the whole device tier: no retry helps until the server is configured otherwise.
+        CacheError::TooLarge { .. } => Status::failed_precondition(e.to_string()),
+        CacheError::Full { .. } => Status::resource_exhausted(e.to_string()),
         CacheError::Internal { .. } => Status::internal(e.to_string()),
     }
 }
@@ -38,7 +40,8 @@ pub fn from_engine(e: EngineError) -> Status {
     match e {
         EngineError::DeadlineExceeded => Status::deadline_exceeded("deadline exceeded"),
         EngineError::ShuttingDown => Status::unavailable("server is shutting down"),
-        EngineError::TooLong { .. } => Status::resource_exhausted(e.to_string()),
+        // More KV blocks than the whole cache: a shorter request, or a larger cache, is needed.
+        EngineError::TooLong { .. } => Status::failed_precondition(e.to_string()),
         EngineError::Internal(_) => Status::internal(e.to_string()),
     }
 }
