@@ -1,6 +1,8 @@
 //! The `server` command line: a clap `Command` enum with flattened option groups. Every flag can also be
 //! set through a `LORASERVE_*` environment variable (e.g. `LORASERVE_MODEL=demo`).
 
+use std::io::Write;
+
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -127,6 +129,7 @@ pub struct SamplingArgs {
     /// 0 = off.
     #[arg(long, default_value_t = 0)]
     pub top_k: u32,
+    /// Seeds sampling (the same seed, the same tokens); without it each run samples differently
     #[arg(long)]
     pub seed: Option<u64>,
 }
@@ -561,9 +564,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     // Fail on settings before spending time loading the model.
-    if cfg.output.exists() {
-        bail!("{}: already exists (choose a new output folder)", cfg.output.display());
-    }
+    crate::train::check(&cfg)?;
     let loaded = args.model.load()?;
     let report = crate::train::train(&loaded.model, &loaded.tokenizer, &cfg)?;
     let evals = report.eval_losses.iter().map(|e| format!("{e:.4}")).collect::<Vec<_>>().join(", ");
@@ -648,7 +649,8 @@ fn resolve_adapter(arg: &str, root: &std::path::Path) -> Result<std::path::PathB
     }
     let path_like =
         as_dir.is_absolute() || [".", ".."].contains(&arg) || arg.starts_with("./") || arg.starts_with("../");
-    if as_dir.is_dir() && path_like {
+    // A folder that is not also an id under the root (`ads/sub` with no `adapters/ads/sub`) was meant as a path.
+    if as_dir.is_dir() && (path_like || !root.join(arg).is_dir()) {
         bail!("--adapter {arg}: {} is missing", as_dir.join("adapter_config.json").display());
     }
     let store = crate::lora::store::AdapterStore::open(root)?;
@@ -697,9 +699,9 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             "token_ids": out.token_ids,
             "text": text,
         });
-        println!("{v}");
+        writeln!(std::io::stdout(), "{v}")?;
     } else {
-        println!("{text}");
+        writeln!(std::io::stdout(), "{text}")?;
     }
     Ok(())
 }

@@ -185,6 +185,23 @@ fn merged_checkpoint_gives_the_adapter_logits() {
             assert_eq!(out.token_ids, c.greedy_new_ids);
         }
     }
+    // In bf16, config.json says so under both keys transformers reads (5.x `dtype`, 4.x `torch_dtype`).
+    let (adapter, dir) = &adapter_dirs("llama")[0];
+    let out = tmp.path().join(format!("{adapter}-bf16"));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["merge", "--dtype", "bf16", "--model"])
+        .arg(fixture("llama/model"))
+        .args([std::ffi::OsStr::new("--adapter"), dir.as_os_str(), "--output".as_ref(), out.as_os_str()])
+        .env("LORASERVE_LOG", "off")
+        .status()
+        .unwrap();
+    assert!(status.success(), "merge --dtype bf16");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!((&config["dtype"], &config["torch_dtype"]), (&"bfloat16".into(), &"bfloat16".into()));
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.tensors().iter().all(|(_, t)| t.dtype() == safetensors::Dtype::BF16));
 }
 
 #[test]

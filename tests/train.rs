@@ -268,9 +268,13 @@ fn resume_after_sigkill_is_bit_for_bit() {
     let data = tmp.path().join("task.jsonl");
     write_task(&data, 48, 3);
     let extra = ["--max-steps", "12", "--checkpoint-every", "2", "--dropout", "0.1"];
-    let straight = tmp.path().join("straight");
+    // Into a folder that does not exist yet: created, as merge and quantize do.
+    let straight = tmp.path().join("new/straight");
     let o = server().args(train_args(&data, &straight)).args(extra).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["lora_dropout"].to_string(), "0.1", "as PEFT writes it, not 0.10000000149011612");
 
     let resumed = tmp.path().join("resumed");
     let log = PathBuf::from(format!("{}.log.jsonl", resumed.display()));
@@ -294,9 +298,29 @@ fn resume_after_sigkill_is_bit_for_bit() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(!resumed.exists(), "no adapter from the killed run");
+    // The same command without --resume must not train over the checkpoints (nor crash after training).
+    let checkpoints = PathBuf::from(format!("{}.checkpoints", resumed.display()));
+    let listing = || {
+        let mut v: Vec<String> =
+            std::fs::read_dir(&checkpoints).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    };
+    let before = listing();
+    let o = server().args(train_args(&data, &resumed)).args(extra).env("LORASERVE_LOG", "off").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("pass --resume to continue it"), "{err}");
+    assert_eq!(listing(), before, "the refused run left the checkpoints as they were");
     let o = server().args(train_args(&data, &resumed)).args(extra).arg("--resume").output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("resuming"), "it resumed from a checkpoint");
+    // The log holds each step once, in order: the killed run's steps past its checkpoint were dropped.
+    let steps: Vec<u64> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<u64>>());
     let a = std::fs::read(straight.join("adapter_model.safetensors")).unwrap();
     let b = std::fs::read(resumed.join("adapter_model.safetensors")).unwrap();
     assert!(a == b, "resumed adapter differs from the uninterrupted one");
@@ -339,7 +363,9 @@ fn bad_settings_are_refused_by_flag() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("d.jsonl");
     write_task(&data, 8, 1);
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 9] = [
+        (&["--max-steps", "0"], "--max-steps must be ≥ 1"),
+        (&["--weight-decay=-1"], "--weight-decay must be a number ≥ 0, got -1"),
         (&["--alpha", "0"], "--alpha must be a number > 0"),
         (&["--lr", "NaN"], "--lr must be a number > 0"),
         (&["--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1), got 2"),
@@ -355,8 +381,8 @@ fn bad_settings_are_refused_by_flag() {
         if let Some(at) = args.iter().position(|a| a == extra[0]) {
             args.drain(at..at + 2);
         }
-        let o =
-            server().args(args).args(*extra).args(["--max-steps", "2"]).env("LORASERVE_LOG", "off").output().unwrap();
+        let steps: &[&str] = if extra.contains(&"--max-steps") { &[] } else { &["--max-steps", "2"] };
+        let o = server().args(args).args(*extra).args(steps).env("LORASERVE_LOG", "off").output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{extra:?} succeeded");
         assert!(err.contains(words), "{extra:?}: {err}");

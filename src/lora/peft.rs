@@ -152,7 +152,10 @@ impl AdapterConfig {
 
         let r = match get("r").and_then(|v| v.as_u64()) {
             Some(r) if r > 0 => r as usize,
-            _ => return Err(cfg_err(file, "r", format!("expected a positive integer, got {:?}", get("r")))),
+            _ => {
+                let got = get("r").map_or_else(|| "nothing (the key is missing)".to_string(), |v| v.to_string());
+                return Err(cfg_err(file, "r", format!("expected a positive integer, got {got}")));
+            }
         };
         let lora_alpha = match get("lora_alpha") {
             None => 8.0, // PEFT's default
@@ -433,6 +436,24 @@ fn load_weights(
         match which {
             'A' => slot.0 = Some(name.clone()),
             _ => slot.1 = Some(name.clone()),
+        }
+    }
+    // Shapes first (headers only): an adapter for another base usually has both wrong shapes and a different
+    // layer count, and the shapes say what is wrong.
+    for (id, (a_name, b_name)) in &pairs {
+        let (r, _) = config.rank_and_scale(&matcher, &id.module_path());
+        let (in_f, out_f) = layout.dims(id.kind);
+        for (name, want) in [(a_name, [r, in_f]), (b_name, [out_f, r])] {
+            let Some(name) = name else { continue };
+            let got = st.tensor(name).map_err(|e| tensor_err(name, e.to_string()))?.shape().to_vec();
+            if got != want {
+                return Err(tensor_err(
+                    name,
+                    format!(
+                        "shape {got:?}, expected {want:?} (rank and base dimensions: is the adapter for this base?)"
+                    ),
+                ));
+            }
         }
     }
     for id in layout.linears() {

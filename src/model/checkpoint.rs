@@ -113,7 +113,10 @@ pub fn write(
     if any_nf4 {
         config.insert("quantization_config".into(), bnb::quantization_config(compute_name));
     }
-    config.insert("torch_dtype".into(), Value::String(compute_name.into()));
+    // transformers 5 reads `dtype` (writing only that); 4.x reads `torch_dtype`: both say what was written.
+    for key in ["dtype", "torch_dtype"] {
+        config.insert(key.into(), Value::String(compute_name.into()));
+    }
     let config_text = serde_json::to_string_pretty(&Value::Object(config)).expect("JSON");
     let write_file = |name: &str, bytes: &[u8]| {
         let p = tmp.path().join(name);

@@ -42,15 +42,30 @@ pub fn save(dir: &Path, state: &State, lora: &TrainableLora, opt: &AdamW) -> Res
     candle_core::safetensors::save(&tensors, &st).map_err(|e| err(&st, e))?;
     let js = tmp.path().join("state.json");
     std::fs::write(&js, serde_json::to_string_pretty(state).expect("JSON")).map_err(|e| err(&js, e))?;
-    let kept = tmp.keep();
     let final_path = dir.join(&name);
-    std::fs::rename(&kept, &final_path).map_err(|e| err(&final_path, e))?;
-    for old in list(dir)? {
-        if old != final_path {
-            let _ = std::fs::remove_dir_all(old);
+    if final_path.exists() {
+        // A copy of the same step (a resumed run passing it again): the new one replaces it.
+        std::fs::remove_dir_all(&final_path).map_err(|e| err(&final_path, e))?;
+    }
+    let kept = tmp.keep();
+    if let Err(e) = std::fs::rename(&kept, &final_path) {
+        let _ = std::fs::remove_dir_all(&kept);
+        return Err(err(&final_path, e));
+    }
+    // Older checkpoints, and the partial folders of runs killed while saving.
+    for entry in std::fs::read_dir(dir).map_err(|e| err(dir, e))?.flatten() {
+        let (path, file_name) = (entry.path(), entry.file_name());
+        let n = file_name.to_string_lossy();
+        if path != final_path && (n.starts_with("step-") || (n.starts_with(".step-") && n.contains(".partial-"))) {
+            let _ = std::fs::remove_dir_all(path);
         }
     }
     Ok(final_path)
+}
+
+/// The newest complete checkpoint in `dir`, if any.
+pub fn latest(dir: &Path) -> Option<PathBuf> {
+    list(dir).ok()?.pop()
 }
 
 /// Complete checkpoints in `dir`, oldest first.

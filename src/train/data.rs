@@ -73,9 +73,11 @@ pub fn parse_jsonl(
     max_seq_len: Option<usize>,
     eos: u32,
 ) -> Result<(Vec<Example>, DataStats), DataError> {
-    let template = tok.chat_template.clone().unwrap_or_else(|| PLAIN_CHAT_TEMPLATE.to_string());
-    let chat =
-        ChatRenderer::new(&template, tok).map_err(|reason| DataError::File { file: file.to_string(), reason })?;
+    // Compiled on the first `{"messages"}` line: text and prompt/completion data never need the template.
+    let chat = Chat::new(|| {
+        let template = tok.chat_template.clone().unwrap_or_else(|| PLAIN_CHAT_TEMPLATE.to_string());
+        ChatRenderer::new(&template, tok)
+    });
     let mut stats = DataStats::default();
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -107,8 +109,9 @@ pub fn parse_jsonl(
         return Err(DataError::File {
             file: file.to_string(),
             reason: format!(
-                "all {} examples were truncated away (--max-seq-len {:?} leaves no target tokens)",
-                stats.lines, max_seq_len
+                "all {} examples were truncated away (a limit of {} tokens leaves no target tokens; see --max-seq-len)",
+                stats.lines,
+                max_seq_len.map_or_else(|| "no".to_string(), |n| n.to_string())
             ),
         });
     }
@@ -124,10 +127,13 @@ fn encode(tok: &Tokenizer, text: &str, special: bool) -> Result<Vec<u32>, String
     tok.encode_with(text, special).map_err(|e| e.to_string())
 }
 
-fn example(v: &Value, tok: &Tokenizer, chat: &ChatRenderer, eos: u32) -> Result<Example, String> {
+fn example<F>(v: &Value, tok: &Tokenizer, chat: &Chat<F>, eos: u32) -> Result<Example, String>
+where
+    F: Fn() -> Result<ChatRenderer, String>,
+{
     let Some(obj) = v.as_object() else { return Err("each line must be a JSON object".into()) };
     if obj.contains_key("messages") {
-        return chat.example(v.get("messages").expect("key"), tok);
+        return chat.get()?.example(v.get("messages").expect("key"), tok);
     }
     if obj.contains_key("prompt") || obj.contains_key("completion") {
         let prompt = encode(tok, str_field(v, "prompt")?, true)?;
@@ -156,6 +162,32 @@ fn example(v: &Value, tok: &Tokenizer, chat: &ChatRenderer, eos: u32) -> Result<
     Err("expected {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"}".into())
 }
 
+/// The chat renderer, built when first needed.
+struct Chat<F> {
+    build: F,
+    renderer: std::cell::OnceCell<Result<ChatRenderer, String>>,
+}
+
+impl<F: Fn() -> Result<ChatRenderer, String>> Chat<F> {
+    fn new(build: F) -> Self {
+        Chat { build, renderer: std::cell::OnceCell::new() }
+    }
+
+    fn get(&self) -> Result<&ChatRenderer, String> {
+        self.renderer.get_or_init(&self.build).as_ref().map_err(Clone::clone)
+    }
+}
+
+/// transformers' `{% generation %}…{% endgeneration %}` (marking assistant text for
+/// `return_assistant_tokens_mask`) is no Jinja statement: rendered here as a plain block, whitespace
+/// control kept. The assistant turns are found by rendering prefixes either way.
+fn without_generation_blocks(template: &str) -> String {
+    let open = fancy_regex::Regex::new(r"\{%(-?)\s*generation\s*(-?)%\}").expect("valid regex");
+    let close = fancy_regex::Regex::new(r"\{%(-?)\s*endgeneration\s*(-?)%\}").expect("valid regex");
+    let t = open.replace_all(template, "{%${1} if true ${2}%}");
+    close.replace_all(&t, "{%${1} endif ${2}%}").into_owned()
+}
+
 /// Renders conversations with a chat template and finds the assistant turns.
 struct ChatRenderer {
     env: minijinja::Environment<'static>,
@@ -171,7 +203,8 @@ impl ChatRenderer {
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
-        env.add_template_owned("chat", template.to_string()).map_err(|e| format!("chat template: {e}"))?;
+        env.add_template_owned("chat", without_generation_blocks(template))
+            .map_err(|e| format!("chat template: {e}"))?;
         Ok(ChatRenderer {
             env,
             bos: tok.bos_token.clone().unwrap_or_default(),
@@ -260,6 +293,27 @@ mod tests {
         assert_eq!(t.decode(&target_text[..2]).unwrap(), "A\n");
         assert_eq!(*target_text.last().unwrap(), 1);
         assert_eq!(target_text.len(), 3);
+    }
+
+    /// transformers' `{% generation %}` blocks (whitespace control included) render as plain text; a template
+    /// is compiled only for `{"messages"}` lines, so text data trains whatever the template holds.
+    #[test]
+    fn generation_blocks_render_and_only_messages_need_the_template() {
+        let messages = "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"A\"}]}\n";
+        let mut t = demo::tokenizer().unwrap();
+        t.chat_template = Some(PLAIN_CHAT_TEMPLATE.into());
+        let want = parse_jsonl(messages, "d", &t, None, 1).unwrap().0;
+        let marked = PLAIN_CHAT_TEMPLATE.replace(
+            "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}",
+            "{{ '<|' + message['role'] + '|>\\n' }}{%- generation -%}  {{ message['content'] + '\\n' }}  {%- endgeneration %}",
+        );
+        assert_ne!(marked, PLAIN_CHAT_TEMPLATE);
+        t.chat_template = Some(marked);
+        assert_eq!(parse_jsonl(messages, "d", &t, None, 1).unwrap().0, want);
+        t.chat_template = Some("{% broken".into());
+        assert!(parse_jsonl("{\"text\": \"ab\"}\n", "d", &t, None, 1).is_ok());
+        let e = parse_jsonl(messages, "d", &t, None, 1).unwrap_err();
+        assert!(matches!(&e, DataError::Line { line: 1, reason, .. } if reason.contains("chat template")), "{e}");
     }
 
     #[test]

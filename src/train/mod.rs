@@ -102,8 +102,8 @@ fn split(examples: Vec<data::Example>, ratio: f64, seed: u64) -> (Vec<data::Exam
     (train, eval)
 }
 
-/// Validates settings that need no data.
-fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
+/// Validates settings that need neither the model nor the data (the CLI calls it before loading either).
+pub fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
     let bad = |m: String| Err(TrainError::Config(m));
     if cfg.output.exists() && !cfg.resume {
         return bad(format!("{}: already exists (choose a new output folder)", cfg.output.display()));
@@ -116,6 +116,12 @@ fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
     }
     if cfg.batch_size == 0 || cfg.grad_accum == 0 || (cfg.epochs == 0 && cfg.max_steps.is_none()) {
         return bad("--batch-size, --grad-accum and --epochs (or --max-steps) must be ≥ 1".into());
+    }
+    if cfg.max_steps == Some(0) {
+        return bad("--max-steps must be ≥ 1 (0 steps would write an adapter that does nothing)".into());
+    }
+    if !(cfg.optim.weight_decay >= 0.0 && cfg.optim.weight_decay.is_finite()) {
+        return bad(format!("--weight-decay must be a number ≥ 0, got {}", cfg.optim.weight_decay));
     }
     if !(cfg.optim.lr > 0.0 && cfg.optim.lr.is_finite()) {
         return bad(format!("--lr must be a number > 0, got {}", cfg.optim.lr));
@@ -133,6 +139,12 @@ fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
     }
     if cfg.eval_data.is_some() && cfg.eval_ratio > 0.0 {
         return bad("--eval-data and --eval-ratio both choose the evaluation set: give one".into());
+    }
+    if !cfg.resume && checkpoint::latest(&cfg.checkpoint_dir).is_some() {
+        return bad(format!(
+            "{}: holds checkpoints of an earlier run: pass --resume to continue it, or remove the folder to start over",
+            cfg.checkpoint_dir.display()
+        ));
     }
     Ok(())
 }
@@ -206,11 +218,12 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
         100.0 * trainable as f64 / all as f64
     );
 
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&cfg.log_file)
-        .map_err(|e| TrainError::Io(format!("{}: {e}", cfg.log_file.display())))?;
+    for file in [&cfg.output, &cfg.log_file] {
+        if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| TrainError::Io(format!("{}: {e}", parent.display())))?;
+        }
+    }
+    let mut log = open_log(&cfg.log_file, start)?;
     let mut report = trainer::run_loop(model, &lora, &mut opt, cfg, &train_set, &eval_set, start, &fp, &mut log)?;
     report.trainable_params = trainable;
     report.all_params = all;
@@ -220,13 +233,39 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
         r: cfg.lora.rank,
         lora_alpha: cfg.lora.alpha,
         use_rslora: cfg.lora.use_rslora,
-        lora_dropout: cfg.lora.dropout as f64,
+        // Through the shortest decimal form: 0.05 as f32 widened is 0.05000000074505806.
+        lora_dropout: cfg.lora.dropout.to_string().parse().expect("a float's own decimal form"),
         base_model_name_or_path: cfg.base_model.clone(),
         dtype: candle_core::DType::F32,
     };
     peft::write_dir(&cfg.output, &weights, &meta)?;
     let _ = std::fs::remove_dir_all(&cfg.checkpoint_dir);
     Ok(report)
+}
+
+/// The JSONL training log: a new run starts it afresh; a resumed one keeps the lines of the steps up to its
+/// checkpoint (later ones were lost with the interrupted run, and are logged again), as the HF Trainer's state.
+fn open_log(path: &std::path::Path, resumed_at: u64) -> Result<std::fs::File, TrainError> {
+    let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", path.display()));
+    let kept: String = if resumed_at == 0 {
+        String::new()
+    } else {
+        match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .lines()
+                .filter(|l| {
+                    let step = serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64());
+                    step.is_some_and(|s| s <= resumed_at)
+                })
+                .flat_map(|l| [l, "\n"])
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io(e)),
+        }
+    };
+    let mut f = std::fs::File::create(path).map_err(io)?;
+    std::io::Write::write_all(&mut f, kept.as_bytes()).map_err(io)?;
+    Ok(f)
 }
 
 /// `1234567` → `1,234,567` (as PEFT prints counts).
