@@ -210,10 +210,12 @@ fn lora_errors(label: &str, rows: usize, in_f: usize, out_f: usize, segs: &[(Ran
     let ranks: Vec<i32> = modules.iter().map(|m| m.rank() as i32).collect();
     let scales: Vec<f32> = modules.iter().map(|m| m.scale).collect();
 
-    // Shrink: t (NaN-filled here; the host zero-fills it, which no correct kernel may depend on).
+    // Shrink: t, partial sums per chunk of inputs (NaN-filled: the host leaves it uninitialised).
+    let splits = launch::lora_splits(in_f);
+    assert_eq!(shrink.grid.1 as usize, splits);
     let mut c = Call::new(shrink);
     let bx = c.f32(&x);
-    let t = c.f32(&vec![f32::NAN; rows * LORA_MAX_RANK]);
+    let t = c.f32(&vec![f32::NAN; rows * splits * LORA_MAX_RANK]);
     let seg = c.i32(&row_seg);
     let a_bufs: Vec<Buf> = modules.iter().map(|m| c.f32(&flat(&m.a))).collect();
     let a_ptrs = c.table(&a_bufs);
@@ -221,7 +223,8 @@ fn lora_errors(label: &str, rows: usize, in_f: usize, out_f: usize, segs: &[(Ran
     c.arg(bx).arg(t).arg(seg).arg(a_ptrs).arg(rk).arg(in_f as i32);
     let t_got = run(&mut c, seed).f32(t);
 
-    // The scratch rows of adapter rows against x · Aᵀ (f64), slots j < rank only.
+    // The scratch rows of adapter rows, their partials summed in split order (as the expand does), against
+    // x · Aᵀ (f64), slots j < rank only.
     let (mut t_got_used, mut t_want) = (vec![], vec![]);
     for (s, ((r, rank), m)) in segs.iter().zip(&modules).enumerate() {
         let a = flat(&m.a);
@@ -230,7 +233,7 @@ fn lora_errors(label: &str, rows: usize, in_f: usize, out_f: usize, segs: &[(Ran
             for j in 0..*rank {
                 let dot: f64 = (0..in_f).map(|i| x[row * in_f + i] as f64 * a[j * in_f + i] as f64).sum();
                 t_want.push(dot as f32);
-                t_got_used.push(t_got[row * LORA_MAX_RANK + j]);
+                t_got_used.push((0..splits).map(|p| t_got[(row * splits + p) * LORA_MAX_RANK + j]).sum());
             }
         }
     }
@@ -246,7 +249,7 @@ fn lora_errors(label: &str, rows: usize, in_f: usize, out_f: usize, segs: &[(Ran
     let bt_ptrs = c.table(&bt_bufs);
     let rk = c.i32(&ranks);
     let sc = c.f32(&scales);
-    c.arg(bt).arg(y).arg(seg).arg(bt_ptrs).arg(rk).arg(sc).arg(out_f as i32);
+    c.arg(bt).arg(y).arg(seg).arg(bt_ptrs).arg(rk).arg(sc).arg(splits as i32).arg(out_f as i32);
     let got = run(&mut c, seed + 1).f32(y);
 
     let covered: Vec<bool> = (0..rows).map(|r| segs.iter().any(|(s, _)| s.contains(&r))).collect();
@@ -270,16 +273,17 @@ fn lora_errors(label: &str, rows: usize, in_f: usize, out_f: usize, segs: &[(Ran
 /// The device checks' mixes, scaled down: one row per adapter (decode), one adapter over every row, and a
 /// prefill mix of ranks 1..128 (the kernels' maximum) with base-model rows before, between and after the
 /// segments; 300 outputs make the expand's second column block partial, 100 inputs a float4 count that is not
-/// a multiple of the 32 lanes.
+/// a multiple of the 32 lanes, 1100 inputs three chunks of the shrink's split, the last one partial.
 #[test]
 fn lora_segments_of_different_ranks_and_base_rows() {
     let per_row: Vec<(Range<usize>, usize)> = (0..6).map(|i| (i..i + 1, 16)).collect();
     let mix = vec![(1..4, 8), (4..9, 16), (11..12, 1), (12..17, 64), (19..22, 128), (22..23, 3)];
     let mut worst = (0f64, 0f64);
     for (label, rows, in_f, out_f, segs) in [
-        ("one row per adapter", 6, 128, 96, per_row),
+        ("one row per adapter", 6, 1100, 96, per_row),
         ("one adapter", 5, 128, 300, vec![(0..5, 16)]),
-        ("prefill mix", 24, 100, 300, mix),
+        ("prefill mix", 24, 100, 300, mix.clone()),
+        ("prefill mix, split inputs", 24, 1100, 300, mix),
     ] {
         let (e, t) = lora_errors(label, rows, in_f, out_f, &segs);
         worst = (worst.0.max(e), worst.1.max(t));

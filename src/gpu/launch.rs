@@ -70,11 +70,19 @@ pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
 
 /// Largest adapter rank the LoRA kernels take (`MAX_RANK` in `kernels/lora.cu`: the per-row scratch width).
 pub const LORA_MAX_RANK: usize = 128;
-const SHRINK_WARPS: u32 = 8;
+const SHRINK_WARPS: u32 = 4;
+/// Input features per shrink block (`SHRINK_CHUNK` in `kernels/lora.cu`).
+const SHRINK_CHUNK: usize = 512;
 const EXPAND_THREADS: usize = 256;
 
-/// The two launches of the batched-LoRA op for `rows` rows: shrink (one block per row) then expand (one
-/// block per row and 256 output features).
+/// The shrink's split of the input features: its blocks per row, and the partial sums it leaves per row
+/// (`splits · LORA_MAX_RANK` floats of scratch a row).
+pub fn lora_splits(in_features: usize) -> usize {
+    in_features.div_ceil(SHRINK_CHUNK)
+}
+
+/// The two launches of the batched-LoRA op for `rows` rows: shrink (a block per row and 512 input features)
+/// then expand (a block per row and 256 output features).
 pub fn lora(rows: usize, in_features: usize, out_features: usize) -> Result<(Launch, Launch), String> {
     if rows == 0 || in_features == 0 || out_features == 0 {
         return Err(format!("batched LoRA of an empty shape ({rows} rows, {in_features} → {out_features})"));
@@ -82,10 +90,19 @@ pub fn lora(rows: usize, in_features: usize, out_features: usize) -> Result<(Lau
     if in_features % 4 != 0 {
         return Err(format!("batched LoRA kernels need in_features divisible by 4, got {in_features}"));
     }
-    if rows > u32::MAX as usize || out_features.div_ceil(EXPAND_THREADS) > MAX_GRID_YZ {
-        return Err(format!("batched LoRA too large for one launch ({rows} rows, {out_features} outputs)"));
+    if rows > u32::MAX as usize
+        || out_features.div_ceil(EXPAND_THREADS) > MAX_GRID_YZ
+        || lora_splits(in_features) > MAX_GRID_YZ
+    {
+        return Err(format!(
+            "batched LoRA too large for one launch ({rows} rows, {in_features} → {out_features} features)"
+        ));
     }
-    let shrink = Launch { kernel: "lora_shrink", grid: (rows as u32, 1, 1), block: (32 * SHRINK_WARPS, 1, 1) };
+    let shrink = Launch {
+        kernel: "lora_shrink",
+        grid: (rows as u32, lora_splits(in_features) as u32, 1),
+        block: (32 * SHRINK_WARPS, 1, 1),
+    };
     let expand = Launch {
         kernel: "lora_expand",
         grid: (rows as u32, out_features.div_ceil(EXPAND_THREADS) as u32, 1),
@@ -302,6 +319,7 @@ mod tests {
         }
         assert!(LORA_SOURCE.contains(&format!("#define MAX_RANK {LORA_MAX_RANK}\n")));
         assert!(LORA_SOURCE.contains(&format!("#define SHRINK_WARPS {SHRINK_WARPS}\n")));
+        assert!(LORA_SOURCE.contains(&format!("#define SHRINK_CHUNK {SHRINK_CHUNK}\n")));
         assert!(LORA_SOURCE.contains(&format!("#define EXPAND_THREADS {EXPAND_THREADS}\n")));
         assert!(SAMPLE_SOURCE.contains("extern \"C\" __global__ void argmax_rows("));
         assert!(SAMPLE_SOURCE.contains(&format!("#define ARGMAX_THREADS {ARGMAX_THREADS}\n")));
@@ -365,9 +383,12 @@ mod tests {
     #[test]
     fn lora_launches_cover_every_row_and_output() {
         let (s, e) = lora(37, 4096, 11008).unwrap();
-        assert_eq!((s.kernel, s.grid, s.block), ("lora_shrink", (37, 1, 1), (256, 1, 1)));
+        assert_eq!((s.kernel, s.grid, s.block), ("lora_shrink", (37, 8, 1), (128, 1, 1)));
         assert_eq!((e.kernel, e.grid, e.block), ("lora_expand", (37, 43, 1), (256, 1, 1)));
         assert!(e.grid.1 as usize * EXPAND_THREADS >= 11008);
+        // Input chunks of 512 features, the last one partial (down_proj's 11008 = 21.5 chunks).
+        assert_eq!(lora(2, 11008, 4096).unwrap().0.grid, (2, 22, 1));
+        assert_eq!((lora_splits(100), lora_splits(512), lora_splits(513)), (1, 1, 2));
         assert!(lora(1, 4094, 64).unwrap_err().contains("divisible by 4"));
         assert!(lora(0, 64, 64).unwrap_err().contains("empty"));
     }

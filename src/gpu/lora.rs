@@ -127,23 +127,24 @@ fn launch_pair(
     let stream = device.cuda_stream();
     let (a, b_t) = (tables.a.slice(seg_entries.clone()), tables.b_t.slice(seg_entries.clone()));
     let (ranks, scales) = (tables.ranks.slice(seg_entries.clone()), tables.scales.slice(seg_entries));
-    // SAFETY: lora_expand reads t[r, j] only for j < rank of row r's segment, exactly what lora_shrink wrote
-    // (the emulation test and the device check run both with base rows and mixed ranks).
-    let mut t = unsafe { stream.alloc::<f32>(rows * LORA_MAX_RANK) }.w()?;
-    let (in_i, out_i) = (in_f as i32, out_f as i32);
+    // SAFETY: lora_expand reads t[r, split, j] only for j < rank of row r's segment, exactly what lora_shrink
+    // wrote for every split (the emulation test and the device check run both with base rows and mixed ranks).
+    let splits = launch::lora_splits(in_f);
+    let mut t = unsafe { stream.alloc::<f32>(rows * splits * LORA_MAX_RANK) }.w()?;
+    let (in_i, out_i, splits_i) = (in_f as i32, out_f as i32, splits as i32);
 
     let f = MODULE.function(device, shrink.kernel)?;
     let mut b = stream.launch_builder(&f);
     b.arg(x).arg(&mut t).arg(&tables.row_seg).arg(&a).arg(&ranks).arg(&in_i);
     let cfg = LaunchConfig { grid_dim: shrink.grid, block_dim: shrink.block, shared_mem_bytes: 0 };
-    // SAFETY: arguments match lora_shrink's signature; x holds rows·in floats, t rows·MAX_RANK, the tables
+    // SAFETY: arguments match lora_shrink's signature; x holds rows·in floats, t rows·splits·MAX_RANK, the tables
     // one entry per segment and row_seg one per row (indices < segments). The addresses point into tensors
     // the caller keeps alive (borrowed adapters), and every kernel runs on this one stream, in order.
     unsafe { b.launch(cfg) }.w()?;
 
     let f = MODULE.function(device, expand.kernel)?;
     let mut b = stream.launch_builder(&f);
-    b.arg(&t).arg(y).arg(&tables.row_seg).arg(&b_t).arg(&ranks).arg(&scales).arg(&out_i);
+    b.arg(&t).arg(y).arg(&tables.row_seg).arg(&b_t).arg(&ranks).arg(&scales).arg(&splits_i).arg(&out_i);
     let cfg = LaunchConfig { grid_dim: expand.grid, block_dim: expand.block, shared_mem_bytes: 0 };
     // SAFETY: as above for lora_expand; y holds rows·out floats.
     unsafe { b.launch(cfg) }.w()?;
