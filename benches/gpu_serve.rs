@@ -2,7 +2,8 @@
 //! (in process, gRPC on loopback), in two parts:
 //!
 //! 1. **Fixtures.** Every peer-made fixture model (tests/fixtures: llama with GQA, mistral, qwen2 with biases
-//!    and tied embeddings, the bitsandbytes NF4 llama), NF4 and dense bases, with all of its PEFT adapters:
+//!    and tied embeddings, the bitsandbytes NF4 llama, and the llama from a bf16 copy of its checkpoint, whose
+//!    embeddings and head the GPU keeps in bf16), NF4 and dense bases, with all of its PEFT adapters:
 //!    every prompt × (base + each adapter) is sent at once to a CPU server and to a GPU server, and the greedy
 //!    token ids must be equal. Figures: requests compared, equal, and how many GPU outputs also equal the
 //!    peer's own greedy ids from transformers (informational: the CPU tests hold that bar).
@@ -142,11 +143,19 @@ async fn fixtures(cuda: &Device) -> (Vec<serde_json::Value>, usize) {
     println!("| fixture | base | requests | GPU = CPU | GPU = transformers | check |");
     println!("|---|---|---|---|---|---|");
     let mut rows = vec![];
-    for name in ["llama", "mistral", "qwen2", "llama-bnb-nf4"] {
+    // The llama again from a bf16 copy of its checkpoint: the GPU then keeps the embeddings and the head in
+    // bf16 (`Model::assemble`), the CPU widens them at load; both compute in f32 from the same values.
+    let bf16 = bf16_copy(&root.join("llama/model"));
+    for name in ["llama", "mistral", "qwen2", "llama-bnb-nf4", "llama (bf16 checkpoint)"] {
         let quants: &[QuantMode] =
             if name == "llama-bnb-nf4" { &[QuantMode::Nf4] } else { &[QuantMode::Nf4, QuantMode::None] };
         for &quant in quants {
-            let row = match fixture(cuda, &root, name, quant).await {
+            let model = match (name, &bf16) {
+                ("llama (bf16 checkpoint)", Ok(dir)) => Ok(dir.path().to_path_buf()),
+                ("llama (bf16 checkpoint)", Err(e)) => Err(anyhow::anyhow!("making the bf16 copy: {e:#}")),
+                _ => Ok(root.join(name).join("model")),
+            };
+            let row = match async { fixture(cuda, &root, name, &model?, quant).await }.await {
                 Ok(row) => row,
                 Err(e) => {
                     println!("| {name} | {quant:?} | | | | FAIL ({e:#}) |");
@@ -160,13 +169,53 @@ async fn fixtures(cuda: &Device) -> (Vec<serde_json::Value>, usize) {
     (rows, failed)
 }
 
-async fn fixture(cuda: &Device, root: &Path, name: &str, quant: QuantMode) -> anyhow::Result<serde_json::Value> {
-    let dir = root.join(name);
+/// A copy of the checkpoint in `model` with every f32 tensor rounded to bf16 (the other files as they are).
+fn bf16_copy(model: &Path) -> anyhow::Result<tempfile::TempDir> {
+    let out = tempfile::tempdir()?;
+    for entry in std::fs::read_dir(model)? {
+        let path = entry?.path();
+        let dest = out.path().join(path.file_name().expect("a file"));
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = std::fs::read(&path)?;
+            let st = safetensors::SafeTensors::deserialize(&bytes)?;
+            let tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+                .tensors()
+                .into_iter()
+                .map(|(name, t)| match t.dtype() {
+                    safetensors::Dtype::F32 => {
+                        let data = t.data().chunks_exact(4).flat_map(|c| {
+                            half::bf16::from_f32(f32::from_le_bytes(c.try_into().expect("4 bytes"))).to_le_bytes()
+                        });
+                        (name, safetensors::Dtype::BF16, t.shape().to_vec(), data.collect())
+                    }
+                    dtype => (name, dtype, t.shape().to_vec(), t.data().to_vec()),
+                })
+                .collect();
+            let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+                .iter()
+                .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
+                .collect::<anyhow::Result<_>>()?;
+            safetensors::serialize_to_file(views, None, &dest)?;
+        } else {
+            std::fs::copy(&path, &dest)?;
+        }
+    }
+    Ok(out)
+}
+
+async fn fixture(
+    cuda: &Device,
+    root: &Path,
+    name: &str,
+    model: &Path,
+    quant: QuantMode,
+) -> anyhow::Result<serde_json::Value> {
+    let dir = root.join(name.split(' ').next().expect("a name"));
     let (requests, peer) = fixture_requests(&dir)?;
     let adapters = if dir.join("adapters").is_dir() { dir.join("adapters") } else { root.join("llama/adapters") };
     let mut outs = vec![];
     for device in [Device::Cpu, cuda.clone()] {
-        let spec = ModelSpec::Dir(dir.join("model"));
+        let spec = ModelSpec::Dir(model.to_path_buf());
         let h = start(serve_config(spec, quant, device, &adapters, vec![], 256 << 20)).await?;
         outs.push(greedy_all(format!("http://{}", h.grpc_addr), &requests).await?);
         stop(h).await?;

@@ -73,7 +73,7 @@ pub fn write(
     let (_, compute_name) = dtype_names(model.dtype());
     let mut tensors: Vec<(String, OwnedTensor)> = Vec::new();
     let mut any_nf4 = false;
-    for (name, t) in model.other_tensors() {
+    for (name, t) in model.other_tensors()? {
         tensors.push((name, tensor_bytes(&t)?));
     }
     for lin in model.linears() {

@@ -87,6 +87,39 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, differentiable: bool) -> Resu
     }
 }
 
+/// The dtype the embedding table and the head are kept in: the compute dtype, except on a GPU computing in f32
+/// from a bf16 or f16 checkpoint, where they stay as stored and are widened, exactly, where used. They are the
+/// largest tensors outside the decoder (a 7B's two: 1 GiB in f32, 0.5 as stored).
+fn table_dtype(src: &dyn WeightSource, name: &str, dtype: DType, device: &Device) -> DType {
+    match src.stored_dtype(name) {
+        Some(stored @ (DType::BF16 | DType::F16)) if dtype == DType::F32 && device.is_cuda() => stored,
+        _ => dtype,
+    }
+}
+
+/// Elements of the head widened at a time when it is stored narrower than the compute dtype (32 MiB of f32:
+/// on a GPU the widened slice is still in L2 when the product reads it).
+const HEAD_SLICE_ELEMS: usize = 8 << 20;
+
+/// `x · headᵀ`; a head stored narrower than `x` is widened a slice of rows at a time (exact), each slice
+/// multiplied in `x`'s dtype, so the logits are those of the widened head without a widened copy of it.
+pub fn head_product(x: &Tensor, head: &Tensor) -> Result<Tensor> {
+    head_product_in_slices(x, head, HEAD_SLICE_ELEMS)
+}
+
+fn head_product_in_slices(x: &Tensor, head: &Tensor, slice_elems: usize) -> Result<Tensor> {
+    if head.dtype() == x.dtype() {
+        return x.matmul(&head.t()?);
+    }
+    let (vocab, hidden) = head.dims2()?;
+    let slice = (slice_elems / hidden.max(1)).clamp(1, vocab);
+    let parts = (0..vocab)
+        .step_by(slice)
+        .map(|s| x.matmul(&head.narrow(0, s, slice.min(vocab - s))?.to_dtype(x.dtype())?.t()?))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 1)
+}
+
 impl Model {
     /// Builds the model from named weights (Hugging Face names).
     pub fn load(config: ModelConfig, ld: &LinearLoad) -> std::result::Result<Self, ModelError> {
@@ -107,7 +140,8 @@ impl Model {
     ) -> std::result::Result<Self, ModelError> {
         let c = &config;
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        let embed = src.tensor("model.embed_tokens.weight", &[c.vocab_size, h], dtype, device)?;
+        let embed_name = "model.embed_tokens.weight";
+        let embed = src.tensor(embed_name, &[c.vocab_size, h], table_dtype(src, embed_name, dtype, device), device)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -140,7 +174,7 @@ impl Model {
         let lm_head = if c.tie_word_embeddings && !src.contains("lm_head.weight") {
             embed.clone()
         } else {
-            src.tensor("lm_head.weight", &[c.vocab_size, h], dtype, device)?
+            src.tensor("lm_head.weight", &[c.vocab_size, h], table_dtype(src, "lm_head.weight", dtype, device), device)?
         };
         Ok(Model {
             inv_freq: config.rope_inv_freq(),
@@ -204,17 +238,19 @@ impl Model {
 
     /// Every named tensor that is not a decoder linear weight (embeddings, norms, head, biases), for
     /// writing checkpoints.
-    pub fn other_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+    pub fn other_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        // In the compute dtype, as every other tensor the checkpoint holds (see `table_dtype`).
+        let table = |t: &Tensor| t.to_dtype(self.dtype);
+        let mut out = vec![("model.embed_tokens.weight".to_string(), table(&self.embed)?)];
         for (l, layer) in self.layers.iter().enumerate() {
             out.push((format!("model.layers.{l}.input_layernorm.weight"), layer.input_norm.clone()));
             out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), layer.post_norm.clone()));
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
         if !self.config.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+            out.push(("lm_head.weight".to_string(), table(&self.lm_head)?));
         }
-        out
+        Ok(out)
     }
 
     /// Bytes resident for the whole model (weights of every tensor; the quantized ones in NF4).
@@ -265,7 +301,7 @@ impl Model {
         }
         let differentiable = matches!(attn, AttentionMode::Dense { differentiable: true });
         let ids = Tensor::from_slice(batch.tokens, rows, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
         let positions: Vec<usize> = batch.seqs.iter().flat_map(|s| s.past..s.past + s.len).collect();
         let (cos, sin) = rope_tables(&positions, &self.inv_freq);
         // Dense attention and the GPU ropes tensors; the CPU paged path ropes host slices in place.
@@ -381,6 +417,35 @@ impl Model {
             let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &self.device)?;
             hidden.index_select(&idx, 0)?
         };
-        selected.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
+        head_product(&selected, &self.lm_head)?.to_dtype(DType::F32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bf16 head, widened a slice at a time (here 3 rows, the last slice 1 row), gives exactly the logits of
+    /// the head widened whole.
+    #[test]
+    fn a_narrow_head_gives_the_logits_of_its_widened_copy() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap();
+        let head = Tensor::randn(0f32, 1.0, (10, 8), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let want = x.matmul(&head.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+        for slice_elems in [3 * 8, 8, 1 << 20] {
+            let got = head_product_in_slices(&x, &head, slice_elems).unwrap();
+            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "slices of {slice_elems} elements");
+        }
+    }
+
+    #[test]
+    fn tables_keep_the_compute_dtype_on_the_cpu() {
+        let bf16 = Tensor::zeros((2, 2), DType::BF16, &Device::Cpu).unwrap();
+        let src = super::super::weights::InMemoryWeights::new("t", [("e".to_string(), bf16)].into());
+        assert_eq!(src.stored_dtype("e"), Some(DType::BF16));
+        assert_eq!(table_dtype(&src, "e", DType::F32, &Device::Cpu), DType::F32);
+        assert_eq!(table_dtype(&src, "missing", DType::F32, &Device::Cpu), DType::F32);
     }
 }

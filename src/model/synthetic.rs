@@ -96,6 +96,12 @@ pub fn build(name: &str, opts: &LoadOptions, seed: u64) -> Result<Model, ModelEr
     };
     put(&mut small, "model.embed_tokens.weight".into(), vec![c.vocab_size, h], 1, false)?;
     put(&mut small, "lm_head.weight".into(), vec![c.vocab_size, h], 2, false)?;
+    // Stored in bf16, as the published checkpoints of these shapes are (a GPU keeps them so: see
+    // `Model::assemble`).
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let t = small[name].to_dtype(candle_core::DType::BF16)?;
+        small.insert(name.to_string(), t);
+    }
     put(&mut small, "model.norm.weight".into(), vec![h], 3, true)?;
     for l in 0..c.num_hidden_layers {
         put(&mut small, format!("model.layers.{l}.input_layernorm.weight"), vec![h], 0, true)?;

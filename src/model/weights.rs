@@ -52,6 +52,15 @@ pub trait WeightSource {
     fn raw(&self, _name: &str) -> Option<RawTensor<'_>> {
         None
     }
+    /// The floating-point dtype a tensor is stored in, when known.
+    fn stored_dtype(&self, name: &str) -> Option<DType> {
+        match self.raw(name)?.dtype {
+            StDtype::BF16 => Some(DType::BF16),
+            StDtype::F16 => Some(DType::F16),
+            StDtype::F32 => Some(DType::F32),
+            _ => None,
+        }
+    }
 }
 
 struct Entry {
@@ -241,5 +250,9 @@ impl WeightSource for InMemoryWeights {
         t.to_dtype(dtype)
             .and_then(|t| t.to_device(device))
             .map_err(|e| WeightsError::tensor(&self.name, name, e.to_string()))
+    }
+
+    fn stored_dtype(&self, name: &str) -> Option<DType> {
+        self.tensors.get(name).map(Tensor::dtype)
     }
 }
