@@ -1,5 +1,6 @@
-//! The `server` command line: a clap `Command` enum with flattened option groups. Every flag can also be
-//! set through a `LORASERVE_*` environment variable (e.g. `LORASERVE_MODEL=demo`).
+//! The `server` command line: a clap `Command` enum with flattened option groups. Every flag of `serve`, the
+//! shared model options and the client's connection flags can also be set through a `LORASERVE_*`
+//! environment variable (e.g. `LORASERVE_MODEL=demo`); per-call flags (`--prompt`, `--rank`) cannot.
 
 use std::io::Write;
 

@@ -18,11 +18,23 @@ use crate::quant::bnb::{self, OwnedTensor};
 /// Tokenizer and generation files to copy into a written checkpoint: (file name, contents).
 pub type SideFiles = Vec<(String, Vec<u8>)>;
 
-/// The side files of a model folder (`tokenizer.json`, `tokenizer_config.json`, `generation_config.json`
-/// and `special_tokens_map.json` when present).
+/// The tokenizer and generation files of a model folder that a written checkpoint carries over, when present:
+/// what transformers' tokenizers save (the chat template in its own file since transformers 5; the
+/// SentencePiece model and added tokens of slow tokenizers) and the generation config.
+pub const SIDE_FILES: [&str; 7] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+];
+
+/// The side files of a model folder ([`SIDE_FILES`] that exist).
 pub fn side_files_of_dir(dir: &Path) -> Result<SideFiles, ModelError> {
     let mut out = Vec::new();
-    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+    for name in SIDE_FILES {
         let p = dir.join(name);
         if p.is_file() {
             let bytes = std::fs::read(&p).map_err(|e| ModelError::Invalid(format!("{}: {e}", p.display())))?;

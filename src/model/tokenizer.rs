@@ -25,7 +25,9 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    /// Loads `tokenizer.json` (required) and `tokenizer_config.json` (optional) from a model folder.
+    /// Loads `tokenizer.json` (required), `tokenizer_config.json` and `chat_template.jinja` (optional) from a
+    /// model folder. transformers 5 saves the chat template in `chat_template.jinja`, which wins over a
+    /// `chat_template` in `tokenizer_config.json` (as `AutoTokenizer` loads them).
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let file = dir.join("tokenizer.json");
         let bytes = std::fs::read(&file)
@@ -38,7 +40,18 @@ impl Tokenizer {
                 return Err(TokenizerError::Load { file: config_file.display().to_string(), reason: e.to_string() })
             }
         };
-        Self::from_parts(&bytes, &file.display().to_string(), config.as_ref().map(|(t, f)| (t.as_str(), f.as_str())))
+        let mut tok = Self::from_parts(
+            &bytes,
+            &file.display().to_string(),
+            config.as_ref().map(|(t, f)| (t.as_str(), f.as_str())),
+        )?;
+        let jinja = dir.join("chat_template.jinja");
+        match std::fs::read_to_string(&jinja) {
+            Ok(template) => tok.chat_template = Some(template),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(TokenizerError::Load { file: jinja.display().to_string(), reason: e.to_string() }),
+        }
+        Ok(tok)
     }
 
     /// Builds a tokenizer from `tokenizer.json` bytes and optional `tokenizer_config.json` text.
@@ -146,5 +159,24 @@ impl TextStream {
         self.prefix.clear();
         self.prefix_index = 0;
         Ok((!rest.is_empty()).then_some(rest))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// transformers 5 saves the chat template as `chat_template.jinja`: it is read, and wins over the
+    /// `tokenizer_config.json` key; a written checkpoint carries it over.
+    #[test]
+    fn the_chat_template_file_is_read_and_carried_over() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), super::super::demo::TOKENIZER_JSON).unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"chat_template": "from config"}"#).unwrap();
+        assert_eq!(Tokenizer::from_dir(dir.path()).unwrap().chat_template.as_deref(), Some("from config"));
+        std::fs::write(dir.path().join("chat_template.jinja"), "from file").unwrap();
+        assert_eq!(Tokenizer::from_dir(dir.path()).unwrap().chat_template.as_deref(), Some("from file"));
+        let side = super::super::checkpoint::side_files_of_dir(dir.path()).unwrap();
+        assert!(side.iter().any(|(n, b)| n == "chat_template.jinja" && b == b"from file"));
     }
 }
