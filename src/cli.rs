@@ -2,8 +2,6 @@
 //! shared model options and the client's connection flags can also be set through a `LORASERVE_*`
 //! environment variable (e.g. `LORASERVE_MODEL=demo`); per-call flags (`--prompt`, `--rank`) cannot.
 
-use std::io::Write;
-
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -523,8 +521,25 @@ pub fn parse_targets(names: &[String]) -> Result<Vec<crate::lora::ModuleKind>> {
     Ok(out)
 }
 
+/// Standard output was closed by its reader (`server client list | head -1`): the output is done, not failed.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output closed by its reader")]
+pub struct StdoutClosed;
+
+/// Writes to standard output and flushes; a reader that went away is [`StdoutClosed`] (`main` exits 0 on it,
+/// as Unix tools do), any other failure an I/O error.
+pub fn to_stdout(text: std::fmt::Arguments) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        r => Ok(r.context("writing to standard output")?),
+    }
+}
+
+/// `out` → `out<suffix>` beside it (`out/` as `out`: a trailing separator must not put it inside).
 fn sibling(p: &std::path::Path, suffix: &str) -> std::path::PathBuf {
-    let mut s = p.as_os_str().to_os_string();
+    let mut s = p.components().collect::<std::path::PathBuf>().into_os_string();
     s.push(suffix);
     std::path::PathBuf::from(s)
 }
@@ -539,7 +554,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
         data: args.data.clone(),
         eval_data: args.eval_data.clone(),
         eval_ratio: args.eval_ratio,
-        output: args.output.clone(),
+        output: args.output.components().collect(),
         lora: crate::lora::trainable::LoraSpec {
             rank: args.rank,
             alpha: args.alpha,
@@ -700,9 +715,9 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             "token_ids": out.token_ids,
             "text": text,
         });
-        writeln!(std::io::stdout(), "{v}")?;
+        to_stdout(format_args!("{v}\n"))?;
     } else {
-        writeln!(std::io::stdout(), "{text}")?;
+        to_stdout(format_args!("{text}\n"))?;
     }
     Ok(())
 }

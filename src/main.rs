@@ -1,7 +1,5 @@
 //! `server`: parse the command line, set up logging, dispatch. All logic lives in the library.
 
-use std::io::ErrorKind::BrokenPipe;
-
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
@@ -17,9 +15,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // Output piped into a reader that stopped early (`server client list | head -1`): done, as other
         // Unix tools.
-        Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == BrokenPipe)) => {
-            std::process::ExitCode::SUCCESS
-        }
+        Err(e) if e.chain().any(|c| c.is::<loraserve::cli::StdoutClosed>()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // A gRPC status from `server client`: show its code name and message.
             if let Some(s) = e.downcast_ref::<tonic::Status>() {

@@ -390,3 +390,31 @@ fn bad_settings_are_refused_by_flag() {
         assert!(!out.exists(), "{extra:?} left an output folder");
     }
 }
+
+/// `--output out/` (as shells complete it) is the folder `out`: its log and checkpoints go beside it, not
+/// inside, and the adapter is written there; a log asked for inside the output folder is refused up front.
+#[test]
+fn output_with_a_trailing_slash_and_files_inside_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d.jsonl");
+    write_task(&data, 8, 1);
+    let out = tmp.path().join("slash");
+    let mut args = train_args(&data, &out);
+    *args.iter_mut().find(|a| **a == out.display().to_string()).unwrap() += "/";
+    let o = server().args(&args).args(["--max-steps", "2"]).env("LORASERVE_LOG", "off").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("adapter_model.safetensors").is_file());
+    assert!(tmp.path().join("slash.log.jsonl").is_file(), "the log beside the adapter folder");
+
+    let inside = tmp.path().join("inside");
+    let o = server()
+        .args(train_args(&data, &inside))
+        .args(["--max-steps", "2", "--log-file"])
+        .arg(inside.join("log.jsonl"))
+        .env("LORASERVE_LOG", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--log-file") && err.contains("is inside --output"), "{err}");
+    assert!(!inside.exists(), "nothing written");
+}

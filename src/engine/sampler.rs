@@ -90,8 +90,9 @@ impl Sampler {
         if cand.is_empty() {
             return 0;
         }
-        // Highest first; ties keep the lower token id first (stable sort).
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1));
+        // Highest first; ties (-0.0 and +0.0 included, as in `argmax`) keep the lower token id first (stable
+        // sort). NaN was filtered out above.
+        cand.sort_by(|a, b| b.1.partial_cmp(&a.1).expect("no NaN"));
         if self.params.top_k > 0 {
             cand.truncate(self.params.top_k as usize);
         }
@@ -173,8 +174,8 @@ fn argmax_rows(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
     Ok(logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?.iter().map(|row| argmax(row)).collect())
 }
 
-/// Index of the largest logit, the first one on ties (as `torch.argmax`). NaN logits are passed over (as
-/// sampling does); 0 when every one is NaN.
+/// Index of the largest logit, the first one on ties (as `torch.argmax`). NaN logits are passed over, as
+/// sampling does (`torch.argmax` would pick a NaN); 0 when every one is NaN.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best: Option<(usize, f32)> = None;
     for (i, &l) in logits.iter().enumerate() {

@@ -2,7 +2,7 @@
 //! load and unload adapters, and a `grpc.health.v1` check (container health checks and exec probes). It sends the API key as `authorization: Bearer` and the adapter id as the
 //! `x-adapter-id` header that adapter-affinity routers hash on.
 
-use std::io::Write;
+use crate::cli::to_stdout;
 use std::time::Duration;
 
 use tokio_stream::StreamExt;
@@ -84,7 +84,7 @@ pub async fn health(t: &Target, service: &str, timeout: Duration) -> anyhow::Res
     let r = client.check(HealthCheckRequest { service: service.into() }).await?.into_inner();
     let status = ServingStatus::try_from(r.status).unwrap_or(ServingStatus::Unknown);
     // The exit status is the answer here (container probes): printing is best effort.
-    let _ = writeln!(std::io::stdout(), "{}", status.as_str_name());
+    let _ = to_stdout(format_args!("{}\n", status.as_str_name()));
     Ok(status == ServingStatus::Serving)
 }
 
@@ -124,44 +124,40 @@ impl GenerateCall {
 pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool) -> anyhow::Result<()> {
     let mut client = connect(t).await?;
     let req = request(t, call.to_proto(), Some(&call.adapter_id));
-    let mut out = proto::GenerateResponse::default();
+    let mut response = proto::GenerateResponse::default();
     if stream {
         let mut s = client.generate_stream(req).await?.into_inner();
         while let Some(msg) = s.next().await {
             let msg = msg?;
             if !json {
-                let mut stdout = std::io::stdout().lock();
-                write!(stdout, "{}", msg.text)?;
-                stdout.flush()?;
+                to_stdout(format_args!("{}", msg.text))?;
             }
-            out.text.push_str(&msg.text);
-            out.token_ids.extend(msg.token_ids);
-            out.prompt_tokens = out.prompt_tokens.max(msg.prompt_tokens);
-            out.finish_reason = msg.finish_reason;
-            out.adapter_version = msg.adapter_version;
+            response.text.push_str(&msg.text);
+            response.token_ids.extend(msg.token_ids);
+            response.prompt_tokens = response.prompt_tokens.max(msg.prompt_tokens);
+            response.finish_reason = msg.finish_reason;
+            response.adapter_version = msg.adapter_version;
         }
         if !json {
-            writeln!(std::io::stdout())?;
+            to_stdout(format_args!("\n"))?;
         }
     } else {
-        out = client.generate(req).await?.into_inner();
+        response = client.generate(req).await?.into_inner();
         if !json {
-            writeln!(std::io::stdout(), "{}", out.text)?;
+            to_stdout(format_args!("{}\n", response.text))?;
         }
     }
     if json {
-        let reason = proto::FinishReason::try_from(out.finish_reason).map(|r| r.as_str_name()).unwrap_or("UNKNOWN");
-        writeln!(
-            std::io::stdout(),
-            "{}",
-            serde_json::json!({
-                "text": out.text,
-                "token_ids": out.token_ids,
-                "prompt_tokens": out.prompt_tokens,
+        let reason =
+            proto::FinishReason::try_from(response.finish_reason).map(|r| r.as_str_name()).unwrap_or("UNKNOWN");
+        let json = serde_json::json!({
+                "text": response.text,
+                "token_ids": response.token_ids,
+                "prompt_tokens": response.prompt_tokens,
                 "finish_reason": reason,
-                "adapter_version": out.adapter_version,
-            })
-        )?;
+            "adapter_version": response.adapter_version,
+        });
+        to_stdout(format_args!("{json}\n"))?;
     }
     Ok(())
 }
@@ -175,14 +171,13 @@ pub async fn list(t: &Target) -> anyhow::Result<()> {
             (false, true) => "host",
             _ => "-",
         };
-        writeln!(
-            std::io::stdout(),
-            "{}\tversion={}\ttier={tier}\tbytes={}\tleases={}",
+        to_stdout(format_args!(
+            "{}\tversion={}\ttier={tier}\tbytes={}\tleases={}\n",
             a.adapter_id,
             if a.version.is_empty() { "-" } else { &a.version },
             a.bytes,
             a.leases
-        )?;
+        ))?;
     }
     Ok(())
 }
@@ -193,7 +188,7 @@ pub async fn load(t: &Target, id: &str) -> anyhow::Result<()> {
         .load_adapter(request(t, proto::LoadAdapterRequest { adapter_id: id.into() }, Some(id)))
         .await?
         .into_inner();
-    writeln!(std::io::stdout(), "{id}\tversion={}", r.adapter_version)?;
+    to_stdout(format_args!("{id}\tversion={}\n", r.adapter_version))?;
     Ok(())
 }
 
@@ -203,6 +198,6 @@ pub async fn unload(t: &Target, id: &str) -> anyhow::Result<()> {
         .unload_adapter(request(t, proto::UnloadAdapterRequest { adapter_id: id.into() }, Some(id)))
         .await?
         .into_inner();
-    writeln!(std::io::stdout(), "{id}\twas_loaded={}", r.was_loaded)?;
+    to_stdout(format_args!("{id}\twas_loaded={}\n", r.was_loaded))?;
     Ok(())
 }

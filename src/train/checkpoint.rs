@@ -43,9 +43,12 @@ pub fn save(dir: &Path, state: &State, lora: &TrainableLora, opt: &AdamW) -> Res
     let js = tmp.path().join("state.json");
     std::fs::write(&js, serde_json::to_string_pretty(state).expect("JSON")).map_err(|e| err(&js, e))?;
     let final_path = dir.join(&name);
+    // A copy of the same step (a resumed run passing it again) is moved aside, not deleted, until the new one
+    // is in place: a kill in between leaves it as a partial folder beside a complete older checkpoint at worst.
+    let aside = dir.join(format!(".{name}.partial-replaced"));
     if final_path.exists() {
-        // A copy of the same step (a resumed run passing it again): the new one replaces it.
-        std::fs::remove_dir_all(&final_path).map_err(|e| err(&final_path, e))?;
+        let _ = std::fs::remove_dir_all(&aside);
+        std::fs::rename(&final_path, &aside).map_err(|e| err(&final_path, e))?;
     }
     let kept = tmp.keep();
     if let Err(e) = std::fs::rename(&kept, &final_path) {

@@ -140,6 +140,16 @@ pub fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
     if cfg.eval_data.is_some() && cfg.eval_ratio > 0.0 {
         return bad("--eval-data and --eval-ratio both choose the evaluation set: give one".into());
     }
+    // The adapter folder is written whole at the end: nothing the run writes before may live inside it.
+    for (flag, path) in [("--log-file", &cfg.log_file), ("--checkpoint-dir", &cfg.checkpoint_dir)] {
+        if path.starts_with(&cfg.output) {
+            return bad(format!(
+                "{flag} {} is inside --output {} (the adapter folder must not exist until the run ends)",
+                path.display(),
+                cfg.output.display()
+            ));
+        }
+    }
     if !cfg.resume && checkpoint::latest(&cfg.checkpoint_dir).is_some() {
         return bad(format!(
             "{}: holds checkpoints of an earlier run: pass --resume to continue it, or remove the folder to start over",
