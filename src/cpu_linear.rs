@@ -238,7 +238,7 @@ pub struct PanelSource<'a> {
 pub fn tiled_available(k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        k % 8 == 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        k.is_multiple_of(8) && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -41,7 +41,7 @@ pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
     if m == 0 || n == 0 || k == 0 {
         return Err(format!("NF4 matmul of an empty shape (m={m}, n={n}, k={k})"));
     }
-    if k % 64 != 0 {
+    if !k.is_multiple_of(64) {
         // Blocks straddle rows: the scalar kernel, one warp per output.
         if m > MAX_GRID_YZ || n.div_ceil(GEMV_WARPS) > u32::MAX as usize {
             return Err(format!("NF4 matmul too large for one launch (m={m}, n={n})"));
@@ -87,7 +87,7 @@ pub fn lora(rows: usize, in_features: usize, out_features: usize) -> Result<(Lau
     if rows == 0 || in_features == 0 || out_features == 0 {
         return Err(format!("batched LoRA of an empty shape ({rows} rows, {in_features} → {out_features})"));
     }
-    if in_features % 4 != 0 {
+    if !in_features.is_multiple_of(4) {
         return Err(format!("batched LoRA kernels need in_features divisible by 4, got {in_features}"));
     }
     if rows > u32::MAX as usize
@@ -146,7 +146,7 @@ pub fn paged_attention(
     if rows == 0 || heads == 0 || kv_heads == 0 {
         return Err(format!("paged attention of an empty shape ({rows} rows, {heads}/{kv_heads} heads)"));
     }
-    if heads % kv_heads != 0 || heads / kv_heads > ATTENTION_GROUP_MAX {
+    if !heads.is_multiple_of(kv_heads) || heads / kv_heads > ATTENTION_GROUP_MAX {
         return Err(format!(
             "paged attention kernel takes up to {ATTENTION_GROUP_MAX} query heads per kv head, got {heads}/{kv_heads}"
         ));

@@ -255,6 +255,7 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
 
 /// The JSONL training log: a new run starts it afresh; a resumed one keeps the lines of the steps up to its
 /// checkpoint (later ones were lost with the interrupted run, and are logged again), as the HF Trainer's state.
+/// The kept lines are written to a new file renamed over the old one, so a kill meanwhile loses nothing.
 fn open_log(path: &std::path::Path, resumed_at: u64) -> Result<std::fs::File, TrainError> {
     let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", path.display()));
     let kept: String = if resumed_at == 0 {
@@ -273,9 +274,16 @@ fn open_log(path: &std::path::Path, resumed_at: u64) -> Result<std::fs::File, Tr
             Err(e) => return Err(io(e)),
         }
     };
-    let mut f = std::fs::File::create(path).map_err(io)?;
-    std::io::Write::write_all(&mut f, kept.as_bytes()).map_err(io)?;
-    Ok(f)
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    std::io::Write::write_all(&mut tmp, kept.as_bytes()).map_err(io)?;
+    #[cfg(unix)]
+    {
+        // A temporary file is private (0600); the log is an ordinary file.
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+    }
+    tmp.persist(path).map_err(|e| io(e.error))
 }
 
 /// `1234567` → `1,234,567` (as PEFT prints counts).
@@ -283,7 +291,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
