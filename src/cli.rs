@@ -537,9 +537,9 @@ pub fn to_stdout(text: std::fmt::Arguments) -> Result<()> {
     }
 }
 
-/// `out` → `out<suffix>` beside it (`out/` as `out`: a trailing separator must not put it inside).
+/// `out` → `out<suffix>` beside it.
 fn sibling(p: &std::path::Path, suffix: &str) -> std::path::PathBuf {
-    let mut s = p.components().collect::<std::path::PathBuf>().into_os_string();
+    let mut s = p.as_os_str().to_os_string();
     s.push(suffix);
     std::path::PathBuf::from(s)
 }
@@ -550,11 +550,13 @@ fn run_train(args: TrainArgs) -> Result<()> {
         "linear" => crate::train::optim::Decay::Linear,
         other => bail!("--lr-scheduler `{other}`: expected cosine or linear"),
     };
+    // `out/` is the folder `out`: its log and checkpoints go beside it, not inside.
+    let output: std::path::PathBuf = args.output.components().collect();
     let cfg = crate::train::TrainConfig {
         data: args.data.clone(),
         eval_data: args.eval_data.clone(),
         eval_ratio: args.eval_ratio,
-        output: args.output.components().collect(),
+        output: output.clone(),
         lora: crate::lora::trainable::LoraSpec {
             rank: args.rank,
             alpha: args.alpha,
@@ -573,9 +575,9 @@ fn run_train(args: TrainArgs) -> Result<()> {
         max_seq_len: args.max_seq_len,
         seed: args.seed,
         checkpoint_every: args.checkpoint_every,
-        checkpoint_dir: args.checkpoint_dir.clone().unwrap_or_else(|| sibling(&args.output, ".checkpoints")),
+        checkpoint_dir: args.checkpoint_dir.clone().unwrap_or_else(|| sibling(&output, ".checkpoints")),
         resume: args.resume,
-        log_file: args.log_file.clone().unwrap_or_else(|| sibling(&args.output, ".log.jsonl")),
+        log_file: args.log_file.clone().unwrap_or_else(|| sibling(&output, ".log.jsonl")),
         base_model: args.model.model.to_string(),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };

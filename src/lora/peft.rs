@@ -531,14 +531,13 @@ fn module_id(module: &str, layout: &BaseLayout) -> Option<LinearId> {
 }
 
 /// A `[rows, cols]` tensor as f32 straight from its little-endian bytes, transposed to `[cols, rows]` when
-/// `transpose`: one pass that widens, checks finiteness and places each element.
+/// `transpose`: one pass that widens, checks finiteness and places each element. `load_weights` has checked
+/// the shape against the config and the base already.
 fn read_f32(st: &safetensors::SafeTensors, name: &str, shape: [usize; 2], transpose: bool) -> Result<Vec<f32>, String> {
     let view = st.tensor(name).map_err(|e| e.to_string())?;
-    if view.shape() != shape {
-        return Err(format!("shape {:?}, expected {:?} (rank and base dimensions)", view.shape(), shape));
-    }
+    debug_assert_eq!(view.shape(), shape, "{name}: shapes are checked before any tensor is read");
     let mut v = vec![0f32; shape[0] * shape[1]];
-    // An exponent of all ones is Inf or NaN; F16 is checked after widening.
+    // Every value is checked once widened: an exponent of all ones is Inf or NaN.
     let f32_bits = |b: &[u8]| f32::from_bits(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
     let bf16_bits = |b: &[u8]| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
     let f16_bits = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();

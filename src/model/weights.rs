@@ -54,12 +54,7 @@ pub trait WeightSource {
     }
     /// The floating-point dtype a tensor is stored in, when known.
     fn stored_dtype(&self, name: &str) -> Option<DType> {
-        match self.raw(name)?.dtype {
-            StDtype::BF16 => Some(DType::BF16),
-            StDtype::F16 => Some(DType::F16),
-            StDtype::F32 => Some(DType::F32),
-            _ => None,
-        }
+        DType::try_from(self.raw(name)?.dtype).ok().filter(|d| d.is_float())
     }
 }
 

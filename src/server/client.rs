@@ -151,10 +151,10 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
         let reason =
             proto::FinishReason::try_from(response.finish_reason).map(|r| r.as_str_name()).unwrap_or("UNKNOWN");
         let json = serde_json::json!({
-                "text": response.text,
-                "token_ids": response.token_ids,
-                "prompt_tokens": response.prompt_tokens,
-                "finish_reason": reason,
+            "text": response.text,
+            "token_ids": response.token_ids,
+            "prompt_tokens": response.prompt_tokens,
+            "finish_reason": reason,
             "adapter_version": response.adapter_version,
         });
         to_stdout(format_args!("{json}\n"))?;

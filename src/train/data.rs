@@ -11,6 +11,7 @@
 //! longer than `--max-seq-len` are truncated — counted and reported — and dropped if nothing trainable is
 //! left. Every bad line is an error naming the line and the reason.
 
+use std::cell::OnceCell;
 use std::path::Path;
 
 use serde_json::Value;
@@ -74,10 +75,7 @@ pub fn parse_jsonl(
     eos: u32,
 ) -> Result<(Vec<Example>, DataStats), DataError> {
     // Compiled on the first `{"messages"}` line: text and prompt/completion data never need the template.
-    let chat = Chat::new(|| {
-        let template = tok.chat_template.clone().unwrap_or_else(|| PLAIN_CHAT_TEMPLATE.to_string());
-        ChatRenderer::new(&template, tok)
-    });
+    let chat = OnceCell::new();
     let mut stats = DataStats::default();
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -127,13 +125,16 @@ fn encode(tok: &Tokenizer, text: &str, special: bool) -> Result<Vec<u32>, String
     tok.encode_with(text, special).map_err(|e| e.to_string())
 }
 
-fn example<F>(v: &Value, tok: &Tokenizer, chat: &Chat<F>, eos: u32) -> Result<Example, String>
-where
-    F: Fn() -> Result<ChatRenderer, String>,
-{
+fn example(
+    v: &Value,
+    tok: &Tokenizer,
+    chat: &OnceCell<Result<ChatRenderer, String>>,
+    eos: u32,
+) -> Result<Example, String> {
     let Some(obj) = v.as_object() else { return Err("each line must be a JSON object".into()) };
     if obj.contains_key("messages") {
-        return chat.get()?.example(v.get("messages").expect("key"), tok);
+        let chat = chat.get_or_init(|| ChatRenderer::new(tok)).as_ref().map_err(Clone::clone)?;
+        return chat.example(v.get("messages").expect("key"), tok);
     }
     if obj.contains_key("prompt") || obj.contains_key("completion") {
         let prompt = encode(tok, str_field(v, "prompt")?, true)?;
@@ -162,22 +163,6 @@ where
     Err("expected {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"}".into())
 }
 
-/// The chat renderer, built when first needed.
-struct Chat<F> {
-    build: F,
-    renderer: std::cell::OnceCell<Result<ChatRenderer, String>>,
-}
-
-impl<F: Fn() -> Result<ChatRenderer, String>> Chat<F> {
-    fn new(build: F) -> Self {
-        Chat { build, renderer: std::cell::OnceCell::new() }
-    }
-
-    fn get(&self) -> Result<&ChatRenderer, String> {
-        self.renderer.get_or_init(&self.build).as_ref().map_err(Clone::clone)
-    }
-}
-
 /// transformers' `{% generation %}…{% endgeneration %}` (marking assistant text for
 /// `return_assistant_tokens_mask`) is no Jinja statement: rendered here as a plain block, whitespace
 /// control kept. The assistant turns are found by rendering prefixes either way.
@@ -196,7 +181,9 @@ struct ChatRenderer {
 }
 
 impl ChatRenderer {
-    fn new(template: &str, tok: &Tokenizer) -> Result<Self, String> {
+    /// The tokenizer's chat template, else [`PLAIN_CHAT_TEMPLATE`].
+    fn new(tok: &Tokenizer) -> Result<Self, String> {
+        let template = tok.chat_template.as_deref().unwrap_or(PLAIN_CHAT_TEMPLATE);
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
