@@ -12,7 +12,9 @@
 //! write, then attention) on Llama-3-8B heads (32 query / 8 kv, head_dim 128, blocks of 16): decode rows at several
 //! context lengths plus a 20-token prefill, with and without a sliding window; output and cache compared.
 //! Greedy picks (argmax by row) over Llama 2's and Llama 3's vocabularies at 1 and 32 rows, with exact ties
-//! and NaN planted: the indices must equal `engine::sampler::argmax`'s.
+//! and NaN planted: the indices must equal `engine::sampler::argmax`'s. The fused residual add + RMS norm and
+//! SiLU·mul at decode and prefill rows of the 7B/8B widths, against the CPU ops they replace, through both
+//! the raw launch and the tensor op the model calls.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use candle_core::cuda::cudarc::driver::CudaSlice;
 use candle_core::cuda::WrapErr;
 use candle_core::{Device, Tensor};
 use loraserve::gpu::attention::{paged_attention_into, LayerKvCuda, StepTables};
+use loraserve::gpu::fused::{add_rms_norm_into, silu_mul_into};
 use loraserve::gpu::lora::apply_into;
 use loraserve::gpu::nf4::{matmul_into, Nf4CudaLinear, Nf4CudaWeight};
 use loraserve::gpu::sample::argmax_into;
@@ -73,7 +76,7 @@ fn time(device: &candle_core::CudaDevice, mut f: impl FnMut() -> candle_core::Re
 }
 
 fn main() -> anyhow::Result<()> {
-    let device = Device::new_cuda(0)?;
+    let device = loraserve::gpu::open(0)?;
     let cuda = device.as_cuda_device()?.clone();
     let stream = cuda.cuda_stream();
 
@@ -148,9 +151,10 @@ fn main() -> anyhow::Result<()> {
     let lora_rows = lora_checks(&device, copy_gbs, &mut failed)?;
     let attention_rows = attention_checks(&device, copy_gbs, &mut failed)?;
     let argmax_rows = argmax_checks(&device, copy_gbs, &mut failed)?;
+    let fused_rows = fused_checks(&device, copy_gbs, &mut failed)?;
     let report = serde_json::json!({
         "copy_gb_per_s": copy_gbs, "tolerance": TOLERANCE, "nf4_matmul": rows, "batched_lora": lora_rows,
-        "paged_attention": attention_rows, "argmax": argmax_rows, "failed": failed,
+        "paged_attention": attention_rows, "argmax": argmax_rows, "fused": fused_rows, "failed": failed,
     });
     if let Ok(out) = std::env::var("OUT") {
         std::fs::write(format!("{out}/gpu_kernels.json"), serde_json::to_string_pretty(&report)?)?;
@@ -383,6 +387,103 @@ fn argmax_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyhow::
                 "us_per_call": s * 1e6, "gb_per_s": gbs,
             }));
         }
+    }
+    Ok(out)
+}
+
+/// The fused element-wise kernels against the CPU ops they replace: `x + d` (bit for bit) then
+/// `candle_nn::ops::rms_norm`, and `silu(g) · u`; the raw launch and the tensor op the model calls.
+fn fused_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyhow::Result<Vec<serde_json::Value>> {
+    let cuda = device.as_cuda_device()?.clone();
+    let stream = cuda.cuda_stream();
+    let cpu = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &Device::Cpu);
+    println!("\n| fused | rows × width | rel L2 vs CPU (op) | µs/call | GB/s | % of copy | check |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut out = vec![];
+    let eps = 1e-5f32;
+    for (rows, hidden) in [(1usize, 4096usize), (32, 4096), (512, 4096), (32, 5120)] {
+        let n = rows * hidden;
+        let seed = 13_000 + n as u64;
+        let x: Vec<f32> = normal(n, seed).iter().map(|v| 3.0 * v).collect();
+        let (d, w) = (normal(n, seed + 1), normal(hidden, seed + 2));
+        let sum = (cpu(&x, &[rows, hidden])? + cpu(&d, &[rows, hidden])?)?;
+        let want_h = candle_nn::ops::rms_norm(&sum, &cpu(&w, &[hidden])?, eps)?.flatten_all()?.to_vec1::<f32>()?;
+        let want_x = sum.flatten_all()?.to_vec1::<f32>()?;
+        let (dx, dd, dw) = (stream.clone_htod(&x)?, stream.clone_htod(&d)?, stream.clone_htod(&w)?);
+        let mut dout = stream.clone_htod(&vec![f32::NAN; 2 * n])?;
+        {
+            let (mut xo, mut h) = dout.split_at_mut(n);
+            add_rms_norm_into(
+                &cuda,
+                &dx.slice(..),
+                &dd.slice(..),
+                &dw.slice(..),
+                (rows, hidden),
+                eps,
+                &mut xo,
+                &mut h,
+            )?;
+        }
+        let got = stream.clone_dtoh(&dout)?;
+        let same_x = got[..n].iter().zip(&want_x).all(|(a, b)| a.to_bits() == b.to_bits());
+        let err = rel_l2(&got[n..], &want_h);
+        let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, device);
+        let (ox, oh) = loraserve::gpu::fused::add_rms_norm(
+            &t(&x, &[rows, hidden])?,
+            &t(&d, &[rows, hidden])?,
+            &t(&w, &[hidden])?,
+            eps,
+        )?;
+        let op_x = ox.flatten_all()?.to_vec1::<f32>()?;
+        let op_err = rel_l2(&oh.flatten_all()?.to_vec1::<f32>()?, &want_h);
+        let ok = same_x && op_x == want_x && err <= TOLERANCE && op_err <= TOLERANCE;
+        *failed += usize::from(!ok);
+        let s = time(&cuda, || {
+            let (mut xo, mut h) = dout.split_at_mut(n);
+            add_rms_norm_into(&cuda, &dx.slice(..), &dd.slice(..), &dw.slice(..), (rows, hidden), eps, &mut xo, &mut h)
+        })?;
+        let gbs = (4 * (4 * n + hidden)) as f64 / s / 1e9;
+        println!(
+            "| add_rms_norm | {rows} × {hidden} | {err:.2e} ({op_err:.2e}){} | {:.1} | {gbs:.0} | {:.0}% | {} |",
+            if same_x && op_x == want_x { "" } else { ", x + d differs" },
+            s * 1e6,
+            100.0 * gbs / copy_gbs,
+            if ok { "ok" } else { "FAIL" }
+        );
+        out.push(serde_json::json!({
+            "kernel": "add_rms_norm", "rows": rows, "width": hidden, "rel_l2": err, "op_rel_l2": op_err,
+            "sum_exact": same_x && op_x == want_x, "ok": ok, "us_per_call": s * 1e6, "gb_per_s": gbs,
+        }));
+    }
+    for (rows, width) in [(1usize, 11008usize), (32, 11008), (32, 14336), (512, 14336)] {
+        let n = rows * width;
+        let seed = 14_000 + n as u64;
+        let g: Vec<f32> = normal(n, seed).iter().map(|v| 4.0 * v).collect();
+        let u = normal(n, seed + 1);
+        let want = (candle_nn::ops::silu(&cpu(&g, &[n])?)? * cpu(&u, &[n])?)?.to_vec1::<f32>()?;
+        let (dg, du) = (stream.clone_htod(&g)?, stream.clone_htod(&u)?);
+        let mut dout = stream.clone_htod(&vec![f32::NAN; n])?;
+        silu_mul_into(&cuda, &dg.slice(..), &du.slice(..), n, &mut dout.slice_mut(..))?;
+        let err = rel_l2(&stream.clone_dtoh(&dout)?, &want);
+        let op = loraserve::gpu::fused::silu_mul(
+            &Tensor::from_slice(&g, (rows, width), device)?,
+            &Tensor::from_slice(&u, (rows, width), device)?,
+        )?;
+        let op_err = rel_l2(&op.flatten_all()?.to_vec1::<f32>()?, &want);
+        let ok = err <= TOLERANCE && op_err <= TOLERANCE;
+        *failed += usize::from(!ok);
+        let s = time(&cuda, || silu_mul_into(&cuda, &dg.slice(..), &du.slice(..), n, &mut dout.slice_mut(..)))?;
+        let gbs = (12 * n) as f64 / s / 1e9;
+        println!(
+            "| silu_mul | {rows} × {width} | {err:.2e} ({op_err:.2e}) | {:.1} | {gbs:.0} | {:.0}% | {} |",
+            s * 1e6,
+            100.0 * gbs / copy_gbs,
+            if ok { "ok" } else { "FAIL" }
+        );
+        out.push(serde_json::json!({
+            "kernel": "silu_mul", "rows": rows, "width": width, "rel_l2": err, "op_rel_l2": op_err, "ok": ok,
+            "us_per_call": s * 1e6, "gb_per_s": gbs,
+        }));
     }
     Ok(out)
 }

@@ -436,7 +436,7 @@ async fn promotions(device: &Device, root: &Path, layout: BaseLayout, ids: &[Str
 fn main() -> anyhow::Result<()> {
     let cuda = match std::env::var("LORASERVE_BENCH_DEVICE").as_deref() {
         Ok("cpu") => Device::Cpu,
-        _ => Device::new_cuda(0)?,
+        _ => loraserve::gpu::open(0)?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut report = Report::new()?;

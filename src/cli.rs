@@ -108,10 +108,13 @@ pub fn parse_device(s: &str) -> Result<Device> {
                     .with_context(|| format!("--device `{s}`: expected cpu, cuda or cuda:N"))?,
                 None => bail!("--device `{s}`: expected cpu, cuda or cuda:N"),
             };
-            if !candle_core::utils::cuda_is_available() {
-                bail!("--device {s}: this binary was built without CUDA support (rebuild with `--features cuda`)");
+            #[cfg(feature = "cuda")]
+            return crate::gpu::open(ordinal).with_context(|| format!("opening CUDA device {ordinal}"));
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = ordinal; // the syntax is checked all the same
+                bail!("--device {s}: this binary was built without CUDA support (rebuild with `--features cuda`)")
             }
-            Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
         }
     }
 }

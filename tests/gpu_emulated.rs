@@ -3,9 +3,10 @@
 //! of a block as fibers taking turns at __syncthreads, warp shuffles and tensor-core MMAs, the MMA's fragment
 //! layouts taken from the PTX ISA; see that header), launched with the
 //! kernel choice and geometry of `loraserve::gpu::launch` and the argument order of the host code in
-//! `src/gpu/{nf4,lora,attention,sample}.rs`, and compared with the CPU references the device checks
+//! `src/gpu/{nf4,lora,attention,sample,fused}.rs`, and compared with the CPU references the device checks
 //! (`benches/gpu_kernels.rs`) use: `quant::matmul::matmul_reference`, `lora::batched::apply_reference`,
-//! `model::attention::paged_attention`, `engine::sampler::argmax`. Shapes are the device checks' cases scaled down.
+//! `model::attention::paged_attention`, `engine::sampler::argmax`, and for the fused
+//! element-wise kernels candle's CPU ops (`x + d` then `candle_nn::ops::rms_norm`, `silu(g) · u`). Shapes are the device checks' cases scaled down.
 //!
 //! Every output buffer is NaN-filled before its launch (an element no thread writes fails); every launch runs
 //! under two thread interleavings that must agree bit for bit (a race fails); errors are relative L2 against
@@ -448,6 +449,71 @@ fn argmax_picks_the_first_maximum_and_passes_over_nan() {
         let out = call.u32(&vec![u32::MAX; rows.len()]);
         call.arg(logits).arg(vocab as i32).arg(out);
         assert_eq!(run(&mut call, 77).u32(out), want, "vocab {vocab}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Fused element-wise kernels
+// ---------------------------------------------------------------------------------------------------------
+
+/// `add_rms_norm` against the two CPU ops it replaces, `x + d` (the same f32 additions: bit for bit) then
+/// candle's `rms_norm`: rows narrower than the block's 256 threads (the fixture models' 64 features), an odd
+/// width, and a 7B's 4096, with sums far from unit scale so the norm matters.
+#[test]
+fn add_rms_norm_matches_the_add_then_the_cpu_norm() {
+    let eps = 1e-5f32;
+    for (rows, hidden) in [(3usize, 64usize), (2, 1000), (4, 4096)] {
+        let label = format!("add_rms_norm {rows}×{hidden}");
+        let seed = 7000 + hidden as u64;
+        let x: Vec<f32> = normal(rows * hidden, seed).iter().map(|v| v * 3.0).collect();
+        let d = normal(rows * hidden, seed + 1);
+        let w: Vec<f32> = normal(hidden, seed + 2).iter().map(|v| 1.0 + 0.2 * v).collect();
+        let cpu = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
+        let sum = (cpu(&x, &[rows, hidden]) + cpu(&d, &[rows, hidden])).unwrap();
+        let want_h = candle_nn::ops::rms_norm(&sum, &cpu(&w, &[hidden]), eps).unwrap();
+        let (want_x, want_h) =
+            (sum.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want_h.flatten_all().unwrap().to_vec1().unwrap());
+        assert_nontrivial(&want_h, &label);
+
+        let mut c = Call::new(launch::add_rms_norm(rows, hidden).unwrap());
+        let (bx, bd, bw) = (c.f32(&x), c.f32(&d), c.f32(&w));
+        let (x_out, h) = (c.f32(&vec![f32::NAN; rows * hidden]), c.f32(&vec![f32::NAN; rows * hidden]));
+        c.arg(bx).arg(bd).arg(bw).arg(x_out).arg(h).arg(hidden as i32).arg(eps);
+        let out = run(&mut c, seed);
+        let got_x = out.f32(x_out);
+        assert!(got_x.iter().zip(&want_x).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: x + d differs");
+        let err = rel_l2(&out.f32(h), &want_h);
+        eprintln!("{label}: rel L2 {err:.2e}");
+        assert!(err <= TOLERANCE, "{label}: relative L2 error {err:.3e} > {TOLERANCE:e}");
+    }
+}
+
+/// `silu_mul` against candle's CPU `silu(g) * u`, with gates out to ±100 (where exp overflows and SiLU is
+/// −0 or g), over the launcher's grid and over a grid of 2 blocks that must stride over 4099 elements.
+#[test]
+fn silu_mul_matches_the_cpu_silu_times_up() {
+    for (n, blocks) in [(1usize, None), (1000, None), (4099, None), (4099, Some(2u32))] {
+        let label = format!("silu_mul n={n}, grid {blocks:?}");
+        let mut g = normal(n, 8000 + n as u64);
+        for (i, v) in g.iter_mut().enumerate().step_by(7) {
+            *v = if i % 2 == 0 { 100.0 } else { -100.0 };
+        }
+        let u = normal(n, 8001 + n as u64);
+        let gt = Tensor::from_slice(&g, n, &Device::Cpu).unwrap();
+        let want = (candle_nn::ops::silu(&gt).unwrap() * Tensor::from_slice(&u, n, &Device::Cpu).unwrap())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut l = launch::silu_mul(n).unwrap();
+        if let Some(b) = blocks {
+            l.grid = (b, 1, 1);
+        }
+        let mut c = Call::new(l);
+        let (bg, bu, out) = (c.f32(&g), c.f32(&u), c.f32(&vec![f32::NAN; n]));
+        c.arg(bg).arg(bu).arg(out).arg(n as i32);
+        let got = run(&mut c, 8002).f32(out);
+        let err = rel_l2(&got, &want);
+        assert!(err <= TOLERANCE, "{label}: relative L2 error {err:.3e} > {TOLERANCE:e}");
     }
 }
 

@@ -7,10 +7,10 @@ use std::cell::RefCell;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaStorage, WrapErr};
-use candle_core::{CpuStorage, CudaDevice, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CudaDevice, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::launch::{self, ATTENTION_SOURCE};
-use super::nvrtc::Module;
+use super::nvrtc::{f32_view, Module};
 use crate::model::attention::{AttnShape, PagedSeq};
 
 static MODULE: Module = Module::new("loraserve_attention", ATTENTION_SOURCE);
@@ -55,13 +55,6 @@ struct PagedAttention<'a, 'c> {
     shape: AttnShape,
 }
 
-fn f32_view<'s>(s: &'s CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'s, f32>> {
-    match (s.dtype(), l.contiguous_offsets()) {
-        (DType::F32, Some((a, b))) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
-        _ => candle_core::bail!("paged-attention-cuda: {what} must be contiguous f32"),
-    }
-}
-
 impl CustomOp3 for PagedAttention<'_, '_> {
     fn name(&self) -> &'static str {
         "paged-attention-cuda"
@@ -88,6 +81,7 @@ impl CustomOp3 for PagedAttention<'_, '_> {
         v: &CudaStorage,
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
+        const OP: &str = "paged-attention-cuda";
         let rows = ql.shape().dims2()?.0;
         if self.tables.rows != rows {
             candle_core::bail!("paged-attention-cuda: {rows} rows but the step's tables cover {}", self.tables.rows);
@@ -99,9 +93,9 @@ impl CustomOp3 for PagedAttention<'_, '_> {
         let mut cache = self.cache.borrow_mut();
         paged_attention_into(
             &device,
-            &f32_view(q, ql, "q")?,
-            &f32_view(k, kl, "k")?,
-            &f32_view(v, vl, "v")?,
+            &f32_view(OP, "q", q, ql)?,
+            &f32_view(OP, "k", k, kl)?,
+            &f32_view(OP, "v", v, vl)?,
             self.tables,
             &mut cache,
             &self.shape,

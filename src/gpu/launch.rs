@@ -9,6 +9,8 @@ pub const LORA_SOURCE: &str = include_str!("kernels/lora.cu");
 pub const ATTENTION_SOURCE: &str = include_str!("kernels/attention.cu");
 /// The greedy-pick kernel's CUDA C source.
 pub const SAMPLE_SOURCE: &str = include_str!("kernels/sample.cu");
+/// The fused element-wise kernels' CUDA C source (residual add + RMS norm, SiLU·mul).
+pub const FUSED_SOURCE: &str = include_str!("kernels/fused.cu");
 
 /// One kernel launch: which function, and its grid and block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,6 +182,38 @@ pub fn argmax_rows(rows: usize, vocab: usize) -> Result<Launch, String> {
     Ok(Launch { kernel: "argmax_rows", grid: (rows as u32, 1, 1), block: (ARGMAX_THREADS, 1, 1) })
 }
 
+/// Threads of the fused element-wise kernels' blocks (`NORM_THREADS` in `kernels/fused.cu`).
+const FUSED_THREADS: u32 = 256;
+
+/// The launch of the fused residual add and RMS norm over `rows` rows of `hidden` features: a block per row.
+pub fn add_rms_norm(rows: usize, hidden: usize) -> Result<Launch, String> {
+    if rows == 0 || hidden == 0 {
+        return Err(format!("add + RMS norm of an empty shape ({rows} rows of {hidden})"));
+    }
+    if rows > i32::MAX as usize {
+        return Err(format!("add + RMS norm too large for one launch ({rows} rows of {hidden})"));
+    }
+    if hidden > i32::MAX as usize {
+        return Err(format!("add + RMS norm over {hidden} features: the kernel indexes features with 32 bits"));
+    }
+    Ok(Launch { kernel: "add_rms_norm", grid: (rows as u32, 1, 1), block: (FUSED_THREADS, 1, 1) })
+}
+
+/// Blocks past which `silu_mul` strides rather than adding blocks (ample for any GPU's SMs).
+const SILU_MUL_MAX_BLOCKS: usize = 4096;
+
+/// The launch of the fused SwiGLU gate over `n` elements: grid-stride blocks of 256 threads.
+pub fn silu_mul(n: usize) -> Result<Launch, String> {
+    if n == 0 {
+        return Err("SiLU·mul over no elements".into());
+    }
+    if n > i32::MAX as usize {
+        return Err(format!("SiLU·mul over {n} elements: the kernel counts elements with 32 bits"));
+    }
+    let blocks = n.div_ceil(FUSED_THREADS as usize).min(SILU_MUL_MAX_BLOCKS);
+    Ok(Launch { kernel: "silu_mul", grid: (blocks as u32, 1, 1), block: (FUSED_THREADS, 1, 1) })
+}
+
 /// What the attention kernels read per row: the cache slot its new key/value goes to, its position, and
 /// where its sequence's block table starts in the concatenated `tables`.
 #[derive(Debug, PartialEq, Eq)]
@@ -305,7 +339,7 @@ mod tests {
         assert!(NF4_SOURCE.contains(&format!("#define MMA_BN {MMA_BN}\n")));
         assert!(NF4_SOURCE.contains(&format!("#define MMA_THREADS {MMA_THREADS}\n")));
         // NVRTC on the serving machine has no toolkit headers.
-        for src in [NF4_SOURCE, LORA_SOURCE, ATTENTION_SOURCE, SAMPLE_SOURCE] {
+        for src in [NF4_SOURCE, LORA_SOURCE, ATTENTION_SOURCE, SAMPLE_SOURCE, FUSED_SOURCE] {
             assert!(!src.contains("#include"));
         }
         for name in ["kv_write", "paged_attention"] {
@@ -323,6 +357,26 @@ mod tests {
         assert!(LORA_SOURCE.contains(&format!("#define EXPAND_THREADS {EXPAND_THREADS}\n")));
         assert!(SAMPLE_SOURCE.contains("extern \"C\" __global__ void argmax_rows("));
         assert!(SAMPLE_SOURCE.contains(&format!("#define ARGMAX_THREADS {ARGMAX_THREADS}\n")));
+        for name in ["add_rms_norm", "silu_mul"] {
+            assert!(FUSED_SOURCE.contains(&format!("extern \"C\" __global__ void {name}(")), "{name}");
+        }
+        assert!(FUSED_SOURCE.contains(&format!("#define NORM_THREADS {FUSED_THREADS}\n")));
+    }
+
+    #[test]
+    fn fused_launches_cover_every_row_and_element() {
+        let l = add_rms_norm(32, 4096).unwrap();
+        assert_eq!((l.kernel, l.grid, l.block), ("add_rms_norm", (32, 1, 1), (FUSED_THREADS, 1, 1)));
+        assert!(add_rms_norm(0, 4096).unwrap_err().contains("empty"));
+        assert!(add_rms_norm(3, 0).unwrap_err().contains("empty"));
+        assert!(add_rms_norm(1, 1 << 31).unwrap_err().contains("32 bits"));
+        let l = silu_mul(32 * 11008).unwrap();
+        assert_eq!((l.kernel, l.grid, l.block), ("silu_mul", (1376, 1, 1), (FUSED_THREADS, 1, 1)));
+        // A long prefill strides over the elements with a bounded grid.
+        assert_eq!(silu_mul(2048 * 14336).unwrap().grid.0 as usize, SILU_MUL_MAX_BLOCKS);
+        assert_eq!(silu_mul(1).unwrap().grid, (1, 1, 1));
+        assert!(silu_mul(0).unwrap_err().contains("no elements"));
+        assert!(silu_mul(1 << 31).unwrap_err().contains("32 bits"));
     }
 
     #[test]

@@ -3,10 +3,12 @@
 
 use std::sync::{Mutex, OnceLock};
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::driver::{CudaFunction, CudaView, DevicePtr};
 use candle_core::cuda::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use candle_core::cuda::CudaStorage;
 use candle_core::cuda_backend::DeviceId;
-use candle_core::{CudaDevice, Result};
+use candle_core::{CudaDevice, DType, Layout, Result};
 
 use super::launch::nvrtc_arch;
 
@@ -19,6 +21,14 @@ pub fn require_aligned(device: &CudaDevice, what: &str, view: &CudaView<'_, f32>
         candle_core::bail!("{what} must start 16-byte aligned on the device (address {ptr:#x})");
     }
     Ok(())
+}
+
+/// The contiguous f32 view of a custom op's GPU operand, or an error naming the op and the operand.
+pub fn f32_view<'s>(op: &str, what: &str, s: &'s CudaStorage, l: &Layout) -> Result<CudaView<'s, f32>> {
+    match (s.dtype(), l.contiguous_offsets()) {
+        (DType::F32, Some((a, b))) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
+        _ => candle_core::bail!("{op}: {what} must be contiguous f32"),
+    }
 }
 
 /// One kernel source file and its compiled PTX.
@@ -64,16 +74,20 @@ impl Module {
 
 #[cfg(test)]
 mod tests {
-    use super::super::launch::{ATTENTION_SOURCE, LORA_SOURCE, NF4_SOURCE, SAMPLE_SOURCE};
+    use super::super::launch::{ATTENTION_SOURCE, FUSED_SOURCE, LORA_SOURCE, NF4_SOURCE, SAMPLE_SOURCE};
     use super::*;
 
     /// The sources compile under NVRTC exactly as shipped (no headers) for Hopper. Needs libnvrtc, not a GPU:
     /// `cargo test --features cuda --lib gpu::` with the CUDA build environment.
     #[test]
     fn every_kernel_source_compiles_under_nvrtc() {
-        for (name, src) in
-            [("nf4", NF4_SOURCE), ("lora", LORA_SOURCE), ("attention", ATTENTION_SOURCE), ("sample", SAMPLE_SOURCE)]
-        {
+        for (name, src) in [
+            ("nf4", NF4_SOURCE),
+            ("lora", LORA_SOURCE),
+            ("attention", ATTENTION_SOURCE),
+            ("sample", SAMPLE_SOURCE),
+            ("fused", FUSED_SOURCE),
+        ] {
             let opts = CompileOptions { arch: Some("compute_90"), ..Default::default() };
             let ptx = compile_ptx_with_opts(src, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(ptx.to_src().contains(".entry"), "{name}: no kernel entry in the PTX");

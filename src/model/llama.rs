@@ -87,6 +87,27 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, differentiable: bool) -> Resu
     }
 }
 
+/// `x + d` and its RMS norm: one fused kernel on a GPU when serving, the two ops elsewhere.
+fn add_norm(x: &Tensor, d: &Tensor, weight: &Tensor, eps: f64, differentiable: bool) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if !differentiable && x.device().is_cuda() {
+        return crate::gpu::fused::add_rms_norm(x, d, weight, eps as f32);
+    }
+    let x = (x + d)?;
+    let h = rms_norm(&x, weight, eps, differentiable)?;
+    Ok((x, h))
+}
+
+/// The SwiGLU gate `silu(gate) · up`: one fused kernel on a GPU when serving, the two ops elsewhere.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn swiglu(gate: &Tensor, up: &Tensor, differentiable: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if !differentiable && gate.device().is_cuda() {
+        return crate::gpu::fused::silu_mul(gate, up);
+    }
+    candle_nn::Activation::Silu.forward(gate)? * up
+}
+
 /// The dtype the embedding table and the head are kept in: the compute dtype, except on a GPU computing in f32
 /// from a bf16 or f16 checkpoint, where they stay as stored and are widened, exactly, where used. They are the
 /// largest tensors outside the decoder (a 7B's two: 1 GiB in f32, 0.5 as stored).
@@ -353,8 +374,12 @@ impl Model {
             _ => None,
         };
         let eps = self.config.rms_norm_eps;
+        // `h` is always `x` normed for what reads it next: this layer's attention, then its MLP, then the next
+        // layer (the last layer's output goes through the final norm). Each residual add is fused with the norm
+        // after it.
+        let first_norm = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
+        let mut h = rms_norm(&x, first_norm, eps, differentiable)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, eps, differentiable)?;
             let q = layer.q_proj.forward(&h, lora, differentiable)?;
             let k = layer.k_proj.forward(&h, lora, differentiable)?;
             let v = layer.v_proj.forward(&h, lora, differentiable)?;
@@ -398,14 +423,16 @@ impl Model {
                     }
                 },
             };
-            x = (x + layer.o_proj.forward(&attn_out, lora, differentiable)?)?;
-            let h = rms_norm(&x, &layer.post_norm, eps, differentiable)?;
+            let attn_out = layer.o_proj.forward(&attn_out, lora, differentiable)?;
+            (x, h) = add_norm(&x, &attn_out, &layer.post_norm, eps, differentiable)?;
             let gate = layer.gate_proj.forward(&h, lora, differentiable)?;
             let up = layer.up_proj.forward(&h, lora, differentiable)?;
-            let act = (candle_nn::Activation::Silu.forward(&gate)? * up)?;
-            x = (x + layer.down_proj.forward(&act, lora, differentiable)?)?;
+            let act = swiglu(&gate, &up, differentiable)?;
+            let mlp_out = layer.down_proj.forward(&act, lora, differentiable)?;
+            let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.input_norm);
+            (x, h) = add_norm(&x, &mlp_out, next_norm, eps, differentiable)?;
         }
-        rms_norm(&x, &self.norm, eps, differentiable)
+        Ok(h)
     }
 
     /// LM head over the chosen rows of the final hidden states → f32 logits.

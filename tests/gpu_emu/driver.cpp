@@ -33,6 +33,7 @@
 #include <tuple>
 
 #include "../../src/gpu/kernels/attention.cu"
+#include "../../src/gpu/kernels/fused.cu"
 #include "../../src/gpu/kernels/lora.cu"
 #include "../../src/gpu/kernels/nf4.cu"
 #include "../../src/gpu/kernels/sample.cu"
@@ -246,6 +247,8 @@ const std::map<std::string, Bound> KERNELS = {
     KERNEL(kv_write),
     KERNEL(paged_attention),
     KERNEL(argmax_rows),
+    KERNEL(add_rms_norm),
+    KERNEL(silu_mul),
     KERNEL(selftest_shared_race),
     KERNEL(selftest_divergent_sync),
     KERNEL(selftest_shuffle_after_exit),

@@ -2,7 +2,7 @@
 //! `src/gpu/kernels/` compiled by g++ under `cuda_emu.h`) once per test run, and runs one kernel launch per
 //! [`Call`] through the driver's launch-file protocol (described at the top of `driver.cpp`).
 //!
-//! A call mirrors the host code's launch builders (`src/gpu/{nf4,lora,attention}.rs`): buffers, then the
+//! A call mirrors the host code's launch builders (`src/gpu/{nf4,lora,attention,sample,fused}.rs`): buffers, then the
 //! arguments in the kernel's signature order, then the grid and block of a [`Launch`] from
 //! `loraserve::gpu::launch`. The driver checks the arguments against the kernel's real C++ signature.
 
@@ -14,13 +14,14 @@ use std::sync::OnceLock;
 use loraserve::gpu::launch::Launch;
 
 /// The files the driver is built from (its own directory, then the kernels).
-const SOURCES: [&str; 6] = [
+const SOURCES: [&str; 7] = [
     "tests/gpu_emu/driver.cpp",
     "tests/gpu_emu/cuda_emu.h",
     "src/gpu/kernels/nf4.cu",
     "src/gpu/kernels/lora.cu",
     "src/gpu/kernels/attention.cu",
     "src/gpu/kernels/sample.cu",
+    "src/gpu/kernels/fused.cu",
 ];
 const CXX_FLAGS: [&str; 8] = [
     "-std=c++20",
