@@ -456,3 +456,50 @@ fn weights_round_trip_exactly_from_every_dtype() {
         }
     }
 }
+
+/// An operator overwriting the weights in place (`cp new/* adapters/x/`: truncate, then write) while loads
+/// run: every load gives the adapter or an error naming the weights file, and the process lives (reading a
+/// memory-mapped file that is truncated under the map dies of SIGBUS, which took the whole server down).
+#[test]
+fn weights_rewritten_in_place_while_loading_never_crash_the_loader() {
+    let m = load_model(&fixture("llama/model"), QuantMode::None);
+    let layout = m.model.lora_layout();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("llama/adapters/patterns");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let weights = tmp.path().join("adapter_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (mut ok, mut refused) = (0, 0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::io::Write;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut f = std::fs::File::create(&weights).unwrap(); // truncates in place, as cp does
+                for part in bytes.chunks(bytes.len().div_ceil(4)) {
+                    f.write_all(part).unwrap();
+                    std::thread::yield_now();
+                }
+            }
+        });
+        for i in 0..400 {
+            let r = if i % 2 == 0 {
+                peft::load_dir(tmp.path(), &layout, &Device::Cpu)
+            } else {
+                peft::load_dir_parallel(tmp.path(), &layout, &Device::Cpu)
+            };
+            match r {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    assert!(e.to_string().contains("adapter_model.safetensors"), "{e}");
+                    refused += 1;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    eprintln!("loads during in-place rewrites: {ok} whole, {refused} refused");
+    assert!(refused > 0, "the rewrites never overlapped a load: the test shows nothing");
+}

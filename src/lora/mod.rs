@@ -9,6 +9,7 @@
 
 pub mod batched;
 pub mod cache;
+mod file;
 pub mod peft;
 pub mod store;
 pub mod synthetic;

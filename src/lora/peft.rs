@@ -389,13 +389,8 @@ fn load_dir_with(
             },
         });
     }
-    let file = std::fs::File::open(&st_path)
-        .map_err(|e| AdapterError::File { file: st_path.display().to_string(), reason: e.to_string() })?;
-    // SAFETY: read-only mapping; the bytes are parsed and copied out before the map is dropped. A writer that
-    // rewrites the file in place (instead of renaming a new one over it) can make this read see torn data:
-    // it then fails validation, or yields weights the next request's stamp check replaces.
-    let bytes = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| AdapterError::File { file: st_path.display().to_string(), reason: e.to_string() })?;
+    let bytes = super::file::read_whole(&st_path, parallel)
+        .map_err(|reason| AdapterError::File { file: st_path.display().to_string(), reason })?;
     let weights = load_weights(&config, &bytes, &st_path.display().to_string(), &cfg_file, layout, device, parallel)?;
     Ok(LoadedAdapter { config, weights })
 }
