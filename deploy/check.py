@@ -138,8 +138,24 @@ def check_device(objects, label):
     if len(set(facts)) != 1:
         fail(f"{label} Deployment/{RELEASE}", f"GPU settings disagree: gpu limit {gpus}, LORASERVE_DEVICE "
              f"{device}, image {container['image']}, GPU toleration {tolerates}")
+    elif facts[0] and config["data"].get("LORASERVE_DTYPE") != "f32":
+        fail(f"{label} ConfigMap/{RELEASE}", f"LORASERVE_DTYPE {config['data'].get('LORASERVE_DTYPE')!r} on a GPU: "
+             "the server refuses any dtype but f32 there")
     else:
         ok(f"{'GPU' if facts[0] else 'CPU'} replica settings agree ({label})")
+
+
+def check_image_dtypes():
+    """Each runtime stage of the Dockerfile sets a dtype its device serves: f32 where LORASERVE_DEVICE is cuda."""
+    stages = re.split(r"^FROM ", (DEPLOY / "Dockerfile").read_text(), flags=re.M)[1:]
+    for stage in stages:
+        env = dict(re.findall(r"\b(LORASERVE_[A-Z_]+)=(\S+)", stage))
+        name = stage.split()[2] if " AS " in stage.splitlines()[0] else stage.split()[0]
+        if env.get("LORASERVE_DEVICE") == "cuda" and env.get("LORASERVE_DTYPE") != "f32":
+            fail(f"deploy/Dockerfile stage {name}", f"LORASERVE_DTYPE {env.get('LORASERVE_DTYPE')} with "
+                 "LORASERVE_DEVICE=cuda: the server refuses any dtype but f32 on a GPU")
+            return
+    ok("Dockerfile runtime dtypes fit their devices")
 
 
 def check_crds(crds, label):
@@ -216,6 +232,7 @@ def main():
     import helm_python as helm
 
     run_tool("hadolint deploy/Dockerfile", ["hadolint", "deploy/Dockerfile"])
+    check_image_dtypes()
     run_tool("yamllint deploy/", ["yamllint", "--strict", "-c", "deploy/.yamllint", "deploy"])
     try:
         json.loads((CHART / "files" / "dashboard.json").read_text())
