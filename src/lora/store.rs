@@ -1,7 +1,10 @@
 //! The adapters root on disk: adapter ids, their folders, their versions, listing.
 //!
 //! An id is `[A-Za-z0-9._-]` segments joined by `/` (no empty, `.` or `..` segment), at most 128 bytes, and
-//! names the folder `<root>/<id>/`. The resolved folder must stay inside the root after following symlinks.
+//! names the folder `<root>/<id>/`. The resolved folder and its two files must stay inside the root after
+//! following symlinks. The root itself is resolved at every lookup, so re-pointing a symlinked root (a release
+//! symlink, git-sync) switches every adapter to the new target at once. Folders whose name starts with `.` are
+//! not listed (they can still be asked for by id).
 //! A version is derived from the adapter's files: sizes and modification times of `adapter_config.json` and
 //! `adapter_model.safetensors` plus a SHA-256 of the config and the safetensors header, so an edit on disk is
 //! seen at the next request by two `stat` calls (the hash is recomputed only when those change).
@@ -21,8 +24,8 @@ pub enum StoreError {
     InvalidId { id: String, reason: String },
     #[error("adapter `{id}` not found under {root}")]
     NotFound { id: String, root: String },
-    #[error("adapter `{id}` resolves outside the adapters root {root} (symlinks may not leave it)")]
-    Escapes { id: String, root: String },
+    #[error("adapter `{id}`: {path} resolves outside the adapters root {root} (symlinks may not leave it)")]
+    Escapes { id: String, path: String, root: String },
     #[error("{path}: {reason}")]
     Io { path: String, reason: String },
 }
@@ -94,27 +97,40 @@ pub struct AdapterVersion {
 #[derive(Clone, Debug)]
 pub struct AdapterStore {
     root: PathBuf,
-    canonical_root: PathBuf,
+}
+
+/// Whether `path` is a file: `Ok(false)` when nothing is there, an error naming the path when it cannot be
+/// looked at (permissions), which must not pass for "missing".
+fn is_file(path: &Path) -> Result<bool, StoreError> {
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(m.is_file()),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => Ok(false),
+        Err(e) => Err(StoreError::Io { path: path.display().to_string(), reason: e.to_string() }),
+    }
 }
 
 impl AdapterStore {
     /// Opens a root folder (it must exist).
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        let canonical_root = root.canonicalize().map_err(|e| StoreError::Io {
-            path: root.display().to_string(),
-            reason: if e.kind() == std::io::ErrorKind::NotFound {
+        let store = AdapterStore { root: root.to_path_buf() };
+        store.canonical_root()?;
+        Ok(store)
+    }
+
+    /// The root with every symlink resolved, as it is now.
+    fn canonical_root(&self) -> Result<PathBuf, StoreError> {
+        let io = |reason: String| StoreError::Io { path: self.root.display().to_string(), reason };
+        let canonical = self.root.canonicalize().map_err(|e| {
+            io(if e.kind() == std::io::ErrorKind::NotFound {
                 "the adapters root does not exist (create it, or point --adapters at the adapters folder)".into()
             } else {
                 format!("adapters root: {e}")
-            },
+            })
         })?;
-        if !canonical_root.is_dir() {
-            return Err(StoreError::Io {
-                path: root.display().to_string(),
-                reason: "adapters root is not a folder".into(),
-            });
+        if !canonical.is_dir() {
+            return Err(io("adapters root is not a folder".into()));
         }
-        Ok(AdapterStore { root: root.to_path_buf(), canonical_root })
+        Ok(canonical)
     }
 
     pub fn root(&self) -> &Path {
@@ -124,24 +140,39 @@ impl AdapterStore {
     /// The folder of adapter `id`: validated, existing, inside the root.
     pub fn resolve(&self, id: &str) -> Result<PathBuf, StoreError> {
         validate_id(id)?;
-        let path = self.canonical_root.join(id);
+        let root = self.canonical_root()?;
+        let path = root.join(id);
         let canonical = match path.canonicalize() {
             Ok(c) => c,
-            Err(_) => return Err(self.not_found(id)),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                return Err(self.not_found(id))
+            }
+            Err(e) => return Err(StoreError::Io { path: path.display().to_string(), reason: e.to_string() }),
         };
-        if !canonical.starts_with(&self.canonical_root) {
-            return Err(StoreError::Escapes { id: id.to_string(), root: self.root.display().to_string() });
+        let escapes = |p: &Path| StoreError::Escapes {
+            id: id.to_string(),
+            path: p.display().to_string(),
+            root: self.root.display().to_string(),
+        };
+        if !canonical.starts_with(&root) {
+            return Err(escapes(&path));
         }
-        if !canonical.join("adapter_config.json").is_file() {
+        let (config, weights) = (canonical.join("adapter_config.json"), canonical.join("adapter_model.safetensors"));
+        if !is_file(&config)? {
             // Weights without a config: a broken adapter, not a missing one.
-            if canonical.join("adapter_model.safetensors").is_file() {
+            if is_file(&weights)? {
                 return Err(StoreError::Io {
-                    path: canonical.join("adapter_config.json").display().to_string(),
+                    path: config.display().to_string(),
                     reason: "missing: the adapter folder holds adapter_model.safetensors but no adapter_config.json"
                         .into(),
                 });
             }
             return Err(self.not_found(id));
+        }
+        for file in [&config, &weights] {
+            if file.canonicalize().is_ok_and(|c| !c.starts_with(&root)) {
+                return Err(escapes(&path.join(file.file_name().expect("a file name"))));
+            }
         }
         Ok(canonical)
     }
@@ -201,12 +232,14 @@ impl AdapterStore {
     /// Every adapter under the root (folders holding `adapter_config.json`, at most 4 segments deep), as ids.
     pub fn list(&self) -> Vec<String> {
         let mut out = Vec::new();
-        self.walk(&self.canonical_root, String::new(), 0, &mut out);
+        if let Ok(root) = self.canonical_root() {
+            Self::walk(&root, &root, String::new(), 0, &mut out);
+        }
         out.sort();
         out
     }
 
-    fn walk(&self, dir: &Path, prefix: String, depth: usize, out: &mut Vec<String>) {
+    fn walk(root: &Path, dir: &Path, prefix: String, depth: usize, out: &mut Vec<String>) {
         if depth > 4 {
             return;
         }
@@ -214,18 +247,18 @@ impl AdapterStore {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let id = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
-            if validate_id(&id).is_err() {
+            if name.starts_with('.') || validate_id(&id).is_err() {
                 continue;
             }
             let path = e.path();
             let Ok(canonical) = path.canonicalize() else { continue };
-            if !canonical.starts_with(&self.canonical_root) || !canonical.is_dir() {
+            if !canonical.starts_with(root) || !canonical.is_dir() {
                 continue;
             }
             if canonical.join("adapter_config.json").is_file() {
                 out.push(id.clone());
             }
-            self.walk(&canonical, id, depth + 1, out);
+            Self::walk(root, &canonical, id, depth + 1, out);
         }
     }
 }
@@ -295,6 +328,56 @@ mod tests {
         let listed = s.list();
         assert!(listed.contains(&"good".to_string()) && listed.contains(&"team/nested".to_string()));
         assert!(!listed.iter().any(|i| i == "escape" || i == "empty"));
+    }
+
+    /// A folder inside the root whose files are symlinks leaving it is out of bounds like a folder symlink;
+    /// files linked within the root are fine. Hidden folders are not listed but resolve.
+    #[cfg(unix)]
+    #[test]
+    fn file_symlinks_are_confined_too_and_hidden_folders_unlisted() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        adapter(&tmp.path().join("outside"));
+        adapter(&root.join("blobs/src"));
+        for (name, target) in [("linked-out", tmp.path().join("outside")), ("linked-in", root.join("blobs/src"))] {
+            std::fs::create_dir_all(root.join(name)).unwrap();
+            symlink(target.join("adapter_config.json"), root.join(name).join("adapter_config.json")).unwrap();
+        }
+        adapter(&root.join(".hidden"));
+        let s = AdapterStore::open(&root).unwrap();
+        let e = s.resolve("linked-out").unwrap_err();
+        assert!(matches!(e, StoreError::Escapes { .. }), "{e}");
+        assert!(e.to_string().contains("linked-out/adapter_config.json resolves outside"), "{e}");
+        assert!(s.resolve("linked-in").is_ok());
+        assert!(s.resolve(".hidden").is_ok());
+        // Listed: a folder under the root, whose requests then say what is wrong with it.
+        assert_eq!(s.list(), ["blobs/src", "linked-in", "linked-out"]);
+    }
+
+    /// A root given as a symlink follows it at every lookup: re-pointed (a release symlink swapped, as
+    /// git-sync does), every adapter comes from the new target; the old one deleted changes nothing.
+    #[cfg(unix)]
+    #[test]
+    fn a_symlinked_root_is_followed_when_it_is_repointed() {
+        let tmp = tempfile::tempdir().unwrap();
+        adapter(&tmp.path().join("r1/old"));
+        adapter(&tmp.path().join("r2/new"));
+        let current = tmp.path().join("current");
+        std::os::unix::fs::symlink("r1", &current).unwrap();
+        let s = AdapterStore::open(&current).unwrap();
+        assert_eq!(s.resolve("old").unwrap(), tmp.path().join("r1/old").canonicalize().unwrap());
+        assert_eq!(s.list(), ["old"]);
+        let next = tmp.path().join("next");
+        std::os::unix::fs::symlink("r2", &next).unwrap();
+        std::fs::rename(&next, &current).unwrap();
+        std::fs::remove_dir_all(tmp.path().join("r1")).unwrap();
+        assert_eq!(s.resolve("new").unwrap(), tmp.path().join("r2/new").canonicalize().unwrap());
+        assert!(matches!(s.resolve("old"), Err(StoreError::NotFound { .. })));
+        assert_eq!(s.list(), ["new"]);
+        std::fs::remove_file(&current).unwrap();
+        let e = s.resolve("new").unwrap_err().to_string();
+        assert!(e.contains("the adapters root does not exist"), "{e}");
     }
 
     #[test]

@@ -14,9 +14,10 @@ pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
 
 pub fn from_cache(e: CacheError, deadline_passed: bool) -> Status {
     match &e {
-        CacheError::Store(StoreError::InvalidId { .. }) | CacheError::Store(StoreError::Escapes { .. }) => {
-            Status::invalid_argument(e.to_string())
-        }
+        CacheError::Store(StoreError::InvalidId { .. }) => Status::invalid_argument(e.to_string()),
+        // A valid id whose folder the server's own files put out of bounds: the request is fine, the server
+        // is not set up to serve it.
+        CacheError::Store(StoreError::Escapes { .. }) => Status::failed_precondition(e.to_string()),
         CacheError::Store(StoreError::NotFound { .. }) => Status::not_found(e.to_string()),
         CacheError::Store(StoreError::Io { .. }) | CacheError::Invalid(_) => Status::failed_precondition(e.to_string()),
         CacheError::Full { .. } if deadline_passed => {
