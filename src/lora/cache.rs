@@ -579,9 +579,13 @@ impl AdapterCache {
                 match res {
                     Ok(l) => Ok(Arc::new(l)),
                     Err(e) => {
-                        // Broken new files: never fall back to the old version.
-                        if let CacheError::Invalid(_) = e {
-                            st.failed.insert(id_owned.clone(), (stamp.clone(), e.clone()));
+                        // Broken new files: never fall back to the old version. Remembered until the files
+                        // change, unless they only failed to read (EMFILE, EIO, a stale NFS handle, a copy in
+                        // progress): the next request tries again.
+                        if let CacheError::Invalid(a) = &e {
+                            if !matches!(**a, AdapterError::Read { .. }) {
+                                st.failed.insert(id_owned.clone(), (stamp.clone(), e.clone()));
+                            }
                             st.current.remove(&id_owned);
                             st.supersede(&id_owned, None);
                             publish(&st);

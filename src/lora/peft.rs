@@ -27,6 +27,10 @@ use super::{LinearId, LoraModule, LoraWeights, ModuleKind};
 pub enum AdapterError {
     #[error("{file}: {reason}")]
     File { file: String, reason: String },
+    /// The file could not be read (an I/O error, or it changed while being read): maybe passing, so never
+    /// remembered as the adapter's verdict.
+    #[error("{file}: {reason}")]
+    Read { file: String, reason: String },
     #[error("{file}: `{key}`: {reason}")]
     Config { file: String, key: String, reason: String },
     #[error("{file}: tensor `{tensor}`: {reason}")]
@@ -375,7 +379,7 @@ fn load_dir_with(
     let cfg_path = dir.join("adapter_config.json");
     let cfg_file = cfg_path.display().to_string();
     let text = std::fs::read_to_string(&cfg_path)
-        .map_err(|e| AdapterError::File { file: cfg_file.clone(), reason: e.to_string() })?;
+        .map_err(|e| AdapterError::Read { file: cfg_file.clone(), reason: e.to_string() })?;
     let config = AdapterConfig::parse(&text, &cfg_file)?;
     let st_path = dir.join("adapter_model.safetensors");
     if !st_path.is_file() {
@@ -390,7 +394,7 @@ fn load_dir_with(
         });
     }
     let bytes = super::file::read_whole(&st_path, parallel)
-        .map_err(|reason| AdapterError::File { file: st_path.display().to_string(), reason })?;
+        .map_err(|reason| AdapterError::Read { file: st_path.display().to_string(), reason })?;
     let weights = load_weights(&config, &bytes, &st_path.display().to_string(), &cfg_file, layout, device, parallel)?;
     Ok(LoadedAdapter { config, weights })
 }
