@@ -389,6 +389,35 @@ async fn shutdown_drains_in_flight_requests_and_reports_not_serving() {
     h.wait().await.unwrap();
 }
 
+/// `/metrics` answers through the whole drain (Prometheus sees its last requests), and stops with the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_are_served_until_the_drain_ends() {
+    let (h, c) = start(config(fixture("llama/adapters"))).await;
+    // 32 requests of 256 tokens: 8192 decode rows to drain, far longer than a scrape.
+    let running: Vec<_> = (0..32)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.generate(req(if i % 2 == 0 { "qv-r4" } else { "" }, "alpha", 256)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    h.shutdown();
+    let mut scrapes = 0;
+    while running.iter().any(|r| !r.is_finished()) {
+        let text = common::metrics_text(h.metrics_addr).await;
+        assert!(text.contains("loraserve_build_info"), "scrape during the drain: {text:?}");
+        scrapes += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(scrapes > 0, "the requests ended before the first scrape: the test showed nothing");
+    for r in running {
+        assert_eq!(r.await.unwrap().expect("drained").into_inner().token_ids.len(), 256);
+    }
+    let addr = h.metrics_addr;
+    h.wait().await.unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "/metrics still up after the server stopped");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reflection_lists_both_services() {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;

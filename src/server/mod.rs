@@ -165,9 +165,10 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
     let (stop, mut stop_rx) = watch::channel(false);
     let state = Arc::new(ServiceState { ready: OnceLock::new(), draining: false.into(), limits: cfg.limits });
 
-    let mut metrics_stop = stop_rx.clone();
+    // `/metrics` outlives the drain: Prometheus sees the shutdown's last requests and counts.
+    let (metrics_done, mut metrics_done_rx) = watch::channel(false);
     tokio::spawn(metrics_http::serve(metrics, async move {
-        let _ = metrics_stop.wait_for(|s| *s).await;
+        let _ = metrics_done_rx.wait_for(|done| *done).await;
     }));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -217,7 +218,7 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
 
     let task_state = state.clone();
     let stop_on_failure = stop.clone();
-    let task = tokio::spawn(async move {
+    let body = async move {
         // Load, then report SERVING — unless shutdown came first.
         let load_cfg = cfg.clone();
         let loaded = tokio::task::spawn_blocking(move || load(&load_cfg))
@@ -266,6 +267,11 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
             Ok(r) => r.map_err(ServerError::from),
             Err(e) => Err(ServerError::Io(std::io::Error::other(e.to_string()))),
         }
+    };
+    let task = tokio::spawn(async move {
+        let result = body.await;
+        let _ = metrics_done.send(true);
+        result
     });
     Ok(ServerHandle { grpc_addr, metrics_addr, state, stop, task })
 }
