@@ -294,7 +294,88 @@ fn refuses_unsupported_config_keys_naming_them() {
     }
     let e = broken(set("rank_pattern", json!({"(unclosed": 4})), keep);
     assert!(e.contains("rank_pattern.(unclosed"), "{e}");
+    // Initialisations that rewrite the base, and variants with a forward (or weights) of their own: PEFT
+    // writes `use_bdlora` and the `*_config` keys as settings objects.
+    for (key, value) in [
+        ("init_lora_weights", json!("lora_ga")),
+        ("use_bdlora", json!({"nblocks": 2, "target_modules_bd_a": ["q_proj"]})),
+        ("use_qalora", json!(true)),
+        ("velora_config", json!({"num_groups": 4})),
+        ("monteclora_config", json!({"num_samples": 2})),
+        ("arrow_config", json!({"top_k": 2})),
+        ("kasa_config", json!({"beta": 0.1})),
+    ] {
+        let e = broken(set(key, value.clone()), keep);
+        assert!(e.contains(&format!("`{key}`")), "{key}={value}: {e}");
+    }
 }
+
+/// An adapter for the llama fixture (3 layers, hidden 96) with `config` and random rank-4 tensors for
+/// `modules` (`model.layers.<l>.<parent>.<kind>`), loaded; the error text if refused.
+fn adapter_with(config: serde_json::Value, modules: &[&str]) -> Result<loraserve::lora::LoraWeights, String> {
+    let m = load_model(&fixture("llama/model"), QuantMode::None);
+    let layout = m.model.lora_layout();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("adapter_config.json"), config.to_string()).unwrap();
+    let mut t = HashMap::new();
+    for (i, module) in modules.iter().enumerate() {
+        let kind = loraserve::lora::ModuleKind::from_name(module.rsplit('.').next().unwrap()).unwrap();
+        let (in_f, out_f) = layout.dims(kind);
+        let r = |shape: (usize, usize), seed: u64| {
+            let mut rng = loraserve::rng::Rng::new(seed);
+            let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| 0.1 * rng.normal() as f32).collect();
+            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        };
+        t.insert(format!("base_model.model.{module}.lora_A.weight"), r((4, in_f), 2 * i as u64));
+        t.insert(format!("base_model.model.{module}.lora_B.weight"), r((out_f, 4), 2 * i as u64 + 1));
+    }
+    candle_core::safetensors::save(&t, tmp.path().join("adapter_model.safetensors")).unwrap();
+    peft::load_dir(tmp.path(), &layout, &Device::Cpu).map(|a| a.weights).map_err(|e| e.to_string())
+}
+
+fn targeted(w: &loraserve::lora::LoraWeights) -> Vec<String> {
+    w.targets().map(|(id, _)| id.module_path()).collect()
+}
+
+/// PEFT's layer filtering: a module named in full is targeted whatever `layers_to_transform` says, and a
+/// `layers_pattern` may start the module name (`model.layers`).
+#[test]
+fn layer_filters_match_peft() {
+    use serde_json::json;
+    let q0 = "model.layers.0.self_attn.q_proj";
+    let (v1, v2) = ("model.layers.1.self_attn.v_proj", "model.layers.2.self_attn.v_proj");
+    let cfg = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [q0, "v_proj"], "layers_to_transform": [1]});
+    assert_eq!(targeted(&adapter_with(cfg.clone(), &[q0, v1]).unwrap()), [q0, v1]);
+    let e = adapter_with(cfg.clone(), &[v1]).unwrap_err();
+    assert!(e.contains("targets `layers.0.self_attn.q_proj`") || e.contains(q0), "{e}");
+    let e = adapter_with(cfg, &[q0, v1, v2]).unwrap_err();
+    assert!(e.contains(v2) && e.contains("not targeted"), "{e}");
+    for pattern in [json!("model.layers"), json!("layers"), json!(["h", "model.layers"])] {
+        let cfg = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["v_proj"],
+                         "layers_to_transform": [2], "layers_pattern": pattern});
+        assert_eq!(targeted(&adapter_with(cfg, &[v2]).unwrap()), [v2], "layers_pattern {pattern}");
+    }
+}
+
+/// Embedding and head LoRA are named as such, although PEFT's files also hold `…base_layer.weight` copies
+/// that sort before the LoRA tensors.
+#[test]
+fn embedding_and_head_lora_are_refused_as_such() {
+    let e = broken(keep_cfg, |t| {
+        let w = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
+        t.insert("base_model.model.lm_head.base_layer.weight".into(), w.clone());
+        t.insert("base_model.model.lm_head.lora_A.weight".into(), w);
+    });
+    assert!(e.contains("lm_head.lora_A.weight") && e.contains("LoRA on lm_head is not supported"), "{e}");
+    let e = broken(keep_cfg, |t| {
+        let w = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
+        t.insert("base_model.model.model.embed_tokens.base_layer.weight".into(), w.clone());
+        t.insert("base_model.model.model.embed_tokens.lora_embedding_A".into(), w);
+    });
+    assert!(e.contains("lora_embedding_A") && e.contains("embedding LoRA"), "{e}");
+}
+
+fn keep_cfg(_: &mut serde_json::Map<String, serde_json::Value>) {}
 
 #[test]
 fn refuses_bad_tensors_naming_them() {

@@ -9,9 +9,10 @@
 //! compiled with `fancy-regex`.
 //!
 //! Anything loraserve would have to silently ignore is refused instead, with an error naming the key or the
-//! tensor: DoRA, `modules_to_save`, LoRA biases, initialisations that change the base weights (PiSSA, OLoRA,
-//! CorDA, LoftQ), embedding LoRA, tensors for modules the base lacks or the config does not target,
-//! targeted modules without tensors, shapes that disagree with the base or the configured rank, NaN/Inf.
+//! tensor: DoRA and the other variants with a forward of their own (QALoRA, BD-LoRA, VeLoRA, MonteCLoRA,
+//! Arrow, KaSA), `modules_to_save`, LoRA biases, initialisations that change the base weights (PiSSA, OLoRA,
+//! CorDA, LoftQ, LoRA-GA), embedding and head LoRA, tensors for modules the base lacks or the config does not
+//! target, targeted modules without tensors, shapes that disagree with the base or the configured rank, NaN/Inf.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -135,7 +136,7 @@ impl AdapterConfig {
         }
         if let Some(Value::String(init)) = get("init_lora_weights") {
             let lower = init.to_ascii_lowercase();
-            if ["pissa", "olora", "corda", "loftq"].iter().any(|p| lower.starts_with(p)) {
+            if ["pissa", "olora", "corda", "loftq", "lora_ga"].iter().any(|p| lower.starts_with(p)) {
                 return Err(cfg_err(
                     file,
                     "init_lora_weights",
@@ -143,8 +144,9 @@ impl AdapterConfig {
                 ));
             }
         }
-        for key in ["use_qalora", "use_bdlora"] {
-            if get(key).and_then(|v| v.as_bool()) == Some(true) {
+        // Variants with their own forward (or extra weights); `use_bdlora` is a settings object when on.
+        for key in ["use_qalora", "use_bdlora", "velora_config", "monteclora_config", "arrow_config", "kasa_config"] {
+            if is_set(get(key)) {
                 return Err(cfg_err(file, key, "this LoRA variant is not supported"));
             }
         }
@@ -248,7 +250,7 @@ impl AdapterConfig {
             } else {
                 self.layers_pattern
                     .iter()
-                    .map(|p| compile(p, r"^.*?\.{}\.(\d+)\.", file, "layers_pattern"))
+                    .map(|p| compile(p, r"^(?:.*?\.)?{}\.(\d+)\.", file, "layers_pattern"))
                     .collect::<Result<_, _>>()?
             },
             rank: pat(self.rank_pattern.iter().map(|(k, _)| k).collect(), "rank_pattern")?,
@@ -338,6 +340,10 @@ impl Matcher {
         if !self.target.matches(key) {
             return false;
         }
+        // A module named in full is targeted whatever its layer (PEFT checks `key in target_modules` first).
+        if matches!(&self.target, CompiledSelector::Names(names) if names.iter().any(|n| n == key)) {
+            return true;
+        }
         // Layer filtering applies to name lists (and all-linear, which PEFT expands to a list).
         let Some(layers) = &cfg.layers_to_transform else { return true };
         if matches!(self.target, CompiledSelector::Regex(_)) || layers.is_empty() {
@@ -424,6 +430,14 @@ fn load_weights(
     let mut pairs: BTreeMap<LinearId, (Option<String>, Option<String>)> = BTreeMap::new();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
+    // Embedding and head LoRA first: their files also hold `…base_layer.weight` copies, which sort earlier and
+    // would be refused as "not a LoRA weight" without saying what the adapter is.
+    if let Some(name) = names.iter().find(|n| n.contains("lora_embedding_") || n.contains(".embed_tokens.lora_")) {
+        return Err(tensor_err(name, "embedding LoRA (embed_tokens) is not supported".into()));
+    }
+    if let Some(name) = names.iter().find(|n| n.contains(".lm_head.lora_")) {
+        return Err(tensor_err(name, "LoRA on lm_head is not supported".into()));
+    }
     for name in &names {
         let (module, which) = parse_tensor_name(name).map_err(|reason| tensor_err(name, reason))?;
         let id = module_id(module, layout)
@@ -499,9 +513,6 @@ fn load_weights(
 
 /// `base_model.model.<module>.lora_{A,B}.weight` → (module, 'A' | 'B'); anything else is refused.
 fn parse_tensor_name(name: &str) -> Result<(&str, char), String> {
-    if name.contains("lora_embedding_") {
-        return Err("embedding LoRA is not supported".into());
-    }
     if name.contains("lora_magnitude_vector") {
         return Err("DoRA magnitude vectors are not supported".into());
     }
