@@ -33,10 +33,13 @@ impl ApiKeys {
     /// The interceptor for the LoraServe service.
     pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
         let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        match header.and_then(|h| h.strip_prefix("Bearer ")) {
-            Some(key) if self.accepts(key.trim().as_bytes()) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("invalid API key")),
-            None => Err(Status::unauthenticated("missing `authorization: Bearer <key>` metadata")),
+        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` and `BEARER` are `Bearer`.
+        let key = header.and_then(|h| h.split_once(' ')).filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+        match (header, key) {
+            (_, Some((_, key))) if self.accepts(key.trim().as_bytes()) => Ok(req),
+            (_, Some(_)) => Err(Status::unauthenticated("invalid API key")),
+            (Some(_), None) => Err(Status::unauthenticated("`authorization` metadata is not `Bearer <key>`")),
+            (None, None) => Err(Status::unauthenticated("missing `authorization: Bearer <key>` metadata")),
         }
     }
 }
@@ -66,6 +69,9 @@ mod tests {
         };
         assert!(k.check(req(Some("Bearer alpha"))).is_ok());
         assert!(k.check(req(Some("Bearer beta"))).is_ok());
+        assert!(k.check(req(Some("bearer alpha"))).is_ok() && k.check(req(Some("BEARER alpha"))).is_ok());
+        let e = k.check(req(Some("Basic alpha"))).unwrap_err();
+        assert!(e.message().contains("not `Bearer <key>`"), "{e:?}");
         assert_eq!(k.check(req(Some("Bearer gamma"))).unwrap_err().code(), tonic::Code::Unauthenticated);
         assert_eq!(k.check(req(Some("alpha"))).unwrap_err().code(), tonic::Code::Unauthenticated);
         assert_eq!(k.check(req(None)).unwrap_err().code(), tonic::Code::Unauthenticated);
