@@ -253,10 +253,9 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     pub fn config(&self) -> Result<crate::server::ServeConfig> {
-        let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         // PEM files checked here, so a wrong file is named (rustls reports only that the identity is bad).
         let pem = |p: &std::path::Path, flag: &str, label: &str| -> Result<Vec<u8>> {
-            let bytes = read(p)?;
+            let bytes = std::fs::read(p).with_context(|| format!("{flag} {}", p.display()))?;
             if !String::from_utf8_lossy(&bytes).contains(label) {
                 bail!("{flag} {}: no PEM block with `{label}` in it", p.display());
             }
@@ -269,7 +268,9 @@ impl ServeArgs {
             _ => None,
         };
         let api_keys = match &self.api_key_file {
-            Some(p) => Some(crate::server::auth::ApiKeys::from_file(p).map_err(anyhow::Error::msg)?),
+            Some(p) => {
+                Some(crate::server::auth::ApiKeys::from_file(p).map_err(|e| anyhow::anyhow!("--api-key-file {e}"))?)
+            }
             None => None,
         };
         for (flag, v) in [
@@ -284,9 +285,12 @@ impl ServeArgs {
                 bail!("{flag} must be at least 1 (0 would refuse every request)");
             }
         }
-        if !(self.drain_timeout.is_finite() && self.drain_timeout >= 0.0) {
-            bail!("--drain-timeout must be a number of seconds ≥ 0");
-        }
+        let Ok(drain_timeout) = std::time::Duration::try_from_secs_f64(self.drain_timeout) else {
+            bail!(
+                "--drain-timeout {:?}: expected a number of seconds ≥ 0 (and not absurdly large)",
+                self.drain_timeout
+            );
+        };
         Ok(crate::server::ServeConfig {
             model: self.model.model.clone(),
             load: self.model.load_options()?,
@@ -311,7 +315,7 @@ impl ServeArgs {
             api_keys,
             tls,
             max_request_bytes: self.max_request_bytes,
-            drain_timeout: std::time::Duration::from_secs_f64(self.drain_timeout),
+            drain_timeout,
         })
     }
 }
@@ -391,13 +395,28 @@ fn run_serve(args: ServeArgs) -> Result<()> {
             _ = &mut stop => true,
             _ = async { while !server.is_finished() { tokio::time::sleep(std::time::Duration::from_millis(200)).await } } => false,
         };
-        if shutdown_requested {
-            server.shutdown();
+        if !shutdown_requested {
+            server.wait().await?;
+            tracing::info!("stopped");
+            return Ok(());
         }
-        server.wait().await?;
+        server.shutdown();
+        // A second signal while draining (an impatient Ctrl-C) stops at once, as uvicorn and vLLM do.
+        let mut term_again = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = server.wait() => r?,
+            _ = term_again.recv() => force_exit("SIGTERM"),
+            _ = tokio::signal::ctrl_c() => force_exit("SIGINT"),
+        }
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Exits now, failing whatever is still running (exit status 130: interrupted).
+fn force_exit(signal: &str) -> ! {
+    tracing::warn!("second {signal} while draining: stopping without finishing the requests still running");
+    std::process::exit(130)
 }
 
 fn run_client(args: ClientArgs) -> Result<()> {
@@ -670,6 +689,9 @@ fn resolve_adapter(arg: &str, root: &std::path::Path) -> Result<std::path::PathB
     }
     let path_like =
         as_dir.is_absolute() || [".", ".."].contains(&arg) || arg.starts_with("./") || arg.starts_with("../");
+    if path_like && !as_dir.exists() {
+        bail!("--adapter {arg}: no such folder");
+    }
     // A folder that is not also an id under the root (`ads/sub` with no `adapters/ads/sub`) was meant as a path.
     if as_dir.is_dir() && (path_like || !root.join(arg).is_dir()) {
         bail!("--adapter {arg}: {} is missing", as_dir.join("adapter_config.json").display());

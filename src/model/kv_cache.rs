@@ -91,13 +91,21 @@ impl PagedKvCache {
         num_blocks * geometry.block_size * geometry.kv_heads * geometry.head_dim
     }
 
-    /// A cache of as many blocks as fit in `budget_bytes` (at least one), on `device`.
+    /// A cache of as many blocks as fit in `budget_bytes` (a budget short of one block is refused), on `device`.
     pub fn with_budget(
         geometry: KvGeometry,
         budget_bytes: usize,
         device: &candle_core::Device,
     ) -> candle_core::Result<Self> {
-        Self::on_device(geometry, (budget_bytes / geometry.block_bytes().max(1)).max(1), device)
+        let blocks = budget_bytes / geometry.block_bytes().max(1);
+        if blocks == 0 {
+            candle_core::bail!(
+                "a budget of {budget_bytes} bytes holds no KV block (one block of {} tokens takes {} bytes for this model; --kv-cache-bytes)",
+                geometry.block_size,
+                geometry.block_bytes()
+            );
+        }
+        Self::on_device(geometry, blocks, device)
     }
 
     pub fn geometry(&self) -> KvGeometry {
@@ -202,5 +210,7 @@ mod tests {
         let c = PagedKvCache::with_budget(g, g.block_bytes() * 10 + 5, &candle_core::Device::Cpu).unwrap();
         assert_eq!(c.allocator().capacity(), 10);
         assert_eq!(g.blocks_for(17), 2);
+        let e = PagedKvCache::with_budget(g, g.block_bytes() - 1, &candle_core::Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("holds no KV block") && e.contains("--kv-cache-bytes"), "{e}");
     }
 }

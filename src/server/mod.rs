@@ -44,10 +44,11 @@ pub mod proto {
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    // Not `#[from]`, which makes the inner error a `source` too: a printed chain would say everything twice.
     #[error("loading the model: {0}")]
-    Model(#[from] model::ModelError),
+    Model(model::ModelError),
     #[error("adapters root: {0}")]
-    Store(#[from] crate::lora::store::StoreError),
+    Store(crate::lora::store::StoreError),
     #[error("preloading adapter `{id}`: {reason}")]
     Preload { id: String, reason: String },
     #[error("TLS: {0}")]
@@ -56,6 +57,18 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<model::ModelError> for ServerError {
+    fn from(e: model::ModelError) -> Self {
+        ServerError::Model(e)
+    }
+}
+
+impl From<crate::lora::store::StoreError> for ServerError {
+    fn from(e: crate::lora::store::StoreError) -> Self {
+        ServerError::Store(e)
+    }
 }
 
 /// Everything `server serve` configures.
