@@ -508,7 +508,8 @@ pub struct TrainArgs {
     /// A separate eval file (instead of --eval-ratio).
     #[arg(long)]
     pub eval_data: Option<std::path::PathBuf>,
-    /// Save a checkpoint every N optimizer steps.
+    /// Save a resumable checkpoint (LoRA weights and optimizer state, for `--resume`) every N optimizer steps;
+    /// the checkpoints are removed once the finished adapter is written.
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
     /// Where checkpoints go (default: `<output>.checkpoints`).
