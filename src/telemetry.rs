@@ -21,7 +21,7 @@ pub const GENERATED_TOKENS_TOTAL: &str = "loraserve_generated_tokens_total";
 pub const ADAPTER_CACHE_HITS_TOTAL: &str = "loraserve_adapter_cache_hits_total";
 /// `{tier}` — acquisitions the tier could not serve.
 pub const ADAPTER_CACHE_MISSES_TOTAL: &str = "loraserve_adapter_cache_misses_total";
-/// `{tier}` — adapters evicted from a tier.
+/// `{tier}` — adapters evicted from a tier to make room (superseded versions and unloads are not counted).
 pub const ADAPTER_CACHE_EVICTIONS_TOTAL: &str = "loraserve_adapter_cache_evictions_total";
 /// `{tier}` — bytes of adapter weights resident in a tier (gauge).
 pub const ADAPTER_CACHE_RESIDENT_BYTES: &str = "loraserve_adapter_cache_resident_bytes";
@@ -61,7 +61,7 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (GENERATED_TOKENS_TOTAL, "counter", "Generated tokens"),
     (ADAPTER_CACHE_HITS_TOTAL, "counter", "Adapter acquisitions served from a cache tier"),
     (ADAPTER_CACHE_MISSES_TOTAL, "counter", "Adapter acquisitions a cache tier could not serve"),
-    (ADAPTER_CACHE_EVICTIONS_TOTAL, "counter", "Adapters evicted from a cache tier"),
+    (ADAPTER_CACHE_EVICTIONS_TOTAL, "counter", "Adapters evicted from a cache tier to make room for others"),
     (ADAPTER_CACHE_RESIDENT_BYTES, "gauge", "Bytes of adapter weights resident in a cache tier"),
     (ADAPTERS_RESIDENT, "gauge", "Adapters resident in a cache tier"),
     (ADAPTER_LOAD_DURATION_SECONDS, "histogram", "Seconds to load an adapter from disk into the device tier"),

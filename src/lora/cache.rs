@@ -200,10 +200,11 @@ pub struct AdapterStatus {
     pub leases: usize,
 }
 
+/// Drops a device entry. Counted as an eviction only when it made room for another adapter: a superseded
+/// version or an unload leaving is routine, not cache pressure (the thrashing alert reads the count).
 fn evict_device(st: &mut State, key: &Key) {
     if let Some(e) = st.device.remove(key) {
         st.device_bytes -= e.bytes;
-        metrics::counter!(t::ADAPTER_CACHE_EVICTIONS_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
     }
 }
 
@@ -240,7 +241,6 @@ impl State {
         for k in host {
             if let Some(h) = self.host.remove(&k) {
                 self.host_bytes -= h.bytes;
-                metrics::counter!(t::ADAPTER_CACHE_EVICTIONS_TOTAL, "tier" => t::TIER_HOST).increment(1);
             }
         }
     }
@@ -293,7 +293,12 @@ impl State {
                 .min_by_key(|(_, e)| (!e.stale, e.tick))
                 .map(|(k, _)| k.clone());
             match victim {
-                Some(k) => evict_device(self, &k),
+                Some(k) => {
+                    if !self.device[&k].stale {
+                        metrics::counter!(t::ADAPTER_CACHE_EVICTIONS_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
+                    }
+                    evict_device(self, &k)
+                }
                 None => {
                     let leased = self.device.values().map(|e| e.bytes).sum();
                     return Insert::NoSpace { leased };
