@@ -401,12 +401,11 @@ fn run_serve(args: ServeArgs) -> Result<()> {
             return Ok(());
         }
         server.shutdown();
-        // A second signal while draining (an impatient Ctrl-C) stops at once, as uvicorn and vLLM do.
-        let mut term_again = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        // A second Ctrl-C while draining stops at once, as uvicorn does. A repeated SIGTERM (an orchestrator
+        // deleting the pod again) keeps draining: its hard stop is SIGKILL.
         tokio::select! {
             r = server.wait() => r?,
-            _ = term_again.recv() => force_exit("SIGTERM"),
-            _ = tokio::signal::ctrl_c() => force_exit("SIGINT"),
+            _ = tokio::signal::ctrl_c() => force_exit(),
         }
         tracing::info!("stopped");
         Ok(())
@@ -414,8 +413,8 @@ fn run_serve(args: ServeArgs) -> Result<()> {
 }
 
 /// Exits now, failing whatever is still running (exit status 130: interrupted).
-fn force_exit(signal: &str) -> ! {
-    tracing::warn!("second {signal} while draining: stopping without finishing the requests still running");
+fn force_exit() -> ! {
+    tracing::warn!("second SIGINT while draining: stopping without finishing the requests still running");
     std::process::exit(130)
 }
 
@@ -690,8 +689,10 @@ fn resolve_adapter(arg: &str, root: &std::path::Path) -> Result<std::path::PathB
     }
     let path_like =
         as_dir.is_absolute() || [".", ".."].contains(&arg) || arg.starts_with("./") || arg.starts_with("../");
-    if path_like && !as_dir.exists() {
-        bail!("--adapter {arg}: no such folder");
+    match as_dir.try_exists() {
+        Ok(false) if path_like => bail!("--adapter {arg}: no such folder"),
+        Err(e) if path_like => bail!("--adapter {arg}: {e}"),
+        _ => {}
     }
     // A folder that is not also an id under the root (`ads/sub` with no `adapters/ads/sub`) was meant as a path.
     if as_dir.is_dir() && (path_like || !root.join(arg).is_dir()) {

@@ -400,7 +400,17 @@ async fn metrics_are_served_until_the_drain_ends() {
             tokio::spawn(async move { c.generate(req(if i % 2 == 0 { "qv-r4" } else { "" }, "alpha", 256)).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // All 32 in the engine before the drain starts (a request arriving after it is refused UNAVAILABLE).
+    let stats = h.engine().unwrap();
+    let in_engine = || {
+        let s = stats.stats();
+        s.pending.load(std::sync::atomic::Ordering::Relaxed) + s.running.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let since = std::time::Instant::now();
+    while in_engine() < 32 && !running.iter().any(|r| r.is_finished()) {
+        assert!(since.elapsed() < Duration::from_secs(30), "requests never reached the engine");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     h.shutdown();
     let mut scrapes = 0;
     while running.iter().any(|r| !r.is_finished()) {

@@ -54,24 +54,26 @@ impl DerefMut for FileBytes {
     }
 }
 
-fn changed() -> String {
-    "the file changed while being read (publish adapters by renaming complete files or folders into place, \
-     not by rewriting them)"
-        .into()
+/// The error of a file that changed size while being read (its kind `Other`: worth another try).
+fn changed() -> std::io::Error {
+    std::io::Error::other(
+        "the file changed while being read (publish adapters by renaming complete files or folders into place, \
+         not by rewriting them)",
+    )
 }
 
 /// The whole file at `path`; in 4 MiB chunks on rayon's pool when `parallel` (a GPU server's cold load, the
-/// CPU otherwise idle). Errors are the reason only: the caller names the file.
-pub(crate) fn read_whole(path: &Path, parallel: bool) -> Result<FileBytes, String> {
+/// CPU otherwise idle). The caller names the file in errors and decides from the kind whether another try
+/// may succeed.
+pub(crate) fn read_whole(path: &Path, parallel: bool) -> std::io::Result<FileBytes> {
     read_in_chunks(path, parallel.then_some(CHUNK))
 }
 
-fn read_in_chunks(path: &Path, chunk: Option<usize>) -> Result<FileBytes, String> {
-    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let len = usize::try_from(file.metadata().map_err(|e| e.to_string())?.len()).map_err(|e| e.to_string())?;
-    let mut buf = FileBytes::zeroed(len).map_err(|e| e.to_string())?;
-    let short =
-        |e: std::io::Error| if e.kind() == std::io::ErrorKind::UnexpectedEof { changed() } else { e.to_string() };
+fn read_in_chunks(path: &Path, chunk: Option<usize>) -> std::io::Result<FileBytes> {
+    let mut file = std::fs::File::open(path)?;
+    let len = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
+    let mut buf = FileBytes::zeroed(len)?;
+    let short = |e: std::io::Error| if e.kind() == std::io::ErrorKind::UnexpectedEof { changed() } else { e };
     #[cfg(unix)]
     if let Some(chunk) = chunk {
         use rayon::prelude::*;
@@ -80,18 +82,16 @@ fn read_in_chunks(path: &Path, chunk: Option<usize>) -> Result<FileBytes, String
             .enumerate()
             .try_for_each(|(i, part)| file.read_exact_at(part, (i * chunk) as u64))
             .map_err(short)?;
-        return match file.read_at(&mut [0u8; 1], len as u64) {
-            Ok(0) => Ok(buf),
-            Ok(_) => Err(changed()),
-            Err(e) => Err(e.to_string()),
+        return match file.read_at(&mut [0u8; 1], len as u64)? {
+            0 => Ok(buf),
+            _ => Err(changed()),
         };
     }
     let _ = chunk;
     file.read_exact(&mut buf).map_err(short)?;
-    match file.read(&mut [0u8; 1]) {
-        Ok(0) => Ok(buf),
-        Ok(_) => Err(changed()),
-        Err(e) => Err(e.to_string()),
+    match file.read(&mut [0u8; 1])? {
+        0 => Ok(buf),
+        _ => Err(changed()),
     }
 }
 
@@ -113,6 +113,6 @@ mod tests {
             assert_eq!(*read_whole(&p, true).unwrap(), data);
         }
         let missing = read_whole(&dir.path().join("nope"), false).unwrap_err();
-        assert!(missing.contains("No such file"), "{missing}");
+        assert_eq!(missing.kind(), std::io::ErrorKind::NotFound, "{missing}");
     }
 }

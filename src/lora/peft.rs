@@ -29,13 +29,26 @@ pub enum AdapterError {
     #[error("{file}: {reason}")]
     File { file: String, reason: String },
     /// The file could not be read (an I/O error, or it changed while being read): maybe passing, so never
-    /// remembered as the adapter's verdict.
+    /// remembered as the adapter's verdict, and UNAVAILABLE to clients (retry).
     #[error("{file}: {reason}")]
     Read { file: String, reason: String },
     #[error("{file}: `{key}`: {reason}")]
     Config { file: String, key: String, reason: String },
     #[error("{file}: tensor `{tensor}`: {reason}")]
     Tensor { file: String, tensor: String, reason: String },
+}
+
+impl AdapterError {
+    /// A failed read of `file`: what the operator must fix (permissions, not UTF-8, a folder) is `File`,
+    /// anything else (EIO, EMFILE, a stale NFS handle, a file renamed away or changed mid-read) `Read`.
+    fn from_io(file: &str, e: std::io::Error) -> Self {
+        use std::io::ErrorKind::{InvalidData, IsADirectory, PermissionDenied};
+        let (file, reason) = (file.to_string(), e.to_string());
+        match e.kind() {
+            PermissionDenied | InvalidData | IsADirectory => AdapterError::File { file, reason },
+            _ => AdapterError::Read { file, reason },
+        }
+    }
 }
 
 /// The shape of the base model as adapters see it: how many decoder layers, and each projection's
@@ -384,8 +397,7 @@ fn load_dir_with(
 ) -> Result<LoadedAdapter, AdapterError> {
     let cfg_path = dir.join("adapter_config.json");
     let cfg_file = cfg_path.display().to_string();
-    let text = std::fs::read_to_string(&cfg_path)
-        .map_err(|e| AdapterError::Read { file: cfg_file.clone(), reason: e.to_string() })?;
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| AdapterError::from_io(&cfg_file, e))?;
     let config = AdapterConfig::parse(&text, &cfg_file)?;
     let st_path = dir.join("adapter_model.safetensors");
     if !st_path.is_file() {
@@ -400,7 +412,7 @@ fn load_dir_with(
         });
     }
     let bytes = super::file::read_whole(&st_path, parallel)
-        .map_err(|reason| AdapterError::Read { file: st_path.display().to_string(), reason })?;
+        .map_err(|e| AdapterError::from_io(&st_path.display().to_string(), e))?;
     let weights = load_weights(&config, &bytes, &st_path.display().to_string(), &cfg_file, layout, device, parallel)?;
     Ok(LoadedAdapter { config, weights })
 }

@@ -180,7 +180,7 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
 
     // `/metrics` outlives the drain: Prometheus sees the shutdown's last requests and counts.
     let (metrics_done, mut metrics_done_rx) = watch::channel(false);
-    tokio::spawn(metrics_http::serve(metrics, async move {
+    let metrics_task = tokio::spawn(metrics_http::serve(metrics, async move {
         let _ = metrics_done_rx.wait_for(|done| *done).await;
     }));
 
@@ -284,6 +284,8 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
     let task = tokio::spawn(async move {
         let result = body.await;
         let _ = metrics_done.send(true);
+        // Closed by the time the server reports stopped (its listener dropped).
+        let _ = tokio::time::timeout(Duration::from_secs(5), metrics_task).await;
         result
     });
     Ok(ServerHandle { grpc_addr, metrics_addr, state, stop, task })

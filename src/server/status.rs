@@ -5,6 +5,7 @@ use tonic::{Code, Status};
 
 use crate::engine::{EngineError, SubmitError};
 use crate::lora::cache::CacheError;
+use crate::lora::peft::AdapterError;
 use crate::lora::store::StoreError;
 
 /// An invalid request field: `INVALID_ARGUMENT` naming the field.
@@ -19,6 +20,8 @@ pub fn from_cache(e: CacheError, deadline_passed: bool) -> Status {
         // is not set up to serve it.
         CacheError::Store(StoreError::Escapes { .. }) => Status::failed_precondition(e.to_string()),
         CacheError::Store(StoreError::NotFound { .. }) => Status::not_found(e.to_string()),
+        // Files that failed to read (EIO, a copy in progress): another try may work.
+        CacheError::Invalid(a) if matches!(**a, AdapterError::Read { .. }) => Status::unavailable(e.to_string()),
         CacheError::Store(StoreError::Io { .. }) | CacheError::Invalid(_) => Status::failed_precondition(e.to_string()),
         CacheError::Full { .. } if deadline_passed => {
             Status::deadline_exceeded(format!("deadline exceeded waiting for adapter cache space: {e}"))
