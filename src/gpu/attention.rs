@@ -84,7 +84,7 @@ impl CustomOp3 for PagedAttention<'_, '_> {
         const OP: &str = "paged-attention-cuda";
         let rows = ql.shape().dims2()?.0;
         if self.tables.rows != rows {
-            candle_core::bail!("paged-attention-cuda: {rows} rows but the step's tables cover {}", self.tables.rows);
+            candle_core::bail!("{OP}: {rows} rows but the step's tables cover {}", self.tables.rows);
         }
         let device = q.device().clone();
         let width = self.shape.heads * self.shape.head_dim;

@@ -200,12 +200,13 @@ pub struct AdapterStatus {
     pub leases: usize,
 }
 
-/// Drops a device entry. Counted as an eviction only when it made room for another adapter: a superseded
-/// version or an unload leaving is routine, not cache pressure (the thrashing alert reads the count).
-fn evict_device(st: &mut State, key: &Key) {
-    if let Some(e) = st.device.remove(key) {
-        st.device_bytes -= e.bytes;
-    }
+/// Drops a device entry, returning it. Not counted here: only the evictions that make room for another
+/// adapter are (`insert_device`); a superseded version or an unload leaving is routine, not cache pressure
+/// (the thrashing alert reads the count).
+fn evict_device(st: &mut State, key: &Key) -> Option<DeviceEntry> {
+    let e = st.device.remove(key)?;
+    st.device_bytes -= e.bytes;
+    Some(e)
 }
 
 /// Publishes the tiers' gauges.
@@ -294,10 +295,9 @@ impl State {
                 .map(|(k, _)| k.clone());
             match victim {
                 Some(k) => {
-                    if !self.device[&k].stale {
+                    if evict_device(self, &k).is_some_and(|e| !e.stale) {
                         metrics::counter!(t::ADAPTER_CACHE_EVICTIONS_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
                     }
-                    evict_device(self, &k)
                 }
                 None => {
                     let leased = self.device.values().map(|e| e.bytes).sum();
