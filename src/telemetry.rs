@@ -11,7 +11,8 @@ pub const REQUEST_DURATION_SECONDS: &str = "loraserve_request_duration_seconds";
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "loraserve_time_to_first_token_seconds";
 /// Seconds between consecutive tokens of one request.
 pub const INTER_TOKEN_LATENCY_SECONDS: &str = "loraserve_inter_token_latency_seconds";
-/// Requests admitted by the server and not yet running in the engine (gauge).
+/// Requests admitted by the server and not yet running in the engine: waiting for their adapter, or in the
+/// engine's queue (gauge).
 pub const QUEUE_REQUESTS: &str = "loraserve_queue_requests";
 /// Rows (sequences) in each engine step (histogram).
 pub const BATCH_SIZE: &str = "loraserve_batch_size";
@@ -23,7 +24,8 @@ pub const ADAPTER_CACHE_HITS_TOTAL: &str = "loraserve_adapter_cache_hits_total";
 pub const ADAPTER_CACHE_MISSES_TOTAL: &str = "loraserve_adapter_cache_misses_total";
 /// `{tier}` — adapters evicted from a tier to make room (superseded versions and unloads are not counted).
 pub const ADAPTER_CACHE_EVICTIONS_TOTAL: &str = "loraserve_adapter_cache_evictions_total";
-/// `{tier}` — bytes of adapter weights resident in a tier (gauge).
+/// `{tier}` — bytes of adapter weights resident in a tier (gauge). On a CPU server both tiers are RAM and
+/// share one copy: an adapter in both counts in the device tier only (likewise [`ADAPTERS_RESIDENT`]).
 pub const ADAPTER_CACHE_RESIDENT_BYTES: &str = "loraserve_adapter_cache_resident_bytes";
 /// `{tier}` — adapters resident in a tier (gauge).
 pub const ADAPTERS_RESIDENT: &str = "loraserve_adapters_resident";
@@ -55,7 +57,7 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (REQUEST_DURATION_SECONDS, "histogram", "Seconds from arrival of a generate request to its last token"),
     (TIME_TO_FIRST_TOKEN_SECONDS, "histogram", "Seconds from arrival to the first generated token"),
     (INTER_TOKEN_LATENCY_SECONDS, "histogram", "Seconds between consecutive generated tokens of a request"),
-    (QUEUE_REQUESTS, "gauge", "Requests waiting to join the running batch"),
+    (QUEUE_REQUESTS, "gauge", "Requests waiting for their adapter or to join the running batch"),
     (BATCH_SIZE, "histogram", "Sequences in each engine step"),
     (PROMPT_TOKENS_TOTAL, "counter", "Prompt tokens of admitted requests"),
     (GENERATED_TOKENS_TOTAL, "counter", "Generated tokens"),

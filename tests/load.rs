@@ -28,6 +28,7 @@ const CLIENTS: usize = 32;
 /// 63 per client: 2,016 in all.
 const PER_CLIENT: usize = 63;
 const ADAPTERS: usize = 200;
+const QUEUE: &str = "loraserve_queue_requests";
 
 fn rss_bytes() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -202,7 +203,8 @@ async fn two_thousand_requests_two_hundred_adapters_twenty_slots() {
     let cache = h.cache().unwrap();
     let engine = h.engine().unwrap();
     for _ in 0..200 {
-        if cache.leases() == 0 && engine.stats().running.load(Ordering::Relaxed) == 0 {
+        let s = engine.stats();
+        if cache.leases() == 0 && s.running.load(Ordering::Relaxed) + s.pending.load(Ordering::Relaxed) == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -248,6 +250,34 @@ async fn two_thousand_requests_two_hundred_adapters_twenty_slots() {
     assert_eq!(engine.stats().kv_blocks_used.load(Ordering::Relaxed), 0, "every KV block returned");
     assert!(cache.device_bytes() <= 20 * one);
     assert!(rss_after < rss_before + (64 << 20), "memory stable: RSS {rss_before} → {rss_after}");
+    // The queue gauge moves by deltas (engine queue, waits for an adapter): after 2,000 requests, cancelled
+    // ones among them at every stage, it is back to 0.
+    assert_eq!(metric(h.metrics_addr, QUEUE).await, 0.0, "queue gauge back to 0 when nothing waits");
+
+    // A request waiting for room in the device tier is queued: pin all 20 slots, ask for a 21st adapter.
+    let mut pins = Vec::new();
+    for i in 0..20 {
+        pins.push(cache.acquire(&format!("tenant{}/a{i}", i % 7), None).await.unwrap());
+    }
+    let mut client = LoraServeClient::connect(addr.clone()).await.unwrap();
+    let waiting = tokio::spawn(async move {
+        let req = GenerateRequest {
+            adapter_id: "tenant6/a20".into(),
+            prompt: "alpha".into(),
+            max_new_tokens: 2,
+            ..Default::default()
+        };
+        client.generate(req).await
+    });
+    let since = std::time::Instant::now();
+    while metric(h.metrics_addr, QUEUE).await != 1.0 {
+        assert!(!waiting.is_finished(), "the 21st adapter found room: {:?}", waiting.await);
+        assert!(since.elapsed() < Duration::from_secs(30), "a request waiting for its adapter is not queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(pins);
+    assert_eq!(waiting.await.unwrap().expect("runs once room is free").into_inner().token_ids.len(), 2);
+    assert_eq!(metric(h.metrics_addr, QUEUE).await, 0.0);
     h.shutdown();
     h.wait().await.unwrap();
 }

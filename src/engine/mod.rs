@@ -76,14 +76,14 @@ impl Engine {
 
     /// Hands a request to the engine; its events arrive on `req.events`.
     pub fn submit(&self, req: ValidRequest) -> Result<(), SubmitError> {
-        let pending = self.stats.pending.fetch_add(1, Ordering::Relaxed);
+        let pending = self.stats.enqueue();
         if pending >= self.config.queue_capacity {
-            self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+            self.stats.dequeue();
             return Err(SubmitError::QueueFull(pending));
         }
         let tx = self.tx.lock().expect("engine sender");
         tx.send(Command::Submit(Box::new(req))).map_err(|_| {
-            self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+            self.stats.dequeue();
             SubmitError::ShuttingDown
         })
     }

@@ -65,6 +65,22 @@ pub struct EngineStats {
     pub stopped: AtomicBool,
 }
 
+impl EngineStats {
+    /// One more request submitted and not yet running; returns how many were waiting before it. The queue
+    /// gauge moves by deltas (never set from `pending`): the server adds the requests waiting for their
+    /// adapter to it, which the engine does not see.
+    pub(crate) fn enqueue(&self) -> usize {
+        metrics::gauge!(t::QUEUE_REQUESTS).increment(1.0);
+        self.pending.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// One request fewer waiting: it joined the running batch, or left before it did.
+    pub(crate) fn dequeue(&self) {
+        metrics::gauge!(t::QUEUE_REQUESTS).decrement(1.0);
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A request in the engine.
 struct Live {
     req: ValidRequest,
@@ -98,6 +114,7 @@ pub(crate) fn run(
     let mut live: HashMap<SeqId, Live> = HashMap::new();
     let mut next_id: SeqId = 0;
     let mut draining = false;
+    let mut aborted = false;
     let eos = model.config().eos_token_ids.clone();
 
     loop {
@@ -119,13 +136,13 @@ pub(crate) fn run(
         for c in commands {
             match c {
                 Command::Submit(req) if draining => {
-                    stats.pending.fetch_sub(1, Ordering::Relaxed);
+                    stats.dequeue();
                     let _ = req.events.send(Event::Failed(EngineError::ShuttingDown));
                 }
                 Command::Submit(req) => {
                     let needed = geo.blocks_for(req.prompt_ids.len() + req.max_new_tokens);
                     if needed > capacity {
-                        stats.pending.fetch_sub(1, Ordering::Relaxed);
+                        stats.dequeue();
                         let _ = req.events.send(Event::Failed(EngineError::TooLong { needed, capacity }));
                         continue;
                     }
@@ -149,14 +166,18 @@ pub(crate) fn run(
                     );
                 }
                 Command::Drain => draining = true,
-                Command::Abort => {
-                    for (_, l) in live.drain() {
-                        let _ = l.req.events.send(Event::Failed(EngineError::ShuttingDown));
-                    }
-                    stats.stopped.store(true, Ordering::Relaxed);
-                    return;
-                }
+                // Everything after it in this intake fails too: an abort follows a drain.
+                Command::Abort => aborted = true,
             }
+        }
+        if aborted {
+            for (_, l) in live.drain() {
+                if !l.admitted {
+                    stats.dequeue();
+                }
+                let _ = l.req.events.send(Event::Failed(EngineError::ShuttingDown));
+            }
+            return stop(&stats, &rx);
         }
 
         // 2. Reap: clients that left, deadlines that passed.
@@ -179,7 +200,7 @@ pub(crate) fn run(
                 let _ = l.req.events.send(Event::Failed(e));
             }
             if !l.admitted {
-                stats.pending.fetch_sub(1, Ordering::Relaxed);
+                stats.dequeue();
             }
             sched.remove(id, &mut slots, cache.allocator_mut());
             slots.remove(&id);
@@ -191,7 +212,7 @@ pub(crate) fn run(
             let l = live.get_mut(&r.seq).expect("planned sequence is live");
             if !l.admitted {
                 l.admitted = true;
-                stats.pending.fetch_sub(1, Ordering::Relaxed);
+                stats.dequeue();
             }
         }
         publish(&stats, &sched, &cache);
@@ -272,7 +293,18 @@ pub(crate) fn run(
         }
         publish(&stats, &sched, &cache);
     }
+    stop(&stats, &rx);
+}
+
+/// Marks the engine stopped and fails the requests submitted since the last intake.
+fn stop(stats: &EngineStats, rx: &Receiver<Command>) {
     stats.stopped.store(true, Ordering::Relaxed);
+    while let Ok(c) = rx.try_recv() {
+        if let Command::Submit(req) = c {
+            stats.dequeue();
+            let _ = req.events.send(Event::Failed(EngineError::ShuttingDown));
+        }
+    }
 }
 
 fn publish(stats: &EngineStats, sched: &Scheduler, cache: &PagedKvCache) {
@@ -280,7 +312,6 @@ fn publish(stats: &EngineStats, sched: &Scheduler, cache: &PagedKvCache) {
     stats.running.store(sched.running(), Ordering::Relaxed);
     stats.kv_blocks_used.store(used, Ordering::Relaxed);
     metrics::gauge!(t::KV_CACHE_BLOCKS_USED).set(used as f64);
-    metrics::gauge!(t::QUEUE_REQUESTS).set(stats.pending.load(Ordering::Relaxed) as f64);
 }
 
 /// One forward over the planned rows; returns the logits of the sampling rows, in plan order (on a GPU,

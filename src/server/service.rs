@@ -195,6 +195,7 @@ impl Service {
             None
         } else {
             let wait_until = deadline.map(tokio::time::Instant::from_std);
+            let _waiting = WaitingForAdapter::enter();
             match ready.cache.acquire(&r.adapter_id, wait_until).await {
                 Ok(lease) => Some(lease),
                 Err(e) => return Err(status::from_cache(e, deadline.is_some_and(|d| Instant::now() >= d))),
@@ -214,6 +215,24 @@ impl Service {
         };
         ready.engine.submit(valid).map_err(status::from_submit)?;
         Ok(Admitted { events: rx, adapter_version })
+    }
+}
+
+/// A request waiting for its adapter (a load from disk, a copy to the device, or room in the device tier):
+/// admitted and not yet in the engine, so counted in `loraserve_queue_requests` with the engine's queue —
+/// the autoscaler must see requests piling up behind a full adapter cache too.
+struct WaitingForAdapter;
+
+impl WaitingForAdapter {
+    fn enter() -> Self {
+        metrics::gauge!(t::QUEUE_REQUESTS).increment(1.0);
+        WaitingForAdapter
+    }
+}
+
+impl Drop for WaitingForAdapter {
+    fn drop(&mut self) {
+        metrics::gauge!(t::QUEUE_REQUESTS).decrement(1.0);
     }
 }
 
