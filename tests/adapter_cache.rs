@@ -197,6 +197,7 @@ async fn leased_adapters_survive_pressure_and_waiters_get_in_after_release() {
     drop(lb);
 }
 
+/// An adapter larger than the whole device tier is refused; the refusal is remembered like broken files.
 #[tokio::test]
 async fn too_large_for_the_budget() {
     let tmp = tempfile::tempdir().unwrap();
@@ -208,7 +209,14 @@ async fn too_large_for_the_budget() {
         Device::Cpu,
         CacheConfig { device_bytes: ONE - 1, host_bytes: 0, default_wait: Duration::from_millis(10) },
     );
+    for _ in 0..3 {
+        assert!(matches!(c.acquire("a", None).await, Err(CacheError::TooLarge { .. })));
+    }
+    assert_eq!(c.disk_loads(), 1, "the refusal is remembered until the files change, not read again each time");
+    std::thread::sleep(Duration::from_millis(5));
+    write_adapter(tmp.path(), "a", 2.0);
     assert!(matches!(c.acquire("a", None).await, Err(CacheError::TooLarge { .. })));
+    assert_eq!(c.disk_loads(), 2, "new files are read");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -374,4 +382,43 @@ fn churn_thousand_adapters_through_ten_slots() {
     assert!(done.load(Ordering::Relaxed) > 100, "only {} acquisitions", done.load(Ordering::Relaxed));
     assert_eq!(c.leases(), 0);
     assert!(c.device_bytes() <= 10 * ONE);
+}
+
+/// The watcher drops stale versions without waiting for a request, also when the root is a symlink that a
+/// deploy re-points (release link, git-sync): after the switch it watches the new target.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_follows_a_re_pointed_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (r1, r2, root) = (tmp.path().join("r1"), tmp.path().join("r2"), tmp.path().join("current"));
+    std::fs::create_dir_all(&r1).unwrap();
+    std::fs::create_dir_all(&r2).unwrap();
+    write_adapter(&r1, "a", 1.0);
+    write_adapter(&r2, "a", 2.0);
+    std::os::unix::fs::symlink(&r1, &root).unwrap();
+    let c = cache(&root, 4, 4);
+    let _watch = c.watch().expect("a filesystem watcher on Linux");
+    // Dropped eagerly once the files change (no acquire in between), within `within`.
+    let dropped = |c: &AdapterCache, within: Duration| {
+        let since = std::time::Instant::now();
+        while c.device_bytes() != 0 {
+            assert!(since.elapsed() < within, "the stale version is still cached: {:?}", c.list());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    drop(c.acquire("a", None).await.unwrap());
+    write_adapter(&r1, "a", 1.5);
+    dropped(&c, Duration::from_secs(5));
+
+    drop(c.acquire("a", None).await.unwrap());
+    // Re-point the link the way deploys do: a new link renamed over the old one.
+    std::os::unix::fs::symlink(&r2, tmp.path().join("next")).unwrap();
+    std::fs::rename(tmp.path().join("next"), &root).unwrap();
+    dropped(&c, loraserve::lora::watch::ROOT_RECHECK * 3);
+    assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 2.0);
+    // The new target is watched; the old one, deleted, is not missed.
+    std::fs::remove_dir_all(&r1).unwrap();
+    write_adapter(&r2, "a", 3.0);
+    dropped(&c, Duration::from_secs(5));
+    assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 3.0);
 }

@@ -14,8 +14,8 @@
 //! - **Versions and hot swap.** Every acquire stats the adapter's two files; when they changed, the next
 //!   acquire loads the new version while leases on the old one finish undisturbed (a request never mixes
 //!   versions). New files that fail to load are reported to every request (`FAILED_PRECONDITION`, naming the
-//!   file) until they change again, and the old version is not served. A filesystem watcher drops stale
-//!   entries eagerly.
+//!   file) until they change again, and the old version is not served. A filesystem watcher
+//!   ([`super::watch`]) drops stale entries eagerly.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -94,6 +94,8 @@ struct State {
     promoting: HashMap<Key, Promotion>,
     /// Device bytes those copies will need: counted against the budget before they start.
     reserved: usize,
+    /// The device is the CPU: an adapter in both tiers is one copy in RAM (the gauges count it once).
+    tiers_share_memory: bool,
 }
 
 /// A promotion's outcome, for every request waiting on it (`None` until the copy is done).
@@ -209,12 +211,18 @@ fn evict_device(st: &mut State, key: &Key) -> Option<DeviceEntry> {
     Some(e)
 }
 
-/// Publishes the tiers' gauges.
+/// Publishes the tiers' gauges. When the device is the CPU both tiers hold the same tensors, so an adapter
+/// in both is counted in the device tier only: the gauges add up to the memory adapters take.
 fn publish(st: &State) {
+    let (host_bytes, host_len) = if st.tiers_share_memory {
+        st.host.iter().filter(|(k, _)| !st.device.contains_key(*k)).fold((0, 0), |(b, n), (_, e)| (b + e.bytes, n + 1))
+    } else {
+        (st.host_bytes, st.host.len())
+    };
     metrics::gauge!(t::ADAPTER_CACHE_RESIDENT_BYTES, "tier" => t::TIER_DEVICE).set(st.device_bytes as f64);
-    metrics::gauge!(t::ADAPTER_CACHE_RESIDENT_BYTES, "tier" => t::TIER_HOST).set(st.host_bytes as f64);
+    metrics::gauge!(t::ADAPTER_CACHE_RESIDENT_BYTES, "tier" => t::TIER_HOST).set(host_bytes as f64);
     metrics::gauge!(t::ADAPTERS_RESIDENT, "tier" => t::TIER_DEVICE).set(st.device.len() as f64);
-    metrics::gauge!(t::ADAPTERS_RESIDENT, "tier" => t::TIER_HOST).set(st.host.len() as f64);
+    metrics::gauge!(t::ADAPTERS_RESIDENT, "tier" => t::TIER_HOST).set(host_len as f64);
 }
 
 enum Insert {
@@ -331,13 +339,14 @@ impl State {
 impl AdapterCache {
     /// A cache over `store` for a base of shape `layout`, with device-tier weights on `device`.
     pub fn new(store: AdapterStore, layout: BaseLayout, device: Device, config: CacheConfig) -> Self {
+        let tiers_share_memory = device.is_cpu();
         let cache = AdapterCache {
             inner: Arc::new(Inner {
                 store,
                 layout,
                 device,
                 config,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State { tiers_share_memory, ..State::default() }),
                 space: Notify::new(),
                 inflight: Mutex::new(HashMap::new()),
                 disk_loads: AtomicU64::new(0),
@@ -416,13 +425,6 @@ impl AdapterCache {
             let key = (id.to_string(), loaded.version.id.clone());
             let outcome = {
                 let mut st = self.inner.state.lock().expect("cache lock");
-                if loaded.bytes > self.inner.config.device_bytes {
-                    return Err(CacheError::TooLarge {
-                        id: id.into(),
-                        bytes: loaded.bytes,
-                        budget: self.inner.config.device_bytes,
-                    });
-                }
                 st.failed.remove(id);
                 if st.current.get(id).map(|v| &v.stamp) != Some(&loaded.version.stamp) {
                     st.current.insert(id.to_string(), loaded.version.clone());
@@ -552,8 +554,8 @@ impl AdapterCache {
                 let started = Instant::now();
                 let inner2 = inner.clone();
                 let id2 = id_owned.clone();
-                let stamp2 = stamp.clone();
                 let res = tokio::task::spawn_blocking(move || -> Result<Loaded, CacheError> {
+                    // The files may change between the request's stat and the read: version by what is read.
                     let version = AdapterStore::version(&dir)?;
                     let gpu = !inner2.device.is_cpu();
                     // On a GPU server the CPU is otherwise idle: convert on all cores.
@@ -564,6 +566,11 @@ impl AdapterCache {
                         check_gpu_limits(&dir, &adapter.weights)?;
                     }
                     let host = Arc::new(adapter.weights);
+                    // Refused before any copy to the device: it could never be leased.
+                    let (bytes, budget) = (host.bytes(), inner2.config.device_bytes);
+                    if bytes > budget {
+                        return Err(CacheError::TooLarge { id: id2, bytes, budget });
+                    }
                     let device = if gpu {
                         Arc::new(
                             to_device(&host, &inner2.device)
@@ -572,9 +579,6 @@ impl AdapterCache {
                     } else {
                         host.clone()
                     };
-                    // The files may have changed between the stamp and the read: version by what was read.
-                    let _ = stamp2;
-                    let bytes = device.bytes();
                     Ok(Loaded { version, host, device, bytes })
                 })
                 .await
@@ -584,11 +588,16 @@ impl AdapterCache {
                 match res {
                     Ok(l) => Ok(Arc::new(l)),
                     Err(e) => {
-                        // Broken new files: never fall back to the old version. Remembered until the files
-                        // change, unless they only failed to read (EMFILE, EIO, a stale NFS handle, a copy in
-                        // progress): the next request tries again.
-                        if let CacheError::Invalid(a) = &e {
-                            if !matches!(**a, AdapterError::Read { .. }) {
+                        // Broken (or too large) new files: never fall back to the old version. Remembered
+                        // until the files change, unless they only failed to read (EMFILE, EIO, a stale NFS
+                        // handle, a copy in progress): the next request tries again.
+                        let remember = match &e {
+                            CacheError::Invalid(a) => Some(!matches!(**a, AdapterError::Read { .. })),
+                            CacheError::TooLarge { .. } => Some(true),
+                            _ => None,
+                        };
+                        if let Some(remember) = remember {
+                            if remember {
                                 st.failed.insert(id_owned.clone(), (stamp.clone(), e.clone()));
                             }
                             st.current.remove(&id_owned);
@@ -669,25 +678,6 @@ impl AdapterCache {
             }
         }
     }
-
-    /// Watches the adapters root (where the platform allows) and refreshes on changes. The watcher lives as
-    /// long as the returned handle.
-    pub fn watch(&self) -> Option<notify::RecommendedWatcher> {
-        use notify::Watcher;
-        let cache = self.clone();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
-                cache.refresh();
-            }
-        })
-        .map_err(|e| tracing::warn!(error = %e, "no filesystem watcher; changes are seen at request time"))
-        .ok()?;
-        watcher
-            .watch(self.inner.store.root(), notify::RecursiveMode::Recursive)
-            .map_err(|e| tracing::warn!(error = %e, "cannot watch the adapters root; changes are seen at request time"))
-            .ok()?;
-        Some(watcher)
-    }
 }
 
 /// A promotion, as a task of its own, so that requests giving up (cancelled, timed out) neither abandon nor
@@ -756,6 +746,46 @@ fn check_gpu_limits(dir: &std::path::Path, w: &LoraWeights) -> Result<(), CacheE
 mod tests {
     use super::*;
     use crate::lora::synthetic::{random_adapter, ATTENTION};
+
+    /// The tier gauges as Prometheus renders them, published from `st` under a recorder of the test's own.
+    fn gauges(st: &State) -> Vec<String> {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, || publish(st));
+        let text = recorder.handle().render();
+        let mut lines: Vec<String> = text.lines().filter(|l| !l.starts_with('#')).map(str::to_string).collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn an_adapter_in_both_tiers_of_a_cpu_server_is_counted_once() {
+        let layout = BaseLayout { layers: 1, dims: [(64, 64); 7] };
+        let w = Arc::new(random_adapter(&layout, 4, &ATTENTION, 1, &Device::Cpu).unwrap());
+        let n = w.bytes();
+        let mut st = State::default();
+        for id in ["both", "host-only"] {
+            st.insert_host(&(id.into(), "v1".into()), &w, n, 10 * n);
+        }
+        st.insert_device(&("both".into(), "v1".into()), &w, n, 10 * n, 0);
+        let line = |tier: &str, what: &str, v: usize| format!("loraserve_{what}{{tier=\"{tier}\"}} {v}");
+        let separate = gauges(&st);
+        for l in
+            [line("device", "adapter_cache_resident_bytes", n), line("host", "adapter_cache_resident_bytes", 2 * n)]
+        {
+            assert!(separate.contains(&l), "{l} not in {separate:?}");
+        }
+        // On the CPU the device tier's tensors are the host tier's: `both` is one copy.
+        st.tiers_share_memory = true;
+        let shared = gauges(&st);
+        for l in [
+            line("device", "adapter_cache_resident_bytes", n),
+            line("host", "adapter_cache_resident_bytes", n),
+            line("device", "adapters_resident", 1),
+            line("host", "adapters_resident", 1),
+        ] {
+            assert!(shared.contains(&l), "{l} not in {shared:?}");
+        }
+    }
 
     #[test]
     fn adapters_above_the_gpu_kernels_rank_are_refused_by_file_and_module() {

@@ -5,7 +5,8 @@
 //! Submodules: [`batched`] (the op, reference and fast path), [`peft`] (PEFT config + safetensors parsing
 //! and validation), [`store`] (the adapters root: ids, paths, versions), [`cache`] (lazy single-flight
 //! loads, byte-budgeted LRU tiers, leases, hot swap), [`synthetic`] (random adapters for benchmarks),
-//! [`trainable`] (the trainable `Var` form used by `server train`).
+//! [`trainable`] (the trainable `Var` form used by `server train`), [`watch`] (the filesystem watch on the
+//! adapters root).
 
 pub mod batched;
 pub mod cache;
@@ -14,6 +15,7 @@ pub mod peft;
 pub mod store;
 pub mod synthetic;
 pub mod trainable;
+pub mod watch;
 
 use std::fmt;
 

@@ -1,0 +1,66 @@
+//! The filesystem watch on the adapters root: drops cached versions whose files changed as soon as the
+//! kernel reports it (requests re-stat the files anyway; the watch frees the memory without waiting for one),
+//! and follows a root reached through a symlink that a deploy re-points.
+
+use std::time::Duration;
+
+use super::cache::AdapterCache;
+
+impl AdapterCache {
+    /// Watches the adapters root (where the platform allows) and refreshes on changes, until the returned
+    /// handle is dropped. A root reached through a symlink (a release link, git-sync) is watched where it
+    /// points; every [`ROOT_RECHECK`] the path is resolved again, and when the link was re-pointed the watch
+    /// moves to the new target and the cache refreshes. Needs a tokio runtime.
+    pub fn watch(&self) -> Option<AdapterWatch> {
+        use notify::Watcher;
+        let cache = self.clone();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                cache.refresh();
+            }
+        })
+        .map_err(|e| tracing::warn!(error = %e, "no filesystem watcher; changes are seen at request time"))
+        .ok()?;
+        let root = self.store().root().to_path_buf();
+        let mut target = root.canonicalize().ok()?;
+        watcher
+            .watch(&target, notify::RecursiveMode::Recursive)
+            .map_err(|e| tracing::warn!(error = %e, "cannot watch the adapters root; changes are seen at request time"))
+            .ok()?;
+        let cache = self.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ROOT_RECHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Ok(now) = tokio::fs::canonicalize(&root).await else { continue };
+                if now == target {
+                    continue;
+                }
+                tracing::info!(root = %root.display(), from = %target.display(), to = %now.display(), "adapters root re-pointed");
+                let _ = watcher.unwatch(&target);
+                if let Err(e) = watcher.watch(&now, notify::RecursiveMode::Recursive) {
+                    tracing::warn!(error = %e, root = %now.display(), "cannot watch the adapters root; changes are seen at request time");
+                }
+                target = now;
+                let cache = cache.clone();
+                let _ = tokio::task::spawn_blocking(move || cache.refresh()).await;
+            }
+        });
+        Some(AdapterWatch { task })
+    }
+}
+
+/// How often [`AdapterCache::watch`] resolves the adapters root again, to follow a re-pointed symlink.
+pub const ROOT_RECHECK: Duration = Duration::from_secs(2);
+
+/// The filesystem watch on the adapters root; stops when dropped.
+pub struct AdapterWatch {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AdapterWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
