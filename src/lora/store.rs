@@ -231,15 +231,30 @@ impl AdapterStore {
 
     /// Every adapter under the root (folders holding `adapter_config.json`, at most 4 segments deep), as ids.
     pub fn list(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Ok(root) = self.canonical_root() {
-            Self::walk(&root, &root, String::new(), 0, &mut out);
-        }
-        out.sort();
-        out
+        self.scan().0
     }
 
-    fn walk(root: &Path, dir: &Path, prefix: String, depth: usize, out: &mut Vec<String>) {
+    /// [`list`](Self::list), and the adapter folders it leaves out because their path is no valid id (a
+    /// space in a name, say): requests could never name them, so the server says so at start. Hidden
+    /// folders (an upload in progress) are left out silently.
+    pub fn scan(&self) -> (Vec<String>, Vec<Unlisted>) {
+        let (mut ids, mut unlisted) = (Vec::new(), Vec::new());
+        if let Ok(root) = self.canonical_root() {
+            Self::walk(&root, &root, String::new(), 0, &mut ids, &mut unlisted);
+        }
+        ids.sort();
+        unlisted.sort_by(|a, b| a.path.cmp(&b.path));
+        (ids, unlisted)
+    }
+
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        prefix: String,
+        depth: usize,
+        out: &mut Vec<String>,
+        unlisted: &mut Vec<Unlisted>,
+    ) {
         if depth > 4 {
             return;
         }
@@ -247,10 +262,16 @@ impl AdapterStore {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let id = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
-            if name.starts_with('.') || validate_id(&id).is_err() {
+            if name.starts_with('.') {
                 continue;
             }
             let path = e.path();
+            if let Err(invalid) = validate_id(&id) {
+                if path.join("adapter_config.json").is_file() {
+                    unlisted.push(Unlisted { path, reason: invalid.to_string() });
+                }
+                continue;
+            }
             let Ok(canonical) = path.canonicalize() else { continue };
             if !canonical.starts_with(root) || !canonical.is_dir() {
                 continue;
@@ -258,9 +279,16 @@ impl AdapterStore {
             if canonical.join("adapter_config.json").is_file() {
                 out.push(id.clone());
             }
-            Self::walk(root, &canonical, id, depth + 1, out);
+            Self::walk(root, &canonical, id, depth + 1, out, unlisted);
         }
     }
+}
+
+/// An adapter folder that [`AdapterStore::list`] leaves out, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unlisted {
+    pub path: PathBuf,
+    pub reason: String,
 }
 
 #[cfg(test)]
@@ -328,6 +356,14 @@ mod tests {
         let listed = s.list();
         assert!(listed.contains(&"good".to_string()) && listed.contains(&"team/nested".to_string()));
         assert!(!listed.iter().any(|i| i == "escape" || i == "empty"));
+        // An adapter folder no id can name is reported, not skipped in silence; other folders are not.
+        adapter(&root.join("team/my adapter"));
+        std::fs::create_dir_all(root.join("not an adapter")).unwrap();
+        let (ids, unlisted) = s.scan();
+        assert_eq!(ids, listed);
+        assert_eq!(unlisted.len(), 1, "{unlisted:?}");
+        assert_eq!(unlisted[0].path, root.join("team/my adapter"));
+        assert!(unlisted[0].reason.contains("character ' ' is not allowed"), "{}", unlisted[0].reason);
     }
 
     /// A folder inside the root whose files are symlinks leaving it is out of bounds like a folder symlink;

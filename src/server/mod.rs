@@ -152,6 +152,9 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let started = std::time::Instant::now();
     // The adapters root first: a mistyped --adapters fails now, not after minutes of loading a large model.
     let store = AdapterStore::open(&cfg.adapters)?;
+    for u in store.scan().1 {
+        tracing::warn!(folder = %u.path.display(), reason = %u.reason, "adapter folder not served: its path is no valid adapter id");
+    }
     let loaded = model::load(&cfg.model, &cfg.load)?;
     let m = &loaded.model;
     let (nf4_params, nf4_bytes) = m.nf4_footprint();
