@@ -328,7 +328,8 @@ pub struct ClientArgs {
     /// API key (sent as `authorization: Bearer <key>`).
     #[arg(long, env = "LORASERVE_API_KEY")]
     pub api_key: Option<String>,
-    /// With an `https://` address: PEM certificate of the CA that signed the server's certificate.
+    /// With an `https://` address: PEM certificate of the CA that signed the server's certificate (without
+    /// it, the system's trusted CAs).
     #[arg(long, env = "LORASERVE_CA_CERT")]
     pub ca_cert: Option<std::path::PathBuf>,
     #[command(subcommand)]

@@ -468,8 +468,8 @@ async fn reflection_lists_both_services() {
     h.wait().await.unwrap();
 }
 
-/// TLS: the bundled client reaches a TLS server with the CA's certificate (`--ca-cert`); without it, or over
-/// plain HTTP/2, it fails and says why.
+/// TLS: the bundled client reaches a TLS server with the CA's certificate (`--ca-cert`) or through the
+/// system's trusted CAs; with another CA, or over plain HTTP/2, it fails and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_serving_and_the_bundled_client() {
     use loraserve::server::client::{health, Target};
@@ -487,11 +487,28 @@ async fn tls_serving_and_the_bundled_client() {
         let t = target(format!("https://{host}:{port}"), Some(tls.join("ca.pem")));
         assert!(health(&t, "", wait).await.unwrap(), "{host}");
     }
-    let e = health(&target(format!("https://localhost:{port}"), None), "", wait).await.unwrap_err().to_string();
-    assert!(e.contains("TLS needs --ca-cert"), "{e}");
     // Another CA: the handshake fails, and the error says more than "transport error".
     let other = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(other.path(), std::fs::read(tls.join("server.pem")).unwrap()).unwrap();
+    // Without --ca-cert the system's trusted CAs verify the server: `SSL_CERT_FILE` stands in for the store.
+    let https = format!("https://localhost:{port}");
+    let with_store = |store: PathBuf| {
+        let https = https.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+                .args(["client", "--addr", &https, "health"])
+                .env("SSL_CERT_FILE", store)
+                .env_remove("SSL_CERT_DIR")
+                .env_remove("LORASERVE_CA_CERT")
+                .output()
+                .unwrap()
+        })
+    };
+    let trusted = with_store(tls.join("ca.pem")).await.unwrap();
+    assert!(trusted.status.success(), "{trusted:?}");
+    let untrusted = with_store(other.path().into()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(!untrusted.status.success() && stderr.contains(&format!("connecting to {https}: ")), "{untrusted:?}");
     let e = health(&target(format!("https://localhost:{port}"), Some(other.path().into())), "", wait)
         .await
         .unwrap_err()

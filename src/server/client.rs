@@ -18,7 +18,8 @@ pub struct Target {
     /// `http://host:port`, `https://host:port` (TLS), or `host:port` (plain HTTP/2, as grpcurl writes it).
     pub addr: String,
     pub api_key: Option<String>,
-    /// PEM certificate(s) of the CA that signed the server's TLS certificate (`https://` addresses).
+    /// PEM certificate(s) of the CA that signed the server's TLS certificate (`https://` addresses); without
+    /// it the system's trusted CAs verify the server.
     pub ca_cert: Option<std::path::PathBuf>,
 }
 
@@ -45,9 +46,10 @@ async fn channel(t: &Target, timeout: Option<Duration>) -> anyhow::Result<Channe
             endpoint =
                 endpoint.tls_config(tls).map_err(|e| anyhow::anyhow!("--ca-cert {}: {}", path.display(), chain(&e)))?;
         }
-        (true, None) => anyhow::bail!(
-            "--addr {addr}: TLS needs --ca-cert, the PEM certificate of the CA that signed the server's certificate"
-        ),
+        (true, None) => {
+            let tls = ClientTlsConfig::new().with_native_roots();
+            endpoint = endpoint.tls_config(tls).map_err(|e| anyhow::anyhow!("--addr {addr}: {}", chain(&e)))?;
+        }
         (false, Some(_)) => anyhow::bail!("--ca-cert is for https:// addresses; --addr {addr} is plain HTTP/2"),
         (false, None) => {}
     }
