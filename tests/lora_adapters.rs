@@ -37,33 +37,74 @@ fn load_adapter(m: &LoadedModel, dir: &Path) -> LoadedAdapter {
     peft::load_dir(dir, &m.model.lora_layout(), &Device::Cpu).unwrap()
 }
 
+/// `adapter` on `m` gives PEFT's last-prompt logits and greedy tokens for every case.
+fn assert_matches_peft(m: &LoadedModel, a: &LoadedAdapter, cases: &[common::Case], what: &str) {
+    for c in cases {
+        let ids = m.tokenizer.encode(&c.prompt).unwrap();
+        assert_eq!(ids, c.input_ids, "{what} {:?}: tokens", c.prompt);
+        let out = generate(
+            &m.model,
+            &GenerateJob {
+                prompt_ids: &ids,
+                max_new_tokens: c.greedy_new_ids.len(),
+                sampling: SamplingParams::default(),
+                stop_at_eos: false,
+                adapter: Some(&a.weights),
+            },
+        )
+        .unwrap();
+        let err = rel_l2(&out.prompt_logits, &c.last_logits);
+        assert!(err <= 1e-4, "{what} {:?}: logits rel err {err:e}", c.prompt);
+        assert_eq!(out.token_ids, c.greedy_new_ids, "{what} {:?}", c.prompt);
+    }
+}
+
 #[test]
 fn every_fixture_adapter_matches_peft() {
     for name in MODELS {
         let m = load_model(&fixture(name).join("model"), QuantMode::None);
         let exp = expected(name);
         for (adapter, dir) in adapter_dirs(name) {
-            let a = load_adapter(&m, &dir);
-            let cases = &exp.results[&adapter];
-            for c in cases {
-                let ids = m.tokenizer.encode(&c.prompt).unwrap();
-                let out = generate(
-                    &m.model,
-                    &GenerateJob {
-                        prompt_ids: &ids,
-                        max_new_tokens: c.greedy_new_ids.len(),
-                        sampling: SamplingParams::default(),
-                        stop_at_eos: false,
-                        adapter: Some(&a.weights),
-                    },
-                )
-                .unwrap();
-                let err = rel_l2(&out.prompt_logits, &c.last_logits);
-                assert!(err <= 1e-4, "{name}/{adapter} {:?}: logits rel err {err:e}", c.prompt);
-                assert_eq!(out.token_ids, c.greedy_new_ids, "{name}/{adapter} {:?}", c.prompt);
-            }
+            assert_matches_peft(&m, &load_adapter(&m, &dir), &exp.results[&adapter], &format!("{name}/{adapter}"));
         }
     }
+}
+
+/// VeLoRA (PEFT's `velora_config`) changes only the backward pass: served, it gives PEFT's eval-mode outputs;
+/// its projections are checked like every other tensor.
+#[test]
+fn velora_adapters_are_served_as_peft_serves_them() {
+    let m = load_model(&fixture("llama/model"), QuantMode::None);
+    let dir = fixture("llama-velora/adapter");
+    assert_matches_peft(&m, &load_adapter(&m, &dir), &expected("llama-velora").results["velora"], "velora");
+
+    use serde_json::json;
+    let embed = "base_model.model.model.layers.0.self_attn.q_proj.lora_velora_embed";
+    let velora = |c: &mut serde_json::Map<String, serde_json::Value>| {
+        c.insert("velora_config".into(), json!({"num_groups": 2}));
+    };
+    let add_embed = |len: usize| {
+        move |t: &mut HashMap<String, Tensor>| {
+            t.insert(embed.into(), Tensor::ones(len, DType::F32, &Device::Cpu).unwrap());
+        }
+    };
+    // 96 inputs in 2 groups: 48 values.
+    let e = broken(keep_cfg, add_embed(48));
+    assert!(e.contains(embed) && e.contains("has no velora_config"), "{e}");
+    let e = broken(velora, add_embed(96));
+    assert!(e.contains(embed) && e.contains("shape [96], expected [48]"), "{e}");
+    let e = broken(set("velora_config", json!(true)), keep);
+    assert!(e.contains("`velora_config`") && e.contains("settings object"), "{e}");
+    let e = broken(set("velora_config", json!({"num_groups": 0})), keep);
+    assert!(e.contains("`velora_config.num_groups`"), "{e}");
+    let stray = "base_model.model.model.layers.0.self_attn.k_proj.lora_velora_embed";
+    let e = broken(velora, |t: &mut HashMap<String, Tensor>| {
+        for name in ["lora_A.weight", "lora_B.weight"] {
+            t.remove(&format!("base_model.model.model.layers.0.self_attn.k_proj.{name}"));
+        }
+        t.insert(stray.into(), Tensor::ones(48, DType::F32, &Device::Cpu).unwrap());
+    });
+    assert!(e.contains(stray), "{e}");
 }
 
 /// Every llama fixture adapter and the base, over all prompts, in ONE paged forward (prefill), then one
@@ -300,7 +341,6 @@ fn refuses_unsupported_config_keys_naming_them() {
         ("init_lora_weights", json!("lora_ga")),
         ("use_bdlora", json!({"nblocks": 2, "target_modules_bd_a": ["q_proj"]})),
         ("use_qalora", json!(true)),
-        ("velora_config", json!({"num_groups": 4})),
         ("monteclora_config", json!({"num_samples": 2})),
         ("arrow_config", json!({"top_k": 2})),
         ("kasa_config", json!({"beta": 0.1})),

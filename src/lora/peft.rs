@@ -9,10 +9,12 @@
 //! compiled with `fancy-regex`.
 //!
 //! Anything loraserve would have to silently ignore is refused instead, with an error naming the key or the
-//! tensor: DoRA and the other variants with a forward of their own (QALoRA, BD-LoRA, VeLoRA, MonteCLoRA,
-//! Arrow, KaSA), `modules_to_save`, LoRA biases, initialisations that change the base weights (PiSSA, OLoRA,
-//! CorDA, LoftQ, LoRA-GA), embedding and head LoRA, tensors for modules the base lacks or the config does not
-//! target, targeted modules without tensors, shapes that disagree with the base or the configured rank, NaN/Inf.
+//! tensor: DoRA and the other variants with a forward of their own (QALoRA, BD-LoRA, MonteCLoRA, Arrow, KaSA),
+//! `modules_to_save`, LoRA biases, initialisations that change the base weights (PiSSA, OLoRA, CorDA, LoftQ,
+//! LoRA-GA), embedding and head LoRA, tensors for modules the base lacks or the config does not target,
+//! targeted modules without tensors, shapes that disagree with the base or the configured rank, NaN/Inf.
+//! VeLoRA is served: only its backward differs (its forward is `lora_A` then `lora_B`, PEFT's
+//! `VeloraLinearVariant.forward` in eval mode), so its projections (`lora_velora_embed`) are checked, not used.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -95,6 +97,8 @@ pub struct AdapterConfig {
     pub layers_to_transform: Option<Vec<usize>>,
     pub layers_pattern: Vec<String>,
     pub base_model_name_or_path: Option<String>,
+    /// VeLoRA's `num_groups` when `velora_config` is set (each module then has a `lora_velora_embed`).
+    pub velora_groups: Option<usize>,
     /// The raw JSON, for listing.
     pub raw: Map<String, Value>,
 }
@@ -158,7 +162,7 @@ impl AdapterConfig {
             }
         }
         // Variants with their own forward (or extra weights); `use_bdlora` is a settings object when on.
-        for key in ["use_qalora", "use_bdlora", "velora_config", "monteclora_config", "arrow_config", "kasa_config"] {
+        for key in ["use_qalora", "use_bdlora", "monteclora_config", "arrow_config", "kasa_config"] {
             if is_set(get(key)) {
                 return Err(cfg_err(file, key, "this LoRA variant is not supported"));
             }
@@ -226,6 +230,17 @@ impl AdapterConfig {
             Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
             Some(v) => return Err(cfg_err(file, "layers_pattern", format!("expected a string or a list, got {v}"))),
         };
+        // PEFT reads any object, `{}` too, as a VeloraConfig (num_groups defaults to 64).
+        let velora_groups = match get("velora_config") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(o)) => Some(match o.get("num_groups") {
+                None => 64,
+                Some(n) => n.as_u64().filter(|n| *n > 0).map(|n| n as usize).ok_or_else(|| {
+                    cfg_err(file, "velora_config.num_groups", format!("expected a positive integer, got {n}"))
+                })?,
+            }),
+            Some(v) => return Err(cfg_err(file, "velora_config", format!("expected a settings object, got {v}"))),
+        };
         let cfg = AdapterConfig {
             r,
             lora_alpha,
@@ -237,6 +252,7 @@ impl AdapterConfig {
             layers_to_transform,
             layers_pattern,
             base_model_name_or_path: get("base_model_name_or_path").and_then(|v| v.as_str()).map(str::to_string),
+            velora_groups,
             raw: m.clone(),
         };
         // Compile every pattern now so a bad regex is reported at load, naming its key.
@@ -440,6 +456,7 @@ fn load_weights(
     let matcher = config.matcher(cfg_file)?;
     // module key → (A tensor name, B tensor name)
     let mut pairs: BTreeMap<LinearId, (Option<String>, Option<String>)> = BTreeMap::new();
+    let mut embeds: Vec<(LinearId, &String)> = Vec::new();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
     // Embedding and head LoRA first: their files also hold `…base_layer.weight` copies, which sort earlier and
@@ -457,11 +474,19 @@ fn load_weights(
         if !matcher.targets(config, module) {
             return Err(tensor_err(name, format!("module `{module}` is not targeted by adapter_config.json")));
         }
+        if which == 'V' {
+            check_velora_embed(config, &st, name, layout.dims(id.kind).0).map_err(|reason| tensor_err(name, reason))?;
+            embeds.push((id, name));
+            continue;
+        }
         let slot = pairs.entry(id).or_default();
         match which {
             'A' => slot.0 = Some(name.clone()),
             _ => slot.1 = Some(name.clone()),
         }
+    }
+    if let Some((_, name)) = embeds.iter().find(|(id, _)| !pairs.contains_key(id)) {
+        return Err(tensor_err(name, "a VeLoRA projection for a module without LoRA weights".into()));
     }
     // Shapes first (headers only): an adapter for another base usually has both wrong shapes and a different
     // layer count, and the shapes say what is wrong.
@@ -523,7 +548,25 @@ fn load_weights(
     Ok(weights)
 }
 
-/// `base_model.model.<module>.lora_{A,B}.weight` → (module, 'A' | 'B'); anything else is refused.
+/// VeLoRA's projection of a module with `in_features` inputs: used by its backward only, so checked and left:
+/// allowed with `velora_config` alone, one value per group, `ceil(in_features / num_groups)` long.
+fn check_velora_embed(
+    config: &AdapterConfig,
+    st: &safetensors::SafeTensors,
+    name: &str,
+    in_f: usize,
+) -> Result<(), String> {
+    let groups = config.velora_groups.ok_or("a VeLoRA projection, but adapter_config.json has no velora_config")?;
+    let got = st.tensor(name).map_err(|e| e.to_string())?.shape().to_vec();
+    let want = [in_f.div_ceil(groups)];
+    if got != want {
+        return Err(format!("shape {got:?}, expected {want:?} (velora_config.num_groups {groups}, {in_f} inputs)"));
+    }
+    Ok(())
+}
+
+/// `base_model.model.<module>.lora_{A,B}.weight` → (module, 'A' | 'B'), `….lora_velora_embed` → (module,
+/// 'V'); anything else is refused.
 fn parse_tensor_name(name: &str) -> Result<(&str, char), String> {
     if name.contains("lora_magnitude_vector") {
         return Err("DoRA magnitude vectors are not supported".into());
@@ -535,6 +578,8 @@ fn parse_tensor_name(name: &str) -> Result<(&str, char), String> {
         Ok((m, 'A'))
     } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
         Ok((m, 'B'))
+    } else if let Some(m) = rest.strip_suffix(".lora_velora_embed") {
+        Ok((m, 'V'))
     } else if rest.ends_with(".lora_B.bias") {
         Err("LoRA biases are not supported".into())
     } else {
