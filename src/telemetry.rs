@@ -29,7 +29,7 @@ pub const ADAPTER_CACHE_EVICTIONS_TOTAL: &str = "loraserve_adapter_cache_evictio
 pub const ADAPTER_CACHE_RESIDENT_BYTES: &str = "loraserve_adapter_cache_resident_bytes";
 /// `{tier}` — adapters resident in a tier (gauge).
 pub const ADAPTERS_RESIDENT: &str = "loraserve_adapters_resident";
-/// Seconds to load an adapter from disk into the device tier.
+/// Seconds to load an adapter from disk into the device tier (loads that succeeded).
 pub const ADAPTER_LOAD_DURATION_SECONDS: &str = "loraserve_adapter_load_duration_seconds";
 /// Bytes the base model keeps resident (gauge).
 pub const BASE_MODEL_RESIDENT_BYTES: &str = "loraserve_base_model_resident_bytes";
@@ -66,7 +66,11 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (ADAPTER_CACHE_EVICTIONS_TOTAL, "counter", "Adapters evicted from a cache tier to make room for others"),
     (ADAPTER_CACHE_RESIDENT_BYTES, "gauge", "Bytes of adapter weights resident in a cache tier"),
     (ADAPTERS_RESIDENT, "gauge", "Adapters resident in a cache tier"),
-    (ADAPTER_LOAD_DURATION_SECONDS, "histogram", "Seconds to load an adapter from disk into the device tier"),
+    (
+        ADAPTER_LOAD_DURATION_SECONDS,
+        "histogram",
+        "Seconds to load an adapter from disk into the device tier (successful loads)",
+    ),
     (BASE_MODEL_RESIDENT_BYTES, "gauge", "Bytes the base model keeps resident"),
     (KV_CACHE_BLOCKS_USED, "gauge", "KV-cache blocks in use"),
     (BUILD_INFO, "gauge", "Build information; always 1"),

@@ -343,6 +343,31 @@ async fn unload_and_preload() {
     drop(running);
     assert_eq!(c.device_bytes(), 0);
     assert_eq!(c.list()[0].version, None, "unloaded: no current version");
+    assert!(!c.unload("a").unwrap(), "an adapter that exists but is not cached: nothing to unload");
+    assert!(matches!(c.unload("missing"), Err(CacheError::Store(StoreError::NotFound { .. }))));
+}
+
+/// A request that gives up while its adapter loads (deadline, client gone) neither abandons nor repeats the
+/// load: the load finishes on its own and lands in the cache, where the retry finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_outlives_the_request_that_started_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(tmp.path(), "a", 1.0);
+    let c = cache(tmp.path(), 4, 4);
+    {
+        let acquire = c.acquire("a", None);
+        tokio::pin!(acquire);
+        // One poll starts the load; then the request is gone.
+        assert!(futures::poll!(acquire.as_mut()).is_pending(), "a load from disk cannot finish in one poll");
+    }
+    let since = std::time::Instant::now();
+    while c.device_bytes() == 0 {
+        assert!(since.elapsed() < Duration::from_secs(10), "the abandoned load never landed: {:?}", c.list());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(c.list()[0].leases, 0, "installed unleased");
+    assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 1.0);
+    assert_eq!(c.disk_loads(), 1, "the retry found the load done instead of loading again");
 }
 
 /// 1,000 adapters, room for 10, four threads acquiring at random: no errors, the budget holds at every

@@ -188,6 +188,8 @@ async fn every_status_code_of_the_contract() {
     assert_eq!(code, Code::InvalidArgument, "{msg}");
     // NOT_FOUND, FAILED_PRECONDITION (broken files; wrong base), both naming the file.
     assert_eq!(code_of(c.generate(req("missing", "alpha", 2)).await).await.0, Code::NotFound);
+    let unload = c.unload_adapter(proto::UnloadAdapterRequest { adapter_id: "missing".into() }).await;
+    assert_eq!(unload.unwrap_err().code(), Code::NotFound);
     let (code, msg) = code_of(c.generate(req("broken", "alpha", 2)).await).await;
     assert_eq!(code, Code::FailedPrecondition);
     assert!(msg.contains("adapter_config.json"), "{msg}");
@@ -200,6 +202,16 @@ async fn every_status_code_of_the_contract() {
     pinned.next().await.unwrap().unwrap();
     let (code, msg) = code_of(c.generate(req("qv-r4", "alpha", 2)).await).await;
     assert_eq!(code, Code::ResourceExhausted, "{msg}");
+    drop(pinned);
+    // LoadAdapter waits for room within its own deadline, not the server's default wait (the slot pinned here
+    // for as long as it takes).
+    let pinned = h.cache().unwrap().acquire("qkvo-r8", None).await.unwrap();
+    let mut load = tonic::Request::new(proto::LoadAdapterRequest { adapter_id: "qv-r4".into() });
+    load.set_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let status = c.load_adapter(load).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(200), "gave up before its deadline: {:?}", started.elapsed());
     drop(pinned);
     // DEADLINE_EXCEEDED, enforced by the server (the header alone, no client-side timer).
     let mut r = tonic::Request::new(req("", "alpha", 250));

@@ -10,7 +10,9 @@
 //!   overshoot of the budget.
 //! - **Single flight.** Concurrent first requests for an adapter share one load, which runs on tokio's
 //!   blocking pool (never on the engine thread); concurrent requests for a host-tier adapter share one
-//!   promotion, copied outside the cache lock so hits on other adapters never wait behind it.
+//!   promotion, copied outside the cache lock so hits on other adapters never wait behind it. Loads and
+//!   promotions are tasks of their own: requests that give up (deadline, cancellation) neither abandon nor
+//!   repeat them, and what they read lands in the tiers for the client's retry.
 //! - **Versions and hot swap.** Every acquire stats the adapter's two files; when they changed, the next
 //!   acquire loads the new version while leases on the old one finish undisturbed (a request never mixes
 //!   versions). New files that fail to load are reported to every request (`FAILED_PRECONDITION`, naming the
@@ -24,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::Notify;
 
 use super::peft::{self, AdapterError, BaseLayout};
 use super::store::{AdapterStore, AdapterVersion, FileStamp, StoreError};
@@ -111,7 +113,8 @@ struct Loaded {
     bytes: usize,
 }
 
-type LoadCell = Arc<OnceCell<Result<Arc<Loaded>, CacheError>>>;
+/// A disk load's outcome, for every request waiting on it.
+type LoadFuture = futures::future::Shared<futures::future::BoxFuture<'static, Result<Arc<Loaded>, CacheError>>>;
 
 /// What the tiers hold for an adapter's current version.
 enum Cached {
@@ -132,7 +135,7 @@ struct Inner {
     config: CacheConfig,
     state: Mutex<State>,
     space: Notify,
-    inflight: Mutex<HashMap<String, (FileStamp, LoadCell)>>,
+    inflight: Mutex<HashMap<String, (FileStamp, LoadFuture)>>,
     disk_loads: AtomicU64,
     promotions: AtomicU64,
 }
@@ -319,6 +322,19 @@ impl State {
         Insert::Done
     }
 
+    /// Makes a finished load the adapter's current version (superseding older ones) and keeps it in the host
+    /// tier; returns its key.
+    fn install(&mut self, id: &str, l: &Loaded, host_budget: usize) -> Key {
+        self.failed.remove(id);
+        if self.current.get(id).map(|v| &v.stamp) != Some(&l.version.stamp) {
+            self.current.insert(id.to_string(), l.version.clone());
+            self.supersede(id, Some(&l.version.id));
+        }
+        let key = (id.to_string(), l.version.id.clone());
+        self.insert_host(&key, &l.host, l.bytes, host_budget);
+        key
+    }
+
     /// Keeps a host copy (best effort: skipped when larger than the whole tier).
     fn insert_host(&mut self, key: &Key, weights: &Arc<LoraWeights>, bytes: usize, budget: usize) {
         if bytes > budget || self.host.contains_key(key) {
@@ -422,15 +438,10 @@ impl AdapterCache {
                 Cached::Miss => {}
             }
             let loaded = self.load(id, dir.clone(), stamp.clone()).await?;
-            let key = (id.to_string(), loaded.version.id.clone());
             let outcome = {
                 let mut st = self.inner.state.lock().expect("cache lock");
-                st.failed.remove(id);
-                if st.current.get(id).map(|v| &v.stamp) != Some(&loaded.version.stamp) {
-                    st.current.insert(id.to_string(), loaded.version.clone());
-                    st.supersede(id, Some(&loaded.version.id));
-                }
-                st.insert_host(&key, &loaded.host, loaded.bytes, self.inner.config.host_bytes);
+                // The load installed it already, unless the tiers moved on since.
+                let key = st.install(id, &loaded, self.inner.config.host_bytes);
                 let r = st.lease_or_insert(&self.inner, key, &loaded.device, loaded.bytes);
                 publish(&st);
                 r
@@ -533,88 +544,28 @@ impl AdapterCache {
         }
     }
 
-    /// Loads `id` at `stamp` once, however many callers ask concurrently.
+    /// Loads `id` at `stamp` once, however many callers ask concurrently: the load is a task of its own
+    /// ([`disk_load`]), so callers giving up (deadline, cancellation) neither abandon nor repeat it.
     async fn load(&self, id: &str, dir: PathBuf, stamp: FileStamp) -> Result<Arc<Loaded>, CacheError> {
-        let cell = {
+        use futures::FutureExt;
+        let shared = {
             let mut inflight = self.inner.inflight.lock().expect("inflight lock");
             match inflight.get(id) {
-                Some((s, cell)) if *s == stamp => cell.clone(),
+                Some((s, f)) if *s == stamp => f.clone(),
                 _ => {
-                    let cell: LoadCell = Arc::new(OnceCell::new());
-                    inflight.insert(id.to_string(), (stamp.clone(), cell.clone()));
-                    cell
+                    let task = tokio::spawn(disk_load(self.inner.clone(), id.to_string(), dir, stamp.clone()));
+                    let owned = id.to_string();
+                    let f = async move {
+                        task.await.unwrap_or_else(|e| Err(CacheError::Internal { id: owned, reason: e.to_string() }))
+                    }
+                    .boxed()
+                    .shared();
+                    inflight.insert(id.to_string(), (stamp, f.clone()));
+                    f
                 }
             }
         };
-        let inner = self.inner.clone();
-        let id_owned = id.to_string();
-        let result = cell
-            .get_or_init(|| async move {
-                inner.disk_loads.fetch_add(1, Ordering::Relaxed);
-                let started = Instant::now();
-                let inner2 = inner.clone();
-                let id2 = id_owned.clone();
-                let res = tokio::task::spawn_blocking(move || -> Result<Loaded, CacheError> {
-                    // The files may change between the request's stat and the read: version by what is read.
-                    let version = AdapterStore::version(&dir)?;
-                    let gpu = !inner2.device.is_cpu();
-                    // On a GPU server the CPU is otherwise idle: convert on all cores.
-                    let load = if gpu { peft::load_dir_parallel } else { peft::load_dir };
-                    let adapter =
-                        load(&dir, &inner2.layout, &Device::Cpu).map_err(|e| CacheError::Invalid(Arc::new(e)))?;
-                    if gpu {
-                        check_gpu_limits(&dir, &adapter.weights)?;
-                    }
-                    let host = Arc::new(adapter.weights);
-                    // Refused before any copy to the device: it could never be leased.
-                    let (bytes, budget) = (host.bytes(), inner2.config.device_bytes);
-                    if bytes > budget {
-                        return Err(CacheError::TooLarge { id: id2, bytes, budget });
-                    }
-                    let device = if gpu {
-                        Arc::new(
-                            to_device(&host, &inner2.device)
-                                .map_err(|e| CacheError::Internal { id: id2.clone(), reason: e.to_string() })?,
-                        )
-                    } else {
-                        host.clone()
-                    };
-                    Ok(Loaded { version, host, device, bytes })
-                })
-                .await
-                .unwrap_or_else(|e| Err(CacheError::Internal { id: id_owned.clone(), reason: e.to_string() }));
-                metrics::histogram!(t::ADAPTER_LOAD_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
-                let mut st = inner.state.lock().expect("cache lock");
-                match res {
-                    Ok(l) => Ok(Arc::new(l)),
-                    Err(e) => {
-                        // Broken (or too large) new files: never fall back to the old version. Remembered
-                        // until the files change, unless they only failed to read (EMFILE, EIO, a stale NFS
-                        // handle, a copy in progress): the next request tries again.
-                        let remember = match &e {
-                            CacheError::Invalid(a) => Some(!matches!(**a, AdapterError::Read { .. })),
-                            CacheError::TooLarge { .. } => Some(true),
-                            _ => None,
-                        };
-                        if let Some(remember) = remember {
-                            if remember {
-                                st.failed.insert(id_owned.clone(), (stamp.clone(), e.clone()));
-                            }
-                            st.current.remove(&id_owned);
-                            st.supersede(&id_owned, None);
-                            publish(&st);
-                        }
-                        Err(e)
-                    }
-                }
-            })
-            .await
-            .clone();
-        let mut inflight = self.inner.inflight.lock().expect("inflight lock");
-        if inflight.get(id).is_some_and(|(_, c)| Arc::ptr_eq(c, &cell)) {
-            inflight.remove(id);
-        }
-        result
+        shared.await
     }
 
     /// Loads `id` into the cache without keeping a lease (`LoadAdapter`, `--preload`); returns its version.
@@ -633,6 +584,11 @@ impl AdapterCache {
         st.failed.remove(id);
         st.supersede(id, None);
         publish(&st);
+        drop(st);
+        if !had {
+            // Nothing cached, and no such adapter either: NOT_FOUND, as for a request naming it.
+            self.inner.store.resolve(id)?;
+        }
         Ok(had)
     }
 
@@ -678,6 +634,83 @@ impl AdapterCache {
             }
         }
     }
+}
+
+/// A disk load, as a task of its own (see [`AdapterCache::load`]): read and check the files on the blocking
+/// pool (on all cores and copied to the device on a GPU), then install the result in the tiers, the device
+/// tier unleased when there is room, whether or not a request still waits: a client's retry after its
+/// deadline finds it there. Files that fail are remembered as failed (see `State::failed`).
+async fn disk_load(inner: Arc<Inner>, id: String, dir: PathBuf, stamp: FileStamp) -> Result<Arc<Loaded>, CacheError> {
+    inner.disk_loads.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let (inner2, id2) = (inner.clone(), id.clone());
+    let res = tokio::task::spawn_blocking(move || read_files(&inner2, id2, &dir))
+        .await
+        .unwrap_or_else(|e| Err(CacheError::Internal { id: id.clone(), reason: e.to_string() }));
+    let result = {
+        let mut st = inner.state.lock().expect("cache lock");
+        match res {
+            Ok(l) => {
+                metrics::histogram!(t::ADAPTER_LOAD_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+                let key = st.install(&id, &l, inner.config.host_bytes);
+                if !st.device.contains_key(&key) {
+                    let _ = st.insert_device(&key, &l.device, l.bytes, inner.config.device_bytes, 0);
+                }
+                publish(&st);
+                Ok(Arc::new(l))
+            }
+            Err(e) => {
+                // Broken (or too large) new files: never fall back to the old version. Remembered until the
+                // files change, unless they only failed to read (EMFILE, EIO, a stale NFS handle, a copy in
+                // progress): the next request tries again.
+                let remember = match &e {
+                    CacheError::Invalid(a) => Some(!matches!(**a, AdapterError::Read { .. })),
+                    CacheError::TooLarge { .. } => Some(true),
+                    _ => None,
+                };
+                if let Some(remember) = remember {
+                    if remember {
+                        st.failed.insert(id.clone(), (stamp.clone(), e.clone()));
+                    }
+                    st.current.remove(&id);
+                    st.supersede(&id, None);
+                    publish(&st);
+                }
+                Err(e)
+            }
+        }
+    };
+    // Done: later requests find the outcome in the tiers (or in `failed`), not here.
+    let mut inflight = inner.inflight.lock().expect("inflight lock");
+    if inflight.get(&id).is_some_and(|(s, _)| *s == stamp) {
+        inflight.remove(&id);
+    }
+    result
+}
+
+/// Reads and checks adapter `id`'s files in `dir` (blocking).
+fn read_files(inner: &Inner, id: String, dir: &std::path::Path) -> Result<Loaded, CacheError> {
+    // The files may change between the request's stat and the read: version by what is read.
+    let version = AdapterStore::version(dir)?;
+    let gpu = !inner.device.is_cpu();
+    // On a GPU server the CPU is otherwise idle: convert on all cores.
+    let load = if gpu { peft::load_dir_parallel } else { peft::load_dir };
+    let adapter = load(dir, &inner.layout, &Device::Cpu).map_err(|e| CacheError::Invalid(Arc::new(e)))?;
+    if gpu {
+        check_gpu_limits(dir, &adapter.weights)?;
+    }
+    let host = Arc::new(adapter.weights);
+    // Refused before any copy to the device: it could never be leased.
+    let (bytes, budget) = (host.bytes(), inner.config.device_bytes);
+    if bytes > budget {
+        return Err(CacheError::TooLarge { id, bytes, budget });
+    }
+    let device = if gpu {
+        Arc::new(to_device(&host, &inner.device).map_err(|e| CacheError::Internal { id, reason: e.to_string() })?)
+    } else {
+        host.clone()
+    };
+    Ok(Loaded { version, host, device, bytes })
 }
 
 /// A promotion, as a task of its own, so that requests giving up (cancelled, timed out) neither abandon nor

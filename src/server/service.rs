@@ -15,7 +15,7 @@ use super::counting::HandlerSeen;
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
 use crate::engine::{Engine, Event, FinishReason, SamplingParams, ValidRequest};
-use crate::lora::cache::AdapterCache;
+use crate::lora::cache::{AdapterCache, AdapterLease};
 use crate::model::Tokenizer;
 use crate::telemetry as t;
 
@@ -194,12 +194,7 @@ impl Service {
         let adapter = if r.adapter_id.is_empty() {
             None
         } else {
-            let wait_until = deadline.map(tokio::time::Instant::from_std);
-            let _waiting = WaitingForAdapter::enter();
-            match ready.cache.acquire(&r.adapter_id, wait_until).await {
-                Ok(lease) => Some(lease),
-                Err(e) => return Err(status::from_cache(e, deadline.is_some_and(|d| Instant::now() >= d))),
-            }
+            Some(lease_adapter(&ready.cache, &r.adapter_id, deadline).await?)
         };
         let adapter_version = adapter.as_ref().map(|l| l.version().to_string()).unwrap_or_default();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -216,6 +211,21 @@ impl Service {
         ready.engine.submit(valid).map_err(status::from_submit)?;
         Ok(Admitted { events: rx, adapter_version })
     }
+}
+
+/// Leases adapter `id`, within the request's deadline: waiting for its load, its copy to the device or room
+/// in the device tier all count, and running out is `DEADLINE_EXCEEDED` (the load itself goes on, for the
+/// retry). Counted in the queue gauge meanwhile.
+async fn lease_adapter(cache: &AdapterCache, id: &str, deadline: Option<Instant>) -> Result<AdapterLease, Status> {
+    let _waiting = WaitingForAdapter::enter();
+    let acquire = cache.acquire(id, deadline.map(tokio::time::Instant::from_std));
+    let acquired = match deadline {
+        Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), acquire)
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("deadline exceeded waiting for adapter `{id}`")))?,
+        None => acquire.await,
+    };
+    acquired.map_err(|e| status::from_cache(e, deadline.is_some_and(|d| Instant::now() >= d)))
 }
 
 /// A request waiting for its adapter (a load from disk, a copy to the device, or room in the device tier):
@@ -391,13 +401,15 @@ impl LoraServe for Service {
         let mut guard = CancelCount::new("LoadAdapter");
         let r = async {
             let ready = self.ready()?;
+            let deadline = deadline_of(&req)?;
             check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
             let id = req.into_inner().adapter_id;
             if id.is_empty() {
                 return Err(invalid("adapter_id", "is empty"));
             }
-            let version = ready.cache.load_adapter(&id).await.map_err(|e| status::from_cache(e, false))?;
-            Ok(Response::new(proto::LoadAdapterResponse { adapter_version: version }))
+            // Loaded and left in the cache unleased.
+            let lease = lease_adapter(&ready.cache, &id, deadline).await?;
+            Ok(Response::new(proto::LoadAdapterResponse { adapter_version: lease.version().to_string() }))
         }
         .await;
         guard.disarm();
