@@ -1,6 +1,7 @@
 //! The `server` command line: a clap `Command` enum with flattened option groups. Every flag of `serve`, the
-//! shared model options and the client's connection flags can also be set through a `LORASERVE_*`
-//! environment variable (e.g. `LORASERVE_MODEL=demo`); per-call flags (`--prompt`, `--rank`) cannot.
+//! model options of `serve`, `generate` and `train` and the client's connection flags can also be set through
+//! a `LORASERVE_*` environment variable (e.g. `LORASERVE_MODEL=demo`); per-call flags (`--prompt`, `--rank`)
+//! and the one-off conversions (`quantize`, `merge`) cannot.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -168,21 +169,23 @@ pub struct GenerateArgs {
 
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
-    /// A Hugging Face model folder, or `demo`.
-    #[arg(long, env = "LORASERVE_MODEL")]
+    /// A Hugging Face model folder, or `demo` (not read from `LORASERVE_MODEL`: a leftover variable must not
+    /// pick the input of a one-off conversion).
+    #[arg(long)]
     pub model: ModelSpec,
     /// The folder to write (must not exist).
     #[arg(long)]
     pub output: std::path::PathBuf,
-    /// dtype of the tensors kept dense (embeddings, norms, head) and the recorded compute dtype.
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DTypeArg,
+    /// dtype of the tensors kept dense (embeddings, norms, head) and the recorded compute dtype [default: the
+    /// model's own, from its config.json; f32 for `demo`].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
 }
 
 #[derive(Args, Debug)]
 pub struct MergeArgs {
-    /// A Hugging Face model folder, or `demo`.
-    #[arg(long, env = "LORASERVE_MODEL")]
+    /// A Hugging Face model folder, or `demo` (not read from `LORASERVE_MODEL`, as for `quantize`).
+    #[arg(long)]
     pub model: ModelSpec,
     /// The adapter folder (PEFT layout).
     #[arg(long)]
@@ -193,9 +196,10 @@ pub struct MergeArgs {
     /// Allow an NF4 base: its weights are dequantized, then merged and written dense.
     #[arg(long)]
     pub dequantize: bool,
-    /// dtype of the written checkpoint.
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DTypeArg,
+    /// dtype of the written checkpoint [default: the base's own, from its config.json, as PEFT's
+    /// `merge_and_unload` keeps it; f32 for `demo`].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
 }
 
 #[derive(Args, Debug)]
@@ -483,8 +487,9 @@ pub struct TrainArgs {
     pub weight_decay: f64,
     #[arg(long, default_value_t = 0.03)]
     pub warmup_ratio: f64,
-    /// Decay after warmup: cosine or linear.
-    #[arg(long, default_value = "cosine")]
+    /// Decay after warmup: linear or cosine. Linear is the guide's (its TrainingArguments keep transformers'
+    /// default `lr_scheduler_type`).
+    #[arg(long, default_value = "linear")]
     pub lr_scheduler: String,
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
@@ -643,11 +648,11 @@ fn run_merge(args: MergeArgs) -> Result<()> {
             );
         }
     }
-    let margs =
-        ModelArgs { model: args.model.clone(), quant: QuantMode::None, dtype: args.dtype, device: "cpu".into() };
+    let dtype = output_dtype(args.dtype, &args.model)?;
+    let margs = ModelArgs { model: args.model.clone(), quant: QuantMode::None, dtype, device: "cpu".into() };
     let loaded = margs.load()?;
     let adapter = crate::lora::peft::load_dir(&args.adapter, &loaded.model.lora_layout(), &Device::Cpu)?;
-    let dtype: DType = args.dtype.into();
+    let dtype: DType = dtype.into();
     let merged = |lin: &model::Linear| -> std::result::Result<Option<candle_core::Tensor>, model::ModelError> {
         let Some(m) = adapter.weights.module(lin.id) else { return Ok(None) };
         let w = lin.base.to_dense_f32(&Device::Cpu)?;
@@ -673,8 +678,25 @@ pub fn side_files(spec: &ModelSpec) -> Result<model::checkpoint::SideFiles> {
     })
 }
 
+/// The dtype a written checkpoint gets: `--dtype`, else the source's own (`dtype`, or 4.x `torch_dtype`, in
+/// its config.json), else f32.
+fn output_dtype(arg: Option<DTypeArg>, model: &ModelSpec) -> Result<DTypeArg> {
+    if let Some(d) = arg {
+        return Ok(d);
+    }
+    let ModelSpec::Dir(dir) = model else { return Ok(DTypeArg::F32) };
+    let config = model::read_config(dir)?;
+    let name = ["dtype", "torch_dtype"].iter().find_map(|k| config.raw.get(*k).and_then(|v| v.as_str()));
+    Ok(match name {
+        Some("bfloat16") => DTypeArg::Bf16,
+        Some("float16") => DTypeArg::F16,
+        _ => DTypeArg::F32,
+    })
+}
+
 fn run_quantize(args: QuantizeArgs) -> Result<()> {
-    let margs = ModelArgs { model: args.model.clone(), quant: QuantMode::Nf4, dtype: args.dtype, device: "cpu".into() };
+    let dtype = output_dtype(args.dtype, &args.model)?;
+    let margs = ModelArgs { model: args.model.clone(), quant: QuantMode::Nf4, dtype, device: "cpu".into() };
     let loaded = margs.load()?;
     model::checkpoint::write(&loaded.model, &side_files(&args.model)?, &args.output, &|_| Ok(None))
         .with_context(|| format!("writing {}", args.output.display()))?;

@@ -194,22 +194,24 @@ fn mixed_adapter_batch_equals_each_request_alone() {
     }
 }
 
+/// `server merge --model <model> --adapter <adapter> --output <out> <extra>`.
+fn merge_cli(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .arg("merge")
+        .args(extra)
+        .args([std::ffi::OsStr::new("--model"), model.as_os_str(), "--adapter".as_ref(), adapter.as_os_str()])
+        .args([std::ffi::OsStr::new("--output"), out.as_os_str()])
+        .env("LORASERVE_LOG", "off")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn merged_checkpoint_gives_the_adapter_logits() {
     let tmp = tempfile::tempdir().unwrap();
     for (adapter, dir) in adapter_dirs("llama") {
         let out = tmp.path().join(&adapter);
-        let status = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
-            .args(["merge", "--model"])
-            .arg(fixture("llama/model"))
-            .arg("--adapter")
-            .arg(&dir)
-            .arg("--output")
-            .arg(&out)
-            .env("LORASERVE_LOG", "off")
-            .status()
-            .unwrap();
-        assert!(status.success(), "merge {adapter}");
+        assert!(merge_cli(&fixture("llama/model"), &dir, &out, &[]).status.success(), "merge {adapter}");
         let merged = load_model(&out, QuantMode::None);
         for c in &expected("llama").results[&adapter] {
             let ids = merged.tokenizer.encode(&c.prompt).unwrap();
@@ -229,18 +231,21 @@ fn merged_checkpoint_gives_the_adapter_logits() {
     // In bf16, config.json says so under both keys transformers reads (5.x `dtype`, 4.x `torch_dtype`).
     let (adapter, dir) = &adapter_dirs("llama")[0];
     let out = tmp.path().join(format!("{adapter}-bf16"));
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
-        .args(["merge", "--dtype", "bf16", "--model"])
-        .arg(fixture("llama/model"))
-        .args([std::ffi::OsStr::new("--adapter"), dir.as_os_str(), "--output".as_ref(), out.as_os_str()])
-        .env("LORASERVE_LOG", "off")
-        .status()
-        .unwrap();
-    assert!(status.success(), "merge --dtype bf16");
+    assert!(merge_cli(&fixture("llama/model"), dir, &out, &["--dtype", "bf16"]).status.success(), "merge --dtype bf16");
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!((&config["dtype"], &config["torch_dtype"]), (&"bfloat16".into(), &"bfloat16".into()));
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.tensors().iter().all(|(_, t)| t.dtype() == safetensors::Dtype::BF16));
+    // Without --dtype the base's own dtype is kept, as PEFT's merge_and_unload does: merged into the bf16
+    // checkpoint, the result is bf16 again.
+    let again = tmp.path().join(format!("{adapter}-bf16-again"));
+    assert!(merge_cli(&out, dir, &again, &[]).status.success(), "merge into a bf16 base");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(again.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "bfloat16");
+    let bytes = std::fs::read(again.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert!(st.tensors().iter().all(|(_, t)| t.dtype() == safetensors::Dtype::BF16));
 }
@@ -249,17 +254,7 @@ fn merged_checkpoint_gives_the_adapter_logits() {
 fn merge_refuses_an_nf4_base_unless_asked_to_dequantize() {
     let tmp = tempfile::tempdir().unwrap();
     let run = |extra: &[&str], out: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_server"))
-            .args(["merge", "--model"])
-            .arg(fixture("llama-bnb-nf4/model"))
-            .arg("--adapter")
-            .arg(fixture("llama/adapters/qv-r4"))
-            .arg("--output")
-            .arg(tmp.path().join(out))
-            .args(extra)
-            .env("LORASERVE_LOG", "off")
-            .output()
-            .unwrap()
+        merge_cli(&fixture("llama-bnb-nf4/model"), &fixture("llama/adapters/qv-r4"), &tmp.path().join(out), extra)
     };
     let refused = run(&[], "a");
     assert!(!refused.status.success());
@@ -395,6 +390,15 @@ fn layer_filters_match_peft() {
                          "layers_to_transform": [2], "layers_pattern": pattern});
         assert_eq!(targeted(&adapter_with(cfg, &[v2]).unwrap()), [v2], "layers_pattern {pattern}");
     }
+}
+
+/// A config without `r` gets PEFT's default rank, 8, and the tensors are checked against it.
+#[test]
+fn a_missing_rank_is_peft_default() {
+    let cfg = serde_json::json!({"peft_type": "LORA", "target_modules": ["v_proj"]});
+    let v = ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj", "model.layers.2.self_attn.v_proj"];
+    let e = adapter_with(cfg, &v).unwrap_err();
+    assert!(e.contains("lora_A.weight") && e.contains("shape [4, 96], expected [8, 96]"), "{e}");
 }
 
 /// Embedding and head LoRA are named as such, although PEFT's files also hold `…base_layer.weight` copies

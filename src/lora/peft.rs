@@ -173,12 +173,13 @@ impl AdapterConfig {
             }
         }
 
-        let r = match get("r").and_then(|v| v.as_u64()) {
-            Some(r) if r > 0 => r as usize,
-            _ => {
-                let got = get("r").map_or_else(|| "nothing (the key is missing)".to_string(), |v| v.to_string());
-                return Err(cfg_err(file, "r", format!("expected a positive integer, got {got}")));
-            }
+        let r = match get("r") {
+            None => 8, // PEFT's default (the tensors' shapes are checked against it)
+            Some(v) => v
+                .as_u64()
+                .filter(|r| *r > 0)
+                .ok_or_else(|| cfg_err(file, "r", format!("expected a positive integer, got {v}")))?
+                as usize,
         };
         let lora_alpha = match get("lora_alpha") {
             None => 8.0, // PEFT's default
