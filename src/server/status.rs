@@ -1,5 +1,6 @@
-//! Every error a client can see, mapped to its gRPC status in one place, with one stable short string per
-//! kind (used in logs).
+//! The errors of the layers below (engine, adapter cache, store, adapter files) mapped to gRPC statuses in
+//! one place, and the stable `code` label of each status for `loraserve_requests_total`. Request
+//! validation builds its `INVALID_ARGUMENT` through [`invalid`] here too.
 
 use tonic::{Code, Status};
 
