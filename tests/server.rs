@@ -440,6 +440,19 @@ async fn metrics_are_served_until_the_drain_ends() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "/metrics still up after the server stopped");
 }
 
+/// An engine thread that stops on its own (it died of a bug) stops the server with an error, so the
+/// orchestrator restarts it, instead of a live process failing every request while its health says SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_engine_stops_the_server_with_an_error() {
+    let (h, mut c) = start(config(fixture("llama/adapters"))).await;
+    assert_eq!(code_of(c.generate(req("", "alpha", 2)).await).await.0, Code::Ok);
+    let engine = h.engine().unwrap();
+    tokio::task::spawn_blocking(move || engine.shutdown(Duration::ZERO)).await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(20), h.wait()).await.expect("the server stopped");
+    let e = stopped.unwrap_err().to_string();
+    assert!(e.contains("engine thread stopped unexpectedly"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reflection_lists_both_services() {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;

@@ -70,6 +70,11 @@ impl Engine {
         &self.stats
     }
 
+    /// Whether the engine thread is still running (false once it stopped, or if it died of a panic).
+    pub fn is_running(&self) -> bool {
+        self.thread.lock().expect("engine thread").as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
@@ -93,7 +98,7 @@ impl Engine {
     pub fn shutdown(&self, timeout: std::time::Duration) {
         let _ = self.tx.lock().expect("engine sender").send(Command::Drain);
         let started = std::time::Instant::now();
-        while !self.stats.stopped.load(Ordering::Relaxed) && started.elapsed() < timeout {
+        while !self.stats.stopped.load(Ordering::Relaxed) && self.is_running() && started.elapsed() < timeout {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         if !self.stats.stopped.load(Ordering::Relaxed) {

@@ -219,7 +219,12 @@ pub(crate) fn run(
         if plan.rows.is_empty() {
             continue;
         }
-        let outcome = step(&model, &mut cache, &plan.rows, &slots, &live);
+        // A panic in the forward (a kernel or shape bug some batch hits) fails that batch like an error, and
+        // the engine goes on serving: the failed sequences' KV blocks are freed below.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            step(&model, &mut cache, &plan.rows, &slots, &live)
+        }))
+        .unwrap_or_else(|panic| Err(candle_core::Error::msg(format!("panic in the forward: {}", panic_text(&panic)))));
         stats.steps.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!(t::BATCH_SIZE).record(plan.rows.len() as f64);
         let sampled = match outcome {
@@ -294,6 +299,15 @@ pub(crate) fn run(
         publish(&stats, &sched, &cache);
     }
     stop(&stats, &rx);
+}
+
+/// A panic's message (`panic!` with a literal or a formatted string), or a placeholder.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Marks the engine stopped and fails the requests submitted since the last intake.

@@ -57,6 +57,10 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "the engine thread stopped unexpectedly (see the error logged before); exiting so the server is restarted"
+    )]
+    EngineStopped,
 }
 
 impl From<model::ModelError> for ServerError {
@@ -264,7 +268,16 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
             health.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving).await;
             tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "serving");
         }
-        let _ = stop_rx.wait_for(|s| *s).await;
+        // Serve until told to stop, or until the engine thread dies (a bug): then a live process that fails
+        // every request would pass its health checks; stopping lets the orchestrator restart it.
+        let engine_died = tokio::select! {
+            _ = stop_rx.wait_for(|s| *s) => false,
+            _ = async { while engine.is_running() { tokio::time::sleep(Duration::from_millis(100)).await } } => true,
+        };
+        if engine_died {
+            tracing::error!("the engine thread stopped unexpectedly: shutting down");
+            let _ = stop_on_failure.send(true);
+        }
         tracing::info!(drain_timeout_s = cfg.drain_timeout.as_secs_f64(), "shutting down: draining in-flight requests");
         let mut serve = serve;
         let drained = tokio::time::timeout(cfg.drain_timeout, &mut serve).await;
@@ -279,6 +292,9 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
         };
         let e = engine.clone();
         tokio::task::spawn_blocking(move || e.shutdown(Duration::from_secs(5))).await.ok();
+        if engine_died {
+            return Err(ServerError::EngineStopped);
+        }
         match serve_result {
             Ok(r) => r.map_err(ServerError::from),
             Err(e) => Err(ServerError::Io(std::io::Error::other(e.to_string()))),
