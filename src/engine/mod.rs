@@ -81,16 +81,12 @@ impl Engine {
 
     /// Hands a request to the engine; its events arrive on `req.events`.
     pub fn submit(&self, req: ValidRequest) -> Result<(), SubmitError> {
-        let pending = self.stats.enqueue();
+        let (queued, pending) = worker::Queued::enter(&self.stats);
         if pending >= self.config.queue_capacity {
-            self.stats.dequeue();
             return Err(SubmitError::QueueFull(pending));
         }
         let tx = self.tx.lock().expect("engine sender");
-        tx.send(Command::Submit(Box::new(req))).map_err(|_| {
-            self.stats.dequeue();
-            SubmitError::ShuttingDown
-        })
+        tx.send(Command::Submit(Box::new(req), queued)).map_err(|_| SubmitError::ShuttingDown)
     }
 
     /// Finishes the requests in the engine, then stops it. Returns once the thread has exited or

@@ -46,7 +46,7 @@ impl Default for EngineConfig {
 }
 
 pub(crate) enum Command {
-    Submit(Box<ValidRequest>),
+    Submit(Box<ValidRequest>, Queued),
     /// Stop taking requests; finish the ones there are, then exit.
     Drain,
     /// Fail everything still running and exit.
@@ -65,19 +65,25 @@ pub struct EngineStats {
     pub stopped: AtomicBool,
 }
 
-impl EngineStats {
-    /// One more request submitted and not yet running; returns how many were waiting before it. The queue
-    /// gauge moves by deltas (never set from `pending`): the server adds the requests waiting for their
-    /// adapter to it, which the engine does not see.
-    pub(crate) fn enqueue(&self) -> usize {
-        metrics::gauge!(t::QUEUE_REQUESTS).increment(1.0);
-        self.pending.fetch_add(1, Ordering::Relaxed)
-    }
+/// A submitted request's place in the queue count (`pending` and the queue gauge), given back when dropped:
+/// when the request joins the running batch, or leaves before it does by whatever path (refused, reaped,
+/// aborted, dropped with the channel, unwound by a panic). The gauge moves by deltas, never set from
+/// `pending`: the server adds the requests waiting for their adapter to it, which the engine does not see.
+pub(crate) struct Queued(Arc<EngineStats>);
 
-    /// One request fewer waiting: it joined the running batch, or left before it did.
-    pub(crate) fn dequeue(&self) {
+impl Queued {
+    /// Counts one more request; also returns how many were waiting before it.
+    pub(crate) fn enter(stats: &Arc<EngineStats>) -> (Queued, usize) {
+        metrics::gauge!(t::QUEUE_REQUESTS).increment(1.0);
+        let before = stats.pending.fetch_add(1, Ordering::Relaxed);
+        (Queued(stats.clone()), before)
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
         metrics::gauge!(t::QUEUE_REQUESTS).decrement(1.0);
-        self.pending.fetch_sub(1, Ordering::Relaxed);
+        self.0.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -90,7 +96,8 @@ struct Live {
     generated: usize,
     sampler: Sampler,
     text: StopText,
-    admitted: bool,
+    /// Until the request joins the running batch.
+    queued: Option<Queued>,
     last_token_at: Option<Instant>,
 }
 
@@ -135,14 +142,12 @@ pub(crate) fn run(
         }
         for c in commands {
             match c {
-                Command::Submit(req) if draining => {
-                    stats.dequeue();
+                Command::Submit(req, _) if draining => {
                     let _ = req.events.send(Event::Failed(EngineError::ShuttingDown));
                 }
-                Command::Submit(req) => {
+                Command::Submit(req, queued) => {
                     let needed = geo.blocks_for(req.prompt_ids.len() + req.max_new_tokens);
                     if needed > capacity {
-                        stats.dequeue();
                         let _ = req.events.send(Event::Failed(EngineError::TooLong { needed, capacity }));
                         continue;
                     }
@@ -159,7 +164,7 @@ pub(crate) fn run(
                             generated: 0,
                             sampler: Sampler::new(req.sampling.clone(), sampler::unseeded()),
                             text: StopText::new(req.stop.clone()),
-                            admitted: false,
+                            queued: Some(queued),
                             last_token_at: None,
                             req: *req,
                         },
@@ -172,9 +177,6 @@ pub(crate) fn run(
         }
         if aborted {
             for (_, l) in live.drain() {
-                if !l.admitted {
-                    stats.dequeue();
-                }
                 let _ = l.req.events.send(Event::Failed(EngineError::ShuttingDown));
             }
             return stop(&stats, &rx);
@@ -199,9 +201,6 @@ pub(crate) fn run(
             if let Some(e) = err {
                 let _ = l.req.events.send(Event::Failed(e));
             }
-            if !l.admitted {
-                stats.dequeue();
-            }
             sched.remove(id, &mut slots, cache.allocator_mut());
             slots.remove(&id);
         }
@@ -210,10 +209,8 @@ pub(crate) fn run(
         let plan = sched.plan(&mut slots, cache.allocator_mut());
         for r in &plan.rows {
             let l = live.get_mut(&r.seq).expect("planned sequence is live");
-            if !l.admitted {
-                l.admitted = true;
-                stats.dequeue();
-            }
+            // Running now: no longer queued.
+            l.queued = None;
         }
         publish(&stats, &sched, &cache);
         if plan.rows.is_empty() {
@@ -314,8 +311,7 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 fn stop(stats: &EngineStats, rx: &Receiver<Command>) {
     stats.stopped.store(true, Ordering::Relaxed);
     while let Ok(c) = rx.try_recv() {
-        if let Command::Submit(req) = c {
-            stats.dequeue();
+        if let Command::Submit(req, _) = c {
             let _ = req.events.send(Event::Failed(EngineError::ShuttingDown));
         }
     }

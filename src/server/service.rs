@@ -194,6 +194,7 @@ impl Service {
         let adapter = if r.adapter_id.is_empty() {
             None
         } else {
+            let _waiting = WaitingForAdapter::enter();
             Some(lease_adapter(&ready.cache, &r.adapter_id, deadline).await?)
         };
         let adapter_version = adapter.as_ref().map(|l| l.version().to_string()).unwrap_or_default();
@@ -215,9 +216,8 @@ impl Service {
 
 /// Leases adapter `id`, within the request's deadline: waiting for its load, its copy to the device or room
 /// in the device tier all count, and running out is `DEADLINE_EXCEEDED` (the load itself goes on, for the
-/// retry). Counted in the queue gauge meanwhile.
+/// retry).
 async fn lease_adapter(cache: &AdapterCache, id: &str, deadline: Option<Instant>) -> Result<AdapterLease, Status> {
-    let _waiting = WaitingForAdapter::enter();
     let acquire = cache.acquire(id, deadline.map(tokio::time::Instant::from_std));
     let acquired = match deadline {
         Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), acquire)
@@ -228,9 +228,10 @@ async fn lease_adapter(cache: &AdapterCache, id: &str, deadline: Option<Instant>
     acquired.map_err(|e| status::from_cache(e, deadline.is_some_and(|d| Instant::now() >= d)))
 }
 
-/// A request waiting for its adapter (a load from disk, a copy to the device, or room in the device tier):
-/// admitted and not yet in the engine, so counted in `loraserve_queue_requests` with the engine's queue —
-/// the autoscaler must see requests piling up behind a full adapter cache too.
+/// A generate request waiting for its adapter (a load from disk, a copy to the device, or room in the device
+/// tier): admitted and not yet in the engine, so counted in `loraserve_queue_requests` with the engine's
+/// queue — the autoscaler must see requests piling up behind a full adapter cache too. (`LoadAdapter` calls
+/// are not requests waiting to run, and are not counted.)
 struct WaitingForAdapter;
 
 impl WaitingForAdapter {
