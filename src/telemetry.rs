@@ -24,8 +24,8 @@ pub const ADAPTER_CACHE_HITS_TOTAL: &str = "loraserve_adapter_cache_hits_total";
 pub const ADAPTER_CACHE_MISSES_TOTAL: &str = "loraserve_adapter_cache_misses_total";
 /// `{tier}` — adapters evicted from a tier to make room (superseded versions and unloads are not counted).
 pub const ADAPTER_CACHE_EVICTIONS_TOTAL: &str = "loraserve_adapter_cache_evictions_total";
-/// `{tier}` — bytes of adapter weights resident in a tier (gauge). On a CPU server both tiers are RAM and
-/// share one copy: an adapter in both counts in the device tier only (likewise [`ADAPTERS_RESIDENT`]).
+/// `{tier}` — bytes of adapter weights resident in a tier, as its budget counts them (gauge). On a CPU server
+/// both tiers are RAM and an adapter in both is one copy, so the two tiers' sum overstates the memory.
 pub const ADAPTER_CACHE_RESIDENT_BYTES: &str = "loraserve_adapter_cache_resident_bytes";
 /// `{tier}` — adapters resident in a tier (gauge).
 pub const ADAPTERS_RESIDENT: &str = "loraserve_adapters_resident";

@@ -347,6 +347,13 @@ async fn unload_and_preload() {
     assert!(matches!(c.unload("missing"), Err(CacheError::Store(StoreError::NotFound { .. }))));
 }
 
+/// A request for `id` that starts its load from disk (one poll), then is gone.
+async fn start_a_load_and_give_up(c: &AdapterCache, id: &str) {
+    let acquire = c.acquire(id, None);
+    tokio::pin!(acquire);
+    assert!(futures::poll!(acquire.as_mut()).is_pending(), "a load from disk cannot finish in one poll");
+}
+
 /// A request that gives up while its adapter loads (deadline, client gone) neither abandons nor repeats the
 /// load: the load finishes on its own and lands in the cache, where the retry finds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,12 +361,7 @@ async fn a_load_outlives_the_request_that_started_it() {
     let tmp = tempfile::tempdir().unwrap();
     write_adapter(tmp.path(), "a", 1.0);
     let c = cache(tmp.path(), 4, 4);
-    {
-        let acquire = c.acquire("a", None);
-        tokio::pin!(acquire);
-        // One poll starts the load; then the request is gone.
-        assert!(futures::poll!(acquire.as_mut()).is_pending(), "a load from disk cannot finish in one poll");
-    }
+    start_a_load_and_give_up(&c, "a").await;
     let since = std::time::Instant::now();
     while c.device_bytes() == 0 {
         assert!(since.elapsed() < Duration::from_secs(10), "the abandoned load never landed: {:?}", c.list());
@@ -424,26 +426,88 @@ async fn the_watcher_follows_a_re_pointed_root() {
     let c = cache(&root, 4, 4);
     let _watch = c.watch().expect("a filesystem watcher on Linux");
     // Dropped eagerly once the files change (no acquire in between), within `within`.
-    let dropped = |c: &AdapterCache, within: Duration| {
+    async fn dropped(c: &AdapterCache, within: Duration) {
         let since = std::time::Instant::now();
         while c.device_bytes() != 0 {
             assert!(since.elapsed() < within, "the stale version is still cached: {:?}", c.list());
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    };
+    }
     drop(c.acquire("a", None).await.unwrap());
     write_adapter(&r1, "a", 1.5);
-    dropped(&c, Duration::from_secs(5));
+    dropped(&c, Duration::from_secs(10)).await;
 
     drop(c.acquire("a", None).await.unwrap());
     // Re-point the link the way deploys do: a new link renamed over the old one.
     std::os::unix::fs::symlink(&r2, tmp.path().join("next")).unwrap();
     std::fs::rename(tmp.path().join("next"), &root).unwrap();
-    dropped(&c, loraserve::lora::watch::ROOT_RECHECK * 3);
+    dropped(&c, loraserve::lora::watch::ROOT_RECHECK * 5).await;
     assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 2.0);
     // The new target is watched; the old one, deleted, is not missed.
     std::fs::remove_dir_all(&r1).unwrap();
     write_adapter(&r2, "a", 3.0);
-    dropped(&c, Duration::from_secs(5));
+    dropped(&c, Duration::from_secs(10)).await;
     assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 3.0);
+}
+
+/// An unload while a load is under way wins: the load serves the request that waited for it and does not
+/// bring the adapter back (nor does a load that nobody waits for any more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unload_during_a_load_is_not_undone_by_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(tmp.path(), "a", 1.0);
+    let c = cache(tmp.path(), 4, 4);
+    // A request that gives up after starting the load, then the unload.
+    start_a_load_and_give_up(&c, "a").await;
+    assert!(!c.unload("a").unwrap(), "loading, not resident (and known: not NOT_FOUND)");
+    let since = std::time::Instant::now();
+    while c.loads_in_flight() > 0 {
+        assert!(since.elapsed() < Duration::from_secs(10), "the load never finished");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(c.list()[0].version, None, "unloaded, yet resident again: {:?}", c.list());
+    assert_eq!(c.device_bytes(), 0);
+    // The next request loads it again, as after any unload.
+    assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 1.0);
+    assert_eq!(c.disk_loads(), 2);
+    assert!(c.list()[0].version.is_some());
+}
+
+/// A slow load of an old version that finishes after a new version was published and loaded serves the
+/// request that asked before the publish, and does not roll the adapter back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_old_load_does_not_roll_back_a_newer_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Version 1: 64 MB, so its load is still running when version 2 (a few bytes) is published and loaded.
+    let rank = 1 << 20;
+    let mut w = LoraWeights::new(1);
+    let mut a = vec![0f32; rank * IN];
+    a[0] = 1.0;
+    let mut b_t = vec![0f32; rank * IN];
+    b_t[0] = 1.0;
+    let t = |v: Vec<f32>| Tensor::from_vec(v, (rank, IN), &Device::Cpu).unwrap();
+    w.insert(q(), LoraModule { a: t(a), b_t: t(b_t), scale: 1.0 });
+    let meta = AdapterMeta {
+        r: rank,
+        lora_alpha: rank as f64,
+        use_rslora: false,
+        lora_dropout: 0.0,
+        base_model_name_or_path: "tiny".into(),
+        dtype: candle_core::DType::F32,
+    };
+    write_dir(&tmp.path().join("a"), &w, &meta).unwrap();
+    let store = AdapterStore::open(tmp.path()).unwrap();
+    let config = CacheConfig { device_bytes: 1 << 30, host_bytes: 1 << 30, default_wait: Duration::from_secs(30) };
+    let c = AdapterCache::new(store, layout(), Device::Cpu, config);
+    let c1 = c.clone();
+    let slow = tokio::spawn(async move { c1.acquire("a", None).await.map(|l| output_of(l.weights())) });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    write_adapter(tmp.path(), "a", 2.0);
+    let new = c.acquire("a", None).await.unwrap();
+    assert_eq!(output_of(new.weights()), 2.0);
+    let new_version = new.version().to_string();
+    drop(new);
+    assert_eq!(slow.await.unwrap().unwrap(), 1.0, "the request that asked first runs with what it asked for");
+    assert_eq!(c.list()[0].version.as_deref(), Some(new_version.as_str()), "rolled back to the old version");
+    assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 2.0);
 }

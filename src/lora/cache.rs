@@ -96,8 +96,11 @@ struct State {
     promoting: HashMap<Key, Promotion>,
     /// Device bytes those copies will need: counted against the budget before they start.
     reserved: usize,
-    /// The device is the CPU: an adapter in both tiers is one copy in RAM (the gauges count it once).
-    tiers_share_memory: bool,
+    /// Per adapter, the generation of its state: bumped when a load starts, and by an unload or a refresh
+    /// that drops it. A load that finishes in an older generation (a newer load, an unload or a file
+    /// change came meanwhile) is stale: it serves the requests that waited for it, but never becomes current.
+    generation: HashMap<String, u64>,
+    last_generation: u64,
 }
 
 /// A promotion's outcome, for every request waiting on it (`None` until the copy is done).
@@ -106,6 +109,8 @@ type Promotion = tokio::sync::watch::Receiver<Option<Result<Arc<LoraWeights>, Ca
 /// A finished load.
 struct Loaded {
     version: AdapterVersion,
+    /// The adapter's generation when the load started (see `State::generation`).
+    generation: u64,
     /// The host-tier copy, in RAM (the same tensors as `device` when the base is on the CPU).
     host: Arc<LoraWeights>,
     /// The device-tier copy, where the base lives.
@@ -214,18 +219,13 @@ fn evict_device(st: &mut State, key: &Key) -> Option<DeviceEntry> {
     Some(e)
 }
 
-/// Publishes the tiers' gauges. When the device is the CPU both tiers hold the same tensors, so an adapter
-/// in both is counted in the device tier only: the gauges add up to the memory adapters take.
+/// Publishes the tiers' gauges: what each tier holds, as its budget counts it. (On a CPU server both tiers are
+/// RAM and an adapter in both is one copy: there the sum of the two overstates the memory.)
 fn publish(st: &State) {
-    let (host_bytes, host_len) = if st.tiers_share_memory {
-        st.host.iter().filter(|(k, _)| !st.device.contains_key(*k)).fold((0, 0), |(b, n), (_, e)| (b + e.bytes, n + 1))
-    } else {
-        (st.host_bytes, st.host.len())
-    };
     metrics::gauge!(t::ADAPTER_CACHE_RESIDENT_BYTES, "tier" => t::TIER_DEVICE).set(st.device_bytes as f64);
-    metrics::gauge!(t::ADAPTER_CACHE_RESIDENT_BYTES, "tier" => t::TIER_HOST).set(host_bytes as f64);
+    metrics::gauge!(t::ADAPTER_CACHE_RESIDENT_BYTES, "tier" => t::TIER_HOST).set(st.host_bytes as f64);
     metrics::gauge!(t::ADAPTERS_RESIDENT, "tier" => t::TIER_DEVICE).set(st.device.len() as f64);
-    metrics::gauge!(t::ADAPTERS_RESIDENT, "tier" => t::TIER_HOST).set(host_len as f64);
+    metrics::gauge!(t::ADAPTERS_RESIDENT, "tier" => t::TIER_HOST).set(st.host.len() as f64);
 }
 
 enum Insert {
@@ -322,6 +322,37 @@ impl State {
         Insert::Done
     }
 
+    /// Starts a new generation of `id`'s state and returns it.
+    fn bump(&mut self, id: &str) -> u64 {
+        self.last_generation += 1;
+        self.generation.insert(id.to_string(), self.last_generation);
+        self.last_generation
+    }
+
+    /// Whether a load started in `generation` is the newest word on `id`.
+    fn is_newest(&self, id: &str, generation: u64) -> bool {
+        self.generation.get(id) == Some(&generation)
+    }
+
+    /// A lease on a stale load's weights for a request that waited for it: on its device entry if there is
+    /// one, else inserted marked stale, so that it is never handed to a new request and leaves with its last
+    /// lease. `Err(leased bytes)` when there is no room.
+    fn lease_stale(&mut self, inner: &Arc<Inner>, key: Key, l: &Loaded) -> Result<AdapterLease, usize> {
+        let tick = self.next_tick();
+        if let Some(e) = self.device.get_mut(&key) {
+            e.leases += 1;
+            e.tick = tick;
+            return Ok(AdapterLease { inner: inner.clone(), key, weights: e.weights.clone() });
+        }
+        match self.insert_device(&key, &l.device, l.bytes, inner.config.device_bytes, 1) {
+            Insert::Done => {
+                self.device.get_mut(&key).expect("inserted").stale = true;
+                Ok(AdapterLease { inner: inner.clone(), key, weights: l.device.clone() })
+            }
+            Insert::NoSpace { leased } => Err(leased),
+        }
+    }
+
     /// Makes a finished load the adapter's current version (superseding older ones) and keeps it in the host
     /// tier; returns its key.
     fn install(&mut self, id: &str, l: &Loaded, host_budget: usize) -> Key {
@@ -355,14 +386,13 @@ impl State {
 impl AdapterCache {
     /// A cache over `store` for a base of shape `layout`, with device-tier weights on `device`.
     pub fn new(store: AdapterStore, layout: BaseLayout, device: Device, config: CacheConfig) -> Self {
-        let tiers_share_memory = device.is_cpu();
         let cache = AdapterCache {
             inner: Arc::new(Inner {
                 store,
                 layout,
                 device,
                 config,
-                state: Mutex::new(State { tiers_share_memory, ..State::default() }),
+                state: Mutex::new(State::default()),
                 space: Notify::new(),
                 inflight: Mutex::new(HashMap::new()),
                 disk_loads: AtomicU64::new(0),
@@ -384,6 +414,11 @@ impl AdapterCache {
     /// Loads from disk so far (single flight: concurrent first requests count once).
     pub fn disk_loads(&self) -> u64 {
         self.inner.disk_loads.load(Ordering::Relaxed)
+    }
+
+    /// Loads from disk under way.
+    pub fn loads_in_flight(&self) -> usize {
+        self.inner.inflight.lock().expect("inflight lock").len()
     }
 
     /// Host-to-device promotions so far (single flight: concurrent requests for one adapter count once).
@@ -440,9 +475,15 @@ impl AdapterCache {
             let loaded = self.load(id, dir.clone(), stamp.clone()).await?;
             let outcome = {
                 let mut st = self.inner.state.lock().expect("cache lock");
-                // The load installed it already, unless the tiers moved on since.
-                let key = st.install(id, &loaded, self.inner.config.host_bytes);
-                let r = st.lease_or_insert(&self.inner, key, &loaded.device, loaded.bytes);
+                let r = if st.is_newest(id, loaded.generation) {
+                    // The load installed it already, unless the tiers moved on since.
+                    let key = st.install(id, &loaded, self.inner.config.host_bytes);
+                    st.lease_or_insert(&self.inner, key, &loaded.device, loaded.bytes)
+                } else {
+                    // A newer load, an unload or a file change came while it loaded: this request, which
+                    // asked before, runs with it; it never becomes current.
+                    st.lease_stale(&self.inner, (id.to_string(), loaded.version.id.clone()), &loaded)
+                };
                 publish(&st);
                 r
             };
@@ -553,10 +594,20 @@ impl AdapterCache {
             match inflight.get(id) {
                 Some((s, f)) if *s == stamp => f.clone(),
                 _ => {
-                    let task = tokio::spawn(disk_load(self.inner.clone(), id.to_string(), dir, stamp.clone()));
-                    let owned = id.to_string();
+                    let generation = self.inner.state.lock().expect("cache lock").bump(id);
+                    let task =
+                        tokio::spawn(disk_load(self.inner.clone(), id.to_string(), dir, stamp.clone(), generation));
+                    let (inner, owned, s) = (self.inner.clone(), id.to_string(), stamp.clone());
                     let f = async move {
-                        task.await.unwrap_or_else(|e| Err(CacheError::Internal { id: owned, reason: e.to_string() }))
+                        task.await.unwrap_or_else(|e| {
+                            // The task died (a panic) before clearing its entry: clear it, so the next request
+                            // loads again instead of getting this error until the files change.
+                            let mut inflight = inner.inflight.lock().expect("inflight lock");
+                            if inflight.get(&owned).is_some_and(|(stamp, _)| *stamp == s) {
+                                inflight.remove(&owned);
+                            }
+                            Err(CacheError::Internal { id: owned, reason: e.to_string() })
+                        })
                     }
                     .boxed()
                     .shared();
@@ -583,9 +634,12 @@ impl AdapterCache {
         let had = had_current || st.device.keys().any(|k| k.0 == id) || st.host.keys().any(|k| k.0 == id);
         st.failed.remove(id);
         st.supersede(id, None);
+        // A load under way finishes for the requests waiting on it, but does not bring the adapter back.
+        st.bump(id);
         publish(&st);
         drop(st);
-        if !had {
+        let loading = self.inner.inflight.lock().expect("inflight lock").contains_key(id);
+        if !had && !loading {
             // Nothing cached, and no such adapter either: NOT_FOUND, as for a request naming it.
             self.inner.store.resolve(id)?;
         }
@@ -629,6 +683,7 @@ impl AdapterCache {
                 if st.current.get(&id).map(|v| &v.stamp) == Some(&stamp) {
                     st.current.remove(&id);
                     st.supersede(&id, None);
+                    st.bump(&id);
                     publish(&st);
                 }
             }
@@ -637,28 +692,40 @@ impl AdapterCache {
 }
 
 /// A disk load, as a task of its own (see [`AdapterCache::load`]): read and check the files on the blocking
-/// pool (on all cores and copied to the device on a GPU), then install the result in the tiers, the device
-/// tier unleased when there is room, whether or not a request still waits: a client's retry after its
-/// deadline finds it there. Files that fail are remembered as failed (see `State::failed`).
-async fn disk_load(inner: Arc<Inner>, id: String, dir: PathBuf, stamp: FileStamp) -> Result<Arc<Loaded>, CacheError> {
+/// pool (on all cores and copied to the device on a GPU), then, unless the load is stale (see
+/// `State::generation`), install the result whether or not a request still waits, so that a client's retry
+/// after its deadline finds it: current, in the host tier, and in the device tier if it fits there without
+/// evicting anything (the requests that still wait evict for it). Files that fail are remembered as failed
+/// (see `State::failed`).
+async fn disk_load(
+    inner: Arc<Inner>,
+    id: String,
+    dir: PathBuf,
+    stamp: FileStamp,
+    generation: u64,
+) -> Result<Arc<Loaded>, CacheError> {
     inner.disk_loads.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let (inner2, id2) = (inner.clone(), id.clone());
-    let res = tokio::task::spawn_blocking(move || read_files(&inner2, id2, &dir))
+    let res = tokio::task::spawn_blocking(move || read_files(&inner2, id2, &dir, generation))
         .await
         .unwrap_or_else(|e| Err(CacheError::Internal { id: id.clone(), reason: e.to_string() }));
     let result = {
         let mut st = inner.state.lock().expect("cache lock");
+        let newest = st.is_newest(&id, generation);
         match res {
             Ok(l) => {
                 metrics::histogram!(t::ADAPTER_LOAD_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
-                let key = st.install(&id, &l, inner.config.host_bytes);
-                if !st.device.contains_key(&key) {
-                    let _ = st.insert_device(&key, &l.device, l.bytes, inner.config.device_bytes, 0);
+                if newest {
+                    let key = st.install(&id, &l, inner.config.host_bytes);
+                    if !st.device.contains_key(&key) && st.device_bytes + l.bytes <= inner.config.device_bytes {
+                        let _ = st.insert_device(&key, &l.device, l.bytes, inner.config.device_bytes, 0);
+                    }
+                    publish(&st);
                 }
-                publish(&st);
                 Ok(Arc::new(l))
             }
+            Err(e) if !newest => Err(e),
             Err(e) => {
                 // Broken (or too large) new files: never fall back to the old version. Remembered until the
                 // files change, unless they only failed to read (EMFILE, EIO, a stale NFS handle, a copy in
@@ -689,7 +756,7 @@ async fn disk_load(inner: Arc<Inner>, id: String, dir: PathBuf, stamp: FileStamp
 }
 
 /// Reads and checks adapter `id`'s files in `dir` (blocking).
-fn read_files(inner: &Inner, id: String, dir: &std::path::Path) -> Result<Loaded, CacheError> {
+fn read_files(inner: &Inner, id: String, dir: &std::path::Path, generation: u64) -> Result<Loaded, CacheError> {
     // The files may change between the request's stat and the read: version by what is read.
     let version = AdapterStore::version(dir)?;
     let gpu = !inner.device.is_cpu();
@@ -710,7 +777,7 @@ fn read_files(inner: &Inner, id: String, dir: &std::path::Path) -> Result<Loaded
     } else {
         host.clone()
     };
-    Ok(Loaded { version, host, device, bytes })
+    Ok(Loaded { version, generation, host, device, bytes })
 }
 
 /// A promotion, as a task of its own, so that requests giving up (cancelled, timed out) neither abandon nor
@@ -779,46 +846,6 @@ fn check_gpu_limits(dir: &std::path::Path, w: &LoraWeights) -> Result<(), CacheE
 mod tests {
     use super::*;
     use crate::lora::synthetic::{random_adapter, ATTENTION};
-
-    /// The tier gauges as Prometheus renders them, published from `st` under a recorder of the test's own.
-    fn gauges(st: &State) -> Vec<String> {
-        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-        metrics::with_local_recorder(&recorder, || publish(st));
-        let text = recorder.handle().render();
-        let mut lines: Vec<String> = text.lines().filter(|l| !l.starts_with('#')).map(str::to_string).collect();
-        lines.sort();
-        lines
-    }
-
-    #[test]
-    fn an_adapter_in_both_tiers_of_a_cpu_server_is_counted_once() {
-        let layout = BaseLayout { layers: 1, dims: [(64, 64); 7] };
-        let w = Arc::new(random_adapter(&layout, 4, &ATTENTION, 1, &Device::Cpu).unwrap());
-        let n = w.bytes();
-        let mut st = State::default();
-        for id in ["both", "host-only"] {
-            st.insert_host(&(id.into(), "v1".into()), &w, n, 10 * n);
-        }
-        st.insert_device(&("both".into(), "v1".into()), &w, n, 10 * n, 0);
-        let line = |tier: &str, what: &str, v: usize| format!("loraserve_{what}{{tier=\"{tier}\"}} {v}");
-        let separate = gauges(&st);
-        for l in
-            [line("device", "adapter_cache_resident_bytes", n), line("host", "adapter_cache_resident_bytes", 2 * n)]
-        {
-            assert!(separate.contains(&l), "{l} not in {separate:?}");
-        }
-        // On the CPU the device tier's tensors are the host tier's: `both` is one copy.
-        st.tiers_share_memory = true;
-        let shared = gauges(&st);
-        for l in [
-            line("device", "adapter_cache_resident_bytes", n),
-            line("host", "adapter_cache_resident_bytes", n),
-            line("device", "adapters_resident", 1),
-            line("host", "adapters_resident", 1),
-        ] {
-            assert!(shared.contains(&l), "{l} not in {shared:?}");
-        }
-    }
 
     #[test]
     fn adapters_above_the_gpu_kernels_rank_are_refused_by_file_and_module() {
