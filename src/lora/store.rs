@@ -240,13 +240,15 @@ impl AdapterStore {
     pub fn scan(&self) -> (Vec<String>, Vec<Unlisted>) {
         let (mut ids, mut unlisted) = (Vec::new(), Vec::new());
         if let Ok(root) = self.canonical_root() {
-            Self::walk(&root, &root, String::new(), 0, &mut ids, &mut unlisted);
+            Self::walk(&root, &root, String::new(), 0, &mut ids, &mut unlisted, None);
         }
         ids.sort();
         unlisted.sort_by(|a, b| a.path.cmp(&b.path));
         (ids, unlisted)
     }
 
+    /// Lists the adapters under `dir` (ids `prefix/…`) into `out`; adapter folders no id can name go to
+    /// `unlisted`, with the reason: their own name's, or their parent's (`invalid`).
     fn walk(
         root: &Path,
         dir: &Path,
@@ -254,6 +256,7 @@ impl AdapterStore {
         depth: usize,
         out: &mut Vec<String>,
         unlisted: &mut Vec<Unlisted>,
+        invalid: Option<&str>,
     ) {
         if depth > 4 {
             return;
@@ -266,20 +269,21 @@ impl AdapterStore {
                 continue;
             }
             let path = e.path();
-            if let Err(invalid) = validate_id(&id) {
-                if path.join("adapter_config.json").is_file() {
-                    unlisted.push(Unlisted { path, reason: invalid.to_string() });
-                }
-                continue;
-            }
             let Ok(canonical) = path.canonicalize() else { continue };
             if !canonical.starts_with(root) || !canonical.is_dir() {
                 continue;
             }
+            let reason = match invalid {
+                Some(r) => Some(r.to_string()),
+                None => validate_id(&id).err().map(|e| e.to_string()),
+            };
             if canonical.join("adapter_config.json").is_file() {
-                out.push(id.clone());
+                match &reason {
+                    None => out.push(id.clone()),
+                    Some(r) => unlisted.push(Unlisted { path: path.clone(), reason: r.clone() }),
+                }
             }
-            Self::walk(root, &canonical, id, depth + 1, out, unlisted);
+            Self::walk(root, &canonical, id, depth + 1, out, unlisted, reason.as_deref());
         }
     }
 }
@@ -358,12 +362,13 @@ mod tests {
         assert!(!listed.iter().any(|i| i == "escape" || i == "empty"));
         // An adapter folder no id can name is reported, not skipped in silence; other folders are not.
         adapter(&root.join("team/my adapter"));
+        adapter(&root.join("My Team/bot"));
         std::fs::create_dir_all(root.join("not an adapter")).unwrap();
         let (ids, unlisted) = s.scan();
         assert_eq!(ids, listed);
-        assert_eq!(unlisted.len(), 1, "{unlisted:?}");
-        assert_eq!(unlisted[0].path, root.join("team/my adapter"));
-        assert!(unlisted[0].reason.contains("character ' ' is not allowed"), "{}", unlisted[0].reason);
+        let paths: Vec<_> = unlisted.iter().map(|u| u.path.clone()).collect();
+        assert_eq!(paths, [root.join("My Team/bot"), root.join("team/my adapter")], "{unlisted:?}");
+        assert!(unlisted.iter().all(|u| u.reason.contains("character ' ' is not allowed")), "{unlisted:?}");
     }
 
     /// A folder inside the root whose files are symlinks leaving it is out of bounds like a folder symlink;

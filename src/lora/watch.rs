@@ -22,7 +22,10 @@ impl AdapterCache {
         .map_err(|e| tracing::warn!(error = %e, "no filesystem watcher; changes are seen at request time"))
         .ok()?;
         let root = self.store().root().to_path_buf();
-        let mut target = root.canonicalize().ok()?;
+        let mut target = root
+            .canonicalize()
+            .map_err(|e| tracing::warn!(error = %e, root = %root.display(), "cannot watch the adapters root; changes are seen at request time"))
+            .ok()?;
         watcher
             .watch(&target, notify::RecursiveMode::Recursive)
             .map_err(|e| tracing::warn!(error = %e, "cannot watch the adapters root; changes are seen at request time"))
@@ -31,20 +34,40 @@ impl AdapterCache {
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(ROOT_RECHECK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // A target that could not be watched is tried again at every tick, and reported once.
+            let mut reported: Option<std::path::PathBuf> = None;
             loop {
                 tick.tick().await;
                 let Ok(now) = tokio::fs::canonicalize(&root).await else { continue };
                 if now == target {
                     continue;
                 }
-                tracing::info!(root = %root.display(), from = %target.display(), to = %now.display(), "adapters root re-pointed");
-                let _ = watcher.unwatch(&target);
-                if let Err(e) = watcher.watch(&now, notify::RecursiveMode::Recursive) {
-                    tracing::warn!(error = %e, root = %now.display(), "cannot watch the adapters root; changes are seen at request time");
+                // notify's watch and unwatch block until its thread has walked the new tree: not on a runtime
+                // worker. The watcher travels to the blocking pool and back.
+                let (old, new, cache) = (target.clone(), now.clone(), cache.clone());
+                let moved = tokio::task::spawn_blocking(move || {
+                    let _ = watcher.unwatch(&old);
+                    let r = watcher.watch(&new, notify::RecursiveMode::Recursive);
+                    if r.is_ok() {
+                        cache.refresh();
+                    }
+                    (watcher, r)
+                })
+                .await;
+                let Ok((w, r)) = moved else { break };
+                watcher = w;
+                match r {
+                    Ok(()) => {
+                        tracing::info!(root = %root.display(), from = %target.display(), to = %now.display(), "adapters root re-pointed");
+                        target = now;
+                        reported = None;
+                    }
+                    Err(e) if reported.as_ref() != Some(&now) => {
+                        tracing::warn!(error = %e, root = %now.display(), "cannot watch the re-pointed adapters root; changes are seen at request time until it can be");
+                        reported = Some(now);
+                    }
+                    Err(_) => {}
                 }
-                target = now;
-                let cache = cache.clone();
-                let _ = tokio::task::spawn_blocking(move || cache.refresh()).await;
             }
         });
         Some(AdapterWatch { task })
