@@ -392,13 +392,26 @@ fn layer_filters_match_peft() {
     }
 }
 
-/// A config without `r` gets PEFT's default rank, 8, and the tensors are checked against it.
+/// A config without `r` gets PEFT's default rank, 8, and the tensors are checked against it; one without
+/// `target_modules` gets PEFT's default for these model types, q_proj and v_proj.
 #[test]
-fn a_missing_rank_is_peft_default() {
+fn missing_keys_take_peft_defaults() {
     let cfg = serde_json::json!({"peft_type": "LORA", "target_modules": ["v_proj"]});
     let v = ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj", "model.layers.2.self_attn.v_proj"];
     let e = adapter_with(cfg, &v).unwrap_err();
     assert!(e.contains("lora_A.weight") && e.contains("shape [4, 96], expected [8, 96]"), "{e}");
+    let q = v.map(|m| m.replace("v_proj", "q_proj"));
+    let qv: Vec<&str> = q.iter().map(String::as_str).chain(v).collect();
+    for cfg in [
+        serde_json::json!({"peft_type": "LORA", "r": 4}),
+        serde_json::json!({"peft_type": "LORA", "r": 4, "target_modules": null}),
+    ] {
+        let mut want = qv.clone();
+        want.sort();
+        assert_eq!(targeted(&adapter_with(cfg.clone(), &qv).unwrap()), want, "{cfg}");
+        let e = adapter_with(cfg, &v).unwrap_err();
+        assert!(e.contains("q_proj") && e.contains("no LoRA weights"), "{e}");
+    }
 }
 
 /// Embedding and head LoRA are named as such, although PEFT's files also hold `…base_layer.weight` copies

@@ -194,7 +194,8 @@ impl AdapterConfig {
             Some(v) => return Err(cfg_err(file, "use_rslora", format!("expected true or false, got {v}"))),
         };
         let target_modules = match get("target_modules") {
-            None => return Err(cfg_err(file, "target_modules", "missing")),
+            // PEFT fills in its default for the model type: q_proj and v_proj for Llama, Mistral and Qwen2.
+            None | Some(Value::Null) => ModuleSelector::Names(vec!["q_proj".into(), "v_proj".into()]),
             Some(v) => selector(v, file, "target_modules")?,
         };
         let exclude_modules = match get("exclude_modules") {
