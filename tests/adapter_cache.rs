@@ -450,40 +450,12 @@ async fn the_watcher_follows_a_re_pointed_root() {
     assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 3.0);
 }
 
-/// An unload while a load is under way wins: the load serves the request that waited for it and does not
-/// bring the adapter back (nor does a load that nobody waits for any more).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unload_during_a_load_is_not_undone_by_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    write_adapter(tmp.path(), "a", 1.0);
-    let c = cache(tmp.path(), 4, 4);
-    // A request that gives up after starting the load, then the unload.
-    start_a_load_and_give_up(&c, "a").await;
-    assert!(!c.unload("a").unwrap(), "loading, not resident (and known: not NOT_FOUND)");
-    let since = std::time::Instant::now();
-    while c.loads_in_flight() > 0 {
-        assert!(since.elapsed() < Duration::from_secs(10), "the load never finished");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(c.list()[0].version, None, "unloaded, yet resident again: {:?}", c.list());
-    assert_eq!(c.device_bytes(), 0);
-    // The next request loads it again, as after any unload.
-    assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 1.0);
-    assert_eq!(c.disk_loads(), 2);
-    assert!(c.list()[0].version.is_some());
-}
-
-/// A slow load of an old version that finishes after a new version was published and loaded serves the
-/// request that asked before the publish, and does not roll the adapter back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_old_load_does_not_roll_back_a_newer_version() {
-    let tmp = tempfile::tempdir().unwrap();
-    // Version 1: 64 MB, so its load is still running when version 2 (a few bytes) is published and loaded.
-    let rank = 1 << 20;
+/// A rank-`rank` adapter on q_proj written to a new folder `root/id`, computing `value` like [`write_adapter`]'s:
+/// large ranks make loads that take a while.
+fn write_ranked(root: &Path, id: &str, value: f32, rank: usize) {
     let mut w = LoraWeights::new(1);
-    let mut a = vec![0f32; rank * IN];
-    a[0] = 1.0;
-    let mut b_t = vec![0f32; rank * IN];
+    let (mut a, mut b_t) = (vec![0f32; rank * IN], vec![0f32; rank * IN]);
+    a[0] = value;
     b_t[0] = 1.0;
     let t = |v: Vec<f32>| Tensor::from_vec(v, (rank, IN), &Device::Cpu).unwrap();
     w.insert(q(), LoraModule { a: t(a), b_t: t(b_t), scale: 1.0 });
@@ -495,19 +467,62 @@ async fn a_slow_old_load_does_not_roll_back_a_newer_version() {
         base_model_name_or_path: "tiny".into(),
         dtype: candle_core::DType::F32,
     };
-    write_dir(&tmp.path().join("a"), &w, &meta).unwrap();
-    let store = AdapterStore::open(tmp.path()).unwrap();
+    write_dir(&root.join(id), &w, &meta).unwrap();
+}
+
+fn big_cache(root: &Path) -> AdapterCache {
     let config = CacheConfig { device_bytes: 1 << 30, host_bytes: 1 << 30, default_wait: Duration::from_secs(30) };
-    let c = AdapterCache::new(store, layout(), Device::Cpu, config);
+    AdapterCache::new(AdapterStore::open(root).unwrap(), layout(), Device::Cpu, config)
+}
+
+/// An unload while a load is under way wins: the load does not bring the adapter back, although nobody waits
+/// for it any more. (16 MB, so that the load is still under way when the unload comes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unload_during_a_load_is_not_undone_by_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_ranked(tmp.path(), "a", 1.0, 1 << 18);
+    let c = big_cache(tmp.path());
+    start_a_load_and_give_up(&c, "a").await;
+    c.unload("a").expect("a loading adapter is known: not NOT_FOUND");
+    let since = std::time::Instant::now();
+    while c.loads_in_flight() > 0 {
+        assert!(since.elapsed() < Duration::from_secs(30), "the load never finished");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(c.list()[0].version, None, "unloaded, yet resident again: {:?}", c.list());
+    assert_eq!(c.device_bytes(), 0);
+    // The next request loads it again, as after any unload.
+    assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 1.0);
+    assert!(c.list()[0].version.is_some());
+}
+
+/// A slow load of an old version that finishes after a new version was published and loaded serves the
+/// request that asked before the publish, and does not roll the adapter back. The versions are folders
+/// behind a symlink re-pointed by rename (the load of version 1 reads its own folder whatever the timing).
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_old_load_does_not_roll_back_a_newer_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Version 1: 64 MB, so its load is still running when version 2 (a few bytes) is published and loaded.
+    write_ranked(tmp.path(), "a-v1", 1.0, 1 << 20);
+    write_ranked(tmp.path(), "a-v2", 2.0, 1);
+    std::os::unix::fs::symlink("a-v1", tmp.path().join("a")).unwrap();
+    let c = big_cache(tmp.path());
     let c1 = c.clone();
     let slow = tokio::spawn(async move { c1.acquire("a", None).await.map(|l| output_of(l.weights())) });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    write_adapter(tmp.path(), "a", 2.0);
+    let since = std::time::Instant::now();
+    while c.loads_in_flight() == 0 && !slow.is_finished() {
+        assert!(since.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    std::os::unix::fs::symlink("a-v2", tmp.path().join("next")).unwrap();
+    std::fs::rename(tmp.path().join("next"), tmp.path().join("a")).unwrap();
     let new = c.acquire("a", None).await.unwrap();
     assert_eq!(output_of(new.weights()), 2.0);
     let new_version = new.version().to_string();
     drop(new);
     assert_eq!(slow.await.unwrap().unwrap(), 1.0, "the request that asked first runs with what it asked for");
-    assert_eq!(c.list()[0].version.as_deref(), Some(new_version.as_str()), "rolled back to the old version");
+    let current = c.list().into_iter().find(|a| a.id == "a").unwrap().version;
+    assert_eq!(current.as_deref(), Some(new_version.as_str()), "rolled back to the old version");
     assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 2.0);
 }

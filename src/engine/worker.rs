@@ -122,6 +122,7 @@ pub(crate) fn run(
     let mut next_id: SeqId = 0;
     let mut draining = false;
     let mut aborted = false;
+    let mut failed_in_a_row = 0;
     let eos = model.config().eos_token_ids.clone();
 
     loop {
@@ -225,7 +226,10 @@ pub(crate) fn run(
         stats.steps.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!(t::BATCH_SIZE).record(plan.rows.len() as f64);
         let sampled = match outcome {
-            Ok(s) => s,
+            Ok(s) => {
+                failed_in_a_row = 0;
+                s
+            }
             Err(e) => {
                 tracing::error!(error = %e, "forward failed; failing the batch");
                 for r in &plan.rows {
@@ -234,6 +238,16 @@ pub(crate) fn run(
                     }
                     sched.remove(r.seq, &mut slots, cache.allocator_mut());
                     slots.remove(&r.seq);
+                }
+                failed_in_a_row += 1;
+                if failed_in_a_row == MAX_FAILED_STEPS {
+                    // Not one batch's bad luck: the engine is broken (a poisoned lock, a sticky device
+                    // error). Stop, so that the server exits and is restarted.
+                    tracing::error!(steps = MAX_FAILED_STEPS, "every step fails: stopping the engine");
+                    for (_, l) in live.drain() {
+                        let _ = l.req.events.send(Event::Failed(EngineError::Internal(e.to_string())));
+                    }
+                    return stop(&stats, &rx);
                 }
                 continue;
             }
@@ -297,6 +311,9 @@ pub(crate) fn run(
     }
     stop(&stats, &rx);
 }
+
+/// Consecutive failed steps after which the engine stops (see the forward's error path).
+const MAX_FAILED_STEPS: usize = 8;
 
 /// A panic's message (`panic!` with a literal or a formatted string), or a placeholder.
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -140,7 +140,8 @@ struct Inner {
     config: CacheConfig,
     state: Mutex<State>,
     space: Notify,
-    inflight: Mutex<HashMap<String, (FileStamp, LoadFuture)>>,
+    /// Loads under way, by adapter: the files' stamp, the load's generation, its outcome.
+    inflight: Mutex<HashMap<String, (FileStamp, u64, LoadFuture)>>,
     disk_loads: AtomicU64,
     promotions: AtomicU64,
 }
@@ -338,6 +339,10 @@ impl State {
     /// one, else inserted marked stale, so that it is never handed to a new request and leaves with its last
     /// lease. `Err(leased bytes)` when there is no room.
     fn lease_stale(&mut self, inner: &Arc<Inner>, key: Key, l: &Loaded) -> Result<AdapterLease, usize> {
+        if self.current.get(&key.0).is_some_and(|v| v.id == key.1) {
+            // The same files are current again (loaded anew since): an ordinary lease.
+            return self.lease_or_insert(inner, key, &l.device, l.bytes);
+        }
         let tick = self.next_tick();
         if let Some(e) = self.device.get_mut(&key) {
             e.leases += 1;
@@ -440,10 +445,11 @@ impl AdapterCache {
     /// released until `deadline` (or the configured default wait).
     pub async fn acquire(&self, id: &str, deadline: Option<tokio::time::Instant>) -> Result<AdapterLease, CacheError> {
         let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.inner.config.default_wait);
-        let dir = self.inner.store.resolve(id)?;
-        let stamp = AdapterStore::stamp(&dir)?;
         let mut first = true;
         loop {
+            // Resolved and stamped again after every wait: the files may have changed meanwhile.
+            let dir = self.inner.store.resolve(id)?;
+            let stamp = AdapterStore::stamp(&dir)?;
             let space = self.inner.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
@@ -586,14 +592,19 @@ impl AdapterCache {
     }
 
     /// Loads `id` at `stamp` once, however many callers ask concurrently: the load is a task of its own
-    /// ([`disk_load`]), so callers giving up (deadline, cancellation) neither abandon nor repeat it.
+    /// ([`disk_load`]), so callers giving up (deadline, cancellation) neither abandon nor repeat it. A load
+    /// made stale meanwhile (an unload came) is not joined: a new one starts.
     async fn load(&self, id: &str, dir: PathBuf, stamp: FileStamp) -> Result<Arc<Loaded>, CacheError> {
         use futures::FutureExt;
         let shared = {
+            // Lock order: `inflight`, then `state`.
             let mut inflight = self.inner.inflight.lock().expect("inflight lock");
-            match inflight.get(id) {
-                Some((s, f)) if *s == stamp => f.clone(),
-                _ => {
+            let joinable = inflight
+                .get(id)
+                .filter(|(s, g, _)| *s == stamp && self.inner.state.lock().expect("cache lock").is_newest(id, *g));
+            match joinable {
+                Some((_, _, f)) => f.clone(),
+                None => {
                     let generation = self.inner.state.lock().expect("cache lock").bump(id);
                     let task =
                         tokio::spawn(disk_load(self.inner.clone(), id.to_string(), dir, stamp.clone(), generation));
@@ -603,7 +614,7 @@ impl AdapterCache {
                             // The task died (a panic) before clearing its entry: clear it, so the next request
                             // loads again instead of getting this error until the files change.
                             let mut inflight = inner.inflight.lock().expect("inflight lock");
-                            if inflight.get(&owned).is_some_and(|(stamp, _)| *stamp == s) {
+                            if inflight.get(&owned).is_some_and(|(stamp, g, _)| *stamp == s && *g == generation) {
                                 inflight.remove(&owned);
                             }
                             Err(CacheError::Internal { id: owned, reason: e.to_string() })
@@ -611,7 +622,7 @@ impl AdapterCache {
                     }
                     .boxed()
                     .shared();
-                    inflight.insert(id.to_string(), (stamp, f.clone()));
+                    inflight.insert(id.to_string(), (stamp, generation, f.clone()));
                     f
                 }
             }
@@ -629,16 +640,20 @@ impl AdapterCache {
     /// whether anything was resident.
     pub fn unload(&self, id: &str) -> Result<bool, CacheError> {
         super::store::validate_id(id)?;
+        // Lock order: `inflight`, then `state`.
+        let inflight = self.inner.inflight.lock().expect("inflight lock");
+        let loading = inflight.contains_key(id);
         let mut st = self.inner.state.lock().expect("cache lock");
         let had_current = st.current.remove(id).is_some();
         let had = had_current || st.device.keys().any(|k| k.0 == id) || st.host.keys().any(|k| k.0 == id);
         st.failed.remove(id);
         st.supersede(id, None);
-        // A load under way finishes for the requests waiting on it, but does not bring the adapter back.
-        st.bump(id);
+        if loading {
+            // The load under way finishes for the requests waiting on it, but brings nothing back.
+            st.bump(id);
+        }
         publish(&st);
-        drop(st);
-        let loading = self.inner.inflight.lock().expect("inflight lock").contains_key(id);
+        drop((st, inflight));
         if !had && !loading {
             // Nothing cached, and no such adapter either: NOT_FOUND, as for a request naming it.
             self.inner.store.resolve(id)?;
@@ -679,11 +694,16 @@ impl AdapterCache {
         for (id, stamp) in ids {
             let now = self.inner.store.resolve(&id).ok().and_then(|d| AdapterStore::stamp(&d).ok());
             if now.as_ref() != Some(&stamp) {
+                let inflight = self.inner.inflight.lock().expect("inflight lock");
                 let mut st = self.inner.state.lock().expect("cache lock");
                 if st.current.get(&id).map(|v| &v.stamp) == Some(&stamp) {
                     st.current.remove(&id);
                     st.supersede(&id, None);
-                    st.bump(&id);
+                    // A load of these same old files under way must not make them current again (a load of
+                    // the new files may: it is not stale).
+                    if inflight.get(&id).is_some_and(|(s, _, _)| *s == stamp) {
+                        st.bump(&id);
+                    }
                     publish(&st);
                 }
             }
@@ -718,7 +738,8 @@ async fn disk_load(
                 metrics::histogram!(t::ADAPTER_LOAD_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
                 if newest {
                     let key = st.install(&id, &l, inner.config.host_bytes);
-                    if !st.device.contains_key(&key) && st.device_bytes + l.bytes <= inner.config.device_bytes {
+                    let fits = st.device_bytes + st.reserved + l.bytes <= inner.config.device_bytes;
+                    if !st.device.contains_key(&key) && fits {
                         let _ = st.insert_device(&key, &l.device, l.bytes, inner.config.device_bytes, 0);
                     }
                     publish(&st);
@@ -749,7 +770,7 @@ async fn disk_load(
     };
     // Done: later requests find the outcome in the tiers (or in `failed`), not here.
     let mut inflight = inner.inflight.lock().expect("inflight lock");
-    if inflight.get(&id).is_some_and(|(s, _)| *s == stamp) {
+    if inflight.get(&id).is_some_and(|(s, g, _)| *s == stamp && *g == generation) {
         inflight.remove(&id);
     }
     result

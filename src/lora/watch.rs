@@ -22,7 +22,7 @@ impl AdapterCache {
         .map_err(|e| tracing::warn!(error = %e, "no filesystem watcher; changes are seen at request time"))
         .ok()?;
         let root = self.store().root().to_path_buf();
-        let mut target = root
+        let target = root
             .canonicalize()
             .map_err(|e| tracing::warn!(error = %e, root = %root.display(), "cannot watch the adapters root; changes are seen at request time"))
             .ok()?;
@@ -34,32 +34,37 @@ impl AdapterCache {
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(ROOT_RECHECK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // A target that could not be watched is tried again at every tick, and reported once.
+            // What is watched now (`None` after a failed re-watch: tried again at every tick, reported once).
+            let mut watched = Some(target);
             let mut reported: Option<std::path::PathBuf> = None;
             loop {
                 tick.tick().await;
                 let Ok(now) = tokio::fs::canonicalize(&root).await else { continue };
-                if now == target {
+                if watched.as_ref() == Some(&now) {
                     continue;
                 }
                 // notify's watch and unwatch block until its thread has walked the new tree: not on a runtime
                 // worker. The watcher travels to the blocking pool and back.
-                let (old, new, cache) = (target.clone(), now.clone(), cache.clone());
+                let (old, new, cache) = (watched.take(), now.clone(), cache.clone());
                 let moved = tokio::task::spawn_blocking(move || {
-                    let _ = watcher.unwatch(&old);
-                    let r = watcher.watch(&new, notify::RecursiveMode::Recursive);
-                    if r.is_ok() {
-                        cache.refresh();
+                    if let Some(old) = &old {
+                        let _ = watcher.unwatch(old);
                     }
+                    let r = watcher.watch(&new, notify::RecursiveMode::Recursive);
+                    // Whatever the watch did, the files under the root changed: drop what is stale.
+                    cache.refresh();
                     (watcher, r)
                 })
                 .await;
-                let Ok((w, r)) = moved else { break };
+                let Ok((w, r)) = moved else {
+                    tracing::warn!("the adapters root watch stopped; changes are seen at request time");
+                    break;
+                };
                 watcher = w;
                 match r {
                     Ok(()) => {
-                        tracing::info!(root = %root.display(), from = %target.display(), to = %now.display(), "adapters root re-pointed");
-                        target = now;
+                        tracing::info!(root = %root.display(), to = %now.display(), "adapters root re-pointed");
+                        watched = Some(now);
                         reported = None;
                     }
                     Err(e) if reported.as_ref() != Some(&now) => {
