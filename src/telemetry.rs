@@ -1,6 +1,6 @@
-//! Every metric loraserve exports: names (as consts, prefix `loraserve_`), descriptions, histogram buckets.
-//! A leaf module: any layer records through the `metrics` facade with these names; the server installs the
-//! Prometheus recorder and serves `/metrics`. Label values come from bounded sets only — adapter ids never
+//! Every metric loraserve exports: names (as consts, prefix `loraserve_`), descriptions, histogram buckets,
+//! and the guard that counts a request in the queue gauge. A leaf module: any layer records through the
+//! `metrics` facade with these names; the server installs the Prometheus recorder and serves `/metrics`. Label values come from bounded sets only — adapter ids never
 //! become label values.
 
 /// `{rpc, code}` — finished RPCs by method and gRPC status code.
@@ -37,6 +37,23 @@ pub const BASE_MODEL_RESIDENT_BYTES: &str = "loraserve_base_model_resident_bytes
 pub const KV_CACHE_BLOCKS_USED: &str = "loraserve_kv_cache_blocks_used";
 /// `{version}` — always 1.
 pub const BUILD_INFO: &str = "loraserve_build_info";
+
+/// One request counted in [`QUEUE_REQUESTS`] for as long as this lives. Two layers add to the gauge (the
+/// engine's queue, and the server's requests waiting for their adapter), so it moves by deltas, never set.
+pub struct Queued(());
+
+impl Queued {
+    pub fn enter() -> Self {
+        metrics::gauge!(QUEUE_REQUESTS).increment(1.0);
+        Queued(())
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        metrics::gauge!(QUEUE_REQUESTS).decrement(1.0);
+    }
+}
 
 /// The cache tiers, the only values of the `tier` label.
 pub const TIER_DEVICE: &str = "device";

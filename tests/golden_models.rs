@@ -6,8 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::{expected, fixture, rel_l2};
-use loraserve::engine::{generate, GenerateJob, SamplingParams};
+use common::{expected, fixture, rel_l2, run_case};
 use loraserve::lora::LoraRows;
 use loraserve::model::{self, AttentionMode, Batch, LoadOptions, ModelSpec, SeqInput};
 use loraserve::quant::QuantMode;
@@ -24,20 +23,7 @@ fn check_model(dir: &str) {
     let base = &exp.results["base"];
     assert_eq!(base.len(), exp.prompts.len());
     for case in base {
-        let ids = loaded.tokenizer.encode(&case.prompt).unwrap();
-        assert_eq!(ids, case.input_ids, "{dir}: token ids of {:?}", case.prompt);
-
-        let out = generate(
-            &loaded.model,
-            &GenerateJob {
-                prompt_ids: &ids,
-                max_new_tokens: case.greedy_new_ids.len(),
-                sampling: SamplingParams::default(),
-                stop_at_eos: false,
-                adapter: None,
-            },
-        )
-        .unwrap();
+        let (ids, out) = run_case(&loaded, case, None, dir);
         let err = rel_l2(&out.prompt_logits, &case.last_logits);
         assert!(err <= LOGIT_TOL, "{dir} {:?}: paged logits rel err {err:e}", case.prompt);
         assert_eq!(out.token_ids, case.greedy_new_ids, "{dir} {:?}: greedy tokens", case.prompt);

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::{expected, fixture, rel_l2};
+use common::{expected, fixture, rel_l2, run_case};
 use loraserve::engine::{generate, GenerateJob, SamplingParams};
 use loraserve::lora::peft::{self, LoadedAdapter};
 use loraserve::lora::{LoraRows, LoraSegment};
@@ -40,19 +40,7 @@ fn load_adapter(m: &LoadedModel, dir: &Path) -> LoadedAdapter {
 /// `adapter` on `m` gives PEFT's last-prompt logits and greedy tokens for every case.
 fn assert_matches_peft(m: &LoadedModel, a: &LoadedAdapter, cases: &[common::Case], what: &str) {
     for c in cases {
-        let ids = m.tokenizer.encode(&c.prompt).unwrap();
-        assert_eq!(ids, c.input_ids, "{what} {:?}: tokens", c.prompt);
-        let out = generate(
-            &m.model,
-            &GenerateJob {
-                prompt_ids: &ids,
-                max_new_tokens: c.greedy_new_ids.len(),
-                sampling: SamplingParams::default(),
-                stop_at_eos: false,
-                adapter: Some(&a.weights),
-            },
-        )
-        .unwrap();
+        let (_, out) = run_case(m, c, Some(&a.weights), what);
         let err = rel_l2(&out.prompt_logits, &c.last_logits);
         assert!(err <= 1e-4, "{what} {:?}: logits rel err {err:e}", c.prompt);
         assert_eq!(out.token_ids, c.greedy_new_ids, "{what} {:?}", c.prompt);

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{copy_dir, expected, fixture, rel_l2};
+use common::{copy_dir, expected, fixture, rel_l2, run_case};
 use loraserve::engine::{generate, GenerateJob, SamplingParams};
 use loraserve::lora::{LinearId, ModuleKind};
 use loraserve::model::{self, BaseWeight, LoadOptions, LoadedModel, ModelSpec};
@@ -141,19 +141,7 @@ fn check_expected(m: &LoadedModel, expected_dir: &str, tol: f64) -> f64 {
     let exp = expected(expected_dir);
     let mut worst = 0f64;
     for c in &exp.results["base"] {
-        let ids = m.tokenizer.encode(&c.prompt).unwrap();
-        assert_eq!(ids, c.input_ids);
-        let out = generate(
-            &m.model,
-            &GenerateJob {
-                prompt_ids: &ids,
-                max_new_tokens: c.greedy_new_ids.len(),
-                sampling: SamplingParams::default(),
-                stop_at_eos: false,
-                adapter: None,
-            },
-        )
-        .unwrap();
+        let (_, out) = run_case(m, c, None, expected_dir);
         let err = rel_l2(&out.prompt_logits, &c.last_logits);
         worst = worst.max(err);
         assert!(err <= tol, "{expected_dir} {:?}: logits rel err {err:e} > {tol:e}", c.prompt);

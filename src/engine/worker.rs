@@ -67,22 +67,19 @@ pub struct EngineStats {
 
 /// A submitted request's place in the queue count (`pending` and the queue gauge), given back when dropped:
 /// when the request joins the running batch, or leaves before it does by whatever path (refused, reaped,
-/// aborted, dropped with the channel, unwound by a panic). The gauge moves by deltas, never set from
-/// `pending`: the server adds the requests waiting for their adapter to it, which the engine does not see.
-pub(crate) struct Queued(Arc<EngineStats>);
+/// aborted, dropped with the channel, unwound by a panic).
+pub(crate) struct Queued(Arc<EngineStats>, t::Queued);
 
 impl Queued {
     /// Counts one more request; also returns how many were waiting before it.
     pub(crate) fn enter(stats: &Arc<EngineStats>) -> (Queued, usize) {
-        metrics::gauge!(t::QUEUE_REQUESTS).increment(1.0);
         let before = stats.pending.fetch_add(1, Ordering::Relaxed);
-        (Queued(stats.clone()), before)
+        (Queued(stats.clone(), t::Queued::enter()), before)
     }
 }
 
 impl Drop for Queued {
     fn drop(&mut self) {
-        metrics::gauge!(t::QUEUE_REQUESTS).decrement(1.0);
         self.0.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -599,13 +599,12 @@ impl AdapterCache {
         let shared = {
             // Lock order: `inflight`, then `state`.
             let mut inflight = self.inner.inflight.lock().expect("inflight lock");
-            let joinable = inflight
-                .get(id)
-                .filter(|(s, g, _)| *s == stamp && self.inner.state.lock().expect("cache lock").is_newest(id, *g));
-            match joinable {
-                Some((_, _, f)) => f.clone(),
-                None => {
-                    let generation = self.inner.state.lock().expect("cache lock").bump(id);
+            let mut st = self.inner.state.lock().expect("cache lock");
+            match inflight.get(id) {
+                Some((s, g, f)) if *s == stamp && st.is_newest(id, *g) => f.clone(),
+                _ => {
+                    let generation = st.bump(id);
+                    drop(st);
                     let task =
                         tokio::spawn(disk_load(self.inner.clone(), id.to_string(), dir, stamp.clone(), generation));
                     let (inner, owned, s) = (self.inner.clone(), id.to_string(), stamp.clone());
@@ -613,10 +612,7 @@ impl AdapterCache {
                         task.await.unwrap_or_else(|e| {
                             // The task died (a panic) before clearing its entry: clear it, so the next request
                             // loads again instead of getting this error until the files change.
-                            let mut inflight = inner.inflight.lock().expect("inflight lock");
-                            if inflight.get(&owned).is_some_and(|(stamp, g, _)| *stamp == s && *g == generation) {
-                                inflight.remove(&owned);
-                            }
+                            inner.end_load(&owned, &s, generation);
                             Err(CacheError::Internal { id: owned, reason: e.to_string() })
                         })
                     }
@@ -751,13 +747,9 @@ async fn disk_load(
                 // Broken (or too large) new files: never fall back to the old version. Remembered until the
                 // files change, unless they only failed to read (EMFILE, EIO, a stale NFS handle, a copy in
                 // progress): the next request tries again.
-                let remember = match &e {
-                    CacheError::Invalid(a) => Some(!matches!(**a, AdapterError::Read { .. })),
-                    CacheError::TooLarge { .. } => Some(true),
-                    _ => None,
-                };
-                if let Some(remember) = remember {
-                    if remember {
+                if matches!(e, CacheError::Invalid(_) | CacheError::TooLarge { .. }) {
+                    let transient = matches!(&e, CacheError::Invalid(a) if matches!(**a, AdapterError::Read { .. }));
+                    if !transient {
                         st.failed.insert(id.clone(), (stamp.clone(), e.clone()));
                     }
                     st.current.remove(&id);
@@ -769,11 +761,18 @@ async fn disk_load(
         }
     };
     // Done: later requests find the outcome in the tiers (or in `failed`), not here.
-    let mut inflight = inner.inflight.lock().expect("inflight lock");
-    if inflight.get(&id).is_some_and(|(s, g, _)| *s == stamp && *g == generation) {
-        inflight.remove(&id);
-    }
+    inner.end_load(&id, &stamp, generation);
     result
+}
+
+impl Inner {
+    /// Forgets the in-flight entry of the load of `id` at `stamp` in `generation` (not a newer one's).
+    fn end_load(&self, id: &str, stamp: &FileStamp, generation: u64) {
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        if inflight.get(id).is_some_and(|(s, g, _)| s == stamp && *g == generation) {
+            inflight.remove(id);
+        }
+    }
 }
 
 /// Reads and checks adapter `id`'s files in `dir` (blocking).

@@ -112,6 +112,14 @@ fn compile(pattern: &str, anchored: &str, file: &str, key: &str) -> Result<Regex
         .map_err(|e| cfg_err(file, key, format!("invalid regex `{pattern}`: {e}")))
 }
 
+/// `v` as a positive integer, else an error naming `key`.
+fn positive(v: &Value, file: &str, key: &str) -> Result<usize, AdapterError> {
+    v.as_u64()
+        .filter(|n| *n > 0)
+        .map(|n| n as usize)
+        .ok_or_else(|| cfg_err(file, key, format!("expected a positive integer, got {v}")))
+}
+
 fn is_set(v: Option<&Value>) -> bool {
     match v {
         None | Some(Value::Null) | Some(Value::Bool(false)) => false,
@@ -175,11 +183,7 @@ impl AdapterConfig {
 
         let r = match get("r") {
             None => 8, // PEFT's default (the tensors' shapes are checked against it)
-            Some(v) => v
-                .as_u64()
-                .filter(|r| *r > 0)
-                .ok_or_else(|| cfg_err(file, "r", format!("expected a positive integer, got {v}")))?
-                as usize,
+            Some(v) => positive(v, file, "r")?,
         };
         let lora_alpha = match get("lora_alpha") {
             None => 8.0, // PEFT's default
@@ -237,9 +241,7 @@ impl AdapterConfig {
             None | Some(Value::Null) => None,
             Some(Value::Object(o)) => Some(match o.get("num_groups") {
                 None => 64,
-                Some(n) => n.as_u64().filter(|n| *n > 0).map(|n| n as usize).ok_or_else(|| {
-                    cfg_err(file, "velora_config.num_groups", format!("expected a positive integer, got {n}"))
-                })?,
+                Some(n) => positive(n, file, "velora_config.num_groups")?,
             }),
             Some(v) => return Err(cfg_err(file, "velora_config", format!("expected a settings object, got {v}"))),
         };

@@ -194,7 +194,9 @@ impl Service {
         let adapter = if r.adapter_id.is_empty() {
             None
         } else {
-            let _waiting = WaitingForAdapter::enter();
+            // Admitted and not yet in the engine: queued, so the autoscaler sees requests piling up behind
+            // a full adapter cache too. (`LoadAdapter` calls are not requests waiting to run.)
+            let _waiting = t::Queued::enter();
             Some(lease_adapter(&ready.cache, &r.adapter_id, deadline).await?)
         };
         let adapter_version = adapter.as_ref().map(|l| l.version().to_string()).unwrap_or_default();
@@ -226,25 +228,6 @@ async fn lease_adapter(cache: &AdapterCache, id: &str, deadline: Option<Instant>
         None => acquire.await,
     };
     acquired.map_err(|e| status::from_cache(e, deadline.is_some_and(|d| Instant::now() >= d)))
-}
-
-/// A generate request waiting for its adapter (a load from disk, a copy to the device, or room in the device
-/// tier): admitted and not yet in the engine, so counted in `loraserve_queue_requests` with the engine's
-/// queue — the autoscaler must see requests piling up behind a full adapter cache too. (`LoadAdapter` calls
-/// are not requests waiting to run, and are not counted.)
-struct WaitingForAdapter;
-
-impl WaitingForAdapter {
-    fn enter() -> Self {
-        metrics::gauge!(t::QUEUE_REQUESTS).increment(1.0);
-        WaitingForAdapter
-    }
-}
-
-impl Drop for WaitingForAdapter {
-    fn drop(&mut self) {
-        metrics::gauge!(t::QUEUE_REQUESTS).decrement(1.0);
-    }
 }
 
 fn finish_reason(r: FinishReason) -> proto::FinishReason {

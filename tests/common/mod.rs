@@ -1,5 +1,5 @@
-//! Helpers shared by the integration tests: fixture paths, expected outputs, tolerances, copying adapter
-//! folders, scraping a server's `/metrics`.
+//! Helpers shared by the integration tests: fixture paths, expected outputs and running their cases,
+//! tolerances, copying adapter folders, scraping a server's `/metrics`.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -32,6 +32,28 @@ pub struct Expected {
 pub fn expected(model_dir: &str) -> Expected {
     let p = fixture(model_dir).join("expected.json");
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+/// Runs a reference case as the reference stack did: the prompt's tokens (checked against the case's), then
+/// `greedy_new_ids.len()` greedy tokens with no stop at EOS, with `adapter`. Returns the tokens and the run.
+pub fn run_case(
+    m: &loraserve::model::LoadedModel,
+    c: &Case,
+    adapter: Option<&loraserve::lora::LoraWeights>,
+    what: &str,
+) -> (Vec<u32>, loraserve::engine::Generated) {
+    use loraserve::engine::{generate, GenerateJob, SamplingParams};
+    let ids = m.tokenizer.encode(&c.prompt).unwrap();
+    assert_eq!(ids, c.input_ids, "{what}: token ids of {:?}", c.prompt);
+    let job = GenerateJob {
+        prompt_ids: &ids,
+        max_new_tokens: c.greedy_new_ids.len(),
+        sampling: SamplingParams::default(),
+        stop_at_eos: false,
+        adapter,
+    };
+    let out = generate(&m.model, &job).unwrap();
+    (ids, out)
 }
 
 /// ‖a − b‖₂ / ‖b‖₂.
