@@ -1,0 +1,446 @@
+//! The adapter cache: lazy, single-flight loads into two byte-budgeted LRU tiers, leases that pin what
+//! running requests use, and hot swap when an adapter's files change.
+//!
+//! - **Tiers.** `device` holds adapters where the base lives (GPU memory on a CUDA build; RAM on the CPU
+//!   build); `host` keeps recently used adapters in RAM so a device eviction is not a disk reload. Each is
+//!   bounded in bytes and evicts least-recently-used entries; a device miss that hits the host tier promotes.
+//! - **Leases.** [`AdapterCache::acquire`] returns an [`AdapterLease`] pinning one *version* of an adapter for
+//!   the request's whole life; a leased entry is never evicted. When every byte of the device tier is leased
+//!   a new acquire waits for a release until its deadline, then fails with [`CacheError::Full`] — never an
+//!   overshoot of the budget.
+//! - **Single flight.** Concurrent first requests for an adapter share one load, which runs on tokio's
+//!   blocking pool (never on the engine thread); concurrent requests for a host-tier adapter share one
+//!   promotion, copied outside the cache lock so hits on other adapters never wait behind it. Loads and
+//!   promotions are tasks of their own: requests that give up (deadline, cancellation) neither abandon nor
+//!   repeat them, and what they read lands in the tiers for the client's retry.
+//! - **Versions and hot swap.** Every acquire stats the adapter's two files; when they changed, the next
+//!   acquire loads the new version while leases on the old one finish undisturbed (a request never mixes
+//!   versions). New files that fail to load are reported to every request (`FAILED_PRECONDITION`, naming the
+//!   file) until they change again, and the old version is not served. A filesystem watcher
+//!   ([`super::watch`]) drops stale entries eagerly.
+//!
+//! Submodules: [`tiers`] (the state under the cache lock: entries, eviction, generations, gauges) and [`load`]
+//! (the disk-load and promotion tasks that fill the tiers).
+
+mod load;
+mod tiers;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candle_core::Device;
+use tokio::sync::Notify;
+
+use super::peft::{AdapterError, BaseLayout};
+use super::store::{AdapterStore, FileStamp, StoreError};
+use super::LoraWeights;
+use crate::telemetry as t;
+use load::{promote, LoadFuture};
+use tiers::{evict_device, publish, Key, Promotion, State};
+
+/// Why an adapter could not be acquired. Cloned to every request waiting on the same load.
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum CacheError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The adapter's files are invalid or do not fit the base.
+    #[error("{0}")]
+    Invalid(Arc<AdapterError>),
+    #[error("adapter `{id}` needs {bytes} bytes but the device adapter cache holds at most {budget} (--adapter-cache-bytes)")]
+    TooLarge { id: String, bytes: usize, budget: usize },
+    #[error("adapter cache full: `{id}` needs {bytes} bytes and all {leased} leased bytes of the {budget}-byte device tier are in use by running requests")]
+    Full { id: String, bytes: usize, leased: usize, budget: usize },
+    #[error("loading adapter `{id}` failed: {reason}")]
+    Internal { id: String, reason: String },
+}
+
+/// Byte budgets of the two tiers.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheConfig {
+    pub device_bytes: usize,
+    pub host_bytes: usize,
+    /// How long an acquire without a deadline waits for leased bytes to be released.
+    pub default_wait: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { device_bytes: 1 << 30, host_bytes: 4 << 30, default_wait: Duration::from_secs(10) }
+    }
+}
+
+/// What the tiers hold for an adapter's current version.
+enum Cached {
+    /// Device-tier hit, leased.
+    Hit(AdapterLease),
+    /// In a tier, but the device tier cannot free `bytes`: `leased` of its bytes are in use.
+    NoRoom { bytes: usize, leased: usize },
+    /// In the host tier only, being copied to the device: wait for the copy, then lease it under `key`.
+    Promoting { key: Key, copy: Promotion, bytes: usize },
+    /// Not cached (or its files changed): load from disk.
+    Miss,
+}
+
+struct Inner {
+    store: AdapterStore,
+    layout: BaseLayout,
+    device: Device,
+    config: CacheConfig,
+    state: Mutex<State>,
+    space: Notify,
+    /// Loads under way, by adapter: the files' stamp, the load's generation, its outcome.
+    inflight: Mutex<HashMap<String, (FileStamp, u64, LoadFuture)>>,
+    disk_loads: AtomicU64,
+    promotions: AtomicU64,
+}
+
+/// The adapter cache (cheap to clone; all clones share state).
+#[derive(Clone)]
+pub struct AdapterCache {
+    inner: Arc<Inner>,
+}
+
+/// A request's hold on one version of an adapter; releases it when dropped.
+pub struct AdapterLease {
+    inner: Arc<Inner>,
+    key: Key,
+    weights: Arc<LoraWeights>,
+}
+
+impl AdapterLease {
+    pub fn id(&self) -> &str {
+        &self.key.0
+    }
+
+    /// The version string clients see (`adapter_version`).
+    pub fn version(&self) -> &str {
+        &self.key.1
+    }
+
+    pub fn weights(&self) -> &LoraWeights {
+        &self.weights
+    }
+}
+
+impl Drop for AdapterLease {
+    fn drop(&mut self) {
+        let mut st = self.inner.state.lock().expect("cache lock");
+        let remove = match st.device.get_mut(&self.key) {
+            Some(e) => {
+                e.leases -= 1;
+                e.stale && e.leases == 0
+            }
+            None => false,
+        };
+        if remove {
+            evict_device(&mut st, &self.key);
+        }
+        publish(&st);
+        drop(st);
+        self.inner.space.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for AdapterLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdapterLease").field("id", &self.key.0).field("version", &self.key.1).finish()
+    }
+}
+
+/// One adapter as [`AdapterCache::list`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterStatus {
+    pub id: String,
+    /// Current version, if it has been loaded.
+    pub version: Option<String>,
+    pub device_resident: bool,
+    pub host_resident: bool,
+    pub bytes: usize,
+    pub leases: usize,
+}
+
+impl AdapterCache {
+    /// A cache over `store` for a base of shape `layout`, with device-tier weights on `device`.
+    pub fn new(store: AdapterStore, layout: BaseLayout, device: Device, config: CacheConfig) -> Self {
+        let cache = AdapterCache {
+            inner: Arc::new(Inner {
+                store,
+                layout,
+                device,
+                config,
+                state: Mutex::new(State::default()),
+                space: Notify::new(),
+                inflight: Mutex::new(HashMap::new()),
+                disk_loads: AtomicU64::new(0),
+                promotions: AtomicU64::new(0),
+            }),
+        };
+        publish(&cache.inner.state.lock().expect("cache lock"));
+        cache
+    }
+
+    pub fn store(&self) -> &AdapterStore {
+        &self.inner.store
+    }
+
+    pub fn config(&self) -> CacheConfig {
+        self.inner.config
+    }
+
+    /// Loads from disk so far (single flight: concurrent first requests count once).
+    pub fn disk_loads(&self) -> u64 {
+        self.inner.disk_loads.load(Ordering::Relaxed)
+    }
+
+    /// Loads from disk under way.
+    pub fn loads_in_flight(&self) -> usize {
+        self.inner.inflight.lock().expect("inflight lock").len()
+    }
+
+    /// Host-to-device promotions so far (single flight: concurrent requests for one adapter count once).
+    pub fn promotions(&self) -> u64 {
+        self.inner.promotions.load(Ordering::Relaxed)
+    }
+
+    /// Bytes resident in the device tier.
+    pub fn device_bytes(&self) -> usize {
+        self.inner.state.lock().expect("cache lock").device_bytes
+    }
+
+    /// Total leases held.
+    pub fn leases(&self) -> usize {
+        self.inner.state.lock().expect("cache lock").device.values().map(|e| e.leases).sum()
+    }
+
+    /// Leases adapter `id` (its current version), loading it if needed. Waits for leased bytes to be
+    /// released until `deadline` (or the configured default wait).
+    pub async fn acquire(&self, id: &str, deadline: Option<tokio::time::Instant>) -> Result<AdapterLease, CacheError> {
+        let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.inner.config.default_wait);
+        let mut first = true;
+        loop {
+            // Resolved and stamped again after every wait: the files may have changed meanwhile.
+            let dir = self.inner.store.resolve(id)?;
+            let stamp = AdapterStore::stamp(&dir)?;
+            let space = self.inner.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            let cached = self.try_cached(id, &stamp, first)?;
+            first = false;
+            match cached {
+                Cached::Hit(lease) => return Ok(lease),
+                Cached::NoRoom { bytes, leased } => {
+                    self.wait_for_space(id, bytes, leased, deadline, space).await?;
+                    continue;
+                }
+                Cached::Promoting { key, mut copy, bytes } => {
+                    let weights = match copy.wait_for(Option::is_some).await {
+                        Ok(done) => done.clone().expect("is_some")?,
+                        Err(_) => return Err(CacheError::Internal { id: id.into(), reason: "promotion lost".into() }),
+                    };
+                    match self.insert_promoted(key, &weights, bytes) {
+                        Cached::Hit(lease) => return Ok(lease),
+                        Cached::NoRoom { bytes, leased } => {
+                            self.wait_for_space(id, bytes, leased, deadline, space).await?
+                        }
+                        // Superseded or unloaded while it was copied: look again.
+                        Cached::Promoting { .. } | Cached::Miss => {}
+                    }
+                    continue;
+                }
+                Cached::Miss => {}
+            }
+            let loaded = self.load(id, dir.clone(), stamp.clone()).await?;
+            let outcome = {
+                let mut st = self.inner.state.lock().expect("cache lock");
+                let r = if st.is_newest(id, loaded.generation) {
+                    // The load installed it already, unless the tiers moved on since.
+                    let key = st.install(id, &loaded, self.inner.config.host_bytes);
+                    st.lease_or_insert(&self.inner, key, &loaded.device, loaded.bytes)
+                } else {
+                    // A newer load, an unload or a file change came while it loaded: this request, which
+                    // asked before, runs with it; it never becomes current.
+                    st.lease_stale(&self.inner, (id.to_string(), loaded.version.id.clone()), &loaded)
+                };
+                publish(&st);
+                r
+            };
+            match outcome {
+                Ok(lease) => return Ok(lease),
+                Err(leased) => self.wait_for_space(id, loaded.bytes, leased, deadline, space).await?,
+            }
+        }
+    }
+
+    /// The cache lookup, under the cache lock: a device-tier hit is leased; a host-tier hit joins (or starts)
+    /// its promotion, which the caller waits for.
+    /// `first`: the request's first look (hits and misses are counted once per request, not per retry).
+    fn try_cached(&self, id: &str, stamp: &FileStamp, first: bool) -> Result<Cached, CacheError> {
+        let hit = |tier: &'static str| {
+            if first {
+                metrics::counter!(t::ADAPTER_CACHE_HITS_TOTAL, "tier" => tier).increment(1);
+            }
+        };
+        let miss = |tiers: &[&'static str]| {
+            if first {
+                for &tier in tiers {
+                    metrics::counter!(t::ADAPTER_CACHE_MISSES_TOTAL, "tier" => tier).increment(1);
+                }
+            }
+        };
+        let mut st = self.inner.state.lock().expect("cache lock");
+        if let Some((failed_stamp, err)) = st.failed.get(id) {
+            if failed_stamp == stamp {
+                return Err(err.clone());
+            }
+        }
+        let Some(version) = st.current.get(id).cloned() else {
+            miss(&[t::TIER_DEVICE, t::TIER_HOST]);
+            return Ok(Cached::Miss);
+        };
+        if &version.stamp != stamp {
+            // Files changed since the current version was loaded: a new version is needed.
+            miss(&[t::TIER_DEVICE, t::TIER_HOST]);
+            return Ok(Cached::Miss);
+        }
+        let key = (id.to_string(), version.id.clone());
+        if let Some(lease) = st.lease_resident(&self.inner, &key) {
+            hit(t::TIER_DEVICE);
+            publish(&st);
+            return Ok(Cached::Hit(lease));
+        }
+        let tick = st.next_tick();
+        let Some(h) = st.host.get_mut(&key) else {
+            miss(&[t::TIER_DEVICE, t::TIER_HOST]);
+            return Ok(Cached::Miss);
+        };
+        h.tick = tick;
+        miss(&[t::TIER_DEVICE]);
+        hit(t::TIER_HOST);
+        let (host, bytes) = (h.weights.clone(), h.bytes);
+        if let Some(copy) = st.promoting.get(&key) {
+            return Ok(Cached::Promoting { key, copy: copy.clone(), bytes });
+        }
+        // No copy when it could not be inserted anyway (other copies under way count as used).
+        let unleased: usize = st.device.values().filter(|e| e.leases == 0).map(|e| e.bytes).sum();
+        let leased = st.device_bytes - unleased;
+        if leased + st.reserved + bytes > self.inner.config.device_bytes {
+            return Ok(Cached::NoRoom { bytes, leased: leased + st.reserved });
+        }
+        st.reserved += bytes;
+        let (tx, copy) = tokio::sync::watch::channel(None);
+        st.promoting.insert(key.clone(), copy.clone());
+        tokio::spawn(promote(self.inner.clone(), key.clone(), host, bytes, tx));
+        Ok(Cached::Promoting { key, copy, bytes })
+    }
+
+    /// A lease on a promoted copy: `Hit`, `NoRoom`, or `Miss` when `key` is no longer the adapter's current
+    /// version.
+    fn insert_promoted(&self, key: Key, weights: &Arc<LoraWeights>, bytes: usize) -> Cached {
+        let mut st = self.inner.state.lock().expect("cache lock");
+        if st.current.get(&key.0).map(|v| &v.id) != Some(&key.1) {
+            return Cached::Miss;
+        }
+        let r = match st.lease_or_insert(&self.inner, key, weights, bytes) {
+            Ok(lease) => Cached::Hit(lease),
+            Err(leased) => Cached::NoRoom { bytes, leased },
+        };
+        publish(&st);
+        r
+    }
+
+    async fn wait_for_space(
+        &self,
+        id: &str,
+        bytes: usize,
+        leased: usize,
+        deadline: tokio::time::Instant,
+        space: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    ) -> Result<(), CacheError> {
+        match tokio::time::timeout_at(deadline, space).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(CacheError::Full { id: id.into(), bytes, leased, budget: self.inner.config.device_bytes }),
+        }
+    }
+
+    /// Loads `id` into the cache without keeping a lease (`LoadAdapter`, `--preload`); returns its version.
+    pub async fn load_adapter(&self, id: &str) -> Result<String, CacheError> {
+        let lease = self.acquire(id, None).await?;
+        Ok(lease.version().to_string())
+    }
+
+    /// Drops `id` from both tiers (running requests keep their leased version until they finish). Returns
+    /// whether anything was resident.
+    pub fn unload(&self, id: &str) -> Result<bool, CacheError> {
+        super::store::validate_id(id)?;
+        // Lock order: `inflight`, then `state`.
+        let inflight = self.inner.inflight.lock().expect("inflight lock");
+        let loading = inflight.contains_key(id);
+        let mut st = self.inner.state.lock().expect("cache lock");
+        let had_current = st.current.remove(id).is_some();
+        let had = had_current || st.device.keys().any(|k| k.0 == id) || st.host.keys().any(|k| k.0 == id);
+        st.failed.remove(id);
+        st.supersede(id, None);
+        if loading {
+            // The load under way finishes for the requests waiting on it, but brings nothing back.
+            st.bump(id);
+        }
+        publish(&st);
+        drop((st, inflight));
+        if !had && !loading {
+            // Nothing cached, and no such adapter either: NOT_FOUND, as for a request naming it.
+            self.inner.store.resolve(id)?;
+        }
+        Ok(had)
+    }
+
+    /// Every adapter under the root with its cache status.
+    pub fn list(&self) -> Vec<AdapterStatus> {
+        let ids = self.inner.store.list();
+        let st = self.inner.state.lock().expect("cache lock");
+        ids.into_iter()
+            .map(|id| {
+                let version = st.current.get(&id).map(|v| v.id.clone());
+                let key = version.clone().map(|v| (id.clone(), v));
+                let dev = key.as_ref().and_then(|k| st.device.get(k));
+                let host = key.as_ref().and_then(|k| st.host.get(k));
+                AdapterStatus {
+                    device_resident: dev.is_some(),
+                    host_resident: host.is_some(),
+                    bytes: dev.map(|e| e.bytes).or(host.map(|h| h.bytes)).unwrap_or(0),
+                    leases: st.device.iter().filter(|(k, _)| k.0 == id).map(|(_, e)| e.leases).sum(),
+                    // "Current version if loaded": `current` outlives eviction from both tiers.
+                    version: version.filter(|_| dev.is_some() || host.is_some()),
+                    id,
+                }
+            })
+            .collect()
+    }
+
+    /// Re-stats every cached adapter and drops versions whose files changed or vanished (the watcher calls
+    /// this; acquires check on their own).
+    pub fn refresh(&self) {
+        let ids: Vec<(String, FileStamp)> = {
+            let st = self.inner.state.lock().expect("cache lock");
+            st.current.iter().map(|(id, v)| (id.clone(), v.stamp.clone())).collect()
+        };
+        for (id, stamp) in ids {
+            let now = self.inner.store.resolve(&id).ok().and_then(|d| AdapterStore::stamp(&d).ok());
+            if now.as_ref() != Some(&stamp) {
+                let inflight = self.inner.inflight.lock().expect("inflight lock");
+                let mut st = self.inner.state.lock().expect("cache lock");
+                if st.current.get(&id).map(|v| &v.stamp) == Some(&stamp) {
+                    st.current.remove(&id);
+                    st.supersede(&id, None);
+                    // A load of these same old files under way must not make them current again (a load of
+                    // the new files may: it is not stale).
+                    if inflight.get(&id).is_some_and(|(s, _, _)| *s == stamp) {
+                        st.bump(&id);
+                    }
+                    publish(&st);
+                }
+            }
+        }
+    }
+}
