@@ -411,6 +411,15 @@ fn churn_thousand_adapters_through_ten_slots() {
     assert!(c.device_bytes() <= 10 * ONE);
 }
 
+/// Waits until the cache dropped the stale version (no acquire in between), failing after `within`.
+async fn dropped(c: &AdapterCache, within: Duration) {
+    let since = std::time::Instant::now();
+    while c.device_bytes() != 0 {
+        assert!(since.elapsed() < within, "the stale version is still cached: {:?}", c.list());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The watcher drops stale versions without waiting for a request, also when the root is a symlink that a
 /// deploy re-points (release link, git-sync): after the switch it watches the new target.
 #[cfg(unix)]
@@ -424,15 +433,7 @@ async fn the_watcher_follows_a_re_pointed_root() {
     write_adapter(&r2, "a", 2.0);
     std::os::unix::fs::symlink(&r1, &root).unwrap();
     let c = cache(&root, 4, 4);
-    let _watch = c.watch().expect("a filesystem watcher on Linux");
-    // Dropped eagerly once the files change (no acquire in between), within `within`.
-    async fn dropped(c: &AdapterCache, within: Duration) {
-        let since = std::time::Instant::now();
-        while c.device_bytes() != 0 {
-            assert!(since.elapsed() < within, "the stale version is still cached: {:?}", c.list());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    let _watch = c.watch().await.expect("a filesystem watcher on Linux");
     drop(c.acquire("a", None).await.unwrap());
     write_adapter(&r1, "a", 1.5);
     dropped(&c, Duration::from_secs(10)).await;
@@ -448,6 +449,34 @@ async fn the_watcher_follows_a_re_pointed_root() {
     write_adapter(&r2, "a", 3.0);
     dropped(&c, Duration::from_secs(10)).await;
     assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), 3.0);
+}
+
+/// A root folder deleted and created again, or renamed away and replaced (deploys that replace the whole
+/// folder), is watched again: the kernel's watch ended with the old folder, or stayed with it.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_follows_a_replaced_root_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("adapters");
+    write_adapter(&root, "a", 1.0);
+    let c = cache(&root, 4, 4);
+    let _watch = c.watch().await.expect("a filesystem watcher on Linux");
+    drop(c.acquire("a", None).await.unwrap());
+    for (renamed, value) in [(false, 2.0), (true, 4.0)] {
+        if renamed {
+            // The old folder, still watched, is not the root any more.
+            std::fs::rename(&root, tmp.path().join("adapters.old")).unwrap();
+        } else {
+            std::fs::remove_dir_all(&root).unwrap();
+        }
+        write_adapter(&root, "a", value);
+        // Long enough for the watch to have moved to the new folder.
+        tokio::time::sleep(loraserve::lora::watch::ROOT_RECHECK * 2).await;
+        assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), value);
+        write_adapter(&root, "a", value + 1.0);
+        dropped(&c, Duration::from_secs(10)).await;
+        assert_eq!(output_of(c.acquire("a", None).await.unwrap().weights()), value + 1.0);
+    }
 }
 
 /// A rank-`rank` adapter on q_proj written to a new folder `root/id`, computing `value` like [`write_adapter`]'s:

@@ -260,7 +260,7 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
                 return Err(ServerError::Preload { id: id.clone(), reason: e.to_string() });
             }
         }
-        let _watcher = ready.cache.watch();
+        let _watcher = ready.cache.watch().await;
         let engine = ready.engine.clone();
         let _ = task_state.ready.set(ready);
         if !*stop_rx.borrow() {
