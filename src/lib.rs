@@ -30,3 +30,34 @@ pub mod server;
 pub mod telemetry;
 pub mod tensor_io;
 pub mod train;
+
+/// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE` is set: for gRPC
+/// statuses and the errors a request is failed with (a backtrace belongs in the server's log, not in a
+/// client's status message).
+pub fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error;
+    match e {
+        Error::WithBacktrace { inner, .. } => candle_message(inner),
+        Error::Context { inner, context } => format!("{context}\n{}", candle_message(inner)),
+        Error::WithPath { inner, path } => format!("path: {path:?} {}", candle_message(inner)),
+        e => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Error;
+
+    #[test]
+    fn candle_messages_leave_the_backtrace_out() {
+        let with_bt = |e: Error| Error::WithBacktrace {
+            inner: Box::new(e),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let e = with_bt(Error::Msg("shape mismatch".into()));
+        assert!(e.to_string().starts_with("shape mismatch\n"), "candle prints the backtrace: {e}");
+        assert_eq!(super::candle_message(&e), "shape mismatch");
+        let e = with_bt(Error::Msg("no such tensor".into())).with_path("/m/x.safetensors").context("loading");
+        assert_eq!(super::candle_message(&e), "loading\npath: \"/m/x.safetensors\" no such tensor");
+    }
+}

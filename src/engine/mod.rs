@@ -105,3 +105,74 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::model::{LoadOptions, ModelSpec};
+
+    fn demo_engine() -> Arc<Engine> {
+        let m = crate::model::load(&ModelSpec::Demo, &LoadOptions::default()).unwrap();
+        let config = EngineConfig { kv_cache_bytes: 8 << 20, ..EngineConfig::default() };
+        Engine::start(m.model, Arc::new(m.tokenizer), config).unwrap()
+    }
+
+    /// Runs a short request to its end: its last event.
+    fn run(engine: &Engine) -> Event {
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let now = Instant::now();
+        let req = ValidRequest {
+            prompt_ids: vec![1, 2, 3],
+            max_new_tokens: 2,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            adapter: None,
+            deadline: None,
+            arrival: now,
+            events,
+        };
+        engine.submit(req).unwrap();
+        loop {
+            match rx.blocking_recv().expect("an end event") {
+                Event::Tokens { .. } => {}
+                end => return end,
+            }
+        }
+    }
+
+    fn failed_by_the_fault(e: &Event) -> bool {
+        matches!(e, Event::Failed(EngineError::Internal(m)) if m == "panic in the forward: injected fault")
+    }
+
+    /// A panic in the forward fails that step's batch and the engine goes on; only `MAX_FAILED_STEPS` failed
+    /// steps in a row stop it (then the server exits and is restarted).
+    #[test]
+    fn a_panicking_forward_fails_its_batch_and_eight_in_a_row_stop_the_engine() {
+        let engine = demo_engine();
+        let fail = |n: usize| engine.stats().fail_steps.store(n, Ordering::Relaxed);
+        fail(7);
+        for _ in 0..7 {
+            let e = run(&engine);
+            assert!(failed_by_the_fault(&e), "{e:?}");
+        }
+        assert!(matches!(run(&engine), Event::Finished { generated_tokens: 2, .. }));
+        // The success reset the count: seven more failures are still not eight in a row.
+        fail(8);
+        for _ in 0..7 {
+            let e = run(&engine);
+            assert!(failed_by_the_fault(&e), "{e:?}");
+        }
+        assert!(engine.is_running() && !engine.stats().stopped.load(Ordering::Relaxed));
+        let e = run(&engine);
+        assert!(failed_by_the_fault(&e), "{e:?}");
+        let since = Instant::now();
+        while engine.is_running() {
+            assert!(since.elapsed() < Duration::from_secs(10), "the engine is still running");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(engine.stats().stopped.load(Ordering::Relaxed));
+        assert_eq!(engine.stats().pending.load(Ordering::Relaxed), 0);
+    }
+}

@@ -63,6 +63,10 @@ pub struct EngineStats {
     pub kv_blocks_total: AtomicUsize,
     pub steps: AtomicUsize,
     pub stopped: AtomicBool,
+    /// Steps left to fail with a panic in the forward: the fault the engine's unit tests inject (no input
+    /// makes a forward fail on demand).
+    #[cfg(test)]
+    pub(crate) fail_steps: AtomicUsize,
 }
 
 /// A submitted request's place in the queue count (`pending` and the queue gauge), given back when dropped:
@@ -217,6 +221,10 @@ pub(crate) fn run(
         // A panic in the forward (a kernel or shape bug some batch hits) fails that batch like an error, and
         // the engine goes on serving: the failed sequences' KV blocks are freed below.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            #[cfg(test)]
+            if stats.fail_steps.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
+                panic!("injected fault");
+            }
             step(&model, &mut cache, &plan.rows, &slots, &live)
         }))
         .unwrap_or_else(|panic| Err(candle_core::Error::msg(format!("panic in the forward: {}", panic_text(&panic)))));
@@ -231,7 +239,7 @@ pub(crate) fn run(
                 tracing::error!(error = %e, "forward failed; failing the batch");
                 for r in &plan.rows {
                     if let Some(l) = live.remove(&r.seq) {
-                        let _ = l.req.events.send(Event::Failed(EngineError::Internal(e.to_string())));
+                        let _ = l.req.events.send(Event::Failed(EngineError::Internal(crate::candle_message(&e))));
                     }
                     sched.remove(r.seq, &mut slots, cache.allocator_mut());
                     slots.remove(&r.seq);
@@ -242,7 +250,7 @@ pub(crate) fn run(
                     // error). Stop, so that the server exits and is restarted.
                     tracing::error!(steps = MAX_FAILED_STEPS, "every step fails: stopping the engine");
                     for (_, l) in live.drain() {
-                        let _ = l.req.events.send(Event::Failed(EngineError::Internal(e.to_string())));
+                        let _ = l.req.events.send(Event::Failed(EngineError::Internal(crate::candle_message(&e))));
                     }
                     return stop(&stats, &rx);
                 }

@@ -533,7 +533,7 @@ fn load_weights(
         // B stored transposed ([r, out]) for the expand step, transposed as it is widened.
         let b_t = read_f32(&st, &b_name, [out_f, r], true).map_err(|reason| tensor_err(&b_name, reason))?;
         let to_tensor = |v: Vec<f32>, shape: (usize, usize)| {
-            Tensor::from_vec(v, shape, device).map_err(|e| tensor_err(&key, e.to_string()))
+            Tensor::from_vec(v, shape, device).map_err(|e| tensor_err(&key, crate::candle_message(&e)))
         };
         Ok((id, LoraModule { a: to_tensor(a, (r, in_f))?, b_t: to_tensor(b_t, (r, out_f))?, scale }))
     };

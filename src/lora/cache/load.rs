@@ -158,7 +158,7 @@ fn read_files(inner: &Inner, id: String, dir: &std::path::Path, generation: u64)
     let device = if gpu {
         Arc::new(
             to_device(&host, &inner.device)
-                .map_err(|e| CacheError::Internal { id, reason: e.to_string() })?,
+                .map_err(|e| CacheError::Internal { id, reason: crate::candle_message(&e) })?,
         )
     } else {
         host.clone()
@@ -181,10 +181,10 @@ pub(super) async fn promote(
 ) {
     inner.promotions.fetch_add(1, Ordering::Relaxed);
     let copy = if inner.device.is_cpu() {
-        to_device(&host, &inner.device).map_err(|e| e.to_string())
+        to_device(&host, &inner.device).map_err(|e| crate::candle_message(&e))
     } else {
         let device = inner.device.clone();
-        tokio::task::spawn_blocking(move || to_device(&host, &device).map_err(|e| e.to_string()))
+        tokio::task::spawn_blocking(move || to_device(&host, &device).map_err(|e| crate::candle_message(&e)))
             .await
             .unwrap_or_else(|e| Err(e.to_string()))
     };
