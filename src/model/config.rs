@@ -148,8 +148,9 @@ impl ModelConfig {
         }
     }
 
-    /// The rotary inverse frequencies (length head_dim/2), scaling applied, computed in f32 as transformers
-    /// does so positions rotate by bit-identical angles.
+    /// The rotary inverse frequencies (length head_dim/2), scaling applied. The base frequencies are computed
+    /// in f32 as transformers does; llama3's smoothing runs in f64 and is rounded once (transformers rounds
+    /// every f32 step: a few frequencies differ by 1–2 ulp, ~3e-5 rad at position 131072).
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let dim = self.head_dim;
         let base: Vec<f32> = (0..dim / 2)
@@ -198,6 +199,12 @@ struct Raw<'a> {
 impl Raw<'_> {
     fn get(&self, field: &str) -> Option<&Value> {
         self.map.get(field).filter(|v| !v.is_null())
+    }
+
+    /// Whether `field` is not written at all (transformers then uses its class default; an explicit `null` is
+    /// `None`).
+    fn absent(&self, field: &str) -> bool {
+        !self.map.contains_key(field)
     }
 
     fn missing(&self, field: &str) -> ConfigError {
@@ -258,6 +265,22 @@ impl Raw<'_> {
                 })
             }
         };
+        if let Some(v) = self.get("architectures") {
+            let names: Option<Vec<&str>> = v.as_array().map(|a| a.iter().filter_map(Value::as_str).collect());
+            match names {
+                Some(n) if n.len() == v.as_array().map_or(0, Vec::len) => {
+                    // A classifier or reward model of the same family loads the same layers: generating text
+                    // with it is not what its checkpoint is for.
+                    if !n.is_empty() && !n.iter().any(|a| a.ends_with("ForCausalLM")) {
+                        return Err(self.invalid(
+                            "architectures",
+                            format!("{v} is not a causal language model (expected a *ForCausalLM checkpoint)"),
+                        ));
+                    }
+                }
+                _ => return Err(self.invalid("architectures", format!("expected a list of class names, got {v}"))),
+            }
+        }
         if let Some(act) = self.get("hidden_act") {
             if act.as_str() != Some("silu") {
                 return Err(self.invalid("hidden_act", format!("only \"silu\" is supported, got {act}")));
@@ -269,7 +292,14 @@ impl Raw<'_> {
         let intermediate_size = self.usize_req("intermediate_size")?;
         let num_hidden_layers = self.usize_req("num_hidden_layers")?;
         let num_attention_heads = self.usize_req("num_attention_heads")?;
-        let num_key_value_heads = self.usize_opt("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        // Not written: transformers' class default (Mistral 8, Qwen2 32); null or not written for Llama: one
+        // key/value head per query head.
+        let num_key_value_heads = match (self.usize_opt("num_key_value_heads")?, family) {
+            (Some(n), _) => n,
+            (None, ModelFamily::Mistral) if self.absent("num_key_value_heads") => 8,
+            (None, ModelFamily::Qwen2) if self.absent("num_key_value_heads") => 32,
+            (None, _) => num_attention_heads,
+        };
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(self.invalid(
                 "num_key_value_heads",
@@ -305,7 +335,7 @@ impl Raw<'_> {
                 .ok_or_else(|| self.invalid("rms_norm_eps", format!("expected a positive number, got {v}")))?,
         };
 
-        let (rope_theta, rope_scaling) = self.rope(family)?;
+        let (rope_theta, rope_scaling) = self.rope()?;
 
         let attention_bias = self.bool_or("attention_bias", false)?;
         let (qkv_bias, o_bias, mlp_bias) = match family {
@@ -317,7 +347,10 @@ impl Raw<'_> {
         let tie_word_embeddings = self.bool_or("tie_word_embeddings", false)?;
         let sliding_window = self.sliding_windows(family, num_hidden_layers)?;
 
+        // Llama's and Mistral's config classes default to BOS 1 and EOS 2 when the keys are not written.
+        let llama_ids = matches!(family, ModelFamily::Llama | ModelFamily::Mistral);
         let bos_token_id = match self.get("bos_token_id") {
+            None if llama_ids && self.absent("bos_token_id") => Some(1),
             None => None,
             Some(v) => Some(
                 v.as_u64()
@@ -326,6 +359,7 @@ impl Raw<'_> {
             ),
         };
         let eos_token_ids = match self.get("eos_token_id") {
+            None if llama_ids && self.absent("eos_token_id") => vec![2],
             None => Vec::new(),
             Some(v) => token_id_list(v, self.file, "eos_token_id")?,
         };
@@ -356,34 +390,37 @@ impl Raw<'_> {
         })
     }
 
-    /// `rope_parameters` (transformers 5.x) or `rope_theta` + `rope_scaling` (4.x).
-    fn rope(&self, family: ModelFamily) -> Result<(f64, RopeScaling), ConfigError> {
-        let default_theta = match family {
-            ModelFamily::Qwen2 => 1_000_000.0,
-            _ => 10_000.0,
-        };
+    /// `rope_parameters` (transformers 5.x) or `rope_theta` + `rope_scaling` (4.x). As transformers 5 reads
+    /// them: a `rope_scaling` wins over `rope_parameters`, and a `rope_theta` missing from the parameters is
+    /// taken from the top level, else the class default (10000 for all three families).
+    fn rope(&self) -> Result<(f64, RopeScaling), ConfigError> {
         let empty = Map::new();
-        let (params, prefix, theta) = match self.get("rope_parameters") {
-            Some(Value::Object(p)) => {
-                let theta = self.f64_in(p, "rope_theta", "rope_parameters.rope_theta")?;
-                (p, "rope_parameters", theta)
-            }
-            Some(v) => return Err(self.invalid("rope_parameters", format!("expected an object, got {v}"))),
-            None => {
-                let theta = self.f64_in(self.map, "rope_theta", "rope_theta")?;
-                match self.get("rope_scaling") {
-                    Some(Value::Object(p)) => (p, "rope_scaling", theta),
-                    Some(v) => return Err(self.invalid("rope_scaling", format!("expected an object, got {v}"))),
-                    None => (&empty, "rope_scaling", theta),
-                }
-            }
+        let (params, prefix) = match (self.get("rope_scaling"), self.get("rope_parameters")) {
+            (Some(Value::Object(p)), _) => (p, "rope_scaling"),
+            (Some(v), _) => return Err(self.invalid("rope_scaling", format!("expected an object, got {v}"))),
+            (None, Some(Value::Object(p))) => (p, "rope_parameters"),
+            (None, Some(v)) => return Err(self.invalid("rope_parameters", format!("expected an object, got {v}"))),
+            (None, None) => (&empty, "rope_scaling"),
         };
-        let theta = theta.unwrap_or(default_theta);
+        let theta = match self.f64_in(params, "rope_theta", &format!("{prefix}.rope_theta"))? {
+            Some(t) => t,
+            None => self.f64_in(self.map, "rope_theta", "rope_theta")?.unwrap_or(10_000.0),
+        };
         if theta <= 0.0 {
             return Err(self.invalid("rope_theta", format!("must be positive, got {theta}")));
         }
-        // transformers 4.x wrote the kind as `type`, later versions as `rope_type`.
-        let kind = params.get("rope_type").or_else(|| params.get("type")).filter(|v| !v.is_null());
+        // transformers 4.x wrote the kind as `type` (and reads it first), 5.x as `rope_type` (and reads that
+        // first): a config with both must not depend on the version.
+        let kind = match (params.get("rope_type"), params.get("type")) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(self.invalid(
+                    &format!("{prefix}.rope_type"),
+                    format!("{a} disagrees with {prefix}.type {b} (transformers 4 reads `type`, 5 reads `rope_type`)"),
+                ))
+            }
+            (Some(k), _) | (None, Some(k)) => Some(k),
+            (None, None) => None,
+        };
         let kind = match kind {
             None => "default",
             Some(Value::String(s)) => s.as_str(),
@@ -418,9 +455,13 @@ impl Raw<'_> {
     }
 
     /// Per-layer sliding window: Mistral's `sliding_window`; Qwen2's when `use_sliding_window` is set
-    /// (layers from `max_window_layers` on, or as `layer_types` lists them in 5.x configs).
+    /// (layers from `max_window_layers` on, or as `layer_types` lists them in 5.x configs). Not written, the
+    /// window and `max_window_layers` take transformers' class defaults (4096 and 28); `null` is no window.
     fn sliding_windows(&self, family: ModelFamily, layers: usize) -> Result<Vec<Option<usize>>, ConfigError> {
-        let window = self.usize_opt("sliding_window")?;
+        let window = match self.usize_opt("sliding_window")? {
+            None if self.absent("sliding_window") => Some(4096),
+            w => w,
+        };
         let per_layer = match family {
             ModelFamily::Llama => vec![None; layers],
             ModelFamily::Mistral => vec![window; layers],
@@ -435,7 +476,12 @@ impl Raw<'_> {
                     }
                     types.iter().map(|t| if t.as_str() == Some("sliding_attention") { window } else { None }).collect()
                 } else {
-                    let first = self.usize_opt("max_window_layers")?.unwrap_or(layers);
+                    let first = match self.get("max_window_layers") {
+                        None => 28,
+                        Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                            self.invalid("max_window_layers", format!("expected a layer count, got {v}"))
+                        })?,
+                    };
                     (0..layers).map(|l| if l >= first { window } else { None }).collect()
                 }
             }
@@ -571,5 +617,99 @@ mod tests {
         assert_eq!(c.eos_token_ids, vec![1, 7]);
         let e = c.apply_generation_config(r#"{"eos_token_id": "x"}"#, "generation_config.json").unwrap_err();
         assert!(e.to_string().contains("eos_token_id"));
+    }
+
+    /// `V5` with top-level keys replaced (`Some`) or removed (`None`).
+    fn edited(edits: &[(&str, Option<Value>)]) -> Result<ModelConfig, ConfigError> {
+        let mut v: Value = serde_json::from_str(V5).unwrap();
+        let map = v.as_object_mut().unwrap();
+        for (k, val) in edits {
+            match val {
+                Some(x) => map.insert(k.to_string(), x.clone()),
+                None => map.remove(*k),
+            };
+        }
+        ModelConfig::from_json_str(&v.to_string(), "config.json")
+    }
+
+    /// Keys a config does not write take transformers' class defaults; written as `null` they are `None`.
+    #[test]
+    fn unwritten_keys_take_the_config_classes_defaults() {
+        use serde_json::json;
+        let (mistral, qwen2) = (Some(json!("mistral")), Some(json!("qwen2")));
+        // Mistral: a 4096 window, 8 key/value heads; Llama: one per query head.
+        let c = edited(&[
+            ("model_type", mistral.clone()),
+            ("num_attention_heads", Some(json!(16))),
+            ("num_key_value_heads", None),
+        ])
+        .unwrap();
+        assert_eq!((c.sliding_window, c.num_key_value_heads), (vec![Some(4096); 3], 8));
+        let c = edited(&[("model_type", mistral.clone()), ("sliding_window", Some(Value::Null))]).unwrap();
+        assert_eq!(c.sliding_window, vec![None; 3]);
+        let c = edited(&[("num_key_value_heads", None)]).unwrap();
+        assert_eq!(c.num_key_value_heads, 6);
+        // Qwen2: 32 key/value heads, theta 10000, and when sliding, 4096 from layer 28 on.
+        let c = edited(&[
+            ("model_type", qwen2.clone()),
+            ("num_attention_heads", Some(json!(32))),
+            ("hidden_size", Some(json!(512))),
+            ("num_key_value_heads", None),
+            ("rope_parameters", None),
+        ])
+        .unwrap();
+        assert_eq!((c.num_key_value_heads, c.rope_theta), (32, 10_000.0));
+        let slide = |extra: &[(&str, Option<Value>)]| {
+            let mut e = vec![("model_type", qwen2.clone()), ("use_sliding_window", Some(json!(true)))];
+            e.extend_from_slice(extra);
+            edited(&e).unwrap().sliding_window
+        };
+        assert_eq!(slide(&[]), vec![None; 3]);
+        assert_eq!(slide(&[("max_window_layers", Some(json!(1)))]), vec![None, Some(4096), Some(4096)]);
+        assert_eq!(
+            slide(&[("max_window_layers", Some(json!(0))), ("sliding_window", Some(json!(64)))]),
+            vec![Some(64); 3]
+        );
+        // BOS 1 and EOS 2 for Llama and Mistral when not written; none when null, and none for Qwen2.
+        let c = edited(&[("bos_token_id", None), ("eos_token_id", None)]).unwrap();
+        assert_eq!((c.bos_token_id, c.eos_token_ids), (Some(1), vec![2]));
+        let c = edited(&[("bos_token_id", Some(Value::Null)), ("eos_token_id", Some(Value::Null))]).unwrap();
+        assert_eq!((c.bos_token_id, c.eos_token_ids), (None, vec![]));
+        let c = edited(&[("model_type", qwen2), ("eos_token_id", None)]).unwrap();
+        assert!(c.eos_token_ids.is_empty());
+    }
+
+    /// As transformers 5 reads RoPE keys: `rope_scaling` wins over `rope_parameters`, a top-level `rope_theta`
+    /// fills the parameters', and `type` and `rope_type` must not disagree.
+    #[test]
+    fn rope_keys_as_transformers_reads_them() {
+        use serde_json::json;
+        let c = edited(&[("rope_scaling", Some(json!({"rope_type": "linear", "factor": 4.0})))]).unwrap();
+        assert_eq!((c.rope_scaling, c.rope_theta), (RopeScaling::Linear { factor: 4.0 }, 10_000.0));
+        let c = edited(&[("rope_parameters", Some(json!({"rope_type": "default"}))), ("rope_theta", Some(json!(1e6)))])
+            .unwrap();
+        assert_eq!(c.rope_theta, 1e6);
+        for (params, words) in [
+            (json!({"rope_type": "linear", "type": "dynamic", "factor": 2.0}), "disagrees with rope_parameters.type"),
+            (json!({"rope_type": null, "type": "linear", "factor": 2.0}), "disagrees"),
+            (json!({"rope_type": null}), "expected a string, got null"),
+        ] {
+            let e = edited(&[("rope_parameters", Some(params))]).unwrap_err().to_string();
+            assert!(e.contains("rope_parameters.rope_type") && e.contains(words), "{e}");
+        }
+    }
+
+    /// A classifier or reward model of a supported family is refused by its `architectures`.
+    #[test]
+    fn only_causal_lm_architectures() {
+        use serde_json::json;
+        assert!(edited(&[("architectures", Some(json!(["LlamaForCausalLM"])))]).is_ok());
+        for (arch, words) in [
+            (json!(["Qwen2ForSequenceClassification"]), "not a causal language model"),
+            (json!("LlamaForCausalLM"), "expected a list of class names"),
+        ] {
+            let e = edited(&[("architectures", Some(arch))]).unwrap_err().to_string();
+            assert!(e.contains("`architectures`") && e.contains(words), "{e}");
+        }
     }
 }

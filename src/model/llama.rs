@@ -192,7 +192,9 @@ impl Model {
             });
         }
         let norm = src.tensor("model.norm.weight", &[h], dtype, device)?;
-        let lm_head = if c.tie_word_embeddings && !src.contains("lm_head.weight") {
+        // Tied: the embedding is the head, as transformers and vLLM tie it, also when the file carries an
+        // `lm_head.weight` of its own (ignored there too).
+        let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {
             src.tensor("lm_head.weight", &[c.vocab_size, h], table_dtype(src, "lm_head.weight", dtype, device), device)?
@@ -465,6 +467,21 @@ mod tests {
             let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert_eq!(diff, 0.0, "slices of {slice_elems} elements");
         }
+    }
+
+    /// With `tie_word_embeddings` the embedding is the head, also when the file carries an `lm_head.weight`
+    /// (transformers and vLLM ignore it too); a written checkpoint then has no head of its own.
+    #[test]
+    fn a_tied_head_is_the_embedding_even_beside_a_head_in_the_file() {
+        let untied = crate::model::demo::config();
+        assert!(!untied.tie_word_embeddings);
+        let with_head = crate::model::demo::random_weights(&untied, 3, 0.02, "t").unwrap();
+        let tied = ModelConfig { tie_word_embeddings: true, ..untied };
+        let opts = crate::model::LoadOptions { quant: crate::quant::QuantMode::None, ..Default::default() };
+        let m = crate::model::build(tied, &with_head, &opts).unwrap();
+        let same = m.lm_head.eq(&m.embed).unwrap().flatten_all().unwrap().min(0).unwrap().to_scalar::<u8>().unwrap();
+        assert_eq!(same, 1, "the head is not the embedding");
+        assert!(m.other_tensors().unwrap().iter().all(|(n, _)| n != "lm_head.weight"));
     }
 
     #[test]

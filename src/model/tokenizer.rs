@@ -20,6 +20,9 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Jinja chat template from `tokenizer_config.json`, when the model has one.
     pub chat_template: Option<String>,
+    /// The names of the chat templates `tokenizer_config.json` lists when none is named "default": then
+    /// `chat_template` is `None`, and `server train` refuses to pick one, as transformers does.
+    pub chat_template_names: Vec<String>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
 }
@@ -47,7 +50,10 @@ impl Tokenizer {
         )?;
         let jinja = dir.join("chat_template.jinja");
         match std::fs::read_to_string(&jinja) {
-            Ok(template) => tok.chat_template = Some(template),
+            Ok(template) => {
+                tok.chat_template = Some(template);
+                tok.chat_template_names.clear();
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(TokenizerError::Load { file: jinja.display().to_string(), reason: e.to_string() }),
         }
@@ -58,21 +64,39 @@ impl Tokenizer {
     pub fn from_parts(json: &[u8], file: &str, config: Option<(&str, &str)>) -> Result<Self, TokenizerError> {
         let inner = tokenizers::Tokenizer::from_bytes(json)
             .map_err(|e| TokenizerError::Load { file: file.to_string(), reason: e.to_string() })?;
-        let mut tok = Tokenizer { inner, chat_template: None, bos_token: None, eos_token: None };
+        let mut tok =
+            Tokenizer { inner, chat_template: None, chat_template_names: Vec::new(), bos_token: None, eos_token: None };
         if let Some((text, cfile)) = config {
             let v: serde_json::Value = serde_json::from_str(text)
                 .map_err(|e| TokenizerError::Load { file: cfile.to_string(), reason: format!("invalid JSON: {e}") })?;
-            tok.chat_template = match v.get("chat_template") {
-                Some(serde_json::Value::String(s)) => Some(s.clone()),
-                // A list of named templates: use the one named "default".
-                Some(serde_json::Value::Array(list)) => list
-                    .iter()
-                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                    .and_then(|t| t.get("template"))
-                    .and_then(|t| t.as_str())
-                    .map(str::to_string),
-                _ => None,
-            };
+            let bad = |reason: String| TokenizerError::Load { file: cfile.to_string(), reason };
+            match v.get("chat_template") {
+                None | Some(serde_json::Value::Null) => {}
+                Some(serde_json::Value::String(s)) => tok.chat_template = Some(s.clone()),
+                // Named templates: the one named "default" is the chat template.
+                Some(serde_json::Value::Array(list)) => {
+                    for t in list {
+                        let field = |k: &str| t.get(k).and_then(|x| x.as_str());
+                        let (Some(name), Some(template)) = (field("name"), field("template")) else {
+                            return Err(bad(format!(
+                                "`chat_template`: expected entries {{\"name\", \"template\"}}, got {t}"
+                            )));
+                        };
+                        if name == "default" {
+                            tok.chat_template = Some(template.to_string());
+                        }
+                        tok.chat_template_names.push(name.to_string());
+                    }
+                    if tok.chat_template.is_some() {
+                        tok.chat_template_names.clear();
+                    }
+                }
+                Some(other) => {
+                    return Err(bad(format!(
+                        "`chat_template`: expected a string or a list of named templates, got {other}"
+                    )))
+                }
+            }
             let token_str = |key: &str| match v.get(key) {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
                 Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
@@ -178,5 +202,24 @@ mod tests {
         assert_eq!(Tokenizer::from_dir(dir.path()).unwrap().chat_template.as_deref(), Some("from file"));
         let side = super::super::checkpoint::side_files_of_dir(dir.path()).unwrap();
         assert!(side.iter().any(|(n, b)| n == "chat_template.jinja" && b == b"from file"));
+    }
+
+    /// A list of named templates: the one named "default" is the chat template; without one, none is (and
+    /// the names are kept for the error); malformed forms are refused naming the key.
+    #[test]
+    fn named_chat_templates() {
+        let json = super::super::demo::TOKENIZER_JSON.as_bytes();
+        let load = |config: &str| Tokenizer::from_parts(json, "tokenizer.json", Some((config, "tc.json")));
+        let t =
+            load(r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#)
+                .unwrap();
+        assert_eq!((t.chat_template.as_deref(), t.chat_template_names.len()), (Some("D"), 0));
+        let t = load(r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "rag", "template": "R"}]}"#)
+            .unwrap();
+        assert_eq!((t.chat_template, t.chat_template_names), (None, vec!["tool_use".to_string(), "rag".to_string()]));
+        for bad in [r#"{"chat_template": 5}"#, r#"{"chat_template": [{"name": "default"}]}"#] {
+            let e = load(bad).err().expect("refused").to_string();
+            assert!(e.contains("tc.json") && e.contains("`chat_template`"), "{e}");
+        }
     }
 }

@@ -183,6 +183,12 @@ struct ChatRenderer {
 impl ChatRenderer {
     /// The tokenizer's chat template, else [`PLAIN_CHAT_TEMPLATE`].
     fn new(tok: &Tokenizer) -> Result<Self, String> {
+        if tok.chat_template.is_none() && !tok.chat_template_names.is_empty() {
+            return Err(format!(
+                "the tokenizer's chat templates are named {:?} and none is named \"default\", so none is the chat template (transformers refuses to pick one too); save the one to train with as chat_template.jinja in the model folder",
+                tok.chat_template_names
+            ));
+        }
         let template = tok.chat_template.as_deref().unwrap_or(PLAIN_CHAT_TEMPLATE);
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
@@ -297,6 +303,14 @@ mod tests {
         assert_ne!(marked, PLAIN_CHAT_TEMPLATE);
         t.chat_template = Some(marked);
         assert_eq!(parse_jsonl(messages, "d", &t, None, 1).unwrap().0, want);
+        // Named templates, none of them "default": refused, as transformers refuses to pick one.
+        let mut named = demo::tokenizer().unwrap();
+        (named.chat_template, named.chat_template_names) = (None, vec!["tool_use".into()]);
+        let e = parse_jsonl(messages, "d", &named, None, 1).unwrap_err();
+        assert!(
+            matches!(&e, DataError::Line { reason, .. } if reason.contains("[\"tool_use\"] and none is named \"default\"")),
+            "{e}"
+        );
         t.chat_template = Some("{% broken".into());
         assert!(parse_jsonl("{\"text\": \"ab\"}\n", "d", &t, None, 1).is_ok());
         let e = parse_jsonl(messages, "d", &t, None, 1).unwrap_err();
