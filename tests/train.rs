@@ -311,6 +311,27 @@ fn resume_after_sigkill_is_bit_for_bit() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("pass --resume to continue it"), "{err}");
     assert_eq!(listing(), before, "the refused run left the checkpoints as they were");
+    // A checkpoint whose state.json claims the run is over (edited) is refused, not "resumed" past the end.
+    let edited = tmp.path().join("edited.checkpoints");
+    for step in &before {
+        common::copy_dir(&checkpoints.join(step), &edited.join(step));
+    }
+    let state = edited.join(before.last().unwrap()).join("state.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    v["step"] = 12.into();
+    std::fs::write(&state, v.to_string()).unwrap();
+    let log_before = std::fs::read(&log).unwrap();
+    let o = server()
+        .args(train_args(&data, &resumed))
+        .args(extra)
+        .args(["--resume", "--checkpoint-dir"])
+        .arg(&edited)
+        .env("LORASERVE_LOG", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("at step 12, not below this run's 12 steps"), "{err}");
+    assert_eq!(std::fs::read(&log).unwrap(), log_before, "the refused resume left the log alone");
     let o = server().args(train_args(&data, &resumed)).args(extra).arg("--resume").output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("resuming"), "it resumed from a checkpoint");
@@ -330,8 +351,9 @@ fn resume_after_sigkill_is_bit_for_bit() {
 #[test]
 fn bad_data_fails_clearly_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str); 6] = [
+    let cases: [(&str, &str); 7] = [
         ("", "empty"),
+        ("{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"assistant\", \"content\": \"y\"}]}\n", ":1: the tokenizer has no chat template"),
         ("{\"prompt\": \"a\", \"completion\": \"b\"}\n{oops}\n", ":2: invalid JSON"),
         ("{\"prompt\": \"a\"}\n", ":1: field `completion`"),
         ("{\"messages\": [{\"role\": \"wizard\", \"content\": \"x\"}, {\"role\": \"assistant\", \"content\": \"y\"}]}\n", ":1: messages[0].role `wizard`"),
@@ -363,8 +385,16 @@ fn bad_settings_are_refused_by_flag() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("d.jsonl");
     write_task(&data, 8, 1);
-    let cases: [(&[&str], &str); 9] = [
+    let data_file = data.display().to_string();
+    let readme = tmp.path().join("README.md");
+    std::fs::write(&readme, "# notes\n").unwrap();
+    let readme = readme.display().to_string();
+    let cases: [(&[&str], &str); 13] = [
         (&["--max-steps", "0"], "--max-steps must be ≥ 1"),
+        (&["--checkpoint-every", "0"], "--checkpoint-every must be ≥ 1"),
+        (&["--max-grad-norm=-1"], "--max-grad-norm must be a number ≥ 0"),
+        (&["--log-file", &data_file], "is the --data file"),
+        (&["--log-file", &readme], "exists and is not a training log"),
         (&["--weight-decay=-1"], "--weight-decay must be a number ≥ 0, got -1"),
         (&["--alpha", "0"], "--alpha must be a number > 0"),
         (&["--lr", "NaN"], "--lr must be a number > 0"),
@@ -389,6 +419,47 @@ fn bad_settings_are_refused_by_flag() {
         assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: {err}");
         assert!(!out.exists(), "{extra:?} left an output folder");
     }
+    assert_eq!(std::fs::read_to_string(&readme).unwrap(), "# notes\n");
+    write_task(&data, 8, 1);
+    assert!(std::fs::read_to_string(&data).unwrap().lines().count() == 8, "the data file is intact");
+}
+
+/// A checkpoint folder the user named may hold other files: a finished run removes its own checkpoints and
+/// nothing else. A held-out fraction of a one-example file is refused, not silently empty.
+#[test]
+fn checkpoints_go_and_nothing_else_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d.jsonl");
+    write_task(&data, 8, 1);
+    let ckpt = tmp.path().join("work");
+    std::fs::create_dir_all(ckpt.join("notes")).unwrap();
+    std::fs::write(ckpt.join("important.txt"), "keep").unwrap();
+    let out = tmp.path().join("out");
+    let o = server()
+        .args(train_args(&data, &out))
+        .args(["--max-steps", "3", "--checkpoint-every", "1", "--checkpoint-dir"])
+        .arg(&ckpt)
+        .env("LORASERVE_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut left: Vec<String> =
+        std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    left.sort();
+    assert_eq!(left, ["important.txt", "notes"], "only the run's own checkpoints were removed");
+
+    let one = tmp.path().join("one.jsonl");
+    std::fs::write(&one, "{\"prompt\": \"a:\", \"completion\": \" b\"}\n").unwrap();
+    let out = tmp.path().join("out-one");
+    let o = server()
+        .args(train_args(&one, &out))
+        .args(["--max-steps", "2", "--eval-ratio", "0.5"])
+        .env("LORASERVE_LOG", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("has one example, nothing to hold out"), "{err}");
+    assert!(!out.exists());
 }
 
 /// `--output out/` (as shells complete it) is the folder `out`: its log and checkpoints go beside it, not

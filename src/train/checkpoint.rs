@@ -66,6 +66,21 @@ pub fn save(dir: &Path, state: &State, lora: &TrainableLora, opt: &AdamW) -> Res
     Ok(final_path)
 }
 
+/// Removes the checkpoints in `dir` (complete and partial), then `dir` itself if nothing else is in it: a
+/// folder the user named may hold other files, which stay.
+pub fn remove_all(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let n = entry.file_name();
+        let n = n.to_string_lossy();
+        let ours = n.starts_with("step-") || (n.starts_with(".step-") && n.contains(".partial-"));
+        if ours && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 /// The newest complete checkpoint in `dir`, if any.
 pub fn latest(dir: &Path) -> Option<PathBuf> {
     list(dir).ok()?.pop()

@@ -2,9 +2,9 @@
 //! - `{"text": "..."}`: loss on every token;
 //! - `{"prompt": "...", "completion": "..."}`: loss on the completion only;
 //! - `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`: rendered with the
-//!   tokenizer's `chat_template` (Jinja, through minijinja) or, without one, loraserve's plain template
-//!   (`<|role|>\n{content}\n` per message, the end-of-sequence token after each assistant turn); loss on the
-//!   assistant turns only, located by rendering each conversation prefix (as TRL does).
+//!   tokenizer's `chat_template` (Jinja, through minijinja; a tokenizer without one is refused, as
+//!   transformers refuses to apply a chat template it does not have); loss on the assistant turns only,
+//!   located by rendering each conversation prefix (as TRL does).
 //!
 //! The prompt is encoded with the tokenizer's special tokens (e.g. BOS), exactly as the server encodes
 //! prompts; text and completions end with the end-of-sequence token so adapters learn to stop. Examples
@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use crate::model::Tokenizer;
 
-/// The template used when the tokenizer has no `chat_template` (the demo tokenizer's own).
+/// The demo tokenizer's chat template: `<|role|>\n{content}\n` per message, the end-of-sequence token after
+/// each assistant turn.
 pub const PLAIN_CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}";
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -61,8 +62,15 @@ pub fn load_jsonl(
     eos: u32,
 ) -> Result<(Vec<Example>, DataStats), DataError> {
     let file = path.display().to_string();
-    let text =
-        std::fs::read_to_string(path).map_err(|e| DataError::File { file: file.clone(), reason: e.to_string() })?;
+    let bytes = std::fs::read(path).map_err(|e| DataError::File { file: file.clone(), reason: e.to_string() })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        // JSON is UTF-8: name the line (and column) where the file stops being it.
+        let at = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = at - before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+        DataError::Line { file: file.clone(), line, reason: format!("not UTF-8 (at byte {column} of the line)") }
+    })?;
     parse_jsonl(&text, &file, tok, max_seq_len, eos)
 }
 
@@ -117,6 +125,26 @@ pub fn parse_jsonl(
     Ok((out, stats))
 }
 
+/// A `messages` list: non-empty, each message a known role with string content, at least one assistant turn.
+fn check_messages(messages: &Value) -> Result<&[Value], String> {
+    let Some(list) = messages.as_array() else { return Err("`messages` must be a list".into()) };
+    if list.is_empty() {
+        return Err("`messages` is empty".into());
+    }
+    for (i, m) in list.iter().enumerate() {
+        let role =
+            m.get("role").and_then(|r| r.as_str()).ok_or_else(|| format!("messages[{i}].role must be a string"))?;
+        if !matches!(role, "system" | "user" | "assistant") {
+            return Err(format!("messages[{i}].role `{role}` (expected system, user or assistant)"));
+        }
+        m.get("content").and_then(|c| c.as_str()).ok_or_else(|| format!("messages[{i}].content must be a string"))?;
+    }
+    if !list.iter().any(|m| m["role"] == "assistant") {
+        return Err("no assistant message to learn from".into());
+    }
+    Ok(list)
+}
+
 fn str_field<'a>(v: &'a Value, key: &str) -> Result<&'a str, String> {
     v.get(key).and_then(|x| x.as_str()).ok_or_else(|| format!("field `{key}` must be a string"))
 }
@@ -132,9 +160,24 @@ fn example(
     eos: u32,
 ) -> Result<Example, String> {
     let Some(obj) = v.as_object() else { return Err("each line must be a JSON object".into()) };
+    // One format per line: which one would win is not something a dataset should rely on.
+    let formats: Vec<&str> = [
+        ("`messages`", &["messages"][..]),
+        ("`prompt`/`completion`", &["prompt", "completion"]),
+        ("`text`", &["text"]),
+    ]
+    .iter()
+    .filter(|(_, keys)| keys.iter().any(|k| obj.contains_key(*k)))
+    .map(|(name, _)| *name)
+    .collect();
+    if formats.len() > 1 {
+        return Err(format!("has the keys of {} formats ({}): give one per line", formats.len(), formats.join(", ")));
+    }
     if obj.contains_key("messages") {
+        // The line's own mistakes first: they hold whatever the template.
+        let list = check_messages(&obj["messages"])?;
         let chat = chat.get_or_init(|| ChatRenderer::new(tok)).as_ref().map_err(Clone::clone)?;
-        return chat.example(v.get("messages").expect("key"), tok);
+        return chat.example(list, tok);
     }
     if obj.contains_key("prompt") || obj.contains_key("completion") {
         let prompt = encode(tok, str_field(v, "prompt")?, true)?;
@@ -181,7 +224,7 @@ struct ChatRenderer {
 }
 
 impl ChatRenderer {
-    /// The tokenizer's chat template, else [`PLAIN_CHAT_TEMPLATE`].
+    /// The tokenizer's chat template.
     fn new(tok: &Tokenizer) -> Result<Self, String> {
         if tok.chat_template.is_none() && !tok.chat_template_names.is_empty() {
             return Err(format!(
@@ -189,7 +232,9 @@ impl ChatRenderer {
                 tok.chat_template_names
             ));
         }
-        let template = tok.chat_template.as_deref().unwrap_or(PLAIN_CHAT_TEMPLATE);
+        let Some(template) = tok.chat_template.as_deref() else {
+            return Err("the tokenizer has no chat template (`chat_template` in tokenizer_config.json, or chat_template.jinja), so `messages` lines cannot be rendered: add one to the model folder, or write prompt/completion lines".into());
+        };
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -216,24 +261,8 @@ impl ChatRenderer {
         .map_err(|e| format!("rendering the chat template: {e}"))
     }
 
-    fn example(&self, messages: &Value, tok: &Tokenizer) -> Result<Example, String> {
-        let Some(list) = messages.as_array() else { return Err("`messages` must be a list".into()) };
-        if list.is_empty() {
-            return Err("`messages` is empty".into());
-        }
-        for (i, m) in list.iter().enumerate() {
-            let role =
-                m.get("role").and_then(|r| r.as_str()).ok_or_else(|| format!("messages[{i}].role must be a string"))?;
-            if !matches!(role, "system" | "user" | "assistant") {
-                return Err(format!("messages[{i}].role `{role}` (expected system, user or assistant)"));
-            }
-            m.get("content")
-                .and_then(|c| c.as_str())
-                .ok_or_else(|| format!("messages[{i}].content must be a string"))?;
-        }
-        if !list.iter().any(|m| m["role"] == "assistant") {
-            return Err("no assistant message to learn from".into());
-        }
+    /// The example of a conversation [`check_messages`] accepted.
+    fn example(&self, list: &[Value], tok: &Tokenizer) -> Result<Example, String> {
         let full = self.render(list, false)?;
         let mut spans = Vec::new();
         for (i, m) in list.iter().enumerate() {
@@ -305,7 +334,13 @@ mod tests {
         assert_eq!(parse_jsonl(messages, "d", &t, None, 1).unwrap().0, want);
         // Named templates, none of them "default": refused, as transformers refuses to pick one.
         let mut named = demo::tokenizer().unwrap();
-        (named.chat_template, named.chat_template_names) = (None, vec!["tool_use".into()]);
+        named.chat_template = None;
+        let e = parse_jsonl(messages, "d", &named, None, 1).unwrap_err();
+        assert!(
+            matches!(&e, DataError::Line { reason, .. } if reason.contains("the tokenizer has no chat template")),
+            "{e}"
+        );
+        named.chat_template_names = vec!["tool_use".into()];
         let e = parse_jsonl(messages, "d", &named, None, 1).unwrap_err();
         assert!(
             matches!(&e, DataError::Line { reason, .. } if reason.contains("[\"tool_use\"] and none is named \"default\"")),
@@ -327,6 +362,11 @@ mod tests {
             ("{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}\n", 1, "robot"),
             ("{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n", 1, "no assistant"),
             ("{\"text\": 5}\n", 1, "`text`"),
+            (
+                "{\"text\": \"a\", \"prompt\": \"p\", \"completion\": \"c\"}\n",
+                1,
+                "2 formats (`prompt`/`completion`, `text`)",
+            ),
         ];
         for (text, line, words) in cases {
             match parse(text, None) {
@@ -349,5 +389,19 @@ mod tests {
                 .unwrap();
         assert_eq!((stats.truncated, stats.dropped, ex.len()), (2, 1, 1));
         assert_eq!(ex[0].ids.len(), 4);
+    }
+
+    /// A file that stops being UTF-8 is refused naming the line.
+    #[test]
+    fn a_non_utf8_line_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(&path, b"{\"text\": \"a\"}\n{\"text\": \"b\"}\n{\"text\": \"\xff\"}\n").unwrap();
+        match load_jsonl(&path, &demo::tokenizer().unwrap(), None, 1) {
+            Err(DataError::Line { line: 3, reason, .. }) => {
+                assert!(reason.contains("not UTF-8 (at byte 11"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

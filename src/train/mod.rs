@@ -34,7 +34,7 @@ pub enum TrainError {
     Io(String),
     #[error(transparent)]
     Adapter(#[from] peft::AdapterError),
-    #[error("{0}")]
+    #[error("{}", crate::candle_message(.0))]
     Candle(#[from] candle_core::Error),
 }
 
@@ -120,6 +120,12 @@ pub fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
     if cfg.max_steps == Some(0) {
         return bad("--max-steps must be ≥ 1 (0 steps would write an adapter that does nothing)".into());
     }
+    if cfg.checkpoint_every == Some(0) {
+        return bad("--checkpoint-every must be ≥ 1 (optimizer steps between checkpoints)".into());
+    }
+    if !(cfg.max_grad_norm >= 0.0 && cfg.max_grad_norm.is_finite()) {
+        return bad(format!("--max-grad-norm must be a number ≥ 0 (0 = no clipping), got {}", cfg.max_grad_norm));
+    }
     if !(cfg.optim.weight_decay >= 0.0 && cfg.optim.weight_decay.is_finite()) {
         return bad(format!("--weight-decay must be a number ≥ 0, got {}", cfg.optim.weight_decay));
     }
@@ -150,6 +156,10 @@ pub fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
             ));
         }
     }
+    if cfg.checkpoint_dir.exists() && !cfg.checkpoint_dir.is_dir() {
+        return bad(format!("--checkpoint-dir {}: exists and is not a folder", cfg.checkpoint_dir.display()));
+    }
+    check_log_file(cfg)?;
     if !cfg.resume && checkpoint::latest(&cfg.checkpoint_dir).is_some() {
         return bad(format!(
             "{}: holds checkpoints of an earlier run: pass --resume to continue it, or remove the folder to start over",
@@ -179,6 +189,13 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
     }
     let (train_set, eval_set) = match &cfg.eval_data {
         Some(p) => (examples, data::load_jsonl(p, tok, max_seq_len, eos)?.0),
+        None if cfg.eval_ratio > 0.0 && examples.len() < 2 => {
+            return Err(TrainError::Config(format!(
+                "--eval-ratio {}: {} has one example, nothing to hold out for evaluation (drop --eval-ratio)",
+                cfg.eval_ratio,
+                cfg.data.display()
+            )))
+        }
         None => split(examples, cfg.eval_ratio, cfg.seed),
     };
     tracing::info!(
@@ -200,6 +217,15 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
     if cfg.resume {
         match checkpoint::restore_latest(&cfg.checkpoint_dir, &lora, &mut opt, &fp)? {
             Some(state) => {
+                let total = trainer::Schedule::new(cfg, train_set.len()).total_steps;
+                if state.step >= total {
+                    // Checkpoints are saved before the last step only: its state.json was edited.
+                    return Err(TrainError::Checkpoint(format!(
+                        "{}: the newest checkpoint is at step {}, not below this run's {total} steps",
+                        cfg.checkpoint_dir.display(),
+                        state.step
+                    )));
+                }
                 start = state.step;
                 tracing::info!(step = start, dir = %cfg.checkpoint_dir.display(), "resuming");
             }
@@ -249,8 +275,40 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
         dtype: candle_core::DType::F32,
     };
     peft::write_dir(&cfg.output, &weights, &meta)?;
-    let _ = std::fs::remove_dir_all(&cfg.checkpoint_dir);
+    checkpoint::remove_all(&cfg.checkpoint_dir);
     Ok(report)
+}
+
+/// The log file is written from the first step on: refused when it is one of the run's inputs or a file that
+/// is not a training log (a fresh run replaces a log of an earlier one; `--resume` keeps its lines).
+fn check_log_file(cfg: &TrainConfig) -> Result<(), TrainError> {
+    let log = &cfg.log_file;
+    let same = |p: &std::path::Path| match (log.canonicalize(), p.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    let inputs = std::iter::once(("--data", &cfg.data)).chain(cfg.eval_data.as_ref().map(|p| ("--eval-data", p)));
+    for (flag, input) in inputs {
+        if same(input) {
+            return Err(TrainError::Config(format!("--log-file {} is the {flag} file", log.display())));
+        }
+    }
+    if log.is_dir() {
+        return Err(TrainError::Config(format!("--log-file {}: is a folder", log.display())));
+    }
+    // A training log is JSON lines with a `step` each; anything else is somebody's file.
+    let foreign = |text: &str| {
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .any(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").cloned()).is_none())
+    };
+    match std::fs::read(log) {
+        Ok(bytes) if std::str::from_utf8(&bytes).map_or(true, foreign) => Err(TrainError::Config(format!(
+            "--log-file {}: exists and is not a training log (choose another file)",
+            log.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The JSONL training log: a new run starts it afresh; a resumed one keeps the lines of the steps up to its
