@@ -686,12 +686,21 @@ fn output_dtype(arg: Option<DTypeArg>, model: &ModelSpec) -> Result<DTypeArg> {
     }
     let ModelSpec::Dir(dir) = model else { return Ok(DTypeArg::F32) };
     let config = model::read_config(dir)?;
-    let name = ["dtype", "torch_dtype"].iter().find_map(|k| config.raw.get(*k).and_then(|v| v.as_str()));
-    Ok(match name {
-        Some("bfloat16") => DTypeArg::Bf16,
-        Some("float16") => DTypeArg::F16,
-        _ => DTypeArg::F32,
-    })
+    // transformers 5 writes `dtype`, 4.x `torch_dtype`; neither (or null) is float32, as it loads then.
+    let Some((key, v)) =
+        ["dtype", "torch_dtype"].iter().find_map(|k| config.raw.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)))
+    else {
+        return Ok(DTypeArg::F32);
+    };
+    match v.as_str() {
+        Some("float32") => Ok(DTypeArg::F32),
+        Some("bfloat16") => Ok(DTypeArg::Bf16),
+        Some("float16") => Ok(DTypeArg::F16),
+        _ => bail!(
+            "{}: `{key}` is {v}, not one of \"float32\", \"bfloat16\", \"float16\" (or give --dtype)",
+            dir.join("config.json").display()
+        ),
+    }
 }
 
 fn run_quantize(args: QuantizeArgs) -> Result<()> {
@@ -709,6 +718,9 @@ fn resolve_adapter(arg: &str, root: &std::path::Path) -> Result<std::path::PathB
     let as_dir = std::path::Path::new(arg);
     if as_dir.join("adapter_config.json").is_file() {
         return Ok(as_dir.to_path_buf());
+    }
+    if as_dir.is_file() {
+        bail!("--adapter {arg}: is a file; give the adapter's folder (the one holding adapter_config.json)");
     }
     let path_like =
         as_dir.is_absolute() || [".", ".."].contains(&arg) || arg.starts_with("./") || arg.starts_with("../");

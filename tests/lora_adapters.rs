@@ -309,8 +309,10 @@ fn refuses_unsupported_config_keys_naming_them() {
         ("init_lora_weights", json!("corda"), "changes the base"),
         ("init_lora_weights", json!("loftq"), "changes the base"),
         ("peft_type", json!("IA3"), "LORA"),
+        ("peft_type", json!(null), "missing"),
         ("target_modules", json!(5), "target_modules"),
         ("r", json!(0), "`r`"),
+        ("lora_alpha", json!(1e40), "not a finite f32"),
     ] {
         let e = broken(set(key, value.clone()), keep);
         assert!(e.contains(&format!("`{key}`")) && e.contains(words), "{key}={value}: {e}");

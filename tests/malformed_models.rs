@@ -102,6 +102,43 @@ fn missing_tensor_is_named() {
     assert!(e.contains("model.layers.2.mlp.down_proj.weight") && e.contains("not found"), "{e}");
 }
 
+/// Tensors the config gives no parameter are refused by name (layers past `num_hidden_layers`, unknown
+/// modules), not silently dropped; those transformers and vLLM skip by design (extra biases, stored rotary
+/// frequencies) load.
+#[test]
+fn tensors_the_config_does_not_describe_are_named() {
+    let extra = || Tensor::zeros(96, DType::F32, &Device::Cpu).unwrap().reshape((1, 96)).unwrap();
+    for (name, refused) in [
+        ("model.layers.3.mlp.up_proj.weight", true),
+        ("model.layers.0.mlp.foo_proj.weight", true),
+        ("model.layers.0.self_attn.q_proj.bias", false),
+        ("model.layers.0.self_attn.rotary_emb.inv_freq", false),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_model(tmp.path());
+        rewrite_weights(tmp.path(), |t| {
+            t.insert(name.into(), extra());
+        });
+        let opts = LoadOptions { dtype: DType::F32, quant: QuantMode::None, device: Device::Cpu };
+        match model::load(&ModelSpec::Dir(tmp.path().to_path_buf()), &opts) {
+            Ok(_) => assert!(!refused, "{name} was ignored"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(refused, "{name}: {e}");
+                assert!(e.contains("model.safetensors") && e.contains(name) && e.contains("not a parameter"), "{e}");
+            }
+        }
+    }
+    // A config with fewer layers than the file: the first unused layer is named.
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model(tmp.path());
+    let cfg = tmp.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"num_hidden_layers\": 3", "\"num_hidden_layers\": 2");
+    std::fs::write(&cfg, text).unwrap();
+    let e = load_err(tmp.path());
+    assert!(e.contains("model.layers.2.") && e.contains("more)"), "{e}");
+}
+
 #[test]
 fn bad_config_and_missing_shard_are_named() {
     let tmp = tempfile::tempdir().unwrap();

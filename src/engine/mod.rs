@@ -51,7 +51,11 @@ impl Engine {
     pub fn start(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> candle_core::Result<Arc<Engine>> {
         let geo = model.kv_geometry(config.block_size);
         let cache = PagedKvCache::with_budget(geo, config.kv_cache_bytes, model.device()).map_err(|e| {
-            candle_core::Error::msg(format!("allocating the {}-byte KV cache: {e}", config.kv_cache_bytes))
+            candle_core::Error::msg(format!(
+                "allocating the {}-byte KV cache: {}",
+                config.kv_cache_bytes,
+                crate::candle_message(&e)
+            ))
         })?;
         // On a GPU each host thread has its own stream: the weight uploads and the cache's zero fill issued here
         // must be done before the engine thread's stream reads them.

@@ -111,6 +111,7 @@ impl ModelConfig {
         if let Some(v) = value.get("eos_token_id") {
             if !v.is_null() {
                 self.eos_token_ids = token_id_list(v, file, "eos_token_id")?;
+                check_in_vocab(&self.eos_token_ids, self.vocab_size, file, "eos_token_id")?;
             }
         }
         Ok(())
@@ -363,6 +364,8 @@ impl Raw<'_> {
             None => Vec::new(),
             Some(v) => token_id_list(v, self.file, "eos_token_id")?,
         };
+        check_in_vocab(&eos_token_ids, vocab_size, self.file, "eos_token_id")?;
+        check_in_vocab(bos_token_id.as_slice(), vocab_size, self.file, "bos_token_id")?;
         let quantization = self.get("quantization_config").cloned();
 
         Ok(ModelConfig {
@@ -487,6 +490,18 @@ impl Raw<'_> {
             }
         };
         Ok(per_layer)
+    }
+}
+
+/// A token id the model cannot produce (or embed) is a config for another vocabulary.
+fn check_in_vocab(ids: &[u32], vocab_size: usize, file: &str, field: &str) -> Result<(), ConfigError> {
+    match ids.iter().find(|&&id| id as usize >= vocab_size) {
+        None => Ok(()),
+        Some(id) => Err(ConfigError::Invalid {
+            file: file.to_string(),
+            field: field.to_string(),
+            reason: format!("token id {id} is outside the vocabulary of {vocab_size} (vocab_size)"),
+        }),
     }
 }
 
@@ -617,6 +632,10 @@ mod tests {
         assert_eq!(c.eos_token_ids, vec![1, 7]);
         let e = c.apply_generation_config(r#"{"eos_token_id": "x"}"#, "generation_config.json").unwrap_err();
         assert!(e.to_string().contains("eos_token_id"));
+        let e = c.apply_generation_config(r#"{"eos_token_id": [1, 320]}"#, "generation_config.json").unwrap_err();
+        assert!(e.to_string().contains("eos_token_id") && e.to_string().contains("token id 320 is outside"), "{e}");
+        let e = edited(&[("bos_token_id", Some(serde_json::json!(999)))]).unwrap_err().to_string();
+        assert!(e.contains("`bos_token_id`") && e.contains("999"), "{e}");
     }
 
     /// `V5` with top-level keys replaced (`Some`) or removed (`None`).

@@ -45,7 +45,7 @@ pub enum ModelError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Quant(#[from] QuantError),
-    #[error("{0}")]
+    #[error("{}", crate::candle_message(.0))]
     Candle(#[from] candle_core::Error),
     #[error("{0}")]
     Invalid(String),
@@ -130,7 +130,14 @@ pub fn load(spec: &ModelSpec, opts: &LoadOptions) -> Result<LoadedModel, ModelEr
             let config = read_config(dir)?;
             let files = weights::SafetensorsFiles::open_dir(dir)?;
             let tokenizer = Tokenizer::from_dir(dir)?;
-            let model = build(config, &files, opts)?;
+            let tracked = weights::Tracked::new(&files);
+            let tied = config.tie_word_embeddings;
+            let model = build(config, &tracked, opts)?;
+            // Skipped by design, as transformers and vLLM skip them: biases the config gives no module (GPTQ
+            // exports, Qwen2's o_proj), old checkpoints' stored rotary frequencies, a tied model's head.
+            tracked.check_all_read(|name| {
+                name.ends_with(".bias") || name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
+            })?;
             Ok(LoadedModel { model, tokenizer, spec: spec.clone() })
         }
     }
@@ -138,7 +145,11 @@ pub fn load(spec: &ModelSpec, opts: &LoadOptions) -> Result<LoadedModel, ModelEr
 
 /// `config.json` plus `generation_config.json` (when present) of a model folder.
 pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelError> {
-    let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let file = dir.join("config.json");
+    let mut config = ModelConfig::from_file(&file)?;
+    if let Some(q) = &config.quantization {
+        crate::quant::bnb::check_quantization_config(q, &file.display().to_string())?;
+    }
     let gen = dir.join("generation_config.json");
     if gen.is_file() {
         let text = std::fs::read_to_string(&gen)
@@ -179,9 +190,6 @@ pub(crate) fn check_device(opts: &LoadOptions) -> Result<(), ModelError> {
 /// Builds the model from a weight source.
 pub fn build(config: ModelConfig, source: &dyn WeightSource, opts: &LoadOptions) -> Result<Model, ModelError> {
     check_device(opts)?;
-    if let Some(q) = &config.quantization {
-        crate::quant::bnb::check_quantization_config(q)?;
-    }
     let ld = linear::LinearLoad { source, quant: opts.quant, dtype: opts.dtype, device: &opts.device };
     Model::load(config, &ld)
 }

@@ -199,13 +199,73 @@ impl WeightSource for SafetensorsFiles {
                 ))
             }
         }
-        view.load(device).and_then(|t| t.to_dtype(dtype)).map_err(|e| WeightsError::tensor(file, name, e.to_string()))
+        view.load(device)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| WeightsError::tensor(file, name, crate::candle_message(&e)))
     }
 
     fn raw(&self, name: &str) -> Option<RawTensor<'_>> {
         let e = self.entries.get(name)?;
         let (file, mmap) = &self.files[e.file];
         Some(RawTensor { dtype: e.dtype, shape: e.shape.clone(), data: &mmap[e.start..e.end], file: file.as_str() })
+    }
+}
+
+/// A source that records which tensors a load read, so that tensors it left unused can be reported (a
+/// checkpoint with layers or modules its config does not describe is not the model the config says).
+pub struct Tracked<'a> {
+    inner: &'a SafetensorsFiles,
+    read: std::cell::RefCell<std::collections::HashSet<String>>,
+}
+
+impl<'a> Tracked<'a> {
+    pub fn new(inner: &'a SafetensorsFiles) -> Self {
+        Tracked { inner, read: Default::default() }
+    }
+
+    /// Refuses the first tensor (in name order) that no load read, unless `ignored` says the model has no use
+    /// for it by design (as transformers and vLLM skip it too).
+    pub fn check_all_read(&self, ignored: impl Fn(&str) -> bool) -> Result<(), WeightsError> {
+        let read = self.read.borrow();
+        let mut unused: Vec<&str> = self.inner.names().filter(|n| !read.contains(*n) && !ignored(n)).collect();
+        unused.sort_unstable();
+        match unused.first() {
+            None => Ok(()),
+            Some(name) => {
+                let file = self.inner.raw(name).map_or_else(|| self.inner.describe(), |r| r.file.to_string());
+                let more = match unused.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more)", n - 1),
+                };
+                Err(WeightsError::tensor(
+                    file,
+                    *name,
+                    format!(
+                        "not a parameter of the model config.json describes{more}: is the config for these weights?"
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+impl WeightSource for Tracked<'_> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, WeightsError> {
+        self.read.borrow_mut().insert(name.to_string());
+        self.inner.tensor(name, shape, dtype, device)
+    }
+
+    fn raw(&self, name: &str) -> Option<RawTensor<'_>> {
+        self.read.borrow_mut().insert(name.to_string());
+        self.inner.raw(name)
     }
 }
 

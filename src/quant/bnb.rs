@@ -21,13 +21,22 @@ fn err(file: &str, tensor: &str, reason: impl Into<String>) -> QuantError {
     QuantError::Checkpoint { file: file.to_string(), tensor: tensor.to_string(), reason: reason.into() }
 }
 
-/// Checks a `quantization_config` (as transformers writes it in `config.json`) describes NF4 weights.
-pub fn check_quantization_config(q: &Value) -> Result<(), QuantError> {
+/// A JSON value as an error shows it: its JSON text, or "nothing" when it is missing or null.
+fn shown(v: Option<&Value>) -> String {
+    v.map_or_else(|| "nothing".to_string(), Value::to_string)
+}
+
+/// Checks a `quantization_config` (as transformers writes it in `config.json`, the file `file`) describes NF4
+/// weights.
+pub fn check_quantization_config(q: &Value, file: &str) -> Result<(), QuantError> {
     let field = |k: &str| q.get(k).filter(|v| !v.is_null());
-    let bad = |k: &str, why: String| QuantError::Layout(format!("config.json: quantization_config.{k}: {why}"));
+    let bad = |k: &str, why: String| QuantError::Layout(format!("{file}: quantization_config.{k}: {why}"));
     match field("quant_method").and_then(|v| v.as_str()) {
         Some("bitsandbytes") => {}
-        other => return Err(bad("quant_method", format!("only \"bitsandbytes\" is supported, got {other:?}"))),
+        _ => {
+            let got = shown(field("quant_method"));
+            return Err(bad("quant_method", format!("only \"bitsandbytes\" is supported, got {got}")));
+        }
     }
     if field("load_in_8bit").and_then(|v| v.as_bool()) == Some(true) {
         return Err(bad("load_in_8bit", "8-bit checkpoints are not supported (NF4 only)".into()));
@@ -78,19 +87,17 @@ pub fn load_nf4(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<O
     let state: Value =
         serde_json::from_slice(qs.data).map_err(|e| err(&file, &qs_name, format!("invalid JSON: {e}")))?;
     let get = |k: &str| state.get(k).filter(|v| !v.is_null());
-    match get("quant_type").and_then(|v| v.as_str()) {
-        Some("nf4") => {}
-        other => return Err(err(&file, &qs_name, format!("quant_type {other:?}, expected \"nf4\""))),
+    if get("quant_type").and_then(|v| v.as_str()) != Some("nf4") {
+        return Err(err(&file, &qs_name, format!("quant_type {}, expected \"nf4\"", shown(get("quant_type")))));
     }
-    match get("blocksize").and_then(|v| v.as_u64()) {
-        Some(64) => {}
-        other => return Err(err(&file, &qs_name, format!("blocksize {other:?}, only 64 is supported"))),
+    if get("blocksize").and_then(|v| v.as_u64()) != Some(64) {
+        return Err(err(&file, &qs_name, format!("blocksize {}, only 64 is supported", shown(get("blocksize")))));
     }
     let stored_shape: Option<Vec<usize>> = get("shape")
         .and_then(|v| v.as_array())
         .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect());
     if stored_shape.as_deref() != Some(shape) {
-        return Err(err(&file, &qs_name, format!("shape {stored_shape:?}, expected {shape:?}")));
+        return Err(err(&file, &qs_name, format!("shape {}, expected {shape:?}", shown(get("shape")))));
     }
     let packed = u8s(&weight, name)?;
     let code_name = format!("{name}.quant_map");
@@ -100,9 +107,16 @@ pub fn load_nf4(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<O
         .map_err(|v: Vec<f32>| err(&file, &code_name, format!("{} entries, expected 16", v.len())))?;
     let absmax_name = format!("{name}.absmax");
     let absmax_raw = raw(src, &absmax_name, &file)?;
-    let absmax = if src.contains(&format!("{name}.nested_absmax")) {
+    let nested = src.contains(&format!("{name}.nested_absmax"));
+    if !nested && absmax_raw.dtype == StDtype::U8 {
+        // u8 absmax codes are double quantization's: their f32 scales are missing, not the codes wrong.
+        let what = "missing (the u8 absmax is double-quantized: its scales are needed)";
+        return Err(err(&file, &format!("{name}.nested_absmax"), what));
+    }
+    let absmax = if nested {
         if get("nested_blocksize").and_then(|v| v.as_u64()) != Some(NESTED_BLOCK as u64) {
-            return Err(err(&file, &qs_name, format!("nested_blocksize {:?}, expected 256", get("nested_blocksize"))));
+            let got = shown(get("nested_blocksize"));
+            return Err(err(&file, &qs_name, format!("nested_blocksize {got}, expected 256")));
         }
         let offset = get("nested_offset")
             .and_then(|v| v.as_f64())
@@ -235,11 +249,14 @@ mod tests {
     #[test]
     fn refuses_non_nf4_configs() {
         let mut q = quantization_config("float32");
-        assert!(check_quantization_config(&q).is_ok());
+        assert!(check_quantization_config(&q, "m/config.json").is_ok());
         q["bnb_4bit_quant_type"] = json!("fp4");
-        let e = check_quantization_config(&q).unwrap_err().to_string();
+        let e = check_quantization_config(&q, "m/config.json").unwrap_err().to_string();
         assert!(e.contains("bnb_4bit_quant_type"), "{e}");
-        let e = check_quantization_config(&json!({"quant_method": "gptq"})).unwrap_err().to_string();
-        assert!(e.contains("quant_method"), "{e}");
+        let e = check_quantization_config(&json!({"quant_method": "gptq"}), "m/config.json").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "m/config.json: quantization_config.quant_method: only \"bitsandbytes\" is supported, got \"gptq\""
+        );
     }
 }

@@ -98,7 +98,9 @@ pub fn request<T>(t: &Target, msg: T, adapter_id: Option<&str>) -> Request<T> {
             r.metadata_mut().insert("authorization", v);
         }
     }
-    if let Some(id) = adapter_id.filter(|i| !i.is_empty()) {
+    // An id no header can carry (not ASCII) goes in the body only: the server then names what is wrong with
+    // the id itself, not with a header the user never set.
+    if let Some(id) = adapter_id.filter(|i| !i.is_empty() && i.is_ascii()) {
         if let Ok(v) = MetadataValue::try_from(id) {
             r.metadata_mut().insert(super::ADAPTER_ID_HEADER, v);
         }

@@ -15,15 +15,20 @@
 //! targeted modules without tensors, shapes that disagree with the base or the configured rank, NaN/Inf.
 //! VeLoRA is served: only its backward differs (its forward is `lora_A` then `lora_B`, PEFT's
 //! `VeloraLinearVariant.forward` in eval mode), so its projections (`lora_velora_embed`) are checked, not used.
+//!
+//! [`write`] writes adapters in the same format (`server train`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use fancy_regex::Regex;
 use serde_json::{Map, Value};
 
 use super::{LinearId, LoraModule, LoraWeights, ModuleKind};
+
+mod write;
+pub use write::{config_json, write_dir, AdapterMeta};
 
 /// Errors loading an adapter. Every message names the file and the key or tensor at fault.
 #[derive(Debug, thiserror::Error)]
@@ -140,10 +145,13 @@ impl AdapterConfig {
         };
         let get = |k: &str| m.get(k).filter(|v| !v.is_null());
 
-        if let Some(t) = get("peft_type") {
-            if t.as_str() != Some("LORA") {
-                return Err(cfg_err(file, "peft_type", format!("only LORA adapters are supported, got {t}")));
+        // PEFT picks the config class by `peft_type` and refuses a config without one.
+        match get("peft_type") {
+            None => return Err(cfg_err(file, "peft_type", "missing (PEFT writes \"LORA\" for a LoRA adapter)")),
+            Some(t) if t.as_str() != Some("LORA") => {
+                return Err(cfg_err(file, "peft_type", format!("only LORA adapters are supported, got {t}")))
             }
+            Some(_) => {}
         }
         // Features whose effect loraserve cannot reproduce: refuse rather than serve something else.
         if get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
@@ -415,6 +423,10 @@ fn load_dir_with(
     device: &Device,
     parallel: bool,
 ) -> Result<LoadedAdapter, AdapterError> {
+    if dir.is_file() {
+        let reason = "is a file: an adapter is the folder holding adapter_config.json and adapter_model.safetensors";
+        return Err(AdapterError::File { file: dir.display().to_string(), reason: reason.into() });
+    }
     let cfg_path = dir.join("adapter_config.json");
     let cfg_file = cfg_path.display().to_string();
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| AdapterError::from_io(&cfg_file, e))?;
@@ -495,7 +507,15 @@ fn load_weights(
     // Shapes first (headers only): an adapter for another base usually has both wrong shapes and a different
     // layer count, and the shapes say what is wrong.
     for (id, (a_name, b_name)) in &pairs {
-        let (r, _) = config.rank_and_scale(&matcher, &id.module_path());
+        let (r, scale) = config.rank_and_scale(&matcher, &id.module_path());
+        if !scale.is_finite() {
+            // α itself is finite (checked when parsed), but α/r or α/√r does not fit the f32 the kernels use.
+            let reason = format!(
+                "the scale of {} ({scale}) is not a finite f32 (lora_alpha, or its alpha_pattern entry, is too large)",
+                id.module_path()
+            );
+            return Err(cfg_err(cfg_file, "lora_alpha", reason));
+        }
         let (in_f, out_f) = layout.dims(id.kind);
         for (name, want) in [(a_name, [r, in_f]), (b_name, [out_f, r])] {
             let Some(name) = name else { continue };
@@ -665,135 +685,4 @@ fn widen(
         }
     }
     any
-}
-
-/// Turns f32 values into a dtype's little-endian bytes.
-type Encoder = fn(&[f32]) -> Vec<u8>;
-
-/// What an adapter written by loraserve records about itself in `adapter_config.json`.
-#[derive(Clone, Debug)]
-pub struct AdapterMeta {
-    pub r: usize,
-    pub lora_alpha: f64,
-    pub use_rslora: bool,
-    pub lora_dropout: f64,
-    pub base_model_name_or_path: String,
-    /// Tensor dtype on disk (F32, BF16 or F16).
-    pub dtype: DType,
-}
-
-/// The `adapter_config.json` PEFT writes for a plain LoRA adapter with these settings and targets.
-pub fn config_json(meta: &AdapterMeta, targets: &[ModuleKind]) -> Value {
-    let mut names: Vec<&str> = targets.iter().map(|k| k.name()).collect();
-    names.sort();
-    names.dedup();
-    serde_json::json!({
-        "alpha_pattern": {},
-        "auto_mapping": null,
-        "base_model_name_or_path": meta.base_model_name_or_path,
-        "bias": "none",
-        "exclude_modules": null,
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "init_lora_weights": true,
-        "layer_replication": null,
-        "layers_pattern": null,
-        "layers_to_transform": null,
-        "loftq_config": {},
-        "lora_alpha": meta.lora_alpha,
-        "lora_bias": false,
-        "lora_dropout": meta.lora_dropout,
-        "megatron_config": null,
-        "megatron_core": "megatron.core",
-        "modules_to_save": null,
-        "peft_type": "LORA",
-        "r": meta.r,
-        "rank_pattern": {},
-        "revision": null,
-        "target_modules": names,
-        "task_type": "CAUSAL_LM",
-        "use_dora": false,
-        "use_rslora": meta.use_rslora
-    })
-}
-
-/// Writes `weights` as a PEFT adapter folder at `dir` (which must not exist): `adapter_config.json` and
-/// `adapter_model.safetensors` (f32, PEFT's tensor names). The folder is assembled under a temporary name
-/// beside `dir` and renamed into place, so a server watching the adapters root never sees half an adapter.
-pub fn write_dir(dir: &Path, weights: &LoraWeights, meta: &AdapterMeta) -> Result<(), AdapterError> {
-    let file_err = |p: &Path, e: &dyn std::fmt::Display| AdapterError::File {
-        file: p.display().to_string(),
-        reason: e.to_string(),
-    };
-    if dir.exists() {
-        return Err(file_err(dir, &"already exists"));
-    }
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| file_err(parent, &e))?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.partial-"))
-        .tempdir_in(parent)
-        .map_err(|e| file_err(parent, &e))?;
-
-    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut kinds = Vec::new();
-    for (id, m) in weights.targets() {
-        kinds.push(id.kind);
-        let (r, in_f) = m.a.dims2().map_err(|e| file_err(dir, &e))?;
-        let (_, out_f) = m.b_t.dims2().map_err(|e| file_err(dir, &e))?;
-        let f32s = |t: &Tensor| -> Result<Vec<f32>, AdapterError> {
-            t.to_device(&Device::Cpu)
-                .and_then(|t| t.to_dtype(DType::F32))
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(|e| file_err(dir, &e))
-        };
-        let a = f32s(&m.a)?;
-        let b_t = f32s(&m.b_t)?;
-        let mut b = vec![0f32; out_f * r];
-        for j in 0..r {
-            for o in 0..out_f {
-                b[o * r + j] = b_t[j * out_f + o];
-            }
-        }
-        let (st_dtype, bytes): (safetensors::Dtype, Encoder) = match meta.dtype {
-            DType::BF16 => {
-                (safetensors::Dtype::BF16, |v| v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect())
-            }
-            DType::F16 => {
-                (safetensors::Dtype::F16, |v| v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect())
-            }
-            _ => (safetensors::Dtype::F32, |v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        };
-        tensors.push((format!("base_model.model.{id}.lora_A.weight"), st_dtype, vec![r, in_f], bytes(&a)));
-        tensors.push((format!("base_model.model.{id}.lora_B.weight"), st_dtype, vec![out_f, r], bytes(&b)));
-    }
-    let views = tensors
-        .iter()
-        .map(|(n, dtype, shape, data)| {
-            safetensors::tensor::TensorView::new(*dtype, shape.clone(), data)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| file_err(dir, &e))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut md = std::collections::HashMap::new();
-    md.insert("format".to_string(), "pt".to_string());
-    let st_path = tmp.path().join("adapter_model.safetensors");
-    safetensors::serialize_to_file(views, Some(md), &st_path).map_err(|e| file_err(&st_path, &e))?;
-    let cfg_path = tmp.path().join("adapter_config.json");
-    let text = serde_json::to_string_pretty(&config_json(meta, &kinds)).expect("JSON");
-    std::fs::write(&cfg_path, text).map_err(|e| file_err(&cfg_path, &e))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&st_path, std::fs::Permissions::from_mode(0o644));
-        let _ = std::fs::set_permissions(&cfg_path, std::fs::Permissions::from_mode(0o644));
-        let _ = std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755));
-    }
-    let kept = tmp.keep();
-    std::fs::rename(&kept, dir).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&kept);
-        file_err(dir, &e)
-    })
 }
