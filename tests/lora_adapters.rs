@@ -244,6 +244,11 @@ fn merge_refuses_an_nf4_base_unless_asked_to_dequantize() {
     let run = |extra: &[&str], out: &str| {
         merge_cli(&fixture("llama-bnb-nf4/model"), &fixture("llama/adapters/qv-r4"), &tmp.path().join(out), extra)
     };
+    // An adapter's file instead of its folder is named as such.
+    let file = fixture("llama/adapters/qv-r4/adapter_config.json");
+    let o = merge_cli(&fixture("llama/model"), &file, &tmp.path().join("f"), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("is a file: an adapter is the folder"), "{err}");
     let refused = run(&[], "a");
     assert!(!refused.status.success());
     assert!(

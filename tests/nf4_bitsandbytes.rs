@@ -207,6 +207,24 @@ fn quantize_command_round_trips_bit_identically() {
         .unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    // A config dtype quantize does not know is refused, not written as float32.
+    let odd = tmp.path().join("odd");
+    copy_dir(&fixture("llama/model"), &odd);
+    let cfg = odd.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["dtype"] = "int8".into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["quantize", "--model"])
+        .arg(&odd)
+        .arg("--output")
+        .arg(tmp.path().join("odd-nf4"))
+        .env("LORASERVE_LOG", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("`dtype` is \"int8\""), "{err}");
+    assert!(!tmp.path().join("odd-nf4").exists());
 }
 
 /// Copies the bitsandbytes checkpoint, applying `edit` to its tensors.
@@ -241,13 +259,18 @@ fn malformed_nf4_checkpoints_are_refused_naming_the_tensor() {
     });
     assert!(e.contains(w) && e.contains("quant_state"), "{e}");
     let (_t, e) = broken_bnb(|t| set_state(t, w, "\"blocksize\": 64", "\"blocksize\": 128"));
-    assert!(e.contains(w) && e.contains("blocksize"), "{e}");
+    assert!(e.contains(w) && e.contains("blocksize 128, only 64"), "{e}");
     let (_t, e) = broken_bnb(|t| set_state(t, w, "\"quant_type\": \"nf4\"", "\"quant_type\": \"fp4\""));
     assert!(e.contains(w) && e.contains("quant_type"), "{e}");
     let (_t, e) = broken_bnb(|t| {
         t.remove(&format!("{w}.nested_quant_map"));
     });
     assert!(e.contains(&format!("{w}.nested_quant_map")), "{e}");
+    // Double quantization's scales missing: named, not blamed on the u8 absmax codes.
+    let (_t, e) = broken_bnb(|t| {
+        t.remove(&format!("{w}.nested_absmax"));
+    });
+    assert!(e.contains(&format!("{w}.nested_absmax")) && e.contains("missing"), "{e}");
 }
 
 /// NF4 end to end on every fixture model, two ways:

@@ -1,0 +1,121 @@
+//! The `server` binary as a process: SIGTERM drains in-flight requests and exits 0, the bundled client's
+//! error texts, and `serve` settings refused at start with one line naming the flag.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use loraserve::server::proto::lora_serve_client::LoraServeClient;
+use loraserve::server::proto::GenerateRequest;
+
+/// SIGTERM: the in-flight request completes, the process exits 0; on the way, the bundled client's output into
+/// a closed pipe and its message for an adapter id no header can carry.
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--adapters"])
+        .arg(tmp.path())
+        .env("LORASERVE_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut addr = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains("serving") {
+            let i = line.find("grpc=").unwrap() + 5;
+            addr = Some(
+                line[i..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
+                    .to_string(),
+            );
+            break;
+        }
+    }
+    let addr = addr.expect("server printed its address");
+    // `server client generate … | head -0`: output into a pipe nobody reads is no error (no panic, exit 0).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["client", "--addr", &addr, "generate", "--prompt", "Hello", "--max-new-tokens", "2"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert!(o.status.success() && o.stderr.is_empty(), "{o:?}");
+    // An id no header can carry: the server names what is wrong with the id, not a header the user never set.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["client", "--addr", &addr, "generate", "--adapter", "ünï", "--prompt", "Hello"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("INVALID_ARGUMENT") && err.contains("'ü'"), "{err}");
+    assert!(!err.contains("x-adapter-id"), "{err}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let running = rt.spawn(async move {
+        let mut c = LoraServeClient::connect(format!("http://{addr}")).await.unwrap();
+        c.generate(GenerateRequest { prompt: "Hello".into(), max_new_tokens: 200, ..Default::default() }).await
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let r = rt.block_on(running).unwrap().expect("in-flight request completed during the drain");
+    assert_eq!(r.into_inner().token_ids.len(), 200);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+}
+
+/// `server serve` settings that could only refuse every request are refused at start, naming the flag; so
+/// are a missing adapters root and a TLS file that is not PEM.
+#[test]
+fn serve_refuses_settings_that_refuse_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let not_pem = tmp.path().join("cert.txt");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let tls = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tls");
+    let missing = tmp.path().join("no-such-adapters");
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (vec!["--max-new-tokens-cap".into(), "0".into()], "--max-new-tokens-cap must be at least 1".into()),
+        (vec!["--max-queue".into(), "0".into()], "--max-queue must be at least 1".into()),
+        (vec!["--kv-cache-bytes".into(), "0".into()], "--kv-cache-bytes must be at least 1".into()),
+        (
+            vec![
+                "--tls-cert".into(),
+                not_pem.display().to_string(),
+                "--tls-key".into(),
+                tls.join("server.key").display().to_string(),
+            ],
+            format!("--tls-cert {}: no PEM block", not_pem.display()),
+        ),
+        (
+            vec![
+                "--adapters".into(),
+                missing.display().to_string(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--metrics-listen".into(),
+                "127.0.0.1:0".into(),
+            ],
+            format!("{}: the adapters root does not exist", missing.display()),
+        ),
+    ];
+    for (args, words) in cases {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+            .arg("serve")
+            .args(&args)
+            .env("LORASERVE_LOG", "off")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} started");
+        assert!(err.contains(&words), "{args:?}: {err}");
+    }
+    assert!(!missing.exists(), "the missing adapters root was created");
+}
