@@ -40,6 +40,8 @@ pub fn candle_message(e: &candle_core::Error) -> String {
         Error::WithBacktrace { inner, .. } => candle_message(inner),
         Error::Context { inner, context } => format!("{context}\n{}", candle_message(inner)),
         Error::WithPath { inner, path } => format!("path: {path:?} {}", candle_message(inner)),
+        // Printed by candle with Debug forms: the context, then the error's own message.
+        Error::WrappedContext { wrapped, context } => format!("{context}: {wrapped}"),
         e => e.to_string(),
     }
 }
@@ -59,5 +61,7 @@ mod tests {
         assert_eq!(super::candle_message(&e), "shape mismatch");
         let e = with_bt(Error::Msg("no such tensor".into())).with_path("/m/x.safetensors").context("loading");
         assert_eq!(super::candle_message(&e), "loading\npath: \"/m/x.safetensors\" no such tensor");
+        let e = Error::WrappedContext { wrapped: "disk full".into(), context: "saving".into() };
+        assert_eq!(super::candle_message(&e), "saving: disk full");
     }
 }

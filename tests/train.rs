@@ -332,6 +332,10 @@ fn resume_after_sigkill_is_bit_for_bit() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("at step 12, not below this run's 12 steps"), "{err}");
     assert_eq!(std::fs::read(&log).unwrap(), log_before, "the refused resume left the log alone");
+    // A line the kill cut short is still the log's (and dropped by the resume below).
+    let mut cut = log_before.clone();
+    cut.extend_from_slice(b"{\"step\": 7, \"lo");
+    std::fs::write(&log, cut).unwrap();
     let o = server().args(train_args(&data, &resumed)).args(extra).arg("--resume").output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("resuming"), "it resumed from a checkpoint");
@@ -389,7 +393,9 @@ fn bad_settings_are_refused_by_flag() {
     let readme = tmp.path().join("README.md");
     std::fs::write(&readme, "# notes\n").unwrap();
     let readme = readme.display().to_string();
-    let cases: [(&[&str], &str); 13] = [
+    let folder = tmp.path().display().to_string();
+    let cases: [(&[&str], &str); 14] = [
+        (&["--log-file", &folder], "exists and is not a regular file"),
         (&["--max-steps", "0"], "--max-steps must be ≥ 1"),
         (&["--checkpoint-every", "0"], "--checkpoint-every must be ≥ 1"),
         (&["--max-grad-norm=-1"], "--max-grad-norm must be a number ≥ 0"),
@@ -432,7 +438,9 @@ fn checkpoints_go_and_nothing_else_does() {
     let data = tmp.path().join("d.jsonl");
     write_task(&data, 8, 1);
     let ckpt = tmp.path().join("work");
-    std::fs::create_dir_all(ckpt.join("notes")).unwrap();
+    for dir in ["notes", "step-by-step", "step-1-results"] {
+        std::fs::create_dir_all(ckpt.join(dir)).unwrap();
+    }
     std::fs::write(ckpt.join("important.txt"), "keep").unwrap();
     let out = tmp.path().join("out");
     let o = server()
@@ -446,7 +454,11 @@ fn checkpoints_go_and_nothing_else_does() {
     let mut left: Vec<String> =
         std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     left.sort();
-    assert_eq!(left, ["important.txt", "notes"], "only the run's own checkpoints were removed");
+    assert_eq!(
+        left,
+        ["important.txt", "notes", "step-1-results", "step-by-step"],
+        "only the run's own checkpoints were removed"
+    );
 
     let one = tmp.path().join("one.jsonl");
     std::fs::write(&one, "{\"prompt\": \"a:\", \"completion\": \" b\"}\n").unwrap();

@@ -104,17 +104,30 @@ impl ModelConfig {
         Self::from_json_str(&text, &file)
     }
 
-    /// Applies `generation_config.json` (its `eos_token_id`, single or list, wins over config.json's).
-    pub fn apply_generation_config(&mut self, text: &str, file: &str) -> Result<(), ConfigError> {
+    /// Applies `generation_config.json` (its `eos_token_id`, single or list, wins over config.json's); returns
+    /// whether it set the end-of-sequence ids.
+    pub fn apply_generation_config(&mut self, text: &str, file: &str) -> Result<bool, ConfigError> {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| ConfigError::Json { file: file.to_string(), reason: e.to_string() })?;
-        if let Some(v) = value.get("eos_token_id") {
-            if !v.is_null() {
+        match value.get("eos_token_id").filter(|v| !v.is_null()) {
+            Some(v) => {
                 self.eos_token_ids = token_id_list(v, file, "eos_token_id")?;
-                check_in_vocab(&self.eos_token_ids, self.vocab_size, file, "eos_token_id")?;
+                Ok(true)
             }
+            None => Ok(false),
         }
-        Ok(())
+    }
+
+    /// Refuses end-of-sequence ids outside the vocabulary (`file` set them): a config for another vocabulary.
+    pub fn check_eos_in_vocab(&self, file: &str) -> Result<(), ConfigError> {
+        match self.eos_token_ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            None => Ok(()),
+            Some(id) => Err(ConfigError::Invalid {
+                file: file.to_string(),
+                field: "eos_token_id".into(),
+                reason: format!("token id {id} is outside the vocabulary of {} (vocab_size)", self.vocab_size),
+            }),
+        }
     }
 
     /// Number of query heads that share one key/value head.
@@ -336,7 +349,7 @@ impl Raw<'_> {
                 .ok_or_else(|| self.invalid("rms_norm_eps", format!("expected a positive number, got {v}")))?,
         };
 
-        let (rope_theta, rope_scaling) = self.rope()?;
+        let (rope_theta, rope_scaling) = self.rope(max_position_embeddings)?;
 
         let attention_bias = self.bool_or("attention_bias", false)?;
         let (qkv_bias, o_bias, mlp_bias) = match family {
@@ -364,8 +377,6 @@ impl Raw<'_> {
             None => Vec::new(),
             Some(v) => token_id_list(v, self.file, "eos_token_id")?,
         };
-        check_in_vocab(&eos_token_ids, vocab_size, self.file, "eos_token_id")?;
-        check_in_vocab(bos_token_id.as_slice(), vocab_size, self.file, "bos_token_id")?;
         let quantization = self.get("quantization_config").cloned();
 
         Ok(ModelConfig {
@@ -396,9 +407,11 @@ impl Raw<'_> {
     /// `rope_parameters` (transformers 5.x) or `rope_theta` + `rope_scaling` (4.x). As transformers 5 reads
     /// them: a `rope_scaling` wins over `rope_parameters`, and a `rope_theta` missing from the parameters is
     /// taken from the top level, else the class default (10000 for all three families).
-    fn rope(&self) -> Result<(f64, RopeScaling), ConfigError> {
+    fn rope(&self, max_position_embeddings: usize) -> Result<(f64, RopeScaling), ConfigError> {
         let empty = Map::new();
-        let (params, prefix) = match (self.get("rope_scaling"), self.get("rope_parameters")) {
+        // An empty `rope_scaling` is absent (transformers: `rope_scaling or rope_parameters`).
+        let scaling = self.get("rope_scaling").filter(|v| v.as_object().is_none_or(|o| !o.is_empty()));
+        let (params, prefix) = match (scaling, self.get("rope_parameters")) {
             (Some(Value::Object(p)), _) => (p, "rope_scaling"),
             (Some(v), _) => return Err(self.invalid("rope_scaling", format!("expected an object, got {v}"))),
             (None, Some(Value::Object(p))) => (p, "rope_parameters"),
@@ -440,7 +453,22 @@ impl Raw<'_> {
                 factor: req("factor")?,
                 low_freq_factor: req("low_freq_factor")?,
                 high_freq_factor: req("high_freq_factor")?,
-                original_max_position_embeddings: req("original_max_position_embeddings")?,
+                // As transformers 5: a top-level value wins (Phi-3 style), else the parameters', else the
+                // model's context (transformers 4 required it).
+                original_max_position_embeddings: match self.f64_in(
+                    self.map,
+                    "original_max_position_embeddings",
+                    "original_max_position_embeddings",
+                )? {
+                    Some(v) => v,
+                    None => self
+                        .f64_in(
+                            params,
+                            "original_max_position_embeddings",
+                            &format!("{prefix}.original_max_position_embeddings"),
+                        )?
+                        .unwrap_or(max_position_embeddings as f64),
+                },
             },
             other => {
                 return Err(self.invalid(
@@ -490,18 +518,6 @@ impl Raw<'_> {
             }
         };
         Ok(per_layer)
-    }
-}
-
-/// A token id the model cannot produce (or embed) is a config for another vocabulary.
-fn check_in_vocab(ids: &[u32], vocab_size: usize, file: &str, field: &str) -> Result<(), ConfigError> {
-    match ids.iter().find(|&&id| id as usize >= vocab_size) {
-        None => Ok(()),
-        Some(id) => Err(ConfigError::Invalid {
-            file: file.to_string(),
-            field: field.to_string(),
-            reason: format!("token id {id} is outside the vocabulary of {vocab_size} (vocab_size)"),
-        }),
     }
 }
 
@@ -632,10 +648,10 @@ mod tests {
         assert_eq!(c.eos_token_ids, vec![1, 7]);
         let e = c.apply_generation_config(r#"{"eos_token_id": "x"}"#, "generation_config.json").unwrap_err();
         assert!(e.to_string().contains("eos_token_id"));
-        let e = c.apply_generation_config(r#"{"eos_token_id": [1, 320]}"#, "generation_config.json").unwrap_err();
-        assert!(e.to_string().contains("eos_token_id") && e.to_string().contains("token id 320 is outside"), "{e}");
-        let e = edited(&[("bos_token_id", Some(serde_json::json!(999)))]).unwrap_err().to_string();
-        assert!(e.contains("`bos_token_id`") && e.contains("999"), "{e}");
+        assert!(c.apply_generation_config(r#"{"eos_token_id": [1, 320]}"#, "generation_config.json").unwrap());
+        let e = c.check_eos_in_vocab("generation_config.json").unwrap_err().to_string();
+        assert!(e.contains("`eos_token_id`") && e.contains("token id 320 is outside"), "{e}");
+        assert!(!c.apply_generation_config(r#"{"eos_token_id": null}"#, "generation_config.json").unwrap());
     }
 
     /// `V5` with top-level keys replaced (`Some`) or removed (`None`).
@@ -684,6 +700,8 @@ mod tests {
             edited(&e).unwrap().sliding_window
         };
         assert_eq!(slide(&[]), vec![None; 3]);
+        let deep = slide(&[("num_hidden_layers", Some(json!(30)))]);
+        assert_eq!((deep[27], deep[28], deep[29]), (None, Some(4096), Some(4096)), "from layer 28 on");
         assert_eq!(slide(&[("max_window_layers", Some(json!(1)))]), vec![None, Some(4096), Some(4096)]);
         assert_eq!(
             slide(&[("max_window_layers", Some(json!(0))), ("sliding_window", Some(json!(64)))]),
@@ -708,6 +726,15 @@ mod tests {
         let c = edited(&[("rope_parameters", Some(json!({"rope_type": "default"}))), ("rope_theta", Some(json!(1e6)))])
             .unwrap();
         assert_eq!(c.rope_theta, 1e6);
+        // An empty rope_scaling is absent.
+        let c = edited(&[("rope_scaling", Some(json!({})))]).unwrap();
+        assert_eq!((c.rope_scaling, c.rope_theta), (RopeScaling::Default, 500000.0));
+        // llama3 without original_max_position_embeddings: the model's context, as transformers 5 fills it.
+        let llama3 = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0});
+        let c = edited(&[("rope_parameters", Some(llama3))]).unwrap();
+        assert!(
+            matches!(c.rope_scaling, RopeScaling::Llama3 { original_max_position_embeddings, .. } if original_max_position_embeddings == 512.0)
+        );
         for (params, words) in [
             (json!({"rope_type": "linear", "type": "dynamic", "factor": 2.0}), "disagrees with rope_parameters.type"),
             (json!({"rope_type": null, "type": "linear", "factor": 2.0}), "disagrees"),

@@ -192,9 +192,19 @@ impl Model {
             });
         }
         let norm = src.tensor("model.norm.weight", &[h], dtype, device)?;
-        // Tied: the embedding is the head, as transformers and vLLM tie it, also when the file carries an
-        // `lm_head.weight` of its own (ignored there too).
+        // Tied: the embedding is the head. A file that also carries an `lm_head.weight` of other values is
+        // ambiguous (transformers 4 and vLLM use the embedding, transformers 5 the file's head): refused.
         let lm_head = if c.tie_word_embeddings {
+            if src.contains("lm_head.weight") {
+                let head = src.tensor("lm_head.weight", &[c.vocab_size, h], embed.dtype(), device)?;
+                let same = head.eq(&embed)?.flatten_all()?.min(0)?.to_scalar::<u8>()? == 1;
+                if !same {
+                    return Err(ModelError::Invalid(format!(
+                        "{}: `tie_word_embeddings` is true but the checkpoint's lm_head.weight differs from model.embed_tokens.weight (transformers 4 and vLLM would use the embedding, transformers 5 the head): set tie_word_embeddings to false to use the head, or drop it from the file",
+                        src.describe()
+                    )));
+                }
+            }
             embed.clone()
         } else {
             src.tensor("lm_head.weight", &[c.vocab_size, h], table_dtype(src, "lm_head.weight", dtype, device), device)?
@@ -469,16 +479,22 @@ mod tests {
         }
     }
 
-    /// With `tie_word_embeddings` the embedding is the head, also when the file carries an `lm_head.weight`
-    /// (transformers and vLLM ignore it too); a written checkpoint then has no head of its own.
+    /// With `tie_word_embeddings` the embedding is the head; a file that also has an `lm_head.weight` of other
+    /// values is refused (transformers versions disagree on it), one equal to the embedding loads; a written
+    /// checkpoint has no head of its own.
     #[test]
-    fn a_tied_head_is_the_embedding_even_beside_a_head_in_the_file() {
+    fn a_tied_head_is_the_embedding_and_a_different_head_beside_it_is_refused() {
         let untied = crate::model::demo::config();
         assert!(!untied.tie_word_embeddings);
         let with_head = crate::model::demo::random_weights(&untied, 3, 0.02, "t").unwrap();
-        let tied = ModelConfig { tie_word_embeddings: true, ..untied };
+        let tied = ModelConfig { tie_word_embeddings: true, ..untied.clone() };
         let opts = crate::model::LoadOptions { quant: crate::quant::QuantMode::None, ..Default::default() };
-        let m = crate::model::build(tied, &with_head, &opts).unwrap();
+        let e = crate::model::build(tied.clone(), &with_head, &opts).err().expect("refused").to_string();
+        assert!(e.contains("`tie_word_embeddings`") && e.contains("differs"), "{e}");
+        let shape = [tied.vocab_size, tied.hidden_size];
+        let embed = with_head.tensor("model.embed_tokens.weight", &shape, DType::F32, &Device::Cpu).unwrap();
+        let equal = with_head.with("lm_head.weight", embed);
+        let m = crate::model::build(tied, &equal, &opts).unwrap();
         let same = m.lm_head.eq(&m.embed).unwrap().flatten_all().unwrap().min(0).unwrap().to_scalar::<u8>().unwrap();
         assert_eq!(same, 1, "the head is not the embedding");
         assert!(m.other_tensors().unwrap().iter().all(|(n, _)| n != "lm_head.weight"));

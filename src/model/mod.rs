@@ -131,13 +131,10 @@ pub fn load(spec: &ModelSpec, opts: &LoadOptions) -> Result<LoadedModel, ModelEr
             let files = weights::SafetensorsFiles::open_dir(dir)?;
             let tokenizer = Tokenizer::from_dir(dir)?;
             let tracked = weights::Tracked::new(&files);
-            let tied = config.tie_word_embeddings;
             let model = build(config, &tracked, opts)?;
             // Skipped by design, as transformers and vLLM skip them: biases the config gives no module (GPTQ
-            // exports, Qwen2's o_proj), old checkpoints' stored rotary frequencies, a tied model's head.
-            tracked.check_all_read(|name| {
-                name.ends_with(".bias") || name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
-            })?;
+            // exports, Qwen2's o_proj) and old checkpoints' stored rotary frequencies.
+            tracked.check_all_read(|name| name.ends_with(".bias") || name.ends_with("rotary_emb.inv_freq"))?;
             Ok(LoadedModel { model, tokenizer, spec: spec.clone() })
         }
     }
@@ -151,11 +148,16 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelError> {
         crate::quant::bnb::check_quantization_config(q, &file.display().to_string())?;
     }
     let gen = dir.join("generation_config.json");
+    let mut eos_from = file;
     if gen.is_file() {
         let text = std::fs::read_to_string(&gen)
             .map_err(|e| ConfigError::Io { file: gen.display().to_string(), reason: e.to_string() })?;
-        config.apply_generation_config(&text, &gen.display().to_string())?;
+        if config.apply_generation_config(&text, &gen.display().to_string())? {
+            eos_from = gen;
+        }
     }
+    // The ids generation stops at, wherever they came from, must be tokens the model can produce.
+    config.check_eos_in_vocab(&eos_from.display().to_string())?;
     Ok(config)
 }
 

@@ -57,6 +57,27 @@ impl Tokenizer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(TokenizerError::Load { file: jinja.display().to_string(), reason: e.to_string() }),
         }
+        // transformers 5 saves named templates as `additional_chat_templates/<name>.jinja`; the one named
+        // "default" (if any) is the chat template when there is no other.
+        let extra = dir.join("additional_chat_templates");
+        if tok.chat_template.is_none() && extra.is_dir() {
+            let read_err =
+                |e: std::io::Error| TokenizerError::Load { file: extra.display().to_string(), reason: e.to_string() };
+            let mut names: Vec<String> = std::fs::read_dir(&extra)
+                .map_err(read_err)?
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_suffix(".jinja").map(str::to_string))
+                .collect();
+            names.sort();
+            if names.iter().any(|n| n == "default") {
+                let file = extra.join("default.jinja");
+                let template = std::fs::read_to_string(&file)
+                    .map_err(|e| TokenizerError::Load { file: file.display().to_string(), reason: e.to_string() })?;
+                tok.chat_template = Some(template);
+            } else {
+                tok.chat_template_names.extend(names);
+            }
+        }
         Ok(tok)
     }
 
@@ -200,6 +221,13 @@ mod tests {
         assert_eq!(Tokenizer::from_dir(dir.path()).unwrap().chat_template.as_deref(), Some("from config"));
         std::fs::write(dir.path().join("chat_template.jinja"), "from file").unwrap();
         assert_eq!(Tokenizer::from_dir(dir.path()).unwrap().chat_template.as_deref(), Some("from file"));
+        // transformers 5's named templates, none the default: named for the error.
+        let named = tempfile::tempdir().unwrap();
+        std::fs::write(named.path().join("tokenizer.json"), super::super::demo::TOKENIZER_JSON).unwrap();
+        std::fs::create_dir(named.path().join("additional_chat_templates")).unwrap();
+        std::fs::write(named.path().join("additional_chat_templates/tool_use.jinja"), "T").unwrap();
+        let t = Tokenizer::from_dir(named.path()).unwrap();
+        assert_eq!((t.chat_template, t.chat_template_names), (None, vec!["tool_use".to_string()]));
         let side = super::super::checkpoint::side_files_of_dir(dir.path()).unwrap();
         assert!(side.iter().any(|(n, b)| n == "chat_template.jinja" && b == b"from file"));
     }

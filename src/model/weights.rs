@@ -283,6 +283,12 @@ impl InMemoryWeights {
     pub fn new(name: impl Into<String>, tensors: HashMap<String, Tensor>) -> Self {
         Self { name: name.into(), tensors }
     }
+
+    /// The same weights with tensor `name` set to `t` (added or replaced).
+    pub fn with(mut self, name: &str, t: Tensor) -> Self {
+        self.tensors.insert(name.to_string(), t);
+        self
+    }
 }
 
 impl WeightSource for InMemoryWeights {

@@ -23,6 +23,16 @@ pub struct State {
     pub fingerprint: String,
 }
 
+/// Whether a folder name is one this module writes: `step-<8+ digits>` (a checkpoint) or
+/// `.step-<digits>.partial-…` (one being written, or moved aside). Nothing else in the folder is touched.
+fn is_ours(name: &str, complete: bool) -> bool {
+    let digits = |s: &str| s.len() >= 8 && s.bytes().all(|b| b.is_ascii_digit());
+    if let Some(n) = name.strip_prefix("step-") {
+        return digits(n);
+    }
+    !complete && name.strip_prefix(".step-").and_then(|n| n.split_once(".partial-")).is_some_and(|(n, _)| digits(n))
+}
+
 fn err(p: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Checkpoint(format!("{}: {e}", p.display()))
 }
@@ -39,7 +49,7 @@ pub fn save(dir: &Path, state: &State, lora: &TrainableLora, opt: &AdamW) -> Res
         tensors.insert(format!("adam_v.{i}"), opt.v[i].clone());
     }
     let st = tmp.path().join("tensors.safetensors");
-    candle_core::safetensors::save(&tensors, &st).map_err(|e| err(&st, e))?;
+    candle_core::safetensors::save(&tensors, &st).map_err(|e| err(&st, crate::candle_message(&e)))?;
     let js = tmp.path().join("state.json");
     std::fs::write(&js, serde_json::to_string_pretty(state).expect("JSON")).map_err(|e| err(&js, e))?;
     let final_path = dir.join(&name);
@@ -59,26 +69,27 @@ pub fn save(dir: &Path, state: &State, lora: &TrainableLora, opt: &AdamW) -> Res
     for entry in std::fs::read_dir(dir).map_err(|e| err(dir, e))?.flatten() {
         let (path, file_name) = (entry.path(), entry.file_name());
         let n = file_name.to_string_lossy();
-        if path != final_path && (n.starts_with("step-") || (n.starts_with(".step-") && n.contains(".partial-"))) {
+        if path != final_path && is_ours(&n, false) {
             let _ = std::fs::remove_dir_all(path);
         }
     }
     Ok(final_path)
 }
 
-/// Removes the checkpoints in `dir` (complete and partial), then `dir` itself if nothing else is in it: a
-/// folder the user named may hold other files, which stay.
-pub fn remove_all(dir: &Path) {
+/// Removes the checkpoints in `dir` (complete and partial), then `dir` itself if the run created it and
+/// nothing else is in it: a folder the user named may hold other files, which stay.
+pub fn remove_all(dir: &Path, created: bool) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let n = entry.file_name();
         let n = n.to_string_lossy();
-        let ours = n.starts_with("step-") || (n.starts_with(".step-") && n.contains(".partial-"));
-        if ours && entry.file_type().is_ok_and(|t| t.is_dir()) {
+        if is_ours(&n, false) && entry.file_type().is_ok_and(|t| t.is_dir()) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-    let _ = std::fs::remove_dir(dir);
+    if created {
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 /// The newest complete checkpoint in `dir`, if any.
@@ -93,8 +104,7 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>, TrainError> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-"))
-                && p.join("state.json").is_file()
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| is_ours(n, true)) && p.join("state.json").is_file()
         })
         .collect();
     v.sort();
@@ -119,16 +129,19 @@ pub fn restore_latest(
         )));
     }
     let st = path.join("tensors.safetensors");
-    let tensors = candle_core::safetensors::load(&st, &Device::Cpu).map_err(|e| err(&st, e))?;
+    let tensors = candle_core::safetensors::load(&st, &Device::Cpu).map_err(|e| err(&st, crate::candle_message(&e)))?;
     let get = |k: String| tensors.get(&k).cloned().ok_or_else(|| err(&st, format!("missing tensor {k}")));
     for (i, v) in lora.vars().iter().enumerate() {
         let p = get(format!("param.{i}"))?;
         if p.dims() != v.dims() {
             return Err(err(&st, format!("param.{i} has shape {:?}, expected {:?}", p.dims(), v.dims())));
         }
-        v.set(&p.to_device(v.device()).map_err(|e| err(&st, e))?).map_err(|e| err(&st, e))?;
-        opt.m[i] = get(format!("adam_m.{i}"))?.to_device(v.device()).map_err(|e| err(&st, e))?;
-        opt.v[i] = get(format!("adam_v.{i}"))?.to_device(v.device()).map_err(|e| err(&st, e))?;
+        v.set(&p.to_device(v.device()).map_err(|e| err(&st, crate::candle_message(&e)))?)
+            .map_err(|e| err(&st, crate::candle_message(&e)))?;
+        opt.m[i] =
+            get(format!("adam_m.{i}"))?.to_device(v.device()).map_err(|e| err(&st, crate::candle_message(&e)))?;
+        opt.v[i] =
+            get(format!("adam_v.{i}"))?.to_device(v.device()).map_err(|e| err(&st, crate::candle_message(&e)))?;
     }
     opt.step = state.step;
     lora.set_rng_state(state.dropout_rng.clone());

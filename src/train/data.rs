@@ -160,26 +160,19 @@ fn example(
     eos: u32,
 ) -> Result<Example, String> {
     let Some(obj) = v.as_object() else { return Err("each line must be a JSON object".into()) };
-    // One format per line: which one would win is not something a dataset should rely on.
-    let formats: Vec<&str> = [
-        ("`messages`", &["messages"][..]),
-        ("`prompt`/`completion`", &["prompt", "completion"]),
-        ("`text`", &["text"]),
-    ]
-    .iter()
-    .filter(|(_, keys)| keys.iter().any(|k| obj.contains_key(*k)))
-    .map(|(name, _)| *name)
-    .collect();
-    if formats.len() > 1 {
-        return Err(format!("has the keys of {} formats ({}): give one per line", formats.len(), formats.join(", ")));
+    // A `messages` list wins over other columns, as chat datasets carry them (ultrachat's `prompt` and
+    // `prompt_id`); `text` beside a prompt/completion pair is ambiguous. `null` columns are absent.
+    let has = |k: &str| obj.get(k).is_some_and(|v| !v.is_null());
+    if !has("messages") && has("text") && (has("prompt") || has("completion")) {
+        return Err("has both `text` and `prompt`/`completion`: give one format per line".into());
     }
-    if obj.contains_key("messages") {
+    if has("messages") {
         // The line's own mistakes first: they hold whatever the template.
         let list = check_messages(&obj["messages"])?;
         let chat = chat.get_or_init(|| ChatRenderer::new(tok)).as_ref().map_err(Clone::clone)?;
         return chat.example(list, tok);
     }
-    if obj.contains_key("prompt") || obj.contains_key("completion") {
+    if has("prompt") || has("completion") {
         let prompt = encode(tok, str_field(v, "prompt")?, true)?;
         let completion = str_field(v, "completion")?;
         if completion.is_empty() {
@@ -193,7 +186,7 @@ fn example(
         ids.push(eos);
         return Ok(Example { ids, targets });
     }
-    if obj.contains_key("text") {
+    if has("text") {
         let text = str_field(v, "text")?;
         if text.is_empty() {
             return Err("field `text` is empty".into());
@@ -317,6 +310,20 @@ mod tests {
         assert_eq!(target_text.len(), 3);
     }
 
+    /// Chat datasets carry other columns beside `messages` (ultrachat: `prompt`, `prompt_id`): the conversation
+    /// is the example. Exports of merged datasets write absent columns as `null`.
+    #[test]
+    fn messages_win_over_other_columns_and_null_columns_are_absent() {
+        let conv = r#"[{"role": "user", "content": "q"}, {"role": "assistant", "content": "A"}]"#;
+        let plain = parse(&format!("{{\"messages\": {conv}}}\n"), None).unwrap().0;
+        let ultrachat = parse(&format!("{{\"prompt\": \"q\", \"prompt_id\": \"ab12\", \"messages\": {conv}}}\n"), None);
+        assert_eq!(ultrachat.unwrap().0, plain);
+        let pc = parse("{\"prompt\": \"hi\", \"completion\": \"yo\"}\n", None).unwrap().0;
+        let with_null =
+            parse("{\"prompt\": \"hi\", \"completion\": \"yo\", \"text\": null, \"messages\": null}\n", None);
+        assert_eq!(with_null.unwrap().0, pc);
+    }
+
     /// transformers' `{% generation %}` blocks (whitespace control included) render as plain text; a template
     /// is compiled only for `{"messages"}` lines, so text data trains whatever the template holds.
     #[test]
@@ -365,7 +372,7 @@ mod tests {
             (
                 "{\"text\": \"a\", \"prompt\": \"p\", \"completion\": \"c\"}\n",
                 1,
-                "2 formats (`prompt`/`completion`, `text`)",
+                "both `text` and `prompt`/`completion`",
             ),
         ];
         for (text, line, words) in cases {

@@ -177,6 +177,13 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
         .eos_token_ids
         .first()
         .ok_or_else(|| TrainError::Config("the model has no eos_token_id".into()))?;
+    // Every example ends with `eos`: say so when the tokenizer's own end-of-sequence token is another one (a
+    // config without the key gets its class default, which may not be this vocabulary's).
+    if let Some((name, id)) = tok.eos_token.as_deref().and_then(|t| Some((t, tok.token_to_id(t)?))) {
+        if !model.config().eos_token_ids.contains(&id) {
+            tracing::warn!(eos, tokenizer_eos = name, tokenizer_eos_id = id, "examples end with the config's end-of-sequence id, not the tokenizer's eos_token; check eos_token_id in config.json / generation_config.json");
+        }
+    }
     // Without --max-seq-len, examples are cut at the model's context, as positions past it were never trained.
     let max_seq_len = Some(cfg.max_seq_len.unwrap_or(model.config().max_position_embeddings));
     let (examples, stats) = data::load_jsonl(&cfg.data, tok, max_seq_len, eos)?;
@@ -208,6 +215,7 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
         "data loaded"
     );
 
+    let checkpoint_dir_existed = cfg.checkpoint_dir.exists();
     let layout = model.lora_layout();
     let lora = TrainableLora::init(&layout, cfg.lora.clone(), cfg.seed, model.device())?;
     let vars = lora.vars();
@@ -275,7 +283,8 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
         dtype: candle_core::DType::F32,
     };
     peft::write_dir(&cfg.output, &weights, &meta)?;
-    checkpoint::remove_all(&cfg.checkpoint_dir);
+    // The folder goes too if this job made it: this run, or the interrupted one it resumed.
+    checkpoint::remove_all(&cfg.checkpoint_dir, !checkpoint_dir_existed || cfg.resume);
     Ok(report)
 }
 
@@ -293,14 +302,22 @@ fn check_log_file(cfg: &TrainConfig) -> Result<(), TrainError> {
             return Err(TrainError::Config(format!("--log-file {} is the {flag} file", log.display())));
         }
     }
-    if log.is_dir() {
-        return Err(TrainError::Config(format!("--log-file {}: is a folder", log.display())));
+    match std::fs::symlink_metadata(log) {
+        // Replaced by a rename when the run starts: a folder, a device, a pipe or a link is not a log.
+        Ok(m) if !m.file_type().is_file() => {
+            return Err(TrainError::Config(format!("--log-file {}: exists and is not a regular file", log.display())))
+        }
+        _ => {}
     }
-    // A training log is JSON lines with a `step` each; anything else is somebody's file.
+    // A training log is JSON lines with a `step` each; anything else is somebody's file. A last line cut short
+    // (a run killed while writing it) is still the log's.
     let foreign = |text: &str| {
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .any(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").cloned()).is_none())
+        let cut = !text.ends_with('\n');
+        let lines: Vec<&str> = text.lines().collect();
+        lines.iter().enumerate().filter(|(_, l)| !l.trim().is_empty()).any(|(i, l)| {
+            let step = serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").cloned());
+            step.is_none() && !(cut && i + 1 == lines.len() && l.starts_with("{\"step\":"))
+        })
     };
     match std::fs::read(log) {
         Ok(bytes) if std::str::from_utf8(&bytes).map_or(true, foreign) => Err(TrainError::Config(format!(

@@ -137,6 +137,13 @@ pub fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     order
 }
 
+/// Appends one line to the training log in one write, so that a kill leaves whole lines (or, at worst, one cut
+/// short at the end).
+fn log_line(log: &mut std::fs::File, v: serde_json::Value, cfg: &TrainConfig) -> Result<(), TrainError> {
+    let line = format!("{v}\n");
+    log.write_all(line.as_bytes()).map_err(|e| TrainError::Io(format!("{}: {e}", cfg.log_file.display())))
+}
+
 /// Runs the loop from the current state of `lora`/`opt` (fresh or restored at `start_step`).
 #[allow(clippy::too_many_arguments)]
 pub fn run_loop(
@@ -219,12 +226,11 @@ pub fn run_loop(
         let elapsed = started.elapsed().as_secs_f64();
         let tok_s = tokens_seen as f64 / elapsed.max(1e-9);
         let eta = elapsed / (step + 1 - start_step) as f64 * (sched.total_steps - step - 1) as f64;
-        writeln!(
+        log_line(
             log,
-            "{}",
-            serde_json::json!({"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "eta_s": eta})
-        )
-        .map_err(|e| TrainError::Io(format!("{}: {e}", cfg.log_file.display())))?;
+            serde_json::json!({"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "eta_s": eta}),
+            cfg,
+        )?;
         bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {tok_s:.0} tok/s"));
         bar.inc(1);
         if !cfg.progress && ((step + 1) % 10 == 0 || step + 1 == sched.total_steps) {
@@ -242,8 +248,7 @@ pub fn run_loop(
         if epoch_end && !eval.is_empty() {
             let e = eval_loss(model, lora, eval, cfg.batch_size)?;
             report.eval_losses.push(e);
-            writeln!(log, "{}", serde_json::json!({"step": step + 1, "epoch": epoch, "eval_loss": e}))
-                .map_err(|e| TrainError::Io(e.to_string()))?;
+            log_line(log, serde_json::json!({"step": step + 1, "epoch": epoch, "eval_loss": e}), cfg)?;
             tracing::info!(epoch, eval_loss = e, "evaluation");
         }
         if let Some(every) = cfg.checkpoint_every {

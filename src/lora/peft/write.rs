@@ -82,14 +82,14 @@ pub fn write_dir(dir: &Path, weights: &LoraWeights, meta: &AdapterMeta) -> Resul
     let mut kinds = Vec::new();
     for (id, m) in weights.targets() {
         kinds.push(id.kind);
-        let (r, in_f) = m.a.dims2().map_err(|e| file_err(dir, &e))?;
-        let (_, out_f) = m.b_t.dims2().map_err(|e| file_err(dir, &e))?;
+        let (r, in_f) = m.a.dims2().map_err(|e| file_err(dir, &crate::candle_message(&e)))?;
+        let (_, out_f) = m.b_t.dims2().map_err(|e| file_err(dir, &crate::candle_message(&e)))?;
         let f32s = |t: &Tensor| -> Result<Vec<f32>, AdapterError> {
             t.to_device(&Device::Cpu)
                 .and_then(|t| t.to_dtype(DType::F32))
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_vec1::<f32>())
-                .map_err(|e| file_err(dir, &e))
+                .map_err(|e| file_err(dir, &crate::candle_message(&e)))
         };
         let a = f32s(&m.a)?;
         let b_t = f32s(&m.b_t)?;
