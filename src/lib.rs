@@ -40,8 +40,12 @@ pub fn candle_message(e: &candle_core::Error) -> String {
         Error::WithBacktrace { inner, .. } => candle_message(inner),
         Error::Context { inner, context } => format!("{context}\n{}", candle_message(inner)),
         Error::WithPath { inner, path } => format!("path: {path:?} {}", candle_message(inner)),
-        // Printed by candle with Debug forms: the context, then the error's own message.
-        Error::WrappedContext { wrapped, context } => format!("{context}: {wrapped}"),
+        // Printed by candle with Debug forms, the wrapped error first; a wrapped candle error may carry a
+        // backtrace of its own.
+        Error::WrappedContext { wrapped, context } => {
+            let inner = wrapped.downcast_ref::<Error>().map_or_else(|| wrapped.to_string(), candle_message);
+            format!("{inner}\n{context}")
+        }
         e => e.to_string(),
     }
 }
@@ -62,6 +66,9 @@ mod tests {
         let e = with_bt(Error::Msg("no such tensor".into())).with_path("/m/x.safetensors").context("loading");
         assert_eq!(super::candle_message(&e), "loading\npath: \"/m/x.safetensors\" no such tensor");
         let e = Error::WrappedContext { wrapped: "disk full".into(), context: "saving".into() };
-        assert_eq!(super::candle_message(&e), "saving: disk full");
+        assert_eq!(super::candle_message(&e), "disk full\nsaving");
+        let e =
+            Error::WrappedContext { wrapped: Box::new(with_bt(Error::Msg("bad".into()))), context: "saving".into() };
+        assert_eq!(super::candle_message(&e), "bad\nsaving");
     }
 }

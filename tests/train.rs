@@ -334,7 +334,8 @@ fn resume_after_sigkill_is_bit_for_bit() {
     assert_eq!(std::fs::read(&log).unwrap(), log_before, "the refused resume left the log alone");
     // A line the kill cut short is still the log's (and dropped by the resume below).
     let mut cut = log_before.clone();
-    cut.extend_from_slice(b"{\"step\": 7, \"lo");
+    let last = String::from_utf8_lossy(&log_before).lines().last().unwrap().to_string();
+    cut.extend_from_slice(&last.as_bytes()[..last.len() / 2]);
     std::fs::write(&log, cut).unwrap();
     let o = server().args(train_args(&data, &resumed)).args(extra).arg("--resume").output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -394,8 +395,12 @@ fn bad_settings_are_refused_by_flag() {
     std::fs::write(&readme, "# notes\n").unwrap();
     let readme = readme.display().to_string();
     let folder = tmp.path().display().to_string();
-    let cases: [(&[&str], &str); 14] = [
+    let link = tmp.path().join("link.jsonl");
+    std::os::unix::fs::symlink(tmp.path().join("README.md"), &link).unwrap();
+    let link = link.display().to_string();
+    let cases: [(&[&str], &str); 15] = [
         (&["--log-file", &folder], "exists and is not a regular file"),
+        (&["--log-file", &link], "is a symbolic link"),
         (&["--max-steps", "0"], "--max-steps must be ≥ 1"),
         (&["--checkpoint-every", "0"], "--checkpoint-every must be ≥ 1"),
         (&["--max-grad-norm=-1"], "--max-grad-norm must be a number ≥ 0"),

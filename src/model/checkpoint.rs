@@ -31,7 +31,7 @@ pub const SIDE_FILES: [&str; 7] = [
     "generation_config.json",
 ];
 
-/// The side files of a model folder ([`SIDE_FILES`] that exist).
+/// The side files of a model folder ([`SIDE_FILES`] that exist, and `additional_chat_templates/*.jinja`).
 pub fn side_files_of_dir(dir: &Path) -> Result<SideFiles, ModelError> {
     let mut out = Vec::new();
     for name in SIDE_FILES {
@@ -39,6 +39,20 @@ pub fn side_files_of_dir(dir: &Path) -> Result<SideFiles, ModelError> {
         if p.is_file() {
             let bytes = std::fs::read(&p).map_err(|e| ModelError::Invalid(format!("{}: {e}", p.display())))?;
             out.push((name.to_string(), bytes));
+        }
+    }
+    // transformers 5's named chat templates.
+    let extra = dir.join("additional_chat_templates");
+    if let Ok(entries) = std::fs::read_dir(&extra) {
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().filter(|n| n.ends_with(".jinja")).map(str::to_string))
+            .collect();
+        names.sort();
+        for name in names {
+            let p = extra.join(&name);
+            let bytes = std::fs::read(&p).map_err(|e| ModelError::Invalid(format!("{}: {e}", p.display())))?;
+            out.push((format!("additional_chat_templates/{name}"), bytes));
         }
     }
     Ok(out)
@@ -132,6 +146,9 @@ pub fn write(
     let config_text = serde_json::to_string_pretty(&Value::Object(config)).expect("JSON");
     let write_file = |name: &str, bytes: &[u8]| {
         let p = tmp.path().join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| ModelError::Invalid(format!("{}: {e}", parent.display())))?;
+        }
         std::fs::write(&p, bytes).map_err(|e| ModelError::Invalid(format!("{}: {e}", p.display())))
     };
     write_file("config.json", config_text.as_bytes())?;

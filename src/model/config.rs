@@ -453,22 +453,16 @@ impl Raw<'_> {
                 factor: req("factor")?,
                 low_freq_factor: req("low_freq_factor")?,
                 high_freq_factor: req("high_freq_factor")?,
-                // As transformers 5: a top-level value wins (Phi-3 style), else the parameters', else the
-                // model's context (transformers 4 required it).
-                original_max_position_embeddings: match self.f64_in(
-                    self.map,
-                    "original_max_position_embeddings",
-                    "original_max_position_embeddings",
-                )? {
-                    Some(v) => v,
-                    None => self
-                        .f64_in(
-                            params,
-                            "original_max_position_embeddings",
-                            &format!("{prefix}.original_max_position_embeddings"),
-                        )?
-                        .unwrap_or(max_position_embeddings as f64),
-                },
+                // As transformers 5 fills it for these families: the parameters' value, else the model's
+                // context (a top-level key counts only for config classes that declare it, as Phi-3's does;
+                // transformers 4 required the parameters' value).
+                original_max_position_embeddings: self
+                    .f64_in(
+                        params,
+                        "original_max_position_embeddings",
+                        &format!("{prefix}.original_max_position_embeddings"),
+                    )?
+                    .unwrap_or(max_position_embeddings as f64),
             },
             other => {
                 return Err(self.invalid(
@@ -729,12 +723,17 @@ mod tests {
         // An empty rope_scaling is absent.
         let c = edited(&[("rope_scaling", Some(json!({})))]).unwrap();
         assert_eq!((c.rope_scaling, c.rope_theta), (RopeScaling::Default, 500000.0));
-        // llama3 without original_max_position_embeddings: the model's context, as transformers 5 fills it.
-        let llama3 = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0});
-        let c = edited(&[("rope_parameters", Some(llama3))]).unwrap();
-        assert!(
-            matches!(c.rope_scaling, RopeScaling::Llama3 { original_max_position_embeddings, .. } if original_max_position_embeddings == 512.0)
-        );
+        // llama3 without original_max_position_embeddings in its parameters: the model's context, as
+        // transformers 5 fills it for Llama (a top-level key does not count); with one, that one.
+        let old_ctx = |c: ModelConfig| match c.rope_scaling {
+            RopeScaling::Llama3 { original_max_position_embeddings, .. } => original_max_position_embeddings,
+            other => panic!("{other:?}"),
+        };
+        let mut llama3 = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0});
+        let top = ("original_max_position_embeddings", Some(json!(128)));
+        assert_eq!(old_ctx(edited(&[("rope_parameters", Some(llama3.clone())), top.clone()]).unwrap()), 512.0);
+        llama3["original_max_position_embeddings"] = json!(256);
+        assert_eq!(old_ctx(edited(&[("rope_parameters", Some(llama3)), top]).unwrap()), 256.0);
         for (params, words) in [
             (json!({"rope_type": "linear", "type": "dynamic", "factor": 2.0}), "disagrees with rope_parameters.type"),
             (json!({"rope_type": null, "type": "linear", "factor": 2.0}), "disagrees"),

@@ -48,35 +48,36 @@ impl Tokenizer {
             &file.display().to_string(),
             config.as_ref().map(|(t, f)| (t.as_str(), f.as_str())),
         )?;
-        let jinja = dir.join("chat_template.jinja");
-        match std::fs::read_to_string(&jinja) {
-            Ok(template) => {
-                tok.chat_template = Some(template);
-                tok.chat_template_names.clear();
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(TokenizerError::Load { file: jinja.display().to_string(), reason: e.to_string() }),
+        // Template files win over `tokenizer_config.json`'s `chat_template` whole, as transformers 5 loads them:
+        // `chat_template.jinja` is "default", `additional_chat_templates/<name>.jinja` add names (a "default"
+        // there replaces it). With a "default", that is the chat template; without one, only names.
+        let mut files: std::collections::BTreeMap<String, String> = Default::default();
+        let read = |file: &Path| match std::fs::read_to_string(file) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(TokenizerError::Load { file: file.display().to_string(), reason: e.to_string() }),
+        };
+        if let Some(template) = read(&dir.join("chat_template.jinja"))? {
+            files.insert("default".into(), template);
         }
-        // transformers 5 saves named templates as `additional_chat_templates/<name>.jinja`; the one named
-        // "default" (if any) is the chat template when there is no other.
         let extra = dir.join("additional_chat_templates");
-        if tok.chat_template.is_none() && extra.is_dir() {
-            let read_err =
-                |e: std::io::Error| TokenizerError::Load { file: extra.display().to_string(), reason: e.to_string() };
-            let mut names: Vec<String> = std::fs::read_dir(&extra)
-                .map_err(read_err)?
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.strip_suffix(".jinja").map(str::to_string))
-                .collect();
-            names.sort();
-            if names.iter().any(|n| n == "default") {
-                let file = extra.join("default.jinja");
-                let template = std::fs::read_to_string(&file)
-                    .map_err(|e| TokenizerError::Load { file: file.display().to_string(), reason: e.to_string() })?;
-                tok.chat_template = Some(template);
-            } else {
-                tok.chat_template_names.extend(names);
+        if extra.is_dir() {
+            let entries = std::fs::read_dir(&extra)
+                .map_err(|e| TokenizerError::Load { file: extra.display().to_string(), reason: e.to_string() })?;
+            for entry in entries.flatten() {
+                let Some(name) = entry.file_name().to_str().and_then(|n| n.strip_suffix(".jinja")).map(str::to_string)
+                else {
+                    continue;
+                };
+                if let Some(template) = read(&entry.path())? {
+                    files.insert(name, template);
+                }
             }
+        }
+        if !files.is_empty() {
+            tok.chat_template = files.remove("default");
+            tok.chat_template_names =
+                if tok.chat_template.is_some() { Vec::new() } else { files.into_keys().collect() };
         }
         Ok(tok)
     }
@@ -226,8 +227,15 @@ mod tests {
         std::fs::write(named.path().join("tokenizer.json"), super::super::demo::TOKENIZER_JSON).unwrap();
         std::fs::create_dir(named.path().join("additional_chat_templates")).unwrap();
         std::fs::write(named.path().join("additional_chat_templates/tool_use.jinja"), "T").unwrap();
+        std::fs::write(named.path().join("tokenizer_config.json"), r#"{"chat_template": "from config"}"#).unwrap();
         let t = Tokenizer::from_dir(named.path()).unwrap();
         assert_eq!((t.chat_template, t.chat_template_names), (None, vec!["tool_use".to_string()]));
+        std::fs::write(named.path().join("chat_template.jinja"), "from file").unwrap();
+        assert_eq!(Tokenizer::from_dir(named.path()).unwrap().chat_template.as_deref(), Some("from file"));
+        std::fs::write(named.path().join("additional_chat_templates/default.jinja"), "D").unwrap();
+        assert_eq!(Tokenizer::from_dir(named.path()).unwrap().chat_template.as_deref(), Some("D"));
+        let side = super::super::checkpoint::side_files_of_dir(named.path()).unwrap();
+        assert!(side.iter().any(|(n, b)| n == "additional_chat_templates/tool_use.jinja" && b == b"T"), "carried over");
         let side = super::super::checkpoint::side_files_of_dir(dir.path()).unwrap();
         assert!(side.iter().any(|(n, b)| n == "chat_template.jinja" && b == b"from file"));
     }

@@ -172,18 +172,7 @@ pub fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
 /// Runs a whole training job on `model` and writes the adapter to `cfg.output`.
 pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
     check(cfg)?;
-    let eos = *model
-        .config()
-        .eos_token_ids
-        .first()
-        .ok_or_else(|| TrainError::Config("the model has no eos_token_id".into()))?;
-    // Every example ends with `eos`: say so when the tokenizer's own end-of-sequence token is another one (a
-    // config without the key gets its class default, which may not be this vocabulary's).
-    if let Some((name, id)) = tok.eos_token.as_deref().and_then(|t| Some((t, tok.token_to_id(t)?))) {
-        if !model.config().eos_token_ids.contains(&id) {
-            tracing::warn!(eos, tokenizer_eos = name, tokenizer_eos_id = id, "examples end with the config's end-of-sequence id, not the tokenizer's eos_token; check eos_token_id in config.json / generation_config.json");
-        }
-    }
+    let eos = example_eos(model, tok)?;
     // Without --max-seq-len, examples are cut at the model's context, as positions past it were never trained.
     let max_seq_len = Some(cfg.max_seq_len.unwrap_or(model.config().max_position_embeddings));
     let (examples, stats) = data::load_jsonl(&cfg.data, tok, max_seq_len, eos)?;
@@ -288,6 +277,23 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
     Ok(report)
 }
 
+/// The id every example ends with: the tokenizer's `eos_token`, as TRL appends it, when generation stops at it
+/// (Llama 3.1 Instruct: `<|eot_id|>`, not the first of its three ids); else the first end-of-sequence id, with
+/// a warning when the tokenizer names another (a config without the key gets its class default, which may
+/// not be this vocabulary's).
+fn example_eos(model: &Model, tok: &Tokenizer) -> Result<u32, TrainError> {
+    let ids = &model.config().eos_token_ids;
+    let first = *ids.first().ok_or_else(|| TrainError::Config("the model has no eos_token_id".into()))?;
+    match tok.eos_token.as_deref().and_then(|t| Some((t, tok.token_to_id(t)?))) {
+        Some((_, id)) if ids.contains(&id) => Ok(id),
+        Some((name, id)) => {
+            tracing::warn!(eos = first, tokenizer_eos = name, tokenizer_eos_id = id, "examples end with the config's end-of-sequence id, which is not the tokenizer's eos_token; check eos_token_id in config.json / generation_config.json");
+            Ok(first)
+        }
+        None => Ok(first),
+    }
+}
+
 /// The log file is written from the first step on: refused when it is one of the run's inputs or a file that
 /// is not a training log (a fresh run replaces a log of an earlier one; `--resume` keeps its lines).
 fn check_log_file(cfg: &TrainConfig) -> Result<(), TrainError> {
@@ -304,28 +310,36 @@ fn check_log_file(cfg: &TrainConfig) -> Result<(), TrainError> {
     }
     match std::fs::symlink_metadata(log) {
         // Replaced by a rename when the run starts: a folder, a device, a pipe or a link is not a log.
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(TrainError::Config(format!(
+                "--log-file {}: is a symbolic link (the run replaces the log file; give the target's path)",
+                log.display()
+            )))
+        }
         Ok(m) if !m.file_type().is_file() => {
             return Err(TrainError::Config(format!("--log-file {}: exists and is not a regular file", log.display())))
         }
         _ => {}
     }
-    // A training log is JSON lines with a `step` each; anything else is somebody's file. A last line cut short
-    // (a run killed while writing it) is still the log's.
-    let foreign = |text: &str| {
-        let cut = !text.ends_with('\n');
-        let lines: Vec<&str> = text.lines().collect();
-        lines.iter().enumerate().filter(|(_, l)| !l.trim().is_empty()).any(|(i, l)| {
-            let step = serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").cloned());
-            step.is_none() && !(cut && i + 1 == lines.len() && l.starts_with("{\"step\":"))
-        })
-    };
     match std::fs::read(log) {
-        Ok(bytes) if std::str::from_utf8(&bytes).map_or(true, foreign) => Err(TrainError::Config(format!(
+        Ok(bytes) if !std::str::from_utf8(&bytes).is_ok_and(is_training_log) => Err(TrainError::Config(format!(
             "--log-file {}: exists and is not a training log (choose another file)",
             log.display()
         ))),
         _ => Ok(()),
     }
+}
+
+/// Whether `text` is a training log: JSON lines with a `step` each, the last one possibly cut short (a run
+/// killed while writing it). Anything else is somebody's file.
+fn is_training_log(text: &str) -> bool {
+    let cut = !text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    lines.iter().enumerate().filter(|(_, l)| !l.trim().is_empty()).all(|(i, l)| {
+        let step = serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").cloned());
+        let ours = l.starts_with(trainer::LOG_LINE_START) || trainer::LOG_LINE_START.starts_with(*l);
+        step.is_some() || (cut && i + 1 == lines.len() && ours)
+    })
 }
 
 /// The JSONL training log: a new run starts it afresh; a resumed one keeps the lines of the steps up to its
@@ -377,6 +391,35 @@ fn thousands(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log cut anywhere in its last line is still a log; anything else is not.
+    #[test]
+    fn training_logs_are_recognised_even_cut_short() {
+        let log = "{\"step\":1,\"loss\":2.5}\n{\"step\":2,\"loss\":2.1}\n";
+        assert!(is_training_log(log) && is_training_log(""));
+        for cut in 1..24 {
+            assert!(is_training_log(&log[..log.len() - cut]), "cut {cut} bytes from the end");
+        }
+        for other in ["# notes\n", "{\"step\":1}\n# notes", "{\"text\": \"a\"}\n", "{\"step\":1}\n{\"x\""] {
+            assert!(!is_training_log(other), "{other}");
+        }
+    }
+
+    /// Examples end with the tokenizer's eos_token when generation stops at it (Llama 3.1 Instruct's
+    /// `<|eot_id|>` is the last of three ids), else with the first id.
+    #[test]
+    fn examples_end_with_the_tokenizers_eos_when_generation_stops_at_it() {
+        let tok = crate::model::demo::tokenizer().unwrap();
+        assert_eq!(tok.token_to_id(tok.eos_token.as_deref().unwrap()), Some(1));
+        let weights = crate::model::demo::weights().unwrap();
+        let opts = crate::model::LoadOptions { quant: crate::quant::QuantMode::None, ..Default::default() };
+        for (ids, want) in [(vec![5, 7, 1], 1), (vec![5, 7], 5)] {
+            let config =
+                crate::model::config::ModelConfig { eos_token_ids: ids.clone(), ..crate::model::demo::config() };
+            let model = crate::model::build(config, &weights, &opts).unwrap();
+            assert_eq!(example_eos(&model, &tok).unwrap(), want, "{ids:?}");
+        }
+    }
 
     #[test]
     fn thousands_separators() {

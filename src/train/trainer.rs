@@ -137,10 +137,15 @@ pub fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     order
 }
 
+/// How every line of the training log starts (`step` is the first key of each, and serde_json keeps key order
+/// here): a last line cut short by a kill is recognised by being a prefix of this, or starting with it.
+pub const LOG_LINE_START: &str = "{\"step\":";
+
 /// Appends one line to the training log in one write, so that a kill leaves whole lines (or, at worst, one cut
 /// short at the end).
 fn log_line(log: &mut std::fs::File, v: serde_json::Value, cfg: &TrainConfig) -> Result<(), TrainError> {
     let line = format!("{v}\n");
+    debug_assert!(line.starts_with(LOG_LINE_START), "{line}");
     log.write_all(line.as_bytes()).map_err(|e| TrainError::Io(format!("{}: {e}", cfg.log_file.display())))
 }
 
