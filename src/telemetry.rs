@@ -1,7 +1,7 @@
 //! Every metric loraserve exports: names (as consts, prefix `loraserve_`), descriptions, histogram buckets,
 //! and the guard that counts a request in the queue gauge. A leaf module: any layer records through the
-//! `metrics` facade with these names; the server installs the Prometheus recorder and serves `/metrics`. Label values come from bounded sets only — adapter ids never
-//! become label values.
+//! `metrics` facade with these names; the server installs the Prometheus recorder and serves `/metrics`.
+//! Label values come from bounded sets only — adapter ids never become label values.
 
 /// `{rpc, code}` — finished RPCs by method and gRPC status code.
 pub const REQUESTS_TOTAL: &str = "loraserve_requests_total";

@@ -237,9 +237,10 @@ pub(crate) fn run(
             }
             Err(e) => {
                 tracing::error!(error = %e, "forward failed; failing the batch");
+                let message = crate::candle_message(&e);
                 for r in &plan.rows {
                     if let Some(l) = live.remove(&r.seq) {
-                        let _ = l.req.events.send(Event::Failed(EngineError::Internal(crate::candle_message(&e))));
+                        let _ = l.req.events.send(Event::Failed(EngineError::Internal(message.clone())));
                     }
                     sched.remove(r.seq, &mut slots, cache.allocator_mut());
                     slots.remove(&r.seq);
@@ -250,7 +251,7 @@ pub(crate) fn run(
                     // error). Stop, so that the server exits and is restarted.
                     tracing::error!(steps = MAX_FAILED_STEPS, "every step fails: stopping the engine");
                     for (_, l) in live.drain() {
-                        let _ = l.req.events.send(Event::Failed(EngineError::Internal(crate::candle_message(&e))));
+                        let _ = l.req.events.send(Event::Failed(EngineError::Internal(message.clone())));
                     }
                     return stop(&stats, &rx);
                 }

@@ -280,19 +280,16 @@ impl Raw<'_> {
             }
         };
         if let Some(v) = self.get("architectures") {
-            let names: Option<Vec<&str>> = v.as_array().map(|a| a.iter().filter_map(Value::as_str).collect());
-            match names {
-                Some(n) if n.len() == v.as_array().map_or(0, Vec::len) => {
-                    // A classifier or reward model of the same family loads the same layers: generating text
-                    // with it is not what its checkpoint is for.
-                    if !n.is_empty() && !n.iter().any(|a| a.ends_with("ForCausalLM")) {
-                        return Err(self.invalid(
-                            "architectures",
-                            format!("{v} is not a causal language model (expected a *ForCausalLM checkpoint)"),
-                        ));
-                    }
-                }
-                _ => return Err(self.invalid("architectures", format!("expected a list of class names, got {v}"))),
+            let Some(names) = v.as_array().filter(|a| a.iter().all(Value::is_string)) else {
+                return Err(self.invalid("architectures", format!("expected a list of class names, got {v}")));
+            };
+            // A classifier or reward model of the same family loads the same layers: generating text with it
+            // is not what its checkpoint is for.
+            if !names.is_empty() && !names.iter().filter_map(Value::as_str).any(|a| a.ends_with("ForCausalLM")) {
+                return Err(self.invalid(
+                    "architectures",
+                    format!("{v} is not a causal language model (expected a *ForCausalLM checkpoint)"),
+                ));
             }
         }
         if let Some(act) = self.get("hidden_act") {

@@ -118,6 +118,11 @@ fn table_dtype(src: &dyn WeightSource, name: &str, dtype: DType, device: &Device
     }
 }
 
+/// Whether two tensors of one shape hold exactly the same values.
+fn same_values(a: &Tensor, b: &Tensor) -> Result<bool> {
+    Ok(a.eq(b)?.flatten_all()?.min(0)?.to_scalar::<u8>()? == 1)
+}
+
 /// Elements of the head widened at a time when it is stored narrower than the compute dtype (32 MiB of f32:
 /// on a GPU the widened slice is still in L2 when the product reads it).
 const HEAD_SLICE_ELEMS: usize = 8 << 20;
@@ -197,8 +202,7 @@ impl Model {
         let lm_head = if c.tie_word_embeddings {
             if src.contains("lm_head.weight") {
                 let head = src.tensor("lm_head.weight", &[c.vocab_size, h], embed.dtype(), device)?;
-                let same = head.eq(&embed)?.flatten_all()?.min(0)?.to_scalar::<u8>()? == 1;
-                if !same {
+                if !same_values(&head, &embed)? {
                     return Err(ModelError::Invalid(format!(
                         "{}: `tie_word_embeddings` is true but the checkpoint's lm_head.weight differs from model.embed_tokens.weight (transformers 4 and vLLM would use the embedding, transformers 5 the head): set tie_word_embeddings to false to use the head, or drop it from the file",
                         src.describe()
@@ -495,8 +499,7 @@ mod tests {
         let embed = with_head.tensor("model.embed_tokens.weight", &shape, DType::F32, &Device::Cpu).unwrap();
         let equal = with_head.with("lm_head.weight", embed);
         let m = crate::model::build(tied, &equal, &opts).unwrap();
-        let same = m.lm_head.eq(&m.embed).unwrap().flatten_all().unwrap().min(0).unwrap().to_scalar::<u8>().unwrap();
-        assert_eq!(same, 1, "the head is not the embedding");
+        assert!(same_values(&m.lm_head, &m.embed).unwrap(), "the head is not the embedding");
         assert!(m.other_tensors().unwrap().iter().all(|(n, _)| n != "lm_head.weight"));
     }
 

@@ -75,11 +75,24 @@ impl Tokenizer {
             }
         }
         if !files.is_empty() {
-            tok.chat_template = files.remove("default");
-            tok.chat_template_names =
-                if tok.chat_template.is_some() { Vec::new() } else { files.into_keys().collect() };
+            tok.use_named_templates(files);
         }
         Ok(tok)
+    }
+
+    /// Named templates, as transformers resolves them: the last one named "default" is the chat template;
+    /// without one there is none, and the names are kept for the refusal.
+    fn use_named_templates(&mut self, named: impl IntoIterator<Item = (String, String)>) {
+        let (mut default, mut names) = (None, Vec::new());
+        for (name, template) in named {
+            if name == "default" {
+                default = Some(template);
+            } else {
+                names.push(name);
+            }
+        }
+        self.chat_template_names = if default.is_some() { Vec::new() } else { names };
+        self.chat_template = default;
     }
 
     /// Builds a tokenizer from `tokenizer.json` bytes and optional `tokenizer_config.json` text.
@@ -97,6 +110,7 @@ impl Tokenizer {
                 Some(serde_json::Value::String(s)) => tok.chat_template = Some(s.clone()),
                 // Named templates: the one named "default" is the chat template.
                 Some(serde_json::Value::Array(list)) => {
+                    let mut named = Vec::new();
                     for t in list {
                         let field = |k: &str| t.get(k).and_then(|x| x.as_str());
                         let (Some(name), Some(template)) = (field("name"), field("template")) else {
@@ -104,14 +118,9 @@ impl Tokenizer {
                                 "`chat_template`: expected entries {{\"name\", \"template\"}}, got {t}"
                             )));
                         };
-                        if name == "default" {
-                            tok.chat_template = Some(template.to_string());
-                        }
-                        tok.chat_template_names.push(name.to_string());
+                        named.push((name.to_string(), template.to_string()));
                     }
-                    if tok.chat_template.is_some() {
-                        tok.chat_template_names.clear();
-                    }
+                    tok.use_named_templates(named);
                 }
                 Some(other) => {
                     return Err(bad(format!(

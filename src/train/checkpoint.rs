@@ -37,6 +37,11 @@ fn err(p: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Checkpoint(format!("{}: {e}", p.display()))
 }
 
+/// [`err`] for a candle error, without the backtrace candle may carry.
+fn candle_err(p: &Path) -> impl Fn(candle_core::Error) -> TrainError + '_ {
+    move |e| err(p, crate::candle_message(&e))
+}
+
 /// Writes checkpoint `state` into `dir/step-<N>` and removes older ones.
 pub fn save(dir: &Path, state: &State, lora: &TrainableLora, opt: &AdamW) -> Result<PathBuf, TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
@@ -49,7 +54,7 @@ pub fn save(dir: &Path, state: &State, lora: &TrainableLora, opt: &AdamW) -> Res
         tensors.insert(format!("adam_v.{i}"), opt.v[i].clone());
     }
     let st = tmp.path().join("tensors.safetensors");
-    candle_core::safetensors::save(&tensors, &st).map_err(|e| err(&st, crate::candle_message(&e)))?;
+    candle_core::safetensors::save(&tensors, &st).map_err(candle_err(&st))?;
     let js = tmp.path().join("state.json");
     std::fs::write(&js, serde_json::to_string_pretty(state).expect("JSON")).map_err(|e| err(&js, e))?;
     let final_path = dir.join(&name);
@@ -129,19 +134,16 @@ pub fn restore_latest(
         )));
     }
     let st = path.join("tensors.safetensors");
-    let tensors = candle_core::safetensors::load(&st, &Device::Cpu).map_err(|e| err(&st, crate::candle_message(&e)))?;
+    let tensors = candle_core::safetensors::load(&st, &Device::Cpu).map_err(candle_err(&st))?;
     let get = |k: String| tensors.get(&k).cloned().ok_or_else(|| err(&st, format!("missing tensor {k}")));
     for (i, v) in lora.vars().iter().enumerate() {
         let p = get(format!("param.{i}"))?;
         if p.dims() != v.dims() {
             return Err(err(&st, format!("param.{i} has shape {:?}, expected {:?}", p.dims(), v.dims())));
         }
-        v.set(&p.to_device(v.device()).map_err(|e| err(&st, crate::candle_message(&e)))?)
-            .map_err(|e| err(&st, crate::candle_message(&e)))?;
-        opt.m[i] =
-            get(format!("adam_m.{i}"))?.to_device(v.device()).map_err(|e| err(&st, crate::candle_message(&e)))?;
-        opt.v[i] =
-            get(format!("adam_v.{i}"))?.to_device(v.device()).map_err(|e| err(&st, crate::candle_message(&e)))?;
+        v.set(&p.to_device(v.device()).map_err(candle_err(&st))?).map_err(candle_err(&st))?;
+        opt.m[i] = get(format!("adam_m.{i}"))?.to_device(v.device()).map_err(candle_err(&st))?;
+        opt.v[i] = get(format!("adam_v.{i}"))?.to_device(v.device()).map_err(candle_err(&st))?;
     }
     opt.step = state.step;
     lora.set_rng_state(state.dropout_rng.clone());

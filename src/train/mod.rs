@@ -82,10 +82,20 @@ pub struct TrainReport {
     pub all_params: usize,
 }
 
-/// Splits off the eval set (the last `ratio` of a seeded shuffle).
-fn split(examples: Vec<data::Example>, ratio: f64, seed: u64) -> (Vec<data::Example>, Vec<data::Example>) {
-    if ratio <= 0.0 || examples.len() < 2 {
-        return (examples, Vec::new());
+/// Splits off the eval set (`--eval-ratio` of a seeded shuffle, at least one example and never all of them).
+fn split(
+    examples: Vec<data::Example>,
+    cfg: &TrainConfig,
+) -> Result<(Vec<data::Example>, Vec<data::Example>), TrainError> {
+    let (ratio, seed) = (cfg.eval_ratio, cfg.seed);
+    if ratio <= 0.0 {
+        return Ok((examples, Vec::new()));
+    }
+    if examples.len() < 2 {
+        return Err(TrainError::Config(format!(
+            "--eval-ratio {ratio}: {} has one example, nothing to hold out for evaluation (drop --eval-ratio)",
+            cfg.data.display()
+        )));
     }
     let mut idx: Vec<usize> = (0..examples.len()).collect();
     crate::rng::Rng::derive(seed, 0xE7A1).shuffle(&mut idx);
@@ -99,7 +109,7 @@ fn split(examples: Vec<data::Example>, ratio: f64, seed: u64) -> (Vec<data::Exam
             train.push(e);
         }
     }
-    (train, eval)
+    Ok((train, eval))
 }
 
 /// Validates settings that need neither the model nor the data (the CLI calls it before loading either).
@@ -185,14 +195,7 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
     }
     let (train_set, eval_set) = match &cfg.eval_data {
         Some(p) => (examples, data::load_jsonl(p, tok, max_seq_len, eos)?.0),
-        None if cfg.eval_ratio > 0.0 && examples.len() < 2 => {
-            return Err(TrainError::Config(format!(
-                "--eval-ratio {}: {} has one example, nothing to hold out for evaluation (drop --eval-ratio)",
-                cfg.eval_ratio,
-                cfg.data.display()
-            )))
-        }
-        None => split(examples, cfg.eval_ratio, cfg.seed),
+        None => split(examples, cfg)?,
     };
     tracing::info!(
         lines = stats.lines,
