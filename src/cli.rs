@@ -120,14 +120,15 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
-/// Sampling flags shared by `generate` (the server takes them per request).
+/// Sampling flags shared by `generate` and `client generate` (the server takes them per request). Negative
+/// numbers parse, so that an out-of-range value gets the message naming its range.
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Nucleus sampling mass in (0, 1].
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// 0 = off.
     #[arg(long, default_value_t = 0)]
@@ -135,11 +136,28 @@ pub struct SamplingArgs {
     /// Seeds sampling (the same seed, the same tokens); without it each run samples differently
     #[arg(long)]
     pub seed: Option<u64>,
+    /// > 0, 1 = off: logits of tokens in the prompt or output are divided by it (multiplied when negative).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub repetition_penalty: f32,
+    /// In [-2, 2]: subtracted from a token's logit per occurrence in the output.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// In [-2, 2]: subtracted from the logit of every token in the output.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
 }
 
 impl SamplingArgs {
     pub fn params(&self) -> Result<SamplingParams> {
-        let p = SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed };
+        let p = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            repetition_penalty: self.repetition_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+        };
         p.validate().map_err(anyhow::Error::msg)?;
         Ok(p)
     }
@@ -437,6 +455,9 @@ fn run_client(args: ClientArgs) -> Result<()> {
                     top_p: sampling.top_p,
                     top_k: sampling.top_k,
                     seed: sampling.seed,
+                    repetition_penalty: sampling.repetition_penalty,
+                    frequency_penalty: sampling.frequency_penalty,
+                    presence_penalty: sampling.presence_penalty,
                     stop,
                 };
                 crate::server::client::generate(&target, &call, stream, json).await

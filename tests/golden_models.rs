@@ -1,7 +1,8 @@
 //! Golden tests against the peer-made fixtures (transformers 5.17, f32): for every model and prompt the
 //! prompt token ids are equal, the last-position logits are within 1e-4 relative L2, and 12 greedy tokens
 //! (no EOS stop, as the reference argmax loop) are equal — through the paged serving path and through the
-//! dense full-recompute path.
+//! dense full-recompute path. With the sampling penalties, greedy tokens equal transformers' (repetition)
+//! and vLLM's definition (frequency, presence) on the llama, alone and with a PEFT adapter.
 
 mod common;
 
@@ -90,5 +91,44 @@ fn batched_prefill_equals_single() {
         let row = logits.get(i).unwrap().to_vec1::<f32>().unwrap();
         let err = rel_l2(&row, &c.last_logits);
         assert!(err <= LOGIT_TOL, "{:?}: {err:e}", c.prompt);
+    }
+}
+
+/// Greedy decoding under the penalties (`llama-penalties/make.py`) gives the reference's tokens, and every
+/// case changes some prompt's tokens (so a penalty left out cannot pass).
+#[test]
+fn sampling_penalties_match_the_reference() {
+    use loraserve::engine::{generate, GenerateJob, SamplingParams};
+    use loraserve::lora::peft;
+    let loaded = model::load(&ModelSpec::Dir(fixture("llama/model")), &dense_opts()).unwrap();
+    let plain = &expected("llama").results;
+    for (name, case) in common::penalty_cases() {
+        let adapter = case.adapter.as_ref().map(|a| {
+            let dir = fixture("llama/adapters").join(a);
+            peft::load_dir(&dir, &loaded.model.lora_layout(), &Device::Cpu).unwrap()
+        });
+        let sampling = SamplingParams {
+            repetition_penalty: case.repetition_penalty,
+            frequency_penalty: case.frequency_penalty,
+            presence_penalty: case.presence_penalty,
+            ..Default::default()
+        };
+        let mut changed = false;
+        for r in &case.results {
+            let ids = loaded.tokenizer.encode(&r.prompt).unwrap();
+            assert_eq!(ids, r.input_ids, "{name} {:?}", r.prompt);
+            let job = GenerateJob {
+                prompt_ids: &ids,
+                max_new_tokens: r.new_ids.len(),
+                sampling: sampling.clone(),
+                stop_at_eos: false,
+                adapter: adapter.as_ref().map(|a| &a.weights),
+            };
+            let out = generate(&loaded.model, &job).unwrap();
+            assert_eq!(out.token_ids, r.new_ids, "{name} {:?}", r.prompt);
+            let greedy = &plain[case.adapter.as_deref().unwrap_or("base")];
+            changed |= greedy.iter().find(|c| c.prompt == r.prompt).unwrap().greedy_new_ids != r.new_ids;
+        }
+        assert!(changed, "{name}: the penalties change no prompt's tokens");
     }
 }

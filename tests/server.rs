@@ -57,17 +57,27 @@ fn req(adapter: &str, prompt: &str, n: u32) -> GenerateRequest {
     GenerateRequest { adapter_id: adapter.into(), prompt: prompt.into(), max_new_tokens: n, ..Default::default() }
 }
 
-/// (adapter id or "" for the base, prompt) → greedy tokens, from the fixtures.
-fn goldens() -> Vec<(String, String, Vec<u32>)> {
+/// Requests with the tokens the fixtures give them: greedy for every adapter and prompt, then greedy under
+/// the sampling penalties (whose rows bring their logits whole, beside rows picked by their argmax).
+fn goldens() -> Vec<(GenerateRequest, Vec<u32>)> {
     let exp = expected("llama");
     let mut out = Vec::new();
     for (name, cases) in &exp.results {
+        let adapter = if name == "base" { "" } else { name };
         for c in cases {
-            out.push((
-                if name == "base" { String::new() } else { name.clone() },
-                c.prompt.clone(),
-                c.greedy_new_ids.clone(),
-            ));
+            out.push((req(adapter, &c.prompt, c.greedy_new_ids.len() as u32), c.greedy_new_ids.clone()));
+        }
+    }
+    for case in common::penalty_cases().into_values() {
+        for r in case.results {
+            let base = req(case.adapter.as_deref().unwrap_or(""), &r.prompt, r.new_ids.len() as u32);
+            let penalized = GenerateRequest {
+                repetition_penalty: case.repetition_penalty,
+                frequency_penalty: case.frequency_penalty,
+                presence_penalty: case.presence_penalty,
+                ..base
+            };
+            out.push((penalized, r.new_ids));
         }
     }
     out
@@ -76,16 +86,17 @@ fn goldens() -> Vec<(String, String, Vec<u32>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn goldens_unary_and_streaming() {
     let (h, mut client) = start(config(fixture("llama/adapters"))).await;
-    for (adapter, prompt, want) in goldens() {
-        let r = client.generate(req(&adapter, &prompt, want.len() as u32)).await.unwrap().into_inner();
-        assert_eq!(r.token_ids, want, "{adapter:?} {prompt:?} unary");
+    for (request, want) in goldens() {
+        let what = format!("{:?} {:?} {}", request.adapter_id, request.prompt, request.repetition_penalty);
+        let r = client.generate(request.clone()).await.unwrap().into_inner();
+        assert_eq!(r.token_ids, want, "{what} unary");
         assert_eq!(r.finish_reason(), proto::FinishReason::Length);
         assert_eq!(
             r.prompt_tokens as usize,
-            expected("llama").results["base"].iter().find(|c| c.prompt == prompt).unwrap().input_ids.len()
+            expected("llama").results["base"].iter().find(|c| c.prompt == request.prompt).unwrap().input_ids.len()
         );
-        assert_eq!(r.adapter_version.is_empty(), adapter.is_empty());
-        let mut s = client.generate_stream(req(&adapter, &prompt, want.len() as u32)).await.unwrap().into_inner();
+        assert_eq!(r.adapter_version.is_empty(), request.adapter_id.is_empty());
+        let mut s = client.generate_stream(request).await.unwrap().into_inner();
         let (mut ids, mut text, mut last) = (Vec::new(), String::new(), None);
         while let Some(m) = s.next().await {
             let m = m.unwrap();
@@ -93,7 +104,7 @@ async fn goldens_unary_and_streaming() {
             text.push_str(&m.text);
             last = Some(m.finish_reason());
         }
-        assert_eq!(ids, want, "{adapter:?} {prompt:?} streaming");
+        assert_eq!(ids, want, "{what} streaming");
         assert_eq!(text, r.text);
         assert_eq!(last, Some(proto::FinishReason::Length));
     }
@@ -105,23 +116,24 @@ async fn goldens_unary_and_streaming() {
 async fn sixty_four_concurrent_mixed_requests_equal_each_alone() {
     let (h, client) = start(config(fixture("llama/adapters"))).await;
     let cases = goldens();
+    assert!(cases.len() <= 64, "every case runs");
     let tasks: Vec<_> = (0..64)
         .map(|i| {
             let mut c = client.clone();
-            let (adapter, prompt, want) = cases[i % cases.len()].clone();
+            let (request, want) = cases[i % cases.len()].clone();
             tokio::spawn(async move {
+                let what = format!("{:?} {:?} {}", request.adapter_id, request.prompt, request.repetition_penalty);
                 let got = if i % 2 == 0 {
-                    c.generate(req(&adapter, &prompt, want.len() as u32)).await.unwrap().into_inner().token_ids
+                    c.generate(request).await.unwrap().into_inner().token_ids
                 } else {
-                    let mut s =
-                        c.generate_stream(req(&adapter, &prompt, want.len() as u32)).await.unwrap().into_inner();
+                    let mut s = c.generate_stream(request).await.unwrap().into_inner();
                     let mut ids = Vec::new();
                     while let Some(m) = s.next().await {
                         ids.extend(m.unwrap().token_ids);
                     }
                     ids
                 };
-                assert_eq!(got, want, "request {i}: {adapter:?} {prompt:?}");
+                assert_eq!(got, want, "request {i}: {what}");
             })
         })
         .collect();
@@ -169,6 +181,9 @@ async fn every_status_code_of_the_contract() {
         (GenerateRequest { temperature: -1.0, ..req("", "alpha", 4) }, "temperature"),
         (GenerateRequest { top_p: 1.5, ..req("", "alpha", 4) }, "top_p"),
         (GenerateRequest { top_p: -0.1, ..req("", "alpha", 4) }, "top_p"),
+        (GenerateRequest { repetition_penalty: -1.0, ..req("", "alpha", 4) }, "repetition_penalty"),
+        (GenerateRequest { frequency_penalty: 2.5, ..req("", "alpha", 4) }, "frequency_penalty"),
+        (GenerateRequest { presence_penalty: f32::NAN, ..req("", "alpha", 4) }, "presence_penalty"),
         (GenerateRequest { stop: vec![String::new()], ..req("", "alpha", 4) }, "stop[0]"),
         (req("", &"alpha ".repeat(200), 4), "context"),
         (req("../etc", "alpha", 4), "invalid adapter id"),

@@ -7,21 +7,34 @@ use std::time::Duration;
 use loraserve::server::proto::lora_serve_client::LoraServeClient;
 use loraserve::server::proto::GenerateRequest;
 
+/// A child process killed when dropped: a failed assertion never leaves a server running (holding the test
+/// runner's output open).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// SIGTERM: the in-flight request completes, the process exits 0; on the way, the bundled client's output into
-/// a closed pipe and its message for an adapter id no header can carry.
+/// a closed pipe, its message for an adapter id no header can carry, and its penalty flags.
 #[test]
 fn sigterm_drains_and_exits_zero() {
     use std::io::{BufRead, BufReader};
     let tmp = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--adapters"])
-        .arg(tmp.path())
-        .env("LORASERVE_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--adapters"])
+            .arg(tmp.path())
+            .env("LORASERVE_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let mut addr = None;
     for line in lines.by_ref() {
@@ -57,14 +70,25 @@ fn sigterm_drains_and_exits_zero() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("INVALID_ARGUMENT") && err.contains("'ü'"), "{err}");
     assert!(!err.contains("x-adapter-id"), "{err}");
+    // The client's penalty flags reach the server, which names a value out of range.
+    for (flag, value) in [("--repetition-penalty", "-1"), ("--frequency-penalty", "3"), ("--presence-penalty", "-2.5")]
+    {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["client", "--addr", &addr, "generate", "--prompt", "Hello", flag, value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        let field = flag.trim_start_matches("--").replace('-', "_");
+        assert!(!o.status.success() && err.contains("INVALID_ARGUMENT") && err.contains(&field), "{flag}: {err}");
+    }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let running = rt.spawn(async move {
         let mut c = LoraServeClient::connect(format!("http://{addr}")).await.unwrap();
         c.generate(GenerateRequest { prompt: "Hello".into(), max_new_tokens: 200, ..Default::default() }).await
     });
     std::thread::sleep(Duration::from_millis(300));
-    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    let status = child.wait().unwrap();
+    std::process::Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
     let r = rt.block_on(running).unwrap().expect("in-flight request completed during the drain");
     assert_eq!(r.into_inner().token_ids.len(), 200);

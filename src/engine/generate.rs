@@ -41,7 +41,7 @@ pub fn generate(model: &Model, job: &GenerateJob) -> Result<Generated> {
     let blocks_needed = geo.blocks_for(total).max(1);
     let mut cache = PagedKvCache::on_device(geo, blocks_needed, model.device())?;
     let blocks = cache.allocator_mut().allocate(blocks_needed).expect("fresh cache");
-    let mut sampler = Sampler::new(job.sampling.clone(), super::sampler::unseeded());
+    let mut sampler = Sampler::new(job.sampling.clone(), super::sampler::unseeded(), job.prompt_ids);
     let eos = &model.config().eos_token_ids;
 
     let step = |tokens: &[u32], past: usize, cache: &mut PagedKvCache| -> Result<Vec<f32>> {

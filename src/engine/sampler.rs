@@ -1,7 +1,10 @@
-//! Token sampling: greedy (temperature 0), or temperature → top-k → top-p (the order Hugging Face applies
-//! them in), drawn from the project's PRNG so a seed gives the same tokens on every machine and version; and
-//! [`fetch_rows`], which brings a step's logits to the host (only the argmax of greedy rows when the logits
-//! are on a GPU).
+//! Token sampling: the penalties first (repetition as Hugging Face applies it, then frequency and presence
+//! as OpenAI defines them, in vLLM's order), then greedy (temperature 0) or temperature → top-k → top-p (the
+//! order Hugging Face applies them in), drawn from the project's PRNG so a seed gives the same tokens on
+//! every machine and version; and [`fetch_rows`], which brings a step's logits to the host (only the argmax
+//! of rows that pick it when the logits are on a GPU).
+
+use std::collections::{HashMap, HashSet};
 
 use candle_core::Tensor;
 
@@ -17,11 +20,27 @@ pub struct SamplingParams {
     /// 1.0 = no nucleus filter; otherwise in (0, 1).
     pub top_p: f32,
     pub seed: Option<u64>,
+    /// Hugging Face's (and vLLM's, TGI's) repetition penalty, > 0; 1.0 = none. The logit of every token in
+    /// the prompt or the output so far is divided by it when positive, multiplied by it otherwise.
+    pub repetition_penalty: f32,
+    /// In [-2, 2], 0 = none: subtracted from a token's logit once per time the output holds it (OpenAI's
+    /// definition, as vLLM applies it: the output only, not the prompt).
+    pub frequency_penalty: f32,
+    /// In [-2, 2], 0 = none: subtracted from the logit of every token the output holds.
+    pub presence_penalty: f32,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+        }
     }
 }
 
@@ -34,15 +53,39 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(format!("repetition_penalty must be a finite number > 0, got {}", self.repetition_penalty));
+        }
+        for (name, v) in [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether any penalty changes the logits.
+    pub fn penalizes(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
     }
 }
 
-/// A request's sampler: its parameters and its own random stream.
+/// A request's sampler: its parameters, its own random stream, and what the penalties look at.
 #[derive(Clone, Debug)]
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
+    /// Kept only when a penalty is set.
+    history: Option<History>,
+}
+
+/// The tokens the penalties look at, kept up to date token by token (not recounted every step).
+#[derive(Clone, Debug, Default)]
+struct History {
+    /// Every token of the prompt and of the output so far (the repetition penalty's set).
+    seen: HashSet<u32>,
+    /// How many times each token occurs in the output (frequency and presence).
+    output: HashMap<u32, u32>,
 }
 
 /// A seed for a request that gave none: different in every call and every process (std's per-process random
@@ -55,31 +98,56 @@ pub fn unseeded() -> u64 {
 }
 
 impl Sampler {
-    /// `fallback_seed` seeds requests that gave none (callers pass [`unseeded`]).
-    pub fn new(params: SamplingParams, fallback_seed: u64) -> Self {
+    /// `fallback_seed` seeds requests that gave none (callers pass [`unseeded`]); `prompt_ids` is the
+    /// request's prompt, which the repetition penalty counts as seen.
+    pub fn new(params: SamplingParams, fallback_seed: u64, prompt_ids: &[u32]) -> Self {
         let seed = params.seed.unwrap_or(fallback_seed);
-        Sampler { params, rng: Rng::new(seed) }
+        let history =
+            params.penalizes().then(|| History { seen: prompt_ids.iter().copied().collect(), output: HashMap::new() });
+        Sampler { params, rng: Rng::new(seed), history }
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    /// Temperature 0: the token is the argmax.
-    pub fn is_greedy(&self) -> bool {
-        self.params.temperature == 0.0
+    /// Whether the token is the argmax of the logits as the model gave them (temperature 0 and no penalty),
+    /// so that it can be picked where the logits are.
+    pub fn picks_argmax(&self) -> bool {
+        self.params.temperature == 0.0 && self.history.is_none()
     }
 
-    /// The next token from a row as [`fetch_rows`] brought it (an argmax row comes from a greedy sampler).
+    /// The next token from a row as [`fetch_rows`] brought it (an argmax row comes from a sampler that
+    /// [`picks_argmax`](Self::picks_argmax)).
     pub fn pick(&mut self, row: &RowLogits) -> u32 {
         match row {
             RowLogits::Full(logits) => self.sample(logits),
-            RowLogits::Argmax(id) => *id,
+            RowLogits::Argmax(id) => {
+                debug_assert!(self.picks_argmax(), "an argmax row for a sampler that does not pick the argmax");
+                *id
+            }
         }
     }
 
-    /// Picks the next token from one row of logits.
+    /// Picks the next token from one row of logits, and counts it as output for the penalties.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let token = match &self.history {
+            Some(h) => {
+                let mut penalized = logits.to_vec();
+                penalize(&self.params, h, &mut penalized);
+                self.draw(&penalized)
+            }
+            None => self.draw(logits),
+        };
+        if let Some(h) = &mut self.history {
+            h.seen.insert(token);
+            *h.output.entry(token).or_default() += 1;
+        }
+        token
+    }
+
+    /// Greedy or sampled, from logits the penalties have already changed.
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
@@ -131,25 +199,43 @@ impl Sampler {
     }
 }
 
+/// Applies the penalties to `logits` in place, in vLLM's order: repetition (prompt and output tokens, as
+/// Hugging Face's `RepetitionPenaltyLogitsProcessor`), then frequency, then presence (output tokens).
+fn penalize(p: &SamplingParams, h: &History, logits: &mut [f32]) {
+    if p.repetition_penalty != 1.0 {
+        for &t in &h.seen {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = if *l < 0.0 { *l * p.repetition_penalty } else { *l / p.repetition_penalty };
+            }
+        }
+    }
+    for (&t, &n) in &h.output {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l -= p.frequency_penalty * n as f32;
+            *l -= p.presence_penalty;
+        }
+    }
+}
+
 /// One sampling row's logits as the host sees them.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RowLogits {
     /// The whole vocabulary.
     Full(Vec<f32>),
-    /// A greedy row's token, picked where the logits are.
+    /// The token of a row whose sampler picks the argmax, picked where the logits are.
     Argmax(u32),
 }
 
-/// The rows of `logits [rows, vocab]` on the host: a row with `greedy[i]` as its argmax computed on the
+/// The rows of `logits [rows, vocab]` on the host: a row with `by_argmax[i]` as its argmax computed on the
 /// logits' device (4 bytes cross instead of the vocabulary; the same pick as [`argmax`], ties included), the
 /// others in full.
-pub fn fetch_rows(logits: &Tensor, greedy: &[bool]) -> candle_core::Result<Vec<RowLogits>> {
+pub fn fetch_rows(logits: &Tensor, by_argmax: &[bool]) -> candle_core::Result<Vec<RowLogits>> {
     let (rows, _) = logits.dims2()?;
-    if greedy.len() != rows {
-        candle_core::bail!("{} greedy flags for {rows} logit rows", greedy.len())
+    if by_argmax.len() != rows {
+        candle_core::bail!("{} argmax flags for {rows} logit rows", by_argmax.len())
     }
-    let ids: Vec<u32> = if greedy.iter().any(|&g| g) { argmax_rows(logits)? } else { vec![] };
-    let full_rows: Vec<u32> = (0..rows as u32).filter(|&r| !greedy[r as usize]).collect();
+    let ids: Vec<u32> = if by_argmax.iter().any(|&g| g) { argmax_rows(logits)? } else { vec![] };
+    let full_rows: Vec<u32> = (0..rows as u32).filter(|&r| !by_argmax[r as usize]).collect();
     let mut full = if full_rows.is_empty() {
         Vec::new()
     } else {
@@ -157,7 +243,7 @@ pub fn fetch_rows(logits: &Tensor, greedy: &[bool]) -> candle_core::Result<Vec<R
         logits.index_select(&idx, 0)?.to_vec2::<f32>()?
     }
     .into_iter();
-    Ok(greedy
+    Ok(by_argmax
         .iter()
         .enumerate()
         .map(|(r, &g)| if g { RowLogits::Argmax(ids[r]) } else { RowLogits::Full(full.next().expect("one per row")) })
@@ -193,7 +279,7 @@ mod tests {
     use super::*;
 
     fn params(t: f32, k: u32, p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature: t, top_k: k, top_p: p, seed: Some(seed) }
+        SamplingParams { temperature: t, top_k: k, top_p: p, seed: Some(seed), ..Default::default() }
     }
 
     #[test]
@@ -206,14 +292,14 @@ mod tests {
         let all = fetch_rows(&t, &[false; 3]).unwrap();
         assert_eq!(all[2], RowLogits::Full(v[6..].to_vec()));
         assert!(fetch_rows(&t, &[true]).is_err());
-        let mut s = Sampler::new(SamplingParams::default(), 0);
+        let mut s = Sampler::new(SamplingParams::default(), 0, &[]);
         assert_eq!(s.pick(&got[0]), 1);
         assert_eq!(s.pick(&got[1]), 0);
     }
 
     #[test]
     fn greedy_is_argmax_first_on_ties() {
-        let mut s = Sampler::new(SamplingParams::default(), 0);
+        let mut s = Sampler::new(SamplingParams::default(), 0, &[]);
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
     }
 
@@ -237,8 +323,8 @@ mod tests {
     #[test]
     fn top_k_one_and_tiny_top_p_are_greedy() {
         let logits = [0.5, 2.0, 1.9, -3.0];
-        let mut a = Sampler::new(params(1.0, 1, 1.0, 3), 0);
-        let mut b = Sampler::new(params(5.0, 0, 1e-6, 3), 0);
+        let mut a = Sampler::new(params(1.0, 1, 1.0, 3), 0, &[]);
+        let mut b = Sampler::new(params(5.0, 0, 1e-6, 3), 0, &[]);
         for _ in 0..50 {
             assert_eq!(a.sample(&logits), 1);
             assert_eq!(b.sample(&logits), 1);
@@ -249,7 +335,7 @@ mod tests {
     fn seeded_sampling_repeats_and_follows_the_distribution() {
         let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
         let draw = |seed| {
-            let mut s = Sampler::new(params(1.0, 0, 1.0, seed), 0);
+            let mut s = Sampler::new(params(1.0, 0, 1.0, seed), 0, &[]);
             (0..4000).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
         let a = draw(9);
@@ -265,10 +351,10 @@ mod tests {
         // 10 / 1e-40 overflows f32: the scaled logits must not become infinities (NaN probabilities).
         let logits = [0.5f32, 10.0, 9.99, -3.0];
         for t in [1e-45f32, 1e-40, 1e-38, 1e-6] {
-            let mut s = Sampler::new(params(t, 0, 1.0, 5), 0);
+            let mut s = Sampler::new(params(t, 0, 1.0, 5), 0, &[]);
             assert!((0..20).all(|_| s.sample(&logits) == 1), "temperature {t}");
         }
-        let mut s = Sampler::new(params(1.0, 0, 1.0, 5), 0);
+        let mut s = Sampler::new(params(1.0, 0, 1.0, 5), 0, &[]);
         assert_eq!(s.sample(&[1.0, f32::INFINITY, 2.0]), 1);
     }
 
@@ -276,7 +362,7 @@ mod tests {
     fn top_p_cuts_the_tail() {
         // probs ≈ [0.6, 0.3, 0.1]: top_p 0.8 keeps the first two only.
         let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
-        let mut s = Sampler::new(params(1.0, 0, 0.8, 1), 0);
+        let mut s = Sampler::new(params(1.0, 0, 0.8, 1), 0, &[]);
         assert!((0..2000).all(|_| s.sample(&logits) != 2));
     }
 
@@ -286,5 +372,66 @@ mod tests {
         assert!(params(1.0, 0, 0.0, 0).validate().unwrap_err().contains("top_p"));
         assert!(params(1.0, 0, 1.5, 0).validate().unwrap_err().contains("top_p"));
         assert!(params(f32::NAN, 0, 1.0, 0).validate().is_err());
+    }
+
+    fn penalized(repetition: f32, frequency: f32, presence: f32) -> SamplingParams {
+        SamplingParams {
+            repetition_penalty: repetition,
+            frequency_penalty: frequency,
+            presence_penalty: presence,
+            ..Default::default()
+        }
+    }
+
+    /// Greedy picks from the same logits every step, so only the penalties move them.
+    fn picks(params: SamplingParams, prompt: &[u32], logits: &[f32], n: usize) -> Vec<u32> {
+        let mut s = Sampler::new(params, 0, prompt);
+        (0..n).map(|_| s.sample(logits)).collect()
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens() {
+        // Token 0 is in the prompt: 3 / 2 = 1.5 < 2, so 1 wins; then 1 is seen too: 1.5 > 1.
+        assert_eq!(picks(penalized(2.0, 0.0, 0.0), &[0], &[3.0, 2.0, -1.0], 3), [1, 0, 0]);
+        // Negative logits grow more negative: -1 · 2 = -2 < -1.5.
+        assert_eq!(picks(penalized(2.0, 0.0, 0.0), &[0], &[-1.0, -1.5], 1), [1]);
+        // Below 1 it favours repeats; tokens past the logits (a prompt id beyond the vocabulary) are skipped.
+        assert_eq!(picks(penalized(0.5, 0.0, 0.0), &[1, 99], &[3.0, 2.0], 2), [1, 1]);
+        assert_eq!(picks(SamplingParams::default(), &[0], &[3.0, 2.0, -1.0], 2), [0, 0]);
+    }
+
+    #[test]
+    fn frequency_penalty_counts_output_occurrences_and_presence_penalty_does_not() {
+        let logits = [1.0, 0.9, 0.0];
+        // The prompt's token 0 is not penalized; each output of it costs 0.2.
+        assert_eq!(picks(penalized(1.0, 0.2, 0.0), &[0], &logits, 4), [0, 1, 0, 1]);
+        // Presence costs 0.5 once, however often the token occurs.
+        assert_eq!(picks(penalized(1.0, 0.0, 0.5), &[0], &logits, 4), [0, 1, 0, 0]);
+        // A negative penalty rewards repeats.
+        assert_eq!(picks(penalized(1.0, -0.2, 0.0), &[], &[0.9, 1.0], 3), [1, 1, 1]);
+    }
+
+    #[test]
+    fn only_unpenalized_greedy_samplers_pick_the_argmax_on_the_device() {
+        assert!(Sampler::new(SamplingParams::default(), 0, &[1]).picks_argmax());
+        assert!(!Sampler::new(params(0.5, 0, 1.0, 0), 0, &[]).picks_argmax());
+        for p in [penalized(1.1, 0.0, 0.0), penalized(1.0, 0.1, 0.0), penalized(1.0, 0.0, -0.1)] {
+            assert!(!Sampler::new(p, 0, &[]).picks_argmax());
+        }
+    }
+
+    #[test]
+    fn penalty_validation_names_the_field() {
+        for (p, field) in [
+            (penalized(0.0, 0.0, 0.0), "repetition_penalty"),
+            (penalized(-1.0, 0.0, 0.0), "repetition_penalty"),
+            (penalized(f32::INFINITY, 0.0, 0.0), "repetition_penalty"),
+            (penalized(1.0, 2.5, 0.0), "frequency_penalty"),
+            (penalized(1.0, f32::NAN, 0.0), "frequency_penalty"),
+            (penalized(1.0, 0.0, -2.01), "presence_penalty"),
+        ] {
+            assert!(p.validate().unwrap_err().contains(field), "{p:?}");
+        }
+        assert!(penalized(0.01, -2.0, 2.0).validate().is_ok());
     }
 }

@@ -164,7 +164,7 @@ pub(crate) fn run(
                             tokens: req.prompt_ids.clone(),
                             prompt_len: req.prompt_ids.len(),
                             generated: 0,
-                            sampler: Sampler::new(req.sampling.clone(), sampler::unseeded()),
+                            sampler: Sampler::new(req.sampling.clone(), sampler::unseeded(), &req.prompt_ids),
                             text: StopText::new(req.stop.clone()),
                             queued: Some(queued),
                             last_token_at: None,
@@ -347,8 +347,8 @@ fn publish(stats: &EngineStats, sched: &Scheduler, cache: &PagedKvCache) {
     metrics::gauge!(t::KV_CACHE_BLOCKS_USED).set(used as f64);
 }
 
-/// One forward over the planned rows; returns the logits of the sampling rows, in plan order (on a GPU,
-/// greedy rows only as their argmax).
+/// One forward over the planned rows; returns the logits of the sampling rows, in plan order (on a GPU, the
+/// rows of samplers that pick the argmax only as their argmax).
 fn step(
     model: &Model,
     cache: &mut PagedKvCache,
@@ -394,6 +394,6 @@ fn step(
     if model.device().is_cpu() {
         return Ok(logits.to_vec2::<f32>()?.into_iter().map(RowLogits::Full).collect());
     }
-    let greedy: Vec<bool> = rows.iter().filter(|r| r.samples).map(|r| live[&r.seq].sampler.is_greedy()).collect();
-    fetch_rows(&logits, &greedy)
+    let argmax: Vec<bool> = rows.iter().filter(|r| r.samples).map(|r| live[&r.seq].sampler.picks_argmax()).collect();
+    fetch_rows(&logits, &argmax)
 }

@@ -33,6 +33,9 @@ pub struct GenerateCall {
     pub top_p: f32,
     pub top_k: u32,
     pub seed: Option<u64>,
+    pub repetition_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
     pub stop: Vec<String>,
 }
 
@@ -119,6 +122,9 @@ impl GenerateCall {
             top_k: self.top_k,
             seed: self.seed,
             stop: self.stop.clone(),
+            repetition_penalty: self.repetition_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
         }
     }
 }

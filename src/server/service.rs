@@ -165,6 +165,10 @@ impl Service {
             // proto3 cannot tell an unset float from 0: 0 means "no nucleus filter".
             top_p: if r.top_p == 0.0 { 1.0 } else { r.top_p },
             seed: r.seed,
+            // Likewise: 0 (unset, and no valid penalty) means none.
+            repetition_penalty: if r.repetition_penalty == 0.0 { 1.0 } else { r.repetition_penalty },
+            frequency_penalty: r.frequency_penalty,
+            presence_penalty: r.presence_penalty,
         };
         sampling.validate().map_err(Status::invalid_argument)?;
         if r.stop.len() > limits.max_stop_strings {

@@ -34,6 +34,33 @@ pub fn expected(model_dir: &str) -> Expected {
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
+/// `tests/fixtures/llama-penalties/expected.json`: greedy tokens under the sampling penalties.
+#[derive(Deserialize, Debug, Clone)]
+pub struct PenaltyCase {
+    pub adapter: Option<String>,
+    pub repetition_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    pub results: Vec<PenaltyResult>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct PenaltyResult {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub new_ids: Vec<u32>,
+}
+
+/// The penalty cases by name.
+pub fn penalty_cases() -> std::collections::BTreeMap<String, PenaltyCase> {
+    #[derive(Deserialize)]
+    struct File {
+        cases: std::collections::BTreeMap<String, PenaltyCase>,
+    }
+    let p = fixture("llama-penalties/expected.json");
+    serde_json::from_str::<File>(&std::fs::read_to_string(&p).unwrap()).unwrap().cases
+}
+
 /// Runs a reference case as the reference stack did: the prompt's tokens (checked against the case's), then
 /// `greedy_new_ids.len()` greedy tokens with no stop at EOS, with `adapter`. Returns the tokens and the run.
 pub fn run_case(
