@@ -7,7 +7,8 @@
 //! running decodes. Admission is first-come-first-served and stops at the first request whose chunk does
 //! not fit (no starvation by smaller late-comers). When a decoding sequence needs a new block and none is
 //! free, the most recently arrived running sequence is preempted: its blocks are freed and it goes back to
-//! the front of the queue to be recomputed (prompt + tokens so far) — never an out-of-memory.
+//! the front of the queue to be recomputed (prompt + tokens so far) — never an out-of-memory; a step that
+//! preempts admits no one.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -179,7 +180,12 @@ impl Scheduler {
             i += 1;
         }
 
-        // 2. Admit waiting sequences, first come first served, while rows, tokens and blocks last.
+        // 2. Admit waiting sequences, first come first served, while rows, tokens and blocks last. Not in a
+        // step that had to preempt (as vLLM): the blocks it freed are for the running sequences' next tokens,
+        // and a victim admitted again at once would only be preempted again, its chunk computed for nothing.
+        if !plan.preempted.is_empty() {
+            return plan;
+        }
         while let Some(&id) = self.waiting.front() {
             if plan.rows.len() == self.cfg.max_batch_rows || budget == 0 {
                 break;
@@ -296,6 +302,30 @@ mod tests {
         // Recompute: its whole known sequence (8 prompt + 1 generated) is prefilled again, then it samples.
         let p = s.plan(&mut seqs, &mut a);
         assert_eq!(p.rows, vec![PlannedRow { seq: 3, start: 0, len: 9, samples: true }]);
+    }
+
+    /// The blocks a preemption frees go to the running sequences: neither the victim nor anyone else waiting
+    /// is admitted in that step (the victim's first chunk would fit, and be preempted again next step).
+    #[test]
+    fn a_step_that_preempts_admits_no_one() {
+        let (mut s, mut seqs, mut a) = setup(3, 8, 5);
+        add(&mut s, &mut seqs, 1, 4);
+        add(&mut s, &mut seqs, 2, 8);
+        let p = s.plan(&mut seqs, &mut a);
+        assert_eq!(p.rows[1], PlannedRow { seq: 2, start: 0, len: 1, samples: false });
+        step(&p, &mut seqs);
+        add(&mut s, &mut seqs, 3, 1);
+        // 1 takes the last free block for its next token; 2's next chunk needs one more: 2 is preempted, and
+        // its freed block would hold a 4-token chunk of it (or all of 3), but the step admits no one.
+        let p = s.plan(&mut seqs, &mut a);
+        assert_eq!(p.preempted, vec![2]);
+        assert_eq!(p.rows, vec![PlannedRow { seq: 1, start: 4, len: 1, samples: true }]);
+        assert_eq!((s.waiting(), a.free_blocks()), (2, 1));
+        step(&p, &mut seqs);
+        // The next step admits again, oldest first.
+        let p = s.plan(&mut seqs, &mut a);
+        assert_eq!(p.rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert!(p.preempted.is_empty());
     }
 
     #[test]
