@@ -447,6 +447,9 @@ fn run_client(args: ClientArgs) -> Result<()> {
     rt.block_on(async move {
         match args.call {
             ClientCall::Generate { adapter, prompt, max_new_tokens, sampling, stop, stream, json } => {
+                // Checked here too: the wire cannot carry some values (a repetition penalty or top-p of 0
+                // reads as unset there), so the server could not refuse them.
+                sampling.params()?;
                 let call = crate::server::client::GenerateCall {
                     adapter_id: adapter,
                     prompt,
