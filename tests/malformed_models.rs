@@ -139,6 +139,32 @@ fn tensors_the_config_does_not_describe_are_named() {
     assert!(e.contains("model.layers.2.") && e.contains("more)"), "{e}");
 }
 
+/// A tied checkpoint (the qwen2) that also stores `lm_head.weight`: equal to the embedding, it loads and gives
+/// the reference logits; one value different, it is refused naming both tensors.
+#[test]
+fn a_tied_checkpoint_may_store_its_head_only_as_the_embedding() {
+    let opts = LoadOptions { dtype: DType::F32, quant: QuantMode::None, device: Device::Cpu };
+    let case = &common::expected("qwen2").results["base"][0];
+    for differs in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_dir(&fixture("qwen2/model"), tmp.path());
+        rewrite_weights(tmp.path(), |t| {
+            let embed = t["model.embed_tokens.weight"].clone();
+            let head = if differs { embed.affine(1.0, 1e-3).unwrap() } else { embed.copy().unwrap() };
+            t.insert("lm_head.weight".into(), head);
+        });
+        if differs {
+            let e = load_err(tmp.path());
+            assert!(e.contains("lm_head.weight differs from model.embed_tokens.weight"), "{e}");
+        } else {
+            let m = model::load(&ModelSpec::Dir(tmp.path().to_path_buf()), &opts).unwrap();
+            let (_, out) = common::run_case(&m, case, None, "qwen2 with its head stored");
+            assert!(common::rel_l2(&out.prompt_logits, &case.last_logits) <= 1e-4);
+            assert_eq!(out.token_ids, case.greedy_new_ids);
+        }
+    }
+}
+
 #[test]
 fn bad_config_and_missing_shard_are_named() {
     let tmp = tempfile::tempdir().unwrap();

@@ -118,6 +118,15 @@ fn table_dtype(src: &dyn WeightSource, name: &str, dtype: DType, device: &Device
     }
 }
 
+/// Whether two tensors are stored with the same dtype, shape and bytes: the same values, found in the mapped
+/// files without a copy of either (a tied checkpoint that also stores its head, as some merges do).
+fn same_stored_bytes(src: &dyn WeightSource, a: &str, b: &str) -> bool {
+    match (src.raw(a), src.raw(b)) {
+        (Some(a), Some(b)) => a.dtype == b.dtype && a.shape == b.shape && a.data == b.data,
+        _ => false,
+    }
+}
+
 /// Whether two tensors of one shape hold exactly the same values.
 fn same_values(a: &Tensor, b: &Tensor) -> Result<bool> {
     Ok(a.eq(b)?.flatten_all()?.min(0)?.to_scalar::<u8>()? == 1)
@@ -200,7 +209,8 @@ impl Model {
         // Tied: the embedding is the head. A file that also carries an `lm_head.weight` of other values is
         // ambiguous (transformers 4 and vLLM use the embedding, transformers 5 the file's head): refused.
         let lm_head = if c.tie_word_embeddings {
-            if src.contains("lm_head.weight") {
+            if src.contains("lm_head.weight") && !same_stored_bytes(src, "lm_head.weight", embed_name) {
+                // Not stored alike byte for byte: compare the values (a second table, for the load only).
                 let head = src.tensor("lm_head.weight", &[c.vocab_size, h], embed.dtype(), device)?;
                 if !same_values(&head, &embed)? {
                     return Err(ModelError::Invalid(format!(
