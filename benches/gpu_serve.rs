@@ -5,7 +5,7 @@
 //!    and tied embeddings, the bitsandbytes NF4 llama, and the llama from a bf16 copy of its checkpoint, whose
 //!    embeddings and head the GPU keeps in bf16), NF4 and dense bases, with all of its PEFT adapters:
 //!    every prompt × (base + each adapter) is sent at once to a CPU server and to a GPU server, and the greedy
-//!    token ids must be equal. Figures: requests compared, equal, and how many GPU outputs also equal the
+//!    token ids must be equal; for the llama, so are its greedy requests under the sampling penalties. Figures: requests compared, equal, and how many GPU outputs also equal the
 //!    peer's own greedy ids from transformers (informational: the CPU tests hold that bar).
 //! 2. **Decode.** `synthetic:llama2-7b` (random weights, NF4, f32 compute) on the GPU: 1, 8 and 32 streams, one
 //!    adapter versus 32 distinct rank-16 q,k,v,o adapters, 128-token prompts and 128 new tokens: tokens/s end
@@ -85,15 +85,14 @@ async fn stop(h: ServerHandle) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn greedy_all(addr: String, requests: &[(String, String, u32)]) -> anyhow::Result<Vec<Result<Vec<u32>, String>>> {
+async fn greedy_all(addr: String, requests: &[GenerateRequest]) -> anyhow::Result<Vec<Result<Vec<u32>, String>>> {
     let tasks: Vec<_> = requests
         .iter()
         .cloned()
-        .map(|(adapter_id, prompt, max_new_tokens)| {
+        .map(|req| {
             let addr = addr.clone();
             tokio::spawn(async move {
                 let mut client = LoraServeClient::connect(addr).await.map_err(|e| e.to_string())?;
-                let req = GenerateRequest { adapter_id, prompt, max_new_tokens, ..Default::default() };
                 let r = client.generate(req).await.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
                 Ok(r.into_inner().token_ids)
             })
@@ -117,20 +116,49 @@ fn fixtures_root() -> PathBuf {
     }
 }
 
-/// One fixture's requests, (adapter, prompt, max_new_tokens), and the peer's greedy ids for each.
-type FixtureRequests = (Vec<(String, String, u32)>, Vec<Vec<u32>>);
+/// One fixture's greedy requests, and the peer's ids for each.
+type FixtureRequests = (Vec<GenerateRequest>, Vec<Vec<u32>>);
 
+/// Every prompt × (base + each adapter) of `dir/expected.json`; for the llama also the greedy requests under
+/// the sampling penalties (`llama-penalties/`), whose rows come to the host whole while plain greedy rows of the
+/// same batches are picked on the GPU.
 fn fixture_requests(dir: &Path) -> anyhow::Result<FixtureRequests> {
     let path = dir.join("expected.json");
     let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
     let results = expected["results"].as_object().ok_or_else(|| anyhow::anyhow!("{}: no results", path.display()))?;
     let (mut requests, mut peer) = (vec![], vec![]);
+    let request = |adapter: &str, p: &serde_json::Value, ids: &[u32]| GenerateRequest {
+        adapter_id: adapter.to_string(),
+        prompt: p["prompt"].as_str().unwrap_or_default().to_string(),
+        max_new_tokens: ids.len() as u32,
+        ..Default::default()
+    };
     for (key, prompts) in results {
-        let adapter = if key == "base" { String::new() } else { key.clone() };
+        let adapter = if key == "base" { "" } else { key.as_str() };
         for p in prompts.as_array().into_iter().flatten() {
             let ids: Vec<u32> = serde_json::from_value(p["greedy_new_ids"].clone())?;
-            requests.push((adapter.clone(), p["prompt"].as_str().unwrap_or_default().to_string(), ids.len() as u32));
+            requests.push(request(adapter, p, &ids));
             peer.push(ids);
+        }
+    }
+    let penalties = dir.with_file_name(format!("{}-penalties", dir.file_name().unwrap_or_default().to_string_lossy()));
+    if penalties.is_dir() {
+        let path = penalties.join("expected.json");
+        let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        let cases = expected["cases"].as_object().ok_or_else(|| anyhow::anyhow!("{}: no cases", path.display()))?;
+        for case in cases.values() {
+            let adapter = case["adapter"].as_str().unwrap_or_default();
+            let penalty = |k: &str| case[k].as_f64().map(|v| v as f32).ok_or_else(|| anyhow::anyhow!("{k}"));
+            for p in case["results"].as_array().into_iter().flatten() {
+                let ids: Vec<u32> = serde_json::from_value(p["new_ids"].clone())?;
+                requests.push(GenerateRequest {
+                    repetition_penalty: penalty("repetition_penalty")?,
+                    frequency_penalty: penalty("frequency_penalty")?,
+                    presence_penalty: penalty("presence_penalty")?,
+                    ..request(adapter, p, &ids)
+                });
+                peer.push(ids);
+            }
         }
     }
     Ok((requests, peer))
