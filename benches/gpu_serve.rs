@@ -5,14 +5,15 @@
 //!    and tied embeddings, the bitsandbytes NF4 llama, and the llama from a bf16 copy of its checkpoint, whose
 //!    embeddings and head the GPU keeps in bf16), NF4 and dense bases, with all of its PEFT adapters:
 //!    every prompt × (base + each adapter) is sent at once to a CPU server and to a GPU server, and the greedy
-//!    token ids must be equal; for the llama, so are its greedy requests under the sampling penalties. Figures: requests compared, equal, and how many GPU outputs also equal the
-//!    peer's own greedy ids from transformers (informational: the CPU tests hold that bar).
+//!    token ids must be equal; for the llama, so are its greedy requests under the sampling penalties.
+//!    Figures: requests compared, equal, and how many GPU outputs also equal the peer's own greedy ids from
+//!    transformers (informational: the CPU tests hold that bar).
 //! 2. **Decode.** `synthetic:llama2-7b` (random weights, NF4, f32 compute) on the GPU: 1, 8 and 32 streams, one
 //!    adapter versus 32 distinct rank-16 q,k,v,o adapters, 128-token prompts and 128 new tokens: tokens/s end
-//!    to end, decode tokens/s (streams / step time), step time (inter-token p50), time to first token; cold adapter load (LoadAdapter on an adapter not yet
-//!    cached: disk → host → device); host-tier promotion (an adapter evicted from the device tier coming back
-//!    from RAM, no disk read); base resident bytes (the model's count and the device's free-memory
-//!    drop at load) and the memory floor of one decode step.
+//!    to end, decode tokens/s (streams / step time), step time (inter-token p50), time to first token; cold
+//!    adapter load (LoadAdapter on an adapter not yet cached: disk → host → device); host-tier promotion (an
+//!    adapter evicted from the device tier coming back from RAM, no disk read); base resident bytes (the
+//!    model's count and the device's free-memory drop at load) and the memory floor of one decode step.
 //!
 //! Everything goes to stdout as tables and to `$OUT/gpu_serve.json`. Exit status 1 when any comparison fails.
 
@@ -146,9 +147,13 @@ fn fixture_requests(dir: &Path) -> anyhow::Result<FixtureRequests> {
         let path = penalties.join("expected.json");
         let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
         let cases = expected["cases"].as_object().ok_or_else(|| anyhow::anyhow!("{}: no cases", path.display()))?;
-        for case in cases.values() {
+        anyhow::ensure!(!cases.is_empty(), "{}: no cases", path.display());
+        for (name, case) in cases {
             let adapter = case["adapter"].as_str().unwrap_or_default();
-            let penalty = |k: &str| case[k].as_f64().map(|v| v as f32).ok_or_else(|| anyhow::anyhow!("{k}"));
+            let penalty = |k: &str| {
+                let v = case[k].as_f64().ok_or_else(|| anyhow::anyhow!("{}: case {name}: no {k}", path.display()));
+                v.map(|v| v as f32)
+            };
             for p in case["results"].as_array().into_iter().flatten() {
                 let ids: Vec<u32> = serde_json::from_value(p["new_ids"].clone())?;
                 requests.push(GenerateRequest {

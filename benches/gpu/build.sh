@@ -22,4 +22,5 @@ for b in gpu_kernels gpu_serve; do
 done
 cargo build --release --features cuda --bin server
 strip -o .gpu/server target/release/server && gzip -9f .gpu/server
+bash benches/gpu/sources.sh > .gpu/sources.sha256
 ls -la .gpu

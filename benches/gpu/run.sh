@@ -25,6 +25,16 @@ wheel=$(python3 -c 'import nvidia.cu13 as m; print(list(m.__path__)[0] + "/lib")
 [ -n "$wheel" ] && [ -d "$wheel" ] && libs="${libs:+$libs:}$wheel"
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
+# Binaries built from other sources than this checkout would check and time something else: refuse them.
+built=$(cat .gpu/sources.sha256 2>/dev/null || echo none)
+here=$(bash benches/gpu/sources.sh)
+if [ "$built" != "$here" ]; then
+  echo "run.sh: .gpu/ was built from other sources ($built) than this checkout's ($here): run benches/gpu/build.sh again"
+  exec >&- 2>&-
+  wait "$tee_pid"
+  exit 2
+fi
+
 bin=$(mktemp -d)
 for b in gpu_kernels gpu_serve server; do gunzip -c ".gpu/$b.gz" > "$bin/$b" && chmod +x "$bin/$b"; done
 
