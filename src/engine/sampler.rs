@@ -412,6 +412,13 @@ mod tests {
     }
 
     #[test]
+    fn the_repetition_penalty_comes_before_frequency_and_presence() {
+        // After one 0: 3 / 2 − 1 = 0.5 < 0.8 picks 1 (frequency first would give (3 − 1) / 2 = 1 > 0.8).
+        assert_eq!(picks(penalized(2.0, 1.0, 0.0), &[], &[3.0, 0.8], 2), [0, 1]);
+        assert_eq!(picks(penalized(2.0, 0.0, 1.0), &[], &[3.0, 0.8], 2), [0, 1]);
+    }
+
+    #[test]
     fn only_unpenalized_greedy_samplers_pick_the_argmax_on_the_device() {
         assert!(Sampler::new(SamplingParams::default(), 0, &[1]).picks_argmax());
         assert!(!Sampler::new(params(0.5, 0, 1.0, 0), 0, &[]).picks_argmax());

@@ -477,6 +477,7 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     /// A bf16 head, widened a slice at a time (here 3 rows, the last slice 1 row), gives exactly the logits of
     /// the head widened whole.
@@ -511,6 +512,36 @@ mod tests {
         let m = crate::model::build(tied, &equal, &opts).unwrap();
         assert!(same_values(&m.lm_head, &m.embed).unwrap(), "the head is not the embedding");
         assert!(m.other_tensors().unwrap().iter().all(|(n, _)| n != "lm_head.weight"));
+    }
+
+    /// The byte comparison a tied head takes first: equal only for the same dtype, shape and bytes; a source
+    /// without a file layout (in memory) never compares equal this way (the values are compared instead).
+    #[test]
+    fn stored_bytes_are_equal_only_for_the_same_dtype_shape_and_bytes() {
+        let dev = Device::Cpu;
+        let t = Tensor::arange(0f32, 12.0, &dev).unwrap().reshape((3, 4)).unwrap();
+        let mut one_bit = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        one_bit[11] = f32::from_bits(one_bit[11].to_bits() + 1);
+        let tensors: HashMap<String, Tensor> = [
+            ("a", t.clone()),
+            ("same", t.copy().unwrap()),
+            ("one-bit", Tensor::from_vec(one_bit, (3, 4), &dev).unwrap()),
+            ("reshaped", t.reshape((4, 3)).unwrap()),
+            ("f16", t.to_dtype(DType::F16).unwrap()),
+        ]
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t))
+        .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let files = crate::model::weights::SafetensorsFiles::open_files(&[path]).unwrap();
+        assert!(same_stored_bytes(&files, "a", "same"));
+        for other in ["one-bit", "reshaped", "f16", "missing"] {
+            assert!(!same_stored_bytes(&files, "a", other), "{other}");
+        }
+        let memory = super::super::weights::InMemoryWeights::new("m", tensors);
+        assert!(!same_stored_bytes(&memory, "a", "same"));
     }
 
     #[test]
