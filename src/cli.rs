@@ -136,7 +136,8 @@ pub struct SamplingArgs {
     /// Seeds sampling (the same seed, the same tokens); without it each run samples differently
     #[arg(long)]
     pub seed: Option<u64>,
-    /// > 0, 1 = off: logits of tokens in the prompt or output are divided by it (multiplied when negative).
+    /// Above 0, 1 = off: a positive logit of a token in the prompt or output is divided by it, a negative
+    /// one multiplied by it.
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
     /// In [-2, 2]: subtracted from a token's logit per occurrence in the output.
@@ -449,20 +450,9 @@ fn run_client(args: ClientArgs) -> Result<()> {
             ClientCall::Generate { adapter, prompt, max_new_tokens, sampling, stop, stream, json } => {
                 // Checked here too: the wire cannot carry some values (a repetition penalty or top-p of 0
                 // reads as unset there), so the server could not refuse them.
-                sampling.params()?;
-                let call = crate::server::client::GenerateCall {
-                    adapter_id: adapter,
-                    prompt,
-                    max_new_tokens,
-                    temperature: sampling.temperature,
-                    top_p: sampling.top_p,
-                    top_k: sampling.top_k,
-                    seed: sampling.seed,
-                    repetition_penalty: sampling.repetition_penalty,
-                    frequency_penalty: sampling.frequency_penalty,
-                    presence_penalty: sampling.presence_penalty,
-                    stop,
-                };
+                let sampling = sampling.params()?;
+                let call =
+                    crate::server::client::GenerateCall { adapter_id: adapter, prompt, max_new_tokens, sampling, stop };
                 crate::server::client::generate(&target, &call, stream, json).await
             }
             ClientCall::List => crate::server::client::list(&target).await,

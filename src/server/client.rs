@@ -1,8 +1,8 @@
 //! `server client`: a small gRPC client for people without grpcurl — generate (unary or streaming), list,
-//! load and unload adapters, and a `grpc.health.v1` check (container health checks and exec probes). It sends the API key as `authorization: Bearer` and the adapter id as the
-//! `x-adapter-id` header that adapter-affinity routers hash on.
+//! load and unload adapters, and a `grpc.health.v1` check (container health checks and exec probes). It sends
+//! the API key as `authorization: Bearer` and the adapter id as the `x-adapter-id` header that
+//! adapter-affinity routers hash on.
 
-use crate::cli::to_stdout;
 use std::time::Duration;
 
 use tokio_stream::StreamExt;
@@ -11,6 +11,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::Request;
 
 use super::proto::{self, lora_serve_client::LoraServeClient};
+use crate::cli::to_stdout;
+use crate::engine::SamplingParams;
 
 /// Connection settings.
 #[derive(Clone, Debug, Default)]
@@ -29,13 +31,8 @@ pub struct GenerateCall {
     pub adapter_id: String,
     pub prompt: String,
     pub max_new_tokens: u32,
-    pub temperature: f32,
-    pub top_p: f32,
-    pub top_k: u32,
-    pub seed: Option<u64>,
-    pub repetition_penalty: f32,
-    pub frequency_penalty: f32,
-    pub presence_penalty: f32,
+    /// Validated (`SamplingParams::validate`): some invalid values, like a top-p of 0, read as unset on the wire.
+    pub sampling: SamplingParams,
     pub stop: Vec<String>,
 }
 
@@ -113,18 +110,19 @@ pub fn request<T>(t: &Target, msg: T, adapter_id: Option<&str>) -> Request<T> {
 
 impl GenerateCall {
     fn to_proto(&self) -> proto::GenerateRequest {
+        let s = &self.sampling;
         proto::GenerateRequest {
             adapter_id: self.adapter_id.clone(),
             prompt: self.prompt.clone(),
             max_new_tokens: self.max_new_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            seed: self.seed,
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k: s.top_k,
+            seed: s.seed,
             stop: self.stop.clone(),
-            repetition_penalty: self.repetition_penalty,
-            frequency_penalty: self.frequency_penalty,
-            presence_penalty: self.presence_penalty,
+            repetition_penalty: s.repetition_penalty,
+            frequency_penalty: s.frequency_penalty,
+            presence_penalty: s.presence_penalty,
         }
     }
 }
