@@ -5,7 +5,8 @@
 //!    and tied embeddings, the bitsandbytes NF4 llama, and the llama from a bf16 copy of its checkpoint, whose
 //!    embeddings and head the GPU keeps in bf16), NF4 and dense bases, with all of its PEFT adapters:
 //!    every prompt × (base + each adapter) is sent at once to a CPU server and to a GPU server, and the greedy
-//!    token ids must be equal; for the llama, so are its greedy requests under the sampling penalties.
+//!    token ids must be equal (every other request also asks for logprobs); for the llama, so are its greedy
+//!    requests under the sampling penalties.
 //!    Figures: requests compared, equal, and how many GPU outputs also equal the peer's own greedy ids from
 //!    transformers (informational: the CPU tests hold that bar).
 //! 2. **Decode.** `synthetic:llama2-7b` (random weights, NF4, f32 compute) on the GPU: 1, 8 and 32 streams, one
@@ -120,9 +121,9 @@ fn fixtures_root() -> PathBuf {
 /// One fixture's greedy requests, and the peer's ids for each.
 type FixtureRequests = (Vec<GenerateRequest>, Vec<Vec<u32>>);
 
-/// Every prompt × (base + each adapter) of `dir/expected.json`; for the llama also the greedy requests under
-/// the sampling penalties (`llama-penalties/`), whose rows come to the host whole while plain greedy rows of the
-/// same batches are picked on the GPU.
+/// Every prompt × (base + each adapter) of `dir/expected.json`, every other one asking for logprobs; for the
+/// llama also the greedy requests under the sampling penalties (`llama-penalties/`). Rows with logprobs or
+/// penalties come to the host whole while the other greedy rows of the same batches are picked on the GPU.
 fn fixture_requests(dir: &Path) -> anyhow::Result<FixtureRequests> {
     let path = dir.join("expected.json");
     let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
@@ -138,7 +139,8 @@ fn fixture_requests(dir: &Path) -> anyhow::Result<FixtureRequests> {
         let adapter = if key == "base" { "" } else { key.as_str() };
         for p in prompts.as_array().into_iter().flatten() {
             let ids: Vec<u32> = serde_json::from_value(p["greedy_new_ids"].clone())?;
-            requests.push(request(adapter, p, &ids));
+            // Every other one asks for logprobs: its rows come to the host whole, the others' as the argmax.
+            requests.push(GenerateRequest { logprobs: requests.len() % 2 == 1, ..request(adapter, p, &ids) });
             peer.push(ids);
         }
     }

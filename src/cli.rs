@@ -380,6 +380,9 @@ pub enum ClientCall {
         /// Print the response as JSON.
         #[arg(long)]
         json: bool,
+        /// Ask for each token's log-probability under the model (printed with --json, as "logprobs").
+        #[arg(long)]
+        logprobs: bool,
     },
     /// List adapters and their cache status.
     List,
@@ -447,12 +450,18 @@ fn run_client(args: ClientArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         match args.call {
-            ClientCall::Generate { adapter, prompt, max_new_tokens, sampling, stop, stream, json } => {
+            ClientCall::Generate { adapter, prompt, max_new_tokens, sampling, stop, stream, json, logprobs } => {
                 // Checked here too: the wire cannot carry some values (a repetition penalty or top-p of 0
                 // reads as unset there), so the server could not refuse them.
                 let sampling = sampling.params()?;
-                let call =
-                    crate::server::client::GenerateCall { adapter_id: adapter, prompt, max_new_tokens, sampling, stop };
+                let call = crate::server::client::GenerateCall {
+                    adapter_id: adapter,
+                    prompt,
+                    max_new_tokens,
+                    sampling,
+                    stop,
+                    logprobs,
+                };
                 crate::server::client::generate(&target, &call, stream, json).await
             }
             ClientCall::List => crate::server::client::list(&target).await,

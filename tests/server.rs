@@ -146,6 +146,64 @@ async fn sixty_four_concurrent_mixed_requests_equal_each_alone() {
     h.wait().await.unwrap();
 }
 
+/// `logprobs`: each token's log-probability under the model (raw logits, before the repetition penalty) equals
+/// transformers' (`llama-logprobs/make.py`) within 1e-4, unary and streaming, all requests in one batch; a
+/// request that does not ask gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logprobs_match_transformers() {
+    #[derive(serde::Deserialize)]
+    struct Case {
+        adapter: Option<String>,
+        repetition_penalty: f32,
+        results: Vec<common::PenaltyResult>,
+    }
+    let path = fixture("llama-logprobs/expected.json");
+    let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases: BTreeMap<String, Case> = serde_json::from_value(file["cases"].clone()).unwrap();
+    let (h, client) = start(config(fixture("llama/adapters"))).await;
+    let mut tasks = vec![];
+    for (name, case) in cases {
+        for (i, r) in case.results.into_iter().enumerate() {
+            let mut c = client.clone();
+            let request = GenerateRequest {
+                repetition_penalty: case.repetition_penalty,
+                logprobs: true,
+                ..req(case.adapter.as_deref().unwrap_or(""), &r.prompt, r.new_ids.len() as u32)
+            };
+            let what = format!("{name} {:?}", r.prompt);
+            tasks.push(tokio::spawn(async move {
+                let (ids, logprobs) = if i % 2 == 0 {
+                    let m = c.generate(request).await.unwrap().into_inner();
+                    (m.token_ids, m.logprobs)
+                } else {
+                    let mut s = c.generate_stream(request).await.unwrap().into_inner();
+                    let (mut ids, mut logprobs) = (vec![], vec![]);
+                    while let Some(m) = s.next().await {
+                        let m = m.unwrap();
+                        assert_eq!(m.token_ids.len(), m.logprobs.len(), "{what}: one per token in each message");
+                        ids.extend(m.token_ids);
+                        logprobs.extend(m.logprobs);
+                    }
+                    (ids, logprobs)
+                };
+                assert_eq!(ids, r.new_ids, "{what}");
+                let want = r.logprobs.expect("the fixture has logprobs");
+                for (got, want) in logprobs.iter().zip(&want) {
+                    assert!((got - want).abs() <= 1e-4, "{what}: logprob {got} vs {want}");
+                }
+                assert_eq!(logprobs.len(), want.len(), "{what}");
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut c = client.clone();
+    assert!(c.generate(req("", "alpha", 3)).await.unwrap().into_inner().logprobs.is_empty(), "not asked for");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
 async fn code_of(r: Result<tonic::Response<proto::GenerateResponse>, tonic::Status>) -> (Code, String) {
     match r {
         Ok(_) => (Code::Ok, String::new()),

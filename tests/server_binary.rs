@@ -19,7 +19,7 @@ impl Drop for KillOnDrop {
 }
 
 /// SIGTERM: the in-flight request completes, the process exits 0; on the way, the bundled client's output into
-/// a closed pipe, its message for an adapter id no header can carry, and its penalty flags.
+/// a closed pipe, its message for an adapter id no header can carry, its penalty flags and `--logprobs`.
 #[test]
 fn sigterm_drains_and_exits_zero() {
     use std::io::{BufRead, BufReader};
@@ -87,6 +87,18 @@ fn sigterm_drains_and_exits_zero() {
         assert_eq!(served, token_ids(&[&local[..], &call, &[flag, value]].concat()), "{flag}");
         assert_ne!(served, plain, "{flag} changes nothing");
     }
+    // --logprobs: one log-probability per token, each ≤ 0, streamed or not; without it, none.
+    for stream in [&[][..], &["--stream"]] {
+        let args = [&client[..], &call, &["--logprobs"], stream].concat();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let logprobs = v["logprobs"].as_array().unwrap();
+        assert_eq!(logprobs.len(), v["token_ids"].as_array().unwrap().len(), "{args:?}");
+        assert!(logprobs.iter().all(|p| p.as_f64().unwrap() <= 0.0), "{v}");
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args([&client[..], &call].concat()).output();
+    assert!(serde_json::from_slice::<serde_json::Value>(&o.unwrap().stdout).unwrap().get("logprobs").is_none());
     for (flag, value) in [("--repetition-penalty", "0"), ("--frequency-penalty", "3"), ("--presence-penalty", "-2.5")] {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
             .args(["client", "--addr", &addr, "generate", "--prompt", "Hello", flag, value])

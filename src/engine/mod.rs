@@ -132,6 +132,7 @@ mod tests {
             max_new_tokens: 2,
             sampling: SamplingParams::default(),
             stop: Vec::new(),
+            logprobs: false,
             adapter: None,
             deadline: None,
             arrival: now,

@@ -1,6 +1,7 @@
 //! What crosses into the engine and what comes back: a validated request ([`ValidRequest`]: token ids,
-//! limits, sampling, stop strings, adapter lease, deadline, the channel its events go to) and the
-//! [`Event`]s of its life. Proto types never get here: the server validates at the edge.
+//! limits, sampling, stop strings, whether to report logprobs, adapter lease, deadline, the channel its
+//! events go to) and the [`Event`]s of its life. Proto types never get here: the server validates at the
+//! edge.
 
 use std::time::Instant;
 
@@ -42,6 +43,8 @@ pub enum Event {
     Tokens {
         ids: Vec<u32>,
         text: String,
+        /// With [`ValidRequest::logprobs`], one per id: its log-probability under the model; else empty.
+        logprobs: Vec<f32>,
     },
     Finished {
         reason: FinishReason,
@@ -57,6 +60,9 @@ pub struct ValidRequest {
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Report each token's log-probability under the model's own distribution (the log-softmax of its
+    /// logits, before penalties, temperature, top-k and top-p: vLLM's default `raw_logprobs`).
+    pub logprobs: bool,
     /// The adapter version this request runs with, held until it ends (`None` = base model).
     pub adapter: Option<AdapterLease>,
     pub deadline: Option<Instant>,

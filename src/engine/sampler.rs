@@ -226,6 +226,33 @@ pub enum RowLogits {
     Argmax(u32),
 }
 
+impl RowLogits {
+    /// `token`'s log-probability under the row's logits ([`logprob`]); `None` for a row that crossed as its
+    /// argmax only.
+    pub fn logprob(&self, token: u32) -> Option<f32> {
+        match self {
+            RowLogits::Full(logits) => Some(logprob(logits, token)),
+            RowLogits::Argmax(_) => None,
+        }
+    }
+}
+
+/// `log_softmax(logits)[token]`, in f64, NaN logits left out as sampling leaves them out. Infinite logits
+/// share all the mass; a token past the row, or a row of only −∞, gets −∞.
+pub fn logprob(logits: &[f32], token: u32) -> f32 {
+    let Some(&l) = logits.get(token as usize) else { return f32::NEG_INFINITY };
+    let max = logits.iter().filter(|x| !x.is_nan()).fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    if max == f64::INFINITY {
+        let n = logits.iter().filter(|&&x| x == f32::INFINITY).count();
+        return if l == f32::INFINITY { -(n as f32).ln() } else { f32::NEG_INFINITY };
+    }
+    if max == f64::NEG_INFINITY || l.is_nan() {
+        return f32::NEG_INFINITY;
+    }
+    let sum: f64 = logits.iter().filter(|x| !x.is_nan()).map(|&x| (x as f64 - max).exp()).sum();
+    (l as f64 - max - sum.ln()) as f32
+}
+
 /// The rows of `logits [rows, vocab]` on the host: a row with `by_argmax[i]` as its argmax computed on the
 /// logits' device (4 bytes cross instead of the vocabulary; the same pick as [`argmax`], ties included), the
 /// others in full.
@@ -364,6 +391,27 @@ mod tests {
         let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
         let mut s = Sampler::new(params(1.0, 0, 0.8, 1), 0, &[]);
         assert!((0..2000).all(|_| s.sample(&logits) != 2));
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_of_the_logits() {
+        let logits = [1.0f32, 2.0, 3.0, f32::NAN];
+        let z: f64 = [1.0f64, 2.0, 3.0].iter().map(|x| x.exp()).sum();
+        for t in 0..3u32 {
+            let want = ((t + 1) as f64 - z.ln()) as f32;
+            assert!((logprob(&logits, t) - want).abs() < 1e-6, "{t}");
+        }
+        // Large logits do not overflow; probabilities sum to one.
+        let big = [1000.0f32, 999.0, -1000.0];
+        let total: f64 = (0..3).map(|t| (logprob(&big, t) as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6 && logprob(&big, 0) < 0.0);
+        assert_eq!(logprob(&[f32::INFINITY, 1.0, f32::INFINITY], 2), -(2f32.ln()));
+        assert_eq!(logprob(&[f32::INFINITY, 1.0], 1), f32::NEG_INFINITY);
+        assert_eq!(logprob(&logits, 3), f32::NEG_INFINITY, "a NaN logit");
+        assert_eq!(logprob(&logits, 9), f32::NEG_INFINITY, "past the row");
+        assert_eq!(logprob(&[f32::NEG_INFINITY; 2], 0), f32::NEG_INFINITY);
+        assert_eq!(RowLogits::Argmax(1).logprob(1), None);
+        assert_eq!(RowLogits::Full(logits.to_vec()).logprob(2), Some(logprob(&logits, 2)));
     }
 
     #[test]

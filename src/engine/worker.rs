@@ -268,6 +268,9 @@ pub(crate) fn run(
             let id = row.seq;
             let l = live.get_mut(&id).expect("live");
             let token = l.sampler.pick(&logits);
+            // A row whose logprob is wanted is fetched whole (see `step`): NaN would only flag a bug here.
+            let logprobs: Vec<f32> =
+                l.req.logprobs.then(|| logits.logprob(token).unwrap_or(f32::NAN)).into_iter().collect();
             l.tokens.push(token);
             l.generated += 1;
             slots.get_mut(&id).expect("slot").len += 1;
@@ -294,7 +297,7 @@ pub(crate) fn run(
                 Some(FinishReason::EosToken | FinishReason::Length) => text + &l.text.flush(&tokenizer),
                 _ => text,
             };
-            let sent = l.req.events.send(Event::Tokens { ids: vec![token], text });
+            let sent = l.req.events.send(Event::Tokens { ids: vec![token], text, logprobs });
             if let Some(reason) = finish {
                 let l = live.remove(&id).expect("live");
                 let _ = l.req.events.send(Event::Finished {
@@ -348,7 +351,7 @@ fn publish(stats: &EngineStats, sched: &Scheduler, cache: &PagedKvCache) {
 }
 
 /// One forward over the planned rows; returns the logits of the sampling rows, in plan order (on a GPU, the
-/// rows of samplers that pick the argmax only as their argmax).
+/// rows of samplers that pick the argmax, and want no logprob, only as their argmax).
 fn step(
     model: &Model,
     cache: &mut PagedKvCache,
@@ -394,6 +397,11 @@ fn step(
     if model.device().is_cpu() {
         return Ok(logits.to_vec2::<f32>()?.into_iter().map(RowLogits::Full).collect());
     }
-    let argmax: Vec<bool> = rows.iter().filter(|r| r.samples).map(|r| live[&r.seq].sampler.picks_argmax()).collect();
+    // A row whose logprob is wanted needs its whole row too.
+    let argmax: Vec<bool> = rows
+        .iter()
+        .filter(|r| r.samples)
+        .map(|r| live[&r.seq].sampler.picks_argmax() && !live[&r.seq].req.logprobs)
+        .collect();
     fetch_rows(&logits, &argmax)
 }

@@ -34,6 +34,8 @@ pub struct GenerateCall {
     /// Validated (`SamplingParams::validate`): some invalid values, like a top-p of 0, read as unset on the wire.
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Ask for each token's log-probability.
+    pub logprobs: bool,
 }
 
 async fn channel(t: &Target, timeout: Option<Duration>) -> anyhow::Result<Channel> {
@@ -123,6 +125,7 @@ impl GenerateCall {
             repetition_penalty: s.repetition_penalty,
             frequency_penalty: s.frequency_penalty,
             presence_penalty: s.presence_penalty,
+            logprobs: self.logprobs,
         }
     }
 }
@@ -142,6 +145,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
             }
             response.text.push_str(&msg.text);
             response.token_ids.extend(msg.token_ids);
+            response.logprobs.extend(msg.logprobs);
             response.prompt_tokens = response.prompt_tokens.max(msg.prompt_tokens);
             response.finish_reason = msg.finish_reason;
             response.adapter_version = msg.adapter_version;
@@ -158,13 +162,16 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
     if json {
         let reason =
             proto::FinishReason::try_from(response.finish_reason).map(|r| r.as_str_name()).unwrap_or("UNKNOWN");
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "text": response.text,
             "token_ids": response.token_ids,
             "prompt_tokens": response.prompt_tokens,
             "finish_reason": reason,
             "adapter_version": response.adapter_version,
         });
+        if call.logprobs {
+            json["logprobs"] = response.logprobs.into();
+        }
         to_stdout(format_args!("{json}\n"))?;
     }
     Ok(())

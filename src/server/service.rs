@@ -210,6 +210,7 @@ impl Service {
             max_new_tokens: r.max_new_tokens as usize,
             sampling,
             stop: r.stop,
+            logprobs: r.logprobs,
             adapter,
             deadline,
             arrival,
@@ -269,9 +270,10 @@ impl LoraServe for Service {
                 };
                 let Some(ev) = next else { break };
                 match ev {
-                    Event::Tokens { ids, text } => {
+                    Event::Tokens { ids, text, logprobs } => {
                         out.token_ids.extend(ids);
                         out.text.push_str(&text);
+                        out.logprobs.extend(logprobs);
                     }
                     Event::Finished { reason, prompt_tokens, .. } => {
                         out.prompt_tokens = prompt_tokens as u32;
@@ -318,10 +320,11 @@ impl LoraServe for Service {
                 };
                 let Some(ev) = ev else { break };
                 let (msg, last) = match ev {
-                    Event::Tokens { ids, text } => (
+                    Event::Tokens { ids, text, logprobs } => (
                         Ok(proto::GenerateResponse {
                             text,
                             token_ids: ids,
+                            logprobs,
                             adapter_version: version.clone(),
                             ..Default::default()
                         }),

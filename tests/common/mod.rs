@@ -34,7 +34,8 @@ pub fn expected(model_dir: &str) -> Expected {
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
-/// `tests/fixtures/llama-penalties/expected.json`: greedy tokens under the sampling penalties.
+/// `tests/fixtures/llama-penalties/expected.json`: greedy tokens under the sampling penalties (its results'
+/// layout is also `llama-logprobs/`'s).
 #[derive(Deserialize, Debug, Clone)]
 pub struct PenaltyCase {
     pub adapter: Option<String>,
@@ -49,6 +50,8 @@ pub struct PenaltyResult {
     pub prompt: String,
     pub input_ids: Vec<u32>,
     pub new_ids: Vec<u32>,
+    /// `llama-logprobs/expected.json` only: each new token's log-probability under the model.
+    pub logprobs: Option<Vec<f32>>,
 }
 
 /// The penalty cases by name.
