@@ -5,8 +5,8 @@
 //!    and tied embeddings, the bitsandbytes NF4 llama, and the llama from a bf16 copy of its checkpoint, whose
 //!    embeddings and head the GPU keeps in bf16), NF4 and dense bases, with all of its PEFT adapters:
 //!    every prompt × (base + each adapter) is sent at once to a CPU server and to a GPU server, and the greedy
-//!    token ids must be equal (every other request also asks for logprobs); for the llama, so are its greedy
-//!    requests under the sampling penalties.
+//!    token ids must be equal (every other request also asks for logprobs: one finite value ≤ 0 per token,
+//!    within 1e-3 of the CPU's); for the llama, so are its greedy requests under the sampling penalties.
 //!    Figures: requests compared, equal, and how many GPU outputs also equal the peer's own greedy ids from
 //!    transformers (informational: the CPU tests hold that bar).
 //! 2. **Decode.** `synthetic:llama2-7b` (random weights, NF4, f32 compute) on the GPU: 1, 8 and 32 streams, one
@@ -87,7 +87,10 @@ async fn stop(h: ServerHandle) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn greedy_all(addr: String, requests: &[GenerateRequest]) -> anyhow::Result<Vec<Result<Vec<u32>, String>>> {
+/// One request's outcome: its token ids and logprobs, or the status it failed with.
+type Generated = Result<(Vec<u32>, Vec<f32>), String>;
+
+async fn greedy_all(addr: String, requests: &[GenerateRequest]) -> anyhow::Result<Vec<Generated>> {
     let tasks: Vec<_> = requests
         .iter()
         .cloned()
@@ -96,7 +99,8 @@ async fn greedy_all(addr: String, requests: &[GenerateRequest]) -> anyhow::Resul
             tokio::spawn(async move {
                 let mut client = LoraServeClient::connect(addr).await.map_err(|e| e.to_string())?;
                 let r = client.generate(req).await.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
-                Ok(r.into_inner().token_ids)
+                let r = r.into_inner();
+                Ok((r.token_ids, r.logprobs))
             })
         })
         .collect();
@@ -175,8 +179,8 @@ fn fixture_requests(dir: &Path) -> anyhow::Result<FixtureRequests> {
 /// the others still run.
 async fn fixtures(cuda: &Device) -> (Vec<serde_json::Value>, usize) {
     let root = fixtures_root();
-    println!("| fixture | base | requests | GPU = CPU | GPU = transformers | check |");
-    println!("|---|---|---|---|---|---|");
+    println!("| fixture | base | requests | GPU = CPU | GPU = transformers | logprobs: max GPU − CPU | check |");
+    println!("|---|---|---|---|---|---|---|");
     let mut rows = vec![];
     // The llama again from a bf16 copy of its checkpoint: the GPU then keeps the embeddings and the head in
     // bf16 (`Model::assemble`), the CPU widens them at load; both compute in f32 from the same values.
@@ -193,7 +197,7 @@ async fn fixtures(cuda: &Device) -> (Vec<serde_json::Value>, usize) {
             let row = match async { fixture(cuda, &root, name, &model?, quant).await }.await {
                 Ok(row) => row,
                 Err(e) => {
-                    println!("| {name} | {quant:?} | | | | FAIL ({e:#}) |");
+                    println!("| {name} | {quant:?} | | | | | FAIL ({e:#}) |");
                     serde_json::json!({ "fixture": name, "quant": format!("{quant:?}"), "ok": false, "error": format!("{e:#}") })
                 }
             };
@@ -257,23 +261,35 @@ async fn fixture(
     }
     let (cpu, gpu) = (&outs[0], &outs[1]);
     let errors: Vec<&String> = cpu.iter().chain(gpu).filter_map(|r| r.as_ref().err()).collect();
-    let equal = cpu.iter().zip(gpu).filter(|(c, g)| c.is_ok() && c == g).count();
+    let ids = |r: &Generated| r.as_ref().ok().map(|(ids, _)| ids.clone());
+    let equal = cpu.iter().zip(gpu).filter(|(c, g)| c.is_ok() && ids(c) == ids(g)).count();
     // The peer generated without stopping at EOS; the server stops there: compare the common prefix.
-    let peer_equal = gpu
-        .iter()
-        .zip(&peer)
-        .filter(|(g, want)| g.as_ref().is_ok_and(|g| !g.is_empty() && want.starts_with(g)))
-        .count();
-    let ok = errors.is_empty() && equal == requests.len();
+    let peer_equal =
+        gpu.iter().zip(&peer).filter(|(g, want)| ids(g).is_some_and(|g| !g.is_empty() && want.starts_with(&g))).count();
+    // Logprobs: one finite value ≤ 0 per token where asked (none elsewhere), close to the CPU's.
+    let (mut logprob_diff, mut logprobs_ok) = (0f32, true);
+    for ((r, c), g) in requests.iter().zip(cpu).zip(gpu) {
+        if let (Ok((c_ids, c_lp)), Ok((g_ids, g_lp))) = (c, g) {
+            let want = if r.logprobs { g_ids.len() } else { 0 };
+            logprobs_ok &= g_lp.len() == want && g_lp.iter().all(|p| p.is_finite() && *p <= 1e-6);
+            if c_ids == g_ids && c_lp.len() == g_lp.len() {
+                logprob_diff = c_lp.iter().zip(g_lp).fold(logprob_diff, |m, (a, b)| m.max((a - b).abs()));
+            }
+        }
+    }
+    logprobs_ok &= logprob_diff <= 1e-3;
+    let ok = errors.is_empty() && equal == requests.len() && logprobs_ok;
     println!(
-        "| {name} | {quant:?} | {} | {equal} | {peer_equal} | {}{} |",
+        "| {name} | {quant:?} | {} | {equal} | {peer_equal} | {logprob_diff:.1e}{} | {}{} |",
         requests.len(),
+        if logprobs_ok { "" } else { " FAIL" },
         if ok { "ok" } else { "FAIL" },
         errors.first().map(|e| format!(" ({} errors, first: {e})", errors.len())).unwrap_or_default()
     );
     Ok(serde_json::json!({
         "fixture": name, "quant": format!("{quant:?}"), "requests": requests.len(), "gpu_equals_cpu": equal,
-        "gpu_equals_transformers": peer_equal, "errors": errors.len(), "ok": ok,
+        "gpu_equals_transformers": peer_equal, "logprobs_max_abs_diff": logprob_diff, "logprobs_ok": logprobs_ok,
+        "errors": errors.len(), "ok": ok,
     }))
 }
 

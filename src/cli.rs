@@ -380,7 +380,8 @@ pub enum ClientCall {
         /// Print the response as JSON.
         #[arg(long)]
         json: bool,
-        /// Ask for each token's log-probability under the model (printed with --json, as "logprobs").
+        /// Ask for each token's log-probability under the model (printed with --json, as "logprobs"; JSON has
+        /// no −∞, which prints as null).
         #[arg(long)]
         logprobs: bool,
     },

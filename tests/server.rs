@@ -9,53 +9,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use candle_core::{DType, Device};
+use common::serve::{config, req, start};
 use common::{copy_dir, expected, fixture};
-use loraserve::engine::EngineConfig;
-use loraserve::lora::cache::CacheConfig;
-use loraserve::model::{LoadOptions, ModelSpec};
-use loraserve::quant::QuantMode;
 use loraserve::server::proto::lora_serve_client::LoraServeClient;
 use loraserve::server::proto::{self, GenerateRequest};
-use loraserve::server::{self, auth::ApiKeys, service::Limits, ServeConfig, ServerHandle};
+use loraserve::server::{self, auth::ApiKeys};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
-
-fn config(adapters: PathBuf) -> ServeConfig {
-    ServeConfig {
-        model: ModelSpec::Dir(fixture("llama/model")),
-        load: LoadOptions { dtype: DType::F32, quant: QuantMode::None, device: Device::Cpu },
-        adapters,
-        cache: CacheConfig { device_bytes: 64 << 20, host_bytes: 64 << 20, default_wait: Duration::from_millis(300) },
-        engine: EngineConfig {
-            max_batch_rows: 32,
-            max_batch_tokens: 256,
-            block_size: 4,
-            kv_cache_bytes: 8 << 20,
-            queue_capacity: 256,
-        },
-        limits: Limits { max_new_tokens_cap: 256, ..Default::default() },
-        preload: vec![],
-        api_keys: None,
-        tls: None,
-        max_request_bytes: 64 << 10,
-        drain_timeout: Duration::from_secs(10),
-    }
-}
-
-async fn start(cfg: ServeConfig) -> (ServerHandle, LoraServeClient<Channel>) {
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let h = server::start(cfg, grpc, metrics).await.unwrap();
-    assert!(h.ready().await, "server failed to load");
-    let client = LoraServeClient::connect(format!("http://{}", h.grpc_addr)).await.unwrap();
-    (h, client)
-}
-
-fn req(adapter: &str, prompt: &str, n: u32) -> GenerateRequest {
-    GenerateRequest { adapter_id: adapter.into(), prompt: prompt.into(), max_new_tokens: n, ..Default::default() }
-}
 
 /// Requests with the tokens the fixtures give them: greedy for every adapter and prompt, then greedy under
 /// the sampling penalties (whose rows bring their logits whole, beside rows picked by their argmax).
@@ -142,64 +103,6 @@ async fn sixty_four_concurrent_mixed_requests_equal_each_alone() {
     }
     let engine = h.engine().unwrap();
     assert!(engine.stats().steps.load(std::sync::atomic::Ordering::Relaxed) < 64 * 12, "requests were batched");
-    h.shutdown();
-    h.wait().await.unwrap();
-}
-
-/// `logprobs`: each token's log-probability under the model (raw logits, before the repetition penalty) equals
-/// transformers' (`llama-logprobs/make.py`) within 1e-4, unary and streaming, all requests in one batch; a
-/// request that does not ask gets none.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn logprobs_match_transformers() {
-    #[derive(serde::Deserialize)]
-    struct Case {
-        adapter: Option<String>,
-        repetition_penalty: f32,
-        results: Vec<common::PenaltyResult>,
-    }
-    let path = fixture("llama-logprobs/expected.json");
-    let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let cases: BTreeMap<String, Case> = serde_json::from_value(file["cases"].clone()).unwrap();
-    let (h, client) = start(config(fixture("llama/adapters"))).await;
-    let mut tasks = vec![];
-    for (name, case) in cases {
-        for (i, r) in case.results.into_iter().enumerate() {
-            let mut c = client.clone();
-            let request = GenerateRequest {
-                repetition_penalty: case.repetition_penalty,
-                logprobs: true,
-                ..req(case.adapter.as_deref().unwrap_or(""), &r.prompt, r.new_ids.len() as u32)
-            };
-            let what = format!("{name} {:?}", r.prompt);
-            tasks.push(tokio::spawn(async move {
-                let (ids, logprobs) = if i % 2 == 0 {
-                    let m = c.generate(request).await.unwrap().into_inner();
-                    (m.token_ids, m.logprobs)
-                } else {
-                    let mut s = c.generate_stream(request).await.unwrap().into_inner();
-                    let (mut ids, mut logprobs) = (vec![], vec![]);
-                    while let Some(m) = s.next().await {
-                        let m = m.unwrap();
-                        assert_eq!(m.token_ids.len(), m.logprobs.len(), "{what}: one per token in each message");
-                        ids.extend(m.token_ids);
-                        logprobs.extend(m.logprobs);
-                    }
-                    (ids, logprobs)
-                };
-                assert_eq!(ids, r.new_ids, "{what}");
-                let want = r.logprobs.expect("the fixture has logprobs");
-                for (got, want) in logprobs.iter().zip(&want) {
-                    assert!((got - want).abs() <= 1e-4, "{what}: logprob {got} vs {want}");
-                }
-                assert_eq!(logprobs.len(), want.len(), "{what}");
-            }));
-        }
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let mut c = client.clone();
-    assert!(c.generate(req("", "alpha", 3)).await.unwrap().into_inner().logprobs.is_empty(), "not asked for");
     h.shutdown();
     h.wait().await.unwrap();
 }
