@@ -261,11 +261,13 @@ async fn fixture(
     }
     let (cpu, gpu) = (&outs[0], &outs[1]);
     let errors: Vec<&String> = cpu.iter().chain(gpu).filter_map(|r| r.as_ref().err()).collect();
-    let ids = |r: &Generated| r.as_ref().ok().map(|(ids, _)| ids.clone());
+    fn ids(r: &Generated) -> Option<&Vec<u32>> {
+        r.as_ref().ok().map(|(ids, _)| ids)
+    }
     let equal = cpu.iter().zip(gpu).filter(|(c, g)| c.is_ok() && ids(c) == ids(g)).count();
     // The peer generated without stopping at EOS; the server stops there: compare the common prefix.
     let peer_equal =
-        gpu.iter().zip(&peer).filter(|(g, want)| ids(g).is_some_and(|g| !g.is_empty() && want.starts_with(&g))).count();
+        gpu.iter().zip(&peer).filter(|(g, want)| ids(g).is_some_and(|g| !g.is_empty() && want.starts_with(g))).count();
     // Logprobs: one finite value ≤ 0 per token where asked (none elsewhere), close to the CPU's.
     let (mut logprob_diff, mut logprobs_ok) = (0f32, true);
     for ((r, c), g) in requests.iter().zip(cpu).zip(gpu) {

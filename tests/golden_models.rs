@@ -102,7 +102,7 @@ fn sampling_penalties_match_the_reference() {
     use loraserve::lora::peft;
     let loaded = model::load(&ModelSpec::Dir(fixture("llama/model")), &dense_opts()).unwrap();
     let plain = &expected("llama").results;
-    for (name, case) in common::penalty_cases() {
+    for (name, case) in common::penalty_cases("llama-penalties") {
         let adapter = case.adapter.as_ref().map(|a| {
             let dir = fixture("llama/adapters").join(a);
             peft::load_dir(&dir, &loaded.model.lora_layout(), &Device::Cpu).unwrap()

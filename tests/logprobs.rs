@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
 use candle_core::{DType, Device};
 use common::fixture;
 use common::serve::{config, req, start};
@@ -20,15 +18,7 @@ use tokio_stream::StreamExt;
 /// request that does not ask gets none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logprobs_match_transformers() {
-    #[derive(serde::Deserialize)]
-    struct Case {
-        adapter: Option<String>,
-        repetition_penalty: f32,
-        results: Vec<common::PenaltyResult>,
-    }
-    let path = fixture("llama-logprobs/expected.json");
-    let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let cases: BTreeMap<String, Case> = serde_json::from_value(file["cases"].clone()).unwrap();
+    let cases = common::penalty_cases("llama-logprobs");
     let (h, client) = start(config(fixture("llama/adapters"))).await;
     let mut tasks = vec![];
     for (name, case) in cases {

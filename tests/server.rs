@@ -29,7 +29,7 @@ fn goldens() -> Vec<(GenerateRequest, Vec<u32>)> {
             out.push((req(adapter, &c.prompt, c.greedy_new_ids.len() as u32), c.greedy_new_ids.clone()));
         }
     }
-    for case in common::penalty_cases().into_values() {
+    for case in common::penalty_cases("llama-penalties").into_values() {
         for r in case.results {
             let base = req(case.adapter.as_deref().unwrap_or(""), &r.prompt, r.new_ids.len() as u32);
             let penalized = GenerateRequest {

@@ -36,13 +36,15 @@ pub fn expected(model_dir: &str) -> Expected {
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
-/// `tests/fixtures/llama-penalties/expected.json`: greedy tokens under the sampling penalties (its results'
-/// layout is also `llama-logprobs/`'s).
+/// A case of `llama-penalties/expected.json` (greedy tokens under the sampling penalties) or of
+/// `llama-logprobs/expected.json` (which sets no frequency or presence penalty).
 #[derive(Deserialize, Debug, Clone)]
 pub struct PenaltyCase {
     pub adapter: Option<String>,
     pub repetition_penalty: f32,
+    #[serde(default)]
     pub frequency_penalty: f32,
+    #[serde(default)]
     pub presence_penalty: f32,
     pub results: Vec<PenaltyResult>,
 }
@@ -56,13 +58,13 @@ pub struct PenaltyResult {
     pub logprobs: Option<Vec<f32>>,
 }
 
-/// The penalty cases by name.
-pub fn penalty_cases() -> std::collections::BTreeMap<String, PenaltyCase> {
+/// The cases of `tests/fixtures/<dir>/expected.json` by name (`llama-penalties`, `llama-logprobs`).
+pub fn penalty_cases(dir: &str) -> std::collections::BTreeMap<String, PenaltyCase> {
     #[derive(Deserialize)]
     struct File {
         cases: std::collections::BTreeMap<String, PenaltyCase>,
     }
-    let p = fixture("llama-penalties/expected.json");
+    let p = fixture(dir).join("expected.json");
     serde_json::from_str::<File>(&std::fs::read_to_string(&p).unwrap()).unwrap().cases
 }
 
