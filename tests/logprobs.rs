@@ -10,12 +10,13 @@ use common::serve::{config, req, start};
 use loraserve::lora::LoraRows;
 use loraserve::model::{self, AttentionMode, Batch, LoadOptions, ModelSpec, SeqInput};
 use loraserve::quant::QuantMode;
-use loraserve::server::proto::GenerateRequest;
+use loraserve::server::proto::{GenerateRequest, GenerateResponse};
 use tokio_stream::StreamExt;
 
 /// `logprobs`: each token's log-probability under the model (raw logits, before the repetition penalty) equals
-/// transformers' (`llama-logprobs/make.py`) within 1e-4, unary and streaming, all requests in one batch; a
-/// request that does not ask gets none.
+/// transformers' (`llama-logprobs/make.py`) within 1e-4, unary and streaming, all requests in one batch; so do
+/// the 5 most likely tokens and theirs (`top_logprobs`, every other request); a request that does not ask
+/// gets none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logprobs_match_transformers() {
     let cases = common::penalty_cases("llama-logprobs");
@@ -24,33 +25,49 @@ async fn logprobs_match_transformers() {
     for (name, case) in cases {
         for (i, r) in case.results.into_iter().enumerate() {
             let mut c = client.clone();
+            // Unary and streaming, each with and without the top 5: i = 0, 1, 2, 3 covers all four.
+            let top = if i / 2 % 2 == 0 { 5 } else { 0 };
             let request = GenerateRequest {
                 repetition_penalty: case.repetition_penalty,
                 logprobs: true,
+                top_logprobs: top,
                 ..req(case.adapter.as_deref().unwrap_or(""), &r.prompt, r.new_ids.len() as u32)
             };
             let what = format!("{name} {:?}", r.prompt);
             tasks.push(tokio::spawn(async move {
-                let (ids, logprobs) = if i % 2 == 0 {
-                    let m = c.generate(request).await.unwrap().into_inner();
-                    (m.token_ids, m.logprobs)
+                let m = if i % 2 == 0 {
+                    c.generate(request).await.unwrap().into_inner()
                 } else {
                     let mut s = c.generate_stream(request).await.unwrap().into_inner();
-                    let (mut ids, mut logprobs) = (vec![], vec![]);
+                    let mut all = GenerateResponse::default();
                     while let Some(m) = s.next().await {
                         let m = m.unwrap();
                         assert_eq!(m.token_ids.len(), m.logprobs.len(), "{what}: one per token in each message");
-                        ids.extend(m.token_ids);
-                        logprobs.extend(m.logprobs);
+                        assert_eq!(m.top_logprobs.len(), m.token_ids.len() * usize::from(top > 0), "{what}");
+                        all.token_ids.extend(m.token_ids);
+                        all.logprobs.extend(m.logprobs);
+                        all.top_logprobs.extend(m.top_logprobs);
                     }
-                    (ids, logprobs)
+                    all
                 };
-                assert_eq!(ids, r.new_ids, "{what}");
+                assert_eq!(m.token_ids, r.new_ids, "{what}");
                 let want = r.logprobs.expect("the fixture has logprobs");
-                for (got, want) in logprobs.iter().zip(&want) {
+                for (got, want) in m.logprobs.iter().zip(&want) {
                     assert!((got - want).abs() <= 1e-4, "{what}: logprob {got} vs {want}");
                 }
-                assert_eq!(logprobs.len(), want.len(), "{what}");
+                assert_eq!(m.logprobs.len(), want.len(), "{what}");
+                if top == 0 {
+                    assert!(m.top_logprobs.is_empty(), "{what}: not asked for");
+                    return;
+                }
+                let (want_ids, want_lps) = (r.top_ids.unwrap(), r.top_logprobs.unwrap());
+                assert_eq!(m.top_logprobs.len(), want_ids.len(), "{what}");
+                for (step, got) in m.top_logprobs.iter().enumerate() {
+                    assert_eq!(got.token_ids, want_ids[step], "{what}: step {step}");
+                    for (g, w) in got.logprobs.iter().zip(&want_lps[step]) {
+                        assert!((g - w).abs() <= 1e-4, "{what}: step {step}: top logprob {g} vs {w}");
+                    }
+                }
             }));
         }
     }
@@ -82,6 +99,7 @@ async fn sampled_tokens_get_the_models_own_logprobs() {
             seed: Some(3),
             repetition_penalty: 1.2,
             logprobs: true,
+            top_logprobs: 3,
             ..req("", prompt, 12)
         };
         let out = client.generate(request).await.unwrap().into_inner();
@@ -95,11 +113,20 @@ async fn sampled_tokens_get_the_models_own_logprobs() {
         let batch = Batch { tokens, seqs: &seqs, logit_rows: &rows };
         let dense = AttentionMode::Dense { differentiable: false };
         let logits = m.model.forward(&batch, dense, &LoraRows::None).unwrap().to_vec2::<f32>().unwrap();
-        for ((row, &token), &got) in logits.iter().zip(&out.token_ids).zip(&out.logprobs) {
+        assert_eq!(out.top_logprobs.len(), out.token_ids.len());
+        for (((row, &token), &got), top) in logits.iter().zip(&out.token_ids).zip(&out.logprobs).zip(&out.top_logprobs)
+        {
             let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
             let log_z = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
             let want = row[token as usize] as f64 - log_z;
             assert!((got as f64 - want).abs() <= 1e-4, "T {temperature}: logprob {got} vs {want}");
+            // The top 3 of the raw row, not of the distribution drawn from.
+            let mut by_logit: Vec<u32> = (0..row.len() as u32).collect();
+            by_logit.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            assert_eq!(top.token_ids, by_logit[..3], "T {temperature}");
+            for (&t, &lp) in top.token_ids.iter().zip(&top.logprobs) {
+                assert!((lp as f64 - (row[t as usize] as f64 - log_z)).abs() <= 1e-4, "T {temperature}: top {t}");
+            }
             sampled_off_argmax += usize::from(loraserve::engine::sampler::argmax(row) != token);
         }
     }

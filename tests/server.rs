@@ -145,6 +145,10 @@ async fn every_status_code_of_the_contract() {
         (GenerateRequest { repetition_penalty: -1.0, ..req("", "alpha", 4) }, "repetition_penalty"),
         (GenerateRequest { frequency_penalty: 2.5, ..req("", "alpha", 4) }, "frequency_penalty"),
         (GenerateRequest { presence_penalty: f32::NAN, ..req("", "alpha", 4) }, "presence_penalty"),
+        (GenerateRequest { min_p: 1.01, ..req("", "alpha", 4) }, "min_p"),
+        (GenerateRequest { min_tokens: 5, ..req("", "alpha", 4) }, "min_tokens"),
+        (GenerateRequest { logprobs: true, top_logprobs: 21, ..req("", "alpha", 4) }, "top_logprobs"),
+        (GenerateRequest { top_logprobs: 2, ..req("", "alpha", 4) }, "top_logprobs: requires logprobs"),
         (GenerateRequest { stop: vec![String::new()], ..req("", "alpha", 4) }, "stop[0]"),
         (req("", &"alpha ".repeat(200), 4), "context"),
         (req("../etc", "alpha", 4), "invalid adapter id"),
@@ -173,16 +177,13 @@ async fn every_status_code_of_the_contract() {
     let (code, msg) = code_of(c.generate(req("other-base", "alpha", 2)).await).await;
     assert_eq!(code, Code::FailedPrecondition);
     assert!(msg.contains("adapter_model.safetensors"), "{msg}");
-    // RESOURCE_EXHAUSTED: the one device slot is pinned by a running request.
-    let mut long = c.clone();
-    let mut pinned = long.generate_stream(req("qkvo-r8", "alpha", 256)).await.unwrap().into_inner();
-    pinned.next().await.unwrap().unwrap();
+    // RESOURCE_EXHAUSTED: the one device slot is pinned by a lease, as a running request holds one (held here
+    // for as long as it takes: a running request of the tiny model could end before the check, on a busy
+    // machine).
+    let pinned = h.cache().unwrap().acquire("qkvo-r8", None).await.unwrap();
     let (code, msg) = code_of(c.generate(req("qv-r4", "alpha", 2)).await).await;
     assert_eq!(code, Code::ResourceExhausted, "{msg}");
-    drop(pinned);
-    // LoadAdapter waits for room within its own deadline, not the server's default wait (the slot pinned here
-    // for as long as it takes).
-    let pinned = h.cache().unwrap().acquire("qkvo-r8", None).await.unwrap();
+    // LoadAdapter waits for room within its own deadline, not the server's default wait.
     let mut load = tonic::Request::new(proto::LoadAdapterRequest { adapter_id: "qv-r4".into() });
     load.set_timeout(Duration::from_millis(300));
     let started = std::time::Instant::now();
@@ -190,11 +191,25 @@ async fn every_status_code_of_the_contract() {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(started.elapsed() >= Duration::from_millis(200), "gave up before its deadline: {:?}", started.elapsed());
     drop(pinned);
-    // DEADLINE_EXCEEDED, enforced by the server (the header alone, no client-side timer).
-    let mut r = tonic::Request::new(req("", "alpha", 250));
-    r.metadata_mut().insert("grpc-timeout", "30m".parse().unwrap());
-    let (code, _) = code_of(c.generate(r).await).await;
-    assert_eq!(code, Code::DeadlineExceeded);
+    // DEADLINE_EXCEEDED, enforced by the server (the header alone, no client-side timer). tonic's own timer for
+    // the header answers CANCELLED "Timeout expired" if it fires first, which the handler's earlier deadline
+    // prevents unless the machine is so busy that the call waited longer than the margin to start: tolerated
+    // here, but not every time.
+    let mut codes = vec![];
+    for _ in 0..3 {
+        let mut r = tonic::Request::new(req("", "alpha", 250));
+        r.metadata_mut().insert("grpc-timeout", "30m".parse().unwrap());
+        let (code, msg) = code_of(c.generate(r).await).await;
+        assert!(
+            code == Code::DeadlineExceeded || (code, msg.as_str()) == (Code::Cancelled, "Timeout expired"),
+            "{code:?} {msg}"
+        );
+        codes.push(code);
+        if code == Code::DeadlineExceeded {
+            break;
+        }
+    }
+    assert_eq!(codes.last(), Some(&Code::DeadlineExceeded), "tonic's timer won every time: {codes:?}");
     // UNAVAILABLE once draining.
     h.shutdown();
     tokio::time::sleep(Duration::from_millis(100)).await;

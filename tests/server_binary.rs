@@ -19,11 +19,17 @@ impl Drop for KillOnDrop {
 }
 
 /// SIGTERM: the in-flight request completes, the process exits 0; on the way, the bundled client's output into
-/// a closed pipe, its message for an adapter id no header can carry, its penalty flags and `--logprobs`.
+/// a closed pipe, its message for an adapter id no header can carry, its sampling flags and `--logprobs`.
 #[test]
 fn sigterm_drains_and_exits_zero() {
     use std::io::{BufRead, BufReader};
     let tmp = tempfile::tempdir().unwrap();
+    // `upper` answers, then emits EOS: what --min-tokens and --ignore-eos change.
+    let upper = tmp.path().join("upper");
+    std::fs::create_dir(&upper).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("adapters/upper").join(f), upper.join(f)).unwrap();
+    }
     let mut child = KillOnDrop(
         std::process::Command::new(env!("CARGO_BIN_EXE_server"))
             .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--adapters"])
@@ -87,6 +93,20 @@ fn sigterm_drains_and_exits_zero() {
         assert_eq!(served, token_ids(&[&local[..], &call, &[flag, value]].concat()), "{flag}");
         assert_ne!(served, plain, "{flag} changes nothing");
     }
+    // So does --min-p, against the same sampled call without it ...
+    let sampled = [&call[..], &["--temperature", "1", "--seed", "3"]].concat();
+    let served = token_ids(&[&client[..], &sampled, &["--min-p", "0.2"]].concat());
+    assert_eq!(served, token_ids(&[&local[..], &sampled, &["--min-p", "0.2"]].concat()), "--min-p");
+    assert_ne!(served, token_ids(&[&client[..], &sampled].concat()), "--min-p changes nothing");
+    // ... and so do the flags that move the end of `upper`'s answer.
+    let answer = ["--adapter", "upper", "--prompt", "cat moon fire\n", "--max-new-tokens", "24", "--json"];
+    let local_upper = ["generate", "--model", "demo", "--adapters", tmp.path().to_str().unwrap()];
+    let plain_answer = token_ids(&[&client[..], &answer].concat());
+    for flags in [&["--min-tokens", "20"][..], &["--ignore-eos"]] {
+        let served = token_ids(&[&client[..], &answer, flags].concat());
+        assert_eq!(served, token_ids(&[&local_upper[..], &answer, flags].concat()), "{flags:?}");
+        assert_ne!(served, plain_answer, "{flags:?} changes nothing");
+    }
     // --logprobs: one log-probability per token, each ≤ 0, streamed or not; without it, none.
     for stream in [&[][..], &["--stream"]] {
         let args = [&client[..], &call, &["--logprobs"], stream].concat();
@@ -99,7 +119,27 @@ fn sigterm_drains_and_exits_zero() {
     }
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args([&client[..], &call].concat()).output();
     assert!(serde_json::from_slice::<serde_json::Value>(&o.unwrap().stdout).unwrap().get("logprobs").is_none());
-    for (flag, value) in [("--repetition-penalty", "0"), ("--frequency-penalty", "3"), ("--presence-penalty", "-2.5")] {
+    // --top-logprobs 3 (implies --logprobs): three tokens per step, most likely first, the greedy pick first.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args([&client[..], &call, &["--top-logprobs", "3"]].concat())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (ids, logprobs, top) = (&v["token_ids"], &v["logprobs"], v["top_logprobs"].as_array().unwrap());
+    assert_eq!(top.len(), ids.as_array().unwrap().len(), "{v}");
+    for (step, t) in top.iter().enumerate() {
+        let t = t.as_array().unwrap();
+        let lp: Vec<f64> = t.iter().map(|e| e["logprob"].as_f64().unwrap()).collect();
+        assert!(t.len() == 3 && lp.windows(2).all(|w| w[0] >= w[1]) && lp[0] <= 0.0, "{v}");
+        assert_eq!((&t[0]["token_id"], t[0]["logprob"].as_f64()), (&ids[step], logprobs[step].as_f64()), "{v}");
+    }
+    for (flag, value) in [
+        ("--repetition-penalty", "0"),
+        ("--frequency-penalty", "3"),
+        ("--presence-penalty", "-2.5"),
+        ("--min-p", "1.5"),
+        ("--min-tokens", "99"),
+    ] {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
             .args(["client", "--addr", &addr, "generate", "--prompt", "Hello", flag, value])
             .output()

@@ -41,8 +41,8 @@ pub fn generate(model: &Model, job: &GenerateJob) -> Result<Generated> {
     let blocks_needed = geo.blocks_for(total).max(1);
     let mut cache = PagedKvCache::on_device(geo, blocks_needed, model.device())?;
     let blocks = cache.allocator_mut().allocate(blocks_needed).expect("fresh cache");
-    let mut sampler = Sampler::new(job.sampling.clone(), super::sampler::unseeded(), job.prompt_ids);
     let eos = &model.config().eos_token_ids;
+    let mut sampler = Sampler::new(job.sampling.clone(), super::sampler::unseeded(), job.prompt_ids, eos);
 
     let step = |tokens: &[u32], past: usize, cache: &mut PagedKvCache| -> Result<Vec<f32>> {
         let seqs = [SeqInput { len: tokens.len(), past, blocks: &blocks }];
@@ -65,7 +65,7 @@ pub fn generate(model: &Model, job: &GenerateJob) -> Result<Generated> {
     while out.len() < job.max_new_tokens {
         let next = sampler.sample(&logits);
         out.push(next);
-        if job.stop_at_eos && eos.contains(&next) {
+        if job.stop_at_eos && !job.sampling.ignore_eos && eos.contains(&next) {
             finish = FinishReason::EosToken;
             break;
         }

@@ -133,6 +133,7 @@ mod tests {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             logprobs: false,
+            top_logprobs: 0,
             adapter: None,
             deadline: None,
             arrival: now,

@@ -45,6 +45,9 @@ pub enum Event {
         text: String,
         /// With [`ValidRequest::logprobs`], one per id: its log-probability under the model; else empty.
         logprobs: Vec<f32>,
+        /// With [`ValidRequest::top_logprobs`], one per id: the most likely tokens at its step, most likely
+        /// first, with their log-probabilities; else empty.
+        top_logprobs: Vec<Vec<(u32, f32)>>,
     },
     Finished {
         reason: FinishReason,
@@ -63,6 +66,8 @@ pub struct ValidRequest {
     /// Report each token's log-probability under the model's own distribution (the log-softmax of its
     /// logits, before penalties, temperature, top-k and top-p: vLLM's default `raw_logprobs`).
     pub logprobs: bool,
+    /// With `logprobs`: also report this many of the most likely tokens at each step (0 = none).
+    pub top_logprobs: usize,
     /// The adapter version this request runs with, held until it ends (`None` = base model).
     pub adapter: Option<AdapterLease>,
     pub deadline: Option<Instant>,

@@ -1,8 +1,10 @@
-//! Token sampling: the penalties first (repetition as Hugging Face applies it, then frequency and presence
-//! as OpenAI defines them, in vLLM's order), then greedy (temperature 0) or temperature → top-k → top-p (the
-//! order Hugging Face applies them in), drawn from the project's PRNG so a seed gives the same tokens on
-//! every machine and version; and [`fetch_rows`], which brings a step's logits to the host (only the argmax
-//! of rows that pick it when the logits are on a GPU).
+//! Token sampling: EOS held back until `min_tokens` (vLLM's `min_tokens`, transformers' `min_new_tokens`),
+//! the penalties (repetition as Hugging Face applies it, then frequency and presence as OpenAI defines them,
+//! in vLLM's order), then greedy (temperature 0) or temperature → top-k → top-p → min-p (the order Hugging
+//! Face applies them in), drawn from the project's PRNG so a seed gives the same tokens on every machine and
+//! version; the log-softmax that logprobs report ([`LogSoftmax`], [`top_logprobs`]); and [`fetch_rows`],
+//! which brings a step's logits to the host (only the argmax of rows that pick it when the logits are on a
+//! GPU).
 
 use std::collections::{HashMap, HashSet};
 
@@ -28,6 +30,14 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// In [-2, 2], 0 = none: subtracted from the logit of every token the output holds.
     pub presence_penalty: f32,
+    /// In [0, 1], 0 = none: after top-p, tokens less likely than `min_p` × the most likely one are dropped
+    /// (transformers' `MinPLogitsWarper`, vLLM's `min_p`). Greedy ignores it.
+    pub min_p: f32,
+    /// The model's EOS tokens cannot be picked before this many tokens are generated (vLLM's `min_tokens`,
+    /// transformers' `min_new_tokens`: their logits are −∞ until then).
+    pub min_tokens: u32,
+    /// Generation goes on past EOS tokens, to `max_new_tokens` or a stop string (vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -40,6 +50,9 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            min_p: 0.0,
+            min_tokens: 0,
+            ignore_eos: false,
         }
     }
 }
@@ -61,6 +74,17 @@ impl SamplingParams {
                 return Err(format!("{name} must be in [-2, 2], got {v}"));
             }
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        Ok(())
+    }
+
+    /// Checks `min_tokens` against the request's `max_new_tokens` (vLLM refuses more too).
+    pub fn validate_lengths(&self, max_new_tokens: usize) -> Result<(), String> {
+        if self.min_tokens as usize > max_new_tokens {
+            return Err(format!("min_tokens ({}) exceeds max_new_tokens ({max_new_tokens})", self.min_tokens));
+        }
         Ok(())
     }
 
@@ -70,13 +94,18 @@ impl SamplingParams {
     }
 }
 
-/// A request's sampler: its parameters, its own random stream, and what the penalties look at.
+/// A request's sampler: its parameters, its own random stream, and what the penalties and `min_tokens` look
+/// at.
 #[derive(Clone, Debug)]
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
     /// Kept only when a penalty is set.
     history: Option<History>,
+    /// The EOS tokens `min_tokens` holds back (empty when it is 0).
+    eos: Vec<u32>,
+    /// Tokens picked so far.
+    generated: usize,
 }
 
 /// The tokens the penalties look at, kept up to date token by token (not recounted every step).
@@ -99,22 +128,29 @@ pub fn unseeded() -> u64 {
 
 impl Sampler {
     /// `fallback_seed` seeds requests that gave none (callers pass [`unseeded`]); `prompt_ids` is the
-    /// request's prompt, which the repetition penalty counts as seen.
-    pub fn new(params: SamplingParams, fallback_seed: u64, prompt_ids: &[u32]) -> Self {
+    /// request's prompt, which the repetition penalty counts as seen; `eos` the model's EOS tokens, which
+    /// `min_tokens` holds back.
+    pub fn new(params: SamplingParams, fallback_seed: u64, prompt_ids: &[u32], eos: &[u32]) -> Self {
         let seed = params.seed.unwrap_or(fallback_seed);
         let history =
             params.penalizes().then(|| History { seen: prompt_ids.iter().copied().collect(), output: HashMap::new() });
-        Sampler { params, rng: Rng::new(seed), history }
+        let eos = if params.min_tokens > 0 { eos.to_vec() } else { Vec::new() };
+        Sampler { params, rng: Rng::new(seed), history, eos, generated: 0 }
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    /// Whether the token is the argmax of the logits as the model gave them (temperature 0 and no penalty),
-    /// so that it can be picked where the logits are.
+    /// Whether the next token is the argmax of the logits as the model gave them (temperature 0, no penalty,
+    /// no EOS held back), so that it can be picked where the logits are.
     pub fn picks_argmax(&self) -> bool {
-        self.params.temperature == 0.0 && self.history.is_none()
+        self.params.temperature == 0.0 && self.history.is_none() && !self.holds_eos()
+    }
+
+    /// Whether `min_tokens` still holds the EOS tokens back.
+    fn holds_eos(&self) -> bool {
+        !self.eos.is_empty() && self.generated < self.params.min_tokens as usize
     }
 
     /// The next token from a row as [`fetch_rows`] brought it (an argmax row comes from a sampler that
@@ -124,21 +160,33 @@ impl Sampler {
             RowLogits::Full(logits) => self.sample(logits),
             RowLogits::Argmax(id) => {
                 debug_assert!(self.picks_argmax(), "an argmax row for a sampler that does not pick the argmax");
+                self.generated += 1;
                 *id
             }
         }
     }
 
-    /// Picks the next token from one row of logits, and counts it as output for the penalties.
+    /// Picks the next token from one row of logits, and counts it as output for the penalties and
+    /// `min_tokens`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let token = match &self.history {
-            Some(h) => {
-                let mut penalized = logits.to_vec();
-                penalize(&self.params, h, &mut penalized);
-                self.draw(&penalized)
+        let token = if self.history.is_some() || self.holds_eos() {
+            // vLLM's order: `min_tokens` first, then the penalties.
+            let mut processed = logits.to_vec();
+            if self.holds_eos() {
+                for &t in &self.eos {
+                    if let Some(l) = processed.get_mut(t as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
             }
-            None => self.draw(logits),
+            if let Some(h) = &self.history {
+                penalize(&self.params, h, &mut processed);
+            }
+            self.draw(&processed)
+        } else {
+            self.draw(logits)
         };
+        self.generated += 1;
         if let Some(h) = &mut self.history {
             h.seen.insert(token);
             *h.output.entry(token).or_default() += 1;
@@ -187,6 +235,15 @@ impl Sampler {
             let s: f64 = probs.iter().sum();
             probs.iter_mut().for_each(|p| *p /= s);
         }
+        if self.params.min_p > 0.0 {
+            // Keep the tokens at least min_p times as likely as the first (the most likely; always kept).
+            let floor = self.params.min_p as f64 * probs[0];
+            let keep = probs.iter().take_while(|&&p| p >= floor).count().max(1);
+            probs.truncate(keep);
+            cand.truncate(keep);
+            let s: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= s);
+        }
         let u = self.rng.uniform();
         let mut acc = 0.0;
         for (i, p) in probs.iter().enumerate() {
@@ -227,30 +284,86 @@ pub enum RowLogits {
 }
 
 impl RowLogits {
-    /// `token`'s log-probability under the row's logits ([`logprob`]); `None` for a row that crossed as its
-    /// argmax only.
-    pub fn logprob(&self, token: u32) -> Option<f32> {
+    /// The row's log-softmax; `None` for a row that crossed as its argmax only.
+    pub fn log_softmax(&self) -> Option<LogSoftmax<'_>> {
         match self {
-            RowLogits::Full(logits) => Some(logprob(logits, token)),
+            RowLogits::Full(logits) => Some(LogSoftmax::new(logits)),
             RowLogits::Argmax(_) => None,
         }
     }
+
+    /// `token`'s log-probability under the row's logits ([`logprob`]); `None` for a row that crossed as its
+    /// argmax only.
+    pub fn logprob(&self, token: u32) -> Option<f32> {
+        self.log_softmax().map(|l| l.of(token))
+    }
 }
 
-/// `log_softmax(logits)[token]`, in f64, NaN logits left out as sampling leaves them out. Infinite logits
-/// share all the mass; a token past the row, or a row of only −∞, gets −∞.
+/// The log-softmax of one row of logits, normalised once and read token by token: in f64, NaN logits left
+/// out as sampling leaves them out. Infinite logits share all the mass; a token past the row, or a row of
+/// only −∞, gets −∞.
+pub struct LogSoftmax<'a> {
+    logits: &'a [f32],
+    norm: Norm,
+}
+
+enum Norm {
+    /// `log Σ exp(l)` over the finite row.
+    Finite(f64),
+    /// How many logits are +∞.
+    Infinite(usize),
+    /// Every logit is −∞ or NaN.
+    Empty,
+}
+
+impl<'a> LogSoftmax<'a> {
+    pub fn new(logits: &'a [f32]) -> Self {
+        let max = logits.iter().filter(|x| !x.is_nan()).fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+        let norm = if max == f64::INFINITY {
+            Norm::Infinite(logits.iter().filter(|&&x| x == f32::INFINITY).count())
+        } else if max == f64::NEG_INFINITY {
+            Norm::Empty
+        } else {
+            let sum: f64 = logits.iter().filter(|x| !x.is_nan()).map(|&x| (x as f64 - max).exp()).sum();
+            Norm::Finite(max + sum.ln())
+        };
+        LogSoftmax { logits, norm }
+    }
+
+    /// `log_softmax(logits)[token]`.
+    pub fn of(&self, token: u32) -> f32 {
+        let Some(&l) = self.logits.get(token as usize) else { return f32::NEG_INFINITY };
+        match self.norm {
+            _ if l.is_nan() => f32::NEG_INFINITY,
+            Norm::Finite(log_z) => (l as f64 - log_z) as f32,
+            Norm::Infinite(n) if l == f32::INFINITY => -(n as f32).ln(),
+            Norm::Infinite(_) | Norm::Empty => f32::NEG_INFINITY,
+        }
+    }
+
+    /// The `n` most likely tokens with their log-probabilities, most likely first, the lower id first
+    /// among equals (NaN logits never appear; fewer than `n` only in a row that has fewer tokens).
+    pub fn top(&self, n: usize) -> Vec<(u32, f32)> {
+        let mut ids: Vec<u32> = (0..self.logits.len() as u32).filter(|&t| !self.logits[t as usize].is_nan()).collect();
+        let order = |a: &u32, b: &u32| {
+            let (la, lb) = (self.logits[*a as usize], self.logits[*b as usize]);
+            lb.partial_cmp(&la).expect("no NaN").then(a.cmp(b))
+        };
+        if n < ids.len() {
+            if n == 0 {
+                return Vec::new();
+            }
+            ids.select_nth_unstable_by(n - 1, order);
+            ids.truncate(n);
+        }
+        ids.sort_unstable_by(order);
+        ids.into_iter().map(|t| (t, self.of(t))).collect()
+    }
+}
+
+/// `log_softmax(logits)[token]` ([`LogSoftmax`]).
 pub fn logprob(logits: &[f32], token: u32) -> f32 {
-    let Some(&l) = logits.get(token as usize) else { return f32::NEG_INFINITY };
-    let max = logits.iter().filter(|x| !x.is_nan()).fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-    if max == f64::INFINITY {
-        let n = logits.iter().filter(|&&x| x == f32::INFINITY).count();
-        return if l == f32::INFINITY { -(n as f32).ln() } else { f32::NEG_INFINITY };
-    }
-    if max == f64::NEG_INFINITY || l.is_nan() {
-        return f32::NEG_INFINITY;
-    }
-    let sum: f64 = logits.iter().filter(|x| !x.is_nan()).map(|&x| (x as f64 - max).exp()).sum();
-    (l as f64 - max - sum.ln()) as f32
+    LogSoftmax::new(logits).of(token)
 }
 
 /// The rows of `logits [rows, vocab]` on the host: a row with `by_argmax[i]` as its argmax computed on the
@@ -319,14 +432,14 @@ mod tests {
         let all = fetch_rows(&t, &[false; 3]).unwrap();
         assert_eq!(all[2], RowLogits::Full(v[6..].to_vec()));
         assert!(fetch_rows(&t, &[true]).is_err());
-        let mut s = Sampler::new(SamplingParams::default(), 0, &[]);
+        let mut s = Sampler::new(SamplingParams::default(), 0, &[], &[]);
         assert_eq!(s.pick(&got[0]), 1);
         assert_eq!(s.pick(&got[1]), 0);
     }
 
     #[test]
     fn greedy_is_argmax_first_on_ties() {
-        let mut s = Sampler::new(SamplingParams::default(), 0, &[]);
+        let mut s = Sampler::new(SamplingParams::default(), 0, &[], &[]);
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
     }
 
@@ -350,8 +463,8 @@ mod tests {
     #[test]
     fn top_k_one_and_tiny_top_p_are_greedy() {
         let logits = [0.5, 2.0, 1.9, -3.0];
-        let mut a = Sampler::new(params(1.0, 1, 1.0, 3), 0, &[]);
-        let mut b = Sampler::new(params(5.0, 0, 1e-6, 3), 0, &[]);
+        let mut a = Sampler::new(params(1.0, 1, 1.0, 3), 0, &[], &[]);
+        let mut b = Sampler::new(params(5.0, 0, 1e-6, 3), 0, &[], &[]);
         for _ in 0..50 {
             assert_eq!(a.sample(&logits), 1);
             assert_eq!(b.sample(&logits), 1);
@@ -362,7 +475,7 @@ mod tests {
     fn seeded_sampling_repeats_and_follows_the_distribution() {
         let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
         let draw = |seed| {
-            let mut s = Sampler::new(params(1.0, 0, 1.0, seed), 0, &[]);
+            let mut s = Sampler::new(params(1.0, 0, 1.0, seed), 0, &[], &[]);
             (0..4000).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
         let a = draw(9);
@@ -378,10 +491,10 @@ mod tests {
         // 10 / 1e-40 overflows f32: the scaled logits must not become infinities (NaN probabilities).
         let logits = [0.5f32, 10.0, 9.99, -3.0];
         for t in [1e-45f32, 1e-40, 1e-38, 1e-6] {
-            let mut s = Sampler::new(params(t, 0, 1.0, 5), 0, &[]);
+            let mut s = Sampler::new(params(t, 0, 1.0, 5), 0, &[], &[]);
             assert!((0..20).all(|_| s.sample(&logits) == 1), "temperature {t}");
         }
-        let mut s = Sampler::new(params(1.0, 0, 1.0, 5), 0, &[]);
+        let mut s = Sampler::new(params(1.0, 0, 1.0, 5), 0, &[], &[]);
         assert_eq!(s.sample(&[1.0, f32::INFINITY, 2.0]), 1);
     }
 
@@ -389,7 +502,7 @@ mod tests {
     fn top_p_cuts_the_tail() {
         // probs ≈ [0.6, 0.3, 0.1]: top_p 0.8 keeps the first two only.
         let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
-        let mut s = Sampler::new(params(1.0, 0, 0.8, 1), 0, &[]);
+        let mut s = Sampler::new(params(1.0, 0, 0.8, 1), 0, &[], &[]);
         assert!((0..2000).all(|_| s.sample(&logits) != 2));
     }
 
@@ -415,11 +528,78 @@ mod tests {
     }
 
     #[test]
+    fn min_p_drops_tokens_less_likely_than_its_share_of_the_top_one() {
+        // probs ≈ [0.5, 0.3, 0.2]: min_p 0.5 keeps tokens with p ≥ 0.25, so never token 2; 0.41 keeps 0 only.
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let with = |min_p| SamplingParams { min_p, ..params(1.0, 0, 1.0, 4) };
+        let mut s = Sampler::new(with(0.5), 0, &[], &[]);
+        let draws: Vec<u32> = (0..3000).map(|_| s.sample(&logits)).collect();
+        assert!(!draws.contains(&2) && draws.contains(&1));
+        let ones = draws.iter().filter(|&&t| t == 1).count() as f64 / draws.len() as f64;
+        assert!((ones - 0.375).abs() < 0.03, "renormalised over the two kept: {ones}");
+        let mut s = Sampler::new(with(0.61), 0, &[], &[]);
+        assert!((0..500).all(|_| s.sample(&logits) == 0));
+        // 0 is off: every token is drawn.
+        let mut s = Sampler::new(with(0.0), 0, &[], &[]);
+        assert!((0..3000).any(|_| s.sample(&logits) == 2));
+        // Greedy ignores it; it does not stop the device argmax.
+        assert!(Sampler::new(SamplingParams { min_p: 0.9, ..Default::default() }, 0, &[], &[]).picks_argmax());
+    }
+
+    #[test]
+    fn min_tokens_holds_eos_back_until_enough_tokens() {
+        let eos = [2u32, 3];
+        let p = |min_tokens| SamplingParams { min_tokens, ..Default::default() };
+        // EOS (2) is the argmax; the next best (3) is EOS too, so 0 comes until min_tokens.
+        let logits = [1.0f32, 0.5, 3.0, 2.0];
+        let mut s = Sampler::new(p(3), 0, &[], &eos);
+        let picked: Vec<u32> = (0..5).map(|_| s.sample(&logits)).collect();
+        assert_eq!(picked, [0, 0, 0, 2, 2]);
+        // The device argmax only once EOS may come; a sampled row holds EOS back too.
+        let mut s = Sampler::new(p(1), 0, &[], &eos);
+        assert!(!s.picks_argmax());
+        assert_eq!(s.sample(&logits), 0);
+        assert!(s.picks_argmax());
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed: Some(1), ..p(50) }, 0, &[], &eos);
+        assert!((0..50).all(|_| !eos.contains(&s.sample(&logits))));
+        // Without EOS tokens, or at 0, nothing is held back.
+        assert!(Sampler::new(p(3), 0, &[], &[]).picks_argmax());
+        assert_eq!(Sampler::new(p(0), 0, &[], &eos).sample(&logits), 2);
+        // An argmax row counts as a generated token.
+        let mut s = Sampler::new(p(1), 0, &[], &eos);
+        s.sample(&logits);
+        assert_eq!(s.pick(&RowLogits::Argmax(2)), 2);
+    }
+
+    #[test]
+    fn top_logprobs_are_the_most_likely_tokens_first_lower_ids_on_ties() {
+        let logits = [1.0f32, 3.0, f32::NAN, 3.0, -2.0, 0.5];
+        let l = LogSoftmax::new(&logits);
+        let top = l.top(3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 3, 0]);
+        for (t, lp) in &top {
+            assert_eq!(*lp, logprob(&logits, *t));
+        }
+        assert_eq!(l.top(0), vec![]);
+        assert_eq!(l.top(99).len(), 5, "NaN never listed");
+        assert_eq!(l.top(99).last().unwrap().0, 4);
+        let total: f64 = l.top(99).iter().map(|t| (t.1 as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert_eq!(RowLogits::Argmax(1).log_softmax().map(|l| l.top(1)), None);
+    }
+
+    #[test]
     fn validation_names_the_field() {
         assert!(params(-1.0, 0, 1.0, 0).validate().unwrap_err().contains("temperature"));
         assert!(params(1.0, 0, 0.0, 0).validate().unwrap_err().contains("top_p"));
         assert!(params(1.0, 0, 1.5, 0).validate().unwrap_err().contains("top_p"));
         assert!(params(f32::NAN, 0, 1.0, 0).validate().is_err());
+        for min_p in [-0.1, 1.5, f32::NAN] {
+            assert!(SamplingParams { min_p, ..Default::default() }.validate().unwrap_err().contains("min_p"));
+        }
+        let min_tokens = SamplingParams { min_tokens: 9, ..Default::default() };
+        assert!(min_tokens.validate_lengths(8).unwrap_err().contains("min_tokens"));
+        assert!(min_tokens.validate_lengths(9).is_ok());
     }
 
     fn penalized(repetition: f32, frequency: f32, presence: f32) -> SamplingParams {
@@ -433,7 +613,7 @@ mod tests {
 
     /// Greedy picks from the same logits every step, so only the penalties move them.
     fn picks(params: SamplingParams, prompt: &[u32], logits: &[f32], n: usize) -> Vec<u32> {
-        let mut s = Sampler::new(params, 0, prompt);
+        let mut s = Sampler::new(params, 0, prompt, &[]);
         (0..n).map(|_| s.sample(logits)).collect()
     }
 
@@ -468,10 +648,10 @@ mod tests {
 
     #[test]
     fn only_unpenalized_greedy_samplers_pick_the_argmax_on_the_device() {
-        assert!(Sampler::new(SamplingParams::default(), 0, &[1]).picks_argmax());
-        assert!(!Sampler::new(params(0.5, 0, 1.0, 0), 0, &[]).picks_argmax());
+        assert!(Sampler::new(SamplingParams::default(), 0, &[1], &[]).picks_argmax());
+        assert!(!Sampler::new(params(0.5, 0, 1.0, 0), 0, &[], &[]).picks_argmax());
         for p in [penalized(1.1, 0.0, 0.0), penalized(1.0, 0.1, 0.0), penalized(1.0, 0.0, -0.1)] {
-            assert!(!Sampler::new(p, 0, &[]).picks_argmax());
+            assert!(!Sampler::new(p, 0, &[], &[]).picks_argmax());
         }
     }
 

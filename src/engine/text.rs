@@ -1,6 +1,7 @@
 //! Generated text as it streams: incremental detokenization plus stop strings. Text that could still turn
 //! out to be the start of a stop string is held back until it cannot; when a stop string appears, the
-//! text ends right before it.
+//! text ends right before it. Before `min_tokens` stop strings are not looked for: one that ends in the
+//! text of those tokens never stops the request (vLLM's rule).
 
 use crate::model::{TextStream, Tokenizer};
 
@@ -11,6 +12,8 @@ pub struct StopText {
     full: String,
     /// Bytes of `full` already handed out.
     emitted: usize,
+    /// Bytes of `full` produced while stop strings were not looked for: a stop string must end past them.
+    unarmed: usize,
 }
 
 impl StopText {
@@ -20,28 +23,27 @@ impl StopText {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             full: String::new(),
             emitted: 0,
+            unarmed: 0,
         }
     }
 
-    /// Feeds a token; returns the text that may be shown now and whether a stop string was reached.
-    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> (String, bool) {
+    /// Feeds a token; returns the text that may be shown now and whether a stop string was reached. With
+    /// `armed` false (before `min_tokens`) no stop string is looked for.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32, armed: bool) -> (String, bool) {
         match self.stream.step(tok, id) {
             Ok(Some(chunk)) => self.full.push_str(&chunk),
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, token = id, "detokenization failed"),
         }
-        // A stop string can only end in the new text, so start the search just far enough back.
-        let longest = self.stops.iter().map(|s| s.len()).max().unwrap_or(0);
-        let mut from = self.emitted.saturating_sub(longest);
-        while !self.full.is_char_boundary(from) {
-            from -= 1;
-        }
-        let hit = self.stops.iter().filter_map(|s| self.full[from..].find(s.as_str()).map(|p| from + p)).min();
-        if let Some(pos) = hit {
-            self.full.truncate(pos);
-            let out = self.full[self.emitted.min(pos)..].to_string();
-            self.emitted = pos;
-            return (out, true);
+        if armed {
+            if let Some(pos) = self.stop_at() {
+                self.full.truncate(pos);
+                let out = self.full[self.emitted.min(pos)..].to_string();
+                self.emitted = pos;
+                return (out, true);
+            }
+        } else {
+            self.unarmed = self.full.len();
         }
         // Hold back the longest tail that is a proper prefix of some stop string.
         let mut hold = 0;
@@ -57,6 +59,26 @@ impl StopText {
         let out = self.full[self.emitted..safe].to_string();
         self.emitted = safe;
         (out, false)
+    }
+
+    /// Where the earliest stop string in the text starts, if one ends in the text not yet looked at (past
+    /// what was handed out and what came before `min_tokens`).
+    fn stop_at(&self) -> Option<usize> {
+        // A stop string can only end in the new text, so start the search just far enough back.
+        let longest = self.stops.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut from = self.emitted.saturating_sub(longest);
+        while !self.full.is_char_boundary(from) {
+            from -= 1;
+        }
+        let found = |s: &String| {
+            // An occurrence that ends past `unarmed` starts at `unarmed + 1 - len` or later.
+            let mut start = from.max((self.unarmed + 1).saturating_sub(s.len()));
+            while !self.full.is_char_boundary(start) {
+                start += 1;
+            }
+            self.full[start..].find(s.as_str()).map(|p| start + p)
+        };
+        self.stops.iter().filter_map(found).min()
     }
 
     /// Everything still held back (at the end of generation).
@@ -77,11 +99,16 @@ mod tests {
 
     /// Feeds `text` byte by byte through the demo's byte-level tokenizer.
     fn run(text: &str, stops: &[&str]) -> (Vec<String>, bool, String) {
+        run_after(text, stops, 0)
+    }
+
+    /// [`run`], stop strings looked for from the byte after the first `min_tokens` on.
+    fn run_after(text: &str, stops: &[&str], min_tokens: usize) -> (Vec<String>, bool, String) {
         let tok = demo::tokenizer().unwrap();
         let mut st = StopText::new(stops.iter().map(|s| s.to_string()).collect());
         let mut chunks = Vec::new();
-        for b in text.bytes() {
-            let (c, stop) = st.push(&tok, 3 + b as u32);
+        for (i, b) in text.bytes().enumerate() {
+            let (c, stop) = st.push(&tok, 3 + b as u32, i + 1 > min_tokens);
             chunks.push(c);
             if stop {
                 return (chunks, true, String::new());
@@ -120,5 +147,24 @@ mod tests {
         let (chunks, stopped, _) = run("abc;def.", &[".", ";"]);
         assert!(stopped);
         assert_eq!(chunks.concat(), "abc");
+    }
+
+    #[test]
+    fn stop_strings_ending_before_min_tokens_do_not_stop() {
+        // The first "ab" ends at the 3rd token: with min_tokens 3 it is passed over, the next one stops.
+        let (chunks, stopped, _) = run_after("xab ab tail", &["ab"], 3);
+        assert!(stopped);
+        assert_eq!(chunks.concat(), "xab ");
+        // One that ends past min_tokens counts, though it started before.
+        let (chunks, stopped, _) = run_after("xabc", &["abc"], 2);
+        assert!(stopped);
+        assert_eq!(chunks.concat(), "x");
+        // Overlapping occurrences: "aa" ends at bytes 2 and 3; only the second is past min_tokens.
+        let (chunks, stopped, _) = run_after("aaa", &["aa"], 2);
+        assert!(stopped);
+        assert_eq!(chunks.concat(), "a");
+        let (chunks, stopped, rest) = run_after("ab", &["ab"], 2);
+        assert!(!stopped);
+        assert_eq!(chunks.concat() + &rest, "ab");
     }
 }

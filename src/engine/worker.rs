@@ -164,7 +164,7 @@ pub(crate) fn run(
                             tokens: req.prompt_ids.clone(),
                             prompt_len: req.prompt_ids.len(),
                             generated: 0,
-                            sampler: Sampler::new(req.sampling.clone(), sampler::unseeded(), &req.prompt_ids),
+                            sampler: Sampler::new(req.sampling.clone(), sampler::unseeded(), &req.prompt_ids, &eos),
                             text: StopText::new(req.stop.clone()),
                             queued: Some(queued),
                             last_token_at: None,
@@ -268,9 +268,7 @@ pub(crate) fn run(
             let id = row.seq;
             let l = live.get_mut(&id).expect("live");
             let token = l.sampler.pick(&logits);
-            // A row whose logprob is wanted is fetched whole (see `step`): NaN would only flag a bug here.
-            let logprobs: Vec<f32> =
-                l.req.logprobs.then(|| logits.logprob(token).unwrap_or(f32::NAN)).into_iter().collect();
+            let (logprobs, top_logprobs) = report_logprobs(&l.req, &logits, token);
             l.tokens.push(token);
             l.generated += 1;
             slots.get_mut(&id).expect("slot").len += 1;
@@ -283,10 +281,11 @@ pub(crate) fn run(
                 }
             }
             l.last_token_at = Some(now);
-            let (text, hit_stop) = l.text.push(&tokenizer, token);
+            // Stop strings count from the token after `min_tokens` on, as EOS does (vLLM).
+            let (text, hit_stop) = l.text.push(&tokenizer, token, l.generated > l.req.sampling.min_tokens as usize);
             let finish = if hit_stop {
                 Some(FinishReason::StopSequence)
-            } else if eos.contains(&token) {
+            } else if eos.contains(&token) && !l.req.sampling.ignore_eos {
                 Some(FinishReason::EosToken)
             } else if l.generated >= l.req.max_new_tokens {
                 Some(FinishReason::Length)
@@ -297,7 +296,7 @@ pub(crate) fn run(
                 Some(FinishReason::EosToken | FinishReason::Length) => text + &l.text.flush(&tokenizer),
                 _ => text,
             };
-            let sent = l.req.events.send(Event::Tokens { ids: vec![token], text, logprobs });
+            let sent = l.req.events.send(Event::Tokens { ids: vec![token], text, logprobs, top_logprobs });
             if let Some(reason) = finish {
                 let l = live.remove(&id).expect("live");
                 let _ = l.req.events.send(Event::Finished {
@@ -319,6 +318,20 @@ pub(crate) fn run(
         publish(&stats, &sched, &cache);
     }
     stop(&stats, &rx);
+}
+
+/// The logprobs `req` asks for of `token`, picked from `logits`: its own and the most likely tokens' (one
+/// each, or none when not asked).
+fn report_logprobs(req: &ValidRequest, logits: &RowLogits, token: u32) -> (Vec<f32>, Vec<Vec<(u32, f32)>>) {
+    if !req.logprobs {
+        return (Vec::new(), Vec::new());
+    }
+    let Some(row) = logits.log_softmax() else {
+        // A row whose logprobs are wanted is fetched whole (see `step`): this only flags a bug.
+        return (vec![f32::NAN], if req.top_logprobs > 0 { vec![Vec::new()] } else { Vec::new() });
+    };
+    let top = if req.top_logprobs > 0 { vec![row.top(req.top_logprobs)] } else { Vec::new() };
+    (vec![row.of(token)], top)
 }
 
 /// Consecutive failed steps after which the engine stops (see the forward's error path).

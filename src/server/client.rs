@@ -36,6 +36,8 @@ pub struct GenerateCall {
     pub stop: Vec<String>,
     /// Ask for each token's log-probability.
     pub logprobs: bool,
+    /// With `logprobs`: also this many of the most likely tokens at each step.
+    pub top_logprobs: u32,
 }
 
 async fn channel(t: &Target, timeout: Option<Duration>) -> anyhow::Result<Channel> {
@@ -126,6 +128,10 @@ impl GenerateCall {
             frequency_penalty: s.frequency_penalty,
             presence_penalty: s.presence_penalty,
             logprobs: self.logprobs,
+            top_logprobs: self.top_logprobs,
+            min_p: s.min_p,
+            min_tokens: s.min_tokens,
+            ignore_eos: s.ignore_eos,
         }
     }
 }
@@ -146,6 +152,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
             response.text.push_str(&msg.text);
             response.token_ids.extend(msg.token_ids);
             response.logprobs.extend(msg.logprobs);
+            response.top_logprobs.extend(msg.top_logprobs);
             response.prompt_tokens = response.prompt_tokens.max(msg.prompt_tokens);
             response.finish_reason = msg.finish_reason;
             response.adapter_version = msg.adapter_version;
@@ -171,6 +178,17 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
         });
         if call.logprobs {
             json["logprobs"] = response.logprobs.into();
+        }
+        if call.top_logprobs > 0 {
+            let steps: Vec<serde_json::Value> = response
+                .top_logprobs
+                .iter()
+                .map(|step| {
+                    let tokens = step.token_ids.iter().zip(&step.logprobs);
+                    tokens.map(|(id, lp)| serde_json::json!({"token_id": id, "logprob": lp})).collect()
+                })
+                .collect();
+            json["top_logprobs"] = steps.into();
         }
         to_stdout(format_args!("{json}\n"))?;
     }

@@ -2,16 +2,18 @@
 //! edge, into a [`ValidRequest`] (fields checked, adapter leased, prompt tokenized, deadline parsed); the
 //! engine streams [`Event`]s back, which become `GenerateResponse` messages.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::counting::HandlerSeen;
+use super::counting::{Arrival, HandlerSeen};
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
 use crate::engine::{Engine, Event, FinishReason, SamplingParams, ValidRequest};
@@ -122,11 +124,35 @@ fn deadline_of<T>(req: &Request<T>) -> Result<Option<Instant>, Status> {
         "n" => Duration::from_nanos(n),
         _ => return Err(invalid("grpc-timeout", format!("unknown unit in `{v}`"))),
     };
-    // tonic's transport also enforces the header, answering CANCELLED when it fires; finishing a little
-    // earlier lets the client see the accurate DEADLINE_EXCEEDED (and the engine free the request) first.
-    let margin = (d / 20).min(Duration::from_millis(50));
+    // tonic's transport also enforces the header, answering CANCELLED ("Timeout expired") when it fires;
+    // finishing a little earlier lets the client see the accurate DEADLINE_EXCEEDED (and the engine free the
+    // request) first. The deadline counts from the call's `Arrival`, not from when the handler runs (after
+    // the message is read). That stamp is taken when the call's task first runs, which can trail tonic's
+    // timer by the time the task waits for a thread: the margin covers that wait unless the machine is so
+    // busy that it is longer.
+    let margin = (d / 10).min(Duration::from_millis(50));
+    let arrival = req.extensions().get::<Arrival>().map_or_else(Instant::now, |a| a.0);
     // 99999999H is past what an Instant can hold on some platforms: no deadline then.
-    Ok(Instant::now().checked_add(d - margin))
+    Ok(arrival.checked_add(d - margin))
+}
+
+/// `fut`'s output, or `None` once `deadline` has passed. Unlike `tokio::time::timeout_at` this reads the clock
+/// on every poll, not only when its timer fires. tonic enforces `grpc-timeout` with a timer of its own, polled
+/// right after the handler and answering CANCELLED; under load it was seen to fire while the handler's timer,
+/// earlier by `deadline_of`'s margin, had not yet. Read on every poll, the earlier deadline wins.
+async fn within<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
+    let timer = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(fut, timer);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        if Instant::now() >= deadline || timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// A request on its way to the engine, plus what the response needs.
@@ -169,8 +195,18 @@ impl Service {
             repetition_penalty: if r.repetition_penalty == 0.0 { 1.0 } else { r.repetition_penalty },
             frequency_penalty: r.frequency_penalty,
             presence_penalty: r.presence_penalty,
+            min_p: r.min_p,
+            min_tokens: r.min_tokens,
+            ignore_eos: r.ignore_eos,
         };
         sampling.validate().map_err(Status::invalid_argument)?;
+        sampling.validate_lengths(r.max_new_tokens as usize).map_err(Status::invalid_argument)?;
+        if r.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(invalid("top_logprobs", format!("must be in 0..={MAX_TOP_LOGPROBS}, got {}", r.top_logprobs)));
+        }
+        if r.top_logprobs > 0 && !r.logprobs {
+            return Err(invalid("top_logprobs", "requires logprobs"));
+        }
         if r.stop.len() > limits.max_stop_strings {
             return Err(invalid(
                 "stop",
@@ -211,6 +247,7 @@ impl Service {
             sampling,
             stop: r.stop,
             logprobs: r.logprobs,
+            top_logprobs: r.top_logprobs as usize,
             adapter,
             deadline,
             arrival,
@@ -227,12 +264,20 @@ impl Service {
 async fn lease_adapter(cache: &AdapterCache, id: &str, deadline: Option<Instant>) -> Result<AdapterLease, Status> {
     let acquire = cache.acquire(id, deadline.map(tokio::time::Instant::from_std));
     let acquired = match deadline {
-        Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), acquire)
+        Some(d) => within(d, acquire)
             .await
-            .map_err(|_| Status::deadline_exceeded(format!("deadline exceeded waiting for adapter `{id}`")))?,
+            .ok_or_else(|| Status::deadline_exceeded(format!("deadline exceeded waiting for adapter `{id}`")))?,
         None => acquire.await,
     };
     acquired.map_err(|e| status::from_cache(e, deadline.is_some_and(|d| Instant::now() >= d)))
+}
+
+/// The most `top_logprobs` a request may ask for (OpenAI's limit, vLLM's default `max_logprobs`).
+const MAX_TOP_LOGPROBS: u32 = 20;
+
+fn to_proto_top(top: Vec<(u32, f32)>) -> proto::TopLogprobs {
+    let (token_ids, logprobs) = top.into_iter().unzip();
+    proto::TopLogprobs { token_ids, logprobs }
 }
 
 fn finish_reason(r: FinishReason) -> proto::FinishReason {
@@ -259,21 +304,19 @@ impl LoraServe for Service {
             let mut out = proto::GenerateResponse { adapter_version: a.adapter_version, ..Default::default() };
             loop {
                 let next = match deadline {
-                    Some(d) => {
-                        match tokio::time::timeout_at(tokio::time::Instant::from_std(d), a.events.recv()).await {
-                            Ok(ev) => ev,
-                            // Dropping the receiver tells the engine to stop this request.
-                            Err(_) => return Err(Status::deadline_exceeded("deadline exceeded")),
-                        }
-                    }
+                    // Dropping the receiver tells the engine to stop this request.
+                    Some(d) => within(d, a.events.recv())
+                        .await
+                        .ok_or_else(|| Status::deadline_exceeded("deadline exceeded"))?,
                     None => a.events.recv().await,
                 };
                 let Some(ev) = next else { break };
                 match ev {
-                    Event::Tokens { ids, text, logprobs } => {
+                    Event::Tokens { ids, text, logprobs, top_logprobs } => {
                         out.token_ids.extend(ids);
                         out.text.push_str(&text);
                         out.logprobs.extend(logprobs);
+                        out.top_logprobs.extend(top_logprobs.into_iter().map(to_proto_top));
                     }
                     Event::Finished { reason, prompt_tokens, .. } => {
                         out.prompt_tokens = prompt_tokens as u32;
@@ -320,11 +363,12 @@ impl LoraServe for Service {
                 };
                 let Some(ev) = ev else { break };
                 let (msg, last) = match ev {
-                    Event::Tokens { ids, text, logprobs } => (
+                    Event::Tokens { ids, text, logprobs, top_logprobs } => (
                         Ok(proto::GenerateResponse {
                             text,
                             token_ids: ids,
                             logprobs,
+                            top_logprobs: top_logprobs.into_iter().map(to_proto_top).collect(),
                             adapter_version: version.clone(),
                             ..Default::default()
                         }),

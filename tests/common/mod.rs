@@ -56,6 +56,10 @@ pub struct PenaltyResult {
     pub new_ids: Vec<u32>,
     /// `llama-logprobs/expected.json` only: each new token's log-probability under the model.
     pub logprobs: Option<Vec<f32>>,
+    /// `llama-logprobs/expected.json` only: at each step, the most likely tokens (most likely first) ...
+    pub top_ids: Option<Vec<Vec<u32>>>,
+    /// ... and their log-probabilities.
+    pub top_logprobs: Option<Vec<Vec<f32>>>,
 }
 
 /// The cases of `tests/fixtures/<dir>/expected.json` by name (`llama-penalties`, `llama-logprobs`).

@@ -1,0 +1,271 @@
+//! The generation commands: `generate` (one prompt, in this process) and `client` (calls to a running
+//! server), with the sampling flags they share and the resolution of `--adapter`.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+
+use super::{to_stdout, ModelArgs};
+use crate::engine::{self, GenerateJob, SamplingParams};
+
+/// Sampling flags shared by `generate` and `client generate` (the server takes them per request). Negative
+/// numbers parse, so that an out-of-range value gets the message naming its range.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub temperature: f32,
+    /// Nucleus sampling mass in (0, 1].
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: u32,
+    /// Seeds sampling (the same seed, the same tokens); without it each run samples differently
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Above 0, 1 = off: a positive logit of a token in the prompt or output is divided by it, a negative
+    /// one multiplied by it.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub repetition_penalty: f32,
+    /// In [-2, 2]: subtracted from a token's logit per occurrence in the output.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// In [-2, 2]: subtracted from the logit of every token in the output.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// In [0, 1], 0 = off: after top-p, drop tokens less likely than this times the most likely one.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub min_p: f32,
+    /// No EOS (and no stop string) before this many tokens; at most --max-new-tokens.
+    #[arg(long, default_value_t = 0)]
+    pub min_tokens: u32,
+    /// Go on past EOS tokens, to --max-new-tokens (or a stop string).
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    /// The validated parameters of a call of `max_new_tokens` tokens.
+    pub fn params(&self, max_new_tokens: usize) -> Result<SamplingParams> {
+        let p = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            repetition_penalty: self.repetition_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            min_p: self.min_p,
+            min_tokens: self.min_tokens,
+            ignore_eos: self.ignore_eos,
+        };
+        p.validate().and_then(|()| p.validate_lengths(max_new_tokens)).map_err(anyhow::Error::msg)?;
+        Ok(p)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt (encoded with the tokenizer's special tokens, e.g. BOS).
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// A LoRA adapter: a folder in PEFT layout, or an adapter id under `--adapters`.
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// The adapters root that adapter ids are resolved in.
+    #[arg(long, env = "LORASERVE_ADAPTERS", default_value = "adapters")]
+    pub adapters: std::path::PathBuf,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print `{"prompt_token_ids": [...], "token_ids": [...], "text": "..."}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    /// Server address.
+    #[arg(long, env = "LORASERVE_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// API key (sent as `authorization: Bearer <key>`).
+    #[arg(long, env = "LORASERVE_API_KEY")]
+    pub api_key: Option<String>,
+    /// With an `https://` address: PEM certificate of the CA that signed the server's certificate (without
+    /// it, the system's trusted CAs).
+    #[arg(long, env = "LORASERVE_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    pub call: ClientCall,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientCall {
+    /// Generate (add --stream to stream the text as it is produced).
+    Generate {
+        /// Adapter id (empty: the base model).
+        #[arg(long, default_value = "")]
+        adapter: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: u32,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Stop strings (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        #[arg(long)]
+        stream: bool,
+        /// Print the response as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Ask for each token's log-probability under the model (printed with --json, as "logprobs"; JSON has
+        /// no −∞, which prints as null).
+        #[arg(long)]
+        logprobs: bool,
+        /// Also the N most likely tokens at each step, with their log-probabilities (0 to 20; implies
+        /// --logprobs; printed with --json, as "top_logprobs").
+        #[arg(long, default_value_t = 0)]
+        top_logprobs: u32,
+    },
+    /// List adapters and their cache status.
+    List,
+    /// Load an adapter into the cache.
+    Load { adapter: String },
+    /// Drop an adapter from the cache.
+    Unload { adapter: String },
+    /// Ask `grpc.health.v1`; exit 0 when SERVING, 1 otherwise (for container health checks).
+    Health {
+        /// The service to ask about (empty: the whole server).
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
+}
+
+pub(super) fn run_client(args: ClientArgs) -> Result<()> {
+    let target = crate::server::client::Target { addr: args.addr, api_key: args.api_key, ca_cert: args.ca_cert };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match args.call {
+            ClientCall::Generate {
+                adapter,
+                prompt,
+                max_new_tokens,
+                sampling,
+                stop,
+                stream,
+                json,
+                logprobs,
+                top_logprobs,
+            } => {
+                // Checked here too: the wire cannot carry some values (a repetition penalty or top-p of 0
+                // reads as unset there), so the server could not refuse them.
+                let sampling = sampling.params(max_new_tokens as usize)?;
+                let call = crate::server::client::GenerateCall {
+                    adapter_id: adapter,
+                    prompt,
+                    max_new_tokens,
+                    sampling,
+                    stop,
+                    logprobs: logprobs || top_logprobs > 0,
+                    top_logprobs,
+                };
+                crate::server::client::generate(&target, &call, stream, json).await
+            }
+            ClientCall::List => crate::server::client::list(&target).await,
+            ClientCall::Load { adapter } => crate::server::client::load(&target, &adapter).await,
+            ClientCall::Unload { adapter } => crate::server::client::unload(&target, &adapter).await,
+            ClientCall::Health { service, timeout } => {
+                let timeout = std::time::Duration::try_from_secs_f64(timeout)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .with_context(|| format!("--timeout {timeout}: expected a positive number of seconds"))?;
+                if crate::server::client::health(&target, &service, timeout).await? {
+                    Ok(())
+                } else {
+                    std::process::exit(1)
+                }
+            }
+        }
+    })
+}
+
+/// `--adapter`: a folder holding `adapter_config.json`, else an adapter id under the adapters root.
+fn resolve_adapter(arg: &str, root: &std::path::Path) -> Result<std::path::PathBuf> {
+    let as_dir = std::path::Path::new(arg);
+    if as_dir.join("adapter_config.json").is_file() {
+        return Ok(as_dir.to_path_buf());
+    }
+    if as_dir.is_file() {
+        bail!("--adapter {arg}: is a file; give the adapter's folder (the one holding adapter_config.json)");
+    }
+    let path_like =
+        as_dir.is_absolute() || [".", ".."].contains(&arg) || arg.starts_with("./") || arg.starts_with("../");
+    match as_dir.try_exists() {
+        Ok(false) if path_like => bail!("--adapter {arg}: no such folder"),
+        Err(e) if path_like => bail!("--adapter {arg}: {e}"),
+        _ => {}
+    }
+    // A folder that is not also an id under the root (`ads/sub` with no `adapters/ads/sub`) was meant as a path.
+    if as_dir.is_dir() && (path_like || !root.join(arg).is_dir()) {
+        bail!("--adapter {arg}: {} is missing", as_dir.join("adapter_config.json").display());
+    }
+    let store = crate::lora::store::AdapterStore::open(root)?;
+    Ok(store.resolve(arg)?)
+}
+
+pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
+    if args.prompt.is_empty() {
+        bail!("--prompt is empty");
+    }
+    if args.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    let sampling = args.sampling.params(args.max_new_tokens)?;
+    let loaded = args.model.load()?;
+    let prompt_ids = loaded.tokenizer.encode(&args.prompt)?;
+    let ctx = loaded.model.config().max_position_embeddings;
+    if prompt_ids.len() + args.max_new_tokens > ctx {
+        bail!(
+            "prompt ({} tokens) + --max-new-tokens ({}) exceeds the model's context of {ctx} positions",
+            prompt_ids.len(),
+            args.max_new_tokens
+        );
+    }
+    let adapter = match &args.adapter {
+        None => None,
+        Some(a) => {
+            let dir = resolve_adapter(a, &args.adapters)?;
+            Some(crate::lora::peft::load_dir(&dir, &loaded.model.lora_layout(), loaded.model.device())?)
+        }
+    };
+    let out = engine::generate(
+        &loaded.model,
+        &GenerateJob {
+            prompt_ids: &prompt_ids,
+            max_new_tokens: args.max_new_tokens,
+            sampling,
+            stop_at_eos: true,
+            adapter: adapter.as_ref().map(|a| &a.weights),
+        },
+    )?;
+    let text = loaded.tokenizer.decode(&out.token_ids)?;
+    if args.json {
+        let v = serde_json::json!({
+            "prompt_token_ids": prompt_ids,
+            "token_ids": out.token_ids,
+            "text": text,
+        });
+        to_stdout(format_args!("{v}\n"))?;
+    } else {
+        to_stdout(format_args!("{text}\n"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! The sampling controls that decide where generation ends or which tokens may be drawn, through the server:
+//! `min_tokens`, `ignore_eos` and `min_p`, on the demo model with its `upper` adapter (which answers, then
+//! emits EOS). Each generated token is checked against a teacher-forced dense forward of the same model.
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use common::serve::{config, req, start};
+use loraserve::engine::sampler::argmax;
+use loraserve::lora::peft;
+use loraserve::lora::{LoraRows, LoraSegment};
+use loraserve::model::{self, AttentionMode, Batch, LoadOptions, LoadedModel, ModelSpec, SeqInput};
+use loraserve::quant::QuantMode;
+use loraserve::server::proto::{FinishReason, GenerateRequest, GenerateResponse};
+use loraserve::server::ServeConfig;
+
+const PROMPT: &str = "cat moon fire\n";
+
+fn adapters() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("adapters")
+}
+
+/// The demo model (dense f32, as the test server runs it) and the example adapters.
+fn demo_config() -> ServeConfig {
+    ServeConfig { model: ModelSpec::Demo, ..config(adapters()) }
+}
+
+/// The demo model and the `upper` adapter, loaded here for the teacher-forced reference.
+fn reference() -> (LoadedModel, peft::LoadedAdapter) {
+    let opts = LoadOptions { dtype: DType::F32, quant: QuantMode::None, device: Device::Cpu };
+    let m = model::load(&ModelSpec::Demo, &opts).unwrap();
+    let a = peft::load_dir(&adapters().join("upper"), &m.model.lora_layout(), &Device::Cpu).unwrap();
+    (m, a)
+}
+
+/// The logits that predicted each of `out`'s tokens: a dense forward over the prompt and `out`, with `upper`.
+fn logits_of(m: &LoadedModel, a: &peft::LoadedAdapter, out: &[u32]) -> Vec<Vec<f32>> {
+    let prompt = m.tokenizer.encode(PROMPT).unwrap();
+    let (n, k) = (prompt.len(), out.len());
+    let seq: Vec<u32> = prompt.iter().chain(out).copied().collect();
+    let tokens = &seq[..n + k - 1];
+    let rows: Vec<usize> = (n - 1..n + k - 1).collect();
+    let seqs = [SeqInput { len: tokens.len(), past: 0, blocks: &[] }];
+    let segments = [LoraSegment::new(0..tokens.len(), &a.weights)];
+    let batch = Batch { tokens, seqs: &seqs, logit_rows: &rows };
+    let dense = AttentionMode::Dense { differentiable: false };
+    m.model.forward(&batch, dense, &LoraRows::Segments(&segments)).unwrap().to_vec2::<f32>().unwrap()
+}
+
+/// The greedy pick of a row with the EOS tokens held back.
+fn argmax_without(row: &[f32], eos: &[u32]) -> u32 {
+    let mut row = row.to_vec();
+    eos.iter().for_each(|&t| row[t as usize] = f32::NEG_INFINITY);
+    argmax(&row)
+}
+
+/// `min_tokens` holds EOS back: the answer goes on where it used to end, every token the greedy pick with
+/// EOS masked until `min_tokens`, the plain greedy pick after. `ignore_eos` runs past EOS to
+/// `max_new_tokens`, the EOS token staying in the ids. Stop strings count only past `min_tokens` (vLLM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn min_tokens_and_ignore_eos_move_the_end() {
+    let (h, client) = start(demo_config()).await;
+    let (m, upper) = reference();
+    let eos = m.model.config().eos_token_ids.clone();
+    let generate = |r: GenerateRequest| {
+        let mut c = client.clone();
+        async move { c.generate(r).await.unwrap().into_inner() }
+    };
+    let finish = |o: &GenerateResponse| FinishReason::try_from(o.finish_reason).unwrap();
+
+    let plain = generate(req("upper", PROMPT, 40)).await;
+    assert_eq!((plain.text.as_str(), finish(&plain)), ("CAT MOON FIRE", FinishReason::EosToken));
+    let n0 = plain.token_ids.len();
+    assert!(eos.contains(&plain.token_ids[n0 - 1]));
+
+    let min_tokens = n0 as u32 + 4;
+    let held = generate(GenerateRequest { min_tokens, ..req("upper", PROMPT, 40) }).await;
+    let ids = &held.token_ids;
+    assert!(ids.len() >= min_tokens as usize, "{held:?}");
+    assert_eq!(ids[..n0 - 1], plain.token_ids[..n0 - 1]);
+    assert!(ids[..min_tokens as usize].iter().all(|t| !eos.contains(t)), "{ids:?}");
+    assert_eq!(finish(&held) == FinishReason::EosToken, eos.contains(ids.last().unwrap()));
+    for (i, (row, &t)) in logits_of(&m, &upper, ids).iter().zip(ids).enumerate() {
+        let want = if i < min_tokens as usize { argmax_without(row, &eos) } else { argmax(row) };
+        assert_eq!(t, want, "token {i}");
+    }
+
+    let past = generate(GenerateRequest { ignore_eos: true, ..req("upper", PROMPT, n0 as u32 + 6) }).await;
+    assert_eq!(past.token_ids.len(), n0 + 6);
+    assert_eq!(past.token_ids[..n0], plain.token_ids[..]);
+    assert_eq!(finish(&past), FinishReason::Length);
+    assert!(past.text.starts_with("CAT MOON FIRE"), "{:?}", past.text);
+    for (i, (row, &t)) in logits_of(&m, &upper, &past.token_ids).iter().zip(&past.token_ids).enumerate() {
+        assert_eq!(t, argmax(row), "token {i}");
+    }
+
+    // "MOON" ends at the 8th token (the demo's tokens are bytes): it stops the answer unless min_tokens ≥ 8.
+    let stop = |min_tokens| GenerateRequest { stop: vec!["MOON".into()], min_tokens, ..req("upper", PROMPT, 40) };
+    let stopped = generate(stop(7)).await;
+    assert_eq!((stopped.text.as_str(), finish(&stopped)), ("CAT ", FinishReason::StopSequence));
+    let passed = generate(stop(8)).await;
+    assert_eq!((passed.text.as_str(), finish(&passed)), ("CAT MOON FIRE", FinishReason::EosToken));
+    assert_eq!(passed.token_ids, plain.token_ids);
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// `min_p` 1 keeps only the most likely token, so any seed at any temperature gives the greedy answer; at 0
+/// the same seeds leave it. In between it narrows what is drawn: 0.5 keeps only tokens at least half as
+/// likely as the best one, checked against the teacher-forced rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn min_p_narrows_what_is_drawn() {
+    let (h, mut client) = start(demo_config()).await;
+    let (m, upper) = reference();
+    let greedy = client.generate(req("upper", PROMPT, 40)).await.unwrap().into_inner().token_ids;
+    let mut left_greedy = 0;
+    for seed in 0..4 {
+        let sampled = |min_p| GenerateRequest { temperature: 2.0, seed: Some(seed), min_p, ..req("upper", PROMPT, 40) };
+        let out = client.generate(sampled(1.0)).await.unwrap().into_inner();
+        assert_eq!(out.token_ids, greedy, "seed {seed}");
+        let free = client.generate(sampled(0.0)).await.unwrap().into_inner();
+        left_greedy += usize::from(free.token_ids != greedy);
+        let half = client.generate(sampled(0.5)).await.unwrap().into_inner().token_ids;
+        for (i, (row, &t)) in logits_of(&m, &upper, &half).iter().zip(&half).enumerate() {
+            // At temperature 2 the probabilities are softmax(row / 2): p_t / p_max = exp((l_t - l_max) / 2).
+            let best = row[argmax(row) as usize];
+            assert!(((row[t as usize] - best) / 2.0).exp() >= 0.5 - 1e-4, "seed {seed} token {i}");
+        }
+    }
+    assert!(left_greedy > 0, "sampling at temperature 2 never left the greedy answer: min_p 1 proved nothing");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
