@@ -1,6 +1,7 @@
 //! The sampling controls that decide where generation ends or which tokens may be drawn, through the server:
-//! `min_tokens`, `ignore_eos` and `min_p`, on the demo model with its `upper` adapter (which answers, then
-//! emits EOS). Each generated token is checked against a teacher-forced dense forward of the same model.
+//! `min_tokens`, `ignore_eos`, `stop_token_ids` and `min_p`, on the demo model with its `upper` adapter (which
+//! answers, then emits EOS). Each generated token is checked against a teacher-forced dense forward of the
+//! same model.
 
 mod common;
 
@@ -103,6 +104,38 @@ async fn min_tokens_and_ignore_eos_move_the_end() {
     let passed = generate(stop(8)).await;
     assert_eq!((passed.text.as_str(), finish(&passed)), ("CAT MOON FIRE", FinishReason::EosToken));
     assert_eq!(passed.token_ids, plain.token_ids);
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// A stop token ends the answer where it first comes, kept in the ids and the text; `min_tokens` holds it
+/// back as it holds EOS; `ignore_eos` does not touch it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stop_token_ids_end_the_answer() {
+    let (h, mut client) = start(demo_config()).await;
+    let (m, upper) = reference();
+    let eos = m.model.config().eos_token_ids.clone();
+    let m_id = m.tokenizer.encode("M").unwrap().last().copied().unwrap(); // byte-level: one token per byte
+    let with = |min_tokens, ignore_eos| GenerateRequest {
+        stop_token_ids: vec![m_id],
+        min_tokens,
+        ignore_eos,
+        ..req("upper", PROMPT, 40)
+    };
+    for ignore_eos in [false, true] {
+        let out = client.generate(with(0, ignore_eos)).await.unwrap().into_inner();
+        assert_eq!(out.text, "CAT M", "ignore_eos {ignore_eos}");
+        assert_eq!(out.token_ids.last(), Some(&m_id));
+        assert_eq!(FinishReason::try_from(out.finish_reason), Ok(FinishReason::StopToken));
+    }
+    // "M" is the 5th token: min_tokens 5 holds it (and EOS) back for the first five.
+    let held = client.generate(with(5, false)).await.unwrap().into_inner().token_ids;
+    let ends = [&eos[..], &[m_id]].concat();
+    assert!(held[..5].iter().all(|t| !ends.contains(t)), "{held:?}");
+    for (i, (row, &t)) in logits_of(&m, &upper, &held).iter().zip(&held).enumerate() {
+        let want = if i < 5 { argmax_without(row, &ends) } else { argmax(row) };
+        assert_eq!(t, want, "token {i}");
+    }
     h.shutdown();
     h.wait().await.unwrap();
 }

@@ -102,7 +102,8 @@ fn sigterm_drains_and_exits_zero() {
     let answer = ["--adapter", "upper", "--prompt", "cat moon fire\n", "--max-new-tokens", "24", "--json"];
     let local_upper = ["generate", "--model", "demo", "--adapters", tmp.path().to_str().unwrap()];
     let plain_answer = token_ids(&[&client[..], &answer].concat());
-    for flags in [&["--min-tokens", "20"][..], &["--ignore-eos"]] {
+    // 80 is "M" (the demo's tokens are bytes, offset by 3).
+    for flags in [&["--min-tokens", "20"][..], &["--ignore-eos"], &["--stop-token-id", "80"]] {
         let served = token_ids(&[&client[..], &answer, flags].concat());
         assert_eq!(served, token_ids(&[&local_upper[..], &answer, flags].concat()), "{flags:?}");
         assert_ne!(served, plain_answer, "{flags:?} changes nothing");

@@ -42,6 +42,9 @@ pub struct SamplingArgs {
     /// Go on past EOS tokens, to --max-new-tokens (or a stop string).
     #[arg(long)]
     pub ignore_eos: bool,
+    /// A token id that ends generation as EOS does (repeatable).
+    #[arg(long = "stop-token-id")]
+    pub stop_token_ids: Vec<u32>,
 }
 
 impl SamplingArgs {
@@ -58,6 +61,7 @@ impl SamplingArgs {
             min_p: self.min_p,
             min_tokens: self.min_tokens,
             ignore_eos: self.ignore_eos,
+            stop_token_ids: self.stop_token_ids.clone(),
         };
         p.validate().and_then(|()| p.validate_lengths(max_new_tokens)).map_err(anyhow::Error::msg)?;
         Ok(p)
@@ -231,6 +235,10 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     let sampling = args.sampling.params(args.max_new_tokens)?;
     let loaded = args.model.load()?;
     let prompt_ids = loaded.tokenizer.encode(&args.prompt)?;
+    let vocab = loaded.model.config().vocab_size;
+    if let Some(id) = sampling.stop_token_ids.iter().find(|&&id| id as usize >= vocab) {
+        bail!("--stop-token-id {id}: outside the model's vocabulary of {vocab} tokens");
+    }
     let ctx = loaded.model.config().max_position_embeddings;
     if prompt_ids.len() + args.max_new_tokens > ctx {
         bail!(

@@ -18,7 +18,7 @@ pub struct GenerateJob<'a> {
     pub prompt_ids: &'a [u32],
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
-    /// Stop at the model's EOS ids (the golden tests' reference loop does not).
+    /// Stop at the model's EOS ids and the stop tokens (the golden tests' reference loop does not).
     pub stop_at_eos: bool,
     pub adapter: Option<&'a LoraWeights>,
 }
@@ -65,8 +65,8 @@ pub fn generate(model: &Model, job: &GenerateJob) -> Result<Generated> {
     while out.len() < job.max_new_tokens {
         let next = sampler.sample(&logits);
         out.push(next);
-        if job.stop_at_eos && !job.sampling.ignore_eos && eos.contains(&next) {
-            finish = FinishReason::EosToken;
+        if let Some(end) = job.sampling.ends_at(next, eos).filter(|_| job.stop_at_eos) {
+            finish = end;
             break;
         }
         if out.len() == job.max_new_tokens {

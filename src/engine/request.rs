@@ -19,6 +19,8 @@ pub enum FinishReason {
     EosToken,
     /// A stop string appeared in the text (the text ends before it).
     StopSequence,
+    /// One of the request's stop token ids was generated (included in the tokens).
+    StopToken,
 }
 
 /// Why the engine gave up on a request.

@@ -1,15 +1,16 @@
-//! Token sampling: EOS held back until `min_tokens` (vLLM's `min_tokens`, transformers' `min_new_tokens`),
-//! the penalties (repetition as Hugging Face applies it, then frequency and presence as OpenAI defines them,
-//! in vLLM's order), then greedy (temperature 0) or temperature → top-k → top-p → min-p (the order Hugging
-//! Face applies them in), drawn from the project's PRNG so a seed gives the same tokens on every machine and
-//! version; the log-softmax that logprobs report ([`LogSoftmax`], [`top_logprobs`]); and [`fetch_rows`],
-//! which brings a step's logits to the host (only the argmax of rows that pick it when the logits are on a
-//! GPU).
+//! Token sampling: the tokens that would end the request held back until `min_tokens` (vLLM's `min_tokens`,
+//! transformers' `min_new_tokens`), the penalties (repetition as Hugging Face applies it, then frequency and
+//! presence as OpenAI defines them, in vLLM's order), then greedy (temperature 0) or temperature → top-k →
+//! top-p → min-p (the order Hugging Face applies them in), drawn from the project's PRNG so a seed gives the
+//! same tokens on every machine and version; which tokens end a request ([`SamplingParams::ends_at`]); the
+//! log-softmax that logprobs report ([`LogSoftmax`]); and [`fetch_rows`], which brings a step's logits to the
+//! host (only the argmax of rows that pick it when the logits are on a GPU).
 
 use std::collections::{HashMap, HashSet};
 
 use candle_core::Tensor;
 
+use super::request::FinishReason;
 use crate::rng::Rng;
 
 /// Validated sampling settings of one request.
@@ -33,11 +34,14 @@ pub struct SamplingParams {
     /// In [0, 1], 0 = none: after top-p, tokens less likely than `min_p` × the most likely one are dropped
     /// (transformers' `MinPLogitsWarper`, vLLM's `min_p`). Greedy ignores it.
     pub min_p: f32,
-    /// The model's EOS tokens cannot be picked before this many tokens are generated (vLLM's `min_tokens`,
-    /// transformers' `min_new_tokens`: their logits are −∞ until then).
+    /// The tokens that would end the request ([`ends_at`](Self::ends_at)) cannot be picked before this many
+    /// tokens are generated (vLLM's `min_tokens`, transformers' `min_new_tokens`: their logits are −∞ until
+    /// then).
     pub min_tokens: u32,
     /// Generation goes on past EOS tokens, to `max_new_tokens` or a stop string (vLLM's `ignore_eos`).
     pub ignore_eos: bool,
+    /// Tokens that end generation as EOS does (vLLM's `stop_token_ids`); `ignore_eos` does not touch them.
+    pub stop_token_ids: Vec<u32>,
 }
 
 impl Default for SamplingParams {
@@ -53,6 +57,7 @@ impl Default for SamplingParams {
             min_p: 0.0,
             min_tokens: 0,
             ignore_eos: false,
+            stop_token_ids: Vec::new(),
         }
     }
 }
@@ -88,6 +93,18 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Whether `token` ends the request, and why: one of the model's `eos` tokens (unless `ignore_eos`), else
+    /// one of `stop_token_ids`.
+    pub fn ends_at(&self, token: u32, eos: &[u32]) -> Option<FinishReason> {
+        if !self.ignore_eos && eos.contains(&token) {
+            Some(FinishReason::EosToken)
+        } else if self.stop_token_ids.contains(&token) {
+            Some(FinishReason::StopToken)
+        } else {
+            None
+        }
+    }
+
     /// Whether any penalty changes the logits.
     pub fn penalizes(&self) -> bool {
         self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
@@ -102,8 +119,8 @@ pub struct Sampler {
     rng: Rng,
     /// Kept only when a penalty is set.
     history: Option<History>,
-    /// The EOS tokens `min_tokens` holds back (empty when it is 0).
-    eos: Vec<u32>,
+    /// The tokens `min_tokens` holds back: those that would end the request (empty when it is 0).
+    held: Vec<u32>,
     /// Tokens picked so far.
     generated: usize,
 }
@@ -129,13 +146,21 @@ pub fn unseeded() -> u64 {
 impl Sampler {
     /// `fallback_seed` seeds requests that gave none (callers pass [`unseeded`]); `prompt_ids` is the
     /// request's prompt, which the repetition penalty counts as seen; `eos` the model's EOS tokens, which
-    /// `min_tokens` holds back.
+    /// `min_tokens` holds back (unless `ignore_eos`) with the stop tokens.
     pub fn new(params: SamplingParams, fallback_seed: u64, prompt_ids: &[u32], eos: &[u32]) -> Self {
         let seed = params.seed.unwrap_or(fallback_seed);
         let history =
             params.penalizes().then(|| History { seen: prompt_ids.iter().copied().collect(), output: HashMap::new() });
-        let eos = if params.min_tokens > 0 { eos.to_vec() } else { Vec::new() };
-        Sampler { params, rng: Rng::new(seed), history, eos, generated: 0 }
+        let held = match params.min_tokens {
+            0 => Vec::new(),
+            _ => eos
+                .iter()
+                .chain(&params.stop_token_ids)
+                .copied()
+                .filter(|&t| params.ends_at(t, eos).is_some())
+                .collect(),
+        };
+        Sampler { params, rng: Rng::new(seed), history, held, generated: 0 }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -143,14 +168,14 @@ impl Sampler {
     }
 
     /// Whether the next token is the argmax of the logits as the model gave them (temperature 0, no penalty,
-    /// no EOS held back), so that it can be picked where the logits are.
+    /// no ending token held back), so that it can be picked where the logits are.
     pub fn picks_argmax(&self) -> bool {
-        self.params.temperature == 0.0 && self.history.is_none() && !self.holds_eos()
+        self.params.temperature == 0.0 && self.history.is_none() && !self.holds_back()
     }
 
-    /// Whether `min_tokens` still holds the EOS tokens back.
-    fn holds_eos(&self) -> bool {
-        !self.eos.is_empty() && self.generated < self.params.min_tokens as usize
+    /// Whether `min_tokens` still holds the ending tokens back.
+    fn holds_back(&self) -> bool {
+        !self.held.is_empty() && self.generated < self.params.min_tokens as usize
     }
 
     /// The next token from a row as [`fetch_rows`] brought it (an argmax row comes from a sampler that
@@ -169,11 +194,11 @@ impl Sampler {
     /// Picks the next token from one row of logits, and counts it as output for the penalties and
     /// `min_tokens`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let token = if self.history.is_some() || self.holds_eos() {
+        let token = if self.history.is_some() || self.holds_back() {
             // vLLM's order: `min_tokens` first, then the penalties.
             let mut processed = logits.to_vec();
-            if self.holds_eos() {
-                for &t in &self.eos {
+            if self.holds_back() {
+                for &t in &self.held {
                     if let Some(l) = processed.get_mut(t as usize) {
                         *l = f32::NEG_INFINITY;
                     }
@@ -569,6 +594,29 @@ mod tests {
         let mut s = Sampler::new(p(1), 0, &[], &eos);
         s.sample(&logits);
         assert_eq!(s.pick(&RowLogits::Argmax(2)), 2);
+    }
+
+    #[test]
+    fn eos_and_stop_tokens_end_requests_and_min_tokens_holds_back_those_that_would() {
+        let eos = [2u32];
+        let p = |ignore_eos, min_tokens| SamplingParams {
+            ignore_eos,
+            min_tokens,
+            stop_token_ids: vec![3, 2],
+            ..Default::default()
+        };
+        assert_eq!(p(false, 0).ends_at(2, &eos), Some(FinishReason::EosToken), "EOS first when both");
+        assert_eq!(p(false, 0).ends_at(3, &eos), Some(FinishReason::StopToken));
+        assert_eq!(p(false, 0).ends_at(0, &eos), None);
+        assert_eq!(p(true, 0).ends_at(2, &eos), Some(FinishReason::StopToken), "a stop token still ends");
+        assert_eq!(SamplingParams { ignore_eos: true, ..Default::default() }.ends_at(2, &eos), None);
+        // min_tokens holds back EOS and the stop tokens; under ignore_eos an EOS that is no stop token may come.
+        let logits = [0.0f32, 1.0, 3.0, 2.0];
+        let mut s = Sampler::new(p(false, 1), 0, &[], &eos);
+        assert_eq!(s.sample(&logits), 1);
+        let ignoring =
+            SamplingParams { ignore_eos: true, min_tokens: 1, stop_token_ids: vec![3], ..Default::default() };
+        assert_eq!(Sampler::new(ignoring, 0, &[], &eos).sample(&logits), 2);
     }
 
     #[test]

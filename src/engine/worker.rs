@@ -285,16 +285,16 @@ pub(crate) fn run(
             let (text, hit_stop) = l.text.push(&tokenizer, token, l.generated > l.req.sampling.min_tokens as usize);
             let finish = if hit_stop {
                 Some(FinishReason::StopSequence)
-            } else if eos.contains(&token) && !l.req.sampling.ignore_eos {
-                Some(FinishReason::EosToken)
+            } else if let Some(end) = l.req.sampling.ends_at(token, &eos) {
+                Some(end)
             } else if l.generated >= l.req.max_new_tokens {
                 Some(FinishReason::Length)
             } else {
                 None
             };
             let text = match finish {
-                Some(FinishReason::EosToken | FinishReason::Length) => text + &l.text.flush(&tokenizer),
-                _ => text,
+                Some(FinishReason::StopSequence) | None => text,
+                Some(_) => text + &l.text.flush(&tokenizer),
             };
             let sent = l.req.events.send(Event::Tokens { ids: vec![token], text, logprobs, top_logprobs });
             if let Some(reason) = finish {

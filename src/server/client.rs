@@ -132,6 +132,7 @@ impl GenerateCall {
             min_p: s.min_p,
             min_tokens: s.min_tokens,
             ignore_eos: s.ignore_eos,
+            stop_token_ids: s.stop_token_ids.clone(),
         }
     }
 }

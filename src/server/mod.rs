@@ -173,9 +173,10 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     metrics::gauge!(t::BASE_MODEL_RESIDENT_BYTES).set(m.resident_bytes() as f64);
     let cache = AdapterCache::new(store, m.lora_layout(), m.device().clone(), cfg.cache);
     let context = m.config().max_position_embeddings;
+    let vocab = m.config().vocab_size;
     let tokenizer = Arc::new(loaded.tokenizer);
     let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine).map_err(model::ModelError::from)?;
-    Ok(Ready { engine, tokenizer, cache, context })
+    Ok(Ready { engine, tokenizer, cache, context, vocab })
 }
 
 /// Starts serving gRPC on `grpc` and `/metrics` on `metrics`.

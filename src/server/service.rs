@@ -42,6 +42,8 @@ pub struct Ready {
     pub cache: AdapterCache,
     /// The model's context length (positions).
     pub context: usize,
+    /// The model's vocabulary size (logits per row).
+    pub vocab: usize,
 }
 
 /// Shared by the service and the server's lifecycle.
@@ -198,6 +200,7 @@ impl Service {
             min_p: r.min_p,
             min_tokens: r.min_tokens,
             ignore_eos: r.ignore_eos,
+            stop_token_ids: r.stop_token_ids,
         };
         sampling.validate().map_err(Status::invalid_argument)?;
         sampling.validate_lengths(r.max_new_tokens as usize).map_err(Status::invalid_argument)?;
@@ -206,6 +209,14 @@ impl Service {
         }
         if r.top_logprobs > 0 && !r.logprobs {
             return Err(invalid("top_logprobs", "requires logprobs"));
+        }
+        if sampling.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            let n = sampling.stop_token_ids.len();
+            return Err(invalid("stop_token_ids", format!("at most {MAX_STOP_TOKEN_IDS} ids, got {n}")));
+        }
+        if let Some((i, id)) = sampling.stop_token_ids.iter().enumerate().find(|(_, &id)| id as usize >= ready.vocab) {
+            let reason = format!("token id {id} is outside the vocabulary of {} tokens", ready.vocab);
+            return Err(invalid(&format!("stop_token_ids[{i}]"), reason));
         }
         if r.stop.len() > limits.max_stop_strings {
             return Err(invalid(
@@ -275,6 +286,9 @@ async fn lease_adapter(cache: &AdapterCache, id: &str, deadline: Option<Instant>
 /// The most `top_logprobs` a request may ask for (OpenAI's limit, vLLM's default `max_logprobs`).
 const MAX_TOP_LOGPROBS: u32 = 20;
 
+/// The most `stop_token_ids` a request may give.
+const MAX_STOP_TOKEN_IDS: usize = 64;
+
 fn to_proto_top(top: Vec<(u32, f32)>) -> proto::TopLogprobs {
     let (token_ids, logprobs) = top.into_iter().unzip();
     proto::TopLogprobs { token_ids, logprobs }
@@ -285,6 +299,7 @@ fn finish_reason(r: FinishReason) -> proto::FinishReason {
         FinishReason::Length => proto::FinishReason::Length,
         FinishReason::EosToken => proto::FinishReason::EosToken,
         FinishReason::StopSequence => proto::FinishReason::StopSequence,
+        FinishReason::StopToken => proto::FinishReason::StopToken,
     }
 }
 
