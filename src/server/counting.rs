@@ -2,8 +2,7 @@
 //! tonic's decoding (a message past `--max-request-bytes`, malformed protobuf), or for an unknown method.
 //! The handlers count their own calls in `loraserve_requests_total` (service.rs) and mark the request as
 //! seen; [`CountUnseen`], wrapped around the whole LoraServe service, counts the rest from the status tonic
-//! answered with, so every finished call is counted exactly once. On the way in it also stamps each call's
-//! [`Arrival`], which the handlers count `grpc-timeout` from.
+//! answered with, so every finished call is counted exactly once.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,11 +26,6 @@ impl HandlerSeen {
         }
     }
 }
-
-/// When the call reached the LoraServe service, before its message was read: `grpc-timeout` counts from
-/// here, as tonic's own timer for it does (which starts just before), not from when the handler runs.
-#[derive(Clone, Copy, Debug)]
-pub struct Arrival(pub std::time::Instant);
 
 /// The method label of a request path (`/loraserve.v1.LoraServe/Generate` → `Generate`).
 fn rpc_label(path: &str) -> &'static str {
@@ -72,7 +66,6 @@ where
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let seen = HandlerSeen::default();
         req.extensions_mut().insert(seen.clone());
-        req.extensions_mut().insert(Arrival(std::time::Instant::now()));
         let rpc = rpc_label(req.uri().path());
         let call = self.inner.call(req);
         Box::pin(async move {

@@ -10,6 +10,7 @@
 //! - [`codec`]: undecodable messages → INVALID_ARGUMENT; [`auth`]: API keys; [`metrics_http`]: `/metrics`.
 //! - [`client`]: the small client behind `server client`.
 
+mod arrival;
 pub mod auth;
 pub mod client;
 pub mod codec;
@@ -216,7 +217,11 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
             .map_err(|e| ServerError::Tls(client::chain(&e)))?;
     }
     let keys = cfg.api_keys.clone();
-    let router = builder.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
+    let router = builder
+        .layer(arrival::StampArrival)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     // Calls refused before a handler runs (API key, decoding) are counted by the CountUnseen wrapper.
     let router = match keys {
         Some(k) => router.add_service(counting::CountUnseen::new(
@@ -229,7 +234,9 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
     let drain_state = state.clone();
     let drain_health = health.clone();
     let mut serve_stop = stop_rx.clone();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    // TCP_NODELAY, as tonic's own `serve` sets it (it leaves sockets it is handed alone): without it each
+    // streamed token after the first waits for the client's delayed ACK (Nagle), up to ~40 ms.
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
     let serve = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = serve_stop.wait_for(|s| *s).await;
         drain_state.draining.store(true, Ordering::Relaxed);

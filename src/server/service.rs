@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::counting::{Arrival, HandlerSeen};
+use super::arrival::Arrival;
+use super::counting::HandlerSeen;
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
 use crate::engine::{Engine, Event, FinishReason, SamplingParams, ValidRequest};
@@ -128,20 +129,18 @@ fn deadline_of<T>(req: &Request<T>) -> Result<Option<Instant>, Status> {
     };
     // tonic's transport also enforces the header, answering CANCELLED ("Timeout expired") when it fires;
     // finishing a little earlier lets the client see the accurate DEADLINE_EXCEEDED (and the engine free the
-    // request) first. The deadline counts from the call's `Arrival`, not from when the handler runs (after
-    // the message is read). That stamp is taken when the call's task first runs, which can trail tonic's
-    // timer by the time the task waits for a thread: the margin covers that wait unless the machine is so
-    // busy that it is longer.
-    let margin = (d / 10).min(Duration::from_millis(50));
+    // request) first. The deadline counts from the call's `Arrival`, stamped just before tonic starts its
+    // timer, not from when the handler runs: the handler's deadline is always the earlier one.
+    let margin = (d / 20).min(Duration::from_millis(50));
     let arrival = req.extensions().get::<Arrival>().map_or_else(Instant::now, |a| a.0);
     // 99999999H is past what an Instant can hold on some platforms: no deadline then.
     Ok(arrival.checked_add(d - margin))
 }
 
 /// `fut`'s output, or `None` once `deadline` has passed. Unlike `tokio::time::timeout_at` this reads the clock
-/// on every poll, not only when its timer fires. tonic enforces `grpc-timeout` with a timer of its own, polled
-/// right after the handler and answering CANCELLED; under load it was seen to fire while the handler's timer,
-/// earlier by `deadline_of`'s margin, had not yet. Read on every poll, the earlier deadline wins.
+/// on every poll, not only when its timer fires: tonic enforces `grpc-timeout` with a timer of its own, polled
+/// right after the handler, and with the clock read here the earlier deadline (the handler's, see
+/// `deadline_of`) wins whatever order the timers are woken in.
 async fn within<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
     let timer = tokio::time::sleep_until(deadline.into());
     tokio::pin!(fut, timer);
