@@ -131,8 +131,8 @@ pub enum ClientCall {
         /// no −∞, which prints as null).
         #[arg(long)]
         logprobs: bool,
-        /// Also the N most likely tokens at each step, with their log-probabilities (0 to 20; implies
-        /// --logprobs; printed with --json, as "top_logprobs").
+        /// Also the N most likely tokens at each step (ids), with their log-probabilities (0 to 20; implies
+        /// --logprobs; printed with --json, as "top_logprobs"; a −∞ logprob prints as null).
         #[arg(long, default_value_t = 0)]
         top_logprobs: u32,
     },

@@ -367,7 +367,8 @@ impl<'a> LogSoftmax<'a> {
     }
 
     /// The `n` most likely tokens with their log-probabilities, most likely first, the lower id first
-    /// among equals (NaN logits never appear; fewer than `n` only in a row that has fewer tokens).
+    /// among equals: fewer than `n` only when the row has fewer tokens that are not NaN (NaN logits never
+    /// appear; −∞ ones can, with a log-probability of −∞).
     pub fn top(&self, n: usize) -> Vec<(u32, f32)> {
         let mut ids: Vec<u32> = (0..self.logits.len() as u32).filter(|&t| !self.logits[t as usize].is_nan()).collect();
         let order = |a: &u32, b: &u32| {
@@ -554,7 +555,7 @@ mod tests {
 
     #[test]
     fn min_p_drops_tokens_less_likely_than_its_share_of_the_top_one() {
-        // probs ≈ [0.5, 0.3, 0.2]: min_p 0.5 keeps tokens with p ≥ 0.25, so never token 2; 0.41 keeps 0 only.
+        // probs ≈ [0.5, 0.3, 0.2]: min_p 0.5 keeps tokens with p ≥ 0.25, so never token 2; 0.61 keeps 0 only.
         let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
         let with = |min_p| SamplingParams { min_p, ..params(1.0, 0, 1.0, 4) };
         let mut s = Sampler::new(with(0.5), 0, &[], &[]);
