@@ -569,7 +569,6 @@ async fn metrics_exposition_has_every_contract_metric_with_its_type_and_labels()
 
 // ---- helpers ----
 
-/// Sends a GenerateRequest whose prompt bytes are not UTF-8, bypassing the typed client.
 /// `r` sent to LoraServe's unary `method` over plain HTTP/2 with a `grpc-timeout` header: the server's
 /// grpc-status and message. (tonic's client enforces the header itself, answering CANCELLED "Timeout expired"
 /// at the deadline however close behind it the server's answer is: it cannot show what the server answered.)
@@ -596,15 +595,20 @@ async fn raw_call_with_timeout(
         .header("grpc-timeout", timeout)
         .body(Full::new(bytes::Bytes::from(framed)))
         .unwrap();
-    let response = client.request(request).await.unwrap();
-    let headers = response.headers().clone();
-    let trailers = response.into_body().collect().await.unwrap().trailers().cloned().unwrap_or_default();
+    let answer = async {
+        let response = client.request(request).await.unwrap();
+        let (http_status, headers) = (response.status(), response.headers().clone());
+        let body = response.into_body().collect().await.unwrap();
+        (http_status, headers, body.trailers().cloned().unwrap_or_default())
+    };
+    let (http_status, headers, trailers) = tokio::time::timeout(Duration::from_secs(30), answer).await.unwrap();
     // A trailers-only answer carries its status in the headers.
     let status = tonic::Status::from_header_map(&trailers).or_else(|| tonic::Status::from_header_map(&headers));
-    let status = status.expect("a grpc-status");
+    let status = status.unwrap_or_else(|| panic!("no grpc-status (HTTP {http_status})"));
     (status.code(), status.message().to_string())
 }
 
+/// Sends a GenerateRequest whose prompt bytes are not UTF-8, bypassing the typed client.
 async fn raw_generate_with_bad_utf8(addr: std::net::SocketAddr) -> (Code, String) {
     // Field 2 (prompt), wire type 2, length 2, bytes 0xff 0xfe; field 3 (max_new_tokens) = 4.
     let body: Vec<u8> = vec![0x12, 0x02, 0xff, 0xfe, 0x18, 0x04];

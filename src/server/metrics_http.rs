@@ -53,5 +53,9 @@ pub async fn serve(
             async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()) }
         }),
     );
+    // TCP_NODELAY, as on the gRPC listener: a scrape's last segment does not wait for an ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
+        let _ = s.set_nodelay(true);
+    });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

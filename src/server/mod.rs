@@ -15,6 +15,7 @@ pub mod auth;
 pub mod client;
 pub mod codec;
 mod counting;
+mod listen;
 pub mod metrics_http;
 pub mod service;
 pub mod status;
@@ -234,9 +235,9 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
     let drain_state = state.clone();
     let drain_health = health.clone();
     let mut serve_stop = stop_rx.clone();
-    // TCP_NODELAY, as tonic's own `serve` sets it (it leaves sockets it is handed alone): without it each
-    // streamed token after the first waits for the client's delayed ACK (Nagle), up to ~40 ms.
-    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+    // Socket options go here (`listen::incoming`): tonic ignores its builder's TCP settings for a listener
+    // it is handed.
+    let incoming = listen::incoming(grpc);
     let serve = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = serve_stop.wait_for(|s| *s).await;
         drain_state.draining.store(true, Ordering::Relaxed);
