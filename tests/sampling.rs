@@ -57,6 +57,15 @@ fn argmax_without(row: &[f32], eos: &[u32]) -> u32 {
     argmax(&row)
 }
 
+/// Every token of `out` is the greedy pick of its teacher-forced row, with `held` masked for the first
+/// `until` tokens.
+fn assert_greedy(m: &LoadedModel, a: &peft::LoadedAdapter, out: &[u32], held: &[u32], until: usize) {
+    for (i, (row, &t)) in logits_of(m, a, out).iter().zip(out).enumerate() {
+        let want = if i < until { argmax_without(row, held) } else { argmax(row) };
+        assert_eq!(t, want, "token {i}");
+    }
+}
+
 /// `min_tokens` holds EOS back: the answer goes on where it used to end, every token the greedy pick with
 /// EOS masked until `min_tokens`, the plain greedy pick after. `ignore_eos` runs past EOS to
 /// `max_new_tokens`, the EOS token staying in the ids. Stop strings count only past `min_tokens` (vLLM).
@@ -83,19 +92,14 @@ async fn min_tokens_and_ignore_eos_move_the_end() {
     assert_eq!(ids[..n0 - 1], plain.token_ids[..n0 - 1]);
     assert!(ids[..min_tokens as usize].iter().all(|t| !eos.contains(t)), "{ids:?}");
     assert_eq!(finish(&held) == FinishReason::EosToken, eos.contains(ids.last().unwrap()));
-    for (i, (row, &t)) in logits_of(&m, &upper, ids).iter().zip(ids).enumerate() {
-        let want = if i < min_tokens as usize { argmax_without(row, &eos) } else { argmax(row) };
-        assert_eq!(t, want, "token {i}");
-    }
+    assert_greedy(&m, &upper, ids, &eos, min_tokens as usize);
 
     let past = generate(GenerateRequest { ignore_eos: true, ..req("upper", PROMPT, n0 as u32 + 6) }).await;
     assert_eq!(past.token_ids.len(), n0 + 6);
     assert_eq!(past.token_ids[..n0], plain.token_ids[..]);
     assert_eq!(finish(&past), FinishReason::Length);
     assert!(past.text.starts_with("CAT MOON FIRE"), "{:?}", past.text);
-    for (i, (row, &t)) in logits_of(&m, &upper, &past.token_ids).iter().zip(&past.token_ids).enumerate() {
-        assert_eq!(t, argmax(row), "token {i}");
-    }
+    assert_greedy(&m, &upper, &past.token_ids, &[], 0);
 
     // "MOON" ends at the 8th token (the demo's tokens are bytes): it stops the answer unless min_tokens ≥ 8.
     let stop = |min_tokens| GenerateRequest { stop: vec!["MOON".into()], min_tokens, ..req("upper", PROMPT, 40) };
@@ -132,10 +136,7 @@ async fn stop_token_ids_end_the_answer() {
     let held = client.generate(with(5, false)).await.unwrap().into_inner().token_ids;
     let ends = [&eos[..], &[m_id]].concat();
     assert!(held[..5].iter().all(|t| !ends.contains(t)), "{held:?}");
-    for (i, (row, &t)) in logits_of(&m, &upper, &held).iter().zip(&held).enumerate() {
-        let want = if i < 5 { argmax_without(row, &ends) } else { argmax(row) };
-        assert_eq!(t, want, "token {i}");
-    }
+    assert_greedy(&m, &upper, &held, &ends, 5);
     h.shutdown();
     h.wait().await.unwrap();
 }

@@ -235,10 +235,7 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     let sampling = args.sampling.params(args.max_new_tokens)?;
     let loaded = args.model.load()?;
     let prompt_ids = loaded.tokenizer.encode(&args.prompt)?;
-    let vocab = loaded.model.config().vocab_size;
-    if let Some(id) = sampling.stop_token_ids.iter().find(|&&id| id as usize >= vocab) {
-        bail!("--stop-token-id {id}: outside the model's vocabulary of {vocab} tokens");
-    }
+    sampling.validate_vocab(loaded.model.config().vocab_size).map_err(anyhow::Error::msg)?;
     let ctx = loaded.model.config().max_position_embeddings;
     if prompt_ids.len() + args.max_new_tokens > ctx {
         bail!(

@@ -93,6 +93,16 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Checks `stop_token_ids` against the model's vocabulary: an id past it could never be generated.
+    pub fn validate_vocab(&self, vocab: usize) -> Result<(), String> {
+        match self.stop_token_ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            Some((i, id)) => {
+                Err(format!("stop_token_ids[{i}]: token id {id} is outside the vocabulary of {vocab} tokens"))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Whether `token` ends the request, and why: one of the model's `eos` tokens (unless `ignore_eos`), else
     /// one of `stop_token_ids`.
     pub fn ends_at(&self, token: u32, eos: &[u32]) -> Option<FinishReason> {
@@ -649,6 +659,9 @@ mod tests {
         let min_tokens = SamplingParams { min_tokens: 9, ..Default::default() };
         assert!(min_tokens.validate_lengths(8).unwrap_err().contains("min_tokens"));
         assert!(min_tokens.validate_lengths(9).is_ok());
+        let stops = SamplingParams { stop_token_ids: vec![3, 9], ..Default::default() };
+        assert!(stops.validate_vocab(9).unwrap_err().starts_with("stop_token_ids[1]: token id 9"));
+        assert!(stops.validate_vocab(10).is_ok());
     }
 
     fn penalized(repetition: f32, frequency: f32, presence: f32) -> SamplingParams {

@@ -213,10 +213,7 @@ impl Service {
             let n = sampling.stop_token_ids.len();
             return Err(invalid("stop_token_ids", format!("at most {MAX_STOP_TOKEN_IDS} ids, got {n}")));
         }
-        if let Some((i, id)) = sampling.stop_token_ids.iter().enumerate().find(|(_, &id)| id as usize >= ready.vocab) {
-            let reason = format!("token id {id} is outside the vocabulary of {} tokens", ready.vocab);
-            return Err(invalid(&format!("stop_token_ids[{i}]"), reason));
-        }
+        sampling.validate_vocab(ready.vocab).map_err(Status::invalid_argument)?;
         if r.stop.len() > limits.max_stop_strings {
             return Err(invalid(
                 "stop",
