@@ -6,7 +6,8 @@
 //!    embeddings and head the GPU keeps in bf16), NF4 and dense bases, with all of its PEFT adapters:
 //!    every prompt × (base + each adapter) is sent at once to a CPU server and to a GPU server, and the greedy
 //!    token ids must be equal (every other request also asks for logprobs: one finite value ≤ 0 per token,
-//!    within 1e-3 of the CPU's); for the llama, so are its greedy requests under the sampling penalties.
+//!    within 1e-3 of the CPU's; every third scores its prompt, likewise); for the llama, so are its greedy
+//!    requests under the sampling penalties.
 //!    Figures: requests compared, equal, and how many GPU outputs also equal the peer's own greedy ids from
 //!    transformers (informational: the CPU tests hold that bar).
 //! 2. **Decode.** `synthetic:llama2-7b` (random weights, NF4, f32 compute) on the GPU: 1, 8 and 32 streams, one
@@ -87,8 +88,8 @@ async fn stop(h: ServerHandle) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One request's outcome: its token ids and logprobs, or the status it failed with.
-type Generated = Result<(Vec<u32>, Vec<f32>), String>;
+/// One request's outcome: its token ids, logprobs and prompt logprobs, or the status it failed with.
+type Generated = Result<(Vec<u32>, Vec<f32>, Vec<f32>), String>;
 
 async fn greedy_all(addr: String, requests: &[GenerateRequest]) -> anyhow::Result<Vec<Generated>> {
     let tasks: Vec<_> = requests
@@ -100,7 +101,7 @@ async fn greedy_all(addr: String, requests: &[GenerateRequest]) -> anyhow::Resul
                 let mut client = LoraServeClient::connect(addr).await.map_err(|e| e.to_string())?;
                 let r = client.generate(req).await.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
                 let r = r.into_inner();
-                Ok((r.token_ids, r.logprobs))
+                Ok((r.token_ids, r.logprobs, r.prompt_logprobs))
             })
         })
         .collect();
@@ -125,8 +126,8 @@ fn fixtures_root() -> PathBuf {
 /// One fixture's greedy requests, and the peer's ids for each.
 type FixtureRequests = (Vec<GenerateRequest>, Vec<Vec<u32>>);
 
-/// Every prompt × (base + each adapter) of `dir/expected.json`, every other one asking for logprobs; for the
-/// llama also the greedy requests under the sampling penalties (`llama-penalties/`). Rows with logprobs or
+/// Every prompt × (base + each adapter) of `dir/expected.json`, every other one asking for logprobs and every
+/// third for prompt logprobs; for the llama also the greedy requests under the sampling penalties (`llama-penalties/`). Rows with logprobs or
 /// penalties come to the host whole while the other greedy rows of the same batches are picked on the GPU.
 fn fixture_requests(dir: &Path) -> anyhow::Result<FixtureRequests> {
     let path = dir.join("expected.json");
@@ -144,7 +145,11 @@ fn fixture_requests(dir: &Path) -> anyhow::Result<FixtureRequests> {
         for p in prompts.as_array().into_iter().flatten() {
             let ids: Vec<u32> = serde_json::from_value(p["greedy_new_ids"].clone())?;
             // Every other one asks for logprobs: its rows come to the host whole, the others' as the argmax.
-            requests.push(GenerateRequest { logprobs: requests.len() % 2 == 1, ..request(adapter, p, &ids) });
+            requests.push(GenerateRequest {
+                logprobs: requests.len() % 2 == 1,
+                prompt_logprobs: (requests.len() % 3 == 2).then_some(0),
+                ..request(adapter, p, &ids)
+            });
             peer.push(ids);
         }
     }
@@ -179,7 +184,7 @@ fn fixture_requests(dir: &Path) -> anyhow::Result<FixtureRequests> {
 /// the others still run.
 async fn fixtures(cuda: &Device) -> (Vec<serde_json::Value>, usize) {
     let root = fixtures_root();
-    println!("| fixture | base | requests | GPU = CPU | GPU = transformers | logprobs: max GPU − CPU | check |");
+    println!("| fixture | base | requests | GPU = CPU | GPU = transformers | logprobs, prompt logprobs: max GPU − CPU | check |");
     println!("|---|---|---|---|---|---|---|");
     let mut rows = vec![];
     // The llama again from a bf16 copy of its checkpoint: the GPU then keeps the embeddings and the head in
@@ -262,18 +267,25 @@ async fn fixture(
     let (cpu, gpu) = (&outs[0], &outs[1]);
     let errors: Vec<&String> = cpu.iter().chain(gpu).filter_map(|r| r.as_ref().err()).collect();
     fn ids(r: &Generated) -> Option<&Vec<u32>> {
-        r.as_ref().ok().map(|(ids, _)| ids)
+        r.as_ref().ok().map(|(ids, _, _)| ids)
     }
     let equal = cpu.iter().zip(gpu).filter(|(c, g)| c.is_ok() && ids(c) == ids(g)).count();
     // The peer generated without stopping at EOS; the server stops there: compare the common prefix.
     let peer_equal =
         gpu.iter().zip(&peer).filter(|(g, want)| ids(g).is_some_and(|g| !g.is_empty() && want.starts_with(g))).count();
-    // Logprobs: one finite value ≤ 0 per token where asked (none elsewhere), close to the CPU's.
+    // Logprobs: one finite value ≤ 0 per token where asked (none elsewhere), close to the CPU's; prompt
+    // logprobs likewise, as many as the CPU's (one per prompt token after the first).
     let (mut logprob_diff, mut logprobs_ok) = (0f32, true);
     for ((r, c), g) in requests.iter().zip(cpu).zip(gpu) {
-        if let (Ok((c_ids, c_lp)), Ok((g_ids, g_lp))) = (c, g) {
+        if let (Ok((c_ids, c_lp, c_prompt)), Ok((g_ids, g_lp, g_prompt))) = (c, g) {
             let want = if r.logprobs { g_ids.len() } else { 0 };
             logprobs_ok &= g_lp.len() == want && g_lp.iter().all(|p| p.is_finite() && *p <= 1e-6);
+            let asked = r.prompt_logprobs.is_some();
+            logprobs_ok &= g_prompt.len() == c_prompt.len() && asked != c_prompt.is_empty();
+            logprobs_ok &= g_prompt.iter().all(|p| p.is_finite() && *p <= 1e-6);
+            if c_prompt.len() == g_prompt.len() {
+                logprob_diff = c_prompt.iter().zip(g_prompt).fold(logprob_diff, |m, (a, b)| m.max((a - b).abs()));
+            }
             if c_ids == g_ids && c_lp.len() == g_lp.len() {
                 logprob_diff = c_lp.iter().zip(g_lp).fold(logprob_diff, |m, (a, b)| m.max((a - b).abs()));
             }

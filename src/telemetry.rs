@@ -35,6 +35,10 @@ pub const ADAPTER_LOAD_DURATION_SECONDS: &str = "loraserve_adapter_load_duration
 pub const BASE_MODEL_RESIDENT_BYTES: &str = "loraserve_base_model_resident_bytes";
 /// KV-cache blocks in use (gauge).
 pub const KV_CACHE_BLOCKS_USED: &str = "loraserve_kv_cache_blocks_used";
+/// Running sequences preempted because the KV cache ran out of blocks: their blocks freed, they wait to be
+/// recomputed (vLLM's `num_preemptions_total`). A steady rate means `--kv-cache-bytes` is too small for the
+/// load.
+pub const PREEMPTIONS_TOTAL: &str = "loraserve_preemptions_total";
 /// `{version}` — always 1.
 pub const BUILD_INFO: &str = "loraserve_build_info";
 
@@ -90,6 +94,7 @@ pub const ALL: &[(&str, &str, &str)] = &[
     ),
     (BASE_MODEL_RESIDENT_BYTES, "gauge", "Bytes the base model keeps resident"),
     (KV_CACHE_BLOCKS_USED, "gauge", "KV-cache blocks in use"),
+    (PREEMPTIONS_TOTAL, "counter", "Running sequences preempted for KV-cache blocks, to be recomputed"),
     (BUILD_INFO, "gauge", "Build information; always 1"),
 ];
 
@@ -103,6 +108,7 @@ pub fn describe() {
             _ => metrics::describe_histogram!(name, help),
         }
     }
+    metrics::counter!(PREEMPTIONS_TOTAL).increment(0);
     for name in [ADAPTER_CACHE_HITS_TOTAL, ADAPTER_CACHE_MISSES_TOTAL, ADAPTER_CACHE_EVICTIONS_TOTAL] {
         for tier in [TIER_DEVICE, TIER_HOST] {
             metrics::counter!(name, "tier" => tier).increment(0);

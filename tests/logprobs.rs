@@ -10,7 +10,7 @@ use common::serve::{config, req, start};
 use loraserve::lora::LoraRows;
 use loraserve::model::{self, AttentionMode, Batch, LoadOptions, ModelSpec, SeqInput};
 use loraserve::quant::QuantMode;
-use loraserve::server::proto::{GenerateRequest, GenerateResponse};
+use loraserve::server::proto::{GenerateRequest, GenerateResponse, TopLogprobs};
 use tokio_stream::StreamExt;
 
 /// `logprobs`: each token's log-probability under the model (raw logits, before the repetition penalty) equals
@@ -51,24 +51,9 @@ async fn logprobs_match_transformers() {
                     all
                 };
                 assert_eq!(m.token_ids, r.new_ids, "{what}");
+                let want_top = (top > 0).then(|| (r.top_ids.unwrap(), r.top_logprobs.unwrap()));
                 let want = r.logprobs.expect("the fixture has logprobs");
-                for (got, want) in m.logprobs.iter().zip(&want) {
-                    assert!((got - want).abs() <= 1e-4, "{what}: logprob {got} vs {want}");
-                }
-                assert_eq!(m.logprobs.len(), want.len(), "{what}");
-                if top == 0 {
-                    assert!(m.top_logprobs.is_empty(), "{what}: not asked for");
-                    return;
-                }
-                let (want_ids, want_lps) = (r.top_ids.unwrap(), r.top_logprobs.unwrap());
-                assert_eq!(m.top_logprobs.len(), want_ids.len(), "{what}");
-                for (step, got) in m.top_logprobs.iter().enumerate() {
-                    assert_eq!(got.token_ids, want_ids[step], "{what}: step {step}");
-                    assert_eq!(got.logprobs.len(), got.token_ids.len(), "{what}: step {step}");
-                    for (g, w) in got.logprobs.iter().zip(&want_lps[step]) {
-                        assert!((g - w).abs() <= 1e-4, "{what}: step {step}: top logprob {g} vs {w}");
-                    }
-                }
+                assert_reference(&format!("{what}: step"), (&m.logprobs, &m.top_logprobs), &want, want_top);
             }));
         }
     }
@@ -79,6 +64,97 @@ async fn logprobs_match_transformers() {
     assert!(c.generate(req("", "alpha", 3)).await.unwrap().into_inner().logprobs.is_empty(), "not asked for");
     h.shutdown();
     h.wait().await.unwrap();
+}
+
+/// `prompt_logprobs`: each prompt token's log-probability given those before it, and the 2 most likely tokens
+/// at its position, equal transformers' (`llama-logprobs/make.py`: one forward over the prompt, the adapter
+/// applied, the repetition penalty not) within 1e-4, unary and streaming (in the first message, with the
+/// first tokens). The prompts are computed in chunks of at most 5 tokens, in a KV cache of 14 blocks that
+/// the requests outgrow together, so sequences are preempted and recomputed, some mid-prompt; the tokens
+/// generated still match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prompt_logprobs_match_transformers_across_chunks_and_preemptions() {
+    let cases = common::penalty_cases("llama-logprobs");
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.engine.max_batch_tokens = 5;
+    // 1152 bytes a token (3 layers · 3 kv heads · 16 dims · k and v · 4 bytes): 56 tokens, 14 blocks of 4.
+    cfg.engine.kv_cache_bytes = 64 << 10;
+    let (h, client) = start(cfg).await;
+    let mut tasks = vec![];
+    for (name, case) in cases {
+        for (i, r) in case.results.into_iter().enumerate() {
+            let mut c = client.clone();
+            // Unary and streaming, each with and without the top 2: i = 0, 1, 2, 3 covers all four.
+            let top = if i / 2 % 2 == 0 { 2 } else { 0 };
+            let request = GenerateRequest {
+                repetition_penalty: case.repetition_penalty,
+                prompt_logprobs: Some(top),
+                ..req(case.adapter.as_deref().unwrap_or(""), &r.prompt, r.new_ids.len() as u32)
+            };
+            let what = format!("{name} {:?}", r.prompt);
+            tasks.push(tokio::spawn(async move {
+                let m = if i % 2 == 0 {
+                    c.generate(request).await.unwrap().into_inner()
+                } else {
+                    let mut s = c.generate_stream(request).await.unwrap().into_inner();
+                    let mut all = s.next().await.unwrap().unwrap();
+                    assert!(!all.token_ids.is_empty(), "{what}: the prompt comes with the first tokens");
+                    while let Some(m) = s.next().await {
+                        let m = m.unwrap();
+                        assert!(m.prompt_token_ids.is_empty() && m.prompt_logprobs.is_empty(), "{what}: once");
+                        all.token_ids.extend(m.token_ids);
+                    }
+                    all
+                };
+                assert_eq!(m.token_ids, r.new_ids, "{what}");
+                assert!(m.logprobs.is_empty(), "{what}: logprobs not asked for");
+                assert_eq!(m.prompt_token_ids, r.input_ids, "{what}");
+                let want = r.prompt_logprobs.expect("the fixture has prompt logprobs");
+                assert_eq!(want.len(), r.input_ids.len() - 1, "{what}: one per token after the first");
+                let want_top = (top > 0).then(|| (r.prompt_top_ids.unwrap(), r.prompt_top_logprobs.unwrap()));
+                let got = (&m.prompt_logprobs[..], &m.prompt_top_logprobs[..]);
+                assert_reference(&format!("{what}: prompt position"), got, &want, want_top);
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let preemptions = h.engine().unwrap().stats().preemptions.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(preemptions > 0, "nothing was preempted: the test no longer covers recomputed prompts");
+    let mut c = client.clone();
+    let plain = c.generate(req("", "alpha beta", 3)).await.unwrap().into_inner();
+    assert!(plain.prompt_token_ids.is_empty() && plain.prompt_logprobs.is_empty(), "not asked for");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// Logprobs `got` (each entry's own, and the most likely tokens at it) against the reference's: as many, each
+/// within 1e-4; the most likely tokens' ids exactly, theirs within 1e-4, or none when `want_top` is `None`.
+/// `at` names an entry in messages ("… step" + its index).
+fn assert_reference(
+    at: &str,
+    got: (&[f32], &[TopLogprobs]),
+    want: &[f32],
+    want_top: Option<(Vec<Vec<u32>>, Vec<Vec<f32>>)>,
+) {
+    let (logprobs, top) = got;
+    assert_eq!(logprobs.len(), want.len(), "{at}s");
+    for (i, (g, w)) in logprobs.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 1e-4, "{at} {i}: logprob {g} vs {w}");
+    }
+    let Some((want_ids, want_lps)) = want_top else {
+        assert!(top.is_empty(), "{at}s: no top logprobs asked for");
+        return;
+    };
+    assert_eq!(top.len(), want_ids.len(), "{at}s");
+    for (i, got) in top.iter().enumerate() {
+        assert_eq!(got.token_ids, want_ids[i], "{at} {i}");
+        assert_eq!(got.logprobs.len(), got.token_ids.len(), "{at} {i}");
+        for (g, w) in got.logprobs.iter().zip(&want_lps[i]) {
+            assert!((g - w).abs() <= 1e-4, "{at} {i}: top logprob {g} vs {w}");
+        }
+    }
 }
 
 /// With temperature, top-k, top-p and a penalty the logprobs are still the model's own: the log-softmax of the

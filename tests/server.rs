@@ -149,6 +149,7 @@ async fn every_status_code_of_the_contract() {
         (GenerateRequest { min_tokens: 5, ..req("", "alpha", 4) }, "min_tokens"),
         (GenerateRequest { logprobs: true, top_logprobs: 21, ..req("", "alpha", 4) }, "top_logprobs"),
         (GenerateRequest { top_logprobs: 2, ..req("", "alpha", 4) }, "top_logprobs: requires logprobs"),
+        (GenerateRequest { prompt_logprobs: Some(21), ..req("", "alpha", 4) }, "prompt_logprobs: must be in 0..=20"),
         (GenerateRequest { stop_token_ids: vec![5, 320], ..req("", "alpha", 4) }, "stop_token_ids[1]: token id 320"),
         (GenerateRequest { stop_token_ids: vec![5; 65], ..req("", "alpha", 4) }, "stop_token_ids: at most 64"),
         (GenerateRequest { stop: vec![String::new()], ..req("", "alpha", 4) }, "stop[0]"),

@@ -134,6 +134,26 @@ fn sigterm_drains_and_exits_zero() {
         assert!(t.len() == 3 && lp.windows(2).all(|w| w[0] >= w[1]) && lp[0] <= 0.0, "{v}");
         assert_eq!((&t[0]["token_id"], t[0]["logprob"].as_f64()), (&ids[step], logprobs[step].as_f64()), "{v}");
     }
+    // --prompt-logprobs 2, streamed or not: the prompt's ids (those `server generate` encodes), then one
+    // log-probability per id after the first, and the 2 most likely tokens at each of those positions.
+    let local_ids = {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args([&local[..], &call].concat()).output();
+        serde_json::from_slice::<serde_json::Value>(&o.unwrap().stdout).unwrap()["prompt_token_ids"].clone()
+    };
+    for stream in [&[][..], &["--stream"]] {
+        let args = [&client[..], &call, &["--prompt-logprobs", "2"], stream].concat();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["prompt_token_ids"], local_ids, "{args:?}");
+        let (lps, top) = (v["prompt_logprobs"].as_array().unwrap(), v["prompt_top_logprobs"].as_array().unwrap());
+        assert_eq!((lps.len(), top.len()), (local_ids.as_array().unwrap().len() - 1, lps.len()), "{v}");
+        for (lp, t) in lps.iter().zip(top) {
+            let t: Vec<f64> = t.as_array().unwrap().iter().map(|e| e["logprob"].as_f64().unwrap()).collect();
+            assert!(t.len() == 2 && t[0] >= t[1] && t[0] <= 0.0 && lp.as_f64().unwrap() <= t[0], "{v}");
+        }
+        assert!(v.get("logprobs").is_none(), "{v}");
+    }
     for (flag, value) in [
         ("--repetition-penalty", "0"),
         ("--frequency-penalty", "3"),

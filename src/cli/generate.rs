@@ -135,6 +135,11 @@ pub enum ClientCall {
         /// --logprobs; printed with --json, as "top_logprobs"; a −∞ logprob prints as null).
         #[arg(long, default_value_t = 0)]
         top_logprobs: u32,
+        /// Score the prompt: each prompt token's log-probability given those before it (the first has none),
+        /// and the N most likely tokens at each of those positions (0 to 20; printed with --json, as
+        /// "prompt_token_ids", "prompt_logprobs" and, for N > 0, "prompt_top_logprobs").
+        #[arg(long, value_name = "N")]
+        prompt_logprobs: Option<u32>,
     },
     /// List adapters and their cache status.
     List,
@@ -168,6 +173,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                 json,
                 logprobs,
                 top_logprobs,
+                prompt_logprobs,
             } => {
                 // Checked here too: the wire cannot carry some values (a repetition penalty or top-p of 0
                 // reads as unset there), so the server could not refuse them.
@@ -180,6 +186,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     stop,
                     logprobs: logprobs || top_logprobs > 0,
                     top_logprobs,
+                    prompt_logprobs,
                 };
                 crate::server::client::generate(&target, &call, stream, json).await
             }

@@ -20,7 +20,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 pub use generate::{generate, GenerateJob, Generated};
-pub use request::{EngineError, Event, FinishReason, ValidRequest};
+pub use request::{EngineError, Event, FinishReason, PromptLogprobs, ValidRequest};
 pub use sampler::{Sampler, SamplingParams};
 pub use worker::{EngineConfig, EngineStats};
 
@@ -134,6 +134,7 @@ mod tests {
             stop: Vec::new(),
             logprobs: false,
             top_logprobs: 0,
+            prompt_logprobs: None,
             adapter: None,
             deadline: None,
             arrival: now,

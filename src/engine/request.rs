@@ -36,10 +36,12 @@ pub enum EngineError {
     Internal(String),
 }
 
-/// Something that happened to a request, in order: tokens as they are produced, then exactly one
-/// `Finished` or `Failed`.
+/// Something that happened to a request, in order: with [`ValidRequest::prompt_logprobs`] its `Prompt` right
+/// before its first tokens, tokens as they are produced, then exactly one `Finished` or `Failed`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
+    /// The prompt scored (asked for by [`ValidRequest::prompt_logprobs`]).
+    Prompt(PromptLogprobs),
     /// New tokens and the text they complete (possibly empty while a character or a possible stop string
     /// is held back).
     Tokens {
@@ -59,6 +61,17 @@ pub enum Event {
     Failed(EngineError),
 }
 
+/// A prompt's token ids and, for every one after the first, its log-probability given those before it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PromptLogprobs {
+    pub ids: Vec<u32>,
+    /// `logprobs[i]` is that of `ids[i + 1]`.
+    pub logprobs: Vec<f32>,
+    /// With [`ValidRequest::prompt_logprobs`] > 0, one per entry of `logprobs`: the most likely tokens at its
+    /// position, most likely first, with their log-probabilities; else empty.
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+}
+
 /// A request the server has validated: everything the engine needs, nothing it must re-check.
 pub struct ValidRequest {
     pub prompt_ids: Vec<u32>,
@@ -71,6 +84,9 @@ pub struct ValidRequest {
     pub logprobs: bool,
     /// With `logprobs`: also report this many of the most likely tokens at each step (0 = none).
     pub top_logprobs: usize,
+    /// Score the prompt too: each prompt token's log-probability under the same distribution, and this many
+    /// of the most likely tokens at each prompt position (vLLM's `prompt_logprobs`); `None` = not asked.
+    pub prompt_logprobs: Option<usize>,
     /// The adapter version this request runs with, held until it ends (`None` = base model).
     pub adapter: Option<AdapterLease>,
     pub deadline: Option<Instant>,

@@ -7,13 +7,14 @@
 //! happened before a request was submitted.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::request::{EngineError, Event, FinishReason, ValidRequest};
-use super::sampler::{self, fetch_rows, RowLogits, Sampler};
+use super::request::{EngineError, Event, FinishReason, PromptLogprobs, ValidRequest};
+use super::sampler::{self, fetch_rows, LogSoftmax, RowLogits, Sampler};
 use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig, SeqId, SeqSlot};
 use super::text::StopText;
 use crate::lora::{LoraRows, LoraSegment};
@@ -62,6 +63,8 @@ pub struct EngineStats {
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
     pub steps: AtomicUsize,
+    /// Running sequences preempted for KV-cache blocks.
+    pub preemptions: AtomicUsize,
     pub stopped: AtomicBool,
     /// Steps left to fail with a panic in the forward: the fault the engine's unit tests inject (no input
     /// makes a forward fail on demand).
@@ -97,9 +100,35 @@ struct Live {
     generated: usize,
     sampler: Sampler,
     text: StopText,
+    /// The prompt scored so far, while [`ValidRequest::prompt_logprobs`] asks for it and it is not yet sent.
+    prompt: Option<PromptLogprobs>,
     /// Until the request joins the running batch.
     queued: Option<Queued>,
     last_token_at: Option<Instant>,
+}
+
+impl Live {
+    /// The positions of `row` whose logits score a prompt token (position `p` predicts token `p + 1`) and are
+    /// not scored yet: none once the prompt is sent, and a sequence recomputed after a preemption does not
+    /// score its positions again.
+    fn prompt_positions(&self, row: &PlannedRow) -> Range<usize> {
+        let Some(p) = &self.prompt else { return 0..0 };
+        let start = row.start.max(p.logprobs.len());
+        let end = (row.start + row.len).min(self.prompt_len - 1);
+        start..end.max(start)
+    }
+
+    /// Scores prompt position `p` from its logits `row`.
+    fn score_prompt(&mut self, p: usize, row: &[f32]) {
+        let top = self.req.prompt_logprobs.unwrap_or(0);
+        let acc = self.prompt.as_mut().expect("asked for prompt logprobs");
+        debug_assert_eq!(acc.logprobs.len(), p, "prompt positions are scored in order");
+        let row = LogSoftmax::new(row);
+        acc.logprobs.push(row.of(self.tokens[p + 1]));
+        if top > 0 {
+            acc.top_logprobs.push(row.top(top));
+        }
+    }
 }
 
 pub(crate) fn run(
@@ -166,6 +195,9 @@ pub(crate) fn run(
                             generated: 0,
                             sampler: Sampler::new(req.sampling.clone(), sampler::unseeded(), &req.prompt_ids, &eos),
                             text: StopText::new(req.stop.clone()),
+                            prompt: req
+                                .prompt_logprobs
+                                .map(|_| PromptLogprobs { ids: req.prompt_ids.clone(), ..Default::default() }),
                             queued: Some(queued),
                             last_token_at: None,
                             req: *req,
@@ -209,6 +241,10 @@ pub(crate) fn run(
 
         // 3. Plan and run one step.
         let plan = sched.plan(&mut slots, cache.allocator_mut());
+        if !plan.preempted.is_empty() {
+            stats.preemptions.fetch_add(plan.preempted.len(), Ordering::Relaxed);
+            metrics::counter!(t::PREEMPTIONS_TOTAL).increment(plan.preempted.len() as u64);
+        }
         for r in &plan.rows {
             let l = live.get_mut(&r.seq).expect("planned sequence is live");
             // Running now: no longer queued.
@@ -230,7 +266,7 @@ pub(crate) fn run(
         .unwrap_or_else(|panic| Err(candle_core::Error::msg(format!("panic in the forward: {}", panic_text(&panic)))));
         stats.steps.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!(t::BATCH_SIZE).record(plan.rows.len() as f64);
-        let sampled = match outcome {
+        let Stepped { sampled, prompt } = match outcome {
             Ok(s) => {
                 failed_in_a_row = 0;
                 s
@@ -261,12 +297,22 @@ pub(crate) fn run(
         for r in &plan.rows {
             slots.get_mut(&r.seq).expect("slot").computed += r.len;
         }
+        for (id, positions, rows) in prompt {
+            let l = live.get_mut(&id).expect("live");
+            for (p, row) in positions.zip(&rows) {
+                l.score_prompt(p, row);
+            }
+        }
 
         // 4. Sample, stream, finish.
         let now = Instant::now();
         for (row, logits) in plan.rows.iter().filter(|r| r.samples).zip(sampled) {
             let id = row.seq;
             let l = live.get_mut(&id).expect("live");
+            // The prompt is scored whole by the step that samples the first token: it goes right before it.
+            if let Some(p) = l.prompt.take() {
+                let _ = l.req.events.send(Event::Prompt(p));
+            }
             let token = l.sampler.pick(&logits);
             let (logprobs, top_logprobs) = report_logprobs(&l.req, &logits, token);
             l.tokens.push(token);
@@ -363,15 +409,25 @@ fn publish(stats: &EngineStats, sched: &Scheduler, cache: &PagedKvCache) {
     metrics::gauge!(t::KV_CACHE_BLOCKS_USED).set(used as f64);
 }
 
-/// One forward over the planned rows; returns the logits of the sampling rows, in plan order (on a GPU, the
-/// rows of samplers that pick the argmax, and want no logprob, only as their argmax).
+/// What one step computed.
+#[derive(Default)]
+struct Stepped {
+    /// The logits of the sampling rows, in plan order (on a GPU, the rows of samplers that pick the argmax,
+    /// and want no logprob, only as their argmax).
+    sampled: Vec<RowLogits>,
+    /// For each planned sequence scoring its prompt: the positions ([`Live::prompt_positions`]) and their
+    /// logits.
+    prompt: Vec<(SeqId, Range<usize>, Vec<Vec<f32>>)>,
+}
+
+/// One forward over the planned rows.
 fn step(
     model: &Model,
     cache: &mut PagedKvCache,
     rows: &[PlannedRow],
     slots: &HashMap<SeqId, SeqSlot>,
     live: &HashMap<SeqId, Live>,
-) -> candle_core::Result<Vec<RowLogits>> {
+) -> candle_core::Result<Stepped> {
     // Order the batch by adapter so each adapter's rows form one segment of the batched-LoRA op; keep
     // sampling rows in plan order for the caller.
     let adapter_key =
@@ -381,6 +437,7 @@ fn step(
     let mut tokens = Vec::new();
     let mut seqs = Vec::with_capacity(rows.len());
     let mut segments: Vec<LoraSegment> = Vec::new();
+    let mut first_row = vec![0usize; rows.len()];
     let mut last_row = vec![0usize; rows.len()];
     for &i in &order {
         let r = &rows[i];
@@ -388,7 +445,7 @@ fn step(
         let start = tokens.len();
         tokens.extend_from_slice(&l.tokens[r.start..r.start + r.len]);
         seqs.push(SeqInput { len: r.len, past: r.start, blocks: &slots[&r.seq].blocks });
-        last_row[i] = tokens.len() - 1;
+        (first_row[i], last_row[i]) = (start, tokens.len() - 1);
         if let Some(lease) = &l.req.adapter {
             match segments.last_mut() {
                 Some(s) if std::ptr::eq(s.adapter, lease.weights()) && s.rows.1 == start => s.rows.1 = tokens.len(),
@@ -396,25 +453,53 @@ fn step(
             }
         }
     }
-    let logit_rows: Vec<usize> = rows.iter().enumerate().filter(|(_, r)| r.samples).map(|(i, _)| last_row[i]).collect();
+    // The sampling rows' logits first, then the prompt positions'.
+    let mut logit_rows: Vec<usize> =
+        rows.iter().enumerate().filter(|(_, r)| r.samples).map(|(i, _)| last_row[i]).collect();
+    let sampling = logit_rows.len();
+    let mut scored = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let positions = live[&r.seq].prompt_positions(r);
+        if !positions.is_empty() {
+            logit_rows.extend(positions.clone().map(|p| first_row[i] + p - r.start));
+            scored.push((r.seq, positions));
+        }
+    }
     if logit_rows.is_empty() {
         // Pure prefill chunks: run for the KV cache, no logits needed.
         let batch = Batch { tokens: &tokens, seqs: &seqs, logit_rows: &[] };
         model.forward_hidden(&batch, AttentionMode::Paged(cache), &LoraRows::Segments(&segments))?;
         // A GPU reports a kernel's failure asynchronously: wait here, so it fails this batch, not the next.
         model.device().synchronize()?;
-        return Ok(Vec::new());
+        return Ok(Stepped::default());
     }
     let batch = Batch { tokens: &tokens, seqs: &seqs, logit_rows: &logit_rows };
     let logits = model.forward(&batch, AttentionMode::Paged(cache), &LoraRows::Segments(&segments))?;
-    if model.device().is_cpu() {
-        return Ok(logits.to_vec2::<f32>()?.into_iter().map(RowLogits::Full).collect());
+    let mut prompt_rows = match logit_rows.len() - sampling {
+        0 => Vec::new(),
+        n => logits.narrow(0, sampling, n)?.to_vec2::<f32>()?,
     }
-    // A row whose logprob is wanted needs its whole row too.
-    let argmax: Vec<bool> = rows
-        .iter()
-        .filter(|r| r.samples)
-        .map(|r| live[&r.seq].sampler.picks_argmax() && !live[&r.seq].req.logprobs)
+    .into_iter();
+    let prompt = scored
+        .into_iter()
+        .map(|(seq, positions)| {
+            let rows = prompt_rows.by_ref().take(positions.len()).collect();
+            (seq, positions, rows)
+        })
         .collect();
-    fetch_rows(&logits, &argmax)
+    let logits = logits.narrow(0, 0, sampling)?;
+    let sampled = if sampling == 0 {
+        Vec::new()
+    } else if model.device().is_cpu() {
+        logits.to_vec2::<f32>()?.into_iter().map(RowLogits::Full).collect()
+    } else {
+        // A row whose logprob is wanted needs its whole row too.
+        let argmax: Vec<bool> = rows
+            .iter()
+            .filter(|r| r.samples)
+            .map(|r| live[&r.seq].sampler.picks_argmax() && !live[&r.seq].req.logprobs)
+            .collect();
+        fetch_rows(&logits, &argmax)?
+    };
+    Ok(Stepped { sampled, prompt })
 }

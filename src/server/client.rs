@@ -38,6 +38,9 @@ pub struct GenerateCall {
     pub logprobs: bool,
     /// With `logprobs`: also this many of the most likely tokens at each step.
     pub top_logprobs: u32,
+    /// Score the prompt: its tokens' log-probabilities, and this many of the most likely tokens at each of
+    /// their positions.
+    pub prompt_logprobs: Option<u32>,
 }
 
 async fn channel(t: &Target, timeout: Option<Duration>) -> anyhow::Result<Channel> {
@@ -133,6 +136,7 @@ impl GenerateCall {
             min_tokens: s.min_tokens,
             ignore_eos: s.ignore_eos,
             stop_token_ids: s.stop_token_ids.clone(),
+            prompt_logprobs: self.prompt_logprobs,
         }
     }
 }
@@ -154,6 +158,11 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
             response.token_ids.extend(msg.token_ids);
             response.logprobs.extend(msg.logprobs);
             response.top_logprobs.extend(msg.top_logprobs);
+            if !msg.prompt_token_ids.is_empty() {
+                response.prompt_token_ids = msg.prompt_token_ids;
+                response.prompt_logprobs = msg.prompt_logprobs;
+                response.prompt_top_logprobs = msg.prompt_top_logprobs;
+            }
             response.prompt_tokens = response.prompt_tokens.max(msg.prompt_tokens);
             response.finish_reason = msg.finish_reason;
             response.adapter_version = msg.adapter_version;
@@ -181,19 +190,30 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
             json["logprobs"] = response.logprobs.into();
         }
         if call.top_logprobs > 0 {
-            let steps: Vec<serde_json::Value> = response
-                .top_logprobs
-                .iter()
-                .map(|step| {
-                    let tokens = step.token_ids.iter().zip(&step.logprobs);
-                    tokens.map(|(id, lp)| serde_json::json!({"token_id": id, "logprob": lp})).collect()
-                })
-                .collect();
-            json["top_logprobs"] = steps.into();
+            json["top_logprobs"] = top_json(&response.top_logprobs);
+        }
+        if let Some(top) = call.prompt_logprobs {
+            json["prompt_token_ids"] = response.prompt_token_ids.into();
+            json["prompt_logprobs"] = response.prompt_logprobs.into();
+            if top > 0 {
+                json["prompt_top_logprobs"] = top_json(&response.prompt_top_logprobs);
+            }
         }
         to_stdout(format_args!("{json}\n"))?;
     }
     Ok(())
+}
+
+/// `[[{"token_id", "logprob"}, …], …]`, a list per step.
+fn top_json(steps: &[proto::TopLogprobs]) -> serde_json::Value {
+    let steps: Vec<serde_json::Value> = steps
+        .iter()
+        .map(|step| {
+            let tokens = step.token_ids.iter().zip(&step.logprobs);
+            tokens.map(|(id, lp)| serde_json::json!({"token_id": id, "logprob": lp})).collect()
+        })
+        .collect();
+    steps.into()
 }
 
 pub async fn list(t: &Target) -> anyhow::Result<()> {

@@ -17,7 +17,7 @@ use super::arrival::Arrival;
 use super::counting::HandlerSeen;
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
-use crate::engine::{Engine, Event, FinishReason, SamplingParams, ValidRequest};
+use crate::engine::{Engine, Event, FinishReason, PromptLogprobs, SamplingParams, ValidRequest};
 use crate::lora::cache::{AdapterCache, AdapterLease};
 use crate::model::Tokenizer;
 use crate::telemetry as t;
@@ -209,6 +209,9 @@ impl Service {
         if r.top_logprobs > 0 && !r.logprobs {
             return Err(invalid("top_logprobs", "requires logprobs"));
         }
+        if let Some(n) = r.prompt_logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return Err(invalid("prompt_logprobs", format!("must be in 0..={MAX_TOP_LOGPROBS}, got {n}")));
+        }
         if sampling.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
             let n = sampling.stop_token_ids.len();
             return Err(invalid("stop_token_ids", format!("at most {MAX_STOP_TOKEN_IDS} ids, got {n}")));
@@ -255,6 +258,7 @@ impl Service {
             stop: r.stop,
             logprobs: r.logprobs,
             top_logprobs: r.top_logprobs as usize,
+            prompt_logprobs: r.prompt_logprobs.map(|n| n as usize),
             adapter,
             deadline,
             arrival,
@@ -279,7 +283,8 @@ async fn lease_adapter(cache: &AdapterCache, id: &str, deadline: Option<Instant>
     acquired.map_err(|e| status::from_cache(e, deadline.is_some_and(|d| Instant::now() >= d)))
 }
 
-/// The most `top_logprobs` a request may ask for (OpenAI's limit, vLLM's default `max_logprobs`).
+/// The most `top_logprobs` (and `prompt_logprobs`) a request may ask for (OpenAI's limit, vLLM's default
+/// `max_logprobs`).
 const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// The most `stop_token_ids` a request may give.
@@ -288,6 +293,13 @@ const MAX_STOP_TOKEN_IDS: usize = 64;
 fn to_proto_top(top: Vec<(u32, f32)>) -> proto::TopLogprobs {
     let (token_ids, logprobs) = top.into_iter().unzip();
     proto::TopLogprobs { token_ids, logprobs }
+}
+
+/// Puts the scored prompt into `out`.
+fn set_prompt(out: &mut proto::GenerateResponse, p: PromptLogprobs) {
+    out.prompt_token_ids = p.ids;
+    out.prompt_logprobs = p.logprobs;
+    out.prompt_top_logprobs = p.top_logprobs.into_iter().map(to_proto_top).collect();
 }
 
 fn finish_reason(r: FinishReason) -> proto::FinishReason {
@@ -323,6 +335,7 @@ impl LoraServe for Service {
                 };
                 let Some(ev) = next else { break };
                 match ev {
+                    Event::Prompt(p) => set_prompt(&mut out, p),
                     Event::Tokens { ids, text, logprobs, top_logprobs } => {
                         out.token_ids.extend(ids);
                         out.text.push_str(&text);
@@ -361,6 +374,8 @@ impl LoraServe for Service {
         let (tx, rx) = mpsc::channel::<Result<proto::GenerateResponse, Status>>(64);
         tokio::spawn(async move {
             let version = a.adapter_version;
+            // The scored prompt goes out with the first tokens, in the same message.
+            let mut prompt = None;
             loop {
                 // A client that leaves while its request waits in the queue (or in a long prefill) sends
                 // nothing to fail on: watch the channel too, so that its slot and adapter lease go at once.
@@ -374,17 +389,24 @@ impl LoraServe for Service {
                 };
                 let Some(ev) = ev else { break };
                 let (msg, last) = match ev {
-                    Event::Tokens { ids, text, logprobs, top_logprobs } => (
-                        Ok(proto::GenerateResponse {
+                    Event::Prompt(p) => {
+                        prompt = Some(p);
+                        continue;
+                    }
+                    Event::Tokens { ids, text, logprobs, top_logprobs } => {
+                        let mut m = proto::GenerateResponse {
                             text,
                             token_ids: ids,
                             logprobs,
                             top_logprobs: top_logprobs.into_iter().map(to_proto_top).collect(),
                             adapter_version: version.clone(),
                             ..Default::default()
-                        }),
-                        false,
-                    ),
+                        };
+                        if let Some(p) = prompt.take() {
+                            set_prompt(&mut m, p);
+                        }
+                        (Ok(m), false)
+                    }
                     Event::Finished { reason, prompt_tokens, .. } => {
                         let mut m = proto::GenerateResponse {
                             prompt_tokens: prompt_tokens as u32,

@@ -60,6 +60,12 @@ pub struct PenaltyResult {
     pub top_ids: Option<Vec<Vec<u32>>>,
     /// ... and their log-probabilities.
     pub top_logprobs: Option<Vec<Vec<f32>>>,
+    /// `llama-logprobs/expected.json` only: each prompt token's log-probability after the first ...
+    pub prompt_logprobs: Option<Vec<f32>>,
+    /// ... the most likely tokens at each of those positions ...
+    pub prompt_top_ids: Option<Vec<Vec<u32>>>,
+    /// ... and their log-probabilities.
+    pub prompt_top_logprobs: Option<Vec<Vec<f32>>>,
 }
 
 /// The cases of `tests/fixtures/<dir>/expected.json` by name (`llama-penalties`, `llama-logprobs`).
