@@ -89,6 +89,8 @@ async fn prompt_logprobs_match_transformers_across_chunks_and_preemptions() {
             let request = GenerateRequest {
                 repetition_penalty: case.repetition_penalty,
                 prompt_logprobs: Some(top),
+                // The first prompt's unary request asks for the generated tokens' logprobs too.
+                logprobs: i == 0,
                 ..req(case.adapter.as_deref().unwrap_or(""), &r.prompt, r.new_ids.len() as u32)
             };
             let what = format!("{name} {:?}", r.prompt);
@@ -107,7 +109,12 @@ async fn prompt_logprobs_match_transformers_across_chunks_and_preemptions() {
                     all
                 };
                 assert_eq!(m.token_ids, r.new_ids, "{what}");
-                assert!(m.logprobs.is_empty(), "{what}: logprobs not asked for");
+                let want = r.logprobs.clone().expect("the fixture has logprobs");
+                if i == 0 {
+                    assert_reference(&format!("{what}: step"), (&m.logprobs, &[]), &want, None);
+                } else {
+                    assert!(m.logprobs.is_empty(), "{what}: logprobs not asked for");
+                }
                 assert_eq!(m.prompt_token_ids, r.input_ids, "{what}");
                 let want = r.prompt_logprobs.expect("the fixture has prompt logprobs");
                 assert_eq!(want.len(), r.input_ids.len() - 1, "{what}: one per token after the first");
@@ -129,15 +136,42 @@ async fn prompt_logprobs_match_transformers_across_chunks_and_preemptions() {
     h.wait().await.unwrap();
 }
 
+/// The fixture llama with a tokenizer that adds no BOS and strips spaces: a one-token prompt has no prompt
+/// logprobs (its only token has no context) and still generates, with logprobs; a prompt that encodes to no
+/// tokens is INVALID_ARGUMENT naming `prompt`, and the server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_token_prompts_have_no_prompt_logprobs_and_empty_encodings_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::copy_dir(&fixture("llama/model"), tmp.path());
+    let path = tmp.path().join("tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    t["post_processor"] = serde_json::Value::Null;
+    t["normalizer"] = serde_json::json!({"type": "Strip", "strip_left": true, "strip_right": true});
+    std::fs::write(&path, t.to_string()).unwrap();
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.model = ModelSpec::Dir(tmp.path().to_path_buf());
+    let (h, mut c) = start(cfg).await;
+    let one = GenerateRequest { prompt_logprobs: Some(2), logprobs: true, ..req("qv-r4", "a", 4) };
+    let m = c.generate(one).await.unwrap().into_inner();
+    assert_eq!(m.prompt_token_ids.len(), 1, "{m:?}");
+    assert!(m.prompt_logprobs.is_empty() && m.prompt_top_logprobs.is_empty(), "{m:?}");
+    assert_eq!((m.token_ids.len(), m.logprobs.len()), (4, 4), "{m:?}");
+    let empty = GenerateRequest { prompt_logprobs: Some(0), ..req("", "   ", 4) };
+    let status = c.generate(empty).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(status.message(), "prompt: encodes to no tokens");
+    assert_eq!(c.generate(req("", "a b", 2)).await.unwrap().into_inner().token_ids.len(), 2, "still serving");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// The reference's most likely tokens at each entry, and their log-probabilities.
+type TopReference = (Vec<Vec<u32>>, Vec<Vec<f32>>);
+
 /// Logprobs `got` (each entry's own, and the most likely tokens at it) against the reference's: as many, each
 /// within 1e-4; the most likely tokens' ids exactly, theirs within 1e-4, or none when `want_top` is `None`.
 /// `at` names an entry in messages ("… step" + its index).
-fn assert_reference(
-    at: &str,
-    got: (&[f32], &[TopLogprobs]),
-    want: &[f32],
-    want_top: Option<(Vec<Vec<u32>>, Vec<Vec<f32>>)>,
-) {
+fn assert_reference(at: &str, got: (&[f32], &[TopLogprobs]), want: &[f32], want_top: Option<TopReference>) {
     let (logprobs, top) = got;
     assert_eq!(logprobs.len(), want.len(), "{at}s");
     for (i, (g, w)) in logprobs.iter().zip(want).enumerate() {

@@ -137,7 +137,8 @@ pub enum ClientCall {
         top_logprobs: u32,
         /// Score the prompt: each prompt token's log-probability given those before it (the first has none),
         /// and the N most likely tokens at each of those positions (0 to 20; printed with --json, as
-        /// "prompt_token_ids", "prompt_logprobs" and, for N > 0, "prompt_top_logprobs").
+        /// "prompt_token_ids", "prompt_logprobs" and, for N > 0, "prompt_top_logprobs"; a −∞ logprob prints
+        /// as null).
         #[arg(long, value_name = "N")]
         prompt_logprobs: Option<u32>,
     },

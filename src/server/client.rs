@@ -81,8 +81,12 @@ pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// The largest response message the client reads. gRPC's default of 4 MiB is too small for the first message
+/// of a long prompt scored with `prompt_logprobs` (~150 bytes a prompt token with 20 top tokens).
+const MAX_RESPONSE_BYTES: usize = 1 << 30;
+
 pub async fn connect(t: &Target) -> anyhow::Result<LoraServeClient<Channel>> {
-    Ok(LoraServeClient::new(channel(t, None).await?))
+    Ok(LoraServeClient::new(channel(t, None).await?).max_decoding_message_size(MAX_RESPONSE_BYTES))
 }
 
 /// Asks `grpc.health.v1` about `service` (empty: the whole server) and prints the status; true when SERVING.

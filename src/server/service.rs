@@ -229,6 +229,10 @@ impl Service {
             }
         }
         let prompt_ids = ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?;
+        if prompt_ids.is_empty() {
+            // A tokenizer without BOS whose normalizer drops the whole text: nothing to continue from.
+            return Err(invalid("prompt", "encodes to no tokens"));
+        }
         let total = prompt_ids.len() + r.max_new_tokens as usize;
         if total > ready.context {
             return Err(invalid(
