@@ -1,5 +1,5 @@
 //! The sampling controls that decide where generation ends or which tokens may be drawn, through the server:
-//! `min_tokens`, `ignore_eos`, `stop_token_ids` and `min_p`, on the demo model with its `upper` adapter (which
+//! `min_tokens`, `ignore_eos`, `stop_token_ids`, `min_p`, `logit_bias` and `allowed_token_ids`, on the demo model with its `upper` adapter (which
 //! answers, then emits EOS). Each generated token is checked against a teacher-forced dense forward of the
 //! same model.
 
@@ -164,6 +164,49 @@ async fn min_p_narrows_what_is_drawn() {
         }
     }
     assert!(left_greedy > 0, "sampling at temperature 2 never left the greedy answer: min_p 1 proved nothing");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// `logit_bias` and `allowed_token_ids` change each pick as they change its row: every greedy token is the
+/// argmax of its teacher-forced row with the bias added (its logprob still the raw row's), or of the allowed
+/// tokens alone, which also keep EOS out; a sampled request draws allowed tokens only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logit_bias_and_allowed_token_ids_shape_each_pick() {
+    let (h, mut client) = start(demo_config()).await;
+    let (m, upper) = reference();
+    let id = |s: &str| m.tokenizer.encode(s).unwrap().last().copied().unwrap(); // byte-level: one token per byte
+    let plain = client.generate(req("upper", PROMPT, 12)).await.unwrap().into_inner().token_ids;
+    // Ban the answer's first token, favour "a" a little.
+    let bias = [(plain[0], -100.0f32), (id("a"), 2.0)];
+    let biased = GenerateRequest { logit_bias: bias.into_iter().collect(), logprobs: true, ..req("upper", PROMPT, 12) };
+    let out = client.generate(biased).await.unwrap().into_inner();
+    assert_ne!(out.token_ids, plain, "the bias changed nothing");
+    let rows = logits_of(&m, &upper, &out.token_ids);
+    for (i, ((row, &t), &lp)) in rows.iter().zip(&out.token_ids).zip(&out.logprobs).enumerate() {
+        let mut biased = row.clone();
+        bias.iter().for_each(|&(b, v)| biased[b as usize] += v);
+        assert_eq!(t, argmax(&biased), "token {i}");
+        let raw = loraserve::engine::logits::logprob(row, t);
+        assert!((lp - raw).abs() <= 1e-4, "token {i}: logprob {lp} vs the raw row's {raw}");
+    }
+    // Lowercase letters and the space only: the `upper` adapter's capitals and its EOS are out.
+    let allowed: Vec<u32> = "abcdefghijklmnopqrstuvwxyz ".chars().map(|c| id(&c.to_string())).collect();
+    let only = |temperature| GenerateRequest {
+        allowed_token_ids: allowed.clone(),
+        temperature,
+        seed: Some(5),
+        ..req("upper", PROMPT, 12)
+    };
+    let out = client.generate(only(0.0)).await.unwrap().into_inner();
+    assert_eq!((out.token_ids.len(), FinishReason::try_from(out.finish_reason)), (12, Ok(FinishReason::Length)));
+    for (i, (row, &t)) in logits_of(&m, &upper, &out.token_ids).iter().zip(&out.token_ids).enumerate() {
+        let best = allowed.iter().copied().max_by(|&a, &b| row[a as usize].total_cmp(&row[b as usize]).then(b.cmp(&a)));
+        assert_eq!(Some(t), best, "token {i}");
+    }
+    let sampled = client.generate(only(1.5)).await.unwrap().into_inner().token_ids;
+    assert!(sampled.iter().all(|t| allowed.contains(t)), "{sampled:?}");
+    assert_ne!(sampled, out.token_ids, "nothing was sampled");
     h.shutdown();
     h.wait().await.unwrap();
 }

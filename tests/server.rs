@@ -152,6 +152,11 @@ async fn every_status_code_of_the_contract() {
         (GenerateRequest { prompt_logprobs: Some(21), ..req("", "alpha", 4) }, "prompt_logprobs: must be in 0..=20"),
         (GenerateRequest { stop_token_ids: vec![5, 320], ..req("", "alpha", 4) }, "stop_token_ids[1]: token id 320"),
         (GenerateRequest { stop_token_ids: vec![5; 65], ..req("", "alpha", 4) }, "stop_token_ids: at most 64"),
+        (GenerateRequest { logit_bias: [(5, 101.0)].into(), ..req("", "alpha", 4) }, "logit_bias[5] must be in"),
+        (GenerateRequest { logit_bias: [(320, 1.0)].into(), ..req("", "alpha", 4) }, "logit_bias: token id 320"),
+        (GenerateRequest { allowed_token_ids: vec![5, 320], ..req("", "alpha", 4) }, "allowed_token_ids[1]: token"),
+        // The fixture llama's EOS is 1.
+        (GenerateRequest { allowed_token_ids: vec![1], min_tokens: 2, ..req("", "alpha", 4) }, "cannot be met"),
         (GenerateRequest { stop: vec![String::new()], ..req("", "alpha", 4) }, "stop[0]"),
         (req("", &"alpha ".repeat(200), 4), "context"),
         (req("../etc", "alpha", 4), "invalid adapter id"),

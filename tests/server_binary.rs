@@ -103,7 +103,10 @@ fn sigterm_drains_and_exits_zero() {
     let local_upper = ["generate", "--model", "demo", "--adapters", tmp.path().to_str().unwrap()];
     let plain_answer = token_ids(&[&client[..], &answer].concat());
     // 80 is "M" (the demo's tokens are bytes, offset by 3).
-    for flags in [&["--min-tokens", "20"][..], &["--ignore-eos"], &["--stop-token-id", "80"]] {
+    let allow = ["--allowed-token-id", "100", "--allowed-token-id", "35", "--allowed-token-id", "2"];
+    let flags: [&[&str]; 5] =
+        [&["--min-tokens", "20"], &["--ignore-eos"], &["--stop-token-id", "80"], &["--logit-bias", "70=-100"], &allow];
+    for flags in flags {
         let served = token_ids(&[&client[..], &answer, flags].concat());
         assert_eq!(served, token_ids(&[&local_upper[..], &answer, flags].concat()), "{flags:?}");
         assert_ne!(served, plain_answer, "{flags:?} changes nothing");
@@ -160,6 +163,7 @@ fn sigterm_drains_and_exits_zero() {
         ("--presence-penalty", "-2.5"),
         ("--min-p", "1.5"),
         ("--min-tokens", "99"),
+        ("--logit-bias", "5=101"),
     ] {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
             .args(["client", "--addr", &addr, "generate", "--prompt", "Hello", flag, value])

@@ -45,6 +45,20 @@ pub struct SamplingArgs {
     /// A token id that ends generation as EOS does (repeatable).
     #[arg(long = "stop-token-id")]
     pub stop_token_ids: Vec<u32>,
+    /// `ID=BIAS`: add BIAS (in [-100, 100]) to token ID's logit (repeatable; OpenAI's logit_bias).
+    #[arg(long = "logit-bias", value_name = "ID=BIAS", value_parser = parse_bias, allow_hyphen_values = true)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Only these token ids can be generated (repeatable; vLLM's allowed_token_ids).
+    #[arg(long = "allowed-token-id", value_name = "ID")]
+    pub allowed_token_ids: Vec<u32>,
+}
+
+/// `--logit-bias ID=BIAS`.
+fn parse_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected ID=BIAS, e.g. 42=-100"))?;
+    let id = id.trim().parse().map_err(|e| format!("`{s}`: token id `{id}`: {e}"))?;
+    let bias = bias.trim().parse().map_err(|e| format!("`{s}`: bias `{bias}`: {e}"))?;
+    Ok((id, bias))
 }
 
 impl SamplingArgs {
@@ -62,6 +76,12 @@ impl SamplingArgs {
             min_tokens: self.min_tokens,
             ignore_eos: self.ignore_eos,
             stop_token_ids: self.stop_token_ids.clone(),
+            logit_bias: {
+                // One entry per token, the last given winning (as a JSON object's keys would).
+                let map: std::collections::BTreeMap<u32, f32> = self.logit_bias.iter().copied().collect();
+                map.into_iter().collect()
+            },
+            allowed_token_ids: self.allowed_token_ids.clone(),
         };
         p.validate().and_then(|()| p.validate_lengths(max_new_tokens)).map_err(anyhow::Error::msg)?;
         Ok(p)
@@ -243,7 +263,8 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     let sampling = args.sampling.params(args.max_new_tokens)?;
     let loaded = args.model.load()?;
     let prompt_ids = loaded.tokenizer.encode(&args.prompt)?;
-    sampling.validate_vocab(loaded.model.config().vocab_size).map_err(anyhow::Error::msg)?;
+    let config = loaded.model.config();
+    sampling.validate_model(config.vocab_size, &config.eos_token_ids).map_err(anyhow::Error::msg)?;
     let ctx = loaded.model.config().max_position_embeddings;
     if prompt_ids.len() + args.max_new_tokens > ctx {
         bail!(

@@ -3,12 +3,15 @@
 //! - [`request`]: [`ValidRequest`] in, [`Event`]s out.
 //! - [`scheduler`]: continuous batching as pure logic (admission, chunked prefill, preemption).
 //! - [`worker`]: the engine thread owning the model and KV cache.
-//! - [`sampler`]: greedy / temperature / top-k / top-p with a seed; [`text`]: streaming text with stop strings.
+//! - [`sampler`]: greedy / temperature / top-k / top-p with a seed, penalties, logit bias, allowed tokens;
+//!   [`logits`]: the rows it picks from, and their log-softmax for logprobs; [`text`]: streaming text with stop
+//!   strings.
 //! - [`generate`]: one request start to finish on the calling thread (`server generate`, golden tests).
 //!
 //! [`Engine`] starts the thread and is the handle requests are submitted through.
 
 pub mod generate;
+pub mod logits;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;

@@ -1,14 +1,14 @@
-//! Token sampling: the tokens that would end the request held back until `min_tokens` (vLLM's `min_tokens`,
-//! transformers' `min_new_tokens`), the penalties (repetition as Hugging Face applies it, then frequency and
+//! Token sampling: the allowed tokens (vLLM's `allowed_token_ids`), the tokens that would end the request held
+//! back until `min_tokens` (vLLM's `min_tokens`, transformers' `min_new_tokens`), the logit bias (OpenAI's
+//! `logit_bias`), the penalties (repetition as Hugging Face applies it, then frequency and
 //! presence as OpenAI defines them, in vLLM's order), then greedy (temperature 0) or temperature → top-k →
 //! top-p → min-p (the order Hugging Face applies them in), drawn from the project's PRNG so a seed gives the
-//! same tokens on every machine and version; which tokens end a request ([`SamplingParams::ends_at`]); the
-//! log-softmax that logprobs report ([`LogSoftmax`]); and [`fetch_rows`], which brings a step's logits to the
-//! host (only the argmax of rows that pick it when the logits are on a GPU).
+//! same tokens on every machine and version; which tokens end a request ([`SamplingParams::ends_at`]); and
+//! the greedy pick ([`argmax`]). Rows arrive as [`RowLogits`] ([`super::logits`]).
 
 use std::collections::{HashMap, HashSet};
 
-use candle_core::Tensor;
+use super::logits::RowLogits;
 
 use super::request::FinishReason;
 use crate::rng::Rng;
@@ -42,6 +42,11 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Tokens that end generation as EOS does (vLLM's `stop_token_ids`); `ignore_eos` does not touch them.
     pub stop_token_ids: Vec<u32>,
+    /// Added to these tokens' logits (OpenAI's and vLLM's `logit_bias`, each in [-100, 100]), after
+    /// `allowed_token_ids` and `min_tokens`, before the penalties (vLLM's order). One entry per token.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// When not empty, only these tokens can be picked: every other logit is −∞ (vLLM's `allowed_token_ids`).
+    pub allowed_token_ids: Vec<u32>,
 }
 
 impl Default for SamplingParams {
@@ -58,6 +63,8 @@ impl Default for SamplingParams {
             min_tokens: 0,
             ignore_eos: false,
             stop_token_ids: Vec::new(),
+            logit_bias: Vec::new(),
+            allowed_token_ids: Vec::new(),
         }
     }
 }
@@ -82,6 +89,9 @@ impl SamplingParams {
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return Err(format!("logit_bias[{t}] must be in [-100, 100], got {b}"));
+        }
         Ok(())
     }
 
@@ -93,14 +103,28 @@ impl SamplingParams {
         Ok(())
     }
 
-    /// Checks `stop_token_ids` against the model's vocabulary: an id past it could never be generated.
-    pub fn validate_vocab(&self, vocab: usize) -> Result<(), String> {
-        match self.stop_token_ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-            Some((i, id)) => {
-                Err(format!("stop_token_ids[{i}]: token id {id} is outside the vocabulary of {vocab} tokens"))
-            }
-            None => Ok(()),
+    /// Checks the token ids against the model: each inside its vocabulary of `vocab` (an id past it could never
+    /// be generated), and with `min_tokens`, an allowed token that does not end the request (its `eos`).
+    pub fn validate_model(&self, vocab: usize, eos: &[u32]) -> Result<(), String> {
+        let outside =
+            |field: String, id: u32| format!("{field}: token id {id} is outside the vocabulary of {vocab} tokens");
+        if let Some((i, &id)) = self.stop_token_ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            return Err(outside(format!("stop_token_ids[{i}]"), id));
         }
+        if let Some(&(id, _)) = self.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+            return Err(outside("logit_bias".into(), id));
+        }
+        if let Some((i, &id)) = self.allowed_token_ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            return Err(outside(format!("allowed_token_ids[{i}]"), id));
+        }
+        let allowed = &self.allowed_token_ids;
+        if self.min_tokens > 0 && !allowed.is_empty() && allowed.iter().all(|&t| self.ends_at(t, eos).is_some()) {
+            return Err(format!(
+                "allowed_token_ids: every allowed token ends the request, so min_tokens ({}) cannot be met",
+                self.min_tokens
+            ));
+        }
+        Ok(())
     }
 
     /// Whether `token` ends the request, and why: one of the model's `eos` tokens (unless `ignore_eos`), else
@@ -177,10 +201,17 @@ impl Sampler {
         &self.params
     }
 
-    /// Whether the next token is the argmax of the logits as the model gave them (temperature 0, no penalty,
-    /// no ending token held back), so that it can be picked where the logits are.
+    /// Whether the next token is the argmax of the logits as the model gave them (temperature 0, no processing
+    /// of the logits), so that it can be picked where the logits are.
     pub fn picks_argmax(&self) -> bool {
-        self.params.temperature == 0.0 && self.history.is_none() && !self.holds_back()
+        self.params.temperature == 0.0 && !self.processes()
+    }
+
+    /// Whether the next pick sees other logits than the model's: an allow list, ending tokens held back, a
+    /// bias or a penalty.
+    fn processes(&self) -> bool {
+        let p = &self.params;
+        self.history.is_some() || self.holds_back() || !p.logit_bias.is_empty() || !p.allowed_token_ids.is_empty()
     }
 
     /// Whether `min_tokens` still holds the ending tokens back.
@@ -188,7 +219,7 @@ impl Sampler {
         !self.held.is_empty() && self.generated < self.params.min_tokens as usize
     }
 
-    /// The next token from a row as [`fetch_rows`] brought it (an argmax row comes from a sampler that
+    /// The next token from a row as [`fetch_rows`](super::logits::fetch_rows) brought it (an argmax row comes from a sampler that
     /// [`picks_argmax`](Self::picks_argmax)).
     pub fn pick(&mut self, row: &RowLogits) -> u32 {
         match row {
@@ -204,14 +235,30 @@ impl Sampler {
     /// Picks the next token from one row of logits, and counts it as output for the penalties and
     /// `min_tokens`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let token = if self.history.is_some() || self.holds_back() {
-            // vLLM's order: `min_tokens` first, then the penalties.
-            let mut processed = logits.to_vec();
+        let token = if self.processes() {
+            // vLLM's order: the allowed tokens, `min_tokens`, the logit bias, then the penalties.
+            let mut processed = match self.params.allowed_token_ids.as_slice() {
+                [] => logits.to_vec(),
+                allowed => {
+                    let mut only = vec![f32::NEG_INFINITY; logits.len()];
+                    for &t in allowed {
+                        if let Some(&l) = logits.get(t as usize) {
+                            only[t as usize] = l;
+                        }
+                    }
+                    only
+                }
+            };
             if self.holds_back() {
                 for &t in &self.held {
                     if let Some(l) = processed.get_mut(t as usize) {
                         *l = f32::NEG_INFINITY;
                     }
+                }
+            }
+            for &(t, bias) in &self.params.logit_bias {
+                if let Some(l) = processed.get_mut(t as usize) {
+                    *l += bias;
                 }
             }
             if let Some(h) = &self.history {
@@ -309,133 +356,6 @@ fn penalize(p: &SamplingParams, h: &History, logits: &mut [f32]) {
     }
 }
 
-/// One sampling row's logits as the host sees them.
-#[derive(Clone, Debug, PartialEq)]
-pub enum RowLogits {
-    /// The whole vocabulary.
-    Full(Vec<f32>),
-    /// The token of a row whose sampler picks the argmax, picked where the logits are.
-    Argmax(u32),
-}
-
-impl RowLogits {
-    /// The row's log-softmax; `None` for a row that crossed as its argmax only.
-    pub fn log_softmax(&self) -> Option<LogSoftmax<'_>> {
-        match self {
-            RowLogits::Full(logits) => Some(LogSoftmax::new(logits)),
-            RowLogits::Argmax(_) => None,
-        }
-    }
-
-    /// `token`'s log-probability under the row's logits ([`logprob`]); `None` for a row that crossed as its
-    /// argmax only.
-    pub fn logprob(&self, token: u32) -> Option<f32> {
-        self.log_softmax().map(|l| l.of(token))
-    }
-}
-
-/// The log-softmax of one row of logits, normalised once and read token by token: in f64, NaN logits left
-/// out as sampling leaves them out. Infinite logits share all the mass; a token past the row, or a row of
-/// only −∞, gets −∞.
-pub struct LogSoftmax<'a> {
-    logits: &'a [f32],
-    norm: Norm,
-}
-
-enum Norm {
-    /// `log Σ exp(l)` over the finite row.
-    Finite(f64),
-    /// How many logits are +∞.
-    Infinite(usize),
-    /// Every logit is −∞ or NaN.
-    Empty,
-}
-
-impl<'a> LogSoftmax<'a> {
-    pub fn new(logits: &'a [f32]) -> Self {
-        let max = logits.iter().filter(|x| !x.is_nan()).fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-        let norm = if max == f64::INFINITY {
-            Norm::Infinite(logits.iter().filter(|&&x| x == f32::INFINITY).count())
-        } else if max == f64::NEG_INFINITY {
-            Norm::Empty
-        } else {
-            let sum: f64 = logits.iter().filter(|x| !x.is_nan()).map(|&x| (x as f64 - max).exp()).sum();
-            Norm::Finite(max + sum.ln())
-        };
-        LogSoftmax { logits, norm }
-    }
-
-    /// `log_softmax(logits)[token]`.
-    pub fn of(&self, token: u32) -> f32 {
-        let Some(&l) = self.logits.get(token as usize) else { return f32::NEG_INFINITY };
-        match self.norm {
-            _ if l.is_nan() => f32::NEG_INFINITY,
-            Norm::Finite(log_z) => (l as f64 - log_z) as f32,
-            Norm::Infinite(n) if l == f32::INFINITY => -(n as f32).ln(),
-            Norm::Infinite(_) | Norm::Empty => f32::NEG_INFINITY,
-        }
-    }
-
-    /// The `n` most likely tokens with their log-probabilities, most likely first, the lower id first
-    /// among equals: fewer than `n` only when the row has fewer tokens that are not NaN (NaN logits never
-    /// appear; −∞ ones can, with a log-probability of −∞).
-    pub fn top(&self, n: usize) -> Vec<(u32, f32)> {
-        let mut ids: Vec<u32> = (0..self.logits.len() as u32).filter(|&t| !self.logits[t as usize].is_nan()).collect();
-        let order = |a: &u32, b: &u32| {
-            let (la, lb) = (self.logits[*a as usize], self.logits[*b as usize]);
-            lb.partial_cmp(&la).expect("no NaN").then(a.cmp(b))
-        };
-        if n < ids.len() {
-            if n == 0 {
-                return Vec::new();
-            }
-            ids.select_nth_unstable_by(n - 1, order);
-            ids.truncate(n);
-        }
-        ids.sort_unstable_by(order);
-        ids.into_iter().map(|t| (t, self.of(t))).collect()
-    }
-}
-
-/// `log_softmax(logits)[token]` ([`LogSoftmax`]).
-pub fn logprob(logits: &[f32], token: u32) -> f32 {
-    LogSoftmax::new(logits).of(token)
-}
-
-/// The rows of `logits [rows, vocab]` on the host: a row with `by_argmax[i]` as its argmax computed on the
-/// logits' device (4 bytes cross instead of the vocabulary; the same pick as [`argmax`], ties included), the
-/// others in full.
-pub fn fetch_rows(logits: &Tensor, by_argmax: &[bool]) -> candle_core::Result<Vec<RowLogits>> {
-    let (rows, _) = logits.dims2()?;
-    if by_argmax.len() != rows {
-        candle_core::bail!("{} argmax flags for {rows} logit rows", by_argmax.len())
-    }
-    let ids: Vec<u32> = if by_argmax.iter().any(|&g| g) { argmax_rows(logits)? } else { vec![] };
-    let full_rows: Vec<u32> = (0..rows as u32).filter(|&r| !by_argmax[r as usize]).collect();
-    let mut full = if full_rows.is_empty() {
-        Vec::new()
-    } else {
-        let idx = Tensor::new(full_rows.as_slice(), logits.device())?;
-        logits.index_select(&idx, 0)?.to_vec2::<f32>()?
-    }
-    .into_iter();
-    Ok(by_argmax
-        .iter()
-        .enumerate()
-        .map(|(r, &g)| if g { RowLogits::Argmax(ids[r]) } else { RowLogits::Full(full.next().expect("one per row")) })
-        .collect())
-}
-
-/// The argmax of every row of `logits [rows, vocab]`: on a GPU by `gpu::sample`'s kernel, which picks as
-/// [`argmax`] does.
-fn argmax_rows(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
-    #[cfg(feature = "cuda")]
-    if logits.device().is_cuda() {
-        return crate::gpu::sample::argmax_rows(logits);
-    }
-    Ok(logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?.iter().map(|row| argmax(row)).collect())
-}
-
 /// Index of the largest logit, the first one on ties (as `torch.argmax`). NaN logits are passed over, as
 /// sampling does (`torch.argmax` would pick a NaN); 0 when every one is NaN.
 pub fn argmax(logits: &[f32]) -> u32 {
@@ -456,21 +376,6 @@ mod tests {
 
     fn params(t: f32, k: u32, p: f32, seed: u64) -> SamplingParams {
         SamplingParams { temperature: t, top_k: k, top_p: p, seed: Some(seed), ..Default::default() }
-    }
-
-    #[test]
-    fn fetched_rows_argmax_greedy_rows_and_keep_the_rest() {
-        let dev = candle_core::Device::Cpu;
-        let v = vec![0.1f32, 3.0, -1.0, 7.0, 2.0, 0.5, -4.0, 9.0, 9.5];
-        let t = Tensor::from_vec(v.clone(), (3, 3), &dev).unwrap();
-        let got = fetch_rows(&t, &[true, false, true]).unwrap();
-        assert_eq!(got, vec![RowLogits::Argmax(1), RowLogits::Full(v[3..6].to_vec()), RowLogits::Argmax(2)]);
-        let all = fetch_rows(&t, &[false; 3]).unwrap();
-        assert_eq!(all[2], RowLogits::Full(v[6..].to_vec()));
-        assert!(fetch_rows(&t, &[true]).is_err());
-        let mut s = Sampler::new(SamplingParams::default(), 0, &[], &[]);
-        assert_eq!(s.pick(&got[0]), 1);
-        assert_eq!(s.pick(&got[1]), 0);
     }
 
     #[test]
@@ -543,27 +448,6 @@ mod tests {
     }
 
     #[test]
-    fn logprobs_are_the_log_softmax_of_the_logits() {
-        let logits = [1.0f32, 2.0, 3.0, f32::NAN];
-        let z: f64 = [1.0f64, 2.0, 3.0].iter().map(|x| x.exp()).sum();
-        for t in 0..3u32 {
-            let want = ((t + 1) as f64 - z.ln()) as f32;
-            assert!((logprob(&logits, t) - want).abs() < 1e-6, "{t}");
-        }
-        // Large logits do not overflow; probabilities sum to one.
-        let big = [1000.0f32, 999.0, -1000.0];
-        let total: f64 = (0..3).map(|t| (logprob(&big, t) as f64).exp()).sum();
-        assert!((total - 1.0).abs() < 1e-6 && logprob(&big, 0) < 0.0);
-        assert_eq!(logprob(&[f32::INFINITY, 1.0, f32::INFINITY], 2), -(2f32.ln()));
-        assert_eq!(logprob(&[f32::INFINITY, 1.0], 1), f32::NEG_INFINITY);
-        assert_eq!(logprob(&logits, 3), f32::NEG_INFINITY, "a NaN logit");
-        assert_eq!(logprob(&logits, 9), f32::NEG_INFINITY, "past the row");
-        assert_eq!(logprob(&[f32::NEG_INFINITY; 2], 0), f32::NEG_INFINITY);
-        assert_eq!(RowLogits::Argmax(1).logprob(1), None);
-        assert_eq!(RowLogits::Full(logits.to_vec()).logprob(2), Some(logprob(&logits, 2)));
-    }
-
-    #[test]
     fn min_p_drops_tokens_less_likely_than_its_share_of_the_top_one() {
         // probs ≈ [0.5, 0.3, 0.2]: min_p 0.5 keeps tokens with p ≥ 0.25, so never token 2; 0.61 keeps 0 only.
         let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
@@ -580,6 +464,26 @@ mod tests {
         assert!((0..3000).any(|_| s.sample(&logits) == 2));
         // Greedy ignores it; it does not stop the device argmax.
         assert!(Sampler::new(SamplingParams { min_p: 0.9, ..Default::default() }, 0, &[], &[]).picks_argmax());
+    }
+
+    /// The allow list, then the bias, then the penalties (vLLM's order); neither lets the device pick the raw
+    /// argmax.
+    #[test]
+    fn allowed_tokens_and_logit_bias_shape_the_pick() {
+        let logits = [1.0f32, 5.0, 3.0, 2.0];
+        let allowed = SamplingParams { allowed_token_ids: vec![0, 3], ..Default::default() };
+        let mut s = Sampler::new(allowed.clone(), 0, &[], &[]);
+        assert!(!s.picks_argmax());
+        assert_eq!(s.sample(&logits), 3);
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed: Some(1), ..allowed }, 0, &[], &[]);
+        assert!((0..200).all(|_| [0, 3].contains(&s.sample(&logits))));
+        let bias = SamplingParams { logit_bias: vec![(1, -4.0), (3, 2.5)], ..Default::default() };
+        let mut s = Sampler::new(bias.clone(), 0, &[], &[]);
+        assert!(!s.picks_argmax());
+        assert_eq!(s.sample(&logits), 3, "1, 1, 3, 4.5");
+        // Biased first, then penalized: (2 + 2.5) / 2 = 2.25 loses to 3 (penalized first, 1 + 2.5 would win).
+        let penalized = SamplingParams { repetition_penalty: 2.0, ..bias };
+        assert_eq!(Sampler::new(penalized, 0, &[3], &[]).sample(&logits), 2);
     }
 
     #[test]
@@ -631,23 +535,6 @@ mod tests {
     }
 
     #[test]
-    fn top_logprobs_are_the_most_likely_tokens_first_lower_ids_on_ties() {
-        let logits = [1.0f32, 3.0, f32::NAN, 3.0, -2.0, 0.5];
-        let l = LogSoftmax::new(&logits);
-        let top = l.top(3);
-        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 3, 0]);
-        for (t, lp) in &top {
-            assert_eq!(*lp, logprob(&logits, *t));
-        }
-        assert_eq!(l.top(0), vec![]);
-        assert_eq!(l.top(99).len(), 5, "NaN never listed");
-        assert_eq!(l.top(99).last().unwrap().0, 4);
-        let total: f64 = l.top(99).iter().map(|t| (t.1 as f64).exp()).sum();
-        assert!((total - 1.0).abs() < 1e-6);
-        assert_eq!(RowLogits::Argmax(1).log_softmax().map(|l| l.top(1)), None);
-    }
-
-    #[test]
     fn validation_names_the_field() {
         assert!(params(-1.0, 0, 1.0, 0).validate().unwrap_err().contains("temperature"));
         assert!(params(1.0, 0, 0.0, 0).validate().unwrap_err().contains("top_p"));
@@ -660,8 +547,18 @@ mod tests {
         assert!(min_tokens.validate_lengths(8).unwrap_err().contains("min_tokens"));
         assert!(min_tokens.validate_lengths(9).is_ok());
         let stops = SamplingParams { stop_token_ids: vec![3, 9], ..Default::default() };
-        assert!(stops.validate_vocab(9).unwrap_err().starts_with("stop_token_ids[1]: token id 9"));
-        assert!(stops.validate_vocab(10).is_ok());
+        assert!(stops.validate_model(9, &[]).unwrap_err().starts_with("stop_token_ids[1]: token id 9"));
+        assert!(stops.validate_model(10, &[]).is_ok());
+        let bias = |b: f32| SamplingParams { logit_bias: vec![(2, 1.0), (7, b)], ..Default::default() };
+        assert_eq!(bias(100.5).validate().unwrap_err(), "logit_bias[7] must be in [-100, 100], got 100.5");
+        assert!(bias(f32::NAN).validate().is_err());
+        assert!(bias(-100.0).validate().is_ok());
+        assert!(bias(0.0).validate_model(7, &[]).unwrap_err().starts_with("logit_bias: token id 7"));
+        let allowed = SamplingParams { allowed_token_ids: vec![1, 2], min_tokens: 1, ..Default::default() };
+        assert!(allowed.validate_model(2, &[]).unwrap_err().starts_with("allowed_token_ids[1]: token id 2"));
+        assert!(allowed.validate_model(3, &[1, 2]).unwrap_err().contains("min_tokens (1) cannot be met"));
+        assert!(allowed.validate_model(3, &[1]).is_ok());
+        assert!(SamplingParams { min_tokens: 0, ..allowed }.validate_model(3, &[1, 2]).is_ok());
     }
 
     fn penalized(repetition: f32, frequency: f32, presence: f32) -> SamplingParams {

@@ -13,8 +13,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::logits::{fetch_rows, LogSoftmax, RowLogits};
 use super::request::{EngineError, Event, FinishReason, PromptLogprobs, ValidRequest};
-use super::sampler::{self, fetch_rows, LogSoftmax, RowLogits, Sampler};
+use super::sampler::{self, Sampler};
 use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig, SeqId, SeqSlot};
 use super::text::StopText;
 use crate::lora::{LoraRows, LoraSegment};

@@ -141,6 +141,8 @@ impl GenerateCall {
             ignore_eos: s.ignore_eos,
             stop_token_ids: s.stop_token_ids.clone(),
             prompt_logprobs: self.prompt_logprobs,
+            logit_bias: s.logit_bias.iter().copied().collect(),
+            allowed_token_ids: s.allowed_token_ids.clone(),
         }
     }
 }

@@ -176,9 +176,10 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let cache = AdapterCache::new(store, m.lora_layout(), m.device().clone(), cfg.cache);
     let context = m.config().max_position_embeddings;
     let vocab = m.config().vocab_size;
+    let eos = m.config().eos_token_ids.clone();
     let tokenizer = Arc::new(loaded.tokenizer);
     let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine).map_err(model::ModelError::from)?;
-    Ok(Ready { engine, tokenizer, cache, context, vocab })
+    Ok(Ready { engine, tokenizer, cache, context, vocab, eos })
 }
 
 /// Starts serving gRPC on `grpc` and `/metrics` on `metrics`.

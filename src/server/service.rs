@@ -45,6 +45,8 @@ pub struct Ready {
     pub context: usize,
     /// The model's vocabulary size (logits per row).
     pub vocab: usize,
+    /// The model's end-of-sequence tokens.
+    pub eos: Vec<u32>,
 }
 
 /// Shared by the service and the server's lifecycle.
@@ -200,6 +202,12 @@ impl Service {
             min_tokens: r.min_tokens,
             ignore_eos: r.ignore_eos,
             stop_token_ids: r.stop_token_ids,
+            logit_bias: {
+                let mut bias: Vec<(u32, f32)> = r.logit_bias.into_iter().collect();
+                bias.sort_unstable_by_key(|&(t, _)| t);
+                bias
+            },
+            allowed_token_ids: r.allowed_token_ids,
         };
         sampling.validate().map_err(Status::invalid_argument)?;
         sampling.validate_lengths(r.max_new_tokens as usize).map_err(Status::invalid_argument)?;
@@ -216,7 +224,7 @@ impl Service {
             let n = sampling.stop_token_ids.len();
             return Err(invalid("stop_token_ids", format!("at most {MAX_STOP_TOKEN_IDS} ids, got {n}")));
         }
-        sampling.validate_vocab(ready.vocab).map_err(Status::invalid_argument)?;
+        sampling.validate_model(ready.vocab, &ready.eos).map_err(Status::invalid_argument)?;
         if r.stop.len() > limits.max_stop_strings {
             return Err(invalid(
                 "stop",
