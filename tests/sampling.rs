@@ -1,7 +1,7 @@
 //! The sampling controls that decide where generation ends or which tokens may be drawn, through the server:
-//! `min_tokens`, `ignore_eos`, `stop_token_ids`, `min_p`, `logit_bias` and `allowed_token_ids`, on the demo model with its `upper` adapter (which
-//! answers, then emits EOS). Each generated token is checked against a teacher-forced dense forward of the
-//! same model.
+//! `min_tokens`, `ignore_eos`, `stop_token_ids`, `min_p`, `logit_bias` and `allowed_token_ids`, on the demo
+//! model with its `upper` adapter (which answers, then emits EOS). Each generated token is checked against a
+//! teacher-forced dense forward of the same model.
 
 mod common;
 

@@ -46,7 +46,7 @@ pub struct SamplingArgs {
     #[arg(long = "stop-token-id")]
     pub stop_token_ids: Vec<u32>,
     /// `ID=BIAS`: add BIAS (in [-100, 100]) to token ID's logit (repeatable; OpenAI's logit_bias).
-    #[arg(long = "logit-bias", value_name = "ID=BIAS", value_parser = parse_bias, allow_hyphen_values = true)]
+    #[arg(long = "logit-bias", value_name = "ID=BIAS", value_parser = parse_bias)]
     pub logit_bias: Vec<(u32, f32)>,
     /// Only these token ids can be generated (repeatable; vLLM's allowed_token_ids).
     #[arg(long = "allowed-token-id", value_name = "ID")]

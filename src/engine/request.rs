@@ -79,8 +79,8 @@ pub struct ValidRequest {
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     /// Report each token's log-probability under the model's own distribution (the log-softmax of its
-    /// logits, before `min_tokens`, penalties, temperature, top-k, top-p and min-p: vLLM's default
-    /// `raw_logprobs`).
+    /// logits, before the allow list, `min_tokens`, the bias, penalties, temperature, top-k, top-p and min-p:
+    /// vLLM's default `raw_logprobs`).
     pub logprobs: bool,
     /// With `logprobs`: also report this many of the most likely tokens at each step (0 = none).
     pub top_logprobs: usize,

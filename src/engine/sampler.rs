@@ -92,6 +92,10 @@ impl SamplingParams {
         if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
             return Err(format!("logit_bias[{t}] must be in [-100, 100], got {b}"));
         }
+        let mut biased = HashSet::new();
+        if let Some((t, _)) = self.logit_bias.iter().find(|(t, _)| !biased.insert(*t)) {
+            return Err(format!("logit_bias: token id {t} is given twice"));
+        }
         Ok(())
     }
 
@@ -219,8 +223,8 @@ impl Sampler {
         !self.held.is_empty() && self.generated < self.params.min_tokens as usize
     }
 
-    /// The next token from a row as [`fetch_rows`](super::logits::fetch_rows) brought it (an argmax row comes from a sampler that
-    /// [`picks_argmax`](Self::picks_argmax)).
+    /// The next token from a row as [`fetch_rows`](super::logits::fetch_rows) brought it (an argmax row comes
+    /// from a sampler that [`picks_argmax`](Self::picks_argmax)).
     pub fn pick(&mut self, row: &RowLogits) -> u32 {
         match row {
             RowLogits::Full(logits) => self.sample(logits),
@@ -283,8 +287,13 @@ impl Sampler {
         }
         // In f64: logits over a temperature as small as f32 allows (1e-45) stay finite.
         let t = self.params.temperature as f64;
-        let mut cand: Vec<(u32, f64)> =
-            logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l as f64 / t)).collect();
+        // NaN and −∞ logits (tokens not allowed, or held back) are never drawn, not even by rounding.
+        let mut cand: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_nan() && **l != f32::NEG_INFINITY)
+            .map(|(i, &l)| (i as u32, l as f64 / t))
+            .collect();
         if cand.is_empty() {
             return 0;
         }
@@ -334,7 +343,9 @@ impl Sampler {
                 return cand[i].0;
             }
         }
-        cand[cand.len() - 1].0
+        // `u` fell in the rounding gap below 1: the last token that has any mass.
+        let last = probs.iter().rposition(|&p| p > 0.0).unwrap_or(0);
+        cand[last].0
     }
 }
 
@@ -484,6 +495,18 @@ mod tests {
         // Biased first, then penalized: (2 + 2.5) / 2 = 2.25 loses to 3 (penalized first, 1 + 2.5 would win).
         let penalized = SamplingParams { repetition_penalty: 2.0, ..bias };
         assert_eq!(Sampler::new(penalized, 0, &[3], &[]).sample(&logits), 2);
+        // An allowed EOS (1) is still held back by min_tokens, greedy or sampled; -100 all but bans a token
+        // when sampling too.
+        let eos_allowed = SamplingParams { allowed_token_ids: vec![1, 3], min_tokens: 2, ..Default::default() };
+        let mut s = Sampler::new(eos_allowed.clone(), 0, &[], &[1]);
+        assert_eq!([s.sample(&logits), s.sample(&logits), s.sample(&logits)], [3, 3, 1]);
+        let sampled = SamplingParams { temperature: 50.0, seed: Some(2), min_tokens: 400, ..eos_allowed };
+        let mut s = Sampler::new(sampled, 0, &[], &[1]);
+        assert!((0..400).all(|_| s.sample(&logits) == 3));
+        let far =
+            SamplingParams { temperature: 1.0, seed: Some(3), logit_bias: vec![(1, -100.0)], ..Default::default() };
+        let mut s = Sampler::new(far, 0, &[], &[]);
+        assert!((0..200).all(|_| s.sample(&[0.0, 0.0]) == 0));
     }
 
     #[test]
@@ -553,6 +576,8 @@ mod tests {
         assert_eq!(bias(100.5).validate().unwrap_err(), "logit_bias[7] must be in [-100, 100], got 100.5");
         assert!(bias(f32::NAN).validate().is_err());
         assert!(bias(-100.0).validate().is_ok());
+        let twice = SamplingParams { logit_bias: vec![(2, 1.0), (2, -1.0)], ..Default::default() };
+        assert_eq!(twice.validate().unwrap_err(), "logit_bias: token id 2 is given twice");
         assert!(bias(0.0).validate_model(7, &[]).unwrap_err().starts_with("logit_bias: token id 7"));
         let allowed = SamplingParams { allowed_token_ids: vec![1, 2], min_tokens: 1, ..Default::default() };
         assert!(allowed.validate_model(2, &[]).unwrap_err().starts_with("allowed_token_ids[1]: token id 2"));
