@@ -109,7 +109,7 @@ async fn prompt_logprobs_match_transformers_across_chunks_and_preemptions() {
                     all
                 };
                 assert_eq!(m.token_ids, r.new_ids, "{what}");
-                let want = r.logprobs.clone().expect("the fixture has logprobs");
+                let want = r.logprobs.expect("the fixture has logprobs");
                 if i == 0 {
                     assert_reference(&format!("{what}: step"), (&m.logprobs, &[]), &want, None);
                 } else {

@@ -50,6 +50,11 @@ fn logits_of(m: &LoadedModel, a: &peft::LoadedAdapter, out: &[u32]) -> Vec<Vec<f
     m.model.forward(&batch, dense, &LoraRows::Segments(&segments)).unwrap().to_vec2::<f32>().unwrap()
 }
 
+/// The demo tokenizer's token for the one character `c` (byte-level: one token per byte, after BOS).
+fn byte_token(m: &LoadedModel, c: &str) -> u32 {
+    m.tokenizer.encode(c).unwrap().last().copied().unwrap()
+}
+
 /// The greedy pick of a row with the EOS tokens held back.
 fn argmax_without(row: &[f32], eos: &[u32]) -> u32 {
     let mut row = row.to_vec();
@@ -119,7 +124,7 @@ async fn stop_token_ids_end_the_answer() {
     let (h, mut client) = start(demo_config()).await;
     let (m, upper) = reference();
     let eos = m.model.config().eos_token_ids.clone();
-    let m_id = m.tokenizer.encode("M").unwrap().last().copied().unwrap(); // byte-level: one token per byte
+    let m_id = byte_token(&m, "M");
     let with = |min_tokens, ignore_eos| GenerateRequest {
         stop_token_ids: vec![m_id],
         min_tokens,
@@ -175,10 +180,9 @@ async fn min_p_narrows_what_is_drawn() {
 async fn logit_bias_and_allowed_token_ids_shape_each_pick() {
     let (h, mut client) = start(demo_config()).await;
     let (m, upper) = reference();
-    let id = |s: &str| m.tokenizer.encode(s).unwrap().last().copied().unwrap(); // byte-level: one token per byte
     let plain = client.generate(req("upper", PROMPT, 12)).await.unwrap().into_inner().token_ids;
     // Ban the answer's first token, favour "a" a little.
-    let bias = [(plain[0], -100.0f32), (id("a"), 2.0)];
+    let bias = [(plain[0], -100.0f32), (byte_token(&m, "a"), 2.0)];
     let biased = GenerateRequest { logit_bias: bias.into_iter().collect(), logprobs: true, ..req("upper", PROMPT, 12) };
     let out = client.generate(biased).await.unwrap().into_inner();
     assert_ne!(out.token_ids, plain, "the bias changed nothing");
@@ -191,7 +195,7 @@ async fn logit_bias_and_allowed_token_ids_shape_each_pick() {
         assert!((lp - raw).abs() <= 1e-4, "token {i}: logprob {lp} vs the raw row's {raw}");
     }
     // Lowercase letters and the space only: the `upper` adapter's capitals and its EOS are out.
-    let allowed: Vec<u32> = "abcdefghijklmnopqrstuvwxyz ".chars().map(|c| id(&c.to_string())).collect();
+    let allowed: Vec<u32> = "abcdefghijklmnopqrstuvwxyz ".chars().map(|c| byte_token(&m, &c.to_string())).collect();
     let only = |temperature| GenerateRequest {
         allowed_token_ids: allowed.clone(),
         temperature,

@@ -265,7 +265,7 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     let prompt_ids = loaded.tokenizer.encode(&args.prompt)?;
     let config = loaded.model.config();
     sampling.validate_model(config.vocab_size, &config.eos_token_ids).map_err(anyhow::Error::msg)?;
-    let ctx = loaded.model.config().max_position_embeddings;
+    let ctx = config.max_position_embeddings;
     if prompt_ids.len() + args.max_new_tokens > ctx {
         bail!(
             "prompt ({} tokens) + --max-new-tokens ({}) exceeds the model's context of {ctx} positions",

@@ -203,6 +203,7 @@ impl Service {
             ignore_eos: r.ignore_eos,
             stop_token_ids: r.stop_token_ids,
             logit_bias: {
+                // In id order, not the map's: the same request gets the same error message.
                 let mut bias: Vec<(u32, f32)> = r.logit_bias.into_iter().collect();
                 bias.sort_unstable_by_key(|&(t, _)| t);
                 bias
