@@ -157,6 +157,36 @@ fn sigterm_drains_and_exits_zero() {
         }
         assert!(v.get("logprobs").is_none(), "{v}");
     }
+    // --message: the server renders a conversation with the demo's chat template as `server generate` does
+    // (`<|role|>` lines, BOS added: the template writes none), with the adapter.
+    let chat = ["--message", "system=Be brief.", "--message", "user=cat moon", "--max-new-tokens", "12", "--json"];
+    let local_chat = {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+            .args([&local_upper[..], &["--adapter", "upper"], &chat].concat())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let demo = loraserve::model::demo::tokenizer().unwrap();
+    let want = demo.encode("<|system|>\nBe brief.\n<|user|>\ncat moon\n<|assistant|>\n").unwrap();
+    assert_eq!(local_chat["prompt_token_ids"], serde_json::json!(want));
+    let args = [&client[..], &["--adapter", "upper", "--prompt-logprobs", "0"], &chat].concat();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let served: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(served["prompt_token_ids"], local_chat["prompt_token_ids"]);
+    assert_eq!(served["token_ids"], local_chat["token_ids"]);
+    assert_eq!(served["text"], local_chat["text"]);
+    for (args, words) in [
+        (&["--message", "user"][..], "expected ROLE=TEXT"),
+        (&["--message", "user=a", "--prompt", "b"], "cannot be used with"),
+        (&[], "--prompt"),
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args([&client[..], args].concat()).output();
+        let err = String::from_utf8_lossy(&o.as_ref().unwrap().stderr).into_owned();
+        assert!(!o.unwrap().status.success() && err.contains(words), "{args:?}: {err}");
+    }
     for (flag, value) in [
         ("--repetition-penalty", "0"),
         ("--frequency-penalty", "3"),

@@ -53,6 +53,46 @@ pub struct SamplingArgs {
     pub allowed_token_ids: Vec<u32>,
 }
 
+/// What to continue: raw text or a conversation (shared by `generate` and `client generate`).
+#[derive(Args, Debug, Clone)]
+pub struct PromptArgs {
+    /// The prompt (encoded with the tokenizer's special tokens, e.g. BOS).
+    #[arg(long, required_unless_present = "messages", conflicts_with = "messages")]
+    pub prompt: Option<String>,
+    /// `ROLE=TEXT`: one turn of a conversation to continue instead of --prompt (repeatable, in order),
+    /// rendered with the model's chat template and its generation prompt, e.g. --message system=Be\ brief.
+    /// --message user=Hi.
+    #[arg(long = "message", id = "messages", value_name = "ROLE=TEXT", value_parser = parse_message)]
+    pub messages: Vec<(String, String)>,
+}
+
+/// `--message ROLE=TEXT` (the text may hold `=`; the role may not be empty).
+fn parse_message(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((role, text)) if !role.trim().is_empty() => Ok((role.trim().to_string(), text.to_string())),
+        _ => Err(format!("`{s}`: expected ROLE=TEXT, e.g. user=Hello")),
+    }
+}
+
+impl PromptArgs {
+    /// The prompt's token ids for this model.
+    fn ids(&self, tok: &crate::model::Tokenizer) -> Result<Vec<u32>> {
+        let Some(prompt) = &self.prompt else {
+            let chat = crate::model::ChatTemplate::new(tok).context("--message")?;
+            let list: Vec<_> = self
+                .messages
+                .iter()
+                .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+                .collect();
+            return chat.prompt_ids(tok, &list).context("--message");
+        };
+        if prompt.is_empty() {
+            bail!("--prompt is empty");
+        }
+        Ok(tok.encode(prompt)?)
+    }
+}
+
 /// `--logit-bias ID=BIAS`.
 fn parse_bias(s: &str) -> Result<(u32, f32), String> {
     let (id, bias) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected ID=BIAS, e.g. 42=-100"))?;
@@ -92,9 +132,8 @@ impl SamplingArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The prompt (encoded with the tokenizer's special tokens, e.g. BOS).
-    #[arg(long)]
-    pub prompt: String,
+    #[command(flatten)]
+    pub input: PromptArgs,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// A LoRA adapter: a folder in PEFT layout, or an adapter id under `--adapters`.
@@ -126,6 +165,8 @@ pub struct ClientArgs {
     pub call: ClientCall,
 }
 
+/// Parsed once per process: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum ClientCall {
     /// Generate (add --stream to stream the text as it is produced).
@@ -133,8 +174,8 @@ pub enum ClientCall {
         /// Adapter id (empty: the base model).
         #[arg(long, default_value = "")]
         adapter: String,
-        #[arg(long)]
-        prompt: String,
+        #[command(flatten)]
+        input: PromptArgs,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: u32,
         #[command(flatten)]
@@ -186,7 +227,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
         match args.call {
             ClientCall::Generate {
                 adapter,
-                prompt,
+                input,
                 max_new_tokens,
                 sampling,
                 stop,
@@ -201,7 +242,8 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                 let sampling = sampling.params(max_new_tokens as usize)?;
                 let call = crate::server::client::GenerateCall {
                     adapter_id: adapter,
-                    prompt,
+                    prompt: input.prompt.unwrap_or_default(),
+                    messages: input.messages,
                     max_new_tokens,
                     sampling,
                     stop,
@@ -254,7 +296,7 @@ fn resolve_adapter(arg: &str, root: &std::path::Path) -> Result<std::path::PathB
 }
 
 pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
-    if args.prompt.is_empty() {
+    if args.input.prompt.as_ref().is_some_and(String::is_empty) {
         bail!("--prompt is empty");
     }
     if args.max_new_tokens == 0 {
@@ -262,7 +304,7 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     }
     let sampling = args.sampling.params(args.max_new_tokens)?;
     let loaded = args.model.load()?;
-    let prompt_ids = loaded.tokenizer.encode(&args.prompt)?;
+    let prompt_ids = args.input.ids(&loaded.tokenizer)?;
     let config = loaded.model.config();
     sampling.validate_model(config.vocab_size, &config.eos_token_ids).map_err(anyhow::Error::msg)?;
     let ctx = config.max_position_embeddings;

@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: raw `config.json` (transformers 4.x and 5.x forms) → [`ModelConfig`].
 //! - [`weights`]: memory-mapped safetensors (single file or shards) behind [`WeightSource`].
-//! - [`tokenizer`]: `tokenizer.json` + chat template, and the streaming detokenizer.
+//! - [`tokenizer`]: `tokenizer.json` + chat template, and the streaming detokenizer; [`chat`]: rendering
+//!   conversations with the chat template (server `messages`, train `{"messages"}` lines).
 //! - [`linear`]: [`Linear`], the single linear type (dense or NF4 base + LoRA rows).
 //! - [`attention`], [`kv_cache`]: RoPE, dense and paged attention, the block KV cache.
 //! - [`llama`]: [`Model`] and its forward over a flattened batch.
@@ -12,6 +13,7 @@
 //! [`load`] turns a [`ModelSpec`] into a [`LoadedModel`].
 
 pub mod attention;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;
@@ -26,6 +28,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
+pub use chat::{ChatError, ChatTemplate};
 pub use config::{ConfigError, ModelConfig};
 pub use linear::{BaseWeight, Linear};
 pub use llama::{AttentionMode, Batch, Model, SeqInput};

@@ -23,9 +23,14 @@ pub struct Tokenizer {
     /// The names of the chat templates `tokenizer_config.json` lists when none is named "default": then
     /// `chat_template` is `None`, and `server train` refuses to pick one, as transformers does.
     pub chat_template_names: Vec<String>,
-    pub bos_token: Option<String>,
-    pub eos_token: Option<String>,
+    /// The named special tokens of `tokenizer_config.json` that it sets (`("bos_token", "<s>")`, …, in
+    /// transformers' order), which chat templates see as variables.
+    pub special_tokens: Vec<(String, String)>,
 }
+
+/// transformers' `SPECIAL_TOKENS_ATTRIBUTES`.
+const SPECIAL_TOKENS: [&str; 7] =
+    ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
 impl Tokenizer {
     /// Loads `tokenizer.json` (required), `tokenizer_config.json` and `chat_template.jinja` (optional) from a
@@ -100,7 +105,7 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_bytes(json)
             .map_err(|e| TokenizerError::Load { file: file.to_string(), reason: e.to_string() })?;
         let mut tok =
-            Tokenizer { inner, chat_template: None, chat_template_names: Vec::new(), bos_token: None, eos_token: None };
+            Tokenizer { inner, chat_template: None, chat_template_names: Vec::new(), special_tokens: Vec::new() };
         if let Some((text, cfile)) = config {
             let v: serde_json::Value = serde_json::from_str(text)
                 .map_err(|e| TokenizerError::Load { file: cfile.to_string(), reason: format!("invalid JSON: {e}") })?;
@@ -133,10 +138,15 @@ impl Tokenizer {
                 Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
                 _ => None,
             };
-            tok.bos_token = token_str("bos_token");
-            tok.eos_token = token_str("eos_token");
+            tok.special_tokens =
+                SPECIAL_TOKENS.iter().filter_map(|&k| token_str(k).map(|t| (k.to_string(), t))).collect();
         }
         Ok(tok)
+    }
+
+    /// The named special token `name` (`"eos_token"`, …), when tokenizer_config.json sets it.
+    pub fn special_token(&self, name: &str) -> Option<&str> {
+        self.special_tokens.iter().find(|(k, _)| k == name).map(|(_, t)| t.as_str())
     }
 
     /// Token ids of `text` with the tokenizer's special tokens added (e.g. BOS from its post-processor).

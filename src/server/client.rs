@@ -30,6 +30,8 @@ pub struct Target {
 pub struct GenerateCall {
     pub adapter_id: String,
     pub prompt: String,
+    /// `(role, content)` turns of a conversation, instead of `prompt`.
+    pub messages: Vec<(String, String)>,
     pub max_new_tokens: u32,
     /// Validated (`SamplingParams::validate`): some invalid values, like a top-p of 0, read as unset on the wire.
     pub sampling: SamplingParams,
@@ -143,6 +145,11 @@ impl GenerateCall {
             prompt_logprobs: self.prompt_logprobs,
             logit_bias: s.logit_bias.iter().copied().collect(),
             allowed_token_ids: s.allowed_token_ids.clone(),
+            messages: self
+                .messages
+                .iter()
+                .map(|(role, content)| proto::ChatMessage { role: role.clone(), content: content.clone() })
+                .collect(),
         }
     }
 }

@@ -177,9 +177,17 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let context = m.config().max_position_embeddings;
     let vocab = m.config().vocab_size;
     let eos = m.config().eos_token_ids.clone();
+    let chat = model::ChatTemplate::new(&loaded.tokenizer);
+    match &chat {
+        Ok(_) => tracing::info!("chat template loaded: requests may give messages"),
+        Err(e) if loaded.tokenizer.chat_template.is_some() => {
+            tracing::warn!(reason = %e, "requests with messages will be refused")
+        }
+        Err(e) => tracing::info!(reason = %e, "requests with messages will be refused"),
+    }
     let tokenizer = Arc::new(loaded.tokenizer);
     let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine).map_err(model::ModelError::from)?;
-    Ok(Ready { engine, tokenizer, cache, context, vocab, eos })
+    Ok(Ready { engine, tokenizer, chat, cache, context, vocab, eos })
 }
 
 /// Starts serving gRPC on `grpc` and `/metrics` on `metrics`.

@@ -19,7 +19,7 @@ use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
 use crate::engine::{Engine, Event, FinishReason, PromptLogprobs, SamplingParams, ValidRequest};
 use crate::lora::cache::{AdapterCache, AdapterLease};
-use crate::model::Tokenizer;
+use crate::model::{ChatError, ChatTemplate, Tokenizer};
 use crate::telemetry as t;
 
 /// Limits applied at validation.
@@ -40,6 +40,8 @@ impl Default for Limits {
 pub struct Ready {
     pub engine: Arc<Engine>,
     pub tokenizer: Arc<Tokenizer>,
+    /// The model's chat template, for requests that give `messages`; why there is none otherwise.
+    pub chat: Result<ChatTemplate, ChatError>,
     pub cache: AdapterCache,
     /// The model's context length (positions).
     pub context: usize,
@@ -179,8 +181,10 @@ impl Service {
         check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
         let r = req.into_inner();
         let limits = self.state.limits;
-        if r.prompt.is_empty() {
-            return Err(invalid("prompt", "is empty"));
+        match (r.prompt.is_empty(), r.messages.is_empty()) {
+            (true, true) => return Err(invalid("prompt", "is empty (give a prompt or messages)")),
+            (false, false) => return Err(invalid("messages", "given with a prompt: give one of the two")),
+            _ => {}
         }
         if r.max_new_tokens == 0 || r.max_new_tokens > limits.max_new_tokens_cap {
             return Err(invalid(
@@ -237,10 +241,15 @@ impl Service {
                 return Err(invalid(&format!("stop[{i}]"), format!("must be 1..={} bytes", limits.max_stop_bytes)));
             }
         }
-        let prompt_ids = ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?;
+        let prompt_ids = if r.messages.is_empty() {
+            ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?
+        } else {
+            conversation_ids(ready, &r.messages)?
+        };
         if prompt_ids.is_empty() {
             // A tokenizer without BOS whose normalizer drops the whole text: nothing to continue from.
-            return Err(invalid("prompt", "encodes to no tokens"));
+            let field = if r.messages.is_empty() { "prompt" } else { "messages" };
+            return Err(invalid(field, "encodes to no tokens"));
         }
         let total = prompt_ids.len() + r.max_new_tokens as usize;
         if total > ready.context {
@@ -280,6 +289,19 @@ impl Service {
         ready.engine.submit(valid).map_err(status::from_submit)?;
         Ok(Admitted { events: rx, adapter_version })
     }
+}
+
+/// The prompt of a request's `messages`: the model's chat template renders them, with its generation prompt.
+fn conversation_ids(ready: &Ready, messages: &[proto::ChatMessage]) -> Result<Vec<u32>, Status> {
+    let chat = ready.chat.as_ref().map_err(|e| Status::failed_precondition(format!("messages: {e}")))?;
+    let mut list = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        if m.role.is_empty() {
+            return Err(invalid(&format!("messages[{i}].role"), "is empty"));
+        }
+        list.push(serde_json::json!({ "role": m.role, "content": m.content }));
+    }
+    chat.prompt_ids(&ready.tokenizer, &list).map_err(|e| invalid("messages", e))
 }
 
 /// Leases adapter `id`, within the request's deadline: waiting for its load, its copy to the device or room

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::model::Tokenizer;
+use crate::model::{ChatTemplate, Tokenizer};
 
 /// The demo tokenizer's chat template: `<|role|>\n{content}\n` per message, the end-of-sequence token after
 /// each assistant turn.
@@ -156,7 +156,7 @@ fn encode(tok: &Tokenizer, text: &str, special: bool) -> Result<Vec<u32>, String
 fn example(
     v: &Value,
     tok: &Tokenizer,
-    chat: &OnceCell<Result<ChatRenderer, String>>,
+    chat: &OnceCell<Result<ChatTemplate, String>>,
     eos: u32,
 ) -> Result<Example, String> {
     let Some(obj) = v.as_object() else { return Err("each line must be a JSON object".into()) };
@@ -169,8 +169,8 @@ fn example(
     if has("messages") {
         // The line's own mistakes first: they hold whatever the template.
         let list = check_messages(&obj["messages"])?;
-        let chat = chat.get_or_init(|| ChatRenderer::new(tok)).as_ref().map_err(Clone::clone)?;
-        return chat.example(list, tok);
+        let chat = chat.get_or_init(|| ChatTemplate::new(tok).map_err(|e| e.to_string())).as_ref()?;
+        return chat_example(chat, list, tok);
     }
     if has("prompt") || has("completion") {
         let prompt = encode(tok, str_field(v, "prompt")?, true)?;
@@ -199,85 +199,28 @@ fn example(
     Err("expected {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"}".into())
 }
 
-/// transformers' `{% generation %}…{% endgeneration %}` (marking assistant text for
-/// `return_assistant_tokens_mask`) is no Jinja statement: rendered here as a plain block, whitespace
-/// control kept. The assistant turns are found by rendering prefixes either way.
-fn without_generation_blocks(template: &str) -> String {
-    let open = fancy_regex::Regex::new(r"\{%(-?)\s*generation\s*(-?)%\}").expect("valid regex");
-    let close = fancy_regex::Regex::new(r"\{%(-?)\s*endgeneration\s*(-?)%\}").expect("valid regex");
-    let t = open.replace_all(template, "{%${1} if true ${2}%}");
-    close.replace_all(&t, "{%${1} endif ${2}%}").into_owned()
-}
-
-/// Renders conversations with a chat template and finds the assistant turns.
-struct ChatRenderer {
-    env: minijinja::Environment<'static>,
-    bos: String,
-    eos: String,
-}
-
-impl ChatRenderer {
-    /// The tokenizer's chat template.
-    fn new(tok: &Tokenizer) -> Result<Self, String> {
-        if tok.chat_template.is_none() && !tok.chat_template_names.is_empty() {
-            return Err(format!(
-                "the tokenizer's chat templates are named {:?} and none is named \"default\", so none is the chat template (transformers refuses to pick one too); save the one to train with as chat_template.jinja in the model folder",
-                tok.chat_template_names
-            ));
+/// Renders a conversation prefix by prefix (as TRL does) to find the assistant turns: they carry the loss.
+fn chat_example(chat: &ChatTemplate, list: &[Value], tok: &Tokenizer) -> Result<Example, String> {
+    let full = chat.render(list, false).map_err(|e| e.to_string())?;
+    let mut spans = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        if m["role"] != "assistant" {
+            continue;
         }
-        let Some(template) = tok.chat_template.as_deref() else {
-            return Err("the tokenizer has no chat template (`chat_template` in tokenizer_config.json, or chat_template.jinja), so `messages` lines cannot be rendered: add one to the model folder, or write prompt/completion lines".into());
-        };
-        let mut env = minijinja::Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template_owned("chat", without_generation_blocks(template))
-            .map_err(|e| format!("chat template: {e}"))?;
-        Ok(ChatRenderer {
-            env,
-            bos: tok.bos_token.clone().unwrap_or_default(),
-            eos: tok.eos_token.clone().unwrap_or_default(),
-        })
-    }
-
-    fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String, String> {
-        let t = self.env.get_template("chat").expect("added");
-        t.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos,
-            eos_token => self.eos,
-        })
-        .map_err(|e| format!("rendering the chat template: {e}"))
-    }
-
-    /// The example of a conversation [`check_messages`] accepted.
-    fn example(&self, list: &[Value], tok: &Tokenizer) -> Result<Example, String> {
-        let full = self.render(list, false)?;
-        let mut spans = Vec::new();
-        for (i, m) in list.iter().enumerate() {
-            if m["role"] != "assistant" {
-                continue;
-            }
-            let before = self.render(&list[..i], true)?;
-            let through = self.render(&list[..=i], false)?;
-            if !full.starts_with(&through) || !through.starts_with(&before) {
-                return Err(
-                    "the chat template does not render conversations prefix by prefix; cannot find the assistant turns"
-                        .into(),
-                );
-            }
-            spans.push((before.len(), through.len()));
+        let before = chat.render(&list[..i], true).map_err(|e| e.to_string())?;
+        let through = chat.render(&list[..=i], false).map_err(|e| e.to_string())?;
+        if !full.starts_with(&through) || !through.starts_with(&before) {
+            return Err(
+                "the chat template does not render conversations prefix by prefix; cannot find the assistant turns"
+                    .into(),
+            );
         }
-        // Templates that write BOS themselves are encoded without adding it again.
-        let add_special = self.bos.is_empty() || !full.starts_with(&self.bos);
-        let (ids, offsets) = tok.encode_with_offsets(&full, add_special).map_err(|e| e.to_string())?;
-        let targets = offsets.iter().map(|&(s, e)| e > s && spans.iter().any(|&(a, b)| s >= a && e <= b)).collect();
-        Ok(Example { ids, targets })
+        spans.push((before.len(), through.len()));
     }
+    // Encoded as the server encodes a conversation's prompt: BOS added unless the template wrote it.
+    let (ids, offsets) = tok.encode_with_offsets(&full, chat.add_special_tokens(&full)).map_err(|e| e.to_string())?;
+    let targets = offsets.iter().map(|&(s, e)| e > s && spans.iter().any(|&(a, b)| s >= a && e <= b)).collect();
+    Ok(Example { ids, targets })
 }
 
 #[cfg(test)]

@@ -287,7 +287,7 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
 fn example_eos(model: &Model, tok: &Tokenizer) -> Result<u32, TrainError> {
     let ids = &model.config().eos_token_ids;
     let first = *ids.first().ok_or_else(|| TrainError::Config("the model has no eos_token_id".into()))?;
-    match tok.eos_token.as_deref().and_then(|t| Some((t, tok.token_to_id(t)?))) {
+    match tok.special_token("eos_token").and_then(|t| Some((t, tok.token_to_id(t)?))) {
         Some((_, id)) if ids.contains(&id) => Ok(id),
         Some((name, id)) => {
             tracing::warn!(eos = first, tokenizer_eos = name, tokenizer_eos_id = id, "examples end with the config's end-of-sequence id, which is not the tokenizer's eos_token; check eos_token_id in config.json / generation_config.json");
@@ -413,7 +413,7 @@ mod tests {
     #[test]
     fn examples_end_with_the_tokenizers_eos_when_generation_stops_at_it() {
         let tok = crate::model::demo::tokenizer().unwrap();
-        assert_eq!(tok.token_to_id(tok.eos_token.as_deref().unwrap()), Some(1));
+        assert_eq!(tok.token_to_id(tok.special_token("eos_token").unwrap()), Some(1));
         let weights = crate::model::demo::weights().unwrap();
         let opts = crate::model::LoadOptions { quant: crate::quant::QuantMode::None, ..Default::default() };
         for (ids, want) in [(vec![5, 7, 1], 1), (vec![5, 7], 5)] {

@@ -1,0 +1,153 @@
+//! Chat templates: loraserve's rendering against transformers' `apply_chat_template` for published templates
+//! (`chat-templates/`), and a request's `messages` through the server.
+
+mod common;
+
+use common::fixture;
+use common::serve::{config, req, start};
+use loraserve::model::chat::strftime_utc;
+use loraserve::model::{ChatError, ChatTemplate, Tokenizer};
+use loraserve::server::proto::{ChatMessage, GenerateRequest};
+use serde_json::Value;
+
+fn expected() -> Value {
+    let path = fixture("chat-templates/expected.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Every template × conversation renders to transformers' text, with and without the generation prompt, or is
+/// refused with the template's own message where transformers' raised it; the prompt's ids are the rendered
+/// text's, with the tokenizer's BOS added only where the template did not write it.
+#[test]
+fn templates_render_as_transformers_renders_them() {
+    let e = expected();
+    let (mut rendered, mut refused) = (0, 0);
+    for case in e["results"].as_array().unwrap() {
+        let (name, conv) = (case["template"].as_str().unwrap(), case["conversation"].as_str().unwrap());
+        let mut tok = Tokenizer::from_dir(&fixture("llama/model")).unwrap();
+        tok.chat_template = Some(e["templates"][name].as_str().unwrap().to_string());
+        let chat = ChatTemplate::new(&tok).unwrap();
+        let messages = e["conversations"][conv].as_array().unwrap();
+        for (key, generation_prompt) in [("prompt", true), ("full", false)] {
+            let what = format!("{name} × {conv} ({key})");
+            let want = &case[key];
+            let got = chat.render(messages, generation_prompt);
+            if let Some(message) = want["error"].as_str() {
+                let want = ChatError::Render(format!("the chat template refused the conversation: {message}"));
+                assert_eq!(got, Err(want), "{what}");
+                refused += 1;
+                continue;
+            }
+            let text = got.unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(text, want["text"].as_str().unwrap(), "{what}");
+            rendered += 1;
+            if generation_prompt {
+                let writes_bos = text.starts_with("<s>");
+                let want_ids = ids(&want[if writes_bos { "ids_plain" } else { "ids_special" }]);
+                assert_eq!(chat.prompt_ids(&tok, messages).unwrap(), want_ids, "{what}");
+            }
+        }
+    }
+    // 6 templates × 6 conversations × 2, the refusals being llama-2's and mistral's.
+    assert_eq!((rendered, refused), (62, 10));
+}
+
+/// `strftime_now`'s formatting equals Python's `time.strftime` over `time.gmtime`.
+#[test]
+fn strftime_matches_python() {
+    for case in expected()["strftime"].as_array().unwrap() {
+        let (t, f) = (case["instant"].as_i64().unwrap(), case["format"].as_str().unwrap());
+        assert_eq!(strftime_utc(f, t).unwrap(), case["text"].as_str().unwrap(), "{t} {f}");
+    }
+}
+
+fn chat(messages: &[(&str, &str)]) -> Vec<ChatMessage> {
+    messages.iter().map(|&(role, content)| ChatMessage { role: role.into(), content: content.into() }).collect()
+}
+
+/// A copy of the fixture llama with `template` as its chat_template.jinja.
+fn llama_with_template(dir: &std::path::Path, template: &str) -> std::path::PathBuf {
+    let model = dir.join("model");
+    common::copy_dir(&fixture("llama/model"), &model);
+    std::fs::write(model.join("chat_template.jinja"), template).unwrap();
+    model
+}
+
+async fn prompt_ids(
+    c: &mut loraserve::server::proto::lora_serve_client::LoraServeClient<tonic::transport::Channel>,
+    r: GenerateRequest,
+) -> (Vec<u32>, Vec<u32>) {
+    let m = c.generate(GenerateRequest { prompt_logprobs: Some(0), ..r }).await.unwrap().into_inner();
+    (m.prompt_token_ids, m.token_ids)
+}
+
+/// `messages` through the server, with Mistral's template: the prompt is transformers' rendering's ids (BOS
+/// written by the template, not added again), the tokens those of the same ids sent as text, with the base and
+/// with an adapter; the template's refusal is INVALID_ARGUMENT with its message, and so are a request with
+/// both a prompt and messages, with neither, and with an empty role; the server goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_rendered_with_the_models_template() {
+    let e = expected();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = llama_with_template(tmp.path(), e["templates"]["mistral"].as_str().unwrap());
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.model = loraserve::model::ModelSpec::Dir(model);
+    let (_h, mut c) = start(cfg).await;
+    let case = |conv: &str| {
+        let found =
+            e["results"].as_array().unwrap().iter().find(|r| r["template"] == "mistral" && r["conversation"] == conv);
+        found.unwrap()["prompt"].clone()
+    };
+    for conv in ["user", "no-system-multi-turn"] {
+        let want = case(conv);
+        let turns: Vec<(&str, &str)> = e["conversations"][conv]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        // The same ids as text: transformers' rendering without its leading "<s>", which the server adds.
+        let text = want["text"].as_str().unwrap().strip_prefix("<s>").unwrap();
+        for adapter in ["", "qkvo-r8"] {
+            let by_messages =
+                prompt_ids(&mut c, GenerateRequest { messages: chat(&turns), ..req(adapter, "", 6) }).await;
+            assert_eq!(by_messages.0, ids(&want["ids_plain"]), "{conv} {adapter:?}");
+            let by_text = prompt_ids(&mut c, req(adapter, text, 6)).await;
+            assert_eq!(by_messages, by_text, "{conv} {adapter:?}");
+        }
+    }
+    let refused = [
+        (
+            GenerateRequest { messages: chat(&[("system", "S"), ("user", "U")]), ..req("", "", 4) },
+            "messages: the chat template refused the conversation: Conversation roles must alternate user/assistant/user/assistant/...",
+        ),
+        (
+            GenerateRequest { messages: chat(&[("user", "U"), ("tool", "T")]), ..req("", "", 4) },
+            "messages: the chat template refused the conversation: Only user and assistant roles are supported!",
+        ),
+        (GenerateRequest { messages: chat(&[("user", "U")]), ..req("", "Hello", 4) }, "messages: given with a prompt"),
+        (req("", "", 4), "prompt: is empty (give a prompt or messages)"),
+        (GenerateRequest { messages: chat(&[("user", "U"), ("", "A")]), ..req("", "", 4) }, "messages[1].role: is empty"),
+    ];
+    for (r, words) in refused {
+        let s = c.generate(r).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        assert!(s.message().starts_with(words), "{s:?}");
+    }
+    let ok = c.generate(GenerateRequest { messages: chat(&[("user", "U")]), ..req("", "", 4) }).await.unwrap();
+    assert_eq!(ok.into_inner().token_ids.len(), 4);
+}
+
+/// A model without a chat template refuses `messages` with FAILED_PRECONDITION naming why; raw prompts run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_without_a_template_refuses_messages() {
+    let (_h, mut c) = start(config(fixture("llama/adapters"))).await;
+    let s = c.generate(GenerateRequest { messages: chat(&[("user", "Hi")]), ..req("", "", 4) }).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().starts_with("messages: the tokenizer has no chat template"), "{s:?}");
+    assert_eq!(c.generate(req("", "Hello", 3)).await.unwrap().into_inner().token_ids.len(), 3);
+}
