@@ -86,9 +86,6 @@ impl PromptArgs {
                 .collect();
             return chat.prompt_ids(tok, &list).context("--message");
         };
-        if prompt.is_empty() {
-            bail!("--prompt is empty");
-        }
         Ok(tok.encode(prompt)?)
     }
 }

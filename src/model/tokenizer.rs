@@ -21,10 +21,11 @@ pub struct Tokenizer {
     /// Jinja chat template from `tokenizer_config.json`, when the model has one.
     pub chat_template: Option<String>,
     /// The names of the chat templates `tokenizer_config.json` lists when none is named "default": then
-    /// `chat_template` is `None`, and `server train` refuses to pick one, as transformers does.
+    /// `chat_template` is `None`, and conversations are refused (server and train), as transformers refuses
+    /// to pick one.
     pub chat_template_names: Vec<String>,
-    /// The named special tokens of `tokenizer_config.json` that it sets (`("bos_token", "<s>")`, …, in
-    /// transformers' order), which chat templates see as variables.
+    /// The named special tokens `tokenizer_config.json` sets (`("bos_token", "<s>")`, …, a model's own
+    /// `image_token`s and `extra_special_tokens` too), which chat templates see as variables.
     pub special_tokens: Vec<(String, String)>,
 }
 
@@ -138,8 +139,29 @@ impl Tokenizer {
                 Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
                 _ => None,
             };
-            tok.special_tokens =
+            // As transformers 5 names them: the standard seven, then a model's own `*_token` strings and
+            // `extra_special_tokens` given as a map of names (a list names none).
+            let mut special: Vec<(String, String)> =
                 SPECIAL_TOKENS.iter().filter_map(|&k| token_str(k).map(|t| (k.to_string(), t))).collect();
+            if let Some(o) = v.as_object() {
+                for (k, t) in o {
+                    if k.ends_with("_token") && !SPECIAL_TOKENS.contains(&k.as_str()) {
+                        if let Some(t) = t.as_str() {
+                            special.push((k.clone(), t.to_string()));
+                        }
+                    }
+                }
+            }
+            if let Some(extra) = v.get("extra_special_tokens").and_then(|e| e.as_object()) {
+                for (k, t) in extra {
+                    let t = t.as_str().or_else(|| t.get("content").and_then(|c| c.as_str()));
+                    if let Some(t) = t {
+                        special.retain(|(name, _)| name != k);
+                        special.push((k.clone(), t.to_string()));
+                    }
+                }
+            }
+            tok.special_tokens = special;
         }
         Ok(tok)
     }
@@ -260,6 +282,23 @@ mod tests {
     }
 
     /// A list of named templates: the one named "default" is the chat template; without one, none is (and
+    /// The special tokens chat templates see: the standard ones (a string or an AddedToken's content), a
+    /// model's own `*_token` strings, and `extra_special_tokens` given as a map.
+    #[test]
+    fn special_tokens_as_transformers_names_them() {
+        let json = super::super::demo::TOKENIZER_JSON.as_bytes();
+        let config = r#"{"bos_token": {"content": "<s>", "__type": "AddedToken"}, "eos_token": "</s>",
+            "image_token": "<img>", "add_bos_token": true, "pad_token": null,
+            "extra_special_tokens": {"audio_token": "<au>", "image_token": "<image>"}}"#;
+        let t = Tokenizer::from_parts(json, "tokenizer.json", Some((config, "tc.json"))).unwrap();
+        let names: Vec<(&str, &str)> = t.special_tokens.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            names,
+            [("bos_token", "<s>"), ("eos_token", "</s>"), ("audio_token", "<au>"), ("image_token", "<image>")]
+        );
+        assert_eq!(t.special_token("eos_token"), Some("</s>"));
+    }
+
     /// the names are kept for the error); malformed forms are refused naming the key.
     #[test]
     fn named_chat_templates() {

@@ -179,7 +179,14 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let eos = m.config().eos_token_ids.clone();
     let chat = model::ChatTemplate::new(&loaded.tokenizer);
     match &chat {
-        Ok(_) => tracing::info!("chat template loaded: requests may give messages"),
+        // A template that cannot render one user turn fails in our environment, not on a conversation (a
+        // directive or filter minijinja lacks): said now, not first in a request's error.
+        Ok(chat) => match chat.render(&[serde_json::json!({"role": "user", "content": "Hello"})], true) {
+            Err(model::ChatError::Render(e)) if !e.starts_with(model::chat::REFUSED) => {
+                tracing::warn!(reason = %e, "the chat template fails on a one-turn conversation: requests with messages will likely be refused")
+            }
+            _ => tracing::info!("chat template loaded: requests may give messages"),
+        },
         Err(e) if loaded.tokenizer.chat_template.is_some() => {
             tracing::warn!(reason = %e, "requests with messages will be refused")
         }

@@ -293,7 +293,6 @@ impl Service {
 
 /// The prompt of a request's `messages`: the model's chat template renders them, with its generation prompt.
 fn conversation_ids(ready: &Ready, messages: &[proto::ChatMessage]) -> Result<Vec<u32>, Status> {
-    let chat = ready.chat.as_ref().map_err(|e| Status::failed_precondition(format!("messages: {e}")))?;
     let mut list = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         if m.role.is_empty() {
@@ -301,6 +300,7 @@ fn conversation_ids(ready: &Ready, messages: &[proto::ChatMessage]) -> Result<Ve
         }
         list.push(serde_json::json!({ "role": m.role, "content": m.content }));
     }
+    let chat = ready.chat.as_ref().map_err(|e| Status::failed_precondition(format!("messages: {e}")))?;
     chat.prompt_ids(&ready.tokenizer, &list).map_err(|e| invalid("messages", e))
 }
 

@@ -169,7 +169,9 @@ fn example(
     if has("messages") {
         // The line's own mistakes first: they hold whatever the template.
         let list = check_messages(&obj["messages"])?;
-        let chat = chat.get_or_init(|| ChatTemplate::new(tok).map_err(|e| e.to_string())).as_ref()?;
+        let chat = chat
+            .get_or_init(|| ChatTemplate::new(tok).map_err(|e| format!("{e}, or write prompt/completion lines")))
+            .as_ref()?;
         return chat_example(chat, list, tok);
     }
     if has("prompt") || has("completion") {
@@ -217,14 +219,16 @@ fn chat_example(chat: &ChatTemplate, list: &[Value], tok: &Tokenizer) -> Result<
         }
         spans.push((before.len(), through.len()));
     }
-    // Encoded as the server encodes a conversation's prompt: BOS added unless the template wrote it.
-    let (ids, offsets) = tok.encode_with_offsets(&full, chat.add_special_tokens(&full)).map_err(|e| e.to_string())?;
+    // Encoded as the server encodes a conversation's prompt: BOS put before it unless the template wrote it.
+    let (ids, offsets) = chat.encode(tok, &full).map_err(|e| e.to_string())?;
     let targets = offsets.iter().map(|&(s, e)| e > s && spans.iter().any(|&(a, b)| s >= a && e <= b)).collect();
     Ok(Example { ids, targets })
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
     use crate::model::demo;
 
@@ -265,6 +269,21 @@ mod tests {
         let with_null =
             parse("{\"prompt\": \"hi\", \"completion\": \"yo\", \"text\": null, \"messages\": null}\n", None);
         assert_eq!(with_null.unwrap().0, pc);
+    }
+
+    /// A conversation trains on the ids the server prompts it with: an example's ids before its assistant turn
+    /// are the prompt `messages` without that turn get (demo template: no BOS written, BOS put before).
+    #[test]
+    fn a_conversation_trains_on_the_prompt_the_server_sends() {
+        let tok = demo::tokenizer().unwrap();
+        let turns = [json!({"role": "system", "content": "s"}), json!({"role": "user", "content": "q"})];
+        let answer = json!({"role": "assistant", "content": "A"});
+        let line = json!({"messages": [turns[0], turns[1], answer]}).to_string();
+        let ex = &parse(&format!("{line}\n"), None).unwrap().0[0];
+        let prompt = ChatTemplate::new(&tok).unwrap().prompt_ids(&tok, &turns).unwrap();
+        let first_target = ex.targets.iter().position(|&t| t).unwrap();
+        assert_eq!(ex.ids[..first_target], prompt[..]);
+        assert_eq!(prompt[0], 0, "BOS");
     }
 
     /// transformers' `{% generation %}` blocks (whitespace control included) render as plain text; a template

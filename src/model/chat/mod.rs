@@ -1,0 +1,268 @@
+//! Chat templates: the tokenizer's Jinja `chat_template` rendered as transformers' `apply_chat_template`
+//! renders it (and so vLLM and TGI, which call it), through minijinja, and the rendered conversation's token
+//! ids. One renderer serves both users: the server turns a request's `messages` into its prompt, and
+//! `server train` turns `{"messages"}` lines into examples, so an adapter is prompted the way it was trained.
+//!
+//! transformers' environment, as far as chat templates reach: `trim_blocks` and `lstrip_blocks`, newlines
+//! normalised to `\n`, loop controls (`{% break %}`), `raise_exception(message)`, `strftime_now(format)` (in
+//! UTC) and `tojson` as Python computes them (`python.rs`), Python's string and dict methods (`.strip()`,
+//! `.items()`; minijinja-contrib's pycompat), maps that keep their insertion order, `tools` and `documents`
+//! set to none, and every `*_token` of `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`, …,
+//! `extra_special_tokens`) as a variable. `{% generation %}` blocks (transformers' assistant-mask marker) render
+//! as plain text. Known differences (minijinja is not jinja2): `undefined | length` is an error, not 0; lists
+//! and maps printed bare come out as JSON (`["a"]`), not Python (`['a']`); `'%s' % x` is unsupported; `trim`
+//! keeps the ASCII separators `\x1c`–`\x1f`. `tests/fixtures/chat-templates/` holds transformers' renderings
+//! of published templates; `tests/chat.rs` compares.
+//!
+//! Token ids: the rendered text is encoded without special tokens and, unless it starts with the BOS token
+//! (a template that writes BOS itself), after the ones the tokenizer puts before a text (BOS; never the EOS
+//! an `add_eos_token` tokenizer appends). That is `apply_chat_template(tokenize=True)`'s ids (it adds nothing)
+//! for every template that writes BOS and every tokenizer without one; where a template leaves BOS out on a
+//! tokenizer that has one, the prompt gets it as a raw prompt does, and as `server train` trained it.
+
+mod python;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use minijinja::value::Value as JinjaValue;
+use minijinja::{Environment, Error as JinjaError, ErrorKind};
+use serde_json::Value;
+
+pub use python::strftime_utc;
+
+use super::tokenizer::TokenSpans;
+use super::Tokenizer;
+
+/// Why a conversation could not be turned into a prompt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChatError {
+    /// The model renders no conversations: it has no chat template, only named ones, or one that does not
+    /// compile. The same for every request.
+    #[error("{0}")]
+    Unavailable(String),
+    /// This conversation: the template refused it (`raise_exception`), failed rendering it, or rendered it
+    /// as no text.
+    #[error("{0}")]
+    Render(String),
+}
+
+/// A compiled chat template with the tokenizer's special tokens.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    special: Vec<(String, String)>,
+    bos: Option<String>,
+    /// The ids the tokenizer puts before a text (its BOS), for renderings that do not start with BOS.
+    prefix: Vec<u32>,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").field("special", &self.special).field("prefix", &self.prefix).finish()
+    }
+}
+
+impl ChatTemplate {
+    /// The tokenizer's chat template, compiled.
+    pub fn new(tok: &Tokenizer) -> Result<Self, ChatError> {
+        if tok.chat_template.is_none() && !tok.chat_template_names.is_empty() {
+            return Err(ChatError::Unavailable(format!(
+                "the tokenizer's chat templates are named {:?} and none is named \"default\", so none is the chat template (transformers refuses to pick one too); save the one to use as chat_template.jinja in the model folder",
+                tok.chat_template_names
+            )));
+        }
+        let Some(template) = tok.chat_template.as_deref() else {
+            return Err(ChatError::Unavailable(
+                "the tokenizer has no chat template (`chat_template` in tokenizer_config.json, or chat_template.jinja), so conversations cannot be rendered: add one to the model folder"
+                    .into(),
+            ));
+        };
+        let mut chat = Self::compile(template, tok.special_tokens.clone())?;
+        chat.prefix = text_prefix(tok);
+        Ok(chat)
+    }
+
+    /// `template` with these special tokens (`("bos_token", "<s>")`, …) and no ids before a text.
+    pub fn compile(template: &str, special: Vec<(String, String)>) -> Result<Self, ChatError> {
+        let mut env = Environment::new();
+        // jinja2's defaults, which transformers keeps: undefined values print as nothing, a single trailing
+        // newline of the template is dropped, and these two.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, msg.clone()).with_source(Refusal(msg)))
+        });
+        env.add_function("strftime_now", |format: String| -> Result<String, JinjaError> {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+            strftime_utc(&format, now).map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e))
+        });
+        env.add_filter("tojson", python::tojson);
+        // jinja2's lexer reads \r\n and \r as \n (`newline_sequence`), in text and string literals alike.
+        let source = template.replace("\r\n", "\n").replace('\r', "\n");
+        env.add_template_owned("chat", without_generation_blocks(&source))
+            .map_err(|e| ChatError::Unavailable(format!("the chat template does not compile: {e}")))?;
+        let bos = special.iter().find(|(k, _)| k == "bos_token").map(|(_, v)| v.clone()).filter(|b| !b.is_empty());
+        Ok(ChatTemplate { env, special, bos, prefix: Vec::new() })
+    }
+
+    /// The text of `messages` (a list of `{"role", "content", …}` objects), with the assistant's generation
+    /// prompt after them or not.
+    pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String, ChatError> {
+        let t = self.env.get_template("chat").expect("added at compile");
+        let mut ctx: std::collections::BTreeMap<&str, JinjaValue> =
+            self.special.iter().map(|(k, v)| (k.as_str(), JinjaValue::from(v.as_str()))).collect();
+        ctx.insert("messages", JinjaValue::from_serialize(messages));
+        ctx.insert("add_generation_prompt", JinjaValue::from(add_generation_prompt));
+        // transformers passes both, None when the call has none.
+        ctx.insert("tools", JinjaValue::from(()));
+        ctx.insert("documents", JinjaValue::from(()));
+        t.render(ctx).map_err(|e| ChatError::Render(render_message(&e)))
+    }
+
+    /// The ids of a rendered conversation (module docs), each with its byte span in `rendered` (the ids put
+    /// before it span nothing).
+    pub fn encode(&self, tok: &Tokenizer, rendered: &str) -> Result<TokenSpans, ChatError> {
+        let (mut ids, mut spans) = tok
+            .encode_with_offsets(rendered, false)
+            .map_err(|e| ChatError::Render(format!("encoding the rendered conversation: {e}")))?;
+        if self.bos.as_deref().is_none_or(|bos| !rendered.starts_with(bos)) {
+            ids.splice(0..0, self.prefix.iter().copied());
+            spans.splice(0..0, self.prefix.iter().map(|_| (0, 0)));
+        }
+        Ok((ids, spans))
+    }
+
+    /// The prompt of a conversation to continue: rendered with the generation prompt, then encoded. A
+    /// conversation the template renders as no text (roles it does not know, dropped) is refused: there is
+    /// nothing of it to continue.
+    pub fn prompt_ids(&self, tok: &Tokenizer, messages: &[Value]) -> Result<Vec<u32>, ChatError> {
+        let text = self.render(messages, true)?;
+        if text.is_empty() {
+            return Err(ChatError::Render(
+                "the chat template rendered the conversation as no text (does it know these roles?)".into(),
+            ));
+        }
+        Ok(self.encode(tok, &text)?.0)
+    }
+}
+
+/// The ids a tokenizer puts before any text (BOS, or nothing): those of a probe text encoded with special
+/// tokens, before its ids encoded without. Nothing when the two do not line up that way.
+fn text_prefix(tok: &Tokenizer) -> Vec<u32> {
+    let probe = "Hello";
+    let (Ok(with), Ok(plain)) = (tok.encode_with(probe, true), tok.encode_with(probe, false)) else {
+        return Vec::new();
+    };
+    (0..=with.len().saturating_sub(plain.len()))
+        .find(|&k| with[k..].starts_with(&plain))
+        .map_or_else(Vec::new, |k| with[..k].to_vec())
+}
+
+/// How a template's refusal of a conversation (`raise_exception`) starts.
+pub const REFUSED: &str = "the chat template refused the conversation";
+
+/// A template's `raise_exception(message)`.
+#[derive(Debug)]
+struct Refusal(String);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// A template's own refusal (`raise_exception`) is its message, as transformers reports it; other failures say
+/// where in the template they happened.
+fn render_message(e: &JinjaError) -> String {
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        if let Some(Refusal(message)) = inner.downcast_ref::<Refusal>() {
+            return format!("{REFUSED}: {message}");
+        }
+        source = inner.source();
+    }
+    format!("rendering the chat template: {e}")
+}
+
+/// transformers' `{% generation %}…{% endgeneration %}` (marking assistant text for
+/// `return_assistant_tokens_mask`) is no Jinja statement: rendered here as a plain block, whitespace control
+/// kept.
+fn without_generation_blocks(template: &str) -> String {
+    let open = fancy_regex::Regex::new(r"\{%(-?)\s*generation\s*(-?)%\}").expect("valid regex");
+    let close = fancy_regex::Regex::new(r"\{%(-?)\s*endgeneration\s*(-?)%\}").expect("valid regex");
+    let t = open.replace_all(template, "{%${1} if true ${2}%}");
+    close.replace_all(&t, "{%${1} endif ${2}%}").into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn template(t: &str) -> ChatTemplate {
+        ChatTemplate::compile(t, vec![("bos_token".into(), "<s>".into()), ("eos_token".into(), "</s>".into())]).unwrap()
+    }
+
+    fn user(content: &str) -> Vec<Value> {
+        vec![json!({"role": "user", "content": content})]
+    }
+
+    #[test]
+    fn tojson_arguments() {
+        let t = template("{{ messages[0] | tojson(sort_keys=true, ensure_ascii=true, separators=[',', ':']) }}");
+        let x = json!({"b": "é😀\u{7f}", "a": [1, {}, 0.00001, 1e16]});
+        assert_eq!(
+            t.render(std::slice::from_ref(&x), false).unwrap(),
+            r#"{"a":[1,{},1e-05,1e+16],"b":"\u00e9\ud83d\ude00\u007f"}"#
+        );
+        // Positionally, as transformers' signature allows: ensure_ascii first.
+        let t = template("{{ messages[0]['b'] | tojson(true) }}");
+        assert_eq!(t.render(&[x], false).unwrap(), r#""\u00e9\ud83d\ude00\u007f""#);
+        for bad in [
+            "{{ 1 | tojson(width=2) }}",
+            "{{ {'a': nothing} | tojson }}",
+            "{{ 'a' | tojson(true, ensure_ascii=true) }}",
+        ] {
+            assert!(template(bad).render(&[], false).is_err(), "{bad}");
+        }
+        // Keys as Python writes them; sorted as values, not as text.
+        let t = template("{{ {10: 1, 9: 2, none: 3, true: 4} | tojson }}|{{ {10: 1, 9: 2} | tojson(sort_keys=true) }}");
+        assert_eq!(t.render(&[], false).unwrap(), r#"{"10": 1, "9": 2, "null": 3, "true": 4}|{"9": 2, "10": 1}"#);
+    }
+
+    #[test]
+    fn tools_and_documents_are_none_and_crlf_is_a_newline() {
+        let t = template("{{ tools is defined }}|{{ tools is none }}|{{ documents is none }}\r\n{% if true %}\r\nx\r\n{% endif %}\r\n");
+        assert_eq!(t.render(&[], false).unwrap(), "True|True|True\nx\n", "printed as Python prints them");
+    }
+
+    #[test]
+    fn bos_is_put_before_a_rendering_only_when_the_template_leaves_it_out() {
+        let tok = crate::model::demo::tokenizer().unwrap();
+        let mut t = template("x");
+        t.prefix = text_prefix(&tok);
+        assert_eq!(t.prefix, vec![0], "the demo's BOS");
+        let (ids, spans) = t.encode(&tok, "ab").unwrap();
+        assert_eq!((ids, spans), (vec![0, 3 + 97, 3 + 98], vec![(0, 0), (0, 1), (1, 2)]));
+        assert_eq!(t.encode(&tok, "<s>ab").unwrap().0, tok.encode_with("<s>ab", false).unwrap());
+        let empty = template("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}");
+        let e = empty.prompt_ids(&tok, &[json!({"role": "usr", "content": "a"})]).unwrap_err();
+        assert!(matches!(&e, ChatError::Render(m) if m.contains("as no text")), "{e}");
+        assert_eq!(empty.prompt_ids(&tok, &user("a")).unwrap(), vec![3 + 97], "no prefix set: none put before");
+    }
+
+    #[test]
+    fn refusals_carry_the_templates_message() {
+        let t = template("{{ raise_exception('roles must alternate') }}");
+        let e = t.render(&[], true).unwrap_err();
+        assert_eq!(e, ChatError::Render("the chat template refused the conversation: roles must alternate".into()));
+        let t = template("{{ messages[0]['content'] + 1 }}");
+        let e = t.render(&user("a"), true).unwrap_err();
+        assert!(matches!(&e, ChatError::Render(m) if m.starts_with("rendering the chat template:")), "{e}");
+        let e = ChatTemplate::compile("{% for %}", vec![]).unwrap_err();
+        assert!(matches!(&e, ChatError::Unavailable(m) if m.contains("does not compile")), "{e}");
+    }
+}
