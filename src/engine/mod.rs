@@ -6,7 +6,7 @@
 //! - [`sampler`]: greedy / temperature / top-k / top-p with a seed, penalties, logit bias, allowed tokens;
 //!   [`logits`]: the rows it picks from, and their log-softmax for logprobs; [`text`]: streaming text with stop
 //!   strings.
-//! - [`generate`]: one request start to finish on the calling thread (`server generate`, golden tests).
+//! - [`generate()`]: one request start to finish on the calling thread (`server generate`, golden tests).
 //!
 //! [`Engine`] starts the thread and is the handle requests are submitted through.
 

@@ -2,12 +2,12 @@
 //! same interface as its CPU reference and checked against it on the device (`benches/gpu/run.sh`).
 //!
 //! - [`launch`] (always compiled, unit-tested without a GPU): kernel choice and launch geometry.
-//! - [`nf4`] (feature `cuda`): the NF4 weight in device memory and the fused dequantize-matmul op.
-//! - [`lora`] (feature `cuda`): adapters in device memory and the batched-LoRA shrink/expand op.
-//! - [`attention`] (feature `cuda`): the KV cache in device memory, cache writes and paged attention.
-//! - [`sample`] (feature `cuda`): greedy picks (argmax by row, ties to the first index as on the CPU).
-//! - [`fused`] (feature `cuda`): the residual add fused with the RMS norm after it, and SiLU·mul.
-//! - [`open`] (feature `cuda`): the device as the server opens it.
+//! - `nf4` (feature `cuda`): the NF4 weight in device memory and the fused dequantize-matmul op.
+//! - `lora` (feature `cuda`): adapters in device memory and the batched-LoRA shrink/expand op.
+//! - `attention` (feature `cuda`): the KV cache in device memory, cache writes and paged attention.
+//! - `sample` (feature `cuda`): greedy picks (argmax by row, ties to the first index as on the CPU).
+//! - `fused` (feature `cuda`): the residual add fused with the RMS norm after it, and SiLU·mul.
+//! - `open` (feature `cuda`): the device as the server opens it.
 //!
 //! Why NVRTC at run time rather than nvcc at build time: candle's CUDA backend already links NVRTC, so users
 //! with a CUDA toolkit build with `--features cuda` and nothing else; the PTX is produced for the GPU actually

@@ -19,7 +19,7 @@
 //!   file) until they change again, and the old version is not served. A filesystem watcher
 //!   ([`super::watch`]) drops stale entries eagerly.
 //!
-//! Submodules: [`tiers`] (the state under the cache lock: entries, eviction, generations, gauges) and [`load`]
+//! Submodules: `tiers` (the state under the cache lock: entries, eviction, generations, gauges) and `load`
 //! (the disk-load and promotion tasks that fill the tiers).
 
 mod load;
