@@ -1,5 +1,6 @@
 //! The sampling controls that decide where generation ends or which tokens may be drawn, through the server:
-//! `min_tokens`, `ignore_eos`, `stop_token_ids`, `min_p`, `logit_bias` and `allowed_token_ids`, on the demo
+//! `min_tokens`, `ignore_eos`, `stop_token_ids` (and stop strings kept in the text), `min_p`, `logit_bias` and
+//! `allowed_token_ids`, on the demo
 //! model with its `upper` adapter (which answers, then emits EOS). Each generated token is checked against a
 //! teacher-forced dense forward of the same model.
 
@@ -113,6 +114,17 @@ async fn min_tokens_and_ignore_eos_move_the_end() {
     let passed = generate(stop(8)).await;
     assert_eq!((passed.text.as_str(), finish(&passed)), ("CAT MOON FIRE", FinishReason::EosToken));
     assert_eq!(passed.token_ids, plain.token_ids);
+    // include_stop_str_in_output: the text ends after the stop string, unary and streamed; the ids as before.
+    let kept = GenerateRequest { include_stop_str_in_output: true, ..stop(0) };
+    let unary = generate(kept.clone()).await;
+    assert_eq!((unary.text.as_str(), finish(&unary)), ("CAT MOON", FinishReason::StopSequence));
+    assert_eq!(unary.token_ids, generate(stop(0)).await.token_ids);
+    let mut s = client.clone().generate_stream(kept).await.unwrap().into_inner();
+    let mut streamed = String::new();
+    while let Some(m) = tokio_stream::StreamExt::next(&mut s).await {
+        streamed.push_str(&m.unwrap().text);
+    }
+    assert_eq!(streamed, "CAT MOON");
     h.shutdown();
     h.wait().await.unwrap();
 }

@@ -104,8 +104,14 @@ fn sigterm_drains_and_exits_zero() {
     let plain_answer = token_ids(&[&client[..], &answer].concat());
     // 80 is "M" (the demo's tokens are bytes, offset by 3).
     let allow = ["--allowed-token-id", "100", "--allowed-token-id", "35", "--allowed-token-id", "2"];
-    let flags: [&[&str]; 5] =
-        [&["--min-tokens", "20"], &["--ignore-eos"], &["--stop-token-id", "80"], &["--logit-bias", "70=-100"], &allow];
+    let flags: [&[&str]; 6] = [
+        &["--min-tokens", "20"],
+        &["--ignore-eos"],
+        &["--stop-token-id", "80"],
+        &["--logit-bias", "70=-100"],
+        &allow,
+        &["--truncate-prompt-tokens", "5"],
+    ];
     for flags in flags {
         let served = token_ids(&[&client[..], &answer, flags].concat());
         assert_eq!(served, token_ids(&[&local_upper[..], &answer, flags].concat()), "{flags:?}");
@@ -178,8 +184,15 @@ fn sigterm_drains_and_exits_zero() {
     assert_eq!(served["prompt_token_ids"], local_chat["prompt_token_ids"]);
     assert_eq!(served["token_ids"], local_chat["token_ids"]);
     assert_eq!(served["text"], local_chat["text"]);
+    // --include-stop-str-in-output keeps the stop string (and needs one).
+    let kept = [&client[..], &answer, &["--stop", "MOON", "--include-stop-str-in-output"]].concat();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args(&kept).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["text"], "CAT MOON");
     for (args, words) in [
-        (&["--message", "user"][..], "expected ROLE=TEXT"),
+        (&["--include-stop-str-in-output"][..], "--stop"),
+        (&["--prompt", "a", "--truncate-prompt-tokens", "0"], "--truncate-prompt-tokens"),
+        (&["--message", "user"], "expected ROLE=TEXT"),
         (&["--message", "user=a", "--prompt", "b"], "cannot be used with"),
         (&[], "--prompt"),
     ] {

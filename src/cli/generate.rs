@@ -64,6 +64,10 @@ pub struct PromptArgs {
     /// --message user=Hi.
     #[arg(long = "message", id = "messages", value_name = "ROLE=TEXT", value_parser = parse_message)]
     pub messages: Vec<(String, String)>,
+    /// Keep only the last N prompt tokens (a longer prompt loses its start, BOS and all; vLLM's
+    /// truncate_prompt_tokens). At least 1.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub truncate_prompt_tokens: Option<u32>,
 }
 
 /// `--message ROLE=TEXT` (the text may hold `=`; the role may not be empty).
@@ -75,18 +79,22 @@ fn parse_message(s: &str) -> Result<(String, String), String> {
 }
 
 impl PromptArgs {
-    /// The prompt's token ids for this model.
+    /// The prompt's token ids for this model (truncated as asked).
     fn ids(&self, tok: &crate::model::Tokenizer) -> Result<Vec<u32>> {
-        let Some(prompt) = &self.prompt else {
-            let chat = crate::model::ChatTemplate::new(tok).context("--message")?;
-            let list: Vec<_> = self
-                .messages
-                .iter()
-                .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
-                .collect();
-            return chat.prompt_ids(tok, &list).context("--message");
+        let mut ids = match &self.prompt {
+            Some(prompt) => tok.encode(prompt)?,
+            None => {
+                let chat = crate::model::ChatTemplate::new(tok).context("--message")?;
+                let list: Vec<_> = self
+                    .messages
+                    .iter()
+                    .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+                    .collect();
+                chat.prompt_ids(tok, &list).context("--message")?
+            }
         };
-        Ok(tok.encode(prompt)?)
+        engine::keep_last(&mut ids, self.truncate_prompt_tokens);
+        Ok(ids)
     }
 }
 
@@ -180,6 +188,9 @@ pub enum ClientCall {
         /// Stop strings (repeatable).
         #[arg(long)]
         stop: Vec<String>,
+        /// End the text after the stop string found, not before.
+        #[arg(long, requires = "stop")]
+        include_stop_str_in_output: bool,
         #[arg(long)]
         stream: bool,
         /// Print the response as JSON.
@@ -228,6 +239,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                 max_new_tokens,
                 sampling,
                 stop,
+                include_stop_str_in_output,
                 stream,
                 json,
                 logprobs,
@@ -241,6 +253,8 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     adapter_id: adapter,
                     prompt: input.prompt.unwrap_or_default(),
                     messages: input.messages,
+                    truncate_prompt_tokens: input.truncate_prompt_tokens,
+                    include_stop_str_in_output,
                     max_new_tokens,
                     sampling,
                     stop,

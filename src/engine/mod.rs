@@ -23,7 +23,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 pub use generate::{generate, GenerateJob, Generated};
-pub use request::{EngineError, Event, FinishReason, PromptLogprobs, ValidRequest};
+pub use request::{keep_last, EngineError, Event, FinishReason, PromptLogprobs, ValidRequest};
 pub use sampler::{Sampler, SamplingParams};
 pub use worker::{EngineConfig, EngineStats};
 
@@ -135,6 +135,7 @@ mod tests {
             max_new_tokens: 2,
             sampling: SamplingParams::default(),
             stop: Vec::new(),
+            include_stop_str_in_output: false,
             logprobs: false,
             top_logprobs: 0,
             prompt_logprobs: None,

@@ -72,12 +72,21 @@ pub struct PromptLogprobs {
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
 }
 
+/// `truncate_prompt_tokens`: keeps the last `keep` prompt ids (all of them when `None` or fewer).
+pub fn keep_last(ids: &mut Vec<u32>, keep: Option<u32>) {
+    if let Some(k) = keep {
+        ids.drain(..ids.len().saturating_sub(k as usize));
+    }
+}
+
 /// A request the server has validated: everything the engine needs, nothing it must re-check.
 pub struct ValidRequest {
     pub prompt_ids: Vec<u32>,
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// End the text after the stop string that ended it, not before (vLLM's `include_stop_str_in_output`).
+    pub include_stop_str_in_output: bool,
     /// Report each token's log-probability under the model's own distribution (the log-softmax of its
     /// logits, before the allow list, `min_tokens`, the bias, penalties, temperature, top-k, top-p and min-p:
     /// vLLM's default `raw_logprobs`).

@@ -1,13 +1,16 @@
 //! Generated text as it streams: incremental detokenization plus stop strings. Text that could still turn
 //! out to be the start of a stop string is held back until it cannot; when a stop string appears, the
-//! text ends right before it. Before `min_tokens` stop strings are not looked for: one that ends in the
-//! text of those tokens never stops the request (vLLM's rule).
+//! text ends right before it (or, with `include_stop_str_in_output`, right after it). Before `min_tokens` stop
+//! strings are not looked for: one that ends in the text of those tokens never stops the request (vLLM's
+//! rule).
 
 use crate::model::{TextStream, Tokenizer};
 
 pub struct StopText {
     stream: TextStream,
     stops: Vec<String>,
+    /// End the text after the stop string found, not before it.
+    keep_stop: bool,
     /// All text produced so far (truncated at a stop string once one is found).
     full: String,
     /// Bytes of `full` already handed out.
@@ -17,10 +20,12 @@ pub struct StopText {
 }
 
 impl StopText {
-    pub fn new(stops: Vec<String>) -> Self {
+    /// Stops at any of `stops`, keeping the one found at the end of the text when `keep_stop`.
+    pub fn new(stops: Vec<String>, keep_stop: bool) -> Self {
         StopText {
             stream: TextStream::default(),
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            keep_stop,
             full: String::new(),
             emitted: 0,
             unarmed: 0,
@@ -36,7 +41,8 @@ impl StopText {
             Err(e) => tracing::warn!(error = %e, token = id, "detokenization failed"),
         }
         if armed {
-            if let Some(pos) = self.stop_at() {
+            if let Some((start, len)) = self.stop_at() {
+                let pos = if self.keep_stop { start + len } else { start };
                 self.full.truncate(pos);
                 let out = self.full[self.emitted.min(pos)..].to_string();
                 self.emitted = pos;
@@ -61,9 +67,10 @@ impl StopText {
         (out, false)
     }
 
-    /// Where the earliest stop string in the text starts, if one ends in the text not yet looked at (past
-    /// what was handed out and what came before `min_tokens`).
-    fn stop_at(&self) -> Option<usize> {
+    /// Where the earliest stop string in the text starts, and its length (the first given among those
+    /// starting there), if one ends in the text not yet looked at (past what was handed out and what came
+    /// before `min_tokens`).
+    fn stop_at(&self) -> Option<(usize, usize)> {
         // A stop string can only end in the new text, so start the search just far enough back.
         let longest = self.stops.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut from = self.emitted.saturating_sub(longest);
@@ -76,9 +83,9 @@ impl StopText {
             while !self.full.is_char_boundary(start) {
                 start += 1;
             }
-            self.full[start..].find(s.as_str()).map(|p| start + p)
+            self.full[start..].find(s.as_str()).map(|p| (start + p, s.len()))
         };
-        self.stops.iter().filter_map(found).min()
+        self.stops.iter().filter_map(found).min_by_key(|&(start, _)| start)
     }
 
     /// Everything still held back (at the end of generation).
@@ -99,13 +106,18 @@ mod tests {
 
     /// Feeds `text` byte by byte through the demo's byte-level tokenizer.
     fn run(text: &str, stops: &[&str]) -> (Vec<String>, bool, String) {
-        run_after(text, stops, 0)
+        run_with(text, stops, 0, false)
     }
 
     /// [`run`], stop strings looked for from the byte after the first `min_tokens` on.
     fn run_after(text: &str, stops: &[&str], min_tokens: usize) -> (Vec<String>, bool, String) {
+        run_with(text, stops, min_tokens, false)
+    }
+
+    /// [`run_after`], the stop string found kept at the end of the text or not.
+    fn run_with(text: &str, stops: &[&str], min_tokens: usize, keep: bool) -> (Vec<String>, bool, String) {
         let tok = demo::tokenizer().unwrap();
-        let mut st = StopText::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut st = StopText::new(stops.iter().map(|s| s.to_string()).collect(), keep);
         let mut chunks = Vec::new();
         for (i, b) in text.bytes().enumerate() {
             let (c, stop) = st.push(&tok, 3 + b as u32, i + 1 > min_tokens);
@@ -133,6 +145,21 @@ mod tests {
         assert_eq!(chunks.concat(), "hello ");
         // "E" and "EN" were held back, never shown.
         assert!(chunks.iter().all(|c| !c.contains('E')));
+    }
+
+    /// `include_stop_str_in_output`: the text ends right after the stop string, the earliest one; at the same
+    /// start, the one given first.
+    #[test]
+    fn a_kept_stop_string_ends_the_text() {
+        let (chunks, stopped, _) = run_with("hello END world", &["END"], 0, true);
+        assert!(stopped);
+        assert_eq!(chunks.concat(), "hello END");
+        let (chunks, _, _) = run_with("abc;def.", &[".", ";"], 0, true);
+        assert_eq!(chunks.concat(), "abc;");
+        let (chunks, _, _) = run_with("xENDING", &["END", "ENDING"], 0, true);
+        assert_eq!(chunks.concat(), "xEND");
+        let (chunks, _, _) = run_with("xENDING", &["ENDING", "END"], 0, true);
+        assert_eq!(chunks.concat(), "xEND", "END ends first: found before ENDING is complete");
     }
 
     #[test]

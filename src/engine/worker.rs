@@ -195,7 +195,7 @@ pub(crate) fn run(
                             prompt_len: req.prompt_ids.len(),
                             generated: 0,
                             sampler: Sampler::new(req.sampling.clone(), sampler::unseeded(), &req.prompt_ids, &eos),
-                            text: StopText::new(req.stop.clone()),
+                            text: StopText::new(req.stop.clone(), req.include_stop_str_in_output),
                             prompt: req
                                 .prompt_logprobs
                                 .map(|_| PromptLogprobs { ids: req.prompt_ids.clone(), ..Default::default() }),

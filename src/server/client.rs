@@ -36,6 +36,10 @@ pub struct GenerateCall {
     /// Validated (`SamplingParams::validate`): some invalid values, like a top-p of 0, read as unset on the wire.
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// End the text after the stop string found, not before.
+    pub include_stop_str_in_output: bool,
+    /// Keep only the last this many prompt tokens.
+    pub truncate_prompt_tokens: Option<u32>,
     /// Ask for each token's log-probability.
     pub logprobs: bool,
     /// With `logprobs`: also this many of the most likely tokens at each step.
@@ -133,6 +137,8 @@ impl GenerateCall {
             top_k: s.top_k,
             seed: s.seed,
             stop: self.stop.clone(),
+            include_stop_str_in_output: self.include_stop_str_in_output,
+            truncate_prompt_tokens: self.truncate_prompt_tokens,
             repetition_penalty: s.repetition_penalty,
             frequency_penalty: s.frequency_penalty,
             presence_penalty: s.presence_penalty,

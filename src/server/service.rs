@@ -17,7 +17,7 @@ use super::arrival::Arrival;
 use super::counting::HandlerSeen;
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
-use crate::engine::{Engine, Event, FinishReason, PromptLogprobs, SamplingParams, ValidRequest};
+use crate::engine::{keep_last, Engine, Event, FinishReason, PromptLogprobs, SamplingParams, ValidRequest};
 use crate::lora::cache::{AdapterCache, AdapterLease};
 use crate::model::{ChatError, ChatTemplate, Tokenizer};
 use crate::telemetry as t;
@@ -241,11 +241,15 @@ impl Service {
                 return Err(invalid(&format!("stop[{i}]"), format!("must be 1..={} bytes", limits.max_stop_bytes)));
             }
         }
-        let prompt_ids = if r.messages.is_empty() {
+        if r.truncate_prompt_tokens == Some(0) {
+            return Err(invalid("truncate_prompt_tokens", "must be at least 1"));
+        }
+        let mut prompt_ids = if r.messages.is_empty() {
             ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?
         } else {
             conversation_ids(ready, &r.messages)?
         };
+        keep_last(&mut prompt_ids, r.truncate_prompt_tokens);
         if prompt_ids.is_empty() {
             // A tokenizer without BOS whose normalizer drops the whole text: nothing to continue from.
             let field = if r.messages.is_empty() { "prompt" } else { "messages" };
@@ -278,6 +282,7 @@ impl Service {
             max_new_tokens: r.max_new_tokens as usize,
             sampling,
             stop: r.stop,
+            include_stop_str_in_output: r.include_stop_str_in_output,
             logprobs: r.logprobs,
             top_logprobs: r.top_logprobs as usize,
             prompt_logprobs: r.prompt_logprobs.map(|n| n as usize),

@@ -1,5 +1,6 @@
-//! Chat templates: loraserve's rendering against transformers' `apply_chat_template` for published templates
-//! (`chat-templates/`), and a request's `messages` through the server.
+//! What a request's prompt becomes: chat templates (loraserve's rendering against transformers'
+//! `apply_chat_template` for published templates, `chat-templates/`, and a request's `messages` through the
+//! server) and `truncate_prompt_tokens`.
 
 mod common;
 
@@ -175,4 +176,44 @@ async fn a_model_without_a_usable_template_refuses_messages() {
         assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, "messages[0].role: is empty"));
         assert_eq!(c.generate(req("", "Hello", 3)).await.unwrap().into_inner().token_ids.len(), 3);
     }
+}
+
+/// `truncate_prompt_tokens` keeps the prompt's last ids (BOS gone) and the answer is the engine's for those
+/// ids; a limit past the prompt changes nothing; it applies before the context check, so a prompt too long
+/// for the context runs once cut; 0 is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_prompt_tokens_keeps_the_last_ids() {
+    use loraserve::engine::{generate, GenerateJob, SamplingParams};
+    let adapters = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("adapters");
+    let cfg = loraserve::server::ServeConfig { model: loraserve::model::ModelSpec::Demo, ..config(adapters) };
+    let (_h, mut c) = start(cfg).await;
+    let prompt = "cat moon fire\n";
+    let (full, _) = prompt_ids(&mut c, req("", prompt, 8)).await;
+    let cut = |k| GenerateRequest { truncate_prompt_tokens: Some(k), ..req("", prompt, 8) };
+    let (kept, tokens) = prompt_ids(&mut c, cut(6)).await;
+    assert_eq!(kept, full[full.len() - 6..]);
+    let opts = loraserve::model::LoadOptions {
+        dtype: candle_core::DType::F32,
+        quant: loraserve::quant::QuantMode::None,
+        device: candle_core::Device::Cpu,
+    };
+    let m = loraserve::model::load(&loraserve::model::ModelSpec::Demo, &opts).unwrap();
+    let job = GenerateJob {
+        prompt_ids: &kept,
+        max_new_tokens: 8,
+        sampling: SamplingParams::default(),
+        stop_at_eos: true,
+        adapter: None,
+    };
+    assert_eq!(tokens, generate(&m.model, &job).unwrap().token_ids);
+    assert_eq!(c.generate(cut(6)).await.unwrap().into_inner().prompt_tokens, 6);
+    assert_eq!(prompt_ids(&mut c, cut(full.len() as u32 + 5)).await.0, full);
+    // The demo's context is 1024 positions: 1100 bytes do not fit, their last 1000 do.
+    let long = "ab".repeat(550);
+    let s = c.generate(req("", &long, 8)).await.unwrap_err();
+    assert!(s.message().contains("exceed the model's context"), "{s:?}");
+    let fits = c.generate(GenerateRequest { truncate_prompt_tokens: Some(1000), ..req("", &long, 8) }).await;
+    assert_eq!(fits.unwrap().into_inner().prompt_tokens, 1000);
+    let s = c.generate(cut(0)).await.unwrap_err();
+    assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, "truncate_prompt_tokens: must be at least 1"));
 }
