@@ -20,7 +20,8 @@ fn ids(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
-/// Every template × conversation renders to transformers' text, with and without the generation prompt, or is
+/// Every template × conversation renders to transformers' text, with and without the generation prompt and with
+/// its final message continued, or is
 /// refused with the template's own message where transformers' raised it; the prompt's ids are the rendered
 /// text's, with the tokenizer's BOS put before it only where the template did not write it. Llama 3.2's
 /// template writes today's date: the day make.py ran is replaced by today.
@@ -39,12 +40,19 @@ fn templates_render_as_transformers_renders_them() {
         tok.chat_template = Some(e["templates"][name].as_str().unwrap().to_string());
         let chat = ChatTemplate::new(&tok).unwrap();
         let messages = e["conversations"][conv].as_array().unwrap();
-        for (key, generation_prompt) in [("prompt", true), ("full", false)] {
+        for key in ["prompt", "full", "continue"] {
             let what = format!("{name} × {conv} ({key})");
             let want = &case[key];
-            let got = chat.render(messages, generation_prompt);
+            let got = match key {
+                "prompt" => chat.render_prompt(messages, false),
+                "full" => chat.render(messages, false),
+                _ => chat.render_prompt(messages, true),
+            };
             if let Some(message) = want["error"].as_str() {
-                let want = ChatError::Render(format!("the chat template refused the conversation: {message}"));
+                let want = match message.strip_prefix("continue_final_message is set but the final message does not") {
+                    Some(_) => ChatError::Render("continue_final_message: the chat template leaves out (part of) the final message, so it cannot be continued".into()),
+                    None => ChatError::Render(format!("the chat template refused the conversation: {message}")),
+                };
                 assert_eq!(got, Err(want), "{what}");
                 refused += 1;
                 continue;
@@ -53,7 +61,7 @@ fn templates_render_as_transformers_renders_them() {
             let want_text = today(want["text"].as_str().unwrap());
             assert_eq!(text, want_text, "{what}");
             rendered += 1;
-            if generation_prompt {
+            if key != "full" {
                 let writes_bos = text.starts_with("<s>");
                 let want_ids = if want_text != want["text"].as_str().unwrap() {
                     // Another day than make.py's: the ids of its text with today's date.
@@ -62,12 +70,13 @@ fn templates_render_as_transformers_renders_them() {
                 } else {
                     ids(&want[if writes_bos { "ids_plain" } else { "ids_special" }])
                 };
-                assert_eq!(chat.prompt_ids(&tok, messages).unwrap(), want_ids, "{what}");
+                assert_eq!(chat.prompt_ids(&tok, messages, key == "continue").unwrap(), want_ids, "{what}");
             }
         }
     }
-    // 8 templates × 6 conversations × 2, the refusals being llama-2's and mistral's.
-    assert_eq!((rendered, refused), (86, 10));
+    // 8 templates × 8 conversations × 3, the refusals being llama-2's and mistral's, and for continuing, the
+    // tool turn llama-2 and zephyr leave out.
+    assert_eq!((rendered, refused), (174, 18));
 }
 
 /// `strftime_now`'s formatting equals Python's `datetime.strftime` (naive, UTC), `-` flags and all.
@@ -100,8 +109,8 @@ async fn prompt_ids(
 }
 
 /// `messages` through the server, with Mistral's template: the prompt is transformers' rendering's ids (BOS
-/// written by the template, not added again), the tokens those of the same ids sent as text, with the base and
-/// with an adapter; the template's refusal is INVALID_ARGUMENT with its message, and so are a request with
+/// written by the template, not added again; a new assistant turn, or with `continue_final_message` the final
+/// message continued), the tokens those of the same ids sent as text, with the base and with an adapter; the template's refusal is INVALID_ARGUMENT with its message, and so are a request with
 /// both a prompt and messages, with neither, and with an empty role; the server goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_rendered_with_the_models_template() {
@@ -111,13 +120,15 @@ async fn messages_are_rendered_with_the_models_template() {
     let mut cfg = config(fixture("llama/adapters"));
     cfg.model = loraserve::model::ModelSpec::Dir(model);
     let (_h, mut c) = start(cfg).await;
-    let case = |conv: &str| {
+    let case = |conv: &str, key: &str| {
         let found =
             e["results"].as_array().unwrap().iter().find(|r| r["template"] == "mistral" && r["conversation"] == conv);
-        found.unwrap()["prompt"].clone()
+        found.unwrap()[key].clone()
     };
-    for conv in ["user", "no-system-multi-turn"] {
-        let want = case(conv);
+    // A new assistant turn for each, and the answer begun in `prefill` continued.
+    for (conv, key) in [("user", "prompt"), ("no-system-multi-turn", "prompt"), ("prefill", "continue")] {
+        let want = case(conv, key);
+        let continue_final_message = key == "continue";
         let turns: Vec<(&str, &str)> = e["conversations"][conv]
             .as_array()
             .unwrap()
@@ -127,8 +138,8 @@ async fn messages_are_rendered_with_the_models_template() {
         // The same ids as text: transformers' rendering without its leading "<s>", which the server adds.
         let text = want["text"].as_str().unwrap().strip_prefix("<s>").unwrap();
         for adapter in ["", "qkvo-r8"] {
-            let by_messages =
-                prompt_ids(&mut c, GenerateRequest { messages: chat(&turns), ..req(adapter, "", 6) }).await;
+            let r = GenerateRequest { messages: chat(&turns), continue_final_message, ..req(adapter, "", 6) };
+            let by_messages = prompt_ids(&mut c, r).await;
             assert_eq!(by_messages.0, ids(&want["ids_plain"]), "{conv} {adapter:?}");
             let by_text = prompt_ids(&mut c, req(adapter, text, 6)).await;
             assert_eq!(by_messages, by_text, "{conv} {adapter:?}");
@@ -145,6 +156,7 @@ async fn messages_are_rendered_with_the_models_template() {
         ),
         (GenerateRequest { messages: chat(&[("user", "U")]), ..req("", "Hello", 4) }, "messages: given with a prompt"),
         (req("", "", 4), "prompt: is empty (give a prompt or messages)"),
+        (GenerateRequest { continue_final_message: true, ..req("", "Hi", 4) }, "continue_final_message: needs messages"),
         (GenerateRequest { messages: chat(&[("user", "U"), ("", "A")]), ..req("", "", 4) }, "messages[1].role: is empty"),
     ];
     for (r, words) in refused {

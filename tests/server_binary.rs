@@ -184,6 +184,19 @@ fn sigterm_drains_and_exits_zero() {
     assert_eq!(served["prompt_token_ids"], local_chat["prompt_token_ids"]);
     assert_eq!(served["token_ids"], local_chat["token_ids"]);
     assert_eq!(served["text"], local_chat["text"]);
+    // --continue-final-message: the answer begun is continued, cut right after its text.
+    let prefill = ["--message", "user=cat moon", "--message", "assistant=CAT", "--continue-final-message", "--json"];
+    let ids_of = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (v["prompt_token_ids"].clone(), v["token_ids"].clone())
+    };
+    let local_prefill = ids_of(&[&local_upper[..], &["--adapter", "upper"], &prefill].concat());
+    let want = demo.encode("<|user|>\ncat moon\n<|assistant|>\nCAT").unwrap();
+    assert_eq!(local_prefill.0, serde_json::json!(want));
+    let served_prefill = ids_of(&[&client[..], &["--adapter", "upper", "--prompt-logprobs", "0"], &prefill].concat());
+    assert_eq!(served_prefill, local_prefill);
     // --include-stop-str-in-output keeps the stop string (and needs one).
     let kept = [&client[..], &answer, &["--stop", "MOON", "--include-stop-str-in-output"]].concat();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args(&kept).output().unwrap();
@@ -194,6 +207,7 @@ fn sigterm_drains_and_exits_zero() {
         (&["--prompt", "a", "--truncate-prompt-tokens", "0"], "--truncate-prompt-tokens"),
         (&["--message", "user"], "expected ROLE=TEXT"),
         (&["--message", "user=a", "--prompt", "b"], "cannot be used with"),
+        (&["--prompt", "a", "--continue-final-message"], "cannot be used with"),
         (&[], "--prompt"),
     ] {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args([&client[..], args].concat()).output();

@@ -64,6 +64,10 @@ pub struct PromptArgs {
     /// --message user=Hi.
     #[arg(long = "message", id = "messages", value_name = "ROLE=TEXT", value_parser = parse_message)]
     pub messages: Vec<(String, String)>,
+    /// Continue the final --message instead of starting a new assistant turn (an answer's prefill, e.g.
+    /// --message assistant='{"a": ').
+    #[arg(long, requires = "messages", conflicts_with = "prompt")]
+    pub continue_final_message: bool,
     /// Keep only the last N prompt tokens (a longer prompt loses its start, BOS and all; vLLM's
     /// truncate_prompt_tokens). At least 1.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -90,7 +94,7 @@ impl PromptArgs {
                     .iter()
                     .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
                     .collect();
-                chat.prompt_ids(tok, &list).context("--message")?
+                chat.prompt_ids(tok, &list, self.continue_final_message).context("--message")?
             }
         };
         engine::keep_last(&mut ids, self.truncate_prompt_tokens);
@@ -254,6 +258,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     prompt: input.prompt.unwrap_or_default(),
                     messages: input.messages,
                     truncate_prompt_tokens: input.truncate_prompt_tokens,
+                    continue_final_message: input.continue_final_message,
                     include_stop_str_in_output,
                     max_new_tokens,
                     sampling,

@@ -40,6 +40,8 @@ pub struct GenerateCall {
     pub include_stop_str_in_output: bool,
     /// Keep only the last this many prompt tokens.
     pub truncate_prompt_tokens: Option<u32>,
+    /// Continue the final message of `messages` instead of starting a new assistant turn.
+    pub continue_final_message: bool,
     /// Ask for each token's log-probability.
     pub logprobs: bool,
     /// With `logprobs`: also this many of the most likely tokens at each step.
@@ -139,6 +141,7 @@ impl GenerateCall {
             stop: self.stop.clone(),
             include_stop_str_in_output: self.include_stop_str_in_output,
             truncate_prompt_tokens: self.truncate_prompt_tokens,
+            continue_final_message: self.continue_final_message,
             repetition_penalty: s.repetition_penalty,
             frequency_penalty: s.frequency_penalty,
             presence_penalty: s.presence_penalty,

@@ -241,13 +241,19 @@ impl Service {
                 return Err(invalid(&format!("stop[{i}]"), format!("must be 1..={} bytes", limits.max_stop_bytes)));
             }
         }
+        if r.continue_final_message && r.messages.is_empty() {
+            return Err(invalid(
+                "continue_final_message",
+                "needs messages (a conversation whose final message to continue)",
+            ));
+        }
         if r.truncate_prompt_tokens == Some(0) {
             return Err(invalid("truncate_prompt_tokens", "must be at least 1"));
         }
         let mut prompt_ids = if r.messages.is_empty() {
             ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?
         } else {
-            conversation_ids(ready, &r.messages)?
+            conversation_ids(ready, &r.messages, r.continue_final_message)?
         };
         keep_last(&mut prompt_ids, r.truncate_prompt_tokens);
         if prompt_ids.is_empty() {
@@ -297,7 +303,7 @@ impl Service {
 }
 
 /// The prompt of a request's `messages`: the model's chat template renders them, with its generation prompt.
-fn conversation_ids(ready: &Ready, messages: &[proto::ChatMessage]) -> Result<Vec<u32>, Status> {
+fn conversation_ids(ready: &Ready, messages: &[proto::ChatMessage], continue_final: bool) -> Result<Vec<u32>, Status> {
     let mut list = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         if m.role.is_empty() {
@@ -306,7 +312,7 @@ fn conversation_ids(ready: &Ready, messages: &[proto::ChatMessage]) -> Result<Ve
         list.push(serde_json::json!({ "role": m.role, "content": m.content }));
     }
     let chat = ready.chat.as_ref().map_err(|e| Status::failed_precondition(format!("messages: {e}")))?;
-    chat.prompt_ids(&ready.tokenizer, &list).map_err(|e| invalid("messages", e))
+    chat.prompt_ids(&ready.tokenizer, &list, continue_final).map_err(|e| invalid("messages", e))
 }
 
 /// Leases adapter `id`, within the request's deadline: waiting for its load, its copy to the device or room

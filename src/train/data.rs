@@ -280,7 +280,7 @@ mod tests {
         let answer = json!({"role": "assistant", "content": "A"});
         let line = json!({"messages": [turns[0], turns[1], answer]}).to_string();
         let ex = &parse(&format!("{line}\n"), None).unwrap().0[0];
-        let prompt = ChatTemplate::new(&tok).unwrap().prompt_ids(&tok, &turns).unwrap();
+        let prompt = ChatTemplate::new(&tok).unwrap().prompt_ids(&tok, &turns, false).unwrap();
         let first_target = ex.targets.iter().position(|&t| t).unwrap();
         assert_eq!(ex.ids[..first_target], prompt[..]);
         assert_eq!(prompt[0], 0, "BOS");

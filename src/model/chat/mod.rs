@@ -1,6 +1,8 @@
 //! Chat templates: the tokenizer's Jinja `chat_template` rendered as transformers' `apply_chat_template`
 //! renders it (and so vLLM and TGI, which call it), through minijinja, and the rendered conversation's token
-//! ids. One renderer serves both users: the server turns a request's `messages` into its prompt, and
+//! ids. The prompt opens a new assistant turn (the generation prompt) or continues the final message
+//! (`continue_final_message`). One renderer serves both users: the server turns a request's `messages` into
+//! its prompt, and
 //! `server train` turns `{"messages"}` lines into examples, so an adapter is prompted the way it was trained.
 //!
 //! transformers' environment, as far as chat templates reach: `trim_blocks` and `lstrip_blocks`, newlines
@@ -133,11 +135,43 @@ impl ChatTemplate {
         Ok((ids, spans))
     }
 
-    /// The prompt of a conversation to continue: rendered with the generation prompt, then encoded. A
-    /// conversation the template renders as no text (roles it does not know, dropped) is refused: there is
-    /// nothing of it to continue.
-    pub fn prompt_ids(&self, tok: &Tokenizer, messages: &[Value]) -> Result<Vec<u32>, ChatError> {
-        let text = self.render(messages, true)?;
+    /// The text a model continues: the conversation with the generation prompt after it (a new assistant
+    /// turn), or with `continue_final` its final message left open (transformers' `continue_final_message`,
+    /// vLLM's assistant prefill): rendered with a marker after that message's content and cut there, the
+    /// whitespace before the marker dropped too when the template trims the content.
+    pub fn render_prompt(&self, messages: &[Value], continue_final: bool) -> Result<String, ChatError> {
+        if !continue_final {
+            return self.render(messages, true);
+        }
+        const TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
+        let mut list = messages.to_vec();
+        let Some(Value::String(last)) = list.last_mut().and_then(|m| m.get_mut("content")) else {
+            return Err(ChatError::Render(
+                "continue_final_message: the final message has no content to continue".into(),
+            ));
+        };
+        let last_text = std::mem::take(last);
+        *last = format!("{last_text}{TAG}");
+        let mut text = self.render(&list, false)?;
+        let cut = text.rfind(TAG.trim_end()).filter(|_| text.contains(last_text.trim()));
+        let Some(cut) = cut else {
+            return Err(ChatError::Render(
+                "continue_final_message: the chat template leaves out (part of) the final message, so it cannot be continued".into(),
+            ));
+        };
+        let spacing_kept = text[cut..].starts_with(TAG);
+        text.truncate(cut);
+        if !spacing_kept {
+            text.truncate(text.trim_end().len());
+        }
+        Ok(text)
+    }
+
+    /// The prompt ids of a conversation ([`ChatTemplate::render_prompt`], then encoded). A conversation the
+    /// template renders as no text (roles it does not know, dropped) is refused: there is nothing of it to
+    /// continue.
+    pub fn prompt_ids(&self, tok: &Tokenizer, messages: &[Value], continue_final: bool) -> Result<Vec<u32>, ChatError> {
+        let text = self.render_prompt(messages, continue_final)?;
         if text.is_empty() {
             return Err(ChatError::Render(
                 "the chat template rendered the conversation as no text (does it know these roles?)".into(),
@@ -249,9 +283,9 @@ mod tests {
         assert_eq!((ids, spans), (vec![0, 3 + 97, 3 + 98], vec![(0, 0), (0, 1), (1, 2)]));
         assert_eq!(t.encode(&tok, "<s>ab").unwrap().0, tok.encode_with("<s>ab", false).unwrap());
         let empty = template("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}");
-        let e = empty.prompt_ids(&tok, &[json!({"role": "usr", "content": "a"})]).unwrap_err();
+        let e = empty.prompt_ids(&tok, &[json!({"role": "usr", "content": "a"})], false).unwrap_err();
         assert!(matches!(&e, ChatError::Render(m) if m.contains("as no text")), "{e}");
-        assert_eq!(empty.prompt_ids(&tok, &user("a")).unwrap(), vec![3 + 97], "no prefix set: none put before");
+        assert_eq!(empty.prompt_ids(&tok, &user("a"), false).unwrap(), vec![3 + 97], "no prefix set: none put before");
     }
 
     #[test]
