@@ -2,8 +2,8 @@
 //! renders it (and so vLLM and TGI, which call it), through minijinja, and the rendered conversation's token
 //! ids. The prompt opens a new assistant turn (the generation prompt) or continues the final message
 //! (`continue_final_message`). One renderer serves both users: the server turns a request's `messages` into
-//! its prompt, and
-//! `server train` turns `{"messages"}` lines into examples, so an adapter is prompted the way it was trained.
+//! its prompt, and `server train` turns `{"messages"}` lines into examples, so an adapter is prompted the way
+//! it was trained.
 //!
 //! transformers' environment, as far as chat templates reach: `trim_blocks` and `lstrip_blocks`, newlines
 //! normalised to `\n`, loop controls (`{% break %}`), `raise_exception(message)`, `strftime_now(format)` (in
