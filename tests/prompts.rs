@@ -74,9 +74,9 @@ fn templates_render_as_transformers_renders_them() {
             }
         }
     }
-    // 8 templates × 8 conversations × 3, the refusals being llama-2's and mistral's, and for continuing, the
+    // 8 templates × 10 conversations × 3, the refusals being llama-2's and mistral's, and for continuing, the
     // tool turn llama-2 and zephyr leave out.
-    assert_eq!((rendered, refused), (174, 18));
+    assert_eq!((rendered, refused), (222, 18));
 }
 
 /// `strftime_now`'s formatting equals Python's `datetime.strftime` (naive, UTC), `-` flags and all.
@@ -190,9 +190,10 @@ async fn a_model_without_a_usable_template_refuses_messages() {
     }
 }
 
-/// `truncate_prompt_tokens` keeps the prompt's last ids (BOS gone) and the answer is the engine's for those
-/// ids; a limit past the prompt changes nothing; it applies before the context check, so a prompt too long
-/// for the context runs once cut; 0 is refused.
+/// `truncate_prompt_tokens`, as vLLM truncates: a raw prompt keeps its BOS and its text's last ids, a
+/// conversation its last ids; the answer is the engine's for the ids kept; a limit past the prompt changes
+/// nothing; it applies before the context check, so a prompt too long for the context runs once cut; 0, a
+/// limit past the context, and one that leaves room for BOS alone are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_prompt_tokens_keeps_the_last_ids() {
     use loraserve::engine::{generate, GenerateJob, SamplingParams};
@@ -203,7 +204,8 @@ async fn truncate_prompt_tokens_keeps_the_last_ids() {
     let (full, _) = prompt_ids(&mut c, req("", prompt, 8)).await;
     let cut = |k| GenerateRequest { truncate_prompt_tokens: Some(k), ..req("", prompt, 8) };
     let (kept, tokens) = prompt_ids(&mut c, cut(6)).await;
-    assert_eq!(kept, full[full.len() - 6..]);
+    assert_eq!(kept, [&full[..1], &full[full.len() - 5..]].concat());
+    assert_eq!(kept[0], 0, "the demo's BOS");
     let opts = loraserve::model::LoadOptions {
         dtype: candle_core::DType::F32,
         quant: loraserve::quant::QuantMode::None,
@@ -226,6 +228,17 @@ async fn truncate_prompt_tokens_keeps_the_last_ids() {
     assert!(s.message().contains("exceed the model's context"), "{s:?}");
     let fits = c.generate(GenerateRequest { truncate_prompt_tokens: Some(1000), ..req("", &long, 8) }).await;
     assert_eq!(fits.unwrap().into_inner().prompt_tokens, 1000);
-    let s = c.generate(cut(0)).await.unwrap_err();
-    assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, "truncate_prompt_tokens: must be at least 1"));
+    // A conversation's ids are cut as they are (the template's text, and the BOS before it, go first).
+    let turn = GenerateRequest { messages: chat(&[("user", "cat moon fire")]), ..req("", "", 8) };
+    let (whole, _) = prompt_ids(&mut c, turn.clone()).await;
+    let (cut_turn, _) = prompt_ids(&mut c, GenerateRequest { truncate_prompt_tokens: Some(6), ..turn }).await;
+    assert_eq!(cut_turn, whole[whole.len() - 6..]);
+    for (k, words) in [
+        (0, "truncate_prompt_tokens: must be in 1..=1024 (the model's context), got 0"),
+        (1025, "truncate_prompt_tokens: must be in 1..=1024 (the model's context), got 1025"),
+        (1, "truncate_prompt_tokens: 1 leaves no room for the prompt's text after the 1 token(s) the tokenizer puts before it; at least 2"),
+    ] {
+        let s = c.generate(cut(k)).await.unwrap_err();
+        assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, words));
+    }
 }

@@ -74,7 +74,8 @@ fn assert_greedy(m: &LoadedModel, a: &peft::LoadedAdapter, out: &[u32], held: &[
 
 /// `min_tokens` holds EOS back: the answer goes on where it used to end, every token the greedy pick with
 /// EOS masked until `min_tokens`, the plain greedy pick after. `ignore_eos` runs past EOS to
-/// `max_new_tokens`, the EOS token staying in the ids. Stop strings count only past `min_tokens` (vLLM).
+/// `max_new_tokens`, the EOS token staying in the ids. Stop strings count only past `min_tokens` (vLLM); with
+/// `include_stop_str_in_output` the text ends after the one found, unary and streamed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn min_tokens_and_ignore_eos_move_the_end() {
     let (h, client) = start(demo_config()).await;
@@ -129,8 +130,9 @@ async fn min_tokens_and_ignore_eos_move_the_end() {
     h.wait().await.unwrap();
 }
 
-/// A stop token ends the answer where it first comes, kept in the ids and the text; `min_tokens` holds it
-/// back as it holds EOS; `ignore_eos` does not touch it.
+/// A stop token ends the answer where it first comes, kept in the ids, out of the text unless
+/// `include_stop_str_in_output` (vLLM); `min_tokens` holds it back as it holds EOS; `ignore_eos` does not touch
+/// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stop_token_ids_end_the_answer() {
     let (h, mut client) = start(demo_config()).await;
@@ -145,10 +147,12 @@ async fn stop_token_ids_end_the_answer() {
     };
     for ignore_eos in [false, true] {
         let out = client.generate(with(0, ignore_eos)).await.unwrap().into_inner();
-        assert_eq!(out.text, "CAT M", "ignore_eos {ignore_eos}");
+        assert_eq!(out.text, "CAT ", "ignore_eos {ignore_eos}");
         assert_eq!(out.token_ids.last(), Some(&m_id));
         assert_eq!(FinishReason::try_from(out.finish_reason), Ok(FinishReason::StopToken));
     }
+    let kept = client.generate(GenerateRequest { include_stop_str_in_output: true, ..with(0, false) }).await;
+    assert_eq!(kept.unwrap().into_inner().text, "CAT M");
     // "M" is the 5th token: min_tokens 5 holds it (and EOS) back for the first five.
     let held = client.generate(with(5, false)).await.unwrap().into_inner().token_ids;
     let ends = [&eos[..], &[m_id]].concat();

@@ -197,14 +197,23 @@ fn sigterm_drains_and_exits_zero() {
     assert_eq!(local_prefill.0, serde_json::json!(want));
     let served_prefill = ids_of(&[&client[..], &["--adapter", "upper", "--prompt-logprobs", "0"], &prefill].concat());
     assert_eq!(served_prefill, local_prefill);
-    // --include-stop-str-in-output keeps the stop string (and needs one).
+    // A stop token's text is left out, served and local alike ("M" is 80); --include-stop-str-in-output keeps
+    // it, and keeps a stop string.
+    let text_of = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["text"].clone()
+    };
+    let at_m = [&answer[..], &["--stop-token-id", "80"]].concat();
+    assert_eq!(text_of(&[&client[..], &at_m].concat()), "CAT ");
+    assert_eq!(text_of(&[&local_upper[..], &at_m].concat()), "CAT ");
+    assert_eq!(text_of(&[&client[..], &at_m, &["--include-stop-str-in-output"]].concat()), "CAT M");
     let kept = [&client[..], &answer, &["--stop", "MOON", "--include-stop-str-in-output"]].concat();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args(&kept).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["text"], "CAT MOON");
     for (args, words) in [
-        (&["--include-stop-str-in-output"][..], "--stop"),
-        (&["--prompt", "a", "--truncate-prompt-tokens", "0"], "--truncate-prompt-tokens"),
+        (&["--prompt", "a", "--truncate-prompt-tokens", "0"][..], "--truncate-prompt-tokens"),
         (&["--message", "user"], "expected ROLE=TEXT"),
         (&["--message", "user=a", "--prompt", "b"], "cannot be used with"),
         (&["--prompt", "a", "--continue-final-message"], "cannot be used with"),

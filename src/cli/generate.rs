@@ -85,8 +85,8 @@ fn parse_message(s: &str) -> Result<(String, String), String> {
 impl PromptArgs {
     /// The prompt's token ids for this model (truncated as asked).
     fn ids(&self, tok: &crate::model::Tokenizer) -> Result<Vec<u32>> {
-        let mut ids = match &self.prompt {
-            Some(prompt) => tok.encode(prompt)?,
+        let (mut ids, prefix) = match &self.prompt {
+            Some(prompt) => (tok.encode(prompt)?, tok.text_prefix()),
             None => {
                 let chat = crate::model::ChatTemplate::new(tok).context("--message")?;
                 let list: Vec<_> = self
@@ -94,10 +94,13 @@ impl PromptArgs {
                     .iter()
                     .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
                     .collect();
-                chat.prompt_ids(tok, &list, self.continue_final_message).context("--message")?
+                (chat.prompt_ids(tok, &list, self.continue_final_message).context("--message")?, &[][..])
             }
         };
-        engine::keep_last(&mut ids, self.truncate_prompt_tokens);
+        if let Some(k) = self.truncate_prompt_tokens {
+            engine::truncate_prompt(&mut ids, k, prefix)
+                .map_err(|e| anyhow::anyhow!("--truncate-prompt-tokens {e}"))?;
+        }
         Ok(ids)
     }
 }
@@ -192,8 +195,9 @@ pub enum ClientCall {
         /// Stop strings (repeatable).
         #[arg(long)]
         stop: Vec<String>,
-        /// End the text after the stop string found, not before.
-        #[arg(long, requires = "stop")]
+        /// Keep what ended the text at its end: the stop string found, or the text of the stop token
+        /// (vLLM's include_stop_str_in_output).
+        #[arg(long)]
         include_stop_str_in_output: bool,
         #[arg(long)]
         stream: bool,
@@ -320,10 +324,13 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     }
     let sampling = args.sampling.params(args.max_new_tokens)?;
     let loaded = args.model.load()?;
-    let prompt_ids = args.input.ids(&loaded.tokenizer)?;
     let config = loaded.model.config();
-    sampling.validate_model(config.vocab_size, &config.eos_token_ids).map_err(anyhow::Error::msg)?;
     let ctx = config.max_position_embeddings;
+    if let Some(k) = args.input.truncate_prompt_tokens.filter(|&k| k as usize > ctx) {
+        bail!("--truncate-prompt-tokens {k}: more than the model's context of {ctx} positions");
+    }
+    let prompt_ids = args.input.ids(&loaded.tokenizer)?;
+    sampling.validate_model(config.vocab_size, &config.eos_token_ids).map_err(anyhow::Error::msg)?;
     if prompt_ids.len() + args.max_new_tokens > ctx {
         bail!(
             "prompt ({} tokens) + --max-new-tokens ({}) exceeds the model's context of {ctx} positions",
@@ -338,6 +345,7 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
             Some(crate::lora::peft::load_dir(&dir, &loaded.model.lora_layout(), loaded.model.device())?)
         }
     };
+    let ends = sampling.clone();
     let out = engine::generate(
         &loaded.model,
         &GenerateJob {
@@ -348,7 +356,13 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
             adapter: adapter.as_ref().map(|a| &a.weights),
         },
     )?;
-    let text = loaded.tokenizer.decode(&out.token_ids)?;
+    // The token that ended the answer (EOS, a stop token) stays out of its text, as the server leaves it out.
+    let eos = &loaded.model.config().eos_token_ids;
+    let text_ids = match out.token_ids.split_last() {
+        Some((&last, rest)) if ends.ends_at(last, eos).is_some() => rest,
+        _ => &out.token_ids[..],
+    };
+    let text = loaded.tokenizer.decode(text_ids)?;
     if args.json {
         let v = serde_json::json!({
             "prompt_token_ids": prompt_ids,

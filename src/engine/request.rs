@@ -72,11 +72,23 @@ pub struct PromptLogprobs {
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
 }
 
-/// `truncate_prompt_tokens`: keeps the last `keep` prompt ids (all of them when `None` or fewer).
-pub fn keep_last(ids: &mut Vec<u32>, keep: Option<u32>) {
-    if let Some(k) = keep {
-        ids.drain(..ids.len().saturating_sub(k as usize));
+/// `truncate_prompt_tokens`, as vLLM truncates: `keep` ids at most, a raw prompt keeping the ids its tokenizer
+/// puts before the text (`prefix`, its BOS) and its text's last ones; a conversation's ids (`prefix` empty) are
+/// cut as they are. An error when `keep` leaves no room for any of the text.
+pub fn truncate_prompt(ids: &mut Vec<u32>, keep: u32, prefix: &[u32]) -> Result<(), String> {
+    let keep = keep as usize;
+    if ids.len() <= keep {
+        return Ok(());
     }
+    let p = if ids.starts_with(prefix) { prefix.len() } else { 0 };
+    if keep <= p {
+        return Err(format!(
+            "{keep} leaves no room for the prompt's text after the {p} token(s) the tokenizer puts before it; at least {}",
+            p + 1
+        ));
+    }
+    ids.drain(p..ids.len() - (keep - p));
+    Ok(())
 }
 
 /// A request the server has validated: everything the engine needs, nothing it must re-check.

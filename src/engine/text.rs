@@ -51,9 +51,10 @@ impl StopText {
         } else {
             self.unarmed = self.full.len();
         }
-        // Hold back the longest tail that is a proper prefix of some stop string.
+        // Hold back the longest tail that is a proper prefix of some stop string; a stop string kept in the
+        // text ends past everything shown so far, so then nothing is held back (vLLM's `stop_buffer_length` 0).
         let mut hold = 0;
-        for s in &self.stops {
+        for s in self.stops.iter().filter(|_| !self.keep_stop) {
             for k in (1..s.len()).rev() {
                 if k > hold && s.is_char_boundary(k) && self.full.ends_with(&s[..k]) {
                     hold = k;
@@ -147,19 +148,31 @@ mod tests {
         assert!(chunks.iter().all(|c| !c.contains('E')));
     }
 
-    /// `include_stop_str_in_output`: the text ends right after the stop string, the earliest one; at the same
-    /// start, the one given first.
+    /// `include_stop_str_in_output`: the text ends right after the stop string, streamed as it comes (nothing
+    /// held back: the stop string ends past it).
     #[test]
     fn a_kept_stop_string_ends_the_text() {
         let (chunks, stopped, _) = run_with("hello END world", &["END"], 0, true);
         assert!(stopped);
         assert_eq!(chunks.concat(), "hello END");
+        assert_eq!(chunks[7], "N", "not held back");
         let (chunks, _, _) = run_with("abc;def.", &[".", ";"], 0, true);
         assert_eq!(chunks.concat(), "abc;");
-        let (chunks, _, _) = run_with("xENDING", &["END", "ENDING"], 0, true);
-        assert_eq!(chunks.concat(), "xEND");
-        let (chunks, _, _) = run_with("xENDING", &["ENDING", "END"], 0, true);
-        assert_eq!(chunks.concat(), "xEND", "END ends first: found before ENDING is complete");
+    }
+
+    /// Stop strings completed by the same token: the earliest start wins (vLLM takes the first in list order
+    /// found anywhere), and among those starting there, the first given.
+    #[test]
+    fn the_earliest_stop_string_wins_then_the_first_given() {
+        let at = |text: &str, stops: &[&str]| {
+            let mut st = StopText::new(stops.iter().map(|s| s.to_string()).collect(), true);
+            st.full = text.to_string();
+            st.stop_at()
+        };
+        assert_eq!(at("xENDING", &["END", "ENDING"]), Some((1, 3)));
+        assert_eq!(at("xENDING", &["ENDING", "END"]), Some((1, 6)));
+        assert_eq!(at("AB", &["B", "A"]), Some((0, 1)));
+        assert_eq!(at("AB", &["C"]), None);
     }
 
     #[test]

@@ -328,11 +328,17 @@ pub(crate) fn run(
                 }
             }
             l.last_token_at = Some(now);
-            // Stop strings count from the token after `min_tokens` on, as EOS does (vLLM).
-            let (text, hit_stop) = l.text.push(&tokenizer, token, l.generated > l.req.sampling.min_tokens as usize);
+            // A token that ends the request (EOS, a stop token) stays out of the text unless the request keeps
+            // what stopped it (vLLM). Stop strings count from the token after `min_tokens` on, as EOS does.
+            let ends = l.req.sampling.ends_at(token, &eos);
+            let (text, hit_stop) = if ends.is_some() && !l.req.include_stop_str_in_output {
+                (String::new(), false)
+            } else {
+                l.text.push(&tokenizer, token, l.generated > l.req.sampling.min_tokens as usize)
+            };
             let finish = if hit_stop {
                 Some(FinishReason::StopSequence)
-            } else if let Some(end) = l.req.sampling.ends_at(token, &eos) {
+            } else if let Some(end) = ends {
                 Some(end)
             } else if l.generated >= l.req.max_new_tokens {
                 Some(FinishReason::Length)

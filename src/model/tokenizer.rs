@@ -27,6 +27,8 @@ pub struct Tokenizer {
     /// The named special tokens `tokenizer_config.json` sets (`("bos_token", "<s>")`, …, a model's own
     /// `image_token`s and `extra_special_tokens` too), which chat templates see as variables.
     pub special_tokens: Vec<(String, String)>,
+    /// [`Tokenizer::text_prefix`], worked out on first use.
+    prefix: std::sync::OnceLock<Vec<u32>>,
 }
 
 /// transformers' `SPECIAL_TOKENS_ATTRIBUTES`.
@@ -105,8 +107,13 @@ impl Tokenizer {
     pub fn from_parts(json: &[u8], file: &str, config: Option<(&str, &str)>) -> Result<Self, TokenizerError> {
         let inner = tokenizers::Tokenizer::from_bytes(json)
             .map_err(|e| TokenizerError::Load { file: file.to_string(), reason: e.to_string() })?;
-        let mut tok =
-            Tokenizer { inner, chat_template: None, chat_template_names: Vec::new(), special_tokens: Vec::new() };
+        let mut tok = Tokenizer {
+            inner,
+            chat_template: None,
+            chat_template_names: Vec::new(),
+            special_tokens: Vec::new(),
+            prefix: Default::default(),
+        };
         if let Some((text, cfile)) = config {
             let v: serde_json::Value = serde_json::from_str(text)
                 .map_err(|e| TokenizerError::Load { file: cfile.to_string(), reason: format!("invalid JSON: {e}") })?;
@@ -169,6 +176,21 @@ impl Tokenizer {
     /// The named special token `name` (`"eos_token"`, …), when tokenizer_config.json sets it.
     pub fn special_token(&self, name: &str) -> Option<&str> {
         self.special_tokens.iter().find(|(k, _)| k == name).map(|(_, t)| t.as_str())
+    }
+
+    /// The ids the tokenizer puts before any text with its special tokens (its BOS, or nothing): those of a
+    /// probe text encoded with special tokens, before its ids encoded without. Nothing when the two do not
+    /// line up that way.
+    pub fn text_prefix(&self) -> &[u32] {
+        self.prefix.get_or_init(|| {
+            let probe = "Hello";
+            let (Ok(with), Ok(plain)) = (self.encode_with(probe, true), self.encode_with(probe, false)) else {
+                return Vec::new();
+            };
+            (0..=with.len().saturating_sub(plain.len()))
+                .find(|&k| with[k..].starts_with(&plain))
+                .map_or_else(Vec::new, |k| with[..k].to_vec())
+        })
     }
 
     /// Token ids of `text` with the tokenizer's special tokens added (e.g. BOS from its post-processor).

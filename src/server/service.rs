@@ -17,7 +17,7 @@ use super::arrival::Arrival;
 use super::counting::HandlerSeen;
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
-use crate::engine::{keep_last, Engine, Event, FinishReason, PromptLogprobs, SamplingParams, ValidRequest};
+use crate::engine::{truncate_prompt, Engine, Event, FinishReason, PromptLogprobs, SamplingParams, ValidRequest};
 use crate::lora::cache::{AdapterCache, AdapterLease};
 use crate::model::{ChatError, ChatTemplate, Tokenizer};
 use crate::telemetry as t;
@@ -247,15 +247,22 @@ impl Service {
                 "needs messages (a conversation whose final message to continue)",
             ));
         }
-        if r.truncate_prompt_tokens == Some(0) {
-            return Err(invalid("truncate_prompt_tokens", "must be at least 1"));
+        if let Some(k) = r.truncate_prompt_tokens.filter(|&k| k == 0 || k as usize > ready.context) {
+            let context = ready.context;
+            return Err(invalid(
+                "truncate_prompt_tokens",
+                format!("must be in 1..={context} (the model's context), got {k}"),
+            ));
         }
         let mut prompt_ids = if r.messages.is_empty() {
             ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?
         } else {
             conversation_ids(ready, &r.messages, r.continue_final_message)?
         };
-        keep_last(&mut prompt_ids, r.truncate_prompt_tokens);
+        if let Some(k) = r.truncate_prompt_tokens {
+            let prefix = if r.messages.is_empty() { ready.tokenizer.text_prefix() } else { &[] };
+            truncate_prompt(&mut prompt_ids, k, prefix).map_err(|e| invalid("truncate_prompt_tokens", e))?;
+        }
         if prompt_ids.is_empty() {
             // A tokenizer without BOS whose normalizer drops the whole text: nothing to continue from.
             let field = if r.messages.is_empty() { "prompt" } else { "messages" };
@@ -302,7 +309,8 @@ impl Service {
     }
 }
 
-/// The prompt of a request's `messages`: the model's chat template renders them, with its generation prompt.
+/// The prompt of a request's `messages`: the model's chat template renders them, with its generation prompt or
+/// the final message continued.
 fn conversation_ids(ready: &Ready, messages: &[proto::ChatMessage], continue_final: bool) -> Result<Vec<u32>, Status> {
     let mut list = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {

@@ -14,7 +14,7 @@
 //! as plain text. Known differences (minijinja is not jinja2): `undefined | length` is an error, not 0; lists
 //! and maps printed bare come out as JSON (`["a"]`), not Python (`['a']`); `'%s' % x` is unsupported; `trim`
 //! keeps the ASCII separators `\x1c`–`\x1f`. `tests/fixtures/chat-templates/` holds transformers' renderings
-//! of published templates; `tests/chat.rs` compares.
+//! of published templates; `tests/prompts.rs` compares.
 //!
 //! Token ids: the rendered text is encoded without special tokens and, unless it starts with the BOS token
 //! (a template that writes BOS itself), after the ones the tokenizer puts before a text (BOS; never the EOS
@@ -79,7 +79,7 @@ impl ChatTemplate {
             ));
         };
         let mut chat = Self::compile(template, tok.special_tokens.clone())?;
-        chat.prefix = text_prefix(tok);
+        chat.prefix = tok.text_prefix().to_vec();
         Ok(chat)
     }
 
@@ -138,12 +138,21 @@ impl ChatTemplate {
     /// The text a model continues: the conversation with the generation prompt after it (a new assistant
     /// turn), or with `continue_final` its final message left open (transformers' `continue_final_message`,
     /// vLLM's assistant prefill): rendered with a marker after that message's content and cut there, the
-    /// whitespace before the marker dropped too when the template trims the content.
+    /// whitespace before the marker dropped too when the template trims the content (Rust's whitespace, which
+    /// unlike Python's `rstrip` leaves `\x1c`–`\x1f`). A conversation holding the marker text is refused.
     pub fn render_prompt(&self, messages: &[Value], continue_final: bool) -> Result<String, ChatError> {
         if !continue_final {
             return self.render(messages, true);
         }
         const TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
+        // The marker must be found where this code put it, not in a message's own text (transformers would
+        // cut there).
+        if let Some(i) = messages.iter().position(|m| m.to_string().contains(TAG.trim_end())) {
+            return Err(ChatError::Render(format!(
+                "continue_final_message: message {i} contains `{}`, the marker that finds where the final message ends",
+                TAG.trim_end()
+            )));
+        }
         let mut list = messages.to_vec();
         let Some(Value::String(last)) = list.last_mut().and_then(|m| m.get_mut("content")) else {
             return Err(ChatError::Render(
@@ -179,18 +188,6 @@ impl ChatTemplate {
         }
         Ok(self.encode(tok, &text)?.0)
     }
-}
-
-/// The ids a tokenizer puts before any text (BOS, or nothing): those of a probe text encoded with special
-/// tokens, before its ids encoded without. Nothing when the two do not line up that way.
-fn text_prefix(tok: &Tokenizer) -> Vec<u32> {
-    let probe = "Hello";
-    let (Ok(with), Ok(plain)) = (tok.encode_with(probe, true), tok.encode_with(probe, false)) else {
-        return Vec::new();
-    };
-    (0..=with.len().saturating_sub(plain.len()))
-        .find(|&k| with[k..].starts_with(&plain))
-        .map_or_else(Vec::new, |k| with[..k].to_vec())
 }
 
 /// How a template's refusal of a conversation (`raise_exception`) starts.
@@ -277,7 +274,7 @@ mod tests {
     fn bos_is_put_before_a_rendering_only_when_the_template_leaves_it_out() {
         let tok = crate::model::demo::tokenizer().unwrap();
         let mut t = template("x");
-        t.prefix = text_prefix(&tok);
+        t.prefix = tok.text_prefix().to_vec();
         assert_eq!(t.prefix, vec![0], "the demo's BOS");
         let (ids, spans) = t.encode(&tok, "ab").unwrap();
         assert_eq!((ids, spans), (vec![0, 3 + 97, 3 + 98], vec![(0, 0), (0, 1), (1, 2)]));
@@ -286,6 +283,20 @@ mod tests {
         let e = empty.prompt_ids(&tok, &[json!({"role": "usr", "content": "a"})], false).unwrap_err();
         assert!(matches!(&e, ChatError::Render(m) if m.contains("as no text")), "{e}");
         assert_eq!(empty.prompt_ids(&tok, &user("a"), false).unwrap(), vec![3 + 97], "no prefix set: none put before");
+    }
+
+    /// The marker that finds the end of the final message is refused in a message's own text: transformers'
+    /// search would cut the prompt there.
+    #[test]
+    fn a_conversation_holding_the_continue_marker_is_refused() {
+        let t = template("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}");
+        let said = [
+            json!({"role": "user", "content": "say CONTINUE_FINAL_MESSAGE_TAG"}),
+            json!({"role": "assistant", "content": "ok"}),
+        ];
+        let e = t.render_prompt(&said, true).unwrap_err();
+        assert!(matches!(&e, ChatError::Render(m) if m.contains("message 0 contains")), "{e}");
+        assert_eq!(t.render_prompt(&said[1..], true).unwrap(), "<assistant>ok");
     }
 
     #[test]
