@@ -68,8 +68,8 @@ pub struct PromptArgs {
     /// --message assistant='{"a": ').
     #[arg(long, requires = "messages", conflicts_with = "prompt")]
     pub continue_final_message: bool,
-    /// Keep only the last N prompt tokens (a longer prompt loses its start, BOS and all; vLLM's
-    /// truncate_prompt_tokens). At least 1.
+    /// At most N prompt tokens, as vLLM's truncate_prompt_tokens cuts a longer prompt: --prompt keeps its BOS
+    /// and its text's last tokens, --message turns their last tokens. At least 1.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub truncate_prompt_tokens: Option<u32>,
 }

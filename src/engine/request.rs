@@ -97,7 +97,8 @@ pub struct ValidRequest {
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
-    /// End the text after the stop string that ended it, not before (vLLM's `include_stop_str_in_output`).
+    /// Keep what ended the text at its end: the stop string found (else the text ends before it), or the stop
+    /// token's text (else left out); vLLM's `include_stop_str_in_output`.
     pub include_stop_str_in_output: bool,
     /// Report each token's log-probability under the model's own distribution (the log-softmax of its
     /// logits, before the allow list, `min_tokens`, the bias, penalties, temperature, top-k, top-p and min-p:

@@ -303,7 +303,6 @@ mod tests {
         assert!(side.iter().any(|(n, b)| n == "chat_template.jinja" && b == b"from file"));
     }
 
-    /// A list of named templates: the one named "default" is the chat template; without one, none is (and
     /// The special tokens chat templates see: the standard ones (a string or an AddedToken's content), a
     /// model's own `*_token` strings, and `extra_special_tokens` given as a map.
     #[test]
@@ -321,6 +320,7 @@ mod tests {
         assert_eq!(t.special_token("eos_token"), Some("</s>"));
     }
 
+    /// A list of named templates: the one named "default" is the chat template; without one, none is (and
     /// the names are kept for the error); malformed forms are refused naming the key.
     #[test]
     fn named_chat_templates() {

@@ -36,7 +36,7 @@ pub struct GenerateCall {
     /// Validated (`SamplingParams::validate`): some invalid values, like a top-p of 0, read as unset on the wire.
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
-    /// End the text after the stop string found, not before.
+    /// Keep what ended the text at its end: the stop string found, or the stop token's text.
     pub include_stop_str_in_output: bool,
     /// Keep only the last this many prompt tokens.
     pub truncate_prompt_tokens: Option<u32>,

@@ -53,13 +53,11 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     special: Vec<(String, String)>,
     bos: Option<String>,
-    /// The ids the tokenizer puts before a text (its BOS), for renderings that do not start with BOS.
-    prefix: Vec<u32>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("special", &self.special).field("prefix", &self.prefix).finish()
+        f.debug_struct("ChatTemplate").field("special", &self.special).finish_non_exhaustive()
     }
 }
 
@@ -78,12 +76,10 @@ impl ChatTemplate {
                     .into(),
             ));
         };
-        let mut chat = Self::compile(template, tok.special_tokens.clone())?;
-        chat.prefix = tok.text_prefix().to_vec();
-        Ok(chat)
+        Self::compile(template, tok.special_tokens.clone())
     }
 
-    /// `template` with these special tokens (`("bos_token", "<s>")`, …) and no ids before a text.
+    /// `template` with these special tokens (`("bos_token", "<s>")`, …).
     pub fn compile(template: &str, special: Vec<(String, String)>) -> Result<Self, ChatError> {
         let mut env = Environment::new();
         // jinja2's defaults, which transformers keeps: undefined values print as nothing, a single trailing
@@ -105,7 +101,7 @@ impl ChatTemplate {
         env.add_template_owned("chat", without_generation_blocks(&source))
             .map_err(|e| ChatError::Unavailable(format!("the chat template does not compile: {e}")))?;
         let bos = special.iter().find(|(k, _)| k == "bos_token").map(|(_, v)| v.clone()).filter(|b| !b.is_empty());
-        Ok(ChatTemplate { env, special, bos, prefix: Vec::new() })
+        Ok(ChatTemplate { env, special, bos })
     }
 
     /// The text of `messages` (a list of `{"role", "content", …}` objects), with the assistant's generation
@@ -129,8 +125,9 @@ impl ChatTemplate {
             .encode_with_offsets(rendered, false)
             .map_err(|e| ChatError::Render(format!("encoding the rendered conversation: {e}")))?;
         if self.bos.as_deref().is_none_or(|bos| !rendered.starts_with(bos)) {
-            ids.splice(0..0, self.prefix.iter().copied());
-            spans.splice(0..0, self.prefix.iter().map(|_| (0, 0)));
+            let prefix = tok.text_prefix();
+            ids.splice(0..0, prefix.iter().copied());
+            spans.splice(0..0, prefix.iter().map(|_| (0, 0)));
         }
         Ok((ids, spans))
     }
@@ -273,16 +270,15 @@ mod tests {
     #[test]
     fn bos_is_put_before_a_rendering_only_when_the_template_leaves_it_out() {
         let tok = crate::model::demo::tokenizer().unwrap();
-        let mut t = template("x");
-        t.prefix = tok.text_prefix().to_vec();
-        assert_eq!(t.prefix, vec![0], "the demo's BOS");
+        let t = template("x");
+        assert_eq!(tok.text_prefix(), [0], "the demo's BOS");
         let (ids, spans) = t.encode(&tok, "ab").unwrap();
         assert_eq!((ids, spans), (vec![0, 3 + 97, 3 + 98], vec![(0, 0), (0, 1), (1, 2)]));
         assert_eq!(t.encode(&tok, "<s>ab").unwrap().0, tok.encode_with("<s>ab", false).unwrap());
         let empty = template("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}");
         let e = empty.prompt_ids(&tok, &[json!({"role": "usr", "content": "a"})], false).unwrap_err();
         assert!(matches!(&e, ChatError::Render(m) if m.contains("as no text")), "{e}");
-        assert_eq!(empty.prompt_ids(&tok, &user("a"), false).unwrap(), vec![3 + 97], "no prefix set: none put before");
+        assert_eq!(empty.prompt_ids(&tok, &user("a"), false).unwrap(), vec![0, 3 + 97], "BOS put before");
     }
 
     /// The marker that finds the end of the final message is refused in a message's own text: transformers'
