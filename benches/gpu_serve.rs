@@ -56,6 +56,7 @@ fn serve_config(
     ServeConfig {
         model,
         load: LoadOptions { dtype: DType::F32, quant, device },
+        chat_template: None,
         adapters: adapters.to_path_buf(),
         cache: CacheConfig { device_bytes: 4 << 30, host_bytes: 8 << 30, default_wait: Duration::from_secs(60) },
         engine: EngineConfig {

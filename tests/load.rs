@@ -73,6 +73,7 @@ async fn two_thousand_requests_two_hundred_adapters_twenty_slots() {
     let cfg = ServeConfig {
         model: ModelSpec::Dir(fixture("llama/model")),
         load: LoadOptions { dtype: DType::F32, quant: QuantMode::Nf4, device: Device::Cpu },
+        chat_template: None,
         adapters: tmp.path().to_path_buf(),
         cache: CacheConfig { device_bytes: 20 * one, host_bytes: 40 * one, default_wait: Duration::from_secs(60) },
         engine: EngineConfig {

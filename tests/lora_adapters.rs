@@ -238,6 +238,27 @@ fn merged_checkpoint_gives_the_adapter_logits() {
     assert!(st.tensors().iter().all(|(_, t)| t.dtype() == safetensors::Dtype::BF16));
 }
 
+/// An adapter that brings its own chat template hands it to the merged model, which then renders
+/// conversations as the adapter was served; one without keeps the base's.
+#[test]
+fn a_merged_checkpoint_takes_the_adapters_chat_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, dir) = &adapter_dirs("llama")[0];
+    let adapter = tmp.path().join("adapter");
+    common::copy_dir(dir, &adapter);
+    let base = tmp.path().join("base");
+    common::copy_dir(&fixture("llama/model"), &base);
+    std::fs::write(base.join("chat_template.jinja"), "BASE").unwrap();
+    let plain = tmp.path().join("plain");
+    assert!(merge_cli(&base, &adapter, &plain, &[]).status.success());
+    assert_eq!(std::fs::read_to_string(plain.join("chat_template.jinja")).unwrap(), "BASE");
+    std::fs::write(adapter.join("tokenizer_config.json"), r#"{"chat_template": "OWN"}"#).unwrap();
+    let out = tmp.path().join("merged");
+    assert!(merge_cli(&base, &adapter, &out, &[]).status.success());
+    let tok = loraserve::model::Tokenizer::from_dir(&out).unwrap();
+    assert_eq!(tok.chat.template.as_deref(), Some("OWN"));
+}
+
 #[test]
 fn merge_refuses_an_nf4_base_unless_asked_to_dequantize() {
     let tmp = tempfile::tempdir().unwrap();

@@ -37,16 +37,16 @@ fn templates_render_as_transformers_renders_them() {
     for case in e["results"].as_array().unwrap() {
         let (name, conv) = (case["template"].as_str().unwrap(), case["conversation"].as_str().unwrap());
         let mut tok = Tokenizer::from_dir(&fixture("llama/model")).unwrap();
-        tok.chat_template = Some(e["templates"][name].as_str().unwrap().to_string());
+        tok.chat.template = Some(e["templates"][name].as_str().unwrap().to_string());
         let chat = ChatTemplate::new(&tok).unwrap();
         let messages = e["conversations"][conv].as_array().unwrap();
         for key in ["prompt", "full", "continue"] {
             let what = format!("{name} × {conv} ({key})");
             let want = &case[key];
             let got = match key {
-                "prompt" => chat.render_prompt(messages, false),
-                "full" => chat.render(messages, false),
-                _ => chat.render_prompt(messages, true),
+                "prompt" => chat.render_prompt(messages, false, &Default::default()),
+                "full" => chat.render(messages, false, &Default::default()),
+                _ => chat.render_prompt(messages, true, &Default::default()),
             };
             if let Some(message) = want["error"].as_str() {
                 let want = match message.strip_prefix("continue_final_message is set but the final message does not") {
@@ -70,7 +70,11 @@ fn templates_render_as_transformers_renders_them() {
                 } else {
                     ids(&want[if writes_bos { "ids_plain" } else { "ids_special" }])
                 };
-                assert_eq!(chat.prompt_ids(&tok, messages, key == "continue").unwrap(), want_ids, "{what}");
+                assert_eq!(
+                    chat.prompt_ids(&tok, messages, key == "continue", &Default::default()).unwrap(),
+                    want_ids,
+                    "{what}"
+                );
             }
         }
     }
@@ -241,4 +245,181 @@ async fn truncate_prompt_tokens_keeps_the_last_ids() {
         let s = c.generate(cut(k)).await.unwrap_err();
         assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, words));
     }
+}
+
+fn kwargs_of(v: &Value) -> serde_json::Map<String, Value> {
+    v.as_object().unwrap().clone()
+}
+
+/// Conversations rendered with more template variables (`chat_template_kwargs`) equal transformers'
+/// `apply_chat_template(**kwargs)`: Qwen3-style `enable_thinking`, Llama 3.2's `date_string`, `tools` and
+/// `tools_in_user_message`, a special token overridden; so do their ids. A name the template does not read, or
+/// one the renderer sets, is refused (vLLM drops the first silently).
+#[test]
+fn kwargs_render_as_transformers_renders_them() {
+    let e = expected();
+    let tok = Tokenizer::from_dir(&fixture("llama/model")).unwrap();
+    let cases = e["kwargs"].as_array().unwrap();
+    for case in cases {
+        let (name, conv) = (case["template"].as_str().unwrap(), case["conversation"].as_str().unwrap());
+        let kwargs = kwargs_of(&case["kwargs"]);
+        let what = format!("{name} × {conv} with {kwargs:?}");
+        let chat =
+            ChatTemplate::compile(e["templates"][name].as_str().unwrap(), tok.chat.special_tokens.clone()).unwrap();
+        chat.check_kwargs(&kwargs).unwrap_or_else(|m| panic!("{what}: {m}"));
+        let messages = e["conversations"][conv].as_array().unwrap();
+        let text = chat.render_prompt(messages, false, &kwargs).unwrap_or_else(|m| panic!("{what}: {m}"));
+        assert_eq!(text, case["text"].as_str().unwrap(), "{what}");
+        let want = ids(&case[if text.starts_with("<s>") { "ids_plain" } else { "ids_special" }]);
+        assert_eq!(chat.prompt_ids(&tok, messages, false, &kwargs).unwrap(), want, "{what}");
+    }
+    assert_eq!(cases.len(), 7);
+    let thinking = ChatTemplate::compile(e["templates"]["thinking"].as_str().unwrap(), vec![]).unwrap();
+    assert_eq!(thinking.variables(), ["enable_thinking"]);
+    for (kwargs, words) in [
+        (
+            serde_json::json!({"enable_thinkng": false}),
+            "`enable_thinkng`: the chat template reads no variable of that name (it reads [\"enable_thinking\"])",
+        ),
+        (serde_json::json!({"add_generation_prompt": false}), "`add_generation_prompt` is set by the server"),
+        (serde_json::json!({"messages": []}), "`messages` is set by the server"),
+    ] {
+        let e = thinking.check_kwargs(&kwargs_of(&kwargs)).unwrap_err();
+        assert!(e.starts_with(words), "{e}");
+    }
+}
+
+/// The template a conversation is rendered with: an adapter whose folder brings one (chat_template.jinja)
+/// renders with it, `chat_template_kwargs` included; other adapters and the base get the server's
+/// `--chat-template` over the model's (here: none); the adapter's template is part of its version, so editing
+/// or removing it swaps it without a restart. Kwargs the chosen template does not read, kwargs without
+/// messages, unreadable chat files and a template rendering a token the base tokenizer lacks are refused with
+/// the reason, and the adapter's raw prompts still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_bring_their_own_chat_template() {
+    let e = expected();
+    let tmp = tempfile::tempdir().unwrap();
+    let adapters = tmp.path().join("adapters");
+    for name in ["qkvo-r8", "qv-r4"] {
+        common::copy_dir(&fixture(&format!("llama/adapters/{name}")), &adapters.join(name));
+    }
+    let own = adapters.join("qkvo-r8");
+    std::fs::write(own.join("chat_template.jinja"), e["templates"]["thinking"].as_str().unwrap()).unwrap();
+    let mut cfg = config(adapters.clone());
+    cfg.chat_template = Some(e["templates"]["chatml"].as_str().unwrap().to_string());
+    let (_h, mut c) = start(cfg).await;
+    let result = |template: &str, conv: &str| {
+        let found =
+            e["results"].as_array().unwrap().iter().find(|r| r["template"] == template && r["conversation"] == conv);
+        ids(&found.unwrap()["prompt"]["ids_special"])
+    };
+    let with_kwargs =
+        |i: usize| (ids(&e["kwargs"][i]["ids_special"]), e["kwargs"][i]["text"].as_str().unwrap().to_string());
+    let turns = |conv: &str| -> Vec<ChatMessage> {
+        let list = e["conversations"][conv].as_array().unwrap();
+        list.iter()
+            .map(|m| ChatMessage {
+                role: m["role"].as_str().unwrap().into(),
+                content: m["content"].as_str().unwrap().into(),
+            })
+            .collect()
+    };
+    let ask = |adapter: &str, conv: &str, kwargs: Option<Value>| GenerateRequest {
+        messages: turns(conv),
+        chat_template_kwargs: kwargs.map(|k| struct_of(&k)),
+        ..req(adapter, "", 4)
+    };
+    // The base and an adapter without a template: the server's --chat-template (ChatML).
+    for adapter in ["", "qv-r4"] {
+        assert_eq!(prompt_ids(&mut c, ask(adapter, "user", None)).await.0, result("chatml", "user"), "{adapter:?}");
+    }
+    // The adapter's own, with and without kwargs; the tokens are those of the same ids sent as text.
+    for (i, conv, kwargs) in [(0, "user", None), (1, "multi-turn", Some(serde_json::json!({"enable_thinking": false})))]
+    {
+        let (want, text) = with_kwargs(i);
+        let by_messages = prompt_ids(&mut c, ask("qkvo-r8", conv, kwargs)).await;
+        assert_eq!(by_messages.0, want, "{conv}");
+        assert_eq!(by_messages, prompt_ids(&mut c, req("qkvo-r8", &text, 4)).await, "{conv}");
+    }
+    let refused = [
+        (
+            ask("", "user", Some(serde_json::json!({"enable_thinking": false}))),
+            "chat_template_kwargs: `enable_thinking`: the chat template reads no variable of that name (it reads [])",
+        ),
+        (
+            ask("qkvo-r8", "user", Some(serde_json::json!({"enable_thinkng": 1}))),
+            "chat_template_kwargs: `enable_thinkng`: the chat template reads no variable",
+        ),
+        (
+            GenerateRequest {
+                chat_template_kwargs: Some(struct_of(&serde_json::json!({}))),
+                ..req("qkvo-r8", "Hi", 4)
+            },
+            "chat_template_kwargs: needs messages",
+        ),
+    ];
+    for (r, words) in refused {
+        let s = c.generate(r).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        assert!(s.message().starts_with(words), "{s:?}");
+    }
+    // Edited, then removed: a new version each time, rendered with what is there now.
+    let v1 = version(&mut c, "qkvo-r8").await;
+    std::fs::write(
+        own.join("chat_template.jinja"),
+        e["templates"]["chatml"].as_str().unwrap().replace("<|im_start|>", "<|start|>"),
+    )
+    .unwrap();
+    let v2 = version(&mut c, "qkvo-r8").await;
+    let chatml_user =
+        e["results"].as_array().unwrap().iter().find(|r| r["template"] == "chatml" && r["conversation"] == "user");
+    let edited_text = chatml_user.unwrap()["prompt"]["text"].as_str().unwrap().replace("<|im_start|>", "<|start|>");
+    let tok = Tokenizer::from_dir(&fixture("llama/model")).unwrap();
+    let edited = prompt_ids(&mut c, ask("qkvo-r8", "user", None)).await.0;
+    assert_eq!(edited, tok.encode(&edited_text).unwrap(), "the edited template");
+    std::fs::remove_file(own.join("chat_template.jinja")).unwrap();
+    let v3 = version(&mut c, "qkvo-r8").await;
+    assert_eq!(prompt_ids(&mut c, ask("qkvo-r8", "user", None)).await.0, result("chatml", "user"), "the server's");
+    let s = c.generate(ask("qkvo-r8", "user", Some(serde_json::json!({"enable_thinking": false})))).await.unwrap_err();
+    assert!(s.message().contains("reads no variable"), "the server's template reads none: {s:?}");
+    assert!(v1 != v2 && v2 != v3 && v1 != v3, "{v1} {v2} {v3}");
+    // Chat files that cannot be read, and a token the adapter's tokenizer adds that the base lacks.
+    let chatml = e["templates"]["chatml"].as_str().unwrap();
+    let config =
+        serde_json::json!({"chat_template": chatml, "added_tokens_decoder": {"320": {"content": "<|im_start|>"}}});
+    for (file, text, code, words) in [
+        ("tokenizer_config.json", "{\"chat_template\": ".to_string(), tonic::Code::FailedPrecondition, "messages: adapter `qkvo-r8`: "),
+        ("tokenizer_config.json", config.to_string(), tonic::Code::FailedPrecondition, "messages: the rendered conversation holds `<|im_start|>`, a token adapter `qkvo-r8`'s tokenizer_config.json adds as id 320"),
+    ] {
+        std::fs::write(own.join(file), &text).unwrap();
+        let s = c.generate(ask("qkvo-r8", "user", None)).await.unwrap_err();
+        assert_eq!(s.code(), code, "{s:?}");
+        assert!(s.message().starts_with(words), "{s:?}");
+        assert!(words.contains("holds") || s.message().contains("tokenizer_config.json: invalid JSON"), "{s:?}");
+        assert_eq!(c.generate(req("qkvo-r8", "Hi", 2)).await.unwrap().into_inner().token_ids.len(), 2);
+    }
+}
+
+async fn version(
+    c: &mut loraserve::server::proto::lora_serve_client::LoraServeClient<tonic::transport::Channel>,
+    adapter: &str,
+) -> String {
+    c.generate(req(adapter, "Hi", 1)).await.unwrap().into_inner().adapter_version
+}
+
+/// A JSON object as a protobuf `Struct`.
+fn struct_of(v: &Value) -> prost_types::Struct {
+    fn value(v: &Value) -> prost_types::Value {
+        use prost_types::value::Kind;
+        let kind = match v {
+            Value::Null => Kind::NullValue(0),
+            Value::Bool(b) => Kind::BoolValue(*b),
+            Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
+            Value::String(s) => Kind::StringValue(s.clone()),
+            Value::Array(a) => Kind::ListValue(prost_types::ListValue { values: a.iter().map(value).collect() }),
+            Value::Object(_) => Kind::StructValue(struct_of(v)),
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
+    prost_types::Struct { fields: v.as_object().unwrap().iter().map(|(k, v)| (k.clone(), value(v))).collect() }
 }

@@ -197,6 +197,23 @@ fn sigterm_drains_and_exits_zero() {
     assert_eq!(local_prefill.0, serde_json::json!(want));
     let served_prefill = ids_of(&[&client[..], &["--adapter", "upper", "--prompt-logprobs", "0"], &prefill].concat());
     assert_eq!(served_prefill, local_prefill);
+    // --chat-template-kwargs: the demo's template reads `eos_token` (after each answer), overridden here, served
+    // and local alike; a variable it does not read is refused by both.
+    let kwargs = ["--message", "user=a", "--message", "assistant=b", "--message", "user=c", "--json"];
+    let eos = [&kwargs[..], &["--chat-template-kwargs", r#"{"eos_token": "!"}"#]].concat();
+    let local_kwargs = ids_of(&[&local_upper[..], &["--adapter", "upper"], &eos].concat());
+    let want = demo.encode("<|user|>\na\n<|assistant|>\nb\n!<|user|>\nc\n<|assistant|>\n").unwrap();
+    assert_eq!(local_kwargs.0, serde_json::json!(want));
+    assert_eq!(ids_of(&[&client[..], &["--adapter", "upper", "--prompt-logprobs", "0"], &eos].concat()), local_kwargs);
+    let typo = [&kwargs[..], &["--chat-template-kwargs", r#"{"eos_tokn": "!"}"#]].concat();
+    for head in [&local_upper[..], &client[..]] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args([head, &typo].concat()).output();
+        let err = String::from_utf8_lossy(&o.as_ref().unwrap().stderr).into_owned();
+        assert!(
+            !o.unwrap().status.success() && err.contains("`eos_tokn`: the chat template reads no variable"),
+            "{err}"
+        );
+    }
     // A stop token's text is left out, served and local alike ("M" is 80); --include-stop-str-in-output keeps
     // it, and keeps a stop string.
     let text_of = |args: &[&str]| {
@@ -217,6 +234,8 @@ fn sigterm_drains_and_exits_zero() {
         (&["--message", "user"], "expected ROLE=TEXT"),
         (&["--message", "user=a", "--prompt", "b"], "cannot be used with"),
         (&["--prompt", "a", "--continue-final-message"], "cannot be used with"),
+        (&["--message", "user=a", "--chat-template-kwargs", "[1]"], "expected a JSON object"),
+        (&["--prompt", "a", "--chat-template-kwargs", "{}"], "cannot be used with"),
         (&[], "--prompt"),
     ] {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args([&client[..], args].concat()).output();

@@ -481,6 +481,66 @@ fn checkpoints_go_and_nothing_else_does() {
 
 /// `--output out/` (as shells complete it) is the folder `out`: its log and checkpoints go beside it, not
 /// inside, and the adapter is written there; a log asked for inside the output folder is refused up front.
+/// `--chat-template` renders a model without a template of its own: conversations train with it, and the
+/// adapter carries it (`chat_template.jinja`), so `server generate` with that adapter and no flag prompts with
+/// it; an adapter trained on prompt/completion lines carries none; a missing or empty file is refused by flag.
+#[test]
+fn a_chat_template_given_trains_conversations_and_travels_with_the_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+    let file = tmp.path().join("t.jinja");
+    std::fs::write(&file, template).unwrap();
+    let data = tmp.path().join("chat.jsonl");
+    let line = serde_json::json!({"messages": [{"role": "user", "content": "apple river"}, {"role": "assistant", "content": "ok done"}]});
+    std::fs::write(&data, format!("{line}\n{line}\n")).unwrap();
+    let train = |data: &Path, out: &Path| {
+        let o = server()
+            .args(train_args(data, out))
+            .args(["--max-steps", "2", "--chat-template"])
+            .arg(&file)
+            .env("LORASERVE_LOG", "off")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let out = tmp.path().join("chat");
+    train(&data, &out);
+    assert_eq!(std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(), template);
+    let o = server()
+        .args(["generate", "--model", fixture("llama/model").to_str().unwrap(), "--adapter", out.to_str().unwrap()])
+        .args(["--message", "user=apple river", "--max-new-tokens", "2", "--json"])
+        .env("LORASERVE_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tok = loraserve::model::Tokenizer::from_dir(&fixture("llama/model")).unwrap();
+    assert_eq!(v["prompt_token_ids"], serde_json::json!(tok.encode("<|user|>apple river\n<|assistant|>").unwrap()));
+
+    let plain = tmp.path().join("plain.jsonl");
+    write_task(&plain, 4, 2);
+    let out = tmp.path().join("plain");
+    train(&plain, &out);
+    assert!(out.join("adapter_model.safetensors").is_file() && !out.join("chat_template.jinja").exists());
+
+    let empty = tmp.path().join("empty.jinja");
+    std::fs::write(&empty, " \n").unwrap();
+    for (path, words) in
+        [(tmp.path().join("missing.jinja"), "missing.jinja"), (empty, "empty.jinja: the file is empty")]
+    {
+        let out = tmp.path().join("never");
+        let o = server()
+            .args(train_args(&data, &out))
+            .arg("--chat-template")
+            .arg(&path)
+            .env("LORASERVE_LOG", "off")
+            .output();
+        let err = String::from_utf8_lossy(&o.as_ref().unwrap().stderr).to_string();
+        assert!(!o.unwrap().status.success() && err.contains("--chat-template") && err.contains(words), "{err}");
+        assert!(!out.exists());
+    }
+}
+
 #[test]
 fn output_with_a_trailing_slash_and_files_inside_it() {
     let tmp = tempfile::tempdir().unwrap();

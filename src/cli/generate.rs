@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 
 use super::{to_stdout, ModelArgs};
 use crate::engine::{self, GenerateJob, SamplingParams};
+use crate::model::chat::AdapterTemplate;
 
 /// Sampling flags shared by `generate` and `client generate` (the server takes them per request). Negative
 /// numbers parse, so that an out-of-range value gets the message naming its range.
@@ -72,6 +73,19 @@ pub struct PromptArgs {
     /// and its text's last tokens, --message turns their last tokens. At least 1.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub truncate_prompt_tokens: Option<u32>,
+    /// A JSON object of more chat template variables (vLLM's chat_template_kwargs), e.g.
+    /// '{"enable_thinking": false}'. Each must be one the template reads.
+    #[arg(long, value_name = "JSON", requires = "messages", conflicts_with = "prompt", value_parser = parse_kwargs)]
+    pub chat_template_kwargs: Option<crate::model::chat::Kwargs>,
+}
+
+/// `--chat-template-kwargs`: a JSON object.
+fn parse_kwargs(s: &str) -> Result<crate::model::chat::Kwargs, String> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(other) => Err(format!("expected a JSON object, got {other}")),
+        Err(e) => Err(format!("invalid JSON: {e}")),
+    }
 }
 
 /// `--message ROLE=TEXT` (the text may hold `=`; the role may not be empty).
@@ -83,18 +97,28 @@ fn parse_message(s: &str) -> Result<(String, String), String> {
 }
 
 impl PromptArgs {
-    /// The prompt's token ids for this model (truncated as asked).
-    fn ids(&self, tok: &crate::model::Tokenizer) -> Result<Vec<u32>> {
+    /// The prompt's token ids for this model (truncated as asked); a conversation is rendered with
+    /// `adapter`'s chat template when it brings one, else the model's.
+    fn ids(&self, tok: &crate::model::Tokenizer, adapter: Option<&AdapterTemplate>) -> Result<Vec<u32>> {
         let (mut ids, prefix) = match &self.prompt {
             Some(prompt) => (tok.encode(prompt)?, tok.text_prefix()),
             None => {
-                let chat = crate::model::ChatTemplate::new(tok).context("--message")?;
+                let model_template;
+                let chat = match adapter {
+                    Some(a) => a.template(tok).context("--message")?,
+                    None => {
+                        model_template = crate::model::ChatTemplate::new(tok).context("--message")?;
+                        &model_template
+                    }
+                };
+                let kwargs = self.chat_template_kwargs.clone().unwrap_or_default();
+                chat.check_kwargs(&kwargs).map_err(|e| anyhow::anyhow!("--chat-template-kwargs {e}"))?;
                 let list: Vec<_> = self
                     .messages
                     .iter()
                     .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
                     .collect();
-                (chat.prompt_ids(tok, &list, self.continue_final_message).context("--message")?, &[][..])
+                (chat.prompt_ids(tok, &list, self.continue_final_message, &kwargs).context("--message")?, &[][..])
             }
         };
         if let Some(k) = self.truncate_prompt_tokens {
@@ -263,6 +287,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     messages: input.messages,
                     truncate_prompt_tokens: input.truncate_prompt_tokens,
                     continue_final_message: input.continue_final_message,
+                    chat_template_kwargs: input.chat_template_kwargs,
                     include_stop_str_in_output,
                     max_new_tokens,
                     sampling,
@@ -329,7 +354,17 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     if let Some(k) = args.input.truncate_prompt_tokens.filter(|&k| k as usize > ctx) {
         bail!("--truncate-prompt-tokens {k}: more than the model's context of {ctx} positions");
     }
-    let prompt_ids = args.input.ids(&loaded.tokenizer)?;
+    let adapter = match &args.adapter {
+        None => None,
+        Some(a) => {
+            let dir = resolve_adapter(a, &args.adapters)?;
+            let mut adapter = crate::lora::peft::load_dir(&dir, &loaded.model.lora_layout(), loaded.model.device())?;
+            adapter.weights.template = AdapterTemplate::read(&dir, a).map(std::sync::Arc::new);
+            Some(adapter)
+        }
+    };
+    let template = adapter.as_ref().and_then(|a| a.weights.template.as_deref());
+    let prompt_ids = args.input.ids(&loaded.tokenizer, template)?;
     sampling.validate_model(config.vocab_size, &config.eos_token_ids).map_err(anyhow::Error::msg)?;
     if prompt_ids.len() + args.max_new_tokens > ctx {
         bail!(
@@ -338,13 +373,6 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
             args.max_new_tokens
         );
     }
-    let adapter = match &args.adapter {
-        None => None,
-        Some(a) => {
-            let dir = resolve_adapter(a, &args.adapters)?;
-            Some(crate::lora::peft::load_dir(&dir, &loaded.model.lora_layout(), loaded.model.device())?)
-        }
-    };
     let ends = sampling.clone();
     let out = engine::generate(
         &loaded.model,

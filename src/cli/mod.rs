@@ -71,6 +71,11 @@ pub struct ModelArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "LORASERVE_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// A Jinja chat template file to render conversations with instead of the model's (vLLM's
+    /// --chat-template). An adapter whose folder brings a template of its own keeps it; `train` writes this
+    /// one into the adapter it makes.
+    #[arg(long, env = "LORASERVE_CHAT_TEMPLATE", value_name = "FILE")]
+    pub chat_template: Option<std::path::PathBuf>,
 }
 
 impl ModelArgs {
@@ -78,11 +83,26 @@ impl ModelArgs {
         Ok(LoadOptions { dtype: self.dtype.into(), quant: self.quant, device: parse_device(&self.device)? })
     }
 
-    /// Loads the model, logging what was loaded and its resident size.
+    /// The text of `--chat-template`, read before the model is (a wrong path fails fast).
+    pub fn chat_template(&self) -> Result<Option<String>> {
+        let Some(path) = &self.chat_template else { return Ok(None) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("--chat-template {}", path.display()))?;
+        if text.trim().is_empty() {
+            bail!("--chat-template {}: the file is empty", path.display());
+        }
+        Ok(Some(text))
+    }
+
+    /// Loads the model (with `--chat-template` in place of its own), logging what was loaded and its
+    /// resident size.
     pub fn load(&self) -> Result<model::LoadedModel> {
         let opts = self.load_options()?;
+        let chat_template = self.chat_template()?;
         let started = std::time::Instant::now();
-        let loaded = model::load(&self.model, &opts).with_context(|| format!("loading model `{}`", self.model))?;
+        let mut loaded = model::load(&self.model, &opts).with_context(|| format!("loading model `{}`", self.model))?;
+        if let Some(t) = chat_template {
+            loaded.tokenizer.chat.set_template(t);
+        }
         let m = &loaded.model;
         let (nf4_params, nf4_bytes) = m.nf4_footprint();
         tracing::info!(
@@ -255,6 +275,7 @@ impl ServeArgs {
         Ok(crate::server::ServeConfig {
             model: self.model.model.clone(),
             load: self.model.load_options()?,
+            chat_template: self.model.chat_template()?,
             adapters: self.adapters.clone(),
             cache: crate::lora::cache::CacheConfig {
                 device_bytes: self.adapter_cache_bytes,
@@ -515,7 +536,13 @@ fn run_merge(args: MergeArgs) -> Result<()> {
         }
     }
     let dtype = output_dtype(args.dtype, &args.model)?;
-    let margs = ModelArgs { model: args.model.clone(), quant: QuantMode::None, dtype, device: "cpu".into() };
+    let margs = ModelArgs {
+        model: args.model.clone(),
+        quant: QuantMode::None,
+        dtype,
+        device: "cpu".into(),
+        chat_template: None,
+    };
     let loaded = margs.load()?;
     let adapter = crate::lora::peft::load_dir(&args.adapter, &loaded.model.lora_layout(), &Device::Cpu)?;
     let dtype: DType = dtype.into();
@@ -526,7 +553,16 @@ fn run_merge(args: MergeArgs) -> Result<()> {
         let delta = m.b_t.t()?.matmul(&m.a)?.affine(m.scale as f64, 0.0)?;
         Ok(Some((w + delta)?.to_dtype(dtype)?))
     };
-    model::checkpoint::write(&loaded.model, &side_files(&args.model)?, &args.output, &merged)
+    let mut side = side_files(&args.model)?;
+    // The merged model renders conversations as the adapter was served: with the template its folder brings.
+    let adapter_chat = model::chat::ChatFiles::from_dir(&args.adapter)?;
+    if let Some(template) = &adapter_chat.template {
+        side.retain(|(name, _)| name != "chat_template.jinja" && !name.starts_with("additional_chat_templates/"));
+        side.push(("chat_template.jinja".into(), template.as_bytes().to_vec()));
+    } else if adapter_chat.has_template() {
+        tracing::warn!(names = ?adapter_chat.names, "the adapter's chat templates are named, none \"default\": the merged model keeps the base's");
+    }
+    model::checkpoint::write(&loaded.model, &side, &args.output, &merged)
         .with_context(|| format!("writing {}", args.output.display()))?;
     tracing::info!(output = %args.output.display(), modules = adapter.weights.targets().count(), "merged checkpoint written");
     Ok(())
@@ -571,7 +607,13 @@ fn output_dtype(arg: Option<DTypeArg>, model: &ModelSpec) -> Result<DTypeArg> {
 
 fn run_quantize(args: QuantizeArgs) -> Result<()> {
     let dtype = output_dtype(args.dtype, &args.model)?;
-    let margs = ModelArgs { model: args.model.clone(), quant: QuantMode::Nf4, dtype, device: "cpu".into() };
+    let margs = ModelArgs {
+        model: args.model.clone(),
+        quant: QuantMode::Nf4,
+        dtype,
+        device: "cpu".into(),
+        chat_template: None,
+    };
     let loaded = margs.load()?;
     model::checkpoint::write(&loaded.model, &side_files(&args.model)?, &args.output, &|_| Ok(None))
         .with_context(|| format!("writing {}", args.output.display()))?;

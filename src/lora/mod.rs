@@ -126,6 +126,9 @@ impl LoraModule {
 #[derive(Clone, Debug, Default)]
 pub struct LoraWeights {
     modules: Vec<Option<LoraModule>>,
+    /// The chat template the adapter's folder brings, if any: it travels with the weights through the cache
+    /// tiers, so a lease on one version names both.
+    pub template: Option<std::sync::Arc<crate::model::chat::AdapterTemplate>>,
     /// The GPU kernels' view of the modules (device addresses, ranks, scales), made on first use by a GPU
     /// forward and kept as long as these tensors live.
     #[cfg(feature = "cuda")]
@@ -141,6 +144,7 @@ impl LoraWeights {
     fn from_modules(modules: Vec<Option<LoraModule>>) -> Self {
         LoraWeights {
             modules,
+            template: None,
             #[cfg(feature = "cuda")]
             device_table: Default::default(),
         }
@@ -182,7 +186,9 @@ impl LoraWeights {
                     .transpose()
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self::from_modules(modules))
+        let mut copy = Self::from_modules(modules);
+        copy.template = self.template.clone();
+        Ok(copy)
     }
 
     /// Every linear's module slot, in [`LinearId::index`] order.

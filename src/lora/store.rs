@@ -6,13 +6,17 @@
 //! symlink, git-sync) switches every adapter to the new target at once. Folders whose name starts with `.` are
 //! not listed (they can still be asked for by id).
 //! A version is derived from the adapter's files: sizes and modification times of `adapter_config.json` and
-//! `adapter_model.safetensors` plus a SHA-256 of the config and the safetensors header, so an edit on disk is
-//! seen at the next request by two `stat` calls (the hash is recomputed only when those change).
+//! `adapter_model.safetensors` (and of the chat files it may bring: `tokenizer_config.json`,
+//! `chat_template.jinja`, `additional_chat_templates/`) plus a SHA-256 of the config and the safetensors
+//! header, so an edit on disk is seen at the next request by a few `stat` calls (the hash is recomputed only
+//! when those change).
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
+
+use crate::model::chat::template_files;
 
 /// Most bytes an adapter id may have.
 pub const MAX_ID_BYTES: usize = 128;
@@ -62,6 +66,9 @@ pub fn validate_id(id: &str) -> Result<(), StoreError> {
 pub struct FileStamp {
     config: FileState,
     weights: FileState,
+    /// The chat files an adapter may bring (`tokenizer_config.json`, `chat_template.jinja`,
+    /// `additional_chat_templates/*.jinja`), each by its path in the folder; absent ones stamped as such.
+    chat: Vec<(String, FileState)>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -181,24 +188,31 @@ impl AdapterStore {
         StoreError::NotFound { id: id.to_string(), root: self.root.display().to_string() }
     }
 
-    /// Cheap: the [`FileStamp`] of the adapter's two files (one `stat` each).
+    /// Cheap: the [`FileStamp`] of the adapter's files (one `stat` each, and a look into
+    /// `additional_chat_templates/`).
     pub fn stamp(dir: &Path) -> Result<FileStamp, StoreError> {
         let meta = |name: &str| -> Result<FileState, StoreError> {
             let p = dir.join(name);
             match std::fs::metadata(&p) {
                 Ok(m) => Ok(FileState::of(&m)),
-                // A missing weights file is reported when loading (naming the file); stamp it as absent.
+                // A missing weights file is reported when loading (naming the file); stamp it as absent, and
+                // the chat files are optional.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && name != "adapter_config.json" => {
                     Ok(FileState::default())
                 }
                 Err(e) => Err(StoreError::Io { path: p.display().to_string(), reason: e.to_string() }),
             }
         };
-        Ok(FileStamp { config: meta("adapter_config.json")?, weights: meta("adapter_model.safetensors")? })
+        let mut chat = Vec::new();
+        for name in std::iter::once("tokenizer_config.json".to_string()).chain(template_files(dir)) {
+            let state = meta(&name)?;
+            chat.push((name, state));
+        }
+        Ok(FileStamp { config: meta("adapter_config.json")?, weights: meta("adapter_model.safetensors")?, chat })
     }
 
     /// The adapter's version: a hash of its config, its safetensors header and its stamp, so it changes
-    /// whenever either file is written.
+    /// whenever one of its files is written.
     pub fn version(dir: &Path) -> Result<AdapterVersion, StoreError> {
         let stamp = Self::stamp(dir)?;
         let mut h = Sha256::new();
@@ -218,7 +232,10 @@ impl AdapterStore {
                 h.update(&header[..got]);
             }
         }
-        for f in [stamp.config, stamp.weights] {
+        for name in stamp.chat.iter().map(|(name, _)| name) {
+            h.update(name.as_bytes());
+        }
+        for f in [stamp.config, stamp.weights].iter().chain(stamp.chat.iter().map(|(_, f)| f)) {
             h.update(f.len.to_le_bytes());
             let nanos = f.mtime.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
             h.update(nanos.to_le_bytes());

@@ -121,7 +121,7 @@ mod tests {
         assert_eq!(ids, vec![0, 3 + b'H' as u32, 3 + b'i' as u32, 3 + b' ' as u32, 3 + 0xC3, 3 + 0xA9]);
         assert_eq!(t.decode(&ids[1..]).unwrap(), "Hi é");
         assert_eq!(t.token_to_id("</s>"), Some(1));
-        assert!(t.chat_template.is_some());
+        assert!(t.chat.template.is_some());
     }
 
     #[test]

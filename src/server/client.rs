@@ -42,6 +42,8 @@ pub struct GenerateCall {
     pub truncate_prompt_tokens: Option<u32>,
     /// Continue the final message of `messages` instead of starting a new assistant turn.
     pub continue_final_message: bool,
+    /// More chat template variables, with `messages`.
+    pub chat_template_kwargs: Option<crate::model::chat::Kwargs>,
     /// Ask for each token's log-probability.
     pub logprobs: bool,
     /// With `logprobs`: also this many of the most likely tokens at each step.
@@ -159,8 +161,29 @@ impl GenerateCall {
                 .iter()
                 .map(|(role, content)| proto::ChatMessage { role: role.clone(), content: content.clone() })
                 .collect(),
+            chat_template_kwargs: self
+                .chat_template_kwargs
+                .as_ref()
+                .map(|m| prost_types::Struct { fields: m.iter().map(|(k, v)| (k.clone(), proto_value(v))).collect() }),
         }
     }
+}
+
+/// A JSON value as a protobuf `Value`.
+fn proto_value(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value;
+    let kind = match v {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(a) => Kind::ListValue(prost_types::ListValue { values: a.iter().map(proto_value).collect() }),
+        Value::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o.iter().map(|(k, v)| (k.clone(), proto_value(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
 }
 
 /// Runs a generate call, printing the text (streamed as it arrives with `stream`), or the whole response as

@@ -14,6 +14,7 @@ mod arrival;
 pub mod auth;
 pub mod client;
 pub mod codec;
+mod conversation;
 mod counting;
 mod listen;
 pub mod metrics_http;
@@ -82,6 +83,9 @@ impl From<crate::lora::store::StoreError> for ServerError {
 pub struct ServeConfig {
     pub model: ModelSpec,
     pub load: LoadOptions,
+    /// A chat template to render conversations with instead of the model's (`--chat-template`); adapters
+    /// that bring their own keep theirs.
+    pub chat_template: Option<String>,
     pub adapters: PathBuf,
     pub cache: CacheConfig,
     pub engine: EngineConfig,
@@ -161,7 +165,10 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     for u in store.scan().1 {
         tracing::warn!(folder = %u.path.display(), reason = %u.reason, "adapter folder not served: its path is no valid adapter id");
     }
-    let loaded = model::load(&cfg.model, &cfg.load)?;
+    let mut loaded = model::load(&cfg.model, &cfg.load)?;
+    if let Some(t) = &cfg.chat_template {
+        loaded.tokenizer.chat.set_template(t.clone());
+    }
     let m = &loaded.model;
     let (nf4_params, nf4_bytes) = m.nf4_footprint();
     tracing::info!(
@@ -181,13 +188,15 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     match &chat {
         // A template that cannot render one user turn fails in our environment, not on a conversation (a
         // directive or filter minijinja lacks): said now, not first in a request's error.
-        Ok(chat) => match chat.render(&[serde_json::json!({"role": "user", "content": "Hello"})], true) {
-            Err(model::ChatError::Render(e)) if !e.starts_with(model::chat::REFUSED) => {
-                tracing::warn!(reason = %e, "the chat template fails on a one-turn conversation: requests with messages will likely be refused")
+        Ok(chat) => {
+            match chat.render(&[serde_json::json!({"role": "user", "content": "Hello"})], true, &Default::default()) {
+                Err(model::ChatError::Render(e)) if !e.starts_with(model::chat::REFUSED) => {
+                    tracing::warn!(reason = %e, "the chat template fails on a one-turn conversation: requests with messages will likely be refused")
+                }
+                _ => tracing::info!("chat template loaded: requests may give messages"),
             }
-            _ => tracing::info!("chat template loaded: requests may give messages"),
-        },
-        Err(e) if loaded.tokenizer.chat_template.is_some() => {
+        }
+        Err(e) if loaded.tokenizer.chat.template.is_some() => {
             tracing::warn!(reason = %e, "requests with messages will be refused")
         }
         Err(e) => tracing::info!(reason = %e, "requests with messages will be refused"),

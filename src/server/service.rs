@@ -14,11 +14,13 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::arrival::Arrival;
+use super::conversation::{conversation_ids, kwargs_of};
 use super::counting::HandlerSeen;
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
 use crate::engine::{truncate_prompt, Engine, Event, FinishReason, PromptLogprobs, SamplingParams, ValidRequest};
 use crate::lora::cache::{AdapterCache, AdapterLease};
+use crate::model::chat::Kwargs;
 use crate::model::{ChatError, ChatTemplate, Tokenizer};
 use crate::telemetry as t;
 
@@ -247,6 +249,13 @@ impl Service {
                 "needs messages (a conversation whose final message to continue)",
             ));
         }
+        let kwargs = match &r.chat_template_kwargs {
+            Some(_) if r.messages.is_empty() => {
+                return Err(invalid("chat_template_kwargs", "needs messages (variables for the chat template)"))
+            }
+            Some(s) => kwargs_of(s)?,
+            None => Kwargs::new(),
+        };
         if let Some(k) = r.truncate_prompt_tokens.filter(|&k| k == 0 || k as usize > ready.context) {
             let context = ready.context;
             return Err(invalid(
@@ -254,10 +263,15 @@ impl Service {
                 format!("must be in 1..={context} (the model's context), got {k}"),
             ));
         }
+        // A conversation is rendered with its adapter's template when the adapter brings one: the adapter is
+        // leased first. A raw prompt is checked whole before any adapter load.
+        let mut adapter = None;
         let mut prompt_ids = if r.messages.is_empty() {
             ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?
         } else {
-            conversation_ids(ready, &r.messages, r.continue_final_message)?
+            adapter = Some(lease_request_adapter(ready, &r.adapter_id, deadline).await?);
+            let template = adapter.as_ref().and_then(|a| a.as_ref()).and_then(|a| a.weights().template.as_deref());
+            conversation_ids(ready, template, &r.messages, r.continue_final_message, &kwargs)?
         };
         if let Some(k) = r.truncate_prompt_tokens {
             let prefix = if r.messages.is_empty() { ready.tokenizer.text_prefix() } else { &[] };
@@ -280,13 +294,9 @@ impl Service {
                 ),
             ));
         }
-        let adapter = if r.adapter_id.is_empty() {
-            None
-        } else {
-            // Admitted and not yet in the engine: queued, so the autoscaler sees requests piling up behind
-            // a full adapter cache too. (`LoadAdapter` calls are not requests waiting to run.)
-            let _waiting = t::Queued::enter();
-            Some(lease_adapter(&ready.cache, &r.adapter_id, deadline).await?)
+        let adapter = match adapter {
+            Some(leased) => leased,
+            None => lease_request_adapter(ready, &r.adapter_id, deadline).await?,
         };
         let adapter_version = adapter.as_ref().map(|l| l.version().to_string()).unwrap_or_default();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -309,18 +319,19 @@ impl Service {
     }
 }
 
-/// The prompt of a request's `messages`: the model's chat template renders them, with its generation prompt or
-/// the final message continued.
-fn conversation_ids(ready: &Ready, messages: &[proto::ChatMessage], continue_final: bool) -> Result<Vec<u32>, Status> {
-    let mut list = Vec::with_capacity(messages.len());
-    for (i, m) in messages.iter().enumerate() {
-        if m.role.is_empty() {
-            return Err(invalid(&format!("messages[{i}].role"), "is empty"));
-        }
-        list.push(serde_json::json!({ "role": m.role, "content": m.content }));
+/// The lease on a request's adapter (`None` for the base model alone).
+async fn lease_request_adapter(
+    ready: &Ready,
+    id: &str,
+    deadline: Option<Instant>,
+) -> Result<Option<AdapterLease>, Status> {
+    if id.is_empty() {
+        return Ok(None);
     }
-    let chat = ready.chat.as_ref().map_err(|e| Status::failed_precondition(format!("messages: {e}")))?;
-    chat.prompt_ids(&ready.tokenizer, &list, continue_final).map_err(|e| invalid("messages", e))
+    // Admitted and not yet in the engine: queued, so the autoscaler sees requests piling up behind a full
+    // adapter cache too. (`LoadAdapter` calls are not requests waiting to run.)
+    let _waiting = t::Queued::enter();
+    lease_adapter(&ready.cache, id, deadline).await.map(Some)
 }
 
 /// Leases adapter `id`, within the request's deadline: waiting for its load, its copy to the device or room

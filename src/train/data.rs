@@ -52,6 +52,8 @@ pub struct DataStats {
     pub truncated: usize,
     /// Examples with nothing left to learn after truncation.
     pub dropped: usize,
+    /// Lines that were conversations (`{"messages"}`), rendered with the chat template.
+    pub conversations: usize,
 }
 
 /// Loads `path` for `tokenizer`.
@@ -95,6 +97,9 @@ pub fn parse_jsonl(
         let err = |reason: String| DataError::Line { file: file.to_string(), line: n, reason };
         let v: Value = serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
         let mut ex = example(&v, tok, &chat, eos).map_err(err)?;
+        if v.get("messages").is_some_and(|m| !m.is_null()) {
+            stats.conversations += 1;
+        }
         if let Some(max) = max_seq_len {
             if ex.ids.len() > max {
                 ex.ids.truncate(max);
@@ -203,14 +208,15 @@ fn example(
 
 /// Renders a conversation prefix by prefix (as TRL does) to find the assistant turns: they carry the loss.
 fn chat_example(chat: &ChatTemplate, list: &[Value], tok: &Tokenizer) -> Result<Example, String> {
-    let full = chat.render(list, false).map_err(|e| e.to_string())?;
+    let none = Default::default();
+    let full = chat.render(list, false, &none).map_err(|e| e.to_string())?;
     let mut spans = Vec::new();
     for (i, m) in list.iter().enumerate() {
         if m["role"] != "assistant" {
             continue;
         }
-        let before = chat.render(&list[..i], true).map_err(|e| e.to_string())?;
-        let through = chat.render(&list[..=i], false).map_err(|e| e.to_string())?;
+        let before = chat.render(&list[..i], true, &none).map_err(|e| e.to_string())?;
+        let through = chat.render(&list[..=i], false, &none).map_err(|e| e.to_string())?;
         if !full.starts_with(&through) || !through.starts_with(&before) {
             return Err(
                 "the chat template does not render conversations prefix by prefix; cannot find the assistant turns"
@@ -243,7 +249,7 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(stats, DataStats { lines: 3, examples: 3, truncated: 0, dropped: 0 });
+        assert_eq!(stats, DataStats { lines: 3, examples: 3, truncated: 0, dropped: 0, conversations: 1 });
         // text: BOS a b EOS, loss everywhere.
         assert_eq!(ex[0].ids, vec![0, 3 + b'a' as u32, 3 + b'b' as u32, 1]);
         assert_eq!(ex[0].loss_tokens(), 3);
@@ -280,7 +286,7 @@ mod tests {
         let answer = json!({"role": "assistant", "content": "A"});
         let line = json!({"messages": [turns[0], turns[1], answer]}).to_string();
         let ex = &parse(&format!("{line}\n"), None).unwrap().0[0];
-        let prompt = ChatTemplate::new(&tok).unwrap().prompt_ids(&tok, &turns, false).unwrap();
+        let prompt = ChatTemplate::new(&tok).unwrap().prompt_ids(&tok, &turns, false, &Default::default()).unwrap();
         let first_target = ex.targets.iter().position(|&t| t).unwrap();
         assert_eq!(ex.ids[..first_target], prompt[..]);
         assert_eq!(prompt[0], 0, "BOS");
@@ -292,30 +298,30 @@ mod tests {
     fn generation_blocks_render_and_only_messages_need_the_template() {
         let messages = "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"A\"}]}\n";
         let mut t = demo::tokenizer().unwrap();
-        t.chat_template = Some(PLAIN_CHAT_TEMPLATE.into());
+        t.chat.template = Some(PLAIN_CHAT_TEMPLATE.into());
         let want = parse_jsonl(messages, "d", &t, None, 1).unwrap().0;
         let marked = PLAIN_CHAT_TEMPLATE.replace(
             "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}",
             "{{ '<|' + message['role'] + '|>\\n' }}{%- generation -%}  {{ message['content'] + '\\n' }}  {%- endgeneration %}",
         );
         assert_ne!(marked, PLAIN_CHAT_TEMPLATE);
-        t.chat_template = Some(marked);
+        t.chat.template = Some(marked);
         assert_eq!(parse_jsonl(messages, "d", &t, None, 1).unwrap().0, want);
         // Named templates, none of them "default": refused, as transformers refuses to pick one.
         let mut named = demo::tokenizer().unwrap();
-        named.chat_template = None;
+        named.chat.template = None;
         let e = parse_jsonl(messages, "d", &named, None, 1).unwrap_err();
         assert!(
             matches!(&e, DataError::Line { reason, .. } if reason.contains("the tokenizer has no chat template")),
             "{e}"
         );
-        named.chat_template_names = vec!["tool_use".into()];
+        named.chat.names = vec!["tool_use".into()];
         let e = parse_jsonl(messages, "d", &named, None, 1).unwrap_err();
         assert!(
             matches!(&e, DataError::Line { reason, .. } if reason.contains("[\"tool_use\"] and none is named \"default\"")),
             "{e}"
         );
-        t.chat_template = Some("{% broken".into());
+        t.chat.template = Some("{% broken".into());
         assert!(parse_jsonl("{\"text\": \"ab\"}\n", "d", &t, None, 1).is_ok());
         let e = parse_jsonl(messages, "d", &t, None, 1).unwrap_err();
         assert!(matches!(&e, DataError::Line { line: 1, reason, .. } if reason.contains("chat template")), "{e}");

@@ -274,7 +274,11 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
         base_model_name_or_path: cfg.base_model.clone(),
         dtype: candle_core::DType::F32,
     };
-    peft::write_dir(&cfg.output, &weights, &meta)?;
+    // An adapter trained on conversations carries the template that rendered them (as TRL saves its
+    // tokenizer), so the server prompts it the same way whatever template the model or the server has later.
+    let template = tok.chat.template.as_deref().filter(|_| stats.conversations > 0);
+    let side: Vec<(&str, &[u8])> = template.map(|t| ("chat_template.jinja", t.as_bytes())).into_iter().collect();
+    peft::write_dir_with(&cfg.output, &weights, &meta, &side)?;
     // The folder goes too if this job made it: this run, or the interrupted one it resumed.
     checkpoint::remove_all(&cfg.checkpoint_dir, !checkpoint_dir_existed || cfg.resume);
     Ok(report)

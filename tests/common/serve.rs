@@ -21,6 +21,7 @@ pub fn config(adapters: PathBuf) -> ServeConfig {
     ServeConfig {
         model: ModelSpec::Dir(fixture("llama/model")),
         load: LoadOptions { dtype: DType::F32, quant: QuantMode::None, device: Device::Cpu },
+        chat_template: None,
         adapters,
         cache: CacheConfig { device_bytes: 64 << 20, host_bytes: 64 << 20, default_wait: Duration::from_millis(300) },
         engine: EngineConfig {

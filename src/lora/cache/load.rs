@@ -15,6 +15,7 @@ use super::{AdapterCache, CacheError, Inner};
 use crate::lora::peft::{self, AdapterError};
 use crate::lora::store::{AdapterStore, AdapterVersion, FileStamp};
 use crate::lora::LoraWeights;
+use crate::model::chat::AdapterTemplate;
 use crate::telemetry as t;
 
 /// A finished load.
@@ -145,9 +146,16 @@ fn read_files(inner: &Inner, id: String, dir: &std::path::Path, generation: u64)
     let gpu = !inner.device.is_cpu();
     // On a GPU server the CPU is otherwise idle: convert on all cores.
     let load = if gpu { peft::load_dir_parallel } else { peft::load_dir };
-    let adapter = load(dir, &inner.layout, &Device::Cpu).map_err(|e| CacheError::Invalid(Arc::new(e)))?;
+    let mut adapter = load(dir, &inner.layout, &Device::Cpu).map_err(|e| CacheError::Invalid(Arc::new(e)))?;
     if gpu {
         check_gpu_limits(dir, &adapter.weights)?;
+    }
+    if let Some(template) = AdapterTemplate::read(dir, &id) {
+        // Its raw prompts are served still; its conversations get this error.
+        if let Some(e) = template.read_error() {
+            tracing::warn!(adapter = %id, error = %e, "the adapter's chat files cannot be read: requests with messages for it will be refused");
+        }
+        adapter.weights.template = Some(Arc::new(template));
     }
     let host = Arc::new(adapter.weights);
     // Refused before any copy to the device: it could never be leased.

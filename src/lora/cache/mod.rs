@@ -13,9 +13,9 @@
 //!   promotion, copied outside the cache lock so hits on other adapters never wait behind it. Loads and
 //!   promotions are tasks of their own: requests that give up (deadline, cancellation) neither abandon nor
 //!   repeat them, and what they read lands in the tiers for the client's retry.
-//! - **Versions and hot swap.** Every acquire stats the adapter's two files; when they changed, the next
-//!   acquire loads the new version while leases on the old one finish undisturbed (a request never mixes
-//!   versions). New files that fail to load are reported to every request (`FAILED_PRECONDITION`, naming the
+//! - **Versions and hot swap.** Every acquire stats the adapter's files (weights, config, chat template);
+//!   when they changed, the next acquire loads the new version while leases on the old one finish
+//!   undisturbed (a request never mixes versions). New files that fail to load are reported to every request (`FAILED_PRECONDITION`, naming the
 //!   file) until they change again, and the old version is not served. A filesystem watcher
 //!   ([`super::watch`]) drops stale entries eagerly.
 //!

@@ -28,7 +28,7 @@ use serde_json::{Map, Value};
 use super::{LinearId, LoraModule, LoraWeights, ModuleKind};
 
 mod write;
-pub use write::{config_json, write_dir, AdapterMeta};
+pub use write::{config_json, write_dir, write_dir_with, AdapterMeta};
 
 /// Errors loading an adapter. Every message names the file and the key or tensor at fault.
 #[derive(Debug, thiserror::Error)]

@@ -63,6 +63,17 @@ pub fn config_json(meta: &AdapterMeta, targets: &[ModuleKind]) -> Value {
 /// `adapter_model.safetensors` (f32, PEFT's tensor names). The folder is assembled under a temporary name
 /// beside `dir` and renamed into place, so a server watching the adapters root never sees half an adapter.
 pub fn write_dir(dir: &Path, weights: &LoraWeights, meta: &AdapterMeta) -> Result<(), AdapterError> {
+    write_dir_with(dir, weights, meta, &[])
+}
+
+/// [`write_dir`] with more files in the folder (`(name, bytes)`, e.g. the `chat_template.jinja` the adapter
+/// was trained with), written before it is renamed into place.
+pub fn write_dir_with(
+    dir: &Path,
+    weights: &LoraWeights,
+    meta: &AdapterMeta,
+    side: &[(&str, &[u8])],
+) -> Result<(), AdapterError> {
     let file_err = |p: &Path, e: &dyn std::fmt::Display| AdapterError::File {
         file: p.display().to_string(),
         reason: e.to_string(),
@@ -126,11 +137,18 @@ pub fn write_dir(dir: &Path, weights: &LoraWeights, meta: &AdapterMeta) -> Resul
     let cfg_path = tmp.path().join("adapter_config.json");
     let text = serde_json::to_string_pretty(&config_json(meta, &kinds)).expect("JSON");
     std::fs::write(&cfg_path, text).map_err(|e| file_err(&cfg_path, &e))?;
+    let mut written = vec![st_path, cfg_path];
+    for (name, bytes) in side {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, bytes).map_err(|e| file_err(&p, &e))?;
+        written.push(p);
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&st_path, std::fs::Permissions::from_mode(0o644));
-        let _ = std::fs::set_permissions(&cfg_path, std::fs::Permissions::from_mode(0o644));
+        for p in &written {
+            let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644));
+        }
         let _ = std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755));
     }
     let kept = tmp.keep();

@@ -22,6 +22,8 @@
 //! for every template that writes BOS and every tokenizer without one; where a template leaves BOS out on a
 //! tokenizer that has one, the prompt gets it as a raw prompt does, and as `server train` trained it.
 
+mod adapter;
+mod files;
 mod python;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -30,6 +32,8 @@ use minijinja::value::Value as JinjaValue;
 use minijinja::{Environment, Error as JinjaError, ErrorKind};
 use serde_json::Value;
 
+pub use adapter::AdapterTemplate;
+pub use files::{template_files, ChatFiles};
 pub use python::strftime_utc;
 
 use super::tokenizer::TokenSpans;
@@ -38,8 +42,9 @@ use super::Tokenizer;
 /// Why a conversation could not be turned into a prompt.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChatError {
-    /// The model renders no conversations: it has no chat template, only named ones, or one that does not
-    /// compile. The same for every request.
+    /// No conversations can be rendered: the model (or the adapter that brings its own template) has no chat
+    /// template, only named ones, or one that does not compile; or an adapter's template rendered a token
+    /// the base tokenizer lacks. Not the request's fault.
     #[error("{0}")]
     Unavailable(String),
     /// This conversation: the template refused it (`raise_exception`), failed rendering it, or rendered it
@@ -53,7 +58,17 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     special: Vec<(String, String)>,
     bos: Option<String>,
+    /// [`ChatTemplate::variables`].
+    variables: Vec<String>,
+    /// Tokens the template's folder adds that the encoding tokenizer lacks (an adapter's), with why.
+    foreign: Vec<(String, String)>,
 }
+
+/// Template variables a request sets (`chat_template_kwargs`): names to JSON values.
+pub type Kwargs = serde_json::Map<String, Value>;
+
+/// The variables the renderer sets itself.
+const RESERVED: [&str; 2] = ["messages", "add_generation_prompt"];
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,19 +79,25 @@ impl std::fmt::Debug for ChatTemplate {
 impl ChatTemplate {
     /// The tokenizer's chat template, compiled.
     pub fn new(tok: &Tokenizer) -> Result<Self, ChatError> {
-        if tok.chat_template.is_none() && !tok.chat_template_names.is_empty() {
+        Self::from_files(&tok.chat, "the tokenizer", &[])
+    }
+
+    /// The chat template of `files` (a folder's, [`ChatFiles`]), compiled with the folder's special tokens,
+    /// or `fallback`'s when the folder has no `tokenizer_config.json`. `whose` names the folder in errors.
+    pub fn from_files(files: &ChatFiles, whose: &str, fallback: &[(String, String)]) -> Result<Self, ChatError> {
+        if files.template.is_none() && !files.names.is_empty() {
             return Err(ChatError::Unavailable(format!(
-                "the tokenizer's chat templates are named {:?} and none is named \"default\", so none is the chat template (transformers refuses to pick one too); save the one to use as chat_template.jinja in the model folder",
-                tok.chat_template_names
+                "{whose}'s chat templates are named {:?} and none is named \"default\", so none is the chat template (transformers refuses to pick one too); save the one to use as chat_template.jinja",
+                files.names
             )));
         }
-        let Some(template) = tok.chat_template.as_deref() else {
-            return Err(ChatError::Unavailable(
-                "the tokenizer has no chat template (`chat_template` in tokenizer_config.json, or chat_template.jinja), so conversations cannot be rendered: add one to the model folder"
-                    .into(),
-            ));
+        let Some(template) = files.template.as_deref() else {
+            return Err(ChatError::Unavailable(format!(
+                "{whose} has no chat template (`chat_template` in tokenizer_config.json, or chat_template.jinja), so conversations cannot be rendered: add one to the model folder, or give --chat-template"
+            )));
         };
-        Self::compile(template, tok.special_tokens.clone())
+        let special = if files.has_config { files.special_tokens.clone() } else { fallback.to_vec() };
+        Self::compile(template, special)
     }
 
     /// `template` with these special tokens (`("bos_token", "<s>")`, …).
@@ -100,13 +121,66 @@ impl ChatTemplate {
         let source = template.replace("\r\n", "\n").replace('\r', "\n");
         env.add_template_owned("chat", without_generation_blocks(&source))
             .map_err(|e| ChatError::Unavailable(format!("the chat template does not compile: {e}")))?;
+        let globals: std::collections::HashSet<&str> = env.globals().map(|(name, _)| name).collect();
+        let mut variables: Vec<String> = env
+            .get_template("chat")
+            .expect("added")
+            .undeclared_variables(false)
+            .into_iter()
+            .filter(|v| !globals.contains(v.as_str()) && !RESERVED.contains(&v.as_str()))
+            .collect();
+        variables.sort();
         let bos = special.iter().find(|(k, _)| k == "bos_token").map(|(_, v)| v.clone()).filter(|b| !b.is_empty());
-        Ok(ChatTemplate { env, special, bos })
+        Ok(ChatTemplate { env, special, bos, variables, foreign: Vec::new() })
+    }
+
+    /// Refuses renderings that hold one of `tokens` (id, text), which `whose` folder adds and the tokenizer
+    /// that encodes the rendering lacks (or has under another id): it would be encoded as plain text.
+    pub fn with_foreign_tokens(mut self, whose: &str, tokens: Vec<(u32, String)>) -> Self {
+        self.foreign = tokens
+            .into_iter()
+            .map(|(id, text)| {
+                let why = format!(
+                    "the rendered conversation holds `{text}`, a token {whose}'s tokenizer_config.json adds as id {id} and the base model's tokenizer does not have as that id"
+                );
+                (text, why)
+            })
+            .collect();
+        self
+    }
+
+    /// The variables a request's `chat_template_kwargs` may set: those the template reads, but for the
+    /// renderer's own (`messages`, `add_generation_prompt`) and its functions. Sorted.
+    pub fn variables(&self) -> &[String] {
+        &self.variables
+    }
+
+    /// Refuses `kwargs` naming a variable the template does not read (a misspelt `enable_thinking` would
+    /// otherwise change nothing, silently) or one the renderer sets itself.
+    pub fn check_kwargs(&self, kwargs: &Kwargs) -> Result<(), String> {
+        for name in kwargs.keys() {
+            if RESERVED.contains(&name.as_str()) {
+                return Err(format!("`{name}` is set by the server (give messages, continue_final_message)"));
+            }
+            if self.variables.binary_search(name).is_err() {
+                return Err(format!(
+                    "`{name}`: the chat template reads no variable of that name (it reads {:?})",
+                    self.variables
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The text of `messages` (a list of `{"role", "content", …}` objects), with the assistant's generation
-    /// prompt after them or not.
-    pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String, ChatError> {
+    /// prompt after them or not, and `kwargs` as variables (checked with [`ChatTemplate::check_kwargs`]; they
+    /// may override `tools`, `documents` and the special tokens, as in transformers).
+    pub fn render(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        kwargs: &Kwargs,
+    ) -> Result<String, ChatError> {
         let t = self.env.get_template("chat").expect("added at compile");
         let mut ctx: std::collections::BTreeMap<&str, JinjaValue> =
             self.special.iter().map(|(k, v)| (k.as_str(), JinjaValue::from(v.as_str()))).collect();
@@ -115,12 +189,22 @@ impl ChatTemplate {
         // transformers passes both, None when the call has none.
         ctx.insert("tools", JinjaValue::from(()));
         ctx.insert("documents", JinjaValue::from(()));
+        for (k, v) in kwargs {
+            if !RESERVED.contains(&k.as_str()) {
+                ctx.insert(k.as_str(), JinjaValue::from_serialize(v));
+            }
+        }
         t.render(ctx).map_err(|e| ChatError::Render(render_message(&e)))
     }
 
     /// The ids of a rendered conversation (module docs), each with its byte span in `rendered` (the ids put
     /// before it span nothing).
     pub fn encode(&self, tok: &Tokenizer, rendered: &str) -> Result<TokenSpans, ChatError> {
+        if let Some((_, why)) =
+            self.foreign.iter().find(|(text, _)| !text.is_empty() && rendered.contains(text.as_str()))
+        {
+            return Err(ChatError::Unavailable(why.clone()));
+        }
         let (mut ids, mut spans) = tok
             .encode_with_offsets(rendered, false)
             .map_err(|e| ChatError::Render(format!("encoding the rendered conversation: {e}")))?;
@@ -137,9 +221,14 @@ impl ChatTemplate {
     /// vLLM's assistant prefill): rendered with a marker after that message's content and cut there, the
     /// whitespace before the marker dropped too when the template trims the content (Rust's whitespace, which
     /// unlike Python's `rstrip` leaves `\x1c`–`\x1f`). A conversation holding the marker text is refused.
-    pub fn render_prompt(&self, messages: &[Value], continue_final: bool) -> Result<String, ChatError> {
+    pub fn render_prompt(
+        &self,
+        messages: &[Value],
+        continue_final: bool,
+        kwargs: &Kwargs,
+    ) -> Result<String, ChatError> {
         if !continue_final {
-            return self.render(messages, true);
+            return self.render(messages, true, kwargs);
         }
         const TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
         // The marker must be found where this code put it, not in a message's own text (transformers would
@@ -158,7 +247,7 @@ impl ChatTemplate {
         };
         let last_text = std::mem::take(last);
         *last = format!("{last_text}{TAG}");
-        let mut text = self.render(&list, false)?;
+        let mut text = self.render(&list, false, kwargs)?;
         let cut = text.rfind(TAG.trim_end()).filter(|_| text.contains(last_text.trim()));
         let Some(cut) = cut else {
             return Err(ChatError::Render(
@@ -176,8 +265,14 @@ impl ChatTemplate {
     /// The prompt ids of a conversation ([`ChatTemplate::render_prompt`], then encoded). A conversation the
     /// template renders as no text (roles it does not know, dropped) is refused: there is nothing of it to
     /// continue.
-    pub fn prompt_ids(&self, tok: &Tokenizer, messages: &[Value], continue_final: bool) -> Result<Vec<u32>, ChatError> {
-        let text = self.render_prompt(messages, continue_final)?;
+    pub fn prompt_ids(
+        &self,
+        tok: &Tokenizer,
+        messages: &[Value],
+        continue_final: bool,
+        kwargs: &Kwargs,
+    ) -> Result<Vec<u32>, ChatError> {
+        let text = self.render_prompt(messages, continue_final, kwargs)?;
         if text.is_empty() {
             return Err(ChatError::Render(
                 "the chat template rendered the conversation as no text (does it know these roles?)".into(),
@@ -243,28 +338,35 @@ mod tests {
         let t = template("{{ messages[0] | tojson(sort_keys=true, ensure_ascii=true, separators=[',', ':']) }}");
         let x = json!({"b": "é😀\u{7f}", "a": [1, {}, 0.00001, 1e16]});
         assert_eq!(
-            t.render(std::slice::from_ref(&x), false).unwrap(),
+            t.render(std::slice::from_ref(&x), false, &Kwargs::new()).unwrap(),
             r#"{"a":[1,{},1e-05,1e+16],"b":"\u00e9\ud83d\ude00\u007f"}"#
         );
         // Positionally, as transformers' signature allows: ensure_ascii first.
         let t = template("{{ messages[0]['b'] | tojson(true) }}");
-        assert_eq!(t.render(&[x], false).unwrap(), r#""\u00e9\ud83d\ude00\u007f""#);
+        assert_eq!(t.render(&[x], false, &Kwargs::new()).unwrap(), r#""\u00e9\ud83d\ude00\u007f""#);
         for bad in [
             "{{ 1 | tojson(width=2) }}",
             "{{ {'a': nothing} | tojson }}",
             "{{ 'a' | tojson(true, ensure_ascii=true) }}",
         ] {
-            assert!(template(bad).render(&[], false).is_err(), "{bad}");
+            assert!(template(bad).render(&[], false, &Kwargs::new()).is_err(), "{bad}");
         }
         // Keys as Python writes them; sorted as values, not as text.
         let t = template("{{ {10: 1, 9: 2, none: 3, true: 4} | tojson }}|{{ {10: 1, 9: 2} | tojson(sort_keys=true) }}");
-        assert_eq!(t.render(&[], false).unwrap(), r#"{"10": 1, "9": 2, "null": 3, "true": 4}|{"9": 2, "10": 1}"#);
+        assert_eq!(
+            t.render(&[], false, &Kwargs::new()).unwrap(),
+            r#"{"10": 1, "9": 2, "null": 3, "true": 4}|{"9": 2, "10": 1}"#
+        );
     }
 
     #[test]
     fn tools_and_documents_are_none_and_crlf_is_a_newline() {
         let t = template("{{ tools is defined }}|{{ tools is none }}|{{ documents is none }}\r\n{% if true %}\r\nx\r\n{% endif %}\r\n");
-        assert_eq!(t.render(&[], false).unwrap(), "True|True|True\nx\n", "printed as Python prints them");
+        assert_eq!(
+            t.render(&[], false, &Kwargs::new()).unwrap(),
+            "True|True|True\nx\n",
+            "printed as Python prints them"
+        );
     }
 
     #[test]
@@ -276,9 +378,13 @@ mod tests {
         assert_eq!((ids, spans), (vec![0, 3 + 97, 3 + 98], vec![(0, 0), (0, 1), (1, 2)]));
         assert_eq!(t.encode(&tok, "<s>ab").unwrap().0, tok.encode_with("<s>ab", false).unwrap());
         let empty = template("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}");
-        let e = empty.prompt_ids(&tok, &[json!({"role": "usr", "content": "a"})], false).unwrap_err();
+        let e = empty.prompt_ids(&tok, &[json!({"role": "usr", "content": "a"})], false, &Kwargs::new()).unwrap_err();
         assert!(matches!(&e, ChatError::Render(m) if m.contains("as no text")), "{e}");
-        assert_eq!(empty.prompt_ids(&tok, &user("a"), false).unwrap(), vec![0, 3 + 97], "BOS put before");
+        assert_eq!(
+            empty.prompt_ids(&tok, &user("a"), false, &Kwargs::new()).unwrap(),
+            vec![0, 3 + 97],
+            "BOS put before"
+        );
     }
 
     /// The marker that finds the end of the final message is refused in a message's own text: transformers'
@@ -290,18 +396,18 @@ mod tests {
             json!({"role": "user", "content": "say CONTINUE_FINAL_MESSAGE_TAG"}),
             json!({"role": "assistant", "content": "ok"}),
         ];
-        let e = t.render_prompt(&said, true).unwrap_err();
+        let e = t.render_prompt(&said, true, &Kwargs::new()).unwrap_err();
         assert!(matches!(&e, ChatError::Render(m) if m.contains("message 0 contains")), "{e}");
-        assert_eq!(t.render_prompt(&said[1..], true).unwrap(), "<assistant>ok");
+        assert_eq!(t.render_prompt(&said[1..], true, &Kwargs::new()).unwrap(), "<assistant>ok");
     }
 
     #[test]
     fn refusals_carry_the_templates_message() {
         let t = template("{{ raise_exception('roles must alternate') }}");
-        let e = t.render(&[], true).unwrap_err();
+        let e = t.render(&[], true, &Kwargs::new()).unwrap_err();
         assert_eq!(e, ChatError::Render("the chat template refused the conversation: roles must alternate".into()));
         let t = template("{{ messages[0]['content'] + 1 }}");
-        let e = t.render(&user("a"), true).unwrap_err();
+        let e = t.render(&user("a"), true, &Kwargs::new()).unwrap_err();
         assert!(matches!(&e, ChatError::Render(m) if m.starts_with("rendering the chat template:")), "{e}");
         let e = ChatTemplate::compile("{% for %}", vec![]).unwrap_err();
         assert!(matches!(&e, ChatError::Unavailable(m) if m.contains("does not compile")), "{e}");
