@@ -239,7 +239,8 @@ fn merged_checkpoint_gives_the_adapter_logits() {
 }
 
 /// An adapter that brings its own chat template hands it to the merged model, which then renders
-/// conversations as the adapter was served; one without keeps the base's.
+/// conversations as the adapter was served; one without keeps the base's; one with named templates only is
+/// refused.
 #[test]
 fn a_merged_checkpoint_takes_the_adapters_chat_template() {
     let tmp = tempfile::tempdir().unwrap();
@@ -257,6 +258,13 @@ fn a_merged_checkpoint_takes_the_adapters_chat_template() {
     assert!(merge_cli(&base, &adapter, &out, &[]).status.success());
     let tok = loraserve::model::Tokenizer::from_dir(&out).unwrap();
     assert_eq!(tok.chat.template.as_deref(), Some("OWN"));
+    // Named templates only: no template to hand on, and no silent fallback to the base's.
+    std::fs::write(adapter.join("tokenizer_config.json"), r#"{"chat_template": [{"name": "rag", "template": "R"}]}"#)
+        .unwrap();
+    let o = merge_cli(&base, &adapter, &tmp.path().join("named"), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("named [\"rag\"]"), "{err}");
+    assert!(!tmp.path().join("named").exists());
 }
 
 #[test]

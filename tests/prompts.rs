@@ -158,8 +158,8 @@ async fn messages_are_rendered_with_the_models_template() {
             GenerateRequest { messages: chat(&[("user", "U"), ("tool", "T")]), ..req("", "", 4) },
             "messages: the chat template refused the conversation: Only user and assistant roles are supported!",
         ),
-        (GenerateRequest { messages: chat(&[("user", "U")]), ..req("", "Hello", 4) }, "messages: given with a prompt"),
-        (req("", "", 4), "prompt: is empty (give a prompt or messages)"),
+        (GenerateRequest { messages: chat(&[("user", "U")]), ..req("", "Hello", 4) }, "messages: given with prompt"),
+        (req("", "", 4), "prompt: is empty (give a prompt, messages or prompt_token_ids)"),
         (GenerateRequest { continue_final_message: true, ..req("", "Hi", 4) }, "continue_final_message: needs messages"),
         (GenerateRequest { messages: chat(&[("user", "U"), ("", "A")]), ..req("", "", 4) }, "messages[1].role: is empty"),
     ];
@@ -247,14 +247,50 @@ async fn truncate_prompt_tokens_keeps_the_last_ids() {
     }
 }
 
+/// `prompt_token_ids` run as given: the same answer as the text they encode, base and adapter; nothing added
+/// (no BOS before ids that have none); `truncate_prompt_tokens` keeps their last ones; an id past the
+/// vocabulary and two prompt forms together are refused naming the field; the server goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_token_ids_run_as_given() {
+    let adapters = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("adapters");
+    let cfg = loraserve::server::ServeConfig { model: loraserve::model::ModelSpec::Demo, ..config(adapters) };
+    let (_h, mut c) = start(cfg).await;
+    let by_ids =
+        |adapter: &str, ids: &[u32]| GenerateRequest { prompt_token_ids: ids.to_vec(), ..req(adapter, "", 12) };
+    for adapter in ["", "upper"] {
+        let by_text = prompt_ids(&mut c, req(adapter, "cat moon fire\n", 12)).await;
+        assert_eq!(prompt_ids(&mut c, by_ids(adapter, &by_text.0)).await, by_text, "{adapter:?}");
+    }
+    let (full, _) = prompt_ids(&mut c, req("upper", "cat moon fire\n", 12)).await;
+    let no_bos = prompt_ids(&mut c, by_ids("upper", &full[1..])).await;
+    assert_eq!(no_bos.0, full[1..], "nothing put before the ids");
+    let cut = GenerateRequest { truncate_prompt_tokens: Some(4), ..by_ids("upper", &full) };
+    assert_eq!(prompt_ids(&mut c, cut).await.0, full[full.len() - 4..]);
+    let refused = [
+        (by_ids("", &[1, 2, 259]), "prompt_token_ids[2]: 259 is outside the model's vocabulary of 259 tokens"),
+        (GenerateRequest { prompt_token_ids: vec![1], ..req("", "Hi", 4) }, "prompt_token_ids: given with prompt"),
+        (
+            GenerateRequest { messages: chat(&[("user", "U")]), ..by_ids("", &[1]) },
+            "prompt_token_ids: given with messages",
+        ),
+    ];
+    for (r, words) in refused {
+        let s = c.generate(r).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        assert!(s.message().starts_with(words), "{s:?}");
+    }
+    assert_eq!(c.generate(by_ids("", &[0, 70])).await.unwrap().into_inner().token_ids.len(), 12);
+}
+
 fn kwargs_of(v: &Value) -> serde_json::Map<String, Value> {
     v.as_object().unwrap().clone()
 }
 
 /// Conversations rendered with more template variables (`chat_template_kwargs`) equal transformers'
-/// `apply_chat_template(**kwargs)`: Qwen3-style `enable_thinking`, Llama 3.2's `date_string`, `tools` and
-/// `tools_in_user_message`, a special token overridden; so do their ids. A name the template does not read, or
-/// one the renderer sets, is refused (vLLM drops the first silently).
+/// `apply_chat_template(**kwargs)`: Qwen3- and Qwen 3.5-style `enable_thinking` (tested for, or set from
+/// itself), Llama 3.2's `date_string`, `tools` and `tools_in_user_message`, a special token overridden; so do
+/// their ids. A name the template does not read, or one the renderer sets, is refused (vLLM drops the first
+/// silently).
 #[test]
 fn kwargs_render_as_transformers_renders_them() {
     let e = expected();
@@ -273,7 +309,7 @@ fn kwargs_render_as_transformers_renders_them() {
         let want = ids(&case[if text.starts_with("<s>") { "ids_plain" } else { "ids_special" }]);
         assert_eq!(chat.prompt_ids(&tok, messages, false, &kwargs).unwrap(), want, "{what}");
     }
-    assert_eq!(cases.len(), 7);
+    assert_eq!(cases.len(), 9);
     let thinking = ChatTemplate::compile(e["templates"]["thinking"].as_str().unwrap(), vec![]).unwrap();
     assert_eq!(thinking.variables(), ["enable_thinking"]);
     for (kwargs, words) in [
@@ -300,11 +336,13 @@ async fn adapters_bring_their_own_chat_template() {
     let e = expected();
     let tmp = tempfile::tempdir().unwrap();
     let adapters = tmp.path().join("adapters");
-    for name in ["qkvo-r8", "qv-r4"] {
+    for name in ["qkvo-r8", "qv-r4", "all-r16-rslora"] {
         common::copy_dir(&fixture(&format!("llama/adapters/{name}")), &adapters.join(name));
     }
     let own = adapters.join("qkvo-r8");
     std::fs::write(own.join("chat_template.jinja"), e["templates"]["thinking"].as_str().unwrap()).unwrap();
+    let tools = adapters.join("all-r16-rslora/chat_template.jinja");
+    std::fs::write(tools, "{{ tools[0] | tojson(indent=4) }}").unwrap();
     let mut cfg = config(adapters.clone());
     cfg.chat_template = Some(e["templates"]["chatml"].as_str().unwrap().to_string());
     let (_h, mut c) = start(cfg).await;
@@ -326,7 +364,7 @@ async fn adapters_bring_their_own_chat_template() {
     };
     let ask = |adapter: &str, conv: &str, kwargs: Option<Value>| GenerateRequest {
         messages: turns(conv),
-        chat_template_kwargs: kwargs.map(|k| struct_of(&k)),
+        chat_template_kwargs: kwargs.map(|k| k.to_string()).unwrap_or_default(),
         ..req(adapter, "", 4)
     };
     // The base and an adapter without a template: the server's --chat-template (ChatML).
@@ -341,6 +379,17 @@ async fn adapters_bring_their_own_chat_template() {
         assert_eq!(by_messages.0, want, "{conv}");
         assert_eq!(by_messages, prompt_ids(&mut c, req("qkvo-r8", &text, 4)).await, "{conv}");
     }
+    // `tools` as Llama 3.2's template writes them (`tojson(indent=4)`): keys in the order sent, as in
+    // transformers' rendering of that template.
+    let case = e["kwargs"].as_array().unwrap().iter().find(|k| k["kwargs"]["tools"].is_array()).unwrap();
+    assert_eq!(case["template"], "llama-3.2");
+    let text = case["text"].as_str().unwrap();
+    let start = text.find("{\n    \"type\": \"function\"").unwrap();
+    let tool = &text[start..start + text[start..].find("\n}").unwrap() + 2];
+    assert!(tool.find("\"type\"").unwrap() < tool.find("\"function\": {").unwrap(), "{tool}");
+    let r = ask("all-r16-rslora", "user", Some(serde_json::json!({"tools": case["kwargs"]["tools"].clone()})));
+    let tok = Tokenizer::from_dir(&fixture("llama/model")).unwrap();
+    assert_eq!(prompt_ids(&mut c, r).await.0, tok.encode(tool).unwrap());
     let refused = [
         (
             ask("", "user", Some(serde_json::json!({"enable_thinking": false}))),
@@ -351,10 +400,15 @@ async fn adapters_bring_their_own_chat_template() {
             "chat_template_kwargs: `enable_thinkng`: the chat template reads no variable",
         ),
         (
-            GenerateRequest {
-                chat_template_kwargs: Some(struct_of(&serde_json::json!({}))),
-                ..req("qkvo-r8", "Hi", 4)
-            },
+            GenerateRequest { chat_template_kwargs: "[true]".into(), ..ask("qkvo-r8", "user", None) },
+            "chat_template_kwargs: expected a JSON object",
+        ),
+        (
+            GenerateRequest { messages: chat(&[("user", "U"), ("", "A")]), ..ask("qkvo-r8", "user", None) },
+            "messages[1].role: is empty",
+        ),
+        (
+            GenerateRequest { chat_template_kwargs: "{}".into(), ..req("qkvo-r8", "Hi", 4) },
             "chat_template_kwargs: needs messages",
         ),
     ];
@@ -405,21 +459,4 @@ async fn version(
     adapter: &str,
 ) -> String {
     c.generate(req(adapter, "Hi", 1)).await.unwrap().into_inner().adapter_version
-}
-
-/// A JSON object as a protobuf `Struct`.
-fn struct_of(v: &Value) -> prost_types::Struct {
-    fn value(v: &Value) -> prost_types::Value {
-        use prost_types::value::Kind;
-        let kind = match v {
-            Value::Null => Kind::NullValue(0),
-            Value::Bool(b) => Kind::BoolValue(*b),
-            Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
-            Value::String(s) => Kind::StringValue(s.clone()),
-            Value::Array(a) => Kind::ListValue(prost_types::ListValue { values: a.iter().map(value).collect() }),
-            Value::Object(_) => Kind::StructValue(struct_of(v)),
-        };
-        prost_types::Value { kind: Some(kind) }
-    }
-    prost_types::Struct { fields: v.as_object().unwrap().iter().map(|(k, v)| (k.clone(), value(v))).collect() }
 }

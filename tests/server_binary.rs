@@ -214,6 +214,13 @@ fn sigterm_drains_and_exits_zero() {
             "{err}"
         );
     }
+    // --prompt-token-ids: the ids `--prompt` encodes give its answer, served and local alike.
+    let (prompt_ids, answer_ids) = ids_of(&[&local_upper[..], &answer].concat());
+    let given: Vec<String> = prompt_ids.as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let by_ids = ["--adapter", "upper", "--prompt-token-ids", &given.join(","), "--max-new-tokens", "24", "--json"];
+    assert_eq!(ids_of(&[&local_upper[..], &by_ids].concat()), (prompt_ids.clone(), answer_ids.clone()));
+    let served = ids_of(&[&client[..], &by_ids, &["--prompt-logprobs", "0"]].concat());
+    assert_eq!(served, (prompt_ids, answer_ids));
     // A stop token's text is left out, served and local alike ("M" is 80); --include-stop-str-in-output keeps
     // it, and keeps a stop string.
     let text_of = |args: &[&str]| {
@@ -236,6 +243,8 @@ fn sigterm_drains_and_exits_zero() {
         (&["--prompt", "a", "--continue-final-message"], "cannot be used with"),
         (&["--message", "user=a", "--chat-template-kwargs", "[1]"], "expected a JSON object"),
         (&["--prompt", "a", "--chat-template-kwargs", "{}"], "cannot be used with"),
+        (&["--prompt-token-ids", "1", "--continue-final-message"], "--continue-final-message needs --message"),
+        (&["--prompt-token-ids", "1", "--message", "user=a"], "cannot be used with"),
         (&[], "--prompt"),
     ] {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args([&client[..], args].concat()).output();

@@ -479,8 +479,6 @@ fn checkpoints_go_and_nothing_else_does() {
     assert!(!out.exists());
 }
 
-/// `--output out/` (as shells complete it) is the folder `out`: its log and checkpoints go beside it, not
-/// inside, and the adapter is written there; a log asked for inside the output folder is refused up front.
 /// `--chat-template` renders a model without a template of its own: conversations train with it, and the
 /// adapter carries it (`chat_template.jinja`), so `server generate` with that adapter and no flag prompts with
 /// it; an adapter trained on prompt/completion lines carries none; a missing or empty file is refused by flag.
@@ -541,6 +539,8 @@ fn a_chat_template_given_trains_conversations_and_travels_with_the_adapter() {
     }
 }
 
+/// `--output out/` (as shells complete it) is the folder `out`: its log and checkpoints go beside it, not
+/// inside, and the adapter is written there; a log asked for inside the output folder is refused up front.
 #[test]
 fn output_with_a_trailing_slash_and_files_inside_it() {
     let tmp = tempfile::tempdir().unwrap();

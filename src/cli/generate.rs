@@ -58,8 +58,12 @@ pub struct SamplingArgs {
 #[derive(Args, Debug, Clone)]
 pub struct PromptArgs {
     /// The prompt (encoded with the tokenizer's special tokens, e.g. BOS).
-    #[arg(long, required_unless_present = "messages", conflicts_with = "messages")]
+    #[arg(long, required_unless_present_any = ["messages", "prompt_token_ids"], conflicts_with_all = ["messages", "prompt_token_ids"])]
     pub prompt: Option<String>,
+    /// The prompt as token ids, run as they are (comma-separated: --prompt-token-ids 1,415,2502), instead of
+    /// --prompt or --message (vLLM's TokensPrompt).
+    #[arg(long, value_name = "IDS", value_delimiter = ',', conflicts_with = "messages")]
+    pub prompt_token_ids: Vec<u32>,
     /// `ROLE=TEXT`: one turn of a conversation to continue instead of --prompt (repeatable, in order),
     /// rendered with the model's chat template and its generation prompt, e.g. --message system=Be\ brief.
     /// --message user=Hi.
@@ -97,11 +101,28 @@ fn parse_message(s: &str) -> Result<(String, String), String> {
 }
 
 impl PromptArgs {
+    /// The conversation flags need a conversation (clap's `requires` does not see a `--prompt-token-ids`
+    /// given instead).
+    fn check(&self) -> Result<()> {
+        if self.messages.is_empty() {
+            for (given, flag) in [
+                (self.continue_final_message, "--continue-final-message"),
+                (self.chat_template_kwargs.is_some(), "--chat-template-kwargs"),
+            ] {
+                if given {
+                    bail!("{flag} needs --message (a conversation)");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The prompt's token ids for this model (truncated as asked); a conversation is rendered with
     /// `adapter`'s chat template when it brings one, else the model's.
     fn ids(&self, tok: &crate::model::Tokenizer, adapter: Option<&AdapterTemplate>) -> Result<Vec<u32>> {
         let (mut ids, prefix) = match &self.prompt {
             Some(prompt) => (tok.encode(prompt)?, tok.text_prefix()),
+            None if !self.prompt_token_ids.is_empty() => (self.prompt_token_ids.clone(), &[][..]),
             None => {
                 let model_template;
                 let chat = match adapter {
@@ -281,9 +302,11 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                 // Checked here too: the wire cannot carry some values (a repetition penalty or top-p of 0
                 // reads as unset there), so the server could not refuse them.
                 let sampling = sampling.params(max_new_tokens as usize)?;
+                input.check()?;
                 let call = crate::server::client::GenerateCall {
                     adapter_id: adapter,
                     prompt: input.prompt.unwrap_or_default(),
+                    prompt_token_ids: input.prompt_token_ids,
                     messages: input.messages,
                     truncate_prompt_tokens: input.truncate_prompt_tokens,
                     continue_final_message: input.continue_final_message,
@@ -341,6 +364,7 @@ fn resolve_adapter(arg: &str, root: &std::path::Path) -> Result<std::path::PathB
 }
 
 pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
+    args.input.check()?;
     if args.input.prompt.as_ref().is_some_and(String::is_empty) {
         bail!("--prompt is empty");
     }
@@ -359,12 +383,15 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
         Some(a) => {
             let dir = resolve_adapter(a, &args.adapters)?;
             let mut adapter = crate::lora::peft::load_dir(&dir, &loaded.model.lora_layout(), loaded.model.device())?;
-            adapter.weights.template = AdapterTemplate::read(&dir, a).map(std::sync::Arc::new);
+            adapter.weights.template = AdapterTemplate::read(&dir, a)?.map(std::sync::Arc::new);
             Some(adapter)
         }
     };
     let template = adapter.as_ref().and_then(|a| a.weights.template.as_deref());
     let prompt_ids = args.input.ids(&loaded.tokenizer, template)?;
+    if let Some(id) = prompt_ids.iter().find(|&&id| id as usize >= config.vocab_size) {
+        bail!("--prompt-token-ids: {id} is outside the model's vocabulary of {} tokens", config.vocab_size);
+    }
     sampling.validate_model(config.vocab_size, &config.eos_token_ids).map_err(anyhow::Error::msg)?;
     if prompt_ids.len() + args.max_new_tokens > ctx {
         bail!(

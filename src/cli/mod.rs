@@ -71,9 +71,9 @@ pub struct ModelArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "LORASERVE_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// A Jinja chat template file to render conversations with instead of the model's (vLLM's
-    /// --chat-template). An adapter whose folder brings a template of its own keeps it; `train` writes this
-    /// one into the adapter it makes.
+    /// A Jinja chat template file to render conversations with instead of the model's (like vLLM's
+    /// --chat-template, but an adapter whose folder brings a template of its own keeps it); `train` writes
+    /// the template it renders conversations with into the adapter it makes.
     #[arg(long, env = "LORASERVE_CHAT_TEMPLATE", value_name = "FILE")]
     pub chat_template: Option<std::path::PathBuf>,
 }
@@ -560,7 +560,11 @@ fn run_merge(args: MergeArgs) -> Result<()> {
         side.retain(|(name, _)| name != "chat_template.jinja" && !name.starts_with("additional_chat_templates/"));
         side.push(("chat_template.jinja".into(), template.as_bytes().to_vec()));
     } else if adapter_chat.has_template() {
-        tracing::warn!(names = ?adapter_chat.names, "the adapter's chat templates are named, none \"default\": the merged model keeps the base's");
+        bail!(
+            "{}: the adapter's chat templates are named {:?}, none \"default\": its conversations are refused, and the merged model would silently get the base's (save the one to use as chat_template.jinja)",
+            args.adapter.display(),
+            adapter_chat.names
+        );
     }
     model::checkpoint::write(&loaded.model, &side, &args.output, &merged)
         .with_context(|| format!("writing {}", args.output.display()))?;

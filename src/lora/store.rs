@@ -17,6 +17,7 @@ use std::time::SystemTime;
 use sha2::{Digest, Sha256};
 
 use crate::model::chat::template_files;
+use crate::model::TokenizerError;
 
 /// Most bytes an adapter id may have.
 pub const MAX_ID_BYTES: usize = 128;
@@ -204,7 +205,13 @@ impl AdapterStore {
             }
         };
         let mut chat = Vec::new();
-        for name in std::iter::once("tokenizer_config.json".to_string()).chain(template_files(dir)) {
+        let templates = template_files(dir).map_err(|e| match e {
+            TokenizerError::Load { file, reason } | TokenizerError::Read { file, reason } => {
+                StoreError::Io { path: file, reason }
+            }
+            TokenizerError::Encode(reason) => StoreError::Io { path: dir.display().to_string(), reason },
+        })?;
+        for name in std::iter::once("tokenizer_config.json".to_string()).chain(templates) {
             let state = meta(&name)?;
             chat.push((name, state));
         }

@@ -9,8 +9,12 @@ use super::chat::ChatFiles;
 /// Errors reading or using a tokenizer; they name the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
+    /// A file that is wrong (malformed, not UTF-8) or cannot be opened.
     #[error("{file}: {reason}")]
     Load { file: String, reason: String },
+    /// A file whose read failed midway (EIO, EMFILE, a stale NFS handle): maybe passing.
+    #[error("{file}: {reason}")]
+    Read { file: String, reason: String },
     #[error("tokenizer: {0}")]
     Encode(String),
 }

@@ -32,6 +32,8 @@ pub struct GenerateCall {
     pub prompt: String,
     /// `(role, content)` turns of a conversation, instead of `prompt`.
     pub messages: Vec<(String, String)>,
+    /// The prompt as token ids, instead of `prompt` or `messages`.
+    pub prompt_token_ids: Vec<u32>,
     pub max_new_tokens: u32,
     /// Validated (`SamplingParams::validate`): some invalid values, like a top-p of 0, read as unset on the wire.
     pub sampling: SamplingParams,
@@ -135,6 +137,7 @@ impl GenerateCall {
         proto::GenerateRequest {
             adapter_id: self.adapter_id.clone(),
             prompt: self.prompt.clone(),
+            prompt_token_ids: self.prompt_token_ids.clone(),
             max_new_tokens: self.max_new_tokens,
             temperature: s.temperature,
             top_p: s.top_p,
@@ -164,26 +167,10 @@ impl GenerateCall {
             chat_template_kwargs: self
                 .chat_template_kwargs
                 .as_ref()
-                .map(|m| prost_types::Struct { fields: m.iter().map(|(k, v)| (k.clone(), proto_value(v))).collect() }),
+                .map(|m| serde_json::Value::Object(m.clone()).to_string())
+                .unwrap_or_default(),
         }
     }
-}
-
-/// A JSON value as a protobuf `Value`.
-fn proto_value(v: &serde_json::Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    use serde_json::Value;
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(a) => Kind::ListValue(prost_types::ListValue { values: a.iter().map(proto_value).collect() }),
-        Value::Object(o) => Kind::StructValue(prost_types::Struct {
-            fields: o.iter().map(|(k, v)| (k.clone(), proto_value(v))).collect(),
-        }),
-    };
-    prost_types::Value { kind: Some(kind) }
 }
 
 /// Runs a generate call, printing the text (streamed as it arrives with `stream`), or the whole response as

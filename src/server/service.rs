@@ -14,7 +14,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::arrival::Arrival;
-use super::conversation::{conversation_ids, kwargs_of};
+use super::conversation::{conversation_ids, kwargs_of, message_list};
 use super::counting::HandlerSeen;
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
@@ -181,11 +181,22 @@ impl Service {
         let ready = self.ready()?;
         let arrival = Instant::now();
         check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         let limits = self.state.limits;
-        match (r.prompt.is_empty(), r.messages.is_empty()) {
-            (true, true) => return Err(invalid("prompt", "is empty (give a prompt or messages)")),
-            (false, false) => return Err(invalid("messages", "given with a prompt: give one of the two")),
+        let forms = [
+            ("prompt", !r.prompt.is_empty()),
+            ("messages", !r.messages.is_empty()),
+            ("prompt_token_ids", !r.prompt_token_ids.is_empty()),
+        ];
+        let mut given = forms.iter().filter(|(_, given)| *given).map(|(name, _)| *name);
+        match (given.next(), given.next()) {
+            (None, _) => return Err(invalid("prompt", "is empty (give a prompt, messages or prompt_token_ids)")),
+            (Some(first), Some(second)) => {
+                return Err(invalid(
+                    second,
+                    format!("given with {first}: give one of prompt, messages and prompt_token_ids"),
+                ))
+            }
             _ => {}
         }
         if r.max_new_tokens == 0 || r.max_new_tokens > limits.max_new_tokens_cap {
@@ -249,13 +260,14 @@ impl Service {
                 "needs messages (a conversation whose final message to continue)",
             ));
         }
-        let kwargs = match &r.chat_template_kwargs {
-            Some(_) if r.messages.is_empty() => {
+        let kwargs = match r.chat_template_kwargs.as_str() {
+            "" => Kwargs::new(),
+            _ if r.messages.is_empty() => {
                 return Err(invalid("chat_template_kwargs", "needs messages (variables for the chat template)"))
             }
-            Some(s) => kwargs_of(s)?,
-            None => Kwargs::new(),
+            text => kwargs_of(text)?,
         };
+        let messages = message_list(&r.messages)?;
         if let Some(k) = r.truncate_prompt_tokens.filter(|&k| k == 0 || k as usize > ready.context) {
             let context = ready.context;
             return Err(invalid(
@@ -266,15 +278,24 @@ impl Service {
         // A conversation is rendered with its adapter's template when the adapter brings one: the adapter is
         // leased first. A raw prompt is checked whole before any adapter load.
         let mut adapter = None;
-        let mut prompt_ids = if r.messages.is_empty() {
+        let mut prompt_ids = if !r.prompt_token_ids.is_empty() {
+            let vocab = ready.vocab;
+            if let Some((i, id)) = r.prompt_token_ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+                let why = format!("{id} is outside the model's vocabulary of {vocab} tokens");
+                return Err(invalid(&format!("prompt_token_ids[{i}]"), why));
+            }
+            std::mem::take(&mut r.prompt_token_ids)
+        } else if r.messages.is_empty() {
             ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?
         } else {
             adapter = Some(lease_request_adapter(ready, &r.adapter_id, deadline).await?);
             let template = adapter.as_ref().and_then(|a| a.as_ref()).and_then(|a| a.weights().template.as_deref());
-            conversation_ids(ready, template, &r.messages, r.continue_final_message, &kwargs)?
+            conversation_ids(ready, template, &messages, r.continue_final_message, &kwargs)?
         };
         if let Some(k) = r.truncate_prompt_tokens {
-            let prefix = if r.messages.is_empty() { ready.tokenizer.text_prefix() } else { &[] };
+            // A raw text keeps the ids its tokenizer puts before it; ids given and conversations are cut as
+            // they are.
+            let prefix = if !r.prompt.is_empty() { ready.tokenizer.text_prefix() } else { &[] };
             truncate_prompt(&mut prompt_ids, k, prefix).map_err(|e| invalid("truncate_prompt_tokens", e))?;
         }
         if prompt_ids.is_empty() {

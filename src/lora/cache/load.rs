@@ -16,6 +16,7 @@ use crate::lora::peft::{self, AdapterError};
 use crate::lora::store::{AdapterStore, AdapterVersion, FileStamp};
 use crate::lora::LoraWeights;
 use crate::model::chat::AdapterTemplate;
+use crate::model::TokenizerError;
 use crate::telemetry as t;
 
 /// A finished load.
@@ -143,6 +144,15 @@ impl Inner {
 fn read_files(inner: &Inner, id: String, dir: &std::path::Path, generation: u64) -> Result<Loaded, CacheError> {
     // The files may change between the request's stat and the read: version by what is read.
     let version = AdapterStore::version(dir)?;
+    // The chat files right after the stamp the version hashes, before the (slower) weights.
+    let template = AdapterTemplate::read(dir, &id).map_err(|e| {
+        let (file, reason) = match e {
+            TokenizerError::Read { file, reason } | TokenizerError::Load { file, reason } => (file, reason),
+            TokenizerError::Encode(reason) => (dir.display().to_string(), reason),
+        };
+        // Retried by the next request, as a failed read of the weights is.
+        CacheError::Invalid(Arc::new(AdapterError::Read { file, reason }))
+    })?;
     let gpu = !inner.device.is_cpu();
     // On a GPU server the CPU is otherwise idle: convert on all cores.
     let load = if gpu { peft::load_dir_parallel } else { peft::load_dir };
@@ -150,7 +160,7 @@ fn read_files(inner: &Inner, id: String, dir: &std::path::Path, generation: u64)
     if gpu {
         check_gpu_limits(dir, &adapter.weights)?;
     }
-    if let Some(template) = AdapterTemplate::read(dir, &id) {
+    if let Some(template) = template {
         // Its raw prompts are served still; its conversations get this error.
         if let Some(e) = template.read_error() {
             tracing::warn!(adapter = %id, error = %e, "the adapter's chat files cannot be read: requests with messages for it will be refused");

@@ -23,8 +23,6 @@ pub struct ChatFiles {
     pub special_tokens: Vec<(String, String)>,
     /// `tokenizer_config.json`'s `added_tokens_decoder`: each added token's id and text.
     pub added_tokens: Vec<(u32, String)>,
-    /// Whether the folder has a `tokenizer_config.json`.
-    pub has_config: bool,
 }
 
 /// transformers' `SPECIAL_TOKENS_ATTRIBUTES`.
@@ -32,28 +30,49 @@ const SPECIAL_TOKENS: [&str; 7] =
     ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
 /// The template files a folder may hold besides `tokenizer_config.json`, as paths relative to it (those of
-/// `additional_chat_templates/` sorted by name). Adapter versions stamp them.
-pub fn template_files(dir: &Path) -> Vec<String> {
+/// `additional_chat_templates/` sorted by name). Adapter versions stamp them. A folder that cannot be listed
+/// is an error (naming it), never a folder without templates.
+pub fn template_files(dir: &Path) -> Result<Vec<String>, TokenizerError> {
     let mut out = vec!["chat_template.jinja".to_string()];
-    if let Ok(entries) = std::fs::read_dir(dir.join("additional_chat_templates")) {
-        let mut names: Vec<String> = entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().filter(|n| n.ends_with(".jinja")).map(str::to_string))
-            .collect();
-        names.sort();
-        out.extend(names.into_iter().map(|n| format!("additional_chat_templates/{n}")));
+    let extra = dir.join("additional_chat_templates");
+    let failed = |e: std::io::Error| error_of(&extra, e);
+    let entries = match std::fs::read_dir(&extra) {
+        Ok(entries) => entries,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+            return Ok(out)
+        }
+        Err(e) => return Err(failed(e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let name = entry.map_err(failed)?.file_name();
+        if let Some(name) = name.to_str().filter(|n| n.ends_with(".jinja")) {
+            names.push(name.to_string());
+        }
     }
-    out
+    names.sort();
+    out.extend(names.into_iter().map(|n| format!("additional_chat_templates/{n}")));
+    Ok(out)
+}
+
+/// A failed read of `file`: what the operator must fix (permissions, not UTF-8, a folder) is `Load`, anything
+/// else (EIO, EMFILE, a stale NFS handle) `Read`, which may pass.
+fn error_of(file: &Path, e: std::io::Error) -> TokenizerError {
+    use std::io::ErrorKind::{InvalidData, IsADirectory, PermissionDenied};
+    let (file, reason) = (file.display().to_string(), e.to_string());
+    match e.kind() {
+        PermissionDenied | InvalidData | IsADirectory => TokenizerError::Load { file, reason },
+        _ => TokenizerError::Read { file, reason },
+    }
 }
 
 impl ChatFiles {
     /// Reads `dir`'s `tokenizer_config.json` and template files; each is optional.
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
-        let load = |file: &Path, reason: String| TokenizerError::Load { file: file.display().to_string(), reason };
         let read = |file: &Path| match std::fs::read_to_string(file) {
             Ok(text) => Ok(Some(text)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(load(file, e.to_string())),
+            Err(e) => Err(error_of(file, e)),
         };
         let config_file = dir.join("tokenizer_config.json");
         let mut files = match read(&config_file)? {
@@ -64,7 +83,7 @@ impl ChatFiles {
         // `chat_template.jinja` is "default", `additional_chat_templates/<name>.jinja` add names (a "default"
         // there replaces it). With a "default", that is the chat template; without one, only names.
         let mut named = Vec::new();
-        for rel in template_files(dir) {
+        for rel in template_files(dir)? {
             if let Some(template) = read(&dir.join(&rel))? {
                 let name = rel.strip_prefix("additional_chat_templates/").unwrap_or("default.jinja");
                 named.push((name.trim_end_matches(".jinja").to_string(), template));
@@ -81,7 +100,7 @@ impl ChatFiles {
         let v: Value = serde_json::from_str(text)
             .map_err(|e| TokenizerError::Load { file: file.to_string(), reason: format!("invalid JSON: {e}") })?;
         let bad = |reason: String| TokenizerError::Load { file: file.to_string(), reason };
-        let mut files = ChatFiles { has_config: true, ..ChatFiles::default() };
+        let mut files = ChatFiles::default();
         match v.get("chat_template") {
             None | Some(Value::Null) => {}
             Some(Value::String(s)) => files.template = Some(s.clone()),
@@ -187,7 +206,7 @@ mod tests {
         let read = || ChatFiles::from_dir(dir.path()).unwrap();
         assert_eq!(read(), ChatFiles::default(), "an empty folder says nothing");
         std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"chat_template": "from config"}"#).unwrap();
-        assert_eq!((read().template.as_deref(), read().has_config), (Some("from config"), true));
+        assert_eq!(read().template.as_deref(), Some("from config"));
         std::fs::write(dir.path().join("chat_template.jinja"), "from file").unwrap();
         assert_eq!(read().template.as_deref(), Some("from file"));
         std::fs::remove_file(dir.path().join("chat_template.jinja")).unwrap();
@@ -200,7 +219,7 @@ mod tests {
         std::fs::write(dir.path().join("additional_chat_templates/default.jinja"), "D").unwrap();
         assert_eq!(read().template.as_deref(), Some("D"));
         assert_eq!(
-            template_files(dir.path()),
+            template_files(dir.path()).unwrap(),
             [
                 "chat_template.jinja",
                 "additional_chat_templates/default.jinja",

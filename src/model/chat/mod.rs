@@ -1,9 +1,12 @@
-//! Chat templates: the tokenizer's Jinja `chat_template` rendered as transformers' `apply_chat_template`
-//! renders it (and so vLLM and TGI, which call it), through minijinja, and the rendered conversation's token
-//! ids. The prompt opens a new assistant turn (the generation prompt) or continues the final message
+//! Chat templates: a Jinja `chat_template` rendered as transformers' `apply_chat_template` renders it (and so
+//! vLLM and TGI, which call it), through minijinja, and the rendered conversation's token ids. The prompt
+//! opens a new assistant turn (the generation prompt) or continues the final message
 //! (`continue_final_message`). One renderer serves both users: the server turns a request's `messages` into
 //! its prompt, and `server train` turns `{"messages"}` lines into examples, so an adapter is prompted the way
-//! it was trained.
+//! it was trained. The template is a folder's ([`ChatFiles`], `files.rs`): the model's (or `--chat-template`),
+//! or an adapter's own ([`AdapterTemplate`], `adapter.rs`). A request's `chat_template_kwargs` ([`Kwargs`]) set
+//! more variables, checked against those the template reads ([`ChatTemplate::variables`], found as jinja2's
+//! `meta.find_undeclared_variables` finds them).
 //!
 //! transformers' environment, as far as chat templates reach: `trim_blocks` and `lstrip_blocks`, newlines
 //! normalised to `\n`, loop controls (`{% break %}`), `raise_exception(message)`, `strftime_now(format)` (in
@@ -82,8 +85,9 @@ impl ChatTemplate {
         Self::from_files(&tok.chat, "the tokenizer", &[])
     }
 
-    /// The chat template of `files` (a folder's, [`ChatFiles`]), compiled with the folder's special tokens,
-    /// or `fallback`'s when the folder has no `tokenizer_config.json`. `whose` names the folder in errors.
+    /// The chat template of `files` (a folder's, [`ChatFiles`]), compiled with the folder's special tokens
+    /// and, for each it does not set, `fallback`'s (the base tokenizer's, for an adapter's folder). `whose`
+    /// names the folder in errors.
     pub fn from_files(files: &ChatFiles, whose: &str, fallback: &[(String, String)]) -> Result<Self, ChatError> {
         if files.template.is_none() && !files.names.is_empty() {
             return Err(ChatError::Unavailable(format!(
@@ -96,7 +100,14 @@ impl ChatTemplate {
                 "{whose} has no chat template (`chat_template` in tokenizer_config.json, or chat_template.jinja), so conversations cannot be rendered: add one to the model folder, or give --chat-template"
             )));
         };
-        let special = if files.has_config { files.special_tokens.clone() } else { fallback.to_vec() };
+        // The folder's special tokens, each it does not set taken from `fallback`.
+        let mut special = fallback.to_vec();
+        for (name, token) in &files.special_tokens {
+            match special.iter_mut().find(|(n, _)| n == name) {
+                Some(slot) => slot.1 = token.clone(),
+                None => special.push((name.clone(), token.clone())),
+            }
+        }
         Self::compile(template, special)
     }
 
@@ -122,10 +133,7 @@ impl ChatTemplate {
         env.add_template_owned("chat", without_generation_blocks(&source))
             .map_err(|e| ChatError::Unavailable(format!("the chat template does not compile: {e}")))?;
         let globals: std::collections::HashSet<&str> = env.globals().map(|(name, _)| name).collect();
-        let mut variables: Vec<String> = env
-            .get_template("chat")
-            .expect("added")
-            .undeclared_variables(false)
+        let mut variables: Vec<String> = read_variables(&env, &source)
             .into_iter()
             .filter(|v| !globals.contains(v.as_str()) && !RESERVED.contains(&v.as_str()))
             .collect();
@@ -282,6 +290,22 @@ impl ChatTemplate {
     }
 }
 
+/// The variables the compiled template `chat` of `env` (from `source`) reads before it sets them, as jinja2's
+/// `meta.find_undeclared_variables` (vLLM's check) finds them. minijinja's analysis marks a `{% set x = … %}`
+/// target as set before it reads the right side, so `{% set enable_thinking = enable_thinking | default(true)
+/// %}` (how Qwen 3.5's template takes that variable) would not count; the same analysis of a copy in which
+/// each `set` first prints its right side restores jinja2's order. (Analysis only: the copy never renders.)
+fn read_variables(env: &Environment<'_>, source: &str) -> std::collections::HashSet<String> {
+    let mut found = env.get_template("chat").expect("added").undeclared_variables(false);
+    let set = fancy_regex::Regex::new(r"(?s)\{%([-+]?)\s*set\s+([^=%]+?)\s*=(.*?)([-+]?)%\}").expect("valid regex");
+    let reordered = set.replace_all(source, "{{ ($3) }}{%${1} set $2 =$3${4}%}");
+    let mut scan = Environment::new();
+    if scan.add_template_owned("scan", without_generation_blocks(&reordered)).is_ok() {
+        found.extend(scan.get_template("scan").expect("added").undeclared_variables(false));
+    }
+    found
+}
+
 /// How a template's refusal of a conversation (`raise_exception`) starts.
 pub const REFUSED: &str = "the chat template refused the conversation";
 
@@ -399,6 +423,29 @@ mod tests {
         let e = t.render_prompt(&said, true, &Kwargs::new()).unwrap_err();
         assert!(matches!(&e, ChatError::Render(m) if m.contains("message 0 contains")), "{e}");
         assert_eq!(t.render_prompt(&said[1..], true, &Kwargs::new()).unwrap(), "<assistant>ok");
+    }
+
+    /// The variables a template reads, as jinja2 finds them: a `set` that reads its own target first
+    /// (`x = x | default(…)`) counts it; names it sets before reading, its loop variables and functions do not.
+    #[test]
+    fn variables_read_before_they_are_set_count() {
+        let t = template(
+            "{%- set enable_thinking = enable_thinking | default(true) %}{% set effort = effort if effort is defined else 'low' %}{%- set ns = namespace(n=0) -%}{% set ns.n = ns.n + 1 %}{% set mine = 1 %}{{ mine }}{% for m in messages %}{{ m.content }}{{ loop.index }}{% endfor %}{{ bos_token }}{{ range(2) | length }}{{ strftime_now('%Y') }}",
+        );
+        assert_eq!(t.variables(), ["bos_token", "effort", "enable_thinking"]);
+        assert!(t
+            .check_kwargs(&serde_json::from_str(r#"{"enable_thinking": false, "effort": "high"}"#).unwrap())
+            .is_ok());
+        for name in ["mine", "ns", "m", "loop", "range"] {
+            let e = t.check_kwargs(&serde_json::from_str(&format!("{{\"{name}\": 1}}")).unwrap()).unwrap_err();
+            assert!(e.contains("reads no variable"), "{name}: {e}");
+        }
+        let rendered = t.render(&user("a"), true, &serde_json::from_str(r#"{"enable_thinking": false}"#).unwrap());
+        assert_eq!(rendered.unwrap(), format!("1a1<s>2{}", strftime_utc("%Y", now()).unwrap()));
+    }
+
+    fn now() -> i64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
     }
 
     #[test]
