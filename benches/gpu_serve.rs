@@ -57,6 +57,7 @@ fn serve_config(
         model,
         load: LoadOptions { dtype: DType::F32, quant, device },
         chat_template: None,
+        generation_config: true,
         adapters: adapters.to_path_buf(),
         cache: CacheConfig { device_bytes: 4 << 30, host_bytes: 8 << 30, default_wait: Duration::from_secs(60) },
         engine: EngineConfig {
@@ -169,7 +170,7 @@ fn fixture_requests(dir: &Path) -> anyhow::Result<FixtureRequests> {
             for p in case["results"].as_array().into_iter().flatten() {
                 let ids: Vec<u32> = serde_json::from_value(p["new_ids"].clone())?;
                 requests.push(GenerateRequest {
-                    repetition_penalty: penalty("repetition_penalty")?,
+                    repetition_penalty: Some(penalty("repetition_penalty")?),
                     frequency_penalty: penalty("frequency_penalty")?,
                     presence_penalty: penalty("presence_penalty")?,
                     ..request(adapter, p, &ids)

@@ -122,6 +122,7 @@ fn main() {
             model: if shape == "demo" { ModelSpec::Demo } else { ModelSpec::Synthetic(shape.into()) },
             load: LoadOptions { dtype: DType::F32, quant: QuantMode::Nf4, device: Device::Cpu },
             chat_template: None,
+            generation_config: true,
             adapters: tmp.path().to_path_buf(),
             cache: CacheConfig { device_bytes: 4 << 30, host_bytes: 4 << 30, default_wait: Duration::from_secs(30) },
             engine: EngineConfig {

@@ -63,6 +63,7 @@ fn config(adapters: PathBuf, device_bytes: usize) -> ServeConfig {
         model: ModelSpec::Demo,
         load: LoadOptions { dtype: DType::F32, quant: QuantMode::Nf4, device: Device::Cpu },
         chat_template: None,
+        generation_config: true,
         adapters,
         cache: CacheConfig { device_bytes, host_bytes: 256 << 20, default_wait: Duration::from_secs(30) },
         engine: EngineConfig {

@@ -74,6 +74,7 @@ async fn two_thousand_requests_two_hundred_adapters_twenty_slots() {
         model: ModelSpec::Dir(fixture("llama/model")),
         load: LoadOptions { dtype: DType::F32, quant: QuantMode::Nf4, device: Device::Cpu },
         chat_template: None,
+        generation_config: true,
         adapters: tmp.path().to_path_buf(),
         cache: CacheConfig { device_bytes: 20 * one, host_bytes: 40 * one, default_wait: Duration::from_secs(60) },
         engine: EngineConfig {

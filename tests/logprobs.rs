@@ -28,7 +28,7 @@ async fn logprobs_match_transformers() {
             // Unary and streaming, each with and without the top 4: i = 0, 1, 2, 3 covers all four.
             let top = if i / 2 % 2 == 0 { 4 } else { 0 };
             let request = GenerateRequest {
-                repetition_penalty: case.repetition_penalty,
+                repetition_penalty: Some(case.repetition_penalty),
                 logprobs: true,
                 top_logprobs: top,
                 ..req(case.adapter.as_deref().unwrap_or(""), &r.prompt, r.new_ids.len() as u32)
@@ -87,7 +87,7 @@ async fn prompt_logprobs_match_transformers_across_chunks_and_preemptions() {
             // Unary and streaming, each with and without the top 2: i = 0, 1, 2, 3 covers all four.
             let top = if i / 2 % 2 == 0 { 2 } else { 0 };
             let request = GenerateRequest {
-                repetition_penalty: case.repetition_penalty,
+                repetition_penalty: Some(case.repetition_penalty),
                 prompt_logprobs: Some(top),
                 // The first prompt's unary request asks for the generated tokens' logprobs too.
                 logprobs: i == 0,
@@ -204,11 +204,11 @@ async fn sampled_tokens_get_the_models_own_logprobs() {
     let mut sampled_off_argmax = 0;
     for (temperature, top_k, top_p) in [(0.7, 5, 1.0), (0.7, 0, 0.5), (1.3, 0, 1.0)] {
         let request = GenerateRequest {
-            temperature,
-            top_k,
-            top_p,
+            temperature: Some(temperature),
+            top_k: Some(top_k),
+            top_p: Some(top_p),
             seed: Some(3),
-            repetition_penalty: 1.2,
+            repetition_penalty: Some(1.2),
             logprobs: true,
             top_logprobs: 3,
             ..req("", prompt, 12)

@@ -1,8 +1,8 @@
 //! The sampling controls that decide where generation ends or which tokens may be drawn, through the server:
 //! `min_tokens`, `ignore_eos`, `stop_token_ids` (and stop strings kept in the text), `min_p`, `logit_bias` and
-//! `allowed_token_ids`, on the demo
-//! model with its `upper` adapter (which answers, then emits EOS). Each generated token is checked against a
-//! teacher-forced dense forward of the same model.
+//! `allowed_token_ids`, on the demo model with its `upper` adapter (which answers, then emits EOS). Each
+//! generated token is checked against a teacher-forced dense forward of the same model. And the sampling
+//! defaults a model's generation_config.json gives the requests that leave them unset.
 
 mod common;
 
@@ -172,12 +172,13 @@ async fn min_p_narrows_what_is_drawn() {
     let greedy = client.generate(req("upper", PROMPT, 40)).await.unwrap().into_inner().token_ids;
     let mut left_greedy = 0;
     for seed in 0..4 {
-        let sampled = |min_p| GenerateRequest { temperature: 2.0, seed: Some(seed), min_p, ..req("upper", PROMPT, 40) };
-        let out = client.generate(sampled(1.0)).await.unwrap().into_inner();
+        let sampled =
+            |min_p| GenerateRequest { temperature: Some(2.0), seed: Some(seed), min_p, ..req("upper", PROMPT, 40) };
+        let out = client.generate(sampled(Some(1.0))).await.unwrap().into_inner();
         assert_eq!(out.token_ids, greedy, "seed {seed}");
-        let free = client.generate(sampled(0.0)).await.unwrap().into_inner();
+        let free = client.generate(sampled(Some(0.0))).await.unwrap().into_inner();
         left_greedy += usize::from(free.token_ids != greedy);
-        let half = client.generate(sampled(0.5)).await.unwrap().into_inner().token_ids;
+        let half = client.generate(sampled(Some(0.5))).await.unwrap().into_inner().token_ids;
         for (i, (row, &t)) in logits_of(&m, &upper, &half).iter().zip(&half).enumerate() {
             // At temperature 2 the probabilities are softmax(row / 2): p_t / p_max = exp((l_t - l_max) / 2).
             let best = row[argmax(row) as usize];
@@ -218,15 +219,81 @@ async fn logit_bias_and_allowed_token_ids_shape_each_pick() {
         seed: Some(5),
         ..req("upper", PROMPT, 12)
     };
-    let out = client.generate(only(0.0)).await.unwrap().into_inner();
+    let out = client.generate(only(Some(0.0))).await.unwrap().into_inner();
     assert_eq!((out.token_ids.len(), FinishReason::try_from(out.finish_reason)), (12, Ok(FinishReason::Length)));
     for (i, (row, &t)) in logits_of(&m, &upper, &out.token_ids).iter().zip(&out.token_ids).enumerate() {
         let best = allowed.iter().copied().max_by(|&a, &b| row[a as usize].total_cmp(&row[b as usize]).then(b.cmp(&a)));
         assert_eq!(Some(t), best, "token {i}");
     }
-    let sampled = client.generate(only(1.5)).await.unwrap().into_inner().token_ids;
+    let sampled = client.generate(only(Some(1.5))).await.unwrap().into_inner().token_ids;
     assert!(sampled.iter().all(|t| allowed.contains(t)), "{sampled:?}");
     assert_ne!(sampled, out.token_ids, "nothing was sampled");
     h.shutdown();
     h.wait().await.unwrap();
+}
+
+/// A copy of the fixture llama whose generation_config.json also sets `settings`.
+fn llama_with_generation_config(dir: &std::path::Path, settings: serde_json::Value) -> PathBuf {
+    let model = dir.join("model");
+    common::copy_dir(&common::fixture("llama/model"), &model);
+    let file = model.join("generation_config.json");
+    let mut g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    g.as_object_mut().unwrap().extend(settings.as_object().unwrap().clone());
+    std::fs::write(&file, g.to_string()).unwrap();
+    model
+}
+
+/// vLLM's `--generation-config auto`: a request that leaves a sampling setting unset gets the model's
+/// generation_config.json value (temperature 1.3 and top-k 7 here), one that sets it gets its own (a
+/// temperature of 0 is greedy); with `none`, unset is greedy. `server generate` fills them alike. Defaults
+/// out of range stop the server at start, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unset_sampling_settings_take_the_models_generation_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = llama_with_generation_config(tmp.path(), serde_json::json!({"temperature": 1.3, "top_k": 7}));
+    let cfg = |auto: bool| ServeConfig {
+        model: ModelSpec::Dir(model.clone()),
+        generation_config: auto,
+        ..config(adapters())
+    };
+    let (_h, mut c) = start(cfg(true)).await;
+    let (_h_none, mut plain) = start(cfg(false)).await;
+    let ask = |seed: u64| GenerateRequest { seed: Some(seed), ignore_eos: true, ..req("", "Hello world", 16) };
+    let explicit = |seed| GenerateRequest { temperature: Some(1.3), top_k: Some(7), ..ask(seed) };
+    let greedy = GenerateRequest { temperature: Some(0.0), ..ask(0) };
+    let greedy_ids = c.generate(greedy.clone()).await.unwrap().into_inner().token_ids;
+    assert_eq!(plain.generate(ask(0)).await.unwrap().into_inner().token_ids, greedy_ids, "none: unset is greedy");
+    assert_eq!(plain.generate(greedy).await.unwrap().into_inner().token_ids, greedy_ids);
+    let mut sampled = 0;
+    for seed in 1..4 {
+        let by_default = c.generate(ask(seed)).await.unwrap().into_inner().token_ids;
+        assert_eq!(by_default, c.generate(explicit(seed)).await.unwrap().into_inner().token_ids, "seed {seed}");
+        assert_eq!(by_default, plain.generate(explicit(seed)).await.unwrap().into_inner().token_ids, "seed {seed}");
+        sampled += usize::from(by_default != greedy_ids);
+        if seed == 1 {
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+                .args(["generate", "--model", model.to_str().unwrap(), "--quant", "none", "--prompt", "Hello world"])
+                .args(["--seed", "1", "--ignore-eos", "--max-new-tokens", "16", "--json"])
+                .env("LORASERVE_LOG", "off")
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(v["token_ids"], serde_json::json!(by_default), "server generate fills the same defaults");
+        }
+    }
+    assert!(sampled > 0, "the defaults sample: no seed gave anything but the greedy answer");
+
+    let bad = llama_with_generation_config(&tmp.path().join("bad"), serde_json::json!({"top_p": 1.5}));
+    let bad_cfg = ServeConfig { model: ModelSpec::Dir(bad.clone()), ..config(adapters()) };
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = loraserve::server::start(bad_cfg, grpc, metrics).await.unwrap();
+    let e = h.wait().await.expect_err("refused at start").to_string();
+    assert!(
+        e.contains("generation_config.json")
+            && e.contains("top_p must be in (0, 1]")
+            && e.contains("--generation-config none"),
+        "{e}"
+    );
 }

@@ -33,7 +33,7 @@ fn goldens() -> Vec<(GenerateRequest, Vec<u32>)> {
         for r in case.results {
             let base = req(case.adapter.as_deref().unwrap_or(""), &r.prompt, r.new_ids.len() as u32);
             let penalized = GenerateRequest {
-                repetition_penalty: case.repetition_penalty,
+                repetition_penalty: Some(case.repetition_penalty),
                 frequency_penalty: case.frequency_penalty,
                 presence_penalty: case.presence_penalty,
                 ..base
@@ -48,7 +48,7 @@ fn goldens() -> Vec<(GenerateRequest, Vec<u32>)> {
 async fn goldens_unary_and_streaming() {
     let (h, mut client) = start(config(fixture("llama/adapters"))).await;
     for (request, want) in goldens() {
-        let what = format!("{:?} {:?} {}", request.adapter_id, request.prompt, request.repetition_penalty);
+        let what = format!("{:?} {:?} {:?}", request.adapter_id, request.prompt, request.repetition_penalty);
         let r = client.generate(request.clone()).await.unwrap().into_inner();
         assert_eq!(r.token_ids, want, "{what} unary");
         assert_eq!(r.finish_reason(), proto::FinishReason::Length);
@@ -83,7 +83,7 @@ async fn sixty_four_concurrent_mixed_requests_equal_each_alone() {
             let mut c = client.clone();
             let (request, want) = cases[i % cases.len()].clone();
             tokio::spawn(async move {
-                let what = format!("{:?} {:?} {}", request.adapter_id, request.prompt, request.repetition_penalty);
+                let what = format!("{:?} {:?} {:?}", request.adapter_id, request.prompt, request.repetition_penalty);
                 let got = if i % 2 == 0 {
                     c.generate(request).await.unwrap().into_inner().token_ids
                 } else {
@@ -139,13 +139,13 @@ async fn every_status_code_of_the_contract() {
         (req("", "", 4), "prompt"),
         (req("", "alpha", 0), "max_new_tokens"),
         (req("", "alpha", 257), "max_new_tokens"),
-        (GenerateRequest { temperature: -1.0, ..req("", "alpha", 4) }, "temperature"),
-        (GenerateRequest { top_p: 1.5, ..req("", "alpha", 4) }, "top_p"),
-        (GenerateRequest { top_p: -0.1, ..req("", "alpha", 4) }, "top_p"),
-        (GenerateRequest { repetition_penalty: -1.0, ..req("", "alpha", 4) }, "repetition_penalty"),
+        (GenerateRequest { temperature: Some(-1.0), ..req("", "alpha", 4) }, "temperature"),
+        (GenerateRequest { top_p: Some(1.5), ..req("", "alpha", 4) }, "top_p"),
+        (GenerateRequest { top_p: Some(-0.1), ..req("", "alpha", 4) }, "top_p"),
+        (GenerateRequest { repetition_penalty: Some(-1.0), ..req("", "alpha", 4) }, "repetition_penalty"),
         (GenerateRequest { frequency_penalty: 2.5, ..req("", "alpha", 4) }, "frequency_penalty"),
         (GenerateRequest { presence_penalty: f32::NAN, ..req("", "alpha", 4) }, "presence_penalty"),
-        (GenerateRequest { min_p: 1.01, ..req("", "alpha", 4) }, "min_p"),
+        (GenerateRequest { min_p: Some(1.01), ..req("", "alpha", 4) }, "min_p"),
         (GenerateRequest { min_tokens: 5, ..req("", "alpha", 4) }, "min_tokens"),
         (GenerateRequest { logprobs: true, top_logprobs: 21, ..req("", "alpha", 4) }, "top_logprobs"),
         (GenerateRequest { top_logprobs: 2, ..req("", "alpha", 4) }, "top_logprobs: requires logprobs"),

@@ -7,36 +7,38 @@ use clap::{Args, Subcommand};
 use super::{to_stdout, ModelArgs};
 use crate::engine::{self, GenerateJob, SamplingParams};
 use crate::model::chat::AdapterTemplate;
+use crate::model::GenerationDefaults;
 
 /// Sampling flags shared by `generate` and `client generate` (the server takes them per request). Negative
 /// numbers parse, so that an out-of-range value gets the message naming its range.
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    pub temperature: f32,
-    /// Nucleus sampling mass in (0, 1].
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    pub top_p: f32,
-    /// 0 = off.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: u32,
+    /// 0 = greedy. Unset: the model's generation_config.json default (--generation-config auto), else 0.
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass in (0, 1]. Unset: the model's default, else 1.
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// 0 = off. Unset: the model's default, else 0.
+    #[arg(long)]
+    pub top_k: Option<u32>,
     /// Seeds sampling (the same seed, the same tokens); without it each run samples differently
     #[arg(long)]
     pub seed: Option<u64>,
     /// Above 0, 1 = off: a positive logit of a token in the prompt or output is divided by it, a negative
-    /// one multiplied by it.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    pub repetition_penalty: f32,
+    /// one multiplied by it. Unset: the model's default, else 1.
+    #[arg(long, allow_negative_numbers = true)]
+    pub repetition_penalty: Option<f32>,
     /// In [-2, 2]: subtracted from a token's logit per occurrence in the output.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub frequency_penalty: f32,
     /// In [-2, 2]: subtracted from the logit of every token in the output.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub presence_penalty: f32,
-    /// In [0, 1], 0 = off: after top-p, drop tokens less likely than this times the most likely one.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    pub min_p: f32,
+    /// In [0, 1], 0 = off: after top-p, drop tokens less likely than this times the most likely one. Unset:
+    /// the model's default, else 0.
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
     /// No EOS (and no stop string) before this many tokens; at most --max-new-tokens.
     #[arg(long, default_value_t = 0)]
     pub min_tokens: u32,
@@ -159,17 +161,24 @@ fn parse_bias(s: &str) -> Result<(u32, f32), String> {
 }
 
 impl SamplingArgs {
-    /// The validated parameters of a call of `max_new_tokens` tokens.
-    pub fn params(&self, max_new_tokens: usize) -> Result<SamplingParams> {
-        let p = SamplingParams {
+    /// The sampling settings a model may default that these flags give.
+    pub fn given(&self) -> GenerationDefaults {
+        GenerationDefaults {
             temperature: self.temperature,
-            top_k: self.top_k,
             top_p: self.top_p,
-            seed: self.seed,
+            top_k: self.top_k,
+            min_p: self.min_p,
             repetition_penalty: self.repetition_penalty,
+        }
+    }
+
+    /// The validated parameters of a call of `max_new_tokens` tokens, `defaults` filling what the flags
+    /// leave unset.
+    pub fn params(&self, max_new_tokens: usize, defaults: GenerationDefaults) -> Result<SamplingParams> {
+        let p = SamplingParams {
+            seed: self.seed,
             frequency_penalty: self.frequency_penalty,
             presence_penalty: self.presence_penalty,
-            min_p: self.min_p,
             min_tokens: self.min_tokens,
             ignore_eos: self.ignore_eos,
             stop_token_ids: self.stop_token_ids.clone(),
@@ -179,7 +188,9 @@ impl SamplingArgs {
                 map.into_iter().collect()
             },
             allowed_token_ids: self.allowed_token_ids.clone(),
-        };
+            ..SamplingParams::default()
+        }
+        .with(self.given().or(defaults));
         p.validate().and_then(|()| p.validate_lengths(max_new_tokens)).map_err(anyhow::Error::msg)?;
         Ok(p)
     }
@@ -299,9 +310,9 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                 top_logprobs,
                 prompt_logprobs,
             } => {
-                // Checked here too: the wire cannot carry some values (a repetition penalty or top-p of 0
-                // reads as unset there), so the server could not refuse them.
-                let sampling = sampling.params(max_new_tokens as usize)?;
+                // The flags' own mistakes, named here before any call (the server refuses them too).
+                let given = sampling.given();
+                let sampling = sampling.params(max_new_tokens as usize, GenerationDefaults::default())?;
                 input.check()?;
                 let call = crate::server::client::GenerateCall {
                     adapter_id: adapter,
@@ -314,6 +325,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     include_stop_str_in_output,
                     max_new_tokens,
                     sampling,
+                    given,
                     stop,
                     logprobs: logprobs || top_logprobs > 0,
                     top_logprobs,
@@ -371,9 +383,17 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let sampling = args.sampling.params(args.max_new_tokens)?;
+    // The flags' own mistakes before the model loads; then the model's defaults for what they leave unset.
+    args.sampling.params(args.max_new_tokens, GenerationDefaults::default())?;
     let loaded = args.model.load()?;
     let config = loaded.model.config();
+    let defaults = match args.model.generation_config {
+        super::GenerationConfigArg::Auto => config.generation,
+        super::GenerationConfigArg::None => GenerationDefaults::default(),
+    };
+    let sampling = args.sampling.params(args.max_new_tokens, defaults).context(
+        "the sampling defaults of the model's generation_config.json (run with --generation-config none to leave them out)",
+    )?;
     let ctx = config.max_position_embeddings;
     if let Some(k) = args.input.truncate_prompt_tokens.filter(|&k| k as usize > ctx) {
         bail!("--truncate-prompt-tokens {k}: more than the model's context of {ctx} positions");

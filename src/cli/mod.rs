@@ -76,6 +76,18 @@ pub struct ModelArgs {
     /// the template it renders conversations with into the adapter it makes.
     #[arg(long, env = "LORASERVE_CHAT_TEMPLATE", value_name = "FILE")]
     pub chat_template: Option<std::path::PathBuf>,
+    /// `auto`: a request (serve) or run (generate) that leaves temperature, top-p, top-k, min-p or the
+    /// repetition penalty unset gets the model's generation_config.json value, as vLLM does; `none`: the
+    /// neutral values (greedy).
+    #[arg(long, env = "LORASERVE_GENERATION_CONFIG", value_enum, default_value = "auto")]
+    pub generation_config: GenerationConfigArg,
+}
+
+/// `--generation-config`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenerationConfigArg {
+    Auto,
+    None,
 }
 
 impl ModelArgs {
@@ -276,6 +288,7 @@ impl ServeArgs {
             model: self.model.model.clone(),
             load: self.model.load_options()?,
             chat_template: self.model.chat_template()?,
+            generation_config: self.model.generation_config == GenerationConfigArg::Auto,
             adapters: self.adapters.clone(),
             cache: crate::lora::cache::CacheConfig {
                 device_bytes: self.adapter_cache_bytes,
@@ -542,6 +555,7 @@ fn run_merge(args: MergeArgs) -> Result<()> {
         dtype,
         device: "cpu".into(),
         chat_template: None,
+        generation_config: GenerationConfigArg::None,
     };
     let loaded = margs.load()?;
     let adapter = crate::lora::peft::load_dir(&args.adapter, &loaded.model.lora_layout(), &Device::Cpu)?;
@@ -617,6 +631,7 @@ fn run_quantize(args: QuantizeArgs) -> Result<()> {
         dtype,
         device: "cpu".into(),
         chat_template: None,
+        generation_config: GenerationConfigArg::None,
     };
     let loaded = margs.load()?;
     model::checkpoint::write(&loaded.model, &side_files(&args.model)?, &args.output, &|_| Ok(None))

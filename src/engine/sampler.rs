@@ -71,6 +71,18 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     /// Checks the values; the message names the field.
+    /// These parameters with `d`'s settings, where it has them, in place of theirs.
+    pub fn with(self, d: crate::model::GenerationDefaults) -> Self {
+        SamplingParams {
+            temperature: d.temperature.unwrap_or(self.temperature),
+            top_p: d.top_p.unwrap_or(self.top_p),
+            top_k: d.top_k.unwrap_or(self.top_k),
+            min_p: d.min_p.unwrap_or(self.min_p),
+            repetition_penalty: d.repetition_penalty.unwrap_or(self.repetition_penalty),
+            ..self
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(format!("temperature must be a finite number ≥ 0, got {}", self.temperature));

@@ -79,6 +79,8 @@ pub struct ModelConfig {
     pub sliding_window: Vec<Option<usize>>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// The sampling defaults `generation_config.json` sets (none without one).
+    pub generation: super::GenerationDefaults,
     /// `quantization_config` as written by transformers, when the checkpoint is pre-quantized.
     pub quantization: Option<Value>,
     /// The raw `config.json` object, kept so written checkpoints carry every field the source had.
@@ -104,11 +106,12 @@ impl ModelConfig {
         Self::from_json_str(&text, &file)
     }
 
-    /// Applies `generation_config.json` (its `eos_token_id`, single or list, wins over config.json's); returns
-    /// whether it set the end-of-sequence ids.
+    /// Applies `generation_config.json` (its `eos_token_id`, single or list, wins over config.json's; its
+    /// sampling defaults are kept); returns whether it set the end-of-sequence ids.
     pub fn apply_generation_config(&mut self, text: &str, file: &str) -> Result<bool, ConfigError> {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| ConfigError::Json { file: file.to_string(), reason: e.to_string() })?;
+        self.generation = super::GenerationDefaults::from_json(&value, file)?;
         match value.get("eos_token_id").filter(|v| !v.is_null()) {
             Some(v) => {
                 self.eos_token_ids = token_id_list(v, file, "eos_token_id")?;
@@ -396,6 +399,7 @@ impl Raw<'_> {
             sliding_window,
             bos_token_id,
             eos_token_ids,
+            generation: Default::default(),
             quantization,
             raw: self.map.clone(),
         })

@@ -1,6 +1,7 @@
 //! The Llama-family model: Hugging Face config and weights in, one forward out.
 //!
-//! - [`config`]: raw `config.json` (transformers 4.x and 5.x forms) → [`ModelConfig`].
+//! - [`config`]: raw `config.json` (transformers 4.x and 5.x forms) → [`ModelConfig`]; [`generation`]: the
+//!   sampling defaults of `generation_config.json`.
 //! - [`weights`]: memory-mapped safetensors (single file or shards) behind [`WeightSource`].
 //! - [`tokenizer`]: `tokenizer.json` + chat template, and the streaming detokenizer; [`chat`]: rendering
 //!   conversations with the chat template (server `messages`, train `{"messages"}` lines).
@@ -17,6 +18,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;
+pub mod generation;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
@@ -30,6 +32,7 @@ use candle_core::{DType, Device};
 
 pub use chat::{ChatError, ChatTemplate};
 pub use config::{ConfigError, ModelConfig};
+pub use generation::GenerationDefaults;
 pub use linear::{BaseWeight, Linear};
 pub use llama::{AttentionMode, Batch, Model, SeqInput};
 pub use tokenizer::{TextStream, Tokenizer, TokenizerError};

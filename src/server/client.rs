@@ -35,8 +35,11 @@ pub struct GenerateCall {
     /// The prompt as token ids, instead of `prompt` or `messages`.
     pub prompt_token_ids: Vec<u32>,
     pub max_new_tokens: u32,
-    /// Validated (`SamplingParams::validate`): some invalid values, like a top-p of 0, read as unset on the wire.
+    /// Validated (`SamplingParams::validate`). Of the settings a model may default, only those in `given`
+    /// are sent: the server fills the others from the model's generation_config.json.
     pub sampling: SamplingParams,
+    /// The sampling settings the caller gave.
+    pub given: crate::model::GenerationDefaults,
     pub stop: Vec<String>,
     /// Keep what ended the text at its end: the stop string found, or the stop token's text.
     pub include_stop_str_in_output: bool,
@@ -139,20 +142,20 @@ impl GenerateCall {
             prompt: self.prompt.clone(),
             prompt_token_ids: self.prompt_token_ids.clone(),
             max_new_tokens: self.max_new_tokens,
-            temperature: s.temperature,
-            top_p: s.top_p,
-            top_k: s.top_k,
+            temperature: self.given.temperature,
+            top_p: self.given.top_p,
+            top_k: self.given.top_k,
             seed: s.seed,
             stop: self.stop.clone(),
             include_stop_str_in_output: self.include_stop_str_in_output,
             truncate_prompt_tokens: self.truncate_prompt_tokens,
             continue_final_message: self.continue_final_message,
-            repetition_penalty: s.repetition_penalty,
+            repetition_penalty: self.given.repetition_penalty,
             frequency_penalty: s.frequency_penalty,
             presence_penalty: s.presence_penalty,
             logprobs: self.logprobs,
             top_logprobs: self.top_logprobs,
-            min_p: s.min_p,
+            min_p: self.given.min_p,
             min_tokens: s.min_tokens,
             ignore_eos: s.ignore_eos,
             stop_token_ids: s.stop_token_ids.clone(),

@@ -86,6 +86,9 @@ pub struct ServeConfig {
     /// A chat template to render conversations with instead of the model's (`--chat-template`); adapters
     /// that bring their own keep theirs.
     pub chat_template: Option<String>,
+    /// Requests that leave a sampling setting unset get the model's generation_config.json default for it
+    /// (`--generation-config auto`, vLLM's default), or the neutral value (`none`).
+    pub generation_config: bool,
     pub adapters: PathBuf,
     pub cache: CacheConfig,
     pub engine: EngineConfig,
@@ -184,6 +187,20 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let context = m.config().max_position_embeddings;
     let vocab = m.config().vocab_size;
     let eos = m.config().eos_token_ids.clone();
+    let defaults = if cfg.generation_config { m.config().generation } else { Default::default() };
+    if !defaults.is_empty() {
+        // Refused at start, not in every request that leaves them unset.
+        let p = crate::engine::SamplingParams::default().with(defaults);
+        p.validate().map_err(|reason| {
+            let file = match &cfg.model {
+                ModelSpec::Dir(dir) => dir.join("generation_config.json").display().to_string(),
+                other => format!("{other}: generation_config.json"),
+            };
+            let reason = format!("{reason} (serve with --generation-config none to leave its defaults out)");
+            ServerError::Model(model::ConfigError::Invalid { file, field: "sampling defaults".into(), reason }.into())
+        })?;
+        tracing::info!(?defaults, "sampling defaults from generation_config.json for requests that leave them unset");
+    }
     let chat = model::ChatTemplate::new(&loaded.tokenizer);
     match &chat {
         // A template that cannot render one user turn fails in our environment, not on a conversation (a
@@ -203,7 +220,7 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     }
     let tokenizer = Arc::new(loaded.tokenizer);
     let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine).map_err(model::ModelError::from)?;
-    Ok(Ready { engine, tokenizer, chat, cache, context, vocab, eos })
+    Ok(Ready { engine, tokenizer, chat, cache, context, vocab, eos, defaults })
 }
 
 /// Starts serving gRPC on `grpc` and `/metrics` on `metrics`.

@@ -21,7 +21,7 @@ use super::status::{self, invalid};
 use crate::engine::{truncate_prompt, Engine, Event, FinishReason, PromptLogprobs, SamplingParams, ValidRequest};
 use crate::lora::cache::{AdapterCache, AdapterLease};
 use crate::model::chat::Kwargs;
-use crate::model::{ChatError, ChatTemplate, Tokenizer};
+use crate::model::{ChatError, ChatTemplate, GenerationDefaults, Tokenizer};
 use crate::telemetry as t;
 
 /// Limits applied at validation.
@@ -51,6 +51,9 @@ pub struct Ready {
     pub vocab: usize,
     /// The model's end-of-sequence tokens.
     pub eos: Vec<u32>,
+    /// The sampling settings of requests that leave them unset (the model's generation_config.json, unless
+    /// `--generation-config none`).
+    pub defaults: GenerationDefaults,
 }
 
 /// Shared by the service and the server's lifecycle.
@@ -205,17 +208,18 @@ impl Service {
                 format!("must be in 1..={}, got {}", limits.max_new_tokens_cap, r.max_new_tokens),
             ));
         }
-        let sampling = SamplingParams {
+        // What the request leaves unset, the model's generation_config.json may set (vLLM's defaults).
+        let given = GenerationDefaults {
             temperature: r.temperature,
+            top_p: r.top_p,
             top_k: r.top_k,
-            // proto3 cannot tell an unset float from 0: 0 means "no nucleus filter".
-            top_p: if r.top_p == 0.0 { 1.0 } else { r.top_p },
+            min_p: r.min_p,
+            repetition_penalty: r.repetition_penalty,
+        };
+        let sampling = SamplingParams {
             seed: r.seed,
-            // Likewise: 0 (unset, and no valid penalty) means none.
-            repetition_penalty: if r.repetition_penalty == 0.0 { 1.0 } else { r.repetition_penalty },
             frequency_penalty: r.frequency_penalty,
             presence_penalty: r.presence_penalty,
-            min_p: r.min_p,
             min_tokens: r.min_tokens,
             ignore_eos: r.ignore_eos,
             stop_token_ids: r.stop_token_ids,
@@ -226,7 +230,9 @@ impl Service {
                 bias
             },
             allowed_token_ids: r.allowed_token_ids,
-        };
+            ..SamplingParams::default()
+        }
+        .with(given.or(ready.defaults));
         sampling.validate().map_err(Status::invalid_argument)?;
         sampling.validate_lengths(r.max_new_tokens as usize).map_err(Status::invalid_argument)?;
         if r.top_logprobs > MAX_TOP_LOGPROBS {

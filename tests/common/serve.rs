@@ -22,6 +22,7 @@ pub fn config(adapters: PathBuf) -> ServeConfig {
         model: ModelSpec::Dir(fixture("llama/model")),
         load: LoadOptions { dtype: DType::F32, quant: QuantMode::None, device: Device::Cpu },
         chat_template: None,
+        generation_config: true,
         adapters,
         cache: CacheConfig { device_bytes: 64 << 20, host_bytes: 64 << 20, default_wait: Duration::from_millis(300) },
         engine: EngineConfig {
