@@ -244,23 +244,34 @@ fn llama_with_generation_config(dir: &std::path::Path, settings: serde_json::Val
 }
 
 /// vLLM's `--generation-config auto`: a request that leaves a sampling setting unset gets the model's
-/// generation_config.json value (temperature 1.3 and top-k 7 here), one that sets it gets its own (a
-/// temperature of 0 is greedy); with `none`, unset is greedy. `server generate` fills them alike. Defaults
-/// out of range stop the server at start, naming the file.
+/// generation_config.json value (all five here), one that sets it gets its own (a temperature of 0 is
+/// greedy); with `none`, unset is greedy. `server generate` and `server client generate` without sampling
+/// flags get them alike; `generate --generation-config none` is greedy. An explicit top_p of 0 is refused, not
+/// read as unset. Defaults out of range stop the server at start, naming the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unset_sampling_settings_take_the_models_generation_config() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = llama_with_generation_config(tmp.path(), serde_json::json!({"temperature": 1.3, "top_k": 7}));
+    let settings =
+        serde_json::json!({"temperature": 1.3, "top_k": 7, "top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.2});
+    let model = llama_with_generation_config(tmp.path(), settings);
     let cfg = |auto: bool| ServeConfig {
         model: ModelSpec::Dir(model.clone()),
         generation_config: auto,
         ..config(adapters())
     };
-    let (_h, mut c) = start(cfg(true)).await;
+    let (h, mut c) = start(cfg(true)).await;
     let (_h_none, mut plain) = start(cfg(false)).await;
     let ask = |seed: u64| GenerateRequest { seed: Some(seed), ignore_eos: true, ..req("", "Hello world", 16) };
-    let explicit = |seed| GenerateRequest { temperature: Some(1.3), top_k: Some(7), ..ask(seed) };
-    let greedy = GenerateRequest { temperature: Some(0.0), ..ask(0) };
+    let explicit = |seed| GenerateRequest {
+        temperature: Some(1.3),
+        top_k: Some(7),
+        top_p: Some(0.9),
+        min_p: Some(0.05),
+        repetition_penalty: Some(1.2),
+        ..ask(seed)
+    };
+    // Greedy, and without the model's repetition penalty (which greedy requests keep, as in vLLM).
+    let greedy = GenerateRequest { temperature: Some(0.0), repetition_penalty: Some(1.0), ..ask(0) };
     let greedy_ids = c.generate(greedy.clone()).await.unwrap().into_inner().token_ids;
     assert_eq!(plain.generate(ask(0)).await.unwrap().into_inner().token_ids, greedy_ids, "none: unset is greedy");
     assert_eq!(plain.generate(greedy).await.unwrap().into_inner().token_ids, greedy_ids);
@@ -271,29 +282,54 @@ async fn unset_sampling_settings_take_the_models_generation_config() {
         assert_eq!(by_default, plain.generate(explicit(seed)).await.unwrap().into_inner().token_ids, "seed {seed}");
         sampled += usize::from(by_default != greedy_ids);
         if seed == 1 {
-            let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
-                .args(["generate", "--model", model.to_str().unwrap(), "--quant", "none", "--prompt", "Hello world"])
-                .args(["--seed", "1", "--ignore-eos", "--max-new-tokens", "16", "--json"])
-                .env("LORASERVE_LOG", "off")
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            assert_eq!(v["token_ids"], serde_json::json!(by_default), "server generate fills the same defaults");
+            let addr = h.grpc_addr.to_string();
+            let call = ["--prompt", "Hello world", "--seed", "1", "--ignore-eos", "--max-new-tokens", "16", "--json"];
+            let local = ["generate", "--model", model.to_str().unwrap(), "--quant", "none"];
+            let ids = |args: &[&str]| {
+                let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+                    .args(args)
+                    .env("LORASERVE_LOG", "off")
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+                serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["token_ids"].clone()
+            };
+            let want = serde_json::json!(by_default);
+            assert_eq!(ids(&[&local[..], &call].concat()), want, "server generate fills the same defaults");
+            assert_eq!(
+                ids(&[&["client", "--addr", &addr, "generate"][..], &call].concat()),
+                want,
+                "the client sends none"
+            );
+            let none = ids(&[&local[..], &call, &["--generation-config", "none"]].concat());
+            assert_eq!(none, serde_json::json!(greedy_ids), "generate --generation-config none is greedy");
         }
     }
     assert!(sampled > 0, "the defaults sample: no seed gave anything but the greedy answer");
+    for (r, field) in [
+        (GenerateRequest { top_p: Some(0.0), ..ask(1) }, "top_p"),
+        (GenerateRequest { repetition_penalty: Some(0.0), ..ask(1) }, "repetition_penalty"),
+    ] {
+        let s = c.generate(r).await.unwrap_err();
+        assert!(s.code() == tonic::Code::InvalidArgument && s.message().starts_with(field), "{s:?}");
+    }
 
-    let bad = llama_with_generation_config(&tmp.path().join("bad"), serde_json::json!({"top_p": 1.5}));
-    let bad_cfg = ServeConfig { model: ModelSpec::Dir(bad.clone()), ..config(adapters()) };
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let h = loraserve::server::start(bad_cfg, grpc, metrics).await.unwrap();
-    let e = h.wait().await.expect_err("refused at start").to_string();
-    assert!(
-        e.contains("generation_config.json")
-            && e.contains("top_p must be in (0, 1]")
-            && e.contains("--generation-config none"),
-        "{e}"
-    );
+    // Out of range or of the wrong type: refused at start under auto, naming the file and the way out; under
+    // none the model serves.
+    for (name, bad, words) in [
+        ("range", serde_json::json!({"top_p": 1.5}), "top_p must be in (0, 1]"),
+        ("type", serde_json::json!({"temperature": "hot"}), "field `temperature`: expected a number"),
+    ] {
+        let bad = llama_with_generation_config(&tmp.path().join(name), bad);
+        let bad_cfg =
+            |auto| ServeConfig { model: ModelSpec::Dir(bad.clone()), generation_config: auto, ..config(adapters()) };
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let h = loraserve::server::start(bad_cfg(true), grpc, metrics).await.unwrap();
+        let e = h.wait().await.expect_err("refused at start").to_string();
+        let named = e.contains("generation_config.json") && e.contains(words) && e.contains("--generation-config none");
+        assert!(named, "{e}");
+        let (_h, mut served) = start(bad_cfg(false)).await;
+        assert_eq!(served.generate(ask(0)).await.unwrap().into_inner().token_ids.len(), 16, "{name}");
+    }
 }

@@ -121,10 +121,16 @@ impl PromptArgs {
 
     /// The prompt's token ids for this model (truncated as asked); a conversation is rendered with
     /// `adapter`'s chat template when it brings one, else the model's.
-    fn ids(&self, tok: &crate::model::Tokenizer, adapter: Option<&AdapterTemplate>) -> Result<Vec<u32>> {
+    fn ids(&self, tok: &crate::model::Tokenizer, adapter: Option<&AdapterTemplate>, vocab: usize) -> Result<Vec<u32>> {
         let (mut ids, prefix) = match &self.prompt {
             Some(prompt) => (tok.encode(prompt)?, tok.text_prefix()),
-            None if !self.prompt_token_ids.is_empty() => (self.prompt_token_ids.clone(), &[][..]),
+            None if !self.prompt_token_ids.is_empty() => {
+                // As the server checks them: every id given, before any truncation.
+                if let Some(id) = self.prompt_token_ids.iter().find(|&&id| id as usize >= vocab) {
+                    bail!("--prompt-token-ids: {id} is outside the model's vocabulary of {vocab} tokens");
+                }
+                (self.prompt_token_ids.clone(), &[][..])
+            }
             None => {
                 let model_template;
                 let chat = match adapter {
@@ -212,6 +218,10 @@ pub struct GenerateArgs {
     pub adapters: std::path::PathBuf,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// `auto`: the sampling flags left unset take the model's generation_config.json values (as `serve`
+    /// does); `none` (or vLLM's `vllm`): the neutral values (greedy).
+    #[arg(long, env = "LORASERVE_GENERATION_CONFIG", value_enum, default_value = "auto")]
+    pub generation_config: super::GenerationConfigArg,
     /// Print `{"prompt_token_ids": [...], "token_ids": [...], "text": "..."}`.
     #[arg(long)]
     pub json: bool,
@@ -387,13 +397,13 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     args.sampling.params(args.max_new_tokens, GenerationDefaults::default())?;
     let loaded = args.model.load()?;
     let config = loaded.model.config();
-    let defaults = match args.model.generation_config {
-        super::GenerationConfigArg::Auto => config.generation,
+    let defaults = match args.generation_config {
+        super::GenerationConfigArg::Auto => config.sampling_defaults().map_err(|e| {
+            anyhow::anyhow!("{e} (run with --generation-config none to leave the model's sampling defaults out)")
+        })?,
         super::GenerationConfigArg::None => GenerationDefaults::default(),
     };
-    let sampling = args.sampling.params(args.max_new_tokens, defaults).context(
-        "the sampling defaults of the model's generation_config.json (run with --generation-config none to leave them out)",
-    )?;
+    let sampling = args.sampling.params(args.max_new_tokens, defaults)?;
     let ctx = config.max_position_embeddings;
     if let Some(k) = args.input.truncate_prompt_tokens.filter(|&k| k as usize > ctx) {
         bail!("--truncate-prompt-tokens {k}: more than the model's context of {ctx} positions");
@@ -408,10 +418,7 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
         }
     };
     let template = adapter.as_ref().and_then(|a| a.weights.template.as_deref());
-    let prompt_ids = args.input.ids(&loaded.tokenizer, template)?;
-    if let Some(id) = prompt_ids.iter().find(|&&id| id as usize >= config.vocab_size) {
-        bail!("--prompt-token-ids: {id} is outside the model's vocabulary of {} tokens", config.vocab_size);
-    }
+    let prompt_ids = args.input.ids(&loaded.tokenizer, template, config.vocab_size)?;
     sampling.validate_model(config.vocab_size, &config.eos_token_ids).map_err(anyhow::Error::msg)?;
     if prompt_ids.len() + args.max_new_tokens > ctx {
         bail!(

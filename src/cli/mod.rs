@@ -76,17 +76,13 @@ pub struct ModelArgs {
     /// the template it renders conversations with into the adapter it makes.
     #[arg(long, env = "LORASERVE_CHAT_TEMPLATE", value_name = "FILE")]
     pub chat_template: Option<std::path::PathBuf>,
-    /// `auto`: a request (serve) or run (generate) that leaves temperature, top-p, top-k, min-p or the
-    /// repetition penalty unset gets the model's generation_config.json value, as vLLM does; `none`: the
-    /// neutral values (greedy).
-    #[arg(long, env = "LORASERVE_GENERATION_CONFIG", value_enum, default_value = "auto")]
-    pub generation_config: GenerationConfigArg,
 }
 
 /// `--generation-config`.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GenerationConfigArg {
     Auto,
+    #[value(alias = "vllm")]
     None,
 }
 
@@ -198,6 +194,11 @@ pub struct ServeArgs {
     /// The adapters root: adapter id `a/b` is the folder `<adapters>/a/b/`.
     #[arg(long, env = "LORASERVE_ADAPTERS", default_value = "adapters")]
     pub adapters: std::path::PathBuf,
+    /// `auto`: a request that leaves temperature, top_p, top_k, min_p or repetition_penalty unset gets the
+    /// model's generation_config.json value (vLLM's default); `none` (or vLLM's `vllm`): the neutral values
+    /// (greedy).
+    #[arg(long, env = "LORASERVE_GENERATION_CONFIG", value_enum, default_value = "auto")]
+    pub generation_config: GenerationConfigArg,
     #[arg(long, env = "LORASERVE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
     /// Prometheus `/metrics`.
@@ -288,7 +289,7 @@ impl ServeArgs {
             model: self.model.model.clone(),
             load: self.model.load_options()?,
             chat_template: self.model.chat_template()?,
-            generation_config: self.model.generation_config == GenerationConfigArg::Auto,
+            generation_config: self.generation_config == GenerationConfigArg::Auto,
             adapters: self.adapters.clone(),
             cache: crate::lora::cache::CacheConfig {
                 device_bytes: self.adapter_cache_bytes,
@@ -555,7 +556,6 @@ fn run_merge(args: MergeArgs) -> Result<()> {
         dtype,
         device: "cpu".into(),
         chat_template: None,
-        generation_config: GenerationConfigArg::None,
     };
     let loaded = margs.load()?;
     let adapter = crate::lora::peft::load_dir(&args.adapter, &loaded.model.lora_layout(), &Device::Cpu)?;
@@ -631,7 +631,6 @@ fn run_quantize(args: QuantizeArgs) -> Result<()> {
         dtype,
         device: "cpu".into(),
         chat_template: None,
-        generation_config: GenerationConfigArg::None,
     };
     let loaded = margs.load()?;
     model::checkpoint::write(&loaded.model, &side_files(&args.model)?, &args.output, &|_| Ok(None))

@@ -70,7 +70,6 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// Checks the values; the message names the field.
     /// These parameters with `d`'s settings, where it has them, in place of theirs.
     pub fn with(self, d: crate::model::GenerationDefaults) -> Self {
         SamplingParams {
@@ -83,6 +82,7 @@ impl SamplingParams {
         }
     }
 
+    /// Checks the values; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(format!("temperature must be a finite number ≥ 0, got {}", self.temperature));

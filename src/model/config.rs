@@ -79,8 +79,9 @@ pub struct ModelConfig {
     pub sliding_window: Vec<Option<usize>>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
-    /// The sampling defaults `generation_config.json` sets (none without one).
-    pub generation: super::GenerationDefaults,
+    /// The sampling defaults `generation_config.json` sets (none without one), or why they cannot be read:
+    /// an error only for whoever uses them (`--generation-config auto`), not for every load.
+    pub generation: Result<super::GenerationDefaults, String>,
     /// `quantization_config` as written by transformers, when the checkpoint is pre-quantized.
     pub quantization: Option<Value>,
     /// The raw `config.json` object, kept so written checkpoints carry every field the source had.
@@ -111,7 +112,7 @@ impl ModelConfig {
     pub fn apply_generation_config(&mut self, text: &str, file: &str) -> Result<bool, ConfigError> {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| ConfigError::Json { file: file.to_string(), reason: e.to_string() })?;
-        self.generation = super::GenerationDefaults::from_json(&value, file)?;
+        self.generation = super::GenerationDefaults::from_json(&value, file).map_err(|e| e.to_string());
         match value.get("eos_token_id").filter(|v| !v.is_null()) {
             Some(v) => {
                 self.eos_token_ids = token_id_list(v, file, "eos_token_id")?;
@@ -119,6 +120,17 @@ impl ModelConfig {
             }
             None => Ok(false),
         }
+    }
+
+    /// The sampling defaults of `generation_config.json`, checked: values of the wrong type or out of range
+    /// are an error naming the file.
+    pub fn sampling_defaults(&self) -> Result<super::GenerationDefaults, String> {
+        let d = self.generation.clone()?;
+        crate::engine::SamplingParams::default()
+            .with(d)
+            .validate()
+            .map_err(|e| format!("generation_config.json: sampling defaults: {e}"))?;
+        Ok(d)
     }
 
     /// Refuses end-of-sequence ids outside the vocabulary (`file` set them): a config for another vocabulary.
@@ -399,7 +411,7 @@ impl Raw<'_> {
             sliding_window,
             bos_token_id,
             eos_token_ids,
-            generation: Default::default(),
+            generation: Ok(Default::default()),
             quantization,
             raw: self.map.clone(),
         })

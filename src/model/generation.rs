@@ -1,7 +1,10 @@
-//! The sampling defaults of a model's `generation_config.json`: the settings vLLM takes from it as the
-//! defaults of requests that leave them unset (`--generation-config auto`): `temperature`, `top_p`, `top_k`,
-//! `min_p` and `repetition_penalty`. Like vLLM, `do_sample` is not read (a config with `do_sample: false` and a
-//! temperature samples at that temperature).
+//! The sampling defaults of a model's `generation_config.json`, for requests that leave them unset
+//! (`--generation-config auto`): `temperature`, `top_p`, `top_k`, `min_p` and `repetition_penalty`, five of the
+//! six keys vLLM reads. Like vLLM, `do_sample` is not read (a config with `do_sample: false` and a temperature
+//! samples at that temperature). Unlike vLLM: `max_new_tokens` is not read (a request's `max_new_tokens` is
+//! required; `--max-new-tokens-cap` bounds it); a value equal to transformers' own default is applied (vLLM
+//! reads the file through `to_diff_dict`, which leaves such values out); and with neither the request nor
+//! the model setting a temperature, the request is greedy (vLLM's OpenAI server samples at 1.0).
 
 use serde_json::Value;
 
@@ -33,12 +36,14 @@ impl GenerationDefaults {
         };
         let top_k = match number("top_k")? {
             None => None,
-            Some(k) if k.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&k) => Some(k as u32),
+            // vLLM's -1 (and any k ≤ 0) is no filter: 0 here.
+            Some(k) if k.fract() == 0.0 && k <= 0.0 => Some(0),
+            Some(k) if k.fract() == 0.0 && k <= u32::MAX as f64 => Some(k as u32),
             Some(k) => {
                 return Err(ConfigError::Invalid {
                     file: file.to_string(),
                     field: "top_k".into(),
-                    reason: format!("expected a whole number ≥ 0, got {k}"),
+                    reason: format!("expected a whole number, got {k}"),
                 })
             }
         };
@@ -87,6 +92,8 @@ mod tests {
         };
         assert_eq!(d, want);
         assert!(GenerationDefaults::from_json(&serde_json::json!({"eos_token_id": 2}), "g.json").unwrap().is_empty());
+        let off = GenerationDefaults::from_json(&serde_json::json!({"top_k": -1}), "g.json").unwrap();
+        assert_eq!(off.top_k, Some(0), "vLLM's -1: no filter");
         let given = GenerationDefaults { temperature: Some(0.0), ..Default::default() };
         assert_eq!(given.or(d), GenerationDefaults { temperature: Some(0.0), ..want });
         for (bad, field) in

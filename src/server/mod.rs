@@ -187,18 +187,16 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let context = m.config().max_position_embeddings;
     let vocab = m.config().vocab_size;
     let eos = m.config().eos_token_ids.clone();
-    let defaults = if cfg.generation_config { m.config().generation } else { Default::default() };
+    // Refused at start, not in every request that leaves them unset.
+    let defaults = match cfg.generation_config {
+        false => Default::default(),
+        true => m.config().sampling_defaults().map_err(|e| {
+            ServerError::Model(model::ModelError::Invalid(format!(
+                "{e} (serve with --generation-config none to leave the model's sampling defaults out)"
+            )))
+        })?,
+    };
     if !defaults.is_empty() {
-        // Refused at start, not in every request that leaves them unset.
-        let p = crate::engine::SamplingParams::default().with(defaults);
-        p.validate().map_err(|reason| {
-            let file = match &cfg.model {
-                ModelSpec::Dir(dir) => dir.join("generation_config.json").display().to_string(),
-                other => format!("{other}: generation_config.json"),
-            };
-            let reason = format!("{reason} (serve with --generation-config none to leave its defaults out)");
-            ServerError::Model(model::ConfigError::Invalid { file, field: "sampling defaults".into(), reason }.into())
-        })?;
         tracing::info!(?defaults, "sampling defaults from generation_config.json for requests that leave them unset");
     }
     let chat = model::ChatTemplate::new(&loaded.tokenizer);
