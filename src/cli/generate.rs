@@ -81,17 +81,8 @@ pub struct PromptArgs {
     pub truncate_prompt_tokens: Option<u32>,
     /// A JSON object of more chat template variables (vLLM's chat_template_kwargs), e.g.
     /// '{"enable_thinking": false}'. Each must be one the template reads.
-    #[arg(long, value_name = "JSON", requires = "messages", conflicts_with = "prompt", value_parser = parse_kwargs)]
+    #[arg(long, value_name = "JSON", requires = "messages", conflicts_with = "prompt", value_parser = crate::model::chat::parse_kwargs)]
     pub chat_template_kwargs: Option<crate::model::chat::Kwargs>,
-}
-
-/// `--chat-template-kwargs`: a JSON object.
-fn parse_kwargs(s: &str) -> Result<crate::model::chat::Kwargs, String> {
-    match serde_json::from_str(s) {
-        Ok(serde_json::Value::Object(map)) => Ok(map),
-        Ok(other) => Err(format!("expected a JSON object, got {other}")),
-        Err(e) => Err(format!("invalid JSON: {e}")),
-    }
 }
 
 /// `--message ROLE=TEXT` (the text may hold `=`; the role may not be empty).

@@ -17,7 +17,6 @@ use std::time::SystemTime;
 use sha2::{Digest, Sha256};
 
 use crate::model::chat::template_files;
-use crate::model::TokenizerError;
 
 /// Most bytes an adapter id may have.
 pub const MAX_ID_BYTES: usize = 128;
@@ -205,11 +204,9 @@ impl AdapterStore {
             }
         };
         let mut chat = Vec::new();
-        let templates = template_files(dir).map_err(|e| match e {
-            TokenizerError::Load { file, reason } | TokenizerError::Read { file, reason } => {
-                StoreError::Io { path: file, reason }
-            }
-            TokenizerError::Encode(reason) => StoreError::Io { path: dir.display().to_string(), reason },
+        let templates = template_files(dir).map_err(|e| StoreError::Io {
+            path: dir.join("additional_chat_templates").display().to_string(),
+            reason: e.to_string(),
         })?;
         for name in std::iter::once("tokenizer_config.json".to_string()).chain(templates) {
             let state = meta(&name)?;

@@ -8,7 +8,7 @@ use tonic::Status;
 use super::proto;
 use super::service::Ready;
 use super::status::invalid;
-use crate::model::chat::{AdapterTemplate, Kwargs};
+use crate::model::chat::{parse_kwargs, AdapterTemplate, Kwargs};
 use crate::model::ChatError;
 
 /// A request's `messages` as the `{"role", "content"}` objects templates read; an empty role is refused
@@ -45,13 +45,9 @@ pub(super) fn conversation_ids(
     })
 }
 
-/// `chat_template_kwargs`: a JSON object, its keys in the order given (a template's `tojson` writes them so).
+/// `chat_template_kwargs` ([`parse_kwargs`]); INVALID_ARGUMENT naming the field.
 pub(super) fn kwargs_of(text: &str) -> Result<Kwargs, Status> {
-    match serde_json::from_str(text) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => Err(invalid("chat_template_kwargs", format!("expected a JSON object, got {other}"))),
-        Err(e) => Err(invalid("chat_template_kwargs", format!("invalid JSON: {e}"))),
-    }
+    parse_kwargs(text).map_err(|e| invalid("chat_template_kwargs", e))
 }
 
 #[cfg(test)]

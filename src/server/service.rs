@@ -283,7 +283,11 @@ impl Service {
         }
         // A conversation is rendered with its adapter's template when the adapter brings one: the adapter is
         // leased first. A raw prompt is checked whole before any adapter load.
+        let leased_first = !r.messages.is_empty();
         let mut adapter = None;
+        if leased_first {
+            adapter = lease_request_adapter(ready, &r.adapter_id, deadline).await?;
+        }
         let mut prompt_ids = if !r.prompt_token_ids.is_empty() {
             let vocab = ready.vocab;
             if let Some((i, id)) = r.prompt_token_ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
@@ -294,8 +298,7 @@ impl Service {
         } else if r.messages.is_empty() {
             ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?
         } else {
-            adapter = Some(lease_request_adapter(ready, &r.adapter_id, deadline).await?);
-            let template = adapter.as_ref().and_then(|a| a.as_ref()).and_then(|a| a.weights().template.as_deref());
+            let template = adapter.as_ref().and_then(|a| a.weights().template.as_deref());
             conversation_ids(ready, template, &messages, r.continue_final_message, &kwargs)?
         };
         if let Some(k) = r.truncate_prompt_tokens {
@@ -321,10 +324,9 @@ impl Service {
                 ),
             ));
         }
-        let adapter = match adapter {
-            Some(leased) => leased,
-            None => lease_request_adapter(ready, &r.adapter_id, deadline).await?,
-        };
+        if !leased_first {
+            adapter = lease_request_adapter(ready, &r.adapter_id, deadline).await?;
+        }
         let adapter_version = adapter.as_ref().map(|l| l.version().to_string()).unwrap_or_default();
         let (tx, rx) = mpsc::unbounded_channel();
         let valid = ValidRequest {

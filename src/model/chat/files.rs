@@ -29,29 +29,30 @@ pub struct ChatFiles {
 const SPECIAL_TOKENS: [&str; 7] =
     ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
+/// The folder of named templates.
+const EXTRA: &str = "additional_chat_templates";
+
 /// The template files a folder may hold besides `tokenizer_config.json`, as paths relative to it (those of
 /// `additional_chat_templates/` sorted by name). Adapter versions stamp them. A folder that cannot be listed
-/// is an error (naming it), never a folder without templates.
-pub fn template_files(dir: &Path) -> Result<Vec<String>, TokenizerError> {
+/// (`additional_chat_templates/`, the error's path) is an error, never a folder without templates.
+pub fn template_files(dir: &Path) -> std::io::Result<Vec<String>> {
     let mut out = vec!["chat_template.jinja".to_string()];
-    let extra = dir.join("additional_chat_templates");
-    let failed = |e: std::io::Error| error_of(&extra, e);
-    let entries = match std::fs::read_dir(&extra) {
+    let entries = match std::fs::read_dir(dir.join(EXTRA)) {
         Ok(entries) => entries,
         Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
             return Ok(out)
         }
-        Err(e) => return Err(failed(e)),
+        Err(e) => return Err(e),
     };
     let mut names = Vec::new();
     for entry in entries {
-        let name = entry.map_err(failed)?.file_name();
+        let name = entry?.file_name();
         if let Some(name) = name.to_str().filter(|n| n.ends_with(".jinja")) {
             names.push(name.to_string());
         }
     }
     names.sort();
-    out.extend(names.into_iter().map(|n| format!("additional_chat_templates/{n}")));
+    out.extend(names.into_iter().map(|n| format!("{EXTRA}/{n}")));
     Ok(out)
 }
 
@@ -83,9 +84,9 @@ impl ChatFiles {
         // `chat_template.jinja` is "default", `additional_chat_templates/<name>.jinja` add names (a "default"
         // there replaces it). With a "default", that is the chat template; without one, only names.
         let mut named = Vec::new();
-        for rel in template_files(dir)? {
+        for rel in template_files(dir).map_err(|e| error_of(&dir.join(EXTRA), e))? {
             if let Some(template) = read(&dir.join(&rel))? {
-                let name = rel.strip_prefix("additional_chat_templates/").unwrap_or("default.jinja");
+                let name = rel.strip_prefix(&format!("{EXTRA}/")).unwrap_or("default.jinja");
                 named.push((name.trim_end_matches(".jinja").to_string(), template));
             }
         }

@@ -70,6 +70,16 @@ pub struct ChatTemplate {
 /// Template variables a request sets (`chat_template_kwargs`): names to JSON values.
 pub type Kwargs = serde_json::Map<String, Value>;
 
+/// `chat_template_kwargs` text: a JSON object, its keys in the order given (a template's `tojson` writes them
+/// so).
+pub fn parse_kwargs(text: &str) -> Result<Kwargs, String> {
+    match serde_json::from_str(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(format!("expected a JSON object, got {other}")),
+        Err(e) => Err(format!("invalid JSON: {e}")),
+    }
+}
+
 /// The variables the renderer sets itself.
 const RESERVED: [&str; 2] = ["messages", "add_generation_prompt"];
 
