@@ -66,6 +66,7 @@ fn serve_config(
             block_size: 16,
             kv_cache_bytes,
             queue_capacity: 1024,
+            prefix_caching: true,
         },
         limits: Limits::default(),
         preload,

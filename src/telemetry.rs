@@ -33,12 +33,21 @@ pub const ADAPTERS_RESIDENT: &str = "loraserve_adapters_resident";
 pub const ADAPTER_LOAD_DURATION_SECONDS: &str = "loraserve_adapter_load_duration_seconds";
 /// Bytes the base model keeps resident (gauge).
 pub const BASE_MODEL_RESIDENT_BYTES: &str = "loraserve_base_model_resident_bytes";
-/// KV-cache blocks in use (gauge).
+/// KV-cache blocks held by running sequences (gauge).
 pub const KV_CACHE_BLOCKS_USED: &str = "loraserve_kv_cache_blocks_used";
 /// Running sequences preempted because the KV cache ran out of blocks: their blocks freed, they wait to be
 /// recomputed (vLLM's `num_preemptions_total`). A steady rate means `--kv-cache-bytes` is too small for the
 /// load.
 pub const PREEMPTIONS_TOTAL: &str = "loraserve_preemptions_total";
+/// Prompt tokens of requests looked up in the prefix cache, counted when a request first runs (vLLM's
+/// `prefix_cache_queries`). With [`PREFIX_CACHE_HITS_TOTAL`], the hit rate.
+pub const PREFIX_CACHE_QUERIES_TOTAL: &str = "loraserve_prefix_cache_queries_total";
+/// Of those, the tokens whose keys and values were found cached and not computed (vLLM's
+/// `prefix_cache_hits`).
+pub const PREFIX_CACHE_HITS_TOTAL: &str = "loraserve_prefix_cache_hits_total";
+/// KV-cache blocks named in the prefix cache, held by a sequence or kept for reuse (gauge). Kept blocks are
+/// evicted when new ones are needed, so they are not counted in [`KV_CACHE_BLOCKS_USED`].
+pub const KV_CACHE_BLOCKS_CACHED: &str = "loraserve_kv_cache_blocks_cached";
 /// `{version}` — always 1.
 pub const BUILD_INFO: &str = "loraserve_build_info";
 
@@ -93,8 +102,11 @@ pub const ALL: &[(&str, &str, &str)] = &[
         "Seconds to load an adapter from disk into the device tier (successful loads)",
     ),
     (BASE_MODEL_RESIDENT_BYTES, "gauge", "Bytes the base model keeps resident"),
-    (KV_CACHE_BLOCKS_USED, "gauge", "KV-cache blocks in use"),
+    (KV_CACHE_BLOCKS_USED, "gauge", "KV-cache blocks held by running sequences"),
     (PREEMPTIONS_TOTAL, "counter", "Running sequences preempted for KV-cache blocks, to be recomputed"),
+    (PREFIX_CACHE_QUERIES_TOTAL, "counter", "Prompt tokens looked up in the prefix cache"),
+    (PREFIX_CACHE_HITS_TOTAL, "counter", "Prompt tokens found in the prefix cache, not computed"),
+    (KV_CACHE_BLOCKS_CACHED, "gauge", "KV-cache blocks named in the prefix cache (held or kept for reuse)"),
     (BUILD_INFO, "gauge", "Build information; always 1"),
 ];
 
@@ -108,7 +120,9 @@ pub fn describe() {
             _ => metrics::describe_histogram!(name, help),
         }
     }
-    metrics::counter!(PREEMPTIONS_TOTAL).increment(0);
+    for name in [PREEMPTIONS_TOTAL, PREFIX_CACHE_QUERIES_TOTAL, PREFIX_CACHE_HITS_TOTAL] {
+        metrics::counter!(name).increment(0);
+    }
     for name in [ADAPTER_CACHE_HITS_TOTAL, ADAPTER_CACHE_MISSES_TOTAL, ADAPTER_CACHE_EVICTIONS_TOTAL] {
         for tier in [TIER_DEVICE, TIER_HOST] {
             metrics::counter!(name, "tier" => tier).increment(0);

@@ -72,6 +72,7 @@ fn config(adapters: PathBuf, device_bytes: usize) -> ServeConfig {
             block_size: 8,
             kv_cache_bytes: 16 << 20,
             queue_capacity: 256,
+            prefix_caching: true,
         },
         limits: Limits::default(),
         preload: vec![],

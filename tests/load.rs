@@ -83,6 +83,7 @@ async fn two_thousand_requests_two_hundred_adapters_twenty_slots() {
             block_size: 8,
             kv_cache_bytes: 16 << 20,
             queue_capacity: 4096,
+            prefix_caching: true,
         },
         limits: Limits::default(),
         preload: vec![],

@@ -107,6 +107,39 @@ async fn sixty_four_concurrent_mixed_requests_equal_each_alone() {
     h.wait().await.unwrap();
 }
 
+/// The goldens, each twice at once, through a KV cache they outgrow together and in prefill chunks of 5
+/// tokens: sequences are preempted and recomputed (finding their own cached blocks), later ones start from
+/// blocks earlier ones left in the prefix cache, and every answer is still the golden one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn preempted_and_cached_sequences_still_answer_the_goldens() {
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.engine.max_batch_tokens = 5;
+    // 1152 bytes a token (3 layers · 3 kv heads · 16 dims · k and v · 4 bytes): 14 blocks of 4 tokens.
+    cfg.engine.kv_cache_bytes = 64 << 10;
+    let (h, client) = start(cfg).await;
+    let tasks: Vec<_> = goldens()
+        .into_iter()
+        .flat_map(|case| [case.clone(), case])
+        .map(|(request, want)| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                let what = format!("{:?} {:?} {:?}", request.adapter_id, request.prompt, request.repetition_penalty);
+                let r = c.generate(request).await.unwrap().into_inner();
+                assert_eq!(r.token_ids, want, "{what}");
+                r.cached_prompt_tokens
+            })
+        })
+        .collect();
+    let mut cached = 0;
+    for t in tasks {
+        cached += t.await.unwrap();
+    }
+    let preemptions = h.engine().unwrap().stats().preemptions.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(preemptions > 0 && cached > 0, "the test covers neither preemption nor reuse: {preemptions}, {cached}");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
 async fn code_of(r: Result<tonic::Response<proto::GenerateResponse>, tonic::Status>) -> (Code, String) {
     match r {
         Ok(_) => (Code::Ok, String::new()),
@@ -260,7 +293,7 @@ async fn queue_full_is_resource_exhausted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn api_keys_guard_the_service_but_not_health() {
     let tmp = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(tmp.path(), "secret-1\n").unwrap();
+    std::fs::write(tmp.path(), "secret-1\nsecret-2\n").unwrap();
     let mut cfg = config(fixture("llama/adapters"));
     cfg.api_keys = Some(ApiKeys::from_file(tmp.path()).unwrap());
     let (h, mut c) = start(cfg).await;
@@ -271,6 +304,16 @@ async fn api_keys_guard_the_service_but_not_health() {
     let mut r = tonic::Request::new(req("", "alpha", 2));
     r.metadata_mut().insert("authorization", "Bearer secret-1".parse().unwrap());
     assert_eq!(code_of(c.generate(r).await).await.0, Code::Ok);
+    // Requests of different keys share no cached prompt blocks: the second key computes the prompt the first
+    // key's requests find cached.
+    let mut cached_as = async |key: &str| {
+        let mut r = tonic::Request::new(req("", "red cat blue dog one two", 2));
+        r.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+        c.generate(r).await.unwrap().into_inner().cached_prompt_tokens
+    };
+    let first = [cached_as("secret-1").await, cached_as("secret-1").await];
+    let second = [cached_as("secret-2").await, cached_as("secret-2").await];
+    assert_eq!((first, second), ([0, 12], [0, 12]));
     // Past --max-request-bytes (64 KiB here): refused while decoding, before the handler.
     let mut r = tonic::Request::new(req("", &"x".repeat(70 << 10), 2));
     r.metadata_mut().insert("authorization", "Bearer secret-1".parse().unwrap());

@@ -76,6 +76,19 @@ fn sigterm_drains_and_exits_zero() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("INVALID_ARGUMENT") && err.contains("'ü'"), "{err}");
     assert!(!err.contains("x-adapter-id"), "{err}");
+    // The prefix cache is on by default: the same 40-byte prompt again (the demo's byte-level tokenizer, KV
+    // blocks of 16) starts from its two cached blocks, and the client prints so.
+    let cached = || {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["client", "--addr", &addr, "generate", "--max-new-tokens", "1", "--json", "--prompt"])
+            .arg("0123456789".repeat(4))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        json["cached_prompt_tokens"].as_u64().unwrap()
+    };
+    assert_eq!((cached(), cached()), (0, 32));
     // The client's penalty flags reach the server: each gives the tokens `server generate` gives with it (and
     // other tokens than without it). A value out of range is refused by the client, naming the field.
     let token_ids = |args: &[&str]| -> Vec<u64> {

@@ -275,6 +275,10 @@ pub enum ClientCall {
         /// as null).
         #[arg(long, value_name = "N")]
         prompt_logprobs: Option<u32>,
+        /// Share cached prompt blocks only with requests of the same salt (vLLM's cache_salt; one per
+        /// tenant).
+        #[arg(long, default_value = "")]
+        cache_salt: String,
     },
     /// List adapters and their cache status.
     List,
@@ -310,6 +314,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                 logprobs,
                 top_logprobs,
                 prompt_logprobs,
+                cache_salt,
             } => {
                 // The flags' own mistakes, named here before any call (the server refuses them too).
                 let given = sampling.given();
@@ -331,6 +336,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     logprobs: logprobs || top_logprobs > 0,
                     top_logprobs,
                     prompt_logprobs,
+                    cache_salt,
                 };
                 crate::server::client::generate(&target, &call, stream, json).await
             }

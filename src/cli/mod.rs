@@ -213,6 +213,10 @@ pub struct ServeArgs {
     /// Bytes of the KV cache (fixed at start; a full cache makes new requests wait).
     #[arg(long, env = "LORASERVE_KV_CACHE_BYTES", default_value_t = 1 << 30)]
     pub kv_cache_bytes: usize,
+    /// Compute every prompt whole: no prefix cache (by default, the KV blocks of prompts are kept and shared
+    /// with later requests of the same adapter version that start with the same tokens, as vLLM does).
+    #[arg(long, env = "LORASERVE_NO_PREFIX_CACHING")]
+    pub no_prefix_caching: bool,
     /// Byte budget of the device adapter tier (where the base lives).
     #[arg(long, env = "LORASERVE_ADAPTER_CACHE_BYTES", default_value_t = 1 << 30)]
     pub adapter_cache_bytes: usize,
@@ -302,6 +306,7 @@ impl ServeArgs {
                 block_size: 16,
                 kv_cache_bytes: self.kv_cache_bytes,
                 queue_capacity: self.max_queue,
+                prefix_caching: !self.no_prefix_caching,
             },
             limits: crate::server::service::Limits {
                 max_new_tokens_cap: self.max_new_tokens_cap,
@@ -637,4 +642,23 @@ fn run_quantize(args: QuantizeArgs) -> Result<()> {
         .with_context(|| format!("writing {}", args.output.display()))?;
     tracing::info!(output = %args.output.display(), resident_bytes = loaded.model.resident_bytes(), "NF4 checkpoint written");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn serve_config(args: &[&str]) -> crate::server::ServeConfig {
+        let cli = Cli::try_parse_from(["server", "serve"].iter().chain(args)).unwrap();
+        let Command::Serve(serve) = cli.command else { panic!("not serve") };
+        serve.config().unwrap()
+    }
+
+    #[test]
+    fn the_prefix_cache_is_on_unless_turned_off() {
+        assert!(serve_config(&[]).engine.prefix_caching);
+        assert!(!serve_config(&["--no-prefix-caching"]).engine.prefix_caching);
+    }
 }

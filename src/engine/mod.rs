@@ -128,11 +128,16 @@ mod tests {
 
     /// Runs a short request to its end: its last event.
     fn run(engine: &Engine) -> Event {
+        run_ids(engine, &[1, 2, 3], 2).1
+    }
+
+    /// Runs `prompt` for `n` tokens to its end: the tokens and the last event.
+    fn run_ids(engine: &Engine, prompt: &[u32], n: usize) -> (Vec<u32>, Event) {
         let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let now = Instant::now();
         let req = ValidRequest {
-            prompt_ids: vec![1, 2, 3],
-            max_new_tokens: 2,
+            prompt_ids: prompt.to_vec(),
+            max_new_tokens: n,
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             include_stop_str_in_output: false,
@@ -140,17 +145,36 @@ mod tests {
             top_logprobs: 0,
             prompt_logprobs: None,
             adapter: None,
+            cache_salt: String::new(),
             deadline: None,
             arrival: now,
             events,
         };
         engine.submit(req).unwrap();
+        let mut tokens = Vec::new();
         loop {
             match rx.blocking_recv().expect("an end event") {
-                Event::Tokens { .. } => {}
-                end => return end,
+                Event::Tokens { ids, .. } => tokens.extend(ids),
+                Event::Prompt(_) => {}
+                end => return (tokens, end),
             }
         }
+    }
+
+    /// Blocks are named in the prefix cache only after the step that computed them succeeded: a request whose
+    /// step failed leaves nothing a later one could start from.
+    #[test]
+    fn a_failed_step_leaves_no_cached_block() {
+        let engine = demo_engine();
+        let prompt: Vec<u32> = (1..=40).collect();
+        engine.stats().fail_steps.store(1, Ordering::Relaxed);
+        let (_, end) = run_ids(&engine, &prompt, 4);
+        assert!(failed_by_the_fault(&end), "{end:?}");
+        let (computed, end) = run_ids(&engine, &prompt, 4);
+        assert!(matches!(end, Event::Finished { cached_tokens: 0, .. }), "{end:?}");
+        let (cached, end) = run_ids(&engine, &prompt, 4);
+        assert!(matches!(end, Event::Finished { cached_tokens: 32, .. }), "{end:?}");
+        assert_eq!(cached, computed);
     }
 
     fn failed_by_the_fault(e: &Event) -> bool {

@@ -56,6 +56,8 @@ pub enum Event {
     Finished {
         reason: FinishReason,
         prompt_tokens: usize,
+        /// Leading prompt tokens whose keys and values came from the prefix cache when the request first ran.
+        cached_tokens: usize,
         generated_tokens: usize,
     },
     Failed(EngineError),
@@ -111,6 +113,10 @@ pub struct ValidRequest {
     pub prompt_logprobs: Option<usize>,
     /// The adapter version this request runs with, held until it ends (`None` = base model).
     pub adapter: Option<AdapterLease>,
+    /// Only requests with the same salt share cached prompt blocks: the request's `cache_salt` (vLLM's), and
+    /// the API key it came with, so that no tenant learns from how fast an answer comes, or from its
+    /// `cached_prompt_tokens`, what another asked.
+    pub cache_salt: String,
     pub deadline: Option<Instant>,
     pub arrival: Instant,
     /// Where events go; when the receiver is dropped (client gone) the engine stops the request.

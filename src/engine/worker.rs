@@ -19,7 +19,7 @@ use super::sampler::{self, Sampler};
 use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig, SeqId, SeqSlot};
 use super::text::StopText;
 use crate::lora::{LoraRows, LoraSegment};
-use crate::model::kv_cache::PagedKvCache;
+use crate::model::kv_cache::{PagedKvCache, PrefixChain};
 use crate::model::{AttentionMode, Batch, Model, SeqInput, Tokenizer};
 use crate::telemetry as t;
 
@@ -33,6 +33,8 @@ pub struct EngineConfig {
     pub kv_cache_bytes: usize,
     /// Requests accepted but not yet running; beyond it submit fails (`RESOURCE_EXHAUSTED`).
     pub queue_capacity: usize,
+    /// Keep computed prompt blocks and share them with later requests that start with the same tokens.
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +45,7 @@ impl Default for EngineConfig {
             block_size: 16,
             kv_cache_bytes: 512 << 20,
             queue_capacity: 256,
+            prefix_caching: true,
         }
     }
 }
@@ -105,6 +108,8 @@ struct Live {
     prompt: Option<PromptLogprobs>,
     /// Until the request joins the running batch.
     queued: Option<Queued>,
+    /// Prompt tokens found in the prefix cache when it joined.
+    cached_tokens: usize,
     last_token_at: Option<Instant>,
 }
 
@@ -186,7 +191,12 @@ pub(crate) fn run(
                     next_id += 1;
                     let id = next_id;
                     metrics::counter!(t::PROMPT_TOKENS_TOTAL).increment(req.prompt_ids.len() as u64);
-                    slots.insert(id, SeqSlot::new(req.prompt_ids.len(), id));
+                    let mut slot = SeqSlot::new(req.prompt_ids.len(), id);
+                    if cfg.prefix_caching {
+                        // A scored prompt needs the logits of every position: it computes them all.
+                        slot = slot.cached(PrefixChain::new(&salt(&req)), req.prompt_logprobs.is_none());
+                    }
+                    slots.insert(id, slot);
                     sched.enqueue(id);
                     live.insert(
                         id,
@@ -200,6 +210,7 @@ pub(crate) fn run(
                                 .prompt_logprobs
                                 .map(|_| PromptLogprobs { ids: req.prompt_ids.clone(), ..Default::default() }),
                             queued: Some(queued),
+                            cached_tokens: 0,
                             last_token_at: None,
                             req: *req,
                         },
@@ -241,15 +252,21 @@ pub(crate) fn run(
         }
 
         // 3. Plan and run one step.
-        let plan = sched.plan(&mut slots, cache.allocator_mut());
+        let plan = sched.plan(&mut slots, cache.allocator_mut(), |id| live[&id].tokens.as_slice());
         if !plan.preempted.is_empty() {
             stats.preemptions.fetch_add(plan.preempted.len(), Ordering::Relaxed);
             metrics::counter!(t::PREEMPTIONS_TOTAL).increment(plan.preempted.len() as u64);
         }
         for r in &plan.rows {
             let l = live.get_mut(&r.seq).expect("planned sequence is live");
-            // Running now: no longer queued.
-            l.queued = None;
+            // Running now: no longer queued. The first time, it starts after what the prefix cache held.
+            if l.queued.take().is_some() {
+                l.cached_tokens = r.start;
+                if slots[&r.seq].reuse {
+                    metrics::counter!(t::PREFIX_CACHE_QUERIES_TOTAL).increment(l.prompt_len as u64);
+                    metrics::counter!(t::PREFIX_CACHE_HITS_TOTAL).increment(r.start as u64);
+                }
+            }
         }
         publish(&stats, &sched, &cache);
         if plan.rows.is_empty() {
@@ -296,7 +313,7 @@ pub(crate) fn run(
             }
         };
         for r in &plan.rows {
-            slots.get_mut(&r.seq).expect("slot").computed += r.len;
+            sched.advance(r.seq, r.len, &live[&r.seq].tokens, &mut slots, cache.allocator_mut());
         }
         for (id, positions, rows) in prompt {
             let l = live.get_mut(&id).expect("live");
@@ -355,6 +372,7 @@ pub(crate) fn run(
                 let _ = l.req.events.send(Event::Finished {
                     reason,
                     prompt_tokens: l.prompt_len,
+                    cached_tokens: l.cached_tokens,
                     generated_tokens: l.generated,
                 });
                 metrics::histogram!(t::REQUEST_DURATION_SECONDS)
@@ -414,6 +432,14 @@ fn publish(stats: &EngineStats, sched: &Scheduler, cache: &PagedKvCache) {
     stats.running.store(sched.running(), Ordering::Relaxed);
     stats.kv_blocks_used.store(used, Ordering::Relaxed);
     metrics::gauge!(t::KV_CACHE_BLOCKS_USED).set(used as f64);
+    metrics::gauge!(t::KV_CACHE_BLOCKS_CACHED).set(cache.allocator().cached_blocks() as f64);
+}
+
+/// What besides its tokens a sequence's keys and values depend on: the adapter version it runs with (a new
+/// version computes new ones) and the request's cache salt. Parts are separated by a byte no id holds.
+fn salt(req: &ValidRequest) -> String {
+    let (id, version) = req.adapter.as_ref().map_or(("", ""), |l| (l.id(), l.version()));
+    format!("{id}\0{version}\0{}", req.cache_salt)
 }
 
 /// What one step computed.

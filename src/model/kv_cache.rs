@@ -1,10 +1,13 @@
 //! The paged KV cache: fixed-size blocks of token positions, per layer one key and one value arena of
 //! `[num_blocks, block_size, kv_heads, head_dim]` f32 (in host memory, or in GPU memory beside a
-//! GPU-resident model), and a [`BlockAllocator`] handing out block ids.
+//! GPU-resident model), and the [`BlockAllocator`] of their blocks ([`super::kv_blocks`]: reference counts, the
+//! prefix cache).
 //!
 //! Sequences own block tables (lists of block ids); the cache itself knows nothing about sequences, so the
 //! engine can admit, grow, preempt and free them by moving block ids around. Memory is fixed at creation
 //! from a byte budget, so a full cache means "wait", never an out-of-memory.
+
+pub use super::kv_blocks::{BlockAllocator, PrefixChain};
 
 /// Shape of the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,64 +147,9 @@ impl PagedKvCache {
     }
 }
 
-/// A free list of block ids.
-#[derive(Debug)]
-pub struct BlockAllocator {
-    free: Vec<u32>,
-    capacity: usize,
-}
-
-impl BlockAllocator {
-    pub fn new(capacity: usize) -> Self {
-        // Hand out low ids first (pop from the end).
-        BlockAllocator { free: (0..capacity as u32).rev().collect(), capacity }
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    pub fn free_blocks(&self) -> usize {
-        self.free.len()
-    }
-
-    pub fn used_blocks(&self) -> usize {
-        self.capacity - self.free.len()
-    }
-
-    /// Takes `n` blocks, or none if fewer than `n` are free.
-    pub fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
-        if n > self.free.len() {
-            return None;
-        }
-        let at = self.free.len() - n;
-        Some(self.free.split_off(at).into_iter().rev().collect())
-    }
-
-    /// Returns blocks to the free list.
-    pub fn release(&mut self, blocks: impl IntoIterator<Item = u32>) {
-        for b in blocks {
-            debug_assert!((b as usize) < self.capacity && !self.free.contains(&b), "double free of block {b}");
-            self.free.push(b);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn allocator_hands_out_and_takes_back() {
-        let mut a = BlockAllocator::new(4);
-        let x = a.allocate(3).unwrap();
-        assert_eq!(x, vec![0, 1, 2]);
-        assert!(a.allocate(2).is_none());
-        assert_eq!(a.used_blocks(), 3);
-        a.release(x);
-        assert_eq!(a.free_blocks(), 4);
-        assert_eq!(a.allocate(4).unwrap().len(), 4);
-    }
 
     #[test]
     fn budget_sizes_the_cache() {

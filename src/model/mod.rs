@@ -6,7 +6,8 @@
 //! - [`tokenizer`]: `tokenizer.json` + chat template, and the streaming detokenizer; [`chat`]: rendering
 //!   conversations with the chat template (server `messages`, train `{"messages"}` lines).
 //! - [`linear`]: [`Linear`], the single linear type (dense or NF4 base + LoRA rows).
-//! - [`attention`], [`kv_cache`]: RoPE, dense and paged attention, the block KV cache.
+//! - [`attention`], [`kv_cache`]: RoPE, dense and paged attention, the block KV cache; [`kv_blocks`]: its
+//!   blocks' reference counts and the prefix cache.
 //! - [`llama`]: [`Model`] and its forward over a flattened batch.
 //! - [`checkpoint`]: writing a model back out as a Hugging Face folder (quantize, merge).
 //! - [`demo`]: the embedded `--model demo`; [`synthetic`]: named benchmark shapes with random weights.
@@ -19,6 +20,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod generation;
+pub mod kv_blocks;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;

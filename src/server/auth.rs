@@ -1,10 +1,16 @@
 //! API keys: `--api-key-file` holds one key per line (blank lines and `#` comments ignored); every call to
-//! the LoraServe service must carry `authorization: Bearer <key>`. Health and reflection stay open.
+//! the LoraServe service must carry `authorization: Bearer <key>`. Health and reflection stay open. The key a
+//! call was accepted with goes into its extensions ([`KeyIndex`]): requests of different keys never share
+//! cached prompt blocks.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use tonic::{Request, Status};
+
+/// Which key a call was accepted with: its place among the file's keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyIndex(pub usize);
 
 /// The accepted keys.
 #[derive(Clone)]
@@ -25,22 +31,29 @@ impl ApiKeys {
         Ok(ApiKeys(Arc::new(keys)))
     }
 
-    /// Whether `presented` equals one of the keys (compared in time independent of where they differ).
-    fn accepts(&self, presented: &[u8]) -> bool {
-        self.0.iter().fold(false, |ok, k| ok | constant_time_eq(k, presented))
+    /// Which key `presented` equals, if any (each key compared in time independent of where they differ).
+    fn accepts(&self, presented: &[u8]) -> Option<KeyIndex> {
+        self.0
+            .iter()
+            .enumerate()
+            .fold(None, |found, (i, k)| if constant_time_eq(k, presented) { Some(KeyIndex(i)) } else { found })
     }
 
-    /// The interceptor for the LoraServe service.
-    pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
+    /// The interceptor for the LoraServe service: refuses a call without an accepted key, and puts the
+    /// [`KeyIndex`] of the key into the extensions of a call with one.
+    pub fn check(&self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
         // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` and `BEARER` are `Bearer`.
         let key = header.and_then(|h| h.split_once(' ')).filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
-        match (header, key) {
-            (_, Some((_, key))) if self.accepts(key.trim().as_bytes()) => Ok(req),
-            (_, Some(_)) => Err(Status::unauthenticated("invalid API key")),
+        let accepted = match (header, key) {
+            (_, Some((_, key))) => {
+                self.accepts(key.trim().as_bytes()).ok_or_else(|| Status::unauthenticated("invalid API key"))
+            }
             (Some(_), None) => Err(Status::unauthenticated("`authorization` metadata is not `Bearer <key>`")),
             (None, None) => Err(Status::unauthenticated("missing `authorization: Bearer <key>` metadata")),
-        }
+        }?;
+        req.extensions_mut().insert(accepted);
+        Ok(req)
     }
 }
 
@@ -67,8 +80,9 @@ mod tests {
             }
             r
         };
-        assert!(k.check(req(Some("Bearer alpha"))).is_ok());
-        assert!(k.check(req(Some("Bearer beta"))).is_ok());
+        let index = |r: Result<Request<()>, Status>| r.unwrap().extensions().get::<KeyIndex>().copied();
+        assert_eq!(index(k.check(req(Some("Bearer alpha")))), Some(KeyIndex(0)));
+        assert_eq!(index(k.check(req(Some("Bearer beta")))), Some(KeyIndex(1)));
         assert!(k.check(req(Some("bearer alpha"))).is_ok() && k.check(req(Some("BEARER alpha"))).is_ok());
         let e = k.check(req(Some("Basic alpha"))).unwrap_err();
         assert!(e.message().contains("not `Bearer <key>`"), "{e:?}");

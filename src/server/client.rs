@@ -56,6 +56,8 @@ pub struct GenerateCall {
     /// Score the prompt: its tokens' log-probabilities, and this many of the most likely tokens at each of
     /// their positions.
     pub prompt_logprobs: Option<u32>,
+    /// Share cached prompt blocks only with requests of this salt.
+    pub cache_salt: String,
 }
 
 async fn channel(t: &Target, timeout: Option<Duration>) -> anyhow::Result<Channel> {
@@ -172,6 +174,7 @@ impl GenerateCall {
                 .as_ref()
                 .map(|m| serde_json::Value::Object(m.clone()).to_string())
                 .unwrap_or_default(),
+            cache_salt: self.cache_salt.clone(),
         }
     }
 }
@@ -199,6 +202,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
                 response.prompt_top_logprobs = msg.prompt_top_logprobs;
             }
             response.prompt_tokens = response.prompt_tokens.max(msg.prompt_tokens);
+            response.cached_prompt_tokens = response.cached_prompt_tokens.max(msg.cached_prompt_tokens);
             response.finish_reason = msg.finish_reason;
             response.adapter_version = msg.adapter_version;
         }
@@ -218,6 +222,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
             "text": response.text,
             "token_ids": response.token_ids,
             "prompt_tokens": response.prompt_tokens,
+            "cached_prompt_tokens": response.cached_prompt_tokens,
             "finish_reason": reason,
             "adapter_version": response.adapter_version,
         });

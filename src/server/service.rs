@@ -184,6 +184,7 @@ impl Service {
         let ready = self.ready()?;
         let arrival = Instant::now();
         check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
+        let key = req.extensions().get::<super::auth::KeyIndex>().copied();
         let mut r = req.into_inner();
         let limits = self.state.limits;
         let forms = [
@@ -339,6 +340,11 @@ impl Service {
             top_logprobs: r.top_logprobs as usize,
             prompt_logprobs: r.prompt_logprobs.map(|n| n as usize),
             adapter,
+            // Requests of different API keys never share cached prompt blocks.
+            cache_salt: match key {
+                Some(super::auth::KeyIndex(i)) => format!("api key {i}\0{}", r.cache_salt),
+                None => r.cache_salt,
+            },
             deadline,
             arrival,
             events: tx,
@@ -436,8 +442,9 @@ impl LoraServe for Service {
                         out.logprobs.extend(logprobs);
                         out.top_logprobs.extend(top_logprobs.into_iter().map(to_proto_top));
                     }
-                    Event::Finished { reason, prompt_tokens, .. } => {
+                    Event::Finished { reason, prompt_tokens, cached_tokens, .. } => {
                         out.prompt_tokens = prompt_tokens as u32;
+                        out.cached_prompt_tokens = cached_tokens as u32;
                         out.set_finish_reason(finish_reason(reason));
                         return Ok(Response::new(out));
                     }
@@ -501,9 +508,10 @@ impl LoraServe for Service {
                         }
                         (Ok(m), false)
                     }
-                    Event::Finished { reason, prompt_tokens, .. } => {
+                    Event::Finished { reason, prompt_tokens, cached_tokens, .. } => {
                         let mut m = proto::GenerateResponse {
                             prompt_tokens: prompt_tokens as u32,
+                            cached_prompt_tokens: cached_tokens as u32,
                             adapter_version: version.clone(),
                             ..Default::default()
                         };

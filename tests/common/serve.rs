@@ -31,6 +31,7 @@ pub fn config(adapters: PathBuf) -> ServeConfig {
             block_size: 4,
             kv_cache_bytes: 8 << 20,
             queue_capacity: 256,
+            prefix_caching: true,
         },
         limits: Limits { max_new_tokens_cap: 256, ..Default::default() },
         preload: vec![],
