@@ -1,6 +1,7 @@
 //! LoRA adapters against the PEFT-made fixtures: golden outputs for every adapter (f32, dense base), one
-//! mixed-adapter forward equal to each request alone, merged checkpoints, and every refusal naming its key
-//! or tensor.
+//! mixed-adapter forward equal to each request alone, a row reading the KV blocks another row writes in the
+//! same forward (the prefix cache's sharing within a step), merged checkpoints, and every refusal naming its
+//! key or tensor.
 
 mod common;
 
@@ -664,4 +665,47 @@ fn weights_rewritten_in_place_while_loading_never_crash_the_loader() {
     });
     eprintln!("loads during in-place rewrites: {ok} whole, {refused} refused");
     assert!(refused > 0, "the rewrites never overlapped a load: the test shows nothing");
+}
+
+/// What the prefix cache's sharing within one step rests on: in one paged forward, a sequence whose block
+/// table starts with another's blocks, its rows first in the batch, reads the keys and values the other's rows
+/// write into those blocks in that very forward (every layer writes the whole step's before any row attends).
+/// Its last token then has the logits of the other's last token, the same context. Without the other's rows
+/// it reads blocks nobody wrote, and differs: the test can fail.
+#[test]
+fn a_row_reads_the_blocks_another_row_writes_in_the_same_forward() {
+    for quant in [QuantMode::None, QuantMode::Nf4] {
+        let m = load_model(&fixture("llama/model"), quant);
+        let (_, dir) = adapter_dirs("llama").into_iter().find(|(n, _)| n == "qkvo-r8").unwrap();
+        let adapter = load_adapter(&m, &dir);
+        let ids = m.tokenizer.encode("red cat blue dog one two").unwrap();
+        let n = ids.len();
+        let geo = m.model.kv_geometry(4);
+        let shared = (n - 1) / 4;
+        let past = shared * 4;
+        let run = |with_owner: bool| {
+            let mut cache = PagedKvCache::new(geo, 16);
+            let owner = cache.allocator_mut().allocate(geo.blocks_for(n)).unwrap();
+            let mut sharer = owner[..shared].to_vec();
+            sharer.extend(cache.allocator_mut().allocate(geo.blocks_for(n) - shared).unwrap());
+            let mut tokens = ids[past..].to_vec();
+            let mut seqs = vec![SeqInput { len: n - past, past, blocks: &sharer }];
+            let mut logit_rows = vec![n - past - 1];
+            if with_owner {
+                tokens.extend_from_slice(&ids);
+                seqs.push(SeqInput { len: n, past: 0, blocks: &owner });
+                logit_rows.push(tokens.len() - 1);
+            }
+            let segments = [LoraSegment::new(0..tokens.len(), &adapter.weights)];
+            let batch = Batch { tokens: &tokens, seqs: &seqs, logit_rows: &logit_rows };
+            let attn = AttentionMode::Paged(&mut cache);
+            let logits = m.model.forward(&batch, attn, &LoraRows::Segments(&segments)).unwrap();
+            logits.to_vec2::<f32>().unwrap()
+        };
+        let both = run(true);
+        let err = rel_l2(&both[0], &both[1]);
+        assert!(err <= 1e-5, "{quant:?}: the sharer's last token vs the owner's: {err:e}");
+        let alone = run(false);
+        assert!(rel_l2(&alone[0], &both[1]) > 1e-2, "{quant:?}: unwritten blocks gave the same logits");
+    }
 }

@@ -161,8 +161,8 @@ mod tests {
         }
     }
 
-    /// Blocks are named in the prefix cache only after the step that computed them succeeded: a request whose
-    /// step failed leaves nothing a later one could start from.
+    /// Blocks named in the prefix cache for a step that fails are taken back: a request whose step failed
+    /// leaves nothing a later one could start from.
     #[test]
     fn a_failed_step_leaves_no_cached_block() {
         let engine = demo_engine();

@@ -12,8 +12,12 @@
 //!
 //! With the prefix cache ([`crate::model::kv_blocks`]) a sequence being admitted first shares the cached
 //! blocks its tokens start with, and only the rest is computed (and counted against the token budget); the
-//! last token is always computed, since its logits pick the next one. As steps compute them, a sequence's
-//! full blocks are named in the cache ([`Scheduler::advance`]); a preempted sequence often finds its own again.
+//! last token is always computed, since its logits pick the next one. The full blocks a step will compute are
+//! named as it is planned, so a sequence admitted later in the same step already shares them: every layer
+//! writes the whole step's keys and values into the cache before any row attends (the CPU and the CUDA paged
+//! attention alike), so its rows read what the earlier rows write. A burst of requests with the same system
+//! prompt computes it once. If the step fails, the worker takes those names back ([`BatchPlan::named`]). A
+//! preempted sequence often finds its own blocks again.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -88,6 +92,9 @@ pub struct BatchPlan {
     pub rows: Vec<PlannedRow>,
     /// Sequences preempted while planning (their blocks are free again; they wait to be recomputed).
     pub preempted: Vec<SeqId>,
+    /// Blocks named in the prefix cache for what this step computes: their names are taken back
+    /// ([`BlockAllocator::forget`]) if it fails.
+    pub named: Vec<u32>,
 }
 
 impl BatchPlan {
@@ -137,20 +144,18 @@ impl Scheduler {
         }
     }
 
-    /// Records that a step computed the next `n` positions of `id`, whose tokens are `tokens`, and names its
-    /// newly full blocks in the prefix cache.
-    pub fn advance(
+    /// Names in the prefix cache the full blocks `row` leaves computed, `tokens` being its sequence's.
+    fn name_row(
         &self,
-        id: SeqId,
-        n: usize,
+        row: &PlannedRow,
         tokens: &[u32],
         seqs: &mut HashMap<SeqId, SeqSlot>,
         alloc: &mut BlockAllocator,
+        named: &mut Vec<u32>,
     ) {
-        let slot = seqs.get_mut(&id).expect("sequence exists");
-        slot.computed += n;
+        let slot = seqs.get_mut(&row.seq).expect("planned sequence exists");
         if let Some(chain) = &mut slot.prefix {
-            alloc.name_blocks(chain, &slot.blocks, tokens, slot.computed, self.cfg.block_size);
+            alloc.name_blocks(chain, &slot.blocks, tokens, row.start + row.len, self.cfg.block_size, named);
         }
     }
 
@@ -228,6 +233,11 @@ impl Scheduler {
             i += 1;
         }
 
+        // Their rows are final now (no more preemption): name the full blocks they compute.
+        for r in plan.rows.clone() {
+            self.name_row(&r, tokens(r.seq), seqs, alloc, &mut plan.named);
+        }
+
         // 2. Admit waiting sequences, first come first served, while rows, tokens and blocks last. Not in a
         // step that had to preempt (as vLLM): the blocks it freed are for the running sequences' next tokens,
         // and a victim admitted again at once would only be preempted again, its chunk computed for nothing.
@@ -257,7 +267,10 @@ impl Scheduler {
             }
             self.waiting.pop_front();
             self.running.push(id);
-            plan.rows.push(PlannedRow { seq: id, start, len: want, samples: start + want == len });
+            let row = PlannedRow { seq: id, start, len: want, samples: start + want == len };
+            // Named now, so the next admitted sequence of the same prefix shares them in this very step.
+            self.name_row(&row, tokens(id), seqs, alloc, &mut plan.named);
+            plan.rows.push(row);
             budget -= want;
         }
         plan
@@ -412,20 +425,31 @@ mod tests {
             self.s.plan(&mut self.seqs, &mut self.a, |id| &tokens[&id])
         }
 
-        /// Runs a step of `plan`: positions written (only ever into a block the row's sequence alone holds,
-        /// unnamed), computed and named; token 7 appended by sampling rows. Then every sequence's blocks hold
-        /// its own tokens, shared ones included.
+        /// Runs a step of `plan`: positions written and computed; token 7 appended by sampling rows. A row
+        /// writes only into blocks its sequence alone holds, unnamed, or that this plan named for it (which
+        /// others may share already); one sequence writes each block, and a block this plan named is full when
+        /// the step is done. Then every sequence's blocks hold its own tokens, shared ones included.
         fn step(&mut self, plan: &BatchPlan) {
+            let mut writer = HashMap::new();
             for r in &plan.rows {
                 let (slot, tokens) = (&self.seqs[&r.seq], &self.tokens[&r.seq]);
                 for (p, &token) in tokens.iter().enumerate().skip(r.start).take(r.len) {
                     let b = slot.blocks[p / 4];
-                    assert_eq!((self.a.holders(b), self.a.is_named(b)), (1, false), "a write into block {b}");
+                    let own = (self.a.holders(b), self.a.is_named(b)) == (1, false);
+                    assert!(own || plan.named.contains(&b), "a write into block {b}, shared or cached");
+                    assert_eq!(*writer.entry(b).or_insert(r.seq), r.seq, "two writers of block {b}");
                     self.written.entry(b).or_default()[p % 4] = Some(token);
                 }
             }
+            for b in &plan.named {
+                assert_eq!(
+                    writer.get(b).map(|_| self.written[b][3].is_some()),
+                    Some(true),
+                    "named block {b} not filled"
+                );
+            }
             for r in &plan.rows {
-                self.s.advance(r.seq, r.len, &self.tokens[&r.seq], &mut self.seqs, &mut self.a);
+                self.seqs.get_mut(&r.seq).unwrap().computed += r.len;
                 if r.samples {
                     self.seqs.get_mut(&r.seq).unwrap().len += 1;
                     self.tokens.get_mut(&r.seq).unwrap().push(7);
@@ -470,6 +494,45 @@ mod tests {
         // A prompt of whole blocks leaves its last block to compute (its last token's logits are needed).
         c.add(4, &prompt[..8], "", true);
         assert_eq!(c.plan().rows.last().unwrap(), &PlannedRow { seq: 4, start: 4, len: 4, samples: true });
+    }
+
+    /// Two sequences of the same prompt admitted in one step: the second shares the blocks the first computes
+    /// in that step, and computes its last tokens only.
+    #[test]
+    fn a_sequence_shares_the_blocks_an_earlier_one_computes_in_the_same_step() {
+        let mut c = Cached::new(64, 100);
+        let prompt: Vec<u32> = (0..10).collect();
+        c.add(1, &prompt, "", true);
+        c.add(2, &prompt, "", true);
+        let p = c.plan();
+        assert_eq!(
+            p.rows,
+            vec![
+                PlannedRow { seq: 1, start: 0, len: 10, samples: true },
+                PlannedRow { seq: 2, start: 8, len: 2, samples: true }
+            ]
+        );
+        assert_eq!(p.named, c.seqs[&1].blocks[..2]);
+        c.step(&p);
+        // In chunks of 6 tokens: the first step computes 6 of the first sequence's 10 and names its first
+        // block; the second, its other 4, naming the second block, which the second sequence, admitted in that
+        // step with the 2 tokens of budget left, shares already.
+        let mut c = Cached::new(64, 6);
+        c.add(1, &prompt, "", true);
+        c.add(2, &prompt, "", true);
+        let p = c.plan();
+        assert_eq!(p.rows, vec![PlannedRow { seq: 1, start: 0, len: 6, samples: false }]);
+        assert_eq!(p.named.len(), 1);
+        c.step(&p);
+        let p = c.plan();
+        assert_eq!(
+            p.rows,
+            vec![
+                PlannedRow { seq: 1, start: 6, len: 4, samples: true },
+                PlannedRow { seq: 2, start: 8, len: 2, samples: true }
+            ]
+        );
+        c.step(&p);
     }
 
     #[test]

@@ -292,6 +292,8 @@ pub(crate) fn run(
             Err(e) => {
                 tracing::error!(error = %e, "forward failed; failing the batch");
                 let message = crate::candle_message(&e);
+                // The blocks this step was to fill hold nothing their names say.
+                cache.allocator_mut().forget(&plan.named);
                 for r in &plan.rows {
                     if let Some(l) = live.remove(&r.seq) {
                         let _ = l.req.events.send(Event::Failed(EngineError::Internal(message.clone())));
@@ -313,7 +315,7 @@ pub(crate) fn run(
             }
         };
         for r in &plan.rows {
-            sched.advance(r.seq, r.len, &live[&r.seq].tokens, &mut slots, cache.allocator_mut());
+            slots.get_mut(&r.seq).expect("slot").computed += r.len;
         }
         for (id, positions, rows) in prompt {
             let l = live.get_mut(&id).expect("live");

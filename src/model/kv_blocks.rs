@@ -42,7 +42,7 @@ struct Cached {
 }
 
 /// A sequence's place in the prefix cache: how many of its leading blocks are named (found there, or named
-/// by it after they were computed) and the last one's content id.
+/// by it for the step that computes them) and the last one's content id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrefixChain {
     salt: [u8; 32],
@@ -191,7 +191,9 @@ impl BlockAllocator {
     }
 
     /// Names the sequence's full blocks after those `chain` names: `blocks` is its block table, `tokens` its
-    /// tokens, of which the first `computed` have their keys and values in the cache. When a name is cached
+    /// tokens, of which the first `computed` have their keys and values in the cache once the step being
+    /// planned has run; the blocks it names are added to `named` (to [`forget`](Self::forget) if that step
+    /// fails). When a name is cached
     /// already (another sequence computed the same tokens at the same time, or this one did not look the
     /// prefix up) and some sequence holds that block, this one's copy stays unnamed and the chain goes on from
     /// the cached one; when no one holds it, this sequence's block takes over the name and its content id (so
@@ -203,6 +205,7 @@ impl BlockAllocator {
         tokens: &[u32],
         computed: usize,
         block_size: usize,
+        named: &mut Vec<u32>,
     ) {
         let full = (computed / block_size).min(blocks.len());
         for b in chain.named..full {
@@ -227,11 +230,29 @@ impl BlockAllocator {
                     debug_assert!(self.names[block as usize].is_none(), "block {block} is named twice");
                     self.names[block as usize] = Some(name.clone());
                     self.table.insert(name, Cached { block, content });
+                    named.push(block);
                     content
                 }
             };
             chain.named = b + 1;
             chain.last = Some(content);
+        }
+    }
+}
+
+impl BlockAllocator {
+    /// Takes the names of `blocks` back (their step failed: they do not hold what their names say). A block
+    /// no sequence holds is free again. A name the step took over from an unheld cached copy
+    /// ([`name_blocks`](Self::name_blocks)) is lost with it: the copy was freed when the step was planned.
+    pub fn forget(&mut self, blocks: &[u32]) {
+        for &b in blocks {
+            let i = b as usize;
+            let Some(name) = self.names[i].take() else { continue };
+            self.table.remove(&name);
+            if self.refs[i] == 0 {
+                self.evictable.remove(&self.released_at[i]);
+                self.free.push(b);
+            }
         }
     }
 }
@@ -272,7 +293,7 @@ mod tests {
         let mut blocks = a.share_prefix(&mut chain, &tokens[..tokens.len() - 1], bs);
         let shared = blocks.len();
         blocks.extend(a.allocate(tokens.len().div_ceil(bs) - shared).unwrap());
-        a.name_blocks(&mut chain, &blocks, tokens, tokens.len(), bs);
+        a.name_blocks(&mut chain, &blocks, tokens, tokens.len(), bs, &mut Vec::new());
         (blocks, shared, chain)
     }
 
@@ -325,8 +346,8 @@ mod tests {
         let (mut c1, mut c2) = (PrefixChain::new(""), PrefixChain::new(""));
         let b1 = a.allocate(3).unwrap();
         let b2 = a.allocate(3).unwrap();
-        a.name_blocks(&mut c1, &b1, &t, 9, 4);
-        a.name_blocks(&mut c2, &b2, &t, 9, 4);
+        a.name_blocks(&mut c1, &b1, &t, 9, 4, &mut Vec::new());
+        a.name_blocks(&mut c2, &b2, &t, 9, 4, &mut Vec::new());
         assert_eq!(a.cached_blocks(), 2, "the second sequence's copies stay unnamed");
         assert_eq!(c2, c1, "and its chain goes on from the named ones");
         a.release(b2.iter().rev().copied());
@@ -346,12 +367,30 @@ mod tests {
         let mut chain = PrefixChain::new("");
         let new = a.allocate(3).unwrap();
         assert!(!new.contains(&old[0]) && !new.contains(&old[1]), "never-named blocks first: {new:?}");
-        a.name_blocks(&mut chain, &new[..1], &t, 4, 4);
+        a.name_blocks(&mut chain, &new[..1], &t, 4, 4, &mut Vec::new());
         assert_eq!((a.cached_blocks(), a.free_blocks(), a.used_blocks()), (2, 3, 3), "the old head is free");
         a.release(new.iter().rev().copied());
         let mut again = PrefixChain::new("");
         // Its new head, then the old second block, named after the same content id.
         assert_eq!(a.share_prefix(&mut again, &t, 4), vec![new[0], old[1]]);
+    }
+
+    /// The names of a failed step's blocks are taken back: nothing finds them, and unheld they are free.
+    #[test]
+    fn forgotten_blocks_are_found_no_more() {
+        let mut a = BlockAllocator::new(4);
+        let t: Vec<u32> = (0..9).collect();
+        let mut chain = PrefixChain::new("");
+        let blocks = a.allocate(3).unwrap();
+        let mut named = Vec::new();
+        a.name_blocks(&mut chain, &blocks, &t, 9, 4, &mut named);
+        assert_eq!(named, blocks[..2]);
+        a.release(blocks[..1].iter().copied());
+        a.forget(&named);
+        assert_eq!((a.cached_blocks(), a.used_blocks(), a.free_blocks()), (0, 2, 2));
+        assert!(a.share_prefix(&mut PrefixChain::new(""), &t, 4).is_empty());
+        a.release(blocks[1..].iter().copied());
+        assert_eq!(a.free_blocks(), 4);
     }
 
     /// A block evicted and named again gets a new content id: the children of its old contents are not found
@@ -397,7 +436,7 @@ mod tests {
                 match a.allocate(len.div_ceil(4) - blocks.len()) {
                     Some(more) => {
                         blocks.extend(more);
-                        a.name_blocks(&mut chain, &blocks, &t, len, 4);
+                        a.name_blocks(&mut chain, &blocks, &t, len, 4, &mut Vec::new());
                         held.push(blocks);
                     }
                     None => a.release(blocks.into_iter().rev()),
