@@ -7,9 +7,12 @@
 //!    every prompt × (base + each adapter) is sent at once to a CPU server and to a GPU server, and the greedy
 //!    token ids must be equal (every other request also asks for logprobs: one finite value ≤ 0 per token,
 //!    within 1e-3 of the CPU's; every third scores its prompt, likewise); for the llama, so are its greedy
-//!    requests under the sampling penalties.
+//!    requests under the sampling penalties. The prefix cache on the device: each prompt four times over (more
+//!    than one 16-token KV block) is sent twice in the same burst, so copies share blocks another row computes
+//!    in the same step or computed before; they too must equal the CPU's, and the GPU must report cached
+//!    prompt tokens.
 //!    Figures: requests compared, equal, and how many GPU outputs also equal the peer's own greedy ids from
-//!    transformers (informational: the CPU tests hold that bar).
+//!    transformers (informational: the CPU tests hold that bar); prompt tokens the GPU found cached.
 //! 2. **Decode.** `synthetic:llama2-7b` (random weights, NF4, f32 compute) on the GPU: 1, 8 and 32 streams, one
 //!    adapter versus 32 distinct rank-16 q,k,v,o adapters, 128-token prompts and 128 new tokens: tokens/s end
 //!    to end, decode tokens/s (streams / step time), step time (inter-token p50), time to first token; cold
@@ -91,8 +94,9 @@ async fn stop(h: ServerHandle) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One request's outcome: its token ids, logprobs and prompt logprobs, or the status it failed with.
-type Generated = Result<(Vec<u32>, Vec<f32>, Vec<f32>), String>;
+/// One request's outcome: its token ids, logprobs, prompt logprobs and cached prompt tokens, or the status it
+/// failed with.
+type Generated = Result<(Vec<u32>, Vec<f32>, Vec<f32>, u32), String>;
 
 async fn greedy_all(addr: String, requests: &[GenerateRequest]) -> anyhow::Result<Vec<Generated>> {
     let tasks: Vec<_> = requests
@@ -104,7 +108,7 @@ async fn greedy_all(addr: String, requests: &[GenerateRequest]) -> anyhow::Resul
                 let mut client = LoraServeClient::connect(addr).await.map_err(|e| e.to_string())?;
                 let r = client.generate(req).await.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
                 let r = r.into_inner();
-                Ok((r.token_ids, r.logprobs, r.prompt_logprobs))
+                Ok((r.token_ids, r.logprobs, r.prompt_logprobs, r.cached_prompt_tokens))
             })
         })
         .collect();
@@ -187,8 +191,8 @@ fn fixture_requests(dir: &Path) -> anyhow::Result<FixtureRequests> {
 /// the others still run.
 async fn fixtures(cuda: &Device) -> (Vec<serde_json::Value>, usize) {
     let root = fixtures_root();
-    println!("| fixture | base | requests | GPU = CPU | GPU = transformers | logprobs, prompt logprobs: max GPU − CPU | check |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| fixture | base | requests | GPU = CPU | GPU = transformers | logprobs, prompt logprobs: max GPU − CPU | GPU cached prompt tokens | check |");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut rows = vec![];
     // The llama again from a bf16 copy of its checkpoint: the GPU then keeps the embeddings and the head in
     // bf16 (`Model::assemble`), the CPU widens them at load; both compute in f32 from the same values.
@@ -205,7 +209,7 @@ async fn fixtures(cuda: &Device) -> (Vec<serde_json::Value>, usize) {
             let row = match async { fixture(cuda, &root, name, &model?, quant).await }.await {
                 Ok(row) => row,
                 Err(e) => {
-                    println!("| {name} | {quant:?} | | | | | FAIL ({e:#}) |");
+                    println!("| {name} | {quant:?} | | | | | | FAIL ({e:#}) |");
                     serde_json::json!({ "fixture": name, "quant": format!("{quant:?}"), "ok": false, "error": format!("{e:#}") })
                 }
             };
@@ -258,7 +262,16 @@ async fn fixture(
     quant: QuantMode,
 ) -> anyhow::Result<serde_json::Value> {
     let dir = root.join(name.split(' ').next().expect("a name"));
-    let (requests, peer) = fixture_requests(&dir)?;
+    let (mut requests, peer) = fixture_requests(&dir)?;
+    // The prefix cache: long prompts (more than one full block), each twice in the burst. No peer ids for
+    // these (`peer` pairs with the first requests only): GPU = CPU is the bar.
+    let long: Vec<GenerateRequest> = requests
+        .iter()
+        .filter(|r| r.prompt_logprobs.is_none())
+        .map(|r| GenerateRequest { prompt: [r.prompt.as_str(); 4].join(" "), ..r.clone() })
+        .collect();
+    requests.extend(long.clone());
+    requests.extend(long);
     let adapters = if dir.join("adapters").is_dir() { dir.join("adapters") } else { root.join("llama/adapters") };
     let mut outs = vec![];
     for device in [Device::Cpu, cuda.clone()] {
@@ -270,7 +283,7 @@ async fn fixture(
     let (cpu, gpu) = (&outs[0], &outs[1]);
     let errors: Vec<&String> = cpu.iter().chain(gpu).filter_map(|r| r.as_ref().err()).collect();
     fn ids(r: &Generated) -> Option<&Vec<u32>> {
-        r.as_ref().ok().map(|(ids, _, _)| ids)
+        r.as_ref().ok().map(|(ids, _, _, _)| ids)
     }
     let equal = cpu.iter().zip(gpu).filter(|(c, g)| c.is_ok() && ids(c) == ids(g)).count();
     // The peer generated without stopping at EOS; the server stops there: compare the common prefix.
@@ -280,7 +293,7 @@ async fn fixture(
     // logprobs likewise, as many as the CPU's (one per prompt token after the first).
     let (mut logprob_diff, mut logprobs_ok) = (0f32, true);
     for ((r, c), g) in requests.iter().zip(cpu).zip(gpu) {
-        if let (Ok((c_ids, c_lp, c_prompt)), Ok((g_ids, g_lp, g_prompt))) = (c, g) {
+        if let (Ok((c_ids, c_lp, c_prompt, _)), Ok((g_ids, g_lp, g_prompt, _))) = (c, g) {
             let want = if r.logprobs { g_ids.len() } else { 0 };
             logprobs_ok &= g_lp.len() == want && g_lp.iter().all(|p| p.is_finite() && *p <= 1e-6);
             let asked = r.prompt_logprobs.is_some();
@@ -295,18 +308,20 @@ async fn fixture(
         }
     }
     logprobs_ok &= logprob_diff <= 1e-3;
-    let ok = errors.is_empty() && equal == requests.len() && logprobs_ok;
+    let cached: u32 = gpu.iter().filter_map(|r| r.as_ref().ok().map(|(_, _, _, c)| c)).sum();
+    let ok = errors.is_empty() && equal == requests.len() && logprobs_ok && cached > 0;
     println!(
-        "| {name} | {quant:?} | {} | {equal} | {peer_equal} | {logprob_diff:.1e}{} | {}{} |",
+        "| {name} | {quant:?} | {} | {equal} | {peer_equal} | {logprob_diff:.1e}{} | {cached}{} | {}{} |",
         requests.len(),
         if logprobs_ok { "" } else { " FAIL" },
+        if cached > 0 { "" } else { " FAIL" },
         if ok { "ok" } else { "FAIL" },
         errors.first().map(|e| format!(" ({} errors, first: {e})", errors.len())).unwrap_or_default()
     );
     Ok(serde_json::json!({
         "fixture": name, "quant": format!("{quant:?}"), "requests": requests.len(), "gpu_equals_cpu": equal,
         "gpu_equals_transformers": peer_equal, "logprobs_max_abs_diff": logprob_diff, "logprobs_ok": logprobs_ok,
-        "errors": errors.len(), "ok": ok,
+        "gpu_cached_prompt_tokens": cached, "errors": errors.len(), "ok": ok,
     }))
 }
 
