@@ -239,9 +239,9 @@ fn merged_checkpoint_gives_the_adapter_logits() {
     assert!(st.tensors().iter().all(|(_, t)| t.dtype() == safetensors::Dtype::BF16));
 }
 
-/// An adapter that brings its own chat template hands it to the merged model, which then renders
-/// conversations as the adapter was served; one without keeps the base's; one with named templates only is
-/// refused.
+/// An adapter that brings its own chat template hands it to the merged model (its "tool_use" one too), which
+/// then renders conversations as the adapter was served; one without keeps the base's; one with named
+/// templates only is refused.
 #[test]
 fn a_merged_checkpoint_takes_the_adapters_chat_template() {
     let tmp = tempfile::tempdir().unwrap();
@@ -259,6 +259,13 @@ fn a_merged_checkpoint_takes_the_adapters_chat_template() {
     assert!(merge_cli(&base, &adapter, &out, &[]).status.success());
     let tok = loraserve::model::Tokenizer::from_dir(&out).unwrap();
     assert_eq!(tok.chat.template.as_deref(), Some("OWN"));
+    // A "default" and a "tool_use" template: both go.
+    let named = r#"{"chat_template": [{"name": "default", "template": "D"}, {"name": "tool_use", "template": "T"}]}"#;
+    std::fs::write(adapter.join("tokenizer_config.json"), named).unwrap();
+    let out = tmp.path().join("merged-tools");
+    assert!(merge_cli(&base, &adapter, &out, &[]).status.success());
+    let tok = loraserve::model::Tokenizer::from_dir(&out).unwrap();
+    assert_eq!((tok.chat.template.as_deref(), tok.chat.tool_use.as_deref()), (Some("D"), Some("T")));
     // Named templates only: no template to hand on, and no silent fallback to the base's.
     std::fs::write(adapter.join("tokenizer_config.json"), r#"{"chat_template": [{"name": "rag", "template": "R"}]}"#)
         .unwrap();

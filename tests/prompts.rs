@@ -325,6 +325,39 @@ fn kwargs_render_as_transformers_renders_them() {
     }
 }
 
+/// A folder whose chat templates are named ("default" and "tool_use", here in `additional_chat_templates/`)
+/// renders a call whose kwargs give `tools` (an empty list included, not null) with "tool_use", and any other
+/// with "default", as transformers picks them; the kwargs are checked against the template that renders.
+#[test]
+fn named_templates_are_picked_as_transformers_picks_them() {
+    let e = expected();
+    let tmp = tempfile::tempdir().unwrap();
+    common::copy_dir(&fixture("llama/model"), tmp.path());
+    std::fs::create_dir(tmp.path().join("additional_chat_templates")).unwrap();
+    for name in ["default", "tool_use"] {
+        let template = e["named"]["templates"][name].as_str().unwrap();
+        std::fs::write(tmp.path().join(format!("additional_chat_templates/{name}.jinja")), template).unwrap();
+    }
+    let tok = Tokenizer::from_dir(tmp.path()).unwrap();
+    let chat = ChatTemplate::new(&tok).unwrap();
+    let cases = e["named"]["results"].as_array().unwrap();
+    for case in cases {
+        let conv = case["conversation"].as_str().unwrap();
+        let kwargs = kwargs_of(&case["kwargs"]);
+        let what = format!("{conv} with {kwargs:?}");
+        chat.check_kwargs(&kwargs).unwrap_or_else(|m| panic!("{what}: {m}"));
+        let messages = e["conversations"][conv].as_array().unwrap();
+        let text = chat.render_prompt(messages, false, &kwargs).unwrap_or_else(|m| panic!("{what}: {m}"));
+        assert_eq!(text, case["text"].as_str().unwrap(), "{what}");
+        assert_eq!(chat.prompt_ids(&tok, messages, false, &kwargs).unwrap(), ids(&case["ids_special"]), "{what}");
+    }
+    assert_eq!(cases.len(), 4);
+    // Without a "tool_use" template, tools go to "default", which reads none: refused, not dropped.
+    let default = ChatTemplate::compile(e["named"]["templates"]["default"].as_str().unwrap(), vec![]).unwrap();
+    let e = default.check_kwargs(&kwargs_of(&serde_json::json!({"tools": []}))).unwrap_err();
+    assert!(e.starts_with("`tools`: the chat template reads no variable"), "{e}");
+}
+
 /// The template a conversation is rendered with: an adapter whose folder brings one (chat_template.jinja)
 /// renders with it, `chat_template_kwargs` included; other adapters and the base get the server's
 /// `--chat-template` over the model's (here: none); the adapter's template is part of its version, so editing

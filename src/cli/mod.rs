@@ -578,6 +578,9 @@ fn run_merge(args: MergeArgs) -> Result<()> {
     if let Some(template) = &adapter_chat.template {
         side.retain(|(name, _)| name != "chat_template.jinja" && !name.starts_with("additional_chat_templates/"));
         side.push(("chat_template.jinja".into(), template.as_bytes().to_vec()));
+        if let Some(tool_use) = &adapter_chat.tool_use {
+            side.push(("additional_chat_templates/tool_use.jinja".into(), tool_use.as_bytes().to_vec()));
+        }
     } else if adapter_chat.has_template() {
         bail!(
             "{}: the adapter's chat templates are named {:?}, none \"default\": its conversations are refused, and the merged model would silently get the base's (save the one to use as chat_template.jinja)",

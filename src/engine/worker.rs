@@ -437,8 +437,9 @@ fn publish(stats: &EngineStats, sched: &Scheduler, cache: &PagedKvCache) {
     metrics::gauge!(t::KV_CACHE_BLOCKS_CACHED).set(cache.allocator().cached_blocks() as f64);
 }
 
-/// What besides its tokens a sequence's keys and values depend on: the adapter version it runs with (a new
-/// version computes new ones) and the request's cache salt. Parts are separated by a byte no id holds.
+/// What besides its tokens decides whom a sequence shares cached blocks with: the adapter version it runs with
+/// (its keys and values depend on it; a new version computes new ones) and the request's cache salt (which
+/// the server prefixes with the API key's). Parts are separated by a byte no id holds.
 fn salt(req: &ValidRequest) -> String {
     let (id, version) = req.adapter.as_ref().map_or(("", ""), |l| (l.id(), l.version()));
     format!("{id}\0{version}\0{}", req.cache_salt)

@@ -18,6 +18,9 @@ pub struct ChatFiles {
     /// The names of the chat templates when none is named "default": then `template` is `None`, and
     /// conversations are refused, as transformers refuses to pick one.
     pub names: Vec<String>,
+    /// The template named "tool_use", beside a "default" one: transformers renders with it when the call
+    /// gives `tools` (here, `chat_template_kwargs` with a `tools` that is not null).
+    pub tool_use: Option<String>,
     /// The named special tokens `tokenizer_config.json` sets (`("bos_token", "<s>")`, …, a model's own
     /// `image_token`s and `extra_special_tokens` too), which chat templates see as variables.
     pub special_tokens: Vec<(String, String)>,
@@ -163,25 +166,31 @@ impl ChatFiles {
         Ok(files)
     }
 
-    /// Named templates, as transformers resolves them: the last one named "default" is the chat template;
-    /// without one there is none, and the names are kept for the refusal.
+    /// Named templates, as transformers resolves them: the last one named "default" is the chat template,
+    /// and the last one named "tool_use" the one for calls with tools; without a "default" there is none,
+    /// and the names are kept for the refusal.
     fn use_named(&mut self, named: impl IntoIterator<Item = (String, String)>) {
-        let (mut default, mut names) = (None, Vec::new());
+        let (mut default, mut tool_use, mut names) = (None, None, Vec::new());
         for (name, template) in named {
-            if name == "default" {
-                default = Some(template);
-            } else {
-                names.push(name);
+            match name.as_str() {
+                "default" => default = Some(template),
+                "tool_use" => {
+                    tool_use = Some(template);
+                    names.push(name);
+                }
+                _ => names.push(name),
             }
         }
         self.names = if default.is_some() { Vec::new() } else { names };
+        self.tool_use = default.is_some().then_some(tool_use).flatten();
         self.template = default;
     }
 
-    /// Replaces the folder's templates with `template` (`--chat-template`).
+    /// Replaces the folder's templates with `template` (`--chat-template`), for calls with tools too.
     pub fn set_template(&mut self, template: String) {
         self.template = Some(template);
         self.names.clear();
+        self.tool_use = None;
     }
 
     /// Whether the folder names a chat template of its own (or only named ones, which is a choice too).
@@ -217,8 +226,9 @@ mod tests {
         assert!(read().has_template());
         std::fs::write(dir.path().join("chat_template.jinja"), "from file").unwrap();
         assert_eq!(read().template.as_deref(), Some("from file"));
+        assert_eq!(read().tool_use.as_deref(), Some("T"), "beside a default, tool_use is for calls with tools");
         std::fs::write(dir.path().join("additional_chat_templates/default.jinja"), "D").unwrap();
-        assert_eq!(read().template.as_deref(), Some("D"));
+        assert_eq!((read().template.as_deref(), read().tool_use.as_deref()), (Some("D"), Some("T")));
         assert_eq!(
             template_files(dir.path()).unwrap(),
             [
@@ -257,10 +267,10 @@ mod tests {
         let t =
             load(r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#)
                 .unwrap();
-        assert_eq!((t.template.as_deref(), t.names.len()), (Some("D"), 0));
+        assert_eq!((t.template.as_deref(), t.names.len(), t.tool_use.as_deref()), (Some("D"), 0, Some("T")));
         let t = load(r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "rag", "template": "R"}]}"#)
             .unwrap();
-        assert_eq!((t.template, t.names), (None, vec!["tool_use".to_string(), "rag".to_string()]));
+        assert_eq!((t.template, t.names, t.tool_use), (None, vec!["tool_use".to_string(), "rag".to_string()], None));
         for bad in [r#"{"chat_template": 5}"#, r#"{"chat_template": [{"name": "default"}]}"#, "{"] {
             let e = load(bad).expect_err("refused").to_string();
             assert!(e.contains("tc.json"), "{e}");

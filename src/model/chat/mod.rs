@@ -6,7 +6,8 @@
 //! it was trained. The template is a folder's ([`ChatFiles`], `files.rs`): the model's (or `--chat-template`),
 //! or an adapter's own ([`AdapterTemplate`], `adapter.rs`). A request's `chat_template_kwargs` ([`Kwargs`]) set
 //! more variables, checked against those the template reads ([`ChatTemplate::variables`], found as jinja2's
-//! `meta.find_undeclared_variables` finds them).
+//! `meta.find_undeclared_variables` finds them). A folder's "tool_use" template renders the calls whose kwargs
+//! give `tools`, as transformers picks it.
 //!
 //! transformers' environment, as far as chat templates reach: `trim_blocks` and `lstrip_blocks`, newlines
 //! normalised to `\n`, loop controls (`{% break %}`), `raise_exception(message)`, `strftime_now(format)` (in
@@ -58,6 +59,8 @@ pub enum ChatError {
 
 /// A compiled chat template with the tokenizer's special tokens.
 pub struct ChatTemplate {
+    /// The folder's "tool_use" template, compiled alike: it renders calls whose kwargs give `tools`.
+    tool_use: Option<Box<ChatTemplate>>,
     env: Environment<'static>,
     special: Vec<(String, String)>,
     bos: Option<String>,
@@ -118,7 +121,14 @@ impl ChatTemplate {
                 None => special.push((name.clone(), token.clone())),
             }
         }
-        Self::compile(template, special)
+        let tool_use = match &files.tool_use {
+            Some(t) => Some(Box::new(
+                Self::compile(t, special.clone())
+                    .map_err(|e| ChatError::Unavailable(format!("{whose}'s \"tool_use\" chat template: {e}")))?,
+            )),
+            None => None,
+        };
+        Ok(ChatTemplate { tool_use, ..Self::compile(template, special)? })
     }
 
     /// `template` with these special tokens (`("bos_token", "<s>")`, …).
@@ -149,7 +159,7 @@ impl ChatTemplate {
             .collect();
         variables.sort();
         let bos = special.iter().find(|(k, _)| k == "bos_token").map(|(_, v)| v.clone()).filter(|b| !b.is_empty());
-        Ok(ChatTemplate { env, special, bos, variables, foreign: Vec::new() })
+        Ok(ChatTemplate { tool_use: None, env, special, bos, variables, foreign: Vec::new() })
     }
 
     /// Refuses renderings that hold one of `tokens` (id, text), which `whose` folder adds and the tokenizer
@@ -173,17 +183,32 @@ impl ChatTemplate {
         &self.variables
     }
 
-    /// Refuses `kwargs` naming a variable the template does not read (a misspelt `enable_thinking` would
-    /// otherwise change nothing, silently) or one the renderer sets itself.
+    /// The template that renders a call with `kwargs`: the "tool_use" one when they give `tools` (not null,
+    /// an empty list included) and the folder has one, as transformers picks it; else this one.
+    fn pick(&self, kwargs: &Kwargs) -> &ChatTemplate {
+        match (&self.tool_use, kwargs.get("tools")) {
+            (Some(t), Some(tools)) if !tools.is_null() => t,
+            _ => self,
+        }
+    }
+
+    /// Refuses `kwargs` naming a variable the template that renders them ([`ChatTemplate::pick`]) does not
+    /// read (a misspelt `enable_thinking` would otherwise change nothing, silently) or one the renderer sets
+    /// itself. A null `tools` or `documents` is what the renderer sets anyway (transformers' defaults), so
+    /// it passes whatever the template reads.
     pub fn check_kwargs(&self, kwargs: &Kwargs) -> Result<(), String> {
-        for name in kwargs.keys() {
+        let this = self.pick(kwargs);
+        for (name, value) in kwargs {
+            if value.is_null() && matches!(name.as_str(), "tools" | "documents") {
+                continue;
+            }
             if RESERVED.contains(&name.as_str()) {
                 return Err(format!("`{name}` is set by the server (give messages, continue_final_message)"));
             }
-            if self.variables.binary_search(name).is_err() {
+            if this.variables.binary_search(name).is_err() {
                 return Err(format!(
                     "`{name}`: the chat template reads no variable of that name (it reads {:?})",
-                    self.variables
+                    this.variables
                 ));
             }
         }
@@ -192,14 +217,15 @@ impl ChatTemplate {
 
     /// The text of `messages` (a list of `{"role", "content", …}` objects), with the assistant's generation
     /// prompt after them or not, and `kwargs` as variables (checked with [`ChatTemplate::check_kwargs`]; they
-    /// may override `tools`, `documents` and the special tokens, as in transformers).
+    /// may override `tools`, `documents` and the special tokens, as in transformers; with `tools`, the
+    /// folder's "tool_use" template renders).
     pub fn render(
         &self,
         messages: &[Value],
         add_generation_prompt: bool,
         kwargs: &Kwargs,
     ) -> Result<String, ChatError> {
-        let t = self.env.get_template("chat").expect("added at compile");
+        let t = self.pick(kwargs).env.get_template("chat").expect("added at compile");
         let mut ctx: std::collections::BTreeMap<&str, JinjaValue> =
             self.special.iter().map(|(k, v)| (k.as_str(), JinjaValue::from(v.as_str()))).collect();
         ctx.insert("messages", JinjaValue::from_serialize(messages));
