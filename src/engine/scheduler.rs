@@ -500,10 +500,15 @@ mod tests {
     /// in that step, and computes its last tokens only.
     #[test]
     fn a_sequence_shares_the_blocks_an_earlier_one_computes_in_the_same_step() {
-        let mut c = Cached::new(64, 100);
         let prompt: Vec<u32> = (0..10).collect();
-        c.add(1, &prompt, "", true);
-        c.add(2, &prompt, "", true);
+        // Two sequences of `prompt`, in steps of at most `budget` tokens.
+        let twice = |budget: usize| {
+            let mut c = Cached::new(64, budget);
+            c.add(1, &prompt, "", true);
+            c.add(2, &prompt, "", true);
+            c
+        };
+        let mut c = twice(100);
         let p = c.plan();
         assert_eq!(
             p.rows,
@@ -517,9 +522,7 @@ mod tests {
         // In chunks of 6 tokens: the first step computes 6 of the first sequence's 10 and names its first
         // block; the second, its other 4, naming the second block, which the second sequence, admitted in that
         // step with the 2 tokens of budget left, shares already.
-        let mut c = Cached::new(64, 6);
-        c.add(1, &prompt, "", true);
-        c.add(2, &prompt, "", true);
+        let mut c = twice(6);
         let p = c.plan();
         assert_eq!(p.rows, vec![PlannedRow { seq: 1, start: 0, len: 6, samples: false }]);
         assert_eq!(p.named.len(), 1);

@@ -192,10 +192,10 @@ impl ChatTemplate {
         }
     }
 
-    /// Refuses `kwargs` naming a variable the template that renders them ([`ChatTemplate::pick`]) does not
-    /// read (a misspelt `enable_thinking` would otherwise change nothing, silently) or one the renderer sets
-    /// itself. A null `tools` or `documents` is what the renderer sets anyway (transformers' defaults), so
-    /// it passes whatever the template reads.
+    /// Refuses `kwargs` naming a variable the template that renders them (the "tool_use" one when they give
+    /// `tools`) does not read (a misspelt `enable_thinking` would otherwise change nothing, silently) or one
+    /// the renderer sets itself. A null `tools` or `documents` is what the renderer sets anyway
+    /// (transformers' defaults), so it passes whatever the template reads.
     pub fn check_kwargs(&self, kwargs: &Kwargs) -> Result<(), String> {
         let this = self.pick(kwargs);
         for (name, value) in kwargs {
