@@ -234,7 +234,8 @@ impl Scheduler {
         }
 
         // Their rows are final now (no more preemption): name the full blocks they compute.
-        for r in plan.rows.clone() {
+        for i in 0..plan.rows.len() {
+            let r = plan.rows[i];
             self.name_row(&r, tokens(r.seq), seqs, alloc, &mut plan.named);
         }
 

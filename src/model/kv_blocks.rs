@@ -238,9 +238,7 @@ impl BlockAllocator {
             chain.last = Some(content);
         }
     }
-}
 
-impl BlockAllocator {
     /// Takes the names of `blocks` back (their step failed: they do not hold what their names say). A block
     /// no sequence holds is free again. A name the step took over from an unheld cached copy
     /// ([`name_blocks`](Self::name_blocks)) is lost with it: the copy was freed when the step was planned.
