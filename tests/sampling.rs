@@ -333,3 +333,145 @@ async fn unset_sampling_settings_take_the_models_generation_config() {
         assert_eq!(served.generate(ask(0)).await.unwrap().into_inner().token_ids.len(), 16, "{name}");
     }
 }
+
+/// The greedy pick among the tokens structured output allows after `text`, worked out here without the
+/// server's automaton: a one-character token (the demo's are bytes) when `viable(text + it)`, EOS when
+/// `whole(text)`.
+fn guided_pick(m: &LoadedModel, row: &[f32], text: &str, viable: &dyn Fn(&str) -> bool, whole: bool) -> u32 {
+    let eos = &m.model.config().eos_token_ids;
+    let mut masked = vec![f32::NEG_INFINITY; row.len()];
+    for id in 0..row.len() as u32 {
+        let t = m.tokenizer.decode(&[id]).unwrap();
+        let ok = if eos.contains(&id) { whole } else { t.chars().count() == 1 && viable(&format!("{text}{t}")) };
+        if ok {
+            masked[id as usize] = row[id as usize];
+        }
+    }
+    argmax(&masked)
+}
+
+/// Structured output steers each greedy pick: every token is the most likely one of those that keep the
+/// output the start of a text of the language (worked out here from the language itself), and EOS comes
+/// only where the text is whole. `upper` wants "CAT MOON FIRE": a choice list turns it into "CAT MOON!",
+/// four capitals at most make it "CATV" (the space it wants next is not allowed, and "V" is likelier than
+/// EOS); streamed, the same text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn structured_output_keeps_each_pick_in_its_language() {
+    use loraserve::server::proto::{structured_output::Kind, Choices, StructuredOutput};
+    let (h, client) = start(demo_config()).await;
+    let (m, upper) = reference();
+    let with = |kind| GenerateRequest {
+        structured_output: Some(StructuredOutput { kind: Some(kind) }),
+        ..req("upper", PROMPT, 40)
+    };
+    let choices = ["MOON", "CAT FIRE", "CAT MOON!", "no"];
+    type Lang = Box<dyn Fn(&str) -> bool>;
+    let cases: [(Kind, &str, Lang, Lang); 2] = [
+        (
+            Kind::Choice(Choices { choices: choices.iter().map(|c| c.to_string()).collect() }),
+            "CAT MOON!",
+            Box::new(move |t: &str| choices.iter().any(|c| c.starts_with(t))),
+            Box::new(move |t: &str| choices.contains(&t)),
+        ),
+        (
+            Kind::Regex("[A-Z]{2,4}".into()),
+            "CATV",
+            Box::new(|t: &str| t.len() <= 4 && t.chars().all(|c| c.is_ascii_uppercase())),
+            Box::new(|t: &str| (2..=4).contains(&t.len()) && t.chars().all(|c| c.is_ascii_uppercase())),
+        ),
+    ];
+    for (kind, want, viable, whole) in cases {
+        let out = client.clone().generate(with(kind.clone())).await.unwrap().into_inner();
+        assert_eq!((out.text.as_str(), out.finish_reason), (want, FinishReason::EosToken as i32), "{kind:?}");
+        let mut text = String::new();
+        for (row, &t) in logits_of(&m, &upper, &out.token_ids).iter().zip(&out.token_ids) {
+            assert_eq!(t, guided_pick(&m, row, &text, &*viable, whole(&text)), "{kind:?} after {text:?}");
+            text.push_str(&m.tokenizer.decode(&[t]).unwrap());
+        }
+        let mut s = client.clone().generate_stream(with(kind)).await.unwrap().into_inner();
+        let mut streamed = String::new();
+        while let Some(m) = tokio_stream::StreamExt::next(&mut s).await {
+            streamed.push_str(&m.unwrap().text);
+        }
+        assert_eq!(streamed, want);
+    }
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// JSON through the base model (random weights, so nothing but the constraint shapes the text): greedy and
+/// sampled, the answer is a JSON text its schema accepts, or any JSON object; a regex holds while sampling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn structured_output_makes_valid_json_and_regex_matches() {
+    use loraserve::server::proto::{structured_output::Kind, JsonObject, StructuredOutput};
+    use serde_json::Value;
+    let (h, client) = start(demo_config()).await;
+    let schema = r#"{"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+        "ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]}, "note": {"type": "null"}},
+        "required": ["name", "ok", "size"]}"#;
+    let with = |kind, seed: Option<u64>| GenerateRequest {
+        structured_output: Some(StructuredOutput { kind: Some(kind) }),
+        temperature: seed.map(|_| 1.0),
+        seed,
+        ..req("", "Answer in JSON: ", 120)
+    };
+    for seed in [None, Some(1), Some(2), Some(3)] {
+        let out = client.clone().generate(with(Kind::JsonSchema(schema.into()), seed)).await.unwrap().into_inner();
+        assert_eq!(out.finish_reason, FinishReason::EosToken as i32, "{seed:?}: {:?}", out.text);
+        let v: Value = serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{:?}: {e}", out.text));
+        assert!(v["name"].as_str().is_some_and(|n| n.chars().count() <= 6), "{v}");
+        assert!(v["ok"].is_boolean() && ["S", "M", "L"].contains(&v["size"].as_str().unwrap()), "{v}");
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert!(keys.iter().all(|k| ["name", "ok", "size", "note"].contains(&k.as_str())), "{v}");
+
+        let any = client.clone().generate(with(Kind::JsonObject(JsonObject {}), seed)).await.unwrap().into_inner();
+        if any.finish_reason == FinishReason::EosToken as i32 {
+            assert!(serde_json::from_str::<Value>(&any.text).unwrap().is_object(), "{:?}", any.text);
+        } else {
+            assert!(any.text.starts_with('{'), "{:?}", any.text);
+        }
+
+        let re = "[a-c]{1,3}-(x|yz)[0-9]*!";
+        let out = client.clone().generate(with(Kind::Regex(re.into()), seed)).await.unwrap().into_inner();
+        let whole = regex_automata::meta::Regex::new(&format!("^(?:{re})$")).unwrap();
+        assert!(out.finish_reason != FinishReason::EosToken as i32 || whole.is_match(&out.text), "{:?}", out.text);
+    }
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// A constraint that cannot be honoured is INVALID_ARGUMENT naming its field and what is wrong, and the
+/// server goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_structured_output_is_invalid_argument() {
+    use loraserve::server::proto::{structured_output::Kind, Choices, StructuredOutput};
+    let (h, client) = start(demo_config()).await;
+    let with = |kind: Option<Kind>| GenerateRequest {
+        structured_output: Some(StructuredOutput { kind }),
+        ..req("upper", PROMPT, 8)
+    };
+    let regex = |r: &str| with(Some(Kind::Regex(r.into())));
+    let cases = [
+        (with(None), "structured_output: give one of regex, choice, json_schema and json_object"),
+        (regex("(a"), "structured_output.regex: invalid regex"),
+        (regex("[ab]*a[ab]{24}"), "structured_output.regex: its automaton is larger than 64 MiB"),
+        (with(Some(Kind::Choice(Choices { choices: vec![] }))), "structured_output.choice: no choices given"),
+        (
+            with(Some(Kind::JsonSchema(r#"{"properties": {"n": {"type": "integer", "minimum": 0}}}"#.into()))),
+            "structured_output.json_schema: /properties/n: keyword `minimum` is not supported here",
+        ),
+        (GenerateRequest { allowed_token_ids: vec![5], ..regex("a") }, "cannot be combined with allowed_token_ids"),
+        (GenerateRequest { min_tokens: 2, ..regex("a") }, "cannot be combined with min_tokens"),
+        (GenerateRequest { ignore_eos: true, ..regex("a") }, "needs a token that ends the output"),
+    ];
+    for (r, want) in cases {
+        let e = client.clone().generate(r).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{want}: {e:?}");
+        assert!(e.message().starts_with(want) || e.message().contains(want), "{want}: {}", e.message());
+    }
+    // With a stop token, ignore_eos is fine: the stop token ends the whole text.
+    let stop = GenerateRequest { ignore_eos: true, stop_token_ids: vec![1], ..regex("CAT") };
+    assert_eq!(client.clone().generate(stop).await.unwrap().into_inner().text, "CAT");
+    h.shutdown();
+    h.wait().await.unwrap();
+}

@@ -117,13 +117,19 @@ fn sigterm_drains_and_exits_zero() {
     let plain_answer = token_ids(&[&client[..], &answer].concat());
     // 80 is "M" (the demo's tokens are bytes, offset by 3).
     let allow = ["--allowed-token-id", "100", "--allowed-token-id", "35", "--allowed-token-id", "2"];
-    let flags: [&[&str]; 6] = [
+    let schema = tmp.path().join("schema.json");
+    std::fs::write(&schema, r#"{"type": "object", "properties": {"a": {"enum": ["CAT", "MOON"]}}}"#).unwrap();
+    let schema = format!("@{}", schema.display());
+    let flags: [&[&str]; 9] = [
         &["--min-tokens", "20"],
         &["--ignore-eos"],
         &["--stop-token-id", "80"],
         &["--logit-bias", "70=-100"],
         &allow,
         &["--truncate-prompt-tokens", "5"],
+        &["--choice", "CAT FIRE", "--choice", "MOON"],
+        &["--regex", "[A-Z]{2,4}"],
+        &["--json-schema", &schema],
     ];
     for flags in flags {
         let served = token_ids(&[&client[..], &answer, flags].concat());

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use super::{to_stdout, ModelArgs};
+use crate::engine::structured::{Constraint, Guide};
 use crate::engine::{self, GenerateJob, SamplingParams};
 use crate::model::chat::AdapterTemplate;
 use crate::model::GenerationDefaults;
@@ -12,6 +13,7 @@ use crate::model::GenerationDefaults;
 /// Sampling flags shared by `generate` and `client generate` (the server takes them per request). Negative
 /// numbers parse, so that an out-of-range value gets the message naming its range.
 #[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("structured").multiple(false)))]
 pub struct SamplingArgs {
     /// 0 = greedy. Unset: the model's generation_config.json default (--generation-config auto), else 0.
     #[arg(long, allow_negative_numbers = true)]
@@ -54,6 +56,18 @@ pub struct SamplingArgs {
     /// Only these token ids can be generated (repeatable; vLLM's allowed_token_ids).
     #[arg(long = "allowed-token-id", value_name = "ID")]
     pub allowed_token_ids: Vec<u32>,
+    /// Structured output: the whole output matches this regex (Rust regex syntax).
+    #[arg(long, group = "structured", value_name = "REGEX")]
+    pub regex: Option<String>,
+    /// Structured output: the output is one of these texts (repeatable).
+    #[arg(long = "choice", group = "structured", value_name = "TEXT")]
+    pub choices: Vec<String>,
+    /// Structured output: the output is JSON valid against this JSON Schema (its text, or @FILE).
+    #[arg(long, group = "structured", value_name = "SCHEMA")]
+    pub json_schema: Option<String>,
+    /// Structured output: the output is a JSON object.
+    #[arg(long, group = "structured")]
+    pub json_object: bool,
 }
 
 /// What to continue: raw text or a conversation (shared by `generate` and `client generate`).
@@ -158,6 +172,22 @@ fn parse_bias(s: &str) -> Result<(u32, f32), String> {
 }
 
 impl SamplingArgs {
+    /// The structured output these flags ask for.
+    pub fn constraint(&self) -> Result<Option<Constraint>> {
+        Ok(if let Some(r) = &self.regex {
+            Some(Constraint::Regex(r.clone()))
+        } else if !self.choices.is_empty() {
+            Some(Constraint::Choice(self.choices.clone()))
+        } else if let Some(s) = &self.json_schema {
+            Some(Constraint::JsonSchema(match s.strip_prefix('@') {
+                Some(file) => std::fs::read_to_string(file).with_context(|| format!("--json-schema @{file}"))?,
+                None => s.clone(),
+            }))
+        } else {
+            self.json_object.then_some(Constraint::JsonObject)
+        })
+    }
+
     /// The sampling settings a model may default that these flags give.
     pub fn given(&self) -> GenerationDefaults {
         GenerationDefaults {
@@ -318,6 +348,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
             } => {
                 // The flags' own mistakes, named here before any call (the server refuses them too).
                 let given = sampling.given();
+                let structured = sampling.constraint()?;
                 let sampling = sampling.params(max_new_tokens as usize, GenerationDefaults::default())?;
                 input.check()?;
                 let call = crate::server::client::GenerateCall {
@@ -337,6 +368,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     top_logprobs,
                     prompt_logprobs,
                     cache_salt,
+                    structured,
                 };
                 crate::server::client::generate(&target, &call, stream, json).await
             }
@@ -356,6 +388,16 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
             }
         }
     })
+}
+
+/// The flag that gave `c`.
+fn flag_of(c: &Constraint) -> &'static str {
+    match c {
+        Constraint::Regex(_) => "regex",
+        Constraint::Choice(_) => "choice",
+        Constraint::JsonSchema(_) => "json-schema",
+        Constraint::JsonObject => "json-object",
+    }
 }
 
 /// `--adapter`: a folder holding `adapter_config.json`, else an adapter id under the adapters root.
@@ -400,7 +442,8 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
         })?,
         super::GenerationConfigArg::None => GenerationDefaults::default(),
     };
-    let sampling = args.sampling.params(args.max_new_tokens, defaults)?;
+    let mut sampling = args.sampling.params(args.max_new_tokens, defaults)?;
+    let structured = args.sampling.constraint()?;
     let ctx = config.max_position_embeddings;
     if let Some(k) = args.input.truncate_prompt_tokens.filter(|&k| k as usize > ctx) {
         bail!("--truncate-prompt-tokens {k}: more than the model's context of {ctx} positions");
@@ -416,6 +459,11 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     };
     let template = adapter.as_ref().and_then(|a| a.weights.template.as_deref());
     let prompt_ids = args.input.ids(&loaded.tokenizer, template, config.vocab_size)?;
+    let tokenizer = std::sync::Arc::new(loaded.tokenizer);
+    if let Some(c) = structured {
+        let guide = Guide::compile(&c, tokenizer.clone()).map_err(|e| anyhow::anyhow!("--{}: {e}", flag_of(&c)))?;
+        sampling.guide = Some(std::sync::Arc::new(guide));
+    }
     sampling.validate_model(config.vocab_size, &config.eos_token_ids).map_err(anyhow::Error::msg)?;
     if prompt_ids.len() + args.max_new_tokens > ctx {
         bail!(
@@ -441,7 +489,7 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
         Some((&last, rest)) if ends.ends_at(last, eos).is_some() => rest,
         _ => &out.token_ids[..],
     };
-    let text = loaded.tokenizer.decode(text_ids)?;
+    let text = tokenizer.decode(text_ids)?;
     if args.json {
         let v = serde_json::json!({
             "prompt_token_ids": prompt_ids,

@@ -5,7 +5,7 @@
 //! - [`worker`]: the engine thread owning the model and KV cache.
 //! - [`sampler`]: greedy / temperature / top-k / top-p with a seed, penalties, logit bias, allowed tokens;
 //!   [`logits`]: the rows it picks from, and their log-softmax for logprobs; [`text`]: streaming text with stop
-//!   strings.
+//!   strings; [`structured`]: structured output, the tokens that keep the output in a regex's language.
 //! - [`generate()`]: one request start to finish on the calling thread (`server generate`, golden tests).
 //!
 //! [`Engine`] starts the thread and is the handle requests are submitted through.
@@ -15,6 +15,7 @@ pub mod logits;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;
+pub mod structured;
 pub mod text;
 pub mod worker;
 

@@ -2,7 +2,8 @@
 //! back until `min_tokens` (vLLM's `min_tokens`, transformers' `min_new_tokens`), the logit bias (OpenAI's
 //! `logit_bias`), the penalties (repetition as Hugging Face applies it, then frequency and
 //! presence as OpenAI defines them, in vLLM's order), then greedy (temperature 0) or temperature → top-k →
-//! top-p → min-p (the order Hugging Face applies them in), drawn from the project's PRNG so a seed gives the
+//! top-p → min-p (the order Hugging Face applies them in), with structured output ([`super::structured`])
+//! allowing only the tokens that keep the output in its language, drawn from the project's PRNG so a seed gives the
 //! same tokens on every machine and version; which tokens end a request ([`SamplingParams::ends_at`]); and
 //! the greedy pick ([`argmax`]). Rows arrive as [`RowLogits`] ([`super::logits`]).
 
@@ -11,7 +12,10 @@ use std::collections::{HashMap, HashSet};
 use super::logits::RowLogits;
 
 use super::request::FinishReason;
+use super::structured::Guide;
 use crate::rng::Rng;
+use regex_automata::util::primitives::StateID;
+use std::sync::Arc;
 
 /// Validated sampling settings of one request.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,6 +51,9 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(u32, f32)>,
     /// When not empty, only these tokens can be picked: every other logit is −∞ (vLLM's `allowed_token_ids`).
     pub allowed_token_ids: Vec<u32>,
+    /// Structured output: only tokens that keep the output a prefix of a text of the guide's language can be
+    /// picked, and the ending tokens only where it is a whole one (every other logit −∞, first of all).
+    pub guide: Option<Arc<Guide>>,
 }
 
 impl Default for SamplingParams {
@@ -65,6 +72,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             logit_bias: Vec::new(),
             allowed_token_ids: Vec::new(),
+            guide: None,
         }
     }
 }
@@ -140,6 +148,24 @@ impl SamplingParams {
                 self.min_tokens
             ));
         }
+        if let Some(g) = &self.guide {
+            let field = g.constraint().field();
+            if !allowed.is_empty() {
+                return Err(format!("{field} cannot be combined with allowed_token_ids"));
+            }
+            if self.min_tokens > 0 {
+                return Err(format!(
+                    "{field} cannot be combined with min_tokens: where the output is a whole text of the language \
+                     and nothing may follow, only an ending token can be picked"
+                ));
+            }
+            if !eos.iter().chain(&self.stop_token_ids).any(|&t| self.ends_at(t, eos).is_some()) {
+                return Err(format!(
+                    "{field} needs a token that ends the output where it is whole: the model has no EOS token \
+                     (or ignore_eos is set) and stop_token_ids is empty"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -173,6 +199,9 @@ pub struct Sampler {
     held: Vec<u32>,
     /// Tokens picked so far.
     generated: usize,
+    /// With structured output: where the output is in the guide's automaton, and the tokens that end the
+    /// request (allowed where the output is whole).
+    guided: Option<(StateID, Vec<u32>)>,
 }
 
 /// The tokens the penalties look at, kept up to date token by token (not recounted every step).
@@ -201,16 +230,15 @@ impl Sampler {
         let seed = params.seed.unwrap_or(fallback_seed);
         let history =
             params.penalizes().then(|| History { seen: prompt_ids.iter().copied().collect(), output: HashMap::new() });
+        let ending = |p: &SamplingParams| -> Vec<u32> {
+            eos.iter().chain(&p.stop_token_ids).copied().filter(|&t| p.ends_at(t, eos).is_some()).collect()
+        };
         let held = match params.min_tokens {
             0 => Vec::new(),
-            _ => eos
-                .iter()
-                .chain(&params.stop_token_ids)
-                .copied()
-                .filter(|&t| params.ends_at(t, eos).is_some())
-                .collect(),
+            _ => ending(&params),
         };
-        Sampler { params, rng: Rng::new(seed), history, held, generated: 0 }
+        let guided = params.guide.as_ref().map(|g| (g.start(), ending(&params)));
+        Sampler { params, rng: Rng::new(seed), history, held, generated: 0, guided }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -227,7 +255,11 @@ impl Sampler {
     /// bias or a penalty.
     fn processes(&self) -> bool {
         let p = &self.params;
-        self.history.is_some() || self.holds_back() || !p.logit_bias.is_empty() || !p.allowed_token_ids.is_empty()
+        self.history.is_some()
+            || self.holds_back()
+            || !p.logit_bias.is_empty()
+            || !p.allowed_token_ids.is_empty()
+            || self.guided.is_some()
     }
 
     /// Whether `min_tokens` still holds the ending tokens back.
@@ -252,8 +284,10 @@ impl Sampler {
     /// `min_tokens`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let token = if self.processes() {
-            // vLLM's order: the allowed tokens, `min_tokens`, the logit bias, then the penalties.
+            // vLLM's order: the structured output's tokens or the allowed ones, `min_tokens`, the logit bias,
+            // then the penalties.
             let mut processed = match self.params.allowed_token_ids.as_slice() {
+                [] if self.guided.is_some() => self.guided_only(logits),
                 [] => logits.to_vec(),
                 allowed => {
                     let mut only = vec![f32::NEG_INFINITY; logits.len()];
@@ -289,7 +323,28 @@ impl Sampler {
             h.seen.insert(token);
             *h.output.entry(token).or_default() += 1;
         }
+        if let (Some((state, ending)), Some(g)) = (&mut self.guided, &self.params.guide) {
+            if !ending.contains(&token) {
+                *state = g.advance(*state, token);
+            }
+        }
         token
+    }
+
+    /// The logits of the tokens the structured output allows now; −∞ for the others.
+    fn guided_only(&self, logits: &[f32]) -> Vec<f32> {
+        let (Some((state, ending)), Some(g)) = (&self.guided, &self.params.guide) else {
+            return logits.to_vec();
+        };
+        let mask = g.mask(*state);
+        let mut only = vec![f32::NEG_INFINITY; logits.len()];
+        let ends = ending.iter().filter(|_| mask.whole);
+        for t in mask.ids().chain(ends.copied()) {
+            if let Some(&l) = logits.get(t as usize) {
+                only[t as usize] = l;
+            }
+        }
+        only
     }
 
     /// Greedy or sampled, from logits the penalties have already changed.

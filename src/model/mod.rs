@@ -4,7 +4,8 @@
 //!   sampling defaults of `generation_config.json`.
 //! - [`weights`]: memory-mapped safetensors (single file or shards) behind [`WeightSource`].
 //! - [`tokenizer`]: `tokenizer.json` + chat template, and the streaming detokenizer; [`chat`]: rendering
-//!   conversations with the chat template (server `messages`, train `{"messages"}` lines).
+//!   conversations with the chat template (server `messages`, train `{"messages"}` lines); [`token_bytes`]: the
+//!   bytes each token spells (structured output).
 //! - [`linear`]: [`Linear`], the single linear type (dense or NF4 base + LoRA rows).
 //! - [`attention`], [`kv_cache`]: RoPE, dense and paged attention, the block KV cache; [`kv_blocks`]: its
 //!   blocks' reference counts and the prefix cache.
@@ -25,6 +26,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod synthetic;
+pub mod token_bytes;
 pub mod tokenizer;
 pub mod weights;
 

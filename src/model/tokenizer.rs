@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use super::chat::ChatFiles;
+use super::token_bytes::TokenBytes;
 
 /// Errors reading or using a tokenizer; they name the file.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,8 @@ pub struct Tokenizer {
     pub chat: ChatFiles,
     /// [`Tokenizer::text_prefix`], worked out on first use.
     prefix: std::sync::OnceLock<Vec<u32>>,
+    /// [`Tokenizer::token_bytes`], worked out on first use.
+    bytes: std::sync::OnceLock<Result<TokenBytes, String>>,
 }
 
 impl Tokenizer {
@@ -51,7 +54,7 @@ impl Tokenizer {
             Some((text, cfile)) => ChatFiles::from_config(text, cfile)?,
             None => ChatFiles::default(),
         };
-        Ok(Tokenizer { inner, chat, prefix: Default::default() })
+        Ok(Tokenizer { inner, chat, prefix: Default::default(), bytes: Default::default() })
     }
 
     /// The named special token `name` (`"eos_token"`, …), when tokenizer_config.json sets it.
@@ -105,6 +108,11 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// The bytes each token spells (built on first use), or why this tokenizer's decoder gives none.
+    pub fn token_bytes(&self) -> Result<&TokenBytes, &str> {
+        self.bytes.get_or_init(|| TokenBytes::build(&self.inner)).as_ref().map_err(|e| e.as_str())
     }
 }
 

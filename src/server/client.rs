@@ -58,6 +58,8 @@ pub struct GenerateCall {
     pub prompt_logprobs: Option<u32>,
     /// Share cached prompt blocks only with requests of this salt.
     pub cache_salt: String,
+    /// Structured output: what the output is confined to.
+    pub structured: Option<crate::engine::structured::Constraint>,
 }
 
 async fn channel(t: &Target, timeout: Option<Duration>) -> anyhow::Result<Channel> {
@@ -175,8 +177,22 @@ impl GenerateCall {
                 .map(|m| serde_json::Value::Object(m.clone()).to_string())
                 .unwrap_or_default(),
             cache_salt: self.cache_salt.clone(),
+            structured_output: self.structured.as_ref().map(structured_output),
         }
     }
+}
+
+/// The request field of a structured output.
+fn structured_output(c: &crate::engine::structured::Constraint) -> proto::StructuredOutput {
+    use crate::engine::structured::Constraint;
+    use proto::structured_output::Kind;
+    let kind = match c {
+        Constraint::Regex(r) => Kind::Regex(r.clone()),
+        Constraint::Choice(c) => Kind::Choice(proto::Choices { choices: c.clone() }),
+        Constraint::JsonSchema(s) => Kind::JsonSchema(s.clone()),
+        Constraint::JsonObject => Kind::JsonObject(proto::JsonObject {}),
+    };
+    proto::StructuredOutput { kind: Some(kind) }
 }
 
 /// Runs a generate call, printing the text (streamed as it arrives with `stream`), or the whole response as

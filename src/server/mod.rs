@@ -218,7 +218,8 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     }
     let tokenizer = Arc::new(loaded.tokenizer);
     let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine).map_err(model::ModelError::from)?;
-    Ok(Ready { engine, tokenizer, chat, cache, context, vocab, eos, defaults })
+    let guides = Arc::new(crate::engine::structured::Guides::new(tokenizer.clone()));
+    Ok(Ready { engine, tokenizer, chat, cache, context, vocab, eos, defaults, guides })
 }
 
 /// Starts serving gRPC on `grpc` and `/metrics` on `metrics`.

@@ -18,6 +18,7 @@ use super::conversation::{conversation_ids, kwargs_of, message_list};
 use super::counting::HandlerSeen;
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
+use crate::engine::structured::{Constraint, Guide, Guides};
 use crate::engine::{truncate_prompt, Engine, Event, FinishReason, PromptLogprobs, SamplingParams, ValidRequest};
 use crate::lora::cache::{AdapterCache, AdapterLease};
 use crate::model::chat::Kwargs;
@@ -54,6 +55,8 @@ pub struct Ready {
     /// The sampling settings of requests that leave them unset (the model's generation_config.json, unless
     /// `--generation-config none`).
     pub defaults: GenerationDefaults,
+    /// Structured output's compiled constraints, the latest kept.
+    pub guides: Arc<Guides>,
 }
 
 /// Shared by the service and the server's lifecycle.
@@ -66,6 +69,25 @@ pub struct ServiceState {
 #[derive(Clone)]
 pub struct Service {
     pub state: Arc<ServiceState>,
+}
+
+/// The compiled guide of a request's structured output (compiled off the runtime's threads: a large JSON
+/// Schema takes a while).
+async fn guide_of(ready: &Ready, s: proto::StructuredOutput) -> Result<Arc<Guide>, Status> {
+    use proto::structured_output::Kind;
+    let constraint = match s.kind {
+        None => return Err(invalid("structured_output", "give one of regex, choice, json_schema and json_object")),
+        Some(Kind::Regex(r)) => Constraint::Regex(r),
+        Some(Kind::Choice(c)) => Constraint::Choice(c.choices),
+        Some(Kind::JsonSchema(j)) => Constraint::JsonSchema(j),
+        Some(Kind::JsonObject(_)) => Constraint::JsonObject,
+    };
+    let guides = ready.guides.clone();
+    let field = constraint.field();
+    tokio::task::spawn_blocking(move || guides.get(&constraint))
+        .await
+        .map_err(|e| Status::internal(format!("compiling {field}: {e}")))?
+        .map_err(|e| invalid(field, e))
 }
 
 /// The affinity header must agree with the body: a router hashed on it, so a mismatch means the request may
@@ -217,7 +239,7 @@ impl Service {
             min_p: r.min_p,
             repetition_penalty: r.repetition_penalty,
         };
-        let sampling = SamplingParams {
+        let mut sampling = SamplingParams {
             seed: r.seed,
             frequency_penalty: r.frequency_penalty,
             presence_penalty: r.presence_penalty,
@@ -248,6 +270,9 @@ impl Service {
         if sampling.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
             let n = sampling.stop_token_ids.len();
             return Err(invalid("stop_token_ids", format!("at most {MAX_STOP_TOKEN_IDS} ids, got {n}")));
+        }
+        if let Some(s) = r.structured_output.take() {
+            sampling.guide = Some(guide_of(ready, s).await?);
         }
         sampling.validate_model(ready.vocab, &ready.eos).map_err(Status::invalid_argument)?;
         if r.stop.len() > limits.max_stop_strings {

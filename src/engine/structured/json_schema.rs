@@ -1,0 +1,451 @@
+//! JSON Schema → a regex of the JSON texts the schema accepts (as Outlines builds its, and vLLM and TGI with
+//! it): compact JSON with at most one space around `:` and `,`, object members in the schema's order (the
+//! required ones always, the optional ones when the model writes them), and no members the schema does not
+//! list. Every text of the regex is valid against the schema; a keyword that would make that untrue if it
+//! were left out (`minimum`, `uniqueItems`, `not`, …) is refused by name and path, never ignored.
+//!
+//! Nesting that the schema leaves open (`{}`, `"type": "object"` without properties, `json_object`) is
+//! bounded at [`ANY_DEPTH`] levels, since a regex has no recursion; so is a recursive `$ref`, which is
+//! refused.
+
+use serde_json::{Map, Value};
+
+/// How deeply a value the schema leaves open may nest (objects and arrays inside it).
+pub const ANY_DEPTH: usize = 3;
+
+/// Between tokens of the JSON text: nothing or one space (Outlines' default).
+const WS: &str = "[ ]?";
+/// A JSON string: any character but `"`, `\` and control characters, or an escape.
+const STRING: &str = r#""(?:[^"\\\x00-\x1F]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*""#;
+const STRING_CHAR: &str = r#"(?:[^"\\\x00-\x1F]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})"#;
+const INTEGER: &str = "-?(?:0|[1-9][0-9]*)";
+const NUMBER: &str = "-?(?:0|[1-9][0-9]*)(?:\\.[0-9]+)?(?:[eE][+-]?[0-9]+)?";
+const BOOLEAN: &str = "(?:true|false)";
+const NULL: &str = "null";
+
+/// Keywords that only annotate: they do not narrow what is valid.
+const ANNOTATIONS: &[&str] = &[
+    "title",
+    "description",
+    "$schema",
+    "$id",
+    "$comment",
+    "examples",
+    "default",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "$defs",
+    "definitions",
+];
+
+/// The regex of `schema` (JSON text), or what is wrong with it (with the JSON pointer of the place).
+pub fn regex_of_schema(schema: &str) -> Result<String, String> {
+    let root: Value = serde_json::from_str(schema).map_err(|e| format!("not JSON: {e}"))?;
+    Builder { root: &root, refs: Vec::new() }.value(&root, "")
+}
+
+/// The regex of any JSON object (vLLM's `json_object`), nesting at most [`ANY_DEPTH`] levels.
+pub fn regex_of_any_object() -> String {
+    object_of(&any(ANY_DEPTH - 1))
+}
+
+/// `s` with the regex syntax in it escaped.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Any JSON value, nesting at most `depth` more levels.
+fn any(depth: usize) -> String {
+    let scalar = format!("{STRING}|{NUMBER}|{BOOLEAN}|{NULL}");
+    if depth == 0 {
+        return format!("(?:{scalar})");
+    }
+    let inner = any(depth - 1);
+    format!("(?:{scalar}|{}|{})", array_of(&inner, 0, None), object_of(&inner))
+}
+
+/// An object whose members' values are `value`.
+fn object_of(value: &str) -> String {
+    let member = format!("{STRING}{WS}:{WS}{value}");
+    format!(r"\{{{WS}(?:{member}(?:{WS},{WS}{member})*)?{WS}\}}")
+}
+
+/// An array of `min` to `max` items of `item`.
+fn array_of(item: &str, min: u64, max: Option<u64>) -> String {
+    let more = |lo: u64| match max {
+        Some(hi) => format!("(?:{WS},{WS}{item}){{{lo},{}}}", hi.saturating_sub(1)),
+        None => format!("(?:{WS},{WS}{item}){{{lo},}}"),
+    };
+    let items = match (min, max) {
+        (_, Some(0)) => String::new(),
+        (0, _) => format!("(?:{item}{})?", more(0)),
+        (n, _) => format!("{item}{}", more(n - 1)),
+    };
+    format!(r"\[{WS}{items}{WS}\]")
+}
+
+struct Builder<'a> {
+    root: &'a Value,
+    /// The `$ref`s being expanded, to refuse recursion.
+    refs: Vec<String>,
+}
+
+impl<'a> Builder<'a> {
+    fn value(&mut self, schema: &'a Value, at: &str) -> Result<String, String> {
+        let here = || if at.is_empty() { "the schema".to_string() } else { at.to_string() };
+        let s = match schema {
+            Value::Bool(true) => return Ok(any(ANY_DEPTH)),
+            Value::Bool(false) => return Err(format!("{}: `false` accepts nothing", here())),
+            Value::Object(s) => s,
+            _ => return Err(format!("{}: a schema is an object or a boolean", here())),
+        };
+        if let Some(r) = s.get("$ref") {
+            return self.reference(s, r, at);
+        }
+        if let Some(c) = s.get("const") {
+            return Ok(escape(&c.to_string()));
+        }
+        if let Some(e) = s.get("enum") {
+            let Some(values) = e.as_array().filter(|v| !v.is_empty()) else {
+                return Err(format!("{at}/enum: a non-empty array"));
+            };
+            return Ok(format!("(?:{})", values.iter().map(|v| escape(&v.to_string())).collect::<Vec<_>>().join("|")));
+        }
+        for key in ["anyOf", "oneOf"] {
+            if let Some(list) = s.get(key) {
+                let Some(list) = list.as_array().filter(|l| !l.is_empty()) else {
+                    return Err(format!("{at}/{key}: a non-empty array"));
+                };
+                let alts = list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, sub)| self.value(sub, &format!("{at}/{key}/{i}")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                return Ok(format!("(?:{})", alts.join("|")));
+            }
+        }
+        if let Some(all) = s.get("allOf") {
+            return match all.as_array().map(|a| a.as_slice()) {
+                Some([one]) => self.value(one, &format!("{at}/allOf/0")),
+                _ => Err(format!("{at}/allOf: only a single subschema is supported")),
+            };
+        }
+        let types: Vec<&str> = match s.get("type") {
+            None if s.contains_key("properties") => vec!["object"],
+            None if s.contains_key("items") => vec!["array"],
+            None => {
+                check_keywords(s, &[], at)?;
+                return Ok(any(ANY_DEPTH));
+            }
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(ts)) if !ts.is_empty() => ts
+                .iter()
+                .map(|t| t.as_str().ok_or_else(|| format!("{at}/type: names of types")))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(format!("{at}/type: a type name or a non-empty array of them")),
+        };
+        let mut alts = Vec::new();
+        for t in types {
+            alts.push(match t {
+                "string" => self.string(s, at)?,
+                "integer" => self.number(s, at, INTEGER)?,
+                "number" => self.number(s, at, NUMBER)?,
+                "boolean" => self.plain(s, at, BOOLEAN)?,
+                "null" => self.plain(s, at, NULL)?,
+                "array" => self.array(s, at)?,
+                "object" => self.object(s, at)?,
+                other => return Err(format!("{at}/type: unknown type `{other}`")),
+            });
+        }
+        Ok(if alts.len() == 1 { alts.pop().expect("one") } else { format!("(?:{})", alts.join("|")) })
+    }
+
+    /// `{"$ref": "#/$defs/name"}` (or any JSON pointer into this document).
+    fn reference(&mut self, s: &'a Map<String, Value>, r: &Value, at: &str) -> Result<String, String> {
+        let siblings: Vec<&String> = s.keys().filter(|k| *k != "$ref" && !ANNOTATIONS.contains(&k.as_str())).collect();
+        if let Some(k) = siblings.first() {
+            return Err(format!("{at}: `{k}` beside `$ref` is not supported"));
+        }
+        let r = r.as_str().ok_or_else(|| format!("{at}/$ref: a string"))?;
+        let pointer =
+            r.strip_prefix('#').ok_or_else(|| format!("{at}/$ref: `{r}` is not in this document (only `#…` is)"))?;
+        let target = self.root.pointer(pointer).ok_or_else(|| format!("{at}/$ref: `{r}` points at nothing"))?;
+        if self.refs.iter().any(|seen| seen == r) {
+            return Err(format!("{at}/$ref: `{r}` is recursive, which a regex cannot follow"));
+        }
+        self.refs.push(r.to_string());
+        let out = self.value(target, &format!("{at}/$ref={r}"));
+        self.refs.pop();
+        out
+    }
+
+    fn string(&mut self, s: &Map<String, Value>, at: &str) -> Result<String, String> {
+        check_keywords(s, &["minLength", "maxLength", "pattern", "format"], at)?;
+        if let Some(p) = s.get("pattern") {
+            if s.contains_key("minLength") || s.contains_key("maxLength") {
+                return Err(format!("{at}: `pattern` with `minLength` or `maxLength` is not supported"));
+            }
+            let p = p.as_str().ok_or_else(|| format!("{at}/pattern: a string"))?;
+            let p = p.strip_prefix('^').unwrap_or(p);
+            let p = p.strip_suffix('$').filter(|q| !q.ends_with('\\')).unwrap_or(p);
+            return Ok(format!("\"(?:{p})\""));
+        }
+        if let Some(f) = s.get("format") {
+            let f = f.as_str().ok_or_else(|| format!("{at}/format: a string"))?;
+            let body = match f {
+                "date" => DATE.to_string(),
+                "time" => TIME.to_string(),
+                "date-time" => format!("{DATE}T{TIME}"),
+                "uuid" => "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}".into(),
+                other => {
+                    return Err(format!("{at}/format: `{other}` is not supported (date, time, date-time, uuid are)"))
+                }
+            };
+            return Ok(format!("\"{body}\""));
+        }
+        let min = count(s, "minLength", at)?.unwrap_or(0);
+        Ok(match count(s, "maxLength", at)? {
+            Some(max) if max < min => return Err(format!("{at}: maxLength {max} is below minLength {min}")),
+            Some(max) => format!("\"{STRING_CHAR}{{{min},{max}}}\""),
+            None if min == 0 => STRING.to_string(),
+            None => format!("\"{STRING_CHAR}{{{min},}}\""),
+        })
+    }
+
+    fn number(&mut self, s: &Map<String, Value>, at: &str, regex: &str) -> Result<String, String> {
+        check_keywords(s, &[], at)?;
+        Ok(regex.to_string())
+    }
+
+    fn plain(&mut self, s: &Map<String, Value>, at: &str, regex: &str) -> Result<String, String> {
+        check_keywords(s, &[], at)?;
+        Ok(regex.to_string())
+    }
+
+    fn array(&mut self, s: &'a Map<String, Value>, at: &str) -> Result<String, String> {
+        check_keywords(s, &["items", "minItems", "maxItems"], at)?;
+        let item = match s.get("items") {
+            Some(items) => self.value(items, &format!("{at}/items"))?,
+            None => any(ANY_DEPTH - 1),
+        };
+        let min = count(s, "minItems", at)?.unwrap_or(0);
+        let max = count(s, "maxItems", at)?;
+        if max.is_some_and(|m| m < min) {
+            return Err(format!("{at}: maxItems is below minItems"));
+        }
+        Ok(array_of(&item, min, max))
+    }
+
+    fn object(&mut self, s: &'a Map<String, Value>, at: &str) -> Result<String, String> {
+        check_keywords(s, &["properties", "required", "additionalProperties"], at)?;
+        let required: Vec<&str> = match s.get("required") {
+            None => Vec::new(),
+            Some(Value::Array(r)) => {
+                r.iter().map(|n| n.as_str().ok_or_else(|| format!("{at}/required: names"))).collect::<Result<_, _>>()?
+            }
+            Some(_) => return Err(format!("{at}/required: an array of names")),
+        };
+        let Some(props) = s.get("properties") else {
+            if let Some(name) = required.first() {
+                return Err(format!("{at}/required: `{name}` is not among the properties"));
+            }
+            // Members of any name: their values as `additionalProperties` says (absent or true: anything).
+            return match s.get("additionalProperties") {
+                None | Some(Value::Bool(true)) => Ok(object_of(&any(ANY_DEPTH - 1))),
+                Some(Value::Bool(false)) => Ok(format!(r"\{{{WS}\}}")),
+                Some(extra) => Ok(object_of(&self.value(extra, &format!("{at}/additionalProperties"))?)),
+            };
+        };
+        let props = props.as_object().ok_or_else(|| format!("{at}/properties: an object"))?;
+        if let Some(name) = required.iter().find(|n| !props.contains_key(**n)) {
+            return Err(format!("{at}/required: `{name}` is not among the properties"));
+        }
+        // The listed members, in order; texts with fewer members (no others) are still valid.
+        let mut members = Vec::new();
+        for (name, sub) in props {
+            let value = self.value(sub, &format!("{at}/properties/{name}"))?;
+            let member = format!("{}{WS}:{WS}{value}", escape(&Value::String(name.clone()).to_string()));
+            members.push((member, required.contains(&name.as_str())));
+        }
+        Ok(format!(r"\{{{WS}{}{WS}\}}", members_after(&members, 0, false)))
+    }
+}
+
+/// The members from `i` on, each optional one present or not, with a comma before every member but the
+/// first written (`written`: one was written before `i`).
+fn members_after(members: &[(String, bool)], i: usize, written: bool) -> String {
+    let Some((member, required)) = members.get(i) else {
+        return String::new();
+    };
+    if written {
+        let this = format!("{WS},{WS}{member}");
+        let rest = members_after(members, i + 1, true);
+        return if *required { format!("{this}{rest}") } else { format!("(?:{this})?{rest}") };
+    }
+    let with = format!("{member}{}", members_after(members, i + 1, true));
+    if *required {
+        with
+    } else {
+        format!("(?:{with}|{})", members_after(members, i + 1, false))
+    }
+}
+
+/// Refuses any keyword beyond the annotations and `allowed`: left out, it could let an invalid text through.
+fn check_keywords(s: &Map<String, Value>, allowed: &[&str], at: &str) -> Result<(), String> {
+    let known = |k: &str| k == "type" || ANNOTATIONS.contains(&k) || allowed.contains(&k) || k.starts_with("x-");
+    match s.keys().find(|k| !known(k)) {
+        Some(k) => {
+            Err(format!("{}: keyword `{k}` is not supported here", if at.is_empty() { "the schema" } else { at }))
+        }
+        None => Ok(()),
+    }
+}
+
+/// A non-negative integer keyword.
+fn count(s: &Map<String, Value>, key: &str, at: &str) -> Result<Option<u64>, String> {
+    s.get(key).map(|v| v.as_u64().ok_or_else(|| format!("{at}/{key}: a non-negative integer"))).transpose()
+}
+
+const DATE: &str = "[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])";
+const TIME: &str = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use regex_automata::meta::Regex;
+
+    fn whole(regex: &str) -> Regex {
+        Regex::new(&format!("^(?:{regex})$")).unwrap()
+    }
+
+    /// Each schema's regex matches the texts given as valid and none of the invalid ones.
+    #[test]
+    fn schemas_accept_their_instances_and_nothing_else() {
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            (
+                r#"{"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                    "required": ["name", "age"]}"#,
+                &[
+                    r#"{"name": "Ada", "age": 36}"#,
+                    r#"{"name":"A\"b\u00e9","age":-0}"#,
+                    r#"{ "name" : "", "age" : 7 }"#,
+                ],
+                &[
+                    r#"{"name": "Ada"}"#,
+                    r#"{"age": 36, "name": "Ada"}"#,
+                    r#"{"name": "Ada", "age": 3.5}"#,
+                    r#"{"name": 1, "age": 1}"#,
+                ],
+            ),
+            (
+                r#"{"properties": {"a": {"type": "boolean"}, "b": {"type": "null"}, "c": {"type": "number"}}, "required": ["c"]}"#,
+                &[
+                    r#"{"c": 1e5}"#,
+                    r#"{"a": true, "c": -2.5}"#,
+                    r#"{"a": false, "b": null, "c": 0}"#,
+                    r#"{"b": null, "c": 1}"#,
+                ],
+                &[r#"{}"#, r#"{"a": true}"#, r#"{"c": 1, "a": true}"#, r#"{, "c": 1}"#, r#"{"c": 01}"#],
+            ),
+            (
+                r#"{"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}}"#,
+                &["{}", r#"{"x": 1}"#, r#"{"y": 2}"#, r#"{"x": 1, "y": 2}"#],
+                &[r#"{"x": 1,}"#, r#"{,"y": 2}"#, r#"{"y": 2, "x": 1}"#],
+            ),
+            (
+                r#"{"type": "array", "items": {"enum": ["red", 2, null, {"k": [1]}]}, "minItems": 1, "maxItems": 3}"#,
+                &[r#"["red"]"#, r#"[2, null, {"k":[1]}]"#, r#"[ "red" ]"#],
+                &["[]", r#"["red", 2, null, 2]"#, r#"["blue"]"#, r#"[{"k": [1]}]"#],
+            ),
+            (
+                r##"{"$defs": {"p": {"type": "object", "properties": {"id": {"type": "string", "format": "uuid"}}, "required": ["id"]}},
+                    "type": "array", "items": {"$ref": "#/$defs/p"}}"##,
+                &["[]", r#"[{"id": "123e4567-e89b-12d3-a456-426614174000"}]"#],
+                &[r#"[{"id": "123e4567"}]"#],
+            ),
+            (
+                r#"{"anyOf": [{"type": "string", "maxLength": 2}, {"type": ["integer", "null"]}, {"const": "long"}]}"#,
+                &[r#""""#, r#""ab""#, "12", "null", r#""long""#],
+                &[r#""abc""#, "1.5", "true"],
+            ),
+            (
+                r#"{"type": "string", "pattern": "^[a-z]+@[a-z]+\\.com$"}"#,
+                &[r#""ada@example.com""#],
+                &[r#""ada@example.org""#, r#""@x.com""#],
+            ),
+            (
+                r#"{"type": "string", "format": "date-time"}"#,
+                &[r#""2026-11-30T12:00:00Z""#, r#""2026-02-28T23:59:59.5+01:00""#],
+                &[r#""2026-13-01T00:00:00Z""#, r#""2026-11-30 12:00:00""#],
+            ),
+            (
+                r#"{"type": "object", "additionalProperties": {"type": "integer"}}"#,
+                &["{}", r#"{"a": 1, "b": 2}"#],
+                &[r#"{"a": "x"}"#],
+            ),
+        ];
+        for (schema, good, bad) in cases {
+            let re = whole(&regex_of_schema(schema).unwrap_or_else(|e| panic!("{schema}: {e}")));
+            for g in *good {
+                assert!(re.is_match(g), "{schema} should accept {g}");
+                serde_json::from_str::<Value>(g).expect("a valid case is JSON");
+            }
+            for b in *bad {
+                assert!(!re.is_match(b), "{schema} should refuse {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn any_object_is_json_objects_to_its_depth() {
+        let re = whole(&regex_of_any_object());
+        for g in ["{}", r#"{"a": [1, {"b": null}], "c": "d"}"#, r#"{"a": {"b": {"c": 1}}}"#] {
+            assert!(re.is_match(g), "{g}");
+        }
+        for b in ["[]", "1", r#"{"a": }"#, r#"{"a": {"b": {"c": {"d": 1}}}}"#] {
+            assert!(!re.is_match(b), "{b}");
+        }
+    }
+
+    /// What a regex cannot honour is refused with its place, never left out.
+    #[test]
+    fn unsupported_schemas_are_refused_by_name_and_place() {
+        let cases = [
+            (r#"{"type": "integer", "minimum": 0}"#, "the schema: keyword `minimum` is not supported here"),
+            (
+                r#"{"properties": {"a": {"type": "array", "uniqueItems": true}}}"#,
+                "/properties/a: keyword `uniqueItems`",
+            ),
+            (r#"{"type": "string", "format": "email"}"#, "/format: `email` is not supported"),
+            (
+                r##"{"$defs": {"n": {"properties": {"next": {"$ref": "#/$defs/n"}}}}, "$ref": "#/$defs/n"}"##,
+                "is recursive",
+            ),
+            (r#"{"$ref": "http://example.com/s.json"}"#, "is not in this document"),
+            (r#"{"type": "object", "properties": {"a": {}}, "required": ["b"]}"#, "`b` is not among the properties"),
+            (r#"{"type": "strin"}"#, "unknown type `strin`"),
+            (r#"{"not": {"type": "string"}}"#, "keyword `not`"),
+            ("false", "accepts nothing"),
+            ("{", "not JSON"),
+        ];
+        for (schema, want) in cases {
+            let err = regex_of_schema(schema).unwrap_err();
+            assert!(err.contains(want), "{schema}: {err}");
+        }
+    }
+
+    #[test]
+    fn escaped_text_matches_itself_only() {
+        let s = r#"a.b*c{1}[x](y)|^$\ #&-~"#;
+        let re = whole(&escape(s));
+        assert!(re.is_match(s) && !re.is_match("aXb*c{1}[x](y)|^$\\ #&-~"));
+    }
+}

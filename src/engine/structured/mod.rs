@@ -1,0 +1,310 @@
+//! Structured output (vLLM's structured outputs, TGI's grammars): a request's output confined to a
+//! language — a regex, one of a list of choices, the JSON texts of a JSON Schema ([`json_schema`]), or any
+//! JSON object.
+//!
+//! The language compiles to an anchored DFA over bytes ([`Guide`]). Before each pick, the tokens whose bytes
+//! ([`TokenBytes`]) keep the output a prefix of some text of the language are allowed, and the tokens that end
+//! the request (EOS, `stop_token_ids`) only where the output is a whole text of it; every other logit is
+//! −∞. The allowed set of a DFA state is worked out once, by walking the vocabulary in byte order so that
+//! tokens sharing a prefix share its walk and a dead prefix skips all tokens that start with it, and kept
+//! with the guide. [`Guides`] keeps the most recently used guides, so repeated schemas compile once.
+
+pub mod json_schema;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use regex_automata::dfa::{dense, Automaton, StartKind};
+use regex_automata::util::primitives::StateID;
+use regex_automata::util::start;
+use regex_automata::Anchored;
+
+use crate::model::token_bytes::TokenBytes;
+use crate::model::Tokenizer;
+
+/// The most memory a guide's DFA (and its construction) may take.
+const DFA_LIMIT: usize = 64 << 20;
+/// Guides kept by [`Guides`].
+const GUIDES_KEPT: usize = 32;
+/// Allowed sets kept per guide; past it they are worked out again.
+const MASKS_KEPT: usize = 4096;
+
+/// What a request confines its output to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Constraint {
+    /// The whole output matches this regex (Rust `regex` syntax, without look-around or backreferences).
+    Regex(String),
+    /// The output is one of these texts.
+    Choice(Vec<String>),
+    /// The output is a JSON text valid against this schema (its JSON text).
+    JsonSchema(String),
+    /// The output is a JSON object (vLLM's `json_object`, OpenAI's `response_format` of that type).
+    JsonObject,
+}
+
+impl Constraint {
+    /// The request field the constraint came in, for messages.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Constraint::Regex(_) => "structured_output.regex",
+            Constraint::Choice(_) => "structured_output.choice",
+            Constraint::JsonSchema(_) => "structured_output.json_schema",
+            Constraint::JsonObject => "structured_output.json_object",
+        }
+    }
+
+    /// The regex of the language, or what is wrong with the constraint.
+    pub fn regex(&self) -> Result<String, String> {
+        match self {
+            Constraint::Regex(r) => Ok(r.clone()),
+            Constraint::Choice(c) if c.is_empty() => Err("no choices given".into()),
+            Constraint::Choice(c) => Ok(c.iter().map(|s| json_schema::escape(s)).collect::<Vec<_>>().join("|")),
+            Constraint::JsonSchema(s) => json_schema::regex_of_schema(s),
+            Constraint::JsonObject => Ok(json_schema::regex_of_any_object()),
+        }
+    }
+}
+
+/// A compiled constraint for one tokenizer: its DFA and the allowed tokens of each state reached so far.
+pub struct Guide {
+    constraint: Constraint,
+    dfa: dense::DFA<Vec<u32>>,
+    start: StateID,
+    /// By state index: some text of the language starts with the output that reached the state. (A DFA
+    /// state that is not dead may still be hopeless: regex-automata reports a match one byte late, so the
+    /// state after a byte past a whole text is alive only to say the text before it matched.)
+    live: Vec<bool>,
+    tokenizer: Arc<Tokenizer>,
+    masks: Mutex<HashMap<StateID, Arc<Mask>>>,
+}
+
+/// The tokens allowed in one DFA state.
+#[derive(Debug)]
+pub struct Mask {
+    /// Bit `id` set: token `id` keeps the output a prefix of a text of the language.
+    words: Vec<u64>,
+    /// The output is a whole text of the language: the ending tokens may end it.
+    pub whole: bool,
+}
+
+impl Mask {
+    pub fn allows(&self, id: u32) -> bool {
+        self.words.get(id as usize / 64).is_some_and(|w| w >> (id % 64) & 1 == 1)
+    }
+
+    /// The allowed token ids, in order.
+    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.words
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &w)| (0..64).filter(move |b| w >> b & 1 == 1).map(move |b| (i * 64 + b) as u32))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.words.iter().all(|&w| w == 0)
+    }
+}
+
+impl std::fmt::Debug for Guide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guide").field("constraint", &self.constraint).finish_non_exhaustive()
+    }
+}
+
+/// Guides are compared by identity: two compilations are two guides.
+impl PartialEq for Guide {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Guide {
+    /// Compiles `constraint` for `tokenizer`; the message says what is wrong (without the field's name).
+    pub fn compile(constraint: &Constraint, tokenizer: Arc<Tokenizer>) -> Result<Guide, String> {
+        let bytes = tokenizer.token_bytes().map_err(|e| format!("the model's tokenizer is not supported: {e}"))?;
+        if !bytes.spells_every_byte() {
+            return Err("the model's tokenizer is not supported: some bytes are no token of their own".into());
+        }
+        let regex = constraint.regex()?;
+        let dfa = dense::Builder::new()
+            .configure(
+                dense::DFA::config()
+                    .start_kind(StartKind::Anchored)
+                    .determinize_size_limit(Some(DFA_LIMIT))
+                    .dfa_size_limit(Some(DFA_LIMIT)),
+            )
+            .build(&regex)
+            .map_err(|e| match chain(&e) {
+                m if m.contains("exceeded") => format!("its automaton is larger than {} MiB: {m}", DFA_LIMIT >> 20),
+                m => format!("invalid regex: {m}"),
+            })?;
+        let start = dfa.start_state(&start::Config::new().anchored(Anchored::Yes)).map_err(|e| e.to_string())?;
+        let live = live_states(&dfa, start);
+        let guide = Guide { constraint: constraint.clone(), dfa, start, live, tokenizer, masks: Mutex::default() };
+        let first = guide.mask(start);
+        if first.is_empty() && !first.whole {
+            return Err("no text matches it".into());
+        }
+        Ok(guide)
+    }
+
+    pub fn constraint(&self) -> &Constraint {
+        &self.constraint
+    }
+
+    /// The state before any output.
+    pub fn start(&self) -> StateID {
+        self.start
+    }
+
+    /// The tokens allowed in `state`.
+    pub fn mask(&self, state: StateID) -> Arc<Mask> {
+        if let Some(m) = self.masks.lock().expect("guide masks").get(&state) {
+            return m.clone();
+        }
+        let mask = Arc::new(self.work_out(state));
+        let mut masks = self.masks.lock().expect("guide masks");
+        if masks.len() >= MASKS_KEPT {
+            masks.clear();
+        }
+        masks.insert(state, mask.clone());
+        mask
+    }
+
+    /// The state after `token` in `state` (a token `state` allows; another leaves a hopeless state, or the
+    /// state as it was for a special token, which spells nothing).
+    pub fn advance(&self, state: StateID, token: u32) -> StateID {
+        let bytes = self.bytes().get(token).unwrap_or_default();
+        bytes.iter().fold(state, |s, &b| self.dfa.next_state(s, b))
+    }
+
+    fn bytes(&self) -> &TokenBytes {
+        self.tokenizer.token_bytes().expect("checked when compiled")
+    }
+
+    /// No text of the language starts with the output that reached `s`.
+    fn dead(&self, s: StateID) -> bool {
+        !self.live.get(s.as_usize() >> self.dfa.stride2()).copied().unwrap_or(false)
+    }
+
+    /// Walks the vocabulary in byte order: `states[k]` is the state after the first `k` bytes of the token
+    /// before, so a token walks only the bytes past the prefix it shares with it; after a dead prefix, the
+    /// tokens that start with it are skipped.
+    fn work_out(&self, state: StateID) -> Mask {
+        let table = self.bytes();
+        let mut words = vec![0u64; table.len().div_ceil(64)];
+        let mut states = vec![state];
+        let mut prev: &[u8] = &[];
+        let mut dead: Option<&[u8]> = None;
+        for &id in table.sorted() {
+            let b = table.get(id).expect("sorted ids spell something");
+            if dead.is_some_and(|d| b.starts_with(d)) {
+                continue;
+            }
+            dead = None;
+            let shared = prev.iter().zip(b).take_while(|(x, y)| x == y).count().min(states.len() - 1);
+            states.truncate(shared + 1);
+            prev = b;
+            let mut alive = true;
+            for (k, &byte) in b.iter().enumerate().skip(shared) {
+                let next = self.dfa.next_state(states[k], byte);
+                if self.dead(next) {
+                    dead = Some(&b[..=k]);
+                    alive = false;
+                    break;
+                }
+                states.push(next);
+            }
+            if alive {
+                words[id as usize / 64] |= 1 << (id % 64);
+            }
+        }
+        Mask { words, whole: self.dfa.is_match_state(self.dfa.next_eoi_state(state)) }
+    }
+}
+
+/// An error and its sources, as one message (regex-automata's own message is only the outermost one).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+/// The states reachable from `start` from which a whole text of the language can still be reached (by
+/// state index): those reachable forward, then marked backward from the ones where the text is whole.
+fn live_states(dfa: &dense::DFA<Vec<u32>>, start: StateID) -> Vec<bool> {
+    let reps: Vec<u8> = dfa.byte_classes().representatives(..).filter_map(|u| u.as_u8()).collect();
+    let index = |s: StateID| s.as_usize() >> dfa.stride2();
+    let mut seen: HashMap<StateID, u32> = HashMap::from([(start, 0)]);
+    let mut order = vec![start];
+    let mut preds: Vec<Vec<u32>> = vec![Vec::new()];
+    let mut i = 0;
+    while i < order.len() {
+        for &b in &reps {
+            let next = dfa.next_state(order[i], b);
+            if dfa.is_dead_state(next) || dfa.is_quit_state(next) {
+                continue;
+            }
+            let j = *seen.entry(next).or_insert_with(|| {
+                order.push(next);
+                preds.push(Vec::new());
+                (order.len() - 1) as u32
+            });
+            preds[j as usize].push(i as u32);
+        }
+        i += 1;
+    }
+    let mut live = vec![false; order.iter().map(|&s| index(s)).max().unwrap_or(0) + 1];
+    let mut stack: Vec<u32> =
+        (0..order.len() as u32).filter(|&k| dfa.is_match_state(dfa.next_eoi_state(order[k as usize]))).collect();
+    for &k in &stack {
+        live[index(order[k as usize])] = true;
+    }
+    while let Some(k) = stack.pop() {
+        for &p in &preds[k as usize] {
+            let slot = &mut live[index(order[p as usize])];
+            if !*slot {
+                *slot = true;
+                stack.push(p);
+            }
+        }
+    }
+    live
+}
+
+/// The guides compiled lately, most recent first, for one tokenizer.
+pub struct Guides {
+    tokenizer: Arc<Tokenizer>,
+    kept: Mutex<Vec<Arc<Guide>>>,
+}
+
+impl Guides {
+    pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
+        Guides { tokenizer, kept: Mutex::default() }
+    }
+
+    /// The guide of `constraint`, compiled now unless kept (call it off the async runtime: compiling a large
+    /// schema takes a while).
+    pub fn get(&self, constraint: &Constraint) -> Result<Arc<Guide>, String> {
+        {
+            let mut kept = self.kept.lock().expect("guides");
+            if let Some(i) = kept.iter().position(|g| g.constraint == *constraint) {
+                let g = kept.remove(i);
+                kept.insert(0, g.clone());
+                return Ok(g);
+            }
+        }
+        let guide = Arc::new(Guide::compile(constraint, self.tokenizer.clone())?);
+        let mut kept = self.kept.lock().expect("guides");
+        kept.insert(0, guide.clone());
+        kept.truncate(GUIDES_KEPT);
+        Ok(guide)
+    }
+}
+
+#[cfg(test)]
+mod tests;
