@@ -326,6 +326,7 @@ impl Sampler {
         if let (Some((state, ending)), Some(g)) = (&mut self.guided, &self.params.guide) {
             if !ending.contains(&token) {
                 *state = g.advance(*state, token);
+                g.prefetch(*state);
             }
         }
         token
@@ -336,15 +337,7 @@ impl Sampler {
         let (Some((state, ending)), Some(g)) = (&self.guided, &self.params.guide) else {
             return logits.to_vec();
         };
-        let mask = g.mask(*state);
-        let mut only = vec![f32::NEG_INFINITY; logits.len()];
-        let ends = ending.iter().filter(|_| mask.whole);
-        for t in mask.ids().chain(ends.copied()) {
-            if let Some(&l) = logits.get(t as usize) {
-                only[t as usize] = l;
-            }
-        }
-        only
+        g.mask(*state).apply(logits, ending)
     }
 
     /// Greedy or sampled, from logits the penalties have already changed.

@@ -135,7 +135,7 @@ fn fallback_byte(token: &str) -> Option<u8> {
 
 /// GPT-2's byte-level alphabet: each byte and the character that stands for it (printable Latin-1 bytes for
 /// themselves, the others for U+0100 onwards, in byte order).
-fn byte_level_chars() -> Vec<(u8, char)> {
+pub fn byte_level_chars() -> Vec<(u8, char)> {
     let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
     let mut next = 256u32;
     (0..=255u8)

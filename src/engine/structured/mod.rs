@@ -6,13 +6,14 @@
 //! ([`TokenBytes`]) keep the output a prefix of some text of the language are allowed, and the tokens that end
 //! the request (EOS, `stop_token_ids`) only where the output is a whole text of it; every other logit is
 //! −∞. The allowed set of a DFA state is worked out once, by walking the vocabulary in byte order so that
-//! tokens sharing a prefix share its walk and a dead prefix skips all tokens that start with it, and kept
-//! with the guide. [`Guides`] keeps the most recently used guides, so repeated schemas compile once.
+//! tokens sharing a prefix share its walk and a dead prefix skips all tokens that start with it (in chunks,
+//! in parallel), and kept with the guide; it starts on the thread pool as soon as a pick reaches the state,
+//! overlapping the next forward. [`Guides`] keeps the most recently used guides, so repeated schemas compile once.
 
 pub mod json_schema;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use regex_automata::dfa::{dense, Automaton, StartKind};
 use regex_automata::util::primitives::StateID;
@@ -28,6 +29,8 @@ const DFA_LIMIT: usize = 64 << 20;
 const GUIDES_KEPT: usize = 32;
 /// Allowed sets kept per guide; past it they are worked out again.
 const MASKS_KEPT: usize = 4096;
+/// Tokens per parallel chunk of the vocabulary walk.
+const WALK_CHUNK: usize = 8192;
 
 /// What a request confines its output to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -75,7 +78,8 @@ pub struct Guide {
     /// state after a byte past a whole text is alive only to say the text before it matched.)
     live: Vec<bool>,
     tokenizer: Arc<Tokenizer>,
-    masks: Mutex<HashMap<StateID, Arc<Mask>>>,
+    /// Each state's allowed tokens, once worked out (a cell being filled while they are).
+    masks: Mutex<HashMap<StateID, Arc<OnceLock<Arc<Mask>>>>>,
 }
 
 /// The tokens allowed in one DFA state.
@@ -83,6 +87,8 @@ pub struct Guide {
 pub struct Mask {
     /// Bit `id` set: token `id` keeps the output a prefix of a text of the language.
     words: Vec<u64>,
+    /// How many bits are set.
+    allowed: usize,
     /// The output is a whole text of the language: the ending tokens may end it.
     pub whole: bool,
 }
@@ -94,15 +100,54 @@ impl Mask {
 
     /// The allowed token ids, in order.
     pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.words
-            .iter()
-            .enumerate()
-            .flat_map(|(i, &w)| (0..64).filter(move |b| w >> b & 1 == 1).map(move |b| (i * 64 + b) as u32))
+        ones(&self.words, false)
+    }
+
+    /// `logits` with every token this mask does not allow at −∞ (ids past the mask's vocabulary too), and
+    /// `ending` allowed where the output is whole. Touches only the fewer of the allowed and the other tokens
+    /// after one fill or copy, so a mask that allows almost everything (inside a JSON string) costs about a
+    /// copy.
+    pub fn apply(&self, logits: &[f32], ending: &[u32]) -> Vec<f32> {
+        let n = logits.len().min(self.words.len() * 64);
+        let mut out = if self.allowed < n / 2 {
+            let mut out = vec![f32::NEG_INFINITY; logits.len()];
+            for id in ones(&self.words, false).take_while(|&id| (id as usize) < n) {
+                out[id as usize] = logits[id as usize];
+            }
+            out
+        } else {
+            let mut out = logits.to_vec();
+            for id in ones(&self.words, true).take_while(|&id| (id as usize) < n) {
+                out[id as usize] = f32::NEG_INFINITY;
+            }
+            out[n..].fill(f32::NEG_INFINITY);
+            out
+        };
+        for &t in ending.iter().filter(|_| self.whole) {
+            if let Some(&l) = logits.get(t as usize) {
+                out[t as usize] = l;
+            }
+        }
+        out
     }
 
     fn is_empty(&self) -> bool {
-        self.words.iter().all(|&w| w == 0)
+        self.allowed == 0
     }
+}
+
+/// The positions of the set bits of `words` (of the clear ones with `clear`), in order.
+fn ones(words: &[u64], clear: bool) -> impl Iterator<Item = u32> + '_ {
+    words.iter().enumerate().flat_map(move |(i, &w)| {
+        let mut w = if clear { !w } else { w };
+        std::iter::from_fn(move || {
+            (w != 0).then(|| {
+                let b = w.trailing_zeros();
+                w &= w - 1;
+                (i * 64) as u32 + b
+            })
+        })
+    })
 }
 
 impl std::fmt::Debug for Guide {
@@ -157,18 +202,28 @@ impl Guide {
         self.start
     }
 
-    /// The tokens allowed in `state`.
+    /// The tokens allowed in `state`, worked out now unless kept or being worked out (then waited for).
     pub fn mask(&self, state: StateID) -> Arc<Mask> {
-        if let Some(m) = self.masks.lock().expect("guide masks").get(&state) {
-            return m.clone();
+        let cell = {
+            let mut masks = self.masks.lock().expect("guide masks");
+            if masks.len() >= MASKS_KEPT && !masks.contains_key(&state) {
+                masks.clear();
+            }
+            masks.entry(state).or_default().clone()
+        };
+        cell.get_or_init(|| Arc::new(self.work_out(state))).clone()
+    }
+
+    /// Starts working out the tokens allowed in `state` on the thread pool, unless they are kept or under
+    /// way: called as a token is picked, it overlaps the work with the next forward.
+    pub fn prefetch(self: &Arc<Self>, state: StateID) {
+        if self.masks.lock().expect("guide masks").contains_key(&state) || self.dead(state) {
+            return;
         }
-        let mask = Arc::new(self.work_out(state));
-        let mut masks = self.masks.lock().expect("guide masks");
-        if masks.len() >= MASKS_KEPT {
-            masks.clear();
-        }
-        masks.insert(state, mask.clone());
-        mask
+        let guide = self.clone();
+        rayon::spawn(move || {
+            guide.mask(state);
+        });
     }
 
     /// The state after `token` in `state` (a token `state` allows; another leaves a hopeless state, or the
@@ -187,16 +242,29 @@ impl Guide {
         !self.live.get(s.as_usize() >> self.dfa.stride2()).copied().unwrap_or(false)
     }
 
-    /// Walks the vocabulary in byte order: `states[k]` is the state after the first `k` bytes of the token
-    /// before, so a token walks only the bytes past the prefix it shares with it; after a dead prefix, the
-    /// tokens that start with it are skipped.
+    /// The tokens allowed in `state`: the vocabulary in byte order, in chunks walked in parallel.
     fn work_out(&self, state: StateID) -> Mask {
+        use rayon::prelude::*;
         let table = self.bytes();
         let mut words = vec![0u64; table.len().div_ceil(64)];
+        let allowed: Vec<Vec<u32>> = table.sorted().par_chunks(WALK_CHUNK).map(|ids| self.walk(state, ids)).collect();
+        for id in allowed.iter().flatten() {
+            words[*id as usize / 64] |= 1 << (id % 64);
+        }
+        let allowed = allowed.iter().map(Vec::len).sum();
+        Mask { words, allowed, whole: self.dfa.is_match_state(self.dfa.next_eoi_state(state)) }
+    }
+
+    /// The allowed ones of `ids` (in byte order): `states[k]` is the state after the first `k` bytes of the
+    /// token before, so a token walks only the bytes past the prefix it shares with it; after a dead prefix,
+    /// the tokens that start with it are skipped.
+    fn walk(&self, state: StateID, ids: &[u32]) -> Vec<u32> {
+        let table = self.bytes();
+        let mut allowed = Vec::new();
         let mut states = vec![state];
         let mut prev: &[u8] = &[];
         let mut dead: Option<&[u8]> = None;
-        for &id in table.sorted() {
+        for &id in ids {
             let b = table.get(id).expect("sorted ids spell something");
             if dead.is_some_and(|d| b.starts_with(d)) {
                 continue;
@@ -216,10 +284,10 @@ impl Guide {
                 states.push(next);
             }
             if alive {
-                words[id as usize / 64] |= 1 << (id % 64);
+                allowed.push(id);
             }
         }
-        Mask { words, whole: self.dfa.is_match_state(self.dfa.next_eoi_state(state)) }
+        allowed
     }
 }
 

@@ -133,3 +133,26 @@ fn guides_are_kept_and_reused() {
     assert!(!Arc::ptr_eq(&a, &b));
     assert!(guides.get(&Constraint::Regex("(".into())).is_err());
 }
+
+/// Both ways of applying a mask (few allowed, most allowed) give the logits of exactly the allowed tokens,
+/// −∞ past the tokenizer's vocabulary, and the ending tokens only where the text is whole.
+#[test]
+fn applied_masks_keep_exactly_the_allowed_logits() {
+    let tok = fixture_tokenizer("qwen2");
+    let vocab = tok.token_bytes().unwrap().len();
+    let logits: Vec<f32> = (0..vocab + 70).map(|i| i as f32 * 0.5 - 3.0).collect();
+    for re in ["[0-9]+", r"[^\x00-\x08]*"] {
+        let g = Guide::compile(&Constraint::Regex(re.into()), tok.clone()).unwrap();
+        let mut s = g.start();
+        for step in 0..3 {
+            let m = g.mask(s);
+            let out = m.apply(&logits, &[1, vocab as u32 + 5]);
+            for (id, (&o, &l)) in out.iter().zip(&logits).enumerate() {
+                let ending = id == 1 || id == vocab + 5;
+                let want = if m.allows(id as u32) || (ending && m.whole) { l } else { f32::NEG_INFINITY };
+                assert_eq!(o, want, "{re:?} step {step} token {id}");
+            }
+            s = g.advance(s, m.ids().next().unwrap());
+        }
+    }
+}
