@@ -347,30 +347,33 @@ fn live_states(dfa: &dense::DFA<Vec<u32>>, start: StateID) -> Vec<bool> {
 /// The guides compiled lately, most recent first, for one tokenizer.
 pub struct Guides {
     tokenizer: Arc<Tokenizer>,
-    kept: Mutex<Vec<Arc<Guide>>>,
+    /// Each constraint with its compilation: the guide, or why it has none (a constraint that does not
+    /// compile is not compiled again while kept), or a cell being filled while it compiles.
+    kept: Mutex<Vec<(Constraint, Compiled)>>,
 }
+
+type Compiled = Arc<OnceLock<Result<Arc<Guide>, String>>>;
 
 impl Guides {
     pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
         Guides { tokenizer, kept: Mutex::default() }
     }
 
-    /// The guide of `constraint`, compiled now unless kept (call it off the async runtime: compiling a large
-    /// schema takes a while).
+    /// The guide of `constraint`, compiled now unless kept or being compiled (then waited for). Call it off
+    /// the async runtime: compiling a large schema takes a while.
     pub fn get(&self, constraint: &Constraint) -> Result<Arc<Guide>, String> {
-        {
+        let cell = {
             let mut kept = self.kept.lock().expect("guides");
-            if let Some(i) = kept.iter().position(|g| g.constraint == *constraint) {
-                let g = kept.remove(i);
-                kept.insert(0, g.clone());
-                return Ok(g);
-            }
-        }
-        let guide = Arc::new(Guide::compile(constraint, self.tokenizer.clone())?);
-        let mut kept = self.kept.lock().expect("guides");
-        kept.insert(0, guide.clone());
-        kept.truncate(GUIDES_KEPT);
-        Ok(guide)
+            let entry = match kept.iter().position(|(c, _)| c == constraint) {
+                Some(i) => kept.remove(i),
+                None => (constraint.clone(), Compiled::default()),
+            };
+            let cell = entry.1.clone();
+            kept.insert(0, entry);
+            kept.truncate(GUIDES_KEPT);
+            cell
+        };
+        cell.get_or_init(|| Guide::compile(constraint, self.tokenizer.clone()).map(Arc::new)).clone()
     }
 }
 

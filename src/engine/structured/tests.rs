@@ -132,6 +132,13 @@ fn guides_are_kept_and_reused() {
     assert!(Arc::ptr_eq(&a, &guides.get(&Constraint::Regex("a+".into())).unwrap()));
     assert!(!Arc::ptr_eq(&a, &b));
     assert!(guides.get(&Constraint::Regex("(".into())).is_err());
+    // Requests racing for a new constraint share one compilation.
+    let racing: Vec<Arc<Guide>> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            (0..4).map(|_| s.spawn(|| guides.get(&Constraint::Regex("c+".into())).unwrap())).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(racing.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
 }
 
 /// Both ways of applying a mask (few allowed, most allowed) give the logits of exactly the allowed tokens,
