@@ -457,7 +457,7 @@ async fn bad_structured_output_is_invalid_argument() {
         (regex("[ab]*a[ab]{24}"), "structured_output.regex: its automaton is larger than 64 MiB"),
         (with(Some(Kind::Choice(Choices { choices: vec![] }))), "structured_output.choice: no choices given"),
         (
-            with(Some(Kind::JsonSchema(r#"{"properties": {"n": {"type": "integer", "minimum": 0}}}"#.into()))),
+            with(Some(Kind::JsonSchema(r#"{"properties": {"n": {"type": "number", "minimum": 0}}}"#.into()))),
             "structured_output.json_schema: /properties/n: keyword `minimum` is not supported here",
         ),
         (GenerateRequest { allowed_token_ids: vec![5], ..regex("a") }, "cannot be combined with allowed_token_ids"),

@@ -1,8 +1,9 @@
 //! JSON Schema → a regex of the JSON texts the schema accepts (as Outlines builds its, and vLLM and TGI with
 //! it): compact JSON with at most one space around `:` and `,`, object members in the schema's order (the
 //! required ones always, the optional ones when the model writes them), and no members the schema does not
-//! list. Every text of the regex is valid against the schema; a keyword that would make that untrue if it
-//! were left out (`minimum`, `uniqueItems`, `not`, …) is refused by name and path, never ignored.
+//! list; integers within `minimum` / `maximum` ([`super::int_range`]). Every text of the regex is valid
+//! against the schema; a keyword that would make that untrue if it were left out (`minimum` on a `number`,
+//! `multipleOf`, `uniqueItems`, `not`, …) is refused by name and path, never ignored.
 //!
 //! Nesting that the schema leaves open (`{}`, `"type": "object"` without properties, `json_object`) is
 //! bounded at [`ANY_DEPTH`] levels, since a regex has no recursion; so is a recursive `$ref`, which is
@@ -156,7 +157,7 @@ impl<'a> Builder<'a> {
         for t in types {
             alts.push(match t {
                 "string" => self.string(s, at)?,
-                "integer" => self.number(s, at, INTEGER)?,
+                "integer" => self.integer(s, at)?,
                 "number" => self.number(s, at, NUMBER)?,
                 "boolean" => self.plain(s, at, BOOLEAN)?,
                 "null" => self.plain(s, at, NULL)?,
@@ -223,6 +224,43 @@ impl<'a> Builder<'a> {
     fn number(&mut self, s: &Map<String, Value>, at: &str, regex: &str) -> Result<String, String> {
         check_keywords(s, &[], at)?;
         Ok(regex.to_string())
+    }
+
+    /// An integer, within `minimum` / `maximum` and their exclusive forms (a number, or draft 4's boolean
+    /// beside the bound it makes exclusive).
+    fn integer(&mut self, s: &Map<String, Value>, at: &str) -> Result<String, String> {
+        check_keywords(s, &["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"], at)?;
+        let number = |key: &str| -> Result<Option<f64>, String> {
+            match s.get(key) {
+                None | Some(Value::Bool(_)) => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("{at}/{key}: a number")),
+            }
+        };
+        let flag = |key: &str| s.get(key).and_then(Value::as_bool).unwrap_or(false);
+        // The integers each bound lets in, tightest first.
+        let lows = [
+            number("minimum")?.map(|m| if flag("exclusiveMinimum") { m.floor() + 1.0 } else { m.ceil() }),
+            number("exclusiveMinimum")?.map(|m| m.floor() + 1.0),
+        ];
+        let highs = [
+            number("maximum")?.map(|m| if flag("exclusiveMaximum") { m.ceil() - 1.0 } else { m.floor() }),
+            number("exclusiveMaximum")?.map(|m| m.ceil() - 1.0),
+        ];
+        let lo = lows.into_iter().flatten().reduce(f64::max);
+        let hi = highs.into_iter().flatten().reduce(f64::min);
+        let whole = |v: Option<f64>| -> Result<Option<i64>, String> {
+            match v {
+                Some(v) if !(-9.2e18..=9.2e18).contains(&v) => {
+                    Err(format!("{at}: bound {v} is outside 64-bit integers"))
+                }
+                v => Ok(v.map(|v| v as i64)),
+            }
+        };
+        if lo.is_none() && hi.is_none() {
+            return Ok(INTEGER.to_string());
+        }
+        super::int_range::regex(whole(lo)?, whole(hi)?)
+            .ok_or_else(|| format!("{at}: no integer is within its minimum and maximum"))
     }
 
     fn plain(&mut self, s: &Map<String, Value>, at: &str, regex: &str) -> Result<String, String> {
@@ -377,6 +415,19 @@ mod tests {
                 &[r#""abc""#, "1.5", "true"],
             ),
             (
+                r#"{"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 130},
+                    "delta": {"type": "integer", "exclusiveMinimum": -3.5, "exclusiveMaximum": 2}},
+                    "required": ["age", "delta"]}"#,
+                &[r#"{"age": 0, "delta": -3}"#, r#"{"age": 130, "delta": 1}"#, r#"{"age": 42, "delta": 0}"#],
+                &[
+                    r#"{"age": -1, "delta": 0}"#,
+                    r#"{"age": 131, "delta": 0}"#,
+                    r#"{"age": 1, "delta": 2}"#,
+                    r#"{"age": 1, "delta": -4}"#,
+                ],
+            ),
+            (r#"{"type": "integer", "minimum": 5, "exclusiveMinimum": true}"#, &["6", "1000000"], &["5", "-6", "4"]),
+            (
                 r#"{"type": "string", "pattern": "^[a-z]+@[a-z]+\\.com$"}"#,
                 &[r#""ada@example.com""#],
                 &[r#""ada@example.org""#, r#""@x.com""#],
@@ -419,7 +470,10 @@ mod tests {
     #[test]
     fn unsupported_schemas_are_refused_by_name_and_place() {
         let cases = [
-            (r#"{"type": "integer", "minimum": 0}"#, "the schema: keyword `minimum` is not supported here"),
+            (r#"{"type": "number", "minimum": 0}"#, "the schema: keyword `minimum` is not supported here"),
+            (r#"{"type": "integer", "multipleOf": 2}"#, "keyword `multipleOf`"),
+            (r#"{"type": "integer", "minimum": 3, "exclusiveMaximum": 3}"#, "no integer is within"),
+            (r#"{"type": "integer", "maximum": 1e300}"#, "outside 64-bit integers"),
             (
                 r#"{"properties": {"a": {"type": "array", "uniqueItems": true}}}"#,
                 "/properties/a: keyword `uniqueItems`",

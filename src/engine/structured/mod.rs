@@ -10,6 +10,7 @@
 //! in parallel), and kept with the guide; it starts on the thread pool as soon as a pick reaches the state,
 //! overlapping the next forward. [`Guides`] keeps the most recently used guides, so repeated schemas compile once.
 
+pub mod int_range;
 pub mod json_schema;
 
 use std::collections::HashMap;

@@ -103,7 +103,7 @@ fn bad_constraints_are_refused_with_a_reason() {
     assert_eq!(err(Constraint::Regex(r"[^\x00-\x{10FFFF}]".into())), "no text matches it");
     assert_eq!(err(Constraint::Choice(vec![])), "no choices given");
     assert!(err(Constraint::Regex("[ab]*a[ab]{24}".into())).contains("larger than 64 MiB"));
-    assert!(err(Constraint::JsonSchema(r#"{"type": "integer", "maximum": 9}"#.into())).contains("`maximum`"));
+    assert!(err(Constraint::JsonSchema(r#"{"type": "number", "maximum": 9}"#.into())).contains("`maximum`"));
 }
 
 /// A schema with every kind of member compiles for a real tokenizer, and so does any JSON object; the
