@@ -10,7 +10,8 @@
 //!    requests under the sampling penalties. The prefix cache on the device: each prompt four times over (more
 //!    than one 16-token KV block) is sent twice in the same burst, so copies share blocks another row computes
 //!    in the same step or computed before; they too must equal the CPU's, and the GPU must report cached
-//!    prompt tokens.
+//!    prompt tokens. Structured output: eight requests confined to a regex or to any JSON object (the host
+//!    masks the rows the GPU computed) must equal the CPU's too.
 //!    Figures: requests compared, equal, and how many GPU outputs also equal the peer's own greedy ids from
 //!    transformers (informational: the CPU tests hold that bar); prompt tokens the GPU found cached.
 //! 2. **Decode.** `synthetic:llama2-7b` (random weights, NF4, f32 compute) on the GPU: 1, 8 and 32 streams, one
@@ -36,7 +37,8 @@ use loraserve::lora::store::AdapterStore;
 use loraserve::model::{synthetic, LoadOptions, ModelSpec};
 use loraserve::quant::QuantMode;
 use loraserve::server::proto::lora_serve_client::LoraServeClient;
-use loraserve::server::proto::{GenerateRequest, LoadAdapterRequest};
+use loraserve::server::proto::structured_output::Kind;
+use loraserve::server::proto::{GenerateRequest, JsonObject, LoadAdapterRequest, StructuredOutput};
 use loraserve::server::{self, service::Limits, ServeConfig, ServerHandle};
 use support::{pct, write_adapters, Outcome};
 
@@ -272,6 +274,21 @@ async fn fixture(
         .collect();
     requests.extend(long.clone());
     requests.extend(long);
+    // Structured output: the host masks rows the GPU computed; the picks must equal the CPU's.
+    let structured: Vec<GenerateRequest> = requests
+        .iter()
+        .filter(|r| r.prompt_logprobs.is_none())
+        .take(8)
+        .enumerate()
+        .map(|(i, r)| {
+            let kind = match i % 2 {
+                0 => Kind::Regex("[a-z]+( [a-z]+)*[.!?]".into()),
+                _ => Kind::JsonObject(JsonObject {}),
+            };
+            GenerateRequest { structured_output: Some(StructuredOutput { kind: Some(kind) }), ..r.clone() }
+        })
+        .collect();
+    requests.extend(structured);
     let adapters = if dir.join("adapters").is_dir() { dir.join("adapters") } else { root.join("llama/adapters") };
     let mut outs = vec![];
     for device in [Device::Cpu, cuda.clone()] {

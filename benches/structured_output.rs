@@ -14,49 +14,12 @@ use std::time::Instant;
 
 use loraserve::engine::structured::{Constraint, Guides};
 use loraserve::engine::{Sampler, SamplingParams};
-use loraserve::model::token_bytes::byte_level_chars;
+use loraserve::model::synthetic::tokenizer_json;
 use loraserve::model::Tokenizer;
 use loraserve::rng::Rng;
 
 const VOCAB: usize = 128_256;
 const STEPS: usize = 64;
-
-/// The synthetic tokenizer's JSON, and its EOS id.
-fn tokenizer_json() -> (String, u32) {
-    let alphabet: Vec<char> = byte_level_chars().into_iter().map(|(_, c)| c).collect();
-    let spell = |bytes: &[u8]| bytes.iter().map(|&b| alphabet[b as usize]).collect::<String>();
-    let mut vocab = serde_json::Map::new();
-    for b in 0..=255u8 {
-        vocab.insert(spell(&[b]), vocab.len().into());
-    }
-    for p in ["{\"", "\":", "\",", "\"}", "},", "\": \"", "\", \"", ": ", ", ", "[{", "}]", "\":\"", "true", "false"] {
-        vocab.insert(spell(p.as_bytes()), vocab.len().into());
-    }
-    let mut rng = Rng::new(0x70_4E5);
-    let letters = b"etaoinshrdlcumwfgypbvkjxqzETAOINSHRDLCUMWFGYPBVKJXQZ0123456789";
-    while vocab.len() < VOCAB - 1 {
-        let len = 2 + rng.below(9) as usize;
-        let mut word: Vec<u8> = if rng.below(2) == 0 { vec![b' '] } else { Vec::new() };
-        // Common letters first: a skewed pick.
-        word.extend((0..len).map(|_| letters[(rng.below(62) * rng.below(62) / 61) as usize]));
-        let token = spell(&word);
-        if !vocab.contains_key(&token) {
-            vocab.insert(token, vocab.len().into());
-        }
-    }
-    let eos = vocab.len() as u32;
-    let json = serde_json::json!({
-        "version": "1.0",
-        "added_tokens": [{"id": eos, "content": "<|end_of_text|>", "single_word": false, "lstrip": false,
-                          "rstrip": false, "normalized": false, "special": true}],
-        "normalizer": null, "pre_tokenizer": null, "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": []}
-    });
-    (json.to_string(), eos)
-}
 
 /// Milliseconds per pick over a greedy walk of `STEPS` tokens on random logits (the same logits each walk),
 /// the text it made, and the slowest pick.
@@ -82,7 +45,7 @@ fn walk(params: &SamplingParams, eos: u32, tok: &Tokenizer) -> (f64, f64, String
 }
 
 fn main() {
-    let (json, eos) = tokenizer_json();
+    let (json, eos) = tokenizer_json(VOCAB, 0x70_4E5);
     let tok = Arc::new(Tokenizer::from_parts(json.as_bytes(), "synthetic/tokenizer.json", None).unwrap());
     let t = Instant::now();
     let table = tok.token_bytes().unwrap().len();

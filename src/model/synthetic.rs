@@ -1,7 +1,8 @@
 //! Synthetic models for benchmarks: a named Llama-family shape (`llama-1b`, `llama2-7b`, `llama3-8b`, ...)
 //! with random weights built directly in memory, no files. Dense weights come from the project's PRNG; for
 //! an NF4 base the packed codes and scales are drawn directly, so a 7B-shape base costs seconds, not the
-//! minutes quantizing random f32 weights would.
+//! minutes quantizing random f32 weights would. And a tokenizer of a real vocabulary's size
+//! ([`tokenizer_json`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -121,6 +122,46 @@ pub fn build(name: &str, opts: &LoadOptions, seed: u64) -> Result<Model, ModelEr
         };
         Ok(Linear { id, in_features: inp, out_features: out, base, bias: None })
     })
+}
+
+/// A byte-level BPE `tokenizer.json` of `vocab` tokens (EOS last, special), and EOS's id: the 256 bytes, JSON
+/// punctuation, then words of 2 to 10 letters and digits (common letters likelier), half with a leading
+/// space. For benchmarks and tests at a real model's vocabulary size; no merges, so it decodes but does not
+/// encode like a trained one.
+pub fn tokenizer_json(vocab_size: usize, seed: u64) -> (String, u32) {
+    let alphabet: Vec<char> = super::token_bytes::byte_level_chars().into_iter().map(|(_, c)| c).collect();
+    let spell = |bytes: &[u8]| bytes.iter().map(|&b| alphabet[b as usize]).collect::<String>();
+    let mut vocab = serde_json::Map::new();
+    for b in 0..=255u8 {
+        vocab.insert(spell(&[b]), vocab.len().into());
+    }
+    for p in ["{\"", "\":", "\",", "\"}", "},", "\": \"", "\", \"", ": ", ", ", "[{", "}]", "\":\"", "true", "false"] {
+        vocab.insert(spell(p.as_bytes()), vocab.len().into());
+    }
+    let mut rng = Rng::new(seed);
+    let letters = b"etaoinshrdlcumwfgypbvkjxqzETAOINSHRDLCUMWFGYPBVKJXQZ0123456789";
+    while vocab.len() < vocab_size - 1 {
+        let len = 2 + rng.below(9) as usize;
+        let mut word: Vec<u8> = if rng.below(2) == 0 { vec![b' '] } else { Vec::new() };
+        // Common letters first: a skewed pick.
+        word.extend((0..len).map(|_| letters[(rng.below(62) * rng.below(62) / 61) as usize]));
+        let token = spell(&word);
+        if !vocab.contains_key(&token) {
+            vocab.insert(token, vocab.len().into());
+        }
+    }
+    let eos = vocab.len() as u32;
+    let json = serde_json::json!({
+        "version": "1.0",
+        "added_tokens": [{"id": eos, "content": "<|end_of_text|>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []}
+    });
+    (json.to_string(), eos)
 }
 
 #[cfg(test)]

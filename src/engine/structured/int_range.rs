@@ -71,8 +71,8 @@ fn same_length(lo: &str, hi: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Whole;
     use super::*;
-    use regex_automata::meta::Regex;
 
     /// Every integer in a window around each range is matched exactly when it is in the range, as JSON
     /// writes it; no other spelling of it (leading zero, `+`, `-0`) is.
@@ -88,7 +88,7 @@ mod tests {
                     assert!(lo > hi && hi.is_some(), "{lo:?}..{hi:?} is not empty");
                     continue;
                 };
-                let re = Regex::new(&format!("^{re}$")).unwrap();
+                let re = Whole::new(&re);
                 for n in -1300i64..=1300 {
                     let inside = lo.is_none_or(|l| n >= l) && hi.is_none_or(|h| n <= h);
                     assert_eq!(re.is_match(&n.to_string()), inside, "{n} in {lo:?}..={hi:?}");
@@ -102,11 +102,11 @@ mod tests {
 
     #[test]
     fn wide_ranges_reach_the_edges_of_i64() {
-        let re = Regex::new(&format!("^{}$", regex(Some(i64::MIN), Some(i64::MAX)).unwrap())).unwrap();
+        let re = Whole::new(&regex(Some(i64::MIN), Some(i64::MAX)).unwrap());
         for n in [i64::MIN, i64::MIN + 1, -1, 0, 1, i64::MAX - 1, i64::MAX] {
             assert!(re.is_match(&n.to_string()), "{n}");
         }
-        let above = Regex::new(&format!("^{}$", regex(Some(5), None).unwrap())).unwrap();
+        let above = Whole::new(&regex(Some(5), None).unwrap());
         assert!(above.is_match("123456789012345678901234567890") && above.is_match("5") && !above.is_match("4"));
     }
 }

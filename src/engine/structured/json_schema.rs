@@ -357,11 +357,11 @@ const TIME: &str = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]+)?(?:Z
 
 #[cfg(test)]
 mod tests {
+    use super::super::Whole;
     use super::*;
-    use regex_automata::meta::Regex;
 
-    fn whole(regex: &str) -> Regex {
-        Regex::new(&format!("^(?:{regex})$")).unwrap()
+    fn whole(regex: &str) -> Whole {
+        Whole::new(regex)
     }
 
     /// Each schema's regex matches the texts given as valid and none of the invalid ones.

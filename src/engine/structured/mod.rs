@@ -17,9 +17,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use regex_automata::dfa::{dense, Automaton, StartKind};
+use regex_automata::nfa::thompson;
 use regex_automata::util::primitives::StateID;
 use regex_automata::util::start;
-use regex_automata::Anchored;
+use regex_automata::{Anchored, MatchKind};
 
 use crate::model::token_bytes::TokenBytes;
 use crate::model::Tokenizer;
@@ -28,8 +29,10 @@ use crate::model::Tokenizer;
 const DFA_LIMIT: usize = 64 << 20;
 /// Guides kept by [`Guides`].
 const GUIDES_KEPT: usize = 32;
-/// Allowed sets kept per guide; past it they are worked out again.
-const MASKS_KEPT: usize = 4096;
+/// Bytes of allowed sets kept per guide (1024 sets for a 128k vocabulary); past it they are worked out again.
+const MASK_BYTES: usize = 16 << 20;
+/// Bytes of compiled automata kept by [`Guides`] (beyond the most recent one).
+const GUIDES_BYTES: usize = 256 << 20;
 /// Tokens per parallel chunk of the vocabulary walk.
 const WALK_CHUNK: usize = 8192;
 
@@ -81,6 +84,8 @@ pub struct Guide {
     tokenizer: Arc<Tokenizer>,
     /// Each state's allowed tokens, once worked out (a cell being filled while they are).
     masks: Mutex<HashMap<StateID, Arc<OnceLock<Arc<Mask>>>>>,
+    /// How many allowed sets to keep ([`MASK_BYTES`] of them).
+    masks_kept: usize,
 }
 
 /// The tokens allowed in one DFA state.
@@ -105,7 +110,7 @@ impl Mask {
     }
 
     /// `logits` with every token this mask does not allow at −∞ (ids past the mask's vocabulary too), and
-    /// `ending` allowed where the output is whole. Touches only the fewer of the allowed and the other tokens
+    /// `ending` allowed exactly where the output is whole. Touches only the fewer of the allowed and the other tokens
     /// after one fill or copy, so a mask that allows almost everything (inside a JSON string) costs about a
     /// copy.
     pub fn apply(&self, logits: &[f32], ending: &[u32]) -> Vec<f32> {
@@ -124,9 +129,11 @@ impl Mask {
             out[n..].fill(f32::NEG_INFINITY);
             out
         };
-        for &t in ending.iter().filter(|_| self.whole) {
+        // The ending tokens end the output where it is whole, and nowhere else (even a stop token the language
+        // would allow as text).
+        for &t in ending {
             if let Some(&l) = logits.get(t as usize) {
-                out[t as usize] = l;
+                out[t as usize] = if self.whole { l } else { f32::NEG_INFINITY };
             }
         }
         out
@@ -171,22 +178,12 @@ impl Guide {
         if !bytes.spells_every_byte() {
             return Err("the model's tokenizer is not supported: some bytes are no token of their own".into());
         }
-        let regex = constraint.regex()?;
-        let dfa = dense::Builder::new()
-            .configure(
-                dense::DFA::config()
-                    .start_kind(StartKind::Anchored)
-                    .determinize_size_limit(Some(DFA_LIMIT))
-                    .dfa_size_limit(Some(DFA_LIMIT)),
-            )
-            .build(&regex)
-            .map_err(|e| match chain(&e) {
-                m if m.contains("exceeded") => format!("its automaton is larger than {} MiB: {m}", DFA_LIMIT >> 20),
-                m => format!("invalid regex: {m}"),
-            })?;
+        let dfa = build_dfa(&constraint.regex()?)?;
         let start = dfa.start_state(&start::Config::new().anchored(Anchored::Yes)).map_err(|e| e.to_string())?;
         let live = live_states(&dfa, start);
-        let guide = Guide { constraint: constraint.clone(), dfa, start, live, tokenizer, masks: Mutex::default() };
+        let masks_kept = (MASK_BYTES / (bytes.len().div_ceil(8)).max(1)).max(16);
+        let guide =
+            Guide { constraint: constraint.clone(), dfa, start, live, tokenizer, masks: Mutex::default(), masks_kept };
         let first = guide.mask(start);
         if first.is_empty() && !first.whole {
             return Err("no text matches it".into());
@@ -205,26 +202,40 @@ impl Guide {
 
     /// The tokens allowed in `state`, worked out now unless kept or being worked out (then waited for).
     pub fn mask(&self, state: StateID) -> Arc<Mask> {
-        let cell = {
-            let mut masks = self.masks.lock().expect("guide masks");
-            if masks.len() >= MASKS_KEPT && !masks.contains_key(&state) {
-                masks.clear();
-            }
-            masks.entry(state).or_default().clone()
-        };
+        let (cell, _) = self.cell(state);
         cell.get_or_init(|| Arc::new(self.work_out(state))).clone()
     }
 
     /// Starts working out the tokens allowed in `state` on the thread pool, unless they are kept or under
-    /// way: called as a token is picked, it overlaps the work with the next forward.
+    /// way: called as a token is picked, it overlaps the work with the next forward. Only the call that puts
+    /// the state's cell in starts a job, so no job ever waits on a cell another job is filling (a job waiting
+    /// inside the pool could hold up the very job it waits for).
     pub fn prefetch(self: &Arc<Self>, state: StateID) {
-        if self.masks.lock().expect("guide masks").contains_key(&state) || self.dead(state) {
+        if self.dead(state) {
             return;
         }
-        let guide = self.clone();
-        rayon::spawn(move || {
-            guide.mask(state);
-        });
+        let (cell, new) = self.cell(state);
+        if new {
+            let guide = self.clone();
+            rayon::spawn(move || {
+                cell.get_or_init(|| Arc::new(guide.work_out(state)));
+            });
+        }
+    }
+
+    /// The cell of `state`'s allowed tokens, and whether this call put it in (all of them are dropped once
+    /// more than the guide keeps are in).
+    fn cell(&self, state: StateID) -> (Arc<OnceLock<Arc<Mask>>>, bool) {
+        let mut masks = self.masks.lock().expect("guide masks");
+        if let Some(c) = masks.get(&state) {
+            return (c.clone(), false);
+        }
+        if masks.len() >= self.masks_kept {
+            masks.clear();
+        }
+        let cell = Arc::new(OnceLock::new());
+        masks.insert(state, cell.clone());
+        (cell, true)
     }
 
     /// The state after `token` in `state` (a token `state` allows; another leaves a hopeless state, or the
@@ -290,6 +301,25 @@ impl Guide {
         }
         allowed
     }
+}
+
+/// The anchored DFA of `regex`. Every match counts, not only the leftmost-first one: with `a|ab`, both `a` and
+/// `ab` are whole texts (leftmost-first would drop the threads still running past a match).
+fn build_dfa(regex: &str) -> Result<dense::DFA<Vec<u32>>, String> {
+    dense::Builder::new()
+        .configure(
+            dense::DFA::config()
+                .match_kind(MatchKind::All)
+                .start_kind(StartKind::Anchored)
+                .determinize_size_limit(Some(DFA_LIMIT))
+                .dfa_size_limit(Some(DFA_LIMIT)),
+        )
+        .thompson(thompson::Config::new().nfa_size_limit(Some(DFA_LIMIT)))
+        .build(regex)
+        .map_err(|e| match chain(&e) {
+            m if m.contains("exceeded") => format!("its automaton is larger than {} MiB: {m}", DFA_LIMIT >> 20),
+            m => format!("invalid regex: {m}"),
+        })
 }
 
 /// An error and its sources, as one message (regex-automata's own message is only the outermost one).
@@ -371,10 +401,38 @@ impl Guides {
             };
             let cell = entry.1.clone();
             kept.insert(0, entry);
-            kept.truncate(GUIDES_KEPT);
+            // The most recent ones, within GUIDES_KEPT and GUIDES_BYTES of automata (the newest always).
+            let mut bytes = 0;
+            let keep = kept
+                .iter()
+                .take(GUIDES_KEPT)
+                .take_while(|(_, c)| {
+                    bytes += c.get().and_then(|g| g.as_ref().ok()).map_or(0, |g| g.dfa.memory_usage());
+                    bytes <= GUIDES_BYTES
+                })
+                .count();
+            kept.truncate(keep.max(1));
             cell
         };
         cell.get_or_init(|| Guide::compile(constraint, self.tokenizer.clone()).map(Arc::new)).clone()
+    }
+}
+
+/// A regex's whole texts, as a guide's automaton takes them (for tests of the regexes made here).
+#[cfg(test)]
+struct Whole(dense::DFA<Vec<u32>>, StateID);
+
+#[cfg(test)]
+impl Whole {
+    fn new(regex: &str) -> Self {
+        let dfa = build_dfa(regex).unwrap();
+        let start = dfa.start_state(&start::Config::new().anchored(Anchored::Yes)).unwrap();
+        Whole(dfa, start)
+    }
+
+    fn is_match(&self, text: &str) -> bool {
+        let end = text.bytes().fold(self.1, |s, b| self.0.next_state(s, b));
+        self.0.is_match_state(self.0.next_eoi_state(end))
     }
 }
 

@@ -92,6 +92,20 @@ fn choices_spell_exactly_their_texts() {
     assert_eq!((spell("a.b"), spell("a+"), spell("relu")), (Some(true), Some(true), Some(true)));
     assert_eq!(spell("a"), Some(false), "a prefix is not whole");
     assert_eq!((spell("axb"), spell("aa")), (None, None), "the regex syntax in a choice is literal");
+    // Every choice is whole, one that starts another included, and the empty one; so is every match of a
+    // regex, not only the leftmost-first one.
+    let g = Guide::compile(&Constraint::Choice(vec!["".into(), "a".into(), "ab".into(), "re".into()]), tok.clone());
+    let g = g.unwrap();
+    let whole = |text: &str| {
+        let s = text.bytes().fold(g.start(), |s, b| g.dfa.next_state(s, b));
+        g.mask(s).whole
+    };
+    assert!(whole("") && whole("a") && whole("ab") && whole("re") && !whole("r") && !whole("abc"));
+    for (re, texts) in [("1|10", &["1", "10"][..]), ("a+?", &["a", "aaa"]), ("(x|xy)z?", &["x", "xy", "xz", "xyz"])] {
+        for t in texts {
+            assert!(super::Whole::new(re).is_match(t), "{re} takes {t}");
+        }
+    }
 }
 
 #[test]
@@ -142,7 +156,8 @@ fn guides_are_kept_and_reused() {
 }
 
 /// Both ways of applying a mask (few allowed, most allowed) give the logits of exactly the allowed tokens,
-/// −∞ past the tokenizer's vocabulary, and the ending tokens only where the text is whole.
+/// −∞ past the tokenizer's vocabulary, and the ending tokens exactly where the text is whole (token 1 is
+/// one the regexes allow as text too).
 #[test]
 fn applied_masks_keep_exactly_the_allowed_logits() {
     let tok = fixture_tokenizer("qwen2");
@@ -156,10 +171,48 @@ fn applied_masks_keep_exactly_the_allowed_logits() {
             let out = m.apply(&logits, &[1, vocab as u32 + 5]);
             for (id, (&o, &l)) in out.iter().zip(&logits).enumerate() {
                 let ending = id == 1 || id == vocab + 5;
-                let want = if m.allows(id as u32) || (ending && m.whole) { l } else { f32::NEG_INFINITY };
+                let allowed = if ending { m.whole } else { m.allows(id as u32) };
+                let want = if allowed { l } else { f32::NEG_INFINITY };
                 assert_eq!(o, want, "{re:?} step {step} token {id}");
             }
             s = g.advance(s, m.ids().next().unwrap());
         }
     }
+}
+
+/// Eight sequences under one constraint on a 40,000-token vocabulary (several walk chunks), picking in turn
+/// as the engine thread does, each pick starting the next state's allowed set on the thread pool, several
+/// sequences reaching the same state in the same round: all finish (a pool job waiting on a cell another
+/// job fills could hang the pool), and every pick is one the mask allowed.
+#[test]
+fn concurrent_prefetches_never_hang() {
+    use crate::engine::{Sampler, SamplingParams};
+    let (json, eos) = crate::model::synthetic::tokenizer_json(40_000, 3);
+    let tok = Arc::new(Tokenizer::from_parts(json.as_bytes(), "synthetic/tokenizer.json", None).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // A fresh guide each round: each is a new race for the same states.
+        for round in 0..10 {
+            let guide = Arc::new(Guide::compile(&Constraint::JsonObject, tok.clone()).unwrap());
+            let params = SamplingParams { guide: Some(guide.clone()), ..Default::default() };
+            let mut walks: Vec<(Sampler, StateID)> =
+                (0..8).map(|i| (Sampler::new(params.clone(), i, &[], &[eos]), guide.start())).collect();
+            let mut rng = Rng::new(round);
+            // A few rows shared by all, made beforehand: picks follow each other at once, and sequences that
+            // pick from the same row reach the same states.
+            let rows: Vec<Vec<f32>> = (0..4).map(|_| (0..40_000).map(|_| rng.normal() as f32).collect()).collect();
+            for step in 0..40 {
+                for (i, (sampler, state)) in walks.iter_mut().enumerate() {
+                    let t = sampler.sample(&rows[(step + i / 4) % rows.len()]);
+                    let mask = guide.mask(*state);
+                    assert!(mask.allows(t) || (t == eos && mask.whole), "token {t}");
+                    if t != eos {
+                        *state = guide.advance(*state, t);
+                    }
+                }
+            }
+        }
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(120)).expect("every walk finished");
 }
