@@ -17,8 +17,12 @@ pub const ANY_DEPTH: usize = 3;
 /// Between tokens of the JSON text: nothing or one space (Outlines' default).
 const WS: &str = "[ ]?";
 /// A JSON string: any character but `"`, `\` and control characters, or an escape.
-const STRING: &str = r#""(?:[^"\\\x00-\x1F]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*""#;
-const STRING_CHAR: &str = r#"(?:[^"\\\x00-\x1F]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})"#;
+const STRING: &str =
+    r#""(?:[^"\\\x00-\x1F]|\\["\\/bfnrt]|\\u(?:[0-9a-cA-CefEF][0-9a-fA-F]{3}|[dD][0-7][0-9a-fA-F]{2}))*""#;
+/// A character of a JSON string, escaped or not. A `\u` escape is never half a surrogate pair (serde_json,
+/// among others, refuses a lone one); characters past U+FFFF are written as themselves.
+const STRING_CHAR: &str =
+    r#"(?:[^"\\\x00-\x1F]|\\["\\/bfnrt]|\\u(?:[0-9a-cA-CefEF][0-9a-fA-F]{3}|[dD][0-7][0-9a-fA-F]{2}))"#;
 const INTEGER: &str = "-?(?:0|[1-9][0-9]*)";
 const NUMBER: &str = "-?(?:0|[1-9][0-9]*)(?:\\.[0-9]+)?(?:[eE][+-]?[0-9]+)?";
 const BOOLEAN: &str = "(?:true|false)";
@@ -111,62 +115,187 @@ impl<'a> Builder<'a> {
         if let Some(r) = s.get("$ref") {
             return self.reference(s, r, at);
         }
-        if let Some(c) = s.get("const") {
-            return Ok(escape(&c.to_string()));
-        }
-        if let Some(e) = s.get("enum") {
-            let Some(values) = e.as_array().filter(|v| !v.is_empty()) else {
-                return Err(format!("{at}/enum: a non-empty array"));
+        let types: Option<Vec<&str>> = match s.get("type") {
+            None => None,
+            Some(Value::String(t)) => Some(vec![t.as_str()]),
+            Some(Value::Array(ts)) if !ts.is_empty() => Some(
+                ts.iter()
+                    .map(|t| t.as_str().ok_or_else(|| format!("{at}/type: names of types")))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Some(_) => return Err(format!("{at}/type: a type name or a non-empty array of them")),
+        };
+        for key in ["const", "enum"] {
+            let Some(v) = s.get(key) else { continue };
+            check_keywords(s, &[key], at)?;
+            let values = match (key, v) {
+                ("const", v) => std::slice::from_ref(v),
+                (_, Value::Array(v)) if !v.is_empty() => v.as_slice(),
+                _ => return Err(format!("{at}/enum: a non-empty array")),
             };
-            return Ok(format!("(?:{})", values.iter().map(|v| escape(&v.to_string())).collect::<Vec<_>>().join("|")));
-        }
-        for key in ["anyOf", "oneOf"] {
-            if let Some(list) = s.get(key) {
-                let Some(list) = list.as_array().filter(|l| !l.is_empty()) else {
-                    return Err(format!("{at}/{key}: a non-empty array"));
-                };
-                let alts = list
-                    .iter()
-                    .enumerate()
-                    .map(|(i, sub)| self.value(sub, &format!("{at}/{key}/{i}")))
-                    .collect::<Result<Vec<_>, _>>()?;
-                return Ok(format!("(?:{})", alts.join("|")));
+            // With `type` beside it, only the values of that type.
+            let typed = |v: &&Value| types.as_ref().is_none_or(|ts| ts.iter().any(|t| has_type(v, t)));
+            let alts: Vec<String> = values.iter().filter(typed).map(|v| escape(&v.to_string())).collect();
+            if alts.is_empty() {
+                return Err(format!("{at}/{key}: no value of the given type"));
             }
+            return Ok(format!("(?:{})", alts.join("|")));
         }
-        if let Some(all) = s.get("allOf") {
-            return match all.as_array().map(|a| a.as_slice()) {
-                Some([one]) => self.value(one, &format!("{at}/allOf/0")),
-                _ => Err(format!("{at}/allOf: only a single subschema is supported")),
+        for key in ["anyOf", "oneOf", "allOf"] {
+            let Some(list) = s.get(key) else { continue };
+            let Some(list) = list.as_array().filter(|l| !l.is_empty()) else {
+                return Err(format!("{at}/{key}: a non-empty array"));
             };
+            if let Some(k) = s.keys().find(|k| *k != key && !ANNOTATIONS.contains(&k.as_str())) {
+                return Err(format!("{}: `{k}` beside `{key}` is not supported", here()));
+            }
+            if key == "allOf" && list.len() > 1 {
+                return Err(format!("{at}/allOf: only a single subschema is supported"));
+            }
+            let alts = list
+                .iter()
+                .enumerate()
+                .map(|(i, sub)| self.value(sub, &format!("{at}/{key}/{i}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            if key == "oneOf" {
+                // Valid against exactly one: as anyOf only where no value can be valid against two.
+                for (i, a) in list.iter().enumerate() {
+                    for (j, b) in list.iter().enumerate().skip(i + 1) {
+                        if !self.told_apart(a, b) {
+                            return Err(format!(
+                                "{at}/oneOf: subschemas {i} and {j} may both accept a value (oneOf is supported \
+                                 when its subschemas differ in type, in const / enum values, or in the const / \
+                                 enum values of a property both require)"
+                            ));
+                        }
+                    }
+                }
+            }
+            return Ok(format!("(?:{})", alts.join("|")));
         }
-        let types: Vec<&str> = match s.get("type") {
+        let types = match types {
+            Some(ts) => ts,
             None if s.contains_key("properties") => vec!["object"],
             None if s.contains_key("items") => vec!["array"],
             None => {
                 check_keywords(s, &[], at)?;
                 return Ok(any(ANY_DEPTH));
             }
-            Some(Value::String(t)) => vec![t.as_str()],
-            Some(Value::Array(ts)) if !ts.is_empty() => ts
-                .iter()
-                .map(|t| t.as_str().ok_or_else(|| format!("{at}/type: names of types")))
-                .collect::<Result<_, _>>()?,
-            Some(_) => return Err(format!("{at}/type: a type name or a non-empty array of them")),
         };
+        // The keywords of every type listed (each applies to its own type only).
+        let mut allowed = Vec::new();
+        for t in &types {
+            allowed.extend_from_slice(match *t {
+                "string" => &["minLength", "maxLength", "pattern", "format"][..],
+                "integer" => &["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"],
+                "array" => &["items", "minItems", "maxItems"],
+                "object" => &["properties", "required", "additionalProperties"],
+                "number" | "boolean" | "null" => &[],
+                other => return Err(format!("{at}/type: unknown type `{other}`")),
+            });
+        }
+        check_keywords(s, &allowed, at)?;
         let mut alts = Vec::new();
         for t in types {
             alts.push(match t {
                 "string" => self.string(s, at)?,
                 "integer" => self.integer(s, at)?,
-                "number" => self.number(s, at, NUMBER)?,
-                "boolean" => self.plain(s, at, BOOLEAN)?,
-                "null" => self.plain(s, at, NULL)?,
+                "number" => NUMBER.to_string(),
+                "boolean" => BOOLEAN.to_string(),
+                "null" => NULL.to_string(),
                 "array" => self.array(s, at)?,
                 "object" => self.object(s, at)?,
                 other => return Err(format!("{at}/type: unknown type `{other}`")),
             });
         }
         Ok(if alts.len() == 1 { alts.pop().expect("one") } else { format!("(?:{})", alts.join("|")) })
+    }
+
+    /// `s` with its `$ref`s followed (a few hops at most).
+    fn resolved(&self, mut s: &'a Value) -> &'a Value {
+        for _ in 0..8 {
+            match s.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix('#')) {
+                Some(p) => s = self.root.pointer(p).unwrap_or(s),
+                None => break,
+            }
+        }
+        s
+    }
+
+    /// The JSON types a value valid against `s` can have (`integer` counted as `number`); `None`: any.
+    fn types_of(&self, s: &'a Value) -> Option<Vec<&'static str>> {
+        let s = self.resolved(s);
+        if let Some(values) = self.values_of(s) {
+            return Some(values.iter().map(type_of).collect());
+        }
+        for key in ["anyOf", "oneOf", "allOf"] {
+            if let Some(list) = s.get(key).and_then(Value::as_array) {
+                let mut all = Vec::new();
+                for sub in list {
+                    all.extend(self.types_of(sub)?);
+                }
+                return Some(all);
+            }
+        }
+        let name = |t: &str| match t {
+            "integer" | "number" => Some("number"),
+            "string" => Some("string"),
+            "boolean" => Some("boolean"),
+            "null" => Some("null"),
+            "array" => Some("array"),
+            "object" => Some("object"),
+            _ => None,
+        };
+        match s.get("type") {
+            Some(Value::String(t)) => Some(vec![name(t)?]),
+            Some(Value::Array(ts)) => ts.iter().map(|t| t.as_str().and_then(name)).collect(),
+            _ if s.get("properties").is_some() => Some(vec!["object"]),
+            _ if s.get("items").is_some() => Some(vec!["array"]),
+            _ => None,
+        }
+    }
+
+    /// The values `s` allows when it lists them (`const`, `enum`).
+    fn values_of(&self, s: &'a Value) -> Option<&'a [Value]> {
+        let s = self.resolved(s);
+        match (s.get("const"), s.get("enum")) {
+            (Some(c), _) => Some(std::slice::from_ref(c)),
+            (None, Some(Value::Array(e))) => Some(e.as_slice()),
+            _ => None,
+        }
+    }
+
+    /// Whether no value can be valid against both `a` and `b`: their types differ, or their listed values
+    /// do, or a property both require lists values in each and those differ.
+    fn told_apart(&self, a: &'a Value, b: &'a Value) -> bool {
+        let (a, b) = (self.resolved(a), self.resolved(b));
+        // Numbers compare by value (1 and 1.0 are one value to JSON Schema).
+        let same = |v: &Value, w: &Value| match (v.as_f64(), w.as_f64()) {
+            (Some(x), Some(y)) => x == y,
+            _ => v == w,
+        };
+        let apart = |x: &[Value], y: &[Value]| x.iter().all(|v| !y.iter().any(|w| same(v, w)));
+        if let (Some(x), Some(y)) = (self.types_of(a), self.types_of(b)) {
+            if x.iter().all(|t| !y.contains(t)) {
+                return true;
+            }
+        }
+        if let (Some(x), Some(y)) = (self.values_of(a), self.values_of(b)) {
+            return apart(x, y);
+        }
+        let required = |s: &'a Value| -> Vec<&'a str> {
+            s.get("required")
+                .and_then(Value::as_array)
+                .map_or(Vec::new(), |r| r.iter().filter_map(Value::as_str).collect())
+        };
+        let (ra, rb) = (required(a), required(b));
+        ra.iter().filter(|p| rb.contains(p)).any(|p| {
+            let prop = |s: &'a Value| s.get("properties").and_then(|ps| ps.get(*p));
+            match (prop(a).and_then(|s| self.values_of(s)), prop(b).and_then(|s| self.values_of(s))) {
+                (Some(x), Some(y)) => apart(x, y),
+                _ => false,
+            }
+        })
     }
 
     /// `{"$ref": "#/$defs/name"}` (or any JSON pointer into this document).
@@ -189,15 +318,13 @@ impl<'a> Builder<'a> {
     }
 
     fn string(&mut self, s: &Map<String, Value>, at: &str) -> Result<String, String> {
-        check_keywords(s, &["minLength", "maxLength", "pattern", "format"], at)?;
         if let Some(p) = s.get("pattern") {
-            if s.contains_key("minLength") || s.contains_key("maxLength") {
-                return Err(format!("{at}: `pattern` with `minLength` or `maxLength` is not supported"));
+            if let Some(k) = ["minLength", "maxLength", "format"].iter().find(|k| s.contains_key(**k)) {
+                return Err(format!("{at}: `pattern` with `{k}` is not supported"));
             }
             let p = p.as_str().ok_or_else(|| format!("{at}/pattern: a string"))?;
-            let p = p.strip_prefix('^').unwrap_or(p);
-            let p = p.strip_suffix('$').filter(|q| !q.ends_with('\\')).unwrap_or(p);
-            return Ok(format!("\"(?:{p})\""));
+            let content = super::pattern::string_content(p).map_err(|e| format!("{at}/pattern: {e}"))?;
+            return Ok(format!("\"(?:{content})\""));
         }
         if let Some(f) = s.get("format") {
             let f = f.as_str().ok_or_else(|| format!("{at}/format: a string"))?;
@@ -221,15 +348,9 @@ impl<'a> Builder<'a> {
         })
     }
 
-    fn number(&mut self, s: &Map<String, Value>, at: &str, regex: &str) -> Result<String, String> {
-        check_keywords(s, &[], at)?;
-        Ok(regex.to_string())
-    }
-
     /// An integer, within `minimum` / `maximum` and their exclusive forms (a number, or draft 4's boolean
     /// beside the bound it makes exclusive).
     fn integer(&mut self, s: &Map<String, Value>, at: &str) -> Result<String, String> {
-        check_keywords(s, &["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"], at)?;
         let number = |key: &str| -> Result<Option<f64>, String> {
             match s.get(key) {
                 None | Some(Value::Bool(_)) => Ok(None),
@@ -263,13 +384,7 @@ impl<'a> Builder<'a> {
             .ok_or_else(|| format!("{at}: no integer is within its minimum and maximum"))
     }
 
-    fn plain(&mut self, s: &Map<String, Value>, at: &str, regex: &str) -> Result<String, String> {
-        check_keywords(s, &[], at)?;
-        Ok(regex.to_string())
-    }
-
     fn array(&mut self, s: &'a Map<String, Value>, at: &str) -> Result<String, String> {
-        check_keywords(s, &["items", "minItems", "maxItems"], at)?;
         let item = match s.get("items") {
             Some(items) => self.value(items, &format!("{at}/items"))?,
             None => any(ANY_DEPTH - 1),
@@ -283,7 +398,6 @@ impl<'a> Builder<'a> {
     }
 
     fn object(&mut self, s: &'a Map<String, Value>, at: &str) -> Result<String, String> {
-        check_keywords(s, &["properties", "required", "additionalProperties"], at)?;
         let required: Vec<&str> = match s.get("required") {
             None => Vec::new(),
             Some(Value::Array(r)) => {
@@ -336,6 +450,32 @@ fn members_after(members: &[(String, bool)], i: usize, written: bool) -> String 
     }
 }
 
+/// The JSON type of `v` (integers counted as numbers).
+fn type_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Whether `v` is of JSON Schema type `t`.
+fn has_type(v: &Value, t: &str) -> bool {
+    match t {
+        "string" => v.is_string(),
+        "number" => v.is_number(),
+        "integer" => v.is_i64() || v.is_u64() || v.as_f64().is_some_and(|f| f.fract() == 0.0),
+        "boolean" => v.is_boolean(),
+        "null" => v.is_null(),
+        "array" => v.is_array(),
+        "object" => v.is_object(),
+        _ => false,
+    }
+}
+
 /// Refuses any keyword beyond the annotations and `allowed`: left out, it could let an invalid text through.
 fn check_keywords(s: &Map<String, Value>, allowed: &[&str], at: &str) -> Result<(), String> {
     let known = |k: &str| k == "type" || ANNOTATIONS.contains(&k) || allowed.contains(&k) || k.starts_with("x-");
@@ -353,7 +493,8 @@ fn count(s: &Map<String, Value>, key: &str, at: &str) -> Result<Option<u64>, Str
 }
 
 const DATE: &str = "[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])";
-const TIME: &str = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?";
+/// RFC 3339's full-time: the offset is required.
+const TIME: &str = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])";
 
 #[cfg(test)]
 mod tests {
@@ -435,8 +576,27 @@ mod tests {
             (
                 r#"{"type": "string", "format": "date-time"}"#,
                 &[r#""2026-11-30T12:00:00Z""#, r#""2026-02-28T23:59:59.5+01:00""#],
-                &[r#""2026-13-01T00:00:00Z""#, r#""2026-11-30 12:00:00""#],
+                &[r#""2026-13-01T00:00:00Z""#, r#""2026-11-30 12:00:00Z""#, r#""2026-11-30T12:00:00""#],
             ),
+            (
+                r#"{"oneOf": [{"type": "string"}, {"type": "null"}, {"enum": [1, 2]}]}"#,
+                &[r#""x""#, "null", "2"],
+                &["3", "true"],
+            ),
+            (
+                r#"{"oneOf": [
+                    {"properties": {"kind": {"const": "a"}, "x": {"type": "integer"}}, "required": ["kind", "x"]},
+                    {"properties": {"kind": {"enum": ["b", "c"]}, "y": {"type": "string"}}, "required": ["kind"]}]}"#,
+                &[r#"{"kind": "a", "x": 1}"#, r#"{"kind": "c"}"#, r#"{"kind": "b", "y": "z"}"#],
+                &[r#"{"kind": "a"}"#, r#"{"kind": "d"}"#],
+            ),
+            (r#"{"type": "string", "enum": ["a", 1, "b"]}"#, &[r#""a""#, r#""b""#], &["1"]),
+            (
+                r#"{"type": ["string", "null", "integer"], "maxLength": 3, "minimum": 0}"#,
+                &[r#""abc""#, "null", "7"],
+                &[r#""abcd""#, "-1"],
+            ),
+            (r#"{"type": "string"}"#, &[r#""\u00e9\ud7ff\ue000""#, r#""😀""#], &[r#""\ud800""#, r#""\udc00x""#]),
             (
                 r#"{"type": "object", "additionalProperties": {"type": "integer"}}"#,
                 &["{}", r#"{"a": 1, "b": 2}"#],
@@ -487,6 +647,16 @@ mod tests {
             (r#"{"type": "object", "properties": {"a": {}}, "required": ["b"]}"#, "`b` is not among the properties"),
             (r#"{"type": "strin"}"#, "unknown type `strin`"),
             (r#"{"not": {"type": "string"}}"#, "keyword `not`"),
+            (r#"{"oneOf": [{"type": "integer"}, {"type": "number"}]}"#, "/oneOf: subschemas 0 and 1 may both"),
+            (
+                r#"{"oneOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]}"#,
+                "/oneOf: subschemas 0 and 1 may both",
+            ),
+            (r#"{"type": "object", "anyOf": [{"required": ["a"]}]}"#, "`type` beside `anyOf` is not supported"),
+            (r#"{"const": 1, "minimum": 0}"#, "keyword `minimum`"),
+            (r#"{"type": "string", "enum": [1]}"#, "/enum: no value of the given type"),
+            (r#"{"type": "string", "pattern": "a+", "format": "date"}"#, "`pattern` with `format`"),
+            (r#"{"type": "string", "pattern": "a\"b"}"#, "/pattern: the literal character"),
             ("false", "accepts nothing"),
             ("{", "not JSON"),
         ];

@@ -12,6 +12,7 @@
 
 pub mod int_range;
 pub mod json_schema;
+pub mod pattern;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
