@@ -22,7 +22,10 @@ pub struct TokenBytes {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Scheme {
     ByteLevel,
-    SentencePiece,
+    /// `▁` is a space; with `byte_fallback`, `<0xHH>` is the byte HH.
+    SentencePiece {
+        byte_fallback: bool,
+    },
 }
 
 impl TokenBytes {
@@ -47,7 +50,7 @@ impl TokenBytes {
                         .collect::<Option<Vec<u8>>>()
                         .unwrap_or_else(|| token.as_bytes().to_vec())
                         .into_boxed_slice(),
-                    Scheme::SentencePiece => match fallback_byte(&token) {
+                    Scheme::SentencePiece { byte_fallback } => match fallback_byte(&token).filter(|_| byte_fallback) {
                         Some(b) => Box::new([b]),
                         None => token.replace('\u{2581}', " ").into_bytes().into_boxed_slice(),
                     },
@@ -96,7 +99,7 @@ fn scheme(decoder: &serde_json::Value) -> Result<Scheme, String> {
     let kind = |d: &serde_json::Value| d.get("type").and_then(|t| t.as_str()).unwrap_or("").to_string();
     match kind(decoder).as_str() {
         "ByteLevel" => Ok(Scheme::ByteLevel),
-        "Metaspace" => Ok(Scheme::SentencePiece),
+        "Metaspace" => Ok(Scheme::SentencePiece { byte_fallback: false }),
         "Sequence" => {
             let parts = decoder.get("decoders").and_then(|d| d.as_array()).cloned().unwrap_or_default();
             let kinds: Vec<String> = parts.iter().map(kind).collect();
@@ -104,17 +107,23 @@ fn scheme(decoder: &serde_json::Value) -> Result<Scheme, String> {
                 return Ok(Scheme::ByteLevel);
             }
             // SentencePiece's: `▁` to a space (Replace or Metaspace), byte fallback, fuse, strip the first
-            // space. A Replace of anything else would change bytes this table does not know of.
+            // space. A Replace of anything else, or a Strip of more, would change bytes this table does not
+            // know of.
             let spaces = parts.iter().all(|d| match kind(d).as_str() {
                 "Replace" => {
                     d.pointer("/pattern/String").and_then(|p| p.as_str()) == Some("\u{2581}")
                         && d.get("content").and_then(|c| c.as_str()) == Some(" ")
                 }
-                "Metaspace" | "ByteFallback" | "Fuse" | "Strip" => true,
+                "Strip" => {
+                    d.get("content").and_then(|c| c.as_str()) == Some(" ")
+                        && d.get("start").and_then(|n| n.as_u64()).is_some_and(|n| n <= 1)
+                        && d.get("stop").and_then(|n| n.as_u64()) == Some(0)
+                }
+                "Metaspace" | "ByteFallback" | "Fuse" => true,
                 _ => false,
             });
             if spaces && kinds.iter().any(|k| k == "Replace" || k == "Metaspace") {
-                Ok(Scheme::SentencePiece)
+                Ok(Scheme::SentencePiece { byte_fallback: kinds.iter().any(|k| k == "ByteFallback") })
             } else {
                 Err(format!(
                     "its decoder (a Sequence of {}) is neither byte-level nor SentencePiece's",
@@ -245,6 +254,13 @@ mod tests {
         let odd = serde_json::json!({"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "_"}, "content": " "}, {"type": "ByteFallback"}]});
         assert!(scheme(&odd).unwrap_err().contains("Replace, ByteFallback"));
+        let strip2 = serde_json::json!({"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "Strip", "content": " ", "start": 2, "stop": 0}]});
+        assert!(scheme(&strip2).is_err(), "a Strip of two spaces");
+        let plain = serde_json::json!({"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}, {"type": "Fuse"}]});
+        assert_eq!(scheme(&plain).unwrap(), Scheme::SentencePiece { byte_fallback: false });
         assert!(scheme(&serde_json::Value::Null).unwrap_err().contains("no decoder"));
     }
 }
