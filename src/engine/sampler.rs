@@ -12,9 +12,8 @@ use std::collections::{HashMap, HashSet};
 use super::logits::RowLogits;
 
 use super::request::FinishReason;
-use super::structured::Guide;
+use super::structured::{Cursor, Guide};
 use crate::rng::Rng;
-use regex_automata::util::primitives::StateID;
 use std::sync::Arc;
 
 /// Validated sampling settings of one request.
@@ -201,7 +200,7 @@ pub struct Sampler {
     generated: usize,
     /// With structured output: where the output is in the guide's automaton, and the tokens that end the
     /// request (allowed where the output is whole).
-    guided: Option<(StateID, Vec<u32>)>,
+    guided: Option<(Cursor, Vec<u32>)>,
 }
 
 /// The tokens the penalties look at, kept up to date token by token (not recounted every step).

@@ -14,6 +14,9 @@ use std::collections::HashMap;
 pub struct TokenBytes {
     /// By token id: `None` for a special token or an id the tokenizer has no token for.
     bytes: Vec<Option<Box<[u8]>>>,
+    /// Where a token spells other bytes as the first of a text (SentencePiece's decoders drop the first
+    /// token's leading space): by token id, what decoding it alone gives; `None` when no token differs.
+    first: Option<Vec<Option<Box<[u8]>>>>,
     /// The ids with non-empty bytes, ordered by their bytes.
     sorted: Vec<u32>,
 }
@@ -60,12 +63,42 @@ impl TokenBytes {
         let mut sorted: Vec<u32> =
             (0..n as u32).filter(|&id| bytes[id as usize].as_ref().is_some_and(|b| !b.is_empty())).collect();
         sorted.sort_by(|&a, &b| bytes[a as usize].cmp(&bytes[b as usize]));
-        Ok(TokenBytes { bytes, sorted })
+        // As the first token of a text: what decoding it alone gives (a streamed output's first token is
+        // decoded alone), where that is whole characters; a byte of a character spells itself.
+        let first = match scheme {
+            Scheme::ByteLevel => None,
+            Scheme::SentencePiece { .. } => {
+                let first: Vec<Option<Box<[u8]>>> = (0..n as u32)
+                    .map(|id| {
+                        let b = bytes[id as usize].as_ref()?;
+                        match std::str::from_utf8(b) {
+                            Ok(_) => tok.decode(&[id], true).ok().map(|t| t.into_bytes().into_boxed_slice()),
+                            Err(_) => Some(b.clone()),
+                        }
+                    })
+                    .collect();
+                (first != bytes).then_some(first)
+            }
+        };
+        Ok(TokenBytes { bytes, sorted, first })
     }
 
     /// The bytes of token `id` (`None`: special, or not a token).
     pub fn get(&self, id: u32) -> Option<&[u8]> {
         self.bytes.get(id as usize)?.as_deref()
+    }
+
+    /// The bytes of token `id` as the first of a text.
+    pub fn get_first(&self, id: u32) -> Option<&[u8]> {
+        match &self.first {
+            Some(first) => first.get(id as usize)?.as_deref(),
+            None => self.get(id),
+        }
+    }
+
+    /// Whether some token spells other bytes as the first of a text.
+    pub fn first_differs(&self) -> bool {
+        self.first.is_some()
     }
 
     /// How many ids the table covers (the tokenizer's vocabulary, added tokens included).
@@ -114,10 +147,15 @@ fn scheme(decoder: &serde_json::Value) -> Result<Scheme, String> {
                     d.pointer("/pattern/String").and_then(|p| p.as_str()) == Some("\u{2581}")
                         && d.get("content").and_then(|c| c.as_str()) == Some(" ")
                 }
+                // Only after Fuse does it strip the text's first space, not every token's.
                 "Strip" => {
                     d.get("content").and_then(|c| c.as_str()) == Some(" ")
                         && d.get("start").and_then(|n| n.as_u64()).is_some_and(|n| n <= 1)
                         && d.get("stop").and_then(|n| n.as_u64()) == Some(0)
+                        && matches!(
+                            (kinds.iter().position(|k| k == "Fuse"), kinds.iter().position(|k| k == "Strip")),
+                            (Some(f), Some(t)) if f < t
+                        )
                 }
                 "Metaspace" | "ByteFallback" | "Fuse" => true,
                 _ => false,
@@ -157,6 +195,40 @@ pub fn byte_level_chars() -> Vec<(u8, char)> {
             }
         })
         .collect()
+}
+
+/// A `tokenizer.json` with Llama 2's decoder (a SentencePiece vocabulary with byte fallback: `<unk>`, `<s>`,
+/// `</s>`, the 256 bytes, a few pieces), for tests.
+#[cfg(test)]
+pub(crate) fn sentencepiece_json() -> Vec<u8> {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert(t.to_string(), i.into());
+    }
+    for b in 0..=255u8 {
+        vocab.insert(format!("<0x{b:02X}>"), (vocab.len()).into());
+    }
+    for t in ["\u{2581}", "a", "\u{2581}a", "b", "\u{2581}hello", "é", "{\"", "\u{2581}\u{2581}"] {
+        vocab.insert(t.to_string(), (vocab.len()).into());
+    }
+    let json = serde_json::json!({
+        "version": "1.0",
+        "added_tokens": [
+            {"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+        ],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+        ]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": []}
+    });
+    serde_json::to_vec(&json).unwrap()
 }
 
 #[cfg(test)]
@@ -202,34 +274,7 @@ mod tests {
     /// Llama 2's decoder (a SentencePiece vocabulary with byte fallback), on a small vocabulary.
     #[test]
     fn sentencepiece_tokens_spell_what_they_decode_to() {
-        let mut vocab = serde_json::Map::new();
-        for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
-            vocab.insert(t.to_string(), i.into());
-        }
-        for b in 0..=255u8 {
-            vocab.insert(format!("<0x{b:02X}>"), (vocab.len()).into());
-        }
-        for t in ["\u{2581}", "a", "\u{2581}a", "b", "\u{2581}hello", "é", "{\"", "\u{2581}\u{2581}"] {
-            vocab.insert(t.to_string(), (vocab.len()).into());
-        }
-        let json = serde_json::json!({
-            "version": "1.0",
-            "added_tokens": [
-                {"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-                {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-                {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
-            ],
-            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
-            "decoder": {"type": "Sequence", "decoders": [
-                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-                {"type": "ByteFallback"}, {"type": "Fuse"},
-                {"type": "Strip", "content": " ", "start": 1, "stop": 0}
-            ]},
-            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                      "vocab": vocab, "merges": []}
-        });
-        let bytes = serde_json::to_vec(&json).unwrap();
+        let bytes = sentencepiece_json();
         let tok = tokenizers::Tokenizer::from_bytes(&bytes).unwrap();
         let table = TokenBytes::build(&tok).unwrap();
         assert!(table.spells_every_byte());

@@ -29,9 +29,9 @@ use crate::model::Tokenizer;
 /// The most memory a guide's DFA (and its construction) may take.
 const DFA_LIMIT: usize = 64 << 20;
 /// Guides kept by [`Guides`].
-const GUIDES_KEPT: usize = 32;
-/// Bytes of allowed sets kept per guide (1024 sets for a 128k vocabulary); past it they are worked out again.
-const MASK_BYTES: usize = 16 << 20;
+const GUIDES_KEPT: usize = 16;
+/// Bytes of allowed sets kept per guide (512 sets for a 128k vocabulary); past it they are worked out again.
+const MASK_BYTES: usize = 8 << 20;
 /// Bytes of compiled automata kept by [`Guides`] (beyond the most recent one).
 const GUIDES_BYTES: usize = 256 << 20;
 /// Tokens per parallel chunk of the vocabulary walk.
@@ -83,13 +83,21 @@ pub struct Guide {
     /// state after a byte past a whole text is alive only to say the text before it matched.)
     live: Vec<bool>,
     tokenizer: Arc<Tokenizer>,
-    /// Each state's allowed tokens, once worked out (a cell being filled while they are).
-    masks: Mutex<HashMap<StateID, Arc<OnceLock<Arc<Mask>>>>>,
+    /// The allowed tokens at each place reached, once worked out (a cell being filled while they are).
+    masks: Mutex<HashMap<Cursor, Arc<OnceLock<Arc<Mask>>>>>,
     /// How many allowed sets to keep ([`MASK_BYTES`] of them).
     masks_kept: usize,
 }
 
-/// The tokens allowed in one DFA state.
+/// Where an output is: its DFA state, and whether the next token is its first where the tokenizer spells
+/// a first token differently (SentencePiece's decoders drop its leading space: the text holds it without).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cursor {
+    state: StateID,
+    first: bool,
+}
+
+/// The tokens allowed at one place.
 #[derive(Debug)]
 pub struct Mask {
     /// Bit `id` set: token `id` keeps the output a prefix of a text of the language.
@@ -185,7 +193,7 @@ impl Guide {
         let masks_kept = (MASK_BYTES / (bytes.len().div_ceil(8)).max(1)).max(16);
         let guide =
             Guide { constraint: constraint.clone(), dfa, start, live, tokenizer, masks: Mutex::default(), masks_kept };
-        let first = guide.mask(start);
+        let first = guide.mask(guide.start());
         if first.is_empty() && !first.whole {
             return Err("no text matches it".into());
         }
@@ -196,54 +204,64 @@ impl Guide {
         &self.constraint
     }
 
-    /// The state before any output.
-    pub fn start(&self) -> StateID {
-        self.start
+    /// Where the output is before any of it.
+    pub fn start(&self) -> Cursor {
+        Cursor { state: self.start, first: self.bytes().first_differs() }
     }
 
-    /// The tokens allowed in `state`, worked out now unless kept or being worked out (then waited for).
-    pub fn mask(&self, state: StateID) -> Arc<Mask> {
-        let (cell, _) = self.cell(state);
-        cell.get_or_init(|| Arc::new(self.work_out(state))).clone()
+    /// The tokens allowed at `at`, worked out now unless kept or being worked out (then waited for).
+    pub fn mask(&self, at: Cursor) -> Arc<Mask> {
+        match self.cell(at) {
+            (cell, true) => cell.get_or_init(|| Arc::new(self.work_out(at))).clone(),
+            // Whoever put the cell in fills it: a pool job, or a caller outside the pool that is doing so now.
+            (cell, false) => cell.wait().clone(),
+        }
     }
 
-    /// Starts working out the tokens allowed in `state` on the thread pool, unless they are kept or under
-    /// way: called as a token is picked, it overlaps the work with the next forward. Only the call that puts
-    /// the state's cell in starts a job, so no job ever waits on a cell another job is filling (a job waiting
-    /// inside the pool could hold up the very job it waits for).
-    pub fn prefetch(self: &Arc<Self>, state: StateID) {
-        if self.dead(state) {
+    /// Starts working out the tokens allowed at `at` on the thread pool, unless they are kept or under way:
+    /// called as a token is picked, it overlaps the work with the next forward. A cell is filled only by the
+    /// one that put it in (others wait), so no pool job ever waits: a job waiting on a cell that a caller
+    /// outside the pool is filling would hold a pool thread that caller's own chunks need.
+    pub fn prefetch(self: &Arc<Self>, at: Cursor) {
+        if self.dead(at.state) {
             return;
         }
-        let (cell, new) = self.cell(state);
-        if new {
+        if let (cell, true) = self.cell(at) {
             let guide = self.clone();
             rayon::spawn(move || {
-                cell.get_or_init(|| Arc::new(guide.work_out(state)));
+                cell.get_or_init(|| Arc::new(guide.work_out(at)));
             });
         }
     }
 
-    /// The cell of `state`'s allowed tokens, and whether this call put it in (all of them are dropped once
-    /// more than the guide keeps are in).
-    fn cell(&self, state: StateID) -> (Arc<OnceLock<Arc<Mask>>>, bool) {
+    /// The cell of the allowed tokens at `at`, and whether this call put it in (all of them are dropped once
+    /// more than the guide keeps are in; a cell being filled then is still filled, for those holding it).
+    fn cell(&self, at: Cursor) -> (Arc<OnceLock<Arc<Mask>>>, bool) {
         let mut masks = self.masks.lock().expect("guide masks");
-        if let Some(c) = masks.get(&state) {
+        if let Some(c) = masks.get(&at) {
             return (c.clone(), false);
         }
         if masks.len() >= self.masks_kept {
             masks.clear();
         }
         let cell = Arc::new(OnceLock::new());
-        masks.insert(state, cell.clone());
+        masks.insert(at, cell.clone());
         (cell, true)
     }
 
-    /// The state after `token` in `state` (a token `state` allows; another leaves a hopeless state, or the
-    /// state as it was for a special token, which spells nothing).
-    pub fn advance(&self, state: StateID, token: u32) -> StateID {
-        let bytes = self.bytes().get(token).unwrap_or_default();
-        bytes.iter().fold(state, |s, &b| self.dfa.next_state(s, b))
+    /// Where the output is after `token` at `at` (a token allowed there; another leaves a hopeless state,
+    /// a special token, which spells nothing, the state as it was).
+    pub fn advance(&self, at: Cursor, token: u32) -> Cursor {
+        let bytes = self.spelled(at, token).unwrap_or_default();
+        Cursor { state: bytes.iter().fold(at.state, |s, &b| self.dfa.next_state(s, b)), first: false }
+    }
+
+    /// What token `id` adds to the text at `at` (`None`: a special token).
+    fn spelled(&self, at: Cursor, id: u32) -> Option<&[u8]> {
+        match at.first {
+            true => self.bytes().get_first(id),
+            false => self.bytes().get(id),
+        }
     }
 
     fn bytes(&self) -> &TokenBytes {
@@ -255,30 +273,30 @@ impl Guide {
         !self.live.get(s.as_usize() >> self.dfa.stride2()).copied().unwrap_or(false)
     }
 
-    /// The tokens allowed in `state`: the vocabulary in byte order, in chunks walked in parallel.
-    fn work_out(&self, state: StateID) -> Mask {
+    /// The tokens allowed at `at`: the vocabulary in byte order, in chunks walked in parallel.
+    fn work_out(&self, at: Cursor) -> Mask {
         use rayon::prelude::*;
         let table = self.bytes();
         let mut words = vec![0u64; table.len().div_ceil(64)];
-        let allowed: Vec<Vec<u32>> = table.sorted().par_chunks(WALK_CHUNK).map(|ids| self.walk(state, ids)).collect();
+        let allowed: Vec<Vec<u32>> = table.sorted().par_chunks(WALK_CHUNK).map(|ids| self.walk(at, ids)).collect();
         for id in allowed.iter().flatten() {
             words[*id as usize / 64] |= 1 << (id % 64);
         }
         let allowed = allowed.iter().map(Vec::len).sum();
-        Mask { words, allowed, whole: self.dfa.is_match_state(self.dfa.next_eoi_state(state)) }
+        Mask { words, allowed, whole: self.dfa.is_match_state(self.dfa.next_eoi_state(at.state)) }
     }
 
     /// The allowed ones of `ids` (in byte order): `states[k]` is the state after the first `k` bytes of the
     /// token before, so a token walks only the bytes past the prefix it shares with it; after a dead prefix,
-    /// the tokens that start with it are skipped.
-    fn walk(&self, state: StateID, ids: &[u32]) -> Vec<u32> {
-        let table = self.bytes();
+    /// the tokens that start with it are skipped (both compare the bytes themselves, so they hold in any
+    /// order; byte order only makes them frequent).
+    fn walk(&self, at: Cursor, ids: &[u32]) -> Vec<u32> {
         let mut allowed = Vec::new();
-        let mut states = vec![state];
+        let mut states = vec![at.state];
         let mut prev: &[u8] = &[];
         let mut dead: Option<&[u8]> = None;
         for &id in ids {
-            let b = table.get(id).expect("sorted ids spell something");
+            let b = self.spelled(at, id).expect("sorted ids spell something");
             if dead.is_some_and(|d| b.starts_with(d)) {
                 continue;
             }

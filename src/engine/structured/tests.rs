@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use regex_automata::meta::Regex;
 
+use super::Whole;
 use super::*;
 use crate::model::Tokenizer;
 use crate::rng::Rng;
@@ -15,12 +16,14 @@ fn fixture_tokenizer(name: &str) -> Arc<Tokenizer> {
 }
 
 /// The allowed set, token by token: every byte's state not dead.
-fn naive(g: &Guide, state: StateID) -> Vec<u32> {
+fn naive(g: &Guide, at: Cursor) -> Vec<u32> {
     let table = g.bytes();
     (0..table.len() as u32)
         .filter(|&id| {
-            let Some(b) = table.get(id).filter(|b| !b.is_empty()) else { return false };
-            let mut s = state;
+            let Some(b) = g.spelled(at, id).filter(|_| table.get(id).is_some_and(|b| !b.is_empty())) else {
+                return false;
+            };
+            let mut s = at.state;
             b.iter().all(|&x| {
                 s = g.dfa.next_state(s, x);
                 !g.dead(s)
@@ -63,7 +66,8 @@ fn masks_equal_the_token_by_token_walk() {
                     s = g.advance(s, id);
                 }
                 let mut done = text.clone();
-                while !g.mask(s).whole {
+                let mut s = s.state;
+                while !g.dfa.is_match_state(g.dfa.next_eoi_state(s)) {
                     let b = (0..=255u8).find(|&b| !g.dead(g.dfa.next_state(s, b))).expect("a live state goes on");
                     done.push(b);
                     s = g.dfa.next_state(s, b);
@@ -97,8 +101,8 @@ fn choices_spell_exactly_their_texts() {
     let g = Guide::compile(&Constraint::Choice(vec!["".into(), "a".into(), "ab".into(), "re".into()]), tok.clone());
     let g = g.unwrap();
     let whole = |text: &str| {
-        let s = text.bytes().fold(g.start(), |s, b| g.dfa.next_state(s, b));
-        g.mask(s).whole
+        let s = text.bytes().fold(g.start().state, |s, b| g.dfa.next_state(s, b));
+        g.mask(Cursor { state: s, first: false }).whole
     };
     assert!(whole("") && whole("a") && whole("ab") && whole("re") && !whole("r") && !whole("abc"));
     for (re, texts) in [("1|10", &["1", "10"][..]), ("a+?", &["a", "aaa"]), ("(x|xy)z?", &["x", "xy", "xz", "xyz"])] {
@@ -195,7 +199,7 @@ fn concurrent_prefetches_never_hang() {
         for round in 0..10 {
             let guide = Arc::new(Guide::compile(&Constraint::JsonObject, tok.clone()).unwrap());
             let params = SamplingParams { guide: Some(guide.clone()), ..Default::default() };
-            let mut walks: Vec<(Sampler, StateID)> =
+            let mut walks: Vec<(Sampler, Cursor)> =
                 (0..8).map(|i| (Sampler::new(params.clone(), i, &[], &[eos]), guide.start())).collect();
             let mut rng = Rng::new(round);
             // A few rows shared by all, made beforehand: picks follow each other at once, and sequences that
@@ -215,4 +219,90 @@ fn concurrent_prefetches_never_hang() {
         tx.send(()).unwrap();
     });
     rx.recv_timeout(std::time::Duration::from_secs(120)).expect("every walk finished");
+}
+
+/// With Llama 2's decoder, a text's first token loses its leading space: the guide walks what decoding
+/// gives, so the output decoded as the server decodes it (alone, from its first token) is a whole text of the
+/// language, a leading space included where the language asks for one.
+#[test]
+fn sentencepiece_outputs_decode_to_their_language() {
+    let json = crate::model::token_bytes::sentencepiece_json();
+    let tok = Arc::new(Tokenizer::from_parts(&json, "sentencepiece/tokenizer.json", None).unwrap());
+    let table = tok.token_bytes().unwrap();
+    let id = |t: &str| tok.token_to_id(t).unwrap();
+    assert!(table.first_differs());
+    assert_eq!(
+        (table.get(id("\u{2581}hello")), table.get_first(id("\u{2581}hello"))),
+        (Some(&b" hello"[..]), Some(&b"hello"[..]))
+    );
+    for (c, want) in [
+        (Constraint::Choice(vec![" hello".into(), "a b".into()]), &[" hello", "a b"][..]),
+        (Constraint::Regex("(hello|a)( a| b)*".into()), &[]),
+    ] {
+        let g = Guide::compile(&c, tok.clone()).unwrap();
+        let whole = Whole::new(&c.regex().unwrap());
+        let mut rng = Rng::new(9);
+        let mut ended = 0;
+        for _ in 0..40 {
+            let (mut at, mut ids) = (g.start(), Vec::new());
+            for _ in 0..12 {
+                let m = g.mask(at);
+                let allowed: Vec<u32> = m.ids().collect();
+                if m.whole && (allowed.is_empty() || rng.below(3) == 0) {
+                    let text = tok.decode(&ids).unwrap();
+                    assert!(whole.is_match(&text), "{c:?}: {text:?} from {ids:?}");
+                    assert!(want.is_empty() || want.contains(&text.as_str()), "{text:?}");
+                    ended += 1;
+                    break;
+                }
+                let t = allowed[rng.below(allowed.len() as u64) as usize];
+                ids.push(t);
+                at = g.advance(at, t);
+            }
+        }
+        assert!(ended > 10, "{c:?}: {ended} walks ended whole");
+    }
+}
+
+/// Places whose prefetch jobs are still queued (every pool thread busy), asked for by as many callers
+/// outside the pool as the pool has threads: the callers wait for the jobs, which fill them. (Were the
+/// callers to fill them themselves, their chunks would queue behind jobs waiting on those very cells,
+/// holding every pool thread: a hang.)
+#[test]
+fn callers_outside_the_pool_wait_for_queued_prefetches() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (json, _) = crate::model::synthetic::tokenizer_json(40_000, 4);
+    let tok = Arc::new(Tokenizer::from_parts(json.as_bytes(), "synthetic/tokenizer.json", None).unwrap());
+    let g = Arc::new(Guide::compile(&Constraint::Regex("[a-z]{0,64}".into()), tok).unwrap());
+    let threads = rayon::current_num_threads();
+    // After 1, 2, … `a`s (the synthetic vocabulary's first 256 ids are the bytes): places not worked out yet.
+    let places: Vec<Cursor> =
+        (1..=threads).map(|k| (0..k).fold(g.start(), |at, _| g.advance(at, b'a' as u32))).collect();
+    let gate = Arc::new(std::sync::RwLock::new(()));
+    let held = gate.write().unwrap();
+    let busy = Arc::new(AtomicUsize::new(0));
+    for _ in 0..threads {
+        let (gate, busy) = (gate.clone(), busy.clone());
+        rayon::spawn(move || {
+            busy.fetch_add(1, Ordering::SeqCst);
+            drop(gate.read().unwrap());
+        });
+    }
+    while busy.load(Ordering::SeqCst) < threads {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    for &at in &places {
+        g.prefetch(at);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    for &at in &places {
+        let (g, tx) = (g.clone(), tx.clone());
+        std::thread::spawn(move || tx.send(g.mask(at).allowed).unwrap());
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    drop(held);
+    for _ in &places {
+        let allowed = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("every caller got its allowed set");
+        assert!(allowed > 26, "{allowed}");
+    }
 }
