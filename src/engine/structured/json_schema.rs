@@ -194,6 +194,11 @@ impl<'a> Builder<'a> {
                 other => return Err(format!("{at}/type: unknown type `{other}`")),
             });
         }
+        // `minimum` and the like beside `number` would be left out of its texts.
+        if types.contains(&"number") {
+            let bounds = ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"];
+            allowed.retain(|k| !bounds.contains(k));
+        }
         check_keywords(s, &allowed, at)?;
         let mut alts = Vec::new();
         for t in types {
@@ -246,11 +251,10 @@ impl<'a> Builder<'a> {
             "object" => Some("object"),
             _ => None,
         };
+        // Without `type`, `properties` and `items` accept every value of another type: any type.
         match s.get("type") {
             Some(Value::String(t)) => Some(vec![name(t)?]),
             Some(Value::Array(ts)) => ts.iter().map(|t| t.as_str().and_then(name)).collect(),
-            _ if s.get("properties").is_some() => Some(vec!["object"]),
-            _ if s.get("items").is_some() => Some(vec!["array"]),
             _ => None,
         }
     }
@@ -269,12 +273,7 @@ impl<'a> Builder<'a> {
     /// do, or a property both require lists values in each and those differ.
     fn told_apart(&self, a: &'a Value, b: &'a Value) -> bool {
         let (a, b) = (self.resolved(a), self.resolved(b));
-        // Numbers compare by value (1 and 1.0 are one value to JSON Schema).
-        let same = |v: &Value, w: &Value| match (v.as_f64(), w.as_f64()) {
-            (Some(x), Some(y)) => x == y,
-            _ => v == w,
-        };
-        let apart = |x: &[Value], y: &[Value]| x.iter().all(|v| !y.iter().any(|w| same(v, w)));
+        let apart = |x: &[Value], y: &[Value]| x.iter().all(|v| !y.iter().any(|w| same_value(v, w)));
         if let (Some(x), Some(y)) = (self.types_of(a), self.types_of(b)) {
             if x.iter().all(|t| !y.contains(t)) {
                 return true;
@@ -288,6 +287,11 @@ impl<'a> Builder<'a> {
                 .and_then(Value::as_array)
                 .map_or(Vec::new(), |r| r.iter().filter_map(Value::as_str).collect())
         };
+        // A tag: only between schemas that accept objects alone.
+        let objects = |s: &'a Value| self.types_of(s).is_some_and(|ts| ts.iter().all(|t| *t == "object"));
+        if !objects(a) || !objects(b) {
+            return false;
+        }
         let (ra, rb) = (required(a), required(b));
         ra.iter().filter(|p| rb.contains(p)).any(|p| {
             let prop = |s: &'a Value| s.get("properties").and_then(|ps| ps.get(*p));
@@ -351,37 +355,26 @@ impl<'a> Builder<'a> {
     /// An integer, within `minimum` / `maximum` and their exclusive forms (a number, or draft 4's boolean
     /// beside the bound it makes exclusive).
     fn integer(&mut self, s: &Map<String, Value>, at: &str) -> Result<String, String> {
-        let number = |key: &str| -> Result<Option<f64>, String> {
-            match s.get(key) {
-                None | Some(Value::Bool(_)) => Ok(None),
-                Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("{at}/{key}: a number")),
-            }
-        };
+        // Draft 4's boolean `exclusiveMinimum` / `exclusiveMaximum` make the bound beside them strict.
         let flag = |key: &str| s.get(key).and_then(Value::as_bool).unwrap_or(false);
-        // The integers each bound lets in, tightest first.
-        let lows = [
-            number("minimum")?.map(|m| if flag("exclusiveMinimum") { m.floor() + 1.0 } else { m.ceil() }),
-            number("exclusiveMinimum")?.map(|m| m.floor() + 1.0),
-        ];
-        let highs = [
-            number("maximum")?.map(|m| if flag("exclusiveMaximum") { m.ceil() - 1.0 } else { m.floor() }),
-            number("exclusiveMaximum")?.map(|m| m.ceil() - 1.0),
-        ];
-        let lo = lows.into_iter().flatten().reduce(f64::max);
-        let hi = highs.into_iter().flatten().reduce(f64::min);
-        let whole = |v: Option<f64>| -> Result<Option<i64>, String> {
-            match v {
-                Some(v) if !(-9.2e18..=9.2e18).contains(&v) => {
-                    Err(format!("{at}: bound {v} is outside 64-bit integers"))
+        let bound = |key: &str, strict: bool, up: bool| -> Result<Option<i64>, String> {
+            match s.get(key) {
+                None => Ok(None),
+                Some(Value::Bool(_)) if key.starts_with("exclusive") => Ok(None),
+                Some(Value::Number(n)) => {
+                    int_bound(n, strict, up).map(Some).ok_or_else(|| format!("{at}/{key}: outside 64-bit integers"))
                 }
-                v => Ok(v.map(|v| v as i64)),
+                Some(_) => Err(format!("{at}/{key}: a number")),
             }
         };
+        let lows = [bound("minimum", flag("exclusiveMinimum"), true)?, bound("exclusiveMinimum", true, true)?];
+        let highs = [bound("maximum", flag("exclusiveMaximum"), false)?, bound("exclusiveMaximum", true, false)?];
+        let lo = lows.into_iter().flatten().max();
+        let hi = highs.into_iter().flatten().min();
         if lo.is_none() && hi.is_none() {
             return Ok(INTEGER.to_string());
         }
-        super::int_range::regex(whole(lo)?, whole(hi)?)
-            .ok_or_else(|| format!("{at}: no integer is within its minimum and maximum"))
+        super::int_range::regex(lo, hi).ok_or_else(|| format!("{at}: no integer is within its minimum and maximum"))
     }
 
     fn array(&mut self, s: &'a Map<String, Value>, at: &str) -> Result<String, String> {
@@ -447,6 +440,36 @@ fn members_after(members: &[(String, bool)], i: usize, written: bool) -> String 
         with
     } else {
         format!("(?:{with}|{})", members_after(members, i + 1, false))
+    }
+}
+
+/// The first integer at or past `n` upwards (`up`) or downwards, past it when `strict`; `None` outside i64.
+fn int_bound(n: &serde_json::Number, strict: bool, up: bool) -> Option<i64> {
+    let step = if up { 1 } else { -1 };
+    if let Some(i) = n.as_i64() {
+        return if strict { i.checked_add(step) } else { Some(i) };
+    }
+    let f = n.as_f64()?;
+    let g = if up { f.floor() + 1.0 } else { f.ceil() - 1.0 };
+    let v = if strict || f.fract() != 0.0 { g } else { f };
+    // Whole f64s within i64 convert exactly; 2^63 itself does not fit.
+    (v >= -9.223_372_036_854_775_808e18 && v < 9.223_372_036_854_775_808e18).then_some(v as i64)
+}
+
+/// Whether `v` and `w` are one value to JSON Schema: numbers compare by value (1 and 1.0 are one), arrays
+/// and objects member by member.
+fn same_value(v: &Value, w: &Value) -> bool {
+    match (v, w) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64(), x.as_u64(), y.as_u64()) {
+            (Some(a), Some(b), ..) => a == b,
+            (_, _, Some(a), Some(b)) => a == b,
+            _ => x.as_f64() == y.as_f64(),
+        },
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same_value(a, b)),
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, a)| y.get(k).is_some_and(|b| same_value(a, b)))
+        }
+        _ => v == w,
     }
 }
 
@@ -585,10 +608,17 @@ mod tests {
             ),
             (
                 r#"{"oneOf": [
-                    {"properties": {"kind": {"const": "a"}, "x": {"type": "integer"}}, "required": ["kind", "x"]},
-                    {"properties": {"kind": {"enum": ["b", "c"]}, "y": {"type": "string"}}, "required": ["kind"]}]}"#,
+                    {"type": "object", "properties": {"kind": {"const": "a"}, "x": {"type": "integer"}},
+                     "required": ["kind", "x"]},
+                    {"type": "object", "properties": {"kind": {"enum": ["b", "c"]}, "y": {"type": "string"}},
+                     "required": ["kind"]}]}"#,
                 &[r#"{"kind": "a", "x": 1}"#, r#"{"kind": "c"}"#, r#"{"kind": "b", "y": "z"}"#],
                 &[r#"{"kind": "a"}"#, r#"{"kind": "d"}"#],
+            ),
+            (
+                r#"{"type": "integer", "minimum": 9007199254740993, "exclusiveMaximum": 9007199254741000}"#,
+                &["9007199254740993", "9007199254740999"],
+                &["9007199254740992", "9007199254741000"],
             ),
             (r#"{"type": "string", "enum": ["a", 1, "b"]}"#, &[r#""a""#, r#""b""#], &["1"]),
             (
@@ -653,6 +683,18 @@ mod tests {
                 "/oneOf: subschemas 0 and 1 may both",
             ),
             (r#"{"type": "object", "anyOf": [{"required": ["a"]}]}"#, "`type` beside `anyOf` is not supported"),
+            (
+                r#"{"oneOf": [{"properties": {"k": {"const": "a"}}, "required": ["k"]}, {"type": "string"}]}"#,
+                "/oneOf: subschemas 0 and 1 may both",
+            ),
+            (
+                r#"{"oneOf": [{"type": ["object", "null"], "properties": {"k": {"const": "a"}}, "required": ["k"]},
+                              {"type": ["object", "null"], "properties": {"k": {"const": "b"}}, "required": ["k"]}]}"#,
+                "/oneOf: subschemas 0 and 1 may both",
+            ),
+            (r#"{"oneOf": [{"const": {"a": 1}}, {"const": {"a": 1.0}}]}"#, "/oneOf: subschemas 0 and 1 may both"),
+            (r#"{"type": ["number", "integer"], "minimum": 0}"#, "keyword `minimum` is not supported"),
+            (r#"{"type": "integer", "minimum": true}"#, "/minimum: a number"),
             (r#"{"const": 1, "minimum": 0}"#, "keyword `minimum`"),
             (r#"{"type": "string", "enum": [1]}"#, "/enum: no value of the given type"),
             (r#"{"type": "string", "pattern": "a+", "format": "date"}"#, "`pattern` with `format`"),

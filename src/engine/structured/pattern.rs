@@ -28,7 +28,7 @@ pub fn string_content(pattern: &str) -> Result<String, String> {
 /// `p` with ECMA's meaning of `\d`, `\w`, `\s`, `.` and `\b` spelled out in Rust's syntax.
 fn as_ecma(p: &str) -> Result<String, String> {
     let ast = ast::parse::Parser::new().parse(p).map_err(|e| e.to_string())?;
-    let mut edits = ast::visit(&ast, Ecma(Vec::new()))?;
+    let mut edits = ast::visit(&ast, Ecma(Vec::new(), p))?;
     edits.sort_by_key(|(start, ..)| std::cmp::Reverse(*start));
     let mut out = p.to_string();
     for (start, end, with) in edits {
@@ -37,10 +37,11 @@ fn as_ecma(p: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// Collects the spans to rewrite, with what to write there (nested classes work inside brackets too).
-struct Ecma(Vec<(usize, usize, &'static str)>);
+/// Collects the spans to rewrite, with what to write there (nested classes work inside brackets too), in
+/// the pattern; refuses the syntax that means something else in ECMA-262 than in Rust.
+struct Ecma<'p>(Vec<(usize, usize, &'static str)>, &'p str);
 
-impl Ecma {
+impl Ecma<'_> {
     fn perl(&mut self, c: &ast::ClassPerl) {
         let with = match (c.kind.clone(), c.negated) {
             (ClassPerlKind::Digit, false) => "[0-9]",
@@ -59,7 +60,7 @@ const ECMA_SPACE: &str =
 const ECMA_NOT_SPACE: &str =
     r"[^\t\n\x0B\x0C\r \xA0\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000}\x{FEFF}]";
 
-impl ast::Visitor for Ecma {
+impl ast::Visitor for Ecma<'_> {
     type Output = Vec<(usize, usize, &'static str)>;
     type Err = String;
 
@@ -71,6 +72,20 @@ impl ast::Visitor for Ecma {
         match a {
             Ast::ClassPerl(c) => self.perl(c),
             Ast::Dot(span) => self.0.push((span.start.offset, span.end.offset, r"[^\n\r\x{2028}\x{2029}]")),
+            Ast::Flags(_) => return Err("inline flags are not ECMA-262".into()),
+            Ast::Group(g) if g.flags().is_some_and(|f| !f.items.is_empty()) => {
+                return Err("inline flags are not ECMA-262".into())
+            }
+            // `[]a]` is `]` or `a` to Rust, an empty class then `a]` to ECMA.
+            Ast::ClassBracketed(c) => {
+                let inside = &self.1[c.span.start.offset + 1..];
+                if inside.strip_prefix('^').unwrap_or(inside).starts_with(']') {
+                    return Err(format!(
+                        "a `]` first in the class at byte {} means another thing in ECMA-262",
+                        c.span.start.offset
+                    ));
+                }
+            }
             Ast::Assertion(x) => {
                 let with = match x.kind {
                     ast::AssertionKind::WordBoundary => r"(?-u:\b)",
@@ -87,10 +102,17 @@ impl ast::Visitor for Ecma {
     }
 
     fn visit_class_set_item_pre(&mut self, item: &ClassSetItem) -> Result<(), String> {
-        if let ClassSetItem::Perl(c) = item {
-            self.perl(c);
+        match item {
+            ClassSetItem::Perl(c) => self.perl(c),
+            ClassSetItem::Ascii(_) => return Err("`[:name:]` classes are not ECMA-262".into()),
+            ClassSetItem::Bracketed(_) => return Err("nested classes are not ECMA-262".into()),
+            _ => {}
         }
         Ok(())
+    }
+
+    fn visit_class_set_binary_op_pre(&mut self, _: &ast::ClassSetBinaryOp) -> Result<(), String> {
+        Err("class operations (`&&`, `--`, `~~`) are not ECMA-262".into())
     }
 }
 
@@ -155,5 +177,19 @@ mod tests {
             assert!(e.contains(why), "{pattern}: {e}");
         }
         assert!(string_content("(a").is_err());
+        for (pattern, why) in [
+            ("[[:alpha:]]", "`[:name:]`"),
+            ("[a-z&&[^aeiou]]", "class operations"),
+            ("[a[bc]]", "nested classes"),
+            ("[a-c--b]", "class operations"),
+            ("[]a]", "a `]` first"),
+            ("[^]a]", "a `]` first"),
+            ("(?i)a", "inline flags"),
+            ("(?i:a)", "inline flags"),
+        ] {
+            let e = string_content(pattern).unwrap_err();
+            assert!(e.contains(why), "{pattern}: {e}");
+        }
+        assert!(content(r"[\]a]+").is_match("]a"), "an escaped `]` is fine");
     }
 }
