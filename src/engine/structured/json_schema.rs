@@ -453,7 +453,8 @@ fn int_bound(n: &serde_json::Number, strict: bool, up: bool) -> Option<i64> {
     let g = if up { f.floor() + 1.0 } else { f.ceil() - 1.0 };
     let v = if strict || f.fract() != 0.0 { g } else { f };
     // Whole f64s within i64 convert exactly; 2^63 itself does not fit.
-    (v >= -9.223_372_036_854_775_808e18 && v < 9.223_372_036_854_775_808e18).then_some(v as i64)
+    let edge = i64::MIN as f64; // −2^63, exactly
+    (edge..-edge).contains(&v).then_some(v as i64)
 }
 
 /// Whether `v` and `w` are one value to JSON Schema: numbers compare by value (1 and 1.0 are one), arrays
