@@ -3,9 +3,10 @@
 //! `logit_bias`), the penalties (repetition as Hugging Face applies it, then frequency and
 //! presence as OpenAI defines them, in vLLM's order), then greedy (temperature 0) or temperature → top-k →
 //! top-p → min-p (the order Hugging Face applies them in), with structured output ([`super::structured`])
-//! allowing only the tokens that keep the output in its language, drawn from the project's PRNG so a seed gives the
-//! same tokens on every machine and version; which tokens end a request ([`SamplingParams::ends_at`]); and
-//! the greedy pick ([`argmax`]). Rows arrive as [`RowLogits`] ([`super::logits`]).
+//! allowing only the tokens that keep the output in its language, drawn from the project's PRNG so a seed
+//! gives the same tokens on every machine and version; which tokens end a request
+//! ([`SamplingParams::ends_at`]); and the greedy pick ([`argmax`]). Rows arrive as [`RowLogits`]
+//! ([`super::logits`]).
 
 use std::collections::{HashMap, HashSet};
 
@@ -250,8 +251,8 @@ impl Sampler {
         self.params.temperature == 0.0 && !self.processes()
     }
 
-    /// Whether the next pick sees other logits than the model's: an allow list, ending tokens held back, a
-    /// bias or a penalty.
+    /// Whether the next pick sees other logits than the model's: an allow list, structured output, ending
+    /// tokens held back, a bias or a penalty.
     fn processes(&self) -> bool {
         let p = &self.params;
         self.history.is_some()

@@ -8,7 +8,8 @@
 //! −∞. The allowed set of a DFA state is worked out once, by walking the vocabulary in byte order so that
 //! tokens sharing a prefix share its walk and a dead prefix skips all tokens that start with it (in chunks,
 //! in parallel), and kept with the guide; it starts on the thread pool as soon as a pick reaches the state,
-//! overlapping the next forward. [`Guides`] keeps the most recently used guides, so repeated schemas compile once.
+//! overlapping the next forward. A set's cell is filled only by whoever put it in; others wait, so no pool
+//! job ever waits. [`Guides`] keeps the most recently used guides, so repeated schemas compile once.
 
 pub mod int_range;
 pub mod json_schema;
