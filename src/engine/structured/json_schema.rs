@@ -9,6 +9,7 @@
 //! bounded at [`ANY_DEPTH`] levels, since a regex has no recursion; so is a recursive `$ref`, which is
 //! refused.
 
+use regex_syntax::escape;
 use serde_json::{Map, Value};
 
 /// How deeply a value the schema leaves open may nest (objects and arrays inside it).
@@ -53,18 +54,6 @@ pub fn regex_of_schema(schema: &str) -> Result<String, String> {
 /// The regex of any JSON object (vLLM's `json_object`), nesting at most [`ANY_DEPTH`] levels.
 pub fn regex_of_any_object() -> String {
     object_of(&any(ANY_DEPTH - 1))
-}
-
-/// `s` with the regex syntax in it escaped.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if "\\.+*?()|[]{}^$#&-~".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Any JSON value, nesting at most `depth` more levels.

@@ -67,7 +67,7 @@ impl Constraint {
         match self {
             Constraint::Regex(r) => Ok(r.clone()),
             Constraint::Choice(c) if c.is_empty() => Err("no choices given".into()),
-            Constraint::Choice(c) => Ok(c.iter().map(|s| json_schema::escape(s)).collect::<Vec<_>>().join("|")),
+            Constraint::Choice(c) => Ok(c.iter().map(|s| regex_syntax::escape(s)).collect::<Vec<_>>().join("|")),
             Constraint::JsonSchema(s) => json_schema::regex_of_schema(s),
             Constraint::JsonObject => Ok(json_schema::regex_of_any_object()),
         }
