@@ -5,10 +5,10 @@
 //! copy bandwidth measured in the same run. Prints a table; with `OUT` set, writes `$OUT/gpu_kernels.json`.
 //! Exit status 1 when any check fails.
 //!
-//! NF4 matmul: the 7B/8B linears (4096², 11008×4096, 4096×11008, 14336×4096) at 1–8 rows (decode, GEMV
-//! kernels) and 13–512 rows (decode batches and prefill, the tensor-core kernels with 16- and 32-row tiles). Batched LoRA (shrink + expand) on 4096→4096 and
-//! 4096→1024: 32 decode rows over 32 distinct rank-16 adapters, 32 rows of one adapter, and a 512-row
-//! prefill mix of ranks 8/16/64/128 with base-model rows between the segments. Paged attention (the cache
+//! NF4 matmul: the 7B/8B linears (4096², 11008×4096, 4096×11008, 14336×4096) at 1–8 rows (decode, the GEMV
+//! kernels) and 13–512 rows (decode batches and prefill, the tensor-core kernels' 16- and 32-row tiles).
+//! Batched LoRA (shrink + expand) on 4096→4096 and 4096→1024: 32 decode rows over 32 distinct rank-16
+//! adapters, 32 rows of one adapter, and a 512-row prefill mix of ranks 8/16/64/128 with base-model rows between the segments. Paged attention (the cache
 //! write, then attention) on Llama-3-8B heads (32 query / 8 kv, head_dim 128, blocks of 16): decode rows at several
 //! context lengths plus a 20-token prefill, with and without a sliding window; output and cache compared.
 //! Greedy picks (argmax by row) over Llama 2's and Llama 3's vocabularies at 1 and 32 rows, with exact ties
@@ -116,7 +116,7 @@ fn main() -> anyhow::Result<()> {
         }
         // Every GEMV width (1..8 rows, partly filled ones too) and both tensor-core kernels (decode batches of 9..32
         // rows, prefill) with partial row tiles.
-        for (mi, &m) in [1usize, 2, 3, 8, 13, 16, 32, 100, 128, 512].iter().enumerate() {
+        for (mi, &m) in [1usize, 2, 3, 8, 13, 16, 24, 32, 33, 100, 128, 512].iter().enumerate() {
             let x = normal(m * k, 2000 + 10 * si as u64 + mi as u64);
             let want = matmul::matmul(&x, m, &w);
             let dx = stream.clone_htod(&x)?;

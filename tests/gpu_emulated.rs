@@ -112,7 +112,8 @@ fn nf4_error(m: usize, n: usize, k: usize, double_quant: bool, seed: u64) -> (&'
 }
 
 /// Decode widths: every GEMV kernel, partly filled ones too (3, 5 rows), over columns that end mid-block
-/// (37 = 9 blocks of 4 warps + 1) and a K of 1088 (a second 1024-wide step on which only two lanes work);
+/// (37: 9 blocks of 4 columns + 1, 4 of 8 + 5) and a K of 1088 (a second 1024-wide pass of the block's 4 warps
+/// on which only 8 lanes of one warp work);
 /// 629 NF4 blocks, so the double-quantized scales span three nested blocks.
 #[test]
 fn nf4_gemv_every_width_both_absmax_forms() {

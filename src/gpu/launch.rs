@@ -21,13 +21,14 @@ pub struct Launch {
 }
 
 /// Rows of x up to which the GEMV kernels run (each weight byte read once for all rows, CUDA-core FMAs);
-/// beyond, the tensor-core kernel.
+/// beyond, the tensor-core kernels. Measured on the H200 (benches/NOTES.md, "GPU"): two or four 8-row GEMV
+/// passes took 1.4 to 2.1 times as long as one 16- or 32-row tensor-core tile.
 pub const GEMV_MAX_ROWS: usize = 8;
-/// Output columns per GEMV thread block (one warp each), as `WARPS_PER_BLOCK` in `kernels/nf4.cu`.
+/// Warps per GEMV thread block, as `WARPS_PER_BLOCK` in `kernels/nf4.cu`.
 const GEMV_WARPS: usize = 4;
-/// The GEMV kernels compiled, by rows handled (`nf4_gemv_r{R}`).
-const GEMV_KERNELS: [(usize, &str); 4] =
-    [(1, "nf4_gemv_r1"), (2, "nf4_gemv_r2"), (4, "nf4_gemv_r4"), (8, "nf4_gemv_r8")];
+/// The GEMV kernels compiled (`nf4_gemv_r{R}`): rows handled, output columns a block.
+const GEMV_KERNELS: [(usize, usize, &str); 4] =
+    [(1, 4, "nf4_gemv_r1"), (2, 4, "nf4_gemv_r2"), (4, 8, "nf4_gemv_r4"), (8, 8, "nf4_gemv_r8")];
 /// The tensor-core kernels by the rows of their output tile (`nf4_matmul_mma{BM}`): 16 for batches of 9..16
 /// rows, 32 beyond. Each tile is `MMA_BN` columns wide (as in `kernels/nf4.cu`), computed by 4 warps.
 const MMA_KERNELS: [(usize, &str); 2] = [(16, "nf4_matmul_mma16"), (32, "nf4_matmul_mma32")];
@@ -55,12 +56,8 @@ pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
         });
     }
     if m <= GEMV_MAX_ROWS {
-        let (_, kernel) = GEMV_KERNELS.iter().copied().find(|&(r, _)| r >= m).expect("m ≤ 8 has a kernel");
-        return Ok(Launch {
-            kernel,
-            grid: (n.div_ceil(GEMV_WARPS) as u32, 1, 1),
-            block: (32 * GEMV_WARPS as u32, 1, 1),
-        });
+        let (_, cols, kernel) = GEMV_KERNELS.iter().copied().find(|&(r, _, _)| r >= m).expect("m ≤ 8 has a kernel");
+        return Ok(Launch { kernel, grid: (n.div_ceil(cols) as u32, 1, 1), block: (32 * GEMV_WARPS as u32, 1, 1) });
     }
     let (bm, kernel) = MMA_KERNELS.iter().copied().find(|&(bm, _)| bm >= m).unwrap_or(MMA_KERNELS[1]);
     let (gx, gy) = (n.div_ceil(MMA_BN), m.div_ceil(bm));
@@ -275,15 +272,18 @@ mod tests {
 
     #[test]
     fn decode_rows_pick_the_smallest_gemv_that_holds_them() {
-        for (m, kernel) in [(1, "nf4_gemv_r1"), (2, "nf4_gemv_r2"), (3, "nf4_gemv_r4"), (8, "nf4_gemv_r8")] {
+        for (m, kernel, cols) in
+            [(1, "nf4_gemv_r1", 4), (2, "nf4_gemv_r2", 4), (3, "nf4_gemv_r4", 8), (8, "nf4_gemv_r8", 8)]
+        {
             let l = nf4_matmul(m, 4096, 4096).unwrap();
             assert_eq!(l.kernel, kernel, "m={m}");
-            assert_eq!(l.grid, (1024, 1, 1));
+            assert_eq!(l.grid, (4096 / cols, 1, 1), "m={m}");
             assert_eq!(l.block, (128, 1, 1));
         }
         assert_eq!(nf4_matmul(9, 11008, 4096).unwrap().kernel, "nf4_matmul_mma16");
-        // Columns not a multiple of the warps per block: the last block is partly idle, none is missing.
-        assert_eq!(nf4_matmul(1, 4097, 64).unwrap().grid.0 as usize * GEMV_WARPS, 4100);
+        // Columns not a multiple of the columns per block: the last block is partly idle, none is missing.
+        assert_eq!(nf4_matmul(1, 4097, 64).unwrap().grid.0, 1025);
+        assert_eq!(nf4_matmul(8, 4097, 64).unwrap().grid.0, 513);
     }
 
     #[test]
@@ -326,9 +326,9 @@ mod tests {
 
     #[test]
     fn every_kernel_the_launcher_picks_is_defined_in_the_source() {
-        for (r, name) in GEMV_KERNELS {
+        for (r, cols, name) in GEMV_KERNELS {
             assert_eq!(name, format!("nf4_gemv_r{r}"));
-            assert!(NF4_SOURCE.contains(&format!("NF4_GEMV({r})\n")), "{name} not instantiated in nf4.cu");
+            assert!(NF4_SOURCE.contains(&format!("NF4_GEMV({r}, {cols})\n")), "{name} not instantiated in nf4.cu");
         }
         for (bm, name) in MMA_KERNELS {
             assert_eq!(name, format!("nf4_matmul_mma{bm}"));

@@ -46,56 +46,93 @@ __device__ __forceinline__ void nf4_decode32(const uint4 bytes, const float* cod
     }
 }
 
-// Decode-sized inputs (1..8 rows): one warp per output column n, all R rows of x at once, so each weight
-// byte is read once (16-byte loads: a lane takes 32 codes, a warp 1024 elements per step).
-template <int R>
-__device__ void nf4_gemv(NF4_PARAMS) {
-    __shared__ float code[16];
+// Decode-sized inputs (1..8 rows): R rows of x (1, 2, 4 or 8) by COLS consecutive output columns a block. The
+// block's 4 warps split K into 256-element chunks (warp w takes chunks w, w + 4, ...); in a chunk, lane l
+// takes elements 8l..8l+7: 4 bytes of codes per column (each column's 128 bytes a warp, contiguous) and two
+// float4 of every row of x, loaded once and used for all COLS columns (the x traffic through L1, not the
+// weight bytes, is what bounds a GEMV whose lanes read x apart). Sums: across the warp by shuffles, then the 4
+// warps' partial sums in shared memory, added in warp order.
+#define GEMV_CHUNK 256
+
+template <int R, int COLS>
+__device__ __forceinline__ void nf4_gemv(NF4_PARAMS, float* code, float* part) {
     if (threadIdx.x < 16) code[threadIdx.x] = code16[threadIdx.x];
     __syncthreads();
-    const int warp = threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    const int n = blockIdx.x * WARPS_PER_BLOCK + warp;
-    if (n >= N) return;
-    float acc[R];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int n0 = blockIdx.x * COLS;
+    float acc[R][COLS];
 #pragma unroll
-    for (int r = 0; r < R; r++) acc[r] = 0.f;
-    const long long row = (long long)n * K;
-    for (int k0 = lane * 32; k0 < K; k0 += 32 * 32) {
-        const long long e = row + k0;
-        const uint4 bytes = *reinterpret_cast<const uint4*>(packed + e / 2);
-        const float scale = nf4_scale(e / 64, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset);
-        float w[32];
-        nf4_decode32(bytes, code, scale, w);
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int c = 0; c < COLS; c++) acc[r][c] = 0.f;
+    for (int k0 = warp * GEMV_CHUNK + 8 * lane; k0 < K; k0 += WARPS_PER_BLOCK * GEMV_CHUNK) {
+        float4 xa[R], xb[R];
 #pragma unroll
         for (int r = 0; r < R; r++) {
             if (r < M) {
                 const float4* xv = reinterpret_cast<const float4*>(x + (long long)r * K + k0);
-                float s = 0.f;
+                xa[r] = xv[0];
+                xb[r] = xv[1];
+            } else {
+                xa[r].x = xa[r].y = xa[r].z = xa[r].w = 0.f;
+                xb[r].x = xb[r].y = xb[r].z = xb[r].w = 0.f;
+            }
+        }
 #pragma unroll
-                for (int q = 0; q < 8; q++) {
-                    const float4 v = xv[q];
-                    s += v.x * w[4 * q] + v.y * w[4 * q + 1] + v.z * w[4 * q + 2] + v.w * w[4 * q + 3];
+        for (int c = 0; c < COLS; c++) {
+            const int n = n0 + c;
+            if (n < N) {
+                // K % 64 == 0 and k0 % 8 == 0: the 8 elements are one aligned 4-byte word of one NF4 block.
+                const long long e = (long long)n * K + k0;
+                const unsigned int word = *reinterpret_cast<const unsigned int*>(packed + e / 2);
+                const float scale =
+                    nf4_scale(e / 64, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset);
+                float w[8];
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const unsigned int byte = (word >> (8 * j)) & 0xffu;  // elements 2j (high nibble), 2j + 1
+                    w[2 * j] = code[byte >> 4] * scale;
+                    w[2 * j + 1] = code[byte & 0xfu] * scale;
                 }
-                acc[r] += s;
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const float4 a = xa[r], b = xb[r];
+                    acc[r][c] += ((a.x * w[0] + a.y * w[1]) + (a.z * w[2] + a.w * w[3])) +
+                                 ((b.x * w[4] + b.y * w[5]) + (b.z * w[6] + b.w * w[7]));
+                }
             }
         }
     }
 #pragma unroll
-    for (int r = 0; r < R; r++) {
-        float v = acc[r];
+    for (int r = 0; r < R; r++)
 #pragma unroll
-        for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0 && r < M) y[(long long)r * N + n] = v;
+        for (int c = 0; c < COLS; c++) {
+            float v = acc[r][c];
+#pragma unroll
+            for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) part[(warp * R + r) * COLS + c] = v;
+        }
+    __syncthreads();
+    for (int o = threadIdx.x; o < R * COLS; o += 32 * WARPS_PER_BLOCK) {
+        const int r = o / COLS, c = o % COLS, n = n0 + c;
+        if (r < M && n < N) {
+            const float* p = part + r * COLS + c;
+            y[(long long)r * N + n] = ((p[0] + p[R * COLS]) + p[2 * R * COLS]) + p[3 * R * COLS];
+        }
     }
 }
 
-#define NF4_GEMV(R) \
-    extern "C" __global__ void nf4_gemv_r##R(NF4_PARAMS) { nf4_gemv<R>(NF4_ARGS); }
-NF4_GEMV(1)
-NF4_GEMV(2)
-NF4_GEMV(4)
-NF4_GEMV(8)
+// The shared arrays live in the entry points (as the tensor-core kernels' do).
+#define NF4_GEMV(R, COLS)                                                       \
+    extern "C" __global__ void nf4_gemv_r##R(NF4_PARAMS) {                      \
+        __shared__ float code[16];                                              \
+        __shared__ float part[WARPS_PER_BLOCK * R * COLS];                      \
+        nf4_gemv<R, COLS>(NF4_ARGS, code, part);                                \
+    }
+NF4_GEMV(1, 4)
+NF4_GEMV(2, 4)
+NF4_GEMV(4, 8)
+NF4_GEMV(8, 8)
 
 // Tensor cores (sm_80+): mma.sync m16n8k8 with TF32 inputs and f32 accumulators. Each f32 operand is split
 // into a TF32 high part and a TF32 low part (v = hi + lo, exact to ~2^-22) and every product is accumulated as
