@@ -367,13 +367,20 @@ impl Report {
     }
 }
 
-/// `streams` concurrent streaming requests, stream `i` on `adapters[i % len]`.
-async fn decode_round(addr: &str, streams: usize, adapters: &[String], prompt: &str) -> Outcome {
+/// Prompt `stream` of round `round`: `PROMPT_TOKENS` tokens with the demo's byte-level tokenizer (BOS and
+/// one token a byte), distinct from its first block on, so no stream reuses another's KV blocks through the
+/// prefix cache (the peer has none: every stream computes its own prompt, as here).
+fn prompt(round: usize, stream: usize) -> String {
+    let head = format!("stream {stream:02} of round {round}: "); // the streams differ in the first block
+    head.chars().chain("serve adapters fast ".chars().cycle()).take(PROMPT_TOKENS - 1).collect()
+}
+
+/// `streams` concurrent streaming requests, stream `i` on `adapters[i % len]` with prompt `(round, i)`.
+async fn decode_round(addr: &str, round: usize, streams: usize, adapters: &[String]) -> Outcome {
     let started = Instant::now();
     let tasks: Vec<_> = (0..streams)
         .map(|i| {
-            let (addr, adapter_id, prompt) =
-                (addr.to_string(), adapters[i % adapters.len()].clone(), prompt.to_string());
+            let (addr, adapter_id, prompt) = (addr.to_string(), adapters[i % adapters.len()].clone(), prompt(round, i));
             tokio::spawn(async move {
                 let mut o = Outcome::default();
                 match LoraServeClient::connect(addr).await {
@@ -468,9 +475,7 @@ async fn decode(cuda: &Device, report: &mut Report) -> anyhow::Result<()> {
     println!("host-tier promotion (the same adapters, RAM → device), ms: {promote_ms:.1?}");
     report.decode("promote_ms", serde_json::json!(promote_ms))?;
 
-    // The demo tokenizer is byte-level with BOS: PROMPT_TOKENS - 1 bytes.
-    let prompt: String = "serve adapters fast ".chars().cycle().take(PROMPT_TOKENS - 1).collect();
-    decode_round(&addr, 2, &hot[..1], &prompt).await; // warm-up: kernels compiled, pools filled
+    decode_round(&addr, 0, 2, &hot[..1]).await; // warm-up: kernels compiled, pools filled
     println!(
         "\n| streams | adapters | tokens | tokens/s | step ms (ITL p50 / p99) | TTFT p50 / p99 ms | prompt tokens | errors |"
     );
@@ -480,7 +485,7 @@ async fn decode(cuda: &Device, report: &mut Report) -> anyhow::Result<()> {
     for streams in [1usize, 8, 32] {
         let mut tps = [0f64; 2];
         for (i, adapters) in [&hot[..1], hot].into_iter().enumerate() {
-            let mut o = decode_round(&addr, streams, adapters, &prompt).await;
+            let mut o = decode_round(&addr, cells.len() + 1, streams, adapters).await;
             tps[i] = o.tokens as f64 / o.seconds;
             let (itl50, itl99) = (pct(&mut o.itl, 0.5) * 1e3, pct(&mut o.itl, 0.99) * 1e3);
             let (ttft50, ttft99) = (pct(&mut o.ttft, 0.5) * 1e3, pct(&mut o.ttft, 0.99) * 1e3);
