@@ -226,6 +226,9 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
 pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) -> Result<ServerHandle, ServerError> {
     let grpc_addr = grpc.local_addr()?;
     let metrics_addr = metrics.local_addr()?;
+    // The recorder before anything can count: a gauge that moves by deltas (the queue) would otherwise lose
+    // the increments of requests served before the `/metrics` task first ran, and go negative as they end.
+    metrics_http::handle();
     let (stop, mut stop_rx) = watch::channel(false);
     let state = Arc::new(ServiceState { ready: OnceLock::new(), draining: false.into(), limits: cfg.limits });
 
