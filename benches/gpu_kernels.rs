@@ -15,6 +15,8 @@
 //! and NaN planted: the indices must equal `engine::sampler::argmax`'s. The fused residual add + RMS norm and
 //! SiLU·mul at decode and prefill rows of the 7B/8B widths, against the CPU ops they replace, through both
 //! the raw launch and the tensor op the model calls.
+//! One adapter's host → device transfer three ways (a copy per tensor, packed and copied once from pageable
+//! and from page-locked memory), each copy read back.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -29,9 +31,11 @@ use loraserve::gpu::lora::apply_into;
 use loraserve::gpu::nf4::{matmul_into, Nf4CudaLinear, Nf4CudaWeight};
 use loraserve::gpu::sample::argmax_into;
 use loraserve::lora::batched::{apply_reference, LoraSegment};
+use loraserve::lora::synthetic::{random_adapter, ATTENTION};
 use loraserve::lora::{LinearId, LoraModule, LoraWeights, ModuleKind};
 use loraserve::model::attention::{paged_attention, AttnShape, PagedSeq};
 use loraserve::model::kv_cache::LayerKv;
+use loraserve::model::synthetic::shape_config;
 use loraserve::quant::matmul;
 use loraserve::quant::nf4::Nf4Weight;
 use loraserve::rng::Rng;
@@ -152,9 +156,19 @@ fn main() -> anyhow::Result<()> {
     let attention_rows = attention_checks(&device, copy_gbs, &mut failed)?;
     let argmax_rows = argmax_checks(&device, copy_gbs, &mut failed)?;
     let fused_rows = fused_checks(&device, copy_gbs, &mut failed)?;
+    // New here, not yet run on a device: an error is a failed row, not the end of the report.
+    let transfer_rows = match transfer_checks(&device, &mut failed) {
+        Ok(rows) => rows,
+        Err(e) => {
+            println!("| adapter transfer | | | | FAIL ({e:#}) |");
+            failed += 1;
+            vec![]
+        }
+    };
     let report = serde_json::json!({
         "copy_gb_per_s": copy_gbs, "tolerance": TOLERANCE, "nf4_matmul": rows, "batched_lora": lora_rows,
-        "paged_attention": attention_rows, "argmax": argmax_rows, "fused": fused_rows, "failed": failed,
+        "paged_attention": attention_rows, "argmax": argmax_rows, "fused": fused_rows,
+        "adapter_transfer": transfer_rows, "failed": failed,
     });
     if let Ok(out) = std::env::var("OUT") {
         std::fs::write(format!("{out}/gpu_kernels.json"), serde_json::to_string_pretty(&report)?)?;
@@ -486,4 +500,87 @@ fn fused_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyhow::R
         }));
     }
     Ok(out)
+}
+
+/// The median milliseconds of 5 calls of `f` (each synchronized), after one warm-up, and the last result.
+fn median_ms<T>(device: &Device, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<(f64, T)> {
+    f()?;
+    let mut ms = vec![];
+    let mut last = None;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let out = f()?;
+        device.synchronize()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        last = Some(out);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok((ms[2], last.expect("5 calls")))
+}
+
+/// Whether two adapters hold the same values (any devices).
+fn same_adapter(a: &LoraWeights, b: &LoraWeights) -> anyhow::Result<bool> {
+    let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    for ((ia, ma), (ib, mb)) in a.targets().zip(b.targets()) {
+        if ia != ib || ma.scale != mb.scale || values(&ma.a)? != values(&mb.a)? || values(&ma.b_t)? != values(&mb.b_t)?
+        {
+            return Ok(false);
+        }
+    }
+    Ok(a.targets().count() == b.targets().count())
+}
+
+/// One adapter's host → device transfer, as the adapter cache could make it: `synthetic:llama2-7b`'s layout,
+/// rank 16 on q,k,v,o (67 MB of f32). (1) A copy per tensor from pageable memory (`LoraWeights::to_device`,
+/// what a promotion does today); (2) packed (`lora::packed`) into one pageable buffer, one copy; (3) packed
+/// into page-locked memory, one copy, with its allocation and the packing timed apart (a host tier in pinned
+/// memory pays them once per disk load, or never with a pool). Every copy is read back and compared.
+fn transfer_checks(device: &Device, failed: &mut usize) -> anyhow::Result<Vec<serde_json::Value>> {
+    let cuda = device.as_cuda_device()?;
+    let layout = shape_config("llama2-7b").expect("a known shape").lora_layout();
+    let w = random_adapter(&layout, 16, &ATTENTION, 5, &Device::Cpu)?;
+    let packed = w.packed_layout()?;
+    let bytes = w.bytes();
+    println!(
+        "\n| adapter transfer, {:.0} MB in {} tensors | ms (median of 5) | GB/s | read back equal | check |",
+        bytes as f64 / 1e6,
+        2 * w.targets().count()
+    );
+    println!("|---|---|---|---|---|");
+    let mut rows = vec![];
+    let mut row = |what: &str, ms: f64, equal: Option<bool>| {
+        let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
+        let ok = equal != Some(false);
+        *failed += usize::from(!ok);
+        let shown = equal.map_or("", |e| if e { "yes" } else { "NO" });
+        println!("| {what} | {ms:.2} | {gbs:.1} | {shown} | {} |", if ok { "ok" } else { "FAIL" });
+        rows.push(serde_json::json!({ "what": what, "ms": ms, "gb_per_s": gbs, "equal": equal, "ok": ok }));
+    };
+
+    let (ms, copy) = median_ms(device, || Ok(w.to_device(device)?))?;
+    row("a copy per tensor, pageable (the cache today)", ms, Some(same_adapter(&w, &copy)?));
+    drop(copy);
+
+    let mut host = vec![0f32; packed.len];
+    let (ms, ()) = median_ms(device, || Ok(w.pack_into(&packed, &mut host)?))?;
+    row("packing into pageable memory", ms, None);
+    let (ms, copy) =
+        median_ms(device, || Ok(LoraWeights::from_packed(&Tensor::from_slice(&host, packed.len, device)?, &packed)?))?;
+    row("packed, pageable: one copy", ms, Some(same_adapter(&w, &copy)?));
+    drop((copy, host));
+
+    let context = cuda.cuda_stream().context().clone();
+    // SAFETY: the buffer is written whole by pack_into (padding included) before anything reads it.
+    let (ms, mut pinned) = median_ms(device, || Ok(unsafe { context.alloc_pinned::<f32>(packed.len) }.w()?))?;
+    row("allocating page-locked memory", ms, None);
+    let (ms, ()) = median_ms(device, || Ok(w.pack_into(&packed, pinned.as_mut_slice().w()?)?))?;
+    row("packing into page-locked memory", ms, None);
+    let (ms, copy) = median_ms(device, || {
+        Ok(LoraWeights::from_packed(&Tensor::from_slice(pinned.as_slice().w()?, packed.len, device)?, &packed)?)
+    })?;
+    row("packed, page-locked: one copy", ms, Some(same_adapter(&w, &copy)?));
+    drop(copy);
+    let _ = context.bind_to_thread();
+    drop(pinned);
+    Ok(rows)
 }

@@ -4,13 +4,15 @@
 //!
 //! Submodules: [`batched`] (the op, reference and fast path), [`peft`] (PEFT config + safetensors parsing
 //! and validation), [`store`] (the adapters root: ids, paths, versions), [`cache`] (lazy single-flight
-//! loads, byte-budgeted LRU tiers, leases, hot swap), [`synthetic`] (random adapters for benchmarks),
+//! loads, byte-budgeted LRU tiers, leases, hot swap), [`packed`] (an adapter in one buffer, for one-copy
+//! transfers to the GPU), [`synthetic`] (random adapters for benchmarks),
 //! [`trainable`] (the trainable `Var` form used by `server train`), [`watch`] (the filesystem watch on the
 //! adapters root).
 
 pub mod batched;
 pub mod cache;
 mod file;
+pub mod packed;
 pub mod peft;
 pub mod store;
 pub mod synthetic;
