@@ -368,10 +368,11 @@ impl Report {
 }
 
 /// Prompt `stream` of round `round`: `PROMPT_TOKENS` tokens with the demo's byte-level tokenizer (BOS and
-/// one token a byte), distinct from its first block on, so no stream reuses another's KV blocks through the
-/// prefix cache (the peer has none: every stream computes its own prompt, as here).
+/// one token a byte), distinct from its first block on, so no stream reuses the KV blocks of another stream
+/// or an earlier round through the prefix cache (the peer has none: every stream computes its own prompt).
 fn prompt(round: usize, stream: usize) -> String {
-    let head = format!("stream {stream:02} of round {round}: "); // the streams differ in the first block
+    // Round and stream first: every prompt of the run differs within its first 16-token block.
+    let head = format!("r{round} s{stream:02}: ");
     head.chars().chain("serve adapters fast ".chars().cycle()).take(PROMPT_TOKENS - 1).collect()
 }
 

@@ -97,13 +97,24 @@ fn nf4_call_y(l: launch::Launch, w: &Nf4Weight, x: &[f32], m: usize, x_misalign:
 /// One NF4 matmul on the emulated device against `matmul_reference` (dequantize, f64 accumulation); returns
 /// the kernel the launcher chose and the relative error.
 fn nf4_error(m: usize, n: usize, k: usize, double_quant: bool, seed: u64) -> (&'static str, f64) {
+    nf4_error_with(m, n, k, double_quant, seed, launch::nf4_matmul(m, n, k).unwrap())
+}
+
+/// [`nf4_error`] through launch `l`.
+fn nf4_error_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    double_quant: bool,
+    seed: u64,
+    l: launch::Launch,
+) -> (&'static str, f64) {
     let w = Nf4Weight::quantize(&normal(n * k, seed), &[n, k], double_quant);
     assert_eq!(matches!(w.absmax, Absmax::Double(_)), double_quant);
     let x = normal(m * k, seed + 1);
     let want = matmul_reference(&x, m, &w);
     let label = format!("nf4 {m}×{n}×{k} double_quant={double_quant}");
     assert_nontrivial(&want, &label);
-    let l = launch::nf4_matmul(m, n, k).unwrap();
     let (mut call, y) = nf4_call(l, &w, &x, m, 0);
     let err = rel_l2(&run(&mut call, seed).f32(y), &want);
     eprintln!("{label}: {} rel L2 {err:.2e}", l.kernel);
@@ -131,7 +142,7 @@ fn nf4_gemv_every_width_both_absmax_forms() {
 
 /// Past 8 rows: the tensor-core kernels (3xTF32 MMAs). 16-row tiles from the smallest batch they take (9 rows:
 /// one tile partly filled) to a full one (16); 32-row tiles from 17 rows to partial tiles over several block
-/// rows (100). Columns that end mid-tile (130 = 4 tiles + 2, 70) and whole tiles (64); K of one and a half
+/// rows (100), and 16-row tiles over two block rows (20, 32). Columns that end mid-tile (130 = 4 tiles + 2, 70) and whole tiles (64); K of one and a half
 /// 128-wide steps (192: the last step's upper half is padding) and of two whole ones (256).
 #[test]
 fn nf4_mma_partial_tiles_both_absmax_forms() {
@@ -150,6 +161,15 @@ fn nf4_mma_partial_tiles_both_absmax_forms() {
         for dq in [false, true] {
             let (got, err) = nf4_error(m, n, k, dq, 200 + 10 * i as u64 + dq as u64);
             assert_eq!(got, kernel, "{m}×{n}×{k}");
+            worst = worst.max(err);
+        }
+    }
+    // 17–32 rows in two 16-row tiles, as the device bench times them against one 32-row tile.
+    for (i, &(m, n, k)) in [(20usize, 70usize, 192usize), (32, 130, 256)].iter().enumerate() {
+        for dq in [false, true] {
+            let l = launch::nf4_mma(m, n, 16).unwrap();
+            let (got, err) = nf4_error_with(m, n, k, dq, 300 + 10 * i as u64 + dq as u64, l);
+            assert_eq!((got, l.grid.1), ("nf4_matmul_mma16", 2), "{m}×{n}×{k}");
             worst = worst.max(err);
         }
     }

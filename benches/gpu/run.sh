@@ -42,23 +42,23 @@ status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.csv"
 echo
 echo "== 1+2. kernels against their CPU references, and their speed"
-OUT="$OUT" timeout 110 "$bin/gpu_kernels" || status=1
+OUT="$OUT" timeout 80 "$bin/gpu_kernels" || status=1
 echo
 echo "(${SECONDS} s since the start)"
 echo "== 3. end to end: fixtures GPU = CPU, then the decode benchmark"
-OUT="$OUT" LORASERVE_LOG=warn timeout 200 "$bin/gpu_serve" || status=1
+OUT="$OUT" LORASERVE_LOG=warn timeout 160 "$bin/gpu_serve" || status=1
 echo
 echo "(${SECONDS} s since the start)"
 echo "== 4. the peer: transformers + peft"
-OUT="$OUT" PYTHONUNBUFFERED=1 timeout 270 python3 benches/gpu/peer.py || status=1
+OUT="$OUT" PYTHONUNBUFFERED=1 timeout 260 python3 benches/gpu/peer.py || status=1
 echo
 echo "(${SECONDS} s since the start)"
 echo "== 5. side by side"
-OUT="$OUT" python3 benches/gpu/compare.py || status=1
+OUT="$OUT" timeout 20 python3 benches/gpu/compare.py || status=1
 echo
 echo "(${SECONDS} s since the start)"
 echo "== 6. the server binary on the device"
-timeout 60 "$bin/server" generate --model demo --device cuda --prompt hello --max-new-tokens 4 2>&1 | tail -3 | tee "$OUT/server.txt"
+timeout 30 "$bin/server" generate --model demo --device cuda --prompt hello --max-new-tokens 4 2>&1 | tail -3 | tee "$OUT/server.txt"
 echo "(${SECONDS} s in all)"
 exec >&- 2>&-
 wait "$tee_pid"

@@ -59,10 +59,19 @@ pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
         let (_, cols, kernel) = GEMV_KERNELS.iter().copied().find(|&(r, _, _)| r >= m).expect("m ≤ 8 has a kernel");
         return Ok(Launch { kernel, grid: (n.div_ceil(cols) as u32, 1, 1), block: (32 * GEMV_WARPS as u32, 1, 1) });
     }
-    let (bm, kernel) = MMA_KERNELS.iter().copied().find(|&(bm, _)| bm >= m).unwrap_or(MMA_KERNELS[1]);
+    let (bm, _) = MMA_KERNELS.iter().copied().find(|&(bm, _)| bm >= m).unwrap_or(MMA_KERNELS[1]);
+    nf4_mma(m, n, bm)
+}
+
+/// The tensor-core launch for `m` rows in tiles of `bm` rows (16 or 32), whatever [`nf4_matmul`] would pick:
+/// `benches/gpu_kernels.rs` times 17–32 rows as two 16-row tiles against one 32-row tile with it.
+pub fn nf4_mma(m: usize, n: usize, bm: usize) -> Result<Launch, String> {
+    let Some(&(_, kernel)) = MMA_KERNELS.iter().find(|&&(b, _)| b == bm) else {
+        return Err(format!("no tensor-core NF4 kernel with {bm}-row tiles"));
+    };
     let (gx, gy) = (n.div_ceil(MMA_BN), m.div_ceil(bm));
-    if gy > MAX_GRID_YZ || gx > u32::MAX as usize {
-        return Err(format!("NF4 matmul too large for one launch (m={m}, n={n})"));
+    if m == 0 || n == 0 || gy > MAX_GRID_YZ || gx > u32::MAX as usize {
+        return Err(format!("NF4 matmul too large for one launch, or empty (m={m}, n={n})"));
     }
     Ok(Launch { kernel, grid: (gx as u32, gy as u32, 1), block: (MMA_THREADS, 1, 1) })
 }
@@ -299,6 +308,12 @@ mod tests {
             let l = nf4_matmul(m, 4096, 4096).unwrap();
             assert_eq!((l.kernel, l.grid.1 as usize), ("nf4_matmul_mma32", m.div_ceil(32)), "m={m}");
         }
+        // Any tile height on request (the bench's comparison), the tiles still covering every row.
+        assert_eq!(
+            nf4_mma(32, 4096, 16).unwrap(),
+            Launch { kernel: "nf4_matmul_mma16", grid: (128, 2, 1), block: (128, 1, 1) }
+        );
+        assert!(nf4_mma(32, 4096, 8).unwrap_err().contains("8-row"));
         let l = nf4_matmul(1000, 4100, 4096).unwrap();
         assert_eq!(l.grid, (129, 32, 1));
         assert!(l.grid.0 as usize * MMA_BN >= 4100 && l.grid.1 as usize * 32 >= 1000);

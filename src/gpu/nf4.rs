@@ -111,6 +111,24 @@ impl Nf4CudaWeight {
 /// least `m·n`. Public so the device checks can fill `y` with NaN first and see every element written.
 pub fn matmul_into(w: &Nf4CudaWeight, x: &CudaView<'_, f32>, m: usize, y: &mut CudaSlice<f32>) -> Result<()> {
     let l = launch::nf4_matmul(m, w.n, w.k).map_err(candle_core::Error::msg)?;
+    launch_into(w, x, m, y, l)
+}
+
+/// [`matmul_into`] through launch `l`, one of [`launch::nf4_matmul`]'s or [`launch::nf4_mma`]'s for this
+/// shape (the device checks time other tile heights than the one the launcher picks).
+pub fn launch_into(
+    w: &Nf4CudaWeight,
+    x: &CudaView<'_, f32>,
+    m: usize,
+    y: &mut CudaSlice<f32>,
+    l: launch::Launch,
+) -> Result<()> {
+    // Only launches made for this shape: another grid could leave rows or columns of y unwritten.
+    let made =
+        [launch::nf4_matmul(m, w.n, w.k).ok(), launch::nf4_mma(m, w.n, 16).ok(), launch::nf4_mma(m, w.n, 32).ok()];
+    if !made.contains(&Some(l)) || (l.kernel != "nf4_matmul_generic" && !w.k.is_multiple_of(64)) {
+        candle_core::bail!("nf4 matmul: {l:?} is no launch for {m} × {} × {}", w.n, w.k);
+    }
     if x.len() < m * w.k || y.len() < m * w.n {
         candle_core::bail!("nf4 matmul: x has {} elements for {m}×{}, y {} for {m}×{}", x.len(), w.k, y.len(), w.n);
     }

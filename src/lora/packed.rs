@@ -61,30 +61,19 @@ impl LoraWeights {
     /// Writes every tensor where `layout` (this adapter's [`Self::packed_layout`]) puts it, and zeros between;
     /// each element of `out` is written once (page-locked buffers are often write-combined: never read back).
     pub fn pack_into(&self, layout: &PackedLayout, out: &mut [f32]) -> Result<()> {
-        if out.len() != layout.len || layout.modules.len() != self.modules().len() {
-            candle_core::bail!(
-                "packing an adapter: a buffer of {} elements and {} slots for a layout of {} and {}",
-                out.len(),
-                self.modules().len(),
-                layout.len,
-                layout.modules.len()
-            );
+        if *layout != self.packed_layout()? {
+            candle_core::bail!("packing an adapter: the layout is another adapter's");
+        }
+        if out.len() != layout.len {
+            candle_core::bail!("packing an adapter: a buffer of {} elements for a layout of {}", out.len(), layout.len);
         }
         let mut end = 0;
         for (m, p) in self.modules().iter().zip(&layout.modules) {
-            let (Some(m), Some(p)) = (m, p) else {
-                if m.is_some() != p.is_some() {
-                    candle_core::bail!("packing an adapter: the layout is another adapter's");
-                }
-                continue;
-            };
+            let (Some(m), Some(p)) = (m, p) else { continue };
             for (t, start) in [(&m.a, p.a), (&m.b_t, p.b_t)] {
                 let values = t.flatten_all()?.to_vec1::<f32>()?;
-                let Some(dest) = out.get_mut(start..start + values.len()).filter(|_| start >= end) else {
-                    candle_core::bail!("packing an adapter: the layout is another adapter's");
-                };
-                dest.copy_from_slice(&values);
                 out[end..start].fill(0.0);
+                out[start..start + values.len()].copy_from_slice(&values);
                 end = start + values.len();
             }
         }
@@ -92,13 +81,14 @@ impl LoraWeights {
         Ok(())
     }
 
-    /// The adapter whose modules are views into `packed` (1-D f32, `layout.len` elements, on any device):
-    /// no copy; the tensors share its storage.
+    /// The adapter whose modules are views into `packed` (1-D contiguous f32, `layout.len` elements, on any
+    /// device): no copy; the tensors share its storage. No chat template: the caller carries it over.
     pub fn from_packed(packed: &Tensor, layout: &PackedLayout) -> Result<Self> {
-        if packed.dims() != [layout.len] {
+        if packed.dims() != [layout.len] || packed.dtype() != candle_core::DType::F32 || !packed.is_contiguous() {
             candle_core::bail!(
-                "a packed adapter of {} elements, got a tensor of shape {:?}",
+                "a packed adapter is {} contiguous f32 elements, got a {:?} tensor of shape {:?}",
                 layout.len,
+                packed.dtype(),
                 packed.dims()
             );
         }
@@ -195,6 +185,13 @@ mod tests {
                 .unwrap();
         other.len = layout.len;
         assert!(w.pack_into(&other, &mut vec![0.0; layout.len]).unwrap_err().to_string().contains("another adapter's"));
+        // The same modules at another rank: the same slots, other spans.
+        let dims = BaseLayout { layers: 2, dims: [(10, 7), (10, 5), (10, 5), (7, 10), (10, 13), (10, 13), (13, 10)] };
+        let rank_4 = random_adapter(&dims, 4, &ATTENTION, 7, &Device::Cpu).unwrap().packed_layout().unwrap();
+        let mut buf = vec![0.0; rank_4.len];
+        assert!(w.pack_into(&rank_4, &mut buf).unwrap_err().to_string().contains("another adapter's"));
+        let f64s = Tensor::zeros(layout.len, candle_core::DType::F64, &Device::Cpu).unwrap();
+        assert!(LoraWeights::from_packed(&f64s, &layout).unwrap_err().to_string().contains("F64"));
         let short = Tensor::zeros(layout.len - 1, candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(LoraWeights::from_packed(&short, &layout).is_err());
     }
