@@ -505,7 +505,14 @@ fn count(s: &Map<String, Value>, key: &str, at: &str) -> Result<Option<u64>, Str
     s.get(key).map(|v| v.as_u64().ok_or_else(|| format!("{at}/{key}: a non-negative integer"))).transpose()
 }
 
-const DATE: &str = "[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])";
+/// RFC 3339's full-date, as a calendar has it: 31 days in January, March, May, July, August, October and
+/// December, 30 in the other months but February, which has 28, or 29 in leap years (divisible by 4, and
+/// centuries only when divisible by 400).
+const DATE: &str = concat!(
+    "(?:[0-9]{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)",
+    "|02-(?:0[1-9]|1[0-9]|2[0-8]))",
+    "|(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:[02468][048]|[13579][26])00)-02-29)"
+);
 /// RFC 3339's full-time: the offset is required.
 const TIME: &str = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])";
 
@@ -585,6 +592,28 @@ mod tests {
                 r#"{"type": "string", "pattern": "^[a-z]+@[a-z]+\\.com$"}"#,
                 &[r#""ada@example.com""#],
                 &[r#""ada@example.org""#, r#""@x.com""#],
+            ),
+            (
+                r#"{"type": "string", "format": "date"}"#,
+                &[
+                    r#""2026-01-31""#,
+                    r#""2026-04-30""#,
+                    r#""2026-02-28""#,
+                    r#""2024-02-29""#,
+                    r#""2000-02-29""#,
+                    r#""1996-02-29""#,
+                    r#""0000-02-29""#,
+                ],
+                &[
+                    r#""2026-02-29""#,
+                    r#""1900-02-29""#,
+                    r#""2100-02-29""#,
+                    r#""2026-02-30""#,
+                    r#""2026-04-31""#,
+                    r#""2026-11-31""#,
+                    r#""2026-00-10""#,
+                    r#""2026-01-32""#,
+                ],
             ),
             (
                 r#"{"type": "string", "format": "date-time"}"#,
