@@ -111,7 +111,7 @@ impl Nf4CudaWeight {
 /// least `m·n`. Public so the device checks can fill `y` with NaN first and see every element written.
 pub fn matmul_into(w: &Nf4CudaWeight, x: &CudaView<'_, f32>, m: usize, y: &mut CudaSlice<f32>) -> Result<()> {
     let l = launch::nf4_matmul(m, w.n, w.k).map_err(candle_core::Error::msg)?;
-    launch_into(w, x, m, y, l)
+    launch_checked(w, x, m, y, l)
 }
 
 /// [`matmul_into`] through launch `l`, one of [`launch::nf4_matmul`]'s or [`launch::nf4_mma`]'s for this
@@ -129,6 +129,17 @@ pub fn launch_into(
     if !made.contains(&Some(l)) || (l.kernel != "nf4_matmul_generic" && !w.k.is_multiple_of(64)) {
         candle_core::bail!("nf4 matmul: {l:?} is no launch for {m} × {} × {}", w.n, w.k);
     }
+    launch_checked(w, x, m, y, l)
+}
+
+/// Launches `l`, made for this shape, after checking the buffers.
+fn launch_checked(
+    w: &Nf4CudaWeight,
+    x: &CudaView<'_, f32>,
+    m: usize,
+    y: &mut CudaSlice<f32>,
+    l: launch::Launch,
+) -> Result<()> {
     if x.len() < m * w.k || y.len() < m * w.n {
         candle_core::bail!("nf4 matmul: x has {} elements for {m}×{}, y {} for {m}×{}", x.len(), w.k, y.len(), w.n);
     }
