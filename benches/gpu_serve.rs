@@ -404,6 +404,10 @@ async fn decode_round(addr: &str, round: usize, streams: usize, adapters: &[Stri
     total
 }
 
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
 fn free_bytes(device: &Device) -> anyhow::Result<usize> {
     Ok(match device {
         Device::Cuda(d) => d.cuda_stream().context().mem_get_info()?.0,
@@ -486,7 +490,10 @@ async fn decode(cuda: &Device, report: &mut Report) -> anyhow::Result<()> {
     for streams in [1usize, 8, 32] {
         let mut tps = [0f64; 2];
         for (i, adapters) in [&hot[..1], hot].into_iter().enumerate() {
+            // Wall-clock bounds, for run.sh to read the GPU's utilization over the cell (nvidia-smi's samples).
+            let started_unix = unix_seconds();
             let mut o = decode_round(&addr, cells.len() + 1, streams, adapters).await;
+            let ended_unix = unix_seconds();
             tps[i] = o.tokens as f64 / o.seconds;
             let (itl50, itl99) = (pct(&mut o.itl, 0.5) * 1e3, pct(&mut o.itl, 0.99) * 1e3);
             let (ttft50, ttft99) = (pct(&mut o.ttft, 0.5) * 1e3, pct(&mut o.ttft, 0.99) * 1e3);
@@ -503,6 +510,7 @@ async fn decode(cuda: &Device, report: &mut Report) -> anyhow::Result<()> {
                 "tokens": o.tokens, "seconds": o.seconds,
                 "tokens_per_s": tps[i], "decode_tokens_per_s": streams as f64 * 1e3 / itl50, "step_ms_p50": itl50, "step_ms_p99": itl99, "ttft_ms_p50": ttft50,
                 "ttft_ms_p99": ttft99, "prompt_tokens": o.prompt_tokens, "errors": o.errors,
+                "started_unix": started_unix, "ended_unix": ended_unix,
             }));
             report.decode("cells", serde_json::json!(cells))?;
         }

@@ -46,7 +46,13 @@ OUT="$OUT" timeout 80 "$bin/gpu_kernels" || status=1
 echo
 echo "(${SECONDS} s since the start)"
 echo "== 3. end to end: fixtures GPU = CPU, then the decode benchmark"
+# The GPU's utilization (the share of each ~1/6 s in which a kernel ran) through the whole step, so each
+# decode cell can be read as bound by the GPU or by the host launching its work.
+nvidia-smi --query-gpu=timestamp,utilization.gpu --format=csv,noheader,nounits -lms 100 > "$OUT/util.csv" 2>&1 &
+util_pid=$!
 OUT="$OUT" LORASERVE_LOG=warn timeout 160 "$bin/gpu_serve" || status=1
+kill "$util_pid" 2>/dev/null
+OUT="$OUT" timeout 20 python3 benches/gpu/utilization.py || true
 echo
 echo "(${SECONDS} s since the start)"
 echo "== 4. the peer: transformers + peft"
