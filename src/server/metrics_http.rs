@@ -32,6 +32,12 @@ pub fn handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Whether the recorder is installed yet.
+#[cfg(test)]
+pub(crate) fn installed() -> bool {
+    HANDLE.get().is_some()
+}
+
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,

@@ -362,3 +362,43 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
     });
     Ok(ServerHandle { grpc_addr, metrics_addr, state, stop, task })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The recorder is installed when `start` returns, not when the `/metrics` task first runs: on a
+    /// current-thread runtime that task has not run yet then, and a gauge moved by deltas (the queue) would
+    /// lose the increments of requests served before it, then count their decrements (the −15 a load test
+    /// once read). No other test of this binary starts a server or installs the recorder.
+    #[test]
+    fn the_recorder_is_installed_before_start_returns() {
+        let adapters = tempfile::tempdir().unwrap();
+        let cfg = ServeConfig {
+            model: ModelSpec::Demo,
+            load: Default::default(),
+            chat_template: None,
+            generation_config: true,
+            adapters: adapters.path().to_path_buf(),
+            cache: Default::default(),
+            engine: Default::default(),
+            limits: Default::default(),
+            preload: vec![],
+            api_keys: None,
+            tls: None,
+            max_request_bytes: 1 << 20,
+            drain_timeout: Duration::from_secs(5),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            assert!(!metrics_http::installed(), "nothing installed the recorder before this test");
+            let h = start(cfg, grpc, metrics).await.unwrap();
+            assert!(metrics_http::installed(), "installed before any request can be served");
+            assert!(h.ready().await);
+            h.shutdown();
+            h.wait().await.unwrap();
+        });
+    }
+}
