@@ -153,7 +153,7 @@ fn main() -> anyhow::Result<()> {
             // 17–32 rows as two 16-row tensor-core tiles (half the registers, so twice the blocks an SM) against
             // the one 32-row tile the launcher picks: which is faster decides the routing.
             if (17..=32).contains(&m) {
-                let l = loraserve::gpu::launch::nf4_mma(m, n, 16).map_err(anyhow::Error::msg)?;
+                let l = loraserve::gpu::launch::nf4_mma(m, n, k, 16).map_err(anyhow::Error::msg)?;
                 let mut dy = stream.clone_htod(&vec![f32::NAN; m * n])?;
                 launch_into(&dw, &dx.slice(..), m, &mut dy, l)?;
                 let err = rel_l2(&stream.clone_dtoh(&dy)?, &want);

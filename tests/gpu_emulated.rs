@@ -167,7 +167,7 @@ fn nf4_mma_partial_tiles_both_absmax_forms() {
     // 17–32 rows in two 16-row tiles, as the device bench times them against one 32-row tile.
     for (i, &(m, n, k)) in [(20usize, 70usize, 192usize), (32, 130, 256)].iter().enumerate() {
         for dq in [false, true] {
-            let l = launch::nf4_mma(m, n, 16).unwrap();
+            let l = launch::nf4_mma(m, n, k, 16).unwrap();
             let (got, err) = nf4_error_with(m, n, k, dq, 300 + 10 * i as u64 + dq as u64, l);
             assert_eq!((got, l.grid.1), ("nf4_matmul_mma16", 2), "{m}×{n}×{k}");
             worst = worst.max(err);

@@ -60,15 +60,19 @@ pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
         return Ok(Launch { kernel, grid: (n.div_ceil(cols) as u32, 1, 1), block: (32 * GEMV_WARPS as u32, 1, 1) });
     }
     let (bm, _) = MMA_KERNELS.iter().copied().find(|&(bm, _)| bm >= m).unwrap_or(MMA_KERNELS[1]);
-    nf4_mma(m, n, bm)
+    nf4_mma(m, n, k, bm)
 }
 
 /// The tensor-core launch for `m` rows in tiles of `bm` rows (16 or 32), whatever [`nf4_matmul`] would pick:
-/// `benches/gpu_kernels.rs` times 17–32 rows as two 16-row tiles against one 32-row tile with it.
-pub fn nf4_mma(m: usize, n: usize, bm: usize) -> Result<Launch, String> {
+/// `benches/gpu_kernels.rs` times 17–32 rows as two 16-row tiles against one 32-row tile with it. Like the
+/// GEMV kernels, these need whole NF4 blocks per row (`k % 64 == 0`).
+pub fn nf4_mma(m: usize, n: usize, k: usize, bm: usize) -> Result<Launch, String> {
     let Some(&(_, kernel)) = MMA_KERNELS.iter().find(|&&(b, _)| b == bm) else {
         return Err(format!("no tensor-core NF4 kernel with {bm}-row tiles"));
     };
+    if !k.is_multiple_of(64) {
+        return Err(format!("the tensor-core NF4 kernels need whole NF4 blocks per row, k = {k}"));
+    }
     let (gx, gy) = (n.div_ceil(MMA_BN), m.div_ceil(bm));
     if m == 0 || n == 0 || gy > MAX_GRID_YZ || gx > u32::MAX as usize {
         return Err(format!("NF4 matmul too large for one launch, or empty (m={m}, n={n})"));
@@ -310,10 +314,11 @@ mod tests {
         }
         // Any tile height on request (the bench's comparison), the tiles still covering every row.
         assert_eq!(
-            nf4_mma(32, 4096, 16).unwrap(),
+            nf4_mma(32, 4096, 4096, 16).unwrap(),
             Launch { kernel: "nf4_matmul_mma16", grid: (128, 2, 1), block: (128, 1, 1) }
         );
-        assert!(nf4_mma(32, 4096, 8).unwrap_err().contains("8-row"));
+        assert!(nf4_mma(32, 4096, 4096, 8).unwrap_err().contains("8-row"));
+        assert!(nf4_mma(32, 4096, 4100, 16).unwrap_err().contains("whole NF4 blocks"));
         let l = nf4_matmul(1000, 4100, 4096).unwrap();
         assert_eq!(l.grid, (129, 32, 1));
         assert!(l.grid.0 as usize * MMA_BN >= 4100 && l.grid.1 as usize * 32 >= 1000);

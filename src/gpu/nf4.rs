@@ -124,10 +124,10 @@ pub fn launch_into(
     l: launch::Launch,
 ) -> Result<()> {
     // Only launches made for this shape: another grid could leave rows or columns of y unwritten.
-    let made =
-        [launch::nf4_matmul(m, w.n, w.k).ok(), launch::nf4_mma(m, w.n, 16).ok(), launch::nf4_mma(m, w.n, 32).ok()];
-    if !made.contains(&Some(l)) || (l.kernel != "nf4_matmul_generic" && !w.k.is_multiple_of(64)) {
-        candle_core::bail!("nf4 matmul: {l:?} is no launch for {m} × {} × {}", w.n, w.k);
+    let (n, k) = (w.n, w.k);
+    let made = [launch::nf4_matmul(m, n, k).ok(), launch::nf4_mma(m, n, k, 16).ok(), launch::nf4_mma(m, n, k, 32).ok()];
+    if !made.contains(&Some(l)) {
+        candle_core::bail!("nf4 matmul: {l:?} is no launch for {m} × {n} × {k}");
     }
     launch_checked(w, x, m, y, l)
 }
