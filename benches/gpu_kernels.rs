@@ -6,7 +6,10 @@
 //! Exit status 1 when any check fails.
 //!
 //! NF4 matmul: the 7B/8B linears (4096², 11008×4096, 4096×11008, 14336×4096) at 1–8 rows (decode, the GEMV
-//! kernels) and 13–512 rows (decode batches and prefill, the tensor-core kernels' 16- and 32-row tiles).
+//! kernels) and 13–512 rows (decode batches and prefill, the tensor-core kernels' 16- and 32-row tiles);
+//! at the decode batches of 13–32 rows also every other tile height and split of K the shape allows
+//! (`launch::nf4_candidates`), checked and timed the same way, then a table of the fastest per shape and rows
+//! against the launcher's pick: what the routing should be.
 //! Batched LoRA (shrink + expand) on 4096→4096 and 4096→1024: 32 decode rows over 32 distinct rank-16
 //! adapters, 32 rows of one adapter, and a 512-row prefill mix of ranks 8/16/64/128 with base-model rows between the segments. Paged attention (the cache
 //! write, then attention) on Llama-3-8B heads (32 query / 8 kv, head_dim 128, blocks of 16): decode rows at several
@@ -97,6 +100,8 @@ fn main() -> anyhow::Result<()> {
 
     let mut rows = vec![];
     let mut failed = 0;
+    // (shape, the launcher's kernel, its time, (the fastest candidate's time, which)) per decode batch.
+    let mut routing: Vec<(String, String, f64, (f64, String))> = vec![];
     // (n, k, double-quantized absmax): the model shapes, plus both absmax forms and a small shape whose
     // columns end mid-tile and mid-warp-group.
     let shapes = [
@@ -150,33 +155,48 @@ fn main() -> anyhow::Result<()> {
                 "kernel": kernel, "m": m, "n": n, "k": k, "double_quant": dq, "rel_l2": err, "op_rel_l2": op_err, "ok": ok,
                 "us_per_call": s * 1e6, "gb_per_s": gbs, "tflop_per_s": tflops,
             }));
-            // 17–32 rows as two 16-row tensor-core tiles (half the registers, so twice the blocks an SM) against
-            // the one 32-row tile the launcher picks: which is faster decides the routing.
-            if (17..=32).contains(&m) {
-                let l = loraserve::gpu::launch::nf4_mma(m, n, k, 16).map_err(anyhow::Error::msg)?;
-                let mut dy = stream.clone_htod(&vec![f32::NAN; m * n])?;
-                launch_into(&dw, &dx.slice(..), m, &mut dy, l)?;
-                let err = rel_l2(&stream.clone_dtoh(&dy)?, &want);
-                let ok = err <= TOLERANCE;
-                failed += usize::from(!ok);
-                let s = time(&cuda, || launch_into(&dw, &dx.slice(..), m, &mut dy, l))?;
-                let gbs = moved as f64 / s / 1e9;
-                let tflops = 2.0 * (m * n * k) as f64 / s / 1e12;
-                println!(
-                    "| {} ×2 (candidate) | {m} × {n} × {k}{} | {err:.2e} | {:.1} | {gbs:.0} | {:.0}% | {tflops:.2} | {} |",
-                    l.kernel,
-                    if dq { "" } else { " (f32 absmax)" },
-                    s * 1e6,
-                    100.0 * gbs / copy_gbs,
-                    if ok { "ok" } else { "FAIL" }
-                );
-                rows.push(serde_json::json!({
-                    "kernel": l.kernel, "candidate": true, "m": m, "n": n, "k": k, "double_quant": dq, "rel_l2": err,
-                    "ok": ok, "us_per_call": s * 1e6, "gb_per_s": gbs, "tflop_per_s": tflops,
-                }));
+            // Decode batches: every other tile height and split of K (split-K puts several blocks on each SM
+            // when the output makes only ~128 tiles), checked and timed; the fastest decides the routing.
+            if (9..=32).contains(&m) {
+                let t_pick = s;
+                let pick = describe(&loraserve::gpu::launch::nf4_matmul(m, n, k).map_err(anyhow::Error::msg)?);
+                let mut best = (s, pick.clone());
+                for l in loraserve::gpu::launch::nf4_candidates(m, n, k).into_iter().skip(1) {
+                    let mut dy = stream.clone_htod(&vec![f32::NAN; m * n])?;
+                    launch_into(&dw, &dx.slice(..), m, &mut dy, l)?;
+                    let err = rel_l2(&stream.clone_dtoh(&dy)?, &want);
+                    let ok = err <= TOLERANCE;
+                    failed += usize::from(!ok);
+                    let s = time(&cuda, || launch_into(&dw, &dx.slice(..), m, &mut dy, l))?;
+                    let gbs = moved as f64 / s / 1e9;
+                    let tflops = 2.0 * (m * n * k) as f64 / s / 1e12;
+                    println!(
+                        "| {} (candidate) | {m} × {n} × {k}{} | {err:.2e} | {:.1} | {gbs:.0} | {:.0}% | {tflops:.2} | {} |",
+                        describe(&l),
+                        if dq { "" } else { " (f32 absmax)" },
+                        s * 1e6,
+                        100.0 * gbs / copy_gbs,
+                        if ok { "ok" } else { "FAIL" }
+                    );
+                    rows.push(serde_json::json!({
+                        "kernel": l.kernel, "candidate": true, "grid": [l.grid.0, l.grid.1, l.grid.2],
+                        "splits": l.grid.2, "m": m, "n": n, "k": k, "double_quant": dq, "rel_l2": err, "ok": ok,
+                        "us_per_call": s * 1e6, "gb_per_s": gbs, "tflop_per_s": tflops,
+                    }));
+                    if ok && s < best.0 {
+                        best = (s, describe(&l));
+                    }
+                }
+                routing.push((format!("{m} × {n} × {k}{}", if dq { "" } else { " (f32 absmax)" }), pick, t_pick, best));
             }
         }
     }
+    println!("\n| NF4 routing: m × n × k | launcher's pick | µs | fastest candidate | µs | pick ÷ fastest |");
+    println!("|---|---|---|---|---|---|");
+    for (shape, pick, t_pick, (t_best, best)) in &routing {
+        println!("| {shape} | {pick} | {:.1} | {best} | {:.1} | {:.2} |", t_pick * 1e6, t_best * 1e6, t_pick / t_best);
+    }
+    println!();
     let lora_rows = lora_checks(&device, copy_gbs, &mut failed)?;
     let attention_rows = attention_checks(&device, copy_gbs, &mut failed)?;
     let argmax_rows = argmax_checks(&device, copy_gbs, &mut failed)?;
@@ -204,6 +224,18 @@ fn main() -> anyhow::Result<()> {
     }
     println!("\nall kernel checks passed");
     Ok(())
+}
+
+/// A tensor-core launch in words: kernel, row tiles, split of K (`nf4_matmul_mma16 ×2 rows, K/4`).
+fn describe(l: &loraserve::gpu::launch::Launch) -> String {
+    let mut d = l.kernel.to_string();
+    if l.grid.1 > 1 {
+        d += &format!(" ×{} rows", l.grid.1);
+    }
+    if l.grid.2 > 1 {
+        d += &format!(", K/{}", l.grid.2);
+    }
+    d
 }
 
 /// (label, rows, segments as (rows, rank)).

@@ -72,11 +72,23 @@ fn run(call: &mut Call, seed: u64) -> gpu_emu::Outputs {
 /// The launch of `y = x · Wᵀ` exactly as `gpu::nf4::matmul_into` builds it (1-element placeholders for the
 /// absmax form not in use, as `Nf4CudaWeight::upload`), with `y` NaN-filled. Returns the call and `y`.
 fn nf4_call(l: launch::Launch, w: &Nf4Weight, x: &[f32], m: usize, x_misalign: usize) -> (Call, Buf) {
-    nf4_call_y(l, w, x, m, x_misalign, m * w.dims2().0)
+    let (call, y, _) = nf4_call_y(l, w, x, m, x_misalign, m * w.dims2().0);
+    (call, y)
 }
 
-/// [`nf4_call`] with a `y` of `y_len` elements (to check that a write past its end is caught).
-fn nf4_call_y(l: launch::Launch, w: &Nf4Weight, x: &[f32], m: usize, x_misalign: usize, y_len: usize) -> (Call, Buf) {
+/// [`nf4_call`] with a `y` of `y_len` elements (to check that a write past its end is caught); also returns
+/// the split-K tile counters. The split-K scratch is sized as the launch asks (`launch::nf4_workspace`, a
+/// partial tile a block; a counter a tile, zeroed), at least one element each as on the device, so a block
+/// that strays past its own tile faults; the partials start as all-ones words, which the emulated `__ldcg`
+/// refuses to read (a block summing partials not yet written).
+fn nf4_call_y(
+    l: launch::Launch,
+    w: &Nf4Weight,
+    x: &[f32],
+    m: usize,
+    x_misalign: usize,
+    y_len: usize,
+) -> (Call, Buf, Buf) {
     let (n, k) = w.dims2();
     let mut c = Call::new(l);
     let bx = c.f32_misaligned(x, x_misalign);
@@ -90,8 +102,10 @@ fn nf4_call_y(l: launch::Launch, w: &Nf4Weight, x: &[f32], m: usize, x_misalign:
     let code = c.f32(&w.code);
     let y = c.f32(&vec![f32::NAN; y_len]);
     c.arg(bx).arg(packed).arg(dq).arg(absmax_f32).arg(codes).arg(nested_absmax).arg(nested_code).arg(offset);
-    c.arg(code).arg(y).arg(m as i32).arg(n as i32).arg(k as i32);
-    (c, y)
+    let partial = c.f32(&vec![f32::from_bits(u32::MAX); launch::nf4_workspace(&l).max(1)]);
+    let tile_done = c.u32(&vec![0; (l.grid.0 * l.grid.1) as usize]);
+    c.arg(code).arg(y).arg(m as i32).arg(n as i32).arg(k as i32).arg(partial).arg(tile_done);
+    (c, y, tile_done)
 }
 
 /// One NF4 matmul on the emulated device against `matmul_reference` (dequantize, f64 accumulation); returns
@@ -167,13 +181,51 @@ fn nf4_mma_partial_tiles_both_absmax_forms() {
     // 17–32 rows in two 16-row tiles, as the device bench times them against one 32-row tile.
     for (i, &(m, n, k)) in [(20usize, 70usize, 192usize), (32, 130, 256)].iter().enumerate() {
         for dq in [false, true] {
-            let l = launch::nf4_mma(m, n, k, 16).unwrap();
+            let l = launch::nf4_mma(m, n, k, 16, 1).unwrap();
             let (got, err) = nf4_error_with(m, n, k, dq, 300 + 10 * i as u64 + dq as u64, l);
             assert_eq!((got, l.grid.1), ("nf4_matmul_mma16", 2), "{m}×{n}×{k}");
             worst = worst.max(err);
         }
     }
     eprintln!("nf4 MMA: max rel L2 {worst:.2e}");
+}
+
+/// Split-K (the blocks of a tile each take a range of K's 128-wide steps, the one that counts last adds the
+/// partials): splits of one step each (512 = 4 steps in 4), uneven ones (640 = 5 steps in 2; 1088 = 8.5
+/// steps in 8, one split of two steps and a last half step), a split ending in the half step (192 in 2),
+/// both tile heights, partial row and column tiles. Every launch runs with the blocks in two random orders
+/// (so a different block sums each tile) and must agree bit for bit, leave every counter back at zero for
+/// the next launch, and match the unsplit kernel to f32 rounding.
+#[test]
+fn nf4_split_k_sums_every_split_once_whichever_block_ends_last() {
+    let cases = [
+        (13usize, 70usize, 512usize, 16usize, 4usize),
+        (32, 130, 640, 16, 2),
+        (20, 130, 1088, 32, 8),
+        (32, 64, 192, 32, 2),
+        (40, 37, 256, 16, 2),
+    ];
+    let mut worst = 0f64;
+    for (i, &(m, n, k, bm, splits)) in cases.iter().enumerate() {
+        for dq in [false, true] {
+            let seed = 400 + 10 * i as u64 + dq as u64;
+            let w = Nf4Weight::quantize(&normal(n * k, seed), &[n, k], dq);
+            let x = normal(m * k, seed + 1);
+            let want = matmul_reference(&x, m, &w);
+            let label = format!("nf4 {m}×{n}×{k} in {bm}-row tiles, K split {splits} ways, double_quant={dq}");
+            assert_nontrivial(&want, &label);
+            let l = launch::nf4_mma(m, n, k, bm, splits).unwrap();
+            assert_eq!(l.grid.2 as usize, splits);
+            let (mut call, y, tile_done) = nf4_call_y(l, &w, &x, m, 0, m * n);
+            let out = run(&mut call, seed);
+            assert!(out.u32(tile_done).iter().all(|&c| c == 0), "{label}: tile counters not reset");
+            let err = rel_l2(&out.f32(y), &want);
+            eprintln!("{label}: rel L2 {err:.2e}");
+            assert!(err <= TOLERANCE, "{label}: relative L2 error {err:.3e} > {TOLERANCE:e}");
+            worst = worst.max(err);
+        }
+    }
+    eprintln!("nf4 split-K: max rel L2 {worst:.2e}");
 }
 
 /// K not a multiple of 64 (the fixture models' 96- and 160-wide layers, and an odd K over an odd number of
@@ -675,7 +727,7 @@ fn harness_catches_broken_launches() {
     let e = call.run().err().expect("a misaligned x must fail");
     assert!(e.contains("misaligned float4 load"), "{e}");
 
-    let (call, _) = nf4_call_y(l, &w, &x, m, 0, 8);
+    let (call, _, _) = nf4_call_y(l, &w, &x, m, 0, 8);
     let e = call.run().err().expect("writing past the end of y must fail");
     assert!(e.contains("out-of-bounds"), "{e}");
 

@@ -33,7 +33,14 @@ const GEMV_KERNELS: [(usize, usize, &str); 4] =
 /// rows, 32 beyond. Each tile is `MMA_BN` columns wide (as in `kernels/nf4.cu`), computed by 4 warps.
 const MMA_KERNELS: [(usize, &str); 2] = [(16, "nf4_matmul_mma16"), (32, "nf4_matmul_mma32")];
 const MMA_BN: usize = 32;
+/// K per step of the tensor-core kernels (`MMA_BK`): a split of K takes whole steps.
+const MMA_BK: usize = 128;
 const MMA_THREADS: u32 = 128;
+/// The splits of K the device bench compares for decode batches (`gridDim.z` of the tensor-core kernels).
+pub const NF4_SPLITS: [usize; 4] = [1, 2, 4, 8];
+/// Output tiles a split-K launch may have: the length of the `tile_done` counters each stream keeps
+/// (`gpu::nf4`). 16,384 tiles of 32 columns are 512Ki outputs, four times a 128k vocabulary.
+pub const NF4_SPLIT_TILES_MAX: usize = 16_384;
 /// CUDA's limit on grid.y and grid.z.
 const MAX_GRID_YZ: usize = 65_535;
 
@@ -60,13 +67,14 @@ pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
         return Ok(Launch { kernel, grid: (n.div_ceil(cols) as u32, 1, 1), block: (32 * GEMV_WARPS as u32, 1, 1) });
     }
     let (bm, _) = MMA_KERNELS.iter().copied().find(|&(bm, _)| bm >= m).unwrap_or(MMA_KERNELS[1]);
-    nf4_mma(m, n, k, bm)
+    nf4_mma(m, n, k, bm, 1)
 }
 
-/// The tensor-core launch for `m` rows in tiles of `bm` rows (16 or 32), whatever [`nf4_matmul`] would pick:
-/// `benches/gpu_kernels.rs` times 17–32 rows as two 16-row tiles against one 32-row tile with it. Like the
-/// GEMV kernels, these need whole NF4 blocks per row (`k % 64 == 0`).
-pub fn nf4_mma(m: usize, n: usize, k: usize, bm: usize) -> Result<Launch, String> {
+/// The tensor-core launch for `m` rows in tiles of `bm` rows (16 or 32) with K split `splits` ways (a block
+/// per tile and split, `grid.z = splits`), whatever [`nf4_matmul`] would pick: `benches/gpu_kernels.rs` times
+/// these [`nf4_candidates`] against each other. Like the GEMV kernels, these need whole NF4 blocks per row
+/// (`k % 64 == 0`); a split takes whole 128-wide steps of K, at least one.
+pub fn nf4_mma(m: usize, n: usize, k: usize, bm: usize, splits: usize) -> Result<Launch, String> {
     let Some(&(_, kernel)) = MMA_KERNELS.iter().find(|&&(b, _)| b == bm) else {
         return Err(format!("no tensor-core NF4 kernel with {bm}-row tiles"));
     };
@@ -77,7 +85,43 @@ pub fn nf4_mma(m: usize, n: usize, k: usize, bm: usize) -> Result<Launch, String
     if m == 0 || n == 0 || gy > MAX_GRID_YZ || gx > u32::MAX as usize {
         return Err(format!("NF4 matmul too large for one launch, or empty (m={m}, n={n})"));
     }
-    Ok(Launch { kernel, grid: (gx as u32, gy as u32, 1), block: (MMA_THREADS, 1, 1) })
+    if splits == 0 || splits > k.div_ceil(MMA_BK) {
+        return Err(format!("K = {k} is {} steps of {MMA_BK}: it cannot be split {splits} ways", k.div_ceil(MMA_BK)));
+    }
+    if splits > 1 && gx * gy > NF4_SPLIT_TILES_MAX {
+        return Err(format!(
+            "a split-K NF4 matmul takes up to {NF4_SPLIT_TILES_MAX} output tiles, m={m} × n={n} makes {}",
+            gx * gy
+        ));
+    }
+    Ok(Launch { kernel, grid: (gx as u32, gy as u32, splits as u32), block: (MMA_THREADS, 1, 1) })
+}
+
+/// Floats of `partial` scratch an NF4 launch needs: a tile of output per block when K is split, none
+/// otherwise (and none for the GEMV and generic kernels, which never split).
+pub fn nf4_workspace(l: &Launch) -> usize {
+    match MMA_KERNELS.iter().find(|&&(_, name)| name == l.kernel) {
+        Some(&(bm, _)) if l.grid.2 > 1 => l.grid.0 as usize * l.grid.1 as usize * l.grid.2 as usize * bm * MMA_BN,
+        _ => 0,
+    }
+}
+
+/// Every launch that computes `m × n × k` in full: the one [`nf4_matmul`] picks and, past the GEMV rows, each
+/// tensor-core tile height with each of [`NF4_SPLITS`] that the shape allows. The device bench times them all
+/// to settle the routing; `gpu::nf4::launch_into` takes only these.
+pub fn nf4_candidates(m: usize, n: usize, k: usize) -> Vec<Launch> {
+    let mut out: Vec<Launch> = nf4_matmul(m, n, k).into_iter().collect();
+    if m > GEMV_MAX_ROWS {
+        for (bm, _) in MMA_KERNELS {
+            for splits in NF4_SPLITS {
+                match nf4_mma(m, n, k, bm, splits) {
+                    Ok(l) if !out.contains(&l) => out.push(l),
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Largest adapter rank the LoRA kernels take (`MAX_RANK` in `kernels/lora.cu`: the per-row scratch width).
@@ -314,16 +358,49 @@ mod tests {
         }
         // Any tile height on request (the bench's comparison), the tiles still covering every row.
         assert_eq!(
-            nf4_mma(32, 4096, 4096, 16).unwrap(),
+            nf4_mma(32, 4096, 4096, 16, 1).unwrap(),
             Launch { kernel: "nf4_matmul_mma16", grid: (128, 2, 1), block: (128, 1, 1) }
         );
-        assert!(nf4_mma(32, 4096, 4096, 8).unwrap_err().contains("8-row"));
-        assert!(nf4_mma(32, 4096, 4100, 16).unwrap_err().contains("whole NF4 blocks"));
+        assert!(nf4_mma(32, 4096, 4096, 8, 1).unwrap_err().contains("8-row"));
+        assert!(nf4_mma(32, 4096, 4100, 16, 1).unwrap_err().contains("whole NF4 blocks"));
         let l = nf4_matmul(1000, 4100, 4096).unwrap();
         assert_eq!(l.grid, (129, 32, 1));
         assert!(l.grid.0 as usize * MMA_BN >= 4100 && l.grid.1 as usize * 32 >= 1000);
         assert!(nf4_matmul(32 * MAX_GRID_YZ + 1, 64, 64).unwrap_err().contains("too large"));
         assert!(nf4_matmul(32 * MAX_GRID_YZ, 64, 64).is_ok());
+    }
+
+    /// Split-K: a block per tile and split (grid.z), scratch for one tile per block, whole 128-wide steps of K
+    /// for every split, and the counters' capacity respected.
+    #[test]
+    fn split_k_launches_take_whole_steps_and_their_scratch() {
+        let l = nf4_mma(32, 4096, 4096, 16, 4).unwrap();
+        assert_eq!((l.kernel, l.grid, l.block), ("nf4_matmul_mma16", (128, 2, 4), (128, 1, 1)));
+        assert_eq!(nf4_workspace(&l), 128 * 2 * 4 * 16 * 32);
+        assert_eq!(nf4_workspace(&nf4_mma(32, 4096, 4096, 32, 1).unwrap()), 0, "no split, no scratch");
+        assert_eq!(nf4_workspace(&nf4_matmul(8, 4096, 4096).unwrap()), 0, "the GEMV never splits");
+        // 192 = 1.5 steps: two splits at most (the second a half step), not three.
+        assert_eq!(nf4_mma(9, 64, 192, 16, 2).unwrap().grid.2, 2);
+        assert!(nf4_mma(9, 64, 192, 16, 3).unwrap_err().contains("cannot be split 3 ways"));
+        assert!(nf4_mma(9, 64, 192, 16, 0).is_err());
+        // Past the counters: 16,385 tiles split is refused, unsplit is fine.
+        let n = 32 * (NF4_SPLIT_TILES_MAX + 1);
+        assert!(nf4_mma(16, n, 256, 16, 2).unwrap_err().contains("output tiles"));
+        assert!(nf4_mma(16, n, 256, 16, 1).is_ok());
+    }
+
+    #[test]
+    fn candidates_are_the_pick_then_every_tile_and_split_the_shape_allows() {
+        // Decode batch on a 7B shape: the pick first, then 2 tile heights × 4 splits (the pick not repeated).
+        let c = nf4_candidates(24, 4096, 4096);
+        assert_eq!(c[0], nf4_matmul(24, 4096, 4096).unwrap());
+        assert_eq!(c.len(), 8);
+        assert!(c.iter().all(|l| l.grid.0 == 128 && NF4_SPLITS.contains(&(l.grid.2 as usize))));
+        // K of 256 is 2 steps: splits 1 and 2 only.
+        assert_eq!(nf4_candidates(16, 64, 256).len(), 4);
+        // The GEMV rows and the odd widths have no alternative.
+        assert_eq!(nf4_candidates(8, 4096, 4096), vec![nf4_matmul(8, 4096, 4096).unwrap()]);
+        assert_eq!(nf4_candidates(20, 97, 96), vec![nf4_matmul(20, 97, 96).unwrap()]);
     }
 
     #[test]
@@ -357,6 +434,7 @@ mod tests {
         assert!(NF4_SOURCE.contains("extern \"C\" __global__ void nf4_matmul_generic("));
         assert!(NF4_SOURCE.contains(&format!("#define WARPS_PER_BLOCK {GEMV_WARPS}\n")));
         assert!(NF4_SOURCE.contains(&format!("#define MMA_BN {MMA_BN}\n")));
+        assert!(NF4_SOURCE.contains(&format!("#define MMA_BK {MMA_BK}\n")));
         assert!(NF4_SOURCE.contains(&format!("#define MMA_THREADS {MMA_THREADS}\n")));
         // NVRTC on the serving machine has no toolkit headers.
         for src in [NF4_SOURCE, LORA_SOURCE, ATTENTION_SOURCE, SAMPLE_SOURCE, FUSED_SOURCE] {

@@ -2,11 +2,13 @@
 //! [`crate::quant::op::Nf4Linear`]: same layout as the CPU weight (bitsandbytes'), same result within f32
 //! summation order.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaStorage, WrapErr};
+use candle_core::cuda_backend::DeviceId;
 use candle_core::{CpuStorage, CudaDevice, CustomOp1, DType, Layout, Result, Shape};
 
 use super::launch::{self, NF4_SOURCE};
@@ -114,8 +116,8 @@ pub fn matmul_into(w: &Nf4CudaWeight, x: &CudaView<'_, f32>, m: usize, y: &mut C
     launch_checked(w, x, m, y, l)
 }
 
-/// [`matmul_into`] through launch `l`, one of [`launch::nf4_matmul`]'s or [`launch::nf4_mma`]'s for this
-/// shape (the device checks time other tile heights than the one the launcher picks).
+/// [`matmul_into`] through launch `l`, one of [`launch::nf4_candidates`] for this shape (the device checks
+/// time other tile heights and splits of K than the ones the launcher picks).
 pub fn launch_into(
     w: &Nf4CudaWeight,
     x: &CudaView<'_, f32>,
@@ -125,11 +127,46 @@ pub fn launch_into(
 ) -> Result<()> {
     // Only launches made for this shape: another grid could leave rows or columns of y unwritten.
     let (n, k) = (w.n, w.k);
-    let made = [launch::nf4_matmul(m, n, k).ok(), launch::nf4_mma(m, n, k, 16).ok(), launch::nf4_mma(m, n, k, 32).ok()];
-    if !made.contains(&Some(l)) {
+    if !launch::nf4_candidates(m, n, k).contains(&l) {
         candle_core::bail!("nf4 matmul: {l:?} is no launch for {m} × {n} × {k}");
     }
     launch_checked(w, x, m, y, l)
+}
+
+/// The split-K launches' scratch on one device: a partial output tile per block, and a counter per output
+/// tile that the launch leaves at zero. Kept per thread, because each thread launches on its own stream
+/// (where a launch starts only after the one before it ends, so one scratch serves them all in turn).
+struct SplitScratch {
+    device: DeviceId,
+    partial: CudaSlice<f32>,
+    tile_done: CudaSlice<u32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<SplitScratch>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's split-K scratch on `device`, `partial` holding at least `floats` floats
+/// (grown, never shrunk: the old buffer is freed in stream order, after the launches that use it).
+fn with_scratch<R>(device: &CudaDevice, floats: usize, f: impl FnOnce(&SplitScratch) -> Result<R>) -> Result<R> {
+    SCRATCH.with(|cell| {
+        let mut all = cell.borrow_mut();
+        let i = match all.iter().position(|s| s.device == device.id()) {
+            Some(i) => i,
+            None => {
+                let stream = device.cuda_stream();
+                let tile_done = stream.alloc_zeros::<u32>(launch::NF4_SPLIT_TILES_MAX).w()?;
+                let partial = stream.alloc_zeros::<f32>(1).w()?;
+                all.push(SplitScratch { device: device.id(), partial, tile_done });
+                all.len() - 1
+            }
+        };
+        if all[i].partial.len() < floats {
+            // SAFETY: a split block writes its whole partial tile before any block reads it (kernels/nf4.cu).
+            all[i].partial = unsafe { device.alloc::<f32>(floats) }?;
+        }
+        f(&all[i])
+    })
 }
 
 /// Launches `l`, made for this shape, after checking the buffers.
@@ -148,24 +185,30 @@ fn launch_checked(
     let stream = w.device.cuda_stream();
     let (dq, mi, ni, ki) = (w.double_quant as i32, m as i32, w.n as i32, w.k as i32);
     let cfg = LaunchConfig { grid_dim: l.grid, block_dim: l.block, shared_mem_bytes: 0 };
-    let mut b = stream.launch_builder(&func);
-    b.arg(x)
-        .arg(&w.packed)
-        .arg(&dq)
-        .arg(&w.absmax_f32)
-        .arg(&w.absmax_codes)
-        .arg(&w.nested_absmax)
-        .arg(&w.nested_code)
-        .arg(&w.offset)
-        .arg(&w.code)
-        .arg(y)
-        .arg(&mi)
-        .arg(&ni)
-        .arg(&ki);
-    // SAFETY: argument order and types match the kernels' signatures in kernels/nf4.cu; the sizes of x and y
-    // are checked above, and the weight buffers are the ones `upload` sized from the same Nf4Weight.
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(())
+    with_scratch(&w.device, launch::nf4_workspace(&l), |scratch| {
+        let mut b = stream.launch_builder(&func);
+        b.arg(x)
+            .arg(&w.packed)
+            .arg(&dq)
+            .arg(&w.absmax_f32)
+            .arg(&w.absmax_codes)
+            .arg(&w.nested_absmax)
+            .arg(&w.nested_code)
+            .arg(&w.offset)
+            .arg(&w.code)
+            .arg(y)
+            .arg(&mi)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(&scratch.partial)
+            .arg(&scratch.tile_done);
+        // SAFETY: argument order and types match the kernels' signatures in kernels/nf4.cu; the sizes of x and
+        // y are checked above, the weight buffers are the ones `upload` sized from the same Nf4Weight, and the
+        // scratch holds `nf4_workspace(l)` floats and `NF4_SPLIT_TILES_MAX` zeroed counters (nf4_mma refuses
+        // launches with more tiles), on this thread's stream.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    })
 }
 
 /// `x[.., k] → x · Wᵀ [.., n]` for f32 tensors on the weight's device.

@@ -40,6 +40,13 @@
 //   registered, wholly inside its data.
 // - __expf(x) is computed as exp2f(x * log2(e)) in f32, the GPU intrinsic's range reduction (ex2.approx
 //   itself is taken as exact); other math maps to libm.
+// - atomicAdd on unsigned int, __threadfence() and __ldcg(p) (the split-K tensor-core launches' hand-over
+//   between blocks): one thread runs at a time and blocks run one after another, so the add is a plain
+//   read-modify-write, the fence does nothing and __ldcg is a load. The blocks' random order still decides
+//   which block of a tile counts last and sums the partials, and __ldcg fails the run on a word whose bits
+//   are all ones (the poison the tests fill scratch with, never a computed value): a block that sums before
+//   the others have written their partials reads it. That the fence and the L2 loads make the other SMs'
+//   partials visible on the GPU is the device check's to show.
 // Any failure prints "cuda_emu: ..." on stderr and exits with status 3.
 #pragma once
 
@@ -438,6 +445,18 @@ inline int __float_as_int(float f) {
 inline float __expf(float x) { return exp2f(x * 1.44269504088896341f); }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
+    const unsigned int old = *p;
+    *p = old + v;
+    return old;
+}
+inline void __threadfence() {}
+inline float __ldcg(const float* p) {
+    unsigned int bits;
+    std::memcpy(&bits, p, 4);
+    if (bits == 0xffffffffu) emu::fail("__ldcg of an unwritten word at %p (all bits set: the scratch's poison)", p);
+    return *p;
+}
 
 // The __shared__ section's bounds (weak: a translation unit without shared arrays has none).
 extern "C" char __start_emu_shared[] __attribute__((weak));

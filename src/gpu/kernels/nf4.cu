@@ -14,13 +14,16 @@
 #define WARPS_PER_BLOCK 4
 
 // Every NF4 matmul kernel's parameters (the launch in src/gpu/nf4.rs pushes them in this order), and the same
-// names as arguments, for the entry points that hand them to a template.
+// names as arguments, for the entry points that hand them to a template. `partial` and `tile_done` are the
+// split-K scratch of the tensor-core kernels (see nf4_mma); the other kernels take and ignore them.
 #define NF4_PARAMS                                                                                          \
     const float* __restrict__ x, const unsigned char* __restrict__ packed, int double_quant,                \
         const float* __restrict__ absmax_f32, const unsigned char* __restrict__ absmax_codes,               \
         const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, float offset,       \
-        const float* __restrict__ code16, float* __restrict__ y, int M, int N, int K
-#define NF4_ARGS x, packed, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset, code16, y, M, N, K
+        const float* __restrict__ code16, float* __restrict__ y, int M, int N, int K,                       \
+        float* __restrict__ partial, unsigned int* __restrict__ tile_done
+#define NF4_ARGS \
+    x, packed, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset, code16, y, M, N, K, partial, tile_done
 
 __device__ __forceinline__ float nf4_scale(long long b, int double_quant, const float* __restrict__ absmax_f32,
                                            const unsigned char* __restrict__ absmax_codes,
@@ -170,6 +173,12 @@ __device__ __forceinline__ void split_tf32(float v, unsigned int& hi, unsigned i
 // the GPU through narrow column slices (4096 outputs: 128 blocks) instead of idle warps on padding rows. The
 // four warps' sums are added in a fixed order at the end. While a step computes, the next step's x and codes
 // are already loading into registers (one shared buffer, no wait on global memory between steps).
+//
+// Split-K (gridDim.z = S > 1): block z takes steps [z·T/S, (z+1)·T/S) of the T steps of K, so a decode batch
+// that makes only ~128 tiles still puts S blocks on every SM (one block of 4 warps an SM leaves each step's
+// latency exposed). Each block writes its tile's sum to partial[z][tile], makes it visible device-wide, and
+// counts itself in tile_done[tile]; the block that counts last adds the S partials in z order (the same sum
+// whichever block finishes last) into y and sets the counter back to 0 for the next launch on the stream.
 // Shared rows are padded by 4 floats, so the fragment reads (4g + t) and the staging stores hit distinct banks.
 #define MMA_BN 32
 #define MMA_BK 128
@@ -179,7 +188,7 @@ __device__ __forceinline__ void split_tf32(float v, unsigned int& hi, unsigned i
 #define MMA_WARP_K (MMA_BK / 4)
 
 template <int MT>
-__device__ __forceinline__ void nf4_mma(NF4_PARAMS, float* sm, float* code) {
+__device__ __forceinline__ void nf4_mma(NF4_PARAMS, float* sm, float* code, unsigned int* last) {
     constexpr int BM = 16 * MT;
     constexpr int XV = BM * MMA_BK / 4 / MMA_THREADS;  // float4s of x this thread stages per step
     float* xs = sm;                                    // [BM][MMA_LD]
@@ -188,6 +197,9 @@ __device__ __forceinline__ void nf4_mma(NF4_PARAMS, float* sm, float* code) {
     const int warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
     const int m_base = blockIdx.y * BM, n_base = blockIdx.x * MMA_BN;
+    const int steps = (K + MMA_BK - 1) / MMA_BK;
+    const int k_begin = MMA_BK * (int)((long long)steps * blockIdx.z / gridDim.z);
+    const int k_end = min(K, MMA_BK * (int)((long long)steps * (blockIdx.z + 1) / gridDim.z));
     // This thread stages x float4s tid + 128 i (row q / 32, columns 4 (q % 32)..) and 32 codes of W row wr from
     // column wc: a warp's 8 rows × 64 bytes, lanes 8 apart on one row (the float4 stores of 8 lanes then fall
     // on 8 different bank groups).
@@ -224,9 +236,9 @@ __device__ __forceinline__ void nf4_mma(NF4_PARAMS, float* sm, float* code) {
         for (int j = 0; j < MMA_BN / 8; j++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[mt][j][i] = 0.f;
-    load(0);
+    load(k_begin);
     __syncthreads();  // the code table
-    for (int k0 = 0; k0 < K; k0 += MMA_BK) {
+    for (int k0 = k_begin; k0 < k_end; k0 += MMA_BK) {
 #pragma unroll
         for (int i = 0; i < XV; i++) {
             const int q = tid + MMA_THREADS * i, r = q / (MMA_BK / 4), c = 4 * (q % (MMA_BK / 4));
@@ -244,7 +256,7 @@ __device__ __forceinline__ void nf4_mma(NF4_PARAMS, float* sm, float* code) {
             *reinterpret_cast<float4*>(ws + wr * MMA_LD + wc + 4 * j) = v;
         }
         __syncthreads();
-        if (k0 + MMA_BK < K) load(k0 + MMA_BK);
+        if (k0 + MMA_BK < k_end) load(k0 + MMA_BK);
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
@@ -298,13 +310,37 @@ __device__ __forceinline__ void nf4_mma(NF4_PARAMS, float* sm, float* code) {
                 red[(warp * BM + r) * MMA_RED_LD + c] = acc[mt][j][i];
             }
     __syncthreads();
+    const int splits = gridDim.z;
+    const long long tiles = (long long)gridDim.x * gridDim.y, tile = (long long)blockIdx.y * gridDim.x + blockIdx.x;
+    float* mine = partial + ((long long)blockIdx.z * tiles + tile) * (BM * MMA_BN);
+    for (int o = tid; o < BM * MMA_BN; o += MMA_THREADS) {
+        const int r = o / MMA_BN, c = o % MMA_BN, m = m_base + r, n = n_base + c;
+        const float* v = red + r * MMA_RED_LD + c;
+        const float sum = ((v[0] + v[BM * MMA_RED_LD]) + v[2 * BM * MMA_RED_LD]) + v[3 * BM * MMA_RED_LD];
+        if (splits > 1) {
+            mine[o] = sum;
+        } else if (m < M && n < N) {
+            y[(long long)m * N + n] = sum;
+        }
+    }
+    if (splits == 1) return;
+    __threadfence();  // this block's partial tile visible to every SM before the block is counted
+    __syncthreads();
+    if (tid == 0) *last = atomicAdd(tile_done + tile, 1u) == (unsigned int)(splits - 1);
+    __syncthreads();
+    if (!*last) return;
+    __threadfence();
     for (int o = tid; o < BM * MMA_BN; o += MMA_THREADS) {
         const int r = o / MMA_BN, c = o % MMA_BN, m = m_base + r, n = n_base + c;
         if (m < M && n < N) {
-            const float* v = red + r * MMA_RED_LD + c;
-            y[(long long)m * N + n] = ((v[0] + v[BM * MMA_RED_LD]) + v[2 * BM * MMA_RED_LD]) + v[3 * BM * MMA_RED_LD];
+            // Through L2 (__ldcg): the other blocks' partials were written from other SMs.
+            const float* p = partial + tile * (BM * MMA_BN) + o;
+            float sum = __ldcg(p);
+            for (int z = 1; z < splits; z++) sum += __ldcg(p + z * tiles * (BM * MMA_BN));
+            y[(long long)m * N + n] = sum;
         }
     }
+    if (tid == 0) tile_done[tile] = 0u;
 }
 
 // The shared arrays live in the entry points (one staging buffer, reused by the epilogue's partial tiles).
@@ -312,8 +348,9 @@ __device__ __forceinline__ void nf4_mma(NF4_PARAMS, float* sm, float* code) {
     extern "C" __global__ void nf4_matmul_mma##BM(NF4_PARAMS) {                                                  \
         __shared__ float code[16];                                                                               \
         __shared__ float4 sm[(BM + MMA_BN) * MMA_LD / 4];                                                        \
+        __shared__ unsigned int last;                                                                            \
         static_assert(4 * BM * MMA_RED_LD <= (BM + MMA_BN) * MMA_LD, "the partial tiles fit the staging buffer"); \
-        nf4_mma<BM / 16>(NF4_ARGS, reinterpret_cast<float*>(sm), code);                                          \
+        nf4_mma<BM / 16>(NF4_ARGS, reinterpret_cast<float*>(sm), code, &last);                                   \
     }
 NF4_MMA(16)
 NF4_MMA(32)
