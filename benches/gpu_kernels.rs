@@ -329,16 +329,22 @@ fn attention_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyho
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut out = vec![];
-    // Llama-3-8B's heads, then the fixture models' (head_dim 16) and a head_dim that is not a multiple of 32.
-    for (heads, kv_heads, hd) in [(32usize, 8usize, 128usize), (6, 3, 16), (8, 8, 80)] {
-        let (bs, num_blocks) = (16usize, 160usize);
+    // Llama-3-8B's heads, then the fixture models' (head_dim 16), a head_dim that is not a multiple of 32, and
+    // Llama 2 7B's (no GQA), the end-to-end benchmark's model, also at its 32-stream decode step.
+    for (heads, kv_heads, hd) in [(32usize, 8usize, 128usize), (6, 3, 16), (8, 8, 80), (32, 32, 128)] {
+        let bs = 16usize;
         let width = kv_heads * hd;
-        // (past, len) per sequence: decode rows at several context lengths, then a prefill.
-        let cases: [(&str, Vec<(usize, usize)>); 2] = [
+        // (past, len) per sequence: decode rows at several context lengths, then a prefill; for Llama 2, 32
+        // decode rows at the contexts of the benchmark's decode (a 128-token prompt, up to 128 new tokens).
+        let mut cases: Vec<(&str, Vec<(usize, usize)>)> = vec![
             ("decode ×4", vec![(0, 1), (37, 1), (500, 1), (1000, 1)]),
             ("decode ×3 + prefill 20", vec![(100, 1), (255, 1), (700, 1), (0, 20)]),
         ];
+        if kv_heads == 32 {
+            cases.push(("decode ×32", (0..32).map(|i| (128 + 4 * i, 1)).collect()));
+        }
         for (ci, (label, shape_of)) in cases.iter().enumerate() {
+            let num_blocks = shape_of.iter().map(|&(p, l)| (p + l).div_ceil(bs)).sum::<usize>().max(160);
             for window in [None, Some(64usize)] {
                 let seed = 9000 + 10 * ci as u64 + window.map_or(0, |_| 1);
                 let mut order: Vec<u32> = (0..num_blocks as u32).collect();
@@ -397,16 +403,24 @@ fn attention_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyho
                 let moved = 4 * (2 * keys * width + 2 * rows * heads * hd);
                 let gbs = moved as f64 / s / 1e9;
                 let contexts: Vec<String> = shape_of.iter().map(|&(p, l)| format!("{}", p + l)).collect();
+                let kernel = loraserve::gpu::launch::paged_attention(rows, heads, kv_heads, hd, window)
+                    .map_err(anyhow::Error::msg)?
+                    .1
+                    .kernel;
+                let contexts = if contexts.len() > 8 {
+                    format!("{} … {}", contexts[0], contexts[contexts.len() - 1])
+                } else {
+                    contexts.join(", ")
+                };
                 println!(
-                "| {label}, {heads}/{kv_heads} heads × {hd} | {rows} | {} | {} | {err:.2e} / {cache_err:.1e} | {:.1} | {gbs:.0} | {:.0}% | {} |",
-                contexts.join(", "),
+                "| {label}, {heads}/{kv_heads} heads × {hd} ({kernel}) | {rows} | {contexts} | {} | {err:.2e} / {cache_err:.1e} | {:.1} | {gbs:.0} | {:.0}% | {} |",
                 window.map_or("-".to_string(), |w| w.to_string()),
                 s * 1e6,
                 100.0 * gbs / copy_gbs,
                 if ok { "ok" } else { "FAIL" }
             );
                 out.push(serde_json::json!({
-                    "case": label, "heads": heads, "kv_heads": kv_heads, "head_dim": hd, "rows": rows, "window": window,
+                    "case": label, "kernel": kernel, "heads": heads, "kv_heads": kv_heads, "head_dim": hd, "rows": rows, "window": window,
                     "rel_l2": err, "cache_rel_l2": cache_err, "ok": ok, "us_per_call": s * 1e6, "gb_per_s": gbs,
                 }));
             }

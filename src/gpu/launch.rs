@@ -186,9 +186,26 @@ pub fn lora_row_segments(rows: usize, segments: &[(usize, usize)]) -> Result<Vec
 pub const ATTENTION_GROUP_MAX: usize = 8;
 pub const ATTENTION_HEAD_DIM_MAX: usize = 256;
 const ATTENTION_WARPS: u32 = 4;
+/// The attention kernels compiled (`paged_attention_g{G}_d{D}`): bounds on the query heads per kv head and on
+/// head_dim, smallest first; the launcher takes the first that holds the model's heads.
+const ATTENTION_KERNELS: [(usize, usize, &str); 12] = [
+    (1, 64, "paged_attention_g1_d64"),
+    (1, 128, "paged_attention_g1_d128"),
+    (1, 256, "paged_attention_g1_d256"),
+    (2, 64, "paged_attention_g2_d64"),
+    (2, 128, "paged_attention_g2_d128"),
+    (2, 256, "paged_attention_g2_d256"),
+    (4, 64, "paged_attention_g4_d64"),
+    (4, 128, "paged_attention_g4_d128"),
+    (4, 256, "paged_attention_g4_d256"),
+    (8, 64, "paged_attention_g8_d64"),
+    (8, 128, "paged_attention_g8_d128"),
+    (8, 256, "paged_attention_g8_d256"),
+];
 
 /// The two launches of paged attention: the cache write (one block per row) and the attention (one block
-/// per row and kv head).
+/// per row and kv head, the kernel compiled for the smallest bounds on group and head_dim that hold these
+/// heads: fewer registers a thread, more blocks an SM).
 pub fn paged_attention(
     rows: usize,
     heads: usize,
@@ -213,12 +230,14 @@ pub fn paged_attention(
     if rows > u32::MAX as usize || kv_heads > MAX_GRID_YZ {
         return Err(format!("paged attention too large for one launch ({rows} rows, {kv_heads} kv heads)"));
     }
+    let group = heads / kv_heads;
+    let (_, _, kernel) = ATTENTION_KERNELS
+        .iter()
+        .copied()
+        .find(|&(g, d, _)| g >= group && d >= head_dim)
+        .expect("the largest bounds are the limits checked above");
     let write = Launch { kernel: "kv_write", grid: (rows as u32, 1, 1), block: (256, 1, 1) };
-    let attend = Launch {
-        kernel: "paged_attention",
-        grid: (rows as u32, kv_heads as u32, 1),
-        block: (32 * ATTENTION_WARPS, 1, 1),
-    };
+    let attend = Launch { kernel, grid: (rows as u32, kv_heads as u32, 1), block: (32 * ATTENTION_WARPS, 1, 1) };
     Ok((write, attend))
 }
 
@@ -440,9 +459,15 @@ mod tests {
         for src in [NF4_SOURCE, LORA_SOURCE, ATTENTION_SOURCE, SAMPLE_SOURCE, FUSED_SOURCE] {
             assert!(!src.contains("#include"));
         }
-        for name in ["kv_write", "paged_attention"] {
-            assert!(ATTENTION_SOURCE.contains(&format!("extern \"C\" __global__ void {name}(")), "{name}");
+        assert!(ATTENTION_SOURCE.contains("extern \"C\" __global__ void kv_write("));
+        for (g, d, name) in ATTENTION_KERNELS {
+            assert_eq!(name, format!("paged_attention_g{g}_d{d}"));
+            assert!(ATTENTION_SOURCE.contains(&format!("PAGED_ATTENTION({g}, {d})\n")), "{name} not instantiated");
         }
+        assert_eq!(
+            ATTENTION_KERNELS.last().map(|&(g, d, _)| (g, d)),
+            Some((ATTENTION_GROUP_MAX, ATTENTION_HEAD_DIM_MAX))
+        );
         assert!(ATTENTION_SOURCE.contains(&format!("#define GROUP_MAX {ATTENTION_GROUP_MAX}\n")));
         assert!(ATTENTION_SOURCE.contains(&format!("#define HEAD_DIM_MAX {ATTENTION_HEAD_DIM_MAX}\n")));
         assert!(ATTENTION_SOURCE.contains(&format!("#define ATTN_WARPS {ATTENTION_WARPS}\n")));
@@ -518,7 +543,16 @@ mod tests {
     fn attention_launches_and_limits() {
         let (w, a) = paged_attention(5, 32, 8, 128, Some(4096)).unwrap();
         assert_eq!((w.kernel, w.grid), ("kv_write", (5, 1, 1)));
-        assert_eq!((a.kernel, a.grid, a.block), ("paged_attention", (5, 8, 1), (128, 1, 1)));
+        assert_eq!((a.kernel, a.grid, a.block), ("paged_attention_g4_d128", (5, 8, 1), (128, 1, 1)));
+        // The smallest compiled bounds holding the heads: Llama 2 (32/32 × 128), Qwen2 (28/4 × 128: a group
+        // of 7), the fixture models (head_dim 16), Gemma-like 256-wide heads.
+        let kernel = |heads, kv, hd| paged_attention(1, heads, kv, hd, None).unwrap().1.kernel;
+        assert_eq!(kernel(32, 32, 128), "paged_attention_g1_d128");
+        assert_eq!(kernel(28, 4, 128), "paged_attention_g8_d128");
+        assert_eq!(kernel(6, 3, 16), "paged_attention_g2_d64");
+        assert_eq!(kernel(8, 8, 80), "paged_attention_g1_d128");
+        assert_eq!(kernel(16, 8, 256), "paged_attention_g2_d256");
+        assert_eq!(kernel(24, 8, 65), "paged_attention_g4_d128");
         assert!(paged_attention(1, 32, 2, 128, None).unwrap_err().contains("query heads per kv head"));
         assert!(paged_attention(1, 28, 8, 128, None).is_err(), "heads not a multiple of kv heads");
         // Any head_dim up to the maximum: 16 (the fixture models), 80, 96.

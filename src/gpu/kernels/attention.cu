@@ -28,19 +28,26 @@ extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __
 }
 
 // Grid (rows, kv_heads), ATTN_WARPS warps. Warp w takes positions first + w, first + w + ATTN_WARPS, ...;
-// lane l holds head dims l, l + 32, ... below head_dim (any head_dim up to HEAD_DIM_MAX; lanes past a
-// head_dim that is not a multiple of 32 hold zeros). Per warp and head: running max m, sum l
-// and weighted value sum; the warps' partial states are merged through shared memory at the end.
+// lane l holds head dims l, l + 32, ... below head_dim (lanes past a head_dim that is not a multiple of 32
+// hold zeros). Per warp and head: running max m, sum l and weighted value sum; the warps' partial states are
+// merged through shared memory at the end.
 //   q [rows, heads * head_dim], out [rows, heads * head_dim]
 //   row_pos[r]: the token's position; row_table[r]: offset of its sequence's block table in `tables`.
-extern "C" __global__ void paged_attention(const float* __restrict__ q, const float* __restrict__ k_cache,
-                                           const float* __restrict__ v_cache, const int* __restrict__ tables,
-                                           const int* __restrict__ row_pos, const int* __restrict__ row_table,
-                                           float* __restrict__ out, int heads, int kv_heads, int head_dim,
-                                           int block_size, int window, float scale) {
-    __shared__ float sm_m[ATTN_WARPS][GROUP_MAX];
-    __shared__ float sm_l[ATTN_WARPS][GROUP_MAX];
-    __shared__ float sm_acc[ATTN_WARPS][GROUP_MAX][HEAD_DIM_MAX];
+// Compiled for bounds G on the query heads per kv head (1, 2, 4, 8) and D on head_dim (64, 128, 256), the
+// launcher picking the smallest that hold the model's: the per-thread query and accumulator arrays are G × D/32
+// floats, so Llama 2's heads (G 1, D 128) take 8 of the 128 registers that bounds of 8 and 256 would hold,
+// and more blocks fit on an SM. The arithmetic is the same for every bound (terms past the model's group or
+// head_dim are never formed, or are zeros added to a dot product).
+#define ATTN_PARAMS                                                                                         \
+    const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,      \
+        const int* __restrict__ tables, const int* __restrict__ row_pos, const int* __restrict__ row_table, \
+        float* __restrict__ out, int heads, int kv_heads, int head_dim, int block_size, int window, float scale
+#define ATTN_ARGS q, k_cache, v_cache, tables, row_pos, row_table, out, heads, kv_heads, head_dim, block_size, window, scale
+
+// sm_m, sm_l: [ATTN_WARPS][G]; sm_acc: [ATTN_WARPS][G][D].
+template <int G, int D>
+__device__ __forceinline__ void paged_attention_impl(ATTN_PARAMS, float* sm_m, float* sm_l, float* sm_acc) {
+    constexpr int DL = D / 32;  // head dims a lane holds
     const int r = blockIdx.x, g = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int group = heads / kv_heads;
@@ -49,15 +56,15 @@ extern "C" __global__ void paged_attention(const float* __restrict__ q, const fl
     const int* table = tables + row_table[r];
     const int token_width = kv_heads * head_dim;
 
-    float qr[GROUP_MAX][HEAD_DIM_MAX / 32];
-    float acc[GROUP_MAX][HEAD_DIM_MAX / 32];
-    float m[GROUP_MAX], l[GROUP_MAX];
+    float qr[G][DL];
+    float acc[G][DL];
+    float m[G], l[G];
 #pragma unroll
-    for (int h = 0; h < GROUP_MAX; h++) {
+    for (int h = 0; h < G; h++) {
         m[h] = NEG_INF;
         l[h] = 0.f;
 #pragma unroll
-        for (int d = 0; d < HEAD_DIM_MAX / 32; d++) {
+        for (int d = 0; d < DL; d++) {
             acc[h][d] = 0.f;
             qr[h][d] = (h < group && d * 32 + lane < head_dim)
                            ? q[((long long)r * heads + g * group + h) * head_dim + d * 32 + lane] * scale
@@ -67,18 +74,18 @@ extern "C" __global__ void paged_attention(const float* __restrict__ q, const fl
     for (int t = first + warp; t <= pos; t += ATTN_WARPS) {
         const long long o = ((long long)table[t / block_size] * block_size + t % block_size) * token_width +
                             (long long)g * head_dim;
-        float kr[HEAD_DIM_MAX / 32], vr[HEAD_DIM_MAX / 32];
+        float kr[DL], vr[DL];
 #pragma unroll
-        for (int d = 0; d < HEAD_DIM_MAX / 32; d++) {
+        for (int d = 0; d < DL; d++) {
             kr[d] = d * 32 + lane < head_dim ? k_cache[o + d * 32 + lane] : 0.f;
             vr[d] = d * 32 + lane < head_dim ? v_cache[o + d * 32 + lane] : 0.f;
         }
 #pragma unroll
-        for (int h = 0; h < GROUP_MAX; h++) {
+        for (int h = 0; h < G; h++) {
             if (h >= group) break;
             float s = 0.f;
 #pragma unroll
-            for (int d = 0; d < HEAD_DIM_MAX / 32; d++) s += qr[h][d] * kr[d];
+            for (int d = 0; d < DL; d++) s += qr[h][d] * kr[d];
 #pragma unroll
             for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
             const float m_new = fmaxf(m[h], s);
@@ -86,34 +93,55 @@ extern "C" __global__ void paged_attention(const float* __restrict__ q, const fl
             const float p = __expf(s - m_new);
             l[h] = l[h] * correction + p;
 #pragma unroll
-            for (int d = 0; d < HEAD_DIM_MAX / 32; d++) acc[h][d] = acc[h][d] * correction + p * vr[d];
+            for (int d = 0; d < DL; d++) acc[h][d] = acc[h][d] * correction + p * vr[d];
             m[h] = m_new;
         }
     }
     // Merge the warps' states: every warp publishes, then all threads combine for their (head, dim) pairs.
 #pragma unroll
-    for (int h = 0; h < GROUP_MAX; h++) {
+    for (int h = 0; h < G; h++) {
         if (h >= group) break;
         if (lane == 0) {
-            sm_m[warp][h] = m[h];
-            sm_l[warp][h] = l[h];
+            sm_m[warp * G + h] = m[h];
+            sm_l[warp * G + h] = l[h];
         }
 #pragma unroll
-        for (int d = 0; d < HEAD_DIM_MAX / 32; d++)
-            if (d * 32 + lane < head_dim) sm_acc[warp][h][d * 32 + lane] = acc[h][d];
+        for (int d = 0; d < DL; d++)
+            if (d * 32 + lane < head_dim) sm_acc[(warp * G + h) * D + d * 32 + lane] = acc[h][d];
     }
     __syncthreads();
     for (int i = threadIdx.x; i < group * head_dim; i += ATTN_WARPS * 32) {
         const int h = i / head_dim, d = i % head_dim;
         float mx = NEG_INF;
-        for (int w = 0; w < ATTN_WARPS; w++) mx = fmaxf(mx, sm_m[w][h]);
+        for (int w = 0; w < ATTN_WARPS; w++) mx = fmaxf(mx, sm_m[w * G + h]);
         float sum = 0.f, val = 0.f;
         for (int w = 0; w < ATTN_WARPS; w++) {
-            if (sm_m[w][h] == NEG_INF) continue;  // a warp that saw no position
-            const float c = __expf(sm_m[w][h] - mx);
-            sum += sm_l[w][h] * c;
-            val += sm_acc[w][h][d] * c;
+            if (sm_m[w * G + h] == NEG_INF) continue;  // a warp that saw no position
+            const float c = __expf(sm_m[w * G + h] - mx);
+            sum += sm_l[w * G + h] * c;
+            val += sm_acc[(w * G + h) * D + d] * c;
         }
         out[((long long)r * heads + g * group + h) * head_dim + d] = val / sum;
     }
 }
+
+// The shared arrays live in the entry points (see nf4.cu).
+#define PAGED_ATTENTION(G, D)                                                      \
+    extern "C" __global__ void paged_attention_g##G##_d##D(ATTN_PARAMS) {          \
+        __shared__ float sm_m[ATTN_WARPS * G];                                     \
+        __shared__ float sm_l[ATTN_WARPS * G];                                     \
+        __shared__ float sm_acc[ATTN_WARPS * G * D];                               \
+        paged_attention_impl<G, D>(ATTN_ARGS, sm_m, sm_l, sm_acc);                 \
+    }
+PAGED_ATTENTION(1, 64)
+PAGED_ATTENTION(1, 128)
+PAGED_ATTENTION(1, 256)
+PAGED_ATTENTION(2, 64)
+PAGED_ATTENTION(2, 128)
+PAGED_ATTENTION(2, 256)
+PAGED_ATTENTION(4, 64)
+PAGED_ATTENTION(4, 128)
+PAGED_ATTENTION(4, 256)
+PAGED_ATTENTION(8, 64)
+PAGED_ATTENTION(8, 128)
+PAGED_ATTENTION(8, 256)
