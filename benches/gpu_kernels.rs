@@ -11,7 +11,8 @@
 //! (`launch::nf4_candidates`), checked and timed the same way, then a table of the fastest per shape and rows
 //! against the launcher's pick: what the routing should be.
 //! Batched LoRA (shrink + expand) on 4096→4096 and 4096→1024: 32 decode rows over 32 distinct rank-16
-//! adapters, 32 rows of one adapter, and a 512-row prefill mix of ranks 8/16/64/128 with base-model rows between the segments. Paged attention (the cache
+//! adapters, 32 rows of one adapter, and a 512-row prefill mix of ranks 8/16/64/128 with base-model rows between the segments
+//! (checked through `apply_into`, timed with its tables uploaded once, as a forward's step plan launches them). Paged attention (the cache
 //! write, then attention) on Llama-3-8B heads (32 query / 8 kv, head_dim 128, blocks of 16): decode rows at several
 //! context lengths plus a 20-token prefill, with and without a sliding window; output and cache compared.
 //! Greedy picks (argmax by row) over Llama 2's and Llama 3's vocabularies at 1 and 32 rows, with exact ties
@@ -30,7 +31,7 @@ use candle_core::cuda::WrapErr;
 use candle_core::{Device, Tensor};
 use loraserve::gpu::attention::{paged_attention_into, LayerKvCuda, StepTables};
 use loraserve::gpu::fused::{add_rms_norm_into, silu_mul_into};
-use loraserve::gpu::lora::apply_into;
+use loraserve::gpu::lora::{apply_into, Prepared};
 use loraserve::gpu::nf4::{launch_into, matmul_into, Nf4CudaLinear, Nf4CudaWeight};
 use loraserve::gpu::sample::argmax_into;
 use loraserve::lora::batched::{apply_reference, LoraSegment};
@@ -157,7 +158,7 @@ fn main() -> anyhow::Result<()> {
             }));
             // Decode batches: every other tile height and split of K (split-K puts several blocks on each SM
             // when the output makes only ~128 tiles), checked and timed; the fastest decides the routing.
-            if (9..=32).contains(&m) {
+            if m <= 32 {
                 let t_pick = s;
                 let pick = describe(&loraserve::gpu::launch::nf4_matmul(m, n, k).map_err(anyhow::Error::msg)?);
                 let mut best = (s, pick.clone());
@@ -299,7 +300,9 @@ fn lora_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyhow::Re
                 .all(|r| got[r * out_f..(r + 1) * out_f] == y0[r * out_f..(r + 1) * out_f]);
             let ok = err <= TOLERANCE && base_untouched;
             *failed += usize::from(!ok);
-            let s = time(&cuda, || apply_into(&cuda, &dx.slice(..), &mut dy, *rows, &dev_segs))?;
+            // Timed with the tables uploaded once, as a forward launches the kernels (one upload a step).
+            let prepared = Prepared::new(&cuda, *rows, &dev_segs)?.expect("segments");
+            let s = time(&cuda, || prepared.apply(&dx.slice(..), &mut dy))?;
             let moved = modules.iter().map(|m| m.bytes()).sum::<usize>() + 4 * rows * (in_f + 2 * out_f);
             let gbs = moved as f64 / s / 1e9;
             let ranks: Vec<String> = segs.iter().map(|(r, k)| format!("{}×r{k}", r.len())).collect();

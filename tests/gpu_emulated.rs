@@ -193,7 +193,7 @@ fn nf4_mma_partial_tiles_both_absmax_forms() {
 /// Split-K (the blocks of a tile each take a range of K's 128-wide steps, the one that counts last adds the
 /// partials): splits of one step each (512 = 4 steps in 4), uneven ones (640 = 5 steps in 2; 1088 = 8.5
 /// steps in 8, one split of two steps and a last half step), a split ending in the half step (192 in 2),
-/// both tile heights, partial row and column tiles. Every launch runs with the blocks in two random orders
+/// both tile heights, partial row and column tiles, a decode batch of 3 rows (a GEMV's, mostly padding). Every launch runs with the blocks in two random orders
 /// (so a different block sums each tile) and must agree bit for bit, leave every counter back at zero for
 /// the next launch, and match the unsplit kernel to f32 rounding.
 #[test]
@@ -204,6 +204,7 @@ fn nf4_split_k_sums_every_split_once_whichever_block_ends_last() {
         (20, 130, 1088, 32, 8),
         (32, 64, 192, 32, 2),
         (40, 37, 256, 16, 2),
+        (3, 64, 384, 16, 3),
     ];
     let mut worst = 0f64;
     for (i, &(m, n, k, bm, splits)) in cases.iter().enumerate() {

@@ -106,13 +106,14 @@ pub fn nf4_workspace(l: &Launch) -> usize {
     }
 }
 
-/// Every launch that computes `m × n × k` in full: the one [`nf4_matmul`] picks and, past the GEMV rows, each
-/// tensor-core tile height with each of [`NF4_SPLITS`] that the shape allows. The device bench times them all
-/// to settle the routing; `gpu::nf4::launch_into` takes only these.
+/// Every launch that computes `m × n × k` in full: the one [`nf4_matmul`] picks, then the tensor-core tiles
+/// with each of [`NF4_SPLITS`] that the shape allows (16-row tiles at any row count, GEMV rows included: split
+/// K ways they may beat the GEMV; 32-row tiles past 16 rows). The device bench times them all to settle the
+/// routing; `gpu::nf4::launch_into` takes only these.
 pub fn nf4_candidates(m: usize, n: usize, k: usize) -> Vec<Launch> {
     let mut out: Vec<Launch> = nf4_matmul(m, n, k).into_iter().collect();
-    if m > GEMV_MAX_ROWS {
-        for (bm, _) in MMA_KERNELS {
+    for (bm, _) in MMA_KERNELS {
+        if bm == 16 || m > 16 {
             for splits in NF4_SPLITS {
                 match nf4_mma(m, n, k, bm, splits) {
                     Ok(l) if !out.contains(&l) => out.push(l),
@@ -415,10 +416,14 @@ mod tests {
         assert_eq!(c[0], nf4_matmul(24, 4096, 4096).unwrap());
         assert_eq!(c.len(), 8);
         assert!(c.iter().all(|l| l.grid.0 == 128 && NF4_SPLITS.contains(&(l.grid.2 as usize))));
-        // K of 256 is 2 steps: splits 1 and 2 only.
-        assert_eq!(nf4_candidates(16, 64, 256).len(), 4);
-        // The GEMV rows and the odd widths have no alternative.
-        assert_eq!(nf4_candidates(8, 4096, 4096), vec![nf4_matmul(8, 4096, 4096).unwrap()]);
+        // Up to 16 rows no 32-row tiles; K of 256 is 2 steps: splits 1 and 2 only.
+        assert_eq!(nf4_candidates(16, 64, 256).len(), 2);
+        assert_eq!(nf4_candidates(17, 64, 256).len(), 4);
+        // The GEMV rows: the GEMV, then 16-row tiles split 1..8 ways.
+        let c = nf4_candidates(8, 4096, 4096);
+        assert_eq!((c.len(), c[0].kernel), (5, "nf4_gemv_r8"));
+        assert!(c[1..].iter().all(|l| l.kernel == "nf4_matmul_mma16"));
+        // Odd widths have no alternative.
         assert_eq!(nf4_candidates(20, 97, 96), vec![nf4_matmul(20, 97, 96).unwrap()]);
     }
 

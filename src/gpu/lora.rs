@@ -161,23 +161,52 @@ pub fn apply_into(
     rows: usize,
     segments: &[(Range<usize>, &LoraModule)],
 ) -> Result<()> {
-    let mods: Vec<Option<ModuleAddr>> =
-        segments.iter().map(|(_, m)| ModuleAddr::of(m, device).map(Some)).collect::<Result<_>>()?;
-    let Some(Some(first)) = mods.first() else { return Ok(()) };
-    let dims = (first.in_features, first.out_features);
-    if let Some(m) = mods.iter().flatten().find(|m| (m.in_features, m.out_features) != dims) {
-        candle_core::bail!(
-            "batched LoRA: a segment's module is {}→{}, others {}→{}",
-            m.in_features,
-            m.out_features,
-            dims.0,
-            dims.1
-        );
+    match Prepared::new(device, rows, segments)? {
+        Some(p) => p.apply(x, y),
+        None => Ok(()),
     }
-    let ranges: Vec<(usize, usize)> = segments.iter().map(|(r, _)| (r.start, r.end)).collect();
-    let row_seg = launch::lora_row_segments(rows, &ranges).map_err(candle_core::Error::msg)?;
-    let tables = Tables::upload(device, &row_seg, &mods)?;
-    launch_pair(device, x, y, rows, dims, &tables, 0..mods.len())
+}
+
+/// [`apply_into`]'s tables, uploaded once, for launches that then upload nothing, as a forward's
+/// [`StepPlan`] does: the device checks time the kernels this way. Borrows the modules whose addresses the
+/// tables hold.
+pub struct Prepared<'m> {
+    device: CudaDevice,
+    rows: usize,
+    dims: (usize, usize),
+    segments: usize,
+    tables: Tables,
+    _modules: std::marker::PhantomData<&'m LoraModule>,
+}
+
+impl<'m> Prepared<'m> {
+    /// The tables for `segments` over `rows` rows (as [`apply_into`] takes them); `None` when there are no
+    /// segments (nothing to add).
+    pub fn new(device: &CudaDevice, rows: usize, segments: &[(Range<usize>, &'m LoraModule)]) -> Result<Option<Self>> {
+        let mods: Vec<Option<ModuleAddr>> =
+            segments.iter().map(|(_, m)| ModuleAddr::of(m, device).map(Some)).collect::<Result<_>>()?;
+        let Some(Some(first)) = mods.first() else { return Ok(None) };
+        let dims = (first.in_features, first.out_features);
+        if let Some(m) = mods.iter().flatten().find(|m| (m.in_features, m.out_features) != dims) {
+            candle_core::bail!(
+                "batched LoRA: a segment's module is {}→{}, others {}→{}",
+                m.in_features,
+                m.out_features,
+                dims.0,
+                dims.1
+            );
+        }
+        let ranges: Vec<(usize, usize)> = segments.iter().map(|(r, _)| (r.start, r.end)).collect();
+        let row_seg = launch::lora_row_segments(rows, &ranges).map_err(candle_core::Error::msg)?;
+        let tables = Tables::upload(device, &row_seg, &mods)?;
+        let device = device.clone();
+        Ok(Some(Prepared { device, rows, dims, segments: mods.len(), tables, _modules: std::marker::PhantomData }))
+    }
+
+    /// Shrink then expand: `y += LoRA deltas` for the prepared rows.
+    pub fn apply(&self, x: &CudaView<'_, f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+        launch_pair(&self.device, x, y, self.rows, self.dims, &self.tables, 0..self.segments)
+    }
 }
 
 /// One forward's batched-LoRA tables in device memory: built from the step's segments once, then every
