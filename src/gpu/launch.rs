@@ -41,6 +41,8 @@ pub const NF4_SPLITS: [usize; 4] = [1, 2, 4, 8];
 /// Output tiles a split-K launch may have: the length of the `tile_done` counters each stream keeps
 /// (`gpu::nf4`). 16,384 tiles of 32 columns are 512Ki outputs, four times a 128k vocabulary.
 pub const NF4_SPLIT_TILES_MAX: usize = 16_384;
+/// Weight elements the kernels take: their NF4 block indices (`e / 64`) are 32-bit.
+const NF4_MAX_ELEMENTS: usize = 1 << 37;
 /// CUDA's limit on grid.y and grid.z.
 const MAX_GRID_YZ: usize = 65_535;
 
@@ -50,6 +52,11 @@ const MAX_GRID_YZ: usize = 65_535;
 pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
     if m == 0 || n == 0 || k == 0 {
         return Err(format!("NF4 matmul of an empty shape (m={m}, n={n}, k={k})"));
+    }
+    if n.checked_mul(k).is_none_or(|e| e >= NF4_MAX_ELEMENTS) {
+        return Err(format!(
+            "NF4 weight of {n} × {k}: the kernels index its NF4 blocks with 32 bits (under 2^37 elements)"
+        ));
     }
     if !k.is_multiple_of(64) {
         // Blocks straddle rows: the scalar kernel, one warp per output.
@@ -430,6 +437,8 @@ mod tests {
     #[test]
     fn shapes_the_kernels_cannot_take_are_refused_by_name() {
         assert!(nf4_matmul(0, 4096, 4096).unwrap_err().contains("empty"));
+        assert!(nf4_matmul(1, 1 << 20, 1 << 17).unwrap_err().contains("32 bits"));
+        assert!(nf4_matmul(1, (1 << 20) - 1, 1 << 17).is_ok());
         assert!(nf4_matmul(MAX_GRID_YZ + 1, 64, 96).unwrap_err().contains("too large"));
     }
 

@@ -55,11 +55,18 @@ __device__ __forceinline__ void nf4_decode32(const uint4 bytes, const float* cod
 // float4 of every row of x, loaded once and used for all COLS columns (the x traffic through L1, not the
 // weight bytes, is what bounds a GEMV whose lanes read x apart). Sums: across the warp by shuffles, then the 4
 // warps' partial sums in shared memory, added in warp order.
+// Each chunk's global loads (x, every column's codes and scales) are issued together, branch-free, before any
+// of them is used: ptxas does not move loads across branches, and a column's scale behind an `if` made every
+// chunk a chain of one load round trip per column. A column past N loads column N - 1's bytes (never
+// written). The double quantization's 256-entry map is staged in shared memory, so decoding a scale waits on
+// one global load (the block's code byte and nested scale, together), not two in a row.
 #define GEMV_CHUNK 256
 
 template <int R, int COLS>
-__device__ __forceinline__ void nf4_gemv(NF4_PARAMS, float* code, float* part) {
+__device__ __forceinline__ void nf4_gemv(NF4_PARAMS, float* code, float* nested, float* part) {
     if (threadIdx.x < 16) code[threadIdx.x] = code16[threadIdx.x];
+    if (double_quant)
+        for (int i = threadIdx.x; i < 256; i += 32 * WARPS_PER_BLOCK) nested[i] = nested_code[i];
     __syncthreads();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int n0 = blockIdx.x * COLS;
@@ -81,28 +88,44 @@ __device__ __forceinline__ void nf4_gemv(NF4_PARAMS, float* code, float* part) {
                 xb[r].x = xb[r].y = xb[r].z = xb[r].w = 0.f;
             }
         }
+        // K % 64 == 0 and k0 % 8 == 0: each column's 8 elements are one aligned 4-byte word of one NF4 block.
+        unsigned int word[COLS];
+        float scale[COLS];
+        int block[COLS];  // e / 64 < 2^31 for any weight below 2^37 elements
 #pragma unroll
         for (int c = 0; c < COLS; c++) {
-            const int n = n0 + c;
-            if (n < N) {
-                // K % 64 == 0 and k0 % 8 == 0: the 8 elements are one aligned 4-byte word of one NF4 block.
-                const long long e = (long long)n * K + k0;
-                const unsigned int word = *reinterpret_cast<const unsigned int*>(packed + e / 2);
-                const float scale =
-                    nf4_scale(e / 64, double_quant, absmax_f32, absmax_codes, nested_absmax, nested_code, offset);
-                float w[8];
+            const long long e = (long long)min(n0 + c, N - 1) * K + k0;
+            word[c] = *reinterpret_cast<const unsigned int*>(packed + e / 2);
+            block[c] = (int)(e / 64);
+        }
+        if (double_quant) {
+            unsigned int nested_index[COLS];
+            float nested_scale[COLS];
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const unsigned int byte = (word >> (8 * j)) & 0xffu;  // elements 2j (high nibble), 2j + 1
-                    w[2 * j] = code[byte >> 4] * scale;
-                    w[2 * j + 1] = code[byte & 0xfu] * scale;
-                }
+            for (int c = 0; c < COLS; c++) {
+                nested_index[c] = absmax_codes[block[c]];
+                nested_scale[c] = nested_absmax[block[c] / 256];
+            }
 #pragma unroll
-                for (int r = 0; r < R; r++) {
-                    const float4 a = xa[r], b = xb[r];
-                    acc[r][c] += ((a.x * w[0] + a.y * w[1]) + (a.z * w[2] + a.w * w[3])) +
-                                 ((b.x * w[4] + b.y * w[5]) + (b.z * w[6] + b.w * w[7]));
-                }
+            for (int c = 0; c < COLS; c++) scale[c] = nested[nested_index[c]] * nested_scale[c] + offset;
+        } else {
+#pragma unroll
+            for (int c = 0; c < COLS; c++) scale[c] = absmax_f32[block[c]];
+        }
+#pragma unroll
+        for (int c = 0; c < COLS; c++) {
+            float w[8];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const unsigned int byte = (word[c] >> (8 * j)) & 0xffu;  // elements 2j (high nibble), 2j + 1
+                w[2 * j] = code[byte >> 4] * scale[c];
+                w[2 * j + 1] = code[byte & 0xfu] * scale[c];
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const float4 a = xa[r], b = xb[r];
+                acc[r][c] += ((a.x * w[0] + a.y * w[1]) + (a.z * w[2] + a.w * w[3])) +
+                             ((b.x * w[4] + b.y * w[5]) + (b.z * w[6] + b.w * w[7]));
             }
         }
     }
@@ -129,8 +152,9 @@ __device__ __forceinline__ void nf4_gemv(NF4_PARAMS, float* code, float* part) {
 #define NF4_GEMV(R, COLS)                                                       \
     extern "C" __global__ void nf4_gemv_r##R(NF4_PARAMS) {                      \
         __shared__ float code[16];                                              \
+        __shared__ float nested[256];                                           \
         __shared__ float part[WARPS_PER_BLOCK * R * COLS];                      \
-        nf4_gemv<R, COLS>(NF4_ARGS, code, part);                                \
+        nf4_gemv<R, COLS>(NF4_ARGS, code, nested, part);                        \
     }
 NF4_GEMV(1, 4)
 NF4_GEMV(2, 4)
