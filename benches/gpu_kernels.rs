@@ -144,7 +144,8 @@ fn main() -> anyhow::Result<()> {
             let moved = dw.resident_bytes() + 4 * (m * k + m * n);
             let gbs = moved as f64 / s / 1e9;
             let tflops = 2.0 * (m * n * k) as f64 / s / 1e12;
-            let kernel = loraserve::gpu::launch::nf4_matmul(m, n, k).map_err(anyhow::Error::msg)?.kernel;
+            let pick = loraserve::gpu::launch::nf4_matmul(m, n, k).map_err(anyhow::Error::msg)?;
+            let kernel = pick.kernel;
             println!(
                 "| {kernel} | {m} × {n} × {k}{} | {err:.2e} (op {op_err:.2e}) | {:.1} | {gbs:.0} | {:.0}% | {tflops:.2} | {} |",
                 if dq { "" } else { " (f32 absmax)" },
@@ -153,14 +154,15 @@ fn main() -> anyhow::Result<()> {
                 if ok { "ok" } else { "FAIL" }
             );
             rows.push(serde_json::json!({
-                "kernel": kernel, "m": m, "n": n, "k": k, "double_quant": dq, "rel_l2": err, "op_rel_l2": op_err, "ok": ok,
+                "kernel": kernel, "grid": [pick.grid.0, pick.grid.1, pick.grid.2], "splits": pick.grid.2, "m": m, "n": n,
+                "k": k, "double_quant": dq, "rel_l2": err, "op_rel_l2": op_err, "ok": ok,
                 "us_per_call": s * 1e6, "gb_per_s": gbs, "tflop_per_s": tflops,
             }));
             // Decode batches: every other tile height and split of K (split-K puts several blocks on each SM
             // when the output makes only ~128 tiles), checked and timed; the fastest decides the routing.
             if m <= 32 {
                 let t_pick = s;
-                let pick = describe(&loraserve::gpu::launch::nf4_matmul(m, n, k).map_err(anyhow::Error::msg)?);
+                let pick = describe(&pick);
                 let mut best = (s, pick.clone());
                 for l in loraserve::gpu::launch::nf4_candidates(m, n, k).into_iter().skip(1) {
                     let mut dy = stream.clone_htod(&vec![f32::NAN; m * n])?;

@@ -2,7 +2,8 @@
 # The one device call (issue 8): run from the repository root on the GPU machine, with the binaries that
 # benches/gpu/build.sh put in .gpu/. Prints every table and writes the figures as JSON under $OUT.
 #   1+2. every CUDA kernel against its CPU reference on fresh random inputs (NaN-poisoned outputs), then
-#        timed: GB/s and TFLOP/s against the copy bandwidth measured in the same run (.gpu/gpu_kernels).
+#        timed: GB/s and TFLOP/s against the copy bandwidth measured in the same run (.gpu/gpu_kernels);
+#        the NF4 routes those timings call for (benches/gpu/routing.py).
 #   3.   end to end through the in-process server (.gpu/gpu_serve): the fixture models' greedy outputs on the
 #        GPU against the CPU, then the 7B-shape decode benchmark (1/8/32 streams × 1 vs 32 adapters).
 #   4.   the peer, transformers + peft in bf16, same shape, adapters and load (benches/gpu/peer.py).
@@ -43,6 +44,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max
 echo
 echo "== 1+2. kernels against their CPU references, and their speed"
 OUT="$OUT" timeout 80 "$bin/gpu_kernels" || status=1
+echo
+echo "NF4 routes by rows, costed on one Llama-2-7B layer from the timings above (benches/gpu/routing.py):"
+OUT="$OUT" timeout 20 python3 benches/gpu/routing.py || true
 echo
 echo "(${SECONDS} s since the start)"
 echo "== 3. end to end: fixtures GPU = CPU, then the decode benchmark"

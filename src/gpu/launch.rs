@@ -20,10 +20,34 @@ pub struct Launch {
     pub block: (u32, u32, u32),
 }
 
-/// Rows of x up to which the GEMV kernels run (each weight byte read once for all rows, CUDA-core FMAs);
-/// beyond, the tensor-core kernels. Measured on the H200 (benches/NOTES.md, "GPU"): two or four 8-row GEMV
-/// passes took 1.4 to 2.1 times as long as one 16- or 32-row tensor-core tile.
-pub const GEMV_MAX_ROWS: usize = 8;
+/// How an NF4 matmul of some number of rows runs (`k % 64 == 0`; other widths take the generic kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// The GEMV kernel for the rows (each weight byte read once for all rows, CUDA-core FMAs).
+    Gemv,
+    /// Tensor-core tiles of `bm` rows, K split (1, 2, 4 or 8 ways, as K's steps allow) until the launch has at
+    /// least `blocks` blocks; 0 never splits.
+    Mma { bm: usize, blocks: usize },
+}
+
+/// The routes by rows, each for row counts up to its bound: what `benches/gpu/routing.py` reads off the device
+/// bench's timings. Measured on the H200 (benches/NOTES.md, "First device runs"): two or four 8-row GEMV
+/// passes took 1.4 to 2.1 times as long as one 16- or 32-row tensor-core tile. Split-K is not routed to yet:
+/// its candidates have not run on a device.
+pub const NF4_ROUTES: [(usize, Route); 3] =
+    [(8, Route::Gemv), (16, Route::Mma { bm: 16, blocks: 0 }), (usize::MAX, Route::Mma { bm: 32, blocks: 0 })];
+
+/// The route for `m` rows.
+pub fn nf4_route(m: usize) -> Route {
+    NF4_ROUTES.iter().find(|&&(rows, _)| m <= rows).map(|&(_, r)| r).expect("the last route takes any rows")
+}
+
+/// The splits of K that give `tiles` output tiles at least `blocks` blocks (the most K's `steps` allow if
+/// none does); 1 when `blocks` is 0.
+fn splits_for(tiles: usize, steps: usize, blocks: usize) -> usize {
+    let allowed = NF4_SPLITS.iter().copied().filter(|&s| s <= steps);
+    allowed.clone().find(|&s| tiles * s >= blocks).unwrap_or_else(|| allowed.max().unwrap_or(1))
+}
 /// Warps per GEMV thread block, as `WARPS_PER_BLOCK` in `kernels/nf4.cu`.
 const GEMV_WARPS: usize = 4;
 /// The GEMV kernels compiled (`nf4_gemv_r{R}`): rows handled, output columns a block.
@@ -46,9 +70,9 @@ const NF4_MAX_ELEMENTS: usize = 1 << 37;
 /// CUDA's limit on grid.y and grid.z.
 const MAX_GRID_YZ: usize = 65_535;
 
-/// The launch computing `y[m, n] = x[m, k] · W[n, k]ᵀ` for an NF4 weight: a GEMV kernel sized to the rows
-/// up to 8 rows, the tensor-core kernel beyond (both for `k % 64 == 0`), the generic kernel for other widths.
-/// Errors name the shape the kernels cannot take.
+/// The launch computing `y[m, n] = x[m, k] · W[n, k]ᵀ` for an NF4 weight: for `k % 64 == 0` the route
+/// [`NF4_ROUTES`] gives the rows (a GEMV kernel sized to them, or tensor-core tiles), the generic kernel for
+/// other widths. Errors name the shape the kernels cannot take.
 pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
     if m == 0 || n == 0 || k == 0 {
         return Err(format!("NF4 matmul of an empty shape (m={m}, n={n}, k={k})"));
@@ -69,12 +93,18 @@ pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
             block: (32 * GEMV_WARPS as u32, 1, 1),
         });
     }
-    if m <= GEMV_MAX_ROWS {
-        let (_, cols, kernel) = GEMV_KERNELS.iter().copied().find(|&(r, _, _)| r >= m).expect("m ≤ 8 has a kernel");
-        return Ok(Launch { kernel, grid: (n.div_ceil(cols) as u32, 1, 1), block: (32 * GEMV_WARPS as u32, 1, 1) });
+    match nf4_route(m) {
+        Route::Gemv => {
+            let Some(&(_, cols, kernel)) = GEMV_KERNELS.iter().find(|&&(r, _, _)| r >= m) else {
+                return Err(format!("no GEMV kernel for {m} rows (a route in NF4_ROUTES is wrong)"));
+            };
+            Ok(Launch { kernel, grid: (n.div_ceil(cols) as u32, 1, 1), block: (32 * GEMV_WARPS as u32, 1, 1) })
+        }
+        Route::Mma { bm, blocks } => {
+            let tiles = n.div_ceil(MMA_BN) * m.div_ceil(bm);
+            nf4_mma(m, n, k, bm, splits_for(tiles, k.div_ceil(MMA_BK), blocks))
+        }
     }
-    let (bm, _) = MMA_KERNELS.iter().copied().find(|&(bm, _)| bm >= m).unwrap_or(MMA_KERNELS[1]);
-    nf4_mma(m, n, k, bm, 1)
 }
 
 /// The tensor-core launch for `m` rows in tiles of `bm` rows (16 or 32) with K split `splits` ways (a block
@@ -353,6 +383,28 @@ pub fn nvrtc_arch(major: i32, minor: i32) -> Result<&'static str, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The routes cover every row count in order, each GEMV route has a kernel for its rows, and each
+    /// tensor-core route a compiled tile.
+    #[test]
+    fn routes_cover_every_row_count_with_kernels_that_exist() {
+        let mut last = 0;
+        for (rows, route) in NF4_ROUTES {
+            assert!(rows > last, "routes out of order");
+            match route {
+                Route::Gemv => assert!(GEMV_KERNELS.iter().any(|&(r, _, _)| r >= rows), "no GEMV for {rows} rows"),
+                Route::Mma { bm, .. } => assert!(MMA_KERNELS.iter().any(|&(b, _)| b == bm), "no {bm}-row tile"),
+            }
+            last = rows;
+        }
+        assert_eq!(last, usize::MAX);
+        // Splits: the fewest that reach the blocks asked for, within K's steps.
+        assert_eq!(splits_for(128, 32, 512), 4);
+        assert_eq!(splits_for(344, 32, 512), 2);
+        assert_eq!(splits_for(128, 32, 0), 1);
+        assert_eq!(splits_for(8, 32, 512), 8, "the most there is when none reaches");
+        assert_eq!(splits_for(8, 3, 512), 2, "no more splits than steps");
+    }
 
     #[test]
     fn decode_rows_pick_the_smallest_gemv_that_holds_them() {
