@@ -72,12 +72,12 @@ fn run(call: &mut Call, seed: u64) -> gpu_emu::Outputs {
 /// The launch of `y = x · Wᵀ` exactly as `gpu::nf4::matmul_into` builds it (1-element placeholders for the
 /// absmax form not in use, as `Nf4CudaWeight::upload`), with `y` NaN-filled. Returns the call and `y`.
 fn nf4_call(l: launch::Launch, w: &Nf4Weight, x: &[f32], m: usize, x_misalign: usize) -> (Call, Buf) {
-    let (call, y, _) = nf4_call_y(l, w, x, m, x_misalign, m * w.dims2().0);
+    let (call, y, _) = nf4_call_y(l, w, x, m, x_misalign, m * w.dims2().0, 0);
     (call, y)
 }
 
-/// [`nf4_call`] with a `y` of `y_len` elements (to check that a write past its end is caught); also returns
-/// the split-K tile counters. The split-K scratch is sized as the launch asks (`launch::nf4_workspace`, a
+/// [`nf4_call`] with a `y` of `y_len` elements (to check that a write past its end is caught) and the split-K
+/// tile counters starting at `counters` (0 as on the device; else to break the hand-over); also returns them. The split-K scratch is sized as the launch asks (`launch::nf4_workspace`, a
 /// partial tile a block; a counter a tile, zeroed), at least one element each as on the device, so a block
 /// that strays past its own tile faults; the partials start as all-ones words, which the emulated `__ldcg`
 /// refuses to read (a block summing partials not yet written).
@@ -88,6 +88,7 @@ fn nf4_call_y(
     m: usize,
     x_misalign: usize,
     y_len: usize,
+    counters: u32,
 ) -> (Call, Buf, Buf) {
     let (n, k) = w.dims2();
     let mut c = Call::new(l);
@@ -103,7 +104,7 @@ fn nf4_call_y(
     let y = c.f32(&vec![f32::NAN; y_len]);
     c.arg(bx).arg(packed).arg(dq).arg(absmax_f32).arg(codes).arg(nested_absmax).arg(nested_code).arg(offset);
     let partial = c.f32(&vec![f32::from_bits(u32::MAX); launch::nf4_workspace(&l).max(1)]);
-    let tile_done = c.u32(&vec![0; (l.grid.0 * l.grid.1) as usize]);
+    let tile_done = c.u32(&vec![counters; (l.grid.0 * l.grid.1) as usize]);
     c.arg(code).arg(y).arg(m as i32).arg(n as i32).arg(k as i32).arg(partial).arg(tile_done);
     (c, y, tile_done)
 }
@@ -193,9 +194,10 @@ fn nf4_mma_partial_tiles_both_absmax_forms() {
 /// Split-K (the blocks of a tile each take a range of K's 128-wide steps, the one that counts last adds the
 /// partials): splits of one step each (512 = 4 steps in 4), uneven ones (640 = 5 steps in 2; 1088 = 8.5
 /// steps in 8, one split of two steps and a last half step), a split ending in the half step (192 in 2),
-/// both tile heights, partial row and column tiles, a decode batch of 3 rows (a GEMV's, mostly padding). Every launch runs with the blocks in two random orders
-/// (so a different block sums each tile) and must agree bit for bit, leave every counter back at zero for
-/// the next launch, and match the unsplit kernel to f32 rounding.
+/// both tile heights, partial row and column tiles, a decode batch of 3 rows (a GEMV's, mostly padding).
+/// Every launch runs with the blocks in two random orders (so the block that sums a tile differs between
+/// them for most tiles) and must agree bit for bit, leave every counter back at zero for the next launch,
+/// and match the CPU reference within the tolerance.
 #[test]
 fn nf4_split_k_sums_every_split_once_whichever_block_ends_last() {
     let cases = [
@@ -217,7 +219,7 @@ fn nf4_split_k_sums_every_split_once_whichever_block_ends_last() {
             assert_nontrivial(&want, &label);
             let l = launch::nf4_mma(m, n, k, bm, splits).unwrap();
             assert_eq!(l.grid.2 as usize, splits);
-            let (mut call, y, tile_done) = nf4_call_y(l, &w, &x, m, 0, m * n);
+            let (mut call, y, tile_done) = nf4_call_y(l, &w, &x, m, 0, m * n, 0);
             let out = run(&mut call, seed);
             assert!(out.u32(tile_done).iter().all(|&c| c == 0), "{label}: tile counters not reset");
             let err = rel_l2(&out.f32(y), &want);
@@ -428,7 +430,8 @@ fn attention_error(
     assert!(same(&k_cache, &cpu_cache.k) && same(&v_cache, &cpu_cache.v), "{label}: caches differ after kv_write");
     assert!(k_cache != k0 && v_cache != v0, "{label}: kv_write wrote nothing");
 
-    // The launcher's kernel, then the one compiled for the largest bounds: the same numbers, bit for bit.
+    // The launcher's kernel, then every other compiled kernel whose bounds hold these heads: the same numbers,
+    // bit for bit.
     let attend_with = |l: launch::Launch| {
         let mut c = Call::new(l);
         let bq = c.f32(&q);
@@ -442,8 +445,12 @@ fn attention_error(
         run(&mut c, seed + 1).f32(out)
     };
     let got = attend_with(attend);
-    let widest = launch::Launch { kernel: "paged_attention_g8_d256", ..attend };
-    assert!(same(&got, &attend_with(widest)), "{label}: {} and {} differ", attend.kernel, widest.kernel);
+    for &(g, d, kernel) in &launch::ATTENTION_KERNELS {
+        if g >= heads / kv_heads && d >= hd && kernel != attend.kernel {
+            let other = launch::Launch { kernel, ..attend };
+            assert!(same(&got, &attend_with(other)), "{label}: {} and {kernel} differ", attend.kernel);
+        }
+    }
     let err = rel_l2(&got, &want);
     eprintln!("{label}: {} rel L2 {err:.2e}", attend.kernel);
     assert!(err <= TOLERANCE, "{label}: relative L2 error {err:.3e} > {TOLERANCE:e}");
@@ -715,8 +722,8 @@ fn emulated_tf32_rounding_and_split() {
 // ---------------------------------------------------------------------------------------------------------
 
 /// Each check the harness relies on fails when it should: an output element no block writes (grid one block
-/// short), a misaligned vector load, an output buffer too short for the launch, and an argument of the
-/// wrong type.
+/// short), a misaligned vector load, an output buffer too short for the launch, a split-K block summing
+/// partials not yet written, and an argument of the wrong type.
 #[test]
 fn harness_catches_broken_launches() {
     let (m, n, k) = (3usize, 37usize, 128usize);
@@ -736,9 +743,19 @@ fn harness_catches_broken_launches() {
     let e = call.run().err().expect("a misaligned x must fail");
     assert!(e.contains("misaligned float4 load"), "{e}");
 
-    let (call, _, _) = nf4_call_y(l, &w, &x, m, 0, 8);
+    let (call, _, _) = nf4_call_y(l, &w, &x, m, 0, 8, 0);
     let e = call.run().err().expect("writing past the end of y must fail");
     assert!(e.contains("out-of-bounds"), "{e}");
+
+    // Split-K with every tile's counter already at splits − 1: the first block of each tile to finish counts
+    // last and sums partials the others have not written, which the emulated __ldcg refuses.
+    let (m, k) = (16usize, 512usize);
+    let w = Nf4Weight::quantize(&normal(n * k, 3), &[n, k], true);
+    let x = normal(m * k, 4);
+    let l = launch::nf4_mma(m, n, k, 16, 4).unwrap();
+    let (call, _, _) = nf4_call_y(l, &w, &x, m, 0, m * n, 3);
+    let e = call.run().err().expect("summing before the other splits wrote must fail");
+    assert!(e.contains("__ldcg of an unwritten word"), "{e}");
 
     let (write, _) = launch::paged_attention(1, 1, 1, 16, None).unwrap();
     let mut c = Call::new(write);

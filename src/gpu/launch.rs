@@ -115,11 +115,14 @@ pub fn nf4_mma(m: usize, n: usize, k: usize, bm: usize, splits: usize) -> Result
     let Some(&(_, kernel)) = MMA_KERNELS.iter().find(|&&(b, _)| b == bm) else {
         return Err(format!("no tensor-core NF4 kernel with {bm}-row tiles"));
     };
+    if m == 0 || n == 0 || k == 0 {
+        return Err(format!("NF4 matmul of an empty shape (m={m}, n={n}, k={k})"));
+    }
     if !k.is_multiple_of(64) {
         return Err(format!("the tensor-core NF4 kernels need whole NF4 blocks per row, k = {k}"));
     }
     let (gx, gy) = (n.div_ceil(MMA_BN), m.div_ceil(bm));
-    if m == 0 || n == 0 || gy > MAX_GRID_YZ || gx > u32::MAX as usize {
+    if gy > MAX_GRID_YZ || gx > u32::MAX as usize {
         return Err(format!("NF4 matmul too large for one launch, or empty (m={m}, n={n})"));
     }
     if splits == 0 || splits > k.div_ceil(MMA_BK) {
@@ -226,7 +229,7 @@ pub const ATTENTION_HEAD_DIM_MAX: usize = 256;
 const ATTENTION_WARPS: u32 = 4;
 /// The attention kernels compiled (`paged_attention_g{G}_d{D}`): bounds on the query heads per kv head and on
 /// head_dim, smallest first; the launcher takes the first that holds the model's heads.
-const ATTENTION_KERNELS: [(usize, usize, &str); 12] = [
+pub const ATTENTION_KERNELS: [(usize, usize, &str); 12] = [
     (1, 64, "paged_attention_g1_d64"),
     (1, 128, "paged_attention_g1_d128"),
     (1, 256, "paged_attention_g1_d256"),
@@ -462,6 +465,7 @@ mod tests {
         assert_eq!(nf4_mma(9, 64, 192, 16, 2).unwrap().grid.2, 2);
         assert!(nf4_mma(9, 64, 192, 16, 3).unwrap_err().contains("cannot be split 3 ways"));
         assert!(nf4_mma(9, 64, 192, 16, 0).is_err());
+        assert!(nf4_mma(9, 64, 0, 16, 1).unwrap_err().contains("empty"));
         // Past the counters: 16,385 tiles split is refused, unsplit is fine.
         let n = 32 * (NF4_SPLIT_TILES_MAX + 1);
         assert!(nf4_mma(16, n, 256, 16, 2).unwrap_err().contains("output tiles"));

@@ -45,8 +45,10 @@
 //   read-modify-write, the fence does nothing and __ldcg is a load. The blocks' random order still decides
 //   which block of a tile counts last and sums the partials, and __ldcg fails the run on a word whose bits
 //   are all ones (the poison the tests fill scratch with, never a computed value): a block that sums before
-//   the others have written their partials reads it. That the fence and the L2 loads make the other SMs'
-//   partials visible on the GPU is the device check's to show.
+//   the others have written their partials reads it. Not checked here: a block runs whole before the next
+//   starts, so no block ever sees another's partial half-written, and a missing fence or a missing barrier
+//   before the count goes unnoticed; that the fences and the L2 loads make the other SMs' partials visible
+//   on the GPU is the device check's to show.
 // Any failure prints "cuda_emu: ..." on stderr and exits with status 3.
 #pragma once
 

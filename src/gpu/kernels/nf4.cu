@@ -336,24 +336,28 @@ __device__ __forceinline__ void nf4_mma(NF4_PARAMS, float* sm, float* code, unsi
     __syncthreads();
     const int splits = gridDim.z;
     const long long tiles = (long long)gridDim.x * gridDim.y, tile = (long long)blockIdx.y * gridDim.x + blockIdx.x;
-    float* mine = partial + ((long long)blockIdx.z * tiles + tile) * (BM * MMA_BN);
     for (int o = tid; o < BM * MMA_BN; o += MMA_THREADS) {
         const int r = o / MMA_BN, c = o % MMA_BN, m = m_base + r, n = n_base + c;
         const float* v = red + r * MMA_RED_LD + c;
         const float sum = ((v[0] + v[BM * MMA_RED_LD]) + v[2 * BM * MMA_RED_LD]) + v[3 * BM * MMA_RED_LD];
         if (splits > 1) {
-            mine[o] = sum;
+            partial[((long long)blockIdx.z * tiles + tile) * (BM * MMA_BN) + o] = sum;
         } else if (m < M && n < N) {
             y[(long long)m * N + n] = sum;
         }
     }
     if (splits == 1) return;
-    __threadfence();  // this block's partial tile visible to every SM before the block is counted
+    // The hand-over (CUTLASS's semaphore pattern): the barrier orders every thread's partial stores before
+    // thread 0's fence, which makes them visible device-wide before the count; after the count, thread 0's
+    // fence and the barrier order the other blocks' partials (counted earlier) before this block's loads.
     __syncthreads();
-    if (tid == 0) *last = atomicAdd(tile_done + tile, 1u) == (unsigned int)(splits - 1);
+    if (tid == 0) {
+        __threadfence();
+        *last = atomicAdd(tile_done + tile, 1u) == (unsigned int)(splits - 1);
+        __threadfence();
+    }
     __syncthreads();
     if (!*last) return;
-    __threadfence();
     for (int o = tid; o < BM * MMA_BN; o += MMA_THREADS) {
         const int r = o / MMA_BN, c = o % MMA_BN, m = m_base + r, n = n_base + c;
         if (m < M && n < N) {
