@@ -13,8 +13,10 @@
 //! Batched LoRA (shrink + expand) on 4096→4096 and 4096→1024: 32 decode rows over 32 distinct rank-16
 //! adapters, 32 rows of one adapter, and a 512-row prefill mix of ranks 8/16/64/128 with base-model rows between the segments
 //! (checked through `apply_into`, timed with its tables uploaded once, as a forward's step plan launches them). Paged attention (the cache
-//! write, then attention) on Llama-3-8B heads (32 query / 8 kv, head_dim 128, blocks of 16): decode rows at several
-//! context lengths plus a 20-token prefill, with and without a sliding window; output and cache compared.
+//! write, then attention, RoPE applied inside both) on Llama-3-8B heads (32 query / 8 kv, head_dim 128, blocks
+//! of 16), the fixture models', and Llama 2's: decode rows at several context lengths plus a 20-token prefill,
+//! with and without a sliding window, and Llama 2's 32-stream decode step; output compared with the CPU's
+//! RoPE then attention, the cache (rotated keys) bit for bit.
 //! Greedy picks (argmax by row) over Llama 2's and Llama 3's vocabularies at 1 and 32 rows, with exact ties
 //! and NaN planted: the indices must equal `engine::sampler::argmax`'s. The fused residual add + RMS norm and
 //! SiLU·mul at decode and prefill rows of the 7B/8B widths, against the CPU ops they replace, through both
@@ -37,7 +39,7 @@ use loraserve::gpu::sample::argmax_into;
 use loraserve::lora::batched::{apply_reference, LoraSegment};
 use loraserve::lora::synthetic::{random_adapter, ATTENTION};
 use loraserve::lora::{LinearId, LoraModule, LoraWeights, ModuleKind};
-use loraserve::model::attention::{paged_attention, AttnShape, PagedSeq};
+use loraserve::model::attention::{paged_attention, rope_in_place, rope_tables, AttnShape, PagedSeq};
 use loraserve::model::kv_cache::LayerKv;
 use loraserve::model::synthetic::shape_config;
 use loraserve::quant::matmul;
@@ -385,14 +387,21 @@ fn attention_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyho
                     normal(rows * width, seed + 3),
                 );
                 let (k0, v0) = (normal(num_blocks * bs * width, seed + 4), normal(num_blocks * bs * width, seed + 5));
+                // RoPE on the CPU first (the kernels apply it as they write keys and read queries).
+                let positions: Vec<usize> = shape_of.iter().flat_map(|&(past, len)| past..past + len).collect();
+                let inv_freq: Vec<f32> = (0..hd / 2).map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32)).collect();
+                let (cos, sin) = rope_tables(&positions, &inv_freq);
+                let (mut q_rot, mut k_rot) = (q.clone(), k.clone());
+                rope_in_place(&mut q_rot, heads, hd, &cos, &sin);
+                rope_in_place(&mut k_rot, kv_heads, hd, &cos, &sin);
                 let mut cpu_cache = LayerKv { block_size: bs, k: k0.clone(), v: v0.clone() };
-                let want = paged_attention(&q, &k, &v, &seqs, &mut cpu_cache, &shape);
+                let want = paged_attention(&q_rot, &k_rot, &v, &seqs, &mut cpu_cache, &shape);
 
                 let mut cache = LayerKvCuda { block_size: bs, k: stream.clone_htod(&k0)?, v: stream.clone_htod(&v0)? };
                 let (dq, dk, dv) = (stream.clone_htod(&q)?, stream.clone_htod(&k)?, stream.clone_htod(&v)?);
                 let mut dout = stream.clone_htod(&vec![f32::NAN; rows * heads * hd])?;
                 // Uploaded once per step, as the forward does (the timing is the kernels').
-                let step = StepTables::upload(&cuda, &seqs, bs)?;
+                let step = StepTables::upload(&cuda, &seqs, bs, (&cos, &sin, hd / 2))?;
                 let attend = |cache: &mut LayerKvCuda, dout: &mut CudaSlice<f32>| {
                     paged_attention_into(&cuda, &dq.slice(..), &dk.slice(..), &dv.slice(..), &step, cache, &shape, dout)
                 };

@@ -23,7 +23,7 @@ use gpu_emu::{Buf, Call};
 use loraserve::gpu::launch::{self, LORA_MAX_RANK};
 use loraserve::lora::batched::{apply_reference, LoraSegment};
 use loraserve::lora::{LinearId, LoraModule, LoraWeights, ModuleKind};
-use loraserve::model::attention::{paged_attention, AttnShape, PagedSeq};
+use loraserve::model::attention::{paged_attention, rope_in_place, rope_tables, AttnShape, PagedSeq};
 use loraserve::model::kv_cache::LayerKv;
 use loraserve::quant::matmul::matmul_reference;
 use loraserve::quant::nf4::{Absmax, Nf4Weight};
@@ -372,9 +372,10 @@ fn lora_segments_of_different_ranks_and_base_rows() {
 // Paged attention
 // ---------------------------------------------------------------------------------------------------------
 
-/// kv_write then paged_attention, launched as `gpu::attention::paged_attention_into` does, against the CPU
-/// `paged_attention` over the same cache: the caches after the write must match exactly, the output within
-/// the tolerance. Sequences are `(past, len)`, in blocks of `bs` drawn from a shuffled pool (scattered tables),
+/// kv_write then paged_attention, launched as `gpu::attention::paged_attention_into` does (q and k not yet
+/// rotated: the kernels apply RoPE), against the CPU `rope_in_place` then `paged_attention` over the same
+/// cache: the caches after the write must match exactly (rotated keys included), the output within the
+/// tolerance. Sequences are `(past, len)`, in blocks of `bs` drawn from a shuffled pool (scattered tables),
 /// over a cache that starts full of random values (stale slots). Returns the output's error.
 fn attention_error(
     (heads, kv_heads, hd): (usize, usize, usize),
@@ -412,18 +413,25 @@ fn attention_error(
     let (q, k, v) =
         (normal(rows * heads * hd, seed + 1), normal(rows * width, seed + 2), normal(rows * width, seed + 3));
     let (k0, v0) = (normal(num_blocks * bs * width, seed + 4), normal(num_blocks * bs * width, seed + 5));
+    let t = launch::attention_tables(&seqs, bs).unwrap();
+    let positions: Vec<usize> = t.row_pos.iter().map(|&p| p as usize).collect();
+    let inv_freq: Vec<f32> = (0..hd / 2).map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32)).collect();
+    let (cos, sin) = rope_tables(&positions, &inv_freq);
+    let (mut q_rot, mut k_rot) = (q.clone(), k.clone());
+    rope_in_place(&mut q_rot, heads, hd, &cos, &sin);
+    rope_in_place(&mut k_rot, kv_heads, hd, &cos, &sin);
     let mut cpu_cache = LayerKv { block_size: bs, k: k0.clone(), v: v0.clone() };
-    let want = paged_attention(&q, &k, &v, &seqs, &mut cpu_cache, &shape);
+    let want = paged_attention(&q_rot, &k_rot, &v, &seqs, &mut cpu_cache, &shape);
     assert_nontrivial(&want, &label);
 
     let (write, attend) = launch::paged_attention(rows, heads, kv_heads, hd, window).unwrap();
-    let t = launch::attention_tables(&seqs, bs).unwrap();
 
     let mut c = Call::new(write);
     let (bk, bv) = (c.f32(&k), c.f32(&v));
     let (kc, vc) = (c.f32(&k0), c.f32(&v0));
     let slot = c.i32(&t.row_slot);
-    c.arg(bk).arg(bv).arg(kc).arg(vc).arg(slot).arg(width as i32);
+    let (bcos, bsin) = (c.f32(&cos), c.f32(&sin));
+    c.arg(bk).arg(bv).arg(kc).arg(vc).arg(slot).arg(bcos).arg(bsin).arg(width as i32).arg(hd as i32);
     let written = run(&mut c, seed);
     let (k_cache, v_cache) = (written.f32(kc), written.f32(vc));
     let same = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
@@ -437,9 +445,10 @@ fn attention_error(
         let bq = c.f32(&q);
         let (kc, vc) = (c.f32(&k_cache), c.f32(&v_cache));
         let (tb, pos, tab) = (c.i32(&t.tables), c.i32(&t.row_pos), c.i32(&t.row_table));
+        let (bcos, bsin) = (c.f32(&cos), c.f32(&sin));
         let out = c.f32(&vec![f32::NAN; rows * heads * hd]);
         let scale = 1.0 / (hd as f32).sqrt();
-        c.arg(bq).arg(kc).arg(vc).arg(tb).arg(pos).arg(tab).arg(out);
+        c.arg(bq).arg(kc).arg(vc).arg(tb).arg(pos).arg(tab).arg(bcos).arg(bsin).arg(out);
         c.arg(heads as i32).arg(kv_heads as i32).arg(hd as i32).arg(bs as i32).arg(window.map_or(0, |w| w as i32));
         c.arg(scale);
         run(&mut c, seed + 1).f32(out)
@@ -761,9 +770,9 @@ fn harness_catches_broken_launches() {
     let mut c = Call::new(write);
     let (a, b) = (c.f32(&[0.0; 16]), c.f32(&[0.0; 16]));
     let (kc, vc, slot) = (c.f32(&[0.0; 64]), c.f32(&[0.0; 64]), c.i32(&[0]));
-    c.arg(a).arg(b).arg(kc).arg(vc).arg(slot).arg(16.0f32);
+    c.arg(a).arg(b).arg(kc).arg(vc).arg(slot).arg(a).arg(b).arg(16.0f32).arg(16);
     let e = c.run().err().expect("an f32 where the kernel takes an int must fail");
-    assert!(e.contains("argument 5"), "{e}");
+    assert!(e.contains("argument 7"), "{e}");
 }
 
 /// The emulation's own checks, on the driver's deliberately broken `selftest_*` kernels: a shared-memory read

@@ -1,6 +1,8 @@
 //! Paged attention on the device (`kernels/attention.cu`), the twin of
 //! [`crate::model::attention::paged_attention`]: the same cache layout (`[blocks, block_size, kv_heads,
-//! head_dim]` per layer and arena), the same block tables, the same causal and sliding-window masks.
+//! head_dim]` per layer and arena), the same block tables, the same causal and sliding-window masks. The
+//! rotary embedding is applied inside the kernels (keys as they are written to the cache, queries as they
+//! are read), with the step's cos/sin tables, as [`crate::model::attention::rope_in_place`] does on the CPU.
 
 use std::cell::RefCell;
 
@@ -34,9 +36,9 @@ impl LayerKvCuda {
     }
 }
 
-/// Tensor form of [`paged_attention_into`]: `q [rows, heads*hd]`, `k`/`v [rows, kv_heads*hd]` (f32, roped, on
-/// the cache's device) → the attention output `[rows, heads*hd]`, with this step's keys and values written
-/// into `cache` first.
+/// Tensor form of [`paged_attention_into`]: `q [rows, heads*hd]`, `k`/`v [rows, kv_heads*hd]` (f32, not yet
+/// rotated, on the cache's device) → the attention output `[rows, heads*hd]`, with this step's keys (rotated)
+/// and values written into `cache` first.
 pub fn paged_attention(
     q: &Tensor,
     k: &Tensor,
@@ -105,11 +107,15 @@ impl CustomOp3 for PagedAttention<'_, '_> {
     }
 }
 
-/// One step's attention tables (each row's cache slot and position, the sequences' block tables) in device
-/// memory: built once per forward and used by every layer.
+/// One step's attention tables (each row's cache slot and position, the sequences' block tables, the rows'
+/// RoPE cos/sin) in device memory: built once per forward and used by every layer.
 pub struct StepTables {
     rows: usize,
     block_size: usize,
+    /// Entries of `cos` and `sin` a row: head_dim / 2.
+    rope_half: usize,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
     /// One past the largest block id any table names.
     blocks_needed: usize,
     row_slot: CudaSlice<i32>,
@@ -119,16 +125,33 @@ pub struct StepTables {
 }
 
 impl StepTables {
-    /// Checks the sequences (in row order, block tables long enough) and uploads their tables.
-    pub fn upload(device: &CudaDevice, seqs: &[PagedSeq], block_size: usize) -> Result<Self> {
+    /// Checks the sequences (in row order, block tables long enough) and uploads their tables, with the rows'
+    /// RoPE tables (`model::attention::rope_tables` of the rows' positions: `[rows, half]` each).
+    pub fn upload(
+        device: &CudaDevice,
+        seqs: &[PagedSeq],
+        block_size: usize,
+        (cos, sin, half): (&[f32], &[f32], usize),
+    ) -> Result<Self> {
         let t = launch::attention_tables(seqs, block_size).map_err(candle_core::Error::msg)?;
         if t.tables.iter().any(|&b| b < 0) {
             candle_core::bail!("paged attention: a block id does not fit the kernels' 32-bit tables");
         }
+        let rows = t.row_pos.len();
+        if cos.len() != rows * half || sin.len() != rows * half {
+            candle_core::bail!(
+                "paged attention: RoPE tables of {} and {} entries for {rows} rows of {half}",
+                cos.len(),
+                sin.len()
+            );
+        }
         let stream = device.cuda_stream();
         Ok(StepTables {
-            rows: t.row_pos.len(),
+            rows,
             block_size,
+            rope_half: half,
+            cos: stream.clone_htod(cos).w()?,
+            sin: stream.clone_htod(sin).w()?,
             blocks_needed: t.tables.iter().map(|&b| b as usize + 1).max().unwrap_or(0),
             row_slot: stream.clone_htod(&t.row_slot).w()?,
             tables: stream.clone_htod(&t.tables).w()?,
@@ -138,8 +161,9 @@ impl StepTables {
     }
 }
 
-/// Writes this step's keys and values into the cache, then attends: `q [rows, heads*hd]`, `k`/`v
-/// [rows, kv_heads*hd]` (roped) → `out [rows, heads*hd]`, over the step's `tables`.
+/// Writes this step's keys (rotated) and values into the cache, then attends: `q [rows, heads*hd]`, `k`/`v
+/// [rows, kv_heads*hd]` (not rotated: the kernels apply RoPE) → `out [rows, heads*hd]`, over the step's
+/// `tables`.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention_into(
     device: &CudaDevice,
@@ -161,6 +185,13 @@ pub fn paged_attention_into(
     if out.len() < rows * shape.heads * shape.head_dim {
         candle_core::bail!("paged attention: out holds fewer than {rows} rows");
     }
+    if !shape.head_dim.is_multiple_of(2) || tables.rope_half != shape.head_dim / 2 {
+        candle_core::bail!(
+            "paged attention: RoPE tables of {} a row for head_dim {}",
+            tables.rope_half,
+            shape.head_dim
+        );
+    }
     if tables.block_size != cache.block_size {
         candle_core::bail!(
             "paged attention: tables of {}-token blocks for a {}-token cache",
@@ -175,13 +206,15 @@ pub fn paged_attention_into(
     }
     let stream = device.cuda_stream();
     let (d_slot, d_tables, d_pos, d_table) = (&tables.row_slot, &tables.tables, &tables.row_pos, &tables.row_table);
-    let width_i = width as i32;
+    let (width_i, hd_i) = (width as i32, shape.head_dim as i32);
 
     let f = MODULE.function(device, write.kernel)?;
     let mut b = stream.launch_builder(&f);
-    b.arg(k).arg(v).arg(&mut cache.k).arg(&mut cache.v).arg(d_slot).arg(&width_i);
+    b.arg(k).arg(v).arg(&mut cache.k).arg(&mut cache.v).arg(d_slot).arg(&tables.cos).arg(&tables.sin);
+    b.arg(&width_i).arg(&hd_i);
     let cfg = LaunchConfig { grid_dim: write.grid, block_dim: write.block, shared_mem_bytes: 0 };
-    // SAFETY: arguments match kv_write; every slot is inside the arenas (checked above), k/v hold rows rows.
+    // SAFETY: arguments match kv_write; every slot is inside the arenas (checked above), k/v hold rows rows,
+    // cos/sin rows · head_dim / 2 entries (checked at upload and above).
     unsafe { b.launch(cfg) }.w()?;
 
     let (heads, kv_heads, hd) = (shape.heads as i32, shape.kv_heads as i32, shape.head_dim as i32);
@@ -195,6 +228,8 @@ pub fn paged_attention_into(
         .arg(d_tables)
         .arg(d_pos)
         .arg(d_table)
+        .arg(&tables.cos)
+        .arg(&tables.sin)
         .arg(out)
         .arg(&heads)
         .arg(&kv_heads)

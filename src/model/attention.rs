@@ -57,14 +57,6 @@ pub fn rope_tensor(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
-/// RoPE over a flattened batch on any device (the GPU path's; the CPU path ropes host slices with
-/// [`rope_in_place`]): `x [rows, heads*head_dim]`, `cos`/`sin` `[rows, head_dim/2]` of each row's position.
-pub fn rope_rows(x: &Tensor, heads: usize, head_dim: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let rows = x.dim(0)?;
-    let x = x.reshape((1, rows, heads, head_dim))?.contiguous()?;
-    candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.reshape((rows, heads * head_dim))
-}
-
 /// Attention geometry shared by both implementations.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -282,7 +274,7 @@ mod tests {
         (0..n).map(|_| rng.normal() as f32).collect()
     }
 
-    /// The GPU path's tensor RoPE (candle's rope_thd, run here on the CPU) equals the CPU path's slices.
+    /// The dense path's tensor RoPE equals the paged path's slices (the GPU kernels' formula).
     #[test]
     fn tensor_rope_equals_slice_rope() {
         let mut rng = Rng::new(9);
@@ -297,9 +289,9 @@ mod tests {
         let rows = positions.len();
         let cos_t = Tensor::from_vec(cos, (rows, hd / 2), &dev).unwrap();
         let sin_t = Tensor::from_vec(sin, (rows, hd / 2), &dev).unwrap();
-        let xt = Tensor::from_vec(x.clone(), (rows, heads * hd), &dev).unwrap();
-        let got = rope_rows(&xt, heads, hd, &cos_t, &sin_t).unwrap();
-        assert_eq!(got.dims(), &[rows, heads * hd]);
+        let xt = Tensor::from_vec(x.clone(), (rows, heads, hd), &dev).unwrap();
+        let got = rope_tensor(&xt, &cos_t, &sin_t).unwrap();
+        assert_eq!(got.dims(), &[rows, heads, hd]);
         let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max < 1e-5, "max |Δ| {max}");

@@ -9,8 +9,6 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
-#[cfg(feature = "cuda")]
-use super::attention::rope_rows;
 use super::attention::{
     dense_attention, paged_attention, rope_in_place, rope_tables, rope_tensor, AttnShape, PagedSeq,
 };
@@ -351,8 +349,9 @@ impl Model {
         let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
         let positions: Vec<usize> = batch.seqs.iter().flat_map(|s| s.past..s.past + s.len).collect();
         let (cos, sin) = rope_tables(&positions, &self.inv_freq);
-        // Dense attention and the GPU ropes tensors; the CPU paged path ropes host slices in place.
-        let tables = if matches!(attn, AttentionMode::Dense { .. }) || !self.device.is_cpu() {
+        // Dense attention ropes tensors; the CPU paged path ropes host slices in place, the GPU's kernels rope
+        // as they write keys and read queries.
+        let tables = if matches!(attn, AttentionMode::Dense { .. }) {
             let half = self.inv_freq.len();
             Some((
                 Tensor::from_vec(cos.clone(), (rows, half), &self.device)?,
@@ -395,7 +394,8 @@ impl Model {
         #[cfg(feature = "cuda")]
         let step_tables = match (&attn, &self.device) {
             (AttentionMode::Paged(cache), Device::Cuda(d)) => {
-                Some(crate::gpu::attention::StepTables::upload(d, &paged, cache.geometry().block_size)?)
+                let rope = (&cos[..], &sin[..], self.inv_freq.len());
+                Some(crate::gpu::attention::StepTables::upload(d, &paged, cache.geometry().block_size, rope)?)
             }
             _ => None,
         };
@@ -442,9 +442,6 @@ impl Model {
                     #[cfg(feature = "cuda")]
                     LayerArenas::Cuda(kv) => {
                         let step = step_tables.as_ref().expect("uploaded for a paged GPU forward");
-                        let (cos_t, sin_t) = tables.as_ref().expect("device tables");
-                        let q = rope_rows(&q, a.heads, a.head_dim, cos_t, sin_t)?;
-                        let k = rope_rows(&k, a.kv_heads, a.head_dim, cos_t, sin_t)?;
                         crate::gpu::attention::paged_attention(&q, &k, &v, step, kv, a)?
                     }
                 },

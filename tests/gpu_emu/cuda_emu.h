@@ -445,6 +445,11 @@ inline int __float_as_int(float f) {
     return i;
 }
 inline float __expf(float x) { return exp2f(x * 1.44269504088896341f); }
+// Round-to-nearest f32 arithmetic that the compiler may not fuse into a multiply-add (g++ in ISO C++ mode
+// does not contract anyway).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {

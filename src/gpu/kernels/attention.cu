@@ -2,10 +2,18 @@
 // Cache layout per layer (as the CPU cache): k and v arenas of [num_blocks, block_size, kv_heads, head_dim]
 // f32; a sequence's token position t lives in block table[t / block_size], slot t % block_size.
 //
-// kv_write: scatter this step's new keys/values ([rows, kv_heads * head_dim]) into their slots.
+// kv_write: scatter this step's new keys (rotated, RoPE) and values ([rows, kv_heads * head_dim]) into their
+// slots.
 // paged_attention: for every new token (row) and kv head, the group of query heads sharing that kv head
-// attends over positions first..pos of its sequence (causal; `window` > 0 masks keys older than window
-// positions), one pass with an online softmax, each key and value read once for the whole group.
+// (rotated as they are read) attends over positions first..pos of its sequence (causal; `window` > 0 masks
+// keys older than window positions), one pass with an online softmax, each key and value read once for the
+// whole group.
+//
+// RoPE, the non-interleaved "rotate half" layout of Hugging Face checkpoints, as model::attention::
+// rope_in_place: with cos, sin the row's tables [rows, head_dim / 2] and i < head_dim / 2,
+//   x'[i] = x[i]·cos[i] − x[i + half]·sin[i],   x'[i + half] = x[i + half]·cos[i] + x[i]·sin[i],
+// each product and sum rounded on its own (__fmul_rn, no fused multiply-add): the cache holds the CPU's keys
+// bit for bit.
 //
 // Compiled at run time by NVRTC, header-free.
 
@@ -14,15 +22,26 @@
 #define ATTN_WARPS 4
 #define NEG_INF __int_as_float(0xff800000)
 
+// Element d of a head (x: the head's first element) rotated with the row's tables.
+__device__ __forceinline__ float rope_at(const float* __restrict__ x, int d, int half, const float* __restrict__ cos,
+                                         const float* __restrict__ sin) {
+    return d < half ? __fsub_rn(__fmul_rn(x[d], cos[d]), __fmul_rn(x[d + half], sin[d]))
+                    : __fadd_rn(__fmul_rn(x[d], cos[d - half]), __fmul_rn(x[d - half], sin[d - half]));
+}
+
 // One block per row, threads over kv_heads * head_dim.
 extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v,
                                     float* __restrict__ k_cache, float* __restrict__ v_cache,
-                                    const int* __restrict__ row_slot, int token_width) {
-    const int r = blockIdx.x;
+                                    const int* __restrict__ row_slot, const float* __restrict__ cos,
+                                    const float* __restrict__ sin, int token_width, int head_dim) {
+    const int r = blockIdx.x, half = head_dim / 2;
     const long long dst = (long long)row_slot[r] * token_width;
     const long long src = (long long)r * token_width;
+    const float* c = cos + (long long)r * half;
+    const float* s = sin + (long long)r * half;
     for (int i = threadIdx.x; i < token_width; i += blockDim.x) {
-        k_cache[dst + i] = k[src + i];
+        const int d = i % head_dim;
+        k_cache[dst + i] = rope_at(k + src + (i - d), d, half, c, s);
         v_cache[dst + i] = v[src + i];
     }
 }
@@ -41,8 +60,10 @@ extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __
 #define ATTN_PARAMS                                                                                         \
     const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,      \
         const int* __restrict__ tables, const int* __restrict__ row_pos, const int* __restrict__ row_table, \
-        float* __restrict__ out, int heads, int kv_heads, int head_dim, int block_size, int window, float scale
-#define ATTN_ARGS q, k_cache, v_cache, tables, row_pos, row_table, out, heads, kv_heads, head_dim, block_size, window, scale
+        const float* __restrict__ cos, const float* __restrict__ sin, float* __restrict__ out, int heads,   \
+        int kv_heads, int head_dim, int block_size, int window, float scale
+#define ATTN_ARGS \
+    q, k_cache, v_cache, tables, row_pos, row_table, cos, sin, out, heads, kv_heads, head_dim, block_size, window, scale
 
 // sm_m, sm_l: [ATTN_WARPS][G]; sm_acc: [ATTN_WARPS][G][D].
 template <int G, int D>
@@ -56,6 +77,9 @@ __device__ __forceinline__ void paged_attention_impl(ATTN_PARAMS, float* sm_m, f
     const int* table = tables + row_table[r];
     const int token_width = kv_heads * head_dim;
 
+    const int half = head_dim / 2;
+    const float* c = cos + (long long)r * half;
+    const float* s = sin + (long long)r * half;
     float qr[G][DL];
     float acc[G][DL];
     float m[G], l[G];
@@ -63,12 +87,11 @@ __device__ __forceinline__ void paged_attention_impl(ATTN_PARAMS, float* sm_m, f
     for (int h = 0; h < G; h++) {
         m[h] = NEG_INF;
         l[h] = 0.f;
+        const float* qh = q + ((long long)r * heads + g * group + h) * head_dim;
 #pragma unroll
         for (int d = 0; d < DL; d++) {
             acc[h][d] = 0.f;
-            qr[h][d] = (h < group && d * 32 + lane < head_dim)
-                           ? q[((long long)r * heads + g * group + h) * head_dim + d * 32 + lane] * scale
-                           : 0.f;
+            qr[h][d] = (h < group && d * 32 + lane < head_dim) ? rope_at(qh, d * 32 + lane, half, c, s) * scale : 0.f;
         }
     }
     for (int t = first + warp; t <= pos; t += ATTN_WARPS) {
