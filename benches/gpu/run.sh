@@ -46,7 +46,7 @@ echo "== 1+2. kernels against their CPU references, and their speed"
 OUT="$OUT" timeout 80 "$bin/gpu_kernels" || status=1
 echo
 echo "NF4 routes by rows, costed on one Llama-2-7B layer from the timings above (benches/gpu/routing.py):"
-OUT="$OUT" timeout 20 python3 benches/gpu/routing.py || true
+OUT="$OUT" timeout 10 python3 benches/gpu/routing.py || true
 echo
 echo "(${SECONDS} s since the start)"
 echo "== 3. end to end: fixtures GPU = CPU, then the decode benchmark"

@@ -82,6 +82,10 @@ pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
             "NF4 weight of {n} × {k}: the kernels index its NF4 blocks with 32 bits (under 2^37 elements)"
         ));
     }
+    // The kernels take m, n, k as `int` and step through K in 1,024-wide strides.
+    if m.max(n).max(k + 1024) > i32::MAX as usize {
+        return Err(format!("NF4 matmul of {m} × {n} × {k}: the kernels count rows, columns and K with 32 bits"));
+    }
     if !k.is_multiple_of(64) {
         // Blocks straddle rows: the scalar kernel, one warp per output.
         if m > MAX_GRID_YZ || n.div_ceil(GEMV_WARPS) > u32::MAX as usize {
@@ -144,6 +148,21 @@ pub fn nf4_workspace(l: &Launch) -> usize {
         Some(&(bm, _)) if l.grid.2 > 1 => l.grid.0 as usize * l.grid.1 as usize * l.grid.2 as usize * bm * MMA_BN,
         _ => 0,
     }
+}
+
+/// Whether `l` is one of [`nf4_candidates`] for this shape (checked without listing them, for the device
+/// bench's timed calls).
+pub fn nf4_is_candidate(m: usize, n: usize, k: usize, l: &Launch) -> bool {
+    if nf4_matmul(m, n, k).as_ref() == Ok(l) {
+        return true;
+    }
+    let splits = l.grid.2 as usize;
+    MMA_KERNELS.iter().any(|&(bm, name)| {
+        name == l.kernel
+            && (bm == 16 || m > 16)
+            && NF4_SPLITS.contains(&splits)
+            && nf4_mma(m, n, k, bm, splits).as_ref() == Ok(l)
+    })
 }
 
 /// Every launch that computes `m × n × k` in full: the one [`nf4_matmul`] picks, then the tensor-core tiles
@@ -488,6 +507,21 @@ mod tests {
         assert!(c[1..].iter().all(|l| l.kernel == "nf4_matmul_mma16"));
         // Odd widths have no alternative.
         assert_eq!(nf4_candidates(20, 97, 96), vec![nf4_matmul(20, 97, 96).unwrap()]);
+        // The cheap membership test agrees with the list, and refuses launches made for other shapes.
+        for (m, n, k) in [(24, 4096, 4096), (8, 4096, 4096), (16, 64, 256), (20, 97, 96), (100, 130, 192)] {
+            let c = nf4_candidates(m, n, k);
+            assert!(c.iter().all(|l| nf4_is_candidate(m, n, k, l)), "{m}×{n}×{k}");
+            for bm in [16, 32] {
+                for splits in 1..=9 {
+                    if let Ok(l) = nf4_mma(m, n, k, bm, splits) {
+                        assert_eq!(nf4_is_candidate(m, n, k, &l), c.contains(&l), "{m}×{n}×{k} {l:?}");
+                    }
+                }
+            }
+        }
+        let l = nf4_mma(32, 4096, 4096, 16, 4).unwrap();
+        assert!(!nf4_is_candidate(32, 4096 + 32, 4096, &l), "another shape's grid");
+        assert!(!nf4_is_candidate(16, 4096, 4096, &l), "too many row tiles");
     }
 
     #[test]
@@ -495,6 +529,8 @@ mod tests {
         assert!(nf4_matmul(0, 4096, 4096).unwrap_err().contains("empty"));
         assert!(nf4_matmul(1, 1 << 20, 1 << 17).unwrap_err().contains("32 bits"));
         assert!(nf4_matmul(1, (1 << 20) - 1, 1 << 17).is_ok());
+        assert!(nf4_matmul(1, 64, i32::MAX as usize - 1023).unwrap_err().contains("32 bits"));
+        assert!(nf4_matmul(1 << 31, 64, 64).unwrap_err().contains("32 bits"));
         assert!(nf4_matmul(MAX_GRID_YZ + 1, 64, 96).unwrap_err().contains("too large"));
     }
 

@@ -127,7 +127,7 @@ pub fn launch_into(
 ) -> Result<()> {
     // Only launches made for this shape: another grid could leave rows or columns of y unwritten.
     let (n, k) = (w.n, w.k);
-    if !launch::nf4_candidates(m, n, k).contains(&l) {
+    if !launch::nf4_is_candidate(m, n, k, &l) {
         candle_core::bail!("nf4 matmul: {l:?} is no launch for {m} × {n} × {k}");
     }
     launch_checked(w, x, m, y, l)

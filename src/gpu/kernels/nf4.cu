@@ -65,8 +65,11 @@ __device__ __forceinline__ void nf4_decode32(const uint4 bytes, const float* cod
 template <int R, int COLS>
 __device__ __forceinline__ void nf4_gemv(NF4_PARAMS, float* code, float* nested, float* part) {
     if (threadIdx.x < 16) code[threadIdx.x] = code16[threadIdx.x];
-    if (double_quant)
-        for (int i = threadIdx.x; i < 256; i += 32 * WARPS_PER_BLOCK) nested[i] = nested_code[i];
+    if (double_quant) {
+#pragma unroll
+        for (int i = 0; i < 256 / (32 * WARPS_PER_BLOCK); i++)
+            nested[threadIdx.x + 32 * WARPS_PER_BLOCK * i] = nested_code[threadIdx.x + 32 * WARPS_PER_BLOCK * i];
+    }
     __syncthreads();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int n0 = blockIdx.x * COLS;
