@@ -445,8 +445,8 @@ inline int __float_as_int(float f) {
     return i;
 }
 inline float __expf(float x) { return exp2f(x * 1.44269504088896341f); }
-// Round-to-nearest f32 arithmetic that the compiler may not fuse into a multiply-add (g++ in ISO C++ mode
-// does not contract anyway).
+// Round-to-nearest f32 arithmetic, never fused into a multiply-add: the driver is built with
+// -ffp-contract=off (tests/gpu_emu/mod.rs), without which g++ fuses a*b - c*d on FMA-capable targets.
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }

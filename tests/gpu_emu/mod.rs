@@ -23,9 +23,12 @@ const SOURCES: [&str; 7] = [
     "src/gpu/kernels/sample.cu",
     "src/gpu/kernels/fused.cu",
 ];
-const CXX_FLAGS: [&str; 8] = [
+/// `-ffp-contract=off`: g++ fuses `a*b + c` into a multiply-add in C++ (even in ISO mode) wherever the target
+/// has FMA, which the kernels' `__fmul_rn`-style arithmetic must not get.
+const CXX_FLAGS: [&str; 9] = [
     "-std=c++20",
     "-O2",
+    "-ffp-contract=off",
     "-pthread",
     "-fno-strict-aliasing",
     "-Wall",

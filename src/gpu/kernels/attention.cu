@@ -10,7 +10,7 @@
 // whole group.
 //
 // RoPE, the non-interleaved "rotate half" layout of Hugging Face checkpoints, as model::attention::
-// rope_in_place: with cos, sin the row's tables [rows, head_dim / 2] and i < head_dim / 2,
+// rope_in_place: with cos, sin the row's tables (cos_t, sin_t: [rows, head_dim / 2]) and i < head_dim / 2,
 //   x'[i] = x[i]·cos[i] − x[i + half]·sin[i],   x'[i + half] = x[i + half]·cos[i] + x[i]·sin[i],
 // each product and sum rounded on its own (__fmul_rn, no fused multiply-add): the cache holds the CPU's keys
 // bit for bit.
@@ -23,25 +23,25 @@
 #define NEG_INF __int_as_float(0xff800000)
 
 // Element d of a head (x: the head's first element) rotated with the row's tables.
-__device__ __forceinline__ float rope_at(const float* __restrict__ x, int d, int half, const float* __restrict__ cos,
-                                         const float* __restrict__ sin) {
-    return d < half ? __fsub_rn(__fmul_rn(x[d], cos[d]), __fmul_rn(x[d + half], sin[d]))
-                    : __fadd_rn(__fmul_rn(x[d], cos[d - half]), __fmul_rn(x[d - half], sin[d - half]));
+__device__ __forceinline__ float rope_at(const float* __restrict__ x, int d, int half, const float* __restrict__ rc,
+                                         const float* __restrict__ rs) {
+    return d < half ? __fsub_rn(__fmul_rn(x[d], rc[d]), __fmul_rn(x[d + half], rs[d]))
+                    : __fadd_rn(__fmul_rn(x[d], rc[d - half]), __fmul_rn(x[d - half], rs[d - half]));
 }
 
 // One block per row, threads over kv_heads * head_dim.
 extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v,
                                     float* __restrict__ k_cache, float* __restrict__ v_cache,
-                                    const int* __restrict__ row_slot, const float* __restrict__ cos,
-                                    const float* __restrict__ sin, int token_width, int head_dim) {
+                                    const int* __restrict__ row_slot, const float* __restrict__ cos_t,
+                                    const float* __restrict__ sin_t, int token_width, int head_dim) {
     const int r = blockIdx.x, half = head_dim / 2;
     const long long dst = (long long)row_slot[r] * token_width;
     const long long src = (long long)r * token_width;
-    const float* c = cos + (long long)r * half;
-    const float* s = sin + (long long)r * half;
+    const float* rc = cos_t + (long long)r * half;  // this row's RoPE tables
+    const float* rs = sin_t + (long long)r * half;
     for (int i = threadIdx.x; i < token_width; i += blockDim.x) {
         const int d = i % head_dim;
-        k_cache[dst + i] = rope_at(k + src + (i - d), d, half, c, s);
+        k_cache[dst + i] = rope_at(k + src + (i - d), d, half, rc, rs);
         v_cache[dst + i] = v[src + i];
     }
 }
@@ -60,10 +60,10 @@ extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __
 #define ATTN_PARAMS                                                                                         \
     const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,      \
         const int* __restrict__ tables, const int* __restrict__ row_pos, const int* __restrict__ row_table, \
-        const float* __restrict__ cos, const float* __restrict__ sin, float* __restrict__ out, int heads,   \
+        const float* __restrict__ cos_t, const float* __restrict__ sin_t, float* __restrict__ out, int heads, \
         int kv_heads, int head_dim, int block_size, int window, float scale
 #define ATTN_ARGS \
-    q, k_cache, v_cache, tables, row_pos, row_table, cos, sin, out, heads, kv_heads, head_dim, block_size, window, scale
+    q, k_cache, v_cache, tables, row_pos, row_table, cos_t, sin_t, out, heads, kv_heads, head_dim, block_size, window, scale
 
 // sm_m, sm_l: [ATTN_WARPS][G]; sm_acc: [ATTN_WARPS][G][D].
 template <int G, int D>
@@ -78,8 +78,8 @@ __device__ __forceinline__ void paged_attention_impl(ATTN_PARAMS, float* sm_m, f
     const int token_width = kv_heads * head_dim;
 
     const int half = head_dim / 2;
-    const float* c = cos + (long long)r * half;
-    const float* s = sin + (long long)r * half;
+    const float* rc = cos_t + (long long)r * half;  // this row's RoPE tables
+    const float* rs = sin_t + (long long)r * half;
     float qr[G][DL];
     float acc[G][DL];
     float m[G], l[G];
@@ -91,7 +91,7 @@ __device__ __forceinline__ void paged_attention_impl(ATTN_PARAMS, float* sm_m, f
 #pragma unroll
         for (int d = 0; d < DL; d++) {
             acc[h][d] = 0.f;
-            qr[h][d] = (h < group && d * 32 + lane < head_dim) ? rope_at(qh, d * 32 + lane, half, c, s) * scale : 0.f;
+            qr[h][d] = (h < group && d * 32 + lane < head_dim) ? rope_at(qh, d * 32 + lane, half, rc, rs) * scale : 0.f;
         }
     }
     for (int t = first + warp; t <= pos; t += ATTN_WARPS) {
