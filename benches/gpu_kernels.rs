@@ -33,6 +33,7 @@ use candle_core::cuda::WrapErr;
 use candle_core::{Device, Tensor};
 use loraserve::gpu::attention::{paged_attention_into, LayerKvCuda, StepTables};
 use loraserve::gpu::fused::{add_rms_norm_into, silu_mul_into};
+use loraserve::gpu::launch::Launch;
 use loraserve::gpu::lora::{apply_into, Prepared};
 use loraserve::gpu::nf4::{launch_into, matmul_into, Nf4CudaLinear, Nf4CudaWeight};
 use loraserve::gpu::sample::argmax_into;
@@ -151,25 +152,12 @@ fn main() -> anyhow::Result<()> {
             // Checked again after the timed repeats: a launch that leaves state behind (split-K's tile counters)
             // would go wrong on a later call, not the first.
             let err = err.max(rel_l2(&stream.clone_dtoh(&dy)?, &want));
-            let ok = err <= TOLERANCE && op_err <= TOLERANCE;
-            failed += usize::from(!ok);
             let moved = dw.resident_bytes() + 4 * (m * k + m * n);
-            let gbs = moved as f64 / s / 1e9;
-            let tflops = 2.0 * (m * n * k) as f64 / s / 1e12;
             let pick = loraserve::gpu::launch::nf4_matmul(m, n, k).map_err(anyhow::Error::msg)?;
-            let kernel = pick.kernel;
-            println!(
-                "| {kernel} | {m} × {n} × {k}{} | {err:.2e} (op {op_err:.2e}) | {:.1} | {gbs:.0} | {:.0}% | {tflops:.2} | {} |",
-                if dq { "" } else { " (f32 absmax)" },
-                s * 1e6,
-                100.0 * gbs / copy_gbs,
-                if ok { "ok" } else { "FAIL" }
-            );
-            rows.push(serde_json::json!({
-                "kernel": kernel, "grid": [pick.grid.0, pick.grid.1, pick.grid.2], "splits": pick.grid.2, "m": m, "n": n,
-                "k": k, "double_quant": dq, "rel_l2": err, "op_rel_l2": op_err, "ok": ok,
-                "us_per_call": s * 1e6, "gb_per_s": gbs, "tflop_per_s": tflops,
-            }));
+            let row = Nf4Row { shape: (m, n, k, dq), moved, copy_gbs };
+            let (ok, json) = row.report(&pick, false, err, Some(op_err), s);
+            failed += usize::from(!ok);
+            rows.push(json);
             // Decode batches: every other tile height and split of K (split-K puts several blocks on each SM
             // when the output makes only ~128 tiles), checked and timed; the fastest decides the routing.
             if m <= 32 {
@@ -193,23 +181,9 @@ fn main() -> anyhow::Result<()> {
                             continue;
                         }
                     };
-                    let ok = err <= TOLERANCE;
+                    let (ok, json) = row.report(&l, true, err, None, s);
                     failed += usize::from(!ok);
-                    let gbs = moved as f64 / s / 1e9;
-                    let tflops = 2.0 * (m * n * k) as f64 / s / 1e12;
-                    println!(
-                        "| {} (candidate) | {m} × {n} × {k}{} | {err:.2e} | {:.1} | {gbs:.0} | {:.0}% | {tflops:.2} | {} |",
-                        describe(&l),
-                        if dq { "" } else { " (f32 absmax)" },
-                        s * 1e6,
-                        100.0 * gbs / copy_gbs,
-                        if ok { "ok" } else { "FAIL" }
-                    );
-                    rows.push(serde_json::json!({
-                        "kernel": l.kernel, "candidate": true, "grid": [l.grid.0, l.grid.1, l.grid.2],
-                        "splits": l.grid.2, "m": m, "n": n, "k": k, "double_quant": dq, "rel_l2": err, "ok": ok,
-                        "us_per_call": s * 1e6, "gb_per_s": gbs, "tflop_per_s": tflops,
-                    }));
+                    rows.push(json);
                     if ok && s < best.0 {
                         best = (s, describe(&l));
                     }
@@ -253,8 +227,44 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One NF4 shape's table rows: the launcher's pick and the candidates, each checked and timed.
+struct Nf4Row {
+    /// m, n, k, double-quantized absmax.
+    shape: (usize, usize, usize, bool),
+    /// Bytes a call moves (weight, x, y).
+    moved: usize,
+    copy_gbs: f64,
+}
+
+impl Nf4Row {
+    /// Prints launch `l`'s row (checked to `err`, the op path to `op_err` for the pick; `s` seconds a call) and
+    /// returns whether it passed, with its JSON.
+    fn report(&self, l: &Launch, candidate: bool, err: f64, op_err: Option<f64>, s: f64) -> (bool, serde_json::Value) {
+        let (m, n, k, dq) = self.shape;
+        let ok = err <= TOLERANCE && op_err.is_none_or(|e| e <= TOLERANCE);
+        let gbs = self.moved as f64 / s / 1e9;
+        let tflops = 2.0 * (m * n * k) as f64 / s / 1e12;
+        println!(
+            "| {}{} | {m} × {n} × {k}{} | {err:.2e}{} | {:.1} | {gbs:.0} | {:.0}% | {tflops:.2} | {} |",
+            describe(l),
+            if candidate { " (candidate)" } else { "" },
+            if dq { "" } else { " (f32 absmax)" },
+            op_err.map_or(String::new(), |e| format!(" (op {e:.2e})")),
+            s * 1e6,
+            100.0 * gbs / self.copy_gbs,
+            if ok { "ok" } else { "FAIL" }
+        );
+        let json = serde_json::json!({
+            "kernel": l.kernel, "candidate": candidate, "grid": [l.grid.0, l.grid.1, l.grid.2], "splits": l.grid.2,
+            "m": m, "n": n, "k": k, "double_quant": dq, "rel_l2": err, "op_rel_l2": op_err, "ok": ok,
+            "us_per_call": s * 1e6, "gb_per_s": gbs, "tflop_per_s": tflops,
+        });
+        (ok, json)
+    }
+}
+
 /// A tensor-core launch in words: kernel, row tiles, split of K (`nf4_matmul_mma16 ×2 rows, K/4`).
-fn describe(l: &loraserve::gpu::launch::Launch) -> String {
+fn describe(l: &Launch) -> String {
     let mut d = l.kernel.to_string();
     if l.grid.1 > 1 {
         d += &format!(" ×{} rows", l.grid.1);

@@ -127,7 +127,7 @@ pub fn nf4_mma(m: usize, n: usize, k: usize, bm: usize, splits: usize) -> Result
     }
     let (gx, gy) = (n.div_ceil(MMA_BN), m.div_ceil(bm));
     if gy > MAX_GRID_YZ || gx > u32::MAX as usize {
-        return Err(format!("NF4 matmul too large for one launch, or empty (m={m}, n={n})"));
+        return Err(format!("NF4 matmul too large for one launch (m={m}, n={n})"));
     }
     if splits == 0 || splits > k.div_ceil(MMA_BK) {
         return Err(format!("K = {k} is {} steps of {MMA_BK}: it cannot be split {splits} ways", k.div_ceil(MMA_BK)));
@@ -159,10 +159,16 @@ pub fn nf4_is_candidate(m: usize, n: usize, k: usize, l: &Launch) -> bool {
     let splits = l.grid.2 as usize;
     MMA_KERNELS.iter().any(|&(bm, name)| {
         name == l.kernel
-            && (bm == 16 || m > 16)
+            && candidate_tile(bm, m)
             && NF4_SPLITS.contains(&splits)
             && nf4_mma(m, n, k, bm, splits).as_ref() == Ok(l)
     })
+}
+
+/// Whether the candidates include `bm`-row tensor-core tiles for `m` rows: 16-row tiles always (split K ways
+/// they may beat the GEMV), 32-row tiles past 16 rows.
+fn candidate_tile(bm: usize, m: usize) -> bool {
+    bm == 16 || m > 16
 }
 
 /// Every launch that computes `m × n × k` in full: the one [`nf4_matmul`] picks, then the tensor-core tiles
@@ -172,7 +178,7 @@ pub fn nf4_is_candidate(m: usize, n: usize, k: usize, l: &Launch) -> bool {
 pub fn nf4_candidates(m: usize, n: usize, k: usize) -> Vec<Launch> {
     let mut out: Vec<Launch> = nf4_matmul(m, n, k).into_iter().collect();
     for (bm, _) in MMA_KERNELS {
-        if bm == 16 || m > 16 {
+        if candidate_tile(bm, m) {
             for splits in NF4_SPLITS {
                 match nf4_mma(m, n, k, bm, splits) {
                     Ok(l) if !out.contains(&l) => out.push(l),
