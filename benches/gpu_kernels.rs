@@ -89,6 +89,9 @@ fn time(device: &candle_core::CudaDevice, mut f: impl FnMut() -> candle_core::Re
 fn main() -> anyhow::Result<()> {
     let device = loraserve::gpu::open(0)?;
     let cuda = device.as_cuda_device()?.clone();
+    // The launcher's picks below follow the table in effect (the compiled one unless LORASERVE_NF4_ROUTES).
+    let routes = loraserve::gpu::routes::in_effect().map_err(anyhow::Error::msg)?;
+    println!("NF4 routes: {routes}");
     let stream = cuda.cuda_stream();
 
     // The ceiling: device-to-device copy of 1 GiB (read + write counted).
@@ -212,7 +215,8 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let report = serde_json::json!({
-        "copy_gb_per_s": copy_gbs, "tolerance": TOLERANCE, "nf4_matmul": rows, "batched_lora": lora_rows,
+        "copy_gb_per_s": copy_gbs, "tolerance": TOLERANCE, "nf4_routes": routes.to_string(), "nf4_matmul": rows,
+        "batched_lora": lora_rows,
         "paged_attention": attention_rows, "argmax": argmax_rows, "fused": fused_rows,
         "adapter_transfer": transfer_rows, "failed": failed,
     });

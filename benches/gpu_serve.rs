@@ -21,7 +21,9 @@
 //!    adapter evicted from the device tier coming back from RAM, no disk read); base resident bytes (the
 //!    model's count and the device's free-memory drop at load) and the memory floor of one decode step.
 //!
-//! Everything goes to stdout as tables and to `$OUT/gpu_serve.json`. Exit status 1 when any comparison fails.
+//! Everything goes to stdout as tables and to `$OUT/gpu_serve.json` (`$LORASERVE_BENCH_REPORT` names another
+//! file under `$OUT`: `run.sh` runs this twice, the second time under the NF4 routes its kernel timings call
+//! for), with the NF4 routing table in effect. Exit status 1 when any comparison fails.
 
 mod support;
 
@@ -342,7 +344,8 @@ async fn fixture(
     }))
 }
 
-/// `$OUT/gpu_serve.json`, written again as each figure arrives: a run cut short keeps what it measured.
+/// `$OUT/gpu_serve.json` (or `$OUT/$LORASERVE_BENCH_REPORT`), written again as each figure arrives: a run cut
+/// short keeps what it measured.
 struct Report {
     path: PathBuf,
     json: serde_json::Value,
@@ -352,7 +355,11 @@ impl Report {
     fn new() -> anyhow::Result<Self> {
         let out = PathBuf::from(std::env::var("OUT").unwrap_or_else(|_| "target".into()));
         std::fs::create_dir_all(&out)?;
-        Ok(Report { path: out.join("gpu_serve.json"), json: serde_json::json!({ "fixtures": [], "decode": {} }) })
+        let name = std::env::var("LORASERVE_BENCH_REPORT").unwrap_or_else(|_| "gpu_serve.json".into());
+        let routes = loraserve::gpu::routes::in_effect().map_err(anyhow::Error::msg)?.to_string();
+        println!("NF4 routes: {routes}");
+        let json = serde_json::json!({ "nf4_routes": routes, "fixtures": [], "decode": {} });
+        Ok(Report { path: out.join(name), json })
     }
 
     /// Sets `decode.<key>` and saves.

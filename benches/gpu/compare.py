@@ -2,7 +2,8 @@
 """Reads what one device call wrote under $OUT (gpu_kernels.json, gpu_serve.json, peer.json) and prints issue
 8's figures side by side: loraserve against the transformers+peft peer per cell, and each "Done when" bar and
 long-term aim with the measured value. Writes $OUT/summary.json. Exit status 1 when a "Done when" bar fails
-or a file is missing."""
+or a file is missing. SERVE_JSON and SUMMARY_JSON name other files under $OUT for the end-to-end figures and
+the summary (run.sh's second end-to-end run, under the NF4 routes its kernel timings call for)."""
 
 import json
 import os
@@ -37,9 +38,11 @@ def ratio(a, b):
 
 def main():
     out = os.environ.get("OUT", ".")
-    kernels, serve, peer = (load(out, n) for n in ("gpu_kernels.json", "gpu_serve.json", "peer.json"))
+    serve_json = os.environ.get("SERVE_JSON", "gpu_serve.json")
+    kernels, serve, peer = (load(out, n) for n in ("gpu_kernels.json", serve_json, "peer.json"))
     if not serve:
         return 1
+    print(f"{serve_json}: NF4 routes {serve.get('nf4_routes', '(not recorded)')}\n")
     decode = serve.get("decode") or {}
     # Cells by (streams, "one" adapter for all streams or "mixed": stream i on adapter i % 32).
     ours = {(c["streams"], c["mix"]): c for c in decode.get("cells") or []}
@@ -111,8 +114,8 @@ def main():
     for c in checks:
         status = "ok" if c["ok"] else ("FAIL" if c["done_when"] else "not yet")
         print(f"| {c['name']} | {c['value']} | {c['bar']} | {status} |")
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(dict(checks=checks), f, indent=1)
+    with open(os.path.join(out, os.environ.get("SUMMARY_JSON", "summary.json")), "w") as f:
+        json.dump(dict(serve=serve_json, nf4_routes=serve.get("nf4_routes"), checks=checks), f, indent=1)
     return 0 if all(c["ok"] for c in checks if c["done_when"]) else 1
 
 

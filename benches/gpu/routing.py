@@ -6,7 +6,11 @@ costed on the linears of one Llama-2-7B layer (q, k, v, o: 4096 x 4096; gate, up
 4096 x 11008; double-quantized), from the measured time of the launch it picks on each shape, against what
 main's launcher picked (the rows not marked as candidates). Prints, per row count, main's time, the cheapest
 route with the launch it takes on each shape, and the time a 32-layer step would save; informational (exit 0
-unless the input is unreadable). A route whose launch was not measured on some shape is left out."""
+unless the input is unreadable). A route whose launch was not measured on some shape is left out.
+
+The cheapest routes make a routing table in `src/gpu/routes.rs`'s text form (each measured row count its
+cheapest route, the row counts between main's bounds that were not measured main's route): when it differs from main's table, it is written to
+$OUT/nf4_routes.txt, and `run.sh` runs the end-to-end benchmark a second time with it as LORASERVE_NF4_ROUTES."""
 
 import json
 import os
@@ -16,12 +20,17 @@ SPLITS = [1, 2, 4, 8]
 MMA_BN, MMA_BK = 32, 128
 LAYER = [((4096, 4096), 4), ((11008, 4096), 2), ((4096, 11008), 1)]
 BLOCKS = [0, 132, 264, 528, 1056, 2112]
+GEMV_MAX_ROWS = 8  # routes.rs: the largest GEMV kernel's rows (earlier runs timed GEMV row groups past it)
 
-path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.environ.get("OUT", "."), "gpu_kernels.json")
+out_dir = os.environ.get("OUT", ".")
+path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(out_dir, "gpu_kernels.json")
 try:
-    rows = json.load(open(path))["nf4_matmul"] or []
+    report = json.load(open(path))
+    rows = report["nf4_matmul"] or []
 except (OSError, KeyError, TypeError, ValueError) as e:
     sys.exit(f"routing: {path}: {e}")
+# The table the launcher's picks followed (routes.rs's text form), e.g. "8:gemv,16:mma16,*:mma32".
+main_table = report.get("nf4_routes") or "8:gemv,16:mma16,*:mma32"
 
 # (m, n, k) -> {launch: µs}, launch = ("gemv", 1) or (bm, splits); main's pick per (m, n, k) apart.
 # Double-quantized shapes whose checks passed.
@@ -92,13 +101,46 @@ def name(m, route):
 routes = [("gemv", 0)] + [(bm, b) for bm in (16, 32) for b in BLOCKS]
 print("| rows | main's pick, µs a layer | cheapest route (split on q/k/v/o, gate/up, down) | µs a layer | saved a 32-layer step, ms |")
 print("|---|---|---|---|---|")
+cheapest = []  # (rows, route) for each measured row count
 for m in sorted({m for (m, _, _) in times}):
-    costed = [(layer_us(m, r), r) for r in routes]
+    costed = [(layer_us(m, r), r) for r in routes if r[0] != "gemv" or m <= GEMV_MAX_ROWS]
     costed = [(t, r) for t, r in costed if t is not None]
     if not costed:
         continue
     best_t, best = min(costed, key=lambda c: c[0])
+    cheapest.append((m, best))
     main_t = main_us(m)
     shown = f"{main_t:.1f}" if main_t is not None else "not measured"
     saved = f"{32 * (main_t - best_t) / 1e3:.2f}" if main_t is not None else "-"
     print(f"| {m} | {shown} | {name(m, best)} | {best_t:.1f} | {saved} |")
+
+
+def text(route):
+    """A route in routes.rs's text form."""
+    if route[0] == "gemv":
+        return "gemv"
+    return f"mma{route[0]}" + (f"/{route[1]}" if route[1] else "")
+
+
+def table(entries):
+    """Entries (bound, route text) as a table, an entry dropped where the next one has the same route."""
+    kept = [(b, r) for i, (b, r) in enumerate(entries) if i + 1 == len(entries) or entries[i + 1][1] != r]
+    return ",".join(f"{b}:{r}" for b, r in kept)
+
+
+# Main's table by bound (inf for "*"); row counts not measured keep main's route.
+main_entries = [(float(b) if b != "*" else float("inf"), r) for b, r in (e.strip().split(":", 1) for e in main_table.split(","))]
+best = {m: text(r) for m, r in cheapest}
+bounds = sorted(set(best) | {b for b, _ in main_entries})
+entries = [("*" if b == float("inf") else str(int(b)), best.get(b) or next(r for mb, r in main_entries if b <= mb))
+           for b in bounds]
+tuned = table(entries)
+main_entries = [("*" if b == float("inf") else str(int(b)), r) for b, r in main_entries]
+print()
+if tuned == table(main_entries):
+    print(f"The cheapest routes make main's own table: {main_table}")
+else:
+    print(f"The cheapest routes make the table {tuned} (main's: {main_table});")
+    print("the end-to-end benchmark runs again under it (LORASERVE_NF4_ROUTES), after the rest.")
+    with open(os.path.join(out_dir, "nf4_routes.txt"), "w") as f:
+        f.write(tuned + "\n")

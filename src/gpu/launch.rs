@@ -12,34 +12,14 @@ pub const SAMPLE_SOURCE: &str = include_str!("kernels/sample.cu");
 /// The fused element-wise kernels' CUDA C source (residual add + RMS norm, SiLU·mul).
 pub const FUSED_SOURCE: &str = include_str!("kernels/fused.cu");
 
+use super::routes::{self, Route, Routes};
+
 /// One kernel launch: which function, and its grid and block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Launch {
     pub kernel: &'static str,
     pub grid: (u32, u32, u32),
     pub block: (u32, u32, u32),
-}
-
-/// How an NF4 matmul of some number of rows runs (`k % 64 == 0`; other widths take the generic kernel).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Route {
-    /// The GEMV kernel for the rows (each weight byte read once for all rows, CUDA-core FMAs).
-    Gemv,
-    /// Tensor-core tiles of `bm` rows, K split (1, 2, 4 or 8 ways, as K's steps allow) until the launch has at
-    /// least `blocks` blocks; 0 never splits.
-    Mma { bm: usize, blocks: usize },
-}
-
-/// The routes by rows, each for row counts up to its bound: what `benches/gpu/routing.py` reads off the device
-/// bench's timings. Measured on the H200 (benches/NOTES.md, "First device runs"): two or four 8-row GEMV
-/// passes took 1.4 to 2.1 times as long as one 16- or 32-row tensor-core tile. Split-K is not routed to yet:
-/// its candidates have not run on a device.
-pub const NF4_ROUTES: [(usize, Route); 3] =
-    [(8, Route::Gemv), (16, Route::Mma { bm: 16, blocks: 0 }), (usize::MAX, Route::Mma { bm: 32, blocks: 0 })];
-
-/// The route for `m` rows.
-pub fn nf4_route(m: usize) -> Route {
-    NF4_ROUTES.iter().find(|&&(rows, _)| m <= rows).map(|&(_, r)| r).expect("the last route takes any rows")
 }
 
 /// The splits of K that give `tiles` output tiles at least `blocks` blocks (the most K's `steps` allow if
@@ -70,10 +50,15 @@ const NF4_MAX_ELEMENTS: usize = 1 << 37;
 /// CUDA's limit on grid.y and grid.z.
 const MAX_GRID_YZ: usize = 65_535;
 
-/// The launch computing `y[m, n] = x[m, k] · W[n, k]ᵀ` for an NF4 weight: for `k % 64 == 0` the route
-/// [`NF4_ROUTES`] gives the rows (a GEMV kernel sized to them, or tensor-core tiles), the generic kernel for
-/// other widths. Errors name the shape the kernels cannot take.
+/// The launch computing `y[m, n] = x[m, k] · W[n, k]ᵀ` for an NF4 weight: for `k % 64 == 0` the route the
+/// table in effect ([`routes::in_effect`]) gives the rows (a GEMV kernel sized to them, or tensor-core tiles),
+/// the generic kernel for other widths. Errors name the shape the kernels cannot take.
 pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
+    nf4_matmul_routed(routes::in_effect()?, m, n, k)
+}
+
+/// [`nf4_matmul`] under the routing table `routes`.
+pub fn nf4_matmul_routed(routes: &Routes, m: usize, n: usize, k: usize) -> Result<Launch, String> {
     if m == 0 || n == 0 || k == 0 {
         return Err(format!("NF4 matmul of an empty shape (m={m}, n={n}, k={k})"));
     }
@@ -97,10 +82,10 @@ pub fn nf4_matmul(m: usize, n: usize, k: usize) -> Result<Launch, String> {
             block: (32 * GEMV_WARPS as u32, 1, 1),
         });
     }
-    match nf4_route(m) {
+    match routes.route(m) {
         Route::Gemv => {
             let Some(&(_, cols, kernel)) = GEMV_KERNELS.iter().find(|&&(r, _, _)| r >= m) else {
-                return Err(format!("no GEMV kernel for {m} rows (a route in NF4_ROUTES is wrong)"));
+                return Err(format!("no GEMV kernel for {m} rows (the route table `{routes}` is wrong)"));
             };
             Ok(Launch { kernel, grid: (n.div_ceil(cols) as u32, 1, 1), block: (32 * GEMV_WARPS as u32, 1, 1) })
         }
@@ -410,28 +395,31 @@ pub fn nvrtc_arch(major: i32, minor: i32) -> Result<&'static str, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::routes::{GEMV_MAX_ROWS, MMA_TILE_ROWS};
     use super::*;
 
-    /// The routes cover every row count in order, each GEMV route has a kernel for its rows, and each
-    /// tensor-core route a compiled tile.
+    /// The route table's limits are the kernels compiled here, and a split takes the fewest splits that reach
+    /// the blocks asked for.
     #[test]
-    fn routes_cover_every_row_count_with_kernels_that_exist() {
-        let mut last = 0;
-        for (rows, route) in NF4_ROUTES {
-            assert!(rows > last, "routes out of order");
-            match route {
-                Route::Gemv => assert!(GEMV_KERNELS.iter().any(|&(r, _, _)| r >= rows), "no GEMV for {rows} rows"),
-                Route::Mma { bm, .. } => assert!(MMA_KERNELS.iter().any(|&(b, _)| b == bm), "no {bm}-row tile"),
-            }
-            last = rows;
-        }
-        assert_eq!(last, usize::MAX);
-        // Splits: the fewest that reach the blocks asked for, within K's steps.
+    fn routes_name_kernels_that_exist_and_split_as_asked() {
+        assert_eq!(GEMV_KERNELS.iter().map(|&(r, _, _)| r).max(), Some(GEMV_MAX_ROWS));
+        assert_eq!(MMA_KERNELS.map(|(bm, _)| bm), MMA_TILE_ROWS);
         assert_eq!(splits_for(128, 32, 512), 4);
         assert_eq!(splits_for(344, 32, 512), 2);
         assert_eq!(splits_for(128, 32, 0), 1);
         assert_eq!(splits_for(8, 32, 512), 8, "the most there is when none reaches");
         assert_eq!(splits_for(8, 3, 512), 2, "no more splits than steps");
+        // A tuned table: 16 rows on 4096 outputs make 128 tiles, split 4 ways to reach 512 blocks.
+        let tuned = Routes::parse("1:gemv,16:mma16/512,*:mma32").unwrap();
+        assert_eq!(nf4_matmul_routed(&tuned, 1, 4096, 4096).unwrap().kernel, "nf4_gemv_r1");
+        assert_eq!(
+            nf4_matmul_routed(&tuned, 2, 4096, 4096).unwrap(),
+            Launch { kernel: "nf4_matmul_mma16", grid: (128, 1, 4), block: (128, 1, 1) }
+        );
+        assert_eq!(nf4_matmul_routed(&tuned, 16, 4096, 4096).unwrap().grid, (128, 1, 4));
+        assert_eq!(nf4_matmul_routed(&tuned, 17, 4096, 4096).unwrap().grid, (128, 1, 1));
+        // Whatever the table, widths that are not whole NF4 blocks take the generic kernel.
+        assert_eq!(nf4_matmul_routed(&tuned, 16, 97, 96).unwrap().kernel, "nf4_matmul_generic");
     }
 
     #[test]

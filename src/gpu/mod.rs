@@ -2,6 +2,7 @@
 //! same interface as its CPU reference and checked against it on the device (`benches/gpu/run.sh`).
 //!
 //! - [`launch`] (always compiled, unit-tested without a GPU): kernel choice and launch geometry.
+//! - [`routes`] (always compiled): the NF4 matmul's routing by rows, and its `LORASERVE_NF4_ROUTES` override.
 //! - `nf4` (feature `cuda`): the NF4 weight in device memory and the fused dequantize-matmul op.
 //! - `lora` (feature `cuda`): adapters in device memory and the batched-LoRA shrink/expand op.
 //! - `attention` (feature `cuda`): the KV cache in device memory, cache writes and paged attention.
@@ -25,6 +26,7 @@ pub mod lora;
 pub mod nf4;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+pub mod routes;
 #[cfg(feature = "cuda")]
 pub mod sample;
 
@@ -35,6 +37,11 @@ pub mod sample;
 /// for nothing.
 #[cfg(feature = "cuda")]
 pub fn open(ordinal: usize) -> candle_core::Result<candle_core::Device> {
+    // A bad LORASERVE_NF4_ROUTES is refused here, before any work, not at the first matmul.
+    let routes = routes::in_effect().map_err(candle_core::Error::msg)?;
+    if routes::overridden() {
+        tracing::info!(%routes, "NF4 routes from {}", routes::ROUTES_VAR);
+    }
     let device = candle_core::Device::new_cuda(ordinal)?;
     let cuda = device.as_cuda_device()?;
     if cuda.cuda_stream().context().is_in_multi_stream_mode() {
