@@ -114,6 +114,12 @@ fn main() -> anyhow::Result<()> {
 
     let mut rows = vec![];
     let mut failed = 0;
+    // Saved after each NF4 shape and each later part: a run cut short (its time limit, an error) keeps what
+    // it measured, and routing.py needs only the NF4 rows.
+    let mut report = serde_json::json!({
+        "copy_gb_per_s": copy_gbs, "tolerance": TOLERANCE, "nf4_routes": routes.to_string(), "nf4_matmul": [],
+        "failed": failed, "complete": false,
+    });
     // (shape, the launcher's kernel, its time, (the fastest candidate's time, which)) per decode batch.
     let mut routing: Vec<(String, String, f64, (f64, String))> = vec![];
     // (n, k, double-quantized absmax): the model shapes, plus both absmax forms and a small shape whose
@@ -194,6 +200,7 @@ fn main() -> anyhow::Result<()> {
                 routing.push((format!("{m} × {n} × {k}{}", if dq { "" } else { " (f32 absmax)" }), pick, t_pick, best));
             }
         }
+        save(&mut report, "nf4_matmul", rows.clone().into(), failed)?;
     }
     println!("\n| NF4 routing: m × n × k | launcher's pick | µs | fastest candidate | µs | pick ÷ fastest |");
     println!("|---|---|---|---|---|---|");
@@ -202,9 +209,13 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     let lora_rows = lora_checks(&device, copy_gbs, &mut failed)?;
+    save(&mut report, "batched_lora", lora_rows.into(), failed)?;
     let attention_rows = attention_checks(&device, copy_gbs, &mut failed)?;
+    save(&mut report, "paged_attention", attention_rows.into(), failed)?;
     let argmax_rows = argmax_checks(&device, copy_gbs, &mut failed)?;
+    save(&mut report, "argmax", argmax_rows.into(), failed)?;
     let fused_rows = fused_checks(&device, copy_gbs, &mut failed)?;
+    save(&mut report, "fused", fused_rows.into(), failed)?;
     // New here, not yet run on a device: an error is a failed row, not the end of the report.
     let transfer_rows = match transfer_checks(&device, &mut failed) {
         Ok(rows) => rows,
@@ -214,20 +225,26 @@ fn main() -> anyhow::Result<()> {
             vec![]
         }
     };
-    let report = serde_json::json!({
-        "copy_gb_per_s": copy_gbs, "tolerance": TOLERANCE, "nf4_routes": routes.to_string(), "nf4_matmul": rows,
-        "batched_lora": lora_rows,
-        "paged_attention": attention_rows, "argmax": argmax_rows, "fused": fused_rows,
-        "adapter_transfer": transfer_rows, "failed": failed,
-    });
-    if let Ok(out) = std::env::var("OUT") {
-        std::fs::write(format!("{out}/gpu_kernels.json"), serde_json::to_string_pretty(&report)?)?;
-    }
+    save(&mut report, "adapter_transfer", transfer_rows.into(), failed)?;
+    save(&mut report, "complete", true.into(), failed)?;
     if failed > 0 {
         eprintln!("{failed} kernel check(s) failed");
         std::process::exit(1);
     }
     println!("\nall kernel checks passed");
+    Ok(())
+}
+
+/// Sets `report[key]` and the failure count, and writes the report to `$OUT/gpu_kernels.json` (through a
+/// temporary file and a rename: a run killed mid-write leaves the previous save whole).
+fn save(report: &mut serde_json::Value, key: &str, value: serde_json::Value, failed: usize) -> anyhow::Result<()> {
+    report[key] = value;
+    report["failed"] = failed.into();
+    if let Ok(out) = std::env::var("OUT") {
+        let tmp = format!("{out}/gpu_kernels.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(report)?)?;
+        std::fs::rename(&tmp, format!("{out}/gpu_kernels.json"))?;
+    }
     Ok(())
 }
 

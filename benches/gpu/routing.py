@@ -9,7 +9,8 @@ route with the launch it takes on each shape, and the time a 32-layer step would
 unless the input is unreadable). A route whose launch was not measured on some shape is left out.
 
 The cheapest routes make a routing table in `src/gpu/routes.rs`'s text form (each measured row count its
-cheapest route, the row counts between main's bounds that were not measured main's route): when it differs from main's table, it is written to
+cheapest route, every row count not measured main's route; where several splits cost the same on the layer's
+shapes, the fewest blocks): when it differs from main's table, it is written to
 $OUT/nf4_routes.txt, and `run.sh` runs the end-to-end benchmark a second time with it as LORASERVE_NF4_ROUTES."""
 
 import json
@@ -40,14 +41,14 @@ for r in rows:
         if not r.get("double_quant") or not r.get("ok") or r["m"] > 32:
             continue
         kernel, key, us = r["kernel"], (r["m"], r["n"], r["k"]), float(r["us_per_call"])
+        if kernel.startswith("nf4_gemv"):
+            launch = ("gemv", 1)
+        elif kernel.startswith("nf4_matmul_mma"):
+            launch = (int(kernel.removeprefix("nf4_matmul_mma")), int(r.get("splits", 1)))
+        else:
+            continue
     except (KeyError, TypeError, ValueError, AttributeError):
         continue  # a row this script does not understand
-    if kernel.startswith("nf4_gemv"):
-        launch = ("gemv", 1)
-    elif kernel.startswith("nf4_matmul_mma"):
-        launch = (int(kernel.removeprefix("nf4_matmul_mma")), int(r.get("splits", 1)))
-    else:
-        continue
     times.setdefault(key, {})[launch] = us
     if not r.get("candidate"):
         picks[key] = us
@@ -128,19 +129,40 @@ def table(entries):
     return ",".join(f"{b}:{r}" for b, r in kept)
 
 
-# Main's table by bound (inf for "*"); row counts not measured keep main's route.
-main_entries = [(float(b) if b != "*" else float("inf"), r) for b, r in (e.strip().split(":", 1) for e in main_table.split(","))]
+def parse(table_text):
+    """routes.rs's text form as [(bound, route text)], bound None for "*"."""
+    out = []
+    for e in table_text.split(","):
+        b, r = (x.strip() for x in e.split(":", 1))
+        out.append((None if b == "*" else int(b), r))
+    return out
+
+
+def route_of(entries, m):
+    return next(r for b, r in entries if b is None or m <= b)
+
+
+try:
+    main_entries = parse(main_table)
+    route_of(main_entries, 1)
+except (ValueError, StopIteration) as e:
+    sys.exit(f"routing: main's table {main_table!r} in {path}: {e}")
+# Row by row up to the largest measured count: its cheapest route where measured, main's elsewhere (row counts
+# between two measured ones were not timed); past it, main's entries as they are.
 best = {m: text(r) for m, r in cheapest}
-bounds = sorted(set(best) | {b for b, _ in main_entries})
-entries = [("*" if b == float("inf") else str(int(b)), best.get(b) or next(r for mb, r in main_entries if b <= mb))
-           for b in bounds]
+top = max(best, default=0)
+entries = [(str(m), best.get(m) or route_of(main_entries, m)) for m in range(1, top + 1)]
+entries += [("*" if b is None else str(b), r) for b, r in main_entries if b is None or b > top]
 tuned = table(entries)
-main_entries = [("*" if b == float("inf") else str(int(b)), r) for b, r in main_entries]
+main_entries = [(str(m), route_of(main_entries, m)) for m in range(1, top + 1)] + [
+    ("*" if b is None else str(b), r) for b, r in main_entries if b is None or b > top]
 print()
 if tuned == table(main_entries):
     print(f"The cheapest routes make main's own table: {main_table}")
 else:
     print(f"The cheapest routes make the table {tuned} (main's: {main_table});")
     print("the end-to-end benchmark runs again under it (LORASERVE_NF4_ROUTES), after the rest.")
-    with open(os.path.join(out_dir, "nf4_routes.txt"), "w") as f:
+    tmp = os.path.join(out_dir, "nf4_routes.txt.tmp")
+    with open(tmp, "w") as f:
         f.write(tuned + "\n")
+    os.replace(tmp, os.path.join(out_dir, "nf4_routes.txt"))

@@ -90,8 +90,11 @@ pub fn nf4_matmul_routed(routes: &Routes, m: usize, n: usize, k: usize) -> Resul
             Ok(Launch { kernel, grid: (n.div_ceil(cols) as u32, 1, 1), block: (32 * GEMV_WARPS as u32, 1, 1) })
         }
         Route::Mma { bm, blocks } => {
+            // Split-K is for launches of few tiles (decode batches); one past the split counters' length has
+            // blocks enough whole.
             let tiles = n.div_ceil(MMA_BN) * m.div_ceil(bm);
-            nf4_mma(m, n, k, bm, splits_for(tiles, k.div_ceil(MMA_BK), blocks))
+            let splits = if tiles > NF4_SPLIT_TILES_MAX { 1 } else { splits_for(tiles, k.div_ceil(MMA_BK), blocks) };
+            nf4_mma(m, n, k, bm, splits)
         }
     }
 }
@@ -418,6 +421,10 @@ mod tests {
         );
         assert_eq!(nf4_matmul_routed(&tuned, 16, 4096, 4096).unwrap().grid, (128, 1, 4));
         assert_eq!(nf4_matmul_routed(&tuned, 17, 4096, 4096).unwrap().grid, (128, 1, 1));
+        // Past the split counters' length a launch never splits, whatever blocks the route asks for.
+        let many = Routes::parse("*:mma16/100000").unwrap();
+        assert_eq!(nf4_matmul_routed(&many, 4096, 4096, 4096).unwrap().grid, (128, 256, 1));
+        assert_eq!(nf4_matmul_routed(&many, 2, 4096, 4096).unwrap().grid, (128, 1, 8));
         // Whatever the table, widths that are not whole NF4 blocks take the generic kernel.
         assert_eq!(nf4_matmul_routed(&tuned, 16, 97, 96).unwrap().kernel, "nf4_matmul_generic");
     }
