@@ -20,7 +20,6 @@ import sys
 SPLITS = [1, 2, 4, 8]
 MMA_BN, MMA_BK = 32, 128
 LAYER = [((4096, 4096), 4), ((11008, 4096), 2), ((4096, 11008), 1)]
-BLOCKS = [0, 132, 264, 528, 1056, 2112]
 GEMV_MAX_ROWS = 8  # routes.rs: the largest GEMV kernel's rows (earlier runs timed GEMV row groups past it)
 
 out_dir = os.environ.get("OUT", ".")
@@ -28,6 +27,8 @@ path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(out_dir, "gpu_kernels.
 try:
     report = json.load(open(path))
     rows = report["nf4_matmul"] or []
+    if not isinstance(rows, list):
+        raise ValueError("nf4_matmul is not a list")
 except (OSError, KeyError, TypeError, ValueError) as e:
     sys.exit(f"routing: {path}: {e}")
 # The table the launcher's picks followed (routes.rs's text form), e.g. "8:gemv,16:mma16,*:mma32".
@@ -38,9 +39,14 @@ main_table = report.get("nf4_routes") or "8:gemv,16:mma16,*:mma32"
 times, picks = {}, {}
 for r in rows:
     try:
+        key = (r["m"], r["n"], r["k"])
+        if not all(type(x) is int and x > 0 for x in key):
+            continue
         if not r.get("double_quant") or not r.get("ok") or r["m"] > 32:
             continue
-        kernel, key, us = r["kernel"], (r["m"], r["n"], r["k"]), float(r["us_per_call"])
+        kernel, us = r["kernel"], float(r["us_per_call"])
+        if not us > 0:  # NaN, or no time at all
+            continue
         if kernel.startswith("nf4_gemv"):
             launch = ("gemv", 1)
         elif kernel.startswith("nf4_matmul_mma"):
@@ -99,12 +105,21 @@ def name(m, route):
     return f"{route[0]}-row tiles ({ks}" + (f"; ≥ {route[1]} blocks)" if route[1] else ")")
 
 
-routes = [("gemv", 0)] + [(bm, b) for bm in (16, 32) for b in BLOCKS]
+def routes_for(m):
+    """Every route with a distinct launch on some shape of the layer at m rows: the GEMV (up to its rows), and
+    per tile height the block counts at which some shape's split changes (its tiles times a split), and 0."""
+    out = [("gemv", 0)] if m <= GEMV_MAX_ROWS else []
+    for bm in (16, 32):
+        thresholds = {-(-n // MMA_BN) * -(-m // bm) * s for (n, _), _ in LAYER for s in SPLITS}
+        out += [(bm, b) for b in sorted({0} | thresholds)]
+    return out
+
+
 print("| rows | main's pick, µs a layer | cheapest route (split on q/k/v/o, gate/up, down) | µs a layer | saved a 32-layer step, ms |")
 print("|---|---|---|---|---|")
 cheapest = []  # (rows, route) for each measured row count
 for m in sorted({m for (m, _, _) in times}):
-    costed = [(layer_us(m, r), r) for r in routes if r[0] != "gemv" or m <= GEMV_MAX_ROWS]
+    costed = [(layer_us(m, r), r) for r in routes_for(m)]
     costed = [(t, r) for t, r in costed if t is not None]
     if not costed:
         continue
@@ -144,8 +159,9 @@ def route_of(entries, m):
 
 try:
     main_entries = parse(main_table)
-    route_of(main_entries, 1)
-except (ValueError, StopIteration) as e:
+    if main_entries[-1][0] is not None:
+        raise ValueError("its last bound is not *")
+except (AttributeError, TypeError, ValueError) as e:
     sys.exit(f"routing: main's table {main_table!r} in {path}: {e}")
 # Row by row up to the largest measured count: its cheapest route where measured, main's elsewhere (row counts
 # between two measured ones were not timed); past it, main's entries as they are.

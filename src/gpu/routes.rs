@@ -100,12 +100,16 @@ pub fn in_effect() -> Result<&'static Routes, String> {
         static COMPILED: OnceLock<Routes> = OnceLock::new();
         return Ok(COMPILED.get_or_init(Routes::compiled));
     }
-    let table = TABLE.get_or_init(|| match std::env::var(ROUTES_VAR) {
+    TABLE.get_or_init(|| from_var(std::env::var(ROUTES_VAR))).as_ref().map_err(Clone::clone)
+}
+
+/// The table `LORASERVE_NF4_ROUTES`'s value (as `std::env::var` reads it) gives.
+fn from_var(value: Result<String, std::env::VarError>) -> Result<Routes, String> {
+    match value {
         Ok(text) => Routes::parse(&text).map_err(|e| format!("{ROUTES_VAR}={text:?}: {e}")),
         Err(std::env::VarError::NotPresent) => Ok(Routes::compiled()),
         Err(std::env::VarError::NotUnicode(_)) => Err(format!("{ROUTES_VAR} is not UTF-8")),
-    });
-    table.as_ref().map_err(Clone::clone)
+    }
 }
 
 /// Whether [`in_effect`] is a table other than the compiled one.
@@ -215,6 +219,18 @@ mod tests {
         assert_eq!(t.route(2), Route::Gemv);
         assert_eq!(t.route(24), Route::Mma { bm: 16, blocks: 264 });
         assert_eq!(t.route(33), Route::Mma { bm: 32, blocks: 0 });
+    }
+
+    /// The variable: unset means the compiled table; a bad value is refused naming the variable and the value.
+    #[test]
+    fn the_variable_replaces_the_table_or_is_refused_by_name() {
+        use std::env::VarError;
+        assert_eq!(from_var(Err(VarError::NotPresent)), Ok(Routes::compiled()));
+        assert_eq!(from_var(Ok("*:mma16/264".into())).unwrap().to_string(), "*:mma16/264");
+        let e = from_var(Ok("16:gemv,*:mma32".into())).unwrap_err();
+        assert_eq!(e, "LORASERVE_NF4_ROUTES=\"16:gemv,*:mma32\": `16:gemv`: the GEMV kernels take up to 8 rows");
+        let e = from_var(Err(VarError::NotUnicode(std::ffi::OsString::new()))).unwrap_err();
+        assert_eq!(e, "LORASERVE_NF4_ROUTES is not UTF-8");
     }
 
     /// Every mistake is refused, naming the entry and what is wrong with it.
