@@ -108,7 +108,18 @@ fn main() -> anyhow::Result<()> {
     let mut one_out = stream.alloc_zeros::<f32>(1)?;
     let floor_s = time(&cuda, || silu_mul_into(&cuda, &one.slice(..), &one.slice(..), 1, &mut one_out.slice_mut(..)))?;
     drop((one, one_out));
-    println!("launch floor (silu_mul over 1 element, back to back): {:.1} µs/call\n", floor_s * 1e6);
+    println!("launch floor (silu_mul over 1 element, back to back): {:.1} µs/call", floor_s * 1e6);
+    // What each op of a forward costs the host beyond its launch: candle's own op on one element (its
+    // output allocated and freed each call, as in a forward), and a device allocation and free alone. With
+    // the launch floor and a step's op count they tell a host-bound step (CUDA graphs, fused launches) from
+    // one bound by its kernels.
+    let t = Tensor::zeros(1, candle_core::DType::F32, &device)?;
+    let op_s = time(&cuda, || (&t + &t).map(drop))?;
+    // SAFETY: the buffer is never read; it is freed at once.
+    let alloc_s = time(&cuda, || unsafe { stream.alloc::<f32>(1) }.w().map(drop))?;
+    drop(t);
+    println!("a candle op (1-element add, output allocated): {:.1} µs/call", op_s * 1e6);
+    println!("a device allocation and its free (1 float): {:.1} µs/call\n", alloc_s * 1e6);
     println!("| kernel | m × n × k | rel L2 vs CPU | µs/call | GB/s | % of copy | TFLOP/s | check |");
     println!("|---|---|---|---|---|---|---|---|");
 
@@ -117,7 +128,8 @@ fn main() -> anyhow::Result<()> {
     // Saved after each NF4 shape and each later part: a run cut short (its time limit, an error) keeps what
     // it measured, and routing.py needs only the NF4 rows.
     let mut report = serde_json::json!({
-        "copy_gb_per_s": copy_gbs, "tolerance": TOLERANCE, "nf4_routes": routes.to_string(), "nf4_matmul": [],
+        "copy_gb_per_s": copy_gbs, "launch_floor_us": floor_s * 1e6, "candle_op_us": op_s * 1e6,
+        "alloc_us": alloc_s * 1e6, "tolerance": TOLERANCE, "nf4_routes": routes.to_string(), "nf4_matmul": [],
         "failed": failed, "complete": false,
     });
     // (shape, the launcher's kernel, its time, (the fastest candidate's time, which)) per decode batch.

@@ -93,6 +93,10 @@ def main():
         whole = kernels.get("complete", True)
         check("kernel checks", f"{kernels.get('failed', '?')} failed" + ("" if whole else ", cut short"), "0, all run",
               kernels.get("failed") == 0 and whole)
+        if "launch_floor_us" in kernels:
+            host = " / ".join(fmt(num(kernels, k), ".1f") for k in ("launch_floor_us", "candle_op_us", "alloc_us"))
+            check("host µs per call: launch floor / candle op / device allocation", host, "(reported)", True,
+                  done_when=False)
         bw = kernels.get("copy_gb_per_s")
         one = ours.get((1, "one"))
         if bw and one:
