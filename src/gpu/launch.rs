@@ -1,6 +1,8 @@
 //! Kernel choice and launch geometry for the GPU kernels in `kernels/`: plain arithmetic, kept apart from
 //! the device code so it is unit-tested on machines without a GPU.
 
+use super::routes::{self, Route, Routes};
+
 /// The NF4 kernels' CUDA C source (NVRTC compiles it on first use).
 pub const NF4_SOURCE: &str = include_str!("kernels/nf4.cu");
 /// The batched-LoRA kernels' CUDA C source.
@@ -11,8 +13,6 @@ pub const ATTENTION_SOURCE: &str = include_str!("kernels/attention.cu");
 pub const SAMPLE_SOURCE: &str = include_str!("kernels/sample.cu");
 /// The fused element-wise kernels' CUDA C source (residual add + RMS norm, SiLU·mul).
 pub const FUSED_SOURCE: &str = include_str!("kernels/fused.cu");
-
-use super::routes::{self, Route, Routes};
 
 /// One kernel launch: which function, and its grid and block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
