@@ -236,7 +236,8 @@ pub fn lora_row_segments(rows: usize, segments: &[(usize, usize)]) -> Result<Vec
     Ok(out)
 }
 
-/// Limits of `kernels/attention.cu`: query heads per kv head, head dimension.
+/// Limits of `kernels/attention.cu`, the largest bounds it is compiled for: query heads per kv head, head
+/// dimension.
 pub const ATTENTION_GROUP_MAX: usize = 8;
 pub const ATTENTION_HEAD_DIM_MAX: usize = 256;
 const ATTENTION_WARPS: u32 = 4;
@@ -575,8 +576,6 @@ mod tests {
             ATTENTION_KERNELS.last().map(|&(g, d, _)| (g, d)),
             Some((ATTENTION_GROUP_MAX, ATTENTION_HEAD_DIM_MAX))
         );
-        assert!(ATTENTION_SOURCE.contains(&format!("#define GROUP_MAX {ATTENTION_GROUP_MAX}\n")));
-        assert!(ATTENTION_SOURCE.contains(&format!("#define HEAD_DIM_MAX {ATTENTION_HEAD_DIM_MAX}\n")));
         assert!(ATTENTION_SOURCE.contains(&format!("#define ATTN_WARPS {ATTENTION_WARPS}\n")));
         for name in ["lora_shrink", "lora_expand"] {
             assert!(LORA_SOURCE.contains(&format!("extern \"C\" __global__ void {name}(")), "{name}");

@@ -17,8 +17,6 @@
 //
 // Compiled at run time by NVRTC, header-free.
 
-#define HEAD_DIM_MAX 256
-#define GROUP_MAX 8
 #define ATTN_WARPS 4
 #define NEG_INF __int_as_float(0xff800000)
 
