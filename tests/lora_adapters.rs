@@ -371,6 +371,9 @@ fn refuses_unsupported_config_keys_naming_them() {
         ("monteclora_config", json!({"num_samples": 2})),
         ("arrow_config", json!({"top_k": 2})),
         ("kasa_config", json!({"beta": 0.1})),
+        // PEFT turns an empty object into these variants' default settings: on.
+        ("monteclora_config", json!({})),
+        ("kasa_config", json!({})),
     ] {
         let e = broken(set(key, value.clone()), keep);
         assert!(e.contains(&format!("`{key}`")), "{key}={value}: {e}");
@@ -405,7 +408,8 @@ fn targeted(w: &loraserve::lora::LoraWeights) -> Vec<String> {
 }
 
 /// PEFT's layer filtering: a module named in full is targeted whatever `layers_to_transform` says, and a
-/// `layers_pattern` may start the module name (`model.layers`).
+/// `layers_pattern` must follow a dot (`.*?\.{pattern}\.(\d+)\.`), so `model.layers` matches no module of a
+/// causal LM (PEFT then finds nothing to target) while an empty pattern means the default one.
 #[test]
 fn layer_filters_match_peft() {
     use serde_json::json;
@@ -417,10 +421,64 @@ fn layer_filters_match_peft() {
     assert!(e.contains("targets `layers.0.self_attn.q_proj`") || e.contains(q0), "{e}");
     let e = adapter_with(cfg, &[q0, v1, v2]).unwrap_err();
     assert!(e.contains(v2) && e.contains("not targeted"), "{e}");
-    for pattern in [json!("model.layers"), json!("layers"), json!(["h", "model.layers"])] {
-        let cfg = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["v_proj"],
-                         "layers_to_transform": [2], "layers_pattern": pattern});
-        assert_eq!(targeted(&adapter_with(cfg, &[v2]).unwrap()), [v2], "layers_pattern {pattern}");
+    let with_pattern = |pattern| json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["v_proj"], "layers_to_transform": [2], "layers_pattern": pattern});
+    for pattern in [json!("layers"), json!(["h", "layers"]), json!(""), json!([])] {
+        assert_eq!(
+            targeted(&adapter_with(with_pattern(pattern.clone()), &[v2]).unwrap()),
+            [v2],
+            "layers_pattern {pattern}"
+        );
+    }
+    for pattern in [json!("model.layers"), json!(["h", "model.layers"])] {
+        let e = adapter_with(with_pattern(pattern.clone()), &[v2]).unwrap_err();
+        assert!(e.contains(v2) && e.contains("not targeted"), "layers_pattern {pattern}: {e}");
+    }
+    // The q_proj named in full is still targeted when the pattern matches nothing.
+    let cfg = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [q0, "v_proj"],
+                     "layers_to_transform": [1], "layers_pattern": "model.layers"});
+    assert_eq!(targeted(&adapter_with(cfg, &[q0]).unwrap()), [q0]);
+}
+
+/// `LoraConfig.__post_init__`'s refusals: layer filters beside a regex (or all-linear, also a string), a
+/// layer pattern alone; and a pattern list holding something other than strings.
+#[test]
+fn layer_filter_combinations_peft_refuses_are_refused() {
+    use serde_json::json;
+    for (cfg, key, words) in [
+        (json!({"target_modules": ".*q_proj", "layers_to_transform": [0]}), "layers_to_transform", "is a string"),
+        (json!({"target_modules": "all-linear", "layers_to_transform": 0}), "layers_to_transform", "is a string"),
+        (json!({"target_modules": ".*q_proj", "layers_to_transform": []}), "layers_to_transform", "is a string"),
+        (json!({"target_modules": "all-linear", "layers_pattern": "layers"}), "layers_pattern", "is a string"),
+        (
+            json!({"target_modules": ["q_proj"], "layers_pattern": "layers"}),
+            "layers_pattern",
+            "without `layers_to_transform`",
+        ),
+        (
+            json!({"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": ["layers", 3]}),
+            "layers_pattern",
+            "3 is not a pattern",
+        ),
+    ] {
+        let mut cfg = cfg;
+        cfg["peft_type"] = json!("LORA");
+        cfg["r"] = json!(4);
+        let e = adapter_with(cfg.clone(), &["model.layers.0.self_attn.q_proj"]).unwrap_err();
+        assert!(e.contains(&format!("`{key}`")) && e.contains(words), "{cfg}: {e}");
+    }
+}
+
+/// `"all-linear"` is PEFT's shorthand in any case for `target_modules`; as `exclude_modules` it is a plain
+/// regex, which matches no module.
+#[test]
+fn all_linear_is_case_blind_and_only_a_target() {
+    use serde_json::json;
+    let q0 = "model.layers.0.self_attn.q_proj";
+    for cfg in [
+        json!({"peft_type": "LORA", "r": 4, "target_modules": "ALL-Linear", "exclude_modules": "(?!.*layers\\.0\\.self_attn\\.q_proj).*"}),
+        json!({"peft_type": "LORA", "r": 4, "target_modules": [q0], "exclude_modules": "all-linear"}),
+    ] {
+        assert_eq!(targeted(&adapter_with(cfg.clone(), &[q0]).unwrap()), [q0], "{cfg}");
     }
 }
 

@@ -177,9 +177,14 @@ impl AdapterConfig {
                 ));
             }
         }
-        // Variants with their own forward (or extra weights); `use_bdlora` is a settings object when on.
+        // Variants with their own forward (or extra weights); `use_bdlora` is a settings object when on. PEFT
+        // reads any object given as `monteclora_config` or `kasa_config`, `{}` too, as that variant's settings.
         for key in ["use_qalora", "use_bdlora", "monteclora_config", "arrow_config", "kasa_config"] {
-            if is_set(get(key)) {
+            let on = match get(key) {
+                Some(Value::Object(_)) if key == "monteclora_config" || key == "kasa_config" => true,
+                v => is_set(v),
+            };
+            if on {
                 return Err(cfg_err(file, key, "this LoRA variant is not supported"));
             }
         }
@@ -238,12 +243,33 @@ impl AdapterConfig {
                 return Err(cfg_err(file, "layers_to_transform", format!("expected an index or a list, got {v}")))
             }
         };
+        // PEFT reads an empty pattern (`""` or `[]`) as none: the default layer regex.
         let layers_pattern = match get("layers_pattern") {
             None => Vec::new(),
+            Some(Value::String(s)) if s.is_empty() => Vec::new(),
             Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| cfg_err(file, "layers_pattern", format!("{x} is not a pattern")))
+                })
+                .collect::<Result<_, _>>()?,
             Some(v) => return Err(cfg_err(file, "layers_pattern", format!("expected a string or a list, got {v}"))),
         };
+        // `LoraConfig.__post_init__` refuses these combinations: a regex names layers itself, and a layer
+        // pattern alone selects nothing.
+        if matches!(target_modules, ModuleSelector::Regex(_) | ModuleSelector::AllLinear) {
+            for key in ["layers_to_transform", "layers_pattern"] {
+                if get(key).is_some() {
+                    return Err(cfg_err(file, key, "cannot be used when `target_modules` is a string"));
+                }
+            }
+        }
+        if !layers_pattern.is_empty() && layers_to_transform.is_none() {
+            return Err(cfg_err(file, "layers_pattern", "given without `layers_to_transform`"));
+        }
         // PEFT reads any object, `{}` too, as a VeloraConfig (num_groups defaults to 64).
         let velora_groups = match get("velora_config") {
             None | Some(Value::Null) => None,
@@ -291,7 +317,7 @@ impl AdapterConfig {
             } else {
                 self.layers_pattern
                     .iter()
-                    .map(|p| compile(p, r"^(?:.*?\.)?{}\.(\d+)\.", file, "layers_pattern"))
+                    .map(|p| compile(p, r"^.*?\.{}\.(\d+)\.", file, "layers_pattern"))
                     .collect::<Result<_, _>>()?
             },
             rank: pat(self.rank_pattern.iter().map(|(k, _)| k).collect(), "rank_pattern")?,
@@ -310,7 +336,10 @@ impl AdapterConfig {
 
 fn selector(v: &Value, file: &str, key: &str) -> Result<ModuleSelector, AdapterError> {
     match v {
-        Value::String(s) if s == "all-linear" => Ok(ModuleSelector::AllLinear),
+        // PEFT's shorthand, in any case; `exclude_modules` has none (there it is a regex like any other).
+        Value::String(s) if key == "target_modules" && s.eq_ignore_ascii_case("all-linear") => {
+            Ok(ModuleSelector::AllLinear)
+        }
         Value::String(s) => Ok(ModuleSelector::Regex(s.clone())),
         Value::Array(a) => a
             .iter()
@@ -385,9 +414,9 @@ impl Matcher {
         if matches!(&self.target, CompiledSelector::Names(names) if names.iter().any(|n| n == key)) {
             return true;
         }
-        // Layer filtering applies to name lists (and all-linear, which PEFT expands to a list).
+        // Layer filtering (only name lists have it: `parse` refuses it beside a regex or all-linear).
         let Some(layers) = &cfg.layers_to_transform else { return true };
-        if matches!(self.target, CompiledSelector::Regex(_)) || layers.is_empty() {
+        if layers.is_empty() {
             return true;
         }
         self.layer_index
