@@ -526,11 +526,12 @@ fn argmax_checks(device: &Device, copy_gbs: f64, failed: &mut usize) -> anyhow::
                     _ => {}
                 }
             }
-            let want: Vec<u32> = logits.chunks(vocab).map(loraserve::engine::sampler::argmax).collect();
+            let want: Vec<Option<u32>> = logits.chunks(vocab).map(loraserve::engine::sampler::argmax).collect();
             let dl = stream.clone_htod(&logits)?;
-            let mut dout = stream.clone_htod(&vec![u32::MAX; rows])?;
+            let mut dout = stream.clone_htod(&vec![u32::MAX - 1; rows])?;
             argmax_into(&cuda, &dl.slice(..), rows, vocab, &mut dout)?;
-            let got = stream.clone_dtoh(&dout)?;
+            let got: Vec<Option<u32>> =
+                stream.clone_dtoh(&dout)?.into_iter().map(loraserve::gpu::launch::argmax_pick).collect();
             // The tensor path (what the engine calls) must pick the same.
             let t = Tensor::from_vec(logits, (rows, vocab), device)?;
             let op = loraserve::gpu::sample::argmax_rows(&t)?;

@@ -508,7 +508,8 @@ fn paged_attention_wide_heads() {
 /// `argmax_rows` picks what `engine::sampler::argmax` picks on the host, row by row: random rows, and rows
 /// built so that a plain block reduction would go wrong — the maximum tied between a low index in a later
 /// thread and a high index in thread 0, between warps, within one thread's stride; NaN at index 0, around
-/// and instead of the maximum; all NaN; all −∞; +∞ twice; a vocabulary narrower than a warp.
+/// and instead of the maximum; −∞ with one number among NaN; all NaN, all −∞, and both mixed (nothing to
+/// pick: `ARGMAX_NONE`); +∞ twice; a vocabulary narrower than a warp.
 #[test]
 fn argmax_picks_the_first_maximum_and_passes_over_nan() {
     let nan = f32::NAN;
@@ -525,6 +526,7 @@ fn argmax_picks_the_first_maximum_and_passes_over_nan() {
         rows.push(tie(&[600, 5], 2)); // warp 2 against warp 0
         rows.push(tie(&[263, 7], 3)); // one thread's stride: 7 then 263
         rows.push(tie(&[vocab - 1, 4], 4));
+        rows.push(tie(&[0, vocab - 1], 8)); // the first index itself
         let mut row = tie(&[2], 5);
         row[0] = nan;
         row[1] = nan;
@@ -532,21 +534,26 @@ fn argmax_picks_the_first_maximum_and_passes_over_nan() {
         rows.push(row);
         rows.push(vec![nan; vocab]);
         rows.push(vec![f32::NEG_INFINITY; vocab]);
+        rows.push((0..vocab).map(|i| if i % 3 == 1 { f32::NEG_INFINITY } else { nan }).collect());
         let mut row = vec![nan; vocab];
         row[vocab - 1] = -3.0;
+        row[0] = f32::NEG_INFINITY;
         rows.push(row);
         let mut row = normal(vocab, 6);
         row[vocab / 2] = f32::INFINITY;
         row[vocab - 1] = f32::INFINITY;
         rows.push(row);
-        let want: Vec<u32> = rows.iter().map(|r| loraserve::engine::sampler::argmax(r)).collect();
-        assert!(want.iter().any(|&i| i > 0) && want.contains(&0), "cases pick both 0 and later indices");
+        let want: Vec<Option<u32>> = rows.iter().map(|r| loraserve::engine::sampler::argmax(r)).collect();
+        assert!(want.iter().any(|&i| i > Some(0)) && want.contains(&Some(0)), "cases pick 0 and later indices");
+        assert_eq!(want.iter().filter(|i| i.is_none()).count(), 3, "rows with nothing to pick");
         let l = launch::argmax_rows(rows.len(), vocab).unwrap();
         let mut call = Call::new(l);
         let logits = call.f32(&rows.concat());
-        let out = call.u32(&vec![u32::MAX; rows.len()]);
+        // Poisoned with a value the kernel never writes (it is no index and not ARGMAX_NONE).
+        let out = call.u32(&vec![u32::MAX - 1; rows.len()]);
         call.arg(logits).arg(vocab as i32).arg(out);
-        assert_eq!(run(&mut call, 77).u32(out), want, "vocab {vocab}");
+        let got: Vec<Option<u32>> = run(&mut call, 77).u32(out).into_iter().map(launch::argmax_pick).collect();
+        assert_eq!(got, want, "vocab {vocab}");
     }
 }
 

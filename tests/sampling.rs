@@ -60,14 +60,14 @@ fn byte_token(m: &LoadedModel, c: &str) -> u32 {
 fn argmax_without(row: &[f32], eos: &[u32]) -> u32 {
     let mut row = row.to_vec();
     eos.iter().for_each(|&t| row[t as usize] = f32::NEG_INFINITY);
-    argmax(&row)
+    argmax(&row).expect("a number to pick")
 }
 
 /// Every token of `out` is the greedy pick of its teacher-forced row, with `held` masked for the first
 /// `until` tokens.
 fn assert_greedy(m: &LoadedModel, a: &peft::LoadedAdapter, out: &[u32], held: &[u32], until: usize) {
     for (i, (row, &t)) in logits_of(m, a, out).iter().zip(out).enumerate() {
-        let want = if i < until { argmax_without(row, held) } else { argmax(row) };
+        let want = if i < until { argmax_without(row, held) } else { argmax(row).expect("a number to pick") };
         assert_eq!(t, want, "token {i}");
     }
 }
@@ -181,7 +181,7 @@ async fn min_p_narrows_what_is_drawn() {
         let half = client.generate(sampled(Some(0.5))).await.unwrap().into_inner().token_ids;
         for (i, (row, &t)) in logits_of(&m, &upper, &half).iter().zip(&half).enumerate() {
             // At temperature 2 the probabilities are softmax(row / 2): p_t / p_max = exp((l_t - l_max) / 2).
-            let best = row[argmax(row) as usize];
+            let best = row[argmax(row).expect("a number to pick") as usize];
             assert!(((row[t as usize] - best) / 2.0).exp() >= 0.5 - 1e-4, "seed {seed} token {i}");
         }
     }
@@ -207,7 +207,7 @@ async fn logit_bias_and_allowed_token_ids_shape_each_pick() {
     for (i, ((row, &t), &lp)) in rows.iter().zip(&out.token_ids).zip(&out.logprobs).enumerate() {
         let mut biased = row.clone();
         bias.iter().for_each(|&(b, v)| biased[b as usize] += v);
-        assert_eq!(t, argmax(&biased), "token {i}");
+        assert_eq!(Some(t), argmax(&biased), "token {i}");
         let raw = loraserve::engine::logits::logprob(row, t);
         assert!((lp - raw).abs() <= 1e-4, "token {i}: logprob {lp} vs the raw row's {raw}");
     }
@@ -347,7 +347,7 @@ fn guided_pick(m: &LoadedModel, row: &[f32], text: &str, viable: &dyn Fn(&str) -
             masked[id as usize] = row[id as usize];
         }
     }
-    argmax(&masked)
+    argmax(&masked).expect("a token the guide allows")
 }
 
 /// Structured output steers each greedy pick: every token is the most likely one of those that keep the
@@ -480,6 +480,55 @@ async fn bad_structured_output_is_invalid_argument() {
     // With a stop token, ignore_eos is fine: the stop token ends the whole text.
     let stop = GenerateRequest { ignore_eos: true, stop_token_ids: vec![1], ..regex("CAT") };
     assert_eq!(client.clone().generate(stop).await.unwrap().into_inner().text, "CAT");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// An adapter whose scale overflows the forward (`lora_alpha` 1e38: finite, but its q/k/v go past f32) leaves
+/// nothing to pick: every request with it fails as INTERNAL naming the cause and the adapter, greedy or
+/// sampled, allow-listed or constrained, and never answers a token it does not allow (token 0 used to come
+/// back, OK). The others are served meanwhile, alongside it in the same batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_adapter_whose_forward_overflows_fails_its_requests_only() {
+    use loraserve::server::proto::{structured_output::Kind, StructuredOutput};
+    let tmp = tempfile::tempdir().unwrap();
+    common::copy_dir(&adapters().join("upper"), &tmp.path().join("upper"));
+    common::copy_dir(&adapters().join("upper"), &tmp.path().join("overflow"));
+    let cfg_path = tmp.path().join("overflow/adapter_config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["lora_alpha"] = serde_json::json!(1e38);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let (h, client) = start(ServeConfig { model: ModelSpec::Demo, ..config(tmp.path().to_path_buf()) }).await;
+    let broken = |r: GenerateRequest| GenerateRequest { adapter_id: "overflow".into(), ..r };
+    let regex = StructuredOutput { kind: Some(Kind::Regex("[a-z]+".into())) };
+    let cases = [
+        broken(req("", PROMPT, 6)),
+        broken(GenerateRequest { temperature: Some(0.8), seed: Some(3), ..req("", PROMPT, 6) }),
+        broken(GenerateRequest { allowed_token_ids: vec![100, 101], ..req("", PROMPT, 6) }),
+        broken(GenerateRequest { structured_output: Some(regex), ..req("", PROMPT, 6) }),
+        broken(GenerateRequest { logprobs: true, top_logprobs: 3, ..req("", PROMPT, 6) }),
+    ];
+    let calls: Vec<_> = cases
+        .into_iter()
+        .map(|r| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.generate(r).await })
+        })
+        .collect();
+    let served: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.generate(req("upper", PROMPT, 16)).await })
+        })
+        .collect();
+    for call in calls {
+        let e = call.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
+        assert!(e.message().contains("NaN or −∞") && e.message().contains("adapter `overflow`"), "{}", e.message());
+    }
+    for call in served {
+        assert_eq!(call.await.unwrap().unwrap().into_inner().text, "CAT MOON FIRE");
+    }
     h.shutdown();
     h.wait().await.unwrap();
 }

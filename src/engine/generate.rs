@@ -63,7 +63,9 @@ pub fn generate(model: &Model, job: &GenerateJob) -> Result<Generated> {
     let mut out = Vec::with_capacity(job.max_new_tokens);
     let mut finish = FinishReason::Length;
     while out.len() < job.max_new_tokens {
-        let next = sampler.sample(&logits);
+        let next = sampler
+            .sample(&logits)
+            .map_err(|e| candle_core::Error::msg(format!("output token {}: {e}", out.len() + 1)))?;
         out.push(next);
         if let Some(end) = job.sampling.ends_at(next, eos).filter(|_| job.stop_at_eos) {
             finish = end;

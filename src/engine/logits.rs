@@ -11,8 +11,9 @@ use super::sampler::argmax;
 pub enum RowLogits {
     /// The whole vocabulary.
     Full(Vec<f32>),
-    /// The token of a row whose sampler picks the argmax, picked where the logits are.
-    Argmax(u32),
+    /// The token of a row whose sampler picks the argmax, picked where the logits are ([`argmax`]: `None`
+    /// when every logit is NaN or −∞).
+    Argmax(Option<u32>),
 }
 
 impl RowLogits {
@@ -107,7 +108,7 @@ pub fn fetch_rows(logits: &Tensor, by_argmax: &[bool]) -> candle_core::Result<Ve
     if by_argmax.len() != rows {
         candle_core::bail!("{} argmax flags for {rows} logit rows", by_argmax.len())
     }
-    let ids: Vec<u32> = if by_argmax.iter().any(|&g| g) { argmax_rows(logits)? } else { vec![] };
+    let ids: Vec<Option<u32>> = if by_argmax.iter().any(|&g| g) { argmax_rows(logits)? } else { vec![] };
     let full_rows: Vec<u32> = (0..rows as u32).filter(|&r| !by_argmax[r as usize]).collect();
     let mut full = if full_rows.is_empty() {
         Vec::new()
@@ -125,7 +126,7 @@ pub fn fetch_rows(logits: &Tensor, by_argmax: &[bool]) -> candle_core::Result<Ve
 
 /// The argmax of every row of `logits [rows, vocab]`: on a GPU by `gpu::sample`'s kernel, which picks as
 /// [`argmax`] does.
-fn argmax_rows(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
+fn argmax_rows(logits: &Tensor) -> candle_core::Result<Vec<Option<u32>>> {
     #[cfg(feature = "cuda")]
     if logits.device().is_cuda() {
         return crate::gpu::sample::argmax_rows(logits);
@@ -144,13 +145,16 @@ mod tests {
         let v = vec![0.1f32, 3.0, -1.0, 7.0, 2.0, 0.5, -4.0, 9.0, 9.5];
         let t = Tensor::from_vec(v.clone(), (3, 3), &dev).unwrap();
         let got = fetch_rows(&t, &[true, false, true]).unwrap();
-        assert_eq!(got, vec![RowLogits::Argmax(1), RowLogits::Full(v[3..6].to_vec()), RowLogits::Argmax(2)]);
+        assert_eq!(
+            got,
+            vec![RowLogits::Argmax(Some(1)), RowLogits::Full(v[3..6].to_vec()), RowLogits::Argmax(Some(2))]
+        );
         let all = fetch_rows(&t, &[false; 3]).unwrap();
         assert_eq!(all[2], RowLogits::Full(v[6..].to_vec()));
         assert!(fetch_rows(&t, &[true]).is_err());
         let mut s = Sampler::new(SamplingParams::default(), 0, &[], &[]);
-        assert_eq!(s.pick(&got[0]), 1);
-        assert_eq!(s.pick(&got[1]), 0);
+        assert_eq!(s.pick(&got[0]).unwrap(), 1);
+        assert_eq!(s.pick(&got[1]).unwrap(), 0);
     }
 
     #[test]
@@ -170,7 +174,7 @@ mod tests {
         assert_eq!(logprob(&logits, 3), f32::NEG_INFINITY, "a NaN logit");
         assert_eq!(logprob(&logits, 9), f32::NEG_INFINITY, "past the row");
         assert_eq!(logprob(&[f32::NEG_INFINITY; 2], 0), f32::NEG_INFINITY);
-        assert_eq!(RowLogits::Argmax(1).logprob(1), None);
+        assert_eq!(RowLogits::Argmax(Some(1)).logprob(1), None);
         assert_eq!(RowLogits::Full(logits.to_vec()).logprob(2), Some(logprob(&logits, 2)));
     }
 
@@ -188,6 +192,6 @@ mod tests {
         assert_eq!(l.top(99).last().unwrap().0, 4);
         let total: f64 = l.top(99).iter().map(|t| (t.1 as f64).exp()).sum();
         assert!((total - 1.0).abs() < 1e-6);
-        assert_eq!(RowLogits::Argmax(1).log_softmax().map(|l| l.top(1)), None);
+        assert_eq!(RowLogits::Argmax(Some(1)).log_softmax().map(|l| l.top(1)), None);
     }
 }

@@ -269,20 +269,21 @@ impl Sampler {
 
     /// The next token from a row as [`fetch_rows`](super::logits::fetch_rows) brought it (an argmax row comes
     /// from a sampler that [`picks_argmax`](Self::picks_argmax)).
-    pub fn pick(&mut self, row: &RowLogits) -> u32 {
+    pub fn pick(&mut self, row: &RowLogits) -> Result<u32, NoToken> {
         match row {
             RowLogits::Full(logits) => self.sample(logits),
             RowLogits::Argmax(id) => {
                 debug_assert!(self.picks_argmax(), "an argmax row for a sampler that does not pick the argmax");
+                let id = id.ok_or(NoToken)?;
                 self.generated += 1;
-                *id
+                Ok(id)
             }
         }
     }
 
     /// Picks the next token from one row of logits, and counts it as output for the penalties and
     /// `min_tokens`.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32, NoToken> {
         let token = if self.processes() {
             // vLLM's order: the structured output's tokens or the allowed ones, `min_tokens`, the logit bias,
             // then the penalties.
@@ -317,7 +318,8 @@ impl Sampler {
             self.draw(&processed)
         } else {
             self.draw(logits)
-        };
+        }
+        .ok_or(NoToken)?;
         self.generated += 1;
         if let Some(h) = &mut self.history {
             h.seen.insert(token);
@@ -329,7 +331,7 @@ impl Sampler {
                 g.prefetch(*state);
             }
         }
-        token
+        Ok(token)
     }
 
     /// The logits of the tokens the structured output allows now; −∞ for the others.
@@ -340,8 +342,9 @@ impl Sampler {
         g.mask(*state).apply(logits, ending)
     }
 
-    /// Greedy or sampled, from logits the penalties have already changed.
-    fn draw(&mut self, logits: &[f32]) -> u32 {
+    /// Greedy or sampled, from logits the penalties have already changed; `None` when every logit is NaN or
+    /// −∞.
+    fn draw(&mut self, logits: &[f32]) -> Option<u32> {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
@@ -355,7 +358,7 @@ impl Sampler {
             .map(|(i, &l)| (i as u32, l as f64 / t))
             .collect();
         if cand.is_empty() {
-            return 0;
+            return None;
         }
         // Highest first; ties (-0.0 and +0.0 included, as in `argmax`) keep the lower token id first (stable
         // sort). NaN was filtered out above.
@@ -365,7 +368,7 @@ impl Sampler {
         }
         let max = cand[0].1;
         if max == f64::INFINITY {
-            return cand[0].0; // an infinite logit takes all the mass
+            return Some(cand[0].0); // an infinite logit takes all the mass
         }
         let mut probs: Vec<f64> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
         let sum: f64 = probs.iter().sum();
@@ -400,12 +403,12 @@ impl Sampler {
         for (i, p) in probs.iter().enumerate() {
             acc += p;
             if u < acc {
-                return cand[i].0;
+                return Some(cand[i].0);
             }
         }
         // `u` fell in the rounding gap below 1: the last token that has any mass.
         let last = probs.iter().rposition(|&p| p > 0.0).unwrap_or(0);
-        cand[last].0
+        Some(cand[last].0)
     }
 }
 
@@ -427,19 +430,27 @@ fn penalize(p: &SamplingParams, h: &History, logits: &mut [f32]) {
     }
 }
 
-/// Index of the largest logit, the first one on ties (as `torch.argmax`). NaN logits are passed over, as
-/// sampling does (`torch.argmax` would pick a NaN); 0 when every one is NaN.
-pub fn argmax(logits: &[f32]) -> u32 {
+/// Index of the largest logit, the first one on ties (as `torch.argmax`). NaN and −∞ logits are passed over,
+/// as sampling passes over them (`torch.argmax` would pick a NaN); `None` when every one is NaN or −∞: nothing
+/// can be picked.
+pub fn argmax(logits: &[f32]) -> Option<u32> {
     let mut best: Option<(usize, f32)> = None;
     for (i, &l) in logits.iter().enumerate() {
         match best {
-            _ if l.is_nan() => {}
+            _ if l.is_nan() || l == f32::NEG_INFINITY => {}
             Some((_, b)) if l <= b => {}
             _ => best = Some((i, l)),
         }
     }
-    best.map_or(0, |(i, _)| i as u32)
+    best.map(|(i, _)| i as u32)
 }
+
+/// A step whose logits leave nothing to pick: every token the request allows has a NaN or −∞ logit. The
+/// model's numbers broke down (an adapter whose scale overflows f32, say); the request fails rather than
+/// answer a token it does not allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no token can be picked: the logit of every token the request allows is NaN or −∞ (the forward overflowed)")]
+pub struct NoToken;
 
 #[cfg(test)]
 mod tests {
@@ -452,7 +463,7 @@ mod tests {
     #[test]
     fn greedy_is_argmax_first_on_ties() {
         let mut s = Sampler::new(SamplingParams::default(), 0, &[], &[]);
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]).unwrap(), 1);
     }
 
     #[test]
@@ -462,14 +473,38 @@ mod tests {
     }
 
     #[test]
-    fn argmax_passes_over_nan_wherever_it_is() {
+    fn argmax_passes_over_nan_and_minus_infinity_wherever_they_are() {
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        assert_eq!(argmax(&[nan, 1.0, 2.0]), Some(2));
+        assert_eq!(argmax(&[1.0, nan, 0.5]), Some(0));
+        assert_eq!(argmax(&[-inf, -3.0, nan]), Some(1));
+        assert_eq!(argmax(&[nan, -inf, inf, inf]), Some(2));
+        assert_eq!(argmax(&[-0.0, 0.0]), Some(0), "equal values: the first");
+        assert_eq!(argmax(&[nan, nan]), None);
+        assert_eq!(argmax(&[-inf, -inf]), None);
+        assert_eq!(argmax(&[nan, -inf]), None);
+        assert_eq!(argmax(&[]), None);
+    }
+
+    /// A row whose logits leave nothing the request allows (the forward overflowed to NaN) fails the pick,
+    /// greedy or sampled, allow-listed or not, whole or picked on the device; it never answers a token.
+    #[test]
+    fn nothing_to_pick_is_an_error_not_a_token() {
         let nan = f32::NAN;
-        assert_eq!(argmax(&[nan, 1.0, 2.0]), 2);
-        assert_eq!(argmax(&[1.0, nan, 0.5]), 0);
-        assert_eq!(argmax(&[nan, nan]), 0);
-        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
-        assert_eq!(argmax(&[nan, f32::NEG_INFINITY, f32::INFINITY, f32::INFINITY]), 2);
-        assert_eq!(argmax(&[-0.0, 0.0]), 0, "equal values: the first");
+        let all_nan = [nan; 6];
+        let allowed = |t: f32| SamplingParams { temperature: t, allowed_token_ids: vec![4, 5], ..Default::default() };
+        for t in [0.0, 0.7] {
+            let plain = SamplingParams { temperature: t, ..Default::default() };
+            assert_eq!(Sampler::new(plain, 1, &[], &[]).sample(&all_nan), Err(NoToken), "temperature {t}");
+            // Only the allowed tokens' logits broke: the others cannot stand in for them.
+            let broken_allowed = [0.5, 2.0, 1.0, 0.0, nan, nan];
+            assert_eq!(Sampler::new(allowed(t), 1, &[], &[]).sample(&broken_allowed), Err(NoToken));
+            assert_eq!(Sampler::new(allowed(t), 1, &[], &[]).sample(&[0.5, 2.0, 1.0, 0.0, nan, 3.0]), Ok(5));
+        }
+        let mut s = Sampler::new(SamplingParams::default(), 1, &[], &[]);
+        assert_eq!(s.pick(&RowLogits::Argmax(None)), Err(NoToken));
+        assert_eq!(s.pick(&RowLogits::Full(all_nan.to_vec())), Err(NoToken));
+        assert!(NoToken.to_string().contains("NaN or −∞"));
     }
 
     #[test]
@@ -478,8 +513,8 @@ mod tests {
         let mut a = Sampler::new(params(1.0, 1, 1.0, 3), 0, &[], &[]);
         let mut b = Sampler::new(params(5.0, 0, 1e-6, 3), 0, &[], &[]);
         for _ in 0..50 {
-            assert_eq!(a.sample(&logits), 1);
-            assert_eq!(b.sample(&logits), 1);
+            assert_eq!(a.sample(&logits).unwrap(), 1);
+            assert_eq!(b.sample(&logits).unwrap(), 1);
         }
     }
 
@@ -488,7 +523,7 @@ mod tests {
         let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
         let draw = |seed| {
             let mut s = Sampler::new(params(1.0, 0, 1.0, seed), 0, &[], &[]);
-            (0..4000).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+            (0..4000).map(|_| s.sample(&logits).unwrap()).collect::<Vec<_>>()
         };
         let a = draw(9);
         assert_eq!(a, draw(9));
@@ -504,10 +539,10 @@ mod tests {
         let logits = [0.5f32, 10.0, 9.99, -3.0];
         for t in [1e-45f32, 1e-40, 1e-38, 1e-6] {
             let mut s = Sampler::new(params(t, 0, 1.0, 5), 0, &[], &[]);
-            assert!((0..20).all(|_| s.sample(&logits) == 1), "temperature {t}");
+            assert!((0..20).all(|_| s.sample(&logits).unwrap() == 1), "temperature {t}");
         }
         let mut s = Sampler::new(params(1.0, 0, 1.0, 5), 0, &[], &[]);
-        assert_eq!(s.sample(&[1.0, f32::INFINITY, 2.0]), 1);
+        assert_eq!(s.sample(&[1.0, f32::INFINITY, 2.0]).unwrap(), 1);
     }
 
     #[test]
@@ -515,7 +550,7 @@ mod tests {
         // probs ≈ [0.6, 0.3, 0.1]: top_p 0.8 keeps the first two only.
         let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
         let mut s = Sampler::new(params(1.0, 0, 0.8, 1), 0, &[], &[]);
-        assert!((0..2000).all(|_| s.sample(&logits) != 2));
+        assert!((0..2000).all(|_| s.sample(&logits).unwrap() != 2));
     }
 
     #[test]
@@ -524,15 +559,15 @@ mod tests {
         let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
         let with = |min_p| SamplingParams { min_p, ..params(1.0, 0, 1.0, 4) };
         let mut s = Sampler::new(with(0.5), 0, &[], &[]);
-        let draws: Vec<u32> = (0..3000).map(|_| s.sample(&logits)).collect();
+        let draws: Vec<u32> = (0..3000).map(|_| s.sample(&logits).unwrap()).collect();
         assert!(!draws.contains(&2) && draws.contains(&1));
         let ones = draws.iter().filter(|&&t| t == 1).count() as f64 / draws.len() as f64;
         assert!((ones - 0.375).abs() < 0.03, "renormalised over the two kept: {ones}");
         let mut s = Sampler::new(with(0.61), 0, &[], &[]);
-        assert!((0..500).all(|_| s.sample(&logits) == 0));
+        assert!((0..500).all(|_| s.sample(&logits).unwrap() == 0));
         // 0 is off: every token is drawn.
         let mut s = Sampler::new(with(0.0), 0, &[], &[]);
-        assert!((0..3000).any(|_| s.sample(&logits) == 2));
+        assert!((0..3000).any(|_| s.sample(&logits).unwrap() == 2));
         // Greedy ignores it; it does not stop the device argmax.
         assert!(Sampler::new(SamplingParams { min_p: 0.9, ..Default::default() }, 0, &[], &[]).picks_argmax());
     }
@@ -545,28 +580,28 @@ mod tests {
         let allowed = SamplingParams { allowed_token_ids: vec![0, 3], ..Default::default() };
         let mut s = Sampler::new(allowed.clone(), 0, &[], &[]);
         assert!(!s.picks_argmax());
-        assert_eq!(s.sample(&logits), 3);
+        assert_eq!(s.sample(&logits).unwrap(), 3);
         let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed: Some(1), ..allowed }, 0, &[], &[]);
-        assert!((0..200).all(|_| [0, 3].contains(&s.sample(&logits))));
+        assert!((0..200).all(|_| [0, 3].contains(&s.sample(&logits).unwrap())));
         let bias = SamplingParams { logit_bias: vec![(1, -4.0), (3, 2.5)], ..Default::default() };
         let mut s = Sampler::new(bias.clone(), 0, &[], &[]);
         assert!(!s.picks_argmax());
-        assert_eq!(s.sample(&logits), 3, "1, 1, 3, 4.5");
+        assert_eq!(s.sample(&logits).unwrap(), 3, "1, 1, 3, 4.5");
         // Biased first, then penalized: (2 + 2.5) / 2 = 2.25 loses to 3 (penalized first, 1 + 2.5 would win).
         let penalized = SamplingParams { repetition_penalty: 2.0, ..bias };
-        assert_eq!(Sampler::new(penalized, 0, &[3], &[]).sample(&logits), 2);
+        assert_eq!(Sampler::new(penalized, 0, &[3], &[]).sample(&logits).unwrap(), 2);
         // An allowed EOS (1) is still held back by min_tokens, greedy or sampled; -100 all but bans a token
         // when sampling too.
         let eos_allowed = SamplingParams { allowed_token_ids: vec![1, 3], min_tokens: 2, ..Default::default() };
         let mut s = Sampler::new(eos_allowed.clone(), 0, &[], &[1]);
-        assert_eq!([s.sample(&logits), s.sample(&logits), s.sample(&logits)], [3, 3, 1]);
+        assert_eq!([s.sample(&logits).unwrap(), s.sample(&logits).unwrap(), s.sample(&logits).unwrap()], [3, 3, 1]);
         let sampled = SamplingParams { temperature: 50.0, seed: Some(2), min_tokens: 400, ..eos_allowed };
         let mut s = Sampler::new(sampled, 0, &[], &[1]);
-        assert!((0..400).all(|_| s.sample(&logits) == 3));
+        assert!((0..400).all(|_| s.sample(&logits).unwrap() == 3));
         let far =
             SamplingParams { temperature: 1.0, seed: Some(3), logit_bias: vec![(1, -100.0)], ..Default::default() };
         let mut s = Sampler::new(far, 0, &[], &[]);
-        assert!((0..200).all(|_| s.sample(&[0.0, 0.0]) == 0));
+        assert!((0..200).all(|_| s.sample(&[0.0, 0.0]).unwrap() == 0));
     }
 
     #[test]
@@ -576,22 +611,22 @@ mod tests {
         // EOS (2) is the argmax; the next best (3) is EOS too, so 0 comes until min_tokens.
         let logits = [1.0f32, 0.5, 3.0, 2.0];
         let mut s = Sampler::new(p(3), 0, &[], &eos);
-        let picked: Vec<u32> = (0..5).map(|_| s.sample(&logits)).collect();
+        let picked: Vec<u32> = (0..5).map(|_| s.sample(&logits).unwrap()).collect();
         assert_eq!(picked, [0, 0, 0, 2, 2]);
         // The device argmax only once EOS may come; a sampled row holds EOS back too.
         let mut s = Sampler::new(p(1), 0, &[], &eos);
         assert!(!s.picks_argmax());
-        assert_eq!(s.sample(&logits), 0);
+        assert_eq!(s.sample(&logits).unwrap(), 0);
         assert!(s.picks_argmax());
         let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed: Some(1), ..p(50) }, 0, &[], &eos);
-        assert!((0..50).all(|_| !eos.contains(&s.sample(&logits))));
+        assert!((0..50).all(|_| !eos.contains(&s.sample(&logits).unwrap())));
         // Without EOS tokens, or at 0, nothing is held back.
         assert!(Sampler::new(p(3), 0, &[], &[]).picks_argmax());
-        assert_eq!(Sampler::new(p(0), 0, &[], &eos).sample(&logits), 2);
+        assert_eq!(Sampler::new(p(0), 0, &[], &eos).sample(&logits).unwrap(), 2);
         // An argmax row counts as a generated token.
         let mut s = Sampler::new(p(1), 0, &[], &eos);
-        s.sample(&logits);
-        assert_eq!(s.pick(&RowLogits::Argmax(2)), 2);
+        s.sample(&logits).unwrap();
+        assert_eq!(s.pick(&RowLogits::Argmax(Some(2))).unwrap(), 2);
     }
 
     #[test]
@@ -611,10 +646,10 @@ mod tests {
         // min_tokens holds back EOS and the stop tokens; under ignore_eos an EOS that is no stop token may come.
         let logits = [0.0f32, 1.0, 3.0, 2.0];
         let mut s = Sampler::new(p(false, 1), 0, &[], &eos);
-        assert_eq!(s.sample(&logits), 1);
+        assert_eq!(s.sample(&logits).unwrap(), 1);
         let ignoring =
             SamplingParams { ignore_eos: true, min_tokens: 1, stop_token_ids: vec![3], ..Default::default() };
-        assert_eq!(Sampler::new(ignoring, 0, &[], &eos).sample(&logits), 2);
+        assert_eq!(Sampler::new(ignoring, 0, &[], &eos).sample(&logits).unwrap(), 2);
     }
 
     #[test]
@@ -658,7 +693,7 @@ mod tests {
     /// Greedy picks from the same logits every step, so only the penalties move them.
     fn picks(params: SamplingParams, prompt: &[u32], logits: &[f32], n: usize) -> Vec<u32> {
         let mut s = Sampler::new(params, 0, prompt, &[]);
-        (0..n).map(|_| s.sample(logits)).collect()
+        (0..n).map(|_| s.sample(logits).unwrap()).collect()
     }
 
     #[test]

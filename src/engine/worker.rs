@@ -333,7 +333,21 @@ pub(crate) fn run(
             if let Some(p) = l.prompt.take() {
                 let _ = l.req.events.send(Event::Prompt(p));
             }
-            let token = l.sampler.pick(&logits);
+            let token = match l.sampler.pick(&logits) {
+                Ok(token) => token,
+                Err(e) => {
+                    let with = l.req.adapter.as_ref().map_or("the base model".to_string(), |a| {
+                        format!("adapter `{}` (version {})", a.id(), a.version())
+                    });
+                    tracing::error!(adapter = %with, "{e}; failing the request");
+                    let message = format!("{e}, at output token {} with {with}", l.generated + 1);
+                    let _ = l.req.events.send(Event::Failed(EngineError::Internal(message)));
+                    live.remove(&id);
+                    sched.remove(id, &mut slots, cache.allocator_mut());
+                    slots.remove(&id);
+                    continue;
+                }
+            };
             let (logprobs, top_logprobs) = report_logprobs(&l.req, &logits, token);
             l.tokens.push(token);
             l.generated += 1;

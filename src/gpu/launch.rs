@@ -299,6 +299,15 @@ pub fn paged_attention(
 /// Threads of the argmax kernel's block (`ARGMAX_THREADS` in `kernels/sample.cu`).
 const ARGMAX_THREADS: u32 = 256;
 
+/// What the argmax kernel writes for a row with nothing to pick, every logit NaN or −∞ (`ARGMAX_NONE` in
+/// `kernels/sample.cu`).
+pub const ARGMAX_NONE: u32 = u32::MAX;
+
+/// The pick the argmax kernel wrote: `None` for [`ARGMAX_NONE`].
+pub fn argmax_pick(written: u32) -> Option<u32> {
+    (written != ARGMAX_NONE).then_some(written)
+}
+
 /// The launch picking each row's argmax of `logits [rows, vocab]`: one block per row.
 pub fn argmax_rows(rows: usize, vocab: usize) -> Result<Launch, String> {
     if rows == 0 || vocab == 0 {
@@ -586,6 +595,7 @@ mod tests {
         assert!(LORA_SOURCE.contains(&format!("#define EXPAND_THREADS {EXPAND_THREADS}\n")));
         assert!(SAMPLE_SOURCE.contains("extern \"C\" __global__ void argmax_rows("));
         assert!(SAMPLE_SOURCE.contains(&format!("#define ARGMAX_THREADS {ARGMAX_THREADS}\n")));
+        assert!(SAMPLE_SOURCE.contains(&format!("#define ARGMAX_NONE {ARGMAX_NONE:#x}u\n")));
         for name in ["add_rms_norm", "silu_mul"] {
             assert!(FUSED_SOURCE.contains(&format!("extern \"C\" __global__ void {name}(")), "{name}");
         }

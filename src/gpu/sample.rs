@@ -1,5 +1,6 @@
 //! Greedy picks on the device (`kernels/sample.cu`), the twin of [`crate::engine::sampler::argmax`]: per row
-//! of logits the index of the largest non-NaN value, the first one on ties. A GPU server's greedy tokens are
+//! of logits the index of the largest value that is a number above −∞, the first one on ties, or none (every
+//! logit NaN or −∞, which the engine reports as a failed request). A GPU server's greedy tokens are
 //! then the CPU's even where two logits are exactly equal (candle's own CUDA argmax breaks ties by thread,
 //! not by index), and only 4 bytes a row cross to the host.
 
@@ -13,8 +14,8 @@ use super::nvrtc::Module;
 
 static MODULE: Module = Module::new("loraserve_sample", SAMPLE_SOURCE);
 
-/// `out[r]` = the argmax of row `r` of `logits` (`rows · vocab` contiguous f32). Public so the device checks
-/// can poison `out` first.
+/// `out[r]` = the argmax of row `r` of `logits` (`rows · vocab` contiguous f32), or
+/// [`launch::ARGMAX_NONE`]. Public so the device checks can poison `out` first.
 pub fn argmax_into(
     device: &CudaDevice,
     logits: &CudaView<'_, f32>,
@@ -38,7 +39,7 @@ pub fn argmax_into(
 }
 
 /// The argmax of every row of `logits [rows, vocab]` (f32, on a GPU), on the host.
-pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<Option<u32>>> {
     let (rows, vocab) = logits.dims2()?;
     let logits = logits.contiguous()?;
     let (storage, layout) = logits.storage_and_layout();
@@ -54,5 +55,5 @@ pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     // SAFETY: the kernel writes every one of the `rows` outputs (checked on the device with a poisoned buffer).
     let mut out = unsafe { device.alloc::<u32>(rows) }?;
     argmax_into(device, &view, rows, vocab, &mut out)?;
-    device.cuda_stream().clone_dtoh(&out).w()
+    Ok(device.cuda_stream().clone_dtoh(&out).w()?.into_iter().map(launch::argmax_pick).collect())
 }

@@ -1,16 +1,18 @@
 // Greedy decoding's pick on the device, the twin of engine::sampler::argmax: for each row of logits, the index
-// of the largest non-NaN value, the lowest index among equal ones, 0 when every value is NaN. Only the index
-// crosses to the host. The pick does not depend on how the row is split between threads: (value, index) pairs
-// are ordered totally (NaN below every number), so any reduction order reaches the same pair.
+// of the largest value that is a number above -inf, the lowest index among equal ones; ARGMAX_NONE when the
+// row has no such value (every logit NaN or -inf: nothing can be picked). Only the index crosses to the host.
+// The pick does not depend on how the row is split between threads: (value, index) pairs are ordered totally,
+// so any reduction order reaches the same pair.
 //
 // Compiled at run time by NVRTC, header-free.
 
 #define ARGMAX_THREADS 256
 #define ARGMAX_NONE 0xffffffffu
 
-// (v, i) beats (bv, bi): a number beats NaN; a larger number wins; equal numbers go to the lower index.
+// (v, i) beats (bv, bi): NaN and -inf never do; a number beats NaN (the empty pick); a larger number wins;
+// equal numbers go to the lower index.
 __device__ __forceinline__ bool argmax_beats(float v, unsigned int i, float bv, unsigned int bi) {
-    if (v != v) return false;
+    if (!(v > __int_as_float(0xff800000))) return false;
     return bv != bv || v > bv || (v == bv && i < bi);
 }
 
@@ -51,5 +53,5 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int voc
             bi = warp_i[w];
         }
     }
-    out[blockIdx.x] = bi == ARGMAX_NONE ? 0 : bi;
+    out[blockIdx.x] = bi;
 }
