@@ -24,6 +24,7 @@ pub mod engine;
 pub mod gpu;
 pub mod lora;
 pub mod model;
+pub mod output;
 pub mod quant;
 pub mod rng;
 pub mod server;

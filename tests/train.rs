@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use common::{fixture, rel_l2};
 use loraserve::engine::{generate, GenerateJob, SamplingParams};
 use loraserve::lora::peft;
@@ -332,6 +332,20 @@ fn resume_after_sigkill_is_bit_for_bit() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("at step 12, not below this run's 12 steps"), "{err}");
     assert_eq!(std::fs::read(&log).unwrap(), log_before, "the refused resume left the log alone");
+    // So is a resume on another base, or the same one loaded otherwise, or with other clipping.
+    for other in [&["--quant", "none"][..], &["--dtype", "bf16"], &["--max-grad-norm", "5"]] {
+        let o = server()
+            .args(train_args(&data, &resumed))
+            .args(extra)
+            .args(other)
+            .arg("--resume")
+            .env("LORASERVE_LOG", "off")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("saved by a run with other settings"), "{other:?}: {err}");
+    }
+    assert_eq!(std::fs::read(&log).unwrap(), log_before, "the refused resumes left the log alone");
     // A line the kill cut short is still the log's (and dropped by the resume below).
     let mut cut = log_before.clone();
     let last = String::from_utf8_lossy(&log_before).lines().last().unwrap().to_string();
@@ -383,6 +397,37 @@ fn bad_data_fails_clearly_and_writes_nothing() {
     }
 }
 
+/// A run that diverges (a learning rate of 1e30: B, zero at first, takes steps of ±1e30, then A does, and
+/// the forward of step 3 overflows to a NaN loss) stops there with an error naming the step, writes no adapter, and keeps its checkpoint;
+/// a checkpoint holding NaN (as one saved by a diverged run could) is refused on resume, naming the tensor.
+#[test]
+fn a_diverging_run_stops_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d.jsonl");
+    write_task(&data, 8, 1);
+    let out = tmp.path().join("out");
+    let mut args = train_args(&data, &out);
+    let lr = args.iter().position(|a| a == "--lr").unwrap();
+    args[lr + 1] = "1e30".into();
+    args.extend(["--max-steps", "6", "--checkpoint-every", "1"].map(String::from));
+    let o = server().args(&args).env("LORASERVE_LOG", "off").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a diverged run succeeded: {err}");
+    assert!(err.contains("step 3: the loss is NaN") && err.contains("training diverged"), "{err}");
+    assert!(!out.exists(), "a diverged run wrote an adapter");
+    let checkpoint = tmp.path().join("out.checkpoints/step-00000002/tensors.safetensors");
+    let mut tensors = candle_core::safetensors::load(&checkpoint, &Device::Cpu).unwrap();
+    let p = &tensors["param.0"];
+    let poisoned = Tensor::full(f32::NAN, p.dims(), &Device::Cpu).unwrap().to_dtype(p.dtype()).unwrap();
+    tensors.insert("param.0".into(), poisoned);
+    candle_core::safetensors::save(&tensors, &checkpoint).unwrap();
+    let o = server().args(&args).arg("--resume").env("LORASERVE_LOG", "off").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "resumed from NaN: {err}");
+    assert!(err.contains("tensors.safetensors: param.0 holds NaN"), "{err}");
+    assert!(!out.exists());
+}
+
 /// Settings that would train nothing useful, or that contradict each other, are refused by flag before any
 /// training, with nothing written.
 #[test]
@@ -398,7 +443,14 @@ fn bad_settings_are_refused_by_flag() {
     let link = tmp.path().join("link.jsonl");
     std::os::unix::fs::symlink(tmp.path().join("README.md"), &link).unwrap();
     let link = link.display().to_string();
-    let cases: [(&[&str], &str); 15] = [
+    // Outputs that could never be written: refused before training, not after it.
+    let dangling = tmp.path().join("dangling");
+    std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+    let dangling = dangling.display().to_string();
+    let under_a_file = format!("{readme}/adapter");
+    let cases: [(&[&str], &str); 17] = [
+        (&["--output", &dangling], "dangling: already exists"),
+        (&["--output", &under_a_file], "README.md: not a folder"),
         (&["--log-file", &folder], "exists and is not a regular file"),
         (&["--log-file", &link], "is a symbolic link"),
         (&["--max-steps", "0"], "--max-steps must be ≥ 1"),

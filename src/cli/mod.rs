@@ -426,7 +426,9 @@ pub struct TrainArgs {
     /// Where checkpoints go (default: `<output>.checkpoints`).
     #[arg(long)]
     pub checkpoint_dir: Option<std::path::PathBuf>,
-    /// Continue from the newest checkpoint.
+    /// Continue from the newest checkpoint, with the same base model (as loaded: --quant, --dtype), data and
+    /// settings as the run that saved it (anything else is refused). A run whose loss or weights go NaN or
+    /// infinite stops with an error naming the step and writes no adapter.
     #[arg(long)]
     pub resume: bool,
     /// JSONL log of every step (default: `<output>.log.jsonl`).
@@ -545,6 +547,7 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn run_merge(args: MergeArgs) -> Result<()> {
+    crate::output::check_new(&args.output)?;
     if let ModelSpec::Dir(dir) = &args.model {
         let config = model::read_config(dir)?;
         if config.quantization.is_some() && !args.dequantize {
@@ -632,6 +635,7 @@ fn output_dtype(arg: Option<DTypeArg>, model: &ModelSpec) -> Result<DTypeArg> {
 }
 
 fn run_quantize(args: QuantizeArgs) -> Result<()> {
+    crate::output::check_new(&args.output)?;
     let dtype = output_dtype(args.dtype, &args.model)?;
     let margs = ModelArgs {
         model: args.model.clone(),

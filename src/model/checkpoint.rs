@@ -85,16 +85,7 @@ pub fn write(
     out: &Path,
     dense_override: &dyn Fn(&super::Linear) -> Result<Option<Tensor>, ModelError>,
 ) -> Result<(), ModelError> {
-    if out.exists() {
-        return Err(ModelError::Invalid(format!("{}: already exists (choose a new output folder)", out.display())));
-    }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| ModelError::Invalid(format!("{}: {e}", parent.display())))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.partial-"))
-        .tempdir_in(parent)
-        .map_err(|e| ModelError::Invalid(format!("{}: {e}", parent.display())))?;
+    let tmp = crate::output::partial(out).map_err(|e| ModelError::Invalid(e.to_string()))?;
 
     let (_, compute_name) = dtype_names(model.dtype());
     let mut tensors: Vec<(String, OwnedTensor)> = Vec::new();
@@ -155,19 +146,5 @@ pub fn write(
     for (name, bytes) in side_files {
         write_file(name, bytes)?;
     }
-    #[cfg(unix)]
-    {
-        // The temporary folder is private (0700) and safetensors writes 0600: give the result ordinary modes.
-        use std::os::unix::fs::PermissionsExt;
-        for entry in std::fs::read_dir(tmp.path()).map_err(|e| ModelError::Invalid(e.to_string()))? {
-            let p = entry.map_err(|e| ModelError::Invalid(e.to_string()))?.path();
-            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644));
-        }
-        let _ = std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755));
-    }
-    let tmp_path = tmp.keep();
-    std::fs::rename(&tmp_path, out).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&tmp_path);
-        ModelError::Invalid(format!("{}: {e}", out.display()))
-    })
+    crate::output::publish(tmp, out).map(drop).map_err(|e| ModelError::Invalid(e.to_string()))
 }

@@ -136,14 +136,22 @@ pub fn restore_latest(
     let st = path.join("tensors.safetensors");
     let tensors = candle_core::safetensors::load(&st, &Device::Cpu).map_err(candle_err(&st))?;
     let get = |k: String| tensors.get(&k).cloned().ok_or_else(|| err(&st, format!("missing tensor {k}")));
-    for (i, v) in lora.vars().iter().enumerate() {
-        let p = get(format!("param.{i}"))?;
-        if p.dims() != v.dims() {
-            return Err(err(&st, format!("param.{i} has shape {:?}, expected {:?}", p.dims(), v.dims())));
+    // Every tensor whole, of its parameter's shape, and finite: a NaN would silently poison the rest of the run.
+    let get = |k: String, dims: &[usize]| {
+        let t = get(k.clone())?;
+        if t.dims() != dims {
+            return Err(err(&st, format!("{k} has shape {:?}, expected {dims:?}", t.dims())));
         }
+        if let Some(x) = super::trainer::non_finite(&t).map_err(candle_err(&st))? {
+            return Err(err(&st, format!("{k} holds {x} (the run that saved it had diverged)")));
+        }
+        Ok(t)
+    };
+    for (i, v) in lora.vars().iter().enumerate() {
+        let p = get(format!("param.{i}"), v.dims())?;
         v.set(&p.to_device(v.device()).map_err(candle_err(&st))?).map_err(candle_err(&st))?;
-        opt.m[i] = get(format!("adam_m.{i}"))?.to_device(v.device()).map_err(candle_err(&st))?;
-        opt.v[i] = get(format!("adam_v.{i}"))?.to_device(v.device()).map_err(candle_err(&st))?;
+        opt.m[i] = get(format!("adam_m.{i}"), v.dims())?.to_device(v.device()).map_err(candle_err(&st))?;
+        opt.v[i] = get(format!("adam_v.{i}"), v.dims())?.to_device(v.device()).map_err(candle_err(&st))?;
     }
     opt.step = state.step;
     lora.set_rng_state(state.dropout_rng.clone());

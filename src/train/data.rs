@@ -84,6 +84,8 @@ pub fn parse_jsonl(
     max_seq_len: Option<usize>,
     eos: u32,
 ) -> Result<(Vec<Example>, DataStats), DataError> {
+    // A byte-order mark (Windows editors write one) is no part of the first line's JSON.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     // Compiled on the first `{"messages"}` line: text and prompt/completion data never need the template.
     let chat = OnceCell::new();
     let mut stats = DataStats::default();
@@ -240,6 +242,15 @@ mod tests {
 
     fn parse(text: &str, max: Option<usize>) -> Result<(Vec<Example>, DataStats), DataError> {
         parse_jsonl(text, "d.jsonl", &demo::tokenizer().unwrap(), max, 1)
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped() {
+        let (plain, _) = parse("{\"text\": \"ab\"}\n", None).unwrap();
+        assert_eq!(parse("\u{feff}{\"text\": \"ab\"}\n", None).unwrap().0, plain);
+        // Only at the start of the file: elsewhere it is what it is.
+        let e = parse("{\"text\": \"ab\"}\n\u{feff}{\"text\": \"ab\"}\n", None).unwrap_err();
+        assert!(e.to_string().starts_with("d.jsonl:2: invalid JSON"), "{e}");
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub enum TrainError {
     Config(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// The loss, a gradient or a weight went NaN or infinite.
+    #[error("{0}")]
+    Diverged(String),
     #[error("{0}")]
     Io(String),
     #[error(transparent)]
@@ -115,8 +118,10 @@ fn split(
 /// Validates settings that need neither the model nor the data (the CLI calls it before loading either).
 pub fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
     let bad = |m: String| Err(TrainError::Config(m));
-    if cfg.output.exists() && !cfg.resume {
-        return bad(format!("{}: already exists (choose a new output folder)", cfg.output.display()));
+    // Where the adapter goes is checked now, not after the run (a resumed run's finished output is refused,
+    // with its own message, once the checkpoint is read).
+    if !(cfg.resume && std::fs::symlink_metadata(&cfg.output).is_ok()) {
+        crate::output::check_new(&cfg.output).map_err(|e| TrainError::Config(e.to_string()))?;
     }
     if cfg.lora.rank == 0 || cfg.lora.targets.is_empty() {
         return bad("--rank must be ≥ 1 and --target-modules non-empty".into());
@@ -212,7 +217,7 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
     let lora = TrainableLora::init(&layout, cfg.lora.clone(), cfg.seed, model.device())?;
     let vars = lora.vars();
     let mut opt = AdamW::new(cfg.optim, &vars)?;
-    let fp = trainer::fingerprint(cfg, &train_set);
+    let fp = trainer::fingerprint(cfg, model, &train_set);
     let mut start = 0;
     if cfg.resume {
         match checkpoint::restore_latest(&cfg.checkpoint_dir, &lora, &mut opt, &fp)? {

@@ -74,11 +74,15 @@ pub fn eval_loss(
     Ok(total / n.max(1) as f64)
 }
 
-/// The settings and data a checkpoint depends on.
-pub fn fingerprint(cfg: &TrainConfig, data: &[Example]) -> String {
+/// The settings, base model and data a checkpoint depends on: the base as loaded (its folder, config, compute
+/// dtype, and resident bytes, which tell NF4 from dense) as well as every setting of the run that changes
+/// what the steps compute.
+pub fn fingerprint(cfg: &TrainConfig, model: &Model, data: &[Example]) -> String {
     let mut h = Sha256::new();
+    let base =
+        std::fs::canonicalize(&cfg.base_model).map_or_else(|_| cfg.base_model.clone(), |p| p.display().to_string());
     h.update(format!(
-        "{:?}|{:?}|{:?}|{}|{:?}|{}|{}|{}|{:?}|{}",
+        "{:?}|{:?}|{:?}|{}|{:?}|{}|{}|{}|{:?}|{}|{}",
         cfg.lora,
         cfg.optim,
         cfg.decay,
@@ -88,8 +92,10 @@ pub fn fingerprint(cfg: &TrainConfig, data: &[Example]) -> String {
         cfg.batch_size,
         cfg.grad_accum,
         cfg.max_seq_len,
-        cfg.seed
+        cfg.seed,
+        cfg.max_grad_norm,
     ));
+    h.update(format!("|{base}|{:?}|{:?}|{}", model.config(), model.dtype(), model.resident_bytes()));
     for ex in data {
         for id in &ex.ids {
             h.update(id.to_le_bytes());
@@ -147,6 +153,19 @@ fn log_line(log: &mut std::fs::File, v: serde_json::Value, cfg: &TrainConfig) ->
     let line = format!("{v}\n");
     debug_assert!(line.starts_with(LOG_LINE_START), "{line}");
     log.write_all(line.as_bytes()).map_err(|e| TrainError::Io(format!("{}: {e}", cfg.log_file.display())))
+}
+
+/// The first value of `t` that is NaN or infinite, if any.
+pub(super) fn non_finite(t: &Tensor) -> candle_core::Result<Option<f32>> {
+    let values = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    Ok(values.into_iter().find(|x| !x.is_finite()))
+}
+
+/// The error of a run that diverged at `step` (`what` says how); nothing is written.
+fn diverged(step: u64, what: &str) -> TrainError {
+    TrainError::Diverged(format!(
+        "step {step}: {what}: training diverged (lower --lr, or clip gradients with --max-grad-norm); no adapter written"
+    ))
 }
 
 /// Runs the loop from the current state of `lora`/`opt` (fresh or restored at `start_step`).
@@ -221,8 +240,12 @@ pub fn run_loop(
             .collect::<candle_core::Result<_>>()?;
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         let lr = lr_at(cfg.optim.lr, step, sched.warmup_steps, sched.total_steps, cfg.decay);
-        opt.update(&vars, &grads, lr)?;
         let loss = step_loss / step_targets.max(1) as f64;
+        // A NaN or infinite loss or gradient would turn every weight NaN at this update: stop before it.
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            return Err(diverged(step + 1, &format!("the loss is {loss} and the gradient norm {grad_norm}")));
+        }
+        opt.update(&vars, &grads, lr)?;
         if step == start_step {
             report.first_loss = loss;
         }
@@ -266,6 +289,12 @@ pub fn run_loop(
         }
     }
     bar.finish_and_clear();
+    // The last update can still overflow a weight (a learning rate far too large meets finite gradients).
+    for (i, v) in vars.iter().enumerate() {
+        if let Some(x) = non_finite(v.as_tensor())? {
+            return Err(diverged(sched.total_steps, &format!("LoRA parameter {i} holds {x} after the update")));
+        }
+    }
     report.seconds = started.elapsed().as_secs_f64();
     report.tokens = tokens_seen;
     Ok(report)

@@ -78,16 +78,8 @@ pub fn write_dir_with(
         file: p.display().to_string(),
         reason: e.to_string(),
     };
-    if dir.exists() {
-        return Err(file_err(dir, &"already exists"));
-    }
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| file_err(parent, &e))?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.partial-"))
-        .tempdir_in(parent)
-        .map_err(|e| file_err(parent, &e))?;
+    let out_err = |e: crate::output::OutputError| AdapterError::File { file: e.path, reason: e.reason };
+    let tmp = crate::output::partial(dir).map_err(out_err)?;
 
     let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut kinds = Vec::new();
@@ -137,23 +129,9 @@ pub fn write_dir_with(
     let cfg_path = tmp.path().join("adapter_config.json");
     let text = serde_json::to_string_pretty(&config_json(meta, &kinds)).expect("JSON");
     std::fs::write(&cfg_path, text).map_err(|e| file_err(&cfg_path, &e))?;
-    let mut written = vec![st_path, cfg_path];
     for (name, bytes) in side {
         let p = tmp.path().join(name);
         std::fs::write(&p, bytes).map_err(|e| file_err(&p, &e))?;
-        written.push(p);
     }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        for p in &written {
-            let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644));
-        }
-        let _ = std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755));
-    }
-    let kept = tmp.keep();
-    std::fs::rename(&kept, dir).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&kept);
-        file_err(dir, &e)
-    })
+    crate::output::publish(tmp, dir).map(drop).map_err(out_err)
 }

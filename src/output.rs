@@ -1,0 +1,136 @@
+//! Folders the offline commands write whole (`train`'s adapter, `merge`'s and `quantize`'s checkpoints): a
+//! check that one can be written, made before the work that fills it so that a long run is never lost to a
+//! path that was wrong from the start, and the temporary folder beside it that is renamed into place at the
+//! end, so that readers never see half of one.
+
+use std::path::{Path, PathBuf};
+
+/// Why a folder cannot be written there; the text names the path.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{path}: {reason}")]
+pub struct OutputError {
+    pub path: String,
+    pub reason: String,
+}
+
+fn error(path: &Path, reason: impl std::fmt::Display) -> OutputError {
+    OutputError { path: path.display().to_string(), reason: reason.to_string() }
+}
+
+/// The folder `out` would be written in.
+fn parent_of(out: &Path) -> &Path {
+    out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Checks, without leaving anything behind, that `out` can be made as a new folder: nothing is at that path
+/// (not even a link to nowhere), and the nearest part of its parent that exists is a folder this process can
+/// create entries in (the missing parts are made when the folder is written).
+pub fn check_new(out: &Path) -> Result<(), OutputError> {
+    if std::fs::symlink_metadata(out).is_ok() {
+        return Err(error(out, "already exists (choose a new output folder)"));
+    }
+    let mut at = parent_of(out);
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(error(at, "not a folder")),
+            // Missing, or under something that is no folder: look further up.
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                match at.parent() {
+                    Some(up) if !up.as_os_str().is_empty() => at = up,
+                    _ => break,
+                }
+            }
+            Err(e) => return Err(error(at, e)),
+        }
+    }
+    // Permissions alone do not say (ACLs, read-only mounts, root): try, as the write will.
+    let probe =
+        tempfile::Builder::new().prefix(".loraserve-probe-").tempdir_in(if at.exists() { at } else { Path::new(".") });
+    probe.map(drop).map_err(|e| error(at, format_args!("cannot create files here: {e}")))
+}
+
+/// Makes `out`'s parent folders and, in the parent, the temporary folder to fill and then [`publish`]: named
+/// `.<name>.partial-…`, removed if dropped unpublished.
+pub fn partial(out: &Path) -> Result<tempfile::TempDir, OutputError> {
+    check_new(out)?;
+    let parent = parent_of(out);
+    std::fs::create_dir_all(parent).map_err(|e| error(parent, e))?;
+    let name = out.file_name().map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
+    tempfile::Builder::new().prefix(&format!(".{name}.partial-")).tempdir_in(parent).map_err(|e| error(parent, e))
+}
+
+/// Renames the filled temporary folder to `out`, which must still not exist (a rename over an empty folder
+/// would succeed silently on Linux). The temporary folder is private (0700) and safetensors writes 0600: the
+/// result gets ordinary modes (folders 0755, files 0644) first.
+pub fn publish(tmp: tempfile::TempDir, out: &Path) -> Result<PathBuf, OutputError> {
+    if std::fs::symlink_metadata(out).is_ok() {
+        return Err(error(out, "appeared while it was being written (choose a new output folder)"));
+    }
+    #[cfg(unix)]
+    ordinary_modes(tmp.path());
+    let kept = tmp.keep();
+    std::fs::rename(&kept, out).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&kept);
+        error(out, e)
+    })?;
+    Ok(out.to_path_buf())
+}
+
+#[cfg(unix)]
+fn ordinary_modes(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => ordinary_modes(&entry.path()),
+            Ok(t) if t.is_file() => {
+                let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_folder_is_checked_before_any_work() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        assert_eq!(check_new(&root.join("a/b/c")), Ok(()), "missing parents are fine");
+        std::fs::write(root.join("file"), "x").unwrap();
+        let e = check_new(&root.join("file/sub")).unwrap_err();
+        assert_eq!((e.path.as_str(), e.reason.as_str()), (root.join("file").to_str().unwrap(), "not a folder"));
+        let e = check_new(&root.join("file/deeper/sub")).unwrap_err();
+        assert_eq!(e.reason, "not a folder");
+        assert!(check_new(&root.join("file")).unwrap_err().reason.starts_with("already exists"));
+        std::os::unix::fs::symlink(root.join("nowhere"), root.join("dangling")).unwrap();
+        assert!(check_new(&root.join("dangling")).unwrap_err().reason.starts_with("already exists"));
+        let names: Vec<_> = std::fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "the checks leave nothing behind: {names:?}");
+    }
+
+    #[test]
+    fn a_partial_folder_is_published_whole_or_not_at_all() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("x/out");
+        let p = partial(&out).unwrap();
+        assert!(p.path().file_name().unwrap().to_str().unwrap().starts_with(".out.partial-"));
+        std::fs::write(p.path().join("f"), "1").unwrap();
+        assert!(!out.exists());
+        publish(p, &out).unwrap();
+        assert_eq!(std::fs::read_to_string(out.join("f")).unwrap(), "1");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&out), mode(&out.join("f"))), (0o755, 0o644));
+        // A folder that appeared meanwhile is never replaced; the partial one goes.
+        let late = tmp.path().join("late");
+        let p = partial(&late).unwrap();
+        std::fs::create_dir(&late).unwrap();
+        assert!(publish(p, &late).unwrap_err().reason.starts_with("appeared"));
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2, "x and late, nothing partial");
+    }
+}
