@@ -18,11 +18,44 @@ impl Drop for KillOnDrop {
     }
 }
 
+type StderrLines = std::io::Lines<std::io::BufReader<std::process::ChildStderr>>;
+
+/// `server serve` on the demo model and `adapters` (ports chosen by the system, then `extra` flags), once it
+/// says it is serving: the process, its gRPC address, and the rest of its log.
+fn serve(adapters: &std::path::Path, extra: &[&str]) -> (KillOnDrop, String, StderrLines) {
+    use std::io::BufRead;
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--adapters"])
+            .arg(adapters)
+            .args(extra)
+            .env("LORASERVE_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = std::io::BufReader::new(child.0.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains("serving") {
+            let i = line.find("grpc=").unwrap() + 5;
+            let addr = line[i..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
+                .to_string();
+            return (child, addr, lines);
+        }
+    }
+    panic!("the server never said it was serving");
+}
+
 /// SIGTERM: the in-flight request completes, the process exits 0; on the way, the bundled client's output into
 /// a closed pipe, its message for an adapter id no header can carry, its sampling flags and `--logprobs`.
 #[test]
 fn sigterm_drains_and_exits_zero() {
-    use std::io::{BufRead, BufReader};
     let tmp = tempfile::tempdir().unwrap();
     // `upper` answers, then emits EOS: what --min-tokens and --ignore-eos change.
     let upper = tmp.path().join("upper");
@@ -30,35 +63,7 @@ fn sigterm_drains_and_exits_zero() {
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         std::fs::copy(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("adapters/upper").join(f), upper.join(f)).unwrap();
     }
-    let mut child = KillOnDrop(
-        std::process::Command::new(env!("CARGO_BIN_EXE_server"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--adapters"])
-            .arg(tmp.path())
-            .env("LORASERVE_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = child.0.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let mut addr = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if line.contains("serving") {
-            let i = line.find("grpc=").unwrap() + 5;
-            addr = Some(
-                line[i..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
-                    .to_string(),
-            );
-            break;
-        }
-    }
-    let addr = addr.expect("server printed its address");
+    let (mut child, addr, lines) = serve(tmp.path(), &[]);
     // `server client generate … | head -0`: output into a pipe nobody reads is no error (no panic, exit 0).
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
@@ -299,6 +304,44 @@ fn sigterm_drains_and_exits_zero() {
     assert_eq!(r.into_inner().token_ids.len(), 200);
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+}
+
+/// An adapter read that never ends (its weights a FIFO no one writes, as a read from a hung mount) fails its
+/// request at the deadline, and does not hold the process after SIGTERM: it exits once the requests are done.
+#[test]
+fn sigterm_exits_while_an_adapter_read_hangs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stuck = tmp.path().join("stuck");
+    std::fs::create_dir(&stuck).unwrap();
+    let upper = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("adapters/upper");
+    std::fs::copy(upper.join("adapter_config.json"), stuck.join("adapter_config.json")).unwrap();
+    let fifo = stuck.join("adapter_model.safetensors");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let (mut child, addr, _lines) = serve(tmp.path(), &["--drain-timeout", "5"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let code = rt.block_on(async {
+        let mut c = LoraServeClient::connect(format!("http://{addr}")).await.unwrap();
+        let mut r = tonic::Request::new(GenerateRequest {
+            adapter_id: "stuck".into(),
+            prompt: "Hello".into(),
+            max_new_tokens: 2,
+            ..Default::default()
+        });
+        r.set_timeout(Duration::from_millis(500));
+        c.generate(r).await.unwrap_err().code()
+    });
+    assert_eq!(code, tonic::Code::DeadlineExceeded);
+    std::process::Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+    // Not a timing target: without the fix the process never exits; a minute stands for "never".
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "still running a minute after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status:?}");
 }
 
 /// `server serve` settings that could only refuse every request are refused at start, naming the flag; so

@@ -324,7 +324,7 @@ impl ServeArgs {
 fn run_serve(args: ServeArgs) -> Result<()> {
     let config = args.config()?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let grpc = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
         let metrics = tokio::net::TcpListener::bind(&args.metrics_listen).await.with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
         let server = crate::server::start(config, grpc, metrics).await?;
@@ -356,7 +356,11 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         }
         tracing::info!("stopped");
         Ok(())
-    })
+    });
+    // Dropping the runtime would wait for every blocking task, and an adapter read stuck on a hung mount (or
+    // a FIFO) never ends: the requests are done, so give such reads a moment and exit without them.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 /// Exits now, failing whatever is still running (exit status 130: interrupted).
