@@ -266,6 +266,15 @@ async fn requests_that_can_never_fit_are_failed_precondition() {
     assert_eq!(code_of(c.generate(req("", "alpha", 8)).await).await.0, Code::Ok, "a request that fits still runs");
     h.shutdown();
     h.wait().await.unwrap();
+    // Refused before the queue: not "retry later" when the queue is full, and never taking a place in it.
+    let mut cfg = config(fixture("llama/adapters"));
+    (cfg.engine.kv_cache_bytes, cfg.engine.queue_capacity) = (64 << 10, 0);
+    let (h, mut c) = start(cfg).await;
+    let (code, msg) = code_of(c.generate(req("", "alpha", 200)).await).await;
+    assert_eq!(code, Code::FailedPrecondition, "{msg}");
+    assert_eq!(code_of(c.generate(req("", "alpha", 8)).await).await.0, Code::ResourceExhausted, "the queue is full");
+    h.shutdown();
+    h.wait().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

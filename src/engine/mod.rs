@@ -39,6 +39,10 @@ pub enum SubmitError {
     QueueFull(usize),
     #[error("server is shutting down")]
     ShuttingDown,
+    /// More KV blocks than the whole cache: refused before the queue, so that it never takes a place there
+    /// (and never makes a request that could run hear "queue full").
+    #[error(transparent)]
+    TooLong(EngineError),
 }
 
 /// Handle to the engine thread.
@@ -46,6 +50,8 @@ pub struct Engine {
     tx: Mutex<Sender<Command>>,
     stats: Arc<EngineStats>,
     config: EngineConfig,
+    /// The KV cache's geometry and size in blocks, for [`Engine::submit`]'s check.
+    kv: (crate::model::kv_cache::KvGeometry, usize),
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -64,6 +70,7 @@ impl Engine {
         // On a GPU each host thread has its own stream: the weight uploads and the cache's zero fill issued here
         // must be done before the engine thread's stream reads them.
         model.device().synchronize()?;
+        let kv = (cache.geometry(), cache.allocator().capacity());
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let s = stats.clone();
@@ -71,7 +78,7 @@ impl Engine {
             .name("loraserve-engine".into())
             .spawn(move || worker::run(model, cache, tokenizer, config, rx, s))
             .expect("spawn engine thread");
-        Ok(Arc::new(Engine { tx: Mutex::new(tx), stats, config, thread: Mutex::new(Some(thread)) }))
+        Ok(Arc::new(Engine { tx: Mutex::new(tx), stats, config, kv, thread: Mutex::new(Some(thread)) }))
     }
 
     pub fn stats(&self) -> &EngineStats {
@@ -89,6 +96,11 @@ impl Engine {
 
     /// Hands a request to the engine; its events arrive on `req.events`.
     pub fn submit(&self, req: ValidRequest) -> Result<(), SubmitError> {
+        let (geo, capacity) = self.kv;
+        let needed = geo.blocks_for(req.prompt_ids.len() + req.max_new_tokens);
+        if needed > capacity {
+            return Err(SubmitError::TooLong(EngineError::TooLong { needed, capacity }));
+        }
         let (queued, pending) = worker::Queued::enter(&self.stats);
         if pending >= self.config.queue_capacity {
             return Err(SubmitError::QueueFull(pending));

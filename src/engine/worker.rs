@@ -183,6 +183,7 @@ pub(crate) fn run(
                     let _ = req.events.send(Event::Failed(EngineError::ShuttingDown));
                 }
                 Command::Submit(req, queued) => {
+                    // `Engine::submit` refuses these before the queue; the scheduler could never place one.
                     let needed = geo.blocks_for(req.prompt_ids.len() + req.max_new_tokens);
                     if needed > capacity {
                         let _ = req.events.send(Event::Failed(EngineError::TooLong { needed, capacity }));

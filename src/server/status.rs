@@ -38,6 +38,7 @@ pub fn from_submit(e: SubmitError) -> Status {
     match e {
         SubmitError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
         SubmitError::ShuttingDown => Status::unavailable(e.to_string()),
+        SubmitError::TooLong(e) => from_engine(e),
     }
 }
 
