@@ -443,8 +443,13 @@ pub struct TrainArgs {
 /// `--target-modules` → the projections (`all-linear` = all seven).
 pub fn parse_targets(names: &[String]) -> Result<Vec<crate::lora::ModuleKind>> {
     use crate::lora::ModuleKind;
-    if names.len() == 1 && names[0] == "all-linear" {
+    // `q_proj, v_proj` (quoted, with spaces) means what it says.
+    let names: Vec<&str> = names.iter().map(|n| n.trim()).collect();
+    if names == ["all-linear"] {
         return Ok(ModuleKind::ALL.to_vec());
+    }
+    if names.len() > 1 && names.contains(&"all-linear") {
+        bail!("--target-modules: all-linear already names every projection; give it alone, or list projections");
     }
     let mut out = Vec::new();
     for n in names {
@@ -671,5 +676,18 @@ mod tests {
     fn the_prefix_cache_is_on_unless_turned_off() {
         assert!(serve_config(&[]).engine.prefix_caching);
         assert!(!serve_config(&["--no-prefix-caching"]).engine.prefix_caching);
+    }
+
+    #[test]
+    fn target_modules_are_trimmed_and_all_linear_stands_alone() {
+        use crate::lora::ModuleKind;
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let qv = parse_targets(&names(&["q_proj", " v_proj"])).unwrap();
+        assert_eq!(qv, [ModuleKind::from_name("q_proj").unwrap(), ModuleKind::from_name("v_proj").unwrap()]);
+        assert_eq!(parse_targets(&names(&[" all-linear"])).unwrap(), ModuleKind::ALL.to_vec());
+        let e = parse_targets(&names(&["all-linear", "q_proj"])).unwrap_err().to_string();
+        assert!(e.contains("give it alone"), "{e}");
+        let e = parse_targets(&names(&["qproj"])).unwrap_err().to_string();
+        assert!(e.contains("unknown module `qproj`"), "{e}");
     }
 }
