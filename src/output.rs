@@ -26,6 +26,8 @@ fn parent_of(out: &Path) -> &Path {
 /// (not even a link to nowhere), and the nearest part of its parent that exists is a folder this process can
 /// create entries in (the missing parts are made when the folder is written).
 pub fn check_new(out: &Path) -> Result<(), OutputError> {
+    // `out/` is the folder `out` (a trailing slash would make a file or a dangling link at `out` look absent).
+    let out: &Path = &out.components().collect::<PathBuf>();
     if std::fs::symlink_metadata(out).is_ok() {
         return Err(error(out, "already exists (choose a new output folder)"));
     }
@@ -54,6 +56,7 @@ pub fn check_new(out: &Path) -> Result<(), OutputError> {
 /// `.<name>.partial-…`, removed if dropped unpublished.
 pub fn partial(out: &Path) -> Result<tempfile::TempDir, OutputError> {
     check_new(out)?;
+    let out: &Path = &out.components().collect::<PathBuf>();
     let parent = parent_of(out);
     std::fs::create_dir_all(parent).map_err(|e| error(parent, e))?;
     let name = out.file_name().map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
@@ -64,6 +67,7 @@ pub fn partial(out: &Path) -> Result<tempfile::TempDir, OutputError> {
 /// would succeed silently on Linux). The temporary folder is private (0700) and safetensors writes 0600: the
 /// result gets ordinary modes (folders 0755, files 0644) first.
 pub fn publish(tmp: tempfile::TempDir, out: &Path) -> Result<PathBuf, OutputError> {
+    let out: &Path = &out.components().collect::<PathBuf>();
     if std::fs::symlink_metadata(out).is_ok() {
         return Err(error(out, "appeared while it was being written (choose a new output folder)"));
     }
@@ -109,6 +113,10 @@ mod tests {
         assert!(check_new(&root.join("file")).unwrap_err().reason.starts_with("already exists"));
         std::os::unix::fs::symlink(root.join("nowhere"), root.join("dangling")).unwrap();
         assert!(check_new(&root.join("dangling")).unwrap_err().reason.starts_with("already exists"));
+        // A trailing slash names the same path.
+        for taken in ["file/", "dangling/"] {
+            assert!(check_new(&root.join(taken)).unwrap_err().reason.starts_with("already exists"), "{taken}");
+        }
         let names: Vec<_> = std::fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2, "the checks leave nothing behind: {names:?}");
     }

@@ -426,6 +426,19 @@ fn a_diverging_run_stops_and_writes_nothing() {
     assert!(!o.status.success(), "resumed from NaN: {err}");
     assert!(err.contains("tensors.safetensors: param.0 holds NaN"), "{err}");
     assert!(!out.exists());
+    // A learning rate past f32 (1e39) overflows the weights at the second update, whose loss was still
+    // finite: caught before that step's checkpoint, which would have replaced step 1's, the last good one.
+    let out = tmp.path().join("out2");
+    let mut args = train_args(&data, &out);
+    args[lr + 1] = "1e39".into();
+    args.extend(["--max-steps", "4", "--checkpoint-every", "1"].map(String::from));
+    let o = server().args(&args).env("LORASERVE_LOG", "off").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("step 2: LoRA parameter 0 holds NaN after the update"), "{err}");
+    assert!(err.contains("(lower --lr)"), "clipping is on by default: {err}");
+    let checkpoints = tmp.path().join("out2.checkpoints");
+    assert!(checkpoints.join("step-00000001").exists() && !checkpoints.join("step-00000002").exists());
+    assert!(!out.exists());
 }
 
 /// Settings that would train nothing useful, or that contradict each other, are refused by flag before any

@@ -445,11 +445,11 @@ pub fn argmax(logits: &[f32]) -> Option<u32> {
     best.map(|(i, _)| i as u32)
 }
 
-/// A step whose logits leave nothing to pick: every token the request allows has a NaN or −∞ logit. The
-/// model's numbers broke down (an adapter whose scale overflows f32, say); the request fails rather than
-/// answer a token it does not allow.
+/// A step whose logits leave nothing to pick: every token the request allows has a NaN or −∞ logit (the
+/// model's numbers broke down, an adapter whose scale overflows f32 say, or a penalty pushed them past f32);
+/// the request fails rather than answer a token it does not allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("no token can be picked: the logit of every token the request allows is NaN or −∞ (the forward overflowed)")]
+#[error("no token can be picked: the logit of every token the request allows is NaN or −∞")]
 pub struct NoToken;
 
 #[cfg(test)]

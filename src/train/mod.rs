@@ -242,7 +242,7 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
                 )));
             }
         }
-        if cfg.output.exists() {
+        if std::fs::symlink_metadata(&cfg.output).is_ok() {
             return Err(TrainError::Config(format!(
                 "{}: already exists (the run finished; choose a new output folder)",
                 cfg.output.display()

@@ -75,8 +75,8 @@ pub fn eval_loss(
 }
 
 /// The settings, base model and data a checkpoint depends on: the base as loaded (its folder, config, compute
-/// dtype, and resident bytes, which tell NF4 from dense) as well as every setting of the run that changes
-/// what the steps compute.
+/// dtype, and how many of its parameters are NF4, which tells `--quant nf4` from `none` whatever the device)
+/// as well as every setting of the run that changes what the steps compute.
 pub fn fingerprint(cfg: &TrainConfig, model: &Model, data: &[Example]) -> String {
     let mut h = Sha256::new();
     let base =
@@ -95,7 +95,7 @@ pub fn fingerprint(cfg: &TrainConfig, model: &Model, data: &[Example]) -> String
         cfg.seed,
         cfg.max_grad_norm,
     ));
-    h.update(format!("|{base}|{:?}|{:?}|{}", model.config(), model.dtype(), model.resident_bytes()));
+    h.update(format!("|{base}|{:?}|{:?}|{}", model.config(), model.dtype(), model.nf4_footprint().0));
     for ex in data {
         for id in &ex.ids {
             h.update(id.to_le_bytes());
@@ -162,10 +162,9 @@ pub(super) fn non_finite(t: &Tensor) -> candle_core::Result<Option<f32>> {
 }
 
 /// The error of a run that diverged at `step` (`what` says how); nothing is written.
-fn diverged(step: u64, what: &str) -> TrainError {
-    TrainError::Diverged(format!(
-        "step {step}: {what}: training diverged (lower --lr, or clip gradients with --max-grad-norm); no adapter written"
-    ))
+fn diverged(step: u64, what: &str, max_grad_norm: f64) -> TrainError {
+    let advice = if max_grad_norm > 0.0 { "lower --lr" } else { "lower --lr, or clip gradients with --max-grad-norm" };
+    TrainError::Diverged(format!("step {step}: {what}: training diverged ({advice}); no adapter written"))
 }
 
 /// Runs the loop from the current state of `lora`/`opt` (fresh or restored at `start_step`).
@@ -243,7 +242,8 @@ pub fn run_loop(
         let loss = step_loss / step_targets.max(1) as f64;
         // A NaN or infinite loss or gradient would turn every weight NaN at this update: stop before it.
         if !(loss.is_finite() && grad_norm.is_finite()) {
-            return Err(diverged(step + 1, &format!("the loss is {loss} and the gradient norm {grad_norm}")));
+            let what = format!("the loss is {loss} and the gradient norm {grad_norm}");
+            return Err(diverged(step + 1, &what, cfg.max_grad_norm));
         }
         opt.update(&vars, &grads, lr)?;
         if step == start_step {
@@ -281,6 +281,13 @@ pub fn run_loop(
         }
         if let Some(every) = cfg.checkpoint_every {
             if (step + 1) % every == 0 && step + 1 < sched.total_steps {
+                // Never a checkpoint of weights this update overflowed: it would replace the last good one.
+                for (i, v) in vars.iter().enumerate() {
+                    if let Some(x) = non_finite(v.as_tensor())? {
+                        let what = format!("LoRA parameter {i} holds {x} after the update");
+                        return Err(diverged(step + 1, &what, cfg.max_grad_norm));
+                    }
+                }
                 let state =
                     State { step: step + 1, dropout_rng: lora.rng_state(), fingerprint: fingerprint.to_string() };
                 let path = checkpoint::save(&cfg.checkpoint_dir, &state, lora, opt)?;
@@ -292,7 +299,8 @@ pub fn run_loop(
     // The last update can still overflow a weight (a learning rate far too large meets finite gradients).
     for (i, v) in vars.iter().enumerate() {
         if let Some(x) = non_finite(v.as_tensor())? {
-            return Err(diverged(sched.total_steps, &format!("LoRA parameter {i} holds {x} after the update")));
+            let what = format!("LoRA parameter {i} holds {x} after the update");
+            return Err(diverged(sched.total_steps, &what, cfg.max_grad_norm));
         }
     }
     report.seconds = started.elapsed().as_secs_f64();
