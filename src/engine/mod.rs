@@ -94,13 +94,20 @@ impl Engine {
         &self.config
     }
 
-    /// Hands a request to the engine; its events arrive on `req.events`.
-    pub fn submit(&self, req: ValidRequest) -> Result<(), SubmitError> {
+    /// Whether a request of `prompt` tokens and `max_new_tokens` could ever run: its KV blocks fit in the
+    /// whole cache. [`Engine::submit`] checks it; the server asks first, before it leases an adapter for it.
+    pub fn check_fits(&self, prompt: usize, max_new_tokens: usize) -> Result<(), SubmitError> {
         let (geo, capacity) = self.kv;
-        let needed = geo.blocks_for(req.prompt_ids.len() + req.max_new_tokens);
+        let needed = geo.blocks_for(prompt + max_new_tokens);
         if needed > capacity {
             return Err(SubmitError::TooLong(EngineError::TooLong { needed, capacity }));
         }
+        Ok(())
+    }
+
+    /// Hands a request to the engine; its events arrive on `req.events`.
+    pub fn submit(&self, req: ValidRequest) -> Result<(), SubmitError> {
+        self.check_fits(req.prompt_ids.len(), req.max_new_tokens)?;
         let (queued, pending) = worker::Queued::enter(&self.stats);
         if pending >= self.config.queue_capacity {
             return Err(SubmitError::QueueFull(pending));

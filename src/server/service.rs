@@ -350,6 +350,8 @@ impl Service {
                 ),
             ));
         }
+        // What can never run is refused before its adapter is loaded (or waited for).
+        ready.engine.check_fits(prompt_ids.len(), r.max_new_tokens as usize).map_err(status::from_submit)?;
         if !leased_first {
             adapter = lease_request_adapter(ready, &r.adapter_id, deadline).await?;
         }
