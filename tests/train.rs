@@ -461,7 +461,9 @@ fn bad_settings_are_refused_by_flag() {
     std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
     let dangling = dangling.display().to_string();
     let under_a_file = format!("{readme}/adapter");
-    let cases: [(&[&str], &str); 17] = [
+    // The last case's own default checkpoint folder (case i writes to out{i}).
+    let in_checkpoints = tmp.path().join("out18.checkpoints").display().to_string();
+    let cases: [(&[&str], &str); 19] = [
         (&["--output", &dangling], "dangling: already exists"),
         (&["--output", &under_a_file], "README.md: not a folder"),
         (&["--log-file", &folder], "exists and is not a regular file"),
@@ -479,6 +481,8 @@ fn bad_settings_are_refused_by_flag() {
         (&["--target-modules", "q_proj,,v_proj"], "--target-modules: an empty name"),
         (&["--eval-ratio", "0.1", "--eval-data", "d.jsonl"], "--eval-data and --eval-ratio both"),
         (&["--resume"], "--resume: no checkpoint in"),
+        (&["--max-seq-len", "513"], "--max-seq-len 513 exceeds the model's context of 512 positions"),
+        (&["--log-file", &in_checkpoints], "is inside --checkpoint-dir"),
     ];
     for (i, (extra, words)) in cases.iter().enumerate() {
         let out = tmp.path().join(format!("out{i}"));

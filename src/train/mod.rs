@@ -171,6 +171,13 @@ pub fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
             ));
         }
     }
+    if cfg.log_file.starts_with(&cfg.checkpoint_dir) {
+        return bad(format!(
+            "--log-file {} is inside --checkpoint-dir {} (its folder holds checkpoints only)",
+            cfg.log_file.display(),
+            cfg.checkpoint_dir.display()
+        ));
+    }
     if cfg.checkpoint_dir.exists() && !cfg.checkpoint_dir.is_dir() {
         return bad(format!("--checkpoint-dir {}: exists and is not a folder", cfg.checkpoint_dir.display()));
     }
@@ -188,8 +195,15 @@ pub fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
 pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
     check(cfg)?;
     let eos = example_eos(model, tok)?;
-    // Without --max-seq-len, examples are cut at the model's context, as positions past it were never trained.
-    let max_seq_len = Some(cfg.max_seq_len.unwrap_or(model.config().max_position_embeddings));
+    // Without --max-seq-len, examples are cut at the model's context, as positions past it were never trained;
+    // a limit past it would train positions the server never serves.
+    let context = model.config().max_position_embeddings;
+    if let Some(m) = cfg.max_seq_len.filter(|&m| m > context) {
+        return Err(TrainError::Config(format!(
+            "--max-seq-len {m} exceeds the model's context of {context} positions"
+        )));
+    }
+    let max_seq_len = Some(cfg.max_seq_len.unwrap_or(context));
     let (examples, stats) = data::load_jsonl(&cfg.data, tok, max_seq_len, eos)?;
     let vocab = model.config().vocab_size as u32;
     if let Some(bad) = examples.iter().flat_map(|e| &e.ids).find(|&&id| id >= vocab) {
