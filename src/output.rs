@@ -17,6 +17,12 @@ fn error(path: &Path, reason: impl std::fmt::Display) -> OutputError {
     OutputError { path: path.display().to_string(), reason: reason.to_string() }
 }
 
+/// `out` without a trailing slash: `out/` is the folder `out` (a trailing slash would make a file or a
+/// dangling link at `out` look absent).
+fn normalized(out: &Path) -> PathBuf {
+    out.components().collect()
+}
+
 /// The folder `out` would be written in.
 fn parent_of(out: &Path) -> &Path {
     out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
@@ -26,8 +32,7 @@ fn parent_of(out: &Path) -> &Path {
 /// (not even a link to nowhere), and the nearest part of its parent that exists is a folder this process can
 /// create entries in (the missing parts are made when the folder is written).
 pub fn check_new(out: &Path) -> Result<(), OutputError> {
-    // `out/` is the folder `out` (a trailing slash would make a file or a dangling link at `out` look absent).
-    let out: &Path = &out.components().collect::<PathBuf>();
+    let out = &normalized(out);
     if std::fs::symlink_metadata(out).is_ok() {
         return Err(error(out, "already exists (choose a new output folder)"));
     }
@@ -55,8 +60,8 @@ pub fn check_new(out: &Path) -> Result<(), OutputError> {
 /// Makes `out`'s parent folders and, in the parent, the temporary folder to fill and then [`publish`]: named
 /// `.<name>.partial-…`, removed if dropped unpublished.
 pub fn partial(out: &Path) -> Result<tempfile::TempDir, OutputError> {
+    let out = &normalized(out);
     check_new(out)?;
-    let out: &Path = &out.components().collect::<PathBuf>();
     let parent = parent_of(out);
     std::fs::create_dir_all(parent).map_err(|e| error(parent, e))?;
     let name = out.file_name().map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
@@ -67,7 +72,7 @@ pub fn partial(out: &Path) -> Result<tempfile::TempDir, OutputError> {
 /// would succeed silently on Linux). The temporary folder is private (0700) and safetensors writes 0600: the
 /// result gets ordinary modes (folders 0755, files 0644) first.
 pub fn publish(tmp: tempfile::TempDir, out: &Path) -> Result<PathBuf, OutputError> {
-    let out: &Path = &out.components().collect::<PathBuf>();
+    let out = &normalized(out);
     if std::fs::symlink_metadata(out).is_ok() {
         return Err(error(out, "appeared while it was being written (choose a new output folder)"));
     }

@@ -321,29 +321,25 @@ fn resume_after_sigkill_is_bit_for_bit() {
     v["step"] = 12.into();
     std::fs::write(&state, v.to_string()).unwrap();
     let log_before = std::fs::read(&log).unwrap();
-    let o = server()
-        .args(train_args(&data, &resumed))
-        .args(extra)
-        .args(["--resume", "--checkpoint-dir"])
-        .arg(&edited)
-        .env("LORASERVE_LOG", "off")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("at step 12, not below this run's 12 steps"), "{err}");
-    assert_eq!(std::fs::read(&log).unwrap(), log_before, "the refused resume left the log alone");
-    // So is a resume on another base, or the same one loaded otherwise, or with other clipping.
-    for other in [&["--quant", "none"][..], &["--dtype", "bf16"], &["--max-grad-norm", "5"]] {
+    // A resume with `more` arguments: whether it succeeded, and its standard error.
+    let resume = |more: &[&str]| {
         let o = server()
             .args(train_args(&data, &resumed))
             .args(extra)
-            .args(other)
+            .args(more)
             .arg("--resume")
             .env("LORASERVE_LOG", "off")
             .output()
             .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains("saved by a run with other settings"), "{other:?}: {err}");
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (ok, err) = resume(&["--checkpoint-dir", edited.to_str().unwrap()]);
+    assert!(!ok && err.contains("at step 12, not below this run's 12 steps"), "{err}");
+    assert_eq!(std::fs::read(&log).unwrap(), log_before, "the refused resume left the log alone");
+    // So is a resume on another base, or the same one loaded otherwise, or with other clipping.
+    for other in [&["--quant", "none"][..], &["--dtype", "bf16"], &["--max-grad-norm", "5"]] {
+        let (ok, err) = resume(other);
+        assert!(!ok && err.contains("saved by a run with other settings"), "{other:?}: {err}");
     }
     assert_eq!(std::fs::read(&log).unwrap(), log_before, "the refused resumes left the log alone");
     // A line the kill cut short is still the log's (and dropped by the resume below).

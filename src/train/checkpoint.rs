@@ -1,7 +1,8 @@
 //! Trainer checkpoints: everything a resumed run needs to continue bit for bit — the LoRA parameters, the
 //! AdamW moments and step count, the dropout generator's state, and a fingerprint of the settings, base model
-//! and data that must not change across a resume. A restored checkpoint must be whole and finite. One folder per checkpoint (`step-<N>/`), written under a temporary
-//! name and renamed into place; older ones are removed once a newer one is complete.
+//! and data that must not change across a resume. A restored checkpoint must be whole and finite. One folder
+//! per checkpoint (`step-<N>/`), written under a temporary name and renamed into place; older ones are removed
+//! once a newer one is complete.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

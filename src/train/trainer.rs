@@ -167,6 +167,17 @@ fn diverged(step: u64, what: &str, max_grad_norm: f64) -> TrainError {
     TrainError::Diverged(format!("step {step}: {what}: training diverged ({advice}); no adapter written"))
 }
 
+/// [`diverged`] at `step` if an update left a LoRA parameter NaN or infinite.
+fn check_weights(vars: &[&candle_core::Var], step: u64, cfg: &TrainConfig) -> Result<(), TrainError> {
+    for (i, v) in vars.iter().enumerate() {
+        if let Some(x) = non_finite(v.as_tensor())? {
+            let what = format!("LoRA parameter {i} holds {x} after the update");
+            return Err(diverged(step, &what, cfg.max_grad_norm));
+        }
+    }
+    Ok(())
+}
+
 /// Runs the loop from the current state of `lora`/`opt` (fresh or restored at `start_step`).
 #[allow(clippy::too_many_arguments)]
 pub fn run_loop(
@@ -282,12 +293,7 @@ pub fn run_loop(
         if let Some(every) = cfg.checkpoint_every {
             if (step + 1) % every == 0 && step + 1 < sched.total_steps {
                 // Never a checkpoint of weights this update overflowed: it would replace the last good one.
-                for (i, v) in vars.iter().enumerate() {
-                    if let Some(x) = non_finite(v.as_tensor())? {
-                        let what = format!("LoRA parameter {i} holds {x} after the update");
-                        return Err(diverged(step + 1, &what, cfg.max_grad_norm));
-                    }
-                }
+                check_weights(&vars, step + 1, cfg)?;
                 let state =
                     State { step: step + 1, dropout_rng: lora.rng_state(), fingerprint: fingerprint.to_string() };
                 let path = checkpoint::save(&cfg.checkpoint_dir, &state, lora, opt)?;
@@ -297,12 +303,7 @@ pub fn run_loop(
     }
     bar.finish_and_clear();
     // The last update can still overflow a weight (a learning rate far too large meets finite gradients).
-    for (i, v) in vars.iter().enumerate() {
-        if let Some(x) = non_finite(v.as_tensor())? {
-            let what = format!("LoRA parameter {i} holds {x} after the update");
-            return Err(diverged(sched.total_steps, &what, cfg.max_grad_norm));
-        }
-    }
+    check_weights(&vars, sched.total_steps, cfg)?;
     report.seconds = started.elapsed().as_secs_f64();
     report.tokens = tokens_seen;
     Ok(report)
