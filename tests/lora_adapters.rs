@@ -374,6 +374,9 @@ fn refuses_unsupported_config_keys_naming_them() {
         // PEFT turns an empty object into these variants' default settings: on.
         ("monteclora_config", json!({})),
         ("kasa_config", json!({})),
+        // Not a settings object: PEFT fails on it, so a reader must not take it as "off".
+        ("kasa_config", json!([])),
+        ("monteclora_config", json!(false)),
     ] {
         let e = broken(set(key, value.clone()), keep);
         assert!(e.contains(&format!("`{key}`")), "{key}={value}: {e}");

@@ -119,9 +119,18 @@ impl Tokenizer {
 /// Incremental detokenizer for streaming (the prefix-offset method of TGI / `tokenizers`' `DecodeStream`,
 /// with owned state so it lives in a request). A chunk is emitted only when the decoded text grows and does
 /// not end in an incomplete character.
+///
+/// Text once emitted is never taken back. Decoding a window can rewrite its start, though: SentencePiece's
+/// byte fallback turns a whole run of byte tokens into U+FFFD once a byte that cannot continue it joins (a
+/// `<0x0A>` already sent as "\n", then `<0x80>`). The window then drops context tokens from its front until
+/// what is left of the context decodes whole (no U+FFFD) and is again a prefix of the window's decode (at
+/// worst no context: vLLM's reset of its decode stream), so the text goes on; it differs from decoding all
+/// the tokens at once only where that decode shows U+FFFD.
 #[derive(Debug, Default, Clone)]
 pub struct TextStream {
+    /// The window: context tokens already emitted (`..prefix_index`), then tokens not yet emitted.
     ids: Vec<u32>,
+    /// The decode of the context tokens.
     prefix: String,
     prefix_index: usize,
 }
@@ -137,8 +146,8 @@ impl TextStream {
             }
         }
         self.ids.push(id);
-        let text = tok.decode(&self.ids)?;
-        if text.len() > self.prefix.len() && !text.ends_with('\u{FFFD}') && text.starts_with(&self.prefix) {
+        let text = self.decode_window(tok)?;
+        if text.len() > self.prefix.len() && !text.ends_with('\u{FFFD}') {
             let new = text[self.prefix.len()..].to_string();
             self.ids.drain(..self.prefix_index);
             self.prefix = tok.decode(&self.ids)?;
@@ -151,18 +160,95 @@ impl TextStream {
 
     /// Whatever is still held back at the end of generation (e.g. an incomplete character, as U+FFFD).
     pub fn flush(&mut self, tok: &Tokenizer) -> Result<Option<String>, TokenizerError> {
-        let text = tok.decode(&self.ids)?;
-        let rest = text.strip_prefix(self.prefix.as_str()).unwrap_or("").to_string();
+        let text = self.decode_window(tok)?;
+        let rest = text[self.prefix.len()..].to_string();
         self.ids.clear();
         self.prefix.clear();
         self.prefix_index = 0;
         Ok((!rest.is_empty()).then_some(rest))
+    }
+
+    /// The decode of the window, which starts with `prefix`: when decoding the whole window rewrote the
+    /// context's text, context tokens are dropped from the front until it does not (see the type's doc).
+    fn decode_window(&mut self, tok: &Tokenizer) -> Result<String, TokenizerError> {
+        let text = tok.decode(&self.ids)?;
+        if text.starts_with(&self.prefix) {
+            return Ok(text);
+        }
+        for k in 1..=self.prefix_index {
+            let prefix = tok.decode(&self.ids[k..self.prefix_index])?;
+            // Context that is itself broken (a byte run's tail) would break what follows it.
+            if prefix.contains('\u{FFFD}') {
+                continue;
+            }
+            let text = tok.decode(&self.ids[k..])?;
+            if text.starts_with(&prefix) {
+                self.ids.drain(..k);
+                self.prefix = prefix;
+                self.prefix_index -= k;
+                return Ok(text);
+            }
+        }
+        unreachable!("no context left: the prefix is the empty decode")
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The whole text of `ids` as a stream of one token at a time gives it (steps, then the flush).
+    fn streamed(tok: &Tokenizer, ids: &[u32]) -> String {
+        let mut s = TextStream::default();
+        let mut out: String = ids.iter().filter_map(|&id| s.step(tok, id).unwrap()).collect();
+        out.extend(s.flush(tok).unwrap());
+        out
+    }
+
+    /// With Llama 2's byte fallback, a byte that breaks a run of byte tokens rewrites the run already sent
+    /// ("\n" becomes U+FFFD in the whole decode): the stream goes on from there instead of waiting forever for
+    /// its prefix to come back (all text after it was lost, stop strings never seen). On random token
+    /// sequences the stream is the whole decode except where that shows U+FFFD.
+    #[test]
+    fn a_byte_run_rewritten_by_a_later_byte_loses_no_text() {
+        let tok =
+            Tokenizer::from_parts(&super::super::token_bytes::sentencepiece_json(), "sp/tokenizer.json", None).unwrap();
+        let id = |t: &str| tok.token_to_id(t).unwrap();
+        let (nl, bad, hello) = (id("<0x0A>"), id("<0x80>"), id("\u{2581}hello"));
+        assert_eq!(tok.decode(&[nl, bad]).unwrap(), "\u{FFFD}\u{FFFD}", "the decoder rewrites the sent newline");
+        assert_eq!(streamed(&tok, &[nl, bad, nl, nl, hello, nl]), "\n\u{FFFD}\u{FFFD}\u{FFFD} hello\n");
+        assert_eq!(streamed(&tok, &[hello, nl, bad]), "hello\n\u{FFFD}");
+
+        let pool: Vec<u32> = ["<0x0A>", "<0x80>", "<0xC3>", "<0xA9>", "<0xF0>", "<0x9F>", "<0x98>", "\u{2581}a", "a"]
+            .iter()
+            .chain(&["\u{2581}hello", "é", "\u{2581}"])
+            .map(|t| id(t))
+            .collect();
+        let mut rng = crate::rng::Rng::new(3);
+        let mut rewritten = 0;
+        for _ in 0..3000 {
+            let n = 1 + rng.below(10) as usize;
+            let ids: Vec<u32> = (0..n).map(|_| pool[rng.below(pool.len() as u64) as usize]).collect();
+            let (got, whole) = (streamed(&tok, &ids), tok.decode(&ids).unwrap());
+            // Each run of k U+FFFD in the whole decode (k bytes) is 1 to k characters in the stream (bytes sent
+            // as a character before the run broke); everything else is the same text.
+            let mut pattern = String::from("(?s)^");
+            for run in whole.split_inclusive(|c| c != '\u{FFFD}') {
+                let bad = run.chars().filter(|&c| c == '\u{FFFD}').count();
+                if bad > 0 {
+                    pattern.push_str(&format!(".{{1,{bad}}}"));
+                }
+                pattern.push_str(&regex_syntax::escape(run.trim_start_matches('\u{FFFD}')));
+            }
+            pattern.push('$');
+            assert!(
+                regex_automata::meta::Regex::new(&pattern).unwrap().is_match(&got),
+                "{ids:?}: streamed {got:?}, decoded {whole:?}"
+            );
+            rewritten += usize::from(got != whole);
+        }
+        assert!(rewritten > 50, "the sequences exercise the rewrite ({rewritten})");
+    }
 
     /// The model folder's chat files are read with its tokenizer, and a written checkpoint carries them over.
     #[test]

@@ -167,7 +167,7 @@ NF4_GEMV(8, 8)
 // Tensor cores (sm_80+): mma.sync m16n8k8 with TF32 inputs and f32 accumulators. Each f32 operand is split
 // into a TF32 high part and a TF32 low part (v = hi + lo, exact to ~2^-22) and every product is accumulated as
 // lo·hi + hi·lo + hi·hi ("3xTF32": f32 accuracy at three MMAs a product; the lo·lo term is below f32 rounding).
-// The CPU emulation of these kernels (tests/gpu_emu/cuda_emu.h) defines LORASERVE_EMULATION and supplies both
+// The CPU emulation of these kernels (tests/gpu_emulated/emu/cuda_emu.h) defines LORASERVE_EMULATION and supplies both
 // functions, implementing the fragment layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k8", .tf32).
 #ifndef LORASERVE_EMULATION
 __device__ __forceinline__ unsigned int tf32_round(float v) {

@@ -178,10 +178,11 @@ impl AdapterConfig {
             }
         }
         // Variants with their own forward (or extra weights); `use_bdlora` is a settings object when on. PEFT
-        // reads any object given as `monteclora_config` or `kasa_config`, `{}` too, as that variant's settings.
+        // reads any value but null given as `monteclora_config` or `kasa_config` as that variant's settings
+        // (`{}` switches it on; anything not an object fails there): refused here either way.
         for key in ["use_qalora", "use_bdlora", "monteclora_config", "arrow_config", "kasa_config"] {
             let on = match get(key) {
-                Some(Value::Object(_)) if key == "monteclora_config" || key == "kasa_config" => true,
+                v if key == "monteclora_config" || key == "kasa_config" => !matches!(v, None | Some(Value::Null)),
                 v => is_set(v),
             };
             if on {

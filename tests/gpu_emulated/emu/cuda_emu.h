@@ -1,5 +1,5 @@
 // cuda_emu.h — owns the CPU emulation of the CUDA C subset that src/gpu/kernels/*.cu use, so that g++ compiles
-// those sources unchanged as C++20 (tests/gpu_emu/driver.cpp includes this header, then the .cu files).
+// those sources unchanged as C++20 (tests/gpu_emulated/emu/driver.cpp includes this header, then the .cu files).
 //
 // Model of execution (emu::launch): the blocks of a launch run one after another, in an order drawn from a seed
 // (no kernel may depend on it). A block runs as blockDim emulated threads, each a fiber (ucontext, its own
@@ -446,7 +446,7 @@ inline int __float_as_int(float f) {
 }
 inline float __expf(float x) { return exp2f(x * 1.44269504088896341f); }
 // Round-to-nearest f32 arithmetic, never fused into a multiply-add: the driver is built with
-// -ffp-contract=off (tests/gpu_emu/mod.rs), without which g++ fuses a*b - c*d on FMA-capable targets.
+// -ffp-contract=off (tests/gpu_emulated/emu/mod.rs), without which g++ fuses a*b - c*d on FMA-capable targets.
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }

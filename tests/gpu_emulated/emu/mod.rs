@@ -1,4 +1,4 @@
-//! The CPU emulation harness behind `tests/gpu_emulated.rs`: builds `driver.cpp` (the kernel sources of
+//! The CPU emulation harness behind `tests/gpu_emulated/`: builds `driver.cpp` (the kernel sources of
 //! `src/gpu/kernels/` compiled by g++ under `cuda_emu.h`) once per test run, and runs one kernel launch per
 //! [`Call`] through the driver's launch-file protocol (described at the top of `driver.cpp`).
 //!
@@ -15,8 +15,8 @@ use loraserve::gpu::launch::Launch;
 
 /// The files the driver is built from (its own directory, then the kernels).
 const SOURCES: [&str; 7] = [
-    "tests/gpu_emu/driver.cpp",
-    "tests/gpu_emu/cuda_emu.h",
+    "tests/gpu_emulated/emu/driver.cpp",
+    "tests/gpu_emulated/emu/cuda_emu.h",
     "src/gpu/kernels/nf4.cu",
     "src/gpu/kernels/lora.cu",
     "src/gpu/kernels/attention.cu",
@@ -51,7 +51,7 @@ fn build_driver() -> Result<PathBuf, String> {
     match Command::new("g++").arg("--version").output() {
         Ok(o) if o.status.success() => {}
         _ => {
-            return Err("g++ not found: the emulated GPU kernel tests (tests/gpu_emulated.rs) compile the CUDA \
+            return Err("g++ not found: the emulated GPU kernel tests (tests/gpu_emulated/) compile the CUDA \
                         kernels as C++20 with g++ — install it (Debian/Ubuntu: `apt-get install g++`)"
                 .into())
         }

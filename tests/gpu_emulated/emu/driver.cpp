@@ -1,4 +1,4 @@
-// driver.cpp — owns one emulated kernel launch for tests/gpu_emulated.rs: compiles src/gpu/kernels/*.cu under
+// driver.cpp — owns one emulated kernel launch for tests/gpu_emulated/: compiles src/gpu/kernels/*.cu under
 // cuda_emu.h, reads a launch file, runs the named kernel on the CPU and writes the buffers back. Also holds
 // `selftest_*` kernels: deliberately broken ones that show the emulation's checks failing, and two that expose the
 // emulated tensor-core primitives (mma_tf32, tf32_round) to the tests on their own.
@@ -32,11 +32,11 @@
 #include <string>
 #include <tuple>
 
-#include "../../src/gpu/kernels/attention.cu"
-#include "../../src/gpu/kernels/fused.cu"
-#include "../../src/gpu/kernels/lora.cu"
-#include "../../src/gpu/kernels/nf4.cu"
-#include "../../src/gpu/kernels/sample.cu"
+#include "../../../src/gpu/kernels/attention.cu"
+#include "../../../src/gpu/kernels/fused.cu"
+#include "../../../src/gpu/kernels/lora.cu"
+#include "../../../src/gpu/kernels/nf4.cu"
+#include "../../../src/gpu/kernels/sample.cu"
 
 // Deliberately broken kernels, launched by the harness's own test to show that each check fires.
 extern "C" __global__ void selftest_shared_race(float* out, int sync) {
