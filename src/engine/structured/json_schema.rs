@@ -7,13 +7,19 @@
 //!
 //! Nesting that the schema leaves open (`{}`, `"type": "object"` without properties, `json_object`) is
 //! bounded at [`ANY_DEPTH`] levels, since a regex has no recursion; so is a recursive `$ref`, which is
-//! refused.
+//! refused. A `$ref` is written out where it is used, so a schema of a few KB can name a regex of gigabytes
+//! (each definition using the one before twice): the regex is refused past [`MAX_REGEX_BYTES`] as it is
+//! built, never after.
 
 use regex_syntax::escape;
 use serde_json::{Map, Value};
 
 /// How deeply a value the schema leaves open may nest (objects and arrays inside it).
 pub const ANY_DEPTH: usize = 3;
+
+/// The longest regex a schema may become. An open value (`{}`) is ~22 KB of it; regexes this long already
+/// come close to the compiled automaton's own limit.
+pub const MAX_REGEX_BYTES: usize = 1 << 20;
 
 /// Between tokens of the JSON text: nothing or one space (Outlines' default).
 const WS: &str = "[ ]?";
@@ -44,6 +50,23 @@ const ANNOTATIONS: &[&str] = &[
     "$defs",
     "definitions",
 ];
+
+/// `regex`, unless it is past [`MAX_REGEX_BYTES`] (the part of the schema at `at` made it so).
+fn fit(regex: String, at: &str) -> Result<String, String> {
+    fit_len(regex.len(), at).map(|()| regex)
+}
+
+/// Refuses parts of `len` bytes in all past [`MAX_REGEX_BYTES`], before they are joined.
+fn fit_len(len: usize, at: &str) -> Result<(), String> {
+    if len <= MAX_REGEX_BYTES {
+        return Ok(());
+    }
+    let place = if at.is_empty() { "the schema" } else { at };
+    Err(format!(
+        "{place}: too large: its regex passes {} MiB (every `$ref` and open value is written out where it is used)",
+        MAX_REGEX_BYTES >> 20
+    ))
+}
 
 /// The regex of `schema` (JSON text), or what is wrong with it (with the JSON pointer of the place).
 pub fn regex_of_schema(schema: &str) -> Result<String, String> {
@@ -93,7 +116,14 @@ struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
+    /// The regex of the subschema at `at`, within [`MAX_REGEX_BYTES`].
     fn value(&mut self, schema: &'a Value, at: &str) -> Result<String, String> {
+        let regex = self.value_unbounded(schema, at)?;
+        fit(regex, at)
+    }
+
+    /// [`Self::value`] before its size is checked (the parts it joins are checked as they come).
+    fn value_unbounded(&mut self, schema: &'a Value, at: &str) -> Result<String, String> {
         let here = || if at.is_empty() { "the schema".to_string() } else { at.to_string() };
         let s = match schema {
             Value::Bool(true) => return Ok(any(ANY_DEPTH)),
@@ -101,6 +131,11 @@ impl<'a> Builder<'a> {
             Value::Object(s) => s,
             _ => return Err(format!("{}: a schema is an object or a boolean", here())),
         };
+        // A `$ref` inside resolves against the nearest `$id` (a new base URI), which this builder does not
+        // follow: refused rather than resolved against the root.
+        if !at.is_empty() && s.contains_key("$id") {
+            return Err(format!("{at}/$id: a subschema with an `$id` of its own is not supported"));
+        }
         if let Some(r) = s.get("$ref") {
             return self.reference(s, r, at);
         }
@@ -141,11 +176,13 @@ impl<'a> Builder<'a> {
             if key == "allOf" && list.len() > 1 {
                 return Err(format!("{at}/allOf: only a single subschema is supported"));
             }
-            let alts = list
-                .iter()
-                .enumerate()
-                .map(|(i, sub)| self.value(sub, &format!("{at}/{key}/{i}")))
-                .collect::<Result<Vec<_>, _>>()?;
+            let (mut alts, mut len) = (Vec::new(), 0);
+            for (i, sub) in list.iter().enumerate() {
+                let alt = self.value(sub, &format!("{at}/{key}/{i}"))?;
+                len += alt.len();
+                fit_len(len, at)?;
+                alts.push(alt);
+            }
             if key == "oneOf" {
                 // Valid against exactly one: as anyOf only where no value can be valid against two.
                 for (i, a) in list.iter().enumerate() {
@@ -189,9 +226,9 @@ impl<'a> Builder<'a> {
             allowed.retain(|k| !bounds.contains(k));
         }
         check_keywords(s, &allowed, at)?;
-        let mut alts = Vec::new();
+        let (mut alts, mut len) = (Vec::new(), 0);
         for t in types {
-            alts.push(match t {
+            let alt = match t {
                 "string" => self.string(s, at)?,
                 "integer" => self.integer(s, at)?,
                 "number" => NUMBER.to_string(),
@@ -200,7 +237,10 @@ impl<'a> Builder<'a> {
                 "array" => self.array(s, at)?,
                 "object" => self.object(s, at)?,
                 other => return Err(format!("{at}/type: unknown type `{other}`")),
-            });
+            };
+            len += alt.len();
+            fit_len(len, at)?;
+            alts.push(alt);
         }
         Ok(if alts.len() == 1 { alts.pop().expect("one") } else { format!("(?:{})", alts.join("|")) })
     }
@@ -320,6 +360,10 @@ impl<'a> Builder<'a> {
             return Ok(format!("\"(?:{content})\""));
         }
         if let Some(f) = s.get("format") {
+            // A format's texts are of its own lengths: a length beside it would be ignored.
+            if let Some(k) = ["minLength", "maxLength"].iter().find(|k| s.contains_key(**k)) {
+                return Err(format!("{at}: `format` with `{k}` is not supported"));
+            }
             let f = f.as_str().ok_or_else(|| format!("{at}/format: a string"))?;
             let body = match f {
                 "date" => DATE.to_string(),
@@ -403,32 +447,36 @@ impl<'a> Builder<'a> {
             return Err(format!("{at}/required: `{name}` is not among the properties"));
         }
         // The listed members, in order; texts with fewer members (no others) are still valid.
-        let mut members = Vec::new();
+        let (mut members, mut len) = (Vec::new(), 0);
         for (name, sub) in props {
             let value = self.value(sub, &format!("{at}/properties/{name}"))?;
             let member = format!("{}{WS}:{WS}{value}", escape(&Value::String(name.clone()).to_string()));
+            len += member.len();
+            fit_len(len, at)?;
             members.push((member, required.contains(&name.as_str())));
         }
-        Ok(format!(r"\{{{WS}{}{WS}\}}", members_after(&members, 0, false)))
+        Ok(format!(r"\{{{WS}{}{WS}\}}", members_after(&members, 0, false, at)?))
     }
 }
 
 /// The members from `i` on, each optional one present or not, with a comma before every member but the
 /// first written (`written`: one was written before `i`).
-fn members_after(members: &[(String, bool)], i: usize, written: bool) -> String {
+/// Quadratic in the optional members (each may be the first written), so checked against
+/// [`MAX_REGEX_BYTES`] level by level.
+fn members_after(members: &[(String, bool)], i: usize, written: bool, at: &str) -> Result<String, String> {
     let Some((member, required)) = members.get(i) else {
-        return String::new();
+        return Ok(String::new());
     };
     if written {
         let this = format!("{WS},{WS}{member}");
-        let rest = members_after(members, i + 1, true);
-        return if *required { format!("{this}{rest}") } else { format!("(?:{this})?{rest}") };
+        let rest = members_after(members, i + 1, true, at)?;
+        return fit(if *required { format!("{this}{rest}") } else { format!("(?:{this})?{rest}") }, at);
     }
-    let with = format!("{member}{}", members_after(members, i + 1, true));
+    let with = format!("{member}{}", members_after(members, i + 1, true, at)?);
     if *required {
-        with
+        Ok(with)
     } else {
-        format!("(?:{with}|{})", members_after(members, i + 1, false))
+        fit(format!("(?:{with}|{})", members_after(members, i + 1, false, at)?), at)
     }
 }
 
@@ -676,6 +724,35 @@ mod tests {
     }
 
     /// What a regex cannot honour is refused with its place, never left out.
+    /// A `$ref` is written out where it is used: a chain of definitions each using the one before twice
+    /// doubles the regex at every level (2 KB of schema, gigabytes of regex at 18 levels), and optional
+    /// members make it quadratic. Both are refused as the regex grows past the limit, naming the place.
+    #[test]
+    fn schemas_whose_regex_would_be_huge_are_refused_as_it_grows() {
+        let mut defs = serde_json::Map::new();
+        defs.insert("d0".into(), serde_json::json!({"type": "integer"}));
+        for i in 1..=40 {
+            let prev = format!("#/$defs/d{}", i - 1);
+            defs.insert(
+                format!("d{i}"),
+                serde_json::json!({"properties": {"a": {"$ref": prev}, "b": {"$ref": prev}}, "required": ["a", "b"]}),
+            );
+        }
+        let chain = serde_json::json!({"$defs": defs, "$ref": "#/$defs/d40"}).to_string();
+        assert!(chain.len() < 5000);
+        let e = regex_of_schema(&chain).unwrap_err();
+        assert!(e.contains("too large: its regex passes 1 MiB") && e.contains("$ref=#/$defs/d40"), "{e}");
+
+        let optional = |n: usize| {
+            let props: serde_json::Map<String, Value> =
+                (0..n).map(|i| (format!("p{i}"), serde_json::json!({"type": "string"}))).collect();
+            serde_json::json!({"type": "object", "properties": props}).to_string()
+        };
+        assert!(regex_of_schema(&optional(100)).is_ok());
+        let e = regex_of_schema(&optional(300)).unwrap_err();
+        assert!(e.starts_with("the schema: too large"), "{e}");
+    }
+
     #[test]
     fn unsupported_schemas_are_refused_by_name_and_place() {
         let cases = [
@@ -717,6 +794,13 @@ mod tests {
             (r#"{"const": 1, "minimum": 0}"#, "keyword `minimum`"),
             (r#"{"type": "string", "enum": [1]}"#, "/enum: no value of the given type"),
             (r#"{"type": "string", "pattern": "a+", "format": "date"}"#, "`pattern` with `format`"),
+            (r#"{"type": "string", "format": "uuid", "maxLength": 10}"#, "`format` with `maxLength`"),
+            (r#"{"type": "string", "format": "date", "minLength": 11}"#, "`format` with `minLength`"),
+            (
+                r##"{"$defs": {"x": {"type": "string"}}, "properties": {"p": {"$id": "http://example.com/p",
+                    "$defs": {"x": {"type": "integer"}}, "$ref": "#/$defs/x"}}}"##,
+                "/properties/p/$id: a subschema with an `$id` of its own",
+            ),
             (r#"{"type": "string", "pattern": "a\"b"}"#, "/pattern: the literal character"),
             ("false", "accepts nothing"),
             ("{", "not JSON"),

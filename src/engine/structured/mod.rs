@@ -336,10 +336,28 @@ fn build_dfa(regex: &str) -> Result<dense::DFA<Vec<u32>>, String> {
         )
         .thompson(thompson::Config::new().nfa_size_limit(Some(DFA_LIMIT)))
         .build(regex)
-        .map_err(|e| match chain(&e) {
+        .map_err(|e| match brief(chain(&e)) {
             m if m.contains("exceeded") => format!("its automaton is larger than {} MiB: {m}", DFA_LIMIT >> 20),
             m => format!("invalid regex: {m}"),
         })
+}
+
+/// The longest error message quoted whole: regex-syntax's messages quote the pattern, which for a schema's
+/// regex can be a megabyte (and no gRPC status carries that).
+const MESSAGE_QUOTED: usize = 1024;
+
+/// `m`, or past [`MESSAGE_QUOTED`] its last line (regex-syntax's `error: …` after the quoted pattern), cut.
+fn brief(m: String) -> String {
+    if m.len() <= MESSAGE_QUOTED {
+        return m;
+    }
+    let last = m.lines().last().unwrap_or("").trim();
+    let mut cut = last.len().min(MESSAGE_QUOTED / 4);
+    while !last.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let more = if cut < last.len() { "…" } else { "" };
+    format!("{}{more} (cut from a message of {} bytes quoting the pattern)", &last[..cut], m.len())
 }
 
 /// An error and its sources, as one message (regex-automata's own message is only the outermost one).

@@ -122,6 +122,10 @@ fn bad_constraints_are_refused_with_a_reason() {
     assert_eq!(err(Constraint::Choice(vec![])), "no choices given");
     assert!(err(Constraint::Regex("[ab]*a[ab]{24}".into())).contains("larger than 64 MiB"));
     assert!(err(Constraint::JsonSchema(r#"{"type": "number", "maximum": 9}"#.into())).contains("`maximum`"));
+    // regex-syntax quotes the whole pattern in its messages: a long one is cut to its last line.
+    let deep = format!("{}a{}", "(?:b|".repeat(400), ")".repeat(400));
+    let e = err(Constraint::Regex(deep));
+    assert!(e.starts_with("invalid regex") && e.contains("nest") && e.len() < 400, "{e}");
 }
 
 /// A schema with every kind of member compiles for a real tokenizer, and so does any JSON object; the
