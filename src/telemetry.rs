@@ -111,7 +111,8 @@ pub const ALL: &[(&str, &str, &str)] = &[
 ];
 
 /// Registers descriptions (and so `# HELP` / `# TYPE` lines) for every metric, and starts the tiered cache
-/// counters at 0 for both tiers, so hit ratios and eviction rates have a series from the first scrape.
+/// counters at 0 for both tiers, so hit ratios and eviction rates have a series from the first scrape (and
+/// the queue gauge, which an autoscaler reads).
 pub fn describe() {
     for &(name, kind, help) in ALL {
         match kind {
@@ -123,6 +124,8 @@ pub fn describe() {
     for name in [PREEMPTIONS_TOTAL, PREFIX_CACHE_QUERIES_TOTAL, PREFIX_CACHE_HITS_TOTAL] {
         metrics::counter!(name).increment(0);
     }
+    // Moved by increments only: 0 until the first request (the engine sets the KV-cache gauges as it starts).
+    metrics::gauge!(QUEUE_REQUESTS).increment(0.0);
     for name in [ADAPTER_CACHE_HITS_TOTAL, ADAPTER_CACHE_MISSES_TOTAL, ADAPTER_CACHE_EVICTIONS_TOTAL] {
         for tier in [TIER_DEVICE, TIER_HOST] {
             metrics::counter!(name, "tier" => tier).increment(0);

@@ -238,6 +238,10 @@ async fn every_status_code_of_the_contract() {
     // A deadline that passes while tokens are generated: the handler's deadline ends the call.
     let (code, msg) = raw_call_with_timeout(h.grpc_addr, "Generate", "30m", &req("", "alpha", 250)).await;
     assert_eq!(code, Code::DeadlineExceeded, "{msg}");
+    // So does a stream's, after the handler has returned (it used to wait for the client to give up, and
+    // count CANCELLED; this client never gives up).
+    let (code, msg) = raw_call_with_timeout(h.grpc_addr, "GenerateStream", "30m", &req("", "alpha", 250)).await;
+    assert_eq!((code, msg.as_str()), (Code::DeadlineExceeded, "deadline exceeded"));
     // UNAVAILABLE once draining.
     h.shutdown();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -630,8 +634,8 @@ async fn metrics_exposition_has_every_contract_metric_with_its_type_and_labels()
 
 // ---- helpers ----
 
-/// `r` sent to LoraServe's unary `method` over plain HTTP/2 with a `grpc-timeout` header: the server's
-/// grpc-status and message. (tonic's client enforces the header itself, answering CANCELLED "Timeout expired"
+/// `r` sent to LoraServe's `method` over plain HTTP/2 with a `grpc-timeout` header: the server's grpc-status
+/// and message (after any streamed messages). (tonic's client enforces the header itself, answering CANCELLED "Timeout expired"
 /// at the deadline however close behind it the server's answer is: it cannot show what the server answered.)
 async fn raw_call_with_timeout(
     addr: std::net::SocketAddr,

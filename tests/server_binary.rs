@@ -21,8 +21,8 @@ impl Drop for KillOnDrop {
 type StderrLines = std::io::Lines<std::io::BufReader<std::process::ChildStderr>>;
 
 /// `server serve` on the demo model and `adapters` (ports chosen by the system, then `extra` flags), once it
-/// says it is serving: the process, its gRPC address, and the rest of its log.
-fn serve(adapters: &std::path::Path, extra: &[&str]) -> (KillOnDrop, String, StderrLines) {
+/// says it is serving: the process, its gRPC address, the rest of its log, and its metrics address.
+fn serve(adapters: &std::path::Path, extra: &[&str]) -> (KillOnDrop, String, StderrLines, String) {
     use std::io::BufRead;
     let mut child = KillOnDrop(
         std::process::Command::new(env!("CARGO_BIN_EXE_server"))
@@ -39,14 +39,16 @@ fn serve(adapters: &std::path::Path, extra: &[&str]) -> (KillOnDrop, String, Std
     for line in lines.by_ref() {
         let line = line.unwrap();
         if line.contains("serving") {
-            let i = line.find("grpc=").unwrap() + 5;
-            let addr = line[i..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
-                .to_string();
-            return (child, addr, lines);
+            let field = |name: &str| {
+                let i = line.find(name).unwrap() + name.len();
+                line[i..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
+                    .to_string()
+            };
+            return (child, field("grpc="), lines, field("metrics="));
         }
     }
     panic!("the server never said it was serving");
@@ -63,7 +65,7 @@ fn sigterm_drains_and_exits_zero() {
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         std::fs::copy(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("adapters/upper").join(f), upper.join(f)).unwrap();
     }
-    let (mut child, addr, lines) = serve(tmp.path(), &[]);
+    let (mut child, addr, lines, _) = serve(tmp.path(), &[]);
     // `server client generate … | head -0`: output into a pipe nobody reads is no error (no panic, exit 0).
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
@@ -317,7 +319,7 @@ fn sigterm_exits_while_an_adapter_read_hangs() {
     std::fs::copy(upper.join("adapter_config.json"), stuck.join("adapter_config.json")).unwrap();
     let fifo = stuck.join("adapter_model.safetensors");
     assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-    let (mut child, addr, _lines) = serve(tmp.path(), &["--drain-timeout", "5"]);
+    let (mut child, addr, _lines, _) = serve(tmp.path(), &["--drain-timeout", "5"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let code = rt.block_on(async {
         let mut c = LoraServeClient::connect(format!("http://{addr}")).await.unwrap();
@@ -342,6 +344,26 @@ fn sigterm_exits_while_an_adapter_read_hangs() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status {status:?}");
+}
+
+/// A server that has served nothing yet already exposes the gauges a dashboard or an autoscaler reads (the
+/// queue, the KV-cache blocks used and cached), at 0: with no series, an HPA on the queue has nothing to act on.
+#[test]
+fn an_idle_server_exposes_its_gauges_at_zero() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let (_child, _, _lines, metrics) = serve(tmp.path(), &[]);
+    let mut s = std::net::TcpStream::connect(&metrics).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {metrics}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    for gauge in [
+        loraserve::telemetry::QUEUE_REQUESTS,
+        loraserve::telemetry::KV_CACHE_BLOCKS_USED,
+        loraserve::telemetry::KV_CACHE_BLOCKS_CACHED,
+    ] {
+        assert!(body.lines().any(|l| l == format!("{gauge} 0")), "{gauge}:\n{body}");
+    }
 }
 
 /// `server serve` settings that could only refuse every request are refused at start, naming the flag; so

@@ -490,9 +490,9 @@ impl LoraServe for Service {
     async fn generate_stream(&self, req: Request<proto::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         HandlerSeen::mark(&req);
         let mut guard = CancelCount::new("GenerateStream");
-        let admitted = match deadline_of(&req) {
-            Ok(deadline) => self.admit(req, deadline).await,
-            Err(s) => Err(s),
+        let (admitted, deadline) = match deadline_of(&req) {
+            Ok(deadline) => (self.admit(req, deadline).await, deadline),
+            Err(s) => (Err(s), None),
         };
         guard.disarm();
         let mut a = match admitted {
@@ -504,6 +504,15 @@ impl LoraServe for Service {
             let version = a.adapter_version;
             // The scored prompt goes out with the first tokens, in the same message.
             let mut prompt = None;
+            // tonic's timer covers the handler only: past it, the deadline is this task's to keep, as the
+            // unary call's (else the client gives up first and the call counts CANCELLED).
+            let expired = async move {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expired);
             loop {
                 // A client that leaves while its request waits in the queue (or in a long prefill) sends
                 // nothing to fail on: watch the channel too, so that its slot and adapter lease go at once.
@@ -512,6 +521,12 @@ impl LoraServe for Service {
                     () = tx.closed() => {
                         // Returning drops `a.events`, which tells the engine to stop.
                         count("GenerateStream", tonic::Code::Cancelled);
+                        return;
+                    }
+                    () = &mut expired => {
+                        let s = Status::deadline_exceeded("deadline exceeded");
+                        count("GenerateStream", s.code());
+                        let _ = tx.send(Err(s)).await;
                         return;
                     }
                 };

@@ -21,10 +21,11 @@
 //! of published templates; `tests/prompts.rs` compares.
 //!
 //! Token ids: the rendered text is encoded without special tokens and, unless it starts with the BOS token
-//! (a template that writes BOS itself), after the ones the tokenizer puts before a text (BOS; never the EOS
-//! an `add_eos_token` tokenizer appends). That is `apply_chat_template(tokenize=True)`'s ids (it adds nothing)
-//! for every template that writes BOS and every tokenizer without one; where a template leaves BOS out on a
-//! tokenizer that has one, the prompt gets it as a raw prompt does, and as `server train` trained it.
+//! after any whitespace (a template that writes BOS itself, maybe after the newlines of its `{% %}` blocks),
+//! after the ones the tokenizer puts before a text (BOS; never the EOS an `add_eos_token` tokenizer appends).
+//! That is `apply_chat_template(tokenize=True)`'s ids (it adds nothing) for every template that writes BOS
+//! and every tokenizer without one; where a template leaves BOS out on a tokenizer that has one, the prompt
+//! gets it as a raw prompt does, and as `server train` trained it.
 
 mod adapter;
 mod files;
@@ -252,7 +253,7 @@ impl ChatTemplate {
         let (mut ids, mut spans) = tok
             .encode_with_offsets(rendered, false)
             .map_err(|e| ChatError::Render(format!("encoding the rendered conversation: {e}")))?;
-        if self.bos.as_deref().is_none_or(|bos| !rendered.starts_with(bos)) {
+        if self.bos.as_deref().is_none_or(|bos| !rendered.trim_start().starts_with(bos)) {
             let prefix = tok.text_prefix();
             ids.splice(0..0, prefix.iter().copied());
             spans.splice(0..0, prefix.iter().map(|_| (0, 0)));
@@ -437,6 +438,8 @@ mod tests {
         let (ids, spans) = t.encode(&tok, "ab").unwrap();
         assert_eq!((ids, spans), (vec![0, 3 + 97, 3 + 98], vec![(0, 0), (0, 1), (1, 2)]));
         assert_eq!(t.encode(&tok, "<s>ab").unwrap().0, tok.encode_with("<s>ab", false).unwrap());
+        // Written after the newlines of the template's blocks, as transformers encodes it: not doubled.
+        assert_eq!(t.encode(&tok, "\n \n<s>ab").unwrap().0, tok.encode_with("\n \n<s>ab", false).unwrap());
         let empty = template("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}");
         let e = empty.prompt_ids(&tok, &[json!({"role": "usr", "content": "a"})], false, &Kwargs::new()).unwrap_err();
         assert!(matches!(&e, ChatError::Render(m) if m.contains("as no text")), "{e}");
