@@ -59,7 +59,8 @@ impl From<DTypeArg> for DType {
 /// Which model to run and how to hold it.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A Hugging Face model folder, or `demo` for the embedded demo model.
+    /// A Hugging Face model folder (safetensors, or a bitsandbytes NF4 checkpoint), `demo` for the embedded
+    /// demo model, or `synthetic:<shape>` (random weights of a real shape, for benchmarks).
     #[arg(long, env = "LORASERVE_MODEL", default_value = "demo")]
     pub model: ModelSpec,
     /// Base weights: `nf4` (QLoRA's 4-bit NormalFloat, double-quantized) or `none` (dense).
