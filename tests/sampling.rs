@@ -438,6 +438,15 @@ async fn structured_output_makes_valid_json_and_regex_matches() {
         assert_eq!(out.finish_reason, FinishReason::EosToken as i32, "{:?}", out.text);
         assert!(whole.is_match(&out.text), "{:?}", out.text);
     }
+    // A stop token the language needs as text (the demo's tokens are bytes: "!") is picked where that text
+    // comes, and ends the output there, as vLLM's stop_token_ids do (it was masked: nothing left, INTERNAL).
+    let bang = 3 + u32::from(b'!');
+    let stop_on_bang = GenerateRequest { stop_token_ids: vec![bang], ..with(Kind::Regex("ab!".into()), None) };
+    let out = client.clone().generate(stop_on_bang).await.unwrap().into_inner();
+    assert_eq!(
+        (out.text.as_str(), out.finish_reason, out.token_ids.last()),
+        ("ab", FinishReason::StopToken as i32, Some(&bang))
+    );
     h.shutdown();
     h.wait().await.unwrap();
 }

@@ -4,8 +4,9 @@
 //!
 //! The language compiles to an anchored DFA over bytes ([`Guide`]). Before each pick, the tokens whose bytes
 //! ([`TokenBytes`]) keep the output a prefix of some text of the language are allowed, and the tokens that end
-//! the request (EOS, `stop_token_ids`) only where the output is a whole text of it; every other logit is
-//! −∞. The allowed set of a DFA state is worked out once, by walking the vocabulary in byte order so that
+//! the request (EOS, `stop_token_ids`) where the output is a whole text of it, or, for a stop token that is
+//! also text, where the language allows that text (vLLM's rule: picked, it ends the output there, cut as
+//! `max_new_tokens` cuts it); every other logit is −∞. The allowed set of a DFA state is worked out once, by walking the vocabulary in byte order so that
 //! tokens sharing a prefix share its walk and a dead prefix skips all tokens that start with it (in chunks,
 //! in parallel), and kept with the guide; it starts on the thread pool as soon as a pick reaches the state,
 //! overlapping the next forward. A set's cell is filled only by whoever put it in; others wait, so no pool
@@ -120,7 +121,7 @@ impl Mask {
     }
 
     /// `logits` with every token this mask does not allow at −∞ (ids past the mask's vocabulary too), and
-    /// `ending` allowed exactly where the output is whole. Touches only the fewer of the allowed and the other tokens
+    /// `ending` allowed where the output is whole or the mask allows them as text. Touches only the fewer of the allowed and the other tokens
     /// after one fill or copy, so a mask that allows almost everything (inside a JSON string) costs about a
     /// copy.
     pub fn apply(&self, logits: &[f32], ending: &[u32]) -> Vec<f32> {
@@ -139,11 +140,12 @@ impl Mask {
             out[n..].fill(f32::NEG_INFINITY);
             out
         };
-        // The ending tokens end the output where it is whole, and nowhere else (even a stop token the language
-        // would allow as text).
+        // The ending tokens end the output where it is whole. A stop token the language allows as text here
+        // stays allowed: the request asked to stop on it (and where the language needs that text to go on,
+        // masking it would leave nothing to pick).
         for &t in ending {
             if let Some(&l) = logits.get(t as usize) {
-                out[t as usize] = if self.whole { l } else { f32::NEG_INFINITY };
+                out[t as usize] = if self.whole || self.allows(t) { l } else { f32::NEG_INFINITY };
             }
         }
         out

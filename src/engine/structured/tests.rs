@@ -164,8 +164,8 @@ fn guides_are_kept_and_reused() {
 }
 
 /// Both ways of applying a mask (few allowed, most allowed) give the logits of exactly the allowed tokens,
-/// −∞ past the tokenizer's vocabulary, and the ending tokens exactly where the text is whole (token 1 is
-/// one the regexes allow as text too).
+/// −∞ past the tokenizer's vocabulary, and the ending tokens where the text is whole or, as text, allowed
+/// (token 1, `"`, is text one regex allows and the other does not).
 #[test]
 fn applied_masks_keep_exactly_the_allowed_logits() {
     let tok = fixture_tokenizer("qwen2");
@@ -179,7 +179,7 @@ fn applied_masks_keep_exactly_the_allowed_logits() {
             let out = m.apply(&logits, &[1, vocab as u32 + 5]);
             for (id, (&o, &l)) in out.iter().zip(&logits).enumerate() {
                 let ending = id == 1 || id == vocab + 5;
-                let allowed = if ending { m.whole } else { m.allows(id as u32) };
+                let allowed = m.allows(id as u32) || (ending && m.whole);
                 let want = if allowed { l } else { f32::NEG_INFINITY };
                 assert_eq!(o, want, "{re:?} step {step} token {id}");
             }
