@@ -15,10 +15,14 @@
 //! `.items()`; minijinja-contrib's pycompat), maps that keep their insertion order, `tools` and `documents`
 //! set to none, and every `*_token` of `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`, …,
 //! `extra_special_tokens`) as a variable. `{% generation %}` blocks (transformers' assistant-mask marker) render
-//! as plain text. Known differences (minijinja is not jinja2): `undefined | length` is an error, not 0; lists
-//! and maps printed bare come out as JSON (`["a"]`), not Python (`['a']`); `'%s' % x` is unsupported; `trim`
-//! keeps the ASCII separators `\x1c`–`\x1f`. `tests/fixtures/chat-templates/` holds transformers' renderings
-//! of published templates; `tests/prompts.rs` compares.
+//! as plain text. Values print as Python prints them (`python::formatter`: floats as `repr`, `1e+20`; lists
+//! and dicts as `repr`, `['a', None]`; `| string` too), `round` rounds as Python's (ties to even) and
+//! `'x' is sequence` holds. Known differences (minijinja is not jinja2): `undefined | length` is an error,
+//! not 0; tuples are lists (`(1, 2)` prints `[1, 2]`, `.items()` gives lists); `'%s' % x` is unsupported;
+//! `trim` keeps the ASCII separators `\x1c`–`\x1f`; some of Python's string methods and jinja2's filters
+//! (`rsplit`, `partition`, `zfill`, `truncate`, `wordcount`, `urlencode`, …) are refused by name.
+//! `tests/fixtures/chat-templates/` holds transformers' renderings of published templates; `tests/prompts.rs`
+//! compares.
 //!
 //! Token ids: the rendered text is encoded without special tokens and, unless it starts with the BOS token
 //! after any whitespace (a template that writes BOS itself, maybe after the newlines of its `{% %}` blocks),
@@ -149,6 +153,14 @@ impl ChatTemplate {
             strftime_utc(&format, now).map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e))
         });
         env.add_filter("tojson", python::tojson);
+        env.add_filter("round", python::round);
+        env.add_filter("string", python::string);
+        env.set_formatter(python::formatter);
+        // jinja2's `sequence` test: anything with a length and items (strings and dicts too).
+        env.add_test("sequence", |v: JinjaValue| {
+            use minijinja::value::ValueKind as K;
+            matches!(v.kind(), K::Seq | K::Map | K::String)
+        });
         // jinja2's lexer reads \r\n and \r as \n (`newline_sequence`), in text and string literals alike.
         let source = template.replace("\r\n", "\n").replace('\r', "\n");
         env.add_template_owned("chat", without_generation_blocks(&source))
@@ -497,5 +509,36 @@ mod tests {
         assert!(matches!(&e, ChatError::Render(m) if m.starts_with("rendering the chat template:")), "{e}");
         let e = ChatTemplate::compile("{% for %}", vec![]).unwrap_err();
         assert!(matches!(&e, ChatError::Unavailable(m) if m.contains("does not compile")), "{e}");
+    }
+    /// Values print as jinja2 prints them (Python's `str`), where minijinja's own text differs; `round` and
+    /// `is sequence` as jinja2's. Expected texts are Python 3.11's (transformers' environment).
+    #[test]
+    fn values_print_round_and_test_as_in_jinja2() {
+        let cases = [
+            (
+                "{{ 1e20 }} {{ 1e-7 }} {{ 1.5e300 }} {{ 0.1 + 0.2 }} {{ 1.0 }} {{ -0.0 }}",
+                "1e+20 1e-07 1.5e+300 0.30000000000000004 1.0 -0.0",
+            ),
+            ("{{ [1, 'a', none, true, 1.5, {'k': 'v'}] }}", "[1, 'a', None, True, 1.5, {'k': 'v'}]"),
+            ("{{ {'a': none, 'b': [1e20]} }}", "{'a': None, 'b': [1e+20]}"),
+            ("{{ [\"it's\", 'a\"b', 'x\\ny\u{a0}\u{e9}'] }}", "[\"it's\", 'a\"b', 'x\\ny\\xa0\u{e9}']"),
+            (
+                "{{ 2.5|round }} {{ 3.5|round }} {{ 3|round }} {{ 2.675|round(2) }} {{ 1250|round(-2) }}",
+                "2.0 4.0 3 2.67 1200",
+            ),
+            ("{{ 2.567|round(2, 'floor') }} {{ 2|round(method='ceil') }} {{ -2.5|round }}", "2.56 2.0 -2.0"),
+            (
+                "{{ 'ab' is sequence }} {{ {'a': 1} is sequence }} {{ [1] is sequence }} {{ 1 is sequence }}",
+                "True True True False",
+            ),
+            ("{{ 'x' }}{{ 7 }}{{ true }}{{ none }}", "x7TrueNone"),
+            ("{{ ({'a': none}|string) + (1.5e20|string) + ('x'|string) + (true|string) }}", "{'a': None}1.5e+20xTrue"),
+        ];
+        for (source, want) in cases {
+            let t = ChatTemplate::compile(source, vec![]).unwrap();
+            assert_eq!(t.render(&[], false, &Kwargs::new()).unwrap(), want, "{source}");
+        }
+        let t = ChatTemplate::compile("{{ 2.5|round(0, 'up') }}", vec![]).unwrap();
+        assert!(t.render(&[], false, &Kwargs::new()).unwrap_err().to_string().contains("common, ceil or floor"));
     }
 }

@@ -185,6 +185,164 @@ fn py_float(f: f64) -> String {
     }
 }
 
+/// How jinja2 prints a value in the output (`str(x)`) where minijinja's own text differs: a float as Python's
+/// `repr` (`1e+20`, not `100000000000000000000.0`), and a list or dict as Python's `repr` (`[1, 'a', None]`,
+/// `{'k': 1.5}`), strings inside quoted as Python quotes them. Everything else as minijinja prints it.
+pub(super) fn formatter(out: &mut minijinja::Output, state: &minijinja::State, value: &Value) -> Result<(), Error> {
+    match py_str(value) {
+        Some(text) => out.write_str(&text).map_err(Error::from),
+        None => minijinja::escape_formatter(out, state, value),
+    }
+}
+
+/// jinja2's `string` filter: Python's `str(x)`, as [`formatter`] prints it.
+pub(super) fn string(value: Value) -> String {
+    py_str(&value).unwrap_or_else(|| value.to_string())
+}
+
+/// Python's `str(x)` where minijinja's text differs (floats, lists, dicts); `None` where it does not.
+fn py_str(value: &Value) -> Option<String> {
+    match value.kind() {
+        ValueKind::Number if value.is_integer() => None,
+        ValueKind::Number | ValueKind::Seq | ValueKind::Map => {
+            let mut text = String::new();
+            repr(value, &mut text);
+            Some(text)
+        }
+        _ => None,
+    }
+}
+
+/// Python's `repr(x)` of a template value, as far as templates hold values (none, booleans, numbers, strings,
+/// lists, dicts). A string's characters are kept as they are except the ASCII controls, the quote and the
+/// backslash, and the separators and format characters Python also escapes (unassigned code points are kept).
+fn repr(v: &Value, out: &mut String) {
+    match v.kind() {
+        ValueKind::None | ValueKind::Undefined => out.push_str("None"),
+        ValueKind::Bool => out.push_str(if v.is_true() { "True" } else { "False" }),
+        ValueKind::Number if v.is_integer() => out.push_str(&v.to_string()),
+        ValueKind::Number => {
+            let f = f64::try_from(v.clone()).unwrap_or(f64::NAN);
+            out.push_str(&match py_float(f).as_str() {
+                "NaN" => "nan".to_string(),
+                "Infinity" => "inf".to_string(),
+                "-Infinity" => "-inf".to_string(),
+                other => other.to_string(),
+            });
+        }
+        ValueKind::String => repr_str(v.as_str().unwrap_or(""), out),
+        ValueKind::Seq => {
+            out.push('[');
+            for (i, item) in v.try_iter().into_iter().flatten().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                repr(&item, out);
+            }
+            out.push(']');
+        }
+        ValueKind::Map => {
+            out.push('{');
+            for (i, key) in v.try_iter().into_iter().flatten().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                repr(&key, out);
+                out.push_str(": ");
+                repr(&v.get_item(&key).unwrap_or_default(), out);
+            }
+            out.push('}');
+        }
+        _ => out.push_str(&v.to_string()),
+    }
+}
+
+/// Python's `repr(str)`: single quotes unless the text holds one and no double quote.
+fn repr_str(s: &str, out: &mut String) {
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if !py_printable(c) => {
+                let n = c as u32;
+                let _ = match n {
+                    0..=0xff => write!(out, "\\x{n:02x}"),
+                    0x100..=0xffff => write!(out, "\\u{n:04x}"),
+                    _ => write!(out, "\\U{n:08x}"),
+                };
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+}
+
+/// Python's `str.isprintable` for one character, but for unassigned code points (kept): not a control
+/// (Cc), a format character (Cf), a surrogate or private-use character, nor a separator other than the space.
+fn py_printable(c: char) -> bool {
+    let n = c as u32;
+    !(c.is_control()
+        || matches!(n, 0xa0 | 0xad | 0x600..=0x605 | 0x61c | 0x6dd | 0x70f | 0x1680 | 0x180e)
+        || matches!(n, 0x2000..=0x200f | 0x2028..=0x202f | 0x205f..=0x2064 | 0x2066..=0x206f | 0x3000)
+        || matches!(n, 0xfeff | 0xfff9..=0xfffb | 0xe000..=0xf8ff | 0xf0000..=0x10ffff)
+        || matches!(n, 0x110bd | 0x110cd | 0x1bca0..=0x1bca3 | 0x1d173..=0x1d17a | 0xe0001 | 0xe0020..=0xe007f))
+}
+
+/// jinja2's `round(value, precision=0, method='common')`: `common` is Python's `round` (ties to even, on the
+/// exact binary value: `2.5 | round` is `2.0`), an integer staying an integer; `ceil` and `floor` give floats.
+pub(super) fn round(
+    value: Value,
+    precision: Option<i32>,
+    method: Option<String>,
+    kwargs: Kwargs,
+) -> Result<Value, Error> {
+    let precision = match (precision, kwargs.get::<Option<i32>>("precision")?) {
+        (Some(_), Some(_)) => return Err(error("round: precision given twice")),
+        (a, b) => a.or(b).unwrap_or(0),
+    };
+    let method = match (method, kwargs.get::<Option<String>>("method")?) {
+        (Some(_), Some(_)) => return Err(error("round: method given twice")),
+        (a, b) => a.or(b).unwrap_or_else(|| "common".into()),
+    };
+    kwargs.assert_all_used()?;
+    if value.kind() != ValueKind::Number {
+        return Err(error(format!("round: a number, not {}", value.kind())));
+    }
+    let scale = 10f64.powi(precision);
+    match method.as_str() {
+        "common" if value.is_integer() && precision >= 0 => Ok(value),
+        "common" if value.is_integer() => {
+            // Python's round(int, -k): the nearest multiple of 10^k, ties to even, still an integer.
+            let n = i64::try_from(value)?;
+            let m = 10i64.checked_pow(precision.unsigned_abs()).unwrap_or(i64::MAX);
+            let (q, r) = (n.div_euclid(m), n.rem_euclid(m));
+            let q = if 2 * (r as i128) > m as i128 || (2 * (r as i128) == m as i128 && q % 2 != 0) { q + 1 } else { q };
+            Ok(Value::from(q.saturating_mul(m)))
+        }
+        "common" => {
+            let f = f64::try_from(value)?;
+            let r = if precision >= 0 {
+                // Rust writes the exact binary value rounded half to even, as Python's round reads it.
+                format!("{f:.*}", precision as usize).parse().unwrap_or(f)
+            } else {
+                (f / 10f64.powi(-precision)).round_ties_even() * 10f64.powi(-precision)
+            };
+            Ok(Value::from(r))
+        }
+        "ceil" => Ok(Value::from((f64::try_from(value)? * scale).ceil() / scale)),
+        "floor" => Ok(Value::from((f64::try_from(value)? * scale).floor() / scale)),
+        other => Err(error(format!("round: method must be common, ceil or floor, not {other:?}"))),
+    }
+}
+
 /// transformers' `strftime_now(format)` at `secs`: Python's `datetime.strftime` of a naive datetime (`%z` and
 /// `%Z` empty), in UTC (a server's clock, not a user's), for the C locale's directives (glibc's `-` flag, no
 /// padding, included); others are refused by name.
