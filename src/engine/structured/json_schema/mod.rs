@@ -11,11 +11,30 @@
 //! (each definition using the one before twice): the regex is refused past [`MAX_REGEX_BYTES`] as it is
 //! built, never after.
 
+use std::fmt::Write as _;
+
 use regex_syntax::escape;
 use serde_json::{Map, Value};
 
 /// How deeply a value the schema leaves open may nest (objects and arrays inside it).
 pub const ANY_DEPTH: usize = 3;
+
+/// The deepest a schema's subschemas may nest, `$ref`s followed (each a level): the builder recurses once a
+/// level, and a chain of a few thousand overflowed the thread's stack (the process aborts).
+pub const MAX_DEPTH: usize = 128;
+
+/// Pairs of values the `oneOf` check may compare (each subschema's listed values, or 1, times each other's):
+/// past it a `oneOf` of thousands of consts took a minute to check. An `enum` says the same at no cost.
+const ONE_OF_WORK: usize = 2_000_000;
+
+/// Where in the schema `at` is, for messages: its JSON pointer, or "the schema" at the root.
+fn place(at: &str) -> &str {
+    if at.is_empty() {
+        "the schema"
+    } else {
+        at
+    }
+}
 
 /// The longest regex a schema may become. An open value (`{}`) is ~22 KB of it; regexes this long already
 /// come close to the compiled automaton's own limit.
@@ -61,9 +80,9 @@ fn fit_len(len: usize, at: &str) -> Result<(), String> {
     if len <= MAX_REGEX_BYTES {
         return Ok(());
     }
-    let place = if at.is_empty() { "the schema" } else { at };
     Err(format!(
-        "{place}: too large: its regex passes {} MiB (every `$ref` and open value is written out where it is used)",
+        "{}: too large: its regex passes {} MiB (every `$ref` and open value is written out where it is used)",
+        place(at),
         MAX_REGEX_BYTES >> 20
     ))
 }
@@ -71,7 +90,7 @@ fn fit_len(len: usize, at: &str) -> Result<(), String> {
 /// The regex of `schema` (JSON text), or what is wrong with it (with the JSON pointer of the place).
 pub fn regex_of_schema(schema: &str) -> Result<String, String> {
     let root: Value = serde_json::from_str(schema).map_err(|e| format!("not JSON: {e}"))?;
-    Builder { root: &root, refs: Vec::new() }.value(&root, "")
+    Builder { root: &root, refs: Vec::new(), depth: 0, under_id: 0, built: Default::default() }.value(&root, "")
 }
 
 /// The regex of any JSON object (vLLM's `json_object`), nesting at most [`ANY_DEPTH`] levels.
@@ -113,29 +132,39 @@ struct Builder<'a> {
     root: &'a Value,
     /// The `$ref`s being expanded, to refuse recursion.
     refs: Vec<String>,
+    /// Subschemas being built, one inside the other (at most [`MAX_DEPTH`]).
+    depth: usize,
+    /// Of those, the ones with an `$id` of their own (the root's aside): a `$ref` under one resolves against
+    /// that `$id`, which this builder does not follow.
+    under_id: usize,
+    /// The regex of every `$ref` built so far: the same wherever it is used, and built once (a chain of
+    /// definitions each using the one before twice took 2^depth builds, however small its regex).
+    built: std::collections::HashMap<String, String>,
 }
 
 impl<'a> Builder<'a> {
-    /// The regex of the subschema at `at`, within [`MAX_REGEX_BYTES`].
+    /// The regex of the subschema at `at`, within [`MAX_REGEX_BYTES`] and [`MAX_DEPTH`].
     fn value(&mut self, schema: &'a Value, at: &str) -> Result<String, String> {
-        let regex = self.value_unbounded(schema, at)?;
-        fit(regex, at)
+        if self.depth >= MAX_DEPTH {
+            return Err(format!("{}: nested more than {MAX_DEPTH} subschemas deep (`$ref`s counted)", place(at)));
+        }
+        let own_id = !at.is_empty() && schema.get("$id").is_some();
+        self.depth += 1;
+        self.under_id += usize::from(own_id);
+        let regex = self.value_unbounded(schema, at).and_then(|r| fit(r, at));
+        self.depth -= 1;
+        self.under_id -= usize::from(own_id);
+        regex
     }
 
     /// [`Self::value`] before its size is checked (the parts it joins are checked as they come).
     fn value_unbounded(&mut self, schema: &'a Value, at: &str) -> Result<String, String> {
-        let here = || if at.is_empty() { "the schema".to_string() } else { at.to_string() };
         let s = match schema {
             Value::Bool(true) => return Ok(any(ANY_DEPTH)),
-            Value::Bool(false) => return Err(format!("{}: `false` accepts nothing", here())),
+            Value::Bool(false) => return Err(format!("{}: `false` accepts nothing", place(at))),
             Value::Object(s) => s,
-            _ => return Err(format!("{}: a schema is an object or a boolean", here())),
+            _ => return Err(format!("{}: a schema is an object or a boolean", place(at))),
         };
-        // A `$ref` inside resolves against the nearest `$id` (a new base URI), which this builder does not
-        // follow: refused rather than resolved against the root.
-        if !at.is_empty() && s.contains_key("$id") {
-            return Err(format!("{at}/$id: a subschema with an `$id` of its own is not supported"));
-        }
         if let Some(r) = s.get("$ref") {
             return self.reference(s, r, at);
         }
@@ -171,7 +200,7 @@ impl<'a> Builder<'a> {
                 return Err(format!("{at}/{key}: a non-empty array"));
             };
             if let Some(k) = s.keys().find(|k| *k != key && !ANNOTATIONS.contains(&k.as_str())) {
-                return Err(format!("{}: `{k}` beside `{key}` is not supported", here()));
+                return Err(format!("{}: `{k}` beside `{key}` is not supported", place(at)));
             }
             if key == "allOf" && list.len() > 1 {
                 return Err(format!("{at}/allOf: only a single subschema is supported"));
@@ -185,6 +214,16 @@ impl<'a> Builder<'a> {
             }
             if key == "oneOf" {
                 // Valid against exactly one: as anyOf only where no value can be valid against two.
+                let sizes: Vec<usize> =
+                    list.iter().map(|sub| self.values_of(sub).map_or(1, |v| v.len().max(1))).collect();
+                let total: usize = sizes.iter().sum();
+                let work = sizes.iter().map(|n| n.saturating_mul(total - n)).fold(0usize, usize::saturating_add) / 2;
+                if work > ONE_OF_WORK {
+                    return Err(format!(
+                        "{at}/oneOf: too many subschemas and values to check that no value is valid against two \
+                         ({work} pairs; give one `enum`, or use anyOf)"
+                    ));
+                }
                 for (i, a) in list.iter().enumerate() {
                     for (j, b) in list.iter().enumerate().skip(i + 1) {
                         if !self.told_apart(a, b) {
@@ -338,22 +377,33 @@ impl<'a> Builder<'a> {
             return Err(format!("{at}: `{k}` beside `$ref` is not supported"));
         }
         let r = r.as_str().ok_or_else(|| format!("{at}/$ref: a string"))?;
+        // Under a subschema with an `$id` of its own, `#…` means that subschema, not the root: refused rather
+        // than resolved against the wrong document.
+        if self.under_id > 0 {
+            return Err(format!("{at}/$ref: under a subschema with an `$id` of its own, which is not supported"));
+        }
         let pointer =
             r.strip_prefix('#').ok_or_else(|| format!("{at}/$ref: `{r}` is not in this document (only `#…` is)"))?;
         let target = self.root.pointer(pointer).ok_or_else(|| format!("{at}/$ref: `{r}` points at nothing"))?;
         if self.refs.iter().any(|seen| seen == r) {
             return Err(format!("{at}/$ref: `{r}` is recursive, which a regex cannot follow"));
         }
+        if let Some(regex) = self.built.get(r) {
+            return Ok(regex.clone());
+        }
         self.refs.push(r.to_string());
         let out = self.value(target, &format!("{at}/$ref={r}"));
         self.refs.pop();
+        if let Ok(regex) = &out {
+            self.built.insert(r.to_string(), regex.clone());
+        }
         out
     }
 
     fn string(&mut self, s: &Map<String, Value>, at: &str) -> Result<String, String> {
         if let Some(p) = s.get("pattern") {
             if let Some(k) = ["minLength", "maxLength", "format"].iter().find(|k| s.contains_key(**k)) {
-                return Err(format!("{at}: `pattern` with `{k}` is not supported"));
+                return Err(format!("{}: `pattern` with `{k}` is not supported", place(at)));
             }
             let p = p.as_str().ok_or_else(|| format!("{at}/pattern: a string"))?;
             let content = super::pattern::string_content(p).map_err(|e| format!("{at}/pattern: {e}"))?;
@@ -362,7 +412,7 @@ impl<'a> Builder<'a> {
         if let Some(f) = s.get("format") {
             // A format's texts are of its own lengths: a length beside it would be ignored.
             if let Some(k) = ["minLength", "maxLength"].iter().find(|k| s.contains_key(**k)) {
-                return Err(format!("{at}: `format` with `{k}` is not supported"));
+                return Err(format!("{}: `format` with `{k}` is not supported", place(at)));
             }
             let f = f.as_str().ok_or_else(|| format!("{at}/format: a string"))?;
             let body = match f {
@@ -411,15 +461,17 @@ impl<'a> Builder<'a> {
     }
 
     fn array(&mut self, s: &'a Map<String, Value>, at: &str) -> Result<String, String> {
-        let item = match s.get("items") {
-            Some(items) => self.value(items, &format!("{at}/items"))?,
-            None => any(ANY_DEPTH - 1),
-        };
         let min = count(s, "minItems", at)?.unwrap_or(0);
         let max = count(s, "maxItems", at)?;
         if max.is_some_and(|m| m < min) {
             return Err(format!("{at}: maxItems is below minItems"));
         }
+        let item = match s.get("items") {
+            // No item is ever written: its regex would be built for nothing.
+            Some(_) if max == Some(0) => String::new(),
+            Some(items) => self.value(items, &format!("{at}/items"))?,
+            None => any(ANY_DEPTH - 1),
+        };
         Ok(array_of(&item, min, max))
     }
 
@@ -455,29 +507,59 @@ impl<'a> Builder<'a> {
             fit_len(len, at)?;
             members.push((member, required.contains(&name.as_str())));
         }
-        Ok(format!(r"\{{{WS}{}{WS}\}}", members_after(&members, 0, false, at)?))
+        // Quadratic in the optional members (each may be the first written): measured before it is built.
+        fit_len(members_len(&members), at)?;
+        Ok(format!(r"\{{{WS}{}{WS}\}}", members_after(&members)))
     }
 }
 
-/// The members from `i` on, each optional one present or not, with a comma before every member but the
-/// first written (`written`: one was written before `i`).
-/// Quadratic in the optional members (each may be the first written), so checked against
-/// [`MAX_REGEX_BYTES`] level by level.
-fn members_after(members: &[(String, bool)], i: usize, written: bool, at: &str) -> Result<String, String> {
-    let Some((member, required)) = members.get(i) else {
-        return Ok(String::new());
-    };
-    if written {
-        let this = format!("{WS},{WS}{member}");
-        let rest = members_after(members, i + 1, true, at)?;
-        return fit(if *required { format!("{this}{rest}") } else { format!("(?:{this})?{rest}") }, at);
+/// The members, each optional one present or not, with a comma before every member but the first written.
+/// Up to the first required member, each optional one may be the first written: `(?:m0 rest|(?:m1 rest|…))`,
+/// each `rest` a tail of the same written-after-a-member text. Built in one pass, no deeper than a loop (a
+/// recursion a member deep overflowed the stack at 10,000 members); its length is [`members_len`].
+fn members_after(members: &[(String, bool)]) -> String {
+    // `after[i..]`: the members from i on, each after a comma, as they follow one already written.
+    let mut after = String::new();
+    let mut starts = Vec::with_capacity(members.len() + 1);
+    for (member, required) in members {
+        starts.push(after.len());
+        let _ = if *required { write!(after, "{WS},{WS}{member}") } else { write!(after, "(?:{WS},{WS}{member})?") };
     }
-    let with = format!("{member}{}", members_after(members, i + 1, true, at)?);
-    if *required {
-        Ok(with)
-    } else {
-        fit(format!("(?:{with}|{})", members_after(members, i + 1, false, at)?), at)
+    starts.push(after.len());
+    let mut out = String::new();
+    let mut open = 0;
+    for (i, (member, required)) in members.iter().enumerate() {
+        let rest = &after[starts[i + 1]..];
+        if *required {
+            out.push_str(member);
+            out.push_str(rest);
+            break;
+        }
+        out.push_str("(?:");
+        out.push_str(member);
+        out.push_str(rest);
+        out.push('|');
+        open += 1;
     }
+    out.push_str(&")".repeat(open));
+    out
+}
+
+/// The length of [`members_after`]`(members)`, worked out from the back without building it.
+fn members_len(members: &[(String, bool)]) -> usize {
+    // After member i: the tail once a member is written (`written`), and the rest with none written yet.
+    let (mut written, mut none) = (0usize, 0usize);
+    for (member, required) in members.iter().rev() {
+        let this = 2 * WS.len() + 1 + member.len(); // "{WS},{WS}{member}"
+        let with = member.len().saturating_add(written);
+        (written, none) = if *required {
+            (this.saturating_add(written), with)
+        } else {
+            // "(?:{this})?" and "(?:{with}|{none})"
+            (this.saturating_add(5).saturating_add(written), with.saturating_add(none).saturating_add(5))
+        };
+    }
+    none
 }
 
 /// The first integer at or past `n` upwards (`up`) or downwards, past it when `strict`; `None` outside i64.

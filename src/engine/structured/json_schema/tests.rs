@@ -183,6 +183,70 @@ fn schemas_whose_regex_would_be_huge_are_refused_as_it_grows() {
     assert!(e.starts_with("the schema: too large"), "{e}");
 }
 
+/// The object members' regex, built in one pass, is the plain recursive definition (each optional member
+/// present or not, a comma before all but the first written), and its length is worked out before it is
+/// built; 20,000 members (a recursion that deep overflowed the stack) build.
+#[test]
+fn members_regex_is_its_definition_and_its_length_is_known_first() {
+    fn reference(members: &[(String, bool)], i: usize, written: bool) -> String {
+        let Some((member, required)) = members.get(i) else { return String::new() };
+        if written {
+            let this = format!("{WS},{WS}{member}");
+            let rest = reference(members, i + 1, true);
+            return if *required { format!("{this}{rest}") } else { format!("(?:{this})?{rest}") };
+        }
+        let with = format!("{member}{}", reference(members, i + 1, true));
+        if *required {
+            with
+        } else {
+            format!("(?:{with}|{})", reference(members, i + 1, false))
+        }
+    }
+    let mut rng = crate::rng::Rng::new(5);
+    for n in 0..40 {
+        let members: Vec<(String, bool)> =
+            (0..n).map(|i| ("m".repeat(1 + rng.below(30) as usize) + &i.to_string(), rng.below(3) > 0)).collect();
+        let built = members_after(&members);
+        assert_eq!(built, reference(&members, 0, false), "{members:?}");
+        assert_eq!(members_len(&members), built.len(), "{members:?}");
+    }
+    let many: Vec<(String, bool)> = (0..20_000).map(|i| (format!("\"p{i}\":1"), true)).collect();
+    assert_eq!(members_after(&many).len(), members_len(&many));
+}
+
+/// A chain of `$ref`s (or of `anyOf`s) thousands deep overflowed the builder's stack and aborted the server;
+/// a `oneOf` of thousands of consts took a minute to check. Both are refused at once, naming the place.
+#[test]
+fn deep_chains_and_huge_one_ofs_are_refused() {
+    for (wrap, n) in [("{\"$ref\": \"#/$defs/d{}\"}", 3000), ("{\"anyOf\": [{\"$ref\": \"#/$defs/d{}\"}]}", 1500)] {
+        let mut defs = serde_json::Map::new();
+        defs.insert("d0".into(), serde_json::json!({"type": "integer"}));
+        for i in 1..=n {
+            let def: Value = serde_json::from_str(&wrap.replace("{}", &(i - 1).to_string())).unwrap();
+            defs.insert(format!("d{i}"), def);
+        }
+        let schema = serde_json::json!({"$defs": defs, "$ref": format!("#/$defs/d{n}")}).to_string();
+        let e = regex_of_schema(&schema).unwrap_err();
+        assert!(e.contains("nested more than 128 subschemas deep"), "{}", &e[e.len().saturating_sub(200)..]);
+    }
+    let consts: Vec<Value> = (0..20_000).map(|i| serde_json::json!({"const": i})).collect();
+    let e = regex_of_schema(&serde_json::json!({"oneOf": consts}).to_string()).unwrap_err();
+    assert!(e.starts_with("/oneOf: too many subschemas and values"), "{e}");
+    let consts: Vec<Value> = (0..100).map(|i| serde_json::json!({"const": i})).collect();
+    assert!(regex_of_schema(&serde_json::json!({"oneOf": consts}).to_string()).is_ok());
+    // Definitions each using the one before twice (2^40 builds, and a regex past the budget), where no item
+    // is ever written (`maxItems: 0`): not built at all.
+    let mut defs = serde_json::Map::new();
+    defs.insert("d0".into(), serde_json::json!({"type": "integer"}));
+    for i in 1..=40 {
+        let prev = format!("#/$defs/d{}", i - 1);
+        let both = serde_json::json!({"anyOf": [{"$ref": prev}, {"$ref": prev}]});
+        defs.insert(format!("d{i}"), serde_json::json!({"type": "array", "minItems": 1, "items": both}));
+    }
+    let schema = serde_json::json!({"$defs": defs, "type": "array", "maxItems": 0, "items": {"$ref": "#/$defs/d40"}});
+    assert_eq!(regex_of_schema(&schema.to_string()).unwrap(), format!(r"\[{WS}{WS}\]"));
+}
+
 #[test]
 fn unsupported_schemas_are_refused_by_name_and_place() {
     let cases = [
@@ -220,8 +284,14 @@ fn unsupported_schemas_are_refused_by_name_and_place() {
         (
             r##"{"$defs": {"x": {"type": "string"}}, "properties": {"p": {"$id": "http://example.com/p",
                 "$defs": {"x": {"type": "integer"}}, "$ref": "#/$defs/x"}}}"##,
-            "/properties/p/$id: a subschema with an `$id` of its own",
+            "/properties/p/$ref: under a subschema with an `$id` of its own",
         ),
+        (
+            r##"{"$defs": {"x": {"type": "string"}}, "properties": {"p": {"$id": "http://example.com/p",
+                "type": "array", "items": {"$ref": "#/$defs/x"}}}}"##,
+            "/properties/p/items/$ref: under a subschema with an `$id` of its own",
+        ),
+        (r#"{"type": "string", "format": "uuid", "maxLength": 10}"#, "the schema: `format` with `maxLength`"),
         (r#"{"type": "string", "pattern": "a\"b"}"#, "/pattern: the literal character"),
         ("false", "accepts nothing"),
         ("{", "not JSON"),
@@ -229,6 +299,13 @@ fn unsupported_schemas_are_refused_by_name_and_place() {
     for (schema, want) in cases {
         let err = regex_of_schema(schema).unwrap_err();
         assert!(err.contains(want), "{schema}: {err}");
+    }
+    // An `$id` with no `$ref` under it changes nothing (bundled schemas give their definitions one).
+    for schema in [
+        r##"{"$defs": {"x": {"$id": "http://x/x", "type": "string"}}, "$ref": "#/$defs/x"}"##,
+        r##"{"properties": {"p": {"$id": "http://x/p", "type": "string"}}}"##,
+    ] {
+        assert!(regex_of_schema(schema).is_ok(), "{schema}");
     }
 }
 
