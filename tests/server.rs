@@ -634,9 +634,9 @@ async fn metrics_exposition_has_every_contract_metric_with_its_type_and_labels()
 
 // ---- helpers ----
 
-/// `r` sent to LoraServe's `method` over plain HTTP/2 with a `grpc-timeout` header: the server's grpc-status
-/// and message (after any streamed messages). (tonic's client enforces the header itself, answering CANCELLED "Timeout expired"
-/// at the deadline however close behind it the server's answer is: it cannot show what the server answered.)
+/// `r` sent to LoraServe's `method` over plain HTTP/2 with a `grpc-timeout` header: the server's grpc-status and
+/// message (after any streamed messages). (tonic's client enforces the header itself, answering CANCELLED "Timeout
+/// expired" at the deadline however close behind it the server's answer is: it cannot show what the server answered.)
 async fn raw_call_with_timeout(
     addr: std::net::SocketAddr,
     method: &str,

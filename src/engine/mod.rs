@@ -74,6 +74,10 @@ impl Engine {
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let s = stats.clone();
+        // The KV-cache gauges have a series (a fresh cache: 0) before the first request, and before the server
+        // says it serves; the engine thread sets them after each step.
+        metrics::gauge!(crate::telemetry::KV_CACHE_BLOCKS_USED).set(0.0);
+        metrics::gauge!(crate::telemetry::KV_CACHE_BLOCKS_CACHED).set(0.0);
         let thread = std::thread::Builder::new()
             .name("loraserve-engine".into())
             .spawn(move || worker::run(model, cache, tokenizer, config, rx, s))

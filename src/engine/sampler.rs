@@ -52,7 +52,8 @@ pub struct SamplingParams {
     /// When not empty, only these tokens can be picked: every other logit is −∞ (vLLM's `allowed_token_ids`).
     pub allowed_token_ids: Vec<u32>,
     /// Structured output: only tokens that keep the output a prefix of a text of the guide's language can be
-    /// picked, and the ending tokens only where it is a whole one (every other logit −∞, first of all).
+    /// picked, and the ending tokens where it is a whole one, a stop token also where the language takes it
+    /// as text (every other logit −∞, first of all).
     pub guide: Option<Arc<Guide>>,
 }
 
@@ -199,9 +200,10 @@ pub struct Sampler {
     held: Vec<u32>,
     /// Tokens picked so far.
     generated: usize,
-    /// With structured output: where the output is in the guide's automaton, and the tokens that end the
-    /// request (allowed where the output is whole).
-    guided: Option<(Cursor, Vec<u32>)>,
+    /// With structured output: where the output is in the guide's automaton, the tokens that end the
+    /// request (allowed where the output is whole), and those of them that are stop tokens (allowed where the
+    /// language takes them as text, too).
+    guided: Option<(Cursor, Vec<u32>, Vec<u32>)>,
 }
 
 /// The tokens the penalties look at, kept up to date token by token (not recounted every step).
@@ -237,7 +239,11 @@ impl Sampler {
             0 => Vec::new(),
             _ => ending(&params),
         };
-        let guided = params.guide.as_ref().map(|g| (g.start(), ending(&params)));
+        let guided = params.guide.as_ref().map(|g| {
+            let ending = ending(&params);
+            let stops = ending.iter().copied().filter(|&t| params.ends_at(t, eos) == Some(FinishReason::StopToken));
+            (g.start(), ending.clone(), stops.collect())
+        });
         Sampler { params, rng: Rng::new(seed), history, held, generated: 0, guided }
     }
 
@@ -325,7 +331,7 @@ impl Sampler {
             h.seen.insert(token);
             *h.output.entry(token).or_default() += 1;
         }
-        if let (Some((state, ending)), Some(g)) = (&mut self.guided, &self.params.guide) {
+        if let (Some((state, ending, _)), Some(g)) = (&mut self.guided, &self.params.guide) {
             if !ending.contains(&token) {
                 *state = g.advance(*state, token);
                 g.prefetch(*state);
@@ -336,10 +342,10 @@ impl Sampler {
 
     /// The logits of the tokens the structured output allows now; −∞ for the others.
     fn guided_only(&self, logits: &[f32]) -> Vec<f32> {
-        let (Some((state, ending)), Some(g)) = (&self.guided, &self.params.guide) else {
+        let (Some((state, ending, stops)), Some(g)) = (&self.guided, &self.params.guide) else {
             return logits.to_vec();
         };
-        g.mask(*state).apply(logits, ending)
+        g.mask(*state).apply(logits, ending, stops)
     }
 
     /// Greedy or sampled, from logits the penalties have already changed; `None` when every logit is NaN or

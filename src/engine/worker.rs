@@ -160,8 +160,6 @@ pub(crate) fn run(
     let mut aborted = false;
     let mut failed_in_a_row = 0;
     let eos = model.config().eos_token_ids.clone();
-    // The KV-cache gauges have a series (at 0) before the first request.
-    publish(&stats, &sched, &cache);
 
     loop {
         // 1. Intake: block while idle, otherwise take whatever has arrived.

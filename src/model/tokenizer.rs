@@ -189,7 +189,12 @@ impl TextStream {
                 return Ok(text);
             }
         }
-        unreachable!("no context left: the prefix is the empty decode")
+        // No context left decodes as nothing, so the loop ended there; should a tokenizer decode no tokens as
+        // text, start over from the tokens not yet emitted.
+        self.ids.drain(..self.prefix_index);
+        self.prefix.clear();
+        self.prefix_index = 0;
+        tok.decode(&self.ids)
     }
 }
 

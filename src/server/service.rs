@@ -72,8 +72,9 @@ pub struct Service {
 }
 
 /// The compiled guide of a request's structured output (compiled off the runtime's threads: a large JSON
-/// Schema takes a while).
-async fn guide_of(ready: &Ready, s: proto::StructuredOutput) -> Result<Arc<Guide>, Status> {
+/// Schema takes a while), within the request's deadline (the compile goes on, and its guide is kept, for a
+/// retry).
+async fn guide_of(ready: &Ready, s: proto::StructuredOutput, deadline: Option<Instant>) -> Result<Arc<Guide>, Status> {
     use proto::structured_output::Kind;
     let constraint = match s.kind {
         None => return Err(invalid("structured_output", "give one of regex, choice, json_schema and json_object")),
@@ -84,10 +85,14 @@ async fn guide_of(ready: &Ready, s: proto::StructuredOutput) -> Result<Arc<Guide
     };
     let guides = ready.guides.clone();
     let field = constraint.field();
-    tokio::task::spawn_blocking(move || guides.get(&constraint))
-        .await
-        .map_err(|e| Status::internal(format!("compiling {field}: {e}")))?
-        .map_err(|e| invalid(field, e))
+    let compile = tokio::task::spawn_blocking(move || guides.get(&constraint));
+    let compiled = match deadline {
+        Some(d) => within(d, compile)
+            .await
+            .ok_or_else(|| Status::deadline_exceeded(format!("deadline exceeded compiling {field}")))?,
+        None => compile.await,
+    };
+    compiled.map_err(|e| Status::internal(format!("compiling {field}: {e}")))?.map_err(|e| invalid(field, e))
 }
 
 /// The affinity header must agree with the body: a router hashed on it, so a mismatch means the request may
@@ -119,11 +124,17 @@ fn counted<T>(rpc: &'static str, r: Result<T, Status>) -> Result<T, Status> {
 struct CancelCount {
     rpc: &'static str,
     armed: bool,
+    /// Past it, a call dropped was ended by its deadline (the client's timer or tonic's fired first).
+    deadline: Option<Instant>,
 }
 
 impl CancelCount {
     fn new(rpc: &'static str) -> Self {
-        CancelCount { rpc, armed: true }
+        CancelCount { rpc, armed: true, deadline: None }
+    }
+
+    fn until(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
     }
 
     fn disarm(&mut self) {
@@ -134,8 +145,18 @@ impl CancelCount {
 impl Drop for CancelCount {
     fn drop(&mut self) {
         if self.armed {
-            count(self.rpc, tonic::Code::Cancelled);
+            count(self.rpc, ended_by(self.deadline));
         }
+    }
+}
+
+/// How a call the client left ended: by its deadline if that had passed (the client's timer, a little behind
+/// the server's, can fire first on a busy server), else cancelled.
+fn ended_by(deadline: Option<Instant>) -> tonic::Code {
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        tonic::Code::DeadlineExceeded
+    } else {
+        tonic::Code::Cancelled
     }
 }
 
@@ -185,6 +206,17 @@ async fn within<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
         Poll::Pending
     })
     .await
+}
+
+/// Ends a stream at its deadline: the engine stops the request (its events dropped), then the status goes out.
+async fn end_at_deadline(
+    events: mpsc::UnboundedReceiver<Event>,
+    tx: &mpsc::Sender<Result<proto::GenerateResponse, Status>>,
+) {
+    drop(events);
+    let s = Status::deadline_exceeded("deadline exceeded");
+    count("GenerateStream", s.code());
+    let _ = tx.send(Err(s)).await;
 }
 
 /// A request on its way to the engine, plus what the response needs.
@@ -272,7 +304,7 @@ impl Service {
             return Err(invalid("stop_token_ids", format!("at most {MAX_STOP_TOKEN_IDS} ids, got {n}")));
         }
         if let Some(s) = r.structured_output.take() {
-            sampling.guide = Some(guide_of(ready, s).await?);
+            sampling.guide = Some(guide_of(ready, s, deadline).await?);
         }
         sampling.validate_model(ready.vocab, &ready.eos).map_err(Status::invalid_argument)?;
         if r.stop.len() > limits.max_stop_strings {
@@ -448,8 +480,10 @@ impl LoraServe for Service {
     ) -> Result<Response<proto::GenerateResponse>, Status> {
         HandlerSeen::mark(&req);
         let mut guard = CancelCount::new("Generate");
+        let deadline = deadline_of(&req);
+        guard.until(deadline.clone().ok().flatten());
         let result = async {
-            let deadline = deadline_of(&req)?;
+            let deadline = deadline?;
             let mut a = self.admit(req, deadline).await?;
             let mut out = proto::GenerateResponse { adapter_version: a.adapter_version, ..Default::default() };
             loop {
@@ -490,7 +524,9 @@ impl LoraServe for Service {
     async fn generate_stream(&self, req: Request<proto::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         HandlerSeen::mark(&req);
         let mut guard = CancelCount::new("GenerateStream");
-        let (admitted, deadline) = match deadline_of(&req) {
+        let deadline = deadline_of(&req);
+        guard.until(deadline.clone().ok().flatten());
+        let (admitted, deadline) = match deadline {
             Ok(deadline) => (self.admit(req, deadline).await, deadline),
             Err(s) => (Err(s), None),
         };
@@ -505,7 +541,8 @@ impl LoraServe for Service {
             // The scored prompt goes out with the first tokens, in the same message.
             let mut prompt = None;
             // tonic's timer covers the handler only: past it, the deadline is this task's to keep, as the
-            // unary call's (else the client gives up first and the call counts CANCELLED).
+            // unary call's (else the client gives up first and the call counts CANCELLED). Watched first, while
+            // waiting for events and while a slow reader holds up a send.
             let expired = async move {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -517,16 +554,12 @@ impl LoraServe for Service {
                 // A client that leaves while its request waits in the queue (or in a long prefill) sends
                 // nothing to fail on: watch the channel too, so that its slot and adapter lease go at once.
                 let ev = tokio::select! {
+                    biased;
+                    () = &mut expired => return end_at_deadline(a.events, &tx).await,
                     ev = a.events.recv() => ev,
                     () = tx.closed() => {
                         // Returning drops `a.events`, which tells the engine to stop.
-                        count("GenerateStream", tonic::Code::Cancelled);
-                        return;
-                    }
-                    () = &mut expired => {
-                        let s = Status::deadline_exceeded("deadline exceeded");
-                        count("GenerateStream", s.code());
-                        let _ = tx.send(Err(s)).await;
+                        count("GenerateStream", ended_by(deadline));
                         return;
                     }
                 };
@@ -563,9 +596,14 @@ impl LoraServe for Service {
                     Event::Failed(e) => (Err(status::from_engine(e)), true),
                 };
                 let code = msg.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+                let sent = tokio::select! {
+                    biased;
+                    () = &mut expired => return end_at_deadline(a.events, &tx).await,
+                    sent = tx.send(msg) => sent,
+                };
                 // A failed send means the client left: dropping `a.events` tells the engine to stop.
-                if tx.send(msg).await.is_err() {
-                    count("GenerateStream", tonic::Code::Cancelled);
+                if sent.is_err() {
+                    count("GenerateStream", ended_by(deadline));
                     return;
                 }
                 if last {
@@ -611,9 +649,11 @@ impl LoraServe for Service {
     ) -> Result<Response<proto::LoadAdapterResponse>, Status> {
         HandlerSeen::mark(&req);
         let mut guard = CancelCount::new("LoadAdapter");
+        let deadline = deadline_of(&req);
+        guard.until(deadline.clone().ok().flatten());
         let r = async {
             let ready = self.ready()?;
-            let deadline = deadline_of(&req)?;
+            let deadline = deadline?;
             check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
             let id = req.into_inner().adapter_id;
             if id.is_empty() {

@@ -3,12 +3,12 @@
 //! JSON object.
 //!
 //! The language compiles to an anchored DFA over bytes ([`Guide`]). Before each pick, the tokens whose bytes
-//! ([`TokenBytes`]) keep the output a prefix of some text of the language are allowed, and the tokens that end
-//! the request (EOS, `stop_token_ids`) where the output is a whole text of it, or, for a stop token that is
-//! also text, where the language allows that text (vLLM's rule: picked, it ends the output there, cut as
-//! `max_new_tokens` cuts it); every other logit is −∞. The allowed set of a DFA state is worked out once, by walking the vocabulary in byte order so that
-//! tokens sharing a prefix share its walk and a dead prefix skips all tokens that start with it (in chunks,
-//! in parallel), and kept with the guide; it starts on the thread pool as soon as a pick reaches the state,
+//! ([`TokenBytes`]) keep the output a prefix of some text of the language are allowed, and the tokens that end the
+//! request (EOS, `stop_token_ids`) where the output is a whole text of it, or, for a stop token that is also text,
+//! where the language allows that text (vLLM's rule: picked, it ends the output there, cut as `max_new_tokens` cuts
+//! it); every other logit is −∞. The allowed set of a DFA state is worked out once, by walking the vocabulary in byte
+//! order so that tokens sharing a prefix share its walk and a dead prefix skips all tokens that start with it (in
+//! chunks, in parallel), and kept with the guide; it starts on the thread pool as soon as a pick reaches the state,
 //! overlapping the next forward. A set's cell is filled only by whoever put it in; others wait, so no pool
 //! job ever waits. [`Guides`] keeps the most recently used guides, so repeated schemas compile once.
 
@@ -120,11 +120,11 @@ impl Mask {
         ones(&self.words, false)
     }
 
-    /// `logits` with every token this mask does not allow at −∞ (ids past the mask's vocabulary too), and
-    /// `ending` allowed where the output is whole or the mask allows them as text. Touches only the fewer of the allowed and the other tokens
-    /// after one fill or copy, so a mask that allows almost everything (inside a JSON string) costs about a
-    /// copy.
-    pub fn apply(&self, logits: &[f32], ending: &[u32]) -> Vec<f32> {
+    /// `logits` with every token this mask does not allow at −∞ (ids past the mask's vocabulary too), and `ending`
+    /// allowed where the output is whole; those also in `stops` where the mask allows them as text. Touches only the
+    /// fewer of the allowed and the other tokens after one fill or copy, so a mask that allows almost everything
+    /// (inside a JSON string) costs about a copy.
+    pub fn apply(&self, logits: &[f32], ending: &[u32], stops: &[u32]) -> Vec<f32> {
         let n = logits.len().min(self.words.len() * 64);
         let mut out = if self.allowed < n / 2 {
             let mut out = vec![f32::NEG_INFINITY; logits.len()];
@@ -142,10 +142,11 @@ impl Mask {
         };
         // The ending tokens end the output where it is whole. A stop token the language allows as text here
         // stays allowed: the request asked to stop on it (and where the language needs that text to go on,
-        // masking it would leave nothing to pick).
+        // masking it would leave nothing to pick). EOS never: an output ended by EOS is whole.
         for &t in ending {
             if let Some(&l) = logits.get(t as usize) {
-                out[t as usize] = if self.whole || self.allows(t) { l } else { f32::NEG_INFINITY };
+                let as_text = self.allows(t) && stops.contains(&t);
+                out[t as usize] = if self.whole || as_text { l } else { f32::NEG_INFINITY };
             }
         }
         out

@@ -164,8 +164,8 @@ fn guides_are_kept_and_reused() {
 }
 
 /// Both ways of applying a mask (few allowed, most allowed) give the logits of exactly the allowed tokens,
-/// −∞ past the tokenizer's vocabulary, and the ending tokens where the text is whole or, as text, allowed
-/// (token 1, `"`, is text one regex allows and the other does not).
+/// −∞ past the tokenizer's vocabulary, and the ending tokens where the text is whole, a stop token also where
+/// it is allowed as text, EOS never (token 1, `"`, is text one regex allows and the other does not; 2 too).
 #[test]
 fn applied_masks_keep_exactly_the_allowed_logits() {
     let tok = fixture_tokenizer("qwen2");
@@ -176,10 +176,11 @@ fn applied_masks_keep_exactly_the_allowed_logits() {
         let mut s = g.start();
         for step in 0..3 {
             let m = g.mask(s);
-            let out = m.apply(&logits, &[1, vocab as u32 + 5]);
+            // 1 a stop token, 2 an EOS that is text (not special), vocab + 5 past the vocabulary.
+            let out = m.apply(&logits, &[1, 2, vocab as u32 + 5], &[1]);
             for (id, (&o, &l)) in out.iter().zip(&logits).enumerate() {
-                let ending = id == 1 || id == vocab + 5;
-                let allowed = m.allows(id as u32) || (ending && m.whole);
+                let ending = [1, 2, vocab + 5].contains(&id);
+                let allowed = if ending { m.whole || (id == 1 && m.allows(1)) } else { m.allows(id as u32) };
                 let want = if allowed { l } else { f32::NEG_INFINITY };
                 assert_eq!(o, want, "{re:?} step {step} token {id}");
             }

@@ -15,12 +15,13 @@
 //! `.items()`; minijinja-contrib's pycompat), maps that keep their insertion order, `tools` and `documents`
 //! set to none, and every `*_token` of `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`, …,
 //! `extra_special_tokens`) as a variable. `{% generation %}` blocks (transformers' assistant-mask marker) render
-//! as plain text. Values print as Python prints them (`python::formatter`: floats as `repr`, `1e+20`; lists
-//! and dicts as `repr`, `['a', None]`; `| string` too), `round` rounds as Python's (ties to even) and
-//! `'x' is sequence` holds. Known differences (minijinja is not jinja2): `undefined | length` is an error,
-//! not 0; tuples are lists (`(1, 2)` prints `[1, 2]`, `.items()` gives lists); `'%s' % x` is unsupported;
-//! `trim` keeps the ASCII separators `\x1c`–`\x1f`; some of Python's string methods and jinja2's filters
-//! (`rsplit`, `partition`, `zfill`, `truncate`, `wordcount`, `urlencode`, …) are refused by name.
+//! as plain text. Values print as Python prints them (`python::formatter`: floats as `repr`, `1e+20`; lists and dicts
+//! as `repr`, `['a', None]`; `| string` too), `round` rounds as Python's (ties to even) and `'x' is sequence` holds
+//! (but `~` and `join` still use minijinja's text: `'n=' ~ 1e20` is `n=100000000000000000000.0`). Known differences
+//! (minijinja is not jinja2): `undefined | length` is an error, not 0; tuples are lists (`(1, 2)` prints `[1, 2]`,
+//! `.items()` gives lists); `'%s' % x` is unsupported; `trim` keeps the ASCII separators `\x1c`–`\x1f`; some of
+//! Python's string methods and jinja2's filters (`rsplit`, `partition`, `zfill`, `truncate`, `wordcount`, `urlencode`,
+//! …) are refused by name.
 //! `tests/fixtures/chat-templates/` holds transformers' renderings of published templates; `tests/prompts.rs`
 //! compares.
 //!
@@ -527,6 +528,11 @@ mod tests {
                 "2.0 4.0 3 2.67 1200",
             ),
             ("{{ 2.567|round(2, 'floor') }} {{ 2|round(method='ceil') }} {{ -2.5|round }}", "2.56 2.0 -2.0"),
+            ("{{ 1.5|round(400) }} {{ 1.5|round(-400) }} {{ -1.5|round(-2147483648) }}", "1.5 0.0 -0.0"),
+            (
+                "{{ 6000000000000000000|round(-19) }} {{ 9223372036854775807|round(-1) }}",
+                "10000000000000000000 9223372036854775810",
+            ),
             (
                 "{{ 'ab' is sequence }} {{ {'a': 1} is sequence }} {{ [1] is sequence }} {{ 1 is sequence }}",
                 "True True True False",

@@ -1,6 +1,8 @@
-//! The two helpers transformers adds to a chat template's Jinja environment, as Python computes them:
+//! Python in a chat template's Jinja environment: the two helpers transformers adds, as Python computes them,
 //! `tojson` (Python's `json.dumps`, not minijinja's HTML-safe one) and `strftime_now` (`time.strftime`, in
-//! UTC here). `tests/fixtures/chat-templates/` holds Python's output for both.
+//! UTC here; `tests/fixtures/chat-templates/` holds Python's output for both); and where jinja2's own
+//! behaviour is Python's: how a value prints (`formatter`, the `string` filter: `repr` of floats, lists and
+//! dicts) and the `round` filter.
 
 use std::fmt::Write as _;
 
@@ -293,7 +295,8 @@ fn py_printable(c: char) -> bool {
         || matches!(n, 0xa0 | 0xad | 0x600..=0x605 | 0x61c | 0x6dd | 0x70f | 0x1680 | 0x180e)
         || matches!(n, 0x2000..=0x200f | 0x2028..=0x202f | 0x205f..=0x2064 | 0x2066..=0x206f | 0x3000)
         || matches!(n, 0xfeff | 0xfff9..=0xfffb | 0xe000..=0xf8ff | 0xf0000..=0x10ffff)
-        || matches!(n, 0x110bd | 0x110cd | 0x1bca0..=0x1bca3 | 0x1d173..=0x1d17a | 0xe0001 | 0xe0020..=0xe007f))
+        || matches!(n, 0x890 | 0x891 | 0x8e2 | 0x110bd | 0x110cd | 0x13430..=0x1343f | 0x1bca0..=0x1bca3)
+        || matches!(n, 0x1d173..=0x1d17a | 0xe0001 | 0xe0020..=0xe007f))
 }
 
 /// jinja2's `round(value, precision=0, method='common')`: `common` is Python's `round` (ties to even, on the
@@ -316,24 +319,27 @@ pub(super) fn round(
     if value.kind() != ValueKind::Number {
         return Err(error(format!("round: a number, not {}", value.kind())));
     }
+    // Past these a float is unchanged or zero (CPython's bounds; no 2 GB of digits for a huge precision).
+    let precision = precision.clamp(-400, 400);
     let scale = 10f64.powi(precision);
     match method.as_str() {
         "common" if value.is_integer() && precision >= 0 => Ok(value),
         "common" if value.is_integer() => {
             // Python's round(int, -k): the nearest multiple of 10^k, ties to even, still an integer.
-            let n = i64::try_from(value)?;
-            let m = 10i64.checked_pow(precision.unsigned_abs()).unwrap_or(i64::MAX);
+            let n = i128::try_from(value)?;
+            let Some(m) = 10i128.checked_pow(precision.unsigned_abs()) else { return Ok(Value::from(0)) };
             let (q, r) = (n.div_euclid(m), n.rem_euclid(m));
-            let q = if 2 * (r as i128) > m as i128 || (2 * (r as i128) == m as i128 && q % 2 != 0) { q + 1 } else { q };
-            Ok(Value::from(q.saturating_mul(m)))
+            let q = if 2 * r > m || (2 * r == m && q % 2 != 0) { q + 1 } else { q };
+            Ok(Value::from(q.checked_mul(m).ok_or_else(|| error("round: the result is past 128-bit integers"))?))
         }
         "common" => {
             let f = f64::try_from(value)?;
-            let r = if precision >= 0 {
+            let r = match precision {
+                p if p > 323 || !f.is_finite() => f,
+                p if p < -308 => 0.0 * f,
                 // Rust writes the exact binary value rounded half to even, as Python's round reads it.
-                format!("{f:.*}", precision as usize).parse().unwrap_or(f)
-            } else {
-                (f / 10f64.powi(-precision)).round_ties_even() * 10f64.powi(-precision)
+                p if p >= 0 => format!("{f:.*}", p as usize).parse().unwrap_or(f),
+                p => (f / 10f64.powi(-p)).round_ties_even() * 10f64.powi(-p),
             };
             Ok(Value::from(r))
         }
