@@ -11,7 +11,29 @@ use crate::lora::store::StoreError;
 
 /// An invalid request field: `INVALID_ARGUMENT` naming the field.
 pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {reason}"))
+    Status::invalid_argument(bounded(format!("{field}: {reason}")))
+}
+
+/// The longest status message sent whole: it travels in a header (`grpc-message`), and clients drop a
+/// response whose headers pass 8–16 KiB. A message that names a place deep in a request (a JSON Schema's
+/// pointer through a long `$ref` chain) can be longer.
+const MESSAGE_MAX: usize = 4096;
+
+/// `m`, or past [`MESSAGE_MAX`] its start and end with the middle left out (both ends say what and where).
+fn bounded(m: String) -> String {
+    if m.len() <= MESSAGE_MAX {
+        return m;
+    }
+    let half = MESSAGE_MAX / 2;
+    let mut head = half;
+    while !m.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = m.len() - half;
+    while !m.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{} … ({} bytes left out) … {}", &m[..head], tail - head, &m[tail..])
 }
 
 pub fn from_cache(e: CacheError, deadline_passed: bool) -> Status {
@@ -72,5 +94,20 @@ pub fn code_label(code: Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A message past the header budget keeps its start and end, cut on character boundaries.
+    #[test]
+    fn long_messages_are_cut_in_the_middle() {
+        assert_eq!(invalid("f", "short").message(), "f: short");
+        let long = format!("{}é{}", "a".repeat(3000), "€".repeat(2000));
+        let m = invalid("field", &long).message().to_string();
+        assert!(m.len() < MESSAGE_MAX + 100 && m.starts_with("field: aaa") && m.ends_with("€€€"), "{}", m.len());
+        assert!(m.contains("bytes left out"));
     }
 }
