@@ -241,8 +241,9 @@ impl Sampler {
         };
         let guided = params.guide.as_ref().map(|g| {
             let ending = ending(&params);
-            let stops = ending.iter().copied().filter(|&t| params.ends_at(t, eos) == Some(FinishReason::StopToken));
-            (g.start(), ending.clone(), stops.collect())
+            let stops =
+                ending.iter().copied().filter(|&t| params.ends_at(t, eos) == Some(FinishReason::StopToken)).collect();
+            (g.start(), ending, stops)
         });
         Sampler { params, rng: Rng::new(seed), history, held, generated: 0, guided }
     }

@@ -129,12 +129,8 @@ struct CancelCount {
 }
 
 impl CancelCount {
-    fn new(rpc: &'static str) -> Self {
-        CancelCount { rpc, armed: true, deadline: None }
-    }
-
-    fn until(&mut self, deadline: Option<Instant>) {
-        self.deadline = deadline;
+    fn new(rpc: &'static str, deadline: &Result<Option<Instant>, Status>) -> Self {
+        CancelCount { rpc, armed: true, deadline: deadline.as_ref().ok().copied().flatten() }
     }
 
     fn disarm(&mut self) {
@@ -479,9 +475,8 @@ impl LoraServe for Service {
         req: Request<proto::GenerateRequest>,
     ) -> Result<Response<proto::GenerateResponse>, Status> {
         HandlerSeen::mark(&req);
-        let mut guard = CancelCount::new("Generate");
         let deadline = deadline_of(&req);
-        guard.until(deadline.clone().ok().flatten());
+        let mut guard = CancelCount::new("Generate", &deadline);
         let result = async {
             let deadline = deadline?;
             let mut a = self.admit(req, deadline).await?;
@@ -523,9 +518,8 @@ impl LoraServe for Service {
 
     async fn generate_stream(&self, req: Request<proto::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         HandlerSeen::mark(&req);
-        let mut guard = CancelCount::new("GenerateStream");
         let deadline = deadline_of(&req);
-        guard.until(deadline.clone().ok().flatten());
+        let mut guard = CancelCount::new("GenerateStream", &deadline);
         let (admitted, deadline) = match deadline {
             Ok(deadline) => (self.admit(req, deadline).await, deadline),
             Err(s) => (Err(s), None),
@@ -648,9 +642,8 @@ impl LoraServe for Service {
         req: Request<proto::LoadAdapterRequest>,
     ) -> Result<Response<proto::LoadAdapterResponse>, Status> {
         HandlerSeen::mark(&req);
-        let mut guard = CancelCount::new("LoadAdapter");
         let deadline = deadline_of(&req);
-        guard.until(deadline.clone().ok().flatten());
+        let mut guard = CancelCount::new("LoadAdapter", &deadline);
         let r = async {
             let ready = self.ready()?;
             let deadline = deadline?;

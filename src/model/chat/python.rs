@@ -233,27 +233,21 @@ fn repr(v: &Value, out: &mut String) {
             });
         }
         ValueKind::String => repr_str(v.as_str().unwrap_or(""), out),
-        ValueKind::Seq => {
-            out.push('[');
+        ValueKind::Seq | ValueKind::Map => {
+            // A map iterates its keys; each is followed by its value.
+            let map = v.kind() == ValueKind::Map;
+            out.push(if map { '{' } else { '[' });
             for (i, item) in v.try_iter().into_iter().flatten().enumerate() {
                 if i > 0 {
                     out.push_str(", ");
                 }
                 repr(&item, out);
-            }
-            out.push(']');
-        }
-        ValueKind::Map => {
-            out.push('{');
-            for (i, key) in v.try_iter().into_iter().flatten().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
+                if map {
+                    out.push_str(": ");
+                    repr(&v.get_item(&item).unwrap_or_default(), out);
                 }
-                repr(&key, out);
-                out.push_str(": ");
-                repr(&v.get_item(&key).unwrap_or_default(), out);
             }
-            out.push('}');
+            out.push(if map { '}' } else { ']' });
         }
         _ => out.push_str(&v.to_string()),
     }

@@ -623,9 +623,7 @@ fn has_type(v: &Value, t: &str) -> bool {
 fn check_keywords(s: &Map<String, Value>, allowed: &[&str], at: &str) -> Result<(), String> {
     let known = |k: &str| k == "type" || ANNOTATIONS.contains(&k) || allowed.contains(&k) || k.starts_with("x-");
     match s.keys().find(|k| !known(k)) {
-        Some(k) => {
-            Err(format!("{}: keyword `{k}` is not supported here", if at.is_empty() { "the schema" } else { at }))
-        }
+        Some(k) => Err(format!("{}: keyword `{k}` is not supported here", place(at))),
         None => Ok(()),
     }
 }
