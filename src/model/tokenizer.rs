@@ -31,6 +31,9 @@ pub struct Tokenizer {
     prefix: std::sync::OnceLock<Vec<u32>>,
     /// [`Tokenizer::token_bytes`], worked out on first use.
     bytes: std::sync::OnceLock<Result<TokenBytes, String>>,
+    /// A plain token and its text, decoded before the ids of [`Tokenizer::decode_continued`]; worked out on
+    /// first use.
+    anchor: std::sync::OnceLock<Option<(u32, String)>>,
 }
 
 impl Tokenizer {
@@ -54,7 +57,7 @@ impl Tokenizer {
             Some((text, cfile)) => ChatFiles::from_config(text, cfile)?,
             None => ChatFiles::default(),
         };
-        Ok(Tokenizer { inner, chat, prefix: Default::default(), bytes: Default::default() })
+        Ok(Tokenizer { inner, chat, prefix: Default::default(), bytes: Default::default(), anchor: Default::default() })
     }
 
     /// The named special token `name` (`"eos_token"`, …), when tokenizer_config.json sets it.
@@ -101,6 +104,27 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
+    /// Text of `ids` (special tokens skipped) as it reads after earlier text: a decoder's start-of-text rule
+    /// (SentencePiece's stripped first space) does not apply. Decoded after a plain token, whose text is then
+    /// cut; without one, as [`Tokenizer::decode`].
+    pub fn decode_continued(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        let anchor = self.anchor.get_or_init(|| {
+            ["a", "x", "0"].into_iter().find_map(|probe| {
+                let [id] = self.encode_with(probe, false).ok()?[..] else { return None };
+                let text = self.decode(&[id]).ok()?;
+                (text.trim_start() == probe).then_some((id, text))
+            })
+        });
+        let Some((id, text)) = anchor else { return self.decode(ids) };
+        let mut with = Vec::with_capacity(ids.len() + 1);
+        with.push(*id);
+        with.extend_from_slice(ids);
+        match self.decode(&with)?.strip_prefix(text.as_str()) {
+            Some(rest) => Ok(rest.to_string()),
+            None => self.decode(ids),
+        }
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -125,7 +149,10 @@ impl Tokenizer {
 /// `<0x0A>` already sent as "\n", then `<0x80>`). The window then drops context tokens from its front until
 /// what is left of the context decodes whole (no U+FFFD) and is again a prefix of the window's decode (at
 /// worst no context: vLLM's reset of its decode stream), so the text goes on; it differs from decoding all
-/// the tokens at once only where that decode shows U+FFFD.
+/// the tokens at once only where that decode shows U+FFFD. A window that no longer starts the text decodes
+/// as continued text ([`Tokenizer::decode_continued`]), so its context keeps the leading space a
+/// SentencePiece decoder strips at the start: a `<0x20>` sent as a space is context that decodes as one,
+/// and is not sent again inside a broken run.
 #[derive(Debug, Default, Clone)]
 pub struct TextStream {
     /// The window: context tokens already emitted (`..prefix_index`), then tokens not yet emitted.
@@ -133,13 +160,15 @@ pub struct TextStream {
     /// The decode of the context tokens.
     prefix: String,
     prefix_index: usize,
+    /// Tokens were dropped from the window's front: it decodes as continued text.
+    continued: bool,
 }
 
 impl TextStream {
     /// Feeds one token; returns the new text it completes, if any.
     pub fn step(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>, TokenizerError> {
         if self.prefix.is_empty() && !self.ids.is_empty() {
-            let p = tok.decode(&self.ids)?;
+            let p = self.decode(tok, &self.ids)?;
             if !p.ends_with('\u{FFFD}') {
                 self.prefix = p;
                 self.prefix_index = self.ids.len();
@@ -149,8 +178,8 @@ impl TextStream {
         let text = self.decode_window(tok)?;
         if text.len() > self.prefix.len() && !text.ends_with('\u{FFFD}') {
             let new = text[self.prefix.len()..].to_string();
-            self.ids.drain(..self.prefix_index);
-            self.prefix = tok.decode(&self.ids)?;
+            self.drop_front(self.prefix_index);
+            self.prefix = self.decode(tok, &self.ids)?;
             self.prefix_index = self.ids.len();
             Ok(Some(new))
         } else {
@@ -162,28 +191,41 @@ impl TextStream {
     pub fn flush(&mut self, tok: &Tokenizer) -> Result<Option<String>, TokenizerError> {
         let text = self.decode_window(tok)?;
         let rest = text[self.prefix.len()..].to_string();
-        self.ids.clear();
-        self.prefix.clear();
-        self.prefix_index = 0;
+        *self = TextStream::default();
         Ok((!rest.is_empty()).then_some(rest))
+    }
+
+    /// Text of `ids`, which start the text or continue it as the window does.
+    fn decode(&self, tok: &Tokenizer, ids: &[u32]) -> Result<String, TokenizerError> {
+        if self.continued {
+            tok.decode_continued(ids)
+        } else {
+            tok.decode(ids)
+        }
+    }
+
+    /// Drops the window's first `k` tokens.
+    fn drop_front(&mut self, k: usize) {
+        self.ids.drain(..k);
+        self.continued |= k > 0;
     }
 
     /// The decode of the window, which starts with `prefix`: when decoding the whole window rewrote the
     /// context's text, context tokens are dropped from the front until it does not (see the type's doc).
     fn decode_window(&mut self, tok: &Tokenizer) -> Result<String, TokenizerError> {
-        let text = tok.decode(&self.ids)?;
+        let text = self.decode(tok, &self.ids)?;
         if text.starts_with(&self.prefix) {
             return Ok(text);
         }
         for k in 1..=self.prefix_index {
-            let prefix = tok.decode(&self.ids[k..self.prefix_index])?;
+            let prefix = tok.decode_continued(&self.ids[k..self.prefix_index])?;
             // Context that is itself broken (a byte run's tail) would break what follows it.
             if prefix.contains('\u{FFFD}') {
                 continue;
             }
-            let text = tok.decode(&self.ids[k..])?;
+            let text = tok.decode_continued(&self.ids[k..])?;
             if text.starts_with(&prefix) {
-                self.ids.drain(..k);
+                self.drop_front(k);
                 self.prefix = prefix;
                 self.prefix_index -= k;
                 return Ok(text);
@@ -191,10 +233,10 @@ impl TextStream {
         }
         // No context left decodes as nothing, so the loop ended there; should a tokenizer decode no tokens as
         // text, start over from the tokens not yet emitted.
-        self.ids.drain(..self.prefix_index);
+        self.drop_front(self.prefix_index);
         self.prefix.clear();
         self.prefix_index = 0;
-        tok.decode(&self.ids)
+        self.decode(tok, &self.ids)
     }
 }
 
@@ -224,11 +266,12 @@ mod tests {
         assert_eq!(streamed(&tok, &[nl, bad, nl, nl, hello, nl]), "\n\u{FFFD}\u{FFFD}\u{FFFD} hello\n");
         assert_eq!(streamed(&tok, &[hello, nl, bad]), "hello\n\u{FFFD}");
 
-        let pool: Vec<u32> = ["<0x0A>", "<0x80>", "<0xC3>", "<0xA9>", "<0xF0>", "<0x9F>", "<0x98>", "\u{2581}a", "a"]
-            .iter()
-            .chain(&["\u{2581}hello", "é", "\u{2581}"])
-            .map(|t| id(t))
-            .collect();
+        let pool: Vec<u32> =
+            ["<0x0A>", "<0x20>", "<0x80>", "<0xC3>", "<0xA9>", "<0xF0>", "<0x9F>", "<0x98>", "\u{2581}a", "a"]
+                .iter()
+                .chain(&["\u{2581}hello", "é", "\u{2581}"])
+                .map(|t| id(t))
+                .collect();
         let mut rng = crate::rng::Rng::new(3);
         let mut rewritten = 0;
         for _ in 0..3000 {
