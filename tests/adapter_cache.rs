@@ -197,6 +197,58 @@ async fn leased_adapters_survive_pressure_and_waiters_get_in_after_release() {
     drop(lb);
 }
 
+/// An adapter that cannot fit while others are leased evicts nothing: the unleased adapters stay for the
+/// requests that use them (before, all were evicted, then the acquire waited anyway).
+#[tokio::test(start_paused = true)]
+async fn an_acquire_that_cannot_fit_evicts_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        write_adapter(tmp.path(), id, i as f32 + 1.0);
+    }
+    write_ranked(tmp.path(), "wide", 4.0, 3); // 3 × ONE bytes
+    let c = cache(tmp.path(), 3, 0);
+    let la = c.acquire("a", None).await.unwrap();
+    drop(c.acquire("b", None).await.unwrap());
+    drop(c.acquire("c", None).await.unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+    match c.acquire("wide", Some(deadline)).await {
+        Err(CacheError::Full { id, bytes, leased, budget }) => {
+            assert_eq!((id.as_str(), bytes, leased, budget), ("wide", 3 * ONE, ONE, 3 * ONE))
+        }
+        other => panic!("expected Full, got {other:?}"),
+    }
+    assert_eq!(resident(&c), vec!["a", "b", "c"], "evicted for an insert that could not happen");
+    drop(la);
+    assert_eq!(output_of(c.acquire("wide", None).await.unwrap().weights()), 4.0);
+    assert_eq!(resident(&c), vec!["wide"]);
+}
+
+/// A request waiting for device room keeps what it read: each lease released wakes it, and it does not read
+/// the adapter from disk again (without a host tier to hold it, it did, once per release).
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_reads_its_adapter_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(tmp.path(), "a", 1.0);
+    write_adapter(tmp.path(), "b", 2.0);
+    let c = cache(tmp.path(), 1, 0);
+    let la = c.acquire("a", None).await.unwrap();
+    let c2 = c.clone();
+    let waiter = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        c2.acquire("b", Some(deadline)).await.map(|l| output_of(l.weights()))
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    for _ in 0..5 {
+        // Another request on `a` comes and goes: a release, which wakes the waiter.
+        drop(c.acquire("a", None).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished());
+    }
+    drop(la);
+    assert_eq!(waiter.await.unwrap().unwrap(), 2.0);
+    assert_eq!(c.disk_loads(), 2, "b was read again while it waited");
+}
+
 /// An adapter larger than the whole device tier is refused; the refusal is remembered like broken files.
 #[tokio::test]
 async fn too_large_for_the_budget() {

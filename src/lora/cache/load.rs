@@ -22,8 +22,6 @@ use crate::telemetry as t;
 /// A finished load.
 pub(super) struct Loaded {
     pub(super) version: AdapterVersion,
-    /// The adapter's generation when the load started (see `State::generation`).
-    pub(super) generation: u64,
     /// The host-tier copy, in RAM (the same tensors as `device` when the base is on the CPU).
     pub(super) host: Arc<LoraWeights>,
     /// The device-tier copy, where the base lives.
@@ -88,7 +86,7 @@ async fn disk_load(
     inner.disk_loads.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let (inner2, id2) = (inner.clone(), id.clone());
-    let res = tokio::task::spawn_blocking(move || read_files(&inner2, id2, &dir, generation))
+    let res = tokio::task::spawn_blocking(move || read_files(&inner2, id2, &dir))
         .await
         .unwrap_or_else(|e| Err(CacheError::Internal { id: id.clone(), reason: e.to_string() }));
     let result = {
@@ -141,7 +139,7 @@ impl Inner {
 }
 
 /// Reads and checks adapter `id`'s files in `dir` (blocking).
-fn read_files(inner: &Inner, id: String, dir: &std::path::Path, generation: u64) -> Result<Loaded, CacheError> {
+fn read_files(inner: &Inner, id: String, dir: &std::path::Path) -> Result<Loaded, CacheError> {
     // The files may change between the request's stat and the read: version by what is read.
     let version = AdapterStore::version(dir)?;
     // The chat files right after the stamp the version hashes, before the (slower) weights.
@@ -181,7 +179,7 @@ fn read_files(inner: &Inner, id: String, dir: &std::path::Path, generation: u64)
     } else {
         host.clone()
     };
-    Ok(Loaded { version, generation, host, device, bytes })
+    Ok(Loaded { version, host, device, bytes })
 }
 
 /// A promotion, as a task of its own, so that requests giving up (cancelled, timed out) neither abandon nor

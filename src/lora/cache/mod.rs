@@ -37,7 +37,7 @@ use super::peft::{AdapterError, BaseLayout};
 use super::store::{AdapterStore, FileStamp, StoreError};
 use super::LoraWeights;
 use crate::telemetry as t;
-use load::{promote, LoadFuture};
+use load::{promote, LoadFuture, Loaded};
 use tiers::{evict_device, publish, Key, Promotion, State};
 
 /// Why an adapter could not be acquired. Cloned to every request waiting on the same load.
@@ -69,6 +69,15 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig { device_bytes: 1 << 30, host_bytes: 4 << 30, default_wait: Duration::from_secs(10) }
     }
+}
+
+/// Weights a request has read or copied for an adapter, kept while it waits for device room (a wait ends at
+/// every lease released: each retry must not read or copy them again).
+enum Held {
+    /// A finished disk load it made or joined.
+    Loaded(Arc<Loaded>),
+    /// A promotion's copy of the version `key`.
+    Promoted { key: Key, weights: Arc<LoraWeights>, bytes: usize },
 }
 
 /// What the tiers hold for an adapter's current version.
@@ -219,6 +228,7 @@ impl AdapterCache {
     pub async fn acquire(&self, id: &str, deadline: Option<tokio::time::Instant>) -> Result<AdapterLease, CacheError> {
         let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.inner.config.default_wait);
         let mut first = true;
+        let mut held: Option<Held> = None;
         loop {
             // Resolved and stamped again after every wait: the files may have changed meanwhile.
             let dir = self.inner.store.resolve(id)?;
@@ -226,50 +236,61 @@ impl AdapterCache {
             let space = self.inner.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            let cached = self.try_cached(id, &stamp, first)?;
-            first = false;
-            match cached {
+            let weights = match held.take() {
+                // Read from files that changed since: look again.
+                Some(Held::Loaded(l)) if l.version.stamp != stamp => None,
+                h => h,
+            };
+            let weights = match weights {
+                Some(h) => h,
+                None => {
+                    let cached = self.try_cached(id, &stamp, first)?;
+                    first = false;
+                    match cached {
+                        Cached::Hit(lease) => return Ok(lease),
+                        Cached::NoRoom { bytes, leased } => {
+                            self.wait_for_space(id, bytes, leased, deadline, space).await?;
+                            continue;
+                        }
+                        Cached::Promoting { key, mut copy, bytes } => match copy.wait_for(Option::is_some).await {
+                            Ok(done) => Held::Promoted { key, weights: done.clone().expect("is_some")?, bytes },
+                            Err(_) => {
+                                return Err(CacheError::Internal { id: id.into(), reason: "promotion lost".into() })
+                            }
+                        },
+                        Cached::Miss => Held::Loaded(self.load(id, dir.clone(), stamp.clone()).await?),
+                    }
+                }
+            };
+            match self.lease_held(id, &weights, &stamp) {
                 Cached::Hit(lease) => return Ok(lease),
                 Cached::NoRoom { bytes, leased } => {
                     self.wait_for_space(id, bytes, leased, deadline, space).await?;
-                    continue;
+                    held = Some(weights);
                 }
-                Cached::Promoting { key, mut copy, bytes } => {
-                    let weights = match copy.wait_for(Option::is_some).await {
-                        Ok(done) => done.clone().expect("is_some")?,
-                        Err(_) => return Err(CacheError::Internal { id: id.into(), reason: "promotion lost".into() }),
-                    };
-                    match self.insert_promoted(key, &weights, bytes) {
-                        Cached::Hit(lease) => return Ok(lease),
-                        Cached::NoRoom { bytes, leased } => {
-                            self.wait_for_space(id, bytes, leased, deadline, space).await?
-                        }
-                        // Superseded or unloaded while it was copied: look again.
-                        Cached::Promoting { .. } | Cached::Miss => {}
-                    }
-                    continue;
+                // A copy of a version superseded or unloaded meanwhile: look again.
+                Cached::Promoting { .. } | Cached::Miss => {}
+            }
+        }
+    }
+
+    /// A lease on weights the request holds: `Hit`, `NoRoom`, or `Miss` for a promoted copy whose version is
+    /// no longer the adapter's current one at `stamp`.
+    fn lease_held(&self, id: &str, held: &Held, stamp: &FileStamp) -> Cached {
+        let mut st = self.inner.state.lock().expect("cache lock");
+        let (r, bytes) = match held {
+            Held::Loaded(l) => (st.lease_loaded(&self.inner, id, l), l.bytes),
+            Held::Promoted { key, weights, bytes } => {
+                if st.current.get(&key.0).is_none_or(|v| v.id != key.1 || &v.stamp != stamp) {
+                    return Cached::Miss;
                 }
-                Cached::Miss => {}
+                (st.lease_or_insert(&self.inner, key.clone(), weights, *bytes), *bytes)
             }
-            let loaded = self.load(id, dir.clone(), stamp.clone()).await?;
-            let outcome = {
-                let mut st = self.inner.state.lock().expect("cache lock");
-                let r = if st.is_newest(id, loaded.generation) {
-                    // The load installed it already, unless the tiers moved on since.
-                    let key = st.install(id, &loaded, self.inner.config.host_bytes);
-                    st.lease_or_insert(&self.inner, key, &loaded.device, loaded.bytes)
-                } else {
-                    // A newer load, an unload or a file change came while it loaded: this request, which
-                    // asked before, runs with it; it never becomes current.
-                    st.lease_stale(&self.inner, (id.to_string(), loaded.version.id.clone()), &loaded)
-                };
-                publish(&st);
-                r
-            };
-            match outcome {
-                Ok(lease) => return Ok(lease),
-                Err(leased) => self.wait_for_space(id, loaded.bytes, leased, deadline, space).await?,
-            }
+        };
+        publish(&st);
+        match r {
+            Ok(lease) => Cached::Hit(lease),
+            Err(leased) => Cached::NoRoom { bytes, leased },
         }
     }
 
@@ -335,21 +356,6 @@ impl AdapterCache {
         Ok(Cached::Promoting { key, copy, bytes })
     }
 
-    /// A lease on a promoted copy: `Hit`, `NoRoom`, or `Miss` when `key` is no longer the adapter's current
-    /// version.
-    fn insert_promoted(&self, key: Key, weights: &Arc<LoraWeights>, bytes: usize) -> Cached {
-        let mut st = self.inner.state.lock().expect("cache lock");
-        if st.current.get(&key.0).map(|v| &v.id) != Some(&key.1) {
-            return Cached::Miss;
-        }
-        let r = match st.lease_or_insert(&self.inner, key, weights, bytes) {
-            Ok(lease) => Cached::Hit(lease),
-            Err(leased) => Cached::NoRoom { bytes, leased },
-        };
-        publish(&st);
-        r
-    }
-
     async fn wait_for_space(
         &self,
         id: &str,
@@ -383,7 +389,8 @@ impl AdapterCache {
         st.failed.remove(id);
         st.supersede(id, None);
         if loading {
-            // The load under way finishes for the requests waiting on it, but brings nothing back.
+            // The load under way finishes for the requests waiting on it, but brings nothing back (nor does
+            // one just finished: its requests lease it as a stale version, `State::lease_loaded`).
             st.bump(id);
         }
         publish(&st);
@@ -442,5 +449,48 @@ impl AdapterCache {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::peft::{write_dir, AdapterMeta};
+    use crate::lora::synthetic::{random_adapter, ATTENTION};
+
+    /// A request whose load finished just before an unload (the load's in-flight entry already gone, so the
+    /// unload could not mark it stale) leases what it asked for, as a stale version: the unload is not undone.
+    /// Before, the request installed the load again (current and resident, although unloaded).
+    #[tokio::test]
+    async fn a_load_finished_before_an_unload_does_not_undo_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = BaseLayout { layers: 1, dims: [(8, 8); 7] };
+        let w = random_adapter(&layout, 2, &ATTENTION, 1, &Device::Cpu).unwrap();
+        let meta = AdapterMeta {
+            r: 2,
+            lora_alpha: 2.0,
+            use_rslora: false,
+            lora_dropout: 0.0,
+            base_model_name_or_path: "tiny".into(),
+            dtype: candle_core::DType::F32,
+        };
+        write_dir(&tmp.path().join("a"), &w, &meta).unwrap();
+        let config = CacheConfig { device_bytes: 1 << 20, host_bytes: 1 << 20, default_wait: Duration::from_secs(5) };
+        let c = AdapterCache::new(AdapterStore::open(tmp.path()).unwrap(), layout, Device::Cpu, config);
+        let dir = c.store().resolve("a").unwrap();
+        let stamp = AdapterStore::stamp(&dir).unwrap();
+        // The acquire's load, finished (installed, its in-flight entry gone), then the unload, then the
+        // acquire's lease.
+        let loaded = c.load("a", dir, stamp.clone()).await.unwrap();
+        assert_eq!(c.loads_in_flight(), 0);
+        assert!(c.unload("a").unwrap());
+        let Cached::Hit(lease) = c.lease_held("a", &Held::Loaded(loaded), &stamp) else { panic!("no lease") };
+        let status = c.list().pop().unwrap();
+        assert_eq!((status.version.as_deref(), status.leases), (None, 1), "unloaded, yet current again: {status:?}");
+        drop(lease);
+        assert_eq!((c.device_bytes(), c.list()[0].device_resident), (0, false), "the stale version left");
+        // The next request loads it again, as after any unload.
+        c.acquire("a", None).await.unwrap();
+        assert_eq!(c.disk_loads(), 2);
     }
 }

@@ -131,7 +131,9 @@ impl State {
         }
     }
 
-    /// Puts `weights` into the device tier with `leases` leases, evicting unleased LRU entries as needed.
+    /// Puts `weights` into the device tier with `leases` leases, evicting unleased LRU entries as needed;
+    /// when even evicting all of them would leave no room, evicts nothing (`NoSpace`: the caller waits, and
+    /// the entries it could not use stay for the requests that do).
     pub(super) fn insert_device(
         &mut self,
         key: &Key,
@@ -140,24 +142,24 @@ impl State {
         budget: usize,
         leases: usize,
     ) -> Insert {
+        let leased: usize = self.device.values().filter(|e| e.leases > 0).map(|e| e.bytes).sum();
+        if leased + bytes > budget {
+            return Insert::NoSpace { leased };
+        }
         while self.device_bytes + bytes > budget {
-            // Stale entries first, then least recently used; leased entries never.
-            let victim = self
+            // Stale entries first, then least recently used; leased entries never. There is one: the unleased
+            // bytes cover the shortfall.
+            let Some(victim) = self
                 .device
                 .iter()
                 .filter(|(_, e)| e.leases == 0)
                 .min_by_key(|(_, e)| (!e.stale, e.tick))
-                .map(|(k, _)| k.clone());
-            match victim {
-                Some(k) => {
-                    if evict_device(self, &k).is_some_and(|e| !e.stale) {
-                        metrics::counter!(t::ADAPTER_CACHE_EVICTIONS_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
-                    }
-                }
-                None => {
-                    let leased = self.device.values().map(|e| e.bytes).sum();
-                    return Insert::NoSpace { leased };
-                }
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if evict_device(self, &victim).is_some_and(|e| !e.stale) {
+                metrics::counter!(t::ADAPTER_CACHE_EVICTIONS_TOTAL, "tier" => t::TIER_DEVICE).increment(1);
             }
         }
         let tick = self.next_tick();
@@ -178,12 +180,15 @@ impl State {
         self.generation.get(id) == Some(&generation)
     }
 
-    /// A lease on a stale load's weights for a request that waited for it: on its device entry if there is
-    /// one, else inserted marked stale, so that it is never handed to a new request and leaves with its last
-    /// lease. `Err(leased bytes)` when there is no room.
-    pub(super) fn lease_stale(&mut self, inner: &Arc<Inner>, key: Key, l: &Loaded) -> Result<AdapterLease, usize> {
+    /// A lease on a finished load's weights for a request that made or joined the load. When its version is
+    /// current (the load installed it, or the same files were loaded anew since), an ordinary lease. Else a
+    /// newer load, an unload or a file change came after the request asked: it runs with what it asked for,
+    /// leased on the version's device entry if there is one, else inserted marked stale, so that it never
+    /// becomes current, is never handed to a new request and leaves with its last lease. `Err(leased bytes)`
+    /// when there is no room.
+    pub(super) fn lease_loaded(&mut self, inner: &Arc<Inner>, id: &str, l: &Loaded) -> Result<AdapterLease, usize> {
+        let key = (id.to_string(), l.version.id.clone());
         if self.current.get(&key.0).is_some_and(|v| v.id == key.1) {
-            // The same files are current again (loaded anew since): an ordinary lease.
             return self.lease_or_insert(inner, key, &l.device, l.bytes);
         }
         let tick = self.next_tick();
