@@ -249,6 +249,48 @@ async fn a_waiting_request_reads_its_adapter_once() {
     assert_eq!(c.disk_loads(), 2, "b was read again while it waited");
 }
 
+/// A weights file replaced by rename while it is read (a publish file by file) never gives one version's
+/// name to another's weights: every version served computes one thing. Before, the version was stamped from
+/// the files before the weights were read by path, so a rename in between labelled new weights with the old
+/// version (and the prefix cache, keyed by version, mixed them).
+#[test]
+fn a_file_replaced_while_read_never_mixes_versions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, side) = (tmp.path().join("root"), tmp.path().join("side"));
+    write_adapter(&side, "one", 1.0);
+    write_adapter(&side, "two", 2.0);
+    write_adapter(&root, "x", 1.0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flipper = {
+        let (stop, root, side) = (stop.clone(), root.clone(), side.clone());
+        std::thread::spawn(move || {
+            let mut flips = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let from = side.join(if flips % 2 == 0 { "two" } else { "one" }).join("adapter_model.safetensors");
+                std::fs::copy(from, root.join("x/.next")).unwrap();
+                std::fs::rename(root.join("x/.next"), root.join("x/adapter_model.safetensors")).unwrap();
+                flips += 1;
+            }
+            flips
+        })
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let c = cache(&root, 4, 0);
+    let mut seen: std::collections::HashMap<String, f32> = Default::default();
+    let (mut served, since) = (0, std::time::Instant::now());
+    while since.elapsed() < Duration::from_secs(3) {
+        c.unload("x").unwrap();
+        let Ok(lease) = rt.block_on(c.acquire("x", None)) else { continue }; // changed while read: UNAVAILABLE
+        let out = output_of(lease.weights());
+        let first = *seen.entry(lease.version().to_string()).or_insert(out);
+        assert_eq!(first, out, "version {} served both adapters", lease.version());
+        served += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let flips = flipper.join().unwrap();
+    assert!(served > 100 && flips > 100, "{served} loads, {flips} swaps");
+}
+
 /// An adapter larger than the whole device tier is refused; the refusal is remembered like broken files.
 #[tokio::test]
 async fn too_large_for_the_budget() {

@@ -140,21 +140,38 @@ impl Inner {
 
 /// Reads and checks adapter `id`'s files in `dir` (blocking).
 fn read_files(inner: &Inner, id: String, dir: &std::path::Path) -> Result<Loaded, CacheError> {
-    // The files may change between the request's stat and the read: version by what is read.
-    let version = AdapterStore::version(dir)?;
-    // The chat files right after the stamp the version hashes, before the (slower) weights.
-    let template = AdapterTemplate::read(dir, &id).map_err(|e| {
-        let (file, reason) = match e {
-            TokenizerError::Read { file, reason } | TokenizerError::Load { file, reason } => (file, reason),
-            TokenizerError::Encode(reason) => (dir.display().to_string(), reason),
-        };
-        // Retried by the next request, as a failed read of the weights is.
-        CacheError::Invalid(Arc::new(AdapterError::Read { file, reason }))
-    })?;
     let gpu = !inner.device.is_cpu();
-    // On a GPU server the CPU is otherwise idle: convert on all cores.
-    let load = if gpu { peft::load_dir_parallel } else { peft::load_dir };
-    let mut adapter = load(dir, &inner.layout, &Device::Cpu).map_err(|e| CacheError::Invalid(Arc::new(e)))?;
+    let mut tries = 0;
+    let (version, template, mut adapter) = loop {
+        // The files may change between the request's stat and the read: version by what is read.
+        let version = AdapterStore::version(dir)?;
+        // The chat files right after the stamp the version hashes, before the (slower) weights.
+        let template = AdapterTemplate::read(dir, &id).map_err(|e| {
+            let (file, reason) = match e {
+                TokenizerError::Read { file, reason } | TokenizerError::Load { file, reason } => (file, reason),
+                TokenizerError::Encode(reason) => (dir.display().to_string(), reason),
+            };
+            // Retried by the next request, as a failed read of the weights is.
+            CacheError::Invalid(Arc::new(AdapterError::Read { file, reason }))
+        })?;
+        // On a GPU server the CPU is otherwise idle: convert on all cores.
+        let load = if gpu { peft::load_dir_parallel } else { peft::load_dir };
+        let adapter = load(dir, &inner.layout, &Device::Cpu).map_err(|e| CacheError::Invalid(Arc::new(e)))?;
+        // The files are read by path after the version's stamp: one replaced meanwhile (a publish file by
+        // file, by rename) would give one version's name to another's weights. Read again, a few times.
+        if AdapterStore::stamp(dir)? == version.stamp {
+            break (version, template, adapter);
+        }
+        tries += 1;
+        if tries == 3 {
+            let reason = "its files changed while they were read, 3 times in a row (they are being rewritten): \
+                          try again once they are in place";
+            return Err(CacheError::Invalid(Arc::new(AdapterError::Read {
+                file: dir.display().to_string(),
+                reason: reason.into(),
+            })));
+        }
+    };
     if gpu {
         check_gpu_limits(dir, &adapter.weights)?;
     }
