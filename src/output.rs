@@ -23,6 +23,28 @@ fn normalized(out: &Path) -> PathBuf {
     out.components().collect()
 }
 
+/// `path` as an absolute path with `.` and `..` folded away (by name: symbolic links are not followed).
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whether `path` is `folder` or inside it, however each is spelled (`./out/log` is inside `out`, and an
+/// absolute path inside a relative one).
+pub fn within(path: &Path, folder: &Path) -> bool {
+    resolved(path).starts_with(resolved(folder))
+}
+
 /// The folder `out` would be written in.
 fn parent_of(out: &Path) -> &Path {
     out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
@@ -33,6 +55,10 @@ fn parent_of(out: &Path) -> &Path {
 /// create entries in (the missing parts are made when the folder is written).
 pub fn check_new(out: &Path) -> Result<(), OutputError> {
     let out = &normalized(out);
+    if out.file_name().is_none() {
+        // `.`, `..`, `a/..`, `/`: a folder that exists, or no name to make one under.
+        return Err(error(out, "names no new folder (end the path with the new folder's name)"));
+    }
     if std::fs::symlink_metadata(out).is_ok() {
         return Err(error(out, "already exists (choose a new output folder)"));
     }
@@ -69,32 +95,67 @@ pub fn partial(out: &Path) -> Result<tempfile::TempDir, OutputError> {
 }
 
 /// Renames the filled temporary folder to `out`, which must still not exist (a rename over an empty folder
-/// would succeed silently on Linux). The temporary folder is private (0700) and safetensors writes 0600: the
-/// result gets ordinary modes (folders 0755, files 0644) first.
+/// would succeed silently on Linux). Its files and folders are flushed to disk first and the parent after, so
+/// that a power loss leaves the old state or the whole new folder, never empty files under the final name.
+/// The temporary folder is private (0700) and safetensors writes 0600: the result gets the modes a new file
+/// and folder get under the process's umask (0644 and 0755 under the usual 022).
 pub fn publish(tmp: tempfile::TempDir, out: &Path) -> Result<PathBuf, OutputError> {
     let out = &normalized(out);
     if std::fs::symlink_metadata(out).is_ok() {
         return Err(error(out, "appeared while it was being written (choose a new output folder)"));
     }
     #[cfg(unix)]
-    ordinary_modes(tmp.path());
+    ordinary_modes(tmp.path(), umask());
+    sync_tree(tmp.path())?;
     let kept = tmp.keep();
     std::fs::rename(&kept, out).map_err(|e| {
         let _ = std::fs::remove_dir_all(&kept);
         error(out, e)
     })?;
+    sync_dir(parent_of(out))?;
     Ok(out.to_path_buf())
 }
 
+/// Flushes every file under `dir`, then `dir` itself, to disk.
+pub(crate) fn sync_tree(dir: &Path) -> Result<(), OutputError> {
+    for entry in std::fs::read_dir(dir).map_err(|e| error(dir, e))? {
+        let entry = entry.map_err(|e| error(dir, e))?;
+        let path = entry.path();
+        match entry.file_type().map_err(|e| error(&path, e))? {
+            t if t.is_dir() => sync_tree(&path)?,
+            t if t.is_file() => std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| error(&path, e))?,
+            _ => {}
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Flushes a folder's entries (a rename into it, a file made in it) to disk.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), OutputError> {
+    #[cfg(unix)]
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| error(dir, e))?;
+    Ok(())
+}
+
+/// The process's umask (read from `/proc/self/status`, which leaves it as it is; 022 where that is missing).
 #[cfg(unix)]
-fn ordinary_modes(dir: &Path) {
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").map(|v| v.trim().to_string())))
+        .and_then(|v| u32::from_str_radix(&v, 8).ok())
+        .unwrap_or(0o022)
+}
+
+#[cfg(unix)]
+fn ordinary_modes(dir: &Path, umask: u32) {
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777 & !umask));
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         match entry.file_type() {
-            Ok(t) if t.is_dir() => ordinary_modes(&entry.path()),
+            Ok(t) if t.is_dir() => ordinary_modes(&entry.path(), umask),
             Ok(t) if t.is_file() => {
-                let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644));
+                let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o666 & !umask));
             }
             _ => {}
         }
@@ -122,8 +183,31 @@ mod tests {
         for taken in ["file/", "dangling/"] {
             assert!(check_new(&root.join(taken)).unwrap_err().reason.starts_with("already exists"), "{taken}");
         }
+        // A path that ends without a new folder's name (`nodir/..` is the folder the command runs in).
+        for nameless in ["nodir/..", "x/y/.."] {
+            let e = check_new(&root.join(nameless)).unwrap_err();
+            assert!(e.reason.starts_with("names no new folder"), "{nameless}: {e}");
+        }
         let names: Vec<_> = std::fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2, "the checks leave nothing behind: {names:?}");
+    }
+
+    /// `within` compares places, not spellings: a `./` prefix, an absolute path against a relative one, `..`.
+    #[test]
+    fn within_compares_places() {
+        let cwd = std::env::current_dir().unwrap();
+        for (path, folder) in [
+            (PathBuf::from("out/log.jsonl"), PathBuf::from("./out")),
+            (cwd.join("out/ck"), PathBuf::from("out")),
+            (PathBuf::from("out/ck"), cwd.join("out/")),
+            (PathBuf::from("x/../out/a"), PathBuf::from("out")),
+            (PathBuf::from("out"), PathBuf::from("out")),
+        ] {
+            assert!(within(&path, &folder), "{path:?} in {folder:?}");
+        }
+        for (path, folder) in [("out2/log", "out"), ("out.log.jsonl", "out"), ("out/../log", "out")] {
+            assert!(!within(Path::new(path), Path::new(folder)), "{path} not in {folder}");
+        }
     }
 
     #[test]
@@ -138,7 +222,15 @@ mod tests {
         assert_eq!(std::fs::read_to_string(out.join("f")).unwrap(), "1");
         use std::os::unix::fs::PermissionsExt;
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!((mode(&out), mode(&out.join("f"))), (0o755, 0o644));
+        let m = umask();
+        assert_eq!((mode(&out), mode(&out.join("f"))), (0o777 & !m, 0o666 & !m), "umask {m:o}");
+        // Under umask 077 the result is private, as a file the user made would be.
+        let private = tmp.path().join("private");
+        std::fs::create_dir_all(private.join("sub")).unwrap();
+        std::fs::write(private.join("sub/f"), "1").unwrap();
+        ordinary_modes(&private, 0o077);
+        assert_eq!((mode(&private.join("sub")), mode(&private.join("sub/f"))), (0o700, 0o600));
+        std::fs::remove_dir_all(&private).unwrap();
         // A folder that appeared meanwhile is never replaced; the partial one goes.
         let late = tmp.path().join("late");
         let p = partial(&late).unwrap();

@@ -459,7 +459,9 @@ fn bad_settings_are_refused_by_flag() {
     let under_a_file = format!("{readme}/adapter");
     // The last case's own default checkpoint folder (case i writes to out{i}).
     let in_checkpoints = tmp.path().join("out18.checkpoints").display().to_string();
-    let cases: [(&[&str], &str); 19] = [
+    // Inside case 20's output, spelled with `..`.
+    let in_output = tmp.path().join("sub/../out20/log.jsonl").display().to_string();
+    let cases: [(&[&str], &str); 21] = [
         (&["--output", &dangling], "dangling: already exists"),
         (&["--output", &under_a_file], "README.md: not a folder"),
         (&["--log-file", &folder], "exists and is not a regular file"),
@@ -479,6 +481,9 @@ fn bad_settings_are_refused_by_flag() {
         (&["--resume"], "--resume: no checkpoint in"),
         (&["--max-seq-len", "513"], "--max-seq-len 513 exceeds the model's context of 512 positions"),
         (&["--log-file", &in_checkpoints], "is inside --checkpoint-dir"),
+        // One step, and a warmup's first step has a learning rate of 0: the adapter would not change.
+        (&["--max-steps", "1"], "would have a learning rate of 0"),
+        (&["--log-file", &in_output], "is inside --output"),
     ];
     for (i, (extra, words)) in cases.iter().enumerate() {
         let out = tmp.path().join(format!("out{i}"));
@@ -498,6 +503,37 @@ fn bad_settings_are_refused_by_flag() {
     assert_eq!(std::fs::read_to_string(&readme).unwrap(), "# notes\n");
     write_task(&data, 8, 1);
     assert!(std::fs::read_to_string(&data).unwrap().lines().count() == 8, "the data file is intact");
+}
+
+/// An `--eval-data` token the model's vocabulary lacks (a tokenizer may add tokens past the embedding) is
+/// refused before training, naming the file, as one in `--data` is. Before, the run trained, then failed at
+/// its first evaluation with an index error naming no file.
+#[test]
+fn eval_data_outside_the_vocabulary_is_refused_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in std::fs::read_dir(fixture("llama/model")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), model.join(f.file_name())).unwrap();
+    }
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer.json")).unwrap()).unwrap();
+    tokenizer["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({"id": 320, "content": "<extra>",
+        "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": false}));
+    std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let (data, eval) = (tmp.path().join("d.jsonl"), tmp.path().join("eval.jsonl"));
+    write_task(&data, 8, 1);
+    std::fs::write(&eval, "{\"prompt\": \"a <extra> b:\", \"completion\": \" ok done\"}\n").unwrap();
+    let out = tmp.path().join("out");
+    let mut args = train_args(&data, &out);
+    args[2] = model.display().to_string();
+    let o = server().args(args).args(["--max-steps", "2", "--eval-data"]).arg(&eval).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("eval.jsonl: token id 320 is outside the model's vocabulary of 320"), "{err}");
+    assert!(!err.contains("step="), "refused before training: {err}");
+    assert!(!out.exists());
 }
 
 /// A checkpoint folder the user named may hold other files: a finished run removes its own checkpoints and

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use crate::lora::peft::{self, AdapterMeta};
 use crate::lora::trainable::{LoraSpec, TrainableLora};
 use crate::model::{Model, Tokenizer};
-use optim::{AdamW, AdamWConfig, Decay};
+use optim::{lr_at, AdamW, AdamWConfig, Decay};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -161,9 +161,10 @@ pub fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
     if cfg.eval_data.is_some() && cfg.eval_ratio > 0.0 {
         return bad("--eval-data and --eval-ratio both choose the evaluation set: give one".into());
     }
-    // The adapter folder is written whole at the end: nothing the run writes before may live inside it.
+    // The adapter folder is written whole at the end: nothing the run writes before may live inside it
+    // (paths compared as absolute ones, `.` and `..` folded: `./out` and `out/ck` are one place).
     for (flag, path) in [("--log-file", &cfg.log_file), ("--checkpoint-dir", &cfg.checkpoint_dir)] {
-        if path.starts_with(&cfg.output) {
+        if crate::output::within(path, &cfg.output) {
             return bad(format!(
                 "{flag} {} is inside --output {} (the adapter folder must not exist until the run ends)",
                 path.display(),
@@ -171,7 +172,7 @@ pub fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
             ));
         }
     }
-    if cfg.log_file.starts_with(&cfg.checkpoint_dir) {
+    if crate::output::within(&cfg.log_file, &cfg.checkpoint_dir) {
         return bad(format!(
             "--log-file {} is inside --checkpoint-dir {} (its folder holds checkpoints only)",
             cfg.log_file.display(),
@@ -204,18 +205,38 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
         )));
     }
     let max_seq_len = Some(cfg.max_seq_len.unwrap_or(context));
-    let (examples, stats) = data::load_jsonl(&cfg.data, tok, max_seq_len, eos)?;
-    let vocab = model.config().vocab_size as u32;
-    if let Some(bad) = examples.iter().flat_map(|e| &e.ids).find(|&&id| id >= vocab) {
-        return Err(TrainError::Config(format!("token id {bad} is outside the model's vocabulary of {vocab}")));
-    }
-    if stats.truncated > 0 {
-        tracing::warn!(truncated = stats.truncated, dropped = stats.dropped, max_seq_len = ?max_seq_len, "examples truncated (--max-seq-len, else the model's context)");
-    }
+    // Each file's examples: every token in the model's vocabulary (a tokenizer may have added tokens the
+    // model's embedding lacks), truncations reported.
+    let read = |file: &std::path::Path| -> Result<_, TrainError> {
+        let (examples, stats) = data::load_jsonl(file, tok, max_seq_len, eos)?;
+        let vocab = model.config().vocab_size as u32;
+        if let Some(bad) = examples.iter().flat_map(|e| &e.ids).find(|&&id| id >= vocab) {
+            return Err(TrainError::Config(format!(
+                "{}: token id {bad} is outside the model's vocabulary of {vocab}",
+                file.display()
+            )));
+        }
+        if stats.truncated > 0 {
+            tracing::warn!(file = %file.display(), truncated = stats.truncated, dropped = stats.dropped, max_seq_len = ?max_seq_len, "examples truncated (--max-seq-len, else the model's context)");
+        }
+        Ok((examples, stats))
+    };
+    let (examples, stats) = read(&cfg.data)?;
     let (train_set, eval_set) = match &cfg.eval_data {
-        Some(p) => (examples, data::load_jsonl(p, tok, max_seq_len, eos)?.0),
+        Some(p) => (examples, read(p)?.0),
         None => split(examples, cfg)?,
     };
+    let sched = trainer::Schedule::new(cfg, train_set.len());
+    // (The step after warmup has the full rate: no need to look further.)
+    let looked_at = sched.total_steps.min(sched.warmup_steps + 1);
+    if (0..looked_at).all(|s| lr_at(cfg.optim.lr, s, sched.warmup_steps, sched.total_steps, cfg.decay) == 0.0) {
+        return Err(TrainError::Config(format!(
+            "every one of the run's {} optimizer steps would have a learning rate of 0 (the first step of a warmup \
+             has none; --warmup-ratio {} makes {} warmup steps): the adapter would not change. Give more steps \
+             (--epochs, --max-steps, more data) or --warmup-ratio 0",
+            sched.total_steps, cfg.warmup_ratio, sched.warmup_steps
+        )));
+    }
     tracing::info!(
         lines = stats.lines,
         train_examples = train_set.len(),
@@ -236,7 +257,7 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
     if cfg.resume {
         match checkpoint::restore_latest(&cfg.checkpoint_dir, &lora, &mut opt, &fp)? {
             Some(state) => {
-                let total = trainer::Schedule::new(cfg, train_set.len()).total_steps;
+                let total = sched.total_steps;
                 if state.step >= total {
                     // Checkpoints are saved before the last step only: its state.json was edited.
                     return Err(TrainError::Checkpoint(format!(
