@@ -228,8 +228,12 @@ fn chat_example(chat: &ChatTemplate, list: &[Value], tok: &Tokenizer) -> Result<
         spans.push((before.len(), through.len()));
     }
     // Encoded as the server encodes a conversation's prompt: BOS put before it unless the template wrote it.
+    // A token with any of its text in an assistant turn is a target, as in transformers'
+    // `return_assistant_tokens_mask` (TRL's `assistant_only_loss`): a generation prompt ending in a space the
+    // tokenizer joins to the answer (`Assistant: ` + `there` → `Ġthere`) leaves the answer's first token
+    // trained.
     let (ids, offsets) = chat.encode(tok, &full).map_err(|e| e.to_string())?;
-    let targets = offsets.iter().map(|&(s, e)| e > s && spans.iter().any(|&(a, b)| s >= a && e <= b)).collect();
+    let targets = offsets.iter().map(|&(s, e)| e > s && spans.iter().any(|&(a, b)| s < b && e > a)).collect();
     Ok(Example { ids, targets })
 }
 
@@ -301,6 +305,26 @@ mod tests {
         let first_target = ex.targets.iter().position(|&t| t).unwrap();
         assert_eq!(ex.ids[..first_target], prompt[..]);
         assert_eq!(prompt[0], 0, "BOS");
+    }
+
+    /// A generation prompt ending in a space the tokenizer joins to the answer's first word: the token holding
+    /// both is a target (transformers' `return_assistant_tokens_mask`), so the answer's start is trained.
+    /// Before, only tokens wholly inside the turn were, and that one never was.
+    #[test]
+    fn a_token_across_the_turns_start_is_trained() {
+        // The llama fixture's byte-level tokenizer keeps a token's leading space in its offsets.
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/model");
+        let mut t = Tokenizer::from_dir(&fixture).unwrap();
+        t.chat.template = Some("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}".into());
+        let line = "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"there\"}]}\n";
+        let ex = &parse_jsonl(line, "d", &t, None, 1).unwrap().0[0];
+        let (ids, offsets) = t.encode_with_offsets("user: q\nassistant: there\n", false).unwrap();
+        let start = "user: q\nassistant: ".len();
+        let across = offsets.iter().position(|&(s, e)| s < start && e > start).expect("a token across the turn's start");
+        let at = ex.ids.len() - ids.len(); // after the BOS put before
+        assert_eq!(ex.ids[at..], ids[..]);
+        assert!(ex.targets[at + across], "the token holding the answer's start is trained: {:?}", ex.targets);
+        assert!(!ex.targets[at + across - 1], "the prompt before it is not");
     }
 
     /// transformers' `{% generation %}` blocks (whitespace control included) render as plain text; a template
