@@ -320,7 +320,8 @@ mod tests {
         let ex = &parse_jsonl(line, "d", &t, None, 1).unwrap().0[0];
         let (ids, offsets) = t.encode_with_offsets("user: q\nassistant: there\n", false).unwrap();
         let start = "user: q\nassistant: ".len();
-        let across = offsets.iter().position(|&(s, e)| s < start && e > start).expect("a token across the turn's start");
+        let across =
+            offsets.iter().position(|&(s, e)| s < start && e > start).expect("a token across the turn's start");
         let at = ex.ids.len() - ids.len(); // after the BOS put before
         assert_eq!(ex.ids[at..], ids[..]);
         assert!(ex.targets[at + across], "the token holding the answer's start is trained: {:?}", ex.targets);
