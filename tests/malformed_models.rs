@@ -184,6 +184,21 @@ fn bad_config_and_missing_shard_are_named() {
     assert!(e.contains("model-00007-of-00014.safetensors"), "{e}");
 }
 
+/// `model.safetensors` wins over a shard index beside it, as in transformers: a folder re-saved as one file
+/// keeps its stale index (here naming shards that are gone). Before, the index was read and the load failed.
+#[test]
+fn a_single_file_wins_over_a_stale_shard_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model(tmp.path());
+    std::fs::copy(
+        fixture("llama-sharded/model/model.safetensors.index.json"),
+        tmp.path().join("model.safetensors.index.json"),
+    )
+    .unwrap();
+    let opts = LoadOptions { dtype: DType::F32, quant: QuantMode::None, device: Device::Cpu };
+    model::load(&ModelSpec::Dir(tmp.path().to_path_buf()), &opts).expect("model.safetensors is read");
+}
+
 #[test]
 fn cli_prints_one_line_and_exits_nonzero() {
     let tmp = tempfile::tempdir().unwrap();

@@ -75,11 +75,12 @@ pub struct SafetensorsFiles {
 }
 
 impl SafetensorsFiles {
-    /// Opens `model.safetensors`, or the shards of `model.safetensors.index.json`, in `dir`.
+    /// Opens `model.safetensors`, or, without one, the shards of `model.safetensors.index.json` in `dir`:
+    /// transformers' order (a folder saved as one file after it held shards keeps the stale index).
     pub fn open_dir(dir: &Path) -> Result<Self, WeightsError> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
-        if index.is_file() {
+        if !single.is_file() && index.is_file() {
             let text = std::fs::read_to_string(&index).map_err(|e| file_err(&index, e.to_string()))?;
             let json: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| file_err(&index, format!("invalid JSON: {e}")))?;
