@@ -58,6 +58,10 @@ pub fn save(dir: &Path, state: &State, lora: &TrainableLora, opt: &AdamW) -> Res
     candle_core::safetensors::save(&tensors, &st).map_err(candle_err(&st))?;
     let js = tmp.path().join("state.json");
     std::fs::write(&js, serde_json::to_string_pretty(state).expect("JSON")).map_err(|e| err(&js, e))?;
+    // On disk before it takes its name, and its name on disk before older checkpoints go: a power loss
+    // leaves a complete checkpoint, never only a new one with empty files.
+    let sync = |e: crate::output::OutputError| err(Path::new(&e.path), e.reason);
+    crate::output::sync_tree(tmp.path()).map_err(sync)?;
     let final_path = dir.join(&name);
     // A copy of the same step (a resumed run passing it again) is moved aside, not deleted, until the new one
     // is in place: a kill in between leaves it as a partial folder beside a complete older checkpoint at worst.
@@ -71,6 +75,7 @@ pub fn save(dir: &Path, state: &State, lora: &TrainableLora, opt: &AdamW) -> Res
         let _ = std::fs::remove_dir_all(&kept);
         return Err(err(&final_path, e));
     }
+    crate::output::sync_dir(dir).map_err(sync)?;
     // Older checkpoints, and the partial folders of runs killed while saving.
     for entry in std::fs::read_dir(dir).map_err(|e| err(dir, e))?.flatten() {
         let (path, file_name) = (entry.path(), entry.file_name());
