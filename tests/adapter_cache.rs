@@ -266,7 +266,8 @@ fn a_file_replaced_while_read_never_mixes_versions() {
         std::thread::spawn(move || {
             let mut flips = 0usize;
             while !stop.load(Ordering::Relaxed) {
-                let from = side.join(if flips % 2 == 0 { "two" } else { "one" }).join("adapter_model.safetensors");
+                let from =
+                    side.join(if flips.is_multiple_of(2) { "two" } else { "one" }).join("adapter_model.safetensors");
                 std::fs::copy(from, root.join("x/.next")).unwrap();
                 std::fs::rename(root.join("x/.next"), root.join("x/adapter_model.safetensors")).unwrap();
                 flips += 1;
