@@ -106,13 +106,19 @@ pub fn publish(tmp: tempfile::TempDir, out: &Path) -> Result<PathBuf, OutputErro
     }
     #[cfg(unix)]
     ordinary_modes(tmp.path(), umask());
-    sync_tree(tmp.path())?;
+    // A flush that fails keeps the folder (under its temporary name, named in the error): it is whole, only
+    // maybe not on disk yet.
     let kept = tmp.keep();
+    sync_tree(&kept)
+        .map_err(|e| error(&kept, format_args!("{}: {} (the written folder is kept here)", e.path, e.reason)))?;
     std::fs::rename(&kept, out).map_err(|e| {
         let _ = std::fs::remove_dir_all(&kept);
         error(out, e)
     })?;
-    sync_dir(parent_of(out))?;
+    // Written and named: a failure to flush the name now is no failure of the write.
+    if let Err(e) = sync_dir(parent_of(out)) {
+        tracing::warn!(error = %e, "the new folder's name may not be on disk yet");
+    }
     Ok(out.to_path_buf())
 }
 
@@ -123,7 +129,7 @@ pub(crate) fn sync_tree(dir: &Path) -> Result<(), OutputError> {
         let path = entry.path();
         match entry.file_type().map_err(|e| error(&path, e))? {
             t if t.is_dir() => sync_tree(&path)?,
-            t if t.is_file() => std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| error(&path, e))?,
+            t if t.is_file() => flush(&path)?,
             _ => {}
         }
     }
@@ -133,8 +139,22 @@ pub(crate) fn sync_tree(dir: &Path) -> Result<(), OutputError> {
 /// Flushes a folder's entries (a rename into it, a file made in it) to disk.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), OutputError> {
     #[cfg(unix)]
-    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| error(dir, e))?;
+    flush(dir)?;
     Ok(())
+}
+
+/// `fsync` of a file or folder. Filesystems that cannot flush (some FUSE, CIFS and NFS setups answer EINVAL
+/// or EOPNOTSUPP, for folders above all) are not an error: there is nothing more to do.
+fn flush(path: &Path) -> Result<(), OutputError> {
+    match std::fs::File::open(path).and_then(|f| f.sync_all()) {
+        Err(e)
+            if !(matches!(e.kind(), std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported)
+                || e.raw_os_error() == Some(95)) =>
+        {
+            Err(error(path, e))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The process's umask (read from `/proc/self/status`, which leaves it as it is; 022 where that is missing).

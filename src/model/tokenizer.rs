@@ -109,10 +109,20 @@ impl Tokenizer {
     /// cut; without one, as [`Tokenizer::decode`].
     pub fn decode_continued(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         let anchor = self.anchor.get_or_init(|| {
-            ["a", "x", "0"].into_iter().find_map(|probe| {
-                let [id] = self.encode_with(probe, false).ok()?[..] else { return None };
+            // A letter the tokenizer spells as one token: encoded, else looked up by the forms vocabularies
+            // give it (plain, SentencePiece's `▁`, byte-level BPE's `Ġ`).
+            let letters = ["a", "x", "0"];
+            let encoded = letters.iter().filter_map(|&l| match self.encode_with(l, false).ok()?[..] {
+                [id] => Some((id, l)),
+                _ => None,
+            });
+            let looked_up = letters
+                .iter()
+                .flat_map(|&l| ["", "\u{2581}", "\u{120}"].map(|mark| (format!("{mark}{l}"), l)))
+                .filter_map(|(token, l)| Some((self.token_to_id(&token)?, l)));
+            encoded.chain(looked_up).find_map(|(id, letter)| {
                 let text = self.decode(&[id]).ok()?;
-                (text.trim_start() == probe).then_some((id, text))
+                (text.trim_start() == letter).then_some((id, text))
             })
         });
         let Some((id, text)) = anchor else { return self.decode(ids) };
@@ -296,6 +306,27 @@ mod tests {
             rewritten += usize::from(got != whole);
         }
         assert!(rewritten > 50, "the sequences exercise the rewrite ({rewritten})");
+    }
+
+    /// Continued text keeps the space a SentencePiece decoder strips at the start, also where no letter
+    /// encodes to one token (a normalizer prepends `▁` and the vocabulary lacks `▁a`): the anchor is then
+    /// looked up by its forms.
+    #[test]
+    fn continued_text_keeps_its_leading_space() {
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&super::super::token_bytes::sentencepiece_json()).unwrap();
+        let plain = Tokenizer::from_parts(&serde_json::to_vec(&json).unwrap(), "sp/tokenizer.json", None).unwrap();
+        json["model"]["vocab"].as_object_mut().unwrap().remove("\u{2581}a");
+        json["normalizer"] = serde_json::json!({"type": "Prepend", "prepend": "\u{2581}"});
+        let split = Tokenizer::from_parts(&serde_json::to_vec(&json).unwrap(), "sp/tokenizer.json", None).unwrap();
+        assert_eq!(split.encode_with("a", false).unwrap().len(), 2, "no letter is one token");
+        for tok in [&plain, &split] {
+            let space = tok.token_to_id("<0x20>").unwrap();
+            let hello = tok.token_to_id("\u{2581}hello").unwrap();
+            assert_eq!(tok.decode(&[space, hello]).unwrap(), " hello", "stripped once at the start");
+            assert_eq!(tok.decode_continued(&[space, hello]).unwrap(), "  hello");
+            assert_eq!(tok.decode_continued(&[hello]).unwrap(), " hello");
+        }
     }
 
     /// The model folder's chat files are read with its tokenizer, and a written checkpoint carries them over.
