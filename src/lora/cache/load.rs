@@ -36,8 +36,14 @@ pub(super) type LoadFuture =
 impl AdapterCache {
     /// Loads `id` at `stamp` once, however many callers ask concurrently: the load is a task of its own
     /// ([`disk_load`]), so callers giving up (deadline, cancellation) neither abandon nor repeat it. A load
-    /// made stale meanwhile (an unload came) is not joined: a new one starts.
-    pub(super) async fn load(&self, id: &str, dir: PathBuf, stamp: FileStamp) -> Result<Arc<Loaded>, CacheError> {
+    /// made stale meanwhile (an unload came) is not joined: a new one starts. `None` when a load of these
+    /// files finished between the caller's look into the tiers and this call: look again (it is there).
+    pub(super) async fn load(
+        &self,
+        id: &str,
+        dir: PathBuf,
+        stamp: FileStamp,
+    ) -> Result<Option<Arc<Loaded>>, CacheError> {
         use futures::FutureExt;
         let shared = {
             // Lock order: `inflight`, then `state`.
@@ -45,6 +51,13 @@ impl AdapterCache {
             let mut st = self.inner.state.lock().expect("cache lock");
             match inflight.get(id) {
                 Some((s, g, f)) if *s == stamp && st.is_newest(id, *g) => f.clone(),
+                _ if st.current.get(id).is_some_and(|v| {
+                    let key = (id.to_string(), v.id.clone());
+                    v.stamp == stamp && (st.device.contains_key(&key) || st.host.contains_key(&key))
+                }) =>
+                {
+                    return Ok(None)
+                }
                 _ => {
                     let generation = st.bump(id);
                     drop(st);
@@ -66,7 +79,7 @@ impl AdapterCache {
                 }
             }
         };
-        shared.await
+        shared.await.map(Some)
     }
 }
 

@@ -258,7 +258,11 @@ impl AdapterCache {
                                 return Err(CacheError::Internal { id: id.into(), reason: "promotion lost".into() })
                             }
                         },
-                        Cached::Miss => Held::Loaded(self.load(id, dir.clone(), stamp.clone()).await?),
+                        Cached::Miss => match self.load(id, dir.clone(), stamp.clone()).await? {
+                            Some(loaded) => Held::Loaded(loaded),
+                            // Loaded by another request since the look: look again.
+                            None => continue,
+                        },
                     }
                 }
             };
@@ -481,7 +485,7 @@ mod tests {
         let stamp = AdapterStore::stamp(&dir).unwrap();
         // The acquire's load, finished (installed, its in-flight entry gone), then the unload, then the
         // acquire's lease.
-        let loaded = c.load("a", dir, stamp.clone()).await.unwrap();
+        let loaded = c.load("a", dir, stamp.clone()).await.unwrap().unwrap();
         assert_eq!(c.loads_in_flight(), 0);
         assert!(c.unload("a").unwrap());
         let Cached::Hit(lease) = c.lease_held("a", &Held::Loaded(loaded), &stamp) else { panic!("no lease") };
