@@ -236,8 +236,8 @@ impl AdapterCache {
             let space = self.inner.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
+            // Weights held from before a wait, unless read from files that changed since: look again then.
             let weights = match held.take() {
-                // Read from files that changed since: look again.
                 Some(Held::Loaded(l)) if l.version.stamp != stamp => None,
                 h => h,
             };

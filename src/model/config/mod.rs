@@ -486,15 +486,17 @@ impl Raw<'_> {
         };
         // Positions are divided by the factors and the old context: none of them may be 0 or negative (a
         // factor of 0 made every logit NaN). A factor below 1 squeezes positions: transformers warns, and so do we.
-        let positive = |field: &str, v: f64| match v > 0.0 {
-            true => Ok(()),
-            false => Err(self.invalid(&format!("{prefix}.{field}"), format!("must be greater than 0, got {v}"))),
+        let positive = |field: &str, v: f64| {
+            if v > 0.0 {
+                Ok(())
+            } else {
+                Err(self.invalid(&format!("{prefix}.{field}"), format!("must be greater than 0, got {v}")))
+            }
         };
-        match scaling {
-            RopeScaling::Default => {}
-            RopeScaling::Linear { factor } => positive("factor", factor)?,
+        let factor = match scaling {
+            RopeScaling::Default => None,
+            RopeScaling::Linear { factor } => Some(factor),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                positive("factor", factor)?;
                 positive("low_freq_factor", low_freq_factor)?;
                 positive("original_max_position_embeddings", original_max_position_embeddings)?;
                 if high_freq_factor <= low_freq_factor {
@@ -502,9 +504,11 @@ impl Raw<'_> {
                         self.invalid(&format!("{prefix}.high_freq_factor"), "must be greater than low_freq_factor")
                     );
                 }
+                Some(factor)
             }
-        }
-        if let RopeScaling::Linear { factor } | RopeScaling::Llama3 { factor, .. } = scaling {
+        };
+        if let Some(factor) = factor {
+            positive("factor", factor)?;
             if factor < 1.0 {
                 tracing::warn!(field = %format!("{prefix}.factor"), factor, "a RoPE scaling factor below 1 squeezes positions instead of stretching them (transformers warns too)");
             }
