@@ -94,15 +94,16 @@ pub fn partial(out: &Path) -> Result<tempfile::TempDir, OutputError> {
     tempfile::Builder::new().prefix(&format!(".{name}.partial-")).tempdir_in(parent).map_err(|e| error(parent, e))
 }
 
-/// Renames the filled temporary folder to `out`, which must still not exist (a rename over an empty folder
-/// would succeed silently on Linux). Its files and folders are flushed to disk first and the parent after, so
+/// Renames the filled temporary folder to `out`, which must still not exist: a plain rename over an empty
+/// folder succeeds silently on Linux, so the rename itself refuses to replace anything. Its files and folders are flushed to disk first and the parent after, so
 /// that a power loss leaves the old state or the whole new folder, never empty files under the final name.
 /// The temporary folder is private (0700) and safetensors writes 0600: the result gets the modes a new file
 /// and folder get under the process's umask (0644 and 0755 under the usual 022).
 pub fn publish(tmp: tempfile::TempDir, out: &Path) -> Result<PathBuf, OutputError> {
     let out = &normalized(out);
+    let appeared = || error(out, "appeared while it was being written (choose a new output folder)");
     if std::fs::symlink_metadata(out).is_ok() {
-        return Err(error(out, "appeared while it was being written (choose a new output folder)"));
+        return Err(appeared());
     }
     #[cfg(unix)]
     ordinary_modes(tmp.path(), umask());
@@ -111,15 +112,46 @@ pub fn publish(tmp: tempfile::TempDir, out: &Path) -> Result<PathBuf, OutputErro
     let kept = tmp.keep();
     sync_tree(&kept)
         .map_err(|e| error(&kept, format_args!("{}: {} (the written folder is kept here)", e.path, e.reason)))?;
-    std::fs::rename(&kept, out).map_err(|e| {
+    rename_new(&kept, out).map_err(|e| {
         let _ = std::fs::remove_dir_all(&kept);
-        error(out, e)
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            appeared()
+        } else {
+            error(out, e)
+        }
     })?;
     // Written and named: a failure to flush the name now is no failure of the write.
     if let Err(e) = sync_dir(parent_of(out)) {
         tracing::warn!(error = %e, "the new folder's name may not be on disk yet");
     }
     Ok(out.to_path_buf())
+}
+
+/// Renames `from` to `to` only if nothing is at `to` (`AlreadyExists` otherwise). On Linux the kernel checks
+/// as it renames, so a folder made at `to` after the caller's own check is never replaced; where the
+/// filesystem cannot (and elsewhere) it is a check and then a rename.
+fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if let Some(done) = rename_noreplace(from, to) {
+        return done;
+    }
+    if std::fs::symlink_metadata(to).is_ok() {
+        return Err(std::io::ErrorKind::AlreadyExists.into());
+    }
+    std::fs::rename(from, to)
+}
+
+/// `renameat2` with `RENAME_NOREPLACE`; `None` where the filesystem or kernel lacks the flag.
+#[cfg(target_os = "linux")]
+fn rename_noreplace(from: &Path, to: &Path) -> Option<std::io::Result<()>> {
+    use rustix::{
+        fs::{renameat_with, RenameFlags, CWD},
+        io::Errno,
+    };
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Err(Errno::INVAL | Errno::NOSYS) => None,
+        done => Some(done.map_err(Into::into)),
+    }
 }
 
 /// Flushes every file under `dir`, then `dir` itself, to disk.
@@ -257,5 +289,22 @@ mod tests {
         std::fs::create_dir(&late).unwrap();
         assert!(publish(p, &late).unwrap_err().reason.starts_with("appeared"));
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2, "x and late, nothing partial");
+    }
+
+    /// The rename itself refuses a folder made after every check (a plain `rename` replaces an empty one).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_rename_never_replaces_what_appeared_after_the_checks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (from, to) = (tmp.path().join("from"), tmp.path().join("to"));
+        std::fs::create_dir(&from).unwrap();
+        std::fs::write(from.join("f"), "new").unwrap();
+        std::fs::create_dir(&to).unwrap();
+        let refused = rename_noreplace(&from, &to).expect("the test folder's filesystem takes RENAME_NOREPLACE");
+        assert_eq!(refused.unwrap_err().kind(), std::io::ErrorKind::AlreadyExists);
+        assert!(from.join("f").exists() && std::fs::read_dir(&to).unwrap().next().is_none(), "neither moved");
+        std::fs::remove_dir(&to).unwrap();
+        rename_new(&from, &to).unwrap();
+        assert_eq!(std::fs::read_to_string(to.join("f")).unwrap(), "new");
     }
 }
