@@ -50,7 +50,8 @@ pub enum CacheError {
     Invalid(Arc<AdapterError>),
     #[error("adapter `{id}` needs {bytes} bytes but the device adapter cache holds at most {budget} (--adapter-cache-bytes)")]
     TooLarge { id: String, bytes: usize, budget: usize },
-    #[error("adapter cache full: `{id}` needs {bytes} bytes and all {leased} leased bytes of the {budget}-byte device tier are in use by running requests")]
+    /// `leased`: the bytes running requests hold (and copies under way will), which no eviction can free.
+    #[error("adapter cache full: `{id}` needs {bytes} bytes, but running requests hold {leased} of the {budget}-byte device tier (--adapter-cache-bytes) and none was released in time")]
     Full { id: String, bytes: usize, leased: usize, budget: usize },
     #[error("loading adapter `{id}` failed: {reason}")]
     Internal { id: String, reason: String },
