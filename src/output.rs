@@ -23,11 +23,26 @@ fn normalized(out: &Path) -> PathBuf {
     out.components().collect()
 }
 
-/// `path` as an absolute path with `.` and `..` folded away (by name: symbolic links are not followed).
+/// `path` as an absolute path naming the same place: its longest existing part with symbolic links resolved
+/// (so `link/..` is where the link's target's parent is, as the kernel reads it), then the parts that do not
+/// exist yet with `.` and `..` folded by name (nothing under a missing folder can be a link).
 fn resolved(path: &Path) -> PathBuf {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let mut out = PathBuf::new();
-    for c in absolute.components() {
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    let mut out = loop {
+        if let Ok(real) = std::fs::canonicalize(existing) {
+            break real;
+        }
+        match (existing.parent(), existing.components().next_back()) {
+            (Some(up), Some(last)) => {
+                rest.push(last);
+                existing = up;
+            }
+            _ => break PathBuf::new(),
+        }
+    };
+    for c in rest.into_iter().rev() {
         match c {
             std::path::Component::CurDir => {}
             std::path::Component::ParentDir => {
@@ -260,6 +275,14 @@ mod tests {
         for (path, folder) in [("out2/log", "out"), ("out.log.jsonl", "out"), ("out/../log", "out")] {
             assert!(!within(Path::new(path), Path::new(folder)), "{path} not in {folder}");
         }
+        // Through a symbolic link, `..` is the parent of the link's target, as the kernel reads the path.
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::os::unix::fs::symlink(root.join("a/b"), root.join("link")).unwrap();
+        assert!(within(&root.join("link/../new/log"), &root.join("a/new")), "link/.. is a, not the root");
+        assert!(!within(&root.join("link/../new/log"), &root.join("new")));
+        assert!(within(&root.join("link/ck"), &root.join("a/b")), "a link names its target");
     }
 
     #[test]
