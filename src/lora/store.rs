@@ -176,9 +176,16 @@ impl AdapterStore {
             }
             return Err(self.not_found(id));
         }
-        for file in [&config, &weights] {
-            if file.canonicalize().is_ok_and(|c| !c.starts_with(&root)) {
-                return Err(escapes(&path.join(file.file_name().expect("a file name"))));
+        // Every file the adapter's version covers is read, the chat files too (a template is rendered into
+        // prompts a caller can read back), so none may lead out either.
+        let chat = template_files(&canonical).map_err(|e| StoreError::Io {
+            path: canonical.join("additional_chat_templates").display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let files = ["adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"].map(String::from);
+        for name in files.iter().chain(&chat) {
+            if canonical.join(name).canonicalize().is_ok_and(|c| !c.starts_with(&root)) {
+                return Err(escapes(&path.join(name)));
             }
         }
         Ok(canonical)
@@ -415,6 +422,26 @@ mod tests {
         assert!(s.resolve(".hidden").is_ok());
         // Listed: a folder under the root, whose requests then say what is wrong with it.
         assert_eq!(s.list(), ["blobs/src", "linked-in", "linked-out"]);
+        // The chat files are read into prompts: a template, a tokenizer config or a folder of templates
+        // linked out is refused the same way.
+        std::fs::write(tmp.path().join("secret"), "{{ 'x' }}").unwrap();
+        std::fs::create_dir(tmp.path().join("templates")).unwrap();
+        symlink(tmp.path().join("secret"), tmp.path().join("templates/default.jinja")).unwrap();
+        for (name, link, target) in [
+            ("chat-out", "chat_template.jinja", tmp.path().join("secret")),
+            ("config-out", "tokenizer_config.json", tmp.path().join("secret")),
+            ("extra-out", "additional_chat_templates", tmp.path().join("templates")),
+        ] {
+            adapter(&root.join(name));
+            symlink(target, root.join(name).join(link)).unwrap();
+            let e = s.resolve(name).unwrap_err().to_string();
+            assert!(e.contains(&format!("{name}/{link}")) && e.contains("resolves outside"), "{e}");
+        }
+        std::fs::create_dir(root.join("chat-out/additional_chat_templates")).unwrap();
+        std::fs::remove_file(root.join("chat-out/chat_template.jinja")).unwrap();
+        symlink(tmp.path().join("secret"), root.join("chat-out/additional_chat_templates/tool_use.jinja")).unwrap();
+        let e = s.resolve("chat-out").unwrap_err().to_string();
+        assert!(e.contains("chat-out/additional_chat_templates/tool_use.jinja resolves outside"), "{e}");
     }
 
     /// A root given as a symlink follows it at every lookup: re-pointed (a release symlink swapped, as
