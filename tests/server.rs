@@ -447,6 +447,35 @@ async fn shutdown_drains_in_flight_requests_and_reports_not_serving() {
     h.wait().await.unwrap();
 }
 
+/// A client that stops reading its stream (its flow-control window full) cannot hold the server past the
+/// drain: the requests still running at `--drain-timeout` are failed, and a connection whose client never
+/// reads the failure is closed shortly after. Not a timing target: without the fix the server waits for the
+/// client for as long as it lives; 30 s stands for "never".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_stops_reading_cannot_hold_the_drain() {
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.drain_timeout = Duration::from_millis(300);
+    let (h, _) = start(cfg).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", h.grpc_addr))
+        .unwrap()
+        .initial_stream_window_size(Some(0))
+        .connect()
+        .await
+        .unwrap();
+    let mut c = LoraServeClient::new(channel);
+    let stalled = c.generate_stream(GenerateRequest { ignore_eos: true, ..req("", "alpha", 200) }).await.unwrap();
+    let engine = h.engine().unwrap();
+    let since = std::time::Instant::now();
+    while engine.stats().running.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(since.elapsed() < Duration::from_secs(30), "the request never ran");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    h.shutdown();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), h.wait()).await;
+    drop(stalled);
+    stopped.expect("the server stopped while its client held the stream unread").unwrap();
+}
+
 /// `/metrics` answers through the whole drain (Prometheus sees its last requests), and stops with the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_are_served_until_the_drain_ends() {

@@ -104,6 +104,10 @@ pub struct ServeConfig {
 /// The gRPC service name, also the `grpc.health.v1` service that reports readiness.
 pub const SERVICE_NAME: &str = "loraserve.v1.LoraServe";
 
+/// After the drain timeout has failed the requests still running, how long their clients get to read the
+/// failure before the connections left open are closed.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// The request header that carries the adapter id for adapter-affinity routing (Envoy hashes on it; the
 /// bundled client sets it; the service refuses a value that disagrees with the body's `adapter_id`).
 pub const ADAPTER_ID_HEADER: &str = "x-adapter-id";
@@ -308,7 +312,8 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
         for id in &cfg.preload {
             if let Err(e) = ready.cache.load_adapter(id).await {
                 let _ = stop_on_failure.send(true);
-                ready.engine.shutdown(Duration::ZERO);
+                let engine = ready.engine.clone();
+                tokio::task::spawn_blocking(move || engine.shutdown(Duration::ZERO)).await.ok();
                 let _ = serve.await;
                 return Err(ServerError::Preload { id: id.clone(), reason: e.to_string() });
             }
@@ -340,7 +345,16 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
                 tracing::warn!("drain timeout: failing the requests still running");
                 let e = engine.clone();
                 tokio::task::spawn_blocking(move || e.shutdown(Duration::ZERO)).await.ok();
-                serve.await
+                // Their clients get the failure at once, unless one stopped reading (its flow-control window
+                // full): its connection would hold the server open for as long as the client lives. Cut it.
+                match tokio::time::timeout(CLOSE_GRACE, &mut serve).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!("closing connections whose clients stopped reading");
+                        serve.abort();
+                        Ok(Ok(()))
+                    }
+                }
             }
         };
         let e = engine.clone();
