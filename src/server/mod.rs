@@ -209,7 +209,9 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
         // directive or filter minijinja lacks): said now, not first in a request's error.
         Ok(chat) => {
             match chat.render(&[serde_json::json!({"role": "user", "content": "Hello"})], true, &Default::default()) {
-                Err(model::ChatError::Render(e)) if !e.starts_with(model::chat::REFUSED) => {
+                Err(model::ChatError::Render(e) | model::ChatError::Unavailable(e))
+                    if !e.starts_with(model::chat::REFUSED) =>
+                {
                     tracing::warn!(reason = %e, "the chat template fails on a one-turn conversation: requests with messages will likely be refused")
                 }
                 _ => tracing::info!("chat template loaded: requests may give messages"),

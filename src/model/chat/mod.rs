@@ -53,8 +53,9 @@ use super::Tokenizer;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChatError {
     /// No conversations can be rendered: the model (or the adapter that brings its own template) has no chat
-    /// template, only named ones, or one that does not compile; or an adapter's template rendered a token
-    /// the base tokenizer lacks. Not the request's fault.
+    /// template, only named ones, one that does not compile, or one that uses a filter, test, function or
+    /// method this server lacks; or an adapter's template rendered a token the base tokenizer lacks. Not the
+    /// request's fault.
     #[error("{0}")]
     Unavailable(String),
     /// This conversation: the template refused it (`raise_exception`), failed rendering it, or rendered it
@@ -252,7 +253,20 @@ impl ChatTemplate {
                 ctx.insert(k.as_str(), JinjaValue::from_serialize(v));
             }
         }
-        t.render(ctx).map_err(|e| ChatError::Render(render_message(&e)))
+        t.render(ctx).map_err(|e| {
+            // A filter, test, function or method the server lacks fails every conversation that reaches it,
+            // whatever the conversation: the template's fault, not the request's.
+            let unknown = [
+                ErrorKind::UnknownFilter,
+                ErrorKind::UnknownTest,
+                ErrorKind::UnknownFunction,
+                ErrorKind::UnknownMethod,
+            ];
+            match render_message(&e) {
+                m if unknown.contains(&e.kind()) => ChatError::Unavailable(m),
+                m => ChatError::Render(m),
+            }
+        })
     }
 
     /// The ids of a rendered conversation (module docs), each with its byte span in `rendered` (the ids put
@@ -510,6 +524,19 @@ mod tests {
         assert!(matches!(&e, ChatError::Render(m) if m.starts_with("rendering the chat template:")), "{e}");
         let e = ChatTemplate::compile("{% for %}", vec![]).unwrap_err();
         assert!(matches!(&e, ChatError::Unavailable(m) if m.contains("does not compile")), "{e}");
+        // What the server lacks fails every conversation that reaches it: the template's fault.
+        for lacking in [
+            "{{ 'a' | nosuchfilter }}",
+            "{{ 'a' is nosuchtest }}",
+            "{{ nosuchfunction() }}",
+            "{{ 'a'.nosuchmethod() }}",
+        ] {
+            let e = template(lacking).render(&user("a"), true, &Kwargs::new()).unwrap_err();
+            assert!(
+                matches!(&e, ChatError::Unavailable(m) if m.starts_with("rendering the chat template:")),
+                "{lacking}: {e}"
+            );
+        }
     }
     /// Values print as jinja2 prints them (Python's `str`), where minijinja's own text differs; `round` and
     /// `is sequence` as jinja2's. Expected texts are Python 3.11's (transformers' environment).
