@@ -362,7 +362,7 @@ async fn two_replicas_keep_each_adapter_on_the_replica_its_header_hashes_to() {
                 max_new_tokens: 6,
                 ..Default::default()
             };
-            let r = via_router.generate(request(&target, msg, Some(id))).await.unwrap().into_inner();
+            let r = via_router.generate(request(&target, msg, Some(id)).unwrap()).await.unwrap().into_inner();
             assert!(!r.token_ids.is_empty());
             // Same adapter, same greedy answer, whichever round.
             assert_eq!(
@@ -386,12 +386,12 @@ async fn two_replicas_keep_each_adapter_on_the_replica_its_header_hashes_to() {
         max_new_tokens: 2,
         ..Default::default()
     };
-    let err = via_router.generate(request(&target, msg.clone(), Some(liar))).await.unwrap_err();
+    let err = via_router.generate(request(&target, msg.clone(), Some(liar)).unwrap()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains(ADAPTER_ID_HEADER) && err.message().contains(victim), "{}", err.message());
     // ... the same through Load (the header routes it; the body names what to load).
     let load = proto::LoadAdapterRequest { adapter_id: victim.into() };
-    let err = via_router.load_adapter(request(&target, load, Some(liar))).await.unwrap_err();
+    let err = via_router.load_adapter(request(&target, load, Some(liar)).unwrap()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert_eq!(residency(&[&a, &b]).await, held, "a refused request loaded nothing");
 

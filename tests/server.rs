@@ -342,6 +342,14 @@ async fn api_keys_guard_the_service_but_not_health() {
         parsed.samples.get(&key).copied().unwrap_or(0.0)
     };
     assert_eq!((total("UNAUTHENTICATED"), total("OUT_OF_RANGE")), (2.0, 1.0));
+    // The bundled client never sends a call without a key it was given but no header can carry.
+    let t = loraserve::server::client::Target {
+        addr: h.grpc_addr.to_string(),
+        api_key: Some("ключ".into()),
+        ca_cert: None,
+    };
+    let e = loraserve::server::client::list(&t).await.unwrap_err().to_string();
+    assert!(e.starts_with("--api-key: the API key has 'к' at byte 0"), "{e}");
     let channel = Channel::from_shared(format!("http://{}", h.grpc_addr)).unwrap().connect().await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let s = health
@@ -583,9 +591,10 @@ async fn tls_serving_and_the_bundled_client() {
     let port = h.grpc_addr.port();
     let target = |addr: String, ca_cert| Target { addr, api_key: None, ca_cert };
     let wait = Duration::from_secs(10);
-    for host in ["localhost", "127.0.0.1"] {
-        let t = target(format!("https://{host}:{port}"), Some(tls.join("ca.pem")));
-        assert!(health(&t, "", wait).await.unwrap(), "{host}");
+    // Schemes are case-insensitive: `HTTPS://` is TLS too.
+    for (scheme, host) in [("https", "localhost"), ("https", "127.0.0.1"), ("HTTPS", "localhost")] {
+        let t = target(format!("{scheme}://{host}:{port}"), Some(tls.join("ca.pem")));
+        assert!(health(&t, "", wait).await.unwrap(), "{scheme} {host}");
     }
     // Another CA: the handshake fails, and the error says more than "transport error".
     let other = tempfile::NamedTempFile::new().unwrap();

@@ -19,12 +19,14 @@ pub struct ApiKeys(Arc<Vec<Vec<u8>>>);
 impl ApiKeys {
     pub fn from_file(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let keys: Vec<Vec<u8>> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(|l| l.as_bytes().to_vec())
-            .collect();
+        let mut keys = Vec::new();
+        for (i, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            check_key(line).map_err(|e| format!("{} line {i}: {e}", path.display()))?;
+            keys.push(line.as_bytes().to_vec());
+        }
         if keys.is_empty() {
             return Err(format!("{}: no API keys in the file", path.display()));
         }
@@ -54,6 +56,18 @@ impl ApiKeys {
         }?;
         req.extensions_mut().insert(accepted);
         Ok(req)
+    }
+}
+
+/// Whether `key` can be sent as `authorization: Bearer <key>`: visible ASCII, no spaces (a header carries no
+/// other text, and a key no client can send would refuse every call made with it).
+pub fn check_key(key: &str) -> Result<(), String> {
+    match key.char_indices().find(|(_, c)| !c.is_ascii_graphic()) {
+        None if !key.is_empty() => Ok(()),
+        None => Err("the API key is empty".into()),
+        Some((at, c)) => Err(format!(
+            "the API key has {c:?} at byte {at}: a key is visible ASCII without spaces, as an `authorization` header carries it"
+        )),
     }
 }
 
@@ -91,5 +105,11 @@ mod tests {
         assert_eq!(k.check(req(None)).unwrap_err().code(), tonic::Code::Unauthenticated);
         std::fs::write(tmp.path(), "\n# none\n").unwrap();
         assert!(ApiKeys::from_file(tmp.path()).is_err());
+        // A key no header can carry would refuse every call made with it: refused up front, by line.
+        for (text, line, bad) in [("alpha\nключ\n", 2, "'к' at byte 0"), ("a b\n", 1, "' ' at byte 1")] {
+            std::fs::write(tmp.path(), text).unwrap();
+            let e = ApiKeys::from_file(tmp.path()).err().unwrap();
+            assert!(e.contains(&format!("line {line}: the API key has {bad}")), "{e}");
+        }
     }
 }

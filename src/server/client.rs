@@ -63,7 +63,11 @@ pub struct GenerateCall {
 }
 
 async fn channel(t: &Target, timeout: Option<Duration>) -> anyhow::Result<Channel> {
-    let addr = if t.addr.contains("://") { t.addr.clone() } else { format!("http://{}", t.addr) };
+    // Schemes are case-insensitive (RFC 3986 §3.1): `HTTPS://` is TLS too.
+    let addr = match t.addr.split_once("://") {
+        Some((scheme, rest)) => format!("{}://{rest}", scheme.to_ascii_lowercase()),
+        None => format!("http://{}", t.addr),
+    };
     let mut endpoint = Channel::from_shared(addr.clone()).map_err(|e| anyhow::anyhow!("--addr `{}`: {e}", t.addr))?;
     match (addr.starts_with("https://"), &t.ca_cert) {
         (true, Some(path)) => {
@@ -120,13 +124,14 @@ pub async fn health(t: &Target, service: &str, timeout: Duration) -> anyhow::Res
     Ok(status == ServingStatus::Serving)
 }
 
-/// Wraps `msg` with the API key and, when given, the adapter-affinity header.
-pub fn request<T>(t: &Target, msg: T, adapter_id: Option<&str>) -> Request<T> {
+/// Wraps `msg` with the API key and, when given, the adapter-affinity header. A key no header can carry is
+/// an error (`--api-key`), never a call sent without it.
+pub fn request<T>(t: &Target, msg: T, adapter_id: Option<&str>) -> anyhow::Result<Request<T>> {
     let mut r = Request::new(msg);
     if let Some(k) = &t.api_key {
-        if let Ok(v) = MetadataValue::try_from(format!("Bearer {k}")) {
-            r.metadata_mut().insert("authorization", v);
-        }
+        super::auth::check_key(k).map_err(|e| anyhow::anyhow!("--api-key: {e}"))?;
+        let v = MetadataValue::try_from(format!("Bearer {k}")).map_err(|e| anyhow::anyhow!("--api-key: {e}"))?;
+        r.metadata_mut().insert("authorization", v);
     }
     // An id no header can carry (not ASCII) goes in the body only: the server then names what is wrong with
     // the id itself, not with a header the user never set.
@@ -135,7 +140,7 @@ pub fn request<T>(t: &Target, msg: T, adapter_id: Option<&str>) -> Request<T> {
             r.metadata_mut().insert(super::ADAPTER_ID_HEADER, v);
         }
     }
-    r
+    Ok(r)
 }
 
 impl GenerateCall {
@@ -199,7 +204,7 @@ fn structured_output(c: &crate::engine::structured::Constraint) -> proto::Struct
 /// JSON with `json`.
 pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool) -> anyhow::Result<()> {
     let mut client = connect(t).await?;
-    let req = request(t, call.to_proto(), Some(&call.adapter_id));
+    let req = request(t, call.to_proto(), Some(&call.adapter_id))?;
     let mut response = proto::GenerateResponse::default();
     if stream {
         let mut s = client.generate_stream(req).await?.into_inner();
@@ -274,7 +279,7 @@ fn top_json(steps: &[proto::TopLogprobs]) -> serde_json::Value {
 
 pub async fn list(t: &Target) -> anyhow::Result<()> {
     let mut client = connect(t).await?;
-    let r = client.list_adapters(request(t, proto::ListAdaptersRequest {}, None)).await?.into_inner();
+    let r = client.list_adapters(request(t, proto::ListAdaptersRequest {}, None)?).await?.into_inner();
     for a in r.adapters {
         let tier = match (a.device_resident, a.host_resident) {
             (true, _) => "device",
@@ -295,7 +300,7 @@ pub async fn list(t: &Target) -> anyhow::Result<()> {
 pub async fn load(t: &Target, id: &str) -> anyhow::Result<()> {
     let mut client = connect(t).await?;
     let r = client
-        .load_adapter(request(t, proto::LoadAdapterRequest { adapter_id: id.into() }, Some(id)))
+        .load_adapter(request(t, proto::LoadAdapterRequest { adapter_id: id.into() }, Some(id))?)
         .await?
         .into_inner();
     to_stdout(format_args!("{id}\tversion={}\n", r.adapter_version))?;
@@ -305,7 +310,7 @@ pub async fn load(t: &Target, id: &str) -> anyhow::Result<()> {
 pub async fn unload(t: &Target, id: &str) -> anyhow::Result<()> {
     let mut client = connect(t).await?;
     let r = client
-        .unload_adapter(request(t, proto::UnloadAdapterRequest { adapter_id: id.into() }, Some(id)))
+        .unload_adapter(request(t, proto::UnloadAdapterRequest { adapter_id: id.into() }, Some(id))?)
         .await?
         .into_inner();
     to_stdout(format_args!("{id}\twas_loaded={}\n", r.was_loaded))?;
