@@ -229,7 +229,20 @@ async fn truncate_prompt_tokens_keeps_the_last_ids() {
     // The demo's context is 1024 positions: 1100 bytes do not fit, their last 1000 do.
     let long = "ab".repeat(550);
     let s = c.generate(req("", &long, 8)).await.unwrap_err();
-    assert!(s.message().contains("exceed the model's context"), "{s:?}");
+    assert!(
+        s.message().starts_with("prompt: 1101 prompt tokens") && s.message().contains("exceed the model's context"),
+        "{s:?}"
+    );
+    // The error names the field the prompt came from.
+    let ids = GenerateRequest { prompt_token_ids: vec![5; 1100], ..req("", "", 8) };
+    let turn = GenerateRequest { messages: chat(&[("user", &long)]), ..req("", "", 8) };
+    for (r, field) in [(ids, "prompt_token_ids"), (turn, "messages")] {
+        let s = c.generate(r).await.unwrap_err();
+        assert!(
+            s.message().starts_with(&format!("{field}: ")) && s.message().contains("exceed the model's context"),
+            "{s:?}"
+        );
+    }
     let fits = c.generate(GenerateRequest { truncate_prompt_tokens: Some(1000), ..req("", &long, 8) }).await;
     assert_eq!(fits.unwrap().into_inner().prompt_tokens, 1000);
     // A conversation's ids are cut as they are (the template's text, and the BOS before it, go first).

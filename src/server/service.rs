@@ -342,6 +342,12 @@ impl Service {
         if leased_first {
             adapter = lease_request_adapter(ready, &r.adapter_id, deadline).await?;
         }
+        // The field the prompt came from, for errors about its length.
+        let field = match () {
+            _ if !r.messages.is_empty() => "messages",
+            _ if !r.prompt_token_ids.is_empty() => "prompt_token_ids",
+            _ => "prompt",
+        };
         let mut prompt_ids = if !r.prompt_token_ids.is_empty() {
             let vocab = ready.vocab;
             if let Some((i, id)) = r.prompt_token_ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
@@ -363,13 +369,12 @@ impl Service {
         }
         if prompt_ids.is_empty() {
             // A tokenizer without BOS whose normalizer drops the whole text: nothing to continue from.
-            let field = if r.messages.is_empty() { "prompt" } else { "messages" };
             return Err(invalid(field, "encodes to no tokens"));
         }
         let total = prompt_ids.len() + r.max_new_tokens as usize;
         if total > ready.context {
             return Err(invalid(
-                "prompt",
+                field,
                 format!(
                     "{} prompt tokens + max_new_tokens {} exceed the model's context of {} positions",
                     prompt_ids.len(),
