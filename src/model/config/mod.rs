@@ -466,16 +466,24 @@ impl Raw<'_> {
                 factor: req("factor")?,
                 low_freq_factor: req("low_freq_factor")?,
                 high_freq_factor: req("high_freq_factor")?,
-                // As transformers 5 fills it for these families: the parameters' value, else the model's
-                // context (a top-level key counts only for config classes that declare it, as Phi-3's does;
-                // transformers 4 required the parameters' value).
-                original_max_position_embeddings: self
-                    .f64_in(
-                        params,
-                        "original_max_position_embeddings",
-                        &format!("{prefix}.original_max_position_embeddings"),
-                    )?
-                    .unwrap_or(max_position_embeddings as f64),
+                // As transformers 5 builds the model: a top-level key first (its rotary embedding standardizes
+                // the parameters again once every config.json key is an attribute, and then that one wins),
+                // else the parameters' value, else the model's context. (transformers 4 read only the
+                // parameters' value, and required it.)
+                original_max_position_embeddings: match self.f64_in(
+                    self.map,
+                    "original_max_position_embeddings",
+                    "original_max_position_embeddings",
+                )? {
+                    Some(top) => top,
+                    None => self
+                        .f64_in(
+                            params,
+                            "original_max_position_embeddings",
+                            &format!("{prefix}.original_max_position_embeddings"),
+                        )?
+                        .unwrap_or(max_position_embeddings as f64),
+                },
             },
             other => {
                 return Err(self.invalid(
@@ -498,6 +506,12 @@ impl Raw<'_> {
             RopeScaling::Linear { factor } => Some(factor),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 positive("low_freq_factor", low_freq_factor)?;
+                if self.get("original_max_position_embeddings").is_some() && original_max_position_embeddings <= 0.0 {
+                    return Err(self.invalid(
+                        "original_max_position_embeddings",
+                        format!("must be greater than 0, got {original_max_position_embeddings}"),
+                    ));
+                }
                 positive("original_max_position_embeddings", original_max_position_embeddings)?;
                 if high_freq_factor <= low_freq_factor {
                     return Err(
@@ -526,17 +540,17 @@ impl Raw<'_> {
         };
         let per_layer = match family {
             ModelFamily::Llama => vec![None; layers],
-            ModelFamily::Mistral => vec![window; layers],
+            // A Mistral config with `layer_types` is Ministral's (transformers' AutoConfig loads it as one):
+            // the window on the layers listed as sliding only.
+            ModelFamily::Mistral => match self.layer_types(layers)? {
+                Some(sliding) => sliding.into_iter().map(|s| if s { window } else { None }).collect(),
+                None => vec![window; layers],
+            },
             ModelFamily::Qwen2 => {
                 if !self.bool_or("use_sliding_window", false)? || window.is_none() {
                     vec![None; layers]
-                } else if let Some(Value::Array(types)) = self.get("layer_types") {
-                    if types.len() != layers {
-                        return Err(
-                            self.invalid("layer_types", format!("has {} entries for {layers} layers", types.len()))
-                        );
-                    }
-                    types.iter().map(|t| if t.as_str() == Some("sliding_attention") { window } else { None }).collect()
+                } else if let Some(sliding) = self.layer_types(layers)? {
+                    sliding.into_iter().map(|s| if s { window } else { None }).collect()
                 } else {
                     let first = match self.get("max_window_layers") {
                         None => 28,
@@ -549,6 +563,28 @@ impl Raw<'_> {
             }
         };
         Ok(per_layer)
+    }
+
+    /// `layer_types` (transformers 5), when written: whether each layer's attention is `"sliding_attention"`
+    /// (else `"full_attention"`; any other entry is refused).
+    fn layer_types(&self, layers: usize) -> Result<Option<Vec<bool>>, ConfigError> {
+        let types = match self.get("layer_types") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Array(types)) => types,
+            Some(v) => return Err(self.invalid("layer_types", format!("expected a list, got {v}"))),
+        };
+        if types.len() != layers {
+            return Err(self.invalid("layer_types", format!("has {} entries for {layers} layers", types.len())));
+        }
+        let kind = |(i, t): (usize, &Value)| match t.as_str() {
+            Some("sliding_attention") => Ok(true),
+            Some("full_attention") => Ok(false),
+            _ => Err(self.invalid(
+                &format!("layer_types[{i}]"),
+                format!("expected \"sliding_attention\" or \"full_attention\", got {t}"),
+            )),
+        };
+        types.iter().enumerate().map(kind).collect::<Result<_, _>>().map(Some)
     }
 }
 

@@ -67,6 +67,28 @@ fn qwen2_has_qkv_bias_and_mistral_window() {
         .replace("\"head_dim\": 16,", "\"head_dim\": 16, \"sliding_window\": 4096,");
     let c = ModelConfig::from_json_str(&m, "config.json").unwrap();
     assert_eq!(c.sliding_window, vec![Some(4096); 3]);
+    // With `layer_types` it is Ministral's config (transformers loads it as one): the window on the layers
+    // listed as sliding only. Entries are checked, for Qwen2 too.
+    let types =
+        |t: &str| m.replace("\"sliding_window\": 4096,", &format!("\"sliding_window\": 4096, \"layer_types\": {t},"));
+    let c = ModelConfig::from_json_str(
+        &types(r#"["sliding_attention", "full_attention", "sliding_attention"]"#),
+        "config.json",
+    );
+    assert_eq!(c.unwrap().sliding_window, [Some(4096), None, Some(4096)]);
+    for (t, words) in [
+        (r#"["sliding_attention", "full_attention"]"#, "`layer_types`: has 2 entries for 3 layers"),
+        (r#"["sliding_attention", "chunked_attention", "full_attention"]"#, "`layer_types[1]`: expected"),
+        (r#""full_attention""#, "`layer_types`: expected a list"),
+    ] {
+        let e = ModelConfig::from_json_str(&types(t), "config.json").unwrap_err().to_string();
+        assert!(e.contains(words), "{t}: {e}");
+        let qwen = types(t)
+            .replace("\"mistral\"", "\"qwen2\"")
+            .replace("\"layer_types\"", "\"use_sliding_window\": true, \"layer_types\"");
+        let e = ModelConfig::from_json_str(&qwen, "config.json").unwrap_err().to_string();
+        assert!(e.contains(words), "qwen2 {t}: {e}");
+    }
 }
 
 #[test]
@@ -190,17 +212,24 @@ fn rope_keys_as_transformers_reads_them() {
     // An empty rope_scaling is absent.
     let c = edited(&[("rope_scaling", Some(json!({})))]).unwrap();
     assert_eq!((c.rope_scaling, c.rope_theta), (RopeScaling::Default, 500000.0));
-    // llama3 without original_max_position_embeddings in its parameters: the model's context, as
-    // transformers 5 fills it for Llama (a top-level key does not count); with one, that one.
+    // llama3's original context, as transformers 5's model reads it (checked against transformers 5.24): a
+    // top-level key first, in either form and over the parameters' value; else the parameters' value; else
+    // the model's context.
     let old_ctx = |c: ModelConfig| match c.rope_scaling {
         RopeScaling::Llama3 { original_max_position_embeddings, .. } => original_max_position_embeddings,
         other => panic!("{other:?}"),
     };
     let mut llama3 = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0});
     let top = ("original_max_position_embeddings", Some(json!(128)));
-    assert_eq!(old_ctx(edited(&[("rope_parameters", Some(llama3.clone())), top.clone()]).unwrap()), 512.0);
+    assert_eq!(old_ctx(edited(&[("rope_parameters", Some(llama3.clone()))]).unwrap()), 512.0);
+    assert_eq!(old_ctx(edited(&[("rope_parameters", Some(llama3.clone())), top.clone()]).unwrap()), 128.0);
     llama3["original_max_position_embeddings"] = json!(256);
-    assert_eq!(old_ctx(edited(&[("rope_parameters", Some(llama3)), top]).unwrap()), 256.0);
+    assert_eq!(old_ctx(edited(&[("rope_parameters", Some(llama3.clone()))]).unwrap()), 256.0);
+    assert_eq!(old_ctx(edited(&[("rope_parameters", Some(llama3.clone())), top.clone()]).unwrap()), 128.0);
+    assert_eq!(old_ctx(edited(&[("rope_scaling", Some(llama3.clone())), top]).unwrap()), 128.0);
+    let e = edited(&[("rope_parameters", Some(llama3)), ("original_max_position_embeddings", Some(json!(0)))]);
+    let e = e.unwrap_err().to_string();
+    assert!(e.contains("field `original_max_position_embeddings`: must be greater than 0"), "{e}");
     for (params, words) in [
         (json!({"rope_type": "linear", "type": "dynamic", "factor": 2.0}), "disagrees with rope_parameters.type"),
         (json!({"rope_type": null, "type": "linear", "factor": 2.0}), "disagrees"),
