@@ -271,6 +271,11 @@ async fn requests_that_can_never_fit_are_failed_precondition() {
         assert!(msg.contains("--kv-cache-bytes"), "{adapter}: {msg}");
     }
     assert_eq!(code_of(c.generate(req("", "alpha", 8)).await).await.0, Code::Ok, "a request that fits still runs");
+    // At the boundary: the last token is sampled, never fed back, so 40 prompt ids and 17 new tokens fill
+    // the 56 positions exactly; one token more does not fit.
+    let exact = |n| GenerateRequest { prompt_token_ids: vec![5; 40], ignore_eos: true, ..req("", "", n) };
+    assert_eq!(c.generate(exact(17)).await.unwrap().into_inner().token_ids.len(), 17);
+    assert_eq!(code_of(c.generate(exact(18)).await).await.0, Code::FailedPrecondition);
     h.shutdown();
     h.wait().await.unwrap();
     // Refused before the queue: not "retry later" when the queue is full, and never taking a place in it.
@@ -455,9 +460,9 @@ async fn shutdown_drains_in_flight_requests_and_reports_not_serving() {
     h.wait().await.unwrap();
 }
 
-/// A client that stops reading its stream (its flow-control window full) cannot hold the server past the
-/// drain: the requests still running at `--drain-timeout` are failed, and a connection whose client never
-/// reads the failure is closed shortly after. Not a timing target: without the fix the server waits for the
+/// A client that stops reading its stream (its flow-control window full), or holds a health Watch, cannot
+/// hold the server past the drain: the requests still running at `--drain-timeout` are failed, and the
+/// connections still open are closed shortly after. Not a timing target: without the fix the server waits for the
 /// client for as long as it lives; 30 s stands for "never".
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_stops_reading_cannot_hold_the_drain() {
@@ -482,6 +487,19 @@ async fn a_client_that_stops_reading_cannot_hold_the_drain() {
     let stopped = tokio::time::timeout(Duration::from_secs(30), h.wait()).await;
     drop(stalled);
     stopped.expect("the server stopped while its client held the stream unread").unwrap();
+    // A health Watch never ends of itself (a load balancer or sidecar holds one): it is cut the same way.
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.drain_timeout = Duration::from_millis(300);
+    let (h, _) = start(cfg).await;
+    let channel = Channel::from_shared(format!("http://{}", h.grpc_addr)).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut watch = health.watch(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+    let first = watch.get_mut().message().await.unwrap().unwrap();
+    assert_eq!(first.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+    h.shutdown();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), h.wait()).await;
+    drop(watch);
+    stopped.expect("the server stopped while a health Watch was open").unwrap();
 }
 
 /// `/metrics` answers through the whole drain (Prometheus sees its last requests), and stops with the server.

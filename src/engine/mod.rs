@@ -102,7 +102,7 @@ impl Engine {
     /// whole cache. [`Engine::submit`] checks it; the server asks first, before it leases an adapter for it.
     pub fn check_fits(&self, prompt: usize, max_new_tokens: usize) -> Result<(), SubmitError> {
         let (geo, capacity) = self.kv;
-        let needed = geo.blocks_for(prompt + max_new_tokens);
+        let needed = geo.blocks_for(kv_positions(prompt, max_new_tokens));
         if needed > capacity {
             return Err(SubmitError::TooLong(EngineError::TooLong { needed, capacity }));
         }
@@ -135,6 +135,12 @@ impl Engine {
             let _ = t.join();
         }
     }
+}
+
+/// The most KV-cache positions a request fills: its prompt and every generated token but the last, which is
+/// sampled and never fed back (a prompt scored with no new tokens fills its own).
+pub(crate) fn kv_positions(prompt: usize, max_new_tokens: usize) -> usize {
+    prompt + max_new_tokens.saturating_sub(1)
 }
 
 #[cfg(test)]

@@ -184,7 +184,7 @@ pub(crate) fn run(
                 }
                 Command::Submit(req, queued) => {
                     // `Engine::submit` refuses these before the queue; the scheduler could never place one.
-                    let needed = geo.blocks_for(req.prompt_ids.len() + req.max_new_tokens);
+                    let needed = geo.blocks_for(super::kv_positions(req.prompt_ids.len(), req.max_new_tokens));
                     if needed > capacity {
                         let _ = req.events.send(Event::Failed(EngineError::TooLong { needed, capacity }));
                         continue;
