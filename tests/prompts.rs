@@ -172,15 +172,19 @@ async fn messages_are_rendered_with_the_models_template() {
     assert_eq!(ok.into_inner().token_ids.len(), 4);
 }
 
-/// A model without a chat template, or with one that does not compile, refuses `messages` with
-/// FAILED_PRECONDITION naming why (an empty role is still the request's own mistake); raw prompts run.
+/// A model without a chat template, with one that does not compile, or with one using a filter the server
+/// lacks, refuses `messages` with FAILED_PRECONDITION naming why (an empty role is still the request's own mistake); raw prompts run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_without_a_usable_template_refuses_messages() {
     let tmp = tempfile::tempdir().unwrap();
     let broken = llama_with_template(tmp.path(), "{% for m in messages %}{{ m.content }");
+    let lacking = tmp.path().join("lacking");
+    std::fs::create_dir(&lacking).unwrap();
+    let lacking = llama_with_template(&lacking, "{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}");
     for (model, words) in [
         (fixture("llama/model"), "messages: the tokenizer has no chat template"),
         (broken, "messages: the chat template does not compile"),
+        (lacking, "messages: rendering the chat template: unknown filter"),
     ] {
         let mut cfg = config(fixture("llama/adapters"));
         cfg.model = loraserve::model::ModelSpec::Dir(model);
@@ -192,6 +196,35 @@ async fn a_model_without_a_usable_template_refuses_messages() {
         assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, "messages[0].role: is empty"));
         assert_eq!(c.generate(req("", "Hello", 3)).await.unwrap().into_inner().token_ids.len(), 3);
     }
+}
+
+/// A tokenizer with tokens the model has no embedding for (a fine-tune that added tokens without resizing the
+/// embeddings): a prompt or conversation that encodes to one is refused INVALID_ARGUMENT naming the token,
+/// before the engine, whose forward it would fail for every request batched with it; the server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_past_the_models_vocabulary_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = llama_with_template(tmp.path(), "{% for m in messages %}{{ m.content }}{% endfor %}");
+    let path = model.join("tokenizer.json");
+    let mut t: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let added = serde_json::json!({"id": 320, "content": "<zzz>", "single_word": false, "lstrip": false,
+        "rstrip": false, "normalized": false, "special": true});
+    t["added_tokens"].as_array_mut().unwrap().push(added);
+    std::fs::write(&path, t.to_string()).unwrap();
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.model = loraserve::model::ModelSpec::Dir(model);
+    let (_h, mut c) = start(cfg).await;
+    let words = r#"encodes to token "<zzz>" (id 320), outside the model's vocabulary of 320 tokens"#;
+    // More times than the failed steps in a row that stop the engine, were they to reach it.
+    for _ in 0..5 {
+        let conversation = GenerateRequest { messages: chat(&[("user", "a <zzz>")]), ..req("", "", 4) };
+        for (r, field) in [(req("", "hello <zzz> world", 4), "prompt"), (conversation, "messages")] {
+            let s = c.generate(r).await.unwrap_err();
+            assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+            assert!(s.message().starts_with(&format!("{field}: {words}")), "{s:?}");
+        }
+    }
+    assert_eq!(c.generate(req("", "hello world", 4)).await.unwrap().into_inner().token_ids.len(), 4);
 }
 
 /// `truncate_prompt_tokens`, as vLLM truncates: a raw prompt keeps its BOS and its text's last ids, a

@@ -43,6 +43,10 @@ pub enum SubmitError {
     /// (and never makes a request that could run hear "queue full").
     #[error(transparent)]
     TooLong(EngineError),
+    /// A prompt id the model has no embedding for (a tokenizer with tokens the model lacks): it would fail
+    /// the forward of every request batched with it.
+    #[error("prompt token id {id} (position {at}) is outside the model's vocabulary of {vocab} tokens")]
+    OutOfVocab { id: u32, at: usize, vocab: usize },
 }
 
 /// Handle to the engine thread.
@@ -52,6 +56,8 @@ pub struct Engine {
     config: EngineConfig,
     /// The KV cache's geometry and size in blocks, for [`Engine::submit`]'s check.
     kv: (crate::model::kv_cache::KvGeometry, usize),
+    /// The model's vocabulary size: prompt ids must be below it.
+    vocab: usize,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -71,6 +77,7 @@ impl Engine {
         // must be done before the engine thread's stream reads them.
         model.device().synchronize()?;
         let kv = (cache.geometry(), cache.allocator().capacity());
+        let vocab = model.config().vocab_size;
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let s = stats.clone();
@@ -82,7 +89,7 @@ impl Engine {
             .name("loraserve-engine".into())
             .spawn(move || worker::run(model, cache, tokenizer, config, rx, s))
             .expect("spawn engine thread");
-        Ok(Arc::new(Engine { tx: Mutex::new(tx), stats, config, kv, thread: Mutex::new(Some(thread)) }))
+        Ok(Arc::new(Engine { tx: Mutex::new(tx), stats, config, kv, vocab, thread: Mutex::new(Some(thread)) }))
     }
 
     pub fn stats(&self) -> &EngineStats {
@@ -112,6 +119,9 @@ impl Engine {
     /// Hands a request to the engine; its events arrive on `req.events`.
     pub fn submit(&self, req: ValidRequest) -> Result<(), SubmitError> {
         self.check_fits(req.prompt_ids.len(), req.max_new_tokens)?;
+        if let Some((at, &id)) = req.prompt_ids.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab) {
+            return Err(SubmitError::OutOfVocab { id, at, vocab: self.vocab });
+        }
         let (queued, pending) = worker::Queued::enter(&self.stats);
         if pending >= self.config.queue_capacity {
             return Err(SubmitError::QueueFull(pending));
@@ -191,6 +201,34 @@ mod tests {
         }
     }
 
+    /// A prompt id past the model's vocabulary never reaches the engine thread: its forward would fail every
+    /// request batched with it.
+    #[test]
+    fn prompt_ids_past_the_vocabulary_are_refused_at_submit() {
+        let engine = demo_engine();
+        let vocab = engine.vocab;
+        let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = ValidRequest {
+            prompt_ids: vec![1, 2, vocab as u32],
+            max_new_tokens: 2,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            include_stop_str_in_output: false,
+            logprobs: false,
+            top_logprobs: 0,
+            prompt_logprobs: None,
+            adapter: None,
+            cache_salt: String::new(),
+            deadline: None,
+            arrival: Instant::now(),
+            events,
+        };
+        let e = engine.submit(req).unwrap_err();
+        assert_eq!(e, SubmitError::OutOfVocab { id: vocab as u32, at: 2, vocab });
+        assert_eq!(engine.stats().pending.load(Ordering::Relaxed), 0);
+        assert!(matches!(run(&engine), Event::Finished { .. }), "the engine goes on");
+    }
+
     /// Blocks named in the prefix cache for a step that fails are taken back: a request whose step failed
     /// leaves nothing a later one could start from.
     #[test]
@@ -200,6 +238,13 @@ mod tests {
         engine.stats().fail_steps.store(1, Ordering::Relaxed);
         let (_, end) = run_ids(&engine, &prompt, 4);
         assert!(failed_by_the_fault(&end), "{end:?}");
+        // The gauges say the blocks went back, though the engine is idle after the failure.
+        let since = Instant::now();
+        let stats = engine.stats();
+        while stats.kv_blocks_used.load(Ordering::Relaxed) + stats.running.load(Ordering::Relaxed) > 0 {
+            assert!(since.elapsed() < Duration::from_secs(10), "the gauges still hold the failed step's rows");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let (computed, end) = run_ids(&engine, &prompt, 4);
         assert!(matches!(end, Event::Finished { cached_tokens: 0, .. }), "{end:?}");
         let (cached, end) = run_ids(&engine, &prompt, 4);

@@ -312,6 +312,8 @@ pub(crate) fn run(
                     }
                     return stop(&stats, &rx);
                 }
+                // The gauges say what the failed rows gave back (an idle engine publishes nothing more).
+                publish(&stats, &sched, &cache);
                 continue;
             }
         };

@@ -140,6 +140,25 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The vocabulary entry of `id` (its token text as the vocabulary writes it).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The ids at or past `vocab` the tokenizer can produce, with their tokens (a tokenizer that adds tokens
+    /// the model has no embedding for), in id order.
+    pub fn ids_past(&self, vocab: usize) -> Vec<(u32, String)> {
+        let mut past: Vec<_> = self
+            .inner
+            .get_vocab(true)
+            .into_iter()
+            .filter(|&(_, id)| id as usize >= vocab)
+            .map(|(t, id)| (id, t))
+            .collect();
+        past.sort();
+        past
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

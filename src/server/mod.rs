@@ -190,6 +190,17 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let cache = AdapterCache::new(store, m.lora_layout(), m.device().clone(), cfg.cache);
     let context = m.config().max_position_embeddings;
     let vocab = m.config().vocab_size;
+    // Tokens the model has no embedding for are refused in each prompt that holds them: said once now.
+    let past = loaded.tokenizer.ids_past(vocab);
+    if !past.is_empty() {
+        let first: Vec<_> = past.iter().take(5).map(|(id, t)| format!("{t:?} ({id})")).collect();
+        tracing::warn!(
+            vocab_size = vocab,
+            tokens = past.len(),
+            first = %first.join(", "),
+            "the tokenizer has tokens past the model's vocabulary: prompts that encode to them are refused"
+        );
+    }
     let eos = m.config().eos_token_ids.clone();
     // Refused at start, not in every request that leaves them unset.
     let defaults = match cfg.generation_config {
