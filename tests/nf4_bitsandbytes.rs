@@ -227,6 +227,35 @@ fn quantize_command_round_trips_bit_identically() {
     assert!(!tmp.path().join("odd-nf4").exists());
 }
 
+/// A pre-quantized checkpoint's dense layers stay dense under `--quant nf4`, as transformers keeps the
+/// `llm_int8_skip_modules` of a bitsandbytes checkpoint ("dynamic" 4-bit checkpoints keep their sensitive
+/// layers so): never quantized again at load. Its NF4 layers stay NF4.
+#[test]
+fn a_bitsandbytes_checkpoints_dense_layers_stay_dense() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("llama-bnb-nf4/model"), tmp.path());
+    let w = "model.layers.0.mlp.down_proj.weight";
+    let path = tmp.path().join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    t.retain(|k, _| k != w && !k.starts_with(&format!("{w}.")));
+    let f32_model = candle_core::safetensors::load(fixture("llama/model/model.safetensors"), &Device::Cpu).unwrap();
+    t.insert(w.into(), f32_model[w].clone());
+    candle_core::safetensors::save(&t, &path).unwrap();
+    let cfg = tmp.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["quantization_config"]["llm_int8_skip_modules"] = serde_json::json!(["model.layers.0.mlp.down_proj"]);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let m = load(tmp.path(), QuantMode::Nf4);
+    let kept = LinearId::new(0, ModuleKind::DownProj);
+    match &m.model.linear(kept).unwrap().base {
+        BaseWeight::Dense(d) => assert_eq!(f32v(d), f32v(&f32_model[w]), "the stored values, untouched"),
+        _ => panic!("{kept} was quantized at load"),
+    }
+    for id in all_ids(&m).into_iter().filter(|&id| id != kept) {
+        nf4_of(&m, id);
+    }
+}
+
 /// Copies the bitsandbytes checkpoint, applying `edit` to its tensors.
 fn broken_bnb(edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> (tempfile::TempDir, String) {
     let tmp = tempfile::tempdir().unwrap();

@@ -109,6 +109,10 @@ pub struct LinearLoad<'a> {
     pub quant: QuantMode,
     pub dtype: DType,
     pub device: &'a Device,
+    /// The checkpoint is NF4 already (`quantization_config`): the layers it stores dense stay dense, as
+    /// transformers keeps them (`llm_int8_skip_modules`, e.g. the sensitive layers of "dynamic" 4-bit
+    /// checkpoints), whatever `quant` says.
+    pub prequantized: bool,
 }
 
 impl Linear {
@@ -133,10 +137,7 @@ impl Linear {
             }
         } else {
             match ld.quant {
-                QuantMode::None => {
-                    BaseWeight::Dense(ld.source.tensor(&name, &[out_features, in_features], ld.dtype, ld.device)?)
-                }
-                QuantMode::Nf4 => {
+                QuantMode::Nf4 if !ld.prequantized => {
                     // Quantized on the host, whatever the model's device: the codes move, never the f32 values.
                     let w = ld.source.tensor(&name, &[out_features, in_features], DType::F32, &Device::Cpu)?;
                     let values = w.flatten_all()?.to_vec1::<f32>()?;
@@ -150,6 +151,7 @@ impl Linear {
                     }
                     BaseWeight::Nf4(Arc::new(Nf4Weight::quantize(&values, &[out_features, in_features], true)))
                 }
+                _ => BaseWeight::Dense(ld.source.tensor(&name, &[out_features, in_features], ld.dtype, ld.device)?),
             }
         };
         let bias = if bias {

@@ -202,6 +202,12 @@ pub(crate) fn check_device(opts: &LoadOptions) -> Result<(), ModelError> {
 /// Builds the model from a weight source.
 pub fn build(config: ModelConfig, source: &dyn WeightSource, opts: &LoadOptions) -> Result<Model, ModelError> {
     check_device(opts)?;
-    let ld = linear::LinearLoad { source, quant: opts.quant, dtype: opts.dtype, device: &opts.device };
+    let ld = linear::LinearLoad {
+        source,
+        quant: opts.quant,
+        dtype: opts.dtype,
+        device: &opts.device,
+        prequantized: config.quantization.is_some(),
+    };
     Model::load(config, &ld)
 }

@@ -20,7 +20,8 @@ pub use nf4::{Absmax, DoubleQuant, Nf4Weight};
 /// How the base model's decoder linear weights are held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum QuantMode {
-    /// NF4 with double quantization (QLoRA's format), quantized at load unless the checkpoint already is.
+    /// NF4 with double quantization (QLoRA's format), quantized at load unless the checkpoint already is (a
+    /// pre-quantized checkpoint's dense layers, its `llm_int8_skip_modules`, stay dense).
     #[default]
     Nf4,
     /// Dense in the compute dtype.
