@@ -471,6 +471,21 @@ fn layer_filter_combinations_peft_refuses_are_refused() {
     }
 }
 
+/// An adapter whose config targets no linear layer of the base (a name it lacks, a module that is no linear
+/// layer, layers past its depth) would be served as the base under its name: refused, as PEFT refuses it.
+#[test]
+fn an_adapter_that_targets_nothing_is_refused() {
+    use serde_json::json;
+    for cfg in [
+        json!({"peft_type": "LORA", "r": 4, "target_modules": ["nonexistent"]}),
+        json!({"peft_type": "LORA", "r": 4, "target_modules": ["self_attn"]}),
+        json!({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "layers_to_transform": [7]}),
+    ] {
+        let e = adapter_with(cfg.clone(), &[]).unwrap_err();
+        assert!(e.contains("`target_modules`") && e.contains("matches no linear layer of this base"), "{cfg}: {e}");
+    }
+}
+
 /// `"all-linear"` is PEFT's shorthand in any case for `target_modules`; as `exclude_modules` it is a plain
 /// regex, which matches no module.
 #[test]

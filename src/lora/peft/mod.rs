@@ -211,6 +211,13 @@ fn load_weights(
             }
         }
     }
+    // An adapter that adapts nothing would be served as the base model under its name: PEFT refuses it too
+    // (`target_modules` naming no module, or one that is no linear layer such as `self_attn`).
+    if !layout.linears().any(|id| matcher.targets(config, &id.module_path())) {
+        let reason = "matches no linear layer of this base (its q/k/v/o/gate/up/down_proj, after layers_to_transform \
+                      and exclude_modules): the adapter would change nothing (PEFT refuses it too)";
+        return Err(cfg_err(cfg_file, "target_modules", reason));
+    }
     for id in layout.linears() {
         if matcher.targets(config, &id.module_path()) && !pairs.contains_key(&id) {
             return Err(AdapterError::Tensor {
