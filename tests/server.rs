@@ -1,7 +1,7 @@
 //! The real server on port 0, spoken to over gRPC: goldens (unary and streaming), 64 concurrent mixed
-//! requests, every status code of the contract, cancellation freeing KV blocks and leases, graceful drain
-//! (in process; by SIGTERM to the binary in `server_binary.rs`), health, reflection, and the Prometheus
-//! exposition.
+//! requests, every status code of the contract, cancellation freeing KV blocks and leases, health,
+//! reflection, TLS, and the Prometheus exposition. Shutting down is `drain.rs`'s (in process) and
+//! `server_binary.rs`'s (SIGTERM to the binary).
 
 mod common;
 
@@ -440,118 +440,6 @@ async fn a_stream_abandoned_in_the_queue_frees_its_slot_and_lease_at_once() {
     }
     h.shutdown();
     h.wait().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn shutdown_drains_in_flight_requests_and_reports_not_serving() {
-    let (h, c) = start(config(fixture("llama/adapters"))).await;
-    let mut c1 = c.clone();
-    let running = tokio::spawn(async move { c1.generate(req("qv-r4", "alpha beta gamma", 60)).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let channel = Channel::from_shared(format!("http://{}", h.grpc_addr)).unwrap().connect().await.unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    h.shutdown();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    if let Ok(s) = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await {
-        assert_eq!(s.into_inner().status(), tonic_health::pb::health_check_response::ServingStatus::NotServing);
-    }
-    let r = running.await.unwrap().expect("the in-flight request finishes");
-    assert_eq!(r.into_inner().token_ids.len(), 60);
-    h.wait().await.unwrap();
-}
-
-/// A client that stops reading its stream (its flow-control window full), or holds a health Watch, cannot
-/// hold the server past the drain: the requests still running at `--drain-timeout` are failed, and the
-/// connections still open are closed shortly after. Not a timing target: without the fix the server waits for the
-/// client for as long as it lives; 30 s stands for "never".
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_client_that_stops_reading_cannot_hold_the_drain() {
-    let mut cfg = config(fixture("llama/adapters"));
-    cfg.drain_timeout = Duration::from_millis(300);
-    let (h, _) = start(cfg).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", h.grpc_addr))
-        .unwrap()
-        .initial_stream_window_size(Some(0))
-        .connect()
-        .await
-        .unwrap();
-    let mut c = LoraServeClient::new(channel);
-    let stalled = c.generate_stream(GenerateRequest { ignore_eos: true, ..req("", "alpha", 200) }).await.unwrap();
-    let engine = h.engine().unwrap();
-    let since = std::time::Instant::now();
-    while engine.stats().running.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-        assert!(since.elapsed() < Duration::from_secs(30), "the request never ran");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    h.shutdown();
-    let stopped = tokio::time::timeout(Duration::from_secs(30), h.wait()).await;
-    drop(stalled);
-    stopped.expect("the server stopped while its client held the stream unread").unwrap();
-    // A health Watch never ends of itself (a load balancer or sidecar holds one): it is cut the same way.
-    let mut cfg = config(fixture("llama/adapters"));
-    cfg.drain_timeout = Duration::from_millis(300);
-    let (h, _) = start(cfg).await;
-    let channel = Channel::from_shared(format!("http://{}", h.grpc_addr)).unwrap().connect().await.unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let mut watch = health.watch(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
-    let first = watch.get_mut().message().await.unwrap().unwrap();
-    assert_eq!(first.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
-    h.shutdown();
-    let stopped = tokio::time::timeout(Duration::from_secs(30), h.wait()).await;
-    drop(watch);
-    stopped.expect("the server stopped while a health Watch was open").unwrap();
-}
-
-/// `/metrics` answers through the whole drain (Prometheus sees its last requests), and stops with the server.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn metrics_are_served_until_the_drain_ends() {
-    let (h, c) = start(config(fixture("llama/adapters"))).await;
-    // 32 requests of 256 tokens: 8192 decode rows to drain, far longer than a scrape.
-    let running: Vec<_> = (0..32)
-        .map(|i| {
-            let mut c = c.clone();
-            tokio::spawn(async move { c.generate(req(if i % 2 == 0 { "qv-r4" } else { "" }, "alpha", 256)).await })
-        })
-        .collect();
-    // All 32 in the engine before the drain starts (a request arriving after it is refused UNAVAILABLE).
-    let stats = h.engine().unwrap();
-    let in_engine = || {
-        let s = stats.stats();
-        s.pending.load(std::sync::atomic::Ordering::Relaxed) + s.running.load(std::sync::atomic::Ordering::Relaxed)
-    };
-    let since = std::time::Instant::now();
-    while in_engine() < 32 && !running.iter().any(|r| r.is_finished()) {
-        assert!(since.elapsed() < Duration::from_secs(30), "requests never reached the engine");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    h.shutdown();
-    let mut scrapes = 0;
-    while running.iter().any(|r| !r.is_finished()) {
-        let text = common::metrics_text(h.metrics_addr).await;
-        assert!(text.contains("loraserve_build_info"), "scrape during the drain: {text:?}");
-        scrapes += 1;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(scrapes > 0, "the requests ended before the first scrape: the test showed nothing");
-    for r in running {
-        assert_eq!(r.await.unwrap().expect("drained").into_inner().token_ids.len(), 256);
-    }
-    let addr = h.metrics_addr;
-    h.wait().await.unwrap();
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "/metrics still up after the server stopped");
-}
-
-/// An engine thread that stops on its own (it died of a bug) stops the server with an error, so the
-/// orchestrator restarts it, instead of a live process failing every request while its health says SERVING.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_dead_engine_stops_the_server_with_an_error() {
-    let (h, mut c) = start(config(fixture("llama/adapters"))).await;
-    assert_eq!(code_of(c.generate(req("", "alpha", 2)).await).await.0, Code::Ok);
-    let engine = h.engine().unwrap();
-    tokio::task::spawn_blocking(move || engine.shutdown(Duration::ZERO)).await.unwrap();
-    let stopped = tokio::time::timeout(Duration::from_secs(20), h.wait()).await.expect("the server stopped");
-    let e = stopped.unwrap_err().to_string();
-    assert!(e.contains("engine thread stopped unexpectedly"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
