@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVER=${SERVER:-target/release/server}
-common=(--model demo --rank 16 --alpha 32 --target-modules all-linear --dropout 0 --lr 3e-3 --batch-size 16 --grad-accum 1 --seed 42)
+common=(--model demo --rank 16 --alpha 32 --target-modules all-linear --dropout 0 --lr 3e-3 --lr-scheduler cosine --batch-size 16 --grad-accum 1 --seed 42)
 rm -rf adapters/upper adapters/reverse adapters/persona
 "$SERVER" train "${common[@]}" --data adapters/data/upper.jsonl   --max-steps 300 --output adapters/upper   --log-file /tmp/upper.log.jsonl
 "$SERVER" train "${common[@]}" --data adapters/data/reverse.jsonl --max-steps 300 --output adapters/reverse --log-file /tmp/reverse.log.jsonl

@@ -3,14 +3,23 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // `LORASERVE_LOG`: a `tracing` filter (`warn`, `debug`, `info,loraserve::engine=debug`); `info` when unset.
+    // A filter that does not parse is an error, not the default in silence.
+    let filter = match std::env::var("LORASERVE_LOG") {
+        Ok(v) => match tracing_subscriber::EnvFilter::try_new(&v) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: LORASERVE_LOG={v:?}: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        Err(_) => tracing_subscriber::EnvFilter::new("info"),
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colour for a terminal only: `kubectl logs`, `docker logs` and files get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LORASERVE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .init();
     let cli = loraserve::cli::Cli::parse();
     match loraserve::cli::run(cli) {

@@ -412,4 +412,23 @@ fn serve_refuses_settings_that_refuse_everything() {
         assert!(err.contains(&words), "{args:?}: {err}");
     }
     assert!(!missing.exists(), "the missing adapters root was created");
+    // A log filter that does not parse is said, not replaced by the default in silence.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["serve", "--help"])
+        .env("LORASERVE_LOG", "loraserve=debg")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.starts_with("error: LORASERVE_LOG=\"loraserve=debg\": "), "{err}");
+    // Switches read from the environment take the usual spellings of yes and no.
+    for (value, ok) in [("1", true), ("yes", true), ("0", true), ("off", true), ("maybe", false)] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["serve", "--max-queue", "0"])
+            .env("LORASERVE_LOG", "off")
+            .env("LORASERVE_NO_PREFIX_CACHING", value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.contains("--max-queue must be at least 1"), ok, "{value}: {err}");
+    }
 }

@@ -90,7 +90,8 @@ pub struct PromptArgs {
     #[arg(long, requires = "messages", conflicts_with = "prompt")]
     pub continue_final_message: bool,
     /// At most N prompt tokens, as vLLM's truncate_prompt_tokens cuts a longer prompt: --prompt keeps its BOS
-    /// and its text's last tokens, --message turns their last tokens. At least 1.
+    /// and its text's last tokens, --message turns their last tokens. At least 1 (with --prompt, more than the
+    /// tokens its tokenizer puts first: 2 with a BOS).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub truncate_prompt_tokens: Option<u32>,
     /// A JSON object of more chat template variables (vLLM's chat_template_kwargs), e.g.

@@ -216,7 +216,7 @@ pub struct ServeArgs {
     pub kv_cache_bytes: usize,
     /// Compute every prompt whole: no prefix cache (by default, the KV blocks of prompts are kept and shared
     /// with later requests of the same adapter version that start with the same tokens, as vLLM does).
-    #[arg(long, env = "LORASERVE_NO_PREFIX_CACHING")]
+    #[arg(long, env = "LORASERVE_NO_PREFIX_CACHING", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_prefix_caching: bool,
     /// Byte budget of the device adapter tier (where the base lives).
     #[arg(long, env = "LORASERVE_ADAPTER_CACHE_BYTES", default_value_t = 1 << 30)]
