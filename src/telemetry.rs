@@ -11,8 +11,8 @@ pub const REQUEST_DURATION_SECONDS: &str = "loraserve_request_duration_seconds";
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "loraserve_time_to_first_token_seconds";
 /// Seconds between consecutive tokens of one request.
 pub const INTER_TOKEN_LATENCY_SECONDS: &str = "loraserve_inter_token_latency_seconds";
-/// Requests admitted by the server and not yet running in the engine: waiting for their adapter, or in the
-/// engine's queue (gauge).
+/// Requests admitted by the server and not running in the engine: waiting for their adapter, in the engine's
+/// queue, or preempted and waiting to run again (gauge).
 pub const QUEUE_REQUESTS: &str = "loraserve_queue_requests";
 /// Rows (sequences) in each engine step (histogram).
 pub const BATCH_SIZE: &str = "loraserve_batch_size";

@@ -239,7 +239,7 @@ pub struct ServeArgs {
     /// Largest accepted request message.
     #[arg(long, env = "LORASERVE_MAX_REQUEST_BYTES", default_value_t = 1 << 20)]
     pub max_request_bytes: usize,
-    /// Requests waiting to run beyond which new ones get RESOURCE_EXHAUSTED.
+    /// Requests waiting to run (preempted ones included) beyond which new ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "LORASERVE_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
     /// Largest max_new_tokens a request may ask for.

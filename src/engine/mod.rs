@@ -229,6 +229,42 @@ mod tests {
         assert!(matches!(run(&engine), Event::Finished { .. }), "the engine goes on");
     }
 
+    /// A preempted request waits again and is counted as waiting (the queue gauge autoscalers read), until it
+    /// runs again; nothing stays counted once all have finished.
+    #[test]
+    fn preempted_requests_count_as_waiting() {
+        let m = crate::model::load(&ModelSpec::Demo, &LoadOptions::default()).unwrap();
+        let geo = m.model.kv_geometry(EngineConfig::default().block_size);
+        // Room for 1000 positions: two requests growing to 908 each meet halfway, and the younger one waits
+        // while the older one runs its ~400 steps left (without a prefix cache it cannot start again sooner).
+        let kv_cache_bytes = geo.blocks_for(1000) * geo.block_bytes();
+        let config = EngineConfig { kv_cache_bytes, prefix_caching: false, ..EngineConfig::default() };
+        let engine = Engine::start(m.model, Arc::new(m.tokenizer), config).unwrap();
+        let e = engine.clone();
+        let ended = std::thread::spawn(move || {
+            let runs: Vec<_> = (0..2)
+                .map(|i| {
+                    let e = e.clone();
+                    std::thread::spawn(move || run_ids(&e, &[1 + i, 2, 3, 4, 5, 6, 7, 8], 900).0.len())
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect::<Vec<_>>()
+        });
+        let stats = engine.stats();
+        let since = Instant::now();
+        while stats.preemptions.load(Ordering::Relaxed) == 0 {
+            assert!(since.elapsed() < Duration::from_secs(60), "no preemption");
+            std::thread::yield_now();
+        }
+        // (Counted in the same engine step as the preemption: wait for that step to end.)
+        while stats.pending.load(Ordering::Relaxed) != 1 {
+            assert!(since.elapsed() < Duration::from_secs(60), "the preempted request does not count as waiting");
+            std::thread::yield_now();
+        }
+        assert_eq!(ended.join().unwrap(), [900, 900]);
+        assert_eq!(stats.pending.load(Ordering::Relaxed), 0);
+    }
+
     /// Blocks named in the prefix cache for a step that fails are taken back: a request whose step failed
     /// leaves nothing a later one could start from.
     #[test]

@@ -61,7 +61,7 @@ pub(crate) enum Command {
 /// Counters the handle and tests read.
 #[derive(Default, Debug)]
 pub struct EngineStats {
-    /// Submitted and not yet admitted into the running batch.
+    /// Submitted and waiting to run: not yet admitted into the running batch, or preempted out of it.
     pub pending: AtomicUsize,
     pub running: AtomicUsize,
     pub kv_blocks_used: AtomicUsize,
@@ -106,8 +106,11 @@ struct Live {
     text: StopText,
     /// The prompt scored so far, while [`ValidRequest::prompt_logprobs`] asks for it and it is not yet sent.
     prompt: Option<PromptLogprobs>,
-    /// Until the request joins the running batch.
+    /// While the request waits to join the running batch: until it first does, and again after a preemption
+    /// until it is recomputed (vLLM counts preempted requests as waiting too).
     queued: Option<Queued>,
+    /// Whether it has joined the running batch once.
+    admitted: bool,
     /// Prompt tokens found in the prefix cache when it joined.
     cached_tokens: usize,
     last_token_at: Option<Instant>,
@@ -211,6 +214,7 @@ pub(crate) fn run(
                                 .prompt_logprobs
                                 .map(|_| PromptLogprobs { ids: req.prompt_ids.clone(), ..Default::default() }),
                             queued: Some(queued),
+                            admitted: false,
                             cached_tokens: 0,
                             last_token_at: None,
                             req: *req,
@@ -258,10 +262,17 @@ pub(crate) fn run(
             stats.preemptions.fetch_add(plan.preempted.len(), Ordering::Relaxed);
             metrics::counter!(t::PREEMPTIONS_TOTAL).increment(plan.preempted.len() as u64);
         }
+        for id in &plan.preempted {
+            // Waiting again: counted in the queue until it runs.
+            if let Some(l) = live.get_mut(id) {
+                l.queued.get_or_insert_with(|| Queued::enter(&stats).0);
+            }
+        }
         for r in &plan.rows {
             let l = live.get_mut(&r.seq).expect("planned sequence is live");
             // Running now: no longer queued. The first time, it starts after what the prefix cache held.
-            if l.queued.take().is_some() {
+            l.queued = None;
+            if !std::mem::replace(&mut l.admitted, true) {
                 l.cached_tokens = r.start;
                 if slots[&r.seq].reuse {
                     metrics::counter!(t::PREFIX_CACHE_QUERIES_TOTAL).increment(l.prompt_len as u64);
