@@ -53,8 +53,8 @@ use super::Tokenizer;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChatError {
     /// No conversations can be rendered: the model (or the adapter that brings its own template) has no chat
-    /// template, only named ones, one that does not compile, or one that uses a filter, test, function or
-    /// method this server lacks; or an adapter's template rendered a token the base tokenizer lacks. Not the
+    /// template, only named ones, one that does not compile, or one that uses a filter, test or function
+    /// this server lacks; or an adapter's template rendered a token the base tokenizer lacks. Not the
     /// request's fault.
     #[error("{0}")]
     Unavailable(String),
@@ -254,14 +254,10 @@ impl ChatTemplate {
             }
         }
         t.render(ctx).map_err(|e| {
-            // A filter, test, function or method the server lacks fails every conversation that reaches it,
-            // whatever the conversation: the template's fault, not the request's.
-            let unknown = [
-                ErrorKind::UnknownFilter,
-                ErrorKind::UnknownTest,
-                ErrorKind::UnknownFunction,
-                ErrorKind::UnknownMethod,
-            ];
+            // A filter, test or function the server lacks fails every conversation that reaches it, whatever
+            // the conversation: the template's fault, not the request's. (A method depends on the value it is
+            // called on, which the request may give, `tools` say: that stays the request's.)
+            let unknown = [ErrorKind::UnknownFilter, ErrorKind::UnknownTest, ErrorKind::UnknownFunction];
             match render_message(&e) {
                 m if unknown.contains(&e.kind()) => ChatError::Unavailable(m),
                 m => ChatError::Render(m),
@@ -525,18 +521,15 @@ mod tests {
         let e = ChatTemplate::compile("{% for %}", vec![]).unwrap_err();
         assert!(matches!(&e, ChatError::Unavailable(m) if m.contains("does not compile")), "{e}");
         // What the server lacks fails every conversation that reaches it: the template's fault.
-        for lacking in [
-            "{{ 'a' | nosuchfilter }}",
-            "{{ 'a' is nosuchtest }}",
-            "{{ nosuchfunction() }}",
-            "{{ 'a'.nosuchmethod() }}",
-        ] {
+        for lacking in ["{{ 'a' | nosuchfilter }}", "{{ 'a' is nosuchtest }}", "{{ nosuchfunction() }}"] {
             let e = template(lacking).render(&user("a"), true, &Kwargs::new()).unwrap_err();
             assert!(
                 matches!(&e, ChatError::Unavailable(m) if m.starts_with("rendering the chat template:")),
                 "{lacking}: {e}"
             );
         }
+        let e = template("{{ tools.items() }}").render(&user("a"), true, &Kwargs::new()).unwrap_err();
+        assert!(matches!(&e, ChatError::Render(_)), "a method on a value the request gives is the request's: {e}");
     }
     /// Values print as jinja2 prints them (Python's `str`), where minijinja's own text differs; `round` and
     /// `is sequence` as jinja2's. Expected texts are Python 3.11's (transformers' environment).
