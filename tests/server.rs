@@ -354,7 +354,7 @@ async fn api_keys_guard_the_service_but_not_health() {
         ca_cert: None,
     };
     let e = loraserve::server::client::list(&t).await.unwrap_err().to_string();
-    assert!(e.starts_with("--api-key: the API key has 'к' at byte 0"), "{e}");
+    assert!(e.starts_with("--api-key (LORASERVE_API_KEY): the API key has 'к' at byte 0"), "{e}");
     let channel = Channel::from_shared(format!("http://{}", h.grpc_addr)).unwrap().connect().await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let s = health

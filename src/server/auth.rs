@@ -59,14 +59,14 @@ impl ApiKeys {
     }
 }
 
-/// Whether `key` can be sent as `authorization: Bearer <key>`: visible ASCII, no spaces (a header carries no
-/// other text, and a key no client can send would refuse every call made with it).
+/// Whether `key` can be sent as `authorization: Bearer <key>`: ASCII without control characters other than
+/// tab (a header value carries nothing else; a key no client can send would refuse every call made with it).
 pub fn check_key(key: &str) -> Result<(), String> {
-    match key.char_indices().find(|(_, c)| !c.is_ascii_graphic()) {
+    match key.char_indices().find(|&(_, c)| !(c.is_ascii_graphic() || c == ' ' || c == '\t')) {
         None if !key.is_empty() => Ok(()),
         None => Err("the API key is empty".into()),
         Some((at, c)) => Err(format!(
-            "the API key has {c:?} at byte {at}: a key is visible ASCII without spaces, as an `authorization` header carries it"
+            "the API key has {c:?} at byte {at}: an `authorization` header carries ASCII without control characters"
         )),
     }
 }
@@ -106,10 +106,14 @@ mod tests {
         std::fs::write(tmp.path(), "\n# none\n").unwrap();
         assert!(ApiKeys::from_file(tmp.path()).is_err());
         // A key no header can carry would refuse every call made with it: refused up front, by line.
-        for (text, line, bad) in [("alpha\nключ\n", 2, "'к' at byte 0"), ("a b\n", 1, "' ' at byte 1")] {
+        for (text, line, bad) in [("alpha\nключ\n", 2, "'к' at byte 0"), ("a\u{7f}b\n", 1, "'\\u{7f}' at byte 1")]
+        {
             std::fs::write(tmp.path(), text).unwrap();
             let e = ApiKeys::from_file(tmp.path()).err().unwrap();
             assert!(e.contains(&format!("line {line}: the API key has {bad}")), "{e}");
         }
+        // A space or tab inside a key is header text like any other.
+        std::fs::write(tmp.path(), "a b\n").unwrap();
+        assert_eq!(index(ApiKeys::from_file(tmp.path()).unwrap().check(req(Some("Bearer a b")))), Some(KeyIndex(0)));
     }
 }

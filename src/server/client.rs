@@ -128,9 +128,11 @@ pub async fn health(t: &Target, service: &str, timeout: Duration) -> anyhow::Res
 /// an error (`--api-key`), never a call sent without it.
 pub fn request<T>(t: &Target, msg: T, adapter_id: Option<&str>) -> anyhow::Result<Request<T>> {
     let mut r = Request::new(msg);
-    if let Some(k) = &t.api_key {
-        super::auth::check_key(k).map_err(|e| anyhow::anyhow!("--api-key: {e}"))?;
-        let v = MetadataValue::try_from(format!("Bearer {k}")).map_err(|e| anyhow::anyhow!("--api-key: {e}"))?;
+    // Trimmed as the server reads keys; an empty one (`LORASERVE_API_KEY=`) is none.
+    if let Some(k) = t.api_key.as_deref().map(str::trim).filter(|k| !k.is_empty()) {
+        super::auth::check_key(k).map_err(|e| anyhow::anyhow!("--api-key (LORASERVE_API_KEY): {e}"))?;
+        let v = MetadataValue::try_from(format!("Bearer {k}"))
+            .map_err(|e| anyhow::anyhow!("--api-key (LORASERVE_API_KEY): {e}"))?;
         r.metadata_mut().insert("authorization", v);
     }
     // An id no header can carry (not ASCII) goes in the body only: the server then names what is wrong with
