@@ -110,8 +110,10 @@ pub fn partial(out: &Path) -> Result<tempfile::TempDir, OutputError> {
 }
 
 /// Renames the filled temporary folder to `out`, which must still not exist: a plain rename over an empty
-/// folder succeeds silently on Linux, so the rename itself refuses to replace anything. Its files and folders are flushed to disk first and the parent after, so
-/// that a power loss leaves the old state or the whole new folder, never empty files under the final name.
+/// folder succeeds silently on Linux, so the rename itself refuses to replace anything (any other failure
+/// keeps the written folder, named in the error). Its files and folders are flushed to disk first and the
+/// parent after, so that a power loss leaves the old state or the whole new folder, never empty files under
+/// the final name.
 /// The temporary folder is private (0700) and safetensors writes 0600: the result gets the modes a new file
 /// and folder get under the process's umask (0644 and 0755 under the usual 022).
 pub fn publish(tmp: tempfile::TempDir, out: &Path) -> Result<PathBuf, OutputError> {
@@ -128,11 +130,12 @@ pub fn publish(tmp: tempfile::TempDir, out: &Path) -> Result<PathBuf, OutputErro
     sync_tree(&kept)
         .map_err(|e| error(&kept, format_args!("{}: {} (the written folder is kept here)", e.path, e.reason)))?;
     rename_new(&kept, out).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&kept);
         if e.kind() == std::io::ErrorKind::AlreadyExists {
+            let _ = std::fs::remove_dir_all(&kept);
             appeared()
         } else {
-            error(out, e)
+            // The written folder is whole: kept, and named, for the user to move into place.
+            error(out, format_args!("{e} (the written folder is kept at {})", kept.display()))
         }
     })?;
     // Written and named: a failure to flush the name now is no failure of the write.
@@ -156,7 +159,8 @@ fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::rename(from, to)
 }
 
-/// `renameat2` with `RENAME_NOREPLACE`; `None` where the filesystem or kernel lacks the flag.
+/// `renameat2` with `RENAME_NOREPLACE`; `None` where the filesystem, the kernel or a sandbox (seccomp's
+/// EPERM) does not take the flag.
 #[cfg(target_os = "linux")]
 fn rename_noreplace(from: &Path, to: &Path) -> Option<std::io::Result<()>> {
     use rustix::{
@@ -164,7 +168,7 @@ fn rename_noreplace(from: &Path, to: &Path) -> Option<std::io::Result<()>> {
         io::Errno,
     };
     match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
-        Err(Errno::INVAL | Errno::NOSYS) => None,
+        Err(Errno::INVAL | Errno::NOSYS | Errno::PERM | Errno::OPNOTSUPP) => None,
         done => Some(done.map_err(Into::into)),
     }
 }
