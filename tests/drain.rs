@@ -1,7 +1,7 @@
 //! Shutting down: SIGTERM's drain in process (the binary's in `server_binary.rs`): in-flight requests finish
 //! while health says NOT_SERVING and `/metrics` still answers; past `--drain-timeout` the requests left are
-//! failed and connections that would hold the server (a client that stopped reading, a health Watch) are
-//! closed; an engine that died stops the server with an error.
+//! failed and connections that would hold the server (a client that stopped reading, a health Watch) are no
+//! longer waited for; an engine that died stops the server with an error.
 
 mod common;
 
@@ -32,9 +32,10 @@ async fn shutdown_drains_in_flight_requests_and_reports_not_serving() {
 }
 
 /// A client that stops reading its stream (its flow-control window full), or holds a health Watch, cannot
-/// hold the server past the drain: the requests still running at `--drain-timeout` are failed, and the
-/// connections still open are closed shortly after. Not a timing target: without the fix the server waits for the
-/// client for as long as it lives; 30 s stands for "never".
+/// hold the server past the drain: the requests still running at `--drain-timeout` are failed, and the server
+/// stops waiting for the connections still open shortly after (the binary's runtime then drops them). Not a
+/// timing target: without the fix the server waits for the client for as long as it lives; 30 s stands for
+/// "never".
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_stops_reading_cannot_hold_the_drain() {
     let mut cfg = config(fixture("llama/adapters"));

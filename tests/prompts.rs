@@ -173,7 +173,8 @@ async fn messages_are_rendered_with_the_models_template() {
 }
 
 /// A model without a chat template, with one that does not compile, or with one using a filter the server
-/// lacks, refuses `messages` with FAILED_PRECONDITION naming why (an empty role is still the request's own mistake); raw prompts run.
+/// lacks, refuses `messages` with FAILED_PRECONDITION naming why (an empty role is still the request's own
+/// mistake); raw prompts run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_without_a_usable_template_refuses_messages() {
     let tmp = tempfile::tempdir().unwrap();

@@ -104,9 +104,27 @@ pub struct ServeConfig {
 /// The gRPC service name, also the `grpc.health.v1` service that reports readiness.
 pub const SERVICE_NAME: &str = "loraserve.v1.LoraServe";
 
-/// After the drain timeout has failed the requests still running, how long their clients get to read the
-/// failure before the connections left open are closed.
+/// After the drain timeout has failed the requests still running (or a failed start), how long their clients
+/// get to read the failure before the server stops waiting for the connections left open.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Waits [`CLOSE_GRACE`] for the server to finish its connections, then stops waiting for those left (a client
+/// that stopped reading, a health Watch, neither of which ends by itself): the server stops. The binary's
+/// runtime shutdown then drops their tasks; in process they live until their clients go.
+async fn close(
+    mut serve: JoinHandle<Result<(), tonic::transport::Error>>,
+) -> Result<Result<(), tonic::transport::Error>, tokio::task::JoinError> {
+    match tokio::time::timeout(CLOSE_GRACE, &mut serve).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!(
+                "connections still open (clients that stopped reading, health watches): not waiting for them"
+            );
+            serve.abort();
+            Ok(Ok(()))
+        }
+    }
+}
 
 /// The request header that carries the adapter id for adapter-affinity routing (Envoy hashes on it; the
 /// bundled client sets it; the service refuses a value that disagrees with the body's `adapter_id`).
@@ -318,7 +336,7 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
             Ok(r) => r,
             Err(e) => {
                 let _ = stop_on_failure.send(true);
-                let _ = serve.await;
+                let _ = close(serve).await;
                 return Err(e);
             }
         };
@@ -327,7 +345,7 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
                 let _ = stop_on_failure.send(true);
                 let engine = ready.engine.clone();
                 tokio::task::spawn_blocking(move || engine.shutdown(Duration::ZERO)).await.ok();
-                let _ = serve.await;
+                let _ = close(serve).await;
                 return Err(ServerError::Preload { id: id.clone(), reason: e.to_string() });
             }
         }
@@ -359,15 +377,9 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
                 let e = engine.clone();
                 tokio::task::spawn_blocking(move || e.shutdown(Duration::ZERO)).await.ok();
                 // Their clients get the failure at once, unless one stopped reading (its flow-control window
-                // full): its connection would hold the server open for as long as the client lives. Cut it.
-                match tokio::time::timeout(CLOSE_GRACE, &mut serve).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        tracing::warn!("closing connections whose clients stopped reading");
-                        serve.abort();
-                        Ok(Ok(()))
-                    }
-                }
+                // full) or holds a health Watch: its connection would hold the server open for as long as
+                // the client lives.
+                close(serve).await
             }
         };
         let e = engine.clone();
