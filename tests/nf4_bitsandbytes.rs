@@ -254,6 +254,24 @@ fn a_bitsandbytes_checkpoints_dense_layers_stay_dense() {
     for id in all_ids(&m).into_iter().filter(|&id| id != kept) {
         nf4_of(&m, id);
     }
+    // `server quantize` of it writes the layer dense and names it in the skip list, so transformers agrees.
+    let out = tmp.path().join("again");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["quantize", "--model"])
+        .arg(tmp.path())
+        .arg("--output")
+        .arg(&out)
+        .env("LORASERVE_LOG", "off")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        written["quantization_config"]["llm_int8_skip_modules"],
+        serde_json::json!(["model.layers.0.mlp.down_proj"])
+    );
+    assert!(matches!(load(&out, QuantMode::Nf4).model.linear(kept).unwrap().base, BaseWeight::Dense(_)));
 }
 
 /// Copies the bitsandbytes checkpoint, applying `edit` to its tensors.

@@ -126,9 +126,16 @@ pub fn write(
         .map_err(|e| ModelError::Invalid(format!("{}: {e}", st_path.display())))?;
 
     let mut config = model.config().raw.clone();
-    config.remove("quantization_config");
+    // A pre-quantized source's dense layers stay dense (`Linear::load`): its skip list goes with them, so that
+    // transformers keeps them dense too.
+    let skip =
+        config.remove("quantization_config").and_then(|mut q| q.get_mut("llm_int8_skip_modules").map(Value::take));
     if any_nf4 {
-        config.insert("quantization_config".into(), bnb::quantization_config(compute_name));
+        let mut q = bnb::quantization_config(compute_name);
+        if let Some(skip) = skip.filter(|s| !s.is_null()) {
+            q["llm_int8_skip_modules"] = skip;
+        }
+        config.insert("quantization_config".into(), q);
     }
     // transformers 5 reads `dtype` (writing only that); 4.x reads `torch_dtype`: both say what was written.
     for key in ["dtype", "torch_dtype"] {
