@@ -13,7 +13,11 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         },
-        Err(_) => tracing_subscriber::EnvFilter::new("info"),
+        Err(std::env::VarError::NotUnicode(v)) => {
+            eprintln!("error: LORASERVE_LOG={v:?}: not UTF-8");
+            return std::process::ExitCode::FAILURE;
+        }
+        Err(std::env::VarError::NotPresent) => tracing_subscriber::EnvFilter::new("info"),
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

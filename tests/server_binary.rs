@@ -420,6 +420,13 @@ fn serve_refuses_settings_that_refuse_everything() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.starts_with("error: LORASERVE_LOG=\"loraserve=debg\": "), "{err}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["serve", "--help"])
+        .env("LORASERVE_LOG", std::os::unix::ffi::OsStrExt::from_bytes(&b"inf\xffo"[..]) as &std::ffi::OsStr)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("not UTF-8"), "{err}");
     // Switches read from the environment take the usual spellings of yes and no.
     for (value, ok) in [("1", true), ("yes", true), ("0", true), ("off", true), ("maybe", false)] {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
