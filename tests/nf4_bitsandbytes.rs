@@ -171,18 +171,23 @@ fn quantizing_at_load_gives_the_bitsandbytes_codes() {
     check_expected(&ours, "llama-bnb-nf4", 1e-4);
 }
 
+/// `server quantize --model MODEL --output OUT`, quietly.
+fn quantize_cli(model: impl AsRef<std::ffi::OsStr>, out: impl AsRef<std::ffi::OsStr>) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["quantize", "--model"])
+        .arg(model)
+        .arg("--output")
+        .arg(out)
+        .env("LORASERVE_LOG", "off")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn quantize_command_round_trips_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("llama-nf4");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
-        .args(["quantize", "--model"])
-        .arg(fixture("llama/model"))
-        .arg("--output")
-        .arg(&out)
-        .env("LORASERVE_LOG", "off")
-        .status()
-        .unwrap();
+    let status = quantize_cli(fixture("llama/model"), &out).status;
     assert!(status.success());
     let at_load = load(&fixture("llama/model"), QuantMode::Nf4);
     let written = load(&out, QuantMode::Nf4);
@@ -197,14 +202,7 @@ fn quantize_command_round_trips_bit_identically() {
     let b = check_expected(&written, "llama-bnb-nf4", 1e-4);
     assert_eq!(a, b, "same logits from the written checkpoint as from quantizing at load");
     // Writing over an existing folder is refused.
-    let again = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
-        .args(["quantize", "--model"])
-        .arg(fixture("llama/model"))
-        .arg("--output")
-        .arg(&out)
-        .env("LORASERVE_LOG", "off")
-        .output()
-        .unwrap();
+    let again = quantize_cli(fixture("llama/model"), &out);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
     // A config dtype quantize does not know is refused, not written as float32.
@@ -214,14 +212,7 @@ fn quantize_command_round_trips_bit_identically() {
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     v["dtype"] = "int8".into();
     std::fs::write(&cfg, v.to_string()).unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
-        .args(["quantize", "--model"])
-        .arg(&odd)
-        .arg("--output")
-        .arg(tmp.path().join("odd-nf4"))
-        .env("LORASERVE_LOG", "off")
-        .output()
-        .unwrap();
+    let o = quantize_cli(&odd, tmp.path().join("odd-nf4"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("`dtype` is \"int8\""), "{err}");
     assert!(!tmp.path().join("odd-nf4").exists());
@@ -256,14 +247,7 @@ fn a_bitsandbytes_checkpoints_dense_layers_stay_dense() {
     }
     // `server quantize` of it writes the layer dense and names it in the skip list, so transformers agrees.
     let out = tmp.path().join("again");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
-        .args(["quantize", "--model"])
-        .arg(tmp.path())
-        .arg("--output")
-        .arg(&out)
-        .env("LORASERVE_LOG", "off")
-        .status()
-        .unwrap();
+    let status = quantize_cli(tmp.path(), &out).status;
     assert!(status.success());
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();

@@ -161,14 +161,9 @@ impl PromptArgs {
                 .map_err(|e| anyhow::anyhow!("--truncate-prompt-tokens {e}"))?;
         }
         // As the server checks them: a tokenizer may hold tokens the model has no embedding for.
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            let (flag, token) = (if self.prompt.is_some() { "--prompt" } else { "--message" }, tok.id_to_token(id));
-            bail!(
-                "{flag}: encodes to token {:?} (id {id}), outside the model's vocabulary of {vocab} tokens: the \
-                 tokenizer has tokens the model lacks",
-                token.unwrap_or_default()
-            );
-        }
+        tok.check_in_vocab(&ids, vocab).map_err(|why| {
+            anyhow::anyhow!("{}: {why}", if self.prompt.is_some() { "--prompt" } else { "--message" })
+        })?;
         Ok(ids)
     }
 }

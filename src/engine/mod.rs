@@ -166,16 +166,9 @@ mod tests {
         Engine::start(m.model, Arc::new(m.tokenizer), config).unwrap()
     }
 
-    /// Runs a short request to its end: its last event.
-    fn run(engine: &Engine) -> Event {
-        run_ids(engine, &[1, 2, 3], 2).1
-    }
-
-    /// Runs `prompt` for `n` tokens to its end: the tokens and the last event.
-    fn run_ids(engine: &Engine, prompt: &[u32], n: usize) -> (Vec<u32>, Event) {
-        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let now = Instant::now();
-        let req = ValidRequest {
+    /// A plain greedy request of `prompt` for `n` tokens whose events go to `events`.
+    fn request(prompt: &[u32], n: usize, events: tokio::sync::mpsc::UnboundedSender<Event>) -> ValidRequest {
+        ValidRequest {
             prompt_ids: prompt.to_vec(),
             max_new_tokens: n,
             sampling: SamplingParams::default(),
@@ -187,10 +180,20 @@ mod tests {
             adapter: None,
             cache_salt: String::new(),
             deadline: None,
-            arrival: now,
+            arrival: Instant::now(),
             events,
-        };
-        engine.submit(req).unwrap();
+        }
+    }
+
+    /// Runs a short request to its end: its last event.
+    fn run(engine: &Engine) -> Event {
+        run_ids(engine, &[1, 2, 3], 2).1
+    }
+
+    /// Runs `prompt` for `n` tokens to its end: the tokens and the last event.
+    fn run_ids(engine: &Engine, prompt: &[u32], n: usize) -> (Vec<u32>, Event) {
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.submit(request(prompt, n, events)).unwrap();
         let mut tokens = Vec::new();
         loop {
             match rx.blocking_recv().expect("an end event") {
@@ -208,22 +211,7 @@ mod tests {
         let engine = demo_engine();
         let vocab = engine.vocab;
         let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let req = ValidRequest {
-            prompt_ids: vec![1, 2, vocab as u32],
-            max_new_tokens: 2,
-            sampling: SamplingParams::default(),
-            stop: Vec::new(),
-            include_stop_str_in_output: false,
-            logprobs: false,
-            top_logprobs: 0,
-            prompt_logprobs: None,
-            adapter: None,
-            cache_salt: String::new(),
-            deadline: None,
-            arrival: Instant::now(),
-            events,
-        };
-        let e = engine.submit(req).unwrap_err();
+        let e = engine.submit(request(&[1, 2, vocab as u32], 2, events)).unwrap_err();
         assert_eq!(e, SubmitError::OutOfVocab { id: vocab as u32, at: 2, vocab });
         assert_eq!(engine.stats().pending.load(Ordering::Relaxed), 0);
         assert!(matches!(run(&engine), Event::Finished { .. }), "the engine goes on");

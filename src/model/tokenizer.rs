@@ -140,9 +140,17 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// The vocabulary entry of `id` (its token text as the vocabulary writes it).
-    pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+    /// Why `ids` (this tokenizer's encoding of a prompt) cannot run on a model of `vocab` tokens: the first
+    /// id past it, with its token (a tokenizer may hold tokens the model has no embedding for).
+    pub fn check_in_vocab(&self, ids: &[u32], vocab: usize) -> Result<(), String> {
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            None => Ok(()),
+            Some(&id) => Err(format!(
+                "encodes to token {:?} (id {id}), outside the model's vocabulary of {vocab} tokens: the tokenizer \
+                 has tokens the model lacks",
+                self.inner.id_to_token(id).unwrap_or_default()
+            )),
+        }
     }
 
     /// The ids at or past `vocab` the tokenizer can produce, with their tokens (a tokenizer that adds tokens

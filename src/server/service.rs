@@ -373,15 +373,7 @@ impl Service {
         }
         // A tokenizer may hold tokens the model has no embedding for: such an id would fail the forward of
         // every request batched with it (ids given are checked above, by index).
-        if let Some(&id) = prompt_ids.iter().find(|&&id| id as usize >= ready.vocab) {
-            let token = ready.tokenizer.id_to_token(id).unwrap_or_default();
-            let why = format!(
-                "encodes to token {token:?} (id {id}), outside the model's vocabulary of {} tokens: the \
-                 tokenizer has tokens the model lacks",
-                ready.vocab
-            );
-            return Err(invalid(field, why));
-        }
+        ready.tokenizer.check_in_vocab(&prompt_ids, ready.vocab).map_err(|why| invalid(field, why))?;
         let total = prompt_ids.len() + r.max_new_tokens as usize;
         if total > ready.context {
             return Err(invalid(

@@ -494,37 +494,35 @@ impl Raw<'_> {
         };
         // Positions are divided by the factors and the old context: none of them may be 0 or negative (a
         // factor of 0 made every logit NaN). A factor below 1 squeezes positions: transformers warns, and so do we.
-        let positive = |field: &str, v: f64| {
+        let at = |field: &str| format!("{prefix}.{field}");
+        let positive = |path: &str, v: f64| {
             if v > 0.0 {
                 Ok(())
             } else {
-                Err(self.invalid(&format!("{prefix}.{field}"), format!("must be greater than 0, got {v}")))
+                Err(self.invalid(path, format!("must be greater than 0, got {v}")))
             }
         };
         let factor = match scaling {
             RopeScaling::Default => None,
             RopeScaling::Linear { factor } => Some(factor),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                positive("low_freq_factor", low_freq_factor)?;
-                if self.get("original_max_position_embeddings").is_some() && original_max_position_embeddings <= 0.0 {
-                    return Err(self.invalid(
-                        "original_max_position_embeddings",
-                        format!("must be greater than 0, got {original_max_position_embeddings}"),
-                    ));
-                }
-                positive("original_max_position_embeddings", original_max_position_embeddings)?;
+                positive(&at("low_freq_factor"), low_freq_factor)?;
+                // Named where it was read: the top-level key wins.
+                let old_ctx_at = match self.get("original_max_position_embeddings") {
+                    Some(_) => "original_max_position_embeddings".to_string(),
+                    None => at("original_max_position_embeddings"),
+                };
+                positive(&old_ctx_at, original_max_position_embeddings)?;
                 if high_freq_factor <= low_freq_factor {
-                    return Err(
-                        self.invalid(&format!("{prefix}.high_freq_factor"), "must be greater than low_freq_factor")
-                    );
+                    return Err(self.invalid(&at("high_freq_factor"), "must be greater than low_freq_factor"));
                 }
                 Some(factor)
             }
         };
         if let Some(factor) = factor {
-            positive("factor", factor)?;
+            positive(&at("factor"), factor)?;
             if factor < 1.0 {
-                tracing::warn!(field = %format!("{prefix}.factor"), factor, "a RoPE scaling factor below 1 squeezes positions instead of stretching them (transformers warns too)");
+                tracing::warn!(field = %at("factor"), factor, "a RoPE scaling factor below 1 squeezes positions instead of stretching them (transformers warns too)");
             }
         }
         Ok((theta, scaling))
