@@ -459,9 +459,9 @@ fn bad_settings_are_refused_by_flag() {
     let under_a_file = format!("{readme}/adapter");
     // The last case's own default checkpoint folder (case i writes to out{i}).
     let in_checkpoints = tmp.path().join("out18.checkpoints").display().to_string();
-    // Inside case 20's output, spelled with `..`.
-    let in_output = tmp.path().join("sub/../out20/log.jsonl").display().to_string();
-    let cases: [(&[&str], &str); 21] = [
+    // Inside case 21's output, spelled with `..`.
+    let in_output = tmp.path().join("sub/../out21/log.jsonl").display().to_string();
+    let cases: [(&[&str], &str); 22] = [
         (&["--output", &dangling], "dangling: already exists"),
         (&["--output", &under_a_file], "README.md: not a folder"),
         (&["--log-file", &folder], "exists and is not a regular file"),
@@ -481,8 +481,10 @@ fn bad_settings_are_refused_by_flag() {
         (&["--resume"], "--resume: no checkpoint in"),
         (&["--max-seq-len", "513"], "--max-seq-len 513 exceeds the model's context of 512 positions"),
         (&["--log-file", &in_checkpoints], "is inside --checkpoint-dir"),
-        // One step, and a warmup's first step has a learning rate of 0: the adapter would not change.
-        (&["--max-steps", "1"], "would have a learning rate of 0"),
+        // One step, and a warmup's first step has a learning rate of 0: the adapter would not change. Said
+        // before the model loads when --max-steps says so, after the data is read when the data does.
+        (&["--max-steps", "1"], "--max-steps 1 with --warmup-ratio 0.03 trains at a learning rate of 0"),
+        (&["--epochs", "1"], "every one of the run's 1 optimizer steps would have a learning rate of 0"),
         (&["--log-file", &in_output], "is inside --output"),
     ];
     for (i, (extra, words)) in cases.iter().enumerate() {
@@ -492,7 +494,8 @@ fn bad_settings_are_refused_by_flag() {
         if let Some(at) = args.iter().position(|a| a == extra[0]) {
             args.drain(at..at + 2);
         }
-        let steps: &[&str] = if extra.contains(&"--max-steps") { &[] } else { &["--max-steps", "2"] };
+        let steps: &[&str] =
+            if extra.contains(&"--max-steps") || extra.contains(&"--epochs") { &[] } else { &["--max-steps", "2"] };
         let o = server().args(args).args(*extra).args(steps).env("LORASERVE_LOG", "off").output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{extra:?} succeeded");

@@ -158,6 +158,15 @@ pub fn check(cfg: &TrainConfig) -> Result<(), TrainError> {
             return bad(format!("{flag} must be in [0, 1), got {v}"));
         }
     }
+    // One optimizer step under a warmup is step 0 of the warmup, at a learning rate of 0 (the run-length
+    // check in `train` finds this too, but only once the model and data are loaded).
+    if cfg.max_steps == Some(1) && cfg.warmup_ratio > 0.0 {
+        return bad(format!(
+            "--max-steps 1 with --warmup-ratio {} trains at a learning rate of 0 (the first step of a warmup has \
+             none): the adapter would not change. Give --warmup-ratio 0 or more steps",
+            cfg.warmup_ratio
+        ));
+    }
     if cfg.eval_data.is_some() && cfg.eval_ratio > 0.0 {
         return bad("--eval-data and --eval-ratio both choose the evaluation set: give one".into());
     }
