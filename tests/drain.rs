@@ -1,7 +1,7 @@
 //! Shutting down: SIGTERM's drain in process (the binary's in `server_binary.rs`): in-flight requests finish
 //! while health says NOT_SERVING and `/metrics` still answers; past `--drain-timeout` the requests left are
-//! failed and connections that would hold the server (a client that stopped reading, a health Watch) are no
-//! longer waited for; an engine that died stops the server with an error.
+//! failed and connections that would hold the server (a client that stopped reading, a health Watch) are
+//! closed; an engine that died stops the server with an error.
 
 mod common;
 
@@ -32,10 +32,10 @@ async fn shutdown_drains_in_flight_requests_and_reports_not_serving() {
 }
 
 /// A client that stops reading its stream (its flow-control window full), or holds a health Watch, cannot
-/// hold the server past the drain: the requests still running at `--drain-timeout` are failed, and the server
-/// stops waiting for the connections still open shortly after (the binary's runtime then drops them). Not a
-/// timing target: without the fix the server waits for the client for as long as it lives; 30 s stands for
-/// "never".
+/// hold the server past the drain: the requests still running at `--drain-timeout` are failed, and the
+/// connections still open shortly after are closed, so the client sees its call end (before, the server
+/// stopped waiting for them but their tasks lived on in process). Not a timing target: without the fix the
+/// connection lives as long as its client; 30 s stands for "never".
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_stops_reading_cannot_hold_the_drain() {
     let mut cfg = config(fixture("llama/adapters"));
@@ -57,8 +57,11 @@ async fn a_client_that_stops_reading_cannot_hold_the_drain() {
     }
     h.shutdown();
     let stopped = tokio::time::timeout(Duration::from_secs(30), h.wait()).await;
-    drop(stalled);
     stopped.expect("the server stopped while its client held the stream unread").unwrap();
+    let mut stalled = stalled.into_inner();
+    let ended =
+        tokio::time::timeout(Duration::from_secs(30), async { while let Ok(Some(_)) = stalled.message().await {} });
+    ended.await.expect("the unread stream's connection was closed");
     // A health Watch never ends of itself (a load balancer or sidecar holds one): it is cut the same way.
     let mut cfg = config(fixture("llama/adapters"));
     cfg.drain_timeout = Duration::from_millis(300);
@@ -70,8 +73,11 @@ async fn a_client_that_stops_reading_cannot_hold_the_drain() {
     assert_eq!(first.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
     h.shutdown();
     let stopped = tokio::time::timeout(Duration::from_secs(30), h.wait()).await;
-    drop(watch);
     stopped.expect("the server stopped while a health Watch was open").unwrap();
+    let mut watch = watch.into_inner();
+    let ended =
+        tokio::time::timeout(Duration::from_secs(30), async { while let Ok(Some(_)) = watch.message().await {} });
+    ended.await.expect("the Watch's connection was closed");
 }
 
 /// `/metrics` answers through the whole drain (Prometheus sees its last requests), and stops with the server.

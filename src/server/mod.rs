@@ -30,6 +30,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, EngineConfig};
 use crate::lora::cache::{AdapterCache, CacheConfig};
@@ -108,18 +109,21 @@ pub const SERVICE_NAME: &str = "loraserve.v1.LoraServe";
 /// get to read the failure before the server stops waiting for the connections left open.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Waits [`CLOSE_GRACE`] for the server to finish its connections, then stops waiting for those left (a client
-/// that stopped reading, a health Watch, neither of which ends by itself): the server stops. The binary's
-/// runtime shutdown then drops their tasks; in process they live until their clients go.
+/// Waits [`CLOSE_GRACE`] for the server to finish its connections, then cuts those left (a client that stopped
+/// reading, a health Watch, neither of which ends by itself) and waits for the server to stop.
 async fn close(
     mut serve: JoinHandle<Result<(), tonic::transport::Error>>,
+    cut: &CancellationToken,
 ) -> Result<Result<(), tonic::transport::Error>, tokio::task::JoinError> {
+    if let Ok(r) = tokio::time::timeout(CLOSE_GRACE, &mut serve).await {
+        return r;
+    }
+    tracing::warn!("connections still open (clients that stopped reading, health watches): closing them");
+    cut.cancel();
+    // A cut connection ends at its next poll, which the cut itself wakes: this wait is a backstop.
     match tokio::time::timeout(CLOSE_GRACE, &mut serve).await {
         Ok(r) => r,
         Err(_) => {
-            tracing::warn!(
-                "connections still open (clients that stopped reading, health watches): not waiting for them"
-            );
             serve.abort();
             Ok(Ok(()))
         }
@@ -316,7 +320,8 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
     let mut serve_stop = stop_rx.clone();
     // Socket options go here (`listen::incoming`): tonic ignores its builder's TCP settings for a listener
     // it is handed.
-    let incoming = listen::incoming(grpc);
+    let cut = CancellationToken::new();
+    let incoming = listen::incoming(grpc, cut.clone());
     let serve = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = serve_stop.wait_for(|s| *s).await;
         drain_state.draining.store(true, Ordering::Relaxed);
@@ -336,7 +341,7 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
             Ok(r) => r,
             Err(e) => {
                 let _ = stop_on_failure.send(true);
-                let _ = close(serve).await;
+                let _ = close(serve, &cut).await;
                 return Err(e);
             }
         };
@@ -345,7 +350,7 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
                 let _ = stop_on_failure.send(true);
                 let engine = ready.engine.clone();
                 tokio::task::spawn_blocking(move || engine.shutdown(Duration::ZERO)).await.ok();
-                let _ = close(serve).await;
+                let _ = close(serve, &cut).await;
                 return Err(ServerError::Preload { id: id.clone(), reason: e.to_string() });
             }
         }
@@ -379,7 +384,7 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
                 // Their clients get the failure at once, unless one stopped reading (its flow-control window
                 // full) or holds a health Watch: its connection would hold the server open for as long as
                 // the client lives.
-                close(serve).await
+                close(serve, &cut).await
             }
         };
         let e = engine.clone();
