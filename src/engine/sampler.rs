@@ -420,12 +420,16 @@ impl Sampler {
 }
 
 /// Applies the penalties to `logits` in place, in vLLM's order: repetition (prompt and output tokens, as
-/// Hugging Face's `RepetitionPenaltyLogitsProcessor`), then frequency, then presence (output tokens).
+/// Hugging Face's `RepetitionPenaltyLogitsProcessor`), then frequency, then presence (output tokens). A
+/// finite logit stays finite: a penalty as large (or small) as f32 allows saturates it at f32's range rather
+/// than overflow to ±∞, which would leave a request whose every allowed token was seen nothing to pick
+/// (Hugging Face's f32 overflows; the request is valid). −∞ (a token not allowed) stays −∞.
 fn penalize(p: &SamplingParams, h: &History, logits: &mut [f32]) {
     if p.repetition_penalty != 1.0 {
         for &t in &h.seen {
-            if let Some(l) = logits.get_mut(t as usize) {
-                *l = if *l < 0.0 { *l * p.repetition_penalty } else { *l / p.repetition_penalty };
+            if let Some(l) = logits.get_mut(t as usize).filter(|l| l.is_finite()) {
+                let penalized = if *l < 0.0 { *l * p.repetition_penalty } else { *l / p.repetition_penalty };
+                *l = penalized.clamp(f32::MIN, f32::MAX);
             }
         }
     }
@@ -453,8 +457,8 @@ pub fn argmax(logits: &[f32]) -> Option<u32> {
 }
 
 /// A step whose logits leave nothing to pick: every token the request allows has a NaN or −∞ logit (the
-/// model's numbers broke down, an adapter whose scale overflows f32 say, or a penalty pushed them past f32);
-/// the request fails rather than answer a token it does not allow.
+/// model's numbers broke down: an adapter whose scale overflows f32, say); the request fails rather than
+/// answer a token it does not allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("no token can be picked: the logit of every token the request allows is NaN or −∞")]
 pub struct NoToken;
@@ -712,6 +716,24 @@ mod tests {
         // Below 1 it favours repeats; tokens past the logits (a prompt id beyond the vocabulary) are skipped.
         assert_eq!(picks(penalized(0.5, 0.0, 0.0), &[1, 99], &[3.0, 2.0], 2), [1, 1]);
         assert_eq!(picks(SamplingParams::default(), &[0], &[3.0, 2.0, -1.0], 2), [0, 0]);
+    }
+
+    /// A penalty at the edge of f32 saturates seen tokens' logits instead of turning them into ±∞: a request
+    /// whose every allowed token is in its prompt still gets one (it failed INTERNAL, "no token can be
+    /// picked"), and tokens it does not allow stay out.
+    #[test]
+    fn an_extreme_repetition_penalty_leaves_a_token_to_pick() {
+        // −2 · 3.4e38 and −3 · 3.4e38 are past f32.
+        let logits = [-2.0, -3.0, 3.0];
+        for (t, penalty) in [(0.0, 3.4e38), (1.0, 3.4e38), (0.0, 1e-38), (1.0, 1e-38)] {
+            let params =
+                SamplingParams { temperature: t, allowed_token_ids: vec![0, 1], ..penalized(penalty, 0.0, 0.0) };
+            for seed in 0..20 {
+                let mut s = Sampler::new(params.clone(), seed, &[0, 1, 2], &[]);
+                let token = s.sample(&logits).unwrap_or_else(|e| panic!("penalty {penalty}, temperature {t}: {e}"));
+                assert!(token < 2, "penalty {penalty}: token {token} is not allowed");
+            }
+        }
     }
 
     #[test]
