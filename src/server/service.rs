@@ -358,8 +358,16 @@ impl Service {
         } else if r.messages.is_empty() {
             ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?
         } else {
-            let template = adapter.as_ref().and_then(|a| a.weights().template.as_deref());
-            conversation_ids(ready, template, &messages, r.continue_final_message, &kwargs)?
+            // A chat template is a program (an adapter's may come from anyone): it renders off the async
+            // workers, so that a slow one holds up its own request only.
+            let template = adapter.as_ref().and_then(|a| a.weights().template.clone());
+            let (state, continue_final) = (self.state.clone(), r.continue_final_message);
+            tokio::task::spawn_blocking(move || {
+                let ready = state.ready.get().expect("admitting requests means ready");
+                conversation_ids(ready, template.as_deref(), &messages, continue_final, &kwargs)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("rendering the conversation: {e}")))??
         };
         if let Some(k) = r.truncate_prompt_tokens {
             // A raw text keeps the ids its tokenizer puts before it; ids given and conversations are cut as

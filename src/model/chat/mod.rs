@@ -93,6 +93,13 @@ pub fn parse_kwargs(text: &str) -> Result<Kwargs, String> {
 /// The variables the renderer sets itself.
 const RESERVED: [&str; 2] = ["messages", "add_generation_prompt"];
 
+/// What one rendering may spend: template instructions (minijinja's fuel) and bytes of text written. Far
+/// above what a published template needs for any conversation a request can carry (Llama 3.2's with tools
+/// spends ~40 instructions a message), so that a template that loops without end, or prints without end,
+/// fails its own conversations instead of holding a server thread or its memory.
+pub const RENDER_FUEL: u64 = 50_000_000;
+pub const RENDER_MAX_BYTES: usize = 64 << 20;
+
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatTemplate").field("special", &self.special).finish_non_exhaustive()
@@ -145,6 +152,7 @@ impl ChatTemplate {
         // newline of the template is dropped, and these two.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(RENDER_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, JinjaError> {
@@ -253,16 +261,27 @@ impl ChatTemplate {
                 ctx.insert(k.as_str(), JinjaValue::from_serialize(v));
             }
         }
-        t.render(ctx).map_err(|e| {
+        let mut text = Capped::default();
+        t.render_captured_to(ctx, &mut text).map_err(|e| {
             // A filter, test or function the server lacks fails every conversation that reaches it, whatever
-            // the conversation: the template's fault, not the request's. (A method depends on the value it is
-            // called on, which the request may give, `tools` say: that stays the request's.)
+            // the conversation: the template's fault, not the request's; so does one past the rendering's
+            // limits. (A method depends on the value it is called on, which the request may give, `tools`
+            // say: that stays the request's.)
             let unknown = [ErrorKind::UnknownFilter, ErrorKind::UnknownTest, ErrorKind::UnknownFunction];
-            match render_message(&e) {
-                m if unknown.contains(&e.kind()) => ChatError::Unavailable(m),
-                m => ChatError::Render(m),
+            match e.kind() {
+                ErrorKind::OutOfFuel => ChatError::Unavailable(format!(
+                    "rendering the chat template: it ran past {RENDER_FUEL} template instructions (a loop without end?)"
+                )),
+                ErrorKind::WriteFailure if text.over => ChatError::Unavailable(format!(
+                    "rendering the chat template: its text passed {} MiB",
+                    RENDER_MAX_BYTES >> 20
+                )),
+                kind if unknown.contains(&kind) => ChatError::Unavailable(render_message(&e)),
+                _ => ChatError::Render(render_message(&e)),
             }
-        })
+        })?;
+        String::from_utf8(text.text)
+            .map_err(|_| ChatError::Render("the chat template wrote text that is not UTF-8".into()))
     }
 
     /// The ids of a rendered conversation (module docs), each with its byte span in `rendered` (the ids put
@@ -381,6 +400,28 @@ impl std::fmt::Display for Refusal {
 
 impl std::error::Error for Refusal {}
 
+/// A rendering's text, refused past [`RENDER_MAX_BYTES`] (`over` then tells `render` why the write failed).
+#[derive(Default)]
+struct Capped {
+    text: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > RENDER_MAX_BYTES {
+            self.over = true;
+            return Err(std::io::Error::other("the rendered text is too long"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A template's own refusal (`raise_exception`) is its message, as transformers reports it; other failures say
 /// where in the template they happened.
 fn render_message(e: &JinjaError) -> String {
@@ -415,6 +456,23 @@ mod tests {
 
     fn user(content: &str) -> Vec<Value> {
         vec![json!({"role": "user", "content": content})]
+    }
+
+    /// A template that loops or prints without end fails its conversation (the template's fault:
+    /// `Unavailable`) within its budget, instead of holding the thread or taking the memory; a rendering
+    /// inside the limits is untouched.
+    #[test]
+    fn a_template_past_its_limits_fails_its_conversation() {
+        let spin = template("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x");
+        let e = spin.render(&user("hi"), false, &Kwargs::new()).unwrap_err();
+        assert!(matches!(e, ChatError::Unavailable(_)), "{e:?}");
+        assert!(e.to_string().contains(&format!("ran past {RENDER_FUEL} template instructions")), "{e}");
+        let flood = template("{% for i in range(100000) %}{{ 'xxxxxxxxxx' * 100000 }}{% endfor %}");
+        let e = flood.render(&user("hi"), false, &Kwargs::new()).unwrap_err();
+        assert!(matches!(e, ChatError::Unavailable(_)), "{e:?}");
+        assert!(e.to_string().contains("its text passed 64 MiB"), "{e}");
+        let fits = template("{% for i in range(60) %}{{ 'x' * 1000000 }}{% endfor %}{{ messages[0]['content'] }}");
+        assert_eq!(fits.render(&user("hi"), false, &Kwargs::new()).unwrap().len(), 60_000_002);
     }
 
     #[test]
