@@ -9,6 +9,10 @@
 
 use serde_json::{Map, Value};
 
+/// The most decoder layers a config may name: lists a layer long are built before the checkpoint's tensors
+/// are read (the largest Llama-family models have 126 layers).
+const MAX_LAYERS: usize = 4096;
+
 /// Errors from reading a model's `config.json` / `generation_config.json`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -317,6 +321,13 @@ impl Raw<'_> {
         let hidden_size = self.usize_req("hidden_size")?;
         let intermediate_size = self.usize_req("intermediate_size")?;
         let num_hidden_layers = self.usize_req("num_hidden_layers")?;
+        // The checkpoint's tensors are checked against it later, but per-layer lists are built first.
+        if num_hidden_layers > MAX_LAYERS {
+            return Err(self.invalid(
+                "num_hidden_layers",
+                format!("{num_hidden_layers} is past {MAX_LAYERS} (the largest Llama-family models have 126)"),
+            ));
+        }
         let num_attention_heads = self.usize_req("num_attention_heads")?;
         // Not written: transformers' class default (Mistral 8, Qwen2 32); null or not written for Llama: one
         // key/value head per query head.
@@ -391,7 +402,7 @@ impl Raw<'_> {
         };
         let quantization = self.get("quantization_config").cloned();
 
-        Ok(ModelConfig {
+        let config = ModelConfig {
             family,
             vocab_size,
             hidden_size,
@@ -414,7 +425,21 @@ impl Raw<'_> {
             generation: Ok(Default::default()),
             quantization,
             raw: self.map.clone(),
-        })
+        };
+        // The rotary frequencies as the forward computes them, in f32: a theta or factor that is positive in
+        // f64 but 0 or ∞ in f32 (1e-300, 1e-320) makes them 0 or ∞, and every logit NaN at the first request.
+        let freqs = config.rope_inv_freq();
+        let widest = freqs.iter().fold(0f32, |m, &f| m.max(f)) * max_position_embeddings as f32;
+        if freqs.iter().any(|f| !(f.is_finite() && *f > 0.0)) || !widest.is_finite() {
+            return Err(self.invalid(
+                "rope_theta",
+                format!(
+                    "{rope_theta:e} (with {:?}) gives rotary angles that are not finite positive f32 numbers",
+                    config.rope_scaling
+                ),
+            ));
+        }
+        Ok(config)
     }
 
     /// `rope_parameters` (transformers 5.x) or `rope_theta` + `rope_scaling` (4.x). As transformers 5 reads

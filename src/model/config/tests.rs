@@ -269,3 +269,35 @@ fn only_causal_lm_architectures() {
         assert!(e.contains("`architectures`") && e.contains(words), "{e}");
     }
 }
+
+/// Values that pass as positive f64 but break the forward's f32 (every logit NaN at the first request), and a
+/// layer count that would allocate before any tensor is read (an abort at 1e8, a panic at 2^62), are refused
+/// by field at load.
+#[test]
+fn values_past_f32_and_absurd_layer_counts_are_refused_by_field() {
+    for (from, to, words) in [
+        (
+            r#""rope_theta": 500000.0"#,
+            r#""rope_theta": 1e-300"#,
+            "field `rope_theta`: 1e-300 (with Default) gives rotary angles",
+        ),
+        (
+            r#""rope_type": "default""#,
+            r#""rope_type": "linear", "factor": 1e-320"#,
+            "gives rotary angles that are not finite",
+        ),
+        (
+            r#""num_hidden_layers": 3"#,
+            r#""num_hidden_layers": 100000000"#,
+            "field `num_hidden_layers`: 100000000 is past 4096",
+        ),
+        (r#""num_hidden_layers": 3"#, r#""num_hidden_layers": 4611686018427387904"#, "is past 4096"),
+    ] {
+        assert_eq!(V5.matches(from).count(), 1, "{from}");
+        let e = ModelConfig::from_json_str(&V5.replace(from, to), "config.json").unwrap_err().to_string();
+        assert!(e.contains(words), "{to}: {e}");
+    }
+    // At the edge of f32 but fine: a theta of 1e-30 keeps every angle finite.
+    ModelConfig::from_json_str(&V5.replace(r#""rope_theta": 500000.0"#, r#""rope_theta": 1e-30"#), "config.json")
+        .unwrap();
+}
