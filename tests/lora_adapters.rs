@@ -569,6 +569,19 @@ fn refuses_bad_tensors_naming_them() {
         },
     );
     assert!(e.contains("model.layers.7.self_attn.q_proj") && e.contains("not a linear layer of the base"), "{e}");
+    // A layer index as Python never writes it, beside the real one: refused, not taken for layer 0 (the later
+    // name replaced the real tensor).
+    for alias in ["00", "+0"] {
+        let e = broken(
+            |_| {},
+            |t| {
+                let name = q0a.replace("layers.0.", &format!("layers.{alias}."));
+                t.insert(name, Tensor::zeros((8, 96), DType::F32, &dev).unwrap());
+            },
+        );
+        let module = format!("model.layers.{alias}.self_attn.q_proj");
+        assert!(e.contains(&module) && e.contains("not a linear layer of the base"), "{alias}: {e}");
+    }
     // Wrong shape.
     let e = broken(
         |_| {},

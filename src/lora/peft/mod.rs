@@ -177,10 +177,11 @@ fn load_weights(
             continue;
         }
         let slot = pairs.entry(id).or_default();
-        match which {
-            'A' => slot.0 = Some(name.clone()),
-            _ => slot.1 = Some(name.clone()),
+        let slot = if which == 'A' { &mut slot.0 } else { &mut slot.1 };
+        if let Some(first) = slot {
+            return Err(tensor_err(name, format!("names the same weight of `{id}` as `{first}`")));
         }
+        *slot = Some(name.clone());
     }
     if let Some((_, name)) = embeds.iter().find(|(id, _)| !pairs.contains_key(id)) {
         return Err(tensor_err(name, "a VeLoRA projection for a module without LoRA weights".into()));
@@ -303,7 +304,10 @@ fn parse_tensor_name(name: &str) -> Result<(&str, char), String> {
 fn module_id(module: &str, layout: &BaseLayout) -> Option<LinearId> {
     let rest = module.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
+    // Digits as Python writes an index: `00` or `+0` is no layer (Rust's parse would take both as 0, and the
+    // tensor would replace layer 0's).
+    let canonical = layer == "0" || (!layer.starts_with('0') && layer.bytes().all(|b| b.is_ascii_digit()));
+    let layer: usize = layer.parse().ok().filter(|_| canonical)?;
     let (parent, kind) = rest.split_once('.')?;
     let kind = ModuleKind::from_name(kind)?;
     (layer < layout.layers && parent == kind.parent()).then_some(LinearId::new(layer, kind))
