@@ -53,6 +53,16 @@ impl Tokenizer {
     pub fn from_parts(json: &[u8], file: &str, config: Option<(&str, &str)>) -> Result<Self, TokenizerError> {
         let inner = tokenizers::Tokenizer::from_bytes(json)
             .map_err(|e| TokenizerError::Load { file: file.to_string(), reason: e.to_string() })?;
+        if let Some(token) = serde_json::from_slice(json)
+            .ok()
+            .and_then(|v: serde_json::Value| undefined_template_token(&v["post_processor"]).map(str::to_string))
+        {
+            // The `tokenizers` crate takes such a file, then panics on every encode with special tokens.
+            let reason = format!(
+                "post_processor: its template names the special token `{token}`, which its special_tokens do not define"
+            );
+            return Err(TokenizerError::Load { file: file.to_string(), reason });
+        }
         let chat = match config {
             Some((text, cfile)) => ChatFiles::from_config(text, cfile)?,
             None => ChatFiles::default(),
@@ -277,9 +287,44 @@ impl TextStream {
     }
 }
 
+/// A special token a `TemplateProcessing` post-processor (alone or in a `Sequence`) puts in its `single` or
+/// `pair` template without defining it in its `special_tokens`.
+fn undefined_template_token(processor: &serde_json::Value) -> Option<&str> {
+    match processor["type"].as_str()? {
+        "TemplateProcessing" => {
+            let defined = processor["special_tokens"].as_object();
+            let pieces = ["single", "pair"].into_iter().filter_map(|t| processor[t].as_array()).flatten();
+            pieces
+                .filter_map(|piece| piece["SpecialToken"]["id"].as_str())
+                .find(|id| defined.is_none_or(|d| !d.contains_key(*id)))
+        }
+        "Sequence" => processor["processors"].as_array()?.iter().find_map(undefined_template_token),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A template naming a special token it does not define loads in `tokenizers` and panics at every encode
+    /// ("no entry found for key"): refused at load, naming the token, alone or inside a `Sequence`.
+    #[test]
+    fn a_post_processor_naming_an_undefined_special_token_is_refused() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama/model/tokenizer.json");
+        let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+        assert!(Tokenizer::from_parts(json.to_string().as_bytes(), "tokenizer.json", None).is_ok());
+        json["post_processor"]["single"][0]["SpecialToken"]["id"] = "<zz>".into();
+        let template = json["post_processor"].clone();
+        for processor in [template.clone(), serde_json::json!({"type": "Sequence", "processors": [template]})] {
+            json["post_processor"] = processor;
+            let e = Tokenizer::from_parts(json.to_string().as_bytes(), "tokenizer.json", None).err().unwrap();
+            assert!(
+                e.to_string().contains("names the special token `<zz>`, which its special_tokens do not define"),
+                "{e}"
+            );
+        }
+    }
 
     /// The whole text of `ids` as a stream of one token at a time gives it (steps, then the flush).
     fn streamed(tok: &Tokenizer, ids: &[u32]) -> String {
