@@ -486,6 +486,22 @@ fn an_adapter_that_targets_nothing_is_refused() {
     }
 }
 
+/// A pattern the regex engine gives up on (its backtracking limit) is refused naming it; it was taken as
+/// "no match", so an `alpha_pattern` Python's `re` applies was silently left out.
+#[test]
+fn a_pattern_past_the_regex_engines_limit_is_refused_by_name() {
+    use serde_json::json;
+    let bomb = r"((.{0,3}){0,10}(?<=.))*q_proj";
+    for (key, value) in
+        [("alpha_pattern", json!({bomb: 200})), ("rank_pattern", json!({bomb: 4})), ("target_modules", json!(bomb))]
+    {
+        let mut cfg = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]});
+        cfg[key] = value;
+        let e = adapter_with(cfg, &["model.layers.0.self_attn.q_proj"]).unwrap_err();
+        assert!(e.contains(&format!("`{key}")) && e.contains("matching it against `model.layers.0"), "{key}: {e}");
+    }
+}
+
 /// `"all-linear"` is PEFT's shorthand in any case for `target_modules`; as `exclude_modules` it is a plain
 /// regex, which matches no module.
 #[test]

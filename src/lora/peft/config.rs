@@ -358,6 +358,34 @@ fn first_match(patterns: &[Regex], key: &str) -> Option<usize> {
 }
 
 impl Matcher {
+    /// Runs every pattern on every key the adapter is matched against, so that a pattern the regex engine
+    /// gives up on (its backtracking limit) is an error naming it, not a silent "no match" (Python's `re`
+    /// would match it). After this, the matching methods meet no error on these keys.
+    pub(super) fn check_keys<'k>(
+        &self,
+        cfg: &AdapterConfig,
+        keys: impl Iterator<Item = &'k str>,
+        file: &str,
+    ) -> Result<(), AdapterError> {
+        let mut all: Vec<(&Regex, String)> = vec![];
+        for (sel, field) in [(Some(&self.target), "target_modules"), (self.exclude.as_ref(), "exclude_modules")] {
+            if let Some(CompiledSelector::Regex(r)) = sel {
+                all.push((r, field.to_string()));
+            }
+        }
+        all.extend(self.layer_index.iter().map(|r| (r, "layers_pattern".to_string())));
+        all.extend(self.rank.iter().zip(&cfg.rank_pattern).map(|(r, (k, _))| (r, format!("rank_pattern.{k}"))));
+        all.extend(self.alpha.iter().zip(&cfg.alpha_pattern).map(|(r, (k, _))| (r, format!("alpha_pattern.{k}"))));
+        for key in keys {
+            for (r, field) in &all {
+                if let Err(e) = r.is_match(key) {
+                    return Err(cfg_err(file, field, format!("matching it against `{key}` failed: {e}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `check_target_module_exists` for a linear layer of the base.
     pub(super) fn targets(&self, cfg: &AdapterConfig, key: &str) -> bool {
         if self.exclude.as_ref().is_some_and(|e| e.matches(key)) {

@@ -151,6 +151,8 @@ fn load_weights(
         reason: format!("not a valid safetensors file: {e}"),
     })?;
     let matcher = config.matcher(cfg_file)?;
+    let modules: Vec<String> = layout.linears().map(|id| id.module_path()).collect();
+    matcher.check_keys(config, modules.iter().map(String::as_str), cfg_file)?;
     // module key → (A tensor name, B tensor name)
     let mut pairs: BTreeMap<LinearId, (Option<String>, Option<String>)> = BTreeMap::new();
     let mut embeds: Vec<(LinearId, &String)> = Vec::new();
