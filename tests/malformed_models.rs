@@ -182,6 +182,17 @@ fn bad_config_and_missing_shard_are_named() {
     std::fs::remove_file(tmp.path().join("model-00007-of-00014.safetensors")).unwrap();
     let e = load_err(tmp.path());
     assert!(e.contains("model-00007-of-00014.safetensors"), "{e}");
+
+    // A shard named "" or "." is the folder itself: no file name (it failed with "No such device").
+    let index = tmp.path().join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(fixture("llama-sharded/model/model.safetensors.index.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for bad in ["", "."] {
+        json["weight_map"]["model.norm.weight"] = bad.into();
+        std::fs::write(&index, json.to_string()).unwrap();
+        let e = load_err(tmp.path());
+        assert!(e.contains("index.json") && e.contains("weight_map[model.norm.weight] is not a file name"), "{e}");
+    }
 }
 
 /// `model.safetensors` wins over a shard index beside it, as in transformers: a folder re-saved as one file

@@ -88,19 +88,18 @@ impl SafetensorsFiles {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| file_err(&index, "missing object `weight_map`"))?;
-            let mut shards: Vec<String> = Vec::new();
+            // A set: an index of many distinct names is read in n·log n, not n².
+            let mut shards = std::collections::BTreeSet::new();
             for (tensor, shard) in map {
                 let shard = shard
                     .as_str()
+                    .filter(|s| !s.is_empty() && *s != ".")
                     .ok_or_else(|| file_err(&index, format!("weight_map[{tensor}] is not a file name")))?;
                 if shard.contains('/') || shard.contains('\\') || shard == ".." {
                     return Err(file_err(&index, format!("weight_map[{tensor}] = `{shard}` leaves the model folder")));
                 }
-                if !shards.iter().any(|s| s == shard) {
-                    shards.push(shard.to_string());
-                }
+                shards.insert(shard);
             }
-            shards.sort();
             let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
             let files = Self::open_files(&paths)?;
             // Every tensor the index names must be in the shard it names.
