@@ -104,6 +104,9 @@ impl ChatFiles {
         let v: Value = serde_json::from_str(text)
             .map_err(|e| TokenizerError::Load { file: file.to_string(), reason: format!("invalid JSON: {e}") })?;
         let bad = |reason: String| TokenizerError::Load { file: file.to_string(), reason };
+        if !v.is_object() {
+            return Err(bad("top level is not an object".to_string()));
+        }
         let mut files = ChatFiles::default();
         match v.get("chat_template") {
             None | Some(Value::Null) => {}
@@ -271,7 +274,7 @@ mod tests {
         let t = load(r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "rag", "template": "R"}]}"#)
             .unwrap();
         assert_eq!((t.template, t.names, t.tool_use), (None, vec!["tool_use".to_string(), "rag".to_string()], None));
-        for bad in [r#"{"chat_template": 5}"#, r#"{"chat_template": [{"name": "default"}]}"#, "{"] {
+        for bad in [r#"{"chat_template": 5}"#, r#"{"chat_template": [{"name": "default"}]}"#, "{", "[]", "null"] {
             let e = load(bad).expect_err("refused").to_string();
             assert!(e.contains("tc.json"), "{e}");
         }

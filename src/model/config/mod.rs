@@ -116,6 +116,9 @@ impl ModelConfig {
     pub fn apply_generation_config(&mut self, text: &str, file: &str) -> Result<bool, ConfigError> {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| ConfigError::Json { file: file.to_string(), reason: e.to_string() })?;
+        if !value.is_object() {
+            return Err(ConfigError::Json { file: file.to_string(), reason: "top level is not an object".to_string() });
+        }
         self.generation = super::GenerationDefaults::from_json(&value, file).map_err(|e| e.to_string());
         match value.get("eos_token_id").filter(|v| !v.is_null()) {
             Some(v) => {

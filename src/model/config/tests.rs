@@ -138,6 +138,10 @@ fn generation_config_overrides_eos() {
     let e = c.check_eos_in_vocab("generation_config.json").unwrap_err().to_string();
     assert!(e.contains("`eos_token_id`") && e.contains("token id 320 is outside"), "{e}");
     assert!(!c.apply_generation_config(r#"{"eos_token_id": null}"#, "generation_config.json").unwrap());
+    for not_an_object in ["[]", "null", "1"] {
+        let e = c.apply_generation_config(not_an_object, "generation_config.json").unwrap_err().to_string();
+        assert!(e.contains("generation_config.json") && e.contains("top level is not an object"), "{e}");
+    }
 }
 
 /// `V5` with top-level keys replaced (`Some`) or removed (`None`).
