@@ -375,16 +375,24 @@ pub fn attention_tables(
         if s.blocks.len() * block_size < s.past + s.len {
             return Err(format!("block table of {} blocks is short of {} positions", s.blocks.len(), s.past + s.len));
         }
-        let offset = t.tables.len() as i32;
-        t.tables.extend(s.blocks.iter().map(|&b| b as i32));
+        let offset = table_int(t.tables.len(), "block table offset")?;
+        for &b in s.blocks {
+            t.tables.push(table_int(b as usize, "block")?);
+        }
         for i in 0..s.len {
             let pos = s.past + i;
-            t.row_slot.push((s.blocks[pos / block_size] as usize * block_size + pos % block_size) as i32);
-            t.row_pos.push(pos as i32);
+            t.row_slot
+                .push(table_int(s.blocks[pos / block_size] as usize * block_size + pos % block_size, "cache slot")?);
+            t.row_pos.push(table_int(pos, "position")?);
             t.row_table.push(offset);
         }
     }
     Ok(t)
+}
+
+/// An entry of the attention kernels' 32-bit tables.
+fn table_int(v: usize, what: &str) -> Result<i32, String> {
+    i32::try_from(v).map_err(|_| format!("{what} {v} does not fit the attention kernels' 32-bit tables"))
 }
 
 /// NVRTC targets by compute capability, oldest first (the `nf4_matmul_mma*` kernels' TF32 `mma.sync` needs 8.0).
@@ -653,6 +661,10 @@ mod tests {
         assert!(attention_tables(&short, 4).unwrap_err().contains("short"));
         let gap = [PagedSeq { row: 1, len: 1, past: 0, blocks: &b }];
         assert!(attention_tables(&gap, 4).unwrap_err().contains("in order"));
+        // A slot past 32 bits is refused, not wrapped into another sequence's cache.
+        let far = [1u32 << 30];
+        let past = [PagedSeq { row: 0, len: 1, past: 0, blocks: &far }];
+        assert!(attention_tables(&past, 4).unwrap_err().contains("cache slot 4294967296 does not fit"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`apply_into`]: the same for one linear and raw buffers (the device checks call it).
 //! - [`ModuleAddr`]: an adapter module as the kernels see it, cached per adapter ([`LoraWeights`]).
 
+use std::marker::PhantomData;
 use std::ops::Range;
 
 use candle_core::backend::{BackendDevice, BackendStorage};
@@ -210,8 +211,9 @@ impl<'m> Prepared<'m> {
 }
 
 /// One forward's batched-LoRA tables in device memory: built from the step's segments once, then every
-/// linear layer adds its deltas with two launches and no upload.
-pub struct StepPlan {
+/// linear layer adds its deltas with two launches and no upload. The tables hold the adapters' device
+/// addresses, so the plan borrows the adapters (`'a`): it cannot outlive them.
+pub struct StepPlan<'a> {
     device: CudaDevice,
     rows: usize,
     segments: usize,
@@ -219,12 +221,13 @@ pub struct StepPlan {
     dims: Vec<Option<(usize, usize)>>,
     /// Entries `[linear * segments + s]`; none when no segment has rows (nothing to upload or add).
     tables: Option<Tables>,
+    adapters: PhantomData<&'a LoraWeights>,
 }
 
-impl StepPlan {
+impl<'a> StepPlan<'a> {
     /// The plan of a `rows`-row batch whose `segments` (ordered, non-overlapping) use adapters resident on
     /// `device`, for a model of `linears` linear layers.
-    pub fn new(device: &CudaDevice, rows: usize, segments: &[LoraSegment], linears: usize) -> Result<Self> {
+    pub fn new(device: &CudaDevice, rows: usize, segments: &[LoraSegment<'a>], linears: usize) -> Result<Self> {
         let segments: Vec<&LoraSegment> = segments.iter().filter(|s| s.rows.1 > s.rows.0).collect();
         let ranges: Vec<(usize, usize)> = segments.iter().map(|s| s.rows).collect();
         let row_seg = launch::lora_row_segments(rows, &ranges).map_err(candle_core::Error::msg)?;
@@ -253,7 +256,7 @@ impl StepPlan {
             }
         }
         let tables = if segments.is_empty() { None } else { Some(Tables::upload(device, &row_seg, &mods)?) };
-        Ok(StepPlan { device: device.clone(), rows, segments: segments.len(), dims, tables })
+        Ok(StepPlan { device: device.clone(), rows, segments: segments.len(), dims, tables, adapters: PhantomData })
     }
 
     /// `y += LoRA deltas` in place for linear `id` (the device twin of [`crate::lora::batched::apply`]). `y` is
@@ -267,7 +270,7 @@ impl StepPlan {
 }
 
 struct AddDeltas<'a> {
-    plan: &'a StepPlan,
+    plan: &'a StepPlan<'a>,
     id: LinearId,
 }
 

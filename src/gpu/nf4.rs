@@ -38,6 +38,7 @@ pub struct Nf4CudaWeight {
 impl Nf4CudaWeight {
     /// Copies `w` (a 2-D NF4 weight) to `device`.
     pub fn upload(w: &Nf4Weight, device: &CudaDevice) -> Result<Self> {
+        w.check_layout().map_err(candle_core::Error::wrap)?;
         let (n, k) = w.dims2();
         launch::nf4_matmul(1, n, k).map_err(candle_core::Error::msg)?;
         let stream = device.cuda_stream();

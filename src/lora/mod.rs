@@ -237,7 +237,7 @@ pub enum LoraRows<'a> {
     Train(&'a trainable::TrainableLora),
     /// Serving on a GPU: the segments' tables uploaded once for the whole forward.
     #[cfg(feature = "cuda")]
-    Device(&'a crate::gpu::lora::StepPlan),
+    Device(&'a crate::gpu::lora::StepPlan<'a>),
 }
 
 impl LoraRows<'_> {

@@ -120,6 +120,15 @@ impl Nf4Weight {
 
     /// Assembles a weight from stored parts, checking that their sizes agree with `shape`.
     pub fn from_parts(shape: Vec<usize>, packed: Vec<u8>, absmax: Absmax, code: [f32; 16]) -> Result<Self, QuantError> {
+        let w = Nf4Weight { shape, packed, absmax, code };
+        w.check_layout()?;
+        Ok(w)
+    }
+
+    /// The parts' sizes agree with the shape (every constructor checks it; the GPU upload checks again, as
+    /// the kernels read exactly these sizes and the fields are public).
+    pub fn check_layout(&self) -> Result<(), QuantError> {
+        let Nf4Weight { shape, packed, absmax, .. } = self;
         let n: usize = shape.iter().product();
         if packed.len() != n.div_ceil(2) {
             return Err(QuantError::Layout(format!(
@@ -147,7 +156,7 @@ impl Nf4Weight {
                 )));
             }
         }
-        Ok(Nf4Weight { shape, packed, absmax, code })
+        Ok(())
     }
 
     pub fn numel(&self) -> usize {

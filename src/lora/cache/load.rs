@@ -260,18 +260,26 @@ pub(super) fn to_device(w: &LoraWeights, device: &Device) -> candle_core::Result
     Ok(copy)
 }
 
-/// Refuses, at load, an adapter the GPU's batched-LoRA kernels cannot run (rank above their maximum), so it
-/// fails its own requests with the reason instead of every batch it would join.
+/// Refuses, at load, an adapter the GPU's batched-LoRA kernels cannot run (rank above their maximum, a layer
+/// whose input width is not a multiple of 4), so it fails its own requests with the reason instead of every
+/// batch it would join.
 fn check_gpu_limits(dir: &std::path::Path, w: &LoraWeights) -> Result<(), CacheError> {
     let max = crate::gpu::launch::LORA_MAX_RANK;
-    match w.targets().find(|(_, m)| m.rank() > max) {
-        None => Ok(()),
-        Some((id, m)) => Err(CacheError::Invalid(Arc::new(AdapterError::Config {
-            file: dir.join("adapter_config.json").display().to_string(),
-            key: "r".into(),
-            reason: format!("{id} has rank {}, above the GPU kernels' maximum of {max}", m.rank()),
-        }))),
+    let refuse = |key: &str, reason: String| {
+        let file = dir.join("adapter_config.json").display().to_string();
+        Err(CacheError::Invalid(Arc::new(AdapterError::Config { file, key: key.into(), reason })))
+    };
+    if let Some((id, m)) = w.targets().find(|(_, m)| m.rank() > max) {
+        return refuse("r", format!("{id} has rank {}, above the GPU kernels' maximum of {max}", m.rank()));
     }
+    if let Some((id, m)) = w.targets().find(|(_, m)| !m.a.dims()[1].is_multiple_of(4)) {
+        let width = m.a.dims()[1];
+        return refuse(
+            "target_modules",
+            format!("{id} has {width} input features; the GPU kernels need a multiple of 4"),
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -294,5 +302,10 @@ mod tests {
             e.contains("model.layers.0.self_attn.q_proj has rank 129, above the GPU kernels' maximum of 128"),
             "{e}"
         );
+        // An input width the shrink kernel's 16-byte loads cannot take.
+        let odd = BaseLayout { layers: 1, dims: [(66, 64); 7] };
+        let e = check_gpu_limits(dir, &random_adapter(&odd, 4, &ATTENTION, 1, &Device::Cpu).unwrap()).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("`target_modules`") && e.contains("q_proj has 66 input features"), "{e}");
     }
 }

@@ -33,13 +33,17 @@
 //   which this header defines.
 // - __shared__ arrays are placed in the "emu_shared" section, filled with 0xff bytes (NaN as f32) before each
 //   block, so a read of shared memory no thread of the block wrote shows up as NaN. g++ (12) ignores the
-//   section attribute on the statics of function template instantiations: those (nf4_gemv's code table) start
-//   zeroed and keep the previous block's values, unpoisoned.
+//   section attribute on the statics of function template instantiations, so the kernels declare their
+//   __shared__ arrays in the non-template entry points and hand them to the templates (objdump -t of the
+//   driver lists every one in emu_shared).
 // - uint4 / float4 copies (the kernels' vector loads `*reinterpret_cast<const uint4*>(p)`, and stores through
 //   such a cast) check that source and destination are 16-byte aligned and, inside a buffer the driver
 //   registered, wholly inside its data.
 // - __expf(x) is computed as exp2f(x * log2(e)) in f32, the GPU intrinsic's range reduction (ex2.approx
-//   itself is taken as exact); other math maps to libm.
+//   itself is taken as exact: on the device it is ~2 ulp and flushes subnormals); other math maps to libm.
+// - Products and sums round twice here (-ffp-contract=off); NVRTC contracts them into FMAs (fmad on:
+//   src/gpu/nvrtc.rs), so only the __f*_rn sites (KV write, RoPE) are bit-exact between the two, and kernels
+//   the emulator finds bit-identical to each other may differ in the last bits on the device.
 // - atomicAdd on unsigned int, __threadfence() and __ldcg(p) (the split-K tensor-core launches' hand-over
 //   between blocks): one thread runs at a time and blocks run one after another, so the add is a plain
 //   read-modify-write, the fence does nothing and __ldcg is a load. The blocks' random order still decides
