@@ -124,10 +124,46 @@ fn load_dir_with(
             },
         });
     }
+    check_length(&st_path, &st_path.display().to_string())?;
     let bytes = super::file::read_whole(&st_path, parallel)
         .map_err(|e| AdapterError::from_io(&st_path.display().to_string(), e))?;
     let weights = load_weights(&config, &bytes, &st_path.display().to_string(), &cfg_file, layout, device, parallel)?;
     Ok(LoadedAdapter { config, weights })
+}
+
+/// Checks, from its header alone, that a safetensors file is as long as the header says, before the whole file
+/// is read into memory: one extended past its tensors (a sparse 3 GB `truncate -s`) cost its size in memory,
+/// and seconds, before the format check refused it.
+fn check_length(path: &Path, file: &str) -> Result<(), AdapterError> {
+    use std::io::Read;
+    let bad = |reason: String| AdapterError::File {
+        file: file.to_string(),
+        reason: format!("not a valid safetensors file: {reason}"),
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| AdapterError::from_io(file, e))?;
+    let len = f.metadata().map_err(|e| AdapterError::from_io(file, e))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| bad(format!("{len} bytes, shorter than the header's length")))?;
+    let n = u64::from_le_bytes(n);
+    // The safetensors crate's own limit on the header.
+    if n > 100_000_000 || n.saturating_add(8) > len {
+        return Err(bad(format!("a header of {n} bytes in a file of {len}")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| AdapterError::from_io(file, e))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("its header: {e}")))?;
+    let end = header
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .filter_map(|(_, t)| t["data_offsets"][1].as_u64())
+        .max()
+        .unwrap_or(0);
+    let described = end.saturating_add(8 + n);
+    if described != len {
+        return Err(bad(format!("the file is {len} bytes, but its header describes {described}")));
+    }
+    Ok(())
 }
 
 /// Builds the weights from `adapter_model.safetensors` bytes, checking them against config and base; the
