@@ -302,6 +302,30 @@ fn malformed_nf4_checkpoints_are_refused_naming_the_tensor() {
         t.remove(&format!("{w}.nested_absmax"));
     });
     assert!(e.contains(&format!("{w}.nested_absmax")) && e.contains("missing"), "{e}");
+    // A shape with a dimension that is no integer (it was dropped, and [96, 96] read as [96]).
+    let (_t, e) = broken_bnb(|t| set_state(t, w, "\"shape\": [48, 96]", "\"shape\": [\"x\", 48, 96]"));
+    assert!(e.contains(w) && e.contains("expected [48, 96]"), "{e}");
+    // Scales and tables that are not finite made every output NaN at the first request.
+    let (_t, e) = broken_bnb(|t| set_state(t, w, "\"nested_offset\": 0.187235027551651", "\"nested_offset\": 1e308"));
+    assert!(e.contains(w) && e.contains("nested_offset inf is not a finite f32"), "{e}");
+    for table in ["nested_absmax", "quant_map", "nested_quant_map"] {
+        let (_t, e) = broken_bnb(|t| {
+            let key = format!("{w}.{table}");
+            let mut v = f32v(&t[&key]);
+            v[0] = f32::NAN;
+            let n = v.len();
+            t.insert(key, Tensor::from_vec(v, n, &Device::Cpu).unwrap());
+        });
+        assert!(e.contains(&format!("{w}.{table}")) && e.contains("non-finite value NaN at element 0"), "{table}: {e}");
+    }
+    // The state's JSON stored as another dtype.
+    let (_t, e) = broken_bnb(|t| {
+        let key = format!("{w}.quant_state.bitsandbytes__nf4");
+        let v: Vec<f32> = u8v(&t[&key]).into_iter().map(f32::from).collect();
+        let n = v.len();
+        t.insert(key, Tensor::from_vec(v, n, &Device::Cpu).unwrap());
+    });
+    assert!(e.contains("quant_state") && e.contains("expected U8"), "{e}");
 }
 
 /// NF4 end to end on every fixture model, two ways:

@@ -52,11 +52,17 @@ fn raw<'a>(src: &'a dyn WeightSource, name: &str, file_hint: &str) -> Result<Raw
     src.raw(name).ok_or_else(|| err(file_hint, name, "missing (required by the bitsandbytes NF4 layout)"))
 }
 
+/// An f32 tensor of the quantization state (scales, code tables): every value finite, as a NaN or ∞ there
+/// makes every output of the layer NaN at the first request.
 fn f32s(t: &RawTensor, name: &str) -> Result<Vec<f32>, QuantError> {
     if t.dtype != StDtype::F32 {
         return Err(err(t.file, name, format!("dtype {:?}, expected F32", t.dtype)));
     }
-    Ok(t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    let v: Vec<f32> = t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(i) => Err(err(t.file, name, format!("non-finite value {} at element {i}", v[i]))),
+        None => Ok(v),
+    }
 }
 
 fn u8s(t: &RawTensor, name: &str) -> Result<Vec<u8>, QuantError> {
@@ -84,6 +90,9 @@ pub fn load_nf4(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<O
         return Ok(None);
     }
     let qs = raw(src, &qs_name, &file)?;
+    if qs.dtype != StDtype::U8 {
+        return Err(err(&file, &qs_name, format!("dtype {:?}, expected U8 (the state's JSON text)", qs.dtype)));
+    }
     let state: Value =
         serde_json::from_slice(qs.data).map_err(|e| err(&file, &qs_name, format!("invalid JSON: {e}")))?;
     let get = |k: &str| state.get(k).filter(|v| !v.is_null());
@@ -95,7 +104,7 @@ pub fn load_nf4(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<O
     }
     let stored_shape: Option<Vec<usize>> = get("shape")
         .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect());
+        .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect());
     if stored_shape.as_deref() != Some(shape) {
         return Err(err(&file, &qs_name, format!("shape {}, expected {shape:?}", shown(get("shape")))));
     }
@@ -121,6 +130,9 @@ pub fn load_nf4(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<O
         let offset = get("nested_offset")
             .and_then(|v| v.as_f64())
             .ok_or_else(|| err(&file, &qs_name, "missing nested_offset"))? as f32;
+        if !offset.is_finite() {
+            return Err(err(&file, &qs_name, format!("nested_offset {offset} is not a finite f32")));
+        }
         let nested_name = format!("{name}.nested_absmax");
         let nested_absmax = f32s(&raw(src, &nested_name, &file)?, &nested_name)?;
         let map_name = format!("{name}.nested_quant_map");
