@@ -17,11 +17,13 @@
 //! | [`gpu`] | CUDA kernels (feature `cuda`, NVRTC at run time) and their launch geometry |
 //! | [`cpu_linear`] | CPU `x·Wᵀ` skeletons (decode rows / panels) and the dense linear op |
 //! | [`tensor_io`] | tensor ↔ slice plumbing for the CPU kernels |
+//! | [`input`] | reading the files the server and commands are given: regular files only |
 
 pub mod cli;
 pub mod cpu_linear;
 pub mod engine;
 pub mod gpu;
+pub mod input;
 pub mod lora;
 pub mod model;
 pub mod output;

@@ -227,3 +227,33 @@ fn cli_prints_one_line_and_exits_nonzero() {
     assert!(stderr.starts_with("error: ") && stderr.contains("tokenizer.json"), "{stderr}");
     assert!(!stderr.contains("panicked"));
 }
+
+/// A FIFO (or socket, or device) where a model's file belongs is refused at once, naming the file: it blocked
+/// the load for as long as nothing wrote to it (a server that never started). Run with a watchdog: without the
+/// fix these loads never return.
+#[test]
+fn a_fifo_in_place_of_a_model_file_is_refused_not_waited_on() {
+    let fifo_at = |path: &Path| {
+        let _ = std::fs::remove_file(path);
+        assert!(Command::new("mkfifo").arg(path).status().unwrap().success());
+    };
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut errors = vec![];
+        for file in ["config.json", "tokenizer_config.json", "model-00003-of-00014.safetensors"] {
+            let tmp = tempfile::tempdir().unwrap();
+            copy_dir(&fixture("llama-sharded/model"), tmp.path());
+            fifo_at(&tmp.path().join(file));
+            let e = match file {
+                "tokenizer_config.json" => loraserve::model::Tokenizer::from_dir(tmp.path()).err().unwrap().to_string(),
+                _ => load_err(tmp.path()),
+            };
+            errors.push((file, e));
+        }
+        done.send(errors).unwrap();
+    });
+    let errors = finished.recv_timeout(std::time::Duration::from_secs(60)).expect("a load waited on a FIFO");
+    for (file, e) in errors {
+        assert!(e.contains(file) && e.contains("not a regular file (a FIFO, socket or device)"), "{file}: {e}");
+    }
+}

@@ -229,7 +229,7 @@ impl AdapterStore {
         let mut h = Sha256::new();
         let cfg = dir.join("adapter_config.json");
         h.update(
-            std::fs::read(&cfg)
+            crate::input::read(&cfg)
                 .map_err(|e| StoreError::Io { path: cfg.display().to_string(), reason: e.to_string() })?,
         );
         let weights = dir.join("adapter_model.safetensors");

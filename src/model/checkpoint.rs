@@ -51,7 +51,7 @@ pub fn side_files_of_dir(dir: &Path) -> Result<SideFiles, ModelError> {
         names.sort();
         for name in names {
             let p = extra.join(&name);
-            let bytes = std::fs::read(&p).map_err(|e| ModelError::Invalid(format!("{}: {e}", p.display())))?;
+            let bytes = crate::input::read(&p).map_err(|e| ModelError::Invalid(format!("{}: {e}", p.display())))?;
             out.push((format!("additional_chat_templates/{name}"), bytes));
         }
     }

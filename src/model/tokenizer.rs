@@ -41,7 +41,7 @@ impl Tokenizer {
     /// [`ChatFiles::from_dir`]) from a model folder.
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let file = dir.join("tokenizer.json");
-        let bytes = std::fs::read(&file)
+        let bytes = crate::input::read(&file)
             .map_err(|e| TokenizerError::Load { file: file.display().to_string(), reason: e.to_string() })?;
         let mut tok = Self::from_parts(&bytes, &file.display().to_string(), None)?;
         tok.chat = ChatFiles::from_dir(dir)?;

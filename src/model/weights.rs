@@ -5,7 +5,6 @@
 //! Every failure names the file and the tensor: a malformed model folder is a one-line error, never a panic.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::Load;
@@ -81,7 +80,7 @@ impl SafetensorsFiles {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         if !single.is_file() && index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| file_err(&index, e.to_string()))?;
+            let text = crate::input::read_to_string(&index).map_err(|e| file_err(&index, e.to_string()))?;
             let json: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| file_err(&index, format!("invalid JSON: {e}")))?;
             let map = json
@@ -137,7 +136,7 @@ impl SafetensorsFiles {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let file = File::open(path).map_err(|e| file_err(path, e.to_string()))?;
+            let file = crate::input::open(path).map_err(|e| file_err(path, e.to_string()))?;
             // SAFETY: the mapping is read-only; a checkpoint modified while it is mapped is outside what we
             // promise (the same contract as every mmap-based loader, candle's and safetensors' included).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| file_err(path, e.to_string()))?;

@@ -18,7 +18,7 @@ pub struct ApiKeys(Arc<Vec<Vec<u8>>>);
 
 impl ApiKeys {
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = crate::input::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut keys = Vec::new();
         for (i, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
             if line.is_empty() || line.starts_with('#') {

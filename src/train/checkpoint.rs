@@ -131,7 +131,7 @@ pub fn restore_latest(
 ) -> Result<Option<State>, TrainError> {
     let Some(path) = list(dir)?.pop() else { return Ok(None) };
     let js = path.join("state.json");
-    let text = std::fs::read_to_string(&js).map_err(|e| err(&js, e))?;
+    let text = crate::input::read_to_string(&js).map_err(|e| err(&js, e))?;
     let state: State = serde_json::from_str(&text).map_err(|e| err(&js, e))?;
     if state.fingerprint != fingerprint {
         return Err(TrainError::Checkpoint(format!(

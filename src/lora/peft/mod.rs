@@ -50,10 +50,10 @@ impl AdapterError {
     /// A failed read of `file`: what the operator must fix (permissions, not UTF-8, a folder) is `File`,
     /// anything else (EIO, EMFILE, a stale NFS handle, a file renamed away or changed mid-read) `Read`.
     fn from_io(file: &str, e: std::io::Error) -> Self {
-        use std::io::ErrorKind::{InvalidData, IsADirectory, PermissionDenied};
+        use std::io::ErrorKind::{InvalidData, InvalidInput, IsADirectory, PermissionDenied};
         let (file, reason) = (file.to_string(), e.to_string());
         match e.kind() {
-            PermissionDenied | InvalidData | IsADirectory => AdapterError::File { file, reason },
+            PermissionDenied | InvalidData | InvalidInput | IsADirectory => AdapterError::File { file, reason },
             _ => AdapterError::Read { file, reason },
         }
     }
@@ -110,7 +110,7 @@ fn load_dir_with(
     }
     let cfg_path = dir.join("adapter_config.json");
     let cfg_file = cfg_path.display().to_string();
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| AdapterError::from_io(&cfg_file, e))?;
+    let text = crate::input::read_to_string(&cfg_path).map_err(|e| AdapterError::from_io(&cfg_file, e))?;
     let config = AdapterConfig::parse(&text, &cfg_file)?;
     let st_path = dir.join("adapter_model.safetensors");
     if !st_path.is_file() {

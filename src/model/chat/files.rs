@@ -62,10 +62,10 @@ pub fn template_files(dir: &Path) -> std::io::Result<Vec<String>> {
 /// A failed read of `file`: what the operator must fix (permissions, not UTF-8, a folder) is `Load`, anything
 /// else (EIO, EMFILE, a stale NFS handle) `Read`, which may pass.
 fn error_of(file: &Path, e: std::io::Error) -> TokenizerError {
-    use std::io::ErrorKind::{InvalidData, IsADirectory, PermissionDenied};
+    use std::io::ErrorKind::{InvalidData, InvalidInput, IsADirectory, PermissionDenied};
     let (file, reason) = (file.display().to_string(), e.to_string());
     match e.kind() {
-        PermissionDenied | InvalidData | IsADirectory => TokenizerError::Load { file, reason },
+        PermissionDenied | InvalidData | InvalidInput | IsADirectory => TokenizerError::Load { file, reason },
         _ => TokenizerError::Read { file, reason },
     }
 }
@@ -73,7 +73,7 @@ fn error_of(file: &Path, e: std::io::Error) -> TokenizerError {
 impl ChatFiles {
     /// Reads `dir`'s `tokenizer_config.json` and template files; each is optional.
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
-        let read = |file: &Path| match std::fs::read_to_string(file) {
+        let read = |file: &Path| match crate::input::read_to_string(file) {
             Ok(text) => Ok(Some(text)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(error_of(file, e)),

@@ -106,8 +106,8 @@ impl ModelConfig {
     /// Reads `config.json` from disk.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).map_err(|e| ConfigError::Io { file: file.clone(), reason: e.to_string() })?;
+        let text = crate::input::read_to_string(path)
+            .map_err(|e| ConfigError::Io { file: file.clone(), reason: e.to_string() })?;
         Self::from_json_str(&text, &file)
     }
 
