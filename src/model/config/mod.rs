@@ -12,6 +12,9 @@ use serde_json::{Map, Value};
 /// The most decoder layers a config may name: lists a layer long are built before the checkpoint's tensors
 /// are read (the largest Llama-family models have 126 layers).
 const MAX_LAYERS: usize = 4096;
+/// The widest attention head a config may give (`head_dim`, or hidden_size / heads): the rotary tables are
+/// built from it before the checkpoint's tensors are read.
+const MAX_HEAD_DIM: usize = 4096;
 
 /// Errors from reading a model's `config.json` / `generation_config.json`.
 #[derive(Debug, thiserror::Error)]
@@ -358,6 +361,12 @@ impl Raw<'_> {
                 hidden_size / num_attention_heads
             }
         };
+        // Bounded before the rotary tables (head_dim / 2 entries) are built from it.
+        if head_dim > MAX_HEAD_DIM {
+            return Err(
+                self.invalid("head_dim", format!("{head_dim} is past {MAX_HEAD_DIM} (Llama-family heads have 64–256)"))
+            );
+        }
         if head_dim % 2 != 0 {
             return Err(self.invalid("head_dim", format!("{head_dim} is odd; rotary embeddings need an even head_dim")));
         }
@@ -431,16 +440,29 @@ impl Raw<'_> {
         };
         // The rotary frequencies as the forward computes them, in f32: a theta or factor that is positive in
         // f64 but 0 or ∞ in f32 (1e-300, 1e-320) makes them 0 or ∞, and every logit NaN at the first request.
-        let freqs = config.rope_inv_freq();
-        let widest = freqs.iter().fold(0f32, |m, &f| m.max(f)) * max_position_embeddings as f32;
-        if freqs.iter().any(|f| !(f.is_finite() && *f > 0.0)) || !widest.is_finite() {
-            return Err(self.invalid(
-                "rope_theta",
-                format!(
-                    "{rope_theta:e} (with {:?}) gives rotary angles that are not finite positive f32 numbers",
-                    config.rope_scaling
-                ),
-            ));
+        // The theta alone first, then with the scaling, to name the field at fault.
+        let angles_ok = |c: &ModelConfig| {
+            let freqs = c.rope_inv_freq();
+            let widest = freqs.iter().fold(0f32, |m, &f| m.max(f)) * max_position_embeddings as f32;
+            freqs.iter().all(|f| f.is_finite() && *f > 0.0) && widest.is_finite()
+        };
+        let unscaled = ModelConfig { rope_scaling: RopeScaling::Default, raw: Map::new(), ..config.clone() };
+        let fault = if !angles_ok(&unscaled) {
+            Some(("rope_theta".to_string(), format!("{rope_theta:e}")))
+        } else if !angles_ok(&config) {
+            let at = if self.get("rope_scaling").is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty())) {
+                "rope_scaling"
+            } else {
+                "rope_parameters"
+            };
+            Some((format!("{at}.factor"), format!("{:?}", config.rope_scaling)))
+        } else {
+            None
+        };
+        if let Some((field, value)) = fault {
+            return Err(
+                self.invalid(&field, format!("{value} gives rotary angles that are not finite positive f32 numbers"))
+            );
         }
         Ok(config)
     }

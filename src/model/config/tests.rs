@@ -275,21 +275,19 @@ fn only_causal_lm_architectures() {
 }
 
 /// Values that pass as positive f64 but break the forward's f32 (every logit NaN at the first request), and a
-/// layer count that would allocate before any tensor is read (an abort at 1e8, a panic at 2^62), are refused
-/// by field at load.
+/// layer count or head width that would allocate before any tensor is read (an abort at 1e8, a panic at
+/// 2^62), are refused by field at load.
 #[test]
-fn values_past_f32_and_absurd_layer_counts_are_refused_by_field() {
+fn values_past_f32_and_absurd_sizes_are_refused_by_field() {
     for (from, to, words) in [
-        (
-            r#""rope_theta": 500000.0"#,
-            r#""rope_theta": 1e-300"#,
-            "field `rope_theta`: 1e-300 (with Default) gives rotary angles",
-        ),
+        (r#""rope_theta": 500000.0"#, r#""rope_theta": 1e-300"#, "field `rope_theta`: 1e-300 gives rotary angles"),
         (
             r#""rope_type": "default""#,
             r#""rope_type": "linear", "factor": 1e-320"#,
-            "gives rotary angles that are not finite",
+            "field `rope_parameters.factor`: Linear { factor: 1e-320 } gives rotary angles that are not finite",
         ),
+        (r#""head_dim": 16"#, r#""head_dim": 4000000000000"#, "field `head_dim`: 4000000000000 is past 4096"),
+        (r#""head_dim": 16"#, r#""head_dim": 4611686018427387904"#, "is past 4096"),
         (
             r#""num_hidden_layers": 3"#,
             r#""num_hidden_layers": 100000000"#,
