@@ -53,15 +53,11 @@ impl Tokenizer {
     pub fn from_parts(json: &[u8], file: &str, config: Option<(&str, &str)>) -> Result<Self, TokenizerError> {
         let inner = tokenizers::Tokenizer::from_bytes(json)
             .map_err(|e| TokenizerError::Load { file: file.to_string(), reason: e.to_string() })?;
-        if let Some(token) = serde_json::from_slice(json)
-            .ok()
-            .and_then(|v: serde_json::Value| undefined_template_token(&v["post_processor"]).map(str::to_string))
+        if let Some(fault) =
+            serde_json::from_slice(json).ok().and_then(|v: serde_json::Value| template_fault(&v["post_processor"]))
         {
             // The `tokenizers` crate takes such a file, then panics on every encode with special tokens.
-            let reason = format!(
-                "post_processor: its template names the special token `{token}`, which its special_tokens do not define"
-            );
-            return Err(TokenizerError::Load { file: file.to_string(), reason });
+            return Err(TokenizerError::Load { file: file.to_string(), reason: format!("post_processor: {fault}") });
         }
         let chat = match config {
             Some((text, cfile)) => ChatFiles::from_config(text, cfile)?,
@@ -287,18 +283,28 @@ impl TextStream {
     }
 }
 
-/// A special token a `TemplateProcessing` post-processor (alone or in a `Sequence`) puts in its `single` or
-/// `pair` template without defining it in its `special_tokens`.
-fn undefined_template_token(processor: &serde_json::Value) -> Option<&str> {
+/// What makes a `TemplateProcessing` post-processor (alone or in a `Sequence`) panic at every encode in the
+/// `tokenizers` crate: a special token its `single` or `pair` template puts without defining it in its
+/// `special_tokens`, or a `single` template that places the second sequence (`B`), which one text never has.
+fn template_fault(processor: &serde_json::Value) -> Option<String> {
     match processor["type"].as_str()? {
         "TemplateProcessing" => {
             let defined = processor["special_tokens"].as_object();
-            let pieces = ["single", "pair"].into_iter().filter_map(|t| processor[t].as_array()).flatten();
-            pieces
+            let pieces = |t: &str| processor[t].as_array().into_iter().flatten();
+            if let Some(id) = pieces("single")
+                .chain(pieces("pair"))
                 .filter_map(|piece| piece["SpecialToken"]["id"].as_str())
                 .find(|id| defined.is_none_or(|d| !d.contains_key(*id)))
+            {
+                return Some(format!(
+                    "its template names the special token `{id}`, which its special_tokens do not define"
+                ));
+            }
+            pieces("single")
+                .any(|piece| piece["Sequence"]["id"].as_str() == Some("B"))
+                .then(|| "its `single` template places sequence B, which a single text does not have".to_string())
         }
-        "Sequence" => processor["processors"].as_array()?.iter().find_map(undefined_template_token),
+        "Sequence" => processor["processors"].as_array()?.iter().find_map(template_fault),
         _ => None,
     }
 }
@@ -307,10 +313,11 @@ fn undefined_template_token(processor: &serde_json::Value) -> Option<&str> {
 mod tests {
     use super::*;
 
-    /// A template naming a special token it does not define loads in `tokenizers` and panics at every encode
-    /// ("no entry found for key"): refused at load, naming the token, alone or inside a `Sequence`.
+    /// A template naming a special token it does not define, or placing sequence B in `single`, loads in
+    /// `tokenizers` and panics at every encode ("no entry found for key", an index out of bounds): refused at
+    /// load, naming the fault, alone or inside a `Sequence`.
     #[test]
-    fn a_post_processor_naming_an_undefined_special_token_is_refused() {
+    fn a_post_processor_that_panics_at_every_encode_is_refused() {
         let file = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama/model/tokenizer.json");
         let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
         assert!(Tokenizer::from_parts(json.to_string().as_bytes(), "tokenizer.json", None).is_ok());
@@ -324,6 +331,11 @@ mod tests {
                 "{e}"
             );
         }
+        // The second sequence in the template of one text: an index out of bounds at every encode.
+        let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+        json["post_processor"]["single"][1]["Sequence"]["id"] = "B".into();
+        let e = Tokenizer::from_parts(json.to_string().as_bytes(), "tokenizer.json", None).err().unwrap();
+        assert!(e.to_string().contains("post_processor: its `single` template places sequence B"), "{e}");
     }
 
     /// The whole text of `ids` as a stream of one token at a time gives it (steps, then the flush).
