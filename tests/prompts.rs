@@ -112,6 +112,43 @@ async fn prompt_ids(
     (m.prompt_token_ids, m.token_ids)
 }
 
+/// A template that loops without end fails its conversation at its budget (FAILED_PRECONDITION naming it), or
+/// at the request's deadline (DEADLINE_EXCEEDED), while raw prompts and health answer meanwhile: it renders on
+/// a blocking thread. Before, such renderings held the async workers, and with one a core nothing answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_that_loops_without_end_holds_up_only_its_own_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spin = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.model = loraserve::model::ModelSpec::Dir(llama_with_template(tmp.path(), spin));
+    let (_h, c) = start(cfg).await;
+    let conversation = || GenerateRequest { messages: chat(&[("user", "Hi")]), ..req("", "", 2) };
+    let spinning: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.generate(conversation()).await })
+        })
+        .collect();
+    let mut late = c.clone();
+    let mut timed = tonic::Request::new(conversation());
+    timed.set_timeout(std::time::Duration::from_millis(300));
+    let timed = tokio::spawn(async move { late.generate(timed).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut plain = c.clone();
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(30), plain.generate(req("", "Hello", 2)));
+    assert_eq!(answered.await.expect("a raw prompt waited on the renderings").unwrap().into_inner().token_ids.len(), 2);
+    // Answered while every rendering still runs (each takes its whole budget, a second or more); rendered on
+    // the async workers, the raw prompt waited for one of them to end.
+    assert!(spinning.iter().all(|t| !t.is_finished()), "the raw prompt was answered only after a rendering ended");
+    let s = timed.await.unwrap().unwrap_err();
+    assert_eq!(s.code(), tonic::Code::DeadlineExceeded, "{s:?}");
+    for r in spinning {
+        let s = r.await.unwrap().unwrap_err();
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+        assert!(s.message().contains("ran past 50000000 template instructions"), "{s:?}");
+    }
+}
+
 /// `messages` through the server, with Mistral's template: the prompt is transformers' rendering's ids (BOS
 /// written by the template, not added again; a new assistant turn, or with `continue_final_message` the final
 /// message continued), the tokens those of the same ids sent as text, with the base and with an adapter; the template's refusal is INVALID_ARGUMENT with its message, and so are a request with

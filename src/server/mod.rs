@@ -258,7 +258,9 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let tokenizer = Arc::new(loaded.tokenizer);
     let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine).map_err(model::ModelError::from)?;
     let guides = Arc::new(crate::engine::structured::Guides::new(tokenizer.clone()));
-    Ok(Ready { engine, tokenizer, chat, cache, context, vocab, eos, defaults, guides })
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let renders = Arc::new(tokio::sync::Semaphore::new(cores));
+    Ok(Ready { engine, tokenizer, chat, cache, context, vocab, eos, defaults, guides, renders })
 }
 
 /// Starts serving gRPC on `grpc` and `/metrics` on `metrics`.

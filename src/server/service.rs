@@ -57,6 +57,10 @@ pub struct Ready {
     pub defaults: GenerationDefaults,
     /// Structured output's compiled constraints, the latest kept.
     pub guides: Arc<Guides>,
+    /// Chat templates rendering at once, at most one a core: a template is a program (an adapter's may loop
+    /// for as long as its budget lets it), and the blocking threads they run on are shared with adapter loads
+    /// and the shutdown.
+    pub renders: Arc<tokio::sync::Semaphore>,
 }
 
 /// Shared by the service and the server's lifecycle.
@@ -359,15 +363,27 @@ impl Service {
             ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?
         } else {
             // A chat template is a program (an adapter's may come from anyone): it renders off the async
-            // workers, so that a slow one holds up its own request only.
+            // workers, a core at most each, within the request's deadline, so that a slow one holds up its own
+            // request only.
             let template = adapter.as_ref().and_then(|a| a.weights().template.clone());
             let (state, continue_final) = (self.state.clone(), r.continue_final_message);
-            tokio::task::spawn_blocking(move || {
-                let ready = state.ready.get().expect("admitting requests means ready");
-                conversation_ids(ready, template.as_deref(), &messages, continue_final, &kwargs)
-            })
-            .await
-            .map_err(|e| Status::internal(format!("rendering the conversation: {e}")))??
+            let renders = ready.renders.clone();
+            let render = async move {
+                let turn = renders.acquire_owned().await.expect("never closed");
+                tokio::task::spawn_blocking(move || {
+                    let _turn = turn; // held until the rendering ends, also past a deadline that left it
+                    let ready = state.ready.get().expect("admitting requests means ready");
+                    conversation_ids(ready, template.as_deref(), &messages, continue_final, &kwargs)
+                })
+                .await
+            };
+            let rendered = match deadline {
+                Some(d) => within(d, render)
+                    .await
+                    .ok_or_else(|| Status::deadline_exceeded("deadline exceeded rendering the conversation"))?,
+                None => render.await,
+            };
+            rendered.map_err(|e| Status::internal(format!("rendering the conversation: {e}")))??
         };
         if let Some(k) = r.truncate_prompt_tokens {
             // A raw text keeps the ids its tokenizer puts before it; ids given and conversations are cut as
