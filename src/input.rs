@@ -1,7 +1,10 @@
-//! Opening and reading the files the server and commands are given (configs, tokenizers, checkpoints,
-//! adapters, datasets): regular files only. A FIFO or a character device in their place would block the
-//! open or the read for as long as nothing writes to it (a load that never ends, a request that never
-//! answers), so it is opened without blocking and refused by kind. (An adapter's weights are read as they
+//! Opening and reading the files found in the folders the server and commands are given (a model's config,
+//! tokenizer files, shards and chat templates, an adapter's config and chat files, a training checkpoint's
+//! state): regular files only. A FIFO or a character device in their place would block the open or the read
+//! for as long as nothing writes to it (a load that never ends, a request that never answers), so it is
+//! opened without blocking and refused by kind. A file the operator names on the command line (`--data`,
+//! `--api-key-file`, TLS files, `--chat-template`, `--json-schema @file`) is read as given: a pipe there
+//! (`<(vault read …)`, `/dev/stdin`) is meant. (An adapter's weights are read as they
 //! come, as from a mount that may hang: such a read fails its requests at their deadlines, and the server
 //! neither waits for it nor stops for it; `tests/server_binary.rs` stands a FIFO in for that mount.)
 

@@ -17,7 +17,7 @@
 //! | [`gpu`] | CUDA kernels (feature `cuda`, NVRTC at run time) and their launch geometry |
 //! | [`cpu_linear`] | CPU `x·Wᵀ` skeletons (decode rows / panels) and the dense linear op |
 //! | [`tensor_io`] | tensor ↔ slice plumbing for the CPU kernels |
-//! | [`input`] | reading the files the server and commands are given: regular files only |
+//! | [`input`] | reading the files found in model, adapter and checkpoint folders: regular files only |
 
 pub mod cli;
 pub mod cpu_linear;

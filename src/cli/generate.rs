@@ -185,8 +185,7 @@ impl SamplingArgs {
             Some(Constraint::Choice(self.choices.clone()))
         } else if let Some(s) = &self.json_schema {
             Some(Constraint::JsonSchema(match s.strip_prefix('@') {
-                Some(file) => crate::input::read_to_string(std::path::Path::new(file))
-                    .with_context(|| format!("--json-schema @{file}"))?,
+                Some(file) => std::fs::read_to_string(file).with_context(|| format!("--json-schema @{file}"))?,
                 None => s.clone(),
             }))
         } else {

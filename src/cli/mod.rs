@@ -95,7 +95,7 @@ impl ModelArgs {
     /// The text of `--chat-template`, read before the model is (a wrong path fails fast).
     pub fn chat_template(&self) -> Result<Option<String>> {
         let Some(path) = &self.chat_template else { return Ok(None) };
-        let text = crate::input::read_to_string(path).with_context(|| format!("--chat-template {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("--chat-template {}", path.display()))?;
         if text.trim().is_empty() {
             bail!("--chat-template {}: the file is empty", path.display());
         }
@@ -254,7 +254,7 @@ impl ServeArgs {
     pub fn config(&self) -> Result<crate::server::ServeConfig> {
         // PEM files checked here, so a wrong file is named (rustls reports only that the identity is bad).
         let pem = |p: &std::path::Path, flag: &str, label: &str| -> Result<Vec<u8>> {
-            let bytes = crate::input::read(p).with_context(|| format!("{flag} {}", p.display()))?;
+            let bytes = std::fs::read(p).with_context(|| format!("{flag} {}", p.display()))?;
             if !String::from_utf8_lossy(&bytes).contains(label) {
                 bail!("{flag} {}: no PEM block with `{label}` in it", p.display());
             }

@@ -18,7 +18,7 @@ pub struct ApiKeys(Arc<Vec<Vec<u8>>>);
 
 impl ApiKeys {
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = crate::input::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut keys = Vec::new();
         for (i, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
             if line.is_empty() || line.starts_with('#') {
@@ -81,6 +81,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The key file may be a pipe (`--api-key-file <(vault read …)`): the operator named it, so it is read as
+    /// given, unlike the files found inside model and adapter folders.
+    #[test]
+    fn keys_come_from_a_pipe_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("keys");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, "alpha\n").unwrap())
+        };
+        let k = ApiKeys::from_file(&fifo).unwrap();
+        writer.join().unwrap();
+        let mut r = Request::new(());
+        r.metadata_mut().insert("authorization", "Bearer alpha".parse().unwrap());
+        assert!(k.check(r).is_ok());
+    }
 
     #[test]
     fn keys_from_file_and_checks() {

@@ -29,7 +29,9 @@ pub fn incoming(
     cut: CancellationToken,
 ) -> impl Stream<Item = io::Result<Cuttable<TcpStream>>> + Send + 'static {
     let accepted = Paced::new(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)));
-    accepted.map(move |r| r.map(|socket| Cuttable::new(socket, cut.clone())))
+    // A child token each: cancelling the server's reaches every connection, and a connection's polls take
+    // only its own token's lock, not one shared by them all.
+    accepted.map(move |r| r.map(|socket| Cuttable::new(socket, cut.child_token())))
 }
 
 /// A connection the server can end from outside its task: once the switch is cancelled, every read and

@@ -64,7 +64,7 @@ pub fn load_jsonl(
     eos: u32,
 ) -> Result<(Vec<Example>, DataStats), DataError> {
     let file = path.display().to_string();
-    let bytes = crate::input::read(path).map_err(|e| DataError::File { file: file.clone(), reason: e.to_string() })?;
+    let bytes = std::fs::read(path).map_err(|e| DataError::File { file: file.clone(), reason: e.to_string() })?;
     let text = String::from_utf8(bytes).map_err(|e| {
         // JSON is UTF-8: name the line (and column) where the file stops being it.
         let at = e.utf8_error().valid_up_to();
