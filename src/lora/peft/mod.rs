@@ -151,15 +151,10 @@ fn check_length(path: &Path, file: &str) -> Result<(), AdapterError> {
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| AdapterError::from_io(file, e))?;
-    let header: serde_json::Map<String, serde_json::Value> =
+    // The header as the safetensors crate reads it (tensors in offset order): where the last one ends.
+    let header: safetensors::tensor::Metadata =
         serde_json::from_slice(&header).map_err(|e| bad(format!("its header: {e}")))?;
-    let end = header
-        .iter()
-        .filter(|(name, _)| *name != "__metadata__")
-        .filter_map(|(_, t)| t["data_offsets"][1].as_u64())
-        .max()
-        .unwrap_or(0);
-    let described = end.saturating_add(8 + n);
+    let described = (header.data_len() as u64).saturating_add(8 + n);
     if described != len {
         return Err(bad(format!("the file is {len} bytes, but its header describes {described}")));
     }
