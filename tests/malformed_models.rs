@@ -63,6 +63,29 @@ fn truncated_safetensors_is_named() {
     assert!(e.contains("model.safetensors"), "{e}");
 }
 
+/// The safetensors crate's size checks do not name their tensor: the error does.
+#[test]
+fn a_header_whose_sizes_do_not_match_names_the_tensor() {
+    let shape = |h: &mut serde_json::Value, name: &str, s: serde_json::Value| h[name]["shape"] = s;
+    let cases: [(_, &dyn Fn(&mut serde_json::Value), &str); 3] = [
+        (
+            "one more row",
+            &|h| shape(h, "model.norm.weight", serde_json::json!([97])),
+            "takes 388 bytes, its data_offsets [1464576, 1464960] hold 384",
+        ),
+        ("overflow", &|h| shape(h, "model.norm.weight", serde_json::json!([1u64 << 62, 8])), "overflows"),
+        ("offsets", &|h| h["model.norm.weight"]["data_offsets"][1] = serde_json::json!(0), "do not start where"),
+    ];
+    for (what, edit, expect) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_model(tmp.path());
+        common::edit_safetensors_header(&tmp.path().join("model.safetensors"), edit);
+        let e = load_err(tmp.path());
+        assert!(e.contains("model.safetensors") && e.contains("tensor `model.norm.weight`: its"), "{what}: {e}");
+        assert!(e.contains(expect), "{what}: {e}");
+    }
+}
+
 #[test]
 fn wrong_shape_names_tensor_and_shapes() {
     let tmp = tempfile::tempdir().unwrap();

@@ -11,6 +11,7 @@ use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, TensorView};
+use safetensors::SafeTensorError::{InvalidOffset, MisalignedSlice, TensorInvalidInfo, ValidationOverflow};
 use safetensors::SafeTensors;
 
 /// Errors while reading weights; each carries the file (or source) and the tensor it is about.
@@ -140,8 +141,17 @@ impl SafetensorsFiles {
             // SAFETY: the mapping is read-only; a checkpoint modified while it is mapped is outside what we
             // promise (the same contract as every mmap-based loader, candle's and safetensors' included).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| file_err(path, e.to_string()))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| file_err(path, format!("not a valid safetensors file: {e}")))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                let reason = match e {
+                    // The crate's checks of sizes against shapes do not say which tensor failed, nor its
+                    // offsets' check what is wrong with them: ours do.
+                    InvalidOffset(_) | TensorInvalidInfo | ValidationOverflow | MisalignedSlice => {
+                        header_json(&mmap).and_then(header_fault)
+                    }
+                    _ => None,
+                };
+                file_err(path, format!("not a valid safetensors file: {}", reason.unwrap_or_else(|| e.to_string())))
+            })?;
             let base = 8 + header_len;
             for (name, info) in metadata.tensors() {
                 let (s, e) = info.data_offsets;
@@ -270,6 +280,50 @@ impl WeightSource for Tracked<'_> {
 
 fn file_err(path: &Path, reason: impl Into<String>) -> WeightsError {
     WeightsError::File { file: path.display().to_string(), reason: reason.into() }
+}
+
+/// The JSON header of a safetensors file, from its first bytes (None when they are too short to hold it).
+pub fn header_json(file: &[u8]) -> Option<&[u8]> {
+    let n = usize::try_from(u64::from_le_bytes(file.get(..8)?.try_into().ok()?)).ok()?;
+    file.get(8..)?.get(..n)
+}
+
+/// The first fault the safetensors crate finds in a header's tensor table, with the tensor's name, which its
+/// errors for sizes leave out ("invalid shape, data type, or offset for tensor"): its checks in its order
+/// (tensors sorted by their offsets, each starting where the one before ends, its size what its shape and
+/// dtype take). None when the header is not such a table or holds no fault.
+pub fn header_fault(header: &[u8]) -> Option<String> {
+    use safetensors::tensor::TensorInfo;
+    let map: std::collections::BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let mut tensors = Vec::with_capacity(map.len());
+    for (name, info) in map.into_iter().filter(|(name, _)| name != "__metadata__") {
+        tensors.push((name, serde_json::from_value::<TensorInfo>(info).ok()?));
+    }
+    tensors.sort_by_key(|(_, info)| info.data_offsets);
+    let mut start = 0;
+    for (name, TensorInfo { dtype, shape, data_offsets: (s, e) }) in tensors {
+        let bits = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).and_then(|n| n.checked_mul(dtype.bitsize()));
+        let reason = match bits {
+            _ if s != start || e < s => {
+                format!("its data_offsets [{s}, {e}] do not start where the tensors before end ({start})")
+            }
+            None => format!("its shape {shape:?} of {dtype:?} overflows"),
+            Some(bits) if bits % 8 != 0 => format!("its shape {shape:?} of {dtype:?} does not fill whole bytes"),
+            Some(bits) if e - s != bits / 8 => {
+                format!(
+                    "its shape {shape:?} of {dtype:?} takes {} bytes, its data_offsets [{s}, {e}] hold {}",
+                    bits / 8,
+                    e - s
+                )
+            }
+            Some(_) => {
+                start = e;
+                continue;
+            }
+        };
+        return Some(format!("tensor `{name}`: {reason}"));
+    }
+    None
 }
 
 /// Weights held in memory by name (the demo model and synthetic benchmark shapes build these).

@@ -117,6 +117,19 @@ pub fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
+/// Rewrites the JSON header of the safetensors file at `path` with `edit`, keeping its data as it is.
+pub fn edit_safetensors_header(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
 /// The Prometheus text exposition served on `addr`: `GET /metrics` over plain TCP (HTTP/1.0), the body.
 pub async fn metrics_text(addr: SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -152,8 +152,10 @@ fn check_length(path: &Path, file: &str) -> Result<(), AdapterError> {
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| AdapterError::from_io(file, e))?;
     // The header as the safetensors crate reads it (tensors in offset order): where the last one ends.
-    let header: safetensors::tensor::Metadata =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("its header: {e}")))?;
+    let header: safetensors::tensor::Metadata = serde_json::from_slice(&header).map_err(|e| {
+        // serde keeps only the crate's text, which for sizes does not name the tensor.
+        bad(format!("its header: {}", crate::model::weights::header_fault(&header).unwrap_or_else(|| e.to_string())))
+    })?;
     let described = (header.data_len() as u64).saturating_add(8 + n);
     if described != len {
         return Err(bad(format!("the file is {len} bytes, but its header describes {described}")));
@@ -177,9 +179,13 @@ fn load_weights(
         tensor: tensor.to_string(),
         reason,
     };
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| AdapterError::File {
-        file: file.to_string(),
-        reason: format!("not a valid safetensors file: {e}"),
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+        use crate::model::weights::{header_fault, header_json};
+        let named = header_json(bytes).and_then(header_fault);
+        AdapterError::File {
+            file: file.to_string(),
+            reason: format!("not a valid safetensors file: {}", named.unwrap_or_else(|| e.to_string())),
+        }
     })?;
     let matcher = config.matcher(cfg_file)?;
     let modules: Vec<String> = layout.linears().map(|id| id.module_path()).collect();
@@ -303,12 +309,18 @@ fn check_velora_embed(
     in_f: usize,
 ) -> Result<(), String> {
     let groups = config.velora_groups.ok_or("a VeLoRA projection, but adapter_config.json has no velora_config")?;
-    let got = st.tensor(name).map_err(|e| e.to_string())?.shape().to_vec();
+    let view = st.tensor(name).map_err(|e| e.to_string())?;
+    let got = view.shape().to_vec();
     let want = [in_f.div_ceil(groups)];
     if got != want {
         return Err(format!("shape {got:?}, expected {want:?} (velora_config.num_groups {groups}, {in_f} inputs)"));
     }
-    Ok(())
+    // Unread, but PEFT loads it into a float parameter: an integer or boolean projection is not VeLoRA's.
+    use safetensors::Dtype::{BF16, F16, F32};
+    match view.dtype() {
+        F32 | F16 | BF16 => Ok(()),
+        other => Err(format!("unsupported dtype {other:?} (expected F32, F16 or BF16)")),
+    }
 }
 
 /// `base_model.model.<module>.lora_{A,B}.weight` → (module, 'A' | 'B'), `….lora_velora_embed` → (module,
