@@ -81,6 +81,8 @@ fn serve_config(
         tls: None,
         max_request_bytes: 1 << 20,
         drain_timeout: Duration::from_secs(5),
+        // No conversations: the device machine carries this bench alone.
+        template_worker: None,
     }
 }
 

@@ -184,6 +184,7 @@ fn serve(rt: &tokio::runtime::Runtime, shape: &str, dir: &Path, ids: &[String], 
         tls: None,
         max_request_bytes: 1 << 20,
         drain_timeout: Duration::from_secs(5),
+        template_worker: Some(env!("CARGO_BIN_EXE_server").into()),
     };
     rt.block_on(async {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

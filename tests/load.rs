@@ -91,6 +91,7 @@ async fn two_thousand_requests_two_hundred_adapters_twenty_slots() {
         tls: None,
         max_request_bytes: 1 << 20,
         drain_timeout: Duration::from_secs(10),
+        template_worker: Some(env!("CARGO_BIN_EXE_server").into()),
     };
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -66,20 +66,17 @@ fn truncated_safetensors_is_named() {
 /// The safetensors crate's size checks do not name their tensor: the error does.
 #[test]
 fn a_header_whose_sizes_do_not_match_names_the_tensor() {
-    let shape = |h: &mut serde_json::Value, name: &str, s: serde_json::Value| h[name]["shape"] = s;
-    let cases: [(_, &dyn Fn(&mut serde_json::Value), &str); 3] = [
-        (
-            "one more row",
-            &|h| shape(h, "model.norm.weight", serde_json::json!([97])),
-            "takes 388 bytes, its data_offsets [1464576, 1464960] hold 384",
-        ),
-        ("overflow", &|h| shape(h, "model.norm.weight", serde_json::json!([1u64 << 62, 8])), "overflows"),
-        ("offsets", &|h| h["model.norm.weight"]["data_offsets"][1] = serde_json::json!(0), "do not start where"),
-    ];
-    for (what, edit, expect) in cases {
+    use serde_json::{json, Value};
+    let norm = "model.norm.weight";
+    // (what, the field of the norm's entry set, to what, the error's words)
+    for (what, field, to, expect) in [
+        ("one more row", "shape", json!([97]), "takes 388 bytes, its data_offsets [1464576, 1464960] hold 384"),
+        ("overflow", "shape", json!([1u64 << 62, 8]), "overflows"),
+        ("offsets", "data_offsets", json!([1464576, 0]), "do not start where"),
+    ] {
         let tmp = tempfile::tempdir().unwrap();
         copy_model(tmp.path());
-        common::edit_safetensors_header(&tmp.path().join("model.safetensors"), edit);
+        common::edit_safetensors_header(&tmp.path().join("model.safetensors"), |h: &mut Value| h[norm][field] = to);
         let e = load_err(tmp.path());
         assert!(e.contains("model.safetensors") && e.contains("tensor `model.norm.weight`: its"), "{what}: {e}");
         assert!(e.contains(expect), "{what}: {e}");

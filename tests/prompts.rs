@@ -149,6 +149,50 @@ async fn a_template_that_loops_without_end_holds_up_only_its_own_request() {
     }
 }
 
+/// What no in-process limit stops: a template that asks for a petabyte at once, or nests a value a million
+/// deep (its drop overflows the stack), took the whole server down (an abort); one whose printing walks 2^40
+/// leaves held its rendering slot for hours past its request's deadline, so that one request a core locked out
+/// every conversation. Rendered in worker processes, each fails its own conversation (FAILED_PRECONDITION
+/// naming what ended the worker, DEADLINE_EXCEEDED at the deadline) and the next conversations render.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_that_takes_its_worker_down_fails_only_its_own_conversation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let template = "{% set c = messages[0].content %}{% if c == 'huge' %}{{ messages | tojson(indent=1000000000000000) }}\
+{% elif c == 'deep' %}{% set ns = namespace(v=[]) %}{% for i in range(1000) %}{% for j in range(1000) %}\
+{% set ns.v = [ns.v] %}{% endfor %}{% endfor %}{{ ns.v | length }}\
+{% elif c == 'slow' %}{% set ns = namespace(v=[1]) %}{% for i in range(40) %}{% set ns.v = [ns.v, ns.v] %}{% endfor %}{{ ns.v }}\
+{% else %}[INST] {{ c }} [/INST]{% endif %}";
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.model = loraserve::model::ModelSpec::Dir(llama_with_template(tmp.path(), template));
+    let (_h, c) = start(cfg).await;
+    let say = |text: &str| GenerateRequest { messages: chat(&[("user", text)]), ..req("", "", 2) };
+    let mut c1 = c.clone();
+    let fine = c1.generate(say("Hi")).await.unwrap().into_inner().token_ids;
+    for (text, words) in [("huge", "memory allocation of"), ("deep", "overflowed its stack")] {
+        let s = c1.generate(say(text)).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{text}: {s:?}");
+        assert!(s.message().contains("ended its worker process") && s.message().contains(words), "{text}: {s:?}");
+        assert_eq!(c1.generate(say("Hi")).await.unwrap().into_inner().token_ids, fine, "after {text}");
+    }
+    // More slow renderings than cores, each cut at its deadline: then a conversation renders at once.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let slow: Vec<_> = (0..cores + 1)
+        .map(|_| {
+            let mut c = c.clone();
+            let mut r = tonic::Request::new(say("slow"));
+            r.set_timeout(std::time::Duration::from_millis(1500));
+            tokio::spawn(async move { c.generate(r).await })
+        })
+        .collect();
+    for r in slow {
+        let s = r.await.unwrap().unwrap_err();
+        assert_eq!(s.code(), tonic::Code::DeadlineExceeded, "{s:?}");
+    }
+    let mut r = tonic::Request::new(say("Hi"));
+    r.set_timeout(std::time::Duration::from_secs(5));
+    assert_eq!(c1.generate(r).await.expect("the slow renderings' slots were freed").into_inner().token_ids, fine);
+}
+
 /// `messages` through the server, with Mistral's template: the prompt is transformers' rendering's ids (BOS
 /// written by the template, not added again; a new assistant turn, or with `continue_final_message` the final
 /// message continued), the tokens those of the same ids sent as text, with the base and with an adapter; the template's refusal is INVALID_ARGUMENT with its message, and so are a request with

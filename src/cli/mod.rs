@@ -36,6 +36,9 @@ pub enum Command {
     Quantize(QuantizeArgs),
     /// Write the merged checkpoint W + scale·B·A of a base model and one adapter (PEFT's merge_and_unload).
     Merge(MergeArgs),
+    /// Render chat templates for the `serve` process that started this one (its child; not run by hand).
+    #[command(hide = true)]
+    RenderWorker,
 }
 
 /// Compute dtype of activations and dense weights.
@@ -318,8 +321,18 @@ impl ServeArgs {
             tls,
             max_request_bytes: self.max_request_bytes,
             drain_timeout,
+            template_worker: Some(own_executable()?),
         })
     }
+}
+
+/// This binary, for the chat-template workers: on Linux `/proc/self/exe`, which runs this very file even after
+/// a deploy replaced it on disk.
+fn own_executable() -> Result<std::path::PathBuf> {
+    if cfg!(target_os = "linux") {
+        return Ok(std::path::PathBuf::from("/proc/self/exe"));
+    }
+    std::env::current_exe().context("finding this executable (its chat-template workers run it)")
 }
 
 fn run_serve(args: ServeArgs) -> Result<()> {
@@ -553,6 +566,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => run_generate(args),
         Command::Quantize(args) => run_quantize(args),
         Command::Merge(args) => run_merge(args),
+        Command::RenderWorker => crate::server::render::worker_main(),
     }
 }
 

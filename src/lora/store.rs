@@ -32,6 +32,20 @@ pub enum StoreError {
     Escapes { id: String, path: String, root: String },
     #[error("{path}: {reason}")]
     Io { path: String, reason: String },
+    /// The folder was found, then its config was gone (renamed away by a publish or a rollback): another try
+    /// finds what is there then.
+    #[error("{path} disappeared while it was read (the adapter's folder is being replaced?)")]
+    Vanished { path: String },
+}
+
+impl StoreError {
+    /// An error reading `path` of a folder found a moment before: gone now is [`StoreError::Vanished`].
+    fn of_io(path: &Path, e: std::io::Error) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::Vanished { path: path.display().to_string() },
+            _ => StoreError::Io { path: path.display().to_string(), reason: e.to_string() },
+        }
+    }
 }
 
 /// Checks an adapter id against the contract's rules.
@@ -207,14 +221,12 @@ impl AdapterStore {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && name != "adapter_config.json" => {
                     Ok(FileState::default())
                 }
-                Err(e) => Err(StoreError::Io { path: p.display().to_string(), reason: e.to_string() }),
+                Err(e) => Err(StoreError::of_io(&p, e)),
             }
         };
         let mut chat = Vec::new();
-        let templates = template_files(dir).map_err(|e| StoreError::Io {
-            path: dir.join("additional_chat_templates").display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let templates =
+            template_files(dir).map_err(|e| StoreError::of_io(&dir.join("additional_chat_templates"), e))?;
         for name in std::iter::once("tokenizer_config.json".to_string()).chain(templates) {
             let state = meta(&name)?;
             chat.push((name, state));
@@ -228,10 +240,7 @@ impl AdapterStore {
         let stamp = Self::stamp(dir)?;
         let mut h = Sha256::new();
         let cfg = dir.join("adapter_config.json");
-        h.update(
-            crate::input::read(&cfg)
-                .map_err(|e| StoreError::Io { path: cfg.display().to_string(), reason: e.to_string() })?,
-        );
+        h.update(crate::input::read(&cfg).map_err(|e| StoreError::of_io(&cfg, e))?);
         let weights = dir.join("adapter_model.safetensors");
         if let Ok(mut f) = std::fs::File::open(&weights) {
             use std::io::Read;

@@ -5,11 +5,15 @@
 use serde_json::Value;
 use tonic::Status;
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use super::proto;
-use super::service::Ready;
+use super::render::RenderFailure;
+use super::service::{Ready, ServiceState};
 use super::status::invalid;
 use crate::model::chat::{parse_kwargs, AdapterTemplate, Kwargs};
-use crate::model::ChatError;
+use crate::model::{ChatError, ChatTemplate};
 
 /// A request's `messages` as the `{"role", "content"}` objects templates read; an empty role is refused
 /// (before any adapter is leased for the conversation).
@@ -25,24 +29,47 @@ pub(super) fn message_list(messages: &[proto::ChatMessage]) -> Result<Vec<Value>
 }
 
 /// The prompt of a conversation ([`message_list`]): the adapter's chat template (when it brings one) or the
-/// server's renders it, with its generation prompt or the final message continued.
-pub(super) fn conversation_ids(
-    ready: &Ready,
-    adapter: Option<&AdapterTemplate>,
-    list: &[Value],
+/// server's renders it, with its generation prompt or the final message continued, in a rendering worker
+/// ([`super::render`]) by `deadline`; the text is encoded on a blocking thread (a template may write 64 MiB).
+pub(super) async fn conversation_ids(
+    state: &Arc<ServiceState>,
+    adapter: Option<Arc<AdapterTemplate>>,
+    list: Vec<Value>,
     continue_final: bool,
-    kwargs: &Kwargs,
+    kwargs: Kwargs,
+    deadline: Option<Instant>,
 ) -> Result<Vec<u32>, Status> {
-    let unavailable = |e: &ChatError| Status::failed_precondition(format!("messages: {e}"));
-    let chat = match adapter {
-        Some(a) => a.template(&ready.tokenizer).map_err(|e| unavailable(&e))?,
-        None => ready.chat.as_ref().map_err(unavailable)?,
-    };
-    chat.check_kwargs(kwargs).map_err(|e| invalid("chat_template_kwargs", e))?;
-    chat.prompt_ids(&ready.tokenizer, list, continue_final, kwargs).map_err(|e| match e {
-        ChatError::Unavailable(_) => unavailable(&e),
-        ChatError::Render(_) => invalid("messages", e),
+    let ready = state.ready.get().expect("admitting requests means ready");
+    let chat = template_of(ready, adapter.as_deref())?;
+    chat.check_kwargs(&kwargs).map_err(|e| invalid("chat_template_kwargs", e))?;
+    let text = ready.renderer.render(chat, list, continue_final, kwargs, deadline).await.map_err(|e| match e {
+        RenderFailure::Deadline => Status::deadline_exceeded("deadline exceeded rendering the conversation"),
+        RenderFailure::Chat(e) => chat_status(e),
+    })?;
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let ready = state.ready.get().expect("admitting requests means ready");
+        template_of(ready, adapter.as_deref())?.prompt_ids_of(&ready.tokenizer, &text).map_err(chat_status)
     })
+    .await
+    .map_err(|e| Status::internal(format!("encoding the conversation: {e}")))?
+}
+
+/// The template that renders a conversation: the adapter's own, else the server's.
+fn template_of<'a>(ready: &'a Ready, adapter: Option<&'a AdapterTemplate>) -> Result<&'a ChatTemplate, Status> {
+    match adapter {
+        Some(a) => a.template(&ready.tokenizer).map_err(|e| chat_status(e.clone())),
+        None => ready.chat.as_ref().map_err(|e| chat_status(e.clone())),
+    }
+}
+
+/// The template's fault (no template, one that fails every conversation or runs past its limits) is
+/// FAILED_PRECONDITION; the conversation's (a template's refusal of it) INVALID_ARGUMENT naming `messages`.
+fn chat_status(e: ChatError) -> Status {
+    match e {
+        ChatError::Unavailable(_) => Status::failed_precondition(format!("messages: {e}")),
+        ChatError::Render(_) => invalid("messages", e),
+    }
 }
 
 /// `chat_template_kwargs` ([`parse_kwargs`]); INVALID_ARGUMENT naming the field.

@@ -18,6 +18,7 @@ mod conversation;
 mod counting;
 mod listen;
 pub mod metrics_http;
+pub mod render;
 pub mod service;
 pub mod status;
 
@@ -100,6 +101,10 @@ pub struct ServeConfig {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     pub max_request_bytes: usize,
     pub drain_timeout: Duration,
+    /// The `server` executable whose `render-worker` renders chat templates (`render.rs`): the binary's own
+    /// path when it serves. None renders them on the server's threads (an embedding without the binary),
+    /// where a hostile template can take the process down.
+    pub template_worker: Option<PathBuf>,
 }
 
 /// The gRPC service name, also the `grpc.health.v1` service that reports readiness.
@@ -258,9 +263,10 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let tokenizer = Arc::new(loaded.tokenizer);
     let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine).map_err(model::ModelError::from)?;
     let guides = Arc::new(crate::engine::structured::Guides::new(tokenizer.clone()));
+    let renderer = render::Renderer::new(cfg.template_worker.clone());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let renders = Arc::new(tokio::sync::Semaphore::new(cores));
-    Ok(Ready { engine, tokenizer, chat, cache, context, vocab, eos, defaults, guides, renders })
+    let compiles = Arc::new(tokio::sync::Semaphore::new(cores));
+    Ok(Ready { engine, tokenizer, chat, cache, context, vocab, eos, defaults, guides, renderer, compiles })
 }
 
 /// Starts serving gRPC on `grpc` and `/metrics` on `metrics`.
@@ -434,6 +440,7 @@ mod tests {
             tls: None,
             max_request_bytes: 1 << 20,
             drain_timeout: Duration::from_secs(5),
+            template_worker: None,
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {

@@ -57,10 +57,10 @@ pub struct Ready {
     pub defaults: GenerationDefaults,
     /// Structured output's compiled constraints, the latest kept.
     pub guides: Arc<Guides>,
-    /// Chat templates rendering at once, at most one a core: a template is a program (an adapter's may loop
-    /// for as long as its budget lets it), and the blocking threads they run on are shared with adapter loads
-    /// and the shutdown.
-    pub renders: Arc<tokio::sync::Semaphore>,
+    /// Where conversations render: worker processes, at most one rendering a core (`render.rs`).
+    pub renderer: super::render::Renderer,
+    /// Structured-output compiles at once: one a core.
+    pub compiles: Arc<tokio::sync::Semaphore>,
 }
 
 /// Shared by the service and the server's lifecycle.
@@ -87,9 +87,23 @@ async fn guide_of(ready: &Ready, s: proto::StructuredOutput, deadline: Option<In
         Some(Kind::JsonSchema(j)) => Constraint::JsonSchema(j),
         Some(Kind::JsonObject(_)) => Constraint::JsonObject,
     };
-    let guides = ready.guides.clone();
     let field = constraint.field();
-    let compile = tokio::task::spawn_blocking(move || guides.get(&constraint));
+    let pending = match ready.guides.lookup(&constraint) {
+        Ok(done) => return done.map_err(|e| invalid(field, e)),
+        Err(pending) => pending,
+    };
+    // At most one compile a core: a compile goes on past its request's deadline (for the retry), so
+    // without a bound, requests that leave at once could start any number (each up to the automaton's
+    // limit in memory).
+    let (guides, turns) = (ready.guides.clone(), ready.compiles.clone());
+    let compile = async move {
+        let turn = turns.acquire_owned().await.expect("never closed");
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn; // held until the compile ends, also past a deadline that left it
+            guides.compile(&constraint, &pending)
+        })
+        .await
+    };
     let compiled = match deadline {
         Some(d) => within(d, compile)
             .await
@@ -362,28 +376,11 @@ impl Service {
         } else if r.messages.is_empty() {
             ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?
         } else {
-            // A chat template is a program (an adapter's may come from anyone): it renders off the async
-            // workers, a core at most each, within the request's deadline, so that a slow one holds up its own
-            // request only.
+            // A chat template is a program (an adapter's may come from anyone): it renders in a worker
+            // process, within the request's deadline (`render.rs`).
             let template = adapter.as_ref().and_then(|a| a.weights().template.clone());
-            let (state, continue_final) = (self.state.clone(), r.continue_final_message);
-            let renders = ready.renders.clone();
-            let render = async move {
-                let turn = renders.acquire_owned().await.expect("never closed");
-                tokio::task::spawn_blocking(move || {
-                    let _turn = turn; // held until the rendering ends, also past a deadline that left it
-                    let ready = state.ready.get().expect("admitting requests means ready");
-                    conversation_ids(ready, template.as_deref(), &messages, continue_final, &kwargs)
-                })
-                .await
-            };
-            let rendered = match deadline {
-                Some(d) => within(d, render)
-                    .await
-                    .ok_or_else(|| Status::deadline_exceeded("deadline exceeded rendering the conversation"))?,
-                None => render.await,
-            };
-            rendered.map_err(|e| Status::internal(format!("rendering the conversation: {e}")))??
+            let continue_final = r.continue_final_message;
+            conversation_ids(&self.state, template, messages, continue_final, kwargs, deadline).await?
         };
         if let Some(k) = r.truncate_prompt_tokens {
             // A raw text keeps the ids its tokenizer puts before it; ids given and conversations are cut as

@@ -43,8 +43,10 @@ pub fn from_cache(e: CacheError, deadline_passed: bool) -> Status {
         // is not set up to serve it.
         CacheError::Store(StoreError::Escapes { .. }) => Status::failed_precondition(e.to_string()),
         CacheError::Store(StoreError::NotFound { .. }) => Status::not_found(e.to_string()),
-        // Files that failed to read (EIO, a copy in progress): another try may work.
+        // Files that failed to read (EIO, a copy in progress) or a folder that went away as it was read (a
+        // publish by rename): another try may work.
         CacheError::Invalid(a) if matches!(**a, AdapterError::Read { .. }) => Status::unavailable(e.to_string()),
+        CacheError::Store(StoreError::Vanished { .. }) => Status::unavailable(e.to_string()),
         CacheError::Store(StoreError::Io { .. }) | CacheError::Invalid(_) => Status::failed_precondition(e.to_string()),
         CacheError::Full { .. } if deadline_passed => {
             Status::deadline_exceeded(format!("deadline exceeded waiting for adapter cache space: {e}"))

@@ -39,6 +39,7 @@ pub fn config(adapters: PathBuf) -> ServeConfig {
         tls: None,
         max_request_bytes: 64 << 10,
         drain_timeout: Duration::from_secs(10),
+        template_worker: Some(env!("CARGO_BIN_EXE_server").into()),
     }
 }
 

@@ -434,6 +434,15 @@ impl Guides {
     /// The guide of `constraint`, compiled now unless kept or being compiled (then waited for). Call it off
     /// the async runtime: compiling a large schema takes a while.
     pub fn get(&self, constraint: &Constraint) -> Result<Arc<Guide>, String> {
+        match self.lookup(constraint) {
+            Ok(done) => done,
+            Err(cell) => self.compile(constraint, &cell),
+        }
+    }
+
+    /// The guide of `constraint` when it is compiled and kept (it becomes the newest), else the cell a
+    /// [`Guides::compile`] fills (the same one for every caller until it is dropped from the kept).
+    pub fn lookup(&self, constraint: &Constraint) -> Result<Result<Arc<Guide>, String>, PendingGuide> {
         let cell = {
             let mut kept = self.kept.lock().expect("guides");
             let entry = match kept.iter().position(|(c, _)| c == constraint) {
@@ -455,9 +464,21 @@ impl Guides {
             kept.truncate(keep.max(1));
             cell
         };
-        cell.get_or_init(|| Guide::compile(constraint, self.tokenizer.clone()).map(Arc::new)).clone()
+        match cell.get() {
+            Some(done) => Ok(done.clone()),
+            None => Err(PendingGuide(cell)),
+        }
+    }
+
+    /// Compiles `constraint` into `pending` ([`Guides::lookup`]), or waits for the call already compiling it.
+    /// Call it off the async runtime.
+    pub fn compile(&self, constraint: &Constraint, pending: &PendingGuide) -> Result<Arc<Guide>, String> {
+        pending.0.get_or_init(|| Guide::compile(constraint, self.tokenizer.clone()).map(Arc::new)).clone()
     }
 }
+
+/// Where a guide not yet compiled goes ([`Guides::lookup`]).
+pub struct PendingGuide(Compiled);
 
 /// A regex's whole texts, as a guide's automaton takes them (for tests of the regexes made here).
 #[cfg(test)]

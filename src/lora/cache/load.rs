@@ -154,7 +154,7 @@ impl Inner {
 /// Reads and checks adapter `id`'s files in `dir` (blocking).
 fn read_files(inner: &Inner, id: String, dir: &std::path::Path) -> Result<Loaded, CacheError> {
     let gpu = !inner.device.is_cpu();
-    let mut tries = 0;
+    let (mut tries, mut read_again) = (0, false);
     let (version, template, mut adapter) = loop {
         // The files may change between the request's stat and the read: version by what is read.
         let version = AdapterStore::version(dir)?;
@@ -169,7 +169,17 @@ fn read_files(inner: &Inner, id: String, dir: &std::path::Path) -> Result<Loaded
         })?;
         // On a GPU server the CPU is otherwise idle: convert on all cores.
         let load = if gpu { peft::load_dir_parallel } else { peft::load_dir };
-        let adapter = load(dir, &inner.layout, &Device::Cpu).map_err(|e| CacheError::Invalid(Arc::new(e)))?;
+        let adapter = match load(dir, &inner.layout, &Device::Cpu) {
+            Ok(adapter) => adapter,
+            // Files found broken are remembered until they change: read them once more first, as a folder
+            // renamed away and back during the read (a publish, a rollback) gives its old stamp to a
+            // failure that was only its absence ("missing" weights).
+            Err(_) if !read_again => {
+                read_again = true;
+                continue;
+            }
+            Err(e) => return Err(CacheError::Invalid(Arc::new(e))),
+        };
         // The files are read by path after the version's stamp: one replaced meanwhile (a publish file by
         // file, by rename) would give one version's name to another's weights. Read again, a few times.
         if AdapterStore::stamp(dir)? == version.stamp {

@@ -75,6 +75,17 @@ pub struct ChatTemplate {
     variables: Vec<String>,
     /// Tokens the template's folder adds that the encoding tokenizer lacks (an adapter's), with why.
     foreign: Vec<(String, String)>,
+    /// The source, as given: what a rendering in another process compiles ([`ChatTemplate::sources`]).
+    source: String,
+}
+
+/// What compiles a [`ChatTemplate`] again elsewhere (the server's rendering workers): its source, its folder's
+/// "tool_use" template's, and its special tokens.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TemplateSources {
+    pub template: String,
+    pub tool_use: Option<String>,
+    pub special: Vec<(String, String)>,
 }
 
 /// Template variables a request sets (`chat_template_kwargs`): names to JSON values.
@@ -182,7 +193,27 @@ impl ChatTemplate {
             .collect();
         variables.sort();
         let bos = special.iter().find(|(k, _)| k == "bos_token").map(|(_, v)| v.clone()).filter(|b| !b.is_empty());
-        Ok(ChatTemplate { tool_use: None, env, special, bos, variables, foreign: Vec::new() })
+        let source = template.to_string();
+        Ok(ChatTemplate { tool_use: None, env, special, bos, variables, foreign: Vec::new(), source })
+    }
+
+    /// What [`ChatTemplate::from_sources`] compiles into a template that renders as this one does.
+    pub fn sources(&self) -> TemplateSources {
+        TemplateSources {
+            template: self.source.clone(),
+            tool_use: self.tool_use.as_ref().map(|t| t.source.clone()),
+            special: self.special.clone(),
+        }
+    }
+
+    /// The template of [`ChatTemplate::sources`]: it renders what the one they came from renders (its
+    /// foreign-token check belongs to the encoding, [`ChatTemplate::encode`], and is not carried).
+    pub fn from_sources(sources: &TemplateSources) -> Result<Self, ChatError> {
+        let tool_use = match &sources.tool_use {
+            Some(t) => Some(Box::new(Self::compile(t, sources.special.clone())?)),
+            None => None,
+        };
+        Ok(ChatTemplate { tool_use, ..Self::compile(&sources.template, sources.special.clone())? })
     }
 
     /// Refuses renderings that hold one of `tokens` (id, text), which `whose` folder adds and the tokenizer
@@ -360,12 +391,17 @@ impl ChatTemplate {
         kwargs: &Kwargs,
     ) -> Result<Vec<u32>, ChatError> {
         let text = self.render_prompt(messages, continue_final, kwargs)?;
+        self.prompt_ids_of(tok, &text)
+    }
+
+    /// The prompt ids of a conversation [`ChatTemplate::render_prompt`] rendered as `text` (wherever it ran).
+    pub fn prompt_ids_of(&self, tok: &Tokenizer, text: &str) -> Result<Vec<u32>, ChatError> {
         if text.is_empty() {
             return Err(ChatError::Render(
                 "the chat template rendered the conversation as no text (does it know these roles?)".into(),
             ));
         }
-        Ok(self.encode(tok, &text)?.0)
+        Ok(self.encode(tok, text)?.0)
     }
 }
 
