@@ -336,6 +336,23 @@ pub struct Unlisted {
 mod tests {
     use super::*;
 
+    /// A folder whose config went away after the folder was found (a publish renamed it aside) is
+    /// [`StoreError::Vanished`], which requests get as UNAVAILABLE (retry), not FAILED_PRECONDITION (broken
+    /// files); another I/O fault stays [`StoreError::Io`].
+    #[test]
+    fn a_config_gone_mid_read_is_vanished_not_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        for e in [AdapterStore::stamp(dir.path()).unwrap_err(), AdapterStore::version(dir.path()).unwrap_err()] {
+            assert!(matches!(&e, StoreError::Vanished { path } if path.ends_with("adapter_config.json")), "{e:?}");
+            assert!(e.to_string().contains("disappeared while it was read"), "{e}");
+            let status = crate::server::status::from_cache(crate::lora::cache::CacheError::Store(e), false);
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        }
+        std::fs::create_dir(dir.path().join("adapter_config.json")).unwrap();
+        let e = AdapterStore::version(dir.path()).unwrap_err();
+        assert!(matches!(e, StoreError::Io { .. }), "{e:?}");
+    }
+
     #[test]
     fn id_rules() {
         for ok in ["a", "team/adapter-1", "x.y_z", "a/b/c", &"a".repeat(128)] {

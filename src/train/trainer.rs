@@ -114,11 +114,17 @@ pub struct Schedule {
     pub warmup_steps: u64,
 }
 
+/// The run's optimizer steps: `max_steps`, else every epoch's. Saturating: an --epochs so large that the
+/// product wrapped trained a few steps and called it done; saturated, it trains until stopped, as asked.
+fn total_steps(steps_per_epoch: u64, epochs: usize, max_steps: Option<u64>) -> u64 {
+    max_steps.unwrap_or(steps_per_epoch.saturating_mul(epochs as u64))
+}
+
 impl Schedule {
     pub fn new(cfg: &TrainConfig, n: usize) -> Self {
         let micro_per_epoch = n.div_ceil(cfg.batch_size);
         let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum) as u64;
-        let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs as u64);
+        let total_steps = total_steps(steps_per_epoch, cfg.epochs, cfg.max_steps);
         Schedule {
             grad_accum: cfg.grad_accum,
             micro_per_epoch,
@@ -307,4 +313,16 @@ pub fn run_loop(
     report.seconds = started.elapsed().as_secs_f64();
     report.tokens = tokens_seen;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    /// 4 steps an epoch times 2^62 + 1 epochs wrapped to 4 steps (and 2^62 epochs to none).
+    #[test]
+    fn a_huge_epoch_count_saturates_instead_of_wrapping() {
+        assert_eq!(super::total_steps(4, (1 << 62) + 1, None), u64::MAX);
+        assert_eq!(super::total_steps(4, 1 << 62, None), u64::MAX);
+        assert_eq!(super::total_steps(4, 3, None), 12);
+        assert_eq!(super::total_steps(4, usize::MAX, Some(7)), 7);
+    }
 }

@@ -571,9 +571,10 @@ fn int_bound(n: &serde_json::Number, strict: bool, up: bool) -> Option<i64> {
     let f = n.as_f64()?;
     let g = if up { f.floor() + 1.0 } else { f.ceil() - 1.0 };
     let v = if strict || f.fract() != 0.0 { g } else { f };
-    // Whole f64s within i64 convert exactly; 2^63 itself does not fit.
+    // Whole f64s within i64 convert exactly; 2^63 itself does not fit, and neither end is taken: a bound past
+    // i64 (−2^63 − 2, or one below −2^63 by a strict comparison) rounds to exactly −2^63 in f64.
     let edge = i64::MIN as f64; // −2^63, exactly
-    (edge..-edge).contains(&v).then_some(v as i64)
+    (v > edge && v < -edge).then_some(v as i64)
 }
 
 /// Whether `v` and `w` are one value to JSON Schema: numbers compare by value (1 and 1.0 are one), arrays

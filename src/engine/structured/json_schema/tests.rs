@@ -254,6 +254,9 @@ fn unsupported_schemas_are_refused_by_name_and_place() {
         (r#"{"type": "integer", "multipleOf": 2}"#, "keyword `multipleOf`"),
         (r#"{"type": "integer", "minimum": 3, "exclusiveMaximum": 3}"#, "no integer is within"),
         (r#"{"type": "integer", "maximum": 1e300}"#, "outside 64-bit integers"),
+        // Past i64's low end, each rounds to exactly −2^63 as an f64 (and was taken as i64::MIN).
+        (r#"{"type": "integer", "maximum": -9223372036854775809}"#, "/maximum: outside 64-bit integers"),
+        (r#"{"type": "integer", "exclusiveMaximum": -9223372036854775808.0}"#, "outside 64-bit integers"),
         (r#"{"properties": {"a": {"type": "array", "uniqueItems": true}}}"#, "/properties/a: keyword `uniqueItems`"),
         (r#"{"type": "string", "format": "email"}"#, "/format: `email` is not supported"),
         (r##"{"$defs": {"n": {"properties": {"next": {"$ref": "#/$defs/n"}}}}, "$ref": "#/$defs/n"}"##, "is recursive"),
