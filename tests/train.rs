@@ -393,6 +393,21 @@ fn bad_data_fails_clearly_and_writes_nothing() {
     }
 }
 
+/// A `--rank` whose trainable state is past the machine's memory is refused by flag (its allocation aborted).
+#[test]
+fn a_rank_past_the_machines_memory_is_refused_by_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d.jsonl");
+    write_task(&data, 4, 1);
+    let mut args = train_args(&data, &tmp.path().join("out"));
+    let rank = args.iter().position(|a| a == "--rank").unwrap();
+    args[rank + 1] = "4294967296".into();
+    let o = server().args(&args).env("LORASERVE_LOG", "off").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--rank 4294967296") && err.contains("more than this machine's memory"), "{err}");
+}
+
 /// A run that diverges (a learning rate of 1e30: B, zero at first, takes steps of ±1e30, then A does, and
 /// the forward of step 3 overflows to a NaN loss) stops there with an error naming the step, writes no adapter, and keeps its checkpoint;
 /// a checkpoint holding NaN (as one saved by a diverged run could) is refused on resume, naming the tensor.

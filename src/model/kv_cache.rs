@@ -108,6 +108,15 @@ impl PagedKvCache {
                 geometry.block_bytes()
             );
         }
+        // Past the machine's memory, the zero-filled arenas' allocation aborts the process: said by flag instead.
+        if let (true, Some(total)) = (device.is_cpu(), host_memory_bytes()) {
+            let needed = blocks as u128 * geometry.block_bytes() as u128;
+            if needed > total as u128 {
+                candle_core::bail!(
+                    "a budget of {budget_bytes} bytes is more than this machine's memory ({total} bytes; --kv-cache-bytes)"
+                );
+            }
+        }
         Self::on_device(geometry, blocks, device)
     }
 
@@ -147,6 +156,20 @@ impl PagedKvCache {
     }
 }
 
+/// The machine's memory (Linux's `MemTotal`), where it can be read.
+pub fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    kb.checked_mul(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +183,8 @@ mod tests {
         assert_eq!(g.blocks_for(17), 2);
         let e = PagedKvCache::with_budget(g, g.block_bytes() - 1, &candle_core::Device::Cpu).err().unwrap().to_string();
         assert!(e.contains("holds no KV block") && e.contains("--kv-cache-bytes"), "{e}");
+        // A petabyte aborted the process in its zero-filled allocation.
+        let e = PagedKvCache::with_budget(g, 1 << 50, &candle_core::Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("more than this machine's memory") && e.contains("--kv-cache-bytes"), "{e}");
     }
 }

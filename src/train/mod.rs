@@ -70,6 +70,21 @@ pub struct TrainConfig {
     pub progress: bool,
 }
 
+/// Refuses a `--rank` whose trainable state (A and B with their gradients and two AdamW moments, f32) is
+/// more than the machine's memory: its allocation would abort the process.
+fn check_rank_fits(layout: &crate::lora::peft::BaseLayout, spec: &LoraSpec) -> Result<(), TrainError> {
+    let Some(memory) = crate::model::kv_cache::host_memory_bytes() else { return Ok(()) };
+    let per_layer: u128 = spec.targets.iter().map(|&k| layout.dims(k)).map(|(i, o)| (i + o) as u128).sum();
+    let bytes = per_layer * layout.layers as u128 * spec.rank as u128 * 4 * 4;
+    if bytes > memory as u128 {
+        return Err(TrainError::Config(format!(
+            "--rank {}: its LoRA weights, gradients and optimizer state take {bytes} bytes, more than this machine's memory ({memory} bytes)",
+            spec.rank
+        )));
+    }
+    Ok(())
+}
+
 /// What a run did.
 #[derive(Clone, Debug, Default)]
 pub struct TrainReport {
@@ -258,6 +273,7 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
 
     let checkpoint_dir_existed = cfg.checkpoint_dir.exists();
     let layout = model.lora_layout();
+    check_rank_fits(&layout, &cfg.lora)?;
     let lora = TrainableLora::init(&layout, cfg.lora.clone(), cfg.seed, model.device())?;
     let vars = lora.vars();
     let mut opt = AdamW::new(cfg.optim, &vars)?;
