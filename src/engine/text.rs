@@ -17,6 +17,8 @@ pub struct StopText {
     emitted: usize,
     /// Bytes of `full` produced while stop strings were not looked for: a stop string must end past them.
     unarmed: usize,
+    /// Whether the last token pushed was past `min_tokens` (its text, held back, may come out at the flush).
+    armed: bool,
 }
 
 impl StopText {
@@ -29,6 +31,7 @@ impl StopText {
             full: String::new(),
             emitted: 0,
             unarmed: 0,
+            armed: false,
         }
     }
 
@@ -40,6 +43,7 @@ impl StopText {
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, token = id, "detokenization failed"),
         }
+        self.armed = armed;
         if armed {
             if let Some((start, len)) = self.stop_at() {
                 let pos = if self.keep_stop { start + len } else { start };
@@ -89,14 +93,20 @@ impl StopText {
         self.stops.iter().filter_map(found).min_by_key(|&(start, _)| start)
     }
 
-    /// Everything still held back (at the end of generation).
-    pub fn flush(&mut self, tok: &Tokenizer) -> String {
+    /// Everything still held back (at the end of generation), cut at a stop string that ends in it (text the
+    /// decoder held back as an unfinished character comes out now, as U+FFFD, and may complete one); whether
+    /// one did.
+    pub fn flush(&mut self, tok: &Tokenizer) -> (String, bool) {
         if let Ok(Some(rest)) = self.stream.flush(tok) {
             self.full.push_str(&rest);
         }
-        let out = self.full[self.emitted..].to_string();
+        let stop = if self.armed { self.stop_at() } else { None };
+        if let Some((start, len)) = stop {
+            self.full.truncate(if self.keep_stop { start + len } else { start });
+        }
+        let out = self.full[self.emitted.min(self.full.len())..].to_string();
         self.emitted = self.full.len();
-        out
+        (out, stop.is_some())
     }
 }
 
@@ -127,8 +137,33 @@ mod tests {
                 return (chunks, true, String::new());
             }
         }
-        let rest = st.flush(&tok);
-        (chunks, false, rest)
+        let (rest, stop) = st.flush(&tok);
+        (chunks, stop, rest)
+    }
+
+    /// An unfinished character held back to the end comes out at the flush as U+FFFD: a stop string that it
+    /// completes cuts the text there too (it was sent whole, past the stop string).
+    #[test]
+    fn a_stop_string_completed_by_the_flushed_tail_cuts_it() {
+        let tok = demo::tokenizer().unwrap();
+        for (keep, want) in [(false, "a"), (true, "a\u{FFFD}")] {
+            let mut st = StopText::new(vec!["\u{FFFD}".into()], keep);
+            let mut text = String::new();
+            for b in [b'a', 0xE2, 0x82] {
+                let (chunk, stop) = st.push(&tok, 3 + b as u32, true);
+                assert!(!stop);
+                text += &chunk;
+            }
+            let (rest, stop) = st.flush(&tok);
+            assert!(stop, "keep {keep}: {text:?} + {rest:?}");
+            assert_eq!(text + &rest, want, "keep {keep}");
+        }
+        // Before min_tokens the flushed tail is not looked at either.
+        let mut st = StopText::new(vec!["\u{FFFD}".into()], false);
+        for b in [b'a', 0xE2] {
+            st.push(&tok, 3 + b as u32, false);
+        }
+        assert!(!st.flush(&tok).1);
     }
 
     #[test]

@@ -392,9 +392,12 @@ pub(crate) fn run(
             } else {
                 None
             };
-            let text = match finish {
-                Some(FinishReason::StopSequence) | None => text,
-                Some(_) => text + &l.text.flush(&tokenizer),
+            let (text, finish) = match finish {
+                Some(FinishReason::StopSequence) | None => (text, finish),
+                Some(end) => {
+                    let (rest, hit_stop) = l.text.flush(&tokenizer);
+                    (text + &rest, Some(if hit_stop { FinishReason::StopSequence } else { end }))
+                }
             };
             let sent = l.req.events.send(Event::Tokens { ids: vec![token], text, logprobs, top_logprobs });
             if let Some(reason) = finish {
