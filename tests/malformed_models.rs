@@ -248,6 +248,30 @@ fn cli_prints_one_line_and_exits_nonzero() {
     assert!(!stderr.contains("panicked"));
 }
 
+/// `server generate` sizes its KV cache for the whole request at once: on a model whose context is 2^62
+/// positions, a request past the machine's memory is refused, naming why (its allocation aborted).
+#[test]
+fn generate_refuses_a_kv_cache_past_the_machines_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model(tmp.path());
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = serde_json::json!(1u64 << 62);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["generate", "--quant", "none", "--prompt", "x", "--max-new-tokens", "4294967295", "--model"])
+        .arg(tmp.path())
+        .env("LORASERVE_LOG", "off")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("max_new_tokens 4294967295 need a KV cache of") && stderr.contains("machine's memory"),
+        "{stderr}"
+    );
+}
+
 /// A FIFO (or socket, or device) where a model's file belongs is refused at once, naming the file: it blocked
 /// the load for as long as nothing wrote to it (a server that never started). Run with a watchdog: without the
 /// fix these loads never return.

@@ -39,6 +39,16 @@ pub fn generate(model: &Model, job: &GenerateJob) -> Result<Generated> {
     let geo = model.kv_geometry(BLOCK_SIZE);
     let total = n + job.max_new_tokens;
     let blocks_needed = geo.blocks_for(total).max(1);
+    // Sized for the whole request up front: past the machine's memory, its allocation would abort.
+    let bytes = blocks_needed as u128 * geo.block_bytes() as u128;
+    if let Some(memory) = crate::model::kv_cache::host_memory_bytes().filter(|_| model.device().is_cpu()) {
+        if bytes > memory as u128 {
+            candle_core::bail!(
+                "{n} prompt tokens + max_new_tokens {} need a KV cache of {bytes} bytes, more than this machine's memory ({memory} bytes)",
+                job.max_new_tokens
+            )
+        }
+    }
     let mut cache = PagedKvCache::on_device(geo, blocks_needed, model.device())?;
     let blocks = cache.allocator_mut().allocate(blocks_needed).expect("fresh cache");
     let eos = &model.config().eos_token_ids;
