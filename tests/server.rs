@@ -192,8 +192,8 @@ async fn every_status_code_of_the_contract() {
         (GenerateRequest { allowed_token_ids: vec![1], min_tokens: 2, ..req("", "alpha", 4) }, "cannot be met"),
         (GenerateRequest { stop: vec![String::new()], ..req("", "alpha", 4) }, "stop[0]"),
         (req("", &"alpha ".repeat(200), 4), "context"),
-        (req("../etc", "alpha", 4), "invalid adapter id"),
-        (req(&"x".repeat(129), "alpha", 4), "invalid adapter id"),
+        (req("../etc", "alpha", 4), "adapter_id: invalid adapter id"),
+        (req(&"x".repeat(129), "alpha", 4), "adapter_id: invalid adapter id"),
     ] {
         let (code, msg) = code_of(c.generate(r).await).await;
         assert_eq!(code, Code::InvalidArgument, "{field}: {msg}");

@@ -38,7 +38,8 @@ fn bounded(m: String) -> String {
 
 pub fn from_cache(e: CacheError, deadline_passed: bool) -> Status {
     match &e {
-        CacheError::Store(StoreError::InvalidId { .. }) => Status::invalid_argument(e.to_string()),
+        // Every id a request gives is its `adapter_id` field.
+        CacheError::Store(StoreError::InvalidId { .. }) => invalid("adapter_id", e),
         // A valid id whose folder the server's own files put out of bounds: the request is fine, the server
         // is not set up to serve it.
         CacheError::Store(StoreError::Escapes { .. }) => Status::failed_precondition(e.to_string()),

@@ -374,7 +374,7 @@ impl<'a> Builder<'a> {
     fn reference(&mut self, s: &'a Map<String, Value>, r: &Value, at: &str) -> Result<String, String> {
         let siblings: Vec<&String> = s.keys().filter(|k| *k != "$ref" && !ANNOTATIONS.contains(&k.as_str())).collect();
         if let Some(k) = siblings.first() {
-            return Err(format!("{at}: `{k}` beside `$ref` is not supported"));
+            return Err(format!("{}: `{k}` beside `$ref` is not supported", place(at)));
         }
         let r = r.as_str().ok_or_else(|| format!("{at}/$ref: a string"))?;
         // Under a subschema with an `$id` of its own, `#…` means that subschema, not the root: refused rather
@@ -428,7 +428,7 @@ impl<'a> Builder<'a> {
         }
         let min = count(s, "minLength", at)?.unwrap_or(0);
         Ok(match count(s, "maxLength", at)? {
-            Some(max) if max < min => return Err(format!("{at}: maxLength {max} is below minLength {min}")),
+            Some(max) if max < min => return Err(format!("{}: maxLength {max} is below minLength {min}", place(at))),
             Some(max) => format!("\"{STRING_CHAR}{{{min},{max}}}\""),
             None if min == 0 => STRING.to_string(),
             None => format!("\"{STRING_CHAR}{{{min},}}\""),
@@ -457,14 +457,15 @@ impl<'a> Builder<'a> {
         if lo.is_none() && hi.is_none() {
             return Ok(INTEGER.to_string());
         }
-        super::int_range::regex(lo, hi).ok_or_else(|| format!("{at}: no integer is within its minimum and maximum"))
+        super::int_range::regex(lo, hi)
+            .ok_or_else(|| format!("{}: no integer is within its minimum and maximum", place(at)))
     }
 
     fn array(&mut self, s: &'a Map<String, Value>, at: &str) -> Result<String, String> {
         let min = count(s, "minItems", at)?.unwrap_or(0);
         let max = count(s, "maxItems", at)?;
         if max.is_some_and(|m| m < min) {
-            return Err(format!("{at}: maxItems is below minItems"));
+            return Err(format!("{}: maxItems is below minItems", place(at)));
         }
         let item = match s.get("items") {
             // No item is ever written: its regex would be built for nothing.
@@ -631,7 +632,13 @@ fn check_keywords(s: &Map<String, Value>, allowed: &[&str], at: &str) -> Result<
 
 /// A non-negative integer keyword.
 fn count(s: &Map<String, Value>, key: &str, at: &str) -> Result<Option<u64>, String> {
-    s.get(key).map(|v| v.as_u64().ok_or_else(|| format!("{at}/{key}: a non-negative integer"))).transpose()
+    let Some(v) = s.get(key) else { return Ok(None) };
+    let n = v.as_u64().ok_or_else(|| format!("{at}/{key}: a non-negative integer"))?;
+    // The regex's repetition counts are 32-bit: past them the regex itself fails, quoting its text.
+    if n > u32::MAX as u64 {
+        return Err(format!("{at}/{key}: {n} is past the largest count supported, {}", u32::MAX));
+    }
+    Ok(Some(n))
 }
 
 /// RFC 3339's full-date, as a calendar has it: 31 days in January, March, May, July, August, October and

@@ -254,6 +254,9 @@ fn unsupported_schemas_are_refused_by_name_and_place() {
         (r#"{"type": "integer", "multipleOf": 2}"#, "keyword `multipleOf`"),
         (r#"{"type": "integer", "minimum": 3, "exclusiveMaximum": 3}"#, "no integer is within"),
         (r#"{"type": "integer", "maximum": 1e300}"#, "outside 64-bit integers"),
+        (r#"{"type": "string", "maxLength": 4294967296}"#, "/maxLength: 4294967296 is past the largest count"),
+        (r#"{"type": "array", "minItems": 18446744073709551615}"#, "/minItems: 18446744073709551615 is past"),
+        (r#"{"type": "string", "minLength": 5, "maxLength": 2}"#, "the schema: maxLength 2 is below minLength 5"),
         // Past i64's low end, each rounds to exactly −2^63 as an f64 (and was taken as i64::MIN).
         (r#"{"type": "integer", "maximum": -9223372036854775809}"#, "/maximum: outside 64-bit integers"),
         (r#"{"type": "integer", "exclusiveMaximum": -9223372036854775808.0}"#, "outside 64-bit integers"),
