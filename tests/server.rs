@@ -255,6 +255,30 @@ async fn every_status_code_of_the_contract() {
 /// What no retry can fix is FAILED_PRECONDITION naming the flag to change, not the retryable
 /// RESOURCE_EXHAUSTED: an adapter larger than the whole device tier, a request needing more KV blocks than the
 /// whole cache (3 layers · 3 kv heads · 16 dims · k and v · 4 bytes = 1152 bytes a token; 64 KiB hold 56).
+/// A request stream that ends before its message is whole (no message; a frame whose length runs past the
+/// body), which tonic answers INTERNAL, is INVALID_ARGUMENT and counted so: the client's fault is no server
+/// error for the alerts (`loraserve_requests_total{code="INTERNAL"}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_stream_cut_short_is_invalid_argument_not_internal() {
+    let (h, _) = start(config(fixture("llama/adapters"))).await;
+    let counted = |text: &str, code: &str| {
+        let series = format!("loraserve_requests_total{{rpc=\"GenerateStream\",code=\"{code}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&series)).map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    let before = common::metrics_text(h.metrics_addr).await;
+    for (body, words) in [
+        (vec![], "Missing request message."),
+        (vec![0, 0, 0, 0, 100, 0x12, 0x01, b'a'], "Unexpected EOF decoding stream."),
+    ] {
+        let (code, msg) = raw_call(h.grpc_addr, "GenerateStream", None, body).await;
+        assert_eq!(code, Code::InvalidArgument, "{msg}");
+        assert!(msg.starts_with("malformed request: ") && msg.contains(words), "{msg}");
+    }
+    let after = common::metrics_text(h.metrics_addr).await;
+    assert_eq!(counted(&after, "INVALID_ARGUMENT"), counted(&before, "INVALID_ARGUMENT") + 2, "{after}");
+    assert_eq!(counted(&after, "INTERNAL"), 0, "{after}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_that_can_never_fit_are_failed_precondition() {
     let mut cfg = config(fixture("llama/adapters"));
@@ -587,6 +611,16 @@ async fn raw_call_with_timeout(
     timeout: &str,
     r: &impl prost::Message,
 ) -> (Code, String) {
+    let message = r.encode_to_vec();
+    let mut framed = vec![0u8]; // not compressed
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    raw_call(addr, method, Some(timeout), framed).await
+}
+
+/// `body` (gRPC frames, as they are) sent to LoraServe's `method` over plain HTTP/2: the server's grpc-status and
+/// message.
+async fn raw_call(addr: std::net::SocketAddr, method: &str, timeout: Option<&str>, body: Vec<u8>) -> (Code, String) {
     use http_body_util::{BodyExt, Full};
     // TCP_NODELAY, as tonic's client sets it: else the message waits for the server's delayed ACK (~40 ms).
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -594,16 +628,13 @@ async fn raw_call_with_timeout(
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build::<_, Full<bytes::Bytes>>(connector);
-    let message = r.encode_to_vec();
-    let mut framed = vec![0u8]; // not compressed
-    framed.extend((message.len() as u32).to_be_bytes());
-    framed.extend(message);
-    let request = http::Request::post(format!("http://{addr}/loraserve.v1.LoraServe/{method}"))
+    let mut request = http::Request::post(format!("http://{addr}/loraserve.v1.LoraServe/{method}"))
         .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", timeout)
-        .body(Full::new(bytes::Bytes::from(framed)))
-        .unwrap();
+        .header("te", "trailers");
+    if let Some(timeout) = timeout {
+        request = request.header("grpc-timeout", timeout);
+    }
+    let request = request.body(Full::new(bytes::Bytes::from(body))).unwrap();
     let answer = async {
         let response = client.request(request).await.unwrap();
         let (http_status, headers) = (response.status(), response.headers().clone());
