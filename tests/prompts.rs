@@ -149,7 +149,7 @@ async fn a_template_that_loops_without_end_holds_up_only_its_own_request() {
     }
 }
 
-/// What no in-process limit stops: a template that asks for a petabyte at once, or nests a value a million
+/// What no in-process limit stops: a template that asks for a petabyte at once, or nests a value 300,000
 /// deep (its drop overflows the stack), took the whole server down (an abort); one whose printing walks 2^40
 /// leaves held its rendering slot for hours past its request's deadline, so that one request a core locked out
 /// every conversation. Rendered in worker processes, each fails its own conversation (FAILED_PRECONDITION
@@ -158,7 +158,7 @@ async fn a_template_that_loops_without_end_holds_up_only_its_own_request() {
 async fn a_template_that_takes_its_worker_down_fails_only_its_own_conversation() {
     let tmp = tempfile::tempdir().unwrap();
     let template = "{% set c = messages[0].content %}{% if c == 'huge' %}{{ messages | tojson(indent=1000000000000000) }}\
-{% elif c == 'deep' %}{% set ns = namespace(v=[]) %}{% for i in range(1000) %}{% for j in range(1000) %}\
+{% elif c == 'deep' %}{% set ns = namespace(v=[]) %}{% for i in range(300) %}{% for j in range(1000) %}\
 {% set ns.v = [ns.v] %}{% endfor %}{% endfor %}{{ ns.v | length }}\
 {% elif c == 'slow' %}{% set ns = namespace(v=[1]) %}{% for i in range(40) %}{% set ns.v = [ns.v, ns.v] %}{% endfor %}{{ ns.v }}\
 {% else %}[INST] {{ c }} [/INST]{% endif %}";

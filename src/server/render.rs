@@ -214,10 +214,19 @@ impl Worker {
     }
 }
 
+/// The stack a worker renders on: set, so that how deep a template may nest does not depend on the
+/// machine's `ulimit -s` (unlimited, the main thread's stack would grow to the address-space limit).
+const WORKER_STACK: usize = 8 << 20;
+
 /// `server render-worker`: renders the [`Job`]s on its input until the input ends, keeping the templates it
 /// compiled. Its address space is limited first ([`WORKER_ADDRESS_SPACE`]) where the platform allows.
 pub fn worker_main() -> anyhow::Result<()> {
     limit_address_space()?;
+    let rendering = std::thread::Builder::new().name("render".into()).stack_size(WORKER_STACK).spawn(serve_jobs)?;
+    rendering.join().map_err(|_| anyhow::anyhow!("the rendering thread panicked"))?
+}
+
+fn serve_jobs() -> anyhow::Result<()> {
     let (mut input, mut output) = (std::io::stdin().lock(), std::io::stdout().lock());
     let mut compiled: Vec<(TemplateSources, Result<ChatTemplate, ChatError>)> = Vec::new();
     loop {
