@@ -9,8 +9,8 @@
 //! (FAILED_PRECONDITION), and the next rendering starts a new one. The ids are encoded here: only the
 //! template runs in the worker.
 //!
-//! The wire between them: frames of a little-endian u32 length and that many bytes of JSON, a [`Job`] down
-//! and a [`Reply`] up; the worker exits at the end of its input.
+//! The wire between them: frames of a little-endian u32 length and that many bytes of JSON, a `Job` down
+//! and a `Reply` up; the worker exits at the end of its input.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -218,7 +218,7 @@ impl Worker {
 /// machine's `ulimit -s` (unlimited, the main thread's stack would grow to the address-space limit).
 const WORKER_STACK: usize = 8 << 20;
 
-/// `server render-worker`: renders the [`Job`]s on its input until the input ends, keeping the templates it
+/// `server render-worker`: renders the `Job`s on its input until the input ends, keeping the templates it
 /// compiled. Its address space is limited first ([`WORKER_ADDRESS_SPACE`]) where the platform allows.
 pub fn worker_main() -> anyhow::Result<()> {
     limit_address_space()?;
