@@ -141,17 +141,8 @@ impl SafetensorsFiles {
             // SAFETY: the mapping is read-only; a checkpoint modified while it is mapped is outside what we
             // promise (the same contract as every mmap-based loader, candle's and safetensors' included).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| file_err(path, e.to_string()))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-                let reason = match e {
-                    // The crate's checks of sizes against shapes do not say which tensor failed, nor its
-                    // offsets' check what is wrong with them: ours do.
-                    InvalidOffset(_) | TensorInvalidInfo | ValidationOverflow | MisalignedSlice => {
-                        header_json(&mmap).and_then(header_fault)
-                    }
-                    _ => None,
-                };
-                file_err(path, format!("not a valid safetensors file: {}", reason.unwrap_or_else(|| e.to_string())))
-            })?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| file_err(path, format!("not a valid safetensors file: {}", describe_error(&mmap, &e))))?;
             let base = 8 + header_len;
             for (name, info) in metadata.tensors() {
                 let (s, e) = info.data_offsets;
@@ -282,8 +273,20 @@ fn file_err(path: &Path, reason: impl Into<String>) -> WeightsError {
     WeightsError::File { file: path.display().to_string(), reason: reason.into() }
 }
 
+/// The safetensors crate's `e` for the file `file`, with the tensor named where its checks of the tensor table
+/// leave the name out (sizes against shapes) or say too little (offsets): [`header_fault`].
+pub fn describe_error(file: &[u8], e: &safetensors::SafeTensorError) -> String {
+    let named = match e {
+        InvalidOffset(_) | TensorInvalidInfo | ValidationOverflow | MisalignedSlice => {
+            header_json(file).and_then(header_fault)
+        }
+        _ => None,
+    };
+    named.unwrap_or_else(|| e.to_string())
+}
+
 /// The JSON header of a safetensors file, from its first bytes (None when they are too short to hold it).
-pub fn header_json(file: &[u8]) -> Option<&[u8]> {
+fn header_json(file: &[u8]) -> Option<&[u8]> {
     let n = usize::try_from(u64::from_le_bytes(file.get(..8)?.try_into().ok()?)).ok()?;
     file.get(8..)?.get(..n)
 }

@@ -179,13 +179,9 @@ fn load_weights(
         tensor: tensor.to_string(),
         reason,
     };
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
-        use crate::model::weights::{header_fault, header_json};
-        let named = header_json(bytes).and_then(header_fault);
-        AdapterError::File {
-            file: file.to_string(),
-            reason: format!("not a valid safetensors file: {}", named.unwrap_or_else(|| e.to_string())),
-        }
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| AdapterError::File {
+        file: file.to_string(),
+        reason: format!("not a valid safetensors file: {}", crate::model::weights::describe_error(bytes, &e)),
     })?;
     let matcher = config.matcher(cfg_file)?;
     let modules: Vec<String> = layout.linears().map(|id| id.module_path()).collect();
