@@ -29,7 +29,8 @@ pub const ADAPTER_CACHE_EVICTIONS_TOTAL: &str = "loraserve_adapter_cache_evictio
 pub const ADAPTER_CACHE_RESIDENT_BYTES: &str = "loraserve_adapter_cache_resident_bytes";
 /// `{tier}` — adapters resident in a tier (gauge).
 pub const ADAPTERS_RESIDENT: &str = "loraserve_adapters_resident";
-/// Seconds to load an adapter from disk into the device tier (loads that succeeded).
+/// Seconds to read, check and (on a GPU) copy an adapter from disk (loads that succeeded, whether or not the
+/// device tier had room for it).
 pub const ADAPTER_LOAD_DURATION_SECONDS: &str = "loraserve_adapter_load_duration_seconds";
 /// Bytes the base model keeps resident (gauge).
 pub const BASE_MODEL_RESIDENT_BYTES: &str = "loraserve_base_model_resident_bytes";
@@ -99,7 +100,7 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (
         ADAPTER_LOAD_DURATION_SECONDS,
         "histogram",
-        "Seconds to load an adapter from disk into the device tier (successful loads)",
+        "Seconds to read, check and (on a GPU) copy an adapter from disk (successful loads)",
     ),
     (BASE_MODEL_RESIDENT_BYTES, "gauge", "Bytes the base model keeps resident"),
     (KV_CACHE_BLOCKS_USED, "gauge", "KV-cache blocks held by running sequences"),

@@ -442,6 +442,22 @@ async fn unload_and_preload() {
     assert!(matches!(c.unload("missing"), Err(CacheError::Store(StoreError::NotFound { .. }))));
 }
 
+/// `UnloadAdapter`'s `was_loaded` says whether a version was resident: one evicted from both tiers was not,
+/// as `ListAdapters` shows it.
+#[tokio::test]
+async fn an_adapter_evicted_from_both_tiers_was_not_loaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(tmp.path(), "a", 1.0);
+    write_adapter(tmp.path(), "b", 2.0);
+    let c = cache(tmp.path(), 1, 0);
+    c.load_adapter("a").await.unwrap();
+    c.load_adapter("b").await.unwrap();
+    let a = c.list().into_iter().find(|s| s.id == "a").unwrap();
+    assert!(!a.device_resident && !a.host_resident && a.version.is_none(), "{a:?}");
+    assert!(!c.unload("a").unwrap());
+    assert!(c.unload("b").unwrap());
+}
+
 /// A request for `id` that starts its load from disk (one poll), then is gone.
 async fn start_a_load_and_give_up(c: &AdapterCache, id: &str) {
     let acquire = c.acquire(id, None);

@@ -81,8 +81,8 @@ pub struct PromptArgs {
     #[arg(long, value_name = "IDS", value_delimiter = ',', conflicts_with = "messages")]
     pub prompt_token_ids: Vec<u32>,
     /// `ROLE=TEXT`: one turn of a conversation to continue instead of --prompt (repeatable, in order),
-    /// rendered with the model's chat template and its generation prompt, e.g. --message system=Be\ brief.
-    /// --message user=Hi.
+    /// rendered with the chat template that applies (the adapter's own, else `--chat-template`, else the
+    /// model's) and its generation prompt, e.g. --message system=Be\ brief. --message user=Hi.
     #[arg(long = "message", id = "messages", value_name = "ROLE=TEXT", value_parser = parse_message)]
     pub messages: Vec<(String, String)>,
     /// Continue the final --message instead of starting a new assistant turn (an answer's prefill, e.g.

@@ -130,8 +130,9 @@ impl Engine {
         tx.send(Command::Submit(Box::new(req), queued)).map_err(|_| SubmitError::ShuttingDown)
     }
 
-    /// Finishes the requests in the engine, then stops it. Returns once the thread has exited or
-    /// `timeout` passed; after a timeout, what is still running fails with `ShuttingDown`.
+    /// Finishes the requests in the engine, then stops it. Returns once the thread has exited: after
+    /// `timeout`, what is still running fails with `ShuttingDown` at the end of the step in progress, which
+    /// this call waits for.
     pub fn shutdown(&self, timeout: std::time::Duration) {
         let _ = self.tx.lock().expect("engine sender").send(Command::Drain);
         let started = std::time::Instant::now();

@@ -266,7 +266,7 @@ impl AdapterStore {
         Ok(AdapterVersion { stamp, id })
     }
 
-    /// Every adapter under the root (folders holding `adapter_config.json`, at most 4 segments deep), as ids.
+    /// Every adapter under the root (folders holding `adapter_config.json`, at most 5 segments deep), as ids.
     pub fn list(&self) -> Vec<String> {
         self.scan().0
     }

@@ -6,7 +6,8 @@
 //! turns health NOT_SERVING, refuses new requests, lets in-flight ones finish within the drain timeout, stops
 //! the engine and returns.
 //!
-//! - [`service`]: the LoraServe implementation (validation at the edge); [`status`]: errors → gRPC codes.
+//! - [`service`]: the LoraServe implementation (validation at the edge); [`status`]: errors → gRPC codes
+//!   (chat templates': [`conversation`]).
 //! - [`codec`]: undecodable messages → INVALID_ARGUMENT; [`auth`]: API keys; [`metrics_http`]: `/metrics`.
 //! - [`client`]: the small client behind `server client`.
 

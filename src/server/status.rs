@@ -1,5 +1,5 @@
 //! The errors of the layers below (engine, adapter cache, store, adapter files) mapped to gRPC statuses in
-//! one place, and the stable `code` label of each status for `loraserve_requests_total`. Request
+//! one place (chat templates and their renderings: `conversation.rs`), and the stable `code` label of each status for `loraserve_requests_total`. Request
 //! validation builds its `INVALID_ARGUMENT` through [`invalid`] here too.
 
 use tonic::{Code, Status};

@@ -161,8 +161,9 @@ fn read_files(inner: &Inner, id: String, dir: &std::path::Path) -> Result<Loaded
         // The chat files right after the stamp the version hashes, before the (slower) weights.
         let template = AdapterTemplate::read(dir, &id).map_err(|e| {
             let (file, reason) = match e {
-                TokenizerError::Read { file, reason } | TokenizerError::Load { file, reason } => (file, reason),
-                TokenizerError::Encode(reason) => (dir.display().to_string(), reason),
+                TokenizerError::Read { file, reason } => (file, reason),
+                // `read` fails only on a read; any other error would name the folder.
+                e => (dir.display().to_string(), e.to_string()),
             };
             // Retried by the next request, as a failed read of the weights is.
             CacheError::Invalid(Arc::new(AdapterError::Read { file, reason }))

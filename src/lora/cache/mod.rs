@@ -15,8 +15,9 @@
 //!   repeat them, and what they read lands in the tiers for the client's retry.
 //! - **Versions and hot swap.** Every acquire stats the adapter's files (weights, config, chat template);
 //!   when they changed, the next acquire loads the new version while leases on the old one finish
-//!   undisturbed (a request never mixes versions). New files that fail to load are reported to every request (`FAILED_PRECONDITION`, naming the
-//!   file) until they change again, and the old version is not served. A filesystem watcher
+//!   undisturbed (a request never mixes versions). New files found broken (or too large) are reported to every request (`FAILED_PRECONDITION`,
+//!   naming the file) until they change again, and the old version is not served; files that failed to
+//!   read (`UNAVAILABLE`) are read again by the next request. A filesystem watcher
 //!   ([`super::watch`]) drops stale entries eagerly.
 //!
 //! Submodules: `tiers` (the state under the cache lock: entries, eviction, generations, gauges) and `load`
@@ -163,7 +164,7 @@ impl std::fmt::Debug for AdapterLease {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdapterStatus {
     pub id: String,
-    /// Current version, if it has been loaded.
+    /// Current version, while it is resident in a tier.
     pub version: Option<String>,
     pub device_resident: bool,
     pub host_resident: bool,
@@ -375,14 +376,15 @@ impl AdapterCache {
         }
     }
 
-    /// Loads `id` into the cache without keeping a lease (`LoadAdapter`, `--preload`); returns its version.
+    /// Loads `id` into the cache without keeping a lease (`--preload`; the `LoadAdapter` RPC leases through
+    /// `acquire`, within its deadline); returns its version.
     pub async fn load_adapter(&self, id: &str) -> Result<String, CacheError> {
         let lease = self.acquire(id, None).await?;
         Ok(lease.version().to_string())
     }
 
     /// Drops `id` from both tiers (running requests keep their leased version until they finish). Returns
-    /// whether anything was resident.
+    /// whether a version of it was resident in a tier.
     pub fn unload(&self, id: &str) -> Result<bool, CacheError> {
         super::store::validate_id(id)?;
         // Lock order: `inflight`, then `state`.
@@ -390,7 +392,7 @@ impl AdapterCache {
         let loading = inflight.contains_key(id);
         let mut st = self.inner.state.lock().expect("cache lock");
         let had_current = st.current.remove(id).is_some();
-        let had = had_current || st.device.keys().any(|k| k.0 == id) || st.host.keys().any(|k| k.0 == id);
+        let resident = st.device.keys().any(|k| k.0 == id) || st.host.keys().any(|k| k.0 == id);
         st.failed.remove(id);
         st.supersede(id, None);
         if loading {
@@ -400,11 +402,11 @@ impl AdapterCache {
         }
         publish(&st);
         drop((st, inflight));
-        if !had && !loading {
+        if !had_current && !resident && !loading {
             // Nothing cached, and no such adapter either: NOT_FOUND, as for a request naming it.
             self.inner.store.resolve(id)?;
         }
-        Ok(had)
+        Ok(resident)
     }
 
     /// Every adapter under the root with its cache status.
