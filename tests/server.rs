@@ -229,18 +229,20 @@ async fn every_status_code_of_the_contract() {
     // not the server's default wait; so does a Generate waiting for its adapter.
     let load = proto::LoadAdapterRequest { adapter_id: "qv-r4".into() };
     let started = std::time::Instant::now();
-    let (code, msg) = raw_call_with_timeout(h.grpc_addr, "LoadAdapter", "300m", &load).await;
+    let (code, msg) = common::wire::raw_call_with_timeout(h.grpc_addr, "LoadAdapter", "300m", &load).await;
     assert_eq!(code, Code::DeadlineExceeded, "{msg}");
     assert!(started.elapsed() >= Duration::from_millis(200), "gave up before its deadline: {:?}", started.elapsed());
-    let (code, msg) = raw_call_with_timeout(h.grpc_addr, "Generate", "300m", &req("qv-r4", "alpha", 4)).await;
+    let (code, msg) =
+        common::wire::raw_call_with_timeout(h.grpc_addr, "Generate", "300m", &req("qv-r4", "alpha", 4)).await;
     assert_eq!(code, Code::DeadlineExceeded, "{msg}");
     drop(pinned);
     // A deadline that passes while tokens are generated: the handler's deadline ends the call.
-    let (code, msg) = raw_call_with_timeout(h.grpc_addr, "Generate", "30m", &req("", "alpha", 250)).await;
+    let (code, msg) = common::wire::raw_call_with_timeout(h.grpc_addr, "Generate", "30m", &req("", "alpha", 250)).await;
     assert_eq!(code, Code::DeadlineExceeded, "{msg}");
     // So does a stream's, after the handler has returned (it used to wait for the client to give up, and
     // count CANCELLED; this client never gives up).
-    let (code, msg) = raw_call_with_timeout(h.grpc_addr, "GenerateStream", "30m", &req("", "alpha", 250)).await;
+    let (code, msg) =
+        common::wire::raw_call_with_timeout(h.grpc_addr, "GenerateStream", "30m", &req("", "alpha", 250)).await;
     assert_eq!((code, msg.as_str()), (Code::DeadlineExceeded, "deadline exceeded"));
     // UNAVAILABLE once draining.
     h.shutdown();
@@ -255,30 +257,6 @@ async fn every_status_code_of_the_contract() {
 /// What no retry can fix is FAILED_PRECONDITION naming the flag to change, not the retryable
 /// RESOURCE_EXHAUSTED: an adapter larger than the whole device tier, a request needing more KV blocks than the
 /// whole cache (3 layers · 3 kv heads · 16 dims · k and v · 4 bytes = 1152 bytes a token; 64 KiB hold 56).
-/// A request stream that ends before its message is whole (no message; a frame whose length runs past the
-/// body), which tonic answers INTERNAL, is INVALID_ARGUMENT and counted so: the client's fault is no server
-/// error for the alerts (`loraserve_requests_total{code="INTERNAL"}`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_request_stream_cut_short_is_invalid_argument_not_internal() {
-    let (h, _) = start(config(fixture("llama/adapters"))).await;
-    let counted = |text: &str, code: &str| {
-        let series = format!("loraserve_requests_total{{rpc=\"GenerateStream\",code=\"{code}\"}} ");
-        text.lines().find_map(|l| l.strip_prefix(&series)).map_or(0, |v| v.trim().parse::<u64>().unwrap())
-    };
-    let before = common::metrics_text(h.metrics_addr).await;
-    for (body, words) in [
-        (vec![], "Missing request message."),
-        (vec![0, 0, 0, 0, 100, 0x12, 0x01, b'a'], "Unexpected EOF decoding stream."),
-    ] {
-        let (code, msg) = raw_call(h.grpc_addr, "GenerateStream", None, body).await;
-        assert_eq!(code, Code::InvalidArgument, "{msg}");
-        assert!(msg.starts_with("malformed request: ") && msg.contains(words), "{msg}");
-    }
-    let after = common::metrics_text(h.metrics_addr).await;
-    assert_eq!(counted(&after, "INVALID_ARGUMENT"), counted(&before, "INVALID_ARGUMENT") + 2, "{after}");
-    assert_eq!(counted(&after, "INTERNAL"), 0, "{after}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_that_can_never_fit_are_failed_precondition() {
     let mut cfg = config(fixture("llama/adapters"));
@@ -601,52 +579,6 @@ async fn metrics_exposition_has_every_contract_metric_with_its_type_and_labels()
 }
 
 // ---- helpers ----
-
-/// `r` sent to LoraServe's `method` over plain HTTP/2 with a `grpc-timeout` header: the server's grpc-status and
-/// message (after any streamed messages). (tonic's client enforces the header itself, answering CANCELLED "Timeout
-/// expired" at the deadline however close behind it the server's answer is: it cannot show what the server answered.)
-async fn raw_call_with_timeout(
-    addr: std::net::SocketAddr,
-    method: &str,
-    timeout: &str,
-    r: &impl prost::Message,
-) -> (Code, String) {
-    let message = r.encode_to_vec();
-    let mut framed = vec![0u8]; // not compressed
-    framed.extend((message.len() as u32).to_be_bytes());
-    framed.extend(message);
-    raw_call(addr, method, Some(timeout), framed).await
-}
-
-/// `body` (gRPC frames, as they are) sent to LoraServe's `method` over plain HTTP/2: the server's grpc-status and
-/// message.
-async fn raw_call(addr: std::net::SocketAddr, method: &str, timeout: Option<&str>, body: Vec<u8>) -> (Code, String) {
-    use http_body_util::{BodyExt, Full};
-    // TCP_NODELAY, as tonic's client sets it: else the message waits for the server's delayed ACK (~40 ms).
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build::<_, Full<bytes::Bytes>>(connector);
-    let mut request = http::Request::post(format!("http://{addr}/loraserve.v1.LoraServe/{method}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers");
-    if let Some(timeout) = timeout {
-        request = request.header("grpc-timeout", timeout);
-    }
-    let request = request.body(Full::new(bytes::Bytes::from(body))).unwrap();
-    let answer = async {
-        let response = client.request(request).await.unwrap();
-        let (http_status, headers) = (response.status(), response.headers().clone());
-        let body = response.into_body().collect().await.unwrap();
-        (http_status, headers, body.trailers().cloned().unwrap_or_default())
-    };
-    let (http_status, headers, trailers) = tokio::time::timeout(Duration::from_secs(30), answer).await.unwrap();
-    // A trailers-only answer carries its status in the headers.
-    let status = tonic::Status::from_header_map(&trailers).or_else(|| tonic::Status::from_header_map(&headers));
-    let status = status.unwrap_or_else(|| panic!("no grpc-status (HTTP {http_status})"));
-    (status.code(), status.message().to_string())
-}
 
 /// Sends a GenerateRequest whose prompt bytes are not UTF-8, bypassing the typed client.
 async fn raw_generate_with_bad_utf8(addr: std::net::SocketAddr) -> (Code, String) {

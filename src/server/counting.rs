@@ -3,19 +3,28 @@
 //! The handlers count their own calls in `loraserve_requests_total` (service.rs) and mark the request as
 //! seen; [`CountUnseen`], wrapped around the whole LoraServe service, counts the rest from the status tonic
 //! answered with, so every finished call is counted exactly once: a call left before its message arrived
-//! (tonic's timeout answered first, or the client went away) as CANCELLED. A request stream that ends before
-//! its message is whole (cut short, or reset by the client mid-upload), which tonic answers INTERNAL, is
-//! answered and counted INVALID_ARGUMENT instead: the client's doing, not a server error for the alerts.
+//! (the client went away) as CANCELLED, or DEADLINE_EXCEEDED close to its deadline. A call whose deadline
+//! comes before its handler answers (its message has not arrived) is answered DEADLINE_EXCEEDED here, just
+//! before tonic's own timer would answer CANCELLED "Timeout expired" (`deadline.rs`). A request that is malformed below
+//! protobuf, which tonic answers INTERNAL (a stream that ends before its message is whole: cut short, or
+//! reset by the client mid-upload; a compressed flag without or against its `grpc-encoding`; compressed
+//! bytes that do not decompress), is answered and counted INVALID_ARGUMENT instead: the client's doing, not a
+//! server error for the alerts. A compressed message past `--max-request-bytes` once decompressed, which
+//! tonic answers RESOURCE_EXHAUSTED, is OUT_OF_RANGE, as the same message sent uncompressed.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
+
+use super::arrival::Arrival;
+use super::deadline::{ended_by, within, CallDeadline};
 
 /// Set by a handler when it takes a call (it then counts the call itself).
 #[derive(Clone, Default)]
@@ -57,8 +66,11 @@ impl<S, B> Service<http::Request<Body>> for CountUnseen<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
+    B: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
 {
-    type Response = http::Response<B>;
+    // tonic's body, which the answer given here (a status, no body) shares with the inner service's.
+    type Response = http::Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
@@ -70,16 +82,33 @@ where
         let seen = HandlerSeen::default();
         req.extensions_mut().insert(seen.clone());
         let rpc = rpc_label(req.uri().path());
+        // A header out of the spec is the handler's to refuse.
+        let deadline = CallDeadline::of(req.headers(), req.extensions().get::<Arrival>()).ok().flatten();
         let call = self.inner.call(req);
         Box::pin(async move {
-            // Dropped before the answer (tonic's timeout for the message, the connection gone): counted then.
-            let mut left = Left { rpc, seen: seen.clone(), armed: true };
-            let mut resp = call.await?;
+            // Dropped before the answer (the connection gone): counted then.
+            let timed_out_from = deadline.and_then(|d| d.timed_out_from());
+            let mut left = Left { rpc, seen: seen.clone(), armed: true, timed_out_from };
+            let answered = match deadline.and_then(|d| d.answer_by()) {
+                Some(at) => within(at, call).await,
+                None => Some(call.await),
+            };
             left.armed = false;
+            let Some(answered) = answered else {
+                // Before tonic's timer (CANCELLED "Timeout expired"): a handler that took the call counted it as
+                // it was dropped; one that never saw it waited for the request message.
+                let mut what = "deadline exceeded";
+                if !seen.0.load(Ordering::Relaxed) {
+                    what = "deadline exceeded before the request message arrived";
+                    super::service::count(rpc, tonic::Code::DeadlineExceeded);
+                }
+                return Ok(tonic::Status::deadline_exceeded(what).into_http());
+            };
+            let mut resp = answered?.map(Body::new);
             if !seen.0.load(Ordering::Relaxed) {
                 // Refused before any handler ran: a trailers-only response, its status in the headers.
                 let mut status = tonic::Status::from_header_map(resp.headers());
-                if let Some(cut) = status.as_ref().and_then(cut_short) {
+                if let Some(cut) = status.as_ref().and_then(restated) {
                     // Cannot fail: the message is ours, plain ASCII.
                     let _ = cut.add_header(resp.headers_mut());
                     status = Some(cut);
@@ -91,28 +120,41 @@ where
     }
 }
 
-/// tonic's INTERNAL for a request stream that ended before its message was whole, as the client's fault.
-fn cut_short(status: &tonic::Status) -> Option<tonic::Status> {
+/// tonic's answer to a request malformed below protobuf, or too large once decompressed, as the module header
+/// says it is answered instead.
+fn restated(status: &tonic::Status) -> Option<tonic::Status> {
     const CUT: [&str; 2] = ["Missing request message.", "Unexpected EOF decoding stream."];
-    (status.code() == tonic::Code::Internal && CUT.contains(&status.message())).then(|| {
-        tonic::Status::invalid_argument(format!(
-            "malformed request: the request stream ended before its message was whole ({})",
-            status.message()
-        ))
-    })
+    let m = status.message();
+    if status.code() == tonic::Code::ResourceExhausted && m.starts_with("Error decompressing: size limit") {
+        return Some(tonic::Status::out_of_range(m));
+    }
+    if status.code() != tonic::Code::Internal {
+        return None;
+    }
+    let what = if CUT.contains(&m) {
+        format!("the request stream ended before its message was whole ({m})")
+    } else if m.starts_with("protocol error: received message with") || m.starts_with("Error decompressing: ") {
+        // tonic's decoder words the server's side as the client's ("while sending request").
+        m.trim_end_matches(", while sending request").to_string()
+    } else {
+        return None;
+    };
+    Some(tonic::Status::invalid_argument(format!("malformed request: {what}")))
 }
 
-/// Counts a call whose future was dropped before tonic answered it, unless its handler took it.
+/// Counts a call whose future was dropped before it was answered, unless its handler took it: CANCELLED, or
+/// DEADLINE_EXCEEDED close to its deadline ([`ended_by`]).
 struct Left {
     rpc: &'static str,
     seen: HandlerSeen,
     armed: bool,
+    timed_out_from: Option<Instant>,
 }
 
 impl Drop for Left {
     fn drop(&mut self) {
         if self.armed && !self.seen.0.load(Ordering::Relaxed) {
-            super::service::count(self.rpc, tonic::Code::Cancelled);
+            super::service::count(self.rpc, ended_by(self.timed_out_from));
         }
     }
 }
@@ -121,16 +163,27 @@ impl Drop for Left {
 mod tests {
     use super::*;
 
-    /// Only tonic's two messages for a stream that ended early are the client's; any other INTERNAL stays.
+    /// Only tonic's messages for a stream that ended early or a message it could not unframe are the
+    /// client's; any other INTERNAL stays.
     #[test]
-    fn a_request_cut_short_is_invalid_argument() {
+    fn tonic_decoding_faults_are_restated_as_the_clients() {
         for m in ["Missing request message.", "Unexpected EOF decoding stream."] {
-            let s = cut_short(&tonic::Status::internal(m)).unwrap();
+            let s = restated(&tonic::Status::internal(m)).unwrap();
             assert_eq!(s.code(), tonic::Code::InvalidArgument);
             assert!(s.message().starts_with("malformed request: ") && s.message().contains(m), "{s:?}");
         }
-        assert!(cut_short(&tonic::Status::internal("something else")).is_none());
-        assert!(cut_short(&tonic::Status::cancelled("Missing request message.")).is_none());
+        let flag = "protocol error: received message with compressed-flag but no grpc-encoding was specified";
+        let s = restated(&tonic::Status::internal(flag)).unwrap();
+        assert_eq!(s.message(), format!("malformed request: {flag}"));
+        let gz = "Error decompressing: invalid gzip header, while sending request";
+        let s = restated(&tonic::Status::internal(gz)).unwrap();
+        assert_eq!(s.message(), "malformed request: Error decompressing: invalid gzip header");
+        let big = "Error decompressing: size limit, of 65536 bytes, exceeded while decompressing message";
+        let s = restated(&tonic::Status::resource_exhausted(big)).unwrap();
+        assert_eq!((s.code(), s.message()), (tonic::Code::OutOfRange, big));
+        assert!(restated(&tonic::Status::resource_exhausted("queue full")).is_none());
+        assert!(restated(&tonic::Status::internal("something else")).is_none());
+        assert!(restated(&tonic::Status::cancelled("Missing request message.")).is_none());
     }
 
     #[test]

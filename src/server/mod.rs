@@ -7,9 +7,12 @@
 //! the engine and returns.
 //!
 //! - [`service`]: the LoraServe implementation (validation at the edge); [`status`]: errors → gRPC codes
-//!   (chat templates': [`conversation`]).
+//!   (chat templates': `conversation.rs`).
 //! - [`codec`]: undecodable messages → INVALID_ARGUMENT; [`auth`]: API keys; [`metrics_http`]: `/metrics`.
 //! - [`client`]: the small client behind `server client`.
+//! - Private: `counting.rs` (calls no handler saw, tonic's decoding faults restated), `deadline.rs`
+//!   (`grpc-timeout`), `conversation.rs` and [`render`] (chat templates), `listen.rs` (the accepted sockets),
+//!   `arrival.rs` (when a call came).
 
 mod arrival;
 pub mod auth;
@@ -17,6 +20,7 @@ pub mod client;
 pub mod codec;
 mod conversation;
 mod counting;
+mod deadline;
 mod listen;
 pub mod metrics_http;
 pub mod render;
@@ -110,6 +114,16 @@ pub struct ServeConfig {
 
 /// The gRPC service name, also the `grpc.health.v1` service that reports readiness.
 pub const SERVICE_NAME: &str = "loraserve.v1.LoraServe";
+
+/// Streams one HTTP/2 connection may hold open at once: past the requests a server runs and queues at its
+/// defaults (`--max-batch-size` + `--max-queue`), so only a client holding streams idle meets it; gRPC
+/// clients queue calls past it, and proxies open another connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
+/// How long a connection may go without the server receiving anything before it pings the client, and how
+/// long the answer may take before the connection is closed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// After the drain timeout has failed the requests still running (or a failed start), how long their clients
 /// get to read the failure before the server stops waiting for the connections left open.
@@ -301,8 +315,25 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
 
     let svc = Service { state: state.clone() };
     let max = cfg.max_request_bytes;
-    let lora_server = proto::lora_serve_server::LoraServeServer::new(svc).max_decoding_message_size(max);
-    let mut builder = tonic::transport::Server::builder();
+    // Requests compressed as grpcio, grpc-go and grpc-java clients send them (a channel's `compression`);
+    // answers go out uncompressed (each streamed message is a few tokens).
+    use tonic::codec::CompressionEncoding::{Deflate, Gzip};
+    let lora_server = proto::lora_serve_server::LoraServeServer::new(svc)
+        .max_decoding_message_size(max)
+        .accept_compressed(Gzip)
+        .accept_compressed(Deflate);
+    let health_service = health_service.accept_compressed(Gzip).accept_compressed(Deflate);
+    let (reflection_v1, reflection_v1alpha) = (
+        reflection_v1.accept_compressed(Gzip).accept_compressed(Deflate),
+        reflection_v1alpha.accept_compressed(Gzip).accept_compressed(Deflate),
+    );
+    // HTTP/2 limits: streams a connection may hold open at once (tonic sets no limit, and each open stream
+    // holds memory until its call ends: one connection opened 14,250 that never sent a message), and pings
+    // that find a peer gone without a FIN (its streams, and a health Watch, would otherwise stay open).
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     if let Some((cert, key)) = &cfg.tls {
         let identity = tonic::transport::Identity::from_pem(cert, key);
         builder = builder

@@ -1,13 +1,11 @@
-//! The LoraServe gRPC service (proto types stay in `server/`: here, `conversation.rs`, `client.rs`). Each request is validated once, at the
-//! edge, into a [`ValidRequest`] (fields checked, adapter leased, prompt tokenized, deadline parsed); the
-//! engine streams [`Event`]s back, which become `GenerateResponse` messages.
+//! The LoraServe gRPC service (proto types stay in `server/`: here, `conversation.rs`, `client.rs`). Each
+//! request is validated once, at the edge, into a [`ValidRequest`] (fields checked, adapter leased, prompt
+//! tokenized, deadline parsed); the engine streams [`Event`]s back, which become `GenerateResponse` messages.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -16,6 +14,7 @@ use tonic::{Request, Response, Status};
 use super::arrival::Arrival;
 use super::conversation::{conversation_ids, kwargs_of, message_list};
 use super::counting::HandlerSeen;
+use super::deadline::{ended_by, within, CallDeadline};
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
 use crate::engine::structured::{Constraint, Guide, Guides};
@@ -119,9 +118,12 @@ fn check_adapter_header(meta: &tonic::metadata::MetadataMap, adapter_id: &str) -
     let Some(h) = meta.get(super::ADAPTER_ID_HEADER) else { return Ok(()) };
     let h = h.to_str().map_err(|_| invalid(super::ADAPTER_ID_HEADER, "not ASCII"))?;
     if h != adapter_id {
+        // The body's id is not checked yet: quoted in part (a valid id has at most 128 bytes).
+        let quoted: String = adapter_id.chars().take(160).collect();
+        let more = if quoted.len() < adapter_id.len() { "…" } else { "" };
         return Err(invalid(
             super::ADAPTER_ID_HEADER,
-            format!("header `{h}` disagrees with adapter_id `{adapter_id}`"),
+            format!("header `{h}` disagrees with adapter_id `{quoted}{more}`"),
         ));
     }
     Ok(())
@@ -132,9 +134,10 @@ pub(crate) fn count(rpc: &'static str, code: tonic::Code) {
     metrics::counter!(t::REQUESTS_TOTAL, "rpc" => rpc, "code" => status::code_label(code)).increment(1);
 }
 
+/// Counts the call's answer, its status message [`status::bound`]ed for the header that carries it.
 fn counted<T>(rpc: &'static str, r: Result<T, Status>) -> Result<T, Status> {
     count(rpc, r.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok));
-    r
+    r.map_err(status::bound)
 }
 
 /// Counts a call whose handler is dropped before it finished (the client cancelled or went away) as
@@ -142,13 +145,13 @@ fn counted<T>(rpc: &'static str, r: Result<T, Status>) -> Result<T, Status> {
 struct CancelCount {
     rpc: &'static str,
     armed: bool,
-    /// Past it, a call dropped was ended by its deadline ([`timed_out_from`]).
+    /// Past it, a call dropped was ended by its deadline ([`CallDeadline::timed_out_from`]).
     timed_out_from: Option<Instant>,
 }
 
 impl CancelCount {
-    fn new<T>(rpc: &'static str, req: &Request<T>, deadline: &Result<Option<Instant>, Status>) -> Self {
-        CancelCount { rpc, armed: true, timed_out_from: timed_out_from(req, deadline) }
+    fn new(rpc: &'static str, timed_out_from: Option<Instant>) -> Self {
+        CancelCount { rpc, armed: true, timed_out_from }
     }
 
     fn disarm(&mut self) {
@@ -164,75 +167,13 @@ impl Drop for CancelCount {
     }
 }
 
-/// From when a call the client leaves counts as ended by its deadline rather than cancelled: the last
-/// quarter of the time its handler has (`deadline`, counted from the call's `Arrival`), at most its last
-/// 250 ms. The client's timer started before the request reached the handler (the network, the connection's
-/// queue), so on a busy server it fires before the handler's: with the handler's deadline alone, 3–7 % of the
-/// calls a loaded server saw end by their clients' deadlines counted CANCELLED. A client that cancels so
-/// close to its deadline counts as timed out.
-fn timed_out_from<T>(req: &Request<T>, deadline: &Result<Option<Instant>, Status>) -> Option<Instant> {
-    let deadline = deadline.as_ref().ok().copied().flatten()?;
-    let arrival = req.extensions().get::<Arrival>().map_or_else(Instant::now, |a| a.0);
-    let slack = (deadline.saturating_duration_since(arrival) / 4).min(Duration::from_millis(250));
-    Some(deadline.checked_sub(slack).unwrap_or(deadline))
-}
-
-/// How a call the client left ended: by its deadline once `timed_out_from` has passed, else cancelled.
-fn ended_by(timed_out_from: Option<Instant>) -> tonic::Code {
-    if timed_out_from.is_some_and(|t| Instant::now() >= t) {
-        tonic::Code::DeadlineExceeded
-    } else {
-        tonic::Code::Cancelled
+/// The handler's deadline of `req`, and from when its client leaving counts as timed out (`deadline.rs`).
+fn deadline_of<T>(req: &Request<T>) -> (Result<Option<Instant>, Status>, Option<Instant>) {
+    match CallDeadline::of(req.metadata().as_ref(), req.extensions().get::<Arrival>()) {
+        Ok(Some(d)) => (Ok(d.handler()), d.timed_out_from()),
+        Ok(None) => (Ok(None), None),
+        Err(s) => (Err(s), None),
     }
-}
-
-/// The handler's deadline: the request's `grpc-timeout` header (`<n><unit>`, unit one of H M S m u n)
-/// counted from the call's `Arrival`, less a margin (below).
-fn deadline_of<T>(req: &Request<T>) -> Result<Option<Instant>, Status> {
-    let Some(v) = req.metadata().get("grpc-timeout") else { return Ok(None) };
-    let v = v.to_str().map_err(|_| invalid("grpc-timeout", "not ASCII"))?;
-    let (num, unit) = v.split_at(v.len().saturating_sub(1));
-    // The gRPC wire spec: TimeoutValue is a positive integer of at most 8 digits.
-    if num.len() > 8 {
-        return Err(invalid("grpc-timeout", format!("`{v}` has more than 8 digits")));
-    }
-    let n: u64 = num.parse().map_err(|_| invalid("grpc-timeout", format!("`{v}` is not <number><unit>")))?;
-    let d = match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return Err(invalid("grpc-timeout", format!("unknown unit in `{v}`"))),
-    };
-    // tonic's transport also enforces the header, answering CANCELLED ("Timeout expired") when it fires;
-    // finishing a little earlier lets the client see the accurate DEADLINE_EXCEEDED (and the engine free the
-    // request) first. The deadline counts from the call's `Arrival`, stamped just before tonic starts its
-    // timer, not from when the handler runs: the handler's deadline is always the earlier one.
-    let margin = (d / 20).min(Duration::from_millis(50));
-    let arrival = req.extensions().get::<Arrival>().map_or_else(Instant::now, |a| a.0);
-    // 99999999H is past what an Instant can hold on some platforms: no deadline then.
-    Ok(arrival.checked_add(d - margin))
-}
-
-/// `fut`'s output, or `None` once `deadline` has passed. Unlike `tokio::time::timeout_at` this reads the clock
-/// on every poll, not only when its timer fires: tonic enforces `grpc-timeout` with a timer of its own, polled
-/// right after the handler, and with the clock read here the earlier deadline (the handler's, see
-/// `deadline_of`) wins whatever order the timers are woken in.
-async fn within<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
-    let timer = tokio::time::sleep_until(deadline.into());
-    tokio::pin!(fut, timer);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Some(v));
-        }
-        if Instant::now() >= deadline || timer.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
-    })
-    .await
 }
 
 /// Ends a stream at its deadline: the engine stops the request (its events dropped), then the status goes out.
@@ -517,8 +458,8 @@ impl LoraServe for Service {
         req: Request<proto::GenerateRequest>,
     ) -> Result<Response<proto::GenerateResponse>, Status> {
         HandlerSeen::mark(&req);
-        let deadline = deadline_of(&req);
-        let mut guard = CancelCount::new("Generate", &req, &deadline);
+        let (deadline, timed_out_from) = deadline_of(&req);
+        let mut guard = CancelCount::new("Generate", timed_out_from);
         let result = async {
             let deadline = deadline?;
             let mut a = self.admit(req, deadline).await?;
@@ -560,9 +501,8 @@ impl LoraServe for Service {
 
     async fn generate_stream(&self, req: Request<proto::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         HandlerSeen::mark(&req);
-        let deadline = deadline_of(&req);
-        let mut guard = CancelCount::new("GenerateStream", &req, &deadline);
-        let timed_out_from = guard.timed_out_from;
+        let (deadline, timed_out_from) = deadline_of(&req);
+        let mut guard = CancelCount::new("GenerateStream", timed_out_from);
         let (admitted, deadline) = match deadline {
             Ok(deadline) => (self.admit(req, deadline).await, deadline),
             Err(s) => (Err(s), None),
@@ -630,7 +570,7 @@ impl LoraServe for Service {
                         m.set_finish_reason(finish_reason(reason));
                         (Ok(m), true)
                     }
-                    Event::Failed(e) => (Err(status::from_engine(e)), true),
+                    Event::Failed(e) => (Err(status::bound(status::from_engine(e))), true),
                 };
                 let code = msg.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
                 let sent = tokio::select! {
@@ -685,8 +625,8 @@ impl LoraServe for Service {
         req: Request<proto::LoadAdapterRequest>,
     ) -> Result<Response<proto::LoadAdapterResponse>, Status> {
         HandlerSeen::mark(&req);
-        let deadline = deadline_of(&req);
-        let mut guard = CancelCount::new("LoadAdapter", &req, &deadline);
+        let (deadline, timed_out_from) = deadline_of(&req);
+        let mut guard = CancelCount::new("LoadAdapter", timed_out_from);
         let r = async {
             let ready = self.ready()?;
             let deadline = deadline?;
@@ -717,45 +657,5 @@ impl LoraServe for Service {
             Ok(Response::new(proto::UnloadAdapterResponse { was_loaded }))
         })();
         counted("UnloadAdapter", r)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn deadline(v: &str) -> Result<Option<Instant>, Status> {
-        let mut r = Request::new(());
-        r.metadata_mut().insert("grpc-timeout", v.parse().unwrap());
-        deadline_of(&r)
-    }
-
-    #[test]
-    fn grpc_timeouts_parse_and_out_of_spec_ones_are_refused_not_panicked_on() {
-        let now = Instant::now();
-        let d = deadline("2S").unwrap().unwrap();
-        assert!(d > now + Duration::from_millis(1900) && d < now + Duration::from_secs(3));
-        assert!(deadline("99999999H").is_ok(), "the largest value the spec allows");
-        for bad in ["18446744073709551615S", "123456789m", "5x", "S", "-1S"] {
-            let e = deadline(bad).unwrap_err();
-            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}");
-            assert!(e.message().contains("grpc-timeout"), "{bad}: {}", e.message());
-        }
-    }
-
-    /// A call left in the last quarter of its handler's time, or its last 250 ms, was ended by its deadline.
-    #[test]
-    fn calls_left_close_to_their_deadline_count_as_timed_out() {
-        let arrival = Instant::now();
-        let mut r = Request::new(());
-        r.extensions_mut().insert(Arrival(arrival));
-        let from = |after: Duration| timed_out_from(&r, &Ok(Some(arrival + after))).unwrap();
-        assert_eq!(from(Duration::from_millis(100)), arrival + Duration::from_millis(75));
-        assert_eq!(from(Duration::from_secs(10)), arrival + Duration::from_millis(9750));
-        assert_eq!(timed_out_from(&r, &Ok(None)), None);
-        assert_eq!(timed_out_from(&r, &Err(Status::invalid_argument("grpc-timeout"))), None);
-        assert_eq!(ended_by(None), tonic::Code::Cancelled);
-        assert_eq!(ended_by(Some(arrival)), tonic::Code::DeadlineExceeded);
-        assert_eq!(ended_by(Some(Instant::now() + Duration::from_secs(60))), tonic::Code::Cancelled);
     }
 }

@@ -1,0 +1,167 @@
+//! The gRPC wire below the messages, against the real server on port 0: request streams cut short or framed
+//! wrong, compressed requests (gzip and deflate, as grpcio, grpc-go and grpc-java channels send them), the
+//! HTTP/2 limits the server advertises, and status messages sized for the header that carries them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fixture;
+use common::serve::{config, req, start};
+use common::wire::{frame, raw_call};
+use loraserve::server::proto::lora_serve_client::LoraServeClient;
+use prost::Message;
+use tonic::codec::CompressionEncoding;
+use tonic::Code;
+
+/// `loraserve_requests_total{rpc, code}` in a `/metrics` text.
+fn counted(text: &str, rpc: &str, code: &str) -> u64 {
+    let series = format!("loraserve_requests_total{{rpc=\"{rpc}\",code=\"{code}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&series)).map_or(0, |v| v.trim().parse::<u64>().unwrap())
+}
+
+/// A request malformed below protobuf, which tonic answers INTERNAL, is INVALID_ARGUMENT and counted so: a
+/// stream that ends before its message is whole (no message; a frame whose length runs past the body), a
+/// compressed flag without `grpc-encoding` or with `identity`, a flag of 2, bytes that do not decompress. The
+/// client's fault is no server error for the alerts (`loraserve_requests_total{code="INTERNAL"}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_malformed_below_protobuf_are_invalid_argument_not_internal() {
+    let (h, _) = start(config(fixture("llama/adapters"))).await;
+    let message = req("", "alpha", 2).encode_to_vec();
+    // (grpc-encoding, body, what the message names)
+    let cases = [
+        (None, vec![], "Missing request message."),
+        (None, vec![0, 0, 0, 0, 100, 0x12, 0x01, b'a'], "Unexpected EOF decoding stream."),
+        (None, frame(1, &message), "compressed-flag but no grpc-encoding"),
+        (Some("identity"), frame(1, &message), "compressed-flag but no grpc-encoding"),
+        (None, frame(2, &message), "invalid compression flag: 2"),
+        (Some("gzip"), frame(1, &message), "Error decompressing"),
+    ];
+    let before = common::metrics_text(h.metrics_addr).await;
+    for (encoding, body, words) in cases {
+        let headers: Vec<_> = encoding.map(|e| ("grpc-encoding", e)).into_iter().collect();
+        let (code, msg) = raw_call(h.grpc_addr, "GenerateStream", &headers, body).await;
+        assert_eq!(code, Code::InvalidArgument, "{words}: {msg}");
+        assert!(msg.starts_with("malformed request: ") && msg.contains(words), "{msg}");
+        assert!(!msg.contains("while sending request"), "the server receives: {msg}");
+    }
+    let after = common::metrics_text(h.metrics_addr).await;
+    let invalid = |t: &str| counted(t, "GenerateStream", "INVALID_ARGUMENT");
+    assert_eq!(invalid(&after), invalid(&before) + 6, "{after}");
+    assert_eq!(counted(&after, "GenerateStream", "INTERNAL"), 0, "{after}");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// Compressed requests are served as the same request uncompressed (grpcio with a channel's `compression`
+/// failed every call UNIMPLEMENTED), and one past `--max-request-bytes` once decompressed is OUT_OF_RANGE,
+/// as it is uncompressed (tonic answers RESOURCE_EXHAUSTED for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compressed_requests_are_served_and_bounded_once_decompressed() {
+    let (h, mut plain) = start(config(fixture("llama/adapters"))).await;
+    let r = req("qv-r4", "alpha", 6);
+    let want = plain.generate(r.clone()).await.unwrap().into_inner().token_ids;
+    for encoding in [CompressionEncoding::Gzip, CompressionEncoding::Deflate] {
+        let mut c =
+            LoraServeClient::connect(format!("http://{}", h.grpc_addr)).await.unwrap().send_compressed(encoding);
+        assert_eq!(c.generate(r.clone()).await.unwrap().into_inner().token_ids, want, "{encoding:?}");
+        let mut stream = c.generate_stream(r.clone()).await.unwrap().into_inner();
+        let mut streamed = Vec::new();
+        while let Some(m) = stream.message().await.unwrap() {
+            streamed.extend(m.token_ids);
+        }
+        assert_eq!(streamed, want, "{encoding:?}");
+        // 64 KiB is the test server's limit; a megabyte of one letter compresses to a few KiB.
+        let big = req("", &"a".repeat(1 << 20), 1);
+        let s = c.generate(big.clone()).await.unwrap_err();
+        assert_eq!(s.code(), Code::OutOfRange, "{encoding:?}: {s:?}");
+        assert_eq!(plain.generate(big).await.unwrap_err().code(), Code::OutOfRange);
+    }
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// The server bounds the streams one connection holds open (tonic sets no limit: one connection opened 14,250
+/// streams that never sent a message, 9 KiB each, until the socket closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_server_bounds_the_streams_a_connection_holds() {
+    let (h, _) = start(config(fixture("llama/adapters"))).await;
+    let tcp = tokio::net::TcpStream::connect(h.grpc_addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    // The server's SETTINGS arrive with the connection's first exchange.
+    let mut send = send.ready().await.unwrap();
+    let mut limit = send.current_max_send_streams();
+    for _ in 0..100 {
+        if limit != usize::MAX {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        send = send.ready().await.unwrap();
+        limit = send.current_max_send_streams();
+    }
+    assert_eq!(limit, 1024);
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// A status message travels percent-encoded in a header, where a space or each byte of a non-ASCII character
+/// takes three: the server bounds it as it goes out (an `x-adapter-id` header against a long body id came to
+/// 12 KiB, and grpcio dropped the answer at its 8 KiB limit as RESOURCE_EXHAUSTED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_messages_fit_the_header_that_carries_them() {
+    let (h, mut c) = start(config(fixture("llama/adapters"))).await;
+    let mut r = tonic::Request::new(req(&"é".repeat(4000), "alpha", 2));
+    r.metadata_mut().insert("x-adapter-id", "qv-r4".parse().unwrap());
+    let s = c.generate(r).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().starts_with("x-adapter-id: header `qv-r4` disagrees with adapter_id `éé"), "{}", s.message());
+    let mut header = http::HeaderMap::new();
+    s.add_header(&mut header).unwrap();
+    assert!(header["grpc-message"].len() <= 4096, "{}", header["grpc-message"].len());
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// A call whose deadline passes before its request message has arrived is answered DEADLINE_EXCEEDED, as
+/// grpc-go answers it, and counted so (tonic's own timer answered CANCELLED "Timeout expired").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deadline_that_passes_before_the_message_is_deadline_exceeded() {
+    let (h, _) = start(config(fixture("llama/adapters"))).await;
+    let before = common::metrics_text(h.metrics_addr).await;
+    let tcp = tokio::net::TcpStream::connect(h.grpc_addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    for (method, partial) in
+        [("Generate", vec![]), ("GenerateStream", frame(0, &req("", "alpha", 2).encode_to_vec())[..6].to_vec())]
+    {
+        let request = http::Request::post(format!("http://{}/loraserve.v1.LoraServe/{method}", h.grpc_addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("grpc-timeout", "200m")
+            .body(())
+            .unwrap();
+        // The headers and part of a message, and the stream left open.
+        let (response, mut stream) = send.send_request(request, false).unwrap();
+        if !partial.is_empty() {
+            stream.send_data(partial.into(), false).unwrap();
+        }
+        let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
+        let status = tonic::Status::from_header_map(response.headers()).expect("a trailers-only answer");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{method}: {status:?}");
+        assert_eq!(status.message(), "deadline exceeded before the request message arrived");
+        send = send.ready().await.unwrap();
+    }
+    let after = common::metrics_text(h.metrics_addr).await;
+    for rpc in ["Generate", "GenerateStream"] {
+        assert_eq!(
+            counted(&after, rpc, "DEADLINE_EXCEEDED"),
+            counted(&before, rpc, "DEADLINE_EXCEEDED") + 1,
+            "{after}"
+        );
+        assert_eq!(counted(&after, rpc, "CANCELLED"), counted(&before, rpc, "CANCELLED"), "{after}");
+    }
+    h.shutdown();
+    h.wait().await.unwrap();
+}
