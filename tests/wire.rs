@@ -165,3 +165,40 @@ async fn a_deadline_that_passes_before_the_message_is_deadline_exceeded() {
     h.shutdown();
     h.wait().await.unwrap();
 }
+
+/// An HTTP request that is no gRPC call is refused before routing, as grpc-go refuses it: a method other
+/// than POST with HTTP 405, a content-type other than `application/grpc…` with HTTP 415 (tonic ran a GET's
+/// generation, and answered a JSON body HTTP 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_requests_that_are_no_grpc_call_are_refused() {
+    let (h, mut c) = start(config(fixture("llama/adapters"))).await;
+    let tcp = tokio::net::TcpStream::connect(h.grpc_addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let body = frame(0, &req("", "alpha", 2).encode_to_vec());
+    for (method, content_type, http_status, words) in [
+        ("GET", "application/grpc", 405, "method GET is not allowed"),
+        ("POST", "application/json", 415, "content-type `application/json` is not gRPC"),
+        ("POST", "", 415, "no content-type is not gRPC"),
+    ] {
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}/loraserve.v1.LoraServe/Generate", h.grpc_addr))
+            .header("te", "trailers");
+        if !content_type.is_empty() {
+            request = request.header("content-type", content_type);
+        }
+        let (response, mut stream) = send.send_request(request.body(()).unwrap(), false).unwrap();
+        stream.send_data(body.clone().into(), true).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
+        assert_eq!(response.status().as_u16(), http_status, "{method} {content_type}");
+        let status = tonic::Status::from_header_map(response.headers()).unwrap();
+        assert_eq!(status.code(), Code::Internal);
+        assert!(status.message().contains(words), "{}", status.message());
+        send = send.ready().await.unwrap();
+    }
+    assert!(c.generate(req("", "alpha", 2)).await.is_ok(), "gRPC calls are served");
+    h.shutdown();
+    h.wait().await.unwrap();
+}

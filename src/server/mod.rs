@@ -12,7 +12,7 @@
 //! - [`client`]: the small client behind `server client`.
 //! - Private: `counting.rs` (calls no handler saw, tonic's decoding faults restated), `deadline.rs`
 //!   (`grpc-timeout`), `conversation.rs` and [`render`] (chat templates), `listen.rs` (the accepted sockets),
-//!   `arrival.rs` (when a call came).
+//!   `arrival.rs` (when a call came), `grpc_only.rs` (HTTP requests that are no gRPC call).
 
 mod arrival;
 pub mod auth;
@@ -21,6 +21,7 @@ pub mod codec;
 mod conversation;
 mod counting;
 mod deadline;
+mod grpc_only;
 mod listen;
 pub mod metrics_http;
 pub mod render;
@@ -343,6 +344,7 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
     let keys = cfg.api_keys.clone();
     let router = builder
         .layer(arrival::StampArrival)
+        .layer(grpc_only::GrpcOnly)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
