@@ -202,3 +202,27 @@ async fn http_requests_that_are_no_grpc_call_are_refused() {
     h.shutdown();
     h.wait().await.unwrap();
 }
+
+/// A health Watch on a service the server does not know gets one SERVICE_UNKNOWN message and stays open, as
+/// the health-checking spec says (tonic-health ended it NOT_FOUND); Check answers NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_health_watch_on_an_unknown_service_is_service_unknown_and_stays_open() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let (h, _) = start(config(fixture("llama/adapters"))).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", h.grpc_addr)).unwrap();
+    let mut health = HealthClient::new(channel.connect().await.unwrap());
+    let ask = |service: &str| HealthCheckRequest { service: service.into() };
+    let mut unknown = health.watch(ask("nope.v1.Nope")).await.unwrap().into_inner();
+    let first = unknown.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::ServiceUnknown);
+    let next = tokio::time::timeout(Duration::from_millis(300), unknown.message()).await;
+    assert!(next.is_err(), "the call stays open: {next:?}");
+    let mut known = health.watch(ask("loraserve.v1.LoraServe")).await.unwrap().into_inner();
+    assert_eq!(known.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+    assert_eq!(health.check(ask("nope.v1.Nope")).await.unwrap_err().code(), Code::NotFound);
+    // Watches end with their connection: closed here, not held until the drain's end.
+    drop((unknown, known, health));
+    h.shutdown();
+    h.wait().await.unwrap();
+}

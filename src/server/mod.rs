@@ -12,7 +12,8 @@
 //! - [`client`]: the small client behind `server client`.
 //! - Private: `counting.rs` (calls no handler saw, tonic's decoding faults restated), `deadline.rs`
 //!   (`grpc-timeout`), `conversation.rs` and [`render`] (chat templates), `listen.rs` (the accepted sockets),
-//!   `arrival.rs` (when a call came), `grpc_only.rs` (HTTP requests that are no gRPC call).
+//!   `arrival.rs` (when a call came), `grpc_only.rs` (HTTP requests that are no gRPC call),
+//!   `health.rs` (`grpc.health.v1`).
 
 mod arrival;
 pub mod auth;
@@ -22,6 +23,7 @@ mod conversation;
 mod counting;
 mod deadline;
 mod grpc_only;
+mod health;
 mod listen;
 pub mod metrics_http;
 pub mod render;
@@ -301,7 +303,8 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
         let _ = metrics_done_rx.wait_for(|done| *done).await;
     }));
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tonic_health::server::HealthReporter::new();
+    let health_service = health::service(health.clone());
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     health.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::NotServing).await;
     // Both reflection protocols: v1, and v1alpha that older grpcurl and other tools still speak.
