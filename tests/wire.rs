@@ -8,11 +8,15 @@ use std::time::Duration;
 
 use common::fixture;
 use common::serve::{config, req, start};
-use common::wire::{frame, raw_call};
+use common::wire::{frame, raw_call, raw_call_with_timeout};
 use loraserve::server::proto::lora_serve_client::LoraServeClient;
+use loraserve::server::proto::LoadAdapterRequest;
 use prost::Message;
 use tonic::codec::CompressionEncoding;
 use tonic::Code;
+
+/// Held by every test here, since some count calls: the metrics recorder is the process's, shared by them all.
+static COUNTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// `loraserve_requests_total{rpc, code}` in a `/metrics` text.
 fn counted(text: &str, rpc: &str, code: &str) -> u64 {
@@ -26,6 +30,7 @@ fn counted(text: &str, rpc: &str, code: &str) -> u64 {
 /// client's fault is no server error for the alerts (`loraserve_requests_total{code="INTERNAL"}`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_malformed_below_protobuf_are_invalid_argument_not_internal() {
+    let _counting = COUNTING.lock().await;
     let (h, _) = start(config(fixture("llama/adapters"))).await;
     let message = req("", "alpha", 2).encode_to_vec();
     // (grpc-encoding, body, what the message names)
@@ -58,6 +63,7 @@ async fn requests_malformed_below_protobuf_are_invalid_argument_not_internal() {
 /// as it is uncompressed (tonic answers RESOURCE_EXHAUSTED for it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compressed_requests_are_served_and_bounded_once_decompressed() {
+    let _counting = COUNTING.lock().await;
     let (h, mut plain) = start(config(fixture("llama/adapters"))).await;
     let r = req("qv-r4", "alpha", 6);
     let want = plain.generate(r.clone()).await.unwrap().into_inner().token_ids;
@@ -85,6 +91,7 @@ async fn compressed_requests_are_served_and_bounded_once_decompressed() {
 /// streams that never sent a message, 9 KiB each, until the socket closed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_server_bounds_the_streams_a_connection_holds() {
+    let _counting = COUNTING.lock().await;
     let (h, _) = start(config(fixture("llama/adapters"))).await;
     let tcp = tokio::net::TcpStream::connect(h.grpc_addr).await.unwrap();
     let (send, connection) = h2::client::handshake(tcp).await.unwrap();
@@ -110,6 +117,7 @@ async fn the_server_bounds_the_streams_a_connection_holds() {
 /// 12 KiB, and grpcio dropped the answer at its 8 KiB limit as RESOURCE_EXHAUSTED).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_messages_fit_the_header_that_carries_them() {
+    let _counting = COUNTING.lock().await;
     let (h, mut c) = start(config(fixture("llama/adapters"))).await;
     let mut r = tonic::Request::new(req(&"é".repeat(4000), "alpha", 2));
     r.metadata_mut().insert("x-adapter-id", "qv-r4".parse().unwrap());
@@ -127,6 +135,7 @@ async fn status_messages_fit_the_header_that_carries_them() {
 /// grpc-go answers it, and counted so (tonic's own timer answered CANCELLED "Timeout expired").
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deadline_that_passes_before_the_message_is_deadline_exceeded() {
+    let _counting = COUNTING.lock().await;
     let (h, _) = start(config(fixture("llama/adapters"))).await;
     let before = common::metrics_text(h.metrics_addr).await;
     let tcp = tokio::net::TcpStream::connect(h.grpc_addr).await.unwrap();
@@ -153,6 +162,13 @@ async fn a_deadline_that_passes_before_the_message_is_deadline_exceeded() {
         assert_eq!(status.message(), "deadline exceeded before the request message arrived");
         send = send.ready().await.unwrap();
     }
+    // A deadline already past is not met by a load that needs no wait (the adapter is resident).
+    let load = LoadAdapterRequest { adapter_id: "qv-r4".into() };
+    assert_eq!(raw_call_with_timeout(h.grpc_addr, "LoadAdapter", "30S", &load).await.0, Code::Ok);
+    for timeout in ["0n", "1n", "1u"] {
+        let (code, msg) = raw_call_with_timeout(h.grpc_addr, "LoadAdapter", timeout, &load).await;
+        assert_eq!(code, Code::DeadlineExceeded, "{timeout}: {msg}");
+    }
     let after = common::metrics_text(h.metrics_addr).await;
     for rpc in ["Generate", "GenerateStream"] {
         assert_eq!(
@@ -171,16 +187,17 @@ async fn a_deadline_that_passes_before_the_message_is_deadline_exceeded() {
 /// generation, and answered a JSON body HTTP 200).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http_requests_that_are_no_grpc_call_are_refused() {
+    let _counting = COUNTING.lock().await;
     let (h, mut c) = start(config(fixture("llama/adapters"))).await;
     let tcp = tokio::net::TcpStream::connect(h.grpc_addr).await.unwrap();
     let (send, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
     let mut send = send.ready().await.unwrap();
     let body = frame(0, &req("", "alpha", 2).encode_to_vec());
-    for (method, content_type, http_status, words) in [
-        ("GET", "application/grpc", 405, "method GET is not allowed"),
-        ("POST", "application/json", 415, "content-type `application/json` is not gRPC"),
-        ("POST", "", 415, "no content-type is not gRPC"),
+    for (method, content_type, http_status, code, words) in [
+        ("GET", "application/grpc", 405, Code::Internal, "method GET is not allowed"),
+        ("POST", "application/json", 415, Code::InvalidArgument, "content-type `application/json` is not gRPC"),
+        ("POST", "", 415, Code::InvalidArgument, "no content-type is not gRPC"),
     ] {
         let mut request = http::Request::builder()
             .method(method)
@@ -194,7 +211,7 @@ async fn http_requests_that_are_no_grpc_call_are_refused() {
         let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
         assert_eq!(response.status().as_u16(), http_status, "{method} {content_type}");
         let status = tonic::Status::from_header_map(response.headers()).unwrap();
-        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.code(), code);
         assert!(status.message().contains(words), "{}", status.message());
         send = send.ready().await.unwrap();
     }
@@ -207,6 +224,7 @@ async fn http_requests_that_are_no_grpc_call_are_refused() {
 /// the health-checking spec says (tonic-health ended it NOT_FOUND); Check answers NOT_FOUND.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_health_watch_on_an_unknown_service_is_service_unknown_and_stays_open() {
+    let _counting = COUNTING.lock().await;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
     let (h, _) = start(config(fixture("llama/adapters"))).await;
@@ -223,6 +241,62 @@ async fn a_health_watch_on_an_unknown_service_is_service_unknown_and_stays_open(
     assert_eq!(health.check(ask("nope.v1.Nope")).await.unwrap_err().code(), Code::NotFound);
     // Watches end with their connection: closed here, not held until the drain's end.
     drop((unknown, known, health));
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// A client that goes away before its request message is whole (its connection closed, or the stream reset)
+/// is counted CANCELLED, or DEADLINE_EXCEEDED close to its deadline: tonic answers the connection's end
+/// UNKNOWN, which set off the server-error alert (`code=~"INTERNAL|UNKNOWN|DATA_LOSS"`), and the reset as a
+/// stream cut short (INVALID_ARGUMENT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_gone_before_its_message_is_whole_is_cancelled() {
+    let _counting = COUNTING.lock().await;
+    let (h, _) = start(config(fixture("llama/adapters"))).await;
+    let before = common::metrics_text(h.metrics_addr).await;
+    let half = frame(0, &req("", "alpha", 2).encode_to_vec())[..6].to_vec();
+    // (method, reset rather than close, grpc-timeout, leaving after ms): 520 ms is past the last quarter of
+    // 600 ms less its margin (from 428 ms on), 50 ms of 10 s is not.
+    let cases = [
+        ("Generate", false, None, 50),
+        ("GenerateStream", false, None, 50),
+        ("Generate", true, Some("10S"), 50),
+        ("GenerateStream", true, None, 50),
+        ("Generate", true, Some("600m"), 520),
+        ("GenerateStream", false, Some("600m"), 520),
+    ];
+    for (method, reset, timeout, after_ms) in cases {
+        let tcp = tokio::net::TcpStream::connect(h.grpc_addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let mut send = send.ready().await.unwrap();
+        let mut request = http::Request::post(format!("http://{}/loraserve.v1.LoraServe/{method}", h.grpc_addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        if let Some(t) = timeout {
+            request = request.header("grpc-timeout", t);
+        }
+        let (response, mut stream) = send.send_request(request.body(()).unwrap(), false).unwrap();
+        stream.send_data(half.clone().into(), false).unwrap();
+        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+        if reset {
+            stream.send_reset(h2::Reason::CANCEL);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop((response, stream, send));
+        connection.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = common::metrics_text(h.metrics_addr).await;
+    for rpc in ["Generate", "GenerateStream"] {
+        assert_eq!(counted(&after, rpc, "CANCELLED"), counted(&before, rpc, "CANCELLED") + 2, "{rpc}: {after}");
+        let timed_out = |t: &str| counted(t, rpc, "DEADLINE_EXCEEDED");
+        assert_eq!(timed_out(&after), timed_out(&before) + 1, "{rpc}: {after}");
+        for code in ["UNKNOWN", "INVALID_ARGUMENT", "INTERNAL"] {
+            assert_eq!(counted(&after, rpc, code), counted(&before, rpc, code), "{rpc}: {after}");
+        }
+    }
     h.shutdown();
     h.wait().await.unwrap();
 }

@@ -2,17 +2,22 @@
 //! tonic's decoding (a message past `--max-request-bytes`, malformed protobuf), or for an unknown method.
 //! The handlers count their own calls in `loraserve_requests_total` (service.rs) and mark the request as
 //! seen; [`CountUnseen`], wrapped around the whole LoraServe service, counts the rest from the status tonic
-//! answered with, so every finished call is counted exactly once: a call left before its message arrived
-//! (the client went away) as CANCELLED, or DEADLINE_EXCEEDED close to its deadline. A call whose deadline
-//! comes before its handler answers (its message has not arrived) is answered DEADLINE_EXCEEDED here, just
-//! before tonic's own timer would answer CANCELLED "Timeout expired" (`deadline.rs`). A request that is malformed below
-//! protobuf, which tonic answers INTERNAL (a stream that ends before its message is whole: cut short, or
-//! reset by the client mid-upload; a compressed flag without or against its `grpc-encoding`; compressed
-//! bytes that do not decompress), is answered and counted INVALID_ARGUMENT instead: the client's doing, not a
-//! server error for the alerts. A compressed message past `--max-request-bytes` once decompressed, which
-//! tonic answers RESOURCE_EXHAUSTED, is OUT_OF_RANGE, as the same message sent uncompressed.
+//! answered with, so every finished call is counted exactly once. Restated on the way:
+//!
+//! - a client gone before its message arrived (its stream reset or its connection dropped, seen as its
+//!   request body failing to read; tonic answers a stream cut short or UNKNOWN): CANCELLED, or
+//!   DEADLINE_EXCEEDED close to its deadline;
+//! - a deadline that comes before the handler answers (the message has not arrived): answered
+//!   DEADLINE_EXCEEDED here, just before tonic's own timer would answer CANCELLED "Timeout expired"
+//!   (`deadline.rs`);
+//! - a request malformed below protobuf, which tonic answers INTERNAL (a stream that ends before its message
+//!   is whole; a compressed flag without or against its `grpc-encoding`; compressed bytes that do not
+//!   decompress): INVALID_ARGUMENT, the client's doing, not a server error for the alerts;
+//! - a compressed message past `--max-request-bytes` once decompressed, which tonic answers
+//!   RESOURCE_EXHAUSTED: OUT_OF_RANGE, as the same message sent uncompressed.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -78,8 +83,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let seen = HandlerSeen::default();
+        let gone = Arc::new(AtomicBool::new(false));
+        let mut req = req.map(|body| Body::new(Watched { body, gone: gone.clone() }));
         req.extensions_mut().insert(seen.clone());
         let rpc = rpc_label(req.uri().path());
         // A header out of the spec is the handler's to refuse.
@@ -108,7 +115,14 @@ where
             if !seen.0.load(Ordering::Relaxed) {
                 // Refused before any handler ran: a trailers-only response, its status in the headers.
                 let mut status = tonic::Status::from_header_map(resp.headers());
-                if let Some(cut) = status.as_ref().and_then(restated) {
+                if gone.load(Ordering::Relaxed) {
+                    // Whatever tonic made of it ("Missing request message.", UNKNOWN "h2 protocol error"), no
+                    // one reads this answer: cancelled, or ended by its deadline close to it.
+                    let code = ended_by(timed_out_from);
+                    let left = tonic::Status::new(code, "the client left before its request message was whole");
+                    let _ = left.add_header(resp.headers_mut());
+                    status = Some(left);
+                } else if let Some(cut) = status.as_ref().and_then(restated) {
                     // Cannot fail: the message is ours, plain ASCII.
                     let _ = cut.add_header(resp.headers_mut());
                     status = Some(cut);
@@ -117,6 +131,37 @@ where
             }
             Ok(resp)
         })
+    }
+}
+
+/// A request body that notes when reading it fails: the client reset its stream or its connection went
+/// (a body that merely ends early is the client's malformed request instead).
+struct Watched {
+    body: Body,
+    gone: Arc<AtomicBool>,
+}
+
+impl http_body::Body for Watched {
+    type Data = tonic::codegen::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &frame {
+            self.gone.store(true, Ordering::Relaxed);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -1,7 +1,7 @@
 //! HTTP requests on the gRPC port that are no gRPC call, refused before routing as gRPC's HTTP/2 protocol
-//! says and grpc-go does: a method other than POST gets HTTP 405, a content-type that is not
-//! `application/grpc` (or `application/grpc+<codec>`, `application/grpc;…`) HTTP 415, each with grpc-status
-//! INTERNAL naming what is wrong. tonic routes on the path alone: a GET ran a generation, and a JSON body was
+//! says and grpc-go does: a method other than POST gets HTTP 405 with grpc-status INTERNAL, a content-type
+//! that is not `application/grpc` (or `application/grpc+<codec>`, `application/grpc;…`) HTTP 415 with
+//! INVALID_ARGUMENT, each naming what is wrong (what the request sent quoted in part). tonic routes on the path alone: a GET ran a generation, and a JSON body was
 //! read as a gRPC frame, answered HTTP 200 — which a plain HTTP client takes for success.
 
 use std::task::{Context, Poll};
@@ -52,8 +52,12 @@ where
 
 /// The answer to `req` when it is no gRPC call.
 fn refusal<B>(req: &http::Request<B>) -> Option<http::Response<Body>> {
-    let (status, message) = if req.method() != Method::POST {
-        (StatusCode::METHOD_NOT_ALLOWED, format!("method {} is not allowed: gRPC calls are POST", req.method()))
+    let (status, answer) = if req.method() != Method::POST {
+        let method = quoted(req.method().as_str().as_bytes());
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            tonic::Status::internal(format!("method {method} is not allowed: gRPC calls are POST")),
+        )
     } else {
         let content_type = req.headers().get(http::header::CONTENT_TYPE);
         if content_type.and_then(|v| v.to_str().ok()).is_some_and(is_grpc) {
@@ -61,13 +65,26 @@ fn refusal<B>(req: &http::Request<B>) -> Option<http::Response<Body>> {
         }
         let given = match content_type {
             None => "no content-type".to_string(),
-            Some(v) => format!("content-type `{}`", String::from_utf8_lossy(v.as_bytes())),
+            Some(v) => format!("content-type `{}`", quoted(v.as_bytes())),
         };
-        (StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("{given} is not gRPC (application/grpc)"))
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            tonic::Status::invalid_argument(format!("{given} is not gRPC (application/grpc)")),
+        )
     };
-    let mut response = tonic::Status::internal(message).into_http::<Body>();
+    let mut response = answer.into_http::<Body>();
     *response.status_mut() = status;
     Some(response)
+}
+
+/// What a request sent, for a message: its first 100 characters at most (a header can hold kilobytes).
+fn quoted(sent: &[u8]) -> String {
+    let text = String::from_utf8_lossy(sent);
+    let mut q: String = text.chars().take(100).collect();
+    if q.len() < text.len() {
+        q.push('…');
+    }
+    q
 }
 
 /// `application/grpc`, alone or followed by `+<codec>` or `;<parameters>`.
@@ -103,9 +120,13 @@ mod tests {
             let r = refusal(&request(Method::POST, c)).unwrap();
             assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{c:?}");
             let s = tonic::Status::from_header_map(r.headers()).unwrap();
-            assert_eq!(s.code(), tonic::Code::Internal);
+            assert_eq!(s.code(), tonic::Code::InvalidArgument);
             assert!(s.message().contains("is not gRPC (application/grpc)"), "{}", s.message());
         }
+        let long = format!("text/{}", " ".repeat(15_000));
+        let s =
+            tonic::Status::from_header_map(refusal(&request(Method::POST, Some(&long))).unwrap().headers()).unwrap();
+        assert!(s.message().len() < 200 && s.message().contains("`text/  "), "{}", s.message().len());
         let r = refusal(&request(Method::GET, Some("application/grpc"))).unwrap();
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         let s = tonic::Status::from_header_map(r.headers()).unwrap();

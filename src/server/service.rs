@@ -635,6 +635,11 @@ impl LoraServe for Service {
             if id.is_empty() {
                 return Err(invalid("adapter_id", "is empty"));
             }
+            // A deadline already past (`0n`) is not met by a lease that happens to need no wait, as a generation
+            // never meets it.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Status::deadline_exceeded("deadline exceeded"));
+            }
             // Loaded and left in the cache unleased.
             let lease = lease_adapter(&ready.cache, &id, deadline).await?;
             Ok(Response::new(proto::LoadAdapterResponse { adapter_version: lease.version().to_string() }))
