@@ -300,3 +300,23 @@ async fn a_client_gone_before_its_message_is_whole_is_cancelled() {
     h.shutdown();
     h.wait().await.unwrap();
 }
+
+/// A prompt is encoded off the async workers, one encode a core, within the request's deadline: one that
+/// passes while a long prompt is encoded is DEADLINE_EXCEEDED naming the encode. (Inline, the encode held an
+/// async worker to its end, ~0.5 s for a megabyte, health and every other call waiting behind it, and any
+/// number ran at once, ~190 MiB each; its answer came after it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prompt_is_encoded_within_its_deadline() {
+    let _counting = COUNTING.lock().await;
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.max_request_bytes = 2 << 20;
+    let (h, mut c) = start(cfg).await;
+    // A megabyte arrives within milliseconds on loopback and takes the fixture's tokenizer ~0.3 s to encode
+    // (a release build; longer in a debug one).
+    let long = req("", &"lorem ipsum dolor sit amet ".repeat(40_000), 1);
+    let (code, msg) = raw_call_with_timeout(h.grpc_addr, "Generate", "100m", &long).await;
+    assert_eq!((code, msg.as_str()), (Code::DeadlineExceeded, "deadline exceeded encoding the prompt"));
+    assert!(c.generate(req("", "alpha", 2)).await.is_ok());
+    h.shutdown();
+    h.wait().await.unwrap();
+}

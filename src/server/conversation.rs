@@ -30,7 +30,8 @@ pub(super) fn message_list(messages: &[proto::ChatMessage]) -> Result<Vec<Value>
 
 /// The prompt of a conversation ([`message_list`]): the adapter's chat template (when it brings one) or the
 /// server's renders it, with its generation prompt or the final message continued, in a rendering worker
-/// ([`super::render`]) by `deadline`; the text is encoded on a blocking thread (a template may write 64 MiB).
+/// ([`super::render`]) by `deadline`; the text is encoded on an encoder thread (`encoders.rs`; a template may
+/// write 64 MiB).
 pub(super) async fn conversation_ids(
     state: &Arc<ServiceState>,
     adapter: Option<Arc<AdapterTemplate>>,
@@ -47,12 +48,11 @@ pub(super) async fn conversation_ids(
         RenderFailure::Chat(e) => chat_status(e),
     })?;
     let state = state.clone();
-    tokio::task::spawn_blocking(move || {
+    let encode = move || {
         let ready = state.ready.get().expect("admitting requests means ready");
         template_of(ready, adapter.as_deref())?.prompt_ids_of(&ready.tokenizer, &text).map_err(chat_status)
-    })
-    .await
-    .map_err(|e| Status::internal(format!("encoding the conversation: {e}")))?
+    };
+    ready.encoders.run(deadline, "encoding the conversation", encode).await?
 }
 
 /// The template that renders a conversation: the adapter's own, else the server's.

@@ -11,7 +11,7 @@
 //! - [`codec`]: undecodable messages → INVALID_ARGUMENT; [`auth`]: API keys; [`metrics_http`]: `/metrics`.
 //! - [`client`]: the small client behind `server client`.
 //! - Private: `counting.rs` (calls no handler saw, tonic's decoding faults restated), `deadline.rs`
-//!   (`grpc-timeout`), `conversation.rs` and [`render`] (chat templates), `listen.rs` (the accepted sockets),
+//!   (`grpc-timeout`), `encoders.rs` (the threads that encode request text), `conversation.rs` and [`render`] (chat templates), `listen.rs` (the accepted sockets),
 //!   `arrival.rs` (when a call came), `grpc_only.rs` (HTTP requests that are no gRPC call),
 //!   `health.rs` (`grpc.health.v1`).
 
@@ -22,6 +22,7 @@ pub mod codec;
 mod conversation;
 mod counting;
 mod deadline;
+mod encoders;
 mod grpc_only;
 mod health;
 mod listen;
@@ -284,7 +285,8 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let renderer = render::Renderer::new(cfg.template_worker.clone());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let compiles = Arc::new(tokio::sync::Semaphore::new(cores));
-    Ok(Ready { engine, tokenizer, chat, cache, context, vocab, eos, defaults, guides, renderer, compiles })
+    let encoders = encoders::Encoders::new(cores).map_err(ServerError::Io)?;
+    Ok(Ready { engine, tokenizer, chat, cache, context, vocab, eos, defaults, guides, renderer, compiles, encoders })
 }
 
 /// Starts serving gRPC on `grpc` and `/metrics` on `metrics`.

@@ -60,6 +60,8 @@ pub struct Ready {
     pub renderer: super::render::Renderer,
     /// Structured-output compiles at once: one a core.
     pub compiles: Arc<tokio::sync::Semaphore>,
+    /// Where request text (prompts, rendered conversations) is encoded: threads of their own, one a core.
+    pub encoders: super::encoders::Encoders,
 }
 
 /// Shared by the service and the server's lifecycle.
@@ -94,22 +96,37 @@ async fn guide_of(ready: &Ready, s: proto::StructuredOutput, deadline: Option<In
     // At most one compile a core: a compile goes on past its request's deadline (for the retry), so
     // without a bound, requests that leave at once could start any number (each up to the automaton's
     // limit in memory).
-    let (guides, turns) = (ready.guides.clone(), ready.compiles.clone());
-    let compile = async move {
+    let guides = ready.guides.clone();
+    let compile = move || guides.compile(&constraint, &pending);
+    let compiled = on_turn(&ready.compiles, deadline, &format!("compiling {field}"), compile).await?;
+    compiled.map_err(|e| invalid(field, e))
+}
+
+/// `work` on a blocking thread once one of `turns` is free, within `deadline` (`doing` names it in the
+/// DEADLINE_EXCEEDED, and in the INTERNAL of a panic): the turn is held until the work ends, also past a
+/// deadline that left it, so no more run at once than there are turns.
+async fn on_turn<T: Send + 'static>(
+    turns: &Arc<tokio::sync::Semaphore>,
+    deadline: Option<Instant>,
+    doing: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    let turns = turns.clone();
+    let run = async move {
         let turn = turns.acquire_owned().await.expect("never closed");
         tokio::task::spawn_blocking(move || {
-            let _turn = turn; // held until the compile ends, also past a deadline that left it
-            guides.compile(&constraint, &pending)
+            let _turn = turn;
+            work()
         })
         .await
     };
-    let compiled = match deadline {
-        Some(d) => within(d, compile)
-            .await
-            .ok_or_else(|| Status::deadline_exceeded(format!("deadline exceeded compiling {field}")))?,
-        None => compile.await,
+    let done = match deadline {
+        Some(d) => {
+            within(d, run).await.ok_or_else(|| Status::deadline_exceeded(format!("deadline exceeded {doing}")))?
+        }
+        None => run.await,
     };
-    compiled.map_err(|e| Status::internal(format!("compiling {field}: {e}")))?.map_err(|e| invalid(field, e))
+    done.map_err(|e| Status::internal(format!("{doing}: {e}")))
 }
 
 /// The affinity header must agree with the body: a router hashed on it, so a mismatch means the request may
@@ -328,7 +345,10 @@ impl Service {
             }
             std::mem::take(&mut r.prompt_token_ids)
         } else if r.messages.is_empty() {
-            ready.tokenizer.encode(&r.prompt).map_err(|e| invalid("prompt", e))?
+            // Off the async workers (`encoders.rs`): a megabyte of prompt takes ~0.5 s to encode.
+            let (tokenizer, text) = (ready.tokenizer.clone(), std::mem::take(&mut r.prompt));
+            let encode = move || tokenizer.encode(&text);
+            ready.encoders.run(deadline, "encoding the prompt", encode).await?.map_err(|e| invalid("prompt", e))?
         } else {
             // A chat template is a program (an adapter's may come from anyone): it renders in a worker
             // process, within the request's deadline (`render.rs`).
@@ -339,7 +359,7 @@ impl Service {
         if let Some(k) = r.truncate_prompt_tokens {
             // A raw text keeps the ids its tokenizer puts before it; ids given and conversations are cut as
             // they are.
-            let prefix = if !r.prompt.is_empty() { ready.tokenizer.text_prefix() } else { &[] };
+            let prefix = if field == "prompt" { ready.tokenizer.text_prefix() } else { &[] };
             truncate_prompt(&mut prompt_ids, k, prefix).map_err(|e| invalid("truncate_prompt_tokens", e))?;
         }
         if prompt_ids.is_empty() {
