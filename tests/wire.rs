@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::fixture;
 use common::serve::{config, req, start};
-use common::wire::{frame, raw_call, raw_call_with_timeout};
+use common::wire::{frame, grpc_request, h2_connect, raw_call, raw_call_with_timeout};
 use loraserve::server::proto::lora_serve_client::LoraServeClient;
 use loraserve::server::proto::LoadAdapterRequest;
 use prost::Message;
@@ -93,11 +93,8 @@ async fn compressed_requests_are_served_and_bounded_once_decompressed() {
 async fn the_server_bounds_the_streams_a_connection_holds() {
     let _counting = COUNTING.lock().await;
     let (h, _) = start(config(fixture("llama/adapters"))).await;
-    let tcp = tokio::net::TcpStream::connect(h.grpc_addr).await.unwrap();
-    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
     // The server's SETTINGS arrive with the connection's first exchange.
-    let mut send = send.ready().await.unwrap();
+    let (mut send, _connection) = h2_connect(h.grpc_addr).await;
     let mut limit = send.current_max_send_streams();
     for _ in 0..100 {
         if limit != usize::MAX {
@@ -138,19 +135,11 @@ async fn a_deadline_that_passes_before_the_message_is_deadline_exceeded() {
     let _counting = COUNTING.lock().await;
     let (h, _) = start(config(fixture("llama/adapters"))).await;
     let before = common::metrics_text(h.metrics_addr).await;
-    let tcp = tokio::net::TcpStream::connect(h.grpc_addr).await.unwrap();
-    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
-    let mut send = send.ready().await.unwrap();
+    let (mut send, _connection) = h2_connect(h.grpc_addr).await;
     for (method, partial) in
         [("Generate", vec![]), ("GenerateStream", frame(0, &req("", "alpha", 2).encode_to_vec())[..6].to_vec())]
     {
-        let request = http::Request::post(format!("http://{}/loraserve.v1.LoraServe/{method}", h.grpc_addr))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header("grpc-timeout", "200m")
-            .body(())
-            .unwrap();
+        let request = grpc_request(h.grpc_addr, method).header("grpc-timeout", "200m").body(()).unwrap();
         // The headers and part of a message, and the stream left open.
         let (response, mut stream) = send.send_request(request, false).unwrap();
         if !partial.is_empty() {
@@ -189,10 +178,7 @@ async fn a_deadline_that_passes_before_the_message_is_deadline_exceeded() {
 async fn http_requests_that_are_no_grpc_call_are_refused() {
     let _counting = COUNTING.lock().await;
     let (h, mut c) = start(config(fixture("llama/adapters"))).await;
-    let tcp = tokio::net::TcpStream::connect(h.grpc_addr).await.unwrap();
-    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
-    let mut send = send.ready().await.unwrap();
+    let (mut send, _connection) = h2_connect(h.grpc_addr).await;
     let body = frame(0, &req("", "alpha", 2).encode_to_vec());
     for (method, content_type, http_status, code, words) in [
         ("GET", "application/grpc", 405, Code::Internal, "method GET is not allowed"),
@@ -267,14 +253,8 @@ async fn a_client_gone_before_its_message_is_whole_is_cancelled() {
         ("GenerateStream", false, Some("600m"), 520),
     ];
     for (method, reset, timeout, after_ms) in cases {
-        let tcp = tokio::net::TcpStream::connect(h.grpc_addr).await.unwrap();
-        tcp.set_nodelay(true).unwrap();
-        let (send, connection) = h2::client::handshake(tcp).await.unwrap();
-        let connection = tokio::spawn(connection);
-        let mut send = send.ready().await.unwrap();
-        let mut request = http::Request::post(format!("http://{}/loraserve.v1.LoraServe/{method}", h.grpc_addr))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers");
+        let (mut send, connection) = h2_connect(h.grpc_addr).await;
+        let mut request = grpc_request(h.grpc_addr, method);
         if let Some(t) = timeout {
             request = request.header("grpc-timeout", t);
         }

@@ -18,7 +18,7 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// The encoder threads' queue (the threads end when it is dropped).
 pub struct Encoders {
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
 }
 
 impl Encoders {
@@ -37,7 +37,7 @@ impl Encoders {
                 }
             })?;
         }
-        Ok(Encoders { jobs: Mutex::new(tx) })
+        Ok(Encoders { jobs: tx })
     }
 
     /// `work`'s result, computed on an encoder thread, within `deadline` (`doing` names it in the
@@ -54,7 +54,7 @@ impl Encoders {
                 let _ = tx.send(std::panic::catch_unwind(AssertUnwindSafe(work)));
             }
         });
-        let queued = self.jobs.lock().expect("encoder queue").send(job);
+        let queued = self.jobs.send(job);
         queued.map_err(|_| Status::internal(format!("{doing}: the encoder threads are gone")))?;
         let done = match deadline {
             Some(d) => {

@@ -96,37 +96,22 @@ async fn guide_of(ready: &Ready, s: proto::StructuredOutput, deadline: Option<In
     // At most one compile a core: a compile goes on past its request's deadline (for the retry), so
     // without a bound, requests that leave at once could start any number (each up to the automaton's
     // limit in memory).
-    let guides = ready.guides.clone();
-    let compile = move || guides.compile(&constraint, &pending);
-    let compiled = on_turn(&ready.compiles, deadline, &format!("compiling {field}"), compile).await?;
-    compiled.map_err(|e| invalid(field, e))
-}
-
-/// `work` on a blocking thread once one of `turns` is free, within `deadline` (`doing` names it in the
-/// DEADLINE_EXCEEDED, and in the INTERNAL of a panic): the turn is held until the work ends, also past a
-/// deadline that left it, so no more run at once than there are turns.
-async fn on_turn<T: Send + 'static>(
-    turns: &Arc<tokio::sync::Semaphore>,
-    deadline: Option<Instant>,
-    doing: &str,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Status> {
-    let turns = turns.clone();
-    let run = async move {
+    let (guides, turns) = (ready.guides.clone(), ready.compiles.clone());
+    let compile = async move {
         let turn = turns.acquire_owned().await.expect("never closed");
         tokio::task::spawn_blocking(move || {
-            let _turn = turn;
-            work()
+            let _turn = turn; // held until the compile ends, also past a deadline that left it
+            guides.compile(&constraint, &pending)
         })
         .await
     };
-    let done = match deadline {
-        Some(d) => {
-            within(d, run).await.ok_or_else(|| Status::deadline_exceeded(format!("deadline exceeded {doing}")))?
-        }
-        None => run.await,
+    let compiled = match deadline {
+        Some(d) => within(d, compile)
+            .await
+            .ok_or_else(|| Status::deadline_exceeded(format!("deadline exceeded compiling {field}")))?,
+        None => compile.await,
     };
-    done.map_err(|e| Status::internal(format!("{doing}: {e}")))
+    compiled.map_err(|e| Status::internal(format!("compiling {field}: {e}")))?.map_err(|e| invalid(field, e))
 }
 
 /// The affinity header must agree with the body: a router hashed on it, so a mismatch means the request may
@@ -135,12 +120,9 @@ fn check_adapter_header(meta: &tonic::metadata::MetadataMap, adapter_id: &str) -
     let Some(h) = meta.get(super::ADAPTER_ID_HEADER) else { return Ok(()) };
     let h = h.to_str().map_err(|_| invalid(super::ADAPTER_ID_HEADER, "not ASCII"))?;
     if h != adapter_id {
-        // The body's id is not checked yet: quoted in part (a valid id has at most 128 bytes).
-        let quoted: String = adapter_id.chars().take(160).collect();
-        let more = if quoted.len() < adapter_id.len() { "…" } else { "" };
         return Err(invalid(
             super::ADAPTER_ID_HEADER,
-            format!("header `{h}` disagrees with adapter_id `{quoted}{more}`"),
+            format!("header `{h}` disagrees with adapter_id `{adapter_id}`"),
         ));
     }
     Ok(())

@@ -11,7 +11,8 @@ use crate::lora::store::StoreError;
 
 /// An invalid request field: `INVALID_ARGUMENT` naming the field.
 pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(bounded(format!("{field}: {reason}")))
+    let m = format!("{field}: {reason}");
+    Status::invalid_argument(bounded(&m).unwrap_or(m))
 }
 
 /// The longest status message sent whole, in bytes on the wire: it travels percent-encoded in a header
@@ -30,11 +31,11 @@ fn wire_len(c: char) -> usize {
     }
 }
 
-/// `m`, or past [`MESSAGE_MAX`] on the wire its start and end with the middle left out (both ends say what
-/// and where).
-fn bounded(m: String) -> String {
+/// `m` past [`MESSAGE_MAX`] on the wire: its start and end with the middle left out (both ends say what and
+/// where); `None` when it fits.
+fn bounded(m: &str) -> Option<String> {
     if m.chars().map(wire_len).sum::<usize>() <= MESSAGE_MAX {
-        return m;
+        return None;
     }
     // Each end gets half the budget, less room for the note between them.
     let half = MESSAGE_MAX / 2 - 64;
@@ -49,15 +50,15 @@ fn bounded(m: String) -> String {
     };
     let head = within(&mut m.char_indices()).map_or(0, |(i, c)| i + c.len_utf8());
     let tail = within(&mut m.char_indices().rev()).map_or(m.len(), |(i, _)| i);
-    format!("{} … ({} bytes left out) … {}", &m[..head], tail - head, &m[tail..])
+    Some(format!("{} … ({} bytes left out) … {}", &m[..head], tail - head, &m[tail..]))
 }
 
 /// `s` with its message cut as `bounded` cuts it: every status a handler answers goes through here.
 pub fn bound(s: Status) -> Status {
-    if s.message().chars().map(wire_len).sum::<usize>() <= MESSAGE_MAX {
-        return s;
+    match bounded(s.message()) {
+        Some(m) => Status::new(s.code(), m),
+        None => s,
     }
-    Status::new(s.code(), bounded(s.message().to_string()))
 }
 
 pub fn from_cache(e: CacheError, deadline_passed: bool) -> Status {

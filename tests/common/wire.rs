@@ -18,6 +18,25 @@ pub async fn raw_call_with_timeout(
     raw_call(addr, method, &[("grpc-timeout", timeout)], frame(0, &r.encode_to_vec())).await
 }
 
+/// The headers of a call to LoraServe's `method` at `addr` (POST, `application/grpc`, `te: trailers`), to add
+/// to.
+pub fn grpc_request(addr: SocketAddr, method: &str) -> http::request::Builder {
+    http::Request::post(format!("http://{addr}/loraserve.v1.LoraServe/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+}
+
+/// A raw HTTP/2 connection to `addr` (TCP_NODELAY), ready for a stream, and the task that drives it.
+pub async fn h2_connect(
+    addr: SocketAddr,
+) -> (h2::client::SendRequest<bytes::Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    (send.ready().await.unwrap(), connection)
+}
+
 /// One gRPC frame: the compressed flag, the length, the bytes.
 pub fn frame(flag: u8, message: &[u8]) -> Vec<u8> {
     let mut framed = vec![flag];
@@ -36,9 +55,7 @@ pub async fn raw_call(addr: SocketAddr, method: &str, headers: &[(&str, &str)], 
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build::<_, Full<bytes::Bytes>>(connector);
-    let mut request = http::Request::post(format!("http://{addr}/loraserve.v1.LoraServe/{method}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers");
+    let mut request = grpc_request(addr, method);
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
