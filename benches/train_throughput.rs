@@ -1,6 +1,7 @@
 //! QLoRA training throughput and peak memory on a ~1B Llama shape (TinyLlama geometry, random weights):
-//! NF4 base versus dense f32 base, rank-16 q,k,v,o adapter, sequences of 256 tokens, batch 2, on this
-//! machine. Each configuration runs in its own process so its peak RSS (VmHWM) is its own.
+//! NF4 base versus dense f32 base, each with and without activation checkpointing (`--gradient-checkpointing`),
+//! rank-16 q,k,v,o adapter, sequences of 256 tokens, batch 2, on this machine. Each configuration runs in its
+//! own process so its peak RSS (VmHWM) is its own.
 //!
 //! `cargo bench --bench train_throughput` (`LORASERVE_BENCH_SHAPE=demo` for a quick run).
 
@@ -13,7 +14,7 @@ use loraserve::model::{synthetic, LoadOptions};
 use loraserve::quant::QuantMode;
 use loraserve::train::data::Example;
 use loraserve::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use loraserve::train::trainer::batch_nll;
+use loraserve::train::trainer::micro_batch_grads;
 
 const SEQ: usize = 256;
 const BATCH: usize = 2;
@@ -28,7 +29,7 @@ fn peak_rss_mb() -> f64 {
 }
 
 /// One configuration, in this process: prints `tokens_per_s peak_mb`.
-fn child(shape: &str, quant: QuantMode, steps: usize) {
+fn child(shape: &str, quant: QuantMode, checkpointing: bool, steps: usize) {
     let model = synthetic::build(shape, &LoadOptions { dtype: DType::F32, quant, device: Device::Cpu }, 7).unwrap();
     let spec = LoraSpec {
         rank: 16,
@@ -48,10 +49,10 @@ fn child(shape: &str, quant: QuantMode, steps: usize) {
         })
         .collect();
     let refs: Vec<&Example> = examples.iter().collect();
+    let targets = examples.iter().map(|e| e.loss_tokens()).sum();
     let mut step = || {
-        let (nll, n) = batch_nll(&model, &lora, &refs, true).unwrap();
-        let g = (nll / n as f64).unwrap().backward().unwrap();
-        let mut grads: Vec<_> = vars.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()).collect();
+        let (_, grads) = micro_batch_grads(&model, &lora, &refs, targets, checkpointing).unwrap();
+        let mut grads: Vec<_> = grads.into_iter().map(Option::unwrap).collect();
         clip_grad_norm(&mut grads, 1.0).unwrap();
         opt.update(&vars, &grads, 2e-4).unwrap();
     };
@@ -68,7 +69,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--child") {
         let quant = if args[i + 2] == "nf4" { QuantMode::Nf4 } else { QuantMode::None };
-        child(&args[i + 1], quant, args[i + 3].parse().unwrap());
+        child(&args[i + 1], quant, args[i + 3] == "checkpointed", args[i + 4].parse().unwrap());
         return;
     }
     let shape = std::env::var("LORASERVE_BENCH_SHAPE").unwrap_or_else(|_| "llama-1b".into());
@@ -77,23 +78,23 @@ fn main() {
         "QLoRA training, {shape}, rank-16 q,k,v,o, batch {BATCH} × {SEQ} tokens, f32 compute, {} threads\n",
         rayon::current_num_threads()
     );
-    println!("| base | tokens/s | peak RSS MB |\n|---|---|---|");
+    println!("| base | activations | tokens/s | peak RSS MB |\n|---|---|---|---|");
     let mut results = Vec::new();
     for base in ["nf4", "dense"] {
-        let out = std::process::Command::new(&args[0])
-            .args(["--child", &shape, base, &steps.to_string()])
-            .output()
-            .expect("child run");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().last().unwrap_or_default();
-        let mut it = line.split_whitespace().map(|v| v.parse::<f64>().unwrap_or(f64::NAN));
-        let (tps, mb) = (it.next().unwrap_or(f64::NAN), it.next().unwrap_or(f64::NAN));
-        println!("| {base} | {tps:.1} | {mb:.0} |");
-        results.push((tps, mb));
+        for (activations, mode) in [("all kept", "plain"), ("checkpointed", "checkpointed")] {
+            let out = std::process::Command::new(&args[0])
+                .args(["--child", &shape, base, mode, &steps.to_string()])
+                .output()
+                .expect("child run");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let line = text.lines().last().unwrap_or_default();
+            let mut it = line.split_whitespace().map(|v| v.parse::<f64>().unwrap_or(f64::NAN));
+            let (tps, mb) = (it.next().unwrap_or(f64::NAN), it.next().unwrap_or(f64::NAN));
+            println!("| {base} | {activations} | {tps:.1} | {mb:.0} |");
+            results.push((tps, mb));
+        }
     }
-    println!(
-        "\nNF4 / dense: {:.2}× tokens/s, {:.2}× peak memory",
-        results[0].0 / results[1].0,
-        results[0].1 / results[1].1
-    );
+    let ratio = |a: (f64, f64), b: (f64, f64)| format!("{:.2}× tokens/s, {:.2}× peak memory", a.0 / b.0, a.1 / b.1);
+    println!("\nNF4 / dense, all kept: {}", ratio(results[0], results[2]));
+    println!("checkpointed / all kept: NF4 {}; dense {}", ratio(results[1], results[0]), ratio(results[3], results[2]));
 }

@@ -17,7 +17,7 @@ use loraserve::model::{self, AttentionMode, Batch, LoadOptions, LoadedModel, Mod
 use loraserve::quant::QuantMode;
 use loraserve::rng::Rng;
 use loraserve::train::data::Example;
-use loraserve::train::trainer::batch_nll;
+use loraserve::train::trainer::{batch_nll, micro_batch_grads};
 
 fn llama(quant: QuantMode) -> LoadedModel {
     model::load(&ModelSpec::Dir(fixture("llama/model")), &LoadOptions { dtype: DType::F32, quant, device: Device::Cpu })
@@ -81,6 +81,57 @@ fn lora_gradients_match_finite_differences() {
             }
         }
         assert!(checked >= 12);
+    }
+}
+
+/// Activation checkpointing gives the plain backward's loss and gradients, bit for bit, dropout masks included
+/// (each layer run again draws the masks it drew the first time), and leaves the dropout generator where the
+/// plain run does.
+#[test]
+fn checkpointed_gradients_are_the_plain_backwards() {
+    // Without dropout a layer's input reaches the LoRA A matmuls directly: its gradient then carries those
+    // weights' graph, which a layer run again must not differentiate a second time. Qwen2's q/k/v have biases
+    // and its head is the embedding.
+    let cases = [("llama", QuantMode::None, 0.1), ("llama", QuantMode::Nf4, 0.1), ("llama", QuantMode::Nf4, 0.0)];
+    for (name, quant, dropout) in cases.into_iter().chain([("qwen2", QuantMode::Nf4, 0.0)]) {
+        let opts = LoadOptions { dtype: DType::F32, quant, device: Device::Cpu };
+        let m = model::load(&ModelSpec::Dir(fixture(&format!("{name}/model"))), &opts).unwrap();
+        let spec = LoraSpec { rank: 4, alpha: 8.0, use_rslora: false, dropout, targets: ModuleKind::ALL.to_vec() };
+        let lora = TrainableLora::init(&m.model.lora_layout(), spec, 3, &Device::Cpu).unwrap();
+        let mut rng = Rng::new(11);
+        for v in lora.vars().iter().skip(1).step_by(2) {
+            let vals: Vec<f32> = (0..v.elem_count()).map(|_| rng.normal() as f32 * 0.05).collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        let tok = &m.tokenizer;
+        // Every token a target; only the second half; a sequence of two.
+        let examples: Vec<Example> = [("alpha beta gamma delta", 0), ("red cat blue dog one two three", 4), ("x", 0)]
+            .iter()
+            .map(|&(t, untargeted)| {
+                let ids = tok.encode(t).unwrap();
+                let ids = if ids.len() < 2 { vec![ids[0], ids[0]] } else { ids };
+                Example { targets: (0..ids.len()).map(|i| i >= untargeted).collect(), ids }
+            })
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let start = lora.rng_state();
+        let mut runs = Vec::new();
+        for checkpointing in [false, true] {
+            lora.set_rng_state(start.clone());
+            let (loss, grads) = micro_batch_grads(&m.model, &lora, &refs, 9, checkpointing).unwrap();
+            let grads: Vec<Vec<f32>> =
+                grads.iter().map(|g| g.as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect();
+            runs.push((loss, grads, lora.rng_state().uniform()));
+        }
+        let ((loss, plain, next), (loss_ckpt, ckpt, next_ckpt)) = (&runs[0], &runs[1]);
+        let quant = (name, quant, dropout);
+        assert_eq!(loss, loss_ckpt, "{quant:?}");
+        assert_eq!(next, next_ckpt, "{quant:?}: the dropout generator ends elsewhere");
+        assert_eq!(plain.len(), ModuleKind::ALL.len() * m.model.config().num_hidden_layers * 2);
+        for (i, (p, c)) in plain.iter().zip(ckpt).enumerate() {
+            assert!(p.iter().any(|&g| g != 0.0), "{quant:?} var {i}: no gradient to compare");
+            assert!(p == c, "{quant:?} var {i}: checkpointed vs plain gradient {:e}", rel_l2(c, p));
+        }
     }
 }
 
@@ -261,7 +312,8 @@ fn output_matches_peft_layout_and_the_server_reproduces_training_logits() {
     }
 }
 
-/// A run killed with SIGKILL mid-way and resumed ends with exactly the adapter of an uninterrupted run.
+/// A run killed with SIGKILL mid-way and resumed (with `--gradient-checkpointing`) ends with exactly the adapter
+/// of an uninterrupted run (without).
 #[test]
 fn resume_after_sigkill_is_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
@@ -347,7 +399,13 @@ fn resume_after_sigkill_is_bit_for_bit() {
     let last = String::from_utf8_lossy(&log_before).lines().last().unwrap().to_string();
     cut.extend_from_slice(&last.as_bytes()[..last.len() / 2]);
     std::fs::write(&log, cut).unwrap();
-    let o = server().args(train_args(&data, &resumed)).args(extra).arg("--resume").output().unwrap();
+    // Resumed with activation checkpointing, which changes how the gradients are computed but not what they are.
+    let o = server()
+        .args(train_args(&data, &resumed))
+        .args(extra)
+        .args(["--resume", "--gradient-checkpointing"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("resuming"), "it resumed from a checkpoint");
     // The log holds each step once, in order: the killed run's steps past its checkpoint were dropped.

@@ -429,6 +429,11 @@ pub struct TrainArgs {
     /// Truncate longer examples (counted and reported).
     #[arg(long)]
     pub max_seq_len: Option<usize>,
+    /// Activation checkpointing, as transformers' `gradient_checkpointing`: the backward runs each decoder
+    /// layer's forward again instead of keeping every layer's activations, for much less memory and one more
+    /// forward pass per step. The gradients are the same.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Held-out fraction for an eval loss each epoch (0 = none).
@@ -532,6 +537,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
         grad_accum: args.grad_accum,
         max_grad_norm: args.max_grad_norm,
         max_seq_len: args.max_seq_len,
+        gradient_checkpointing: args.gradient_checkpointing,
         seed: args.seed,
         checkpoint_every: args.checkpoint_every,
         checkpoint_dir: args.checkpoint_dir.clone().unwrap_or_else(|| sibling(&output, ".checkpoints")),

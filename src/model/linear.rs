@@ -166,11 +166,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, lora: &LoraRows, differentiable: bool) -> candle_core::Result<Tensor> {
         let y = match &self.base {
             // The serving path on the CPU uses the project's dense kernel; training (autograd) and other
-            // devices use candle's matmul.
+            // devices use candle's matmul, with no gradient for the frozen weight.
             BaseWeight::Dense(w) if !differentiable && w.device().is_cpu() => {
                 x.contiguous()?.apply_op2_no_bwd(w, &crate::cpu_linear::DenseLinear)?
             }
-            BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
+            BaseWeight::Dense(w) => super::frozen::frozen_matmul(x, w)?,
             BaseWeight::Nf4(w) => {
                 let x = x.contiguous()?;
                 if differentiable {

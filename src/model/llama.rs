@@ -5,7 +5,8 @@
 //! sequence with its own past length (continuous batching mixes prefill chunks and decode steps in one
 //! call). Every linear layer is a [`Linear`] — dense or NF4 base plus the LoRA deltas of the rows' adapters.
 //! Attention is either the paged serving kernel over the KV cache or dense tensor ops (training, and the
-//! reference the serving path is checked against).
+//! reference the serving path is checked against). The dense forward also runs a layer at a time
+//! ([`Model::dense_layers`]), for training with activation checkpointing.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
@@ -13,6 +14,7 @@ use super::attention::{
     dense_attention, paged_attention, rope_in_place, rope_tables, rope_tensor, AttnShape, PagedSeq,
 };
 use super::config::ModelConfig;
+use super::frozen::frozen_matmul;
 use super::kv_cache::{KvGeometry, LayerArenas, PagedKvCache};
 use super::linear::{Linear, LinearLoad};
 use super::weights::WeightSource;
@@ -59,6 +61,59 @@ struct DecoderLayer {
     up_proj: Linear,
     down_proj: Linear,
     attn: AttnShape,
+}
+
+/// The layers of a cacheless forward over one batch, run one at a time ([`Model::dense_layers`]).
+pub struct DenseLayers<'m> {
+    model: &'m Model,
+    /// RoPE tables of the batch's rows, `[rows, head_dim / 2]`.
+    cos: Tensor,
+    sin: Tensor,
+    /// (first row, rows) of each sequence.
+    seqs: Vec<(usize, usize)>,
+    differentiable: bool,
+}
+
+impl DenseLayers<'_> {
+    /// Decoder layers in the model.
+    pub fn len(&self) -> usize {
+        self.model.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.model.layers.is_empty()
+    }
+
+    /// Layer `l` over `(x, h)` as [`Model::dense_layers`] or the layer before returned them.
+    pub fn run(&self, l: usize, x: &Tensor, h: &Tensor, lora: &LoraRows) -> Result<(Tensor, Tensor)> {
+        let a = &self.model.layers[l].attn;
+        let attend = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            let mut outs = Vec::with_capacity(self.seqs.len());
+            for &(row, len) in &self.seqs {
+                let shape3 = |t: &Tensor, heads: usize| t.narrow(0, row, len)?.reshape((len, heads, a.head_dim));
+                let (c, sn) = (self.cos.narrow(0, row, len)?, self.sin.narrow(0, row, len)?);
+                let qs = rope_tensor(&shape3(q, a.heads)?, &c, &sn)?;
+                let ks = rope_tensor(&shape3(k, a.kv_heads)?, &c, &sn)?;
+                outs.push(dense_attention(&qs, &ks, &shape3(v, a.kv_heads)?, a)?);
+            }
+            Tensor::cat(&outs, 0)
+        };
+        self.model.layer(l, x, h, lora, self.differentiable, attend)
+    }
+}
+
+/// Each sequence of `batch` with its first row.
+fn paged_seqs<'a>(batch: &Batch<'a>) -> Vec<PagedSeq<'a>> {
+    let mut row = 0;
+    batch
+        .seqs
+        .iter()
+        .map(|s| {
+            let p = PagedSeq { row, len: s.len, past: s.past, blocks: s.blocks };
+            row += s.len;
+            p
+        })
+        .collect()
 }
 
 /// A loaded Llama-family model.
@@ -142,13 +197,13 @@ pub fn head_product(x: &Tensor, head: &Tensor) -> Result<Tensor> {
 
 fn head_product_in_slices(x: &Tensor, head: &Tensor, slice_elems: usize) -> Result<Tensor> {
     if head.dtype() == x.dtype() {
-        return x.matmul(&head.t()?);
+        return frozen_matmul(x, head);
     }
     let (vocab, hidden) = head.dims2()?;
     let slice = (slice_elems / hidden.max(1)).clamp(1, vocab);
     let parts = (0..vocab)
         .step_by(slice)
-        .map(|s| x.matmul(&head.narrow(0, s, slice.min(vocab - s))?.to_dtype(x.dtype())?.t()?))
+        .map(|s| frozen_matmul(x, &head.narrow(0, s, slice.min(vocab - s))?.to_dtype(x.dtype())?))
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&parts, 1)
 }
@@ -338,51 +393,13 @@ impl Model {
     }
 
     /// Final-norm hidden states of every row `[rows, hidden]`.
-    pub fn forward_hidden(&self, batch: &Batch, mut attn: AttentionMode, lora: &LoraRows) -> Result<Tensor> {
-        let rows = batch.tokens.len();
-        let total: usize = batch.seqs.iter().map(|s| s.len).sum();
-        if total != rows {
-            candle_core::bail!("batch has {rows} tokens but its sequences cover {total}")
-        }
-        let differentiable = matches!(attn, AttentionMode::Dense { differentiable: true });
-        let ids = Tensor::from_slice(batch.tokens, rows, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
-        let positions: Vec<usize> = batch.seqs.iter().flat_map(|s| s.past..s.past + s.len).collect();
-        let (cos, sin) = rope_tables(&positions, &self.inv_freq);
-        // Dense attention ropes tensors; the CPU paged path ropes host slices in place, the GPU's kernels rope
-        // as they write keys and read queries.
-        let tables = if matches!(attn, AttentionMode::Dense { .. }) {
-            let half = self.inv_freq.len();
-            Some((
-                Tensor::from_vec(cos.clone(), (rows, half), &self.device)?,
-                Tensor::from_vec(sin.clone(), (rows, half), &self.device)?,
-            ))
-        } else {
-            None
-        };
-        let mut row = 0;
-        let paged: Vec<PagedSeq> = batch
-            .seqs
-            .iter()
-            .map(|s| {
-                let p = PagedSeq { row, len: s.len, past: s.past, blocks: s.blocks };
-                row += s.len;
-                p
-            })
-            .collect();
-        if let AttentionMode::Paged(cache) = &attn {
-            for s in &paged {
-                let need = (s.past + s.len).div_ceil(cache.geometry().block_size);
-                if s.blocks.len() < need {
-                    candle_core::bail!("sequence has {} KV blocks, needs {need}", s.blocks.len())
-                }
-            }
-        }
+    pub fn forward_hidden(&self, batch: &Batch, attn: AttentionMode, lora: &LoraRows) -> Result<Tensor> {
         // On a GPU, the LoRA segments' tables are uploaded once for every linear of this forward.
         #[cfg(feature = "cuda")]
         let plan = match (lora, &self.device) {
             (LoraRows::Segments(segs), Device::Cuda(d)) => {
-                Some(crate::gpu::lora::StepPlan::new(d, rows, segs, self.layers.len() * ModuleKind::ALL.len())?)
+                let linears = self.layers.len() * ModuleKind::ALL.len();
+                Some(crate::gpu::lora::StepPlan::new(d, batch.tokens.len(), segs, linears)?)
             }
             _ => None,
         };
@@ -390,72 +407,128 @@ impl Model {
         let device_rows = plan.as_ref().map(LoraRows::Device);
         #[cfg(feature = "cuda")]
         let lora = device_rows.as_ref().unwrap_or(lora);
+        let cache = match attn {
+            AttentionMode::Dense { differentiable } => {
+                let (layers, mut x, mut h) = self.dense_layers(batch, differentiable)?;
+                for l in 0..layers.len() {
+                    (x, h) = layers.run(l, &x, &h, lora)?;
+                }
+                return Ok(h);
+            }
+            AttentionMode::Paged(cache) => cache,
+        };
+        let (x, positions) = self.embed_rows(batch)?;
+        let rows = positions.len();
+        // The CPU paged path ropes host slices in place, the GPU's kernels rope as they write keys and read
+        // queries.
+        let (cos, sin) = rope_tables(&positions, &self.inv_freq);
+        let paged = paged_seqs(batch);
+        for s in &paged {
+            let need = (s.past + s.len).div_ceil(cache.geometry().block_size);
+            if s.blocks.len() < need {
+                candle_core::bail!("sequence has {} KV blocks, needs {need}", s.blocks.len())
+            }
+        }
         // The GPU's attention tables: uploaded once, used by every layer.
         #[cfg(feature = "cuda")]
-        let step_tables = match (&attn, &self.device) {
-            (AttentionMode::Paged(cache), Device::Cuda(d)) => {
+        let step_tables = match &self.device {
+            Device::Cuda(d) => {
                 let rope = (&cos[..], &sin[..], self.inv_freq.len());
                 Some(crate::gpu::attention::StepTables::upload(d, &paged, cache.geometry().block_size, rope)?)
             }
             _ => None,
         };
-        let eps = self.config.rms_norm_eps;
-        // `h` is always `x` normed for what reads it next: this layer's attention, then its MLP, then the next
-        // layer (the last layer's output goes through the final norm). Each residual add is fused with the norm
-        // after it.
-        let first_norm = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
-        let mut h = rms_norm(&x, first_norm, eps, differentiable)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let q = layer.q_proj.forward(&h, lora, differentiable)?;
-            let k = layer.k_proj.forward(&h, lora, differentiable)?;
-            let v = layer.v_proj.forward(&h, lora, differentiable)?;
-            let a = &layer.attn;
-            let attn_out = match &mut attn {
-                AttentionMode::Dense { .. } => {
-                    let (cos_t, sin_t) = tables.as_ref().expect("dense tables");
-                    let mut outs = Vec::with_capacity(batch.seqs.len());
-                    for s in &paged {
-                        if s.past != 0 {
-                            candle_core::bail!("dense attention has no cache: sequence past must be 0")
-                        }
-                        let shape3 =
-                            |t: &Tensor, heads: usize| t.narrow(0, s.row, s.len)?.reshape((s.len, heads, a.head_dim));
-                        let c = cos_t.narrow(0, s.row, s.len)?;
-                        let sn = sin_t.narrow(0, s.row, s.len)?;
-                        let qs = rope_tensor(&shape3(&q, a.heads)?, &c, &sn)?;
-                        let ks = rope_tensor(&shape3(&k, a.kv_heads)?, &c, &sn)?;
-                        let vs = shape3(&v, a.kv_heads)?;
-                        outs.push(dense_attention(&qs, &ks, &vs, a)?);
-                    }
-                    Tensor::cat(&outs, 0)?
+        let (mut x, mut h) = self.first_norm(x, false)?;
+        for l in 0..self.layers.len() {
+            let a = &self.layers[l].attn;
+            let attend = |q: &Tensor, k: &Tensor, v: &Tensor| match cache.layer(l) {
+                LayerArenas::Host(kv) => {
+                    let mut qv = with_f32(q, |s| s.to_vec())?;
+                    let mut kv_rows = with_f32(k, |s| s.to_vec())?;
+                    let vv = with_f32(v, |s| s.to_vec())?;
+                    rope_in_place(&mut qv, a.heads, a.head_dim, &cos, &sin);
+                    rope_in_place(&mut kv_rows, a.kv_heads, a.head_dim, &cos, &sin);
+                    let out = paged_attention(&qv, &kv_rows, &vv, &paged, kv, a);
+                    tensor_from_f32(out, &[rows, a.heads * a.head_dim], self.dtype, &self.device)
                 }
-                AttentionMode::Paged(cache) => match cache.layer(l) {
-                    LayerArenas::Host(kv) => {
-                        let mut qv = with_f32(&q, |s| s.to_vec())?;
-                        let mut kv_rows = with_f32(&k, |s| s.to_vec())?;
-                        let vv = with_f32(&v, |s| s.to_vec())?;
-                        rope_in_place(&mut qv, a.heads, a.head_dim, &cos, &sin);
-                        rope_in_place(&mut kv_rows, a.kv_heads, a.head_dim, &cos, &sin);
-                        let out = paged_attention(&qv, &kv_rows, &vv, &paged, kv, a);
-                        tensor_from_f32(out, &[rows, a.heads * a.head_dim], self.dtype, &self.device)?
-                    }
-                    #[cfg(feature = "cuda")]
-                    LayerArenas::Cuda(kv) => {
-                        let step = step_tables.as_ref().expect("uploaded for a paged GPU forward");
-                        crate::gpu::attention::paged_attention(&q, &k, &v, step, kv, a)?
-                    }
-                },
+                #[cfg(feature = "cuda")]
+                LayerArenas::Cuda(kv) => {
+                    let step = step_tables.as_ref().expect("uploaded for a paged GPU forward");
+                    crate::gpu::attention::paged_attention(q, k, v, step, kv, a)
+                }
             };
-            let attn_out = layer.o_proj.forward(&attn_out, lora, differentiable)?;
-            (x, h) = add_norm(&x, &attn_out, &layer.post_norm, eps, differentiable)?;
-            let gate = layer.gate_proj.forward(&h, lora, differentiable)?;
-            let up = layer.up_proj.forward(&h, lora, differentiable)?;
-            let act = swiglu(&gate, &up, differentiable)?;
-            let mlp_out = layer.down_proj.forward(&act, lora, differentiable)?;
-            let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.input_norm);
-            (x, h) = add_norm(&x, &mlp_out, next_norm, eps, differentiable)?;
+            (x, h) = self.layer(l, &x, &h, lora, false, attend)?;
         }
         Ok(h)
+    }
+
+    /// The cacheless forward taken apart, for training with activation checkpointing (a layer run again from
+    /// its saved input during the backward): the rows entering layer 0 (the residual stream and its normed
+    /// copy) and what runs one layer. [`Model::forward_hidden`] in [`AttentionMode::Dense`] is exactly this,
+    /// layer after layer.
+    pub fn dense_layers(&self, batch: &Batch, differentiable: bool) -> Result<(DenseLayers<'_>, Tensor, Tensor)> {
+        let (x, positions) = self.embed_rows(batch)?;
+        let (cos, sin) = rope_tables(&positions, &self.inv_freq);
+        let (rows, half) = (positions.len(), self.inv_freq.len());
+        let cos = Tensor::from_vec(cos, (rows, half), &self.device)?;
+        let sin = Tensor::from_vec(sin, (rows, half), &self.device)?;
+        let mut seqs = Vec::with_capacity(batch.seqs.len());
+        for s in paged_seqs(batch) {
+            if s.past != 0 {
+                candle_core::bail!("dense attention has no cache: sequence past must be 0")
+            }
+            seqs.push((s.row, s.len));
+        }
+        let (x, h) = self.first_norm(x, differentiable)?;
+        Ok((DenseLayers { model: self, cos, sin, seqs, differentiable }, x, h))
+    }
+
+    /// The embedded rows of `batch` and each row's position.
+    fn embed_rows(&self, batch: &Batch) -> Result<(Tensor, Vec<usize>)> {
+        let rows = batch.tokens.len();
+        let total: usize = batch.seqs.iter().map(|s| s.len).sum();
+        if total != rows {
+            candle_core::bail!("batch has {rows} tokens but its sequences cover {total}")
+        }
+        let ids = Tensor::from_slice(batch.tokens, rows, &self.device)?;
+        let x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
+        let positions: Vec<usize> = batch.seqs.iter().flat_map(|s| s.past..s.past + s.len).collect();
+        Ok((x, positions))
+    }
+
+    /// `x` and `x` normed for what reads it first: layer 0's attention (the final norm with no layers).
+    fn first_norm(&self, x: Tensor, differentiable: bool) -> Result<(Tensor, Tensor)> {
+        let first_norm = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
+        let h = rms_norm(&x, first_norm, self.config.rms_norm_eps, differentiable)?;
+        Ok((x, h))
+    }
+
+    /// Decoder layer `l`: `x` is the residual stream entering it and `h` that normed by its input norm; returns
+    /// the stream leaving it and that normed for what reads it next (the next layer, or the final norm after the
+    /// last). Each residual add is fused with the norm after it. `attend` maps the projected q, k, v (before
+    /// RoPE) to the attention output.
+    fn layer(
+        &self,
+        l: usize,
+        x: &Tensor,
+        h: &Tensor,
+        lora: &LoraRows,
+        differentiable: bool,
+        attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let layer = &self.layers[l];
+        let eps = self.config.rms_norm_eps;
+        let q = layer.q_proj.forward(h, lora, differentiable)?;
+        let k = layer.k_proj.forward(h, lora, differentiable)?;
+        let v = layer.v_proj.forward(h, lora, differentiable)?;
+        let attn_out = layer.o_proj.forward(&attend(&q, &k, &v)?, lora, differentiable)?;
+        let (x, h) = add_norm(x, &attn_out, &layer.post_norm, eps, differentiable)?;
+        let gate = layer.gate_proj.forward(&h, lora, differentiable)?;
+        let up = layer.up_proj.forward(&h, lora, differentiable)?;
+        let act = swiglu(&gate, &up, differentiable)?;
+        let mlp_out = layer.down_proj.forward(&act, lora, differentiable)?;
+        let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.input_norm);
+        add_norm(&x, &mlp_out, next_norm, eps, differentiable)
     }
 
     /// LM head over the chosen rows of the final hidden states → f32 logits.

@@ -6,7 +6,8 @@
 //! - [`tokenizer`]: `tokenizer.json` + chat template, and the streaming detokenizer; [`chat`]: rendering
 //!   conversations with the chat template (server `messages`, train `{"messages"}` lines); [`token_bytes`]: the
 //!   bytes each token spells (structured output).
-//! - [`linear`]: [`Linear`], the single linear type (dense or NF4 base + LoRA rows).
+//! - [`linear`]: [`Linear`], the single linear type (dense or NF4 base + LoRA rows); [`frozen`]: `x·Wᵀ` with
+//!   no gradient for the frozen weight (dense base linears and the head).
 //! - [`attention`], [`kv_cache`]: RoPE, dense and paged attention, the block KV cache; [`kv_blocks`]: its
 //!   blocks' reference counts and the prefix cache.
 //! - [`llama`]: [`Model`] and its forward over a flattened batch.
@@ -20,6 +21,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;
+pub mod frozen;
 pub mod generation;
 pub mod kv_blocks;
 pub mod kv_cache;

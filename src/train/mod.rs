@@ -59,6 +59,9 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     pub max_grad_norm: f64,
     pub max_seq_len: Option<usize>,
+    /// Activation checkpointing: keep one decoder layer's activations at a time, and run each layer's forward
+    /// again in the backward.
+    pub gradient_checkpointing: bool,
     pub seed: u64,
     pub checkpoint_every: Option<u64>,
     pub checkpoint_dir: PathBuf,

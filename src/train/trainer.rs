@@ -1,6 +1,7 @@
 //! The training loop: the one model forward with the base frozen (NF4 by default) and the LoRA A/B as
 //! trainable `Var`s, next-token cross-entropy on the target tokens, gradient accumulation normalised by the
-//! step's target tokens, global-norm clipping, AdamW, warmup then linear/cosine decay, seeded shuffling,
+//! step's target tokens (optionally with activation checkpointing: each layer run again in the backward),
+//! global-norm clipping, AdamW, warmup then linear/cosine decay, seeded shuffling,
 //! periodic checkpoints that a `--resume` continues bit for bit, an eval loss each epoch, a progress bar and a
 //! JSONL log.
 //!
@@ -10,7 +11,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use candle_core::{Tensor, D};
+use candle_core::{Tensor, Var, D};
 use sha2::{Digest, Sha256};
 
 use super::checkpoint::{self, State};
@@ -22,6 +23,45 @@ use crate::lora::LoraRows;
 use crate::model::{AttentionMode, Batch, Model, SeqInput};
 use crate::rng::Rng;
 
+/// A micro-batch flattened as the forward takes it: each example's tokens back to back, and the rows whose
+/// next token is a target, with that token.
+struct Flat {
+    tokens: Vec<u32>,
+    lens: Vec<usize>,
+    rows: Vec<usize>,
+    labels: Vec<u32>,
+}
+
+impl Flat {
+    fn new(examples: &[&Example]) -> Self {
+        let mut flat = Flat { tokens: Vec::new(), lens: Vec::new(), rows: Vec::new(), labels: Vec::new() };
+        for ex in examples {
+            let base = flat.tokens.len();
+            flat.tokens.extend_from_slice(&ex.ids);
+            flat.lens.push(ex.ids.len());
+            for t in 0..ex.ids.len() - 1 {
+                if ex.targets[t + 1] {
+                    flat.rows.push(base + t);
+                    flat.labels.push(ex.ids[t + 1]);
+                }
+            }
+        }
+        flat
+    }
+
+    fn seqs(&self) -> Vec<SeqInput<'static>> {
+        self.lens.iter().map(|&len| SeqInput { len, past: 0, blocks: &[] }).collect()
+    }
+
+    /// Summed negative log-likelihood of the labels, from the final hidden states of every row.
+    fn nll(&self, model: &Model, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let logits = model.logits(hidden, &self.rows)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let labels = Tensor::from_vec(self.labels.clone(), (self.labels.len(), 1), logits.device())?;
+        logp.gather(&labels, 1)?.sum_all()?.neg()
+    }
+}
+
 /// Summed negative log-likelihood of the target tokens of `examples` and their count, in one forward.
 pub fn batch_nll(
     model: &Model,
@@ -29,29 +69,95 @@ pub fn batch_nll(
     examples: &[&Example],
     differentiable: bool,
 ) -> candle_core::Result<(Tensor, usize)> {
-    let mut tokens = Vec::new();
-    let mut seqs = Vec::with_capacity(examples.len());
-    let mut rows = Vec::new();
-    let mut labels = Vec::new();
-    for ex in examples {
-        let base = tokens.len();
-        tokens.extend_from_slice(&ex.ids);
-        seqs.push(SeqInput { len: ex.ids.len(), past: 0, blocks: &[] });
-        for t in 0..ex.ids.len() - 1 {
-            if ex.targets[t + 1] {
-                rows.push(base + t);
-                labels.push(ex.ids[t + 1]);
+    let flat = Flat::new(examples);
+    let seqs = flat.seqs();
+    let batch = Batch { tokens: &flat.tokens, seqs: &seqs, logit_rows: &flat.rows };
+    let hidden = model.forward_hidden(&batch, AttentionMode::Dense { differentiable }, &LoraRows::Train(lora))?;
+    Ok((flat.nll(model, &hidden)?, flat.labels.len()))
+}
+
+/// One micro-batch's summed loss, and the gradient of that loss over `step_targets` (the step's target tokens)
+/// for each of `lora.vars()`, `None` where none reached it.
+///
+/// With `checkpointing`, the forward keeps only each decoder layer's input and drops the layer's graph; the
+/// backward runs each layer again from its input, last layer first, with the dropout masks it drew the first
+/// time, and passes the gradient of its input on to the layer before (activation checkpointing, as
+/// transformers' `gradient_checkpointing`). The activations held are one layer's instead of every layer's, for
+/// one more forward; the gradients are those of the plain backward.
+///
+/// Every gradient taken out of a backward is detached. candle detaches the gradient of each node it passes
+/// through, but a leaf that is itself an operand (a layer input made a `Var`, which the LoRA A matmuls take
+/// directly when there is no dropout) gets its gradient built from tensors that still carry the forward's
+/// graph: weighting the layer before's outputs, it would add its own derivative with respect to the A weights
+/// it passed through (doubling their gradients), and it would hold the layer's activations. The adapter
+/// weights reach their ops through a transpose, so their gradients come detached already; they are detached
+/// again so that no micro-batch's graph can outlive its backward.
+pub fn micro_batch_grads(
+    model: &Model,
+    lora: &TrainableLora,
+    examples: &[&Example],
+    step_targets: usize,
+    checkpointing: bool,
+) -> candle_core::Result<(f64, Vec<Option<Tensor>>)> {
+    let vars = lora.vars();
+    if !checkpointing {
+        let (nll, _) = batch_nll(model, lora, examples, true)?;
+        let loss = nll.to_scalar::<f32>()? as f64;
+        let store = (nll / step_targets as f64)?.backward()?;
+        return Ok((loss, vars.iter().map(|v| store.get(v.as_tensor()).map(Tensor::detach)).collect()));
+    }
+    let flat = Flat::new(examples);
+    let seqs = flat.seqs();
+    let batch = Batch { tokens: &flat.tokens, seqs: &seqs, logit_rows: &flat.rows };
+    let rows = LoraRows::Train(lora);
+    let (layers, mut x, mut h) = model.dense_layers(&batch, true)?;
+    let mut saved = Vec::with_capacity(layers.len());
+    for l in 0..layers.len() {
+        saved.push((x.clone(), h.clone(), lora.rng_state()));
+        let (next_x, next_h) = layers.run(l, &x, &h, &rows)?;
+        (x, h) = (next_x.detach(), next_h.detach());
+    }
+    let rng_after = lora.rng_state();
+    let hidden = Var::from_tensor(&h)?;
+    drop((x, h));
+    let nll = flat.nll(model, hidden.as_tensor())?;
+    let loss = nll.to_scalar::<f32>()? as f64;
+    let store = (nll / step_targets as f64)?.backward()?;
+    let unreached = || candle_core::Error::Msg("a layer's input does not reach the loss".into());
+    // The gradients of the stream leaving the layer being run again, and of its normed copy.
+    let mut grad_h = store.get(hidden.as_tensor()).map(Tensor::detach).ok_or_else(unreached)?;
+    let mut grad_x: Option<Tensor> = None;
+    drop(store);
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for l in (0..layers.len()).rev() {
+        let (x_in, h_in, rng) = saved.pop().expect("an input saved for every layer");
+        lora.set_rng_state(rng);
+        // Layer 0's input is the frozen embedding's: no gradient goes further back. (A `Var` is a copy: the
+        // saved tensor goes as it is made.)
+        let as_var = |t: Tensor| Ok::<_, candle_core::Error>(Var::from_tensor(&t)?.as_tensor().clone());
+        let (x_in, h_in) = if l == 0 { (x_in, h_in) } else { (as_var(x_in)?, as_var(h_in)?) };
+        let (x_out, h_out) = layers.run(l, &x_in, &h_in, &rows)?;
+        // The gradient of Σ out ⊙ g with respect to `out` is exactly g.
+        let mut surrogate = (h_out * &grad_h)?.sum_all()?;
+        if let Some(g) = &grad_x {
+            surrogate = (surrogate + (x_out * g)?.sum_all()?)?;
+        }
+        let store = surrogate.backward()?;
+        for (acc, v) in grads.iter_mut().zip(&vars) {
+            if let Some(g) = store.get(v.as_tensor()) {
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + g.detach())?,
+                    None => g.detach(),
+                });
             }
         }
+        if l > 0 {
+            grad_x = Some(store.get(&x_in).map(Tensor::detach).ok_or_else(unreached)?);
+            grad_h = store.get(&h_in).map(Tensor::detach).ok_or_else(unreached)?;
+        }
     }
-    let batch = Batch { tokens: &tokens, seqs: &seqs, logit_rows: &rows };
-    let hidden = model.forward_hidden(&batch, AttentionMode::Dense { differentiable }, &LoraRows::Train(lora))?;
-    let logits = model.logits(&hidden, &rows)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let n = labels.len();
-    let labels = Tensor::from_vec(labels, (n, 1), logits.device())?;
-    let nll = logp.gather(&labels, 1)?.sum_all()?.neg()?;
-    Ok((nll, n))
+    lora.set_rng_state(rng_after);
+    Ok((loss, grads))
 }
 
 /// Mean loss over `examples` (dropout off, no gradients).
@@ -77,6 +183,7 @@ pub fn eval_loss(
 /// The settings, base model and data a checkpoint depends on: the base as loaded (its folder, config, compute
 /// dtype, and how many of its parameters are NF4, which tells `--quant nf4` from `none` whatever the device)
 /// as well as every setting of the run that changes what the steps compute.
+/// (`--gradient-checkpointing` is not one: it changes how the gradients are computed, not their bits.)
 pub fn fingerprint(cfg: &TrainConfig, model: &Model, data: &[Example]) -> String {
     let mut h = Sha256::new();
     let base =
@@ -236,15 +343,13 @@ pub fn run_loop(
         let mut step_loss = 0f64;
         for mb in &micro_batches {
             tokens_seen += mb.iter().map(|e| e.ids.len()).sum::<usize>();
-            let (nll, _) = batch_nll(model, lora, mb, true)?;
-            step_loss += nll.to_scalar::<f32>()? as f64;
-            let loss = (nll / step_targets as f64)?;
-            let g = loss.backward()?;
-            for (acc, v) in grads.iter_mut().zip(&vars) {
-                if let Some(gv) = g.get(v.as_tensor()) {
+            let (loss, g) = micro_batch_grads(model, lora, mb, step_targets, cfg.gradient_checkpointing)?;
+            step_loss += loss;
+            for (acc, gv) in grads.iter_mut().zip(g) {
+                if let Some(gv) = gv {
                     *acc = Some(match acc.take() {
                         Some(a) => (a + gv)?,
-                        None => gv.clone(),
+                        None => gv,
                     });
                 }
             }
