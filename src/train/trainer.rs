@@ -85,13 +85,12 @@ pub fn batch_nll(
 /// transformers' `gradient_checkpointing`). The activations held are one layer's instead of every layer's, for
 /// one more forward; the gradients are those of the plain backward.
 ///
-/// Every gradient taken out of a backward is detached. candle detaches the gradient of each node it passes
-/// through, but a leaf that is itself an operand (a layer input made a `Var`, which the LoRA A matmuls take
-/// directly when there is no dropout) gets its gradient built from tensors that still carry the forward's
+/// A layer input's gradient is detached before it is passed on. candle detaches the gradient of each node it
+/// passes through, but a leaf that is itself an operand (a layer input made a `Var`, which the LoRA A matmuls
+/// take directly when there is no dropout) gets its gradient built from tensors that still carry the forward's
 /// graph: weighting the layer before's outputs, it would add its own derivative with respect to the A weights
 /// it passed through (doubling their gradients), and it would hold the layer's activations. The adapter
-/// weights reach their ops through a transpose, so their gradients come detached already; they are detached
-/// again so that no micro-batch's graph can outlive its backward.
+/// weights reach their ops through a transpose, so their gradients come detached already.
 pub fn micro_batch_grads(
     model: &Model,
     lora: &TrainableLora,
@@ -104,7 +103,7 @@ pub fn micro_batch_grads(
         let (nll, _) = batch_nll(model, lora, examples, true)?;
         let loss = nll.to_scalar::<f32>()? as f64;
         let store = (nll / step_targets as f64)?.backward()?;
-        return Ok((loss, vars.iter().map(|v| store.get(v.as_tensor()).map(Tensor::detach)).collect()));
+        return Ok((loss, vars.iter().map(|v| store.get(v.as_tensor()).cloned()).collect()));
     }
     let flat = Flat::new(examples);
     let seqs = flat.seqs();
@@ -145,10 +144,7 @@ pub fn micro_batch_grads(
         let store = surrogate.backward()?;
         for (acc, v) in grads.iter_mut().zip(&vars) {
             if let Some(g) = store.get(v.as_tensor()) {
-                *acc = Some(match acc.take() {
-                    Some(a) => (a + g.detach())?,
-                    None => g.detach(),
-                });
+                accumulate(acc, g.clone())?;
             }
         }
         if l > 0 {
@@ -158,6 +154,15 @@ pub fn micro_batch_grads(
     }
     lora.set_rng_state(rng_after);
     Ok((loss, grads))
+}
+
+/// Adds `g` to the gradient summed in `acc` so far.
+fn accumulate(acc: &mut Option<Tensor>, g: Tensor) -> candle_core::Result<()> {
+    *acc = Some(match acc.take() {
+        Some(a) => (a + g)?,
+        None => g,
+    });
+    Ok(())
 }
 
 /// Mean loss over `examples` (dropout off, no gradients).
@@ -347,10 +352,7 @@ pub fn run_loop(
             step_loss += loss;
             for (acc, gv) in grads.iter_mut().zip(g) {
                 if let Some(gv) = gv {
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + gv)?,
-                        None => gv,
-                    });
+                    accumulate(acc, gv)?;
                 }
             }
         }
