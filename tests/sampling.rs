@@ -541,3 +541,93 @@ async fn an_adapter_whose_forward_overflows_fails_its_requests_only() {
     h.shutdown();
     h.wait().await.unwrap();
 }
+
+/// `n` completions (OpenAI's and vLLM's `n`): completion i of a seeded request is the request alone with seed
+/// `seed + i`, unary and streamed alike (a stream tags each message with its completion and ends after the
+/// last one's end); greedy completions are the greedy answer, and the scored prompt comes once; `n` outside
+/// 1..=16 is INVALID_ARGUMENT naming it; a stream dropped mid-way frees every completion's place and lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn n_completions_are_the_request_alone_with_consecutive_seeds() {
+    let (h, mut client) = start(demo_config()).await;
+    let sampled = |seed, n| GenerateRequest { temperature: Some(2.0), seed: Some(seed), n, ..req("upper", PROMPT, 24) };
+    let mut alone = Vec::new();
+    for i in 0..4 {
+        alone.push(client.generate(sampled(7 + i, None)).await.unwrap().into_inner());
+    }
+    let distinct: std::collections::HashSet<_> = alone.iter().map(|a| &a.token_ids).collect();
+    assert!(distinct.len() > 1, "four seeds drew one answer: the comparison below proves little");
+
+    let whole = client.generate(sampled(7, Some(4))).await.unwrap().into_inner();
+    assert!(whole.text.is_empty() && whole.token_ids.is_empty() && whole.finish_reason == 0, "{whole:?}");
+    assert_eq!((whole.prompt_tokens, &whole.adapter_version), (alone[0].prompt_tokens, &alone[0].adapter_version));
+    assert_eq!(whole.choices.len(), 4);
+    for (i, (c, a)) in whole.choices.iter().zip(&alone).enumerate() {
+        assert_eq!(c.index, i as u32);
+        assert_eq!((&c.token_ids, &c.text, c.finish_reason), (&a.token_ids, &a.text, a.finish_reason), "choice {i}");
+    }
+
+    let mut s = client.generate_stream(sampled(7, Some(4))).await.unwrap().into_inner();
+    let mut streamed = vec![GenerateResponse::default(); 4];
+    let mut ended = 0;
+    while let Some(m) = s.message().await.unwrap() {
+        assert!(ended < 4, "a message after every completion ended");
+        let c = &mut streamed[m.index as usize];
+        assert_eq!(c.finish_reason, 0, "a message of completion {} after its end", m.index);
+        assert_eq!(m.adapter_version, alone[0].adapter_version);
+        c.token_ids.extend(m.token_ids);
+        c.text.push_str(&m.text);
+        c.finish_reason = m.finish_reason;
+        ended += usize::from(m.finish_reason != 0);
+    }
+    assert_eq!(ended, 4);
+    for (i, (c, a)) in streamed.iter().zip(&alone).enumerate() {
+        assert_eq!((&c.token_ids, &c.text, c.finish_reason), (&a.token_ids, &a.text, a.finish_reason), "stream {i}");
+    }
+
+    let scored = |n| GenerateRequest { n, prompt_logprobs: Some(0), ..req("upper", PROMPT, 24) };
+    let greedy = client.generate(scored(None)).await.unwrap().into_inner();
+    let three = client.generate(scored(Some(3))).await.unwrap().into_inner();
+    assert_eq!(three.prompt_token_ids, greedy.prompt_token_ids);
+    assert_eq!(three.prompt_logprobs.len(), greedy.prompt_logprobs.len());
+    for (a, b) in three.prompt_logprobs.iter().zip(&greedy.prompt_logprobs) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    for c in &three.choices {
+        assert_eq!((&c.token_ids, &c.text), (&greedy.token_ids, &greedy.text));
+        assert!(c.prompt_token_ids.is_empty() && c.prompt_logprobs.is_empty(), "the prompt's fields are shared");
+    }
+
+    let mut s = client.generate_stream(scored(Some(3))).await.unwrap().into_inner();
+    let mut scored_in = Vec::new();
+    while let Some(m) = s.message().await.unwrap() {
+        if !m.prompt_token_ids.is_empty() {
+            assert_eq!(m.prompt_token_ids, greedy.prompt_token_ids);
+            scored_in.push(m.index);
+        }
+    }
+    assert_eq!(scored_in, [0], "the prompt is scored once, by completion 0");
+
+    for n in [0, 17] {
+        let e = client.generate(sampled(1, Some(n))).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert_eq!(e.message(), format!("n: must be in 1..=16, got {n}"));
+    }
+
+    let long = GenerateRequest { n: Some(3), ignore_eos: true, ..req("upper", PROMPT, 200) };
+    let mut s = client.generate_stream(long).await.unwrap().into_inner();
+    s.message().await.unwrap().expect("a first message");
+    drop(s);
+    let (engine, cache) = (h.engine().unwrap(), h.cache().unwrap());
+    let since = std::time::Instant::now();
+    let stats = engine.stats();
+    let busy = || {
+        use std::sync::atomic::Ordering::Relaxed;
+        stats.running.load(Relaxed) + stats.pending.load(Relaxed) + cache.leases()
+    };
+    while busy() > 0 {
+        assert!(since.elapsed() < std::time::Duration::from_secs(20), "a dropped stream's completions still run");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    h.shutdown();
+    h.wait().await.unwrap();
+}

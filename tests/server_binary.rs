@@ -118,6 +118,21 @@ fn sigterm_drains_and_exits_zero() {
     let served = token_ids(&[&client[..], &sampled, &["--min-p", "0.2"]].concat());
     assert_eq!(served, token_ids(&[&local[..], &sampled, &["--min-p", "0.2"]].concat()), "--min-p");
     assert_ne!(served, token_ids(&[&client[..], &sampled].concat()), "--min-p changes nothing");
+    // --n: completion i is the call alone with seed 3 + i, streamed or not.
+    for stream in [&[][..], &["--stream"]] {
+        let args = [&client[..], &sampled, &["--n", "2"], stream].concat();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args(&args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let choices = v["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 2, "{v}");
+        for (i, c) in choices.iter().enumerate() {
+            let seed = (3 + i).to_string();
+            let alone = token_ids(&[&local[..], &call, &["--temperature", "1", "--seed", &seed]].concat());
+            let ids: Vec<u64> = c["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+            assert_eq!((c["index"].as_u64(), ids), (Some(i as u64), alone), "{args:?}");
+        }
+    }
     // ... and so do the flags that move the end of `upper`'s answer.
     let answer = ["--adapter", "upper", "--prompt", "cat moon fire\n", "--max-new-tokens", "24", "--json"];
     let local_upper = ["generate", "--model", "demo", "--adapters", tmp.path().to_str().unwrap()];

@@ -314,6 +314,11 @@ pub enum ClientCall {
         /// tenant).
         #[arg(long, default_value = "")]
         cache_salt: String,
+        /// Generate N completions of the prompt (1 to 16; OpenAI's and vLLM's n; with --seed S, completion i
+        /// samples with S + i). Printed once each is done, `[i] text` per completion (with --json, a
+        /// "choices" list).
+        #[arg(long, value_name = "N")]
+        n: Option<u32>,
     },
     /// List adapters and their cache status.
     List,
@@ -350,12 +355,17 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                 top_logprobs,
                 prompt_logprobs,
                 cache_salt,
+                n,
             } => {
                 // The flags' own mistakes, named here before any call (the server refuses them too).
                 let given = sampling.given();
                 let structured = sampling.constraint()?;
                 let sampling = sampling.params(max_new_tokens as usize, GenerationDefaults::default())?;
                 input.check()?;
+                let max_n = crate::server::completions::MAX_N;
+                if let Some(n) = n.filter(|n| !(1..=max_n).contains(n)) {
+                    bail!("--n {n}: expected 1 to {max_n} completions");
+                }
                 let call = crate::server::client::GenerateCall {
                     adapter_id: adapter,
                     prompt: input.prompt.unwrap_or_default(),
@@ -374,6 +384,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     prompt_logprobs,
                     cache_salt,
                     structured,
+                    n,
                 };
                 crate::server::client::generate(&target, &call, stream, json).await
             }

@@ -118,16 +118,32 @@ impl Engine {
 
     /// Hands a request to the engine; its events arrive on `req.events`.
     pub fn submit(&self, req: ValidRequest) -> Result<(), SubmitError> {
-        self.check_fits(req.prompt_ids.len(), req.max_new_tokens)?;
-        if let Some((at, &id)) = req.prompt_ids.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab) {
-            return Err(SubmitError::OutOfVocab { id, at, vocab: self.vocab });
+        self.submit_all(vec![req])
+    }
+
+    /// Hands the engine requests that stand or fall together (the `n` completions of one call): all of them,
+    /// or none when one is refused (the queue must have room for all).
+    pub fn submit_all(&self, reqs: Vec<ValidRequest>) -> Result<(), SubmitError> {
+        for req in &reqs {
+            self.check_fits(req.prompt_ids.len(), req.max_new_tokens)?;
+            if let Some((at, &id)) = req.prompt_ids.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab) {
+                return Err(SubmitError::OutOfVocab { id, at, vocab: self.vocab });
+            }
         }
-        let (queued, pending) = worker::Queued::enter(&self.stats);
-        if pending >= self.config.queue_capacity {
-            return Err(SubmitError::QueueFull(pending));
+        let mut queued = Vec::with_capacity(reqs.len());
+        for _ in &reqs {
+            let (q, pending) = worker::Queued::enter(&self.stats);
+            if pending >= self.config.queue_capacity {
+                // The places taken so far are given back as `queued` drops; the others' are reported.
+                return Err(SubmitError::QueueFull(pending - queued.len()));
+            }
+            queued.push(q);
         }
         let tx = self.tx.lock().expect("engine sender");
-        tx.send(Command::Submit(Box::new(req), queued)).map_err(|_| SubmitError::ShuttingDown)
+        for (req, q) in reqs.into_iter().zip(queued) {
+            tx.send(Command::Submit(Box::new(req), q)).map_err(|_| SubmitError::ShuttingDown)?;
+        }
+        Ok(())
     }
 
     /// Finishes the requests in the engine, then stops it. Returns once the thread has exited: after
@@ -216,6 +232,37 @@ mod tests {
         assert_eq!(e, SubmitError::OutOfVocab { id: vocab as u32, at: 2, vocab });
         assert_eq!(engine.stats().pending.load(Ordering::Relaxed), 0);
         assert!(matches!(run(&engine), Event::Finished { .. }), "the engine goes on");
+    }
+
+    /// Requests submitted together are accepted together or not at all: a queue without room for every one
+    /// of them takes none, and gives back the places it counted.
+    #[test]
+    fn requests_submitted_together_stand_or_fall_together() {
+        let m = crate::model::load(&ModelSpec::Demo, &LoadOptions::default()).unwrap();
+        let config = EngineConfig { kv_cache_bytes: 8 << 20, queue_capacity: 2, ..EngineConfig::default() };
+        let engine = Engine::start(m.model, Arc::new(m.tokenizer), config).unwrap();
+        let mut receivers = Vec::new();
+        let three: Vec<ValidRequest> = (0..3)
+            .map(|_| {
+                let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+                receivers.push(rx);
+                request(&[1, 2, 3], 2, events)
+            })
+            .collect();
+        assert_eq!(engine.submit_all(three), Err(SubmitError::QueueFull(0)));
+        assert_eq!(engine.stats().pending.load(Ordering::Relaxed), 0);
+        assert!(receivers.iter_mut().all(|rx| rx.try_recv().is_err()), "a refused request ran");
+        let mut two = Vec::new();
+        for rx in &mut receivers[..2] {
+            let (events, new_rx) = tokio::sync::mpsc::unbounded_channel();
+            *rx = new_rx;
+            two.push(request(&[1, 2, 3], 2, events));
+        }
+        engine.submit_all(two).unwrap();
+        for rx in &mut receivers[..2] {
+            let end = std::iter::from_fn(|| rx.blocking_recv()).last();
+            assert!(matches!(end, Some(Event::Finished { generated_tokens: 2, .. })), "{end:?}");
+        }
     }
 
     /// A preempted request waits again and is counted as waiting (the queue gauge autoscalers read), until it

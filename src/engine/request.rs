@@ -123,6 +123,32 @@ pub struct ValidRequest {
     pub events: mpsc::UnboundedSender<Event>,
 }
 
+impl ValidRequest {
+    /// Completion `index` of the same request (OpenAI's and vLLM's `n`), its events going to `events`: every
+    /// setting the same and its own lease on the adapter version, but sampled with `seed + index` when the
+    /// request is seeded (vLLM's children; unseeded, the engine draws each a fresh seed), and without scoring
+    /// the prompt again (completion 0 does).
+    pub fn sibling(&self, index: u64, events: mpsc::UnboundedSender<Event>) -> ValidRequest {
+        let mut sampling = self.sampling.clone();
+        sampling.seed = sampling.seed.map(|s| s.wrapping_add(index));
+        ValidRequest {
+            prompt_ids: self.prompt_ids.clone(),
+            max_new_tokens: self.max_new_tokens,
+            sampling,
+            stop: self.stop.clone(),
+            include_stop_str_in_output: self.include_stop_str_in_output,
+            logprobs: self.logprobs,
+            top_logprobs: self.top_logprobs,
+            prompt_logprobs: None,
+            adapter: self.adapter.clone(),
+            cache_salt: self.cache_salt.clone(),
+            deadline: self.deadline,
+            arrival: self.arrival,
+            events,
+        }
+    }
+}
+
 impl std::fmt::Debug for ValidRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ValidRequest")

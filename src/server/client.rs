@@ -60,6 +60,8 @@ pub struct GenerateCall {
     pub cache_salt: String,
     /// Structured output: what the output is confined to.
     pub structured: Option<crate::engine::structured::Constraint>,
+    /// How many completions of the prompt (unset: one).
+    pub n: Option<u32>,
 }
 
 async fn channel(t: &Target, timeout: Option<Duration>) -> anyhow::Result<Channel> {
@@ -185,6 +187,7 @@ impl GenerateCall {
                 .unwrap_or_default(),
             cache_salt: self.cache_salt.clone(),
             structured_output: self.structured.as_ref().map(structured_output),
+            n: self.n,
         }
     }
 }
@@ -203,58 +206,114 @@ fn structured_output(c: &crate::engine::structured::Constraint) -> proto::Struct
 }
 
 /// Runs a generate call, printing the text (streamed as it arrives with `stream`), or the whole response as
-/// JSON with `json`.
+/// JSON with `json`. With more than one completion, each is printed whole once it is done, in index order
+/// (the JSON: the shared fields and a `choices` list).
 pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool) -> anyhow::Result<()> {
     let mut client = connect(t).await?;
     let req = request(t, call.to_proto(), Some(&call.adapter_id))?;
+    let n = call.n.unwrap_or(1).max(1) as usize;
     let mut response = proto::GenerateResponse::default();
     if stream {
+        let mut choices: Vec<proto::GenerateResponse> =
+            (0..n as u32).map(|index| proto::GenerateResponse { index, ..Default::default() }).collect();
         let mut s = client.generate_stream(req).await?.into_inner();
         while let Some(msg) = s.next().await {
             let msg = msg?;
-            if !json {
+            let i = msg.index as usize;
+            anyhow::ensure!(i < n, "the server sent completion {i} of {n}");
+            if !json && n == 1 {
                 to_stdout(format_args!("{}", msg.text))?;
             }
-            response.text.push_str(&msg.text);
-            response.token_ids.extend(msg.token_ids);
-            response.logprobs.extend(msg.logprobs);
-            response.top_logprobs.extend(msg.top_logprobs);
             if !msg.prompt_token_ids.is_empty() {
                 response.prompt_token_ids = msg.prompt_token_ids;
                 response.prompt_logprobs = msg.prompt_logprobs;
                 response.prompt_top_logprobs = msg.prompt_top_logprobs;
             }
             response.prompt_tokens = response.prompt_tokens.max(msg.prompt_tokens);
-            response.cached_prompt_tokens = response.cached_prompt_tokens.max(msg.cached_prompt_tokens);
-            response.finish_reason = msg.finish_reason;
             response.adapter_version = msg.adapter_version;
+            let c = &mut choices[i];
+            c.text.push_str(&msg.text);
+            c.token_ids.extend(msg.token_ids);
+            c.logprobs.extend(msg.logprobs);
+            c.top_logprobs.extend(msg.top_logprobs);
+            c.cached_prompt_tokens = c.cached_prompt_tokens.max(msg.cached_prompt_tokens);
+            c.finish_reason = msg.finish_reason;
         }
-        if !json {
+        if !json && n == 1 {
             to_stdout(format_args!("\n"))?;
         }
+        response.choices = choices;
     } else {
         response = client.generate(req).await?.into_inner();
-        if !json {
-            to_stdout(format_args!("{}\n", response.text))?;
+        if response.choices.is_empty() {
+            let one = proto::GenerateResponse {
+                text: std::mem::take(&mut response.text),
+                token_ids: std::mem::take(&mut response.token_ids),
+                logprobs: std::mem::take(&mut response.logprobs),
+                top_logprobs: std::mem::take(&mut response.top_logprobs),
+                cached_prompt_tokens: response.cached_prompt_tokens,
+                finish_reason: response.finish_reason,
+                ..Default::default()
+            };
+            response.choices.push(one);
+        }
+        anyhow::ensure!(response.choices.len() == n, "asked for {n} completions, got {}", response.choices.len());
+        if !json && n == 1 {
+            to_stdout(format_args!("{}\n", response.choices[0].text))?;
+        }
+    }
+    if !json && n > 1 {
+        for c in &response.choices {
+            to_stdout(format_args!("[{}] {}\n", c.index, c.text))?;
         }
     }
     if json {
-        let reason =
-            proto::FinishReason::try_from(response.finish_reason).map(|r| r.as_str_name()).unwrap_or("UNKNOWN");
-        let mut json = serde_json::json!({
-            "text": response.text,
-            "token_ids": response.token_ids,
-            "prompt_tokens": response.prompt_tokens,
-            "cached_prompt_tokens": response.cached_prompt_tokens,
-            "finish_reason": reason,
-            "adapter_version": response.adapter_version,
-        });
-        if call.logprobs {
-            json["logprobs"] = response.logprobs.into();
-        }
-        if call.top_logprobs > 0 {
-            json["top_logprobs"] = top_json(&response.top_logprobs);
-        }
+        let reason = |c: &proto::GenerateResponse| {
+            proto::FinishReason::try_from(c.finish_reason).map(|r| r.as_str_name()).unwrap_or("UNKNOWN")
+        };
+        let add_logprobs = |json: &mut serde_json::Value, c: &proto::GenerateResponse| {
+            if call.logprobs {
+                json["logprobs"] = c.logprobs.clone().into();
+            }
+            if call.top_logprobs > 0 {
+                json["top_logprobs"] = top_json(&c.top_logprobs);
+            }
+        };
+        let mut json = match response.choices.as_slice() {
+            [c] => {
+                let mut json = serde_json::json!({
+                    "text": c.text,
+                    "token_ids": c.token_ids,
+                    "prompt_tokens": response.prompt_tokens,
+                    "cached_prompt_tokens": c.cached_prompt_tokens,
+                    "finish_reason": reason(c),
+                    "adapter_version": response.adapter_version,
+                });
+                add_logprobs(&mut json, c);
+                json
+            }
+            all => {
+                let choices: Vec<serde_json::Value> = all
+                    .iter()
+                    .map(|c| {
+                        let mut json = serde_json::json!({
+                            "index": c.index,
+                            "text": c.text,
+                            "token_ids": c.token_ids,
+                            "cached_prompt_tokens": c.cached_prompt_tokens,
+                            "finish_reason": reason(c),
+                        });
+                        add_logprobs(&mut json, c);
+                        json
+                    })
+                    .collect();
+                serde_json::json!({
+                    "choices": choices,
+                    "prompt_tokens": response.prompt_tokens,
+                    "adapter_version": response.adapter_version,
+                })
+            }
+        };
         if let Some(top) = call.prompt_logprobs {
             json["prompt_token_ids"] = response.prompt_token_ids.into();
             json["prompt_logprobs"] = response.prompt_logprobs.into();

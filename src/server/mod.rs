@@ -19,6 +19,7 @@ mod arrival;
 pub mod auth;
 pub mod client;
 pub mod codec;
+pub(crate) mod completions;
 mod conversation;
 mod counting;
 mod deadline;

@@ -1,6 +1,7 @@
 //! The LoraServe gRPC service (proto types stay in `server/`: here, `conversation.rs`, `client.rs`). Each
 //! request is validated once, at the edge, into a [`ValidRequest`] (fields checked, adapter leased, prompt
-//! tokenized, deadline parsed); the engine streams [`Event`]s back, which become `GenerateResponse` messages.
+//! tokenized, deadline parsed); the engine streams [`Event`]s back, which become `GenerateResponse` messages
+//! (`completions.rs`). A request for `n` completions is `n` sequences in the engine, answered as one call.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,17 +9,18 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::arrival::Arrival;
+use super::completions::{self, Completions, Events, StreamTagger, MAX_N};
 use super::conversation::{conversation_ids, kwargs_of, message_list};
 use super::counting::HandlerSeen;
 use super::deadline::{ended_by, within, CallDeadline};
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
 use crate::engine::structured::{Constraint, Guide, Guides};
-use crate::engine::{truncate_prompt, Engine, Event, FinishReason, PromptLogprobs, SamplingParams, ValidRequest};
+use crate::engine::{truncate_prompt, Engine, Event, SamplingParams, ValidRequest};
 use crate::lora::cache::{AdapterCache, AdapterLease};
 use crate::model::chat::Kwargs;
 use crate::model::{ChatError, ChatTemplate, GenerationDefaults, Tokenizer};
@@ -176,10 +178,7 @@ fn deadline_of<T>(req: &Request<T>) -> (Result<Option<Instant>, Status>, Option<
 }
 
 /// Ends a stream at its deadline: the engine stops the request (its events dropped), then the status goes out.
-async fn end_at_deadline(
-    events: mpsc::UnboundedReceiver<Event>,
-    tx: &mpsc::Sender<Result<proto::GenerateResponse, Status>>,
-) {
+async fn end_at_deadline(events: Events, tx: &mpsc::Sender<Result<proto::GenerateResponse, Status>>) {
     drop(events);
     let s = Status::deadline_exceeded("deadline exceeded");
     count("GenerateStream", s.code());
@@ -188,7 +187,9 @@ async fn end_at_deadline(
 
 /// A request on its way to the engine, plus what the response needs.
 struct Admitted {
-    events: mpsc::UnboundedReceiver<Event>,
+    /// Its completions' events (one, or the request's `n`).
+    events: Events,
+    n: usize,
     adapter_version: String,
 }
 
@@ -224,6 +225,13 @@ impl Service {
             }
             _ => {}
         }
+        // Each completion takes a place in the queue: more than it holds could never be accepted.
+        let max_n = MAX_N.min(ready.engine.config().queue_capacity.try_into().unwrap_or(u32::MAX));
+        let n = match r.n {
+            None => 1,
+            Some(n) if (1..=max_n).contains(&n) => n as usize,
+            Some(n) => return Err(invalid("n", format!("must be in 1..={max_n}, got {n}"))),
+        };
         if r.max_new_tokens == 0 || r.max_new_tokens > limits.max_new_tokens_cap {
             return Err(invalid(
                 "max_new_tokens",
@@ -370,7 +378,7 @@ impl Service {
         }
         let adapter_version = adapter.as_ref().map(|l| l.version().to_string()).unwrap_or_default();
         let (tx, rx) = mpsc::unbounded_channel();
-        let valid = ValidRequest {
+        let first = ValidRequest {
             prompt_ids,
             max_new_tokens: r.max_new_tokens as usize,
             sampling,
@@ -389,8 +397,16 @@ impl Service {
             arrival,
             events: tx,
         };
-        ready.engine.submit(valid).map_err(status::from_submit)?;
-        Ok(Admitted { events: rx, adapter_version })
+        let mut receivers = vec![rx];
+        let mut completions = Vec::with_capacity(n);
+        for i in 1..n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            completions.push(first.sibling(i as u64, tx));
+            receivers.push(rx);
+        }
+        completions.insert(0, first);
+        ready.engine.submit_all(completions).map_err(status::from_submit)?;
+        Ok(Admitted { events: completions::merge(receivers), n, adapter_version })
     }
 }
 
@@ -430,27 +446,6 @@ const MAX_TOP_LOGPROBS: u32 = 20;
 /// The most `stop_token_ids` a request may give.
 const MAX_STOP_TOKEN_IDS: usize = 64;
 
-fn to_proto_top(top: Vec<(u32, f32)>) -> proto::TopLogprobs {
-    let (token_ids, logprobs) = top.into_iter().unzip();
-    proto::TopLogprobs { token_ids, logprobs }
-}
-
-/// Puts the scored prompt into `out`.
-fn set_prompt(out: &mut proto::GenerateResponse, p: PromptLogprobs) {
-    out.prompt_token_ids = p.ids;
-    out.prompt_logprobs = p.logprobs;
-    out.prompt_top_logprobs = p.top_logprobs.into_iter().map(to_proto_top).collect();
-}
-
-fn finish_reason(r: FinishReason) -> proto::FinishReason {
-    match r {
-        FinishReason::Length => proto::FinishReason::Length,
-        FinishReason::EosToken => proto::FinishReason::EosToken,
-        FinishReason::StopSequence => proto::FinishReason::StopSequence,
-        FinishReason::StopToken => proto::FinishReason::StopToken,
-    }
-}
-
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -465,31 +460,23 @@ impl LoraServe for Service {
         let result = async {
             let deadline = deadline?;
             let mut a = self.admit(req, deadline).await?;
-            let mut out = proto::GenerateResponse { adapter_version: a.adapter_version, ..Default::default() };
+            let mut out = Completions::new(a.n, a.adapter_version);
             loop {
                 let next = match deadline {
-                    // Dropping the receiver tells the engine to stop this request.
-                    Some(d) => within(d, a.events.recv())
+                    // Dropping the events tells the engine to stop the request's completions.
+                    Some(d) => within(d, a.events.next())
                         .await
                         .ok_or_else(|| Status::deadline_exceeded("deadline exceeded"))?,
-                    None => a.events.recv().await,
+                    None => a.events.next().await,
                 };
-                let Some(ev) = next else { break };
+                let Some((i, ev)) = next else { break };
                 match ev {
-                    Event::Prompt(p) => set_prompt(&mut out, p),
-                    Event::Tokens { ids, text, logprobs, top_logprobs } => {
-                        out.token_ids.extend(ids);
-                        out.text.push_str(&text);
-                        out.logprobs.extend(logprobs);
-                        out.top_logprobs.extend(top_logprobs.into_iter().map(to_proto_top));
-                    }
-                    Event::Finished { reason, prompt_tokens, cached_tokens, .. } => {
-                        out.prompt_tokens = prompt_tokens as u32;
-                        out.cached_prompt_tokens = cached_tokens as u32;
-                        out.set_finish_reason(finish_reason(reason));
-                        return Ok(Response::new(out));
-                    }
                     Event::Failed(e) => return Err(status::from_engine(e)),
+                    ev => {
+                        if out.add(i, ev) {
+                            return Ok(Response::new(out.into_response()));
+                        }
+                    }
                 }
             }
             Err(Status::internal("engine dropped the request"))
@@ -516,9 +503,7 @@ impl LoraServe for Service {
         };
         let (tx, rx) = mpsc::channel::<Result<proto::GenerateResponse, Status>>(64);
         tokio::spawn(async move {
-            let version = a.adapter_version;
-            // The scored prompt goes out with the first tokens, in the same message.
-            let mut prompt = None;
+            let mut tagger = StreamTagger::new(a.n, a.adapter_version);
             // tonic's timer covers the handler only: past it, the deadline is this task's to keep, as the
             // unary call's (else the client gives up first and the call counts CANCELLED). Watched first, while
             // waiting for events and while a slow reader holds up a send.
@@ -535,44 +520,18 @@ impl LoraServe for Service {
                 let ev = tokio::select! {
                     biased;
                     () = &mut expired => return end_at_deadline(a.events, &tx).await,
-                    ev = a.events.recv() => ev,
+                    ev = a.events.next() => ev,
                     () = tx.closed() => {
                         // Returning drops `a.events`, which tells the engine to stop.
                         count("GenerateStream", ended_by(timed_out_from));
                         return;
                     }
                 };
-                let Some(ev) = ev else { break };
-                let (msg, last) = match ev {
-                    Event::Prompt(p) => {
-                        prompt = Some(p);
-                        continue;
-                    }
-                    Event::Tokens { ids, text, logprobs, top_logprobs } => {
-                        let mut m = proto::GenerateResponse {
-                            text,
-                            token_ids: ids,
-                            logprobs,
-                            top_logprobs: top_logprobs.into_iter().map(to_proto_top).collect(),
-                            adapter_version: version.clone(),
-                            ..Default::default()
-                        };
-                        if let Some(p) = prompt.take() {
-                            set_prompt(&mut m, p);
-                        }
-                        (Ok(m), false)
-                    }
-                    Event::Finished { reason, prompt_tokens, cached_tokens, .. } => {
-                        let mut m = proto::GenerateResponse {
-                            prompt_tokens: prompt_tokens as u32,
-                            cached_prompt_tokens: cached_tokens as u32,
-                            adapter_version: version.clone(),
-                            ..Default::default()
-                        };
-                        m.set_finish_reason(finish_reason(reason));
-                        (Ok(m), true)
-                    }
-                    Event::Failed(e) => (Err(status::bound(status::from_engine(e))), true),
+                let Some((i, ev)) = ev else { break };
+                let (msg, last) = match tagger.message(i, ev) {
+                    Ok(None) => continue,
+                    Ok(Some((msg, last))) => (Ok(msg), last),
+                    Err(e) => (Err(status::bound(status::from_engine(e))), true),
                 };
                 let code = msg.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
                 let sent = tokio::select! {

@@ -135,6 +135,19 @@ impl AdapterLease {
     }
 }
 
+/// One more lease on the same version (the `n` completions of one request each hold one): counted as any
+/// lease, so the version stays resident until the last is dropped.
+impl Clone for AdapterLease {
+    fn clone(&self) -> Self {
+        let mut st = self.inner.state.lock().expect("cache lock");
+        // Counted where `Drop` will uncount it: the device entry, if the version still has one.
+        if let Some(e) = st.device.get_mut(&self.key) {
+            e.leases += 1;
+        }
+        AdapterLease { inner: self.inner.clone(), key: self.key.clone(), weights: self.weights.clone() }
+    }
+}
+
 impl Drop for AdapterLease {
     fn drop(&mut self) {
         let mut st = self.inner.state.lock().expect("cache lock");
@@ -465,12 +478,8 @@ mod tests {
     use crate::lora::peft::{write_dir, AdapterMeta};
     use crate::lora::synthetic::{random_adapter, ATTENTION};
 
-    /// A request whose load finished just before an unload (the load's in-flight entry already gone, so the
-    /// unload could not mark it stale) leases what it asked for, as a stale version: the unload is not undone.
-    /// Before, the request installed the load again (current and resident, although unloaded).
-    #[tokio::test]
-    async fn a_load_finished_before_an_unload_does_not_undo_it() {
-        let tmp = tempfile::tempdir().unwrap();
+    /// A cache over one small adapter, `a`, written into `dir`.
+    fn one_adapter(dir: &std::path::Path) -> AdapterCache {
         let layout = BaseLayout { layers: 1, dims: [(8, 8); 7] };
         let w = random_adapter(&layout, 2, &ATTENTION, 1, &Device::Cpu).unwrap();
         let meta = AdapterMeta {
@@ -481,9 +490,18 @@ mod tests {
             base_model_name_or_path: "tiny".into(),
             dtype: candle_core::DType::F32,
         };
-        write_dir(&tmp.path().join("a"), &w, &meta).unwrap();
+        write_dir(&dir.join("a"), &w, &meta).unwrap();
         let config = CacheConfig { device_bytes: 1 << 20, host_bytes: 1 << 20, default_wait: Duration::from_secs(5) };
-        let c = AdapterCache::new(AdapterStore::open(tmp.path()).unwrap(), layout, Device::Cpu, config);
+        AdapterCache::new(AdapterStore::open(dir).unwrap(), layout, Device::Cpu, config)
+    }
+
+    /// A request whose load finished just before an unload (the load's in-flight entry already gone, so the
+    /// unload could not mark it stale) leases what it asked for, as a stale version: the unload is not undone.
+    /// Before, the request installed the load again (current and resident, although unloaded).
+    #[tokio::test]
+    async fn a_load_finished_before_an_unload_does_not_undo_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = one_adapter(tmp.path());
         let dir = c.store().resolve("a").unwrap();
         let stamp = AdapterStore::stamp(&dir).unwrap();
         // The acquire's load, finished (installed, its in-flight entry gone), then the unload, then the
@@ -499,5 +517,23 @@ mod tests {
         // The next request loads it again, as after any unload.
         c.acquire("a", None).await.unwrap();
         assert_eq!(c.disk_loads(), 2);
+    }
+
+    /// A cloned lease (a request's `n` completions) is a lease of its own: an unloaded version stays resident
+    /// until the last of them is dropped, and then leaves.
+    #[tokio::test]
+    async fn a_cloned_lease_holds_the_version_until_the_last_drops() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = one_adapter(tmp.path());
+        let lease = c.acquire("a", None).await.unwrap();
+        let copy = lease.clone();
+        assert_eq!((c.leases(), copy.version()), (2, lease.version()));
+        assert!(c.unload("a").unwrap());
+        let bytes = c.device_bytes();
+        assert!(bytes > 0);
+        drop(lease);
+        assert_eq!((c.leases(), c.device_bytes()), (1, bytes), "the copy still holds it");
+        drop(copy);
+        assert_eq!((c.leases(), c.device_bytes()), (0, 0), "the stale version left with its last lease");
     }
 }

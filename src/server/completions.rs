@@ -1,0 +1,217 @@
+//! The engine's [`Event`]s of one call's completions (one, or the request's `n`), merged and turned into
+//! `GenerateResponse` messages: [`Completions`] gathers a unary call's, [`StreamTagger`] turns each event of a
+//! stream into its message. Each completion is a sequence of its own in the engine; the call answers for all.
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamMap;
+
+use super::proto;
+use crate::engine::{EngineError, Event, FinishReason, PromptLogprobs};
+
+/// The most completions one request may ask for (`n`).
+pub const MAX_N: u32 = 16;
+
+/// The events of a call's completions, each tagged with its index; a completion's stream ends after its last
+/// event (the engine drops its sender), and dropping this tells the engine to stop all of them.
+pub type Events = StreamMap<usize, UnboundedReceiverStream<Event>>;
+
+/// Merges the completions' receivers, completion `i` the `i`-th.
+pub fn merge(receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> Events {
+    let mut events = StreamMap::with_capacity(receivers.len());
+    for (i, rx) in receivers.into_iter().enumerate() {
+        events.insert(i, UnboundedReceiverStream::new(rx));
+    }
+    events
+}
+
+pub fn to_proto_top(top: Vec<(u32, f32)>) -> proto::TopLogprobs {
+    let (token_ids, logprobs) = top.into_iter().unzip();
+    proto::TopLogprobs { token_ids, logprobs }
+}
+
+/// Puts the scored prompt into `out`.
+fn set_prompt(out: &mut proto::GenerateResponse, p: PromptLogprobs) {
+    out.prompt_token_ids = p.ids;
+    out.prompt_logprobs = p.logprobs;
+    out.prompt_top_logprobs = p.top_logprobs.into_iter().map(to_proto_top).collect();
+}
+
+fn finish_reason(r: FinishReason) -> proto::FinishReason {
+    match r {
+        FinishReason::Length => proto::FinishReason::Length,
+        FinishReason::EosToken => proto::FinishReason::EosToken,
+        FinishReason::StopSequence => proto::FinishReason::StopSequence,
+        FinishReason::StopToken => proto::FinishReason::StopToken,
+    }
+}
+
+/// A unary call's completions, gathered until each has finished.
+pub struct Completions {
+    choices: Vec<proto::GenerateResponse>,
+    /// What the completions share: the prompt's fields and the adapter version.
+    shared: proto::GenerateResponse,
+    finished: usize,
+}
+
+impl Completions {
+    pub fn new(n: usize, adapter_version: String) -> Self {
+        let choices = (0..n).map(|i| proto::GenerateResponse { index: i as u32, ..Default::default() }).collect();
+        Completions { choices, shared: proto::GenerateResponse { adapter_version, ..Default::default() }, finished: 0 }
+    }
+
+    /// Adds completion `i`'s event (not `Failed`: the call fails on it); true once every completion finished.
+    pub fn add(&mut self, i: usize, ev: Event) -> bool {
+        let out = &mut self.choices[i];
+        match ev {
+            Event::Prompt(p) => set_prompt(&mut self.shared, p),
+            Event::Tokens { ids, text, logprobs, top_logprobs } => {
+                out.token_ids.extend(ids);
+                out.text.push_str(&text);
+                out.logprobs.extend(logprobs);
+                out.top_logprobs.extend(top_logprobs.into_iter().map(to_proto_top));
+            }
+            Event::Finished { reason, prompt_tokens, cached_tokens, .. } => {
+                self.shared.prompt_tokens = prompt_tokens as u32;
+                out.cached_prompt_tokens = cached_tokens as u32;
+                out.set_finish_reason(finish_reason(reason));
+                self.finished += 1;
+            }
+            Event::Failed(_) => unreachable!("a failed completion fails the call before it is added"),
+        }
+        self.finished == self.choices.len()
+    }
+
+    /// The response: for one completion, it with the shared fields (the message as before `n`); for more,
+    /// the shared fields with the completions in `choices`.
+    pub fn into_response(self) -> proto::GenerateResponse {
+        let Completions { mut choices, shared, .. } = self;
+        if choices.len() == 1 {
+            let one = choices.pop().expect("one completion");
+            return proto::GenerateResponse {
+                text: one.text,
+                token_ids: one.token_ids,
+                finish_reason: one.finish_reason,
+                logprobs: one.logprobs,
+                top_logprobs: one.top_logprobs,
+                cached_prompt_tokens: one.cached_prompt_tokens,
+                ..shared
+            };
+        }
+        proto::GenerateResponse { choices, ..shared }
+    }
+}
+
+/// Turns a stream's events into its messages: each tagged with its completion's index and the adapter
+/// version, the scored prompt sent with the first tokens of the completion that scored it.
+pub struct StreamTagger {
+    version: String,
+    prompt: Option<(usize, PromptLogprobs)>,
+    left: usize,
+}
+
+impl StreamTagger {
+    pub fn new(n: usize, version: String) -> Self {
+        StreamTagger { version, prompt: None, left: n }
+    }
+
+    /// The message for completion `i`'s event, and whether it is the call's last: `None` while it is held (the
+    /// scored prompt waits for its completion's first tokens), an error when the completion failed (the call
+    /// ends with it).
+    pub fn message(&mut self, i: usize, ev: Event) -> Result<Option<(proto::GenerateResponse, bool)>, EngineError> {
+        let mut msg =
+            proto::GenerateResponse { index: i as u32, adapter_version: self.version.clone(), ..Default::default() };
+        match ev {
+            Event::Prompt(p) => {
+                self.prompt = Some((i, p));
+                return Ok(None);
+            }
+            Event::Tokens { ids, text, logprobs, top_logprobs } => {
+                msg.text = text;
+                msg.token_ids = ids;
+                msg.logprobs = logprobs;
+                msg.top_logprobs = top_logprobs.into_iter().map(to_proto_top).collect();
+                if self.prompt.as_ref().is_some_and(|(from, _)| *from == i) {
+                    let (_, p) = self.prompt.take().expect("checked");
+                    set_prompt(&mut msg, p);
+                }
+            }
+            Event::Finished { reason, prompt_tokens, cached_tokens, .. } => {
+                msg.prompt_tokens = prompt_tokens as u32;
+                msg.cached_prompt_tokens = cached_tokens as u32;
+                msg.set_finish_reason(finish_reason(reason));
+                self.left -= 1;
+            }
+            Event::Failed(e) => return Err(e),
+        }
+        Ok(Some((msg, self.left == 0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(ids: &[u32], text: &str) -> Event {
+        Event::Tokens { ids: ids.to_vec(), text: text.into(), logprobs: vec![], top_logprobs: vec![] }
+    }
+
+    fn finished(reason: FinishReason, cached: usize) -> Event {
+        Event::Finished { reason, prompt_tokens: 5, cached_tokens: cached, generated_tokens: 2 }
+    }
+
+    fn prompt() -> PromptLogprobs {
+        PromptLogprobs { ids: vec![1, 2], logprobs: vec![-0.5], top_logprobs: vec![] }
+    }
+
+    /// One completion answers as a call without `n` always did: everything in the top-level message.
+    #[test]
+    fn one_completion_is_the_plain_response() {
+        let mut c = Completions::new(1, "v1".into());
+        assert!(!c.add(0, Event::Prompt(prompt())));
+        assert!(!c.add(0, tokens(&[7], "a")));
+        assert!(!c.add(0, tokens(&[8], "b")));
+        assert!(c.add(0, finished(FinishReason::Length, 0)));
+        let r = c.into_response();
+        assert_eq!((r.text.as_str(), r.token_ids.as_slice(), r.index), ("ab", &[7, 8][..], 0));
+        assert_eq!((r.prompt_tokens, r.adapter_version.as_str()), (5, "v1"));
+        assert_eq!((&r.prompt_token_ids[..], &r.prompt_logprobs[..]), (&[1, 2][..], &[-0.5][..]));
+        assert_eq!(r.finish_reason(), proto::FinishReason::Length);
+        assert!(r.choices.is_empty());
+    }
+
+    /// Interleaved events land in their own completions; the call is whole only when the last one finishes.
+    #[test]
+    fn completions_gather_by_index() {
+        let mut c = Completions::new(2, "v1".into());
+        assert!(!c.add(1, tokens(&[9], "x")));
+        assert!(!c.add(0, Event::Prompt(prompt())));
+        assert!(!c.add(0, tokens(&[7], "a")));
+        assert!(!c.add(1, finished(FinishReason::EosToken, 0)));
+        assert!(c.add(0, finished(FinishReason::Length, 0)));
+        let r = c.into_response();
+        assert!(r.text.is_empty() && r.token_ids.is_empty());
+        assert_eq!((r.prompt_tokens, r.adapter_version.as_str(), r.prompt_token_ids.len()), (5, "v1", 2));
+        let got: Vec<_> = r.choices.iter().map(|c| (c.index, c.text.as_str(), c.finish_reason())).collect();
+        assert_eq!(got, [(0, "a", proto::FinishReason::Length), (1, "x", proto::FinishReason::EosToken)]);
+    }
+
+    /// A stream's messages carry their completion's index, the scored prompt goes with its completion's first
+    /// tokens, and only the last completion's end is the call's last message.
+    #[test]
+    fn stream_messages_are_tagged() {
+        let mut t = StreamTagger::new(2, "v1".into());
+        let send = |m: Result<Option<_>, _>| m.unwrap().expect("a message");
+        assert_eq!(t.message(0, Event::Prompt(prompt())), Ok(None));
+        let (m, last) = send(t.message(1, tokens(&[9], "x")));
+        assert_eq!((m.index, m.text.as_str(), m.prompt_token_ids.len(), last), (1, "x", 0, false));
+        let (m, _) = send(t.message(0, tokens(&[7], "a")));
+        assert_eq!((m.index, m.prompt_token_ids.as_slice(), m.adapter_version.as_str()), (0, &[1, 2][..], "v1"));
+        let (m, last) = send(t.message(0, finished(FinishReason::Length, 0)));
+        assert_eq!((m.index, m.finish_reason(), last), (0, proto::FinishReason::Length, false));
+        let (m, last) = send(t.message(1, finished(FinishReason::EosToken, 16)));
+        assert_eq!((m.index, m.cached_prompt_tokens, last), (1, 16, true));
+        let failed = t.message(1, Event::Failed(EngineError::DeadlineExceeded));
+        assert_eq!(failed, Err(EngineError::DeadlineExceeded));
+    }
+}
