@@ -16,6 +16,7 @@ use loraserve::lora::{LoraRows, LoraSegment};
 use loraserve::model::{self, AttentionMode, Batch, LoadOptions, LoadedModel, ModelSpec, SeqInput};
 use loraserve::quant::QuantMode;
 use loraserve::server::proto::{FinishReason, GenerateRequest, GenerateResponse};
+use loraserve::server::service::Limits;
 use loraserve::server::ServeConfig;
 
 const PROMPT: &str = "cat moon fire\n";
@@ -548,7 +549,9 @@ async fn an_adapter_whose_forward_overflows_fails_its_requests_only() {
 /// 1..=16 is INVALID_ARGUMENT naming it; a stream dropped mid-way frees every completion's place and lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn n_completions_are_the_request_alone_with_consecutive_seeds() {
-    let (h, mut client) = start(demo_config()).await;
+    // Room for completions that run far longer than the test waits for them (below).
+    let limits = Limits { max_new_tokens_cap: 1000, ..Limits::default() };
+    let (h, mut client) = start(ServeConfig { limits, ..demo_config() }).await;
     let sampled = |seed, n| GenerateRequest { temperature: Some(2.0), seed: Some(seed), n, ..req("upper", PROMPT, 24) };
     let mut alone = Vec::new();
     for i in 0..4 {
@@ -597,15 +600,18 @@ async fn n_completions_are_the_request_alone_with_consecutive_seeds() {
         assert!(c.prompt_token_ids.is_empty() && c.prompt_logprobs.is_empty(), "the prompt's fields are shared");
     }
 
+    // Streamed, the scored prompt comes once, in the first message (completion 0's), as without `n`.
     let mut s = client.generate_stream(scored(Some(3))).await.unwrap().into_inner();
     let mut scored_in = Vec::new();
+    let mut at = 0;
     while let Some(m) = s.message().await.unwrap() {
         if !m.prompt_token_ids.is_empty() {
             assert_eq!(m.prompt_token_ids, greedy.prompt_token_ids);
-            scored_in.push(m.index);
+            scored_in.push((at, m.index));
         }
+        at += 1;
     }
-    assert_eq!(scored_in, [0], "the prompt is scored once, by completion 0");
+    assert_eq!(scored_in, [(0, 0)], "the prompt is scored once, by completion 0, in the first message");
 
     for n in [0, 17] {
         let e = client.generate(sampled(1, Some(n))).await.unwrap_err();
@@ -613,21 +619,24 @@ async fn n_completions_are_the_request_alone_with_consecutive_seeds() {
         assert_eq!(e.message(), format!("n: must be in 1..=16, got {n}"));
     }
 
-    let long = GenerateRequest { n: Some(3), ignore_eos: true, ..req("upper", PROMPT, 200) };
+    // Three completions of 1000 tokens each need 1000 engine steps; dropped after its first message, the
+    // stream's completions end within a few, leaving no sequence and no lease behind.
+    use std::sync::atomic::Ordering::Relaxed;
+    let (engine, cache) = (h.engine().unwrap(), h.cache().unwrap());
+    let stats = engine.stats();
+    let steps = stats.steps.load(Relaxed);
+    let long = GenerateRequest { n: Some(3), ignore_eos: true, ..req("upper", PROMPT, 1000) };
     let mut s = client.generate_stream(long).await.unwrap().into_inner();
     s.message().await.unwrap().expect("a first message");
+    assert_eq!(cache.leases(), 3, "each completion holds its own lease");
     drop(s);
-    let (engine, cache) = (h.engine().unwrap(), h.cache().unwrap());
     let since = std::time::Instant::now();
-    let stats = engine.stats();
-    let busy = || {
-        use std::sync::atomic::Ordering::Relaxed;
-        stats.running.load(Relaxed) + stats.pending.load(Relaxed) + cache.leases()
-    };
-    while busy() > 0 {
+    while stats.running.load(Relaxed) + stats.pending.load(Relaxed) + cache.leases() > 0 {
         assert!(since.elapsed() < std::time::Duration::from_secs(20), "a dropped stream's completions still run");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    let ran = stats.steps.load(Relaxed) - steps;
+    assert!(ran < 1000, "the completions ran to their end ({ran} steps): dropping the stream stopped nothing");
     h.shutdown();
     h.wait().await.unwrap();
 }

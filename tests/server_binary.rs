@@ -119,6 +119,7 @@ fn sigterm_drains_and_exits_zero() {
     assert_eq!(served, token_ids(&[&local[..], &sampled, &["--min-p", "0.2"]].concat()), "--min-p");
     assert_ne!(served, token_ids(&[&client[..], &sampled].concat()), "--min-p changes nothing");
     // --n: completion i is the call alone with seed 3 + i, streamed or not.
+    let mut answers = Vec::new();
     for stream in [&[][..], &["--stream"]] {
         let args = [&client[..], &sampled, &["--n", "2"], stream].concat();
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args(&args).output().unwrap();
@@ -130,9 +131,11 @@ fn sigterm_drains_and_exits_zero() {
             let seed = (3 + i).to_string();
             let alone = token_ids(&[&local[..], &call, &["--temperature", "1", "--seed", &seed]].concat());
             let ids: Vec<u64> = c["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
-            assert_eq!((c["index"].as_u64(), ids), (Some(i as u64), alone), "{args:?}");
+            assert_eq!((c["index"].as_u64(), &ids), (Some(i as u64), &alone), "{args:?}");
+            answers.push(ids);
         }
     }
+    assert_ne!(answers[0], answers[1], "seeds 3 and 4 drew one answer: the comparison proves little");
     // ... and so do the flags that move the end of `upper`'s answer.
     let answer = ["--adapter", "upper", "--prompt", "cat moon fire\n", "--max-new-tokens", "24", "--json"];
     let local_upper = ["generate", "--model", "demo", "--adapters", tmp.path().to_str().unwrap()];

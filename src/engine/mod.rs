@@ -35,8 +35,8 @@ use worker::Command;
 /// Why a request was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
-    #[error("request queue full ({0} waiting)")]
-    QueueFull(usize),
+    #[error("{}", queue_full(*.waiting, *.asked, *.capacity))]
+    QueueFull { waiting: usize, asked: usize, capacity: usize },
     #[error("server is shutting down")]
     ShuttingDown,
     /// More KV blocks than the whole cache: refused before the queue, so that it never takes a place there
@@ -130,15 +130,9 @@ impl Engine {
                 return Err(SubmitError::OutOfVocab { id, at, vocab: self.vocab });
             }
         }
-        let mut queued = Vec::with_capacity(reqs.len());
-        for _ in &reqs {
-            let (q, pending) = worker::Queued::enter(&self.stats);
-            if pending >= self.config.queue_capacity {
-                // The places taken so far are given back as `queued` drops; the others' are reported.
-                return Err(SubmitError::QueueFull(pending - queued.len()));
-            }
-            queued.push(q);
-        }
+        let (asked, capacity) = (reqs.len(), self.config.queue_capacity);
+        let queued = worker::Queued::enter_all(&self.stats, asked, capacity)
+            .map_err(|waiting| SubmitError::QueueFull { waiting, asked, capacity })?;
         let tx = self.tx.lock().expect("engine sender");
         for (req, q) in reqs.into_iter().zip(queued) {
             tx.send(Command::Submit(Box::new(req), q)).map_err(|_| SubmitError::ShuttingDown)?;
@@ -161,6 +155,17 @@ impl Engine {
         if let Some(t) = self.thread.lock().expect("engine thread").take() {
             let _ = t.join();
         }
+    }
+}
+
+/// [`SubmitError::QueueFull`]'s message.
+fn queue_full(waiting: usize, asked: usize, capacity: usize) -> String {
+    match asked {
+        1 => format!("request queue full ({waiting} waiting)"),
+        _ => format!(
+            "request queue has room for {} of the {asked} completions asked ({waiting} waiting of {capacity})",
+            capacity.saturating_sub(waiting)
+        ),
     }
 }
 
@@ -249,9 +254,14 @@ mod tests {
                 request(&[1, 2, 3], 2, events)
             })
             .collect();
-        assert_eq!(engine.submit_all(three), Err(SubmitError::QueueFull(0)));
+        let refused = engine.submit_all(three).unwrap_err();
+        assert_eq!(refused, SubmitError::QueueFull { waiting: 0, asked: 3, capacity: 2 });
+        let said = "request queue has room for 2 of the 3 completions asked (0 waiting of 2)";
+        assert_eq!(refused.to_string(), said);
         assert_eq!(engine.stats().pending.load(Ordering::Relaxed), 0);
-        assert!(receivers.iter_mut().all(|rx| rx.try_recv().is_err()), "a refused request ran");
+        // Never sent: their senders are gone with the refused requests.
+        let disconnected = Err(tokio::sync::mpsc::error::TryRecvError::Disconnected);
+        assert!(receivers.iter_mut().all(|rx| rx.try_recv() == disconnected), "a refused request was sent");
         let mut two = Vec::new();
         for rx in &mut receivers[..2] {
             let (events, new_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -87,6 +87,15 @@ impl Queued {
         let before = stats.pending.fetch_add(1, Ordering::Relaxed);
         (Queued(stats.clone(), t::Queued::enter()), before)
     }
+
+    /// Counts `n` more requests in one step, if the queue has room for all of them within `capacity`; else
+    /// counts none and returns how many are waiting. (One at a time, two calls could each take part of the
+    /// room and both be refused.)
+    pub(crate) fn enter_all(stats: &Arc<EngineStats>, n: usize, capacity: usize) -> Result<Vec<Queued>, usize> {
+        let room = |p: usize| p.checked_add(n).filter(|&after| after <= capacity);
+        stats.pending.fetch_update(Ordering::Relaxed, Ordering::Relaxed, room)?;
+        Ok((0..n).map(|_| Queued(stats.clone(), t::Queued::enter())).collect())
+    }
 }
 
 impl Drop for Queued {

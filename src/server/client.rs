@@ -242,6 +242,9 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
         if !json && n == 1 {
             to_stdout(format_args!("\n"))?;
         }
+        if let Some(c) = choices.iter().find(|c| c.finish_reason == 0) {
+            anyhow::bail!("the stream ended before completion {} of {n} did", c.index);
+        }
         response.choices = choices;
     } else {
         response = client.generate(req).await?.into_inner();

@@ -60,8 +60,8 @@ impl Completions {
         Completions { choices, shared: proto::GenerateResponse { adapter_version, ..Default::default() }, finished: 0 }
     }
 
-    /// Adds completion `i`'s event (not `Failed`: the call fails on it); true once every completion finished.
-    pub fn add(&mut self, i: usize, ev: Event) -> bool {
+    /// Adds completion `i`'s event: true once every completion finished; a completion's failure is the call's.
+    pub fn add(&mut self, i: usize, ev: Event) -> Result<bool, EngineError> {
         let out = &mut self.choices[i];
         match ev {
             Event::Prompt(p) => set_prompt(&mut self.shared, p),
@@ -77,9 +77,9 @@ impl Completions {
                 out.set_finish_reason(finish_reason(reason));
                 self.finished += 1;
             }
-            Event::Failed(_) => unreachable!("a failed completion fails the call before it is added"),
+            Event::Failed(e) => return Err(e),
         }
-        self.finished == self.choices.len()
+        Ok(self.finished == self.choices.len())
     }
 
     /// The response: for one completion, it with the shared fields (the message as before `n`); for more,
@@ -102,39 +102,38 @@ impl Completions {
     }
 }
 
-/// Turns a stream's events into its messages: each tagged with its completion's index and the adapter
-/// version, the scored prompt sent with the first tokens of the completion that scored it.
+/// Turns a stream's events into its messages, each tagged with its completion's index and the adapter
+/// version. The scored prompt (`prompt_logprobs`, completion 0's) goes out with completion 0's first message,
+/// and that is the stream's first message, as it is without `n`: the other completions' messages wait for it.
 pub struct StreamTagger {
     version: String,
-    prompt: Option<(usize, PromptLogprobs)>,
+    /// While the scored prompt has not gone out: the other completions' messages, in order.
+    held: Option<Vec<proto::GenerateResponse>>,
+    prompt: Option<PromptLogprobs>,
     left: usize,
 }
 
 impl StreamTagger {
-    pub fn new(n: usize, version: String) -> Self {
-        StreamTagger { version, prompt: None, left: n }
+    /// A stream of `n` completions; `scores_prompt` when the request asked for `prompt_logprobs`.
+    pub fn new(n: usize, version: String, scores_prompt: bool) -> Self {
+        StreamTagger { version, held: scores_prompt.then(Vec::new), prompt: None, left: n }
     }
 
-    /// The message for completion `i`'s event, and whether it is the call's last: `None` while it is held (the
-    /// scored prompt waits for its completion's first tokens), an error when the completion failed (the call
-    /// ends with it).
-    pub fn message(&mut self, i: usize, ev: Event) -> Result<Option<(proto::GenerateResponse, bool)>, EngineError> {
+    /// The messages completion `i`'s event lets go out, in order (none while they wait for the scored prompt);
+    /// an error when the completion failed (the call ends with it).
+    pub fn messages(&mut self, i: usize, ev: Event) -> Result<Vec<proto::GenerateResponse>, EngineError> {
         let mut msg =
             proto::GenerateResponse { index: i as u32, adapter_version: self.version.clone(), ..Default::default() };
         match ev {
             Event::Prompt(p) => {
-                self.prompt = Some((i, p));
-                return Ok(None);
+                self.prompt = Some(p);
+                return Ok(Vec::new());
             }
             Event::Tokens { ids, text, logprobs, top_logprobs } => {
                 msg.text = text;
                 msg.token_ids = ids;
                 msg.logprobs = logprobs;
                 msg.top_logprobs = top_logprobs.into_iter().map(to_proto_top).collect();
-                if self.prompt.as_ref().is_some_and(|(from, _)| *from == i) {
-                    let (_, p) = self.prompt.take().expect("checked");
-                    set_prompt(&mut msg, p);
-                }
             }
             Event::Finished { reason, prompt_tokens, cached_tokens, .. } => {
                 msg.prompt_tokens = prompt_tokens as u32;
@@ -144,7 +143,26 @@ impl StreamTagger {
             }
             Event::Failed(e) => return Err(e),
         }
-        Ok(Some((msg, self.left == 0)))
+        match &mut self.held {
+            // Completion 0's first message (its prompt event came right before it) takes the prompt out first.
+            Some(_) if i == 0 => {
+                if let Some(p) = self.prompt.take() {
+                    set_prompt(&mut msg, p);
+                }
+                let held = self.held.take().unwrap_or_default();
+                Ok(std::iter::once(msg).chain(held).collect())
+            }
+            Some(held) => {
+                held.push(msg);
+                Ok(Vec::new())
+            }
+            None => Ok(vec![msg]),
+        }
+    }
+
+    /// Whether every completion's final message has gone out: the stream is over.
+    pub fn done(&self) -> bool {
+        self.left == 0 && self.held.is_none()
     }
 }
 
@@ -168,10 +186,10 @@ mod tests {
     #[test]
     fn one_completion_is_the_plain_response() {
         let mut c = Completions::new(1, "v1".into());
-        assert!(!c.add(0, Event::Prompt(prompt())));
-        assert!(!c.add(0, tokens(&[7], "a")));
-        assert!(!c.add(0, tokens(&[8], "b")));
-        assert!(c.add(0, finished(FinishReason::Length, 0)));
+        assert_eq!(c.add(0, Event::Prompt(prompt())), Ok(false));
+        assert_eq!(c.add(0, tokens(&[7], "a")), Ok(false));
+        assert_eq!(c.add(0, tokens(&[8], "b")), Ok(false));
+        assert_eq!(c.add(0, finished(FinishReason::Length, 0)), Ok(true));
         let r = c.into_response();
         assert_eq!((r.text.as_str(), r.token_ids.as_slice(), r.index), ("ab", &[7, 8][..], 0));
         assert_eq!((r.prompt_tokens, r.adapter_version.as_str()), (5, "v1"));
@@ -180,38 +198,59 @@ mod tests {
         assert!(r.choices.is_empty());
     }
 
-    /// Interleaved events land in their own completions; the call is whole only when the last one finishes.
+    /// Interleaved events land in their own completions; the call is whole only when the last one finishes,
+    /// and fails with any one of them.
     #[test]
     fn completions_gather_by_index() {
         let mut c = Completions::new(2, "v1".into());
-        assert!(!c.add(1, tokens(&[9], "x")));
-        assert!(!c.add(0, Event::Prompt(prompt())));
-        assert!(!c.add(0, tokens(&[7], "a")));
-        assert!(!c.add(1, finished(FinishReason::EosToken, 0)));
-        assert!(c.add(0, finished(FinishReason::Length, 0)));
+        assert_eq!(c.add(1, tokens(&[9], "x")), Ok(false));
+        assert_eq!(c.add(0, Event::Prompt(prompt())), Ok(false));
+        assert_eq!(c.add(0, tokens(&[7], "a")), Ok(false));
+        assert_eq!(c.add(1, finished(FinishReason::EosToken, 0)), Ok(false));
+        assert_eq!(c.add(0, finished(FinishReason::Length, 0)), Ok(true));
         let r = c.into_response();
         assert!(r.text.is_empty() && r.token_ids.is_empty());
         assert_eq!((r.prompt_tokens, r.adapter_version.as_str(), r.prompt_token_ids.len()), (5, "v1", 2));
         let got: Vec<_> = r.choices.iter().map(|c| (c.index, c.text.as_str(), c.finish_reason())).collect();
         assert_eq!(got, [(0, "a", proto::FinishReason::Length), (1, "x", proto::FinishReason::EosToken)]);
+        let mut c = Completions::new(2, "v1".into());
+        assert_eq!(c.add(1, Event::Failed(EngineError::DeadlineExceeded)), Err(EngineError::DeadlineExceeded));
     }
 
-    /// A stream's messages carry their completion's index, the scored prompt goes with its completion's first
-    /// tokens, and only the last completion's end is the call's last message.
+    /// A stream's messages carry their completion's index; only the last completion's end ends the stream.
     #[test]
     fn stream_messages_are_tagged() {
-        let mut t = StreamTagger::new(2, "v1".into());
-        let send = |m: Result<Option<_>, _>| m.unwrap().expect("a message");
-        assert_eq!(t.message(0, Event::Prompt(prompt())), Ok(None));
-        let (m, last) = send(t.message(1, tokens(&[9], "x")));
-        assert_eq!((m.index, m.text.as_str(), m.prompt_token_ids.len(), last), (1, "x", 0, false));
-        let (m, _) = send(t.message(0, tokens(&[7], "a")));
-        assert_eq!((m.index, m.prompt_token_ids.as_slice(), m.adapter_version.as_str()), (0, &[1, 2][..], "v1"));
-        let (m, last) = send(t.message(0, finished(FinishReason::Length, 0)));
-        assert_eq!((m.index, m.finish_reason(), last), (0, proto::FinishReason::Length, false));
-        let (m, last) = send(t.message(1, finished(FinishReason::EosToken, 16)));
-        assert_eq!((m.index, m.cached_prompt_tokens, last), (1, 16, true));
-        let failed = t.message(1, Event::Failed(EngineError::DeadlineExceeded));
-        assert_eq!(failed, Err(EngineError::DeadlineExceeded));
+        let mut t = StreamTagger::new(2, "v1".into(), false);
+        let one = |m: Result<Vec<_>, _>| -> proto::GenerateResponse {
+            let mut m = m.unwrap();
+            assert_eq!(m.len(), 1);
+            m.pop().unwrap()
+        };
+        let m = one(t.messages(1, tokens(&[9], "x")));
+        assert_eq!((m.index, m.text.as_str(), m.adapter_version.as_str()), (1, "x", "v1"));
+        let m = one(t.messages(0, tokens(&[7], "a")));
+        assert_eq!((m.index, m.text.as_str()), (0, "a"));
+        let m = one(t.messages(0, finished(FinishReason::Length, 0)));
+        assert_eq!((m.index, m.finish_reason(), t.done()), (0, proto::FinishReason::Length, false));
+        let m = one(t.messages(1, finished(FinishReason::EosToken, 16)));
+        assert_eq!((m.index, m.cached_prompt_tokens, t.done()), (1, 16, true));
+        assert_eq!(t.messages(1, Event::Failed(EngineError::DeadlineExceeded)), Err(EngineError::DeadlineExceeded));
+    }
+
+    /// With the prompt scored, the stream's first message is completion 0's first, carrying the prompt; the
+    /// other completions' messages that came before it follow it, in order.
+    #[test]
+    fn the_scored_prompt_goes_out_first() {
+        let mut t = StreamTagger::new(2, "v1".into(), true);
+        assert_eq!(t.messages(1, tokens(&[9], "x")), Ok(vec![]));
+        assert_eq!(t.messages(1, finished(FinishReason::EosToken, 4)), Ok(vec![]));
+        assert_eq!(t.messages(0, Event::Prompt(prompt())), Ok(vec![]));
+        let out = t.messages(0, tokens(&[7], "a")).unwrap();
+        let got: Vec<_> = out.iter().map(|m| (m.index, m.text.as_str(), m.prompt_token_ids.len())).collect();
+        assert_eq!(got, [(0, "a", 2), (1, "x", 0), (1, "", 0)]);
+        assert_eq!(out[2].finish_reason(), proto::FinishReason::EosToken);
+        assert!(!t.done());
+        let end = t.messages(0, finished(FinishReason::Length, 0)).unwrap();
+        assert_eq!((end.len(), end[0].index, t.done()), (1, 0, true));
     }
 }

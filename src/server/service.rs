@@ -20,7 +20,7 @@ use super::deadline::{ended_by, within, CallDeadline};
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
 use crate::engine::structured::{Constraint, Guide, Guides};
-use crate::engine::{truncate_prompt, Engine, Event, SamplingParams, ValidRequest};
+use crate::engine::{truncate_prompt, Engine, SamplingParams, ValidRequest};
 use crate::lora::cache::{AdapterCache, AdapterLease};
 use crate::model::chat::Kwargs;
 use crate::model::{ChatError, ChatTemplate, GenerationDefaults, Tokenizer};
@@ -191,6 +191,8 @@ struct Admitted {
     events: Events,
     n: usize,
     adapter_version: String,
+    /// Whether completion 0 scores the prompt (`prompt_logprobs`).
+    scores_prompt: bool,
 }
 
 impl Service {
@@ -226,11 +228,15 @@ impl Service {
             _ => {}
         }
         // Each completion takes a place in the queue: more than it holds could never be accepted.
-        let max_n = MAX_N.min(ready.engine.config().queue_capacity.try_into().unwrap_or(u32::MAX));
+        let queue = ready.engine.config().queue_capacity;
         let n = match r.n {
             None => 1,
-            Some(n) if (1..=max_n).contains(&n) => n as usize,
-            Some(n) => return Err(invalid("n", format!("must be in 1..={max_n}, got {n}"))),
+            Some(n) if (1..=MAX_N).contains(&n) && n as usize <= queue => n as usize,
+            Some(n) if n as usize > queue && (1..=MAX_N).contains(&n) => {
+                let why = format!("{n} completions are more than the request queue holds ({queue}, --max-queue)");
+                return Err(invalid("n", why));
+            }
+            Some(n) => return Err(invalid("n", format!("must be in 1..={MAX_N}, got {n}"))),
         };
         if r.max_new_tokens == 0 || r.max_new_tokens > limits.max_new_tokens_cap {
             return Err(invalid(
@@ -377,6 +383,7 @@ impl Service {
             adapter = lease_request_adapter(ready, &r.adapter_id, deadline).await?;
         }
         let adapter_version = adapter.as_ref().map(|l| l.version().to_string()).unwrap_or_default();
+        let scores_prompt = r.prompt_logprobs.is_some();
         let (tx, rx) = mpsc::unbounded_channel();
         let first = ValidRequest {
             prompt_ids,
@@ -406,7 +413,7 @@ impl Service {
         }
         completions.insert(0, first);
         ready.engine.submit_all(completions).map_err(status::from_submit)?;
-        Ok(Admitted { events: completions::merge(receivers), n, adapter_version })
+        Ok(Admitted { events: completions::merge(receivers), n, adapter_version, scores_prompt })
     }
 }
 
@@ -470,13 +477,8 @@ impl LoraServe for Service {
                     None => a.events.next().await,
                 };
                 let Some((i, ev)) = next else { break };
-                match ev {
-                    Event::Failed(e) => return Err(status::from_engine(e)),
-                    ev => {
-                        if out.add(i, ev) {
-                            return Ok(Response::new(out.into_response()));
-                        }
-                    }
+                if out.add(i, ev).map_err(status::from_engine)? {
+                    return Ok(Response::new(out.into_response()));
                 }
             }
             Err(Status::internal("engine dropped the request"))
@@ -503,7 +505,7 @@ impl LoraServe for Service {
         };
         let (tx, rx) = mpsc::channel::<Result<proto::GenerateResponse, Status>>(64);
         tokio::spawn(async move {
-            let mut tagger = StreamTagger::new(a.n, a.adapter_version);
+            let mut tagger = StreamTagger::new(a.n, a.adapter_version, a.scores_prompt);
             // tonic's timer covers the handler only: past it, the deadline is this task's to keep, as the
             // unary call's (else the client gives up first and the call counts CANCELLED). Watched first, while
             // waiting for events and while a slow reader holds up a send.
@@ -528,23 +530,28 @@ impl LoraServe for Service {
                     }
                 };
                 let Some((i, ev)) = ev else { break };
-                let (msg, last) = match tagger.message(i, ev) {
-                    Ok(None) => continue,
-                    Ok(Some((msg, last))) => (Ok(msg), last),
-                    Err(e) => (Err(status::bound(status::from_engine(e))), true),
+                let (out, code) = match tagger.messages(i, ev) {
+                    Ok(msgs) => (msgs.into_iter().map(Ok).collect(), tonic::Code::Ok),
+                    Err(e) => {
+                        let s = status::bound(status::from_engine(e));
+                        let code = s.code();
+                        (vec![Err(s)], code)
+                    }
                 };
-                let code = msg.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
-                let sent = tokio::select! {
-                    biased;
-                    () = &mut expired => return end_at_deadline(a.events, &tx).await,
-                    sent = tx.send(msg) => sent,
-                };
-                // A failed send means the client left: dropping `a.events` tells the engine to stop.
-                if sent.is_err() {
-                    count("GenerateStream", ended_by(timed_out_from));
-                    return;
+                for msg in out {
+                    let sent = tokio::select! {
+                        biased;
+                        () = &mut expired => return end_at_deadline(a.events, &tx).await,
+                        sent = tx.send(msg) => sent,
+                    };
+                    // A failed send means the client left: dropping `a.events` tells the engine to stop.
+                    if sent.is_err() {
+                        count("GenerateStream", ended_by(timed_out_from));
+                        return;
+                    }
                 }
-                if last {
+                // A completion's failure, or every completion's end, ends the call.
+                if code != tonic::Code::Ok || tagger.done() {
                     count("GenerateStream", code);
                     return;
                 }

@@ -86,7 +86,7 @@ pub fn from_cache(e: CacheError, deadline_passed: bool) -> Status {
 
 pub fn from_submit(e: SubmitError) -> Status {
     match e {
-        SubmitError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
+        SubmitError::QueueFull { .. } => Status::resource_exhausted(e.to_string()),
         SubmitError::ShuttingDown => Status::unavailable(e.to_string()),
         SubmitError::TooLong(e) => from_engine(e),
         SubmitError::OutOfVocab { .. } => Status::invalid_argument(e.to_string()),
