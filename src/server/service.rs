@@ -1,7 +1,8 @@
 //! The LoraServe gRPC service (proto types stay in `server/`: here, `conversation.rs`, `client.rs`). Each
 //! request is validated once, at the edge, into a [`ValidRequest`] (fields checked, adapter leased, prompt
-//! tokenized, deadline parsed); the engine streams [`Event`]s back, which become `GenerateResponse` messages
-//! (`completions.rs`). A request for `n` completions is `n` sequences in the engine, answered as one call.
+//! tokenized, deadline parsed); the engine streams [`Event`](crate::engine::Event)s back, which become
+//! `GenerateResponse` messages (`completions.rs`). A request for `n` completions is `n` sequences in the
+//! engine, answered as one call.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
