@@ -136,6 +136,16 @@ fn sigterm_drains_and_exits_zero() {
         }
     }
     assert_ne!(answers[0], answers[1], "seeds 3 and 4 drew one answer: the comparison proves little");
+    // `server generate --n 2` runs them one after the other, seeded the same way: the same completions.
+    let args = [&local[..], &sampled, &["--n", "2"]].concat();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args(&args).output().unwrap();
+    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ids = |c: &serde_json::Value| -> Vec<u64> {
+        c["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect()
+    };
+    let local_answers: Vec<_> = v["choices"].as_array().unwrap().iter().map(ids).collect();
+    assert_eq!(local_answers, answers[..2], "{v}");
     // ... and so do the flags that move the end of `upper`'s answer.
     let answer = ["--adapter", "upper", "--prompt", "cat moon fire\n", "--max-new-tokens", "24", "--json"];
     let local_upper = ["generate", "--model", "demo", "--adapters", tmp.path().to_str().unwrap()];

@@ -248,9 +248,15 @@ pub struct GenerateArgs {
     /// does); `none` (or vLLM's `vllm`): the neutral values (greedy).
     #[arg(long, env = "LORASERVE_GENERATION_CONFIG", value_enum, default_value = "auto")]
     pub generation_config: super::GenerationConfigArg,
-    /// Print `{"prompt_token_ids": [...], "token_ids": [...], "text": "..."}`.
+    /// Print `{"prompt_token_ids": [...], "token_ids": [...], "text": "..."}` (with --n above 1, the
+    /// completions in "choices", each with its "index").
     #[arg(long)]
     pub json: bool,
+    /// Generate N completions of the prompt (1 to 16), one after the other (the server batches them and
+    /// computes the prompt once); with --seed S, completion i samples with S + i, as the server seeds them.
+    /// Printed `[i] text` per completion (above 1).
+    #[arg(long, value_name = "N")]
+    pub n: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -442,6 +448,10 @@ fn resolve_adapter(arg: &str, root: &std::path::Path) -> Result<std::path::PathB
 
 pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     args.input.check()?;
+    let max_n = crate::server::completions::MAX_N;
+    if let Some(n) = args.n.filter(|n| !(1..=max_n).contains(n)) {
+        bail!("--n {n}: expected 1 to {max_n} completions");
+    }
     if args.input.prompt.as_ref().is_some_and(String::is_empty) {
         bail!("--prompt is empty");
     }
@@ -488,33 +498,48 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
             args.max_new_tokens
         );
     }
-    let ends = sampling.clone();
-    let out = engine::generate(
-        &loaded.model,
-        &GenerateJob {
+    let eos = &loaded.model.config().eos_token_ids;
+    let n = args.n.unwrap_or(1);
+    let mut completions = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        // Completion i as the server runs it: seed + i when seeded, a fresh seed each when not.
+        let mut sampling = sampling.clone();
+        sampling.seed = sampling.seed.map(|s| s.wrapping_add(u64::from(i)));
+        let job = GenerateJob {
             prompt_ids: &prompt_ids,
             max_new_tokens: args.max_new_tokens,
             sampling,
             stop_at_eos: true,
             adapter: adapter.as_ref().map(|a| &a.weights),
-        },
-    )?;
-    // The token that ended the answer (EOS, a stop token) stays out of its text, as the server leaves it out.
-    let eos = &loaded.model.config().eos_token_ids;
-    let text_ids = match out.token_ids.split_last() {
-        Some((&last, rest)) if ends.ends_at(last, eos).is_some() => rest,
-        _ => &out.token_ids[..],
-    };
-    let text = tokenizer.decode(text_ids)?;
-    if args.json {
-        let v = serde_json::json!({
-            "prompt_token_ids": prompt_ids,
-            "token_ids": out.token_ids,
-            "text": text,
-        });
-        to_stdout(format_args!("{v}\n"))?;
-    } else {
-        to_stdout(format_args!("{text}\n"))?;
+        };
+        let out = engine::generate(&loaded.model, &job)?;
+        // The token that ended the answer (EOS, a stop token) stays out of its text, as the server leaves it out.
+        let text_ids = match out.token_ids.split_last() {
+            Some((&last, rest)) if job.sampling.ends_at(last, eos).is_some() => rest,
+            _ => &out.token_ids[..],
+        };
+        let text = tokenizer.decode(text_ids)?;
+        completions.push((out.token_ids, text));
+    }
+    match (args.json, n > 1) {
+        (true, false) => {
+            let (token_ids, text) = &completions[0];
+            let v = serde_json::json!({"prompt_token_ids": prompt_ids, "token_ids": token_ids, "text": text});
+            to_stdout(format_args!("{v}\n"))?;
+        }
+        (true, true) => {
+            let choices: Vec<serde_json::Value> = (completions.iter().enumerate())
+                .map(|(i, (token_ids, text))| serde_json::json!({"index": i, "token_ids": token_ids, "text": text}))
+                .collect();
+            let v = serde_json::json!({"prompt_token_ids": prompt_ids, "choices": choices});
+            to_stdout(format_args!("{v}\n"))?;
+        }
+        (false, false) => to_stdout(format_args!("{}\n", completions[0].1))?,
+        (false, true) => {
+            for (i, (_, text)) in completions.iter().enumerate() {
+                to_stdout(format_args!("[{i}] {text}\n"))?;
+            }
+        }
     }
     Ok(())
 }
