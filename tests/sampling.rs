@@ -640,3 +640,50 @@ async fn n_completions_are_the_request_alone_with_consecutive_seeds() {
     h.shutdown();
     h.wait().await.unwrap();
 }
+
+/// `skip_special_tokens: false` (vLLM's) spells the tokenizer's special tokens out: the text is the decode of
+/// the ids with them kept, unary and streamed, where unset (true) leaves them out of the same ids' text; the
+/// token that ends the output stays out unless `include_stop_str_in_output` keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skip_special_tokens_false_spells_them_out() {
+    let (h, mut client) = start(demo_config()).await;
+    let (m, _) = reference();
+    // 2 is `<pad>` (special), 100 an `a`; sampled, the output mixes the two.
+    let mixed = |skip| GenerateRequest {
+        allowed_token_ids: vec![2, 100],
+        temperature: Some(1.0),
+        seed: Some(1),
+        skip_special_tokens: skip,
+        ..req("", PROMPT, 12)
+    };
+    let kept = client.generate(mixed(Some(false))).await.unwrap().into_inner();
+    assert!(kept.token_ids.contains(&2) && kept.token_ids.contains(&100), "{kept:?}");
+    assert!(kept.text.contains("<pad>"), "{kept:?}");
+    assert_eq!(kept.text, m.tokenizer.decode_with(&kept.token_ids, false).unwrap());
+    let skipped = client.generate(mixed(None)).await.unwrap().into_inner();
+    assert_eq!(skipped.token_ids, kept.token_ids);
+    assert_eq!(skipped.text, m.tokenizer.decode(&kept.token_ids).unwrap());
+    assert!(!skipped.text.contains('<'), "{skipped:?}");
+    let mut s = client.generate_stream(mixed(Some(false))).await.unwrap().into_inner();
+    let mut streamed = String::new();
+    while let Some(msg) = s.message().await.unwrap() {
+        streamed.push_str(&msg.text);
+    }
+    assert_eq!(streamed, kept.text);
+    // EOS (1), made the first pick, ends the output: its text only with include_stop_str_in_output.
+    let eos = |include| GenerateRequest {
+        logit_bias: [(1, 100.0)].into(),
+        skip_special_tokens: Some(false),
+        include_stop_str_in_output: include,
+        ..req("", PROMPT, 4)
+    };
+    let out = client.generate(eos(false)).await.unwrap().into_inner();
+    assert_eq!(
+        (out.token_ids.as_slice(), out.text.as_str(), out.finish_reason()),
+        (&[1][..], "", FinishReason::EosToken)
+    );
+    let out = client.generate(eos(true)).await.unwrap().into_inner();
+    assert_eq!((out.token_ids.as_slice(), out.text.as_str()), (&[1][..], "</s>"));
+    h.shutdown();
+    h.wait().await.unwrap();
+}

@@ -257,6 +257,10 @@ pub struct GenerateArgs {
     /// Printed `[i] text` per completion (above 1).
     #[arg(long, value_name = "N")]
     pub n: Option<u32>,
+    /// `false` spells the tokenizer's special tokens out in the text instead of leaving them out (vLLM's
+    /// skip_special_tokens; e.g. Llama 3.1's <|python_tag|>).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub skip_special_tokens: bool,
 }
 
 #[derive(Args, Debug)]
@@ -297,6 +301,10 @@ pub enum ClientCall {
         /// (vLLM's include_stop_str_in_output).
         #[arg(long)]
         include_stop_str_in_output: bool,
+        /// `false` spells the tokenizer's special tokens out in the text instead of leaving them out (vLLM's
+        /// skip_special_tokens; e.g. Llama 3.1's <|python_tag|>).
+        #[arg(long, value_name = "BOOL")]
+        skip_special_tokens: Option<bool>,
         #[arg(long)]
         stream: bool,
         /// Print the response as JSON.
@@ -355,6 +363,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                 sampling,
                 stop,
                 include_stop_str_in_output,
+                skip_special_tokens,
                 stream,
                 json,
                 logprobs,
@@ -381,6 +390,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     continue_final_message: input.continue_final_message,
                     chat_template_kwargs: input.chat_template_kwargs,
                     include_stop_str_in_output,
+                    skip_special_tokens,
                     max_new_tokens,
                     sampling,
                     given,
@@ -518,7 +528,7 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
             Some((&last, rest)) if job.sampling.ends_at(last, eos).is_some() => rest,
             _ => &out.token_ids[..],
         };
-        let text = tokenizer.decode(text_ids)?;
+        let text = tokenizer.decode_with(text_ids, args.skip_special_tokens)?;
         completions.push((out.token_ids, text));
     }
     match (args.json, n > 1) {

@@ -196,6 +196,7 @@ mod tests {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             include_stop_str_in_output: false,
+            skip_special_tokens: true,
             logprobs: false,
             top_logprobs: 0,
             prompt_logprobs: None,

@@ -102,6 +102,9 @@ pub struct ValidRequest {
     /// Keep what ended the text at its end: the stop string found (else the text ends before it), or the stop
     /// token's text (else left out); vLLM's `include_stop_str_in_output`.
     pub include_stop_str_in_output: bool,
+    /// Leave special tokens out of the text (vLLM's `skip_special_tokens`, its default); false spells them
+    /// out. The token that ends the request stays out either way, unless `include_stop_str_in_output`.
+    pub skip_special_tokens: bool,
     /// Report each token's log-probability under the model's own distribution (the log-softmax of its
     /// logits, before the allow list, `min_tokens`, the bias, penalties, temperature, top-k, top-p and min-p:
     /// vLLM's default `raw_logprobs`).
@@ -137,6 +140,7 @@ impl ValidRequest {
             sampling,
             stop: self.stop.clone(),
             include_stop_str_in_output: self.include_stop_str_in_output,
+            skip_special_tokens: self.skip_special_tokens,
             logprobs: self.logprobs,
             top_logprobs: self.top_logprobs,
             prompt_logprobs: None,

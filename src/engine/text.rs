@@ -35,6 +35,12 @@ impl StopText {
         }
     }
 
+    /// Spells special tokens out in the text (vLLM's `skip_special_tokens` false) instead of skipping them.
+    pub fn keeping_special_tokens(mut self) -> Self {
+        self.stream = TextStream::keeping_special_tokens();
+        self
+    }
+
     /// Feeds a token; returns the text that may be shown now and whether a stop string was reached. With
     /// `armed` false (before `min_tokens`) no stop string is looked for.
     pub fn push(&mut self, tok: &Tokenizer, id: u32, armed: bool) -> (String, bool) {

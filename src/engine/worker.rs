@@ -218,7 +218,10 @@ pub(crate) fn run(
                             prompt_len: req.prompt_ids.len(),
                             generated: 0,
                             sampler: Sampler::new(req.sampling.clone(), sampler::unseeded(), &req.prompt_ids, &eos),
-                            text: StopText::new(req.stop.clone(), req.include_stop_str_in_output),
+                            text: match StopText::new(req.stop.clone(), req.include_stop_str_in_output) {
+                                text if req.skip_special_tokens => text,
+                                text => text.keeping_special_tokens(),
+                            },
                             prompt: req
                                 .prompt_logprobs
                                 .map(|_| PromptLogprobs { ids: req.prompt_ids.clone(), ..Default::default() }),

@@ -107,13 +107,24 @@ impl Tokenizer {
 
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner.decode(ids, true).map_err(|e| TokenizerError::Encode(e.to_string()))
+        self.decode_with(ids, true)
+    }
+
+    /// Text of `ids`, special tokens skipped or spelled out (`<|python_tag|>`: vLLM's `skip_special_tokens`
+    /// false).
+    pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
+        self.inner.decode(ids, skip_special).map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
     /// Text of `ids` (special tokens skipped) as it reads after earlier text: a decoder's start-of-text rule
     /// (SentencePiece's stripped first space) does not apply. Decoded after a plain token, whose text is then
     /// cut; without one, as [`Tokenizer::decode`].
     pub fn decode_continued(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.decode_continued_with(ids, true)
+    }
+
+    /// [`Tokenizer::decode_continued`], special tokens skipped or spelled out.
+    pub fn decode_continued_with(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
         let anchor = self.anchor.get_or_init(|| {
             // A letter the tokenizer spells as one token: encoded, else looked up by the forms vocabularies
             // give it (plain, SentencePiece's `▁`, byte-level BPE's `Ġ`).
@@ -131,13 +142,13 @@ impl Tokenizer {
                 (text.trim_start() == letter).then_some((id, text))
             })
         });
-        let Some((id, text)) = anchor else { return self.decode(ids) };
+        let Some((id, text)) = anchor else { return self.decode_with(ids, skip_special) };
         let mut with = Vec::with_capacity(ids.len() + 1);
         with.push(*id);
         with.extend_from_slice(ids);
-        match self.decode(&with)?.strip_prefix(text.as_str()) {
+        match self.decode_with(&with, skip_special)?.strip_prefix(text.as_str()) {
             Some(rest) => Ok(rest.to_string()),
-            None => self.decode(ids),
+            None => self.decode_with(ids, skip_special),
         }
     }
 
@@ -205,9 +216,16 @@ pub struct TextStream {
     prefix_index: usize,
     /// Tokens were dropped from the window's front: it decodes as continued text.
     continued: bool,
+    /// Special tokens are spelled out, not skipped.
+    keep_special: bool,
 }
 
 impl TextStream {
+    /// A stream that spells special tokens out (`<|python_tag|>`) instead of skipping them, the default.
+    pub fn keeping_special_tokens() -> Self {
+        TextStream { keep_special: true, ..TextStream::default() }
+    }
+
     /// Feeds one token; returns the new text it completes, if any.
     pub fn step(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>, TokenizerError> {
         if self.prefix.is_empty() && !self.ids.is_empty() {
@@ -234,16 +252,16 @@ impl TextStream {
     pub fn flush(&mut self, tok: &Tokenizer) -> Result<Option<String>, TokenizerError> {
         let text = self.decode_window(tok)?;
         let rest = text[self.prefix.len()..].to_string();
-        *self = TextStream::default();
+        *self = TextStream { keep_special: self.keep_special, ..TextStream::default() };
         Ok((!rest.is_empty()).then_some(rest))
     }
 
     /// Text of `ids`, which start the text or continue it as the window does.
     fn decode(&self, tok: &Tokenizer, ids: &[u32]) -> Result<String, TokenizerError> {
         if self.continued {
-            tok.decode_continued(ids)
+            tok.decode_continued_with(ids, !self.keep_special)
         } else {
-            tok.decode(ids)
+            tok.decode_with(ids, !self.keep_special)
         }
     }
 
@@ -261,12 +279,12 @@ impl TextStream {
             return Ok(text);
         }
         for k in 1..=self.prefix_index {
-            let prefix = tok.decode_continued(&self.ids[k..self.prefix_index])?;
+            let prefix = tok.decode_continued_with(&self.ids[k..self.prefix_index], !self.keep_special)?;
             // Context that is itself broken (a byte run's tail) would break what follows it.
             if prefix.contains('\u{FFFD}') {
                 continue;
             }
-            let text = tok.decode_continued(&self.ids[k..])?;
+            let text = tok.decode_continued_with(&self.ids[k..], !self.keep_special)?;
             if text.starts_with(&prefix) {
                 self.drop_front(k);
                 self.prefix = prefix;

@@ -43,6 +43,8 @@ pub struct GenerateCall {
     pub stop: Vec<String>,
     /// Keep what ended the text at its end: the stop string found, or the stop token's text.
     pub include_stop_str_in_output: bool,
+    /// Leave special tokens out of the text (unset: the server's default, true).
+    pub skip_special_tokens: Option<bool>,
     /// Keep only the last this many prompt tokens.
     pub truncate_prompt_tokens: Option<u32>,
     /// Continue the final message of `messages` instead of starting a new assistant turn.
@@ -161,6 +163,7 @@ impl GenerateCall {
             seed: s.seed,
             stop: self.stop.clone(),
             include_stop_str_in_output: self.include_stop_str_in_output,
+            skip_special_tokens: self.skip_special_tokens,
             truncate_prompt_tokens: self.truncate_prompt_tokens,
             continue_final_message: self.continue_final_message,
             repetition_penalty: self.given.repetition_penalty,

@@ -392,6 +392,7 @@ impl Service {
             sampling,
             stop: r.stop,
             include_stop_str_in_output: r.include_stop_str_in_output,
+            skip_special_tokens: r.skip_special_tokens.unwrap_or(true),
             logprobs: r.logprobs,
             top_logprobs: r.top_logprobs as usize,
             prompt_logprobs: r.prompt_logprobs.map(|n| n as usize),
