@@ -670,6 +670,12 @@ async fn skip_special_tokens_false_spells_them_out() {
         streamed.push_str(&msg.text);
     }
     assert_eq!(streamed, kept.text);
+    // Each of `n` completions spells them out too.
+    let two = client.generate(GenerateRequest { n: Some(2), ..mixed(Some(false)) }).await.unwrap().into_inner();
+    for c in &two.choices {
+        assert_eq!(c.text, m.tokenizer.decode_with(&c.token_ids, false).unwrap(), "completion {}", c.index);
+    }
+    assert!(two.choices[1].text.contains("<pad>"), "{two:?}");
     // EOS (1), made the first pick, ends the output: its text only with include_stop_str_in_output.
     let eos = |include| GenerateRequest {
         logit_bias: [(1, 100.0)].into(),

@@ -221,7 +221,7 @@ pub struct TextStream {
 }
 
 impl TextStream {
-    /// A stream that spells special tokens out (`<|python_tag|>`) instead of skipping them, the default.
+    /// A stream that spells special tokens out (`<|python_tag|>`) instead of skipping them (the default).
     pub fn keeping_special_tokens() -> Self {
         TextStream { keep_special: true, ..TextStream::default() }
     }
@@ -358,10 +358,36 @@ mod tests {
 
     /// The whole text of `ids` as a stream of one token at a time gives it (steps, then the flush).
     fn streamed(tok: &Tokenizer, ids: &[u32]) -> String {
-        let mut s = TextStream::default();
+        streamed_by(TextStream::default(), tok, ids)
+    }
+
+    fn streamed_by(mut s: TextStream, tok: &Tokenizer, ids: &[u32]) -> String {
         let mut out: String = ids.iter().filter_map(|&id| s.step(tok, id).unwrap()).collect();
         out.extend(s.flush(tok).unwrap());
         out
+    }
+
+    /// Spelled out, special tokens stream as the whole decode keeping them gives them, also at the window's
+    /// front and around SentencePiece's stripped first space (Llama 2's decoder; random sequences without
+    /// byte runs, whose rewrite is the test below's).
+    #[test]
+    fn special_tokens_kept_stream_as_the_whole_decode() {
+        let tok =
+            Tokenizer::from_parts(&super::super::token_bytes::sentencepiece_json(), "sp/tokenizer.json", None).unwrap();
+        let pool: Vec<u32> = ["<s>", "</s>", "<unk>", "\u{2581}", "a", "\u{2581}a", "\u{2581}hello", "é", "<0x0A>"]
+            .iter()
+            .map(|t| tok.token_to_id(t).unwrap())
+            .collect();
+        let mut rng = crate::rng::Rng::new(5);
+        for _ in 0..2000 {
+            let n = 1 + rng.below(10) as usize;
+            let ids: Vec<u32> = (0..n).map(|_| pool[rng.below(pool.len() as u64) as usize]).collect();
+            let whole = tok.decode_with(&ids, false).unwrap();
+            assert_eq!(streamed_by(TextStream::keeping_special_tokens(), &tok, &ids), whole, "{ids:?}");
+            assert_eq!(streamed(&tok, &ids), tok.decode(&ids).unwrap(), "{ids:?}");
+        }
+        let (s, hello) = (tok.token_to_id("<s>").unwrap(), tok.token_to_id("\u{2581}hello").unwrap());
+        assert_eq!(streamed_by(TextStream::keeping_special_tokens(), &tok, &[s, hello, s]), "<s> hello<s>");
     }
 
     /// With Llama 2's byte fallback, a byte that breaks a run of byte tokens rewrites the run already sent
