@@ -693,3 +693,40 @@ async fn skip_special_tokens_false_spells_them_out() {
     h.shutdown();
     h.wait().await.unwrap();
 }
+
+/// `bad_words` (vLLM's): the output never spells a bad word in the tokens it encodes to; each greedy pick is
+/// the argmax of its teacher-forced row with a word's last token banned exactly where the output ends with
+/// the rest of the word; a blank word is INVALID_ARGUMENT naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_words_are_never_spelled() {
+    let (h, mut client) = start(demo_config()).await;
+    let (m, upper) = reference();
+    assert_eq!(client.generate(req("upper", PROMPT, 24)).await.unwrap().into_inner().text, "CAT MOON FIRE");
+    let bad = GenerateRequest { bad_words: vec!["MOON".into(), " FIRE".into()], ..req("upper", PROMPT, 24) };
+    let out = client.generate(bad.clone()).await.unwrap().into_inner();
+    assert!(out.text.starts_with("CAT MOO") && !out.text.contains("MOON") && !out.text.contains("FIRE"), "{out:?}");
+    // The demo's tokens are bytes: each word is its bytes (the leading space stripped, and the spaced form
+    // one token longer, so not banned).
+    let words: Vec<Vec<u32>> = ["MOON", "FIRE"].iter().map(|w| m.tokenizer.encode_with(w, false).unwrap()).collect();
+    for (i, row) in logits_of(&m, &upper, &out.token_ids).iter().enumerate() {
+        let mut row = row.clone();
+        for w in &words {
+            if out.token_ids[..i].ends_with(&w[..w.len() - 1]) {
+                row[w[w.len() - 1] as usize] = f32::NEG_INFINITY;
+            }
+        }
+        assert_eq!(Some(out.token_ids[i]), argmax(&row), "token {i} of {:?}", out.token_ids);
+    }
+    let mut s = client.generate_stream(bad).await.unwrap().into_inner();
+    let mut streamed = Vec::new();
+    while let Some(msg) = s.message().await.unwrap() {
+        streamed.extend(msg.token_ids);
+    }
+    assert_eq!(streamed, out.token_ids);
+    let blank = GenerateRequest { bad_words: vec!["ok".into(), "  ".into()], ..req("upper", PROMPT, 4) };
+    let e = client.generate(blank).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(e.message(), "bad_words[1]: must be 1..=256 bytes, not only whitespace");
+    h.shutdown();
+    h.wait().await.unwrap();
+}

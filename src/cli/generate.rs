@@ -56,6 +56,9 @@ pub struct SamplingArgs {
     /// Only these token ids can be generated (repeatable; vLLM's allowed_token_ids).
     #[arg(long = "allowed-token-id", value_name = "ID")]
     pub allowed_token_ids: Vec<u32>,
+    /// A word the output never spells as the model's tokens for it (repeatable; vLLM's bad_words).
+    #[arg(long = "bad-word", value_name = "WORD")]
+    pub bad_words: Vec<String>,
     /// Structured output: the whole output matches this regex (Rust regex syntax).
     #[arg(long, group = "structured", value_name = "REGEX")]
     pub regex: Option<String>,
@@ -374,6 +377,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
             } => {
                 // The flags' own mistakes, named here before any call (the server refuses them too).
                 let given = sampling.given();
+                let sampling_bad_words = sampling.bad_words.clone();
                 let structured = sampling.constraint()?;
                 let sampling = sampling.params(max_new_tokens as usize, GenerationDefaults::default())?;
                 input.check()?;
@@ -381,6 +385,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                 if let Some(n) = n.filter(|n| !(1..=max_n).contains(n)) {
                     bail!("--n {n}: expected 1 to {max_n} completions");
                 }
+                let bad_words = sampling_bad_words;
                 let call = crate::server::client::GenerateCall {
                     adapter_id: adapter,
                     prompt: input.prompt.unwrap_or_default(),
@@ -401,6 +406,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     cache_salt,
                     structured,
                     n,
+                    bad_words,
                 };
                 crate::server::client::generate(&target, &call, stream, json).await
             }
@@ -479,6 +485,8 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
         super::GenerationConfigArg::None => GenerationDefaults::default(),
     };
     let mut sampling = args.sampling.params(args.max_new_tokens, defaults)?;
+    sampling.bad_words = engine::bad_words::bad_words_ids(&loaded.tokenizer, &args.sampling.bad_words)
+        .map_err(|e| anyhow::anyhow!("--bad-word: {e}"))?;
     let structured = args.sampling.constraint()?;
     let ctx = config.max_position_embeddings;
     if let Some(k) = args.input.truncate_prompt_tokens.filter(|&k| k as usize > ctx) {

@@ -3,13 +3,15 @@
 //! - [`request`]: [`ValidRequest`] in, [`Event`]s out.
 //! - [`scheduler`]: continuous batching as pure logic (admission, chunked prefill, preemption).
 //! - [`worker`]: the engine thread owning the model and KV cache.
-//! - [`sampler`]: greedy / temperature / top-k / top-p with a seed, penalties, logit bias, allowed tokens;
+//! - [`sampler`]: greedy / temperature / top-k / top-p with a seed, penalties, logit bias, allowed tokens,
+//!   [`bad_words`];
 //!   [`logits`]: the rows it picks from, and their log-softmax for logprobs; [`text`]: streaming text with stop
 //!   strings; [`structured`]: structured output, the tokens that keep the output in a regex's language.
 //! - [`generate()`]: one request start to finish on the calling thread (`server generate`, golden tests).
 //!
 //! [`Engine`] starts the thread and is the handle requests are submitted through.
 
+pub mod bad_words;
 pub mod generate;
 pub mod logits;
 pub mod request;

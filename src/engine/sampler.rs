@@ -51,6 +51,9 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(u32, f32)>,
     /// When not empty, only these tokens can be picked: every other logit is −∞ (vLLM's `allowed_token_ids`).
     pub allowed_token_ids: Vec<u32>,
+    /// vLLM's `bad_words`, as token sequences ([`super::bad_words::bad_words_ids`]): a sequence's last token
+    /// cannot be picked where the output ends with the rest of it (after the allow list, before `min_tokens`).
+    pub bad_words: Vec<Vec<u32>>,
     /// Structured output: only tokens that keep the output a prefix of a text of the guide's language can be
     /// picked, and the ending tokens where it is a whole one, a stop token also where the language takes it
     /// as text (every other logit −∞, first of all).
@@ -73,6 +76,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             logit_bias: Vec::new(),
             allowed_token_ids: Vec::new(),
+            bad_words: Vec::new(),
             guide: None,
         }
     }
@@ -200,6 +204,8 @@ pub struct Sampler {
     held: Vec<u32>,
     /// Tokens picked so far.
     generated: usize,
+    /// With `bad_words`: the last output tokens they look at.
+    recent: Vec<u32>,
     /// With structured output: where the output is in the guide's automaton, the tokens that end the
     /// request (allowed where the output is whole), and those of them that are stop tokens (allowed where the
     /// language takes them as text, too).
@@ -245,7 +251,8 @@ impl Sampler {
                 ending.iter().copied().filter(|&t| params.ends_at(t, eos) == Some(FinishReason::StopToken)).collect();
             (g.start(), ending, stops)
         });
-        Sampler { params, rng: Rng::new(seed), history, held, generated: 0, guided }
+        let recent = Vec::with_capacity(super::bad_words::context_len(&params.bad_words));
+        Sampler { params, rng: Rng::new(seed), history, held, generated: 0, recent, guided }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -266,6 +273,7 @@ impl Sampler {
             || self.holds_back()
             || !p.logit_bias.is_empty()
             || !p.allowed_token_ids.is_empty()
+            || !p.bad_words.is_empty()
             || self.guided.is_some()
     }
 
@@ -292,8 +300,8 @@ impl Sampler {
     /// `min_tokens`.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32, NoToken> {
         let token = if self.processes() {
-            // vLLM's order: the structured output's tokens or the allowed ones, `min_tokens`, the logit bias,
-            // then the penalties.
+            // vLLM's order: the structured output's tokens or the allowed ones, the bad words, `min_tokens`, the
+            // logit bias, then the penalties.
             let mut processed = match self.params.allowed_token_ids.as_slice() {
                 [] if self.guided.is_some() => self.guided_only(logits),
                 [] => logits.to_vec(),
@@ -307,6 +315,7 @@ impl Sampler {
                     only
                 }
             };
+            super::bad_words::ban(&self.params.bad_words, &self.recent, &mut processed);
             if self.holds_back() {
                 for &t in &self.held {
                     if let Some(l) = processed.get_mut(t as usize) {
@@ -328,6 +337,13 @@ impl Sampler {
         }
         .ok_or(NoToken)?;
         self.generated += 1;
+        let keep = super::bad_words::context_len(&self.params.bad_words);
+        if keep > 0 {
+            if self.recent.len() == keep {
+                self.recent.remove(0);
+            }
+            self.recent.push(token);
+        }
         if let Some(h) = &mut self.history {
             h.seen.insert(token);
             *h.output.entry(token).or_default() += 1;

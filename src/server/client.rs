@@ -64,6 +64,8 @@ pub struct GenerateCall {
     pub structured: Option<crate::engine::structured::Constraint>,
     /// How many completions of the prompt (unset: one).
     pub n: Option<u32>,
+    /// Words the output never spells as the model's tokens for them.
+    pub bad_words: Vec<String>,
 }
 
 async fn channel(t: &Target, timeout: Option<Duration>) -> anyhow::Result<Channel> {
@@ -164,6 +166,7 @@ impl GenerateCall {
             stop: self.stop.clone(),
             include_stop_str_in_output: self.include_stop_str_in_output,
             skip_special_tokens: self.skip_special_tokens,
+            bad_words: self.bad_words.clone(),
             truncate_prompt_tokens: self.truncate_prompt_tokens,
             continue_final_message: self.continue_final_message,
             repetition_penalty: self.given.repetition_penalty,

@@ -300,6 +300,8 @@ impl Service {
                 return Err(invalid(&format!("stop[{i}]"), format!("must be 1..={} bytes", limits.max_stop_bytes)));
             }
         }
+        sampling.bad_words = crate::engine::bad_words::bad_words_ids(&ready.tokenizer, &r.bad_words)
+            .map_err(Status::invalid_argument)?;
         if r.continue_final_message && r.messages.is_empty() {
             return Err(invalid(
                 "continue_final_message",
