@@ -723,10 +723,31 @@ async fn bad_words_are_never_spelled() {
         streamed.extend(msg.token_ids);
     }
     assert_eq!(streamed, out.token_ids);
+    // Only the output counts: a prompt ending in "MOO" does not ban the "N" after it.
+    let n = byte_token(&m, "N");
+    let after_moo =
+        GenerateRequest { allowed_token_ids: vec![n], bad_words: vec!["MOON".into()], ..req("", "cat MOO", 1) };
+    assert_eq!(client.generate(after_moo).await.unwrap().into_inner().token_ids, [n]);
+    // Words that ban every token the request allows: an allow list is refused up front, a guide's tokens
+    // where they run out (INVALID_ARGUMENT, the request's own doing; not INTERNAL).
+    let c = byte_token(&m, "C");
+    let all_banned = GenerateRequest { allowed_token_ids: vec![c], bad_words: vec!["C".into()], ..req("", PROMPT, 4) };
+    let e = client.generate(all_banned).await.unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (tonic::Code::InvalidArgument, "bad_words: they ban every token of allowed_token_ids")
+    );
+    use loraserve::server::proto::{structured_output::Kind, StructuredOutput};
+    let yes = StructuredOutput { kind: Some(Kind::Regex("yes".into())) };
+    let guided = GenerateRequest { structured_output: Some(yes), bad_words: vec!["yes".into()], ..req("", PROMPT, 8) };
+    let e = client.generate(guided).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let said = "bad_words: they ban every token the request allows here, at output token 3 with the base model";
+    assert_eq!(e.message(), said);
     let blank = GenerateRequest { bad_words: vec!["ok".into(), "  ".into()], ..req("upper", PROMPT, 4) };
     let e = client.generate(blank).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert_eq!(e.message(), "bad_words[1]: must be 1..=256 bytes, not only whitespace");
+    assert_eq!(e.message(), "bad_words[1]: empty or only whitespace");
     h.shutdown();
     h.wait().await.unwrap();
 }

@@ -377,7 +377,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
             } => {
                 // The flags' own mistakes, named here before any call (the server refuses them too).
                 let given = sampling.given();
-                let sampling_bad_words = sampling.bad_words.clone();
+                let bad_words = sampling.bad_words.clone();
                 let structured = sampling.constraint()?;
                 let sampling = sampling.params(max_new_tokens as usize, GenerationDefaults::default())?;
                 input.check()?;
@@ -385,7 +385,6 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                 if let Some(n) = n.filter(|n| !(1..=max_n).contains(n)) {
                     bail!("--n {n}: expected 1 to {max_n} completions");
                 }
-                let bad_words = sampling_bad_words;
                 let call = crate::server::client::GenerateCall {
                     adapter_id: adapter,
                     prompt: input.prompt.unwrap_or_default(),
@@ -486,7 +485,7 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     };
     let mut sampling = args.sampling.params(args.max_new_tokens, defaults)?;
     sampling.bad_words = engine::bad_words::bad_words_ids(&loaded.tokenizer, &args.sampling.bad_words)
-        .map_err(|e| anyhow::anyhow!("--bad-word: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{e} (--bad-word)"))?;
     let structured = args.sampling.constraint()?;
     let ctx = config.max_position_embeddings;
     if let Some(k) = args.input.truncate_prompt_tokens.filter(|&k| k as usize > ctx) {

@@ -20,8 +20,11 @@ pub fn bad_words_ids(tok: &Tokenizer, words: &[String]) -> Result<Vec<Vec<u32>>,
     let mut out: Vec<Vec<u32>> = Vec::with_capacity(words.len() * 2);
     for (i, word) in words.iter().enumerate() {
         let bare = word.trim_start();
-        if bare.is_empty() || word.len() > MAX_BAD_WORD_BYTES {
-            return Err(format!("bad_words[{i}]: must be 1..={MAX_BAD_WORD_BYTES} bytes, not only whitespace"));
+        if word.len() > MAX_BAD_WORD_BYTES {
+            return Err(format!("bad_words[{i}]: at most {MAX_BAD_WORD_BYTES} bytes, got {}", word.len()));
+        }
+        if bare.is_empty() {
+            return Err(format!("bad_words[{i}]: empty or only whitespace"));
         }
         let encode = |text: &str| tok.encode_with(text, false).map_err(|e| format!("bad_words[{i}]: {e}"));
         let alone = encode(bare)?;
@@ -79,6 +82,27 @@ mod tests {
         assert_eq!(context_len(&bad), 2);
     }
 
+    /// Through a sampler: a banned token is never picked (a +100 bias does not bring it back), a longer word's
+    /// last token only right after the rest of it, and greedy picks never take the argmax shortcut.
+    #[test]
+    fn a_sampler_never_picks_a_banned_token() {
+        use crate::engine::sampler::{Sampler, SamplingParams};
+        let params =
+            SamplingParams { bad_words: vec![vec![3], vec![1, 2]], logit_bias: vec![(3, 100.0)], ..Default::default() };
+        let mut s = Sampler::new(params, 0, &[], &[]);
+        assert!(!s.picks_argmax());
+        assert_eq!(s.sample(&[0.0, 5.0, 4.0, 9.0]), Ok(1), "3 is banned whatever its bias");
+        assert_eq!(s.sample(&[0.0, 1.0, 8.0, 9.0]), Ok(1), "after 1, 2 is banned");
+        assert_eq!(s.sample(&[2.0, 0.0, 8.0, 9.0]), Ok(0), "after 1, 2 is banned");
+        assert_eq!(s.sample(&[2.0, 0.0, 8.0, 9.0]), Ok(2), "after 0, 2 is free");
+        assert_eq!(s.sample(&[f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0, 9.0]), Ok(2));
+        let mut s = Sampler::new(SamplingParams { bad_words: vec![vec![3]], ..Default::default() }, 0, &[], &[]);
+        let only_banned = [f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY, 1.0];
+        assert_eq!(s.sample(&only_banned), Err(crate::engine::sampler::NoToken::BadWords));
+        let broken = [f32::NAN; 4];
+        assert_eq!(s.sample(&broken), Err(crate::engine::sampler::NoToken::Broken), "not the words' doing");
+    }
+
     /// The demo's byte-level tokens: a word and its form after a space differ in length (the space is a token
     /// of its own), so only the word alone is kept; leading whitespace is stripped; bad words are named.
     #[test]
@@ -87,7 +111,9 @@ mod tests {
         let ids = |w: &str| tok.encode_with(w, false).unwrap();
         assert_eq!(bad_words_ids(&tok, &["MOON".into(), "  ab".into()]).unwrap(), [ids("MOON"), ids("ab")]);
         let blank = bad_words_ids(&tok, &["a".into(), " ".into()]).unwrap_err();
-        assert_eq!(blank, "bad_words[1]: must be 1..=256 bytes, not only whitespace");
+        assert_eq!(blank, "bad_words[1]: empty or only whitespace");
+        let long = bad_words_ids(&tok, &["a".repeat(257)]).unwrap_err();
+        assert_eq!(long, "bad_words[0]: at most 256 bytes, got 257");
         let many = vec!["a".to_string(); MAX_BAD_WORDS + 1];
         assert_eq!(bad_words_ids(&tok, &many).unwrap_err(), "bad_words: at most 64 words, got 65");
     }

@@ -34,6 +34,9 @@ pub enum EngineError {
     TooLong { needed: usize, capacity: usize },
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request's own settings leave no token to pick (its `bad_words` ban every token it allows there).
+    #[error("{0}")]
+    Unsatisfiable(String),
 }
 
 /// Something that happened to a request, in order: with [`ValidRequest::prompt_logprobs`] its `Prompt` right

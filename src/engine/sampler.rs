@@ -1,5 +1,5 @@
-//! Token sampling: the allowed tokens (vLLM's `allowed_token_ids`), the tokens that would end the request held
-//! back until `min_tokens` (vLLM's `min_tokens`, transformers' `min_new_tokens`), the logit bias (OpenAI's
+//! Token sampling: the allowed tokens (vLLM's `allowed_token_ids`), the `bad_words` ([`super::bad_words`]),
+//! the tokens that would end the request held back until `min_tokens` (vLLM's `min_tokens`, transformers' `min_new_tokens`), the logit bias (OpenAI's
 //! `logit_bias`), the penalties (repetition as Hugging Face applies it, then frequency and
 //! presence as OpenAI defines them, in vLLM's order), then greedy (temperature 0) or temperature → top-k →
 //! top-p → min-p (the order Hugging Face applies them in), with structured output ([`super::structured`])
@@ -147,7 +147,13 @@ impl SamplingParams {
             return Err(outside(format!("allowed_token_ids[{i}]"), id));
         }
         let allowed = &self.allowed_token_ids;
-        if self.min_tokens > 0 && !allowed.is_empty() && allowed.iter().all(|&t| self.ends_at(t, eos).is_some()) {
+        // One-token bad words ban their token everywhere: an allow list of such tokens leaves nothing.
+        let banned = |t: u32| self.bad_words.iter().any(|w| w[..] == [t]);
+        if !allowed.is_empty() && allowed.iter().all(|&t| banned(t)) {
+            return Err("bad_words: they ban every token of allowed_token_ids".into());
+        }
+        let usable = || allowed.iter().filter(|&&t| !banned(t));
+        if self.min_tokens > 0 && !allowed.is_empty() && usable().all(|&t| self.ends_at(t, eos).is_some()) {
             return Err(format!(
                 "allowed_token_ids: every allowed token ends the request, so min_tokens ({}) cannot be met",
                 self.min_tokens
@@ -265,8 +271,8 @@ impl Sampler {
         self.params.temperature == 0.0 && !self.processes()
     }
 
-    /// Whether the next pick sees other logits than the model's: an allow list, structured output, ending
-    /// tokens held back, a bias or a penalty.
+    /// Whether the next pick sees other logits than the model's: an allow list, structured output, bad words,
+    /// ending tokens held back, a bias or a penalty.
     fn processes(&self) -> bool {
         let p = &self.params;
         self.history.is_some()
@@ -289,7 +295,7 @@ impl Sampler {
             RowLogits::Full(logits) => self.sample(logits),
             RowLogits::Argmax(id) => {
                 debug_assert!(self.picks_argmax(), "an argmax row for a sampler that does not pick the argmax");
-                let id = id.ok_or(NoToken)?;
+                let id = id.ok_or(NoToken::Broken)?;
                 self.generated += 1;
                 Ok(id)
             }
@@ -315,6 +321,9 @@ impl Sampler {
                     only
                 }
             };
+            // Whether a token could be picked before the ban: if none can after it, the words are to blame.
+            let bad_words = !self.params.bad_words.is_empty();
+            let pickable = bad_words && processed.iter().any(|&l| l > f32::NEG_INFINITY);
             super::bad_words::ban(&self.params.bad_words, &self.recent, &mut processed);
             if self.holds_back() {
                 for &t in &self.held {
@@ -331,11 +340,11 @@ impl Sampler {
             if let Some(h) = &self.history {
                 penalize(&self.params, h, &mut processed);
             }
-            self.draw(&processed)
+            let banned = pickable && !processed.iter().any(|&l| l > f32::NEG_INFINITY);
+            self.draw(&processed).ok_or(if banned { NoToken::BadWords } else { NoToken::Broken })?
         } else {
-            self.draw(logits)
-        }
-        .ok_or(NoToken)?;
+            self.draw(logits).ok_or(NoToken::Broken)?
+        };
         self.generated += 1;
         let keep = super::bad_words::context_len(&self.params.bad_words);
         if keep > 0 {
@@ -472,12 +481,18 @@ pub fn argmax(logits: &[f32]) -> Option<u32> {
     best.map(|(i, _)| i as u32)
 }
 
-/// A step whose logits leave nothing to pick: every token the request allows has a NaN or −∞ logit (the
-/// model's numbers broke down: an adapter whose scale overflows f32, say); the request fails rather than
-/// answer a token it does not allow.
+/// A step that leaves nothing to pick; the request fails rather than answer a token it does not allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("no token can be picked: the logit of every token the request allows is NaN or −∞")]
-pub struct NoToken;
+pub enum NoToken {
+    /// Every token the request allows has a NaN or −∞ logit: the model's numbers broke down (an adapter whose
+    /// scale overflows f32, say).
+    #[error("no token can be picked: the logit of every token the request allows is NaN or −∞")]
+    Broken,
+    /// The request's `bad_words` ban every token it allows here (its allow list, its structured output's
+    /// tokens, what `min_tokens` leaves): its own settings conflict.
+    #[error("bad_words: they ban every token the request allows here")]
+    BadWords,
+}
 
 #[cfg(test)]
 mod tests {
@@ -522,16 +537,16 @@ mod tests {
         let allowed = |t: f32| SamplingParams { temperature: t, allowed_token_ids: vec![4, 5], ..Default::default() };
         for t in [0.0, 0.7] {
             let plain = SamplingParams { temperature: t, ..Default::default() };
-            assert_eq!(Sampler::new(plain, 1, &[], &[]).sample(&all_nan), Err(NoToken), "temperature {t}");
+            assert_eq!(Sampler::new(plain, 1, &[], &[]).sample(&all_nan), Err(NoToken::Broken), "temperature {t}");
             // Only the allowed tokens' logits broke: the others cannot stand in for them.
             let broken_allowed = [0.5, 2.0, 1.0, 0.0, nan, nan];
-            assert_eq!(Sampler::new(allowed(t), 1, &[], &[]).sample(&broken_allowed), Err(NoToken));
+            assert_eq!(Sampler::new(allowed(t), 1, &[], &[]).sample(&broken_allowed), Err(NoToken::Broken));
             assert_eq!(Sampler::new(allowed(t), 1, &[], &[]).sample(&[0.5, 2.0, 1.0, 0.0, nan, 3.0]), Ok(5));
         }
         let mut s = Sampler::new(SamplingParams::default(), 1, &[], &[]);
-        assert_eq!(s.pick(&RowLogits::Argmax(None)), Err(NoToken));
-        assert_eq!(s.pick(&RowLogits::Full(all_nan.to_vec())), Err(NoToken));
-        assert!(NoToken.to_string().contains("NaN or −∞"));
+        assert_eq!(s.pick(&RowLogits::Argmax(None)), Err(NoToken::Broken));
+        assert_eq!(s.pick(&RowLogits::Full(all_nan.to_vec())), Err(NoToken::Broken));
+        assert!(NoToken::Broken.to_string().contains("NaN or −∞"));
     }
 
     #[test]

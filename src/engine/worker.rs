@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::logits::{fetch_rows, LogSoftmax, RowLogits};
 use super::request::{EngineError, Event, FinishReason, PromptLogprobs, ValidRequest};
-use super::sampler::{self, Sampler};
+use super::sampler::{self, NoToken, Sampler};
 use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig, SeqId, SeqSlot};
 use super::text::StopText;
 use crate::lora::{LoraRows, LoraSegment};
@@ -365,9 +365,16 @@ pub(crate) fn run(
                     let with = l.req.adapter.as_ref().map_or("the base model".to_string(), |a| {
                         format!("adapter `{}` (version {})", a.id(), a.version())
                     });
-                    tracing::error!(adapter = %with, "{e}; failing the request");
                     let message = format!("{e}, at output token {} with {with}", l.generated + 1);
-                    let _ = l.req.events.send(Event::Failed(EngineError::Internal(message)));
+                    let failed = match e {
+                        NoToken::Broken => {
+                            tracing::error!(adapter = %with, "{e}; failing the request");
+                            EngineError::Internal(message)
+                        }
+                        // The request's own doing, not the model's.
+                        NoToken::BadWords => EngineError::Unsatisfiable(message),
+                    };
+                    let _ = l.req.events.send(Event::Failed(failed));
                     live.remove(&id);
                     sched.remove(id, &mut slots, cache.allocator_mut());
                     slots.remove(&id);

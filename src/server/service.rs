@@ -285,6 +285,9 @@ impl Service {
             let n = sampling.stop_token_ids.len();
             return Err(invalid("stop_token_ids", format!("at most {MAX_STOP_TOKEN_IDS} ids, got {n}")));
         }
+        // A few short words: encoded here (a prompt goes to the encoders' threads).
+        sampling.bad_words = crate::engine::bad_words::bad_words_ids(&ready.tokenizer, &r.bad_words)
+            .map_err(Status::invalid_argument)?;
         if let Some(s) = r.structured_output.take() {
             sampling.guide = Some(guide_of(ready, s, deadline).await?);
         }
@@ -300,8 +303,6 @@ impl Service {
                 return Err(invalid(&format!("stop[{i}]"), format!("must be 1..={} bytes", limits.max_stop_bytes)));
             }
         }
-        sampling.bad_words = crate::engine::bad_words::bad_words_ids(&ready.tokenizer, &r.bad_words)
-            .map_err(Status::invalid_argument)?;
         if r.continue_final_message && r.messages.is_empty() {
             return Err(invalid(
                 "continue_final_message",

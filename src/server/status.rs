@@ -100,6 +100,7 @@ pub fn from_engine(e: EngineError) -> Status {
         // More KV blocks than the whole cache: a shorter request, or a larger cache, is needed.
         EngineError::TooLong { .. } => Status::failed_precondition(e.to_string()),
         EngineError::Internal(_) => Status::internal(e.to_string()),
+        EngineError::Unsatisfiable(_) => Status::invalid_argument(e.to_string()),
     }
 }
 
