@@ -14,6 +14,7 @@
 pub mod bad_words;
 pub mod generate;
 pub mod logits;
+mod penalties;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;

@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::logits::RowLogits;
-
+use super::penalties::{penalize, History};
 use super::request::FinishReason;
 use super::structured::{Cursor, Guide};
 use crate::rng::Rng;
@@ -216,15 +216,6 @@ pub struct Sampler {
     /// request (allowed where the output is whole), and those of them that are stop tokens (allowed where the
     /// language takes them as text, too).
     guided: Option<(Cursor, Vec<u32>, Vec<u32>)>,
-}
-
-/// The tokens the penalties look at, kept up to date token by token (not recounted every step).
-#[derive(Clone, Debug, Default)]
-struct History {
-    /// Every token of the prompt and of the output so far (the repetition penalty's set).
-    seen: HashSet<u32>,
-    /// How many times each token occurs in the output (frequency and presence).
-    output: HashMap<u32, u32>,
 }
 
 /// A seed for a request that gave none: different in every call and every process (std's per-process random
@@ -441,28 +432,6 @@ impl Sampler {
         // `u` fell in the rounding gap below 1: the last token that has any mass.
         let last = probs.iter().rposition(|&p| p > 0.0).unwrap_or(0);
         Some(cand[last].0)
-    }
-}
-
-/// Applies the penalties to `logits` in place, in vLLM's order: repetition (prompt and output tokens, as
-/// Hugging Face's `RepetitionPenaltyLogitsProcessor`), then frequency, then presence (output tokens). A
-/// finite logit stays finite: a penalty as large (or small) as f32 allows saturates it at f32's range rather
-/// than overflow to ±∞, which would leave a request whose every allowed token was seen nothing to pick
-/// (Hugging Face's f32 overflows; the request is valid). −∞ (a token not allowed) stays −∞.
-fn penalize(p: &SamplingParams, h: &History, logits: &mut [f32]) {
-    if p.repetition_penalty != 1.0 {
-        for &t in &h.seen {
-            if let Some(l) = logits.get_mut(t as usize).filter(|l| l.is_finite()) {
-                let penalized = if *l < 0.0 { *l * p.repetition_penalty } else { *l / p.repetition_penalty };
-                *l = penalized.clamp(f32::MIN, f32::MAX);
-            }
-        }
-    }
-    for (&t, &n) in &h.output {
-        if let Some(l) = logits.get_mut(t as usize) {
-            *l -= p.frequency_penalty * n as f32;
-            *l -= p.presence_penalty;
-        }
     }
 }
 
