@@ -381,10 +381,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                 let structured = sampling.constraint()?;
                 let sampling = sampling.params(max_new_tokens as usize, GenerationDefaults::default())?;
                 input.check()?;
-                let max_n = crate::server::completions::MAX_N;
-                if let Some(n) = n.filter(|n| !(1..=max_n).contains(n)) {
-                    bail!("--n {n}: expected 1 to {max_n} completions");
-                }
+                check_n(n)?;
                 let call = crate::server::client::GenerateCall {
                     adapter_id: adapter,
                     prompt: input.prompt.unwrap_or_default(),
@@ -461,12 +458,18 @@ fn resolve_adapter(arg: &str, root: &std::path::Path) -> Result<std::path::PathB
     Ok(store.resolve(arg)?)
 }
 
+/// `--n`: 1 to the server's most completions.
+fn check_n(n: Option<u32>) -> Result<()> {
+    let max_n = crate::server::completions::MAX_N;
+    match n {
+        Some(n) if !(1..=max_n).contains(&n) => bail!("--n {n}: expected 1 to {max_n} completions"),
+        _ => Ok(()),
+    }
+}
+
 pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     args.input.check()?;
-    let max_n = crate::server::completions::MAX_N;
-    if let Some(n) = args.n.filter(|n| !(1..=max_n).contains(n)) {
-        bail!("--n {n}: expected 1 to {max_n} completions");
-    }
+    check_n(args.n)?;
     if args.input.prompt.as_ref().is_some_and(String::is_empty) {
         bail!("--prompt is empty");
     }
@@ -519,13 +522,11 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     let n = args.n.unwrap_or(1);
     let mut completions = Vec::with_capacity(n as usize);
     for i in 0..n {
-        // Completion i as the server runs it: seed + i when seeded, a fresh seed each when not.
-        let mut sampling = sampling.clone();
-        sampling.seed = sampling.seed.map(|s| s.wrapping_add(u64::from(i)));
+        // Completion i as the server runs it.
         let job = GenerateJob {
             prompt_ids: &prompt_ids,
             max_new_tokens: args.max_new_tokens,
-            sampling,
+            sampling: sampling.for_completion(u64::from(i)),
             stop_at_eos: true,
             adapter: adapter.as_ref().map(|a| &a.weights),
         };

@@ -43,16 +43,20 @@ pub fn bad_words_ids(tok: &Tokenizer, words: &[String]) -> Result<Vec<Vec<u32>>,
 
 /// Sets to −∞ the logit of every token that would complete one of `bad` after `output` (the tokens generated
 /// so far): a one-token sequence's token always, a longer one's last token where `output` ends with the
-/// rest. vLLM looks at the output only, not the prompt.
-pub fn ban(bad: &[Vec<u32>], output: &[u32], logits: &mut [f32]) {
+/// rest. vLLM looks at the output only, not the prompt. Whether it banned a token that could have been
+/// picked (a logit above −∞): if nothing can be picked then, the words are to blame.
+pub fn ban(bad: &[Vec<u32>], output: &[u32], logits: &mut [f32]) -> bool {
+    let mut pickable = false;
     for seq in bad {
         let Some((&last, rest)) = seq.split_last() else { continue };
         if output.ends_with(rest) {
             if let Some(l) = logits.get_mut(last as usize) {
+                pickable |= *l > f32::NEG_INFINITY;
                 *l = f32::NEG_INFINITY;
             }
         }
     }
+    pickable
 }
 
 /// The most output tokens [`ban`] looks at: the longest sequence's length less one.

@@ -135,12 +135,10 @@ impl ValidRequest {
     /// request is seeded (vLLM's children; unseeded, the engine draws each a fresh seed), and without scoring
     /// the prompt again (completion 0 does).
     pub fn sibling(&self, index: u64, events: mpsc::UnboundedSender<Event>) -> ValidRequest {
-        let mut sampling = self.sampling.clone();
-        sampling.seed = sampling.seed.map(|s| s.wrapping_add(index));
         ValidRequest {
             prompt_ids: self.prompt_ids.clone(),
             max_new_tokens: self.max_new_tokens,
-            sampling,
+            sampling: self.sampling.for_completion(index),
             stop: self.stop.clone(),
             include_stop_str_in_output: self.include_stop_str_in_output,
             skip_special_tokens: self.skip_special_tokens,

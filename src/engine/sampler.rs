@@ -1,7 +1,8 @@
 //! Token sampling: the allowed tokens (vLLM's `allowed_token_ids`), the `bad_words` ([`super::bad_words`]),
-//! the tokens that would end the request held back until `min_tokens` (vLLM's `min_tokens`, transformers' `min_new_tokens`), the logit bias (OpenAI's
-//! `logit_bias`), the penalties (repetition as Hugging Face applies it, then frequency and
-//! presence as OpenAI defines them, in vLLM's order), then greedy (temperature 0) or temperature → top-k →
+//! the tokens that would end the request held back until `min_tokens` (vLLM's `min_tokens`, transformers'
+//! `min_new_tokens`), the logit bias (OpenAI's `logit_bias`), the penalties (`penalties.rs`: repetition
+//! as Hugging Face applies it, then frequency and presence as OpenAI defines them, in vLLM's order), then
+//! greedy (temperature 0) or temperature → top-k →
 //! top-p → min-p (the order Hugging Face applies them in), with structured output ([`super::structured`])
 //! allowing only the tokens that keep the output in its language, drawn from the project's PRNG so a seed
 //! gives the same tokens on every machine and version; which tokens end a request
@@ -83,6 +84,12 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// The parameters of completion `index` of a request with these (OpenAI's and vLLM's `n`): the same, but
+    /// seeded `seed + index` when seeded (vLLM's children); unseeded, each completion draws a fresh seed.
+    pub fn for_completion(&self, index: u64) -> Self {
+        SamplingParams { seed: self.seed.map(|s| s.wrapping_add(index)), ..self.clone() }
+    }
+
     /// These parameters with `d`'s settings, where it has them, in place of theirs.
     pub fn with(self, d: crate::model::GenerationDefaults) -> Self {
         SamplingParams {
@@ -312,10 +319,7 @@ impl Sampler {
                     only
                 }
             };
-            // Whether a token could be picked before the ban: if none can after it, the words are to blame.
-            let bad_words = !self.params.bad_words.is_empty();
-            let pickable = bad_words && processed.iter().any(|&l| l > f32::NEG_INFINITY);
-            super::bad_words::ban(&self.params.bad_words, &self.recent, &mut processed);
+            let banned = super::bad_words::ban(&self.params.bad_words, &self.recent, &mut processed);
             if self.holds_back() {
                 for &t in &self.held {
                     if let Some(l) = processed.get_mut(t as usize) {
@@ -331,7 +335,7 @@ impl Sampler {
             if let Some(h) = &self.history {
                 penalize(&self.params, h, &mut processed);
             }
-            let banned = pickable && !processed.iter().any(|&l| l > f32::NEG_INFINITY);
+            // Nothing to pick where the words banned a pickable token: the request's own doing.
             self.draw(&processed).ok_or(if banned { NoToken::BadWords } else { NoToken::Broken })?
         } else {
             self.draw(logits).ok_or(NoToken::Broken)?

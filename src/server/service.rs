@@ -232,12 +232,14 @@ impl Service {
         let queue = ready.engine.config().queue_capacity;
         let n = match r.n {
             None => 1,
-            Some(n) if (1..=MAX_N).contains(&n) && n as usize <= queue => n as usize,
-            Some(n) if n as usize > queue && (1..=MAX_N).contains(&n) => {
+            Some(n) if !(1..=MAX_N).contains(&n) => {
+                return Err(invalid("n", format!("must be in 1..={MAX_N}, got {n}")));
+            }
+            Some(n) if n as usize > queue => {
                 let why = format!("{n} completions are more than the request queue holds ({queue}, --max-queue)");
                 return Err(invalid("n", why));
             }
-            Some(n) => return Err(invalid("n", format!("must be in 1..={MAX_N}, got {n}"))),
+            Some(n) => n as usize,
         };
         if r.max_new_tokens == 0 || r.max_new_tokens > limits.max_new_tokens_cap {
             return Err(invalid(
