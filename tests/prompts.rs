@@ -621,3 +621,100 @@ async fn version(
 ) -> String {
     c.generate(req(adapter, "Hi", 1)).await.unwrap().into_inner().adapter_version
 }
+
+/// Tokenize gives the ids Generate runs (its `prompt_token_ids`) for each prompt form, base and adapter,
+/// truncated alike, and the same refusals; it counts a prompt past the context that Generate refuses; its
+/// token strings are the vocabulary's. Detokenize spells the special tokens out unless told not to, and
+/// refuses an id the tokenizer has no token for, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_gives_the_ids_generate_runs() {
+    use loraserve::server::proto::{DetokenizeRequest, TokenizeRequest};
+    let adapters = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("adapters");
+    let cfg = loraserve::server::ServeConfig { model: loraserve::model::ModelSpec::Demo, ..config(adapters) };
+    let (_h, mut c) = start(cfg).await;
+    let tok = loraserve::model::demo::tokenizer().unwrap();
+    let turns = chat(&[("system", "Be brief."), ("user", "cat moon fire")]);
+    for adapter in ["", "upper"] {
+        let forms = [
+            (
+                req(adapter, "cat moon fire\n", 4),
+                TokenizeRequest { prompt: "cat moon fire\n".into(), ..Default::default() },
+            ),
+            (
+                GenerateRequest { messages: turns.clone(), ..req(adapter, "", 4) },
+                TokenizeRequest { messages: turns.clone(), ..Default::default() },
+            ),
+            (
+                GenerateRequest { truncate_prompt_tokens: Some(5), ..req(adapter, "cat moon fire\n", 4) },
+                TokenizeRequest {
+                    prompt: "cat moon fire\n".into(),
+                    truncate_prompt_tokens: Some(5),
+                    ..Default::default()
+                },
+            ),
+            (
+                GenerateRequest { messages: turns.clone(), truncate_prompt_tokens: Some(7), ..req(adapter, "", 4) },
+                TokenizeRequest { messages: turns.clone(), truncate_prompt_tokens: Some(7), ..Default::default() },
+            ),
+        ];
+        for (generate, tokenize) in forms {
+            let what = format!("{adapter:?} {tokenize:?}");
+            let g = c.generate(GenerateRequest { prompt_logprobs: Some(0), ..generate }).await.unwrap().into_inner();
+            let r = TokenizeRequest { adapter_id: adapter.into(), return_token_strs: true, ..tokenize };
+            let t = c.tokenize(r).await.unwrap().into_inner();
+            assert_eq!((&t.token_ids, &t.adapter_version), (&g.prompt_token_ids, &g.adapter_version), "{what}");
+            assert_eq!(t.max_model_len, 1024, "{what}");
+            let strs: Vec<String> = t.token_ids.iter().map(|&id| tok.id_to_token(id).unwrap()).collect();
+            assert_eq!(t.token_strs, strs, "{what}");
+        }
+    }
+    // Generate refuses what is past the context; Tokenize counts it.
+    let long = "ab".repeat(550);
+    assert!(c.generate(req("", &long, 4)).await.is_err());
+    let t = c.tokenize(TokenizeRequest { prompt: long, ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!((t.token_ids.len(), t.token_strs.len()), (1101, 0));
+    let refused = [
+        (TokenizeRequest::default(), tonic::Code::InvalidArgument, "prompt: is empty (give a prompt or messages)"),
+        (
+            TokenizeRequest { prompt: "Hi".into(), messages: chat(&[("user", "U")]), ..Default::default() },
+            tonic::Code::InvalidArgument,
+            "messages: given with prompt: give one of prompt and messages",
+        ),
+        (
+            TokenizeRequest { prompt: "Hi".into(), continue_final_message: true, ..Default::default() },
+            tonic::Code::InvalidArgument,
+            "continue_final_message: needs messages",
+        ),
+        (
+            TokenizeRequest { prompt: "Hi".into(), truncate_prompt_tokens: Some(1025), ..Default::default() },
+            tonic::Code::InvalidArgument,
+            "truncate_prompt_tokens: must be in 1..=1024 (the model's context), got 1025",
+        ),
+        (
+            TokenizeRequest { adapter_id: "missing".into(), prompt: "Hi".into(), ..Default::default() },
+            tonic::Code::NotFound,
+            "adapter `missing`",
+        ),
+        (
+            TokenizeRequest { adapter_id: "missing".into(), messages: chat(&[("user", "U")]), ..Default::default() },
+            tonic::Code::NotFound,
+            "adapter `missing`",
+        ),
+    ];
+    for (r, code, words) in refused {
+        let s = c.tokenize(r).await.unwrap_err();
+        assert_eq!(s.code(), code, "{s:?}");
+        assert!(s.message().starts_with(words), "{s:?}");
+    }
+    let ids = c.tokenize(TokenizeRequest { prompt: "cat moon fire\n".into(), ..Default::default() }).await.unwrap();
+    let ids = ids.into_inner().token_ids;
+    let detokenize = |skip_special_tokens| DetokenizeRequest { token_ids: ids.clone(), skip_special_tokens };
+    let text = |r: tonic::Response<loraserve::server::proto::DetokenizeResponse>| r.into_inner().text;
+    let bos = tok.decode_with(&ids[..1], false).unwrap();
+    assert!(!bos.is_empty());
+    assert_eq!(text(c.detokenize(detokenize(None)).await.unwrap()), format!("{bos}cat moon fire\n"));
+    assert_eq!(text(c.detokenize(detokenize(Some(true))).await.unwrap()), "cat moon fire\n");
+    let s = c.detokenize(DetokenizeRequest { token_ids: vec![70, 3, 259], ..Default::default() }).await.unwrap_err();
+    let words = "token_ids[2]: 259 is no token of the tokenizer (its vocabulary: 259 tokens)";
+    assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, words));
+}

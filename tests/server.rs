@@ -341,6 +341,11 @@ async fn api_keys_guard_the_service_but_not_health() {
     let mut r = tonic::Request::new(req("", &"x".repeat(70 << 10), 2));
     r.metadata_mut().insert("authorization", "Bearer secret-1".parse().unwrap());
     assert_eq!(code_of(c.generate(r).await).await.0, Code::OutOfRange);
+    // Tokenize and Detokenize are guarded too, and counted under their own names.
+    let s = c.tokenize(proto::TokenizeRequest { prompt: "alpha".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+    let s = c.detokenize(proto::DetokenizeRequest { token_ids: vec![1], ..Default::default() }).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
     // Calls the handlers never saw are counted too (these codes come from this test only).
     tokio::time::sleep(Duration::from_millis(50)).await;
     let parsed = parse_prometheus(&common::metrics_text(h.metrics_addr).await);
@@ -349,6 +354,10 @@ async fn api_keys_guard_the_service_but_not_health() {
         parsed.samples.get(&key).copied().unwrap_or(0.0)
     };
     assert_eq!((total("UNAUTHENTICATED"), total("OUT_OF_RANGE")), (2.0, 1.0));
+    for rpc in ["Tokenize", "Detokenize"] {
+        let key = format!("{}{{code=\"UNAUTHENTICATED\",rpc=\"{rpc}\"}}", loraserve::telemetry::REQUESTS_TOTAL);
+        assert_eq!(parsed.samples.get(&key), Some(&1.0), "{rpc}");
+    }
     // The bundled client never sends a call without a key it was given but no header can carry.
     let t = loraserve::server::client::Target {
         addr: h.grpc_addr.to_string(),

@@ -96,6 +96,23 @@ fn sigterm_drains_and_exits_zero() {
         json["cached_prompt_tokens"].as_u64().unwrap()
     };
     assert_eq!((cached(), cached()), (0, 32));
+    // `client tokenize` prints the ids as --prompt-token-ids takes them; `client detokenize` their text.
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let ids = run(&["client", "--addr", &addr, "tokenize", "--prompt", "cat moon fire\n"]);
+    assert_eq!(ids, "0,102,100,119,35,112,114,114,113,35,105,108,117,104,13\n");
+    let text =
+        run(&["client", "--addr", &addr, "detokenize", "--skip-special-tokens", "true", "--token-ids", ids.trim()]);
+    assert_eq!(text, "cat moon fire\n\n");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["client", "--addr", &addr, "tokenize", "--prompt-token-ids", "1,2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--prompt-token-ids: tokenize takes --prompt or --message"), "{err}");
     // The client's penalty flags reach the server: each gives the tokens `server generate` gives with it (and
     // other tokens than without it). A value out of range is refused by the client, naming the field.
     let token_ids = |args: &[&str]| -> Vec<u64> {

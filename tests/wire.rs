@@ -10,7 +10,7 @@ use common::fixture;
 use common::serve::{config, req, start};
 use common::wire::{frame, grpc_request, h2_connect, raw_call, raw_call_with_timeout};
 use loraserve::server::proto::lora_serve_client::LoraServeClient;
-use loraserve::server::proto::LoadAdapterRequest;
+use loraserve::server::proto::{DetokenizeRequest, LoadAdapterRequest, TokenizeRequest};
 use prost::Message;
 use tonic::codec::CompressionEncoding;
 use tonic::Code;
@@ -151,12 +151,20 @@ async fn a_deadline_that_passes_before_the_message_is_deadline_exceeded() {
         assert_eq!(status.message(), "deadline exceeded before the request message arrived");
         send = send.ready().await.unwrap();
     }
-    // A deadline already past is not met by a load that needs no wait (the adapter is resident).
-    let load = LoadAdapterRequest { adapter_id: "qv-r4".into() };
-    assert_eq!(raw_call_with_timeout(h.grpc_addr, "LoadAdapter", "30S", &load).await.0, Code::Ok);
-    for timeout in ["0n", "1n", "1u"] {
-        let (code, msg) = raw_call_with_timeout(h.grpc_addr, "LoadAdapter", timeout, &load).await;
-        assert_eq!(code, Code::DeadlineExceeded, "{timeout}: {msg}");
+    // A deadline already past is not met by a call that needs no wait (the adapter is resident, the text
+    // short).
+    let load = LoadAdapterRequest { adapter_id: "qv-r4".into() }.encode_to_vec();
+    let tokenize = TokenizeRequest { adapter_id: "qv-r4".into(), prompt: "alpha".into(), ..Default::default() };
+    let detokenize = DetokenizeRequest { token_ids: vec![1, 2], ..Default::default() }.encode_to_vec();
+    for (method, message) in [("LoadAdapter", load), ("Tokenize", tokenize.encode_to_vec()), ("Detokenize", detokenize)]
+    {
+        let raw =
+            async |timeout: &str| raw_call(h.grpc_addr, method, &[("grpc-timeout", timeout)], frame(0, &message)).await;
+        assert_eq!(raw("30S").await.0, Code::Ok, "{method}");
+        for timeout in ["0n", "1n", "1u"] {
+            let (code, msg) = raw(timeout).await;
+            assert_eq!(code, Code::DeadlineExceeded, "{method} {timeout}: {msg}");
+        }
     }
     let after = common::metrics_text(h.metrics_addr).await;
     for rpc in ["Generate", "GenerateStream"] {

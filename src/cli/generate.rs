@@ -337,6 +337,31 @@ pub enum ClientCall {
         #[arg(long, value_name = "N")]
         n: Option<u32>,
     },
+    /// The token ids Generate would run for a prompt or a conversation, comma-separated (--prompt-token-ids
+    /// takes them back).
+    Tokenize {
+        /// Adapter id, whose chat template renders --message when it brings one (empty: the base model).
+        #[arg(long, default_value = "")]
+        adapter: String,
+        #[command(flatten)]
+        input: PromptArgs,
+        /// Also each token's string in the vocabulary (`▁Hello`): one `id<TAB>string` line per token.
+        #[arg(long)]
+        token_strs: bool,
+        /// Print the response as JSON ("token_ids", "count", "max_model_len", and "token_strs" with
+        /// --token-strs).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The text of token ids.
+    Detokenize {
+        /// Comma-separated: --token-ids 1,15043
+        #[arg(long, value_name = "IDS", value_delimiter = ',', required = true)]
+        token_ids: Vec<u32>,
+        /// `true` leaves the tokenizer's special tokens (its BOS, …) out of the text; unset = false.
+        #[arg(long, value_name = "BOOL")]
+        skip_special_tokens: Option<bool>,
+    },
     /// List adapters and their cache status.
     List,
     /// Load an adapter into the cache.
@@ -405,6 +430,25 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     bad_words,
                 };
                 crate::server::client::generate(&target, &call, stream, json).await
+            }
+            ClientCall::Tokenize { adapter, input, token_strs, json } => {
+                input.check()?;
+                if !input.prompt_token_ids.is_empty() {
+                    bail!("--prompt-token-ids: tokenize takes --prompt or --message (the ids are already tokens)");
+                }
+                let call = crate::server::client::TokenizeCall {
+                    adapter_id: adapter,
+                    prompt: input.prompt.unwrap_or_default(),
+                    messages: input.messages,
+                    continue_final_message: input.continue_final_message,
+                    chat_template_kwargs: input.chat_template_kwargs,
+                    truncate_prompt_tokens: input.truncate_prompt_tokens,
+                    token_strs,
+                };
+                crate::server::client::tokenize(&target, call, json).await
+            }
+            ClientCall::Detokenize { token_ids, skip_special_tokens } => {
+                crate::server::client::detokenize(&target, token_ids, skip_special_tokens).await
             }
             ClientCall::List => crate::server::client::list(&target).await,
             ClientCall::Load { adapter } => crate::server::client::load(&target, &adapter).await,

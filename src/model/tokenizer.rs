@@ -188,6 +188,11 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The vocabulary's string for `id` (`▁Hello`, `Ġworld`, `<s>`), `None` for an id it has no token for.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// The bytes each token spells (built on first use), or why this tokenizer's decoder gives none.
     pub fn token_bytes(&self) -> Result<&TokenBytes, &str> {
         self.bytes.get_or_init(|| TokenBytes::build(&self.inner)).as_ref().map_err(|e| e.as_str())

@@ -1,5 +1,5 @@
-//! `server client`: a small gRPC client for people without grpcurl — generate (unary or streaming), list,
-//! load and unload adapters, and a `grpc.health.v1` check (container health checks and exec probes). It sends
+//! `server client`: a small gRPC client for people without grpcurl — generate (unary or streaming),
+//! tokenize and detokenize, list, load and unload adapters, and a `grpc.health.v1` check (container health checks and exec probes). It sends
 //! the API key as `authorization: Bearer` and the adapter id as the `x-adapter-id` header that
 //! adapter-affinity routers hash on.
 
@@ -181,16 +181,8 @@ impl GenerateCall {
             prompt_logprobs: self.prompt_logprobs,
             logit_bias: s.logit_bias.iter().copied().collect(),
             allowed_token_ids: s.allowed_token_ids.clone(),
-            messages: self
-                .messages
-                .iter()
-                .map(|(role, content)| proto::ChatMessage { role: role.clone(), content: content.clone() })
-                .collect(),
-            chat_template_kwargs: self
-                .chat_template_kwargs
-                .as_ref()
-                .map(|m| serde_json::Value::Object(m.clone()).to_string())
-                .unwrap_or_default(),
+            messages: chat_messages(&self.messages),
+            chat_template_kwargs: kwargs_text(self.chat_template_kwargs.as_ref()),
             cache_salt: self.cache_salt.clone(),
             structured_output: self.structured.as_ref().map(structured_output),
             n: self.n,
@@ -199,6 +191,16 @@ impl GenerateCall {
 }
 
 /// The request field of a structured output.
+/// `--message ROLE=TEXT` turns as the request's messages.
+fn chat_messages(messages: &[(String, String)]) -> Vec<proto::ChatMessage> {
+    messages.iter().map(|(role, content)| proto::ChatMessage { role: role.clone(), content: content.clone() }).collect()
+}
+
+/// `--chat-template-kwargs` as the request's JSON text (empty: none).
+fn kwargs_text(kwargs: Option<&crate::model::chat::Kwargs>) -> String {
+    kwargs.map(|m| serde_json::Value::Object(m.clone()).to_string()).unwrap_or_default()
+}
+
 fn structured_output(c: &crate::engine::structured::Constraint) -> proto::StructuredOutput {
     use crate::engine::structured::Constraint;
     use proto::structured_output::Kind;
@@ -385,4 +387,59 @@ pub async fn unload(t: &Target, id: &str) -> anyhow::Result<()> {
         .into_inner();
     to_stdout(format_args!("{id}\twas_loaded={}\n", r.was_loaded))?;
     Ok(())
+}
+
+/// What `client tokenize` sends.
+pub struct TokenizeCall {
+    pub adapter_id: String,
+    pub prompt: String,
+    pub messages: Vec<(String, String)>,
+    pub continue_final_message: bool,
+    pub chat_template_kwargs: Option<crate::model::chat::Kwargs>,
+    pub truncate_prompt_tokens: Option<u32>,
+    pub token_strs: bool,
+}
+
+/// Prints the ids comma-separated (as `--prompt-token-ids` takes them), or one `id<TAB>string` line per token
+/// with `token_strs`, or JSON.
+pub async fn tokenize(t: &Target, call: TokenizeCall, json: bool) -> anyhow::Result<()> {
+    let mut client = connect(t).await?;
+    let msg = proto::TokenizeRequest {
+        adapter_id: call.adapter_id.clone(),
+        prompt: call.prompt,
+        messages: chat_messages(&call.messages),
+        continue_final_message: call.continue_final_message,
+        chat_template_kwargs: kwargs_text(call.chat_template_kwargs.as_ref()),
+        truncate_prompt_tokens: call.truncate_prompt_tokens,
+        return_token_strs: call.token_strs,
+    };
+    let r = client.tokenize(request(t, msg, Some(&call.adapter_id))?).await?.into_inner();
+    if json {
+        let mut out = serde_json::json!({
+            "token_ids": r.token_ids,
+            "count": r.token_ids.len(),
+            "max_model_len": r.max_model_len,
+            "adapter_version": r.adapter_version,
+        });
+        if call.token_strs {
+            out["token_strs"] = r.token_strs.into();
+        }
+        return to_stdout(format_args!("{out}\n"));
+    }
+    if call.token_strs {
+        for (id, s) in r.token_ids.iter().zip(&r.token_strs) {
+            to_stdout(format_args!("{id}\t{s}\n"))?;
+        }
+        return Ok(());
+    }
+    let ids: Vec<String> = r.token_ids.iter().map(u32::to_string).collect();
+    to_stdout(format_args!("{}\n", ids.join(",")))
+}
+
+/// Prints the text of `token_ids`.
+pub async fn detokenize(t: &Target, token_ids: Vec<u32>, skip_special_tokens: Option<bool>) -> anyhow::Result<()> {
+    let mut client = connect(t).await?;
+    let msg = proto::DetokenizeRequest { token_ids, skip_special_tokens };
+    let r = client.detokenize(request(t, msg, None)?).await?.into_inner();
+    to_stdout(format_args!("{}\n", r.text))
 }

@@ -46,7 +46,8 @@ impl HandlerSeen {
 
 /// The method label of a request path (`/loraserve.v1.LoraServe/Generate` → `Generate`).
 fn rpc_label(path: &str) -> &'static str {
-    const RPCS: [&str; 5] = ["Generate", "GenerateStream", "ListAdapters", "LoadAdapter", "UnloadAdapter"];
+    const RPCS: [&str; 7] =
+        ["Generate", "GenerateStream", "ListAdapters", "LoadAdapter", "UnloadAdapter", "Tokenize", "Detokenize"];
     let method = path.rsplit('/').next().unwrap_or_default();
     RPCS.into_iter().find(|r| *r == method).unwrap_or("unknown")
 }

@@ -87,6 +87,15 @@ pub fn ended_by(timed_out_from: Option<Instant>) -> tonic::Code {
     }
 }
 
+/// DEADLINE_EXCEEDED for a deadline already past (`0n`): a call whose work happens to need no wait (a
+/// resident adapter, a short text) does not meet it either, as a generation never does.
+pub fn not_past(deadline: Option<Instant>) -> Result<(), tonic::Status> {
+    match deadline {
+        Some(d) if Instant::now() >= d => Err(tonic::Status::deadline_exceeded("deadline exceeded")),
+        _ => Ok(()),
+    }
+}
+
 /// `fut`'s output, or `None` once `deadline` has passed. Unlike `tokio::time::timeout_at` this reads the clock
 /// on every poll, not only when its timer fires: tonic enforces `grpc-timeout` with a timer of its own, polled
 /// right after the service, and with the clock read here the earlier deadline (the server's, see the module

@@ -28,9 +28,11 @@ mod grpc_only;
 mod health;
 mod listen;
 pub mod metrics_http;
+mod prompt;
 pub mod render;
 pub mod service;
 pub mod status;
+mod tokenize;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -15,15 +15,15 @@ use tonic::{Request, Response, Status};
 
 use super::arrival::Arrival;
 use super::completions::{self, Completions, Events, StreamTagger, MAX_N};
-use super::conversation::{conversation_ids, kwargs_of, message_list};
 use super::counting::HandlerSeen;
-use super::deadline::{ended_by, within, CallDeadline};
+use super::deadline::{ended_by, not_past, within, CallDeadline};
+use super::prompt::PromptInput;
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::status::{self, invalid};
+use super::tokenize;
 use crate::engine::structured::{Constraint, Guide, Guides};
-use crate::engine::{truncate_prompt, Engine, SamplingParams, ValidRequest};
+use crate::engine::{Engine, SamplingParams, ValidRequest};
 use crate::lora::cache::{AdapterCache, AdapterLease};
-use crate::model::chat::Kwargs;
 use crate::model::{ChatError, ChatTemplate, GenerationDefaults, Tokenizer};
 use crate::telemetry as t;
 
@@ -178,6 +178,22 @@ fn deadline_of<T>(req: &Request<T>) -> (Result<Option<Instant>, Status>, Option<
     }
 }
 
+/// A unary call's frame: marks the request seen, reads its deadline, runs `work` with the request and its
+/// deadline (or why the deadline cannot be read), and counts the answer once, or CANCELLED /
+/// DEADLINE_EXCEEDED when the call is dropped before it answers ([`CancelCount`]).
+async fn unary<T, R, F: std::future::Future<Output = Result<R, Status>>>(
+    rpc: &'static str,
+    req: Request<T>,
+    work: impl FnOnce(Request<T>, Result<Option<Instant>, Status>) -> F,
+) -> Result<Response<R>, Status> {
+    HandlerSeen::mark(&req);
+    let (deadline, timed_out_from) = deadline_of(&req);
+    let mut guard = CancelCount::new(rpc, timed_out_from);
+    let r = work(req, deadline).await;
+    guard.disarm();
+    counted(rpc, r.map(Response::new))
+}
+
 /// Ends a stream at its deadline: the engine stops the request (its events dropped), then the status goes out.
 async fn end_at_deadline(events: Events, tx: &mpsc::Sender<Result<proto::GenerateResponse, Status>>) {
     drop(events);
@@ -212,22 +228,15 @@ impl Service {
         let key = req.extensions().get::<super::auth::KeyIndex>().copied();
         let mut r = req.into_inner();
         let limits = self.state.limits;
-        let forms = [
-            ("prompt", !r.prompt.is_empty()),
-            ("messages", !r.messages.is_empty()),
-            ("prompt_token_ids", !r.prompt_token_ids.is_empty()),
-        ];
-        let mut given = forms.iter().filter(|(_, given)| *given).map(|(name, _)| *name);
-        match (given.next(), given.next()) {
-            (None, _) => return Err(invalid("prompt", "is empty (give a prompt, messages or prompt_token_ids)")),
-            (Some(first), Some(second)) => {
-                return Err(invalid(
-                    second,
-                    format!("given with {first}: give one of prompt, messages and prompt_token_ids"),
-                ))
-            }
-            _ => {}
-        }
+        let input = PromptInput {
+            prompt: std::mem::take(&mut r.prompt),
+            messages: std::mem::take(&mut r.messages),
+            token_ids: Some(std::mem::take(&mut r.prompt_token_ids)),
+            continue_final_message: r.continue_final_message,
+            chat_template_kwargs: std::mem::take(&mut r.chat_template_kwargs),
+            truncate_prompt_tokens: r.truncate_prompt_tokens,
+        };
+        input.check_form()?;
         // Each completion takes a place in the queue: more than it holds could never be accepted.
         let queue = ready.engine.config().queue_capacity;
         let n = match r.n {
@@ -305,72 +314,16 @@ impl Service {
                 return Err(invalid(&format!("stop[{i}]"), format!("must be 1..={} bytes", limits.max_stop_bytes)));
             }
         }
-        if r.continue_final_message && r.messages.is_empty() {
-            return Err(invalid(
-                "continue_final_message",
-                "needs messages (a conversation whose final message to continue)",
-            ));
-        }
-        let kwargs = match r.chat_template_kwargs.as_str() {
-            "" => Kwargs::new(),
-            _ if r.messages.is_empty() => {
-                return Err(invalid("chat_template_kwargs", "needs messages (variables for the chat template)"))
-            }
-            text => kwargs_of(text)?,
-        };
-        let messages = message_list(&r.messages)?;
-        if let Some(k) = r.truncate_prompt_tokens.filter(|&k| k == 0 || k as usize > ready.context) {
-            let context = ready.context;
-            return Err(invalid(
-                "truncate_prompt_tokens",
-                format!("must be in 1..={context} (the model's context), got {k}"),
-            ));
-        }
+        let prompt = input.check(ready)?;
         // A conversation is rendered with its adapter's template when the adapter brings one: the adapter is
         // leased first. A raw prompt is checked whole before any adapter load.
-        let leased_first = !r.messages.is_empty();
+        let leased_first = prompt.is_conversation();
         let mut adapter = None;
         if leased_first {
             adapter = lease_request_adapter(ready, &r.adapter_id, deadline).await?;
         }
-        // The field the prompt came from, for errors about its length.
-        let field = match () {
-            _ if !r.messages.is_empty() => "messages",
-            _ if !r.prompt_token_ids.is_empty() => "prompt_token_ids",
-            _ => "prompt",
-        };
-        let mut prompt_ids = if !r.prompt_token_ids.is_empty() {
-            let vocab = ready.vocab;
-            if let Some((i, id)) = r.prompt_token_ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-                let why = format!("{id} is outside the model's vocabulary of {vocab} tokens");
-                return Err(invalid(&format!("prompt_token_ids[{i}]"), why));
-            }
-            std::mem::take(&mut r.prompt_token_ids)
-        } else if r.messages.is_empty() {
-            // Off the async workers (`encoders.rs`): a megabyte of prompt takes ~0.5 s to encode.
-            let (tokenizer, text) = (ready.tokenizer.clone(), std::mem::take(&mut r.prompt));
-            let encode = move || tokenizer.encode(&text);
-            ready.encoders.run(deadline, "encoding the prompt", encode).await?.map_err(|e| invalid("prompt", e))?
-        } else {
-            // A chat template is a program (an adapter's may come from anyone): it renders in a worker
-            // process, within the request's deadline (`render.rs`).
-            let template = adapter.as_ref().and_then(|a| a.weights().template.clone());
-            let continue_final = r.continue_final_message;
-            conversation_ids(&self.state, template, messages, continue_final, kwargs, deadline).await?
-        };
-        if let Some(k) = r.truncate_prompt_tokens {
-            // A raw text keeps the ids its tokenizer puts before it; ids given and conversations are cut as
-            // they are.
-            let prefix = if field == "prompt" { ready.tokenizer.text_prefix() } else { &[] };
-            truncate_prompt(&mut prompt_ids, k, prefix).map_err(|e| invalid("truncate_prompt_tokens", e))?;
-        }
-        if prompt_ids.is_empty() {
-            // A tokenizer without BOS whose normalizer drops the whole text: nothing to continue from.
-            return Err(invalid(field, "encodes to no tokens"));
-        }
-        // A tokenizer may hold tokens the model has no embedding for: such an id would fail the forward of
-        // every request batched with it (ids given are checked above, by index).
-        ready.tokenizer.check_in_vocab(&prompt_ids, ready.vocab).map_err(|why| invalid(field, why))?;
+        let field = prompt.field();
+        let prompt_ids = prompt.ids(&self.state, adapter.as_ref(), deadline).await?;
         let total = prompt_ids.len() + r.max_new_tokens as usize;
         if total > ready.context {
             return Err(invalid(
@@ -442,7 +395,11 @@ async fn lease_request_adapter(
 /// Leases adapter `id`, within the request's deadline: waiting for its load, its copy to the device or room
 /// in the device tier all count, and running out is `DEADLINE_EXCEEDED` (the load itself goes on, for the
 /// retry).
-async fn lease_adapter(cache: &AdapterCache, id: &str, deadline: Option<Instant>) -> Result<AdapterLease, Status> {
+pub(super) async fn lease_adapter(
+    cache: &AdapterCache,
+    id: &str,
+    deadline: Option<Instant>,
+) -> Result<AdapterLease, Status> {
     let acquire = cache.acquire(id, deadline.map(tokio::time::Instant::from_std));
     let acquired = match deadline {
         Some(d) => within(d, acquire)
@@ -468,10 +425,7 @@ impl LoraServe for Service {
         &self,
         req: Request<proto::GenerateRequest>,
     ) -> Result<Response<proto::GenerateResponse>, Status> {
-        HandlerSeen::mark(&req);
-        let (deadline, timed_out_from) = deadline_of(&req);
-        let mut guard = CancelCount::new("Generate", timed_out_from);
-        let result = async {
+        unary("Generate", req, |req, deadline| async move {
             let deadline = deadline?;
             let mut a = self.admit(req, deadline).await?;
             let mut out = Completions::new(a.n, a.adapter_version);
@@ -485,14 +439,12 @@ impl LoraServe for Service {
                 };
                 let Some((i, ev)) = next else { break };
                 if out.add(i, ev).map_err(status::from_engine)? {
-                    return Ok(Response::new(out.into_response()));
+                    return Ok(out.into_response());
                 }
             }
             Err(Status::internal("engine dropped the request"))
-        }
-        .await;
-        guard.disarm();
-        counted("Generate", result)
+        })
+        .await
     }
 
     type GenerateStreamStream = GenerateStream;
@@ -599,10 +551,7 @@ impl LoraServe for Service {
         &self,
         req: Request<proto::LoadAdapterRequest>,
     ) -> Result<Response<proto::LoadAdapterResponse>, Status> {
-        HandlerSeen::mark(&req);
-        let (deadline, timed_out_from) = deadline_of(&req);
-        let mut guard = CancelCount::new("LoadAdapter", timed_out_from);
-        let r = async {
+        unary("LoadAdapter", req, |req, deadline| async move {
             let ready = self.ready()?;
             let deadline = deadline?;
             check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
@@ -610,18 +559,12 @@ impl LoraServe for Service {
             if id.is_empty() {
                 return Err(invalid("adapter_id", "is empty"));
             }
-            // A deadline already past (`0n`) is not met by a lease that happens to need no wait, as a generation
-            // never meets it.
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(Status::deadline_exceeded("deadline exceeded"));
-            }
+            not_past(deadline)?;
             // Loaded and left in the cache unleased.
             let lease = lease_adapter(&ready.cache, &id, deadline).await?;
-            Ok(Response::new(proto::LoadAdapterResponse { adapter_version: lease.version().to_string() }))
-        }
-        .await;
-        guard.disarm();
-        counted("LoadAdapter", r)
+            Ok(proto::LoadAdapterResponse { adapter_version: lease.version().to_string() })
+        })
+        .await
     }
 
     async fn unload_adapter(
@@ -637,5 +580,28 @@ impl LoraServe for Service {
             Ok(Response::new(proto::UnloadAdapterResponse { was_loaded }))
         })();
         counted("UnloadAdapter", r)
+    }
+
+    async fn tokenize(
+        &self,
+        req: Request<proto::TokenizeRequest>,
+    ) -> Result<Response<proto::TokenizeResponse>, Status> {
+        unary("Tokenize", req, |req, deadline| async move {
+            let ready = self.ready()?;
+            let deadline = deadline?;
+            check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
+            tokenize::tokenize(&self.state, ready, req.into_inner(), deadline).await
+        })
+        .await
+    }
+
+    async fn detokenize(
+        &self,
+        req: Request<proto::DetokenizeRequest>,
+    ) -> Result<Response<proto::DetokenizeResponse>, Status> {
+        unary("Detokenize", req, |req, deadline| async move {
+            tokenize::detokenize(self.ready()?, req.into_inner(), deadline?).await
+        })
+        .await
     }
 }
