@@ -107,12 +107,23 @@ fn sigterm_drains_and_exits_zero() {
     let text =
         run(&["client", "--addr", &addr, "detokenize", "--skip-special-tokens", "true", "--token-ids", ids.trim()]);
     assert_eq!(text, "cat moon fire\n\n");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
-        .args(["client", "--addr", &addr, "tokenize", "--prompt-token-ids", "1,2"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("--prompt-token-ids: tokenize takes --prompt or --message"), "{err}");
+    // Each token's string, quoted (a newline is a token); the text alone, without the BOS.
+    let strs = run(&["client", "--addr", &addr, "tokenize", "--prompt", "a\n", "--token-strs"]);
+    assert_eq!(strs, "0\t\"<s>\"\n100\t\"a\"\n13\t\"Ċ\"\n");
+    let alone = run(&["client", "--addr", &addr, "tokenize", "--prompt", "a\n", "--add-special-tokens", "false"]);
+    assert_eq!(alone, "100,13\n");
+    for args in [&["--prompt-token-ids", "1,2"][..], &["--message", "user=hi", "--add-special-tokens", "true"]] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+            .args([&["client", "--addr", &addr, "tokenize"][..], args].concat())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        let words = match args[0] {
+            "--prompt-token-ids" => "--prompt-token-ids: tokenize takes --prompt or --message",
+            _ => "--add-special-tokens applies to --prompt",
+        };
+        assert!(!o.status.success() && err.contains(words), "{args:?}: {err}");
+    }
     // The client's penalty flags reach the server: each gives the tokens `server generate` gives with it (and
     // other tokens than without it). A value out of range is refused by the client, naming the field.
     let token_ids = |args: &[&str]| -> Vec<u64> {

@@ -151,8 +151,8 @@ async fn a_deadline_that_passes_before_the_message_is_deadline_exceeded() {
         assert_eq!(status.message(), "deadline exceeded before the request message arrived");
         send = send.ready().await.unwrap();
     }
-    // A deadline already past is not met by a call that needs no wait (the adapter is resident, the text
-    // short).
+    // A deadline already past is not met by a load that needs no wait (the adapter is resident), nor by a
+    // short text's Tokenize or Detokenize.
     let load = LoadAdapterRequest { adapter_id: "qv-r4".into() }.encode_to_vec();
     let tokenize = TokenizeRequest { adapter_id: "qv-r4".into(), prompt: "alpha".into(), ..Default::default() };
     let detokenize = DetokenizeRequest { token_ids: vec![1, 2], ..Default::default() }.encode_to_vec();

@@ -101,6 +101,10 @@ pub struct PromptArgs {
     /// '{"enable_thinking": false}'. Each must be one the template reads.
     #[arg(long, value_name = "JSON", requires = "messages", conflicts_with = "prompt", value_parser = crate::model::chat::parse_kwargs)]
     pub chat_template_kwargs: Option<crate::model::chat::Kwargs>,
+    /// `false` encodes --prompt without the tokenizer's special tokens (its BOS): for a prompt that writes
+    /// them itself (vLLM's add_special_tokens). Default true.
+    #[arg(long, value_name = "BOOL")]
+    pub add_special_tokens: Option<bool>,
 }
 
 /// `--message ROLE=TEXT` (the text may hold `=`; the role may not be empty).
@@ -115,6 +119,9 @@ impl PromptArgs {
     /// The conversation flags need a conversation (clap's `requires` does not see a `--prompt-token-ids`
     /// given instead).
     fn check(&self) -> Result<()> {
+        if self.add_special_tokens.is_some() && self.prompt.is_none() {
+            bail!("--add-special-tokens applies to --prompt (a conversation's special tokens are its chat template's, ids run as given)");
+        }
         if self.messages.is_empty() {
             for (given, flag) in [
                 (self.continue_final_message, "--continue-final-message"),
@@ -132,7 +139,10 @@ impl PromptArgs {
     /// `adapter`'s chat template when it brings one, else the model's.
     fn ids(&self, tok: &crate::model::Tokenizer, adapter: Option<&AdapterTemplate>, vocab: usize) -> Result<Vec<u32>> {
         let (mut ids, prefix) = match &self.prompt {
-            Some(prompt) => (tok.encode(prompt)?, tok.text_prefix()),
+            Some(prompt) => match self.add_special_tokens.unwrap_or(true) {
+                true => (tok.encode(prompt)?, tok.text_prefix()),
+                false => (tok.encode_with(prompt, false)?, &[][..]),
+            },
             None if !self.prompt_token_ids.is_empty() => {
                 // As the server checks them: every id given, before any truncation.
                 if let Some(id) = self.prompt_token_ids.iter().find(|&&id| id as usize >= vocab) {
@@ -345,11 +355,12 @@ pub enum ClientCall {
         adapter: String,
         #[command(flatten)]
         input: PromptArgs,
-        /// Also each token's string in the vocabulary (`▁Hello`): one `id<TAB>string` line per token.
+        /// Also each token's string in the vocabulary: one `id<TAB>"string"` line per token (quoted and
+        /// escaped, e.g. `15043<TAB>"▁Hello"`).
         #[arg(long)]
         token_strs: bool,
-        /// Print the response as JSON ("token_ids", "count", "max_model_len", and "token_strs" with
-        /// --token-strs).
+        /// Print the response as JSON ("token_ids", "count", "max_model_len", "adapter_version", and
+        /// "token_strs" with --token-strs).
         #[arg(long)]
         json: bool,
     },
@@ -413,6 +424,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     prompt_token_ids: input.prompt_token_ids,
                     messages: input.messages,
                     truncate_prompt_tokens: input.truncate_prompt_tokens,
+                    add_special_tokens: input.add_special_tokens,
                     continue_final_message: input.continue_final_message,
                     chat_template_kwargs: input.chat_template_kwargs,
                     include_stop_str_in_output,
@@ -443,6 +455,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     continue_final_message: input.continue_final_message,
                     chat_template_kwargs: input.chat_template_kwargs,
                     truncate_prompt_tokens: input.truncate_prompt_tokens,
+                    add_special_tokens: input.add_special_tokens,
                     token_strs,
                 };
                 crate::server::client::tokenize(&target, call, json).await

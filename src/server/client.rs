@@ -1,7 +1,7 @@
 //! `server client`: a small gRPC client for people without grpcurl — generate (unary or streaming),
-//! tokenize and detokenize, list, load and unload adapters, and a `grpc.health.v1` check (container health checks and exec probes). It sends
-//! the API key as `authorization: Bearer` and the adapter id as the `x-adapter-id` header that
-//! adapter-affinity routers hash on.
+//! tokenize and detokenize, list, load and unload adapters, and a `grpc.health.v1` check (container health
+//! checks and exec probes). It sends the API key as `authorization: Bearer` and the adapter id as the
+//! `x-adapter-id` header that adapter-affinity routers hash on.
 
 use std::time::Duration;
 
@@ -47,6 +47,8 @@ pub struct GenerateCall {
     pub skip_special_tokens: Option<bool>,
     /// Keep only the last this many prompt tokens.
     pub truncate_prompt_tokens: Option<u32>,
+    /// Encode `prompt` with the tokenizer's special tokens (unset: the server's default, true).
+    pub add_special_tokens: Option<bool>,
     /// Continue the final message of `messages` instead of starting a new assistant turn.
     pub continue_final_message: bool,
     /// More chat template variables, with `messages`.
@@ -168,6 +170,7 @@ impl GenerateCall {
             skip_special_tokens: self.skip_special_tokens,
             bad_words: self.bad_words.clone(),
             truncate_prompt_tokens: self.truncate_prompt_tokens,
+            add_special_tokens: self.add_special_tokens,
             continue_final_message: self.continue_final_message,
             repetition_penalty: self.given.repetition_penalty,
             frequency_penalty: s.frequency_penalty,
@@ -190,7 +193,6 @@ impl GenerateCall {
     }
 }
 
-/// The request field of a structured output.
 /// `--message ROLE=TEXT` turns as the request's messages.
 fn chat_messages(messages: &[(String, String)]) -> Vec<proto::ChatMessage> {
     messages.iter().map(|(role, content)| proto::ChatMessage { role: role.clone(), content: content.clone() }).collect()
@@ -201,6 +203,7 @@ fn kwargs_text(kwargs: Option<&crate::model::chat::Kwargs>) -> String {
     kwargs.map(|m| serde_json::Value::Object(m.clone()).to_string()).unwrap_or_default()
 }
 
+/// The request field of a structured output.
 fn structured_output(c: &crate::engine::structured::Constraint) -> proto::StructuredOutput {
     use crate::engine::structured::Constraint;
     use proto::structured_output::Kind;
@@ -397,11 +400,12 @@ pub struct TokenizeCall {
     pub continue_final_message: bool,
     pub chat_template_kwargs: Option<crate::model::chat::Kwargs>,
     pub truncate_prompt_tokens: Option<u32>,
+    pub add_special_tokens: Option<bool>,
     pub token_strs: bool,
 }
 
-/// Prints the ids comma-separated (as `--prompt-token-ids` takes them), or one `id<TAB>string` line per token
-/// with `token_strs`, or JSON.
+/// Prints the ids comma-separated (as `--prompt-token-ids` takes them), or one `id<TAB>"string"` line per
+/// token with `token_strs` (quoted and escaped: a token may be a newline), or JSON.
 pub async fn tokenize(t: &Target, call: TokenizeCall, json: bool) -> anyhow::Result<()> {
     let mut client = connect(t).await?;
     let msg = proto::TokenizeRequest {
@@ -412,6 +416,7 @@ pub async fn tokenize(t: &Target, call: TokenizeCall, json: bool) -> anyhow::Res
         chat_template_kwargs: kwargs_text(call.chat_template_kwargs.as_ref()),
         truncate_prompt_tokens: call.truncate_prompt_tokens,
         return_token_strs: call.token_strs,
+        add_special_tokens: call.add_special_tokens,
     };
     let r = client.tokenize(request(t, msg, Some(&call.adapter_id))?).await?.into_inner();
     if json {
@@ -428,7 +433,7 @@ pub async fn tokenize(t: &Target, call: TokenizeCall, json: bool) -> anyhow::Res
     }
     if call.token_strs {
         for (id, s) in r.token_ids.iter().zip(&r.token_strs) {
-            to_stdout(format_args!("{id}\t{s}\n"))?;
+            to_stdout(format_args!("{id}\t{s:?}\n"))?;
         }
         return Ok(());
     }

@@ -119,6 +119,15 @@ pub async fn within<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn not_past_refuses_a_deadline_already_past_only() {
+        let now = Instant::now();
+        let s = not_past(Some(now)).unwrap_err();
+        assert_eq!((s.code(), s.message()), (tonic::Code::DeadlineExceeded, "deadline exceeded"));
+        assert!(not_past(Some(now + Duration::from_secs(60))).is_ok());
+        assert!(not_past(None).is_ok());
+    }
+
     fn deadline(v: &str) -> Result<Option<CallDeadline>, Status> {
         let mut h = HeaderMap::new();
         h.insert("grpc-timeout", v.parse().unwrap());

@@ -26,6 +26,8 @@ pub(super) struct PromptInput {
     pub continue_final_message: bool,
     pub chat_template_kwargs: String,
     pub truncate_prompt_tokens: Option<u32>,
+    /// Whether `prompt` is encoded with the tokenizer's special tokens; unset = yes.
+    pub add_special_tokens: Option<bool>,
 }
 
 impl PromptInput {
@@ -67,6 +69,13 @@ impl PromptInput {
             }
             text => kwargs_of(text)?,
         };
+        if self.add_special_tokens.is_some() && self.prompt.is_empty() {
+            let why = match self.messages.is_empty() {
+                false => "applies to prompt (a conversation's special tokens are its chat template's)",
+                true => "applies to prompt (prompt_token_ids run as given)",
+            };
+            return Err(invalid("add_special_tokens", why));
+        }
         let messages = message_list(&self.messages)?;
         if let Some(k) = self.truncate_prompt_tokens.filter(|&k| k == 0 || k as usize > ready.context) {
             let context = ready.context;
@@ -80,7 +89,7 @@ impl PromptInput {
                 Source::Conversation { messages, continue_final: self.continue_final_message, kwargs }
             }
             Some(ids) if !ids.is_empty() => Source::Ids(ids),
-            _ => Source::Text(self.prompt),
+            _ => Source::Text { text: self.prompt, add_special_tokens: self.add_special_tokens.unwrap_or(true) },
         };
         Ok(Prompt { source, truncate: self.truncate_prompt_tokens })
     }
@@ -93,7 +102,7 @@ pub(super) struct Prompt {
 }
 
 enum Source {
-    Text(String),
+    Text { text: String, add_special_tokens: bool },
     Ids(Vec<u32>),
     Conversation { messages: Vec<Value>, continue_final: bool, kwargs: Kwargs },
 }
@@ -108,7 +117,7 @@ impl Prompt {
     /// The field the prompt came from, for errors about its length.
     pub fn field(&self) -> &'static str {
         match self.source {
-            Source::Text(_) => "prompt",
+            Source::Text { .. } => "prompt",
             Source::Ids(_) => "prompt_token_ids",
             Source::Conversation { .. } => "messages",
         }
@@ -125,6 +134,8 @@ impl Prompt {
     ) -> Result<Vec<u32>, Status> {
         let ready = state.ready.get().expect("a checked prompt means ready");
         let field = self.field();
+        // The ids the tokenizer puts before a raw text, which truncation keeps.
+        let mut prefix: &[u32] = &[];
         let mut ids = match self.source {
             Source::Ids(ids) => {
                 let vocab = ready.vocab;
@@ -134,10 +145,13 @@ impl Prompt {
                 }
                 ids
             }
-            Source::Text(text) => {
+            Source::Text { text, add_special_tokens } => {
+                if add_special_tokens {
+                    prefix = ready.tokenizer.text_prefix();
+                }
                 // Off the async workers (`encoders.rs`): a megabyte of prompt takes ~0.5 s to encode.
                 let tokenizer = ready.tokenizer.clone();
-                let encode = move || tokenizer.encode(&text);
+                let encode = move || tokenizer.encode_with(&text, add_special_tokens);
                 let encoded = ready.encoders.run(deadline, "encoding the prompt", encode).await?;
                 encoded.map_err(|e| invalid("prompt", e))?
             }
@@ -151,7 +165,6 @@ impl Prompt {
         if let Some(k) = self.truncate {
             // A raw text keeps the ids its tokenizer puts before it; ids given and conversations are cut as
             // they are.
-            let prefix = if field == "prompt" { ready.tokenizer.text_prefix() } else { &[] };
             truncate_prompt(&mut ids, k, prefix).map_err(|e| invalid("truncate_prompt_tokens", e))?;
         }
         if ids.is_empty() {

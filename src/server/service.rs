@@ -235,6 +235,7 @@ impl Service {
             continue_final_message: r.continue_final_message,
             chat_template_kwargs: std::mem::take(&mut r.chat_template_kwargs),
             truncate_prompt_tokens: r.truncate_prompt_tokens,
+            add_special_tokens: r.add_special_tokens,
         };
         input.check_form()?;
         // Each completion takes a place in the queue: more than it holds could never be accepted.

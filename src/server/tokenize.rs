@@ -1,5 +1,5 @@
 //! `Tokenize` and `Detokenize` (vLLM's `/tokenize` and `/detokenize`): a prompt's token ids exactly as
-//! `Generate` would run them (`prompt.rs`: the same checks, template, truncation and errors), without
+//! `Generate` would run them (`prompt.rs`: the same checks, template and truncation; no context check), without
 //! generating; and the text of token ids. Both run their tokenizer work on the encoder threads, within the
 //! call's deadline.
 
@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use tonic::Status;
 
-use super::deadline::not_past;
+use super::deadline::{not_past, within};
 use super::prompt::PromptInput;
 use super::proto;
 use super::service::{lease_adapter, Ready, ServiceState};
-use super::status::invalid;
+use super::status::{self, invalid};
 
 /// `Tokenize`.
 pub(super) async fn tokenize(
@@ -21,7 +21,6 @@ pub(super) async fn tokenize(
     r: proto::TokenizeRequest,
     deadline: Option<Instant>,
 ) -> Result<proto::TokenizeResponse, Status> {
-    not_past(deadline)?;
     let input = PromptInput {
         prompt: r.prompt,
         messages: r.messages,
@@ -29,36 +28,41 @@ pub(super) async fn tokenize(
         continue_final_message: r.continue_final_message,
         chat_template_kwargs: r.chat_template_kwargs,
         truncate_prompt_tokens: r.truncate_prompt_tokens,
+        add_special_tokens: r.add_special_tokens,
     };
     input.check_form()?;
     let prompt = input.check(ready)?;
-    // Leased as Generate leases it, for a raw prompt too (after encoding it, as Generate): an adapter Generate
-    // would refuse is refused here, and Tokenize then Generate loads it once. Not a request waiting to run:
-    // not counted as queued.
-    let lease = || async {
-        match r.adapter_id.as_str() {
-            "" => Ok(None),
-            id => lease_adapter(&ready.cache, id, deadline).await.map(Some),
+    not_past(deadline)?;
+    // A conversation renders with its adapter's template when it brings one: leased as Generate leases it.
+    // A raw text encodes the same with any adapter: its adapter is only looked up, not loaded (loading would
+    // take device cache room, or wait for it, for nothing).
+    let adapter = match r.adapter_id.as_str() {
+        "" => None,
+        id if prompt.is_conversation() => Some(lease_adapter(&ready.cache, id, deadline).await?),
+        id => {
+            look_up(ready, id, deadline).await?;
+            None
         }
     };
-    let (adapter, token_ids) = if prompt.is_conversation() {
-        let adapter = lease().await?;
-        let ids = prompt.ids(state, adapter.as_ref(), deadline).await?;
-        (adapter, ids)
-    } else {
-        let ids = prompt.ids(state, None, deadline).await?;
-        (lease().await?, ids)
-    };
+    let token_ids = prompt.ids(state, adapter.as_ref(), deadline).await?;
     let token_strs = match r.return_token_strs {
         false => Vec::new(),
-        true => token_ids
-            .iter()
-            .map(|&id| {
-                // Every id here came out of the tokenizer (or its template's text): it has a token.
-                let why = || Status::internal(format!("token {id} has no string in the tokenizer's vocabulary"));
-                ready.tokenizer.id_to_token(id).ok_or_else(why)
-            })
-            .collect::<Result<_, _>>()?,
+        true => {
+            // A string per token: off the async workers, as the encoding (a megabyte of prompt: up to a
+            // million tokens).
+            let (tokenizer, ids) = (ready.tokenizer.clone(), token_ids.clone());
+            let strings = move || {
+                ids.iter()
+                    .map(|&id| {
+                        // Every id here came out of the tokenizer (or its template's text): it has a token.
+                        let why =
+                            || Status::internal(format!("token {id} has no string in the tokenizer's vocabulary"));
+                        tokenizer.id_to_token(id).ok_or_else(why)
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            ready.encoders.run(deadline, "spelling the tokens", strings).await??
+        }
     };
     Ok(proto::TokenizeResponse {
         token_ids,
@@ -66,6 +70,21 @@ pub(super) async fn tokenize(
         token_strs,
         adapter_version: adapter.map(|a| a.version().to_string()).unwrap_or_default(),
     })
+}
+
+/// Checks that adapter `id` is there to lead to (NOT_FOUND otherwise), within `deadline`, off the async
+/// workers (a look at the file system, which may hang).
+async fn look_up(ready: &Ready, id: &str, deadline: Option<Instant>) -> Result<(), Status> {
+    let (store, owned) = (ready.cache.store().clone(), id.to_string());
+    let look = tokio::task::spawn_blocking(move || store.resolve(&owned));
+    let looked = match deadline {
+        Some(d) => within(d, look)
+            .await
+            .ok_or_else(|| Status::deadline_exceeded(format!("deadline exceeded looking up adapter `{id}`")))?,
+        None => look.await,
+    };
+    let found = looked.map_err(|e| Status::internal(format!("looking up adapter `{id}`: {e}")))?;
+    found.map(drop).map_err(|e| status::from_cache(e.into(), false))
 }
 
 /// `Detokenize`.
