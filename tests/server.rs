@@ -278,6 +278,9 @@ async fn requests_that_can_never_fit_are_failed_precondition() {
     let exact = |n| GenerateRequest { prompt_token_ids: vec![5; 40], ignore_eos: true, ..req("", "", n) };
     assert_eq!(c.generate(exact(17)).await.unwrap().into_inner().token_ids.len(), 17);
     assert_eq!(code_of(c.generate(exact(18)).await).await.0, Code::FailedPrecondition);
+    // Info says so: 40 + 17 is the most a request may ask for here (the context is 512).
+    let info = c.info(proto::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.max_total_tokens, info.max_model_len), (40 + 17, 512));
     h.shutdown();
     h.wait().await.unwrap();
     // Refused before the queue: not "retry later" when the queue is full, and never taking a place in it.
@@ -287,6 +290,54 @@ async fn requests_that_can_never_fit_are_failed_precondition() {
     let (code, msg) = code_of(c.generate(req("", "alpha", 200)).await).await;
     assert_eq!(code, Code::FailedPrecondition, "{msg}");
     assert_eq!(code_of(c.generate(req("", "alpha", 8)).await).await.0, Code::ResourceExhausted, "the queue is full");
+    h.shutdown();
+    h.wait().await.unwrap();
+}
+
+/// Info answers what the server was started with and what the model is (the fixture llama's config.json):
+/// the limits a client sizes its requests by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn info_says_what_the_server_runs_and_its_limits() {
+    let mut cfg = config(fixture("llama/adapters"));
+    (cfg.engine.queue_capacity, cfg.engine.prefix_caching) = (9, false);
+    let (h, mut c) = start(cfg).await;
+    let info = c.info(proto::InfoRequest {}).await.unwrap().into_inner();
+    let want = proto::InfoResponse {
+        version: env!("CARGO_PKG_VERSION").into(),
+        model_id: "model".into(),
+        model_type: "llama".into(),
+        quantization: "none".into(),
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        max_model_len: 512,
+        // 8 MiB of KV blocks hold more than the context.
+        max_total_tokens: 512,
+        vocab_size: 320,
+        eos_token_ids: vec![1],
+        max_new_tokens: 256,
+        max_n: 9,
+        max_queue: 9,
+        max_batch_size: 32,
+        max_stop_strings: 16,
+        max_stop_bytes: 256,
+        max_top_logprobs: 20,
+        max_request_bytes: 64 << 10,
+        chat_template: false,
+        prefix_caching: false,
+        adapter_cache_bytes: 64 << 20,
+        host_adapter_cache_bytes: 64 << 20,
+    };
+    assert_eq!(info, want);
+    // The limits it states are the ones requests meet.
+    let ask_n = |n| GenerateRequest { n: Some(n), ..req("", "alpha", 1) };
+    assert_eq!(code_of(c.generate(ask_n(info.max_n)).await).await.0, Code::Ok);
+    assert_eq!(code_of(c.generate(ask_n(info.max_n + 1)).await).await.0, Code::InvalidArgument);
+    let fill = |total: u32| GenerateRequest { prompt_token_ids: vec![5; 500], ..req("", "", total - 500) };
+    assert_eq!(code_of(c.generate(fill(info.max_total_tokens)).await).await.0, Code::Ok);
+    assert_eq!(code_of(c.generate(fill(info.max_total_tokens + 1)).await).await.0, Code::InvalidArgument);
+    let messages = vec![proto::ChatMessage { role: "user".into(), content: "hi".into() }];
+    let chat = c.generate(GenerateRequest { messages, ..req("", "", 1) }).await;
+    assert_eq!(code_of(chat).await.0, Code::FailedPrecondition, "no chat template, as Info says");
     h.shutdown();
     h.wait().await.unwrap();
 }
@@ -341,11 +392,12 @@ async fn api_keys_guard_the_service_but_not_health() {
     let mut r = tonic::Request::new(req("", &"x".repeat(70 << 10), 2));
     r.metadata_mut().insert("authorization", "Bearer secret-1".parse().unwrap());
     assert_eq!(code_of(c.generate(r).await).await.0, Code::OutOfRange);
-    // Tokenize and Detokenize are guarded too, and counted under their own names.
+    // Tokenize, Detokenize and Info are guarded too, and counted under their own names.
     let s = c.tokenize(proto::TokenizeRequest { prompt: "alpha".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated);
     let s = c.detokenize(proto::DetokenizeRequest { token_ids: vec![1], ..Default::default() }).await.unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated);
+    assert_eq!(c.info(proto::InfoRequest {}).await.unwrap_err().code(), Code::Unauthenticated);
     // Calls the handlers never saw are counted too (these codes come from this test only).
     tokio::time::sleep(Duration::from_millis(50)).await;
     let parsed = parse_prometheus(&common::metrics_text(h.metrics_addr).await);
@@ -354,7 +406,7 @@ async fn api_keys_guard_the_service_but_not_health() {
         parsed.samples.get(&key).copied().unwrap_or(0.0)
     };
     assert_eq!((total("UNAUTHENTICATED"), total("OUT_OF_RANGE")), (2.0, 1.0));
-    for rpc in ["Tokenize", "Detokenize"] {
+    for rpc in ["Tokenize", "Detokenize", "Info"] {
         let key = format!("{}{{code=\"UNAUTHENTICATED\",rpc=\"{rpc}\"}}", loraserve::telemetry::REQUESTS_TOTAL);
         assert_eq!(parsed.samples.get(&key), Some(&1.0), "{rpc}");
     }

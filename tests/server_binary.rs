@@ -107,6 +107,13 @@ fn sigterm_drains_and_exits_zero() {
     let text =
         run(&["client", "--addr", &addr, "detokenize", "--skip-special-tokens", "true", "--token-ids", ids.trim()]);
     assert_eq!(text, "cat moon fire\n\n");
+    // `client info`: the demo, as served here.
+    let info: serde_json::Value = serde_json::from_str(&run(&["client", "--addr", &addr, "info"])).unwrap();
+    assert_eq!(
+        (&info["model_id"], &info["max_model_len"], &info["vocab_size"]),
+        (&"demo".into(), &1024.into(), &259.into())
+    );
+    assert_eq!((&info["quantization"], &info["chat_template"]), (&"nf4".into(), &true.into()), "{info}");
     // Each token's string, quoted (a newline is a token); the text alone, without the BOS.
     let strs = run(&["client", "--addr", &addr, "tokenize", "--prompt", "a\n", "--token-strs"]);
     assert_eq!(strs, "0\t\"<s>\"\n100\t\"a\"\n13\t\"Ċ\"\n");

@@ -373,6 +373,8 @@ pub enum ClientCall {
         #[arg(long, value_name = "BOOL")]
         skip_special_tokens: Option<bool>,
     },
+    /// What the server runs and the limits a request meets, as JSON.
+    Info,
     /// List adapters and their cache status.
     List,
     /// Load an adapter into the cache.
@@ -463,6 +465,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
             ClientCall::Detokenize { token_ids, skip_special_tokens } => {
                 crate::server::client::detokenize(&target, token_ids, skip_special_tokens).await
             }
+            ClientCall::Info => crate::server::client::info(&target).await,
             ClientCall::List => crate::server::client::list(&target).await,
             ClientCall::Load { adapter } => crate::server::client::load(&target, &adapter).await,
             ClientCall::Unload { adapter } => crate::server::client::unload(&target, &adapter).await,

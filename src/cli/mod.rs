@@ -26,7 +26,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve gRPC: one base model, adapters from the adapters folder, Prometheus metrics.
     Serve(Box<ServeArgs>),
-    /// Talk to a running server (generate, tokenize, detokenize, list, load, unload).
+    /// Talk to a running server (generate, tokenize, detokenize, info, list, load, unload).
     Client(ClientArgs),
     /// Generate text for one prompt and print it.
     Generate(GenerateArgs),

@@ -119,6 +119,14 @@ impl Engine {
         Ok(())
     }
 
+    /// The most prompt tokens + `max_new_tokens` one request can ask for and still fit in the whole KV cache
+    /// ([`Engine::check_fits`]'s bound; the model's context may be smaller). The last generated token's keys
+    /// are never stored: one more than the positions the cache holds.
+    pub fn max_request_tokens(&self) -> usize {
+        let (geo, capacity) = self.kv;
+        capacity * geo.block_size + 1
+    }
+
     /// Hands a request to the engine; its events arrive on `req.events`.
     pub fn submit(&self, req: ValidRequest) -> Result<(), SubmitError> {
         self.submit_all(vec![req])

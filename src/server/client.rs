@@ -1,5 +1,5 @@
 //! `server client`: a small gRPC client for people without grpcurl — generate (unary or streaming),
-//! tokenize and detokenize, list, load and unload adapters, and a `grpc.health.v1` check (container health
+//! tokenize and detokenize, the server's info, list, load and unload adapters, and a `grpc.health.v1` check (container health
 //! checks and exec probes). It sends the API key as `authorization: Bearer` and the adapter id as the
 //! `x-adapter-id` header that adapter-affinity routers hash on.
 
@@ -447,4 +447,35 @@ pub async fn detokenize(t: &Target, token_ids: Vec<u32>, skip_special_tokens: Op
     let msg = proto::DetokenizeRequest { token_ids, skip_special_tokens };
     let r = client.detokenize(request(t, msg, None)?).await?.into_inner();
     to_stdout(format_args!("{}\n", r.text))
+}
+
+/// Prints the server's `Info` as JSON.
+pub async fn info(t: &Target) -> anyhow::Result<()> {
+    let mut client = connect(t).await?;
+    let i = client.info(request(t, proto::InfoRequest {}, None)?).await?.into_inner();
+    let out = serde_json::json!({
+        "version": i.version,
+        "model_id": i.model_id,
+        "model_type": i.model_type,
+        "quantization": i.quantization,
+        "dtype": i.dtype,
+        "device": i.device,
+        "max_model_len": i.max_model_len,
+        "max_total_tokens": i.max_total_tokens,
+        "vocab_size": i.vocab_size,
+        "eos_token_ids": i.eos_token_ids,
+        "max_new_tokens": i.max_new_tokens,
+        "max_n": i.max_n,
+        "max_queue": i.max_queue,
+        "max_batch_size": i.max_batch_size,
+        "max_stop_strings": i.max_stop_strings,
+        "max_stop_bytes": i.max_stop_bytes,
+        "max_top_logprobs": i.max_top_logprobs,
+        "max_request_bytes": i.max_request_bytes,
+        "chat_template": i.chat_template,
+        "prefix_caching": i.prefix_caching,
+        "adapter_cache_bytes": i.adapter_cache_bytes,
+        "host_adapter_cache_bytes": i.host_adapter_cache_bytes,
+    });
+    to_stdout(format_args!("{out:#}\n"))
 }

@@ -46,8 +46,16 @@ impl HandlerSeen {
 
 /// The method label of a request path (`/loraserve.v1.LoraServe/Generate` → `Generate`).
 fn rpc_label(path: &str) -> &'static str {
-    const RPCS: [&str; 7] =
-        ["Generate", "GenerateStream", "ListAdapters", "LoadAdapter", "UnloadAdapter", "Tokenize", "Detokenize"];
+    const RPCS: [&str; 8] = [
+        "Generate",
+        "GenerateStream",
+        "ListAdapters",
+        "LoadAdapter",
+        "UnloadAdapter",
+        "Tokenize",
+        "Detokenize",
+        "Info",
+    ];
     let method = path.rsplit('/').next().unwrap_or_default();
     RPCS.into_iter().find(|r| *r == method).unwrap_or("unknown")
 }

@@ -282,6 +282,7 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
         }
         Err(e) => tracing::info!(reason = %e, "requests with messages will be refused"),
     }
+    let family = loaded.model.config().family.as_str();
     let tokenizer = Arc::new(loaded.tokenizer);
     let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine).map_err(model::ModelError::from)?;
     let guides = Arc::new(crate::engine::structured::Guides::new(tokenizer.clone()));
@@ -289,7 +290,70 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let compiles = Arc::new(tokio::sync::Semaphore::new(cores));
     let encoders = encoders::Encoders::new(cores).map_err(ServerError::Io)?;
-    Ok(Ready { engine, tokenizer, chat, cache, context, vocab, eos, defaults, guides, renderer, compiles, encoders })
+    let info = info_of(cfg, &engine, chat.is_ok(), family, context, vocab, &eos);
+    Ok(Ready {
+        engine,
+        tokenizer,
+        chat,
+        cache,
+        context,
+        vocab,
+        eos,
+        defaults,
+        guides,
+        renderer,
+        compiles,
+        encoders,
+        info,
+    })
+}
+
+/// The `Info` RPC's answer: what the server runs and the limits a request meets.
+fn info_of(
+    cfg: &ServeConfig,
+    engine: &Engine,
+    chat: bool,
+    family: &str,
+    context: usize,
+    vocab: usize,
+    eos: &[u32],
+) -> proto::InfoResponse {
+    let as_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let queue = engine.config().queue_capacity;
+    proto::InfoResponse {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        // A folder's name, not its path: the server's file system is not the client's business.
+        model_id: match &cfg.model {
+            ModelSpec::Dir(dir) => {
+                dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into())
+            }
+            spec => spec.to_string(),
+        },
+        model_type: family.to_string(),
+        quantization: match cfg.load.quant {
+            crate::quant::QuantMode::Nf4 => "nf4",
+            crate::quant::QuantMode::None => "none",
+        }
+        .to_string(),
+        dtype: cfg.load.dtype.as_str().to_string(),
+        device: if cfg.load.device.is_cuda() { "cuda" } else { "cpu" }.to_string(),
+        max_model_len: as_u32(context),
+        max_total_tokens: as_u32(context.min(engine.max_request_tokens())),
+        vocab_size: as_u32(vocab),
+        eos_token_ids: eos.to_vec(),
+        max_new_tokens: cfg.limits.max_new_tokens_cap,
+        max_n: completions::MAX_N.min(as_u32(queue)),
+        max_queue: as_u32(queue),
+        max_batch_size: as_u32(engine.config().max_batch_rows),
+        max_stop_strings: as_u32(cfg.limits.max_stop_strings),
+        max_stop_bytes: as_u32(cfg.limits.max_stop_bytes),
+        max_top_logprobs: service::MAX_TOP_LOGPROBS,
+        max_request_bytes: cfg.max_request_bytes as u64,
+        chat_template: chat,
+        prefix_caching: engine.config().prefix_caching,
+        adapter_cache_bytes: cfg.cache.device_bytes as u64,
+        host_adapter_cache_bytes: cfg.cache.host_bytes as u64,
+    }
 }
 
 /// Starts serving gRPC on `grpc` and `/metrics` on `metrics`.

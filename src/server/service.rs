@@ -65,6 +65,8 @@ pub struct Ready {
     pub compiles: Arc<tokio::sync::Semaphore>,
     /// Where request text (prompts, rendered conversations) is encoded: threads of their own, one a core.
     pub encoders: super::encoders::Encoders,
+    /// The `Info` RPC's answer.
+    pub info: proto::InfoResponse,
 }
 
 /// Shared by the service and the server's lifecycle.
@@ -413,7 +415,7 @@ pub(super) async fn lease_adapter(
 
 /// The most `top_logprobs` (and `prompt_logprobs`) a request may ask for (OpenAI's limit, vLLM's default
 /// `max_logprobs`).
-const MAX_TOP_LOGPROBS: u32 = 20;
+pub(super) const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// The most `stop_token_ids` a request may give.
 const MAX_STOP_TOKEN_IDS: usize = 64;
@@ -594,6 +596,11 @@ impl LoraServe for Service {
             tokenize::tokenize(&self.state, ready, req.into_inner(), deadline).await
         })
         .await
+    }
+
+    async fn info(&self, req: Request<proto::InfoRequest>) -> Result<Response<proto::InfoResponse>, Status> {
+        HandlerSeen::mark(&req);
+        counted("Info", self.ready().map(|ready| Response::new(ready.info.clone())))
     }
 
     async fn detokenize(
