@@ -277,7 +277,15 @@ async fn a_model_without_a_usable_template_refuses_messages() {
         let s = c.generate(GenerateRequest { messages: chat(&[("", "Hi")]), ..req("", "", 4) }).await.unwrap_err();
         assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, "messages[0].role: is empty"));
         assert_eq!(c.generate(req("", "Hello", 3)).await.unwrap().into_inner().token_ids.len(), 3);
+        // Info says so (the one that compiles too: it fails on every conversation).
+        let info = c.info(loraserve::server::proto::InfoRequest {}).await.unwrap().into_inner();
+        assert!(!info.chat_template, "{words}");
     }
+    // And says a usable one is.
+    let mut cfg = config(fixture("llama/adapters"));
+    cfg.model = loraserve::model::ModelSpec::Dir(llama_with_template(tmp.path(), "{{ messages[0].content }}"));
+    let (_h, mut c) = start(cfg).await;
+    assert!(c.info(loraserve::server::proto::InfoRequest {}).await.unwrap().into_inner().chat_template);
 }
 
 /// A tokenizer with tokens the model has no embedding for (a fine-tune that added tokens without resizing the

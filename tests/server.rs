@@ -170,7 +170,6 @@ async fn every_status_code_of_the_contract() {
     assert_eq!(ok.0, Code::Ok);
     for (r, field) in [
         (req("", "", 4), "prompt"),
-        (req("", "alpha", 0), "max_new_tokens"),
         (req("", "alpha", 257), "max_new_tokens"),
         (GenerateRequest { temperature: Some(-1.0), ..req("", "alpha", 4) }, "temperature"),
         (GenerateRequest { top_p: Some(1.5), ..req("", "alpha", 4) }, "top_p"),
@@ -281,6 +280,8 @@ async fn requests_that_can_never_fit_are_failed_precondition() {
     // Info says so: 40 + 17 is the most a request may ask for here (the context is 512).
     let info = c.info(proto::InfoRequest {}).await.unwrap().into_inner();
     assert_eq!((info.max_total_tokens, info.max_model_len), (40 + 17, 512));
+    // max_new_tokens 0 asks for as many as fit: here, what the KV cache holds.
+    assert_eq!(c.generate(exact(0)).await.unwrap().into_inner().token_ids.len(), 17);
     h.shutdown();
     h.wait().await.unwrap();
     // Refused before the queue: not "retry later" when the queue is full, and never taking a place in it.
@@ -326,6 +327,9 @@ async fn info_says_what_the_server_runs_and_its_limits() {
         prefix_caching: false,
         adapter_cache_bytes: 64 << 20,
         host_adapter_cache_bytes: 64 << 20,
+        max_stop_token_ids: 64,
+        max_bad_words: 64,
+        max_bad_word_bytes: 256,
     };
     assert_eq!(info, want);
     // The limits it states are the ones requests meet.
@@ -335,6 +339,15 @@ async fn info_says_what_the_server_runs_and_its_limits() {
     let fill = |total: u32| GenerateRequest { prompt_token_ids: vec![5; 500], ..req("", "", total - 500) };
     assert_eq!(code_of(c.generate(fill(info.max_total_tokens)).await).await.0, Code::Ok);
     assert_eq!(code_of(c.generate(fill(info.max_total_tokens + 1)).await).await.0, Code::InvalidArgument);
+    // max_new_tokens 0: as many as fit, the cap (256) or the context's room, none at all refused.
+    let fit = |prompt: usize| GenerateRequest { prompt_token_ids: vec![5; prompt], ignore_eos: true, ..req("", "", 0) };
+    for (prompt, new) in [(2, 256), (500, 12)] {
+        assert_eq!(c.generate(fit(prompt)).await.unwrap().into_inner().token_ids.len(), new, "{prompt}");
+    }
+    let s = c.generate(fit(512)).await.unwrap_err();
+    let words =
+        "prompt_token_ids: 512 prompt tokens leave no room for a new token (a request holds at most 512 tokens)";
+    assert_eq!((s.code(), s.message()), (Code::InvalidArgument, words));
     let messages = vec![proto::ChatMessage { role: "user".into(), content: "hi".into() }];
     let chat = c.generate(GenerateRequest { messages, ..req("", "", 1) }).await;
     assert_eq!(code_of(chat).await.0, Code::FailedPrecondition, "no chat template, as Info says");

@@ -76,7 +76,7 @@ pub struct SamplingArgs {
 /// What to continue: raw text or a conversation (shared by `generate` and `client generate`).
 #[derive(Args, Debug, Clone)]
 pub struct PromptArgs {
-    /// The prompt (encoded with the tokenizer's special tokens, e.g. BOS).
+    /// The prompt (encoded with the tokenizer's special tokens, e.g. BOS, unless --add-special-tokens false).
     #[arg(long, required_unless_present_any = ["messages", "prompt_token_ids"], conflicts_with_all = ["messages", "prompt_token_ids"])]
     pub prompt: Option<String>,
     /// The prompt as token ids, run as they are (comma-separated: --prompt-token-ids 1,415,2502), instead of
@@ -93,8 +93,8 @@ pub struct PromptArgs {
     #[arg(long, requires = "messages", conflicts_with = "prompt")]
     pub continue_final_message: bool,
     /// At most N prompt tokens, as vLLM's truncate_prompt_tokens cuts a longer prompt: --prompt keeps its BOS
-    /// and its text's last tokens, --message turns their last tokens. At least 1 (with --prompt, more than the
-    /// tokens its tokenizer puts first: 2 with a BOS).
+    /// (unless --add-special-tokens false) and its text's last tokens, --message turns their last tokens. At
+    /// least 1 (with --prompt and its BOS, more than the tokens its tokenizer puts first: 2).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub truncate_prompt_tokens: Option<u32>,
     /// A JSON object of more chat template variables (vLLM's chat_template_kwargs), e.g.
@@ -355,8 +355,8 @@ pub enum ClientCall {
         adapter: String,
         #[command(flatten)]
         input: PromptArgs,
-        /// Also each token's string in the vocabulary: one `id<TAB>"string"` line per token (quoted and
-        /// escaped, e.g. `15043<TAB>"▁Hello"`).
+        /// Also each token's string in the vocabulary: one `id<TAB>"string"` line per token (a JSON string,
+        /// e.g. `15043<TAB>"▁Hello"`).
         #[arg(long)]
         token_strs: bool,
         /// Print the response as JSON ("token_ids", "count", "max_model_len", "adapter_version", and

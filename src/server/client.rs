@@ -405,7 +405,7 @@ pub struct TokenizeCall {
 }
 
 /// Prints the ids comma-separated (as `--prompt-token-ids` takes them), or one `id<TAB>"string"` line per
-/// token with `token_strs` (quoted and escaped: a token may be a newline), or JSON.
+/// token with `token_strs` (a JSON string: a token may be a newline), or JSON.
 pub async fn tokenize(t: &Target, call: TokenizeCall, json: bool) -> anyhow::Result<()> {
     let mut client = connect(t).await?;
     let msg = proto::TokenizeRequest {
@@ -433,7 +433,7 @@ pub async fn tokenize(t: &Target, call: TokenizeCall, json: bool) -> anyhow::Res
     }
     if call.token_strs {
         for (id, s) in r.token_ids.iter().zip(&r.token_strs) {
-            to_stdout(format_args!("{id}\t{s:?}\n"))?;
+            to_stdout(format_args!("{id}\t{}\n", serde_json::Value::from(s.as_str())))?;
         }
         return Ok(());
     }
@@ -476,6 +476,9 @@ pub async fn info(t: &Target) -> anyhow::Result<()> {
         "prefix_caching": i.prefix_caching,
         "adapter_cache_bytes": i.adapter_cache_bytes,
         "host_adapter_cache_bytes": i.host_adapter_cache_bytes,
+        "max_stop_token_ids": i.max_stop_token_ids,
+        "max_bad_words": i.max_bad_words,
+        "max_bad_word_bytes": i.max_bad_word_bytes,
     });
     to_stdout(format_args!("{out:#}\n"))
 }

@@ -11,9 +11,10 @@
 //! - [`codec`]: undecodable messages → INVALID_ARGUMENT; [`auth`]: API keys; [`metrics_http`]: `/metrics`.
 //! - [`client`]: the small client behind `server client`.
 //! - Private: `counting.rs` (calls no handler saw, tonic's decoding faults restated), `deadline.rs`
-//!   (`grpc-timeout`), `encoders.rs` (the threads that encode request text), `conversation.rs` and [`render`] (chat templates), `listen.rs` (the accepted sockets),
-//!   `arrival.rs` (when a call came), `grpc_only.rs` (HTTP requests that are no gRPC call),
-//!   `health.rs` (`grpc.health.v1`).
+//!   (`grpc-timeout`), `encoders.rs` (the threads that encode request text), `prompt.rs` (a request's prompt
+//!   into token ids, for Generate and Tokenize), `tokenize.rs` (Tokenize, Detokenize), `conversation.rs` and
+//!   [`render`] (chat templates), `listen.rs` (the accepted sockets), `arrival.rs` (when a call came),
+//!   `grpc_only.rs` (HTTP requests that are no gRPC call), `health.rs` (`grpc.health.v1`).
 
 mod arrival;
 pub mod auth;
@@ -264,24 +265,33 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
         tracing::info!(?defaults, "sampling defaults from generation_config.json for requests that leave them unset");
     }
     let chat = model::ChatTemplate::new(&loaded.tokenizer);
-    match &chat {
-        // A template that cannot render one user turn fails in our environment, not on a conversation (a
-        // directive or filter minijinja lacks): said now, not first in a request's error.
+    // Whether `messages` can render (what Info says): a template that cannot render one user turn fails in our
+    // environment, not on a conversation (a directive or filter minijinja lacks), and is said now, not first in
+    // a request's error.
+    let chat_usable = match &chat {
         Ok(chat) => {
             match chat.render(&[serde_json::json!({"role": "user", "content": "Hello"})], true, &Default::default()) {
                 Err(model::ChatError::Render(e) | model::ChatError::Unavailable(e))
                     if !e.starts_with(model::chat::REFUSED) =>
                 {
-                    tracing::warn!(reason = %e, "the chat template fails on a one-turn conversation: requests with messages will likely be refused")
+                    tracing::warn!(reason = %e, "the chat template fails on a one-turn conversation: requests with messages will likely be refused");
+                    false
                 }
-                _ => tracing::info!("chat template loaded: requests may give messages"),
+                _ => {
+                    tracing::info!("chat template loaded: requests may give messages");
+                    true
+                }
             }
         }
         Err(e) if loaded.tokenizer.chat.template.is_some() => {
-            tracing::warn!(reason = %e, "requests with messages will be refused")
+            tracing::warn!(reason = %e, "requests with messages will be refused");
+            false
         }
-        Err(e) => tracing::info!(reason = %e, "requests with messages will be refused"),
-    }
+        Err(e) => {
+            tracing::info!(reason = %e, "requests with messages will be refused");
+            false
+        }
+    };
     let family = loaded.model.config().family.as_str();
     let tokenizer = Arc::new(loaded.tokenizer);
     let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine).map_err(model::ModelError::from)?;
@@ -290,7 +300,7 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let compiles = Arc::new(tokio::sync::Semaphore::new(cores));
     let encoders = encoders::Encoders::new(cores).map_err(ServerError::Io)?;
-    let info = info_of(cfg, &engine, chat.is_ok(), family, context, vocab, &eos);
+    let info = info_of(cfg, &engine, chat_usable, family, context, vocab, &eos);
     Ok(Ready {
         engine,
         tokenizer,
@@ -306,6 +316,20 @@ fn load(cfg: &ServeConfig) -> Result<Ready, ServerError> {
         encoders,
         info,
     })
+}
+
+/// A model folder's id for clients: its name, never its path (the server's file system is not the client's
+/// business); a Hugging Face cache snapshot (`models--org--name/snapshots/<sha>`) as `org/name`.
+fn model_id_of(dir: &std::path::Path) -> String {
+    // `.`, `a/..`: the folder they name (loaded, so it resolves).
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let name = |p: &std::path::Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let parent = dir.parent();
+    let snapshot = parent.filter(|p| name(p).as_deref() == Some("snapshots")).and_then(|p| p.parent()).and_then(name);
+    if let Some(repo) = snapshot.as_deref().and_then(|r| r.strip_prefix("models--")) {
+        return repo.replacen("--", "/", 1);
+    }
+    name(&dir).unwrap_or_default()
 }
 
 /// The `Info` RPC's answer: what the server runs and the limits a request meets.
@@ -324,9 +348,7 @@ fn info_of(
         version: env!("CARGO_PKG_VERSION").to_string(),
         // A folder's name, not its path: the server's file system is not the client's business.
         model_id: match &cfg.model {
-            ModelSpec::Dir(dir) => {
-                dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into())
-            }
+            ModelSpec::Dir(dir) => model_id_of(dir),
             spec => spec.to_string(),
         },
         model_type: family.to_string(),
@@ -348,6 +370,9 @@ fn info_of(
         max_stop_strings: as_u32(cfg.limits.max_stop_strings),
         max_stop_bytes: as_u32(cfg.limits.max_stop_bytes),
         max_top_logprobs: service::MAX_TOP_LOGPROBS,
+        max_stop_token_ids: as_u32(service::MAX_STOP_TOKEN_IDS),
+        max_bad_words: as_u32(crate::engine::bad_words::MAX_BAD_WORDS),
+        max_bad_word_bytes: as_u32(crate::engine::bad_words::MAX_BAD_WORD_BYTES),
         max_request_bytes: cfg.max_request_bytes as u64,
         chat_template: chat,
         prefix_caching: engine.config().prefix_caching,
@@ -559,5 +584,18 @@ mod tests {
             h.shutdown();
             h.wait().await.unwrap();
         });
+    }
+
+    #[test]
+    fn a_model_id_is_a_folder_name_never_a_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let snapshot =
+            tmp.path().join("models--meta-llama--Llama-3.2-1B/snapshots/4e20de362430cd3b72f300e6b0f18e50e7166e08");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        assert_eq!(model_id_of(&snapshot), "meta-llama/Llama-3.2-1B");
+        let plain = tmp.path().join("my-model");
+        std::fs::create_dir_all(plain.join("sub")).unwrap();
+        assert_eq!(model_id_of(&plain), "my-model");
+        assert_eq!(model_id_of(&plain.join("sub/..")), "my-model");
     }
 }

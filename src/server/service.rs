@@ -253,11 +253,10 @@ impl Service {
             }
             Some(n) => n as usize,
         };
-        if r.max_new_tokens == 0 || r.max_new_tokens > limits.max_new_tokens_cap {
-            return Err(invalid(
-                "max_new_tokens",
-                format!("must be in 1..={}, got {}", limits.max_new_tokens_cap, r.max_new_tokens),
-            ));
+        let cap = limits.max_new_tokens_cap;
+        if r.max_new_tokens > cap {
+            let why = format!("must be at most {cap} (or 0: as many as fit), got {}", r.max_new_tokens);
+            return Err(invalid("max_new_tokens", why));
         }
         // What the request leaves unset, the model's generation_config.json may set (vLLM's defaults).
         let given = GenerationDefaults {
@@ -285,7 +284,9 @@ impl Service {
         }
         .with(given.or(ready.defaults));
         sampling.validate().map_err(Status::invalid_argument)?;
-        sampling.validate_lengths(r.max_new_tokens as usize).map_err(Status::invalid_argument)?;
+        if r.max_new_tokens > 0 {
+            sampling.validate_lengths(r.max_new_tokens as usize).map_err(Status::invalid_argument)?;
+        }
         if r.top_logprobs > MAX_TOP_LOGPROBS {
             return Err(invalid("top_logprobs", format!("must be in 0..={MAX_TOP_LOGPROBS}, got {}", r.top_logprobs)));
         }
@@ -327,20 +328,38 @@ impl Service {
         }
         let field = prompt.field();
         let prompt_ids = prompt.ids(&self.state, adapter.as_ref(), deadline).await?;
-        let total = prompt_ids.len() + r.max_new_tokens as usize;
+        let max_new_tokens = match r.max_new_tokens {
+            // Unset: as many as fit (vLLM's default `max_tokens`), in the context and in the KV cache, up to the
+            // cap.
+            0 => {
+                let fits = ready.context.min(ready.engine.max_request_tokens());
+                let room = fits.saturating_sub(prompt_ids.len()).min(cap as usize);
+                if room == 0 {
+                    let why = format!(
+                        "{} prompt tokens leave no room for a new token (a request holds at most {fits} tokens)",
+                        prompt_ids.len()
+                    );
+                    return Err(invalid(field, why));
+                }
+                sampling.validate_lengths(room).map_err(Status::invalid_argument)?;
+                room
+            }
+            n => n as usize,
+        };
+        let total = prompt_ids.len() + max_new_tokens;
         if total > ready.context {
             return Err(invalid(
                 field,
                 format!(
                     "{} prompt tokens + max_new_tokens {} exceed the model's context of {} positions",
                     prompt_ids.len(),
-                    r.max_new_tokens,
+                    max_new_tokens,
                     ready.context
                 ),
             ));
         }
         // What can never run is refused before its adapter is loaded (or waited for).
-        ready.engine.check_fits(prompt_ids.len(), r.max_new_tokens as usize).map_err(status::from_submit)?;
+        ready.engine.check_fits(prompt_ids.len(), max_new_tokens).map_err(status::from_submit)?;
         if !leased_first {
             adapter = lease_request_adapter(ready, &r.adapter_id, deadline).await?;
         }
@@ -349,7 +368,7 @@ impl Service {
         let (tx, rx) = mpsc::unbounded_channel();
         let first = ValidRequest {
             prompt_ids,
-            max_new_tokens: r.max_new_tokens as usize,
+            max_new_tokens,
             sampling,
             stop: r.stop,
             include_stop_str_in_output: r.include_stop_str_in_output,
@@ -418,7 +437,7 @@ pub(super) async fn lease_adapter(
 pub(super) const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// The most `stop_token_ids` a request may give.
-const MAX_STOP_TOKEN_IDS: usize = 64;
+pub(super) const MAX_STOP_TOKEN_IDS: usize = 64;
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateResponse, Status>> + Send>>;
 
