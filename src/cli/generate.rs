@@ -303,6 +303,8 @@ pub enum ClientCall {
         adapter: String,
         #[command(flatten)]
         input: PromptArgs,
+        /// Tokens to generate at most; 0 asks for as many as fit (the server's cap, or the room the prompt
+        /// leaves in the context and the KV cache).
         #[arg(long, default_value_t = 64)]
         max_new_tokens: u32,
         #[command(flatten)]
