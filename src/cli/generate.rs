@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use super::{to_stdout, ModelArgs};
 use crate::engine::structured::{Constraint, Guide};
 use crate::engine::{self, GenerateJob, SamplingParams};
-use crate::model::chat::AdapterTemplate;
+use crate::model::chat::{AdapterTemplate, PromptEnd};
 use crate::model::GenerationDefaults;
 
 /// Sampling flags shared by `generate` and `client generate` (the server takes them per request). Negative
@@ -101,6 +101,10 @@ pub struct PromptArgs {
     /// '{"enable_thinking": false}'. Each must be one the template reads.
     #[arg(long, value_name = "JSON", requires = "messages", conflicts_with = "prompt", value_parser = crate::model::chat::parse_kwargs)]
     pub chat_template_kwargs: Option<crate::model::chat::Kwargs>,
+    /// `false` renders --message turns as they are, without the template's generation prompt (a new assistant
+    /// turn; transformers' and vLLM's add_generation_prompt). Default true, unless --continue-final-message.
+    #[arg(long, value_name = "BOOL")]
+    pub add_generation_prompt: Option<bool>,
     /// `false` encodes --prompt without the tokenizer's special tokens (its BOS): for a prompt that writes
     /// them itself (vLLM's add_special_tokens). Default true.
     #[arg(long, value_name = "BOOL")]
@@ -119,6 +123,12 @@ impl PromptArgs {
     /// The conversation flags need a conversation (clap's `requires` does not see a `--prompt-token-ids`
     /// given instead).
     fn check(&self) -> Result<()> {
+        if self.add_generation_prompt.is_some() && self.messages.is_empty() {
+            bail!("--add-generation-prompt needs --message (a conversation)");
+        }
+        if self.add_generation_prompt == Some(true) && self.continue_final_message {
+            bail!("--add-generation-prompt true with --continue-final-message: a final message continued has no generation prompt after it");
+        }
         if self.add_special_tokens.is_some() && self.prompt.is_none() {
             bail!("--add-special-tokens applies to --prompt (a conversation's special tokens are its chat template's, ids run as given)");
         }
@@ -166,7 +176,13 @@ impl PromptArgs {
                     .iter()
                     .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
                     .collect();
-                (chat.prompt_ids(tok, &list, self.continue_final_message, &kwargs).context("--message")?, &[][..])
+                let end = match (self.continue_final_message, self.add_generation_prompt) {
+                    (true, _) => PromptEnd::ContinueFinal,
+                    (false, Some(false)) => PromptEnd::AsIs,
+                    (false, _) => PromptEnd::GenerationPrompt,
+                };
+                let text = chat.render_conversation(&list, end, &kwargs).context("--message")?;
+                (chat.prompt_ids_of(tok, &text).context("--message")?, &[][..])
             }
         };
         if let Some(k) = self.truncate_prompt_tokens {
@@ -429,6 +445,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     messages: input.messages,
                     truncate_prompt_tokens: input.truncate_prompt_tokens,
                     add_special_tokens: input.add_special_tokens,
+                    add_generation_prompt: input.add_generation_prompt,
                     continue_final_message: input.continue_final_message,
                     chat_template_kwargs: input.chat_template_kwargs,
                     include_stop_str_in_output,
@@ -460,6 +477,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     chat_template_kwargs: input.chat_template_kwargs,
                     truncate_prompt_tokens: input.truncate_prompt_tokens,
                     add_special_tokens: input.add_special_tokens,
+                    add_generation_prompt: input.add_generation_prompt,
                     token_strs,
                 };
                 crate::server::client::tokenize(&target, call, json).await

@@ -49,6 +49,8 @@ pub struct GenerateCall {
     pub truncate_prompt_tokens: Option<u32>,
     /// Encode `prompt` with the tokenizer's special tokens (unset: the server's default, true).
     pub add_special_tokens: Option<bool>,
+    /// End `messages` with the generation prompt (unset: the server's default).
+    pub add_generation_prompt: Option<bool>,
     /// Continue the final message of `messages` instead of starting a new assistant turn.
     pub continue_final_message: bool,
     /// More chat template variables, with `messages`.
@@ -171,6 +173,7 @@ impl GenerateCall {
             bad_words: self.bad_words.clone(),
             truncate_prompt_tokens: self.truncate_prompt_tokens,
             add_special_tokens: self.add_special_tokens,
+            add_generation_prompt: self.add_generation_prompt,
             continue_final_message: self.continue_final_message,
             repetition_penalty: self.given.repetition_penalty,
             frequency_penalty: s.frequency_penalty,
@@ -401,6 +404,7 @@ pub struct TokenizeCall {
     pub chat_template_kwargs: Option<crate::model::chat::Kwargs>,
     pub truncate_prompt_tokens: Option<u32>,
     pub add_special_tokens: Option<bool>,
+    pub add_generation_prompt: Option<bool>,
     pub token_strs: bool,
 }
 
@@ -417,6 +421,7 @@ pub async fn tokenize(t: &Target, call: TokenizeCall, json: bool) -> anyhow::Res
         truncate_prompt_tokens: call.truncate_prompt_tokens,
         return_token_strs: call.token_strs,
         add_special_tokens: call.add_special_tokens,
+        add_generation_prompt: call.add_generation_prompt,
     };
     let r = client.tokenize(request(t, msg, Some(&call.adapter_id))?).await?.into_inner();
     if json {

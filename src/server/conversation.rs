@@ -12,7 +12,7 @@ use super::proto;
 use super::render::RenderFailure;
 use super::service::{Ready, ServiceState};
 use super::status::invalid;
-use crate::model::chat::{parse_kwargs, AdapterTemplate, Kwargs};
+use crate::model::chat::{parse_kwargs, AdapterTemplate, Kwargs, PromptEnd};
 use crate::model::{ChatError, ChatTemplate};
 
 /// A request's `messages` as the `{"role", "content"}` objects templates read; an empty role is refused
@@ -29,21 +29,21 @@ pub(super) fn message_list(messages: &[proto::ChatMessage]) -> Result<Vec<Value>
 }
 
 /// The prompt of a conversation ([`message_list`]): the adapter's chat template (when it brings one) or the
-/// server's renders it, with its generation prompt or the final message continued, in a rendering worker
-/// ([`super::render`]) by `deadline`; the text is encoded on an encoder thread (`encoders.rs`; a template may
-/// write 64 MiB).
+/// server's renders it, ending as `end` says (its generation prompt, the final message continued, or as it
+/// is), in a rendering worker ([`super::render`]) by `deadline`; the text is encoded on an encoder thread
+/// (`encoders.rs`; a template may write 64 MiB).
 pub(super) async fn conversation_ids(
     state: &Arc<ServiceState>,
     adapter: Option<Arc<AdapterTemplate>>,
     list: Vec<Value>,
-    continue_final: bool,
+    end: PromptEnd,
     kwargs: Kwargs,
     deadline: Option<Instant>,
 ) -> Result<Vec<u32>, Status> {
     let ready = state.ready.get().expect("admitting requests means ready");
     let chat = template_of(ready, adapter.as_deref())?;
     chat.check_kwargs(&kwargs).map_err(|e| invalid("chat_template_kwargs", e))?;
-    let text = ready.renderer.render(chat, list, continue_final, kwargs, deadline).await.map_err(|e| match e {
+    let text = ready.renderer.render(chat, list, end, kwargs, deadline).await.map_err(|e| match e {
         RenderFailure::Deadline => Status::deadline_exceeded("deadline exceeded rendering the conversation"),
         RenderFailure::Chat(e) => chat_status(e),
     })?;

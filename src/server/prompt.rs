@@ -15,7 +15,7 @@ use super::service::{Ready, ServiceState};
 use super::status::invalid;
 use crate::engine::truncate_prompt;
 use crate::lora::cache::AdapterLease;
-use crate::model::chat::Kwargs;
+use crate::model::chat::{Kwargs, PromptEnd};
 
 /// A request's prompt fields, as it gave them.
 pub(super) struct PromptInput {
@@ -28,6 +28,9 @@ pub(super) struct PromptInput {
     pub truncate_prompt_tokens: Option<u32>,
     /// Whether `prompt` is encoded with the tokenizer's special tokens; unset = yes.
     pub add_special_tokens: Option<bool>,
+    /// Whether `messages` end with the template's generation prompt; unset = yes, unless the final message is
+    /// continued.
+    pub add_generation_prompt: Option<bool>,
 }
 
 impl PromptInput {
@@ -62,6 +65,19 @@ impl PromptInput {
                 "needs messages (a conversation whose final message to continue)",
             ));
         }
+        let end = match (self.add_generation_prompt, self.continue_final_message) {
+            (Some(_), _) if self.messages.is_empty() => {
+                return Err(invalid("add_generation_prompt", "needs messages (a conversation to render)"))
+            }
+            (Some(true), true) => {
+                let why =
+                    "true with continue_final_message: a final message continued has no generation prompt after it";
+                return Err(invalid("add_generation_prompt", why));
+            }
+            (_, true) => PromptEnd::ContinueFinal,
+            (Some(false), false) => PromptEnd::AsIs,
+            (_, false) => PromptEnd::GenerationPrompt,
+        };
         let kwargs = match self.chat_template_kwargs.as_str() {
             "" => Kwargs::new(),
             _ if self.messages.is_empty() => {
@@ -85,9 +101,7 @@ impl PromptInput {
             ));
         }
         let source = match self.token_ids {
-            _ if !messages.is_empty() => {
-                Source::Conversation { messages, continue_final: self.continue_final_message, kwargs }
-            }
+            _ if !messages.is_empty() => Source::Conversation { messages, end, kwargs },
             Some(ids) if !ids.is_empty() => Source::Ids(ids),
             _ => Source::Text { text: self.prompt, add_special_tokens: self.add_special_tokens.unwrap_or(true) },
         };
@@ -104,7 +118,7 @@ pub(super) struct Prompt {
 enum Source {
     Text { text: String, add_special_tokens: bool },
     Ids(Vec<u32>),
-    Conversation { messages: Vec<Value>, continue_final: bool, kwargs: Kwargs },
+    Conversation { messages: Vec<Value>, end: PromptEnd, kwargs: Kwargs },
 }
 
 impl Prompt {
@@ -155,11 +169,11 @@ impl Prompt {
                 let encoded = ready.encoders.run(deadline, "encoding the prompt", encode).await?;
                 encoded.map_err(|e| invalid("prompt", e))?
             }
-            Source::Conversation { messages, continue_final, kwargs } => {
+            Source::Conversation { messages, end, kwargs } => {
                 // A chat template is a program (an adapter's may come from anyone): it renders in a worker
                 // process, within the request's deadline (`render.rs`).
                 let template = adapter.and_then(|a| a.weights().template.clone());
-                conversation_ids(state, template, messages, continue_final, kwargs, deadline).await?
+                conversation_ids(state, template, messages, end, kwargs, deadline).await?
             }
         };
         if let Some(k) = self.truncate {

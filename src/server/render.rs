@@ -25,7 +25,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::model::chat::{Kwargs, TemplateSources, RENDER_MAX_BYTES};
+use crate::model::chat::{Kwargs, PromptEnd, TemplateSources, RENDER_MAX_BYTES};
 use crate::model::{ChatError, ChatTemplate};
 
 /// The longest a rendering may take when its request has no deadline: far past the fuel's (50M instructions
@@ -47,11 +47,11 @@ const WORKER_TEMPLATES: usize = 32;
 struct Job {
     template: TemplateSources,
     messages: Vec<Value>,
-    continue_final: bool,
+    end: PromptEnd,
     kwargs: Kwargs,
 }
 
-/// What a rendering gave: [`ChatTemplate::render_prompt`]'s text or error.
+/// What a rendering gave: [`ChatTemplate::render_conversation`]'s text or error.
 #[derive(Serialize, Deserialize)]
 enum Reply {
     Text(String),
@@ -91,13 +91,13 @@ impl Renderer {
         Renderer { worker_exe, turns: Arc::new(Semaphore::new(cores)), idle: Mutex::new(Vec::new()) }
     }
 
-    /// `template`'s [`ChatTemplate::render_prompt`] of `messages`, by `deadline` (else [`RENDER_TIMEOUT`]).
+    /// `template`'s [`ChatTemplate::render_conversation`] of `messages`, by `deadline` (else [`RENDER_TIMEOUT`]).
     /// Dropped before it ends (the client went away), its worker is killed.
     pub async fn render(
         &self,
         template: &ChatTemplate,
         messages: Vec<Value>,
-        continue_final: bool,
+        end: PromptEnd,
         kwargs: Kwargs,
         deadline: Option<std::time::Instant>,
     ) -> Result<String, RenderFailure> {
@@ -117,7 +117,7 @@ impl Renderer {
             let template = ChatTemplate::from_sources(&template.sources()).map_err(RenderFailure::Chat)?;
             let work = tokio::task::spawn_blocking(move || {
                 let _turn = turn; // held until the rendering ends, also past a deadline that left it
-                template.render_prompt(&messages, continue_final, &kwargs)
+                template.render_conversation(&messages, end, &kwargs)
             });
             return match tokio::time::timeout_at(by, work).await {
                 Ok(r) => r
@@ -126,7 +126,7 @@ impl Renderer {
                 Err(_) => Err(cut(deadline.is_some())),
             };
         };
-        let job = serde_json::to_vec(&Job { template: template.sources(), messages, continue_final, kwargs })
+        let job = serde_json::to_vec(&Job { template: template.sources(), messages, end, kwargs })
             .map_err(|e| RenderFailure::Chat(ChatError::Render(format!("messages: {e}"))))?;
         let worker = self.idle.lock().expect("idle workers").pop();
         let mut worker = match worker {
@@ -252,7 +252,7 @@ fn serve_jobs() -> anyhow::Result<()> {
             }
         };
         let reply = match &compiled[at].1 {
-            Ok(t) => match t.render_prompt(&job.messages, job.continue_final, &job.kwargs) {
+            Ok(t) => match t.render_conversation(&job.messages, job.end, &job.kwargs) {
                 Ok(text) => Reply::Text(text),
                 Err(ChatError::Unavailable(e)) => Reply::Unavailable(e),
                 Err(ChatError::Render(e)) => Reply::Render(e),

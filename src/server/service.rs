@@ -238,6 +238,7 @@ impl Service {
             chat_template_kwargs: std::mem::take(&mut r.chat_template_kwargs),
             truncate_prompt_tokens: r.truncate_prompt_tokens,
             add_special_tokens: r.add_special_tokens,
+            add_generation_prompt: r.add_generation_prompt,
         };
         input.check_form()?;
         // Each completion takes a place in the queue: more than it holds could never be accepted.

@@ -29,6 +29,7 @@ pub(super) async fn tokenize(
         chat_template_kwargs: r.chat_template_kwargs,
         truncate_prompt_tokens: r.truncate_prompt_tokens,
         add_special_tokens: r.add_special_tokens,
+        add_generation_prompt: r.add_generation_prompt,
     };
     input.check_form()?;
     let prompt = input.check(ready)?;

@@ -55,3 +55,12 @@ pub async fn start(cfg: ServeConfig) -> (ServerHandle, LoraServeClient<Channel>)
 pub fn req(adapter: &str, prompt: &str, n: u32) -> GenerateRequest {
     GenerateRequest { adapter_id: adapter.into(), prompt: prompt.into(), max_new_tokens: n, ..Default::default() }
 }
+
+/// A conversation's turns as `(role, content)` pairs.
+pub fn chat(messages: &[(&str, &str)]) -> Vec<loraserve::server::proto::ChatMessage> {
+    let turn = |&(role, content): &(&str, &str)| loraserve::server::proto::ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    };
+    messages.iter().map(turn).collect()
+}

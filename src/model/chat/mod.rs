@@ -257,7 +257,9 @@ impl ChatTemplate {
                 continue;
             }
             if RESERVED.contains(&name.as_str()) {
-                return Err(format!("`{name}` is set by the server (give messages, continue_final_message)"));
+                return Err(format!(
+                    "`{name}` is set by the server (give messages, add_generation_prompt, continue_final_message)"
+                ));
             }
             if this.variables.binary_search(name).is_err() {
                 return Err(format!(
@@ -334,6 +336,21 @@ impl ChatTemplate {
         Ok((ids, spans))
     }
 
+    /// The conversation rendered to end as `end` says ([`render_prompt`](Self::render_prompt), or without the
+    /// generation prompt: transformers' `add_generation_prompt=False`).
+    pub fn render_conversation(
+        &self,
+        messages: &[Value],
+        end: PromptEnd,
+        kwargs: &Kwargs,
+    ) -> Result<String, ChatError> {
+        match end {
+            PromptEnd::GenerationPrompt => self.render(messages, true, kwargs),
+            PromptEnd::ContinueFinal => self.render_prompt(messages, true, kwargs),
+            PromptEnd::AsIs => self.render(messages, false, kwargs),
+        }
+    }
+
     /// The text a model continues: the conversation with the generation prompt after it (a new assistant
     /// turn), or with `continue_final` its final message left open (transformers' `continue_final_message`,
     /// vLLM's assistant prefill): rendered with a marker after that message's content and cut there, the
@@ -403,6 +420,18 @@ impl ChatTemplate {
         }
         Ok(self.encode(tok, text)?.0)
     }
+}
+
+/// How a conversation's rendering ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PromptEnd {
+    /// With the template's generation prompt, a new assistant turn opened (transformers'
+    /// `add_generation_prompt=True`, what a request for an answer renders).
+    GenerationPrompt,
+    /// With its final message left open to continue (`continue_final_message`).
+    ContinueFinal,
+    /// As it is, no generation prompt (`add_generation_prompt=False`).
+    AsIs,
 }
 
 /// The variables the compiled template `chat` of `env` (from `source`) reads before it sets them, as jinja2's
