@@ -280,8 +280,12 @@ async fn requests_that_can_never_fit_are_failed_precondition() {
     // Info says so: 40 + 17 is the most a request may ask for here (the context is 512).
     let info = c.info(proto::InfoRequest {}).await.unwrap().into_inner();
     assert_eq!((info.max_total_tokens, info.max_model_len), (40 + 17, 512));
-    // max_new_tokens 0 asks for as many as fit: here, what the KV cache holds.
+    // max_new_tokens 0 asks for as many as fit: here, what the KV cache holds; a prompt it cannot hold with one
+    // new token is refused as any such request.
     assert_eq!(c.generate(exact(0)).await.unwrap().into_inner().token_ids.len(), 17);
+    let full = GenerateRequest { prompt_token_ids: vec![5; 57], ..req("", "", 0) };
+    let (code, msg) = code_of(c.generate(full).await).await;
+    assert!(code == Code::FailedPrecondition && msg.contains("--kv-cache-bytes"), "{code:?} {msg}");
     h.shutdown();
     h.wait().await.unwrap();
     // Refused before the queue: not "retry later" when the queue is full, and never taking a place in it.
@@ -346,7 +350,7 @@ async fn info_says_what_the_server_runs_and_its_limits() {
     }
     let s = c.generate(fit(512)).await.unwrap_err();
     let words =
-        "prompt_token_ids: 512 prompt tokens leave no room for a new token (a request holds at most 512 tokens)";
+        "prompt_token_ids: 512 prompt tokens leave no room for a new token in the model's context of 512 positions";
     assert_eq!((s.code(), s.message()), (Code::InvalidArgument, words));
     let messages = vec![proto::ChatMessage { role: "user".into(), content: "hi".into() }];
     let chat = c.generate(GenerateRequest { messages, ..req("", "", 1) }).await;

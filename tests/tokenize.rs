@@ -78,6 +78,15 @@ async fn tokenize_gives_the_ids_generate_runs() {
         assert_eq!(seen[2], [&bos[..], &seen[4][10..]].concat());
         assert_eq!(seen[5], seen[4][11..]);
     }
+    // add_generation_prompt: true is the default; false leaves continue_final_message's rendering as it is.
+    let ends = [(None, false), (Some(true), false), (None, true), (Some(false), true), (Some(false), false)];
+    let mut rendered = Vec::new();
+    for (add_generation_prompt, continue_final_message) in ends {
+        let r = TokenizeRequest { add_generation_prompt, continue_final_message, ..conversation() };
+        rendered.push(c.tokenize(r).await.unwrap().into_inner().token_ids);
+    }
+    assert_eq!((&rendered[0], &rendered[2]), (&rendered[1], &rendered[3]));
+    assert!(rendered[0] != rendered[2] && rendered[0] != rendered[4] && rendered[2] != rendered[4]);
     // Generate refuses what is past the context; Tokenize counts it.
     let long = "ab".repeat(550);
     let s = c.generate(req("", &long, 4)).await.unwrap_err();
@@ -138,6 +147,10 @@ async fn tokenize_gives_the_ids_generate_runs() {
     let by_ids = GenerateRequest { prompt_token_ids: vec![3, 4], add_special_tokens: Some(false), ..req("", "", 4) };
     let s = c.generate(by_ids).await.unwrap_err();
     let words = "add_special_tokens: applies to prompt (prompt_token_ids run as given)";
+    assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, words));
+    let by_ids = GenerateRequest { prompt_token_ids: vec![3, 4], add_generation_prompt: Some(false), ..req("", "", 4) };
+    let s = c.generate(by_ids).await.unwrap_err();
+    let words = "add_generation_prompt: needs messages (a conversation to render)";
     assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, words));
     let ids = c.tokenize(text("cat moon fire\n")).await.unwrap().into_inner().token_ids;
     let detokenize = |skip_special_tokens| DetokenizeRequest { token_ids: ids.clone(), skip_special_tokens };

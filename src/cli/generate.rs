@@ -85,7 +85,7 @@ pub struct PromptArgs {
     pub prompt_token_ids: Vec<u32>,
     /// `ROLE=TEXT`: one turn of a conversation to continue instead of --prompt (repeatable, in order),
     /// rendered with the chat template that applies (the adapter's own, else `--chat-template`, else the
-    /// model's) and its generation prompt, e.g. --message system=Be\ brief. --message user=Hi.
+    /// model's) and its generation prompt (unless --add-generation-prompt false or --continue-final-message), e.g. --message system=Be\ brief. --message user=Hi.
     #[arg(long = "message", id = "messages", value_name = "ROLE=TEXT", value_parser = parse_message)]
     pub messages: Vec<(String, String)>,
     /// Continue the final --message instead of starting a new assistant turn (an answer's prefill, e.g.
@@ -435,7 +435,9 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                 let given = sampling.given();
                 let bad_words = sampling.bad_words.clone();
                 let structured = sampling.constraint()?;
-                let sampling = sampling.params(max_new_tokens as usize, GenerationDefaults::default())?;
+                // 0 asks the server for as many as fit: its length is the server's to check.
+                let checked = if max_new_tokens == 0 { usize::MAX } else { max_new_tokens as usize };
+                let sampling = sampling.params(checked, GenerationDefaults::default())?;
                 input.check()?;
                 check_n(n)?;
                 let call = crate::server::client::GenerateCall {

@@ -331,18 +331,18 @@ impl Service {
         let prompt_ids = prompt.ids(&self.state, adapter.as_ref(), deadline).await?;
         let max_new_tokens = match r.max_new_tokens {
             // Unset: as many as fit (vLLM's default `max_tokens`), in the context and in the KV cache, up to the
-            // cap.
+            // cap. A prompt the KV cache cannot hold with one new token is refused below, as any request it
+            // cannot hold (FAILED_PRECONDITION naming --kv-cache-bytes).
             0 => {
-                let fits = ready.context.min(ready.engine.max_request_tokens());
-                let room = fits.saturating_sub(prompt_ids.len()).min(cap as usize);
-                if room == 0 {
-                    let why = format!(
-                        "{} prompt tokens leave no room for a new token (a request holds at most {fits} tokens)",
-                        prompt_ids.len()
-                    );
+                let (prompt, context) = (prompt_ids.len(), ready.context);
+                if prompt >= context {
+                    let why = format!("{prompt} prompt tokens leave no room for a new token in the model's context of {context} positions");
                     return Err(invalid(field, why));
                 }
-                sampling.validate_lengths(room).map_err(Status::invalid_argument)?;
+                let room = context.min(ready.engine.max_request_tokens()).saturating_sub(prompt).clamp(1, cap as usize);
+                sampling
+                    .validate_lengths(room)
+                    .map_err(|e| Status::invalid_argument(format!("{e}: what fits after {prompt} prompt tokens")))?;
                 room
             }
             n => n as usize,

@@ -1,5 +1,5 @@
 //! The in-process server the gRPC tests talk to: the fixture llama (dense f32 on the CPU) serving an
-//! adapters folder on port 0, and a request builder.
+//! adapters folder on port 0, and request builders.
 
 use std::path::PathBuf;
 use std::time::Duration;

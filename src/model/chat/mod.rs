@@ -257,9 +257,7 @@ impl ChatTemplate {
                 continue;
             }
             if RESERVED.contains(&name.as_str()) {
-                return Err(format!(
-                    "`{name}` is set by the server (give messages, add_generation_prompt, continue_final_message)"
-                ));
+                return Err(format!("`{name}` is set by the server: give it as the request's own `{name}`"));
             }
             if this.variables.binary_search(name).is_err() {
                 return Err(format!(
