@@ -85,7 +85,8 @@ pub struct PromptArgs {
     pub prompt_token_ids: Vec<u32>,
     /// `ROLE=TEXT`: one turn of a conversation to continue instead of --prompt (repeatable, in order),
     /// rendered with the chat template that applies (the adapter's own, else `--chat-template`, else the
-    /// model's) and its generation prompt (unless --add-generation-prompt false or --continue-final-message), e.g. --message system=Be\ brief. --message user=Hi.
+    /// model's) and its generation prompt (unless --add-generation-prompt false or --continue-final-message),
+    /// e.g. --message system=Be\ brief. --message user=Hi.
     #[arg(long = "message", id = "messages", value_name = "ROLE=TEXT", value_parser = parse_message)]
     pub messages: Vec<(String, String)>,
     /// Continue the final --message instead of starting a new assistant turn (an answer's prefill, e.g.
@@ -126,8 +127,8 @@ impl PromptArgs {
         if self.add_generation_prompt.is_some() && self.messages.is_empty() {
             bail!("--add-generation-prompt needs --message (a conversation)");
         }
-        if self.add_generation_prompt == Some(true) && self.continue_final_message {
-            bail!("--add-generation-prompt true with --continue-final-message: a final message continued has no generation prompt after it");
+        if let Err(why) = PromptEnd::of(self.add_generation_prompt, self.continue_final_message) {
+            bail!("--add-generation-prompt true with --continue-final-message: {why}");
         }
         if self.add_special_tokens.is_some() && self.prompt.is_none() {
             bail!("--add-special-tokens applies to --prompt (a conversation's special tokens are its chat template's, ids run as given)");
@@ -176,11 +177,8 @@ impl PromptArgs {
                     .iter()
                     .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
                     .collect();
-                let end = match (self.continue_final_message, self.add_generation_prompt) {
-                    (true, _) => PromptEnd::ContinueFinal,
-                    (false, Some(false)) => PromptEnd::AsIs,
-                    (false, _) => PromptEnd::GenerationPrompt,
-                };
+                let end = PromptEnd::of(self.add_generation_prompt, self.continue_final_message)
+                    .map_err(anyhow::Error::msg)?;
                 let text = chat.render_conversation(&list, end, &kwargs).context("--message")?;
                 (chat.prompt_ids_of(tok, &text).context("--message")?, &[][..])
             }

@@ -1,7 +1,7 @@
 //! `server client`: a small gRPC client for people without grpcurl — generate (unary or streaming),
-//! tokenize and detokenize, the server's info, list, load and unload adapters, and a `grpc.health.v1` check (container health
-//! checks and exec probes). It sends the API key as `authorization: Bearer` and the adapter id as the
-//! `x-adapter-id` header that adapter-affinity routers hash on.
+//! tokenize and detokenize, the server's info, list, load and unload adapters, and a `grpc.health.v1` check
+//! (container health checks and exec probes). It sends the API key as `authorization: Bearer` and the adapter
+//! id as the `x-adapter-id` header that adapter-affinity routers hash on.
 
 use std::time::Duration;
 

@@ -346,7 +346,6 @@ fn info_of(
     let queue = engine.config().queue_capacity;
     proto::InfoResponse {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        // A folder's name, not its path: the server's file system is not the client's business.
         model_id: match &cfg.model {
             ModelSpec::Dir(dir) => model_id_of(dir),
             spec => spec.to_string(),

@@ -65,19 +65,11 @@ impl PromptInput {
                 "needs messages (a conversation whose final message to continue)",
             ));
         }
-        let end = match (self.add_generation_prompt, self.continue_final_message) {
-            (Some(_), _) if self.messages.is_empty() => {
-                return Err(invalid("add_generation_prompt", "needs messages (a conversation to render)"))
-            }
-            (Some(true), true) => {
-                let why =
-                    "true with continue_final_message: a final message continued has no generation prompt after it";
-                return Err(invalid("add_generation_prompt", why));
-            }
-            (_, true) => PromptEnd::ContinueFinal,
-            (Some(false), false) => PromptEnd::AsIs,
-            (_, false) => PromptEnd::GenerationPrompt,
-        };
+        if self.add_generation_prompt.is_some() && self.messages.is_empty() {
+            return Err(invalid("add_generation_prompt", "needs messages (a conversation to render)"));
+        }
+        let end = PromptEnd::of(self.add_generation_prompt, self.continue_final_message)
+            .map_err(|why| invalid("add_generation_prompt", format!("true with continue_final_message: {why}")))?;
         let kwargs = match self.chat_template_kwargs.as_str() {
             "" => Kwargs::new(),
             _ if self.messages.is_empty() => {

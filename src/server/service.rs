@@ -339,7 +339,8 @@ impl Service {
                     let why = format!("{prompt} prompt tokens leave no room for a new token in the model's context of {context} positions");
                     return Err(invalid(field, why));
                 }
-                let room = context.min(ready.engine.max_request_tokens()).saturating_sub(prompt).clamp(1, cap as usize);
+                // The bound Info states (`max_total_tokens`: the context, or the KV cache's where lower).
+                let room = (ready.info.max_total_tokens as usize).saturating_sub(prompt).clamp(1, cap as usize);
                 sampling
                     .validate_lengths(room)
                     .map_err(|e| Status::invalid_argument(format!("{e}: what fits after {prompt} prompt tokens")))?;

@@ -432,6 +432,19 @@ pub enum PromptEnd {
     AsIs,
 }
 
+impl PromptEnd {
+    /// The ending a request's `add_generation_prompt` (unset = true, unless the final message is continued)
+    /// and `continue_final_message` ask for; why not, for the pair vLLM refuses too (both true).
+    pub fn of(add_generation_prompt: Option<bool>, continue_final: bool) -> Result<Self, &'static str> {
+        match (add_generation_prompt, continue_final) {
+            (Some(true), true) => Err("a final message continued has no generation prompt after it"),
+            (_, true) => Ok(PromptEnd::ContinueFinal),
+            (Some(false), false) => Ok(PromptEnd::AsIs),
+            (_, false) => Ok(PromptEnd::GenerationPrompt),
+        }
+    }
+}
+
 /// The variables the compiled template `chat` of `env` (from `source`) reads before it sets them, as jinja2's
 /// `meta.find_undeclared_variables` (vLLM's check) finds them. minijinja's analysis marks a `{% set x = … %}`
 /// target as set before it reads the right side, so `{% set enable_thinking = enable_thinking | default(true)
