@@ -33,8 +33,14 @@ fn main() -> std::process::ExitCode {
         Err(e) if e.chain().any(|c| c.is::<loraserve::cli::StdoutClosed>()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // A gRPC status from `server client`: show its code name and message.
+            // With the request id the server logged the call under, when it sent one (Generate).
             if let Some(s) = e.downcast_ref::<tonic::Status>() {
-                eprintln!("error: {}: {}", loraserve::server::status::code_label(s.code()), s.message());
+                let code = loraserve::server::status::code_label(s.code());
+                match s.metadata().get(loraserve::server::request_log::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok())
+                {
+                    Some(id) => eprintln!("error: {code}: {} (request id {id})", s.message()),
+                    None => eprintln!("error: {code}: {}", s.message()),
+                }
                 return std::process::ExitCode::FAILURE;
             }
             eprintln!("error: {e:#}");

@@ -9,6 +9,9 @@ pub const REQUESTS_TOTAL: &str = "loraserve_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "loraserve_request_duration_seconds";
 /// Seconds from arrival to the first generated token.
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "loraserve_time_to_first_token_seconds";
+/// Seconds a request waited in the engine's queue before it first ran (vLLM's `request_queue_time_seconds`):
+/// from its submission, after validation and its adapter's load, to its first step.
+pub const REQUEST_QUEUE_TIME_SECONDS: &str = "loraserve_request_queue_time_seconds";
 /// Seconds between consecutive tokens of one request.
 pub const INTER_TOKEN_LATENCY_SECONDS: &str = "loraserve_inter_token_latency_seconds";
 /// Requests admitted by the server and not running in the engine: waiting for their adapter, in the engine's
@@ -88,6 +91,7 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (REQUEST_DURATION_SECONDS, "histogram", "Seconds from arrival of a generate request to its last token"),
     (TIME_TO_FIRST_TOKEN_SECONDS, "histogram", "Seconds from arrival to the first generated token"),
     (INTER_TOKEN_LATENCY_SECONDS, "histogram", "Seconds between consecutive generated tokens of a request"),
+    (REQUEST_QUEUE_TIME_SECONDS, "histogram", "Seconds a request waited in the engine's queue before it first ran"),
     (QUEUE_REQUESTS, "gauge", "Requests waiting for their adapter or to join the running batch"),
     (BATCH_SIZE, "histogram", "Sequences in each engine step"),
     (PROMPT_TOKENS_TOTAL, "counter", "Prompt tokens of admitted requests"),

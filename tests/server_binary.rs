@@ -409,6 +409,111 @@ fn sigterm_exits_while_an_adapter_read_hangs() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// Every Generate call is logged once, at its end, under its request id: the client's `x-request-id` or one
+/// the server makes, which comes back in the answer's metadata, an error's too. The line says the adapter,
+/// the tokens, how each completion finished and where the time went; a client that leaves mid-stream is
+/// logged CANCELLED with the tokens it had; an id that is not one is refused naming the header.
+#[test]
+fn each_generate_call_is_logged_under_its_request_id() {
+    use tokio_stream::StreamExt;
+    let adapters = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("adapters");
+    let (_child, addr, lines, _) = serve(&adapters, &[]);
+    // The log, read on a thread of its own.
+    let (tx, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let generate = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+            .args([&["client", "--addr", &addr, "generate"][..], args].concat())
+            .output()
+            .unwrap()
+    };
+    let json = |o: &std::process::Output| -> serde_json::Value {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let given = ["--request-id", "req-ok-1", "--json"];
+    let ok = json(&generate(
+        &[&["--adapter", "persona", "--prompt", "Hello", "--max-new-tokens", "5"][..], &given].concat(),
+    ));
+    assert_eq!(ok["request_id"], "req-ok-1");
+    let made = json(&generate(&["--prompt", "Hello", "--max-new-tokens", "3", "--n", "2", "--stream", "--json"]));
+    let made = made["request_id"].as_str().unwrap().to_string();
+    assert!(made.len() == 32 && made.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
+    let bad = generate(&["--prompt", "", "--request-id", "req-bad-1"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success(), "{err}");
+    assert!(err.contains("INVALID_ARGUMENT: prompt: is empty") && err.ends_with("(request id req-bad-1)\n"), "{err}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = LoraServeClient::connect(format!("http://{addr}")).await.unwrap();
+        let long =
+            GenerateRequest { prompt: "Hello".into(), max_new_tokens: 1000, ignore_eos: true, ..Default::default() };
+        let mut r = tonic::Request::new(long.clone());
+        r.metadata_mut().insert("x-request-id", "req-left-1".parse().unwrap());
+        let answer = c.generate_stream(r).await.unwrap();
+        assert_eq!(answer.metadata().get("x-request-id").unwrap(), "req-left-1");
+        let mut stream = answer.into_inner();
+        stream.next().await.unwrap().unwrap();
+        drop(stream);
+        let mut r = tonic::Request::new(long);
+        r.metadata_mut().insert("x-request-id", "two words".parse().unwrap());
+        let e = c.generate(r).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("x-request-id: must be visible ASCII"), "{}", e.message());
+    });
+    // Each id's line (the refused id has none: it is no id).
+    let ids = ["req-ok-1", made.as_str(), "req-bad-1", "req-left-1"];
+    let mut found = std::collections::BTreeMap::new();
+    while found.len() < ids.len() {
+        let line = log.recv_timeout(Duration::from_secs(30)).expect("a request's line");
+        assert!(!line.contains("two words"), "{line}");
+        if let Some(id) = ids.iter().find(|id| line.contains(&format!("request_id={id} "))) {
+            assert!(found.insert(*id, line.clone()).is_none(), "logged twice: {line}");
+        }
+    }
+    let field = |line: &str, name: &str| -> String {
+        let i = line.find(&format!(" {name}=")).unwrap_or_else(|| panic!("no {name} in {line}")) + name.len() + 2;
+        line[i..].split(' ').next().unwrap().to_string()
+    };
+    let secs = |line: &str, name: &str| field(line, name).parse::<f64>().unwrap_or_else(|_| panic!("{name}: {line}"));
+    let line = &found["req-ok-1"];
+    let version = format!("\"{}\"", ok["adapter_version"].as_str().unwrap());
+    for (name, want) in [
+        ("rpc", "\"Generate\""),
+        ("adapter", "\"persona\""),
+        ("adapter_version", version.as_str()),
+        ("code", "\"OK\""),
+        ("prompt_tokens", "6"),
+        ("generated_tokens", "5"),
+        ("n", "1"),
+        ("finish", "length"),
+    ] {
+        assert_eq!(field(line, name), want, "{name}: {line}");
+    }
+    assert!(line.contains("INFO") && line.contains("request finished") && !line.contains("error="), "{line}");
+    let (queue, first, total) = (secs(line, "queue_s"), secs(line, "first_token_s"), secs(line, "total_s"));
+    assert!(queue <= first && first <= total && total < 30.0, "{line}");
+    let line = &found[made.as_str()];
+    for (name, want) in [("rpc", "\"GenerateStream\""), ("adapter", "\"\""), ("n", "2"), ("generated_tokens", "6")] {
+        assert_eq!(field(line, name), want, "{name}: {line}");
+    }
+    assert_eq!(field(line, "finish"), "length,length", "{line}");
+    let line = &found["req-bad-1"];
+    assert_eq!(field(line, "code"), "\"INVALID_ARGUMENT\"", "{line}");
+    assert!(line.contains("request failed") && line.contains(" error=\"prompt: is empty"), "{line}");
+    assert_eq!((field(line, "first_token_s"), field(line, "finish")), ("-".into(), "-".into()), "{line}");
+    let line = &found["req-left-1"];
+    assert_eq!(field(line, "code"), "\"CANCELLED\"", "{line}");
+    let got: usize = field(line, "generated_tokens").parse().unwrap();
+    assert!((1..1000).contains(&got) && line.contains(" error=\"the client left\""), "{line}");
+}
+
 /// A server that has served nothing yet already exposes the gauges a dashboard or an autoscaler reads (the
 /// queue, the KV-cache blocks used and cached), at 0: with no series, an HPA on the queue has nothing to act on.
 #[test]

@@ -9,6 +9,7 @@ use crate::engine::structured::{Constraint, Guide};
 use crate::engine::{self, GenerateJob, SamplingParams};
 use crate::model::chat::{AdapterTemplate, PromptEnd};
 use crate::model::GenerationDefaults;
+use crate::server::request_log::RequestId;
 
 /// Sampling flags shared by `generate` and `client generate` (the server takes them per request). Negative
 /// numbers parse, so that an out-of-range value gets the message naming its range.
@@ -362,6 +363,10 @@ pub enum ClientCall {
         /// "choices" list).
         #[arg(long, value_name = "N")]
         n: Option<u32>,
+        /// The call's id, sent as `x-request-id` and written in the server's log line for it (unset: the
+        /// server makes one; --json prints it as "request_id", and an error names it).
+        #[arg(long, value_name = "ID", value_parser = RequestId::parse)]
+        request_id: Option<RequestId>,
     },
     /// The token ids Generate would run for a prompt or a conversation, comma-separated (--prompt-token-ids
     /// takes them back).
@@ -428,6 +433,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                 prompt_logprobs,
                 cache_salt,
                 n,
+                request_id,
             } => {
                 // The flags' own mistakes, named here before any call (the server refuses them too).
                 let given = sampling.given();
@@ -461,6 +467,7 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
                     structured,
                     n,
                     bad_words,
+                    request_id,
                 };
                 crate::server::client::generate(&target, &call, stream, json).await
             }

@@ -287,6 +287,38 @@ mod tests {
         }
     }
 
+    /// A request that waits for room in the running batch says how long it waited: behind one that holds
+    /// the only row, until that one ends; one that starts at once waits next to nothing.
+    #[test]
+    fn a_request_reports_how_long_it_waited_to_run() {
+        let m = crate::model::load(&ModelSpec::Demo, &LoadOptions::default()).unwrap();
+        let config = EngineConfig { kv_cache_bytes: 8 << 20, max_batch_rows: 1, ..EngineConfig::default() };
+        let engine = Engine::start(m.model, Arc::new(m.tokenizer), config).unwrap();
+        let end = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>| loop {
+            match rx.blocking_recv().expect("an end event") {
+                Event::Finished { queue_time, generated_tokens, .. } => return (queue_time, generated_tokens),
+                Event::Failed(e) => panic!("{e}"),
+                _ => {}
+            }
+        };
+        let (long_tx, mut long_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut long = request(&[1, 2, 3], 300, long_tx);
+        long.sampling.ignore_eos = true;
+        engine.submit(long).unwrap();
+        // Running: its first token is out.
+        assert!(matches!(long_rx.blocking_recv(), Some(Event::Tokens { .. })));
+        let (short_tx, mut short_rx) = tokio::sync::mpsc::unbounded_channel();
+        let submitted = Instant::now();
+        engine.submit(request(&[4, 5, 6], 2, short_tx)).unwrap();
+        let (long_waited, long_tokens) = end(&mut long_rx);
+        let (short_waited, _) = end(&mut short_rx);
+        let short_done = submitted.elapsed();
+        assert_eq!(long_tokens, 300);
+        // It cannot have waited longer than it took to end, and it waited out the long one's ~299 steps.
+        assert!(short_waited <= short_done, "{short_waited:?} > {short_done:?}");
+        assert!(short_waited > long_waited * 10, "{short_waited:?} vs the first request's {long_waited:?}");
+    }
+
     /// A preempted request waits again and is counted as waiting (the queue gauge autoscalers read), until it
     /// runs again; nothing stays counted once all have finished.
     #[test]

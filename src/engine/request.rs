@@ -3,7 +3,7 @@
 //! events go to) and the [`Event`]s of its life. Proto types never get here: the server validates at the
 //! edge.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -62,6 +62,8 @@ pub enum Event {
         /// Leading prompt tokens whose keys and values came from the prefix cache when the request first ran.
         cached_tokens: usize,
         generated_tokens: usize,
+        /// From its submission to the engine until it first ran (waiting in the queue).
+        queue_time: Duration,
     },
     Failed(EngineError),
 }

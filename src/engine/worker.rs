@@ -79,13 +79,22 @@ pub struct EngineStats {
 /// A submitted request's place in the queue count (`pending` and the queue gauge), given back when dropped:
 /// when the request joins the running batch, or leaves before it does by whatever path (refused, reaped,
 /// aborted, dropped with the channel, unwound by a panic).
-pub(crate) struct Queued(Arc<EngineStats>, t::Queued);
+pub(crate) struct Queued {
+    stats: Arc<EngineStats>,
+    _gauge: t::Queued,
+    /// When it began to wait.
+    since: Instant,
+}
 
 impl Queued {
+    fn new(stats: &Arc<EngineStats>) -> Queued {
+        Queued { stats: stats.clone(), _gauge: t::Queued::enter(), since: Instant::now() }
+    }
+
     /// Counts one more request; also returns how many were waiting before it.
     pub(crate) fn enter(stats: &Arc<EngineStats>) -> (Queued, usize) {
         let before = stats.pending.fetch_add(1, Ordering::Relaxed);
-        (Queued(stats.clone(), t::Queued::enter()), before)
+        (Queued::new(stats), before)
     }
 
     /// Counts `n` more requests in one step, if the queue has room for all of them within `capacity`; else
@@ -94,13 +103,13 @@ impl Queued {
     pub(crate) fn enter_all(stats: &Arc<EngineStats>, n: usize, capacity: usize) -> Result<Vec<Queued>, usize> {
         let room = |p: usize| p.checked_add(n).filter(|&after| after <= capacity);
         stats.pending.fetch_update(Ordering::Relaxed, Ordering::Relaxed, room)?;
-        Ok((0..n).map(|_| Queued(stats.clone(), t::Queued::enter())).collect())
+        Ok((0..n).map(|_| Queued::new(stats)).collect())
     }
 }
 
 impl Drop for Queued {
     fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, Ordering::Relaxed);
+        self.stats.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -122,6 +131,8 @@ struct Live {
     admitted: bool,
     /// Prompt tokens found in the prefix cache when it joined.
     cached_tokens: usize,
+    /// From its submission until it first joined the running batch.
+    queue_time: Duration,
     last_token_at: Option<Instant>,
 }
 
@@ -228,6 +239,7 @@ pub(crate) fn run(
                             queued: Some(queued),
                             admitted: false,
                             cached_tokens: 0,
+                            queue_time: Duration::ZERO,
                             last_token_at: None,
                             req: *req,
                         },
@@ -283,8 +295,10 @@ pub(crate) fn run(
         for r in &plan.rows {
             let l = live.get_mut(&r.seq).expect("planned sequence is live");
             // Running now: no longer queued. The first time, it starts after what the prefix cache held.
-            l.queued = None;
+            let waited = l.queued.take().map(|q| now.duration_since(q.since));
             if !std::mem::replace(&mut l.admitted, true) {
+                l.queue_time = waited.unwrap_or_default();
+                metrics::histogram!(t::REQUEST_QUEUE_TIME_SECONDS).record(l.queue_time.as_secs_f64());
                 l.cached_tokens = r.start;
                 if slots[&r.seq].reuse {
                     metrics::counter!(t::PREFIX_CACHE_QUERIES_TOTAL).increment(l.prompt_len as u64);
@@ -426,6 +440,7 @@ pub(crate) fn run(
                     prompt_tokens: l.prompt_len,
                     cached_tokens: l.cached_tokens,
                     generated_tokens: l.generated,
+                    queue_time: l.queue_time,
                 });
                 metrics::histogram!(t::REQUEST_DURATION_SECONDS)
                     .record(now.duration_since(l.req.arrival).as_secs_f64());

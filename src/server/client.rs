@@ -11,6 +11,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::Request;
 
 use super::proto::{self, lora_serve_client::LoraServeClient};
+use super::request_log::{RequestId, REQUEST_ID_HEADER};
 use crate::cli::to_stdout;
 use crate::engine::SamplingParams;
 
@@ -70,6 +71,8 @@ pub struct GenerateCall {
     pub n: Option<u32>,
     /// Words the output never spells as the model's tokens for them.
     pub bad_words: Vec<String>,
+    /// The call's `x-request-id` (unset: the server makes one).
+    pub request_id: Option<RequestId>,
 }
 
 async fn channel(t: &Target, timeout: Option<Duration>) -> anyhow::Result<Channel> {
@@ -224,13 +227,20 @@ fn structured_output(c: &crate::engine::structured::Constraint) -> proto::Struct
 /// (the JSON: the shared fields and a `choices` list).
 pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool) -> anyhow::Result<()> {
     let mut client = connect(t).await?;
-    let req = request(t, call.to_proto(), Some(&call.adapter_id))?;
+    let mut req = request(t, call.to_proto(), Some(&call.adapter_id))?;
+    if let Some(id) = &call.request_id {
+        id.insert_into(req.metadata_mut());
+    }
     let n = call.n.unwrap_or(1).max(1) as usize;
     let mut response = proto::GenerateResponse::default();
+    // The id the server ran the call under (the one given, or the one it made).
+    let request_id: String;
     if stream {
         let mut choices: Vec<proto::GenerateResponse> =
             (0..n as u32).map(|index| proto::GenerateResponse { index, ..Default::default() }).collect();
-        let mut s = client.generate_stream(req).await?.into_inner();
+        let s = client.generate_stream(req).await?;
+        request_id = id_of(s.metadata());
+        let mut s = s.into_inner();
         while let Some(msg) = s.next().await {
             let msg = msg?;
             let i = msg.index as usize;
@@ -261,7 +271,9 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
         }
         response.choices = choices;
     } else {
-        response = client.generate(req).await?.into_inner();
+        let r = client.generate(req).await?;
+        request_id = id_of(r.metadata());
+        response = r.into_inner();
         if response.choices.is_empty() {
             let one = proto::GenerateResponse {
                 text: std::mem::take(&mut response.text),
@@ -305,6 +317,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
                     "cached_prompt_tokens": c.cached_prompt_tokens,
                     "finish_reason": reason(c),
                     "adapter_version": response.adapter_version,
+                    "request_id": request_id,
                 });
                 add_logprobs(&mut json, c);
                 json
@@ -328,6 +341,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
                     "choices": choices,
                     "prompt_tokens": response.prompt_tokens,
                     "adapter_version": response.adapter_version,
+                    "request_id": request_id,
                 })
             }
         };
@@ -341,6 +355,11 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
         to_stdout(format_args!("{json}\n"))?;
     }
     Ok(())
+}
+
+/// The `x-request-id` a response came with ("" from a server that sends none).
+fn id_of(meta: &tonic::metadata::MetadataMap) -> String {
+    meta.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
 }
 
 /// `[[{"token_id", "logprob"}, …], …]`, a list per step.

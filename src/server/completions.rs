@@ -169,13 +169,20 @@ impl StreamTagger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn tokens(ids: &[u32], text: &str) -> Event {
         Event::Tokens { ids: ids.to_vec(), text: text.into(), logprobs: vec![], top_logprobs: vec![] }
     }
 
     fn finished(reason: FinishReason, cached: usize) -> Event {
-        Event::Finished { reason, prompt_tokens: 5, cached_tokens: cached, generated_tokens: 2 }
+        Event::Finished {
+            reason,
+            prompt_tokens: 5,
+            cached_tokens: cached,
+            generated_tokens: 2,
+            queue_time: Duration::ZERO,
+        }
     }
 
     fn prompt() -> PromptLogprobs {

@@ -18,6 +18,7 @@ pub fn handle() -> PrometheusHandle {
             for (name, buckets) in [
                 (t::REQUEST_DURATION_SECONDS, t::LATENCY_BUCKETS),
                 (t::TIME_TO_FIRST_TOKEN_SECONDS, t::LATENCY_BUCKETS),
+                (t::REQUEST_QUEUE_TIME_SECONDS, t::LATENCY_BUCKETS),
                 (t::ADAPTER_LOAD_DURATION_SECONDS, t::LATENCY_BUCKETS),
                 (t::INTER_TOKEN_LATENCY_SECONDS, t::TOKEN_LATENCY_BUCKETS),
                 (t::BATCH_SIZE, t::BATCH_SIZE_BUCKETS),

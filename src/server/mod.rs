@@ -31,6 +31,7 @@ mod listen;
 pub mod metrics_http;
 mod prompt;
 pub mod render;
+pub mod request_log;
 pub mod service;
 pub mod status;
 mod tokenize;

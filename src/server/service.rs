@@ -19,6 +19,7 @@ use super::counting::HandlerSeen;
 use super::deadline::{ended_by, not_past, within, CallDeadline};
 use super::prompt::PromptInput;
 use super::proto::{self, lora_serve_server::LoraServe};
+use super::request_log::{RequestId, RequestLog};
 use super::status::{self, invalid};
 use super::tokenize;
 use crate::engine::structured::{Constraint, Guide, Guides};
@@ -180,27 +181,33 @@ fn deadline_of<T>(req: &Request<T>) -> (Result<Option<Instant>, Status>, Option<
     }
 }
 
-/// A unary call's frame: marks the request seen, reads its deadline, runs `work` with the request and its
-/// deadline (or why the deadline cannot be read), and counts the answer once, or CANCELLED /
-/// DEADLINE_EXCEEDED when the call is dropped before it answers ([`CancelCount`]).
+/// A unary call's frame: marks the request seen, reads its deadline, runs `work` with the request, its
+/// deadline (or why the deadline cannot be read) and from when its client leaving counts as timed out, and
+/// counts the answer once, or CANCELLED / DEADLINE_EXCEEDED when the call is dropped before it answers
+/// ([`CancelCount`]).
 async fn unary<T, R, F: std::future::Future<Output = Result<R, Status>>>(
     rpc: &'static str,
     req: Request<T>,
-    work: impl FnOnce(Request<T>, Result<Option<Instant>, Status>) -> F,
+    work: impl FnOnce(Request<T>, Result<Option<Instant>, Status>, Option<Instant>) -> F,
 ) -> Result<Response<R>, Status> {
     HandlerSeen::mark(&req);
     let (deadline, timed_out_from) = deadline_of(&req);
     let mut guard = CancelCount::new(rpc, timed_out_from);
-    let r = work(req, deadline).await;
+    let r = work(req, deadline, timed_out_from).await;
     guard.disarm();
     counted(rpc, r.map(Response::new))
 }
 
 /// Ends a stream at its deadline: the engine stops the request (its events dropped), then the status goes out.
-async fn end_at_deadline(events: Events, tx: &mpsc::Sender<Result<proto::GenerateResponse, Status>>) {
+async fn end_at_deadline(
+    events: Events,
+    log: &mut RequestLog,
+    tx: &mpsc::Sender<Result<proto::GenerateResponse, Status>>,
+) {
     drop(events);
     let s = Status::deadline_exceeded("deadline exceeded");
     count("GenerateStream", s.code());
+    log.end(s.code(), s.message());
     let _ = tx.send(Err(s)).await;
 }
 
@@ -210,6 +217,8 @@ struct Admitted {
     events: Events,
     n: usize,
     adapter_version: String,
+    /// The prompt's length, for the log.
+    prompt_tokens: usize,
     /// Whether completion 0 scores the prompt (`prompt_logprobs`).
     scores_prompt: bool,
 }
@@ -367,6 +376,7 @@ impl Service {
         }
         let adapter_version = adapter.as_ref().map(|l| l.version().to_string()).unwrap_or_default();
         let scores_prompt = r.prompt_logprobs.is_some();
+        let prompt_tokens = prompt_ids.len();
         let (tx, rx) = mpsc::unbounded_channel();
         let first = ValidRequest {
             prompt_ids,
@@ -397,7 +407,8 @@ impl Service {
         }
         completions.insert(0, first);
         ready.engine.submit_all(completions).map_err(status::from_submit)?;
-        Ok(Admitted { events: completions::merge(receivers), n, adapter_version, scores_prompt })
+        let events = completions::merge(receivers);
+        Ok(Admitted { events, n, adapter_version, prompt_tokens, scores_prompt })
     }
 }
 
@@ -449,34 +460,59 @@ impl LoraServe for Service {
         &self,
         req: Request<proto::GenerateRequest>,
     ) -> Result<Response<proto::GenerateResponse>, Status> {
-        unary("Generate", req, |req, deadline| async move {
-            let deadline = deadline?;
-            let mut a = self.admit(req, deadline).await?;
-            let mut out = Completions::new(a.n, a.adapter_version);
-            loop {
-                let next = match deadline {
-                    // Dropping the events tells the engine to stop the request's completions.
-                    Some(d) => within(d, a.events.next())
-                        .await
-                        .ok_or_else(|| Status::deadline_exceeded("deadline exceeded"))?,
-                    None => a.events.next().await,
-                };
-                let Some((i, ev)) = next else { break };
-                if out.add(i, ev).map_err(status::from_engine)? {
-                    return Ok(out.into_response());
+        let start = Instant::now();
+        let id = RequestId::of(req.metadata());
+        let echo = id.clone().ok();
+        let r = unary("Generate", req, |req, deadline, timed_out_from| async move {
+            let mut log = RequestLog::new(id?, "Generate", &req.get_ref().adapter_id, start, timed_out_from);
+            let r = async {
+                let deadline = deadline?;
+                let mut a = self.admit(req, deadline).await?;
+                log.admitted(&a.adapter_version, a.prompt_tokens, a.n);
+                let mut out = Completions::new(a.n, a.adapter_version);
+                loop {
+                    let next = match deadline {
+                        // Dropping the events tells the engine to stop the request's completions.
+                        Some(d) => within(d, a.events.next())
+                            .await
+                            .ok_or_else(|| Status::deadline_exceeded("deadline exceeded"))?,
+                        None => a.events.next().await,
+                    };
+                    let Some((i, ev)) = next else { break };
+                    log.see(i, &ev);
+                    if out.add(i, ev).map_err(status::from_engine)? {
+                        return Ok(out.into_response());
+                    }
                 }
+                Err(Status::internal("engine dropped the request"))
             }
-            Err(Status::internal("engine dropped the request"))
+            .await;
+            log.end_with(&r);
+            r
         })
-        .await
+        .await;
+        match echo {
+            Some(id) => id.stamp(r),
+            None => r,
+        }
     }
 
     type GenerateStreamStream = GenerateStream;
 
     async fn generate_stream(&self, req: Request<proto::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         HandlerSeen::mark(&req);
+        let start = Instant::now();
         let (deadline, timed_out_from) = deadline_of(&req);
         let mut guard = CancelCount::new("GenerateStream", timed_out_from);
+        let id = match RequestId::of(req.metadata()) {
+            Ok(id) => id,
+            Err(s) => {
+                guard.disarm();
+                return counted("GenerateStream", Err(s));
+            }
+        };
+        let adapter = &req.get_ref().adapter_id;
+        let mut log = RequestLog::new(id.clone(), "GenerateStream", adapter, start, timed_out_from);
         let (admitted, deadline) = match deadline {
             Ok(deadline) => (self.admit(req, deadline).await, deadline),
             Err(s) => (Err(s), None),
@@ -484,10 +520,16 @@ impl LoraServe for Service {
         guard.disarm();
         let mut a = match admitted {
             Ok(a) => a,
-            Err(s) => return counted("GenerateStream", Err(s)),
+            Err(s) => {
+                log.end(s.code(), s.message());
+                return id.stamp(counted("GenerateStream", Err(s)));
+            }
         };
+        log.admitted(&a.adapter_version, a.prompt_tokens, a.n);
         let (tx, rx) = mpsc::channel::<Result<proto::GenerateResponse, Status>>(64);
         tokio::spawn(async move {
+            // Dropped on any path out of this task: a path that does not end it first is a client that left.
+            let mut log = log;
             let mut tagger = StreamTagger::new(a.n, a.adapter_version, a.scores_prompt);
             // tonic's timer covers the handler only: past it, the deadline is this task's to keep, as the
             // unary call's (else the client gives up first and the call counts CANCELLED). Watched first, while
@@ -504,7 +546,7 @@ impl LoraServe for Service {
                 // nothing to fail on: watch the channel too, so that its slot and adapter lease go at once.
                 let ev = tokio::select! {
                     biased;
-                    () = &mut expired => return end_at_deadline(a.events, &tx).await,
+                    () = &mut expired => return end_at_deadline(a.events, &mut log, &tx).await,
                     ev = a.events.next() => ev,
                     () = tx.closed() => {
                         // Returning drops `a.events`, which tells the engine to stop.
@@ -513,10 +555,12 @@ impl LoraServe for Service {
                     }
                 };
                 let Some((i, ev)) = ev else { break };
+                log.see(i, &ev);
                 let (out, code) = match tagger.messages(i, ev) {
                     Ok(msgs) => (msgs.into_iter().map(Ok).collect(), tonic::Code::Ok),
                     Err(e) => {
                         let s = status::bound(status::from_engine(e));
+                        log.end(s.code(), s.message());
                         let code = s.code();
                         (vec![Err(s)], code)
                     }
@@ -524,7 +568,7 @@ impl LoraServe for Service {
                 for msg in out {
                     let sent = tokio::select! {
                         biased;
-                        () = &mut expired => return end_at_deadline(a.events, &tx).await,
+                        () = &mut expired => return end_at_deadline(a.events, &mut log, &tx).await,
                         sent = tx.send(msg) => sent,
                     };
                     // A failed send means the client left: dropping `a.events` tells the engine to stop.
@@ -536,15 +580,17 @@ impl LoraServe for Service {
                 // A completion's failure, or every completion's end, ends the call.
                 if code != tonic::Code::Ok || tagger.done() {
                     count("GenerateStream", code);
+                    log.end(code, "");
                     return;
                 }
             }
             // The engine dropped the request without finishing it: as the unary call, INTERNAL.
             let s = Status::internal("engine dropped the request");
             count("GenerateStream", s.code());
+            log.end(s.code(), s.message());
             let _ = tx.send(Err(s)).await;
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as GenerateStream))
+        id.stamp(Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as GenerateStream)))
     }
 
     async fn list_adapters(
@@ -575,7 +621,7 @@ impl LoraServe for Service {
         &self,
         req: Request<proto::LoadAdapterRequest>,
     ) -> Result<Response<proto::LoadAdapterResponse>, Status> {
-        unary("LoadAdapter", req, |req, deadline| async move {
+        unary("LoadAdapter", req, |req, deadline, _| async move {
             let ready = self.ready()?;
             let deadline = deadline?;
             check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
@@ -610,7 +656,7 @@ impl LoraServe for Service {
         &self,
         req: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
-        unary("Tokenize", req, |req, deadline| async move {
+        unary("Tokenize", req, |req, deadline, _| async move {
             let ready = self.ready()?;
             let deadline = deadline?;
             check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
@@ -628,7 +674,7 @@ impl LoraServe for Service {
         &self,
         req: Request<proto::DetokenizeRequest>,
     ) -> Result<Response<proto::DetokenizeResponse>, Status> {
-        unary("Detokenize", req, |req, deadline| async move {
+        unary("Detokenize", req, |req, deadline, _| async move {
             tokenize::detokenize(self.ready()?, req.into_inner(), deadline?).await
         })
         .await

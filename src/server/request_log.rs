@@ -1,0 +1,304 @@
+//! Request ids and the request log. Every Generate call has an id: the client's `x-request-id` (vLLM's and
+//! Envoy's header) or, without one, one made here; the response's metadata carries it back either way (its
+//! headers, or the trailers of a call that fails), so a client can quote it. At the call's end one line is
+//! logged on the target `loraserve::request`, as TGI logs each request: the id, the adapter and its version,
+//! the tokens, how each completion finished, and where the time went (queue, first token, total). The line
+//! is `info`, `warn` for the server's own failures; `LORASERVE_LOG=info,loraserve::request=off` turns it
+//! off. Prompts and outputs are never logged.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+use tonic::{Code, Response, Status};
+
+use super::deadline::ended_by;
+use super::status::{code_label, invalid};
+use crate::engine::{Event, FinishReason};
+
+/// The metadata key of a request's id, in the request and in its response.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The longest request id taken, in bytes (a UUID is 36; W3C's `traceparent` 55).
+pub const MAX_REQUEST_ID: usize = 128;
+
+const NOT_VISIBLE: &str = "must be visible ASCII (no spaces or control characters)";
+
+/// A request's id: visible ASCII, no spaces, 1 to [`MAX_REQUEST_ID`] bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestId(AsciiMetadataValue);
+
+impl RequestId {
+    /// The id the client gave in `x-request-id`, or a new one when it gave none (or an empty one, as proto3
+    /// reads an empty string: unset). One that breaks the rules above is INVALID_ARGUMENT naming the header:
+    /// it would be quoted in logs, where a space or a control character could forge a field.
+    pub fn of(meta: &MetadataMap) -> Result<RequestId, Status> {
+        let Some(v) = meta.get(REQUEST_ID_HEADER) else { return Ok(RequestId::new()) };
+        match v.to_str() {
+            Ok("") => Ok(RequestId::new()),
+            Ok(s) => RequestId::parse(s),
+            Err(_) => Err(NOT_VISIBLE.to_string()),
+        }
+        .map_err(|why| invalid(REQUEST_ID_HEADER, why))
+    }
+
+    /// `s` as a request id, or why it cannot be one.
+    pub fn parse(s: &str) -> Result<RequestId, String> {
+        if s.is_empty() || s.len() > MAX_REQUEST_ID {
+            return Err(format!("must be 1 to {MAX_REQUEST_ID} bytes, got {}", s.len()));
+        }
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(NOT_VISIBLE.to_string());
+        }
+        Ok(RequestId(AsciiMetadataValue::try_from(s).expect("visible ASCII")))
+    }
+
+    /// A new id: 32 random hexadecimal digits, as vLLM's (a UUID4's hex).
+    fn new() -> RequestId {
+        use crate::engine::sampler::unseeded;
+        let id = format!("{:016x}{:016x}", unseeded(), unseeded());
+        RequestId(AsciiMetadataValue::try_from(id).expect("hexadecimal digits are visible ASCII"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().expect("checked visible ASCII")
+    }
+
+    /// Sets `x-request-id` in `meta` to this id.
+    pub fn insert_into(&self, meta: &mut MetadataMap) {
+        meta.insert(REQUEST_ID_HEADER, self.0.clone());
+    }
+
+    /// `r` with this id in its metadata: the response's headers, or a failed call's trailers.
+    pub fn stamp<T>(&self, mut r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+        match &mut r {
+            Ok(r) => self.insert_into(r.metadata_mut()),
+            Err(s) => self.insert_into(s.metadata_mut()),
+        }
+        r
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One Generate call's log line, filled in as the call goes ([`admitted`](Self::admitted), [`see`](Self::see))
+/// and written once: by [`end`](Self::end), or when dropped first (the client left: CANCELLED, or
+/// DEADLINE_EXCEEDED past its deadline, as the call is counted).
+pub struct RequestLog {
+    id: RequestId,
+    rpc: &'static str,
+    start: Instant,
+    timed_out_from: Option<Instant>,
+    /// The request's `adapter_id` ("" for the base model) and the version it ran with.
+    adapter: String,
+    version: String,
+    prompt_tokens: usize,
+    /// Completion 0's (the others share its prompt, and most often its cached blocks).
+    cached_prompt_tokens: usize,
+    queue_time: Option<Duration>,
+    generated_tokens: usize,
+    /// Each completion's, in index order (`None` until it finishes).
+    finish: Vec<Option<FinishReason>>,
+    first_token: Option<Duration>,
+    ended: bool,
+}
+
+impl RequestLog {
+    /// A call for `adapter` ("" for the base model) that began at `start` (its handler's start), ended by
+    /// its deadline when it ends after `timed_out_from`.
+    pub fn new(
+        id: RequestId,
+        rpc: &'static str,
+        adapter: &str,
+        start: Instant,
+        timed_out_from: Option<Instant>,
+    ) -> Self {
+        RequestLog {
+            id,
+            rpc,
+            start,
+            timed_out_from,
+            adapter: adapter.to_string(),
+            version: String::new(),
+            prompt_tokens: 0,
+            cached_prompt_tokens: 0,
+            queue_time: None,
+            generated_tokens: 0,
+            finish: Vec::new(),
+            first_token: None,
+            ended: false,
+        }
+    }
+
+    /// The request passed validation and went to the engine as `n` completions, with that adapter version.
+    pub fn admitted(&mut self, version: &str, prompt_tokens: usize, n: usize) {
+        self.version = version.to_string();
+        self.prompt_tokens = prompt_tokens;
+        self.finish = vec![None; n];
+    }
+
+    /// What completion `i` reported.
+    pub fn see(&mut self, i: usize, ev: &Event) {
+        match ev {
+            Event::Tokens { ids, .. } => {
+                if !ids.is_empty() && self.first_token.is_none() {
+                    self.first_token = Some(self.start.elapsed());
+                }
+                self.generated_tokens += ids.len();
+            }
+            Event::Finished { reason, cached_tokens, queue_time, .. } => {
+                if let Some(f) = self.finish.get_mut(i) {
+                    *f = Some(*reason);
+                }
+                if i == 0 {
+                    self.cached_prompt_tokens = *cached_tokens;
+                    self.queue_time = Some(*queue_time);
+                }
+            }
+            Event::Prompt(_) | Event::Failed(_) => {}
+        }
+    }
+
+    /// Writes the line for a call that answered `r`.
+    pub fn end_with<T>(&mut self, r: &Result<T, Status>) {
+        match r {
+            Ok(_) => self.end(Code::Ok, ""),
+            Err(s) => self.end(s.code(), s.message()),
+        }
+    }
+
+    /// Writes the line: the call ended with `code` (and, failed, `message`). Once; later calls do nothing.
+    pub fn end(&mut self, code: Code, message: &str) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let finish = Finish(&self.finish);
+        let (queue, ttft, total) = (Secs(self.queue_time), Secs(self.first_token), Secs(Some(self.start.elapsed())));
+        macro_rules! line {
+            ($level:ident, $($how:tt)*) => {
+                tracing::$level!(
+                    target: "loraserve::request",
+                    request_id = %self.id,
+                    rpc = self.rpc,
+                    adapter = ?self.adapter,
+                    adapter_version = ?self.version,
+                    code = code_label(code),
+                    prompt_tokens = self.prompt_tokens,
+                    cached_prompt_tokens = self.cached_prompt_tokens,
+                    generated_tokens = self.generated_tokens,
+                    n = self.finish.len(),
+                    %finish,
+                    queue_s = %queue,
+                    first_token_s = %ttft,
+                    total_s = %total,
+                    $($how)*
+                )
+            };
+        }
+        // The server's own failures are worth a look; a client's bad request or its leaving are not.
+        match code {
+            Code::Ok => line!(info, "request finished"),
+            Code::Internal | Code::Unknown | Code::DataLoss => line!(warn, error = ?message, "request failed"),
+            _ => line!(info, error = ?message, "request failed"),
+        }
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.end(ended_by(self.timed_out_from), "the client left");
+        }
+    }
+}
+
+/// Each completion's finish reason, comma-separated in index order ("-" for one that did not finish).
+struct Finish<'a>(&'a [Option<FinishReason>]);
+
+impl fmt::Display for Finish<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("-");
+        }
+        for (i, r) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(match r {
+                None => "-",
+                Some(FinishReason::Length) => "length",
+                Some(FinishReason::EosToken) => "eos_token",
+                Some(FinishReason::StopSequence) => "stop_sequence",
+                Some(FinishReason::StopToken) => "stop_token",
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Seconds to the millisecond, or "-" when the call never got that far.
+struct Secs(Option<Duration>);
+
+impl fmt::Display for Secs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(d) => write!(f, "{:.3}", d.as_secs_f64()),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_header(v: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert(REQUEST_ID_HEADER, v.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn a_given_id_is_kept_and_a_missing_one_made() {
+        let id = RequestId::of(&with_header("trace-7f3a;span=2")).unwrap();
+        assert_eq!(id.as_str(), "trace-7f3a;span=2");
+        let (a, b) = (RequestId::of(&MetadataMap::new()).unwrap(), RequestId::of(&with_header("")).unwrap());
+        for made in [&a, &b] {
+            assert_eq!(made.as_str().len(), 32, "{made}");
+            assert!(made.as_str().bytes().all(|c| c.is_ascii_hexdigit()), "{made}");
+        }
+        assert_ne!(a, b, "each call gets its own id");
+    }
+
+    #[test]
+    fn a_bad_id_is_refused_naming_the_header() {
+        for bad in ["two words", &"x".repeat(MAX_REQUEST_ID + 1)] {
+            let s = RequestId::of(&with_header(bad)).unwrap_err();
+            assert_eq!(s.code(), Code::InvalidArgument, "{bad}");
+            assert!(s.message().starts_with("x-request-id: "), "{}", s.message());
+        }
+        assert!(RequestId::of(&with_header(&"x".repeat(MAX_REQUEST_ID))).is_ok());
+    }
+
+    #[test]
+    fn the_id_goes_back_in_the_answer_and_in_an_error() {
+        let id = RequestId::of(&with_header("abc")).unwrap();
+        let ok = id.stamp(Ok(Response::new(()))).unwrap();
+        assert_eq!(ok.metadata().get(REQUEST_ID_HEADER).unwrap(), "abc");
+        let err = id.stamp::<()>(Err(Status::not_found("no"))).unwrap_err();
+        assert_eq!(err.metadata().get(REQUEST_ID_HEADER).unwrap(), "abc");
+    }
+
+    #[test]
+    fn finish_reasons_read_in_index_order() {
+        let f = [Some(FinishReason::Length), None, Some(FinishReason::EosToken)];
+        assert_eq!(Finish(&f).to_string(), "length,-,eos_token");
+        assert_eq!(Finish(&[]).to_string(), "-");
+        assert_eq!(Secs(Some(Duration::from_micros(1_234_567))).to_string(), "1.235");
+        assert_eq!(Secs(None).to_string(), "-");
+    }
+}
