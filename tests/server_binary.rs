@@ -148,6 +148,18 @@ fn sigterm_drains_and_exits_zero() {
         assert_eq!(served, token_ids(&[&local[..], &call, &[flag, value]].concat()), "{flag}");
         assert_ne!(served, plain, "{flag} changes nothing");
     }
+    // --max-new-tokens 0: as many as fit, locally as the server counts them (past EOS: the demo's context of
+    // 1024 after the prompt's 6 tokens); a prompt that fills the context leaves none.
+    let all = ["--prompt", "Hello", "--max-new-tokens", "0", "--ignore-eos", "--json"];
+    let served = token_ids(&[&client[..], &all].concat());
+    assert_eq!((served.len(), &served), (1018, &token_ids(&[&local[..], &all].concat())));
+    let full = "x".repeat(1023);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args([&local[..], &["--max-new-tokens", "0", "--prompt", &full]].concat())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("1024 prompt tokens leave no room for a new token"), "{err}");
     // So does --min-p, against the same sampled call without it ...
     let sampled = [&call[..], &["--temperature", "1", "--seed", "3"]].concat();
     let served = token_ids(&[&client[..], &sampled, &["--min-p", "0.2"]].concat());

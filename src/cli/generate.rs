@@ -262,6 +262,8 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub input: PromptArgs,
+    /// Tokens to generate at most; 0 asks for as many as fit after the prompt in the model's context, up to
+    /// `serve`'s default --max-new-tokens-cap (as a default server answers max_new_tokens 0).
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// A LoRA adapter: a folder in PEFT layout, or an adapter id under `--adapters`.
@@ -560,11 +562,10 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
     if args.input.prompt.as_ref().is_some_and(String::is_empty) {
         bail!("--prompt is empty");
     }
-    if args.max_new_tokens == 0 {
-        bail!("--max-new-tokens must be at least 1");
-    }
+    // 0 (as many as fit) is checked against the room the prompt leaves, once it is known.
+    let checked = if args.max_new_tokens == 0 { usize::MAX } else { args.max_new_tokens };
     // The flags' own mistakes before the model loads; then the model's defaults for what they leave unset.
-    args.sampling.params(args.max_new_tokens, GenerationDefaults::default())?;
+    args.sampling.params(checked, GenerationDefaults::default())?;
     let loaded = args.model.load()?;
     let config = loaded.model.config();
     let defaults = match args.generation_config {
@@ -573,7 +574,7 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
         })?,
         super::GenerationConfigArg::None => GenerationDefaults::default(),
     };
-    let mut sampling = args.sampling.params(args.max_new_tokens, defaults)?;
+    let mut sampling = args.sampling.params(checked, defaults)?;
     sampling.bad_words = engine::bad_words::bad_words_ids(&loaded.tokenizer, &args.sampling.bad_words)
         .map_err(|e| anyhow::anyhow!("{e} (--bad-word)"))?;
     let structured = args.sampling.constraint()?;
@@ -598,13 +599,23 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
         sampling.guide = Some(std::sync::Arc::new(guide));
     }
     sampling.validate_model(config.vocab_size, &config.eos_token_ids).map_err(anyhow::Error::msg)?;
-    if prompt_ids.len() + args.max_new_tokens > ctx {
-        bail!(
-            "prompt ({} tokens) + --max-new-tokens ({}) exceeds the model's context of {ctx} positions",
-            prompt_ids.len(),
-            args.max_new_tokens
-        );
-    }
+    let prompt = prompt_ids.len();
+    let max_new_tokens = match args.max_new_tokens {
+        0 if prompt >= ctx => {
+            bail!("--max-new-tokens 0: {prompt} prompt tokens leave no room for a new token in the model's context of {ctx} positions")
+        }
+        0 => {
+            let room = (ctx - prompt).min(crate::server::service::Limits::default().max_new_tokens_cap as usize);
+            sampling
+                .validate_lengths(room)
+                .map_err(|e| anyhow::anyhow!("{e}: what fits after {prompt} prompt tokens"))?;
+            room
+        }
+        n if prompt + n > ctx => {
+            bail!("prompt ({prompt} tokens) + --max-new-tokens ({n}) exceeds the model's context of {ctx} positions")
+        }
+        n => n,
+    };
     let eos = &loaded.model.config().eos_token_ids;
     let n = args.n.unwrap_or(1);
     let mut completions = Vec::with_capacity(n as usize);
@@ -612,7 +623,7 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
         // Completion i as the server runs it.
         let job = GenerateJob {
             prompt_ids: &prompt_ids,
-            max_new_tokens: args.max_new_tokens,
+            max_new_tokens,
             sampling: sampling.for_completion(u64::from(i)),
             stop_at_eos: true,
             adapter: adapter.as_ref().map(|a| &a.weights),
