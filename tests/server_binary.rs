@@ -461,6 +461,15 @@ fn each_generate_call_is_logged_under_its_request_id() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success(), "{err}");
     assert!(err.contains("INVALID_ARGUMENT: prompt: is empty") && err.ends_with("(request id req-bad-1)\n"), "{err}");
+    // A failure mid-stream (the output spelled "ye" when the bad word leaves nothing) names it too.
+    let mid = ["--regex", "yes", "--bad-word", "yes", "--stream", "--prompt", "Hello", "--request-id", "req-mid-1"];
+    let mid = generate(&mid);
+    let err = String::from_utf8_lossy(&mid.stderr);
+    assert!(!mid.status.success() && String::from_utf8_lossy(&mid.stdout) == "ye", "{err}");
+    assert!(
+        err.contains("INVALID_ARGUMENT: bad_words: they ban") && err.ends_with("(request id req-mid-1)\n"),
+        "{err}"
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut c = LoraServeClient::connect(format!("http://{addr}")).await.unwrap();
@@ -479,16 +488,23 @@ fn each_generate_call_is_logged_under_its_request_id() {
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().starts_with("x-request-id: must be visible ASCII"), "{}", e.message());
     });
-    // Each id's line (the refused id has none: it is no id).
-    let ids = ["req-ok-1", made.as_str(), "req-bad-1", "req-left-1"];
+    // A last call, after all the others ended: once its line is out, theirs are.
+    json(&generate(&["--prompt", "Hello", "--max-new-tokens", "1", "--json", "--request-id", "req-last-1"]));
+    // Each id's line, once (the refused id has none: it is no id).
+    let ids = ["req-ok-1", made.as_str(), "req-bad-1", "req-mid-1", "req-left-1", "req-last-1"];
     let mut found = std::collections::BTreeMap::new();
-    while found.len() < ids.len() {
-        let line = log.recv_timeout(Duration::from_secs(30)).expect("a request's line");
+    let mut wait = Duration::from_secs(30);
+    while let Ok(line) = log.recv_timeout(wait) {
         assert!(!line.contains("two words"), "{line}");
-        if let Some(id) = ids.iter().find(|id| line.contains(&format!("request_id={id} "))) {
+        if let Some(id) = ids.iter().find(|id| line.contains(&format!("request_id=\"{id}\" "))) {
             assert!(found.insert(*id, line.clone()).is_none(), "logged twice: {line}");
         }
+        if found.len() == ids.len() {
+            // Whatever else comes soon: no second line for any of them.
+            wait = Duration::from_millis(300);
+        }
     }
+    assert_eq!(found.len(), ids.len(), "lines for {:?} only", found.keys());
     let field = |line: &str, name: &str| -> String {
         let i = line.find(&format!(" {name}=")).unwrap_or_else(|| panic!("no {name} in {line}")) + name.len() + 2;
         line[i..].split(' ').next().unwrap().to_string()
@@ -520,6 +536,9 @@ fn each_generate_call_is_logged_under_its_request_id() {
     assert_eq!(field(line, "code"), "\"INVALID_ARGUMENT\"", "{line}");
     assert!(line.contains("request failed") && line.contains(" error=\"prompt: is empty"), "{line}");
     assert_eq!((field(line, "first_token_s"), field(line, "finish")), ("-".into(), "-".into()), "{line}");
+    let line = &found["req-mid-1"];
+    assert_eq!((field(line, "code"), field(line, "generated_tokens")), ("\"INVALID_ARGUMENT\"".into(), "2".into()));
+    assert!(line.contains(" error=\"bad_words: they ban every token"), "{line}");
     let line = &found["req-left-1"];
     assert_eq!(field(line, "code"), "\"CANCELLED\"", "{line}");
     let got: usize = field(line, "generated_tokens").parse().unwrap();

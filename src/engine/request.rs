@@ -39,10 +39,16 @@ pub enum EngineError {
     Unsatisfiable(String),
 }
 
-/// Something that happened to a request, in order: with [`ValidRequest::prompt_logprobs`] its `Prompt` right
-/// before its first tokens, tokens as they are produced, then exactly one `Finished` or `Failed`.
+/// Something that happened to a request, in order: `Started` when it first runs (none for a request that
+/// ends before), with [`ValidRequest::prompt_logprobs`] its `Prompt` right before its first tokens, tokens as
+/// they are produced, then exactly one `Finished` or `Failed`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
+    /// It joined the running batch for the first time, after waiting this long since its submission to the
+    /// engine (in the queue).
+    Started {
+        queue_time: Duration,
+    },
     /// The prompt scored (asked for by [`ValidRequest::prompt_logprobs`]).
     Prompt(PromptLogprobs),
     /// New tokens and the text they complete (possibly empty while a character or a possible stop string
@@ -62,8 +68,6 @@ pub enum Event {
         /// Leading prompt tokens whose keys and values came from the prefix cache when the request first ran.
         cached_tokens: usize,
         generated_tokens: usize,
-        /// From its submission to the engine until it first ran (waiting in the queue).
-        queue_time: Duration,
     },
     Failed(EngineError),
 }

@@ -131,8 +131,6 @@ struct Live {
     admitted: bool,
     /// Prompt tokens found in the prefix cache when it joined.
     cached_tokens: usize,
-    /// From its submission until it first joined the running batch.
-    queue_time: Duration,
     last_token_at: Option<Instant>,
 }
 
@@ -239,7 +237,6 @@ pub(crate) fn run(
                             queued: Some(queued),
                             admitted: false,
                             cached_tokens: 0,
-                            queue_time: Duration::ZERO,
                             last_token_at: None,
                             req: *req,
                         },
@@ -292,13 +289,16 @@ pub(crate) fn run(
                 l.queued.get_or_insert_with(|| Queued::enter(&stats).0);
             }
         }
+        // (Read after the plan: a request admitted in the place of one reaped above waited until then.)
+        let planned = Instant::now();
         for r in &plan.rows {
             let l = live.get_mut(&r.seq).expect("planned sequence is live");
             // Running now: no longer queued. The first time, it starts after what the prefix cache held.
-            let waited = l.queued.take().map(|q| now.duration_since(q.since));
+            let waited = l.queued.take().map(|q| planned.duration_since(q.since));
             if !std::mem::replace(&mut l.admitted, true) {
-                l.queue_time = waited.unwrap_or_default();
-                metrics::histogram!(t::REQUEST_QUEUE_TIME_SECONDS).record(l.queue_time.as_secs_f64());
+                let queue_time = waited.unwrap_or_default();
+                metrics::histogram!(t::REQUEST_QUEUE_TIME_SECONDS).record(queue_time.as_secs_f64());
+                let _ = l.req.events.send(Event::Started { queue_time });
                 l.cached_tokens = r.start;
                 if slots[&r.seq].reuse {
                     metrics::counter!(t::PREFIX_CACHE_QUERIES_TOTAL).increment(l.prompt_len as u64);
@@ -440,7 +440,6 @@ pub(crate) fn run(
                     prompt_tokens: l.prompt_len,
                     cached_tokens: l.cached_tokens,
                     generated_tokens: l.generated,
-                    queue_time: l.queue_time,
                 });
                 metrics::histogram!(t::REQUEST_DURATION_SECONDS)
                     .record(now.duration_since(l.req.arrival).as_secs_f64());

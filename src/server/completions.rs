@@ -64,6 +64,7 @@ impl Completions {
     pub fn add(&mut self, i: usize, ev: Event) -> Result<bool, EngineError> {
         let out = &mut self.choices[i];
         match ev {
+            Event::Started { .. } => {}
             Event::Prompt(p) => set_prompt(&mut self.shared, p),
             Event::Tokens { ids, text, logprobs, top_logprobs } => {
                 out.token_ids.extend(ids);
@@ -125,6 +126,7 @@ impl StreamTagger {
         let mut msg =
             proto::GenerateResponse { index: i as u32, adapter_version: self.version.clone(), ..Default::default() };
         match ev {
+            Event::Started { .. } => return Ok(Vec::new()),
             Event::Prompt(p) => {
                 self.prompt = Some(p);
                 return Ok(Vec::new());
@@ -169,20 +171,13 @@ impl StreamTagger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn tokens(ids: &[u32], text: &str) -> Event {
         Event::Tokens { ids: ids.to_vec(), text: text.into(), logprobs: vec![], top_logprobs: vec![] }
     }
 
     fn finished(reason: FinishReason, cached: usize) -> Event {
-        Event::Finished {
-            reason,
-            prompt_tokens: 5,
-            cached_tokens: cached,
-            generated_tokens: 2,
-            queue_time: Duration::ZERO,
-        }
+        Event::Finished { reason, prompt_tokens: 5, cached_tokens: cached, generated_tokens: 2 }
     }
 
     fn prompt() -> PromptLogprobs {

@@ -1,10 +1,11 @@
-//! Request ids and the request log. Every Generate call has an id: the client's `x-request-id` (vLLM's and
-//! Envoy's header) or, without one, one made here; the response's metadata carries it back either way (its
-//! headers, or the trailers of a call that fails), so a client can quote it. At the call's end one line is
-//! logged on the target `loraserve::request`, as TGI logs each request: the id, the adapter and its version,
-//! the tokens, how each completion finished, and where the time went (queue, first token, total). The line
-//! is `info`, `warn` for the server's own failures; `LORASERVE_LOG=info,loraserve::request=off` turns it
-//! off. Prompts and outputs are never logged.
+//! Request ids and the request log. Every Generate call that reaches its handler has an id: the client's
+//! `x-request-id` (vLLM's and Envoy's header) or, without one, one made here; the response's metadata
+//! carries it back either way (its headers, or the trailers of a call that fails), so a client can quote it.
+//! At the call's end one line is logged on the target `loraserve::request`, as TGI logs each request: the
+//! id, the adapter and its version, the tokens, how each completion finished, and where the time went
+//! (queue, first token, total). The line is `info`, `warn` for the server's own failures;
+//! `LORASERVE_LOG=info,loraserve::request=off` turns it off. Prompts and outputs are never logged; an error's
+//! message may quote what the request sent (escaped, and cut to [`MAX_LOGGED`] bytes, as the adapter id).
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -21,6 +22,9 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// The longest request id taken, in bytes (a UUID is 36; W3C's `traceparent` 55).
 pub const MAX_REQUEST_ID: usize = 128;
+
+/// The most bytes of a request's adapter id, and of an error message, a log line quotes.
+pub const MAX_LOGGED: usize = 256;
 
 const NOT_VISIBLE: &str = "must be visible ASCII (no spaces or control characters)";
 
@@ -69,6 +73,12 @@ impl RequestId {
         meta.insert(REQUEST_ID_HEADER, self.0.clone());
     }
 
+    /// `s` with this id in its metadata (the trailers it goes out in).
+    pub fn tag(&self, mut s: Status) -> Status {
+        self.insert_into(s.metadata_mut());
+        s
+    }
+
     /// `r` with this id in its metadata: the response's headers, or a failed call's trailers.
     pub fn stamp<T>(&self, mut r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
         match &mut r {
@@ -108,8 +118,8 @@ pub struct RequestLog {
 }
 
 impl RequestLog {
-    /// A call for `adapter` ("" for the base model) that began at `start` (its handler's start), ended by
-    /// its deadline when it ends after `timed_out_from`.
+    /// A call for `adapter` ("" for the base model) that arrived at `start`, ended by its deadline when it
+    /// ends after `timed_out_from`.
     pub fn new(
         id: RequestId,
         rpc: &'static str,
@@ -122,7 +132,7 @@ impl RequestLog {
             rpc,
             start,
             timed_out_from,
-            adapter: adapter.to_string(),
+            adapter: clip(adapter).to_string(),
             version: String::new(),
             prompt_tokens: 0,
             cached_prompt_tokens: 0,
@@ -144,19 +154,23 @@ impl RequestLog {
     /// What completion `i` reported.
     pub fn see(&mut self, i: usize, ev: &Event) {
         match ev {
+            Event::Started { queue_time } => {
+                if i == 0 {
+                    self.queue_time = Some(*queue_time);
+                }
+            }
             Event::Tokens { ids, .. } => {
                 if !ids.is_empty() && self.first_token.is_none() {
                     self.first_token = Some(self.start.elapsed());
                 }
                 self.generated_tokens += ids.len();
             }
-            Event::Finished { reason, cached_tokens, queue_time, .. } => {
+            Event::Finished { reason, cached_tokens, .. } => {
                 if let Some(f) = self.finish.get_mut(i) {
                     *f = Some(*reason);
                 }
                 if i == 0 {
                     self.cached_prompt_tokens = *cached_tokens;
-                    self.queue_time = Some(*queue_time);
                 }
             }
             Event::Prompt(_) | Event::Failed(_) => {}
@@ -177,12 +191,13 @@ impl RequestLog {
             return;
         }
         let finish = Finish(&self.finish);
+        let message = clip(message);
         let (queue, ttft, total) = (Secs(self.queue_time), Secs(self.first_token), Secs(Some(self.start.elapsed())));
         macro_rules! line {
             ($level:ident, $($how:tt)*) => {
                 tracing::$level!(
                     target: "loraserve::request",
-                    request_id = %self.id,
+                    request_id = ?self.id.as_str(),
                     rpc = self.rpc,
                     adapter = ?self.adapter,
                     adapter_version = ?self.version,
@@ -211,9 +226,31 @@ impl RequestLog {
 impl Drop for RequestLog {
     fn drop(&mut self) {
         if !self.ended {
-            self.end(ended_by(self.timed_out_from), "the client left");
+            let (code, why) = left(self.timed_out_from);
+            self.end(code, why);
         }
     }
+}
+
+/// How a call its client left ended (by its deadline once `timed_out_from` has passed, else cancelled), and
+/// the words for it.
+pub fn left(timed_out_from: Option<Instant>) -> (Code, &'static str) {
+    match ended_by(timed_out_from) {
+        Code::DeadlineExceeded => (Code::DeadlineExceeded, "the client left at its deadline"),
+        code => (code, "the client left"),
+    }
+}
+
+/// `s`, cut to at most [`MAX_LOGGED`] bytes (at a character's boundary).
+fn clip(s: &str) -> &str {
+    if s.len() <= MAX_LOGGED {
+        return s;
+    }
+    let mut end = MAX_LOGGED;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Each completion's finish reason, comma-separated in index order ("-" for one that did not finish).
@@ -300,5 +337,9 @@ mod tests {
         assert_eq!(Finish(&[]).to_string(), "-");
         assert_eq!(Secs(Some(Duration::from_micros(1_234_567))).to_string(), "1.235");
         assert_eq!(Secs(None).to_string(), "-");
+        // Cut before the two-byte character that would pass the limit.
+        let long = format!("a{}", "é".repeat(MAX_LOGGED));
+        assert_eq!(clip(&long).len(), MAX_LOGGED - 1);
+        assert_eq!(clip("short"), "short");
     }
 }

@@ -19,7 +19,7 @@ use super::counting::HandlerSeen;
 use super::deadline::{ended_by, not_past, within, CallDeadline};
 use super::prompt::PromptInput;
 use super::proto::{self, lora_serve_server::LoraServe};
-use super::request_log::{RequestId, RequestLog};
+use super::request_log::{self, RequestId, RequestLog};
 use super::status::{self, invalid};
 use super::tokenize;
 use crate::engine::structured::{Constraint, Guide, Guides};
@@ -198,17 +198,28 @@ async fn unary<T, R, F: std::future::Future<Output = Result<R, Status>>>(
     counted(rpc, r.map(Response::new))
 }
 
+/// When `req` reached the server ([`Arrival`]; now, for a call that did not come through the server's layers).
+fn arrival_of<T>(req: &Request<T>) -> Instant {
+    req.extensions().get::<Arrival>().map_or_else(Instant::now, |a| a.0)
+}
+
+/// A streamed call's end: counted and logged with the one code.
+fn end_stream(log: &mut RequestLog, code: tonic::Code, message: &str) {
+    count("GenerateStream", code);
+    log.end(code, message);
+}
+
 /// Ends a stream at its deadline: the engine stops the request (its events dropped), then the status goes out.
 async fn end_at_deadline(
     events: Events,
     log: &mut RequestLog,
+    id: &RequestId,
     tx: &mpsc::Sender<Result<proto::GenerateResponse, Status>>,
 ) {
     drop(events);
     let s = Status::deadline_exceeded("deadline exceeded");
-    count("GenerateStream", s.code());
-    log.end(s.code(), s.message());
-    let _ = tx.send(Err(s)).await;
+    end_stream(log, s.code(), s.message());
+    let _ = tx.send(Err(id.tag(s))).await;
 }
 
 /// A request on its way to the engine, plus what the response needs.
@@ -460,7 +471,7 @@ impl LoraServe for Service {
         &self,
         req: Request<proto::GenerateRequest>,
     ) -> Result<Response<proto::GenerateResponse>, Status> {
-        let start = Instant::now();
+        let start = arrival_of(&req);
         let id = RequestId::of(req.metadata());
         let echo = id.clone().ok();
         let r = unary("Generate", req, |req, deadline, timed_out_from| async move {
@@ -501,7 +512,7 @@ impl LoraServe for Service {
 
     async fn generate_stream(&self, req: Request<proto::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         HandlerSeen::mark(&req);
-        let start = Instant::now();
+        let start = arrival_of(&req);
         let (deadline, timed_out_from) = deadline_of(&req);
         let mut guard = CancelCount::new("GenerateStream", timed_out_from);
         let id = match RequestId::of(req.metadata()) {
@@ -527,9 +538,11 @@ impl LoraServe for Service {
         };
         log.admitted(&a.adapter_version, a.prompt_tokens, a.n);
         let (tx, rx) = mpsc::channel::<Result<proto::GenerateResponse, Status>>(64);
+        let call_id = id.clone();
         tokio::spawn(async move {
-            // Dropped on any path out of this task: a path that does not end it first is a client that left.
-            let mut log = log;
+            let (mut log, id) = (log, call_id);
+            // Every way out counts the call and logs it with the one code: a client that left, as this.
+            let left = || request_log::left(timed_out_from);
             let mut tagger = StreamTagger::new(a.n, a.adapter_version, a.scores_prompt);
             // tonic's timer covers the handler only: past it, the deadline is this task's to keep, as the
             // unary call's (else the client gives up first and the call counts CANCELLED). Watched first, while
@@ -546,49 +559,49 @@ impl LoraServe for Service {
                 // nothing to fail on: watch the channel too, so that its slot and adapter lease go at once.
                 let ev = tokio::select! {
                     biased;
-                    () = &mut expired => return end_at_deadline(a.events, &mut log, &tx).await,
+                    () = &mut expired => return end_at_deadline(a.events, &mut log, &id, &tx).await,
                     ev = a.events.next() => ev,
                     () = tx.closed() => {
                         // Returning drops `a.events`, which tells the engine to stop.
-                        count("GenerateStream", ended_by(timed_out_from));
-                        return;
+                        let (code, why) = left();
+                        return end_stream(&mut log, code, why);
                     }
                 };
                 let Some((i, ev)) = ev else { break };
                 log.see(i, &ev);
-                let (out, code) = match tagger.messages(i, ev) {
-                    Ok(msgs) => (msgs.into_iter().map(Ok).collect(), tonic::Code::Ok),
+                let (out, failure) = match tagger.messages(i, ev) {
+                    Ok(msgs) => (msgs.into_iter().map(Ok).collect(), None),
                     Err(e) => {
-                        let s = status::bound(status::from_engine(e));
-                        log.end(s.code(), s.message());
-                        let code = s.code();
-                        (vec![Err(s)], code)
+                        // `bound` makes a new status: the id goes on after it.
+                        let s = id.tag(status::bound(status::from_engine(e)));
+                        let failure = (s.code(), s.message().to_string());
+                        (vec![Err(s)], Some(failure))
                     }
                 };
                 for msg in out {
                     let sent = tokio::select! {
                         biased;
-                        () = &mut expired => return end_at_deadline(a.events, &mut log, &tx).await,
+                        () = &mut expired => return end_at_deadline(a.events, &mut log, &id, &tx).await,
                         sent = tx.send(msg) => sent,
                     };
                     // A failed send means the client left: dropping `a.events` tells the engine to stop.
                     if sent.is_err() {
-                        count("GenerateStream", ended_by(timed_out_from));
-                        return;
+                        let (code, why) = left();
+                        return end_stream(&mut log, code, why);
                     }
                 }
                 // A completion's failure, or every completion's end, ends the call.
-                if code != tonic::Code::Ok || tagger.done() {
-                    count("GenerateStream", code);
-                    log.end(code, "");
-                    return;
+                if let Some((code, message)) = failure {
+                    return end_stream(&mut log, code, &message);
+                }
+                if tagger.done() {
+                    return end_stream(&mut log, tonic::Code::Ok, "");
                 }
             }
             // The engine dropped the request without finishing it: as the unary call, INTERNAL.
             let s = Status::internal("engine dropped the request");
-            count("GenerateStream", s.code());
-            log.end(s.code(), s.message());
-            let _ = tx.send(Err(s)).await;
+            end_stream(&mut log, s.code(), s.message());
+            let _ = tx.send(Err(id.tag(s))).await;
         });
         id.stamp(Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as GenerateStream)))
     }
