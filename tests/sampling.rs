@@ -113,8 +113,15 @@ async fn min_tokens_and_ignore_eos_move_the_end() {
     let stop = |min_tokens| GenerateRequest { stop: vec!["MOON".into()], min_tokens, ..req("upper", PROMPT, 40) };
     let stopped = generate(stop(7)).await;
     assert_eq!((stopped.text.as_str(), finish(&stopped)), ("CAT ", FinishReason::StopSequence));
+    // Which one stopped it (vLLM's stop_reason): of several, the one found; none at EOS.
+    use loraserve::server::proto::generate_response::StopReason;
+    assert_eq!(stopped.stop_reason, Some(StopReason::StopString("MOON".into())));
+    let two = GenerateRequest { stop: vec!["FIRE".into(), " M".into()], ..req("upper", PROMPT, 40) };
+    let two = generate(two).await;
+    assert_eq!((two.text.as_str(), two.stop_reason), ("CAT", Some(StopReason::StopString(" M".into()))));
     let passed = generate(stop(8)).await;
     assert_eq!((passed.text.as_str(), finish(&passed)), ("CAT MOON FIRE", FinishReason::EosToken));
+    assert_eq!(passed.stop_reason, None);
     assert_eq!(passed.token_ids, plain.token_ids);
     // include_stop_str_in_output: the text ends after the stop string, unary and streamed; the ids as before.
     let kept = GenerateRequest { include_stop_str_in_output: true, ..stop(0) };
@@ -122,11 +129,14 @@ async fn min_tokens_and_ignore_eos_move_the_end() {
     assert_eq!((unary.text.as_str(), finish(&unary)), ("CAT MOON", FinishReason::StopSequence));
     assert_eq!(unary.token_ids, generate(stop(0)).await.token_ids);
     let mut s = client.clone().generate_stream(kept).await.unwrap().into_inner();
-    let mut streamed = String::new();
+    let (mut streamed, mut last) = (String::new(), None);
     while let Some(m) = tokio_stream::StreamExt::next(&mut s).await {
-        streamed.push_str(&m.unwrap().text);
+        let m = m.unwrap();
+        streamed.push_str(&m.text);
+        last = Some(m);
     }
     assert_eq!(streamed, "CAT MOON");
+    assert_eq!(last.unwrap().stop_reason, Some(StopReason::StopString("MOON".into())), "on the final message");
     h.shutdown();
     h.wait().await.unwrap();
 }
@@ -151,6 +161,8 @@ async fn stop_token_ids_end_the_answer() {
         assert_eq!(out.text, "CAT ", "ignore_eos {ignore_eos}");
         assert_eq!(out.token_ids.last(), Some(&m_id));
         assert_eq!(FinishReason::try_from(out.finish_reason), Ok(FinishReason::StopToken));
+        let stop = loraserve::server::proto::generate_response::StopReason::StopTokenId(m_id);
+        assert_eq!(out.stop_reason, Some(stop));
     }
     let kept = client.generate(GenerateRequest { include_stop_str_in_output: true, ..with(0, false) }).await;
     assert_eq!(kept.unwrap().into_inner().text, "CAT M");

@@ -27,7 +27,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 pub use generate::{generate, GenerateJob, Generated};
-pub use request::{truncate_prompt, EngineError, Event, FinishReason, PromptLogprobs, ValidRequest};
+pub use request::{truncate_prompt, EngineError, Event, FinishReason, PromptLogprobs, StopReason, ValidRequest};
 pub use sampler::{Sampler, SamplingParams};
 pub use worker::{EngineConfig, EngineStats};
 

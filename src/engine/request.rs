@@ -23,6 +23,15 @@ pub enum FinishReason {
     StopToken,
 }
 
+/// What stopped a request that a stop string or a stop token ended (vLLM's `stop_reason`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The stop string found in the text.
+    String(String),
+    /// The stop token id generated.
+    Token(u32),
+}
+
 /// Why the engine gave up on a request.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
@@ -68,6 +77,8 @@ pub enum Event {
         /// Leading prompt tokens whose keys and values came from the prefix cache when the request first ran.
         cached_tokens: usize,
         generated_tokens: usize,
+        /// With [`FinishReason::StopSequence`] or [`FinishReason::StopToken`]: which.
+        stop_reason: Option<StopReason>,
     },
     Failed(EngineError),
 }

@@ -19,6 +19,8 @@ pub struct StopText {
     unarmed: usize,
     /// Whether the last token pushed was past `min_tokens` (its text, held back, may come out at the flush).
     armed: bool,
+    /// The stop string reached, once one is (its index in `stops`).
+    found: Option<usize>,
 }
 
 impl StopText {
@@ -32,7 +34,22 @@ impl StopText {
             emitted: 0,
             unarmed: 0,
             armed: false,
+            found: None,
         }
+    }
+
+    /// The stop string that ended the text, once one has (vLLM's `stop_reason`).
+    pub fn found(&self) -> Option<&str> {
+        self.found.map(|i| self.stops[i].as_str())
+    }
+
+    /// Cuts the text at the stop string `i` found at `start` (before it, or after it when it is kept): the
+    /// text's new length.
+    fn cut(&mut self, start: usize, i: usize) -> usize {
+        self.found = Some(i);
+        let pos = if self.keep_stop { start + self.stops[i].len() } else { start };
+        self.full.truncate(pos);
+        pos
     }
 
     /// Spells special tokens out in the text (vLLM's `skip_special_tokens` false) instead of skipping them.
@@ -51,9 +68,8 @@ impl StopText {
         }
         self.armed = armed;
         if armed {
-            if let Some((start, len)) = self.stop_at() {
-                let pos = if self.keep_stop { start + len } else { start };
-                self.full.truncate(pos);
+            if let Some((start, i)) = self.stop_at() {
+                let pos = self.cut(start, i);
                 let out = self.full[self.emitted.min(pos)..].to_string();
                 self.emitted = pos;
                 return (out, true);
@@ -78,7 +94,7 @@ impl StopText {
         (out, false)
     }
 
-    /// Where the earliest stop string in the text starts, and its length (the first given among those
+    /// Where the earliest stop string in the text starts, and which one it is (the first given among those
     /// starting there), if one ends in the text not yet looked at (past what was handed out and what came
     /// before `min_tokens`).
     fn stop_at(&self) -> Option<(usize, usize)> {
@@ -88,15 +104,15 @@ impl StopText {
         while !self.full.is_char_boundary(from) {
             from -= 1;
         }
-        let found = |s: &String| {
+        let found = |(i, s): (usize, &String)| {
             // An occurrence that ends past `unarmed` starts at `unarmed + 1 - len` or later.
             let mut start = from.max((self.unarmed + 1).saturating_sub(s.len()));
             while !self.full.is_char_boundary(start) {
                 start += 1;
             }
-            self.full[start..].find(s.as_str()).map(|p| (start + p, s.len()))
+            self.full[start..].find(s.as_str()).map(|p| (start + p, i))
         };
-        self.stops.iter().filter_map(found).min_by_key(|&(start, _)| start)
+        self.stops.iter().enumerate().filter_map(found).min_by_key(|&(start, _)| start)
     }
 
     /// Everything still held back (at the end of generation), cut at a stop string that ends in it (text the
@@ -107,8 +123,8 @@ impl StopText {
             self.full.push_str(&rest);
         }
         let stop = if self.armed { self.stop_at() } else { None };
-        if let Some((start, len)) = stop {
-            self.full.truncate(if self.keep_stop { start + len } else { start });
+        if let Some((start, i)) = stop {
+            self.cut(start, i);
         }
         let out = self.full[self.emitted.min(self.full.len())..].to_string();
         self.emitted = self.full.len();
@@ -210,8 +226,9 @@ mod tests {
             st.full = text.to_string();
             st.stop_at()
         };
-        assert_eq!(at("xENDING", &["END", "ENDING"]), Some((1, 3)));
-        assert_eq!(at("xENDING", &["ENDING", "END"]), Some((1, 6)));
+        // (Where it starts, which one.)
+        assert_eq!(at("xENDING", &["END", "ENDING"]), Some((1, 0)));
+        assert_eq!(at("xENDING", &["ENDING", "END"]), Some((1, 0)));
         assert_eq!(at("AB", &["B", "A"]), Some((0, 1)));
         assert_eq!(at("AB", &["C"]), None);
     }
@@ -223,11 +240,24 @@ mod tests {
         assert_eq!(chunks.concat() + &rest, "ENx END");
     }
 
+    /// The one found is the one reported, also when found at the flush.
     #[test]
-    fn earliest_of_several_stops_wins() {
+    fn earliest_of_several_stops_wins_and_is_reported() {
         let (chunks, stopped, _) = run("abc;def.", &[".", ";"]);
         assert!(stopped);
         assert_eq!(chunks.concat(), "abc");
+        let tok = demo::tokenizer().unwrap();
+        let mut st = StopText::new(vec!["".into(), "x".into(), "c;".into(), ";".into()], false);
+        for b in "abc;".bytes() {
+            assert_eq!(st.found(), None);
+            st.push(&tok, 3 + b as u32, true);
+        }
+        assert_eq!(st.found(), Some("c;"));
+        let mut st = StopText::new(vec!["\u{FFFD}".into()], false);
+        st.push(&tok, 3 + 0xE2, true);
+        assert_eq!(st.found(), None);
+        assert!(st.flush(&tok).1);
+        assert_eq!(st.found(), Some("\u{FFFD}"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::logits::{fetch_rows, LogSoftmax, RowLogits};
-use super::request::{EngineError, Event, FinishReason, PromptLogprobs, ValidRequest};
+use super::request::{EngineError, Event, FinishReason, PromptLogprobs, StopReason, ValidRequest};
 use super::sampler::{self, NoToken, Sampler};
 use super::scheduler::{PlannedRow, Scheduler, SchedulerConfig, SeqId, SeqSlot};
 use super::text::StopText;
@@ -435,11 +435,17 @@ pub(crate) fn run(
             let sent = l.req.events.send(Event::Tokens { ids: vec![token], text, logprobs, top_logprobs });
             if let Some(reason) = finish {
                 let l = live.remove(&id).expect("live");
+                let stop_reason = match reason {
+                    FinishReason::StopSequence => l.text.found().map(|s| StopReason::String(s.to_string())),
+                    FinishReason::StopToken => Some(StopReason::Token(token)),
+                    FinishReason::EosToken | FinishReason::Length => None,
+                };
                 let _ = l.req.events.send(Event::Finished {
                     reason,
                     prompt_tokens: l.prompt_len,
                     cached_tokens: l.cached_tokens,
                     generated_tokens: l.generated,
+                    stop_reason,
                 });
                 metrics::histogram!(t::REQUEST_DURATION_SECONDS)
                     .record(now.duration_since(l.req.arrival).as_secs_f64());

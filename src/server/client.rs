@@ -262,6 +262,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
             c.top_logprobs.extend(msg.top_logprobs);
             c.cached_prompt_tokens = c.cached_prompt_tokens.max(msg.cached_prompt_tokens);
             c.finish_reason = msg.finish_reason;
+            c.stop_reason = msg.stop_reason.or(c.stop_reason.take());
         }
         if !json && n == 1 {
             to_stdout(format_args!("\n"))?;
@@ -282,6 +283,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
                 top_logprobs: std::mem::take(&mut response.top_logprobs),
                 cached_prompt_tokens: response.cached_prompt_tokens,
                 finish_reason: response.finish_reason,
+                stop_reason: response.stop_reason.take(),
                 ..Default::default()
             };
             response.choices.push(one);
@@ -300,6 +302,15 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
         let reason = |c: &proto::GenerateResponse| {
             proto::FinishReason::try_from(c.finish_reason).map(|r| r.as_str_name()).unwrap_or("UNKNOWN")
         };
+        // vLLM's: the stop string, the stop token id, or null.
+        let stop_reason = |c: &proto::GenerateResponse| -> serde_json::Value {
+            use proto::generate_response::StopReason;
+            match &c.stop_reason {
+                Some(StopReason::StopString(s)) => s.as_str().into(),
+                Some(StopReason::StopTokenId(id)) => (*id).into(),
+                None => serde_json::Value::Null,
+            }
+        };
         let add_logprobs = |json: &mut serde_json::Value, c: &proto::GenerateResponse| {
             if call.logprobs {
                 json["logprobs"] = c.logprobs.clone().into();
@@ -316,6 +327,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
                     "prompt_tokens": response.prompt_tokens,
                     "cached_prompt_tokens": c.cached_prompt_tokens,
                     "finish_reason": reason(c),
+                    "stop_reason": stop_reason(c),
                     "adapter_version": response.adapter_version,
                     "request_id": request_id,
                 });
@@ -332,6 +344,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
                             "token_ids": c.token_ids,
                             "cached_prompt_tokens": c.cached_prompt_tokens,
                             "finish_reason": reason(c),
+                            "stop_reason": stop_reason(c),
                         });
                         add_logprobs(&mut json, c);
                         json

@@ -7,7 +7,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamMap;
 
 use super::proto;
-use crate::engine::{EngineError, Event, FinishReason, PromptLogprobs};
+use crate::engine::{EngineError, Event, FinishReason, PromptLogprobs, StopReason};
 
 /// The most completions one request may ask for (`n`).
 pub const MAX_N: u32 = 16;
@@ -46,6 +46,13 @@ fn finish_reason(r: FinishReason) -> proto::FinishReason {
     }
 }
 
+fn to_proto_stop(r: StopReason) -> proto::generate_response::StopReason {
+    match r {
+        StopReason::String(s) => proto::generate_response::StopReason::StopString(s),
+        StopReason::Token(id) => proto::generate_response::StopReason::StopTokenId(id),
+    }
+}
+
 /// A unary call's completions, gathered until each has finished.
 pub struct Completions {
     choices: Vec<proto::GenerateResponse>,
@@ -72,10 +79,11 @@ impl Completions {
                 out.logprobs.extend(logprobs);
                 out.top_logprobs.extend(top_logprobs.into_iter().map(to_proto_top));
             }
-            Event::Finished { reason, prompt_tokens, cached_tokens, .. } => {
+            Event::Finished { reason, prompt_tokens, cached_tokens, stop_reason, .. } => {
                 self.shared.prompt_tokens = prompt_tokens as u32;
                 out.cached_prompt_tokens = cached_tokens as u32;
                 out.set_finish_reason(finish_reason(reason));
+                out.stop_reason = stop_reason.map(to_proto_stop);
                 self.finished += 1;
             }
             Event::Failed(e) => return Err(e),
@@ -96,6 +104,7 @@ impl Completions {
                 logprobs: one.logprobs,
                 top_logprobs: one.top_logprobs,
                 cached_prompt_tokens: one.cached_prompt_tokens,
+                stop_reason: one.stop_reason,
                 ..shared
             };
         }
@@ -137,10 +146,11 @@ impl StreamTagger {
                 msg.logprobs = logprobs;
                 msg.top_logprobs = top_logprobs.into_iter().map(to_proto_top).collect();
             }
-            Event::Finished { reason, prompt_tokens, cached_tokens, .. } => {
+            Event::Finished { reason, prompt_tokens, cached_tokens, stop_reason, .. } => {
                 msg.prompt_tokens = prompt_tokens as u32;
                 msg.cached_prompt_tokens = cached_tokens as u32;
                 msg.set_finish_reason(finish_reason(reason));
+                msg.stop_reason = stop_reason.map(to_proto_stop);
                 self.left -= 1;
             }
             Event::Failed(e) => return Err(e),
@@ -177,7 +187,16 @@ mod tests {
     }
 
     fn finished(reason: FinishReason, cached: usize) -> Event {
-        Event::Finished { reason, prompt_tokens: 5, cached_tokens: cached, generated_tokens: 2 }
+        Event::Finished { reason, prompt_tokens: 5, cached_tokens: cached, generated_tokens: 2, stop_reason: None }
+    }
+
+    /// Ended by `stop`.
+    fn stopped(stop: StopReason) -> Event {
+        let reason = match stop {
+            StopReason::String(_) => FinishReason::StopSequence,
+            StopReason::Token(_) => FinishReason::StopToken,
+        };
+        Event::Finished { reason, prompt_tokens: 5, cached_tokens: 0, generated_tokens: 2, stop_reason: Some(stop) }
     }
 
     fn prompt() -> PromptLogprobs {
@@ -188,15 +207,17 @@ mod tests {
     #[test]
     fn one_completion_is_the_plain_response() {
         let mut c = Completions::new(1, "v1".into());
+        assert_eq!(c.add(0, Event::Started { queue_time: std::time::Duration::ZERO }), Ok(false));
         assert_eq!(c.add(0, Event::Prompt(prompt())), Ok(false));
         assert_eq!(c.add(0, tokens(&[7], "a")), Ok(false));
         assert_eq!(c.add(0, tokens(&[8], "b")), Ok(false));
-        assert_eq!(c.add(0, finished(FinishReason::Length, 0)), Ok(true));
+        assert_eq!(c.add(0, stopped(StopReason::String("c".into()))), Ok(true));
         let r = c.into_response();
+        assert_eq!(r.stop_reason, Some(proto::generate_response::StopReason::StopString("c".into())));
         assert_eq!((r.text.as_str(), r.token_ids.as_slice(), r.index), ("ab", &[7, 8][..], 0));
         assert_eq!((r.prompt_tokens, r.adapter_version.as_str()), (5, "v1"));
         assert_eq!((&r.prompt_token_ids[..], &r.prompt_logprobs[..]), (&[1, 2][..], &[-0.5][..]));
-        assert_eq!(r.finish_reason(), proto::FinishReason::Length);
+        assert_eq!(r.finish_reason(), proto::FinishReason::StopSequence);
         assert!(r.choices.is_empty());
     }
 
@@ -208,13 +229,15 @@ mod tests {
         assert_eq!(c.add(1, tokens(&[9], "x")), Ok(false));
         assert_eq!(c.add(0, Event::Prompt(prompt())), Ok(false));
         assert_eq!(c.add(0, tokens(&[7], "a")), Ok(false));
-        assert_eq!(c.add(1, finished(FinishReason::EosToken, 0)), Ok(false));
+        assert_eq!(c.add(1, stopped(StopReason::Token(9))), Ok(false));
         assert_eq!(c.add(0, finished(FinishReason::Length, 0)), Ok(true));
         let r = c.into_response();
-        assert!(r.text.is_empty() && r.token_ids.is_empty());
+        assert!(r.text.is_empty() && r.token_ids.is_empty() && r.stop_reason.is_none());
         assert_eq!((r.prompt_tokens, r.adapter_version.as_str(), r.prompt_token_ids.len()), (5, "v1", 2));
         let got: Vec<_> = r.choices.iter().map(|c| (c.index, c.text.as_str(), c.finish_reason())).collect();
-        assert_eq!(got, [(0, "a", proto::FinishReason::Length), (1, "x", proto::FinishReason::EosToken)]);
+        assert_eq!(got, [(0, "a", proto::FinishReason::Length), (1, "x", proto::FinishReason::StopToken)]);
+        let stops: Vec<_> = r.choices.iter().map(|c| c.stop_reason.clone()).collect();
+        assert_eq!(stops, [None, Some(proto::generate_response::StopReason::StopTokenId(9))]);
         let mut c = Completions::new(2, "v1".into());
         assert_eq!(c.add(1, Event::Failed(EngineError::DeadlineExceeded)), Err(EngineError::DeadlineExceeded));
     }
@@ -232,8 +255,10 @@ mod tests {
         assert_eq!((m.index, m.text.as_str(), m.adapter_version.as_str()), (1, "x", "v1"));
         let m = one(t.messages(0, tokens(&[7], "a")));
         assert_eq!((m.index, m.text.as_str()), (0, "a"));
-        let m = one(t.messages(0, finished(FinishReason::Length, 0)));
-        assert_eq!((m.index, m.finish_reason(), t.done()), (0, proto::FinishReason::Length, false));
+        assert_eq!(t.messages(0, Event::Started { queue_time: std::time::Duration::ZERO }), Ok(vec![]));
+        let m = one(t.messages(0, stopped(StopReason::String("z".into()))));
+        assert_eq!((m.index, m.finish_reason(), t.done()), (0, proto::FinishReason::StopSequence, false));
+        assert_eq!(m.stop_reason, Some(proto::generate_response::StopReason::StopString("z".into())));
         let m = one(t.messages(1, finished(FinishReason::EosToken, 16)));
         assert_eq!((m.index, m.cached_prompt_tokens, t.done()), (1, 16, true));
         assert_eq!(t.messages(1, Event::Failed(EngineError::DeadlineExceeded)), Err(EngineError::DeadlineExceeded));
