@@ -36,8 +36,7 @@ fn main() -> std::process::ExitCode {
             // With the request id the server logged the call under, when it sent one (Generate).
             if let Some(s) = e.downcast_ref::<tonic::Status>() {
                 let code = loraserve::server::status::code_label(s.code());
-                match s.metadata().get(loraserve::server::request_log::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok())
-                {
+                match loraserve::server::request_log::id_in(s.metadata()) {
                     Some(id) => eprintln!("error: {code}: {} (request id {id})", s.message()),
                     None => eprintln!("error: {code}: {}", s.message()),
                 }

@@ -11,7 +11,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::Request;
 
 use super::proto::{self, lora_serve_client::LoraServeClient};
-use super::request_log::{RequestId, REQUEST_ID_HEADER};
+use super::request_log::RequestId;
 use crate::cli::to_stdout;
 use crate::engine::SamplingParams;
 
@@ -372,7 +372,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
 
 /// The `x-request-id` a response came with ("" from a server that sends none).
 fn id_of(meta: &tonic::metadata::MetadataMap) -> String {
-    meta.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+    super::request_log::id_in(meta).unwrap_or_default().to_string()
 }
 
 /// `[[{"token_id", "logprob"}, …], …]`, a list per step.

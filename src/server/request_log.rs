@@ -80,13 +80,18 @@ impl RequestId {
     }
 
     /// `r` with this id in its metadata: the response's headers, or a failed call's trailers.
-    pub fn stamp<T>(&self, mut r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
-        match &mut r {
-            Ok(r) => self.insert_into(r.metadata_mut()),
-            Err(s) => self.insert_into(s.metadata_mut()),
-        }
-        r
+    pub fn stamp<T>(&self, r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+        r.map(|mut r| {
+            self.insert_into(r.metadata_mut());
+            r
+        })
+        .map_err(|s| self.tag(s))
     }
+}
+
+/// The `x-request-id` in `meta`, if it carries one that reads as text (a response's, for the client).
+pub fn id_in(meta: &MetadataMap) -> Option<&str> {
+    meta.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok())
 }
 
 impl fmt::Display for RequestId {
@@ -142,6 +147,11 @@ impl RequestLog {
             first_token: None,
             ended: false,
         }
+    }
+
+    /// The call's id.
+    pub fn id(&self) -> &RequestId {
+        &self.id
     }
 
     /// The request passed validation and went to the engine as `n` completions, with that adapter version.

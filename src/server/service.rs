@@ -213,13 +213,12 @@ fn end_stream(log: &mut RequestLog, code: tonic::Code, message: &str) {
 async fn end_at_deadline(
     events: Events,
     log: &mut RequestLog,
-    id: &RequestId,
     tx: &mpsc::Sender<Result<proto::GenerateResponse, Status>>,
 ) {
     drop(events);
     let s = Status::deadline_exceeded("deadline exceeded");
     end_stream(log, s.code(), s.message());
-    let _ = tx.send(Err(id.tag(s))).await;
+    let _ = tx.send(Err(log.id().tag(s))).await;
 }
 
 /// A request on its way to the engine, plus what the response needs.
@@ -538,9 +537,8 @@ impl LoraServe for Service {
         };
         log.admitted(&a.adapter_version, a.prompt_tokens, a.n);
         let (tx, rx) = mpsc::channel::<Result<proto::GenerateResponse, Status>>(64);
-        let call_id = id.clone();
         tokio::spawn(async move {
-            let (mut log, id) = (log, call_id);
+            let mut log = log;
             // Every way out counts the call and logs it with the one code: a client that left, as this.
             let left = || request_log::left(timed_out_from);
             let mut tagger = StreamTagger::new(a.n, a.adapter_version, a.scores_prompt);
@@ -559,7 +557,7 @@ impl LoraServe for Service {
                 // nothing to fail on: watch the channel too, so that its slot and adapter lease go at once.
                 let ev = tokio::select! {
                     biased;
-                    () = &mut expired => return end_at_deadline(a.events, &mut log, &id, &tx).await,
+                    () = &mut expired => return end_at_deadline(a.events, &mut log, &tx).await,
                     ev = a.events.next() => ev,
                     () = tx.closed() => {
                         // Returning drops `a.events`, which tells the engine to stop.
@@ -573,7 +571,7 @@ impl LoraServe for Service {
                     Ok(msgs) => (msgs.into_iter().map(Ok).collect(), None),
                     Err(e) => {
                         // `bound` makes a new status: the id goes on after it.
-                        let s = id.tag(status::bound(status::from_engine(e)));
+                        let s = log.id().tag(status::bound(status::from_engine(e)));
                         let failure = (s.code(), s.message().to_string());
                         (vec![Err(s)], Some(failure))
                     }
@@ -581,7 +579,7 @@ impl LoraServe for Service {
                 for msg in out {
                     let sent = tokio::select! {
                         biased;
-                        () = &mut expired => return end_at_deadline(a.events, &mut log, &id, &tx).await,
+                        () = &mut expired => return end_at_deadline(a.events, &mut log, &tx).await,
                         sent = tx.send(msg) => sent,
                     };
                     // A failed send means the client left: dropping `a.events` tells the engine to stop.
@@ -601,7 +599,7 @@ impl LoraServe for Service {
             // The engine dropped the request without finishing it: as the unary call, INTERNAL.
             let s = Status::internal("engine dropped the request");
             end_stream(&mut log, s.code(), s.message());
-            let _ = tx.send(Err(id.tag(s))).await;
+            let _ = tx.send(Err(log.id().tag(s))).await;
         });
         id.stamp(Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as GenerateStream)))
     }
