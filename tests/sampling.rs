@@ -129,10 +129,11 @@ async fn min_tokens_and_ignore_eos_move_the_end() {
     assert_eq!((unary.text.as_str(), finish(&unary)), ("CAT MOON", FinishReason::StopSequence));
     assert_eq!(unary.token_ids, generate(stop(0)).await.token_ids);
     let mut s = client.clone().generate_stream(kept).await.unwrap().into_inner();
-    let (mut streamed, mut last) = (String::new(), None);
+    let (mut streamed, mut last) = (String::new(), None::<loraserve::server::proto::GenerateResponse>);
     while let Some(m) = tokio_stream::StreamExt::next(&mut s).await {
         let m = m.unwrap();
         streamed.push_str(&m.text);
+        assert!(last.is_none_or(|l| l.stop_reason.is_none()), "stop_reason before the final message");
         last = Some(m);
     }
     assert_eq!(streamed, "CAT MOON");

@@ -453,7 +453,7 @@ fn each_generate_call_is_logged_under_its_request_id() {
     let ok = json(&generate(
         &[&["--adapter", "persona", "--prompt", "Hello", "--max-new-tokens", "5"][..], &given].concat(),
     ));
-    assert_eq!(ok["request_id"], "req-ok-1");
+    assert_eq!((&ok["request_id"], &ok["stop_reason"]), (&"req-ok-1".into(), &serde_json::Value::Null));
     let made = json(&generate(&["--prompt", "Hello", "--max-new-tokens", "3", "--n", "2", "--stream", "--json"]));
     let made = made["request_id"].as_str().unwrap().to_string();
     assert!(made.len() == 32 && made.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
@@ -470,6 +470,10 @@ fn each_generate_call_is_logged_under_its_request_id() {
         err.contains("INVALID_ARGUMENT: bad_words: they ban") && err.ends_with("(request id req-mid-1)\n"),
         "{err}"
     );
+    // The stop string found, as --json prints it (vLLM's stop_reason).
+    let stop =
+        json(&generate(&["--prompt", "Hello", "--max-new-tokens", "8", "--stop", "FF", "--stop", "F", "--json"]));
+    assert_eq!((&stop["text"], &stop["stop_reason"]), (&"".into(), &"F".into()), "{stop}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut c = LoraServeClient::connect(format!("http://{addr}")).await.unwrap();

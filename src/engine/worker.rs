@@ -435,6 +435,8 @@ pub(crate) fn run(
             let sent = l.req.events.send(Event::Tokens { ids: vec![token], text, logprobs, top_logprobs });
             if let Some(reason) = finish {
                 let l = live.remove(&id).expect("live");
+                // (Every stop-string finish comes from `StopText` cutting at the string it records.)
+                debug_assert!(reason != FinishReason::StopSequence || l.text.found().is_some());
                 let stop_reason = match reason {
                     FinishReason::StopSequence => l.text.found().map(|s| StopReason::String(s.to_string())),
                     FinishReason::StopToken => Some(StopReason::Token(token)),
