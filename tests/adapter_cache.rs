@@ -460,11 +460,21 @@ async fn an_adapter_evicted_from_both_tiers_was_not_loaded() {
     assert!(c.unload("b").unwrap());
 }
 
-/// A request for `id` that starts its load from disk (one poll), then is gone.
+/// A request for `id` that starts its load from disk, then is gone. It is polled until the load is under way
+/// (the folder is looked up first, on the blocking pool); the poll that starts the load registers it before
+/// returning, so no poll can find it finished.
 async fn start_a_load_and_give_up(c: &AdapterCache, id: &str) {
     let acquire = c.acquire(id, None);
     tokio::pin!(acquire);
-    assert!(futures::poll!(acquire.as_mut()).is_pending(), "a load from disk cannot finish in one poll");
+    let since = std::time::Instant::now();
+    loop {
+        assert!(futures::poll!(acquire.as_mut()).is_pending(), "the acquire ended before its load started");
+        if c.loads_in_flight() > 0 || c.disk_loads() > 0 {
+            return;
+        }
+        assert!(since.elapsed() < Duration::from_secs(10), "the load never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// A request that gives up while its adapter loads (deadline, client gone) neither abandons nor repeats the

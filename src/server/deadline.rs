@@ -115,6 +115,24 @@ pub async fn within<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
     .await
 }
 
+/// `work`'s result, computed on tokio's blocking pool (file-system work: a dead mount may hang it, and it
+/// must hold a blocking thread then, not an async worker), within `deadline`; `doing` names it in the
+/// DEADLINE_EXCEEDED, and in the INTERNAL of a panic. Work that outlives the deadline runs on to its end.
+pub async fn blocking_within<T: Send + 'static>(
+    deadline: Option<Instant>,
+    doing: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    let task = tokio::task::spawn_blocking(work);
+    let done = match deadline {
+        Some(d) => {
+            within(d, task).await.ok_or_else(|| Status::deadline_exceeded(format!("deadline exceeded {doing}")))?
+        }
+        None => task.await,
+    };
+    done.map_err(|e| Status::internal(format!("{doing}: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,5 +179,24 @@ mod tests {
         assert_eq!(ended_by(None), tonic::Code::Cancelled);
         assert_eq!(ended_by(Some(arrival)), tonic::Code::DeadlineExceeded);
         assert_eq!(ended_by(Some(Instant::now() + Duration::from_secs(60))), tonic::Code::Cancelled);
+    }
+
+    /// Work stuck on the blocking pool (a hung file system, here a channel never sent to) leaves the async
+    /// worker free: on a one-thread runtime the call still ends at its deadline with DEADLINE_EXCEEDED naming
+    /// the work, and other tasks still run; a panic is INTERNAL naming it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn blocked_work_holds_a_blocking_thread_not_the_worker() {
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let other = tokio::spawn(async { 7 });
+        let d = Instant::now() + Duration::from_millis(100);
+        let e = blocking_within(Some(d), "listing adapters", move || stuck.recv()).await.unwrap_err();
+        assert_eq!((e.code(), e.message()), (tonic::Code::DeadlineExceeded, "deadline exceeded listing adapters"));
+        assert!(Instant::now() >= d);
+        assert_eq!(other.await.unwrap(), 7);
+        release.send(()).unwrap();
+        let e = blocking_within(None, "unloading adapter `a`", || panic!("boom")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Internal);
+        assert!(e.message().starts_with("unloading adapter `a`: "), "{}", e.message());
+        assert_eq!(blocking_within(None, "x", || 3).await.unwrap(), 3);
     }
 }

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use super::arrival::Arrival;
 use super::completions::{self, Completions, Events, StreamTagger, MAX_N};
 use super::counting::HandlerSeen;
-use super::deadline::{ended_by, not_past, within, CallDeadline};
+use super::deadline::{blocking_within, ended_by, not_past, within, CallDeadline};
 use super::prompt::PromptInput;
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::request_log::{self, RequestId, RequestLog};
@@ -608,11 +608,10 @@ impl LoraServe for Service {
         &self,
         req: Request<proto::ListAdaptersRequest>,
     ) -> Result<Response<proto::ListAdaptersResponse>, Status> {
-        HandlerSeen::mark(&req);
-        let r = self.ready().map(|ready| {
-            let adapters = ready
-                .cache
-                .list()
+        unary("ListAdapters", req, |_, deadline, _| async move {
+            let cache = self.ready()?.cache.clone();
+            let listed = blocking_within(deadline?, "listing adapters", move || cache.list()).await?;
+            let adapters = listed
                 .into_iter()
                 .map(|s| proto::AdapterInfo {
                     adapter_id: s.id,
@@ -623,9 +622,9 @@ impl LoraServe for Service {
                     leases: s.leases as u32,
                 })
                 .collect();
-            Response::new(proto::ListAdaptersResponse { adapters })
-        });
-        counted("ListAdapters", r)
+            Ok(proto::ListAdaptersResponse { adapters })
+        })
+        .await
     }
 
     async fn load_adapter(
@@ -652,15 +651,17 @@ impl LoraServe for Service {
         &self,
         req: Request<proto::UnloadAdapterRequest>,
     ) -> Result<Response<proto::UnloadAdapterResponse>, Status> {
-        HandlerSeen::mark(&req);
-        let r = (|| {
+        unary("UnloadAdapter", req, |req, deadline, _| async move {
             let ready = self.ready()?;
+            let deadline = deadline?;
             check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
             let id = req.into_inner().adapter_id;
-            let was_loaded = ready.cache.unload(&id).map_err(|e| status::from_cache(e, false))?;
-            Ok(Response::new(proto::UnloadAdapterResponse { was_loaded }))
-        })();
-        counted("UnloadAdapter", r)
+            let (cache, doing) = (ready.cache.clone(), format!("unloading adapter `{id}`"));
+            let unloaded = blocking_within(deadline, &doing, move || cache.unload(&id)).await?;
+            let was_loaded = unloaded.map_err(|e| status::from_cache(e, false))?;
+            Ok(proto::UnloadAdapterResponse { was_loaded })
+        })
+        .await
     }
 
     async fn tokenize(

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tonic::Status;
 
-use super::deadline::{not_past, within};
+use super::deadline::{blocking_within, not_past};
 use super::prompt::PromptInput;
 use super::proto;
 use super::service::{lease_adapter, Ready, ServiceState};
@@ -77,14 +77,7 @@ pub(super) async fn tokenize(
 /// workers (a look at the file system, which may hang).
 async fn look_up(ready: &Ready, id: &str, deadline: Option<Instant>) -> Result<(), Status> {
     let (store, owned) = (ready.cache.store().clone(), id.to_string());
-    let look = tokio::task::spawn_blocking(move || store.resolve(&owned));
-    let looked = match deadline {
-        Some(d) => within(d, look)
-            .await
-            .ok_or_else(|| Status::deadline_exceeded(format!("deadline exceeded looking up adapter `{id}`")))?,
-        None => look.await,
-    };
-    let found = looked.map_err(|e| Status::internal(format!("looking up adapter `{id}`: {e}")))?;
+    let found = blocking_within(deadline, &format!("looking up adapter `{id}`"), move || store.resolve(&owned)).await?;
     found.map(drop).map_err(|e| status::from_cache(e.into(), false))
 }
 

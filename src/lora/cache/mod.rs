@@ -13,11 +13,12 @@
 //!   promotion, copied outside the cache lock so hits on other adapters never wait behind it. Loads and
 //!   promotions are tasks of their own: requests that give up (deadline, cancellation) neither abandon nor
 //!   repeat them, and what they read lands in the tiers for the client's retry.
-//! - **Versions and hot swap.** Every acquire stats the adapter's files (weights, config, chat template);
-//!   when they changed, the next acquire loads the new version while leases on the old one finish
-//!   undisturbed (a request never mixes versions). New files found broken (or too large) are reported to every request (`FAILED_PRECONDITION`,
-//!   naming the file) until they change again, and the old version is not served; files that failed to
-//!   read (`UNAVAILABLE`) are read again by the next request. A filesystem watcher
+//! - **Versions and hot swap.** Every acquire stats the adapter's files (weights, config, chat template), on
+//!   the blocking pool (a hung file system holds a blocking thread, not an async worker); when they
+//!   changed, the next acquire loads the new version while leases on the old one finish undisturbed (a
+//!   request never mixes versions). New files found broken (or too large) are reported to every request
+//!   (`FAILED_PRECONDITION`, naming the file) until they change again, and the old version is not served;
+//!   files that failed to read (`UNAVAILABLE`) are read again by the next request. A filesystem watcher
 //!   ([`super::watch`]) drops stale entries eagerly.
 //!
 //! Submodules: `tiers` (the state under the cache lock: entries, eviction, generations, gauges) and `load`
@@ -27,6 +28,7 @@ mod load;
 mod tiers;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -246,8 +248,7 @@ impl AdapterCache {
         let mut held: Option<Held> = None;
         loop {
             // Resolved and stamped again after every wait: the files may have changed meanwhile.
-            let dir = self.inner.store.resolve(id)?;
-            let stamp = AdapterStore::stamp(&dir)?;
+            let (dir, stamp) = self.locate(id).await?;
             let space = self.inner.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
@@ -291,6 +292,19 @@ impl AdapterCache {
                 Cached::Promoting { .. } | Cached::Miss => {}
             }
         }
+    }
+
+    /// `id`'s folder and its files' stamp, looked up on the blocking pool: a few `stat`s, but a hung file
+    /// system (a dead NFS mount) must hold a blocking thread, not one of the async workers serving every call.
+    async fn locate(&self, id: &str) -> Result<(PathBuf, FileStamp), CacheError> {
+        let (inner, owned) = (self.inner.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || {
+            let dir = inner.store.resolve(&owned)?;
+            let stamp = AdapterStore::stamp(&dir)?;
+            Ok((dir, stamp))
+        })
+        .await
+        .unwrap_or_else(|e| Err(CacheError::Internal { id: id.into(), reason: e.to_string() }))
     }
 
     /// A lease on weights the request holds: `Hit`, `NoRoom`, or `Miss` for a promoted copy whose version is
