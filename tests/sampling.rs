@@ -306,9 +306,10 @@ async fn unset_sampling_settings_take_the_models_generation_config() {
                     .output()
                     .unwrap();
                 assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
-                serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["token_ids"].clone()
+                let v = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap();
+                (v["token_ids"].clone(), v["seed"].clone())
             };
-            let want = serde_json::json!(by_default);
+            let want = (serde_json::json!(by_default), serde_json::json!(1));
             assert_eq!(ids(&[&local[..], &call].concat()), want, "server generate fills the same defaults");
             assert_eq!(
                 ids(&[&["client", "--addr", &addr, "generate"][..], &call].concat()),
@@ -316,7 +317,8 @@ async fn unset_sampling_settings_take_the_models_generation_config() {
                 "the client sends none"
             );
             let none = ids(&[&local[..], &call, &["--generation-config", "none"]].concat());
-            assert_eq!(none, serde_json::json!(greedy_ids), "generate --generation-config none is greedy");
+            let greedy = (serde_json::json!(greedy_ids), serde_json::Value::Null);
+            assert_eq!(none, greedy, "generate --generation-config none is greedy");
         }
     }
     assert!(sampled > 0, "the defaults sample: no seed gave anything but the greedy answer");
@@ -580,6 +582,7 @@ async fn n_completions_are_the_request_alone_with_consecutive_seeds() {
     for (i, (c, a)) in whole.choices.iter().zip(&alone).enumerate() {
         assert_eq!(c.index, i as u32);
         assert_eq!((&c.token_ids, &c.text, c.finish_reason), (&a.token_ids, &a.text, a.finish_reason), "choice {i}");
+        assert_eq!((c.seed, a.seed), (Some(7 + i as u64), Some(7 + i as u64)), "the seed each sampled with");
     }
 
     let mut s = client.generate_stream(sampled(7, Some(4))).await.unwrap().into_inner();
@@ -593,11 +596,13 @@ async fn n_completions_are_the_request_alone_with_consecutive_seeds() {
         c.token_ids.extend(m.token_ids);
         c.text.push_str(&m.text);
         c.finish_reason = m.finish_reason;
+        c.seed = m.seed.or(c.seed);
         ended += usize::from(m.finish_reason != 0);
     }
     assert_eq!(ended, 4);
     for (i, (c, a)) in streamed.iter().zip(&alone).enumerate() {
         assert_eq!((&c.token_ids, &c.text, c.finish_reason), (&a.token_ids, &a.text, a.finish_reason), "stream {i}");
+        assert_eq!(c.seed, a.seed, "stream {i}");
     }
 
     let scored = |n| GenerateRequest { n, prompt_logprobs: Some(0), ..req("upper", PROMPT, 24) };
@@ -609,7 +614,7 @@ async fn n_completions_are_the_request_alone_with_consecutive_seeds() {
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
     }
     for c in &three.choices {
-        assert_eq!((&c.token_ids, &c.text), (&greedy.token_ids, &greedy.text));
+        assert_eq!((&c.token_ids, &c.text, c.seed, greedy.seed), (&greedy.token_ids, &greedy.text, None, None));
         assert!(c.prompt_token_ids.is_empty() && c.prompt_logprobs.is_empty(), "the prompt's fields are shared");
     }
 

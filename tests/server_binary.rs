@@ -423,7 +423,8 @@ fn sigterm_exits_while_an_adapter_read_hangs() {
 
 /// Every Generate call is logged once, at its end, under its request id: the client's `x-request-id` or one
 /// the server makes, which comes back in the answer's metadata, an error's too. The line says the adapter,
-/// the tokens, how each completion finished and where the time went; a client that leaves mid-stream is
+/// the tokens, how each completion finished (and a sampled one's seed) and where the time went; a client that
+/// leaves mid-stream is
 /// logged CANCELLED with the tokens it had; an id that is not one is refused naming the header.
 #[test]
 fn each_generate_call_is_logged_under_its_request_id() {
@@ -454,6 +455,13 @@ fn each_generate_call_is_logged_under_its_request_id() {
         &[&["--adapter", "persona", "--prompt", "Hello", "--max-new-tokens", "5"][..], &given].concat(),
     ));
     assert_eq!((&ok["request_id"], &ok["stop_reason"]), (&"req-ok-1".into(), &serde_json::Value::Null));
+    assert_eq!(ok["seed"], serde_json::Value::Null, "greedy: no seed");
+    // A sampled call without a seed reports the one it drew (TGI's details.seed); sent back, the same tokens.
+    let sampled = ["--prompt", "Hello", "--max-new-tokens", "12", "--ignore-eos", "--temperature", "2", "--json"];
+    let drawn = json(&generate(&[&sampled[..], &["--request-id", "req-seed-1"]].concat()));
+    let seed = drawn["seed"].as_u64().unwrap_or_else(|| panic!("no seed: {drawn}")).to_string();
+    let again = json(&generate(&[&sampled[..], &["--seed", &seed]].concat()));
+    assert_eq!((&again["token_ids"], &again["seed"]), (&drawn["token_ids"], &drawn["seed"]));
     let made = json(&generate(&["--prompt", "Hello", "--max-new-tokens", "3", "--n", "2", "--stream", "--json"]));
     let made = made["request_id"].as_str().unwrap().to_string();
     assert!(made.len() == 32 && made.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
@@ -495,7 +503,7 @@ fn each_generate_call_is_logged_under_its_request_id() {
     // A last call, after all the others ended: once its line is out, theirs are.
     json(&generate(&["--prompt", "Hello", "--max-new-tokens", "1", "--json", "--request-id", "req-last-1"]));
     // Each id's line, once (the refused id has none: it is no id).
-    let ids = ["req-ok-1", made.as_str(), "req-bad-1", "req-mid-1", "req-left-1", "req-last-1"];
+    let ids = ["req-ok-1", made.as_str(), "req-bad-1", "req-mid-1", "req-left-1", "req-last-1", "req-seed-1"];
     let mut found = std::collections::BTreeMap::new();
     let mut wait = Duration::from_secs(30);
     while let Ok(line) = log.recv_timeout(wait) {
@@ -525,12 +533,14 @@ fn each_generate_call_is_logged_under_its_request_id() {
         ("generated_tokens", "5"),
         ("n", "1"),
         ("finish", "length"),
+        ("seed", "-"),
     ] {
         assert_eq!(field(line, name), want, "{name}: {line}");
     }
     assert!(line.contains("INFO") && line.contains("request finished") && !line.contains("error="), "{line}");
     let (queue, first, total) = (secs(line, "queue_s"), secs(line, "first_token_s"), secs(line, "total_s"));
     assert!(queue <= first && first <= total && total < 30.0, "{line}");
+    assert_eq!(field(&found["req-seed-1"], "seed"), seed, "the seed drawn");
     let line = &found[made.as_str()];
     for (name, want) in [("rpc", "\"GenerateStream\""), ("adapter", "\"\""), ("n", "2"), ("generated_tokens", "6")] {
         assert_eq!(field(line, name), want, "{name}: {line}");

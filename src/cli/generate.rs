@@ -278,8 +278,9 @@ pub struct GenerateArgs {
     /// does); `none` (or vLLM's `vllm`): the neutral values (greedy).
     #[arg(long, env = "LORASERVE_GENERATION_CONFIG", value_enum, default_value = "auto")]
     pub generation_config: super::GenerationConfigArg,
-    /// Print `{"prompt_token_ids": [...], "token_ids": [...], "text": "..."}` (with --n above 1, the
-    /// completions in "choices", each with its "index").
+    /// Print `{"prompt_token_ids": [...], "token_ids": [...], "text": "...", "seed": S}` (with --n above 1,
+    /// the completions in "choices", each with its "index"); "seed" is the one it sampled with (the one drawn
+    /// without --seed), null when greedy.
     #[arg(long)]
     pub json: bool,
     /// Generate N completions of the prompt (1 to 16), one after the other (the server batches them and
@@ -635,24 +636,25 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
             _ => &out.token_ids[..],
         };
         let text = tokenizer.decode_with(text_ids, args.skip_special_tokens)?;
-        completions.push((out.token_ids, text));
+        completions.push((out.token_ids, text, out.seed));
     }
     match (args.json, n > 1) {
         (true, false) => {
-            let (token_ids, text) = &completions[0];
-            let v = serde_json::json!({"prompt_token_ids": prompt_ids, "token_ids": token_ids, "text": text});
+            let (token_ids, text, seed) = &completions[0];
+            let v =
+                serde_json::json!({"prompt_token_ids": prompt_ids, "token_ids": token_ids, "text": text, "seed": seed});
             to_stdout(format_args!("{v}\n"))?;
         }
         (true, true) => {
             let choices: Vec<serde_json::Value> = (completions.iter().enumerate())
-                .map(|(i, (token_ids, text))| serde_json::json!({"index": i, "token_ids": token_ids, "text": text}))
+                .map(|(i, (ids, text, seed))| serde_json::json!({"index": i, "token_ids": ids, "text": text, "seed": seed}))
                 .collect();
             let v = serde_json::json!({"prompt_token_ids": prompt_ids, "choices": choices});
             to_stdout(format_args!("{v}\n"))?;
         }
         (false, false) => to_stdout(format_args!("{}\n", completions[0].1))?,
         (false, true) => {
-            for (i, (_, text)) in completions.iter().enumerate() {
+            for (i, (_, text, _)) in completions.iter().enumerate() {
                 to_stdout(format_args!("[{i}] {text}\n"))?;
             }
         }

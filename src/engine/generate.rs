@@ -28,6 +28,8 @@ pub struct Generated {
     /// Logits of the last prompt position (f32, vocab-sized).
     pub prompt_logits: Vec<f32>,
     pub finish: FinishReason,
+    /// The seed it sampled with, when it sampled ([`super::sampler::Sampler::seed`]).
+    pub seed: Option<u64>,
 }
 
 /// Runs `job` to completion.
@@ -86,5 +88,5 @@ pub fn generate(model: &Model, job: &GenerateJob) -> Result<Generated> {
         }
         logits = step(&[next], n + out.len() - 1, &mut cache)?;
     }
-    Ok(Generated { token_ids: out, prompt_logits, finish })
+    Ok(Generated { token_ids: out, prompt_logits, finish, seed: sampler.seed() })
 }

@@ -79,6 +79,8 @@ pub enum Event {
         generated_tokens: usize,
         /// With [`FinishReason::StopSequence`] or [`FinishReason::StopToken`]: which.
         stop_reason: Option<StopReason>,
+        /// When it sampled (temperature > 0): the seed it sampled with ([`super::sampler::Sampler::seed`]).
+        seed: Option<u64>,
     },
     Failed(EngineError),
 }

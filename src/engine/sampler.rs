@@ -210,6 +210,8 @@ impl SamplingParams {
 #[derive(Clone, Debug)]
 pub struct Sampler {
     params: SamplingParams,
+    /// What `rng` was seeded with: the request's seed, or the one drawn for it.
+    seed: u64,
     rng: Rng,
     /// Kept only when a penalty is set.
     history: Option<History>,
@@ -256,7 +258,13 @@ impl Sampler {
             (g.start(), ending, stops)
         });
         let recent = Vec::with_capacity(super::bad_words::context_len(&params.bad_words));
-        Sampler { params, rng: Rng::new(seed), history, held, generated: 0, recent, guided }
+        Sampler { params, seed, rng: Rng::new(seed), history, held, generated: 0, recent, guided }
+    }
+
+    /// The seed its draws come from, when it samples (temperature > 0; TGI's `details.seed`): sent back as the
+    /// request's `seed`, it gives the same draws.
+    pub fn seed(&self) -> Option<u64> {
+        (self.params.temperature > 0.0).then_some(self.seed)
     }
 
     pub fn params(&self) -> &SamplingParams {

@@ -448,6 +448,7 @@ pub(crate) fn run(
                     cached_tokens: l.cached_tokens,
                     generated_tokens: l.generated,
                     stop_reason,
+                    seed: l.sampler.seed(),
                 });
                 metrics::histogram!(t::REQUEST_DURATION_SECONDS)
                     .record(now.duration_since(l.req.arrival).as_secs_f64());

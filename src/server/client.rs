@@ -263,6 +263,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
             c.cached_prompt_tokens = c.cached_prompt_tokens.max(msg.cached_prompt_tokens);
             c.finish_reason = msg.finish_reason;
             c.stop_reason = msg.stop_reason.or(c.stop_reason.take());
+            c.seed = msg.seed.or(c.seed);
         }
         if !json && n == 1 {
             to_stdout(format_args!("\n"))?;
@@ -284,6 +285,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
                 cached_prompt_tokens: response.cached_prompt_tokens,
                 finish_reason: response.finish_reason,
                 stop_reason: response.stop_reason.take(),
+                seed: response.seed,
                 ..Default::default()
             };
             response.choices.push(one);
@@ -328,6 +330,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
                     "cached_prompt_tokens": c.cached_prompt_tokens,
                     "finish_reason": reason(c),
                     "stop_reason": stop_reason(c),
+                    "seed": c.seed,
                     "adapter_version": response.adapter_version,
                     "request_id": request_id,
                 });
@@ -345,6 +348,7 @@ pub async fn generate(t: &Target, call: &GenerateCall, stream: bool, json: bool)
                             "cached_prompt_tokens": c.cached_prompt_tokens,
                             "finish_reason": reason(c),
                             "stop_reason": stop_reason(c),
+                            "seed": c.seed,
                         });
                         add_logprobs(&mut json, c);
                         json

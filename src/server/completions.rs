@@ -79,11 +79,12 @@ impl Completions {
                 out.logprobs.extend(logprobs);
                 out.top_logprobs.extend(top_logprobs.into_iter().map(to_proto_top));
             }
-            Event::Finished { reason, prompt_tokens, cached_tokens, stop_reason, .. } => {
+            Event::Finished { reason, prompt_tokens, cached_tokens, stop_reason, seed, .. } => {
                 self.shared.prompt_tokens = prompt_tokens as u32;
                 out.cached_prompt_tokens = cached_tokens as u32;
                 out.set_finish_reason(finish_reason(reason));
                 out.stop_reason = stop_reason.map(to_proto_stop);
+                out.seed = seed;
                 self.finished += 1;
             }
             Event::Failed(e) => return Err(e),
@@ -105,6 +106,7 @@ impl Completions {
                 top_logprobs: one.top_logprobs,
                 cached_prompt_tokens: one.cached_prompt_tokens,
                 stop_reason: one.stop_reason,
+                seed: one.seed,
                 ..shared
             };
         }
@@ -146,11 +148,12 @@ impl StreamTagger {
                 msg.logprobs = logprobs;
                 msg.top_logprobs = top_logprobs.into_iter().map(to_proto_top).collect();
             }
-            Event::Finished { reason, prompt_tokens, cached_tokens, stop_reason, .. } => {
+            Event::Finished { reason, prompt_tokens, cached_tokens, stop_reason, seed, .. } => {
                 msg.prompt_tokens = prompt_tokens as u32;
                 msg.cached_prompt_tokens = cached_tokens as u32;
                 msg.set_finish_reason(finish_reason(reason));
                 msg.stop_reason = stop_reason.map(to_proto_stop);
+                msg.seed = seed;
                 self.left -= 1;
             }
             Event::Failed(e) => return Err(e),
@@ -187,16 +190,25 @@ mod tests {
     }
 
     fn finished(reason: FinishReason, cached: usize) -> Event {
-        Event::Finished { reason, prompt_tokens: 5, cached_tokens: cached, generated_tokens: 2, stop_reason: None }
+        let stop_reason = None;
+        Event::Finished {
+            reason,
+            prompt_tokens: 5,
+            cached_tokens: cached,
+            generated_tokens: 2,
+            stop_reason,
+            seed: None,
+        }
     }
 
-    /// Ended by `stop`.
+    /// Ended by `stop`, sampled with seed 42.
     fn stopped(stop: StopReason) -> Event {
         let reason = match stop {
             StopReason::String(_) => FinishReason::StopSequence,
             StopReason::Token(_) => FinishReason::StopToken,
         };
-        Event::Finished { reason, prompt_tokens: 5, cached_tokens: 0, generated_tokens: 2, stop_reason: Some(stop) }
+        let (stop_reason, seed) = (Some(stop), Some(42));
+        Event::Finished { reason, prompt_tokens: 5, cached_tokens: 0, generated_tokens: 2, stop_reason, seed }
     }
 
     fn prompt() -> PromptLogprobs {
@@ -214,6 +226,7 @@ mod tests {
         assert_eq!(c.add(0, stopped(StopReason::String("c".into()))), Ok(true));
         let r = c.into_response();
         assert_eq!(r.stop_reason, Some(proto::generate_response::StopReason::StopString("c".into())));
+        assert_eq!(r.seed, Some(42));
         assert_eq!((r.text.as_str(), r.token_ids.as_slice(), r.index), ("ab", &[7, 8][..], 0));
         assert_eq!((r.prompt_tokens, r.adapter_version.as_str()), (5, "v1"));
         assert_eq!((&r.prompt_token_ids[..], &r.prompt_logprobs[..]), (&[1, 2][..], &[-0.5][..]));
@@ -232,12 +245,13 @@ mod tests {
         assert_eq!(c.add(1, stopped(StopReason::Token(9))), Ok(false));
         assert_eq!(c.add(0, finished(FinishReason::Length, 0)), Ok(true));
         let r = c.into_response();
-        assert!(r.text.is_empty() && r.token_ids.is_empty() && r.stop_reason.is_none());
+        assert!(r.text.is_empty() && r.token_ids.is_empty() && r.stop_reason.is_none() && r.seed.is_none());
         assert_eq!((r.prompt_tokens, r.adapter_version.as_str(), r.prompt_token_ids.len()), (5, "v1", 2));
         let got: Vec<_> = r.choices.iter().map(|c| (c.index, c.text.as_str(), c.finish_reason())).collect();
         assert_eq!(got, [(0, "a", proto::FinishReason::Length), (1, "x", proto::FinishReason::StopToken)]);
         let stops: Vec<_> = r.choices.iter().map(|c| c.stop_reason.clone()).collect();
         assert_eq!(stops, [None, Some(proto::generate_response::StopReason::StopTokenId(9))]);
+        assert_eq!(r.choices.iter().map(|c| c.seed).collect::<Vec<_>>(), [None, Some(42)]);
         let mut c = Completions::new(2, "v1".into());
         assert_eq!(c.add(1, Event::Failed(EngineError::DeadlineExceeded)), Err(EngineError::DeadlineExceeded));
     }
@@ -259,8 +273,9 @@ mod tests {
         let m = one(t.messages(0, stopped(StopReason::String("z".into()))));
         assert_eq!((m.index, m.finish_reason(), t.done()), (0, proto::FinishReason::StopSequence, false));
         assert_eq!(m.stop_reason, Some(proto::generate_response::StopReason::StopString("z".into())));
+        assert_eq!(m.seed, Some(42));
         let m = one(t.messages(1, finished(FinishReason::EosToken, 16)));
-        assert_eq!((m.index, m.cached_prompt_tokens, t.done()), (1, 16, true));
+        assert_eq!((m.index, m.cached_prompt_tokens, m.seed, t.done()), (1, 16, None, true));
         assert_eq!(t.messages(1, Event::Failed(EngineError::DeadlineExceeded)), Err(EngineError::DeadlineExceeded));
     }
 

@@ -2,9 +2,9 @@
 //! `x-request-id` (vLLM's and Envoy's header) or, without one, one made here; the response's metadata
 //! carries it back either way (its headers, or the trailers of a call that fails), so a client can quote it.
 //! At the call's end one line is logged on the target `loraserve::request`, as TGI logs each request: the
-//! id, the adapter and its version, the tokens, how each completion finished, and where the time went
-//! (queue, first token, total). The line is `info`, `warn` for the server's own failures;
-//! `LORASERVE_LOG=info,loraserve::request=off` turns it off. Prompts and outputs are never logged; an error's
+//! id, the adapter and its version, the tokens, how each completion finished and the seed of each that
+//! sampled (TGI logs the seed too), and where the time went (queue, first token, total). The line is `info`,
+//! `warn` for the server's own failures; `LORASERVE_LOG=info,loraserve::request=off` turns it off. Prompts and outputs are never logged; an error's
 //! message may quote what the request sent (escaped, and cut to [`MAX_LOGGED`] bytes, as the adapter id).
 
 use std::fmt;
@@ -118,6 +118,8 @@ pub struct RequestLog {
     generated_tokens: usize,
     /// Each completion's, in index order (`None` until it finishes).
     finish: Vec<Option<FinishReason>>,
+    /// Each completion's seed when it sampled, in index order (`None` until it finishes, or greedy).
+    seeds: Vec<Option<u64>>,
     first_token: Option<Duration>,
     ended: bool,
 }
@@ -144,6 +146,7 @@ impl RequestLog {
             queue_time: None,
             generated_tokens: 0,
             finish: Vec::new(),
+            seeds: Vec::new(),
             first_token: None,
             ended: false,
         }
@@ -159,6 +162,7 @@ impl RequestLog {
         self.version = version.to_string();
         self.prompt_tokens = prompt_tokens;
         self.finish = vec![None; n];
+        self.seeds = vec![None; n];
     }
 
     /// What completion `i` reported.
@@ -175,9 +179,9 @@ impl RequestLog {
                 }
                 self.generated_tokens += ids.len();
             }
-            Event::Finished { reason, cached_tokens, .. } => {
-                if let Some(f) = self.finish.get_mut(i) {
-                    *f = Some(*reason);
+            Event::Finished { reason, cached_tokens, seed, .. } => {
+                if let (Some(f), Some(s)) = (self.finish.get_mut(i), self.seeds.get_mut(i)) {
+                    (*f, *s) = (Some(*reason), *seed);
                 }
                 if i == 0 {
                     self.cached_prompt_tokens = *cached_tokens;
@@ -200,7 +204,7 @@ impl RequestLog {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
-        let finish = Finish(&self.finish);
+        let (finish, seed) = (finish(&self.finish), seeds(&self.seeds));
         let message = clip(message);
         let (queue, ttft, total) = (Secs(self.queue_time), Secs(self.first_token), Secs(Some(self.start.elapsed())));
         macro_rules! line {
@@ -217,6 +221,7 @@ impl RequestLog {
                     generated_tokens = self.generated_tokens,
                     n = self.finish.len(),
                     %finish,
+                    %seed,
                     queue_s = %queue,
                     first_token_s = %ttft,
                     total_s = %total,
@@ -263,25 +268,39 @@ fn clip(s: &str) -> &str {
     &s[..end]
 }
 
-/// Each completion's finish reason, comma-separated in index order ("-" for one that did not finish).
-struct Finish<'a>(&'a [Option<FinishReason>]);
+/// Each completion's value, comma-separated in index order ("-" for one without, and for no completion).
+struct Each<'a, T>(&'a [Option<T>], fn(&T, &mut fmt::Formatter<'_>) -> fmt::Result);
 
-impl fmt::Display for Finish<'_> {
+/// Each completion's finish reason.
+fn finish(f: &[Option<FinishReason>]) -> Each<'_, FinishReason> {
+    Each(f, |r, f| {
+        f.write_str(match r {
+            FinishReason::Length => "length",
+            FinishReason::EosToken => "eos_token",
+            FinishReason::StopSequence => "stop_sequence",
+            FinishReason::StopToken => "stop_token",
+        })
+    })
+}
+
+/// Each sampled completion's seed.
+fn seeds(s: &[Option<u64>]) -> Each<'_, u64> {
+    Each(s, |s, f| write!(f, "{s}"))
+}
+
+impl<T> fmt::Display for Each<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0.is_empty() {
             return f.write_str("-");
         }
-        for (i, r) in self.0.iter().enumerate() {
+        for (i, v) in self.0.iter().enumerate() {
             if i > 0 {
                 f.write_str(",")?;
             }
-            f.write_str(match r {
-                None => "-",
-                Some(FinishReason::Length) => "length",
-                Some(FinishReason::EosToken) => "eos_token",
-                Some(FinishReason::StopSequence) => "stop_sequence",
-                Some(FinishReason::StopToken) => "stop_token",
-            })?;
+            match v {
+                Some(v) => (self.1)(v, f)?,
+                None => f.write_str("-")?,
+            }
         }
         Ok(())
     }
@@ -341,10 +360,11 @@ mod tests {
     }
 
     #[test]
-    fn finish_reasons_read_in_index_order() {
+    fn finish_reasons_and_seeds_read_in_index_order() {
         let f = [Some(FinishReason::Length), None, Some(FinishReason::EosToken)];
-        assert_eq!(Finish(&f).to_string(), "length,-,eos_token");
-        assert_eq!(Finish(&[]).to_string(), "-");
+        assert_eq!(finish(&f).to_string(), "length,-,eos_token");
+        assert_eq!(finish(&[]).to_string(), "-");
+        assert_eq!(seeds(&[None, Some(7)]).to_string(), "-,7");
         assert_eq!(Secs(Some(Duration::from_micros(1_234_567))).to_string(), "1.235");
         assert_eq!(Secs(None).to_string(), "-");
         // Cut before the two-byte character that would pass the limit.
