@@ -462,7 +462,8 @@ async fn an_adapter_evicted_from_both_tiers_was_not_loaded() {
 
 /// A request for `id` that starts its load from disk, then is gone. It is polled until the load is under way
 /// (the folder is looked up first, on the blocking pool); the poll that starts the load registers it before
-/// returning, so no poll can find it finished.
+/// returning, so the loop stops there (unless the load already finished within that very poll: in practice,
+/// reading the files takes far longer).
 async fn start_a_load_and_give_up(c: &AdapterCache, id: &str) {
     let acquire = c.acquire(id, None);
     tokio::pin!(acquire);

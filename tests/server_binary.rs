@@ -424,8 +424,8 @@ fn sigterm_exits_while_an_adapter_read_hangs() {
 /// Every Generate call is logged once, at its end, under its request id: the client's `x-request-id` or one
 /// the server makes, which comes back in the answer's metadata, an error's too. The line says the adapter,
 /// the tokens, how each completion finished (and a sampled one's seed) and where the time went; a client that
-/// leaves mid-stream is
-/// logged CANCELLED with the tokens it had; an id that is not one is refused naming the header.
+/// leaves mid-stream is logged CANCELLED with the tokens it had; an id that is not one is refused naming the
+/// header.
 #[test]
 fn each_generate_call_is_logged_under_its_request_id() {
     use tokio_stream::StreamExt;
@@ -462,6 +462,12 @@ fn each_generate_call_is_logged_under_its_request_id() {
     let seed = drawn["seed"].as_u64().unwrap_or_else(|| panic!("no seed: {drawn}")).to_string();
     let again = json(&generate(&[&sampled[..], &["--seed", &seed]].concat()));
     assert_eq!((&again["token_ids"], &again["seed"]), (&drawn["token_ids"], &drawn["seed"]));
+    // With n, each completion draws its own; the second one's, sent back with n = 1, gives its tokens.
+    let two = json(&generate(&[&sampled[..], &["--n", "2"]].concat()));
+    let second = &two["choices"][1];
+    let again = json(&generate(&[&sampled[..], &["--seed", &second["seed"].as_u64().unwrap().to_string()]].concat()));
+    assert_eq!((&again["token_ids"], &again["seed"]), (&second["token_ids"], &second["seed"]));
+    assert_ne!(two["choices"][0]["seed"], second["seed"]);
     let made = json(&generate(&["--prompt", "Hello", "--max-new-tokens", "3", "--n", "2", "--stream", "--json"]));
     let made = made["request_id"].as_str().unwrap().to_string();
     assert!(made.len() == 32 && made.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");

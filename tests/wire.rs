@@ -10,7 +10,9 @@ use common::fixture;
 use common::serve::{config, req, start};
 use common::wire::{frame, grpc_request, h2_connect, raw_call, raw_call_with_timeout};
 use loraserve::server::proto::lora_serve_client::LoraServeClient;
-use loraserve::server::proto::{DetokenizeRequest, LoadAdapterRequest, TokenizeRequest};
+use loraserve::server::proto::{
+    DetokenizeRequest, ListAdaptersRequest, LoadAdapterRequest, TokenizeRequest, UnloadAdapterRequest,
+};
 use prost::Message;
 use tonic::codec::CompressionEncoding;
 use tonic::Code;
@@ -152,12 +154,20 @@ async fn a_deadline_that_passes_before_the_message_is_deadline_exceeded() {
         send = send.ready().await.unwrap();
     }
     // A deadline already past is not met by a load that needs no wait (the adapter is resident), nor by a
-    // short text's Tokenize or Detokenize.
+    // short text's Tokenize or Detokenize, nor by a listing or an unload.
     let load = LoadAdapterRequest { adapter_id: "qv-r4".into() }.encode_to_vec();
     let tokenize = TokenizeRequest { adapter_id: "qv-r4".into(), prompt: "alpha".into(), ..Default::default() };
     let detokenize = DetokenizeRequest { token_ids: vec![1, 2], ..Default::default() }.encode_to_vec();
-    for (method, message) in [("LoadAdapter", load), ("Tokenize", tokenize.encode_to_vec()), ("Detokenize", detokenize)]
-    {
+    let list = ListAdaptersRequest {}.encode_to_vec();
+    let unload = UnloadAdapterRequest { adapter_id: "qv-r4".into() }.encode_to_vec();
+    let calls = [
+        ("LoadAdapter", load),
+        ("Tokenize", tokenize.encode_to_vec()),
+        ("Detokenize", detokenize),
+        ("ListAdapters", list),
+        ("UnloadAdapter", unload),
+    ];
+    for (method, message) in calls {
         let raw =
             async |timeout: &str| raw_call(h.grpc_addr, method, &[("grpc-timeout", timeout)], frame(0, &message)).await;
         assert_eq!(raw("30S").await.0, Code::Ok, "{method}");

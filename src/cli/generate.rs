@@ -647,7 +647,9 @@ pub(super) fn run_generate(args: GenerateArgs) -> Result<()> {
         }
         (true, true) => {
             let choices: Vec<serde_json::Value> = (completions.iter().enumerate())
-                .map(|(i, (ids, text, seed))| serde_json::json!({"index": i, "token_ids": ids, "text": text, "seed": seed}))
+                .map(|(i, (ids, text, seed))| {
+                    serde_json::json!({"index": i, "token_ids": ids, "text": text, "seed": seed})
+                })
                 .collect();
             let v = serde_json::json!({"prompt_token_ids": prompt_ids, "choices": choices});
             to_stdout(format_args!("{v}\n"))?;

@@ -241,7 +241,8 @@ impl Sampler {
     /// request's prompt, which the repetition penalty counts as seen; `eos` the model's EOS tokens, which
     /// `min_tokens` holds back (unless `ignore_eos`) with the stop tokens.
     pub fn new(params: SamplingParams, fallback_seed: u64, prompt_ids: &[u32], eos: &[u32]) -> Self {
-        let seed = params.seed.unwrap_or(fallback_seed);
+        // A drawn seed is reported (`seed`): below 2^53, JSON readers that hold numbers as doubles read it exactly.
+        let seed = params.seed.unwrap_or(fallback_seed & ((1 << 53) - 1));
         let history =
             params.penalizes().then(|| History { seen: prompt_ids.iter().copied().collect(), output: HashMap::new() });
         let ending = |p: &SamplingParams| -> Vec<u32> {

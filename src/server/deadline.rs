@@ -115,22 +115,16 @@ pub async fn within<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
     .await
 }
 
-/// `work`'s result, computed on tokio's blocking pool (file-system work: a dead mount may hang it, and it
-/// must hold a blocking thread then, not an async worker), within `deadline`; `doing` names it in the
-/// DEADLINE_EXCEEDED, and in the INTERNAL of a panic. Work that outlives the deadline runs on to its end.
-pub async fn blocking_within<T: Send + 'static>(
-    deadline: Option<Instant>,
-    doing: &str,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Status> {
-    let task = tokio::task::spawn_blocking(work);
-    let done = match deadline {
-        Some(d) => {
-            within(d, task).await.ok_or_else(|| Status::deadline_exceeded(format!("deadline exceeded {doing}")))?
-        }
-        None => task.await,
-    };
-    done.map_err(|e| Status::internal(format!("{doing}: {e}")))
+/// `fut`'s output within the call's `deadline`: DEADLINE_EXCEEDED naming what it was `doing` once the
+/// deadline has passed, also before it starts (`fut` is then never polled: a call may not act past its
+/// deadline).
+pub async fn by_deadline<F: Future>(deadline: Option<Instant>, doing: &str, fut: F) -> Result<F::Output, Status> {
+    let exceeded = || Status::deadline_exceeded(format!("deadline exceeded {doing}"));
+    match deadline {
+        Some(d) if Instant::now() >= d => Err(exceeded()),
+        Some(d) => within(d, fut).await.ok_or_else(exceeded),
+        None => Ok(fut.await),
+    }
 }
 
 #[cfg(test)]
@@ -181,22 +175,19 @@ mod tests {
         assert_eq!(ended_by(Some(Instant::now() + Duration::from_secs(60))), tonic::Code::Cancelled);
     }
 
-    /// Work stuck on the blocking pool (a hung file system, here a channel never sent to) leaves the async
-    /// worker free: on a one-thread runtime the call still ends at its deadline with DEADLINE_EXCEEDED naming
-    /// the work, and other tasks still run; a panic is INTERNAL naming it.
-    #[tokio::test(flavor = "current_thread")]
-    async fn blocked_work_holds_a_blocking_thread_not_the_worker() {
-        let (release, stuck) = std::sync::mpsc::channel::<()>();
-        let other = tokio::spawn(async { 7 });
-        let d = Instant::now() + Duration::from_millis(100);
-        let e = blocking_within(Some(d), "listing adapters", move || stuck.recv()).await.unwrap_err();
-        assert_eq!((e.code(), e.message()), (tonic::Code::DeadlineExceeded, "deadline exceeded listing adapters"));
+    /// A deadline already past refuses the work before it starts; one that passes while it runs ends the
+    /// call then, naming the work; without one, it runs to its end.
+    #[tokio::test]
+    async fn by_deadline_acts_only_before_the_deadline() {
+        let ran = std::sync::atomic::AtomicBool::new(false);
+        let run = async { ran.store(true, std::sync::atomic::Ordering::Relaxed) };
+        let e = by_deadline(Some(Instant::now()), "unloading adapter `a`", run).await.unwrap_err();
+        assert_eq!((e.code(), e.message()), (tonic::Code::DeadlineExceeded, "deadline exceeded unloading adapter `a`"));
+        assert!(!ran.load(std::sync::atomic::Ordering::Relaxed), "acted past its deadline");
+        let d = Instant::now() + Duration::from_millis(50);
+        let e = by_deadline(Some(d), "listing adapters", std::future::pending::<()>()).await.unwrap_err();
+        assert_eq!(e.message(), "deadline exceeded listing adapters");
         assert!(Instant::now() >= d);
-        assert_eq!(other.await.unwrap(), 7);
-        release.send(()).unwrap();
-        let e = blocking_within(None, "unloading adapter `a`", || panic!("boom")).await.unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Internal);
-        assert!(e.message().starts_with("unloading adapter `a`: "), "{}", e.message());
-        assert_eq!(blocking_within(None, "x", || 3).await.unwrap(), 3);
+        assert_eq!(by_deadline(None, "x", async { 3 }).await.unwrap(), 3);
     }
 }

@@ -4,8 +4,9 @@
 //! At the call's end one line is logged on the target `loraserve::request`, as TGI logs each request: the
 //! id, the adapter and its version, the tokens, how each completion finished and the seed of each that
 //! sampled (TGI logs the seed too), and where the time went (queue, first token, total). The line is `info`,
-//! `warn` for the server's own failures; `LORASERVE_LOG=info,loraserve::request=off` turns it off. Prompts and outputs are never logged; an error's
-//! message may quote what the request sent (escaped, and cut to [`MAX_LOGGED`] bytes, as the adapter id).
+//! `warn` for the server's own failures; `LORASERVE_LOG=info,loraserve::request=off` turns it off. Prompts
+//! and outputs are never logged; an error's message may quote what the request sent (escaped, and cut to
+//! [`MAX_LOGGED`] bytes, as the adapter id).
 
 use std::fmt;
 use std::time::{Duration, Instant};

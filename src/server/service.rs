@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use super::arrival::Arrival;
 use super::completions::{self, Completions, Events, StreamTagger, MAX_N};
 use super::counting::HandlerSeen;
-use super::deadline::{blocking_within, ended_by, not_past, within, CallDeadline};
+use super::deadline::{by_deadline, ended_by, not_past, within, CallDeadline};
 use super::prompt::PromptInput;
 use super::proto::{self, lora_serve_server::LoraServe};
 use super::request_log::{self, RequestId, RequestLog};
@@ -455,6 +455,26 @@ pub(super) async fn lease_adapter(
     acquired.map_err(|e| status::from_cache(e, deadline.is_some_and(|d| Instant::now() >= d)))
 }
 
+/// Checks that adapter `id` is there (NOT_FOUND otherwise), within `deadline`, through the cache's looks at
+/// the adapters folder ([`AdapterCache::look`]: off the async workers).
+pub(super) async fn look_up(cache: &AdapterCache, id: &str, deadline: Option<Instant>) -> Result<(), Status> {
+    let (owned, doing) = (id.to_string(), format!("looking up adapter `{id}`"));
+    let found = look(cache, deadline, &doing, move |c| c.store().resolve(&owned)).await?;
+    found.map(drop).map_err(|e| status::from_cache(e.into(), false))
+}
+
+/// `f`, a look at the adapters folder ([`AdapterCache::look`]), within the call's `deadline`; `doing` names it
+/// in the DEADLINE_EXCEEDED, and in the INTERNAL of a panic.
+async fn look<T: Send + 'static>(
+    cache: &AdapterCache,
+    deadline: Option<Instant>,
+    doing: &str,
+    f: impl FnOnce(&AdapterCache) -> T + Send + 'static,
+) -> Result<T, Status> {
+    let looked = by_deadline(deadline, doing, cache.look(f)).await?;
+    looked.map_err(|e| Status::internal(format!("{doing}: {e}")))
+}
+
 /// The most `top_logprobs` (and `prompt_logprobs`) a request may ask for (OpenAI's limit, vLLM's default
 /// `max_logprobs`).
 pub(super) const MAX_TOP_LOGPROBS: u32 = 20;
@@ -609,8 +629,7 @@ impl LoraServe for Service {
         req: Request<proto::ListAdaptersRequest>,
     ) -> Result<Response<proto::ListAdaptersResponse>, Status> {
         unary("ListAdapters", req, |_, deadline, _| async move {
-            let cache = self.ready()?.cache.clone();
-            let listed = blocking_within(deadline?, "listing adapters", move || cache.list()).await?;
+            let listed = look(&self.ready()?.cache, deadline?, "listing adapters", |c| c.list()).await?;
             let adapters = listed
                 .into_iter()
                 .map(|s| proto::AdapterInfo {
@@ -656,9 +675,12 @@ impl LoraServe for Service {
             let deadline = deadline?;
             check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
             let id = req.into_inner().adapter_id;
-            let (cache, doing) = (ready.cache.clone(), format!("unloading adapter `{id}`"));
-            let unloaded = blocking_within(deadline, &doing, move || cache.unload(&id)).await?;
-            let was_loaded = unloaded.map_err(|e| status::from_cache(e, false))?;
+            not_past(deadline)?;
+            let was_loaded = match ready.cache.forget(&id).map_err(|e| status::from_cache(e, false))? {
+                Some(resident) => resident,
+                // Nothing cached under the id: NOT_FOUND unless the adapters root has its folder.
+                None => look_up(&ready.cache, &id, deadline).await.map(|()| false)?,
+            };
             Ok(proto::UnloadAdapterResponse { was_loaded })
         })
         .await

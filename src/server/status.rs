@@ -81,6 +81,10 @@ pub fn from_cache(e: CacheError, deadline_passed: bool) -> Status {
         CacheError::TooLarge { .. } => Status::failed_precondition(e.to_string()),
         CacheError::Full { .. } => Status::resource_exhausted(e.to_string()),
         CacheError::Internal { .. } => Status::internal(e.to_string()),
+        CacheError::Unanswered { .. } if deadline_passed => {
+            Status::deadline_exceeded(format!("deadline exceeded looking up the adapter: {e}"))
+        }
+        CacheError::Unanswered { .. } => Status::unavailable(e.to_string()),
     }
 }
 

@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use tonic::Status;
 
-use super::deadline::{blocking_within, not_past};
+use super::deadline::not_past;
 use super::prompt::PromptInput;
 use super::proto;
-use super::service::{lease_adapter, Ready, ServiceState};
-use super::status::{self, invalid};
+use super::service::{lease_adapter, look_up, Ready, ServiceState};
+use super::status::invalid;
 
 /// `Tokenize`.
 pub(super) async fn tokenize(
@@ -41,7 +41,7 @@ pub(super) async fn tokenize(
         "" => None,
         id if prompt.is_conversation() => Some(lease_adapter(&ready.cache, id, deadline).await?),
         id => {
-            look_up(ready, id, deadline).await?;
+            look_up(&ready.cache, id, deadline).await?;
             None
         }
     };
@@ -71,14 +71,6 @@ pub(super) async fn tokenize(
         token_strs,
         adapter_version: adapter.map(|a| a.version().to_string()).unwrap_or_default(),
     })
-}
-
-/// Checks that adapter `id` is there to lead to (NOT_FOUND otherwise), within `deadline`, off the async
-/// workers (a look at the file system, which may hang).
-async fn look_up(ready: &Ready, id: &str, deadline: Option<Instant>) -> Result<(), Status> {
-    let (store, owned) = (ready.cache.store().clone(), id.to_string());
-    let found = blocking_within(deadline, &format!("looking up adapter `{id}`"), move || store.resolve(&owned)).await?;
-    found.map(drop).map_err(|e| status::from_cache(e.into(), false))
 }
 
 /// `Detokenize`.

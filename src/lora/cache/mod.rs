@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::Device;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 use super::peft::{AdapterError, BaseLayout};
 use super::store::{AdapterStore, FileStamp, StoreError};
@@ -58,7 +58,13 @@ pub enum CacheError {
     Full { id: String, bytes: usize, leased: usize, budget: usize },
     #[error("loading adapter `{id}` failed: {reason}")]
     Internal { id: String, reason: String },
+    /// The look at its folder did not end in time: a hung file system, or [`MAX_LOOKUPS`] looks held by one.
+    #[error("adapter `{id}`: the adapters folder did not answer in time (a hung file system?)")]
+    Unanswered { id: String },
 }
+
+/// The most looks at the adapters folder ([`AdapterCache::look`]) on the blocking pool at once.
+pub const MAX_LOOKUPS: usize = 64;
 
 /// Byte budgets of the two tiers.
 #[derive(Clone, Copy, Debug)]
@@ -107,6 +113,8 @@ struct Inner {
     inflight: Mutex<HashMap<String, (FileStamp, u64, LoadFuture)>>,
     disk_loads: AtomicU64,
     promotions: AtomicU64,
+    /// Turns for looks at the adapters folder ([`MAX_LOOKUPS`]).
+    lookups: Arc<Semaphore>,
 }
 
 /// The adapter cache (cheap to clone; all clones share state).
@@ -201,6 +209,7 @@ impl AdapterCache {
                 inflight: Mutex::new(HashMap::new()),
                 disk_loads: AtomicU64::new(0),
                 promotions: AtomicU64::new(0),
+                lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
             }),
         };
         publish(&cache.inner.state.lock().expect("cache lock"));
@@ -248,7 +257,7 @@ impl AdapterCache {
         let mut held: Option<Held> = None;
         loop {
             // Resolved and stamped again after every wait: the files may have changed meanwhile.
-            let (dir, stamp) = self.locate(id).await?;
+            let (dir, stamp) = self.locate(id, deadline).await?;
             let space = self.inner.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
@@ -294,17 +303,36 @@ impl AdapterCache {
         }
     }
 
-    /// `id`'s folder and its files' stamp, looked up on the blocking pool: a few `stat`s, but a hung file
-    /// system (a dead NFS mount) must hold a blocking thread, not one of the async workers serving every call.
-    async fn locate(&self, id: &str) -> Result<(PathBuf, FileStamp), CacheError> {
-        let (inner, owned) = (self.inner.clone(), id.to_string());
+    /// `look` (at the adapters folder: a few `stat`s, or a listing) on tokio's blocking pool, at most
+    /// [`MAX_LOOKUPS`] at once, each running to its end whoever still waits for it: a hung mount (a dead NFS
+    /// server) then holds that many blocking threads, not the async workers serving every call, nor the rest
+    /// of the pool (disk loads, promotions, compiles); further looks wait for a turn, within their callers'
+    /// deadlines. An error only when `look` panicked.
+    pub async fn look<T: Send + 'static>(
+        &self,
+        look: impl FnOnce(&AdapterCache) -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        let turn = self.inner.lookups.clone().acquire_owned().await.expect("never closed");
+        let cache = self.clone();
         tokio::task::spawn_blocking(move || {
-            let dir = inner.store.resolve(&owned)?;
-            let stamp = AdapterStore::stamp(&dir)?;
-            Ok((dir, stamp))
+            let _turn = turn; // held until the look ends, also past a caller that left
+            look(&cache)
         })
         .await
-        .unwrap_or_else(|e| Err(CacheError::Internal { id: id.into(), reason: e.to_string() }))
+    }
+
+    /// `id`'s folder and its files' stamp ([`Self::look`]), by `deadline`.
+    async fn locate(&self, id: &str, deadline: tokio::time::Instant) -> Result<(PathBuf, FileStamp), CacheError> {
+        let owned = id.to_string();
+        let look = self.look(move |c| {
+            let dir = c.inner.store.resolve(&owned)?;
+            let stamp = AdapterStore::stamp(&dir)?;
+            Ok((dir, stamp))
+        });
+        match tokio::time::timeout_at(deadline, look).await {
+            Ok(looked) => looked.unwrap_or_else(|e| Err(CacheError::Internal { id: id.into(), reason: e.to_string() })),
+            Err(_) => Err(CacheError::Unanswered { id: id.into() }),
+        }
     }
 
     /// A lease on weights the request holds: `Hit`, `NoRoom`, or `Miss` for a promoted copy whose version is
@@ -411,8 +439,18 @@ impl AdapterCache {
     }
 
     /// Drops `id` from both tiers (running requests keep their leased version until they finish). Returns
-    /// whether a version of it was resident in a tier.
+    /// whether a version of it was resident in a tier; NOT_FOUND when nothing was cached under `id` and the
+    /// root has no such adapter either.
     pub fn unload(&self, id: &str) -> Result<bool, CacheError> {
+        match self.forget(id)? {
+            Some(resident) => Ok(resident),
+            None => self.inner.store.resolve(id).map(|_| false).map_err(Into::into),
+        }
+    }
+
+    /// [`Self::unload`] without the file system: `None` when the cache knew nothing of `id` (the caller looks
+    /// for its folder then, [`Self::look`]).
+    pub fn forget(&self, id: &str) -> Result<Option<bool>, CacheError> {
         super::store::validate_id(id)?;
         // Lock order: `inflight`, then `state`.
         let inflight = self.inner.inflight.lock().expect("inflight lock");
@@ -428,12 +466,7 @@ impl AdapterCache {
             st.bump(id);
         }
         publish(&st);
-        drop((st, inflight));
-        if !had_current && !resident && !loading {
-            // Nothing cached, and no such adapter either: NOT_FOUND, as for a request naming it.
-            self.inner.store.resolve(id)?;
-        }
-        Ok(resident)
+        Ok((had_current || resident || loading).then_some(resident))
     }
 
     /// Every adapter under the root with its cache status.
@@ -549,5 +582,39 @@ mod tests {
         assert_eq!((c.leases(), c.device_bytes()), (1, bytes), "the copy still holds it");
         drop(copy);
         assert_eq!((c.leases(), c.device_bytes()), (0, 0), "the stale version left with its last lease");
+    }
+
+    /// Looks at a hung adapters folder (here, looks that block until the test lets them go) hold at most
+    /// [`MAX_LOOKUPS`] blocking threads: the next look waits for a turn, and runs once one is free. The one
+    /// async worker stays free meanwhile (the timeout below fires on it; a look run on it would hang the test).
+    #[tokio::test(flavor = "current_thread")]
+    async fn looks_at_a_hung_folder_hold_at_most_max_lookups_threads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = one_adapter(tmp.path());
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let wait = |open: &std::sync::atomic::AtomicBool| {
+            while !open.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let hung: Vec<_> = (0..MAX_LOOKUPS)
+            .map(|_| {
+                let (c, open) = (c.clone(), open.clone());
+                tokio::spawn(async move { c.look(move |_| wait(&open)).await })
+            })
+            .collect();
+        while c.inner.lookups.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let next = c.look(|c| c.list().len());
+        tokio::pin!(next);
+        let waited = tokio::time::timeout(Duration::from_millis(200), next.as_mut()).await;
+        assert!(waited.is_err(), "a look past the cap ran while {MAX_LOOKUPS} hung");
+        open.store(true, Ordering::Release);
+        assert_eq!(next.await.unwrap(), 1, "the look that waited runs once a turn is free");
+        for h in hung {
+            h.await.unwrap().unwrap();
+        }
+        assert_eq!(c.inner.lookups.available_permits(), MAX_LOOKUPS);
     }
 }
