@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use tonic::Status;
 
-use super::deadline::within;
+use super::deadline::by_deadline;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -56,13 +56,7 @@ impl Encoders {
         });
         let queued = self.jobs.send(job);
         queued.map_err(|_| Status::internal(format!("{doing}: the encoder threads are gone")))?;
-        let done = match deadline {
-            Some(d) => {
-                within(d, rx).await.ok_or_else(|| Status::deadline_exceeded(format!("deadline exceeded {doing}")))?
-            }
-            None => rx.await,
-        };
-        match done {
+        match by_deadline(deadline, doing, rx).await? {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(_)) => Err(Status::internal(format!("{doing}: the tokenizer panicked"))),
             Err(_) => Err(Status::internal(format!("{doing}: the encoder threads are gone"))),

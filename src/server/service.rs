@@ -446,12 +446,7 @@ pub(super) async fn lease_adapter(
     deadline: Option<Instant>,
 ) -> Result<AdapterLease, Status> {
     let acquire = cache.acquire(id, deadline.map(tokio::time::Instant::from_std));
-    let acquired = match deadline {
-        Some(d) => within(d, acquire)
-            .await
-            .ok_or_else(|| Status::deadline_exceeded(format!("deadline exceeded waiting for adapter `{id}`")))?,
-        None => acquire.await,
-    };
+    let acquired = by_deadline(deadline, &format!("waiting for adapter `{id}`"), acquire).await?;
     acquired.map_err(|e| status::from_cache(e, deadline.is_some_and(|d| Instant::now() >= d)))
 }
 
