@@ -72,7 +72,7 @@ fn main() {
     );
     let mut loads = Vec::new();
     for _ in 0..51 {
-        cache.unload("a7b").unwrap();
+        rt.block_on(cache.unload("a7b")).unwrap();
         let t = Instant::now();
         rt.block_on(cache.acquire("a7b", None)).unwrap();
         loads.push(t.elapsed().as_secs_f64() * 1e3);
@@ -113,7 +113,7 @@ fn main() {
         std::thread::spawn(move || {
             let mut n = 0;
             while busy.load(Ordering::Relaxed) {
-                cache.unload("a7b").unwrap();
+                handle.block_on(cache.unload("a7b")).unwrap();
                 handle.block_on(cache.acquire("a7b", None)).unwrap();
                 n += 1;
             }

@@ -282,7 +282,7 @@ fn a_file_replaced_while_read_never_mixes_versions() {
     // other), at most a minute.
     let enough = |served: usize| served > 100 && flips.load(Ordering::Relaxed) > 100;
     while since.elapsed() < Duration::from_secs(3) || (!enough(served) && since.elapsed() < Duration::from_secs(60)) {
-        c.unload("x").unwrap();
+        rt.block_on(c.unload("x")).unwrap();
         let Ok(lease) = rt.block_on(c.acquire("x", None)) else { continue }; // changed while read: UNAVAILABLE
         let out = output_of(lease.weights());
         let first = *seen.entry(lease.version().to_string()).or_insert(out);
@@ -434,14 +434,14 @@ async fn unload_and_preload() {
     let v = c.load_adapter("a").await.unwrap();
     assert_eq!(c.list()[0].version.as_deref(), Some(v.as_str()));
     let running = c.acquire("a", None).await.unwrap();
-    assert!(c.unload("a").unwrap());
+    assert!(c.unload("a").await.unwrap());
     assert_eq!(output_of(running.weights()), 1.0);
     assert!(!c.list()[0].host_resident);
     drop(running);
     assert_eq!(c.device_bytes(), 0);
     assert_eq!(c.list()[0].version, None, "unloaded: no current version");
-    assert!(!c.unload("a").unwrap(), "an adapter that exists but is not cached: nothing to unload");
-    assert!(matches!(c.unload("missing"), Err(CacheError::Store(StoreError::NotFound { .. }))));
+    assert!(!c.unload("a").await.unwrap(), "an adapter that exists but is not cached: nothing to unload");
+    assert!(matches!(c.unload("missing").await, Err(CacheError::Store(StoreError::NotFound { .. }))));
 }
 
 /// `UnloadAdapter`'s `was_loaded` says whether a version was resident: one evicted from both tiers was not,
@@ -456,8 +456,8 @@ async fn an_adapter_evicted_from_both_tiers_was_not_loaded() {
     c.load_adapter("b").await.unwrap();
     let a = c.list().into_iter().find(|s| s.id == "a").unwrap();
     assert!(!a.device_resident && !a.host_resident && a.version.is_none(), "{a:?}");
-    assert!(!c.unload("a").unwrap());
-    assert!(c.unload("b").unwrap());
+    assert!(!c.unload("a").await.unwrap());
+    assert!(c.unload("b").await.unwrap());
 }
 
 /// A request for `id` that starts its load from disk, then is gone. It is polled until the load is under way
@@ -636,7 +636,7 @@ async fn an_unload_during_a_load_is_not_undone_by_it() {
     write_ranked(tmp.path(), "a", 1.0, 1 << 18);
     let c = big_cache(tmp.path());
     start_a_load_and_give_up(&c, "a").await;
-    c.unload("a").expect("a loading adapter is known: not NOT_FOUND");
+    c.unload("a").await.expect("a loading adapter is known: not NOT_FOUND");
     let since = std::time::Instant::now();
     while c.loads_in_flight() > 0 {
         assert!(since.elapsed() < Duration::from_secs(30), "the load never finished");

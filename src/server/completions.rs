@@ -190,15 +190,8 @@ mod tests {
     }
 
     fn finished(reason: FinishReason, cached: usize) -> Event {
-        let stop_reason = None;
-        Event::Finished {
-            reason,
-            prompt_tokens: 5,
-            cached_tokens: cached,
-            generated_tokens: 2,
-            stop_reason,
-            seed: None,
-        }
+        let (stop_reason, seed) = (None, None);
+        Event::Finished { reason, prompt_tokens: 5, cached_tokens: cached, generated_tokens: 2, stop_reason, seed }
     }
 
     /// Ended by `stop`, sampled with seed 42.

@@ -670,12 +670,8 @@ impl LoraServe for Service {
             let deadline = deadline?;
             check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
             let id = req.into_inner().adapter_id;
-            not_past(deadline)?;
-            let was_loaded = match ready.cache.forget(&id).map_err(|e| status::from_cache(e, false))? {
-                Some(resident) => resident,
-                // Nothing cached under the id: NOT_FOUND unless the adapters root has its folder.
-                None => look_up(&ready.cache, &id, deadline).await.map(|()| false)?,
-            };
+            let unloaded = by_deadline(deadline, &format!("unloading adapter `{id}`"), ready.cache.unload(&id)).await?;
+            let was_loaded = unloaded.map_err(|e| status::from_cache(e, false))?;
             Ok(proto::UnloadAdapterResponse { was_loaded })
         })
         .await

@@ -440,17 +440,19 @@ impl AdapterCache {
 
     /// Drops `id` from both tiers (running requests keep their leased version until they finish). Returns
     /// whether a version of it was resident in a tier; NOT_FOUND when nothing was cached under `id` and the
-    /// root has no such adapter either.
-    pub fn unload(&self, id: &str) -> Result<bool, CacheError> {
-        match self.forget(id)? {
-            Some(resident) => Ok(resident),
-            None => self.inner.store.resolve(id).map(|_| false).map_err(Into::into),
+    /// root has no such adapter either (looked for off the async workers, [`Self::look`]).
+    pub async fn unload(&self, id: &str) -> Result<bool, CacheError> {
+        if let Some(resident) = self.forget(id)? {
+            return Ok(resident);
         }
+        let owned = id.to_string();
+        let looked = self.look(move |c| c.inner.store.resolve(&owned)).await;
+        looked.map_err(|e| CacheError::Internal { id: id.into(), reason: e.to_string() })??;
+        Ok(false)
     }
 
-    /// [`Self::unload`] without the file system: `None` when the cache knew nothing of `id` (the caller looks
-    /// for its folder then, [`Self::look`]).
-    pub fn forget(&self, id: &str) -> Result<Option<bool>, CacheError> {
+    /// The cache's part of [`Self::unload`]: `None` when it knew nothing of `id`.
+    fn forget(&self, id: &str) -> Result<Option<bool>, CacheError> {
         super::store::validate_id(id)?;
         // Lock order: `inflight`, then `state`.
         let inflight = self.inner.inflight.lock().expect("inflight lock");
@@ -555,7 +557,7 @@ mod tests {
         // acquire's lease.
         let loaded = c.load("a", dir, stamp.clone()).await.unwrap().unwrap();
         assert_eq!(c.loads_in_flight(), 0);
-        assert!(c.unload("a").unwrap());
+        assert!(c.unload("a").await.unwrap());
         let Cached::Hit(lease) = c.lease_held("a", &Held::Loaded(loaded), &stamp) else { panic!("no lease") };
         let status = c.list().pop().unwrap();
         assert_eq!((status.version.as_deref(), status.leases), (None, 1), "unloaded, yet current again: {status:?}");
@@ -575,7 +577,7 @@ mod tests {
         let lease = c.acquire("a", None).await.unwrap();
         let copy = lease.clone();
         assert_eq!((c.leases(), copy.version()), (2, lease.version()));
-        assert!(c.unload("a").unwrap());
+        assert!(c.unload("a").await.unwrap());
         let bytes = c.device_bytes();
         assert!(bytes > 0);
         drop(lease);
