@@ -90,7 +90,7 @@ mod tests {
     /// last token only right after the rest of it, and greedy picks never take the argmax shortcut.
     #[test]
     fn a_sampler_never_picks_a_banned_token() {
-        use crate::engine::sampler::{Sampler, SamplingParams};
+        use crate::engine::{Sampler, SamplingParams};
         let params =
             SamplingParams { bad_words: vec![vec![3], vec![1, 2]], logit_bias: vec![(3, 100.0)], ..Default::default() };
         let mut s = Sampler::new(params, 0, &[], &[]);

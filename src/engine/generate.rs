@@ -5,7 +5,8 @@
 use candle_core::Result;
 
 use super::request::FinishReason;
-use super::sampler::{Sampler, SamplingParams};
+use super::sampler::Sampler;
+use super::sampling_params::SamplingParams;
 use crate::lora::{LoraRows, LoraSegment, LoraWeights};
 use crate::model::kv_cache::PagedKvCache;
 use crate::model::{AttentionMode, Batch, Model, SeqInput};

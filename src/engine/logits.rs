@@ -137,7 +137,7 @@ fn argmax_rows(logits: &Tensor) -> candle_core::Result<Vec<Option<u32>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::sampler::{Sampler, SamplingParams};
+    use crate::engine::{Sampler, SamplingParams};
 
     #[test]
     fn fetched_rows_argmax_greedy_rows_and_keep_the_rest() {

@@ -17,6 +17,7 @@ pub mod logits;
 mod penalties;
 pub mod request;
 pub mod sampler;
+pub mod sampling_params;
 pub mod scheduler;
 pub mod structured;
 pub mod text;
@@ -28,7 +29,8 @@ use std::sync::{Arc, Mutex};
 
 pub use generate::{generate, GenerateJob, Generated};
 pub use request::{truncate_prompt, EngineError, Event, FinishReason, PromptLogprobs, StopReason, ValidRequest};
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::Sampler;
+pub use sampling_params::SamplingParams;
 pub use worker::{EngineConfig, EngineStats};
 
 use crate::model::kv_cache::PagedKvCache;

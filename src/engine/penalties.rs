@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::sampler::SamplingParams;
+use super::sampling_params::SamplingParams;
 
 /// The tokens the penalties look at, kept up to date token by token (not recounted every step).
 #[derive(Clone, Debug, Default)]

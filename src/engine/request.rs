@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::sampler::SamplingParams;
+use super::sampling_params::SamplingParams;
 use crate::lora::cache::AdapterLease;
 
 /// Why a request ended.
