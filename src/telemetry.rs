@@ -52,6 +52,10 @@ pub const PREFIX_CACHE_HITS_TOTAL: &str = "loraserve_prefix_cache_hits_total";
 /// KV-cache blocks named in the prefix cache, held by a sequence or kept for reuse (gauge). Kept blocks are
 /// evicted when new ones are needed, so they are not counted in [`KV_CACHE_BLOCKS_USED`].
 pub const KV_CACHE_BLOCKS_CACHED: &str = "loraserve_kv_cache_blocks_cached";
+/// Seconds the oldest look at the adapters folder still running has taken, 0 when none runs (gauge, set
+/// about once a second). Looks take microseconds; one that grows is a hung mount (the health service
+/// `loraserve.adapters` is NOT_SERVING past the cache's wait).
+pub const ADAPTERS_FOLDER_LOOK_SECONDS: &str = "loraserve_adapters_folder_look_seconds";
 /// `{version}` — always 1.
 pub const BUILD_INFO: &str = "loraserve_build_info";
 
@@ -112,6 +116,11 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (PREFIX_CACHE_QUERIES_TOTAL, "counter", "Prompt tokens looked up in the prefix cache"),
     (PREFIX_CACHE_HITS_TOTAL, "counter", "Prompt tokens found in the prefix cache, not computed"),
     (KV_CACHE_BLOCKS_CACHED, "gauge", "KV-cache blocks named in the prefix cache (held or kept for reuse)"),
+    (
+        ADAPTERS_FOLDER_LOOK_SECONDS,
+        "gauge",
+        "Seconds the oldest look at the adapters folder still running has taken (0 when none runs)",
+    ),
     (BUILD_INFO, "gauge", "Build information; always 1"),
 ];
 
@@ -131,6 +140,7 @@ pub fn describe() {
     }
     // Moved by increments only: 0 until the first request (the engine sets the KV-cache gauges as it starts).
     metrics::gauge!(QUEUE_REQUESTS).increment(0.0);
+    metrics::gauge!(ADAPTERS_FOLDER_LOOK_SECONDS).set(0.0);
     for name in [ADAPTER_CACHE_HITS_TOTAL, ADAPTER_CACHE_MISSES_TOTAL, ADAPTER_CACHE_EVICTIONS_TOTAL] {
         for tier in [TIER_DEVICE, TIER_HOST] {
             metrics::counter!(name, "tier" => tier).increment(0);

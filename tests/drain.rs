@@ -1,7 +1,8 @@
-//! Shutting down: SIGTERM's drain in process (the binary's in `server_binary.rs`): in-flight requests finish
-//! while health says NOT_SERVING and `/metrics` still answers; past `--drain-timeout` the requests left are
-//! failed and connections that would hold the server (a client that stopped reading, a health Watch) are
-//! closed; an engine that died stops the server with an error.
+//! Health and shutting down: SIGTERM's drain in process (the binary's in `server_binary.rs`): in-flight
+//! requests finish while health says NOT_SERVING and `/metrics` still answers; past `--drain-timeout` the
+//! requests left are failed and connections that would hold the server (a client that stopped reading, a
+//! health Watch) are closed; an engine that died stops the server with an error; a hung adapters folder has
+//! a health status of its own.
 
 mod common;
 
@@ -12,6 +13,9 @@ use common::serve::{config, req, start};
 use loraserve::server::proto::lora_serve_client::LoraServeClient;
 use loraserve::server::proto::GenerateRequest;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_drains_in_flight_requests_and_reports_not_serving() {
@@ -130,4 +134,49 @@ async fn a_dead_engine_stops_the_server_with_an_error() {
     let stopped = tokio::time::timeout(Duration::from_secs(20), h.wait()).await.expect("the server stopped");
     let e = stopped.unwrap_err().to_string();
     assert!(e.contains("engine thread stopped unexpectedly"), "{e}");
+}
+
+/// A hung adapters folder (here, a look at it that blocks until the test lets it go) turns the health service
+/// `loraserve.adapters` NOT_SERVING once the look has run past the cache's wait (300 ms here), and SERVING
+/// when it ends, while `""` and the API's service stay SERVING and the base model is served; the gauge shows
+/// the look's age. The server's shutdown turns it NOT_SERVING too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_adapters_folder_has_its_own_health_status() {
+    let (h, mut c) = start(config(fixture("llama/adapters"))).await;
+    let channel = Channel::from_shared(format!("http://{}", h.grpc_addr)).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel);
+    let ask = |service: &str| HealthCheckRequest { service: service.into() };
+    let mut watch = health.watch(ask("loraserve.adapters")).await.unwrap().into_inner();
+    let mut next = async || {
+        let m = tokio::time::timeout(Duration::from_secs(30), watch.message()).await.expect("a status in 30 s");
+        m.unwrap().expect("the Watch goes on").status()
+    };
+    assert_eq!(next().await, ServingStatus::Serving);
+
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let cache = h.cache().unwrap();
+    let hung = tokio::spawn(async move { cache.look(move |_| wait.recv().ok()).await });
+    let since = std::time::Instant::now();
+    assert_eq!(next().await, ServingStatus::NotServing);
+    assert!(since.elapsed() >= Duration::from_millis(300), "NOT_SERVING before the look ran past the wait");
+    for service in ["", "loraserve.v1.LoraServe"] {
+        let s = health.check(ask(service)).await.unwrap().into_inner().status();
+        assert_eq!(s, ServingStatus::Serving, "`{service}`");
+    }
+    assert_eq!(c.generate(req("", "alpha", 2)).await.unwrap().into_inner().token_ids.len(), 2);
+    // Other tests' servers in this process set the same gauge (to 0): one of the scrapes shows this one's.
+    let mut age = 0.0;
+    while age < 0.3 {
+        assert!(since.elapsed() < Duration::from_secs(30), "the gauge never showed the hung look");
+        let text = common::metrics_text(h.metrics_addr).await;
+        let line = text.lines().find(|l| l.starts_with("loraserve_adapters_folder_look_seconds "));
+        age = line.expect("the gauge is exported").rsplit(' ').next().unwrap().parse().unwrap();
+    }
+
+    go.send(()).unwrap();
+    hung.await.unwrap().unwrap();
+    assert_eq!(next().await, ServingStatus::Serving);
+    h.shutdown();
+    assert_eq!(next().await, ServingStatus::NotServing);
+    h.wait().await.unwrap();
 }

@@ -407,7 +407,8 @@ pub enum ClientCall {
     Unload { adapter: String },
     /// Ask `grpc.health.v1`; exit 0 when SERVING, 1 otherwise (for container health checks).
     Health {
-        /// The service to ask about (empty: the whole server).
+        /// The service to ask about: empty for the whole server, `loraserve.v1.LoraServe` for the API,
+        /// `loraserve.adapters` for the adapters folder (NOT_SERVING while a look at it hangs).
         #[arg(long, default_value = "")]
         service: String,
         /// Seconds to wait for the answer.

@@ -401,6 +401,7 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
     let health_service = health::service(health.clone());
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     health.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::NotServing).await;
+    health.set_service_status(health::ADAPTERS_SERVICE, tonic_health::ServingStatus::NotServing).await;
     // Both reflection protocols: v1, and v1alpha that older grpcurl and other tools still speak.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -495,10 +496,12 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
         }
         let _watcher = ready.cache.watch().await;
         let engine = ready.engine.clone();
+        let cache = ready.cache.clone();
         let _ = task_state.ready.set(ready);
         if !*stop_rx.borrow() {
             health.set_service_status("", tonic_health::ServingStatus::Serving).await;
             health.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving).await;
+            tokio::spawn(health::watch_adapters_folder(cache, health.clone(), stop_rx.clone()));
             tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "serving");
         }
         // Serve until told to stop, or until the engine thread dies (a bug): then a live process that fails

@@ -27,11 +27,11 @@
 mod load;
 mod tiers;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use tokio::sync::{Notify, Semaphore};
@@ -115,6 +115,38 @@ struct Inner {
     promotions: AtomicU64,
     /// Turns for looks at the adapters folder ([`MAX_LOOKUPS`]).
     lookups: Arc<Semaphore>,
+    /// The looks running now ([`AdapterCache::longest_look`]).
+    looking: Mutex<Looking>,
+}
+
+/// The looks at the adapters folder running now, by start: numbered as they start, under the lock, so the
+/// first is the oldest.
+#[derive(Default)]
+struct Looking {
+    next: u64,
+    started: BTreeMap<u64, Instant>,
+}
+
+/// One look running ([`Looking`]); ended when dropped, also by a look that panicked.
+struct LookRunning<'a> {
+    inner: &'a Inner,
+    number: u64,
+}
+
+impl<'a> LookRunning<'a> {
+    fn start(inner: &'a Inner) -> Self {
+        let mut l = inner.looking.lock().expect("looks lock");
+        let number = l.next;
+        l.next += 1;
+        l.started.insert(number, Instant::now());
+        LookRunning { inner, number }
+    }
+}
+
+impl Drop for LookRunning<'_> {
+    fn drop(&mut self) {
+        self.inner.looking.lock().unwrap_or_else(|p| p.into_inner()).started.remove(&self.number);
+    }
 }
 
 /// The adapter cache (cheap to clone; all clones share state).
@@ -210,6 +242,7 @@ impl AdapterCache {
                 disk_loads: AtomicU64::new(0),
                 promotions: AtomicU64::new(0),
                 lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
+                looking: Mutex::default(),
             }),
         };
         publish(&cache.inner.state.lock().expect("cache lock"));
@@ -316,9 +349,18 @@ impl AdapterCache {
         let cache = self.clone();
         tokio::task::spawn_blocking(move || {
             let _turn = turn; // held until the look ends, also past a caller that left
+            let _running = LookRunning::start(&cache.inner);
             look(&cache)
         })
         .await
+    }
+
+    /// How long the oldest look at the adapters folder still running ([`Self::look`]) has run; `None` when
+    /// none runs. Looks take microseconds on a healthy file system: one that runs for seconds is a hung mount
+    /// (the server's health reports it, `server::health`).
+    pub fn longest_look(&self) -> Option<Duration> {
+        let l = self.inner.looking.lock().expect("looks lock");
+        l.started.values().next().map(Instant::elapsed)
     }
 
     /// `id`'s folder and its files' stamp ([`Self::look`]), by `deadline`.
@@ -618,5 +660,43 @@ mod tests {
             h.await.unwrap().unwrap();
         }
         assert_eq!(c.inner.lookups.available_permits(), MAX_LOOKUPS);
+    }
+
+    /// `longest_look` is the age of the oldest look still running: not a newer one, and nothing once every
+    /// look has ended, a look that panicked too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_longest_look_is_the_oldest_still_running() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = one_adapter(tmp.path());
+        assert_eq!(c.longest_look(), None);
+        let hang = |c: &AdapterCache| {
+            let (go, wait) = std::sync::mpsc::channel::<()>();
+            let c = c.clone();
+            (go, tokio::spawn(async move { c.look(move |_| wait.recv().ok()).await }))
+        };
+        let (go_a, a) = hang(&c);
+        let since = Instant::now();
+        while c.longest_look().is_none() {
+            assert!(since.elapsed() < Duration::from_secs(30), "the look never ran");
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let b_started = Instant::now();
+        let (go_b, b) = hang(&c);
+        while c.inner.looking.lock().unwrap().started.len() < 2 {
+            assert!(since.elapsed() < Duration::from_secs(30), "the second look never ran");
+            tokio::task::yield_now().await;
+        }
+        assert!(c.longest_look().unwrap() >= Duration::from_millis(50), "the first look's age");
+        c.look(|_| ()).await.unwrap();
+        go_a.send(()).unwrap();
+        a.await.unwrap().unwrap();
+        let longest = c.longest_look().expect("the second look still runs");
+        assert!(longest <= b_started.elapsed(), "{longest:?}: the age of a look that ended");
+        go_b.send(()).unwrap();
+        b.await.unwrap().unwrap();
+        assert_eq!(c.longest_look(), None);
+        assert!(c.look(|_| panic!("a look that panics")).await.is_err());
+        assert_eq!(c.longest_look(), None, "a look that panicked still counted");
     }
 }
