@@ -126,7 +126,7 @@ pub const ALL: &[(&str, &str, &str)] = &[
 
 /// Registers descriptions (and so `# HELP` / `# TYPE` lines) for every metric, and starts the tiered cache
 /// counters at 0 for both tiers, so hit ratios and eviction rates have a series from the first scrape (and
-/// the queue gauge, which an autoscaler reads).
+/// the queue gauge, which an autoscaler reads, and the adapters folder's look gauge, which an alert reads).
 pub fn describe() {
     for &(name, kind, help) in ALL {
         match kind {
@@ -140,6 +140,7 @@ pub fn describe() {
     }
     // Moved by increments only: 0 until the first request (the engine sets the KV-cache gauges as it starts).
     metrics::gauge!(QUEUE_REQUESTS).increment(0.0);
+    // Set by the server's health task once it is ready.
     metrics::gauge!(ADAPTERS_FOLDER_LOOK_SECONDS).set(0.0);
     for name in [ADAPTER_CACHE_HITS_TOTAL, ADAPTER_CACHE_MISSES_TOTAL, ADAPTER_CACHE_EVICTIONS_TOTAL] {
         for tier in [TIER_DEVICE, TIER_HOST] {

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use common::fixture;
 use common::serve::{config, req, start};
+use loraserve::lora::cache::MAX_LOOKUPS;
 use loraserve::server::proto::lora_serve_client::LoraServeClient;
-use loraserve::server::proto::GenerateRequest;
+use loraserve::server::proto::{GenerateRequest, ListAdaptersRequest, UnloadAdapterRequest};
+use loraserve::server::{ADAPTERS_HEALTH_SERVICE, SERVICE_NAME};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -136,34 +138,53 @@ async fn a_dead_engine_stops_the_server_with_an_error() {
     assert!(e.contains("engine thread stopped unexpectedly"), "{e}");
 }
 
-/// A hung adapters folder (here, a look at it that blocks until the test lets it go) turns the health service
-/// `loraserve.adapters` NOT_SERVING once the look has run past the cache's wait (300 ms here), and SERVING
-/// when it ends, while `""` and the API's service stay SERVING and the base model is served; the gauge shows
-/// the look's age. The server's shutdown turns it NOT_SERVING too.
+/// A hung adapters folder (here, every one of the cache's turns held by a look that blocks until the test
+/// lets it go) turns the health service `loraserve.adapters` NOT_SERVING once a look has run past the cache's
+/// wait (300 ms here), and SERVING when they end, while `""` and the API's service stay SERVING and the base
+/// model is served; calls that look at the folder are UNAVAILABLE after that wait without a deadline, and
+/// DEADLINE_EXCEEDED with one; the gauge shows the oldest look's age. The shutdown turns it NOT_SERVING.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_adapters_folder_has_its_own_health_status() {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let (h, mut c) = start(config(fixture("llama/adapters"))).await;
     let channel = Channel::from_shared(format!("http://{}", h.grpc_addr)).unwrap().connect().await.unwrap();
     let mut health = HealthClient::new(channel);
     let ask = |service: &str| HealthCheckRequest { service: service.into() };
-    let mut watch = health.watch(ask("loraserve.adapters")).await.unwrap().into_inner();
+    let mut watch = health.watch(ask(ADAPTERS_HEALTH_SERVICE)).await.unwrap().into_inner();
     let mut next = async || {
         let m = tokio::time::timeout(Duration::from_secs(30), watch.message()).await.expect("a status in 30 s");
         m.unwrap().expect("the Watch goes on").status()
     };
-    assert_eq!(next().await, ServingStatus::Serving);
+    assert_eq!(next().await, ServingStatus::Serving, "SERVING once ready");
 
-    let (go, wait) = std::sync::mpsc::channel::<()>();
-    let cache = h.cache().unwrap();
-    let hung = tokio::spawn(async move { cache.look(move |_| wait.recv().ok()).await });
+    let (open, cache) = (std::sync::Arc::new(AtomicBool::new(false)), h.cache().unwrap());
     let since = std::time::Instant::now();
+    let hung: Vec<_> = (0..MAX_LOOKUPS)
+        .map(|_| {
+            let (cache, open) = (cache.clone(), open.clone());
+            let wait = move |_: &_| {
+                while !open.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            };
+            tokio::spawn(async move { cache.look(wait).await })
+        })
+        .collect();
     assert_eq!(next().await, ServingStatus::NotServing);
-    assert!(since.elapsed() >= Duration::from_millis(300), "NOT_SERVING before the look ran past the wait");
-    for service in ["", "loraserve.v1.LoraServe"] {
+    assert!(since.elapsed() >= Duration::from_millis(300), "NOT_SERVING before a look ran past the wait");
+    for service in ["", SERVICE_NAME] {
         let s = health.check(ask(service)).await.unwrap().into_inner().status();
         assert_eq!(s, ServingStatus::Serving, "`{service}`");
     }
     assert_eq!(c.generate(req("", "alpha", 2)).await.unwrap().into_inner().token_ids.len(), 2);
+    let e = c.list_adapters(ListAdaptersRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("listing adapters: the adapters folder did not answer in 0.3 s"), "{e:?}");
+    let unload = UnloadAdapterRequest { adapter_id: "never-loaded".into() };
+    assert_eq!(c.unload_adapter(unload.clone()).await.unwrap_err().code(), tonic::Code::Unavailable);
+    let mut within = tonic::Request::new(ListAdaptersRequest {});
+    within.set_timeout(Duration::from_millis(200));
+    assert_eq!(c.list_adapters(within).await.unwrap_err().code(), tonic::Code::DeadlineExceeded);
     // Other tests' servers in this process set the same gauge (to 0): one of the scrapes shows this one's.
     let mut age = 0.0;
     while age < 0.3 {
@@ -173,10 +194,16 @@ async fn a_hung_adapters_folder_has_its_own_health_status() {
         age = line.expect("the gauge is exported").rsplit(' ').next().unwrap().parse().unwrap();
     }
 
-    go.send(()).unwrap();
-    hung.await.unwrap().unwrap();
+    open.store(true, Ordering::Release);
+    for look in hung {
+        look.await.unwrap().unwrap();
+    }
     assert_eq!(next().await, ServingStatus::Serving);
+    assert!(c.list_adapters(ListAdaptersRequest {}).await.is_ok());
+    let e = c.unload_adapter(unload).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
     h.shutdown();
     assert_eq!(next().await, ServingStatus::NotServing);
+    drop(watch);
     h.wait().await.unwrap();
 }

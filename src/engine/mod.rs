@@ -4,7 +4,7 @@
 //! - [`scheduler`]: continuous batching as pure logic (admission, chunked prefill, preemption).
 //! - [`worker`]: the engine thread owning the model and KV cache.
 //! - [`sampler`]: greedy / temperature / top-k / top-p with a seed, penalties, logit bias, allowed tokens,
-//!   [`bad_words`];
+//!   [`bad_words`], under a request's [`sampling_params`] (their checks, and which tokens end it);
 //!   [`logits`]: the rows it picks from, and their log-softmax for logprobs; [`text`]: streaming text with stop
 //!   strings; [`structured`]: structured output, the tokens that keep the output in a regex's language.
 //! - [`generate()`]: one request start to finish on the calling thread (`server generate`, golden tests).

@@ -1,6 +1,8 @@
 //! The filesystem watch on the adapters root: drops cached versions whose files changed as soon as the
 //! kernel reports it (requests re-stat the files anyway; the watch frees the memory without waiting for one),
 //! and follows a root reached through a symlink that a deploy re-points, or a root folder replaced by a new one.
+//! Its re-check of the root every two seconds is one of the cache's looks ([`AdapterCache::look`]), so a hung
+//! mount shows in the cache's oldest look (and the server's health) with no request naming an adapter.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,7 +59,9 @@ impl AdapterCache {
             loop {
                 tick.tick().await;
                 let r = root.clone();
-                let Ok(Ok(now)) = tokio::task::spawn_blocking(move || RootTarget::of(&r)).await else { continue };
+                // A look like a request's (one of the cache's turns; a hung mount shows in the server's
+                // health even when no request names an adapter).
+                let Ok(Ok(now)) = cache.look(move |_| RootTarget::of(&r)).await else { continue };
                 // The kernel ends a watch when its folder is deleted; a folder created again at the path (often
                 // with the same inode number) is new to it.
                 let removed = shared.removed.swap(false, Ordering::Relaxed);

@@ -4,9 +4,9 @@
 //! The server's services are known from the start, so such a Watch stays quiet until the client or the
 //! shutdown ends it. Check answers NOT_FOUND for an unknown service, as the spec says.
 //!
-//! Besides `""` and the API's service, [`ADAPTERS_SERVICE`] reports the adapters folder
+//! Besides `""` and the API's service, [`ADAPTERS_HEALTH_SERVICE`] reports the adapters folder
 //! ([`watch_adapters_folder`]): NOT_SERVING while a look at it has hung (a dead NFS server), when requests
-//! naming adapters time out and the base model's are still served. Probes choose which they watch.
+//! naming adapters fail and the base model's are still served. Probes choose which they watch.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -22,8 +22,8 @@ use tonic_health::server::{HealthReporter, HealthService};
 use crate::lora::cache::AdapterCache;
 use crate::telemetry as t;
 
-/// The health service name of the adapters folder (see the module header).
-pub const ADAPTERS_SERVICE: &str = "loraserve.adapters";
+/// The `grpc.health.v1` service that reports the adapters folder (see the module header).
+pub const ADAPTERS_HEALTH_SERVICE: &str = "loraserve.adapters";
 
 /// The health service whose statuses `reporter` sets.
 pub fn service(reporter: HealthReporter) -> HealthServer<SpecHealth> {
@@ -53,15 +53,15 @@ impl Health for SpecHealth {
     }
 }
 
-/// Reports the adapters folder as [`ADAPTERS_SERVICE`] from now until `stop`, and then NOT_SERVING:
-/// SERVING while every look at it ([`AdapterCache::look`]) ends within the cache's default wait (what a
-/// request without a deadline waits for its adapter), NOT_SERVING while one has run longer. Checked a few
-/// times a wait, at most a second apart; each check also sets [`t::ADAPTERS_FOLDER_LOOK_SECONDS`]. The
-/// status's only writer while the server runs.
+/// Reports the adapters folder as [`ADAPTERS_HEALTH_SERVICE`] (SERVING when called) until `stop`, and then
+/// NOT_SERVING: SERVING while every look at it ([`AdapterCache::look`]: a request's, or the root's re-check
+/// every two seconds) ends within the cache's default wait (what a request without a deadline waits), and
+/// NOT_SERVING while one has run longer. Checked a few times a wait, at most a second apart; each check also
+/// sets [`t::ADAPTERS_FOLDER_LOOK_SECONDS`]. The status's only writer while the server runs.
 pub async fn watch_adapters_folder(cache: AdapterCache, reporter: HealthReporter, mut stop: watch::Receiver<bool>) {
+    const SERVICE: &str = ADAPTERS_HEALTH_SERVICE;
     let limit = cache.config().default_wait;
     let mut answering = true;
-    reporter.set_service_status(ADAPTERS_SERVICE, tonic_health::ServingStatus::Serving).await;
     let mut tick = tokio::time::interval((limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -76,15 +76,15 @@ pub async fn watch_adapters_folder(cache: AdapterCache, reporter: HealthReporter
         }
         answering = !answering;
         if answering {
-            tracing::info!("the adapters folder answers again: `{ADAPTERS_SERVICE}` is SERVING");
-            reporter.set_service_status(ADAPTERS_SERVICE, tonic_health::ServingStatus::Serving).await;
+            tracing::info!("the adapters folder answers again: `{SERVICE}` is SERVING");
+            reporter.set_service_status(SERVICE, tonic_health::ServingStatus::Serving).await;
         } else {
             tracing::warn!(
                 look_s = longest.as_secs_f64(),
-                "a look at the adapters folder has not ended (a hung file system?): `{ADAPTERS_SERVICE}` is NOT_SERVING"
+                "a look at the adapters folder has not ended (a hung file system?): `{SERVICE}` is NOT_SERVING"
             );
-            reporter.set_service_status(ADAPTERS_SERVICE, tonic_health::ServingStatus::NotServing).await;
+            reporter.set_service_status(SERVICE, tonic_health::ServingStatus::NotServing).await;
         }
     }
-    reporter.set_service_status(ADAPTERS_SERVICE, tonic_health::ServingStatus::NotServing).await;
+    reporter.set_service_status(SERVICE, tonic_health::ServingStatus::NotServing).await;
 }

@@ -14,7 +14,8 @@
 //!   (`grpc-timeout`), `encoders.rs` (the threads that encode request text), `prompt.rs` (a request's prompt
 //!   into token ids, for Generate and Tokenize), `tokenize.rs` (Tokenize, Detokenize), `conversation.rs` and
 //!   [`render`] (chat templates), `listen.rs` (the accepted sockets), `arrival.rs` (when a call came),
-//!   `grpc_only.rs` (HTTP requests that are no gRPC call), `health.rs` (`grpc.health.v1`).
+//!   `grpc_only.rs` (HTTP requests that are no gRPC call), `health.rs` (`grpc.health.v1`, and the
+//!   adapters folder's status: [`ADAPTERS_HEALTH_SERVICE`]).
 
 mod arrival;
 pub mod auth;
@@ -123,6 +124,7 @@ pub struct ServeConfig {
 
 /// The gRPC service name, also the `grpc.health.v1` service that reports readiness.
 pub const SERVICE_NAME: &str = "loraserve.v1.LoraServe";
+pub use health::ADAPTERS_HEALTH_SERVICE;
 
 /// Streams one HTTP/2 connection may hold open at once: past the requests a server runs and queues at its
 /// defaults (`--max-batch-size` + `--max-queue`), so only a client holding streams idle meets it; gRPC
@@ -401,7 +403,7 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
     let health_service = health::service(health.clone());
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     health.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::NotServing).await;
-    health.set_service_status(health::ADAPTERS_SERVICE, tonic_health::ServingStatus::NotServing).await;
+    health.set_service_status(ADAPTERS_HEALTH_SERVICE, tonic_health::ServingStatus::NotServing).await;
     // Both reflection protocols: v1, and v1alpha that older grpcurl and other tools still speak.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -499,8 +501,16 @@ pub async fn start(cfg: ServeConfig, grpc: TcpListener, metrics: TcpListener) ->
         let cache = ready.cache.clone();
         let _ = task_state.ready.set(ready);
         if !*stop_rx.borrow() {
-            health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-            health.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving).await;
+            for service in ["", SERVICE_NAME, ADAPTERS_HEALTH_SERVICE] {
+                health.set_service_status(service, tonic_health::ServingStatus::Serving).await;
+            }
+            // A shutdown since the check above may have set NOT_SERVING already: this is the last word.
+            if *stop_rx.borrow() {
+                for service in ["", SERVICE_NAME] {
+                    health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
+                }
+            }
+            // The adapters folder's status from now on (NOT_SERVING at the shutdown too).
             tokio::spawn(health::watch_adapters_folder(cache, health.clone(), stop_rx.clone()));
             tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "serving");
         }

@@ -458,16 +458,37 @@ pub(super) async fn look_up(cache: &AdapterCache, id: &str, deadline: Option<Ins
     found.map(drop).map_err(|e| status::from_cache(e.into(), false))
 }
 
-/// `f`, a look at the adapters folder ([`AdapterCache::look`]), within the call's `deadline`; `doing` names it
-/// in the DEADLINE_EXCEEDED, and in the INTERNAL of a panic.
+/// `f`, a look at the adapters folder ([`AdapterCache::look`]), within [`at_folder`]'s bounds; `doing` names
+/// it in their errors, and in the INTERNAL of a panic.
 async fn look<T: Send + 'static>(
     cache: &AdapterCache,
     deadline: Option<Instant>,
     doing: &str,
     f: impl FnOnce(&AdapterCache) -> T + Send + 'static,
 ) -> Result<T, Status> {
-    let looked = by_deadline(deadline, doing, cache.look(f)).await?;
+    let looked = at_folder(cache, deadline, doing, cache.look(f)).await?;
     looked.map_err(|e| Status::internal(format!("{doing}: {e}")))
+}
+
+/// `work` that looks at the adapters folder, within the call's `deadline` (DEADLINE_EXCEEDED naming what it
+/// was `doing`). Without a deadline it waits as long as an adapter's acquire would (the cache's default
+/// wait), then is UNAVAILABLE: the folder did not answer (a hung mount), and a retry may find it answering.
+async fn at_folder<F: std::future::Future>(
+    cache: &AdapterCache,
+    deadline: Option<Instant>,
+    doing: &str,
+    work: F,
+) -> Result<F::Output, Status> {
+    if deadline.is_some() {
+        return by_deadline(deadline, doing, work).await;
+    }
+    let wait = cache.config().default_wait;
+    tokio::time::timeout(wait, work).await.map_err(|_| {
+        Status::unavailable(format!(
+            "{doing}: the adapters folder did not answer in {} s (a hung file system?)",
+            wait.as_secs_f64()
+        ))
+    })
 }
 
 /// The most `top_logprobs` (and `prompt_logprobs`) a request may ask for (OpenAI's limit, vLLM's default
@@ -670,7 +691,8 @@ impl LoraServe for Service {
             let deadline = deadline?;
             check_adapter_header(req.metadata(), &req.get_ref().adapter_id)?;
             let id = req.into_inner().adapter_id;
-            let unloaded = by_deadline(deadline, &format!("unloading adapter `{id}`"), ready.cache.unload(&id)).await?;
+            let doing = format!("unloading adapter `{id}`");
+            let unloaded = at_folder(&ready.cache, deadline, &doing, ready.cache.unload(&id)).await?;
             let was_loaded = unloaded.map_err(|e| status::from_cache(e, false))?;
             Ok(proto::UnloadAdapterResponse { was_loaded })
         })

@@ -20,6 +20,8 @@
 //!   (`FAILED_PRECONDITION`, naming the file) until they change again, and the old version is not served;
 //!   files that failed to read (`UNAVAILABLE`) are read again by the next request. A filesystem watcher
 //!   ([`super::watch`]) drops stale entries eagerly.
+//! - **Looks at the folder** ([`AdapterCache::look`]) run on the blocking pool, a bounded number at once,
+//!   and the oldest one still running is known ([`AdapterCache::longest_look`]): a hung mount shows there.
 //!
 //! Submodules: `tiers` (the state under the cache lock: entries, eviction, generations, gauges) and `load`
 //! (the disk-load and promotion tasks that fill the tiers).
@@ -30,7 +32,7 @@ mod tiers;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -135,7 +137,7 @@ struct LookRunning<'a> {
 
 impl<'a> LookRunning<'a> {
     fn start(inner: &'a Inner) -> Self {
-        let mut l = inner.looking.lock().expect("looks lock");
+        let mut l = inner.looking.lock().unwrap_or_else(PoisonError::into_inner);
         let number = l.next;
         l.next += 1;
         l.started.insert(number, Instant::now());
@@ -145,7 +147,7 @@ impl<'a> LookRunning<'a> {
 
 impl Drop for LookRunning<'_> {
     fn drop(&mut self) {
-        self.inner.looking.lock().unwrap_or_else(|p| p.into_inner()).started.remove(&self.number);
+        self.inner.looking.lock().unwrap_or_else(PoisonError::into_inner).started.remove(&self.number);
     }
 }
 
@@ -359,7 +361,7 @@ impl AdapterCache {
     /// none runs. Looks take microseconds on a healthy file system: one that runs for seconds is a hung mount
     /// (the server's health reports it, `server::health`).
     pub fn longest_look(&self) -> Option<Duration> {
-        let l = self.inner.looking.lock().expect("looks lock");
+        let l = self.inner.looking.lock().unwrap_or_else(PoisonError::into_inner);
         l.started.values().next().map(Instant::elapsed)
     }
 
@@ -680,14 +682,16 @@ mod tests {
             assert!(since.elapsed() < Duration::from_secs(30), "the look never ran");
             tokio::task::yield_now().await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let b_started = Instant::now();
         let (go_b, b) = hang(&c);
         while c.inner.looking.lock().unwrap().started.len() < 2 {
             assert!(since.elapsed() < Duration::from_secs(30), "the second look never ran");
             tokio::task::yield_now().await;
         }
-        assert!(c.longest_look().unwrap() >= Duration::from_millis(50), "the first look's age");
+        // The first look ran 20 ms before `b_started`: its age, not the second's.
+        let since_b = b_started.elapsed();
+        assert!(c.longest_look().unwrap() >= since_b + Duration::from_millis(20), "the first look's age");
         c.look(|_| ()).await.unwrap();
         go_a.send(()).unwrap();
         a.await.unwrap().unwrap();
