@@ -291,10 +291,7 @@ pub enum NoToken {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn params(t: f32, k: u32, p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature: t, top_k: k, top_p: p, seed: Some(seed), ..Default::default() }
-    }
+    use crate::engine::sampling_params::tests::params;
 
     #[test]
     fn greedy_is_argmax_first_on_ties() {

@@ -197,10 +197,11 @@ impl SamplingParams {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn params(t: f32, k: u32, p: f32, seed: u64) -> SamplingParams {
+    /// Seeded sampling settings (the sampler's tests use them too).
+    pub(crate) fn params(t: f32, k: u32, p: f32, seed: u64) -> SamplingParams {
         SamplingParams { temperature: t, top_k: k, top_p: p, seed: Some(seed), ..Default::default() }
     }
 

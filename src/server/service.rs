@@ -453,9 +453,8 @@ pub(super) async fn lease_adapter(
 /// Checks that adapter `id` is there (NOT_FOUND otherwise), within `deadline`, through the cache's looks at
 /// the adapters folder ([`AdapterCache::look`]: off the async workers).
 pub(super) async fn look_up(cache: &AdapterCache, id: &str, deadline: Option<Instant>) -> Result<(), Status> {
-    let (owned, doing) = (id.to_string(), format!("looking up adapter `{id}`"));
-    let found = look(cache, deadline, &doing, move |c| c.store().resolve(&owned)).await?;
-    found.map(drop).map_err(|e| status::from_cache(e.into(), false))
+    let found = at_folder(cache, deadline, &format!("looking up adapter `{id}`"), cache.find(id)).await?;
+    found.map_err(|e| status::from_cache(e, false))
 }
 
 /// `f`, a look at the adapters folder ([`AdapterCache::look`]), within [`at_folder`]'s bounds; `doing` names

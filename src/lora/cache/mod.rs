@@ -489,10 +489,16 @@ impl AdapterCache {
         if let Some(resident) = self.forget(id)? {
             return Ok(resident);
         }
-        let owned = id.to_string();
-        let looked = self.look(move |c| c.inner.store.resolve(&owned)).await;
-        looked.map_err(|e| CacheError::Internal { id: id.into(), reason: e.to_string() })??;
+        self.find(id).await?;
         Ok(false)
+    }
+
+    /// Whether the root has adapter `id` (NOT_FOUND, or the id's error, when not), looked for off the async
+    /// workers ([`Self::look`]).
+    pub async fn find(&self, id: &str) -> Result<(), CacheError> {
+        let owned = id.to_string();
+        let looked = self.look(move |c| c.inner.store.resolve(&owned).map(drop)).await;
+        Ok(looked.map_err(|e| CacheError::Internal { id: id.into(), reason: e.to_string() })??)
     }
 
     /// The cache's part of [`Self::unload`]: `None` when it knew nothing of `id`.
