@@ -52,9 +52,10 @@ pub const PREFIX_CACHE_HITS_TOTAL: &str = "loraserve_prefix_cache_hits_total";
 /// KV-cache blocks named in the prefix cache, held by a sequence or kept for reuse (gauge). Kept blocks are
 /// evicted when new ones are needed, so they are not counted in [`KV_CACHE_BLOCKS_USED`].
 pub const KV_CACHE_BLOCKS_CACHED: &str = "loraserve_kv_cache_blocks_cached";
-/// Seconds the oldest look at the adapters folder still running has taken, 0 when none runs (gauge, set
-/// about once a second). Looks take microseconds; one that grows is a hung mount (the health service
-/// `loraserve.adapters` is NOT_SERVING past the cache's wait).
+/// Seconds the adapters folder has left a running look unanswered (since the look began, or a listing's last
+/// step), the longest of them, 0 when none runs (gauge, set about once a second). The folder answers in
+/// microseconds; a value that grows is a hung mount (the health service `loraserve.adapters` is NOT_SERVING
+/// past the cache's wait).
 pub const ADAPTERS_FOLDER_LOOK_SECONDS: &str = "loraserve_adapters_folder_look_seconds";
 /// `{version}` — always 1.
 pub const BUILD_INFO: &str = "loraserve_build_info";
@@ -119,7 +120,7 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (
         ADAPTERS_FOLDER_LOOK_SECONDS,
         "gauge",
-        "Seconds the oldest look at the adapters folder still running has taken (0 when none runs)",
+        "Seconds the adapters folder has left a running look unanswered, the longest (0 when none runs)",
     ),
     (BUILD_INFO, "gauge", "Build information; always 1"),
 ];

@@ -139,10 +139,11 @@ async fn a_dead_engine_stops_the_server_with_an_error() {
 }
 
 /// A hung adapters folder (here, every one of the cache's turns held by a look that blocks until the test
-/// lets it go) turns the health service `loraserve.adapters` NOT_SERVING once a look has run past the cache's
-/// wait (300 ms here), and SERVING when they end, while `""` and the API's service stay SERVING and the base
-/// model is served; calls that look at the folder are UNAVAILABLE after that wait without a deadline, and
-/// DEADLINE_EXCEEDED with one; the gauge shows the oldest look's age. The shutdown turns it NOT_SERVING.
+/// lets it go) turns the health service `loraserve.adapters` NOT_SERVING once it has left a look unanswered
+/// past the cache's wait (300 ms here), and SERVING when they end, while `""` and the API's service stay
+/// SERVING and the base model is served; calls that look at the folder are UNAVAILABLE after that wait
+/// without a deadline, and DEADLINE_EXCEEDED with one; the gauge shows the longest unanswered look. The
+/// shutdown turns it NOT_SERVING.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_adapters_folder_has_its_own_health_status() {
     use std::sync::atomic::{AtomicBool, Ordering};

@@ -275,31 +275,41 @@ impl AdapterStore {
     /// space in a name, say): requests could never name them, so the server says so at start. Hidden
     /// folders (an upload in progress) are left out silently.
     pub fn scan(&self) -> (Vec<String>, Vec<Unlisted>) {
-        let (mut ids, mut unlisted) = (Vec::new(), Vec::new());
+        self.scan_stepping(&mut || {})
+    }
+
+    /// [`scan`](Self::scan), calling `step` after each folder entry it looks at: a listing of a large folder
+    /// is many calls, and a caller timing the file system counts each (`cache::LookClock::step`).
+    pub fn scan_stepping(&self, step: &mut dyn FnMut()) -> (Vec<String>, Vec<Unlisted>) {
+        let mut walk = Walk { ids: Vec::new(), unlisted: Vec::new(), step };
         if let Ok(root) = self.canonical_root() {
-            Self::walk(&root, &root, String::new(), 0, &mut ids, &mut unlisted, None);
+            walk.dir(&root, &root, String::new(), 0, None);
         }
+        let Walk { mut ids, mut unlisted, .. } = walk;
         ids.sort();
         unlisted.sort_by(|a, b| a.path.cmp(&b.path));
         (ids, unlisted)
     }
+}
 
-    /// Lists the adapters under `dir` (ids `prefix/…`) into `out`; adapter folders no id can name go to
-    /// `unlisted`, with the reason: their own name's, or their parent's (`invalid`).
-    fn walk(
-        root: &Path,
-        dir: &Path,
-        prefix: String,
-        depth: usize,
-        out: &mut Vec<String>,
-        unlisted: &mut Vec<Unlisted>,
-        invalid: Option<&str>,
-    ) {
+/// A listing under way ([`AdapterStore::scan_stepping`]): what it found so far.
+struct Walk<'a> {
+    ids: Vec<String>,
+    unlisted: Vec<Unlisted>,
+    step: &'a mut dyn FnMut(),
+}
+
+impl Walk<'_> {
+    /// Lists the adapters under `dir` (ids `prefix/…`); adapter folders no id can name go to `unlisted`,
+    /// with the reason: their own name's, or their parent's (`invalid`).
+    fn dir(&mut self, root: &Path, dir: &Path, prefix: String, depth: usize, invalid: Option<&str>) {
         if depth > 4 {
             return;
         }
         let Ok(entries) = std::fs::read_dir(dir) else { return };
+        (self.step)();
         for e in entries.flatten() {
+            (self.step)();
             let name = e.file_name().to_string_lossy().into_owned();
             let id = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
             if name.starts_with('.') {
@@ -316,11 +326,11 @@ impl AdapterStore {
             };
             if canonical.join("adapter_config.json").is_file() {
                 match &reason {
-                    None => out.push(id.clone()),
-                    Some(r) => unlisted.push(Unlisted { path: path.clone(), reason: r.clone() }),
+                    None => self.ids.push(id.clone()),
+                    Some(r) => self.unlisted.push(Unlisted { path: path.clone(), reason: r.clone() }),
                 }
             }
-            Self::walk(root, &canonical, id, depth + 1, out, unlisted, reason.as_deref());
+            self.dir(root, &canonical, id, depth + 1, reason.as_deref());
         }
     }
 }
@@ -423,6 +433,23 @@ mod tests {
         let paths: Vec<_> = unlisted.iter().map(|u| u.path.clone()).collect();
         assert_eq!(paths, [root.join("My Team/bot"), root.join("team/my adapter")], "{unlisted:?}");
         assert!(unlisted.iter().all(|u| u.reason.contains("character ' ' is not allowed")), "{unlisted:?}");
+    }
+
+    /// A listing steps at each folder entry it looks at (a caller times each call, not the whole listing),
+    /// and lists what a listing without steps does.
+    #[test]
+    fn a_listing_steps_at_each_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..12 {
+            adapter(&tmp.path().join(format!("team-{}/a{i}", i % 3)));
+        }
+        let s = AdapterStore::open(tmp.path()).unwrap();
+        let mut steps = 0;
+        let stepped = s.scan_stepping(&mut || steps += 1);
+        assert_eq!(stepped, s.scan());
+        assert_eq!(stepped.0.len(), 12);
+        // At least one step a folder entry: the root's 3 teams, the teams' 12 adapters, and each one's config.
+        assert!(steps >= 3 + 12 + 12, "{steps} steps");
     }
 
     /// A folder inside the root whose files are symlinks leaving it is out of bounds like a folder symlink;

@@ -2,7 +2,8 @@
 //! kernel reports it (requests re-stat the files anyway; the watch frees the memory without waiting for one),
 //! and follows a root reached through a symlink that a deploy re-points, or a root folder replaced by a new one.
 //! Its re-check of the root every two seconds is one of the cache's looks ([`AdapterCache::look`]), so a hung
-//! mount shows in the cache's oldest look (and the server's health) with no request naming an adapter.
+//! mount shows in the cache's longest unanswered look (and the server's health) with no request naming an
+//! adapter.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -54,10 +54,11 @@ impl Health for SpecHealth {
 }
 
 /// Reports the adapters folder as [`ADAPTERS_HEALTH_SERVICE`] (SERVING when called) until `stop`, and then
-/// NOT_SERVING: SERVING while every look at it ([`AdapterCache::look`]: a request's, or the root's re-check
-/// every two seconds) ends within the cache's default wait (what a request without a deadline waits), and
-/// NOT_SERVING while one has run longer. Checked a few times a wait, at most a second apart; each check also
-/// sets [`t::ADAPTERS_FOLDER_LOOK_SECONDS`]. The status's only writer while the server runs.
+/// NOT_SERVING: SERVING while the folder answers every look at it ([`AdapterCache::look`]: a request's, a
+/// listing's every step, or the root's re-check every two seconds) within the cache's default wait (what a
+/// request without a deadline waits), and NOT_SERVING while it has left one waiting longer. Checked a few
+/// times a wait, at most a second apart; each check also sets [`t::ADAPTERS_FOLDER_LOOK_SECONDS`]. The
+/// status's only writer while the server runs.
 pub async fn watch_adapters_folder(cache: AdapterCache, reporter: HealthReporter, mut stop: watch::Receiver<bool>) {
     const SERVICE: &str = ADAPTERS_HEALTH_SERVICE;
     let limit = cache.config().default_wait;
@@ -69,7 +70,7 @@ pub async fn watch_adapters_folder(cache: AdapterCache, reporter: HealthReporter
             _ = stop.wait_for(|s| *s) => break,
             _ = tick.tick() => {}
         }
-        let longest = cache.longest_look().unwrap_or_default();
+        let longest = cache.longest_silence().unwrap_or_default();
         metrics::gauge!(t::ADAPTERS_FOLDER_LOOK_SECONDS).set(longest.as_secs_f64());
         if (longest <= limit) == answering {
             continue;
@@ -81,7 +82,7 @@ pub async fn watch_adapters_folder(cache: AdapterCache, reporter: HealthReporter
         } else {
             tracing::warn!(
                 look_s = longest.as_secs_f64(),
-                "a look at the adapters folder has not ended (a hung file system?): `{SERVICE}` is NOT_SERVING"
+                "the adapters folder has left a look unanswered (a hung file system?): `{SERVICE}` is NOT_SERVING"
             );
             reporter.set_service_status(SERVICE, tonic_health::ServingStatus::NotServing).await;
         }

@@ -457,21 +457,11 @@ pub(super) async fn look_up(cache: &AdapterCache, id: &str, deadline: Option<Ins
     found.map_err(|e| status::from_cache(e, false))
 }
 
-/// `f`, a look at the adapters folder ([`AdapterCache::look`]), within [`at_folder`]'s bounds; `doing` names
-/// it in their errors, and in the INTERNAL of a panic.
-async fn look<T: Send + 'static>(
-    cache: &AdapterCache,
-    deadline: Option<Instant>,
-    doing: &str,
-    f: impl FnOnce(&AdapterCache) -> T + Send + 'static,
-) -> Result<T, Status> {
-    let looked = at_folder(cache, deadline, doing, cache.look(f)).await?;
-    looked.map_err(|e| Status::internal(format!("{doing}: {e}")))
-}
-
 /// `work` that looks at the adapters folder, within the call's `deadline` (DEADLINE_EXCEEDED naming what it
-/// was `doing`). Without a deadline it waits as long as an adapter's acquire would (the cache's default
-/// wait), then is UNAVAILABLE: the folder did not answer (a hung mount), and a retry may find it answering.
+/// was `doing`). Without a deadline it is UNAVAILABLE once it has waited as long as an adapter's acquire
+/// would (the cache's default wait) while a look has gone that long unanswered
+/// ([`AdapterCache::unless_unanswered`]): the folder did not answer (a hung mount), and a retry may find it
+/// answering.
 async fn at_folder<F: std::future::Future>(
     cache: &AdapterCache,
     deadline: Option<Instant>,
@@ -481,8 +471,8 @@ async fn at_folder<F: std::future::Future>(
     if deadline.is_some() {
         return by_deadline(deadline, doing, work).await;
     }
-    let wait = cache.config().default_wait;
-    tokio::time::timeout(wait, work).await.map_err(|_| {
+    cache.unless_unanswered(work).await.ok_or_else(|| {
+        let wait = cache.config().default_wait;
         Status::unavailable(format!(
             "{doing}: the adapters folder did not answer in {} s (a hung file system?)",
             wait.as_secs_f64()
@@ -644,7 +634,9 @@ impl LoraServe for Service {
         req: Request<proto::ListAdaptersRequest>,
     ) -> Result<Response<proto::ListAdaptersResponse>, Status> {
         unary("ListAdapters", req, |_, deadline, _| async move {
-            let listed = look(&self.ready()?.cache, deadline?, "listing adapters", |c| c.list()).await?;
+            let cache = &self.ready()?.cache;
+            let listed = at_folder(cache, deadline?, "listing adapters", cache.listing()).await?;
+            let listed = listed.map_err(|e| Status::internal(format!("listing adapters: {e}")))?;
             let adapters = listed
                 .into_iter()
                 .map(|s| proto::AdapterInfo {

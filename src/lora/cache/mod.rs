@@ -21,19 +21,21 @@
 //!   files that failed to read (`UNAVAILABLE`) are read again by the next request. A filesystem watcher
 //!   ([`super::watch`]) drops stale entries eagerly.
 //! - **Looks at the folder** ([`AdapterCache::look`]) run on the blocking pool, a bounded number at once,
-//!   and the oldest one still running is known ([`AdapterCache::longest_look`]): a hung mount shows there.
+//!   and how long the folder has kept one waiting is known ([`AdapterCache::longest_silence`]): a hung mount
+//!   shows there.
 //!
-//! Submodules: `tiers` (the state under the cache lock: entries, eviction, generations, gauges) and `load`
-//! (the disk-load and promotion tasks that fill the tiers).
+//! Submodules: `tiers` (the state under the cache lock: entries, eviction, generations, gauges), `load`
+//! (the disk-load and promotion tasks that fill the tiers) and `looks` (the looks at the folder).
 
 mod load;
+mod looks;
 mod tiers;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use candle_core::Device;
 use tokio::sync::{Notify, Semaphore};
@@ -43,6 +45,7 @@ use super::store::{AdapterStore, FileStamp, StoreError};
 use super::LoraWeights;
 use crate::telemetry as t;
 use load::{promote, LoadFuture, Loaded};
+pub use looks::{LookClock, MAX_LISTINGS, MAX_LOOKUPS};
 use tiers::{evict_device, publish, Key, Promotion, State};
 
 /// Why an adapter could not be acquired. Cloned to every request waiting on the same load.
@@ -64,9 +67,6 @@ pub enum CacheError {
     #[error("adapter `{id}`: the adapters folder did not answer in time (a hung file system?)")]
     Unanswered { id: String },
 }
-
-/// The most looks at the adapters folder ([`AdapterCache::look`]) on the blocking pool at once.
-pub const MAX_LOOKUPS: usize = 64;
 
 /// Byte budgets of the two tiers.
 #[derive(Clone, Copy, Debug)]
@@ -117,38 +117,10 @@ struct Inner {
     promotions: AtomicU64,
     /// Turns for looks at the adapters folder ([`MAX_LOOKUPS`]).
     lookups: Arc<Semaphore>,
-    /// The looks running now ([`AdapterCache::longest_look`]).
-    looking: Mutex<Looking>,
-}
-
-/// The looks at the adapters folder running now, by start: numbered as they start, under the lock, so the
-/// first is the oldest.
-#[derive(Default)]
-struct Looking {
-    next: u64,
-    started: BTreeMap<u64, Instant>,
-}
-
-/// One look running ([`Looking`]); ended when dropped, also by a look that panicked.
-struct LookRunning<'a> {
-    inner: &'a Inner,
-    number: u64,
-}
-
-impl<'a> LookRunning<'a> {
-    fn start(inner: &'a Inner) -> Self {
-        let mut l = inner.looking.lock().unwrap_or_else(PoisonError::into_inner);
-        let number = l.next;
-        l.next += 1;
-        l.started.insert(number, Instant::now());
-        LookRunning { inner, number }
-    }
-}
-
-impl Drop for LookRunning<'_> {
-    fn drop(&mut self) {
-        self.inner.looking.lock().unwrap_or_else(PoisonError::into_inner).started.remove(&self.number);
-    }
+    /// Turns for listings, within those ([`MAX_LISTINGS`]).
+    listings: Semaphore,
+    /// The looks running now ([`AdapterCache::longest_silence`]).
+    looking: Mutex<looks::Looking>,
 }
 
 /// The adapter cache (cheap to clone; all clones share state).
@@ -244,6 +216,7 @@ impl AdapterCache {
                 disk_loads: AtomicU64::new(0),
                 promotions: AtomicU64::new(0),
                 lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
+                listings: Semaphore::new(MAX_LISTINGS),
                 looking: Mutex::default(),
             }),
         };
@@ -336,33 +309,6 @@ impl AdapterCache {
                 Cached::Promoting { .. } | Cached::Miss => {}
             }
         }
-    }
-
-    /// `look` (at the adapters folder: a few `stat`s, or a listing) on tokio's blocking pool, at most
-    /// [`MAX_LOOKUPS`] at once, each running to its end whoever still waits for it: a hung mount (a dead NFS
-    /// server) then holds that many blocking threads, not the async workers serving every call, nor the rest
-    /// of the pool (disk loads, promotions, compiles); further looks wait for a turn, within their callers'
-    /// deadlines. An error only when `look` panicked.
-    pub async fn look<T: Send + 'static>(
-        &self,
-        look: impl FnOnce(&AdapterCache) -> T + Send + 'static,
-    ) -> Result<T, tokio::task::JoinError> {
-        let turn = self.inner.lookups.clone().acquire_owned().await.expect("never closed");
-        let cache = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let _turn = turn; // held until the look ends, also past a caller that left
-            let _running = LookRunning::start(&cache.inner);
-            look(&cache)
-        })
-        .await
-    }
-
-    /// How long the oldest look at the adapters folder still running ([`Self::look`]) has run; `None` when
-    /// none runs. Looks take microseconds on a healthy file system: one that runs for seconds is a hung mount
-    /// (the server's health reports it, `server::health`).
-    pub fn longest_look(&self) -> Option<Duration> {
-        let l = self.inner.looking.lock().unwrap_or_else(PoisonError::into_inner);
-        l.started.values().next().map(Instant::elapsed)
     }
 
     /// `id`'s folder and its files' stamp ([`Self::look`]), by `deadline`.
@@ -521,9 +467,14 @@ impl AdapterCache {
         Ok((had_current || resident || loading).then_some(resident))
     }
 
-    /// Every adapter under the root with its cache status.
+    /// Every adapter under the root with its cache status, listed on the calling thread (the server lists
+    /// through [`Self::listing`]).
     pub fn list(&self) -> Vec<AdapterStatus> {
-        let ids = self.inner.store.list();
+        self.list_stepping(&mut || {})
+    }
+
+    fn list_stepping(&self, step: &mut dyn FnMut()) -> Vec<AdapterStatus> {
+        let ids = self.inner.store.scan_stepping(step).0;
         let st = self.inner.state.lock().expect("cache lock");
         ids.into_iter()
             .map(|id| {
@@ -634,79 +585,5 @@ mod tests {
         assert_eq!((c.leases(), c.device_bytes()), (1, bytes), "the copy still holds it");
         drop(copy);
         assert_eq!((c.leases(), c.device_bytes()), (0, 0), "the stale version left with its last lease");
-    }
-
-    /// Looks at a hung adapters folder (here, looks that block until the test lets them go) hold at most
-    /// [`MAX_LOOKUPS`] blocking threads: the next look waits for a turn, and runs once one is free. The one
-    /// async worker stays free meanwhile (the timeout below fires on it; a look run on it would hang the test).
-    #[tokio::test(flavor = "current_thread")]
-    async fn looks_at_a_hung_folder_hold_at_most_max_lookups_threads() {
-        let tmp = tempfile::tempdir().unwrap();
-        let c = one_adapter(tmp.path());
-        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let wait = |open: &std::sync::atomic::AtomicBool| {
-            while !open.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
-        let hung: Vec<_> = (0..MAX_LOOKUPS)
-            .map(|_| {
-                let (c, open) = (c.clone(), open.clone());
-                tokio::spawn(async move { c.look(move |_| wait(&open)).await })
-            })
-            .collect();
-        while c.inner.lookups.available_permits() > 0 {
-            tokio::task::yield_now().await;
-        }
-        let next = c.look(|c| c.list().len());
-        tokio::pin!(next);
-        let waited = tokio::time::timeout(Duration::from_millis(200), next.as_mut()).await;
-        assert!(waited.is_err(), "a look past the cap ran while {MAX_LOOKUPS} hung");
-        open.store(true, Ordering::Release);
-        assert_eq!(next.await.unwrap(), 1, "the look that waited runs once a turn is free");
-        for h in hung {
-            h.await.unwrap().unwrap();
-        }
-        assert_eq!(c.inner.lookups.available_permits(), MAX_LOOKUPS);
-    }
-
-    /// `longest_look` is the age of the oldest look still running: not a newer one, and nothing once every
-    /// look has ended, a look that panicked too.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_longest_look_is_the_oldest_still_running() {
-        let tmp = tempfile::tempdir().unwrap();
-        let c = one_adapter(tmp.path());
-        assert_eq!(c.longest_look(), None);
-        let hang = |c: &AdapterCache| {
-            let (go, wait) = std::sync::mpsc::channel::<()>();
-            let c = c.clone();
-            (go, tokio::spawn(async move { c.look(move |_| wait.recv().ok()).await }))
-        };
-        let (go_a, a) = hang(&c);
-        let since = Instant::now();
-        while c.longest_look().is_none() {
-            assert!(since.elapsed() < Duration::from_secs(30), "the look never ran");
-            tokio::task::yield_now().await;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let b_started = Instant::now();
-        let (go_b, b) = hang(&c);
-        while c.inner.looking.lock().unwrap().started.len() < 2 {
-            assert!(since.elapsed() < Duration::from_secs(30), "the second look never ran");
-            tokio::task::yield_now().await;
-        }
-        // The first look ran 20 ms before `b_started`: its age, not the second's.
-        let since_b = b_started.elapsed();
-        assert!(c.longest_look().unwrap() >= since_b + Duration::from_millis(20), "the first look's age");
-        c.look(|_| ()).await.unwrap();
-        go_a.send(()).unwrap();
-        a.await.unwrap().unwrap();
-        let longest = c.longest_look().expect("the second look still runs");
-        assert!(longest <= b_started.elapsed(), "{longest:?}: the age of a look that ended");
-        go_b.send(()).unwrap();
-        b.await.unwrap().unwrap();
-        assert_eq!(c.longest_look(), None);
-        assert!(c.look(|_| panic!("a look that panics")).await.is_err());
-        assert_eq!(c.longest_look(), None, "a look that panicked still counted");
     }
 }
