@@ -172,7 +172,7 @@ async fn a_hung_adapters_folder_has_its_own_health_status() {
         })
         .collect();
     assert_eq!(next().await, ServingStatus::NotServing);
-    assert!(since.elapsed() >= Duration::from_millis(300), "NOT_SERVING before a look ran past the wait");
+    assert!(since.elapsed() >= Duration::from_millis(300), "NOT_SERVING before a look went unanswered past the wait");
     for service in ["", SERVICE_NAME] {
         let s = health.check(ask(service)).await.unwrap().into_inner().status();
         assert_eq!(s, ServingStatus::Serving, "`{service}`");
@@ -187,12 +187,12 @@ async fn a_hung_adapters_folder_has_its_own_health_status() {
     within.set_timeout(Duration::from_millis(200));
     assert_eq!(c.list_adapters(within).await.unwrap_err().code(), tonic::Code::DeadlineExceeded);
     // Other tests' servers in this process set the same gauge (to 0): one of the scrapes shows this one's.
-    let mut age = 0.0;
-    while age < 0.3 {
+    let mut silence = 0.0;
+    while silence < 0.3 {
         assert!(since.elapsed() < Duration::from_secs(30), "the gauge never showed the hung look");
         let text = common::metrics_text(h.metrics_addr).await;
         let line = text.lines().find(|l| l.starts_with("loraserve_adapters_folder_look_seconds "));
-        age = line.expect("the gauge is exported").rsplit(' ').next().unwrap().parse().unwrap();
+        silence = line.expect("the gauge is exported").rsplit(' ').next().unwrap().parse().unwrap();
     }
 
     open.store(true, Ordering::Release);

@@ -266,14 +266,10 @@ impl AdapterStore {
         Ok(AdapterVersion { stamp, id })
     }
 
-    /// Every adapter under the root (folders holding `adapter_config.json`, at most 5 segments deep), as ids.
-    pub fn list(&self) -> Vec<String> {
-        self.scan().0
-    }
-
-    /// [`list`](Self::list), and the adapter folders it leaves out because their path is no valid id (a
-    /// space in a name, say): requests could never name them, so the server says so at start. Hidden
-    /// folders (an upload in progress) are left out silently.
+    /// Every adapter under the root (folders holding `adapter_config.json`, at most 5 segments deep), as ids,
+    /// and the adapter folders it leaves out because their path is no valid id (a space in a name, say):
+    /// requests could never name them, so the server says so at start. Hidden folders (an upload in
+    /// progress) are left out silently.
     pub fn scan(&self) -> (Vec<String>, Vec<Unlisted>) {
         self.scan_stepping(&mut || {})
     }
@@ -335,7 +331,7 @@ impl Walk<'_> {
     }
 }
 
-/// An adapter folder that [`AdapterStore::list`] leaves out, and why.
+/// An adapter folder that [`AdapterStore::scan`] leaves out of its ids, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unlisted {
     pub path: PathBuf,
@@ -421,7 +417,7 @@ mod tests {
             assert!(matches!(s.resolve("escape"), Err(StoreError::Escapes { .. })));
             assert!(s.resolve("alias").is_ok(), "a symlink that stays inside is fine");
         }
-        let listed = s.list();
+        let listed = s.scan().0;
         assert!(listed.contains(&"good".to_string()) && listed.contains(&"team/nested".to_string()));
         assert!(!listed.iter().any(|i| i == "escape" || i == "empty"));
         // An adapter folder no id can name is reported, not skipped in silence; other folders are not.
@@ -448,7 +444,8 @@ mod tests {
         let stepped = s.scan_stepping(&mut || steps += 1);
         assert_eq!(stepped, s.scan());
         assert_eq!(stepped.0.len(), 12);
-        // At least one step a folder entry: the root's 3 teams, the teams' 12 adapters, and each one's config.
+        // A bound: at least one step a folder entry (the root's 3 teams, the teams' 12 adapters, and each
+        // one's config).
         assert!(steps >= 3 + 12 + 12, "{steps} steps");
     }
 
@@ -474,7 +471,7 @@ mod tests {
         assert!(s.resolve("linked-in").is_ok());
         assert!(s.resolve(".hidden").is_ok());
         // Listed: a folder under the root, whose requests then say what is wrong with it.
-        assert_eq!(s.list(), ["blobs/src", "linked-in", "linked-out"]);
+        assert_eq!(s.scan().0, ["blobs/src", "linked-in", "linked-out"]);
         // The chat files are read into prompts: a template, a tokenizer config or a folder of templates
         // linked out is refused the same way.
         std::fs::write(tmp.path().join("secret"), "{{ 'x' }}").unwrap();
@@ -509,14 +506,14 @@ mod tests {
         std::os::unix::fs::symlink("r1", &current).unwrap();
         let s = AdapterStore::open(&current).unwrap();
         assert_eq!(s.resolve("old").unwrap(), tmp.path().join("r1/old").canonicalize().unwrap());
-        assert_eq!(s.list(), ["old"]);
+        assert_eq!(s.scan().0, ["old"]);
         let next = tmp.path().join("next");
         std::os::unix::fs::symlink("r2", &next).unwrap();
         std::fs::rename(&next, &current).unwrap();
         std::fs::remove_dir_all(tmp.path().join("r1")).unwrap();
         assert_eq!(s.resolve("new").unwrap(), tmp.path().join("r2/new").canonicalize().unwrap());
         assert!(matches!(s.resolve("old"), Err(StoreError::NotFound { .. })));
-        assert_eq!(s.list(), ["new"]);
+        assert_eq!(s.scan().0, ["new"]);
         std::fs::remove_file(&current).unwrap();
         let e = s.resolve("new").unwrap_err().to_string();
         assert!(e.contains("the adapters root does not exist"), "{e}");

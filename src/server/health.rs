@@ -54,8 +54,8 @@ impl Health for SpecHealth {
 }
 
 /// Reports the adapters folder as [`ADAPTERS_HEALTH_SERVICE`] (SERVING when called) until `stop`, and then
-/// NOT_SERVING: SERVING while the folder answers every look at it ([`AdapterCache::look`]: a request's, a
-/// listing's every step, or the root's re-check every two seconds) within the cache's default wait (what a
+/// NOT_SERVING: SERVING while the folder answers every look at it ([`AdapterCache::look`]: a request's, each
+/// step of a listing ([`AdapterCache::listing`]), or the root's re-check every two seconds) within the cache's default wait (what a
 /// request without a deadline waits), and NOT_SERVING while it has left one waiting longer. Checked a few
 /// times a wait, at most a second apart; each check also sets [`t::ADAPTERS_FOLDER_LOOK_SECONDS`]. The
 /// status's only writer while the server runs.
@@ -70,9 +70,9 @@ pub async fn watch_adapters_folder(cache: AdapterCache, reporter: HealthReporter
             _ = stop.wait_for(|s| *s) => break,
             _ = tick.tick() => {}
         }
-        let longest = cache.longest_silence().unwrap_or_default();
-        metrics::gauge!(t::ADAPTERS_FOLDER_LOOK_SECONDS).set(longest.as_secs_f64());
-        if (longest <= limit) == answering {
+        let silence = cache.longest_silence().unwrap_or_default();
+        metrics::gauge!(t::ADAPTERS_FOLDER_LOOK_SECONDS).set(silence.as_secs_f64());
+        if (silence <= limit) == answering {
             continue;
         }
         answering = !answering;
@@ -81,7 +81,7 @@ pub async fn watch_adapters_folder(cache: AdapterCache, reporter: HealthReporter
             reporter.set_service_status(SERVICE, tonic_health::ServingStatus::Serving).await;
         } else {
             tracing::warn!(
-                look_s = longest.as_secs_f64(),
+                unanswered_s = silence.as_secs_f64(),
                 "the adapters folder has left a look unanswered (a hung file system?): `{SERVICE}` is NOT_SERVING"
             );
             reporter.set_service_status(SERVICE, tonic_health::ServingStatus::NotServing).await;

@@ -634,9 +634,9 @@ impl LoraServe for Service {
         req: Request<proto::ListAdaptersRequest>,
     ) -> Result<Response<proto::ListAdaptersResponse>, Status> {
         unary("ListAdapters", req, |_, deadline, _| async move {
-            let cache = &self.ready()?.cache;
-            let listed = at_folder(cache, deadline?, "listing adapters", cache.listing()).await?;
-            let listed = listed.map_err(|e| Status::internal(format!("listing adapters: {e}")))?;
+            let (cache, doing) = (&self.ready()?.cache, "listing adapters");
+            let listed = at_folder(cache, deadline?, doing, cache.listing()).await?;
+            let listed = listed.map_err(|e| Status::internal(format!("{doing}: {e}")))?;
             let adapters = listed
                 .into_iter()
                 .map(|s| proto::AdapterInfo {

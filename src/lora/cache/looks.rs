@@ -2,8 +2,8 @@
 //! with one of [`MAX_LOOKUPS`] turns, and each with a clock. How long the folder has kept a running look
 //! waiting ([`AdapterCache::longest_silence`]) is how a hung mount (a dead NFS server) shows: in the server's
 //! health, and in how long a call without a deadline waits for its looks ([`AdapterCache::unless_unanswered`]).
-//! A look of many calls (a listing of a large folder) winds its clock at each ([`LookClock::step`]), so only
-//! one call that does not return counts, not a long listing that goes on answering.
+//! A look of many calls (a listing of a large folder) restarts its clock at each ([`LookClock::step`]), so
+//! only one call that does not return counts, not a long listing that goes on answering.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -71,30 +71,36 @@ impl AdapterCache {
     }
 
     /// [`Self::look`] for a look of many calls (a listing), which steps its clock after each.
-    pub async fn look_stepping<T: Send + 'static>(
+    pub(super) async fn look_stepping<T: Send + 'static>(
         &self,
         look: impl FnOnce(&AdapterCache, &LookClock) -> T + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
         let turn = self.inner.lookups.clone().acquire_owned().await.expect("never closed");
-        let (cache, clock) = (self.clone(), LookClock::start(self));
+        let clock = LookClock::start(self);
         tokio::task::spawn_blocking(move || {
             let _turn = turn; // held until the look ends, also past a caller that left
-            look(&cache, &clock)
+            look(&clock.cache, &clock)
         })
         .await
     }
 
-    /// [`Self::list`] as a look at the folder that steps its clock at each entry ([`Self::look_stepping`]):
+    /// [`Self::list`] as a look at the folder that steps its clock at each entry:
     /// a large folder on a slow file system takes as long as it takes, but one call that hangs shows. At
-    /// most [`MAX_LISTINGS`] at once.
+    /// most [`MAX_LISTINGS`] run at once, each holding its turn to its end (also past a caller that left);
+    /// a further listing waits for one.
     pub async fn listing(&self) -> Result<Vec<super::AdapterStatus>, tokio::task::JoinError> {
-        let _one = self.inner.listings.acquire().await.expect("never closed");
-        self.look_stepping(|c, clock| c.list_stepping(&mut || clock.step())).await
+        let one = self.inner.listings.clone().acquire_owned().await.expect("never closed");
+        self.look_stepping(move |c, clock| {
+            let _one = one;
+            c.list_stepping(&mut || clock.step())
+        })
+        .await
     }
 
-    /// How long the folder has kept the longest-waiting running look ([`Self::look`]) waiting: since the
-    /// look began, or since its last step; `None` when none runs. The folder answers in microseconds when
-    /// healthy: seconds are a hung mount (the server's health reports it, `server::health`).
+    /// How long the folder has left the longest-waiting running look ([`Self::look`], or a listing's)
+    /// unanswered: since the look began, or since its last step; `None` when none runs. The folder answers
+    /// in microseconds when healthy: seconds are a hung mount (the server's health reports it,
+    /// `server::health`).
     pub fn longest_silence(&self) -> Option<Duration> {
         let l = self.inner.looking.lock().unwrap_or_else(PoisonError::into_inner);
         l.heard.values().min().map(Instant::elapsed)
@@ -201,10 +207,10 @@ mod tests {
         (go, hear, look)
     }
 
-    /// `longest_silence` is how long the oldest unanswered look still running has waited: not a newer one,
-    /// restarted by a step, and nothing once every look has ended, a look that panicked too.
+    /// `longest_silence` is the longest any running look has gone unanswered: the older look's, not a newer
+    /// one's, until a step restarts its clock; nothing once every look has ended, a look that panicked too.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_longest_silence_is_the_oldest_unanswered_look() {
+    async fn the_longest_silence_is_the_longest_unanswered_look() {
         let tmp = tempfile::tempdir().unwrap();
         let c = cache(tmp.path(), Duration::from_secs(5));
         assert_eq!(c.longest_silence(), None);
@@ -274,21 +280,23 @@ mod tests {
         hung.await.unwrap();
     }
 
+    /// A runtime whose blocking pool has one thread.
+    fn one_blocking_thread() -> tokio::runtime::Runtime {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(1).max_blocking_threads(1).enable_all().build().unwrap()
+    }
+
     /// A look that has its turn but waits for a blocking thread (the pool's threads held, as by loads from a
-    /// hung mount) is unanswered from then on: the health and the calls without a deadline see it.
+    /// hung mount) is unanswered from then on: it counts in the longest silence, and a call without a
+    /// deadline gives up after the wait.
     #[test]
     fn a_look_waiting_for_a_blocking_thread_is_unanswered() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .max_blocking_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+        one_blocking_thread().block_on(async {
             let tmp = tempfile::tempdir().unwrap();
-            let c = cache(tmp.path(), Duration::from_secs(5));
-            let (go, wait) = std::sync::mpsc::channel::<()>();
-            let busy = tokio::task::spawn_blocking(move || wait.recv().unwrap());
+            let wait = Duration::from_millis(200);
+            let c = cache(tmp.path(), wait);
+            let (go, held) = std::sync::mpsc::channel::<()>();
+            let busy = tokio::task::spawn_blocking(move || held.recv().unwrap());
             let look = tokio::spawn({
                 let c = c.clone();
                 async move { c.look(|_| ()).await }
@@ -300,24 +308,47 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
             assert!(c.longest_silence().unwrap() >= Duration::from_millis(20));
+            let start = Instant::now();
+            assert!(c.unless_unanswered(c.look(|_| ())).await.is_none(), "a call waited on");
+            assert!(start.elapsed() >= wait);
             assert!(!look.is_finished(), "the look ran while the only blocking thread was held");
             go.send(()).unwrap();
             busy.await.unwrap();
             look.await.unwrap().unwrap();
-            assert_eq!(c.longest_silence(), None);
+            while c.longest_silence().is_some() {
+                assert!(since.elapsed() < Duration::from_secs(30), "a look never ended");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         });
     }
 
-    /// At most [`MAX_LISTINGS`] listings run at once: with every listing turn held, the next waits for one.
-    #[tokio::test]
-    async fn listings_take_at_most_max_listings_turns() {
-        let tmp = tempfile::tempdir().unwrap();
-        let c = cache(tmp.path(), Duration::from_secs(5));
-        let held = c.inner.listings.acquire_many(MAX_LISTINGS as u32).await.unwrap();
-        let next = c.listing();
-        tokio::pin!(next);
-        assert!(tokio::time::timeout(Duration::from_millis(100), next.as_mut()).await.is_err());
-        drop(held);
-        assert!(next.await.unwrap().is_empty(), "the empty folder, listed once a turn is free");
+    /// At most [`MAX_LISTINGS`] listings run at once: with every listing turn held, the next waits for one;
+    /// a listing whose caller left (a deadline, a cancelled call) keeps its turn until it has run.
+    #[test]
+    fn listings_take_at_most_max_listings_turns() {
+        one_blocking_thread().block_on(async {
+            let tmp = tempfile::tempdir().unwrap();
+            let c = cache(tmp.path(), Duration::from_secs(5));
+            let held = c.inner.listings.clone().acquire_many_owned(MAX_LISTINGS as u32).await.unwrap();
+            let next = c.listing();
+            tokio::pin!(next);
+            assert!(tokio::time::timeout(Duration::from_millis(100), next.as_mut()).await.is_err());
+            drop(held);
+            assert!(next.await.unwrap().is_empty(), "the empty folder, listed once a turn is free");
+
+            // The only blocking thread held: a listing waits for it, and its caller leaves.
+            let (go, thread) = std::sync::mpsc::channel::<()>();
+            let busy = tokio::task::spawn_blocking(move || thread.recv().unwrap());
+            let left = c.listing();
+            assert!(tokio::time::timeout(Duration::from_millis(100), left).await.is_err());
+            assert_eq!(c.inner.listings.available_permits(), MAX_LISTINGS - 1, "the turn left with the caller");
+            go.send(()).unwrap();
+            busy.await.unwrap();
+            let since = Instant::now();
+            while c.inner.listings.available_permits() < MAX_LISTINGS {
+                assert!(since.elapsed() < Duration::from_secs(30), "the listing never gave its turn back");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
     }
 }

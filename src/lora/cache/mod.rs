@@ -45,7 +45,7 @@ use super::store::{AdapterStore, FileStamp, StoreError};
 use super::LoraWeights;
 use crate::telemetry as t;
 use load::{promote, LoadFuture, Loaded};
-pub use looks::{LookClock, MAX_LISTINGS, MAX_LOOKUPS};
+pub use looks::{MAX_LISTINGS, MAX_LOOKUPS};
 use tiers::{evict_device, publish, Key, Promotion, State};
 
 /// Why an adapter could not be acquired. Cloned to every request waiting on the same load.
@@ -118,7 +118,7 @@ struct Inner {
     /// Turns for looks at the adapters folder ([`MAX_LOOKUPS`]).
     lookups: Arc<Semaphore>,
     /// Turns for listings, within those ([`MAX_LISTINGS`]).
-    listings: Semaphore,
+    listings: Arc<Semaphore>,
     /// The looks running now ([`AdapterCache::longest_silence`]).
     looking: Mutex<looks::Looking>,
 }
@@ -216,7 +216,7 @@ impl AdapterCache {
                 disk_loads: AtomicU64::new(0),
                 promotions: AtomicU64::new(0),
                 lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
-                listings: Semaphore::new(MAX_LISTINGS),
+                listings: Arc::new(Semaphore::new(MAX_LISTINGS)),
                 looking: Mutex::default(),
             }),
         };
