@@ -35,6 +35,12 @@ fn main() -> std::process::ExitCode {
             // A gRPC status from `server client`: show its code name and message.
             // With the request id the server logged the call under, when it sent one (Generate).
             if let Some(s) = e.downcast_ref::<tonic::Status>() {
+                // tonic reports a `--deadline` that passed on the client's side first as CANCELLED "Timeout
+                // expired"; gRPC calls it DEADLINE_EXCEEDED, as the server's own answer is.
+                if s.code() == tonic::Code::Cancelled && s.message() == tonic::TimeoutExpired(()).to_string() {
+                    eprintln!("error: DEADLINE_EXCEEDED: the call's --deadline passed before the server answered");
+                    return std::process::ExitCode::FAILURE;
+                }
                 let code = loraserve::server::status::code_label(s.code());
                 match loraserve::server::request_log::id_in(s.metadata()) {
                     Some(id) => eprintln!("error: {code}: {} (request id {id})", s.message()),

@@ -431,7 +431,7 @@ async fn api_keys_guard_the_service_but_not_health() {
     let t = loraserve::server::client::Target {
         addr: h.grpc_addr.to_string(),
         api_key: Some("ключ".into()),
-        ca_cert: None,
+        ..Default::default()
     };
     let e = loraserve::server::client::list(&t).await.unwrap_err().to_string();
     assert!(e.starts_with("--api-key (LORASERVE_API_KEY): the API key has 'к' at byte 0"), "{e}");
@@ -575,7 +575,7 @@ async fn tls_serving_and_the_bundled_client() {
     let h = server::start(cfg, grpc, metrics).await.unwrap();
     assert!(h.ready().await);
     let port = h.grpc_addr.port();
-    let target = |addr: String, ca_cert| Target { addr, api_key: None, ca_cert };
+    let target = |addr: String, ca_cert| Target { addr, api_key: None, ca_cert, deadline: None };
     let wait = Duration::from_secs(10);
     // Schemes are case-insensitive: `HTTPS://` is TLS too.
     for (scheme, host) in [("https", "localhost"), ("https", "127.0.0.1"), ("HTTPS", "localhost")] {

@@ -83,6 +83,18 @@ fn sigterm_drains_and_exits_zero() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("INVALID_ARGUMENT") && err.contains("'ü'"), "{err}");
     assert!(!err.contains("x-adapter-id"), "{err}");
+    // `--deadline` is sent as the call's deadline: a generation as long as the context fits (~1 s here) ends
+    // at 0.2 s, DEADLINE_EXCEEDED (the server's answer, or the client's own timer when it fires first).
+    let client = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_server")).args(args).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let long = ["generate", "--prompt", "Hello", "--max-new-tokens", "0", "--ignore-eos"];
+    let (ok, err) = client(&[&["client", "--addr", &addr, "--deadline", "0.2"][..], &long].concat());
+    assert!(!ok && err.starts_with("error: DEADLINE_EXCEEDED: "), "{err}");
+    let (ok, err) = client(&["client", "--addr", &addr, "--deadline", "0", "list"]);
+    assert!(!ok && err.contains("'--deadline <SECONDS>': expected a positive number of seconds"), "{err}");
+    assert!(client(&["client", "--addr", &addr, "--deadline", "30", "list"]).0);
     // The prefix cache is on by default: the same 40-byte prompt again (the demo's byte-level tokenizer, KV
     // blocks of 16) starts from its two cached blocks, and the client prints so.
     let cached = || {

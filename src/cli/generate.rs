@@ -306,8 +306,21 @@ pub struct ClientArgs {
     /// it, the system's trusted CAs).
     #[arg(long, env = "LORASERVE_CA_CERT")]
     pub ca_cert: Option<std::path::PathBuf>,
+    /// The call's deadline in seconds, sent as `grpc-timeout` (grpcurl's -max-time): the server stops the
+    /// call and answers DEADLINE_EXCEEDED when it passes (unset: no deadline; the server's own waits apply).
+    #[arg(long, value_name = "SECONDS", value_parser = positive_seconds)]
+    pub deadline: Option<std::time::Duration>,
     #[command(subcommand)]
     pub call: ClientCall,
+}
+
+/// A positive number of seconds, as a duration.
+fn positive_seconds(s: &str) -> Result<std::time::Duration, String> {
+    let secs = s.parse::<f64>().map_err(|e| e.to_string())?;
+    std::time::Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| "expected a positive number of seconds".into())
 }
 
 /// Parsed once per process: the size of its largest variant does not matter.
@@ -412,13 +425,18 @@ pub enum ClientCall {
         #[arg(long, default_value = "")]
         service: String,
         /// Seconds to wait for the answer.
-        #[arg(long, default_value_t = 5.0)]
-        timeout: f64,
+        #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = positive_seconds)]
+        timeout: std::time::Duration,
     },
 }
 
 pub(super) fn run_client(args: ClientArgs) -> Result<()> {
-    let target = crate::server::client::Target { addr: args.addr, api_key: args.api_key, ca_cert: args.ca_cert };
+    let target = crate::server::client::Target {
+        addr: args.addr,
+        api_key: args.api_key,
+        ca_cert: args.ca_cert,
+        deadline: args.deadline,
+    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         match args.call {
@@ -501,10 +519,6 @@ pub(super) fn run_client(args: ClientArgs) -> Result<()> {
             ClientCall::Load { adapter } => crate::server::client::load(&target, &adapter).await,
             ClientCall::Unload { adapter } => crate::server::client::unload(&target, &adapter).await,
             ClientCall::Health { service, timeout } => {
-                let timeout = std::time::Duration::try_from_secs_f64(timeout)
-                    .ok()
-                    .filter(|d| !d.is_zero())
-                    .with_context(|| format!("--timeout {timeout}: expected a positive number of seconds"))?;
                 if crate::server::client::health(&target, &service, timeout).await? {
                     Ok(())
                 } else {

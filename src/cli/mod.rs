@@ -699,6 +699,20 @@ mod tests {
         assert!(!serve_config(&["--no-prefix-caching"]).engine.prefix_caching);
     }
 
+    /// `client --deadline` and `client health --timeout` take a positive number of seconds, nothing else.
+    #[test]
+    fn client_seconds_are_positive() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["server", "client"].iter().chain(args));
+        let Command::Client(c) = parse(&["--deadline", "0.25", "list"]).unwrap().command else { panic!() };
+        assert_eq!(c.deadline, Some(std::time::Duration::from_millis(250)));
+        for bad in ["0", "-1", "NaN", "inf", "1e30", "soon"] {
+            let e = parse(&[&format!("--deadline={bad}"), "list"]).unwrap_err().to_string();
+            assert!(e.contains("'--deadline <SECONDS>'"), "{bad}: {e}");
+            let e = parse(&["health", &format!("--timeout={bad}")]).unwrap_err().to_string();
+            assert!(e.contains("'--timeout <SECONDS>'"), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn target_modules_are_trimmed_and_all_linear_stands_alone() {
         use crate::lora::ModuleKind;

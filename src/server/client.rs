@@ -24,6 +24,8 @@ pub struct Target {
     /// PEM certificate(s) of the CA that signed the server's TLS certificate (`https://` addresses); without
     /// it the system's trusted CAs verify the server.
     pub ca_cert: Option<std::path::PathBuf>,
+    /// Each call's deadline, sent as `grpc-timeout` (`None`: no deadline, the server's own waits apply).
+    pub deadline: Option<Duration>,
 }
 
 /// A generate call.
@@ -141,6 +143,9 @@ pub async fn health(t: &Target, service: &str, timeout: Duration) -> anyhow::Res
 /// an error (`--api-key`), never a call sent without it.
 pub fn request<T>(t: &Target, msg: T, adapter_id: Option<&str>) -> anyhow::Result<Request<T>> {
     let mut r = Request::new(msg);
+    if let Some(d) = t.deadline {
+        r.set_timeout(d);
+    }
     // Trimmed as the server reads keys; an empty one (`LORASERVE_API_KEY=`) is none.
     if let Some(k) = t.api_key.as_deref().map(str::trim).filter(|k| !k.is_empty()) {
         super::auth::check_key(k).map_err(|e| anyhow::anyhow!("--api-key (LORASERVE_API_KEY): {e}"))?;
@@ -522,4 +527,28 @@ pub async fn info(t: &Target) -> anyhow::Result<()> {
         "max_bad_word_bytes": i.max_bad_word_bytes,
     });
     to_stdout(format_args!("{out:#}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--deadline` goes out as the call's `grpc-timeout`; without one, none is sent.
+    #[test]
+    fn a_deadline_is_sent_as_grpc_timeout() {
+        let t = Target { deadline: Some(Duration::from_millis(1500)), ..Default::default() };
+        let r = request(&t, (), None).unwrap();
+        let sent = r.metadata().get("grpc-timeout").expect("sent").to_str().unwrap().to_string();
+        let (n, unit) = sent.split_at(sent.len() - 1);
+        let n: u64 = n.parse().unwrap();
+        let d = match unit {
+            "S" => Duration::from_secs(n),
+            "m" => Duration::from_millis(n),
+            "u" => Duration::from_micros(n),
+            "n" => Duration::from_nanos(n),
+            _ => panic!("{sent}"),
+        };
+        assert_eq!(d, Duration::from_millis(1500), "{sent}");
+        assert!(request(&Target::default(), (), None).unwrap().metadata().get("grpc-timeout").is_none());
+    }
 }
