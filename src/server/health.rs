@@ -55,8 +55,9 @@ impl Health for SpecHealth {
 
 /// Reports the adapters folder as [`ADAPTERS_HEALTH_SERVICE`] (SERVING when called) until `stop`, and then
 /// NOT_SERVING: SERVING while the folder answers every look at it ([`AdapterCache::look`]: a request's, each
-/// step of a listing ([`AdapterCache::listing`]), or the root's re-check every two seconds) within the cache's default wait (what a
-/// request without a deadline waits), and NOT_SERVING while it has left one waiting longer. Checked a few
+/// step of a listing ([`AdapterCache::listing`]), or the root's re-check every two seconds) within the
+/// cache's default wait (what a request without a deadline waits), and NOT_SERVING while it has left one
+/// waiting longer. Checked a few
 /// times a wait, at most a second apart; each check also sets [`t::ADAPTERS_FOLDER_LOOK_SECONDS`]. The
 /// status's only writer while the server runs.
 pub async fn watch_adapters_folder(cache: AdapterCache, reporter: HealthReporter, mut stop: watch::Receiver<bool>) {

@@ -30,7 +30,7 @@ pub(super) struct Looking {
 /// A running look's clock ([`AdapterCache::look_stepping`]), started when the look has its turn (a look
 /// waiting for a blocking thread is waiting for the folder too: the pool's threads are held by loads from it),
 /// and counted among the running looks until dropped, also when the look panics.
-pub struct LookClock {
+struct LookClock {
     cache: AdapterCache,
     number: u64,
 }
@@ -45,7 +45,7 @@ impl LookClock {
     }
 
     /// The folder answered one of the look's calls: restarts its clock.
-    pub fn step(&self) {
+    fn step(&self) {
         let mut l = self.cache.inner.looking.lock().unwrap_or_else(PoisonError::into_inner);
         l.heard.insert(self.number, Instant::now());
     }
@@ -71,7 +71,7 @@ impl AdapterCache {
     }
 
     /// [`Self::look`] for a look of many calls (a listing), which steps its clock after each.
-    pub(super) async fn look_stepping<T: Send + 'static>(
+    async fn look_stepping<T: Send + 'static>(
         &self,
         look: impl FnOnce(&AdapterCache, &LookClock) -> T + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
@@ -84,10 +84,9 @@ impl AdapterCache {
         .await
     }
 
-    /// [`Self::list`] as a look at the folder that steps its clock at each entry:
-    /// a large folder on a slow file system takes as long as it takes, but one call that hangs shows. At
-    /// most [`MAX_LISTINGS`] run at once, each holding its turn to its end (also past a caller that left);
-    /// a further listing waits for one.
+    /// [`Self::list`] as a look at the folder that steps its clock at each entry: a large folder on a slow
+    /// file system takes as long as it takes, but one call that hangs shows. At most [`MAX_LISTINGS`] run at
+    /// once, each holding its turn to its end (also past a caller that left); a further listing waits for one.
     pub async fn listing(&self) -> Result<Vec<super::AdapterStatus>, tokio::task::JoinError> {
         let one = self.inner.listings.clone().acquire_owned().await.expect("never closed");
         self.look_stepping(move |c, clock| {
