@@ -607,7 +607,12 @@ fn eval_data_outside_the_vocabulary_is_refused_before_training() {
     let o = server().args(args).args(["--max-steps", "2", "--eval-data"]).arg(&eval).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
-    assert!(err.contains("eval.jsonl: token id 320 is outside the model's vocabulary of 320"), "{err}");
+    assert!(
+        err.contains(
+            "eval.jsonl:1: encodes to token \"<extra>\" (id 320), outside the model's vocabulary of 320 tokens"
+        ),
+        "{err}"
+    );
     assert!(!err.contains("step="), "refused before training: {err}");
     assert!(!out.exists());
 }

@@ -231,6 +231,33 @@ pub(crate) fn sentencepiece_json() -> Vec<u8> {
     serde_json::to_vec(&json).unwrap()
 }
 
+/// [`sentencepiece_json`] in Llama 2's form: its normalizer prepends `▁` and turns spaces into `▁`, and merges
+/// spell `hello` and `▁hello` as one token each. For tests.
+#[cfg(test)]
+pub(crate) fn llama2_tokenizer_json() -> Vec<u8> {
+    let mut json: serde_json::Value = serde_json::from_slice(&sentencepiece_json()).unwrap();
+    json["normalizer"] = serde_json::json!({"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u{2581}"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]});
+    let model = &mut json["model"];
+    let mut merges = Vec::new();
+    // `▁hello`'s merges first: they win over `hello`'s inside it.
+    for word in ["\u{2581}hello", "hello"] {
+        let chars: Vec<char> = word.chars().collect();
+        for end in 1..=chars.len() {
+            for piece in [chars[..end].iter().collect(), chars[end - 1].to_string()] {
+                let n = model["vocab"].as_object().unwrap().len();
+                model["vocab"].as_object_mut().unwrap().entry(piece).or_insert(n.into());
+            }
+            if end > 1 {
+                merges.push(format!("{} {}", chars[..end - 1].iter().collect::<String>(), chars[end - 1]));
+            }
+        }
+    }
+    model["merges"] = merges.into();
+    serde_json::to_vec(&json).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,6 +34,9 @@ pub struct Tokenizer {
     /// A plain token and its text, decoded before the ids of [`Tokenizer::decode_continued`]; worked out on
     /// first use.
     anchor: std::sync::OnceLock<Option<(u32, String)>>,
+    /// The tokenizer without its start-of-text rules, for [`Tokenizer::encode_continued`] (`None`: it has
+    /// none); made on first use.
+    continuing: std::sync::OnceLock<Result<Option<tokenizers::Tokenizer>, String>>,
 }
 
 impl Tokenizer {
@@ -63,7 +66,14 @@ impl Tokenizer {
             Some((text, cfile)) => ChatFiles::from_config(text, cfile)?,
             None => ChatFiles::default(),
         };
-        Ok(Tokenizer { inner, chat, prefix: Default::default(), bytes: Default::default(), anchor: Default::default() })
+        Ok(Tokenizer {
+            inner,
+            chat,
+            prefix: Default::default(),
+            bytes: Default::default(),
+            anchor: Default::default(),
+            continuing: Default::default(),
+        })
     }
 
     /// The named special token `name` (`"eos_token"`, …), when tokenizer_config.json sets it.
@@ -97,6 +107,22 @@ impl Tokenizer {
             .encode(text, add_special_tokens)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    /// Token ids of `text` as it reads after earlier text, without special tokens: the tokenizer's
+    /// start-of-text rules (SentencePiece's prepended `▁`, byte-level BPE's `add_prefix_space`) do not apply,
+    /// so [`Tokenizer::decode_continued`] spells `text` back. A completion after its prompt is these ids:
+    /// encoded on its own, Llama 2's tokenizer puts a space before it (`" blue"` → `▁▁blue`, `"blue"` →
+    /// `▁blue`).
+    pub fn encode_continued(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        match self.continuing.get_or_init(|| without_start_rules(&self.inner)) {
+            Ok(Some(continuing)) => continuing
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| TokenizerError::Encode(e.to_string())),
+            Ok(None) => self.encode_with(text, false),
+            Err(e) => Err(TokenizerError::Encode(e.clone())),
+        }
     }
 
     /// Token ids of `text` (special tokens added or not) with each token's byte span in `text`.
@@ -309,6 +335,55 @@ impl TextStream {
 /// What makes a `TemplateProcessing` post-processor (alone or in a `Sequence`) panic at every encode in the
 /// `tokenizers` crate: a special token its `single` or `pair` template puts without defining it in its
 /// `special_tokens`, or a `single` template that places the second sequence (`B`), which one text never has.
+/// `tok` without its start-of-text rules — `Prepend` normalizers (Llama 2's `▁`), `Metaspace`'s prepend
+/// scheme, `ByteLevel`'s `add_prefix_space`, also inside sequences — or `None` when it has none.
+fn without_start_rules(tok: &tokenizers::Tokenizer) -> Result<Option<tokenizers::Tokenizer>, String> {
+    use serde_json::Value;
+    fn normalizer(n: &mut Value) -> bool {
+        match n.get("type").and_then(Value::as_str) {
+            Some("Prepend") => {
+                *n = Value::Null;
+                true
+            }
+            Some("Sequence") => n.get_mut("normalizers").and_then(Value::as_array_mut).is_some_and(|list| {
+                let changed = list.iter_mut().fold(false, |c, n| normalizer(n) | c);
+                list.retain(|n| !n.is_null());
+                changed
+            }),
+            _ => false,
+        }
+    }
+    /// Sets `p[key]` to `to` where it is there and differs.
+    fn set(p: &mut Value, key: &str, to: Value) -> bool {
+        match p.get_mut(key) {
+            Some(v) if *v != to => {
+                *v = to;
+                true
+            }
+            _ => false,
+        }
+    }
+    fn pre_tokenizer(p: &mut Value) -> bool {
+        match p.get("type").and_then(Value::as_str) {
+            Some("Metaspace") => set(p, "prepend_scheme", "never".into()) | set(p, "add_prefix_space", false.into()),
+            Some("ByteLevel") => set(p, "add_prefix_space", false.into()),
+            Some("Sequence") => p
+                .get_mut("pretokenizers")
+                .and_then(Value::as_array_mut)
+                .is_some_and(|list| list.iter_mut().fold(false, |c, p| pre_tokenizer(p) | c)),
+            _ => false,
+        }
+    }
+    let mut json: Value =
+        serde_json::from_str(&tok.to_string(false).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let changed =
+        json.get_mut("normalizer").is_some_and(normalizer) | json.get_mut("pre_tokenizer").is_some_and(pre_tokenizer);
+    if !changed {
+        return Ok(None);
+    }
+    json.to_string().parse::<tokenizers::Tokenizer>().map(Some).map_err(|e| e.to_string())
+}
+
 fn template_fault(processor: &serde_json::Value) -> Option<String> {
     match processor["type"].as_str()? {
         "TemplateProcessing" => {
@@ -459,6 +534,44 @@ mod tests {
             assert_eq!(tok.decode(&[space, hello]).unwrap(), " hello", "stripped once at the start");
             assert_eq!(tok.decode_continued(&[space, hello]).unwrap(), "  hello");
             assert_eq!(tok.decode_continued(&[hello]).unwrap(), " hello");
+        }
+    }
+
+    /// Text encoded as it reads after earlier text decodes, continued, to itself: in Llama 2's form (a
+    /// normalizer prepends `▁`), in the newer Metaspace form (prepend scheme `first`) and byte-level (no rule),
+    /// on 500 random texts. Encoded as a text of its own, Llama 2's gains a space at the start.
+    #[test]
+    fn continued_text_encodes_and_decodes_to_itself() {
+        let llama2: serde_json::Value =
+            serde_json::from_slice(&super::super::token_bytes::llama2_tokenizer_json()).unwrap();
+        let mut metaspace = llama2.clone();
+        metaspace["normalizer"] = serde_json::Value::Null;
+        metaspace["pre_tokenizer"] = serde_json::json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false});
+        let sp = |json: &serde_json::Value| {
+            Tokenizer::from_parts(&serde_json::to_vec(json).unwrap(), "sp/tokenizer.json", None).unwrap()
+        };
+        let (llama2, metaspace, byte_level) = (sp(&llama2), sp(&metaspace), crate::model::demo::tokenizer().unwrap());
+        let hello = llama2.token_to_id("\u{2581}hello").unwrap();
+        assert_eq!(llama2.encode_with("hello", false).unwrap(), [hello], "a text's start gains `▁`");
+        assert_eq!(llama2.decode_continued(&llama2.encode_with(" a", false).unwrap()).unwrap(), "  a");
+        for tok in [&llama2, &metaspace] {
+            assert_eq!(tok.encode_continued(" hello").unwrap(), [hello]);
+            assert_eq!(tok.encode_continued("hello").unwrap(), [tok.token_to_id("hello").unwrap()]);
+        }
+        let pieces = [" ", "a", "b", "é", "\n", "hello", "x", "{\"", "  "];
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..500 {
+            let mut text = String::new();
+            for _ in 0..1 + state % 7 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                text.push_str(pieces[(state % pieces.len() as u64) as usize]);
+            }
+            for tok in [&llama2, &metaspace, &byte_level] {
+                let ids = tok.encode_continued(&text).unwrap();
+                assert_eq!(tok.decode_continued(&ids).unwrap(), text, "{ids:?}");
+            }
         }
     }
 

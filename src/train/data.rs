@@ -7,9 +7,10 @@
 //!   located by rendering each conversation prefix (as TRL does).
 //!
 //! The prompt is encoded with the tokenizer's special tokens (e.g. BOS), exactly as the server encodes
-//! prompts; text and completions end with the end-of-sequence token so adapters learn to stop. Examples
-//! longer than `--max-seq-len` are truncated — counted and reported — and dropped if nothing trainable is
-//! left. Every bad line is an error naming the line and the reason.
+//! prompts, and the completion as text after it (the ids the server decodes to it); text and completions
+//! end with the end-of-sequence token so adapters learn to stop. Examples longer than `--max-seq-len` are
+//! truncated — counted and reported — and dropped if nothing trainable is left. Every bad line is an error
+//! naming the line and the reason, a token the model has no embedding for too.
 
 use std::cell::OnceCell;
 use std::path::Path;
@@ -44,6 +45,17 @@ impl Example {
     }
 }
 
+/// How lines become examples: with the model's tokenizer; its end-of-sequence token, after each text and
+/// completion; its vocabulary, a line with a token past it refused (a tokenizer may add tokens the model has
+/// no embedding for); the longest example, longer ones truncated.
+#[derive(Clone, Copy)]
+pub struct Encoding<'a> {
+    pub tok: &'a Tokenizer,
+    pub eos: u32,
+    pub vocab: usize,
+    pub max_seq_len: Option<usize>,
+}
+
 /// What loading found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DataStats {
@@ -56,13 +68,8 @@ pub struct DataStats {
     pub conversations: usize,
 }
 
-/// Loads `path` for `tokenizer`.
-pub fn load_jsonl(
-    path: &Path,
-    tok: &Tokenizer,
-    max_seq_len: Option<usize>,
-    eos: u32,
-) -> Result<(Vec<Example>, DataStats), DataError> {
+/// Loads `path`.
+pub fn load_jsonl(path: &Path, enc: Encoding) -> Result<(Vec<Example>, DataStats), DataError> {
     let file = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| DataError::File { file: file.clone(), reason: e.to_string() })?;
     let text = String::from_utf8(bytes).map_err(|e| {
@@ -73,17 +80,11 @@ pub fn load_jsonl(
         let column = at - before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
         DataError::Line { file: file.clone(), line, reason: format!("not UTF-8 (at byte {column} of the line)") }
     })?;
-    parse_jsonl(&text, &file, tok, max_seq_len, eos)
+    parse_jsonl(&text, &file, enc)
 }
 
 /// Parses JSONL text (`file` names it in errors).
-pub fn parse_jsonl(
-    text: &str,
-    file: &str,
-    tok: &Tokenizer,
-    max_seq_len: Option<usize>,
-    eos: u32,
-) -> Result<(Vec<Example>, DataStats), DataError> {
+pub fn parse_jsonl(text: &str, file: &str, enc: Encoding) -> Result<(Vec<Example>, DataStats), DataError> {
     // A byte-order mark (Windows editors write one) is no part of the first line's JSON.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     // Compiled on the first `{"messages"}` line: text and prompt/completion data never need the template.
@@ -98,11 +99,16 @@ pub fn parse_jsonl(
         stats.lines += 1;
         let err = |reason: String| DataError::Line { file: file.to_string(), line: n, reason };
         let v: Value = serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
-        let mut ex = example(&v, tok, &chat, eos).map_err(err)?;
+        let mut ex = example(&v, enc.tok, &chat, enc.eos).map_err(err)?;
+        enc.tok.check_in_vocab(&ex.ids, enc.vocab).map_err(err)?;
+        if ex.loss_tokens() == 0 {
+            // Only a conversation can have none: text and completions are never empty, and end with EOS.
+            return Err(err("no token to learn from: the chat template renders no assistant text".into()));
+        }
         if v.get("messages").is_some_and(|m| !m.is_null()) {
             stats.conversations += 1;
         }
-        if let Some(max) = max_seq_len {
+        if let Some(max) = enc.max_seq_len {
             if ex.ids.len() > max {
                 ex.ids.truncate(max);
                 ex.targets.truncate(max);
@@ -124,7 +130,7 @@ pub fn parse_jsonl(
             reason: format!(
                 "all {} examples were truncated away (a limit of {} tokens leaves no target tokens; see --max-seq-len)",
                 stats.lines,
-                max_seq_len.map_or_else(|| "no".to_string(), |n| n.to_string())
+                enc.max_seq_len.map_or_else(|| "no".to_string(), |n| n.to_string())
             ),
         });
     }
@@ -189,7 +195,7 @@ fn example(
         }
         let mut ids = prompt;
         let mut targets = vec![false; ids.len()];
-        let c = encode(tok, completion, false)?;
+        let c = tok.encode_continued(completion).map_err(|e| e.to_string())?;
         targets.extend(std::iter::repeat_n(true, c.len() + 1));
         ids.extend(c);
         ids.push(eos);
@@ -244,8 +250,13 @@ mod tests {
     use super::*;
     use crate::model::demo;
 
+    /// `tok`'s encoding, with EOS 1, any vocabulary, no limit.
+    fn enc(tok: &Tokenizer) -> Encoding<'_> {
+        Encoding { tok, eos: 1, vocab: usize::MAX, max_seq_len: None }
+    }
+
     fn parse(text: &str, max: Option<usize>) -> Result<(Vec<Example>, DataStats), DataError> {
-        parse_jsonl(text, "d.jsonl", &demo::tokenizer().unwrap(), max, 1)
+        parse_jsonl(text, "d.jsonl", Encoding { max_seq_len: max, ..enc(&demo::tokenizer().unwrap()) })
     }
 
     #[test]
@@ -276,6 +287,56 @@ mod tests {
         assert_eq!(t.decode(&target_text[..2]).unwrap(), "A\n");
         assert_eq!(*target_text.last().unwrap(), 1);
         assert_eq!(target_text.len(), 3);
+    }
+
+    /// A completion is trained as the ids the server decodes to it after its prompt. Encoded as a text of its
+    /// own, Llama 2's tokenizer (a normalizer prepends `▁`) gave `" hello"` as `▁ ▁hello`, which decodes as
+    /// two spaces and is not what the base model writes after a prompt, and `"hello"` as `▁hello`.
+    #[test]
+    fn a_completion_is_the_text_after_its_prompt() {
+        let sp = crate::model::token_bytes::llama2_tokenizer_json();
+        let tok = Tokenizer::from_parts(&sp, "sp/tokenizer.json", None).unwrap();
+        let enc = Encoding { eos: 2, ..enc(&tok) };
+        let word = |w: &str| tok.token_to_id(w).unwrap();
+        for (completion, ids) in [(" hello", vec![word("\u{2581}hello")]), ("hello", vec![word("hello")])] {
+            let line = json!({"prompt": "hello", "completion": completion}).to_string();
+            let ex = &parse_jsonl(&line, "d", enc).unwrap().0[0];
+            assert_eq!(ex.ids[..1], [word("\u{2581}hello")], "the prompt as the server encodes it");
+            assert_eq!(ex.ids[1..], [&ids[..], &[2]].concat(), "{completion:?}");
+        }
+        for completion in [" a b", "\nhello", "  x", "é "] {
+            let line = json!({"prompt": "a", "completion": completion}).to_string();
+            let ex = &parse_jsonl(&line, "d", enc).unwrap().0[0];
+            let targets: Vec<u32> = ex.ids.iter().zip(&ex.targets).filter(|(_, &t)| t).map(|(&i, _)| i).collect();
+            assert_eq!(tok.decode_continued(&targets).unwrap(), completion);
+        }
+    }
+
+    /// A line with a token the model has no embedding for (the tokenizer adds tokens past its vocabulary) is
+    /// refused naming the line and the token.
+    #[test]
+    fn a_token_past_the_vocabulary_is_refused_naming_the_line() {
+        let tok = demo::tokenizer().unwrap();
+        let b = 3 + b'b' as usize;
+        let text = "{\"text\": \"a\"}\n{\"prompt\": \"a\", \"completion\": \"ab\"}\n";
+        let e = parse_jsonl(text, "d", Encoding { vocab: b, ..enc(&tok) }).unwrap_err();
+        let want = format!("d:2: encodes to token \"b\" (id {b}), outside the model's vocabulary of {b} tokens");
+        assert!(e.to_string().starts_with(&want), "{e}");
+        assert_eq!(parse_jsonl(text, "d", Encoding { vocab: b + 1, ..enc(&tok) }).unwrap().0.len(), 2);
+    }
+
+    /// A conversation whose assistant turns the chat template renders as nothing has nothing to learn: refused
+    /// naming the line. Before, it was dropped without a word, and a file of only such lines was said to be
+    /// truncated away.
+    #[test]
+    fn a_conversation_with_nothing_to_learn_is_refused() {
+        let mut t = demo::tokenizer().unwrap();
+        t.chat.template = Some(
+            "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}".into(),
+        );
+        let line = "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"A\"}]}\n";
+        let e = parse_jsonl(&format!("{{\"text\": \"a\"}}\n{line}"), "d", enc(&t)).unwrap_err();
+        assert_eq!(e.to_string(), "d:2: no token to learn from: the chat template renders no assistant text");
     }
 
     /// Chat datasets carry other columns beside `messages` (ultrachat: `prompt`, `prompt_id`): the conversation
@@ -317,7 +378,7 @@ mod tests {
         let mut t = Tokenizer::from_dir(&fixture).unwrap();
         t.chat.template = Some("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}".into());
         let line = "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"there\"}]}\n";
-        let ex = &parse_jsonl(line, "d", &t, None, 1).unwrap().0[0];
+        let ex = &parse_jsonl(line, "d", enc(&t)).unwrap().0[0];
         let (ids, offsets) = t.encode_with_offsets("user: q\nassistant: there\n", false).unwrap();
         let start = "user: q\nassistant: ".len();
         let across =
@@ -335,31 +396,31 @@ mod tests {
         let messages = "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"A\"}]}\n";
         let mut t = demo::tokenizer().unwrap();
         t.chat.template = Some(PLAIN_CHAT_TEMPLATE.into());
-        let want = parse_jsonl(messages, "d", &t, None, 1).unwrap().0;
+        let want = parse_jsonl(messages, "d", enc(&t)).unwrap().0;
         let marked = PLAIN_CHAT_TEMPLATE.replace(
             "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}",
             "{{ '<|' + message['role'] + '|>\\n' }}{%- generation -%}  {{ message['content'] + '\\n' }}  {%- endgeneration %}",
         );
         assert_ne!(marked, PLAIN_CHAT_TEMPLATE);
         t.chat.template = Some(marked);
-        assert_eq!(parse_jsonl(messages, "d", &t, None, 1).unwrap().0, want);
+        assert_eq!(parse_jsonl(messages, "d", enc(&t)).unwrap().0, want);
         // Named templates, none of them "default": refused, as transformers refuses to pick one.
         let mut named = demo::tokenizer().unwrap();
         named.chat.template = None;
-        let e = parse_jsonl(messages, "d", &named, None, 1).unwrap_err();
+        let e = parse_jsonl(messages, "d", enc(&named)).unwrap_err();
         assert!(
             matches!(&e, DataError::Line { reason, .. } if reason.contains("the tokenizer has no chat template")),
             "{e}"
         );
         named.chat.names = vec!["tool_use".into()];
-        let e = parse_jsonl(messages, "d", &named, None, 1).unwrap_err();
+        let e = parse_jsonl(messages, "d", enc(&named)).unwrap_err();
         assert!(
             matches!(&e, DataError::Line { reason, .. } if reason.contains("[\"tool_use\"] and none is named \"default\"")),
             "{e}"
         );
         t.chat.template = Some("{% broken".into());
-        assert!(parse_jsonl("{\"text\": \"ab\"}\n", "d", &t, None, 1).is_ok());
-        let e = parse_jsonl(messages, "d", &t, None, 1).unwrap_err();
+        assert!(parse_jsonl("{\"text\": \"ab\"}\n", "d", enc(&t)).is_ok());
+        let e = parse_jsonl(messages, "d", enc(&t)).unwrap_err();
         assert!(matches!(&e, DataError::Line { line: 1, reason, .. } if reason.contains("chat template")), "{e}");
     }
 
@@ -408,7 +469,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.jsonl");
         std::fs::write(&path, b"{\"text\": \"a\"}\n{\"text\": \"b\"}\n{\"text\": \"\xff\"}\n").unwrap();
-        match load_jsonl(&path, &demo::tokenizer().unwrap(), None, 1) {
+        match load_jsonl(&path, enc(&demo::tokenizer().unwrap())) {
             Err(DataError::Line { line: 3, reason, .. }) => {
                 assert!(reason.contains("not UTF-8 (at byte 11"), "{reason}")
             }

@@ -232,17 +232,10 @@ pub fn train(model: &Model, tok: &Tokenizer, cfg: &TrainConfig) -> Result<TrainR
         )));
     }
     let max_seq_len = Some(cfg.max_seq_len.unwrap_or(context));
-    // Each file's examples: every token in the model's vocabulary (a tokenizer may have added tokens the
-    // model's embedding lacks), truncations reported.
+    // Each file's examples, truncations reported.
+    let enc = data::Encoding { tok, eos, vocab: model.config().vocab_size, max_seq_len };
     let read = |file: &std::path::Path| -> Result<_, TrainError> {
-        let (examples, stats) = data::load_jsonl(file, tok, max_seq_len, eos)?;
-        let vocab = model.config().vocab_size as u32;
-        if let Some(bad) = examples.iter().flat_map(|e| &e.ids).find(|&&id| id >= vocab) {
-            return Err(TrainError::Config(format!(
-                "{}: token id {bad} is outside the model's vocabulary of {vocab}",
-                file.display()
-            )));
-        }
+        let (examples, stats) = data::load_jsonl(file, enc)?;
         if stats.truncated > 0 {
             tracing::warn!(file = %file.display(), truncated = stats.truncated, dropped = stats.dropped, max_seq_len = ?max_seq_len, "examples truncated (--max-seq-len, else the model's context)");
         }
