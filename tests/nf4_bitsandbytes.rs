@@ -258,6 +258,92 @@ fn a_bitsandbytes_checkpoints_dense_layers_stay_dense() {
     assert!(matches!(load(&out, QuantMode::Nf4).model.linear(kept).unwrap().base, BaseWeight::Dense(_)));
 }
 
+/// A checkpoint stored otherwise than its config.json says is refused, naming the weight and the file, as
+/// transformers refuses it: dense weights under a stale `quantization_config` (left by `dequantize()` or a
+/// merge script: before, they loaded dense where NF4 was asked for, and `server quantize` wrote a dense
+/// checkpoint it called NF4), 4-bit weights without one, or 4-bit weights of a module its skip list keeps
+/// dense.
+#[test]
+fn a_checkpoint_stored_otherwise_than_its_config_says_is_refused() {
+    let q = "model.layers.0.self_attn.q_proj";
+    let copy = |from: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_dir(&fixture(from), tmp.path());
+        let cfg = tmp.path().join("config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(&cfg, v.to_string()).unwrap();
+        tmp
+    };
+    let refused = |dir: &Path, quant: QuantMode| {
+        let opts = LoadOptions { dtype: DType::F32, quant, device: Device::Cpu };
+        match model::load(&ModelSpec::Dir(dir.to_path_buf()), &opts) {
+            Ok(_) => panic!("loaded"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let stale = copy("llama/model", &|v| {
+        v["quantization_config"] =
+            serde_json::json!({"quant_method": "bitsandbytes", "load_in_4bit": true, "bnb_4bit_quant_type": "nf4"});
+    });
+    let file = stale.path().join("model.safetensors").display().to_string();
+    for quant in [QuantMode::Nf4, QuantMode::None] {
+        let e = refused(stale.path(), quant);
+        let want = format!("{file}: tensor `{q}.weight`: stored dense, but config.json's `quantization_config` says");
+        assert!(e.starts_with(&want) && e.contains("loads once that is removed"), "{e}");
+    }
+    let out = stale.path().join("out");
+    let o = quantize_cli(stale.path(), &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("stored dense, but config.json"), "{err}");
+    assert!(!out.exists());
+    // Listed in the skip list, every dense layer loads (the test above).
+    let skipped = copy("llama/model", &|v| {
+        v["quantization_config"] = serde_json::json!({"quant_method": "bitsandbytes",
+            "llm_int8_skip_modules": ["self_attn", "mlp"]});
+    });
+    assert!(model::load(&ModelSpec::Dir(skipped.path().to_path_buf()), &LoadOptions::default()).is_ok());
+    let bare = copy("llama-bnb-nf4/model", &|v| {
+        v.as_object_mut().unwrap().remove("quantization_config");
+    });
+    let e = refused(bare.path(), QuantMode::Nf4);
+    assert!(
+        e.contains(&format!("tensor `{q}.weight`: stored in bitsandbytes' 4-bit layout, but config.json has no")),
+        "{e}"
+    );
+    let kept = copy("llama-bnb-nf4/model", &|v| {
+        v["quantization_config"]["llm_int8_skip_modules"] = serde_json::json!(["q_proj"]);
+    });
+    let e = refused(kept.path(), QuantMode::Nf4);
+    assert!(e.contains(&format!("llm_int8_skip_modules` keeps `{q}` dense")), "{e}");
+}
+
+/// `quantize` and `merge` refuse a synthetic model before building it: run with 2 GB of address space, they
+/// give the refusal, where building a 7B shape first (gigabytes, minutes) ran out of memory.
+#[test]
+fn synthetic_models_are_refused_before_they_are_built() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = fixture("llama/adapters/qv-r4");
+    for args in [
+        format!("quantize --model synthetic:llama2-7b --output {}", tmp.path().join("q").display()),
+        format!(
+            "merge --model synthetic:llama2-7b --adapter {} --output {}",
+            adapter.display(),
+            tmp.path().join("m").display()
+        ),
+    ] {
+        let o = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -v 2000000 && exec \"$0\" {args}"))
+            .arg(env!("CARGO_BIN_EXE_server"))
+            .env("LORASERVE_LOG", "off")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("synthetic models are for benchmarks"), "{args}: {err}");
+    }
+}
+
 /// Copies the bitsandbytes checkpoint, applying `edit` to its tensors.
 fn broken_bnb(edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> (tempfile::TempDir, String) {
     let tmp = tempfile::tempdir().unwrap();

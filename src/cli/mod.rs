@@ -582,12 +582,14 @@ fn run_merge(args: MergeArgs) -> Result<()> {
         let config = model::read_config(dir)?;
         if config.quantization.is_some() && !args.dequantize {
             bail!(
-                "{}: the base is NF4-quantized; merging into it would need dequantized weights (pass --dequantize to write a dense merged checkpoint)",
+                "{}: the base is NF4-quantized (its config.json has a `quantization_config`); merging into it would need dequantized weights (pass --dequantize to write a dense merged checkpoint)",
                 dir.display()
             );
         }
     }
     let dtype = output_dtype(args.dtype, &args.model)?;
+    // Before the model is built: a synthetic one is refused here, not after minutes and gigabytes.
+    let mut side = side_files(&args.model)?;
     let margs = ModelArgs {
         model: args.model.clone(),
         quant: QuantMode::None,
@@ -605,7 +607,6 @@ fn run_merge(args: MergeArgs) -> Result<()> {
         let delta = m.b_t.t()?.matmul(&m.a)?.affine(m.scale as f64, 0.0)?;
         Ok(Some((w + delta)?.to_dtype(dtype)?))
     };
-    let mut side = side_files(&args.model)?;
     // The merged model renders conversations as the adapter was served: with the template its folder brings.
     let adapter_chat = model::chat::ChatFiles::from_dir(&args.adapter)?;
     if let Some(template) = &adapter_chat.template {
@@ -667,6 +668,8 @@ fn output_dtype(arg: Option<DTypeArg>, model: &ModelSpec) -> Result<DTypeArg> {
 fn run_quantize(args: QuantizeArgs) -> Result<()> {
     crate::output::check_new(&args.output)?;
     let dtype = output_dtype(args.dtype, &args.model)?;
+    // Before the model is built: a synthetic one is refused here, not after minutes and gigabytes.
+    let side = side_files(&args.model)?;
     let margs = ModelArgs {
         model: args.model.clone(),
         quant: QuantMode::Nf4,
@@ -675,7 +678,7 @@ fn run_quantize(args: QuantizeArgs) -> Result<()> {
         chat_template: None,
     };
     let loaded = margs.load()?;
-    model::checkpoint::write(&loaded.model, &side_files(&args.model)?, &args.output, &|_| Ok(None))
+    model::checkpoint::write(&loaded.model, &side, &args.output, &|_| Ok(None))
         .with_context(|| format!("writing {}", args.output.display()))?;
     tracing::info!(output = %args.output.display(), resident_bytes = loaded.model.resident_bytes(), "NF4 checkpoint written");
     Ok(())

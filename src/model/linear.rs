@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use crate::lora::{LinearId, LoraRows};
+use crate::quant::bnb::SkipModules;
 use crate::quant::op::Nf4Linear;
 use crate::quant::{Nf4Weight, QuantMode};
 
@@ -109,10 +110,43 @@ pub struct LinearLoad<'a> {
     pub quant: QuantMode,
     pub dtype: DType,
     pub device: &'a Device,
-    /// The checkpoint is NF4 already (`quantization_config`): the layers it stores dense stay dense, as
+    /// The checkpoint is NF4 already (`quantization_config`): the layers it keeps dense stay dense, as
     /// transformers keeps them (`llm_int8_skip_modules`, e.g. the sensitive layers of "dynamic" 4-bit
-    /// checkpoints), whatever `quant` says.
-    pub prequantized: bool,
+    /// checkpoints), whatever `quant` says. Each layer must be stored as its config says, as transformers
+    /// requires: 4-bit unless kept dense; without a `quantization_config`, dense.
+    pub prequantized: Option<SkipModules>,
+}
+
+/// The file holding tensor `name` (a shard of a sharded checkpoint), else the source.
+fn file_of(source: &dyn WeightSource, name: &str) -> String {
+    source.raw(name).map_or_else(|| source.describe(), |r| r.file.to_string())
+}
+
+/// Refuses the weight of module `prefix` (stored in bitsandbytes' 4-bit layout or not: `nf4`) where the
+/// checkpoint's `quantization_config` says otherwise, as transformers refuses to load it: a dense
+/// checkpoint whose config kept a stale `quantization_config` (left by `dequantize()` or a merge script)
+/// would otherwise load dense where NF4 is asked for, and `server quantize` would write no NF4 layer.
+fn check_stored_as_configured(ld: &LinearLoad, prefix: &str, nf4: bool) -> Result<(), ModelError> {
+    let name = format!("{prefix}.weight");
+    if !ld.source.contains(&name) {
+        return Ok(()); // missing: said so where it is read
+    }
+    let why = match &ld.prequantized {
+        None if nf4 => "stored in bitsandbytes' 4-bit layout, but config.json has no `quantization_config` \
+                        (transformers does not load it so either): give it the one it was quantized with"
+            .to_string(),
+        Some(skip) if nf4 && skip.keeps(prefix) => format!(
+            "stored in bitsandbytes' 4-bit layout, but config.json's `quantization_config.llm_int8_skip_modules` \
+             keeps `{prefix}` dense"
+        ),
+        Some(skip) if !nf4 && !skip.keeps(prefix) => format!(
+            "stored dense, but config.json's `quantization_config` says the checkpoint is 4-bit and its \
+             `llm_int8_skip_modules` does not keep `{prefix}` dense: a dense checkpoint that kept a stale \
+             `quantization_config` (left by `dequantize()` or a merge) loads once that is removed"
+        ),
+        _ => return Ok(()),
+    };
+    Err(WeightsError::tensor(file_of(ld.source, &name), name, why).into())
 }
 
 impl Linear {
@@ -126,7 +160,9 @@ impl Linear {
         bias: bool,
     ) -> Result<Self, ModelError> {
         let name = format!("{prefix}.weight");
-        let base = if let Some(w) = crate::quant::bnb::load_nf4(ld.source, &name, &[out_features, in_features])? {
+        let nf4 = crate::quant::bnb::load_nf4(ld.source, &name, &[out_features, in_features])?;
+        check_stored_as_configured(ld, prefix, nf4.is_some())?;
+        let base = if let Some(w) = nf4 {
             if ld.quant == QuantMode::None {
                 // A pre-quantized checkpoint cannot be "un-quantized" losslessly; dequantize for a dense base.
                 BaseWeight::Dense(
@@ -137,17 +173,13 @@ impl Linear {
             }
         } else {
             match ld.quant {
-                QuantMode::Nf4 if !ld.prequantized => {
+                QuantMode::Nf4 if ld.prequantized.is_none() => {
                     // Quantized on the host, whatever the model's device: the codes move, never the f32 values.
                     let w = ld.source.tensor(&name, &[out_features, in_features], DType::F32, &Device::Cpu)?;
                     let values = w.flatten_all()?.to_vec1::<f32>()?;
                     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                        return Err(WeightsError::tensor(
-                            ld.source.describe(),
-                            name,
-                            format!("non-finite value at element {i}"),
-                        )
-                        .into());
+                        let why = format!("non-finite value {} at element {i}", values[i]);
+                        return Err(WeightsError::tensor(file_of(ld.source, &name), name, why).into());
                     }
                     BaseWeight::Nf4(Arc::new(Nf4Weight::quantize(&values, &[out_features, in_features], true)))
                 }

@@ -209,7 +209,7 @@ pub fn build(config: ModelConfig, source: &dyn WeightSource, opts: &LoadOptions)
         quant: opts.quant,
         dtype: opts.dtype,
         device: &opts.device,
-        prequantized: config.quantization.is_some(),
+        prequantized: config.quantization.as_ref().map(crate::quant::bnb::SkipModules::of),
     };
     Model::load(config, &ld)
 }

@@ -45,7 +45,35 @@ pub fn check_quantization_config(q: &Value, file: &str) -> Result<(), QuantError
         Some("nf4") | None => {}
         Some(other) => return Err(bad("bnb_4bit_quant_type", format!("only \"nf4\" is supported, got \"{other}\""))),
     }
+    match field("llm_int8_skip_modules") {
+        None => {}
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {}
+        Some(other) => {
+            return Err(bad("llm_int8_skip_modules", format!("expected a list of module names, got {other}")))
+        }
+    }
     Ok(())
+}
+
+/// The modules a pre-quantized checkpoint keeps dense: its `quantization_config`'s `llm_int8_skip_modules`
+/// (checked by [`check_quantization_config`]; none when null, transformers then keeping only the output
+/// head, which loraserve never quantizes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SkipModules(Vec<String>);
+
+impl SkipModules {
+    /// The list in the `quantization_config` `q`.
+    pub fn of(q: &Value) -> Self {
+        let list = q.get("llm_int8_skip_modules").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        SkipModules(list.iter().filter_map(|m| Some(m.as_str()?.to_string())).collect())
+    }
+
+    /// Whether transformers keeps `module` (`model.layers.0.mlp.down_proj`) dense: the list names it, its
+    /// last part (`down_proj`), or a module holding it (`mlp`, `model.layers.0`).
+    pub fn keeps(&self, module: &str) -> bool {
+        let last = module.rsplit('.').next().unwrap_or(module);
+        self.0.iter().any(|k| k == module || k == last || module.contains(&format!("{k}.")))
+    }
 }
 
 fn raw<'a>(src: &'a dyn WeightSource, name: &str, file_hint: &str) -> Result<RawTensor<'a>, QuantError> {
@@ -256,6 +284,23 @@ mod tests {
         let s = python_json(&v);
         assert!(s.contains("\"shape\": [48, 96]"), "{s}");
         assert!(s.contains("\"nested_offset\": 0.17736618220806122"), "{s}");
+    }
+
+    /// transformers' matching: the module's full name, its last part, or a module holding it.
+    #[test]
+    fn skip_modules_match_as_transformers_matches_them() {
+        let skip = SkipModules::of(&json!({"llm_int8_skip_modules": ["down_proj", "model.layers.1", "lm_head"]}));
+        assert!(skip.keeps("model.layers.0.mlp.down_proj"));
+        assert!(skip.keeps("model.layers.1.self_attn.q_proj"));
+        assert!(!skip.keeps("model.layers.11.self_attn.q_proj"), "layers.1 is not layers.11");
+        assert!(!skip.keeps("model.layers.0.mlp.up_proj"));
+        assert_eq!(SkipModules::of(&json!({"llm_int8_skip_modules": null})), SkipModules::default());
+        let q = json!({"quant_method": "bitsandbytes", "llm_int8_skip_modules": "lm_head"});
+        let e = check_quantization_config(&q, "c.json").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "c.json: quantization_config.llm_int8_skip_modules: expected a list of module names, got \"lm_head\""
+        );
     }
 
     #[test]
