@@ -318,6 +318,27 @@ fn a_checkpoint_stored_otherwise_than_its_config_says_is_refused() {
     assert!(e.contains(&format!("llm_int8_skip_modules` keeps `{q}` dense")), "{e}");
 }
 
+/// A NaN in a dense weight quantized at load is refused naming the shard that holds it and the value. Before,
+/// the error named the shards' index.
+#[test]
+fn a_nan_in_a_sharded_checkpoint_names_its_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("llama-sharded/model"), tmp.path());
+    let w = "model.layers.1.self_attn.q_proj.weight";
+    let shard = tmp.path().join("model-00010-of-00014.safetensors");
+    let mut t = candle_core::safetensors::load(&shard, &Device::Cpu).unwrap();
+    let (dims, mut v) = (t[w].dims().to_vec(), f32v(&t[w]));
+    v[5] = f32::NAN;
+    t.insert(w.into(), Tensor::from_vec(v, dims, &Device::Cpu).unwrap().to_dtype(t[w].dtype()).unwrap());
+    candle_core::safetensors::save(&t, &shard).unwrap();
+    let opts = LoadOptions { dtype: DType::F32, quant: QuantMode::Nf4, device: Device::Cpu };
+    let e = match model::load(&ModelSpec::Dir(tmp.path().to_path_buf()), &opts) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(e, format!("{}: tensor `{w}`: non-finite value NaN at element 5", shard.display()));
+}
+
 /// `quantize` and `merge` refuse a synthetic model before building it: run with 2 GB of address space, they
 /// give the refusal, where building a 7B shape first (gigabytes, minutes) ran out of memory.
 #[test]

@@ -231,6 +231,8 @@ struct Admitted {
     prompt_tokens: usize,
     /// Whether completion 0 scores the prompt (`prompt_logprobs`).
     scores_prompt: bool,
+    /// The engine it was handed to.
+    engine: Arc<Engine>,
 }
 
 impl Service {
@@ -418,7 +420,7 @@ impl Service {
         completions.insert(0, first);
         ready.engine.submit_all(completions).map_err(status::from_submit)?;
         let events = completions::merge(receivers);
-        Ok(Admitted { events, n, adapter_version, prompt_tokens, scores_prompt })
+        Ok(Admitted { events, n, adapter_version, prompt_tokens, scores_prompt, engine: ready.engine.clone() })
     }
 }
 
@@ -519,7 +521,7 @@ impl LoraServe for Service {
                         return Ok(out.into_response());
                     }
                 }
-                Err(Status::internal("engine dropped the request"))
+                Err(status::unfinished(&a.engine))
             }
             .await;
             log.end_with(&r);
@@ -621,8 +623,8 @@ impl LoraServe for Service {
                     return end_stream(&mut log, tonic::Code::Ok, "");
                 }
             }
-            // The engine dropped the request without finishing it: as the unary call, INTERNAL.
-            let s = Status::internal("engine dropped the request");
+            // The engine dropped the request without finishing it: as the unary call.
+            let s = status::unfinished(&a.engine);
             end_stream(&mut log, s.code(), s.message());
             let _ = tx.send(Err(log.id().tag(s))).await;
         });

@@ -97,6 +97,17 @@ pub fn from_submit(e: SubmitError) -> Status {
     }
 }
 
+/// The status of a request whose events ended before it did: UNAVAILABLE where the engine has stopped (a
+/// request handed over as it stopped, after it had failed the queued ones: a shutdown, or failed steps), as
+/// the queued ones got; INTERNAL while it runs (a bug).
+pub fn unfinished(engine: &crate::engine::Engine) -> Status {
+    if engine.stats().stopped.load(std::sync::atomic::Ordering::Relaxed) {
+        from_engine(EngineError::ShuttingDown)
+    } else {
+        Status::internal("engine dropped the request")
+    }
+}
+
 pub fn from_engine(e: EngineError) -> Status {
     match e {
         EngineError::DeadlineExceeded => Status::deadline_exceeded("deadline exceeded"),
@@ -134,6 +145,20 @@ pub fn code_label(code: Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request the engine dropped unfinished is INTERNAL while it runs, UNAVAILABLE (as the requests queued
+    /// when it stopped) once it has stopped: one handed over in the moment between its last look at its queue
+    /// and its end is dropped with the queue.
+    #[test]
+    fn an_unfinished_request_is_unavailable_once_the_engine_stopped() {
+        let m = crate::model::load(&crate::model::ModelSpec::Demo, &Default::default()).unwrap();
+        let config = crate::engine::EngineConfig { kv_cache_bytes: 8 << 20, ..Default::default() };
+        let engine = crate::engine::Engine::start(m.model, std::sync::Arc::new(m.tokenizer), config).unwrap();
+        assert_eq!(unfinished(&engine).code(), tonic::Code::Internal);
+        engine.shutdown(std::time::Duration::from_secs(10));
+        let s = unfinished(&engine);
+        assert_eq!((s.code(), s.message()), (tonic::Code::Unavailable, "server is shutting down"));
+    }
 
     /// The `grpc-message` header tonic writes for `s`.
     fn on_the_wire(s: &Status) -> String {

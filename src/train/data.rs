@@ -195,10 +195,10 @@ fn example(
         }
         let mut ids = prompt;
         let mut targets = vec![false; ids.len()];
-        let c = tok.encode_continued(completion).map_err(|e| e.to_string())?;
-        targets.extend(std::iter::repeat_n(true, c.len() + 1));
+        let mut c = tok.encode_continued(completion).map_err(|e| e.to_string())?;
+        end_with(&mut c, eos);
+        targets.extend(std::iter::repeat_n(true, c.len()));
         ids.extend(c);
-        ids.push(eos);
         return Ok(Example { ids, targets });
     }
     if has("text") {
@@ -207,11 +207,19 @@ fn example(
             return Err("field `text` is empty".into());
         }
         let mut ids = encode(tok, text, true)?;
-        ids.push(eos);
+        end_with(&mut ids, eos);
         let targets = vec![true; ids.len()];
         return Ok(Example { ids, targets });
     }
     Err("expected {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"}".into())
+}
+
+/// Puts the end-of-sequence token after `ids`, unless the text spelled it out already (TRL appends it only where
+/// missing): learning to stop, not to say it twice.
+fn end_with(ids: &mut Vec<u32>, eos: u32) {
+    if ids.last() != Some(&eos) {
+        ids.push(eos);
+    }
 }
 
 /// Renders a conversation prefix by prefix (as TRL does) to find the assistant turns: they carry the loss.
@@ -337,6 +345,21 @@ mod tests {
         let line = "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"A\"}]}\n";
         let e = parse_jsonl(&format!("{{\"text\": \"a\"}}\n{line}"), "d", enc(&t)).unwrap_err();
         assert_eq!(e.to_string(), "d:2: no token to learn from: the chat template renders no assistant text");
+    }
+
+    /// A text or completion that spells out the end-of-sequence token ends with it once, as TRL appends it only
+    /// where missing. Before, it ended with two, and the adapter learned to say it twice.
+    #[test]
+    fn a_spelled_out_eos_is_not_doubled() {
+        for (spelled, plain) in [
+            ("{\"text\": \"ab</s>\"}", "{\"text\": \"ab\"}"),
+            ("{\"prompt\": \"hi\", \"completion\": \"yo</s>\"}", "{\"prompt\": \"hi\", \"completion\": \"yo\"}"),
+        ] {
+            assert_eq!(parse(spelled, None).unwrap().0, parse(plain, None).unwrap().0, "{spelled}");
+        }
+        // Inside the text, it is the text's.
+        let ex = &parse("{\"text\": \"a</s>b\"}", None).unwrap().0[0];
+        assert_eq!(ex.ids, [0, 3 + b'a' as u32, 1, 3 + b'b' as u32, 1]);
     }
 
     /// Chat datasets carry other columns beside `messages` (ultrachat: `prompt`, `prompt_id`): the conversation
